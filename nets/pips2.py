@@ -1,0 +1,401 @@
+"""PIPs++ (PointOdyssey, ICCV 2023): the model, readable top to bottom.
+
+Layout of this file: feature sampling and correlation helpers, the feature encoder `fnet`, the temporal
+`DeltaBlock`, then `Pips` with its forward pass and loss. State-dict keys match the authors' checkpoint
+exactly (see SPEC section 1), so `load_state_dict(strict=True)` works on `model-000200000.pth`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+MIN_SIZE = 128  # four pyramid levels at stride 8 must stay >= 2x2
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Sampling helpers. All coordinates are (x, y) with x=0 the centre of the first column.
+
+
+def sample_features(fmap: torch.Tensor, xy: torch.Tensor, frame: torch.Tensor | None = None) -> torch.Tensor:
+    """Bilinear sample of fmap (F,C,H,W) at xy (M,N,2), border replication; returns (M,N,C) in float32.
+
+    Row m reads map `frame[m]` (default: map m, so M == F).
+    """
+    Fr, C, H, W = fmap.shape
+    M, N, _ = xy.shape
+    if frame is None:
+        frame = torch.arange(Fr, device=xy.device)
+    x = xy[..., 0].float().clamp(0, W - 1)
+    y = xy[..., 1].float().clamp(0, H - 1)
+    # the 2x2 cell's top-left corner; the last row/column uses the cell before it with weight 1
+    x0 = x.floor().clamp(max=max(W - 2, 0))
+    y0 = y.floor().clamp(max=max(H - 2, 0))
+    fx, fy = (x - x0).unsqueeze(-1), (y - y0).unsqueeze(-1)
+    flat = fmap.float().permute(0, 2, 3, 1).reshape(Fr * H * W, C)
+    base = frame.view(M, 1) * (H * W) + y0.long() * W + x0.long()
+    dx, dy = min(1, W - 1), min(1, H - 1) * W
+
+    def tap(off: int) -> torch.Tensor:
+        return flat.index_select(0, (base + off).reshape(-1)).view(M, N, C)
+
+    top = tap(0) * (1 - fx) + tap(dx) * fx
+    bot = tap(dy) * (1 - fx) + tap(dy + dx) * fx
+    return top * (1 - fy) + bot * fy
+
+
+def _patch_corr(fmap_flat: torch.Tensor, targets: torch.Tensor, coords: torch.Tensor, h: int, w: int,
+                radius: int) -> torch.Tensor:
+    """Correlation of targets with a (2r+1)^2 bilinear neighbourhood, zeros outside the map.
+
+    fmap_flat (F, h*w, C) one map per frame; targets (F, N, T, C); coords (F, N, 2) at this level.
+    Returns (F, N, T, (2r+1)^2) with value k = (2r+1)*i + j read at (x + i - r, y + j - r).
+    The 2r+1 taps along each axis share one fractional offset, so one integer (2r+2)^2 patch is gathered,
+    correlated once with every template and then blended, instead of 4 gathers per tap.
+    """
+    Fr, N, T, C = targets.shape
+    P = 2 * radius + 2
+    # points far outside only see zeros; clamping keeps the integer arithmetic finite without changing that
+    x = coords[..., 0].clamp(-radius - 2, w + radius + 1)
+    y = coords[..., 1].clamp(-radius - 2, h + radius + 1)
+    x0, y0 = x.floor(), y.floor()
+    fx, fy = x - x0, y - y0
+    offs = torch.arange(-radius, radius + 2, device=coords.device)
+    ix = x0.long().unsqueeze(-1) + offs  # F, N, P
+    iy = y0.long().unsqueeze(-1) + offs
+    inside = ((ix >= 0) & (ix < w)).unsqueeze(-1) & ((iy >= 0) & (iy < h)).unsqueeze(-2)  # F,N,Px,Py
+    idx = iy.clamp(0, h - 1).unsqueeze(-2) * w + ix.clamp(0, w - 1).unsqueeze(-1)  # F,N,Px,Py
+    idx = idx + (torch.arange(Fr, device=coords.device) * (h * w)).view(Fr, 1, 1, 1)
+    patch = fmap_flat.reshape(Fr * h * w, C).index_select(0, idx.reshape(-1)).view(Fr * N, P * P, C)
+    corr = torch.bmm(targets.reshape(Fr * N, T, C), patch.transpose(1, 2)).view(Fr, N, T, P, P)
+    corr = corr * inside.unsqueeze(2).to(corr.dtype) / math.sqrt(C)
+    fx = fx.view(Fr, N, 1, 1, 1)
+    fy = fy.view(Fr, N, 1, 1, 1)
+    # P[i, j] is at (x0 + i - r, y0 + j - r); out[i, j] blends P[i:i+2, j:j+2]
+    cx = corr[:, :, :, :-1] * (1 - fx) + corr[:, :, :, 1:] * fx
+    out = cx[..., :-1] * (1 - fy) + cx[..., 1:] * fy
+    return out.reshape(Fr, N, T, (P - 1) * (P - 1))
+
+
+class CorrPyramid:
+    """Feature pyramid of S frames that answers correlation look-ups for several templates at once.
+
+    `impl="local"` (default) never builds the B*S*N*H8*W8 volume; `impl="volume"` is the reference
+    semantics (full volume per template, then grid_sample), kept for tests and as the benchmark baseline.
+    """
+
+    def __init__(self, fmaps: torch.Tensor, num_levels: int = 4, radius: int = 3, impl: str = "local",
+                 chunk_elems: int = 1 << 24):
+        if impl not in ("local", "volume"):
+            raise ValueError(f"corr impl must be 'local' or 'volume', got {impl!r}")
+        B, S, C, H, W = fmaps.shape
+        self.B, self.S, self.C = B, S, C
+        self.radius, self.impl, self.chunk_elems = radius, impl, chunk_elems
+        self.levels = []  # (B*S, C, h, w) float32
+        f = fmaps.float().reshape(B * S, C, H, W)
+        for i in range(num_levels):
+            if i > 0:
+                f = F.avg_pool2d(f, 2, stride=2)
+            self.levels.append(f)
+        if impl == "local":
+            self.flat = [lv.flatten(2).transpose(1, 2).contiguous() for lv in self.levels]  # (BS, hw, C)
+
+    def __call__(self, targets: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
+        """targets (B,S,N,T,C), coords (B,S,N,2) at stride 8 -> (B,S,N,T*L*(2r+1)^2), template-major."""
+        B, S, N, T, C = targets.shape
+        with torch.autocast(device_type=coords.device.type, enabled=False):
+            targets, coords = targets.float(), coords.float()
+            if self.impl == "volume":
+                out = self._volume(targets, coords)
+            else:
+                out = self._local(targets, coords)
+        return out.reshape(B, S, N, -1)
+
+    def _local(self, targets: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
+        B, S, N, T, C = targets.shape
+        BS, r = B * S, self.radius
+        tg = targets.reshape(BS, N, T, C)
+        xy = coords.reshape(BS, N, 2)
+        P = 2 * r + 2
+        # bound the gathered patches (frames * N * P^2 * C floats) held at any one time
+        step = max(1, self.chunk_elems // max(1, N * P * P * C))
+        per_level = []
+        for i, flat in enumerate(self.flat):
+            h, w = self.levels[i].shape[-2:]
+            xy_l = xy / (2**i)
+            parts = []
+            for s in range(0, BS, step):
+                args = (flat[s:s + step], tg[s:s + step], xy_l[s:s + step], h, w, r)
+                if torch.is_grad_enabled() and (flat.requires_grad or tg.requires_grad):
+                    # recompute the gather in backward instead of storing every patch
+                    parts.append(checkpoint(_patch_corr, *args, use_reentrant=False))
+                else:
+                    parts.append(_patch_corr(*args))
+            per_level.append(torch.cat(parts, 0))  # BS, N, T, 49
+        out = torch.stack(per_level, 3)  # BS, N, T, L, 49
+        return out.reshape(B, S, N, -1)
+
+    def _volume(self, targets: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
+        B, S, N, T, C = targets.shape
+        r = self.radius
+        d = torch.arange(-r, r + 1, device=coords.device, dtype=torch.float32)
+        # x offset outer, y offset inner: k = (2r+1)*i + j at (x + d_i, y + d_j)
+        dx, dy = torch.meshgrid(d, d, indexing="ij")
+        delta = torch.stack([dx, dy], -1).view(1, 2 * r + 1, 2 * r + 1, 2)
+        outs = []
+        for t in range(T):
+            per_level = []
+            for i, lv in enumerate(self.levels):
+                h, w = lv.shape[-2:]
+                fm = lv.view(B, S, C, h * w)
+                corr = torch.matmul(targets[:, :, :, t], fm) / math.sqrt(C)  # B,S,N,hw
+                grid = coords.reshape(B * S * N, 1, 1, 2) / 2**i + delta
+                gx = 2 * grid[..., 0] / (w - 1) - 1
+                gy = 2 * grid[..., 1] / (h - 1) - 1
+                vol = corr.reshape(B * S * N, 1, h, w)
+                smp = F.grid_sample(vol, torch.stack([gx, gy], -1), align_corners=True, padding_mode="zeros")
+                per_level.append(smp.view(B, S, N, -1))
+            outs.append(torch.cat(per_level, -1))
+        return torch.stack(outs, 3)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Feature encoder: ResNet-style, instance norm, 128 channels at stride 8.
+
+
+class ResidualBlock(nn.Module):
+    """Two 3x3 convs with instance norm; a strided block gets a 1x1 projection shortcut."""
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1)
+        self.conv2 = nn.Conv2d(planes, planes, 3, padding=1)
+        self.norm1 = nn.InstanceNorm2d(planes)
+        self.norm2 = nn.InstanceNorm2d(planes)
+        self.downsample = None
+        if stride != 1:
+            self.downsample = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride=stride), nn.InstanceNorm2d(planes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu(self.norm1(self.conv1(x)))
+        y = F.relu(self.norm2(self.conv2(y)))
+        if self.downsample is not None:
+            x = self.downsample(x)
+        return F.relu(x + y)
+
+
+class BasicEncoder(nn.Module):
+    """Frames (N,3,H,W) in [-1,1] -> features (N,128,H/8,W/8) from four stages fused at stride 8."""
+
+    def __init__(self, output_dim: int = 128, stride: int = 8):
+        super().__init__()
+        self.stride = stride
+        self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3)
+        self.norm1 = nn.InstanceNorm2d(64)
+        widths, strides = (64, 96, 128, 128), (1, 2, 2, 2)
+        in_planes = 64
+        for k, (width, s) in enumerate(zip(widths, strides, strict=True)):
+            stage = nn.Sequential(ResidualBlock(in_planes, width, s), ResidualBlock(width, width, 1))
+            setattr(self, f"layer{k + 1}", stage)
+            in_planes = width
+        self.conv2 = nn.Conv2d(sum(widths), output_dim * 2, 3, padding=1)
+        self.norm2 = nn.InstanceNorm2d(output_dim * 2)
+        self.conv3 = nn.Conv2d(output_dim * 2, output_dim, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        H, W = x.shape[-2:]
+        size = (H // self.stride, W // self.stride)
+        x = F.relu(self.norm1(self.conv1(x)))
+        feats = []
+        for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
+            x = layer(x)
+            feats.append(F.interpolate(x, size, mode="bilinear", align_corners=True))
+        x = F.relu(self.norm2(self.conv2(torch.cat(feats, 1))))
+        return self.conv3(x)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Delta block: a 1-D ResNet over time, per point.
+
+
+class Conv1dSame(nn.Module):
+    """Conv1d with TensorFlow-style 'same' padding (left p//2, right p - p//2)."""
+
+    def __init__(self, cin: int, cout: int, kernel_size: int):
+        super().__init__()
+        self.kernel_size = kernel_size
+        self.conv = nn.Conv1d(cin, cout, kernel_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.kernel_size - 1
+        return self.conv(F.pad(x, (p // 2, p - p // 2)))
+
+
+class BasicBlock1d(nn.Module):
+    """Pre-activation residual block; wider outputs zero-pad the shortcut's channels on both sides."""
+
+    def __init__(self, cin: int, cout: int, kernel_size: int, first: bool):
+        super().__init__()
+        self.cin, self.cout, self.first = cin, cout, first
+        self.norm1 = nn.InstanceNorm1d(cin)
+        self.conv1 = Conv1dSame(cin, cout, kernel_size)
+        self.norm2 = nn.InstanceNorm1d(cout)
+        self.conv2 = Conv1dSame(cout, cout, kernel_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x if self.first else F.relu(self.norm1(x))
+        y = self.conv2(F.relu(self.norm2(self.conv1(y))))
+        if self.cout != self.cin:
+            extra = self.cout - self.cin
+            x = F.pad(x, (0, 0, extra // 2, extra - extra // 2))
+        return y + x
+
+
+class DeltaBlock(nn.Module):
+    """(correlations, flow) per point and frame -> coordinate update in stride-8 units."""
+
+    def __init__(self, corr_dim: int = 588, embed_dim: int = 128, kernel_size: int = 3):
+        super().__init__()
+        self.embed_dim = embed_dim
+        self.first_block_conv = Conv1dSame(corr_dim + embed_dim + 2, 128, kernel_size)
+        widths = [128, 128, 128, 256, 256, 512, 512, 1024, 1024]
+        self.basicblock_list = nn.ModuleList(
+            BasicBlock1d(widths[k], widths[k + 1], kernel_size, first=(k == 0)) for k in range(8))
+        self.dense = nn.Linear(1024, 2)
+
+    def forward(self, fcorr: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
+        """fcorr (M,S,588), flow (M,S,2) -> delta (M,S,2)."""
+        x = torch.cat([fcorr, sincos_embed_xy(flow, self.embed_dim), flow], 2).transpose(1, 2)
+        x = F.relu(self.first_block_conv(x))
+        for block in self.basicblock_list:
+            x = block(x)
+        return self.dense(F.relu(x).transpose(1, 2))
+
+
+def sincos_embed_xy(xy: torch.Tensor, dim: int, temperature: float = 10000.0) -> torch.Tensor:
+    """Sin-cos embedding of (...,2) with dim//4 frequencies per axis: [sin x, cos x, sin y, cos y]."""
+    q = dim // 4
+    omega = 1.0 / temperature ** (torch.arange(q, device=xy.device, dtype=torch.float32) / (q - 1))
+    x = xy[..., 0:1].float() * omega
+    y = xy[..., 1:2].float() * omega
+    return torch.cat([x.sin(), x.cos(), y.sin(), y.cos()], -1).to(xy.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The tracker.
+
+
+def sequence_loss(preds: list[torch.Tensor], trajs_g: torch.Tensor, valids: torch.Tensor | None = None,
+                  gamma: float = 0.8) -> torch.Tensor:
+    """Gamma-weighted masked L1 over K per-iteration predictions (B,S,N,2), divided by K."""
+    K = len(preds)
+    if valids is None:
+        valids = torch.ones(trajs_g.shape[:3], device=trajs_g.device)
+    valids = valids.float()
+    total = trajs_g.new_zeros((), dtype=torch.float32)
+    for i, pred in enumerate(preds):
+        err = (pred.float() - trajs_g.float()).abs().mean(-1)
+        total = total + gamma ** (K - i - 1) * (err * valids).sum() / (1e-6 + valids.sum())
+    return total / K
+
+
+class Pips(nn.Module):
+    """PIPs++: iterative multi-template point tracking over S frames.
+
+    corr_impl: "local" (default; samples features around each point) or "volume" (reference semantics).
+    encoder_chunk: frames encoded at a time when no gradient is needed (bounds peak memory; None = all).
+    channels_last: run the encoder in channels-last memory format.
+    """
+
+    def __init__(self, stride: int = 8, corr_levels: int = 4, corr_radius: int = 3, corr_impl: str = "local",
+                 encoder_chunk: int | None = 8, channels_last: bool = True):
+        super().__init__()
+        self.stride = stride
+        self.latent_dim = 128
+        self.corr_levels, self.corr_radius = corr_levels, corr_radius
+        self.corr_impl = corr_impl
+        self.encoder_chunk = encoder_chunk
+        self.channels_last = channels_last
+        self.fnet = BasicEncoder(output_dim=self.latent_dim, stride=stride)
+        corr_dim = 3 * corr_levels * (2 * corr_radius + 1) ** 2
+        self.delta_block = DeltaBlock(corr_dim=corr_dim, embed_dim=self.latent_dim)
+        self.norm = nn.GroupNorm(1, self.latent_dim)  # in the checkpoint, unused by the forward pass
+
+    def encode(self, rgbs: torch.Tensor) -> torch.Tensor:
+        """Frames (B,S,3,H,W) in [0,255] -> feature maps (B,S,128,H/8,W/8) in float32."""
+        B, S, _, H, W = rgbs.shape
+        if H < MIN_SIZE or W < MIN_SIZE:
+            raise ValueError(f"frames must be at least {MIN_SIZE}x{MIN_SIZE} pixels, got {H}x{W}")
+        x = rgbs.reshape(B * S, 3, H, W)
+        chunk = B * S
+        if self.encoder_chunk and not (torch.is_grad_enabled() and self.training):
+            chunk = self.encoder_chunk
+        outs = []
+        for s in range(0, B * S, chunk):
+            xs = 2 * (x[s:s + chunk].float() / 255.0) - 1.0
+            if self.channels_last:
+                xs = xs.contiguous(memory_format=torch.channels_last)
+            outs.append(self.fnet(xs).float().contiguous())
+        return torch.cat(outs, 0).reshape(B, S, self.latent_dim, H // self.stride, W // self.stride)
+
+    def forward(self, trajs_e0: torch.Tensor, rgbs: torch.Tensor, iters: int = 3, feat_init=None,
+                trajs_g: torch.Tensor | None = None, vis_g: torch.Tensor | None = None,
+                valids: torch.Tensor | None = None, **unused):
+        """Track: trajs_e0 (B,S,N,2) pixels with frame 0 the queries, rgbs (B,S,3,H,W) in [0,255].
+
+        Returns (per-iteration estimates + final, [initial, per-iteration..., final], (feats1, feats2,
+        feats4), loss or None). vis_g is accepted for compatibility; PIPs++ predicts positions only.
+        """
+        B, S, N, D = trajs_e0.shape
+        assert D == 2 and rgbs.shape[:2] == (B, S), "trajs_e0 (B,S,N,2) and rgbs (B,S,3,H,W) must agree"
+        stride = float(self.stride)
+        fmaps = self.encode(rgbs)
+        H8, W8 = fmaps.shape[-2:]
+        fmaps_bs = fmaps.reshape(B * S, self.latent_dim, H8, W8)
+        pyramid = CorrPyramid(fmaps, self.corr_levels, self.corr_radius, impl=self.corr_impl)
+
+        coords = trajs_e0.float() / stride
+        query = coords[:, 0].clone()
+        if feat_init is not None:
+            feats1, feats2, feats4 = feat_init
+        else:
+            feats1 = sample_features(fmaps[:, 0], query).unsqueeze(1).expand(B, S, N, self.latent_dim)
+            feats2 = feats4 = feats1
+        t = torch.arange(S, device=rgbs.device)
+        frame = t.repeat(B) + torch.arange(B, device=rgbs.device).repeat_interleave(S) * S  # index into B*S
+
+        preds, anim = [], [coords.detach() * stride]
+        for itr in range(iters):
+            coords = coords.detach()
+            if itr >= 1:
+                feats2 = self._sample_past(fmaps_bs, coords, frame, 2, B, S, N)
+                feats4 = self._sample_past(fmaps_bs, coords, frame, 4, B, S, N)
+            targets = torch.stack([feats1, feats2, feats4], 3)  # B,S,N,3,C
+            fcorrs = pyramid(targets, coords)  # B,S,N,588
+            flows = coords[:, 1:] - coords[:, :-1]
+            flows = torch.cat([flows, flows[:, -1:]], 1)
+            to_bn = lambda a: a.permute(0, 2, 1, 3).reshape(B * N, S, a.shape[-1])  # noqa: E731
+            delta = self.delta_block(to_bn(fcorrs), to_bn(flows)).float()
+            coords = coords + delta.reshape(B, N, S, 2).permute(0, 2, 1, 3)
+            preds.append(coords * stride)
+            anim.append(coords * stride)
+            coords = torch.cat([query.unsqueeze(1), coords[:, 1:]], 1)
+
+        loss = None
+        if trajs_g is not None:
+            loss = sequence_loss(preds, trajs_g, valids)
+        preds.append(coords * stride)
+        anim.append(coords * stride)
+        return preds, anim, (feats1, feats2, feats4), loss
+
+    def _sample_past(self, fmaps_bs, coords, frame, lag, B, S, N):
+        """Feature at the current estimate in frame max(t - lag, 0) of the same clip, for every frame t."""
+        t = torch.arange(S, device=coords.device)
+        src = (t - lag).clamp(min=0)
+        src_frame = (frame.view(B, S) - t + src).reshape(-1)
+        xy = coords[:, src].reshape(B * S, N, 2)
+        return sample_features(fmaps_bs, xy, src_frame).reshape(B, S, N, self.latent_dim)

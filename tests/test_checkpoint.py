@@ -1,0 +1,121 @@
+"""Checkpoints in the authors' format: round trips, prefixes, errors, atomicity, retention."""
+
+import pytest
+import torch
+from helpers import golden_state_dict
+
+from nets.pips2 import Pips
+from utils import checkpoint as ck
+
+
+@pytest.fixture(scope="module")
+def model():
+    m = Pips()
+    m.load_state_dict(golden_state_dict())
+    return m
+
+
+def _same(a, b):
+    return all(torch.equal(a.state_dict()[k], b.state_dict()[k]) for k in a.state_dict())
+
+
+def test_round_trip_with_optimizer_and_scheduler(tmp_path, model):
+    opt = torch.optim.AdamW(model.parameters(), lr=5e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, 5e-4, total_steps=100)
+    model(torch.zeros(1, 2, 1, 2), torch.zeros(1, 2, 3, 128, 128), iters=1,
+          trajs_g=torch.ones(1, 2, 1, 2))[3].backward()
+    opt.step()
+    sched.step()
+    path = ck.save(tmp_path, 7, model, opt, sched)
+    assert path.name == "model-000000007.pth"
+    fresh = Pips()
+    opt2 = torch.optim.AdamW(fresh.parameters(), lr=5e-4)
+    sched2 = torch.optim.lr_scheduler.OneCycleLR(opt2, 5e-4, total_steps=100)
+    assert ck.load(tmp_path, fresh, opt2, sched2) == 7
+    assert _same(model, fresh)
+    assert sched2.state_dict()["last_epoch"] == 1
+    assert opt2.state_dict()["state"][0]["step"] == opt.state_dict()["state"][0]["step"]
+
+
+def test_highest_step_given_step_and_file_path(tmp_path, model):
+    other = Pips()
+    ck.save(tmp_path, 5, other)
+    ck.save(tmp_path, 200000, model)
+    ck.save(tmp_path, 30, other)
+    m = Pips()
+    assert ck.load(tmp_path, m) == 200000 and _same(m, model)
+    assert ck.load(tmp_path, m, step=5) == 5 and _same(m, other)
+    assert ck.load(tmp_path / "model-000200000.pth", m) == 200000 and _same(m, model)
+    with pytest.raises(ck.CheckpointError, match="no checkpoint for step 6"):
+        ck.load(tmp_path, m, step=6)
+
+
+def test_module_prefix_is_stripped(tmp_path, model):
+    sd = {"module." + k: v for k, v in model.state_dict().items()}
+    torch.save({"model_state_dict": sd}, tmp_path / "model-000000001.pth")
+    m = Pips()
+    ck.load(tmp_path, m)
+    assert _same(m, model)
+
+
+def test_key_mismatch_lists_keys_unless_ignored(tmp_path, model):
+    sd = dict(model.state_dict())
+    del sd["norm.weight"]
+    sd["extra.thing"] = torch.zeros(1)
+    torch.save({"model_state_dict": sd}, tmp_path / "model-000000001.pth")
+    with pytest.raises(ck.CheckpointError) as e:
+        ck.load(tmp_path, Pips())
+    assert "norm.weight" in str(e.value) and "extra.thing" in str(e.value)
+    m = Pips()
+    ck.load(tmp_path, m, ignore_prefixes=("norm.", "extra."))
+    assert torch.equal(m.state_dict()["fnet.conv1.weight"], model.state_dict()["fnet.conv1.weight"])
+
+
+def test_shape_mismatch_is_an_error(tmp_path, model):
+    sd = dict(model.state_dict())
+    sd["delta_block.dense.bias"] = torch.zeros(3)
+    torch.save({"model_state_dict": sd}, tmp_path / "x.pth")
+    with pytest.raises(ck.CheckpointError, match="shape mismatches"):
+        ck.load(tmp_path / "x.pth", Pips())
+
+
+@pytest.mark.parametrize("content", [b"", b"garbage" * 100, "pickle"])
+def test_corrupt_or_foreign_file_gives_one_line(tmp_path, content):
+    p = tmp_path / "model-000000003.pth"
+    if content == "pickle":
+        torch.save({"weights": torch.zeros(2)}, p)
+    else:
+        p.write_bytes(content)
+    with pytest.raises(ck.CheckpointError) as e:
+        ck.load(tmp_path, Pips())
+    msg = str(e.value)
+    assert str(p) in msg and "\n" not in msg
+
+
+def test_missing_folder_or_empty_folder(tmp_path):
+    with pytest.raises(ck.CheckpointError, match="no such"):
+        ck.find_checkpoint(tmp_path / "nope")
+    with pytest.raises(ck.CheckpointError, match="no model"):
+        ck.find_checkpoint(tmp_path)
+
+
+def test_save_is_atomic_and_keeps_latest(tmp_path, model, monkeypatch):
+    for s in (1, 2, 3, 4):
+        ck.save(tmp_path, s, model, keep_latest=2)
+    assert [s for s, _ in ck.list_checkpoints(tmp_path)] == [3, 4]
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", boom)
+    with pytest.raises(OSError):
+        ck.save(tmp_path, 5, model)
+    assert [s for s, _ in ck.list_checkpoints(tmp_path)] == [3, 4]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model-000000003.pth", "model-000000004.pth"]
+
+
+def test_parameter_table_total(model):
+    table = ck.parameter_table(model)
+    assert table.strip().endswith("total params: 17.57 M")
+    assert "fnet.conv1.weight" in table and "9408" in table
