@@ -22,11 +22,11 @@ MIN_SIZE = 128  # four pyramid levels at stride 8 must stay >= 2x2
 
 
 def sample_features(fmap: torch.Tensor, xy: torch.Tensor, frame: torch.Tensor | None = None) -> torch.Tensor:
-    """Bilinear sample of fmap (F,C,H,W) at xy (M,N,2), border replication; returns (M,N,C) in float32.
+    """Bilinear sample of channels-last maps (F,H,W,C) at xy (M,N,2), border replication -> (M,N,C) float32.
 
     Row m reads map `frame[m]` (default: map m, so M == F).
     """
-    Fr, C, H, W = fmap.shape
+    Fr, H, W, C = fmap.shape
     M, N, _ = xy.shape
     if frame is None:
         frame = torch.arange(Fr, device=xy.device)
@@ -36,7 +36,7 @@ def sample_features(fmap: torch.Tensor, xy: torch.Tensor, frame: torch.Tensor | 
     x0 = x.floor().clamp(max=max(W - 2, 0))
     y0 = y.floor().clamp(max=max(H - 2, 0))
     fx, fy = (x - x0).unsqueeze(-1), (y - y0).unsqueeze(-1)
-    flat = fmap.float().permute(0, 2, 3, 1).reshape(Fr * H * W, C)
+    flat = fmap.float().reshape(Fr * H * W, C)
     base = frame.view(M, 1) * (H * W) + y0.long() * W + x0.long()
     dx, dy = min(1, W - 1), min(1, H - 1) * W
 
@@ -46,6 +46,13 @@ def sample_features(fmap: torch.Tensor, xy: torch.Tensor, frame: torch.Tensor | 
     top = tap(0) * (1 - fx) + tap(dx) * fx
     bot = tap(dy) * (1 - fx) + tap(dy + dx) * fx
     return top * (1 - fy) + bot * fy
+
+
+def avg_pool2x2_nhwc(x: torch.Tensor) -> torch.Tensor:
+    """avg_pool2d(kernel 2, stride 2) for channels-last (F,H,W,C); an odd last row/column is dropped."""
+    Fr, H, W, C = x.shape
+    h, w = H // 2, W // 2
+    return x[:, : 2 * h, : 2 * w].reshape(Fr, h, 2, w, 2, C).mean((2, 4))
 
 
 def _patch_corr(fmap_flat: torch.Tensor, targets: torch.Tensor, coords: torch.Tensor, h: int, w: int,
@@ -90,19 +97,15 @@ class CorrPyramid:
 
     def __init__(self, fmaps: torch.Tensor, num_levels: int = 4, radius: int = 3, impl: str = "local",
                  chunk_elems: int = 1 << 24):
+        """fmaps: channels-last maps (B,S,H,W,C)."""
         if impl not in ("local", "volume"):
             raise ValueError(f"corr impl must be 'local' or 'volume', got {impl!r}")
-        B, S, C, H, W = fmaps.shape
+        B, S, H, W, C = fmaps.shape
         self.B, self.S, self.C = B, S, C
         self.radius, self.impl, self.chunk_elems = radius, impl, chunk_elems
-        self.levels = []  # (B*S, C, h, w) float32
-        f = fmaps.float().reshape(B * S, C, H, W)
-        for i in range(num_levels):
-            if i > 0:
-                f = F.avg_pool2d(f, 2, stride=2)
-            self.levels.append(f)
-        if impl == "local":
-            self.flat = [lv.flatten(2).transpose(1, 2).contiguous() for lv in self.levels]  # (BS, hw, C)
+        self.levels = [fmaps.float().reshape(B * S, H, W, C)]  # channels-last (B*S, h, w, C)
+        for _ in range(1, num_levels):
+            self.levels.append(avg_pool2x2_nhwc(self.levels[-1]))
 
     def __call__(self, targets: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
         """targets (B,S,N,T,C), coords (B,S,N,2) at stride 8 -> (B,S,N,T*L*(2r+1)^2), template-major."""
@@ -124,8 +127,9 @@ class CorrPyramid:
         # bound the gathered patches (frames * N * P^2 * C floats) held at any one time
         step = max(1, self.chunk_elems // max(1, N * P * P * C))
         per_level = []
-        for i, flat in enumerate(self.flat):
-            h, w = self.levels[i].shape[-2:]
+        for i, lv in enumerate(self.levels):
+            h, w = lv.shape[1:3]
+            flat = lv.reshape(BS, h * w, C)
             xy_l = xy / (2**i)
             parts = []
             for s in range(0, BS, step):
@@ -142,6 +146,9 @@ class CorrPyramid:
     def _volume(self, targets: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
         B, S, N, T, C = targets.shape
         r = self.radius
+        # as the reference: every template's whole volume pyramid exists before any sampling
+        maps = [lv.reshape(B, S, -1, C).transpose(2, 3) for lv in self.levels]  # B,S,C,hw
+        volumes = [[torch.matmul(targets[:, :, :, t], m) / math.sqrt(C) for m in maps] for t in range(T)]
         d = torch.arange(-r, r + 1, device=coords.device, dtype=torch.float32)
         # x offset outer, y offset inner: k = (2r+1)*i + j at (x + d_i, y + d_j)
         dx, dy = torch.meshgrid(d, d, indexing="ij")
@@ -150,13 +157,11 @@ class CorrPyramid:
         for t in range(T):
             per_level = []
             for i, lv in enumerate(self.levels):
-                h, w = lv.shape[-2:]
-                fm = lv.view(B, S, C, h * w)
-                corr = torch.matmul(targets[:, :, :, t], fm) / math.sqrt(C)  # B,S,N,hw
+                h, w = lv.shape[1:3]
                 grid = coords.reshape(B * S * N, 1, 1, 2) / 2**i + delta
                 gx = 2 * grid[..., 0] / (w - 1) - 1
                 gy = 2 * grid[..., 1] / (h - 1) - 1
-                vol = corr.reshape(B * S * N, 1, h, w)
+                vol = volumes[t][i].reshape(B * S * N, 1, h, w)
                 smp = F.grid_sample(vol, torch.stack([gx, gy], -1), align_corners=True, padding_mode="zeros")
                 per_level.append(smp.view(B, S, N, -1))
             outs.append(torch.cat(per_level, -1))
@@ -181,11 +186,12 @@ class ResidualBlock(nn.Module):
             self.downsample = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride=stride), nn.InstanceNorm2d(planes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.relu(self.norm1(self.conv1(x)))
-        y = F.relu(self.norm2(self.conv2(y)))
+        # in-place ReLUs act on fresh norm outputs, which no backward needs
+        y = F.relu_(self.norm1(self.conv1(x)))
+        y = F.relu_(self.norm2(self.conv2(y)))
         if self.downsample is not None:
             x = self.downsample(x)
-        return F.relu(x + y)
+        return F.relu_(x + y)
 
 
 class BasicEncoder(nn.Module):
@@ -209,12 +215,12 @@ class BasicEncoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         H, W = x.shape[-2:]
         size = (H // self.stride, W // self.stride)
-        x = F.relu(self.norm1(self.conv1(x)))
+        x = F.relu_(self.norm1(self.conv1(x)))
         feats = []
         for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
             x = layer(x)
             feats.append(F.interpolate(x, size, mode="bilinear", align_corners=True))
-        x = F.relu(self.norm2(self.conv2(torch.cat(feats, 1))))
+        x = F.relu_(self.norm2(self.conv2(torch.cat(feats, 1))))
         return self.conv3(x)
 
 
@@ -247,8 +253,8 @@ class BasicBlock1d(nn.Module):
         self.conv2 = Conv1dSame(cout, cout, kernel_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = x if self.first else F.relu(self.norm1(x))
-        y = self.conv2(F.relu(self.norm2(self.conv1(y))))
+        y = x if self.first else F.relu_(self.norm1(x))
+        y = self.conv2(F.relu_(self.norm2(self.conv1(y))))
         if self.cout != self.cin:
             extra = self.cout - self.cin
             x = F.pad(x, (0, 0, extra // 2, extra - extra // 2))
@@ -270,7 +276,7 @@ class DeltaBlock(nn.Module):
     def forward(self, fcorr: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
         """fcorr (M,S,588), flow (M,S,2) -> delta (M,S,2)."""
         x = torch.cat([fcorr, sincos_embed_xy(flow, self.embed_dim), flow], 2).transpose(1, 2)
-        x = F.relu(self.first_block_conv(x))
+        x = F.relu_(self.first_block_conv(x))
         for block in self.basicblock_list:
             x = block(x)
         return self.dense(F.relu(x).transpose(1, 2))
@@ -307,12 +313,14 @@ class Pips(nn.Module):
     """PIPs++: iterative multi-template point tracking over S frames.
 
     corr_impl: "local" (default; samples features around each point) or "volume" (reference semantics).
-    encoder_chunk: frames encoded at a time when no gradient is needed (bounds peak memory; None = all).
-    channels_last: run the encoder in channels-last memory format.
+    encoder_chunk: frames encoded at a time; None = 1 on the CPU (2.4x faster than a whole 36-frame clip,
+    see docs/BENCHMARKS.md), 16 on CUDA.
+    channels_last: run the encoder in channels-last memory format; None = only on CUDA (measured slower
+    than contiguous on the CPU, see docs/BENCHMARKS.md).
     """
 
     def __init__(self, stride: int = 8, corr_levels: int = 4, corr_radius: int = 3, corr_impl: str = "local",
-                 encoder_chunk: int | None = 8, channels_last: bool = True):
+                 encoder_chunk: int | None = None, channels_last: bool | None = None):
         super().__init__()
         self.stride = stride
         self.latent_dim = 128
@@ -327,20 +335,32 @@ class Pips(nn.Module):
 
     def encode(self, rgbs: torch.Tensor) -> torch.Tensor:
         """Frames (B,S,3,H,W) in [0,255] -> feature maps (B,S,128,H/8,W/8) in float32."""
+        return self.encode_nhwc(rgbs).permute(0, 1, 4, 2, 3)
+
+    def encode_nhwc(self, rgbs: torch.Tensor) -> torch.Tensor:
+        """Frames (B,S,3,H,W) in [0,255] -> channels-last feature maps (B,S,H/8,W/8,128) in float32."""
         B, S, _, H, W = rgbs.shape
         if H < MIN_SIZE or W < MIN_SIZE:
             raise ValueError(f"frames must be at least {MIN_SIZE}x{MIN_SIZE} pixels, got {H}x{W}")
         x = rgbs.reshape(B * S, 3, H, W)
-        chunk = B * S
-        if self.encoder_chunk and not (torch.is_grad_enabled() and self.training):
-            chunk = self.encoder_chunk
+        chunk = self.encoder_chunk or (16 if x.is_cuda else 1)  # instance norm is per frame: chunks are exact
+        H8, W8 = H // self.stride, W // self.stride
         outs = []
         for s in range(0, B * S, chunk):
             xs = 2 * (x[s:s + chunk].float() / 255.0) - 1.0
-            if self.channels_last:
+            if self.channels_last or (self.channels_last is None and xs.is_cuda):
                 xs = xs.contiguous(memory_format=torch.channels_last)
-            outs.append(self.fnet(xs).float().contiguous())
-        return torch.cat(outs, 0).reshape(B, S, self.latent_dim, H // self.stride, W // self.stride)
+            outs.append(self.fnet(xs).float().permute(0, 2, 3, 1))
+        if len(outs) == 1:
+            out = outs[0].contiguous()
+        elif torch.is_grad_enabled() and any(o.requires_grad for o in outs):
+            out = torch.cat(outs, 0)
+        else:  # one copy of the maps, not the chunks plus their concatenation
+            out = torch.empty((B * S, H8, W8, self.latent_dim), device=x.device)
+            for k, o in enumerate(outs):
+                out[k * chunk:k * chunk + o.shape[0]] = o
+            del outs
+        return out.reshape(B, S, H8, W8, self.latent_dim)
 
     def forward(self, trajs_e0: torch.Tensor, rgbs: torch.Tensor, iters: int = 3, feat_init=None,
                 trajs_g: torch.Tensor | None = None, vis_g: torch.Tensor | None = None,
@@ -353,9 +373,9 @@ class Pips(nn.Module):
         B, S, N, D = trajs_e0.shape
         assert D == 2 and rgbs.shape[:2] == (B, S), "trajs_e0 (B,S,N,2) and rgbs (B,S,3,H,W) must agree"
         stride = float(self.stride)
-        fmaps = self.encode(rgbs)
-        H8, W8 = fmaps.shape[-2:]
-        fmaps_bs = fmaps.reshape(B * S, self.latent_dim, H8, W8)
+        fmaps = self.encode_nhwc(rgbs)  # B,S,H8,W8,C
+        H8, W8 = fmaps.shape[2:4]
+        fmaps_bs = fmaps.reshape(B * S, H8, W8, self.latent_dim)
         pyramid = CorrPyramid(fmaps, self.corr_levels, self.corr_radius, impl=self.corr_impl)
 
         coords = trajs_e0.float() / stride
@@ -363,7 +383,8 @@ class Pips(nn.Module):
         if feat_init is not None:
             feats1, feats2, feats4 = feat_init
         else:
-            feats1 = sample_features(fmaps[:, 0], query).unsqueeze(1).expand(B, S, N, self.latent_dim)
+            first = torch.arange(B, device=rgbs.device) * S
+            feats1 = sample_features(fmaps_bs, query, first).unsqueeze(1).expand(B, S, N, self.latent_dim)
             feats2 = feats4 = feats1
         t = torch.arange(S, device=rgbs.device)
         frame = t.repeat(B) + torch.arange(B, device=rgbs.device).repeat_interleave(S) * S  # index into B*S

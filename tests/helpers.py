@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import torch
+
+from utils.golden import golden_state_dict as _recipe
 
 DATA = Path(__file__).parent / "data"
 
@@ -17,22 +18,8 @@ def state_dict_spec() -> list[dict]:
 
 
 def golden_state_dict() -> dict[str, torch.Tensor]:
-    """Weights of SPEC section 7: seeded float64 normals, scaled per tensor kind, then float32."""
-    out = {}
-    for i, entry in enumerate(state_dict_spec()):
-        name, shape = entry["name"], entry["shape"]
-        g = torch.Generator().manual_seed(1000 + i)
-        t = torch.randn(shape, generator=g, dtype=torch.float64)
-        if len(shape) >= 2:
-            t = t / math.sqrt(math.prod(shape[1:]))
-        elif name.endswith("weight"):
-            t = 1 + 0.1 * t
-        else:
-            t = 0.01 * t
-        if name.startswith("delta_block.dense."):
-            t = t * 0.05
-        out[name] = t.float()
-    return out
+    """SPEC-7 weights for the keys and shapes of state_dict.json, in its file order."""
+    return _recipe([(e["name"], tuple(e["shape"])) for e in state_dict_spec()])
 
 
 def golden_model(**kwargs):

@@ -94,16 +94,36 @@ def test_sincos_embedding_closed_form():
     torch.testing.assert_close(e.double(), ref, atol=1e-6, rtol=0)
 
 
+def test_pyramid_levels_are_avg_pool2d():
+    from nets.pips2 import avg_pool2x2_nhwc
+
+    x = torch.randn(2, 4, 13, 10)
+    got = avg_pool2x2_nhwc(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+    torch.testing.assert_close(got, F.avg_pool2d(x, 2, stride=2))
+
+
+def test_encoder_chunking_is_exact():
+    model = golden_model()
+    rgbs = torch.rand(1, 5, 3, 128, 160) * 255
+    with torch.no_grad():
+        model.encoder_chunk = 2
+        a = model.encode(rgbs)
+        model.encoder_chunk = 5
+        b = model.encode(rgbs)
+    assert a.shape == (1, 5, 128, 16, 20)
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
 def test_sample_features_is_border_bilinear():
     torch.manual_seed(1)
     fmap = torch.randn(3, 5, 9, 11)
     xy = torch.rand(3, 40, 2) * torch.tensor([16.0, 14.0]) - 3  # inside, near and outside the borders
-    got = sample_features(fmap, xy)
+    got = sample_features(fmap.permute(0, 2, 3, 1), xy)
     grid = torch.stack([2 * xy[..., 0] / 10 - 1, 2 * xy[..., 1] / 8 - 1], -1).unsqueeze(1)
     ref = F.grid_sample(fmap, grid, align_corners=True, padding_mode="border")[:, :, 0].transpose(1, 2)
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
     # integer positions read the map exactly
-    assert torch.allclose(sample_features(fmap, torch.tensor([[[4.0, 2.0]]]).expand(3, 1, 2))[:, 0],
+    assert torch.allclose(sample_features(fmap.permute(0, 2, 3, 1), torch.tensor([[[4.0, 2.0]]]).expand(3, 1, 2))[:, 0],
                           fmap[:, :, 2, 4])
 
 
@@ -118,8 +138,9 @@ def test_local_correlation_equals_volume(size):
     coords = torch.rand(B, S, N, 2) * torch.tensor([W + 12.0, H + 12.0]) - 6
     coords[0, 0, :4] = torch.tensor([[0.0, 0.0], [W - 1.0, H - 1.0], [-0.5, 3.2], [W - 0.7, -1.3]])
     coords[1, 2, :2] = torch.tensor([[-500.0, 7.0], [3.0, 1e6]])
-    local = CorrPyramid(fmaps, 4, 3, impl="local", chunk_elems=5000)(targets, coords)
-    volume = CorrPyramid(fmaps, 4, 3, impl="volume")(targets, coords)
+    nhwc = fmaps.permute(0, 1, 3, 4, 2)
+    local = CorrPyramid(nhwc, 4, 3, impl="local", chunk_elems=5000)(targets, coords)
+    volume = CorrPyramid(nhwc, 4, 3, impl="volume")(targets, coords)
     assert local.shape == (B, S, N, 3 * 4 * 49)
     torch.testing.assert_close(local, volume, atol=1e-4, rtol=1e-4)
     assert volume.abs().max() > 1  # not all zeros
@@ -131,7 +152,7 @@ def test_correlation_offset_order_x_outer():
     fmaps[0, 0, 0, 5, 9] = 1.0  # y=5, x=9
     coords = torch.tensor([[[[8.0, 5.0]]]])  # x offset +1 hits it: i = 4, j = 3 -> k = 31
     for impl in ("local", "volume"):
-        out = CorrPyramid(fmaps, 1, 3, impl=impl)(torch.ones(1, 1, 1, 1, 1), coords)[0, 0, 0]
+        out = CorrPyramid(fmaps.permute(0, 1, 3, 4, 2), 1, 3, impl=impl)(torch.ones(1, 1, 1, 1, 1), coords)[0, 0, 0]
         assert out.argmax().item() == 7 * 4 + 3, impl
 
 
@@ -142,7 +163,7 @@ def test_local_and_volume_gradients_agree():
     coords = torch.rand(1, 2, 5, 2) * 20 - 2
     grads = []
     for impl in ("local", "volume"):
-        out = CorrPyramid(fmaps, 4, 3, impl=impl, chunk_elems=100)(targets, coords)
+        out = CorrPyramid(fmaps.permute(0, 1, 3, 4, 2), 4, 3, impl=impl, chunk_elems=100)(targets, coords)
         gf, gt = torch.autograd.grad((out * torch.linspace(-1, 1, out.shape[-1])).sum(), [fmaps, targets])
         grads.append((gf, gt))
     torch.testing.assert_close(grads[0][0], grads[1][0], atol=1e-4, rtol=1e-4)

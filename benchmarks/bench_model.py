@@ -1,0 +1,129 @@
+"""Model speed and peak memory: our default path against the plain reference semantics, side by side.
+
+Each configuration runs in its own subprocess so that peak memory is its own (CPU: peak RSS above the
+process's size before the forward; CUDA: torch.cuda.max_memory_allocated). All runs of one size use the
+same weights and inputs, and the outputs are compared in the same run.
+
+    python benchmarks/bench_model.py                       # sizes a and b on the CPU
+    python benchmarks/bench_model.py --device=cuda --sizes=a,b,c
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import fire
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+SIZES = {  # name: (S, N, H, W, iters)
+    "a": (36, 128, 256, 384, 6),
+    "b": (32, 256, 512, 896, 2),
+    "c": (128, 256, 512, 896, 16),
+}
+CONFIGS = {  # name: (model kwargs, autocast dtype or None, inference_mode)
+    "baseline_fp32": (dict(corr_impl="volume", encoder_chunk=None, channels_last=False), None, False),
+    "ours_fp32": (dict(), None, True),
+    "ours_bf16": (dict(), torch.bfloat16, True),
+}
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _worker(size: str, config: str, device: str, B: int, repeats: int, out_path: str) -> None:
+    from nets.pips2 import Pips
+    from utils.golden import load_golden_weights
+
+    S, N, H, W, iters = SIZES[size]
+    kwargs, amp, inference = CONFIGS[config]
+    torch.manual_seed(0)
+    model = load_golden_weights(Pips(**kwargs)).to(device).eval()  # same weights in every config
+    g = torch.Generator().manual_seed(1)
+    rgbs = (torch.rand(B, S, 3, H, W, generator=g) * 255).to(device)
+    trajs = (torch.rand(B, 1, N, 2, generator=g) * torch.tensor([W - 1.0, H - 1.0])).repeat(1, S, 1, 1).to(device)
+    grad_ctx = torch.inference_mode if inference else torch.no_grad
+
+    def run():
+        with grad_ctx(), torch.autocast(device_type=device, dtype=amp or torch.float32, enabled=amp is not None):
+            return model(trajs, rgbs, iters=iters)[0][-1]
+
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    if device == "cuda":
+        run()  # warm-up (kernels, allocator); on the CPU its RSS would hide the measured peak
+        sync()
+        torch.cuda.reset_peak_memory_stats()
+    rss0 = _rss_bytes()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = run()
+        sync()
+        times.append(time.perf_counter() - t0)
+    if device == "cuda":
+        peak = torch.cuda.max_memory_allocated()
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss0
+    torch.save({"out": out.float().cpu(), "times": times, "peak": peak}, out_path)
+
+
+def main(sizes: str = "a,b", device: str = "cpu", B: int = 1, repeats: int = 2, threads: int | None = None,
+         json_out: str | None = None) -> None:
+    """Print time, peak memory and output differences of each configuration at each size."""
+    env = dict(os.environ)
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    results = {}
+    names = sizes.split(",") if isinstance(sizes, str) else list(sizes)
+    for size in names:
+        S, N, H, W, iters = SIZES[size]
+        print(f"\nsize {size}: B={B} S={S} N={N} {H}x{W} iters={iters} on {device}", flush=True)
+        outs = {}
+        for config in CONFIGS:
+            with tempfile.NamedTemporaryFile(suffix=".pt", delete=False) as f:
+                path = f.name
+            cmd = [sys.executable, __file__, "_worker", size, config, device, str(B), str(repeats), path]
+            subprocess.run(cmd, check=True, env=env, cwd=ROOT)
+            res = torch.load(path, weights_only=True)
+            os.unlink(path)
+            outs[config] = res
+            print(f"  {config:14s} time {min(res['times']):7.2f} s   peak {res['peak'] / 2**20:8.0f} MiB", flush=True)
+        base, fp32, bf16 = (outs[c] for c in CONFIGS)
+        row = {
+            "speedup_fp32": min(base["times"]) / min(fp32["times"]),
+            "speedup_bf16": min(base["times"]) / min(bf16["times"]),
+            "memory_ratio_fp32": base["peak"] / max(fp32["peak"], 1),
+            "max_diff_fp32_px": (fp32["out"] - base["out"]).abs().max().item(),
+            "mean_diff_bf16_px": (bf16["out"] - fp32["out"]).abs().mean().item(),
+            "median_diff_bf16_px": (bf16["out"] - fp32["out"]).norm(dim=-1).median().item(),
+            "max_diff_bf16_px": (bf16["out"] - fp32["out"]).abs().max().item(),
+            "times_s": {c: min(o["times"]) for c, o in outs.items()},
+            "peak_mib": {c: o["peak"] / 2**20 for c, o in outs.items()},
+        }
+        results[size] = row
+        print(f"  ours vs baseline: {row['speedup_fp32']:.2f}x faster fp32, {row['speedup_bf16']:.2f}x bf16, "
+              f"{row['memory_ratio_fp32']:.2f}x less peak memory (fp32)")
+        print(f"  outputs: fp32 max |ours - baseline| {row['max_diff_fp32_px']:.2e} px; bf16 vs fp32 "
+              f"mean {row['mean_diff_bf16_px']:.3f} px, median L2 {row['median_diff_bf16_px']:.3f} px, "
+              f"max {row['max_diff_bf16_px']:.2f} px")
+    if json_out:
+        Path(json_out).write_text(json.dumps(results, indent=2))
+
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "_worker":
+        _worker(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]), int(sys.argv[6]), sys.argv[7])
+    else:
+        fire.Fire(main)
