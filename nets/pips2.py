@@ -314,7 +314,7 @@ class Pips(nn.Module):
 
     corr_impl: "local" (default; samples features around each point) or "volume" (reference semantics).
     encoder_chunk: frames encoded at a time; None = 1 on the CPU (2.4x faster than a whole 36-frame clip,
-    see docs/BENCHMARKS.md), 16 on CUDA.
+    see docs/BENCHMARKS.md), 16 on CUDA; 0 = the whole clip at once.
     channels_last: run the encoder in channels-last memory format; None = only on CUDA (measured slower
     than contiguous on the CPU, see docs/BENCHMARKS.md).
     """
@@ -343,7 +343,9 @@ class Pips(nn.Module):
         if H < MIN_SIZE or W < MIN_SIZE:
             raise ValueError(f"frames must be at least {MIN_SIZE}x{MIN_SIZE} pixels, got {H}x{W}")
         x = rgbs.reshape(B * S, 3, H, W)
-        chunk = self.encoder_chunk or (16 if x.is_cuda else 1)  # instance norm is per frame: chunks are exact
+        # instance norm is per frame, so chunks give the same maps; 0 = the whole clip at once
+        chunk = self.encoder_chunk if self.encoder_chunk is not None else (16 if x.is_cuda else 1)
+        chunk = chunk or B * S
         H8, W8 = H // self.stride, W // self.stride
         outs = []
         for s in range(0, B * S, chunk):

@@ -1,0 +1,294 @@
+"""Export PointOdyssey clips to fixed-size augmented mp4 + track.npz folders (SPEC 4.4), safely in parallel.
+
+Clip k is fully determined by (settings, k): its candidate (scene, start, stride) comes from a fixed
+enumeration and its augmentation RNG is seeded by (seed, k), so any process on any machine writes the
+same clip k. A clip is built in a private temp folder, verified by decoding, then renamed into place in
+one atomic step; a folder named with six digits is therefore always complete and verified. Claim files
+keep concurrent exporters off each other's clips; claims of dead processes are taken over.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from datasets import pointodyssey as pod
+from utils import augment
+from utils.video import VideoError, read_clip, write_mp4
+
+STALE_CLAIM_S = 2 * 3600  # a claim from another host older than this is taken over
+CLIP_DIGITS = 6
+
+
+@dataclass(frozen=True)
+class ExportSettings:
+    """Everything that changes the content of the clips (and so names the version folder)."""
+
+    dset: str = "train"
+    S: int = 36
+    N: int = 128
+    crop_size: tuple[int, int] = (384, 512)
+    use_augs: bool = True
+    shuffle: bool = True
+    seed: int = 0
+
+    def version(self) -> str:
+        h, w = self.crop_size
+        return f"{self.dset}_S{self.S}_N{self.N}_{h}x{w}_{'aug' if self.use_augs else 'noaug'}_seed{self.seed}"
+
+
+@dataclass(frozen=True)
+class Candidate:
+    scene: str
+    start: int
+    stride: int
+
+
+def enumerate_candidates(dataset_location: str | Path, st: ExportSettings) -> list[Candidate]:
+    """Every (scene, start, stride) clip of the split, in a fixed order (shuffled by the seed if asked)."""
+    cands = []
+    for scene in pod.list_scenes(dataset_location, st.dset):
+        n = len(pod.frame_files(scene))
+        cands += [Candidate(scene.name, s, k) for s, k in pod.clip_starts(n, st.S)]
+    if st.shuffle:
+        order = np.random.default_rng(st.seed).permutation(len(cands))
+        cands = [cands[i] for i in order]
+    return cands
+
+
+class SceneCache:
+    """The last few scenes loaded by this process (real annotations are large; clips come grouped by scene)."""
+
+    def __init__(self, root: Path, size: int = 2):
+        self.root, self.size, self.items = root, size, {}
+
+    def get(self, name: str) -> pod.Scene:
+        if name not in self.items:
+            try:
+                scene = pod.load_scene(self.root / name)
+            except pod.SkipItem as e:
+                scene = e
+            if len(self.items) >= self.size:
+                self.items.pop(next(iter(self.items)))
+            self.items[name] = scene
+        got = self.items[name]
+        if isinstance(got, pod.SkipItem):
+            raise pod.SkipItem(f"scene unusable: {got}")
+        return got
+
+
+def make_clip(scene: pod.Scene, cand: Candidate, st: ExportSettings, rng: np.random.Generator
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """Frames (S,H,W,3) uint8 and track_g (S,N,4) of one candidate; raises SkipItem with the reason."""
+    idx = cand.start + cand.stride * np.arange(st.S)
+    trajs, visibs, valids = scene.trajs[idx], scene.visibs[idx], scene.valids[idx]
+    frames = pod.read_frames([scene.rgb_paths[i] for i in idx])
+    mask_path = scene.mask_paths[idx[0]] if scene.mask_paths else None
+    if st.use_augs and rng.random() < 0.5:
+        frames, trajs, visibs, valids = augment.reverse_time(frames, trajs, visibs, valids)
+        mask_path = scene.mask_paths[idx[-1]] if scene.mask_paths else None
+    H, W = frames.shape[1:3]
+    edges = pod.segmentation_edges(pod.read_mask(mask_path)) if mask_path is not None else None
+    keep = pod.filter_tracks(trajs, visibs, valids, (H, W), edges)
+    if len(keep) < st.N // 2:
+        raise pod.SkipItem("too few tracks")
+    trajs, visibs, valids = trajs[:, keep], visibs[:, keep], valids[:, keep]
+
+    plan = augment.plan_spatial(st.S, H, W, st.crop_size, rng, p=0.7 if st.use_augs else 0.0)
+    frames = augment.warp_frames(frames, plan)
+    trajs = augment.warp_tracks(trajs, plan)
+    visibs, valids = augment.crop_visibility(trajs, visibs, valids, st.crop_size)
+    keep = np.nonzero(visibs[0] & visibs[1])[0]  # queries must still be visible after the crop
+    if len(keep) < st.N // 2:
+        raise pod.SkipItem("too few tracks after crop")
+    trajs, visibs, valids = trajs[:, keep], visibs[:, keep], valids[:, keep]
+    if st.use_augs:
+        frames, visibs = augment.add_occluders(frames, trajs, visibs, rng, p=0.2)
+        frames = augment.color_augment(frames, rng)
+    pick = pod.choose_tracks(trajs, valids, st.N, rng, st.crop_size)
+    trajs, visibs, valids = trajs[:, pick], visibs[:, pick], valids[:, pick]
+    if valids.mean() < 0.5:
+        raise pod.SkipItem("fewer than half of the entries valid")
+    return frames, pod.pack_tracks(trajs, visibs, valids)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Writing, verifying, claiming.
+
+
+def clip_dir(version_dir: Path, k: int) -> Path:
+    return version_dir / f"{k:0{CLIP_DIGITS}d}"
+
+
+def is_clip_dir(p: Path) -> bool:
+    """A finished clip: a six-digit folder holding rgb.mp4 and track.npz (temp folders never match)."""
+    return p.is_dir() and p.name.isdigit() and len(p.name) == CLIP_DIGITS and (p / "rgb.mp4").is_file() \
+        and (p / "track.npz").is_file()
+
+
+def verify_clip(folder: Path, S: int, N: int, hw: tuple[int, int]) -> None:
+    """Decode rgb.mp4 (exactly S frames of HxW) and check track.npz; raises VideoError naming the file."""
+    read_clip(folder / "rgb.mp4", S, *hw)
+    try:
+        with np.load(folder / "track.npz") as z:
+            t = z["track_g"]
+    except Exception as e:
+        raise VideoError(f"{folder / 'track.npz'}: unreadable ({type(e).__name__})") from None
+    if t.shape != (S, N, 4) or t.dtype != np.float32:
+        raise VideoError(f"{folder / 'track.npz'}: track_g is {t.dtype} {t.shape}, expected float32 {(S, N, 4)}")
+
+
+def write_clip(version_dir: Path, k: int, frames: np.ndarray, track: np.ndarray, meta: dict) -> bool:
+    """Write clip k via a private temp folder, verify, rename into place; False if another writer won."""
+    final = clip_dir(version_dir, k)
+    tmp = version_dir / ".tmp" / f"{k:0{CLIP_DIGITS}d}__{socket.gethostname()}__{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        write_mp4(tmp / "rgb.mp4", frames, fps=24, crf=20)
+        np.savez(tmp / "track.npz", track_g=track.astype(np.float32))
+        verify_clip(tmp, track.shape[0], track.shape[1], frames.shape[1:3])
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if is_clip_dir(final):  # someone else finished it first: theirs is identical
+                return False
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    line = json.dumps({"clip": k, **meta}) + "\n"
+    fd = os.open(version_dir / "manifest.jsonl", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        os.write(fd, line.encode())  # one small O_APPEND write: lines from concurrent writers never interleave
+    finally:
+        os.close(fd)
+    return True
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether a process of this host runs; a zombie (killed, parent gone, not yet reaped) counts as dead."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return True
+
+
+def claim(version_dir: Path, k: int) -> bool:
+    """Take clip k for this process; False if a live process holds it. Dead holders' claims are taken over."""
+    cdir = version_dir / ".claims"
+    cdir.mkdir(exist_ok=True)
+    path = cdir / f"{k:0{CLIP_DIGITS}d}"
+    me = f"{socket.gethostname()} {os.getpid()}"
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            os.write(fd, me.encode())
+            os.close(fd)
+            return True
+        except FileExistsError:
+            try:
+                host, pid = path.read_text().split()
+                age = time.time() - path.stat().st_mtime
+            except (OSError, ValueError):
+                host, pid, age = "", "0", STALE_CLAIM_S + 1  # half-written claim: its writer died
+            same_host = host == socket.gethostname()
+            if (same_host and not _pid_alive(int(pid))) or (not same_host and age > STALE_CLAIM_S):
+                path.unlink(missing_ok=True)
+                continue
+            return False
+    return False
+
+
+def release(version_dir: Path, k: int) -> None:
+    (version_dir / ".claims" / f"{k:0{CLIP_DIGITS}d}").unlink(missing_ok=True)
+
+
+def mark_rejected(version_dir: Path, k: int, reason: str) -> None:
+    """Remember a deterministic rejection so reruns skip it at once."""
+    rdir = version_dir / ".rejected"
+    rdir.mkdir(exist_ok=True)
+    tmp = rdir / f".{k}.{os.getpid()}"
+    tmp.write_text(reason)
+    os.replace(tmp, rdir / f"{k:0{CLIP_DIGITS}d}")
+
+
+def rejected_reason(version_dir: Path, k: int) -> str | None:
+    p = version_dir / ".rejected" / f"{k:0{CLIP_DIGITS}d}"
+    return p.read_text() if p.is_file() else None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# One clip, start to finish, in a worker process.
+
+_CACHE: SceneCache | None = None
+
+
+def export_one(args: tuple) -> tuple[int, str, str]:
+    """Build and write clip k; returns (k, status, detail) with status written/exists/rejected/busy/failed."""
+    global _CACHE
+    dataset_location, version_dir, st_dict, k, cand = args
+    st = ExportSettings(**st_dict)
+    version_dir = Path(version_dir)
+    if is_clip_dir(clip_dir(version_dir, k)):
+        return k, "exists", ""
+    reason = rejected_reason(version_dir, k)
+    if reason is not None:
+        return k, "rejected", reason
+    if not claim(version_dir, k):
+        return k, "busy", ""
+    try:
+        if is_clip_dir(clip_dir(version_dir, k)):
+            return k, "exists", ""
+        root = Path(dataset_location) / st.dset
+        if _CACHE is None or _CACHE.root != root:
+            _CACHE = SceneCache(root)
+        cand = Candidate(**cand)
+        rng = np.random.default_rng([st.seed, k])
+        try:
+            frames, track = make_clip(_CACHE.get(cand.scene), cand, st, rng)
+        except pod.SkipItem as e:
+            mark_rejected(version_dir, k, str(e))
+            return k, "rejected", str(e)
+        meta = dict(asdict(cand), n_valid=int(track[..., 3].sum()), n_visible=int(track[..., 2].sum()))
+        wrote = write_clip(version_dir, k, frames, track, meta)
+        return k, "written" if wrote else "exists", ""
+    except Exception as e:  # report and go on: one bad clip must not stop a day-long export
+        return k, "failed", f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+    finally:
+        release(version_dir, k)
+
+
+def clean_stale_temps(version_dir: Path) -> int:
+    """Remove temp folders left by dead processes of this host; returns how many."""
+    tdir = version_dir / ".tmp"
+    n = 0
+    if not tdir.is_dir():
+        return 0
+    host = socket.gethostname()
+    for p in tdir.iterdir():
+        parts = p.name.split("__")
+        if len(parts) == 3 and parts[1] == host and parts[2].isdigit() and not _pid_alive(int(parts[2])):
+            shutil.rmtree(p, ignore_errors=True)
+            n += 1
+    return n
+
+
+def list_clips(version_dir: Path) -> list[Path]:
+    """Finished clip folders of a version, sorted."""
+    if not Path(version_dir).is_dir():
+        return []
+    return sorted(p for p in Path(version_dir).iterdir() if is_clip_dir(p))

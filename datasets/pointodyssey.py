@@ -1,0 +1,235 @@
+"""PointOdyssey scenes on disk (v1.2 and legacy), clip sampling and the track filters of SPEC 4.2.
+
+A scene or clip that cannot be used raises `SkipItem` with a short reason; callers count reasons and go on.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+from PIL import Image
+
+FRAME_RE = re.compile(r"^rgb_(\d+)\.(jpg|jpeg|png)$")
+STRIDES = (1, 2, 4)
+START_STEP = 2
+
+
+class SkipItem(Exception):
+    """A scene or clip that cannot be used; str(e) is the reason (short, for counting)."""
+
+
+@dataclass
+class Scene:
+    """One sequence: frame files (sorted by their number) and its annotations."""
+
+    name: str
+    path: Path
+    rgb_paths: list[Path]
+    mask_paths: list[Path] | None
+    trajs: np.ndarray  # (T,N,2) float32, non-finite entries allowed
+    visibs: np.ndarray  # (T,N) bool, False where invalid
+    valids: np.ndarray  # (T,N) bool, False where non-finite
+
+    @property
+    def num_frames(self) -> int:
+        return len(self.rgb_paths)
+
+
+def list_scenes(dataset_location: str | Path, dset: str) -> list[Path]:
+    """Scene folders of one split, sorted by name."""
+    root = Path(dataset_location) / dset
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: no such split folder (expected <dataset_location>/{dset}/<scene>/)")
+    return sorted(p for p in root.iterdir() if p.is_dir())
+
+
+def frame_files(scene: Path) -> list[Path]:
+    """rgb_*.jpg files sorted by the number in their name (which need not start at 0)."""
+    rgb_dir = scene / "rgbs"
+    if not rgb_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in rgb_dir.iterdir() if (m := FRAME_RE.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def _mask_for(rgb: Path) -> Path:
+    num = FRAME_RE.match(rgb.name).group(1)
+    return rgb.parent.parent / "masks" / f"mask_{num}.png"
+
+
+def load_annotations(scene: Path, require_3d: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(trajs_2d, visibs, valids) from anno.npz (v1.2) or annotations.npz (legacy visibilities 0/1/2)."""
+    anno, legacy = scene / "anno.npz", scene / "annotations.npz"
+    try:
+        if anno.is_file():
+            with np.load(anno, allow_pickle=True) as z:
+                keys = set(z.files)
+                if "trajs_2d" not in keys or "visibs" not in keys:
+                    raise SkipItem("anno.npz lacks trajs_2d/visibs")
+                if require_3d and ("trajs_3d" not in keys or z["trajs_3d"].dtype == object):
+                    raise SkipItem("trajs_3d is None")
+                trajs = z["trajs_2d"].astype(np.float32)
+                visibs = z["visibs"].astype(bool)
+                valids = z["valids"].astype(bool) if "valids" in keys else np.ones_like(visibs)
+        elif legacy.is_file():
+            with np.load(legacy, allow_pickle=True) as z:
+                if "trajs_2d" not in z.files or "visibilities" not in z.files:
+                    raise SkipItem("annotations.npz lacks trajs_2d/visibilities")
+                if require_3d and ("trajs_3d" not in z.files or z["trajs_3d"].dtype == object):
+                    raise SkipItem("trajs_3d is None")
+                trajs = z["trajs_2d"].astype(np.float32)
+                vis = z["visibilities"]
+                valids, visibs = vis < 2, vis == 1
+        else:
+            raise SkipItem("no anno.npz or annotations.npz")
+    except SkipItem:
+        raise
+    except Exception as e:
+        raise SkipItem(f"unreadable annotations ({type(e).__name__})") from None
+    if trajs.ndim != 3 or trajs.shape[2] != 2 or visibs.shape != trajs.shape[:2]:
+        raise SkipItem(f"annotation shapes disagree: trajs {trajs.shape}, visibs {visibs.shape}")
+    finite = np.isfinite(trajs).all(-1)
+    valids = valids & finite
+    visibs = visibs & valids
+    return trajs, visibs, valids
+
+
+def load_scene(path: str | Path, require_masks: bool = True, require_3d: bool = True) -> Scene:
+    """Read a scene's file lists and annotations; raises SkipItem with the reason when it is unusable."""
+    path = Path(path)
+    rgbs = frame_files(path)
+    if not rgbs:
+        raise SkipItem("no rgbs/rgb_*.jpg frames")
+    masks = [_mask_for(p) for p in rgbs]
+    if not all(m.is_file() for m in masks):
+        if require_masks:
+            raise SkipItem("missing masks")
+        masks = None
+    trajs, visibs, valids = load_annotations(path, require_3d)
+    if trajs.shape[0] != len(rgbs):
+        raise SkipItem(f"{len(rgbs)} frames on disk but {trajs.shape[0]} in the annotations")
+    return Scene(path.name, path, rgbs, masks, trajs, visibs, valids)
+
+
+def clip_starts(num_frames: int, S: int, strides: tuple[int, ...] = STRIDES, step: int = START_STEP
+                ) -> list[tuple[int, int]]:
+    """(start, stride) of every S-frame clip: temporal strides {1,2,4}, starts every `step` frames."""
+    out = []
+    for stride in strides:
+        span = (S - 1) * stride + 1
+        out += [(start, stride) for start in range(0, num_frames - span + 1, step)]
+    return out
+
+
+def read_frames(paths: list[Path]) -> np.ndarray:
+    """Load RGB frames (S,H,W,3) uint8; a missing or unreadable file raises SkipItem naming it."""
+    out = []
+    for p in paths:
+        img = cv2.imread(str(p), cv2.IMREAD_COLOR)
+        if img is None:
+            raise SkipItem(f"unreadable frame {p.name}")
+        out.append(cv2.cvtColor(img, cv2.COLOR_BGR2RGB))
+    if len({f.shape for f in out}) != 1:
+        raise SkipItem("frames of different sizes")
+    return np.stack(out)
+
+
+def read_mask(path: Path) -> np.ndarray:
+    """Palette-indexed label mask as an integer array (the palette indices, not colours)."""
+    with Image.open(path) as im:
+        return np.array(im if im.mode in ("P", "L", "I", "I;16") else im.convert("L"))
+
+
+def segmentation_edges(labels: np.ndarray, dilate: int = 3) -> np.ndarray:
+    """Boolean map of label boundaries: Canny of the label mask, dilated."""
+    lab = labels.astype(np.float32)
+    lab = (lab * (255.0 / max(1.0, float(lab.max())))).astype(np.uint8)
+    edges = cv2.Canny(lab, 1, 1)
+    if dilate > 1:
+        edges = cv2.dilate(edges, np.ones((dilate, dilate), np.uint8))
+    return edges > 0
+
+
+def filter_tracks(trajs: np.ndarray, visibs: np.ndarray, valids: np.ndarray, hw: tuple[int, int],
+                  edges: np.ndarray | None = None) -> np.ndarray:
+    """Indices of tracks passing SPEC 4.2: visible at frames 0 and 1, enough visible frames, inside the
+    image at frame 0, not on a segmentation edge, and plausible speed, acceleration and jerk."""
+    S = trajs.shape[0]
+    H, W = hw
+    vv = visibs & valids
+    ok = vv[0] & vv[1]
+    ok &= vv.sum(0) >= max(math.sqrt(S), 2)
+    x0, y0 = trajs[0, :, 0], trajs[0, :, 1]
+    with np.errstate(invalid="ignore"):
+        ok &= (x0 >= 0) & (x0 <= W - 1) & (y0 >= 0) & (y0 <= H - 1)
+    if edges is not None:
+        xi = np.clip(np.round(np.nan_to_num(x0)), 0, W - 1).astype(int)
+        yi = np.clip(np.round(np.nan_to_num(y0)), 0, H - 1).astype(int)
+        ok &= ~edges[yi, xi]
+    # motion, normalised by the image size; only where consecutive frames are valid
+    scale = float(max(H, W))
+    p = np.where(valids[..., None], trajs, np.nan) / scale
+    with np.errstate(invalid="ignore"):
+        for order, limit in ((1, 0.4), (2, 0.3), (3, 0.1)):
+            d = np.diff(p, n=order, axis=0)
+            mag = np.linalg.norm(d, axis=-1)
+            ok &= ~(np.nan_to_num(mag, nan=0.0) >= limit).any(0)
+    return np.nonzero(ok)[0]
+
+
+def farthest_point_sample(feats: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    """Indices of k rows of feats (M,D) chosen greedily far apart, starting from a random row."""
+    M = len(feats)
+    if k >= M:
+        return np.arange(M)
+    chosen = np.empty(k, int)
+    chosen[0] = rng.integers(M)
+    dist = np.linalg.norm(feats - feats[chosen[0]], axis=1)
+    for i in range(1, k):
+        chosen[i] = int(np.argmax(dist))
+        dist = np.minimum(dist, np.linalg.norm(feats - feats[chosen[i]], axis=1))
+    return chosen
+
+
+def fps_features(trajs: np.ndarray, valids: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+    """(x0, y0, mean velocity x, mean velocity y) per track, normalised so position and motion both count."""
+    scale = float(max(hw))
+    pos = trajs[0] / scale
+    d = np.diff(trajs, axis=0)
+    both = (valids[1:] & valids[:-1])[..., None]
+    vel = np.where(both, d, 0).sum(0) / np.maximum(both.sum(0), 1)
+    return np.concatenate([pos, vel / scale * 10], 1)
+
+
+def choose_tracks(trajs: np.ndarray, valids: np.ndarray, N: int, rng: np.random.Generator,
+                  hw: tuple[int, int]) -> np.ndarray:
+    """N track indices by farthest-point sampling, padded by repeating chosen tracks; SkipItem if < N//2."""
+    M = trajs.shape[1]
+    if M < N // 2 or M == 0:
+        raise SkipItem("too few tracks")
+    idx = farthest_point_sample(fps_features(trajs, valids, hw), min(N, M), rng)
+    if len(idx) < N:
+        idx = np.concatenate([idx, rng.choice(idx, N - len(idx))])
+    return idx
+
+
+def pack_tracks(trajs: np.ndarray, visibs: np.ndarray, valids: np.ndarray) -> np.ndarray:
+    """(S,N,4) float32 of x, y, visible, valid; non-finite positions become 0 (and invalid)."""
+    track = np.zeros(trajs.shape[:2] + (4,), np.float32)
+    track[..., :2] = np.nan_to_num(trajs, nan=0.0, posinf=0.0, neginf=0.0)
+    track[..., 2] = visibs
+    track[..., 3] = valids
+    return track
+
+
+class SkipCounter(Counter):
+    """Counts skip reasons; `summary()` for the closing line of a job."""
+
+    def summary(self) -> str:
+        return ", ".join(f"{k}: {v}" for k, v in self.most_common()) or "none"

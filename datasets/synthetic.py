@@ -1,0 +1,238 @@
+"""Synthetic scenes in the PointOdyssey v1.2 layout: textured layers under camera and object motion.
+
+Each scene is a large textured background moved by a smoothly panning, rotating and zooming camera, plus
+textured objects (ellipses, rectangles, polygons) that translate, rotate and scale on top of it, in a fixed
+depth order, so they occlude the background and each other. Every layer is drawn with cv2.warpAffine,
+which puts pixel centres at integer coordinates; a texture point (u, v) therefore lands exactly at
+A_t @ (u, v, 1), which gives exact tracks. A point is visible when it is inside the frame and its layer is
+the front-most one at its pixel. Everything is deterministic given the seed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+from PIL import Image
+
+DEPTH_SCALE = 65535.0 / 1000.0  # PointOdyssey: metres = value / 65535 * 1000
+
+
+@dataclass
+class SceneConfig:
+    """Size, length and motion of one synthetic scene."""
+
+    W: int = 512
+    H: int = 384
+    T: int = 48
+    n_objects: int = 4
+    n_points: int = 1024
+    cam_speed: float = 3.0  # px/frame of camera pan
+    obj_speed: float = 4.0  # px/frame of object motion relative to the camera
+    rot_speed: float = 0.01  # rad/frame, objects
+    scale_amp: float = 0.15  # relative scale oscillation
+    jpeg_quality: int = 95
+
+
+def _texture(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    """Colourful multi-scale noise plus sharp random shapes: rich enough to be trackable everywhere."""
+    tex = np.zeros((h, w, 3), np.float32)
+    for cell in (64, 16, 4):
+        small = rng.random((max(2, h // cell), max(2, w // cell), 3)).astype(np.float32)
+        tex += cv2.resize(small, (w, h), interpolation=cv2.INTER_CUBIC) / 3
+    tex = np.clip(tex * 255, 0, 255).astype(np.uint8)
+    for _ in range(max(4, h * w // 1500)):
+        colour = tuple(int(c) for c in rng.integers(0, 256, 3))
+        x, y = int(rng.integers(0, w)), int(rng.integers(0, h))
+        r = int(rng.integers(2, 9))
+        kind = rng.integers(0, 3)
+        if kind == 0:
+            cv2.circle(tex, (x, y), r, colour, -1, lineType=cv2.LINE_AA)
+        elif kind == 1:
+            cv2.rectangle(tex, (x - r, y - r), (x + r, y + r // 2), colour, -1)
+        else:
+            cv2.line(tex, (x, y), (x + int(rng.integers(-15, 16)), y + int(rng.integers(-15, 16))), colour, 2,
+                     lineType=cv2.LINE_AA)
+    return tex
+
+
+def _shape_mask(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    mask = np.zeros((h, w), np.uint8)
+    kind = rng.integers(0, 3)
+    if kind == 0:
+        cv2.ellipse(mask, (w // 2, h // 2), (w // 2 - 2, h // 2 - 2), 0, 0, 360, 1, -1)
+    elif kind == 1:
+        mask[2:-2, 2:-2] = 1
+    else:
+        k = int(rng.integers(5, 9))
+        ang = np.sort(rng.random(k) * 2 * np.pi)
+        rad = 0.6 + 0.4 * rng.random(k)
+        pts = np.stack([w / 2 + (w / 2 - 2) * rad * np.cos(ang), h / 2 + (h / 2 - 2) * rad * np.sin(ang)], 1)
+        cv2.fillPoly(mask, [pts.astype(np.int32)], 1)
+    return mask
+
+
+def _affine(cx: float, cy: float, angle: float, scale: float, tx: float, ty: float) -> np.ndarray:
+    """2x3 map: rotate/scale about texture point (cx, cy), then place that point at (tx, ty)."""
+    c, s = math.cos(angle) * scale, math.sin(angle) * scale
+    return np.array([[c, -s, tx - c * cx + s * cy], [s, c, ty - s * cx - c * cy]], np.float64)
+
+
+def _compose(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """a after b, for 2x3 affines."""
+    A = np.vstack([a, [0, 0, 1]])
+    B = np.vstack([b, [0, 0, 1]])
+    return (A @ B)[:2]
+
+
+def _smooth_path(rng: np.random.Generator, T: int, speed: float) -> np.ndarray:
+    """(T,2) offsets: constant velocity plus two slow sinusoids; speed in px/frame."""
+    t = np.arange(T, dtype=np.float64)
+    ang = rng.random() * 2 * np.pi
+    v = speed * (0.5 + rng.random()) * np.array([math.cos(ang), math.sin(ang)])
+    path = t[:, None] * v
+    for _ in range(2):
+        amp = speed * rng.random(2) * 6
+        per = rng.uniform(20, 60)
+        ph = rng.random(2) * 2 * np.pi
+        path += amp * (np.sin(2 * np.pi * t[:, None] / per + ph) - np.sin(ph))
+    return path
+
+
+def generate_scene(out_dir: str | Path, seed: int, cfg: SceneConfig | None = None) -> Path:
+    """Write one scene (rgbs/, masks/, depths/, normals/, anno.npz) to out_dir; returns out_dir."""
+    cfg = cfg or SceneConfig()
+    rng = np.random.default_rng(seed)
+    W, H, T = cfg.W, cfg.H, cfg.T
+    out = Path(out_dir)
+    for sub in ("rgbs", "masks", "depths", "normals"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+
+    # camera: pans, rotates slightly and zooms over a background texture twice the frame size
+    bw, bh = 2 * W, 2 * H
+    bg_tex = _texture(rng, bh, bw)
+    cam_path = _smooth_path(rng, T, cfg.cam_speed)
+    cam_rot = rng.uniform(-0.004, 0.004) * np.arange(T)
+    cam_zoom = 1 + rng.uniform(-0.004, 0.004) * np.arange(T)
+    cam = [_affine(W / 2, H / 2, cam_rot[t], cam_zoom[t], W / 2 - cam_path[t, 0], H / 2 - cam_path[t, 1])
+           for t in range(T)]
+    bg_place = _affine(bw / 2, bh / 2, 0.0, 1.0, W / 2, H / 2)  # texture centre at frame centre
+
+    layers = [dict(tex=bg_tex, mask=np.ones((bh, bw), np.uint8), A=[_compose(c, bg_place) for c in cam],
+                   depth=rng.uniform(30, 50) * np.ones(T))]
+    depth_order = np.sort(rng.uniform(3, 25, cfg.n_objects))[::-1]  # far to near
+    for k in range(cfg.n_objects):
+        side = min(W, H)
+        oh = int(rng.uniform(0.2, 0.45) * side) // 2 * 2 + 8
+        ow = int(rng.uniform(0.2, 0.45) * side) // 2 * 2 + 8
+        tex, mask = _texture(rng, oh, ow), _shape_mask(rng, oh, ow)
+        start = rng.uniform([0.15 * W, 0.15 * H], [0.85 * W, 0.85 * H])
+        path = _smooth_path(rng, T, cfg.obj_speed)
+        rot0, rot_v = rng.uniform(-0.5, 0.5), rng.uniform(-1, 1) * cfg.rot_speed
+        sc0, sc_p = rng.uniform(0.8, 1.2), rng.uniform(25, 70)
+        scale = sc0 * (1 + cfg.scale_amp * np.sin(2 * np.pi * np.arange(T) / sc_p + rng.random() * 6))
+        A = [_compose(cam[t], _affine(ow / 2, oh / 2, rot0 + rot_v * t, scale[t], *(start + path[t])))
+             for t in range(T)]
+        layers.append(dict(tex=tex, mask=mask, A=A, depth=depth_order[k] / (scale / sc0)))
+
+    # points: background ones anywhere on its texture, object ones well inside their shape
+    n_bg = cfg.n_points * 2 // 5
+    per_obj = (cfg.n_points - n_bg) // max(1, cfg.n_objects)
+    pts_uv, pts_layer = [], []
+    for li, layer in enumerate(layers):
+        n = n_bg if li == 0 else per_obj
+        if li == 0:
+            uv = rng.uniform([0, 0], [bw - 1, bh - 1], (n, 2))
+        else:
+            inner = cv2.erode(layer["mask"], np.ones((5, 5), np.uint8))
+            ys, xs = np.nonzero(inner)
+            pick = rng.integers(0, len(xs), n)
+            uv = np.stack([xs[pick], ys[pick]], 1) + rng.uniform(-0.5, 0.5, (n, 2))
+        pts_uv.append(uv)
+        pts_layer.append(np.full(n, li))
+    uv = np.concatenate(pts_uv)
+    lay = np.concatenate(pts_layer)
+    N = len(uv)
+
+    trajs = np.zeros((T, N, 2), np.float64)
+    visibs = np.zeros((T, N), bool)
+    depth_pt = np.zeros((T, N), np.float64)
+    palette = (np.random.default_rng(12345).integers(0, 256, (256, 3))).astype(np.uint8)
+    palette[0] = 0
+    for t in range(T):
+        img = np.zeros((H, W, 3), np.float32)
+        label = np.zeros((H, W), np.uint8)
+        depth = np.zeros((H, W), np.float32)
+        for li, layer in enumerate(layers):
+            A = layer["A"][t]
+            warped = cv2.warpAffine(layer["tex"], A, (W, H), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
+            alpha = cv2.warpAffine(layer["mask"].astype(np.float32), A, (W, H), flags=cv2.INTER_LINEAR,
+                                   borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+            if li == 0:
+                alpha[:] = 1
+            img = img * (1 - alpha[..., None]) + warped.astype(np.float32) * alpha[..., None]
+            front = alpha > 0.5
+            label[front] = li + 1
+            depth[front] = layer["depth"][t]
+            sel = lay == li
+            trajs[t, sel] = uv[sel] @ A[:, :2].T + A[:, 2]
+            depth_pt[t, sel] = layer["depth"][t]
+        x, y = trajs[t, :, 0], trajs[t, :, 1]
+        inside = (x >= 0) & (x <= W - 1) & (y >= 0) & (y <= H - 1)
+        xi = np.clip(np.round(x), 0, W - 1).astype(int)
+        yi = np.clip(np.round(y), 0, H - 1).astype(int)
+        visibs[t] = inside & (label[yi, xi] == lay + 1)
+
+        rgb = np.clip(img + 0.5, 0, 255).astype(np.uint8)
+        quality = [cv2.IMWRITE_JPEG_QUALITY, cfg.jpeg_quality]
+        cv2.imwrite(str(out / "rgbs" / f"rgb_{t:05d}.jpg"), rgb[..., ::-1], quality)
+        m = Image.fromarray(label, mode="P")
+        m.putpalette(palette.reshape(-1).tolist())
+        m.save(out / "masks" / f"mask_{t:05d}.png")
+        depth16 = np.clip(depth * DEPTH_SCALE, 0, 65535).astype(np.uint16)
+        cv2.imwrite(str(out / "depths" / f"depth_{t:05d}.png"), depth16)
+        normal = np.empty((H, W, 3), np.uint8)
+        normal[:] = (255, 128, 128)  # BGR of a camera-facing normal (0, 0, 1)
+        cv2.imwrite(str(out / "normals" / f"normal_{t:05d}.png"), normal)
+
+    f = float(W)
+    K = np.array([[f, 0, (W - 1) / 2], [0, f, (H - 1) / 2], [0, 0, 1]], np.float32)
+    intrinsics = np.repeat(K[None], T, 0)
+    # camera translates in its own plane (in metres, proportional to the pan), no rotation: world->camera
+    extrinsics = np.repeat(np.eye(4, dtype=np.float32)[None], T, 0)
+    extrinsics[:, 0, 3] = -cam_path[:, 0] * 0.01
+    extrinsics[:, 1, 3] = -cam_path[:, 1] * 0.01
+    cam_x = (trajs[..., 0] - K[0, 2]) * depth_pt / f
+    cam_y = (trajs[..., 1] - K[1, 2]) * depth_pt / f
+    cam_pts = np.stack([cam_x, cam_y, depth_pt], -1)
+    trajs_3d = cam_pts - extrinsics[:, None, :3, 3]
+    # anno.npz last and atomically: its presence marks a complete scene
+    tmp = out / "anno.tmp.npz"
+    np.savez_compressed(
+        tmp, trajs_2d=trajs.astype(np.float32), trajs_3d=trajs_3d.astype(np.float32),
+        visibs=visibs, valids=np.ones((T, N), bool), intrinsics=intrinsics, extrinsics=extrinsics,
+        synthetic_config=np.array(str(asdict(cfg))),
+    )
+    tmp.replace(out / "anno.npz")
+    return out
+
+
+def generate_dataset(root: str | Path, dsets: dict[str, int], seed: int = 0, cfg: SceneConfig | None = None,
+                     progress: bool = True) -> list[Path]:
+    """Write `dsets[name]` scenes into root/name/ for each split; scene i of a split is seeded by (seed, split, i)."""
+    from tqdm import tqdm
+
+    jobs = []
+    for d, (name, count) in enumerate(sorted(dsets.items())):
+        for i in range(count):
+            jobs.append((Path(root) / name / f"synth_{i:04d}", seed * 1000003 + d * 10007 + i))
+    done = []
+    for path, s in tqdm(jobs, desc="synthetic scenes", disable=not progress):
+        if (path / "anno.npz").is_file():
+            done.append(path)
+            continue
+        done.append(generate_scene(path, s, cfg))
+    return done

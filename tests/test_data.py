@@ -1,0 +1,331 @@
+"""Synthetic scenes, the PointOdyssey reader and filters, the parallel exporter and the clip reader."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from datasets import pointodyssey as pod
+from datasets.export import ExportSettings, list_clips, verify_clip
+from datasets.synthetic import SceneConfig, generate_dataset, generate_scene
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = SceneConfig(W=320, H=256, T=24, n_objects=3, n_points=400)
+EXPORT_ARGS = ["--S=8", "--N=32", "--crop_size=128,192", "--quiet=True"]
+
+
+@pytest.fixture(scope="session")
+def synth_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pod")
+    generate_dataset(root, {"train": 3, "test": 1}, seed=0, cfg=SMALL, progress=False)
+    return root
+
+
+def _bilinear(img, x, y):
+    return np.stack([cv2.getRectSubPix(img.astype(np.float32), (1, 1), (float(a), float(b)))[0, 0]
+                     for a, b in zip(x, y, strict=True)])
+
+
+# --- synthetic scenes ------------------------------------------------------------------------------------
+
+def test_synthetic_layout_and_keys(synth_root):
+    scene = synth_root / "train" / "synth_0000"
+    for sub, pat in (("rgbs", "rgb_%05d.jpg"), ("masks", "mask_%05d.png"), ("depths", "depth_%05d.png"),
+                     ("normals", "normal_%05d.png")):
+        assert (scene / sub / (pat % 0)).is_file() and (scene / sub / (pat % 23)).is_file()
+    z = np.load(scene / "anno.npz")
+    T, N = 24, 400
+    assert z["trajs_2d"].shape == (T, N, 2) and z["trajs_3d"].shape == (T, N, 3)
+    assert z["visibs"].shape == (T, N) and z["valids"].shape == (T, N)
+    assert z["intrinsics"].shape == (T, 3, 3) and z["extrinsics"].shape == (T, 4, 4)
+    assert cv2.imread(str(scene / "rgbs" / "rgb_00000.jpg")).shape == (256, 320, 3)
+    assert cv2.imread(str(scene / "depths" / "depth_00000.png"), cv2.IMREAD_UNCHANGED).dtype == np.uint16
+    from PIL import Image
+
+    assert Image.open(scene / "masks" / "mask_00000.png").mode == "P"
+
+
+def test_synthetic_is_deterministic(tmp_path):
+    a = generate_scene(tmp_path / "a", 7, SMALL)
+    b = generate_scene(tmp_path / "b", 7, SMALL)
+    c = generate_scene(tmp_path / "c", 8, SMALL)
+    za, zb, zc = (np.load(p / "anno.npz") for p in (a, b, c))
+    assert np.array_equal(za["trajs_2d"], zb["trajs_2d"]) and not np.array_equal(za["trajs_2d"], zc["trajs_2d"])
+    assert (a / "rgbs" / "rgb_00005.jpg").read_bytes() == (b / "rgbs" / "rgb_00005.jpg").read_bytes()
+
+
+def test_synthetic_tracks_are_exact_and_3d_reprojects(synth_root):
+    scene = synth_root / "train" / "synth_0001"
+    z = np.load(scene / "anno.npz")
+    tr, vis = z["trajs_2d"], z["visibs"]
+    # trajs_3d projects back onto trajs_2d through the cameras
+    for t in (0, 11, 23):
+        Xw = np.concatenate([z["trajs_3d"][t], np.ones((tr.shape[1], 1))], 1)
+        cam = (z["extrinsics"][t] @ Xw.T).T[:, :3]
+        uv = (z["intrinsics"][t] @ cam.T).T
+        np.testing.assert_allclose(uv[:, :2] / uv[:, 2:], tr[t], atol=1e-2)
+    # colour at a track is the same in every frame where it is visible (far from any occlusion edge)
+    f0 = cv2.imread(str(scene / "rgbs" / "rgb_00000.jpg")).astype(np.float32)
+    labels0 = pod.read_mask(scene / "masks" / "mask_00000.png")
+    edges0 = pod.segmentation_edges(labels0, dilate=9)
+    t = 12
+    ft = cv2.imread(str(scene / "rgbs" / f"rgb_{t:05d}.jpg")).astype(np.float32)
+    edgest = pod.segmentation_edges(pod.read_mask(scene / "masks" / f"mask_{t:05d}.png"), dilate=9)
+    xi0, yi0 = tr[0].round().astype(int).T
+    xit, yit = np.clip(tr[t].round(), 0, [319, 255]).astype(int).T
+    ok = vis[0] & vis[t] & ~edges0[yi0.clip(0, 255), xi0.clip(0, 319)] & ~edgest[yit, xit]
+    assert ok.sum() > 50
+    c0 = _bilinear(f0, tr[0, ok, 0], tr[0, ok, 1])
+    ct = _bilinear(ft, tr[t, ok, 0], tr[t, ok, 1])
+    same = np.abs(c0 - ct).mean(1)
+    shuffled = np.abs(c0 - np.roll(ct, 7, 0)).mean(1)
+    assert np.median(same) < 10 and np.median(shuffled) > 3 * np.median(same) + 5
+    # and the motion is large: zero-velocity would be a weak guess
+    disp = np.linalg.norm(tr[t] - tr[0], axis=-1)[vis[0] & vis[t]]
+    assert np.median(disp) > 15
+
+
+def test_synthetic_visibility_matches_masks(synth_root):
+    scene = synth_root / "train" / "synth_0002"
+    z = np.load(scene / "anno.npz")
+    tr, vis = z["trajs_2d"], z["visibs"]
+    labels = pod.read_mask(scene / "masks" / "mask_00010.png")
+    assert len(np.unique(labels)) >= 3  # background and at least two objects in view
+    inside = (tr[10, :, 0] >= 0) & (tr[10, :, 0] <= 319) & (tr[10, :, 1] >= 0) & (tr[10, :, 1] <= 255)
+    assert (~vis[10] & inside).sum() > 0  # some points are occluded, not only out of frame
+    assert vis[10][~inside].sum() == 0
+
+
+# --- reader and filters ----------------------------------------------------------------------------------
+
+def test_load_scene_and_frame_numbers_not_from_zero(synth_root, tmp_path):
+    scene = tmp_path / "s"
+    shutil.copytree(synth_root / "train" / "synth_0000", scene)
+    for sub, pre, ext in (("rgbs", "rgb", "jpg"), ("masks", "mask", "png")):
+        files = sorted((scene / sub).iterdir(), reverse=True)
+        for f in files:
+            n = int(f.stem.split("_")[1])
+            f.rename(scene / sub / f"{pre}_{n + 100:05d}.{ext}")
+    s = pod.load_scene(scene)
+    assert s.num_frames == 24 and s.rgb_paths[0].name == "rgb_00100.jpg" and s.rgb_paths[-1].name == "rgb_00123.jpg"
+    assert s.trajs.shape == (24, 400, 2)
+
+
+def test_legacy_annotations(tmp_path, synth_root):
+    scene = tmp_path / "legacy"
+    shutil.copytree(synth_root / "train" / "synth_0000", scene)
+    z = dict(np.load(scene / "anno.npz"))
+    (scene / "anno.npz").unlink()
+    visibilities = np.where(z["visibs"], 1, 0)
+    visibilities[3, :5] = 2
+    np.savez(scene / "annotations.npz", trajs_2d=z["trajs_2d"], trajs_3d=z["trajs_3d"], visibilities=visibilities)
+    s = pod.load_scene(scene)
+    assert not s.valids[3, :5].any() and not s.visibs[3, :5].any()
+    assert (s.visibs == (visibilities == 1)).all()
+
+
+@pytest.mark.parametrize("defect,reason", [("no_masks", "missing masks"), ("none_3d", "trajs_3d is None"),
+                                           ("no_anno", "no anno.npz"), ("short", "frames on disk")])
+def test_bad_scenes_are_skipped_with_reason(tmp_path, synth_root, defect, reason):
+    scene = tmp_path / defect
+    shutil.copytree(synth_root / "train" / "synth_0000", scene)
+    if defect == "no_masks":
+        shutil.rmtree(scene / "masks")
+    elif defect == "none_3d":
+        z = dict(np.load(scene / "anno.npz"))
+        z["trajs_3d"] = np.array(None, dtype=object)
+        np.savez(scene / "anno.npz", **z)
+    elif defect == "no_anno":
+        (scene / "anno.npz").unlink()
+    else:
+        (scene / "rgbs" / "rgb_00023.jpg").unlink()
+    with pytest.raises(pod.SkipItem, match=reason):
+        pod.load_scene(scene)
+
+
+def test_nonfinite_coordinates_become_invalid(tmp_path, synth_root):
+    scene = tmp_path / "nan"
+    shutil.copytree(synth_root / "train" / "synth_0000", scene)
+    z = dict(np.load(scene / "anno.npz"))
+    z["trajs_2d"][4, 0] = np.nan
+    z["trajs_2d"][5, 1] = np.inf
+    np.savez(scene / "anno.npz", **z)
+    s = pod.load_scene(scene)
+    assert not s.valids[4, 0] and not s.visibs[4, 0] and not s.valids[5, 1] and s.valids[6, 0] == z["valids"][6, 0]
+
+
+def test_clip_starts():
+    starts = pod.clip_starts(20, 8)
+    assert [c for c in starts if c[1] == 1] == [(s, 1) for s in range(0, 13, 2)]
+    assert [c for c in starts if c[1] == 2] == [(0, 2), (2, 2), (4, 2)]
+    assert not [c for c in starts if c[1] == 4]
+
+
+def test_filter_tracks_closed_cases():
+    S, H, W = 9, 100, 200
+    base = np.tile(np.array([[50.0, 50.0]], np.float32), (S, 6, 1))
+    base[:, :, 0] += np.arange(S)[:, None] * 2  # gentle motion
+    vis = np.ones((S, 6), bool)
+    val = np.ones((S, 6), bool)
+    vis[1, 1] = False  # invisible at frame 1
+    vis[2:, 2] = False  # visible in only 2 < sqrt(9) frames
+    base[0, 3] = [-1, 50]  # outside the image at frame 0 (and jumps, but it is out already)
+    base[5:, 4, 0] += 0.5 * W  # a jump of 0.5 * max(H, W)
+    edges = np.zeros((H, W), bool)
+    edges[50, 50] = True  # point 5 sits on an edge
+    base[:, 5] = base[:, 0] + [0, 0]
+    base[:, 0, 1] += 10
+    keep = pod.filter_tracks(base, vis, val, (H, W), edges)
+    assert keep.tolist() == [0]
+
+
+def test_farthest_point_sampling_spreads():
+    rng = np.random.default_rng(0)
+    cluster = rng.normal(0, 0.01, (100, 2))
+    far = np.array([[5.0, 5.0], [-5.0, 5.0]])
+    idx = pod.farthest_point_sample(np.concatenate([cluster, far]), 3, rng)
+    assert {100, 101} <= set(idx.tolist())
+
+
+# --- exporter ----------------------------------------------------------------------------------------------
+
+def _export(root, out, *extra, check=True, **kw):
+    cmd = [sys.executable, str(ROOT / "export_mp4_dataset.py"), f"--dataset_location={root}", "--dset=train",
+           f"--out_dir={out}", *EXPORT_ARGS, *extra]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=check, **kw)
+
+
+def _version(out):
+    return Path(out) / ExportSettings(dset="train", S=8, N=32, crop_size=(128, 192)).version()
+
+
+@pytest.fixture(scope="session")
+def exported(synth_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("export")
+    res = _export(synth_root, out, "--workers=2", "--max_iters=16")
+    return out, res.stdout
+
+
+def test_export_writes_verified_clips_with_summary(exported):
+    out, stdout = exported
+    vdir = _version(out)
+    clips = list_clips(vdir)
+    assert len(clips) >= 8, stdout
+    assert "summary: written" in stdout and "rejected" in stdout
+    for c in clips:
+        verify_clip(c, 8, 32, (128, 192))
+        t = np.load(c / "track.npz")["track_g"]
+        assert (t[0, :, 2] == 1).all() and t[..., 3].mean() >= 0.5
+    lines = (vdir / "manifest.jsonl").read_text().splitlines()
+    assert len(lines) == len(clips)
+    assert not list((vdir / ".tmp").iterdir()) if (vdir / ".tmp").exists() else True
+
+
+def test_rerun_skips_finished_clips(exported, synth_root):
+    out, _ = exported
+    before = {c.name: (c / "rgb.mp4").stat().st_mtime_ns for c in list_clips(_version(out))}
+    res = _export(synth_root, out, "--max_iters=16")
+    assert "written 0" in res.stdout and f"already there {len(before)}" in res.stdout
+    after = {c.name: (c / "rgb.mp4").stat().st_mtime_ns for c in list_clips(_version(out))}
+    assert before == after
+
+
+def test_clip_k_is_the_same_whoever_writes_it(exported, synth_root, tmp_path):
+    out, _ = exported
+    _export(synth_root, tmp_path, "--workers=1", "--max_iters=16", "--shard=1", "--num_shards=2")
+    mine = list_clips(_version(tmp_path))
+    assert mine and all(int(c.name) % 2 == 1 for c in mine)
+    for c in mine:
+        ref = _version(out) / c.name
+        assert np.array_equal(np.load(c / "track.npz")["track_g"], np.load(ref / "track.npz")["track_g"])
+
+
+def test_exported_tracks_follow_the_pixels(exported):
+    from utils.video import read_clip
+
+    out, _ = exported
+    vdir = _version(out)
+    errs, shuffled = [], []
+    for c in list_clips(vdir):
+        frames = read_clip(c / "rgb.mp4", 8, 128, 192).astype(np.float32)
+        t = np.load(c / "track.npz")["track_g"]
+        ok = (t[0, :, 2] > 0) & (t[3, :, 2] > 0)
+        if ok.sum() < 5:
+            continue
+        c0 = _bilinear(frames[0], t[0, ok, 0], t[0, ok, 1])
+        c3 = _bilinear(frames[3], t[3, ok, 0], t[3, ok, 1])
+        errs.append(np.median(np.abs(c0 - c3).mean(1)))
+        shuffled.append(np.median(np.abs(c0 - np.roll(c3, 3, 0)).mean(1)))
+    assert errs and np.median(errs) < 0.5 * np.median(shuffled)
+
+
+def test_kill_minus_9_then_rerun(synth_root, tmp_path):
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "export_mp4_dataset.py"), f"--dataset_location={synth_root}", "--dset=train",
+         f"--out_dir={tmp_path}", *EXPORT_ARGS, "--workers=2", "--max_iters=40"],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    vdir = _version(tmp_path)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list_clips(vdir)) < 3:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    time.sleep(0.5)
+    n_killed = len(list_clips(vdir))
+    assert 3 <= n_killed
+    res = _export(synth_root, tmp_path, "--workers=2", "--max_iters=40")
+    clips = list_clips(vdir)
+    assert len(clips) >= n_killed
+    for c in clips:
+        verify_clip(c, 8, 32, (128, 192))
+    leftovers = list((vdir / ".tmp").iterdir()) if (vdir / ".tmp").exists() else []
+    assert not leftovers
+    assert "failed 0" in res.stdout
+
+
+def test_two_exporters_at_once(synth_root, tmp_path):
+    args = [sys.executable, str(ROOT / "export_mp4_dataset.py"), f"--dataset_location={synth_root}", "--dset=train",
+            f"--out_dir={tmp_path}", *EXPORT_ARGS, "--max_iters=24"]
+    procs = [subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    clips = list_clips(_version(tmp_path))
+    for c in clips:
+        verify_clip(c, 8, 32, (128, 192))
+    solo = tmp_path / "solo"
+    _export(synth_root, solo, "--max_iters=24")
+    assert sorted(c.name for c in clips) == sorted(c.name for c in list_clips(_version(solo)))
+    lines = (_version(tmp_path) / "manifest.jsonl").read_text().splitlines()
+    assert len(lines) == len(clips)
+
+
+# --- clip reader -------------------------------------------------------------------------------------------
+
+def test_export_dataset_reads_and_skips_corrupt(exported, tmp_path):
+    import torch
+
+    from datasets.exportdataset import CorruptClipWarning, ExportDataset
+
+    out, _ = exported
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    vdir = _version(copy)
+    clips = list_clips(vdir)
+    (clips[0] / "rgb.mp4").write_bytes((clips[0] / "rgb.mp4").read_bytes()[:2000])  # truncated
+    ds = ExportDataset(str(copy), vdir.name, S=6, N=16, use_augs=True)
+    assert len(ds) == len(clips)
+    with pytest.warns(CorruptClipWarning, match=clips[0].name):
+        item = ds[0]
+    assert ds.skipped == 1 and 0 in ds.bad
+    assert item["rgbs"].shape == (6, 3, 128, 192) and item["trajs"].shape == (6, 16, 2)
+    assert item["rgbs"].abs().sum() > 0 and (item["visibs"][0] == 1).all()
+    loader = torch.utils.data.DataLoader(ExportDataset(str(out), vdir.name, S=8, N=32), batch_size=2, num_workers=2)
+    batch = next(iter(loader))
+    assert batch["rgbs"].shape == (2, 8, 3, 128, 192)
