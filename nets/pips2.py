@@ -364,18 +364,23 @@ class Pips(nn.Module):
             del outs
         return out.reshape(B, S, H8, W8, self.latent_dim)
 
-    def forward(self, trajs_e0: torch.Tensor, rgbs: torch.Tensor, iters: int = 3, feat_init=None,
+    def forward(self, trajs_e0: torch.Tensor, rgbs: torch.Tensor | None, iters: int = 3, feat_init=None,
                 trajs_g: torch.Tensor | None = None, vis_g: torch.Tensor | None = None,
-                valids: torch.Tensor | None = None, **unused):
+                valids: torch.Tensor | None = None, fmaps: torch.Tensor | None = None, **unused):
         """Track: trajs_e0 (B,S,N,2) pixels with frame 0 the queries, rgbs (B,S,3,H,W) in [0,255].
 
         Returns (per-iteration estimates + final, [initial, per-iteration..., final], (feats1, feats2,
         feats4), loss or None). vis_g is accepted for compatibility; PIPs++ predicts positions only.
+        `fmaps` (B,S,H/8,W/8,128) from `encode_nhwc` may be passed instead of rgbs to reuse an encoding
+        across batches of points.
         """
         B, S, N, D = trajs_e0.shape
-        assert D == 2 and rgbs.shape[:2] == (B, S), "trajs_e0 (B,S,N,2) and rgbs (B,S,3,H,W) must agree"
+        if fmaps is None:
+            assert D == 2 and rgbs.shape[:2] == (B, S), "trajs_e0 (B,S,N,2) and rgbs (B,S,3,H,W) must agree"
+            fmaps = self.encode_nhwc(rgbs)  # B,S,H8,W8,C
+        assert fmaps.shape[:2] == (B, S), "trajs_e0 (B,S,N,2) and fmaps (B,S,H8,W8,C) must agree"
         stride = float(self.stride)
-        fmaps = self.encode_nhwc(rgbs)  # B,S,H8,W8,C
+        device = trajs_e0.device
         H8, W8 = fmaps.shape[2:4]
         fmaps_bs = fmaps.reshape(B * S, H8, W8, self.latent_dim)
         pyramid = CorrPyramid(fmaps, self.corr_levels, self.corr_radius, impl=self.corr_impl)
@@ -385,11 +390,11 @@ class Pips(nn.Module):
         if feat_init is not None:
             feats1, feats2, feats4 = feat_init
         else:
-            first = torch.arange(B, device=rgbs.device) * S
+            first = torch.arange(B, device=device) * S
             feats1 = sample_features(fmaps_bs, query, first).unsqueeze(1).expand(B, S, N, self.latent_dim)
             feats2 = feats4 = feats1
-        t = torch.arange(S, device=rgbs.device)
-        frame = t.repeat(B) + torch.arange(B, device=rgbs.device).repeat_interleave(S) * S  # index into B*S
+        t = torch.arange(S, device=device)
+        frame = t.repeat(B) + torch.arange(B, device=device).repeat_interleave(S) * S  # index into B*S
 
         preds, anim = [], [coords.detach() * stride]
         for itr in range(iters):

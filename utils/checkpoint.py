@@ -155,3 +155,23 @@ def parameter_table(model: nn.Module) -> str:
         if p.requires_grad:
             table.add_row([name, p.numel()])
     return f"{table}\ntotal params: {count_parameters(model) / 1e6:.2f} M"
+
+
+def load_pips(init_dir: str | os.PathLike, device: str | torch.device = "cpu", step: int | None = None, **kwargs):
+    """A Pips in eval mode with weights from a checkpoint folder or file; a missing one names the fix."""
+    from nets.pips2 import Pips
+
+    p = Path(init_dir)
+    if not p.exists() or (p.is_dir() and not list_checkpoints(p)):
+        raise CheckpointError(f"{init_dir}: no checkpoint here; fetch the authors' model with "
+                              f"./get_reference_model.sh (it creates ./reference_model) or pass --init_dir")
+    model = Pips(**kwargs)
+    load(init_dir, model, step=step, map_location="cpu")
+    return model.to(device).eval()
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """'auto' picks CUDA when available, else the CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)

@@ -1,0 +1,340 @@
+"""Tracking long videos with PIPs++: windows, any-frame queries, backward tracking, grids, streaming.
+
+Windowed tracking (SPEC 5): zero-velocity initialisation; windows of S frames; the next window starts
+at the previous one's last frame (one frame of overlap); the last window is shifted back to end at the
+video's last frame; after each window every later frame is initialised with the window's last
+estimate; the model's `feats` are carried to the next window as `feat_init`. Each window is encoded
+once and its points are tracked in batches, so memory is bounded by S frames and the batch size.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections import deque
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from nets.pips2 import MIN_SIZE
+
+# ---------------------------------------------------------------------------------------------------------
+# Frame sources: random access to (start, end) windows of uint8 frames at the model's size.
+
+
+class FrameSource:
+    """Windows of frames at the model's input size; subclasses implement `_read(start, end)`."""
+
+    def __init__(self, num_frames: int, src_hw: tuple[int, int], model_hw: tuple[int, int]):
+        self.num_frames, self.src_hw, self.model_hw = num_frames, tuple(src_hw), tuple(model_hw)
+
+    def __len__(self) -> int:
+        return self.num_frames
+
+    def get(self, start: int, end: int) -> np.ndarray:
+        """Frames [start, end) as (n, H, W, 3) uint8 at the model size."""
+        return self._read(start, end)
+
+    def _read(self, start: int, end: int) -> np.ndarray:
+        raise NotImplementedError
+
+    def _resize(self, frames: np.ndarray) -> np.ndarray:
+        h, w = self.model_hw
+        if frames.shape[1:3] == (h, w):
+            return frames
+        return np.stack([cv2.resize(f, (w, h), interpolation=cv2.INTER_LINEAR) for f in frames])
+
+
+class ArrayFrames(FrameSource):
+    """A (T,H,W,3) uint8 array in memory, resized window by window."""
+
+    def __init__(self, video: np.ndarray, model_hw: tuple[int, int]):
+        super().__init__(len(video), video.shape[1:3], model_hw)
+        self.video = video
+
+    def _read(self, start: int, end: int) -> np.ndarray:
+        return self._resize(self.video[start:end])
+
+
+class FileFrames(FrameSource):
+    """Image files (e.g. a PointOdyssey scene's rgbs/), read and resized lazily per window."""
+
+    def __init__(self, paths: list[Path], model_hw: tuple[int, int]):
+        first = cv2.imread(str(paths[0]))
+        if first is None:
+            raise ValueError(f"{paths[0]}: unreadable image")
+        super().__init__(len(paths), first.shape[:2], model_hw)
+        self.paths = list(paths)
+
+    def _read(self, start: int, end: int) -> np.ndarray:
+        out = []
+        for p in self.paths[start:end]:
+            img = cv2.imread(str(p))
+            if img is None:
+                raise ValueError(f"{p}: unreadable image")
+            out.append(cv2.cvtColor(img, cv2.COLOR_BGR2RGB))
+        return self._resize(np.stack(out))
+
+
+class VideoFileFrames(FrameSource):
+    """A video file decoded once, at the model size, into a memory-mapped temp file (bounded RAM)."""
+
+    def __init__(self, path: str | os.PathLike, model_hw: tuple[int, int] | None = None):
+        from utils.video import VideoError, iter_frames
+
+        frames = iter_frames(path)
+        first = next(frames, None)
+        if first is None:
+            raise VideoError(f"{path}: no decodable frames")
+        src_hw = first.shape[:2]
+        model_hw = model_hw or default_model_hw(src_hw)
+        super().__init__(0, src_hw, model_hw)
+        self._tmp = tempfile.TemporaryDirectory(prefix="pips2_frames_")
+        h, w = model_hw
+        store, n, cap = None, 0, 0
+        for f in _chain(first, frames):
+            if n == cap:  # grow the memmap geometrically
+                cap = max(64, cap * 2)
+                new = np.lib.format.open_memmap(Path(self._tmp.name) / f"f{cap}.npy", mode="w+", dtype=np.uint8,
+                                                shape=(cap, h, w, 3))
+                if store is not None:
+                    new[:n] = store[:n]
+                    del store
+                store = new
+            store[n] = self._resize(f[None])[0]
+            n += 1
+        self.store, self.num_frames = store, n
+
+    def _read(self, start: int, end: int) -> np.ndarray:
+        return np.asarray(self.store[start:end])
+
+
+def _chain(first, rest):
+    yield first
+    yield from rest
+
+
+def default_model_hw(src_hw: tuple[int, int]) -> tuple[int, int]:
+    """The video's size rounded to multiples of 8 and at least 128 (the smallest the model accepts)."""
+    return tuple(max(MIN_SIZE, int(round(v / 8)) * 8) for v in src_hw)
+
+
+def as_frame_source(video, model_hw: tuple[int, int] | None = None) -> FrameSource:
+    """A FrameSource from an array (T,H,W,3) uint8, a video path, or a FrameSource."""
+    if isinstance(video, FrameSource):
+        return video
+    if isinstance(video, (str, os.PathLike)):
+        return VideoFileFrames(video, model_hw)
+    video = np.asarray(video)
+    if video.ndim != 4 or video.shape[-1] != 3 or video.dtype != np.uint8:
+        raise ValueError(f"video must be a (T,H,W,3) uint8 array, got {video.dtype} {video.shape}")
+    return ArrayFrames(video, model_hw or default_model_hw(video.shape[1:3]))
+
+
+class ReversedFrames(FrameSource):
+    """A source seen backwards in time."""
+
+    def __init__(self, base: FrameSource):
+        super().__init__(len(base), base.src_hw, base.model_hw)
+        self.base = base
+
+    def _read(self, start: int, end: int) -> np.ndarray:
+        T = len(self.base)
+        return self.base.get(T - end, T - start)[::-1]
+
+
+class OffsetFrames(FrameSource):
+    """Frames [offset, ...) of a source."""
+
+    def __init__(self, base: FrameSource, offset: int):
+        super().__init__(len(base) - offset, base.src_hw, base.model_hw)
+        self.base, self.offset = base, offset
+
+    def _read(self, start: int, end: int) -> np.ndarray:
+        return self.base.get(start + self.offset, end + self.offset)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Windowed tracking.
+
+
+def window_starts(T: int, S: int) -> list[tuple[int, int]]:
+    """(start, end) of each window: S frames, one frame of overlap, the last shifted back to end at T."""
+    if T <= S:
+        return [(0, T)]
+    out, start = [], 0
+    while True:
+        end = start + S
+        if end >= T:
+            out.append((T - S, T))
+            return out
+        out.append((start, end))
+        start = end - 1
+
+
+def _to_input(frames: np.ndarray, device: torch.device) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(frames)).to(device).permute(0, 3, 1, 2).float().unsqueeze(0)
+
+
+@torch.inference_mode()
+def run_window(model, frames: np.ndarray, init: torch.Tensor, feats: list | None, iters: int = 16,
+               point_batch: int = 256, amp: str | None = None) -> tuple[torch.Tensor, list]:
+    """One window: frames (n,H,W,3) uint8 at model size, init (n,N,2) -> estimates (n,N,2) and feats per batch.
+
+    The window is encoded once; points go through the model in batches of `point_batch`, each with its own
+    carried feat_init.
+    """
+    device = next(model.parameters()).device
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp or "", None)
+    n, N = init.shape[:2]
+    out = init.detach().float().cpu().clone()
+    feats = list(feats) if feats is not None else [None] * ((N + point_batch - 1) // point_batch)
+    rgbs = _to_input(frames, device)
+    with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        fmaps = model.encode_nhwc(rgbs)
+        for b, p0 in enumerate(range(0, N, point_batch)):
+            seq = out[:, p0:p0 + point_batch].to(device).unsqueeze(0)
+            preds, _, feats[b], _ = model(seq, None, iters=iters, feat_init=feats[b], fmaps=fmaps)
+            out[:, p0:p0 + point_batch] = preds[-1][0].float().cpu()
+    return out, feats
+
+
+def track_windows(model, frames: FrameSource, trajs_init: torch.Tensor, S: int = 128, iters: int = 16,
+                  point_batch: int = 256, amp: str | None = None, progress: bool = False) -> torch.Tensor:
+    """Track (T,N,2) model-pixel initial estimates (frame 0 = queries) through the whole source."""
+    T = trajs_init.shape[0]
+    if len(frames) != T:
+        raise ValueError(f"{len(frames)} frames but trajs_init covers {T}")
+    trajs = trajs_init.detach().float().cpu().clone()
+    feats = None
+    for start, end in tqdm(window_starts(T, S), desc="windows", disable=not progress, leave=False):
+        est, feats = run_window(model, frames.get(start, end), trajs[start:end], feats, iters, point_batch, amp)
+        trajs[start:end] = est
+        trajs[end:] = est[-1]  # zero-velocity future from the window's last estimate
+    return trajs
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The user-facing API.
+
+
+def scale_xy(xy: torch.Tensor, from_hw: tuple[int, int], to_hw: tuple[int, int]) -> torch.Tensor:
+    """Map pixel coordinates between image sizes with pixel-centre alignment (as cv2.resize)."""
+    sy, sx = to_hw[0] / from_hw[0], to_hw[1] / from_hw[1]
+    s = torch.tensor([sx, sy], dtype=xy.dtype)
+    return (xy + 0.5) * s - 0.5
+
+
+def grid_queries(hw: tuple[int, int], grid_size: int = 16, t: int = 0, mask: np.ndarray | None = None,
+                 margin: float = 0.05) -> np.ndarray:
+    """(N,3) queries (t, x, y) on a grid_size x grid_size grid, kept where `mask` (H,W) is nonzero."""
+    H, W = hw
+    xs = np.linspace(margin * (W - 1), (1 - margin) * (W - 1), grid_size)
+    ys = np.linspace(margin * (H - 1), (1 - margin) * (H - 1), grid_size)
+    gx, gy = np.meshgrid(xs, ys)
+    pts = np.stack([gx.ravel(), gy.ravel()], 1)
+    if mask is not None:
+        if mask.shape[:2] != (H, W):
+            raise ValueError(f"mask is {mask.shape[:2]}, video is {H}x{W}")
+        keep = mask[np.round(pts[:, 1]).astype(int), np.round(pts[:, 0]).astype(int)] > 0
+        pts = pts[keep]
+    return np.concatenate([np.full((len(pts), 1), t, np.float64), pts], 1).astype(np.float32)
+
+
+def track(model, video, queries, S: int = 128, iters: int = 16, backward: bool = False,
+          image_size: tuple[int, int] | None = None, point_batch: int = 256, amp: str | None = None,
+          progress: bool = False) -> dict[str, np.ndarray]:
+    """Track queries (N,3) rows of (t, x, y) in video pixels through a video (array or path).
+
+    Tracks forward from each query's frame (and backward to frame 0 with backward=True). Returns
+    {"tracks": (T,N,2) float32 in video pixels, "estimated": (T,N) bool of the frames that were estimated}.
+    """
+    src = as_frame_source(video, image_size)
+    T = len(src)
+    q = np.asarray(queries, np.float32).reshape(-1, 3)
+    if len(q) == 0:
+        raise ValueError("no queries")
+    qt = q[:, 0].round().astype(int)
+    if (qt < 0).any() or (qt >= T).any():
+        raise ValueError(f"query frames must be in [0, {T - 1}]")
+    model_xy = scale_xy(torch.from_numpy(q[:, 1:]), src.src_hw, src.model_hw)
+    tracks = torch.zeros(T, len(q), 2)
+    estimated = np.zeros((T, len(q)), bool)
+    for t0 in np.unique(qt).tolist():
+        sel = torch.from_numpy(np.nonzero(qt == t0)[0])
+        xy = model_xy[sel]
+        passes = [(OffsetFrames(src, t0), torch.arange(t0, T))]
+        if backward and t0 > 0:  # the reversed video from the query frame back to frame 0
+            passes.append((OffsetFrames(ReversedFrames(src), T - 1 - t0), torch.arange(t0, -1, -1)))
+        for frames, times in passes:
+            out = track_windows(model, frames, xy.unsqueeze(0).repeat(len(times), 1, 1), S=S, iters=iters,
+                                point_batch=point_batch, amp=amp, progress=progress)
+            tracks[times[:, None], sel[None, :]] = out
+            estimated[times.numpy()[:, None], sel.numpy()[None, :]] = True
+    tracks = scale_xy(tracks, src.model_hw, src.src_hw)
+    return {"tracks": tracks.numpy().astype(np.float32), "estimated": estimated}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Streaming.
+
+
+class OnlineTracker:
+    """Push frames one at a time; estimates come back as each S-frame window fills (lag < S frames).
+
+    Holds at most S frames however long the stream. Windows run exactly as in offline tracking: a full
+    window is tracked as soon as its last frame arrives, and `finish()` runs the last window shifted back
+    to end at the final frame, returning the estimates it (re)makes; applying them over the pushed ones
+    gives exactly the offline result for queries at frame 0.
+    """
+
+    def __init__(self, model, queries_xy: np.ndarray, src_hw: tuple[int, int], S: int = 128, iters: int = 16,
+                 image_size: tuple[int, int] | None = None, point_batch: int = 256, amp: str | None = None):
+        self.model, self.S, self.iters, self.point_batch, self.amp = model, S, iters, point_batch, amp
+        self.src_hw = tuple(src_hw)
+        self.model_hw = tuple(image_size or default_model_hw(src_hw))
+        xy = torch.as_tensor(np.asarray(queries_xy, np.float32).reshape(-1, 2))
+        self.last = scale_xy(xy, self.src_hw, self.model_hw)  # estimate at the open window's first frame
+        self.frames: deque[np.ndarray] = deque(maxlen=S)
+        self.est: deque[torch.Tensor | None] = deque(maxlen=S)
+        self.count = 0
+        self.win_start = 0
+        self.feats = None
+
+    def _out(self, xy: torch.Tensor) -> np.ndarray:
+        return scale_xy(xy, self.model_hw, self.src_hw).numpy()
+
+    def push(self, frame: np.ndarray) -> list[tuple[int, np.ndarray]]:
+        """Add the next frame (H,W,3) uint8; returns [(t, (N,2) estimate in source pixels), ...] now final."""
+        h, w = self.model_hw
+        if frame.shape[:2] != (h, w):
+            frame = cv2.resize(frame, (w, h), interpolation=cv2.INTER_LINEAR)
+        self.frames.append(frame)
+        self.est.append(None)
+        self.count += 1
+        if self.count - self.win_start < self.S:
+            return []
+        init = self.last.unsqueeze(0).repeat(self.S, 1, 1)
+        est, self.feats = run_window(self.model, np.stack(self.frames), init, self.feats, self.iters,
+                                     self.point_batch, self.amp)
+        for i in range(self.S):
+            self.est[i] = est[i]
+        first = 1 if self.win_start > 0 else 0  # the overlap frame was returned by the previous window
+        out = [(self.win_start + i, self._out(est[i])) for i in range(first, self.S)]
+        self.last = est[-1]
+        self.win_start = self.count - 1
+        return out
+
+    def finish(self) -> list[tuple[int, np.ndarray]]:
+        """End of stream: track what is still open; returns the estimates made now (they replace earlier ones)."""
+        if self.count == 0 or (self.win_start > 0 and self.count - self.win_start == 1):
+            return []
+        n = len(self.frames)
+        start = self.count - n
+        init = torch.stack([e if e is not None else self.last for e in self.est])
+        est, _ = run_window(self.model, np.stack(self.frames), init, self.feats if self.win_start > 0 else None,
+                            self.iters, self.point_batch, self.amp)
+        return [(start + i, self._out(est[i])) for i in range(n)]
