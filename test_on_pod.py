@@ -12,34 +12,22 @@ import time
 from pathlib import Path
 
 import fire
-import numpy as np
-import torch
 from tqdm import tqdm
 
 from datasets import pointodyssey as pod
-from utils import metrics
+from utils import evaluation, metrics
 from utils.checkpoint import CheckpointError, load_pips, resolve_device
-from utils.tracking import FileFrames, track_windows
+from utils.tracking import FileFrames
 
 
 def evaluate_scene(model, scene: pod.Scene, S: int, N: int, iters: int, image_size: tuple[int, int],
                    point_batch: int = 256, amp: str | None = None) -> dict[str, float] | None:
     """Metrics of one sequence, or None when it has no usable point. model=None scores zero-velocity."""
     frames = FileFrames(scene.rgb_paths, image_size)
-    hw = frames.src_hw
-    trajs, visibs, valids = pod.eval_points(scene.trajs, scene.visibs, scene.valids, hw, N)
+    trajs, _, valids = evaluation.select_points(scene.trajs, scene.visibs, scene.valids, frames.src_hw, N)
     if trajs.shape[1] == 0:
         return None
-    # the authors scale the ground truth by the plain resize ratio
-    scale = np.array([image_size[1] / hw[1], image_size[0] / hw[0]], np.float32)
-    gt = torch.from_numpy(trajs * scale)
-    init = gt[0:1].repeat(gt.shape[0], 1, 1)
-    est = init if model is None else track_windows(model, frames, init, S=S, iters=iters, point_batch=point_batch,
-                                                   amp=amp)
-    out = metrics.track_metrics(est, gt, valids, image_size)
-    out["points"] = float(trajs.shape[1])
-    out["frames"] = float(gt.shape[0])
-    return out
+    return evaluation.evaluate_points(model, frames, trajs, valids, S, iters, point_batch, amp)
 
 
 def main(dataset_location: str = "../datasets/pointodyssey", dset: str = "test", S: int = 128, N: int = 256,
@@ -73,8 +61,7 @@ def main(dataset_location: str = "../datasets/pointodyssey", dset: str = "test",
             continue
         rows[path.name] = res
         n_frames += int(res["frames"])
-        tqdm.write(f"{path.name}: " + "; ".join(f"{k} {res[k]:.1f}" for k in metrics.METRIC_NAMES)
-                   + f"; {int(res['points'])} points, {int(res['frames'])} frames")
+        tqdm.write(evaluation.format_row(path.name, res))
     dt = time.time() - t0
     mean = metrics.average({k: v for k, v in r.items() if k in metrics.METRIC_NAMES} for r in rows.values())
     name = "zero-velocity" if zero_vel else str(init_dir)

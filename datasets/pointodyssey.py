@@ -234,32 +234,3 @@ class SkipCounter(Counter):
     def summary(self) -> str:
         return ", ".join(f"{k}: {v}" for k, v in self.most_common()) or "none"
 
-
-def eval_points(trajs: np.ndarray, visibs: np.ndarray, valids: np.ndarray, hw: tuple[int, int], N: int = 256,
-                min_frames: int = 8, max_motion: float = 512.0, clamp_px: float = 32.0
-                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The test protocol's points (SPEC 5): returns trajs (T,n,2), visibs, valids of at most N points.
-
-    Entries within 1 px of the border become invisible and invalid; points must be valid and visible in
-    frame 0 and in >= 8 frames, move < 512 px per frame, and are clamped to 32 px outside the image; N are
-    taken evenly (linspace over the survivors).
-    """
-    H, W = hw
-    x, y = trajs[..., 0], trajs[..., 1]
-    with np.errstate(invalid="ignore"):
-        inside = (x >= 1) & (x <= W - 2) & (y >= 1) & (y <= H - 2)
-    valids = valids & inside
-    visibs = visibs & inside
-    vv = valids & visibs
-    ok = vv[0] & (vv.sum(0) >= min_frames)
-    step = np.linalg.norm(np.diff(trajs, axis=0), axis=-1)
-    both = valids[1:] & valids[:-1]
-    with np.errstate(invalid="ignore"):
-        ok &= ~((step >= max_motion) & both).any(0)
-    idx = np.nonzero(ok)[0]
-    if len(idx) > N:
-        idx = idx[np.linspace(0, len(idx) - 1, N).astype(np.int64)]
-    tr = np.nan_to_num(trajs[:, idx], nan=0.0, posinf=0.0, neginf=0.0)
-    tr[..., 0] = np.clip(tr[..., 0], -clamp_px, W - 1 + clamp_px)
-    tr[..., 1] = np.clip(tr[..., 1], -clamp_px, H - 1 + clamp_px)
-    return tr.astype(np.float32), visibs[:, idx], valids[:, idx]

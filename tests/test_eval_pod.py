@@ -10,9 +10,8 @@ import pytest
 import torch
 from helpers import golden_model
 
-from datasets import pointodyssey as pod
 from datasets.synthetic import SceneConfig, generate_dataset
-from utils import checkpoint
+from utils import checkpoint, evaluation
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -94,7 +93,7 @@ def test_eval_points_protocol_rules():
     vis[3:, 1] = False  # visible in only 3 frames -> dropped
     tr[5:, 2, 0] = 700  # a 650-px jump -> dropped
     tr[4, 3] = [-100, 50]  # far outside at frame 4: invalid there, kept, clamped
-    t, v, va = pod.eval_points(tr, vis, val, (100, 200), N=256)
+    t, v, va = evaluation.select_points(tr, vis, val, (100, 200), N=256)
     assert t.shape == (T, 2, 2)
     assert not va[4, 0] and t[4, 0, 0] == -32
     torch.manual_seed(0)

@@ -56,17 +56,18 @@ def average(per_video: Iterable[dict[str, float]]) -> dict[str, float]:
 
 
 def tapvid_metrics(pred_tracks, gt_tracks, gt_occluded, query_frames, hw: tuple[int, int],
-                   pred_occluded=None) -> dict[str, float]:
+                   pred_occluded=None, evaluate_before_query: bool = False) -> dict[str, float]:
     """TAP-Vid metrics of one video in 256x256: delta^x_avg over visible points (and AJ, OA when
-    pred_occluded is given). Tracks (N,T,2), occlusion (N,T) bool, query_frames (N,); frames at and
-    before a point's query frame are not scored, as in the TAP-Vid evaluation."""
+    pred_occluded is given). Tracks (N,T,2), occlusion (N,T) bool, query_frames (N,). The query frame is
+    never scored; earlier frames are scored only with evaluate_before_query (TAP-Vid's strided mode)."""
     H, W = hw
     scale = np.array([256.0 / W, 256.0 / H])
     pred = _np(pred_tracks) * scale
     gt = _np(gt_tracks) * scale
     occ = np.asarray(gt_occluded, bool)
     N, T = occ.shape
-    evaluate = np.arange(T)[None, :] > np.asarray(query_frames)[:, None]
+    t, q = np.arange(T)[None, :], np.asarray(query_frames)[:, None]
+    evaluate = (t != q) if evaluate_before_query else (t > q)
     visible = ~occ
     dist2 = ((pred - gt) ** 2).sum(-1)
     out, pts_within, jaccs = {}, [], []

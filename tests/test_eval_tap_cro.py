@@ -1,0 +1,127 @@
+"""test_on_tap.py and test_on_cro.py on small data made in their layouts."""
+
+import json
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from helpers import golden_model
+
+from datasets import crohd, tapvid
+from utils import checkpoint, metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ck")
+    checkpoint.save(d, 1, golden_model())
+    return d
+
+
+def _video(T=10, H=128, W=160, seed=0):
+    rng = np.random.default_rng(seed)
+    base = (rng.random((H + 40, W + 40, 3)) * 255).astype(np.uint8)
+    return np.stack([base[t:t + H, 2 * t:2 * t + W] for t in range(T)])
+
+
+def _entry(T=10, H=128, W=160, seed=0):
+    video = _video(T, H, W, seed)
+    N = 6
+    rng = np.random.default_rng(seed + 1)
+    start = rng.uniform([10, 10], [W - 30, H - 30], (N, 2))
+    pts = start[:, None] + np.arange(T)[None, :, None] * np.array([-2.0, -1.0])  # the content moves by (-2,-1)
+    occ = np.zeros((N, T), bool)
+    occ[0, 4:7] = True
+    occ[1, 0] = True  # not visible in frame 0
+    return {"video": video, "points": (pts / [W - 1, H - 1]).astype(np.float32), "occluded": occ}
+
+
+def test_pickle_forms_load_the_same(tmp_path):
+    e = _entry()
+    with open(tmp_path / "d.pkl", "wb") as f:
+        pickle.dump({"clipA": e}, f)
+    jpeg = dict(e, video=[cv2.imencode(".png", fr[..., ::-1])[1].tobytes() for fr in e["video"]])
+    with open(tmp_path / "k.pkl", "wb") as f:
+        pickle.dump([jpeg], f)
+    (name_a, va, pa, oa), = list(tapvid.load_tapvid(tmp_path / "d.pkl"))
+    (name_b, vb, pb, ob), = list(tapvid.load_tapvid(tmp_path / "k.pkl"))
+    assert name_a == "clipA" and name_b == "k_0000"
+    assert np.array_equal(va, vb) and np.allclose(pa, pb) and np.array_equal(oa, ob)
+    assert pa[2, 0] == pytest.approx(e["points"][2, 0] * [159, 127])
+    with pytest.raises(ValueError, match="not a readable"):
+        (tmp_path / "bad.pkl").write_bytes(b"nope")
+        list(tapvid.load_tapvid(tmp_path / "bad.pkl"))
+
+
+def test_query_modes():
+    occ = np.array([[False, True, False, False, False, False], [True, True, True, True, True, False]])
+    idx, qf = tapvid.first_queries(occ)
+    assert idx.tolist() == [0, 1] and qf.tolist() == [0, 5]
+    idx, qf = tapvid.strided_queries(occ, stride=5)
+    assert list(zip(idx.tolist(), qf.tolist(), strict=True)) == [(0, 0), (0, 5), (1, 5)]
+
+
+def test_strided_mode_scores_frames_before_the_query():
+    gt = np.zeros((1, 3, 2))
+    pred = gt.copy()
+    pred[0, 0] = [10, 0]  # wrong only before the query frame
+    occ = np.zeros((1, 3), bool)
+    first = metrics.tapvid_metrics(pred, gt, occ, [1], (256, 256))
+    strided = metrics.tapvid_metrics(pred, gt, occ, [1], (256, 256), evaluate_before_query=True)
+    # frame 0 (10 px off) passes only the 16-px threshold; frame 2 passes all
+    assert first["delta_avg"] == 100.0 and strided["delta_avg"] == pytest.approx(100 * (0.5 * 4 + 1) / 5)
+
+
+def test_test_on_tap_runs(tmp_path, ckpt):
+    with open(tmp_path / "davis.pkl", "wb") as f:
+        pickle.dump({"a": _entry(seed=0), "b": _entry(seed=3)}, f)
+    out = tmp_path / "r.json"
+    res = subprocess.run([sys.executable, str(ROOT / "test_on_tap.py"), f"--dataset_location={tmp_path / 'davis.pkl'}",
+                          f"--init_dir={ckpt}", "--S=8", "--iters=1", "--image_size=128,160", f"--out_json={out}"],
+                         cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert "a: d_1" in res.stdout and "delta_avg (strided)" in res.stdout and "summary: 2 videos" in res.stdout
+    js = json.loads(out.read_text())
+    assert set(js["tapvid"]) == {"first", "strided"} and js["per_video"]["a"]["points"] == 5  # 1 not visible at 0
+    assert 0 <= js["tapvid"]["first"]["delta_avg"] <= 100
+
+
+def _crohd(root: Path, T=20, H=128, W=192):
+    img = root / "HT21" / "train" / "HT21-01" / "img1"
+    img.mkdir(parents=True)
+    for t, fr in enumerate(_video(T, H, W)):
+        cv2.imwrite(str(img / f"{t + 1:06d}.jpg"), fr[..., ::-1])
+    gt = root / "HT21Labels" / "train" / "HT21-01" / "gt"
+    gt.mkdir(parents=True)
+    rows = []
+    for t in range(T):
+        for hid, (x, y) in enumerate([(30, 40), (90, 60), (150, 90)], start=1):
+            if hid == 3 and t >= 15:
+                continue  # head 3 leaves
+            rows.append(f"{t + 1},{hid},{x - 2 * t - 5},{y - t - 6},10,12,1,1,{0.0 if (hid == 2 and t == 3) else 1.0}")
+    (gt / "gt.txt").write_text("\n".join(rows) + "\n")
+
+
+def test_crohd_layout_and_head_centres(tmp_path):
+    _crohd(tmp_path)
+    frames, trajs, vis, val = crohd.load_sequence(tmp_path, "train", "HT21-01")
+    assert len(frames) == 20 and trajs.shape == (20, 3, 2)
+    np.testing.assert_allclose(trajs[4, 0], [30 - 8, 40 - 4])  # left + w/2, top + h/2
+    assert not vis[3, 1] and val[3, 1] and not val[16, 2]
+    clips = crohd.list_clips(tmp_path, "train", clip_len=10)
+    assert [c.name for c in clips] == ["HT21-01_00000", "HT21-01_00010"] and len(clips[1].frame_paths) == 10
+
+
+def test_test_on_cro_runs(tmp_path, ckpt):
+    _crohd(tmp_path)
+    res = subprocess.run([sys.executable, str(ROOT / "test_on_cro.py"), f"--dataset_location={tmp_path}",
+                          f"--init_dir={ckpt}", "--clip_len=10", "--S=8", "--iters=1", "--image_size=128,192"],
+                         cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert "HT21-01_00000: d_1" in res.stdout and "summary: 2 clips scored" in res.stdout

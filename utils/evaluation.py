@@ -1,0 +1,66 @@
+"""The authors' evaluation protocol (SPEC 5), shared by test_on_pod.py, test_on_tap.py and test_on_cro.py:
+choose points, zero-velocity initialisation from frame 0, windowed tracking at the model size, metrics."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from utils import metrics
+from utils.tracking import FrameSource, track_windows
+
+
+def select_points(trajs: np.ndarray, visibs: np.ndarray, valids: np.ndarray, hw: tuple[int, int], N: int = 256,
+                  min_frames: int = 8, max_motion: float = 512.0, clamp_px: float = 32.0, border_px: float = 1.0
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Points of the test protocol: returns trajs (T,n,2), visibs, valids of at most N points.
+
+    Entries within `border_px` of the border become invisible and invalid; points must be valid and
+    visible in frame 0 and in >= min_frames frames, move < max_motion px per frame, and are clamped to
+    clamp_px outside the image; N are taken evenly (linspace over the survivors, as integers).
+    """
+    H, W = hw
+    x, y = trajs[..., 0], trajs[..., 1]
+    if border_px > 0:
+        with np.errstate(invalid="ignore"):
+            inside = (x >= border_px) & (x <= W - 1 - border_px) & (y >= border_px) & (y <= H - 1 - border_px)
+        valids = valids & inside
+        visibs = visibs & inside
+    valids = valids & np.isfinite(trajs).all(-1)
+    vv = valids & visibs
+    ok = vv[0] & (vv.sum(0) >= min_frames)
+    step = np.linalg.norm(np.diff(trajs, axis=0), axis=-1)
+    both = valids[1:] & valids[:-1]
+    with np.errstate(invalid="ignore"):
+        ok &= ~((step >= max_motion) & both).any(0)
+    idx = np.nonzero(ok)[0]
+    if len(idx) > N:
+        idx = idx[np.linspace(0, len(idx) - 1, N).astype(np.int64)]
+    tr = np.nan_to_num(trajs[:, idx], nan=0.0, posinf=0.0, neginf=0.0)
+    tr[..., 0] = np.clip(tr[..., 0], -clamp_px, W - 1 + clamp_px)
+    tr[..., 1] = np.clip(tr[..., 1], -clamp_px, H - 1 + clamp_px)
+    return tr.astype(np.float32), visibs[:, idx], valids[:, idx]
+
+
+def evaluate_points(model, frames: FrameSource, trajs: np.ndarray, valids: np.ndarray, S: int = 128,
+                    iters: int = 16, point_batch: int = 256, amp: str | None = None) -> dict[str, float]:
+    """Track chosen points (T,n,2 in source pixels) from frame 0 and score them at the model size.
+
+    The ground truth is scaled by the plain resize ratio, as the authors do; model=None scores the
+    zero-velocity baseline.
+    """
+    (H, W), (h, w) = frames.src_hw, frames.model_hw
+    gt = torch.from_numpy(trajs * np.array([w / W, h / H], np.float32))
+    init = gt[0:1].repeat(gt.shape[0], 1, 1)
+    est = init if model is None else track_windows(model, frames, init, S=S, iters=iters, point_batch=point_batch,
+                                                   amp=amp)
+    out = metrics.track_metrics(est, gt, valids, (h, w))
+    out["points"] = float(trajs.shape[1])
+    out["frames"] = float(gt.shape[0])
+    return out
+
+
+def format_row(name: str, res: dict[str, float]) -> str:
+    """The one line printed per video."""
+    figs = "; ".join(f"{k} {res[k]:.1f}" for k in metrics.METRIC_NAMES)
+    return f"{name}: {figs}; {int(res['points'])} points, {int(res['frames'])} frames"
