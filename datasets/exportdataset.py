@@ -76,9 +76,10 @@ class ExportDataset(Dataset):
             raise VideoError(f"{folder / 'track.npz'}: track_g has shape {track.shape} or non-finite values")
         return frames, track
 
-    def __getitem__(self, index: int) -> dict:
+    def sample(self, index: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """Frames (S,H,W,3) uint8 and track (S,N,4) of clip `index` (another clip if it is corrupt)."""
         for attempt in range(self.max_retries):
-            i = index if attempt == 0 else int(self._rng(index, attempt).integers(len(self.clips)))
+            i = index if attempt == 0 else int(rng.integers(len(self.clips)))
             if i in self.bad:
                 continue
             try:
@@ -88,10 +89,13 @@ class ExportDataset(Dataset):
                 self.skipped += 1
                 warnings.warn(f"skipping corrupt clip: {e}", CorruptClipWarning, stacklevel=2)
                 continue
-            return self._sample(frames, track, self._rng(i, attempt))
+            return self._window(frames, track, rng)
         raise RuntimeError(f"{self.dir}: {self.max_retries} clips in a row were corrupt")
 
-    def _sample(self, frames: np.ndarray, track: np.ndarray, rng: np.random.Generator) -> dict:
+    def __getitem__(self, index: int) -> dict:
+        return to_sample(*self.sample(index, self._rng(index, 0)))
+
+    def _window(self, frames: np.ndarray, track: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         t0 = int(rng.integers(0, self.S_export - self.S + 1))
         frames, track = frames[t0:t0 + self.S], track[t0:t0 + self.S]
         vis0 = track[0, :, 2] > 0
@@ -101,9 +105,14 @@ class ExportDataset(Dataset):
         track = track[:, pick]
         if self.use_augs:
             frames = augment.color_augment(frames, rng)
-        return {
-            "rgbs": torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float(),
-            "trajs": torch.from_numpy(np.ascontiguousarray(track[..., :2])),
-            "visibs": torch.from_numpy(np.ascontiguousarray(track[..., 2])),
-            "valids": torch.from_numpy(np.ascontiguousarray(track[..., 3])),
-        }
+        return frames, track
+
+
+def to_sample(frames: np.ndarray, track: np.ndarray) -> dict:
+    """(S,H,W,3) uint8 frames and (S,N,4) tracks -> the training dict of tensors."""
+    return {
+        "rgbs": torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float(),
+        "trajs": torch.from_numpy(np.ascontiguousarray(track[..., :2])),
+        "visibs": torch.from_numpy(np.ascontiguousarray(track[..., 2])),
+        "valids": torch.from_numpy(np.ascontiguousarray(track[..., 3])),
+    }

@@ -37,7 +37,8 @@ def sample_features(fmap: torch.Tensor, xy: torch.Tensor, frame: torch.Tensor | 
     y0 = y.floor().clamp(max=max(H - 2, 0))
     fx, fy = (x - x0).unsqueeze(-1), (y - y0).unsqueeze(-1)
     flat = fmap.float().reshape(Fr * H * W, C)
-    base = frame.view(M, 1) * (H * W) + y0.long() * W + x0.long()
+    # a NaN coordinate must give NaN features, not an out-of-range index: index with 0, weight with NaN
+    base = frame.view(M, 1) * (H * W) + y0.nan_to_num(0).long() * W + x0.nan_to_num(0).long()
     dx, dy = min(1, W - 1), min(1, H - 1) * W
 
     def tap(off: int) -> torch.Tensor:

@@ -1,7 +1,37 @@
+import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 for p in (ROOT, ROOT / "tests"):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
+
+EXPORT_ARGS = ["--S=8", "--N=32", "--crop_size=128,192", "--quiet=True"]
+
+
+@pytest.fixture(scope="session")
+def synth_root(tmp_path_factory):
+    """A small synthetic PointOdyssey: 3 train scenes, 1 test scene, 320x256, 24 frames."""
+    from datasets.synthetic import SceneConfig, generate_dataset
+
+    root = tmp_path_factory.mktemp("pod")
+    cfg = SceneConfig(W=320, H=256, T=24, n_objects=3, n_points=400)
+    generate_dataset(root, {"train": 3, "test": 1}, seed=0, cfg=cfg, progress=False)
+    return root
+
+
+def run_export(root, out, *extra, check=True, **kw):
+    cmd = [sys.executable, str(ROOT / "export_mp4_dataset.py"), f"--dataset_location={root}", "--dset=train",
+           f"--out_dir={out}", *EXPORT_ARGS, *extra]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=check, **kw)
+
+
+@pytest.fixture(scope="session")
+def exported(synth_root, tmp_path_factory):
+    """Clips exported from synth_root by 2 workers: (out_dir, stdout)."""
+    out = tmp_path_factory.mktemp("export")
+    res = run_export(synth_root, out, "--workers=2", "--max_iters=16")
+    return out, res.stdout

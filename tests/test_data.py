@@ -11,21 +11,14 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from conftest import EXPORT_ARGS, run_export
 
 from datasets import pointodyssey as pod
 from datasets.export import ExportSettings, list_clips, verify_clip
-from datasets.synthetic import SceneConfig, generate_dataset, generate_scene
+from datasets.synthetic import SceneConfig, generate_scene
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = SceneConfig(W=320, H=256, T=24, n_objects=3, n_points=400)
-EXPORT_ARGS = ["--S=8", "--N=32", "--crop_size=128,192", "--quiet=True"]
-
-
-@pytest.fixture(scope="session")
-def synth_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pod")
-    generate_dataset(root, {"train": 3, "test": 1}, seed=0, cfg=SMALL, progress=False)
-    return root
 
 
 def _bilinear(img, x, y):
@@ -197,20 +190,11 @@ def test_farthest_point_sampling_spreads():
 # --- exporter ----------------------------------------------------------------------------------------------
 
 def _export(root, out, *extra, check=True, **kw):
-    cmd = [sys.executable, str(ROOT / "export_mp4_dataset.py"), f"--dataset_location={root}", "--dset=train",
-           f"--out_dir={out}", *EXPORT_ARGS, *extra]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=check, **kw)
+    return run_export(root, out, *extra, check=check, **kw)
 
 
 def _version(out):
     return Path(out) / ExportSettings(dset="train", S=8, N=32, crop_size=(128, 192)).version()
-
-
-@pytest.fixture(scope="session")
-def exported(synth_root, tmp_path_factory):
-    out = tmp_path_factory.mktemp("export")
-    res = _export(synth_root, out, "--workers=2", "--max_iters=16")
-    return out, res.stdout
 
 
 def test_export_writes_verified_clips_with_summary(exported):

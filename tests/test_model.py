@@ -94,6 +94,15 @@ def test_sincos_embedding_closed_form():
     torch.testing.assert_close(e.double(), ref, atol=1e-6, rtol=0)
 
 
+def test_nan_coordinates_give_nan_not_a_crash():
+    model = golden_model()
+    trajs = torch.full((1, 3, 2, 2), 40.0)
+    trajs[:, :, 1] = float("nan")
+    with torch.no_grad():
+        out = model(trajs, torch.rand(1, 3, 3, 128, 128) * 255, iters=2)[0][-1]
+    assert torch.isfinite(out[:, :, 0]).all() and torch.isnan(out[:, 1:, 1]).all()
+
+
 def test_pyramid_levels_are_avg_pool2d():
     from nets.pips2 import avg_pool2x2_nhwc
 

@@ -1,0 +1,80 @@
+"""Kubric MOVi-F as laid out for LBM (SPEC 6): <root>/<seq>/frames/000.png.., <root>/<seq>/<seq>.npy.
+
+The .npy is a pickled dict with `coords` (N,T,2) pixels at 512x512 and `visibility` (N,T) bool, which in
+fact marks *occluded* points (True = occluded). Samples come out in the same format as exported clips.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from utils import augment
+
+KUBRIC_FRAMES = 24
+
+
+class KubricDataset:
+    """MOVi-F sequences as training samples: a random S-window, N tracks visible at its first frame."""
+
+    def __init__(self, movi_f_root: str, S: int = 24, N: int = 128, crop_size: tuple[int, int] = (384, 512),
+                 use_augs: bool = False):
+        if S > KUBRIC_FRAMES:
+            raise ValueError(f"Kubric MOVi-F sequences have {KUBRIC_FRAMES} frames; S={S} asks for more")
+        root = Path(movi_f_root)
+        if not root.is_dir():
+            raise FileNotFoundError(f"{root}: no such Kubric folder")
+        self.seqs = sorted(p for p in root.iterdir() if (p / f"{p.name}.npy").is_file() and (p / "frames").is_dir())
+        if not self.seqs:
+            raise FileNotFoundError(f"{root}: no <seq>/frames + <seq>/<seq>.npy sequences")
+        self.S, self.N, self.crop, self.use_augs = S, N, tuple(crop_size), use_augs
+
+    def __len__(self) -> int:
+        return len(self.seqs)
+
+    def load(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Frames (T,H,W,3), coords (T,N,2) and visible (T,N) of one sequence."""
+        seq = self.seqs[index]
+        try:
+            ann = np.load(seq / f"{seq.name}.npy", allow_pickle=True).item()
+            coords = np.asarray(ann["coords"], np.float32).transpose(1, 0, 2)
+            visible = ~np.asarray(ann["visibility"], bool).T  # the file's flag means occluded
+        except Exception as e:
+            raise ValueError(f"{seq / (seq.name + '.npy')}: unreadable ({type(e).__name__})") from None
+        paths = sorted((seq / "frames").glob("*.png"))
+        frames = []
+        for p in paths:
+            img = cv2.imread(str(p), cv2.IMREAD_COLOR)
+            if img is None:
+                raise ValueError(f"{p}: unreadable frame")
+            frames.append(cv2.cvtColor(img, cv2.COLOR_BGR2RGB))
+        frames = np.stack(frames)
+        if len(frames) != coords.shape[0]:
+            raise ValueError(f"{seq}: {len(frames)} frames but {coords.shape[0]} in the annotations")
+        return frames, coords, visible
+
+    def sample(self, index: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """Frames (S,h,w,3) uint8 and track (S,N,4) of x, y, visible, valid, like an exported clip."""
+        frames, coords, visible = self.load(index)
+        T = frames.shape[0]
+        t0 = int(rng.integers(0, T - self.S + 1))
+        frames, coords, visible = frames[t0:t0 + self.S], coords[t0:t0 + self.S], visible[t0:t0 + self.S]
+        H, W = frames.shape[1:3]
+        plan = augment.plan_spatial(self.S, H, W, self.crop, rng, p=0.7 if self.use_augs else 0.0)
+        frames = augment.warp_frames(frames, plan)
+        coords = augment.warp_tracks(coords, plan)
+        valids = np.ones_like(visible)
+        visible, valids = augment.crop_visibility(coords, visible, valids, self.crop)
+        pool = np.nonzero(visible[0])[0]
+        if len(pool) == 0:
+            pool = np.arange(coords.shape[1])
+        pick = rng.choice(pool, self.N, replace=len(pool) < self.N)
+        track = np.zeros((self.S, self.N, 4), np.float32)
+        track[..., :2] = coords[:, pick]
+        track[..., 2] = visible[:, pick]
+        track[..., 3] = valids[:, pick]
+        if self.use_augs:
+            frames = augment.color_augment(frames, rng)
+        return frames, track

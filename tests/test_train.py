@@ -1,0 +1,206 @@
+"""train.py: step semantics, both stages, exact resume after kill -9, AMP, NaN handling, Kubric, DDP."""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+import train
+from utils import checkpoint as ck
+
+ROOT = Path(__file__).resolve().parents[1]
+STEP_RE = re.compile(r"^(\S+); step (\d{6})/(\d+); rtime [\d.]+; itime [\d.]+; loss ([\d.naninf]+); "
+                     r"loss_t [\d.naninf]+; d_t [\d.naninf]+; d_v [\d.naninf]+$")
+TINY = ["--B=1", "--S=6", "--N=8", "--crop_size=128,192", "--iters=2", "--workers=0", "--log_freq=1"]
+
+
+def _version(out):
+    return next(p.name for p in Path(out).iterdir() if (p / "settings.json").is_file())
+
+
+def _train(exported_dir, tmp, *args, check=True, **popen):
+    cmd = [sys.executable, str(ROOT / "train.py"), f"--dataset_location={exported_dir}",
+           f"--dataset_version={_version(exported_dir)}", f"--log_dir={tmp / 'logs'}", f"--ckpt_dir={tmp / 'ck'}",
+           *TINY, *args]
+    if popen:
+        return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if check:
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return res
+
+
+def _losses(stdout):
+    return {int(m.group(2)): float(m.group(4)) for line in stdout.splitlines() if (m := STEP_RE.match(line))}
+
+
+def test_init_estimates_semantics():
+    g = torch.Generator().manual_seed(0)
+    B, S, N = 2, 5, 400
+    trajs = torch.rand(B, S, N, 2) * 100
+    est = train.init_estimates(trajs, (128, 256), g)
+    assert torch.equal(est[:, 0], trajs[:, 0])
+    zero_vel = (est == trajs[:, :1]).all(-1).all(1)  # (B,N): every frame at the frame-0 truth
+    assert 0.4 < zero_vel.float().mean() < 0.6
+    others = est[:, 1:][~zero_vel.unsqueeze(1).expand(B, S - 1, N)]
+    assert (others[:, 0] <= 255).all() and (others >= 0).all()
+    assert not torch.equal(est[:, 1:], trajs[:, 1:])
+
+
+def test_transpose_swaps_axes():
+    g = torch.Generator().manual_seed(3)
+    rgbs = torch.rand(1, 2, 3, 128, 160)
+    trajs = torch.tensor([[[[5.0, 9.0]]]]).repeat(1, 2, 1, 1)
+    seen = set()
+    for _ in range(20):
+        r, t = train.maybe_transpose(rgbs, trajs, g)
+        seen.add(r.shape[-1])
+        if r.shape[-1] == 128:
+            assert torch.equal(r[..., 7, 3], rgbs[..., 3, 7]) and t[0, 0, 0].tolist() == [9.0, 5.0]
+    assert seen == {128, 160}
+
+
+def test_stage_defaults_and_flags():
+    c2 = train.make_config(2, {})
+    assert (c2.B, c2.S, c2.crop_size, c2.max_iters) == (1, 64, (512, 896), 10_000)
+    c1 = train.make_config(1, {"S": 8, "crop_size": "128,192"})
+    assert (c1.B, c1.S, c1.crop_size, c1.max_iters) == (4, 8, (128, 192), 200_000)
+    with pytest.raises(ValueError, match="unknown flags"):
+        train.make_config(1, {"bogus": 1})
+
+
+def test_two_stages_and_step_line(exported, tmp_path):
+    out, _ = exported
+    res = _train(out, tmp_path, "--stages=1,2", "--max_iters=2", "--stage2_max_iters=1", "--stage2_S=7",
+                 "--save_freq=1")
+    lines = [ln for ln in res.stdout.splitlines() if STEP_RE.match(ln)]
+    assert [STEP_RE.match(ln).group(1).split("_")[0] for ln in lines] == ["stage1", "stage1", "stage2"]
+    assert "total params: 17.57 M" in res.stdout
+    s1 = next((tmp_path / "ck").glob("stage1_*"))
+    s2 = next((tmp_path / "ck").glob("stage2_*"))
+    assert [s for s, _ in ck.list_checkpoints(s1)] == [1, 2] and [s for s, _ in ck.list_checkpoints(s2)] == [1]
+    assert f"loaded {s1 / 'model-000000002.pth'}" in res.stdout
+    events = list((tmp_path / "logs").rglob("events.out.tfevents*"))
+    blob = b"".join(p.read_bytes() for p in events)
+    for tag in (b"train/loss", b"train/d_avg", b"train/survival_16", b"train/median_l2", b"train/ate_vis",
+                b"train/ate_occ", b"train/lr", b"train/tracks"):
+        assert tag in blob, tag
+
+
+def test_resume_after_kill_gives_the_same_losses(exported, tmp_path):
+    out, _ = exported
+    ref = _train(out, tmp_path / "ref", "--max_iters=4", "--save_freq=2", "--workers=2")
+    ref_losses = _losses(ref.stdout)
+    assert sorted(ref_losses) == [1, 2, 3, 4]
+    proc = _train(out, tmp_path / "run", "--max_iters=4", "--save_freq=2", "--workers=2", start_new_session=True)
+    seen = ""
+    for line in proc.stdout:
+        seen += line
+        if "step 000003/4" in line:
+            os.killpg(proc.pid, signal.SIGKILL)
+            break
+    proc.wait()
+    ckdir = next((tmp_path / "run" / "ck").iterdir())
+    assert [s for s, _ in ck.list_checkpoints(ckdir)] == [2], seen
+    resumed = _train(out, tmp_path / "run", "--max_iters=4", "--save_freq=2", "--workers=2")
+    assert "resuming at step 2" in resumed.stdout
+    got = _losses(resumed.stdout)
+    assert sorted(got) == [3, 4]
+    assert got[3] == pytest.approx(ref_losses[3], abs=1e-6) and got[4] == pytest.approx(ref_losses[4], abs=1e-6)
+
+
+@pytest.mark.parametrize("amp,steps", [("bf16", 2), ("fp16", 1)])  # fp16 is emulated (slow) on this CPU
+def test_amp_runs(exported, tmp_path, amp, steps):
+    out, _ = exported
+    extra = ["--iters=1", "--N=4"] if amp == "fp16" else []
+    res = _train(out, tmp_path, f"--amp={amp}", f"--max_iters={steps}", f"--save_freq={steps}", *extra)
+    losses = _losses(res.stdout)
+    assert sorted(losses) == list(range(1, steps + 1)) and all(np.isfinite(v) for v in losses.values())
+
+
+def _kubric(root: Path, n_seq=2, nan=False):
+    rng = np.random.default_rng(0)
+    for s in range(n_seq):
+        seq = root / f"seq{s:04d}"
+        (seq / "frames").mkdir(parents=True)
+        base = (rng.random((560, 560, 3)) * 255).astype(np.uint8)
+        for t in range(24):
+            cv2.imwrite(str(seq / "frames" / f"{t:03d}.png"), base[2 * t:2 * t + 512, t:t + 512])
+        start = rng.uniform(50, 450, (40, 2))
+        coords = start[:, None] - np.arange(24)[None, :, None] * np.array([1.0, 2.0])
+        if nan:
+            coords[:] = np.nan
+        occluded = np.zeros((40, 24), bool)
+        occluded[0, 5:] = True
+        np.save(seq / f"seq{s:04d}.npy", {"coords": coords.astype(np.float32), "visibility": occluded},
+                allow_pickle=True)
+
+
+def test_kubric_layout_and_window(tmp_path):
+    from datasets.kubric import KubricDataset
+
+    _kubric(tmp_path)
+    ds = KubricDataset(str(tmp_path), S=10, N=16, crop_size=(512, 512))
+    frames, coords, visible = ds.load(0)
+    assert frames.shape == (24, 512, 512, 3) and coords.shape == (24, 40, 2)
+    assert not visible[5, 0] and visible[4, 0] and visible[10, 3]  # the file's flag means occluded
+    f, track = ds.sample(0, np.random.default_rng(1))
+    assert f.shape == (10, 512, 512, 3) and track.shape == (10, 16, 4)
+    assert (track[0, :, 2] == 1).all()
+    # a whole-pixel crop: the track points at the same texture in the window's frames
+    assert np.allclose(np.diff(track[:, :, :2], axis=0)[..., 1], -2.0, atol=1e-4)
+    with pytest.raises(ValueError, match="24 frames"):
+        KubricDataset(str(tmp_path), S=25)
+
+
+def test_kubric_training_and_nan_stop(tmp_path):
+    _kubric(tmp_path / "ok")
+    cmd = [sys.executable, str(ROOT / "train.py"), "--dataset=kubric", f"--movi_f_root={tmp_path / 'ok'}",
+           f"--log_dir={tmp_path / 'logs'}", f"--ckpt_dir={tmp_path / 'ck'}", *TINY, "--max_iters=1"]
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert sorted(_losses(res.stdout)) == [1]
+    _kubric(tmp_path / "nan", nan=True)
+    cmd = [c.replace(str(tmp_path / "ok"), str(tmp_path / "nan")).replace(str(tmp_path / "ck"), str(tmp_path / "ck2"))
+           for c in cmd] + ["--max_iters=10", "--max_nan_steps=3"]
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode != 0
+    assert "3 non-finite losses in a row at step 3" in res.stderr and "saved" in res.stderr
+    assert res.stdout.count("non-finite loss, step skipped") == 3
+    assert [s for s, _ in ck.list_checkpoints(next((tmp_path / "ck2").iterdir()))] == [3]
+
+
+def test_ddp_two_processes_keep_identical_weights(exported, tmp_path):
+    out, _ = exported
+    script = tmp_path / "ddp.py"
+    script.write_text(f"""
+import sys
+sys.path.insert(0, {str(ROOT)!r})
+import torch, torch.distributed as dist
+import train
+cfg = train.make_config(1, dict(dataset_location={str(out)!r}, dataset_version={_version(out)!r}, B=1, S=6, N=8,
+                                crop_size=(128, 192), iters=2, max_iters=3, save_freq=3, workers=0, device="cpu",
+                                log_dir={str(tmp_path / 'logs')!r}, ckpt_dir={str(tmp_path / 'ck')!r}, quiet=True))
+_, net = train.run_stage(cfg)
+flat = torch.cat([p.detach().flatten() for p in net.parameters()])
+gathered = [torch.zeros_like(flat) for _ in range(dist.get_world_size())]
+dist.all_gather(gathered, flat)
+init = torch.cat([p.flatten() for p in train.Pips().parameters()])
+if dist.get_rank() == 0:
+    assert all(torch.equal(g, gathered[0]) for g in gathered), "ranks differ"
+    print("IDENTICAL", dist.get_world_size())
+dist.destroy_process_group()
+""")
+    torchrun = Path(sys.executable).parent / "torchrun"
+    res = subprocess.run([str(torchrun), "--nproc_per_node=2", "--master_port=29531", str(script)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    assert "IDENTICAL 2" in res.stdout
+    assert [s for s, _ in ck.list_checkpoints(next((tmp_path / "ck").iterdir()))] == [3]

@@ -1,0 +1,440 @@
+"""Train PIPs++ (SPEC section 3): stage 1 (S=36, 256x384) and stage 2 (S=64, 512x896), on CPU, GPU or torchrun.
+
+    python train.py --dataset_location=./pod_export                       # stage 1 defaults
+    python train.py --stage=2 --dataset_location=./pod_export --dataset_version=<S64 512x896 export>
+    python train.py --stages=1,2 ...                                       # both, stage 2 from stage 1
+    torchrun --nproc_per_node 8 --nnodes 2 --node_rank 0 --master_addr host --master_port 29500 train.py ...
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import sys
+import time
+from collections import deque
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import fire
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader
+
+from datasets.training import OrdinalDataset, OrdinalSampler
+from nets.pips2 import Pips
+from utils import checkpoint as ck
+from utils import metrics
+
+STAGE_DEFAULTS = {
+    1: dict(B=4, S=36, N=128, crop_size=(256, 384), iters=6, lr=5e-4, max_iters=200_000),
+    2: dict(B=1, S=64, N=128, crop_size=(512, 896), iters=6, lr=5e-4, max_iters=10_000),
+}
+
+
+@dataclass
+class Config:
+    """Every flag of a training run (stage defaults fill what the user leaves unset)."""
+
+    stage: int = 1
+    B: int = 4
+    S: int = 36
+    N: int = 128
+    crop_size: tuple[int, int] = (256, 384)
+    iters: int = 6
+    lr: float = 5e-4
+    max_iters: int = 200_000
+    use_augs: bool = True
+    shuffle: bool = True
+    dataset: str = "pod_export"
+    dataset_location: str = "./pod_export"
+    dataset_version: str | None = None
+    val_dataset_version: str | None = None
+    movi_f_root: str | None = None
+    tapvid_root: str | None = None
+    eval_dataset: str | None = None
+    log_dir: str = "./logs_train"
+    log_freq: int = 100
+    val_freq: int = 1000
+    ckpt_dir: str = "./checkpoints"
+    save_freq: int = 1000
+    keep_latest: int = 3
+    init_dir: str | None = None
+    load_optimizer: bool = False
+    load_step: bool = False
+    ignore_load: str | None = None
+    resume: bool = True
+    grad_acc: int = 1
+    cache_len: int = 0
+    amp: str = "none"
+    max_nan_steps: int = 20
+    workers: int = 2
+    seed: int = 0
+    device: str = "auto"
+    exp_name: str = ""
+    quiet: bool = False
+
+    def name(self) -> str:
+        h, w = self.crop_size
+        base = f"stage{self.stage}_{self.B}x{self.S}x{self.N}_{h}x{w}_i{self.iters}_lr{self.lr:g}"
+        return base + (f"_{self.exp_name}" if self.exp_name else "")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The step's semantics.
+
+
+def init_estimates(trajs_g: torch.Tensor, hw: tuple[int, int], gen: torch.Generator) -> torch.Tensor:
+    """Initial estimates: per point a random mix of truth and uniform noise over the image; half of the
+    points zero-velocity instead; frame 0 always the truth (SPEC 3)."""
+    B, S, N, _ = trajs_g.shape
+    H, W = hw
+    noise = torch.rand(B, S, N, 2, generator=gen) * torch.tensor([W - 1.0, H - 1.0])
+    mix = torch.rand(B, 1, N, 1, generator=gen)
+    est = mix * trajs_g.cpu() + (1 - mix) * noise
+    zero_vel = torch.rand(B, 1, N, 1, generator=gen) < 0.5
+    est = torch.where(zero_vel, trajs_g[:, :1].cpu().expand(B, S, N, 2), est)
+    est[:, 0] = trajs_g[:, 0].cpu()
+    return est.to(trajs_g.device)
+
+
+def maybe_transpose(rgbs: torch.Tensor, trajs: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """With probability 0.5 swap x and y (frames transposed H<->W)."""
+    if torch.rand(1, generator=gen).item() < 0.5:
+        return rgbs.transpose(-1, -2), trajs.flip(-1)
+    return rgbs, trajs
+
+
+def step_generator(seed: int, step: int, micro: int, rank: int) -> torch.Generator:
+    return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 101 + micro) * 1009 + rank)
+
+
+def batch_figures(trajs_e: torch.Tensor, trajs_g: torch.Tensor, visibs: torch.Tensor, valids: torch.Tensor,
+                  hw: tuple[int, int]) -> dict[str, float]:
+    """Metrics of a batch (mean over clips) plus ATE on visible and occluded valid points (pixels)."""
+    rows = [metrics.track_metrics(trajs_e[b], trajs_g[b], valids[b], hw) for b in range(trajs_g.shape[0])]
+    out = metrics.average(rows)
+    err = (trajs_e - trajs_g).float().norm(dim=-1)
+    vis, occ = valids * visibs, valids * (1 - visibs)
+    out["ate_vis"] = float((err * vis).sum() / (1e-6 + vis.sum()))
+    out["ate_occ"] = float((err * occ).sum() / (1e-6 + occ.sum()))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Data.
+
+
+def build_dataset(cfg: Config, version: str | None):
+    if cfg.dataset == "kubric":
+        from datasets.kubric import KubricDataset
+
+        if not cfg.movi_f_root:
+            raise ValueError("--dataset=kubric needs --movi_f_root=<folder of MOVi-F sequences>")
+        return KubricDataset(cfg.movi_f_root, cfg.S, cfg.N, cfg.crop_size, cfg.use_augs)
+    if cfg.dataset != "pod_export":
+        raise ValueError(f"--dataset must be pod_export or kubric, got {cfg.dataset!r}")
+    from datasets.exportdataset import ExportDataset
+
+    return ExportDataset(cfg.dataset_location, version, cfg.S, cfg.N, cfg.crop_size, cfg.use_augs, seed=cfg.seed)
+
+
+def make_loader(base, cfg: Config, start_ordinal: int, rank: int, world: int, seed_offset: int = 0) -> DataLoader:
+    data = OrdinalDataset(base, cfg.seed + seed_offset, cfg.shuffle)
+    sampler = OrdinalSampler(start_ordinal, rank, world)
+    return DataLoader(data, batch_size=cfg.B, sampler=sampler, num_workers=cfg.workers,
+                      persistent_workers=cfg.workers > 0, prefetch_factor=2 if cfg.workers > 0 else None)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Distributed helpers.
+
+
+def dist_setup(device: str) -> tuple[int, int, int, torch.device]:
+    """(rank, world, local_rank, device); initialises the process group under torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = ck.resolve_device(device)
+    if dev.type == "cuda":
+        dev = torch.device("cuda", local)
+        torch.cuda.set_device(dev)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    return rank, world, local, dev
+
+
+def any_rank(flag: bool, world: int, device: torch.device) -> bool:
+    if world == 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def rng_state() -> dict:
+    """Global RNG states in types that torch.load(weights_only=True) accepts."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"python": list(random.getstate()[1]), "python_version": random.getstate()[0],
+            "numpy": [name, [int(k) for k in keys], int(pos), int(has_gauss), float(cached)],
+            "torch": torch.get_rng_state()}
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate((state["python_version"], tuple(state["python"]), None))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.array(keys, np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# One stage.
+
+
+def validate(model, loader_iter, cfg: Config, device, amp_dtype) -> dict[str, float]:
+    """One validation batch with twice the training iterations."""
+    batch = next(loader_iter)
+    rgbs, trajs_g = batch["rgbs"].to(device), batch["trajs"].to(device)
+    visibs, valids = batch["visibs"].to(device), batch["valids"].to(device)
+    init = trajs_g[:, :1].expand_as(trajs_g).contiguous()
+    net = model.module if hasattr(model, "module") else model
+    net.eval()
+    with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        preds = net(init, rgbs, iters=cfg.iters * 2)[0]
+    net.train()
+    return batch_figures(preds[-1].float(), trajs_g, visibs, valids, tuple(rgbs.shape[-2:]))
+
+
+def validate_tapvid(model, cfg: Config, device) -> dict[str, float]:
+    """Authors'-protocol figures on the first TAP-Vid videos (LBM-style validation while training)."""
+    from datasets.tapvid import load_tapvid
+    from utils import evaluation
+    from utils.tracking import ArrayFrames
+
+    net = model.module if hasattr(model, "module") else model
+    net.eval()
+    rows = []
+    for i, (_, video, points, occluded) in enumerate(load_tapvid(cfg.tapvid_root)):
+        if i >= 5:
+            break
+        vis = ~occluded.T
+        tr, _, val = evaluation.select_points(points.transpose(1, 0, 2), vis, vis.copy(), video.shape[1:3], 64,
+                                              min_frames=1, max_motion=np.inf, border_px=0)
+        if tr.shape[1]:
+            rows.append(evaluation.evaluate_points(net, ArrayFrames(video, cfg.crop_size), tr, val, S=cfg.S,
+                                                   iters=cfg.iters * 2))
+    net.train()
+    return metrics.average({k: r[k] for k in metrics.METRIC_NAMES} for r in rows)
+
+
+def run_stage(cfg: Config) -> tuple[Path, torch.nn.Module]:
+    """Train one stage; returns its checkpoint folder and the trained model."""
+    rank, world, _, device = dist_setup(cfg.device)
+    main_proc = rank == 0
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    random.seed(cfg.seed)
+    name = cfg.name()
+    ckpt_dir = Path(cfg.ckpt_dir) / name
+    say = (lambda *a: print(*a, flush=True)) if main_proc and not cfg.quiet else (lambda *a: None)
+
+    model = Pips()
+    for p in model.norm.parameters():  # in the checkpoint but unused by the forward pass
+        p.requires_grad_(False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-6, eps=1e-8)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=cfg.max_iters + 100,
+                                                    pct_start=0.1, cycle_momentum=False, anneal_strategy="linear")
+    step = 0
+    init_dir, load_opt, load_step = cfg.init_dir, cfg.load_optimizer, cfg.load_step
+    if cfg.resume and ck.list_checkpoints(ckpt_dir):
+        init_dir, load_opt, load_step = str(ckpt_dir), True, True
+    if init_dir:
+        ignore = tuple(p for p in (cfg.ignore_load or "").split(",") if p)
+        loaded = ck.load(init_dir, model, optimizer if load_opt else None, scheduler if load_opt else None,
+                         ignore_prefixes=ignore)
+        path = ck.find_checkpoint(init_dir)
+        if load_step:
+            step = loaded
+            extra = ck.read_checkpoint(path)
+            if "rng" in extra:
+                set_rng_state(extra["rng"])
+        say(f"loaded {path} (step {loaded}){'; resuming at step ' + str(step) if load_step else ''}")
+    say(ck.parameter_table(model))
+    model.to(device)
+    net = model
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
+                                                          else None)
+    model.train()
+
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[cfg.amp]
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
+    try:
+        base = build_dataset(cfg, cfg.dataset_version)
+        val_iter = None
+        if cfg.val_dataset_version:
+            vcfg = Config(**{**asdict(cfg), "use_augs": False})
+            val_iter = iter(make_loader(build_dataset(vcfg, cfg.val_dataset_version), vcfg, step, rank, world, 17))
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}") from None
+    loader = iter(make_loader(base, cfg, step * cfg.grad_acc * cfg.B, rank, world))
+    writer = None
+    if main_proc:
+        from tensorboardX import SummaryWriter
+
+        writer = SummaryWriter(str(Path(cfg.log_dir) / name), max_queue=10, flush_secs=60)
+    cache: list[dict] = []
+    losses, d_ts, d_vs = deque(maxlen=cfg.log_freq), deque(maxlen=cfg.log_freq), deque(maxlen=10)
+    nan_total, nan_run = 0, 0
+    say(f"{name}: {cfg.max_iters} steps, B={cfg.B} S={cfg.S} N={cfg.N} crop {cfg.crop_size}, {world} process(es) "
+        f"on {device}, amp {cfg.amp}, data {cfg.dataset} ({len(base)} items)")
+
+    def save(at: int) -> None:
+        if main_proc:
+            ck.save(ckpt_dir, at, net, optimizer, scheduler, keep_latest=cfg.keep_latest,
+                    extra={"rng": rng_state(), "nan_steps": nan_total, "config": json.dumps(asdict(cfg))})
+
+    while step < cfg.max_iters:
+        step += 1
+        t0 = time.time()
+        rtime, total_loss, finite, figures = 0.0, 0.0, True, None
+        for micro in range(cfg.grad_acc):
+            tr = time.time()
+            if cfg.cache_len and len(cache) >= cfg.cache_len:
+                batch = cache[int(torch.randint(len(cache), (1,), generator=step_generator(cfg.seed, step, micro,
+                                                                                          rank)))]
+            else:
+                batch = next(loader)
+                if cfg.cache_len:
+                    cache.append(batch)
+            rtime += time.time() - tr
+            gen = step_generator(cfg.seed, step, micro, rank)
+            rgbs, trajs_g = maybe_transpose(batch["rgbs"].to(device), batch["trajs"].to(device), gen)
+            visibs, valids = batch["visibs"].to(device), batch["valids"].to(device)
+            trajs_e0 = init_estimates(trajs_g, tuple(rgbs.shape[-2:]), gen)
+            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                preds, _, _, loss = model(trajs_e0, rgbs, iters=cfg.iters, trajs_g=trajs_g, vis_g=visibs,
+                                          valids=valids)
+            finite = finite and bool(torch.isfinite(loss))
+            if finite:
+                scaler.scale(loss / cfg.grad_acc).backward()
+                total_loss += loss.item() / cfg.grad_acc
+            if micro == 0 and main_proc:
+                figures = batch_figures(preds[-1].detach().float(), trajs_g, visibs, valids, tuple(rgbs.shape[-2:]))
+        if any_rank(not finite, world, device):
+            optimizer.zero_grad(set_to_none=True)
+            nan_total += 1
+            nan_run += 1
+            say(f"{name}; step {step:06d}/{cfg.max_iters}; non-finite loss, step skipped ({nan_total} so far)")
+            if nan_run >= cfg.max_nan_steps:
+                save(step)
+                msg = (f"{name}: {nan_run} non-finite losses in a row at step {step}; stopped and saved "
+                       f"{ckpt_dir / ck.ckpt_name(step)} (try a lower --lr or --amp=none)")
+                if world > 1:
+                    dist.destroy_process_group()
+                raise SystemExit(msg)
+            continue
+        nan_run = 0
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        itime = time.time() - t0
+
+        losses.append(total_loss)
+        if figures is not None:
+            d_ts.append(figures["d_avg"])
+        if val_iter is not None and (step % cfg.val_freq == 0 or step == 1):
+            v = validate(model, val_iter, cfg, device, amp_dtype)
+            d_vs.append(v["d_avg"])
+            if writer:
+                for k, val in v.items():
+                    writer.add_scalar(f"val/{k}", val, step)
+        if cfg.tapvid_root and cfg.eval_dataset == "davis" and step % cfg.val_freq == 0 and main_proc:
+            v = validate_tapvid(model, cfg, device)
+            d_vs.append(v["d_avg"])
+            if writer:
+                for k, val in v.items():
+                    writer.add_scalar(f"davis/{k}", val, step)
+        d_v = float(np.mean(d_vs)) if d_vs else float("nan")
+        say(f"{name}; step {step:06d}/{cfg.max_iters}; rtime {rtime:.2f}; itime {itime:.2f}; loss {total_loss:.3f}; "
+            f"loss_t {np.mean(losses):.3f}; d_t {np.mean(d_ts) if d_ts else float('nan'):.1f}; d_v {d_v:.1f}")
+        if writer and (step % cfg.log_freq == 0 or step == 1):
+            writer.add_scalar("train/loss", total_loss, step)
+            writer.add_scalar("train/lr", scheduler.get_last_lr()[0], step)
+            for k, val in (figures or {}).items():
+                writer.add_scalar(f"train/{k}", val, step)
+            if step % (cfg.log_freq * 10) == 0 or step == 1:
+                from utils.vis import summary_image
+
+                frames = rgbs[0].detach().permute(0, 2, 3, 1).cpu().numpy().clip(0, 255).astype(np.uint8)
+                img = summary_image(frames, trajs_g[0].cpu().numpy(), preds[-1][0].detach().float().cpu().numpy())
+                writer.add_image("train/tracks", img, step, dataformats="HWC")
+        if step % cfg.save_freq == 0 or step == cfg.max_iters:
+            save(step)
+    if writer:
+        writer.close()
+    say(f"{name}: done, {step} steps, {nan_total} skipped for non-finite loss; checkpoints in {ckpt_dir}")
+    if world > 1:
+        dist.barrier()
+    return ckpt_dir, net
+
+
+def _latest_stage1(ckpt_dir: str) -> str | None:
+    runs = [p for p in Path(ckpt_dir).glob("stage1_*") if ck.list_checkpoints(p)]
+    return str(max(runs, key=lambda p: p.stat().st_mtime)) if runs else None
+
+
+def make_config(stage: int, flags: dict) -> Config:
+    """Stage defaults, then every flag the user set."""
+    known = {f.name for f in fields(Config)}
+    unknown = set(flags) - known
+    if unknown:
+        raise ValueError(f"unknown flags: {sorted(unknown)}")
+    values = {**STAGE_DEFAULTS[stage], **{k: v for k, v in flags.items() if v is not None}, "stage": stage}
+    if isinstance(values.get("crop_size"), str):
+        values["crop_size"] = tuple(int(v) for v in values["crop_size"].split(","))
+    values["crop_size"] = tuple(int(v) for v in values["crop_size"])
+    h, w = values["crop_size"]
+    if h < 128 or w < 128:
+        raise ValueError(f"crop_size must be at least 128x128, got {h}x{w}")
+    return Config(**values)
+
+
+def main(stage: int = 1, stages: str | None = None, **flags) -> None:
+    """Train one stage (--stage) or several in sequence (--stages=1,2; stage 2 starts from stage 1).
+
+    A flag applies to every stage; `--stage2_<flag>=...` applies to stage 2 only (e.g. --stage2_S=64).
+    """
+    if stages is None:
+        order = [int(stage)]
+    elif isinstance(stages, (tuple, list)):
+        order = [int(s) for s in stages]
+    else:
+        order = [int(s) for s in str(stages).split(",") if s]
+    prev = None
+    for st in order:
+        prefix = f"stage{st}_"
+        stage_flags = {k: v for k, v in flags.items() if not k.startswith("stage")}
+        stage_flags.update({k[len(prefix):]: v for k, v in flags.items() if k.startswith(prefix)})
+        if st == 2 and not stage_flags.get("init_dir"):
+            stage_flags["init_dir"] = prev or _latest_stage1(stage_flags.get("ckpt_dir", Config.ckpt_dir))
+            if not stage_flags["init_dir"]:
+                sys.exit("error: stage 2 starts from a stage-1 checkpoint: pass --init_dir or run --stages=1,2")
+        try:
+            cfg = make_config(st, stage_flags)
+        except ValueError as e:
+            sys.exit(f"error: {e}")
+        prev = str(run_stage(cfg)[0])
+
+
+if __name__ == "__main__":
+    try:
+        fire.Fire(main)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -1,0 +1,62 @@
+"""Drawing tracks: coloured points with fading trails (demo videos) and summary pictures (TensorBoard)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+import cv2
+import numpy as np
+
+
+def track_colors(xy0: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+    """(N,3) uint8 RGB colours that vary smoothly with the query position (hue by x, value by y)."""
+    H, W = hw
+    hue = np.clip(xy0[:, 0] / max(W - 1, 1), 0, 1) * 150
+    val = 155 + 100 * np.clip(xy0[:, 1] / max(H - 1, 1), 0, 1)
+    hsv = np.stack([hue, np.full_like(hue, 255), val], 1).astype(np.uint8)[None]
+    return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)[0]
+
+
+def draw_frame(frame: np.ndarray, history: np.ndarray, colors: np.ndarray, shown: np.ndarray | None = None,
+               radius: int = 3) -> np.ndarray:
+    """Draw trails (older segments fainter) and current points; history (L,N,2) ends at this frame."""
+    out = frame.copy()
+    L, N = history.shape[:2]
+    shown = np.ones((L, N), bool) if shown is None else shown
+    for i in range(1, L):
+        a = i / L  # fade: the oldest segment is the faintest
+        layer = out.copy()
+        for n in range(N):
+            if shown[i, n] and shown[i - 1, n]:
+                p0 = tuple(np.round(history[i - 1, n]).astype(int))
+                p1 = tuple(np.round(history[i, n]).astype(int))
+                cv2.line(layer, p0, p1, tuple(int(c) for c in colors[n]), 1, cv2.LINE_AA)
+        out = cv2.addWeighted(layer, a, out, 1 - a, 0)
+    for n in range(N):
+        if shown[-1, n]:
+            p = tuple(np.round(history[-1, n]).astype(int))
+            cv2.circle(out, p, radius, tuple(int(c) for c in colors[n]), -1, cv2.LINE_AA)
+            cv2.circle(out, p, radius, (0, 0, 0), 1, cv2.LINE_AA)
+    return out
+
+
+def render_tracks(frames: Iterable[np.ndarray], tracks: np.ndarray, estimated: np.ndarray | None = None,
+                  trail: int = 12) -> Iterator[np.ndarray]:
+    """Frames with coloured points and fading trails of `trail` frames; tracks (T,N,2) in frame pixels."""
+    colors = None
+    for t, frame in enumerate(frames):
+        if colors is None:
+            colors = track_colors(tracks[0], frame.shape[:2])
+        s = max(0, t - trail + 1)
+        shown = None if estimated is None else estimated[s:t + 1]
+        yield draw_frame(frame, tracks[s:t + 1], colors, shown)
+
+
+def summary_image(frames: np.ndarray, trajs_g: np.ndarray, trajs_e: np.ndarray, max_points: int = 32) -> np.ndarray:
+    """(H, 2W, 3) picture: the first frame with true trajectories (left) and estimated ones (right)."""
+    frame = frames[0].astype(np.uint8)
+    n = min(max_points, trajs_g.shape[1])
+    colors = track_colors(trajs_g[0, :n], frame.shape[:2])
+    left = draw_frame(frame, trajs_g[:, :n], colors)
+    right = draw_frame(frame, trajs_e[:, :n], colors)
+    return np.concatenate([left, right], 1)
