@@ -125,8 +125,8 @@ class CorrPyramid:
         tg = targets.reshape(BS, N, T, C)
         xy = coords.reshape(BS, N, 2)
         P = 2 * r + 2
-        # bound the gathered patches (frames * N * P^2 * C floats) held at any one time
-        step = max(1, self.chunk_elems // max(1, N * P * P * C))
+        # bound the gathered patches (frames * N * P^2 * C floats) held at any one time; 0 = no chunks
+        step = max(1, self.chunk_elems // max(1, N * P * P * C)) if self.chunk_elems else BS
         per_level = []
         for i, lv in enumerate(self.levels):
             h, w = lv.shape[1:3]
@@ -329,6 +329,7 @@ class Pips(nn.Module):
         self.corr_impl = corr_impl
         self.encoder_chunk = encoder_chunk
         self.channels_last = channels_last
+        self.corr_chunk = 1 << 24  # floats of gathered patches held at once; 0 = all at once (ONNX export)
         self.fnet = BasicEncoder(output_dim=self.latent_dim, stride=stride)
         corr_dim = 3 * corr_levels * (2 * corr_radius + 1) ** 2
         self.delta_block = DeltaBlock(corr_dim=corr_dim, embed_dim=self.latent_dim)
@@ -384,7 +385,8 @@ class Pips(nn.Module):
         device = trajs_e0.device
         H8, W8 = fmaps.shape[2:4]
         fmaps_bs = fmaps.reshape(B * S, H8, W8, self.latent_dim)
-        pyramid = CorrPyramid(fmaps, self.corr_levels, self.corr_radius, impl=self.corr_impl)
+        pyramid = CorrPyramid(fmaps, self.corr_levels, self.corr_radius, impl=self.corr_impl,
+                              chunk_elems=self.corr_chunk)
 
         coords = trajs_e0.float() / stride
         query = coords[:, 0].clone()
