@@ -204,3 +204,35 @@ dist.destroy_process_group()
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     assert "IDENTICAL 2" in res.stdout
     assert [s for s, _ in ck.list_checkpoints(next((tmp_path / "ck").iterdir()))] == [3]
+
+
+def test_torchrun_launch_of_train_py(exported, tmp_path):
+    out, _ = exported
+    torchrun = Path(sys.executable).parent / "torchrun"
+    cmd = [str(torchrun), "--nproc_per_node", "2", "--nnodes", "1", "--node_rank", "0", "--master_addr", "127.0.0.1",
+           "--master_port", "29533", str(ROOT / "train.py"), f"--dataset_location={out}",
+           f"--dataset_version={_version(out)}", f"--log_dir={tmp_path / 'logs'}", f"--ckpt_dir={tmp_path / 'ck'}",
+           *TINY, "--max_iters=2", "--save_freq=2", "--device=cpu"]
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    steps = [m.group(2) for ln in res.stdout.splitlines() if (m := STEP_RE.match(ln))]
+    assert steps == ["000001", "000002"]  # logged once, by rank 0
+    assert "2 process(es)" in res.stdout
+    assert [s for s, _ in ck.list_checkpoints(next((tmp_path / "ck").iterdir()))] == [2]
+
+
+def test_tapvid_validation_while_training(exported, tmp_path):
+    import pickle
+
+    out, _ = exported
+    rng = np.random.default_rng(0)
+    video = (rng.random((8, 128, 192, 3)) * 255).astype(np.uint8)
+    pts = np.repeat(rng.uniform(0.1, 0.9, (5, 1, 2)), 8, 1).astype(np.float32)
+    with open(tmp_path / "davis.pkl", "wb") as f:
+        pickle.dump({"v": {"video": video, "points": pts, "occluded": np.zeros((5, 8), bool)}}, f)
+    res = _train(out, tmp_path, "--max_iters=1", f"--tapvid_root={tmp_path / 'davis.pkl'}", "--eval_dataset=davis",
+                 "--val_freq=1")
+    line = next(ln for ln in res.stdout.splitlines() if STEP_RE.match(ln))
+    assert not line.endswith("d_v nan")
+    blob = b"".join(p.read_bytes() for p in (tmp_path / "logs").rglob("events.out.tfevents*"))
+    assert b"davis/d_avg" in blob

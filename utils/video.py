@@ -44,48 +44,61 @@ def write_mp4(path: str | os.PathLike, frames: Iterable[np.ndarray] | np.ndarray
         writer.close()
 
 
-def iter_frames(path: str | os.PathLike) -> Iterator[np.ndarray]:
-    """Yield RGB uint8 frames of any video one at a time (bounded memory), decoded by OpenCV."""
-    cap = cv2.VideoCapture(str(path))
-    if not cap.isOpened():
-        raise VideoError(f"{path}: cannot open video")
+def iter_frames(path: str | os.PathLike, backend: str = "imageio") -> Iterator[np.ndarray]:
+    """Yield RGB uint8 frames of any video one at a time (bounded memory), decoded by imageio-ffmpeg's
+    bundled ffmpeg (any codec it knows) or by OpenCV (`backend="cv2"`)."""
+    if not Path(path).is_file():
+        raise VideoError(f"{path}: no such video file")
+    if backend == "cv2":
+        cap = cv2.VideoCapture(str(path))
+        if not cap.isOpened():
+            raise VideoError(f"{path}: cannot open video")
+        try:
+            while True:
+                ok, frame = cap.read()
+                if not ok:
+                    break
+                yield cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
+        finally:
+            cap.release()
+        return
+    reader = imageio_ffmpeg.read_frames(str(path), pix_fmt="rgb24")
     try:
-        while True:
-            ok, frame = cap.read()
-            if not ok:
-                break
-            yield cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
+        meta = next(reader)
+    except Exception as e:
+        msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        raise VideoError(f"{path}: cannot decode ({msg})") from None
+    w, h = meta["size"]
+    try:
+        for buf in reader:
+            yield np.frombuffer(buf, np.uint8).reshape(h, w, 3)
     finally:
-        cap.release()
+        reader.close()
 
 
 def read_video(path: str | os.PathLike, backend: str = "cv2") -> np.ndarray:
-    """Decode a whole video to (T,H,W,3) uint8 RGB with 'cv2' (default, faster) or 'imageio'."""
-    if backend == "imageio":
-        reader = imageio_ffmpeg.read_frames(str(path), pix_fmt="rgb24")
-        try:
-            meta = next(reader)
-        except Exception as e:
-            raise VideoError(f"{path}: cannot decode ({str(e).strip().splitlines()[0]})") from None
-        w, h = meta["size"]
-        frames = [np.frombuffer(b, np.uint8).reshape(h, w, 3) for b in reader]
-    else:
-        frames = list(iter_frames(path))
+    """Decode a whole video to (T,H,W,3) uint8 RGB with 'cv2' (default: measured faster, docs/BENCHMARKS.md)
+    or 'imageio'."""
+    frames = list(iter_frames(path, backend))
     if not frames:
         raise VideoError(f"{path}: no decodable frames")
     return np.stack(frames)
 
 
 def video_info(path: str | os.PathLike) -> tuple[int, int, int, float]:
-    """(frames, height, width, fps) from the container, without decoding."""
-    cap = cv2.VideoCapture(str(path))
-    if not cap.isOpened():
-        raise VideoError(f"{path}: cannot open video")
+    """(frames, height, width, fps) read by imageio-ffmpeg (frames are counted by decoding headers only)."""
+    if not Path(path).is_file():
+        raise VideoError(f"{path}: no such video file")
     try:
-        return (int(cap.get(cv2.CAP_PROP_FRAME_COUNT)), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT)),
-                int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), float(cap.get(cv2.CAP_PROP_FPS)))
-    finally:
-        cap.release()
+        reader = imageio_ffmpeg.read_frames(str(path), pix_fmt="rgb24")
+        meta = next(reader)
+        reader.close()
+        n, _ = imageio_ffmpeg.count_frames_and_secs(str(path))
+    except Exception as e:
+        msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        raise VideoError(f"{path}: cannot read video ({msg})") from None
+    w, h = meta["size"]
+    return int(n), int(h), int(w), float(meta.get("fps") or 24.0)
 
 
 def read_clip(path: str | os.PathLike, S: int, H: int, W: int, backend: str = "cv2") -> np.ndarray:

@@ -1,0 +1,119 @@
+"""Export and loading speed, side by side in one run.
+
+1. Encoding one clip: our pipe into imageio-ffmpeg's ffmpeg against the authors' method (write JPEG files,
+   then run an ffmpeg process on them), same codec settings (H.264, yuv420p, CRF 20, 24 fps).
+2. Decoding one clip: OpenCV against imageio-ffmpeg (the loader keeps the faster).
+3. The exporter end to end with 1 and 2 workers (clips/s), and the training loader (clips/s per worker).
+
+    python benchmarks/bench_export.py --json_out=docs/bench_export_cpu.json
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import cv2
+import fire
+import imageio_ffmpeg
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from utils.video import read_video, write_mp4  # noqa: E402
+
+
+def authors_encode(frames: np.ndarray, out: Path, fps: int = 24, crf: int = 20, preset: str = "medium") -> None:
+    """The authors' way: JPEG files in a folder, then an ffmpeg process reads them back."""
+    tmp = Path(tempfile.mkdtemp(prefix="jpgs_"))
+    try:
+        for i, f in enumerate(frames):
+            cv2.imwrite(str(tmp / f"{i:03d}.jpg"), f[..., ::-1])
+        cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-y", "-loglevel", "error", "-framerate", str(fps), "-i",
+               str(tmp / "%03d.jpg"), "-c:v", "libx264", "-preset", preset, "-crf", str(crf), "-pix_fmt", "yuv420p",
+               str(out)]
+        subprocess.run(cmd, check=True)
+    finally:
+        shutil.rmtree(tmp)
+
+
+def _best(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def main(S: int = 36, H: int = 384, W: int = 512, repeats: int = 3, scenes: int = 4, clips: int = 24,
+         json_out: str | None = None) -> None:
+    """Print the encode/decode comparison and the exporter/loader throughput."""
+    from datasets.synthetic import SceneConfig, generate_scene
+
+    work = Path(tempfile.mkdtemp(prefix="bench_export_"))
+    res = {"S": S, "H": H, "W": W, "cpus": os.cpu_count()}
+    try:
+        scene = generate_scene(work / "scene", 1, SceneConfig(W=W + 64, H=H + 64, T=S, n_points=64))
+        frames = np.stack([cv2.cvtColor(cv2.imread(str(p)), cv2.COLOR_BGR2RGB)[:H, :W]
+                           for p in sorted((scene / "rgbs").glob("*.jpg"))])
+        for preset in ("medium", "veryfast"):
+            ours = _best(lambda p=preset: write_mp4(work / f"ours_{p}.mp4", frames, preset=p), repeats)
+            theirs = _best(lambda p=preset: authors_encode(frames, work / f"theirs_{p}.mp4", preset=p), repeats)
+            res[f"encode_{preset}"] = {"pipe_s": ours, "jpeg_then_ffmpeg_s": theirs, "ratio": theirs / ours,
+                                       "pipe_kib": (work / f"ours_{preset}.mp4").stat().st_size / 1024,
+                                       "jpeg_kib": (work / f"theirs_{preset}.mp4").stat().st_size / 1024}
+            print(f"encode {S} frames {W}x{H}, x264 preset {preset}: pipe {ours:.3f} s, JPEG files + ffmpeg "
+                  f"{theirs:.3f} s -> {theirs / ours:.2f}x per writer", flush=True)
+        psnr = cv2.PSNR(read_video(work / "ours_medium.mp4")[5], frames[5])
+        res["pipe_psnr_db"] = psnr
+        dec_cv2 = _best(lambda: read_video(work / "ours_medium.mp4", "cv2"), repeats)
+        dec_iio = _best(lambda: read_video(work / "ours_medium.mp4", "imageio"), repeats)
+        res["decode"] = {"cv2_s": dec_cv2, "imageio_s": dec_iio}
+        print(f"decode one clip: cv2 {dec_cv2:.3f} s, imageio {dec_iio:.3f} s -> cv2 {dec_iio / dec_cv2:.2f}x; "
+              f"PSNR of the CRF-20 clip {psnr:.1f} dB", flush=True)
+
+        # the exporter end to end on synthetic scenes (real PointOdyssey frames are 960x540)
+        from datasets.synthetic import generate_dataset
+
+        generate_dataset(work / "pod", {"train": scenes}, cfg=SceneConfig(W=640, H=480, T=S + 16, n_points=800),
+                         progress=False)
+        for workers in (1, 2):
+            out = work / f"exp{workers}"
+            cmd = [sys.executable, str(ROOT / "export_mp4_dataset.py"), f"--dataset_location={work / 'pod'}",
+                   "--dset=train", f"--S={S}", "--N=128", f"--crop_size={H},{W}", f"--out_dir={out}",
+                   f"--workers={workers}", f"--max_iters={clips}", "--quiet=True"]
+            t0 = time.perf_counter()
+            p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True)
+            dt = time.perf_counter() - t0
+            written = int(p.stdout.split("written ")[1].split(",")[0])
+            res[f"export_{workers}_workers"] = {"clips": written, "seconds": dt, "clips_per_s": written / dt}
+            print(f"export with {workers} worker(s): {written} clips in {dt:.1f} s -> {written / dt:.2f} clips/s "
+                  "(including start-up)", flush=True)
+
+        from datasets.exportdataset import ExportDataset
+
+        version = next(p.name for p in (work / "exp1").iterdir() if p.is_dir())
+        ds = ExportDataset(str(work / "exp1"), version, S=S, N=64)
+        n = min(len(ds), 12)
+        t0 = time.perf_counter()
+        for i in range(n):
+            ds[i]
+        dt = time.perf_counter() - t0
+        res["loader_clips_per_s_per_worker"] = n / dt
+        print(f"loader: {n / dt:.2f} clips/s per worker (decode + track subset)", flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    if json_out:
+        Path(json_out).write_text(json.dumps(res, indent=2))
+
+
+if __name__ == "__main__":
+    fire.Fire(main)
