@@ -21,7 +21,7 @@ import numpy as np
 
 from utils.checkpoint import CheckpointError, load_pips, resolve_device
 from utils.tracking import grid_queries, track
-from utils.video import VideoError, iter_frames, video_info, write_mp4
+from utils.video import VideoError, iter_frames, read_rgb, video_info, write_mp4
 from utils.vis import render_tracks
 
 
@@ -61,7 +61,7 @@ def synthetic_video(out_dir: Path, seed: int = 3, frames: int = 48) -> Path:
         scene = generate_scene(Path(tmp) / "scene", seed, SceneConfig(W=384, H=256, T=frames, n_points=16))
         paths = sorted((scene / "rgbs").glob("*.jpg"))
         video = out_dir / "synthetic.mp4"
-        write_mp4(video, (cv2.cvtColor(cv2.imread(str(p)), cv2.COLOR_BGR2RGB) for p in paths))
+        write_mp4(video, (read_rgb(p) for p in paths))
     return video
 
 

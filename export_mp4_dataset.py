@@ -32,10 +32,14 @@ def _parse_hw(crop_size) -> tuple[int, int]:
 def main(dataset_location: str = "../datasets/pointodyssey", dset: str = "train", S: int = 36, N: int = 128,
          crop_size=(384, 512), use_augs: bool = True, max_iters: int | None = None, shuffle: bool = True,
          out_dir: str = "./pod_export", workers: int = 1, shard: int = 0, num_shards: int = 1, seed: int = 0,
-         quiet: bool = False) -> None:
-    """Write clips <out_dir>/<version>/<k:06d>/{rgb.mp4,track.npz} for k < max_iters (all clips by default)."""
+         preset: str = "medium", quiet: bool = False) -> None:
+    """Write clips <out_dir>/<version>/<k:06d>/{rgb.mp4,track.npz} for k < max_iters (all clips by default).
+
+    --preset picks the x264 speed/size trade-off at CRF 20 (medium = the authors' output; veryfast encodes
+    2.9x faster at about -1.3 dB PSNR, see docs/BENCHMARKS.md).
+    """
     st = ExportSettings(dset=dset, S=S, N=N, crop_size=_parse_hw(crop_size), use_augs=use_augs, shuffle=shuffle,
-                        seed=seed)
+                        seed=seed, preset=preset)
     if not 0 <= shard < num_shards:
         raise ValueError(f"shard must be in [0, {num_shards}), got {shard}")
     version_dir = Path(out_dir) / st.version()

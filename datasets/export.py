@@ -38,10 +38,12 @@ class ExportSettings:
     use_augs: bool = True
     shuffle: bool = True
     seed: int = 0
+    preset: str = "medium"  # x264 speed/size trade-off at CRF 20 (the authors' ffmpeg default is medium)
 
     def version(self) -> str:
         h, w = self.crop_size
-        return f"{self.dset}_S{self.S}_N{self.N}_{h}x{w}_{'aug' if self.use_augs else 'noaug'}_seed{self.seed}"
+        name = f"{self.dset}_S{self.S}_N{self.N}_{h}x{w}_{'aug' if self.use_augs else 'noaug'}_seed{self.seed}"
+        return name + ("" if self.preset == "medium" else f"_x264{self.preset}")
 
 
 @dataclass(frozen=True)
@@ -145,14 +147,15 @@ def verify_clip(folder: Path, S: int, N: int, hw: tuple[int, int]) -> None:
         raise VideoError(f"{folder / 'track.npz'}: track_g is {t.dtype} {t.shape}, expected float32 {(S, N, 4)}")
 
 
-def write_clip(version_dir: Path, k: int, frames: np.ndarray, track: np.ndarray, meta: dict) -> bool:
+def write_clip(version_dir: Path, k: int, frames: np.ndarray, track: np.ndarray, meta: dict,
+               preset: str = "medium") -> bool:
     """Write clip k via a private temp folder, verify, rename into place; False if another writer won."""
     final = clip_dir(version_dir, k)
     tmp = version_dir / ".tmp" / f"{k:0{CLIP_DIGITS}d}__{socket.gethostname()}__{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        write_mp4(tmp / "rgb.mp4", frames, fps=24, crf=20)
+        write_mp4(tmp / "rgb.mp4", frames, fps=24, crf=20, preset=preset)
         np.savez(tmp / "track.npz", track_g=track.astype(np.float32))
         verify_clip(tmp, track.shape[0], track.shape[1], frames.shape[1:3])
         try:
@@ -264,7 +267,7 @@ def export_one(args: tuple) -> tuple[int, str, str]:
             mark_rejected(version_dir, k, str(e))
             return k, "rejected", str(e)
         meta = dict(asdict(cand), n_valid=int(track[..., 3].sum()), n_visible=int(track[..., 2].sum()))
-        wrote = write_clip(version_dir, k, frames, track, meta)
+        wrote = write_clip(version_dir, k, frames, track, meta, st.preset)
         return k, "written" if wrote else "exists", ""
     except Exception as e:  # report and go on: one bad clip must not stop a day-long export
         return k, "failed", f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"

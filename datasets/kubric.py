@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import cv2
 import numpy as np
 
 from utils import augment
+from utils.video import VideoError, read_rgb
 
 KUBRIC_FRAMES = 24
 
@@ -43,14 +43,10 @@ class KubricDataset:
             visible = ~np.asarray(ann["visibility"], bool).T  # the file's flag means occluded
         except Exception as e:
             raise ValueError(f"{seq / (seq.name + '.npy')}: unreadable ({type(e).__name__})") from None
-        paths = sorted((seq / "frames").glob("*.png"))
-        frames = []
-        for p in paths:
-            img = cv2.imread(str(p), cv2.IMREAD_COLOR)
-            if img is None:
-                raise ValueError(f"{p}: unreadable frame")
-            frames.append(cv2.cvtColor(img, cv2.COLOR_BGR2RGB))
-        frames = np.stack(frames)
+        try:
+            frames = np.stack([read_rgb(p) for p in sorted((seq / "frames").glob("*.png"))])
+        except VideoError as e:
+            raise ValueError(str(e)) from None
         if len(frames) != coords.shape[0]:
             raise ValueError(f"{seq}: {len(frames)} frames but {coords.shape[0]} in the annotations")
         return frames, coords, visible

@@ -15,6 +15,8 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from utils.video import VideoError, read_rgb
+
 FRAME_RE = re.compile(r"^rgb_(\d+)\.(jpg|jpeg|png)$")
 STRIDES = (1, 2, 4)
 START_STEP = 2
@@ -129,12 +131,10 @@ def clip_starts(num_frames: int, S: int, strides: tuple[int, ...] = STRIDES, ste
 
 def read_frames(paths: list[Path]) -> np.ndarray:
     """Load RGB frames (S,H,W,3) uint8; a missing or unreadable file raises SkipItem naming it."""
-    out = []
-    for p in paths:
-        img = cv2.imread(str(p), cv2.IMREAD_COLOR)
-        if img is None:
-            raise SkipItem(f"unreadable frame {p.name}")
-        out.append(cv2.cvtColor(img, cv2.COLOR_BGR2RGB))
+    try:
+        out = [read_rgb(p) for p in paths]
+    except VideoError as e:
+        raise SkipItem(f"unreadable frame ({Path(str(e).split(':')[0]).name})") from None
     if len({f.shape for f in out}) != 1:
         raise SkipItem("frames of different sizes")
     return np.stack(out)

@@ -63,20 +63,14 @@ class FileFrames(FrameSource):
     """Image files (e.g. a PointOdyssey scene's rgbs/), read and resized lazily per window."""
 
     def __init__(self, paths: list[Path], model_hw: tuple[int, int]):
-        first = cv2.imread(str(paths[0]))
-        if first is None:
-            raise ValueError(f"{paths[0]}: unreadable image")
-        super().__init__(len(paths), first.shape[:2], model_hw)
+        from utils.video import read_rgb
+
+        self._read_rgb = read_rgb
+        super().__init__(len(paths), read_rgb(paths[0]).shape[:2], model_hw)
         self.paths = list(paths)
 
     def _read(self, start: int, end: int) -> np.ndarray:
-        out = []
-        for p in self.paths[start:end]:
-            img = cv2.imread(str(p))
-            if img is None:
-                raise ValueError(f"{p}: unreadable image")
-            out.append(cv2.cvtColor(img, cv2.COLOR_BGR2RGB))
-        return self._resize(np.stack(out))
+        return self._resize(np.stack([self._read_rgb(p) for p in self.paths[start:end]]))
 
 
 class VideoFileFrames(FrameSource):

@@ -17,6 +17,14 @@ class VideoError(RuntimeError):
     """A video that cannot be used; the message names the file and the problem."""
 
 
+def read_rgb(path: str | os.PathLike) -> np.ndarray:
+    """An image file as RGB uint8 (H,W,3); an unreadable one raises VideoError naming it."""
+    img = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if img is None:
+        raise VideoError(f"{path}: unreadable image")
+    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+
 def write_mp4(path: str | os.PathLike, frames: Iterable[np.ndarray] | np.ndarray, fps: int = 24, crf: int = 20,
               preset: str = "medium") -> None:
     """Encode uint8 RGB frames (H,W,3) to H.264/yuv420p mp4 through a pipe: no temporary images."""
