@@ -69,6 +69,7 @@ class Config:
     grad_acc: int = 1
     cache_len: int = 0
     amp: str = "none"
+    grad_ckpt: bool = False
     max_nan_steps: int = 20
     workers: int = 2
     seed: int = 0
@@ -241,6 +242,7 @@ def run_stage(cfg: Config) -> tuple[Path, torch.nn.Module]:
     say = (lambda *a: print(*a, flush=True)) if main_proc and not cfg.quiet else (lambda *a: None)
 
     model = Pips()
+    model.grad_checkpoint = cfg.grad_ckpt
     for p in model.norm.parameters():  # in the checkpoint but unused by the forward pass
         p.requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-6, eps=1e-8)

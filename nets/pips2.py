@@ -330,6 +330,9 @@ class Pips(nn.Module):
         self.encoder_chunk = encoder_chunk
         self.channels_last = channels_last
         self.corr_chunk = 1 << 24  # floats of gathered patches held at once; 0 = all at once (ONNX export)
+        # training memory: recompute each encoder chunk and each delta-block call in backward instead of
+        # storing their activations (the outputs are identical; a step costs about one extra forward)
+        self.grad_checkpoint = False
         self.fnet = BasicEncoder(output_dim=self.latent_dim, stride=stride)
         corr_dim = 3 * corr_levels * (2 * corr_radius + 1) ** 2
         self.delta_block = DeltaBlock(corr_dim=corr_dim, embed_dim=self.latent_dim)
@@ -354,7 +357,11 @@ class Pips(nn.Module):
             xs = 2 * (x[s:s + chunk].float() / 255.0) - 1.0
             if self.channels_last or (self.channels_last is None and xs.is_cuda):
                 xs = xs.contiguous(memory_format=torch.channels_last)
-            outs.append(self.fnet(xs).float().permute(0, 2, 3, 1))
+            if self.grad_checkpoint and torch.is_grad_enabled():
+                fm = checkpoint(self.fnet, xs, use_reentrant=False)
+            else:
+                fm = self.fnet(xs)
+            outs.append(fm.float().permute(0, 2, 3, 1))
         if len(outs) == 1:
             out = outs[0].contiguous()
         elif torch.is_grad_enabled() and any(o.requires_grad for o in outs):
@@ -410,7 +417,10 @@ class Pips(nn.Module):
             flows = coords[:, 1:] - coords[:, :-1]
             flows = torch.cat([flows, flows[:, -1:]], 1)
             to_bn = lambda a: a.permute(0, 2, 1, 3).reshape(B * N, S, a.shape[-1])  # noqa: E731
-            delta = self.delta_block(to_bn(fcorrs), to_bn(flows)).float()
+            if self.grad_checkpoint and torch.is_grad_enabled():
+                delta = checkpoint(self.delta_block, to_bn(fcorrs), to_bn(flows), use_reentrant=False).float()
+            else:
+                delta = self.delta_block(to_bn(fcorrs), to_bn(flows)).float()
             coords = coords + delta.reshape(B, N, S, 2).permute(0, 2, 1, 3)
             preds.append(coords * stride)
             anim.append(coords * stride)

@@ -212,6 +212,24 @@ def test_training_loss_matches_reference_path_and_gradients_flow():
     assert losses[0] == pytest.approx(losses[1], rel=1e-4)
 
 
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
+    torch.manual_seed(6)
+    rgbs = torch.rand(1, 4, 3, 128, 128) * 255
+    trajs = (torch.rand(1, 1, 5, 2) * 128).repeat(1, 4, 1, 1)
+    trajs_g = trajs + torch.randn_like(trajs)
+    out = []
+    for ckpt in (False, True):
+        model = golden_model().train()
+        model.grad_checkpoint = ckpt
+        loss = model(trajs, rgbs, iters=2, trajs_g=trajs_g)[3]
+        loss.backward()
+        out.append((loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    assert out[0][0] == out[1][0]
+    assert out[0][1].keys() == out[1][1].keys() and len(out[0][1]) > 70
+    for n, g in out[0][1].items():
+        torch.testing.assert_close(g, out[1][1][n], atol=1e-6, rtol=1e-5, msg=n)
+
+
 def test_bf16_autocast_runs_and_stays_close():
     model = golden_model()
     rgbs = torch.from_numpy(GOLDEN["rgbs"]).float()
