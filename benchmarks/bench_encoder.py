@@ -1,0 +1,67 @@
+"""What each model-side optimisation is worth, measured side by side in one process (size (a) by default).
+
+    python benchmarks/bench_encoder.py --json_out=docs/bench_encoder_cpu.json
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import fire
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from nets.pips2 import Pips  # noqa: E402
+from utils.golden import load_golden_weights  # noqa: E402
+
+
+def _best(fn, repeats: int) -> float:
+    out = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return min(out)
+
+
+def main(S: int = 36, N: int = 128, H: int = 256, W: int = 384, iters: int = 6, repeats: int = 2,
+         json_out: str | None = None) -> None:
+    """Encoder chunking, channels-last, bf16, inference_mode vs no_grad, and the encoder's share of a forward."""
+    torch.manual_seed(0)
+    rgbs = torch.rand(1, S, 3, H, W) * 255
+    trajs = (torch.rand(1, 1, N, 2) * torch.tensor([W - 1.0, H - 1.0])).repeat(1, S, 1, 1)
+    model = load_golden_weights(Pips()).eval()
+    res = {}
+    with torch.inference_mode():
+        model.encode_nhwc(rgbs[:, :2])
+        for chunk in (1, 2, 4, 8, 0):
+            model.encoder_chunk = chunk
+            res[f"encoder_chunk_{chunk or S}"] = _best(lambda: model.encode_nhwc(rgbs), repeats)
+        model.encoder_chunk = None
+        for cl in (False, True):
+            model.channels_last = cl
+            res[f"encoder_channels_last_{cl}"] = _best(lambda: model.encode_nhwc(rgbs), repeats)
+        model.channels_last = None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            res["encoder_bf16"] = _best(lambda: model.encode_nhwc(rgbs), repeats)
+        res["forward_inference_mode"] = _best(lambda: model(trajs, rgbs, iters=iters), repeats)
+    with torch.no_grad():
+        res["forward_no_grad"] = _best(lambda: model(trajs, rgbs, iters=iters), repeats)
+    res["encoder_share"] = res["encoder_chunk_1"] / res["forward_inference_mode"]
+    for k, v in res.items():
+        print(f"{k:28s} {v:7.3f}" + (" s" if k != "encoder_share" else ""))
+    print(f"per-frame encoding vs whole clip: {res[f'encoder_chunk_{S}'] / res['encoder_chunk_1']:.2f}x; "
+          f"channels-last on the CPU: {res['encoder_channels_last_False'] / res['encoder_channels_last_True']:.2f}x; "
+          f"bf16 encoder: {res['encoder_chunk_1'] / res['encoder_bf16']:.2f}x; inference_mode vs no_grad: "
+          f"{res['forward_no_grad'] / res['forward_inference_mode']:.2f}x")
+    if json_out:
+        Path(json_out).write_text(json.dumps(res, indent=2))
+
+
+if __name__ == "__main__":
+    fire.Fire(main)
