@@ -254,8 +254,11 @@ def run_stage(cfg: Config) -> tuple[Path, torch.nn.Module]:
         init_dir, load_opt, load_step = str(ckpt_dir), True, True
     if init_dir:
         ignore = tuple(p for p in (cfg.ignore_load or "").split(",") if p)
-        loaded = ck.load(init_dir, model, optimizer if load_opt else None, scheduler if load_opt else None,
-                         ignore_prefixes=ignore)
+        try:
+            loaded = ck.load(init_dir, model, optimizer if load_opt else None, scheduler if load_opt else None,
+                             ignore_prefixes=ignore)
+        except ck.CheckpointError as e:
+            raise SystemExit(f"error: {e}") from None
         path = ck.find_checkpoint(init_dir)
         if load_step:
             step = loaded

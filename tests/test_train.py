@@ -236,3 +236,26 @@ def test_tapvid_validation_while_training(exported, tmp_path):
     assert not line.endswith("d_v nan")
     blob = b"".join(p.read_bytes() for p in (tmp_path / "logs").rglob("events.out.tfevents*"))
     assert b"davis/d_avg" in blob
+
+
+def test_validation_on_exported_clips_and_grad_acc(exported, tmp_path):
+    out, _ = exported
+    res = _train(out, tmp_path, "--max_iters=2", "--grad_acc=2", f"--val_dataset_version={_version(out)}",
+                 "--val_freq=1")
+    lines = [ln for ln in res.stdout.splitlines() if STEP_RE.match(ln)]
+    assert len(lines) == 2 and all(not ln.endswith("d_v nan") for ln in lines)
+    blob = b"".join(p.read_bytes() for p in (tmp_path / "logs").rglob("events.out.tfevents*"))
+    assert b"val/d_avg" in blob
+
+
+def test_init_dir_with_ignored_prefixes(exported, tmp_path):
+    out, _ = exported
+    model = train.Pips()
+    sd = {k: v for k, v in model.state_dict().items() if not k.startswith("delta_block.dense")}
+    (tmp_path / "init").mkdir()
+    torch.save({"model_state_dict": sd}, tmp_path / "init" / "model-000000050.pth")
+    bad = _train(out, tmp_path, "--max_iters=1", f"--init_dir={tmp_path / 'init'}", check=False)
+    assert bad.returncode != 0 and "missing keys ['delta_block.dense.weight', 'delta_block.dense.bias']" in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1 and "Traceback" not in bad.stderr
+    ok = _train(out, tmp_path, "--max_iters=1", f"--init_dir={tmp_path / 'init'}", "--ignore_load=delta_block.dense")
+    assert "model-000000050.pth (step 50)" in ok.stdout and sorted(_losses(ok.stdout)) == [1]
