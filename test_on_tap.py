@@ -39,8 +39,8 @@ def tapvid_delta(model, video: np.ndarray, points: np.ndarray, occluded: np.ndar
                                   evaluate_before_query=(mode == "strided"))
 
 
-def main(dataset_location: str = "../datasets/tapvid/tapvid_davis.pkl", S: int = 128, N: int = 256,
-         iters: int = 16, image_size=(512, 896), init_dir: str = "./reference_model", max_iters: int | None = None,
+def main(dataset_location: str = "../datasets/tapvid/tapvid_davis.pkl", S: int = 128, iters: int = 16,
+         image_size=(512, 896), init_dir: str = "./reference_model", max_iters: int | None = None,
          device: str = "auto", amp: str = "none", point_batch: int = 256, modes: str = "first,strided",
          out_json: str | None = None) -> None:
     """Score each video; print one line per video and tables of the means."""
@@ -59,8 +59,8 @@ def main(dataset_location: str = "../datasets/tapvid/tapvid_davis.pkl", S: int =
         frames = ArrayFrames(video, image_size)
         trajs = points.transpose(1, 0, 2)
         vis = ~occluded.T
-        tr, _, val = evaluation.select_points(trajs, vis, vis.copy(), video.shape[1:3], N, min_frames=1,
-                                              max_motion=np.inf, border_px=0)
+        tr, _, val = evaluation.select_points(trajs, vis, vis.copy(), video.shape[1:3], None, min_frames=1,
+                                              max_motion=None, border_px=0)
         if tr.shape[1] == 0:
             skipped.append(name)
             tqdm.write(f"{name}: skipped (no point visible in frame 0)")

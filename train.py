@@ -221,8 +221,8 @@ def validate_tapvid(model, cfg: Config, device) -> dict[str, float]:
         if i >= 5:
             break
         vis = ~occluded.T
-        tr, _, val = evaluation.select_points(points.transpose(1, 0, 2), vis, vis.copy(), video.shape[1:3], 64,
-                                              min_frames=1, max_motion=np.inf, border_px=0)
+        tr, _, val = evaluation.select_points(points.transpose(1, 0, 2), vis, vis.copy(), video.shape[1:3], None,
+                                              min_frames=1, max_motion=None, border_px=0)
         if tr.shape[1]:
             rows.append(evaluation.evaluate_points(net, ArrayFrames(video, cfg.crop_size), tr, val, S=cfg.S,
                                                    iters=cfg.iters * 2))

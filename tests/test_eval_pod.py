@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from helpers import golden_model
 
 from datasets.synthetic import SceneConfig, generate_dataset
@@ -85,15 +84,20 @@ def test_sequence_without_usable_points_is_skipped(pod_test, tmp_path):
 
 
 def test_eval_points_protocol_rules():
-    T, N = 10, 5
+    T, N = 10, 6
     tr = np.full((T, N, 2), 50.0, np.float32)
     vis = np.ones((T, N), bool)
     val = np.ones((T, N), bool)
     tr[0, 0] = [0.5, 50]  # within 1 px of the border at frame 0 -> invisible there -> dropped
     vis[3:, 1] = False  # visible in only 3 frames -> dropped
-    tr[5:, 2, 0] = 700  # a 650-px jump -> dropped
-    tr[4, 3] = [-100, 50]  # far outside at frame 4: invalid there, kept, clamped
-    t, v, va = evaluation.select_points(tr, vis, val, (100, 200), N=256)
+    tr[5:, 2, 0] = 700  # a 650-px step inside the 800-px-wide image -> dropped by the motion rule
+    tr[4, 3] = [-100, 50]  # far outside at frame 4: invalid there, kept, clamped (its steps are 150 px)
+    tr[7, 5] = np.nan  # a non-finite position: the step is not < 512 -> dropped
+    t, v, va = evaluation.select_points(tr, vis, val, (600, 800), N=None)
     assert t.shape == (T, 2, 2)
     assert not va[4, 0] and t[4, 0, 0] == -32
-    torch.manual_seed(0)
+    # N evenly with linspace(0, n-1, N) as integers: with fewer survivors, points repeat (as the authors')
+    t4, _, _ = evaluation.select_points(tr, vis, val, (600, 800), N=4)
+    assert t4.shape == (T, 4, 2) and np.array_equal(t4[:, :2], t4[:, [0, 0]]) and t4[4, 3, 0] == 50
+    # the motion rule can be left out (CroHD: heads leave the view)
+    assert evaluation.select_points(tr, vis, val, (600, 800), N=None, max_motion=None)[0].shape[1] == 4

@@ -10,14 +10,16 @@ from utils import metrics
 from utils.tracking import FrameSource, track_windows
 
 
-def select_points(trajs: np.ndarray, visibs: np.ndarray, valids: np.ndarray, hw: tuple[int, int], N: int = 256,
-                  min_frames: int = 8, max_motion: float = 512.0, clamp_px: float = 32.0, border_px: float = 1.0
-                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Points of the test protocol: returns trajs (T,n,2), visibs, valids of at most N points.
+def select_points(trajs: np.ndarray, visibs: np.ndarray, valids: np.ndarray, hw: tuple[int, int],
+                  N: int | None = 256, min_frames: int = 8, max_motion: float | None = 512.0, clamp_px: float = 32.0,
+                  border_px: float = 1.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Points of the test protocol (SPEC 5): returns trajs (T,n,2), visibs, valids.
 
     Entries within `border_px` of the border become invisible and invalid; points must be valid and
-    visible in frame 0 and in >= min_frames frames, move < max_motion px per frame, and are clamped to
-    clamp_px outside the image; N are taken evenly (linspace over the survivors, as integers).
+    visible in frame 0 and in >= min_frames frames, and their largest step between consecutive frames
+    (over all frames; a non-finite step fails) must be < max_motion (None skips this rule). Positions are
+    clamped to clamp_px outside the image. With N set, N points are taken as linspace(0, n-1, N) cast to
+    integers, as the authors do (so points repeat when fewer than N survive); N=None keeps every point.
     """
     H, W = hw
     x, y = trajs[..., 0], trajs[..., 1]
@@ -29,12 +31,12 @@ def select_points(trajs: np.ndarray, visibs: np.ndarray, valids: np.ndarray, hw:
     valids = valids & np.isfinite(trajs).all(-1)
     vv = valids & visibs
     ok = vv[0] & (vv.sum(0) >= min_frames)
-    step = np.linalg.norm(np.diff(trajs, axis=0), axis=-1)
-    both = valids[1:] & valids[:-1]
-    with np.errstate(invalid="ignore"):
-        ok &= ~((step >= max_motion) & both).any(0)
+    if max_motion is not None and trajs.shape[0] > 1:
+        with np.errstate(invalid="ignore"):
+            step = np.nan_to_num(np.linalg.norm(np.diff(trajs, axis=0), axis=-1), nan=np.inf)
+        ok &= step.max(0) < max_motion
     idx = np.nonzero(ok)[0]
-    if len(idx) > N:
+    if N is not None and len(idx) > 0:
         idx = idx[np.linspace(0, len(idx) - 1, N).astype(np.int64)]
     tr = np.nan_to_num(trajs[:, idx], nan=0.0, posinf=0.0, neginf=0.0)
     tr[..., 0] = np.clip(tr[..., 0], -clamp_px, W - 1 + clamp_px)
