@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from pathlib import Path
 
 import fire
@@ -15,18 +14,12 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from common import best_time  # noqa: E402
 
 from nets.pips2 import Pips  # noqa: E402
 from utils.golden import load_golden_weights  # noqa: E402
-
-
-def _best(fn, repeats: int) -> float:
-    out = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t0)
-    return min(out)
 
 
 def main(S: int = 36, N: int = 128, H: int = 256, W: int = 384, iters: int = 6, repeats: int = 2,
@@ -41,17 +34,17 @@ def main(S: int = 36, N: int = 128, H: int = 256, W: int = 384, iters: int = 6, 
         model.encode_nhwc(rgbs[:, :2])
         for chunk in (1, 2, 4, 8, 0):
             model.encoder_chunk = chunk
-            res[f"encoder_chunk_{chunk or S}"] = _best(lambda: model.encode_nhwc(rgbs), repeats)
+            res[f"encoder_chunk_{chunk or S}"] = best_time(lambda: model.encode_nhwc(rgbs), repeats)
         model.encoder_chunk = None
         for cl in (False, True):
             model.channels_last = cl
-            res[f"encoder_channels_last_{cl}"] = _best(lambda: model.encode_nhwc(rgbs), repeats)
+            res[f"encoder_channels_last_{cl}"] = best_time(lambda: model.encode_nhwc(rgbs), repeats)
         model.channels_last = None
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            res["encoder_bf16"] = _best(lambda: model.encode_nhwc(rgbs), repeats)
-        res["forward_inference_mode"] = _best(lambda: model(trajs, rgbs, iters=iters), repeats)
+            res["encoder_bf16"] = best_time(lambda: model.encode_nhwc(rgbs), repeats)
+        res["forward_inference_mode"] = best_time(lambda: model(trajs, rgbs, iters=iters), repeats)
     with torch.no_grad():
-        res["forward_no_grad"] = _best(lambda: model(trajs, rgbs, iters=iters), repeats)
+        res["forward_no_grad"] = best_time(lambda: model(trajs, rgbs, iters=iters), repeats)
     res["encoder_share"] = res["encoder_chunk_1"] / res["forward_inference_mode"]
     for k, v in res.items():
         print(f"{k:28s} {v:7.3f}" + (" s" if k != "encoder_share" else ""))

@@ -26,6 +26,9 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from common import best_time  # noqa: E402
 
 from utils.video import read_video, write_mp4  # noqa: E402
 
@@ -44,15 +47,6 @@ def authors_encode(frames: np.ndarray, out: Path, fps: int = 24, crf: int = 20, 
         shutil.rmtree(tmp)
 
 
-def _best(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
-
-
 def main(S: int = 36, H: int = 384, W: int = 512, repeats: int = 3, scenes: int = 4, clips: int = 24,
          json_out: str | None = None) -> None:
     """Print the encode/decode comparison and the exporter/loader throughput."""
@@ -65,8 +59,8 @@ def main(S: int = 36, H: int = 384, W: int = 512, repeats: int = 3, scenes: int 
         frames = np.stack([cv2.cvtColor(cv2.imread(str(p)), cv2.COLOR_BGR2RGB)[:H, :W]
                            for p in sorted((scene / "rgbs").glob("*.jpg"))])
         for preset in ("medium", "veryfast"):
-            ours = _best(lambda p=preset: write_mp4(work / f"ours_{p}.mp4", frames, preset=p), repeats)
-            theirs = _best(lambda p=preset: authors_encode(frames, work / f"theirs_{p}.mp4", preset=p), repeats)
+            ours = best_time(lambda p=preset: write_mp4(work / f"ours_{p}.mp4", frames, preset=p), repeats)
+            theirs = best_time(lambda p=preset: authors_encode(frames, work / f"theirs_{p}.mp4", preset=p), repeats)
             res[f"encode_{preset}"] = {"pipe_s": ours, "jpeg_then_ffmpeg_s": theirs, "ratio": theirs / ours,
                                        "pipe_kib": (work / f"ours_{preset}.mp4").stat().st_size / 1024,
                                        "jpeg_kib": (work / f"theirs_{preset}.mp4").stat().st_size / 1024}
@@ -85,8 +79,8 @@ def main(S: int = 36, H: int = 384, W: int = 512, repeats: int = 3, scenes: int 
               flush=True)
         psnr = cv2.PSNR(read_video(work / "ours_medium.mp4")[5], frames[5])
         res["pipe_psnr_db"] = psnr
-        dec_cv2 = _best(lambda: read_video(work / "ours_medium.mp4", "cv2"), repeats)
-        dec_iio = _best(lambda: read_video(work / "ours_medium.mp4", "imageio"), repeats)
+        dec_cv2 = best_time(lambda: read_video(work / "ours_medium.mp4", "cv2"), repeats)
+        dec_iio = best_time(lambda: read_video(work / "ours_medium.mp4", "imageio"), repeats)
         res["decode"] = {"cv2_s": dec_cv2, "imageio_s": dec_iio}
         print(f"decode one clip: cv2 {dec_cv2:.3f} s, imageio {dec_iio:.3f} s -> cv2 {dec_iio / dec_cv2:.2f}x; "
               f"PSNR of the CRF-20 clip {psnr:.1f} dB", flush=True)

@@ -82,19 +82,17 @@ def test_plain_crop_and_plain_resize_conventions():
     np.testing.assert_allclose(x, [(10 + 0.5) * 2 - 0.5, (20 + 0.5) * 2 - 0.5], atol=1e-5)
 
 
-def test_flip_convention():
-    rng = np.random.default_rng(0)
-    S, H, W = 1, 200, 300
-    trajs = np.array([[[7.25, 33.5]]], np.float32)
-    # a plan with flips only: no scale, no drift, no crop (crop == frame)
-    while True:
-        plan = augment.plan_spatial(S, H, W, (H, W), rng, p=1.0, scale_range=(1.0, 1.0), drift=False)
-        if np.allclose(np.abs(plan.affines[0][:, :2]), np.eye(2), atol=0.2) and plan.affines[0][0, 0] < 0:
-            break
-    A = plan.affines[0]
-    x = augment.warp_tracks(trajs, plan)[0, 0, 0]
-    assert x == pytest.approx(A[0, 0] * 7.25 + A[0, 2])
-    assert A[0, 0] < 0  # horizontal flip is x' = (W' - 1) - s x - shift
+def test_dot_tests_cover_both_flips():
+    # the dot-centroid test above is what proves the flip convention (x' = W - 1 - x: an off-by-one flip
+    # would miss by 1 px); make sure its seeds really include horizontal and vertical flips
+    flips = set()
+    for in_hw, crop in [((240, 320), (192, 256)), ((300, 420), (128, 160))]:
+        for seed in range(6):
+            rng = np.random.default_rng(seed)
+            _grid_tracks(4, *in_hw, rng)  # the same draws as the dot test before its plan
+            A = augment.plan_spatial(4, *in_hw, crop, rng, p=1.0, scale_range=(0.9, 1.5)).affines[0]
+            flips.add((bool(A[0, 0] < 0), bool(A[1, 1] < 0)))
+    assert {h for h, _ in flips} == {True, False} and {v for _, v in flips} == {True, False}
 
 
 def test_crop_visibility_rules():

@@ -1,6 +1,5 @@
 """The model against the authors' numbers (golden vectors), the SPEC's definitions and itself."""
 
-import math
 
 import numpy as np
 import pytest
@@ -255,4 +254,3 @@ def test_module_has_no_hard_coded_device():
 
     src = inspect.getsource(m)
     assert ".cuda(" not in src and "'cuda'" not in src and '"cuda"' not in src
-    assert math.isclose(1.0, 1.0)
