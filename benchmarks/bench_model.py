@@ -1,8 +1,9 @@
 """Model speed and peak memory: our default path against the plain reference semantics, side by side.
 
 Each configuration runs in its own subprocess so that peak memory is its own (CPU: peak RSS above the
-process's size before the forward; CUDA: torch.cuda.max_memory_allocated). All runs of one size use the
-same weights and inputs, and the outputs are compared in the same run.
+process's size before the forward, with the kernel's high-water mark reset there; CUDA:
+torch.cuda.max_memory_allocated). All runs of one size use the same weights and inputs, and the outputs
+are compared in the same run.
 
     python benchmarks/bench_model.py                       # sizes a and b on the CPU
     python benchmarks/bench_model.py --device=cuda --sizes=a,b,c
@@ -12,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -37,9 +37,19 @@ CONFIGS = {  # name: (model kwargs, autocast dtype or None, inference_mode)
 }
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def _status_bytes(key: str) -> int:
+    """VmRSS / VmHWM of this process from /proc (Linux)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise KeyError(key)
+
+
+def _reset_peak() -> None:
+    """Reset VmHWM to the current RSS, so that earlier peaks (building weights) do not mask the forward's."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
 
 
 def _worker(size: str, config: str, device: str, B: int, repeats: int, out_path: str) -> None:
@@ -64,7 +74,8 @@ def _worker(size: str, config: str, device: str, B: int, repeats: int, out_path:
         run()  # warm-up (kernels, allocator); on the CPU its RSS would hide the measured peak
         sync()
         torch.cuda.reset_peak_memory_stats()
-    rss0 = _rss_bytes()
+    rss0 = _status_bytes("VmRSS")
+    _reset_peak()
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -74,7 +85,7 @@ def _worker(size: str, config: str, device: str, B: int, repeats: int, out_path:
     if device == "cuda":
         peak = torch.cuda.max_memory_allocated()
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss0
+        peak = _status_bytes("VmHWM") - rss0
     torch.save({"out": out.float().cpu(), "times": times, "peak": peak}, out_path)
 
 
