@@ -19,7 +19,7 @@ import cv2
 import fire
 import numpy as np
 
-from utils.checkpoint import CheckpointError, load_pips, resolve_device
+from utils.cli import load_pips_or_exit, parse_hw
 from utils.tracking import grid_queries, track
 from utils.video import VideoError, iter_frames, read_rgb, video_info, write_mp4
 from utils.vis import render_tracks
@@ -93,10 +93,7 @@ def main(video: str | None = None, init_dir: str = "./reference_model", points: 
     """Track points (from --points, or a grid on --query_frame limited by --mask) and write the outputs."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    try:
-        model = load_pips(init_dir, resolve_device(device))
-    except CheckpointError as e:
-        sys.exit(f"error: {e}")
+    model = load_pips_or_exit(init_dir, device)
     video_path = Path(video) if video else synthetic_video(out)
     try:
         n_frames, H, W, fps = video_info(video_path)
@@ -116,7 +113,7 @@ def main(video: str | None = None, init_dir: str = "./reference_model", points: 
     except ValueError as e:
         sys.exit(f"error: {e}")
     if image_size is not None:
-        image_size = tuple(int(v) for v in (image_size.split(",") if isinstance(image_size, str) else image_size))
+        image_size = parse_hw(image_size, "image_size")
     t0 = time.time()
     print(f"tracking {len(queries)} points through {video_path} ({n_frames} frames, {W}x{H}) with {init_dir}")
     res = track(model, str(video_path), queries, S=S, iters=iters, backward=backward, image_size=image_size,

@@ -20,10 +20,11 @@ import fire
 from tqdm import tqdm
 
 from datasets.export import ExportSettings, clean_stale_temps, enumerate_candidates, export_one, list_clips
+from utils.cli import parse_hw
 
 
 def _parse_hw(crop_size) -> tuple[int, int]:
-    h, w = (int(v) for v in (crop_size.split(",") if isinstance(crop_size, str) else crop_size))
+    h, w = parse_hw(crop_size, "crop_size")
     if h < 128 or w < 128 or h % 2 or w % 2:
         raise ValueError(f"crop_size must be even and at least 128x128, got {h}x{w}")
     return h, w

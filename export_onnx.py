@@ -14,7 +14,8 @@ import fire
 import numpy as np
 import torch
 
-from utils.checkpoint import CheckpointError, load_pips
+from utils.checkpoint import load_pips
+from utils.cli import load_pips_or_exit
 
 
 class TrackerForExport(torch.nn.Module):
@@ -64,10 +65,7 @@ def check(path: str | Path, model, S: int, hw: tuple[int, int], iters: int, Ns=(
 def main(init_dir: str = "./reference_model", out: str = "pips2.onnx", S: int = 36, H: int = 256, W: int = 384,
          iters: int = 6, verify: bool = True) -> None:
     """Export, then (by default) compare onnxruntime with PyTorch at two values of N."""
-    try:
-        model = load_pips(init_dir, "cpu")
-    except CheckpointError as e:
-        sys.exit(f"error: {e}")
+    model = load_pips_or_exit(init_dir, "cpu")
     t0 = time.time()
     path = export(model, out, S, (H, W), iters)
     print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB) in {time.time() - t0:.0f} s: S={S}, {H}x{W}, "

@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -15,7 +14,7 @@ from tqdm import tqdm
 
 from datasets.crohd import list_clips
 from utils import evaluation, metrics
-from utils.checkpoint import CheckpointError, load_pips, resolve_device
+from utils.cli import load_pips_or_exit, parse_hw
 from utils.tracking import FileFrames
 
 
@@ -24,11 +23,8 @@ def main(dataset_location: str = "../datasets/crohd", dset: str = "train", clip_
          max_iters: int | None = None, device: str = "auto", amp: str = "none", point_batch: int = 256,
          out_json: str | None = None) -> None:
     """Score each clip with the authors' protocol; one line per clip and a final table."""
-    image_size = tuple(int(v) for v in (image_size.split(",") if isinstance(image_size, str) else image_size))
-    try:
-        model = load_pips(init_dir, resolve_device(device))
-    except CheckpointError as e:
-        sys.exit(f"error: {e}")
+    image_size = parse_hw(image_size, "image_size")
+    model = load_pips_or_exit(init_dir, device)
     clips = list_clips(dataset_location, dset, clip_len)[:max_iters]
     rows, skipped = {}, []
     t0 = time.time()

@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -16,7 +15,8 @@ from tqdm import tqdm
 
 from datasets import pointodyssey as pod
 from utils import evaluation, metrics
-from utils.checkpoint import CheckpointError, load_pips, resolve_device
+from utils.checkpoint import resolve_device
+from utils.cli import load_pips_or_exit, parse_hw
 from utils.tracking import FileFrames
 
 
@@ -35,14 +35,11 @@ def main(dataset_location: str = "../datasets/pointodyssey", dset: str = "test",
          device: str = "auto", amp: str = "none", point_batch: int = 256, out_json: str | None = None,
          zero_vel: bool = False) -> None:
     """Print one line per sequence and a final table; --zero_vel=True scores the zero-velocity baseline."""
-    image_size = tuple(int(v) for v in (image_size.split(",") if isinstance(image_size, str) else image_size))
+    image_size = parse_hw(image_size, "image_size")
     dev = resolve_device(device)
     model = None
     if not zero_vel:
-        try:
-            model = load_pips(init_dir, dev)
-        except CheckpointError as e:
-            sys.exit(f"error: {e}")
+        model = load_pips_or_exit(init_dir, dev)
     scenes = pod.list_scenes(dataset_location, dset)[:max_iters]
     rows, skipped = {}, {}
     t0 = time.time()

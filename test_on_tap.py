@@ -11,7 +11,6 @@ and OA are not reported.
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -21,8 +20,8 @@ from tqdm import tqdm
 
 from datasets.tapvid import first_queries, load_tapvid, strided_queries
 from utils import evaluation, metrics
-from utils.checkpoint import CheckpointError, load_pips, resolve_device
-from utils.tracking import ArrayFrames, track
+from utils.cli import load_pips_or_exit, parse_hw
+from utils.tracking import track
 
 
 def tapvid_delta(model, video: np.ndarray, points: np.ndarray, occluded: np.ndarray, mode: str, S: int, iters: int,
@@ -44,28 +43,21 @@ def main(dataset_location: str = "../datasets/tapvid/tapvid_davis.pkl", S: int =
          device: str = "auto", amp: str = "none", point_batch: int = 256, modes: str = "first,strided",
          out_json: str | None = None) -> None:
     """Score each video; print one line per video and tables of the means."""
-    image_size = tuple(int(v) for v in (image_size.split(",") if isinstance(image_size, str) else image_size))
+    image_size = parse_hw(image_size, "image_size")
     amp = None if amp == "none" else amp
     modes = [m for m in (modes.split(",") if isinstance(modes, str) else modes) if m]
-    try:
-        model = load_pips(init_dir, resolve_device(device))
-    except CheckpointError as e:
-        sys.exit(f"error: {e}")
+    model = load_pips_or_exit(init_dir, device)
     rows, deltas, skipped = {}, {m: {} for m in modes}, []
     t0 = time.time()
     for i, (name, video, points, occluded) in enumerate(tqdm(load_tapvid(dataset_location), desc="tapvid")):
         if max_iters is not None and i >= max_iters:
             break
-        frames = ArrayFrames(video, image_size)
-        trajs = points.transpose(1, 0, 2)
-        vis = ~occluded.T
-        tr, _, val = evaluation.select_points(trajs, vis, vis.copy(), video.shape[1:3], None, min_frames=1,
-                                              max_motion=None, border_px=0)
-        if tr.shape[1] == 0:
+        res = evaluation.evaluate_tapvid_video(model, video, points, occluded, image_size, S, iters, point_batch, amp)
+        if res is None:
             skipped.append(name)
             tqdm.write(f"{name}: skipped (no point visible in frame 0)")
             continue
-        rows[name] = evaluation.evaluate_points(model, frames, tr, val, S, iters, point_batch, amp)
+        rows[name] = res
         line = evaluation.format_row(name, rows[name])
         for m in modes:
             d = tapvid_delta(model, video, points, occluded, m, S, iters, image_size, point_batch, amp)

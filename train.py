@@ -27,6 +27,7 @@ from datasets.training import OrdinalDataset, OrdinalSampler
 from nets.pips2 import Pips
 from utils import checkpoint as ck
 from utils import metrics
+from utils.cli import parse_hw
 
 STAGE_DEFAULTS = {
     1: dict(B=4, S=36, N=128, crop_size=(256, 384), iters=6, lr=5e-4, max_iters=200_000),
@@ -212,7 +213,6 @@ def validate_tapvid(model, cfg: Config, device) -> dict[str, float]:
     """Authors'-protocol figures on the first TAP-Vid videos (LBM-style validation while training)."""
     from datasets.tapvid import load_tapvid
     from utils import evaluation
-    from utils.tracking import ArrayFrames
 
     net = model.module if hasattr(model, "module") else model
     net.eval()
@@ -220,12 +220,10 @@ def validate_tapvid(model, cfg: Config, device) -> dict[str, float]:
     for i, (_, video, points, occluded) in enumerate(load_tapvid(cfg.tapvid_root)):
         if i >= 5:
             break
-        vis = ~occluded.T
-        tr, _, val = evaluation.select_points(points.transpose(1, 0, 2), vis, vis.copy(), video.shape[1:3], None,
-                                              min_frames=1, max_motion=None, border_px=0)
-        if tr.shape[1]:
-            rows.append(evaluation.evaluate_points(net, ArrayFrames(video, cfg.crop_size), tr, val, S=cfg.S,
-                                                   iters=cfg.iters * 2))
+        res = evaluation.evaluate_tapvid_video(net, video, points, occluded, cfg.crop_size, S=cfg.S,
+                                               iters=cfg.iters * 2)
+        if res is not None:
+            rows.append(res)
     net.train()
     return metrics.average({k: r[k] for k in metrics.METRIC_NAMES} for r in rows)
 
@@ -401,9 +399,7 @@ def make_config(stage: int, flags: dict) -> Config:
     if unknown:
         raise ValueError(f"unknown flags: {sorted(unknown)}")
     values = {**STAGE_DEFAULTS[stage], **{k: v for k, v in flags.items() if v is not None}, "stage": stage}
-    if isinstance(values.get("crop_size"), str):
-        values["crop_size"] = tuple(int(v) for v in values["crop_size"].split(","))
-    values["crop_size"] = tuple(int(v) for v in values["crop_size"])
+    values["crop_size"] = parse_hw(values["crop_size"], "crop_size")
     h, w = values["crop_size"]
     if h < 128 or w < 128:
         raise ValueError(f"crop_size must be at least 128x128, got {h}x{w}")

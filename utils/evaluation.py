@@ -62,6 +62,21 @@ def evaluate_points(model, frames: FrameSource, trajs: np.ndarray, valids: np.nd
     return out
 
 
+def evaluate_tapvid_video(model, video: np.ndarray, points: np.ndarray, occluded: np.ndarray,
+                          image_size: tuple[int, int], S: int = 128, iters: int = 16, point_batch: int = 256,
+                          amp: str | None = None) -> dict[str, float] | None:
+    """The authors' TAP-Vid protocol for one video: every point visible in frame 0, tracked to the end at
+    image_size; points (N,T,2) in pixels, occluded (N,T). None when no point is visible in frame 0."""
+    from utils.tracking import ArrayFrames
+
+    vis = ~occluded.T
+    tr, _, val = select_points(points.transpose(1, 0, 2), vis, vis.copy(), video.shape[1:3], None, min_frames=1,
+                               max_motion=None, border_px=0)
+    if tr.shape[1] == 0:
+        return None
+    return evaluate_points(model, ArrayFrames(video, image_size), tr, val, S, iters, point_batch, amp)
+
+
 def format_row(name: str, res: dict[str, float]) -> str:
     """The one line printed per video."""
     figs = "; ".join(f"{k} {res[k]:.1f}" for k in metrics.METRIC_NAMES)

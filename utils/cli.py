@@ -1,0 +1,27 @@
+"""Small helpers shared by the command-line scripts."""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+
+def parse_hw(value, name: str = "size") -> tuple[int, int]:
+    """An (H, W) flag as fire hands it over: "512,896", (512, 896) or [512, 896]."""
+    parts = value.split(",") if isinstance(value, str) else value
+    try:
+        h, w = (int(v) for v in parts)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be H,W (two integers), got {value!r}") from None
+    return h, w
+
+
+def load_pips_or_exit(init_dir: str, device: str | torch.device = "auto", **kwargs):
+    """load_pips, or exit with its one-line error (which names get_reference_model.sh when nothing is there)."""
+    from utils.checkpoint import CheckpointError, load_pips, resolve_device
+
+    try:
+        return load_pips(init_dir, resolve_device(device) if isinstance(device, str) else device, **kwargs)
+    except CheckpointError as e:
+        sys.exit(f"error: {e}")
