@@ -31,7 +31,7 @@ SIZES = {  # name: (S, N, H, W, iters)
     "c": (128, 256, 512, 896, 16),
 }
 CONFIGS = {  # name: (model kwargs, autocast dtype or None, inference_mode)
-    "baseline_fp32": (dict(corr_impl="volume", encoder_chunk=0, channels_last=False), None, False),
+    "baseline_fp32": (dict(corr_impl="volume", encoder_chunk=0, channels_last=False, delta_impl="direct"), None, False),
     "ours_fp32": (dict(), None, True),
     "ours_bf16": (dict(), torch.bfloat16, True),
 }

@@ -57,11 +57,12 @@ def avg_pool2x2_nhwc(x: torch.Tensor) -> torch.Tensor:
 
 
 def _patch_corr(fmap_flat: torch.Tensor, targets: torch.Tensor, coords: torch.Tensor, h: int, w: int,
-                radius: int) -> torch.Tensor:
+                radius: int, workspace: torch.Tensor | None = None) -> torch.Tensor:
     """Correlation of targets with a (2r+1)^2 bilinear neighbourhood, zeros outside the map.
 
     fmap_flat (F, h*w, C) one map per frame; targets (F, N, T, C); coords (F, N, 2) at this level.
     Returns (F, N, T, (2r+1)^2) with value k = (2r+1)*i + j read at (x + i - r, y + j - r).
+    `workspace` (inference only): a buffer of at least F*N*(2r+2)^2*C floats to gather into.
     The 2r+1 taps along each axis share one fractional offset, so one integer (2r+2)^2 patch is gathered,
     correlated once with every template and then blended, instead of 4 gathers per tap.
     """
@@ -78,7 +79,13 @@ def _patch_corr(fmap_flat: torch.Tensor, targets: torch.Tensor, coords: torch.Te
     inside = ((ix >= 0) & (ix < w)).unsqueeze(-1) & ((iy >= 0) & (iy < h)).unsqueeze(-2)  # F,N,Px,Py
     idx = iy.clamp(0, h - 1).unsqueeze(-2) * w + ix.clamp(0, w - 1).unsqueeze(-1)  # F,N,Px,Py
     idx = idx + (torch.arange(Fr, device=coords.device) * (h * w)).view(Fr, 1, 1, 1)
-    patch = fmap_flat.reshape(Fr * h * w, C).index_select(0, idx.reshape(-1)).view(Fr * N, P * P, C)
+    idx = idx.reshape(-1)
+    src = fmap_flat.reshape(Fr * h * w, C)
+    if workspace is None:
+        patch = src.index_select(0, idx)
+    else:
+        patch = torch.index_select(src, 0, idx, out=workspace[:idx.numel() * C].view(idx.numel(), C))
+    patch = patch.view(Fr * N, P * P, C)
     corr = torch.bmm(targets.reshape(Fr * N, T, C), patch.transpose(1, 2)).view(Fr, N, T, P, P)
     corr = corr * inside.unsqueeze(2).to(corr.dtype) / math.sqrt(C)
     fx = fx.view(Fr, N, 1, 1, 1)
@@ -104,6 +111,7 @@ class CorrPyramid:
         B, S, H, W, C = fmaps.shape
         self.B, self.S, self.C = B, S, C
         self.radius, self.impl, self.chunk_elems = radius, impl, chunk_elems
+        self._workspace: torch.Tensor | None = None
         self.levels = [fmaps.float().reshape(B * S, H, W, C)]  # channels-last (B*S, h, w, C)
         for _ in range(1, num_levels):
             self.levels.append(avg_pool2x2_nhwc(self.levels[-1]))
@@ -127,6 +135,12 @@ class CorrPyramid:
         P = 2 * r + 2
         # bound the gathered patches (frames * N * P^2 * C floats) held at any one time; 0 = no chunks
         step = max(1, self.chunk_elems // max(1, N * P * P * C)) if self.chunk_elems else BS
+        grad = torch.is_grad_enabled() and (self.levels[0].requires_grad or tg.requires_grad)
+        need = min(step, BS) * N * P * P * C
+        if not grad and (self._workspace is None or self._workspace.numel() < need):
+            # one buffer for every gather of this clip: a fresh allocation per gather costs more in page
+            # faults than the gather itself (docs/BENCHMARKS.md)
+            self._workspace = tg.new_empty(need)
         per_level = []
         for i, lv in enumerate(self.levels):
             h, w = lv.shape[1:3]
@@ -135,11 +149,10 @@ class CorrPyramid:
             parts = []
             for s in range(0, BS, step):
                 args = (flat[s:s + step], tg[s:s + step], xy_l[s:s + step], h, w, r)
-                if torch.is_grad_enabled() and (flat.requires_grad or tg.requires_grad):
-                    # recompute the gather in backward instead of storing every patch
+                if grad:  # recompute the gather in backward instead of storing every patch
                     parts.append(checkpoint(_patch_corr, *args, use_reentrant=False))
                 else:
-                    parts.append(_patch_corr(*args))
+                    parts.append(_patch_corr(*args, workspace=self._workspace))
             per_level.append(torch.cat(parts, 0))  # BS, N, T, 49
         out = torch.stack(per_level, 3)  # BS, N, T, L, 49
         return out.reshape(B, S, N, -1)
@@ -173,6 +186,18 @@ class CorrPyramid:
 # Feature encoder: ResNet-style, instance norm, 128 channels at stride 8.
 
 
+def instance_norm(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """Instance norm without affine parameters, in x's own memory format.
+
+    For one image, batch-norm statistics over (N,H,W) are the instance statistics, and batch_norm keeps
+    channels-last tensors channels-last (instance_norm converts them back, which made channels-last slower
+    than contiguous on the CPU); see docs/BENCHMARKS.md.
+    """
+    if x.shape[0] == 1 and not torch.onnx.is_in_onnx_export():
+        return F.batch_norm(x, None, None, training=True, eps=eps)
+    return F.instance_norm(x, eps=eps)
+
+
 class ResidualBlock(nn.Module):
     """Two 3x3 convs with instance norm; a strided block gets a 1x1 projection shortcut."""
 
@@ -188,10 +213,10 @@ class ResidualBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # in-place ReLUs act on fresh norm outputs, which no backward needs
-        y = F.relu_(self.norm1(self.conv1(x)))
-        y = F.relu_(self.norm2(self.conv2(y)))
+        y = F.relu_(instance_norm(self.conv1(x)))
+        y = F.relu_(instance_norm(self.conv2(y)))
         if self.downsample is not None:
-            x = self.downsample(x)
+            x = instance_norm(self.downsample[0](x))
         return F.relu_(x + y)
 
 
@@ -216,12 +241,12 @@ class BasicEncoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         H, W = x.shape[-2:]
         size = (H // self.stride, W // self.stride)
-        x = F.relu_(self.norm1(self.conv1(x)))
+        x = F.relu_(instance_norm(self.conv1(x)))
         feats = []
         for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
             x = layer(x)
             feats.append(F.interpolate(x, size, mode="bilinear", align_corners=True))
-        x = F.relu_(self.norm2(self.conv2(torch.cat(feats, 1))))
+        x = F.relu_(instance_norm(self.conv2(torch.cat(feats, 1))))
         return self.conv3(x)
 
 
@@ -239,6 +264,8 @@ class Conv1dSame(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         p = self.kernel_size - 1
+        if p % 2 == 0:  # symmetric: let the convolution pad instead of copying the input into a padded one
+            return F.conv1d(x, self.conv.weight, self.conv.bias, padding=p // 2)
         return self.conv(F.pad(x, (p // 2, p - p // 2)))
 
 
@@ -262,11 +289,64 @@ class BasicBlock1d(nn.Module):
         return y + x
 
 
-class DeltaBlock(nn.Module):
-    """(correlations, flow) per point and frame -> coordinate update in stride-8 units."""
+# Winograd F(4,3) (Lavin & Gray 2016): four outputs of a 3-tap filter from six inputs with six products
+# instead of twelve. On the CPU the delta block's widest convolutions are GEMM-bound, so halving their
+# products is worth the cheap transforms (docs/BENCHMARKS.md); float32 results match to ~1e-6.
+_WINOGRAD_G = ((1 / 4, 0, 0), (-1 / 6, -1 / 6, -1 / 6), (-1 / 6, 1 / 6, -1 / 6), (1 / 24, 1 / 12, 1 / 6),
+               (1 / 24, -1 / 12, 1 / 6), (0, 0, 1))
 
-    def __init__(self, corr_dim: int = 588, embed_dim: int = 128, kernel_size: int = 3):
+
+def winograd_weights(weight: torch.Tensor) -> torch.Tensor:
+    """Conv1d weight (cout,cin,3) -> the six transformed filters (6,cin,cout)."""
+    g = torch.tensor(_WINOGRAD_G, dtype=weight.dtype, device=weight.device)
+    return torch.einsum("jk,ock->jco", g, weight).contiguous()
+
+
+def conv1d_k3_winograd(x: torch.Tensor, wt: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """conv1d(kernel 3, padding 1) of time-major x (M,S,cin) with `winograd_weights` wt -> (M,S,cout)."""
+    M, S, C = x.shape
+    T = -(-S // 4)  # tiles of four outputs
+    xp = F.pad(x, (0, 0, 1, 1 + 4 * T - S))
+    d0, d1, d2, d3, d4, d5 = (xp[:, i:i + 4 * T:4] for i in range(6))  # six inputs of every tile
+    U = x.new_empty(6, M, T, C)  # input transform B^T d, sharing subexpressions
+    torch.add(d4, d0, alpha=4, out=U[0]).add_(d2, alpha=-5)
+    a, b = torch.add(d4, d2, alpha=-4), torch.add(d3, d1, alpha=-4)
+    torch.add(a, b, out=U[1])
+    torch.sub(a, b, out=U[2])
+    c, e = torch.sub(d4, d2), torch.sub(d3, d1)
+    torch.add(c, e, alpha=2, out=U[3])
+    torch.add(c, e, alpha=-2, out=U[4])
+    torch.add(d5, d1, alpha=4, out=U[5]).add_(d3, alpha=-5)
+    m0, m1, m2, m3, m4, m5 = torch.bmm(U.view(6, M * T, C), wt).view(6, M, T, -1).unbind(0)
+    p, q, r, s = m1 + m2, m1 - m2, m3 + m4, m3.sub_(m4)  # output transform A^T m
+    Y = x.new_empty(M, T, 4, wt.shape[2])
+    torch.add(m0, p, out=Y[:, :, 0]).add_(r)
+    torch.add(q, s, alpha=2, out=Y[:, :, 1])
+    torch.add(p, r, alpha=4, out=Y[:, :, 2])
+    torch.add(q, s, alpha=8, out=Y[:, :, 3]).add_(m5)
+    Y = Y.view(M, 4 * T, -1)
+    return (Y[:, :S] if 4 * T != S else Y).add_(bias)
+
+
+def _instance_norm_time_major(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """InstanceNorm1d for time-major (M,S,C): statistics over S per (m, c)."""
+    xc = x - x.mean(1, keepdim=True)
+    return xc.mul_(xc.square().mean(1, keepdim=True).add_(eps).rsqrt_())
+
+
+class DeltaBlock(nn.Module):
+    """(correlations, flow) per point and frame -> coordinate update in stride-8 units.
+
+    impl: "auto" (default) runs CPU float32 inference time-major with Winograd for the widest convolutions;
+    "direct" always uses conv1d (the reference form; training, autocast, CUDA and ONNX export use it too).
+    """
+
+    def __init__(self, corr_dim: int = 588, embed_dim: int = 128, kernel_size: int = 3, impl: str = "auto"):
         super().__init__()
+        if impl not in ("auto", "direct"):
+            raise ValueError(f"delta impl must be 'auto' or 'direct', got {impl!r}")
+        self.impl = impl
+        self._winograd_cache: dict[str, tuple[tuple[int, int], torch.Tensor]] = {}
         self.embed_dim = embed_dim
         self.first_block_conv = Conv1dSame(corr_dim + embed_dim + 2, 128, kernel_size)
         widths = [128, 128, 128, 256, 256, 512, 512, 1024, 1024]
@@ -276,11 +356,42 @@ class DeltaBlock(nn.Module):
 
     def forward(self, fcorr: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
         """fcorr (M,S,588), flow (M,S,2) -> delta (M,S,2)."""
-        x = torch.cat([fcorr, sincos_embed_xy(flow, self.embed_dim), flow], 2).transpose(1, 2)
-        x = F.relu_(self.first_block_conv(x))
+        x = torch.cat([fcorr, sincos_embed_xy(flow, self.embed_dim), flow], 2)
+        if self._use_winograd(x):
+            return self._forward_time_major(x)
+        x = F.relu_(self.first_block_conv(x.transpose(1, 2)))
         for block in self.basicblock_list:
             x = block(x)
         return self.dense(F.relu(x).transpose(1, 2))
+
+    def _use_winograd(self, x: torch.Tensor) -> bool:
+        return (self.impl == "auto" and x.device.type == "cpu" and x.dtype == torch.float32
+                and self.first_block_conv.kernel_size == 3 and not torch.is_grad_enabled()
+                and not torch.is_autocast_enabled("cpu") and not torch.onnx.is_in_onnx_export())
+
+    def _conv_time_major(self, name: str, conv: Conv1dSame, x: torch.Tensor) -> torch.Tensor:
+        w = conv.conv.weight
+        if w.shape[0] * w.shape[1] < 512 * 512:  # narrow layers: the transforms would cost what they save
+            return F.conv1d(x.transpose(1, 2), w, conv.conv.bias, padding=1).transpose(1, 2)
+        key = (w.data_ptr(), w._version)  # recomputed after load_state_dict or an optimiser step
+        cached = self._winograd_cache.get(name)
+        if cached is None or cached[0] != key:
+            cached = (key, winograd_weights(w))
+            self._winograd_cache[name] = cached
+        return conv1d_k3_winograd(x, cached[1], conv.conv.bias)
+
+    def _forward_time_major(self, x: torch.Tensor) -> torch.Tensor:
+        """The same computation as the conv1d form, laid out (M,S,C) for the Winograd GEMMs."""
+        x = F.relu_(self._conv_time_major("first", self.first_block_conv, x))
+        for k, block in enumerate(self.basicblock_list):
+            y = x if block.first else F.relu_(_instance_norm_time_major(x))
+            y = F.relu_(_instance_norm_time_major(self._conv_time_major(f"{k}.1", block.conv1, y)))
+            y = self._conv_time_major(f"{k}.2", block.conv2, y)
+            if block.cout != block.cin:
+                extra = block.cout - block.cin
+                x = F.pad(x, (extra // 2, extra - extra // 2))
+            x = y + x
+        return self.dense(F.relu(x))
 
 
 def sincos_embed_xy(xy: torch.Tensor, dim: int, temperature: float = 10000.0) -> torch.Tensor:
@@ -314,14 +425,15 @@ class Pips(nn.Module):
     """PIPs++: iterative multi-template point tracking over S frames.
 
     corr_impl: "local" (default; samples features around each point) or "volume" (reference semantics).
-    encoder_chunk: frames encoded at a time; None = 1 on the CPU (2.4x faster than a whole 36-frame clip,
-    see docs/BENCHMARKS.md), 16 on CUDA; 0 = the whole clip at once.
-    channels_last: run the encoder in channels-last memory format; None = only on CUDA (measured slower
-    than contiguous on the CPU, see docs/BENCHMARKS.md).
+    encoder_chunk: frames encoded at a time; None = 1 on the CPU (faster than a whole 36-frame clip, see
+    docs/BENCHMARKS.md), 16 on CUDA; 0 = the whole clip at once.
+    channels_last: run the encoder in channels-last memory format; None = on CUDA and under autocast
+    (faster there); CPU float32 stays contiguous, whose oneDNN kernels round closer to the reference.
+    delta_impl: "auto" (Winograd delta block for CPU float32 inference) or "direct" (conv1d everywhere).
     """
 
     def __init__(self, stride: int = 8, corr_levels: int = 4, corr_radius: int = 3, corr_impl: str = "local",
-                 encoder_chunk: int | None = None, channels_last: bool | None = None):
+                 encoder_chunk: int | None = None, channels_last: bool | None = None, delta_impl: str = "auto"):
         super().__init__()
         self.stride = stride
         self.latent_dim = 128
@@ -329,13 +441,13 @@ class Pips(nn.Module):
         self.corr_impl = corr_impl
         self.encoder_chunk = encoder_chunk
         self.channels_last = channels_last
-        self.corr_chunk = 1 << 24  # floats of gathered patches held at once; 0 = all at once (ONNX export)
+        self.corr_chunk = 1 << 22  # floats of gathered patches held at once; 0 = all at once (ONNX export)
         # training memory: recompute each encoder chunk and each delta-block call in backward instead of
         # storing their activations (the outputs are identical; a step costs about one extra forward)
         self.grad_checkpoint = False
         self.fnet = BasicEncoder(output_dim=self.latent_dim, stride=stride)
         corr_dim = 3 * corr_levels * (2 * corr_radius + 1) ** 2
-        self.delta_block = DeltaBlock(corr_dim=corr_dim, embed_dim=self.latent_dim)
+        self.delta_block = DeltaBlock(corr_dim=corr_dim, embed_dim=self.latent_dim, impl=delta_impl)
         self.norm = nn.GroupNorm(1, self.latent_dim)  # in the checkpoint, unused by the forward pass
 
     def encode(self, rgbs: torch.Tensor) -> torch.Tensor:
@@ -355,7 +467,7 @@ class Pips(nn.Module):
         outs = []
         for s in range(0, B * S, chunk):
             xs = 2 * (x[s:s + chunk].float() / 255.0) - 1.0
-            if self.channels_last or (self.channels_last is None and xs.is_cuda):
+            if self._channels_last(xs):
                 xs = xs.contiguous(memory_format=torch.channels_last)
             if self.grad_checkpoint and torch.is_grad_enabled():
                 fm = checkpoint(self.fnet, xs, use_reentrant=False)
@@ -372,6 +484,11 @@ class Pips(nn.Module):
                 out[k * chunk:k * chunk + o.shape[0]] = o
             del outs
         return out.reshape(B, S, H8, W8, self.latent_dim)
+
+    def _channels_last(self, x: torch.Tensor) -> bool:
+        if self.channels_last is not None:
+            return self.channels_last
+        return x.is_cuda or torch.is_autocast_enabled(x.device.type)
 
     def forward(self, trajs_e0: torch.Tensor, rgbs: torch.Tensor | None, iters: int = 3, feat_init=None,
                 trajs_g: torch.Tensor | None = None, vis_g: torch.Tensor | None = None,

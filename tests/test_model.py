@@ -122,6 +122,63 @@ def test_encoder_chunking_is_exact():
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
+def test_instance_norm_keeps_layout_and_equals_reference():
+    from nets.pips2 import instance_norm
+
+    torch.manual_seed(6)
+    for n in (1, 3):
+        x = torch.randn(n, 16, 9, 13) * 3 + 2
+        for fmt in (torch.contiguous_format, torch.channels_last):
+            y = instance_norm(x.contiguous(memory_format=fmt))
+            torch.testing.assert_close(y, F.instance_norm(x), atol=2e-5, rtol=0)
+            if n == 1:  # the per-frame encoder path must not silently convert back to contiguous
+                assert y.is_contiguous(memory_format=fmt)
+
+
+@pytest.mark.parametrize("S", [1, 2, 3, 4, 5, 7, 36])
+def test_winograd_conv_equals_conv1d(S):
+    from nets.pips2 import conv1d_k3_winograd, winograd_weights
+
+    torch.manual_seed(S)
+    x = torch.randn(3, S, 40)
+    w, b = torch.randn(24, 40, 3) / 8, torch.randn(24)
+    got = conv1d_k3_winograd(x, winograd_weights(w), b)
+    ref = F.conv1d(x.double().transpose(1, 2), w.double(), b.double(), padding=1).transpose(1, 2)
+    assert got.shape == (3, S, 24)
+    torch.testing.assert_close(got.double(), ref, atol=2e-5, rtol=0)
+    assert ref.abs().max() > 1
+
+
+def test_delta_block_winograd_equals_direct_and_follows_new_weights():
+    from nets.pips2 import DeltaBlock
+
+    torch.manual_seed(7)
+    block = golden_model().delta_block
+    fcorr, flow = torch.randn(6, 11, 588), torch.randn(6, 11, 2) * 4
+    with torch.inference_mode():
+        block.impl = "direct"
+        ref = block(fcorr, flow)
+        block.impl = "auto"
+        got = block(fcorr, flow)
+    assert block._winograd_cache, "the Winograd path did not run"
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-4)
+    # new weights (load_state_dict copies in place) must not reuse the transformed filters of the old ones
+    other = DeltaBlock(impl="direct")
+    with torch.no_grad():
+        for p in other.parameters():
+            p.normal_(0, 0.05)
+    block.load_state_dict(other.state_dict())
+    with torch.inference_mode():
+        want = other.eval()(fcorr, flow)
+        assert (want - got).abs().max() > 0.05  # stale filters would be caught
+        torch.testing.assert_close(block(fcorr, flow), want, atol=1e-4, rtol=1e-3)
+    # training and autocast take the conv1d form
+    block.impl = "auto"
+    block._winograd_cache.clear()
+    block(fcorr, flow).sum().backward()
+    assert not block._winograd_cache
+
+
 def test_sample_features_is_border_bilinear():
     torch.manual_seed(1)
     fmap = torch.randn(3, 5, 9, 11)
@@ -181,7 +238,7 @@ def test_local_and_volume_gradients_agree():
 def test_optimised_model_equals_plain_reference_path():
     torch.manual_seed(4)
     fast = golden_model(corr_impl="local", encoder_chunk=3, channels_last=True)
-    plain = golden_model(corr_impl="volume", encoder_chunk=0, channels_last=False)
+    plain = golden_model(corr_impl="volume", encoder_chunk=0, channels_last=False, delta_impl="direct")
     rgbs = torch.rand(1, 7, 3, 128, 136) * 255
     trajs = (torch.rand(1, 1, 10, 2) * torch.tensor([136.0, 128.0])).repeat(1, 7, 1, 1)
     with torch.inference_mode():
