@@ -302,8 +302,25 @@ def winograd_weights(weight: torch.Tensor) -> torch.Tensor:
     return torch.einsum("jk,ock->jco", g, weight).contiguous()
 
 
-def conv1d_k3_winograd(x: torch.Tensor, wt: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """conv1d(kernel 3, padding 1) of time-major x (M,S,cin) with `winograd_weights` wt -> (M,S,cout)."""
+def conv1d_k3_winograd(x: torch.Tensor, wt: torch.Tensor, bias: torch.Tensor,
+                       max_elems: int = 1 << 23) -> torch.Tensor:
+    """conv1d(kernel 3, padding 1) of time-major x (M,S,cin) with `winograd_weights` wt -> (M,S,cout).
+
+    Sequences go through in groups whose transformed tiles stay under `max_elems` floats, which bounds the
+    extra memory at long clips and many points (the GEMMs keep >= ~1000 rows).
+    """
+    M, S, C = x.shape
+    T = -(-S // 4)
+    group = max(1, max_elems // (6 * T * max(C, wt.shape[2])))
+    if group < M:
+        out = x.new_empty(M, S, wt.shape[2])
+        for m in range(0, M, group):
+            out[m:m + group] = conv1d_k3_winograd(x[m:m + group], wt, bias, max_elems)
+        return out
+    return _winograd_tiles(x, wt, bias)
+
+
+def _winograd_tiles(x: torch.Tensor, wt: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     M, S, C = x.shape
     T = -(-S // 4)  # tiles of four outputs
     xp = F.pad(x, (0, 0, 1, 1 + 4 * T - S))

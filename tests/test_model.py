@@ -146,6 +146,9 @@ def test_winograd_conv_equals_conv1d(S):
     ref = F.conv1d(x.double().transpose(1, 2), w.double(), b.double(), padding=1).transpose(1, 2)
     assert got.shape == (3, S, 24)
     torch.testing.assert_close(got.double(), ref, atol=2e-5, rtol=0)
+    # in groups of sequences (bounded memory) the result is the same
+    grouped = conv1d_k3_winograd(x, winograd_weights(w), b, max_elems=6 * 40 * -(-S // 4))
+    torch.testing.assert_close(grouped, got, atol=1e-5, rtol=0)
     assert ref.abs().max() > 1
 
 
