@@ -186,16 +186,22 @@ class CorrPyramid:
 # Feature encoder: ResNet-style, instance norm, 128 channels at stride 8.
 
 
-def instance_norm(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """Instance norm without affine parameters, in x's own memory format.
+class InstanceNorm(nn.Module):
+    """InstanceNorm2d without affine parameters that keeps x's memory format.
 
     For one image, batch-norm statistics over (N,H,W) are the instance statistics, and batch_norm keeps
     channels-last tensors channels-last (instance_norm converts them back, which made channels-last slower
     than contiguous on the CPU); see docs/BENCHMARKS.md.
     """
-    if x.shape[0] == 1 and not torch.onnx.is_in_onnx_export():
-        return F.batch_norm(x, None, None, training=True, eps=eps)
-    return F.instance_norm(x, eps=eps)
+
+    def __init__(self, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] == 1 and not torch.onnx.is_in_onnx_export():
+            return F.batch_norm(x, None, None, training=True, eps=self.eps)
+        return F.instance_norm(x, eps=self.eps)
 
 
 class ResidualBlock(nn.Module):
@@ -205,18 +211,18 @@ class ResidualBlock(nn.Module):
         super().__init__()
         self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1)
         self.conv2 = nn.Conv2d(planes, planes, 3, padding=1)
-        self.norm1 = nn.InstanceNorm2d(planes)
-        self.norm2 = nn.InstanceNorm2d(planes)
+        self.norm1 = InstanceNorm()
+        self.norm2 = InstanceNorm()
         self.downsample = None
         if stride != 1:
-            self.downsample = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride=stride), nn.InstanceNorm2d(planes))
+            self.downsample = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride=stride), InstanceNorm())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # in-place ReLUs act on fresh norm outputs, which no backward needs
-        y = F.relu_(instance_norm(self.conv1(x)))
-        y = F.relu_(instance_norm(self.conv2(y)))
+        y = F.relu_(self.norm1(self.conv1(x)))
+        y = F.relu_(self.norm2(self.conv2(y)))
         if self.downsample is not None:
-            x = instance_norm(self.downsample[0](x))
+            x = self.downsample(x)
         return F.relu_(x + y)
 
 
@@ -227,7 +233,7 @@ class BasicEncoder(nn.Module):
         super().__init__()
         self.stride = stride
         self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3)
-        self.norm1 = nn.InstanceNorm2d(64)
+        self.norm1 = InstanceNorm()
         widths, strides = (64, 96, 128, 128), (1, 2, 2, 2)
         in_planes = 64
         for k, (width, s) in enumerate(zip(widths, strides, strict=True)):
@@ -235,18 +241,18 @@ class BasicEncoder(nn.Module):
             setattr(self, f"layer{k + 1}", stage)
             in_planes = width
         self.conv2 = nn.Conv2d(sum(widths), output_dim * 2, 3, padding=1)
-        self.norm2 = nn.InstanceNorm2d(output_dim * 2)
+        self.norm2 = InstanceNorm()
         self.conv3 = nn.Conv2d(output_dim * 2, output_dim, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         H, W = x.shape[-2:]
         size = (H // self.stride, W // self.stride)
-        x = F.relu_(instance_norm(self.conv1(x)))
+        x = F.relu_(self.norm1(self.conv1(x)))
         feats = []
         for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
             x = layer(x)
             feats.append(F.interpolate(x, size, mode="bilinear", align_corners=True))
-        x = F.relu_(instance_norm(self.conv2(torch.cat(feats, 1))))
+        x = F.relu_(self.norm2(self.conv2(torch.cat(feats, 1))))
         return self.conv3(x)
 
 

@@ -123,13 +123,13 @@ def test_encoder_chunking_is_exact():
 
 
 def test_instance_norm_keeps_layout_and_equals_reference():
-    from nets.pips2 import instance_norm
+    from nets.pips2 import InstanceNorm
 
     torch.manual_seed(6)
     for n in (1, 3):
         x = torch.randn(n, 16, 9, 13) * 3 + 2
         for fmt in (torch.contiguous_format, torch.channels_last):
-            y = instance_norm(x.contiguous(memory_format=fmt))
+            y = InstanceNorm()(x.contiguous(memory_format=fmt))
             torch.testing.assert_close(y, F.instance_norm(x), atol=2e-5, rtol=0)
             if n == 1:  # the per-frame encoder path must not silently convert back to contiguous
                 assert y.is_contiguous(memory_format=fmt)
