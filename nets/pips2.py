@@ -260,41 +260,6 @@ class BasicEncoder(nn.Module):
 # Delta block: a 1-D ResNet over time, per point.
 
 
-class Conv1dSame(nn.Module):
-    """Conv1d with TensorFlow-style 'same' padding (left p//2, right p - p//2)."""
-
-    def __init__(self, cin: int, cout: int, kernel_size: int):
-        super().__init__()
-        self.kernel_size = kernel_size
-        self.conv = nn.Conv1d(cin, cout, kernel_size)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        p = self.kernel_size - 1
-        if p % 2 == 0:  # symmetric: let the convolution pad instead of copying the input into a padded one
-            return F.conv1d(x, self.conv.weight, self.conv.bias, padding=p // 2)
-        return self.conv(F.pad(x, (p // 2, p - p // 2)))
-
-
-class BasicBlock1d(nn.Module):
-    """Pre-activation residual block; wider outputs zero-pad the shortcut's channels on both sides."""
-
-    def __init__(self, cin: int, cout: int, kernel_size: int, first: bool):
-        super().__init__()
-        self.cin, self.cout, self.first = cin, cout, first
-        self.norm1 = nn.InstanceNorm1d(cin)
-        self.conv1 = Conv1dSame(cin, cout, kernel_size)
-        self.norm2 = nn.InstanceNorm1d(cout)
-        self.conv2 = Conv1dSame(cout, cout, kernel_size)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = x if self.first else F.relu_(self.norm1(x))
-        y = self.conv2(F.relu_(self.norm2(self.conv1(y))))
-        if self.cout != self.cin:
-            extra = self.cout - self.cin
-            x = F.pad(x, (0, 0, extra // 2, extra - extra // 2))
-        return y + x
-
-
 # Winograd F(4,3) (Lavin & Gray 2016): four outputs of a 3-tap filter from six inputs with six products
 # instead of twelve. On the CPU the delta block's widest convolutions are GEMM-bound, so halving their
 # products is worth the cheap transforms (docs/BENCHMARKS.md); float32 results match to ~1e-6.
@@ -357,6 +322,61 @@ def _instance_norm_time_major(x: torch.Tensor, eps: float = 1e-5) -> torch.Tenso
     return xc.mul_(xc.square().mean(1, keepdim=True).add_(eps).rsqrt_())
 
 
+class Conv1dSame(nn.Module):
+    """Conv1d with TensorFlow-style 'same' padding (left p//2, right p - p//2)."""
+
+    def __init__(self, cin: int, cout: int, kernel_size: int):
+        super().__init__()
+        self.kernel_size = kernel_size
+        self.conv = nn.Conv1d(cin, cout, kernel_size)
+        self._winograd: tuple[tuple[int, int], torch.Tensor] | None = None  # (weight identity, filters)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.kernel_size - 1
+        if p % 2 == 0:  # symmetric: let the convolution pad instead of copying the input into a padded one
+            return F.conv1d(x, self.conv.weight, self.conv.bias, padding=p // 2)
+        return self.conv(F.pad(x, (p // 2, p - p // 2)))
+
+    def forward_time_major(self, x: torch.Tensor) -> torch.Tensor:
+        """forward() of a kernel-3 layer on time-major x (M,S,cin) -> (M,S,cout), Winograd when wide."""
+        w = self.conv.weight
+        if w.shape[0] * w.shape[1] < 512 * 512:  # narrow layers: the transforms would cost what they save
+            return F.conv1d(x.transpose(1, 2), w, self.conv.bias, padding=1).transpose(1, 2)
+        key = (w.data_ptr(), w._version)  # new after load_state_dict, .to() or an optimiser step
+        if self._winograd is None or self._winograd[0] != key:
+            self._winograd = (key, winograd_weights(w))
+        return conv1d_k3_winograd(x, self._winograd[1], self.conv.bias)
+
+
+class BasicBlock1d(nn.Module):
+    """Pre-activation residual block; wider outputs zero-pad the shortcut's channels on both sides."""
+
+    def __init__(self, cin: int, cout: int, kernel_size: int, first: bool):
+        super().__init__()
+        self.cin, self.cout, self.first = cin, cout, first
+        self.norm1 = nn.InstanceNorm1d(cin)
+        self.conv1 = Conv1dSame(cin, cout, kernel_size)
+        self.norm2 = nn.InstanceNorm1d(cout)
+        self.conv2 = Conv1dSame(cout, cout, kernel_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x if self.first else F.relu_(self.norm1(x))
+        y = self.conv2(F.relu_(self.norm2(self.conv1(y))))
+        if self.cout != self.cin:
+            extra = self.cout - self.cin
+            x = F.pad(x, (0, 0, extra // 2, extra - extra // 2))
+        return y + x
+
+    def forward_time_major(self, x: torch.Tensor) -> torch.Tensor:
+        """forward() on time-major x (M,S,C)."""
+        y = x if self.first else F.relu_(_instance_norm_time_major(x))
+        y = self.conv2.forward_time_major(F.relu_(_instance_norm_time_major(self.conv1.forward_time_major(y))))
+        if self.cout != self.cin:
+            extra = self.cout - self.cin
+            x = F.pad(x, (extra // 2, extra - extra // 2))
+        return y + x
+
+
 class DeltaBlock(nn.Module):
     """(correlations, flow) per point and frame -> coordinate update in stride-8 units.
 
@@ -369,7 +389,6 @@ class DeltaBlock(nn.Module):
         if impl not in ("auto", "direct"):
             raise ValueError(f"delta impl must be 'auto' or 'direct', got {impl!r}")
         self.impl = impl
-        self._winograd_cache: dict[str, tuple[tuple[int, int], torch.Tensor]] = {}
         self.embed_dim = embed_dim
         self.first_block_conv = Conv1dSame(corr_dim + embed_dim + 2, 128, kernel_size)
         widths = [128, 128, 128, 256, 256, 512, 512, 1024, 1024]
@@ -392,28 +411,11 @@ class DeltaBlock(nn.Module):
                 and self.first_block_conv.kernel_size == 3 and not torch.is_grad_enabled()
                 and not torch.is_autocast_enabled("cpu") and not torch.onnx.is_in_onnx_export())
 
-    def _conv_time_major(self, name: str, conv: Conv1dSame, x: torch.Tensor) -> torch.Tensor:
-        w = conv.conv.weight
-        if w.shape[0] * w.shape[1] < 512 * 512:  # narrow layers: the transforms would cost what they save
-            return F.conv1d(x.transpose(1, 2), w, conv.conv.bias, padding=1).transpose(1, 2)
-        key = (w.data_ptr(), w._version)  # recomputed after load_state_dict or an optimiser step
-        cached = self._winograd_cache.get(name)
-        if cached is None or cached[0] != key:
-            cached = (key, winograd_weights(w))
-            self._winograd_cache[name] = cached
-        return conv1d_k3_winograd(x, cached[1], conv.conv.bias)
-
     def _forward_time_major(self, x: torch.Tensor) -> torch.Tensor:
         """The same computation as the conv1d form, laid out (M,S,C) for the Winograd GEMMs."""
-        x = F.relu_(self._conv_time_major("first", self.first_block_conv, x))
-        for k, block in enumerate(self.basicblock_list):
-            y = x if block.first else F.relu_(_instance_norm_time_major(x))
-            y = F.relu_(_instance_norm_time_major(self._conv_time_major(f"{k}.1", block.conv1, y)))
-            y = self._conv_time_major(f"{k}.2", block.conv2, y)
-            if block.cout != block.cin:
-                extra = block.cout - block.cin
-                x = F.pad(x, (extra // 2, extra - extra // 2))
-            x = y + x
+        x = F.relu_(self.first_block_conv.forward_time_major(x))
+        for block in self.basicblock_list:
+            x = block.forward_time_major(x)
         return self.dense(F.relu(x))
 
 
