@@ -26,7 +26,6 @@ class TrackerForExport(torch.nn.Module):
         self.model, self.iters = model, iters
         model.corr_chunk = 0  # chunk sizes computed from N would pin N in the graph
         model.encoder_chunk = 0
-        model.delta_block.impl = "direct"  # the Winograd form writes into preallocated outputs
 
     def forward(self, trajs_e0: torch.Tensor, rgbs: torch.Tensor) -> torch.Tensor:
         return self.model(trajs_e0, rgbs, iters=self.iters)[0][-1]
