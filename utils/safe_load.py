@@ -1,0 +1,191 @@
+"""Read pickles, .npy and .npz files from untrusted sources without ever running code from them.
+
+Datasets ship some fields as pickles (PointOdyssey's `trajs_3d` may be an object array holding None, TAP-Vid is
+a pickle of dicts of arrays, a Kubric .npy is a pickled dict). A plain `pickle.load` or `np.load(...,
+allow_pickle=True)` of such a file runs whatever callable the file names. The unpickler here resolves only the
+few globals that plain data and numpy arrays need and refuses every other one before anything is called.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from collections.abc import Collection
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+from numpy.lib import format as npformat
+
+ALLOWED_HINT = "only plain data and numpy arrays are allowed"
+
+
+class UnsafeFileError(ValueError):
+    """A file the safe loaders refuse or cannot read; str(e) is one line naming the file and the problem."""
+
+    def __init__(self, path: str | os.PathLike, problem: str):
+        self.path = Path(path)
+        self.problem = " ".join(str(problem).split())  # one line, whatever the underlying error looked like
+        super().__init__(f"{path}: {self.problem}")
+
+
+class _Refused(pickle.UnpicklingError):
+    """A pickle asked for a global outside the allow-list."""
+
+    def __init__(self, what: str):
+        self.what = what
+        super().__init__(what)
+
+
+def _latin1_encode(text: str, encoding: str = "latin1") -> bytes:
+    """Pickle protocols 0-2 store bytes as _codecs.encode(text, 'latin1'); no other codec is ever needed."""
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise _Refused(f"_codecs.encode with {encoding!r}")
+    return text.encode("latin1")
+
+
+def _bytes(*args: Any) -> bytes:
+    """Protocols 0-2 pickle b'' as bytes(); refusing arguments keeps bytes(10**12) from eating the memory."""
+    if args:
+        raise _Refused("builtins.bytes with arguments")
+    return b""
+
+
+def _bytearray(data: bytes = b"") -> bytearray:
+    """Protocols 0-4 pickle a bytearray as bytearray(bytes); an int argument would allocate at will."""
+    if not isinstance(data, bytes):
+        raise _Refused("builtins.bytearray of a non-bytes argument")
+    return bytearray(data)
+
+
+def _numpy_globals() -> dict[tuple[str, str], Any]:
+    """The globals numpy's own pickles reference, under both the numpy 1.x (numpy.core) and 2.x module names."""
+    from numpy._core import multiarray, numeric
+
+    out: dict[tuple[str, str], Any] = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype}
+    for core in ("numpy.core", "numpy._core"):
+        out[(f"{core}.multiarray", "_reconstruct")] = multiarray._reconstruct
+        out[(f"{core}.multiarray", "scalar")] = multiarray.scalar
+        out[(f"{core}.numeric", "_frombuffer")] = numeric._frombuffer  # protocol 5
+    return out
+
+
+# Looked up by name in this table only: find_class never imports a module the file names.
+_ALLOWED: dict[tuple[str, str], Any] = {
+    **_numpy_globals(),
+    ("_codecs", "encode"): _latin1_encode,
+    **{(mod, name): obj for mod in ("builtins", "__builtin__") for name, obj in
+       (("bytes", _bytes), ("bytearray", _bytearray), ("complex", complex), ("set", set), ("frozenset", frozenset))},
+}
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """An Unpickler whose globals come only from the allow-list; anything else raises _Refused."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        """The allowed object for module.name, or _Refused naming what the file asked for."""
+        try:
+            return _ALLOWED[(module, name)]
+        except KeyError:
+            raise _Refused(f"{module}.{name}") from None
+
+    def persistent_load(self, pid: Any) -> Any:
+        """Persistent ids resolve to objects the caller supplies; nothing here supplies any."""
+        raise _Refused("a persistent id")
+
+
+def _refusal(what: str, where: str = "") -> str:
+    return f"refused: {where}pickle wants {what} ({ALLOWED_HINT})"
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _unpickle(fp: IO[bytes], path: str | os.PathLike, where: str = "") -> Any:
+    try:
+        return _RestrictedUnpickler(fp).load()
+    except _Refused as e:
+        raise UnsafeFileError(path, _refusal(e.what, where)) from None
+    except Exception as e:  # corrupt data raises many types; the user needs one line
+        raise UnsafeFileError(path, f"{where}not a readable pickle ({_first_line(e)})") from None
+
+
+def load_pickle(path: str | os.PathLike) -> Any:
+    """Unpickle a file that may hold only plain data (dict, list, str, bytes, numbers, None) and numpy arrays."""
+    try:
+        with open(path, "rb") as fh:
+            return _unpickle(fh, path)
+    except OSError as e:
+        raise UnsafeFileError(path, f"cannot open ({e.strerror or _first_line(e)})") from None
+
+
+def _read_header(fp: IO[bytes]) -> tuple[tuple[int, ...], bool, np.dtype]:
+    version = npformat.read_magic(fp)
+    if version == (1, 0):
+        return npformat.read_array_header_1_0(fp)
+    if version == (2, 0):
+        return npformat.read_array_header_2_0(fp)
+    # 3.0 differs from 2.0 only in the header's text encoding; numpy exposes no public reader for it
+    return npformat._read_array_header(fp, version)
+
+
+def _read_npy(fp: IO[bytes], path: str | os.PathLike, where: str = "") -> np.ndarray:
+    """One .npy stream: plain dtypes by numpy with allow_pickle=False, object dtype by the restricted unpickler."""
+    start = fp.tell()
+    try:
+        shape, fortran, dtype = _read_header(fp)
+    except Exception as e:
+        raise UnsafeFileError(path, f"{where}not an .npy array ({_first_line(e)})") from None
+    if dtype.hasobject:
+        arr = _unpickle(fp, path, where)
+        if not isinstance(arr, np.ndarray) or arr.shape != tuple(shape):
+            got = f"an array of shape {arr.shape}" if isinstance(arr, np.ndarray) else type(arr).__name__
+            raise UnsafeFileError(path, f"{where}pickled payload is {got}, the header says an array of {shape}")
+        return arr
+    try:
+        fp.seek(start)
+        return npformat.read_array(fp, allow_pickle=False)
+    except Exception as e:
+        raise UnsafeFileError(path, f"{where}not a readable .npy array ({_first_line(e)})") from None
+
+
+def load_npy(path: str | os.PathLike) -> np.ndarray:
+    """Read a .npy file; an object-dtype array is rebuilt by the restricted unpickler."""
+    try:
+        with open(path, "rb") as fh:
+            return _read_npy(fh, path)
+    except OSError as e:
+        raise UnsafeFileError(path, f"cannot open ({e.strerror or _first_line(e)})") from None
+
+
+def load_npz(path: str | os.PathLike, keys: Collection[str] | None = None) -> dict[str, np.ndarray]:
+    """The arrays of an .npz (a zip of .npy members), all or those named in `keys`, read eagerly; object members
+    go through the restricted unpickler. A file that is not a zip archive (say a pickle named .npz) is refused."""
+    try:
+        with open(path, "rb") as fh:
+            is_zip = zipfile.is_zipfile(fh)
+    except OSError as e:
+        raise UnsafeFileError(path, f"cannot open ({e.strerror or _first_line(e)})") from None
+    if not is_zip:
+        raise UnsafeFileError(path, "refused: not a zip archive (an .npz must be one)")
+    out: dict[str, np.ndarray] = {}
+    try:
+        with zipfile.ZipFile(path) as zf:
+            for info in zf.infolist():
+                if info.is_dir():
+                    continue
+                if not info.filename.endswith(".npy"):
+                    raise UnsafeFileError(path, f"member {info.filename} is not an .npy array")
+                key = info.filename[:-len(".npy")]
+                if keys is not None and key not in keys:
+                    continue  # never read, so never unpickled: skipping costs no safety
+                with zf.open(info) as member:
+                    out[key] = _read_npy(member, path, f"member {key}: ")
+    except UnsafeFileError:
+        raise
+    except Exception as e:  # a damaged archive (bad CRC, truncated member)
+        raise UnsafeFileError(path, f"not a readable .npz archive ({_first_line(e)})") from None
+    return out
