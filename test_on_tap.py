@@ -10,15 +10,18 @@ and OA are not reported.
 
 from __future__ import annotations
 
+import itertools
 import json
+import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import fire
 import numpy as np
 from tqdm import tqdm
 
-from datasets.tapvid import first_queries, load_tapvid, strided_queries
+from datasets.tapvid import TapVidError, first_queries, load_tapvid, strided_queries
 from utils import evaluation, metrics
 from utils.cli import load_pips_or_exit, parse_hw
 from utils.tracking import track
@@ -38,6 +41,19 @@ def tapvid_delta(model, video: np.ndarray, points: np.ndarray, occluded: np.ndar
                                   evaluate_before_query=(mode == "strided"))
 
 
+def videos_or_exit(videos: Iterator) -> Iterator:
+    """Yield from load_tapvid; a data problem ends the run with `error: <one line>` and exit code 2."""
+    while True:
+        try:
+            item = next(videos)
+        except StopIteration:
+            return
+        except TapVidError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+        yield item
+
+
 def main(dataset_location: str = "../datasets/tapvid/tapvid_davis.pkl", S: int = 128, iters: int = 16,
          image_size=(512, 896), init_dir: str = "./reference_model", max_iters: int | None = None,
          device: str = "auto", amp: str = "none", point_batch: int = 256, modes: str = "first,strided",
@@ -46,10 +62,12 @@ def main(dataset_location: str = "../datasets/tapvid/tapvid_davis.pkl", S: int =
     image_size = parse_hw(image_size, "image_size")
     amp = None if amp == "none" else amp
     modes = [m for m in (modes.split(",") if isinstance(modes, str) else modes) if m]
+    videos = videos_or_exit(load_tapvid(dataset_location))
+    videos = itertools.chain(list(itertools.islice(videos, 1)), videos)  # a bad file is reported before the model
     model = load_pips_or_exit(init_dir, device)
     rows, deltas, skipped = {}, {m: {} for m in modes}, []
     t0 = time.time()
-    for i, (name, video, points, occluded) in enumerate(tqdm(load_tapvid(dataset_location), desc="tapvid")):
+    for i, (name, video, points, occluded) in enumerate(tqdm(videos, desc="tapvid")):
         if max_iters is not None and i >= max_iters:
             break
         res = evaluation.evaluate_tapvid_video(model, video, points, occluded, image_size, S, iters, point_batch, amp)

@@ -68,7 +68,7 @@ class ExportDataset(Dataset):
         folder = self.clips[index]
         frames = read_clip(folder / "rgb.mp4", self.S_export, *self.hw, backend=self.backend)
         try:
-            with np.load(folder / "track.npz") as z:
+            with np.load(folder / "track.npz", allow_pickle=False) as z:
                 track = z["track_g"]
         except Exception as e:
             raise VideoError(f"{folder / 'track.npz'}: unreadable ({type(e).__name__})") from None

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from utils import augment
+from utils.safe_load import load_npy
 from utils.video import VideoError, read_rgb
 
 KUBRIC_FRAMES = 24
@@ -37,12 +38,19 @@ class KubricDataset:
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Frames (T,H,W,3), coords (T,N,2) and visible (T,N) of one sequence."""
         seq = self.seqs[index]
+        path = seq / f"{seq.name}.npy"
+        arr = load_npy(path)  # a pickled dict, rebuilt without running code; UnsafeFileError names the file
+        ann = arr.item() if arr.dtype == object and arr.ndim == 0 else None
+        if not isinstance(ann, dict) or not {"coords", "visibility"} <= set(ann):
+            raise ValueError(f"{path}: not a Kubric annotation (expected a dict with coords and visibility)")
         try:
-            ann = np.load(seq / f"{seq.name}.npy", allow_pickle=True).item()
-            coords = np.asarray(ann["coords"], np.float32).transpose(1, 0, 2)
-            visible = ~np.asarray(ann["visibility"], bool).T  # the file's flag means occluded
-        except Exception as e:
-            raise ValueError(f"{seq / (seq.name + '.npy')}: unreadable ({type(e).__name__})") from None
+            coords = np.asarray(ann["coords"], np.float32)
+            occluded = np.asarray(ann["visibility"], bool)  # the file's flag means occluded
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{path}: coords/visibility are not numeric arrays ({type(e).__name__})") from None
+        if coords.ndim != 3 or coords.shape[2] != 2 or occluded.shape != coords.shape[:2]:
+            raise ValueError(f"{path}: coords {coords.shape} and visibility {occluded.shape} are not (N,T,2) and (N,T)")
+        coords, visible = coords.transpose(1, 0, 2), ~occluded.T
         try:
             frames = np.stack([read_rgb(p) for p in sorted((seq / "frames").glob("*.png"))])
         except VideoError as e:

@@ -15,6 +15,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from utils.safe_load import UnsafeFileError, load_npz
 from utils.video import VideoError, read_rgb
 
 FRAME_RE = re.compile(r"^rgb_(\d+)\.(jpg|jpeg|png)$")
@@ -65,33 +66,41 @@ def _mask_for(rgb: Path) -> Path:
     return rgb.parent.parent / "masks" / f"mask_{num}.png"
 
 
+# trajs_3d is large and only its dtype matters; read it only when it is required
+_ANNO_KEYS = {False: ("trajs_2d", "visibs", "valids"), True: ("trajs_2d", "visibs", "valids", "trajs_3d")}
+_LEGACY_KEYS = {False: ("trajs_2d", "visibilities"), True: ("trajs_2d", "visibilities", "trajs_3d")}
+
+
 def load_annotations(scene: Path, require_3d: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(trajs_2d, visibs, valids) from anno.npz (v1.2) or annotations.npz (legacy visibilities 0/1/2)."""
     anno, legacy = scene / "anno.npz", scene / "annotations.npz"
     try:
         if anno.is_file():
-            with np.load(anno, allow_pickle=True) as z:
-                keys = set(z.files)
-                if "trajs_2d" not in keys or "visibs" not in keys:
-                    raise SkipItem("anno.npz lacks trajs_2d/visibs")
-                if require_3d and ("trajs_3d" not in keys or z["trajs_3d"].dtype == object):
-                    raise SkipItem("trajs_3d is None")
-                trajs = z["trajs_2d"].astype(np.float32)
-                visibs = z["visibs"].astype(bool)
-                valids = z["valids"].astype(bool) if "valids" in keys else np.ones_like(visibs)
+            # never np.load(allow_pickle=True): trajs_3d is a pickle when None
+            z = load_npz(anno, keys=_ANNO_KEYS[require_3d])
+            if "trajs_2d" not in z or "visibs" not in z:
+                raise SkipItem("anno.npz lacks trajs_2d/visibs")
+            if require_3d and ("trajs_3d" not in z or z["trajs_3d"].dtype == object):
+                raise SkipItem("trajs_3d is None")
+            trajs = z["trajs_2d"].astype(np.float32)
+            visibs = z["visibs"].astype(bool)
+            valids = z["valids"].astype(bool) if "valids" in z else np.ones_like(visibs)
         elif legacy.is_file():
-            with np.load(legacy, allow_pickle=True) as z:
-                if "trajs_2d" not in z.files or "visibilities" not in z.files:
-                    raise SkipItem("annotations.npz lacks trajs_2d/visibilities")
-                if require_3d and ("trajs_3d" not in z.files or z["trajs_3d"].dtype == object):
-                    raise SkipItem("trajs_3d is None")
-                trajs = z["trajs_2d"].astype(np.float32)
-                vis = z["visibilities"]
-                valids, visibs = vis < 2, vis == 1
+            z = load_npz(legacy, keys=_LEGACY_KEYS[require_3d])
+            if "trajs_2d" not in z or "visibilities" not in z:
+                raise SkipItem("annotations.npz lacks trajs_2d/visibilities")
+            if require_3d and ("trajs_3d" not in z or z["trajs_3d"].dtype == object):
+                raise SkipItem("trajs_3d is None")
+            trajs = z["trajs_2d"].astype(np.float32)
+            vis = z["visibilities"]
+            valids, visibs = vis < 2, vis == 1
         else:
             raise SkipItem("no anno.npz or annotations.npz")
     except SkipItem:
         raise
+    except UnsafeFileError as e:
+        # the file's own name, not its full path, keeps the reason countable across scenes
+        raise SkipItem(f"{e.path.name}: {e.problem}") from None
     except Exception as e:
         raise SkipItem(f"unreadable annotations ({type(e).__name__})") from None
     if trajs.ndim != 3 or trajs.shape[2] != 2 or visibs.shape != trajs.shape[:2]:

@@ -2,49 +2,103 @@
 
 from __future__ import annotations
 
-import pickle
 from collections.abc import Iterator
 from pathlib import Path
 
 import cv2
 import numpy as np
 
+from utils.safe_load import UnsafeFileError, load_pickle
 
-def _decode_video(video) -> np.ndarray:
+
+class TapVidError(ValueError):
+    """A TAP-Vid file that cannot be used; str(e) is one line naming the file and the problem."""
+
+
+def _decode_video(video, where: str) -> np.ndarray:
     """(T,H,W,3) uint8 from an array or a list of JPEG/PNG bytes (the Kinetics pickles)."""
     if isinstance(video, np.ndarray) and video.dtype == np.uint8 and video.ndim == 4:
         return video
     frames = []
-    for f in video:
+    for t, f in enumerate(video):
         if isinstance(f, (bytes, bytearray, np.bytes_)):
             img = cv2.imdecode(np.frombuffer(f, np.uint8), cv2.IMREAD_COLOR)
+            if img is None:
+                raise TapVidError(f"{where}: frame {t} is not a decodable image")
             frames.append(cv2.cvtColor(img, cv2.COLOR_BGR2RGB))
         else:
             frames.append(np.asarray(f, np.uint8))
+    if len({fr.shape for fr in frames}) != 1 or frames[0].ndim != 3 or frames[0].shape[2] != 3:
+        raise TapVidError(f"{where}: frames are not all H x W x 3 images of one size")
     return np.stack(frames)
+
+
+def _video_length(video, where: str) -> int:
+    """Frame count of a video field, checking its form without decoding it."""
+    if isinstance(video, np.ndarray):
+        if video.dtype != np.uint8 or video.ndim != 4 or video.shape[3] != 3:
+            raise TapVidError(f"{where}: video is {video.dtype} {video.shape}, expected uint8 (T,H,W,3)")
+        return video.shape[0]
+    if isinstance(video, (list, tuple)) and video:
+        if all(isinstance(f, (bytes, bytearray, np.bytes_)) for f in video):
+            return len(video)
+        if all(isinstance(f, np.ndarray) and f.dtype == np.uint8 and f.shape[-1:] == (3,) for f in video):
+            return len(video)
+    raise TapVidError(f"{where}: video is {type(video).__name__}, expected a uint8 (T,H,W,3) array or a list of "
+                      f"encoded frames")
+
+
+def _check_entry(item, where: str) -> None:
+    """Raise TapVidError unless item is {video, points (N,T,2) float, occluded (N,T) bool} of one length T."""
+    if not isinstance(item, dict):
+        raise TapVidError(f"{where} is {type(item).__name__}, expected a dict with video/points/occluded")
+    if not {"video", "points", "occluded"} <= set(item):
+        raise TapVidError(f"{where} lacks video/points/occluded")
+    T = _video_length(item["video"], where)
+    pts, occ = item["points"], item["occluded"]
+    if not isinstance(pts, np.ndarray) or pts.dtype.kind not in "fiu" or pts.ndim != 3 or pts.shape[2] != 2:
+        got = f"{pts.dtype} {pts.shape}" if isinstance(pts, np.ndarray) else type(pts).__name__
+        raise TapVidError(f"{where}: points is {got}, expected a float (N,T,2) array")
+    if not isinstance(occ, np.ndarray) or occ.dtype.kind not in "biu" or occ.shape != pts.shape[:2]:
+        got = f"{occ.dtype} {occ.shape}" if isinstance(occ, np.ndarray) else type(occ).__name__
+        raise TapVidError(f"{where}: occluded is {got}, expected a bool {pts.shape[:2]} array")
+    if pts.shape[1] != T:
+        raise TapVidError(f"{where}: video has {T} frames but points have {pts.shape[1]}")
+
+
+def _entries(data, f: Path) -> list[tuple[str, dict]]:
+    """(name, entry) pairs of one unpickled file, all checked before any is used."""
+    if isinstance(data, dict):
+        items = [(str(k), v) for k, v in data.items()]
+    elif isinstance(data, (list, tuple)):
+        items = [(f"{f.stem}_{i:04d}", v) for i, v in enumerate(data)]
+    else:
+        raise TapVidError(f"{f}: holds {type(data).__name__}, expected a dict or list of videos")
+    if not items:
+        raise TapVidError(f"{f}: holds no videos")
+    for name, item in items:
+        _check_entry(item, f"{f}: entry {name}")
+    return items
 
 
 def load_tapvid(path: str | Path) -> Iterator[tuple[str, np.ndarray, np.ndarray, np.ndarray]]:
     """Yield (name, video (T,H,W,3) uint8, points (N,T,2) in pixels, occluded (N,T) bool) from a pickle or a
-    folder of pickles. Normalised points are scaled by (W-1, H-1)."""
+    folder of pickles. Normalised points are scaled by (W-1, H-1). A file that is unsafe or not TAP-Vid shaped
+    raises TapVidError (one line naming it) before any of its videos is yielded."""
     path = Path(path)
     files = sorted(path.glob("*.pkl")) if path.is_dir() else [path]
     if not files:
-        raise FileNotFoundError(f"{path}: no TAP-Vid pickle")
+        raise TapVidError(f"{path}: no TAP-Vid pickle")
     for f in files:
         try:
-            with open(f, "rb") as fh:
-                data = pickle.load(fh)
-        except Exception as e:
-            raise ValueError(f"{f}: not a readable TAP-Vid pickle ({type(e).__name__})") from None
-        items = data.items() if isinstance(data, dict) else ((f"{f.stem}_{i:04d}", v) for i, v in enumerate(data))
-        for name, item in items:
-            if not {"video", "points", "occluded"} <= set(item):
-                raise ValueError(f"{f}: entry {name} lacks video/points/occluded")
-            video = _decode_video(item["video"])
+            data = load_pickle(f)  # restricted: a crafted pickle cannot run code
+        except UnsafeFileError as e:
+            raise TapVidError(str(e)) from None
+        for name, item in _entries(data, f):
+            video = _decode_video(item["video"], f"{f}: entry {name}")
             H, W = video.shape[1:3]
-            pts = np.asarray(item["points"], np.float32) * np.array([W - 1, H - 1], np.float32)
-            yield str(name), video, pts, np.asarray(item["occluded"], bool)
+            pts = item["points"].astype(np.float32) * np.array([W - 1, H - 1], np.float32)
+            yield name, video, pts, item["occluded"].astype(bool)
 
 
 def strided_queries(occluded: np.ndarray, stride: int = 5) -> tuple[np.ndarray, np.ndarray]:

@@ -1,0 +1,327 @@
+"""Untrusted data files never run code: crafted pickles, .npy and .npz are refused with one line naming the file."""
+
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from datasets import pointodyssey as pod
+from datasets import tapvid
+from datasets.kubric import KubricDataset
+from utils.safe_load import UnsafeFileError, load_npy, load_npz, load_pickle
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class Payload:
+    """Unpickling this runs `how` (a shell command, builtins.open or builtins.eval) that creates `marker`."""
+
+    def __init__(self, marker: Path, how: str = "system"):
+        self.marker, self.how = str(marker), how
+
+    def __reduce__(self):
+        if self.how == "system":
+            return os.system, (f"touch '{self.marker}'",)
+        if self.how == "open":
+            return open, (self.marker, "w")
+        return eval, (f"open({self.marker!r}, 'w')",)
+
+
+HOWS = ["system", "open", "eval"]
+WANTS = {"system": "posix.system", "open": "io.open", "eval": "builtins.eval"}
+
+
+def _one_line(e: BaseException, name: str) -> str:
+    text = str(e)
+    assert "\n" not in text and name in text, text
+    return text
+
+
+@pytest.mark.parametrize("how", HOWS)
+def test_payload_is_live(tmp_path, how):
+    """The payloads below really run code under a plain pickle.loads, so their refusal is what saves us."""
+    marker = tmp_path / "ran"
+    pickle.loads(pickle.dumps(Payload(marker, how)))
+    assert marker.exists()
+
+
+# --- PointOdyssey ----------------------------------------------------------------------------------------
+
+def _anno(T=5, N=4, trajs_3d=None) -> dict:
+    rng = np.random.default_rng(0)
+    return {"trajs_2d": rng.uniform(0, 50, (T, N, 2)).astype(np.float32),
+            "trajs_3d": np.zeros((T, N, 3), np.float32) if trajs_3d is None else trajs_3d,
+            "visibs": np.ones((T, N), bool), "valids": np.ones((T, N), bool)}
+
+
+@pytest.mark.parametrize("how", HOWS)
+def test_pickle_saved_as_anno_npz_is_refused(tmp_path, how):
+    marker = tmp_path / "ran"
+    with open(tmp_path / "anno.npz", "wb") as f:
+        pickle.dump(Payload(marker, how), f)
+    for require_3d in (True, False):
+        with pytest.raises(pod.SkipItem) as e:
+            pod.load_annotations(tmp_path, require_3d)
+        assert _one_line(e.value, "anno.npz").startswith("anno.npz: refused: not a zip archive")
+    with pytest.raises(UnsafeFileError, match="refused: not a zip archive"):
+        load_npz(tmp_path / "anno.npz")
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("how", HOWS)
+@pytest.mark.parametrize("fname", ["anno.npz", "annotations.npz"])
+def test_npz_with_payload_in_trajs_3d_is_refused(tmp_path, how, fname):
+    marker = tmp_path / "ran"
+    z = _anno(trajs_3d=np.array([Payload(marker, how)], dtype=object))
+    if fname == "annotations.npz":
+        z["visibilities"] = np.ones(z.pop("visibs").shape, np.uint8)
+    np.savez(tmp_path / fname, **z)
+    with pytest.raises(pod.SkipItem) as e:
+        pod.load_annotations(tmp_path, require_3d=True)
+    text = _one_line(e.value, fname)
+    assert text == (f"{fname}: refused: member trajs_3d: pickle wants {WANTS[how]} "
+                    f"(only plain data and numpy arrays are allowed)")
+    with pytest.raises(UnsafeFileError) as e:
+        load_npz(tmp_path / fname)
+    assert _one_line(e.value, str(tmp_path / fname)) == f"{tmp_path / fname}: {text.split(': ', 1)[1]}"
+    assert not marker.exists()
+
+
+def test_legitimate_anno_npz_still_loads(tmp_path):
+    np.savez(tmp_path / "anno.npz", **_anno(trajs_3d=np.array(None, dtype=object)))
+    with pytest.raises(pod.SkipItem, match="^trajs_3d is None$"):
+        pod.load_annotations(tmp_path, require_3d=True)
+    trajs, visibs, valids = pod.load_annotations(tmp_path, require_3d=False)
+    assert trajs.shape == (5, 4, 2) and visibs.all() and valids.all()
+    z = load_npz(tmp_path / "anno.npz")
+    assert z["trajs_3d"].dtype == object and z["trajs_3d"].item() is None
+    np.savez_compressed(tmp_path / "anno.npz", **_anno())
+    trajs, _, _ = pod.load_annotations(tmp_path, require_3d=True)
+    assert np.array_equal(trajs, _anno()["trajs_2d"])
+
+
+def test_damaged_npz_is_one_line(tmp_path):
+    np.savez(tmp_path / "anno.npz", **_anno())
+    data = (tmp_path / "anno.npz").read_bytes()
+    (tmp_path / "anno.npz").write_bytes(data[:len(data) // 2])
+    with pytest.raises(pod.SkipItem) as e:
+        pod.load_annotations(tmp_path)
+    _one_line(e.value, "anno.npz")
+
+
+# --- Kubric ----------------------------------------------------------------------------------------------
+
+def _kubric_seq(root: Path, ann) -> KubricDataset:
+    seq = root / "seq0000"
+    (seq / "frames").mkdir(parents=True)
+    for t in range(3):
+        cv2.imwrite(str(seq / "frames" / f"{t:03d}.png"), np.full((16, 16, 3), 40 * t, np.uint8))
+    np.save(seq / "seq0000.npy", ann, allow_pickle=True)
+    return KubricDataset(str(root), S=3, N=2, crop_size=(16, 16))
+
+
+@pytest.mark.parametrize("how", HOWS)
+def test_kubric_npy_with_payload_is_refused(tmp_path, how):
+    marker = tmp_path / "ran"
+    ds = _kubric_seq(tmp_path / "k", {"coords": Payload(marker, how), "visibility": np.zeros((2, 3), bool)})
+    path = tmp_path / "k" / "seq0000" / "seq0000.npy"
+    with pytest.raises(UnsafeFileError) as e:
+        ds.load(0)
+    assert _one_line(e.value, str(path)) == (f"{path}: refused: pickle wants {WANTS[how]} "
+                                             f"(only plain data and numpy arrays are allowed)")
+    assert isinstance(e.value, ValueError)  # what train.py reports as a one-line data error
+    assert not marker.exists()
+
+
+def test_kubric_npy_that_is_a_bare_pickle_is_refused(tmp_path):
+    marker = tmp_path / "ran"
+    ds = _kubric_seq(tmp_path / "k", {})
+    path = tmp_path / "k" / "seq0000" / "seq0000.npy"
+    path.write_bytes(pickle.dumps(Payload(marker)))
+    with pytest.raises(UnsafeFileError, match="not an .npy array") as e:
+        ds.load(0)
+    _one_line(e.value, str(path))
+    assert not marker.exists()
+
+
+def test_legitimate_kubric_npy_still_loads(tmp_path):
+    occluded = np.zeros((2, 3), bool)
+    occluded[1, 2] = True
+    coords = np.arange(12, dtype=np.float64).reshape(2, 3, 2)
+    ds = _kubric_seq(tmp_path / "k", {"coords": coords, "visibility": occluded})
+    frames, c, visible = ds.load(0)
+    assert frames.shape == (3, 16, 16, 3) and c.shape == (3, 2, 2) and c.dtype == np.float32
+    assert np.array_equal(c, coords.transpose(1, 0, 2))
+    assert not visible[2, 1] and visible[1, 1] and visible[:, 0].all()  # the file's flag means occluded
+
+
+@pytest.mark.parametrize("ann,msg", [({"coords": np.zeros((2, 3, 2))}, "not a Kubric annotation"),
+                                     ({"coords": np.zeros((2, 3)), "visibility": np.zeros((2, 3), bool)}, "(N,T,2)"),
+                                     ([1, 2], "not a Kubric annotation")])
+def test_kubric_npy_of_the_wrong_shape_is_one_line(tmp_path, ann, msg):
+    ds = _kubric_seq(tmp_path / "k", ann)
+    with pytest.raises(ValueError, match=msg) as e:
+        ds.load(0)
+    _one_line(e.value, "seq0000.npy")
+
+
+# --- TAP-Vid ---------------------------------------------------------------------------------------------
+
+def _entry(T=4, H=24, W=32, N=3, seed=0) -> dict:
+    rng = np.random.default_rng(seed)
+    occ = np.zeros((N, T), bool)
+    occ[0, 1] = True
+    return {"video": (rng.random((T, H, W, 3)) * 255).astype(np.uint8),
+            "points": rng.random((N, T, 2)).astype(np.float32), "occluded": occ}
+
+
+def _dump(path: Path, obj, protocol=pickle.HIGHEST_PROTOCOL) -> Path:
+    with open(path, "wb") as f:
+        pickle.dump(obj, f, protocol=protocol)
+    return path
+
+
+@pytest.mark.parametrize("how", HOWS)
+@pytest.mark.parametrize("where", ["top", "video", "points"])
+def test_tapvid_pickle_with_payload_is_refused(tmp_path, how, where):
+    marker = tmp_path / "ran"
+    bomb = Payload(marker, how)
+    obj = bomb if where == "top" else {"clip": dict(_entry(), **{where: bomb})}
+    path = _dump(tmp_path / "davis.pkl", obj)
+    with pytest.raises(tapvid.TapVidError) as e:
+        list(tapvid.load_tapvid(path))
+    assert _one_line(e.value, str(path)) == (f"{path}: refused: pickle wants {WANTS[how]} "
+                                             f"(only plain data and numpy arrays are allowed)")
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("protocol", [0, 2, 4, 5])
+def test_legitimate_tapvid_pickles_still_load(tmp_path, protocol):
+    a, b = _entry(seed=0), _entry(seed=1)
+    (name, video, pts, occ), = tapvid.load_tapvid(_dump(tmp_path / "d.pkl", {"clipA": a}, protocol))
+    assert name == "clipA" and np.array_equal(video, a["video"]) and np.array_equal(occ, a["occluded"])
+    assert np.allclose(pts, a["points"] * [31, 23])
+    got = list(tapvid.load_tapvid(_dump(tmp_path / "r.pkl", [a, b], protocol)))
+    assert [g[0] for g in got] == ["r_0000", "r_0001"] and np.array_equal(got[1][1], b["video"])
+    # Kinetics: the video is a list of encoded frames (PNG here, so the round trip is exact)
+    kin = dict(a, video=[cv2.imencode(".png", fr[..., ::-1])[1].tobytes() for fr in a["video"]])
+    (_, video, _, _), = tapvid.load_tapvid(_dump(tmp_path / "k.pkl", [kin], protocol))
+    assert np.array_equal(video, a["video"])
+    jpg = dict(a, video=[cv2.imencode(".jpg", fr[..., ::-1])[1].tobytes() for fr in a["video"]])
+    (_, video, _, _), = tapvid.load_tapvid(_dump(tmp_path / "j.pkl", [jpg], protocol))
+    assert video.shape == a["video"].shape and video.dtype == np.uint8
+
+
+BAD_SHAPES = {
+    "dict of ints": ({"a": 1, "b": 2}, "entry a is int, expected a dict"),
+    "list of strings": (["x", "y"], "entry bad_0000 is str, expected a dict"),
+    "an int": (7, "holds int, expected a dict or list of videos"),
+    "empty": ({}, "holds no videos"),
+    "missing keys": ({"a": {"video": _entry()["video"]}}, "entry a lacks video/points/occluded"),
+    "points 2-D": ({"a": dict(_entry(), points=np.zeros((3, 4)))}, "points is float64 (3, 4), expected"),
+    "points strings": ({"a": dict(_entry(), points=np.full((3, 4, 2), "x"))}, "points is <U1"),
+    "points a list": ({"a": dict(_entry(), points=[[0.0, 0.0]])}, "points is list"),
+    "occluded float": ({"a": dict(_entry(), occluded=np.zeros((3, 4)))}, "occluded is float64 (3, 4)"),
+    "occluded shape": ({"a": dict(_entry(), occluded=np.zeros((3, 5), bool))}, "occluded is bool (3, 5)"),
+    "video float": ({"a": dict(_entry(), video=np.zeros((4, 8, 8, 3)))}, "video is float64 (4, 8, 8, 3)"),
+    "video dict": ({"a": dict(_entry(), video={"x": 1})}, "video is dict"),
+    "frame count": ({"a": dict(_entry(), video=np.zeros((5, 8, 8, 3), np.uint8))}, "video has 5 frames"),
+    "bad jpeg": ({"a": dict(_entry(), video=[b"notajpeg"] * 4)}, "frame 0 is not a decodable image"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_SHAPES))
+def test_tapvid_pickle_of_the_wrong_shape_is_one_line(tmp_path, case):
+    obj, msg = BAD_SHAPES[case]
+    path = _dump(tmp_path / "bad.pkl", obj)
+    with pytest.raises(tapvid.TapVidError) as e:
+        list(tapvid.load_tapvid(path))
+    assert msg in _one_line(e.value, str(path))
+
+
+def _run_tap(pkl: Path, tmp_path: Path) -> subprocess.CompletedProcess:
+    # no checkpoint exists: a data error must come first, before the model is looked for
+    return subprocess.run([sys.executable, str(ROOT / "test_on_tap.py"), f"--dataset_location={pkl}",
+                           f"--init_dir={tmp_path / 'no_model'}"], cwd=ROOT, capture_output=True, text=True,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+
+
+def test_test_on_tap_reports_bad_data_in_one_line(tmp_path):
+    marker = tmp_path / "ran"
+    cases = {"shape.pkl": ({"a": 1}, "entry a is int"), "evil.pkl": (Payload(marker), "refused: pickle wants"),
+             "trunc.pkl": (None, "not a readable pickle")}
+    for name, (obj, msg) in cases.items():
+        path = _dump(tmp_path / name, obj)
+        if obj is None:
+            path.write_bytes(pickle.dumps({"a": _entry()})[:100])
+        res = _run_tap(path, tmp_path)
+        assert res.returncode == 2, res.stderr
+        assert res.stderr.strip().startswith("error: ") and len(res.stderr.strip().splitlines()) == 1, res.stderr
+        assert str(path) in res.stderr and msg in res.stderr and "Traceback" not in res.stderr
+    assert not marker.exists()
+    res = _run_tap(tmp_path / "nothing_here", tmp_path)
+    assert res.returncode == 2 and res.stderr.startswith("error: ") and "nothing_here" in res.stderr
+
+
+# --- the loaders themselves ------------------------------------------------------------------------------
+
+ARRAYS = [np.arange(6, dtype=np.float32).reshape(2, 3), np.zeros((2, 2), bool), np.array([b"ab", b"c"]),
+          np.array(["x", "yy"]), np.array(None, dtype=object), np.array([1, "a", None, b"jpeg", 2.5], dtype=object),
+          np.array([(1, 2.0)], dtype=[("a", "i4"), ("b", "f8")]), np.zeros(3, ">f4"), np.arange(6.0).reshape(2, 3).T,
+          np.array([np.zeros(2), np.ones(3)], dtype=object), np.array(["2020-01-01"], "datetime64[D]"),
+          np.array([1 + 2j], np.complex64), np.zeros(3, np.float16)]
+
+
+@pytest.mark.parametrize("protocol", range(pickle.HIGHEST_PROTOCOL + 1))
+def test_load_pickle_rebuilds_plain_data_and_arrays(tmp_path, protocol):
+    obj = {"arrays": ARRAYS, "scalars": [np.float32(1.5), np.int64(3), np.bool_(True), np.str_("s")],
+           "dtype": np.dtype("f4"), "plain": [None, True, 1, 2.5, 1 + 1j, "s", b"b", b"", bytearray(b"x"), (1, 2),
+                                              {1, 2}, frozenset([3])]}
+    got = load_pickle(_dump(tmp_path / "x.pkl", obj, protocol))
+    ref = pickle.loads(pickle.dumps(obj, protocol))
+    assert repr(got["plain"]) == repr(ref["plain"]) and repr(got["scalars"]) == repr(ref["scalars"])
+    assert got["dtype"] == ref["dtype"]
+    for g, r in zip(got["arrays"], ref["arrays"], strict=True):
+        assert type(g) is np.ndarray and g.dtype == r.dtype and g.shape == r.shape
+        assert repr(list(g.flat)) == repr(list(r.flat)) if r.dtype == object else g.tobytes() == r.tobytes()
+
+
+def test_load_npy_and_npz_round_trip(tmp_path):
+    for i, a in enumerate(ARRAYS):
+        np.save(tmp_path / f"{i}.npy", a, allow_pickle=True)
+        g = load_npy(tmp_path / f"{i}.npy")
+        assert g.dtype == a.dtype and g.shape == a.shape
+    np.savez_compressed(tmp_path / "z.npz", **{f"a{i}": a for i, a in enumerate(ARRAYS)})
+    z = load_npz(tmp_path / "z.npz")
+    assert sorted(z) == sorted(f"a{i}" for i in range(len(ARRAYS)))
+    assert list(load_npz(tmp_path / "z.npz", keys=["a0"])) == ["a0"]
+
+
+@pytest.mark.parametrize("what", ["builtins.getattr", "subprocess.Popen", "numpy.load", "numpy.lib.npyio.load",
+                                  "pickle.loads", "copyreg._reconstructor"])
+def test_anything_beyond_numpy_arrays_is_refused(tmp_path, what):
+    module, name = what.rsplit(".", 1)
+    # a hand-made protocol-0 pickle calling module.name("x")
+    (tmp_path / "g.pkl").write_bytes(f"c{module}\n{name}\n(S'x'\ntR.".encode())
+    with pytest.raises(UnsafeFileError) as e:
+        load_pickle(tmp_path / "g.pkl")
+    assert _one_line(e.value, "g.pkl").endswith(f"g.pkl: refused: pickle wants {what} "
+                                                f"(only plain data and numpy arrays are allowed)")
+
+
+def test_codecs_other_than_latin1_are_refused(tmp_path):
+    (tmp_path / "c.pkl").write_bytes(b"c_codecs\nencode\n(S'x'\nS'zlib'\ntR.")
+    with pytest.raises(UnsafeFileError, match="refused: pickle wants _codecs.encode with 'zlib'"):
+        load_pickle(tmp_path / "c.pkl")
+
+
+def test_missing_file_is_one_line(tmp_path):
+    for fn in (load_pickle, load_npy, load_npz):
+        with pytest.raises(UnsafeFileError, match="cannot open") as e:
+            fn(tmp_path / "nope")
+        _one_line(e.value, "nope")
