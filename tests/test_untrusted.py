@@ -325,3 +325,24 @@ def test_missing_file_is_one_line(tmp_path):
         with pytest.raises(UnsafeFileError, match="cannot open") as e:
             fn(tmp_path / "nope")
         _one_line(e.value, "nope")
+
+
+# --- checkpoints -----------------------------------------------------------------------------------------
+
+def test_checkpoint_with_payload_is_refused_without_bad_advice(tmp_path):
+    import torch
+
+    from utils.checkpoint import CheckpointError, read_checkpoint
+
+    marker = tmp_path / "ran"
+    torch.save({"model_state_dict": Payload(marker)}, tmp_path / "model-000000001.pth")
+    with pytest.raises(CheckpointError) as e:
+        read_checkpoint(tmp_path / "model-000000001.pth")
+    text = _one_line(e.value, "model-000000001.pth")
+    assert "refused: it holds more than tensors and plain data" in text and "posix.system" in text
+    assert "weights_only" not in text  # torch's own message suggests turning the protection off
+    (tmp_path / "junk.pth").write_bytes(b"xx")
+    with pytest.raises(CheckpointError, match="junk.pth: not a readable checkpoint") as e:
+        read_checkpoint(tmp_path / "junk.pth")
+    assert "weights_only" not in _one_line(e.value, "junk.pth")
+    assert not marker.exists()

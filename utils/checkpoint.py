@@ -56,13 +56,26 @@ def step_of(path: str | os.PathLike) -> int:
     return int(m.group(1)) if m else 0
 
 
+def _load_problem(e: Exception) -> str:
+    """One line for a failed torch.load, without torch's advice to retry with weights_only=False."""
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+    if not lines:
+        return f"not a readable checkpoint ({type(e).__name__})"
+    if lines[0].startswith("Weights only load failed"):
+        # the preamble suggests weights_only=False, which would run whatever the file holds; keep the cause
+        cause = [ln for ln in lines[1:] if not ln.startswith(("Please file an issue", "Check the documentation"))]
+        if cause and "GLOBAL" in cause[0]:
+            return f"refused: it holds more than tensors and plain data ({cause[0]})"
+        return f"not a readable checkpoint ({cause[0] if cause else 'the weights-only unpickler failed'})"
+    return f"not a readable checkpoint ({lines[0]})"
+
+
 def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
     """torch.load a checkpoint safely; one clear error line for a corrupt or foreign file."""
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises many types for a bad file; the user needs one line
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path}: not a readable checkpoint ({first})") from None
+        raise CheckpointError(f"{path}: {_load_problem(e)}") from None
     if not isinstance(ckpt, dict) or "model_state_dict" not in ckpt:
         raise CheckpointError(f"{path}: not a PIPs++ checkpoint (no 'model_state_dict')")
     return ckpt
