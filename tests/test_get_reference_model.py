@@ -1,35 +1,79 @@
 """get_reference_model.sh against tarballs served from 127.0.0.1 and file:// URLs."""
 
 import functools
+import hashlib
 import http.server
 import io
 import os
+import shutil
 import subprocess
+import sys
 import tarfile
 import threading
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+CKPT = "reference_model/model-000200000.pth"
 
 
-def _tar(path: Path, members: dict[str, bytes], gz: bool = True):
-    with tarfile.open(path, "w:gz" if gz else "w") as tf:
+class Payload:
+    """Unpickling this would create `marker`."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.system, (f"touch '{self.marker}'",)
+
+
+def _tar(path: Path, members: dict, gz: bool = True):
+    """members: name -> bytes (a regular file) or a TarInfo-building (type, linkname) pair."""
+    # compresslevel 1: the real checkpoint barely compresses and level 9 only costs time
+    with tarfile.open(path, "w:gz" if gz else "w", **({"compresslevel": 1} if gz else {})) as tf:
         for name, data in members.items():
             info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
+            if isinstance(data, tuple):
+                info.type, info.linkname = data
+                tf.addfile(info)
+            else:
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+
+
+def _torch_bytes(obj) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def good_ckpt(tmp_path_factory) -> bytes:
+    from nets.pips2 import Pips
+
+    return _torch_bytes({"model_state_dict": Pips().state_dict()})
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, good_ckpt):
     root = tmp_path_factory.mktemp("www")
-    _tar(root / "good.tar.gz", {"reference_model/model-000200000.pth": b"weights" * 100,
-                                "reference_model/args.txt": b"S=36"})
+    marker = root / "ran"
+    _tar(root / "good.tar.gz", {CKPT: good_ckpt, "reference_model/args.txt": b"S=36"})
     _tar(root / "nomodel.tar.gz", {"reference_model/readme.txt": b"hi"})
     _tar(root / "plain.tar", {"reference_model/model-000000001.pth": b"x"}, gz=False)
     _tar(root / "escape.tar.gz", {"reference_model/model-000000001.pth": b"x", "../evil": b"x"})
+    _tar(root / "symlink_abs.tar.gz", {CKPT: (tarfile.SYMTYPE, "/etc/passwd")})
+    _tar(root / "symlink_up.tar.gz", {CKPT: (tarfile.SYMTYPE, "../../evil")})
+    _tar(root / "symlink_dir.tar.gz", {CKPT: good_ckpt, "reference_model/sub": (tarfile.SYMTYPE, "/tmp")})
+    _tar(root / "hardlink.tar.gz", {"reference_model/args.txt": b"S=36", CKPT: (tarfile.LNKTYPE, "/etc/passwd")})
+    _tar(root / "fifo.tar.gz", {CKPT: good_ckpt, "reference_model/pipe": (tarfile.FIFOTYPE, "")})
+    _tar(root / "chardev.tar.gz", {CKPT: good_ckpt, "reference_model/null": (tarfile.CHRTYPE, "")})
+    _tar(root / "garbage.tar.gz", {CKPT: b"weights" * 100, "reference_model/args.txt": b"new"})
+    _tar(root / "wrongmodel.tar.gz", {CKPT: _torch_bytes({"model_state_dict": {"x": torch.zeros(1)}})})
+    _tar(root / "nostate.tar.gz", {CKPT: _torch_bytes({"weights": torch.zeros(1)})})
+    _tar(root / "evil.tar.gz", {CKPT: _torch_bytes({"model_state_dict": Payload(marker)})})
     (root / "page.html").write_text("<html>login</html>")
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
@@ -38,33 +82,132 @@ def server(tmp_path_factory):
     httpd.shutdown()
 
 
-def _run(url, cwd):
-    env = dict(os.environ, REF_MODEL_URL=url)
+def _run(url, cwd, **env):
+    # the script verifies the checkpoint with $PYTHON: this interpreter has torch and the project's deps
+    env = dict(os.environ, REF_MODEL_URL=url, PYTHON=sys.executable, OMP_NUM_THREADS="1", **env)
     return subprocess.run(["bash", str(ROOT / "get_reference_model.sh")], cwd=cwd, env=env, capture_output=True,
                           text=True)
 
 
-def test_good_tarball_over_http(server, tmp_path):
+def _last_line(res) -> str:
+    """The script's own error: curl's progress meter may precede it on stderr."""
+    lines = res.stderr.strip().splitlines()
+    assert lines and "Traceback" not in res.stderr, res.stderr
+    return lines[-1]
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _no_leftovers(dest: Path):
+    assert not [p.name for p in dest.iterdir() if p.name.startswith(".")]
+
+
+def test_good_tarball_over_http(server, tmp_path, good_ckpt):
     base, _ = server
     res = _run(f"{base}/good.tar.gz", tmp_path)
     assert res.returncode == 0, res.stderr
-    assert (tmp_path / "reference_model" / "model-000200000.pth").read_bytes() == b"weights" * 100
+    assert (tmp_path / CKPT).read_bytes() == good_ckpt
     assert "model-000200000.pth" in res.stdout
+    _no_leftovers(tmp_path / "reference_model")
 
 
-def test_file_url(server, tmp_path):
+def test_file_url_and_other_cwd(server, tmp_path):
     _, root = server
-    res = _run(f"file://{root / 'good.tar.gz'}", tmp_path)
+    dest = tmp_path / "elsewhere" / "ref"
+    res = _run(f"file://{root / 'good.tar.gz'}", tmp_path, REF_MODEL_DEST=str(dest))
     assert res.returncode == 0, res.stderr
-    assert (tmp_path / "reference_model" / "args.txt").is_file()
-
-
-@pytest.mark.parametrize("name,msg", [("page.html", "not a gzip"), ("nomodel.tar.gz", "no reference_model/model"),
-                                      ("plain.tar", "not a gzip"), ("escape.tar.gz", "unsafe paths"),
-                                      ("missing.tar.gz", "download failed")])
-def test_bad_downloads_are_refused(server, tmp_path, name, msg):
-    base, _ = server
-    res = _run(f"{base}/{name}", tmp_path)
-    assert res.returncode != 0 and msg in res.stderr
+    assert (dest / "args.txt").read_bytes() == b"S=36" and (dest / "model-000200000.pth").is_file()
     assert not (tmp_path / "reference_model").exists()
-    assert not (tmp_path.parent / "evil").exists()
+
+
+def test_good_tarball_replaces_an_old_install(server, tmp_path, good_ckpt):
+    base, _ = server
+    dest = tmp_path / "reference_model"
+    dest.mkdir()
+    (dest / "model-000200000.pth").write_bytes(b"old")
+    (dest / "args.txt").write_bytes(b"old")
+    res = _run(f"{base}/good.tar.gz", tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert (dest / "model-000200000.pth").read_bytes() == good_ckpt and (dest / "args.txt").read_bytes() == b"S=36"
+    _no_leftovers(dest)
+
+
+@pytest.mark.parametrize("name,msg", [
+    ("page.html", "not a gzip"), ("nomodel.tar.gz", "no reference_model/model"), ("plain.tar", "not a gzip"),
+    ("escape.tar.gz", "unsafe paths"), ("missing.tar.gz", "download failed"),
+    ("symlink_abs.tar.gz", "'reference_model/model-000200000.pth' is a symlink to '/etc/passwd', not a regular"),
+    ("symlink_up.tar.gz", "'reference_model/model-000200000.pth' is a symlink to '../../evil', not a regular"),
+    ("symlink_dir.tar.gz", "'reference_model/sub' is a symlink to '/tmp'"),
+    ("hardlink.tar.gz", "'reference_model/model-000200000.pth' is a hard link to '/etc/passwd'"),
+    ("fifo.tar.gz", "'reference_model/pipe' is a FIFO, not a regular file or folder; refusing it"),
+    ("chardev.tar.gz", "'reference_model/null' is a character device"),
+    ("garbage.tar.gz", "reference_model/model-000200000.pth: not a readable checkpoint"),
+    ("wrongmodel.tar.gz", "reference_model/model-000200000.pth: does not match the model: missing keys"),
+    ("nostate.tar.gz", "reference_model/model-000200000.pth: not a PIPs++ checkpoint"),
+    ("evil.tar.gz", "reference_model/model-000200000.pth: refused: it holds more than tensors and plain data"),
+])
+def test_bad_downloads_are_refused(server, tmp_path, name, msg):
+    base, root = server
+    res = _run(f"{base}/{name}", tmp_path)
+    line = _last_line(res)
+    assert res.returncode != 0 and line.startswith("get_reference_model.sh: ") and msg in line, res.stderr
+    assert str(tmp_path) not in line  # names the member, not the temp folder it was unpacked in
+    assert not (tmp_path / "reference_model").exists()
+    assert not (tmp_path.parent / "evil").exists() and not (root / "ran").exists()
+
+
+@pytest.mark.parametrize("name", ["garbage.tar.gz", "symlink_abs.tar.gz", "fifo.tar.gz", "wrongmodel.tar.gz"])
+def test_refused_archive_leaves_the_good_install_untouched(server, tmp_path, good_ckpt, name):
+    base, _ = server
+    dest = tmp_path / "reference_model"
+    dest.mkdir()
+    (dest / "model-000200000.pth").write_bytes(good_ckpt)
+    (dest / "args.txt").write_bytes(b"S=36")
+    before = {p.name: _sha(p) for p in dest.iterdir()}
+    res = _run(f"{base}/{name}", tmp_path)
+    assert res.returncode != 0 and _last_line(res).startswith("get_reference_model.sh: ")
+    assert {p.name: _sha(p) for p in dest.iterdir()} == before  # byte-identical, nothing added
+    assert not (dest / "model-000200000.pth").is_symlink()
+
+
+def test_sha256_match_installs(server, tmp_path):
+    base, root = server
+    res = _run(f"{base}/good.tar.gz", tmp_path, REF_MODEL_SHA256=_sha(root / "good.tar.gz").upper())
+    assert res.returncode == 0, res.stderr
+    assert (tmp_path / CKPT).is_file()
+
+
+def test_sha256_mismatch_replaces_nothing(server, tmp_path):
+    base, root = server
+    dest = tmp_path / "reference_model"
+    dest.mkdir()
+    (dest / "model-000200000.pth").write_bytes(b"old")
+    res = _run(f"{base}/good.tar.gz", tmp_path, REF_MODEL_SHA256="0" * 64)
+    line = _last_line(res)
+    assert res.returncode != 0 and "sha256 mismatch" in line and _sha(root / "good.tar.gz") in line
+    assert "nothing replaced" in line and [p.name for p in dest.iterdir()] == ["model-000200000.pth"]
+    assert (dest / "model-000200000.pth").read_bytes() == b"old"
+
+
+def test_sha256_must_be_hex(server, tmp_path):
+    base, _ = server
+    res = _run(f"{base}/good.tar.gz", tmp_path, REF_MODEL_SHA256="abc")
+    assert res.returncode != 0 and "64 hex digits" in _last_line(res)
+    assert "downloading" not in res.stdout  # refused before anything is fetched
+
+
+def test_verification_needs_the_project_python(server, tmp_path):
+    base, _ = server
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    # a python that has the standard library but cannot import torch
+    (fake / "py").write_text(f"#!/bin/sh\nexec {shutil.which('python3') or sys.executable} -S \"$@\"\n")
+    (fake / "py").chmod(0o755)
+    env = dict(os.environ, REF_MODEL_URL=f"{base}/good.tar.gz", PYTHON=str(fake / "py"), PYTHONNOUSERSITE="1")
+    res = subprocess.run(["bash", str(ROOT / "get_reference_model.sh")], cwd=tmp_path, env=env,
+                         capture_output=True, text=True)
+    line = _last_line(res)
+    assert res.returncode != 0 and "cannot verify reference_model/model-000200000.pth" in line
+    assert not (tmp_path / "reference_model").exists()
