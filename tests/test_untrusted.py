@@ -346,3 +346,14 @@ def test_checkpoint_with_payload_is_refused_without_bad_advice(tmp_path):
         read_checkpoint(tmp_path / "junk.pth")
     assert "weights_only" not in _one_line(e.value, "junk.pth")
     assert not marker.exists()
+
+
+def test_npy_format_3_with_and_without_objects(tmp_path):
+    # non-latin-1 field names make numpy write format 3.0, whose header only a private numpy function reads
+    for dt in ([("测", "f4")], [("测", "O")]):
+        a = np.zeros(2, dtype=dt)
+        with pytest.warns(UserWarning):
+            np.save(tmp_path / "v3.npy", a, allow_pickle=True)
+        assert (tmp_path / "v3.npy").read_bytes()[6:8] == b"\x03\x00"
+        g = load_npy(tmp_path / "v3.npy")
+        assert g.dtype == a.dtype and g.shape == (2,)

@@ -8,6 +8,7 @@ few globals that plain data and numpy arrays need and refuses every other one be
 
 from __future__ import annotations
 
+import importlib
 import os
 import pickle
 import zipfile
@@ -128,8 +129,16 @@ def _read_header(fp: IO[bytes]) -> tuple[tuple[int, ...], bool, np.dtype]:
         return npformat.read_array_header_1_0(fp)
     if version == (2, 0):
         return npformat.read_array_header_2_0(fp)
-    # 3.0 differs from 2.0 only in the header's text encoding; numpy exposes no public reader for it
-    return npformat._read_array_header(fp, version)
+    # 3.0 differs from 2.0 only in the header's text encoding; numpy has no public reader for it, and its
+    # private one moved between releases (numpy.lib.format in 1.x, numpy.lib._format_impl in 2.x)
+    for name in ("numpy.lib._format_impl", "numpy.lib.format"):
+        try:
+            reader = getattr(importlib.import_module(name), "_read_array_header", None)
+        except ImportError:
+            continue
+        if reader is not None:
+            return reader(fp, version)
+    raise ValueError(f".npy format version {version[0]}.{version[1]} is not supported by this numpy")
 
 
 def _read_npy(fp: IO[bytes], path: str | os.PathLike, where: str = "") -> np.ndarray:
