@@ -357,3 +357,12 @@ def test_npy_format_3_with_and_without_objects(tmp_path):
         assert (tmp_path / "v3.npy").read_bytes()[6:8] == b"\x03\x00"
         g = load_npy(tmp_path / "v3.npy")
         assert g.dtype == a.dtype and g.shape == (2,)
+
+
+def test_unsafe_file_error_survives_a_process_boundary(tmp_path):
+    e = UnsafeFileError(tmp_path / "a.npz", "refused: not a zip archive\n(detail)")
+    assert str(e) == f"{tmp_path / 'a.npz'}: refused: not a zip archive (detail)"
+    back = pickle.loads(pickle.dumps(e))
+    assert str(back) == str(e) and back.path == e.path and back.problem == e.problem
+    again = UnsafeFileError(str(e))  # how torch's DataLoader rebuilds a worker's exception
+    assert str(again) == str(e) and again.path == e.path

@@ -25,10 +25,16 @@ ALLOWED_HINT = "only plain data and numpy arrays are allowed"
 class UnsafeFileError(ValueError):
     """A file the safe loaders refuse or cannot read; str(e) is one line naming the file and the problem."""
 
-    def __init__(self, path: str | os.PathLike, problem: str):
+    def __init__(self, path: str | os.PathLike, problem: str | None = None):
+        if problem is None:  # rebuilt from its message alone, as torch's DataLoader re-raises a worker's error
+            path, _, problem = str(path).partition(": ")
         self.path = Path(path)
         self.problem = " ".join(str(problem).split())  # one line, whatever the underlying error looked like
         super().__init__(f"{path}: {self.problem}")
+
+    def __reduce__(self):
+        # the default would call UnsafeFileError(message) and lose the path/problem split across processes
+        return type(self), (str(self.path), self.problem)
 
 
 class _Refused(pickle.UnpicklingError):
