@@ -71,7 +71,14 @@ class FileFrames(FrameSource):
         self.paths = list(paths)
 
     def _read(self, start: int, end: int) -> np.ndarray:
-        return self._resize(np.stack([self._read_rgb(p) for p in self.paths[start:end]]))
+        from utils.video import VideoError
+
+        frames = [self._read_rgb(p) for p in self.paths[start:end]]
+        for p, f in zip(self.paths[start:end], frames, strict=True):
+            if f.shape[:2] != self.src_hw:  # the annotations' pixel coordinates would no longer fit
+                raise VideoError(f"{p}: frame of {f.shape[1]}x{f.shape[0]}, the first frame is "
+                                 f"{self.src_hw[1]}x{self.src_hw[0]}")
+        return self._resize(np.stack(frames))
 
 
 class VideoFileFrames(FrameSource):
