@@ -232,3 +232,4 @@ def test_partial_folders_are_rewritten_and_verify_rewrites_damaged_clips(exporte
     assert len(list_clips(vdir)) == len(clips)
     again = run_export(synth_root, copy, "--max_iters=16", "--verify=True")
     assert "rewritten 0" in again.stdout and "written 0" in again.stdout
+    assert empty.is_dir()  # not one of this run's clips: nobody's to remove
