@@ -2,13 +2,21 @@
 
     ./get_reference_model.sh
     python test_on_pod.py --dataset_location=/data/pointodyssey --dset=test --init_dir=./reference_model
+
+A sequence that cannot be read (missing or unreadable frames, frames of different sizes, bad annotations)
+is skipped with its reason and counted in the summary. --out_json is written (temp file, then rename) at the
+end and also on Ctrl-C (exit 130) or an unexpected error (exit 1), with the sequences scored so far.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import sys
 import time
+from collections import Counter
 from pathlib import Path
+from typing import NoReturn
 
 import fire
 from tqdm import tqdm
@@ -18,6 +26,31 @@ from utils import evaluation, metrics
 from utils.checkpoint import resolve_device
 from utils.cli import load_pips_or_exit, parse_hw
 from utils.tracking import FileFrames
+from utils.video import VideoError
+
+
+def _fail(msg) -> NoReturn:
+    """Bad flags or data: one line on stderr, exit 2."""
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def check_frames(scene: pod.Scene) -> None:
+    """SkipItem unless every frame opens and has the first frame's size (image headers only: cheap)."""
+    from PIL import Image
+
+    first = None
+    for p in scene.rgb_paths:
+        try:
+            with Image.open(p) as im:
+                size = im.size
+        except Exception:
+            raise pod.SkipItem(f"unreadable frame ({p.name})") from None
+        if first is None:
+            first = (p, size)
+        elif size != first[1]:
+            raise pod.SkipItem(f"frames of different sizes ({p.name} is {size[0]}x{size[1]}, "
+                               f"{first[0].name} is {first[1][0]}x{first[1][1]})")
 
 
 def evaluate_scene(model, scene: pod.Scene, S: int, N: int, iters: int, image_size: tuple[int, int],
@@ -30,43 +63,87 @@ def evaluate_scene(model, scene: pod.Scene, S: int, N: int, iters: int, image_si
     return evaluation.evaluate_points(model, frames, trajs, valids, S, iters, point_batch, amp)
 
 
+def _skip_reason(e: Exception) -> str:
+    """A short reason: a VideoError's file is named by its file name, not its whole path."""
+    if isinstance(e, VideoError):
+        path, _, what = str(e).partition(": ")
+        return f"{what or 'unreadable'} ({Path(path).name})"
+    return str(e)
+
+
+def write_json(path: str | Path, payload: dict) -> None:
+    """Write JSON via a temp file and a rename: a reader never sees half a file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2))
+    os.replace(tmp, path)
+
+
 def main(dataset_location: str = "../datasets/pointodyssey", dset: str = "test", S: int = 128, N: int = 256,
          iters: int = 16, image_size=(512, 896), init_dir: str = "./reference_model", max_iters: int | None = None,
          device: str = "auto", amp: str = "none", point_batch: int = 256, out_json: str | None = None,
          zero_vel: bool = False) -> None:
     """Print one line per sequence and a final table; --zero_vel=True scores the zero-velocity baseline."""
-    image_size = parse_hw(image_size, "image_size")
+    try:
+        image_size = parse_hw(image_size, "image_size")
+        scenes = pod.list_scenes(dataset_location, dset)
+    except (ValueError, OSError) as e:
+        _fail(e)
+    if not scenes:
+        _fail(f"{Path(dataset_location) / dset}: no scene folders in this split")
+    scenes = scenes[:max_iters]
     dev = resolve_device(device)
     model = None
     if not zero_vel:
         model = load_pips_or_exit(init_dir, dev)
-    scenes = pod.list_scenes(dataset_location, dset)[:max_iters]
     rows, skipped = {}, {}
     t0 = time.time()
     n_frames = 0
-    for path in tqdm(scenes, desc=f"pod {dset}", unit="seq"):
-        try:
-            scene = pod.load_scene(path, require_masks=False, require_3d=False)
-        except pod.SkipItem as e:
-            skipped[path.name] = str(e)
-            tqdm.write(f"{path.name}: skipped ({e})")
-            continue
-        res = evaluate_scene(model, scene, S, N, iters, image_size, point_batch, None if amp == "none" else amp)
-        if res is None:
-            skipped[path.name] = "no usable point"
-            tqdm.write(f"{path.name}: skipped (no usable point)")
-            continue
-        rows[path.name] = res
-        n_frames += int(res["frames"])
-        tqdm.write(evaluation.format_row(path.name, res))
-    dt = time.time() - t0
-    mean = metrics.average({k: v for k, v in r.items() if k in metrics.METRIC_NAMES} for r in rows.values())
-    name = "zero-velocity" if zero_vel else str(init_dir)
-    print(metrics.metrics_table({"mean": mean}, title=f"{name} on PointOdyssey {dset}: {len(rows)} sequences"))
-    print(f"summary: {len(rows)} sequences scored, {len(skipped)} skipped; {n_frames / max(dt, 1e-9):.1f} frames/s")
-    if out_json:
-        Path(out_json).write_text(json.dumps({"mean": mean, "per_sequence": rows, "skipped": skipped,
-                                              "init_dir": None if zero_vel else str(init_dir)}, indent=2))
+    status = "interrupted"
+
+    def finish() -> None:
+        """Table, summary and --out_json of what was done, whatever ended the run."""
+        dt = time.time() - t0
+        mean = metrics.average({k: v for k, v in r.items() if k in metrics.METRIC_NAMES} for r in rows.values())
+        name = "zero-velocity" if zero_vel else str(init_dir)
+        print(metrics.metrics_table({"mean": mean}, title=f"{name} on PointOdyssey {dset}: {len(rows)} sequences"))
+        reasons = Counter(r.split(" (")[0] for r in skipped.values())
+        why = f" ({', '.join(f'{r}: {n}' for r, n in reasons.most_common())})" if reasons else ""
+        left = len(scenes) - len(rows) - len(skipped)
+        print(f"summary: {len(rows)} sequences scored, {len(skipped)} skipped{why}"
+              + (f", {left} not done ({status})" if status != "done" else "")
+              + f"; {n_frames / max(dt, 1e-9):.1f} frames/s", flush=True)
+        if out_json:
+            write_json(out_json, {"mean": mean, "per_sequence": rows, "skipped": skipped, "status": status,
+                                  "complete": status == "done", "init_dir": None if zero_vel else str(init_dir)})
+            print(f"results -> {out_json}" + ("" if status == "done" else " (partial)"), flush=True)
+
+    try:
+        for path in tqdm(scenes, desc=f"pod {dset}", unit="seq"):
+            try:
+                scene = pod.load_scene(path, require_masks=False, require_3d=False)
+                check_frames(scene)
+                res = evaluate_scene(model, scene, S, N, iters, image_size, point_batch,
+                                     None if amp == "none" else amp)
+                if res is None:
+                    raise pod.SkipItem("no usable point")
+            except (pod.SkipItem, VideoError) as e:  # this sequence's data: skip it and go on
+                skipped[path.name] = _skip_reason(e)
+                tqdm.write(f"{path.name}: skipped ({skipped[path.name]})")
+                continue
+            rows[path.name] = res
+            n_frames += int(res["frames"])
+            tqdm.write(evaluation.format_row(path.name, res))
+        status = "done"
+    except KeyboardInterrupt:
+        status = "interrupted"
+        finish()
+        sys.exit(130)
+    except Exception as e:  # a bug, not bad data: keep the scores, then fail loudly
+        status = f"error: {type(e).__name__}: {e}"
+        finish()
+        raise
+    finish()
 
 
 if __name__ == "__main__":

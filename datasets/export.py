@@ -9,9 +9,11 @@ keep concurrent exporters off each other's clips; claims of dead processes are t
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
+import signal
 import socket
 import time
 from dataclasses import asdict, dataclass
@@ -25,6 +27,18 @@ from utils.video import VideoError, read_clip, write_mp4
 
 STALE_CLAIM_S = 2 * 3600  # a claim from another host older than this is taken over
 CLIP_DIGITS = 6
+NO_SPACE = "no space left on device"
+LOW_SPACE_BYTES = 1 << 20  # a failed write with less free space than this is put down to a full disk
+
+
+class NoSpaceError(OSError):
+    """Writing failed because the disk is full; str(e) is "no space left on device (<path>)"."""
+
+    def __init__(self, path: Path):
+        super().__init__(errno.ENOSPC, f"{NO_SPACE} ({path})")
+
+    def __str__(self) -> str:
+        return self.strerror
 
 
 @dataclass(frozen=True)
@@ -65,6 +79,26 @@ def enumerate_candidates(dataset_location: str | Path, st: ExportSettings) -> li
     return cands
 
 
+def check_frame_sizes(scene: pod.Scene) -> None:
+    """SkipItem("frames of different sizes") unless every frame (and mask) has the first frame's size.
+
+    Only image headers are read. Without this, a clip whose frames agree with each other but not with the
+    scene's masks fails with an IndexError, counted as a failure and retried on every run.
+    """
+    from PIL import Image
+
+    def size(p: Path) -> tuple[int, int] | None:
+        try:
+            with Image.open(p) as im:
+                return im.size
+        except Exception:  # unreadable: the clips that use it are rejected when their frames are read
+            return None
+
+    sizes = {s for s in map(size, scene.rgb_paths + (scene.mask_paths or [])) if s is not None}
+    if len(sizes) > 1:
+        raise pod.SkipItem("frames of different sizes")
+
+
 class SceneCache:
     """The last few scenes loaded by this process (real annotations are large; clips come grouped by scene)."""
 
@@ -75,6 +109,7 @@ class SceneCache:
         if name not in self.items:
             try:
                 scene = pod.load_scene(self.root / name)
+                check_frame_sizes(scene)
             except pod.SkipItem as e:
                 scene = e
             if len(self.items) >= self.size:
@@ -98,6 +133,8 @@ def make_clip(scene: pod.Scene, cand: Candidate, st: ExportSettings, rng: np.ran
         mask_path = scene.mask_paths[idx[-1]] if scene.mask_paths else None
     H, W = frames.shape[1:3]
     edges = pod.segmentation_edges(pod.read_mask(mask_path)) if mask_path is not None else None
+    if edges is not None and edges.shape != (H, W):
+        raise pod.SkipItem("frames of different sizes")
     keep = pod.filter_tracks(trajs, visibs, valids, (H, W), edges)
     if len(keep) < st.N // 2:
         raise pod.SkipItem("too few tracks")
@@ -147,14 +184,36 @@ def verify_clip(folder: Path, S: int, N: int, hw: tuple[int, int]) -> None:
         raise VideoError(f"{folder / 'track.npz'}: track_g is {t.dtype} {t.shape}, expected float32 {(S, N, 4)}")
 
 
+def _tmp_name(k: int, tag: str = "") -> str:
+    """A private folder name under .tmp/ that clean_stale_temps removes once this process is dead."""
+    return f"{k:0{CLIP_DIGITS}d}{tag}__{socket.gethostname()}__{os.getpid()}"
+
+
+def is_no_space(exc: BaseException, path: Path) -> bool:
+    """Whether a failed write is down to a full disk: ENOSPC/EDQUOT anywhere in the exception chain, ffmpeg's
+    message, or (when the pipe to ffmpeg just broke) hardly any free space left where we were writing."""
+    e: BaseException | None = exc
+    while e is not None:
+        if getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    try:
+        return shutil.disk_usage(path).free < LOW_SPACE_BYTES
+    except OSError:
+        return False
+
+
 def write_clip(version_dir: Path, k: int, frames: np.ndarray, track: np.ndarray, meta: dict,
                preset: str = "medium") -> bool:
-    """Write clip k via a private temp folder, verify, rename into place; False if another writer won."""
+    """Write clip k via a private temp folder, verify, rename into place; False if another writer won.
+
+    A full disk raises NoSpaceError naming the folder (a broken pipe to ffmpeg says nothing about why).
+    """
     final = clip_dir(version_dir, k)
-    tmp = version_dir / ".tmp" / f"{k:0{CLIP_DIGITS}d}__{socket.gethostname()}__{os.getpid()}"
+    tmp = version_dir / ".tmp" / _tmp_name(k)
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     try:
+        tmp.mkdir(parents=True)
         write_mp4(tmp / "rgb.mp4", frames, fps=24, crf=20, preset=preset)
         np.savez(tmp / "track.npz", track_g=track.astype(np.float32))
         verify_clip(tmp, track.shape[0], track.shape[1], frames.shape[1:3])
@@ -164,15 +223,33 @@ def write_clip(version_dir: Path, k: int, frames: np.ndarray, track: np.ndarray,
             if is_clip_dir(final):  # someone else finished it first: theirs is identical
                 return False
             raise
+        line = json.dumps({"clip": k, **meta}) + "\n"
+        fd = os.open(version_dir / "manifest.jsonl", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            os.write(fd, line.encode())  # one small O_APPEND write: lines from concurrent writers never interleave
+        finally:
+            os.close(fd)
+    except Exception as e:
+        if is_no_space(e, version_dir):
+            raise NoSpaceError(version_dir) from e
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    line = json.dumps({"clip": k, **meta}) + "\n"
-    fd = os.open(version_dir / "manifest.jsonl", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    try:
-        os.write(fd, line.encode())  # one small O_APPEND write: lines from concurrent writers never interleave
-    finally:
-        os.close(fd)
     return True
+
+
+def remove_clip(version_dir: Path, k: int) -> None:
+    """Take a (partial or damaged) clip folder out of the way: renamed aside first, so that no half-removed
+    folder ever carries a clip's name."""
+    final = clip_dir(version_dir, k)
+    trash = version_dir / ".tmp" / _tmp_name(k, "-old")
+    trash.parent.mkdir(exist_ok=True)
+    shutil.rmtree(trash, ignore_errors=True)
+    try:
+        os.rename(final, trash)
+    except FileNotFoundError:
+        return
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -240,22 +317,63 @@ def rejected_reason(version_dir: Path, k: int) -> str | None:
 _CACHE: SceneCache | None = None
 
 
+def _check_existing(version_dir: Path, k: int, st: ExportSettings, verify: bool) -> str | None:
+    """With the claim held: "exists" for a good finished clip; None (to write it) after removing a partial
+    folder or, with verify, a clip that fails verification ("rewrite")."""
+    final = clip_dir(version_dir, k)
+    if is_clip_dir(final):
+        if not verify:
+            return "exists"
+        try:
+            verify_clip(final, st.S, st.N, st.crop_size)
+            return "exists"
+        except VideoError:
+            remove_clip(version_dir, k)
+            return "rewrite"
+    if final.exists():  # a six-digit folder without rgb.mp4 or track.npz (older versions, or by hand)
+        remove_clip(version_dir, k)
+        return "rewrite"
+    return None
+
+
 def export_one(args: tuple) -> tuple[int, str, str]:
-    """Build and write clip k; returns (k, status, detail) with status written/exists/rejected/busy/failed."""
+    """Build and write clip k; returns (k, status, detail) with status written/rewritten/exists/rejected/busy/
+    failed. args = (dataset_location, version_dir, settings dict, k, candidate dict[, verify])."""
+    try:
+        return _export_one(args)
+    except Exception as e:  # e.g. a full disk while claiming: a failed clip, never a crashed export
+        return args[3], "failed", _one_line(e, Path(args[1]))
+
+
+def _one_line(e: BaseException, version_dir: Path) -> str:
+    if isinstance(e, NoSpaceError):
+        return str(e)
+    if isinstance(e, OSError) and is_no_space(e, version_dir):
+        return str(NoSpaceError(version_dir))
+    msg = str(e).strip()
+    return f"{type(e).__name__}: {msg.splitlines()[0] if msg else ''}"
+
+
+def _export_one(args: tuple) -> tuple[int, str, str]:
     global _CACHE
-    dataset_location, version_dir, st_dict, k, cand = args
-    st = ExportSettings(**st_dict)
+    dataset_location, version_dir, st_dict, k, cand, *rest = args
+    verify = bool(rest and rest[0])
+    st = ExportSettings(**{**st_dict, "crop_size": tuple(st_dict["crop_size"])})
     version_dir = Path(version_dir)
-    if is_clip_dir(clip_dir(version_dir, k)):
+    final = clip_dir(version_dir, k)
+    if is_clip_dir(final) and not verify:
         return k, "exists", ""
     reason = rejected_reason(version_dir, k)
-    if reason is not None:
+    if reason is not None and not final.exists():
         return k, "rejected", reason
     if not claim(version_dir, k):
         return k, "busy", ""
     try:
-        if is_clip_dir(clip_dir(version_dir, k)):
+        existing = _check_existing(version_dir, k, st, verify)
+        if existing == "exists":
             return k, "exists", ""
+        if reason is not None:
+            return k, "rejected", reason
         root = Path(dataset_location) / st.dset
         if _CACHE is None or _CACHE.root != root:
             _CACHE = SceneCache(root)
@@ -268,9 +386,9 @@ def export_one(args: tuple) -> tuple[int, str, str]:
             return k, "rejected", str(e)
         meta = dict(asdict(cand), n_valid=int(track[..., 3].sum()), n_visible=int(track[..., 2].sum()))
         wrote = write_clip(version_dir, k, frames, track, meta, st.preset)
-        return k, "written" if wrote else "exists", ""
+        return k, ("rewritten" if existing == "rewrite" else "written") if wrote else "exists", ""
     except Exception as e:  # report and go on: one bad clip must not stop a day-long export
-        return k, "failed", f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+        return k, "failed", _one_line(e, version_dir)
     finally:
         release(version_dir, k)
 
@@ -288,6 +406,53 @@ def clean_stale_temps(version_dir: Path) -> int:
             shutil.rmtree(p, ignore_errors=True)
             n += 1
     return n
+
+
+def clean_stale_claims(version_dir: Path) -> int:
+    """Remove claims held by dead processes of this host (e.g. workers stopped mid-clip); returns how many."""
+    cdir = version_dir / ".claims"
+    if not cdir.is_dir():
+        return 0
+    n, host = 0, socket.gethostname()
+    for p in cdir.iterdir():
+        try:
+            h, pid = p.read_text().split()
+        except (OSError, ValueError):
+            continue
+        if h == host and pid.isdigit() and not _pid_alive(int(pid)):
+            p.unlink(missing_ok=True)
+            n += 1
+    return n
+
+
+def child_pids(pid: int) -> list[int]:
+    """Direct children of a process, from /proc."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if int(d.joinpath("stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    out.append(int(d.name))
+            except (OSError, IndexError, ValueError):
+                pass
+    return out
+
+
+def _die_with_children(signum, frame) -> None:
+    """A worker told to stop: kill (and reap) its ffmpeg encoders first, so that nothing writes on after it."""
+    for pid in child_pids(os.getpid()):
+        try:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        except OSError:
+            pass
+    os._exit(128 + signum)
+
+
+def worker_init() -> None:
+    """Export workers leave Ctrl-C to the parent (which stops them all) and die with their children on SIGTERM."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _die_with_children)
 
 
 def list_clips(version_dir: Path) -> list[Path]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import warnings
 from collections import deque
 from pathlib import Path
 
@@ -70,7 +71,14 @@ class FileFrames(FrameSource):
         self.paths = list(paths)
 
     def _read(self, start: int, end: int) -> np.ndarray:
-        return self._resize(np.stack([self._read_rgb(p) for p in self.paths[start:end]]))
+        from utils.video import VideoError
+
+        frames = [self._read_rgb(p) for p in self.paths[start:end]]
+        for p, f in zip(self.paths[start:end], frames, strict=True):
+            if f.shape[:2] != self.src_hw:  # the annotations' pixel coordinates would no longer fit
+                raise VideoError(f"{p}: frame of {f.shape[1]}x{f.shape[0]}, the first frame is "
+                                 f"{self.src_hw[1]}x{self.src_hw[0]}")
+        return self._resize(np.stack(frames))
 
 
 class VideoFileFrames(FrameSource):
@@ -157,6 +165,8 @@ class OffsetFrames(FrameSource):
 
 def window_starts(T: int, S: int) -> list[tuple[int, int]]:
     """(start, end) of each window: S frames, one frame of overlap, the last shifted back to end at T."""
+    if S < 2:
+        raise ValueError(f"S must be at least 2 (windows overlap by one frame), got {S}")
     if T <= S:
         return [(0, T)]
     out, start = [], 0
@@ -179,13 +189,16 @@ def run_window(model, frames: np.ndarray, init: torch.Tensor, feats: list | None
     """One window: frames (n,H,W,3) uint8 at model size, init (n,N,2) -> estimates (n,N,2) and feats per batch.
 
     The window is encoded once; points go through the model in batches of `point_batch`, each with its own
-    carried feat_init.
+    carried feat_init. A one-frame window is its initialisation: the model is not called (it needs motion
+    between at least two frames), and the carried feats pass through unchanged.
     """
-    device = next(model.parameters()).device
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp or "", None)
     n, N = init.shape[:2]
     out = init.detach().float().cpu().clone()
     feats = list(feats) if feats is not None else [None] * ((N + point_batch - 1) // point_batch)
+    if n < 2:
+        return out, feats
+    device = next(model.parameters()).device
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp or "", None)
     rgbs = _to_input(frames, device)
     with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
         fmaps = model.encode_nhwc(rgbs)
@@ -238,6 +251,36 @@ def grid_queries(hw: tuple[int, int], grid_size: int = 16, t: int = 0, mask: np.
     return np.concatenate([np.full((len(pts), 1), t, np.float64), pts], 1).astype(np.float32)
 
 
+def check_queries(queries, T: int, hw: tuple[int, int]) -> np.ndarray:
+    """Queries as (N,3) float32 rows of (t, x, y); ValueError naming the first bad row, a warning for points
+    outside the image (they are tracked, but the model sees nothing there)."""
+    q = np.asarray(queries, np.float32)
+    if q.ndim == 1 and q.size == 3:
+        q = q[None]
+    if q.ndim != 2 or q.shape[1] != 3:
+        raise ValueError(f"queries: expected (N,3) rows of (t, x, y), got shape {tuple(q.shape)}")
+    if len(q) == 0:
+        raise ValueError("queries: no queries")
+    bad = np.nonzero(~np.isfinite(q[:, 0]))[0]
+    if len(bad):
+        raise ValueError(f"queries: row {bad[0]} has a non-finite frame t ({q[bad[0], 0]})")
+    bad = np.nonzero(~np.isfinite(q[:, 1:]).all(1))[0]
+    if len(bad):
+        raise ValueError(f"queries: row {bad[0]} has a non-finite x/y ({q[bad[0], 1]}, {q[bad[0], 2]})")
+    qt = q[:, 0].round()
+    bad = np.nonzero((qt < 0) | (qt > T - 1))[0]
+    if len(bad):
+        raise ValueError(f"queries: row {bad[0]} has frame {q[bad[0], 0]:g}; valid frames are 0..{T - 1} "
+                         f"({T} frames)")
+    H, W = hw
+    out = np.nonzero((q[:, 1] < 0) | (q[:, 1] > W - 1) | (q[:, 2] < 0) | (q[:, 2] > H - 1))[0]
+    if len(out):
+        i = out[0]
+        warnings.warn(f"queries: {len(out)} point(s) outside the {W}x{H} image (first: row {i} at x={q[i, 1]:g}, "
+                      f"y={q[i, 2]:g}); tracking them anyway", stacklevel=3)
+    return q
+
+
 def track(model, video, queries, S: int = 128, iters: int = 16, backward: bool = False,
           image_size: tuple[int, int] | None = None, point_batch: int = 256, amp: str | None = None,
           progress: bool = False) -> dict[str, np.ndarray]:
@@ -248,12 +291,8 @@ def track(model, video, queries, S: int = 128, iters: int = 16, backward: bool =
     """
     src = as_frame_source(video, image_size)
     T = len(src)
-    q = np.asarray(queries, np.float32).reshape(-1, 3)
-    if len(q) == 0:
-        raise ValueError("no queries")
+    q = check_queries(queries, T, src.src_hw)
     qt = q[:, 0].round().astype(int)
-    if (qt < 0).any() or (qt >= T).any():
-        raise ValueError(f"query frames must be in [0, {T - 1}]")
     model_xy = scale_xy(torch.from_numpy(q[:, 1:]), src.src_hw, src.model_hw)
     tracks = torch.zeros(T, len(q), 2)
     estimated = np.zeros((T, len(q)), bool)
@@ -287,6 +326,8 @@ class OnlineTracker:
 
     def __init__(self, model, queries_xy: np.ndarray, src_hw: tuple[int, int], S: int = 128, iters: int = 16,
                  image_size: tuple[int, int] | None = None, point_batch: int = 256, amp: str | None = None):
+        if S < 2:
+            raise ValueError(f"S must be at least 2 (windows overlap by one frame), got {S}")
         self.model, self.S, self.iters, self.point_batch, self.amp = model, S, iters, point_batch, amp
         self.src_hw = tuple(src_hw)
         self.model_hw = tuple(image_size or default_model_hw(src_hw))
