@@ -19,38 +19,121 @@ import cv2
 import fire
 import numpy as np
 
-from utils.cli import load_pips_or_exit, parse_hw
+from utils.cli import parse_hw
 from utils.tracking import grid_queries, track
 from utils.video import VideoError, iter_frames, read_rgb, video_info, write_mp4
 from utils.vis import render_tracks
 
 
 def read_points(path: str | Path, query_frame: int = 0) -> np.ndarray:
-    """(N,3) queries (t, x, y) from a CSV (t,x,y or x,y rows; a header is skipped) or JSON (lists or dicts)."""
+    """(N,3) queries (t, x, y) from a CSV (t,x,y or x,y rows; one header line allowed) or JSON (lists or dicts)."""
+    return read_point_rows(path, query_frame)[0]
+
+
+def read_point_rows(path: str | Path, query_frame: int = 0) -> tuple[np.ndarray, list[int]]:
+    """(N,3) queries and, per query, its row in the file (CSV line or 1-based JSON item) for error messages.
+
+    A row that is not 2 or 3 numbers is an error naming the file and row: silently dropping it would track
+    fewer points than the user asked for.
+    """
     path = Path(path)
-    rows = []
+    rows, where = [], []
     try:
         if path.suffix.lower() == ".json":
-            for item in json.loads(path.read_text()):
-                if isinstance(item, dict):
-                    rows.append([item.get("t", query_frame), item["x"], item["y"]])
-                else:
-                    rows.append([query_frame, *item] if len(item) == 2 else list(item))
+            items = json.loads(path.read_text())
+            if not isinstance(items, list):
+                raise ValueError(f"{path}: expected a JSON list of points, got {type(items).__name__}")
+            for n, item in enumerate(items, 1):
+                try:
+                    if isinstance(item, dict):
+                        vals = [float(item.get("t", query_frame)), float(item["x"]), float(item["y"])]
+                    else:
+                        vals = [float(v) for v in item]
+                        if len(vals) not in (2, 3):
+                            raise ValueError(f"{len(vals)} values")
+                        vals = [query_frame, *vals] if len(vals) == 2 else vals
+                except (KeyError, TypeError, ValueError) as e:
+                    raise ValueError(f"{path}: item {n}: expected [t,x,y], [x,y] or {{x,y[,t]}} ({e})") from None
+                rows.append(vals)
+                where.append(n)
         else:
+            seen_data = False
             with open(path, newline="") as f:
-                for rec in csv.reader(f):
-                    if not rec or rec[0].strip().startswith("#"):
+                for line_no, rec in enumerate(csv.reader(f), 1):
+                    if not rec or not "".join(rec).strip() or rec[0].strip().startswith("#"):
                         continue
                     try:
                         vals = [float(v) for v in rec]
                     except ValueError:
-                        continue  # a header line
-                    rows.append([query_frame, *vals] if len(vals) == 2 else vals[:3])
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{path}: cannot read points ({type(e).__name__}: {e})") from None
+                        if not seen_data:  # the first line may be a header
+                            seen_data = True
+                            continue
+                        raise ValueError(f"{path}: row {line_no}: not numbers: {','.join(rec)!r}") from None
+                    seen_data = True
+                    if len(vals) not in (2, 3):
+                        raise ValueError(f"{path}: row {line_no}: expected t,x,y or x,y, got {len(vals)} values")
+                    rows.append([query_frame, *vals] if len(vals) == 2 else vals)
+                    where.append(line_no)
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read points ({e.strerror or type(e).__name__})") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: cannot read points (not a text file)") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: cannot read points (invalid JSON: {e})") from None
     if not rows:
         raise ValueError(f"{path}: no points (expected rows of t,x,y or x,y)")
-    return np.asarray(rows, np.float32)
+    # float32 as tracked: a coordinate too large for it turns inf here and is refused, not tracked
+    with np.errstate(over="ignore"):
+        return np.asarray(rows, np.float32), where
+
+
+def check_queries(queries: np.ndarray, n_frames: int, hw: tuple[int, int], source: str,
+                  rows: list[int] | None = None) -> None:
+    """Refuse non-finite points and query frames outside the video; warn (one line) about points off the image."""
+    H, W = hw
+    label = (lambda i: f"{source}: row {rows[i]}") if rows else (lambda i: source)
+    finite = np.isfinite(queries).all(1)
+    if not finite.all():
+        i = int(np.argmin(finite))
+        raise ValueError(f"{label(i)}: non-finite point {queries[i].tolist()}")
+    t = queries[:, 0]
+    fractional = t != np.round(t)
+    if fractional.any():
+        i = int(np.argmax(fractional))
+        raise ValueError(f"{label(i)}: query frame {t[i]:g} is not a whole frame number")
+    bad_t = (t < 0) | (t > n_frames - 1)
+    if bad_t.any():
+        i = int(np.argmax(bad_t))
+        raise ValueError(f"{label(i)}: query frame {t[i]:g} is outside the video's frames 0..{n_frames - 1}")
+    x, y = queries[:, 1], queries[:, 2]
+    off = (x < 0) | (x > W - 1) | (y < 0) | (y > H - 1)
+    if off.any():
+        i = int(np.argmax(off))
+        print(f"warning: {label(i)}: {int(off.sum())} of {len(queries)} points lie outside the {W}x{H} image "
+              f"(first: x={x[i]:g}, y={y[i]:g}); tracking them anyway", file=sys.stderr, flush=True)
+
+
+def read_mask(path: str, hw: tuple[int, int]) -> np.ndarray:
+    """A grayscale mask image of exactly the video's size (a stretched mask would select the wrong points)."""
+    if not Path(path).is_file():
+        raise ValueError(f"--mask {path}: no such file")
+    m = cv2.imread(path, cv2.IMREAD_GRAYSCALE)
+    if m is None:
+        raise ValueError(f"--mask {path}: unreadable image")
+    H, W = hw
+    if m.shape[:2] != (H, W):
+        raise ValueError(f"--mask {path}: mask is {m.shape[1]}x{m.shape[0]} but the video is {W}x{H}")
+    return m
+
+
+def check_out_dir(out: Path) -> None:
+    """Create --out_dir and prove it writable now, not after minutes of tracking."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".write_test."):
+            pass
+    except OSError as e:
+        raise OSError(f"--out_dir {out}: not writable ({e.strerror or type(e).__name__})") from None
 
 
 def synthetic_video(out_dir: Path, seed: int = 3, frames: int = 48) -> Path:
@@ -86,40 +169,56 @@ def write_outputs(out_dir: Path, video: Path, queries: np.ndarray, tracks: np.nd
     return [npz, csv_path, mp4]
 
 
+def prepare(video: str | None, points: str | None, grid_size: int, query_frame: int, mask: str | None,
+            image_size, out: Path) -> tuple[Path, np.ndarray, int, int, int, float, tuple[int, int] | None]:
+    """Check every input before any model or tracking work: (video, queries, frames, H, W, fps, image_size)."""
+    check_out_dir(out)
+    if image_size is not None:
+        image_size = parse_hw(image_size, "--image_size")
+    video_path = Path(video) if video else synthetic_video(out)
+    n_frames, H, W, fps = video_info(video_path)
+    if n_frames < 1:
+        raise VideoError(f"{video_path}: no frames")
+    if points:
+        queries, rows = read_point_rows(points, query_frame)
+        check_queries(queries, n_frames, (H, W), points, rows)
+    else:
+        if not 0 <= query_frame <= n_frames - 1:
+            raise ValueError(f"--query_frame {query_frame} is outside the video's frames 0..{n_frames - 1}")
+        if int(grid_size) < 1:
+            raise ValueError(f"--grid_size must be at least 1, got {grid_size}")
+        m = read_mask(mask, (H, W)) if mask else None
+        queries = grid_queries((H, W), int(grid_size), query_frame, m)
+        if not len(queries):
+            raise ValueError(f"--mask {mask}: no grid point falls inside the mask (nonzero pixels)")
+    return video_path, queries.astype(np.float32), n_frames, H, W, fps, image_size
+
+
 def main(video: str | None = None, init_dir: str = "./reference_model", points: str | None = None,
          grid_size: int = 16, query_frame: int = 0, mask: str | None = None, backward: bool = False, S: int = 128,
          iters: int = 16, image_size=None, point_batch: int = 256, device: str = "auto", amp: str = "none",
          out_dir: str = "./demo_out/track") -> None:
     """Track points (from --points, or a grid on --query_frame limited by --mask) and write the outputs."""
+    from utils.checkpoint import CheckpointError, load_pips, resolve_device
+
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    model = load_pips_or_exit(init_dir, device)
-    video_path = Path(video) if video else synthetic_video(out)
     try:
-        n_frames, H, W, fps = video_info(video_path)
-    except VideoError as e:
-        sys.exit(f"error: {e}")
-    try:
-        if points:
-            queries = read_points(points, query_frame)
-        else:
-            m = None
-            if mask:
-                m = cv2.imread(mask, cv2.IMREAD_GRAYSCALE)
-                if m is None:
-                    raise ValueError(f"{mask}: unreadable mask image")
-                m = cv2.resize(m, (W, H), interpolation=cv2.INTER_NEAREST)
-            queries = grid_queries((H, W), grid_size, query_frame, m)
-    except ValueError as e:
-        sys.exit(f"error: {e}")
-    if image_size is not None:
-        image_size = parse_hw(image_size, "image_size")
+        video_path, queries, n_frames, H, W, fps, image_size = prepare(video, points, grid_size, query_frame, mask,
+                                                                       image_size, out)
+        model = load_pips(init_dir, resolve_device(device))
+    except (ValueError, VideoError, OSError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
     t0 = time.time()
     print(f"tracking {len(queries)} points through {video_path} ({n_frames} frames, {W}x{H}) with {init_dir}")
     res = track(model, str(video_path), queries, S=S, iters=iters, backward=backward, image_size=image_size,
                 point_batch=point_batch, amp=None if amp == "none" else amp, progress=True)
     dt = time.time() - t0
-    files = write_outputs(out, video_path, queries, res["tracks"], res["estimated"], fps)
+    try:
+        files = write_outputs(out, video_path, queries, res["tracks"], res["estimated"], fps)
+    except (OSError, VideoError) as e:
+        print(f"error: cannot write the outputs to --out_dir {out}: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
     T = res["tracks"].shape[0]
     print(f"summary: {len(queries)} points x {T} frames in {dt:.1f} s ({T / max(dt, 1e-9):.1f} frames/s); wrote "
           + ", ".join(str(f) for f in files))

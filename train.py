@@ -16,6 +16,7 @@ import time
 from collections import deque
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import NoReturn
 
 import fire
 import numpy as np
@@ -82,6 +83,12 @@ class Config:
         h, w = self.crop_size
         base = f"stage{self.stage}_{self.B}x{self.S}x{self.N}_{h}x{w}_i{self.iters}_lr{self.lr:g}"
         return base + (f"_{self.exp_name}" if self.exp_name else "")
+
+
+def fail(msg: str) -> NoReturn:
+    """One error line on stderr, exit code 2 (bad input or a run that cannot go on safely)."""
+    print(f"error: {msg}", file=sys.stderr, flush=True)
+    raise SystemExit(2)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -195,9 +202,11 @@ def set_rng_state(state: dict) -> None:
 # One stage.
 
 
-def validate(model, loader_iter, cfg: Config, device, amp_dtype) -> dict[str, float]:
-    """One validation batch with twice the training iterations."""
+def validate(model, loader_iter, cfg: Config, device, amp_dtype, on_batch=None) -> dict[str, float]:
+    """One validation batch with twice the training iterations (on_batch sees the batch first)."""
     batch = next(loader_iter)
+    if on_batch is not None:
+        on_batch(batch)
     rgbs, trajs_g = batch["rgbs"].to(device), batch["trajs"].to(device)
     visibs, valids = batch["visibs"].to(device), batch["valids"].to(device)
     init = trajs_g[:, :1].expand_as(trajs_g).contiguous()
@@ -229,15 +238,48 @@ def validate_tapvid(model, cfg: Config, device) -> dict[str, float]:
 
 
 def run_stage(cfg: Config) -> tuple[Path, torch.nn.Module]:
-    """Train one stage; returns its checkpoint folder and the trained model."""
+    """Train one stage; returns its checkpoint folder and the trained model.
+
+    Rank 0 holds a lock file in the run's checkpoint folder for the whole stage, so a second run into the
+    same folder refuses to start instead of interleaving checkpoints with this one.
+    """
     rank, world, _, device = dist_setup(cfg.device)
+    main_proc = rank == 0
+    ckpt_dir = Path(cfg.ckpt_dir) / cfg.name()
+    lock = ck.RunLock(ckpt_dir)
+    err = None
+    if main_proc:
+        try:
+            lock.acquire()
+        except (ck.LockError, OSError) as e:
+            err = str(e)
+    # every rank stops together, or the others would wait forever for rank 0 in the first collective
+    if any_rank(err is not None, world, device):
+        if err:
+            fail(err)
+        raise SystemExit(2)
+    try:
+        if main_proc:
+            for p in ck.clean_stale_temps(ckpt_dir):
+                print(f"removed {p}: temp file of an interrupted checkpoint write", flush=True)
+        return _train_stage(cfg, rank, world, device, ckpt_dir)
+    finally:
+        lock.release()
+
+
+def _train_stage(cfg: Config, rank: int, world: int, device: torch.device,
+                 ckpt_dir: Path) -> tuple[Path, torch.nn.Module]:
     main_proc = rank == 0
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     random.seed(cfg.seed)
     name = cfg.name()
-    ckpt_dir = Path(cfg.ckpt_dir) / name
     say = (lambda *a: print(*a, flush=True)) if main_proc and not cfg.quiet else (lambda *a: None)
+
+    def die(msg: str) -> NoReturn:
+        if main_proc:
+            fail(msg)
+        raise SystemExit(2)
 
     model = Pips()
     model.grad_checkpoint = cfg.grad_ckpt
@@ -247,23 +289,41 @@ def run_stage(cfg: Config) -> tuple[Path, torch.nn.Module]:
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=cfg.max_iters + 100,
                                                     pct_start=0.1, cycle_momentum=False, anneal_strategy="linear")
     step = 0
-    init_dir, load_opt, load_step = cfg.init_dir, cfg.load_optimizer, cfg.load_step
+    state: dict = {}  # the loaded checkpoint's extras when its step is resumed
+    ignore = tuple(p for p in (cfg.ignore_load or "").split(",") if p)
     if cfg.resume and ck.list_checkpoints(ckpt_dir):
-        init_dir, load_opt, load_step = str(ckpt_dir), True, True
-    if init_dir:
-        ignore = tuple(p for p in (cfg.ignore_load or "").split(",") if p)
+        bad: list[tuple[Path, ck.CheckpointError]] = []
+        found = ck.read_newest(ckpt_dir, on_bad=lambda path, e: bad.append((path, e)), rename=main_proc)
+        if found is None:
+            die(f"{ckpt_dir}: no readable checkpoint to resume from ({len(bad)} unreadable, kept as *.bad)")
+        path, state = found
+        if main_proc:
+            for b, e in bad:
+                reason = str(e).removeprefix(f"{b}: ")
+                print(f"{b}: unreadable ({reason}); resuming from {path} (kept it as {b.name}.bad)",
+                      file=sys.stderr, flush=True)
         try:
-            loaded = ck.load(init_dir, model, optimizer if load_opt else None, scheduler if load_opt else None,
-                             ignore_prefixes=ignore)
+            ck.apply_checkpoint(state, path, model, optimizer, scheduler, ignore_prefixes=ignore)
         except ck.CheckpointError as e:
-            raise SystemExit(f"error: {e}") from None
-        path = ck.find_checkpoint(init_dir)
-        if load_step:
-            step = loaded
-            extra = ck.read_checkpoint(path)
-            if "rng" in extra:
-                set_rng_state(extra["rng"])
-        say(f"loaded {path} (step {loaded}){'; resuming at step ' + str(step) if load_step else ''}")
+            die(str(e))
+        step = ck.step_of(path)
+        say(f"loaded {path} (step {step}); resuming at step {step}")
+    elif cfg.init_dir:
+        load_opt = cfg.load_optimizer
+        try:
+            path = ck.find_checkpoint(cfg.init_dir)
+            loaded = ck.read_checkpoint(path)
+            ck.apply_checkpoint(loaded, path, model, optimizer if load_opt else None, scheduler if load_opt else None,
+                                ignore_prefixes=ignore)
+        except ck.CheckpointError as e:
+            die(str(e))
+        if cfg.load_step:
+            step, state = ck.step_of(path), loaded
+        say(f"loaded {path} (step {ck.step_of(path)}){'; resuming at step ' + str(step) if cfg.load_step else ''}")
+        del loaded
+    state = {k: v for k, v in state.items() if not k.endswith("_state_dict")}  # weights are in place: free them
+    if "rng" in state:
+        set_rng_state(state["rng"])
     say(ck.parameter_table(model))
     model.to(device)
     net = model
@@ -280,8 +340,8 @@ def run_stage(cfg: Config) -> tuple[Path, torch.nn.Module]:
         if cfg.val_dataset_version:
             vcfg = Config(**{**asdict(cfg), "use_augs": False})
             val_iter = iter(make_loader(build_dataset(vcfg, cfg.val_dataset_version), vcfg, step, rank, world, 17))
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"error: {e}") from None
+    except (ValueError, OSError) as e:
+        die(str(e))
     loader = iter(make_loader(base, cfg, step * cfg.grad_acc * cfg.B, rank, world))
     writer = None
     if main_proc:
@@ -289,15 +349,37 @@ def run_stage(cfg: Config) -> tuple[Path, torch.nn.Module]:
 
         writer = SummaryWriter(str(Path(cfg.log_dir) / name), max_queue=10, flush_secs=60)
     cache: list[dict] = []
-    losses, d_ts, d_vs = deque(maxlen=cfg.log_freq), deque(maxlen=cfg.log_freq), deque(maxlen=10)
-    nan_total, nan_run = 0, 0
+    # the running means continue across a resume: a resumed run prints what an uninterrupted one would
+    losses = deque((float(v) for v in state.get("loss_t", [])), maxlen=cfg.log_freq)
+    d_ts = deque((float(v) for v in state.get("d_t", [])), maxlen=cfg.log_freq)
+    d_vs = deque((float(v) for v in state.get("d_v", [])), maxlen=10)
+    nan_total, nan_run = int(state.get("nan_steps", 0)), 0
+    # dataset indices of clips skipped as corrupt; a DataLoader worker's own counters never reach this process,
+    # so every sample carries the clips skipped while producing it (`corrupt_ids`)
+    corrupt = {"train": {int(i) for i in state.get("corrupt_clips", [])},
+               "val": {int(i) for i in state.get("corrupt_val_clips", [])}}
+
+    def note_corrupt(kind: str, batch: dict) -> None:
+        ids = batch.get("corrupt_ids")
+        if ids is not None and ids.numel():
+            corrupt[kind].update(int(i) for i in ids.flatten().tolist() if i >= 0)
+
     say(f"{name}: {cfg.max_iters} steps, B={cfg.B} S={cfg.S} N={cfg.N} crop {cfg.crop_size}, {world} process(es) "
         f"on {device}, amp {cfg.amp}, data {cfg.dataset} ({len(base)} items)")
 
     def save(at: int) -> None:
-        if main_proc:
-            ck.save(ckpt_dir, at, net, optimizer, scheduler, keep_latest=cfg.keep_latest,
-                    extra={"rng": rng_state(), "nan_steps": nan_total, "config": json.dumps(asdict(cfg))})
+        if not main_proc:
+            return
+        extra = {"rng": rng_state(), "nan_steps": nan_total, "config": json.dumps(asdict(cfg)),
+                 "loss_t": [float(v) for v in losses], "d_t": [float(v) for v in d_ts],
+                 "d_v": [float(v) for v in d_vs], "corrupt_clips": sorted(corrupt["train"]),
+                 "corrupt_val_clips": sorted(corrupt["val"])}
+        try:
+            ck.save(ckpt_dir, at, net, optimizer, scheduler, keep_latest=cfg.keep_latest, extra=extra)
+        except OSError as e:
+            # ck.save removed its temp file and left every earlier checkpoint in place
+            why = "no space left on device" if ck.is_space_error(e) else (e.strerror or str(e))
+            fail(f"cannot save {ckpt_dir / ck.ckpt_name(at)}: {why}")
 
     while step < cfg.max_iters:
         step += 1
@@ -310,6 +392,7 @@ def run_stage(cfg: Config) -> tuple[Path, torch.nn.Module]:
                                                                                           rank)))]
             else:
                 batch = next(loader)
+                note_corrupt("train", batch)
                 if cfg.cache_len:
                     cache.append(batch)
             rtime += time.time() - tr
@@ -352,7 +435,7 @@ def run_stage(cfg: Config) -> tuple[Path, torch.nn.Module]:
         if figures is not None:
             d_ts.append(figures["d_avg"])
         if val_iter is not None and (step % cfg.val_freq == 0 or step == 1):
-            v = validate(model, val_iter, cfg, device, amp_dtype)
+            v = validate(model, val_iter, cfg, device, amp_dtype, lambda b: note_corrupt("val", b))
             d_vs.append(v["d_avg"])
             if writer:
                 for k, val in v.items():
@@ -369,6 +452,7 @@ def run_stage(cfg: Config) -> tuple[Path, torch.nn.Module]:
         if writer and (step % cfg.log_freq == 0 or step == 1):
             writer.add_scalar("train/loss", total_loss, step)
             writer.add_scalar("train/lr", scheduler.get_last_lr()[0], step)
+            writer.add_scalar("data/corrupt_clips_skipped", len(corrupt["train"]) + len(corrupt["val"]), step)
             for k, val in (figures or {}).items():
                 writer.add_scalar(f"train/{k}", val, step)
             if step % (cfg.log_freq * 10) == 0 or step == 1:
@@ -379,9 +463,16 @@ def run_stage(cfg: Config) -> tuple[Path, torch.nn.Module]:
                 writer.add_image("train/tracks", img, step, dataformats="HWC")
         if step % cfg.save_freq == 0 or step == cfg.max_iters:
             save(step)
+    if world > 1:  # each rank met its own corrupt clips
+        gathered: list = [None] * world
+        dist.all_gather_object(gathered, corrupt)
+        corrupt = {k: set().union(*(g[k] for g in gathered)) for k in corrupt}
+    n_corrupt = len(corrupt["train"]) + len(corrupt["val"])
     if writer:
+        writer.add_scalar("data/corrupt_clips_skipped", n_corrupt, step)
         writer.close()
-    say(f"{name}: done, {step} steps, {nan_total} skipped for non-finite loss; checkpoints in {ckpt_dir}")
+    say(f"{name}: done, {step} steps, {nan_total} skipped for non-finite loss, {n_corrupt} corrupt clips skipped; "
+        f"checkpoints in {ckpt_dir}")
     if world > 1:
         dist.barrier()
     return ckpt_dir, net
@@ -425,11 +516,11 @@ def main(stage: int = 1, stages: str | None = None, **flags) -> None:
         if st == 2 and not stage_flags.get("init_dir"):
             stage_flags["init_dir"] = prev or _latest_stage1(stage_flags.get("ckpt_dir", Config.ckpt_dir))
             if not stage_flags["init_dir"]:
-                sys.exit("error: stage 2 starts from a stage-1 checkpoint: pass --init_dir or run --stages=1,2")
+                fail("stage 2 starts from a stage-1 checkpoint: pass --init_dir or run --stages=1,2")
         try:
             cfg = make_config(st, stage_flags)
         except ValueError as e:
-            sys.exit(f"error: {e}")
+            fail(str(e))
         prev = str(run_stage(cfg)[0])
 
 

@@ -1,7 +1,14 @@
 """Training reader of exported clips (SPEC 4.4): <dataset_location>/<dataset_version>/<k:06d>/{rgb.mp4,track.npz}.
 
 A clip that does not decode to exactly S frames of the crop size, or whose track.npz is unusable, is
-skipped with a warning and counted; the dataset then returns another clip, never a zero sample.
+skipped with a warning and counted; the dataset then returns another clip, never a zero sample. Every
+sample names the clips skipped while producing it (`corrupt_ids`), because a DataLoader worker's counters
+never reach the training process.
+
+Absurd track values are corrupt too: the export marks a point more than 64 px outside the crop invalid
+(utils.augment.crop_visibility), so a valid point of a legitimate clip lies within the crop plus 64 px. The
+reader accepts valid points up to TRACK_MARGIN_FACTOR * max(H, W) px outside (at least 256 px, as crops are
+at least 128 px), which no export produces, and rejects anything beyond; visible/valid flags must be 0 or 1.
 """
 
 from __future__ import annotations
@@ -18,6 +25,8 @@ from datasets.export import list_clips
 from utils import augment
 from utils.video import VideoError, read_clip
 
+TRACK_MARGIN_FACTOR = 2
+
 
 class CorruptClipWarning(UserWarning):
     """An exported clip could not be used and was skipped."""
@@ -30,6 +39,8 @@ class ExportDataset(Dataset):
                  N: int = 128, crop_size: tuple[int, int] | None = None, use_augs: bool = False,
                  backend: str = "cv2", max_retries: int = 20, seed: int = 0):
         root = Path(dataset_location)
+        if not root.is_dir():
+            raise FileNotFoundError(f"{root}: no such dataset folder (--dataset_location)")
         if dataset_version is None:
             found = root.iterdir() if root.is_dir() else []
             versions = sorted(p.name for p in found if (p / "settings.json").is_file())
@@ -55,6 +66,7 @@ class ExportDataset(Dataset):
         self.max_retries, self.seed = max_retries, seed
         self.bad: set[int] = set()
         self.skipped = 0
+        self.last_skipped: list[int] = []  # clips skipped by the latest sample() call
 
     def __len__(self) -> int:
         return len(self.clips)
@@ -74,10 +86,14 @@ class ExportDataset(Dataset):
             raise VideoError(f"{folder / 'track.npz'}: unreadable ({type(e).__name__})") from None
         if track.shape != (self.S_export, self.N_export, 4) or not np.isfinite(track).all():
             raise VideoError(f"{folder / 'track.npz'}: track_g has shape {track.shape} or non-finite values")
+        problem = track_problem(track, self.hw)
+        if problem:
+            raise VideoError(f"{folder / 'track.npz'}: {problem}")
         return frames, track
 
     def sample(self, index: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         """Frames (S,H,W,3) uint8 and track (S,N,4) of clip `index` (another clip if it is corrupt)."""
+        self.last_skipped = []
         for attempt in range(self.max_retries):
             i = index if attempt == 0 else int(rng.integers(len(self.clips)))
             if i in self.bad:
@@ -87,13 +103,15 @@ class ExportDataset(Dataset):
             except VideoError as e:
                 self.bad.add(i)
                 self.skipped += 1
+                self.last_skipped.append(i)
                 warnings.warn(f"skipping corrupt clip: {e}", CorruptClipWarning, stacklevel=2)
                 continue
             return self._window(frames, track, rng)
         raise RuntimeError(f"{self.dir}: {self.max_retries} clips in a row were corrupt")
 
     def __getitem__(self, index: int) -> dict:
-        return to_sample(*self.sample(index, self._rng(index, 0)))
+        frames, track = self.sample(index, self._rng(index, 0))
+        return to_sample(frames, track, self.last_skipped, self.max_retries)
 
     def _window(self, frames: np.ndarray, track: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         t0 = int(rng.integers(0, self.S_export - self.S + 1))
@@ -108,11 +126,37 @@ class ExportDataset(Dataset):
         return frames, track
 
 
-def to_sample(frames: np.ndarray, track: np.ndarray) -> dict:
-    """(S,H,W,3) uint8 frames and (S,N,4) tracks -> the training dict of tensors."""
+def track_problem(track: np.ndarray, hw: tuple[int, int]) -> str | None:
+    """Why an (S,N,4) track of an HxW clip cannot come from a legitimate export, or None if it can."""
+    flags = track[..., 2:4]
+    if not np.isin(flags, (0.0, 1.0)).all():
+        odd = flags[~np.isin(flags, (0.0, 1.0))]
+        return f"visible/valid flags must be 0 or 1, found {odd.flat[0]:g}"
+    H, W = hw
+    margin = TRACK_MARGIN_FACTOR * max(H, W)
+    xy = track[..., :2][track[..., 3] > 0]
+    if len(xy):
+        far = (xy[:, 0] < -margin) | (xy[:, 0] > W + margin) | (xy[:, 1] < -margin) | (xy[:, 1] > H + margin)
+        if far.any():
+            x, y = xy[far][0]
+            return (f"valid point at ({x:g}, {y:g}) lies far outside the {W}x{H} frame "
+                    f"(allowed: {margin} px beyond its edges)")
+    return None
+
+
+def to_sample(frames: np.ndarray, track: np.ndarray, skipped: list[int] | tuple[int, ...] = (),
+              width: int = 0) -> dict:
+    """(S,H,W,3) uint8 frames and (S,N,4) tracks -> the training dict of tensors.
+
+    `corrupt_ids` lists the clips skipped while producing this sample, padded with -1 to `width` entries so
+    that samples of one dataset collate into a batch.
+    """
+    ids = np.full(max(width, len(skipped)), -1, np.int64)
+    ids[:len(skipped)] = skipped
     return {
         "rgbs": torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float(),
         "trajs": torch.from_numpy(np.ascontiguousarray(track[..., :2])),
         "visibs": torch.from_numpy(np.ascontiguousarray(track[..., 2])),
         "valids": torch.from_numpy(np.ascontiguousarray(track[..., 3])),
+        "corrupt_ids": torch.from_numpy(ids),
     }

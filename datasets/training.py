@@ -34,7 +34,9 @@ class OrdinalDataset(Dataset):
         return int(self._perm[pos])
 
     def __getitem__(self, k: int) -> dict:
-        return to_sample(*self.base.sample(self.index_of(k), np.random.default_rng([self.seed, k])))
+        frames, track = self.base.sample(self.index_of(k), np.random.default_rng([self.seed, k]))
+        # bases that skip corrupt items say which (ExportDataset); the width keeps a batch collatable
+        return to_sample(frames, track, getattr(self.base, "last_skipped", ()), getattr(self.base, "max_retries", 0))
 
 
 class OrdinalSampler(Sampler):

@@ -68,3 +68,108 @@ def test_missing_checkpoint_message(tmp_path):
                          capture_output=True, text=True)
     assert res.returncode != 0 and "get_reference_model.sh" in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1
+
+
+# --- issue 14: every bad input is one line (exit 2), found before the model is loaded or anything is tracked --------
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory):
+    """A 14-frame 150x130 (WxH) mp4."""
+    d = tmp_path_factory.mktemp("clip")
+    rng = np.random.default_rng(0)
+    base = (rng.random((180, 260, 3)) * 255).astype(np.uint8)
+    write_mp4(d / "in.mp4", (base[t:t + 130, 2 * t:2 * t + 150] for t in range(14)))
+    return d / "in.mp4"
+
+
+def _demo(*args, init_dir=None):
+    # no checkpoint unless asked: the inputs must be refused before the model is needed
+    cmd = [sys.executable, str(ROOT / "demo.py"), f"--init_dir={init_dir or ROOT / 'no_such_checkpoint'}", "--S=8",
+           "--iters=1", *args]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def _one_error_line(res, *parts):
+    assert res.returncode == 2, res.stdout[-1000:] + res.stderr[-2000:]
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr
+    for p in parts:
+        assert str(p) in lines[0], (p, lines[0])
+    assert "tracking" not in res.stdout
+    return lines[0]
+
+
+@pytest.mark.parametrize("content,parts", [
+    ("t,x,y\n0,10,20\n1,abc,5\n", ["row 3", "not numbers"]),
+    ("x,y\nx,y\n1,2\n", ["row 2", "not numbers"]),
+    ("0,10,20\n1,2,3,4\n", ["row 2", "got 4 values"]),
+    ("t,x,y\n0,10,20\n\n13,5,5\n99,1,1\n", ["row 5", "query frame 99", "0..13"]),
+    ("t,x,y\n-1,1,1\n", ["row 2", "query frame -1", "0..13"]),
+    ("t,x,y\n2.5,1,1\n", ["row 2", "query frame 2.5 is not a whole frame number"]),
+    ("t,x,y\n0,nan,5\n", ["row 2", "non-finite"]),
+    ("0,1,inf\n", ["row 1", "non-finite"]),
+    ("0,1e39,5\n", ["row 1", "non-finite"]),
+])
+def test_bad_points_csv(tmp_path, clip, content, parts):
+    (tmp_path / "pts.csv").write_text(content)
+    _one_error_line(_demo(f"--video={clip}", f"--points={tmp_path / 'pts.csv'}", f"--out_dir={tmp_path / 'o'}"),
+                    tmp_path / "pts.csv", *parts)
+
+
+def test_query_frame_flag_out_of_range(tmp_path, clip):
+    _one_error_line(_demo(f"--video={clip}", "--query_frame=14", f"--out_dir={tmp_path}"), "--query_frame 14",
+                    "0..13")
+
+
+@pytest.mark.parametrize("case", ["wrong_size", "all_zero", "unreadable", "missing"])
+def test_bad_mask(tmp_path, clip, case):
+    import cv2
+
+    path = tmp_path / "mask.png"
+    if case == "wrong_size":
+        cv2.imwrite(str(path), np.full((65, 75), 255, np.uint8))
+        parts = ["75x65", "150x130"]
+    elif case == "all_zero":
+        cv2.imwrite(str(path), np.zeros((130, 150), np.uint8))
+        parts = ["no grid point falls inside the mask"]
+    elif case == "unreadable":
+        path.write_bytes(b"not an image")
+        parts = ["unreadable image"]
+    else:
+        parts = ["no such file"]
+    _one_error_line(_demo(f"--video={clip}", f"--mask={path}", f"--out_dir={tmp_path / 'o'}"), path, *parts)
+
+
+def test_bad_video(tmp_path):
+    _one_error_line(_demo(f"--video={tmp_path / 'none.mp4'}", f"--out_dir={tmp_path / 'o'}"), tmp_path / "none.mp4")
+    (tmp_path / "junk.mp4").write_bytes(b"\0" * 5000)
+    _one_error_line(_demo(f"--video={tmp_path / 'junk.mp4'}", f"--out_dir={tmp_path / 'o'}"), tmp_path / "junk.mp4")
+
+
+def test_uncreatable_or_read_only_out_dir(tmp_path, clip):
+    import os
+
+    (tmp_path / "file").write_text("")
+    _one_error_line(_demo(f"--video={clip}", f"--out_dir={tmp_path / 'file' / 'out'}"),
+                    f"--out_dir {tmp_path / 'file' / 'out'}", "not writable")
+    if os.geteuid() != 0:  # root writes into read-only folders anyway
+        (tmp_path / "ro").mkdir(mode=0o500)
+        _one_error_line(_demo(f"--video={clip}", f"--out_dir={tmp_path / 'ro'}"), f"--out_dir {tmp_path / 'ro'}")
+
+
+def test_points_outside_the_image_warn_and_are_tracked(tmp_path, clip, ckpt):
+    (tmp_path / "pts.csv").write_text("t,x,y\n0,40,50\n2,400,10\n")
+    res = _demo(f"--video={clip}", f"--points={tmp_path / 'pts.csv'}", f"--out_dir={tmp_path / 'o'}", init_dir=ckpt)
+    assert res.returncode == 0, res.stderr[-2000:]
+    warn = [ln for ln in res.stderr.splitlines() if ln.startswith("warning:")]
+    assert len(warn) == 1 and f"{tmp_path / 'pts.csv'}: row 3: 1 of 2 points lie outside the 150x130 image" in warn[0]
+    assert "summary: 2 points x 14 frames" in res.stdout
+
+
+def test_read_points_names_bad_json_items(tmp_path):
+    (tmp_path / "p.json").write_text(json.dumps([[1, 2, 3], {"x": 5}]))
+    with pytest.raises(ValueError, match=r"p\.json: item 2"):
+        demo.read_points(tmp_path / "p.json")
+    (tmp_path / "q.json").write_text("[[1, 2, 3], [1,")
+    with pytest.raises(ValueError, match=r"q\.json: cannot read points \(invalid JSON"):
+        demo.read_points(tmp_path / "q.json")

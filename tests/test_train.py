@@ -17,7 +17,7 @@ from utils import checkpoint as ck
 
 ROOT = Path(__file__).resolve().parents[1]
 STEP_RE = re.compile(r"^(\S+); step (\d{6})/(\d+); rtime [\d.]+; itime [\d.]+; loss ([\d.naninf]+); "
-                     r"loss_t [\d.naninf]+; d_t [\d.naninf]+; d_v [\d.naninf]+$")
+                     r"loss_t ([\d.naninf]+); d_t ([\d.naninf]+); d_v [\d.naninf]+$")
 TINY = ["--B=1", "--S=6", "--N=8", "--crop_size=128,192", "--iters=2", "--workers=0", "--log_freq=1"]
 
 
@@ -39,6 +39,11 @@ def _train(exported_dir, tmp, *args, check=True, **popen):
 
 def _losses(stdout):
     return {int(m.group(2)): float(m.group(4)) for line in stdout.splitlines() if (m := STEP_RE.match(line))}
+
+
+def _running_means(stdout):
+    """{step: (loss_t, d_t)} as printed (strings: the printed figures must match exactly)."""
+    return {int(m.group(2)): (m.group(5), m.group(6)) for line in stdout.splitlines() if (m := STEP_RE.match(line))}
 
 
 def test_init_estimates_semantics():
@@ -96,10 +101,12 @@ def test_two_stages_and_step_line(exported, tmp_path):
 
 def test_resume_after_kill_gives_the_same_losses(exported, tmp_path):
     out, _ = exported
-    ref = _train(out, tmp_path / "ref", "--max_iters=4", "--save_freq=2", "--workers=2")
+    # a running-mean window longer than the run: loss_t/d_t after the resume average steps before it too
+    ref = _train(out, tmp_path / "ref", "--max_iters=4", "--save_freq=2", "--workers=2", "--log_freq=10")
     ref_losses = _losses(ref.stdout)
     assert sorted(ref_losses) == [1, 2, 3, 4]
-    proc = _train(out, tmp_path / "run", "--max_iters=4", "--save_freq=2", "--workers=2", start_new_session=True)
+    proc = _train(out, tmp_path / "run", "--max_iters=4", "--save_freq=2", "--workers=2", "--log_freq=10",
+                  start_new_session=True)
     seen = ""
     for line in proc.stdout:
         seen += line
@@ -109,11 +116,14 @@ def test_resume_after_kill_gives_the_same_losses(exported, tmp_path):
     proc.wait()
     ckdir = next((tmp_path / "run" / "ck").iterdir())
     assert [s for s, _ in ck.list_checkpoints(ckdir)] == [2], seen
-    resumed = _train(out, tmp_path / "run", "--max_iters=4", "--save_freq=2", "--workers=2")
+    resumed = _train(out, tmp_path / "run", "--max_iters=4", "--save_freq=2", "--workers=2", "--log_freq=10")
     assert "resuming at step 2" in resumed.stdout
     got = _losses(resumed.stdout)
     assert sorted(got) == [3, 4]
     assert got[3] == pytest.approx(ref_losses[3], abs=1e-6) and got[4] == pytest.approx(ref_losses[4], abs=1e-6)
+    ref_means, got_means = _running_means(ref.stdout), _running_means(resumed.stdout)
+    assert got_means[3] == ref_means[3] and got_means[4] == ref_means[4]
+    assert ref_means[4][0] != f"{ref_losses[4]:.3f}"  # the mean spans several steps, not just the last
 
 
 @pytest.mark.parametrize("amp,steps", [("bf16", 2), ("fp16", 1)])  # fp16 is emulated (slow) on this CPU

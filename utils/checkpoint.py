@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import errno
+import json
 import os
 import re
+import socket
 import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -12,10 +17,19 @@ import torch.nn as nn
 from prettytable import PrettyTable
 
 CKPT_RE = re.compile(r"^model-(\d+)\.pth$")
+# .model-%09d.pth.<host>.<pid>.<random>.tmp: host and pid say whether the writer may still be alive
+TEMP_RE = re.compile(r"^\.model-\d+\.pth\.(?P<host>.+)\.(?P<pid>\d+)\.[A-Za-z0-9_]+\.tmp$")
+LEGACY_TEMP_RE = re.compile(r"^\.model-\d+\.pth\.[A-Za-z0-9_]+\.tmp$")
+LEGACY_TEMP_AGE_S = 3600  # temps of the old naming carry no pid: only remove them once clearly abandoned
+LOCK_NAME = ".train.lock"
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used; the message names the file and the problem."""
+
+
+class LockError(RuntimeError):
+    """The checkpoint folder belongs to another live training run."""
 
 
 def ckpt_name(step: int) -> str:
@@ -114,7 +128,13 @@ def load(init: str | os.PathLike, model: nn.Module, optimizer=None, scheduler=No
          ignore_prefixes: tuple[str, ...] = (), map_location: str | torch.device = "cpu") -> int:
     """Load model (and optionally optimizer/scheduler) from a file or folder; returns the step loaded."""
     path = find_checkpoint(init, step)
-    ckpt = read_checkpoint(path, map_location)
+    apply_checkpoint(read_checkpoint(path, map_location), path, model, optimizer, scheduler, ignore_prefixes)
+    return step_of(path)
+
+
+def apply_checkpoint(ckpt: dict, path: str | os.PathLike, model: nn.Module, optimizer=None, scheduler=None,
+                     ignore_prefixes: tuple[str, ...] = ()) -> None:
+    """Put a read checkpoint's model (and optionally optimizer/scheduler) state into the given objects."""
     load_model_state(model, ckpt["model_state_dict"], ignore_prefixes, source=str(path))
     if optimizer is not None:
         if "optimizer_state_dict" not in ckpt:
@@ -122,7 +142,25 @@ def load(init: str | os.PathLike, model: nn.Module, optimizer=None, scheduler=No
         optimizer.load_state_dict(ckpt["optimizer_state_dict"])
     if scheduler is not None and "scheduler_state_dict" in ckpt:
         scheduler.load_state_dict(ckpt["scheduler_state_dict"])
-    return step_of(path)
+
+
+def read_newest(folder: str | os.PathLike, on_bad: Callable[[Path, CheckpointError], None] | None = None,
+                map_location: str | torch.device = "cpu", rename: bool = True) -> tuple[Path, dict] | None:
+    """(path, dict) of the newest readable model-*.pth in folder, or None; each unreadable newer one is passed to
+    on_bad and, with rename, renamed to *.bad (kept for inspection, never picked again)."""
+    for _, path in reversed(list_checkpoints(folder)):
+        try:
+            return path, read_checkpoint(path, map_location)
+        except CheckpointError as e:
+            if on_bad is not None:
+                on_bad(path, e)
+            if not rename:
+                continue
+            try:
+                os.replace(path, path.with_name(path.name + ".bad"))
+            except OSError:
+                pass  # a read-only folder: it is skipped again next time, which is still correct
+    return None
 
 
 def save(folder: str | os.PathLike, step: int, model: nn.Module, optimizer=None, scheduler=None,
@@ -139,7 +177,8 @@ def save(folder: str | os.PathLike, step: int, model: nn.Module, optimizer=None,
     if extra:
         ckpt.update(extra)
     path = folder / ckpt_name(step)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{socket.gethostname()}.{os.getpid()}.", suffix=".tmp",
+                               dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(ckpt, f)
@@ -153,6 +192,131 @@ def save(folder: str | os.PathLike, step: int, model: nn.Module, optimizer=None,
         for _, old in list_checkpoints(folder)[:-keep_latest]:
             old.unlink(missing_ok=True)
     return path
+
+
+def is_space_error(e: BaseException) -> bool:
+    """Whether an exception is the file system running out of space (or quota)."""
+    return isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists on this host (one we may not signal still counts)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale_temps(folder: str | os.PathLike) -> list[Path]:
+    """Remove checkpoint temps left by killed writers (dead pid on this host); returns the removed paths.
+
+    A temp of another host is left alone: its writer's liveness cannot be checked from here.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    host, removed = socket.gethostname(), []
+    for p in folder.iterdir():
+        m = TEMP_RE.match(p.name)
+        if m:
+            stale = m.group("host") == host and not pid_alive(int(m.group("pid")))
+        elif LEGACY_TEMP_RE.match(p.name):
+            try:
+                stale = time.time() - p.stat().st_mtime > LEGACY_TEMP_AGE_S
+            except OSError:
+                continue
+        else:
+            continue
+        if stale:
+            try:
+                p.unlink()
+                removed.append(p)
+            except FileNotFoundError:
+                pass
+    return removed
+
+
+class RunLock:
+    """A lock file in a checkpoint folder holding the owner's host and pid, so two runs never share a folder.
+
+    A lock whose pid is dead on this host is taken over; a live or foreign-host owner raises LockError.
+    """
+
+    def __init__(self, folder: str | os.PathLike):
+        self.folder = Path(folder)
+        self.path = self.folder / LOCK_NAME
+        self.me = {"host": socket.gethostname(), "pid": os.getpid()}
+        self.held = False
+
+    def _read(self, path: Path) -> dict | None:
+        try:
+            owner = json.loads(path.read_text())
+            return owner if isinstance(owner, dict) and "pid" in owner else None
+        except (OSError, ValueError):
+            return None
+
+    def _create(self) -> bool:
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(self.me))
+        return True
+
+    def _dead(self, owner: dict) -> bool:
+        return owner.get("host") == self.me["host"] and not pid_alive(int(owner["pid"]))
+
+    def acquire(self) -> RunLock:
+        """Take the lock or raise LockError naming the folder and the owner."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        for _ in range(5):
+            if self._create():
+                self.held = True
+                return self
+            owner = self._read(self.path)
+            if owner is None:
+                if not self.path.exists():
+                    continue
+                raise LockError(f"{self.folder}: lock file {self.path.name} is unreadable; remove it if no training "
+                                f"writes into this folder")
+            if not self._dead(owner):
+                raise LockError(f"{self.folder}: another training (pid {owner['pid']} on {owner.get('host')}) "
+                                f"writes checkpoints here (lock {self.path.name})")
+            # move the stale lock aside atomically, so of two runs taking it over only one wins
+            aside = self.path.with_name(f"{LOCK_NAME}.stale.{os.getpid()}")
+            try:
+                os.replace(self.path, aside)
+            except FileNotFoundError:
+                continue
+            moved = self._read(aside)
+            if moved is not None and not self._dead(moved):  # a live run took it over between our read and move
+                try:
+                    os.link(aside, self.path)
+                except OSError:
+                    pass
+                aside.unlink(missing_ok=True)
+                raise LockError(f"{self.folder}: another training (pid {moved['pid']} on {moved.get('host')}) "
+                                f"writes checkpoints here (lock {self.path.name})")
+            aside.unlink(missing_ok=True)
+        raise LockError(f"{self.folder}: could not take the lock {self.path.name} (contended)")
+
+    def release(self) -> None:
+        """Remove the lock if it is still ours."""
+        if self.held and self._read(self.path) == self.me:
+            self.path.unlink(missing_ok=True)
+        self.held = False
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -1,0 +1,272 @@
+"""Issue 14 for training: bad checkpoints, stale temps, the run lock, a full disk, corrupt clips, missing data."""
+
+import errno
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import train
+from datasets.export import list_clips
+from utils import checkpoint as ck
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = dict(B=1, S=6, N=8, crop_size="128,192", iters=2, workers=0, log_freq=1, device="cpu")
+
+
+def _version(out) -> str:
+    return next(p.name for p in Path(out).iterdir() if (p / "settings.json").is_file())
+
+
+def _cfg(out, tmp, **kw) -> train.Config:
+    return train.make_config(1, {"dataset_location": str(out), "dataset_version": _version(out),
+                                 "log_dir": str(tmp / "logs"), "ckpt_dir": str(tmp / "ck"), **TINY, **kw})
+
+
+def _run_cli(out, tmp, *args, dataset_location=None):
+    version = [] if dataset_location else [f"--dataset_version={_version(out)}"]  # a later flag overrides it
+    cmd = [sys.executable, str(ROOT / "train.py"), f"--dataset_location={dataset_location or out}", *version,
+           f"--log_dir={tmp / 'logs'}", f"--ckpt_dir={tmp / 'ck'}", *(f"--{k}={v}" for k, v in TINY.items()), *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+
+
+def _dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+# --- checkpoints -------------------------------------------------------------------------------------------
+
+def test_truncated_latest_checkpoint_falls_back_to_the_previous(exported, tmp_path, capsys):
+    out, _ = exported
+    train.run_stage(_cfg(out, tmp_path, max_iters=2, save_freq=1))
+    ckdir = next((tmp_path / "ck").iterdir())
+    latest = ckdir / ck.ckpt_name(2)
+    latest.write_bytes(latest.read_bytes()[: latest.stat().st_size // 2])
+    capsys.readouterr()
+    train.run_stage(_cfg(out, tmp_path, max_iters=3, save_freq=1))
+    cap = capsys.readouterr()
+    warn = [ln for ln in cap.err.splitlines() if "unreadable" in ln]
+    assert len(warn) == 1 and warn[0].startswith(f"{latest}: unreadable (")
+    assert warn[0].endswith(f"resuming from {ckdir / ck.ckpt_name(1)} (kept it as {latest.name}.bad)")
+    assert "resuming at step 1" in cap.out
+    assert (ckdir / f"{latest.name}.bad").is_file()  # kept for inspection, never picked again
+    assert [s for s, _ in ck.list_checkpoints(ckdir)] == [1, 2, 3]
+    assert "step 000002/3" in cap.out and "step 000001/3" not in cap.out
+
+
+def test_no_readable_checkpoint_is_one_line_exit_2(exported, tmp_path, capsys):
+    out, _ = exported
+    ckdir = tmp_path / "ck" / _cfg(out, tmp_path).name()
+    ckdir.mkdir(parents=True)
+    for s in (1, 2):
+        (ckdir / ck.ckpt_name(s)).write_bytes(b"PK\x03\x04 cut short")
+    with pytest.raises(SystemExit) as e:
+        train.run_stage(_cfg(out, tmp_path, max_iters=3))
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == f"error: {ckdir}: no readable checkpoint to resume from (2 unreadable, kept as *.bad)"
+    assert len([ln for ln in err if ln.startswith("error:")]) == 1
+    assert not (ckdir / ck.LOCK_NAME).exists()
+
+
+def test_unreadable_init_dir_file_is_one_line_exit_2(exported, tmp_path):
+    out, _ = exported
+    bad = tmp_path / "init.pth"
+    bad.write_bytes(b"not a checkpoint")
+    res = _run_cli(out, tmp_path, "--max_iters=1", f"--init_dir={bad}")
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines() == [res.stderr.strip()] and str(bad) in res.stderr
+    assert res.stderr.startswith("error: ") and "not a readable checkpoint" in res.stderr
+
+
+def test_stale_temps_of_dead_writers_are_removed(tmp_path):
+    host = socket.gethostname()
+    dead = tmp_path / f".model-000000002.pth.{host}.{_dead_pid()}.abc12345.tmp"
+    live = tmp_path / f".model-000000003.pth.{host}.{os.getpid()}.abc12345.tmp"
+    foreign = tmp_path / f".model-000000004.pth.other-host.example.{_dead_pid()}.abc12345.tmp"
+    old_legacy, new_legacy = tmp_path / ".model-000000005.pth.abc12345.tmp", tmp_path / ".model-000000006.pth.x1.tmp"
+    for p in (dead, live, foreign, old_legacy, new_legacy):
+        p.write_bytes(b"partial")
+    os.utime(old_legacy, (1, 1))
+    assert sorted(ck.clean_stale_temps(tmp_path)) == sorted([dead, old_legacy])
+    assert live.exists() and foreign.exists() and new_legacy.exists()
+
+
+def test_save_temp_names_the_writer(tmp_path, monkeypatch):
+    seen = []
+
+    def spy(obj, f):
+        seen.extend(p.name for p in tmp_path.iterdir())
+        raise KeyboardInterrupt  # a kill in the middle of the write
+
+    monkeypatch.setattr(torch, "save", spy)
+    with pytest.raises(KeyboardInterrupt):
+        ck.save(tmp_path, 7, torch.nn.Linear(1, 1))
+    assert len(seen) == 1 and not list(tmp_path.iterdir())  # and removed after the kill
+    m = ck.TEMP_RE.match(seen[0])
+    assert m and m.group("host") == socket.gethostname() and int(m.group("pid")) == os.getpid()
+
+
+def test_training_start_removes_a_killed_save_temp(exported, tmp_path, capsys):
+    out, _ = exported
+    ckdir = tmp_path / "ck" / _cfg(out, tmp_path).name()
+    ckdir.mkdir(parents=True)
+    temp = ckdir / f".model-000000001.pth.{socket.gethostname()}.{_dead_pid()}.zz9zz9zz.tmp"
+    temp.write_bytes(b"\0" * 1000)
+    train.run_stage(_cfg(out, tmp_path, max_iters=1))
+    assert not temp.exists() and f"removed {temp}" in capsys.readouterr().out
+    assert sorted(p.name for p in ckdir.iterdir()) == [ck.ckpt_name(1)]  # lock released too
+
+
+# --- the run lock ------------------------------------------------------------------------------------------
+
+def test_lock_refuses_a_live_owner_and_takes_over_a_dead_one(tmp_path):
+    with ck.RunLock(tmp_path) as lock:
+        assert (tmp_path / ck.LOCK_NAME).is_file()
+        with pytest.raises(ck.LockError, match=rf"{tmp_path}: another training \(pid {os.getpid()} on "):
+            ck.RunLock(tmp_path).acquire()
+        assert lock.held
+    assert not (tmp_path / ck.LOCK_NAME).exists()
+    (tmp_path / ck.LOCK_NAME).write_text(f'{{"host": "{socket.gethostname()}", "pid": {_dead_pid()}}}')
+    lock = ck.RunLock(tmp_path).acquire()
+    assert f'"pid": {os.getpid()}' in (tmp_path / ck.LOCK_NAME).read_text()
+    lock.release()
+    assert sorted(tmp_path.iterdir()) == []
+
+
+def test_second_training_into_the_same_folder_refuses(exported, tmp_path):
+    out, _ = exported
+    ckdir = tmp_path / "ck" / _cfg(out, tmp_path).name()
+    ckdir.mkdir(parents=True)
+    owner = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (ckdir / ck.LOCK_NAME).write_text(f'{{"host": "{socket.gethostname()}", "pid": {owner.pid}}}')
+        res = _run_cli(out, tmp_path, "--max_iters=1")
+    finally:
+        owner.kill()
+        owner.wait()
+    assert res.returncode == 2
+    assert res.stderr.strip() == (f"error: {ckdir}: another training (pid {owner.pid} on {socket.gethostname()}) "
+                                  f"writes checkpoints here (lock {ck.LOCK_NAME})")
+    assert not ck.list_checkpoints(ckdir)
+
+
+def test_lock_is_released_when_the_run_fails(exported, tmp_path, monkeypatch):
+    out, _ = exported
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "_train_stage", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train.run_stage(_cfg(out, tmp_path, max_iters=1))
+    assert not (tmp_path / "ck" / _cfg(out, tmp_path).name() / ck.LOCK_NAME).exists()
+
+
+# --- a full disk -------------------------------------------------------------------------------------------
+
+def test_disk_full_while_saving_is_one_line_and_keeps_the_previous(exported, tmp_path, monkeypatch, capsys):
+    out, _ = exported
+    real_save, calls = torch.save, []
+
+    def save_then_fill(obj, f, *a, **k):
+        calls.append(f)
+        if len(calls) == 2:
+            f.write(b"\0" * 4096)  # a partial temp file, as a real full disk leaves it
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", save_then_fill)
+    with pytest.raises(SystemExit) as e:
+        train.run_stage(_cfg(out, tmp_path, max_iters=3, save_freq=1))
+    assert e.value.code == 2
+    ckdir = tmp_path / "ck" / _cfg(out, tmp_path).name()
+    assert capsys.readouterr().err.strip() == f"error: cannot save {ckdir / ck.ckpt_name(2)}: no space left on device"
+    assert sorted(p.name for p in ckdir.iterdir()) == [ck.ckpt_name(1)]  # no temp, no lock, step 1 intact
+    assert ck.read_checkpoint(ckdir / ck.ckpt_name(1))["loss_t"]
+
+
+# --- data --------------------------------------------------------------------------------------------------
+
+def _corrupt_copy(out, dst, value=1e9, field=0):
+    shutil.copytree(out, dst)
+    clip = list_clips(dst / _version(dst))[0]
+    with np.load(clip / "track.npz") as z:
+        arrays = dict(z)
+    arrays["track_g"][2, 3, field] = value
+    np.savez(clip / "track.npz", **arrays)
+    return clip
+
+
+@pytest.mark.parametrize("value,field,why", [(1e9, 0, "far outside"), (-1e9, 1, "far outside"),
+                                             (0.5, 2, "flags must be 0 or 1"), (7.0, 3, "flags must be 0 or 1")])
+def test_absurd_track_values_make_a_clip_corrupt(exported, tmp_path, value, field, why):
+    from datasets.exportdataset import CorruptClipWarning, ExportDataset
+
+    out, _ = exported
+    clip = _corrupt_copy(out, tmp_path / "copy", value, field)
+    if field < 2:  # the point must be valid for its position to matter
+        with np.load(clip / "track.npz") as z:
+            arrays = dict(z)
+        arrays["track_g"][2, 3, 3] = 1.0
+        np.savez(clip / "track.npz", **arrays)
+    ds = ExportDataset(str(tmp_path / "copy"), _version(out), S=6, N=8)
+    with pytest.warns(CorruptClipWarning, match=why):
+        item = ds[0]
+    assert ds.skipped == 1 and ds.bad == {0}
+    assert item["corrupt_ids"].tolist()[:1] == [0] and (item["corrupt_ids"][1:] == -1).all()
+    assert item["trajs"].abs().max() < 1e4
+    assert ds[1]["corrupt_ids"].max() == -1  # nothing skipped for this one
+
+
+def test_legitimate_exports_are_never_rejected(exported):
+    from datasets.exportdataset import track_problem
+
+    out, _ = exported
+    clips = list_clips(out / _version(out))
+    for clip in clips:
+        with np.load(clip / "track.npz") as z:
+            assert track_problem(z["track_g"], (128, 192)) is None, clip
+    # the export's own bound: valid points at most 64 px outside the crop
+    edge = np.zeros((1, 2, 4), np.float32)
+    edge[0, :, 3] = 1
+    edge[0, 0, :2], edge[0, 1, :2] = (-64, -64), (191 + 64, 127 + 64)
+    assert track_problem(edge, (128, 192)) is None
+    invalid_far = np.zeros((1, 1, 4), np.float32)
+    invalid_far[0, 0, :2] = 1e9  # an invalid point carries no position worth checking
+    assert track_problem(invalid_far, (128, 192)) is None
+
+
+def test_training_reports_corrupt_clips_skipped(exported, tmp_path):
+    out, _ = exported
+    _corrupt_copy(out, tmp_path / "copy")
+    res = _run_cli(tmp_path / "copy", tmp_path, "--max_iters=2", "--save_freq=2", "--shuffle=False", "--workers=2")
+    assert res.returncode == 0, res.stderr[-3000:]
+    done = next(ln for ln in res.stdout.splitlines() if ": done, " in ln)
+    assert "1 corrupt clips skipped" in done
+    assert "skipping corrupt clip" in res.stderr and "far outside" in res.stderr
+    blob = b"".join(p.read_bytes() for p in (tmp_path / "logs").rglob("events.out.tfevents*"))
+    assert b"data/corrupt_clips_skipped" in blob
+    ckpt = ck.read_checkpoint(ck.find_checkpoint(next((tmp_path / "ck").iterdir())))
+    assert ckpt["corrupt_clips"] == [0]
+
+
+@pytest.mark.parametrize("where", ["location", "version"])
+def test_missing_dataset_folder_is_one_line_exit_2(exported, tmp_path, where):
+    out, _ = exported
+    if where == "location":
+        res = _run_cli(out, tmp_path, "--max_iters=1", dataset_location=tmp_path / "nope")
+        expect = f"error: {tmp_path / 'nope'}: no such dataset folder (--dataset_location)"
+    else:
+        res = _run_cli(out, tmp_path, "--max_iters=1", "--dataset_version=nope")
+        expect = f"error: {out / 'nope'}: no exported clips (run export_mp4_dataset.py first)"
+    assert res.returncode == 2 and res.stderr.strip() == expect
