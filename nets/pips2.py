@@ -2,19 +2,24 @@
 
 Layout of this file: feature sampling and correlation helpers, the feature encoder `fnet`, the temporal
 `DeltaBlock`, then `Pips` with its forward pass and loss. State-dict keys match the authors' checkpoint
-exactly (see SPEC section 1), so `load_state_dict(strict=True)` works on `model-000200000.pth`.
+exactly (see docs/MODEL.md), so `load_state_dict(strict=True)` works on `model-000200000.pth`.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from utils.amp import autocast_enabled, autocast_off
+
 MIN_SIZE = 128  # four pyramid levels at stride 8 must stay >= 2x2
+
+
+def corr_scale(C: int) -> float:
+    """sqrt(C) as the reference computes it, in float32 (a float64 run of the reference divides by this too)."""
+    return float(torch.tensor(float(C), dtype=torch.float32).sqrt())
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -22,9 +27,10 @@ MIN_SIZE = 128  # four pyramid levels at stride 8 must stay >= 2x2
 
 
 def sample_features(fmap: torch.Tensor, xy: torch.Tensor, frame: torch.Tensor | None = None) -> torch.Tensor:
-    """Bilinear sample of channels-last maps (F,H,W,C) at xy (M,N,2), border replication -> (M,N,C) float32.
+    """Bilinear sample of channels-last maps (F,H,W,C) at xy (M,N,2), border replication -> (M,N,C) in fmap's dtype.
 
-    Row m reads map `frame[m]` (default: map m, so M == F).
+    Row m reads map `frame[m]` (default: map m, so M == F). As in the reference, the position and the four
+    bilinear weights are float32 whatever the maps' dtype (this is what a float64 run of it computes).
     """
     Fr, H, W, C = fmap.shape
     M, N, _ = xy.shape
@@ -36,17 +42,16 @@ def sample_features(fmap: torch.Tensor, xy: torch.Tensor, frame: torch.Tensor | 
     x0 = x.floor().clamp(max=max(W - 2, 0))
     y0 = y.floor().clamp(max=max(H - 2, 0))
     fx, fy = (x - x0).unsqueeze(-1), (y - y0).unsqueeze(-1)
-    flat = fmap.float().reshape(Fr * H * W, C)
+    gx, gy = 1 - fx, 1 - fy
+    flat = fmap.reshape(Fr * H * W, C)
     # a NaN coordinate must give NaN features, not an out-of-range index: index with 0, weight with NaN
     base = frame.view(M, 1) * (H * W) + y0.nan_to_num(0).long() * W + x0.nan_to_num(0).long()
     dx, dy = min(1, W - 1), min(1, H - 1) * W
 
-    def tap(off: int) -> torch.Tensor:
-        return flat.index_select(0, (base + off).reshape(-1)).view(M, N, C)
+    def tap(off: int, weight: torch.Tensor) -> torch.Tensor:
+        return flat.index_select(0, (base + off).reshape(-1)).view(M, N, C) * weight.to(fmap.dtype)
 
-    top = tap(0) * (1 - fx) + tap(dx) * fx
-    bot = tap(dy) * (1 - fx) + tap(dy + dx) * fx
-    return top * (1 - fy) + bot * fy
+    return tap(0, gx * gy) + tap(dx, fx * gy) + tap(dy, gx * fy) + tap(dy + dx, fx * fy)
 
 
 def avg_pool2x2_nhwc(x: torch.Tensor) -> torch.Tensor:
@@ -87,7 +92,7 @@ def _patch_corr(fmap_flat: torch.Tensor, targets: torch.Tensor, coords: torch.Te
         patch = torch.index_select(src, 0, idx, out=workspace[:idx.numel() * C].view(idx.numel(), C))
     patch = patch.view(Fr * N, P * P, C)
     corr = torch.bmm(targets.reshape(Fr * N, T, C), patch.transpose(1, 2)).view(Fr, N, T, P, P)
-    corr = corr * inside.unsqueeze(2).to(corr.dtype) / math.sqrt(C)
+    corr = corr * inside.unsqueeze(2).to(corr.dtype) / corr_scale(C)
     fx = fx.view(Fr, N, 1, 1, 1)
     fy = fy.view(Fr, N, 1, 1, 1)
     # P[i, j] is at (x0 + i - r, y0 + j - r); out[i, j] blends P[i:i+2, j:j+2]
@@ -105,27 +110,31 @@ class CorrPyramid:
 
     def __init__(self, fmaps: torch.Tensor, num_levels: int = 4, radius: int = 3, impl: str = "local",
                  chunk_elems: int = 1 << 24):
-        """fmaps: channels-last maps (B,S,H,W,C)."""
+        """fmaps: channels-last maps (B,S,H,W,C); correlations are computed in their dtype."""
         if impl not in ("local", "volume"):
             raise ValueError(f"corr impl must be 'local' or 'volume', got {impl!r}")
         B, S, H, W, C = fmaps.shape
         self.B, self.S, self.C = B, S, C
         self.radius, self.impl, self.chunk_elems = radius, impl, chunk_elems
         self._workspace: torch.Tensor | None = None
-        self.levels = [fmaps.float().reshape(B * S, H, W, C)]  # channels-last (B*S, h, w, C)
+        self.levels = [fmaps.reshape(B * S, H, W, C)]  # channels-last (B*S, h, w, C)
         for _ in range(1, num_levels):
             self.levels.append(avg_pool2x2_nhwc(self.levels[-1]))
 
     def __call__(self, targets: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
-        """targets (B,S,N,T,C), coords (B,S,N,2) at stride 8 -> (B,S,N,T*L*(2r+1)^2), template-major."""
+        """targets (B,S,N,T,C), coords (B,S,N,2) at stride 8 -> (B,S,N,T*L*(2r+1)^2) float32, template-major.
+
+        The result is float32 whatever the maps' dtype: the reference rounds its correlations to float32.
+        """
         B, S, N, T, C = targets.shape
-        with torch.autocast(device_type=coords.device.type, enabled=False):
-            targets, coords = targets.float(), coords.float()
+        with autocast_off(coords.device.type):
+            dtype = self.levels[0].dtype
+            targets, coords = targets.to(dtype), coords.to(dtype)
             if self.impl == "volume":
                 out = self._volume(targets, coords)
             else:
                 out = self._local(targets, coords)
-        return out.reshape(B, S, N, -1)
+        return out.reshape(B, S, N, -1).float()
 
     def _local(self, targets: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
         B, S, N, T, C = targets.shape
@@ -162,8 +171,8 @@ class CorrPyramid:
         r = self.radius
         # as the reference: every template's whole volume pyramid exists before any sampling
         maps = [lv.reshape(B, S, -1, C).transpose(2, 3) for lv in self.levels]  # B,S,C,hw
-        volumes = [[torch.matmul(targets[:, :, :, t], m) / math.sqrt(C) for m in maps] for t in range(T)]
-        d = torch.arange(-r, r + 1, device=coords.device, dtype=torch.float32)
+        volumes = [[torch.matmul(targets[:, :, :, t], m) / corr_scale(C) for m in maps] for t in range(T)]
+        d = torch.arange(-r, r + 1, device=coords.device, dtype=coords.dtype)
         # x offset outer, y offset inner: k = (2r+1)*i + j at (x + d_i, y + d_j)
         dx, dy = torch.meshgrid(d, d, indexing="ij")
         delta = torch.stack([dx, dy], -1).view(1, 2 * r + 1, 2 * r + 1, 2)
@@ -381,13 +390,14 @@ class DeltaBlock(nn.Module):
     """(correlations, flow) per point and frame -> coordinate update in stride-8 units.
 
     impl: "auto" (default) runs CPU float32 inference time-major with Winograd for the widest convolutions;
-    "direct" always uses conv1d (the reference form; training, autocast, CUDA and ONNX export use it too).
+    "direct" always uses conv1d (the reference form; training, autocast, CUDA and ONNX export use it too);
+    "winograd" takes the Winograd form in any inference, whatever the device and dtype (to test it in float64).
     """
 
     def __init__(self, corr_dim: int = 588, embed_dim: int = 128, kernel_size: int = 3, impl: str = "auto"):
         super().__init__()
-        if impl not in ("auto", "direct"):
-            raise ValueError(f"delta impl must be 'auto' or 'direct', got {impl!r}")
+        if impl not in ("auto", "direct", "winograd"):
+            raise ValueError(f"delta impl must be 'auto', 'direct' or 'winograd', got {impl!r}")
         self.impl = impl
         self.embed_dim = embed_dim
         self.first_block_conv = Conv1dSame(corr_dim + embed_dim + 2, 128, kernel_size)
@@ -398,7 +408,7 @@ class DeltaBlock(nn.Module):
 
     def forward(self, fcorr: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
         """fcorr (M,S,588), flow (M,S,2) -> delta (M,S,2)."""
-        x = torch.cat([fcorr, sincos_embed_xy(flow, self.embed_dim), flow], 2)
+        x = torch.cat([fcorr.to(flow.dtype), sincos_embed_xy(flow, self.embed_dim), flow], 2)
         if self._use_winograd(x):
             return self._forward_time_major(x)
         x = F.relu_(self.first_block_conv(x.transpose(1, 2)))
@@ -407,9 +417,12 @@ class DeltaBlock(nn.Module):
         return self.dense(F.relu(x).transpose(1, 2))
 
     def _use_winograd(self, x: torch.Tensor) -> bool:
-        return (self.impl == "auto" and x.device.type == "cpu" and x.dtype == torch.float32
-                and self.first_block_conv.kernel_size == 3 and not torch.is_grad_enabled()
-                and not torch.is_autocast_enabled("cpu") and not torch.onnx.is_in_onnx_export())
+        if (self.impl == "direct" or self.first_block_conv.kernel_size != 3 or torch.is_grad_enabled()
+                or torch.onnx.is_in_onnx_export()):
+            return False
+        if self.impl == "winograd":
+            return True
+        return x.device.type == "cpu" and x.dtype == torch.float32 and not autocast_enabled("cpu")
 
     def _forward_time_major(self, x: torch.Tensor) -> torch.Tensor:
         """The same computation as the conv1d form, laid out (M,S,C) for the Winograd GEMMs."""
@@ -422,9 +435,11 @@ class DeltaBlock(nn.Module):
 def sincos_embed_xy(xy: torch.Tensor, dim: int, temperature: float = 10000.0) -> torch.Tensor:
     """Sin-cos embedding of (...,2) with dim//4 frequencies per axis: [sin x, cos x, sin y, cos y]."""
     q = dim // 4
-    omega = 1.0 / temperature ** (torch.arange(q, device=xy.device, dtype=torch.float32) / (q - 1))
-    x = xy[..., 0:1].float() * omega
-    y = xy[..., 1:2].float() * omega
+    dtype = torch.promote_types(xy.dtype, torch.float32)  # float64 stays float64; half types compute in float32
+    # the frequencies are float32 in the reference, also in a float64 run of it
+    omega = (1.0 / temperature ** (torch.arange(q, device=xy.device, dtype=torch.float32) / (q - 1))).to(dtype)
+    x = xy[..., 0:1].to(dtype) * omega
+    y = xy[..., 1:2].to(dtype) * omega
     return torch.cat([x.sin(), x.cos(), y.sin(), y.cos()], -1).to(xy.dtype)
 
 
@@ -438,10 +453,11 @@ def sequence_loss(preds: list[torch.Tensor], trajs_g: torch.Tensor, valids: torc
     K = len(preds)
     if valids is None:
         valids = torch.ones(trajs_g.shape[:3], device=trajs_g.device)
-    valids = valids.float()
-    total = trajs_g.new_zeros((), dtype=torch.float32)
+    dtype = torch.promote_types(preds[0].dtype, torch.float32)
+    valids = valids.to(dtype)
+    total = trajs_g.new_zeros((), dtype=dtype)
     for i, pred in enumerate(preds):
-        err = (pred.float() - trajs_g.float()).abs().mean(-1)
+        err = (pred.to(dtype) - trajs_g.to(dtype)).abs().mean(-1)
         total = total + gamma ** (K - i - 1) * (err * valids).sum() / (1e-6 + valids.sum())
     return total / K
 
@@ -475,12 +491,17 @@ class Pips(nn.Module):
         self.delta_block = DeltaBlock(corr_dim=corr_dim, embed_dim=self.latent_dim, impl=delta_impl)
         self.norm = nn.GroupNorm(1, self.latent_dim)  # in the checkpoint, unused by the forward pass
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the weights, in which features, correlations and coordinates are computed."""
+        return self.fnet.conv1.weight.dtype
+
     def encode(self, rgbs: torch.Tensor) -> torch.Tensor:
-        """Frames (B,S,3,H,W) in [0,255] -> feature maps (B,S,128,H/8,W/8) in float32."""
+        """Frames (B,S,3,H,W) in [0,255] -> feature maps (B,S,128,H/8,W/8) in the model's dtype."""
         return self.encode_nhwc(rgbs).permute(0, 1, 4, 2, 3)
 
     def encode_nhwc(self, rgbs: torch.Tensor) -> torch.Tensor:
-        """Frames (B,S,3,H,W) in [0,255] -> channels-last feature maps (B,S,H/8,W/8,128) in float32."""
+        """Frames (B,S,3,H,W) in [0,255] -> channels-last feature maps (B,S,H/8,W/8,128) in the model's dtype."""
         B, S, _, H, W = rgbs.shape
         if H < MIN_SIZE or W < MIN_SIZE:
             raise ValueError(f"frames must be at least {MIN_SIZE}x{MIN_SIZE} pixels, got {H}x{W}")
@@ -489,22 +510,23 @@ class Pips(nn.Module):
         chunk = self.encoder_chunk if self.encoder_chunk is not None else (16 if x.is_cuda else 1)
         chunk = chunk or B * S
         H8, W8 = H // self.stride, W // self.stride
+        dtype = self.dtype
         outs = []
         for s in range(0, B * S, chunk):
-            xs = 2 * (x[s:s + chunk].float() / 255.0) - 1.0
+            xs = 2 * (x[s:s + chunk].to(dtype) / 255.0) - 1.0
             if self._channels_last(xs):
                 xs = xs.contiguous(memory_format=torch.channels_last)
             if self.grad_checkpoint and torch.is_grad_enabled():
                 fm = checkpoint(self.fnet, xs, use_reentrant=False)
             else:
                 fm = self.fnet(xs)
-            outs.append(fm.float().permute(0, 2, 3, 1))
+            outs.append(fm.to(dtype).permute(0, 2, 3, 1))
         if len(outs) == 1:
             out = outs[0].contiguous()
         elif torch.is_grad_enabled() and any(o.requires_grad for o in outs):
             out = torch.cat(outs, 0)
         else:  # one copy of the maps, not the chunks plus their concatenation
-            out = torch.empty((B * S, H8, W8, self.latent_dim), device=x.device)
+            out = torch.empty((B * S, H8, W8, self.latent_dim), device=x.device, dtype=dtype)
             for k, o in enumerate(outs):
                 out[k * chunk:k * chunk + o.shape[0]] = o
             del outs
@@ -513,7 +535,7 @@ class Pips(nn.Module):
     def _channels_last(self, x: torch.Tensor) -> bool:
         if self.channels_last is not None:
             return self.channels_last
-        return x.is_cuda or torch.is_autocast_enabled(x.device.type)
+        return x.is_cuda or autocast_enabled(x.device.type)
 
     def forward(self, trajs_e0: torch.Tensor, rgbs: torch.Tensor | None, iters: int = 3, feat_init=None,
                 trajs_g: torch.Tensor | None = None, vis_g: torch.Tensor | None = None,
@@ -537,7 +559,8 @@ class Pips(nn.Module):
         pyramid = CorrPyramid(fmaps, self.corr_levels, self.corr_radius, impl=self.corr_impl,
                               chunk_elems=self.corr_chunk)
 
-        coords = trajs_e0.float() / stride
+        dtype = self.dtype
+        coords = trajs_e0.to(dtype) / stride
         query = coords[:, 0].clone()
         if feat_init is not None:
             feats1, feats2, feats4 = feat_init
@@ -560,13 +583,13 @@ class Pips(nn.Module):
             flows = torch.cat([flows, flows[:, -1:]], 1)
             to_bn = lambda a: a.permute(0, 2, 1, 3).reshape(B * N, S, a.shape[-1])  # noqa: E731
             if self.grad_checkpoint and torch.is_grad_enabled():
-                delta = checkpoint(self.delta_block, to_bn(fcorrs), to_bn(flows), use_reentrant=False).float()
+                delta = checkpoint(self.delta_block, to_bn(fcorrs), to_bn(flows), use_reentrant=False).to(dtype)
             else:
-                delta = self.delta_block(to_bn(fcorrs), to_bn(flows)).float()
+                delta = self.delta_block(to_bn(fcorrs), to_bn(flows)).to(dtype)
             coords = coords + delta.reshape(B, N, S, 2).permute(0, 2, 1, 3)
             preds.append(coords * stride)
-            anim.append(coords * stride)
             coords = torch.cat([query.unsqueeze(1), coords[:, 1:]], 1)
+            anim.append(coords * stride)  # as the reference: the animation shows frame 0 back at the query
 
         loss = None
         if trajs_g is not None:
