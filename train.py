@@ -1,4 +1,4 @@
-"""Train PIPs++ (SPEC section 3): stage 1 (S=36, 256x384) and stage 2 (S=64, 512x896), on CPU, GPU or torchrun.
+"""Train PIPs++ (docs/MODEL.md): stage 1 (S=36, 256x384) and stage 2 (S=64, 512x896), on CPU, GPU or torchrun.
 
     python train.py --dataset_location=./pod_export                       # stage 1 defaults
     python train.py --stage=2 --dataset_location=./pod_export --dataset_version=<S64 512x896 export>
@@ -28,6 +28,7 @@ from datasets.training import OrdinalDataset, OrdinalSampler
 from nets.pips2 import Pips
 from utils import checkpoint as ck
 from utils import metrics
+from utils.amp import amp_dtype, autocast
 from utils.cli import parse_hw
 
 STAGE_DEFAULTS = {
@@ -97,16 +98,17 @@ def fail(msg: str) -> NoReturn:
 
 def init_estimates(trajs_g: torch.Tensor, hw: tuple[int, int], gen: torch.Generator) -> torch.Tensor:
     """Initial estimates: per point a random mix of truth and uniform noise over the image; half of the
-    points zero-velocity instead; frame 0 always the truth (SPEC 3)."""
+    points zero-velocity instead; frame 0 always the truth (docs/MODEL.md)."""
     B, S, N, _ = trajs_g.shape
     H, W = hw
-    noise = torch.rand(B, S, N, 2, generator=gen) * torch.tensor([W - 1.0, H - 1.0])
-    mix = torch.rand(B, 1, N, 1, generator=gen)
-    est = mix * trajs_g.cpu() + (1 - mix) * noise
-    zero_vel = torch.rand(B, 1, N, 1, generator=gen) < 0.5
-    est = torch.where(zero_vel, trajs_g[:, :1].cpu().expand(B, S, N, 2), est)
-    est[:, 0] = trajs_g[:, 0].cpu()
-    return est.to(trajs_g.device)
+    dev = trajs_g.device
+    # drawn on the CPU generator whatever the device, so a step's randomness is the same everywhere
+    noise = (torch.rand(B, S, N, 2, generator=gen) * torch.tensor([W - 1.0, H - 1.0])).to(dev)
+    mix = torch.rand(B, 1, N, 1, generator=gen).to(dev)
+    zero_vel = (torch.rand(B, 1, N, 1, generator=gen) < 0.5).to(dev)
+    est = mix * trajs_g + (1 - mix) * noise
+    est = torch.where(zero_vel, trajs_g[:, :1].expand(B, S, N, 2), est)
+    return torch.cat([trajs_g[:, :1], est[:, 1:]], 1)
 
 
 def maybe_transpose(rgbs: torch.Tensor, trajs: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -114,6 +116,31 @@ def maybe_transpose(rgbs: torch.Tensor, trajs: torch.Tensor, gen: torch.Generato
     if torch.rand(1, generator=gen).item() < 0.5:
         return rgbs.transpose(-1, -2), trajs.flip(-1)
     return rgbs, trajs
+
+
+def forward_loss(model, batch: dict, device: torch.device, iters: int, gen: torch.Generator, amp: str | None
+                 ) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """One micro-batch with the training semantics (random transpose, initial estimates, loss) on `device`.
+
+    Returns (loss, final estimate, the batch's tensors as the model saw them: rgbs, trajs, visibs, valids).
+    """
+    rgbs, trajs_g = maybe_transpose(batch["rgbs"].to(device), batch["trajs"].to(device), gen)
+    seen = dict(rgbs=rgbs, trajs=trajs_g, visibs=batch["visibs"].to(device), valids=batch["valids"].to(device))
+    trajs_e0 = init_estimates(trajs_g, tuple(rgbs.shape[-2:]), gen)
+    with autocast(device.type, amp):
+        preds, _, _, loss = model(trajs_e0, rgbs, iters=iters, trajs_g=trajs_g, vis_g=seen["visibs"],
+                                  valids=seen["valids"])
+    return loss, preds[-1], seen
+
+
+def optimizer_update(model, optimizer, scheduler, scaler, max_norm: float = 5.0) -> None:
+    """Unscale, clip the gradient norm, step optimizer, scaler and schedule, clear the gradients."""
+    scaler.unscale_(optimizer)
+    torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    scaler.step(optimizer)
+    scaler.update()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
 
 
 def step_generator(seed: int, step: int, micro: int, rank: int) -> torch.Generator:
@@ -202,7 +229,7 @@ def set_rng_state(state: dict) -> None:
 # One stage.
 
 
-def validate(model, loader_iter, cfg: Config, device, amp_dtype, on_batch=None) -> dict[str, float]:
+def validate(model, loader_iter, cfg: Config, device, on_batch=None) -> dict[str, float]:
     """One validation batch with twice the training iterations (on_batch sees the batch first)."""
     batch = next(loader_iter)
     if on_batch is not None:
@@ -212,7 +239,7 @@ def validate(model, loader_iter, cfg: Config, device, amp_dtype, on_batch=None) 
     init = trajs_g[:, :1].expand_as(trajs_g).contiguous()
     net = model.module if hasattr(model, "module") else model
     net.eval()
-    with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+    with torch.no_grad(), autocast(device.type, cfg.amp):
         preds = net(init, rgbs, iters=cfg.iters * 2)[0]
     net.train()
     return batch_figures(preds[-1].float(), trajs_g, visibs, valids, tuple(rgbs.shape[-2:]))
@@ -332,7 +359,6 @@ def _train_stage(cfg: Config, rank: int, world: int, device: torch.device,
                                                           else None)
     model.train()
 
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[cfg.amp]
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
     try:
         base = build_dataset(cfg, cfg.dataset_version)
@@ -397,18 +423,15 @@ def _train_stage(cfg: Config, rank: int, world: int, device: torch.device,
                     cache.append(batch)
             rtime += time.time() - tr
             gen = step_generator(cfg.seed, step, micro, rank)
-            rgbs, trajs_g = maybe_transpose(batch["rgbs"].to(device), batch["trajs"].to(device), gen)
-            visibs, valids = batch["visibs"].to(device), batch["valids"].to(device)
-            trajs_e0 = init_estimates(trajs_g, tuple(rgbs.shape[-2:]), gen)
-            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                preds, _, _, loss = model(trajs_e0, rgbs, iters=cfg.iters, trajs_g=trajs_g, vis_g=visibs,
-                                          valids=valids)
+            loss, final, seen = forward_loss(model, batch, device, cfg.iters, gen, cfg.amp)
             finite = finite and bool(torch.isfinite(loss))
             if finite:
                 scaler.scale(loss / cfg.grad_acc).backward()
                 total_loss += loss.item() / cfg.grad_acc
             if micro == 0 and main_proc:
-                figures = batch_figures(preds[-1].detach().float(), trajs_g, visibs, valids, tuple(rgbs.shape[-2:]))
+                shown = (seen["rgbs"][0], seen["trajs"][0], final[0].detach())
+                figures = batch_figures(final.detach().float(), seen["trajs"], seen["visibs"], seen["valids"],
+                                        tuple(seen["rgbs"].shape[-2:]))
         if any_rank(not finite, world, device):
             optimizer.zero_grad(set_to_none=True)
             nan_total += 1
@@ -423,19 +446,14 @@ def _train_stage(cfg: Config, rank: int, world: int, device: torch.device,
                 raise SystemExit(msg)
             continue
         nan_run = 0
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer_update(model, optimizer, scheduler, scaler)
         itime = time.time() - t0
 
         losses.append(total_loss)
         if figures is not None:
             d_ts.append(figures["d_avg"])
         if val_iter is not None and (step % cfg.val_freq == 0 or step == 1):
-            v = validate(model, val_iter, cfg, device, amp_dtype, lambda b: note_corrupt("val", b))
+            v = validate(model, val_iter, cfg, device, lambda b: note_corrupt("val", b))
             d_vs.append(v["d_avg"])
             if writer:
                 for k, val in v.items():
@@ -458,8 +476,9 @@ def _train_stage(cfg: Config, rank: int, world: int, device: torch.device,
             if step % (cfg.log_freq * 10) == 0 or step == 1:
                 from utils.vis import summary_image
 
-                frames = rgbs[0].detach().permute(0, 2, 3, 1).cpu().numpy().clip(0, 255).astype(np.uint8)
-                img = summary_image(frames, trajs_g[0].cpu().numpy(), preds[-1][0].detach().float().cpu().numpy())
+                rgb0, trajs0, est0 = shown
+                frames = rgb0.detach().permute(0, 2, 3, 1).cpu().numpy().clip(0, 255).astype(np.uint8)
+                img = summary_image(frames, trajs0.cpu().numpy(), est0.float().cpu().numpy())
                 writer.add_image("train/tracks", img, step, dataformats="HWC")
         if step % cfg.save_freq == 0 or step == cfg.max_iters:
             save(step)
@@ -494,6 +513,7 @@ def make_config(stage: int, flags: dict) -> Config:
     h, w = values["crop_size"]
     if h < 128 or w < 128:
         raise ValueError(f"crop_size must be at least 128x128, got {h}x{w}")
+    amp_dtype(values.get("amp", "none"))  # one clear line for an unknown --amp
     return Config(**values)
 
 

@@ -1,6 +1,6 @@
 """Tracking long videos with PIPs++: windows, any-frame queries, backward tracking, grids, streaming.
 
-Windowed tracking (SPEC 5): zero-velocity initialisation; windows of S frames; the next window starts
+Windowed tracking (docs/EVALUATION.md): zero-velocity initialisation; windows of S frames; the next window starts
 at the previous one's last frame (one frame of overlap); the last window is shifted back to end at the
 video's last frame; after each window every later frame is initialised with the window's last
 estimate; the model's `feats` are carried to the next window as `feat_init`. Each window is encoded
@@ -21,6 +21,7 @@ import torch
 from tqdm import tqdm
 
 from nets.pips2 import MIN_SIZE
+from utils.amp import autocast
 
 # ---------------------------------------------------------------------------------------------------------
 # Frame sources: random access to (start, end) windows of uint8 frames at the model's size.
@@ -198,9 +199,8 @@ def run_window(model, frames: np.ndarray, init: torch.Tensor, feats: list | None
     if n < 2:
         return out, feats
     device = next(model.parameters()).device
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp or "", None)
     rgbs = _to_input(frames, device)
-    with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+    with autocast(device.type, amp):
         fmaps = model.encode_nhwc(rgbs)
         for b, p0 in enumerate(range(0, N, point_batch)):
             seq = out[:, p0:p0 + point_batch].to(device).unsqueeze(0)
