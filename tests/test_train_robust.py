@@ -270,3 +270,9 @@ def test_missing_dataset_folder_is_one_line_exit_2(exported, tmp_path, where):
         res = _run_cli(out, tmp_path, "--max_iters=1", "--dataset_version=nope")
         expect = f"error: {out / 'nope'}: no exported clips (run export_mp4_dataset.py first)"
     assert res.returncode == 2 and res.stderr.strip() == expect
+
+
+def test_unknown_amp_is_one_line(exported, tmp_path):
+    out, _ = exported
+    res = _run_cli(out, tmp_path, "--max_iters=1", "--amp=fp8")
+    assert res.returncode == 2 and res.stderr.strip() == "error: --amp must be one of none, bf16, fp16, got 'fp8'"
