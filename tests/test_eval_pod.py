@@ -30,26 +30,75 @@ def _run(root, tmp, *args):
     return res, (json.loads(out.read_text()) if out.exists() else None)
 
 
+def authors_choice(tr, vis, val, hw, N, K=8):
+    """The authors' point choice, written out step by step from their evaluation (docs/EVALUATION.md)."""
+    H, W = hw
+    tr = tr.astype(np.float64).copy()
+    vis, val = vis.astype(np.float32).copy(), val.astype(np.float32).copy()
+    bad = ~np.isfinite(tr)
+    tr[bad] = 0
+    ok_xy = (~bad).sum(-1) == 2
+    vis[~ok_xy], val[~ok_xy] = 0, 0
+    for t in range(tr.shape[0]):
+        oob = (tr[t, :, 0] < 1) | (tr[t, :, 0] > W - 2) | (tr[t, :, 1] < 1) | (tr[t, :, 1] > H - 2)
+        vis[t, oob], val[t, oob] = 0, 0
+    keep = (vis * val)[0] > 0
+    tr, vis, val = tr[:, keep], vis[:, keep], val[:, keep]
+    keep = (vis * val).sum(0) >= K
+    tr, vis, val = tr[:, keep], vis[:, keep], val[:, keep]
+    keep = np.linalg.norm(tr[1:] - tr[:-1], axis=-1).max(0) < 512
+    tr, vis, val = tr[:, keep], vis[:, keep], val[:, keep]
+    tr = np.minimum(np.maximum(tr, [-32, -32]), [W + 32, H + 32])
+    inds = np.linspace(0, tr.shape[1] - 1, min(tr.shape[1], N)).astype(np.int32)
+    return tr[:, inds], val[:, inds]
+
+
+def zero_velocity_d_avg(g, m, hw, size=(128, 192)):
+    """d_avg of the zero-velocity estimate for ground truth g (T,n,2) in source pixels, scored at `size`."""
+    (H, W), (h, w) = hw, size
+    g = g * [w / W, h / H]
+    e = g[0:1].repeat(len(g), 0)
+    d = np.linalg.norm((e - g) * [256 / w, 256 / h], axis=-1)[1:]
+    m = m[1:]
+    return np.mean([100 * ((d < t) * m).sum() / (1e-6 + m.sum()) for t in (1, 2, 4, 8, 16)])
+
+
 def test_zero_velocity_matches_independent_computation(pod_test, tmp_path):
     res, js = _run(pod_test, tmp_path, "--zero_vel=True")
     assert res.returncode == 0, res.stderr
     assert "synth_0000: d_1" in res.stdout and "d_avg" in res.stdout and "summary: 2 sequences" in res.stdout
-    # independent: protocol by hand for scene 0
     z = np.load(pod_test / "test" / "synth_0000" / "anno.npz")
-    tr, vis, val = z["trajs_2d"], z["visibs"], z["valids"]
-    H, W = 192, 320
-    inside = (tr[..., 0] >= 1) & (tr[..., 0] <= W - 2) & (tr[..., 1] >= 1) & (tr[..., 1] <= H - 2)
-    vis, val = vis & inside, val & inside
-    ok = (vis[0] & val[0]) & ((vis & val).sum(0) >= 8)
-    idx = np.nonzero(ok)[0]
-    idx = idx[np.linspace(0, len(idx) - 1, 32).astype(int)]
-    g = np.clip(tr[:, idx], [-32, -32], [W - 1 + 32, H - 1 + 32]) * [192 / 320, 128 / 192]
-    e = g[0:1].repeat(len(g), 0)
-    d = np.linalg.norm((e - g) * [256 / 192, 256 / 128], axis=-1)[1:]
-    m = val[1:, idx]
-    d_avg = np.mean([100 * ((d < t) * m).sum() / (1e-6 + m.sum()) for t in (1, 2, 4, 8, 16)])
-    assert js["per_sequence"]["synth_0000"]["d_avg"] == pytest.approx(d_avg, abs=1e-3)
+    g, m = authors_choice(z["trajs_2d"], z["visibs"], z["valids"], (192, 320), 32)
+    assert g.shape[1] == 32
+    assert js["per_sequence"]["synth_0000"]["d_avg"] == pytest.approx(zero_velocity_d_avg(g, m, (192, 320)),
+                                                                      abs=1e-3)
     assert js["mean"]["d_avg"] < 60  # the synthetic motion makes zero-velocity a weak baseline
+
+
+def test_non_finite_tracks_and_fewer_than_N_points_choose_the_authors_points(pod_test, tmp_path):
+    import shutil
+
+    root = tmp_path / "pod"
+    shutil.copytree(pod_test / "test" / "synth_0000", root / "test" / "synth_0000")
+    anno = root / "test" / "synth_0000" / "anno.npz"
+    z = dict(np.load(anno))
+    tr = z["trajs_2d"].astype(np.float32)
+    vv = z["visibs"] & z["valids"]
+    good = np.nonzero(vv[0] & (vv.sum(0) >= 8))[0]
+    # NaN and inf in the middle of good tracks: the authors keep these points (the jump to (0,0) is < 512 px
+    # in a 320x192 image) and only mark those frames invalid; the old rule dropped them
+    tr[5, good[:40:2]] = np.nan
+    tr[9, good[1:40:2], 0] = np.inf
+    z["trajs_2d"] = tr
+    np.savez(anno, **z)
+    n_survive = authors_choice(tr, z["visibs"], z["valids"], (192, 320), 10**6)[0].shape[1]
+    N = n_survive + 50  # fewer survivors than N: each is used once
+    res, js = _run(root, tmp_path, "--zero_vel=True", f"--N={N}")
+    assert res.returncode == 0, res.stderr
+    g, m = authors_choice(tr, z["visibs"], z["valids"], (192, 320), N)
+    assert g.shape[1] == n_survive and js["per_sequence"]["synth_0000"]["points"] == n_survive
+    assert js["per_sequence"]["synth_0000"]["d_avg"] == pytest.approx(zero_velocity_d_avg(g, m, (192, 320)),
+                                                                      abs=1e-3)
 
 
 def test_checkpoint_folder_and_file_forms(pod_test, tmp_path):
@@ -84,7 +133,7 @@ def test_sequence_without_usable_points_is_skipped(pod_test, tmp_path):
 
 
 def test_eval_points_protocol_rules():
-    T, N = 10, 6
+    T, N = 10, 7
     tr = np.full((T, N, 2), 50.0, np.float32)
     vis = np.ones((T, N), bool)
     val = np.ones((T, N), bool)
@@ -92,12 +141,32 @@ def test_eval_points_protocol_rules():
     vis[3:, 1] = False  # visible in only 3 frames -> dropped
     tr[5:, 2, 0] = 700  # a 650-px step inside the 800-px-wide image -> dropped by the motion rule
     tr[4, 3] = [-100, 50]  # far outside at frame 4: invalid there, kept, clamped (its steps are 150 px)
-    tr[7, 5] = np.nan  # a non-finite position: the step is not < 512 -> dropped
+    tr[7, 5] = np.nan  # non-finite: becomes (0, 0) and invalid; the 71-px jump there passes the motion rule
+    tr[:, 6] = [600, 500]
+    tr[2, 6, 1] = np.inf  # -> (600, 0): a 500-px jump, which passes
+    tr[3, 6] = [np.nan, 500]  # -> (0, 500): a 781-px jump from (600, 0) -> dropped
     t, v, va = evaluation.select_points(tr, vis, val, (600, 800), N=None)
-    assert t.shape == (T, 2, 2)
-    assert not va[4, 0] and t[4, 0, 0] == -32
-    # N evenly with linspace(0, n-1, N) as integers: with fewer survivors, points repeat (as the authors')
+    assert t.shape == (T, 3, 2)  # points 3, 4 and 5
+    assert not va[4, 0] and t[4, 0, 0] == -32 and t[9, 0, 0] == 50
+    assert not va[7, 2] and not v[7, 2] and tuple(t[7, 2]) == (0, 0) and va[6, 2]
+    # clamped to W + 32, not W - 1 + 32
+    tr2 = np.full((T, 1, 2), 50.0, np.float32)
+    tr2[4, 0, 0] = 5000
+    assert evaluation.select_points(tr2, np.ones((T, 1), bool), np.ones((T, 1), bool), (600, 800), N=None,
+                                    max_motion=None)[0][4, 0, 0] == 832
+    # fewer survivors than N: each is used once, in order, never repeated
     t4, _, _ = evaluation.select_points(tr, vis, val, (600, 800), N=4)
-    assert t4.shape == (T, 4, 2) and np.array_equal(t4[:, :2], t4[:, [0, 0]]) and t4[4, 3, 0] == 50
+    assert t4.shape == (T, 3, 2) and t4[4, 0, 0] == -32 and t4[4, 1, 0] == 50 and t4[7, 2, 0] == 0
     # the motion rule can be left out (CroHD: heads leave the view)
-    assert evaluation.select_points(tr, vis, val, (600, 800), N=None, max_motion=None)[0].shape[1] == 4
+    assert evaluation.select_points(tr, vis, val, (600, 800), N=None, max_motion=None)[0].shape[1] == 5
+
+
+def test_eval_points_chosen_by_integer_linspace():
+    T, n = 9, 10
+    tr = np.full((T, n, 2), 40.0, np.float32) + np.arange(n, dtype=np.float32)[None, :, None]
+    ones = np.ones((T, n), bool)
+    pick = lambda N: evaluation.select_points(tr, ones, ones, (100, 100), N=N)[0][0, :, 0] - 40  # noqa: E731
+    assert pick(256).tolist() == list(range(10))
+    assert pick(4).tolist() == [0, 3, 6, 9]  # linspace(0, 9, 4) = 0, 3, 6, 9
+    assert pick(3).tolist() == [0, 4, 9]  # linspace(0, 9, 3) = 0, 4.5, 9 -> 0, 4, 9
+    assert pick(10).tolist() == list(range(10))

@@ -1,4 +1,4 @@
-"""The authors' evaluation protocol (SPEC 5), shared by test_on_pod.py, test_on_tap.py and test_on_cro.py:
+"""The authors' evaluation protocol (docs/EVALUATION.md), shared by test_on_pod.py, test_on_tap.py and test_on_cro.py:
 choose points, zero-velocity initialisation from frame 0, windowed tracking at the model size, metrics."""
 
 from __future__ import annotations
@@ -13,34 +13,38 @@ from utils.tracking import FrameSource, track_windows
 def select_points(trajs: np.ndarray, visibs: np.ndarray, valids: np.ndarray, hw: tuple[int, int],
                   N: int | None = 256, min_frames: int = 8, max_motion: float | None = 512.0, clamp_px: float = 32.0,
                   border_px: float = 1.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Points of the test protocol (SPEC 5): returns trajs (T,n,2), visibs, valids.
+    """The points the authors' PointOdyssey evaluation scores (docs/EVALUATION.md): trajs (T,n,2), visibs, valids.
 
-    Entries within `border_px` of the border become invisible and invalid; points must be valid and
-    visible in frame 0 and in >= min_frames frames, and their largest step between consecutive frames
-    (over all frames; a non-finite step fails) must be < max_motion (None skips this rule). Positions are
-    clamped to clamp_px outside the image. With N set, N points are taken as linspace(0, n-1, N) cast to
-    integers, as the authors do (so points repeat when fewer than N survive); N=None keeps every point.
+    In this order, as the authors' code does it:
+    1. non-finite coordinates become 0 and those entries invalid and invisible;
+    2. entries within `border_px` of the image border (x < 1 or x > W-2, likewise y) become invisible and invalid;
+    3. a point must be valid and visible in frame 0 and in at least `min_frames` frames;
+    4. its largest step between consecutive frames, over all frames and measured AFTER step 1 (so a NaN frame
+       counts as a jump to (0, 0)), must be < max_motion (None skips this rule);
+    5. positions are clamped to [-clamp_px, W + clamp_px] x [-clamp_px, H + clamp_px];
+    6. of the n survivors, the points linspace(0, n-1, min(n, N)) cast to integers are kept: when n <= N every
+       point is kept once, never repeated. N=None keeps every point.
     """
     H, W = hw
-    x, y = trajs[..., 0], trajs[..., 1]
+    trajs = np.array(trajs, np.float64)
+    visibs, valids = np.asarray(visibs, bool), np.asarray(valids, bool)
+    finite = np.isfinite(trajs).all(-1)
+    trajs[~np.isfinite(trajs)] = 0.0
+    valids, visibs = valids & finite, visibs & finite
     if border_px > 0:
-        with np.errstate(invalid="ignore"):
-            inside = (x >= border_px) & (x <= W - 1 - border_px) & (y >= border_px) & (y <= H - 1 - border_px)
-        valids = valids & inside
-        visibs = visibs & inside
-    valids = valids & np.isfinite(trajs).all(-1)
+        x, y = trajs[..., 0], trajs[..., 1]
+        inside = (x >= border_px) & (x <= W - 1 - border_px) & (y >= border_px) & (y <= H - 1 - border_px)
+        valids, visibs = valids & inside, visibs & inside
     vv = valids & visibs
     ok = vv[0] & (vv.sum(0) >= min_frames)
     if max_motion is not None and trajs.shape[0] > 1:
-        with np.errstate(invalid="ignore"):
-            step = np.nan_to_num(np.linalg.norm(np.diff(trajs, axis=0), axis=-1), nan=np.inf)
-        ok &= step.max(0) < max_motion
+        ok &= np.linalg.norm(np.diff(trajs, axis=0), axis=-1).max(0) < max_motion
     idx = np.nonzero(ok)[0]
     if N is not None and len(idx) > 0:
-        idx = idx[np.linspace(0, len(idx) - 1, N).astype(np.int64)]
-    tr = np.nan_to_num(trajs[:, idx], nan=0.0, posinf=0.0, neginf=0.0)
-    tr[..., 0] = np.clip(tr[..., 0], -clamp_px, W - 1 + clamp_px)
-    tr[..., 1] = np.clip(tr[..., 1], -clamp_px, H - 1 + clamp_px)
+        idx = idx[np.linspace(0, len(idx) - 1, min(len(idx), N)).astype(np.int32)]
+    tr = trajs[:, idx]
+    tr[..., 0] = np.clip(tr[..., 0], -clamp_px, W + clamp_px)
+    tr[..., 1] = np.clip(tr[..., 1], -clamp_px, H + clamp_px)
     return tr.astype(np.float32), visibs[:, idx], valids[:, idx]
 
 
