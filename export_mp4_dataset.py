@@ -1,4 +1,4 @@
-"""Export PointOdyssey into fixed-size augmented mp4 clips, in parallel and safely (SPEC section 4).
+"""Export PointOdyssey into fixed-size augmented mp4 clips, in parallel and safely (docs/FORMATS.md).
 
     python export_mp4_dataset.py --dataset_location=/data/pointodyssey --dset=train --workers=4
     # many machines on one shared folder:

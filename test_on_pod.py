@@ -1,4 +1,4 @@
-"""Evaluate a PIPs++ checkpoint on PointOdyssey with the authors' protocol (SPEC section 5).
+"""Evaluate a PIPs++ checkpoint on PointOdyssey with the authors' protocol (docs/EVALUATION.md).
 
     ./get_reference_model.sh
     python test_on_pod.py --dataset_location=/data/pointodyssey --dset=test --init_dir=./reference_model

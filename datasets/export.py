@@ -1,4 +1,4 @@
-"""Export PointOdyssey clips to fixed-size augmented mp4 + track.npz folders (SPEC 4.4), safely in parallel.
+"""Export PointOdyssey clips to fixed-size augmented mp4 + track.npz folders (docs/FORMATS.md), safely in parallel.
 
 Clip k is fully determined by (settings, k): its candidate (scene, start, stride) comes from a fixed
 enumeration and its augmentation RNG is seeded by (seed, k), so any process on any machine writes the

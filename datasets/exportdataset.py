@@ -1,4 +1,4 @@
-"""Training reader of exported clips (SPEC 4.4): <dataset_location>/<dataset_version>/<k:06d>/{rgb.mp4,track.npz}.
+"""Exported clips for training (docs/FORMATS.md): <dataset_location>/<dataset_version>/<k:06d>/{rgb.mp4,track.npz}.
 
 A clip that does not decode to exactly S frames of the crop size, or whose track.npz is unusable, is
 skipped with a warning and counted; the dataset then returns another clip, never a zero sample. Every

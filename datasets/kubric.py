@@ -1,4 +1,4 @@
-"""Kubric MOVi-F as laid out for LBM (SPEC 6): <root>/<seq>/frames/000.png.., <root>/<seq>/<seq>.npy.
+"""Kubric MOVi-F as laid out for LBM (docs/FORMATS.md): <root>/<seq>/frames/000.png.., <root>/<seq>/<seq>.npy.
 
 The .npy is a pickled dict with `coords` (N,T,2) pixels at 512x512 and `visibility` (N,T) bool, which in
 fact marks *occluded* points (True = occluded). Samples come out in the same format as exported clips.

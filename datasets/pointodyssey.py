@@ -1,4 +1,4 @@
-"""PointOdyssey scenes on disk (v1.2 and legacy), clip sampling and the track filters of SPEC 4.2.
+"""PointOdyssey scenes on disk (v1.2 and legacy), clip sampling and the track filters (docs/FORMATS.md).
 
 A scene or clip that cannot be used raises `SkipItem` with a short reason; callers count reasons and go on.
 """
@@ -167,8 +167,8 @@ def segmentation_edges(labels: np.ndarray, dilate: int = 3) -> np.ndarray:
 
 def filter_tracks(trajs: np.ndarray, visibs: np.ndarray, valids: np.ndarray, hw: tuple[int, int],
                   edges: np.ndarray | None = None) -> np.ndarray:
-    """Indices of tracks passing SPEC 4.2: visible at frames 0 and 1, enough visible frames, inside the
-    image at frame 0, not on a segmentation edge, and plausible speed, acceleration and jerk."""
+    """Indices of tracks passing the export filter (docs/FORMATS.md): visible at frames 0 and 1, enough visible
+    frames, inside the image at frame 0, not on a segmentation edge, and plausible speed, acceleration and jerk."""
     S = trajs.shape[0]
     H, W = hw
     vv = visibs & valids

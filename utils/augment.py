@@ -1,4 +1,4 @@
-"""Augmentations of SPEC 4.3 with OpenCV and NumPy: colour, occluders, time reversal, spatial.
+"""Export augmentations (docs/FORMATS.md) with OpenCV and NumPy: colour, occluders, time reversal, spatial.
 
 Geometry: every spatial operation (resize, padding, drifting scale, drifting crop, flips) is folded into
 one 2x3 affine per frame that maps input pixel coordinates to output ones, with pixel centres at

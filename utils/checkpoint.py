@@ -1,4 +1,4 @@
-"""Checkpoints in the authors' format: a folder of `model-%09d.pth` dicts (SPEC section 1)."""
+"""Checkpoints in the authors' format: a folder of `model-%09d.pth` dicts (docs/MODEL.md)."""
 
 from __future__ import annotations
 

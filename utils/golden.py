@@ -1,4 +1,4 @@
-"""Deterministic weights of SPEC section 7, used for the golden test vectors, tests and benchmarks."""
+"""Deterministic golden weights (docs/MODEL.md), used for the golden test vectors, tests and benchmarks."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Point-tracking metrics of SPEC 5, the one definition used by training, test_on_pod, tap and cro.
+"""Point-tracking metrics (docs/EVALUATION.md), the one definition used by training, test_on_pod, tap and cro.
 
 Errors are measured in a 256x256 frame: x is divided by W/256 and y by H/256 of the input size.
 Masked means are sum / (1e-6 + mask sum). Per-video figures are averaged over videos plainly.
