@@ -2,7 +2,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench clean golden-matrix
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -24,10 +24,24 @@ demo: $(VENV)/.installed
 		--out_dir=demo_out/track
 	@echo "demo done: see demo_out/track/tracks.mp4, tracks.csv, tracks.npz"
 
-## test: lint and run the whole test suite
+## test: lint, the float tests under five thread/kernel settings, then the whole test suite
 test: $(VENV)/.installed $(VENV)/.installed-onnx
 	$(BIN)/ruff check .
+	$(MAKE) --no-print-directory golden-matrix
 	$(BIN)/python -m pytest -q
+
+# OMP_NUM_THREADS:ATEN_CPU_CAPABILITY (empty = the CPU's own kernels); the whole suite then runs the fifth,
+# 2 threads on the CPU's own kernels. See docs/CORRECTNESS.md.
+GOLDEN_SETTINGS := 1: 2:avx2 2:default 1:default
+GOLDEN_TESTS := tests/test_golden.py
+
+## golden-matrix: the tests that compare floats, once per thread count and kernel set
+golden-matrix: $(VENV)/.installed
+	@for s in $(GOLDEN_SETTINGS); do t=$${s%%:*}; c=$${s#*:}; \
+	  echo "== float tests with OMP_NUM_THREADS=$$t ATEN_CPU_CAPABILITY=$${c:-<native>}"; \
+	  env OMP_NUM_THREADS=$$t $${c:+ATEN_CPU_CAPABILITY=$$c} $(BIN)/python -m pytest -q -p no:cacheprovider \
+	    $(GOLDEN_TESTS) || exit 1; \
+	done
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check .
