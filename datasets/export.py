@@ -57,6 +57,8 @@ class ExportSettings:
     def version(self) -> str:
         h, w = self.crop_size
         name = f"{self.dset}_S{self.S}_N{self.N}_{h}x{w}_{'aug' if self.use_augs else 'noaug'}_seed{self.seed}"
+        # shuffling changes which candidate becomes clip k, so an unshuffled export must not share the folder
+        name += "" if self.shuffle else "_noshuffle"
         return name + ("" if self.preset == "medium" else f"_x264{self.preset}")
 
 

@@ -313,3 +313,17 @@ def test_export_dataset_reads_and_skips_corrupt(exported, tmp_path):
     loader = torch.utils.data.DataLoader(ExportDataset(str(out), vdir.name, S=8, N=32), batch_size=2, num_workers=2)
     batch = next(iter(loader))
     assert batch["rgbs"].shape == (2, 8, 3, 128, 192)
+
+
+def test_version_names_every_setting_that_changes_the_clips():
+    from dataclasses import fields, replace
+
+    from datasets.export import ExportSettings
+
+    base = ExportSettings()
+    changed = {"dset": "val", "S": 8, "N": 64, "crop_size": (256, 384), "use_augs": False, "shuffle": False,
+               "seed": 3, "preset": "veryfast"}
+    assert set(changed) == {f.name for f in fields(ExportSettings)}
+    names = {base.version()} | {replace(base, **{k: v}).version() for k, v in changed.items()}
+    assert len(names) == len(changed) + 1
+    assert base.version() == "train_S36_N128_384x512_aug_seed0"  # existing exports keep their folder

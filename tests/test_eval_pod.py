@@ -114,7 +114,7 @@ def test_checkpoint_folder_and_file_forms(pod_test, tmp_path):
 
 def test_missing_checkpoint_names_the_download_script(pod_test, tmp_path):
     res, _ = _run(pod_test, tmp_path, f"--init_dir={tmp_path / 'nothing'}")
-    assert res.returncode != 0 and "get_reference_model.sh" in res.stderr
+    assert res.returncode == 2 and "get_reference_model.sh" in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1
 
 

@@ -24,4 +24,5 @@ def load_pips_or_exit(init_dir: str, device: str | torch.device = "auto", **kwar
     try:
         return load_pips(init_dir, resolve_device(device) if isinstance(device, str) else device, **kwargs)
     except CheckpointError as e:
-        sys.exit(f"error: {e}")
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)  # bad input, like every other one-line error
