@@ -21,6 +21,7 @@ from pathlib import Path
 
 import fire
 import torch
+from common import reset_peak_rss, status_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -35,21 +36,6 @@ CONFIGS = {  # name: (model kwargs, autocast dtype or None, inference_mode)
     "ours_fp32": (dict(), None, True),
     "ours_bf16": (dict(), torch.bfloat16, True),
 }
-
-
-def _status_bytes(key: str) -> int:
-    """VmRSS / VmHWM of this process from /proc (Linux)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    raise KeyError(key)
-
-
-def _reset_peak() -> None:
-    """Reset VmHWM to the current RSS, so that earlier peaks (building weights) do not mask the forward's."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
 
 
 def _worker(size: str, config: str, device: str, B: int, repeats: int, out_path: str) -> None:
@@ -74,8 +60,8 @@ def _worker(size: str, config: str, device: str, B: int, repeats: int, out_path:
         run()  # warm-up (kernels, allocator); on the CPU its RSS would hide the measured peak
         sync()
         torch.cuda.reset_peak_memory_stats()
-    rss0 = _status_bytes("VmRSS")
-    _reset_peak()
+    rss0 = status_bytes("VmRSS")
+    reset_peak_rss()
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -85,7 +71,7 @@ def _worker(size: str, config: str, device: str, B: int, repeats: int, out_path:
     if device == "cuda":
         peak = torch.cuda.max_memory_allocated()
     else:
-        peak = _status_bytes("VmHWM") - rss0
+        peak = status_bytes("VmHWM") - rss0
     torch.save({"out": out.float().cpu(), "times": times, "peak": peak}, out_path)
 
 

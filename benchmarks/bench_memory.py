@@ -1,0 +1,127 @@
+"""Peak memory of one training step (forward with loss, backward, AdamW update), measured on the CPU.
+
+Each (shape, model) runs in its own process; its peak is the peak RSS above the process's size before the
+model was built, so it counts weights, gradients, AdamW states, activations and workspace: what a GPU would
+have to hold (plus the CUDA context and the caching allocator's slack, see docs/BENCHMARKS.md).
+
+Models: "ours" = the default Pips() as train.py runs it, "ours_ckpt" = the same with --grad_ckpt
+("ours_ckpt_chunk16": with the encoder chunk CUDA uses by default, 16 frames), "authors" =
+the authors' forms (full correlation volumes, the whole clip through the encoder at once, conv1d delta
+block). Shapes too large for this machine are measured at smaller B or S and extrapolated linearly.
+
+    python benchmarks/bench_memory.py --json_out=docs/bench_memory_cpu.json
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import fire
+import torch
+from common import reset_peak_rss, status_bytes
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+MODELS = {
+    "ours": (dict(), False),
+    "ours_ckpt": (dict(), True),
+    # what CUDA runs by default: the encoder in chunks of 16 frames, so a recompute holds 16 frames at once
+    "ours_ckpt_chunk16": (dict(encoder_chunk=16), True),
+    "authors": (dict(corr_impl="volume", encoder_chunk=0, channels_last=False, delta_impl="direct"), False),
+}
+# name: (B, S, N, H, W, iters) of the steps measured here
+RUNS = {
+    "stage1_B1": (1, 36, 128, 256, 384, 4),
+    "stage1_B2": (2, 36, 128, 256, 384, 4),
+    "stage2_S8": (1, 8, 128, 512, 896, 4),
+    "stage2_S16": (1, 16, 128, 512, 896, 4),
+    "stage2_S64": (1, 64, 128, 512, 896, 4),
+}
+# the shapes of the issue and how each is reached from what was measured: (runs, variable, target value)
+TARGETS = {
+    "stage 1: B=4 S=36 N=128 256x384 iters=4": (("stage1_B1", "stage1_B2"), 0, 4),
+    "stage 2: B=1 S=64 N=128 512x896 iters=4": (("stage2_S8", "stage2_S16"), 1, 64),
+}
+
+
+def _worker(run: str, model_name: str, out_path: str) -> None:
+    import train
+    from nets.pips2 import Pips
+    from utils.golden import load_golden_weights
+
+    B, S, N, H, W, iters = RUNS[run]
+    kwargs, ckpt = MODELS[model_name]
+    g = torch.Generator().manual_seed(0)
+    batch = {"rgbs": torch.rand(B, S, 3, H, W, generator=g) * 255,
+             "trajs": torch.rand(B, 1, N, 2, generator=g) * torch.tensor([W - 1.0, H - 1.0]) + torch.cumsum(
+                 torch.randn(B, S, N, 2, generator=g), 1),
+             "visibs": torch.ones(B, S, N), "valids": torch.ones(B, S, N)}
+    rss0 = status_bytes("VmRSS")
+    reset_peak_rss()
+    model = load_golden_weights(Pips(**kwargs)).train()
+    model.grad_checkpoint = ckpt
+    opt = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=1e-6, eps=1e-8)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=5e-4, total_steps=200, pct_start=0.1,
+                                                cycle_momentum=False, anneal_strategy="linear")
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    t0 = time.perf_counter()
+    loss, _, _ = train.forward_loss(model, batch, torch.device("cpu"), iters, torch.Generator().manual_seed(1), None)
+    loss.backward()
+    train.optimizer_update(model, opt, sched, scaler)
+    dt = time.perf_counter() - t0
+    peak = status_bytes("VmHWM") - rss0
+    Path(out_path).write_text(json.dumps({"peak": peak, "time": dt, "loss": loss.item()}))
+
+
+def _measure(run: str, model: str) -> dict:
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+        path = f.name
+    try:
+        subprocess.run([sys.executable, __file__, "_worker", run, model, path], check=True, cwd=ROOT)
+        return json.loads(Path(path).read_text())
+    finally:
+        os.unlink(path)
+
+
+def main(runs: str = "stage1_B1,stage1_B2,stage2_S8,stage2_S16", models: str = "ours,ours_ckpt,authors",
+         direct: str = "stage2_S64:ours_ckpt", json_out: str | None = None) -> None:
+    """Measure every run x model, plus the `direct` run:model pairs; extrapolate the targets; print a table."""
+    runs_l = [r for r in (runs.split(",") if isinstance(runs, str) else runs) if r]
+    models_l = [m for m in (models.split(",") if isinstance(models, str) else models) if m]
+    pairs = [(r, m) for r in runs_l for m in models_l]
+    pairs += [tuple(p.split(":")) for p in (direct.split(",") if isinstance(direct, str) else direct) if p]
+    got: dict[str, dict[str, dict]] = {}
+    for r, m in pairs:
+        res = _measure(r, m)
+        got.setdefault(r, {})[m] = res
+        B, S, N, H, W, iters = RUNS[r]
+        print(f"{r:11s} B={B} S={S:3d} N={N} {H}x{W} iters={iters}  {m:10s} peak {res['peak'] / 2**30:6.2f} GiB  "
+              f"step {res['time']:6.1f} s", flush=True)
+    print("\ntargets (linear in the varied size, from two measured points):")
+    targets = {}
+    for name, (two, var, value) in TARGETS.items():
+        (ra, rb) = two
+        xa, xb = RUNS[ra][var], RUNS[rb][var]
+        row = {}
+        for m in models_l:
+            if m in got.get(ra, {}) and m in got.get(rb, {}):
+                pa, pb = got[ra][m]["peak"], got[rb][m]["peak"]
+                row[m] = pa + (pb - pa) / (xb - xa) * (value - xa)
+        targets[name] = row
+        print(f"  {name}: " + ", ".join(f"{m} {v / 2**30:.1f} GiB" for m, v in row.items()))
+    if json_out:
+        Path(json_out).write_text(json.dumps({"measured": got, "extrapolated_bytes": targets}, indent=2))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "_worker":
+        _worker(sys.argv[2], sys.argv[3], sys.argv[4])
+    else:
+        fire.Fire(main)
