@@ -462,12 +462,19 @@ def sequence_loss(preds: list[torch.Tensor], trajs_g: torch.Tensor, valids: torc
     return total / K
 
 
+def default_encoder_chunk(device_type: str, checkpointing: bool) -> int:
+    """Frames encoded at a time when Pips(encoder_chunk=None): 1 on the CPU (cache locality) and whenever the
+    encoder is checkpointed (a recomputation then holds one frame's activations: at 512x896, 16 frames cost
+    9.2 GiB instead of 1.4, docs/BENCHMARKS.md), 16 on CUDA otherwise (larger kernels run faster there)."""
+    return 16 if device_type == "cuda" and not checkpointing else 1
+
+
 class Pips(nn.Module):
     """PIPs++: iterative multi-template point tracking over S frames.
 
     corr_impl: "local" (default; samples features around each point) or "volume" (reference semantics).
-    encoder_chunk: frames encoded at a time; None = 1 on the CPU (faster than a whole 36-frame clip, see
-    docs/BENCHMARKS.md), 16 on CUDA; 0 = the whole clip at once.
+    encoder_chunk: frames encoded at a time; None = `default_encoder_chunk` (1 on the CPU and under gradient
+    checkpointing, 16 on CUDA); 0 = the whole clip at once.
     channels_last: run the encoder in channels-last memory format; None = on CUDA and under autocast
     (faster there); CPU float32 stays contiguous, whose oneDNN kernels round closer to the reference.
     delta_impl: "auto" (Winograd delta block for CPU float32 inference) or "direct" (conv1d everywhere).
@@ -507,7 +514,9 @@ class Pips(nn.Module):
             raise ValueError(f"frames must be at least {MIN_SIZE}x{MIN_SIZE} pixels, got {H}x{W}")
         x = rgbs.reshape(B * S, 3, H, W)
         # instance norm is per frame, so chunks give the same maps; 0 = the whole clip at once
-        chunk = self.encoder_chunk if self.encoder_chunk is not None else (16 if x.is_cuda else 1)
+        checkpointing = self.grad_checkpoint and torch.is_grad_enabled()
+        chunk = self.encoder_chunk if self.encoder_chunk is not None else default_encoder_chunk(x.device.type,
+                                                                                             checkpointing)
         chunk = chunk or B * S
         H8, W8 = H // self.stride, W // self.stride
         dtype = self.dtype
@@ -516,7 +525,7 @@ class Pips(nn.Module):
             xs = 2 * (x[s:s + chunk].to(dtype) / 255.0) - 1.0
             if self._channels_last(xs):
                 xs = xs.contiguous(memory_format=torch.channels_last)
-            if self.grad_checkpoint and torch.is_grad_enabled():
+            if checkpointing:
                 fm = checkpoint(self.fnet, xs, use_reentrant=False)
             else:
                 fm = self.fnet(xs)
