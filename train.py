@@ -30,6 +30,7 @@ from utils import checkpoint as ck
 from utils import metrics
 from utils.amp import amp_dtype, autocast
 from utils.cli import parse_hw
+from utils.procs import is_space_error
 
 STAGE_DEFAULTS = {
     1: dict(B=4, S=36, N=128, crop_size=(256, 384), iters=6, lr=5e-4, max_iters=200_000),
@@ -404,7 +405,7 @@ def _train_stage(cfg: Config, rank: int, world: int, device: torch.device,
             ck.save(ckpt_dir, at, net, optimizer, scheduler, keep_latest=cfg.keep_latest, extra=extra)
         except OSError as e:
             # ck.save removed its temp file and left every earlier checkpoint in place
-            why = "no space left on device" if ck.is_space_error(e) else (e.strerror or str(e))
+            why = "no space left on device" if is_space_error(e) else (e.strerror or str(e))
             fail(f"cannot save {ckpt_dir / ck.ckpt_name(at)}: {why}")
 
     while step < cfg.max_iters:

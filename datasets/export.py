@@ -23,6 +23,7 @@ import numpy as np
 
 from datasets import pointodyssey as pod
 from utils import augment
+from utils.procs import is_space_error, pid_alive
 from utils.video import VideoError, read_clip, write_mp4
 
 STALE_CLAIM_S = 2 * 3600  # a claim from another host older than this is taken over
@@ -194,11 +195,8 @@ def _tmp_name(k: int, tag: str = "") -> str:
 def is_no_space(exc: BaseException, path: Path) -> bool:
     """Whether a failed write is down to a full disk: ENOSPC/EDQUOT anywhere in the exception chain, ffmpeg's
     message, or (when the pipe to ffmpeg just broke) hardly any free space left where we were writing."""
-    e: BaseException | None = exc
-    while e is not None:
-        if getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(e):
-            return True
-        e = e.__cause__ or e.__context__
+    if is_space_error(exc):
+        return True
     try:
         return shutil.disk_usage(path).free < LOW_SPACE_BYTES
     except OSError:
@@ -254,21 +252,6 @@ def remove_clip(version_dir: Path, k: int) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
-def _pid_alive(pid: int) -> bool:
-    """Whether a process of this host runs; a zombie (killed, parent gone, not yet reaped) counts as dead."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except (OSError, IndexError):
-        return True
-
-
 def claim(version_dir: Path, k: int) -> bool:
     """Take clip k for this process; False if a live process holds it. Dead holders' claims are taken over."""
     cdir = version_dir / ".claims"
@@ -288,7 +271,7 @@ def claim(version_dir: Path, k: int) -> bool:
             except (OSError, ValueError):
                 host, pid, age = "", "0", STALE_CLAIM_S + 1  # half-written claim: its writer died
             same_host = host == socket.gethostname()
-            if (same_host and not _pid_alive(int(pid))) or (not same_host and age > STALE_CLAIM_S):
+            if (same_host and not pid_alive(int(pid))) or (not same_host and age > STALE_CLAIM_S):
                 path.unlink(missing_ok=True)
                 continue
             return False
@@ -404,7 +387,7 @@ def clean_stale_temps(version_dir: Path) -> int:
     host = socket.gethostname()
     for p in tdir.iterdir():
         parts = p.name.split("__")
-        if len(parts) == 3 and parts[1] == host and parts[2].isdigit() and not _pid_alive(int(parts[2])):
+        if len(parts) == 3 and parts[1] == host and parts[2].isdigit() and not pid_alive(int(parts[2])):
             shutil.rmtree(p, ignore_errors=True)
             n += 1
     return n
@@ -421,7 +404,7 @@ def clean_stale_claims(version_dir: Path) -> int:
             h, pid = p.read_text().split()
         except (OSError, ValueError):
             continue
-        if h == host and pid.isdigit() and not _pid_alive(int(pid)):
+        if h == host and pid.isdigit() and not pid_alive(int(pid)):
             p.unlink(missing_ok=True)
             n += 1
     return n

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import re
@@ -15,6 +14,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 from prettytable import PrettyTable
+
+from utils.procs import pid_alive
 
 CKPT_RE = re.compile(r"^model-(\d+)\.pth$")
 # .model-%09d.pth.<host>.<pid>.<random>.tmp: host and pid say whether the writer may still be alive
@@ -192,24 +193,6 @@ def save(folder: str | os.PathLike, step: int, model: nn.Module, optimizer=None,
         for _, old in list_checkpoints(folder)[:-keep_latest]:
             old.unlink(missing_ok=True)
     return path
-
-
-def is_space_error(e: BaseException) -> bool:
-    """Whether an exception is the file system running out of space (or quota)."""
-    return isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether a process with this pid exists on this host (one we may not signal still counts)."""
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def clean_stale_temps(folder: str | os.PathLike) -> list[Path]:
