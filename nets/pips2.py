@@ -462,11 +462,11 @@ def sequence_loss(preds: list[torch.Tensor], trajs_g: torch.Tensor, valids: torc
     return total / K
 
 
-def default_encoder_chunk(device_type: str, checkpointing: bool) -> int:
+def default_encoder_chunk(on_cuda: bool, checkpointing: bool) -> int:
     """Frames encoded at a time when Pips(encoder_chunk=None): 1 on the CPU (cache locality) and whenever the
     encoder is checkpointed (a recomputation then holds one frame's activations: at 512x896, 16 frames cost
     9.2 GiB instead of 1.4, docs/BENCHMARKS.md), 16 on CUDA otherwise (larger kernels run faster there)."""
-    return 16 if device_type == "cuda" and not checkpointing else 1
+    return 16 if on_cuda and not checkpointing else 1
 
 
 class Pips(nn.Module):
@@ -515,7 +515,7 @@ class Pips(nn.Module):
         x = rgbs.reshape(B * S, 3, H, W)
         # instance norm is per frame, so chunks give the same maps; 0 = the whole clip at once
         checkpointing = self.grad_checkpoint and torch.is_grad_enabled()
-        chunk = self.encoder_chunk if self.encoder_chunk is not None else default_encoder_chunk(x.device.type,
+        chunk = self.encoder_chunk if self.encoder_chunk is not None else default_encoder_chunk(x.is_cuda,
                                                                                              checkpointing)
         chunk = chunk or B * S
         H8, W8 = H // self.stride, W // self.stride

@@ -297,7 +297,8 @@ def test_module_has_no_hard_coded_device():
 def test_default_encoder_chunk():
     from nets.pips2 import default_encoder_chunk
 
-    assert default_encoder_chunk("cpu", False) == 1 and default_encoder_chunk("cpu", True) == 1
-    assert default_encoder_chunk("cuda", False) == 16
+    assert default_encoder_chunk(on_cuda=False, checkpointing=False) == 1
+    assert default_encoder_chunk(on_cuda=False, checkpointing=True) == 1
+    assert default_encoder_chunk(on_cuda=True, checkpointing=False) == 16
     # checkpointed training recomputes a chunk at a time: one frame, not 16 (9.2 vs 1.4 GiB at 512x896)
-    assert default_encoder_chunk("cuda", True) == 1
+    assert default_encoder_chunk(on_cuda=True, checkpointing=True) == 1
