@@ -7,6 +7,8 @@ exactly (see docs/MODEL.md), so `load_state_dict(strict=True)` works on `model-0
 
 from __future__ import annotations
 
+from functools import cache
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -17,6 +19,7 @@ from utils.amp import autocast_enabled, autocast_off
 MIN_SIZE = 128  # four pyramid levels at stride 8 must stay >= 2x2
 
 
+@cache  # called per gather chunk and level; the value depends on C alone
 def corr_scale(C: int) -> float:
     """sqrt(C) as the reference computes it, in float32 (a float64 run of the reference divides by this too)."""
     return float(torch.tensor(float(C), dtype=torch.float32).sqrt())
