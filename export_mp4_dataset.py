@@ -1,5 +1,8 @@
 """Export PointOdyssey into fixed-size augmented mp4 clips, in parallel and safely (docs/FORMATS.md).
 
+The defaults (S=36, N=128, 256x384) are the clips stage-1 training reads with its defaults
+(datasets.clips.STAGE_CLIPS); add --S=64 --crop_size=512,896 for stage 2.
+
     python export_mp4_dataset.py --dataset_location=/data/pointodyssey --dset=train --workers=4
     # many machines on one shared folder:
     python export_mp4_dataset.py ... --shard=0 --num_shards=3   # and 1, 2 elsewhere
@@ -7,9 +10,7 @@
 
 from __future__ import annotations
 
-import json
 import multiprocessing as mp
-import os
 import signal
 import sys
 import time
@@ -22,16 +23,9 @@ import fire
 from tqdm import tqdm
 
 from datasets import pointodyssey as pod
-from datasets.export import (
-    NO_SPACE,
-    ExportSettings,
-    clean_stale_claims,
-    clean_stale_temps,
-    enumerate_candidates,
-    export_one,
-    list_clips,
-    worker_init,
-)
+from datasets.clipmaker import enumerate_candidates
+from datasets.clips import STAGE_CLIPS, ClipSettings, list_clips, write_settings
+from datasets.export import NO_SPACE, clean_stale_claims, clean_stale_temps, export_one, worker_init
 from utils.cli import parse_hw
 
 
@@ -48,7 +42,7 @@ def _parse_hw(crop_size) -> tuple[int, int]:
     return h, w
 
 
-def _no_clips_reason(dataset_location: str, st: ExportSettings) -> str:
+def _no_clips_reason(dataset_location: str, st: ClipSettings) -> str:
     split = Path(dataset_location) / st.dset
     scenes = pod.list_scenes(dataset_location, st.dset)
     if not scenes:
@@ -57,21 +51,27 @@ def _no_clips_reason(dataset_location: str, st: ExportSettings) -> str:
             f"(rgbs/rgb_*.jpg) a clip needs")
 
 
-def main(dataset_location: str = "../datasets/pointodyssey", dset: str = "train", S: int = 36, N: int = 128,
-         crop_size=(384, 512), use_augs: bool = True, max_iters: int | None = None, shuffle: bool = True,
+def main(dataset_location: str = "../datasets/pointodyssey", dset: str = "train", S: int = STAGE_CLIPS[1]["S"],
+         N: int = STAGE_CLIPS[1]["N"], crop_size=STAGE_CLIPS[1]["crop_size"], use_augs: bool = True,
+         max_clips: int | None = None, max_iters: int | None = None, shuffle: bool = True,
          out_dir: str = "./pod_export", workers: int = 1, shard: int = 0, num_shards: int = 1, seed: int = 0,
          preset: str = "medium", verify: bool = False, quiet: bool = False) -> None:
-    """Write clips <out_dir>/<version>/<k:06d>/{rgb.mp4,track.npz} for k < max_iters (all clips by default).
+    """Write clips <out_dir>/<version>/<k:06d>/{rgb.mp4,track.npz} for k < max_clips (all clips by default).
+
+    --max_iters is the authors' name for --max_clips.
 
     --preset picks the x264 speed/size trade-off at CRF 20 (medium = the authors' output; veryfast encodes
     2.9x faster at about -1.3 dB PSNR, see docs/BENCHMARKS.md). --verify=True decodes every finished clip
     again and rewrites damaged ones. Exit codes: 0 done, 1 some clips failed, 2 bad flags or data, 130 Ctrl-C.
     """
     try:
-        st = ExportSettings(dset=dset, S=S, N=N, crop_size=_parse_hw(crop_size), use_augs=use_augs,
-                            shuffle=shuffle, seed=seed, preset=preset)
+        st = ClipSettings(dset=dset, S=S, N=N, crop_size=_parse_hw(crop_size), use_augs=use_augs,
+                          shuffle=shuffle, seed=seed, preset=preset)
     except ValueError as e:
         _fail(e)
+    if max_clips is not None and max_iters is not None and max_clips != max_iters:
+        _fail(f"--max_clips={max_clips} and its alias --max_iters={max_iters} disagree; give one")
+    max_clips = max_iters if max_clips is None else max_clips
     if not 0 <= shard < num_shards:
         _fail(f"--shard must be in [0, {num_shards}), got {shard}")
     try:  # before anything is created: a mistyped path must not leave an empty version folder behind
@@ -83,16 +83,12 @@ def main(dataset_location: str = "../datasets/pointodyssey", dset: str = "train"
     version_dir = Path(out_dir) / st.version()
     try:
         version_dir.mkdir(parents=True, exist_ok=True)
-        settings = version_dir / "settings.json"
-        if not settings.exists():
-            tmp = version_dir / f".settings.{os.getpid()}"
-            tmp.write_text(json.dumps(asdict(st), indent=2))
-            os.replace(tmp, settings)
+        write_settings(version_dir, st)
     except OSError as e:
         _fail(f"--out_dir: cannot write {version_dir} ({e.strerror or e})")
     cleaned = clean_stale_temps(version_dir)
     clean_stale_claims(version_dir)
-    total = len(cands) if max_iters is None else min(max_iters, len(cands))
+    total = len(cands) if max_clips is None else min(max_clips, len(cands))
     todo = [k for k in range(total) if k % num_shards == shard]
     # clips of one scene together: each worker keeps the last scenes loaded
     todo.sort(key=lambda k: (cands[k].scene, k))

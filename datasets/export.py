@@ -1,33 +1,41 @@
-"""Export PointOdyssey clips to fixed-size augmented mp4 + track.npz folders (docs/FORMATS.md), safely in parallel.
+"""The exporter's job protocol: claims, temp folder + rename, rejections, manifest, liveness, stale clean-up.
 
-Clip k is fully determined by (settings, k): its candidate (scene, start, stride) comes from a fixed
-enumeration and its augmentation RNG is seeded by (seed, k), so any process on any machine writes the
-same clip k. A clip is built in a private temp folder, verified by decoding, then renamed into place in
-one atomic step; a folder named with six digits is therefore always complete and verified. Claim files
-keep concurrent exporters off each other's clips; claims of dead processes are taken over.
+What a clip holds comes from datasets/clipmaker.py (a pure function of scene, candidate, settings and RNG)
+and the format from datasets/clips.py. Here a clip is built in a private temp folder, verified by decoding,
+then renamed into place in one atomic step; a folder named with six digits is therefore always complete and
+verified. Claim files keep concurrent exporters off each other's clips; claims of dead processes are taken
+over; a deterministic rejection is remembered so reruns skip it at once.
 """
 
 from __future__ import annotations
 
 import errno
-import json
 import os
 import shutil
 import signal
 import socket
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
 from datasets import pointodyssey as pod
-from utils import augment
+from datasets.clipmaker import Candidate, build_clip
+from datasets.clips import (
+    ClipSettings,
+    append_manifest,
+    clip_dir,
+    clip_name,
+    is_clip_dir,
+    verify_clip,
+    write_track,
+)
+from datasets.clips import list_clips as list_clips  # re-exported: callers that list what an export wrote
 from utils.procs import is_space_error, pid_alive
-from utils.video import VideoError, read_clip, write_mp4
+from utils.video import VideoError, write_mp4
 
 STALE_CLAIM_S = 2 * 3600  # a claim from another host older than this is taken over
-CLIP_DIGITS = 6
 NO_SPACE = "no space left on device"
 LOW_SPACE_BYTES = 1 << 20  # a failed write with less free space than this is put down to a full disk
 
@@ -42,66 +50,6 @@ class NoSpaceError(OSError):
         return self.strerror
 
 
-@dataclass(frozen=True)
-class ExportSettings:
-    """Everything that changes the content of the clips (and so names the version folder)."""
-
-    dset: str = "train"
-    S: int = 36
-    N: int = 128
-    crop_size: tuple[int, int] = (384, 512)
-    use_augs: bool = True
-    shuffle: bool = True
-    seed: int = 0
-    preset: str = "medium"  # x264 speed/size trade-off at CRF 20 (the authors' ffmpeg default is medium)
-
-    def version(self) -> str:
-        h, w = self.crop_size
-        name = f"{self.dset}_S{self.S}_N{self.N}_{h}x{w}_{'aug' if self.use_augs else 'noaug'}_seed{self.seed}"
-        # shuffling changes which candidate becomes clip k, so an unshuffled export must not share the folder
-        name += "" if self.shuffle else "_noshuffle"
-        return name + ("" if self.preset == "medium" else f"_x264{self.preset}")
-
-
-@dataclass(frozen=True)
-class Candidate:
-    scene: str
-    start: int
-    stride: int
-
-
-def enumerate_candidates(dataset_location: str | Path, st: ExportSettings) -> list[Candidate]:
-    """Every (scene, start, stride) clip of the split, in a fixed order (shuffled by the seed if asked)."""
-    cands = []
-    for scene in pod.list_scenes(dataset_location, st.dset):
-        n = len(pod.frame_files(scene))
-        cands += [Candidate(scene.name, s, k) for s, k in pod.clip_starts(n, st.S)]
-    if st.shuffle:
-        order = np.random.default_rng(st.seed).permutation(len(cands))
-        cands = [cands[i] for i in order]
-    return cands
-
-
-def check_frame_sizes(scene: pod.Scene) -> None:
-    """SkipItem("frames of different sizes") unless every frame (and mask) has the first frame's size.
-
-    Only image headers are read. Without this, a clip whose frames agree with each other but not with the
-    scene's masks fails with an IndexError, counted as a failure and retried on every run.
-    """
-    from PIL import Image
-
-    def size(p: Path) -> tuple[int, int] | None:
-        try:
-            with Image.open(p) as im:
-                return im.size
-        except Exception:  # unreadable: the clips that use it are rejected when their frames are read
-            return None
-
-    sizes = {s for s in map(size, scene.rgb_paths + (scene.mask_paths or [])) if s is not None}
-    if len(sizes) > 1:
-        raise pod.SkipItem("frames of different sizes")
-
-
 class SceneCache:
     """The last few scenes loaded by this process (real annotations are large; clips come grouped by scene)."""
 
@@ -109,10 +57,11 @@ class SceneCache:
         self.root, self.size, self.items = root, size, {}
 
     def get(self, name: str) -> pod.Scene:
+        """The scene `name` (loaded once); SkipItem("scene unusable: ...") for a scene that cannot be used."""
         if name not in self.items:
             try:
                 scene = pod.load_scene(self.root / name)
-                check_frame_sizes(scene)
+                pod.check_frame_sizes(scene)
             except pod.SkipItem as e:
                 scene = e
             if len(self.items) >= self.size:
@@ -124,72 +73,13 @@ class SceneCache:
         return got
 
 
-def make_clip(scene: pod.Scene, cand: Candidate, st: ExportSettings, rng: np.random.Generator
-              ) -> tuple[np.ndarray, np.ndarray]:
-    """Frames (S,H,W,3) uint8 and track_g (S,N,4) of one candidate; raises SkipItem with the reason."""
-    idx = cand.start + cand.stride * np.arange(st.S)
-    trajs, visibs, valids = scene.trajs[idx], scene.visibs[idx], scene.valids[idx]
-    frames = pod.read_frames([scene.rgb_paths[i] for i in idx])
-    mask_path = scene.mask_paths[idx[0]] if scene.mask_paths else None
-    if st.use_augs and rng.random() < 0.5:
-        frames, trajs, visibs, valids = augment.reverse_time(frames, trajs, visibs, valids)
-        mask_path = scene.mask_paths[idx[-1]] if scene.mask_paths else None
-    H, W = frames.shape[1:3]
-    edges = pod.segmentation_edges(pod.read_mask(mask_path)) if mask_path is not None else None
-    if edges is not None and edges.shape != (H, W):
-        raise pod.SkipItem("frames of different sizes")
-    keep = pod.filter_tracks(trajs, visibs, valids, (H, W), edges)
-    if len(keep) < st.N // 2:
-        raise pod.SkipItem("too few tracks")
-    trajs, visibs, valids = trajs[:, keep], visibs[:, keep], valids[:, keep]
-
-    plan = augment.plan_spatial(st.S, H, W, st.crop_size, rng, p=0.7 if st.use_augs else 0.0)
-    frames = augment.warp_frames(frames, plan)
-    trajs = augment.warp_tracks(trajs, plan)
-    visibs, valids = augment.crop_visibility(trajs, visibs, valids, st.crop_size)
-    keep = np.nonzero(visibs[0] & visibs[1])[0]  # queries must still be visible after the crop
-    if len(keep) < st.N // 2:
-        raise pod.SkipItem("too few tracks after crop")
-    trajs, visibs, valids = trajs[:, keep], visibs[:, keep], valids[:, keep]
-    if st.use_augs:
-        frames, visibs = augment.add_occluders(frames, trajs, visibs, rng, p=0.2)
-        frames = augment.color_augment(frames, rng)
-    pick = pod.choose_tracks(trajs, valids, st.N, rng, st.crop_size)
-    trajs, visibs, valids = trajs[:, pick], visibs[:, pick], valids[:, pick]
-    if valids.mean() < 0.5:
-        raise pod.SkipItem("fewer than half of the entries valid")
-    return frames, pod.pack_tracks(trajs, visibs, valids)
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Writing, verifying, claiming.
 
 
-def clip_dir(version_dir: Path, k: int) -> Path:
-    return version_dir / f"{k:0{CLIP_DIGITS}d}"
-
-
-def is_clip_dir(p: Path) -> bool:
-    """A finished clip: a six-digit folder holding rgb.mp4 and track.npz (temp folders never match)."""
-    return p.is_dir() and p.name.isdigit() and len(p.name) == CLIP_DIGITS and (p / "rgb.mp4").is_file() \
-        and (p / "track.npz").is_file()
-
-
-def verify_clip(folder: Path, S: int, N: int, hw: tuple[int, int]) -> None:
-    """Decode rgb.mp4 (exactly S frames of HxW) and check track.npz; raises VideoError naming the file."""
-    read_clip(folder / "rgb.mp4", S, *hw)
-    try:
-        with np.load(folder / "track.npz") as z:
-            t = z["track_g"]
-    except Exception as e:
-        raise VideoError(f"{folder / 'track.npz'}: unreadable ({type(e).__name__})") from None
-    if t.shape != (S, N, 4) or t.dtype != np.float32:
-        raise VideoError(f"{folder / 'track.npz'}: track_g is {t.dtype} {t.shape}, expected float32 {(S, N, 4)}")
-
-
 def _tmp_name(k: int, tag: str = "") -> str:
     """A private folder name under .tmp/ that clean_stale_temps removes once this process is dead."""
-    return f"{k:0{CLIP_DIGITS}d}{tag}__{socket.gethostname()}__{os.getpid()}"
+    return f"{clip_name(k)}{tag}__{socket.gethostname()}__{os.getpid()}"
 
 
 def is_no_space(exc: BaseException, path: Path) -> bool:
@@ -215,7 +105,7 @@ def write_clip(version_dir: Path, k: int, frames: np.ndarray, track: np.ndarray,
     try:
         tmp.mkdir(parents=True)
         write_mp4(tmp / "rgb.mp4", frames, fps=24, crf=20, preset=preset)
-        np.savez(tmp / "track.npz", track_g=track.astype(np.float32))
+        write_track(tmp / "track.npz", track)
         verify_clip(tmp, track.shape[0], track.shape[1], frames.shape[1:3])
         try:
             os.rename(tmp, final)
@@ -223,12 +113,7 @@ def write_clip(version_dir: Path, k: int, frames: np.ndarray, track: np.ndarray,
             if is_clip_dir(final):  # someone else finished it first: theirs is identical
                 return False
             raise
-        line = json.dumps({"clip": k, **meta}) + "\n"
-        fd = os.open(version_dir / "manifest.jsonl", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        try:
-            os.write(fd, line.encode())  # one small O_APPEND write: lines from concurrent writers never interleave
-        finally:
-            os.close(fd)
+        append_manifest(version_dir, k, meta)
     except Exception as e:
         if is_no_space(e, version_dir):
             raise NoSpaceError(version_dir) from e
@@ -256,7 +141,7 @@ def claim(version_dir: Path, k: int) -> bool:
     """Take clip k for this process; False if a live process holds it. Dead holders' claims are taken over."""
     cdir = version_dir / ".claims"
     cdir.mkdir(exist_ok=True)
-    path = cdir / f"{k:0{CLIP_DIGITS}d}"
+    path = cdir / clip_name(k)
     me = f"{socket.gethostname()} {os.getpid()}"
     for _ in range(2):
         try:
@@ -279,7 +164,8 @@ def claim(version_dir: Path, k: int) -> bool:
 
 
 def release(version_dir: Path, k: int) -> None:
-    (version_dir / ".claims" / f"{k:0{CLIP_DIGITS}d}").unlink(missing_ok=True)
+    """Give up this process's claim on clip k."""
+    (version_dir / ".claims" / clip_name(k)).unlink(missing_ok=True)
 
 
 def mark_rejected(version_dir: Path, k: int, reason: str) -> None:
@@ -288,11 +174,12 @@ def mark_rejected(version_dir: Path, k: int, reason: str) -> None:
     rdir.mkdir(exist_ok=True)
     tmp = rdir / f".{k}.{os.getpid()}"
     tmp.write_text(reason)
-    os.replace(tmp, rdir / f"{k:0{CLIP_DIGITS}d}")
+    os.replace(tmp, rdir / clip_name(k))
 
 
 def rejected_reason(version_dir: Path, k: int) -> str | None:
-    p = version_dir / ".rejected" / f"{k:0{CLIP_DIGITS}d}"
+    """Why clip k was rejected by an earlier run, or None."""
+    p = version_dir / ".rejected" / clip_name(k)
     return p.read_text() if p.is_file() else None
 
 
@@ -302,7 +189,7 @@ def rejected_reason(version_dir: Path, k: int) -> str | None:
 _CACHE: SceneCache | None = None
 
 
-def _check_existing(version_dir: Path, k: int, st: ExportSettings, verify: bool) -> str | None:
+def _check_existing(version_dir: Path, k: int, st: ClipSettings, verify: bool) -> str | None:
     """With the claim held: "exists" for a good finished clip; None (to write it) after removing a partial
     folder or, with verify, a clip that fails verification ("rewrite")."""
     final = clip_dir(version_dir, k)
@@ -343,7 +230,7 @@ def _export_one(args: tuple) -> tuple[int, str, str]:
     global _CACHE
     dataset_location, version_dir, st_dict, k, cand, *rest = args
     verify = bool(rest and rest[0])
-    st = ExportSettings(**{**st_dict, "crop_size": tuple(st_dict["crop_size"])})
+    st = ClipSettings.from_dict(st_dict)
     version_dir = Path(version_dir)
     final = clip_dir(version_dir, k)
     if is_clip_dir(final) and not verify:
@@ -365,7 +252,7 @@ def _export_one(args: tuple) -> tuple[int, str, str]:
         cand = Candidate(**cand)
         rng = np.random.default_rng([st.seed, k])
         try:
-            frames, track = make_clip(_CACHE.get(cand.scene), cand, st, rng)
+            frames, track = build_clip(_CACHE.get(cand.scene), cand, st, rng)
         except pod.SkipItem as e:
             mark_rejected(version_dir, k, str(e))
             return k, "rejected", str(e)
@@ -438,10 +325,3 @@ def worker_init() -> None:
     """Export workers leave Ctrl-C to the parent (which stops them all) and die with their children on SIGTERM."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _die_with_children)
-
-
-def list_clips(version_dir: Path) -> list[Path]:
-    """Finished clip folders of a version, sorted."""
-    if not Path(version_dir).is_dir():
-        return []
-    return sorted(p for p in Path(version_dir).iterdir() if is_clip_dir(p))

@@ -1,19 +1,15 @@
 """Exported clips for training (docs/FORMATS.md): <dataset_location>/<dataset_version>/<k:06d>/{rgb.mp4,track.npz}.
 
-A clip that does not decode to exactly S frames of the crop size, or whose track.npz is unusable, is
-skipped with a warning and counted; the dataset then returns another clip, never a zero sample. Every
-sample names the clips skipped while producing it (`corrupt_ids`), because a DataLoader worker's counters
-never reach the training process.
-
-Absurd track values are corrupt too: the export marks a point more than 64 px outside the crop invalid
-(utils.augment.crop_visibility), so a valid point of a legitimate clip lies within the crop plus 64 px. The
-reader accepts valid points up to TRACK_MARGIN_FACTOR * max(H, W) px outside (at least 256 px, as crops are
-at least 128 px), which no export produces, and rejects anything beyond; visible/valid flags must be 0 or 1.
+The clip format (settings, folders, the track.npz check) is datasets/clips.py's. Clips larger than the
+training crop are cropped at random (tracks shifted with the pixels); clips smaller than it are one clear
+error. A clip that does not decode to exactly S frames of the export's size, or whose track.npz is unusable
+(datasets.clips.read_track), is skipped with a warning and counted; the dataset then returns another clip,
+never a zero sample. Every sample names the clips skipped while producing it (`corrupt_ids`), because a
+DataLoader worker's counters never reach the training process.
 """
 
 from __future__ import annotations
 
-import json
 import warnings
 from pathlib import Path
 
@@ -21,11 +17,18 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from datasets.export import list_clips
+from datasets.clips import (
+    AUTHORS_EXPORT_HW,
+    ClipSettings,
+    Tracks,
+    find_version,
+    list_clips,
+    read_clip_folder,
+    read_settings,
+)
+from datasets.clips import track_problem as track_problem  # re-exported: the reader's corruption rule
 from utils import augment
-from utils.video import VideoError, read_clip
-
-TRACK_MARGIN_FACTOR = 2
+from utils.video import VideoError
 
 
 class CorruptClipWarning(UserWarning):
@@ -42,22 +45,18 @@ class ExportDataset(Dataset):
         if not root.is_dir():
             raise FileNotFoundError(f"{root}: no such dataset folder (--dataset_location)")
         if dataset_version is None:
-            found = root.iterdir() if root.is_dir() else []
-            versions = sorted(p.name for p in found if (p / "settings.json").is_file())
-            if len(versions) != 1:
-                raise ValueError(f"{root}: name a dataset_version, found {versions or 'none'}")
-            dataset_version = versions[0]
+            dataset_version = find_version(root, S, N, crop_size)
         self.dir = root / dataset_version
         self.clips = list_clips(self.dir)
         if not self.clips:
             raise FileNotFoundError(f"{self.dir}: no exported clips (run export_mp4_dataset.py first)")
-        settings = self.dir / "settings.json"
-        st = json.loads(settings.read_text()) if settings.is_file() else {}
-        self.S_export = int(st.get("S", S))
-        self.N_export = int(st.get("N", N))
-        self.hw = tuple(st.get("crop_size", crop_size or (384, 512)))
-        if crop_size is not None and tuple(crop_size) != self.hw:
-            raise ValueError(f"{self.dir}: clips are {self.hw[0]}x{self.hw[1]}, crop_size asks {crop_size}")
+        # an export without settings.json (the authors' exporter) is taken to hold what is asked for
+        st = read_settings(self.dir) or ClipSettings(S=S, N=N, crop_size=tuple(crop_size or AUTHORS_EXPORT_HW))
+        self.S_export, self.N_export, self.hw = st.S, st.N, st.crop_size
+        self.crop = tuple(crop_size) if crop_size is not None else self.hw
+        if self.crop[0] > self.hw[0] or self.crop[1] > self.hw[1]:
+            raise ValueError(f"{self.dir}: clips are {self.hw[0]}x{self.hw[1]}, smaller than crop_size "
+                             f"{self.crop[0]}x{self.crop[1]} (export at the training crop size or larger)")
         if S > self.S_export:
             raise ValueError(f"{self.dir}: clips have {self.S_export} frames, S={S} asks for more")
         if N > self.N_export:
@@ -77,19 +76,7 @@ class ExportDataset(Dataset):
 
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """Decoded frames (S_export,H,W,3) and track_g (S_export,N_export,4) of clip `index`, or VideoError."""
-        folder = self.clips[index]
-        frames = read_clip(folder / "rgb.mp4", self.S_export, *self.hw, backend=self.backend)
-        try:
-            with np.load(folder / "track.npz", allow_pickle=False) as z:
-                track = z["track_g"]
-        except Exception as e:
-            raise VideoError(f"{folder / 'track.npz'}: unreadable ({type(e).__name__})") from None
-        if track.shape != (self.S_export, self.N_export, 4) or not np.isfinite(track).all():
-            raise VideoError(f"{folder / 'track.npz'}: track_g has shape {track.shape} or non-finite values")
-        problem = track_problem(track, self.hw)
-        if problem:
-            raise VideoError(f"{folder / 'track.npz'}: {problem}")
-        return frames, track
+        return read_clip_folder(self.clips[index], self.S_export, self.N_export, self.hw, self.backend)
 
     def sample(self, index: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         """Frames (S,H,W,3) uint8 and track (S,N,4) of clip `index` (another clip if it is corrupt)."""
@@ -116,6 +103,8 @@ class ExportDataset(Dataset):
     def _window(self, frames: np.ndarray, track: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         t0 = int(rng.integers(0, self.S_export - self.S + 1))
         frames, track = frames[t0:t0 + self.S], track[t0:t0 + self.S]
+        if self.crop != self.hw:  # drawn only for larger clips: same-size clips keep their random stream
+            frames, track = self._crop(frames, track, rng)
         vis0 = track[0, :, 2] > 0
         # queries must be visible in the first frame of the (possibly shifted) window
         pool = np.nonzero(vis0)[0] if vis0.sum() >= self.N else np.arange(track.shape[1])
@@ -125,23 +114,15 @@ class ExportDataset(Dataset):
             frames = augment.color_augment(frames, rng)
         return frames, track
 
-
-def track_problem(track: np.ndarray, hw: tuple[int, int]) -> str | None:
-    """Why an (S,N,4) track of an HxW clip cannot come from a legitimate export, or None if it can."""
-    flags = track[..., 2:4]
-    if not np.isin(flags, (0.0, 1.0)).all():
-        odd = flags[~np.isin(flags, (0.0, 1.0))]
-        return f"visible/valid flags must be 0 or 1, found {odd.flat[0]:g}"
-    H, W = hw
-    margin = TRACK_MARGIN_FACTOR * max(H, W)
-    xy = track[..., :2][track[..., 3] > 0]
-    if len(xy):
-        far = (xy[:, 0] < -margin) | (xy[:, 0] > W + margin) | (xy[:, 1] < -margin) | (xy[:, 1] > H + margin)
-        if far.any():
-            x, y = xy[far][0]
-            return (f"valid point at ({x:g}, {y:g}) lies far outside the {W}x{H} frame "
-                    f"(allowed: {margin} px beyond its edges)")
-    return None
+    def _crop(self, frames: np.ndarray, track: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """A random crop_size window of the clip; tracks move with it and follow the export's visibility rules
+        (within 1 px of the border invisible, more than 64 px outside invalid)."""
+        (H, W), (h, w) = self.hw, self.crop
+        y0, x0 = int(rng.integers(0, H - h + 1)), int(rng.integers(0, W - w + 1))
+        tr = Tracks.unpack(track)
+        trajs = tr.trajs - np.array([x0, y0], np.float32)
+        visibs, valids = augment.crop_visibility(trajs, tr.visibs, tr.valids, (h, w))
+        return np.ascontiguousarray(frames[:, y0:y0 + h, x0:x0 + w]), Tracks(trajs, visibs, valids).pack()
 
 
 def to_sample(frames: np.ndarray, track: np.ndarray, skipped: list[int] | tuple[int, ...] = (),
@@ -153,10 +134,11 @@ def to_sample(frames: np.ndarray, track: np.ndarray, skipped: list[int] | tuple[
     """
     ids = np.full(max(width, len(skipped)), -1, np.int64)
     ids[:len(skipped)] = skipped
+    tr = Tracks.unpack(track)
     return {
         "rgbs": torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float(),
-        "trajs": torch.from_numpy(np.ascontiguousarray(track[..., :2])),
-        "visibs": torch.from_numpy(np.ascontiguousarray(track[..., 2])),
-        "valids": torch.from_numpy(np.ascontiguousarray(track[..., 3])),
+        "trajs": torch.from_numpy(tr.trajs),
+        "visibs": torch.from_numpy(tr.visibs.astype(np.float32)),
+        "valids": torch.from_numpy(tr.valids.astype(np.float32)),
         "corrupt_ids": torch.from_numpy(ids),
     }

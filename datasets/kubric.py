@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from datasets.clips import Tracks
 from utils import augment
 from utils.safe_load import load_npy
 from utils.video import VideoError, read_rgb
@@ -75,10 +76,7 @@ class KubricDataset:
         if len(pool) == 0:
             pool = np.arange(coords.shape[1])
         pick = rng.choice(pool, self.N, replace=len(pool) < self.N)
-        track = np.zeros((self.S, self.N, 4), np.float32)
-        track[..., :2] = coords[:, pick]
-        track[..., 2] = visible[:, pick]
-        track[..., 3] = valids[:, pick]
+        track = Tracks(coords, visible, valids).take(pick).pack()
         if self.use_augs:
             frames = augment.color_augment(frames, rng)
         return frames, track

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import math
 import re
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,36 +65,35 @@ def _mask_for(rgb: Path) -> Path:
     return rgb.parent.parent / "masks" / f"mask_{num}.png"
 
 
-# trajs_3d is large and only its dtype matters; read it only when it is required
-_ANNO_KEYS = {False: ("trajs_2d", "visibs", "valids"), True: ("trajs_2d", "visibs", "valids", "trajs_3d")}
-_LEGACY_KEYS = {False: ("trajs_2d", "visibilities"), True: ("trajs_2d", "visibilities", "trajs_3d")}
+# where each release keeps the visibility: v1.2 anno.npz has visibs (+ valids), legacy annotations.npz has
+# visibilities in {0,1,2} (valid = <2, visible = ==1)
+_FORMATS = (("anno.npz", "visibs"), ("annotations.npz", "visibilities"))
 
 
-def load_annotations(scene: Path, require_3d: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(trajs_2d, visibs, valids) from anno.npz (v1.2) or annotations.npz (legacy visibilities 0/1/2)."""
-    anno, legacy = scene / "anno.npz", scene / "annotations.npz"
+def load_annotations(scene: Path, require_3d: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(trajs_2d, visibs, valids) from anno.npz (v1.2) or annotations.npz (legacy visibilities 0/1/2).
+
+    trajs_3d is large and unused by 2D training and evaluation, so it is read (and must be present and not
+    None) only with require_3d.
+    """
+    found = [(scene / name, key) for name, key in _FORMATS if (scene / name).is_file()]
+    if not found:
+        raise SkipItem("no anno.npz or annotations.npz")
+    path, vis_key = found[0]
+    keys = ("trajs_2d", vis_key, "valids") + (("trajs_3d",) if require_3d else ())
     try:
-        if anno.is_file():
-            # never np.load(allow_pickle=True): trajs_3d is a pickle when None
-            z = load_npz(anno, keys=_ANNO_KEYS[require_3d])
-            if "trajs_2d" not in z or "visibs" not in z:
-                raise SkipItem("anno.npz lacks trajs_2d/visibs")
-            if require_3d and ("trajs_3d" not in z or z["trajs_3d"].dtype == object):
-                raise SkipItem("trajs_3d is None")
-            trajs = z["trajs_2d"].astype(np.float32)
+        # never np.load(allow_pickle=True): trajs_3d is a pickle when None
+        z = load_npz(path, keys=keys)
+        if "trajs_2d" not in z or vis_key not in z:
+            raise SkipItem(f"{path.name} lacks trajs_2d/{vis_key}")
+        if require_3d and ("trajs_3d" not in z or z["trajs_3d"].dtype == object):
+            raise SkipItem("trajs_3d is None")
+        trajs = z["trajs_2d"].astype(np.float32)
+        if vis_key == "visibs":
             visibs = z["visibs"].astype(bool)
             valids = z["valids"].astype(bool) if "valids" in z else np.ones_like(visibs)
-        elif legacy.is_file():
-            z = load_npz(legacy, keys=_LEGACY_KEYS[require_3d])
-            if "trajs_2d" not in z or "visibilities" not in z:
-                raise SkipItem("annotations.npz lacks trajs_2d/visibilities")
-            if require_3d and ("trajs_3d" not in z or z["trajs_3d"].dtype == object):
-                raise SkipItem("trajs_3d is None")
-            trajs = z["trajs_2d"].astype(np.float32)
-            vis = z["visibilities"]
-            valids, visibs = vis < 2, vis == 1
         else:
-            raise SkipItem("no anno.npz or annotations.npz")
+            valids, visibs = z["visibilities"] < 2, z["visibilities"] == 1
     except SkipItem:
         raise
     except UnsafeFileError as e:
@@ -111,7 +109,7 @@ def load_annotations(scene: Path, require_3d: bool = True) -> tuple[np.ndarray, 
     return trajs, visibs, valids
 
 
-def load_scene(path: str | Path, require_masks: bool = True, require_3d: bool = True) -> Scene:
+def load_scene(path: str | Path, require_masks: bool = True, require_3d: bool = False) -> Scene:
     """Read a scene's file lists and annotations; raises SkipItem with the reason when it is unusable."""
     path = Path(path)
     rgbs = frame_files(path)
@@ -147,6 +145,25 @@ def read_frames(paths: list[Path]) -> np.ndarray:
     if len({f.shape for f in out}) != 1:
         raise SkipItem("frames of different sizes")
     return np.stack(out)
+
+
+def check_frame_sizes(scene: Scene) -> None:
+    """SkipItem("frames of different sizes") unless every frame (and mask) has the first frame's size.
+
+    Only image headers are read. Without this, a clip whose frames agree with each other but not with the
+    scene's masks fails with an IndexError, counted as a failure and retried on every run.
+    """
+
+    def size(p: Path) -> tuple[int, int] | None:
+        try:
+            with Image.open(p) as im:
+                return im.size
+        except Exception:  # unreadable: the clips that use it are rejected when their frames are read
+            return None
+
+    sizes = {s for s in map(size, scene.rgb_paths + (scene.mask_paths or [])) if s is not None}
+    if len(sizes) > 1:
+        raise SkipItem("frames of different sizes")
 
 
 def read_mask(path: Path) -> np.ndarray:
@@ -218,28 +235,8 @@ def fps_features(trajs: np.ndarray, valids: np.ndarray, hw: tuple[int, int]) -> 
 
 def choose_tracks(trajs: np.ndarray, valids: np.ndarray, N: int, rng: np.random.Generator,
                   hw: tuple[int, int]) -> np.ndarray:
-    """N track indices by farthest-point sampling, padded by repeating chosen tracks; SkipItem if < N//2."""
+    """min(N, M) of the M track indices by farthest-point sampling (never repeated); SkipItem if M < N//2."""
     M = trajs.shape[1]
     if M < N // 2 or M == 0:
         raise SkipItem("too few tracks")
-    idx = farthest_point_sample(fps_features(trajs, valids, hw), min(N, M), rng)
-    if len(idx) < N:
-        idx = np.concatenate([idx, rng.choice(idx, N - len(idx))])
-    return idx
-
-
-def pack_tracks(trajs: np.ndarray, visibs: np.ndarray, valids: np.ndarray) -> np.ndarray:
-    """(S,N,4) float32 of x, y, visible, valid; non-finite positions become 0 (and invalid)."""
-    track = np.zeros(trajs.shape[:2] + (4,), np.float32)
-    track[..., :2] = np.nan_to_num(trajs, nan=0.0, posinf=0.0, neginf=0.0)
-    track[..., 2] = visibs
-    track[..., 3] = valids
-    return track
-
-
-class SkipCounter(Counter):
-    """Counts skip reasons; `summary()` for the closing line of a job."""
-
-    def summary(self) -> str:
-        return ", ".join(f"{k}: {v}" for k, v in self.most_common()) or "none"
-
+    return farthest_point_sample(fps_features(trajs, valids, hw), min(N, M), rng)

@@ -14,7 +14,7 @@ import pytest
 from conftest import EXPORT_ARGS, run_export
 
 from datasets import pointodyssey as pod
-from datasets.export import ExportSettings, list_clips, verify_clip
+from datasets.clips import ClipSettings, list_clips, verify_clip
 from datasets.synthetic import SceneConfig, generate_scene
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -139,6 +139,11 @@ def test_bad_scenes_are_skipped_with_reason(tmp_path, synth_root, defect, reason
         (scene / "anno.npz").unlink()
     else:
         (scene / "rgbs" / "rgb_00023.jpg").unlink()
+    if defect == "none_3d":  # unused by 2D training: only a loader that asks for trajs_3d refuses the scene
+        assert pod.load_scene(scene).trajs.shape == (24, 400, 2)
+        with pytest.raises(pod.SkipItem, match=reason):
+            pod.load_scene(scene, require_3d=True)
+        return
     with pytest.raises(pod.SkipItem, match=reason):
         pod.load_scene(scene)
 
@@ -194,7 +199,7 @@ def _export(root, out, *extra, check=True, **kw):
 
 
 def _version(out):
-    return Path(out) / ExportSettings(dset="train", S=8, N=32, crop_size=(128, 192)).version()
+    return Path(out) / ClipSettings(dset="train", S=8, N=32, crop_size=(128, 192)).version()
 
 
 def test_export_writes_verified_clips_with_summary(exported):
@@ -318,12 +323,163 @@ def test_export_dataset_reads_and_skips_corrupt(exported, tmp_path):
 def test_version_names_every_setting_that_changes_the_clips():
     from dataclasses import fields, replace
 
-    from datasets.export import ExportSettings
-
-    base = ExportSettings()
-    changed = {"dset": "val", "S": 8, "N": 64, "crop_size": (256, 384), "use_augs": False, "shuffle": False,
+    base = ClipSettings()
+    changed = {"dset": "val", "S": 8, "N": 64, "crop_size": (384, 512), "use_augs": False, "shuffle": False,
                "seed": 3, "preset": "veryfast"}
-    assert set(changed) == {f.name for f in fields(ExportSettings)}
+    assert set(changed) == {f.name for f in fields(ClipSettings)}
     names = {base.version()} | {replace(base, **{k: v}).version() for k, v in changed.items()}
     assert len(names) == len(changed) + 1
-    assert base.version() == "train_S36_N128_384x512_aug_seed0"  # existing exports keep their folder
+    # existing exports keep their folder names
+    assert base.version() == "train_S36_N128_256x384_aug_seed0"
+    assert replace(base, crop_size=(384, 512)).version() == "train_S36_N128_384x512_aug_seed0"
+    assert ClipSettings(**changed).version() == "val_S8_N64_384x512_noaug_seed3_noshuffle_x264veryfast"
+
+
+# --- the clip format (datasets/clips.py) ---------------------------------------------------------------------
+
+def test_tracks_pack_unpack_round_trip_take_and_pad():
+    from datasets.clips import Tracks
+
+    rng = np.random.default_rng(0)
+    tr = Tracks(rng.uniform(-50, 300, (5, 7, 2)).astype(np.float32), rng.random((5, 7)) < 0.5,
+                rng.random((5, 7)) < 0.8)
+    packed = tr.pack()
+    assert packed.shape == (5, 7, 4) and packed.dtype == np.float32
+    back = Tracks.unpack(packed)
+    assert np.array_equal(back.trajs, tr.trajs) and back.trajs.dtype == np.float32
+    assert np.array_equal(back.visibs, tr.visibs) and np.array_equal(back.valids, tr.valids)
+    assert back.visibs.dtype == bool and np.array_equal(Tracks.unpack(packed).pack(), packed)
+    nan = Tracks(np.full((2, 1, 2), np.nan, np.float32), np.zeros((2, 1), bool), np.zeros((2, 1), bool))
+    assert (nan.pack() == 0).all()
+    sub = tr.take(np.array([4, 1]))
+    assert np.array_equal(sub.trajs, tr.trajs[:, [4, 1]]) and sub.N == 2
+    padded = sub.pad(5)
+    assert padded.N == 5 and np.array_equal(padded.take(np.arange(2)).pack(), sub.pack())
+    assert (padded.pack()[:, 2:] == 0).all() and tr.pad(3) is tr
+
+
+def test_choose_tracks_never_repeats():
+    rng = np.random.default_rng(0)
+    trajs = rng.uniform(0, 100, (6, 40, 2)).astype(np.float32)
+    valids = np.ones((6, 40), bool)
+    pick = pod.choose_tracks(trajs, valids, 64, rng, (100, 100))
+    assert sorted(pick.tolist()) == list(range(40))  # fewer than N: each once (build_clip pads with invalid ones)
+    assert len(set(pod.choose_tracks(trajs, valids, 16, rng, (100, 100)).tolist())) == 16
+    with pytest.raises(pod.SkipItem, match="too few tracks"):
+        pod.choose_tracks(trajs[:, :10], valids[:, :10], 64, rng, (100, 100))
+
+
+def _settings_only(root, name, **kw):
+    from datasets.clips import write_settings
+
+    (root / name).mkdir(parents=True)
+    write_settings(root / name, ClipSettings(**kw))
+
+
+def test_find_version(tmp_path):
+    from datasets.clips import find_version
+
+    _settings_only(tmp_path, "big", S=64, N=128, crop_size=(512, 896))
+    _settings_only(tmp_path, "val", dset="val", S=36, N=128, crop_size=(256, 384))
+    (tmp_path / "not_an_export").mkdir()
+    # no exact match: the one export that is long, many and large enough
+    assert find_version(tmp_path, 36, 128, (256, 384)) == "big"
+    assert find_version(tmp_path, 36, 128, (256, 384), dset="val") == "val"
+    # an exact match comes first
+    _settings_only(tmp_path, "exact", S=36, N=128, crop_size=(256, 384), seed=1)
+    assert find_version(tmp_path, 36, 128, (256, 384)) == "exact"
+    # among exact matches, the folder the exporter's defaults name
+    default = ClipSettings().version()
+    _settings_only(tmp_path, default)
+    assert find_version(tmp_path, 36, 128, (256, 384)) == default
+    # several that fit and none exact: one error naming them all
+    _settings_only(tmp_path, "big2", S=64, N=128, crop_size=(384, 512))
+    with pytest.raises(ValueError, match=r"several exports .*big \(S=64.*big2 \(S=64") as e:
+        find_version(tmp_path, 40, 128, (256, 384))
+    assert str(tmp_path) in str(e.value) and "\n" not in str(e.value)
+    # nothing fits: the error lists what is there
+    with pytest.raises(ValueError, match=r"no export holds train clips of at least S=100.*found: .*big \(S=64"):
+        find_version(tmp_path, 100, 128, (256, 384))
+
+
+def _dot_clip(vdir, k, hw, centers):
+    """A clip whose only bright thing is a 3x3 dot at centers[t] (integer x, y), tracked by track 0."""
+    from datasets.clips import Tracks, write_track
+    from utils.video import write_mp4
+
+    S = len(centers)
+    frames = np.zeros((S, *hw, 3), np.uint8)
+    for t, (x, y) in enumerate(centers):
+        frames[t, y - 1:y + 2, x - 1:x + 2] = 255
+    folder = vdir / f"{k:06d}"
+    folder.mkdir(parents=True)
+    write_mp4(folder / "rgb.mp4", frames)
+    trajs = np.array(centers, np.float32)[:, None]
+    write_track(folder / "track.npz", Tracks(trajs, np.ones((S, 1), bool), np.ones((S, 1), bool)).pack())
+
+
+def test_random_crop_of_a_larger_clip_keeps_tracks_on_the_pixels(tmp_path):
+    from datasets.clips import write_settings
+    from datasets.exportdataset import ExportDataset
+
+    vdir = tmp_path / "v"
+    vdir.mkdir()
+    write_settings(vdir, ClipSettings(S=4, N=1, crop_size=(160, 224)))
+    for k in range(3):
+        _dot_clip(vdir, k, (160, 224), [(100 + 7 * t + k, 70 + 5 * t) for t in range(4)])
+    ds = ExportDataset(str(tmp_path), "v", S=4, N=1, crop_size=(128, 192))
+    offsets = set()
+    for i in range(len(ds)):
+        for attempt in range(4):
+            frames, track = ds.sample(i, ds._rng(i, attempt))
+            assert frames.shape == (4, 128, 192, 3) and track.shape == (4, 1, 4)
+            assert (track[..., 2:] == 1).all()
+            for t in range(4):
+                y, x = np.unravel_index(np.argmax(frames[t].astype(int).sum(-1)), frames.shape[1:3])
+                assert abs(x - track[t, 0, 0]) <= 1 and abs(y - track[t, 0, 1]) <= 1
+            offsets.add((100 + i - float(track[0, 0, 0]), 70 - float(track[0, 0, 1])))
+    assert len(offsets) > 3  # the crop window really moves
+    # the same clip at its own size is not cropped
+    same = ExportDataset(str(tmp_path), "v", S=4, N=1)
+    assert same.sample(0, same._rng(0, 0))[1][0, 0, :2].tolist() == [100, 70]
+
+
+def test_clips_smaller_than_the_crop_are_one_clear_error(tmp_path):
+    from datasets.clips import write_settings
+    from datasets.exportdataset import ExportDataset
+
+    vdir = tmp_path / "v"
+    vdir.mkdir()
+    write_settings(vdir, ClipSettings(S=4, N=1, crop_size=(160, 224)))
+    _dot_clip(vdir, 0, (160, 224), [(100, 70)] * 4)
+    with pytest.raises(ValueError) as e:
+        ExportDataset(str(tmp_path), "v", S=4, N=1, crop_size=(192, 224))
+    assert str(e.value) == (f"{vdir}: clips are 160x224, smaller than crop_size 192x224 "
+                            "(export at the training crop size or larger)")
+
+
+def test_readme_recipe_export_defaults_serve_stage_1_training(tmp_path):
+    """export_mp4_dataset.py's defaults == STAGE_CLIPS[1] == stage-1 training's defaults, end to end."""
+    import inspect
+
+    import export_mp4_dataset
+    import train
+    from datasets.clips import STAGE_CLIPS
+    from datasets.exportdataset import ExportDataset
+    from datasets.synthetic import generate_dataset
+
+    defaults = {k: v.default for k, v in inspect.signature(export_mp4_dataset.main).parameters.items()}
+    stage1 = STAGE_CLIPS[1]
+    assert {k: defaults[k] for k in stage1} == stage1
+    assert {k: getattr(ClipSettings(), k) for k in stage1} == stage1
+    assert {k: train.STAGE_DEFAULTS[1][k] for k in stage1} == stage1
+    assert {k: train.STAGE_DEFAULTS[2][k] for k in STAGE_CLIPS[2]} == STAGE_CLIPS[2]
+
+    generate_dataset(tmp_path / "pod", {"train": 1}, cfg=SceneConfig(W=448, H=320, T=40, n_objects=2,
+                                                                      n_points=600), progress=False)
+    export_mp4_dataset.main(dataset_location=str(tmp_path / "pod"), out_dir=str(tmp_path / "exp"), max_clips=3,
+                            quiet=True)
+    ds = ExportDataset(str(tmp_path / "exp"), None, S=36, N=128, crop_size=(256, 384))  # stage-1 defaults
+    assert ds.dir.name == "train_S36_N128_256x384_aug_seed0" and len(ds) >= 1
+    item = ds[0]
+    assert item["rgbs"].shape == (36, 3, 256, 384) and item["trajs"].shape == (36, 128, 2)

@@ -16,10 +16,11 @@ import pytest
 from conftest import EXPORT_ARGS, run_export
 
 from datasets import export
-from datasets.export import ExportSettings, list_clips, verify_clip
+from datasets.clipmaker import enumerate_candidates
+from datasets.clips import ClipSettings, list_clips, verify_clip
 
 ROOT = Path(__file__).resolve().parents[1]
-ST = ExportSettings(dset="train", S=8, N=32, crop_size=(128, 192))
+ST = ClipSettings(dset="train", S=8, N=32, crop_size=(128, 192))
 
 
 def _version(out):
@@ -177,7 +178,7 @@ def test_enospc_while_writing_says_no_space(tmp_path, monkeypatch):
 
 def test_export_one_reports_no_space(synth_root, tmp_path, monkeypatch):
     monkeypatch.setattr(export.np, "savez", lambda *a, **k: (_ for _ in ()).throw(OSError(errno.ENOSPC, "full")))
-    cands = export.enumerate_candidates(synth_root, ST)
+    cands = enumerate_candidates(synth_root, ST)
     k, status, detail = export.export_one((str(synth_root), str(tmp_path), asdict(ST), 0, asdict(cands[0])))
     assert status == "failed" and detail == f"no space left on device ({tmp_path})"
 

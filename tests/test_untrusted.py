@@ -89,6 +89,9 @@ def test_npz_with_payload_in_trajs_3d_is_refused(tmp_path, how, fname):
     with pytest.raises(UnsafeFileError) as e:
         load_npz(tmp_path / fname)
     assert _one_line(e.value, str(tmp_path / fname)) == f"{tmp_path / fname}: {text.split(': ', 1)[1]}"
+    # the default (2D) loader never reads trajs_3d, so the same file loads without running anything
+    trajs, _, _ = pod.load_annotations(tmp_path)
+    assert trajs.shape == (5, 4, 2)
     assert not marker.exists()
 
 

@@ -1,0 +1,88 @@
+"""Building one exported clip from a PointOdyssey scene: a pure function of (scene, candidate, settings, rng).
+
+Clip k is fully determined by (settings, k): its candidate (scene, start, stride) comes from a fixed
+enumeration and its augmentation RNG is seeded by (seed, k), so any process on any machine builds the same
+clip k. Writing, claiming and verifying clips is datasets/export.py's job.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from datasets import pointodyssey as pod
+from datasets.clips import ClipSettings, Tracks
+from utils import augment
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One possible clip: S frames of `scene` from `start`, every `stride` frames."""
+
+    scene: str
+    start: int
+    stride: int
+
+
+def enumerate_candidates(dataset_location: str | Path, st: ClipSettings) -> list[Candidate]:
+    """Every (scene, start, stride) clip of the split, in a fixed order (shuffled by the seed if asked)."""
+    cands = []
+    for scene in pod.list_scenes(dataset_location, st.dset):
+        n = len(pod.frame_files(scene))
+        cands += [Candidate(scene.name, s, k) for s, k in pod.clip_starts(n, st.S)]
+    if st.shuffle:
+        order = np.random.default_rng(st.seed).permutation(len(cands))
+        cands = [cands[i] for i in order]
+    return cands
+
+
+def _filtered(scene: pod.Scene, idx: np.ndarray, st: ClipSettings, rng: np.random.Generator
+              ) -> tuple[np.ndarray, Tracks]:
+    """Frames of the candidate (time-reversed half the time with augmentation) and its tracks that pass the
+    export filter; SkipItem if fewer than N//2 do."""
+    tracks = Tracks(scene.trajs[idx], scene.visibs[idx], scene.valids[idx])
+    frames = pod.read_frames([scene.rgb_paths[i] for i in idx])
+    mask_path = scene.mask_paths[idx[0]] if scene.mask_paths else None
+    if st.use_augs and rng.random() < 0.5:
+        frames, *arrays = augment.reverse_time(frames, tracks.trajs, tracks.visibs, tracks.valids)
+        tracks = Tracks(*arrays)
+        mask_path = scene.mask_paths[idx[-1]] if scene.mask_paths else None
+    H, W = frames.shape[1:3]
+    edges = pod.segmentation_edges(pod.read_mask(mask_path)) if mask_path is not None else None
+    if edges is not None and edges.shape != (H, W):
+        raise pod.SkipItem("frames of different sizes")
+    keep = pod.filter_tracks(tracks.trajs, tracks.visibs, tracks.valids, (H, W), edges)
+    if len(keep) < st.N // 2:
+        raise pod.SkipItem("too few tracks")
+    return frames, tracks.take(keep)
+
+
+def build_clip(scene: pod.Scene, cand: Candidate, st: ClipSettings, rng: np.random.Generator
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """Frames (S,H,W,3) uint8 and track_g (S,N,4) of one candidate; raises SkipItem with the reason.
+
+    Fewer than N good tracks are padded with invalid ones, as the authors' loader does; the clip is then
+    rejected if fewer than half of its S x N entries are valid (SPEC 4.2).
+    """
+    idx = cand.start + cand.stride * np.arange(st.S)
+    frames, tracks = _filtered(scene, idx, st, rng)
+    H, W = frames.shape[1:3]
+    plan = augment.plan_spatial(st.S, H, W, st.crop_size, rng, p=0.7 if st.use_augs else 0.0)
+    frames = augment.warp_frames(frames, plan)
+    trajs = augment.warp_tracks(tracks.trajs, plan)
+    tracks = Tracks(trajs, *augment.crop_visibility(trajs, tracks.visibs, tracks.valids, st.crop_size))
+    keep = np.nonzero(tracks.visibs[0] & tracks.visibs[1])[0]  # queries must still be visible after the crop
+    if len(keep) < st.N // 2:
+        raise pod.SkipItem("too few tracks after crop")
+    tracks = tracks.take(keep)
+    if st.use_augs:
+        frames, visibs = augment.add_occluders(frames, tracks.trajs, tracks.visibs, rng, p=0.2)
+        tracks = Tracks(tracks.trajs, visibs, tracks.valids)
+        frames = augment.color_augment(frames, rng)
+    pick = pod.choose_tracks(tracks.trajs, tracks.valids, st.N, rng, st.crop_size)
+    tracks = tracks.take(pick).pad(st.N)
+    if tracks.valids.mean() < 0.5:
+        raise pod.SkipItem("fewer than half of the entries valid")
+    return frames, tracks.pack()
