@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -28,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from common import best_time  # noqa: E402
+from common import best_time, scratch_run  # noqa: E402
 
 from utils.video import read_video, write_mp4  # noqa: E402
 
@@ -62,9 +61,8 @@ def main(S: int = 36, H: int = 384, W: int = 512, repeats: int = 3, scenes: int 
     """Print the encode/decode comparison and the exporter/loader throughput."""
     from datasets.synthetic import SceneConfig, generate_scene
 
-    work = Path(tempfile.mkdtemp(prefix="bench_export_"))
-    res = {"S": S, "H": H, "W": W, "cpus": os.cpu_count()}
-    try:
+    with scratch_run("bench_export_", json_out) as (work, res):
+        res.update({"S": S, "H": H, "W": W, "cpus": os.cpu_count()})
         scene = generate_scene(work / "scene", 1, SceneConfig(W=W + 64, H=H + 64, T=S, n_points=64))
         frames = np.stack([cv2.cvtColor(cv2.imread(str(p)), cv2.COLOR_BGR2RGB)[:H, :W]
                            for p in sorted((scene / "rgbs").glob("*.jpg"))])
@@ -112,7 +110,7 @@ def main(S: int = 36, H: int = 384, W: int = 512, repeats: int = 3, scenes: int 
             out = work / f"exp{workers}{preset}"
             cmd = [sys.executable, str(ROOT / "export_mp4_dataset.py"), f"--dataset_location={work / 'pod'}",
                    "--dset=train", f"--S={S}", "--N=128", f"--crop_size={H},{W}", f"--out_dir={out}",
-                   f"--workers={workers}", f"--max_iters={clips}", "--quiet=True", f"--preset={preset}"]
+                   f"--workers={workers}", f"--max_clips={clips}", "--quiet=True", f"--preset={preset}"]
             t0 = time.perf_counter()
             p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True)
             dt = time.perf_counter() - t0
@@ -123,8 +121,7 @@ def main(S: int = 36, H: int = 384, W: int = 512, repeats: int = 3, scenes: int 
 
         from datasets.exportdataset import ExportDataset
 
-        version = next(p.name for p in (work / "exp1medium").iterdir() if p.is_dir())
-        ds = ExportDataset(str(work / "exp1medium"), version, S=S, N=64)
+        ds = ExportDataset(str(work / "exp1medium"), None, S=S, N=64, crop_size=(H, W))
         n = min(len(ds), 12)
         t0 = time.perf_counter()
         for i in range(n):
@@ -132,10 +129,6 @@ def main(S: int = 36, H: int = 384, W: int = 512, repeats: int = 3, scenes: int 
         dt = time.perf_counter() - t0
         res["loader_clips_per_s_per_worker"] = n / dt
         print(f"loader: {n / dt:.2f} clips/s per worker (decode + track subset)", flush=True)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    if json_out:
-        Path(json_out).write_text(json.dumps(res, indent=2))
 
 
 if __name__ == "__main__":

@@ -5,13 +5,10 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -20,6 +17,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from common import scratch_run  # noqa: E402  (benchmarks/ is on the path when a benchmark runs as a script)
 
 
 def run_measured(args: list[str]) -> tuple[str, float, float]:
@@ -56,13 +55,11 @@ def main(steps: int = 12, json_out: str | None = None, window: bool = True) -> N
     from utils import checkpoint
     from utils.golden import load_golden_weights
 
-    work = Path(tempfile.mkdtemp(prefix="bench_pipe_"))
-    res = {}
-    try:
+    with scratch_run("bench_pipe_", json_out) as (work, res):
         generate_dataset(work / "pod", {"train": 3, "test": 2}, cfg=SceneConfig(W=320, H=256, T=64, n_points=600),
                          progress=False)
         subprocess.run([sys.executable, "export_mp4_dataset.py", f"--dataset_location={work / 'pod'}", "--S=8",
-                        "--N=64", "--crop_size=128,192", f"--out_dir={work / 'exp'}", "--workers=2", "--max_iters=60",
+                        "--N=64", "--crop_size=128,192", f"--out_dir={work / 'exp'}", "--workers=2", "--max_clips=60",
                         "--quiet=True"], cwd=ROOT, check=True, capture_output=True)
         for amp in ("none", "bf16"):
             out, _, peak = run_measured(["train.py", f"--dataset_location={work / 'exp'}", "--B=2", "--S=8", "--N=32",
@@ -92,10 +89,6 @@ def main(steps: int = 12, json_out: str | None = None, window: bool = True) -> N
                                             "setting": "one window S=128 N=256 512x896 iters=1 (fp32)"}
             print(f"one reference-size window (S=128, N=256, 512x896, iters=1): peak RSS {peak:.0f} MiB, "
                   f"{wall:.0f} s", flush=True)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    if json_out:
-        Path(json_out).write_text(json.dumps(res, indent=2))
 
 
 if __name__ == "__main__":

@@ -102,16 +102,20 @@ def _smooth_path(rng: np.random.Generator, T: int, speed: float) -> np.ndarray:
     return path
 
 
-def generate_scene(out_dir: str | Path, seed: int, cfg: SceneConfig | None = None) -> Path:
-    """Write one scene (rgbs/, masks/, depths/, normals/, anno.npz) to out_dir; returns out_dir."""
-    cfg = cfg or SceneConfig()
-    rng = np.random.default_rng(seed)
-    W, H, T = cfg.W, cfg.H, cfg.T
-    out = Path(out_dir)
-    for sub in ("rgbs", "masks", "depths", "normals"):
-        (out / sub).mkdir(parents=True, exist_ok=True)
+@dataclass
+class Layer:
+    """A textured layer: its texture, its shape's mask, one 2x3 placement per frame and its depth per frame."""
 
-    # camera: pans, rotates slightly and zooms over a background texture twice the frame size
+    tex: np.ndarray
+    mask: np.ndarray
+    A: list[np.ndarray]
+    depth: np.ndarray
+
+
+def _camera(rng: np.random.Generator, cfg: SceneConfig) -> tuple[Layer, list[np.ndarray], np.ndarray]:
+    """The background layer under a camera that pans, rotates slightly and zooms over a texture twice the
+    frame size; returns (background, per-frame camera affines, camera path (T,2))."""
+    W, H, T = cfg.W, cfg.H, cfg.T
     bw, bh = 2 * W, 2 * H
     bg_tex = _texture(rng, bh, bw)
     cam_path = _smooth_path(rng, T, cfg.cam_speed)
@@ -120,9 +124,15 @@ def generate_scene(out_dir: str | Path, seed: int, cfg: SceneConfig | None = Non
     cam = [_affine(W / 2, H / 2, cam_rot[t], cam_zoom[t], W / 2 - cam_path[t, 0], H / 2 - cam_path[t, 1])
            for t in range(T)]
     bg_place = _affine(bw / 2, bh / 2, 0.0, 1.0, W / 2, H / 2)  # texture centre at frame centre
+    bg = Layer(bg_tex, np.ones((bh, bw), np.uint8), [_compose(c, bg_place) for c in cam],
+               rng.uniform(30, 50) * np.ones(T))
+    return bg, cam, cam_path
 
-    layers = [dict(tex=bg_tex, mask=np.ones((bh, bw), np.uint8), A=[_compose(c, bg_place) for c in cam],
-                   depth=rng.uniform(30, 50) * np.ones(T))]
+
+def _objects(rng: np.random.Generator, cfg: SceneConfig, cam: list[np.ndarray]) -> list[Layer]:
+    """Textured objects that translate, rotate and scale relative to the camera, far to near."""
+    W, H, T = cfg.W, cfg.H, cfg.T
+    layers = []
     depth_order = np.sort(rng.uniform(3, 25, cfg.n_objects))[::-1]  # far to near
     for k in range(cfg.n_objects):
         side = min(W, H)
@@ -136,68 +146,95 @@ def generate_scene(out_dir: str | Path, seed: int, cfg: SceneConfig | None = Non
         scale = sc0 * (1 + cfg.scale_amp * np.sin(2 * np.pi * np.arange(T) / sc_p + rng.random() * 6))
         A = [_compose(cam[t], _affine(ow / 2, oh / 2, rot0 + rot_v * t, scale[t], *(start + path[t])))
              for t in range(T)]
-        layers.append(dict(tex=tex, mask=mask, A=A, depth=depth_order[k] / (scale / sc0)))
+        layers.append(Layer(tex, mask, A, depth_order[k] / (scale / sc0)))
+    return layers
 
-    # points: background ones anywhere on its texture, object ones well inside their shape
+
+def _sample_points(rng: np.random.Generator, cfg: SceneConfig, layers: list[Layer]
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Texture coordinates (N,2) and layer index (N,) of the tracked points: background ones anywhere on
+    its texture, object ones well inside their shape."""
     n_bg = cfg.n_points * 2 // 5
     per_obj = (cfg.n_points - n_bg) // max(1, cfg.n_objects)
     pts_uv, pts_layer = [], []
     for li, layer in enumerate(layers):
         n = n_bg if li == 0 else per_obj
         if li == 0:
+            bh, bw = layer.tex.shape[:2]
             uv = rng.uniform([0, 0], [bw - 1, bh - 1], (n, 2))
         else:
-            inner = cv2.erode(layer["mask"], np.ones((5, 5), np.uint8))
+            inner = cv2.erode(layer.mask, np.ones((5, 5), np.uint8))
             ys, xs = np.nonzero(inner)
             pick = rng.integers(0, len(xs), n)
             uv = np.stack([xs[pick], ys[pick]], 1) + rng.uniform(-0.5, 0.5, (n, 2))
         pts_uv.append(uv)
         pts_layer.append(np.full(n, li))
-    uv = np.concatenate(pts_uv)
-    lay = np.concatenate(pts_layer)
-    N = len(uv)
+    return np.concatenate(pts_uv), np.concatenate(pts_layer)
 
-    trajs = np.zeros((T, N, 2), np.float64)
-    visibs = np.zeros((T, N), bool)
-    depth_pt = np.zeros((T, N), np.float64)
-    palette = (np.random.default_rng(12345).integers(0, 256, (256, 3))).astype(np.uint8)
-    palette[0] = 0
-    for t in range(T):
-        img = np.zeros((H, W, 3), np.float32)
-        label = np.zeros((H, W), np.uint8)
-        depth = np.zeros((H, W), np.float32)
-        for li, layer in enumerate(layers):
-            A = layer["A"][t]
-            warped = cv2.warpAffine(layer["tex"], A, (W, H), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
-            alpha = cv2.warpAffine(layer["mask"].astype(np.float32), A, (W, H), flags=cv2.INTER_LINEAR,
-                                   borderMode=cv2.BORDER_CONSTANT, borderValue=0)
-            if li == 0:
-                alpha[:] = 1
-            img = img * (1 - alpha[..., None]) + warped.astype(np.float32) * alpha[..., None]
-            front = alpha > 0.5
-            label[front] = li + 1
-            depth[front] = layer["depth"][t]
-            sel = lay == li
-            trajs[t, sel] = uv[sel] @ A[:, :2].T + A[:, 2]
-            depth_pt[t, sel] = layer["depth"][t]
-        x, y = trajs[t, :, 0], trajs[t, :, 1]
-        inside = (x >= 0) & (x <= W - 1) & (y >= 0) & (y <= H - 1)
-        xi = np.clip(np.round(x), 0, W - 1).astype(int)
-        yi = np.clip(np.round(y), 0, H - 1).astype(int)
-        visibs[t] = inside & (label[yi, xi] == lay + 1)
 
-        rgb = np.clip(img + 0.5, 0, 255).astype(np.uint8)
-        quality = [cv2.IMWRITE_JPEG_QUALITY, cfg.jpeg_quality]
-        cv2.imwrite(str(out / "rgbs" / f"rgb_{t:05d}.jpg"), rgb[..., ::-1], quality)
-        m = Image.fromarray(label, mode="P")
-        m.putpalette(palette.reshape(-1).tolist())
-        m.save(out / "masks" / f"mask_{t:05d}.png")
-        depth16 = np.clip(depth * DEPTH_SCALE, 0, 65535).astype(np.uint16)
-        cv2.imwrite(str(out / "depths" / f"depth_{t:05d}.png"), depth16)
-        normal = np.empty((H, W, 3), np.uint8)
-        normal[:] = (255, 128, 128)  # BGR of a camera-facing normal (0, 0, 1)
-        cv2.imwrite(str(out / "normals" / f"normal_{t:05d}.png"), normal)
+def _render(layers: list[Layer], t: int, hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Frame t composited back to front: image (H,W,3) float, label map (H,W) (layer + 1) and depth (H,W)."""
+    H, W = hw
+    img = np.zeros((H, W, 3), np.float32)
+    label = np.zeros((H, W), np.uint8)
+    depth = np.zeros((H, W), np.float32)
+    for li, layer in enumerate(layers):
+        A = layer.A[t]
+        warped = cv2.warpAffine(layer.tex, A, (W, H), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
+        alpha = cv2.warpAffine(layer.mask.astype(np.float32), A, (W, H), flags=cv2.INTER_LINEAR,
+                               borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+        if li == 0:
+            alpha[:] = 1
+        img = img * (1 - alpha[..., None]) + warped.astype(np.float32) * alpha[..., None]
+        front = alpha > 0.5
+        label[front] = li + 1
+        depth[front] = layer.depth[t]
+    return img, label, depth
 
+
+def _track(layers: list[Layer], uv: np.ndarray, lay: np.ndarray, t: int, label: np.ndarray
+           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Positions (N,2), visibility (N,) and depth (N,) of the points at frame t: a point is visible inside
+    the frame where its layer is the front-most one."""
+    H, W = label.shape
+    xy = np.zeros((len(uv), 2), np.float64)
+    depth = np.zeros(len(uv), np.float64)
+    for li, layer in enumerate(layers):
+        A = layer.A[t]
+        sel = lay == li
+        xy[sel] = uv[sel] @ A[:, :2].T + A[:, 2]
+        depth[sel] = layer.depth[t]
+    x, y = xy[:, 0], xy[:, 1]
+    inside = (x >= 0) & (x <= W - 1) & (y >= 0) & (y <= H - 1)
+    xi = np.clip(np.round(x), 0, W - 1).astype(int)
+    yi = np.clip(np.round(y), 0, H - 1).astype(int)
+    return xy, inside & (label[yi, xi] == lay + 1), depth
+
+
+def _write_frame(out: Path, t: int, img: np.ndarray, label: np.ndarray, depth: np.ndarray, palette: np.ndarray,
+                 jpeg_quality: int) -> None:
+    """rgbs/, masks/ (palette PNG), depths/ (uint16 PNG) and normals/ files of frame t."""
+    H, W = label.shape
+    rgb = np.clip(img + 0.5, 0, 255).astype(np.uint8)
+    cv2.imwrite(str(out / "rgbs" / f"rgb_{t:05d}.jpg"), rgb[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, jpeg_quality])
+    m = Image.fromarray(label, mode="P")
+    m.putpalette(palette.reshape(-1).tolist())
+    m.save(out / "masks" / f"mask_{t:05d}.png")
+    depth16 = np.clip(depth * DEPTH_SCALE, 0, 65535).astype(np.uint16)
+    cv2.imwrite(str(out / "depths" / f"depth_{t:05d}.png"), depth16)
+    normal = np.empty((H, W, 3), np.uint8)
+    normal[:] = (255, 128, 128)  # BGR of a camera-facing normal (0, 0, 1)
+    cv2.imwrite(str(out / "normals" / f"normal_{t:05d}.png"), normal)
+
+
+def _write_annotations(out: Path, cfg: SceneConfig, trajs: np.ndarray, visibs: np.ndarray, depth_pt: np.ndarray,
+                       cam_path: np.ndarray) -> None:
+    """anno.npz: 2D tracks, their 3D points through a pinhole camera that translates with the pan, cameras.
+
+    Written last and atomically: its presence marks a complete scene.
+    """
+    W, H, T = cfg.W, cfg.H, cfg.T
+    N = trajs.shape[1]
     f = float(W)
     K = np.array([[f, 0, (W - 1) / 2], [0, f, (H - 1) / 2], [0, 0, 1]], np.float32)
     intrinsics = np.repeat(K[None], T, 0)
@@ -209,7 +246,6 @@ def generate_scene(out_dir: str | Path, seed: int, cfg: SceneConfig | None = Non
     cam_y = (trajs[..., 1] - K[1, 2]) * depth_pt / f
     cam_pts = np.stack([cam_x, cam_y, depth_pt], -1)
     trajs_3d = cam_pts - extrinsics[:, None, :3, 3]
-    # anno.npz last and atomically: its presence marks a complete scene
     tmp = out / "anno.tmp.npz"
     np.savez_compressed(
         tmp, trajs_2d=trajs.astype(np.float32), trajs_3d=trajs_3d.astype(np.float32),
@@ -217,6 +253,28 @@ def generate_scene(out_dir: str | Path, seed: int, cfg: SceneConfig | None = Non
         synthetic_config=np.array(str(asdict(cfg))),
     )
     tmp.replace(out / "anno.npz")
+
+
+def generate_scene(out_dir: str | Path, seed: int, cfg: SceneConfig | None = None) -> Path:
+    """Write one scene (rgbs/, masks/, depths/, normals/, anno.npz) to out_dir; returns out_dir."""
+    cfg = cfg or SceneConfig()
+    rng = np.random.default_rng(seed)  # drawn from in this order: camera, objects, points
+    out = Path(out_dir)
+    for sub in ("rgbs", "masks", "depths", "normals"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    background, cam, cam_path = _camera(rng, cfg)
+    layers = [background, *_objects(rng, cfg, cam)]
+    uv, lay = _sample_points(rng, cfg, layers)
+    trajs = np.zeros((cfg.T, len(uv), 2), np.float64)
+    visibs = np.zeros((cfg.T, len(uv)), bool)
+    depth_pt = np.zeros((cfg.T, len(uv)), np.float64)
+    palette = (np.random.default_rng(12345).integers(0, 256, (256, 3))).astype(np.uint8)
+    palette[0] = 0
+    for t in range(cfg.T):
+        img, label, depth = _render(layers, t, (cfg.H, cfg.W))
+        trajs[t], visibs[t], depth_pt[t] = _track(layers, uv, lay, t, label)
+        _write_frame(out, t, img, label, depth, palette, cfg.jpeg_quality)
+    _write_annotations(out, cfg, trajs, visibs, depth_pt, cam_path)
     return out
 
 

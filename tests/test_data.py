@@ -211,7 +211,10 @@ def test_export_writes_verified_clips_with_summary(exported):
     for c in clips:
         verify_clip(c, 8, 32, (128, 192))
         t = np.load(c / "track.npz")["track_g"]
-        assert (t[0, :, 2] == 1).all() and t[..., 3].mean() >= 0.5
+        real = t[0, :, 3] == 1
+        assert (t[0, real, 2] == 1).all() and t[..., 3].mean() >= 0.5 and real.sum() >= 16
+        # fewer than N good tracks are padded with invalid ones at (0, 0), never repeated
+        assert (t[:, ~real] == 0).all() and np.unique(t[:, real], axis=1).shape[1] == real.sum()
     lines = (vdir / "manifest.jsonl").read_text().splitlines()
     assert len(lines) == len(clips)
     assert not list((vdir / ".tmp").iterdir()) if (vdir / ".tmp").exists() else True
