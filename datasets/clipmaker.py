@@ -85,4 +85,4 @@ def build_clip(scene: pod.Scene, cand: Candidate, st: ClipSettings, rng: np.rand
     tracks = tracks.take(pick).pad(st.N)
     if tracks.valids.mean() < 0.5:
         raise pod.SkipItem("fewer than half of the entries valid")
-    return frames, tracks.pack()
+    return frames, tracks.finite().pack()

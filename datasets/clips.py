@@ -107,10 +107,16 @@ class Tracks:
                       np.concatenate([self.visibs, np.zeros((S, extra), bool)], 1),
                       np.concatenate([self.valids, np.zeros((S, extra), bool)], 1))
 
+    def finite(self) -> Tracks:
+        """Non-finite positions set to 0 and made invalid and invisible (what track.npz may hold)."""
+        ok = np.isfinite(self.trajs).all(-1)
+        trajs = np.where(ok[..., None], self.trajs, 0).astype(self.trajs.dtype)
+        return Tracks(trajs, self.visibs & ok, self.valids & ok)
+
     def pack(self) -> np.ndarray:
-        """(S,N,4) float32 of x, y, visible, valid (track.npz's track_g); non-finite positions become 0."""
+        """(S,N,4) float32 of x, y, visible, valid (track.npz's track_g); values as they are (see finite)."""
         track = np.zeros(self.trajs.shape[:2] + (4,), np.float32)
-        track[..., :2] = np.nan_to_num(self.trajs, nan=0.0, posinf=0.0, neginf=0.0)
+        track[..., :2] = self.trajs
         track[..., 2] = self.visibs
         track[..., 3] = self.valids
         return track

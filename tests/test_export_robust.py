@@ -117,6 +117,10 @@ def test_empty_split_is_one_line(synth_root, tmp_path, case):
 def test_bad_flag_is_one_line(synth_root, tmp_path):
     res = run_export(synth_root, tmp_path, "--shard=3", "--num_shards=2", check=False)
     assert res.returncode == 2 and res.stderr.strip().count("\n") == 0 and "--shard" in res.stderr
+    res = run_export(synth_root, tmp_path, "--max_clips=3", "--max_iters=4", check=False)
+    assert res.returncode == 2 and res.stderr.strip() == \
+        "error: --max_clips=3 and its alias --max_iters=4 disagree; give one"
+    assert not tmp_path.joinpath(ST.version()).exists()
 
 
 # --- frames of different sizes, failures --------------------------------------------------------------------
