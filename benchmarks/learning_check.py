@@ -37,7 +37,7 @@ def main(out: str = "./learning_check", max_iters: int = 500, train_scenes: int 
           f"--crop_size={crop_size}", f"--out_dir={out_dir / 'export'}", f"--workers={workers}", "--quiet=True"])
     t0 = time.time()
     _run(["train.py", f"--dataset_location={out_dir / 'export'}", f"--B={B}", f"--S={S}", f"--N={N}",
-          f"--crop_size={crop_size}", f"--iters={iters}", f"--max_iters={max_iters}", f"--save_freq={max_iters}",
+          f"--crop_size={crop_size}", f"--iters={iters}", f"--max_steps={max_iters}", f"--save_freq={max_iters}",
           f"--log_dir={out_dir / 'logs'}", f"--ckpt_dir={out_dir / 'checkpoints'}", f"--workers={workers}",
           f"--log_freq={max(1, max_iters // 10)}", f"--seed={seed}"])
     train_min = (time.time() - t0) / 60

@@ -15,6 +15,7 @@ import torch
 import train
 from datasets.export import list_clips
 from utils import checkpoint as ck
+from utils import trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(B=1, S=6, N=8, crop_size="128,192", iters=2, workers=0, log_freq=1, device="cpu")
@@ -47,12 +48,12 @@ def _dead_pid() -> int:
 
 def test_truncated_latest_checkpoint_falls_back_to_the_previous(exported, tmp_path, capsys):
     out, _ = exported
-    train.run_stage(_cfg(out, tmp_path, max_iters=2, save_freq=1))
+    train.run_stage(_cfg(out, tmp_path, max_steps=2, save_freq=1))
     ckdir = next((tmp_path / "ck").iterdir())
     latest = ckdir / ck.ckpt_name(2)
     latest.write_bytes(latest.read_bytes()[: latest.stat().st_size // 2])
     capsys.readouterr()
-    train.run_stage(_cfg(out, tmp_path, max_iters=3, save_freq=1))
+    train.run_stage(_cfg(out, tmp_path, max_steps=3, save_freq=1))
     cap = capsys.readouterr()
     warn = [ln for ln in cap.err.splitlines() if "unreadable" in ln]
     assert len(warn) == 1 and warn[0].startswith(f"{latest}: unreadable (")
@@ -70,7 +71,7 @@ def test_no_readable_checkpoint_is_one_line_exit_2(exported, tmp_path, capsys):
     for s in (1, 2):
         (ckdir / ck.ckpt_name(s)).write_bytes(b"PK\x03\x04 cut short")
     with pytest.raises(SystemExit) as e:
-        train.run_stage(_cfg(out, tmp_path, max_iters=3))
+        train.run_stage(_cfg(out, tmp_path, max_steps=3))
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == f"error: {ckdir}: no readable checkpoint to resume from (2 unreadable, kept as *.bad)"
@@ -82,7 +83,7 @@ def test_unreadable_init_dir_file_is_one_line_exit_2(exported, tmp_path):
     out, _ = exported
     bad = tmp_path / "init.pth"
     bad.write_bytes(b"not a checkpoint")
-    res = _run_cli(out, tmp_path, "--max_iters=1", f"--init_dir={bad}")
+    res = _run_cli(out, tmp_path, "--max_steps=1", f"--init_dir={bad}")
     assert res.returncode == 2
     assert res.stderr.strip().splitlines() == [res.stderr.strip()] and str(bad) in res.stderr
     assert res.stderr.startswith("error: ") and "not a readable checkpoint" in res.stderr
@@ -122,7 +123,7 @@ def test_training_start_removes_a_killed_save_temp(exported, tmp_path, capsys):
     ckdir.mkdir(parents=True)
     temp = ckdir / f".model-000000001.pth.{socket.gethostname()}.{_dead_pid()}.zz9zz9zz.tmp"
     temp.write_bytes(b"\0" * 1000)
-    train.run_stage(_cfg(out, tmp_path, max_iters=1))
+    train.run_stage(_cfg(out, tmp_path, max_steps=1))
     assert not temp.exists() and f"removed {temp}" in capsys.readouterr().out
     assert sorted(p.name for p in ckdir.iterdir()) == [ck.ckpt_name(1)]  # lock released too
 
@@ -150,7 +151,7 @@ def test_second_training_into_the_same_folder_refuses(exported, tmp_path):
     owner = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         (ckdir / ck.LOCK_NAME).write_text(f'{{"host": "{socket.gethostname()}", "pid": {owner.pid}}}')
-        res = _run_cli(out, tmp_path, "--max_iters=1")
+        res = _run_cli(out, tmp_path, "--max_steps=1")
     finally:
         owner.kill()
         owner.wait()
@@ -166,9 +167,9 @@ def test_lock_is_released_when_the_run_fails(exported, tmp_path, monkeypatch):
     def interrupted(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(train, "_train_stage", interrupted)
+    monkeypatch.setattr(trainer, "train_stage", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        train.run_stage(_cfg(out, tmp_path, max_iters=1))
+        train.run_stage(_cfg(out, tmp_path, max_steps=1))
     assert not (tmp_path / "ck" / _cfg(out, tmp_path).name() / ck.LOCK_NAME).exists()
 
 
@@ -187,7 +188,7 @@ def test_disk_full_while_saving_is_one_line_and_keeps_the_previous(exported, tmp
 
     monkeypatch.setattr(torch, "save", save_then_fill)
     with pytest.raises(SystemExit) as e:
-        train.run_stage(_cfg(out, tmp_path, max_iters=3, save_freq=1))
+        train.run_stage(_cfg(out, tmp_path, max_steps=3, save_freq=1))
     assert e.value.code == 2
     ckdir = tmp_path / "ck" / _cfg(out, tmp_path).name()
     assert capsys.readouterr().err.strip() == f"error: cannot save {ckdir / ck.ckpt_name(2)}: no space left on device"
@@ -249,7 +250,7 @@ def test_legitimate_exports_are_never_rejected(exported):
 def test_training_reports_corrupt_clips_skipped(exported, tmp_path):
     out, _ = exported
     _corrupt_copy(out, tmp_path / "copy")
-    res = _run_cli(tmp_path / "copy", tmp_path, "--max_iters=2", "--save_freq=2", "--shuffle=False", "--workers=2")
+    res = _run_cli(tmp_path / "copy", tmp_path, "--max_steps=2", "--save_freq=2", "--shuffle=False", "--workers=2")
     assert res.returncode == 0, res.stderr[-3000:]
     done = next(ln for ln in res.stdout.splitlines() if ": done, " in ln)
     assert "1 corrupt clips skipped" in done
@@ -264,15 +265,15 @@ def test_training_reports_corrupt_clips_skipped(exported, tmp_path):
 def test_missing_dataset_folder_is_one_line_exit_2(exported, tmp_path, where):
     out, _ = exported
     if where == "location":
-        res = _run_cli(out, tmp_path, "--max_iters=1", dataset_location=tmp_path / "nope")
+        res = _run_cli(out, tmp_path, "--max_steps=1", dataset_location=tmp_path / "nope")
         expect = f"error: {tmp_path / 'nope'}: no such dataset folder (--dataset_location)"
     else:
-        res = _run_cli(out, tmp_path, "--max_iters=1", "--dataset_version=nope")
+        res = _run_cli(out, tmp_path, "--max_steps=1", "--dataset_version=nope")
         expect = f"error: {out / 'nope'}: no exported clips (run export_mp4_dataset.py first)"
     assert res.returncode == 2 and res.stderr.strip() == expect
 
 
 def test_unknown_amp_is_one_line(exported, tmp_path):
     out, _ = exported
-    res = _run_cli(out, tmp_path, "--max_iters=1", "--amp=fp8")
+    res = _run_cli(out, tmp_path, "--max_steps=1", "--amp=fp8")
     assert res.returncode == 2 and res.stderr.strip() == "error: --amp must be one of none, bf16, fp16, got 'fp8'"

@@ -1,0 +1,75 @@
+"""What one training step computes (docs/MODEL.md#training-recipe-of-the-reference-model), free of run set-up.
+
+Every random choice of a step is drawn from a CPU generator seeded by (seed, step, micro-batch, rank), so a
+step is the same on every device and after a resume.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from utils import metrics
+from utils.amp import autocast
+
+
+def init_estimates(trajs_g: torch.Tensor, hw: tuple[int, int], gen: torch.Generator) -> torch.Tensor:
+    """Initial estimates: per point a random mix of truth and uniform noise over the image; half of the
+    points zero-velocity instead; frame 0 always the truth (docs/MODEL.md)."""
+    B, S, N, _ = trajs_g.shape
+    H, W = hw
+    dev = trajs_g.device
+    # drawn on the CPU generator whatever the device, so a step's randomness is the same everywhere
+    noise = (torch.rand(B, S, N, 2, generator=gen) * torch.tensor([W - 1.0, H - 1.0])).to(dev)
+    mix = torch.rand(B, 1, N, 1, generator=gen).to(dev)
+    zero_vel = (torch.rand(B, 1, N, 1, generator=gen) < 0.5).to(dev)
+    est = mix * trajs_g + (1 - mix) * noise
+    est = torch.where(zero_vel, trajs_g[:, :1].expand(B, S, N, 2), est)
+    return torch.cat([trajs_g[:, :1], est[:, 1:]], 1)
+
+
+def maybe_transpose(rgbs: torch.Tensor, trajs: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """With probability 0.5 swap x and y (frames transposed H<->W)."""
+    if torch.rand(1, generator=gen).item() < 0.5:
+        return rgbs.transpose(-1, -2), trajs.flip(-1)
+    return rgbs, trajs
+
+
+def forward_loss(model, batch: dict, device: torch.device, iters: int, gen: torch.Generator, amp: str | None
+                 ) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """One micro-batch with the training semantics (random transpose, initial estimates, loss) on `device`.
+
+    Returns (loss, final estimate, the batch's tensors as the model saw them: rgbs, trajs, visibs, valids).
+    """
+    rgbs, trajs_g = maybe_transpose(batch["rgbs"].to(device), batch["trajs"].to(device), gen)
+    seen = dict(rgbs=rgbs, trajs=trajs_g, visibs=batch["visibs"].to(device), valids=batch["valids"].to(device))
+    trajs_e0 = init_estimates(trajs_g, tuple(rgbs.shape[-2:]), gen)
+    with autocast(device.type, amp):
+        preds, _, _, loss = model(trajs_e0, rgbs, iters=iters, trajs_g=trajs_g, valids=seen["valids"])
+    return loss, preds[-1], seen
+
+
+def optimizer_update(model, optimizer, scheduler, scaler, max_norm: float = 5.0) -> None:
+    """Unscale, clip the gradient norm, step optimizer, scaler and schedule, clear the gradients."""
+    scaler.unscale_(optimizer)
+    torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    scaler.step(optimizer)
+    scaler.update()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def step_generator(seed: int, step: int, micro: int, rank: int) -> torch.Generator:
+    """The CPU generator of one micro-batch of one step on one rank."""
+    return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 101 + micro) * 1009 + rank)
+
+
+def batch_figures(trajs_e: torch.Tensor, trajs_g: torch.Tensor, visibs: torch.Tensor, valids: torch.Tensor,
+                  hw: tuple[int, int]) -> dict[str, float]:
+    """Metrics of a batch (mean over clips) plus ATE on visible and occluded valid points (pixels)."""
+    rows = [metrics.track_metrics(trajs_e[b], trajs_g[b], valids[b], hw) for b in range(trajs_g.shape[0])]
+    out = metrics.average(rows)
+    err = (trajs_e - trajs_g).float().norm(dim=-1)
+    vis, occ = valids * visibs, valids * (1 - visibs)
+    out["ate_vis"] = float((err * vis).sum() / (1e-6 + vis.sum()))
+    out["ate_occ"] = float((err * occ).sum() / (1e-6 + occ.sum()))
+    return out

@@ -1,0 +1,557 @@
+"""The training run in parts: processes, train state (save/resume), data, step, logger, validator, the loop.
+
+`run_stage(cfg)` trains one stage. What a step computes is in utils/train_step.py; the flags and the stage
+defaults are train.py's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import sys
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import NoReturn
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tensorboardX import SummaryWriter
+from torch.utils.data import DataLoader
+
+from datasets.exportdataset import ExportDataset
+from datasets.kubric import KubricDataset
+from datasets.tapvid import load_tapvid
+from datasets.training import OrdinalDataset, OrdinalSampler
+from nets.pips2 import Pips
+from utils import checkpoint as ck
+from utils import evaluation, metrics
+from utils.amp import autocast
+from utils.procs import is_space_error
+from utils.train_step import batch_figures, forward_loss, optimizer_update, step_generator
+from utils.vis import summary_image
+
+
+@dataclass
+class Config:
+    """Every flag of a training run; train.py fills the first eight from its stage defaults."""
+
+    stage: int
+    B: int
+    S: int
+    N: int
+    crop_size: tuple[int, int]
+    iters: int  # the model's refinement iterations per forward pass (validation uses twice as many)
+    lr: float
+    max_steps: int  # optimiser steps of the stage (the authors' flag: --max_iters)
+    use_augs: bool = True
+    shuffle: bool = True
+    dataset: str = "pod_export"
+    dataset_location: str = "./pod_export"
+    dataset_version: str | None = None
+    val_dataset_version: str | None = None
+    movi_f_root: str | None = None
+    tapvid_root: str | None = None
+    eval_dataset: str | None = None
+    log_dir: str = "./logs_train"
+    log_freq: int = 100
+    val_freq: int = 1000
+    ckpt_dir: str = "./checkpoints"
+    save_freq: int = 1000
+    keep_latest: int = 3
+    init_dir: str | None = None
+    load_optimizer: bool = False
+    load_step: bool = False
+    ignore_load: str | None = None
+    resume: bool = True
+    grad_acc: int = 1
+    cache_len: int = 0
+    amp: str = "none"
+    grad_ckpt: bool = False
+    max_nan_steps: int = 20
+    workers: int = 2
+    seed: int = 0
+    device: str = "auto"
+    exp_name: str = ""
+    quiet: bool = False
+
+    def name(self) -> str:
+        """The run's folder name under ckpt_dir and log_dir."""
+        h, w = self.crop_size
+        base = f"stage{self.stage}_{self.B}x{self.S}x{self.N}_{h}x{w}_i{self.iters}_lr{self.lr:g}"
+        return base + (f"_{self.exp_name}" if self.exp_name else "")
+
+
+def fail(msg: str) -> NoReturn:
+    """One error line on stderr, exit code 2 (bad input or a run that cannot go on safely)."""
+    print(f"error: {msg}", file=sys.stderr, flush=True)
+    raise SystemExit(2)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Processes.
+
+
+@dataclass
+class Ranks:
+    """This process's place in the run (rank, world size, device) and what the ranks do together."""
+
+    rank: int
+    world: int
+    device: torch.device
+
+    @classmethod
+    def setup(cls, device: str) -> Ranks:
+        """Read torchrun's environment (one process without it) and initialise the process group."""
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        dev = ck.resolve_device(device)
+        if dev.type == "cuda":
+            dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(dev)
+        if world > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+        return cls(int(os.environ.get("RANK", "0")), world, dev)
+
+    @property
+    def main(self) -> bool:
+        """Rank 0: the one that prints, logs, saves and holds the lock."""
+        return self.rank == 0
+
+    def any(self, flag: bool) -> bool:
+        """Whether `flag` holds on any rank."""
+        if self.world == 1:
+            return flag
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item() > 0)
+
+    def die(self, msg: str) -> NoReturn:
+        """Exit 2 on every rank; rank 0 says why in one line."""
+        if self.main:
+            fail(msg)
+        raise SystemExit(2)
+
+    def union(self, sets: dict[str, set]) -> dict[str, set]:
+        """Each set united over the ranks."""
+        if self.world == 1:
+            return sets
+        gathered: list = [None] * self.world
+        dist.all_gather_object(gathered, sets)
+        return {k: set().union(*(g[k] for g in gathered)) for k in sets}
+
+    def barrier(self) -> None:
+        """Wait for every rank."""
+        if self.world > 1:
+            dist.barrier()
+
+
+@contextmanager
+def run_lock(ckpt_dir: Path, ranks: Ranks) -> Iterator[None]:
+    """Rank 0 holds the checkpoint folder's lock for the block, so a second run into the same folder refuses to
+    start instead of interleaving checkpoints with this one; temps of killed writers are removed first."""
+    lock = ck.RunLock(ckpt_dir)
+    err = None
+    if ranks.main:
+        try:
+            lock.acquire()
+        except (ck.LockError, OSError) as e:
+            err = str(e)
+    # every rank stops together, or the others would wait forever for rank 0 in the first collective
+    if ranks.any(err is not None):
+        ranks.die(err or "")
+    try:
+        if ranks.main:
+            for p in ck.clean_stale_temps(ckpt_dir):
+                print(f"removed {p}: temp file of an interrupted checkpoint write", flush=True)
+        yield
+    finally:
+        lock.release()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Train state: everything a checkpoint holds, and saving and resuming it.
+
+
+def build_model(cfg: Config, device: torch.device) -> Pips:
+    """A fresh Pips on `device`, set up for training."""
+    model = Pips()
+    model.grad_checkpoint = cfg.grad_ckpt
+    for p in model.norm.parameters():  # in the checkpoint but unused by the forward pass
+        p.requires_grad_(False)
+    return model.to(device)
+
+
+def rng_state() -> dict:
+    """Global RNG states in types that torch.load(weights_only=True) accepts."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"python": list(random.getstate()[1]), "python_version": random.getstate()[0],
+            "numpy": [name, [int(k) for k in keys], int(pos), int(has_gauss), float(cached)],
+            "torch": torch.get_rng_state()}
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what rng_state() returned."""
+    random.setstate((state["python_version"], tuple(state["python"]), None))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.array(keys, np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+
+
+class TrainState:
+    """Model, optimiser, schedule, scaler, step and running figures: built fresh, resumed or initialised from
+    --init_dir, and saved (rank 0) with the extras that make a resumed run print what an uninterrupted one would."""
+
+    def __init__(self, cfg: Config, ranks: Ranks, ckpt_dir: Path, say: Callable[..., None]):
+        self.cfg, self.ranks, self.ckpt_dir = cfg, ranks, ckpt_dir
+        torch.manual_seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        random.seed(cfg.seed)
+        self.net = build_model(cfg, ranks.device)
+        self.optimizer = torch.optim.AdamW(self.net.parameters(), lr=cfg.lr, weight_decay=1e-6, eps=1e-8)
+        self.scheduler = torch.optim.lr_scheduler.OneCycleLR(
+            self.optimizer, max_lr=cfg.lr, total_steps=cfg.max_steps + 100, pct_start=0.1, cycle_momentum=False,
+            anneal_strategy="linear")
+        self.step, extras = self._load(say)
+        if "rng" in extras:
+            set_rng_state(extras["rng"])
+        say(ck.parameter_table(self.net))
+        self.model = self.net
+        if ranks.world > 1:
+            self.model = torch.nn.parallel.DistributedDataParallel(
+                self.net, device_ids=[ranks.device.index] if ranks.device.type == "cuda" else None)
+        self.model.train()
+        self.scaler = torch.amp.GradScaler(ranks.device.type, enabled=cfg.amp == "fp16")
+        # the running means continue across a resume: a resumed run prints what an uninterrupted one would
+        self.losses = deque((float(v) for v in extras.get("loss_t", [])), maxlen=cfg.log_freq)
+        self.d_ts = deque((float(v) for v in extras.get("d_t", [])), maxlen=cfg.log_freq)
+        self.d_vs = deque((float(v) for v in extras.get("d_v", [])), maxlen=10)
+        self.nan_total, self.nan_run = int(extras.get("nan_steps", 0)), 0
+        # dataset indices of clips skipped as corrupt; a DataLoader worker's own counters never reach this process,
+        # so every sample carries the clips skipped while producing it (`corrupt_ids`)
+        self.corrupt = {"train": {int(i) for i in extras.get("corrupt_clips", [])},
+                        "val": {int(i) for i in extras.get("corrupt_val_clips", [])}}
+
+    def _load(self, say: Callable[..., None]) -> tuple[int, dict]:
+        """Resume from the run's folder, else start from --init_dir, else fresh: (step, the checkpoint's extras)."""
+        cfg, main = self.cfg, self.ranks.main
+        step, loaded = 0, {}  # loaded: the checkpoint whose step is resumed
+        ignore = tuple(p for p in (cfg.ignore_load or "").split(",") if p)
+        if cfg.resume and ck.list_checkpoints(self.ckpt_dir):
+            bad: list[tuple[Path, ck.CheckpointError]] = []
+            found = ck.read_newest(self.ckpt_dir, on_bad=lambda path, e: bad.append((path, e)), rename=main)
+            if found is None:
+                self.ranks.die(f"{self.ckpt_dir}: no readable checkpoint to resume from ({len(bad)} unreadable, "
+                               f"kept as *.bad)")
+            path, loaded = found
+            if main:
+                for b, e in bad:
+                    reason = str(e).removeprefix(f"{b}: ")
+                    print(f"{b}: unreadable ({reason}); resuming from {path} (kept it as {b.name}.bad)",
+                          file=sys.stderr, flush=True)
+            try:
+                ck.apply_checkpoint(loaded, path, self.net, self.optimizer, self.scheduler, ignore_prefixes=ignore)
+            except ck.CheckpointError as e:
+                self.ranks.die(str(e))
+            step = ck.step_of(path)
+            say(f"loaded {path} (step {step}); resuming at step {step}")
+        elif cfg.init_dir:
+            opt = (self.optimizer, self.scheduler) if cfg.load_optimizer else (None, None)
+            try:
+                path = ck.find_checkpoint(cfg.init_dir)
+                init = ck.read_checkpoint(path)
+                ck.apply_checkpoint(init, path, self.net, *opt, ignore_prefixes=ignore)
+            except ck.CheckpointError as e:
+                self.ranks.die(str(e))
+            if cfg.load_step:
+                step, loaded = ck.step_of(path), init
+            say(f"loaded {path} (step {ck.step_of(path)}){'; resuming at step ' + str(step) if cfg.load_step else ''}")
+        # the weights are in place: keep only the extras
+        return step, {k: v for k, v in loaded.items() if not k.endswith("_state_dict")}
+
+    def note_corrupt(self, kind: str, batch: dict) -> None:
+        """Remember the clips skipped as corrupt while producing a 'train' or 'val' batch."""
+        ids = batch.get("corrupt_ids")
+        if ids is not None and ids.numel():
+            self.corrupt[kind].update(int(i) for i in ids.flatten().tolist() if i >= 0)
+
+    def record(self, res: StepResult) -> None:
+        """Add a finished step to the running means."""
+        self.nan_run = 0
+        self.losses.append(res.loss)
+        if res.figures is not None:
+            self.d_ts.append(res.figures["d_avg"])
+
+    def skip(self, say: Callable[..., None]) -> None:
+        """Count a step skipped for a non-finite loss; after --max_nan_steps in a row, save and stop the run."""
+        self.nan_total += 1
+        self.nan_run += 1
+        name, step = self.cfg.name(), self.step
+        say(f"{name}; step {step:06d}/{self.cfg.max_steps}; non-finite loss, step skipped ({self.nan_total} so far)")
+        if self.nan_run >= self.cfg.max_nan_steps:
+            self.save()
+            msg = (f"{name}: {self.nan_run} non-finite losses in a row at step {step}; stopped and saved "
+                   f"{self.ckpt_dir / ck.ckpt_name(step)} (try a lower --lr or --amp=none)")
+            if self.ranks.world > 1:
+                dist.destroy_process_group()
+            raise SystemExit(msg)
+
+    def save(self) -> None:
+        """Write the checkpoint of the current step (rank 0); a failed write is one error line and exit 2."""
+        if not self.ranks.main:
+            return
+        extra = {"rng": rng_state(), "nan_steps": self.nan_total, "config": json.dumps(asdict(self.cfg)),
+                 "loss_t": [float(v) for v in self.losses], "d_t": [float(v) for v in self.d_ts],
+                 "d_v": [float(v) for v in self.d_vs], "corrupt_clips": sorted(self.corrupt["train"]),
+                 "corrupt_val_clips": sorted(self.corrupt["val"])}
+        try:
+            ck.save(self.ckpt_dir, self.step, self.net, self.optimizer, self.scheduler,
+                    keep_latest=self.cfg.keep_latest, extra=extra)
+        except OSError as e:
+            # ck.save removed its temp file and left every earlier checkpoint in place
+            why = "no space left on device" if is_space_error(e) else (e.strerror or str(e))
+            fail(f"cannot save {self.ckpt_dir / ck.ckpt_name(self.step)}: {why}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Data.
+
+
+def build_dataset(cfg: Config, version: str | None) -> ExportDataset | KubricDataset:
+    """The clips of --dataset (an export's `version`, or Kubric MOVi-F); ValueError/OSError for bad input."""
+    if cfg.dataset == "kubric":
+        if not cfg.movi_f_root:
+            raise ValueError("--dataset=kubric needs --movi_f_root=<folder of MOVi-F sequences>")
+        return KubricDataset(cfg.movi_f_root, cfg.S, cfg.N, cfg.crop_size, cfg.use_augs)
+    if cfg.dataset != "pod_export":
+        raise ValueError(f"--dataset must be pod_export or kubric, got {cfg.dataset!r}")
+    return ExportDataset(cfg.dataset_location, version, cfg.S, cfg.N, cfg.crop_size, cfg.use_augs, seed=cfg.seed)
+
+
+def make_loader(base, cfg: Config, start_ordinal: int, ranks: Ranks, seed_offset: int = 0) -> DataLoader:
+    """This rank's endless batches of `base`, from sample `start_ordinal` of the run's stream on."""
+    data = OrdinalDataset(base, cfg.seed + seed_offset, cfg.shuffle)
+    sampler = OrdinalSampler(start_ordinal, ranks.rank, ranks.world)
+    return DataLoader(data, batch_size=cfg.B, sampler=sampler, num_workers=cfg.workers,
+                      persistent_workers=cfg.workers > 0, prefetch_factor=2 if cfg.workers > 0 else None)
+
+
+class TrainData:
+    """The run's batches: training ones from the resumed step's sample on (or from the --cache_len cache) and
+    validation ones; each fresh batch reports its corrupt clips to `note`."""
+
+    def __init__(self, cfg: Config, ranks: Ranks, step: int, note: Callable[[str, dict], None]):
+        self.cfg, self.rank, self.note = cfg, ranks.rank, note
+        try:
+            base = build_dataset(cfg, cfg.dataset_version)
+            self.val = None
+            if cfg.val_dataset_version:
+                vcfg = replace(cfg, use_augs=False)
+                self.val = iter(make_loader(build_dataset(vcfg, cfg.val_dataset_version), vcfg, step, ranks, 17))
+        except (ValueError, OSError) as e:
+            ranks.die(str(e))
+        self.n_items = len(base)
+        self.train = iter(make_loader(base, cfg, step * cfg.grad_acc * cfg.B, ranks))
+        self.cache: list[dict] = []
+
+    def next(self, step: int, micro: int) -> dict:
+        """The batch of a step's micro-batch: the next of the stream, or a random cached one once the cache is full."""
+        cfg = self.cfg
+        if cfg.cache_len and len(self.cache) >= cfg.cache_len:
+            pick = torch.randint(len(self.cache), (1,), generator=step_generator(cfg.seed, step, micro, self.rank))
+            return self.cache[int(pick)]
+        batch = next(self.train)
+        self.note("train", batch)
+        if cfg.cache_len:
+            self.cache.append(batch)
+        return batch
+
+    def next_val(self) -> dict:
+        """The next validation batch."""
+        batch = next(self.val)
+        self.note("val", batch)
+        return batch
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The step.
+
+
+@dataclass
+class StepResult:
+    """What a step did: finite or skipped, its loss, data and step seconds, figures of rank 0's first batch."""
+
+    finite: bool
+    loss: float = 0.0
+    rtime: float = 0.0
+    itime: float = 0.0
+    figures: dict[str, float] | None = None
+    shown: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # frames, truth, estimate of one clip
+
+
+def train_step(state: TrainState, data: TrainData, cfg: Config) -> StepResult:
+    """One optimiser step over --grad_acc micro-batches; a non-finite loss on any rank skips it on every rank."""
+    ranks = state.ranks
+    t0 = time.time()
+    rtime, total_loss, finite, figures, shown = 0.0, 0.0, True, None, None
+    for micro in range(cfg.grad_acc):
+        tr = time.time()
+        batch = data.next(state.step, micro)
+        rtime += time.time() - tr
+        gen = step_generator(cfg.seed, state.step, micro, ranks.rank)
+        loss, final, seen = forward_loss(state.model, batch, ranks.device, cfg.iters, gen, cfg.amp)
+        finite = finite and bool(torch.isfinite(loss))
+        if finite:
+            state.scaler.scale(loss / cfg.grad_acc).backward()
+            total_loss += loss.item() / cfg.grad_acc
+        if micro == 0 and ranks.main:
+            shown = (seen["rgbs"][0], seen["trajs"][0], final[0].detach())
+            figures = batch_figures(final.detach().float(), seen["trajs"], seen["visibs"], seen["valids"],
+                                    tuple(seen["rgbs"].shape[-2:]))
+    if ranks.any(not finite):
+        state.optimizer.zero_grad(set_to_none=True)
+        return StepResult(False)
+    optimizer_update(state.model, state.optimizer, state.scheduler, state.scaler)
+    return StepResult(True, total_loss, rtime, time.time() - t0, figures, shown)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Logging and validation.
+
+
+class Logger:
+    """The step lines on stdout and the TensorBoard scalars and images; rank 0 only (and no lines with --quiet)."""
+
+    def __init__(self, cfg: Config, ranks: Ranks):
+        self.cfg, self.ranks, self.name = cfg, ranks, cfg.name()
+        self.say = (lambda *a: print(*a, flush=True)) if ranks.main and not cfg.quiet else (lambda *a: None)
+        self.writer: SummaryWriter | None = None
+
+    def start(self, n_items: int) -> None:
+        """Open the TensorBoard log and print the run's header line."""
+        cfg = self.cfg
+        if self.ranks.main:
+            self.writer = SummaryWriter(str(Path(cfg.log_dir) / self.name), max_queue=10, flush_secs=60)
+        self.say(f"{self.name}: {cfg.max_steps} steps, B={cfg.B} S={cfg.S} N={cfg.N} crop {cfg.crop_size}, "
+                 f"{self.ranks.world} process(es) on {self.ranks.device}, amp {cfg.amp}, data {cfg.dataset} "
+                 f"({n_items} items)")
+
+    def scalars(self, group: str, figures: dict[str, float], step: int) -> None:
+        """Write every figure as `group/name`."""
+        if self.writer:
+            for k, val in figures.items():
+                self.writer.add_scalar(f"{group}/{k}", val, step)
+
+    def step(self, state: TrainState, res: StepResult) -> None:
+        """The step line, and every --log_freq steps (and at step 1) the scalars; images 10x less often."""
+        step, cfg = state.step, self.cfg
+        d_v = float(np.mean(state.d_vs)) if state.d_vs else float("nan")
+        d_t = np.mean(state.d_ts) if state.d_ts else float("nan")
+        self.say(f"{self.name}; step {step:06d}/{cfg.max_steps}; rtime {res.rtime:.2f}; itime {res.itime:.2f}; "
+                 f"loss {res.loss:.3f}; loss_t {np.mean(state.losses):.3f}; d_t {d_t:.1f}; d_v {d_v:.1f}")
+        if not self.writer or not (step % cfg.log_freq == 0 or step == 1):
+            return
+        self.writer.add_scalar("train/loss", res.loss, step)
+        self.writer.add_scalar("train/lr", state.scheduler.get_last_lr()[0], step)
+        self.writer.add_scalar("data/corrupt_clips_skipped", sum(len(s) for s in state.corrupt.values()), step)
+        self.scalars("train", res.figures or {}, step)
+        if step % (cfg.log_freq * 10) == 0 or step == 1:
+            rgb0, trajs0, est0 = res.shown
+            frames = rgb0.detach().permute(0, 2, 3, 1).cpu().numpy().clip(0, 255).astype(np.uint8)
+            img = summary_image(frames, trajs0.cpu().numpy(), est0.float().cpu().numpy())
+            self.writer.add_image("train/tracks", img, step, dataformats="HWC")
+
+    def done(self, state: TrainState, corrupt: dict[str, set]) -> None:
+        """The final corrupt-clip count and summary line; closes the log."""
+        n_corrupt = sum(len(s) for s in corrupt.values())
+        if self.writer:
+            self.writer.add_scalar("data/corrupt_clips_skipped", n_corrupt, state.step)
+            self.writer.close()
+        self.say(f"{self.name}: done, {state.step} steps, {state.nan_total} skipped for non-finite loss, "
+                 f"{n_corrupt} corrupt clips skipped; checkpoints in {state.ckpt_dir}")
+
+
+class Validator:
+    """Validation while training: one exported batch every --val_freq steps and at step 1 (every rank), and the
+    first five TAP-Vid-DAVIS videos every --val_freq steps (rank 0); both with twice the training iterations."""
+
+    def __init__(self, cfg: Config, ranks: Ranks, data: TrainData):
+        self.cfg, self.ranks, self.data = cfg, ranks, data
+
+    def run(self, step: int, model: torch.nn.Module) -> dict[str, dict[str, float]]:
+        """{log group: figures} of the validations due at `step`."""
+        cfg, out = self.cfg, {}
+        net = model.module if hasattr(model, "module") else model
+        if self.data.val is not None and (step % cfg.val_freq == 0 or step == 1):
+            out["val"] = self.exported(net)
+        if cfg.tapvid_root and cfg.eval_dataset == "davis" and step % cfg.val_freq == 0 and self.ranks.main:
+            out["davis"] = self.tapvid(net)
+        return out
+
+    def exported(self, net: torch.nn.Module) -> dict[str, float]:
+        """Figures of one validation batch, tracked from zero-velocity estimates."""
+        batch = self.data.next_val()
+        device = self.ranks.device
+        rgbs, trajs_g = batch["rgbs"].to(device), batch["trajs"].to(device)
+        visibs, valids = batch["visibs"].to(device), batch["valids"].to(device)
+        init = trajs_g[:, :1].expand_as(trajs_g).contiguous()
+        net.eval()
+        with torch.no_grad(), autocast(device.type, self.cfg.amp):
+            preds = net(init, rgbs, iters=self.cfg.iters * 2)[0]
+        net.train()
+        return batch_figures(preds[-1].float(), trajs_g, visibs, valids, tuple(rgbs.shape[-2:]))
+
+    def tapvid(self, net: torch.nn.Module) -> dict[str, float]:
+        """Authors'-protocol figures on the first TAP-Vid videos (LBM-style validation while training)."""
+        cfg, rows = self.cfg, []
+        net.eval()
+        for i, (_, video, points, occluded) in enumerate(load_tapvid(cfg.tapvid_root)):
+            if i >= 5:
+                break
+            res = evaluation.evaluate_tapvid_video(net, video, points, occluded, cfg.crop_size, S=cfg.S,
+                                                   iters=cfg.iters * 2)
+            if res is not None:
+                rows.append(res)
+        net.train()
+        return metrics.average({k: r[k] for k in metrics.METRIC_NAMES} for r in rows)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The loop.
+
+
+def run_stage(cfg: Config) -> tuple[Path, torch.nn.Module]:
+    """Train one stage under the run lock; returns its checkpoint folder and the trained model."""
+    ranks = Ranks.setup(cfg.device)
+    ckpt_dir = Path(cfg.ckpt_dir) / cfg.name()
+    with run_lock(ckpt_dir, ranks):
+        return train_stage(cfg, ranks, ckpt_dir)
+
+
+def train_stage(cfg: Config, ranks: Ranks, ckpt_dir: Path) -> tuple[Path, torch.nn.Module]:
+    """Set up the parts, then step, validate, log and save until --max_steps."""
+    log = Logger(cfg, ranks)
+    state = TrainState(cfg, ranks, ckpt_dir, log.say)
+    data = TrainData(cfg, ranks, state.step, state.note_corrupt)
+    validator = Validator(cfg, ranks, data)
+    log.start(data.n_items)
+    while state.step < cfg.max_steps:
+        state.step += 1
+        res = train_step(state, data, cfg)
+        if not res.finite:
+            state.skip(log.say)
+            continue
+        state.record(res)
+        for group, figures in validator.run(state.step, state.model).items():
+            state.d_vs.append(figures["d_avg"])
+            log.scalars(group, figures, state.step)
+        log.step(state, res)
+        if state.step % cfg.save_freq == 0 or state.step == cfg.max_steps:
+            state.save()
+    log.done(state, ranks.union(state.corrupt))
+    ranks.barrier()
+    return ckpt_dir, state.net
