@@ -16,6 +16,7 @@ from pathlib import Path
 import fire
 import torch.distributed as dist
 
+from datasets.clips import STAGE_CLIPS  # the clips each stage trains on, shared with the exporter
 from utils import checkpoint as ck
 from utils.amp import amp_dtype
 from utils.cli import parse_hw
@@ -26,8 +27,6 @@ from utils.trainer import Config, fail, run_stage
 __all__ = ["Config", "forward_loss", "init_estimates", "main", "make_config", "maybe_transpose",
            "optimizer_update", "run_stage"]
 
-# the clips each stage trains on; an export made for a stage must match its S, N and crop_size
-STAGE_CLIPS = {1: dict(S=36, N=128, crop_size=(256, 384)), 2: dict(S=64, N=128, crop_size=(512, 896))}
 STAGE_DEFAULTS = {
     1: dict(B=4, **STAGE_CLIPS[1], iters=6, lr=5e-4, max_steps=200_000),
     2: dict(B=1, **STAGE_CLIPS[2], iters=6, lr=5e-4, max_steps=10_000),
