@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from nets.pips2 import MIN_SIZE
 from utils.amp import autocast
+from utils.video import VideoError, iter_frames, read_rgb
 
 # ---------------------------------------------------------------------------------------------------------
 # Frame sources: random access to (start, end) windows of uint8 frames at the model's size.
@@ -68,16 +69,11 @@ class FileFrames(FrameSource):
     """Image files (e.g. a PointOdyssey scene's rgbs/), read and resized lazily per window."""
 
     def __init__(self, paths: list[Path], model_hw: tuple[int, int]):
-        from utils.video import read_rgb
-
-        self._read_rgb = read_rgb
         super().__init__(len(paths), read_rgb(paths[0]).shape[:2], model_hw)
         self.paths = list(paths)
 
     def _read(self, start: int, end: int) -> np.ndarray:
-        from utils.video import VideoError
-
-        frames = [self._read_rgb(p) for p in self.paths[start:end]]
+        frames = [read_rgb(p) for p in self.paths[start:end]]
         for p, f in zip(self.paths[start:end], frames, strict=True):
             if f.shape[:2] != self.src_hw:  # the annotations' pixel coordinates would no longer fit
                 raise VideoError(f"{p}: frame of {f.shape[1]}x{f.shape[0]}, the first frame is "
@@ -89,8 +85,6 @@ class VideoFileFrames(FrameSource):
     """A video file decoded once, at the model size, into a memory-mapped temp file (bounded RAM)."""
 
     def __init__(self, path: str | os.PathLike, model_hw: tuple[int, int] | None = None):
-        from utils.video import VideoError, iter_frames
-
         frames = iter_frames(path)
         first = next(frames, None)
         if first is None:
