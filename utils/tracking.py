@@ -315,8 +315,8 @@ def _sweep(model, read, passes: list[_Pass], iters: int, point_batch: int, amp: 
     """Run the windows of every pass in one sweep through time, all passes going the same way.
 
     Windows run in the order of the video frame they start on, so each pass's windows run in its own order,
-    every frame is encoded once, and the cache holds the maps of at most S frames (those that a window
-    already run shares with one still to run, and a prefetched one).
+    every frame is encoded once, and the cache holds the maps of fewer than S frames (those that a window
+    already run shares with one still to run) plus any prefetched ones.
     """
     sign = -1 if backward else 1
     order = [(i, k) for _, i, k in sorted((sign * p.frames[s], i, k) for i, p in enumerate(passes)
@@ -416,7 +416,8 @@ def track(model, video, queries, S: int = 128, iters: int = 16, backward: bool =
           progress: bool = False) -> dict[str, np.ndarray]:
     """Track queries (N,3) rows of (t, x, y) in video pixels through a video (array or path).
 
-    Tracks forward from each query's frame (and backward to frame 0 with backward=True). Returns
+    Tracks forward from each query's frame (and backward to frame 0 with backward=True); the queries of one
+    frame form a group, and all groups share one encoding of each frame per direction. Returns
     {"tracks": (T,N,2) float32 in video pixels, "estimated": (T,N) bool of the frames that were estimated}.
     """
     src = as_frame_source(video, image_size)
