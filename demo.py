@@ -19,6 +19,8 @@ import cv2
 import fire
 import numpy as np
 
+from datasets.synthetic import SceneConfig, generate_scene
+from utils.checkpoint import CheckpointError, load_pips, resolve_device
 from utils.cli import parse_hw
 from utils.tracking import grid_queries, track
 from utils.video import VideoError, iter_frames, read_rgb, video_info, write_mp4
@@ -138,8 +140,6 @@ def check_out_dir(out: Path) -> None:
 
 def synthetic_video(out_dir: Path, seed: int = 3, frames: int = 48) -> Path:
     """An mp4 of a synthetic scene (moving textured layers), for trying the demo without data."""
-    from datasets.synthetic import SceneConfig, generate_scene
-
     with tempfile.TemporaryDirectory() as tmp:
         scene = generate_scene(Path(tmp) / "scene", seed, SceneConfig(W=384, H=256, T=frames, n_points=16))
         paths = sorted((scene / "rgbs").glob("*.jpg"))
@@ -199,8 +199,6 @@ def main(video: str | None = None, init_dir: str = "./reference_model", points: 
          iters: int = 16, image_size=None, point_batch: int = 256, device: str = "auto", amp: str = "none",
          out_dir: str = "./demo_out/track") -> None:
     """Track points (from --points, or a grid on --query_frame limited by --mask) and write the outputs."""
-    from utils.checkpoint import CheckpointError, load_pips, resolve_device
-
     out = Path(out_dir)
     try:
         video_path, queries, n_frames, H, W, fps, image_size = prepare(video, points, grid_size, query_frame, mask,

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -20,12 +21,19 @@ from utils.tracking import FileFrames
 
 def main(dataset_location: str = "../datasets/crohd", dset: str = "train", clip_len: int = 1000, S: int = 128,
          N: int = 256, iters: int = 16, image_size=(512, 896), init_dir: str = "./reference_model",
-         max_iters: int | None = None, device: str = "auto", amp: str = "none", point_batch: int = 256,
-         out_json: str | None = None) -> None:
-    """Score each clip with the authors' protocol; one line per clip and a final table."""
+         max_clips: int | None = None, device: str = "auto", amp: str = "none", point_batch: int = 256,
+         out_json: str | None = None, max_iters: int | None = None) -> None:
+    """Score each clip with the authors' protocol; one line per clip and a final table.
+
+    --max_clips scores only the first clips; --max_iters is the authors' name for it."""
     image_size = parse_hw(image_size, "image_size")
+    try:
+        max_clips = evaluation.item_limit(max_clips, max_iters, "--max_clips")
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     model = load_pips_or_exit(init_dir, device)
-    clips = list_clips(dataset_location, dset, clip_len)[:max_iters]
+    clips = list_clips(dataset_location, dset, clip_len)[:max_clips]
     rows, skipped = {}, []
     t0 = time.time()
     for clip in tqdm(clips, desc="crohd", unit="clip"):

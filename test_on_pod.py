@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import NoReturn
 
 import fire
+from PIL import Image
 from tqdm import tqdm
 
 from datasets import pointodyssey as pod
@@ -37,8 +38,6 @@ def _fail(msg) -> NoReturn:
 
 def check_frames(scene: pod.Scene) -> None:
     """SkipItem unless every frame opens and has the first frame's size (image headers only: cheap)."""
-    from PIL import Image
-
     first = None
     for p in scene.rgb_paths:
         try:
@@ -80,18 +79,21 @@ def write_json(path: str | Path, payload: dict) -> None:
 
 
 def main(dataset_location: str = "../datasets/pointodyssey", dset: str = "test", S: int = 128, N: int = 256,
-         iters: int = 16, image_size=(512, 896), init_dir: str = "./reference_model", max_iters: int | None = None,
+         iters: int = 16, image_size=(512, 896), init_dir: str = "./reference_model", max_scenes: int | None = None,
          device: str = "auto", amp: str = "none", point_batch: int = 256, out_json: str | None = None,
-         zero_vel: bool = False) -> None:
-    """Print one line per sequence and a final table; --zero_vel=True scores the zero-velocity baseline."""
+         zero_vel: bool = False, max_iters: int | None = None) -> None:
+    """Print one line per sequence and a final table; --zero_vel=True scores the zero-velocity baseline.
+
+    --max_scenes scores only the first sequences; --max_iters is the authors' name for it."""
     try:
         image_size = parse_hw(image_size, "image_size")
+        max_scenes = evaluation.item_limit(max_scenes, max_iters, "--max_scenes")
         scenes = pod.list_scenes(dataset_location, dset)
     except (ValueError, OSError) as e:
         _fail(e)
     if not scenes:
         _fail(f"{Path(dataset_location) / dset}: no scene folders in this split")
-    scenes = scenes[:max_iters]
+    scenes = scenes[:max_scenes]
     dev = resolve_device(device)
     model = None
     if not zero_vel:

@@ -55,11 +55,18 @@ def videos_or_exit(videos: Iterator) -> Iterator:
 
 
 def main(dataset_location: str = "../datasets/tapvid/tapvid_davis.pkl", S: int = 128, iters: int = 16,
-         image_size=(512, 896), init_dir: str = "./reference_model", max_iters: int | None = None,
+         image_size=(512, 896), init_dir: str = "./reference_model", max_videos: int | None = None,
          device: str = "auto", amp: str = "none", point_batch: int = 256, modes: str = "first,strided",
-         out_json: str | None = None) -> None:
-    """Score each video; print one line per video and tables of the means."""
+         out_json: str | None = None, max_iters: int | None = None) -> None:
+    """Score each video; print one line per video and tables of the means.
+
+    --max_videos scores only the first videos; --max_iters is the authors' name for it."""
     image_size = parse_hw(image_size, "image_size")
+    try:
+        max_videos = evaluation.item_limit(max_videos, max_iters, "--max_videos")
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     amp = None if amp == "none" else amp
     modes = [m for m in (modes.split(",") if isinstance(modes, str) else modes) if m]
     videos = videos_or_exit(load_tapvid(dataset_location))
@@ -68,7 +75,7 @@ def main(dataset_location: str = "../datasets/tapvid/tapvid_davis.pkl", S: int =
     rows, deltas, skipped = {}, {m: {} for m in modes}, []
     t0 = time.time()
     for i, (name, video, points, occluded) in enumerate(tqdm(videos, desc="tapvid")):
-        if max_iters is not None and i >= max_iters:
+        if max_videos is not None and i >= max_videos:
             break
         res = evaluation.evaluate_tapvid_video(model, video, points, occluded, image_size, S, iters, point_batch, amp)
         if res is None:

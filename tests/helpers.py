@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -29,3 +30,16 @@ def golden_model(**kwargs):
     model = Pips(**kwargs)
     model.load_state_dict(golden_state_dict(), strict=True)
     return model.eval()
+
+
+def run_main(main, capsys, **kwargs) -> SimpleNamespace:
+    """A script's main(**kwargs) run in this process, reported as a subprocess run would be: returncode,
+    stdout, stderr. Its flags map one to one to main's arguments; starting Python again proves nothing more."""
+    capsys.readouterr()
+    try:
+        main(**kwargs)
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return SimpleNamespace(returncode=code, stdout=out.out, stderr=out.err)

@@ -2,13 +2,15 @@
 
 import csv
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
-from helpers import golden_model
+from helpers import golden_model, run_main
 
 import demo
 from utils import checkpoint
@@ -56,16 +58,16 @@ def test_demo_end_to_end(tmp_path, ckpt):
     assert video.shape == (14, 130, 150, 3)
 
 
-def test_demo_grid_on_a_synthetic_video(tmp_path, ckpt):
-    res = subprocess.run([sys.executable, str(ROOT / "demo.py"), f"--init_dir={ckpt}", "--grid_size=3", "--S=8",
-                          "--iters=1", f"--out_dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True)
+def test_demo_grid_on_a_synthetic_video(tmp_path, ckpt, capsys, monkeypatch):
+    real = demo.synthetic_video
+    monkeypatch.setattr(demo, "synthetic_video", lambda out_dir: real(out_dir, frames=12))  # 48 by default: slow
+    res = run_main(demo.main, capsys, init_dir=str(ckpt), grid_size=3, S=8, iters=1, out_dir=str(tmp_path))
     assert res.returncode == 0, res.stderr[-2000:]
-    assert (tmp_path / "synthetic.mp4").is_file() and np.load(tmp_path / "tracks.npz")["tracks"].shape == (48, 9, 2)
+    assert (tmp_path / "synthetic.mp4").is_file() and np.load(tmp_path / "tracks.npz")["tracks"].shape == (12, 9, 2)
 
 
-def test_missing_checkpoint_message(tmp_path):
-    res = subprocess.run([sys.executable, str(ROOT / "demo.py"), f"--init_dir={tmp_path / 'none'}"], cwd=ROOT,
-                         capture_output=True, text=True)
+def test_missing_checkpoint_message(tmp_path, clip, capsys):
+    res = run_main(demo.main, capsys, video=str(clip), init_dir=str(tmp_path / "none"), out_dir=str(tmp_path / "o"))
     assert res.returncode != 0 and "get_reference_model.sh" in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1
 
@@ -82,11 +84,10 @@ def clip(tmp_path_factory):
     return d / "in.mp4"
 
 
-def _demo(*args, init_dir=None):
-    # no checkpoint unless asked: the inputs must be refused before the model is needed
-    cmd = [sys.executable, str(ROOT / "demo.py"), f"--init_dir={init_dir or ROOT / 'no_such_checkpoint'}", "--S=8",
-           "--iters=1", *args]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+def _demo(capsys, init_dir=None, **kw):
+    """demo.main in this process; no checkpoint unless asked: the inputs must be refused before the model is needed."""
+    return run_main(demo.main, capsys, init_dir=str(init_dir or ROOT / "no_such_checkpoint"), S=8, iters=1,
+                    **{k: str(v) if isinstance(v, Path) else v for k, v in kw.items()})
 
 
 def _one_error_line(res, *parts):
@@ -110,21 +111,19 @@ def _one_error_line(res, *parts):
     ("0,1,inf\n", ["row 1", "non-finite"]),
     ("0,1e39,5\n", ["row 1", "non-finite"]),
 ])
-def test_bad_points_csv(tmp_path, clip, content, parts):
+def test_bad_points_csv(tmp_path, clip, content, parts, capsys):
     (tmp_path / "pts.csv").write_text(content)
-    _one_error_line(_demo(f"--video={clip}", f"--points={tmp_path / 'pts.csv'}", f"--out_dir={tmp_path / 'o'}"),
+    _one_error_line(_demo(capsys, video=clip, points=tmp_path / 'pts.csv', out_dir=tmp_path / "o"),
                     tmp_path / "pts.csv", *parts)
 
 
-def test_query_frame_flag_out_of_range(tmp_path, clip):
-    _one_error_line(_demo(f"--video={clip}", "--query_frame=14", f"--out_dir={tmp_path}"), "--query_frame 14",
+def test_query_frame_flag_out_of_range(tmp_path, clip, capsys):
+    _one_error_line(_demo(capsys, video=clip, query_frame=14, out_dir=tmp_path), "--query_frame 14",
                     "0..13")
 
 
 @pytest.mark.parametrize("case", ["wrong_size", "all_zero", "unreadable", "missing"])
-def test_bad_mask(tmp_path, clip, case):
-    import cv2
-
+def test_bad_mask(tmp_path, clip, case, capsys):
     path = tmp_path / "mask.png"
     if case == "wrong_size":
         cv2.imwrite(str(path), np.full((65, 75), 255, np.uint8))
@@ -137,29 +136,27 @@ def test_bad_mask(tmp_path, clip, case):
         parts = ["unreadable image"]
     else:
         parts = ["no such file"]
-    _one_error_line(_demo(f"--video={clip}", f"--mask={path}", f"--out_dir={tmp_path / 'o'}"), path, *parts)
+    _one_error_line(_demo(capsys, video=clip, mask=path, out_dir=tmp_path / "o"), path, *parts)
 
 
-def test_bad_video(tmp_path):
-    _one_error_line(_demo(f"--video={tmp_path / 'none.mp4'}", f"--out_dir={tmp_path / 'o'}"), tmp_path / "none.mp4")
+def test_bad_video(tmp_path, capsys):
+    _one_error_line(_demo(capsys, video=tmp_path / 'none.mp4', out_dir=tmp_path / "o"), tmp_path / "none.mp4")
     (tmp_path / "junk.mp4").write_bytes(b"\0" * 5000)
-    _one_error_line(_demo(f"--video={tmp_path / 'junk.mp4'}", f"--out_dir={tmp_path / 'o'}"), tmp_path / "junk.mp4")
+    _one_error_line(_demo(capsys, video=tmp_path / "junk.mp4", out_dir=tmp_path / 'o'), tmp_path / "junk.mp4")
 
 
-def test_uncreatable_or_read_only_out_dir(tmp_path, clip):
-    import os
-
+def test_uncreatable_or_read_only_out_dir(tmp_path, clip, capsys):
     (tmp_path / "file").write_text("")
-    _one_error_line(_demo(f"--video={clip}", f"--out_dir={tmp_path / 'file' / 'out'}"),
+    _one_error_line(_demo(capsys, video=clip, out_dir=tmp_path / "file" / "out"),
                     f"--out_dir {tmp_path / 'file' / 'out'}", "not writable")
     if os.geteuid() != 0:  # root writes into read-only folders anyway
         (tmp_path / "ro").mkdir(mode=0o500)
-        _one_error_line(_demo(f"--video={clip}", f"--out_dir={tmp_path / 'ro'}"), f"--out_dir {tmp_path / 'ro'}")
+        _one_error_line(_demo(capsys, video=clip, out_dir=tmp_path / "ro"), f"--out_dir {tmp_path / 'ro'}")
 
 
-def test_points_outside_the_image_warn_and_are_tracked(tmp_path, clip, ckpt):
+def test_points_outside_the_image_warn_and_are_tracked(tmp_path, clip, ckpt, capsys):
     (tmp_path / "pts.csv").write_text("t,x,y\n0,40,50\n2,400,10\n")
-    res = _demo(f"--video={clip}", f"--points={tmp_path / 'pts.csv'}", f"--out_dir={tmp_path / 'o'}", init_dir=ckpt)
+    res = _demo(capsys, video=clip, points=tmp_path / "pts.csv", out_dir=tmp_path / 'o', init_dir=ckpt)
     assert res.returncode == 0, res.stderr[-2000:]
     warn = [ln for ln in res.stderr.splitlines() if ln.startswith("warning:")]
     assert len(warn) == 1 and f"{tmp_path / 'pts.csv'}: row 3: 1 of 2 points lie outside the 150x130 image" in warn[0]

@@ -1,18 +1,26 @@
-"""test_on_pod.py end to end on a synthetic test split, against an independent computation."""
+"""test_on_pod.py and utils/evaluation.py: the authors' point choice and scores against an independent
+computation, checkpoint forms, and a run that keeps going past bad sequences without losing its scores."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
-from helpers import golden_model
+import torch
+from helpers import golden_model, run_main
 
+import test_on_pod
 from datasets.synthetic import SceneConfig, generate_dataset
-from utils import checkpoint, evaluation
+from nets.pips2 import Pips
+from utils import checkpoint, evaluation, tracking
+from utils.video import VideoError
 
 ROOT = Path(__file__).resolve().parents[1]
+SMALL = dict(S=8, N=32, iters=2, image_size="128,192")
 
 
 @pytest.fixture(scope="module")
@@ -22,11 +30,21 @@ def pod_test(tmp_path_factory):
     return root
 
 
-def _run(root, tmp, *args):
+@pytest.fixture(scope="module")
+def pod_bad(tmp_path_factory):
+    """synth_0000 good; synth_0001 with a zero-byte frame; synth_0002 with one frame of another size."""
+    root = tmp_path_factory.mktemp("podbad")
+    generate_dataset(root, {"test": 3}, seed=7, cfg=SceneConfig(W=320, H=192, T=12, n_points=300), progress=False)
+    (root / "test" / "synth_0001" / "rgbs" / "rgb_00005.jpg").write_bytes(b"")
+    f = root / "test" / "synth_0002" / "rgbs" / "rgb_00007.jpg"
+    cv2.imwrite(str(f), cv2.resize(cv2.imread(str(f)), (160, 96)))
+    return root
+
+
+def _run(capsys, root, tmp, **kw):
+    """test_on_pod.main in this process with the small settings: (result, --out_json contents or None)."""
     out = tmp / "res.json"
-    cmd = [sys.executable, str(ROOT / "test_on_pod.py"), f"--dataset_location={root}", "--S=8", "--N=32",
-           "--iters=2", "--image_size=128,192", f"--out_json={out}", *args]
-    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    res = run_main(test_on_pod.main, capsys, **{**dict(dataset_location=str(root), out_json=str(out), **SMALL), **kw})
     return res, (json.loads(out.read_text()) if out.exists() else None)
 
 
@@ -63,8 +81,8 @@ def zero_velocity_d_avg(g, m, hw, size=(128, 192)):
     return np.mean([100 * ((d < t) * m).sum() / (1e-6 + m.sum()) for t in (1, 2, 4, 8, 16)])
 
 
-def test_zero_velocity_matches_independent_computation(pod_test, tmp_path):
-    res, js = _run(pod_test, tmp_path, "--zero_vel=True")
+def test_zero_velocity_matches_independent_computation(pod_test, tmp_path, capsys):
+    res, js = _run(capsys, pod_test, tmp_path, zero_vel=True)
     assert res.returncode == 0, res.stderr
     assert "synth_0000: d_1" in res.stdout and "d_avg" in res.stdout and "summary: 2 sequences" in res.stdout
     z = np.load(pod_test / "test" / "synth_0000" / "anno.npz")
@@ -75,9 +93,7 @@ def test_zero_velocity_matches_independent_computation(pod_test, tmp_path):
     assert js["mean"]["d_avg"] < 60  # the synthetic motion makes zero-velocity a weak baseline
 
 
-def test_non_finite_tracks_and_fewer_than_N_points_choose_the_authors_points(pod_test, tmp_path):
-    import shutil
-
+def test_non_finite_tracks_and_fewer_than_N_points_choose_the_authors_points(pod_test, tmp_path, capsys):
     root = tmp_path / "pod"
     shutil.copytree(pod_test / "test" / "synth_0000", root / "test" / "synth_0000")
     anno = root / "test" / "synth_0000" / "anno.npz"
@@ -93,7 +109,7 @@ def test_non_finite_tracks_and_fewer_than_N_points_choose_the_authors_points(pod
     np.savez(anno, **z)
     n_survive = authors_choice(tr, z["visibs"], z["valids"], (192, 320), 10**6)[0].shape[1]
     N = n_survive + 50  # fewer survivors than N: each is used once
-    res, js = _run(root, tmp_path, "--zero_vel=True", f"--N={N}")
+    res, js = _run(capsys, root, tmp_path, zero_vel=True, N=N)
     assert res.returncode == 0, res.stderr
     g, m = authors_choice(tr, z["visibs"], z["valids"], (192, 320), N)
     assert g.shape[1] == n_survive and js["per_sequence"]["synth_0000"]["points"] == n_survive
@@ -101,33 +117,48 @@ def test_non_finite_tracks_and_fewer_than_N_points_choose_the_authors_points(pod
                                                                       abs=1e-3)
 
 
-def test_checkpoint_folder_and_file_forms(pod_test, tmp_path):
-    model = golden_model()
+def test_command_line(pod_test, tmp_path):
+    # the one run through the command line: fire's parsing of the flags, --max_iters as the authors spell it
+    out = tmp_path / "cli.json"
+    res = subprocess.run([sys.executable, str(ROOT / "test_on_pod.py"), f"--dataset_location={pod_test}", "--S=8",
+                          "--N=32", "--iters=2", "--image_size=128,192", f"--out_json={out}", "--zero_vel=True",
+                          "--max_iters=1"], cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert list(json.loads(out.read_text())["per_sequence"]) == ["synth_0000"] and "summary: 1 sequences" in res.stdout
+
+
+def test_checkpoint_folder_and_file_forms(pod_test, tmp_path, capsys):
     ck = tmp_path / "ck"
-    checkpoint.save(ck, 12, model)
-    r1, j1 = _run(pod_test, tmp_path, f"--init_dir={ck}", "--max_iters=1")
+    checkpoint.save(ck, 12, golden_model())
+    r1, j1 = _run(capsys, pod_test, tmp_path, init_dir=str(ck), max_scenes=1, N=8, iters=1)
     assert r1.returncode == 0, r1.stderr
-    r2, j2 = _run(pod_test, tmp_path, f"--init_dir={ck / 'model-000000012.pth'}", "--max_iters=1")
+    r2, j2 = _run(capsys, pod_test, tmp_path, init_dir=str(ck / "model-000000012.pth"), max_scenes=1, N=8, iters=1)
     assert r2.returncode == 0, r2.stderr
     assert j1["mean"] == j2["mean"] and len(j1["per_sequence"]) == 1
 
 
-def test_missing_checkpoint_names_the_download_script(pod_test, tmp_path):
-    res, _ = _run(pod_test, tmp_path, f"--init_dir={tmp_path / 'nothing'}")
+def test_max_scenes_and_its_alias_must_agree(pod_test, tmp_path, capsys):
+    res, js = _run(capsys, pod_test, tmp_path, zero_vel=True, max_scenes=1, max_iters=2)
+    assert res.returncode == 2 and js is None
+    assert res.stderr.strip() == "error: --max_scenes=1 and its alias --max_iters=2 disagree; give one of them"
+    res, js = _run(capsys, pod_test, tmp_path, zero_vel=True, max_iters=1)
+    assert res.returncode == 0 and list(js["per_sequence"]) == ["synth_0000"]
+
+
+def test_missing_checkpoint_names_the_download_script(pod_test, tmp_path, capsys):
+    res, _ = _run(capsys, pod_test, tmp_path, init_dir=str(tmp_path / "nothing"))
     assert res.returncode == 2 and "get_reference_model.sh" in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1
 
 
-def test_sequence_without_usable_points_is_skipped(pod_test, tmp_path):
-    import shutil
-
+def test_sequence_without_usable_points_is_skipped(pod_test, tmp_path, capsys):
     root = tmp_path / "pod"
     shutil.copytree(pod_test, root)
     scene = root / "test" / "synth_0001"
     z = dict(np.load(scene / "anno.npz"))
     z["visibs"][0] = False
     np.savez(scene / "anno.npz", **z)
-    res, js = _run(root, tmp_path, "--zero_vel=True")
+    res, js = _run(capsys, root, tmp_path, zero_vel=True)
     assert res.returncode == 0 and "synth_0001: skipped (no usable point)" in res.stdout
     assert list(js["per_sequence"]) == ["synth_0000"]
 
@@ -170,3 +201,81 @@ def test_eval_points_chosen_by_integer_linspace():
     assert pick(4).tolist() == [0, 3, 6, 9]  # linspace(0, 9, 4) = 0, 3, 6, 9
     assert pick(3).tolist() == [0, 4, 9]  # linspace(0, 9, 3) = 0, 4.5, 9 -> 0, 4, 9
     assert pick(10).tolist() == list(range(10))
+
+
+def _check_bad_scenes_skipped(res, js):
+    assert res.returncode == 0, res.stderr
+    assert list(js["per_sequence"]) == ["synth_0000"] and js["complete"] and js["status"] == "done"
+    assert js["skipped"] == {
+        "synth_0001": "unreadable frame (rgb_00005.jpg)",
+        "synth_0002": "frames of different sizes (rgb_00007.jpg is 160x96, rgb_00000.jpg is 320x192)",
+    }
+    assert "synth_0001: skipped (unreadable frame (rgb_00005.jpg))" in res.stdout
+    assert ("summary: 1 sequences scored, 2 skipped (unreadable frame: 1, frames of different sizes: 1)"
+            in res.stdout)
+    assert "Traceback" not in res.stderr
+
+
+def test_bad_sequences_are_skipped_with_reasons_zero_velocity(pod_bad, tmp_path, capsys):
+    _check_bad_scenes_skipped(*_run(capsys, pod_bad, tmp_path, zero_vel=True))
+
+
+def test_bad_sequences_are_skipped_with_reasons_with_a_model(pod_bad, tmp_path, capsys):
+    torch.manual_seed(0)
+    checkpoint.save(tmp_path / "ck", 1, Pips().eval())
+    res, js = _run(capsys, pod_bad, tmp_path, init_dir=str(tmp_path / "ck"))
+    _check_bad_scenes_skipped(res, js)
+    assert np.isfinite(js["per_sequence"]["synth_0000"]["d_avg"])
+
+
+def test_frame_source_refuses_a_frame_of_another_size(pod_bad):
+    paths = sorted((pod_bad / "test" / "synth_0002" / "rgbs").glob("*.jpg"))
+    src = tracking.FileFrames(paths, (128, 192))
+    assert src.get(0, 7).shape == (7, 128, 192, 3)
+    with pytest.raises(VideoError, match=r"rgb_00007\.jpg: frame of 160x96, the first frame is 320x192"):
+        src.get(4, 10)
+
+
+@pytest.mark.parametrize("case", ["missing", "empty"])
+def test_missing_folder_or_empty_split_is_one_line(tmp_path, case, capsys):
+    root = tmp_path / "pod"
+    if case == "empty":
+        (root / "test").mkdir(parents=True)
+    res, js = _run(capsys, root, tmp_path, zero_vel=True)
+    assert res.returncode == 2 and res.stderr.strip().count("\n") == 0 and "Traceback" not in res.stderr
+    assert str(root / "test") in res.stderr
+    assert js is None
+
+
+def _interrupt_on_second(exc):
+    real = test_on_pod.evaluate_scene
+    calls = []
+
+    def fake(model, scene, *a, **k):
+        calls.append(scene.name)
+        if len(calls) == 2:
+            raise exc
+        return real(model, scene, *a, **k)
+
+    return fake
+
+
+@pytest.mark.parametrize("exc,code", [(KeyboardInterrupt(), 130), (RuntimeError("a bug"), None)])
+def test_partial_results_are_written_on_interrupt_and_on_errors(pod_test, tmp_path, monkeypatch, capsys, exc, code):
+    root = pod_test
+    monkeypatch.setattr(test_on_pod, "evaluate_scene", _interrupt_on_second(exc))
+    out = tmp_path / "r.json"
+    kw = dict(dataset_location=str(root), zero_vel=True, out_json=str(out), **SMALL)
+    if code is None:
+        with pytest.raises(RuntimeError, match="a bug"):
+            test_on_pod.main(**kw)
+    else:
+        with pytest.raises(SystemExit) as e:
+            test_on_pod.main(**kw)
+        assert e.value.code == code
+    js = json.loads(out.read_text())
+    assert list(js["per_sequence"]) == ["synth_0000"] and not js["complete"]
+    assert js["status"] == ("interrupted" if code else "error: RuntimeError: a bug")
+    stdout = capsys.readouterr().out
+    assert "summary: 1 sequences scored, 0 skipped, 1 not done" in stdout and "(partial)" in stdout
+    assert not list(tmp_path.glob(".r.json.*"))  # the temp file was renamed

@@ -9,8 +9,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from helpers import golden_model
+from helpers import golden_model, run_main
 
+import test_on_tap
 from datasets import crohd, tapvid
 from utils import checkpoint, metrics
 
@@ -78,18 +79,24 @@ def test_strided_mode_scores_frames_before_the_query():
     assert first["delta_avg"] == 100.0 and strided["delta_avg"] == pytest.approx(100 * (0.5 * 4 + 1) / 5)
 
 
-def test_test_on_tap_runs(tmp_path, ckpt):
+def test_test_on_tap_runs(tmp_path, ckpt, capsys):
     with open(tmp_path / "davis.pkl", "wb") as f:
         pickle.dump({"a": _entry(seed=0), "b": _entry(seed=3)}, f)
     out = tmp_path / "r.json"
-    res = subprocess.run([sys.executable, str(ROOT / "test_on_tap.py"), f"--dataset_location={tmp_path / 'davis.pkl'}",
-                          f"--init_dir={ckpt}", "--S=8", "--iters=1", "--image_size=128,160", f"--out_json={out}"],
-                         cwd=ROOT, capture_output=True, text=True)
+    kw = dict(dataset_location=str(tmp_path / "davis.pkl"), init_dir=str(ckpt), S=8, iters=1, image_size="128,160")
+    res = run_main(test_on_tap.main, capsys, out_json=str(out), **kw)
     assert res.returncode == 0, res.stderr
     assert "a: d_1" in res.stdout and "delta_avg (strided)" in res.stdout and "summary: 2 videos" in res.stdout
     js = json.loads(out.read_text())
     assert set(js["tapvid"]) == {"first", "strided"} and js["per_video"]["a"]["points"] == 5  # 1 not visible at 0
     assert 0 <= js["tapvid"]["first"]["delta_avg"] <= 100
+    # --max_videos, and --max_iters as the authors call it
+    res = run_main(test_on_tap.main, capsys, max_videos=1, modes="", **kw)
+    assert res.returncode == 0 and "summary: 1 videos" in res.stdout
+    assert run_main(test_on_tap.main, capsys, max_iters=1, modes="", **kw).stdout.count("summary: 1 videos") == 1
+    res = run_main(test_on_tap.main, capsys, max_videos=1, max_iters=2, **kw)
+    assert res.returncode == 2 and res.stderr.strip().splitlines() == [
+        "error: --max_videos=1 and its alias --max_iters=2 disagree; give one of them"]
 
 
 def _crohd(root: Path, T=20, H=128, W=192):

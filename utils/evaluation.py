@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from utils import metrics
-from utils.tracking import FrameSource, track_windows
+from utils.tracking import ArrayFrames, FrameSource, track_windows
 
 
 def select_points(trajs: np.ndarray, visibs: np.ndarray, valids: np.ndarray, hw: tuple[int, int],
@@ -71,14 +71,21 @@ def evaluate_tapvid_video(model, video: np.ndarray, points: np.ndarray, occluded
                           amp: str | None = None) -> dict[str, float] | None:
     """The authors' TAP-Vid protocol for one video: every point visible in frame 0, tracked to the end at
     image_size; points (N,T,2) in pixels, occluded (N,T). None when no point is visible in frame 0."""
-    from utils.tracking import ArrayFrames
-
     vis = ~occluded.T
     tr, _, val = select_points(points.transpose(1, 0, 2), vis, vis.copy(), video.shape[1:3], None, min_frames=1,
                                max_motion=None, border_px=0)
     if tr.shape[1] == 0:
         return None
     return evaluate_points(model, ArrayFrames(video, image_size), tr, val, S, iters, point_batch, amp)
+
+
+def item_limit(limit: int | None, max_iters: int | None, flag: str) -> int | None:
+    """How many videos to score: `flag` (e.g. --max_scenes) or the authors' name for it, --max_iters.
+
+    ValueError when both are given and disagree."""
+    if limit is not None and max_iters is not None and limit != max_iters:
+        raise ValueError(f"{flag}={limit} and its alias --max_iters={max_iters} disagree; give one of them")
+    return limit if limit is not None else max_iters
 
 
 def format_row(name: str, res: dict[str, float]) -> str:

@@ -10,6 +10,7 @@ from collections.abc import Iterable
 
 import numpy as np
 import torch
+from prettytable import PrettyTable
 
 THRESHOLDS = (1, 2, 4, 8, 16)
 METRIC_NAMES = tuple(f"d_{t}" for t in THRESHOLDS) + ("d_avg", "survival_16", "median_l2")
@@ -91,8 +92,6 @@ def tapvid_metrics(pred_tracks, gt_tracks, gt_occluded, query_frames, hw: tuple[
 
 def metrics_table(rows: dict[str, dict[str, float]], title: str = "") -> str:
     """A prettytable of per-name figures (one row per name, e.g. 'mean')."""
-    from prettytable import PrettyTable
-
     names = list(next(iter(rows.values())).keys()) if rows else list(METRIC_NAMES)
     table = PrettyTable(["", *names])
     if title:

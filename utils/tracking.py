@@ -3,8 +3,11 @@
 Windowed tracking (docs/EVALUATION.md): zero-velocity initialisation; windows of S frames; the next window starts
 at the previous one's last frame (one frame of overlap); the last window is shifted back to end at the
 video's last frame; after each window every later frame is initialised with the window's last
-estimate; the model's `feats` are carried to the next window as `feat_init`. Each window is encoded
-once and its points are tracked in batches, so memory is bounded by S frames and the batch size.
+estimate; the model's `feats` are carried to the next window as `feat_init`. One `WindowSchedule` drives
+offline tracking and the streaming `OnlineTracker`. Queries on several frames make one pass each (forward
+from their frame, and backward to frame 0 on request); all passes of a call run in one sweep through the
+video sharing a `FeatureCache`, so each frame is encoded at most once per direction, and memory is bounded
+by S frames of feature maps and the batch size.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from __future__ import annotations
 import os
 import tempfile
 import warnings
-from collections import deque
+from collections import Counter, deque
 from pathlib import Path
 
 import cv2
@@ -22,6 +25,7 @@ from tqdm import tqdm
 
 from nets.pips2 import MIN_SIZE
 from utils.amp import autocast
+from utils.video import VideoError, iter_frames, read_rgb
 
 # ---------------------------------------------------------------------------------------------------------
 # Frame sources: random access to (start, end) windows of uint8 frames at the model's size.
@@ -65,16 +69,11 @@ class FileFrames(FrameSource):
     """Image files (e.g. a PointOdyssey scene's rgbs/), read and resized lazily per window."""
 
     def __init__(self, paths: list[Path], model_hw: tuple[int, int]):
-        from utils.video import read_rgb
-
-        self._read_rgb = read_rgb
         super().__init__(len(paths), read_rgb(paths[0]).shape[:2], model_hw)
         self.paths = list(paths)
 
     def _read(self, start: int, end: int) -> np.ndarray:
-        from utils.video import VideoError
-
-        frames = [self._read_rgb(p) for p in self.paths[start:end]]
+        frames = [read_rgb(p) for p in self.paths[start:end]]
         for p, f in zip(self.paths[start:end], frames, strict=True):
             if f.shape[:2] != self.src_hw:  # the annotations' pixel coordinates would no longer fit
                 raise VideoError(f"{p}: frame of {f.shape[1]}x{f.shape[0]}, the first frame is "
@@ -86,8 +85,6 @@ class VideoFileFrames(FrameSource):
     """A video file decoded once, at the model size, into a memory-mapped temp file (bounded RAM)."""
 
     def __init__(self, path: str | os.PathLike, model_hw: tuple[int, int] | None = None):
-        from utils.video import VideoError, iter_frames
-
         frames = iter_frames(path)
         first = next(frames, None)
         if first is None:
@@ -137,51 +134,133 @@ def as_frame_source(video, model_hw: tuple[int, int] | None = None) -> FrameSour
     return ArrayFrames(video, model_hw or default_model_hw(video.shape[1:3]))
 
 
-class ReversedFrames(FrameSource):
-    """A source seen backwards in time."""
-
-    def __init__(self, base: FrameSource):
-        super().__init__(len(base), base.src_hw, base.model_hw)
-        self.base = base
-
-    def _read(self, start: int, end: int) -> np.ndarray:
-        T = len(self.base)
-        return self.base.get(T - end, T - start)[::-1]
-
-
-class OffsetFrames(FrameSource):
-    """Frames [offset, ...) of a source."""
-
-    def __init__(self, base: FrameSource, offset: int):
-        super().__init__(len(base) - offset, base.src_hw, base.model_hw)
-        self.base, self.offset = base, offset
-
-    def _read(self, start: int, end: int) -> np.ndarray:
-        return self.base.get(start + self.offset, end + self.offset)
-
-
 # ---------------------------------------------------------------------------------------------------------
-# Windowed tracking.
+# Windowed tracking: one window schedule, one feature cache, every pass of a call run in one sweep.
+
+ENCODE_CHUNK = 16  # frames per encoder call when a window is filled: bounds the transient copy of new maps
+
+
+class WindowSchedule:
+    """Windows of S frames: each starts on the previous one's last frame (one frame of overlap) and the last
+    is shifted back to end at the video's last frame. Offline tracking and the streaming tracker both follow it."""
+
+    def __init__(self, S: int):
+        if S < 2:
+            raise ValueError(f"S must be at least 2 (windows overlap by one frame), got {S}")
+        self.S = S
+
+    def next_start(self, start: int) -> int:
+        """Start of the window after the full window starting at `start`."""
+        return start + self.S - 1
+
+    def last(self, T: int) -> tuple[int, int]:
+        """The last window of a T-frame video (the whole video when T <= S)."""
+        return max(0, T - self.S), T
+
+    def windows(self, T: int) -> list[tuple[int, int]]:
+        """(start, end) of every window of a T-frame video, in order."""
+        out, start = [], 0
+        while start + self.S < T:
+            out.append((start, start + self.S))
+            start = self.next_start(start)
+        return out + [self.last(T)]
 
 
 def window_starts(T: int, S: int) -> list[tuple[int, int]]:
     """(start, end) of each window: S frames, one frame of overlap, the last shifted back to end at T."""
-    if S < 2:
-        raise ValueError(f"S must be at least 2 (windows overlap by one frame), got {S}")
-    if T <= S:
-        return [(0, T)]
-    out, start = [], 0
-    while True:
-        end = start + S
-        if end >= T:
-            out.append((T - S, T))
-            return out
-        out.append((start, end))
-        start = end - 1
+    return WindowSchedule(S).windows(T)
 
 
 def _to_input(frames: np.ndarray, device: torch.device) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(frames)).to(device).permute(0, 3, 1, 2).float().unsqueeze(0)
+
+
+def _pieces(frames: list[int], chunk: int) -> list[list[int]]:
+    """Sorted frame numbers as runs of consecutive frames cut into pieces of at most `chunk` (>= 3) frames;
+    a run of two or more frames is never cut so as to leave a piece of one."""
+    runs: list[list[int]] = []
+    for f in frames:
+        if runs and runs[-1][-1] + 1 == f:
+            runs[-1].append(f)
+        else:
+            runs.append([f])
+    out = []
+    for run in runs:
+        k = 0
+        while k < len(run):
+            n = min(chunk, len(run) - k)
+            if len(run) - k - n == 1:
+                n -= 1  # two frames for the last piece, not one
+            out.append(run[k:k + n])
+            k += n
+    return out
+
+
+class FeatureCache:
+    """Feature maps of single frames for one tracking call: a frame is encoded the first time a window asks
+    for it (or earlier, when told to prefetch it) and kept only while a later window still needs it.
+
+    The encoder works frame by frame (instance norm per frame), so a frame's maps do not depend on the window
+    or on the direction of time it is seen in; a reversed window is the same maps in reverse order. To the
+    bit, though, a call with a single frame differs (by ~1e-5) from the same frame in a call of several: the
+    reshaped one-frame input has strides that make the convolutions pick another kernel. Frames are
+    therefore encoded two or more at a time; callers prefetch to avoid lone frames, and a lone frame that
+    remains is encoded beside a copy of itself.
+    """
+
+    def __init__(self, model, read, amp: str | None = None):
+        self.model, self.read, self.amp = model, read, amp
+        self.device = next(model.parameters()).device
+        self.maps: dict[int, torch.Tensor] = {}
+
+    @torch.inference_mode()
+    def _encode(self, piece: list[int]) -> torch.Tensor:
+        """Maps (n,H/8,W/8,C) of consecutive frames."""
+        rgbs = self.read(piece[0], piece[-1] + 1)
+        if len(rgbs) == 1:
+            rgbs = np.concatenate([rgbs, rgbs])
+        with autocast(self.device.type, self.amp):
+            return self.model.encode_nhwc(_to_input(rgbs, self.device))[0, :len(piece)]
+
+    @torch.inference_mode()
+    def window(self, frames: list[int], keep, prefetch: list[int] = ()) -> torch.Tensor:
+        """Maps (1,n,H/8,W/8,C) of the frames numbered `frames` (any order); keep(f) says whether frame f's maps
+        are still needed after this window; `prefetch` frames, outside the window, are encoded now and kept."""
+        pos = {f: i for i, f in enumerate(frames)}
+        todo = sorted({f for f in frames if f not in self.maps} | set(prefetch))
+        out, placed = None, set()
+        for piece in _pieces(todo, ENCODE_CHUNK):
+            enc = self._encode(piece)
+            if out is None:
+                out = enc.new_empty((1, len(frames), *enc.shape[1:]))
+            for j, f in enumerate(piece):
+                if f in pos:
+                    out[0, pos[f]] = enc[j]
+                    placed.add(f)
+                if f not in pos or keep(f):
+                    self.maps[f] = enc[j].clone()  # a copy: the piece's other maps can be freed
+        for f in frames:
+            if f not in placed:
+                m = self.maps[f] if keep(f) else self.maps.pop(f)
+                if out is None:
+                    out = m.new_empty((1, len(frames), *m.shape))
+                out[0, pos[f]] = m
+        return out
+
+
+@torch.inference_mode()
+def _run_points(model, fmaps: torch.Tensor, init: torch.Tensor, feats: list | None, iters: int, point_batch: int,
+                amp: str | None) -> tuple[torch.Tensor, list]:
+    """The model over one window's maps, points in batches of `point_batch`, each with its own carried feats."""
+    N = init.shape[1]
+    out = init.detach().float().cpu().clone()
+    feats = list(feats) if feats is not None else [None] * ((N + point_batch - 1) // point_batch)
+    with autocast(fmaps.device.type, amp):
+        for b, p0 in enumerate(range(0, N, point_batch)):
+            seq = out[:, p0:p0 + point_batch].to(fmaps.device).unsqueeze(0)
+            preds, _, feats[b], _ = model(seq, None, iters=iters, feat_init=feats[b], fmaps=fmaps)
+            out[:, p0:p0 + point_batch] = preds[-1][0].float().cpu()
+    return out, feats
 
 
 @torch.inference_mode()
@@ -193,20 +272,75 @@ def run_window(model, frames: np.ndarray, init: torch.Tensor, feats: list | None
     carried feat_init. A one-frame window is its initialisation: the model is not called (it needs motion
     between at least two frames), and the carried feats pass through unchanged.
     """
-    n, N = init.shape[:2]
-    out = init.detach().float().cpu().clone()
-    feats = list(feats) if feats is not None else [None] * ((N + point_batch - 1) // point_batch)
-    if n < 2:
-        return out, feats
-    device = next(model.parameters()).device
-    rgbs = _to_input(frames, device)
-    with autocast(device.type, amp):
-        fmaps = model.encode_nhwc(rgbs)
-        for b, p0 in enumerate(range(0, N, point_batch)):
-            seq = out[:, p0:p0 + point_batch].to(device).unsqueeze(0)
-            preds, _, feats[b], _ = model(seq, None, iters=iters, feat_init=feats[b], fmaps=fmaps)
-            out[:, p0:p0 + point_batch] = preds[-1][0].float().cpu()
-    return out, feats
+    if feats is None:
+        feats = [None] * ((init.shape[1] + point_batch - 1) // point_batch)
+    if len(frames) < 2:
+        return init.detach().float().cpu().clone(), list(feats)
+    cache = FeatureCache(model, lambda a, b: frames[a:b], amp)
+    fmaps = cache.window(list(range(len(frames))), keep=lambda f: False)
+    return _run_points(model, fmaps, init, feats, iters, point_batch, amp)
+
+
+class _Pass:
+    """One group of points tracked through `frames` (video frame numbers in this pass's order of time)."""
+
+    def __init__(self, frames: list[int], trajs_init: torch.Tensor, S: int):
+        self.frames, self.windows = frames, window_starts(len(frames), S)
+        self.trajs = trajs_init.detach().float().cpu().clone()
+        self.feats = None
+
+
+def _prefetch_plan(passes: list[_Pass], order: list[tuple[int, int]]) -> dict[int, list[int]]:
+    """Frames to encode early, by position in `order`: a window that would encode a single new frame gets it
+    encoded by the last window before it that encodes new frames (see FeatureCache: no lone frames)."""
+    plan: dict[int, list[int]] = {}
+    seen: set[int] = set()
+    last = None
+    for j, (i, k) in enumerate(order):
+        p = passes[i]
+        s, e = p.windows[k]
+        if e - s < 2:
+            continue
+        new = [f for f in p.frames[s:e] if f not in seen]
+        if len(new) == 1 and last is not None:
+            plan.setdefault(last, []).extend(new)
+        elif new:
+            last = j
+        seen.update(new)
+    return plan
+
+
+def _sweep(model, read, passes: list[_Pass], iters: int, point_batch: int, amp: str | None, progress: bool,
+           backward: bool = False) -> None:
+    """Run the windows of every pass in one sweep through time, all passes going the same way.
+
+    Windows run in the order of the video frame they start on, so each pass's windows run in its own order,
+    every frame is encoded once, and the cache holds the maps of fewer than S frames (those that a window
+    already run shares with one still to run) plus any prefetched ones.
+    """
+    sign = -1 if backward else 1
+    order = [(i, k) for _, i, k in sorted((sign * p.frames[s], i, k) for i, p in enumerate(passes)
+                                          for k, (s, _) in enumerate(p.windows))]
+    need = Counter()  # windows still to run that use each frame
+    for p in passes:
+        for s, e in p.windows:
+            if e - s >= 2:  # a one-frame window does not call the model
+                need.update(p.frames[s:e])
+    plan = _prefetch_plan(passes, order)
+    cache = FeatureCache(model, read, amp)
+    for j, (i, k) in enumerate(tqdm(order, desc="windows", disable=not progress, leave=False)):
+        p = passes[i]
+        s, e = p.windows[k]
+        if e - s >= 2:
+            frames = p.frames[s:e]
+            need.subtract(frames)
+            fmaps = cache.window(frames, keep=lambda f: need[f] > 0, prefetch=plan.get(j, []))
+            est, p.feats = _run_points(model, fmaps, p.trajs[s:e], p.feats, iters, point_batch, amp)
+            del fmaps
+        else:  # a one-frame window is its initialisation; the carried feats pass through unchanged
+            est = p.trajs[s:e].clone()
+        p.trajs[s:e] = est
+        p.trajs[e:] = est[-1]  # zero-velocity future from the window's last estimate
 
 
 def track_windows(model, frames: FrameSource, trajs_init: torch.Tensor, S: int = 128, iters: int = 16,
@@ -215,13 +349,9 @@ def track_windows(model, frames: FrameSource, trajs_init: torch.Tensor, S: int =
     T = trajs_init.shape[0]
     if len(frames) != T:
         raise ValueError(f"{len(frames)} frames but trajs_init covers {T}")
-    trajs = trajs_init.detach().float().cpu().clone()
-    feats = None
-    for start, end in tqdm(window_starts(T, S), desc="windows", disable=not progress, leave=False):
-        est, feats = run_window(model, frames.get(start, end), trajs[start:end], feats, iters, point_batch, amp)
-        trajs[start:end] = est
-        trajs[end:] = est[-1]  # zero-velocity future from the window's last estimate
-    return trajs
+    p = _Pass(list(range(T)), trajs_init, S)
+    _sweep(model, frames.get, [p], iters, point_batch, amp, progress)
+    return p.trajs
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -286,7 +416,8 @@ def track(model, video, queries, S: int = 128, iters: int = 16, backward: bool =
           progress: bool = False) -> dict[str, np.ndarray]:
     """Track queries (N,3) rows of (t, x, y) in video pixels through a video (array or path).
 
-    Tracks forward from each query's frame (and backward to frame 0 with backward=True). Returns
+    Tracks forward from each query's frame (and backward to frame 0 with backward=True); the queries of one
+    frame form a group, and all groups share one encoding of each frame per direction. Returns
     {"tracks": (T,N,2) float32 in video pixels, "estimated": (T,N) bool of the frames that were estimated}.
     """
     src = as_frame_source(video, image_size)
@@ -296,16 +427,19 @@ def track(model, video, queries, S: int = 128, iters: int = 16, backward: bool =
     model_xy = scale_xy(torch.from_numpy(q[:, 1:]), src.src_hw, src.model_hw)
     tracks = torch.zeros(T, len(q), 2)
     estimated = np.zeros((T, len(q)), bool)
-    for t0 in np.unique(qt).tolist():
-        sel = torch.from_numpy(np.nonzero(qt == t0)[0])
-        xy = model_xy[sel]
-        passes = [(OffsetFrames(src, t0), torch.arange(t0, T))]
-        if backward and t0 > 0:  # the reversed video from the query frame back to frame 0
-            passes.append((OffsetFrames(ReversedFrames(src), T - 1 - t0), torch.arange(t0, -1, -1)))
-        for frames, times in passes:
-            out = track_windows(model, frames, xy.unsqueeze(0).repeat(len(times), 1, 1), S=S, iters=iters,
-                                point_batch=point_batch, amp=amp, progress=progress)
-            tracks[times[:, None], sel[None, :]] = out
+    groups = [(t0, torch.from_numpy(np.nonzero(qt == t0)[0])) for t0 in np.unique(qt).tolist()]
+    # all forward passes in one sweep, then all backward ones: each frame is encoded at most once per direction
+    for back in (False, True) if backward else (False,):
+        runs = []
+        for t0, sel in groups:
+            if back and t0 == 0:
+                continue
+            frames = list(range(t0, -1, -1)) if back else list(range(t0, T))
+            runs.append((sel, _Pass(frames, model_xy[sel].unsqueeze(0).repeat(len(frames), 1, 1), S)))
+        _sweep(model, src.get, [p for _, p in runs], iters, point_batch, amp, progress, backward=back)
+        for sel, p in runs:
+            times = torch.tensor(p.frames)
+            tracks[times[:, None], sel[None, :]] = p.trajs
             estimated[times.numpy()[:, None], sel.numpy()[None, :]] = True
     tracks = scale_xy(tracks, src.model_hw, src.src_hw)
     return {"tracks": tracks.numpy().astype(np.float32), "estimated": estimated}
@@ -318,16 +452,18 @@ def track(model, video, queries, S: int = 128, iters: int = 16, backward: bool =
 class OnlineTracker:
     """Push frames one at a time; estimates come back as each S-frame window fills (lag < S frames).
 
-    Holds at most S frames however long the stream. Windows run exactly as in offline tracking: a full
+    Holds at most S frames however long the stream. Windows follow the offline `WindowSchedule`: a full
     window is tracked as soon as its last frame arrives, and `finish()` runs the last window shifted back
     to end at the final frame, returning the estimates it (re)makes; applying them over the pushed ones
-    gives exactly the offline result for queries at frame 0.
+    gives exactly the offline result for queries at frame 0. Only the overlap frame's features are kept
+    between full windows; the last window is encoded whole, re-encoding the frames it reaches back to,
+    because keeping their maps (128 channels at 1/8 size, ~2.7x a uint8 frame) would hold S frames of maps
+    all stream long.
     """
 
     def __init__(self, model, queries_xy: np.ndarray, src_hw: tuple[int, int], S: int = 128, iters: int = 16,
                  image_size: tuple[int, int] | None = None, point_batch: int = 256, amp: str | None = None):
-        if S < 2:
-            raise ValueError(f"S must be at least 2 (windows overlap by one frame), got {S}")
+        self.schedule = WindowSchedule(S)
         self.model, self.S, self.iters, self.point_batch, self.amp = model, S, iters, point_batch, amp
         self.src_hw = tuple(src_hw)
         self.model_hw = tuple(image_size or default_model_hw(src_hw))
@@ -338,6 +474,19 @@ class OnlineTracker:
         self.count = 0
         self.win_start = 0
         self.feats = None
+        self.cache = FeatureCache(model, self._read, amp)
+
+    def _read(self, start: int, end: int) -> np.ndarray:
+        """Frames [start, end) of the stream, from the ones held."""
+        first = self.count - len(self.frames)
+        return np.stack([self.frames[t - first] for t in range(start, end)])
+
+    def _run(self, start: int, end: int, init: torch.Tensor, feats: list | None, keep_from: int):
+        """Window [start, end) of the stream from `init`; maps of frames >= keep_from stay cached."""
+        if end - start < 2:
+            return init.clone(), feats
+        fmaps = self.cache.window(list(range(start, end)), keep=lambda t: t >= keep_from)
+        return _run_points(self.model, fmaps, init, feats, self.iters, self.point_batch, self.amp)
 
     def _out(self, xy: torch.Tensor) -> np.ndarray:
         return scale_xy(xy, self.model_hw, self.src_hw).numpy()
@@ -352,24 +501,23 @@ class OnlineTracker:
         self.count += 1
         if self.count - self.win_start < self.S:
             return []
+        nxt = self.schedule.next_start(self.win_start)
         init = self.last.unsqueeze(0).repeat(self.S, 1, 1)
-        est, self.feats = run_window(self.model, np.stack(self.frames), init, self.feats, self.iters,
-                                     self.point_batch, self.amp)
+        est, self.feats = self._run(self.win_start, self.count, init, self.feats, keep_from=nxt)
         for i in range(self.S):
             self.est[i] = est[i]
         first = 1 if self.win_start > 0 else 0  # the overlap frame was returned by the previous window
         out = [(self.win_start + i, self._out(est[i])) for i in range(first, self.S)]
         self.last = est[-1]
-        self.win_start = self.count - 1
+        self.win_start = nxt
         return out
 
     def finish(self) -> list[tuple[int, np.ndarray]]:
         """End of stream: track what is still open; returns the estimates made now (they replace earlier ones)."""
         if self.count == 0 or (self.win_start > 0 and self.count - self.win_start == 1):
-            return []
-        n = len(self.frames)
-        start = self.count - n
+            return []  # the last window of the schedule ended on the last frame and has run
+        start, end = self.schedule.last(self.count)
         init = torch.stack([e if e is not None else self.last for e in self.est])
-        est, _ = run_window(self.model, np.stack(self.frames), init, self.feats if self.win_start > 0 else None,
-                            self.iters, self.point_batch, self.amp)
-        return [(start + i, self._out(est[i])) for i in range(n)]
+        self.cache.maps.clear()  # the window is encoded whole: its new frames could be a lone one (FeatureCache)
+        est, _ = self._run(start, end, init, self.feats if self.win_start > 0 else None, keep_from=end)
+        return [(start + i, self._out(est[i])) for i in range(end - start)]
