@@ -71,7 +71,7 @@ class Backbone(nn.Module):
 
 
 def sample_points(feat: torch.Tensor, xy: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
-    """Bilinear read (border padding, align_corners=False) of feat (B,C,h,w) at xy (B,N,2) input-size pixels -> (B,N,C)."""
+    """Bilinear read (border padding, align_corners=False) of feat (B,C,h,w) at xy (B,N,2) input px -> (B,N,C)."""
     grid = xy / xy.new_tensor([hw[1], hw[0]]) * 2 - 1
     out = F.grid_sample(feat, grid.unsqueeze(2), mode="bilinear", padding_mode="border", align_corners=False)
     return out.squeeze(-1).transpose(1, 2)
@@ -140,14 +140,15 @@ class LBMLayer(nn.Module):
         self.lattice_update_norm2 = nn.LayerNorm(dim)
         self.reference_rho = nn.Linear(dim, 1)
 
-    def read_memory(self, q: torch.Tensor, mem: torch.Tensor, ignore: torch.Tensor, emb: torch.Tensor,
-                    attn: Attention, drop: nn.Module, norm: nn.Module, ffn: nn.Module, norm2: nn.Module) -> torch.Tensor:
-        """One query (B*N,1,C) attends to its memory (B*N,M,C) with time embeddings; `ignore` (B*N,M)."""
+    def read_memory(self, kind: str, q: torch.Tensor, mem: torch.Tensor, ignore: torch.Tensor) -> torch.Tensor:
+        """One query (B*N,1,C) attends to its `kind` memory (B*N,M,C) with time embeddings; `ignore` (B*N,M)."""
+        emb = getattr(self, f"{kind}_time_emb")
         q = q + emb[:, -1:]
-        return add_norm_ffn(q, attn(q, mem + emb[:, :-1], mem, ignore), drop, norm, ffn, norm2)
+        read = getattr(self, f"{kind}_attention")(q, mem + emb[:, :-1], mem, ignore)
+        return add_norm_ffn(q, read, *(getattr(self, f"{kind}_{p}") for p in ("dropout", "norm", "ffn", "norm2")))
 
     def correlation(self, q: torch.Tensor, feats_unit: list[torch.Tensor]) -> torch.Tensor:
-        """Cosine similarity of each query with every cell of each level, upsampled to level 0 and mixed -> (B,N,h*w)."""
+        """Cosine similarity of the query with each level's cells, upsampled to level 0 and mixed -> (B,N,h*w)."""
         B, N, C = q.shape
         qn = F.normalize(q, p=2, dim=-1)
         maps = []
@@ -170,13 +171,9 @@ class LBMLayer(nn.Module):
         ignore_safe = (ignore & ~blind).reshape(B * N, M)
         blind_rows = blind.reshape(B * N, 1, 1)
         q = query.reshape(B * N, 1, C)
-        q_col = self.read_memory(q, memory.collision.reshape(B * N, M, C), ignore_safe, self.collision_time_emb,
-                                 self.collision_attention, self.collision_dropout, self.collision_norm,
-                                 self.collision_ffn, self.collision_norm2)
+        q_col = self.read_memory("collision", q, memory.collision.reshape(B * N, M, C), ignore_safe)
         q_col = torch.where(blind_rows, q, q_col)
-        q_str = self.read_memory(q_col, memory.stream.reshape(B * N, M, C), ignore_safe, self.stream_time_emb,
-                                 self.stream_attention, self.stream_dropout, self.stream_norm,
-                                 self.stream_ffn, self.stream_norm2)
+        q_str = self.read_memory("stream", q_col, memory.stream.reshape(B * N, M, C), ignore_safe)
         q_str = torch.where(blind_rows, q_col, q_str).reshape(B, N, C)
 
         corr = self.correlation(q_str, feats_unit)
