@@ -81,11 +81,20 @@ def sample_points(feat: torch.Tensor, xy: torch.Tensor, hw: tuple[int, int]) -> 
 # Transformer
 
 
-def add_norm_ffn(x: torch.Tensor, update: torch.Tensor, drop: nn.Module, norm: nn.Module, ffn: nn.Module,
-                 norm2: nn.Module) -> torch.Tensor:
-    """Post-norm residual block: norm2(y + ffn(y)) with y = norm(x + drop(update))."""
-    y = norm(x + drop(update))
-    return norm2(y + ffn(y))
+def add_block(owner: nn.Module, prefix: str, reader_name: str, reader: nn.Module, dim: int, dropout: float) -> None:
+    """Register a reader (attention) and the post-norm residual block around it under the authors' names:
+    `reader_name`, then `prefix`_dropout, _norm, _ffn, _norm2 (this order is the checkpoint's)."""
+    setattr(owner, reader_name, reader)
+    setattr(owner, f"{prefix}_dropout", nn.Dropout(dropout))
+    setattr(owner, f"{prefix}_norm", nn.LayerNorm(dim))
+    setattr(owner, f"{prefix}_ffn", MLP(dim, dim, dropout=dropout))
+    setattr(owner, f"{prefix}_norm2", nn.LayerNorm(dim))
+
+
+def run_block(owner: nn.Module, prefix: str, x: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
+    """The post-norm residual block of `add_block`: norm2(y + ffn(y)) with y = norm(x + dropout(update))."""
+    y = getattr(owner, f"{prefix}_norm")(x + getattr(owner, f"{prefix}_dropout")(update))
+    return getattr(owner, f"{prefix}_norm2")(y + getattr(owner, f"{prefix}_ffn")(y))
 
 
 def peak_coords(indices: torch.Tensor, w: int, stride: int) -> torch.Tensor:
@@ -110,42 +119,22 @@ class LBMLayer(nn.Module):
         super().__init__()
         self.hw, self.stride = hw, stride
         self.h, self.w = hw[0] // stride, hw[1] // stride
-        self.collision_attention = Attention(dim, heads, dropout)
-        self.collision_dropout = nn.Dropout(dropout)
-        self.collision_norm = nn.LayerNorm(dim)
-        self.collision_ffn = MLP(dim, dim, dropout=dropout)
-        self.collision_norm2 = nn.LayerNorm(dim)
-        # time embeddings: entries 0..M-1 for the memory slots (oldest first), entry M for "now"
-        self.collision_time_emb = nn.Parameter(nn.init.trunc_normal_(torch.zeros(1, memory_size + 1, dim), std=0.02))
-
-        self.stream_attention = Attention(dim, heads, dropout)
-        self.stream_dropout = nn.Dropout(dropout)
-        self.stream_norm = nn.LayerNorm(dim)
-        self.stream_ffn = MLP(dim, dim, dropout=dropout)
-        self.stream_norm2 = nn.LayerNorm(dim)
-        self.stream_time_emb = nn.Parameter(nn.init.trunc_normal_(torch.zeros(1, memory_size + 1, dim), std=0.02))
-
+        for kind in ("collision", "stream"):
+            add_block(self, kind, f"{kind}_attention", Attention(dim, heads, dropout), dim, dropout)
+            # time embeddings: entries 0..M-1 for the memory slots (oldest first), entry M for "now"
+            emb = nn.init.trunc_normal_(torch.zeros(1, memory_size + 1, dim), std=0.02)
+            setattr(self, f"{kind}_time_emb", nn.Parameter(emb))
         self.corr_conv = nn.Conv2d(levels, 1, 1)
-
-        self.lattice_attention = MSDeformAttn(dim, heads, levels, neighbors, dropout)
-        self.lattice_dropout = nn.Dropout(dropout)
-        self.lattice_norm = nn.LayerNorm(dim)
-        self.lattice_ffn = MLP(dim, dim, dropout=dropout)
-        self.lattice_norm2 = nn.LayerNorm(dim)
-
-        self.lattice_update = Attention(dim, heads, dropout)
-        self.lattice_update_dropout = nn.Dropout(dropout)
-        self.lattice_update_norm = nn.LayerNorm(dim)
-        self.lattice_update_ffn = MLP(dim, dim, dropout=dropout)
-        self.lattice_update_norm2 = nn.LayerNorm(dim)
+        add_block(self, "lattice", "lattice_attention", MSDeformAttn(dim, heads, levels, neighbors, dropout), dim,
+                  dropout)
+        add_block(self, "lattice_update", "lattice_update", Attention(dim, heads, dropout), dim, dropout)
         self.reference_rho = nn.Linear(dim, 1)
 
     def read_memory(self, kind: str, q: torch.Tensor, mem: torch.Tensor, ignore: torch.Tensor) -> torch.Tensor:
         """One query (B*N,1,C) attends to its `kind` memory (B*N,M,C) with time embeddings; `ignore` (B*N,M)."""
         emb = getattr(self, f"{kind}_time_emb")
         q = q + emb[:, -1:]
-        read = getattr(self, f"{kind}_attention")(q, mem + emb[:, :-1], mem, ignore)
-        return add_norm_ffn(q, read, *(getattr(self, f"{kind}_{p}") for p in ("dropout", "norm", "ffn", "norm2")))
+        return run_block(self, kind, q, getattr(self, f"{kind}_attention")(q, mem + emb[:, :-1], mem, ignore))
 
     def correlation(self, q: torch.Tensor, feats_unit: list[torch.Tensor]) -> torch.Tensor:
         """Cosine similarity of the query with each level's cells, upsampled to level 0 and mixed -> (B,N,h*w)."""
@@ -183,15 +172,13 @@ class LBMLayer(nn.Module):
         # lattice: one copy of the query per peak reads the frame around it
         q_lat = q_str.unsqueeze(2).expand(B, N, top_k, C).reshape(B, N * top_k, C)
         read = self.lattice_attention(q_lat, feats_cat, level_references(ref, self.hw), shapes)
-        q_lat = add_norm_ffn(q_lat, read, self.lattice_dropout, self.lattice_norm, self.lattice_ffn,
-                             self.lattice_norm2).reshape(B, N, top_k, C)
+        q_lat = run_block(self, "lattice", q_lat, read).reshape(B, N, top_k, C)
         ref_rho = self.reference_rho(q_lat).squeeze(-1)
 
         # the query attends to its k lattice copies
         q = q_str.reshape(B * N, 1, C)
         kv = q_lat.reshape(B * N, top_k, C)
-        q = add_norm_ffn(q, self.lattice_update(q, kv, kv), self.lattice_update_dropout, self.lattice_update_norm,
-                         self.lattice_update_ffn, self.lattice_update_norm2)
+        q = run_block(self, "lattice_update", q, self.lattice_update(q, kv, kv))
         return corr, ref, ref_rho, q.reshape(B, N, C)
 
 
@@ -272,25 +259,12 @@ class LBMTransformer(nn.Module):
         self.layers = nn.ModuleList([LBMLayer(hw, stride, dim, heads, levels, neighbors, memory_size, dropout)
                                      for _ in range(num_layers)])
 
-        self.offset_layer = MSDeformAttn(dim, heads, levels, neighbors, dropout)
-        self.offset_dropout = nn.Dropout(dropout)
-        self.offset_norm = nn.LayerNorm(dim)
-        self.offset_ffn = MLP(dim, dim, dropout=dropout)
-        self.offset_norm2 = nn.LayerNorm(dim)
+        add_block(self, "offset", "offset_layer", MSDeformAttn(dim, heads, levels, neighbors, dropout), dim, dropout)
         self.offset_head = MLP(dim, 2, expansion=1, dropout=0.0)
-
-        self.vis_layer = MSDeformAttn(dim, heads, levels, neighbors, dropout)
-        self.vis_dropout = nn.Dropout(dropout)
-        self.vis_norm = nn.LayerNorm(dim)
-        self.vis_ffn = MLP(dim, dim, dropout=dropout)
-        self.vis_norm2 = nn.LayerNorm(dim)
+        add_block(self, "vis", "vis_layer", MSDeformAttn(dim, heads, levels, neighbors, dropout), dim, dropout)
         self.vis_head = MLP(dim, 2, expansion=1, dropout=0.0)
-
-        self.collision_mem_layer = MSDeformAttn(dim, heads, levels, 4, dropout)
-        self.collision_mem_dropout = nn.Dropout(dropout)
-        self.collision_mem_norm = nn.LayerNorm(dim)
-        self.collision_mem_ffn = MLP(dim, dim, dropout=dropout)
-        self.collision_mem_norm2 = nn.LayerNorm(dim)
+        add_block(self, "collision_mem", "collision_mem_layer", MSDeformAttn(dim, heads, levels, 4, dropout), dim,
+                  dropout)
 
     def forward(self, query: torch.Tensor, feat: torch.Tensor, memory: Memory, active: torch.Tensor) -> StepOutput:
         """query (B,N,C) initial query vectors, feat (B,C,h,w) this frame, active (B,N) queried now or before."""
@@ -309,19 +283,15 @@ class LBMTransformer(nn.Module):
         ref = refs[-1]  # B N 1 2
         ref_levels = level_references(ref, self.hw)
 
-        q_off = add_norm_ffn(q, self.offset_layer(q, feats_cat, ref_levels, self.shapes), self.offset_dropout,
-                             self.offset_norm, self.offset_ffn, self.offset_norm2)
+        q_off = run_block(self, "offset", q, self.offset_layer(q, feats_cat, ref_levels, self.shapes))
         offset = torch.tanh(self.offset_head(q_off)) * self.stride
 
         # what the frame shows at the predicted position becomes this frame's collision-memory entry
         at_pred = level_references(ref + offset.unsqueeze(2), self.hw)
-        col = add_norm_ffn(q, self.collision_mem_layer(q, feats_cat, at_pred, self.shapes),
-                           self.collision_mem_dropout, self.collision_mem_norm, self.collision_mem_ffn,
-                           self.collision_mem_norm2)
+        col = run_block(self, "collision_mem", q, self.collision_mem_layer(q, feats_cat, at_pred, self.shapes))
         col = torch.where(active.unsqueeze(-1), col, query)
 
-        q_vis = add_norm_ffn(q, self.vis_layer(q, feats_cat, ref_levels, self.shapes), self.vis_dropout,
-                             self.vis_norm, self.vis_ffn, self.vis_norm2)
+        q_vis = run_block(self, "vis", q, self.vis_layer(q, feats_cat, ref_levels, self.shapes))
         vis_rho = self.vis_head(q_vis)
         return StepOutput(points=ref[:, :, 0] + offset, offset=offset, vis_logit=vis_rho[..., 0],
                           rho=vis_rho[..., 1], corr=corr, ref_points=refs, ref_rho=rhos, collision=col, stream=q)
