@@ -17,6 +17,7 @@ state_dict equal the authors' checkpoint (docs/LBM.md).
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -396,12 +397,16 @@ class LBM(nn.Module):
         out = self.transformer(query, feat, memory, active)
         return out, memory.push(out.collision, out.stream, out.vis_logit, active)
 
-    def query_vectors(self, frames_at, q_in: torch.Tensor) -> torch.Tensor:
+    def query_vectors(self, frames_at: Callable[[int], torch.Tensor], q_in: torch.Tensor,
+                      num_frames: int) -> torch.Tensor:
         """Initial query vectors (B,N,C): each query (t,x,y) in input px reads the features of its own frame.
 
         `frames_at(t)` returns frame t's features (B,C,h,w); it is called once per distinct query time.
         """
         times = q_in[..., 0].long()
+        if times.numel() and (times.min() < 0 or times.max() >= num_frames):
+            lo, hi = int(times.min()), int(times.max())
+            raise ValueError(f"queries: query frames must lie in [0, {num_frames - 1}], got {lo}..{hi}")
         out = None
         for t in torch.unique(times).tolist():
             v = sample_points(frames_at(t), q_in[..., 1:], self.size)
@@ -422,7 +427,7 @@ class LBM(nn.Module):
         times = q_in[..., 0].long()
         # all frames in one batch, as the authors train (batch norm statistics see the whole clip)
         feats = self.backbone(video.flatten(0, 1)).unflatten(0, (B, T))
-        q_init = self.query_vectors(lambda t: feats[:, t], q_in)
+        q_init = self.query_vectors(lambda t: feats[:, t], q_in, T)
         memory = self.empty_memory(B, q_init.shape[1], q_init)
         outs = []
         for t in range(T):
@@ -473,7 +478,7 @@ class LBM(nn.Module):
         B, T, _, H, W = video.shape
         q_in = torch.cat([queries[..., :1], self.to_input_px(queries[..., 1:], (H, W))], dim=-1)
         times = q_in[..., 0].long()
-        q_init = self.query_vectors(lambda t: self.backbone(video[:, t]), q_in)
+        q_init = self.query_vectors(lambda t: self.backbone(video[:, t]), q_in, T)
         memory = self.empty_memory(B, q_init.shape[1], q_init)
         outs = []
         for t in range(T):

@@ -85,7 +85,8 @@ def test_golden_training_forward(model):
 
 
 def test_golden_inference(model):
-    video, queries, _, _ = golden_inputs()
+    _, queries, _, _ = golden_inputs()
+    video = torch.from_numpy(GOLDEN["video"])  # uint8, as a decoder gives it
     out = model.inference(video, queries, with_raw=True)
     for k in ("points", "offset", "vis_logit", "rho"):
         np.testing.assert_allclose(out[k].numpy(), GOLDEN[f"infer_{k}"], rtol=0, atol=TOL, err_msg=k)
@@ -93,6 +94,8 @@ def test_golden_inference(model):
     plain = model.inference(video, queries)
     assert set(plain) == {"points", "visibility"}
     assert torch.equal(plain["points"], out["points"])
+    with pytest.raises(ValueError, match=r"query frames must lie in \[0, 4\], got 0..5"):
+        model.inference(video[:, :5], queries)
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +113,7 @@ def test_memory_is_used(model_remembering):
     m = model_remembering
     video, queries, _, _ = golden_inputs()
     q_in = torch.cat([queries[..., :1], m.to_input_px(queries[..., 1:], video.shape[-2:])], dim=-1)
-    q0 = m.query_vectors(lambda t: m.backbone(video[:, t]), q_in)
+    q0 = m.query_vectors(lambda t: m.backbone(video[:, t]), q_in, video.shape[1])
     memory = m.empty_memory(1, q0.shape[1], q0)
     readable = []
     with torch.no_grad():
