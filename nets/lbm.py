@@ -579,8 +579,13 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for a bad file; the user needs one line
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path}: not a readable checkpoint ({first})") from None
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or [type(e).__name__]
+        foreign = [ln for ln in lines if "Unsupported global" in ln]
+        if foreign:
+            # e.g. the authors' training checkpoints also pickle their `args`
+            raise CheckpointError(f"{path}: refused, it holds more than tensors ({foreign[0]}); keep only "
+                                  f"{{'model': state_dict}} (the authors' tools/ckpt_converter.py does)") from None
+        raise CheckpointError(f"{path}: not a readable checkpoint ({lines[0]})") from None
     state = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path}: not an LBM checkpoint (expected {{'model': state_dict}} or a state_dict)")

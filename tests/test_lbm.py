@@ -7,6 +7,7 @@ keys, shapes and dtypes in order. The weights come from the SPEC recipe (one gen
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 from pathlib import Path
@@ -196,6 +197,10 @@ def test_load_lbm_rejects_wrong_checkpoints(model, tmp_path):
         load_lbm(path, **SPEC["config"])
     path.write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match=r"short\.pt: not a readable checkpoint"):
+        load_lbm(path, **SPEC["config"])
+    # the authors' training checkpoints also pickle their argparse arguments: refused, not unpickled
+    torch.save({"model": model.state_dict(), "args": argparse.Namespace(lr=5e-4)}, path)
+    with pytest.raises(CheckpointError, match=r"short\.pt: refused, it holds more than tensors.*Namespace"):
         load_lbm(path, **SPEC["config"])
     # a model at another input size has another positional embedding: a strict load must refuse it
     torch.save(model.state_dict(), path)
