@@ -131,6 +131,21 @@ def test_memory_is_used(model_remembering):
     assert readable[0] == 0 and sum(readable) >= 5, readable
 
 
+def test_memory_path_matches_authors_transformer(model_remembering):
+    """`memory_path.npz` (points in input pixels, logits; frames x queries) was computed by the authors'
+    LBMTransformer (cf39292, its pure-PyTorch deformable attention) with these weights, fed the golden clip's
+    frame features and query vectors and stepped with their update rule: it covers the memory reads."""
+    ref = np.load(DATA / "memory_path.npz", allow_pickle=False)
+    m = model_remembering
+    assert float(ref["vis_bias_shift"]) == pytest.approx(1.6)
+    video, queries, _, _ = golden_inputs()
+    out = m.inference(video, queries, with_raw=True)
+    points_in = m.to_input_px(out["points"], video.shape[-2:])
+    np.testing.assert_allclose(points_in.numpy(), ref["points"], rtol=0, atol=TOL)
+    np.testing.assert_allclose(out["vis_logit"].numpy(), ref["vis_logit"], rtol=0, atol=TOL)
+    np.testing.assert_allclose(out["rho"].numpy(), ref["rho"], rtol=0, atol=TOL)
+
+
 def test_online_equals_inference(model_remembering):
     m = model_remembering
     video, queries, _, _ = golden_inputs()
