@@ -79,10 +79,11 @@ class CorrPyramid:
     The plan picks the form: "volume" is the reference (`volume` below), "local" is `fast.local_corr`.
     """
 
-    def __init__(self, fmaps: torch.Tensor, num_levels: int = 4, radius: int = 3, plan: ExecPlan = ExecPlan()):
+    def __init__(self, fmaps: torch.Tensor, num_levels: int = 4, radius: int = 3, plan: ExecPlan | None = None):
         """fmaps: channels-last maps (B,S,H,W,C); correlations are computed in their dtype."""
         B, S, H, W, C = fmaps.shape
-        self.radius, self.plan, self.scale = radius, plan, corr_scale(C)
+        self.radius, self.scale = radius, corr_scale(C)
+        self.plan = plan if plan is not None else ExecPlan()
         self.workspace: torch.Tensor | None = None  # fast.local_corr's gather buffer, shared by all calls
         self.levels = [fmaps.reshape(B * S, H, W, C)]  # channels-last (B*S, h, w, C)
         for _ in range(1, num_levels):

@@ -1,8 +1,9 @@
 """ONNX export with fixed S and dynamic N; onnxruntime agrees with PyTorch within 1e-3 px.
 
 One refinement iteration: export time grows with the traced graph (~560 nodes per iteration, half the
-graph at iters=1), and every op of later iterations also runs in the first (feats2/feats4 sampling too,
-which frame 0's templates use); test_golden.py checks the export plan's numbers over four iterations.
+graph at iters=1). Later iterations add only the feats2/feats4 refresh (a constant frame index, then the
+bilinear sampling the first iteration's templates use); test_golden.py checks the export plan's numbers
+over four iterations.
 """
 
 import pytest
