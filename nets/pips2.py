@@ -324,7 +324,11 @@ class Pips(nn.Module):
 
     @property
     def grad_checkpoint(self) -> bool:
-        """Whether the plan recomputes activations in backward (kept for train.py; prefer `set_plan`)."""
+        """Whether the plan recomputes activations in backward.
+
+        Kept for train.py, which sets it: setting it switches to the training plan for the weights' device
+        (`ExecPlan.auto(device, training=True, checkpointing=on)`); new code passes that plan instead.
+        """
         return self.plan.checkpointing
 
     @grad_checkpoint.setter
