@@ -39,7 +39,7 @@ def stack_frames(maps: list[torch.Tensor], shape: tuple[int, ...]) -> torch.Tens
     """
     if len(maps) == 1:
         return maps[0].contiguous()
-    if torch.is_grad_enabled() and any(m.requires_grad for m in maps):
+    if any(m.requires_grad for m in maps):  # outputs of a forward that records gradients
         return torch.cat(maps, 0)
     out = maps[0].new_empty(shape)
     start = 0
