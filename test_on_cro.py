@@ -24,7 +24,7 @@ def main(dataset_location: str = "../datasets/crohd", dset: str = "train", clip_
          out_json: str | None = None) -> None:
     """Score each clip with the authors' protocol; one line per clip and a final table."""
     image_size = parse_hw(image_size, "image_size")
-    model = load_pips_or_exit(init_dir, device, amp=amp)
+    model = load_pips_or_exit(init_dir, device)
     clips = list_clips(dataset_location, dset, clip_len)[:max_iters]
     rows, skipped = {}, []
     t0 = time.time()
