@@ -203,7 +203,7 @@ def main(video: str | None = None, init_dir: str = "./reference_model", points: 
     try:
         video_path, queries, n_frames, H, W, fps, image_size = prepare(video, points, grid_size, query_frame, mask,
                                                                        image_size, out)
-        model = load_pips(init_dir, resolve_device(device))
+        model = load_pips(init_dir, resolve_device(device), amp=amp)
     except (ValueError, VideoError, OSError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)

@@ -14,6 +14,7 @@ import fire
 import numpy as np
 import torch
 
+from nets.plan import ExecPlan
 from utils.checkpoint import load_pips
 from utils.cli import load_pips_or_exit
 
@@ -24,8 +25,7 @@ class TrackerForExport(torch.nn.Module):
     def __init__(self, model, iters: int):
         super().__init__()
         self.model, self.iters = model, iters
-        model.corr_chunk = 0  # chunk sizes computed from N would pin N in the graph
-        model.encoder_chunk = 0
+        model.set_plan(ExecPlan.export())  # traceable forms; no chunk size computed from N, which would pin N
 
     def forward(self, trajs_e0: torch.Tensor, rgbs: torch.Tensor) -> torch.Tensor:
         return self.model(trajs_e0, rgbs, iters=self.iters)[0][-1]

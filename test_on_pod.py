@@ -97,7 +97,7 @@ def main(dataset_location: str = "../datasets/pointodyssey", dset: str = "test",
     dev = resolve_device(device)
     model = None
     if not zero_vel:
-        model = load_pips_or_exit(init_dir, dev)
+        model = load_pips_or_exit(init_dir, dev, amp=amp)
     rows, skipped = {}, {}
     t0 = time.time()
     n_frames = 0

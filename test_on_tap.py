@@ -71,7 +71,7 @@ def main(dataset_location: str = "../datasets/tapvid/tapvid_davis.pkl", S: int =
     modes = [m for m in (modes.split(",") if isinstance(modes, str) else modes) if m]
     videos = videos_or_exit(load_tapvid(dataset_location))
     videos = itertools.chain(list(itertools.islice(videos, 1)), videos)  # a bad file is reported before the model
-    model = load_pips_or_exit(init_dir, device)
+    model = load_pips_or_exit(init_dir, device, amp=amp)
     rows, deltas, skipped = {}, {m: {} for m in modes}, []
     t0 = time.time()
     for i, (name, video, points, occluded) in enumerate(tqdm(videos, desc="tapvid")):

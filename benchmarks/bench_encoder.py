@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import fire
@@ -18,7 +19,9 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from common import best_time  # noqa: E402
 
+from nets import fast  # noqa: E402
 from nets.pips2 import Pips  # noqa: E402
+from nets.plan import ExecPlan  # noqa: E402
 from utils.golden import load_golden_weights  # noqa: E402
 
 
@@ -29,42 +32,38 @@ def main(S: int = 36, N: int = 128, H: int = 256, W: int = 384, iters: int = 6, 
     torch.manual_seed(0)
     rgbs = torch.rand(1, S, 3, H, W) * 255
     trajs = (torch.rand(1, 1, N, 2) * torch.tensor([W - 1.0, H - 1.0])).repeat(1, S, 1, 1)
-    model = load_golden_weights(Pips()).eval()
+    auto, auto_bf16 = ExecPlan.auto("cpu"), ExecPlan.auto("cpu", torch.bfloat16)
+    model = load_golden_weights(Pips(auto)).eval()
     res = {}
+
+    def encode_time(plan: ExecPlan) -> float:
+        model.set_plan(plan)
+        return best_time(lambda: model.encode_nhwc(rgbs), repeats)
+
     with torch.inference_mode():
         model.encode_nhwc(rgbs[:, :2])
         for chunk in (1, 2, 4, 8, 0):
-            model.encoder_chunk = chunk
-            res[f"encoder_chunk_{chunk or S}"] = best_time(lambda: model.encode_nhwc(rgbs), repeats)
-        model.encoder_chunk = None
+            res[f"encoder_chunk_{chunk or S}"] = encode_time(replace(auto, encoder_chunk=chunk))
         for cl in (False, True):
-            model.channels_last = cl
-            res[f"encoder_channels_last_{cl}"] = best_time(lambda: model.encode_nhwc(rgbs), repeats)
+            res[f"encoder_channels_last_{cl}"] = encode_time(replace(auto, channels_last=cl))
         with torch.autocast("cpu", dtype=torch.bfloat16):
             for cl in (False, True):
-                model.channels_last = cl
-                res[f"encoder_bf16_channels_last_{cl}"] = best_time(lambda: model.encode_nhwc(rgbs), repeats)
-            model.channels_last = None
-            res["encoder_bf16"] = best_time(lambda: model.encode_nhwc(rgbs), repeats)
+                res[f"encoder_bf16_channels_last_{cl}"] = encode_time(replace(auto_bf16, channels_last=cl))
+            res["encoder_bf16"] = encode_time(auto_bf16)
 
         # the delta block at this size: conv1d against Winograd F(4,3) for the widest layers
         fcorr, flow = torch.randn(N, S, 588), torch.randn(N, S, 2)
-        for impl in ("direct", "auto"):
-            model.delta_block.impl = impl
-            res[f"delta_block_{impl}"] = best_time(lambda: model.delta_block(fcorr, flow), repeats + 2)
-
-        model.delta_block.impl = "auto"
+        block = model.delta_block
+        filters = fast.winograd_filters(block)
+        res["delta_block_direct"] = best_time(lambda: block(fcorr, flow), repeats + 2)
+        res["delta_block_auto"] = best_time(lambda: fast.delta_block_winograd(block, fcorr, flow, filters),
+                                            repeats + 2)
 
         # the whole forward with the correlation gathers going into fresh tensors instead of one reused
         # workspace (a microbenchmark of the gather alone hides this: there the allocator reuses the block)
-        import nets.pips2 as pips2
-
-        reuse = pips2._patch_corr
-        pips2._patch_corr = lambda *args, workspace=None: reuse(*args)
-        try:
-            res["forward_gather_fresh"] = best_time(lambda: model(trajs, rgbs, iters=iters), repeats)
-        finally:
-            pips2._patch_corr = reuse
+        model.set_plan(replace(auto, gather="plain"))
+        res["forward_gather_fresh"] = best_time(lambda: model(trajs, rgbs, iters=iters), repeats)
+        model.set_plan(auto)
         res["forward_inference_mode"] = best_time(lambda: model(trajs, rgbs, iters=iters), repeats)
     with torch.no_grad():
         res["forward_no_grad"] = best_time(lambda: model(trajs, rgbs, iters=iters), repeats)

@@ -4,8 +4,8 @@ Each (shape, model) runs in its own process; its peak is the peak RSS above the 
 model was built, so it counts weights, gradients, AdamW states, activations and workspace: what a GPU would
 have to hold (plus the CUDA context and the caching allocator's slack, see docs/BENCHMARKS.md).
 
-Models: "ours" = the default Pips() as train.py runs it, "ours_ckpt" = the same with --grad_ckpt
-("ours_ckpt_chunk16": with the encoder chunk CUDA uses by default, 16 frames), "authors" =
+Models: "ours" = the CPU training plan train.py runs, "ours_ckpt" = the same with --grad_ckpt
+("ours_ckpt_chunk16": with the encoder in chunks of 16 frames), "authors" =
 the authors' forms (full correlation volumes, the whole clip through the encoder at once, conv1d delta
 block). Shapes too large for this machine are measured at smaller B or S and extrapolated linearly.
 
@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import fire
@@ -29,12 +30,14 @@ from common import reset_peak_rss, status_bytes
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-MODELS = {
-    "ours": (dict(), False),
-    "ours_ckpt": (dict(), True),
-    # what CUDA runs by default: the encoder in chunks of 16 frames, so a recompute holds 16 frames at once
-    "ours_ckpt_chunk16": (dict(encoder_chunk=16), True),
-    "authors": (dict(corr_impl="volume", encoder_chunk=0, channels_last=False, delta_impl="direct"), False),
+from nets.plan import ExecPlan  # noqa: E402
+
+MODELS = {  # name: the plan of the training step
+    "ours": ExecPlan.auto("cpu", training=True),
+    "ours_ckpt": ExecPlan.auto("cpu", training=True, checkpointing=True),
+    # the encoder in chunks of 16 frames under checkpointing, so a recompute holds 16 frames at once
+    "ours_ckpt_chunk16": replace(ExecPlan.auto("cpu", training=True, checkpointing=True), encoder_chunk=16),
+    "authors": ExecPlan.reference(),
 }
 # name: (B, S, N, H, W, iters) of the steps measured here
 RUNS = {
@@ -57,7 +60,6 @@ def _worker(run: str, model_name: str, out_path: str) -> None:
     from utils.golden import load_golden_weights
 
     B, S, N, H, W, iters = RUNS[run]
-    kwargs, ckpt = MODELS[model_name]
     g = torch.Generator().manual_seed(0)
     batch = {"rgbs": torch.rand(B, S, 3, H, W, generator=g) * 255,
              "trajs": torch.rand(B, 1, N, 2, generator=g) * torch.tensor([W - 1.0, H - 1.0]) + torch.cumsum(
@@ -65,8 +67,7 @@ def _worker(run: str, model_name: str, out_path: str) -> None:
              "visibs": torch.ones(B, S, N), "valids": torch.ones(B, S, N)}
     rss0 = status_bytes("VmRSS")
     reset_peak_rss()
-    model = load_golden_weights(Pips(**kwargs)).train()
-    model.grad_checkpoint = ckpt
+    model = load_golden_weights(Pips(MODELS[model_name])).train()
     opt = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=1e-6, eps=1e-8)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=5e-4, total_steps=200, pct_start=0.1,
                                                 cycle_momentum=False, anneal_strategy="linear")

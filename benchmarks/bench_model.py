@@ -31,21 +31,23 @@ SIZES = {  # name: (S, N, H, W, iters)
     "b": (32, 256, 512, 896, 2),
     "c": (128, 256, 512, 896, 16),
 }
-CONFIGS = {  # name: (model kwargs, autocast dtype or None, inference_mode)
-    "baseline_fp32": (dict(corr_impl="volume", encoder_chunk=0, channels_last=False, delta_impl="direct"), None, False),
-    "ours_fp32": (dict(), None, True),
-    "ours_bf16": (dict(), torch.bfloat16, True),
+CONFIGS = {  # name: (plan: "reference" or "auto" for the device and dtype, autocast dtype or None, inference_mode)
+    "baseline_fp32": ("reference", None, False),
+    "ours_fp32": ("auto", None, True),
+    "ours_bf16": ("auto", torch.bfloat16, True),
 }
 
 
 def _worker(size: str, config: str, device: str, B: int, repeats: int, out_path: str) -> None:
     from nets.pips2 import Pips
+    from nets.plan import ExecPlan
     from utils.golden import load_golden_weights
 
     S, N, H, W, iters = SIZES[size]
-    kwargs, amp, inference = CONFIGS[config]
+    plan_name, amp, inference = CONFIGS[config]
+    plan = ExecPlan.reference() if plan_name == "reference" else ExecPlan.auto(device, amp or torch.float32)
     torch.manual_seed(0)
-    model = load_golden_weights(Pips(**kwargs)).to(device).eval()  # same weights in every config
+    model = load_golden_weights(Pips(plan)).to(device).eval()  # same weights in every config
     g = torch.Generator().manual_seed(1)
     rgbs = (torch.rand(B, S, 3, H, W, generator=g) * 255).to(device)
     trajs = (torch.rand(B, 1, N, 2, generator=g) * torch.tensor([W - 1.0, H - 1.0])).repeat(1, S, 1, 1).to(device)

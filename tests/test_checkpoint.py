@@ -5,12 +5,13 @@ import torch
 from helpers import golden_state_dict
 
 from nets.pips2 import Pips
+from nets.plan import ExecPlan
 from utils import checkpoint as ck
 
 
 @pytest.fixture(scope="module")
 def model():
-    m = Pips()
+    m = Pips(ExecPlan.auto(training=True))  # the round trip trains a step
     m.load_state_dict(golden_state_dict())
     return m
 

@@ -11,10 +11,14 @@ of the authors' float32 numbers. CI runs this file under OMP_NUM_THREADS=1/2 and
 default/avx2 besides the native kernels (docs/CORRECTNESS.md).
 """
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
 from helpers import DATA, golden_model
+
+from nets.plan import ExecPlan
 
 GOLDEN32 = np.load(DATA / "golden_forward.npz")
 GOLDEN64 = np.load(DATA / "golden_forward_f64.npz")
@@ -22,13 +26,16 @@ OUTPUTS = ("out", "out_iters", "out_chain", "out_featinit")
 FLOAT32_SPREADS = 4  # chosen before measuring; measured worst ratio over the five CI settings is 1.8
 EXACT_PX = 1e-6
 
-# every execution path the model has; each must give the reference's numbers
+# every execution plan the model has; each must give the reference's numbers
 PATHS = {
-    "default": {},
-    "volume+direct+whole-clip": dict(corr_impl="volume", delta_impl="direct", encoder_chunk=0),
-    "local+winograd": dict(corr_impl="local", delta_impl="winograd"),
-    "volume+winograd": dict(corr_impl="volume", delta_impl="winograd"),
-    "channels-last+chunks": dict(channels_last=True, encoder_chunk=3, delta_impl="direct"),
+    "default": ExecPlan.auto(),
+    "reference": ExecPlan.reference(),
+    "export": ExecPlan.export(),
+    "training": ExecPlan.auto(training=True, checkpointing=True),
+    "cuda": ExecPlan.auto("cuda"),  # conv1d delta block, channels-last encoder in chunks of 16 frames
+    "local+winograd+plain-gather": ExecPlan(delta="winograd", gather="plain", corr_chunk=5000),
+    "volume+winograd": replace(ExecPlan.reference(), delta="winograd"),
+    "channels-last+chunks": ExecPlan(channels_last=True, encoder_chunk=3, delta="conv1d"),
 }
 
 
@@ -49,7 +56,7 @@ def run_golden(model: torch.nn.Module, golden, dtype: torch.dtype) -> dict[str, 
 
 @pytest.fixture(scope="module", params=list(PATHS))
 def float64_run(request):
-    return request.param, run_golden(golden_model(**PATHS[request.param]), GOLDEN64, torch.float64)
+    return request.param, run_golden(golden_model(plan=PATHS[request.param]), GOLDEN64, torch.float64)
 
 
 @pytest.mark.parametrize("name", OUTPUTS)
@@ -71,9 +78,9 @@ def float32_spread(name: str) -> float:
     return float(np.abs(GOLDEN32[name].astype(np.float64) - GOLDEN64[name]).max())
 
 
-@pytest.fixture(scope="module", params=["default", "volume+direct+whole-clip"])
+@pytest.fixture(scope="module", params=["default", "reference"])
 def float32_run(request):
-    return request.param, run_golden(golden_model(**PATHS[request.param]), GOLDEN32, torch.float32)
+    return request.param, run_golden(golden_model(plan=PATHS[request.param]), GOLDEN32, torch.float32)
 
 
 @pytest.mark.parametrize("name", OUTPUTS)

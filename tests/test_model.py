@@ -1,13 +1,17 @@
 """The model against the SPEC's definitions and itself (the authors' numbers: test_golden.py)."""
 
 
+from dataclasses import FrozenInstanceError
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from helpers import DATA, golden_model, state_dict_spec
 
+from nets import fast
 from nets.pips2 import CorrPyramid, Pips, sample_features, sequence_loss, sincos_embed_xy
+from nets.plan import ExecPlan
 
 GOLDEN = np.load(DATA / "golden_forward.npz")
 
@@ -71,22 +75,20 @@ def test_encoder_chunking_is_exact():
     model = golden_model().double()
     rgbs = torch.rand(1, 5, 3, 128, 160, dtype=torch.float64) * 255
     with torch.no_grad():
-        model.encoder_chunk = 2
+        model.set_plan(ExecPlan(encoder_chunk=2))
         a = model.encode(rgbs)
-        model.encoder_chunk = 5
+        model.set_plan(ExecPlan(encoder_chunk=0))
         b = model.encode(rgbs)
     assert a.shape == (1, 5, 128, 16, 20) and a.dtype == torch.float64
     torch.testing.assert_close(a, b, atol=1e-10, rtol=0)
 
 
 def test_instance_norm_keeps_layout_and_equals_reference():
-    from nets.pips2 import InstanceNorm
-
     torch.manual_seed(6)
     for n in (1, 3):
         x = torch.randn(n, 16, 9, 13) * 3 + 2
         for fmt in (torch.contiguous_format, torch.channels_last):
-            y = InstanceNorm()(x.contiguous(memory_format=fmt))
+            y = fast.instance_norm_keep_layout(x.contiguous(memory_format=fmt))
             torch.testing.assert_close(y, F.instance_norm(x), atol=2e-5, rtol=0)
             if n == 1:  # the per-frame encoder path must not silently convert back to contiguous
                 assert y.is_contiguous(memory_format=fmt)
@@ -94,63 +96,60 @@ def test_instance_norm_keeps_layout_and_equals_reference():
 
 @pytest.mark.parametrize("S", [1, 2, 3, 4, 5, 7, 36])
 def test_winograd_conv_equals_conv1d(S):
-    from nets.pips2 import conv1d_k3_winograd, winograd_weights
-
     torch.manual_seed(S)
     x = torch.randn(3, S, 40)
     w, b = torch.randn(24, 40, 3) / 8, torch.randn(24)
-    got = conv1d_k3_winograd(x, winograd_weights(w), b)
+    got = fast.conv1d_k3_winograd(x, fast.winograd_weights(w), b)
     ref = F.conv1d(x.double().transpose(1, 2), w.double(), b.double(), padding=1).transpose(1, 2)
     assert got.shape == (3, S, 24)
     torch.testing.assert_close(got.double(), ref, atol=2e-5, rtol=0)
     # in groups of sequences (bounded memory) the result is the same
-    grouped = conv1d_k3_winograd(x, winograd_weights(w), b, max_elems=6 * 40 * -(-S // 4))
+    grouped = fast.conv1d_k3_winograd(x, fast.winograd_weights(w), b, max_elems=6 * 40 * -(-S // 4))
     torch.testing.assert_close(grouped, got, atol=1e-5, rtol=0)
     assert ref.abs().max() > 1
 
 
 def test_delta_block_winograd_equals_direct_and_follows_new_weights():
-    from nets.pips2 import Conv1dSame, DeltaBlock
-
-    def winograd_filters(block):
-        return [m._winograd for m in block.modules() if isinstance(m, Conv1dSame) and m._winograd is not None]
-
     torch.manual_seed(7)
     fcorr, flow = torch.randn(6, 11, 588), torch.randn(6, 11, 2) * 4
     block64 = golden_model().delta_block.double()
     with torch.inference_mode():
         # float64: the Winograd form is the same arithmetic as conv1d up to float64 rounding
-        block64.impl = "direct"
         ref64 = block64(fcorr.double(), flow.double())
-        block64.impl = "winograd"
-        got64 = block64(fcorr.double(), flow.double())
-    assert winograd_filters(block64), "the Winograd path did not run"
+        filters = fast.winograd_filters(block64)
+        got64 = fast.delta_block_winograd(block64, fcorr.double(), flow.double(), filters)
+    assert sum(f is not None for f in filters) == 7  # the widest layers take the Winograd form
     torch.testing.assert_close(got64, ref64, atol=1e-10, rtol=0)
-    block = golden_model().delta_block
+
+    # the model under the CPU inference plan: Winograd filters built on first use, from the current weights
+    model = golden_model(plan=ExecPlan(delta="winograd"))
+    block = model.delta_block
     with torch.inference_mode():
-        block.impl = "direct"
         ref = block(fcorr, flow)
-        block.impl = "auto"
-        got = block(fcorr, flow)
-    assert winograd_filters(block), "the Winograd path did not run"
+        got = model._delta(fcorr, flow)
+    assert block.fast_weights is not None, "the Winograd path did not run"
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-4)
-    # new weights (load_state_dict copies in place) must not reuse the transformed filters of the old ones
-    other = DeltaBlock(impl="direct")
+    # new weights (load_state_dict copies in place) must not reuse the filters of the old ones
+    other = Pips().delta_block
     with torch.no_grad():
         for p in other.parameters():
             p.normal_(0, 0.05)
     block.load_state_dict(other.state_dict())
+    assert block.fast_weights is None
     with torch.inference_mode():
-        want = other.eval()(fcorr, flow)
+        want = other(fcorr, flow)
         assert (want - got).abs().max() > 0.05  # stale filters would be caught
-        torch.testing.assert_close(block(fcorr, flow), want, atol=1e-4, rtol=1e-3)
-    # training and autocast take the conv1d form
-    block.impl = "auto"
-    for m in block.modules():
-        if isinstance(m, Conv1dSame):
-            m._winograd = None
-    block(fcorr, flow).sum().backward()
-    assert not winograd_filters(block)
+        torch.testing.assert_close(model._delta(fcorr, flow), want, atol=1e-4, rtol=1e-3)
+    # so must a cast (.double(), .to()) and a new plan
+    model.double()
+    assert block.fast_weights is None
+    with torch.inference_mode():
+        torch.testing.assert_close(model._delta(fcorr.double(), flow.double()), want.double(), atol=1e-4, rtol=1e-3)
+    model.set_plan(ExecPlan.auto(training=True))
+    assert block.fast_weights is None
+    # a training plan takes the conv1d form, which has a backward
+    model._delta(fcorr.double(), flow.double()).sum().backward()
+    assert block.fast_weights is None and block.dense.weight.grad is not None
 
 
 def test_sample_features_is_border_bilinear():
@@ -178,12 +177,13 @@ def test_local_correlation_equals_volume(size):
     coords[0, 0, :4] = torch.tensor([[0.0, 0.0], [W - 1.0, H - 1.0], [-0.5, 3.2], [W - 0.7, -1.3]])
     coords[1, 2, :2] = torch.tensor([[-500.0, 7.0], [3.0, 1e6]])
     nhwc = fmaps.permute(0, 1, 3, 4, 2)
-    local = CorrPyramid(nhwc.double(), 4, 3, impl="local", chunk_elems=5000)._local(targets.double(), coords.double())
-    volume = CorrPyramid(nhwc.double(), 4, 3, impl="volume")._volume(targets.double(), coords.double())
+    pyramid = CorrPyramid(nhwc.double(), 4, 3)
+    local = fast.local_corr(pyramid, targets.double(), coords.double(), 5000, "workspace")
+    volume = pyramid.volume(targets.double(), coords.double())
     assert local.shape == (B, S, N, 3 * 4 * 49) and local.dtype == torch.float64
     torch.testing.assert_close(local, volume.reshape(local.shape), atol=1e-10, rtol=0)
     # the public call returns float32, as the reference's correlations are
-    out = CorrPyramid(nhwc.double(), 4, 3, impl="local")(targets, coords)
+    out = CorrPyramid(nhwc.double(), 4, 3, ExecPlan(corr="local"))(targets, coords)
     assert out.dtype == torch.float32 and torch.equal(out, local.float())
     assert volume.abs().max() > 1  # not all zeros
 
@@ -194,7 +194,8 @@ def test_correlation_offset_order_x_outer():
     fmaps[0, 0, 0, 5, 9] = 1.0  # y=5, x=9
     coords = torch.tensor([[[[8.0, 5.0]]]])  # x offset +1 hits it: i = 4, j = 3 -> k = 31
     for impl in ("local", "volume"):
-        out = CorrPyramid(fmaps.permute(0, 1, 3, 4, 2), 1, 3, impl=impl)(torch.ones(1, 1, 1, 1, 1), coords)[0, 0, 0]
+        pyramid = CorrPyramid(fmaps.permute(0, 1, 3, 4, 2), 1, 3, ExecPlan(corr=impl))
+        out = pyramid(torch.ones(1, 1, 1, 1, 1), coords)[0, 0, 0]
         assert out.argmax().item() == 7 * 4 + 3, impl
 
 
@@ -205,8 +206,11 @@ def test_local_and_volume_gradients_agree():
     coords = torch.rand(1, 2, 5, 2, dtype=torch.float64) * 20 - 2
     grads = []
     for impl in ("local", "volume"):
-        pyr = CorrPyramid(fmaps.permute(0, 1, 3, 4, 2), 4, 3, impl=impl, chunk_elems=100)
-        out = (pyr._local if impl == "local" else pyr._volume)(targets, coords).reshape(1, 2, 5, -1)
+        pyr = CorrPyramid(fmaps.permute(0, 1, 3, 4, 2), 4, 3)
+        if impl == "local":
+            out = fast.local_corr(pyr, targets, coords, 100, "checkpoint")
+        else:
+            out = pyr.volume(targets, coords).reshape(1, 2, 5, -1)
         weights = torch.linspace(-1, 1, out.shape[-1], dtype=torch.float64)
         gf, gt = torch.autograd.grad((out * weights).sum(), [fmaps, targets])
         grads.append((gf, gt))
@@ -217,12 +221,12 @@ def test_local_and_volume_gradients_agree():
 
 def test_optimised_model_equals_plain_reference_path():
     torch.manual_seed(4)
-    fast = golden_model(corr_impl="local", encoder_chunk=3, channels_last=True, delta_impl="winograd").double()
-    plain = golden_model(corr_impl="volume", encoder_chunk=0, channels_last=False, delta_impl="direct").double()
+    fastest = golden_model(plan=ExecPlan(encoder_chunk=3, channels_last=True, delta="winograd")).double()
+    plain = golden_model(plan=ExecPlan.reference()).double()
     rgbs = torch.rand(1, 7, 3, 128, 136, dtype=torch.float64) * 255
     trajs = (torch.rand(1, 1, 10, 2, dtype=torch.float64) * torch.tensor([136.0, 128.0])).repeat(1, 7, 1, 1)
     with torch.inference_mode():
-        a = fast(trajs, rgbs, iters=3)[0][-1]
+        a = fastest(trajs, rgbs, iters=3)[0][-1]
     with torch.no_grad():
         b = plain(trajs, rgbs, iters=3)[0][-1]
     assert (a - trajs).abs().max() > 0.5  # the points moved
@@ -238,8 +242,8 @@ def test_training_loss_matches_reference_path_and_gradients_flow():
     trajs = (torch.rand(1, 1, 6, 2, dtype=torch.float64) * 128).repeat(1, 4, 1, 1)
     trajs_g = trajs + torch.randn_like(trajs)
     losses = []
-    for impl in ("local", "volume"):
-        model = golden_model(corr_impl=impl).double().train()
+    for plan in (ExecPlan.auto(training=True), ExecPlan.reference()):
+        model = golden_model(plan=plan).double().train()
         loss = model(trajs, rgbs, iters=2, trajs_g=trajs_g)[3]
         loss.backward()
         losses.append(loss.item())
@@ -256,8 +260,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
     trajs_g = trajs + torch.randn_like(trajs)
     out = []
     for ckpt in (False, True):
-        model = golden_model().double().train()
-        model.grad_checkpoint = ckpt
+        model = golden_model(plan=ExecPlan.auto(training=True, checkpointing=ckpt)).double().train()
         loss = model(trajs, rgbs, iters=2, trajs_g=trajs_g)[3]
         loss.backward()
         out.append((loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
@@ -281,7 +284,7 @@ def test_bf16_autocast_runs_and_stays_close():
 
 @pytest.mark.parametrize("hw", [(120, 160), (128, 96)])
 def test_too_small_frames_are_rejected(hw):
-    with pytest.raises(ValueError, match="at least 128x128"):
+    with pytest.raises(ValueError, match="at least 128x128"), torch.no_grad():
         Pips()(torch.zeros(1, 2, 3, 2), torch.zeros(1, 2, 3, *hw))
 
 
@@ -290,15 +293,54 @@ def test_module_has_no_hard_coded_device():
 
     import nets.pips2 as m
 
-    src = inspect.getsource(m)
+    src = inspect.getsource(m) + inspect.getsource(fast)
     assert ".cuda(" not in src and "'cuda'" not in src and '"cuda"' not in src
 
 
-def test_default_encoder_chunk():
-    from nets.pips2 import default_encoder_chunk
-
-    assert default_encoder_chunk(on_cuda=False, checkpointing=False) == 1
-    assert default_encoder_chunk(on_cuda=False, checkpointing=True) == 1
-    assert default_encoder_chunk(on_cuda=True, checkpointing=False) == 16
+def test_auto_plans():
+    cpu, cuda = ExecPlan.auto("cpu"), ExecPlan.auto("cuda")
+    assert (cpu.delta, cpu.gather, cpu.encoder_chunk, cpu.channels_last) == ("winograd", "workspace", 1, False)
+    assert (cuda.delta, cuda.encoder_chunk, cuda.channels_last) == ("conv1d", 16, True)
+    bf16 = ExecPlan.auto("cpu", torch.bfloat16)
+    assert bf16.delta == "conv1d" and bf16.channels_last  # Winograd is for float32 only
+    train = ExecPlan.auto("cpu", training=True)
+    assert not train.inference_only and train.gather == "checkpoint" and train.delta == "conv1d"
     # checkpointed training recomputes a chunk at a time: one frame, not 16 (9.2 vs 1.4 GiB at 512x896)
-    assert default_encoder_chunk(on_cuda=True, checkpointing=True) == 1
+    assert ExecPlan.auto("cuda", training=True, checkpointing=True).encoder_chunk == 1
+    assert ExecPlan.auto("cuda", training=True).encoder_chunk == 16
+    assert ExecPlan.reference().corr == "volume" and ExecPlan.export().corr_chunk == 0
+
+
+def test_plan_is_frozen_and_validated():
+    plan = ExecPlan.auto()
+    with pytest.raises(FrozenInstanceError):
+        plan.delta = "conv1d"
+    with pytest.raises(ValueError, match="corr"):
+        ExecPlan(corr="dense")
+    with pytest.raises(ValueError, match="checkpointing"):
+        ExecPlan(delta="winograd", gather="checkpoint", checkpointing=True)
+    with pytest.raises(TypeError, match="ExecPlan"):
+        Pips(plan="auto")
+
+
+def test_misspelled_forward_argument_is_an_error():
+    model = golden_model()
+    trajs, rgbs = torch.zeros(1, 2, 3, 2), torch.zeros(1, 2, 3, 128, 128)
+    with torch.no_grad():
+        model(trajs, rgbs, iters=1, sw=None, is_train=False, beautify=False)  # the authors' names are accepted
+        with pytest.raises(TypeError, match="valid"):
+            model(trajs, rgbs, iters=1, valid=torch.ones(1, 2, 3))
+
+
+def test_unused_norm_is_frozen():
+    model = Pips()
+    assert not any(p.requires_grad for p in model.norm.parameters())
+    assert all(p.requires_grad for n, p in model.named_parameters() if not n.startswith("norm."))
+    model.load_state_dict(golden_model().state_dict())
+    assert not any(p.requires_grad for p in model.norm.parameters())
+
+
+def test_inference_plan_refuses_to_record_gradients():
+    model = golden_model()
+    with pytest.raises(RuntimeError, match="training plan"):
+        model(torch.zeros(1, 2, 3, 2), torch.zeros(1, 2, 3, 128, 128), iters=1)

@@ -1,0 +1,227 @@
+"""The fast forms of PIPs++'s steps, as plain functions over a module's weights and tensors.
+
+Each computes what its reference in nets/pips2.py computes (tests/test_model.py and test_golden.py check
+this in float64); an `ExecPlan` (nets/plan.py) says which form runs. Why each is faster: docs/BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+if TYPE_CHECKING:  # only for hints: pips2 imports this module
+    from nets.pips2 import CorrPyramid, DeltaBlock
+
+# ----------------------------------------------------------------------------------------------------------
+# Encoder
+
+
+def instance_norm_keep_layout(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """F.instance_norm (no affine) that keeps a one-image batch's memory format.
+
+    For one image the batch statistics over (N,H,W) are its instance statistics, and batch_norm keeps a
+    channels-last tensor channels-last (instance_norm converts it back, which made channels-last slower than
+    contiguous on the CPU).
+    """
+    if x.shape[0] == 1:
+        return F.batch_norm(x, None, None, training=True, eps=eps)
+    return F.instance_norm(x, eps=eps)
+
+
+def stack_frames(maps: list[torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
+    """Channels-last maps of consecutive frame chunks -> one contiguous (frames,H8,W8,C) tensor of `shape`.
+
+    Without autograd the chunks are copied into one buffer: torch.cat of the permuted views would keep their
+    channels-first strides and force another copy at the caller's reshape.
+    """
+    if len(maps) == 1:
+        return maps[0].contiguous()
+    if any(m.requires_grad for m in maps):  # outputs of a forward that records gradients
+        return torch.cat(maps, 0)
+    out = maps[0].new_empty(shape)
+    start = 0
+    for m in maps:
+        out[start:start + m.shape[0]] = m
+        start += m.shape[0]
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Correlation: sample features around each point first, then take dot products (both steps are linear, so
+# this equals sampling the full volume), never building the B*S*N*H8*W8 volume.
+
+
+def patch_corr(fmap_flat: torch.Tensor, targets: torch.Tensor, coords: torch.Tensor, h: int, w: int,
+               radius: int, scale: float, workspace: torch.Tensor | None = None) -> torch.Tensor:
+    """Correlation of targets with a (2r+1)^2 bilinear neighbourhood, zeros outside the map.
+
+    fmap_flat (F, h*w, C) one map per frame; targets (F, N, T, C); coords (F, N, 2) at this level.
+    Returns (F, N, T, (2r+1)^2) with value k = (2r+1)*i + j read at (x + i - r, y + j - r), divided by scale.
+    `workspace` (no autograd): a buffer of at least F*N*(2r+2)^2*C floats to gather into.
+    The 2r+1 taps along each axis share one fractional offset, so one integer (2r+2)^2 patch is gathered,
+    correlated once with every template and then blended, instead of 4 gathers per tap.
+    """
+    Fr, N, T, C = targets.shape
+    P = 2 * radius + 2
+    # points far outside only see zeros; clamping keeps the integer arithmetic finite without changing that
+    x = coords[..., 0].clamp(-radius - 2, w + radius + 1)
+    y = coords[..., 1].clamp(-radius - 2, h + radius + 1)
+    x0, y0 = x.floor(), y.floor()
+    fx, fy = x - x0, y - y0
+    offs = torch.arange(-radius, radius + 2, device=coords.device)
+    ix = x0.long().unsqueeze(-1) + offs  # F, N, P
+    iy = y0.long().unsqueeze(-1) + offs
+    inside = ((ix >= 0) & (ix < w)).unsqueeze(-1) & ((iy >= 0) & (iy < h)).unsqueeze(-2)  # F,N,Px,Py
+    idx = iy.clamp(0, h - 1).unsqueeze(-2) * w + ix.clamp(0, w - 1).unsqueeze(-1)  # F,N,Px,Py
+    idx = idx + (torch.arange(Fr, device=coords.device) * (h * w)).view(Fr, 1, 1, 1)
+    idx = idx.reshape(-1)
+    src = fmap_flat.reshape(Fr * h * w, C)
+    if workspace is None:
+        patch = src.index_select(0, idx)
+    else:
+        patch = torch.index_select(src, 0, idx, out=workspace[:idx.numel() * C].view(idx.numel(), C))
+    patch = patch.view(Fr * N, P * P, C)
+    corr = torch.bmm(targets.reshape(Fr * N, T, C), patch.transpose(1, 2)).view(Fr, N, T, P, P)
+    corr = corr * inside.unsqueeze(2).to(corr.dtype) / scale
+    fx = fx.view(Fr, N, 1, 1, 1)
+    fy = fy.view(Fr, N, 1, 1, 1)
+    # P[i, j] is at (x0 + i - r, y0 + j - r); out[i, j] blends P[i:i+2, j:j+2]
+    cx = corr[:, :, :, :-1] * (1 - fx) + corr[:, :, :, 1:] * fx
+    out = cx[..., :-1] * (1 - fy) + cx[..., 1:] * fy
+    return out.reshape(Fr, N, T, (P - 1) * (P - 1))
+
+
+def local_corr(pyramid: CorrPyramid, targets: torch.Tensor, coords: torch.Tensor, chunk_elems: int,
+               gather: str) -> torch.Tensor:
+    """CorrPyramid.volume's values from local patches: (B,S,N,T,C), (B,S,N,2) -> (B,S,N,T*L*(2r+1)^2).
+
+    chunk_elems bounds the gathered floats held at once (0 = no bound). gather: "workspace" gathers into
+    one buffer kept on the pyramid for all its calls (no autograd); "checkpoint" recomputes each gather in
+    backward instead of storing every patch; "plain" gathers into fresh tensors.
+    """
+    B, S, N, T, C = targets.shape
+    BS, r = B * S, pyramid.radius
+    tg = targets.reshape(BS, N, T, C)
+    xy = coords.reshape(BS, N, 2)
+    P = 2 * r + 2
+    step = max(1, chunk_elems // max(1, N * P * P * C)) if chunk_elems else BS
+    if gather == "workspace":
+        need = min(step, BS) * N * P * P * C
+        if pyramid.workspace is None or pyramid.workspace.numel() < need:
+            # a fresh allocation per gather costs more in page faults than the gather itself
+            pyramid.workspace = tg.new_empty(need)
+    per_level = []
+    for i, lv in enumerate(pyramid.levels):
+        h, w = lv.shape[1:3]
+        flat = lv.reshape(BS, h * w, C)
+        xy_l = xy / (2**i)
+        parts = []
+        for s in range(0, BS, step):
+            args = (flat[s:s + step], tg[s:s + step], xy_l[s:s + step], h, w, r, pyramid.scale)
+            if gather == "checkpoint":
+                parts.append(checkpoint(patch_corr, *args, use_reentrant=False))
+            else:
+                parts.append(patch_corr(*args, workspace=pyramid.workspace if gather == "workspace" else None))
+        per_level.append(torch.cat(parts, 0))  # BS, N, T, 49
+    return torch.stack(per_level, 3).reshape(B, S, N, -1)  # levels inner to templates
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Delta block, time-major (M,S,C) with Winograd F(4,3) (Lavin & Gray 2016) for the widest convolutions:
+# four outputs of a 3-tap filter from six inputs with six products instead of twelve. On the CPU these
+# convolutions are GEMM-bound, so halving their products is worth the cheap transforms; float32 results
+# match conv1d to ~1e-6. No backward: the transforms write into preallocated buffers.
+
+_WINOGRAD_G = ((1 / 4, 0, 0), (-1 / 6, -1 / 6, -1 / 6), (-1 / 6, 1 / 6, -1 / 6), (1 / 24, 1 / 12, 1 / 6),
+               (1 / 24, -1 / 12, 1 / 6), (0, 0, 1))
+WINOGRAD_MIN_PRODUCT = 512 * 512  # narrower layers (cout*cin): the transforms would cost what they save
+
+
+def winograd_weights(weight: torch.Tensor) -> torch.Tensor:
+    """Conv1d weight (cout,cin,3) -> the six transformed filters (6,cin,cout)."""
+    g = torch.tensor(_WINOGRAD_G, dtype=weight.dtype, device=weight.device)
+    return torch.einsum("jk,ock->jco", g, weight).contiguous()
+
+
+def conv1d_k3_winograd(x: torch.Tensor, wt: torch.Tensor, bias: torch.Tensor,
+                       max_elems: int = 1 << 23) -> torch.Tensor:
+    """conv1d(kernel 3, padding 1) of time-major x (M,S,cin) with `winograd_weights` wt -> (M,S,cout).
+
+    Sequences go through in groups whose transformed tiles stay under `max_elems` floats, which bounds the
+    extra memory at long clips and many points (the GEMMs keep >= ~1000 rows).
+    """
+    M, S, C = x.shape
+    T = -(-S // 4)
+    group = max(1, max_elems // (6 * T * max(C, wt.shape[2])))
+    if group < M:
+        out = x.new_empty(M, S, wt.shape[2])
+        for m in range(0, M, group):
+            out[m:m + group] = conv1d_k3_winograd(x[m:m + group], wt, bias, max_elems)
+        return out
+    return _winograd_tiles(x, wt, bias)
+
+
+def _winograd_tiles(x: torch.Tensor, wt: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    M, S, C = x.shape
+    T = -(-S // 4)  # tiles of four outputs
+    xp = F.pad(x, (0, 0, 1, 1 + 4 * T - S))
+    d0, d1, d2, d3, d4, d5 = (xp[:, i:i + 4 * T:4] for i in range(6))  # six inputs of every tile
+    U = x.new_empty(6, M, T, C)  # input transform B^T d, sharing subexpressions
+    torch.add(d4, d0, alpha=4, out=U[0]).add_(d2, alpha=-5)
+    a, b = torch.add(d4, d2, alpha=-4), torch.add(d3, d1, alpha=-4)
+    torch.add(a, b, out=U[1])
+    torch.sub(a, b, out=U[2])
+    c, e = torch.sub(d4, d2), torch.sub(d3, d1)
+    torch.add(c, e, alpha=2, out=U[3])
+    torch.add(c, e, alpha=-2, out=U[4])
+    torch.add(d5, d1, alpha=4, out=U[5]).add_(d3, alpha=-5)
+    m0, m1, m2, m3, m4, m5 = torch.bmm(U.view(6, M * T, C), wt).view(6, M, T, -1).unbind(0)
+    p, q, r, s = m1 + m2, m1 - m2, m3 + m4, m3.sub_(m4)  # output transform A^T m
+    Y = x.new_empty(M, T, 4, wt.shape[2])
+    torch.add(m0, p, out=Y[:, :, 0]).add_(r)
+    torch.add(q, s, alpha=2, out=Y[:, :, 1])
+    torch.add(p, r, alpha=4, out=Y[:, :, 2])
+    torch.add(q, s, alpha=8, out=Y[:, :, 3]).add_(m5)
+    Y = Y.view(M, 4 * T, -1)
+    return (Y[:, :S] if 4 * T != S else Y).add_(bias)
+
+
+def winograd_filters(block: DeltaBlock) -> list[torch.Tensor | None]:
+    """Transformed filters of each of the block's convolutions in module order; None for narrow layers."""
+    convs = [m.conv for m in block.convs()]
+    with torch.no_grad():
+        return [winograd_weights(c.weight) if c.weight.shape[0] * c.weight.shape[1] >= WINOGRAD_MIN_PRODUCT
+                else None for c in convs]
+
+
+def _conv_time_major(conv: torch.nn.Conv1d, x: torch.Tensor, wt: torch.Tensor | None) -> torch.Tensor:
+    if wt is None:
+        return F.conv1d(x.transpose(1, 2), conv.weight, conv.bias, padding=1).transpose(1, 2)
+    return conv1d_k3_winograd(x, wt, conv.bias)
+
+
+def _instance_norm_time_major(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """InstanceNorm1d for time-major (M,S,C): statistics over S per (m, c)."""
+    xc = x - x.mean(1, keepdim=True)
+    return xc.mul_(xc.square().mean(1, keepdim=True).add_(eps).rsqrt_())
+
+
+def delta_block_winograd(block: DeltaBlock, fcorr: torch.Tensor, flow: torch.Tensor,
+                         filters: list[torch.Tensor | None]) -> torch.Tensor:
+    """DeltaBlock.forward computed time-major with `winograd_filters(block)`: (M,S,588), (M,S,2) -> (M,S,2)."""
+    if block.first_block_conv.kernel_size != 3:
+        raise ValueError("the Winograd delta block needs kernel size 3")
+    wts = iter(filters)
+    x = F.relu_(_conv_time_major(block.first_block_conv.conv, block.inputs(fcorr, flow), next(wts)))
+    for blk in block.basicblock_list:
+        y = x if blk.first else F.relu_(_instance_norm_time_major(x))
+        y = F.relu_(_instance_norm_time_major(_conv_time_major(blk.conv1.conv, y, next(wts))))
+        y = _conv_time_major(blk.conv2.conv, y, next(wts))
+        if blk.cout != blk.cin:
+            extra = blk.cout - blk.cin
+            x = F.pad(x, (extra // 2, extra - extra // 2))
+        x = y + x
+    return block.dense(F.relu(x))

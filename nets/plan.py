@@ -1,0 +1,87 @@
+"""How the model runs, decided once: which form of each step, chunk sizes, memory layout, checkpointing.
+
+Every plan computes the same function (docs/MODEL.md, "Execution plans"); they differ in speed, memory and
+float32 rounding order. A plan is a frozen value: pick one with `ExecPlan.auto(...)`, `ExecPlan.reference()`
+or `ExecPlan.export()` (or build one field by field) and hand it to `Pips(plan=...)` or `model.set_plan(...)`.
+Nothing in the model looks at autocast or grad mode to choose a form; what depends on them is an input of
+`auto`, so the caller that knows whether it trains, and in which dtype, says so.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+_CHOICES = {"corr": ("local", "volume"), "gather": ("workspace", "checkpoint", "plain"),
+            "delta": ("conv1d", "winograd"), "norm": ("batch", "instance")}
+
+
+@dataclass(frozen=True)
+class ExecPlan:
+    """One execution plan of `Pips`; see the module docstring and docs/MODEL.md for each field."""
+
+    corr: str = "local"  # "local": gather a patch around each point; "volume": the reference's full volume
+    corr_chunk: int = 1 << 22  # floats of gathered patches held at once by "local"; 0 = no bound
+    gather: str = "workspace"  # local patches: one reused buffer / recomputed in backward / fresh tensors
+    delta: str = "conv1d"  # delta block: "conv1d" (reference) or "winograd" (time-major, Winograd F(4,3))
+    encoder_chunk: int = 1  # frames per encoder call; 0 = the whole clip at once
+    channels_last: bool = False  # encoder memory format
+    norm: str = "batch"  # encoder norm of one-frame chunks: "batch" keeps the layout; "instance" (reference)
+    checkpointing: bool = False  # recompute encoder chunks and delta-block calls in backward
+
+    def __post_init__(self) -> None:
+        for name, allowed in _CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"ExecPlan.{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if self.encoder_chunk < 0 or self.corr_chunk < 0:
+            raise ValueError("ExecPlan chunk sizes must be >= 0 (0 = no chunks)")
+        if self.checkpointing and self.inference_only:
+            raise ValueError("ExecPlan: checkpointing is for training, but gather='workspace' or "
+                             "delta='winograd' cannot run under autograd")
+
+    @property
+    def inference_only(self) -> bool:
+        """True when a form without autograd support is used (the gather workspace, the Winograd delta block)."""
+        return self.gather == "workspace" or self.delta == "winograd"
+
+    @classmethod
+    def reference(cls) -> ExecPlan:
+        """The authors' computation as written: full correlation volumes, conv1d, the whole clip at once."""
+        return cls(corr="volume", gather="plain", delta="conv1d", encoder_chunk=0, channels_last=False,
+                   norm="instance")
+
+    @classmethod
+    def export(cls) -> ExecPlan:
+        """For ONNX export: only traceable forms, and no chunk size computed from N (it would pin N in the graph)."""
+        return cls(corr="local", corr_chunk=0, gather="plain", delta="conv1d", encoder_chunk=0,
+                   channels_last=False, norm="instance")
+
+    @classmethod
+    def auto(cls, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, training: bool = False,
+             checkpointing: bool = False) -> ExecPlan:
+        """The fastest plan measured (docs/BENCHMARKS.md) for a device and the dtype the convolutions run in.
+
+        dtype: the weights' dtype, or the autocast dtype when the caller runs the model under autocast.
+        training: gradients will flow (the correlation gathers are recomputed in backward, no Winograd);
+        inference plans refuse a forward that records gradients.
+        checkpointing: recompute encoder chunks and delta-block calls in backward (train.py --grad_ckpt).
+        """
+        device = torch.device(device)
+        cuda = device.type == "cuda"
+        half = dtype in (torch.bfloat16, torch.float16)
+        # Winograd pays off where conv1d is GEMM-bound: the CPU in float32; it has no backward
+        winograd = device.type == "cpu" and dtype == torch.float32 and not training
+        return cls(
+            corr="local",
+            gather="checkpoint" if training else "workspace",
+            delta="winograd" if winograd else "conv1d",
+            # one frame at a time on the CPU (cache locality) and under checkpointing (a recompute then holds
+            # one frame's activations: 1.4 instead of 9.2 GiB at 512x896); larger kernels run faster on CUDA
+            encoder_chunk=16 if cuda and not checkpointing else 1,
+            # channels-last is faster on CUDA and under autocast; CPU float32 oneDNN kernels round closer to
+            # the reference in the contiguous layout
+            channels_last=cuda or half,
+            norm="batch",
+            checkpointing=checkpointing,
+        )
