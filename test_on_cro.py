@@ -32,7 +32,7 @@ def main(dataset_location: str = "../datasets/crohd", dset: str = "train", clip_
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    model = load_pips_or_exit(init_dir, device)
+    model = load_pips_or_exit(init_dir, device, amp=amp)
     clips = list_clips(dataset_location, dset, clip_len)[:max_clips]
     rows, skipped = {}, []
     t0 = time.time()

@@ -323,20 +323,6 @@ class Pips(nn.Module):
         self.delta_block.fast_weights = None
 
     @property
-    def grad_checkpoint(self) -> bool:
-        """Whether the plan recomputes activations in backward.
-
-        Kept for train.py, which sets it: setting it switches to the training plan for the weights' device
-        (`ExecPlan.auto(device, training=True, checkpointing=on)`); new code passes that plan instead.
-        """
-        return self.plan.checkpointing
-
-    @grad_checkpoint.setter
-    def grad_checkpoint(self, on: bool) -> None:
-        self.set_plan(ExecPlan.auto(self.fnet.conv1.weight.device, self.dtype, training=True,
-                                    checkpointing=bool(on)))
-
-    @property
     def dtype(self) -> torch.dtype:
         """The dtype of the weights, in which features, correlations and coordinates are computed."""
         return self.fnet.conv1.weight.dtype

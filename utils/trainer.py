@@ -29,9 +29,10 @@ from datasets.kubric import KubricDataset
 from datasets.tapvid import load_tapvid
 from datasets.training import OrdinalDataset, OrdinalSampler
 from nets.pips2 import Pips
+from nets.plan import ExecPlan
 from utils import checkpoint as ck
 from utils import evaluation, metrics
-from utils.amp import autocast
+from utils.amp import amp_dtype, autocast
 from utils.procs import is_space_error
 from utils.train_step import batch_figures, forward_loss, optimizer_update, step_generator
 from utils.vis import summary_image
@@ -179,10 +180,8 @@ def run_lock(ckpt_dir: Path, ranks: Ranks) -> Iterator[None]:
 
 def build_model(cfg: Config, device: torch.device) -> Pips:
     """A fresh Pips on `device`, set up for training."""
-    model = Pips()
-    model.grad_checkpoint = cfg.grad_ckpt
-    for p in model.norm.parameters():  # in the checkpoint but unused by the forward pass
-        p.requires_grad_(False)
+    dtype = amp_dtype(cfg.amp) or torch.float32  # the dtype the convolutions run in picks the layout
+    model = Pips(ExecPlan.auto(device, dtype, training=True, checkpointing=cfg.grad_ckpt))
     return model.to(device)
 
 
