@@ -19,12 +19,12 @@ import cv2
 import fire
 import numpy as np
 
-from datasets.synthetic import SceneConfig, generate_scene
-from utils.checkpoint import CheckpointError, load_pips, resolve_device
-from utils.cli import parse_hw
-from utils.tracking import grid_queries, track
-from utils.video import VideoError, iter_frames, read_rgb, video_info, write_mp4
-from utils.vis import render_tracks
+from pips2.datasets.synthetic import SceneConfig, generate_scene
+from pips2.utils.checkpoint import CheckpointError, load_pips, resolve_device
+from pips2.utils.cli import parse_hw
+from pips2.utils.tracking import grid_queries, track
+from pips2.utils.video import VideoError, iter_frames, read_rgb, video_info, write_mp4
+from pips2.utils.vis import render_tracks
 
 
 def read_points(path: str | Path, query_frame: int = 0) -> np.ndarray:

@@ -22,11 +22,11 @@ from typing import NoReturn
 import fire
 from tqdm import tqdm
 
-from datasets import pointodyssey as pod
-from datasets.clipmaker import enumerate_candidates
-from datasets.clips import STAGE_CLIPS, ClipSettings, list_clips, write_settings
-from datasets.export import NO_SPACE, clean_stale_claims, clean_stale_temps, export_one, worker_init
-from utils.cli import parse_hw
+from pips2.datasets import pointodyssey as pod
+from pips2.datasets.clipmaker import enumerate_candidates
+from pips2.datasets.clips import STAGE_CLIPS, ClipSettings, list_clips, write_settings
+from pips2.datasets.export import NO_SPACE, clean_stale_claims, clean_stale_temps, export_one, worker_init
+from pips2.utils.cli import parse_hw
 
 
 def _fail(msg) -> NoReturn:

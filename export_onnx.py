@@ -14,9 +14,9 @@ import fire
 import numpy as np
 import torch
 
-from nets.plan import ExecPlan
-from utils.checkpoint import load_pips
-from utils.cli import load_pips_or_exit
+from pips2.nets.plan import ExecPlan
+from pips2.utils.checkpoint import load_pips
+from pips2.utils.cli import load_pips_or_exit
 
 
 class TrackerForExport(torch.nn.Module):

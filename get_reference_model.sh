@@ -105,8 +105,8 @@ import sys
 
 path, name = sys.argv[1], sys.argv[2]
 try:
-    from nets.pips2 import Pips
-    from utils.checkpoint import CheckpointError, load_model_state, read_checkpoint
+    from pips2.nets.pips2 import Pips
+    from pips2.utils.checkpoint import CheckpointError, load_model_state, read_checkpoint
 except ImportError as e:
     sys.exit(f"get_reference_model.sh: cannot verify {name}: {e} (set PYTHON to the project's python); "
              f"nothing replaced")

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import fire
 
-from datasets.synthetic import SceneConfig, generate_dataset
+from pips2.datasets.synthetic import SceneConfig, generate_dataset
 
 
 def main(out: str = "./synthetic_pod", train: int = 8, val: int = 0, test: int = 2, sample: int = 0, W: int = 512,

@@ -13,10 +13,10 @@ from pathlib import Path
 import fire
 from tqdm import tqdm
 
-from datasets.crohd import list_clips
-from utils import evaluation, metrics
-from utils.cli import load_pips_or_exit, parse_hw
-from utils.tracking import FileFrames
+from pips2.datasets.crohd import list_clips
+from pips2.utils import evaluation, metrics
+from pips2.utils.cli import load_pips_or_exit, parse_hw
+from pips2.utils.tracking import FileFrames
 
 
 def main(dataset_location: str = "../datasets/crohd", dset: str = "train", clip_len: int = 1000, S: int = 128,

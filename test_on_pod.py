@@ -22,12 +22,12 @@ import fire
 from PIL import Image
 from tqdm import tqdm
 
-from datasets import pointodyssey as pod
-from utils import evaluation, metrics
-from utils.checkpoint import resolve_device
-from utils.cli import load_pips_or_exit, parse_hw
-from utils.tracking import FileFrames
-from utils.video import VideoError
+from pips2.datasets import pointodyssey as pod
+from pips2.utils import evaluation, metrics
+from pips2.utils.checkpoint import resolve_device
+from pips2.utils.cli import load_pips_or_exit, parse_hw
+from pips2.utils.tracking import FileFrames
+from pips2.utils.video import VideoError
 
 
 def _fail(msg) -> NoReturn:

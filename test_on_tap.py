@@ -21,10 +21,10 @@ import fire
 import numpy as np
 from tqdm import tqdm
 
-from datasets.tapvid import TapVidError, first_queries, load_tapvid, strided_queries
-from utils import evaluation, metrics
-from utils.cli import load_pips_or_exit, parse_hw
-from utils.tracking import track
+from pips2.datasets.tapvid import TapVidError, first_queries, load_tapvid, strided_queries
+from pips2.utils import evaluation, metrics
+from pips2.utils.cli import load_pips_or_exit, parse_hw
+from pips2.utils.tracking import track
 
 
 def tapvid_delta(model, video: np.ndarray, points: np.ndarray, occluded: np.ndarray, mode: str, S: int, iters: int,

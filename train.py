@@ -16,12 +16,12 @@ from pathlib import Path
 import fire
 import torch.distributed as dist
 
-from datasets.clips import STAGE_CLIPS  # the clips each stage trains on, shared with the exporter
-from utils import checkpoint as ck
-from utils.amp import amp_dtype
-from utils.cli import parse_hw
-from utils.train_step import forward_loss, init_estimates, maybe_transpose, optimizer_update
-from utils.trainer import Config, fail, run_stage
+from pips2.datasets.clips import STAGE_CLIPS  # the clips each stage trains on, shared with the exporter
+from pips2.utils import checkpoint as ck
+from pips2.utils.amp import amp_dtype
+from pips2.utils.cli import parse_hw
+from pips2.utils.train_step import forward_loss, init_estimates, maybe_transpose, optimizer_update
+from pips2.utils.trainer import Config, fail, run_stage
 
 # re-exported: tests and benchmarks call the step's semantics as train.<name>
 __all__ = ["Config", "forward_loss", "init_estimates", "main", "make_config", "maybe_transpose",

@@ -6,23 +6,17 @@
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import replace
 from pathlib import Path
 
 import fire
 import torch
+from common import best_time
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-from common import best_time  # noqa: E402
-
-from nets import fast  # noqa: E402
-from nets.pips2 import Pips  # noqa: E402
-from nets.plan import ExecPlan  # noqa: E402
-from utils.golden import load_golden_weights  # noqa: E402
+from pips2.nets import fast
+from pips2.nets.pips2 import Pips
+from pips2.nets.plan import ExecPlan
+from pips2.utils.golden import load_golden_weights
 
 
 def main(S: int = 36, N: int = 128, H: int = 256, W: int = 384, iters: int = 6, repeats: int = 2,

@@ -22,14 +22,11 @@ import cv2
 import fire
 import imageio_ffmpeg
 import numpy as np
+from common import best_time, scratch_run
+
+from pips2.utils.video import read_video, write_mp4
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-from common import best_time, scratch_run  # noqa: E402
-
-from utils.video import read_video, write_mp4  # noqa: E402
 
 
 def authors_encode(frames: np.ndarray, out: Path, fps: int = 24, crf: int = 20, preset: str = "medium") -> None:
@@ -59,7 +56,7 @@ def x264_alone(raw: Path, shape: tuple[int, int, int], out: Path, fps: int = 24,
 def main(S: int = 36, H: int = 384, W: int = 512, repeats: int = 3, scenes: int = 4, clips: int = 24,
          json_out: str | None = None) -> None:
     """Print the encode/decode comparison and the exporter/loader throughput."""
-    from datasets.synthetic import SceneConfig, generate_scene
+    from pips2.datasets.synthetic import SceneConfig, generate_scene
 
     with scratch_run("bench_export_", json_out) as (work, res):
         res.update({"S": S, "H": H, "W": W, "cpus": os.cpu_count()})
@@ -102,7 +99,7 @@ def main(S: int = 36, H: int = 384, W: int = 512, repeats: int = 3, scenes: int 
               f"PSNR of the CRF-20 clip {psnr:.1f} dB", flush=True)
 
         # the exporter end to end on synthetic scenes (real PointOdyssey frames are 960x540)
-        from datasets.synthetic import generate_dataset
+        from pips2.datasets.synthetic import generate_dataset
 
         generate_dataset(work / "pod", {"train": scenes}, cfg=SceneConfig(W=640, H=480, T=S + 16, n_points=800),
                          progress=False)
@@ -119,7 +116,7 @@ def main(S: int = 36, H: int = 384, W: int = 512, repeats: int = 3, scenes: int 
             print(f"export with {workers} worker(s), x264 {preset}: {written} clips in {dt:.1f} s -> "
                   f"{written / dt:.2f} clips/s (including start-up)", flush=True)
 
-        from datasets.exportdataset import ExportDataset
+        from pips2.datasets.exportdataset import ExportDataset
 
         ds = ExportDataset(str(work / "exp1medium"), None, S=S, N=64, crop_size=(H, W))
         n = min(len(ds), 12)

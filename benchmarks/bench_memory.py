@@ -27,10 +27,10 @@ import fire
 import torch
 from common import reset_peak_rss, status_bytes
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from pips2.nets.plan import ExecPlan
 
-from nets.plan import ExecPlan  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
+
 
 MODELS = {  # name: the plan of the training step
     "ours": ExecPlan.auto("cpu", training=True),
@@ -55,9 +55,9 @@ TARGETS = {
 
 
 def _worker(run: str, model_name: str, out_path: str) -> None:
-    import train
-    from nets.pips2 import Pips
-    from utils.golden import load_golden_weights
+    from pips2.nets.pips2 import Pips
+    from pips2.utils import train_step as train
+    from pips2.utils.golden import load_golden_weights
 
     B, S, N, H, W, iters = RUNS[run]
     g = torch.Generator().manual_seed(0)

@@ -24,7 +24,6 @@ import torch
 from common import reset_peak_rss, status_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 SIZES = {  # name: (S, N, H, W, iters)
     "a": (36, 128, 256, 384, 6),
@@ -39,9 +38,9 @@ CONFIGS = {  # name: (plan: "reference" or "auto" for the device and dtype, auto
 
 
 def _worker(size: str, config: str, device: str, B: int, repeats: int, out_path: str) -> None:
-    from nets.pips2 import Pips
-    from nets.plan import ExecPlan
-    from utils.golden import load_golden_weights
+    from pips2.nets.pips2 import Pips
+    from pips2.nets.plan import ExecPlan
+    from pips2.utils.golden import load_golden_weights
 
     S, N, H, W, iters = SIZES[size]
     plan_name, amp, inference = CONFIGS[config]

@@ -14,11 +14,9 @@ from pathlib import Path
 
 import fire
 import numpy as np
+from common import scratch_run
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from common import scratch_run  # noqa: E402  (benchmarks/ is on the path when a benchmark runs as a script)
 
 
 def run_measured(args: list[str]) -> tuple[str, float, float]:
@@ -36,10 +34,9 @@ def run_measured(args: list[str]) -> tuple[str, float, float]:
 
 WINDOW_SCRIPT = """
 import sys, torch
-sys.path.insert(0, {root!r})
-from nets.pips2 import Pips
-from utils.golden import load_golden_weights
-from utils.tracking import ArrayFrames, track_windows
+from pips2.nets.pips2 import Pips
+from pips2.utils.golden import load_golden_weights
+from pips2.utils.tracking import ArrayFrames, track_windows
 import numpy as np
 S, N, H, W = {S}, {N}, {H}, {W}
 video = (np.random.default_rng(0).random((S, H, W, 3)) * 255).astype(np.uint8)
@@ -51,9 +48,9 @@ track_windows(model, ArrayFrames(video, (H, W)), init, S=S, iters={iters})
 
 def main(steps: int = 12, json_out: str | None = None, window: bool = True) -> None:
     """Train steps/s and peak memory at a small size; evaluation frames/s and peak memory."""
-    from datasets.synthetic import SceneConfig, generate_dataset
-    from utils import checkpoint
-    from utils.golden import load_golden_weights
+    from pips2.datasets.synthetic import SceneConfig, generate_dataset
+    from pips2.utils import checkpoint
+    from pips2.utils.golden import load_golden_weights
 
     with scratch_run("bench_pipe_", json_out) as (work, res):
         generate_dataset(work / "pod", {"train": 3, "test": 2}, cfg=SceneConfig(W=320, H=256, T=64, n_points=600),
@@ -72,7 +69,7 @@ def main(steps: int = 12, json_out: str | None = None, window: bool = True) -> N
             print(f"train ({amp}): {1 / np.mean(itimes):.3f} steps/s, peak RSS {peak:.0f} MiB "
                   "(B=2 S=8 N=32 128x192 iters=4)", flush=True)
 
-        from nets.pips2 import Pips
+        from pips2.nets.pips2 import Pips
 
         checkpoint.save(work / "golden", 1, load_golden_weights(Pips()))
         out, wall, peak = run_measured(["test_on_pod.py", f"--dataset_location={work / 'pod'}", "--S=32", "--N=64",

@@ -15,7 +15,6 @@ from pathlib import Path
 import fire
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 
 def _run(args: list[str]) -> None:
@@ -27,7 +26,7 @@ def main(out: str = "./learning_check", max_iters: int = 500, train_scenes: int 
          B: int = 2, S: int = 8, N: int = 32, iters: int = 4, crop_size: str = "128,192", workers: int = 2,
          quick: bool = False, seed: int = 0) -> None:
     """Synthetic scenes -> export -> train stage 1 -> test_on_pod (model and zero-velocity); prints both."""
-    from datasets.synthetic import SceneConfig, generate_dataset
+    from pips2.datasets.synthetic import SceneConfig, generate_dataset
 
     out_dir = Path(out).resolve()
     T = 24 if quick else 48

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-from datasets import pointodyssey as pod
-from datasets.clips import ClipSettings, Tracks
-from utils import augment
+from pips2.datasets import pointodyssey as pod
+from pips2.datasets.clips import ClipSettings, Tracks
+from pips2.utils import augment
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from utils.video import VideoError, read_clip
+from pips2.utils.video import VideoError, read_clip
 
 # the README's recipe: export at the resolution training crops at (SPEC 3)
 STAGE_CLIPS = {1: dict(S=36, N=128, crop_size=(256, 384)), 2: dict(S=64, N=128, crop_size=(512, 896))}

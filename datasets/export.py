@@ -20,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from datasets import pointodyssey as pod
-from datasets.clipmaker import Candidate, build_clip
-from datasets.clips import (
+from pips2.datasets import pointodyssey as pod
+from pips2.datasets.clipmaker import Candidate, build_clip
+from pips2.datasets.clips import (
     ClipSettings,
     append_manifest,
     clip_dir,
@@ -31,9 +31,9 @@ from datasets.clips import (
     verify_clip,
     write_track,
 )
-from datasets.clips import list_clips as list_clips  # re-exported: callers that list what an export wrote
-from utils.procs import is_space_error, pid_alive
-from utils.video import VideoError, write_mp4
+from pips2.datasets.clips import list_clips as list_clips  # re-exported: callers that list what an export wrote
+from pips2.utils.procs import is_space_error, pid_alive
+from pips2.utils.video import VideoError, write_mp4
 
 STALE_CLAIM_S = 2 * 3600  # a claim from another host older than this is taken over
 NO_SPACE = "no space left on device"

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from datasets.clips import (
+from pips2.datasets.clips import (
     AUTHORS_EXPORT_HW,
     ClipSettings,
     Tracks,
@@ -26,9 +26,9 @@ from datasets.clips import (
     read_clip_folder,
     read_settings,
 )
-from datasets.clips import track_problem as track_problem  # re-exported: the reader's corruption rule
-from utils import augment
-from utils.video import VideoError
+from pips2.datasets.clips import track_problem as track_problem  # re-exported: the reader's corruption rule
+from pips2.utils import augment
+from pips2.utils.video import VideoError
 
 
 class CorruptClipWarning(UserWarning):

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import numpy as np
 
-from datasets.clips import Tracks
-from utils import augment
-from utils.safe_load import load_npy
-from utils.video import VideoError, read_rgb
+from pips2.datasets.clips import Tracks
+from pips2.utils import augment
+from pips2.utils.safe_load import load_npy
+from pips2.utils.video import VideoError, read_rgb
 
 KUBRIC_FRAMES = 24
 

@@ -14,8 +14,8 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from utils.safe_load import UnsafeFileError, load_npz
-from utils.video import VideoError, read_rgb
+from pips2.utils.safe_load import UnsafeFileError, load_npz
+from pips2.utils.video import VideoError, read_rgb
 
 FRAME_RE = re.compile(r"^rgb_(\d+)\.(jpg|jpeg|png)$")
 STRIDES = (1, 2, 4)

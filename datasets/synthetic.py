@@ -17,6 +17,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 from PIL import Image
+from tqdm import tqdm
 
 DEPTH_SCALE = 65535.0 / 1000.0  # PointOdyssey: metres = value / 65535 * 1000
 
@@ -281,7 +282,6 @@ def generate_scene(out_dir: str | Path, seed: int, cfg: SceneConfig | None = Non
 def generate_dataset(root: str | Path, dsets: dict[str, int], seed: int = 0, cfg: SceneConfig | None = None,
                      progress: bool = True) -> list[Path]:
     """Write `dsets[name]` scenes into root/name/ for each split; scene i of a split is seeded by (seed, split, i)."""
-    from tqdm import tqdm
 
     jobs = []
     for d, (name, count) in enumerate(sorted(dsets.items())):

@@ -8,7 +8,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from utils.safe_load import UnsafeFileError, load_pickle
+from pips2.utils.safe_load import UnsafeFileError, load_pickle
 
 
 class TapVidError(ValueError):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 from torch.utils.data import Dataset, Sampler
 
-from datasets.exportdataset import to_sample
+from pips2.datasets.exportdataset import to_sample
 
 
 class OrdinalDataset(Dataset):

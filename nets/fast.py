@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 if TYPE_CHECKING:  # only for hints: pips2 imports this module
-    from nets.pips2 import CorrPyramid, DeltaBlock
+    from pips2.nets.pips2 import CorrPyramid, DeltaBlock
 
 # ----------------------------------------------------------------------------------------------------------
 # Encoder

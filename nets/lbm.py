@@ -24,8 +24,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nets.lbm_parts import MLP, Attention, MSDeformAttn, resnet_stage, resnet_stem_and_stage1
-from utils.checkpoint import CheckpointError, load_model_state, strip_module_prefix
+from pips2.nets.lbm_parts import MLP, Attention, MSDeformAttn, resnet_stage, resnet_stem_and_stage1
+from pips2.utils.checkpoint import CheckpointError, load_model_state, strip_module_prefix
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -16,9 +16,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from nets import fast
-from nets.plan import ExecPlan
-from utils.amp import autocast_off
+from pips2.nets import fast
+from pips2.nets.plan import ExecPlan
+from pips2.utils.amp import autocast_off
 
 MIN_SIZE = 128  # four pyramid levels at stride 8 must stay >= 2x2
 Norm = Callable[[torch.Tensor], torch.Tensor]

@@ -5,9 +5,6 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-for p in (ROOT, ROOT / "tests"):
-    if str(p) not in sys.path:
-        sys.path.insert(0, str(p))
 
 EXPORT_ARGS = ["--S=8", "--N=32", "--crop_size=128,192", "--quiet=True"]
 
@@ -15,7 +12,7 @@ EXPORT_ARGS = ["--S=8", "--N=32", "--crop_size=128,192", "--quiet=True"]
 @pytest.fixture(scope="session")
 def synth_root(tmp_path_factory):
     """A small synthetic PointOdyssey: 3 train scenes, 1 test scene, 320x256, 24 frames."""
-    from datasets.synthetic import SceneConfig, generate_dataset
+    from pips2.datasets.synthetic import SceneConfig, generate_dataset
 
     root = tmp_path_factory.mktemp("pod")
     cfg = SceneConfig(W=320, H=256, T=24, n_objects=3, n_points=400)

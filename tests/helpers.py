@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import torch
 
-from utils.golden import golden_state_dict as _recipe
+from pips2.utils.golden import golden_state_dict as _recipe
 
 DATA = Path(__file__).parent / "data"
 
@@ -25,7 +25,7 @@ def golden_state_dict() -> dict[str, torch.Tensor]:
 
 def golden_model(**kwargs):
     """A Pips with the golden weights, in eval mode."""
-    from nets.pips2 import Pips
+    from pips2.nets.pips2 import Pips
 
     model = Pips(**kwargs)
     model.load_state_dict(golden_state_dict(), strict=True)

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from utils import augment
+from pips2.utils import augment
 
 
 def _dots(H, W, trajs, sigma=1.6):

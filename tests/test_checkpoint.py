@@ -4,9 +4,9 @@ import pytest
 import torch
 from helpers import golden_state_dict
 
-from nets.pips2 import Pips
-from nets.plan import ExecPlan
-from utils import checkpoint as ck
+from pips2.nets.pips2 import Pips
+from pips2.nets.plan import ExecPlan
+from pips2.utils import checkpoint as ck
 
 
 @pytest.fixture(scope="module")

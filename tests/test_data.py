@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from conftest import EXPORT_ARGS, run_export
 
-from datasets import pointodyssey as pod
-from datasets.clips import ClipSettings, list_clips, verify_clip
-from datasets.synthetic import SceneConfig, generate_scene
+from pips2.datasets import pointodyssey as pod
+from pips2.datasets.clips import ClipSettings, list_clips, verify_clip
+from pips2.datasets.synthetic import SceneConfig, generate_scene
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = SceneConfig(W=320, H=256, T=24, n_objects=3, n_points=400)
@@ -240,7 +240,7 @@ def test_clip_k_is_the_same_whoever_writes_it(exported, synth_root, tmp_path):
 
 
 def test_exported_tracks_follow_the_pixels(exported):
-    from utils.video import read_clip
+    from pips2.utils.video import read_clip
 
     out, _ = exported
     vdir = _version(out)
@@ -303,7 +303,7 @@ def test_two_exporters_at_once(synth_root, tmp_path):
 def test_export_dataset_reads_and_skips_corrupt(exported, tmp_path):
     import torch
 
-    from datasets.exportdataset import CorruptClipWarning, ExportDataset
+    from pips2.datasets.exportdataset import CorruptClipWarning, ExportDataset
 
     out, _ = exported
     copy = tmp_path / "copy"
@@ -341,7 +341,7 @@ def test_version_names_every_setting_that_changes_the_clips():
 # --- the clip format (datasets/clips.py) ---------------------------------------------------------------------
 
 def test_tracks_pack_unpack_round_trip_take_and_pad():
-    from datasets.clips import Tracks
+    from pips2.datasets.clips import Tracks
 
     rng = np.random.default_rng(0)
     tr = Tracks(rng.uniform(-50, 300, (5, 7, 2)).astype(np.float32), rng.random((5, 7)) < 0.5,
@@ -374,14 +374,14 @@ def test_choose_tracks_never_repeats():
 
 
 def _settings_only(root, name, **kw):
-    from datasets.clips import write_settings
+    from pips2.datasets.clips import write_settings
 
     (root / name).mkdir(parents=True)
     write_settings(root / name, ClipSettings(**kw))
 
 
 def test_find_version(tmp_path):
-    from datasets.clips import find_version
+    from pips2.datasets.clips import find_version
 
     _settings_only(tmp_path, "big", S=64, N=128, crop_size=(512, 896))
     _settings_only(tmp_path, "val", dset="val", S=36, N=128, crop_size=(256, 384))
@@ -408,8 +408,8 @@ def test_find_version(tmp_path):
 
 def _dot_clip(vdir, k, hw, centers):
     """A clip whose only bright thing is a 3x3 dot at centers[t] (integer x, y), tracked by track 0."""
-    from datasets.clips import Tracks, write_track
-    from utils.video import write_mp4
+    from pips2.datasets.clips import Tracks, write_track
+    from pips2.utils.video import write_mp4
 
     S = len(centers)
     frames = np.zeros((S, *hw, 3), np.uint8)
@@ -423,8 +423,8 @@ def _dot_clip(vdir, k, hw, centers):
 
 
 def test_random_crop_of_a_larger_clip_keeps_tracks_on_the_pixels(tmp_path):
-    from datasets.clips import write_settings
-    from datasets.exportdataset import ExportDataset
+    from pips2.datasets.clips import write_settings
+    from pips2.datasets.exportdataset import ExportDataset
 
     vdir = tmp_path / "v"
     vdir.mkdir()
@@ -449,8 +449,8 @@ def test_random_crop_of_a_larger_clip_keeps_tracks_on_the_pixels(tmp_path):
 
 
 def test_clips_smaller_than_the_crop_are_one_clear_error(tmp_path):
-    from datasets.clips import write_settings
-    from datasets.exportdataset import ExportDataset
+    from pips2.datasets.clips import write_settings
+    from pips2.datasets.exportdataset import ExportDataset
 
     vdir = tmp_path / "v"
     vdir.mkdir()
@@ -468,9 +468,9 @@ def test_readme_recipe_export_defaults_serve_stage_1_training(tmp_path):
 
     import export_mp4_dataset
     import train
-    from datasets.clips import STAGE_CLIPS
-    from datasets.exportdataset import ExportDataset
-    from datasets.synthetic import generate_dataset
+    from pips2.datasets.clips import STAGE_CLIPS
+    from pips2.datasets.exportdataset import ExportDataset
+    from pips2.datasets.synthetic import generate_dataset
 
     defaults = {k: v.default for k, v in inspect.signature(export_mp4_dataset.main).parameters.items()}
     stage1 = STAGE_CLIPS[1]

@@ -13,8 +13,8 @@ import pytest
 from helpers import golden_model, run_main
 
 import demo
-from utils import checkpoint
-from utils.video import read_video, write_mp4
+from pips2.utils import checkpoint
+from pips2.utils.video import read_video, write_mp4
 
 ROOT = Path(__file__).resolve().parents[1]
 

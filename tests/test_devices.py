@@ -15,9 +15,9 @@ from helpers import golden_model
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import train
-from nets.pips2 import CorrPyramid
-from nets.plan import ExecPlan
-from utils import tracking
+from pips2.nets.pips2 import CorrPyramid
+from pips2.nets.plan import ExecPlan
+from pips2.utils import tracking
 
 
 def _clip(S=4, N=6, H=128, W=160, seed=0):

@@ -14,10 +14,10 @@ import torch
 from helpers import golden_model, run_main
 
 import test_on_pod
-from datasets.synthetic import SceneConfig, generate_dataset
-from nets.pips2 import Pips
-from utils import checkpoint, evaluation, tracking
-from utils.video import VideoError
+from pips2.datasets.synthetic import SceneConfig, generate_dataset
+from pips2.nets.pips2 import Pips
+from pips2.utils import checkpoint, evaluation, tracking
+from pips2.utils.video import VideoError
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = dict(S=8, N=32, iters=2, image_size="128,192")

@@ -12,8 +12,8 @@ import pytest
 from helpers import golden_model, run_main
 
 import test_on_tap
-from datasets import crohd, tapvid
-from utils import checkpoint, metrics
+from pips2.datasets import crohd, tapvid
+from pips2.utils import checkpoint, metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 

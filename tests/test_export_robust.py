@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 from conftest import EXPORT_ARGS, run_export
 
-from datasets import export
-from datasets.clipmaker import enumerate_candidates
-from datasets.clips import ClipSettings, list_clips, verify_clip
+from pips2.datasets import export
+from pips2.datasets.clipmaker import enumerate_candidates
+from pips2.datasets.clips import ClipSettings, list_clips, verify_clip
 
 ROOT = Path(__file__).resolve().parents[1]
 ST = ClipSettings(dset="train", S=8, N=32, crop_size=(128, 192))

@@ -51,7 +51,7 @@ def _torch_bytes(obj) -> bytes:
 
 @pytest.fixture(scope="module")
 def good_ckpt(tmp_path_factory) -> bytes:
-    from nets.pips2 import Pips
+    from pips2.nets.pips2 import Pips
 
     return _torch_bytes({"model_state_dict": Pips().state_dict()})
 

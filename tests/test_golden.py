@@ -18,7 +18,7 @@ import pytest
 import torch
 from helpers import DATA, golden_model
 
-from nets.plan import ExecPlan
+from pips2.nets.plan import ExecPlan
 
 GOLDEN32 = np.load(DATA / "golden_forward.npz")
 GOLDEN64 = np.load(DATA / "golden_forward_f64.npz")

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-from nets.lbm import LBM, LBMOnline, load_backbone_init, load_lbm
-from utils.checkpoint import CheckpointError
+from pips2.nets.lbm import LBM, LBMOnline, load_backbone_init, load_lbm
+from pips2.utils.checkpoint import CheckpointError
 
 DATA = Path(__file__).parent / "data" / "lbm"
 SPEC = json.loads((DATA / "state_dict.json").read_text())

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from nets.lbm import LBM, LBMOnline, LBMStep, sample_points
+from pips2.nets.lbm import LBM, LBMOnline, LBMStep, sample_points
 
 ort = pytest.importorskip("onnxruntime")
 pytestmark = pytest.mark.slow

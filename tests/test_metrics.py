@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from utils import metrics
+from pips2.utils import metrics
 
 
 def _case():

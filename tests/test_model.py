@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from helpers import DATA, golden_model, state_dict_spec
 
-from nets import fast
-from nets.pips2 import CorrPyramid, Pips, sample_features, sequence_loss, sincos_embed_xy
-from nets.plan import ExecPlan
+from pips2.nets import fast
+from pips2.nets.pips2 import CorrPyramid, Pips, sample_features, sequence_loss, sincos_embed_xy
+from pips2.nets.plan import ExecPlan
 
 GOLDEN = np.load(DATA / "golden_forward.npz")
 
@@ -64,7 +64,7 @@ def test_nan_coordinates_give_nan_not_a_crash():
 
 
 def test_pyramid_levels_are_avg_pool2d():
-    from nets.pips2 import avg_pool2x2_nhwc
+    from pips2.nets.pips2 import avg_pool2x2_nhwc
 
     x = torch.randn(2, 4, 13, 10)
     got = avg_pool2x2_nhwc(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
@@ -291,7 +291,7 @@ def test_too_small_frames_are_rejected(hw):
 def test_module_has_no_hard_coded_device():
     import inspect
 
-    import nets.pips2 as m
+    import pips2.nets.pips2 as m
 
     src = inspect.getsource(m) + inspect.getsource(fast)
     assert ".cuda(" not in src and "'cuda'" not in src and '"cuda"' not in src

@@ -12,8 +12,8 @@ import pytest
 import torch
 from helpers import golden_model
 
-from utils import tracking
-from utils.video import write_mp4
+from pips2.utils import tracking
+from pips2.utils.video import write_mp4
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -338,8 +338,8 @@ def test_long_video_memory_is_bounded(tmp_path):
 import re
 import numpy as np
 from helpers import golden_model
-from utils import tracking
-from utils.video import write_mp4
+from pips2.utils import tracking
+from pips2.utils.video import write_mp4
 
 def mib(key):
     return int(re.search(key + r":\\s+(\\d+)", open("/proc/self/status").read()).group(1)) / 1024

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import train
-from nets.pips2 import Pips
-from utils import checkpoint as ck
+from pips2.nets.pips2 import Pips
+from pips2.utils import checkpoint as ck
 
 ROOT = Path(__file__).resolve().parents[1]
 STEP_RE = re.compile(r"^(\S+); step (\d{6})/(\d+); rtime [\d.]+; itime [\d.]+; loss ([\d.naninf]+); "
@@ -204,7 +204,7 @@ def _kubric(root: Path, n_seq=2, nan=False, frames=24, size=512):
 
 
 def test_kubric_layout_and_window(tmp_path):
-    from datasets.kubric import KubricDataset
+    from pips2.datasets.kubric import KubricDataset
 
     _kubric(tmp_path)
     ds = KubricDataset(str(tmp_path), S=10, N=16, crop_size=(512, 512))
@@ -241,8 +241,6 @@ def test_ddp_two_processes_keep_identical_weights(exported, tmp_path):
     out, _ = exported
     script = tmp_path / "ddp.py"
     script.write_text(f"""
-import sys
-sys.path.insert(0, {str(ROOT)!r})
 import torch, torch.distributed as dist
 import train
 cfg = train.make_config(1, dict(dataset_location={str(out)!r}, dataset_version={_version(out)!r}, B=1, S=6, N=8,
@@ -258,8 +256,9 @@ if dist.get_rank() == 0:
 dist.destroy_process_group()
 """)
     torchrun = Path(sys.executable).parent / "torchrun"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))  # the child script imports train.py from the checkout
     res = subprocess.run([str(torchrun), "--nproc_per_node=2", "--master_port=29531", str(script)], cwd=ROOT,
-                         capture_output=True, text=True, timeout=600)
+                         env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     assert "IDENTICAL 2" in res.stdout
     assert [s for s, _ in ck.list_checkpoints(next((tmp_path / "ck").iterdir()))] == [3]

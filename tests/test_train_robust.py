@@ -13,9 +13,9 @@ import pytest
 import torch
 
 import train
-from datasets.export import list_clips
-from utils import checkpoint as ck
-from utils import trainer
+from pips2.datasets.export import list_clips
+from pips2.utils import checkpoint as ck
+from pips2.utils import trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(B=1, S=6, N=8, crop_size="128,192", iters=2, workers=0, log_freq=1, device="cpu")
@@ -211,7 +211,7 @@ def _corrupt_copy(out, dst, value=1e9, field=0):
 @pytest.mark.parametrize("value,field,why", [(1e9, 0, "far outside"), (-1e9, 1, "far outside"),
                                              (0.5, 2, "flags must be 0 or 1"), (7.0, 3, "flags must be 0 or 1")])
 def test_absurd_track_values_make_a_clip_corrupt(exported, tmp_path, value, field, why):
-    from datasets.exportdataset import CorruptClipWarning, ExportDataset
+    from pips2.datasets.exportdataset import CorruptClipWarning, ExportDataset
 
     out, _ = exported
     clip = _corrupt_copy(out, tmp_path / "copy", value, field)
@@ -230,7 +230,7 @@ def test_absurd_track_values_make_a_clip_corrupt(exported, tmp_path, value, fiel
 
 
 def test_legitimate_exports_are_never_rejected(exported):
-    from datasets.exportdataset import track_problem
+    from pips2.datasets.exportdataset import track_problem
 
     out, _ = exported
     clips = list_clips(out / _version(out))

@@ -10,10 +10,10 @@ import cv2
 import numpy as np
 import pytest
 
-from datasets import pointodyssey as pod
-from datasets import tapvid
-from datasets.kubric import KubricDataset
-from utils.safe_load import UnsafeFileError, load_npy, load_npz, load_pickle
+from pips2.datasets import pointodyssey as pod
+from pips2.datasets import tapvid
+from pips2.datasets.kubric import KubricDataset
+from pips2.utils.safe_load import UnsafeFileError, load_npy, load_npz, load_pickle
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -335,7 +335,7 @@ def test_missing_file_is_one_line(tmp_path):
 def test_checkpoint_with_payload_is_refused_without_bad_advice(tmp_path):
     import torch
 
-    from utils.checkpoint import CheckpointError, read_checkpoint
+    from pips2.utils.checkpoint import CheckpointError, read_checkpoint
 
     marker = tmp_path / "ran"
     torch.save({"model_state_dict": Payload(marker)}, tmp_path / "model-000000001.pth")

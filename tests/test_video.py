@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from utils.video import VideoError, iter_frames, read_clip, read_video, video_info, write_mp4
+from pips2.utils.video import VideoError, iter_frames, read_clip, read_video, video_info, write_mp4
 
 
 @pytest.fixture(scope="module")

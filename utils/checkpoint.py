@@ -15,7 +15,10 @@ import torch
 import torch.nn as nn
 from prettytable import PrettyTable
 
-from utils.procs import pid_alive
+from pips2.nets.pips2 import Pips
+from pips2.nets.plan import ExecPlan
+from pips2.utils.amp import amp_dtype
+from pips2.utils.procs import pid_alive
 
 CKPT_RE = re.compile(r"^model-(\d+)\.pth$")
 # .model-%09d.pth.<host>.<pid>.<random>.tmp: host and pid say whether the writer may still be alive
@@ -323,9 +326,6 @@ def load_pips(init_dir: str | os.PathLike, device: str | torch.device = "cpu", s
 
     Its plan is the inference plan for `device` and `amp` (the autocast the caller will run it under).
     """
-    from nets.pips2 import Pips
-    from nets.plan import ExecPlan
-    from utils.amp import amp_dtype
 
     p = Path(init_dir)
     if not p.exists() or (p.is_dir() and not list_checkpoints(p)):

@@ -6,6 +6,8 @@ import sys
 
 import torch
 
+from pips2.utils.checkpoint import CheckpointError, load_pips, resolve_device
+
 
 def parse_hw(value, name: str = "size") -> tuple[int, int]:
     """An (H, W) flag as fire hands it over: "512,896", (512, 896) or [512, 896]."""
@@ -19,8 +21,6 @@ def parse_hw(value, name: str = "size") -> tuple[int, int]:
 
 def load_pips_or_exit(init_dir: str, device: str | torch.device = "auto", **kwargs):
     """load_pips, or exit with its one-line error (which names get_reference_model.sh when nothing is there)."""
-    from utils.checkpoint import CheckpointError, load_pips, resolve_device
-
     try:
         return load_pips(init_dir, resolve_device(device) if isinstance(device, str) else device, **kwargs)
     except CheckpointError as e:

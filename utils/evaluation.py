@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from utils import metrics
-from utils.tracking import ArrayFrames, FrameSource, track_windows
+from pips2.utils import metrics
+from pips2.utils.tracking import ArrayFrames, FrameSource, track_windows
 
 
 def select_points(trajs: np.ndarray, visibs: np.ndarray, valids: np.ndarray, hw: tuple[int, int],

@@ -23,9 +23,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from nets.pips2 import MIN_SIZE
-from utils.amp import autocast
-from utils.video import VideoError, iter_frames, read_rgb
+from pips2.nets.pips2 import MIN_SIZE
+from pips2.utils.amp import autocast
+from pips2.utils.video import VideoError, iter_frames, read_rgb
 
 # ---------------------------------------------------------------------------------------------------------
 # Frame sources: random access to (start, end) windows of uint8 frames at the model's size.

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from utils import metrics
-from utils.amp import autocast
+from pips2.utils import metrics
+from pips2.utils.amp import autocast
 
 
 def init_estimates(trajs_g: torch.Tensor, hw: tuple[int, int], gen: torch.Generator) -> torch.Tensor:

@@ -24,18 +24,18 @@ import torch.distributed as dist
 from tensorboardX import SummaryWriter
 from torch.utils.data import DataLoader
 
-from datasets.exportdataset import ExportDataset
-from datasets.kubric import KubricDataset
-from datasets.tapvid import load_tapvid
-from datasets.training import OrdinalDataset, OrdinalSampler
-from nets.pips2 import Pips
-from nets.plan import ExecPlan
-from utils import checkpoint as ck
-from utils import evaluation, metrics
-from utils.amp import amp_dtype, autocast
-from utils.procs import is_space_error
-from utils.train_step import batch_figures, forward_loss, optimizer_update, step_generator
-from utils.vis import summary_image
+from pips2.datasets.exportdataset import ExportDataset
+from pips2.datasets.kubric import KubricDataset
+from pips2.datasets.tapvid import load_tapvid
+from pips2.datasets.training import OrdinalDataset, OrdinalSampler
+from pips2.nets.pips2 import Pips
+from pips2.nets.plan import ExecPlan
+from pips2.utils import checkpoint as ck
+from pips2.utils import evaluation, metrics
+from pips2.utils.amp import amp_dtype, autocast
+from pips2.utils.procs import is_space_error
+from pips2.utils.train_step import batch_figures, forward_loss, optimizer_update, step_generator
+from pips2.utils.vis import summary_image
 
 
 @dataclass

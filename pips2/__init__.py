@@ -1,0 +1,12 @@
+"""PIPs++ and LBM point trackers: pips2.nets (models), pips2.datasets (data), pips2.utils (the rest).
+
+In a source checkout the subpackages are the folders nets/, datasets/ and utils/ beside this one; an installed
+copy (pip install .) holds them inside this package. Either way they import as pips2.nets, pips2.datasets and
+pips2.utils, so the project never shadows other top-level packages (e.g. Hugging Face's `datasets`).
+"""
+
+from pathlib import Path as _Path
+
+_here = _Path(__file__).resolve().parent
+if not (_here / "nets").is_dir() and (_here.parent / "nets" / "pips2.py").is_file():
+    __path__.append(str(_here.parent))  # noqa: F821 (a package's __path__)
