@@ -26,7 +26,7 @@ from pips2.datasets import pointodyssey as pod
 from pips2.datasets.clipmaker import enumerate_candidates
 from pips2.datasets.clips import STAGE_CLIPS, ClipSettings, list_clips, write_settings
 from pips2.datasets.export import NO_SPACE, clean_stale_claims, clean_stale_temps, export_one, worker_init
-from pips2.utils.cli import parse_hw
+from pips2.utils.cli import aliased, parse_hw
 
 
 def _fail(msg) -> NoReturn:
@@ -69,9 +69,10 @@ def main(dataset_location: str = "../datasets/pointodyssey", dset: str = "train"
                           shuffle=shuffle, seed=seed, preset=preset)
     except ValueError as e:
         _fail(e)
-    if max_clips is not None and max_iters is not None and max_clips != max_iters:
-        _fail(f"--max_clips={max_clips} and its alias --max_iters={max_iters} disagree; give one")
-    max_clips = max_iters if max_clips is None else max_clips
+    try:
+        max_clips = aliased("max_clips", max_clips, "max_iters", max_iters)
+    except ValueError as e:
+        _fail(e)
     if not 0 <= shard < num_shards:
         _fail(f"--shard must be in [0, {num_shards}), got {shard}")
     try:  # before anything is created: a mistyped path must not leave an empty version folder behind

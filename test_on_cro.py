@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from pips2.datasets.crohd import list_clips
 from pips2.utils import evaluation, metrics
-from pips2.utils.cli import load_pips_or_exit, parse_hw
+from pips2.utils.cli import aliased, load_pips_or_exit, parse_hw
 from pips2.utils.tracking import FileFrames
 
 
@@ -28,7 +28,7 @@ def main(dataset_location: str = "../datasets/crohd", dset: str = "train", clip_
     --max_clips scores only the first clips; --max_iters is the authors' name for it."""
     image_size = parse_hw(image_size, "image_size")
     try:
-        max_clips = evaluation.item_limit(max_clips, max_iters, "--max_clips")
+        max_clips = aliased("max_clips", max_clips, "max_iters", max_iters)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

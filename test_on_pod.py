@@ -25,7 +25,7 @@ from tqdm import tqdm
 from pips2.datasets import pointodyssey as pod
 from pips2.utils import evaluation, metrics
 from pips2.utils.checkpoint import resolve_device
-from pips2.utils.cli import load_pips_or_exit, parse_hw
+from pips2.utils.cli import aliased, load_pips_or_exit, parse_hw
 from pips2.utils.tracking import FileFrames
 from pips2.utils.video import VideoError
 
@@ -87,7 +87,7 @@ def main(dataset_location: str = "../datasets/pointodyssey", dset: str = "test",
     --max_scenes scores only the first sequences; --max_iters is the authors' name for it."""
     try:
         image_size = parse_hw(image_size, "image_size")
-        max_scenes = evaluation.item_limit(max_scenes, max_iters, "--max_scenes")
+        max_scenes = aliased("max_scenes", max_scenes, "max_iters", max_iters)
         scenes = pod.list_scenes(dataset_location, dset)
     except (ValueError, OSError) as e:
         _fail(e)

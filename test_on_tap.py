@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from pips2.datasets.tapvid import TapVidError, first_queries, load_tapvid, strided_queries
 from pips2.utils import evaluation, metrics
-from pips2.utils.cli import load_pips_or_exit, parse_hw
+from pips2.utils.cli import aliased, load_pips_or_exit, parse_hw
 from pips2.utils.tracking import track
 
 
@@ -63,7 +63,7 @@ def main(dataset_location: str = "../datasets/tapvid/tapvid_davis.pkl", S: int =
     --max_videos scores only the first videos; --max_iters is the authors' name for it."""
     image_size = parse_hw(image_size, "image_size")
     try:
-        max_videos = evaluation.item_limit(max_videos, max_iters, "--max_videos")
+        max_videos = aliased("max_videos", max_videos, "max_iters", max_iters)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

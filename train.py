@@ -19,7 +19,7 @@ import torch.distributed as dist
 from pips2.datasets.clips import STAGE_CLIPS  # the clips each stage trains on, shared with the exporter
 from pips2.utils import checkpoint as ck
 from pips2.utils.amp import amp_dtype
-from pips2.utils.cli import parse_hw
+from pips2.utils.cli import aliased, parse_hw
 from pips2.utils.train_step import forward_loss, init_estimates, maybe_transpose, optimizer_update
 from pips2.utils.trainer import Config, fail, run_stage
 
@@ -41,12 +41,7 @@ def resolve_aliases(flags: dict) -> dict:
     for alias, name in ALIASES.items():
         if alias not in out:
             continue
-        value = out.pop(alias)
-        if out.get(name) is not None and value is not None and out[name] != value:
-            raise ValueError(f"--{alias} is another name for --{name}, and they differ "
-                             f"(--{name}={out[name]}, --{alias}={value}): pass one of them")
-        if out.get(name) is None:
-            out[name] = value
+        out[name] = aliased(name, out.get(name), alias, out.pop(alias))
     return out
 
 

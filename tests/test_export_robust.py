@@ -119,7 +119,7 @@ def test_bad_flag_is_one_line(synth_root, tmp_path):
     assert res.returncode == 2 and res.stderr.strip().count("\n") == 0 and "--shard" in res.stderr
     res = run_export(synth_root, tmp_path, "--max_clips=3", "--max_iters=4", check=False)
     assert res.returncode == 2 and res.stderr.strip() == \
-        "error: --max_clips=3 and its alias --max_iters=4 disagree; give one"
+        "error: --max_clips=3 and its alias --max_iters=4 disagree; give one of them"
     assert not tmp_path.joinpath(ST.version()).exists()
 
 

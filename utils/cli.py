@@ -19,6 +19,13 @@ def parse_hw(value, name: str = "size") -> tuple[int, int]:
     return h, w
 
 
+def aliased(name: str, value, alias: str, alias_value):
+    """A flag given by its name or by the authors' alias for it; ValueError when both are given and differ."""
+    if value is not None and alias_value is not None and value != alias_value:
+        raise ValueError(f"--{name}={value} and its alias --{alias}={alias_value} disagree; give one of them")
+    return alias_value if value is None else value
+
+
 def load_pips_or_exit(init_dir: str, device: str | torch.device = "auto", **kwargs):
     """load_pips, or exit with its one-line error (which names get_reference_model.sh when nothing is there)."""
     try:

@@ -79,15 +79,6 @@ def evaluate_tapvid_video(model, video: np.ndarray, points: np.ndarray, occluded
     return evaluate_points(model, ArrayFrames(video, image_size), tr, val, S, iters, point_batch, amp)
 
 
-def item_limit(limit: int | None, max_iters: int | None, flag: str) -> int | None:
-    """How many videos to score: `flag` (e.g. --max_scenes) or the authors' name for it, --max_iters.
-
-    ValueError when both are given and disagree."""
-    if limit is not None and max_iters is not None and limit != max_iters:
-        raise ValueError(f"{flag}={limit} and its alias --max_iters={max_iters} disagree; give one of them")
-    return limit if limit is not None else max_iters
-
-
 def format_row(name: str, res: dict[str, float]) -> str:
     """The one line printed per video."""
     figs = "; ".join(f"{k} {res[k]:.1f}" for k in metrics.METRIC_NAMES)
