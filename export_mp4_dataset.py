@@ -17,7 +17,6 @@ import time
 from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
-from typing import NoReturn
 
 import fire
 from tqdm import tqdm
@@ -26,13 +25,7 @@ from pips2.datasets import pointodyssey as pod
 from pips2.datasets.clipmaker import enumerate_candidates
 from pips2.datasets.clips import STAGE_CLIPS, ClipSettings, list_clips, write_settings
 from pips2.datasets.export import NO_SPACE, clean_stale_claims, clean_stale_temps, export_one, worker_init
-from pips2.utils.cli import aliased, parse_hw
-
-
-def _fail(msg) -> NoReturn:
-    """Bad flags or data: one line on stderr, exit 2."""
-    print(f"error: {msg}", file=sys.stderr)
-    sys.exit(2)
+from pips2.utils.cli import aliased, die, parse_hw
 
 
 def _parse_hw(crop_size) -> tuple[int, int]:
@@ -68,25 +61,25 @@ def main(dataset_location: str = "../datasets/pointodyssey", dset: str = "train"
         st = ClipSettings(dset=dset, S=S, N=N, crop_size=_parse_hw(crop_size), use_augs=use_augs,
                           shuffle=shuffle, seed=seed, preset=preset)
     except ValueError as e:
-        _fail(e)
+        die(e)
     try:
         max_clips = aliased("max_clips", max_clips, "max_iters", max_iters)
     except ValueError as e:
-        _fail(e)
+        die(e)
     if not 0 <= shard < num_shards:
-        _fail(f"--shard must be in [0, {num_shards}), got {shard}")
+        die(f"--shard must be in [0, {num_shards}), got {shard}")
     try:  # before anything is created: a mistyped path must not leave an empty version folder behind
         cands = enumerate_candidates(dataset_location, st)
         if not cands:
-            _fail(_no_clips_reason(dataset_location, st))
+            die(_no_clips_reason(dataset_location, st))
     except OSError as e:
-        _fail(f"--dataset_location: {e}")
+        die(f"--dataset_location: {e}")
     version_dir = Path(out_dir) / st.version()
     try:
         version_dir.mkdir(parents=True, exist_ok=True)
         write_settings(version_dir, st)
     except OSError as e:
-        _fail(f"--out_dir: cannot write {version_dir} ({e.strerror or e})")
+        die(f"--out_dir: cannot write {version_dir} ({e.strerror or e})")
     cleaned = clean_stale_temps(version_dir)
     clean_stale_claims(version_dir)
     total = len(cands) if max_clips is None else min(max_clips, len(cands))

@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -15,7 +14,7 @@ from tqdm import tqdm
 
 from pips2.datasets.crohd import list_clips
 from pips2.utils import evaluation, metrics
-from pips2.utils.cli import aliased, load_pips_or_exit, parse_hw
+from pips2.utils.cli import aliased, die, load_pips_or_exit, parse_hw
 from pips2.utils.tracking import FileFrames
 
 
@@ -30,8 +29,7 @@ def main(dataset_location: str = "../datasets/crohd", dset: str = "train", clip_
     try:
         max_clips = aliased("max_clips", max_clips, "max_iters", max_iters)
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        die(e)
     model = load_pips_or_exit(init_dir, device, amp=amp)
     clips = list_clips(dataset_location, dset, clip_len)[:max_clips]
     rows, skipped = {}, []

@@ -16,7 +16,6 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
-from typing import NoReturn
 
 import fire
 from PIL import Image
@@ -25,15 +24,9 @@ from tqdm import tqdm
 from pips2.datasets import pointodyssey as pod
 from pips2.utils import evaluation, metrics
 from pips2.utils.checkpoint import resolve_device
-from pips2.utils.cli import aliased, load_pips_or_exit, parse_hw
+from pips2.utils.cli import aliased, die, load_pips_or_exit, parse_hw
 from pips2.utils.tracking import FileFrames
 from pips2.utils.video import VideoError
-
-
-def _fail(msg) -> NoReturn:
-    """Bad flags or data: one line on stderr, exit 2."""
-    print(f"error: {msg}", file=sys.stderr)
-    sys.exit(2)
 
 
 def check_frames(scene: pod.Scene) -> None:
@@ -90,9 +83,9 @@ def main(dataset_location: str = "../datasets/pointodyssey", dset: str = "test",
         max_scenes = aliased("max_scenes", max_scenes, "max_iters", max_iters)
         scenes = pod.list_scenes(dataset_location, dset)
     except (ValueError, OSError) as e:
-        _fail(e)
+        die(e)
     if not scenes:
-        _fail(f"{Path(dataset_location) / dset}: no scene folders in this split")
+        die(f"{Path(dataset_location) / dset}: no scene folders in this split")
     scenes = scenes[:max_scenes]
     dev = resolve_device(device)
     model = None

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,7 +22,7 @@ from tqdm import tqdm
 
 from pips2.datasets.tapvid import TapVidError, first_queries, load_tapvid, strided_queries
 from pips2.utils import evaluation, metrics
-from pips2.utils.cli import aliased, load_pips_or_exit, parse_hw
+from pips2.utils.cli import aliased, die, load_pips_or_exit, parse_hw
 from pips2.utils.tracking import track
 
 
@@ -49,8 +48,7 @@ def videos_or_exit(videos: Iterator) -> Iterator:
         except StopIteration:
             return
         except TapVidError as e:
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(2)
+            die(e)
         yield item
 
 
@@ -65,8 +63,7 @@ def main(dataset_location: str = "../datasets/tapvid/tapvid_davis.pkl", S: int =
     try:
         max_videos = aliased("max_videos", max_videos, "max_iters", max_iters)
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        die(e)
     amp = None if amp == "none" else amp
     modes = [m for m in (modes.split(",") if isinstance(modes, str) else modes) if m]
     videos = videos_or_exit(load_tapvid(dataset_location))

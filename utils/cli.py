@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import sys
+from typing import NoReturn
 
 import torch
 
 from pips2.utils.checkpoint import CheckpointError, load_pips, resolve_device
+
+
+def die(msg) -> NoReturn:
+    """Bad flags or input: one line on stderr, exit code 2."""
+    print(f"error: {msg}", file=sys.stderr, flush=True)
+    sys.exit(2)
 
 
 def parse_hw(value, name: str = "size") -> tuple[int, int]:
@@ -31,5 +38,4 @@ def load_pips_or_exit(init_dir: str, device: str | torch.device = "auto", **kwar
     try:
         return load_pips(init_dir, resolve_device(device) if isinstance(device, str) else device, **kwargs)
     except CheckpointError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)  # bad input, like every other one-line error
+        die(e)

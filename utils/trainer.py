@@ -33,6 +33,7 @@ from pips2.nets.plan import ExecPlan
 from pips2.utils import checkpoint as ck
 from pips2.utils import evaluation, metrics
 from pips2.utils.amp import amp_dtype, autocast
+from pips2.utils.cli import die
 from pips2.utils.procs import is_space_error
 from pips2.utils.train_step import batch_figures, forward_loss, optimizer_update, step_generator
 from pips2.utils.vis import summary_image
@@ -88,10 +89,7 @@ class Config:
         return base + (f"_{self.exp_name}" if self.exp_name else "")
 
 
-def fail(msg: str) -> NoReturn:
-    """One error line on stderr, exit code 2 (bad input or a run that cannot go on safely)."""
-    print(f"error: {msg}", file=sys.stderr, flush=True)
-    raise SystemExit(2)
+fail = die  # one error line, exit 2: bad input or a run that cannot go on safely
 
 
 # ---------------------------------------------------------------------------------------------------------
