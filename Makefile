@@ -34,7 +34,7 @@ test: $(VENV)/.installed $(VENV)/.installed-onnx
 # OMP_NUM_THREADS:ATEN_CPU_CAPABILITY (empty = the CPU's own kernels); the whole suite then runs the fifth,
 # 2 threads on the CPU's own kernels. See docs/CORRECTNESS.md.
 GOLDEN_SETTINGS := 1: 2:avx2 2:default 1:default
-GOLDEN_TESTS := tests/test_golden.py
+GOLDEN_TESTS := tests/test_golden.py tests/test_lbm.py
 
 ## golden-matrix: the tests that compare floats, once per thread count and kernel set
 golden-matrix: $(VENV)/.installed
