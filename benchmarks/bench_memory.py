@@ -55,16 +55,17 @@ TARGETS = {
 
 
 def _worker(run: str, model_name: str, out_path: str) -> None:
+    from pips2.datasets.training import Sample
     from pips2.nets.pips2 import Pips
     from pips2.utils import train_step as train
     from pips2.utils.golden import load_golden_weights
 
     B, S, N, H, W, iters = RUNS[run]
     g = torch.Generator().manual_seed(0)
-    batch = {"rgbs": torch.rand(B, S, 3, H, W, generator=g) * 255,
-             "trajs": torch.rand(B, 1, N, 2, generator=g) * torch.tensor([W - 1.0, H - 1.0]) + torch.cumsum(
-                 torch.randn(B, S, N, 2, generator=g), 1),
-             "visibs": torch.ones(B, S, N), "valids": torch.ones(B, S, N)}
+    batch = Sample(rgbs=torch.rand(B, S, 3, H, W, generator=g) * 255,
+                   trajs=torch.rand(B, 1, N, 2, generator=g) * torch.tensor([W - 1.0, H - 1.0]) + torch.cumsum(
+                       torch.randn(B, S, N, 2, generator=g), 1),
+                   visibs=torch.ones(B, S, N), valids=torch.ones(B, S, N), corrupt_ids=torch.zeros(B, 0))
     rss0 = status_bytes("VmRSS")
     reset_peak_rss()
     model = load_golden_weights(Pips(MODELS[model_name])).train()

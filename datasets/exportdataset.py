@@ -27,6 +27,7 @@ from pips2.datasets.clips import (
     read_settings,
 )
 from pips2.datasets.clips import track_problem as track_problem  # re-exported: the reader's corruption rule
+from pips2.datasets.training import Sample, to_sample
 from pips2.utils import augment
 from pips2.utils.video import VideoError
 
@@ -96,7 +97,7 @@ class ExportDataset(Dataset):
             return self._window(frames, track, rng)
         raise RuntimeError(f"{self.dir}: {self.max_retries} clips in a row were corrupt")
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, index: int) -> Sample:
         frames, track = self.sample(index, self._rng(index, 0))
         return to_sample(frames, track, self.last_skipped, self.max_retries)
 
@@ -123,22 +124,3 @@ class ExportDataset(Dataset):
         trajs = tr.trajs - np.array([x0, y0], np.float32)
         visibs, valids = augment.crop_visibility(trajs, tr.visibs, tr.valids, (h, w))
         return np.ascontiguousarray(frames[:, y0:y0 + h, x0:x0 + w]), Tracks(trajs, visibs, valids).pack()
-
-
-def to_sample(frames: np.ndarray, track: np.ndarray, skipped: list[int] | tuple[int, ...] = (),
-              width: int = 0) -> dict:
-    """(S,H,W,3) uint8 frames and (S,N,4) tracks -> the training dict of tensors.
-
-    `corrupt_ids` lists the clips skipped while producing this sample, padded with -1 to `width` entries so
-    that samples of one dataset collate into a batch.
-    """
-    ids = np.full(max(width, len(skipped)), -1, np.int64)
-    ids[:len(skipped)] = skipped
-    tr = Tracks.unpack(track)
-    return {
-        "rgbs": torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float(),
-        "trajs": torch.from_numpy(tr.trajs),
-        "visibs": torch.from_numpy(tr.visibs.astype(np.float32)),
-        "valids": torch.from_numpy(tr.valids.astype(np.float32)),
-        "corrupt_ids": torch.from_numpy(ids),
-    }

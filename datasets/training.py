@@ -7,10 +7,41 @@ restarts the stream at the right ordinal sees exactly the data a never-stopped r
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
+import torch
 from torch.utils.data import Dataset, Sampler
 
-from pips2.datasets.exportdataset import to_sample
+from pips2.datasets.clips import Tracks
+
+
+class Sample(NamedTuple):
+    """One training clip, or a batch of them (the DataLoader collates field by field into a Sample)."""
+
+    rgbs: torch.Tensor  # (S,3,H,W) float in [0,255]
+    trajs: torch.Tensor  # (S,N,2) pixels
+    visibs: torch.Tensor  # (S,N) float 0/1
+    valids: torch.Tensor  # (S,N) float 0/1
+    corrupt_ids: torch.Tensor  # dataset indices of clips skipped while producing it, -1 padded
+
+    def to(self, device: torch.device | str) -> Sample:
+        """The same sample with every tensor on `device`."""
+        return Sample(*(t.to(device) for t in self))
+
+
+def to_sample(frames: np.ndarray, track: np.ndarray, skipped: list[int] | tuple[int, ...] = (),
+              width: int = 0) -> Sample:
+    """(S,H,W,3) uint8 frames and (S,N,4) packed tracks -> a Sample of tensors.
+
+    `corrupt_ids` is padded with -1 to `width` entries so that samples of one dataset collate into a batch.
+    """
+    ids = np.full(max(width, len(skipped)), -1, np.int64)
+    ids[:len(skipped)] = skipped
+    tr = Tracks.unpack(track)
+    return Sample(rgbs=torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float(),
+                  trajs=torch.from_numpy(tr.trajs), visibs=torch.from_numpy(tr.visibs.astype(np.float32)),
+                  valids=torch.from_numpy(tr.valids.astype(np.float32)), corrupt_ids=torch.from_numpy(ids))
 
 
 class OrdinalDataset(Dataset):
@@ -33,7 +64,7 @@ class OrdinalDataset(Dataset):
             self._perm_epoch = epoch
         return int(self._perm[pos])
 
-    def __getitem__(self, k: int) -> dict:
+    def __getitem__(self, k: int) -> Sample:
         frames, track = self.base.sample(self.index_of(k), np.random.default_rng([self.seed, k]))
         # bases that skip corrupt items say which (ExportDataset); the width keeps a batch collatable
         return to_sample(frames, track, getattr(self.base, "last_skipped", ()), getattr(self.base, "max_retries", 0))

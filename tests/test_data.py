@@ -316,11 +316,11 @@ def test_export_dataset_reads_and_skips_corrupt(exported, tmp_path):
     with pytest.warns(CorruptClipWarning, match=clips[0].name):
         item = ds[0]
     assert ds.skipped == 1 and 0 in ds.bad
-    assert item["rgbs"].shape == (6, 3, 128, 192) and item["trajs"].shape == (6, 16, 2)
-    assert item["rgbs"].abs().sum() > 0 and (item["visibs"][0] == 1).all()
+    assert item.rgbs.shape == (6, 3, 128, 192) and item.trajs.shape == (6, 16, 2)
+    assert item.rgbs.abs().sum() > 0 and (item.visibs[0] == 1).all()
     loader = torch.utils.data.DataLoader(ExportDataset(str(out), vdir.name, S=8, N=32), batch_size=2, num_workers=2)
     batch = next(iter(loader))
-    assert batch["rgbs"].shape == (2, 8, 3, 128, 192)
+    assert batch.rgbs.shape == (2, 8, 3, 128, 192)
 
 
 def test_version_names_every_setting_that_changes_the_clips():
@@ -486,4 +486,4 @@ def test_readme_recipe_export_defaults_serve_stage_1_training(tmp_path):
     ds = ExportDataset(str(tmp_path / "exp"), None, S=36, N=128, crop_size=(256, 384))  # stage-1 defaults
     assert ds.dir.name == "train_S36_N128_256x384_aug_seed0" and len(ds) >= 1
     item = ds[0]
-    assert item["rgbs"].shape == (36, 3, 256, 384) and item["trajs"].shape == (36, 128, 2)
+    assert item.rgbs.shape == (36, 3, 256, 384) and item.trajs.shape == (36, 128, 2)

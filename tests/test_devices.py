@@ -15,6 +15,7 @@ from helpers import golden_model
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import train
+from pips2.datasets.training import Sample
 from pips2.nets.pips2 import CorrPyramid
 from pips2.nets.plan import ExecPlan
 from pips2.utils import tracking
@@ -30,7 +31,7 @@ def _clip(S=4, N=6, H=128, W=160, seed=0):
 
 def _batch(S=4, N=6, H=128, W=160):
     rgbs, trajs = _clip(S, N, H, W)
-    return {"rgbs": rgbs, "trajs": trajs, "visibs": torch.ones(1, S, N), "valids": torch.ones(1, S, N)}
+    return Sample(rgbs, trajs, torch.ones(1, S, N), torch.ones(1, S, N), torch.zeros(1, 0, dtype=torch.long))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -169,7 +170,7 @@ def test_training_step_runs_on_another_device(grad_ckpt):
                                                 cycle_momentum=False, anneal_strategy="linear")
     scaler = torch.amp.GradScaler(device.type, enabled=False)
     loss, final, seen = train.forward_loss(model, _batch(), device, 2, torch.Generator().manual_seed(0), "none")
-    assert loss.device == device and final.device == device and seen["rgbs"].device == device
+    assert loss.device == device and final.device == device and seen.rgbs.device == device
     scaler.scale(loss).backward()
     assert model.fnet.conv1.weight.grad.device == device
     train.optimizer_update(model, opt, sched, scaler)

@@ -224,9 +224,9 @@ def test_absurd_track_values_make_a_clip_corrupt(exported, tmp_path, value, fiel
     with pytest.warns(CorruptClipWarning, match=why):
         item = ds[0]
     assert ds.skipped == 1 and ds.bad == {0}
-    assert item["corrupt_ids"].tolist()[:1] == [0] and (item["corrupt_ids"][1:] == -1).all()
-    assert item["trajs"].abs().max() < 1e4
-    assert ds[1]["corrupt_ids"].max() == -1  # nothing skipped for this one
+    assert item.corrupt_ids.tolist()[:1] == [0] and (item.corrupt_ids[1:] == -1).all()
+    assert item.trajs.abs().max() < 1e4
+    assert ds[1].corrupt_ids.max() == -1  # nothing skipped for this one
 
 
 def test_legitimate_exports_are_never_rejected(exported):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from pips2.datasets.training import Sample
 from pips2.utils import metrics
 from pips2.utils.amp import autocast
 
@@ -34,17 +35,18 @@ def maybe_transpose(rgbs: torch.Tensor, trajs: torch.Tensor, gen: torch.Generato
     return rgbs, trajs
 
 
-def forward_loss(model, batch: dict, device: torch.device, iters: int, gen: torch.Generator, amp: str | None
-                 ) -> tuple[torch.Tensor, torch.Tensor, dict]:
+def forward_loss(model, batch: Sample, device: torch.device, iters: int, gen: torch.Generator, amp: str | None
+                 ) -> tuple[torch.Tensor, torch.Tensor, Sample]:
     """One micro-batch with the training semantics (random transpose, initial estimates, loss) on `device`.
 
-    Returns (loss, final estimate, the batch's tensors as the model saw them: rgbs, trajs, visibs, valids).
+    Returns (loss, final estimate, the batch on `device` as the model saw it).
     """
-    rgbs, trajs_g = maybe_transpose(batch["rgbs"].to(device), batch["trajs"].to(device), gen)
-    seen = dict(rgbs=rgbs, trajs=trajs_g, visibs=batch["visibs"].to(device), valids=batch["valids"].to(device))
+    batch = batch.to(device)
+    rgbs, trajs_g = maybe_transpose(batch.rgbs, batch.trajs, gen)
+    seen = batch._replace(rgbs=rgbs, trajs=trajs_g)
     trajs_e0 = init_estimates(trajs_g, tuple(rgbs.shape[-2:]), gen)
     with autocast(device.type, amp):
-        preds, _, _, loss = model(trajs_e0, rgbs, iters=iters, trajs_g=trajs_g, valids=seen["valids"])
+        preds, _, _, loss = model(trajs_e0, rgbs, iters=iters, trajs_g=trajs_g, valids=batch.valids)
     return loss, preds[-1], seen
 
 

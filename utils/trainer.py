@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader
 from pips2.datasets.exportdataset import ExportDataset
 from pips2.datasets.kubric import KubricDataset
 from pips2.datasets.tapvid import load_tapvid
-from pips2.datasets.training import OrdinalDataset, OrdinalSampler
+from pips2.datasets.training import OrdinalDataset, OrdinalSampler, Sample
 from pips2.nets.pips2 import Pips
 from pips2.nets.plan import ExecPlan
 from pips2.utils import checkpoint as ck
@@ -270,10 +270,10 @@ class TrainState:
         # the weights are in place: keep only the extras
         return step, {k: v for k, v in loaded.items() if not k.endswith("_state_dict")}
 
-    def note_corrupt(self, kind: str, batch: dict) -> None:
+    def note_corrupt(self, kind: str, batch: Sample) -> None:
         """Remember the clips skipped as corrupt while producing a 'train' or 'val' batch."""
-        ids = batch.get("corrupt_ids")
-        if ids is not None and ids.numel():
+        ids = batch.corrupt_ids
+        if ids.numel():
             self.corrupt[kind].update(int(i) for i in ids.flatten().tolist() if i >= 0)
 
     def record(self, res: StepResult) -> None:
@@ -406,9 +406,9 @@ def train_step(state: TrainState, data: TrainData, cfg: Config) -> StepResult:
             state.scaler.scale(loss / cfg.grad_acc).backward()
             total_loss += loss.item() / cfg.grad_acc
         if micro == 0 and ranks.main:
-            shown = (seen["rgbs"][0], seen["trajs"][0], final[0].detach())
-            figures = batch_figures(final.detach().float(), seen["trajs"], seen["visibs"], seen["valids"],
-                                    tuple(seen["rgbs"].shape[-2:]))
+            shown = (seen.rgbs[0], seen.trajs[0], final[0].detach())
+            figures = batch_figures(final.detach().float(), seen.trajs, seen.visibs, seen.valids,
+                                    tuple(seen.rgbs.shape[-2:]))
     if ranks.any(not finite):
         state.optimizer.zero_grad(set_to_none=True)
         return StepResult(False)
@@ -493,8 +493,7 @@ class Validator:
         """Figures of one validation batch, tracked from zero-velocity estimates."""
         batch = self.data.next_val()
         device = self.ranks.device
-        rgbs, trajs_g = batch["rgbs"].to(device), batch["trajs"].to(device)
-        visibs, valids = batch["visibs"].to(device), batch["valids"].to(device)
+        rgbs, trajs_g, visibs, valids, _ = batch.to(device)
         init = trajs_g[:, :1].expand_as(trajs_g).contiguous()
         net.eval()
         with torch.no_grad(), autocast(device.type, self.cfg.amp):
