@@ -40,7 +40,7 @@ GOLDEN_TESTS := tests/test_golden.py tests/test_lbm.py
 golden-matrix: $(VENV)/.installed
 	@for s in $(GOLDEN_SETTINGS); do t=$${s%%:*}; c=$${s#*:}; \
 	  echo "== float tests with OMP_NUM_THREADS=$$t ATEN_CPU_CAPABILITY=$${c:-<native>}"; \
-	  env OMP_NUM_THREADS=$$t $${c:+ATEN_CPU_CAPABILITY=$$c} $(BIN)/python -m pytest -q -p no:cacheprovider \
+	  env OMP_NUM_THREADS=$$t $${c:+ATEN_CPU_CAPABILITY=$$c} GOLDEN_PLANS=default,reference,training $(BIN)/python -m pytest -q -p no:cacheprovider \
 	    $(GOLDEN_TESTS) || exit 1; \
 	done
 
