@@ -24,6 +24,8 @@ import imageio_ffmpeg
 import numpy as np
 from common import best_time, scratch_run
 
+from pips2.datasets.exportdataset import ExportDataset
+from pips2.datasets.synthetic import SceneConfig, generate_dataset, generate_scene
 from pips2.utils.video import read_video, write_mp4
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,8 +58,6 @@ def x264_alone(raw: Path, shape: tuple[int, int, int], out: Path, fps: int = 24,
 def main(S: int = 36, H: int = 384, W: int = 512, repeats: int = 3, scenes: int = 4, clips: int = 24,
          json_out: str | None = None) -> None:
     """Print the encode/decode comparison and the exporter/loader throughput."""
-    from pips2.datasets.synthetic import SceneConfig, generate_scene
-
     with scratch_run("bench_export_", json_out) as (work, res):
         res.update({"S": S, "H": H, "W": W, "cpus": os.cpu_count()})
         scene = generate_scene(work / "scene", 1, SceneConfig(W=W + 64, H=H + 64, T=S, n_points=64))
@@ -99,7 +99,6 @@ def main(S: int = 36, H: int = 384, W: int = 512, repeats: int = 3, scenes: int 
               f"PSNR of the CRF-20 clip {psnr:.1f} dB", flush=True)
 
         # the exporter end to end on synthetic scenes (real PointOdyssey frames are 960x540)
-        from pips2.datasets.synthetic import generate_dataset
 
         generate_dataset(work / "pod", {"train": scenes}, cfg=SceneConfig(W=640, H=480, T=S + 16, n_points=800),
                          progress=False)
@@ -115,8 +114,6 @@ def main(S: int = 36, H: int = 384, W: int = 512, repeats: int = 3, scenes: int 
             res[f"export_{workers}_workers_{preset}"] = {"clips": written, "seconds": dt, "clips_per_s": written / dt}
             print(f"export with {workers} worker(s), x264 {preset}: {written} clips in {dt:.1f} s -> "
                   f"{written / dt:.2f} clips/s (including start-up)", flush=True)
-
-        from pips2.datasets.exportdataset import ExportDataset
 
         ds = ExportDataset(str(work / "exp1medium"), None, S=S, N=64, crop_size=(H, W))
         n = min(len(ds), 12)

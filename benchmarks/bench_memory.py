@@ -27,7 +27,11 @@ import fire
 import torch
 from common import reset_peak_rss, status_bytes
 
+from pips2.datasets.training import Sample
+from pips2.nets.pips2 import Pips
 from pips2.nets.plan import ExecPlan
+from pips2.utils import train_step as train
+from pips2.utils.golden import load_golden_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -55,10 +59,6 @@ TARGETS = {
 
 
 def _worker(run: str, model_name: str, out_path: str) -> None:
-    from pips2.datasets.training import Sample
-    from pips2.nets.pips2 import Pips
-    from pips2.utils import train_step as train
-    from pips2.utils.golden import load_golden_weights
 
     B, S, N, H, W, iters = RUNS[run]
     g = torch.Generator().manual_seed(0)

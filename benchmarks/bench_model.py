@@ -23,6 +23,10 @@ import fire
 import torch
 from common import reset_peak_rss, status_bytes
 
+from pips2.nets.pips2 import Pips
+from pips2.nets.plan import ExecPlan
+from pips2.utils.golden import load_golden_weights
+
 ROOT = Path(__file__).resolve().parents[1]
 
 SIZES = {  # name: (S, N, H, W, iters)
@@ -38,9 +42,6 @@ CONFIGS = {  # name: (plan: "reference" or "auto" for the device and dtype, auto
 
 
 def _worker(size: str, config: str, device: str, B: int, repeats: int, out_path: str) -> None:
-    from pips2.nets.pips2 import Pips
-    from pips2.nets.plan import ExecPlan
-    from pips2.utils.golden import load_golden_weights
 
     S, N, H, W, iters = SIZES[size]
     plan_name, amp, inference = CONFIGS[config]
@@ -117,7 +118,6 @@ def main(sizes: str = "a,b", device: str = "cpu", B: int = 1, repeats: int = 2, 
               f"max {row['max_diff_bf16_px']:.2f} px")
     if json_out:
         Path(json_out).write_text(json.dumps(results, indent=2))
-
 
 
 if __name__ == "__main__":

@@ -16,6 +16,11 @@ import fire
 import numpy as np
 from common import scratch_run
 
+from pips2.datasets.synthetic import SceneConfig, generate_dataset
+from pips2.nets.pips2 import Pips
+from pips2.utils import checkpoint
+from pips2.utils.golden import load_golden_weights
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -48,10 +53,6 @@ track_windows(model, ArrayFrames(video, (H, W)), init, S=S, iters={iters})
 
 def main(steps: int = 12, json_out: str | None = None, window: bool = True) -> None:
     """Train steps/s and peak memory at a small size; evaluation frames/s and peak memory."""
-    from pips2.datasets.synthetic import SceneConfig, generate_dataset
-    from pips2.utils import checkpoint
-    from pips2.utils.golden import load_golden_weights
-
     with scratch_run("bench_pipe_", json_out) as (work, res):
         generate_dataset(work / "pod", {"train": 3, "test": 2}, cfg=SceneConfig(W=320, H=256, T=64, n_points=600),
                          progress=False)
@@ -68,8 +69,6 @@ def main(steps: int = 12, json_out: str | None = None, window: bool = True) -> N
                                    "setting": "B=2 S=8 N=32 128x192 iters=4"}
             print(f"train ({amp}): {1 / np.mean(itimes):.3f} steps/s, peak RSS {peak:.0f} MiB "
                   "(B=2 S=8 N=32 128x192 iters=4)", flush=True)
-
-        from pips2.nets.pips2 import Pips
 
         checkpoint.save(work / "golden", 1, load_golden_weights(Pips()))
         out, wall, peak = run_measured(["test_on_pod.py", f"--dataset_location={work / 'pod'}", "--S=32", "--N=64",

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import fire
 
+from pips2.datasets.synthetic import SceneConfig, generate_dataset
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -26,8 +28,6 @@ def main(out: str = "./learning_check", max_iters: int = 500, train_scenes: int 
          B: int = 2, S: int = 8, N: int = 32, iters: int = 4, crop_size: str = "128,192", workers: int = 2,
          quick: bool = False, seed: int = 0) -> None:
     """Synthetic scenes -> export -> train stage 1 -> test_on_pod (model and zero-velocity); prints both."""
-    from pips2.datasets.synthetic import SceneConfig, generate_dataset
-
     out_dir = Path(out).resolve()
     T = 24 if quick else 48
     cfg = SceneConfig(W=320, H=256, T=T, n_points=600)
@@ -56,7 +56,6 @@ def main(out: str = "./learning_check", max_iters: int = 500, train_scenes: int 
           f"{model['d_avg']:.1f} (model) vs {zero['d_avg']:.1f} (zero-velocity)"
           + (" -- a demo-length run; the 20-minute check in docs/BENCHMARKS.md is where training beats "
              "zero-velocity" if quick else ""))
-
 
 
 if __name__ == "__main__":
