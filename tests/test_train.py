@@ -252,7 +252,11 @@ gathered = [torch.zeros_like(flat) for _ in range(dist.get_world_size())]
 dist.all_gather(gathered, flat)
 if dist.get_rank() == 0:
     assert all(torch.equal(g, gathered[0]) for g in gathered), "ranks differ"
-    print("IDENTICAL", dist.get_world_size())
+    print("IDENTICAL", dist.get_world_size(), flush=True)
+# as train.py does: every rank reaches the end before any tears down gloo; a rank that destroyed its group
+# while the other still held the connection was seen to abort (SIGABRT) in CI after the check had passed
+del net, gathered
+dist.barrier()
 dist.destroy_process_group()
 """)
     torchrun = Path(sys.executable).parent / "torchrun"
