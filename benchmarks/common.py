@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
+import platform
 import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+import torch
 
 
 def best_time(fn: Callable[[], object], repeats: int) -> float:
@@ -47,3 +51,36 @@ def scratch_run(prefix: str, json_out: str | None) -> Iterator[tuple[Path, dict]
         shutil.rmtree(work, ignore_errors=True)
     if json_out:
         Path(json_out).write_text(json.dumps(res, indent=2))
+
+
+def interleaved_times(runs: dict[str, Callable[[], object]], rounds: int, per_round: int) -> dict[str, list[float]]:
+    """Seconds of every call of each run; the runs take turns, `per_round` calls each per round, in reversed
+    order every other round, so that a drift in the machine's speed hits all of them alike."""
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    names = list(runs)
+    for r in range(rounds):
+        for name in names if r % 2 == 0 else names[::-1]:
+            fn = runs[name]
+            for _ in range(per_round):
+                t0 = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def machine_description() -> dict:
+    """CPU model and flags that matter for bf16, logical cores, torch version and its intra-op threads."""
+    cpu, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name":
+                    cpu = value.strip()
+                elif key.strip() == "flags":
+                    flags = set(value.split())
+                    break
+    except OSError:  # not Linux: the platform string will do
+        pass
+    return {"cpu": cpu, "logical_cores": os.cpu_count(), "bf16_isa": sorted(flags & {"avx512_bf16", "amx_bf16"}),
+            "torch": torch.__version__, "threads": torch.get_num_threads()}

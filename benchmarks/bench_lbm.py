@@ -1,0 +1,468 @@
+"""LBM's online step: ours (`LBMOnline.track`) against the authors' (`LBM_online.online_forward`), same run.
+
+Both models hold the same weights (a random init of ours copied into theirs by a strict state_dict load, or
+`--checkpoint`) and see the same frames and the same 256 query points. Before anything is timed, the two are
+stepped side by side over `--frames` frames in float32 and must agree to `--tol` px with identical
+visibility flags; otherwise the script stops. Then, in float32 and in bf16 (CPU autocast for both), each
+tracker steps one frame at a time, ours and theirs taking turns (`common.interleaved_times`), after
+`--warmup` frames. Last, our tracker follows a `--stream_frames`-frame stream in a process of its own, with its
+RSS recorded at 1/20, 1/4, 1/2 and all of the stream (frames 100, 500, 1000, 2000 by default): it must stay
+flat.
+
+The unit of work is what the authors' `tools/benchmark_torch.py` times: one call per frame, frame encoding
+included (source frames at the input size). The authors' `online_forward` does not step the frame that
+`init` samples the queries on, ours does; to compare equal outputs theirs is stepped on that frame too.
+
+Their code runs unmodified from a checkout (`git archive` of George-Zhuang/lbm at cf39292) with stand-ins
+for what this environment lacks, as the golden vectors were made (docs/LBM.md, SPEC section 4): mmcv's
+`MultiScaleDeformableAttention` is their own pure-PyTorch copy (`lbm/models/lbm/msdeformattn.py`),
+torchvision's resnet18 and Normalize, einops' rearrange (unless einops is installed:
+benchmarks/requirements-bench.txt) and addict's Dict are small local equivalents.
+
+With random weights every point would be predicted invisible and no memory slot would ever be read (their
+step then skips the memory attention); `--vis_bias` (default 3) raises the visibility logit's bias so that
+points are visible and the memory path runs, as with trained weights. It is not applied to a `--checkpoint`.
+
+    python benchmarks/bench_lbm.py --authors_repo=/tmp/lbm
+    python benchmarks/bench_lbm.py --authors_repo=/tmp/lbm --out_json=docs/bench_lbm_cpu.json
+    python benchmarks/bench_lbm.py --authors_repo=/tmp/lbm --hw=64,96 --points=8 --frames=5 --stream_frames=50
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import types
+from collections.abc import Callable
+from pathlib import Path
+
+import fire
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from common import interleaved_times, machine_description, reset_peak_rss, status_bytes
+
+from pips2.nets.lbm import LBM, LBMOnline, load_lbm
+from pips2.utils.cli import parse_hw
+
+ROOT = Path(__file__).resolve().parents[1]
+TARGET = 1.5  # issue 13: ours at least 1.5x the authors' frames/s
+PERTURBED_KEY = "transformer.offset_head.net.3.bias"  # moves every predicted point (used by --perturb_theirs)
+FLAT_MIB = 16.0  # RSS growth over the stream above this counts as not flat (allocator noise is a few MiB)
+MIB = 2**20
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Stand-ins for the authors' dependencies that this environment does not have
+
+
+def rearrange(x: torch.Tensor, pattern: str, **sizes: int) -> torch.Tensor:
+    """einops.rearrange for plain axis patterns: named axes, groups in parentheses, the literal 1."""
+    sides = [[g.strip("()").split() for g in re.findall(r"\([^)]*\)|\S+", side)] for side in pattern.split("->")]
+    lhs, rhs = sides
+    if len(lhs) != x.dim():
+        raise ValueError(f"rearrange: pattern {pattern!r} does not fit a tensor of shape {tuple(x.shape)}")
+    known, axes = dict(sizes), []
+    for group, dim in zip(lhs, x.shape, strict=True):
+        names = [n for n in group if n != "1"]
+        unknown = [n for n in names if n not in known]
+        if len(unknown) > 1:
+            raise ValueError(f"rearrange: {pattern!r} leaves {unknown} undetermined")
+        if unknown:
+            rest = 1
+            for n in names:
+                rest *= known.get(n, 1)
+            known[unknown[0]] = dim // rest
+        axes += names
+    out_axes = [n for group in rhs for n in group if n != "1"]
+    y = x.reshape([known[n] for n in axes]).permute([axes.index(n) for n in out_axes])
+    out_shape = []
+    for group in rhs:
+        size = 1
+        for n in group:
+            size *= known.get(n, 1)
+        out_shape.append(size)
+    return y.reshape(out_shape)
+
+
+class Normalize(nn.Module):
+    """torchvision.transforms.Normalize on (..., C, H, W) tensors."""
+
+    def __init__(self, mean, std):
+        super().__init__()
+        self.mean, self.std = torch.tensor(mean), torch.tensor(std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(x - mean) / std per channel."""
+        return (x - self.mean.to(x)[:, None, None]) / self.std.to(x)[:, None, None]
+
+
+class TorchvisionBasicBlock(nn.Module):
+    """torchvision's ResNet BasicBlock, same submodule names (so the authors' key names come out)."""
+
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.downsample = None
+        if stride != 1 or cin != cout:
+            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x))."""
+        out = self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
+        return self.relu(out + (x if self.downsample is None else self.downsample(x)))
+
+
+def torchvision_resnet18(weights=None) -> nn.Module:
+    """The parts of torchvision's resnet18 the authors' backbone takes (stem, layer1-3); `weights` is ignored
+    (the benchmark loads its own)."""
+    net = nn.Module()
+    net.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
+    net.bn1 = nn.BatchNorm2d(64)
+    net.relu = nn.ReLU(inplace=True)
+    net.maxpool = nn.MaxPool2d(3, 2, 1)
+    for i, (cin, cout, stride) in enumerate([(64, 64, 1), (64, 128, 2), (128, 256, 2)], start=1):
+        setattr(net, f"layer{i}", nn.Sequential(TorchvisionBasicBlock(cin, cout, stride),
+                                                TorchvisionBasicBlock(cout, cout, 1)))
+    return net
+
+
+class AttrDict(dict):
+    """addict.Dict as far as the authors' object tracker needs it (attribute access, nested creation)."""
+
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return self.setdefault(name, AttrDict())
+
+    def __setattr__(self, name, value):
+        self[name] = value
+
+
+def stand_in(name: str, **attrs) -> None:
+    """Register a module `name` holding `attrs` in sys.modules."""
+    mod = types.ModuleType(name)
+    mod.__dict__.update(attrs)
+    sys.modules[name] = mod
+
+
+def import_authors(repo: str | os.PathLike) -> type:
+    """The authors' LBM_online class, imported unmodified from their checkout `repo`, with the stand-ins."""
+    repo = Path(repo).resolve()
+    if not (repo / "lbm" / "models" / "lbm_online.py").is_file():
+        raise SystemExit(f"bench_lbm: {repo}: not a checkout of George-Zhuang/lbm (no lbm/models/lbm_online.py)")
+    # Their modules import each other as the top-level package `lbm`, which resolves only with the
+    # checkout's root on sys.path (their own scripts do the same); this benchmark is the only place it is done.
+    sys.path.insert(0, str(repo))
+    if importlib.util.find_spec("einops") is None:
+        stand_in("einops", rearrange=rearrange)
+    if importlib.util.find_spec("addict") is None:
+        stand_in("addict", Dict=AttrDict)
+    # always the stand-ins: the real torchvision would download ImageNet weights, mmcv's op is compiled CUDA
+    stand_in("torchvision.transforms", Normalize=Normalize)
+    stand_in("torchvision.models", resnet18=torchvision_resnet18,
+             ResNet18_Weights=types.SimpleNamespace(DEFAULT=None))
+    stand_in("torchvision", transforms=sys.modules["torchvision.transforms"],
+             models=sys.modules["torchvision.models"])
+    msda = importlib.import_module("lbm.models.lbm.msdeformattn")
+    stand_in("mmcv.ops", MultiScaleDeformableAttention=msda.MultiScaleDeformableAttention)
+    stand_in("mmcv", ops=sys.modules["mmcv.ops"])
+    return importlib.import_module("lbm.models.lbm_online").LBM_online
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Models, frames, points
+
+
+def lbm_config(hw: tuple[int, int], memory_size: int) -> dict:
+    """The authors' lbm.yaml model keys at input size hw."""
+    return dict(input_size=list(hw), N=256, T=24, stride=4, num_layers=3, embed_dim=256, num_heads=4, num_levels=4,
+                num_neighbors=9, top_k_regions=9, dropout=0.1, memory_size=memory_size, lambda_cls=3.0,
+                lambda_vis=1.0, lambda_reg=1.0, lambda_unc=1.0, lambda_ref=1.0, loss_after_query=True)
+
+
+def build_ours(hw: tuple[int, int], memory_size: int, seed: int, checkpoint: str | None, vis_bias: float) -> LBM:
+    """Our model in eval mode: the checkpoint's weights, or a seeded random init with the visibility bias raised."""
+    if checkpoint:
+        model = load_lbm(checkpoint, **lbm_config(hw, 12))
+    else:
+        torch.manual_seed(seed)
+        model = LBM(**lbm_config(hw, 12))
+        with torch.no_grad():
+            model.transformer.vis_head.net[3].bias[0] += vis_bias
+    if memory_size != 12:
+        model.set_memory_size(memory_size)
+    return model.eval()
+
+
+def build_theirs(cls: type, ours: LBM, hw: tuple[int, int], memory_size: int, perturb: float = 0.0) -> nn.Module:
+    """The authors' LBM_online with our weights (strict load: the key names are theirs); `perturb` is added to
+    one weight afterwards, to show that the equality check catches a difference."""
+    model = cls(argparse.Namespace(**lbm_config(hw, memory_size)))
+    model.load_state_dict(ours.state_dict(), strict=True)
+    if perturb:
+        with torch.no_grad():
+            model.state_dict()[PERTURBED_KEY] += perturb
+    return model.eval()
+
+
+def frame_source(hw: tuple[int, int], seed: int) -> Callable[[int], torch.Tensor]:
+    """frame(t) -> (1,3,H,W) in [0,255]: a smooth random texture moving by (2, 1) px per frame."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.rand(1, 3, hw[0] // 8, hw[1] // 8, generator=g)
+    base = F.interpolate(base, size=hw, mode="bicubic", align_corners=False).clamp(0, 1) * 255
+    return lambda t: torch.roll(base, shifts=(t, 2 * t), dims=(2, 3))
+
+
+def query_points(hw: tuple[int, int], n: int, seed: int) -> torch.Tensor:
+    """n points (x, y) spread over the frame, away from its border."""
+    g = torch.Generator().manual_seed(seed + 1)
+    return (0.05 + 0.9 * torch.rand(n, 2, generator=g)) * torch.tensor([hw[1] - 1.0, hw[0] - 1.0])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The two trackers behind one interface: start on a frame, step a frame -> (points, visibility, rho)
+
+
+class OursTracker:
+    """Our LBMOnline; `start` steps the first frame as well."""
+
+    def __init__(self, model: LBM):
+        self.online = LBMOnline(model)
+
+    def start(self, points: torch.Tensor, frame: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Start the points on this frame and step it."""
+        return self.unpack(self.online.init(points, frame))
+
+    def step(self, frame: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """One frame."""
+        return self.unpack(self.online.track(frame))
+
+    @staticmethod
+    def unpack(r: dict) -> tuple[torch.Tensor, ...]:
+        """(points, visibility, rho probability)."""
+        return r["points"], r["visibility"], r["rho_prob"]
+
+    def state_bytes(self) -> int:
+        """Bytes of the per-query state (query vectors and memory)."""
+        m = self.online.memory
+        return sum(t.nbytes for t in (self.online.query, m.collision, m.stream, m.vis_mask, m.mem_mask))
+
+
+class TheirsTracker:
+    """The authors' LBM_online; `start` = their init, then their online_forward on the same frame."""
+
+    STATE = ("query", "collision_dist", "stream_dist", "vis_mask", "mem_mask")
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    @torch.no_grad()
+    def start(self, points: torch.Tensor, frame: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Start the points on this frame and step it."""
+        # their init keeps the memory of an earlier init (it copies the old state): clear it first
+        for name in (*self.STATE, "query_points"):
+            setattr(self.model, name, None)
+        self.model.t, self.model.N = 0, 0
+        self.model.init(points.clone(), frame)
+        return self.step(frame)
+
+    @torch.no_grad()
+    def step(self, frame: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """One frame."""
+        points, vis, rho, _ = self.model.online_forward(frame)
+        return points, vis, rho
+
+    def state_bytes(self) -> int:
+        """Bytes of the per-query state (query vectors and memory)."""
+        return sum(getattr(self.model, name).nbytes for name in self.STATE)
+
+
+def autocast(amp: bool):
+    """bf16 CPU autocast when amp, else a no-op context."""
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Measurements
+
+
+def compare(trackers: dict, points: torch.Tensor, frame: Callable[[int], torch.Tensor], frames: int,
+            amp: bool) -> dict:
+    """Step both trackers over the same frames; max point difference (px), visibility disagreements, ..."""
+    outs = {}
+    for name, tr in trackers.items():
+        with autocast(amp):
+            seq = [tr.start(points, frame(0))] + [tr.step(frame(t)) for t in range(1, frames)]
+        outs[name] = [torch.stack([s[i].float() for s in seq]) for i in range(3)]
+    (p_o, v_o, r_o), (p_t, v_t, r_t) = outs["ours"], outs["theirs"]
+    return {"frames": frames, "max_diff_px": (p_o - p_t).abs().max().item(),
+            "mean_diff_px": (p_o - p_t).abs().mean().item(),
+            "visibility_mismatches": int((v_o != v_t).sum()), "max_diff_rho_prob": (r_o - r_t).abs().max().item(),
+            "visible_fraction": v_o.mean().item()}
+
+
+def time_steps(trackers: dict, points: torch.Tensor, frame: Callable[[int], torch.Tensor], pool: int, warmup: int,
+               rounds: int, per_round: int, amp: bool) -> dict:
+    """Per-frame latency of each tracker, the two taking turns, after `warmup` frames each."""
+    frames = [frame(t) for t in range(pool)]
+    counters = dict.fromkeys(trackers, 0)
+
+    def stepper(name):
+        def run():
+            counters[name] += 1
+            with autocast(amp):
+                trackers[name].step(frames[counters[name] % pool])
+        return run
+
+    runs = {name: stepper(name) for name in trackers}
+    for name, tr in trackers.items():
+        with autocast(amp):
+            tr.start(points, frames[0])
+        for _ in range(warmup):
+            runs[name]()
+    times = interleaved_times(runs, rounds, per_round)
+    res = {}
+    for name, ts in times.items():
+        ms = sorted(1000 * t for t in ts)
+        med = statistics.median(ms)
+        res[name] = {"ms_per_frame": med, "fps": 1000 / med, "ms_p10": ms[len(ms) // 10],
+                     "ms_p90": ms[(9 * len(ms)) // 10], "steps": len(ms)}
+    res["speedup"] = res["theirs"]["ms_per_frame"] / res["ours"]["ms_per_frame"]
+    return res
+
+
+def stream_checkpoints(n: int) -> list[int]:
+    """Frames at which RSS is recorded: 1/20, 1/4, 1/2 and all of the stream (100, 500, 1000, 2000 for 2000)."""
+    return sorted({max(1, n // 20), max(1, n // 4), max(1, n // 2), n})
+
+
+def stream_worker(spec_json: str, out_path: str) -> None:
+    """Run one tracker over a long stream in this (fresh) process; write RSS at the checkpoints as JSON."""
+    spec = json.loads(spec_json)
+    hw = tuple(spec["hw"])
+    torch.set_num_threads(spec["threads"])
+    ours = build_ours(hw, spec["memory_size"], spec["seed"], spec["checkpoint"], spec["vis_bias"])
+    if spec["which"] == "ours":
+        tracker = OursTracker(ours)
+    else:
+        tracker = TheirsTracker(build_theirs(import_authors(spec["authors_repo"]), ours, hw, spec["memory_size"]))
+    del ours
+    frame = frame_source(hw, spec["seed"])
+    n, marks, warm = spec["frames"], stream_checkpoints(spec["frames"]), min(10, spec["frames"])
+    tracker.start(query_points(hw, spec["points"], spec["seed"]), frame(0))
+    rss, state = {}, {}
+    for t in range(1, n + 1):
+        if t == warm:
+            reset_peak_rss()  # the peak from here on: building the model and the first calls are not the stream
+        tracker.step(frame(t))
+        if t in marks:
+            rss[t], state[t] = status_bytes("VmRSS") / MIB, tracker.state_bytes() / MIB
+    res = {"rss_mib": rss, "state_mib": state, "peak_rss_mib": status_bytes("VmHWM") / MIB,
+           "rss_growth_mib": rss[marks[-1]] - rss[marks[0]]}
+    res["flat"] = res["rss_growth_mib"] <= FLAT_MIB and state[marks[-1]] == state[marks[0]]
+    Path(out_path).write_text(json.dumps(res))
+
+
+def run_stream(which: str, spec: dict) -> dict:
+    """stream_worker in a subprocess, so that the RSS is that of the stream alone."""
+    with tempfile.TemporaryDirectory(prefix="bench_lbm_") as tmp:
+        out = Path(tmp) / "stream.json"
+        cmd = [sys.executable, __file__, "_stream", json.dumps({**spec, "which": which}), str(out)]
+        env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"])}
+        subprocess.run(cmd, check=True, env=env, cwd=ROOT)
+        return json.loads(out.read_text())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Report
+
+
+def print_report(res: dict) -> None:
+    """The table of latencies, ratios, output differences and stream memory."""
+    cfg = res["config"]
+    print(f"\nLBM online step, {cfg['hw'][0]}x{cfg['hw'][1]}, {cfg['points']} points, memory {cfg['memory_size']}; "
+          f"{res['machine']['cpu']}, {res['machine']['threads']} threads, torch {res['machine']['torch']}")
+    print(f"{'':14s}{'ours ms/frame':>15s}{'theirs ms/frame':>17s}{'ours fps':>10s}{'theirs fps':>12s}{'ratio':>8s}")
+    for dt in ("fp32", "bf16"):
+        t = res["timing"][dt]
+        verdict = "meets" if t["speedup"] >= TARGET else "below"
+        print(f"{dt:14s}{t['ours']['ms_per_frame']:15.2f}{t['theirs']['ms_per_frame']:17.2f}"
+              f"{t['ours']['fps']:10.2f}{t['theirs']['fps']:12.2f}{t['speedup']:7.2f}x  ({verdict} {TARGET}x target)")
+    eq = res["equality"]
+    print(f"outputs fp32 ({eq['fp32']['frames']} frames): max |ours - theirs| {eq['fp32']['max_diff_px']:.2e} px "
+          f"(tolerance {cfg['tol']:g}), visibility mismatches {eq['fp32']['visibility_mismatches']}, "
+          f"visible {100 * eq['fp32']['visible_fraction']:.0f} %")
+    print(f"outputs bf16: max |ours - theirs| {eq['bf16']['max_diff_px']:.3f} px, mean "
+          f"{eq['bf16']['mean_diff_px']:.3f} px, visibility mismatches {eq['bf16']['visibility_mismatches']}")
+    for which, s in res["stream"].items():
+        marks = ", ".join(f"{t}: {v:.0f}" for t, v in s["rss_mib"].items())
+        state = list(s["state_mib"].values())[-1]
+        print(f"stream {which} ({cfg['stream_frames']} frames, fp32): RSS MiB at frame {marks}; peak "
+              f"{s['peak_rss_mib']:.0f} MiB; growth {s['rss_growth_mib']:+.1f} MiB; state {state:.2f} MiB; "
+              f"{'flat' if s['flat'] else 'NOT FLAT'}")
+
+
+def main(authors_repo: str, hw="384,512", points: int = 256, frames: int = 8, warmup: int = 5, rounds: int = 6,
+         per_round: int = 10, stream_frames: int = 2000, stream_theirs: bool = False, memory_size: int = 12,
+         seed: int = 0, checkpoint: str | None = None, vis_bias: float = 3.0, tol: float = 1e-3,
+         threads: int | None = None, perturb_theirs: float = 0.0, out_json: str | None = None) -> None:
+    """Check equal outputs, then time both online steps in fp32 and bf16 and follow a long stream's memory."""
+    hw = parse_hw(hw, "hw")
+    if threads:
+        torch.set_num_threads(threads)
+    if frames < 2 or stream_frames < 1:
+        raise SystemExit("bench_lbm: --frames must be at least 2 and --stream_frames at least 1")
+    ours = build_ours(hw, memory_size, seed, checkpoint, vis_bias)
+    theirs = build_theirs(import_authors(authors_repo), ours, hw, memory_size, perturb_theirs)
+    frame, pts = frame_source(hw, seed), query_points(hw, points, seed)
+    trackers = {"ours": OursTracker(ours), "theirs": TheirsTracker(theirs)}
+    res = {"machine": machine_description(),
+           "config": {"hw": list(hw), "points": points, "memory_size": memory_size, "tol": tol,
+                      "weights": checkpoint or f"random init (seed {seed}), visibility bias +{vis_bias}",
+                      "stream_frames": stream_frames, "authors_commit": "cf39292"}}
+
+    eq32 = compare(trackers, pts, frame, frames, amp=False)
+    print(f"fp32 check over {frames} frames: max |ours - theirs| {eq32['max_diff_px']:.2e} px, "
+          f"{eq32['visibility_mismatches']} visibility mismatches", flush=True)
+    if eq32["max_diff_px"] > tol or eq32["visibility_mismatches"]:
+        raise SystemExit(f"bench_lbm: outputs differ (max {eq32['max_diff_px']:.3g} px > {tol:g} px or "
+                         f"{eq32['visibility_mismatches']} visibility mismatches): nothing timed")
+    if eq32["visible_fraction"] == 0:
+        print("warning: no point is ever visible, so no memory slot is read (raise --vis_bias)", flush=True)
+    res["equality"] = {"fp32": eq32, "bf16": compare(trackers, pts, frame, frames, amp=True)}
+
+    res["timing"] = {}
+    for name, amp in (("fp32", False), ("bf16", True)):
+        res["timing"][name] = time_steps(trackers, pts, frame, frames, warmup, rounds, per_round, amp)
+        print(f"{name}: ours {res['timing'][name]['ours']['ms_per_frame']:.2f} ms/frame, theirs "
+              f"{res['timing'][name]['theirs']['ms_per_frame']:.2f} ms/frame", flush=True)
+
+    spec = {"hw": list(hw), "points": points, "memory_size": memory_size, "seed": seed, "checkpoint": checkpoint,
+            "vis_bias": vis_bias, "frames": stream_frames, "threads": torch.get_num_threads(),
+            "authors_repo": str(authors_repo)}
+    res["stream"] = {w: run_stream(w, spec) for w in (["ours", "theirs"] if stream_theirs else ["ours"])}
+    print_report(res)
+    if out_json:
+        tmp = Path(f"{out_json}.tmp")
+        tmp.write_text(json.dumps(res, indent=2))
+        tmp.replace(out_json)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "_stream":
+        stream_worker(sys.argv[2], sys.argv[3])
+    else:
+        fire.Fire(main)
