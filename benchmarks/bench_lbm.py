@@ -425,8 +425,9 @@ def main(authors_repo: str, hw="384,512", points: int = 256, frames: int = 8, wa
         torch.set_num_threads(threads)
     if frames < 2 or stream_frames < 1:
         raise SystemExit("bench_lbm: --frames must be at least 2 and --stream_frames at least 1")
+    their_cls = import_authors(authors_repo)
     ours = build_ours(hw, memory_size, seed, checkpoint, vis_bias)
-    theirs = build_theirs(import_authors(authors_repo), ours, hw, memory_size, perturb_theirs)
+    theirs = build_theirs(their_cls, ours, hw, memory_size, perturb_theirs)
     frame, pts = frame_source(hw, seed), query_points(hw, points, seed)
     trackers = {"ours": OursTracker(ours), "theirs": TheirsTracker(theirs)}
     res = {"machine": machine_description(),
@@ -438,8 +439,8 @@ def main(authors_repo: str, hw="384,512", points: int = 256, frames: int = 8, wa
     print(f"fp32 check over {frames} frames: max |ours - theirs| {eq32['max_diff_px']:.2e} px, "
           f"{eq32['visibility_mismatches']} visibility mismatches", flush=True)
     if eq32["max_diff_px"] > tol or eq32["visibility_mismatches"]:
-        raise SystemExit(f"bench_lbm: outputs differ (max {eq32['max_diff_px']:.3g} px > {tol:g} px or "
-                         f"{eq32['visibility_mismatches']} visibility mismatches): nothing timed")
+        raise SystemExit(f"bench_lbm: outputs differ: max |ours - theirs| {eq32['max_diff_px']:.3g} px (tolerance "
+                         f"{tol:g} px), {eq32['visibility_mismatches']} visibility mismatches; nothing timed")
     if eq32["visible_fraction"] == 0:
         print("warning: no point is ever visible, so no memory slot is read (raise --vis_bias)", flush=True)
     res["equality"] = {"fp32": eq32, "bf16": compare(trackers, pts, frame, frames, amp=True)}
