@@ -22,6 +22,7 @@ benchmarks/requirements-bench.txt) and addict's Dict are small local equivalents
 With random weights every point would be predicted invisible and no memory slot would ever be read (their
 step then skips the memory attention); `--vis_bias` (default 3) raises the visibility logit's bias so that
 points are visible and the memory path runs, as with trained weights. It is not applied to a `--checkpoint`.
+`--perturb_theirs=x` adds x to one of their weights after the copy: a self-test, the run must then stop.
 
     python benchmarks/bench_lbm.py --authors_repo=/tmp/lbm
     python benchmarks/bench_lbm.py --authors_repo=/tmp/lbm --out_json=docs/bench_lbm_cpu.json
@@ -49,6 +50,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from common import interleaved_times, machine_description, reset_peak_rss, status_bytes
+from tqdm import tqdm
 
 from pips2.nets.lbm import LBM, LBMOnline, load_lbm
 from pips2.utils.cli import parse_hw
@@ -364,7 +366,7 @@ def stream_worker(spec_json: str, out_path: str) -> None:
     n, marks, warm = spec["frames"], stream_checkpoints(spec["frames"]), min(10, spec["frames"])
     tracker.start(query_points(hw, spec["points"], spec["seed"]), frame(0))
     rss, state = {}, {}
-    for t in range(1, n + 1):
+    for t in tqdm(range(1, n + 1), desc=f"stream {spec['which']}", unit="frame", mininterval=5):
         if t == warm:
             reset_peak_rss()  # the peak from here on: building the model and the first calls are not the stream
         tracker.step(frame(t))
