@@ -21,9 +21,9 @@ import fire
 import numpy as np
 
 from pips2.datasets.synthetic import SceneConfig, generate_scene
-from pips2.utils.checkpoint import CheckpointError, load_pips, resolve_device
+from pips2.utils.checkpoint import CheckpointError
 from pips2.utils.cli import parse_hw
-from pips2.utils.tracking import grid_queries, load_lbm_model, track
+from pips2.utils.tracking import grid_queries, load_tracker, track
 from pips2.utils.video import VideoError, iter_frames, read_rgb, video_info, write_mp4
 from pips2.utils.vis import render_tracks
 
@@ -202,22 +202,6 @@ def prepare(video: str | None, points: str | None, grid_size: int, query_frame: 
     return video_path, queries.astype(np.float32), n_frames, H, W, fps, image_size
 
 
-def load_model(model: str, init_dir: str | None, device: str, amp: str, memory_size: int | None):
-    """The tracker named by --model from --init_dir (PIPs++: ./reference_model unless given)."""
-    if model == "pips2":
-        return load_pips(init_dir or "./reference_model", resolve_device(device), amp=amp)
-    if model != "lbm":
-        raise ValueError(f"--model must be pips2 or lbm, got {model!r}")
-    if init_dir is None:
-        raise ValueError("--model=lbm needs --init_dir: the LBM checkpoint file (e.g. lbm.pt) or its folder")
-    if amp != "none":
-        raise ValueError(f"--amp={amp}: LBM runs in float32 here; leave --amp at none")
-    net = load_lbm_model(init_dir, resolve_device(device))
-    if memory_size is not None:
-        net.set_memory_size(int(memory_size))
-    return net
-
-
 def main(video: str | None = None, init_dir: str | None = None, points: str | None = None,
          grid_size: int = 16, query_frame: int = 0, mask: str | None = None, backward: bool = False, S: int = 128,
          iters: int = 16, image_size=None, point_batch: int = 256, device: str = "auto", amp: str = "none",
@@ -232,7 +216,7 @@ def main(video: str | None = None, init_dir: str | None = None, points: str | No
     try:
         video_path, queries, n_frames, H, W, fps, image_size = prepare(video, points, grid_size, query_frame, mask,
                                                                        image_size, out)
-        net = load_model(model, init_dir, device, amp, memory_size)
+        net = load_tracker(model, init_dir, device, amp, memory_size)
     except (ValueError, VideoError, OSError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)

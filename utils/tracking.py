@@ -30,7 +30,7 @@ from tqdm import tqdm
 from pips2.nets.lbm import LBM, LBMOnline, load_lbm, read_state_dict
 from pips2.nets.pips2 import MIN_SIZE
 from pips2.utils.amp import autocast
-from pips2.utils.checkpoint import CheckpointError, find_checkpoint, list_checkpoints
+from pips2.utils.checkpoint import CheckpointError, find_checkpoint, list_checkpoints, load_pips, resolve_device
 from pips2.utils.video import VideoError, iter_frames, read_rgb
 
 # ---------------------------------------------------------------------------------------------------------
@@ -579,6 +579,28 @@ def load_lbm_model(init_dir: str | os.PathLike, device: str | torch.device = "cp
     """An LBM in eval mode from a checkpoint file or folder, its sizes read from the weights (`load_lbm`)."""
     path = find_lbm_checkpoint(init_dir)
     return load_lbm(path, device, **lbm_config_from_state(read_state_dict(path)))
+
+
+def load_tracker(model: str, init_dir: str | None, device: str | torch.device = "auto", amp: str = "none",
+                 memory_size: int | None = None):
+    """The tracker a script's --model names ("pips2" or "lbm") from --init_dir, in eval mode; PIPs++ defaults to
+    ./reference_model, LBM needs a checkpoint and runs in float32, its memory resampled to memory_size if given.
+    Raises ValueError or CheckpointError with one line naming the flag or file."""
+    dev = resolve_device(device) if isinstance(device, str) else device
+    if model == "pips2":
+        return load_pips(init_dir or "./reference_model", dev, amp=amp)
+    if model != "lbm":
+        raise ValueError(f"--model must be pips2 or lbm, got {model!r}")
+    if init_dir is None:
+        raise ValueError("--model=lbm needs --init_dir: the LBM checkpoint file (e.g. lbm.pt) or its folder")
+    if amp not in (None, "none"):
+        raise ValueError(f"--amp={amp}: LBM runs in float32 here; leave --amp at none")
+    net = load_lbm_model(init_dir, dev)
+    if memory_size is not None:
+        if int(memory_size) < 1:
+            raise ValueError(f"--memory_size must be at least 1, got {memory_size}")
+        net.set_memory_size(int(memory_size))
+    return net
 
 
 class LBMTracker:
