@@ -66,7 +66,8 @@ def test_demo_end_to_end(tmp_path, ckpt):
 def test_demo_grid_on_a_synthetic_video(tmp_path, ckpt, capsys, monkeypatch):
     real = demo.synthetic_video
     monkeypatch.setattr(demo, "synthetic_video", lambda out_dir: real(out_dir, frames=12))  # 48 by default: slow
-    res = run_main(demo.main, capsys, init_dir=str(ckpt), grid_size=3, S=8, iters=1, out_dir=str(tmp_path))
+    res = run_main(demo.main, capsys, init_dir=str(ckpt), grid_size=3, S=8, iters=1, out_dir=str(tmp_path),
+                   numbers=True)  # point numbers work for PIPs++ too
     assert res.returncode == 0, res.stderr[-2000:]
     assert (tmp_path / "synthetic.mp4").is_file() and np.load(tmp_path / "tracks.npz")["tracks"].shape == (12, 9, 2)
 

@@ -84,6 +84,8 @@ def test_streaming_equals_offline_with_adds_and_removes(model):
     assert xy.shape == (0, 2) and tracker.num_queries == 0
     (_, xy, _), = tracker.push(video[0], add=QUERIES[:1, 1:])
     np.testing.assert_allclose(xy, offline["tracks"][0, :1], rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="expected 1 flags"):
+        tracker.push(video[1], remove=np.array([True, False]))
 
 
 def test_memory_does_not_grow_with_the_stream():

@@ -634,6 +634,8 @@ class LBMTracker:
              remove: np.ndarray | None = None) -> list[tuple[int, np.ndarray, np.ndarray]]:
         """Frame (H,W,3) uint8; first drop the queries where `remove` (N,) is True, then start `add` (M,2) source
         px here (after the kept ones). Returns [(t, (N,2) source px, (N,) visibility bool)] for this frame."""
+        if remove is not None and np.shape(remove) != (self.num_queries,):
+            raise ValueError(f"remove: expected {self.num_queries} flags (one per query), got shape {np.shape(remove)}")
         t, self.count = self.count, self.count + 1
         if self.pending is not None:  # the constructor's queries start on the first frame
             add = self.pending if add is None else np.concatenate([self.pending, np.asarray(add).reshape(-1, 2)])
