@@ -4,6 +4,7 @@
     python demo.py --video=clip.mp4 --grid_size=16                     # a grid on frame 0
     python demo.py --video=clip.mp4 --points=points.csv --backward=True # (t, x, y) rows, any frame
     python demo.py                                                      # a synthetic video, made on the spot
+    python demo.py --model=lbm --init_dir=lbm.pt --video=clip.mp4 --numbers=True   # LBM: occluded points hollow
 """
 
 from __future__ import annotations
@@ -20,9 +21,9 @@ import fire
 import numpy as np
 
 from pips2.datasets.synthetic import SceneConfig, generate_scene
-from pips2.utils.checkpoint import CheckpointError, load_pips, resolve_device
+from pips2.utils.checkpoint import CheckpointError
 from pips2.utils.cli import parse_hw
-from pips2.utils.tracking import grid_queries, track
+from pips2.utils.tracking import grid_queries, load_tracker, track
 from pips2.utils.video import VideoError, iter_frames, read_rgb, video_info, write_mp4
 from pips2.utils.vis import render_tracks
 
@@ -149,22 +150,29 @@ def synthetic_video(out_dir: Path, seed: int = 3, frames: int = 48) -> Path:
 
 
 def write_outputs(out_dir: Path, video: Path, queries: np.ndarray, tracks: np.ndarray, estimated: np.ndarray,
-                  fps: float) -> list[Path]:
-    """tracks.npz, tracks.csv and tracks.mp4 (points with fading trails) in out_dir."""
+                  fps: float, visibility: np.ndarray | None = None, numbers: bool = False) -> list[Path]:
+    """tracks.npz, tracks.csv and tracks.mp4 (points with fading trails) in out_dir.
+
+    With a model's visibility (T,N) the npz gets a `visibility` array, the csv a `visibility` column (0/1) and
+    the video draws invisible points hollow; numbers=True writes each point's index beside it."""
     npz, csv_path, mp4 = out_dir / "tracks.npz", out_dir / "tracks.csv", out_dir / "tracks.mp4"
-    np.savez(npz, tracks=tracks, estimated=estimated, queries=queries)
+    extra = {} if visibility is None else {"visibility": visibility}
+    np.savez(npz, tracks=tracks, estimated=estimated, queries=queries, **extra)
     with open(csv_path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["frame", "point", "x", "y", "estimated"])
+        w.writerow(["frame", "point", "x", "y", "estimated"] + ([] if visibility is None else ["visibility"]))
         for t in range(tracks.shape[0]):
             for n in range(tracks.shape[1]):
-                w.writerow([t, n, f"{tracks[t, n, 0]:.3f}", f"{tracks[t, n, 1]:.3f}", int(estimated[t, n])])
+                row = [t, n, f"{tracks[t, n, 0]:.3f}", f"{tracks[t, n, 1]:.3f}", int(estimated[t, n])]
+                w.writerow(row if visibility is None else row + [int(visibility[t, n])])
 
     def even(frame):  # yuv420p needs even sizes
         h, w = frame.shape[:2]
         return frame[: h - h % 2, : w - w % 2]
 
-    frames = (even(f) for f in render_tracks(iter_frames(video), tracks, estimated))
+    labels = [str(n) for n in range(tracks.shape[1])] if numbers else None
+    frames = (even(f) for f in render_tracks(iter_frames(video), tracks, estimated, visibility=visibility,
+                                             labels=labels))
     write_mp4(mp4, frames, fps=max(1, int(round(fps or 24))))
     return [npz, csv_path, mp4]
 
@@ -194,26 +202,33 @@ def prepare(video: str | None, points: str | None, grid_size: int, query_frame: 
     return video_path, queries.astype(np.float32), n_frames, H, W, fps, image_size
 
 
-def main(video: str | None = None, init_dir: str = "./reference_model", points: str | None = None,
+def main(video: str | None = None, init_dir: str | None = None, points: str | None = None,
          grid_size: int = 16, query_frame: int = 0, mask: str | None = None, backward: bool = False, S: int = 128,
          iters: int = 16, image_size=None, point_batch: int = 256, device: str = "auto", amp: str = "none",
-         out_dir: str = "./demo_out/track") -> None:
-    """Track points (from --points, or a grid on --query_frame limited by --mask) and write the outputs."""
+         out_dir: str = "./demo_out/track", model: str = "pips2", memory_size: int | None = None,
+         numbers: bool = False) -> None:
+    """Track points (from --points, or a grid on --query_frame limited by --mask) and write the outputs.
+
+    --model=lbm tracks online with LBM (--init_dir: its checkpoint file or folder; --memory_size resamples its
+    memory, S/iters/point_batch are PIPs++'s) and records its visibility; --numbers labels each point with its
+    index (the csv's `point`)."""
     out = Path(out_dir)
     try:
         video_path, queries, n_frames, H, W, fps, image_size = prepare(video, points, grid_size, query_frame, mask,
                                                                        image_size, out)
-        model = load_pips(init_dir, resolve_device(device), amp=amp)
+        net = load_tracker(model, init_dir, device, amp, memory_size)
     except (ValueError, VideoError, OSError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
     t0 = time.time()
-    print(f"tracking {len(queries)} points through {video_path} ({n_frames} frames, {W}x{H}) with {init_dir}")
-    res = track(model, str(video_path), queries, S=S, iters=iters, backward=backward, image_size=image_size,
+    print(f"tracking {len(queries)} points through {video_path} ({n_frames} frames, {W}x{H}) with "
+          f"{init_dir or './reference_model'}")
+    res = track(net, str(video_path), queries, S=S, iters=iters, backward=backward, image_size=image_size,
                 point_batch=point_batch, amp=None if amp == "none" else amp, progress=True)
     dt = time.time() - t0
     try:
-        files = write_outputs(out, video_path, queries, res["tracks"], res["estimated"], fps)
+        files = write_outputs(out, video_path, queries, res["tracks"], res["estimated"], fps, res["visibility"],
+                              bool(numbers))
     except (OSError, VideoError) as e:
         print(f"error: cannot write the outputs to --out_dir {out}: {e}", file=sys.stderr, flush=True)
         sys.exit(2)

@@ -10,11 +10,14 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+import torch
 from helpers import golden_model, run_main
+from test_lbm_track import small_lbm
 
 import demo
 from pips2.utils import checkpoint
 from pips2.utils.video import read_video, write_mp4
+from pips2.utils.vis import draw_frame
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -54,6 +57,8 @@ def test_demo_end_to_end(tmp_path, ckpt):
     with open(tmp_path / "out" / "tracks.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 28 and float(rows[10]["x"]) == pytest.approx(z["tracks"][5, 0, 0], abs=1e-3)
+    # PIPs++ predicts no visibility: the files keep their columns and arrays
+    assert list(rows[0]) == ["frame", "point", "x", "y", "estimated"] and "visibility" not in z.files
     video = read_video(tmp_path / "out" / "tracks.mp4")
     assert video.shape == (14, 130, 150, 3)
 
@@ -61,7 +66,8 @@ def test_demo_end_to_end(tmp_path, ckpt):
 def test_demo_grid_on_a_synthetic_video(tmp_path, ckpt, capsys, monkeypatch):
     real = demo.synthetic_video
     monkeypatch.setattr(demo, "synthetic_video", lambda out_dir: real(out_dir, frames=12))  # 48 by default: slow
-    res = run_main(demo.main, capsys, init_dir=str(ckpt), grid_size=3, S=8, iters=1, out_dir=str(tmp_path))
+    res = run_main(demo.main, capsys, init_dir=str(ckpt), grid_size=3, S=8, iters=1, out_dir=str(tmp_path),
+                   numbers=True)  # point numbers work for PIPs++ too
     assert res.returncode == 0, res.stderr[-2000:]
     assert (tmp_path / "synthetic.mp4").is_file() and np.load(tmp_path / "tracks.npz")["tracks"].shape == (12, 9, 2)
 
@@ -170,3 +176,57 @@ def test_read_points_names_bad_json_items(tmp_path):
     (tmp_path / "q.json").write_text("[[1, 2, 3], [1,")
     with pytest.raises(ValueError, match=r"q\.json: cannot read points \(invalid JSON"):
         demo.read_points(tmp_path / "q.json")
+
+
+# --- LBM (issue 13) and point numbers (issue 15) -----------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def lbm_ckpt(tmp_path_factory):
+    """A small LBM saved as the authors do under DDP: {'model': state_dict} with `module.` keys."""
+    m = small_lbm(torch.float32)
+    path = tmp_path_factory.mktemp("lbm") / "lbm.pt"
+    torch.save({"model": {f"module.{k}": v for k, v in m.state_dict().items()}}, path)
+    return path
+
+
+def test_demo_lbm_writes_visibility(tmp_path, clip, lbm_ckpt, capsys):
+    (tmp_path / "pts.csv").write_text("t,x,y\n0,40,50\n5,100,60\n0,120,20\n")
+    res = run_main(demo.main, capsys, video=str(clip), model="lbm", init_dir=str(lbm_ckpt.parent), numbers=True,
+                   points=str(tmp_path / "pts.csv"), memory_size=6, out_dir=str(tmp_path / "out"))
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "summary: 3 points x 14 frames" in res.stdout
+    z = np.load(tmp_path / "out" / "tracks.npz", allow_pickle=False)
+    assert z["tracks"].shape == (14, 3, 2) and z["visibility"].shape == (14, 3) and z["visibility"].dtype == bool
+    assert not z["estimated"][:5, 1].any() and z["estimated"][5:].all() and not z["visibility"][:5, 1].any()
+    with open(tmp_path / "out" / "tracks.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["frame", "point", "x", "y", "estimated", "visibility"] and len(rows) == 42
+    vis = np.array([int(r["visibility"]) for r in rows]).reshape(14, 3)
+    assert set(vis.ravel().tolist()) <= {0, 1}
+    np.testing.assert_array_equal(vis, z["visibility"])
+    assert read_video(tmp_path / "out" / "tracks.mp4").shape == (14, 130, 150, 3)
+
+
+def test_demo_lbm_needs_a_checkpoint(tmp_path, clip, capsys):
+    _one_error_line(run_main(demo.main, capsys, video=str(clip), model="lbm", out_dir=str(tmp_path)),
+                    "--model=lbm needs --init_dir")
+    _one_error_line(_demo(capsys, video=clip, model="lbm", out_dir=tmp_path), "no_such_checkpoint")
+    bad = tmp_path / "x.pt"
+    bad.write_bytes(b"junk")
+    _one_error_line(_demo(capsys, video=clip, model="lbm", init_dir=bad, out_dir=tmp_path), str(bad))
+    _one_error_line(_demo(capsys, video=clip, model="cotracker", out_dir=tmp_path), "--model must be pips2 or lbm")
+
+
+def test_hollow_and_filled_markers_and_numbers():
+    frame = np.full((40, 60, 3), 90, np.uint8)
+    pts = np.array([[[15.0, 20.0], [45.0, 20.0]]])
+    colors = np.array([[255, 0, 0], [0, 255, 0]], np.uint8)
+    out = draw_frame(frame, pts, colors, visible=np.array([True, False]))
+    assert (out[20, 15] != 90).any()  # filled: the centre takes the colour
+    assert (out[20, 45] == 90).all() and (out[20, 48] != 90).any()  # hollow: a ring around an untouched centre
+    assert (draw_frame(frame, pts, colors) == draw_frame(frame, pts, colors, visible=np.ones(2, bool))).all()
+    # numbers go to the right of each marker
+    plain = draw_frame(frame, pts, colors, visible=np.array([True, False]))
+    labelled = draw_frame(frame, pts, colors, visible=np.array([True, False]), labels=["0", "1"])
+    changed = np.nonzero((plain != labelled).any(-1))
+    assert len(changed[1]) and changed[1].min() > 15 + 3 and changed[0].max() <= 20

@@ -9,11 +9,13 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+import torch
 from helpers import golden_model, run_main
+from test_lbm_track import small_lbm
 
 import test_on_tap
 from pips2.datasets import crohd, tapvid
-from pips2.utils import checkpoint, metrics
+from pips2.utils import checkpoint, evaluation, metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -97,6 +99,66 @@ def test_test_on_tap_runs(tmp_path, ckpt, capsys):
     res = run_main(test_on_tap.main, capsys, max_videos=1, max_iters=2, **kw)
     assert res.returncode == 2 and res.stderr.strip().splitlines() == [
         "error: --max_videos=1 and its alias --max_iters=2 disagree; give one of them"]
+
+
+# --- LBM (issue 13): full TAP-Vid metrics from the model's visibility ---------------------------------------------
+
+@pytest.fixture(scope="module")
+def lbm():
+    return small_lbm(torch.float32)
+
+
+def test_test_on_tap_lbm_runs(tmp_path, lbm, capsys):
+    torch.save({"model": lbm.state_dict()}, tmp_path / "lbm.pt")
+    with open(tmp_path / "tapvid_davis.pkl", "wb") as f:
+        pickle.dump({"a": _entry(seed=0), "b": _entry(seed=3)}, f)
+    out = tmp_path / "r.json"
+    kw = dict(dataset_location=str(tmp_path / "tapvid_davis.pkl"), model="lbm", init_dir=str(tmp_path / "lbm.pt"))
+    res = run_main(test_on_tap.main, capsys, out_json=str(out), **kw)
+    assert res.returncode == 0, res.stderr
+    assert "LBM: memory of 20 frames, input size 96x64" in res.stdout  # DAVIS's memory
+    assert "AJ (strided)" in res.stdout and "summary: 2 videos scored" in res.stdout
+    js = json.loads(out.read_text())
+    assert js["mean"] is None and set(js["tapvid"]) == {"first", "strided"}
+    for m in ("first", "strided"):
+        for k in ("average_jaccard", "delta_avg", "occlusion_accuracy"):
+            assert 0 <= js["tapvid"][m][k] <= 100, (m, k)
+    res = run_main(test_on_tap.main, capsys, memory_size=7, modes="first", **kw)
+    assert res.returncode == 0 and "memory of 7 frames" in res.stdout
+    res = run_main(test_on_tap.main, capsys, image_size="128,160", **kw)
+    assert res.returncode == 2 and "--image_size is PIPs++'s" in res.stderr
+
+
+def test_lbm_memory_sizes_by_data_set():
+    sizes = [evaluation.lbm_memory_size(p) for p in
+             ("/d/tapvid_davis.pkl", "/d/kinetics/", "/d/TAPVID_ROBOTAP", "/d/tapvid_rgb_stacking.pkl")]
+    assert sizes == [20, 36, 60, 48]
+
+
+@pytest.mark.parametrize("mode", ["first", "strided"])
+def test_occlusion_accuracy_comes_from_the_model(lbm, mode):
+    e = _entry(T=10, seed=5)
+    H, W = e["video"].shape[1:3]
+    points, occ = e["points"] * [W - 1, H - 1], e["occluded"]
+    idx, qf = tapvid.first_queries(occ) if mode == "first" else tapvid.strided_queries(occ)
+    t = np.arange(occ.shape[1])[None]
+    evaluated = (t != qf[:, None]) if mode == "strided" else (t > qf[:, None])
+    visible_share = 100 * (~occ[idx] & evaluated).sum() / evaluated.sum()
+    assert 0 < visible_share < 100
+    bias = lbm.transformer.vis_head.net[3].bias
+    kept = bias.detach().clone()
+    for shift, oa in ((1e4, visible_share), (-1e4, 100 - visible_share)):  # the model says: all visible / none
+        with torch.no_grad():
+            bias[0] += shift
+        try:
+            res = evaluation.tapvid_query_mode(lbm, e["video"], points, occ, mode)
+        finally:
+            with torch.no_grad():
+                bias.copy_(kept)
+        assert res["occlusion_accuracy"] == pytest.approx(oa)
+        assert np.isfinite(list(res.values())).all()
+        if shift < 0:
+            assert res["average_jaccard"] == 0  # nothing predicted visible: no true positive
 
 
 def _crohd(root: Path, T=20, H=128, W=192):

@@ -1,13 +1,22 @@
 """The authors' evaluation protocol (docs/EVALUATION.md), shared by test_on_pod.py, test_on_tap.py and test_on_cro.py:
-choose points, zero-velocity initialisation from frame 0, windowed tracking at the model size, metrics."""
+choose points, zero-velocity initialisation from frame 0, windowed tracking at the model size, metrics; and the
+TAP-Vid benchmark's query modes for PIPs++ and LBM."""
 
 from __future__ import annotations
+
+import os
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from pips2.datasets.tapvid import first_queries, strided_queries
 from pips2.utils import metrics
-from pips2.utils.tracking import ArrayFrames, FrameSource, track_windows
+from pips2.utils.tracking import ArrayFrames, FrameSource, track, track_windows
+
+# LBM's evaluation memory per data set (the authors' choice, SPEC section 1), found by name in the file's name
+LBM_MEMORY_SIZES = (("davis", 20), ("kinetics", 36), ("robotap", 60))
+LBM_DEFAULT_MEMORY = 48
 
 
 def select_points(trajs: np.ndarray, visibs: np.ndarray, valids: np.ndarray, hw: tuple[int, int],
@@ -77,6 +86,37 @@ def evaluate_tapvid_video(model, video: np.ndarray, points: np.ndarray, occluded
     if tr.shape[1] == 0:
         return None
     return evaluate_points(model, ArrayFrames(video, image_size), tr, val, S, iters, point_batch, amp)
+
+
+def lbm_memory_size(dataset_location: str | os.PathLike) -> int:
+    """LBM's memory size for evaluating a data set: DAVIS 20, Kinetics 36, RoboTAP 60, anything else 48."""
+    name = Path(dataset_location).name.lower()
+    return next((m for key, m in LBM_MEMORY_SIZES if key in name), LBM_DEFAULT_MEMORY)
+
+
+def tapvid_query_mode(model, video: np.ndarray, points: np.ndarray, occluded: np.ndarray, mode: str,
+                      **track_kw) -> dict[str, float]:
+    """TAP-Vid metrics of one video in the 'first' or 'strided' query mode; {} when it has no query.
+
+    Points (N,T,2) in pixels, occluded (N,T). Strided mode scores the frames before each query too, so it
+    tracks backward as well. delta^x_avg always; AJ and OA when the model predicts visibility (LBM).
+    """
+    idx, qf = first_queries(occluded) if mode == "first" else strided_queries(occluded)
+    if len(idx) == 0:
+        return {}
+    queries = np.concatenate([qf[:, None], points[idx, qf]], 1).astype(np.float32)
+    res = track(model, video, queries, backward=(mode == "strided"), **track_kw)
+    pred_occ = None if res["visibility"] is None else ~res["visibility"].T
+    return metrics.tapvid_metrics(res["tracks"].transpose(1, 0, 2), points[idx], occluded[idx], qf,
+                                  video.shape[1:3], pred_occluded=pred_occ, evaluate_before_query=(mode == "strided"))
+
+
+def format_tapvid(mode: str, res: dict[str, float]) -> str:
+    """The TAP-Vid figures of one mode appended to a video's line."""
+    line = f"; delta_avg ({mode}) {res['delta_avg']:.1f}"
+    if "average_jaccard" in res:
+        line += f", AJ ({mode}) {res['average_jaccard']:.1f}, OA ({mode}) {res['occlusion_accuracy']:.1f}"
+    return line
 
 
 def format_row(name: str, res: dict[str, float]) -> str:

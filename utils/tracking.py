@@ -1,4 +1,4 @@
-"""Tracking long videos with PIPs++: windows, any-frame queries, backward tracking, grids, streaming.
+"""Tracking long videos with PIPs++ or LBM: windows, any-frame queries, backward tracking, grids, streaming.
 
 Windowed tracking (docs/EVALUATION.md): zero-velocity initialisation; windows of S frames; the next window starts
 at the previous one's last frame (one frame of overlap); the last window is shifted back to end at the
@@ -8,6 +8,10 @@ offline tracking and the streaming `OnlineTracker`. Queries on several frames ma
 from their frame, and backward to frame 0 on request); all passes of a call run in one sweep through the
 video sharing a `FeatureCache`, so each frame is encoded at most once per direction, and memory is bounded
 by S frames of feature maps and the batch size.
+
+LBM (nets/lbm.py) tracks online instead: `track` hands an LBM to `track_lbm`, which steps `LBMTracker` (the
+streaming counterpart of `OnlineTracker`) one frame at a time; memory is one frame plus a fixed-size
+memory per query, whatever the video's length.
 """
 
 from __future__ import annotations
@@ -23,8 +27,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from pips2.nets.lbm import LBM, LBMOnline, load_lbm, read_state_dict
 from pips2.nets.pips2 import MIN_SIZE
 from pips2.utils.amp import autocast
+from pips2.utils.checkpoint import CheckpointError, find_checkpoint, list_checkpoints, load_pips, resolve_device
 from pips2.utils.video import VideoError, iter_frames, read_rgb
 
 # ---------------------------------------------------------------------------------------------------------
@@ -418,8 +424,14 @@ def track(model, video, queries, S: int = 128, iters: int = 16, backward: bool =
 
     Tracks forward from each query's frame (and backward to frame 0 with backward=True); the queries of one
     frame form a group, and all groups share one encoding of each frame per direction. Returns
-    {"tracks": (T,N,2) float32 in video pixels, "estimated": (T,N) bool of the frames that were estimated}.
+    {"tracks": (T,N,2) float32 in video pixels, "estimated": (T,N) bool of the frames that were estimated,
+    "visibility": (T,N) bool for a model that predicts it (LBM, see `track_lbm`; S, iters and point_batch
+    are PIPs++'s and do not apply), else None}.
     """
+    if is_lbm(model):
+        if amp is not None:
+            raise ValueError(f"amp={amp!r}: LBM tracking runs in the model's own precision")
+        return track_lbm(model, video, queries, backward=backward, image_size=image_size, progress=progress)
     src = as_frame_source(video, image_size)
     T = len(src)
     q = check_queries(queries, T, src.src_hw)
@@ -442,7 +454,7 @@ def track(model, video, queries, S: int = 128, iters: int = 16, backward: bool =
             tracks[times[:, None], sel[None, :]] = p.trajs
             estimated[times.numpy()[:, None], sel.numpy()[None, :]] = True
     tracks = scale_xy(tracks, src.model_hw, src.src_hw)
-    return {"tracks": tracks.numpy().astype(np.float32), "estimated": estimated}
+    return {"tracks": tracks.numpy().astype(np.float32), "estimated": estimated, "visibility": None}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -521,3 +533,181 @@ class OnlineTracker:
         self.cache.maps.clear()  # the window is encoded whole: its new frames could be a lone one (FeatureCache)
         est, _ = self._run(start, end, init, self.feats if self.win_start > 0 else None, keep_from=end)
         return [(start + i, self._out(est[i])) for i in range(end - start)]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# LBM: online tracking frame by frame (nets/lbm.py), behind the same API as PIPs++.
+
+
+def is_lbm(model) -> bool:
+    """Whether `model` is an LBM (tracked online, with visibility) rather than a PIPs++."""
+    return isinstance(model, LBM)
+
+
+def find_lbm_checkpoint(init_dir: str | os.PathLike) -> Path:
+    """The checkpoint file of --init_dir: the file itself, a folder's newest model-*.pth, or its only *.pt/*.pth."""
+    p = Path(init_dir)
+    if p.is_file():
+        return p
+    if not p.is_dir():
+        raise CheckpointError(f"{init_dir}: no such LBM checkpoint file or folder")
+    if list_checkpoints(p):
+        return find_checkpoint(p)
+    found = sorted(f for f in p.iterdir() if f.is_file() and f.suffix in (".pt", ".pth"))
+    if len(found) != 1:
+        raise CheckpointError(f"{init_dir}: expected one LBM checkpoint (*.pt, *.pth) or model-*.pth files in the "
+                              f"folder, found {len(found)}; pass the file")
+    return found[0]
+
+
+def lbm_config_from_state(state: dict[str, torch.Tensor]) -> dict:
+    """The LBM sizes a state_dict fixes: input_size, embed_dim, num_layers, memory_size and num_neighbors
+    (this one assuming the authors' 4 heads); other keys keep the authors' defaults."""
+    pos = state.get("backbone.frame_pos_embedding")
+    emb = state.get("transformer.layers.0.collision_time_emb")
+    offsets = state.get("transformer.layers.0.lattice_attention.sampling_offsets.weight")
+    if pos is None or emb is None or offsets is None or pos.dim() != 4:
+        return {}  # not an LBM state_dict: the strict load names what is missing
+    layers = {k.split(".")[2] for k in state if k.startswith("transformer.layers.")}
+    stride = 4
+    return {"input_size": (pos.shape[2] * stride, pos.shape[3] * stride), "embed_dim": pos.shape[1],
+            "num_layers": len(layers), "memory_size": emb.shape[1] - 1,
+            "num_neighbors": offsets.shape[0] // (4 * 4 * 2)}
+
+
+def load_lbm_model(init_dir: str | os.PathLike, device: str | torch.device = "cpu") -> LBM:
+    """An LBM in eval mode from a checkpoint file or folder, its sizes read from the weights (`load_lbm`)."""
+    path = find_lbm_checkpoint(init_dir)
+    return load_lbm(path, device, **lbm_config_from_state(read_state_dict(path)))
+
+
+def load_tracker(model: str, init_dir: str | None, device: str | torch.device = "auto", amp: str = "none",
+                 memory_size: int | None = None):
+    """The tracker a script's --model names ("pips2" or "lbm") from --init_dir, in eval mode; PIPs++ defaults to
+    ./reference_model, LBM needs a checkpoint and runs in float32, its memory resampled to memory_size if given.
+    Raises ValueError or CheckpointError with one line naming the flag or file."""
+    dev = resolve_device(device) if isinstance(device, str) else device
+    if model == "pips2":
+        return load_pips(init_dir or "./reference_model", dev, amp=amp)
+    if model != "lbm":
+        raise ValueError(f"--model must be pips2 or lbm, got {model!r}")
+    if init_dir is None:
+        raise ValueError("--model=lbm needs --init_dir: the LBM checkpoint file (e.g. lbm.pt) or its folder")
+    if amp not in (None, "none"):
+        raise ValueError(f"--amp={amp}: LBM runs in float32 here; leave --amp at none")
+    net = load_lbm_model(init_dir, dev)
+    if memory_size is not None:
+        if int(memory_size) < 1:
+            raise ValueError(f"--memory_size must be at least 1, got {memory_size}")
+        net.set_memory_size(int(memory_size))
+    return net
+
+
+class LBMTracker:
+    """Streaming LBM with OnlineTracker's shape: push frames one at a time, queries added and dropped between
+    frames; every estimate is final at once (no lag), so `finish()` has nothing left to return.
+
+    A thin layer over `LBMOnline` (which holds, per query, a vector and a fixed-size memory: nothing grows
+    with the stream's length) that takes numpy frames and source pixels. Frames are resized to `image_size`
+    when given (else handed over as they are: the model resizes to its input size itself); points move
+    between source and frame pixels by the plain size ratio, LBM's convention.
+    """
+
+    def __init__(self, model: LBM, queries_xy: np.ndarray | None, src_hw: tuple[int, int],
+                 image_size: tuple[int, int] | None = None):
+        self.model, self.src_hw = model, tuple(src_hw)
+        self.frame_hw = tuple(image_size or src_hw)
+        self.online = LBMOnline(model)
+        self.param = next(model.parameters())
+        self.pending = None if queries_xy is None else np.asarray(queries_xy, np.float32).reshape(-1, 2)
+        self.count = 0
+
+    @property
+    def num_queries(self) -> int:
+        """Number of queries currently tracked."""
+        return self.online.num_queries
+
+    def _scale(self, xy: np.ndarray, from_hw: tuple[int, int], to_hw: tuple[int, int]) -> np.ndarray:
+        return xy * np.array([to_hw[1] / from_hw[1], to_hw[0] / from_hw[0]])
+
+    def push(self, frame: np.ndarray, add: np.ndarray | None = None,
+             remove: np.ndarray | None = None) -> list[tuple[int, np.ndarray, np.ndarray]]:
+        """Frame (H,W,3) uint8; first drop the queries where `remove` (N,) is True, then start `add` (M,2) source
+        px here (after the kept ones). Returns [(t, (N,2) source px, (N,) visibility bool)] for this frame."""
+        if remove is not None and np.shape(remove) != (self.num_queries,):
+            raise ValueError(f"remove: expected {self.num_queries} flags (one per query), got shape {np.shape(remove)}")
+        t, self.count = self.count, self.count + 1
+        if self.pending is not None:  # the constructor's queries start on the first frame
+            add = self.pending if add is None else np.concatenate([self.pending, np.asarray(add).reshape(-1, 2)])
+            self.pending = None
+        add = None if add is None or len(add) == 0 else np.asarray(add, np.float64).reshape(-1, 2)
+        if remove is not None and np.asarray(remove, bool).all() and add is None:
+            self.online = LBMOnline(self.model)  # every query dropped: LBMOnline needs at least one to step
+        elif add is not None or self.num_queries:
+            h, w = self.frame_hw
+            if frame.shape[:2] != (h, w):
+                frame = cv2.resize(frame, (w, h), interpolation=cv2.INTER_LINEAR)
+            x = torch.from_numpy(np.ascontiguousarray(frame)).permute(2, 0, 1)[None]
+            x = x.to(self.param.device, self.param.dtype)
+            new = None if add is None else torch.from_numpy(self._scale(add, self.src_hw, self.frame_hw))
+            drop = None if remove is None else torch.as_tensor(np.asarray(remove, bool), device=x.device)
+            if self.num_queries == 0:
+                drop = None
+            res = self.online.track(x, add=new, remove=drop)
+            xy = self._scale(res["points"].double().cpu().numpy(), self.frame_hw, self.src_hw)
+            return [(t, xy.astype(np.float32), res["visibility"].cpu().numpy())]
+        return [(t, np.zeros((0, 2), np.float32), np.zeros(0, bool))]
+
+    def finish(self) -> list[tuple[int, np.ndarray, np.ndarray]]:
+        """End of stream: every frame's estimate was returned by its push."""
+        return []
+
+
+def _lbm_pass(model: LBM, src: FrameSource, frames: list[int], idx: np.ndarray, q: np.ndarray, out: dict,
+              before_query: bool, progress: bool) -> None:
+    """One online pass through `frames` (in this order) of the queries q[idx], each started on its own frame;
+    writes their estimates into out's tracks, visibility and estimated (with before_query: only the frames
+    that come before a query's own frame, i.e. those the forward pass did not estimate)."""
+    tracker = LBMTracker(model, None, src.src_hw, src.model_hw)
+    qt = q[:, 0].round().astype(int)
+    starts: dict[int, list[int]] = {}
+    for i in idx.tolist():
+        starts.setdefault(int(qt[i]), []).append(i)
+    pos = {t: k for k, t in enumerate(frames)}
+    ids: list[int] = []
+    first = min((pos[t] for t in starts), default=len(frames))  # nothing to track before the first query
+    for t in tqdm(frames[first:], desc="frames", disable=not progress, leave=False):
+        new = starts.get(t, [])
+        ((_, pts, vis),) = tracker.push(src.get(t, t + 1)[0], add=q[new, 1:] if new else None)
+        ids += new
+        sel = np.array(ids)
+        m = t < qt[sel] if before_query else np.ones(len(sel), bool)
+        out["tracks"][t, sel[m]] = pts[m]
+        out["visibility"][t, sel[m]] = vis[m]
+        out["estimated"][t, sel[m]] = True
+
+
+def track_lbm(model: LBM, video, queries, backward: bool = False, image_size: tuple[int, int] | None = None,
+              progress: bool = False) -> dict[str, np.ndarray]:
+    """`track` for an LBM: each query starts on its own frame and is tracked online to the end (and, with
+    backward=True, through the reversed video back to frame 0), reading one frame at a time.
+
+    Frames of an array reach the model at their own size, frames of a video file are decoded at the model's
+    input size (image_size overrides both). Where a query is not estimated (before its frame, without
+    backward) its track holds the query point and its visibility is False.
+    """
+    if image_size is None and not isinstance(video, FrameSource):
+        if isinstance(video, (str, os.PathLike)):
+            image_size = model.size
+        elif np.ndim(video) == 4:
+            image_size = np.shape(video)[1:3]
+    src = as_frame_source(video, image_size)
+    T = len(src)
+    q = check_queries(queries, T, src.src_hw)
+    qt = q[:, 0].round().astype(int)
+    out = {"tracks": np.repeat(q[None, :, 1:], T, 0), "estimated": np.zeros((T, len(q)), bool),
+           "visibility": np.zeros((T, len(q)), bool)}
+    _lbm_pass(model, src, list(range(T)), np.arange(len(q)), q, out, False, progress)
+    if backward:  # queries on frame 0 have nothing before them; the query frame itself comes from the forward pass
+        _lbm_pass(model, src, list(range(T - 1, -1, -1)), np.nonzero(qt > 0)[0], q, out, True, progress)
+    return out

@@ -18,8 +18,12 @@ def track_colors(xy0: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
 
 
 def draw_frame(frame: np.ndarray, history: np.ndarray, colors: np.ndarray, shown: np.ndarray | None = None,
-               radius: int = 3) -> np.ndarray:
-    """Draw trails (older segments fainter) and current points; history (L,N,2) ends at this frame."""
+               radius: int = 3, visible: np.ndarray | None = None, labels: list[str] | None = None) -> np.ndarray:
+    """Draw trails (older segments fainter) and current points; history (L,N,2) ends at this frame.
+
+    visible (N,) marks this frame's points as filled (True) or hollow rings (False, e.g. occluded); labels (N)
+    are written beside the points.
+    """
     out = frame.copy()
     L, N = history.shape[:2]
     shown = np.ones((L, N), bool) if shown is None else shown
@@ -33,23 +37,43 @@ def draw_frame(frame: np.ndarray, history: np.ndarray, colors: np.ndarray, shown
                 cv2.line(layer, p0, p1, tuple(int(c) for c in colors[n]), 1, cv2.LINE_AA)
         out = cv2.addWeighted(layer, a, out, 1 - a, 0)
     for n in range(N):
-        if shown[-1, n]:
-            p = tuple(np.round(history[-1, n]).astype(int))
-            cv2.circle(out, p, radius, tuple(int(c) for c in colors[n]), -1, cv2.LINE_AA)
+        if not shown[-1, n]:
+            continue
+        p = tuple(np.round(history[-1, n]).astype(int))
+        color = tuple(int(c) for c in colors[n])
+        if visible is None or visible[n]:
+            cv2.circle(out, p, radius, color, -1, cv2.LINE_AA)
             cv2.circle(out, p, radius, (0, 0, 0), 1, cv2.LINE_AA)
+        else:  # a ring in the point's colour, outlined in black so it reads on any background
+            cv2.circle(out, p, radius + 1, (0, 0, 0), 1, cv2.LINE_AA)
+            cv2.circle(out, p, radius, color, 1, cv2.LINE_AA)
+        if labels is not None:
+            draw_label(out, labels[n], (p[0] + radius + 2, p[1] - radius), color)
     return out
 
 
+def draw_label(img: np.ndarray, text: str, org: tuple[int, int], color: tuple[int, int, int]) -> None:
+    """Small text at org (its bottom-left corner), in `color` over a black outline, drawn in place."""
+    font, scale = cv2.FONT_HERSHEY_SIMPLEX, 0.35
+    cv2.putText(img, text, org, font, scale, (0, 0, 0), 2, cv2.LINE_AA)
+    cv2.putText(img, text, org, font, scale, color, 1, cv2.LINE_AA)
+
+
 def render_tracks(frames: Iterable[np.ndarray], tracks: np.ndarray, estimated: np.ndarray | None = None,
-                  trail: int = 12) -> Iterator[np.ndarray]:
-    """Frames with coloured points and fading trails of `trail` frames; tracks (T,N,2) in frame pixels."""
+                  trail: int = 12, visibility: np.ndarray | None = None,
+                  labels: list[str] | None = None) -> Iterator[np.ndarray]:
+    """Frames with coloured points and fading trails of `trail` frames; tracks (T,N,2) in frame pixels.
+
+    visibility (T,N) draws the points of frames where it is False as hollow rings; labels (N) names the points.
+    """
     colors = None
     for t, frame in enumerate(frames):
         if colors is None:
             colors = track_colors(tracks[0], frame.shape[:2])
         s = max(0, t - trail + 1)
         shown = None if estimated is None else estimated[s:t + 1]
-        yield draw_frame(frame, tracks[s:t + 1], colors, shown)
+        yield draw_frame(frame, tracks[s:t + 1], colors, shown, visible=None if visibility is None else visibility[t],
+                         labels=labels)
 
 
 def summary_image(frames: np.ndarray, trajs_g: np.ndarray, trajs_e: np.ndarray, max_points: int = 32) -> np.ndarray:
