@@ -143,7 +143,7 @@ def main(dataset_location: str = "../datasets/pointodyssey", dset: str = "test",
             if series:
                 try:
                     png = plots.save_png({f"PointOdyssey {dset}": series}, plots.png_path(out_json),
-                                         title=f"{len(rows)} sequences")
+                                         title=f"{name} on PointOdyssey {dset}: {len(rows)} sequences")
                     print(f"curves -> {png}", flush=True)
                 except ImportError as e:  # the figures above are the results; the picture is a convenience
                     print(f"curves not drawn ({e}); pip install matplotlib", flush=True)
