@@ -10,25 +10,20 @@ PIPs++ `{'model_state_dict': sd}` (model-%09d.pth, docs/MODEL.md), LBM `{'model'
 
 from __future__ import annotations
 
-import hashlib
-import http.client
 import os
 import re
 import shutil
-import tarfile
 import tempfile
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn as nn
-from tqdm import tqdm
 
 from pips2.nets.lbm import LBM, load_lbm, read_state_dict
 from pips2.nets.pips2 import Pips
 from pips2.utils.checkpoint import CKPT_RE, CheckpointError, load_model_state, load_pips, read_checkpoint
+from pips2.utils.download import DownloadError, download, fetch_reference
 
 CACHE_ENV = "PIPS2_CACHE"
 DEFAULT_CACHE = Path.home() / ".cache" / "pips2"
@@ -72,39 +67,6 @@ def source_of(name: str) -> tuple[str, str | None]:
     return url, None if sha is None else sha.lower()
 
 
-def download(url: str, dest: Path, sha256: str | None = None) -> Path:
-    """Fetch url (http, https, file) into dest through a temp file in dest's folder; the sha256 is checked
-    when given and a short body (fewer bytes than Content-Length) is refused. dest appears only when whole."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.{os.getpid()}.", suffix=".part", dir=dest.parent)
-    digest, got = hashlib.sha256(), 0
-    try:
-        with os.fdopen(fd, "wb") as f:
-            try:
-                with urllib.request.urlopen(url, timeout=60) as r:
-                    size = r.headers.get("Content-Length")
-                    total = int(size) if size and size.isdigit() else None
-                    with tqdm(total=total, unit="B", unit_scale=True, desc=f"downloading {dest.name}",
-                              disable=None) as bar:
-                        while chunk := r.read(1 << 20):
-                            f.write(chunk)
-                            digest.update(chunk)
-                            got += len(chunk)
-                            bar.update(len(chunk))
-            except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as e:
-                raise HubError(f"{url}: download failed ({getattr(e, 'reason', None) or e})") from None
-            if total is not None and got != total:
-                raise HubError(f"{url}: download truncated ({got} of {total} bytes)")
-            f.flush()
-            os.fsync(f.fileno())
-        if sha256 is not None and digest.hexdigest() != sha256:
-            raise HubError(f"{url}: sha256 mismatch (got {digest.hexdigest()}, expected {sha256})")
-        os.replace(tmp, dest)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-    return dest
-
-
 def verify(path: Path, name: str, source: str, **config) -> None:
     """Raise HubError unless every checkpoint at path loads weights-only and matches the model's keys strictly."""
     if name == "lbm":
@@ -121,29 +83,6 @@ def verify(path: Path, name: str, source: str, **config) -> None:
             check(p, where)
         except CheckpointError as e:  # name what was downloaded, not the temp file it was verified in
             raise HubError(str(e).replace(str(p), where)) from None
-
-
-def unpack_reference(tarball: Path, dest: Path, source: str) -> None:
-    """Unpack the reference_model/ folder of a tar.gz into dest: regular files and folders only, nothing
-    outside reference_model/ (links, devices and '..' could write or read anywhere)."""
-    try:
-        with tarfile.open(tarball, "r:gz") as tf:
-            for m in tf:
-                parts = m.name.split("/")
-                if m.name.startswith("/") or ".." in parts or parts[0] != "reference_model":
-                    raise HubError(f"{source}: archive member {m.name!r} is outside reference_model/; refusing it")
-                if not (m.isreg() or m.isdir()):
-                    raise HubError(f"{source}: archive member {m.name!r} is not a regular file or folder; "
-                                   f"refusing it")
-                out = dest.joinpath(*parts[1:])
-                if m.isdir():
-                    out.mkdir(parents=True, exist_ok=True)
-                    continue
-                out.parent.mkdir(parents=True, exist_ok=True)
-                with tf.extractfile(m) as src, open(out, "wb") as f:
-                    shutil.copyfileobj(src, f)
-    except (tarfile.TarError, EOFError, OSError) as e:
-        raise HubError(f"{source}: not a readable tar.gz archive ({e})") from None
 
 
 def _swap_in(new: Path, dest: Path) -> None:
@@ -170,15 +109,16 @@ def fetch(name: str, refresh: bool = False, **config) -> Path:
     cache.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=cache))
     try:
-        got = download(url, work / Path(known.cached).with_suffix(".download").name, sha)
         if known.archive:
-            unpacked = work / known.cached
-            unpack_reference(got, unpacked, url)
-            verify(unpacked, name, url, **config)
-            _swap_in(unpacked, dest)
+            got = fetch_reference(url, work, sha)
+            verify(got, name, url, **config)
+            _swap_in(got, dest)
         else:
+            got = download(url, work / known.cached, sha)
             verify(got, name, url, **config)
             os.replace(got, dest)
+    except DownloadError as e:
+        raise HubError(str(e)) from None
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return dest
