@@ -73,14 +73,6 @@ def evaluate_scene(model, scene: pod.Scene, S: int, N: int, iters: int, image_si
     return out
 
 
-def mean_series(per_sequence: dict[str, dict], label: str) -> dict[str, plots.Curves]:
-    """The split's mean curves: the model's (relabelled `label`) and zero-velocity's, over the sequences that
-    have them."""
-    rows = [c for c in per_sequence.values() if c]
-    labels = [k for k in ("model", plots.ZERO_VEL) if rows and k in rows[0]]
-    return {(label if k == "model" else k): plots.mean_curves(c[k] for c in rows) for k in labels}
-
-
 def _skip_reason(e: Exception) -> str:
     """A short reason: a VideoError's file is named by its file name, not its whole path."""
     if isinstance(e, VideoError):
@@ -135,7 +127,7 @@ def main(dataset_location: str = "../datasets/pointodyssey", dset: str = "test",
               + (f", {left} not done ({status})" if status != "done" else "")
               + f"; {n_frames / max(dt, 1e-9):.1f} frames/s", flush=True)
         if out_json:
-            series = mean_series(curves, Path(str(init_dir)).name or str(init_dir))
+            series = plots.mean_series(curves, Path(str(init_dir)).name or str(init_dir))
             write_json(out_json, {"mean": mean, "per_sequence": rows, "skipped": skipped, "status": status,
                                   "complete": status == "done", "init_dir": None if zero_vel else str(init_dir),
                                   "curves": series})

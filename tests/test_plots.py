@@ -111,3 +111,14 @@ def test_figure_reaches_tensorboard(tmp_path):
     assert (img.width, img.height) == (900, 320)
     with Image.open(io.BytesIO(img.encoded_image_string)) as im:
         assert im.size == (900, 320)
+
+
+def test_mean_series_relabels_the_model_and_skips_videos_without_curves():
+    a = {"accuracy": [0, 0, 0, 0, 100], "survival": [1, 0]}
+    b = {"accuracy": [100] * 5, "survival": [1, 1, 1]}
+    per_video = {"v1": {"model": a, plots.ZERO_VEL: b}, "v2": {"model": b, plots.ZERO_VEL: b}, "v3": {}}
+    series = plots.mean_series(per_video, "ck")
+    assert list(series) == ["ck", plots.ZERO_VEL]
+    assert series["ck"] == {"accuracy": [50, 50, 50, 50, 100], "survival": [1, 0.5, 1]}
+    assert plots.mean_series({"v": {plots.ZERO_VEL: b}}, "ck") == {plots.ZERO_VEL: b}
+    assert plots.mean_series({}, "ck") == {}

@@ -42,6 +42,14 @@ def mean_curves(per_video: Iterable[Curves]) -> Curves:
             "survival": metrics.mean_curve(r["survival"] for r in rows).tolist()}
 
 
+def mean_series(per_video: dict[str, dict[str, Curves]], label: str) -> dict[str, Curves]:
+    """A dataset's series from per-video {"model": curves, "zero-velocity": curves}: the mean curves, the model's
+    relabelled `label` (e.g. the checkpoint's name), over the videos that have curves."""
+    rows = [c for c in per_video.values() if c]
+    keys = [k for k in ("model", ZERO_VEL) if rows and k in rows[0]]
+    return {(label if k == "model" else k): mean_curves(c[k] for c in rows) for k in keys}
+
+
 def png_path(out_json: str | os.PathLike) -> Path:
     """Where the curves of an --out_json go: res.json -> res_curves.png beside it."""
     p = Path(out_json)
