@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Download the authors' PIPs++ reference checkpoint into ./reference_model (or $REF_MODEL_DEST).
 # REF_MODEL_URL overrides the link (a mirror, or file:///path/to/reference_model.tar.gz for an offline copy).
-# REF_MODEL_SHA256, when set, is the tarball's expected sha256; PYTHON (default python3) verifies the checkpoint.
+# REF_MODEL_SHA256, when set, is the tarball's expected sha256; PYTHON (default python3) downloads the archive
+# (pips2.utils.download, standard library only) and verifies the checkpoint.
 # Nothing in the destination is replaced until the archive holds only plain files and folders and every
 # model-*.pth in it loads into the model.
 set -euo pipefail
@@ -24,78 +25,17 @@ if [ -n "${REF_MODEL_SHA256:-}" ]; then
   [[ "$want_sha" =~ ^[0-9a-f]{64}$ ]] || die "REF_MODEL_SHA256 must be 64 hex digits, got '$REF_MODEL_SHA256'"
 fi
 
-sha256_of() {
-  if command -v sha256sum >/dev/null 2>&1; then
-    sha256sum "$1" | cut -d' ' -f1
-  elif command -v shasum >/dev/null 2>&1; then
-    shasum -a 256 "$1" | cut -d' ' -f1
-  else
-    "$PY" -I -c 'import hashlib, sys; print(hashlib.sha256(open(sys.argv[1], "rb").read()).hexdigest())' "$1"
-  fi
-}
-
 work="$(mktemp -d "${TMPDIR:-/tmp}/refmodel.XXXXXX")"
 stage=""  # the temp folder inside $DEST, once there is one
 cleanup() { rm -rf "$work"; if [ -n "$stage" ]; then rm -rf "$stage"; fi; }
 trap cleanup EXIT
-tarball="$work/reference_model.tar.gz"
-
 echo "downloading $URL"
-if command -v curl >/dev/null 2>&1; then
-  curl -fSL --retry 3 -o "$tarball" "$URL" || die "download failed: $URL"
-elif command -v wget >/dev/null 2>&1; then
-  wget -q -O "$tarball" "$URL" || die "download failed: $URL"
-else
-  die "neither curl nor wget is installed"
-fi
-
-if [ -n "$want_sha" ]; then
-  got_sha="$(sha256_of "$tarball")"
-  [ "$got_sha" = "$want_sha" ] \
-    || die "sha256 mismatch: $URL has $got_sha, REF_MODEL_SHA256 is $want_sha; nothing replaced"
-fi
-
-gzip -t "$tarball" 2>/dev/null || die "$URL is not a gzip file (got $(head -c 60 "$tarball" | tr -cd '[:print:]' | head -c 60)...)"
-listing="$(tar -tzf "$tarball" 2>/dev/null)" || die "$URL is not a tar.gz archive"
-if printf '%s\n' "$listing" | grep -Eq '(^/|(^|/)\.\.(/|$))'; then
-  die "archive holds unsafe paths (absolute or ..); refusing it"
-fi
-if printf '%s\n' "$listing" | grep -Ev '^reference_model(/|$)' | grep -q .; then
-  die "archive holds files outside reference_model/; refusing it"
-fi
-printf '%s\n' "$listing" | grep -Eq '^reference_model/model-[0-9]+\.pth$' \
-  || die "archive holds no reference_model/model-*.pth checkpoint"
-
-# Links could point anywhere (a symlink installed as model-*.pth, a hard link to a system file) and a FIFO
-# makes every later reader hang: only regular files and folders are accepted. tar's listing does not say a
-# member's type reliably, tarfile does; it rechecks the names too, as a name with a newline fools grep.
-# -I: a tarfile.py in the caller's cwd must not stand in for the standard library's.
-"$PY" -I - "$tarball" <<'EOF' || exit 1
-import sys
-import tarfile
-
-KINDS = {tarfile.SYMTYPE: "symlink", tarfile.LNKTYPE: "hard link", tarfile.FIFOTYPE: "FIFO",
-         tarfile.CHRTYPE: "character device", tarfile.BLKTYPE: "block device"}
-with tarfile.open(sys.argv[1], "r:gz") as tf:
-    for m in tf:
-        parts = m.name.split("/")
-        if m.name.startswith("/") or ".." in parts:
-            sys.exit("get_reference_model.sh: archive holds unsafe paths (absolute or ..); refusing it")
-        if parts[0] != "reference_model":
-            sys.exit("get_reference_model.sh: archive holds files outside reference_model/; refusing it")
-        if not (m.isreg() or m.isdir()):
-            kind = KINDS.get(m.type, f"member of type {m.type!r}")
-            to = f" to {m.linkname!r}" if m.issym() or m.islnk() else ""
-            sys.exit(f"get_reference_model.sh: archive member {m.name!r} is a {kind}{to}, not a regular file "
-                     f"or folder; refusing it")
-EOF
-
-unpacked="$work/x"
-mkdir "$unpacked"
-tar -xzf "$tarball" -C "$unpacked" --no-same-owner --no-same-permissions
-# should tar and tarfile ever read the archive differently, what tar made is checked too
-odd="$(find "$unpacked" -mindepth 1 \( ! -type f ! -type d \) -print -quit)"
-[ -z "$odd" ] || die "archive unpacked to ${odd#"$unpacked"/}, which is not a regular file or folder; refusing it"
+# pips2.utils.download fetches (temp file, Content-Length and sha256 checked), then unpacks only regular
+# files and folders under reference_model/ into $work/reference_model; it needs no torch, so a Python without it
+# is reported below, when the checkpoint is verified. Run from the repository root so the project's copy is used.
+(cd "$ROOT" && PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" "$PY" -m pips2.utils.download "$URL" "$work" "$want_sha") \
+  || exit 1
+unpacked="$work"
 
 for ck in "$unpacked"/reference_model/model-*.pth; do
   name="reference_model/$(basename "$ck")"

@@ -5,7 +5,8 @@
 
 A sequence that cannot be read (missing or unreadable frames, frames of different sizes, bad annotations)
 is skipped with its reason and counted in the summary. --out_json is written (temp file, then rename) at the
-end and also on Ctrl-C (exit 130) or an unexpected error (exit 1), with the sequences scored so far.
+end and also on Ctrl-C (exit 130) or an unexpected error (exit 1), with the sequences scored so far; beside it,
+<name>_curves.png plots accuracy vs threshold and survival over time, the model beside zero-velocity.
 """
 
 from __future__ import annotations
@@ -18,14 +19,16 @@ from collections import Counter
 from pathlib import Path
 
 import fire
+import numpy as np
+import torch
 from PIL import Image
 from tqdm import tqdm
 
 from pips2.datasets import pointodyssey as pod
-from pips2.utils import evaluation, metrics
+from pips2.utils import evaluation, metrics, plots
 from pips2.utils.checkpoint import resolve_device
 from pips2.utils.cli import aliased, die, load_pips_or_exit, parse_hw
-from pips2.utils.tracking import FileFrames
+from pips2.utils.tracking import FileFrames, track_windows
 from pips2.utils.video import VideoError
 
 
@@ -46,13 +49,28 @@ def check_frames(scene: pod.Scene) -> None:
 
 
 def evaluate_scene(model, scene: pod.Scene, S: int, N: int, iters: int, image_size: tuple[int, int],
-                   point_batch: int = 256, amp: str | None = None) -> dict[str, float] | None:
-    """Metrics of one sequence, or None when it has no usable point. model=None scores zero-velocity."""
+                   point_batch: int = 256, amp: str | None = None) -> dict | None:
+    """Metrics of one sequence, or None when it has no usable point. model=None scores zero-velocity.
+
+    Its "curves" entry holds the plotted curves (plots.Curves) of the model and of zero-velocity.
+    """
     frames = FileFrames(scene.rgb_paths, image_size)
     trajs, _, valids = evaluation.select_points(scene.trajs, scene.visibs, scene.valids, frames.src_hw, N)
     if trajs.shape[1] == 0:
         return None
-    return evaluation.evaluate_points(model, frames, trajs, valids, S, iters, point_batch, amp)
+    # as evaluation.evaluate_points, which returns the figures but not the tracks the survival curve needs
+    (H, W), (h, w) = frames.src_hw, frames.model_hw
+    gt = torch.from_numpy(trajs * np.array([w / W, h / H], np.float32))
+    zero = gt[0:1].repeat(gt.shape[0], 1, 1)
+    est = zero if model is None else track_windows(model, frames, zero, S=S, iters=iters, point_batch=point_batch,
+                                                   amp=amp)
+    out: dict = metrics.track_metrics(est, gt, valids, (h, w))
+    out["points"] = float(trajs.shape[1])
+    out["frames"] = float(gt.shape[0])
+    out["curves"] = {plots.ZERO_VEL: plots.curves_of(zero, gt, valids, (h, w))}
+    if model is not None:
+        out["curves"]["model"] = plots.curves_of(est, gt, valids, (h, w))
+    return out
 
 
 def _skip_reason(e: Exception) -> str:
@@ -91,7 +109,7 @@ def main(dataset_location: str = "../datasets/pointodyssey", dset: str = "test",
     model = None
     if not zero_vel:
         model = load_pips_or_exit(init_dir, dev, amp=amp)
-    rows, skipped = {}, {}
+    rows, skipped, curves = {}, {}, {}
     t0 = time.time()
     n_frames = 0
     status = "interrupted"
@@ -109,9 +127,18 @@ def main(dataset_location: str = "../datasets/pointodyssey", dset: str = "test",
               + (f", {left} not done ({status})" if status != "done" else "")
               + f"; {n_frames / max(dt, 1e-9):.1f} frames/s", flush=True)
         if out_json:
+            series = plots.mean_series(curves, Path(str(init_dir)).name or str(init_dir))
             write_json(out_json, {"mean": mean, "per_sequence": rows, "skipped": skipped, "status": status,
-                                  "complete": status == "done", "init_dir": None if zero_vel else str(init_dir)})
+                                  "complete": status == "done", "init_dir": None if zero_vel else str(init_dir),
+                                  "curves": series})
             print(f"results -> {out_json}" + ("" if status == "done" else " (partial)"), flush=True)
+            if series:
+                try:
+                    png = plots.save_png({f"PointOdyssey {dset}": series}, plots.png_path(out_json),
+                                         title=f"{name} on PointOdyssey {dset}: {len(rows)} sequences")
+                    print(f"curves -> {png}", flush=True)
+                except ImportError as e:  # the figures above are the results; the picture is a convenience
+                    print(f"curves not drawn ({e}); pip install matplotlib", flush=True)
 
     try:
         for path in tqdm(scenes, desc=f"pod {dset}", unit="seq"):
@@ -126,6 +153,7 @@ def main(dataset_location: str = "../datasets/pointodyssey", dset: str = "test",
                 skipped[path.name] = _skip_reason(e)
                 tqdm.write(f"{path.name}: skipped ({skipped[path.name]})")
                 continue
+            curves[path.name] = res.pop("curves", None) or {}
             rows[path.name] = res
             n_frames += int(res["frames"])
             tqdm.write(evaluation.format_row(path.name, res))

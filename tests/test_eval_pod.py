@@ -279,3 +279,31 @@ def test_partial_results_are_written_on_interrupt_and_on_errors(pod_test, tmp_pa
     stdout = capsys.readouterr().out
     assert "summary: 1 sequences scored, 0 skipped, 1 not done" in stdout and "(partial)" in stdout
     assert not list(tmp_path.glob(".r.json.*"))  # the temp file was renamed
+
+
+def test_curves_png_beside_the_json(pod_test, tmp_path, capsys):
+    from PIL import Image
+
+    from pips2.utils import metrics
+
+    ck = tmp_path / "ck"
+    checkpoint.save(ck, 12, golden_model())
+    res, js = _run(capsys, pod_test, tmp_path, init_dir=str(ck), N=8, iters=1)
+    assert res.returncode == 0, res.stderr
+    png = tmp_path / "res_curves.png"
+    assert f"curves -> {png}" in res.stdout
+    with Image.open(png) as im:
+        assert im.format == "PNG" and im.size == (900, 320)
+    curves = js["curves"]
+    assert list(curves) == ["ck", "zero-velocity"]
+    # the plotted points are the table's figures: accuracy is the mean d_t, survival's mean is survival_16
+    for label, want in (("ck", js["mean"]), ("zero-velocity", None)):
+        assert len(curves[label]["survival"]) == 20 and curves[label]["survival"][0] == 1
+        if want is not None:
+            assert curves[label]["accuracy"] == pytest.approx([want[f"d_{t}"] for t in metrics.THRESHOLDS])
+            assert 100 * np.mean(curves[label]["survival"]) == pytest.approx(want["survival_16"])
+    _, zv = _run(capsys, pod_test, tmp_path, zero_vel=True, N=8)
+    assert list(zv["curves"]) == ["zero-velocity"]
+    assert zv["curves"]["zero-velocity"]["accuracy"] == pytest.approx(curves["zero-velocity"]["accuracy"])
+    assert zv["curves"]["zero-velocity"]["accuracy"] == pytest.approx([zv["mean"][f"d_{t}"]
+                                                                       for t in metrics.THRESHOLDS])

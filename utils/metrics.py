@@ -99,3 +99,26 @@ def metrics_table(rows: dict[str, dict[str, float]], title: str = "") -> str:
     for label, r in rows.items():
         table.add_row([label, *(f"{r[k]:.1f}" for k in names)])
     return str(table)
+
+
+def survival_curve(trajs_e, trajs_g, valids, hw: tuple[int, int], thr: float = 16.0) -> np.ndarray:
+    """Fraction of tracks not yet failed at each frame (...,S) of trajs (...,S,N,2); mean over S = survival_16/100.
+
+    A track fails at the first valid frame whose 256x256 error exceeds `thr` and stays failed after it.
+    """
+    err = errors_256(trajs_e, trajs_g, hw)
+    failed = (err > thr) & (_np(valids) > 0)
+    return np.cumprod(~failed, axis=-2).mean(axis=-1)
+
+
+def mean_curve(curves: Iterable[np.ndarray]) -> np.ndarray:
+    """Mean over videos of per-frame curves of different lengths: frame t averages the videos that reach it."""
+    curves = [np.asarray(c, np.float64) for c in curves]
+    if not curves:
+        return np.zeros(0)
+    n = max(len(c) for c in curves)
+    total, count = np.zeros(n), np.zeros(n)
+    for c in curves:
+        total[:len(c)] += c
+        count[:len(c)] += 1
+    return total / count

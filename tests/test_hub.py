@@ -1,0 +1,206 @@
+"""utils/hub.py: load_model for local checkpoints in both authors' formats, and known names fetched once into
+the cache from a server on 127.0.0.1 or a file:// URL, refusing bad downloads without touching a good copy."""
+
+import functools
+import hashlib
+import http.server
+import io
+import tarfile
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+import pips2
+from pips2.nets.lbm import LBM
+from pips2.nets.pips2 import Pips
+from pips2.utils import checkpoint, hub
+
+SMALL_LBM = dict(input_size=(64, 64), embed_dim=32, num_layers=2)
+
+
+def _bytes(obj) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def _tar(members: dict) -> bytes:
+    """A tar.gz of name -> bytes (a regular file) or (type, linkname) (a link or special member)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz", compresslevel=1) as tf:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            if isinstance(data, tuple):
+                info.type, info.linkname = data
+                tf.addfile(info)
+            else:
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+@pytest.fixture(scope="module")
+def lbm_model():
+    torch.manual_seed(0)
+    return LBM(**SMALL_LBM).eval()
+
+
+@pytest.fixture(scope="module")
+def pips_model():
+    torch.manual_seed(0)
+    return Pips().eval()
+
+
+class _Handler(http.server.SimpleHTTPRequestHandler):
+    """Serves the folder; /truncated.pt promises the whole of good.pt but sends half of it."""
+
+    def do_GET(self):
+        if self.path != "/truncated.pt":
+            return super().do_GET()
+        data = (Path(self.directory) / "good.pt").read_bytes()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data[: len(data) // 2])
+        self.close_connection = True
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, lbm_model, pips_model):
+    root = tmp_path_factory.mktemp("www")
+    good = _bytes({"model": lbm_model.state_dict()})
+    (root / "good.pt").write_bytes(good)
+    (root / "module.pt").write_bytes(_bytes({"model": {f"module.{k}": v for k, v in lbm_model.state_dict().items()}}))
+    (root / "corrupt.pt").write_bytes(good[: len(good) // 3])
+    (root / "wrong.pt").write_bytes(_bytes({"model": {"x": torch.zeros(1)}}))
+    (root / "ref.tar.gz").write_bytes(_tar({"reference_model/model-000200000.pth":
+                                            _bytes({"model_state_dict": pips_model.state_dict()}),
+                                            "reference_model/args.txt": b"S=36"}))
+    (root / "garbage.tar.gz").write_bytes(_tar({"reference_model/model-000000001.pth": b"weights" * 10}))
+    (root / "link.tar.gz").write_bytes(_tar({"reference_model/model-000000001.pth": (tarfile.SYMTYPE, "/etc/passwd")}))
+    (root / "escape.tar.gz").write_bytes(_tar({"reference_model/../../evil": b"x"}))
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Handler, directory=str(root)))
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}", root
+    httpd.shutdown()
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("PIPS2_CACHE", str(tmp_path / "cache"))
+    for name in hub.KNOWN:
+        monkeypatch.delenv(f"PIPS2_URL_{name.upper()}", raising=False)
+        monkeypatch.delenv(f"PIPS2_SHA256_{name.upper()}", raising=False)
+    return tmp_path / "cache"
+
+
+def _leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
+
+
+def test_lbm_fetched_once_over_http(server, cache, monkeypatch, lbm_model):
+    base, root = server
+    monkeypatch.setenv("PIPS2_URL_LBM", f"{base}/good.pt")
+    model = pips2.load_model("lbm", **SMALL_LBM)
+    assert isinstance(model, LBM) and not model.training and _same_weights(model, lbm_model)
+    assert (cache / "lbm.pt").read_bytes() == (root / "good.pt").read_bytes() and _leftovers(cache) == []
+    # the second call uses the cache: the address may be gone
+    monkeypatch.setenv("PIPS2_URL_LBM", f"{base}/missing.pt")
+    assert _same_weights(hub.load_model("lbm", **SMALL_LBM), lbm_model)
+
+
+def test_file_url_and_module_prefix(server, cache, monkeypatch, lbm_model):
+    _, root = server
+    monkeypatch.setenv("PIPS2_URL_LBM", (root / "module.pt").as_uri())
+    assert _same_weights(hub.load_model("lbm", **SMALL_LBM), lbm_model)
+
+
+@pytest.mark.parametrize("name,msg", [
+    ("truncated.pt", "download truncated"),
+    ("corrupt.pt", "not a readable checkpoint"),
+    ("wrong.pt", "does not match the model: missing keys"),
+    ("missing.pt", "download failed"),
+])
+def test_bad_download_is_refused_and_the_good_copy_stays(server, cache, monkeypatch, name, msg):
+    base, root = server
+    monkeypatch.setenv("PIPS2_URL_LBM", f"{base}/good.pt")
+    good = hub.fetch("lbm", **SMALL_LBM).read_bytes()
+    url = f"{base}/{name}" if name != "corrupt.pt" else (root / name).as_uri()
+    monkeypatch.setenv("PIPS2_URL_LBM", url)
+    with pytest.raises(hub.HubError) as e:
+        hub.load_model("lbm", refresh=True, **SMALL_LBM)
+    line = str(e.value)
+    assert "\n" not in line and msg in line and line.startswith(url), line
+    assert str(cache) not in line  # names the address, not the temp file it was checked in
+    assert (cache / "lbm.pt").read_bytes() == good and _leftovers(cache) == []
+    # without a cached copy a bad download leaves nothing behind either
+    (cache / "lbm.pt").unlink()
+    with pytest.raises(hub.HubError, match=msg):
+        hub.fetch("lbm", **SMALL_LBM)
+    assert list(cache.iterdir()) == []
+
+
+def test_sha256_checked_when_known(server, cache, monkeypatch):
+    base, root = server
+    monkeypatch.setenv("PIPS2_URL_LBM", f"{base}/good.pt")
+    monkeypatch.setenv("PIPS2_SHA256_LBM", "0" * 64)
+    with pytest.raises(hub.HubError, match=r"sha256 mismatch \(got [0-9a-f]{64}, expected 0{64}\)"):
+        hub.fetch("lbm", **SMALL_LBM)
+    monkeypatch.setenv("PIPS2_SHA256_LBM", hashlib.sha256((root / "good.pt").read_bytes()).hexdigest().upper())
+    assert hub.fetch("lbm", **SMALL_LBM) == cache / "lbm.pt"
+    monkeypatch.setenv("PIPS2_SHA256_LBM", "abc")
+    with pytest.raises(hub.HubError, match="64 hex digits"):
+        hub.fetch("lbm", refresh=True, **SMALL_LBM)
+
+
+def test_pips2_reference_tarball(server, cache, monkeypatch, pips_model):
+    base, _ = server
+    monkeypatch.setenv("PIPS2_URL_PIPS2", f"{base}/ref.tar.gz")
+    model = pips2.load_model("pips2")  # a name, although this repository has a folder called pips2/
+    assert isinstance(model, Pips) and _same_weights(model, pips_model)
+    ref = cache / "reference_model"
+    assert sorted(p.name for p in ref.iterdir()) == ["args.txt", "model-000200000.pth"]
+    before = (ref / "model-000200000.pth").read_bytes()
+    for bad, msg in (("garbage.tar.gz", "reference_model/model-000000001.pth: not a readable checkpoint"),
+                     ("link.tar.gz", "model-000000001.pth' is a symlink to '/etc/passwd', not a regular"),
+                     ("escape.tar.gz", r"unsafe paths \(absolute or \.\.\)")):
+        monkeypatch.setenv("PIPS2_URL_PIPS2", f"{base}/{bad}")
+        with pytest.raises(hub.HubError, match=msg):
+            hub.fetch("pips2", refresh=True)
+        assert sorted(p.name for p in ref.iterdir()) == ["args.txt", "model-000200000.pth"]
+        assert (ref / "model-000200000.pth").read_bytes() == before and _leftovers(cache) == []
+
+
+def test_local_files_in_both_formats_both_ways(tmp_path, lbm_model, pips_model):
+    # ours -> the authors': LBM as {'model': sd}, PIPs++ as {'model_state_dict': sd}
+    lbm_file = hub.save_authors_format(torch.nn.DataParallel(lbm_model), tmp_path / "lbm.pt")
+    assert list(torch.load(lbm_file, weights_only=True)) == ["model"]
+    assert _same_weights(hub.load_model(lbm_file, **SMALL_LBM), lbm_model)
+    pips_file = hub.save_authors_format(pips_model, tmp_path / "ref" / "model-000000005.pth")
+    assert list(torch.load(pips_file, weights_only=True)) == ["model_state_dict"]
+    for path in (pips_file, pips_file.parent):  # a file, or a folder (its highest step)
+        assert _same_weights(hub.load_model(str(path)), pips_model)
+    # a training checkpoint of ours, with optimizer state, loads too
+    checkpoint.save(tmp_path / "ck", 3, pips_model, optimizer=torch.optim.Adam(pips_model.parameters()))
+    assert _same_weights(hub.load_model(tmp_path / "ck"), pips_model)
+    # a file that does not match the asked configuration is refused in one line
+    with pytest.raises(checkpoint.CheckpointError, match="does not match the model"):
+        hub.load_model(lbm_file)
+
+
+def test_unknown_name_or_missing_path_is_one_line(cache, tmp_path):
+    with pytest.raises(hub.HubError, match=r"nothing: no such checkpoint file or folder, and not a known model name "
+                                           r"\(known: pips2, lbm\)"):
+        hub.load_model(str(tmp_path / "nothing"))
+    with pytest.raises(hub.HubError, match="'x' is not a known model name"):
+        hub.fetch("x")
