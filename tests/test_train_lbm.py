@@ -2,6 +2,9 @@
 exact resume, AMP, non-finite and corrupt-clip skipping, validation on held-out clips (tiny LBM, in-process)."""
 
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +22,7 @@ from pips2.utils.train_step import warmup_cosine
 # input_size 64x96 (whole stride-32 cells), a narrow transformer, a short memory: ~0.3 s a step on one thread
 TINY = dict(model="lbm", B=1, S=4, N=8, crop_size="64,96", embed_dim=32, memory_size=4, workers=0, device="cpu",
             log_freq=1, quiet=True)
+ROOT = Path(__file__).resolve().parents[1]
 MODEL_KW = dict(input_size=(64, 96), embed_dim=32, memory_size=4, N=8, T=4)
 
 
@@ -215,3 +219,43 @@ def test_amp_steps(tmp_path, monkeypatch, amp):
     assert scalers[0].is_enabled() == (amp == "fp16")
     if amp == "fp16":
         assert state["scaler"]["scale"] == scalers[0].get_scale()
+
+
+def test_an_unreadable_kubric_sequence_is_skipped_and_counted(tmp_path, capsys):
+    _kubric(tmp_path / "kubric", n_seq=2, frames=6, size=128)
+    (tmp_path / "kubric" / "seq0000" / "seq0000.npy").write_bytes(b"not a numpy file")
+    with pytest.warns(UserWarning, match="skipping corrupt clip: .*seq0000.npy"):
+        ckdir, _ = train.run_stage(_kubric_cfg(tmp_path, max_steps=1, shuffle=False, quiet=False))
+    assert "1 corrupt clips skipped" in capsys.readouterr().out
+    assert ck.read_checkpoint(ck.find_checkpoint(ckdir), layout=ck.LBM_LAYOUT)["corrupt_clips"] == [0]
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_train_lbm_with_identical_weights(tmp_path):
+    """Two gloo ranks, three steps: the last layer's reference head gets no gradient (as the authors'), which
+    DDP only accepts with find_unused_parameters; the ranks end with the same weights."""
+    _kubric(tmp_path / "kubric", n_seq=2, frames=6, size=128)
+    cfg = {**TINY, "dataset": "kubric", "movi_f_root": str(tmp_path / "kubric"), "max_steps": 3, "save_freq": 3,
+           "log_dir": str(tmp_path / "logs"), "ckpt_dir": str(tmp_path / "ck")}
+    script = tmp_path / "ddp.py"
+    script.write_text(f"""
+import torch, torch.distributed as dist
+import train
+_, net = train.run_stage(train.make_config(1, {cfg!r}))
+flat = torch.cat([p.detach().flatten() for p in net.parameters()])
+gathered = [torch.zeros_like(flat) for _ in range(dist.get_world_size())]
+dist.all_gather(gathered, flat)
+if dist.get_rank() == 0:
+    assert all(torch.equal(g, gathered[0]) for g in gathered), "ranks differ"
+    print("IDENTICAL", dist.get_world_size(), flush=True)
+del net, gathered
+dist.barrier()
+dist.destroy_process_group()
+""")
+    torchrun = Path(sys.executable).parent / "torchrun"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    res = subprocess.run([str(torchrun), "--nproc_per_node=2", "--master_port=29541", str(script)], cwd=ROOT,
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    assert "IDENTICAL 2" in res.stdout
+    assert [s for s, _ in ck.list_checkpoints(next((tmp_path / "ck").iterdir()))] == [3]
