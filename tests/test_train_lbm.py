@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_train import _kubric
+from test_train import DDP_IDENTICAL, _kubric
 from test_train_robust import _corrupt_copy
 
 import train
@@ -241,17 +241,8 @@ def test_ddp_two_processes_train_lbm_with_identical_weights(tmp_path):
     script.write_text(f"""
 import torch, torch.distributed as dist
 import train
-_, net = train.run_stage(train.make_config(1, {cfg!r}))
-flat = torch.cat([p.detach().flatten() for p in net.parameters()])
-gathered = [torch.zeros_like(flat) for _ in range(dist.get_world_size())]
-dist.all_gather(gathered, flat)
-if dist.get_rank() == 0:
-    assert all(torch.equal(g, gathered[0]) for g in gathered), "ranks differ"
-    print("IDENTICAL", dist.get_world_size(), flush=True)
-del net, gathered
-dist.barrier()
-dist.destroy_process_group()
-""")
+cfg = train.make_config(1, {cfg!r})
+""" + DDP_IDENTICAL)
     torchrun = Path(sys.executable).parent / "torchrun"
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     res = subprocess.run([str(torchrun), "--nproc_per_node=2", "--master_port=29541", str(script)], cwd=ROOT,
