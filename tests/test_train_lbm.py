@@ -65,6 +65,13 @@ def test_lbm_defaults_are_the_authors_recipe_and_pips_is_unchanged():
         train.make_config(2, {"model": "lbm"})
 
 
+def test_lbm_refuses_stages_in_one_line(capsys):
+    with pytest.raises(SystemExit) as e:
+        train.main(stages="1,2", model="lbm", dataset_location="/nonexistent")
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip() == "error: --model=lbm trains in one stage; drop --stage/--stages (got 1,2)"
+
+
 def test_queries_are_visible_frames_a_quarter_of_them_random():
     g = torch.Generator().manual_seed(0)
     B, S, N = 2, 10, 400

@@ -296,7 +296,7 @@ class TrainState:
                                     layout=cfg.layout)
             except ck.CheckpointError as e:
                 self.ranks.die(str(e))
-            if cfg.lbm and "scaler" in loaded:
+            if cfg.lbm and loaded.get("scaler"):  # empty when saved without fp16: the fresh scale then
                 self.scaler.load_state_dict(loaded["scaler"])
             step = ck.step_of(path)
             say(f"loaded {path} (step {step}); resuming at step {step}")
