@@ -2,6 +2,12 @@
 
     python benchmarks/learning_check.py --out=./learning_check --max_iters=500     # ~20 CPU minutes
     python benchmarks/learning_check.py --out=./demo_out --max_iters=30 --quick=True  # the demo's short version
+    python benchmarks/learning_check.py --model=lbm --out=./learning_check_lbm --max_iters=1000  # LBM, tiny size
+
+LBM mode trains a small LBM (input 64x96, embed_dim 64, memory 8) with train.py --model=lbm on 64x96 crops of
+128x192 training clips, then tracks 64x96 crops of clips exported from the held-out test scenes (queries: the
+points visible at frame 0) and reports the position error against zero-velocity and the occlusion accuracy
+against the majority class.
 """
 
 from __future__ import annotations
@@ -13,10 +19,18 @@ import time
 from pathlib import Path
 
 import fire
+import numpy as np
+import torch
 
+from pips2.datasets.exportdataset import ExportDataset
 from pips2.datasets.synthetic import SceneConfig, generate_dataset
+from pips2.datasets.training import Sample, to_sample
+from pips2.nets.lbm import LBM, load_lbm
+from pips2.utils import checkpoint as ck
+from pips2.utils import metrics
 
 ROOT = Path(__file__).resolve().parents[1]
+EXPORT_HW = "128,192"
 
 
 def _run(args: list[str]) -> None:
@@ -24,16 +38,33 @@ def _run(args: list[str]) -> None:
     subprocess.run([sys.executable, *args], cwd=ROOT, check=True)
 
 
-def main(out: str = "./learning_check", max_iters: int = 500, train_scenes: int = 8, test_scenes: int = 4,
-         B: int = 2, S: int = 8, N: int = 32, iters: int = 4, crop_size: str = "128,192", workers: int = 2,
-         quick: bool = False, seed: int = 0) -> None:
-    """Synthetic scenes -> export -> train stage 1 -> test_on_pod (model and zero-velocity); prints both."""
-    out_dir = Path(out).resolve()
+def _scenes_and_export(out_dir: Path, train_scenes: int, test_scenes: int, S: int, crop_size: str, workers: int,
+                       quick: bool, seed: int) -> None:
+    """The synthetic scenes under out/pod and their training clips under out/export."""
     T = 24 if quick else 48
     cfg = SceneConfig(W=320, H=256, T=T, n_points=600)
     generate_dataset(out_dir / "pod", {"train": train_scenes, "test": test_scenes}, seed=seed, cfg=cfg)
     _run(["export_mp4_dataset.py", f"--dataset_location={out_dir / 'pod'}", "--dset=train", f"--S={S}", "--N=64",
           f"--crop_size={crop_size}", f"--out_dir={out_dir / 'export'}", f"--workers={workers}", "--quiet=True"])
+
+
+def main(out: str = "./learning_check", max_iters: int = 500, train_scenes: int = 8, test_scenes: int = 4,
+         B: int = 2, S: int = 8, N: int | None = None, iters: int = 4, crop_size: str | None = None, workers: int = 2,
+         quick: bool = False, seed: int = 0, model: str = "pips2", embed_dim: int = 64, memory_size: int = 8,
+         eval_clips: int = 24) -> None:
+    """Synthetic scenes -> export -> train stage 1 -> test_on_pod (model and zero-velocity); prints both.
+
+    --model=lbm trains LBM instead (N 16 and crop 64x96 unless given; --embed_dim, --memory_size) and scores
+    --eval_clips clips of the test scenes itself (lbm_check)."""
+    if model == "lbm":
+        lbm_check(out, max_iters, train_scenes, test_scenes, B, S, N or 16, crop_size or "64,96", workers, quick,
+                  seed, embed_dim, memory_size, eval_clips)
+        return
+    if model != "pips2":
+        raise SystemExit(f"error: --model must be pips2 or lbm, got {model!r}")
+    N, crop_size = N or 32, crop_size or EXPORT_HW
+    out_dir = Path(out).resolve()
+    _scenes_and_export(out_dir, train_scenes, test_scenes, S, crop_size, workers, quick, seed)
     t0 = time.time()
     _run(["train.py", f"--dataset_location={out_dir / 'export'}", f"--B={B}", f"--S={S}", f"--N={N}",
           f"--crop_size={crop_size}", f"--iters={iters}", f"--max_steps={max_iters}", f"--save_freq={max_iters}",
@@ -56,6 +87,69 @@ def main(out: str = "./learning_check", max_iters: int = 500, train_scenes: int 
           f"{model['d_avg']:.1f} (model) vs {zero['d_avg']:.1f} (zero-velocity)"
           + (" -- a demo-length run; the 20-minute check in docs/BENCHMARKS.md is where training beats "
              "zero-velocity" if quick else ""))
+
+
+def lbm_check(out: str, max_iters: int, train_scenes: int, test_scenes: int, B: int, S: int, N: int, crop_size: str,
+              workers: int, quick: bool, seed: int, embed_dim: int, memory_size: int, eval_clips: int) -> dict:
+    """Train LBM from scratch on the synthetic training clips, score held-out clips; the summary (also json)."""
+    out_dir = Path(out).resolve()
+    # the exporter's smallest clips are 128 px high; training and scoring crop them to LBM's input size
+    _scenes_and_export(out_dir, train_scenes, test_scenes, S, EXPORT_HW, workers, quick, seed)
+    _run(["export_mp4_dataset.py", f"--dataset_location={out_dir / 'pod'}", "--dset=test", f"--S={S}", "--N=64",
+          f"--crop_size={EXPORT_HW}", f"--out_dir={out_dir / 'export_test'}", "--use_augs=False", "--shuffle=False",
+          f"--max_clips={eval_clips}", f"--workers={workers}", "--quiet=True"])
+    t0 = time.time()
+    _run(["train.py", "--model=lbm", f"--dataset_location={out_dir / 'export'}", f"--B={B}", f"--S={S}", f"--N={N}",
+          f"--crop_size={crop_size}", f"--embed_dim={embed_dim}", f"--memory_size={memory_size}",
+          f"--max_steps={max_iters}", f"--save_freq={max_iters}", f"--log_dir={out_dir / 'logs'}",
+          f"--ckpt_dir={out_dir / 'checkpoints'}", f"--workers={workers}", f"--log_freq={max(1, max_iters // 10)}",
+          f"--seed={seed}"])
+    train_min = (time.time() - t0) / 60
+    run = next(p for p in (out_dir / "checkpoints").iterdir() if p.name.startswith("lbm_"))
+    hw = tuple(int(v) for v in crop_size.split(","))
+    net = load_lbm(ck.find_checkpoint(run), input_size=hw, embed_dim=embed_dim, memory_size=memory_size)
+    version = next(p.name for p in (out_dir / "export_test").iterdir() if p.is_dir())
+    test = ExportDataset(str(out_dir / "export_test"), version, S, 64, hw)
+    rng = np.random.default_rng(seed)
+    scores = [score_lbm_clip(net, to_sample(*test.sample(i, rng))) for i in range(len(test))]
+    scores = [s for s in scores if s is not None]
+    pooled = lambda key: float(sum(s[key][0] for s in scores) / max(1.0, sum(s[key][1] for s in scores)))
+    summary = {"model": "lbm", "train_minutes": train_min, "max_iters": max_iters, "checkpoint": str(run),
+               "clips": len(scores), "d_avg_model": float(np.mean([s["d_avg_model"] for s in scores])),
+               "d_avg_zero_velocity": float(np.mean([s["d_avg_zero"] for s in scores])),
+               "err_px_model": pooled("err_model"), "err_px_zero_velocity": pooled("err_zero"),
+               "occlusion_accuracy": pooled("oa"), "occlusion_chance": pooled("visible_frac")}
+    summary["occlusion_chance"] = max(summary["occlusion_chance"], 1.0 - summary["occlusion_chance"])
+    (out_dir / "learning_check.json").write_text(json.dumps(summary, indent=2))
+    print(f"learning check (LBM): trained {max_iters} steps in {train_min:.1f} min; on {len(scores)} held-out clips "
+          f"position error {summary['err_px_model']:.2f} px (model) vs {summary['err_px_zero_velocity']:.2f} px "
+          f"(zero-velocity), d_avg {summary['d_avg_model']:.1f} vs {summary['d_avg_zero_velocity']:.1f}; "
+          f"occlusion accuracy {summary['occlusion_accuracy']:.3f} vs {summary['occlusion_chance']:.3f} "
+          f"(majority class)")
+    return summary
+
+
+@torch.no_grad()
+def score_lbm_clip(net: LBM, clip: Sample) -> dict | None:
+    """One clip's figures, queries at frame 0 for the points visible there, scored from frame 1 on: d_avg of the
+    model and of zero-velocity, and (sum, count) pairs of the visible points' pixel error, of right visibility
+    calls and of visible ground truth (over valid points). None when no point is visible at frame 0."""
+    keep = (clip.visibs[0] * clip.valids[0]) > 0
+    if not keep.any():
+        return None
+    trajs, visibs, valids = clip.trajs[:, keep], clip.visibs[:, keep] > 0, clip.valids[:, keep]
+    queries = torch.cat([torch.zeros(trajs.shape[1], 1), trajs[0]], dim=-1)
+    res = net.inference(clip.rgbs[None], queries[None])
+    pred, pvis = res["points"][0], res["visibility"][0]
+    zero = trajs[:1].expand_as(trajs)
+    hw = tuple(clip.rgbs.shape[-2:])
+    valid, seen = valids[1:] > 0, (valids[1:] > 0) & visibs[1:]
+    err = lambda est: ((est[1:] - trajs[1:]).norm(dim=-1)[seen].sum().item(), seen.sum().item())  # noqa: E731
+    return {"d_avg_model": metrics.track_metrics(pred, trajs, valids, hw)["d_avg"],
+            "d_avg_zero": metrics.track_metrics(zero, trajs, valids, hw)["d_avg"],
+            "err_model": err(pred), "err_zero": err(zero),
+            "oa": ((pvis[1:] == visibs[1:])[valid].sum().item(), valid.sum().item()),
+            "visible_frac": (visibs[1:][valid].sum().item(), valid.sum().item())}
 
 
 if __name__ == "__main__":

@@ -1,16 +1,20 @@
 """Kubric MOVi-F as laid out for LBM (docs/FORMATS.md): <root>/<seq>/frames/000.png.., <root>/<seq>/<seq>.npy.
 
 The .npy is a pickled dict with `coords` (N,T,2) pixels at 512x512 and `visibility` (N,T) bool, which in
-fact marks *occluded* points (True = occluded). Samples come out in the same format as exported clips.
+fact marks *occluded* points (True = occluded). Samples come out in the same format as exported clips. A
+sequence that cannot be read (a bad .npy, missing or broken frames) is skipped with a warning, as a corrupt
+exported clip is, and named in the sample's `corrupt_ids`.
 """
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
 
 from pips2.datasets.clips import Tracks
+from pips2.datasets.exportdataset import CorruptClipWarning
 from pips2.utils import augment
 from pips2.utils.safe_load import load_npy
 from pips2.utils.video import VideoError, read_rgb
@@ -22,7 +26,7 @@ class KubricDataset:
     """MOVi-F sequences as training samples: a random S-window, N tracks visible at its first frame."""
 
     def __init__(self, movi_f_root: str, S: int = 24, N: int = 128, crop_size: tuple[int, int] = (384, 512),
-                 use_augs: bool = False):
+                 use_augs: bool = False, max_retries: int = 20):
         if S > KUBRIC_FRAMES:
             raise ValueError(f"Kubric MOVi-F sequences have {KUBRIC_FRAMES} frames; S={S} asks for more")
         root = Path(movi_f_root)
@@ -32,6 +36,9 @@ class KubricDataset:
         if not self.seqs:
             raise FileNotFoundError(f"{root}: no <seq>/frames + <seq>/<seq>.npy sequences")
         self.S, self.N, self.crop, self.use_augs = S, N, tuple(crop_size), use_augs
+        self.max_retries = max_retries
+        self.bad: set[int] = set()  # sequences found unreadable (per process: each DataLoader worker has its own)
+        self.last_skipped: list[int] = []  # sequences skipped by the latest sample() call
 
     def __len__(self) -> int:
         return len(self.seqs)
@@ -60,9 +67,25 @@ class KubricDataset:
             raise ValueError(f"{seq}: {len(frames)} frames but {coords.shape[0]} in the annotations")
         return frames, coords, visible
 
+    def load_readable(self, index: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """load(index), or of a random other sequence while it is unreadable; each one skipped is remembered."""
+        self.last_skipped = []
+        tries = 0
+        while tries < self.max_retries:
+            tries += 1
+            if index not in self.bad:
+                try:
+                    return self.load(index)
+                except (ValueError, OSError) as e:  # UnsafeFileError and VideoError problems are ValueErrors
+                    self.bad.add(index)
+                    self.last_skipped.append(index)
+                    warnings.warn(f"skipping corrupt clip: {e}", CorruptClipWarning, stacklevel=3)
+            index = int(rng.integers(len(self.seqs)))
+        raise RuntimeError(f"{self.seqs[0].parent}: {self.max_retries} sequences in a row were unreadable")
+
     def sample(self, index: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         """Frames (S,h,w,3) uint8 and track (S,N,4) of x, y, visible, valid, like an exported clip."""
-        frames, coords, visible = self.load(index)
+        frames, coords, visible = self.load_readable(index, rng)
         T = frames.shape[0]
         t0 = int(rng.integers(0, T - self.S + 1))
         frames, coords, visible = frames[t0:t0 + self.S], coords[t0:t0 + self.S], visible[t0:t0 + self.S]

@@ -237,15 +237,8 @@ def test_kubric_training_and_nan_stop(tmp_path):
     assert [s for s, _ in ck.list_checkpoints(next((tmp_path / "ck2").iterdir()))] == [3]
 
 
-def test_ddp_two_processes_keep_identical_weights(exported, tmp_path):
-    out, _ = exported
-    script = tmp_path / "ddp.py"
-    script.write_text(f"""
-import torch, torch.distributed as dist
-import train
-cfg = train.make_config(1, dict(dataset_location={str(out)!r}, dataset_version={_version(out)!r}, B=1, S=6, N=8,
-                                crop_size=(128, 192), iters=2, max_steps=3, save_freq=3, workers=0, device="cpu",
-                                log_dir={str(tmp_path / 'logs')!r}, ckpt_dir={str(tmp_path / 'ck')!r}, quiet=True))
+# the tail of a torchrun script that defined `cfg`: trains it, then rank 0 prints IDENTICAL <world> if all ranks agree
+DDP_IDENTICAL = """
 _, net = train.run_stage(cfg)
 flat = torch.cat([p.detach().flatten() for p in net.parameters()])
 gathered = [torch.zeros_like(flat) for _ in range(dist.get_world_size())]
@@ -258,7 +251,19 @@ if dist.get_rank() == 0:
 del net, gathered
 dist.barrier()
 dist.destroy_process_group()
-""")
+"""
+
+
+def test_ddp_two_processes_keep_identical_weights(exported, tmp_path):
+    out, _ = exported
+    script = tmp_path / "ddp.py"
+    script.write_text(f"""
+import torch, torch.distributed as dist
+import train
+cfg = train.make_config(1, dict(dataset_location={str(out)!r}, dataset_version={_version(out)!r}, B=1, S=6, N=8,
+                                crop_size=(128, 192), iters=2, max_steps=3, save_freq=3, workers=0, device="cpu",
+                                log_dir={str(tmp_path / 'logs')!r}, ckpt_dir={str(tmp_path / 'ck')!r}, quiet=True))
+""" + DDP_IDENTICAL)
     torchrun = Path(sys.executable).parent / "torchrun"
     env = dict(os.environ, PYTHONPATH=str(ROOT))  # the child script imports train.py from the checkout
     res = subprocess.run([str(torchrun), "--nproc_per_node=2", "--master_port=29531", str(script)], cwd=ROOT,

@@ -9,6 +9,7 @@ import socket
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -26,6 +27,22 @@ TEMP_RE = re.compile(r"^\.model-\d+\.pth\.(?P<host>.+)\.(?P<pid>\d+)\.[A-Za-z0-9
 LEGACY_TEMP_RE = re.compile(r"^\.model-\d+\.pth\.[A-Za-z0-9_]+\.tmp$")
 LEGACY_TEMP_AGE_S = 3600  # temps of the old naming carry no pid: only remove them once clearly abandoned
 LOCK_NAME = ".train.lock"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The top-level keys a model family's training checkpoints keep their parts under."""
+
+    model: str
+    optimizer: str
+    scheduler: str
+    kind: str  # named in errors
+
+
+# PIPs++: the authors' model_state_dict/optimizer_state_dict; LBM: the authors' {'model': ..., 'optimizer': ...}
+# (nets.lbm.load_lbm and their loader read ['model'] of it)
+PIPS_LAYOUT = Layout("model_state_dict", "optimizer_state_dict", "scheduler_state_dict", "PIPs++")
+LBM_LAYOUT = Layout("model", "optimizer", "scheduler", "LBM")
 
 
 class CheckpointError(RuntimeError):
@@ -88,14 +105,15 @@ def _load_problem(e: Exception) -> str:
     return f"not a readable checkpoint ({lines[0]})"
 
 
-def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
+def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu",
+                    layout: Layout = PIPS_LAYOUT) -> dict:
     """torch.load a checkpoint safely; one clear error line for a corrupt or foreign file."""
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises many types for a bad file; the user needs one line
         raise CheckpointError(f"{path}: {_load_problem(e)}") from None
-    if not isinstance(ckpt, dict) or "model_state_dict" not in ckpt:
-        raise CheckpointError(f"{path}: not a PIPs++ checkpoint (no 'model_state_dict')")
+    if not isinstance(ckpt, dict) or layout.model not in ckpt:
+        raise CheckpointError(f"{path}: not a {layout.kind} checkpoint (no '{layout.model}')")
     return ckpt
 
 
@@ -137,24 +155,28 @@ def load(init: str | os.PathLike, model: nn.Module, optimizer=None, scheduler=No
 
 
 def apply_checkpoint(ckpt: dict, path: str | os.PathLike, model: nn.Module, optimizer=None, scheduler=None,
-                     ignore_prefixes: tuple[str, ...] = ()) -> None:
+                     ignore_prefixes: tuple[str, ...] = (), layout: Layout = PIPS_LAYOUT) -> None:
     """Put a read checkpoint's model (and optionally optimizer/scheduler) state into the given objects."""
-    load_model_state(model, ckpt["model_state_dict"], ignore_prefixes, source=str(path))
+    state = ckpt[layout.model]
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: '{layout.model}' is not a state_dict")
+    load_model_state(model, state, ignore_prefixes, source=str(path))
     if optimizer is not None:
-        if "optimizer_state_dict" not in ckpt:
-            raise CheckpointError(f"{path}: has no optimizer_state_dict to resume from")
-        optimizer.load_state_dict(ckpt["optimizer_state_dict"])
-    if scheduler is not None and "scheduler_state_dict" in ckpt:
-        scheduler.load_state_dict(ckpt["scheduler_state_dict"])
+        if layout.optimizer not in ckpt:
+            raise CheckpointError(f"{path}: has no {layout.optimizer} to resume from")
+        optimizer.load_state_dict(ckpt[layout.optimizer])
+    if scheduler is not None and layout.scheduler in ckpt:
+        scheduler.load_state_dict(ckpt[layout.scheduler])
 
 
 def read_newest(folder: str | os.PathLike, on_bad: Callable[[Path, CheckpointError], None] | None = None,
-                map_location: str | torch.device = "cpu", rename: bool = True) -> tuple[Path, dict] | None:
+                map_location: str | torch.device = "cpu", rename: bool = True,
+                layout: Layout = PIPS_LAYOUT) -> tuple[Path, dict] | None:
     """(path, dict) of the newest readable model-*.pth in folder, or None; each unreadable newer one is passed to
     on_bad and, with rename, renamed to *.bad (kept for inspection, never picked again)."""
     for _, path in reversed(list_checkpoints(folder)):
         try:
-            return path, read_checkpoint(path, map_location)
+            return path, read_checkpoint(path, map_location, layout)
         except CheckpointError as e:
             if on_bad is not None:
                 on_bad(path, e)
@@ -168,16 +190,16 @@ def read_newest(folder: str | os.PathLike, on_bad: Callable[[Path, CheckpointErr
 
 
 def save(folder: str | os.PathLike, step: int, model: nn.Module, optimizer=None, scheduler=None,
-         keep_latest: int | None = None, extra: dict | None = None) -> Path:
+         keep_latest: int | None = None, extra: dict | None = None, layout: Layout = PIPS_LAYOUT) -> Path:
     """Write model-%09d.pth atomically (temp file, then rename) and keep only the latest K checkpoints."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     net = model.module if hasattr(model, "module") else model
-    ckpt = {"model_state_dict": net.state_dict()}
+    ckpt = {layout.model: net.state_dict()}
     if optimizer is not None:
-        ckpt["optimizer_state_dict"] = optimizer.state_dict()
+        ckpt[layout.optimizer] = optimizer.state_dict()
     if scheduler is not None:
-        ckpt["scheduler_state_dict"] = scheduler.state_dict()
+        ckpt[layout.scheduler] = scheduler.state_dict()
     if extra:
         ckpt.update(extra)
     path = folder / ckpt_name(step)

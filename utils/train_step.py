@@ -1,10 +1,13 @@
-"""What one training step computes (docs/MODEL.md#training-recipe-of-the-reference-model), free of run set-up.
+"""What one training step computes, free of run set-up: PIPs++ (docs/MODEL.md#training-recipe-of-the-reference-model)
+and LBM (docs/LBM.md#training).
 
 Every random choice of a step is drawn from a CPU generator seeded by (seed, step, micro-batch, rank), so a
 step is the same on every device and after a resume.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -75,3 +78,68 @@ def batch_figures(trajs_e: torch.Tensor, trajs_g: torch.Tensor, visibs: torch.Te
     out["ate_vis"] = float((err * vis).sum() / (1e-6 + vis.sum()))
     out["ate_occ"] = float((err * occ).sum() / (1e-6 + occ.sum()))
     return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# LBM (docs/LBM.md#training)
+
+LBM_LOSSES = ("classification_loss", "visibility_loss", "regression_loss", "uncertainty_loss", "uncertainty_loss_topk")
+
+
+def sample_queries(trajs: torch.Tensor, visible: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Queries (B,N,3) rows (t,x,y) as the authors train LBM: each point is queried at a frame where it is
+    visible, the first quarter of the points at a random such frame, the others at the first one (frame 0 for
+    a point never visible)."""
+    B, S, N = visible.shape
+    vis = visible.bool().cpu()
+    first = vis.to(torch.uint8).argmax(dim=1)  # argmax returns the first of equal maxima: the first visible frame
+    # a uniform pick among the visible frames: the largest of random scores, the invisible ones scored -1
+    scores = torch.where(vis, torch.rand(B, S, N, generator=gen), torch.full((B, S, N), -1.0))
+    rand = scores.argmax(dim=1)
+    t = torch.where(torch.arange(N) < N // 4, rand, first).to(trajs.device)
+    xy = trajs.gather(1, t.view(B, 1, N, 1).expand(B, 1, N, 2)).squeeze(1)
+    return torch.cat([t.unsqueeze(-1).to(trajs.dtype), xy], dim=-1)
+
+
+def lbm_forward_loss(model, batch: Sample, device: torch.device, gen: torch.Generator, amp: str | None
+                     ) -> tuple[torch.Tensor, dict[str, torch.Tensor], Sample]:
+    """One LBM micro-batch on `device`: queries sampled as the authors do, the model's training forward.
+
+    Returns (the sum of the five losses, the model's output dict, the batch on `device`). A point counts as
+    visible where it is both visible and valid. Dropout draws from a generator seeded by `gen`, so the step is
+    the same after a resume whatever the process did before.
+    """
+    batch = batch.to(device)
+    visible = (batch.visibs * batch.valids) > 0
+    queries = sample_queries(batch.trajs, visible, gen)
+    seed = int(torch.randint(2**62, (1,), generator=gen))
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        with autocast(device.type, amp):
+            out = model(batch.rgbs, queries, batch.trajs, visible)
+    loss = sum(out[k].float() for k in LBM_LOSSES)
+    return loss, out, batch
+
+
+def lbm_figures(out: dict[str, torch.Tensor], batch: Sample) -> dict[str, float]:
+    """batch_figures of LBM's points, plus its five losses and the occlusion accuracy over valid points."""
+    figs = batch_figures(out["points"].detach().float(), batch.trajs, batch.visibs, batch.valids,
+                         tuple(batch.rgbs.shape[-2:]))
+    figs.update({k: float(out[k].detach()) for k in LBM_LOSSES})
+    right = (out["visibility"] == (batch.visibs > 0)).float() * batch.valids
+    figs["occ_acc"] = float(right.sum() / batch.valids.sum().clamp(min=1))
+    return figs
+
+
+def warmup_cosine(total_steps: int, warmup_frac: float = 0.01, start_factor: float = 1e-5):
+    """The authors' LBM schedule as a LambdaLR factor: linear warm-up from `start_factor` over the first 1% of
+    the steps, then cosine annealing to 0 (their SequentialLR of LinearLR and CosineAnnealingLR, in closed form)."""
+    warmup = max(1, int(total_steps * warmup_frac))
+    rest = max(1, total_steps - warmup)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return start_factor + (1.0 - start_factor) * step / warmup
+        return 0.5 * (1.0 + math.cos(math.pi * min(step - warmup, rest) / rest))
+
+    return factor

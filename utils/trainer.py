@@ -1,7 +1,7 @@
 """The training run in parts: processes, train state (save/resume), data, step, logger, validator, the loop.
 
-`run_stage(cfg)` trains one stage. What a step computes is in utils/train_step.py; the flags and the stage
-defaults are train.py's.
+`run_stage(cfg)` trains one stage of PIPs++ (--model=pips2) or LBM (--model=lbm, one stage). What a step computes
+is in utils/train_step.py; the flags and the stage defaults are train.py's.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from pips2.datasets.exportdataset import ExportDataset
 from pips2.datasets.kubric import KubricDataset
 from pips2.datasets.tapvid import load_tapvid
 from pips2.datasets.training import OrdinalDataset, OrdinalSampler, Sample
+from pips2.nets.lbm import LBM, read_state_dict
 from pips2.nets.pips2 import Pips
 from pips2.nets.plan import ExecPlan
 from pips2.utils import checkpoint as ck
@@ -35,20 +36,28 @@ from pips2.utils import evaluation, metrics
 from pips2.utils.amp import amp_dtype, autocast
 from pips2.utils.cli import die
 from pips2.utils.procs import is_space_error
-from pips2.utils.train_step import batch_figures, forward_loss, optimizer_update, step_generator
+from pips2.utils.train_step import (
+    batch_figures,
+    forward_loss,
+    lbm_figures,
+    lbm_forward_loss,
+    optimizer_update,
+    step_generator,
+    warmup_cosine,
+)
 from pips2.utils.vis import summary_image
 
 
 @dataclass
 class Config:
-    """Every flag of a training run; train.py fills the first eight from its stage defaults."""
+    """Every flag of a training run; train.py fills the first eight from its stage (or LBM) defaults."""
 
     stage: int
     B: int
     S: int
     N: int
     crop_size: tuple[int, int]
-    iters: int  # the model's refinement iterations per forward pass (validation uses twice as many)
+    iters: int  # PIPs++'s refinement iterations per forward pass (validation uses twice as many); unused by LBM
     lr: float
     max_steps: int  # optimiser steps of the stage (the authors' flag: --max_iters)
     use_augs: bool = True
@@ -81,11 +90,31 @@ class Config:
     device: str = "auto"
     exp_name: str = ""
     quiet: bool = False
+    model: str = "pips2"  # pips2 or lbm
+    wd: float = 1e-6  # AdamW weight decay (the authors' flag name for LBM; LBM's default is 1e-5)
+    grad_clip: float = 5.0  # gradient-norm clip (LBM's default is 1.0)
+    # LBM only: its input_size is crop_size, N and T are N and S
+    memory_size: int = 12
+    embed_dim: int = 256
+    backbone_init: str | None = None  # torchvision resnet18 state_dict (ImageNet weights)
+
+    @property
+    def lbm(self) -> bool:
+        """Whether the run trains LBM."""
+        return self.model == "lbm"
+
+    @property
+    def layout(self) -> ck.Layout:
+        """The key layout of this run's checkpoints."""
+        return ck.LBM_LAYOUT if self.lbm else ck.PIPS_LAYOUT
 
     def name(self) -> str:
         """The run's folder name under ckpt_dir and log_dir."""
         h, w = self.crop_size
-        base = f"stage{self.stage}_{self.B}x{self.S}x{self.N}_{h}x{w}_i{self.iters}_lr{self.lr:g}"
+        if self.lbm:
+            base = f"lbm_{self.B}x{self.S}x{self.N}_{h}x{w}_m{self.memory_size}_c{self.embed_dim}_lr{self.lr:g}"
+        else:
+            base = f"stage{self.stage}_{self.B}x{self.S}x{self.N}_{h}x{w}_i{self.iters}_lr{self.lr:g}"
         return base + (f"_{self.exp_name}" if self.exp_name else "")
 
 
@@ -176,8 +205,11 @@ def run_lock(ckpt_dir: Path, ranks: Ranks) -> Iterator[None]:
 # Train state: everything a checkpoint holds, and saving and resuming it.
 
 
-def build_model(cfg: Config, device: torch.device) -> Pips:
-    """A fresh Pips on `device`, set up for training."""
+def build_model(cfg: Config, device: torch.device) -> Pips | LBM:
+    """A fresh Pips or LBM on `device`, set up for training (CheckpointError for a bad --backbone_init)."""
+    if cfg.lbm:
+        return LBM(input_size=cfg.crop_size, N=cfg.N, T=cfg.S, memory_size=cfg.memory_size, embed_dim=cfg.embed_dim,
+                   backbone_init=cfg.backbone_init).to(device)
     dtype = amp_dtype(cfg.amp) or torch.float32  # the dtype the convolutions run in picks the layout
     model = Pips(ExecPlan.auto(device, dtype, training=True, checkpointing=cfg.grad_ckpt))
     return model.to(device)
@@ -208,21 +240,29 @@ class TrainState:
         torch.manual_seed(cfg.seed)
         np.random.seed(cfg.seed)
         random.seed(cfg.seed)
-        self.net = build_model(cfg, ranks.device)
-        self.optimizer = torch.optim.AdamW(self.net.parameters(), lr=cfg.lr, weight_decay=1e-6, eps=1e-8)
-        self.scheduler = torch.optim.lr_scheduler.OneCycleLR(
-            self.optimizer, max_lr=cfg.lr, total_steps=cfg.max_steps + 100, pct_start=0.1, cycle_momentum=False,
-            anneal_strategy="linear")
+        try:
+            self.net = build_model(cfg, ranks.device)
+        except ck.CheckpointError as e:
+            ranks.die(str(e))
+        self.optimizer = torch.optim.AdamW(self.net.parameters(), lr=cfg.lr, weight_decay=cfg.wd, eps=1e-8)
+        if cfg.lbm:
+            self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_cosine(cfg.max_steps))
+        else:
+            self.scheduler = torch.optim.lr_scheduler.OneCycleLR(
+                self.optimizer, max_lr=cfg.lr, total_steps=cfg.max_steps + 100, pct_start=0.1, cycle_momentum=False,
+                anneal_strategy="linear")
+        self.scaler = torch.amp.GradScaler(ranks.device.type, enabled=cfg.amp == "fp16")
         self.step, extras = self._load(say)
         if "rng" in extras:
             set_rng_state(extras["rng"])
         say(ck.parameter_table(self.net))
         self.model = self.net
         if ranks.world > 1:
+            # LBM's last layer's reference-point head gets no loss (as the authors'), hence unused parameters
             self.model = torch.nn.parallel.DistributedDataParallel(
-                self.net, device_ids=[ranks.device.index] if ranks.device.type == "cuda" else None)
+                self.net, device_ids=[ranks.device.index] if ranks.device.type == "cuda" else None,
+                find_unused_parameters=cfg.lbm)
         self.model.train()
-        self.scaler = torch.amp.GradScaler(ranks.device.type, enabled=cfg.amp == "fp16")
         # the running means continue across a resume: a resumed run prints what an uninterrupted one would
         self.losses = deque((float(v) for v in extras.get("loss_t", [])), maxlen=cfg.log_freq)
         self.d_ts = deque((float(v) for v in extras.get("d_t", [])), maxlen=cfg.log_freq)
@@ -240,7 +280,8 @@ class TrainState:
         ignore = tuple(p for p in (cfg.ignore_load or "").split(",") if p)
         if cfg.resume and ck.list_checkpoints(self.ckpt_dir):
             bad: list[tuple[Path, ck.CheckpointError]] = []
-            found = ck.read_newest(self.ckpt_dir, on_bad=lambda path, e: bad.append((path, e)), rename=main)
+            found = ck.read_newest(self.ckpt_dir, on_bad=lambda path, e: bad.append((path, e)), rename=main,
+                                   layout=cfg.layout)
             if found is None:
                 self.ranks.die(f"{self.ckpt_dir}: no readable checkpoint to resume from ({len(bad)} unreadable, "
                                f"kept as *.bad)")
@@ -251,24 +292,33 @@ class TrainState:
                     print(f"{b}: unreadable ({reason}); resuming from {path} (kept it as {b.name}.bad)",
                           file=sys.stderr, flush=True)
             try:
-                ck.apply_checkpoint(loaded, path, self.net, self.optimizer, self.scheduler, ignore_prefixes=ignore)
+                ck.apply_checkpoint(loaded, path, self.net, self.optimizer, self.scheduler, ignore_prefixes=ignore,
+                                    layout=cfg.layout)
             except ck.CheckpointError as e:
                 self.ranks.die(str(e))
+            if cfg.lbm and loaded.get("scaler"):  # empty when saved without fp16: the fresh scale then
+                self.scaler.load_state_dict(loaded["scaler"])
             step = ck.step_of(path)
             say(f"loaded {path} (step {step}); resuming at step {step}")
         elif cfg.init_dir:
             opt = (self.optimizer, self.scheduler) if cfg.load_optimizer else (None, None)
             try:
                 path = ck.find_checkpoint(cfg.init_dir)
-                init = ck.read_checkpoint(path)
-                ck.apply_checkpoint(init, path, self.net, *opt, ignore_prefixes=ignore)
+                if cfg.lbm and not (cfg.load_optimizer or cfg.load_step):
+                    # any LBM weights file: ours, the authors' {'model': ...} (DDP-prefixed or not) or a bare state_dict
+                    init = {"model": read_state_dict(path)}
+                else:
+                    init = ck.read_checkpoint(path, layout=cfg.layout)
+                ck.apply_checkpoint(init, path, self.net, *opt, ignore_prefixes=ignore, layout=cfg.layout)
             except ck.CheckpointError as e:
                 self.ranks.die(str(e))
             if cfg.load_step:
                 step, loaded = ck.step_of(path), init
             say(f"loaded {path} (step {ck.step_of(path)}){'; resuming at step ' + str(step) if cfg.load_step else ''}")
         # the weights are in place: keep only the extras
-        return step, {k: v for k, v in loaded.items() if not k.endswith("_state_dict")}
+        layout = self.cfg.layout
+        parts = {layout.model, layout.optimizer, layout.scheduler, "scaler"}
+        return step, {k: v for k, v in loaded.items() if not k.endswith("_state_dict") and k not in parts}
 
     def note_corrupt(self, kind: str, batch: Sample) -> None:
         """Remember the clips skipped as corrupt while producing a 'train' or 'val' batch."""
@@ -305,9 +355,11 @@ class TrainState:
                  "loss_t": [float(v) for v in self.losses], "d_t": [float(v) for v in self.d_ts],
                  "d_v": [float(v) for v in self.d_vs], "corrupt_clips": sorted(self.corrupt["train"]),
                  "corrupt_val_clips": sorted(self.corrupt["val"])}
+        if self.cfg.lbm:
+            extra.update(scaler=self.scaler.state_dict(), step=self.step)  # beside 'model', as the authors keep them
         try:
             ck.save(self.ckpt_dir, self.step, self.net, self.optimizer, self.scheduler,
-                    keep_latest=self.cfg.keep_latest, extra=extra)
+                    keep_latest=self.cfg.keep_latest, extra=extra, layout=self.cfg.layout)
         except OSError as e:
             # ck.save removed its temp file and left every earlier checkpoint in place
             why = "no space left on device" if is_space_error(e) else (e.strerror or str(e))
@@ -400,19 +452,26 @@ def train_step(state: TrainState, data: TrainData, cfg: Config) -> StepResult:
         batch = data.next(state.step, micro)
         rtime += time.time() - tr
         gen = step_generator(cfg.seed, state.step, micro, ranks.rank)
-        loss, final, seen = forward_loss(state.model, batch, ranks.device, cfg.iters, gen, cfg.amp)
+        if cfg.lbm:
+            loss, out, seen = lbm_forward_loss(state.model, batch, ranks.device, gen, cfg.amp)
+            final = out["points"]
+        else:
+            loss, final, seen = forward_loss(state.model, batch, ranks.device, cfg.iters, gen, cfg.amp)
         finite = finite and bool(torch.isfinite(loss))
         if finite:
             state.scaler.scale(loss / cfg.grad_acc).backward()
             total_loss += loss.item() / cfg.grad_acc
         if micro == 0 and ranks.main:
             shown = (seen.rgbs[0], seen.trajs[0], final[0].detach())
-            figures = batch_figures(final.detach().float(), seen.trajs, seen.visibs, seen.valids,
-                                    tuple(seen.rgbs.shape[-2:]))
+            if cfg.lbm:
+                figures = lbm_figures(out, seen)
+            else:
+                figures = batch_figures(final.detach().float(), seen.trajs, seen.visibs, seen.valids,
+                                        tuple(seen.rgbs.shape[-2:]))
     if ranks.any(not finite):
         state.optimizer.zero_grad(set_to_none=True)
         return StepResult(False)
-    optimizer_update(state.model, state.optimizer, state.scheduler, state.scaler)
+    optimizer_update(state.model, state.optimizer, state.scheduler, state.scaler, cfg.grad_clip)
     return StepResult(True, total_loss, rtime, time.time() - t0, figures, shown)
 
 
@@ -490,9 +549,17 @@ class Validator:
         return out
 
     def exported(self, net: torch.nn.Module) -> dict[str, float]:
-        """Figures of one validation batch, tracked from zero-velocity estimates."""
+        """Figures of one validation batch: PIPs++ tracked from zero-velocity estimates; LBM's training forward
+        in eval mode (its losses, as the authors' validation while training, with queries from a fixed seed)."""
         batch = self.data.next_val()
         device = self.ranks.device
+        if self.cfg.lbm:
+            net.eval()
+            with torch.no_grad():
+                _, out, seen = lbm_forward_loss(net, batch, device, torch.Generator().manual_seed(self.cfg.seed),
+                                                self.cfg.amp)
+            net.train()
+            return lbm_figures(out, seen)
         rgbs, trajs_g, visibs, valids, _ = batch.to(device)
         init = trajs_g[:, :1].expand_as(trajs_g).contiguous()
         net.eval()

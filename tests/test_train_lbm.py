@@ -1,0 +1,259 @@
+"""train.py --model=lbm: flags, query sampling, schedule, a step on Kubric and on an export, the checkpoint format,
+exact resume, AMP, non-finite and corrupt-clip skipping, validation on held-out clips (tiny LBM, in-process)."""
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from test_train import DDP_IDENTICAL, _kubric
+from test_train_robust import _corrupt_copy
+
+import train
+from pips2.nets.lbm import LBM, load_lbm
+from pips2.utils import checkpoint as ck
+from pips2.utils import trainer
+from pips2.utils.train_step import warmup_cosine
+
+# input_size 64x96 (whole stride-32 cells), a narrow transformer, a short memory: ~0.3 s a step on one thread
+TINY = dict(model="lbm", B=1, S=4, N=8, crop_size="64,96", embed_dim=32, memory_size=4, workers=0, device="cpu",
+            log_freq=1, quiet=True)
+ROOT = Path(__file__).resolve().parents[1]
+MODEL_KW = dict(input_size=(64, 96), embed_dim=32, memory_size=4, N=8, T=4)
+
+
+def _version(out) -> str:
+    return next(p.name for p in Path(out).iterdir() if (p / "settings.json").is_file())
+
+
+def _cfg(tmp: Path, **kw) -> train.Config:
+    return train.make_config(1, {**TINY, "log_dir": str(tmp / "logs"), "ckpt_dir": str(tmp / "ck"), **kw})
+
+
+def _kubric_cfg(tmp: Path, **kw) -> train.Config:
+    if not (tmp / "kubric").is_dir():
+        _kubric(tmp / "kubric", n_seq=2, frames=6, size=128)
+    return _cfg(tmp, dataset="kubric", movi_f_root=str(tmp / "kubric"), **kw)
+
+
+def _export_cfg(exported, tmp: Path, **kw) -> train.Config:
+    out, _ = exported
+    return _cfg(tmp, dataset_location=str(out), dataset_version=_version(out), **kw)
+
+
+def _weights(net) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in net.state_dict().items()}
+
+
+def test_lbm_defaults_are_the_authors_recipe_and_pips_is_unchanged():
+    c = train.make_config(1, {"model": "lbm"})
+    assert (c.B, c.S, c.N, c.crop_size, c.lr, c.wd, c.grad_clip, c.memory_size, c.embed_dim) == \
+        (4, 24, 256, (384, 512), 5e-4, 1e-5, 1.0, 12, 256)
+    assert c.max_steps == 150 * 687 and c.lbm and c.layout is ck.LBM_LAYOUT and c.name().startswith("lbm_4x24x256")
+    p = train.make_config(1, {})
+    assert (p.model, p.wd, p.grad_clip, p.layout) == ("pips2", 1e-6, 5.0, ck.PIPS_LAYOUT)
+    assert p.name() == "stage1_4x36x128_256x384_i6_lr0.0005"
+    for flags, msg in [({"crop_size": "64,80"}, "multiple of 32"), ({"eval_dataset": "davis"}, "not wired"),
+                       ({"model": "cotracker"}, "--model must be")]:
+        with pytest.raises(ValueError, match=msg):
+            train.make_config(1, {"model": "lbm", **flags})
+    with pytest.raises(ValueError, match="one stage"):
+        train.make_config(2, {"model": "lbm"})
+
+
+def test_lbm_refuses_stages_in_one_line(capsys):
+    with pytest.raises(SystemExit) as e:
+        train.main(stages="1,2", model="lbm", dataset_location="/nonexistent")
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip() == "error: --model=lbm trains in one stage; drop --stage/--stages (got 1,2)"
+
+
+def test_queries_are_visible_frames_a_quarter_of_them_random():
+    g = torch.Generator().manual_seed(0)
+    B, S, N = 2, 10, 400
+    trajs = torch.rand(B, S, N, 2) * 100
+    vis = torch.rand(B, S, N) < 0.5
+    vis[:, :, -1] = False  # never visible: frame 0
+    q = train.sample_queries(trajs, vis, g)
+    t = q[..., 0].long()
+    assert q.shape == (B, N, 3)
+    assert torch.equal(q[..., 1:], trajs.gather(1, t.view(B, 1, N, 1).expand(B, 1, N, 2)).squeeze(1))
+    has = vis.any(1)
+    assert vis.gather(1, t.unsqueeze(1)).squeeze(1)[has].all() and (t[~has] == 0).all()
+    first = vis.to(torch.uint8).argmax(1)
+    assert torch.equal(t[:, N // 4:], first[:, N // 4:])
+    assert (t[:, :N // 4] != first[:, :N // 4]).float().mean() > 0.5  # random frames, mostly not the first
+
+
+def test_schedule_equals_the_authors_sequential_lr():
+    total = 200
+    opt_a = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=5e-4)
+    opt_b = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=5e-4)
+    warm = int(total * 0.01)
+    theirs = torch.optim.lr_scheduler.SequentialLR(opt_a, [
+        torch.optim.lr_scheduler.LinearLR(opt_a, start_factor=1e-5, total_iters=warm),
+        torch.optim.lr_scheduler.CosineAnnealingLR(opt_a, T_max=total - warm)], milestones=[warm])
+    ours = torch.optim.lr_scheduler.LambdaLR(opt_b, warmup_cosine(total))
+    for _ in range(total):
+        assert ours.get_last_lr()[0] == pytest.approx(theirs.get_last_lr()[0], rel=1e-6, abs=1e-12)
+        opt_a.step()
+        opt_b.step()
+        theirs.step()
+        ours.step()
+    assert warmup_cosine(total)(0) == 1e-5 and math.isclose(warmup_cosine(total)(warm), 1.0)
+
+
+def test_a_step_on_kubric_changes_the_weights_and_saves_the_authors_format(tmp_path, capsys):
+    cfg = _kubric_cfg(tmp_path, max_steps=1, lr=1.0, quiet=False)  # warm-up step 1: lr x 1e-5
+    torch.manual_seed(cfg.seed)  # the fresh model TrainState builds
+    before = _weights(LBM(**MODEL_KW))
+    ckdir, net = train.run_stage(cfg)
+    after = _weights(net)
+    assert before.keys() == after.keys()
+    changed = [k for k in before if before[k].is_floating_point() and not torch.equal(before[k], after[k])]
+    assert len(changed) > 100
+    stdout = capsys.readouterr().out
+    assert "lbm_1x4x8_64x96_m4_c32" in stdout and "loss_t" in stdout
+    path = ck.find_checkpoint(ckdir)
+    raw = torch.load(path, map_location="cpu", weights_only=True)  # the authors' loader reads raw['model']
+    assert {"model", "optimizer", "scheduler", "scaler", "rng"} <= set(raw) and "model_state_dict" not in raw
+    assert list(raw["model"]) == list(net.state_dict())
+    loaded = load_lbm(path, **MODEL_KW)  # strict
+    assert all(torch.equal(v, after[k]) for k, v in loaded.state_dict().items())
+    blob = b"".join(p.read_bytes() for p in (tmp_path / "logs").rglob("events.out.tfevents*"))
+    for tag in (b"train/classification_loss", b"train/occ_acc", b"train/d_avg", b"train/lr"):
+        assert tag in blob, tag
+
+
+def test_init_dir_takes_the_authors_ddp_prefixed_weights(tmp_path, capsys):
+    src = LBM(**MODEL_KW)
+    torch.save({"model": {"module." + k: v for k, v in src.state_dict().items()}}, tmp_path / "lbm.pt")
+    cfg = _kubric_cfg(tmp_path, max_steps=1, init_dir=str(tmp_path / "lbm.pt"), lr=1e-30, quiet=False)
+    _, net = train.run_stage(cfg)
+    assert f"loaded {tmp_path / 'lbm.pt'}" in capsys.readouterr().out
+    # lr 1e-30: the weights are the file's (batch-norm running statistics move with the step)
+    got = net.state_dict()
+    kept = [k for k in got if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    assert all(torch.allclose(got[k], src.state_dict()[k]) for k in kept)
+    torch.save({"model": {"bogus": torch.zeros(1)}}, tmp_path / "bad.pt")
+    with pytest.raises(SystemExit):
+        train.run_stage(_kubric_cfg(tmp_path / "b", max_steps=1, init_dir=str(tmp_path / "bad.pt")))
+    assert "unexpected keys ['bogus']" in capsys.readouterr().err
+
+
+class Stop(Exception):
+    pass
+
+
+def test_resume_gives_the_weights_of_an_uninterrupted_run(tmp_path, monkeypatch):
+    """Stopped after the step-2 save and resumed, a 3-step run ends with the uninterrupted run's weights
+    exactly (dropout on, warm-up/cosine schedule, AdamW moments, data stream all restored)."""
+    _, ref = train.run_stage(_kubric_cfg(tmp_path / "ref", max_steps=3, save_freq=2))
+    real = trainer.train_step
+
+    def stop_at_3(state, data, cfg):
+        if state.step == 3:
+            raise Stop
+        return real(state, data, cfg)
+
+    monkeypatch.setattr(trainer, "train_step", stop_at_3)
+    with pytest.raises(Stop):
+        train.run_stage(_kubric_cfg(tmp_path / "run", max_steps=3, save_freq=2))
+    ckdir = next((tmp_path / "run" / "ck").iterdir())
+    assert [s for s, _ in ck.list_checkpoints(ckdir)] == [2]
+    monkeypatch.setattr(trainer, "train_step", real)
+    _, resumed = train.run_stage(_kubric_cfg(tmp_path / "run", max_steps=3, save_freq=2))
+    want, got = ref.state_dict(), resumed.state_dict()
+    assert all(torch.equal(want[k], got[k]) for k in want)
+    # and the comparison can fail: the step-2 weights differ from the final ones
+    at2 = load_lbm(ck.find_checkpoint(ckdir, 2), **MODEL_KW).state_dict()
+    assert not all(torch.equal(at2[k], want[k]) for k in want)
+
+
+def test_a_step_on_an_export_with_held_out_validation_and_a_corrupt_clip(exported, tmp_path, capsys):
+    out, _ = exported
+    _corrupt_copy(out, tmp_path / "copy")
+    cfg = _cfg(tmp_path, dataset_location=str(tmp_path / "copy"), dataset_version=_version(out), max_steps=2,
+               shuffle=False, val_dataset_version=_version(out), val_freq=1, lr=1.0, quiet=False)
+    torch.manual_seed(cfg.seed)
+    before = _weights(LBM(**MODEL_KW))
+    ckdir, net = train.run_stage(cfg)
+    assert any(not torch.equal(before[k], v) for k, v in net.state_dict().items() if v.is_floating_point())
+    stdout = capsys.readouterr().out
+    steps = [ln for ln in stdout.splitlines() if "; step 00000" in ln]
+    assert len(steps) == 2 and not any(ln.endswith("d_v nan") for ln in steps)
+    assert "2 corrupt clips skipped" in stdout  # clip 0, met by the training and the validation stream
+    saved = ck.read_checkpoint(ck.find_checkpoint(ckdir), layout=ck.LBM_LAYOUT)
+    assert saved["corrupt_clips"] == [0] and saved["corrupt_val_clips"] == [0]
+    blob = b"".join(p.read_bytes() for p in (tmp_path / "logs").rglob("events.out.tfevents*"))
+    assert b"val/regression_loss" in blob and b"val/occ_acc" in blob
+
+
+def test_non_finite_losses_are_skipped_then_the_run_stops(tmp_path, capsys):
+    _kubric(tmp_path / "nan", n_seq=1, frames=6, size=128, nan=True)
+    cfg = _cfg(tmp_path, dataset="kubric", movi_f_root=str(tmp_path / "nan"), max_steps=10, max_nan_steps=2,
+               quiet=False)
+    with pytest.raises(SystemExit, match="2 non-finite losses in a row at step 2"):
+        train.run_stage(cfg)
+    assert capsys.readouterr().out.count("non-finite loss, step skipped") == 2
+    ckdir = next((tmp_path / "ck").iterdir())
+    assert [s for s, _ in ck.list_checkpoints(ckdir)] == [2]
+    load_lbm(ck.find_checkpoint(ckdir), **MODEL_KW)
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_amp_steps(tmp_path, monkeypatch, amp):
+    """bf16 and fp16 autocast steps with a finite loss; fp16 through an enabled GradScaler whose state is saved.
+    A small input (64x64, 2 frames): this CPU emulates fp16 convolution backward slowly."""
+    scalers = []
+
+    class Spy(torch.amp.GradScaler):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            scalers.append(self)
+
+    monkeypatch.setattr(torch.amp, "GradScaler", Spy)
+    _kubric(tmp_path / "k", n_seq=1, frames=2, size=128)
+    cfg = _cfg(tmp_path, dataset="kubric", movi_f_root=str(tmp_path / "k"), S=2, N=4, crop_size="64,64", amp=amp,
+               max_steps=1)
+    ckdir, net = train.run_stage(cfg)
+    state = torch.load(ck.find_checkpoint(ckdir), weights_only=True)
+    assert np.isfinite(state["loss_t"]).all() and len(state["loss_t"]) == 1
+    assert scalers[0].is_enabled() == (amp == "fp16")
+    if amp == "fp16":
+        assert state["scaler"]["scale"] == scalers[0].get_scale()
+
+
+def test_an_unreadable_kubric_sequence_is_skipped_and_counted(tmp_path, capsys):
+    _kubric(tmp_path / "kubric", n_seq=2, frames=6, size=128)
+    (tmp_path / "kubric" / "seq0000" / "seq0000.npy").write_bytes(b"not a numpy file")
+    with pytest.warns(UserWarning, match="skipping corrupt clip: .*seq0000.npy"):
+        ckdir, _ = train.run_stage(_kubric_cfg(tmp_path, max_steps=1, shuffle=False, quiet=False))
+    assert "1 corrupt clips skipped" in capsys.readouterr().out
+    assert ck.read_checkpoint(ck.find_checkpoint(ckdir), layout=ck.LBM_LAYOUT)["corrupt_clips"] == [0]
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_train_lbm_with_identical_weights(tmp_path):
+    """Two gloo ranks, three steps: the last layer's reference head gets no gradient (as the authors'), which
+    DDP only accepts with find_unused_parameters; the ranks end with the same weights."""
+    _kubric(tmp_path / "kubric", n_seq=2, frames=6, size=128)
+    cfg = {**TINY, "dataset": "kubric", "movi_f_root": str(tmp_path / "kubric"), "max_steps": 3, "save_freq": 3,
+           "log_dir": str(tmp_path / "logs"), "ckpt_dir": str(tmp_path / "ck")}
+    script = tmp_path / "ddp.py"
+    script.write_text(f"""
+import torch, torch.distributed as dist
+import train
+cfg = train.make_config(1, {cfg!r})
+""" + DDP_IDENTICAL)
+    torchrun = Path(sys.executable).parent / "torchrun"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    res = subprocess.run([str(torchrun), "--nproc_per_node=2", "--master_port=29541", str(script)], cwd=ROOT,
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    assert "IDENTICAL 2" in res.stdout
+    assert [s for s, _ in ck.list_checkpoints(next((tmp_path / "ck").iterdir()))] == [3]
