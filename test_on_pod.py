@@ -19,8 +19,6 @@ from collections import Counter
 from pathlib import Path
 
 import fire
-import numpy as np
-import torch
 from PIL import Image
 from tqdm import tqdm
 
@@ -28,7 +26,7 @@ from pips2.datasets import pointodyssey as pod
 from pips2.utils import evaluation, metrics, plots
 from pips2.utils.checkpoint import resolve_device
 from pips2.utils.cli import aliased, die, load_pips_or_exit, parse_hw
-from pips2.utils.tracking import FileFrames, track_windows
+from pips2.utils.tracking import FileFrames
 from pips2.utils.video import VideoError
 
 
@@ -58,18 +56,9 @@ def evaluate_scene(model, scene: pod.Scene, S: int, N: int, iters: int, image_si
     trajs, _, valids = evaluation.select_points(scene.trajs, scene.visibs, scene.valids, frames.src_hw, N)
     if trajs.shape[1] == 0:
         return None
-    # as evaluation.evaluate_points, which returns the figures but not the tracks the survival curve needs
-    (H, W), (h, w) = frames.src_hw, frames.model_hw
-    gt = torch.from_numpy(trajs * np.array([w / W, h / H], np.float32))
-    zero = gt[0:1].repeat(gt.shape[0], 1, 1)
-    est = zero if model is None else track_windows(model, frames, zero, S=S, iters=iters, point_batch=point_batch,
-                                                   amp=amp)
-    out: dict = metrics.track_metrics(est, gt, valids, (h, w))
-    out["points"] = float(trajs.shape[1])
-    out["frames"] = float(gt.shape[0])
-    out["curves"] = {plots.ZERO_VEL: plots.curves_of(zero, gt, valids, (h, w))}
-    if model is not None:
-        out["curves"]["model"] = plots.curves_of(est, gt, valids, (h, w))
+    curves: dict = {}
+    out: dict = evaluation.evaluate_points(model, frames, trajs, valids, S, iters, point_batch, amp, curves)
+    out["curves"] = curves
     return out
 
 

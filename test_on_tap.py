@@ -25,7 +25,7 @@ import fire
 from tqdm import tqdm
 
 from pips2.datasets.tapvid import TapVidError, load_tapvid
-from pips2.utils import evaluation, metrics
+from pips2.utils import evaluation, metrics, plots
 from pips2.utils.checkpoint import CheckpointError
 from pips2.utils.cli import aliased, die, parse_hw
 from pips2.utils.tracking import is_lbm, load_tracker
@@ -72,15 +72,16 @@ def main(dataset_location: str = "../datasets/tapvid/tapvid_davis.pkl", S: int =
     if lbm:
         print(f"LBM: memory of {net.memory_size} frames, input size {net.size[1]}x{net.size[0]}")
     track_kw = {} if lbm else dict(S=S, iters=iters, image_size=image_size, point_batch=point_batch, amp=amp)
-    rows, deltas, scored, skipped = {}, {m: {} for m in modes}, [], []
+    rows, deltas, scored, skipped, curves = {}, {m: {} for m in modes}, [], [], {}
     t0 = time.time()
     for i, (name, video, points, occluded) in enumerate(tqdm(videos, desc="tapvid")):
         if max_videos is not None and i >= max_videos:
             break
         line = name
         if not lbm:  # the authors' protocol is PIPs++'s: windows from frame 0
+            curves[name] = {}
             res = evaluation.evaluate_tapvid_video(net, video, points, occluded, image_size, S, iters, point_batch,
-                                                   amp)
+                                                   amp, curves[name])
             if res is None:
                 skipped.append(name)
                 tqdm.write(f"{name}: skipped (no point visible in frame 0)")
@@ -110,6 +111,11 @@ def main(dataset_location: str = "../datasets/tapvid/tapvid_davis.pkl", S: int =
     if out_json:
         Path(out_json).write_text(json.dumps({"mean": mean, "tapvid": tap, "per_video": rows,
                                               "tapvid_per_video": deltas, "skipped": skipped}, indent=2))
+        series = plots.mean_series(curves, Path(str(init_dir or "reference_model")).name)
+        if series:
+            png = plots.save_png({Path(dataset_location).stem: series}, plots.png_path(out_json),
+                                 title=f"{init_dir} on {Path(dataset_location).name}: {len(rows)} videos")
+            print(f"curves -> {png}")
 
 
 if __name__ == "__main__":

@@ -92,6 +92,8 @@ def test_test_on_tap_runs(tmp_path, ckpt, capsys):
     js = json.loads(out.read_text())
     assert set(js["tapvid"]) == {"first", "strided"} and js["per_video"]["a"]["points"] == 5  # 1 not visible at 0
     assert 0 <= js["tapvid"]["first"]["delta_avg"] <= 100
+    png = tmp_path / "r_curves.png"  # accuracy vs threshold and survival, beside the json
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"curves -> {png}" in res.stdout
     # --max_videos, and --max_iters as the authors call it
     res = run_main(test_on_tap.main, capsys, max_videos=1, modes="", **kw)
     assert res.returncode == 0 and "summary: 1 videos" in res.stdout

@@ -313,6 +313,7 @@ def test_validation_on_exported_clips_and_grad_acc(exported, tmp_path):
     assert len(lines) == 2 and all(not ln.endswith("d_v nan") for ln in lines)
     blob = b"".join(p.read_bytes() for p in (tmp_path / "logs").rglob("events.out.tfevents*"))
     assert b"val/d_avg" in blob
+    assert blob.count(b"val/curves") == 2 and b"\x89PNG" in blob  # the accuracy/survival figure at each validation
 
 
 def test_init_dir_with_ignored_prefixes(exported, tmp_path):

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from pips2.datasets.tapvid import first_queries, strided_queries
-from pips2.utils import metrics
+from pips2.utils import metrics, plots
 from pips2.utils.tracking import ArrayFrames, FrameSource, track, track_windows
 
 # LBM's evaluation memory per data set (the authors' choice, SPEC section 1), found by name in the file's name
@@ -58,11 +58,13 @@ def select_points(trajs: np.ndarray, visibs: np.ndarray, valids: np.ndarray, hw:
 
 
 def evaluate_points(model, frames: FrameSource, trajs: np.ndarray, valids: np.ndarray, S: int = 128,
-                    iters: int = 16, point_batch: int = 256, amp: str | None = None) -> dict[str, float]:
+                    iters: int = 16, point_batch: int = 256, amp: str | None = None,
+                    curves: dict | None = None) -> dict[str, float]:
     """Track chosen points (T,n,2 in source pixels) from frame 0 and score them at the model size.
 
     The ground truth is scaled by the plain resize ratio, as the authors do; model=None scores the
-    zero-velocity baseline.
+    zero-velocity baseline. A `curves` dict receives the plotted curves (utils/plots.py) of the model
+    ("model") and of zero-velocity.
     """
     (H, W), (h, w) = frames.src_hw, frames.model_hw
     gt = torch.from_numpy(trajs * np.array([w / W, h / H], np.float32))
@@ -72,12 +74,16 @@ def evaluate_points(model, frames: FrameSource, trajs: np.ndarray, valids: np.nd
     out = metrics.track_metrics(est, gt, valids, (h, w))
     out["points"] = float(trajs.shape[1])
     out["frames"] = float(gt.shape[0])
+    if curves is not None:
+        curves[plots.ZERO_VEL] = plots.curves_of(init, gt, valids, (h, w))
+        if model is not None:
+            curves["model"] = plots.curves_of(est, gt, valids, (h, w))
     return out
 
 
 def evaluate_tapvid_video(model, video: np.ndarray, points: np.ndarray, occluded: np.ndarray,
                           image_size: tuple[int, int], S: int = 128, iters: int = 16, point_batch: int = 256,
-                          amp: str | None = None) -> dict[str, float] | None:
+                          amp: str | None = None, curves: dict | None = None) -> dict[str, float] | None:
     """The authors' TAP-Vid protocol for one video: every point visible in frame 0, tracked to the end at
     image_size; points (N,T,2) in pixels, occluded (N,T). None when no point is visible in frame 0."""
     vis = ~occluded.T
@@ -85,7 +91,7 @@ def evaluate_tapvid_video(model, video: np.ndarray, points: np.ndarray, occluded
                                max_motion=None, border_px=0)
     if tr.shape[1] == 0:
         return None
-    return evaluate_points(model, ArrayFrames(video, image_size), tr, val, S, iters, point_batch, amp)
+    return evaluate_points(model, ArrayFrames(video, image_size), tr, val, S, iters, point_batch, amp, curves)
 
 
 def lbm_memory_size(dataset_location: str | os.PathLike) -> int:

@@ -32,7 +32,7 @@ from pips2.nets.lbm import LBM, read_state_dict
 from pips2.nets.pips2 import Pips
 from pips2.nets.plan import ExecPlan
 from pips2.utils import checkpoint as ck
-from pips2.utils import evaluation, metrics
+from pips2.utils import evaluation, metrics, plots
 from pips2.utils.amp import amp_dtype, autocast
 from pips2.utils.cli import die
 from pips2.utils.procs import is_space_error
@@ -537,6 +537,7 @@ class Validator:
 
     def __init__(self, cfg: Config, ranks: Ranks, data: TrainData):
         self.cfg, self.ranks, self.data = cfg, ranks, data
+        self.curves: dict = {}  # {dataset: {series: curves}} of the last PIPs++ validation batch, for TensorBoard
 
     def run(self, step: int, model: torch.nn.Module) -> dict[str, dict[str, float]]:
         """{log group: figures} of the validations due at `step`."""
@@ -566,7 +567,10 @@ class Validator:
         with torch.no_grad(), autocast(device.type, self.cfg.amp):
             preds = net(init, rgbs, iters=self.cfg.iters * 2)[0]
         net.train()
-        return batch_figures(preds[-1].float(), trajs_g, visibs, valids, tuple(rgbs.shape[-2:]))
+        hw = tuple(rgbs.shape[-2:])
+        self.curves["val"] = {"model": plots.curves_of(preds[-1].float(), trajs_g, valids, hw),
+                              plots.ZERO_VEL: plots.curves_of(init, trajs_g, valids, hw)}
+        return batch_figures(preds[-1].float(), trajs_g, visibs, valids, hw)
 
     def tapvid(self, net: torch.nn.Module) -> dict[str, float]:
         """Authors'-protocol figures on the first TAP-Vid videos (LBM-style validation while training)."""
@@ -612,6 +616,10 @@ def train_stage(cfg: Config, ranks: Ranks, ckpt_dir: Path) -> tuple[Path, torch.
         for group, figures in validator.run(state.step, state.model).items():
             state.d_vs.append(figures["d_avg"])
             log.scalars(group, figures, state.step)
+        if validator.curves:
+            if log.writer:
+                plots.add_to_tensorboard(log.writer, "val/curves", validator.curves, state.step)
+            validator.curves = {}
         log.step(state, res)
         if state.step % cfg.save_freq == 0 or state.step == cfg.max_steps:
             state.save()
