@@ -25,9 +25,8 @@ from pathlib import Path
 
 import fire
 import torch
-from common import reset_peak_rss, status_bytes
+from common import reset_peak_rss, status_bytes, synthetic_batch
 
-from pips2.datasets.training import Sample
 from pips2.nets.pips2 import Pips
 from pips2.nets.plan import ExecPlan
 from pips2.utils import train_step as train
@@ -39,6 +38,8 @@ ROOT = Path(__file__).resolve().parents[1]
 MODELS = {  # name: the plan of the training step
     "ours": ExecPlan.auto("cpu", training=True),
     "ours_ckpt": ExecPlan.auto("cpu", training=True, checkpointing=True),
+    # convolution outputs kept, norms and activations recomputed in backward
+    "ours_recompute": replace(ExecPlan.auto("cpu", training=True), recompute_cheap=True),
     # the encoder in chunks of 16 frames under checkpointing, so a recompute holds 16 frames at once
     "ours_ckpt_chunk16": replace(ExecPlan.auto("cpu", training=True, checkpointing=True), encoder_chunk=16),
     "authors": ExecPlan.reference(),
@@ -61,11 +62,7 @@ TARGETS = {
 def _worker(run: str, model_name: str, out_path: str) -> None:
 
     B, S, N, H, W, iters = RUNS[run]
-    g = torch.Generator().manual_seed(0)
-    batch = Sample(rgbs=torch.rand(B, S, 3, H, W, generator=g) * 255,
-                   trajs=torch.rand(B, 1, N, 2, generator=g) * torch.tensor([W - 1.0, H - 1.0]) + torch.cumsum(
-                       torch.randn(B, S, N, 2, generator=g), 1),
-                   visibs=torch.ones(B, S, N), valids=torch.ones(B, S, N), corrupt_ids=torch.zeros(B, 0))
+    batch = synthetic_batch(B, S, N, H, W)
     rss0 = status_bytes("VmRSS")
     reset_peak_rss()
     model = load_golden_weights(Pips(MODELS[model_name])).train()

@@ -6,6 +6,8 @@ import json
 import os
 import platform
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -13,6 +15,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+
+from pips2.datasets.synthetic import SceneConfig, generate_dataset
+from pips2.datasets.training import Sample
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def best_time(fn: Callable[[], object], repeats: int) -> float:
@@ -84,3 +91,29 @@ def machine_description() -> dict:
         pass
     return {"cpu": cpu, "logical_cores": os.cpu_count(), "bf16_isa": sorted(flags & {"avx512_bf16", "amx_bf16"}),
             "torch": torch.__version__, "threads": torch.get_num_threads()}
+
+
+def synthetic_batch(B: int, S: int, N: int, H: int, W: int, seed: int = 0) -> Sample:
+    """A training batch of random frames and random-walk tracks (every point visible and valid)."""
+    g = torch.Generator().manual_seed(seed)
+    start = torch.rand(B, 1, N, 2, generator=g) * torch.tensor([W - 1.0, H - 1.0])
+    return Sample(rgbs=torch.rand(B, S, 3, H, W, generator=g) * 255,
+                  trajs=start + torch.cumsum(torch.randn(B, S, N, 2, generator=g), 1),
+                  visibs=torch.ones(B, S, N), valids=torch.ones(B, S, N), corrupt_ids=torch.zeros(B, 0))
+
+
+@contextmanager
+def scratch_export(S: int, N: int, hw: tuple[int, int], scenes: int = 3) -> Iterator[tuple[Path, str]]:
+    """(export folder, version) of augmented mp4 clips exported from fresh synthetic scenes; removed afterwards."""
+    work = Path(tempfile.mkdtemp(prefix="bench_export_"))
+    try:
+        H, W = hw
+        generate_dataset(work / "pod", {"train": scenes}, cfg=SceneConfig(W=W + 64, H=H + 64, T=S + 24, n_points=800),
+                         progress=False)
+        subprocess.run([sys.executable, "export_mp4_dataset.py", f"--dataset_location={work / 'pod'}", f"--S={S}",
+                        f"--N={N}", f"--crop_size={H},{W}", f"--out_dir={work / 'exp'}", "--workers=2",
+                        "--quiet=True"], cwd=ROOT, check=True, capture_output=True)
+        (version,) = [p.name for p in (work / "exp").iterdir() if p.is_dir()]
+        yield work / "exp", version
+    finally:
+        shutil.rmtree(work, ignore_errors=True)

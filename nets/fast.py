@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 if TYPE_CHECKING:  # only for hints: pips2 imports this module
     from pips2.nets.pips2 import CorrPyramid, DeltaBlock
@@ -47,6 +47,29 @@ def stack_frames(maps: list[torch.Tensor], shape: tuple[int, ...]) -> torch.Tens
         out[start:start + m.shape[0]] = m
         start += m.shape[0]
     return out
+
+
+CHEAP_CONV_MACS = 256  # multiply-adds per output value under which a convolution is recomputed, not kept
+
+
+def _save_convolutions(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    if op in (torch.ops.aten.addmm.default, torch.ops.aten.mm.default):  # the GEMM form of a convolution
+        return CheckpointPolicy.MUST_SAVE
+    if op is torch.ops.aten.convolution.default:
+        # weight (out, in/groups, kh, kw): one output filter's size is the multiply-adds per output value. The
+        # encoder's 7x7 conv of the 3-channel image and the 1x1 shortcuts cost little to redo, and the
+        # former's output is as large as a whole layer1 conv's
+        if args[1][0].numel() < CHEAP_CONV_MACS:
+            return CheckpointPolicy.PREFER_RECOMPUTE
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def keep_conv_outputs(fn, *args):
+    """fn(*args) under autograd keeping only its convolutions' outputs for backward; the norms, activations,
+    sums and resamplings between them are recomputed from those in backward (cheap, memory-bound work)."""
+    return checkpoint(fn, *args, use_reentrant=False,
+                      context_fn=lambda: create_selective_checkpoint_contexts(_save_convolutions))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -197,25 +220,43 @@ def winograd_filters(block: DeltaBlock) -> list[torch.Tensor | None]:
                 else None for c in convs]
 
 
+def conv1d_k3_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """conv1d(kernel 3, padding 1) of time-major x (M,S,cin) as one GEMM over the three shifted copies -> (M,S,cout).
+
+    With autograd its backward is two large GEMMs, which the CPU runs closer to its peak than conv1d's backward
+    on (M, C, S) maps with short S.
+    """
+    M, S, C = x.shape
+    xp = F.pad(x, (0, 0, 1, 1))
+    cols = torch.cat([xp[:, :S], xp[:, 1:S + 1], xp[:, 2:]], 2).view(M * S, 3 * C)
+    w = weight.permute(2, 1, 0).reshape(3 * C, -1)  # row k*C + c holds weight[:, c, k]
+    return torch.addmm(bias, cols, w).view(M, S, -1)
+
+
 def _conv_time_major(conv: torch.nn.Conv1d, x: torch.Tensor, wt: torch.Tensor | None) -> torch.Tensor:
     if wt is None:
-        return F.conv1d(x.transpose(1, 2), conv.weight, conv.bias, padding=1).transpose(1, 2)
+        return conv1d_k3_gemm(x, conv.weight, conv.bias)
     return conv1d_k3_winograd(x, wt, conv.bias)
 
 
 def _instance_norm_time_major(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """InstanceNorm1d for time-major (M,S,C): statistics over S per (m, c)."""
+    """InstanceNorm1d for time-major (M,S,C): statistics over S per (m, c); in place where no gradient is kept."""
     xc = x - x.mean(1, keepdim=True)
-    return xc.mul_(xc.square().mean(1, keepdim=True).add_(eps).rsqrt_())
+    scale = xc.square().mean(1, keepdim=True).add_(eps).rsqrt_()
+    return xc * scale if torch.is_grad_enabled() and x.requires_grad else xc.mul_(scale)
 
 
-def delta_block_winograd(block: DeltaBlock, fcorr: torch.Tensor, flow: torch.Tensor,
-                         filters: list[torch.Tensor | None]) -> torch.Tensor:
-    """DeltaBlock.forward computed time-major with `winograd_filters(block)`: (M,S,588), (M,S,2) -> (M,S,2)."""
+def delta_block_time_major(block: DeltaBlock, fcorr: torch.Tensor, flow: torch.Tensor,
+                           filters: list[torch.Tensor | None] | None = None) -> torch.Tensor:
+    """DeltaBlock.forward computed time-major: (M,S,588), (M,S,2) -> (M,S,2).
+
+    filters: `winograd_filters(block)` (inference only; None entries run as GEMMs), or None: every convolution
+    is one GEMM (`conv1d_k3_gemm`), which has a backward.
+    """
     if block.first_block_conv.kernel_size != 3:
-        raise ValueError("the Winograd delta block needs kernel size 3")
-    wts = iter(filters)
-    x = F.relu_(_conv_time_major(block.first_block_conv.conv, block.inputs(fcorr, flow), next(wts)))
+        raise ValueError("the time-major delta block needs kernel size 3")
+    wts = iter(filters if filters is not None else [None] * len(block.convs()))
+    x = F.relu(_conv_time_major(block.first_block_conv.conv, block.inputs(fcorr, flow), next(wts)))
     for blk in block.basicblock_list:
         y = x if blk.first else F.relu_(_instance_norm_time_major(x))
         y = F.relu_(_instance_norm_time_major(_conv_time_major(blk.conv1.conv, y, next(wts))))

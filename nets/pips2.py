@@ -270,7 +270,7 @@ class DeltaBlock(nn.Module):
 
     def forward(self, fcorr: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
         """fcorr (M,S,588), flow (M,S,2) -> delta (M,S,2)."""
-        x = F.relu_(self.first_block_conv(self.inputs(fcorr, flow).transpose(1, 2)))
+        x = F.relu(self.first_block_conv(self.inputs(fcorr, flow).transpose(1, 2)))
         for block in self.basicblock_list:
             x = block(x)
         return self.dense(F.relu(x).transpose(1, 2))
@@ -352,6 +352,8 @@ class Pips(nn.Module):
         norm = fast.instance_norm_keep_layout if self.plan.norm == "batch" else instance_norm
         if self.plan.checkpointing:
             fm = checkpoint(self.fnet, x, norm, use_reentrant=False)
+        elif self.plan.recompute_cheap:
+            fm = fast.keep_conv_outputs(self.fnet, x, norm)
         else:
             fm = self.fnet(x, norm)
         return fm.to(self.dtype).permute(0, 2, 3, 1)
@@ -431,7 +433,10 @@ class Pips(nn.Module):
         if self.plan.delta == "winograd":
             if block.fast_weights is None:
                 block.fast_weights = fast.winograd_filters(block)
-            return fast.delta_block_winograd(block, fcorr, flow, block.fast_weights)
+            return fast.delta_block_time_major(block, fcorr, flow, block.fast_weights)
+        fn = fast.delta_block_time_major if self.plan.delta == "gemm" else DeltaBlock.forward
         if self.plan.checkpointing:
-            return checkpoint(block, fcorr, flow, use_reentrant=False)
-        return block(fcorr, flow)
+            return checkpoint(fn, block, fcorr, flow, use_reentrant=False)
+        if self.plan.recompute_cheap:
+            return fast.keep_conv_outputs(fn, block, fcorr, flow)
+        return fn(block, fcorr, flow)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 _CHOICES = {"corr": ("local", "volume"), "gather": ("workspace", "checkpoint", "plain"),
-            "delta": ("conv1d", "winograd"), "norm": ("batch", "instance")}
+            "delta": ("conv1d", "gemm", "winograd"), "norm": ("batch", "instance")}
 
 
 @dataclass(frozen=True)
@@ -24,11 +24,12 @@ class ExecPlan:
     corr: str = "local"  # "local": gather a patch around each point; "volume": the reference's full volume
     corr_chunk: int = 1 << 22  # floats of gathered patches held at once by "local"; 0 = no bound
     gather: str = "workspace"  # local patches: one reused buffer / recomputed in backward / fresh tensors
-    delta: str = "conv1d"  # delta block: "conv1d" (reference) or "winograd" (time-major, Winograd F(4,3))
+    delta: str = "conv1d"  # delta block: "conv1d" (reference); time-major "gemm" or "winograd" (F(4,3), no backward)
     encoder_chunk: int = 1  # frames per encoder call; 0 = the whole clip at once
     channels_last: bool = False  # encoder memory format
     norm: str = "batch"  # encoder norm of one-frame chunks: "batch" keeps the layout; "instance" (reference)
     checkpointing: bool = False  # recompute encoder chunks and delta-block calls in backward
+    recompute_cheap: bool = False  # keep only convolution outputs; recompute norms/activations in backward
 
     def __post_init__(self) -> None:
         for name, allowed in _CHOICES.items():
@@ -36,9 +37,9 @@ class ExecPlan:
                 raise ValueError(f"ExecPlan.{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         if self.encoder_chunk < 0 or self.corr_chunk < 0:
             raise ValueError("ExecPlan chunk sizes must be >= 0 (0 = no chunks)")
-        if self.checkpointing and self.inference_only:
-            raise ValueError("ExecPlan: checkpointing is for training, but gather='workspace' or "
-                             "delta='winograd' cannot run under autograd")
+        if (self.checkpointing or self.recompute_cheap) and self.inference_only:
+            raise ValueError("ExecPlan: checkpointing and recompute_cheap are for training, but gather='workspace' "
+                             "or delta='winograd' cannot run under autograd")
 
     @property
     def inference_only(self) -> bool:

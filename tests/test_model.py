@@ -1,7 +1,7 @@
 """The model against the SPEC's definitions and itself (the authors' numbers: test_golden.py)."""
 
 
-from dataclasses import FrozenInstanceError
+from dataclasses import FrozenInstanceError, replace
 
 import numpy as np
 import pytest
@@ -109,6 +109,22 @@ def test_winograd_conv_equals_conv1d(S):
     assert ref.abs().max() > 1
 
 
+@pytest.mark.parametrize("S", [1, 2, 5, 36])
+def test_gemm_conv_equals_conv1d_with_gradients(S):
+    torch.manual_seed(S)
+    x = torch.randn(3, S, 40, dtype=torch.float64, requires_grad=True)
+    w = (torch.randn(24, 40, 3, dtype=torch.float64) / 8).requires_grad_()
+    b = torch.randn(24, dtype=torch.float64, requires_grad=True)
+    weights = torch.randn(3, S, 24, dtype=torch.float64)
+    got = fast.conv1d_k3_gemm(x, w, b)
+    ref = F.conv1d(x.transpose(1, 2), w, b, padding=1).transpose(1, 2)
+    torch.testing.assert_close(got, ref, atol=1e-12, rtol=0)
+    g_got = torch.autograd.grad((got * weights).sum(), [x, w, b])
+    g_ref = torch.autograd.grad((ref * weights).sum(), [x, w, b])
+    for a, r in zip(g_got, g_ref, strict=True):
+        torch.testing.assert_close(a, r, atol=1e-12, rtol=0)
+
+
 def test_delta_block_winograd_equals_direct_and_follows_new_weights():
     torch.manual_seed(7)
     fcorr, flow = torch.randn(6, 11, 588), torch.randn(6, 11, 2) * 4
@@ -117,7 +133,7 @@ def test_delta_block_winograd_equals_direct_and_follows_new_weights():
         # float64: the Winograd form is the same arithmetic as conv1d up to float64 rounding
         ref64 = block64(fcorr.double(), flow.double())
         filters = fast.winograd_filters(block64)
-        got64 = fast.delta_block_winograd(block64, fcorr.double(), flow.double(), filters)
+        got64 = fast.delta_block_time_major(block64, fcorr.double(), flow.double(), filters)
     assert sum(f is not None for f in filters) == 7  # the widest layers take the Winograd form
     torch.testing.assert_close(got64, ref64, atol=1e-10, rtol=0)
 
@@ -268,6 +284,40 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
     assert out[0][1].keys() == out[1][1].keys() and len(out[0][1]) > 70
     for n, g in out[0][1].items():
         torch.testing.assert_close(g, out[1][1][n], atol=1e-12, rtol=1e-9, msg=n)
+
+
+TRAINING_FORMS = {
+    "gemm delta": dict(delta="gemm"),
+    "recompute cheap": dict(recompute_cheap=True),
+    "gemm + recompute cheap": dict(delta="gemm", recompute_cheap=True),
+    "gemm + checkpointing": dict(delta="gemm", checkpointing=True),
+}
+
+
+@pytest.mark.parametrize("form", list(TRAINING_FORMS))
+def test_training_forms_give_the_same_loss_and_gradients(form):
+    # float64 from the same weights: every training form computes the conv1d training plan's loss and gradients
+    # (biases before a norm have a true gradient of 0, so the tolerance is relative to the largest gradient)
+    torch.manual_seed(7)
+    rgbs = torch.rand(1, 5, 3, 128, 136, dtype=torch.float64) * 255
+    trajs = (torch.rand(1, 1, 6, 2, dtype=torch.float64) * 128).repeat(1, 5, 1, 1)
+    trajs_g = trajs + torch.randn_like(trajs)
+    base = ExecPlan.auto(training=True)
+    sd = golden_model(plan=base).state_dict()
+    out = []
+    for plan in (replace(base, delta="conv1d", recompute_cheap=False, checkpointing=False),
+                 replace(base, **TRAINING_FORMS[form])):
+        model = Pips(plan)
+        model.load_state_dict(sd)
+        model = model.double().train()
+        loss = model(trajs, rgbs, iters=2, trajs_g=trajs_g)[3]
+        loss.backward()
+        out.append((loss.item(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    (loss_ref, g_ref), (loss, g) = out
+    assert loss == pytest.approx(loss_ref, rel=1e-12) and g.keys() == g_ref.keys() and len(g) > 70
+    scale = max(v.abs().max().item() for v in g_ref.values())
+    for n, v in g_ref.items():
+        torch.testing.assert_close(g[n], v, atol=1e-9 * scale, rtol=0, msg=n)
 
 
 def test_bf16_autocast_runs_and_stays_close():

@@ -1,0 +1,157 @@
+"""One training step (forward with loss, backward, AdamW update with clipping) of ours against the reference
+forms, side by side in one run, each step in its own process so that its peak memory is its own.
+
+"reference" is `Pips(ExecPlan.reference())`: the authors' computation as they write it (full correlation
+volumes, the whole clip through the encoder at once, conv1d delta block), the stand-in for their code, which
+is not in the project (docs/BENCHMARKS.md compares the two). "ours" is the plan train.py runs in float32,
+"ours_bf16" the same under `--amp=bf16`, "ours_ckpt" under `--grad_ckpt`. Every variant starts from the same
+weights and batch, so the first step's loss and gradient norm must agree (the table shows how closely).
+
+Also measured: the training data loader (clips/s from exported mp4s, default workers) against what one
+step consumes at B=4.
+
+    python benchmarks/bench_train.py --json_out=docs/bench_train_cpu.json
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import fire
+import torch
+from common import machine_description, reset_peak_rss, scratch_export, status_bytes, synthetic_batch
+
+from pips2.nets.pips2 import Pips
+from pips2.nets.plan import ExecPlan
+from pips2.utils import train_step as train
+from pips2.utils.golden import load_golden_weights
+from pips2.utils.trainer import Config, Ranks, TrainData
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# name: (plan, amp) of a training step as train.py builds it (utils/trainer.build_model)
+VARIANTS = {
+    "reference": (ExecPlan.reference(), None),
+    "ours": (ExecPlan.auto("cpu", training=True), None),
+    "ours_bf16": (ExecPlan.auto("cpu", torch.bfloat16, training=True), "bf16"),
+    "ours_ckpt": (ExecPlan.auto("cpu", training=True, checkpointing=True), None),
+}
+# name: (B, S, N, H, W, iters)
+SHAPES = {
+    "stage1": (1, 36, 128, 256, 384, 4),
+    "stage1_B4": (4, 36, 128, 256, 384, 4),
+    "stage2": (1, 64, 128, 512, 896, 4),
+    "stage2_S8": (1, 8, 128, 512, 896, 4),
+    "stage2_S16": (1, 16, 128, 512, 896, 4),
+}
+
+
+def _worker(shape: str, variant: str, steps: int, out_path: str) -> None:
+    """Warm-up step, then `steps` timed steps; writes times, peak RSS above the start, first loss, grad norm."""
+    B, S, N, H, W, iters = SHAPES[shape]
+    plan, amp = VARIANTS[variant]
+    batch = synthetic_batch(B, S, N, H, W)
+    rss0 = status_bytes("VmRSS")
+    reset_peak_rss()
+    model = load_golden_weights(Pips(plan)).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=1e-6, eps=1e-8)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=5e-4, total_steps=200, pct_start=0.1,
+                                                cycle_momentum=False, anneal_strategy="linear")
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    times, first = [], {}
+    for k in range(1 + steps):
+        t0 = time.perf_counter()
+        loss, _, _ = train.forward_loss(model, batch, torch.device("cpu"), iters, torch.Generator().manual_seed(1),
+                                        amp)
+        loss.backward()
+        if k == 0:
+            grads = [p.grad for p in model.parameters() if p.grad is not None]
+            first = {"loss": loss.item(), "grad_norm": torch.linalg.vector_norm(
+                torch.stack([torch.linalg.vector_norm(g.double()) for g in grads])).item()}
+        train.optimizer_update(model, opt, sched, scaler)
+        if k > 0:
+            times.append(time.perf_counter() - t0)
+    peak = status_bytes("VmHWM") - rss0
+    Path(out_path).write_text(json.dumps({"times": times, "peak": peak, **first}))
+
+
+def _measure(shape: str, variant: str, steps: int) -> dict:
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+        path = f.name
+    try:
+        subprocess.run([sys.executable, __file__, "_worker", shape, variant, str(steps), path], check=True,
+                       cwd=ROOT)
+        return json.loads(Path(path).read_text())
+    finally:
+        os.unlink(path)
+
+
+def _loader_rate(B: int, batches: int) -> dict:
+    """Clips/s of train.py's loader (default workers) over a fresh stage-1 export of synthetic scenes."""
+    with scratch_export(S=36, N=128, hw=(256, 384)) as (root, version):
+        cfg = Config(stage=1, B=B, S=36, N=128, crop_size=(256, 384), iters=4, lr=5e-4, max_steps=batches + 2,
+                     dataset_location=str(root), dataset_version=version, device="cpu", quiet=True)
+        data = TrainData(cfg, Ranks.setup("cpu"), 0, lambda *a: None)
+        data.next(1, 0)  # workers started, first batches decoded
+        t0 = time.perf_counter()
+        for step in range(2, 2 + batches):
+            data.next(step, 0)
+        dt = time.perf_counter() - t0
+    return {"workers": cfg.workers, "B": B, "batches": batches, "clips_per_s": B * batches / dt}
+
+
+def main(shapes: str = "stage1", variants: str = "reference,ours,ours_bf16", rounds: int = 2, steps: int = 1,
+         ckpt_shapes: str = "stage2", loader: bool = True, json_out: str | None = None) -> None:
+    """Time and measure every shape x variant (`rounds` alternating rounds), the --grad_ckpt runs of
+    `ckpt_shapes`, and the loader; print ratios to the reference; write everything to json_out."""
+    as_list = lambda v: [x for x in (v.split(",") if isinstance(v, str) else v) if x]  # noqa: E731
+    res: dict = {"machine": machine_description(), "runs": {}}
+    for shape in as_list(shapes):
+        names = as_list(variants)
+        got: dict[str, list[dict]] = {n: [] for n in names}
+        for r in range(rounds):
+            for n in names if r % 2 == 0 else names[::-1]:
+                got[n].append(_measure(shape, n, steps))
+                print(f"{shape} {n}: {got[n][-1]['times']} s, peak {got[n][-1]['peak'] / 2**30:.2f} GiB", flush=True)
+        rows = {}
+        for n, runs in got.items():
+            rows[n] = {"step_s": statistics.median(t for run in runs for t in run["times"]),
+                       "peak_gib": max(run["peak"] for run in runs) / 2**30,
+                       "loss": runs[0]["loss"], "grad_norm": runs[0]["grad_norm"]}
+        res["runs"][shape] = rows
+        ref = rows.get("reference")
+        print(f"\n{shape} {SHAPES[shape]} (B, S, N, H, W, iters)")
+        print(f"{'variant':12s} {'step s':>8s} {'steps/s x':>10s} {'peak GiB':>9s} {'memory x':>9s} "
+              f"{'loss':>12s} {'grad norm':>12s}")
+        for n, row in rows.items():
+            speed = f"{ref['step_s'] / row['step_s']:.2f}" if ref else "-"
+            mem = f"{row['peak_gib'] / ref['peak_gib']:.2f}" if ref else "-"
+            print(f"{n:12s} {row['step_s']:8.1f} {speed:>10s} {row['peak_gib']:9.2f} {mem:>9s} "
+                  f"{row['loss']:12.6f} {row['grad_norm']:12.6f}")
+    for shape in as_list(ckpt_shapes):
+        run = _measure(shape, "ours_ckpt", steps)
+        res["runs"].setdefault(shape, {})["ours_ckpt"] = {"step_s": statistics.median(run["times"]),
+                                                         "peak_gib": run["peak"] / 2**30}
+        print(f"\n{shape} {SHAPES[shape]} with --grad_ckpt: step {statistics.median(run['times']):.1f} s, "
+              f"peak {run['peak'] / 2**30:.2f} GiB")
+    if loader:
+        res["loader"] = _loader_rate(4, 8)
+        print(f"\nloader: {res['loader']['clips_per_s']:.2f} clips/s with {res['loader']['workers']} workers")
+    if json_out:
+        tmp = Path(f"{json_out}.tmp")
+        tmp.write_text(json.dumps(res, indent=2))
+        tmp.replace(json_out)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "_worker":
+        _worker(sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5])
+    else:
+        fire.Fire(main)
