@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import fire
@@ -40,6 +41,9 @@ ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = {
     "reference": (ExecPlan.reference(), None),
     "ours": (ExecPlan.auto("cpu", training=True), None),
+    # the float32 training plan before issue 12: conv1d delta block, every activation stored
+    "ours_before": (replace(ExecPlan.auto("cpu", training=True), delta="conv1d", recompute_cheap=False), None),
+    "ours_gemm_rc": (replace(ExecPlan.auto("cpu", training=True), delta="gemm", recompute_cheap=True), None),
     "ours_bf16": (ExecPlan.auto("cpu", torch.bfloat16, training=True), "bf16"),
     "ours_ckpt": (ExecPlan.auto("cpu", training=True, checkpointing=True), None),
 }
@@ -86,8 +90,12 @@ def _measure(shape: str, variant: str, steps: int) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         path = f.name
     try:
+        # a fixed mmap threshold returns every freed block of 128 KiB or more to the system at once, so peak RSS
+        # is the peak of live memory; glibc's default (a threshold that grows with the blocks freed) kept up to
+        # 2 GiB of freed activations resident into the second step, more for some variants than for others
+        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
         subprocess.run([sys.executable, __file__, "_worker", shape, variant, str(steps), path], check=True,
-                       cwd=ROOT)
+                       cwd=ROOT, env=env)
         return json.loads(Path(path).read_text())
     finally:
         os.unlink(path)

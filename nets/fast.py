@@ -240,10 +240,17 @@ def _conv_time_major(conv: torch.nn.Conv1d, x: torch.Tensor, wt: torch.Tensor | 
 
 
 def _instance_norm_time_major(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """InstanceNorm1d for time-major (M,S,C): statistics over S per (m, c); in place where no gradient is kept."""
+    """InstanceNorm1d for time-major (M,S,C): statistics over S per (m, c); in place where no gradient is kept.
+
+    Half-precision inputs are normalised in float32, as autocast runs instance_norm (squares overflow float16).
+    """
+    dtype = x.dtype
+    if dtype in (torch.float16, torch.bfloat16):
+        x = x.float()
     xc = x - x.mean(1, keepdim=True)
     scale = xc.square().mean(1, keepdim=True).add_(eps).rsqrt_()
-    return xc * scale if torch.is_grad_enabled() and x.requires_grad else xc.mul_(scale)
+    out = xc * scale if torch.is_grad_enabled() and x.requires_grad else xc.mul_(scale)
+    return out.to(dtype)
 
 
 def delta_block_time_major(block: DeltaBlock, fcorr: torch.Tensor, flow: torch.Tensor,

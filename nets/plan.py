@@ -60,13 +60,15 @@ class ExecPlan:
 
     @classmethod
     def auto(cls, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, training: bool = False,
-             checkpointing: bool = False) -> ExecPlan:
+             checkpointing: bool = False, recompute_cheap: bool = False) -> ExecPlan:
         """The fastest plan measured (docs/BENCHMARKS.md) for a device and the dtype the convolutions run in.
 
         dtype: the weights' dtype, or the autocast dtype when the caller runs the model under autocast.
         training: gradients will flow (the correlation gathers are recomputed in backward, no Winograd);
         inference plans refuse a forward that records gradients.
         checkpointing: recompute encoder chunks and delta-block calls in backward (train.py --grad_ckpt).
+        recompute_cheap: keep only convolution outputs for backward (train.py --recompute_cheap): about half the
+        activation memory for ~10% more time on the CPU.
         """
         device = torch.device(device)
         cuda = device.type == "cuda"
@@ -76,7 +78,9 @@ class ExecPlan:
         return cls(
             corr="local",
             gather="checkpoint" if training else "workspace",
-            delta="winograd" if winograd else "conv1d",
+            # CPU training: the GEMM form's backward (two large GEMMs) beats oneDNN's conv1d backward on
+            # short sequences (bench_train.py); CUDA keeps cuDNN's conv1d
+            delta="winograd" if winograd else "gemm" if training and device.type == "cpu" else "conv1d",
             # one frame at a time on the CPU (cache locality) and under checkpointing (a recompute then holds
             # one frame's activations: 1.4 instead of 9.2 GiB at 512x896); larger kernels run faster on CUDA
             encoder_chunk=16 if cuda and not checkpointing else 1,
@@ -85,4 +89,5 @@ class ExecPlan:
             channels_last=cuda or half,
             norm="batch",
             checkpointing=checkpointing,
+            recompute_cheap=recompute_cheap and training and not checkpointing,
         )

@@ -62,11 +62,12 @@ def test_local_correlation_under_autocast_stays_float32(dtype):
     assert (got - ref).abs().max() > 0 or dtype == torch.float32
 
 
-def test_conv1d_delta_block_is_what_training_autocast_and_other_devices_use():
-    for plan in (ExecPlan.auto("cpu", training=True), ExecPlan.auto("cpu", torch.bfloat16),
-                 ExecPlan.auto("cpu", torch.float16), ExecPlan.auto("cuda"), ExecPlan.auto("meta")):
+def test_delta_block_form_per_device_dtype_and_training():
+    for plan in (ExecPlan.auto("cpu", torch.bfloat16), ExecPlan.auto("cpu", torch.float16), ExecPlan.auto("cuda"),
+                 ExecPlan.auto("cuda", training=True), ExecPlan.auto("meta")):
         assert plan.delta == "conv1d", plan
     assert ExecPlan.auto("cpu").delta == "winograd"  # CPU float32 inference only
+    assert ExecPlan.auto("cpu", training=True).delta == "gemm"  # CPU training, any dtype
     # the model follows its plan whatever the autocast state: no Winograd filters are built under conv1d
     model = golden_model(plan=ExecPlan.auto("cpu", torch.bfloat16))
     rgbs, trajs = _clip(S=3, N=2)

@@ -354,7 +354,9 @@ def test_auto_plans():
     bf16 = ExecPlan.auto("cpu", torch.bfloat16)
     assert bf16.delta == "conv1d" and bf16.channels_last  # Winograd is for float32 only
     train = ExecPlan.auto("cpu", training=True)
-    assert not train.inference_only and train.gather == "checkpoint" and train.delta == "conv1d"
+    assert not train.inference_only and train.gather == "checkpoint" and train.delta == "gemm"
+    assert not train.recompute_cheap and ExecPlan.auto("cpu", training=True, recompute_cheap=True).recompute_cheap
+    assert ExecPlan.auto("cuda", training=True).delta == "conv1d"
     # checkpointed training recomputes a chunk at a time: one frame, not 16 (9.2 vs 1.4 GiB at 512x896)
     assert ExecPlan.auto("cuda", training=True, checkpointing=True).encoder_chunk == 1
     assert ExecPlan.auto("cuda", training=True).encoder_chunk == 16

@@ -327,3 +327,14 @@ def test_init_dir_with_ignored_prefixes(exported, tmp_path):
     assert len(bad.stderr.strip().splitlines()) == 1 and "Traceback" not in bad.stderr
     ok = _train(out, tmp_path, "--max_steps=1", f"--init_dir={tmp_path / 'init'}", "--ignore_load=delta_block.dense")
     assert "model-000000050.pth (step 50)" in ok.stdout and sorted(_losses(ok.stdout)) == [1]
+
+
+def test_memory_flags_pick_the_plan():
+    from pips2.utils.trainer import Config, build_model
+
+    base = dict(stage=1, B=1, S=6, N=8, crop_size=(128, 192), iters=2, lr=1e-4, max_steps=1)
+    plan = lambda **kw: build_model(Config(**base, **kw), torch.device("cpu")).plan  # noqa: E731
+    assert not plan().recompute_cheap and not plan().checkpointing and plan().delta == "gemm"
+    assert plan(recompute_cheap=True).recompute_cheap
+    both = plan(recompute_cheap=True, grad_ckpt=True)  # whole-chunk checkpointing already stores less
+    assert both.checkpointing and not both.recompute_cheap

@@ -84,6 +84,7 @@ class Config:
     cache_len: int = 0
     amp: str = "none"
     grad_ckpt: bool = False
+    recompute_cheap: bool = False  # keep only convolution outputs for backward: ~half the memory, ~10% more time
     max_nan_steps: int = 20
     workers: int = 2
     seed: int = 0
@@ -211,7 +212,8 @@ def build_model(cfg: Config, device: torch.device) -> Pips | LBM:
         return LBM(input_size=cfg.crop_size, N=cfg.N, T=cfg.S, memory_size=cfg.memory_size, embed_dim=cfg.embed_dim,
                    backbone_init=cfg.backbone_init).to(device)
     dtype = amp_dtype(cfg.amp) or torch.float32  # the dtype the convolutions run in picks the layout
-    model = Pips(ExecPlan.auto(device, dtype, training=True, checkpointing=cfg.grad_ckpt))
+    model = Pips(ExecPlan.auto(device, dtype, training=True, checkpointing=cfg.grad_ckpt,
+                               recompute_cheap=cfg.recompute_cheap))
     return model.to(device)
 
 
