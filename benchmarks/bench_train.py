@@ -43,7 +43,7 @@ VARIANTS = {
     "ours": (ExecPlan.auto("cpu", training=True), None),
     # the float32 training plan before issue 12: conv1d delta block, every activation stored
     "ours_before": (replace(ExecPlan.auto("cpu", training=True), delta="conv1d", recompute_cheap=False), None),
-    "ours_gemm_rc": (replace(ExecPlan.auto("cpu", training=True), delta="gemm", recompute_cheap=True), None),
+    "ours_recompute": (ExecPlan.auto("cpu", training=True, recompute_cheap=True), None),  # --recompute_cheap
     "ours_bf16": (ExecPlan.auto("cpu", torch.bfloat16, training=True), "bf16"),
     "ours_ckpt": (ExecPlan.auto("cpu", training=True, checkpointing=True), None),
 }
@@ -86,14 +86,16 @@ def _worker(shape: str, variant: str, steps: int, out_path: str) -> None:
     Path(out_path).write_text(json.dumps({"times": times, "peak": peak, **first}))
 
 
-def _measure(shape: str, variant: str, steps: int) -> dict:
+def _measure(shape: str, variant: str, steps: int, memory: bool = False) -> dict:
+    """One worker process; `memory`: measure the peak of live memory (slower: do not time such a run)."""
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         path = f.name
     try:
         # a fixed mmap threshold returns every freed block of 128 KiB or more to the system at once, so peak RSS
         # is the peak of live memory; glibc's default (a threshold that grows with the blocks freed) kept up to
-        # 2 GiB of freed activations resident into the second step, more for some variants than for others
-        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
+        # 2 GiB of freed activations resident into the second step, more for some variants than for others. It
+        # costs a page fault per fresh block, so timed runs keep the default
+        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072") if memory else None
         subprocess.run([sys.executable, __file__, "_worker", shape, variant, str(steps), path], check=True,
                        cwd=ROOT, env=env)
         return json.loads(Path(path).read_text())
@@ -112,10 +114,15 @@ def _loader_rate(B: int, batches: int) -> dict:
         for step in range(2, 2 + batches):
             data.next(step, 0)
         dt = time.perf_counter() - t0
-    return {"workers": cfg.workers, "B": B, "batches": batches, "clips_per_s": B * batches / dt}
+        workers = cfg.workers
+        del data  # stops the loader's workers before the clips are removed
+    return {"workers": workers, "B": B, "batches": batches, "clips_per_s": B * batches / dt}
 
 
-def main(shapes: str = "stage1", variants: str = "reference,ours,ours_bf16", rounds: int = 2, steps: int = 1,
+DEFAULT_VARIANTS = "reference,ours_before,ours,ours_recompute,ours_bf16"
+
+
+def main(shapes: str = "stage1", variants: str = DEFAULT_VARIANTS, rounds: int = 2, steps: int = 1,
          ckpt_shapes: str = "stage2", loader: bool = True, json_out: str | None = None) -> None:
     """Time and measure every shape x variant (`rounds` alternating rounds), the --grad_ckpt runs of
     `ckpt_shapes`, and the loader; print ratios to the reference; write everything to json_out."""
@@ -127,11 +134,14 @@ def main(shapes: str = "stage1", variants: str = "reference,ours,ours_bf16", rou
         for r in range(rounds):
             for n in names if r % 2 == 0 else names[::-1]:
                 got[n].append(_measure(shape, n, steps))
-                print(f"{shape} {n}: {got[n][-1]['times']} s, peak {got[n][-1]['peak'] / 2**30:.2f} GiB", flush=True)
+                print(f"{shape} {n}: {got[n][-1]['times']} s", flush=True)
         rows = {}
         for n, runs in got.items():
+            mem = _measure(shape, n, 1, memory=True)
+            print(f"{shape} {n}: peak {mem['peak'] / 2**30:.2f} GiB", flush=True)
             rows[n] = {"step_s": statistics.median(t for run in runs for t in run["times"]),
-                       "peak_gib": max(run["peak"] for run in runs) / 2**30,
+                       "step_s_all": [t for run in runs for t in run["times"]], "peak_gib": mem["peak"] / 2**30,
+                       "peak_gib_default_malloc": max(run["peak"] for run in runs) / 2**30,
                        "loss": runs[0]["loss"], "grad_norm": runs[0]["grad_norm"]}
         res["runs"][shape] = rows
         ref = rows.get("reference")
@@ -144,11 +154,11 @@ def main(shapes: str = "stage1", variants: str = "reference,ours,ours_bf16", rou
             print(f"{n:12s} {row['step_s']:8.1f} {speed:>10s} {row['peak_gib']:9.2f} {mem:>9s} "
                   f"{row['loss']:12.6f} {row['grad_norm']:12.6f}")
     for shape in as_list(ckpt_shapes):
-        run = _measure(shape, "ours_ckpt", steps)
+        run, mem = _measure(shape, "ours_ckpt", steps), _measure(shape, "ours_ckpt", 1, memory=True)
         res["runs"].setdefault(shape, {})["ours_ckpt"] = {"step_s": statistics.median(run["times"]),
-                                                         "peak_gib": run["peak"] / 2**30}
+                                                         "peak_gib": mem["peak"] / 2**30}
         print(f"\n{shape} {SHAPES[shape]} with --grad_ckpt: step {statistics.median(run['times']):.1f} s, "
-              f"peak {run['peak'] / 2**30:.2f} GiB")
+              f"peak {mem['peak'] / 2**30:.2f} GiB")
     if loader:
         res["loader"] = _loader_rate(4, 8)
         print(f"\nloader: {res['loader']['clips_per_s']:.2f} clips/s with {res['loader']['workers']} workers")

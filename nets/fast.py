@@ -220,17 +220,53 @@ def winograd_filters(block: DeltaBlock) -> list[torch.Tensor | None]:
                 else None for c in convs]
 
 
+def _shifted_columns(x: torch.Tensor) -> torch.Tensor:
+    """Time-major x (M,S,C) -> (M*S, 3C): each row holds the inputs at t-1, t, t+1 (zeros outside)."""
+    M, S, C = x.shape
+    xp = F.pad(x, (0, 0, 1, 1))
+    return torch.cat([xp[:, :S], xp[:, 1:S + 1], xp[:, 2:]], 2).view(M * S, 3 * C)
+
+
+class _Conv1dK3Gemm(torch.autograd.Function):
+    """conv1d_k3_gemm with a backward that rebuilds the shifted columns instead of storing them (3x the input)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        M, S, C = x.shape
+        w = weight.permute(2, 1, 0).reshape(3 * C, -1)  # row k*C + c holds weight[:, c, k]
+        ctx.save_for_backward(x, weight)
+        return torch.addmm(bias, _shifted_columns(x), w).view(M, S, -1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        M, S, C = x.shape
+        cout = weight.shape[0]
+        g = grad.reshape(M * S, cout)
+        gx = gw = gb = None
+        if ctx.needs_input_grad[0]:
+            gc = (g @ weight.permute(2, 1, 0).reshape(3 * C, cout).t()).view(M, S, 3, C)
+            # the input at time s fed output s+1 through tap 0, output s through tap 1, output s-1 through tap 2
+            gx = gc[:, :, 1].clone()
+            gx[:, :-1] += gc[:, 1:, 0]
+            gx[:, 1:] += gc[:, :-1, 2]
+        if ctx.needs_input_grad[1]:
+            gw = (_shifted_columns(x).t() @ g).view(3, C, cout).permute(2, 1, 0)
+        if ctx.needs_input_grad[2]:
+            gb = g.sum(0)
+        return gx, gw, gb
+
+
 def conv1d_k3_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """conv1d(kernel 3, padding 1) of time-major x (M,S,cin) as one GEMM over the three shifted copies -> (M,S,cout).
 
     With autograd its backward is two large GEMMs, which the CPU runs closer to its peak than conv1d's backward
-    on (M, C, S) maps with short S.
+    on (M, C, S) maps with short S, and it stores only the input, as conv1d does.
     """
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or bias.requires_grad):
+        return _Conv1dK3Gemm.apply(x, weight, bias)
     M, S, C = x.shape
-    xp = F.pad(x, (0, 0, 1, 1))
-    cols = torch.cat([xp[:, :S], xp[:, 1:S + 1], xp[:, 2:]], 2).view(M * S, 3 * C)
-    w = weight.permute(2, 1, 0).reshape(3 * C, -1)  # row k*C + c holds weight[:, c, k]
-    return torch.addmm(bias, cols, w).view(M, S, -1)
+    return torch.addmm(bias, _shifted_columns(x), weight.permute(2, 1, 0).reshape(3 * C, -1)).view(M, S, -1)
 
 
 def _conv_time_major(conv: torch.nn.Conv1d, x: torch.Tensor, wt: torch.Tensor | None) -> torch.Tensor:

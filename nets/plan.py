@@ -89,5 +89,7 @@ class ExecPlan:
             channels_last=cuda or half,
             norm="batch",
             checkpointing=checkpointing,
-            recompute_cheap=recompute_cheap and training and not checkpointing,
+            # float32 only: under autocast the recomputation's casts do not line up with the forward's
+            # (autocast caches weight casts), which selective checkpointing refuses
+            recompute_cheap=recompute_cheap and training and not checkpointing and not half,
         )

@@ -357,6 +357,8 @@ def test_auto_plans():
     assert not train.inference_only and train.gather == "checkpoint" and train.delta == "gemm"
     assert not train.recompute_cheap and ExecPlan.auto("cpu", training=True, recompute_cheap=True).recompute_cheap
     assert ExecPlan.auto("cuda", training=True).delta == "conv1d"
+    # selective recomputation is float32 only (under autocast it cannot replay the forward's cached casts)
+    assert not ExecPlan.auto("cpu", torch.bfloat16, training=True, recompute_cheap=True).recompute_cheap
     # checkpointed training recomputes a chunk at a time: one frame, not 16 (9.2 vs 1.4 GiB at 512x896)
     assert ExecPlan.auto("cuda", training=True, checkpointing=True).encoder_chunk == 1
     assert ExecPlan.auto("cuda", training=True).encoder_chunk == 16
