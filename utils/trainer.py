@@ -84,7 +84,7 @@ class Config:
     cache_len: int = 0
     amp: str = "none"
     grad_ckpt: bool = False
-    recompute_cheap: bool = False  # float32: keep only convolution outputs for backward; ~half the memory, ~10% more time
+    recompute_cheap: bool = False  # float32: keep only convolution outputs for backward (~half the memory)
     max_nan_steps: int = 20
     workers: int = 2
     seed: int = 0
