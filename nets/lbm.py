@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pips2.nets.lbm_parts import MLP, Attention, MSDeformAttn, resnet_stage, resnet_stem_and_stage1
-from pips2.utils.checkpoint import CheckpointError, load_model_state, strip_module_prefix
+from pips2.utils.checkpoint import CheckpointError, load_model_state, load_weights_only, strip_module_prefix
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -576,16 +576,9 @@ class LBMStep(nn.Module):
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Tensors of `{'model': state_dict, ...}` or of a bare state_dict, `module.` prefixes removed."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many types for a bad file; the user needs one line
-        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or [type(e).__name__]
-        foreign = [ln for ln in lines if "Unsupported global" in ln]
-        if foreign:
-            # e.g. the authors' training checkpoints also pickle their `args`
-            raise CheckpointError(f"{path}: refused, it holds more than tensors ({foreign[0]}); keep only "
-                                  f"{{'model': state_dict}} (the authors' tools/ckpt_converter.py does)") from None
-        raise CheckpointError(f"{path}: not a readable checkpoint ({lines[0]})") from None
+    # the authors' training checkpoints also pickle their `args`, which a weights-only load refuses
+    ckpt = load_weights_only(path, "cpu", refused_hint="keep only {'model': state_dict} (the authors' "
+                                                       "tools/ckpt_converter.py does)")
     state = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path}: not an LBM checkpoint (expected {{'model': state_dict}} or a state_dict)")

@@ -98,20 +98,31 @@ def _load_problem(e: Exception) -> str:
         return f"not a readable checkpoint ({type(e).__name__})"
     if lines[0].startswith("Weights only load failed"):
         # the preamble suggests weights_only=False, which would run whatever the file holds; keep the cause
-        cause = [ln for ln in lines[1:] if not ln.startswith(("Please file an issue", "Check the documentation"))]
-        if cause and "GLOBAL" in cause[0]:
-            return f"refused: it holds more than tensors and plain data ({cause[0]})"
+        cause = [ln for ln in lines[1:] if not ln.startswith(("Please file an issue", "Check the documentation"))
+                 and "weights_only" not in ln]
+        foreign = [ln for ln in cause if "GLOBAL" in ln or "Unsupported global" in ln]
+        if foreign:
+            return f"refused: it holds more than tensors and plain data ({foreign[0]})"
         return f"not a readable checkpoint ({cause[0] if cause else 'the weights-only unpickler failed'})"
     return f"not a readable checkpoint ({lines[0]})"
+
+
+def load_weights_only(path: str | os.PathLike, map_location: str | torch.device = "cpu", refused_hint: str = ""):
+    """torch.load(weights_only=True) with one clear error line (CheckpointError) for a corrupt or foreign file;
+    `refused_hint` is appended when the file holds more than tensors and plain data."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # torch raises many types for a bad file; the user needs one line
+        problem = _load_problem(e)
+        if refused_hint and problem.startswith("refused"):
+            problem += f"; {refused_hint}"
+        raise CheckpointError(f"{path}: {problem}") from None
 
 
 def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu",
                     layout: Layout = PIPS_LAYOUT) -> dict:
     """torch.load a checkpoint safely; one clear error line for a corrupt or foreign file."""
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # torch raises many types for a bad file; the user needs one line
-        raise CheckpointError(f"{path}: {_load_problem(e)}") from None
+    ckpt = load_weights_only(path, map_location)
     if not isinstance(ckpt, dict) or layout.model not in ckpt:
         raise CheckpointError(f"{path}: not a {layout.kind} checkpoint (no '{layout.model}')")
     return ckpt
