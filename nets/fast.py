@@ -264,6 +264,13 @@ def conv1d_k3_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) ->
     on (M, C, S) maps with short S, and it stores only the input, as conv1d does.
     """
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or bias.requires_grad):
+        dev = x.device.type
+        if torch.is_autocast_enabled(dev):
+            # a custom Function sees no autocast in backward: cast here, as autocast would for addmm, so that
+            # both passes run in one dtype (the casts carry the gradients back to the float32 weights)
+            dt = torch.get_autocast_dtype(dev)
+            with torch.autocast(dev, enabled=False):
+                return _Conv1dK3Gemm.apply(x.to(dt), weight.to(dt), bias.to(dt))
         return _Conv1dK3Gemm.apply(x, weight, bias)
     M, S, C = x.shape
     return torch.addmm(bias, _shifted_columns(x), weight.permute(2, 1, 0).reshape(3 * C, -1)).view(M, S, -1)
