@@ -227,15 +227,18 @@ def _shifted_columns(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([xp[:, :S], xp[:, 1:S + 1], xp[:, 2:]], 2).view(M * S, 3 * C)
 
 
+def _tap_major(weight: torch.Tensor) -> torch.Tensor:
+    """Conv1d weight (cout, cin, 3) -> (3*cin, cout): row k*cin + c holds weight[:, c, k]."""
+    return weight.permute(2, 1, 0).reshape(-1, weight.shape[0])
+
+
 class _Conv1dK3Gemm(torch.autograd.Function):
     """conv1d_k3_gemm with a backward that rebuilds the shifted columns instead of storing them (3x the input)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        M, S, C = x.shape
-        w = weight.permute(2, 1, 0).reshape(3 * C, -1)  # row k*C + c holds weight[:, c, k]
         ctx.save_for_backward(x, weight)
-        return torch.addmm(bias, _shifted_columns(x), w).view(M, S, -1)
+        return torch.addmm(bias, _shifted_columns(x), _tap_major(weight)).view(*x.shape[:2], -1)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -245,7 +248,7 @@ class _Conv1dK3Gemm(torch.autograd.Function):
         g = grad.reshape(M * S, cout)
         gx = gw = gb = None
         if ctx.needs_input_grad[0]:
-            gc = (g @ weight.permute(2, 1, 0).reshape(3 * C, cout).t()).view(M, S, 3, C)
+            gc = (g @ _tap_major(weight).t()).view(M, S, 3, C)
             # the input at time s fed output s+1 through tap 0, output s through tap 1, output s-1 through tap 2
             gx = gc[:, :, 1].clone()
             gx[:, :-1] += gc[:, 1:, 0]
@@ -272,14 +275,19 @@ def conv1d_k3_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) ->
             with torch.autocast(dev, enabled=False):
                 return _Conv1dK3Gemm.apply(x.to(dt), weight.to(dt), bias.to(dt))
         return _Conv1dK3Gemm.apply(x, weight, bias)
-    M, S, C = x.shape
-    return torch.addmm(bias, _shifted_columns(x), weight.permute(2, 1, 0).reshape(3 * C, -1)).view(M, S, -1)
+    return torch.addmm(bias, _shifted_columns(x), _tap_major(weight)).view(*x.shape[:2], -1)
 
 
 def _conv_time_major(conv: torch.nn.Conv1d, x: torch.Tensor, wt: torch.Tensor | None) -> torch.Tensor:
+    """The Winograd form's convolution: Winograd filters `wt`, or conv1d for a narrow layer (wt None)."""
     if wt is None:
-        return conv1d_k3_gemm(x, conv.weight, conv.bias)
+        return F.conv1d(x.transpose(1, 2), conv.weight, conv.bias, padding=1).transpose(1, 2)
     return conv1d_k3_winograd(x, wt, conv.bias)
+
+
+def _conv_gemm(conv: torch.nn.Conv1d, x: torch.Tensor, _: None) -> torch.Tensor:
+    """The GEMM form's convolution (every layer)."""
+    return conv1d_k3_gemm(x, conv.weight, conv.bias)
 
 
 def _instance_norm_time_major(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
@@ -300,17 +308,18 @@ def delta_block_time_major(block: DeltaBlock, fcorr: torch.Tensor, flow: torch.T
                            filters: list[torch.Tensor | None] | None = None) -> torch.Tensor:
     """DeltaBlock.forward computed time-major: (M,S,588), (M,S,2) -> (M,S,2).
 
-    filters: `winograd_filters(block)` (inference only; None entries run as GEMMs), or None: every convolution
+    filters: `winograd_filters(block)` (inference only; None entries run as conv1d), or None: every convolution
     is one GEMM (`conv1d_k3_gemm`), which has a backward.
     """
     if block.first_block_conv.kernel_size != 3:
         raise ValueError("the time-major delta block needs kernel size 3")
+    conv = _conv_time_major if filters is not None else _conv_gemm
     wts = iter(filters if filters is not None else [None] * len(block.convs()))
-    x = F.relu(_conv_time_major(block.first_block_conv.conv, block.inputs(fcorr, flow), next(wts)))
+    x = F.relu(conv(block.first_block_conv.conv, block.inputs(fcorr, flow), next(wts)))
     for blk in block.basicblock_list:
         y = x if blk.first else F.relu_(_instance_norm_time_major(x))
-        y = F.relu_(_instance_norm_time_major(_conv_time_major(blk.conv1.conv, y, next(wts))))
-        y = _conv_time_major(blk.conv2.conv, y, next(wts))
+        y = F.relu_(_instance_norm_time_major(conv(blk.conv1.conv, y, next(wts))))
+        y = conv(blk.conv2.conv, y, next(wts))
         if blk.cout != blk.cin:
             extra = blk.cout - blk.cin
             x = F.pad(x, (extra // 2, extra - extra // 2))
