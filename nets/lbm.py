@@ -137,20 +137,20 @@ class LBMLayer(nn.Module):
         q = q + emb[:, -1:]
         return run_block(self, kind, q, getattr(self, f"{kind}_attention")(q, mem + emb[:, :-1], mem, ignore))
 
-    def correlation(self, q: torch.Tensor, feats_unit: list[torch.Tensor]) -> torch.Tensor:
-        """Cosine similarity of the query with each level's cells, upsampled to level 0 and mixed -> (B,N,h*w)."""
-        B, N, C = q.shape
-        qn = F.normalize(q, p=2, dim=-1)
-        maps = []
-        for lvl, f in enumerate(feats_unit):
-            c = (qn @ f.transpose(1, 2)).reshape(B * N, 1, self.h >> lvl, self.w >> lvl)
-            if lvl > 0:
-                c = F.interpolate(c, size=(self.h, self.w), mode="bilinear", align_corners=False)
-            maps.append(c)
-        c = torch.cat(maps, dim=1)
-        return (self.corr_conv(c) + c[:, :1]).reshape(B, N, self.h * self.w)
+    def correlation(self, q: torch.Tensor, feats_up: torch.Tensor) -> torch.Tensor:
+        """Cosine similarity of the query with each level's cells, upsampled to level 0 and mixed -> (B,N,h*w).
 
-    def forward(self, query: torch.Tensor, feats_cat: torch.Tensor, feats_unit: list[torch.Tensor],
+        The authors upsample each level's similarity map per query and mix the maps with a 1x1 convolution.
+        Both steps are linear, so the mix is folded into the features instead: one (C, h*w) map per frame,
+        (1 + w_0) f_0 + sum_l w_l up(f_l) (`feats_up` holds f_0 and the up(f_l)), and one product per query.
+        """
+        w = self.corr_conv.weight.reshape(-1, 1, 1).to(feats_up.dtype)
+        w = torch.cat([w[:1] + 1, w[1:]])  # + 1: the authors add the level-0 map back after the mix
+        mixed = (feats_up * w).sum(1)  # B C hw
+        qn = F.normalize(q, p=2, dim=-1)
+        return qn @ mixed + self.corr_conv.bias
+
+    def forward(self, query: torch.Tensor, feats_cat: torch.Tensor, feats_up: torch.Tensor,
                 shapes: list[tuple[int, int]], memory: Memory, top_k: int):
         """query (B,N,C) -> (corr (B,N,hw), reference points (B,N,k,2) input px, reference rho (B,N,k), query)."""
         B, N, C = query.shape
@@ -166,7 +166,7 @@ class LBMLayer(nn.Module):
         q_str = self.read_memory("stream", q_col, memory.stream.reshape(B * N, M, C), ignore_safe)
         q_str = torch.where(blind_rows, q_col, q_str).reshape(B, N, C)
 
-        corr = self.correlation(q_str, feats_unit)
+        corr = self.correlation(q_str, feats_up)
         peaks = torch.topk(corr, top_k, dim=-1).indices
         ref = peak_coords(peaks, self.w, self.stride).to(query.dtype)  # B N k 2
 
@@ -273,11 +273,15 @@ class LBMTransformer(nn.Module):
         pooled = [feat] + [F.avg_pool2d(feat, 2 ** i, 2 ** i) for i in range(1, LEVELS)]
         feats = [p.flatten(2).transpose(1, 2) for p in pooled]  # per level B hw C
         feats_cat = torch.cat(feats, dim=1)
-        feats_unit = [F.normalize(f, p=2, dim=-1) for f in feats]
+        # unit features of every level on the level-0 grid, B L C hw (see LBMLayer.correlation)
+        h, w = pooled[0].shape[-2:]
+        feats_up = torch.stack([F.interpolate(F.normalize(p, p=2, dim=1), size=(h, w), mode="bilinear",
+                                              align_corners=False) if lvl else F.normalize(p, p=2, dim=1)
+                                for lvl, p in enumerate(pooled)], 1).flatten(3)
         corr, refs, rhos = [], [], []
         q = query
         for layer, k in zip(self.layers, self.top_k, strict=True):
-            c, ref, rho, q = layer(q, feats_cat, feats_unit, self.shapes, memory, k)
+            c, ref, rho, q = layer(q, feats_cat, feats_up, self.shapes, memory, k)
             corr.append(c)
             refs.append(ref)
             rhos.append(rho)

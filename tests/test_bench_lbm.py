@@ -44,19 +44,21 @@ def run_bench(*args):
 def test_tiny_run_equal_outputs_and_flat_stream(authors_repo, tmp_path):
     out = tmp_path / "bench.json"
     res = run_bench(f"--authors_repo={authors_repo}", *TINY, "--stream_frames=20", "--stream_theirs=True",
+                    "--stream_hw=32,64",
                     f"--out_json={out}")
     assert res.returncode == 0, res.stderr[-3000:]
     data = json.loads(out.read_text())
-    eq = data["equality"]["fp32"]
+    eq = data["equality"]["fp64"]
     assert eq["max_diff_px"] <= 1e-3 and eq["visibility_mismatches"] == 0
     assert eq["visible_fraction"] > 0.5  # the memory path is exercised, not skipped
+    assert data["equality"]["fp32"]["max_diff_px"] < 1e-2
     for dt in ("fp32", "bf16"):
         t = data["timing"][dt]
         assert t["ours"]["steps"] == t["theirs"]["steps"] == 2 and t["speedup"] > 0
-    assert set(data["stream"]) == {"ours", "theirs"}
+    assert set(data["stream"]) == {"ours", "theirs"} and data["config"]["stream_hw"] == [32, 64]
     for s in data["stream"].values():
         assert list(s["rss_mib"]) == ["1", "5", "10", "20"] and s["flat"]
-    assert "ours ms/frame" in res.stdout and "stream ours (20 frames" in res.stdout
+    assert "ours ms/frame" in res.stdout and "stream ours (20 frames at 32x64" in res.stdout
 
 
 def test_equality_check_catches_a_perturbed_weight(authors_repo, tmp_path):

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from pips2.nets.lbm import LBM, LBMOnline, load_backbone_init, load_lbm
+from pips2.nets.lbm import LBM, LBMLayer, LBMOnline, load_backbone_init, load_lbm
 from pips2.utils.checkpoint import CheckpointError
 
 DATA = Path(__file__).parent / "data" / "lbm"
@@ -315,3 +315,26 @@ def test_backbone_init_rejects_foreign_files(tmp_path):
     torch.save({"encoder.weight": torch.zeros(3)}, path)
     with pytest.raises(CheckpointError, match=r"wrong\.pth: .*unexpected key encoder\.weight"):
         load_backbone_init(LBM(**SPEC["config"]), path)
+
+
+def test_folded_correlation_equals_the_authors_per_level_maps():
+    """LBMLayer.correlation folds the 1x1 mix into the features; the authors upsample and mix per query."""
+    torch.manual_seed(0)
+    layer = LBMLayer((32, 48), 4, 16, 2, 4, 9, 3, 0.0).double()
+    with torch.no_grad():
+        layer.corr_conv.weight.normal_()
+        layer.corr_conv.bias.normal_()
+    q = torch.randn(2, 5, 16, dtype=torch.float64)
+    feat = torch.randn(2, 16, 8, 12, dtype=torch.float64)
+    pooled = [feat] + [torch.nn.functional.avg_pool2d(feat, 2 ** i) for i in range(1, 4)]
+    feats_up = torch.stack([torch.nn.functional.interpolate(torch.nn.functional.normalize(p, dim=1), size=(8, 12),
+                                                            mode="bilinear", align_corners=False)
+                            for p in pooled], 1).flatten(3)
+    qn = torch.nn.functional.normalize(q, dim=-1)
+    maps = []
+    for p in pooled:
+        c = torch.einsum("bnc,bchw->bnhw", qn, torch.nn.functional.normalize(p, dim=1)).reshape(10, 1, *p.shape[-2:])
+        maps.append(torch.nn.functional.interpolate(c, size=(8, 12), mode="bilinear", align_corners=False))
+    maps = torch.cat(maps, 1)
+    want = (torch.nn.functional.conv2d(maps, layer.corr_conv.weight, layer.corr_conv.bias) + maps[:, :1])
+    torch.testing.assert_close(layer.correlation(q, feats_up), want.reshape(2, 5, 96), rtol=1e-12, atol=1e-12)
