@@ -137,20 +137,21 @@ class LBMLayer(nn.Module):
         q = q + emb[:, -1:]
         return run_block(self, kind, q, getattr(self, f"{kind}_attention")(q, mem + emb[:, :-1], mem, ignore))
 
-    def correlation(self, q: torch.Tensor, feats_up: torch.Tensor) -> torch.Tensor:
+    def mix_weights(self) -> torch.Tensor:
+        """(levels,) weights of the similarity maps' mix, the authors' residual level-0 map included."""
+        w = self.corr_conv.weight.reshape(-1)
+        return torch.cat([w[:1] + 1, w[1:]])
+
+    def correlation(self, q: torch.Tensor, mixed: torch.Tensor) -> torch.Tensor:
         """Cosine similarity of the query with each level's cells, upsampled to level 0 and mixed -> (B,N,h*w).
 
         The authors upsample each level's similarity map per query and mix the maps with a 1x1 convolution.
-        Both steps are linear, so the mix is folded into the features instead: one (C, h*w) map per frame,
-        (1 + w_0) f_0 + sum_l w_l up(f_l) (`feats_up` holds f_0 and the up(f_l)), and one product per query.
+        Both steps are linear, so the mix is folded into the features instead: `mixed` (B,C,h*w) is
+        (1 + w_0) f_0 + sum_l w_l up(f_l) for this layer's weights (LBMTransformer.forward), one per frame.
         """
-        w = self.corr_conv.weight.reshape(-1, 1, 1).to(feats_up.dtype)
-        w = torch.cat([w[:1] + 1, w[1:]])  # + 1: the authors add the level-0 map back after the mix
-        mixed = (feats_up * w).sum(1)  # B C hw
-        qn = F.normalize(q, p=2, dim=-1)
-        return qn @ mixed + self.corr_conv.bias
+        return F.normalize(q, p=2, dim=-1) @ mixed + self.corr_conv.bias
 
-    def forward(self, query: torch.Tensor, feats_cat: torch.Tensor, feats_up: torch.Tensor,
+    def forward(self, query: torch.Tensor, feats_cat: torch.Tensor, mixed: torch.Tensor,
                 shapes: list[tuple[int, int]], memory: Memory, top_k: int):
         """query (B,N,C) -> (corr (B,N,hw), reference points (B,N,k,2) input px, reference rho (B,N,k), query)."""
         B, N, C = query.shape
@@ -166,7 +167,7 @@ class LBMLayer(nn.Module):
         q_str = self.read_memory("stream", q_col, memory.stream.reshape(B * N, M, C), ignore_safe)
         q_str = torch.where(blind_rows, q_col, q_str).reshape(B, N, C)
 
-        corr = self.correlation(q_str, feats_up)
+        corr = self.correlation(q_str, mixed)
         peaks = torch.topk(corr, top_k, dim=-1).indices
         ref = peak_coords(peaks, self.w, self.stride).to(query.dtype)  # B N k 2
 
@@ -273,15 +274,19 @@ class LBMTransformer(nn.Module):
         pooled = [feat] + [F.avg_pool2d(feat, 2 ** i, 2 ** i) for i in range(1, LEVELS)]
         feats = [p.flatten(2).transpose(1, 2) for p in pooled]  # per level B hw C
         feats_cat = torch.cat(feats, dim=1)
-        # unit features of every level on the level-0 grid, B L C hw (see LBMLayer.correlation)
+        # every layer's mixed similarity features (LBMLayer.correlation) in one pass over the upsampled levels,
+        # in the features' dtype: under autocast the maps would be cast to half once per layer
         h, w = pooled[0].shape[-2:]
-        feats_up = torch.stack([F.interpolate(F.normalize(p, p=2, dim=1), size=(h, w), mode="bilinear",
-                                              align_corners=False) if lvl else F.normalize(p, p=2, dim=1)
-                                for lvl, p in enumerate(pooled)], 1).flatten(3)
+        up = torch.stack([F.interpolate(F.normalize(p, p=2, dim=1), size=(h, w), mode="bilinear",
+                                        align_corners=False) if lvl else F.normalize(p, p=2, dim=1)
+                          for lvl, p in enumerate(pooled)], 1)  # B L C h w
+        mix = torch.stack([layer.mix_weights() for layer in self.layers]).to(up.dtype)  # layers L
+        with torch.autocast(feat.device.type, enabled=False):
+            mixed = (mix @ up.reshape(B, LEVELS, -1)).reshape(B, len(self.layers), C, h * w)
         corr, refs, rhos = [], [], []
         q = query
-        for layer, k in zip(self.layers, self.top_k, strict=True):
-            c, ref, rho, q = layer(q, feats_cat, feats_up, self.shapes, memory, k)
+        for i, (layer, k) in enumerate(zip(self.layers, self.top_k, strict=True)):
+            c, ref, rho, q = layer(q, feats_cat, mixed[:, i], self.shapes, memory, k)
             corr.append(c)
             refs.append(ref)
             rhos.append(rho)

@@ -95,9 +95,10 @@ class Attention(nn.Module):
         h, d = self.heads, C // self.heads
         wq, wk, wv = self.in_proj_weight.chunk(3)
         bq, bk, bv = self.in_proj_bias.chunk(3)
-        q = F.linear(q, wq, bq).view(B, Lq, h, d).transpose(1, 2)
-        k = F.linear(k, wk, bk).view(B, Lk, h, d).transpose(1, 2)
-        v = F.linear(v, wv, bv).view(B, Lk, h, d).transpose(1, 2)
+        # 2-D inputs: under CPU autocast a (B,1,C) input makes F.linear broadcast the weight to (B,C,C) (a bmm)
+        q = F.linear(q.reshape(B * Lq, C), wq, bq).view(B, Lq, h, d).transpose(1, 2)
+        k = F.linear(k.reshape(B * Lk, C), wk, bk).view(B, Lk, h, d).transpose(1, 2)
+        v = F.linear(v.reshape(B * Lk, C), wv, bv).view(B, Lk, h, d).transpose(1, 2)
         scores = (q * (1.0 / math.sqrt(d))) @ k.transpose(-1, -2)  # B h Lq Lk
         if ignore is not None:
             scores = scores.masked_fill(ignore[:, None, None, :], float("-inf"))

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from pips2.nets.lbm import LBM, LBMLayer, LBMOnline, load_backbone_init, load_lbm
 from pips2.utils.checkpoint import CheckpointError
@@ -326,15 +327,15 @@ def test_folded_correlation_equals_the_authors_per_level_maps():
         layer.corr_conv.bias.normal_()
     q = torch.randn(2, 5, 16, dtype=torch.float64)
     feat = torch.randn(2, 16, 8, 12, dtype=torch.float64)
-    pooled = [feat] + [torch.nn.functional.avg_pool2d(feat, 2 ** i) for i in range(1, 4)]
-    feats_up = torch.stack([torch.nn.functional.interpolate(torch.nn.functional.normalize(p, dim=1), size=(8, 12),
-                                                            mode="bilinear", align_corners=False)
-                            for p in pooled], 1).flatten(3)
-    qn = torch.nn.functional.normalize(q, dim=-1)
+    pooled = [feat] + [F.avg_pool2d(feat, 2 ** i) for i in range(1, 4)]
+    up = torch.stack([F.interpolate(F.normalize(p, dim=1), size=(8, 12), mode="bilinear", align_corners=False)
+                      for p in pooled], 1).reshape(2, 4, -1)
+    mixed = (layer.mix_weights() @ up).reshape(2, 16, 96)
+    qn = F.normalize(q, dim=-1)
     maps = []
     for p in pooled:
-        c = torch.einsum("bnc,bchw->bnhw", qn, torch.nn.functional.normalize(p, dim=1)).reshape(10, 1, *p.shape[-2:])
-        maps.append(torch.nn.functional.interpolate(c, size=(8, 12), mode="bilinear", align_corners=False))
+        c = torch.einsum("bnc,bchw->bnhw", qn, F.normalize(p, dim=1)).reshape(10, 1, *p.shape[-2:])
+        maps.append(F.interpolate(c, size=(8, 12), mode="bilinear", align_corners=False))
     maps = torch.cat(maps, 1)
-    want = (torch.nn.functional.conv2d(maps, layer.corr_conv.weight, layer.corr_conv.bias) + maps[:, :1])
-    torch.testing.assert_close(layer.correlation(q, feats_up), want.reshape(2, 5, 96), rtol=1e-12, atol=1e-12)
+    want = F.conv2d(maps, layer.corr_conv.weight, layer.corr_conv.bias) + maps[:, :1]
+    torch.testing.assert_close(layer.correlation(q, mixed), want.reshape(2, 5, 96), rtol=1e-12, atol=1e-12)
