@@ -1,81 +1,10 @@
-"""Export PIPs++ to ONNX with a fixed clip length S and image size and a dynamic number of points N, then
-check onnxruntime against PyTorch. Needs `pip install -r requirements-onnx.txt`.
+#!/usr/bin/env python
+"""Export PIPs++ to ONNX and check it against onnxruntime.
 
-    python export_onnx.py --init_dir=./reference_model --S=36 --H=256 --W=384 --iters=6 --out=pips2.onnx
+The code is pips2.cli.export_onnx, installed as the `pips2-export-onnx` command with the same flags.
 """
 
-from __future__ import annotations
-
-import sys
-import time
-from pathlib import Path
-
-import fire
-import numpy as np
-import torch
-
-from pips2.nets.plan import ExecPlan
-from pips2.utils.checkpoint import load_pips
-from pips2.utils.cli import load_pips_or_exit
-
-
-class TrackerForExport(torch.nn.Module):
-    """(trajs_e0 (1,S,N,2), rgbs (1,S,3,H,W) in [0,255]) -> final tracks (1,S,N,2), iters fixed."""
-
-    def __init__(self, model, iters: int):
-        super().__init__()
-        self.model, self.iters = model, iters
-        model.set_plan(ExecPlan.export())  # traceable forms; no chunk size computed from N, which would pin N
-
-    def forward(self, trajs_e0: torch.Tensor, rgbs: torch.Tensor) -> torch.Tensor:
-        return self.model(trajs_e0, rgbs, iters=self.iters)[0][-1]
-
-
-def export(model, out: str | Path, S: int, hw: tuple[int, int], iters: int) -> Path:
-    """Write the ONNX graph (opset from the dynamo exporter) with N as a dynamic axis."""
-    wrapper = TrackerForExport(model.eval(), iters).eval()
-    H, W = hw
-    g = torch.Generator().manual_seed(0)
-    rgbs = torch.rand(1, S, 3, H, W, generator=g) * 255
-    trajs = (torch.rand(1, 1, 8, 2, generator=g) * torch.tensor([W - 1.0, H - 1.0])).repeat(1, S, 1, 1)
-    N = torch.export.Dim("N", min=1, max=65536)
-    torch.onnx.export(wrapper, (trajs, rgbs), str(out), dynamo=True, dynamic_shapes={"trajs_e0": {2: N}, "rgbs": None},
-                      input_names=["trajs_e0", "rgbs"], output_names=["tracks"], verbose=False)
-    return Path(out)
-
-
-def check(path: str | Path, model, S: int, hw: tuple[int, int], iters: int, Ns=(5, 37)) -> float:
-    """Max |onnxruntime - PyTorch| in pixels over random clips with each N in Ns."""
-    import onnxruntime as ort
-
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    H, W = hw
-    worst = 0.0
-    for k, n in enumerate(Ns):
-        g = torch.Generator().manual_seed(10 + k)
-        rgbs = torch.rand(1, S, 3, H, W, generator=g) * 255
-        trajs = (torch.rand(1, 1, n, 2, generator=g) * torch.tensor([W - 1.0, H - 1.0])).repeat(1, S, 1, 1)
-        with torch.no_grad():
-            ref = model(trajs, rgbs, iters=iters)[0][-1].numpy()
-        got = sess.run(None, {"trajs_e0": trajs.numpy(), "rgbs": rgbs.numpy()})[0]
-        worst = max(worst, float(np.abs(got - ref).max()))
-    return worst
-
-
-def main(init_dir: str = "./reference_model", out: str = "pips2.onnx", S: int = 36, H: int = 256, W: int = 384,
-         iters: int = 6, verify: bool = True) -> None:
-    """Export, then (by default) compare onnxruntime with PyTorch at two values of N."""
-    model = load_pips_or_exit(init_dir, "cpu")
-    t0 = time.time()
-    path = export(model, out, S, (H, W), iters)
-    print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB) in {time.time() - t0:.0f} s: S={S}, {H}x{W}, "
-          f"iters={iters}, N dynamic")
-    if verify:
-        diff = check(path, load_pips(init_dir, "cpu"), S, (H, W), iters)
-        print(f"summary: onnxruntime vs PyTorch max |diff| {diff:.2e} px over N in (5, 37)")
-        if diff > 1e-3:
-            sys.exit(f"error: {path}: onnxruntime differs from PyTorch by {diff:.2e} px (> 1e-3)")
-
+from pips2.cli.export_onnx import cli, main  # noqa: F401
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    cli()

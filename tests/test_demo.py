@@ -14,7 +14,7 @@ import torch
 from helpers import golden_model, run_main
 from test_lbm_track import small_lbm
 
-import demo
+from pips2.cli import demo
 from pips2.utils import checkpoint
 from pips2.utils.video import read_video, write_mp4
 from pips2.utils.vis import draw_frame

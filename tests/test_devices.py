@@ -14,7 +14,7 @@ import torch
 from helpers import golden_model
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import train
+from pips2.cli import train
 from pips2.datasets.training import Sample
 from pips2.nets.pips2 import CorrPyramid
 from pips2.nets.plan import ExecPlan

@@ -13,7 +13,7 @@ import pytest
 import torch
 from helpers import golden_model, run_main
 
-import test_on_pod
+from pips2.cli import eval_pod as test_on_pod
 from pips2.datasets.synthetic import SceneConfig, generate_dataset
 from pips2.nets.pips2 import Pips
 from pips2.utils import checkpoint, evaluation, tracking

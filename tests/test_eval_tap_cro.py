@@ -13,7 +13,7 @@ import torch
 from helpers import golden_model, run_main
 from test_lbm_track import small_lbm
 
-import test_on_tap
+from pips2.cli import eval_tap as test_on_tap
 from pips2.datasets import crohd, tapvid
 from pips2.utils import checkpoint, evaluation, metrics
 

@@ -12,7 +12,7 @@ from helpers import golden_model
 
 pytest.importorskip("onnxruntime", reason="optional: pip install -r requirements-onnx.txt")
 
-import export_onnx  # noqa: E402
+from pips2.cli import export_onnx  # noqa: E402
 from pips2.nets.plan import ExecPlan  # noqa: E402
 
 S, HW, ITERS = 6, (128, 128), 1

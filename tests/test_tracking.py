@@ -359,7 +359,7 @@ for S in (16, T):  # windows of 16 frames, then one window over the whole video 
     assert res["tracks"].shape == (T, 16, 2), res["tracks"].shape
     print("windowed" if S < T else "whole", mib("VmHWM") - before)
 """)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "tests")}  # the child imports helpers.py
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, check=True, env=env)
     growth = dict(line.split() for line in out.stdout.strip().splitlines())
     windowed, whole = float(growth["windowed"]), float(growth["whole"])

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-import train
+from pips2.cli import train
 from pips2.nets.pips2 import Pips
 from pips2.utils import checkpoint as ck
 
@@ -259,13 +259,13 @@ def test_ddp_two_processes_keep_identical_weights(exported, tmp_path):
     script = tmp_path / "ddp.py"
     script.write_text(f"""
 import torch, torch.distributed as dist
-import train
+from pips2.cli import train
 cfg = train.make_config(1, dict(dataset_location={str(out)!r}, dataset_version={_version(out)!r}, B=1, S=6, N=8,
                                 crop_size=(128, 192), iters=2, max_steps=3, save_freq=3, workers=0, device="cpu",
                                 log_dir={str(tmp_path / 'logs')!r}, ckpt_dir={str(tmp_path / 'ck')!r}, quiet=True))
 """ + DDP_IDENTICAL)
     torchrun = Path(sys.executable).parent / "torchrun"
-    env = dict(os.environ, PYTHONPATH=str(ROOT))  # the child script imports train.py from the checkout
+    env = dict(os.environ)
     res = subprocess.run([str(torchrun), "--nproc_per_node=2", "--master_port=29531", str(script)], cwd=ROOT,
                          env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]

@@ -13,7 +13,7 @@ import torch
 from test_train import DDP_IDENTICAL, _kubric
 from test_train_robust import _corrupt_copy
 
-import train
+from pips2.cli import train
 from pips2.nets.lbm import LBM, load_lbm
 from pips2.utils import checkpoint as ck
 from pips2.utils import trainer
@@ -247,11 +247,11 @@ def test_ddp_two_processes_train_lbm_with_identical_weights(tmp_path):
     script = tmp_path / "ddp.py"
     script.write_text(f"""
 import torch, torch.distributed as dist
-import train
+from pips2.cli import train
 cfg = train.make_config(1, {cfg!r})
 """ + DDP_IDENTICAL)
     torchrun = Path(sys.executable).parent / "torchrun"
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
     res = subprocess.run([str(torchrun), "--nproc_per_node=2", "--master_port=29541", str(script)], cwd=ROOT,
                          env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]

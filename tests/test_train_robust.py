@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-import train
+from pips2.cli import train
 from pips2.datasets.export import list_clips
 from pips2.utils import checkpoint as ck
 from pips2.utils import trainer

@@ -1,0 +1,246 @@
+"""Track points through any video and write plain files: tracks.npz, tracks.csv and an mp4 with trails.
+
+    ./get_reference_model.sh
+    python demo.py --video=clip.mp4 --grid_size=16                     # a grid on frame 0
+    python demo.py --video=clip.mp4 --points=points.csv --backward=True # (t, x, y) rows, any frame
+    python demo.py                                                      # a synthetic video, made on the spot
+    python demo.py --model=lbm --init_dir=lbm.pt --video=clip.mp4 --numbers=True   # LBM: occluded points hollow
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import cv2
+import fire
+import numpy as np
+
+from pips2.datasets.synthetic import SceneConfig, generate_scene
+from pips2.utils.checkpoint import CheckpointError
+from pips2.utils.cli import parse_hw
+from pips2.utils.tracking import grid_queries, load_tracker, track
+from pips2.utils.video import VideoError, iter_frames, read_rgb, video_info, write_mp4
+from pips2.utils.vis import render_tracks
+
+
+def read_points(path: str | Path, query_frame: int = 0) -> np.ndarray:
+    """(N,3) queries (t, x, y) from a CSV (t,x,y or x,y rows; one header line allowed) or JSON (lists or dicts)."""
+    return read_point_rows(path, query_frame)[0]
+
+
+def read_point_rows(path: str | Path, query_frame: int = 0) -> tuple[np.ndarray, list[int]]:
+    """(N,3) queries and, per query, its row in the file (CSV line or 1-based JSON item) for error messages.
+
+    A row that is not 2 or 3 numbers is an error naming the file and row: silently dropping it would track
+    fewer points than the user asked for.
+    """
+    path = Path(path)
+    rows, where = [], []
+    try:
+        if path.suffix.lower() == ".json":
+            items = json.loads(path.read_text())
+            if not isinstance(items, list):
+                raise ValueError(f"{path}: expected a JSON list of points, got {type(items).__name__}")
+            for n, item in enumerate(items, 1):
+                try:
+                    if isinstance(item, dict):
+                        vals = [float(item.get("t", query_frame)), float(item["x"]), float(item["y"])]
+                    else:
+                        vals = [float(v) for v in item]
+                        if len(vals) not in (2, 3):
+                            raise ValueError(f"{len(vals)} values")
+                        vals = [query_frame, *vals] if len(vals) == 2 else vals
+                except (KeyError, TypeError, ValueError) as e:
+                    raise ValueError(f"{path}: item {n}: expected [t,x,y], [x,y] or {{x,y[,t]}} ({e})") from None
+                rows.append(vals)
+                where.append(n)
+        else:
+            seen_data = False
+            with open(path, newline="") as f:
+                for line_no, rec in enumerate(csv.reader(f), 1):
+                    if not rec or not "".join(rec).strip() or rec[0].strip().startswith("#"):
+                        continue
+                    try:
+                        vals = [float(v) for v in rec]
+                    except ValueError:
+                        if not seen_data:  # the first line may be a header
+                            seen_data = True
+                            continue
+                        raise ValueError(f"{path}: row {line_no}: not numbers: {','.join(rec)!r}") from None
+                    seen_data = True
+                    if len(vals) not in (2, 3):
+                        raise ValueError(f"{path}: row {line_no}: expected t,x,y or x,y, got {len(vals)} values")
+                    rows.append([query_frame, *vals] if len(vals) == 2 else vals)
+                    where.append(line_no)
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read points ({e.strerror or type(e).__name__})") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: cannot read points (not a text file)") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: cannot read points (invalid JSON: {e})") from None
+    if not rows:
+        raise ValueError(f"{path}: no points (expected rows of t,x,y or x,y)")
+    # float32 as tracked: a coordinate too large for it turns inf here and is refused, not tracked
+    with np.errstate(over="ignore"):
+        return np.asarray(rows, np.float32), where
+
+
+def check_queries(queries: np.ndarray, n_frames: int, hw: tuple[int, int], source: str,
+                  rows: list[int] | None = None) -> None:
+    """Refuse non-finite points and query frames outside the video; warn (one line) about points off the image."""
+    H, W = hw
+    label = (lambda i: f"{source}: row {rows[i]}") if rows else (lambda i: source)
+    finite = np.isfinite(queries).all(1)
+    if not finite.all():
+        i = int(np.argmin(finite))
+        raise ValueError(f"{label(i)}: non-finite point {queries[i].tolist()}")
+    t = queries[:, 0]
+    fractional = t != np.round(t)
+    if fractional.any():
+        i = int(np.argmax(fractional))
+        raise ValueError(f"{label(i)}: query frame {t[i]:g} is not a whole frame number")
+    bad_t = (t < 0) | (t > n_frames - 1)
+    if bad_t.any():
+        i = int(np.argmax(bad_t))
+        raise ValueError(f"{label(i)}: query frame {t[i]:g} is outside the video's frames 0..{n_frames - 1}")
+    x, y = queries[:, 1], queries[:, 2]
+    off = (x < 0) | (x > W - 1) | (y < 0) | (y > H - 1)
+    if off.any():
+        i = int(np.argmax(off))
+        print(f"warning: {label(i)}: {int(off.sum())} of {len(queries)} points lie outside the {W}x{H} image "
+              f"(first: x={x[i]:g}, y={y[i]:g}); tracking them anyway", file=sys.stderr, flush=True)
+
+
+def read_mask(path: str, hw: tuple[int, int]) -> np.ndarray:
+    """A grayscale mask image of exactly the video's size (a stretched mask would select the wrong points)."""
+    if not Path(path).is_file():
+        raise ValueError(f"--mask {path}: no such file")
+    m = cv2.imread(path, cv2.IMREAD_GRAYSCALE)
+    if m is None:
+        raise ValueError(f"--mask {path}: unreadable image")
+    H, W = hw
+    if m.shape[:2] != (H, W):
+        raise ValueError(f"--mask {path}: mask is {m.shape[1]}x{m.shape[0]} but the video is {W}x{H}")
+    return m
+
+
+def check_out_dir(out: Path) -> None:
+    """Create --out_dir and prove it writable now, not after minutes of tracking."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".write_test."):
+            pass
+    except OSError as e:
+        raise OSError(f"--out_dir {out}: not writable ({e.strerror or type(e).__name__})") from None
+
+
+def synthetic_video(out_dir: Path, seed: int = 3, frames: int = 48) -> Path:
+    """An mp4 of a synthetic scene (moving textured layers), for trying the demo without data."""
+    with tempfile.TemporaryDirectory() as tmp:
+        scene = generate_scene(Path(tmp) / "scene", seed, SceneConfig(W=384, H=256, T=frames, n_points=16))
+        paths = sorted((scene / "rgbs").glob("*.jpg"))
+        video = out_dir / "synthetic.mp4"
+        write_mp4(video, (read_rgb(p) for p in paths))
+    return video
+
+
+def write_outputs(out_dir: Path, video: Path, queries: np.ndarray, tracks: np.ndarray, estimated: np.ndarray,
+                  fps: float, visibility: np.ndarray | None = None, numbers: bool = False) -> list[Path]:
+    """tracks.npz, tracks.csv and tracks.mp4 (points with fading trails) in out_dir.
+
+    With a model's visibility (T,N) the npz gets a `visibility` array, the csv a `visibility` column (0/1) and
+    the video draws invisible points hollow; numbers=True writes each point's index beside it."""
+    npz, csv_path, mp4 = out_dir / "tracks.npz", out_dir / "tracks.csv", out_dir / "tracks.mp4"
+    extra = {} if visibility is None else {"visibility": visibility}
+    np.savez(npz, tracks=tracks, estimated=estimated, queries=queries, **extra)
+    with open(csv_path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["frame", "point", "x", "y", "estimated"] + ([] if visibility is None else ["visibility"]))
+        for t in range(tracks.shape[0]):
+            for n in range(tracks.shape[1]):
+                row = [t, n, f"{tracks[t, n, 0]:.3f}", f"{tracks[t, n, 1]:.3f}", int(estimated[t, n])]
+                w.writerow(row if visibility is None else row + [int(visibility[t, n])])
+
+    def even(frame):  # yuv420p needs even sizes
+        h, w = frame.shape[:2]
+        return frame[: h - h % 2, : w - w % 2]
+
+    labels = [str(n) for n in range(tracks.shape[1])] if numbers else None
+    frames = (even(f) for f in render_tracks(iter_frames(video), tracks, estimated, visibility=visibility,
+                                             labels=labels))
+    write_mp4(mp4, frames, fps=max(1, int(round(fps or 24))))
+    return [npz, csv_path, mp4]
+
+
+def prepare(video: str | None, points: str | None, grid_size: int, query_frame: int, mask: str | None,
+            image_size, out: Path) -> tuple[Path, np.ndarray, int, int, int, float, tuple[int, int] | None]:
+    """Check every input before any model or tracking work: (video, queries, frames, H, W, fps, image_size)."""
+    check_out_dir(out)
+    if image_size is not None:
+        image_size = parse_hw(image_size, "--image_size")
+    video_path = Path(video) if video else synthetic_video(out)
+    n_frames, H, W, fps = video_info(video_path)
+    if n_frames < 1:
+        raise VideoError(f"{video_path}: no frames")
+    if points:
+        queries, rows = read_point_rows(points, query_frame)
+        check_queries(queries, n_frames, (H, W), points, rows)
+    else:
+        if not 0 <= query_frame <= n_frames - 1:
+            raise ValueError(f"--query_frame {query_frame} is outside the video's frames 0..{n_frames - 1}")
+        if int(grid_size) < 1:
+            raise ValueError(f"--grid_size must be at least 1, got {grid_size}")
+        m = read_mask(mask, (H, W)) if mask else None
+        queries = grid_queries((H, W), int(grid_size), query_frame, m)
+        if not len(queries):
+            raise ValueError(f"--mask {mask}: no grid point falls inside the mask (nonzero pixels)")
+    return video_path, queries.astype(np.float32), n_frames, H, W, fps, image_size
+
+
+def main(video: str | None = None, init_dir: str | None = None, points: str | None = None,
+         grid_size: int = 16, query_frame: int = 0, mask: str | None = None, backward: bool = False, S: int = 128,
+         iters: int = 16, image_size=None, point_batch: int = 256, device: str = "auto", amp: str = "none",
+         out_dir: str = "./demo_out/track", model: str = "pips2", memory_size: int | None = None,
+         numbers: bool = False) -> None:
+    """Track points (from --points, or a grid on --query_frame limited by --mask) and write the outputs.
+
+    --model=lbm tracks online with LBM (--init_dir: its checkpoint file or folder; --memory_size resamples its
+    memory, S/iters/point_batch are PIPs++'s) and records its visibility; --numbers labels each point with its
+    index (the csv's `point`)."""
+    out = Path(out_dir)
+    try:
+        video_path, queries, n_frames, H, W, fps, image_size = prepare(video, points, grid_size, query_frame, mask,
+                                                                       image_size, out)
+        net = load_tracker(model, init_dir, device, amp, memory_size)
+    except (ValueError, VideoError, OSError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    t0 = time.time()
+    print(f"tracking {len(queries)} points through {video_path} ({n_frames} frames, {W}x{H}) with "
+          f"{init_dir or './reference_model'}")
+    res = track(net, str(video_path), queries, S=S, iters=iters, backward=backward, image_size=image_size,
+                point_batch=point_batch, amp=None if amp == "none" else amp, progress=True)
+    dt = time.time() - t0
+    try:
+        files = write_outputs(out, video_path, queries, res["tracks"], res["estimated"], fps, res["visibility"],
+                              bool(numbers))
+    except (OSError, VideoError) as e:
+        print(f"error: cannot write the outputs to --out_dir {out}: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    T = res["tracks"].shape[0]
+    print(f"summary: {len(queries)} points x {T} frames in {dt:.1f} s ({T / max(dt, 1e-9):.1f} frames/s); wrote "
+          + ", ".join(str(f) for f in files))
+
+
+def cli() -> None:
+    """The `pips2-demo` command (and `python demo.py`): fire flags of main."""
+    fire.Fire(main)
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,157 @@
+"""Export PointOdyssey into fixed-size augmented mp4 clips, in parallel and safely (docs/FORMATS.md).
+
+The defaults (S=36, N=128, 256x384) are the clips stage-1 training reads with its defaults
+(datasets.clips.STAGE_CLIPS); add --S=64 --crop_size=512,896 for stage 2.
+
+    python export_mp4_dataset.py --dataset_location=/data/pointodyssey --dset=train --workers=4
+    # many machines on one shared folder:
+    python export_mp4_dataset.py ... --shard=0 --num_shards=3   # and 1, 2 elsewhere
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import signal
+import sys
+import time
+from collections import Counter
+from dataclasses import asdict
+from pathlib import Path
+
+import fire
+from tqdm import tqdm
+
+from pips2.datasets import pointodyssey as pod
+from pips2.datasets.clipmaker import enumerate_candidates
+from pips2.datasets.clips import STAGE_CLIPS, ClipSettings, list_clips, write_settings
+from pips2.datasets.export import NO_SPACE, clean_stale_claims, clean_stale_temps, export_one, worker_init
+from pips2.utils.cli import aliased, die, parse_hw
+
+
+def _parse_hw(crop_size) -> tuple[int, int]:
+    h, w = parse_hw(crop_size, "crop_size")
+    if h < 128 or w < 128 or h % 2 or w % 2:
+        raise ValueError(f"crop_size must be even and at least 128x128, got {h}x{w}")
+    return h, w
+
+
+def _no_clips_reason(dataset_location: str, st: ClipSettings) -> str:
+    split = Path(dataset_location) / st.dset
+    scenes = pod.list_scenes(dataset_location, st.dset)
+    if not scenes:
+        return f"{split}: no scene folders in this split"
+    return (f"{split}: 0 candidate clips: none of its {len(scenes)} scene(s) has the {st.S} frames "
+            f"(rgbs/rgb_*.jpg) a clip needs")
+
+
+def main(dataset_location: str = "../datasets/pointodyssey", dset: str = "train", S: int = STAGE_CLIPS[1]["S"],
+         N: int = STAGE_CLIPS[1]["N"], crop_size=STAGE_CLIPS[1]["crop_size"], use_augs: bool = True,
+         max_clips: int | None = None, max_iters: int | None = None, shuffle: bool = True,
+         out_dir: str = "./pod_export", workers: int = 1, shard: int = 0, num_shards: int = 1, seed: int = 0,
+         preset: str = "medium", verify: bool = False, quiet: bool = False) -> None:
+    """Write clips <out_dir>/<version>/<k:06d>/{rgb.mp4,track.npz} for k < max_clips (all clips by default).
+
+    --max_iters is the authors' name for --max_clips.
+
+    --preset picks the x264 speed/size trade-off at CRF 20 (medium = the authors' output; veryfast encodes
+    2.9x faster at about -1.3 dB PSNR, see docs/BENCHMARKS.md). --verify=True decodes every finished clip
+    again and rewrites damaged ones. Exit codes: 0 done, 1 some clips failed, 2 bad flags or data, 130 Ctrl-C.
+    """
+    try:
+        st = ClipSettings(dset=dset, S=S, N=N, crop_size=_parse_hw(crop_size), use_augs=use_augs,
+                          shuffle=shuffle, seed=seed, preset=preset)
+    except ValueError as e:
+        die(e)
+    try:
+        max_clips = aliased("max_clips", max_clips, "max_iters", max_iters)
+    except ValueError as e:
+        die(e)
+    if not 0 <= shard < num_shards:
+        die(f"--shard must be in [0, {num_shards}), got {shard}")
+    try:  # before anything is created: a mistyped path must not leave an empty version folder behind
+        cands = enumerate_candidates(dataset_location, st)
+        if not cands:
+            die(_no_clips_reason(dataset_location, st))
+    except OSError as e:
+        die(f"--dataset_location: {e}")
+    version_dir = Path(out_dir) / st.version()
+    try:
+        version_dir.mkdir(parents=True, exist_ok=True)
+        write_settings(version_dir, st)
+    except OSError as e:
+        die(f"--out_dir: cannot write {version_dir} ({e.strerror or e})")
+    cleaned = clean_stale_temps(version_dir)
+    clean_stale_claims(version_dir)
+    total = len(cands) if max_clips is None else min(max_clips, len(cands))
+    todo = [k for k in range(total) if k % num_shards == shard]
+    # clips of one scene together: each worker keeps the last scenes loaded
+    todo.sort(key=lambda k: (cands[k].scene, k))
+    print(f"export {st.version()}: {len(cands)} candidate clips, {len(todo)} for shard {shard}/{num_shards}, "
+          f"{workers} worker(s) -> {version_dir}" + (f" (removed {cleaned} stale temp folders)" if cleaned else ""),
+          flush=True)
+    jobs = [(str(dataset_location), str(version_dir), asdict(st), k, asdict(cands[k]), verify) for k in todo]
+    counts, reasons = Counter(), Counter()
+    stop = None  # why the export stopped early, if it did
+    t0 = time.time()
+    bar = tqdm(total=len(jobs), desc="export", unit="clip", disable=quiet)
+    pool = None
+    try:
+        if workers <= 1:
+            results = map(export_one, jobs)
+        else:
+            # workers are born ignoring Ctrl-C: a terminal's SIGINT reaches the whole process group, and a
+            # worker killed by it is only replaced by the pool. The parent alone handles it and stops them all.
+            old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+            try:
+                pool = mp.get_context("spawn").Pool(workers, initializer=worker_init)
+            finally:
+                signal.signal(signal.SIGINT, old)
+            results = pool.imap_unordered(export_one, jobs, chunksize=1)
+        for k, status, detail in results:
+            counts[status] += 1
+            if status == "rejected":
+                reasons[detail] += 1
+            elif status == "failed":
+                tqdm.write(f"clip {k:06d} failed: {detail}", file=sys.stderr)
+                if detail.startswith(NO_SPACE):  # every further clip would fail the same way
+                    stop = detail
+                    break
+            bar.update()
+            bar.set_postfix(written=counts["written"], rejected=counts["rejected"], failed=counts["failed"])
+    except KeyboardInterrupt:
+        stop = "interrupted"
+    finally:
+        if stop is not None:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not break the clean-up
+        bar.close()
+        if pool is not None:
+            if stop is None:
+                pool.close()
+            else:
+                pool.terminate()  # workers kill their encoders; only verified, renamed clips remain
+            pool.join()
+    if stop is not None:  # temp folders and claims of the workers just stopped
+        clean_stale_temps(version_dir)
+        clean_stale_claims(version_dir)
+    dt = time.time() - t0
+    done = sum(counts.values())
+    head = "summary" if stop is None else f"stopped ({stop}) after {done} of {len(jobs)} clips; summary"
+    print(f"{head}: written {counts['written']}, rewritten {counts['rewritten']}, already there {counts['exists']}, "
+          f"rejected {counts['rejected']} ({', '.join(f'{r}: {n}' for r, n in reasons.most_common()) or 'none'}), "
+          f"failed {counts['failed']}, held by other exporters {counts['busy']}; "
+          f"{len(list_clips(version_dir))} clips in {version_dir}; "
+          f"{dt:.1f} s ({(counts['written'] + counts['rewritten']) / max(dt, 1e-9):.2f} clips/s)", flush=True)
+    if stop == "interrupted":
+        sys.exit(130)
+    if counts["failed"]:
+        print(f"error: {counts['failed']} clip(s) failed (see above); rerun to retry them", file=sys.stderr)
+        sys.exit(1)
+
+
+def cli() -> None:
+    """The `pips2-export` command (and `python export_mp4_dataset.py`): fire flags of main."""
+    fire.Fire(main)
+
+
+if __name__ == "__main__":
+    cli()

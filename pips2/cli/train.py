@@ -1,0 +1,157 @@
+"""Train PIPs++ (docs/MODEL.md): stage 1 (S=36, 256x384) and stage 2 (S=64, 512x896), on CPU, GPU or torchrun;
+or LBM (docs/LBM.md#training) with --model=lbm, in one stage.
+
+    python train.py --dataset_location=./pod_export                       # stage 1 defaults
+    python train.py --stage=2 --dataset_location=./pod_export --dataset_version=<S64 512x896 export>
+    python train.py --stages=1,2 ...                                       # both, stage 2 from stage 1
+    torchrun --nproc_per_node 8 --nnodes 2 --node_rank 0 --master_addr host --master_port 29500 train.py ...
+    torchrun --nproc_per_node 4 train.py --model=lbm --dataset=kubric --movi_f_root=data/kubric_lbm --amp=fp16
+
+The flags are the fields of utils.trainer.Config; the run itself is utils.trainer.run_stage.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import fields
+from pathlib import Path
+
+import fire
+import torch.distributed as dist
+
+from pips2.datasets.clips import STAGE_CLIPS  # the clips each stage trains on, shared with the exporter
+from pips2.utils import checkpoint as ck
+from pips2.utils.amp import amp_dtype
+from pips2.utils.cli import aliased, parse_hw
+from pips2.utils.train_step import (
+    forward_loss,
+    init_estimates,
+    lbm_forward_loss,
+    maybe_transpose,
+    optimizer_update,
+    sample_queries,
+)
+from pips2.utils.trainer import Config, fail, run_stage
+
+# re-exported: tests and benchmarks call the step's semantics as train.<name>
+__all__ = ["Config", "forward_loss", "init_estimates", "lbm_forward_loss", "main", "make_config", "maybe_transpose",
+           "optimizer_update", "run_stage", "sample_queries"]
+
+STAGE_DEFAULTS = {
+    1: dict(B=4, **STAGE_CLIPS[1], iters=6, lr=5e-4, max_steps=200_000),
+    2: dict(B=1, **STAGE_CLIPS[2], iters=6, lr=5e-4, max_steps=10_000),
+}
+# LBM as its authors train it (their lbm.yaml and assets/train.md): 150 epochs of the 11k Kubric clips at batch 4
+# on each of 4 GPUs (687 steps an epoch); AdamW 5e-4, weight decay 1e-5, gradient norm clipped at 1. Their
+# fp16 AMP is --amp=fp16 (not the default here: on a CPU fp16 autocast is many times slower than fp32).
+LBM_DEFAULTS = dict(B=4, S=24, N=256, crop_size=(384, 512), iters=0, lr=5e-4, max_steps=150 * 687, wd=1e-5,
+                    grad_clip=1.0)
+MODELS = ("pips2", "lbm")
+# the authors' flag names, kept as aliases: alias -> our name
+ALIASES = {"max_iters": "max_steps"}
+
+
+def resolve_aliases(flags: dict) -> dict:
+    """The flags with each alias under its own name; an alias and its name set to different values is an error."""
+    out = dict(flags)
+    for alias, name in ALIASES.items():
+        if alias not in out:
+            continue
+        out[name] = aliased(name, out.get(name), alias, out.pop(alias))
+    return out
+
+
+def make_config(stage: int, flags: dict) -> Config:
+    """Stage (or LBM) defaults, then every flag the user set."""
+    flags = resolve_aliases(flags)
+    known = {f.name for f in fields(Config)}
+    unknown = set(flags) - known
+    if unknown:
+        raise ValueError(f"unknown flags: {sorted(unknown)}")
+    model = flags.get("model") or "pips2"
+    if model not in MODELS:
+        raise ValueError(f"--model must be one of {', '.join(MODELS)}, got {model!r}")
+    if model == "lbm" and stage != 1:
+        raise ValueError(f"LBM trains in one stage; --stage={stage} is for PIPs++")
+    defaults = LBM_DEFAULTS if model == "lbm" else STAGE_DEFAULTS[stage]
+    values = {**defaults, **{k: v for k, v in flags.items() if v is not None}, "stage": stage}
+    values["crop_size"] = parse_hw(values["crop_size"], "crop_size")
+    h, w = values["crop_size"]
+    if model == "lbm":
+        # the crop is LBM's input_size, as in the authors' data loader; the model needs whole stride-32 cells
+        if h < 32 or w < 32 or h % 32 or w % 32:
+            raise ValueError(f"--model=lbm: crop_size is LBM's input_size and must be a multiple of 32 in both "
+                             f"dimensions, got {h}x{w}")
+        if values.get("eval_dataset"):
+            raise ValueError("--model=lbm: TAP-Vid validation while training is not wired for LBM yet; drop "
+                             "--eval_dataset (validate on held-out clips with --val_dataset_version)")
+    elif h < 128 or w < 128:
+        raise ValueError(f"crop_size must be at least 128x128, got {h}x{w}")
+    amp_dtype(values.get("amp", "none"))  # one clear line for an unknown --amp
+    return Config(**values)
+
+
+def _latest_stage1(ckpt_dir: str) -> str | None:
+    """The most recently modified stage-1 run folder in ckpt_dir that holds a checkpoint."""
+    runs = [p for p in Path(ckpt_dir).glob("stage1_*") if ck.list_checkpoints(p)]
+    return str(max(runs, key=lambda p: p.stat().st_mtime)) if runs else None
+
+
+def usage() -> str:
+    """--help: main's docstring and every flag with its stage-1 default (main takes them as **flags)."""
+    defaults = {**{f.name: f.default for f in fields(Config)}, **STAGE_DEFAULTS[1]}
+    lines = [f"    --{name}={defaults[name]!r}" for name in sorted(defaults) if name != "stage"]
+    return "\n".join(["usage: train.py [--stage=1|2] [--stages=1,2] [--FLAG=VALUE ...]", "",
+                      inspect.cleandoc(main.__doc__ or ""), "",
+                      "flags (stage-1 defaults; --model=lbm has its own):", *lines,
+                      f"aliases: {', '.join(f'--{a} = --{n}' for a, n in ALIASES.items())}"])
+
+
+def main(stage: int = 1, stages: str | None = None, **flags) -> None:
+    """Train one stage (--stage) or several in sequence (--stages=1,2; stage 2 starts from stage 1).
+
+    A flag applies to every stage; `--stage2_<flag>=...` applies to stage 2 only (e.g. --stage2_S=64).
+    `--max_steps` (alias `--max_iters`, the authors' name) is the number of optimiser steps of a stage.
+    """
+    if flags.pop("help", None) or flags.pop("h", None):
+        print(usage())
+        return
+    if stages is None:
+        order = [int(stage)]
+    elif isinstance(stages, (tuple, list)):
+        order = [int(s) for s in stages]
+    else:
+        order = [int(s) for s in str(stages).split(",") if s]
+    if flags.get("model") == "lbm" and order != [1]:
+        fail(f"--model=lbm trains in one stage; drop --stage/--stages (got {','.join(map(str, order))})")
+    prev = None
+    for st in order:
+        prefix = f"stage{st}_"
+        try:
+            # aliases resolved per group, so a stage's own --stage2_max_iters overrides a common --max_steps
+            stage_flags = resolve_aliases({k: v for k, v in flags.items() if not k.startswith("stage")})
+            stage_flags.update(resolve_aliases({k[len(prefix):]: v for k, v in flags.items() if k.startswith(prefix)}))
+        except ValueError as e:
+            fail(str(e))
+        if st == 2 and not stage_flags.get("init_dir"):
+            stage_flags["init_dir"] = prev or _latest_stage1(stage_flags.get("ckpt_dir", Config.ckpt_dir))
+            if not stage_flags["init_dir"]:
+                fail("stage 2 starts from a stage-1 checkpoint: pass --init_dir or run --stages=1,2")
+        try:
+            cfg = make_config(st, stage_flags)
+        except ValueError as e:
+            fail(str(e))
+        prev = str(run_stage(cfg)[0])
+
+
+def cli() -> None:
+    """The `pips2-train` command (and `python train.py`): fire flags of main."""
+    try:
+        fire.Fire(main)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,71 @@
+"""`pip install .` gives a package and console commands that work outside the checkout (issue 15)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+COMMANDS = {"pips2-export": "dataset_location", "pips2-train": "dataset_location", "pips2-eval-pod": "init_dir",
+            "pips2-eval-tap": "init_dir", "pips2-eval-cro": "init_dir", "pips2-demo": "init_dir",
+            "pips2-export-onnx": "init_dir", "pips2-synthetic": "n_points"}
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory) -> tuple[Path, dict]:
+    """A regular (not editable) install of the checkout into a folder of its own: (folder, environment)."""
+    target = tmp_path_factory.mktemp("site")
+    build = tmp_path_factory.mktemp("build")
+    # no network and no dependencies: the venv's setuptools builds it, the venv's packages serve the imports
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+                    "--no-cache-dir", "--target", str(target), str(ROOT)], check=True, cwd=build,
+                   env={**os.environ, "TMPDIR": str(build)})
+    env = {**os.environ, "PYTHONPATH": str(target), "OMP_NUM_THREADS": "1"}
+    return target, env
+
+
+def run(args: list[str], env: dict, cwd: Path) -> subprocess.CompletedProcess:
+    """A command away from the checkout."""
+    return subprocess.run(args, env=env, cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+def test_the_installed_package_is_imported_not_the_checkout(installed, tmp_path):
+    target, env = installed
+    code = ("import pips2, pips2.cli.train, pips2.nets.pips2, pips2.utils.tracking, pips2.datasets.synthetic as m\n"
+            "for mod in (pips2, pips2.nets.pips2, m, pips2.cli.train): print(mod.__file__)")
+    res = run([sys.executable, "-c", code], env, tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    files = res.stdout.split()
+    assert len(files) == 4 and all(Path(f).is_relative_to(target) for f in files), files
+    assert not (target / "pips2" / "tests").exists() and not (target / "tests").exists()
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_console_command_shows_its_flags(installed, tmp_path, command):
+    target, env = installed
+    exe = target / "bin" / command
+    assert exe.is_file(), f"{command} was not installed"
+    res = run([str(exe), "--help"], {**env, "PAGER": "cat"}, tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert COMMANDS[command] in res.stdout + res.stderr
+
+
+def test_synthetic_then_export_outside_the_checkout(installed, tmp_path):
+    target, env = installed
+    res = run([str(target / "bin" / "pips2-synthetic"), "--out=pod", "--train=1", "--test=0", "--W=256", "--H=192",
+               "--T=12", "--n_points=200"], env, tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert (tmp_path / "pod" / "train" / "synth_0000").is_dir()
+    res = run([str(target / "bin" / "pips2-export"), "--dataset_location=pod", "--dset=train", "--S=8", "--N=16",
+               "--crop_size=128,128", "--out_dir=clips", "--workers=1", "--max_iters=2", "--quiet=True"],
+              env, tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    clips = sorted((tmp_path / "clips").rglob("*.npz"))
+    assert clips, res.stdout
+    with np.load(clips[0], allow_pickle=False) as z:
+        assert any(v.shape[:1] == (8,) for v in (z[k] for k in z.files))
