@@ -11,6 +11,7 @@ the front-most one at its pixel. Everything is deterministic given the seed.
 from __future__ import annotations
 
 import math
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -18,6 +19,8 @@ import cv2
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
+
+from pips2.utils.video import read_rgb, write_mp4
 
 DEPTH_SCALE = 65535.0 / 1000.0  # PointOdyssey: metres = value / 65535 * 1000
 
@@ -294,3 +297,11 @@ def generate_dataset(root: str | Path, dsets: dict[str, int], seed: int = 0, cfg
             continue
         done.append(generate_scene(path, s, cfg))
     return done
+
+
+def write_synthetic_video(path: str | Path, seed: int, frames: int, hw: tuple[int, int]) -> Path:
+    """An mp4 at path of one synthetic scene's frames (moving textured layers): a video to try tracking on."""
+    with tempfile.TemporaryDirectory() as tmp:
+        scene = generate_scene(Path(tmp) / "scene", seed, SceneConfig(W=hw[1], H=hw[0], T=frames, n_points=16))
+        write_mp4(path, (read_rgb(p) for p in sorted((scene / "rgbs").glob("*.jpg"))))
+    return Path(path)

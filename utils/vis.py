@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+import csv
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 
 import cv2
 import numpy as np
+
+from pips2.utils.video import iter_frames, write_mp4
 
 
 def track_colors(xy0: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
@@ -84,3 +88,40 @@ def summary_image(frames: np.ndarray, trajs_g: np.ndarray, trajs_e: np.ndarray, 
     left = draw_frame(frame, trajs_g[:, :n], colors)
     right = draw_frame(frame, trajs_e[:, :n], colors)
     return np.concatenate([left, right], 1)
+
+
+def write_outputs(out_dir: Path, video: Path, queries: np.ndarray, tracks: np.ndarray, estimated: np.ndarray,
+                  fps: float, visibility: np.ndarray | None = None, numbers: bool = False,
+                  on_frame: Callable[[int], None] | None = None) -> list[Path]:
+    """tracks.npz, tracks.csv and tracks.mp4 (points with fading trails) in out_dir (demo.py's and the web
+    demo's outputs, docs/FORMATS.md).
+
+    With a model's visibility (T,N) the npz gets a `visibility` array, the csv a `visibility` column (0/1) and
+    the video draws invisible points hollow; numbers=True writes each point's index beside it; on_frame(t) is
+    called as each frame of the video is drawn (progress)."""
+    npz, csv_path, mp4 = out_dir / "tracks.npz", out_dir / "tracks.csv", out_dir / "tracks.mp4"
+    extra = {} if visibility is None else {"visibility": visibility}
+    np.savez(npz, tracks=tracks, estimated=estimated, queries=queries, **extra)
+    with open(csv_path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["frame", "point", "x", "y", "estimated"] + ([] if visibility is None else ["visibility"]))
+        for t in range(tracks.shape[0]):
+            for n in range(tracks.shape[1]):
+                row = [t, n, f"{tracks[t, n, 0]:.3f}", f"{tracks[t, n, 1]:.3f}", int(estimated[t, n])]
+                w.writerow(row if visibility is None else row + [int(visibility[t, n])])
+
+    def even(frame):  # yuv420p needs even sizes
+        h, w = frame.shape[:2]
+        return frame[: h - h % 2, : w - w % 2]
+
+    labels = [str(n) for n in range(tracks.shape[1])] if numbers else None
+
+    def drawn(frames):
+        for t, f in enumerate(frames):
+            if on_frame is not None:
+                on_frame(t)
+            yield even(f)
+
+    frames = drawn(render_tracks(iter_frames(video), tracks, estimated, visibility=visibility, labels=labels))
+    write_mp4(mp4, frames, fps=max(1, int(round(fps or 24))))
+    return [npz, csv_path, mp4]

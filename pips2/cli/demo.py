@@ -20,12 +20,12 @@ import cv2
 import fire
 import numpy as np
 
-from pips2.datasets.synthetic import SceneConfig, generate_scene
+from pips2.datasets.synthetic import write_synthetic_video
 from pips2.utils.checkpoint import CheckpointError
 from pips2.utils.cli import parse_hw
 from pips2.utils.tracking import grid_queries, load_tracker, track
-from pips2.utils.video import VideoError, iter_frames, read_rgb, video_info, write_mp4
-from pips2.utils.vis import render_tracks
+from pips2.utils.video import VideoError, video_info
+from pips2.utils.vis import write_outputs
 
 
 def read_points(path: str | Path, query_frame: int = 0) -> np.ndarray:
@@ -141,40 +141,7 @@ def check_out_dir(out: Path) -> None:
 
 def synthetic_video(out_dir: Path, seed: int = 3, frames: int = 48) -> Path:
     """An mp4 of a synthetic scene (moving textured layers), for trying the demo without data."""
-    with tempfile.TemporaryDirectory() as tmp:
-        scene = generate_scene(Path(tmp) / "scene", seed, SceneConfig(W=384, H=256, T=frames, n_points=16))
-        paths = sorted((scene / "rgbs").glob("*.jpg"))
-        video = out_dir / "synthetic.mp4"
-        write_mp4(video, (read_rgb(p) for p in paths))
-    return video
-
-
-def write_outputs(out_dir: Path, video: Path, queries: np.ndarray, tracks: np.ndarray, estimated: np.ndarray,
-                  fps: float, visibility: np.ndarray | None = None, numbers: bool = False) -> list[Path]:
-    """tracks.npz, tracks.csv and tracks.mp4 (points with fading trails) in out_dir.
-
-    With a model's visibility (T,N) the npz gets a `visibility` array, the csv a `visibility` column (0/1) and
-    the video draws invisible points hollow; numbers=True writes each point's index beside it."""
-    npz, csv_path, mp4 = out_dir / "tracks.npz", out_dir / "tracks.csv", out_dir / "tracks.mp4"
-    extra = {} if visibility is None else {"visibility": visibility}
-    np.savez(npz, tracks=tracks, estimated=estimated, queries=queries, **extra)
-    with open(csv_path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["frame", "point", "x", "y", "estimated"] + ([] if visibility is None else ["visibility"]))
-        for t in range(tracks.shape[0]):
-            for n in range(tracks.shape[1]):
-                row = [t, n, f"{tracks[t, n, 0]:.3f}", f"{tracks[t, n, 1]:.3f}", int(estimated[t, n])]
-                w.writerow(row if visibility is None else row + [int(visibility[t, n])])
-
-    def even(frame):  # yuv420p needs even sizes
-        h, w = frame.shape[:2]
-        return frame[: h - h % 2, : w - w % 2]
-
-    labels = [str(n) for n in range(tracks.shape[1])] if numbers else None
-    frames = (even(f) for f in render_tracks(iter_frames(video), tracks, estimated, visibility=visibility,
-                                             labels=labels))
-    write_mp4(mp4, frames, fps=max(1, int(round(fps or 24))))
-    return [npz, csv_path, mp4]
+    return write_synthetic_video(out_dir / "synthetic.mp4", seed, frames, (256, 384))
 
 
 def prepare(video: str | None, points: str | None, grid_size: int, query_frame: int, mask: str | None,
