@@ -1,0 +1,250 @@
+"""app.py / pips2.utils.webapp: the JSON API without a browser, then the page itself in headless Chromium."""
+
+import csv
+import io
+import json
+import os
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from helpers import golden_model
+
+from pips2.utils import checkpoint, webapp
+from pips2.utils.tracking import as_frame_source, track
+from pips2.utils.video import read_video, write_mp4
+
+try:  # optional: the browser test skips without it (or fails, under PIPS2_REQUIRE_BROWSER=1)
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+except ImportError:
+    webdriver = None
+
+CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
+T, H, W = 12, 96, 128
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ck")
+    checkpoint.save(d, 5, golden_model())
+    return d
+
+
+@pytest.fixture(scope="module")
+def video(tmp_path_factory):
+    """12 frames of 96x128 texture panning right by 2 px a frame."""
+    rng = np.random.default_rng(0)
+    base = cv2.resize((rng.random((40, 60, 3)) * 255).astype(np.uint8), (W + 2 * T, H), cv2.INTER_CUBIC)
+    path = tmp_path_factory.mktemp("vid") / "pan.mp4"
+    write_mp4(path, (np.ascontiguousarray(base[:, 2 * t:2 * t + W]) for t in range(T)))
+    return path
+
+
+@pytest.fixture
+def server(ckpt, tmp_path):
+    app = webapp.App(init_dir=str(ckpt), iters=2, clip_dir=tmp_path / "clips")
+    srv = webapp.DemoServer(app, "127.0.0.1", 0)
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+    app.close()
+    thread.join(5)
+
+
+def call(url: str, data=None, headers: dict | None = None) -> tuple[int, bytes]:
+    """(status, body) of a request; a JSON body for dicts, raw bytes otherwise."""
+    if isinstance(data, dict):
+        data, headers = json.dumps(data).encode(), {"Content-Type": "application/json", **(headers or {})}
+    req = urllib.request.Request(url, data=data, headers=headers or {}, method="POST" if data is not None else "GET")
+    try:
+        with urllib.request.urlopen(req, timeout=60) as res:
+            return res.status, res.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def upload(base: str, path: Path, name: str | None = None) -> tuple[int, dict]:
+    status, body = call(f"{base}api/upload?name={name or path.name}", path.read_bytes())
+    return status, json.loads(body)
+
+
+def finish(base: str, job: str, timeout: float = 120) -> dict:
+    """Poll a job until it ends; the progress seen on the way is recorded in the result's 'seen'."""
+    seen, end = [], time.time() + timeout
+    while time.time() < end:
+        status, body = call(f"{base}api/job?id={job}")
+        s = json.loads(body)
+        assert status == 200 and 0 <= s["progress"] <= 1, s
+        seen.append((s["stage"], s["done"], s["total"]))
+        if s["state"] in ("done", "error"):
+            return {**s, "seen": seen}
+        time.sleep(0.05)
+    raise AssertionError(f"job {job} still running after {timeout} s: {seen[-3:]}")
+
+
+def read_csv(data: bytes) -> list[dict]:
+    return list(csv.DictReader(io.StringIO(data.decode())))
+
+
+def test_api_track_points_and_grid(server, video):
+    base = server.url
+    status, info = upload(base, video)
+    assert status == 200, info
+    assert (info["frames"], info["height"], info["width"]) == (T, H, W)
+    status, jpg = call(f"{base}api/frame?video={info['video']}&t=7")
+    assert status == 200 and cv2.imdecode(np.frombuffer(jpg, np.uint8), cv2.IMREAD_COLOR).shape == (H, W, 3)
+    # two clicked points, the second on frame 5, and a 2x2 grid on frame 3
+    req = {"video": info["video"], "points": [[0, 30.5, 40], [5, 64, 48]], "grid_size": 2, "grid_frame": 3}
+    status, body = call(f"{base}api/track", req)
+    assert status == 200, body
+    s = finish(base, json.loads(body)["job"])
+    assert s["state"] == "done", s["message"]
+    assert s["stage"] == "done" and s["done"] == s["total"] == T  # the last stage drew every frame
+    status, npz = call(base.rstrip("/") + s["files"]["npz"])
+    assert status == 200
+    z = np.load(io.BytesIO(npz), allow_pickle=False)
+    assert z["tracks"].shape == (T, 6, 2) and z["queries"].shape == (6, 3)
+    assert z["queries"][:, 0].tolist() == [0, 5, 3, 3, 3, 3]
+    np.testing.assert_allclose(z["tracks"][5, 1], [64, 48], atol=1e-3)  # a query holds its point on its frame
+    # queries start on their own frame: nothing before it is estimated (no backward)
+    assert not z["estimated"][:5, 1].any() and z["estimated"][5:, 1].all() and z["estimated"][:, 0].all()
+    assert not z["estimated"][:3, 2:].any() and z["estimated"][3:, 2:].all()
+    status, text = call(base.rstrip("/") + s["files"]["csv"])
+    rows = read_csv(text)
+    assert status == 200 and len(rows) == T * 6 and list(rows[0]) == ["frame", "point", "x", "y", "estimated"]
+    assert float(rows[5 * 6 + 1]["x"]) == pytest.approx(64, abs=1e-3)
+    status, mp4 = call(base.rstrip("/") + s["files"]["mp4"])
+    out = Path(server.app.work) / "check.mp4"
+    out.write_bytes(mp4)
+    assert status == 200 and read_video(out).shape == (T, H, W, 3)
+    # a <video> asks for byte ranges
+    status, part = call(base.rstrip("/") + s["files"]["mp4"], headers={"Range": "bytes=10-109"})
+    assert status == 206 and part == mp4[10:110]
+
+
+@pytest.mark.parametrize("backward", [False, True])
+def test_progress_counts_every_frame_read(video, backward):
+    """The page's tracking progress reaches exactly its total: frames read = frames_to_read."""
+    src = as_frame_source(str(video))
+    q = np.array([[5, 64, 48], [3, 10, 10], [3, 20, 30]], np.float32)
+    total = webapp.frames_to_read(q[:, 0].astype(int), T, backward)
+    assert total == (T - 3) + (6 if backward else 0)
+    reads = []
+    res = track(golden_model(), webapp.CountingFrames(src, reads.append), q, S=8, iters=1, backward=backward)
+    assert sum(reads) == total and res["estimated"][:, 0].sum() == (T if backward else T - 5)
+
+
+def test_api_errors_are_one_line(server, video, tmp_path, monkeypatch):
+    base = server.url
+
+    def error(status_body, status):
+        got, body = status_body
+        msg = (body if isinstance(body, dict) else json.loads(body))["error"]
+        assert got == status and "\n" not in msg and "Traceback" not in msg, (got, msg)
+        return msg
+
+    (tmp_path / "notes.txt").write_text("not a video\n")
+    assert "notes.txt" in error(upload(base, tmp_path / "notes.txt"), 400)
+    data = video.read_bytes()
+    (tmp_path / "broken.mp4").write_bytes(data[:48] + bytes(len(data) - 48))  # header kept, the rest zeroed
+    assert "broken.mp4" in error(upload(base, tmp_path / "broken.mp4"), 400)
+    assert "empty" in error(call(f"{base}api/upload?name=e.mp4", b""), 400)
+    monkeypatch.setattr(webapp, "MAX_UPLOAD_BYTES", 1000)
+    assert "upload limit" in error(upload(base, video), 413)
+    monkeypatch.undo()
+    assert "unknown clip" in error(call(f"{base}api/clip", {"name": "nope"}), 400)
+    assert "unknown video" in error(call(f"{base}api/track", {"video": "x", "points": [[0, 1, 1]]}), 404)
+    _, info = upload(base, video)
+    vid = info["video"]
+    assert "no points" in error(call(f"{base}api/track", {"video": vid}), 400)
+    assert "frame 40" in error(call(f"{base}api/track", {"video": vid, "points": [[40, 1, 1]]}), 400)
+    assert "not JSON" in error(call(f"{base}api/track", b"{", {"Content-Type": "application/json"}), 400)
+    # an unknown checkpoint and an LBM without one end the job with one line on the page
+    for model, ckpt, words in (("pips2", str(tmp_path / "no_such_ckpt"), "no_such_ckpt"), ("lbm", "", "LBM needs")):
+        req = {"video": vid, "points": [[0, 10, 10]], "model": model, "checkpoint": ckpt}
+        status, body = call(f"{base}api/track", req)
+        s = finish(base, json.loads(body)["job"])
+        assert s["state"] == "error" and words in s["message"] and "\n" not in s["message"], s
+        assert s["files"] == {}
+
+
+def test_bundled_clip_is_made_once(server, monkeypatch):
+    monkeypatch.setattr(webapp, "CLIP_FRAMES", 4)  # 48 by default: seconds to generate
+    status, body = call(f"{server.url}api/clip", {"name": "synthetic-2"})
+    info = json.loads(body)
+    assert status == 200 and (info["frames"], info["height"], info["width"]) == (4, 256, 384), info
+    made = server.app.clip_dir / "synthetic-2.mp4"
+    stamp = made.stat().st_mtime_ns
+    assert call(f"{server.url}api/clip", {"name": "synthetic-2"})[0] == 200 and made.stat().st_mtime_ns == stamp
+    assert [p.name for p in server.app.clip_dir.iterdir()] == ["synthetic-2.mp4"]  # no temp file left
+
+
+def browser_missing() -> str | None:
+    """Why the browser test cannot run here, or None."""
+    missing = [str(p) for p in (CHROMIUM, CHROMEDRIVER) if not p.exists()]
+    if webdriver is None:
+        missing.append("the selenium package")
+    return ", ".join(missing) or None
+
+
+def test_page_in_a_real_browser(server, video, monkeypatch):
+    why = browser_missing()
+    if why:
+        if os.environ.get("PIPS2_REQUIRE_BROWSER") == "1":
+            pytest.fail(f"PIPS2_REQUIRE_BROWSER=1 but {why} missing (apt-get install chromium chromium-driver; "
+                        f"pip install selenium)")
+        pytest.skip(f"no browser: {why} missing")
+    monkeypatch.setenv("SE_OFFLINE", "true")  # selenium-manager must never download a driver
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = str(CHROMIUM)
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1100,900",
+                "--autoplay-policy=no-user-gesture-required"):
+        opts.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=opts)
+    try:
+        wait = WebDriverWait(driver, 90)
+        driver.get(server.url)
+        wait.until(lambda d: d.find_element(By.ID, "clip").find_elements(By.TAG_NAME, "option"))
+        driver.find_element(By.ID, "file").send_keys(str(video))
+        wait.until(lambda d: d.find_element(By.ID, "run").is_displayed())
+        canvas = driver.find_element(By.ID, "frame")
+        wait.until(lambda d: d.execute_script("return document.getElementById('t-label').textContent") == "0")
+        ActionChains(driver).move_to_element_with_offset(canvas, -30, -20).click().perform()  # frame 0
+        driver.execute_script("const s = document.getElementById('t'); s.value = 4;"
+                              "s.dispatchEvent(new Event('input'));")
+        ActionChains(driver).move_to_element_with_offset(canvas, 20, 10).click().perform()  # frame 4
+        assert driver.find_element(By.ID, "count").text == "2 points"
+        assert driver.find_element(By.ID, "checkpoint").get_attribute("value") == str(server.app.init_dir)
+        driver.find_element(By.ID, "track").click()
+        wait.until(lambda d: d.find_elements(By.ID, "result-video") or d.find_element(By.ID, "msg").text)
+        assert not driver.find_element(By.ID, "msg").text, driver.find_element(By.ID, "msg").text
+        href = driver.find_element(By.ID, "csv-link").get_attribute("href")
+        assert driver.find_element(By.ID, "csv-link").is_displayed() and href.startswith(server.url)
+        with urllib.request.urlopen(href, timeout=30) as res:
+            rows = read_csv(res.read())
+        assert len(rows) == 2 * T and {r["point"] for r in rows} == {"0", "1"}
+        est = {(int(r["frame"]), int(r["point"])): r["estimated"] == "1" for r in rows}
+        assert [est[t, 1] for t in range(T)] == [t >= 4 for t in range(T)]  # clicked on frame 4: starts there
+        first = next(r for r in rows if r["frame"] == "0" and r["point"] == "0")
+        assert abs(float(first["x"]) - (W / 2 - 30)) < 3 and abs(float(first["y"]) - (H / 2 - 20)) < 3
+        src = driver.find_element(By.ID, "result-video").get_attribute("src")
+        with urllib.request.urlopen(src, timeout=30) as res:
+            (server.app.work / "browser.mp4").write_bytes(res.read())
+        assert read_video(server.app.work / "browser.mp4").shape == (T, H, W, 3)
+        h264 = "return document.createElement('video').canPlayType('video/mp4; codecs=\"avc1.42E01E\"')"
+        if driver.execute_script(h264):
+            wait.until(lambda d: d.execute_script("return document.getElementById('result-video').readyState") >= 1)
+            assert driver.execute_script("return document.getElementById('result-video').videoWidth") == W
+    finally:
+        driver.quit()
