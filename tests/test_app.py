@@ -4,6 +4,7 @@ import csv
 import io
 import json
 import os
+import socket
 import threading
 import time
 import urllib.error
@@ -13,8 +14,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from helpers import golden_model
+from helpers import golden_model, run_main
 
+import app
 from pips2.utils import checkpoint, webapp
 from pips2.utils.tracking import as_frame_source, track
 from pips2.utils.video import read_video, write_mp4
@@ -171,7 +173,8 @@ def test_api_errors_are_one_line(server, video, tmp_path, monkeypatch):
     assert "frame 40" in error(call(f"{base}api/track", {"video": vid, "points": [[40, 1, 1]]}), 400)
     assert "not JSON" in error(call(f"{base}api/track", b"{", {"Content-Type": "application/json"}), 400)
     # an unknown checkpoint and an LBM without one end the job with one line on the page
-    for model, ckpt, words in (("pips2", str(tmp_path / "no_such_ckpt"), "no_such_ckpt"), ("lbm", "", "LBM needs")):
+    for model, ckpt, words in (("pips2", str(tmp_path / "no_such_ckpt"), "no_such_ckpt"), ("lbm", "", "LBM needs"),
+                               ("lbm", "pips2", "choose model pips2")):  # refused before any download
         req = {"video": vid, "points": [[0, 10, 10]], "model": model, "checkpoint": ckpt}
         status, body = call(f"{base}api/track", req)
         s = finish(base, json.loads(body)["job"])
@@ -188,6 +191,24 @@ def test_bundled_clip_is_made_once(server, monkeypatch):
     stamp = made.stat().st_mtime_ns
     assert call(f"{server.url}api/clip", {"name": "synthetic-2"})[0] == 200 and made.stat().st_mtime_ns == stamp
     assert [p.name for p in server.app.clip_dir.iterdir()] == ["synthetic-2.mp4"]  # no temp file left
+
+
+def test_old_videos_are_forgotten(server, video, monkeypatch):
+    monkeypatch.setattr(webapp, "KEEP", 1)
+    first = upload(server.url, video)[1]["video"]
+    stored = server.app.video(first).path
+    second = upload(server.url, video)[1]["video"]
+    assert call(f"{server.url}api/frame?video={first}&t=0")[0] == 404 and not stored.exists()
+    assert call(f"{server.url}api/frame?video={second}&t=0")[0] == 200
+
+
+def test_app_cli_errors_are_one_line(capsys):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        for kwargs, words in (({"model": "nope"}, "--model"), ({"port": busy.getsockname()[1]}, "cannot listen")):
+            res = run_main(app.main, capsys, **kwargs)
+            assert res.returncode == 2 and words in res.stderr and len(res.stderr.strip().splitlines()) == 1, res
 
 
 def browser_missing() -> str | None:

@@ -51,6 +51,7 @@ CLIP_FRAMES, CLIP_HW = 48, (256, 384)  # demo.py's synthetic video
 MODELS = ("pips2", "lbm")
 OUTPUTS = {"tracks.mp4": "video/mp4", "tracks.csv": "text/csv; charset=utf-8", "tracks.npz": "application/zip"}
 DEFAULT_PIPS = "./reference_model"  # what demo.py and load_tracker use without --init_dir
+KEEP = 8  # opened videos and finished jobs kept; older ones are deleted, or a long-running server fills its disk
 
 
 class WebError(Exception):
@@ -182,7 +183,25 @@ class App:
         video = Video(uuid.uuid4().hex[:12], name, path, preview, len(preview), (H, W), fps)
         with self.lock:
             self.videos[video.id] = video
+        self._evict()
         return video.as_json()
+
+    def _evict(self) -> None:
+        """Forget all but the KEEP newest videos and finished jobs, deleting their files (not a busy job's video,
+        nor a cached clip)."""
+        with self.lock:
+            busy = {j.video.id for j in self.jobs.values() if j.state in ("queued", "running")}
+            jobs = [j for j in self.jobs.values() if j.state in ("done", "error")][:-KEEP]
+            videos = [v for v in list(self.videos.values())[:-KEEP] if v.id not in busy]
+            for j in jobs:
+                del self.jobs[j.id]
+            for v in videos:
+                del self.videos[v.id]
+        for j in jobs:
+            shutil.rmtree(j.out_dir, ignore_errors=True)
+        for v in videos:  # the preview's memmap goes with its last reference
+            if v.path.parent == self.work / "uploads":
+                v.path.unlink(missing_ok=True)
 
     def add_upload(self, name: str, body, length: int) -> dict:
         """Store an uploaded video of `length` bytes read from `body` and open it."""
@@ -221,13 +240,17 @@ class App:
                     tmp.unlink(missing_ok=True)
         return self._open(path, name)
 
+    def _find(self, table: dict, key: str, missing: str):
+        """table[key] under the lock, or a 404 saying `missing`."""
+        with self.lock:
+            found = table.get(key)
+        if found is None:
+            raise WebError(missing, 404)
+        return found
+
     def video(self, vid: str) -> Video:
         """The opened video with this id."""
-        with self.lock:
-            video = self.videos.get(vid)
-        if video is None:
-            raise WebError("unknown video: open a video or a clip first", 404)
-        return video
+        return self._find(self.videos, vid, "unknown video: open a video or a clip first")
 
     def frame_jpeg(self, vid: str, t: int) -> bytes:
         """Frame t of a video at preview size, JPEG-encoded."""
@@ -280,6 +303,7 @@ class App:
         job.out_dir.mkdir(parents=True)
         with self.lock:
             self.jobs[job_id] = job
+        self._evict()
         args = (job, q, model, str(req.get("checkpoint") or "").strip(), bool(req.get("backward")), S, iters)
         threading.Thread(target=self._run, args=args, daemon=True, name=f"track-{job_id}").start()
         return {"job": job_id}
@@ -292,11 +316,10 @@ class App:
         if self.net_key == (model, text):
             return self.net
         self.net_key, self.net = None, None  # free the old model before loading another
-        if text in KNOWN:
+        if text in KNOWN:  # a hub name is its model's name: refuse a mismatch before any download
+            if text != model:
+                raise ValueError(f"checkpoint {text!r} is the {text} model; choose model {text} or another checkpoint")
             net = load_model(text, self.device)
-            if is_lbm(net) != (model == "lbm"):
-                raise ValueError(f"checkpoint {text!r} is {'an LBM' if is_lbm(net) else 'a PIPs++'} model, "
-                                 f"not {model}")
         else:
             net = load_tracker(model, text, self.device)
         self.net_key, self.net = (model, text), net
@@ -337,11 +360,7 @@ class App:
 
     def job(self, job_id: str) -> Job:
         """The job with this id."""
-        with self.lock:
-            job = self.jobs.get(job_id)
-        if job is None:
-            raise WebError("unknown job", 404)
-        return job
+        return self._find(self.jobs, job_id, "unknown job")
 
     def output(self, job_id: str, name: str) -> Path:
         """A finished job's output file."""
