@@ -22,6 +22,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import sys
 import tempfile
 import threading
@@ -502,6 +503,11 @@ class DemoServer(ThreadingHTTPServer):
         return f"http://{host}:{port}/"
 
 
+def _interrupt(signum: int, frame) -> None:
+    """SIGTERM handler: stop serving as Ctrl-C would."""
+    raise KeyboardInterrupt
+
+
 def serve(app: App, host: str = "127.0.0.1", port: int = 7860) -> None:
     """Serve the demo until Ctrl-C, then remove its uploads and results."""
     try:
@@ -511,6 +517,8 @@ def serve(app: App, host: str = "127.0.0.1", port: int = 7860) -> None:
         print(f"error: cannot listen on {host}:{port} ({e.strerror or one_line(e)})", file=sys.stderr, flush=True)
         sys.exit(2)
     print(f"web demo on {server.url} (Ctrl-C stops it)", flush=True)
+    if threading.current_thread() is threading.main_thread():  # `kill` cleans up as Ctrl-C does
+        signal.signal(signal.SIGTERM, _interrupt)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
