@@ -136,15 +136,20 @@ def test_api_track_points_and_grid(server, video):
 
 
 @pytest.mark.parametrize("backward", [False, True])
-def test_progress_counts_every_frame_read(video, backward):
-    """The page's tracking progress reaches exactly its total: frames read = frames_to_read."""
+def test_progress_steps_are_counted_exactly(video, backward, monkeypatch):
+    """The page's tracking progress ends exactly at its total: every frame read and every model call (window x
+    point batch) is a step, as the job counts them."""
+    monkeypatch.setattr(webapp, "POINT_BATCH", 2)  # two batches for the 3 queries on frame 3
     src = as_frame_source(str(video))
-    q = np.array([[5, 64, 48], [3, 10, 10], [3, 20, 30]], np.float32)
-    total = webapp.frames_to_read(q[:, 0].astype(int), T, backward)
-    assert total == (T - 3) + (6 if backward else 0)
-    reads = []
-    res = track(golden_model(), webapp.CountingFrames(src, reads.append), q, S=8, iters=1, backward=backward)
-    assert sum(reads) == total and res["estimated"][:, 0].sum() == (T if backward else T - 5)
+    q = np.array([[5, 64, 48], [3, 10, 10], [3, 20, 30], [3, 40, 40]], np.float32)
+    qt = q[:, 0].astype(int)
+    assert webapp.frames_to_read(qt, T, backward) == (T - 3) + (6 if backward else 0)
+    net, reads, calls = golden_model(), [], []
+    net.register_forward_hook(lambda *_: calls.append(1))
+    res = track(net, webapp.CountingFrames(src, reads.append), q, S=8, iters=1, backward=backward, point_batch=2)
+    assert sum(reads) == webapp.frames_to_read(qt, T, backward)
+    assert sum(reads) + len(calls) == webapp.tracking_steps(qt, T, 8, backward, lbm=False)
+    assert res["estimated"][:, 0].sum() == (T if backward else T - 5)
 
 
 def test_api_errors_are_one_line(server, video, tmp_path, monkeypatch):

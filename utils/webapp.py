@@ -40,7 +40,16 @@ import numpy as np
 from pips2.datasets.synthetic import write_synthetic_video
 from pips2.utils.checkpoint import CheckpointError
 from pips2.utils.hub import KNOWN, cache_dir, load_model
-from pips2.utils.tracking import FrameSource, VideoFileFrames, check_queries, grid_queries, is_lbm, load_tracker, track
+from pips2.utils.tracking import (
+    FrameSource,
+    VideoFileFrames,
+    check_queries,
+    grid_queries,
+    is_lbm,
+    load_tracker,
+    track,
+    window_starts,
+)
 from pips2.utils.video import VideoError, video_info
 from pips2.utils.vis import write_outputs
 
@@ -52,6 +61,7 @@ CLIP_FRAMES, CLIP_HW = 48, (256, 384)  # demo.py's synthetic video
 MODELS = ("pips2", "lbm")
 OUTPUTS = {"tracks.mp4": "video/mp4", "tracks.csv": "text/csv; charset=utf-8", "tracks.npz": "application/zip"}
 DEFAULT_PIPS = "./reference_model"  # what demo.py and load_tracker use without --init_dir
+POINT_BATCH = 256  # track()'s default
 KEEP = 8  # opened videos and finished jobs kept; older ones are deleted, or a long-running server fills its disk
 
 
@@ -131,6 +141,23 @@ def frames_to_read(qt: np.ndarray, T: int, backward: bool) -> int:
     n = T - int(qt.min())
     later = qt[qt > 0]
     return n + (int(later.max()) + 1 if backward and len(later) else 0)
+
+
+def tracking_steps(qt: np.ndarray, T: int, S: int, backward: bool, lbm: bool) -> int:
+    """The progress bar's steps for a track() call: each frame read, plus for PIPs++ each model call (one per
+    window of two or more frames and batch of POINT_BATCH points, per query frame's pass), which is where the
+    time goes once a window's frames are encoded."""
+    steps = frames_to_read(qt, T, backward)
+    if lbm:
+        return steps  # LBM computes each frame as it reads it
+    starts, counts = np.unique(qt, return_counts=True)
+    for back in (False, True) if backward else (False,):
+        for t0, n in zip(starts.tolist(), counts.tolist(), strict=True):
+            if back and t0 == 0:
+                continue
+            windows = sum(e - s >= 2 for s, e in window_starts(t0 + 1 if back else T - t0, S))
+            steps += windows * -(-n // POINT_BATCH)
+    return steps
 
 
 def preview_hw(hw: tuple[int, int]) -> tuple[int, int]:
@@ -336,13 +363,20 @@ class App:
                 job.stage = "decoding the video"
                 # at the size track() would pick for a path: LBM's input size, else the video's rounded to 8
                 src = VideoFileFrames(job.video.path, tuple(net.size) if is_lbm(net) else None)
-                qt = q[:, 0].astype(int)
-                job.stage, job.done, job.total = "tracking (frames read)", 0, frames_to_read(qt, len(src), backward)
+                lbm = is_lbm(net)
+                total = tracking_steps(q[:, 0].astype(int), len(src), S, backward, lbm)
+                job.stage, job.done, job.total = "tracking (frames read + windows run)", 0, total
 
-                def read(n: int) -> None:
+                def step(n: int) -> None:
                     job.done = min(job.total, job.done + n)
 
-                res = track(net, CountingFrames(src, read), q, S=S, iters=iters, backward=backward)
+                hook = None if lbm else net.register_forward_hook(lambda *_: step(1))  # a window's point batch
+                try:
+                    res = track(net, CountingFrames(src, step), q, S=S, iters=iters, backward=backward,
+                                point_batch=POINT_BATCH)
+                finally:
+                    if hook is not None:
+                        hook.remove()
                 job.stage, job.done, job.total = "drawing the result video (frames)", 0, res["tracks"].shape[0]
 
                 def drawn(t: int) -> None:
