@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from helpers import golden_model, run_main
 
-import app
+from pips2.cli import app
 from pips2.utils import checkpoint, webapp
 from pips2.utils.tracking import as_frame_source, track
 from pips2.utils.video import read_video, write_mp4

@@ -1,0 +1,36 @@
+"""A web page for tracking points in a video: open a file or a bundled clip, click points, Track, download.
+
+    python app.py                                   # then open http://127.0.0.1:7860/
+    python app.py --init_dir=./reference_model --port=8000
+    python app.py --model=lbm --init_dir=lbm.pt     # LBM preselected (the page can switch models)
+
+The server is the standard library's (pips2.utils.webapp); it listens on 127.0.0.1 unless --host says otherwise.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import fire
+
+from pips2.utils.webapp import App, serve
+
+
+def main(port: int = 7860, host: str = "127.0.0.1", init_dir: str | None = None, model: str = "pips2",
+         device: str = "cpu", S: int = 128, iters: int = 16) -> None:
+    """Serve the web demo; --init_dir and --model are the page's defaults (demo.py's: ./reference_model, pips2)."""
+    try:
+        app = App(init_dir=init_dir, model=model, device=device, S=S, iters=iters)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    serve(app, host, int(port))
+
+
+def cli() -> None:
+    """The `pips2-app` command (and `python app.py`): fire flags of main."""
+    fire.Fire(main)
+
+
+if __name__ == "__main__":
+    cli()
