@@ -13,7 +13,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 COMMANDS = {"pips2-export": "dataset_location", "pips2-train": "dataset_location", "pips2-eval-pod": "init_dir",
             "pips2-eval-tap": "init_dir", "pips2-eval-cro": "init_dir", "pips2-demo": "init_dir",
-            "pips2-export-onnx": "init_dir", "pips2-synthetic": "n_points"}
+            "pips2-export-onnx": "init_dir", "pips2-synthetic": "n_points", "pips2-app": "port"}
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +42,7 @@ def test_the_installed_package_is_imported_not_the_checkout(installed, tmp_path)
     assert res.returncode == 0, res.stderr[-2000:]
     files = res.stdout.split()
     assert len(files) == 4 and all(Path(f).is_relative_to(target) for f in files), files
+    assert (target / "pips2" / "utils" / "webapp.html").is_file()  # package data: the web demo's page
     assert not (target / "pips2" / "tests").exists() and not (target / "tests").exists()
 
 
