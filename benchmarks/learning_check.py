@@ -25,7 +25,7 @@ import torch
 from pips2.datasets.exportdataset import ExportDataset
 from pips2.datasets.synthetic import SceneConfig, generate_dataset
 from pips2.datasets.training import Sample, to_sample
-from pips2.nets.lbm import LBM, load_lbm
+from pips2.nets.lbm import LBM, VIS_THRESHOLD, load_lbm
 from pips2.utils import checkpoint as ck
 from pips2.utils import metrics
 
@@ -118,14 +118,18 @@ def lbm_check(out: str, max_iters: int, train_scenes: int, test_scenes: int, B: 
                "clips": len(scores), "d_avg_model": float(np.mean([s["d_avg_model"] for s in scores])),
                "d_avg_zero_velocity": float(np.mean([s["d_avg_zero"] for s in scores])),
                "err_px_model": pooled("err_model"), "err_px_zero_velocity": pooled("err_zero"),
-               "occlusion_accuracy": pooled("oa"), "occlusion_chance": pooled("visible_frac")}
+               "occlusion_accuracy": pooled("oa"), "occlusion_accuracy_at_0.5": pooled("oa_half"),
+               "occlusion_chance": pooled("visible_frac"),
+               "visibility_auc": metrics.roc_auc(sum((s["vis_prob"] for s in scores), []),
+                                                 sum((s["vis_gt"] for s in scores), []))}
     summary["occlusion_chance"] = max(summary["occlusion_chance"], 1.0 - summary["occlusion_chance"])
     (out_dir / "learning_check.json").write_text(json.dumps(summary, indent=2))
     print(f"learning check (LBM): trained {max_iters} steps in {train_min:.1f} min; on {len(scores)} held-out clips "
           f"position error {summary['err_px_model']:.2f} px (model) vs {summary['err_px_zero_velocity']:.2f} px "
           f"(zero-velocity), d_avg {summary['d_avg_model']:.1f} vs {summary['d_avg_zero_velocity']:.1f}; "
-          f"occlusion accuracy {summary['occlusion_accuracy']:.3f} vs {summary['occlusion_chance']:.3f} "
-          f"(majority class)")
+          f"occlusion accuracy {summary['occlusion_accuracy']:.3f} at the model's threshold "
+          f"({VIS_THRESHOLD}), {summary['occlusion_accuracy_at_0.5']:.3f} at 0.5, vs {summary['occlusion_chance']:.3f} "
+          f"(majority class); visibility AUC {summary['visibility_auc']:.3f} (chance 0.5)")
     return summary
 
 
@@ -139,8 +143,8 @@ def score_lbm_clip(net: LBM, clip: Sample) -> dict | None:
         return None
     trajs, visibs, valids = clip.trajs[:, keep], clip.visibs[:, keep] > 0, clip.valids[:, keep]
     queries = torch.cat([torch.zeros(trajs.shape[1], 1), trajs[0]], dim=-1)
-    res = net.inference(clip.rgbs[None], queries[None])
-    pred, pvis = res["points"][0], res["visibility"][0]
+    res = net.inference(clip.rgbs[None], queries[None], with_raw=True)
+    pred, pvis, prob = res["points"][0], res["visibility"][0], torch.sigmoid(res["vis_logit"][0])
     zero = trajs[:1].expand_as(trajs)
     hw = tuple(clip.rgbs.shape[-2:])
     valid, seen = valids[1:] > 0, (valids[1:] > 0) & visibs[1:]
@@ -149,7 +153,10 @@ def score_lbm_clip(net: LBM, clip: Sample) -> dict | None:
             "d_avg_zero": metrics.track_metrics(zero, trajs, valids, hw)["d_avg"],
             "err_model": err(pred), "err_zero": err(zero),
             "oa": ((pvis[1:] == visibs[1:])[valid].sum().item(), valid.sum().item()),
-            "visible_frac": (visibs[1:][valid].sum().item(), valid.sum().item())}
+            "oa_half": (((prob[1:] > 0.5) == visibs[1:])[valid].sum().item(), valid.sum().item()),
+            "visible_frac": (visibs[1:][valid].sum().item(), valid.sum().item()),
+            "vis_prob": prob[1:][valid].tolist(), "vis_gt": visibs[1:][valid].tolist()}
+
 
 
 if __name__ == "__main__":

@@ -69,3 +69,14 @@ def test_tapvid_metrics_closed_form():
     assert m["pts_within_4"] == pytest.approx(200 / 3)
     assert m["occlusion_accuracy"] == pytest.approx(100.0)
     assert m["delta_avg"] == pytest.approx(100 * np.mean([1 / 3, 1 / 3, 2 / 3, 2 / 3, 2 / 3]))
+
+
+def test_roc_auc_closed_form_cases():
+    from pips2.utils.metrics import roc_auc
+
+    assert roc_auc([0.1, 0.2, 0.8, 0.9], [False, False, True, True]) == 1.0
+    assert roc_auc([0.9, 0.8, 0.2, 0.1], [False, False, True, True]) == 0.0
+    assert roc_auc([0.5, 0.5, 0.5, 0.5], [False, True, False, True]) == 0.5  # ties count half
+    # 3 positives x 2 negatives: pairs won 0 + 2 + 2 = 4 of 6
+    assert abs(roc_auc([0.3, 0.6, 0.9, 0.4, 0.5], [True, True, True, False, False]) - 4 / 6) < 1e-12
+    assert np.isnan(roc_auc([0.1, 0.2], [True, True]))

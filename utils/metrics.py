@@ -122,3 +122,14 @@ def mean_curve(curves: Iterable[np.ndarray]) -> np.ndarray:
         total[:len(c)] += c
         count[:len(c)] += 1
     return total / count
+
+
+def roc_auc(scores: list[float], labels: list[bool]) -> float:
+    """Area under the ROC curve: the chance that a random positive scores above a random negative."""
+    s, y = np.asarray(scores, dtype=np.float64), np.asarray(labels, dtype=bool)
+    pos, neg = s[y], s[~y]
+    if not len(pos) or not len(neg):
+        return float("nan")
+    _, inverse, counts = np.unique(s, return_inverse=True, return_counts=True)
+    ranks = (np.cumsum(counts) - (counts - 1) / 2)[inverse]  # 1-based ranks, ties sharing their mean
+    return float((ranks[y].sum() - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
