@@ -1,5 +1,6 @@
 """app.py / pips2.utils.webapp: the JSON API without a browser, then the page itself in headless Chromium."""
 
+import base64
 import csv
 import io
 import json
@@ -14,10 +15,13 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+import torch
 from helpers import golden_model, run_main
 
 from pips2.cli import app
+from pips2.nets.lbm import LBM
 from pips2.utils import checkpoint, webapp
+from pips2.utils.hub import save_authors_format
 from pips2.utils.tracking import as_frame_source, track
 from pips2.utils.video import read_video, write_mp4
 
@@ -187,6 +191,56 @@ def test_api_errors_are_one_line(server, video, tmp_path, monkeypatch):
         assert s["files"] == {}
 
 
+def png_url(img: np.ndarray) -> str:
+    """An image as the page sends its painted mask: a PNG data URL."""
+    return "data:image/png;base64," + base64.b64encode(cv2.imencode(".png", img)[1].tobytes()).decode()
+
+
+def test_api_grid_in_a_painted_mask(server, video):
+    base = server.url
+    vid = upload(base, video)[1]["video"]
+    rgba = np.zeros((H, W, 4), np.uint8)
+    rgba[:, : W // 2] = (48, 209, 88, 255)  # painted (opaque) on the left half, transparent elsewhere
+    req = {"video": vid, "points": [[0, 100, 50]], "grid_size": 4, "grid_frame": 2, "mask": png_url(rgba)}
+    status, body = call(f"{base}api/track", req)
+    assert status == 200, body
+    s = finish(base, json.loads(body)["job"])
+    assert s["state"] == "done", s["message"]
+    q = np.load(io.BytesIO(call(base.rstrip("/") + s["files"]["npz"])[1]), allow_pickle=False)["queries"]
+    grid = webapp.grid_queries((H, W), 4, 2)
+    np.testing.assert_array_equal(q[1:], grid[grid[:, 1] < W / 2])  # 2 of the grid's 4 columns, on frame 2
+    assert len(q) == 1 + 8 and q[0].tolist() == [0, 100, 50]  # clicked points are not masked
+
+    def refused(mask, words):
+        status, body = call(f"{base}api/track", {**req, "mask": mask})
+        msg = json.loads(body)["error"]
+        assert status == 400 and words in msg and "\n" not in msg, (status, msg)
+
+    refused(png_url(np.zeros((H, W, 4), np.uint8)), "no grid point falls inside")
+    refused(png_url(np.full((H // 2, W, 4), 255, np.uint8)), f"but the video is {W}x{H}")
+    refused("data:image/png;base64,@@@", "not a PNG data URL")
+    refused("data:image/png;base64," + base64.b64encode(b"not a png").decode(), "unreadable")
+
+
+def test_api_tracks_with_lbm(server, video, tmp_path):
+    """The page's other model end to end: LBM's visibility reaches the CSV and NPZ."""
+    torch.manual_seed(0)
+    net = LBM(input_size=(64, 96), embed_dim=32, num_layers=2, num_neighbors=4, top_k_regions=4, memory_size=4)
+    ckpt = save_authors_format(net, tmp_path / "lbm.pt")
+    vid = upload(server.url, video)[1]["video"]
+    req = {"video": vid, "points": [[3, 40, 30], [0, 90, 60]], "model": "lbm", "checkpoint": str(ckpt),
+           "backward": True}
+    status, body = call(f"{server.url}api/track", req)
+    assert status == 200, body
+    s = finish(server.url, json.loads(body)["job"])
+    assert s["state"] == "done", s["message"]
+    rows = read_csv(call(server.url.rstrip("/") + s["files"]["csv"])[1])
+    assert len(rows) == 2 * T and list(rows[0]) == ["frame", "point", "x", "y", "estimated", "visibility"]
+    assert all(r["estimated"] == "1" for r in rows)  # backward: every frame of both points
+    z = np.load(io.BytesIO(call(server.url.rstrip("/") + s["files"]["npz"])[1]), allow_pickle=False)
+    assert z["visibility"].shape == (T, 2) and z["visibility"].dtype == bool
+
+
 def test_bundled_clip_is_made_once(server, monkeypatch):
     monkeypatch.setattr(webapp, "CLIP_FRAMES", 4)  # 48 by default: seconds to generate
     status, body = call(f"{server.url}api/clip", {"name": "synthetic-2"})
@@ -272,5 +326,22 @@ def test_page_in_a_real_browser(server, video, monkeypatch):
         if driver.execute_script(h264):
             wait.until(lambda d: d.execute_script("return document.getElementById('result-video').readyState") >= 1)
             assert driver.execute_script("return document.getElementById('result-video').videoWidth") == W
+        # a mask painted down the left edge (x=10, y=4..92, a 16 px brush) keeps the grid's first column (x=6.35)
+        driver.find_element(By.ID, "grid").clear()
+        driver.find_element(By.ID, "grid").send_keys("4")  # a 4x4 grid on the shown frame, 4
+        driver.find_element(By.ID, "mask-mode").click()
+        ActionChains(driver).move_to_element_with_offset(canvas, 10 - W // 2, 4 - H // 2).click_and_hold() \
+            .move_by_offset(0, H - 8).release().perform()
+        assert driver.find_element(By.ID, "count").text == "2 points + 4 of a 4x4 grid (in the mask)"
+        driver.find_element(By.ID, "track").click()
+        wait.until(lambda d: d.find_element(By.ID, "csv-link").get_attribute("href") != href
+                   and d.find_element(By.ID, "result").is_displayed() or d.find_element(By.ID, "msg").text)
+        assert not driver.find_element(By.ID, "msg").text, driver.find_element(By.ID, "msg").text
+        with urllib.request.urlopen(driver.find_element(By.ID, "csv-link").get_attribute("href"), timeout=30) as res:
+            rows = read_csv(res.read())
+        assert len(rows) == 6 * T
+        at4 = [r for r in rows if r["frame"] == "4" and int(r["point"]) >= 2]  # a query holds its point there
+        assert sorted(round(float(r["y"]), 2) for r in at4) == [4.75, 33.25, 61.75, 90.25]
+        assert all(float(r["x"]) == pytest.approx(6.35, abs=1e-3) for r in at4)
     finally:
         driver.quit()

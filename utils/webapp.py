@@ -10,14 +10,17 @@ API (JSON answers unless noted):
   POST /api/upload?name=<file>     body: the video file's bytes -> the video (id, frames, height, width, fps)
   POST /api/clip                   {"name": "synthetic-1"} -> the video (the clip is generated on first use)
   GET  /api/frame?video=<id>&t=<k> frame k as a JPEG (at most 640 px on its long side)
-  POST /api/track                  {"video", "points": [[t, x, y], ...], "grid_size", "grid_frame", "model",
-                                    "checkpoint", "backward"} -> {"job": id}; points in video pixels
+  POST /api/track                  {"video", "points": [[t, x, y], ...], "grid_size", "grid_frame", "mask",
+                                    "model", "checkpoint", "backward"} -> {"job": id}; points in video pixels,
+                                    mask (optional): a PNG data URL of the video's size, the grid kept where painted
   GET  /api/job?id=<id>            {"state": queued|running|done|error, "stage", "progress", "message", "files"}
   GET  /files/<job>/<name>         tracks.mp4, tracks.csv, tracks.npz (demo.py's files; byte ranges for the video)
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import os
 import re
@@ -166,6 +169,21 @@ def preview_hw(hw: tuple[int, int]) -> tuple[int, int]:
     return max(1, round(hw[0] * s)), max(1, round(hw[1] * s))
 
 
+def decode_mask(data_url: str, hw: tuple[int, int]) -> np.ndarray:
+    """The page's painted mask (a PNG data URL at the video's size) as (H,W), nonzero where painted (its alpha)."""
+    try:
+        raw = base64.b64decode(data_url.split(",", 1)[1], validate=True)
+    except (IndexError, ValueError, binascii.Error):
+        raise WebError("mask: not a PNG data URL") from None
+    img = cv2.imdecode(np.frombuffer(raw, np.uint8), cv2.IMREAD_UNCHANGED)
+    if img is None:
+        raise WebError("mask: unreadable image")
+    mask = img[..., 3] if img.ndim == 3 and img.shape[2] == 4 else (img if img.ndim == 2 else img.max(2))
+    if mask.shape != tuple(hw):  # a stretched mask would select the wrong points (as demo.py's --mask)
+        raise WebError(f"mask: {mask.shape[1]}x{mask.shape[0]} but the video is {hw[1]}x{hw[0]}")
+    return mask
+
+
 class App:
     """The demo's state: opened videos, jobs, the loaded model; shared by the request threads."""
 
@@ -292,7 +310,8 @@ class App:
         return buf.tobytes()
 
     def queries(self, video: Video, req: dict) -> np.ndarray:
-        """(N,3) queries (t, x, y) from the request: clicked points, then a grid on grid_frame if grid_size > 0."""
+        """(N,3) queries (t, x, y) from the request: clicked points, then a grid on grid_frame if grid_size > 0
+        (where the mask, if any, is painted)."""
         rows = list(req.get("points") or [])
         try:
             g = int(req.get("grid_size") or 0)
@@ -304,7 +323,11 @@ class App:
         if not 0 <= gt < video.frames:
             raise WebError(f"grid frame {gt} is outside 0..{video.frames - 1}")
         if g:
-            rows += grid_queries(video.hw, g, gt).tolist()
+            mask = decode_mask(str(req["mask"]), video.hw) if req.get("mask") else None
+            grid = grid_queries(video.hw, g, gt, mask)
+            if not len(grid):
+                raise WebError("no grid point falls inside the painted mask")
+            rows += grid.tolist()
         if not rows:
             raise WebError("no points: click on the frame or set a grid size")
         try:
