@@ -466,8 +466,8 @@ def test_readme_recipe_export_defaults_serve_stage_1_training(tmp_path):
     """export_mp4_dataset.py's defaults == STAGE_CLIPS[1] == stage-1 training's defaults, end to end."""
     import inspect
 
-    import export_mp4_dataset
-    import train
+    from pips2.cli import export as export_mp4_dataset
+    from pips2.cli import train
     from pips2.datasets.clips import STAGE_CLIPS
     from pips2.datasets.exportdataset import ExportDataset
     from pips2.datasets.synthetic import generate_dataset

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import os
 import subprocess
 import sys
@@ -70,3 +71,18 @@ def test_synthetic_then_export_outside_the_checkout(installed, tmp_path):
     assert clips, res.stdout
     with np.load(clips[0], allow_pickle=False) as z:
         assert any(v.shape[:1] == (8,) for v in (z[k] for k in z.files))
+
+
+def test_tests_and_benchmarks_import_the_package_not_the_scripts():
+    """`import train` works only with the checkout's root on sys.path (python -m pytest run from it); the tests and
+    benchmarks import pips2.cli instead, so they also run against an installed copy."""
+    scripts = {p.stem for p in ROOT.glob("*.py")}
+    assert {"train", "demo", "test_on_pod", "export_mp4_dataset"} <= scripts
+    offenders = []
+    for path in sorted([*(ROOT / "tests").glob("*.py"), *(ROOT / "benchmarks").glob("*.py")]):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 else [])
+            offenders += [f"{path.relative_to(ROOT)}:{node.lineno}: {n}" for n in names
+                          if n and n.split(".")[0] in scripts]
+    assert not offenders, offenders
