@@ -15,6 +15,12 @@ ROOT = Path(__file__).resolve().parents[1]
 COMMANDS = {"pips2-export": "dataset_location", "pips2-train": "dataset_location", "pips2-eval-pod": "init_dir",
             "pips2-eval-tap": "init_dir", "pips2-eval-cro": "init_dir", "pips2-demo": "init_dir",
             "pips2-export-onnx": "init_dir", "pips2-synthetic": "n_points", "pips2-app": "port"}
+# no network and no dependencies: the running environment's setuptools builds it, its packages serve the imports
+PIP_OFFLINE = ["--quiet", "--no-index", "--no-deps", "--no-build-isolation", "--no-cache-dir"]
+# one module of each subpackage, printed by a child process: where did each come from?
+WHERE = ("import pips2, pips2.cli.train, pips2.nets.pips2, pips2.utils.tracking, pips2.datasets.synthetic\n"
+         "for m in (pips2, pips2.cli.train, pips2.nets.pips2, pips2.utils.tracking, pips2.datasets.synthetic): "
+         "print(m.__file__)")
 
 
 @pytest.fixture(scope="module")
@@ -23,9 +29,8 @@ def installed(tmp_path_factory) -> tuple[Path, dict]:
     target = tmp_path_factory.mktemp("site")
     build = tmp_path_factory.mktemp("build")
     # no network and no dependencies: the venv's setuptools builds it, the venv's packages serve the imports
-    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-                    "--no-cache-dir", "--target", str(target), str(ROOT)], check=True, cwd=build,
-                   env={**os.environ, "TMPDIR": str(build)})
+    subprocess.run([sys.executable, "-m", "pip", "install", *PIP_OFFLINE, "--target", str(target), str(ROOT)],
+                   check=True, cwd=build, env={**os.environ, "TMPDIR": str(build)})
     env = {**os.environ, "PYTHONPATH": str(target), "OMP_NUM_THREADS": "1"}
     return target, env
 
@@ -37,14 +42,37 @@ def run(args: list[str], env: dict, cwd: Path) -> subprocess.CompletedProcess:
 
 def test_the_installed_package_is_imported_not_the_checkout(installed, tmp_path):
     target, env = installed
-    code = ("import pips2, pips2.cli.train, pips2.nets.pips2, pips2.utils.tracking, pips2.datasets.synthetic as m\n"
-            "for mod in (pips2, pips2.nets.pips2, m, pips2.cli.train): print(mod.__file__)")
-    res = run([sys.executable, "-c", code], env, tmp_path)
+    res = run([sys.executable, "-c", WHERE], env, tmp_path)
     assert res.returncode == 0, res.stderr[-2000:]
     files = res.stdout.split()
-    assert len(files) == 4 and all(Path(f).is_relative_to(target) for f in files), files
+    assert len(files) == 5 and all(Path(f).is_relative_to(target / "pips2") for f in files), files
     assert (target / "pips2" / "utils" / "webapp.html").is_file()  # package data: the web demo's page
     assert not (target / "pips2" / "tests").exists() and not (target / "tests").exists()
+    # the top-level scripts are the checkout's callers, not modules for site-packages (`import train` anywhere)
+    assert not [p.name for p in target.glob("*.py")]
+
+
+def test_editable_install_runs_the_checkout(tmp_path):
+    """`pip install -e .` into a fresh venv: its commands run the checkout's own files, from any folder."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    py = venv / "bin" / "python"
+    purelib = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                             check=True, capture_output=True, text=True).stdout.strip()
+    # the running environment's packages (torch, fire...) as plain folders: their .pth files, and so an editable
+    # pips2 installed there, are not processed, so only the new venv's install can provide pips2
+    deps = [p for p in sys.path if p.endswith(("site-packages", "dist-packages")) and Path(p).is_dir()]
+    (Path(purelib) / "deps.pth").write_text("".join(f"{p}\n" for p in deps))
+    subprocess.run([sys.executable, "-m", "pip", "--python", str(py), "install", *PIP_OFFLINE, "-e", str(ROOT)],
+                   check=True, cwd=tmp_path, env={**os.environ, "TMPDIR": str(tmp_path)})
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"OMP_NUM_THREADS": "1"}
+    res = run([str(py), "-c", WHERE], env, tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    files = [Path(f) for f in res.stdout.split()]
+    assert files == [ROOT / "pips2" / "__init__.py", ROOT / "pips2" / "cli" / "train.py", ROOT / "nets" / "pips2.py",
+                         ROOT / "utils" / "tracking.py", ROOT / "datasets" / "synthetic.py"], files
+    res = run([str(venv / "bin" / "pips2-eval-pod"), "--help"], {**env, "PAGER": "cat"}, tmp_path)
+    assert res.returncode == 0 and "init_dir" in res.stdout + res.stderr, res.stderr[-2000:]
 
 
 @pytest.mark.parametrize("command", sorted(COMMANDS))
@@ -55,6 +83,8 @@ def test_console_command_shows_its_flags(installed, tmp_path, command):
     res = run([str(exe), "--help"], {**env, "PAGER": "cat"}, tmp_path)
     assert res.returncode == 0, res.stderr[-2000:]
     assert COMMANDS[command] in res.stdout + res.stderr
+    if command == "pips2-train":  # its own usage line (main takes **flags) names the command it runs as
+        assert res.stdout.startswith("usage: pips2-train "), res.stdout[:200]
 
 
 def test_synthetic_then_export_outside_the_checkout(installed, tmp_path):

@@ -13,6 +13,7 @@ The flags are the fields of utils.trainer.Config; the run itself is utils.traine
 from __future__ import annotations
 
 import inspect
+import sys
 from dataclasses import fields
 from pathlib import Path
 
@@ -101,7 +102,8 @@ def usage() -> str:
     """--help: main's docstring and every flag with its stage-1 default (main takes them as **flags)."""
     defaults = {**{f.name: f.default for f in fields(Config)}, **STAGE_DEFAULTS[1]}
     lines = [f"    --{name}={defaults[name]!r}" for name in sorted(defaults) if name != "stage"]
-    return "\n".join(["usage: train.py [--stage=1|2] [--stages=1,2] [--FLAG=VALUE ...]", "",
+    prog = Path(sys.argv[0]).name or "train.py"  # pips2-train when run as the installed command
+    return "\n".join([f"usage: {prog} [--stage=1|2] [--stages=1,2] [--FLAG=VALUE ...]", "",
                       inspect.cleandoc(main.__doc__ or ""), "",
                       "flags (stage-1 defaults; --model=lbm has its own):", *lines,
                       f"aliases: {', '.join(f'--{a} = --{n}' for a, n in ALIASES.items())}"])
