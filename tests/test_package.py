@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import importlib.metadata
 import os
 import subprocess
 import sys
@@ -63,14 +64,18 @@ def test_editable_install_runs_the_checkout(tmp_path):
     # pips2 installed there, are not processed, so only the new venv's install can provide pips2
     deps = [p for p in sys.path if p.endswith(("site-packages", "dist-packages")) and Path(p).is_dir()]
     (Path(purelib) / "deps.pth").write_text("".join(f"{p}\n" for p in deps))
-    subprocess.run([sys.executable, "-m", "pip", "--python", str(py), "install", *PIP_OFFLINE, "-e", str(ROOT)],
-                   check=True, cwd=tmp_path, env={**os.environ, "TMPDIR": str(tmp_path)})
+    # the running environment's own pips2 install (the Makefile's `pip install -e .`), which must survive
+    ours = [d.locate_file(f) for d in importlib.metadata.distributions(name="pips2") for f in d.files or []]
+    # --ignore-installed: the pips2 the new venv sees through deps.pth is another environment's; never uninstall it
+    subprocess.run([sys.executable, "-m", "pip", "--python", str(py), "install", *PIP_OFFLINE, "--ignore-installed",
+                    "-e", str(ROOT)], check=True, cwd=tmp_path, env={**os.environ, "TMPDIR": str(tmp_path)})
+    assert all(Path(f).exists() for f in ours), "installing into the new venv removed the running one's pips2"
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"OMP_NUM_THREADS": "1"}
     res = run([str(py), "-c", WHERE], env, tmp_path)
     assert res.returncode == 0, res.stderr[-2000:]
     files = [Path(f) for f in res.stdout.split()]
     assert files == [ROOT / "pips2" / "__init__.py", ROOT / "pips2" / "cli" / "train.py", ROOT / "nets" / "pips2.py",
-                         ROOT / "utils" / "tracking.py", ROOT / "datasets" / "synthetic.py"], files
+                     ROOT / "utils" / "tracking.py", ROOT / "datasets" / "synthetic.py"], files
     res = run([str(venv / "bin" / "pips2-eval-pod"), "--help"], {**env, "PAGER": "cat"}, tmp_path)
     assert res.returncode == 0 and "init_dir" in res.stdout + res.stderr, res.stderr[-2000:]
 
