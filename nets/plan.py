@@ -60,7 +60,8 @@ class ExecPlan:
 
     @classmethod
     def auto(cls, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, training: bool = False,
-             checkpointing: bool = False, recompute_cheap: bool = False) -> ExecPlan:
+             checkpointing: bool = False, recompute_cheap: bool = False, points: int | None = None,
+             hw: tuple[int, int] | None = None) -> ExecPlan:
         """The fastest plan measured (docs/BENCHMARKS.md) for a device and the dtype the convolutions run in.
 
         dtype: the weights' dtype, or the autocast dtype when the caller runs the model under autocast.
@@ -69,21 +70,27 @@ class ExecPlan:
         checkpointing: recompute encoder chunks and delta-block calls in backward (train.py --grad_ckpt).
         recompute_cheap: keep only convolution outputs for backward (train.py --recompute_cheap): about half the
         activation memory for ~10% more time on the CPU.
+        points, hw: the training batch's points (B*N) and crop, when known. Small CPU training batches (the demo's
+        B=2 N=32 at 128x192) run faster with the reference's conv1d delta block and the encoder over all frames
+        at once: 3.8 s per step against 4.3-5.2 s for the large-batch choices (docs/BENCHMARKS.md).
         """
         device = torch.device(device)
         cuda = device.type == "cuda"
         half = dtype in (torch.bfloat16, torch.float16)
         # Winograd pays off where conv1d is GEMM-bound: the CPU in float32; it has no backward
         winograd = device.type == "cpu" and dtype == torch.float32 and not training
+        small_points = points is not None and points < 128
+        small_frames = hw is not None and hw[0] * hw[1] <= 128 * 192
         return cls(
             corr="local",
             gather="checkpoint" if training else "workspace",
             # CPU training: the GEMM form's backward (two large GEMMs) beats oneDNN's conv1d backward on
             # short sequences (bench_train.py); CUDA keeps cuDNN's conv1d
-            delta="winograd" if winograd else "gemm" if training and device.type == "cpu" else "conv1d",
+            delta="winograd" if winograd else "gemm" if training and device.type == "cpu" and not small_points
+            else "conv1d",
             # one frame at a time on the CPU (cache locality) and under checkpointing (a recompute then holds
             # one frame's activations: 1.4 instead of 9.2 GiB at 512x896); larger kernels run faster on CUDA
-            encoder_chunk=16 if cuda and not checkpointing else 1,
+            encoder_chunk=16 if cuda and not checkpointing else 0 if small_frames and not checkpointing else 1,
             # channels-last is faster on CUDA and under autocast; CPU float32 oneDNN kernels round closer to
             # the reference in the contiguous layout
             channels_last=cuda or half,

@@ -213,7 +213,7 @@ def build_model(cfg: Config, device: torch.device) -> Pips | LBM:
                    backbone_init=cfg.backbone_init).to(device)
     dtype = amp_dtype(cfg.amp) or torch.float32  # the dtype the convolutions run in picks the layout
     model = Pips(ExecPlan.auto(device, dtype, training=True, checkpointing=cfg.grad_ckpt,
-                               recompute_cheap=cfg.recompute_cheap))
+                               recompute_cheap=cfg.recompute_cheap, points=cfg.B * cfg.N, hw=cfg.crop_size))
     return model.to(device)
 
 
