@@ -122,8 +122,8 @@ def lbm_check(out: str, max_iters: int, train_scenes: int, test_scenes: int, B: 
                "err_px_model": pooled("err_model"), "err_px_zero_velocity": pooled("err_zero"),
                "occlusion_accuracy": pooled("oa"), "occlusion_accuracy_at_0.5": pooled("oa_half"),
                "occlusion_chance": pooled("visible_frac"),
-               "visibility_auc": metrics.roc_auc(sum((s["vis_prob"] for s in scores), []),
-                                                 sum((s["vis_gt"] for s in scores), []))}
+               "visibility_auc": metrics.roc_auc([p for s in scores for p in s["vis_prob"]],
+                                                 [g for s in scores for g in s["vis_gt"]])}
     summary["occlusion_chance"] = max(summary["occlusion_chance"], 1.0 - summary["occlusion_chance"])
     (out_dir / "learning_check.json").write_text(json.dumps(summary, indent=2))
     print(f"learning check (LBM): trained {max_iters} steps in {train_min:.1f} min; on {len(scores)} held-out clips "
@@ -158,7 +158,6 @@ def score_lbm_clip(net: LBM, clip: Sample) -> dict | None:
             "oa_half": (((prob[1:] > 0.5) == visibs[1:])[valid].sum().item(), valid.sum().item()),
             "visible_frac": (visibs[1:][valid].sum().item(), valid.sum().item()),
             "vis_prob": prob[1:][valid].tolist(), "vis_gt": visibs[1:][valid].tolist()}
-
 
 
 if __name__ == "__main__":

@@ -70,9 +70,10 @@ class ExecPlan:
         checkpointing: recompute encoder chunks and delta-block calls in backward (train.py --grad_ckpt).
         recompute_cheap: keep only convolution outputs for backward (train.py --recompute_cheap): about half the
         activation memory for ~10% more time on the CPU.
-        points, hw: the training batch's points (B*N) and crop, when known. Small CPU training batches (the demo's
-        B=2 N=32 at 128x192) run faster with the reference's conv1d delta block and the encoder over all frames
-        at once: 3.8 s per step against 4.3-5.2 s for the large-batch choices (docs/BENCHMARKS.md).
+        points, hw: the training batch's points (B*N) and crop, when known. Small CPU training batches (B=2 N=32
+        at 128x192) run faster with the reference's conv1d delta block and the encoder over all frames at once:
+        3.8 s per forward+backward against 4.4-5.2 s for the large-batch choices (docs/BENCHMARKS.md, "Small
+        training batches").
         """
         device = torch.device(device)
         cuda = device.type == "cuda"
