@@ -333,8 +333,14 @@ def test_memory_flags_pick_the_plan():
     from pips2.utils.trainer import Config, build_model
 
     base = dict(stage=1, B=1, S=6, N=8, crop_size=(128, 192), iters=2, lr=1e-4, max_steps=1)
-    plan = lambda **kw: build_model(Config(**base, **kw), torch.device("cpu")).plan  # noqa: E731
-    assert not plan().recompute_cheap and not plan().checkpointing and plan().delta == "gemm"
+    plan = lambda **kw: build_model(Config(**{**base, **kw}), torch.device("cpu")).plan  # noqa: E731
+    small = plan()  # B*N = 8 points on a 128x192 crop: the small-batch choices
+    assert not small.recompute_cheap and not small.checkpointing
+    assert small.delta == "conv1d" and small.encoder_chunk == 0
+    many = plan(B=2, N=64)  # 128 points: the GEMM delta block; the crop alone decides the encoder chunks
+    assert many.delta == "gemm" and many.encoder_chunk == 0
+    large = plan(B=2, N=64, crop_size=(256, 448))  # the stage-1 shape: one frame at a time
+    assert large.delta == "gemm" and large.encoder_chunk == 1
     assert plan(recompute_cheap=True).recompute_cheap
     both = plan(recompute_cheap=True, grad_ckpt=True)  # whole-chunk checkpointing already stores less
     assert both.checkpointing and not both.recompute_cheap
