@@ -37,15 +37,28 @@ from pips2.utils.trainer import Config, Ranks, TrainData
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# name: (plan, amp) of a training step as train.py builds it (utils/trainer.build_model)
+# name: (plan for a batch's points B*N and crop (H, W), amp) of a training step as train.py builds it
+# (utils/trainer.build_model)
 VARIANTS = {
-    "reference": (ExecPlan.reference(), None),
-    "ours": (ExecPlan.auto("cpu", training=True), None),
+    "reference": (lambda points, hw: ExecPlan.reference(), None),
+    "ours": (lambda points, hw: ExecPlan.auto("cpu", training=True, points=points, hw=hw), None),
     # the float32 training plan before issue 12: conv1d delta block, every activation stored
-    "ours_before": (replace(ExecPlan.auto("cpu", training=True), delta="conv1d", recompute_cheap=False), None),
-    "ours_recompute": (ExecPlan.auto("cpu", training=True, recompute_cheap=True), None),  # --recompute_cheap
-    "ours_bf16": (ExecPlan.auto("cpu", torch.bfloat16, training=True), "bf16"),
-    "ours_ckpt": (ExecPlan.auto("cpu", training=True, checkpointing=True), None),
+    "ours_before": (lambda points, hw: replace(ExecPlan.auto("cpu", training=True), delta="conv1d",
+                                               recompute_cheap=False), None),
+    "ours_recompute": (lambda points, hw: ExecPlan.auto("cpu", training=True, recompute_cheap=True, points=points,
+                                                        hw=hw), None),  # --recompute_cheap
+    "ours_bf16": (lambda points, hw: ExecPlan.auto("cpu", torch.bfloat16, training=True, points=points, hw=hw),
+                  "bf16"),
+    "ours_ckpt": (lambda points, hw: ExecPlan.auto("cpu", training=True, checkpointing=True, points=points, hw=hw),
+                  None),
+    "tmp_vol": (lambda points, hw: replace(ExecPlan.auto("cpu", training=True, points=points, hw=hw), corr="volume",
+                                           gather="plain"), None),
+    "tmp_vol_bf16": (lambda points, hw: replace(ExecPlan.auto("cpu", torch.bfloat16, training=True, points=points,
+                                                              hw=hw), corr="volume", gather="plain"), "bf16"),
+    "tmp_vol_gemm": (lambda points, hw: replace(ExecPlan.auto("cpu", training=True, points=points, hw=hw),
+                                                corr="volume", gather="plain", delta="gemm"), None),
+    # the large-batch choices (GEMM delta block, one frame at a time) at any shape
+    "ours_large": (lambda points, hw: ExecPlan.auto("cpu", training=True), None),
 }
 # name: (B, S, N, H, W, iters)
 SHAPES = {
@@ -54,13 +67,15 @@ SHAPES = {
     "stage2": (1, 64, 128, 512, 896, 4),
     "stage2_S8": (1, 8, 128, 512, 896, 4),
     "stage2_S16": (1, 16, 128, 512, 896, 4),
+    "demo": (2, 8, 32, 128, 128, 4),  # make demo's training step
 }
 
 
 def _worker(shape: str, variant: str, steps: int, out_path: str) -> None:
     """Warm-up step, then `steps` timed steps; writes times, peak RSS above the start, first loss, grad norm."""
     B, S, N, H, W, iters = SHAPES[shape]
-    plan, amp = VARIANTS[variant]
+    make_plan, amp = VARIANTS[variant]
+    plan = make_plan(B * N, (H, W))
     batch = synthetic_batch(B, S, N, H, W)
     rss0 = status_bytes("VmRSS")
     reset_peak_rss()
