@@ -51,12 +51,6 @@ VARIANTS = {
                   "bf16"),
     "ours_ckpt": (lambda points, hw: ExecPlan.auto("cpu", training=True, checkpointing=True, points=points, hw=hw),
                   None),
-    "tmp_vol": (lambda points, hw: replace(ExecPlan.auto("cpu", training=True, points=points, hw=hw), corr="volume",
-                                           gather="plain"), None),
-    "tmp_vol_bf16": (lambda points, hw: replace(ExecPlan.auto("cpu", torch.bfloat16, training=True, points=points,
-                                                              hw=hw), corr="volume", gather="plain"), "bf16"),
-    "tmp_vol_gemm": (lambda points, hw: replace(ExecPlan.auto("cpu", training=True, points=points, hw=hw),
-                                                corr="volume", gather="plain", delta="gemm"), None),
     # the large-batch choices (GEMM delta block, one frame at a time) at any shape
     "ours_large": (lambda points, hw: ExecPlan.auto("cpu", training=True), None),
 }

@@ -1,8 +1,8 @@
 """Learning check: train from scratch on synthetic scenes, then score held-out scenes against zero-velocity.
 
     python benchmarks/learning_check.py --out=./learning_check --max_iters=500     # ~20 CPU minutes
-    python benchmarks/learning_check.py --out=./demo_out --quick=True --max_iters=100 --iters=3 --train_scenes=4 \
-        --test_scenes=1 --crop_size=128,128                                           # make demo (docs/BENCHMARKS.md)
+    python benchmarks/learning_check.py --out=./demo_out --quick=True --max_iters=120 --iters=3 --lr=1e-3 \
+        --train_scenes=4 --test_scenes=1 --crop_size=128,128                          # make demo (docs/BENCHMARKS.md)
     python benchmarks/learning_check.py --model=lbm --out=./learning_check_lbm --max_iters=1000  # LBM, tiny size
 
 LBM mode trains a small LBM (input 64x96, embed_dim 64, memory 8) with train.py --model=lbm on 64x96 crops of
@@ -52,7 +52,7 @@ def _scenes_and_export(out_dir: Path, train_scenes: int, test_scenes: int, S: in
 def main(out: str = "./learning_check", max_iters: int = 500, train_scenes: int = 8, test_scenes: int = 4,
          B: int = 2, S: int = 8, N: int | None = None, iters: int = 4, crop_size: str | None = None, workers: int = 2,
          quick: bool = False, seed: int = 0, model: str = "pips2", embed_dim: int = 64, memory_size: int = 8,
-         eval_clips: int = 24) -> None:
+         eval_clips: int = 24, lr: float | None = None) -> None:
     """Synthetic scenes -> export -> train stage 1 -> test_on_pod (model and zero-velocity); prints both.
 
     --model=lbm trains LBM instead (N 16 and crop 64x96 unless given; --embed_dim, --memory_size) and scores
@@ -70,7 +70,7 @@ def main(out: str = "./learning_check", max_iters: int = 500, train_scenes: int 
     _run(["train.py", f"--dataset_location={out_dir / 'export'}", f"--B={B}", f"--S={S}", f"--N={N}",
           f"--crop_size={crop_size}", f"--iters={iters}", f"--max_steps={max_iters}", f"--save_freq={max_iters}",
           f"--log_dir={out_dir / 'logs'}", f"--ckpt_dir={out_dir / 'checkpoints'}", f"--workers={workers}",
-          f"--log_freq={max(1, max_iters // 10)}", f"--seed={seed}"])
+          f"--log_freq={max(1, max_iters // 10)}", f"--seed={seed}", *([f"--lr={lr}"] if lr else [])])
     train_min = (time.time() - t0) / 60
     ckpt = next((out_dir / "checkpoints").iterdir())
     res = {}

@@ -71,9 +71,8 @@ class ExecPlan:
         recompute_cheap: keep only convolution outputs for backward (train.py --recompute_cheap): about half the
         activation memory for ~10% more time on the CPU.
         points, hw: the training batch's points (B*N) and crop, when known. Small CPU training batches (B=2 N=32
-        at 128x192) run faster with the reference's conv1d delta block and the encoder over all frames at once:
-        3.8 s per forward+backward against 4.4-5.2 s for the large-batch choices (docs/BENCHMARKS.md, "Small
-        training batches").
+        at 128x128 or 128x192) run faster with the reference's full correlation volume, conv1d delta block and
+        the encoder over all frames at once (docs/BENCHMARKS.md, "Small training batches").
         """
         device = torch.device(device)
         cuda = device.type == "cuda"
@@ -82,9 +81,12 @@ class ExecPlan:
         winograd = device.type == "cpu" and dtype == torch.float32 and not training
         small_points = points is not None and points < 128
         small_frames = hw is not None and hw[0] * hw[1] <= 128 * 192
+        # small CPU training crops: the full volume is tiny (16x16 or 16x24 maps) and its matmul backward beats
+        # recomputing the local gathers (3.1-3.2 against 3.5-3.6 s per step at the demo's shape)
+        volume = training and small_frames and device.type == "cpu"
         return cls(
-            corr="local",
-            gather="checkpoint" if training else "workspace",
+            corr="volume" if volume else "local",
+            gather="plain" if volume else "checkpoint" if training else "workspace",
             # CPU training: the GEMM form's backward (two large GEMMs) beats oneDNN's conv1d backward on
             # short sequences (bench_train.py); CUDA keeps cuDNN's conv1d
             delta="winograd" if winograd else "gemm" if training and device.type == "cpu" and not small_points

@@ -363,11 +363,13 @@ def test_auto_plans():
     assert ExecPlan.auto("cuda", training=True, checkpointing=True).encoder_chunk == 1
     assert ExecPlan.auto("cuda", training=True).encoder_chunk == 16
     assert ExecPlan.reference().corr == "volume" and ExecPlan.export().corr_chunk == 0
-    # small CPU training batches: conv1d delta block and all frames at once (the demo's shape); large ones not
+    # small CPU training batches: full volume, conv1d delta block and all frames at once (the demo's shape);
+    # large ones not, and inference never builds the volume
     small = ExecPlan.auto("cpu", training=True, points=64, hw=(128, 192))
-    assert (small.delta, small.encoder_chunk) == ("conv1d", 0)
+    assert (small.corr, small.gather, small.delta, small.encoder_chunk) == ("volume", "plain", "conv1d", 0)
     stage1 = ExecPlan.auto("cpu", training=True, points=128, hw=(256, 384))
-    assert (stage1.delta, stage1.encoder_chunk) == ("gemm", 1)
+    assert (stage1.corr, stage1.delta, stage1.encoder_chunk) == ("local", "gemm", 1)
+    assert ExecPlan.auto("cpu", points=64, hw=(128, 192)).corr == "local"
     assert ExecPlan.auto("cpu", training=True, checkpointing=True, points=64, hw=(128, 192)).encoder_chunk == 1
 
 
