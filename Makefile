@@ -20,7 +20,7 @@ $(VENV)/.installed-onnx: requirements-onnx.txt $(VENV)/.installed
 
 ## demo: synthetic scenes -> parallel mp4 export -> short training -> test_on_pod vs zero-velocity -> demo.py
 demo: $(VENV)/.installed
-	$(BIN)/python benchmarks/learning_check.py --out=demo_out --quick=True --max_iters=150 --iters=3 --lr=1e-3 --train_scenes=4 \
+	$(BIN)/python benchmarks/learning_check.py --out=demo_out --quick=True --max_iters=120 --iters=3 --lr=1e-3 --train_scenes=4 \
 		--test_scenes=2 --crop_size=128,128
 	$(BIN)/python demo.py --init_dir=$$(ls -td demo_out/checkpoints/*/ | head -n 1) --S=16 --iters=3 --grid_size=8 \
 		--out_dir=demo_out/track

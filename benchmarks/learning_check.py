@@ -1,7 +1,7 @@
 """Learning check: train from scratch on synthetic scenes, then score held-out scenes against zero-velocity.
 
     python benchmarks/learning_check.py --out=./learning_check --max_iters=500     # ~20 CPU minutes
-    python benchmarks/learning_check.py --out=./demo_out --quick=True --max_iters=150 --iters=3 --lr=1e-3 \
+    python benchmarks/learning_check.py --out=./demo_out --quick=True --max_iters=120 --iters=3 --lr=1e-3 \
         --train_scenes=4 --test_scenes=2 --crop_size=128,128                          # make demo (docs/BENCHMARKS.md)
     python benchmarks/learning_check.py --model=lbm --out=./learning_check_lbm --max_iters=1000  # LBM, tiny size
 

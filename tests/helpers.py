@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import json
+import tarfile
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -43,3 +45,27 @@ def run_main(main, capsys, **kwargs) -> SimpleNamespace:
         code = e.code
     out = capsys.readouterr()
     return SimpleNamespace(returncode=code, stdout=out.out, stderr=out.err)
+
+
+def torch_bytes(obj) -> bytes:
+    """What torch.save writes for obj."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def tar_bytes(members: dict, gz: bool = True) -> bytes:
+    """A tar (gzip unless gz=False) of name -> bytes (a regular file) or (type, linkname) (a link or special
+    member)."""
+    buf = io.BytesIO()
+    # compresslevel 1: checkpoints barely compress and level 9 only costs time
+    with tarfile.open(fileobj=buf, mode="w:gz" if gz else "w", **({"compresslevel": 1} if gz else {})) as tf:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            if isinstance(data, tuple):
+                info.type, info.linkname = data
+                tf.addfile(info)
+            else:
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+    return buf.getvalue()

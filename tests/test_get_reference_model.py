@@ -3,7 +3,6 @@
 import functools
 import hashlib
 import http.server
-import io
 import os
 import shutil
 import subprocess
@@ -14,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import tar_bytes, torch_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 CKPT = "reference_model/model-000200000.pth"
@@ -29,31 +29,15 @@ class Payload:
         return os.system, (f"touch '{self.marker}'",)
 
 
-def _tar(path: Path, members: dict, gz: bool = True):
-    """members: name -> bytes (a regular file) or a TarInfo-building (type, linkname) pair."""
-    # compresslevel 1: the real checkpoint barely compresses and level 9 only costs time
-    with tarfile.open(path, "w:gz" if gz else "w", **({"compresslevel": 1} if gz else {})) as tf:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            if isinstance(data, tuple):
-                info.type, info.linkname = data
-                tf.addfile(info)
-            else:
-                info.size = len(data)
-                tf.addfile(info, io.BytesIO(data))
-
-
-def _torch_bytes(obj) -> bytes:
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    return buf.getvalue()
+def _tar(path: Path, members: dict, gz: bool = True) -> None:
+    path.write_bytes(tar_bytes(members, gz))
 
 
 @pytest.fixture(scope="module")
 def good_ckpt(tmp_path_factory) -> bytes:
     from pips2.nets.pips2 import Pips
 
-    return _torch_bytes({"model_state_dict": Pips().state_dict()})
+    return torch_bytes({"model_state_dict": Pips().state_dict()})
 
 
 @pytest.fixture(scope="module")
@@ -71,9 +55,9 @@ def server(tmp_path_factory, good_ckpt):
     _tar(root / "fifo.tar.gz", {CKPT: good_ckpt, "reference_model/pipe": (tarfile.FIFOTYPE, "")})
     _tar(root / "chardev.tar.gz", {CKPT: good_ckpt, "reference_model/null": (tarfile.CHRTYPE, "")})
     _tar(root / "garbage.tar.gz", {CKPT: b"weights" * 100, "reference_model/args.txt": b"new"})
-    _tar(root / "wrongmodel.tar.gz", {CKPT: _torch_bytes({"model_state_dict": {"x": torch.zeros(1)}})})
-    _tar(root / "nostate.tar.gz", {CKPT: _torch_bytes({"weights": torch.zeros(1)})})
-    _tar(root / "evil.tar.gz", {CKPT: _torch_bytes({"model_state_dict": Payload(marker)})})
+    _tar(root / "wrongmodel.tar.gz", {CKPT: torch_bytes({"model_state_dict": {"x": torch.zeros(1)}})})
+    _tar(root / "nostate.tar.gz", {CKPT: torch_bytes({"weights": torch.zeros(1)})})
+    _tar(root / "evil.tar.gz", {CKPT: torch_bytes({"model_state_dict": Payload(marker)})})
     (root / "page.html").write_text("<html>login</html>")
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)

@@ -4,13 +4,13 @@ the cache from a server on 127.0.0.1 or a file:// URL, refusing bad downloads wi
 import functools
 import hashlib
 import http.server
-import io
 import tarfile
 import threading
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import tar_bytes, torch_bytes
 
 import pips2
 from pips2.nets.lbm import LBM
@@ -18,27 +18,6 @@ from pips2.nets.pips2 import Pips
 from pips2.utils import checkpoint, hub
 
 SMALL_LBM = dict(input_size=(64, 64), embed_dim=32, num_layers=2)
-
-
-def _bytes(obj) -> bytes:
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    return buf.getvalue()
-
-
-def _tar(members: dict) -> bytes:
-    """A tar.gz of name -> bytes (a regular file) or (type, linkname) (a link or special member)."""
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:gz", compresslevel=1) as tf:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            if isinstance(data, tuple):
-                info.type, info.linkname = data
-                tf.addfile(info)
-            else:
-                info.size = len(data)
-                tf.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
 
 
 def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
@@ -78,17 +57,19 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, lbm_model, pips_model):
     root = tmp_path_factory.mktemp("www")
-    good = _bytes({"model": lbm_model.state_dict()})
+    good = torch_bytes({"model": lbm_model.state_dict()})
     (root / "good.pt").write_bytes(good)
-    (root / "module.pt").write_bytes(_bytes({"model": {f"module.{k}": v for k, v in lbm_model.state_dict().items()}}))
+    prefixed = {f"module.{k}": v for k, v in lbm_model.state_dict().items()}
+    (root / "module.pt").write_bytes(torch_bytes({"model": prefixed}))
     (root / "corrupt.pt").write_bytes(good[: len(good) // 3])
-    (root / "wrong.pt").write_bytes(_bytes({"model": {"x": torch.zeros(1)}}))
-    (root / "ref.tar.gz").write_bytes(_tar({"reference_model/model-000200000.pth":
-                                            _bytes({"model_state_dict": pips_model.state_dict()}),
-                                            "reference_model/args.txt": b"S=36"}))
-    (root / "garbage.tar.gz").write_bytes(_tar({"reference_model/model-000000001.pth": b"weights" * 10}))
-    (root / "link.tar.gz").write_bytes(_tar({"reference_model/model-000000001.pth": (tarfile.SYMTYPE, "/etc/passwd")}))
-    (root / "escape.tar.gz").write_bytes(_tar({"reference_model/../../evil": b"x"}))
+    (root / "wrong.pt").write_bytes(torch_bytes({"model": {"x": torch.zeros(1)}}))
+    (root / "ref.tar.gz").write_bytes(tar_bytes({"reference_model/model-000200000.pth":
+                                                 torch_bytes({"model_state_dict": pips_model.state_dict()}),
+                                                 "reference_model/args.txt": b"S=36"}))
+    (root / "garbage.tar.gz").write_bytes(tar_bytes({"reference_model/model-000000001.pth": b"weights" * 10}))
+    link = (tarfile.SYMTYPE, "/etc/passwd")
+    (root / "link.tar.gz").write_bytes(tar_bytes({"reference_model/model-000000001.pth": link}))
+    (root / "escape.tar.gz").write_bytes(tar_bytes({"reference_model/../../evil": b"x"}))
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Handler, directory=str(root)))
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{httpd.server_address[1]}", root

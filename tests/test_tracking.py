@@ -248,11 +248,12 @@ def test_window_size_below_two_is_refused():
 
 
 @pytest.mark.parametrize("bad,message", [
-    ([[0, 1, 1], [0, 2, 2], [0, 3, 3], [0, np.nan, 4]], r"^queries: row 3 has a non-finite x/y"),
-    ([[0, 1, 1], [0, 2, np.inf]], r"^queries: row 1 has a non-finite x/y"),
-    ([[np.nan, 1, 1]], r"^queries: row 0 has a non-finite frame"),
-    ([[0, 1, 1], [24, 2, 2]], r"^queries: row 1 has frame 24; valid frames are 0\.\.23"),
-    ([[-1, 1, 1]], r"^queries: row 0 has frame -1; valid frames are 0\.\.23"),
+    ([[0, 1, 1], [0, 2, 2], [0, 3, 3], [0, np.nan, 4]], r"^queries: row 3: non-finite point"),
+    ([[0, 1, 1], [0, 2, np.inf]], r"^queries: row 1: non-finite point"),
+    ([[np.nan, 1, 1]], r"^queries: row 0: non-finite query frame"),
+    ([[0, 1, 1], [24, 2, 2]], r"^queries: row 1: query frame 24 is outside the video's frames 0\.\.23"),
+    ([[-1, 1, 1]], r"^queries: row 0: query frame -1 is outside the video's frames 0\.\.23"),
+    ([[0.5, 1, 1]], r"^queries: row 0: query frame 0\.5 is not a whole frame number"),
     ([[0, 1]], r"^queries: expected \(N,3\) rows"),
     (np.zeros((0, 3)), r"^queries: no queries"),
 ])
@@ -269,7 +270,8 @@ def test_points_outside_the_image_warn_once_and_are_tracked():
         warnings.simplefilter("always")
         res = tracking.track(TwoFrameStub(), _video(4), q, S=8)
     msgs = [str(x.message) for x in w]
-    assert len(msgs) == 1 and "2 point(s) outside the 160x128 image (first: row 1 at x=500" in msgs[0]
+    assert len(msgs) == 1
+    assert msgs[0].startswith("queries: row 1: 2 of 3 points lie outside the 160x128 image (first: x=500")
     assert "\n" not in msgs[0] and w[0].filename == __file__
     assert res["tracks"].shape == (4, 3, 2)
 

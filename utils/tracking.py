@@ -20,6 +20,7 @@ import os
 import tempfile
 import warnings
 from collections import Counter, deque
+from collections.abc import Callable
 from pathlib import Path
 
 import cv2
@@ -387,34 +388,51 @@ def grid_queries(hw: tuple[int, int], grid_size: int = 16, t: int = 0, mask: np.
     return np.concatenate([np.full((len(pts), 1), t, np.float64), pts], 1).astype(np.float32)
 
 
-def check_queries(queries, T: int, hw: tuple[int, int]) -> np.ndarray:
+def check_queries(queries, T: int, hw: tuple[int, int], source: str = "queries", rows: list[int] | None = None,
+                  warn: Callable[[str], None] | None = None) -> np.ndarray:
     """Queries as (N,3) float32 rows of (t, x, y); ValueError naming the first bad row, a warning for points
-    outside the image (they are tracked, but the model sees nothing there)."""
+    outside the image (they are tracked, but the model sees nothing there).
+
+    source, rows: how messages name the queries and each row (demo.py: the CSV file and its line numbers);
+    warn: where the off-image warning goes (default: warnings.warn)."""
     q = np.asarray(queries, np.float32)
     if q.ndim == 1 and q.size == 3:
         q = q[None]
     if q.ndim != 2 or q.shape[1] != 3:
-        raise ValueError(f"queries: expected (N,3) rows of (t, x, y), got shape {tuple(q.shape)}")
+        raise ValueError(f"{source}: expected (N,3) rows of (t, x, y), got shape {tuple(q.shape)}")
     if len(q) == 0:
-        raise ValueError("queries: no queries")
+        raise ValueError(f"{source}: no queries")
+    where = lambda i: f"{source}: row {rows[i] if rows is not None else i}"  # noqa: E731
+    # float32 overflow (1e39) is non-finite too: it is what the model would see
     bad = np.nonzero(~np.isfinite(q[:, 0]))[0]
     if len(bad):
-        raise ValueError(f"queries: row {bad[0]} has a non-finite frame t ({q[bad[0], 0]})")
+        raise ValueError(f"{where(bad[0])}: non-finite query frame ({_given_row(queries, bad[0])[0]})")
     bad = np.nonzero(~np.isfinite(q[:, 1:]).all(1))[0]
     if len(bad):
-        raise ValueError(f"queries: row {bad[0]} has a non-finite x/y ({q[bad[0], 1]}, {q[bad[0], 2]})")
-    qt = q[:, 0].round()
-    bad = np.nonzero((qt < 0) | (qt > T - 1))[0]
+        raise ValueError(f"{where(bad[0])}: non-finite point {_given_row(queries, bad[0])[1:]}")
+    t = q[:, 0]
+    bad = np.nonzero(t != np.round(t))[0]
     if len(bad):
-        raise ValueError(f"queries: row {bad[0]} has frame {q[bad[0], 0]:g}; valid frames are 0..{T - 1} "
-                         f"({T} frames)")
+        raise ValueError(f"{where(bad[0])}: query frame {t[bad[0]]:g} is not a whole frame number")
+    bad = np.nonzero((t < 0) | (t > T - 1))[0]
+    if len(bad):
+        raise ValueError(f"{where(bad[0])}: query frame {t[bad[0]]:g} is outside the video's frames 0..{T - 1}")
     H, W = hw
     out = np.nonzero((q[:, 1] < 0) | (q[:, 1] > W - 1) | (q[:, 2] < 0) | (q[:, 2] > H - 1))[0]
     if len(out):
         i = out[0]
-        warnings.warn(f"queries: {len(out)} point(s) outside the {W}x{H} image (first: row {i} at x={q[i, 1]:g}, "
-                      f"y={q[i, 2]:g}); tracking them anyway", stacklevel=3)
+        msg = (f"{where(i)}: {len(out)} of {len(q)} points lie outside the {W}x{H} image (first: x={q[i, 1]:g}, "
+               f"y={q[i, 2]:g}); tracking them anyway")
+        if warn is None:
+            warnings.warn(msg, stacklevel=3)
+        else:
+            warn(msg)
     return q
+
+
+def _given_row(queries, i: int) -> list[float]:
+    """Row i of the queries as given (before float32), for messages."""
+    return [float(v) for v in np.asarray(queries, np.float64)[i]]
 
 
 def track(model, video, queries, S: int = 128, iters: int = 16, backward: bool = False,

@@ -23,7 +23,7 @@ import numpy as np
 from pips2.datasets.synthetic import write_synthetic_video
 from pips2.utils.checkpoint import CheckpointError
 from pips2.utils.cli import parse_hw
-from pips2.utils.tracking import grid_queries, load_tracker, track
+from pips2.utils.tracking import check_queries, grid_queries, load_tracker, track
 from pips2.utils.video import VideoError, video_info
 from pips2.utils.vis import write_outputs
 
@@ -90,32 +90,6 @@ def read_point_rows(path: str | Path, query_frame: int = 0) -> tuple[np.ndarray,
         return np.asarray(rows, np.float32), where
 
 
-def check_queries(queries: np.ndarray, n_frames: int, hw: tuple[int, int], source: str,
-                  rows: list[int] | None = None) -> None:
-    """Refuse non-finite points and query frames outside the video; warn (one line) about points off the image."""
-    H, W = hw
-    label = (lambda i: f"{source}: row {rows[i]}") if rows else (lambda i: source)
-    finite = np.isfinite(queries).all(1)
-    if not finite.all():
-        i = int(np.argmin(finite))
-        raise ValueError(f"{label(i)}: non-finite point {queries[i].tolist()}")
-    t = queries[:, 0]
-    fractional = t != np.round(t)
-    if fractional.any():
-        i = int(np.argmax(fractional))
-        raise ValueError(f"{label(i)}: query frame {t[i]:g} is not a whole frame number")
-    bad_t = (t < 0) | (t > n_frames - 1)
-    if bad_t.any():
-        i = int(np.argmax(bad_t))
-        raise ValueError(f"{label(i)}: query frame {t[i]:g} is outside the video's frames 0..{n_frames - 1}")
-    x, y = queries[:, 1], queries[:, 2]
-    off = (x < 0) | (x > W - 1) | (y < 0) | (y > H - 1)
-    if off.any():
-        i = int(np.argmax(off))
-        print(f"warning: {label(i)}: {int(off.sum())} of {len(queries)} points lie outside the {W}x{H} image "
-              f"(first: x={x[i]:g}, y={y[i]:g}); tracking them anyway", file=sys.stderr, flush=True)
-
-
 def read_mask(path: str, hw: tuple[int, int]) -> np.ndarray:
     """A grayscale mask image of exactly the video's size (a stretched mask would select the wrong points)."""
     if not Path(path).is_file():
@@ -156,7 +130,8 @@ def prepare(video: str | None, points: str | None, grid_size: int, query_frame: 
         raise VideoError(f"{video_path}: no frames")
     if points:
         queries, rows = read_point_rows(points, query_frame)
-        check_queries(queries, n_frames, (H, W), points, rows)
+        check_queries(queries, n_frames, (H, W), points, rows,
+                      warn=lambda msg: print(f"warning: {msg}", file=sys.stderr, flush=True))
     else:
         if not 0 <= query_frame <= n_frames - 1:
             raise ValueError(f"--query_frame {query_frame} is outside the video's frames 0..{n_frames - 1}")
