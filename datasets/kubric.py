@@ -90,6 +90,8 @@ class KubricDataset:
         t0 = int(rng.integers(0, T - self.S + 1))
         frames, coords, visible = frames[t0:t0 + self.S], coords[t0:t0 + self.S], visible[t0:t0 + self.S]
         H, W = frames.shape[1:3]
+        if self.use_augs:  # at the source size, before the crop, as the authors' MOVi-F loader
+            frames, visible = augment.erase_and_replace(frames, coords, visible, rng)
         plan = augment.plan_spatial(self.S, H, W, self.crop, rng, p=0.7 if self.use_augs else 0.0)
         frames = augment.warp_frames(frames, plan)
         coords = augment.warp_tracks(coords, plan)

@@ -149,6 +149,33 @@ def test_occluders_hide_covered_points_on_later_frames_only():
     pytest.fail("no occluder drawn in 50 seeds")
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_erase_and_replace_hide_exactly_the_points_on_changed_pixels(seed):
+    rng = np.random.default_rng(seed)
+    S, H, W = 6, 96, 128
+    frames = rng.integers(0, 256, (S, H, W, 3), dtype=np.uint8)  # noise: a new colour is a changed pixel
+    yy, xx = np.mgrid[0:H:3, 0:W:3]
+    trajs = np.repeat(np.stack([xx.ravel(), yy.ravel()], -1)[None].astype(np.float32), S, 0)  # points on pixels
+    visibs = np.ones(trajs.shape[:2], bool)
+    out, vis = augment.erase_and_replace(frames, trajs, visibs, np.random.default_rng(seed), p=1.0)
+    assert visibs.all() and out is not frames  # inputs untouched
+    assert np.array_equal(out[0], frames[0]) and vis[0].all()  # never the first frame
+    x, y = trajs[0, :, 0].astype(int), trajs[0, :, 1].astype(int)
+    for t in range(1, S):
+        changed = (out[t] != frames[t]).any(-1)
+        assert changed.any()
+        assert np.array_equal(~vis[t], changed[y, x])  # hidden <=> its pixel was covered
+    # box sides scale with the frame: at 48x64 a side is under 100 * 48 / 512 + 1 px, and each of the two
+    # passes draws one box per frame here, so at most 2 * 9 * 9 pixels change
+    small = rng.integers(0, 256, (40, 48, 64, 3), dtype=np.uint8)
+    out, _ = augment.erase_and_replace(small, np.zeros((40, 1, 2), np.float32), np.ones((40, 1), bool),
+                                       np.random.default_rng(seed), p=1.0, max_count=1)
+    counts = [(out[t] != small[t]).any(-1).sum() for t in range(1, 40)]
+    assert sum(c > 0 for c in counts) > 30 and 20 < max(counts) <= 2 * 9 * 9  # a box can clip to nothing
+    same, vis = augment.erase_and_replace(frames, trajs, visibs, np.random.default_rng(seed), p=0.0)
+    assert np.array_equal(same, frames) and vis.all()
+
+
 def test_reverse_time():
     a, b = np.arange(6).reshape(3, 2), np.arange(3)
     ra, rb = augment.reverse_time(a, b)

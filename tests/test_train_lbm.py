@@ -57,7 +57,8 @@ def test_lbm_defaults_are_the_authors_recipe_and_pips_is_unchanged():
     p = train.make_config(1, {})
     assert (p.model, p.wd, p.grad_clip, p.layout) == ("pips2", 1e-6, 5.0, ck.PIPS_LAYOUT)
     assert p.name() == "stage1_4x36x128_256x384_i6_lr0.0005"
-    for flags, msg in [({"crop_size": "64,80"}, "multiple of 32"), ({"eval_dataset": "davis"}, "not wired"),
+    for flags, msg in [({"crop_size": "64,80"}, "multiple of 32"), ({"eval_dataset": "kinetics"}, "must be davis"),
+                       ({"eval_dataset": "davis"}, "needs --tapvid_root"),
                        ({"model": "cotracker"}, "--model must be")]:
         with pytest.raises(ValueError, match=msg):
             train.make_config(1, {"model": "lbm", **flags})
@@ -108,7 +109,9 @@ def test_schedule_equals_the_authors_sequential_lr():
 
 
 def test_a_step_on_kubric_changes_the_weights_and_saves_the_authors_format(tmp_path, capsys):
-    cfg = _kubric_cfg(tmp_path, max_steps=1, lr=1.0, quiet=False)  # warm-up step 1: lr x 1e-5
+    # warm-up step 1: lr x 1e-5; no augmentations: in this tiny sample the occlusion boxes hide all 8 points
+    # after frame 0, which makes the authors' loss 0/0 (a skipped step)
+    cfg = _kubric_cfg(tmp_path, max_steps=1, lr=1.0, quiet=False, use_augs=False)
     torch.manual_seed(cfg.seed)  # the fresh model TrainState builds
     before = _weights(LBM(**MODEL_KW))
     ckdir, net = train.run_stage(cfg)
@@ -193,6 +196,46 @@ def test_a_step_on_an_export_with_held_out_validation_and_a_corrupt_clip(exporte
     assert b"val/regression_loss" in blob and b"val/occ_acc" in blob
 
 
+def _davis(path: Path) -> None:
+    """A TAP-Vid-format pickle of two short textured videos whose points drift and hide now and then."""
+    import pickle
+
+    rng = np.random.default_rng(1)
+    videos = {}
+    for name, T in (("a", 6), ("b", 5)):
+        video = (rng.random((T, 96, 128, 3)) * 255).astype(np.uint8)
+        start = rng.uniform(0.2, 0.8, (6, 1, 2))
+        points = (start + 0.01 * np.arange(T)[None, :, None]).astype(np.float32)
+        occluded = rng.random((6, T)) < 0.3
+        occluded[:, 0] = False
+        videos[name] = {"video": video, "points": points, "occluded": occluded}
+    with open(path, "wb") as f:
+        pickle.dump(videos, f)
+
+
+def test_tapvid_davis_validation_while_training(tmp_path):
+    _davis(tmp_path / "davis.pkl")
+    cfg = _kubric_cfg(tmp_path, max_steps=1, val_freq=1, tapvid_root=str(tmp_path / "davis.pkl"),
+                      eval_dataset="davis", eval_videos=1, use_augs=False)  # a step that is not skipped
+    _, net = train.run_stage(cfg)
+    blob = b"".join(p.read_bytes() for p in (tmp_path / "logs").rglob("events.out.tfevents*"))
+    assert b"davis/AJ" in blob and b"davis/OA" in blob and b"davis/d_avg" in blob
+    # the figures are test_on_tap.py's query-first ones of the first video only (--eval_videos=1)
+    figs = trainer.Validator(cfg, None, None).tapvid(net)
+    assert net.training
+    from pips2.datasets.tapvid import load_tapvid
+    from pips2.utils import evaluation
+
+    _, video, points, occluded = next(iter(load_tapvid(tmp_path / "davis.pkl")))
+    net.eval()
+    with torch.no_grad():
+        ref = evaluation.tapvid_query_mode(net, video, points, occluded, "first")
+    assert figs == {"AJ": ref["average_jaccard"], "d_avg": ref["delta_avg"], "OA": ref["occlusion_accuracy"]}
+    assert all(0.0 <= v <= 100.0 for v in figs.values())
+    cfg2 = _kubric_cfg(tmp_path, tapvid_root=str(tmp_path / "davis.pkl"), eval_dataset="davis", eval_videos=2)
+    assert trainer.Validator(cfg2, None, None).tapvid(net) != figs  # the second video counts too
+
+
 def test_non_finite_losses_are_skipped_then_the_run_stops(tmp_path, capsys):
     _kubric(tmp_path / "nan", n_seq=1, frames=6, size=128, nan=True)
     cfg = _cfg(tmp_path, dataset="kubric", movi_f_root=str(tmp_path / "nan"), max_steps=10, max_nan_steps=2,
@@ -257,3 +300,33 @@ cfg = train.make_config(1, {cfg!r})
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     assert "IDENTICAL 2" in res.stdout
     assert [s for s, _ in ck.list_checkpoints(next((tmp_path / "ck").iterdir()))] == [3]
+
+
+def test_ddp_a_non_finite_loss_on_one_rank_skips_the_step_on_both(tmp_path):
+    """Rank 1's second loss is made NaN: both ranks must skip that step (agreeing before backward, where a lone
+    skipping rank would leave the other waiting in DDP's gradient all-reduce) and end with identical weights."""
+    _kubric(tmp_path / "kubric", n_seq=2, frames=6, size=128)
+    cfg = {**TINY, "dataset": "kubric", "movi_f_root": str(tmp_path / "kubric"), "max_steps": 3, "save_freq": 3,
+           "log_dir": str(tmp_path / "logs"), "ckpt_dir": str(tmp_path / "ck"), "use_augs": False, "quiet": False}
+    script = tmp_path / "ddp_nan.py"
+    script.write_text(f"""
+import torch, torch.distributed as dist
+from pips2.cli import train
+from pips2.utils import trainer
+real, calls = trainer.lbm_forward_loss, []
+def poisoned(*a, **k):
+    loss, out, seen = real(*a, **k)
+    calls.append(1)
+    if dist.get_rank() == 1 and len(calls) == 2:
+        loss = loss * float("nan")
+    return loss, out, seen
+trainer.lbm_forward_loss = poisoned
+cfg = train.make_config(1, {cfg!r})
+""" + DDP_IDENTICAL)
+    torchrun = Path(sys.executable).parent / "torchrun"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    res = subprocess.run([str(torchrun), "--nproc_per_node=2", "--master_port=29543", str(script)], cwd=ROOT,
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    assert "IDENTICAL 2" in res.stdout
+    assert "step 000002/3; non-finite loss, step skipped (1 so far)" in res.stdout  # said by rank 0

@@ -1,4 +1,4 @@
-"""Export augmentations (docs/FORMATS.md) with OpenCV and NumPy: colour, occluders, time reversal, spatial.
+"""Export and training augmentations (docs/FORMATS.md) with OpenCV and NumPy: colour, occluders, time reversal, spatial.
 
 Geometry: every spatial operation (resize, padding, drifting scale, drifting crop, flips) is folded into
 one 2x3 affine per frame that maps input pixel coordinates to output ones, with pixel centres at
@@ -133,6 +133,53 @@ def add_occluders(frames: np.ndarray, trajs: np.ndarray, visibs: np.ndarray, rng
         x, y = trajs[t0:, :, 0], trajs[t0:, :, 1]
         covered = (x >= x0 - 0.5) & (x <= x0 + w - 0.5) & (y >= y0 - 0.5) & (y <= y0 + h - 0.5)
         visibs[t0:][covered] = False
+    return frames, visibs
+
+
+def erase_and_replace(frames: np.ndarray, trajs: np.ndarray, visibs: np.ndarray, rng: np.random.Generator,
+                      p: float = 0.5, max_count: int = 10, bounds: tuple[int, int] = (2, 100),
+                      ref_side: int = 512) -> tuple[np.ndarray, np.ndarray]:
+    """LBM's Kubric occlusion augmentations: on each frame after the first, with probability p, 1..max_count
+    boxes filled with their mean colour ("eraser"); then, in a second pass drawn the same way, boxes pasted
+    from a random place and frame of a colour-augmented copy of the clip ("replace"). A point inside a box on
+    that frame becomes invisible. Box sides are drawn from `bounds` pixels of a `ref_side`-pixel frame (the
+    authors' 512x512 MOVi-F) and scale with the frame's shorter side."""
+    frames, visibs = frames.copy(), visibs.copy()
+    S, H, W = frames.shape[:3]
+    k = min(H, W) / ref_side
+    lo, hi = max(1, round(bounds[0] * k)), max(2, round(bounds[1] * k))
+
+    def boxes() -> list[tuple[int, int, int, int]]:
+        if rng.random() >= p:
+            return []
+        out = []
+        for _ in range(int(rng.integers(1, max_count + 1))):
+            xc, yc = rng.integers(0, W), rng.integers(0, H)
+            dx, dy = rng.integers(lo, hi), rng.integers(lo, hi)
+            x0, x1 = np.clip(np.round([xc - dx / 2, xc + dx / 2]), 0, W - 1).astype(int)
+            y0, y1 = np.clip(np.round([yc - dy / 2, yc + dy / 2]), 0, H - 1).astype(int)
+            if x1 > x0 and y1 > y0:
+                out.append((int(x0), int(x1), int(y0), int(y1)))
+        return out
+
+    def hide(t: int, x0: int, x1: int, y0: int, y1: int) -> None:
+        # pixel i covers [i - 0.5, i + 0.5): the box's pixels x0..x1-1 cover [x0 - 0.5, x1 - 0.5)
+        x, y = trajs[t, :, 0], trajs[t, :, 1]
+        visibs[t, (x >= x0 - 0.5) & (x < x1 - 0.5) & (y >= y0 - 0.5) & (y < y1 - 0.5)] = False
+
+    for t in range(1, S):
+        for x0, x1, y0, y1 in boxes():
+            frames[t, y0:y1, x0:x1] = np.round(frames[t, y0:y1, x0:x1].reshape(-1, 3).mean(0)).astype(np.uint8)
+            hide(t, x0, x1, y0, y1)
+    alt = None  # the colour-augmented copy, made only when a box needs it
+    for t in range(1, S):
+        for x0, x1, y0, y1 in boxes():
+            if alt is None:
+                alt = color_augment(frames, rng)
+            h, w = y1 - y0, x1 - x0
+            ys, xs, src = rng.integers(0, H - h + 1), rng.integers(0, W - w + 1), rng.integers(0, S)
+            frames[t, y0:y1, x0:x1] = alt[src, ys:ys + h, xs:xs + w]
+            hide(t, x0, x1, y0, y1)
     return frames, visibs
 
 

@@ -68,7 +68,8 @@ class Config:
     val_dataset_version: str | None = None
     movi_f_root: str | None = None
     tapvid_root: str | None = None
-    eval_dataset: str | None = None
+    eval_dataset: str | None = None  # "davis": validate on the first --eval_videos videos of --tapvid_root
+    eval_videos: int = 5
     log_dir: str = "./logs_train"
     log_freq: int = 100
     val_freq: int = 1000
@@ -459,7 +460,10 @@ def train_step(state: TrainState, data: TrainData, cfg: Config) -> StepResult:
             final = out["points"]
         else:
             loss, final, seen = forward_loss(state.model, batch, ranks.device, cfg.iters, gen, cfg.amp)
-        finite = finite and bool(torch.isfinite(loss))
+        # agreed before backward: under DDP a rank that skipped backward would leave the others waiting in its
+        # gradient all-reduce (one flag per micro-batch, so every rank makes the same calls)
+        bad = ranks.any(not bool(torch.isfinite(loss)))
+        finite = finite and not bad
         if finite:
             state.scaler.scale(loss / cfg.grad_acc).backward()
             total_loss += loss.item() / cfg.grad_acc
@@ -470,7 +474,7 @@ def train_step(state: TrainState, data: TrainData, cfg: Config) -> StepResult:
             else:
                 figures = batch_figures(final.detach().float(), seen.trajs, seen.visibs, seen.valids,
                                         tuple(seen.rgbs.shape[-2:]))
-    if ranks.any(not finite):
+    if not finite:
         state.optimizer.zero_grad(set_to_none=True)
         return StepResult(False)
     optimizer_update(state.model, state.optimizer, state.scheduler, state.scaler, cfg.grad_clip)
@@ -535,7 +539,8 @@ class Logger:
 
 class Validator:
     """Validation while training: one exported batch every --val_freq steps and at step 1 (every rank), and the
-    first five TAP-Vid-DAVIS videos every --val_freq steps (rank 0); both with twice the training iterations."""
+    first --eval_videos TAP-Vid-DAVIS videos every --val_freq steps (rank 0); PIPs++ with twice the training
+    iterations."""
 
     def __init__(self, cfg: Config, ranks: Ranks, data: TrainData):
         self.cfg, self.ranks, self.data = cfg, ranks, data
@@ -575,18 +580,28 @@ class Validator:
         return batch_figures(preds[-1].float(), trajs_g, visibs, valids, hw)
 
     def tapvid(self, net: torch.nn.Module) -> dict[str, float]:
-        """Authors'-protocol figures on the first TAP-Vid videos (LBM-style validation while training)."""
+        """Figures on the first --eval_videos TAP-Vid videos: PIPs++ in the authors' protocol (points visible in
+        frame 0, windows at the crop size); LBM as its authors validate while training (every point queried on
+        its first visible frame, TAP-Vid's AJ, delta^x_avg and OA in 256x256, at the training memory size)."""
         cfg, rows = self.cfg, []
         net.eval()
-        for i, (_, video, points, occluded) in enumerate(load_tapvid(cfg.tapvid_root)):
-            if i >= 5:
-                break
-            res = evaluation.evaluate_tapvid_video(net, video, points, occluded, cfg.crop_size, S=cfg.S,
-                                                   iters=cfg.iters * 2)
-            if res is not None:
-                rows.append(res)
+        with torch.no_grad():
+            for i, (_, video, points, occluded) in enumerate(load_tapvid(cfg.tapvid_root)):
+                if i >= cfg.eval_videos:
+                    break
+                if cfg.lbm:
+                    res = evaluation.tapvid_query_mode(net, video, points, occluded, "first")
+                else:
+                    res = evaluation.evaluate_tapvid_video(net, video, points, occluded, cfg.crop_size, S=cfg.S,
+                                                           iters=cfg.iters * 2)
+                if res:
+                    rows.append(res)
         net.train()
-        return metrics.average({k: r[k] for k in metrics.METRIC_NAMES} for r in rows)
+        if not cfg.lbm:
+            return metrics.average({k: r[k] for k in metrics.METRIC_NAMES} for r in rows)
+        # d_avg: the key the step line's d_v averages (for LBM, TAP-Vid's delta^x_avg)
+        names = {"AJ": "average_jaccard", "d_avg": "delta_avg", "OA": "occlusion_accuracy"}
+        return {short: float(np.mean([r[k] for r in rows])) if rows else float("nan") for short, k in names.items()}
 
 
 # ---------------------------------------------------------------------------------------------------------

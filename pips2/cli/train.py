@@ -83,11 +83,12 @@ def make_config(stage: int, flags: dict) -> Config:
         if h < 32 or w < 32 or h % 32 or w % 32:
             raise ValueError(f"--model=lbm: crop_size is LBM's input_size and must be a multiple of 32 in both "
                              f"dimensions, got {h}x{w}")
-        if values.get("eval_dataset"):
-            raise ValueError("--model=lbm: TAP-Vid validation while training is not wired for LBM yet; drop "
-                             "--eval_dataset (validate on held-out clips with --val_dataset_version)")
     elif h < 128 or w < 128:
         raise ValueError(f"crop_size must be at least 128x128, got {h}x{w}")
+    if values.get("eval_dataset") not in (None, "davis"):
+        raise ValueError(f"--eval_dataset must be davis (TAP-Vid-DAVIS while training), got {values['eval_dataset']!r}")
+    if values.get("eval_dataset") and not values.get("tapvid_root"):
+        raise ValueError("--eval_dataset=davis needs --tapvid_root=<tapvid_davis.pkl>")
     amp_dtype(values.get("amp", "none"))  # one clear line for an unknown --amp
     return Config(**values)
 
