@@ -321,6 +321,18 @@ def compare(trackers: dict, points: torch.Tensor, frame: Callable[[int], torch.T
             "visible_fraction": v_o.mean().item()}
 
 
+def own_drift(tracker, points: torch.Tensor, frame: Callable[[int], torch.Tensor], frames: int) -> dict:
+    """How far one tracker's bf16 points move from its own float32 points over the same frames (px)."""
+    runs = []
+    for amp in (False, True):
+        with autocast(amp):
+            seq = [tracker.start(points, frame(0))] + [tracker.step(frame(t)) for t in range(1, frames)]
+        runs.append(torch.stack([s[0].float() for s in seq]))
+    d = (runs[1] - runs[0]).abs()
+    return {"max_diff_px": d.max().item(), "mean_diff_px": d.mean().item(),
+            "median_diff_px": d.amax(-1).median().item()}
+
+
 def time_steps(trackers: dict, points: torch.Tensor, frame: Callable[[int], torch.Tensor], pool: int, warmup: int,
                rounds: int, per_round: int, amp: bool) -> dict:
     """Per-frame latency of each tracker, the two taking turns, after `warmup` frames each."""
@@ -408,15 +420,7 @@ def print_report(res: dict) -> None:
         verdict = "meets" if t["speedup"] >= TARGET else "below"
         print(f"{dt:14s}{t['ours']['ms_per_frame']:15.2f}{t['theirs']['ms_per_frame']:17.2f}"
               f"{t['ours']['fps']:10.2f}{t['theirs']['fps']:12.2f}{t['speedup']:7.2f}x  ({verdict} {TARGET}x target)")
-    eq = res["equality"]
-    print(f"outputs fp64 ({eq['fp64']['frames']} frames): max |ours - theirs| {eq['fp64']['max_diff_px']:.2e} px "
-          f"(tolerance {cfg['tol']:g}), visibility mismatches {eq['fp64']['visibility_mismatches']}, "
-          f"visible {100 * eq['fp64']['visible_fraction']:.0f} %")
-    print(f"outputs fp32: max |ours - theirs| {eq['fp32']['max_diff_px']:.2e} px, mean "
-          f"{eq['fp32']['mean_diff_px']:.1e} px, points beyond {cfg['tol']:g} px {eq['fp32']['beyond_tol']}, "
-          f"visibility mismatches {eq['fp32']['visibility_mismatches']}")
-    print(f"outputs bf16: max |ours - theirs| {eq['bf16']['max_diff_px']:.3f} px, mean "
-          f"{eq['bf16']['mean_diff_px']:.3f} px, visibility mismatches {eq['bf16']['visibility_mismatches']}")
+    print_equality(res)
     for which, s in res["stream"].items():
         marks = ", ".join(f"{t}: {v:.0f}" for t, v in s["rss_mib"].items())
         state = list(s["state_mib"].values())[-1]
@@ -426,12 +430,30 @@ def print_report(res: dict) -> None:
               f"{'flat' if s['flat'] else 'NOT FLAT'}")
 
 
+def print_equality(res: dict) -> None:
+    """The output differences: ours vs theirs in fp64, fp32 and bf16, and each one's bf16 vs its own fp32."""
+    cfg, eq = res["config"], res["equality"]
+    print(f"outputs fp64 ({eq['fp64']['frames']} frames): max |ours - theirs| {eq['fp64']['max_diff_px']:.2e} px "
+          f"(tolerance {cfg['tol']:g}), visibility mismatches {eq['fp64']['visibility_mismatches']}, "
+          f"visible {100 * eq['fp64']['visible_fraction']:.0f} %")
+    print(f"outputs fp32: max |ours - theirs| {eq['fp32']['max_diff_px']:.2e} px, mean "
+          f"{eq['fp32']['mean_diff_px']:.1e} px, points beyond {cfg['tol']:g} px {eq['fp32']['beyond_tol']}, "
+          f"visibility mismatches {eq['fp32']['visibility_mismatches']}")
+    print(f"outputs bf16: max |ours - theirs| {eq['bf16']['max_diff_px']:.3f} px, mean "
+          f"{eq['bf16']['mean_diff_px']:.3f} px, visibility mismatches {eq['bf16']['visibility_mismatches']}")
+    for name, d in eq.get("bf16_vs_own_fp32", {}).items():
+        print(f"bf16 vs its own fp32, {name}: max {d['max_diff_px']:.3f} px, mean {d['mean_diff_px']:.3f} px, "
+              f"median point {d['median_diff_px']:.3f} px")
+
+
 def main(authors_repo: str, hw="384,512", points: int = 256, frames: int = 8, warmup: int = 5, rounds: int = 6,
          per_round: int = 10, stream_frames: int = 2000, stream_theirs: bool = False, stream_hw=None,
          memory_size: int = 12,
          seed: int = 0, checkpoint: str | None = None, vis_bias: float = 3.0, tol: float = 1e-3,
-         threads: int | None = None, perturb_theirs: float = 0.0, out_json: str | None = None) -> None:
-    """Check equal outputs, then time both online steps in fp32 and bf16 and follow a long stream's memory."""
+         threads: int | None = None, perturb_theirs: float = 0.0, out_json: str | None = None,
+         check_only: bool = False) -> None:
+    """Check equal outputs, then time both online steps in fp32 and bf16 and follow a long stream's memory
+    (--check_only: print the output differences and stop)."""
     hw = parse_hw(hw, "hw")
     if threads:
         torch.set_num_threads(threads)
@@ -459,7 +481,11 @@ def main(authors_repo: str, hw="384,512", points: int = 256, frames: int = 8, wa
     eq32 = compare(trackers, pts, frame, frames, amp=False, tol=tol)
     if eq32["visible_fraction"] == 0:
         print("warning: no point is ever visible, so no memory slot is read (raise --vis_bias)", flush=True)
-    res["equality"] = {"fp64": eq64, "fp32": eq32, "bf16": compare(trackers, pts, frame, frames, amp=True)}
+    res["equality"] = {"fp64": eq64, "fp32": eq32, "bf16": compare(trackers, pts, frame, frames, amp=True),
+                       "bf16_vs_own_fp32": {n: own_drift(tr, pts, frame, frames) for n, tr in trackers.items()}}
+    if check_only:
+        print_equality(res)
+        return
 
     res["timing"] = {}
     for name, amp in (("fp32", False), ("bf16", True)):

@@ -52,6 +52,8 @@ def test_tiny_run_equal_outputs_and_flat_stream(authors_repo, tmp_path):
     assert eq["max_diff_px"] <= 1e-3 and eq["visibility_mismatches"] == 0
     assert eq["visible_fraction"] > 0.5  # the memory path is exercised, not skipped
     assert data["equality"]["fp32"]["max_diff_px"] < 1e-2
+    drift = data["equality"]["bf16_vs_own_fp32"]
+    assert set(drift) == {"ours", "theirs"} and all(0 < d["median_diff_px"] <= d["max_diff_px"] for d in drift.values())
     for dt in ("fp32", "bf16"):
         t = data["timing"][dt]
         assert t["ours"]["steps"] == t["theirs"]["steps"] == 2 and t["speedup"] > 0
