@@ -220,6 +220,28 @@ def test_kubric_layout_and_window(tmp_path):
         KubricDataset(str(tmp_path), S=25)
 
 
+def test_kubric_samples_get_the_occlusion_boxes_at_the_source_size(tmp_path, monkeypatch):
+    from pips2.datasets.kubric import KubricDataset
+    from pips2.utils import augment
+
+    calls = []
+
+    def hide_frame_1(frames, trajs, visibs, rng):
+        calls.append(frames.shape)
+        visibs = visibs.copy()
+        visibs[1] = False
+        return frames, visibs
+
+    monkeypatch.setattr(augment, "erase_and_replace", hide_frame_1)
+    _kubric(tmp_path, n_seq=1, frames=6, size=128)
+    ds = KubricDataset(str(tmp_path), S=4, N=8, crop_size=(64, 96), use_augs=True)
+    _, track = ds.sample(0, np.random.default_rng(0))
+    assert calls == [(4, 128, 128, 3)]  # the S-window, before the crop
+    assert track[0, :, 2].all() and not track[1, :, 2].any()  # its hidden points stay hidden
+    _, track = KubricDataset(str(tmp_path), S=4, N=8, crop_size=(64, 96)).sample(0, np.random.default_rng(0))
+    assert len(calls) == 1 and track[1, :, 2].any()  # no augmentation without use_augs
+
+
 def test_kubric_training_and_nan_stop(tmp_path):
     _kubric(tmp_path / "ok")
     cmd = [sys.executable, str(ROOT / "train.py"), "--dataset=kubric", f"--movi_f_root={tmp_path / 'ok'}",

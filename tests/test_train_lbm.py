@@ -59,6 +59,7 @@ def test_lbm_defaults_are_the_authors_recipe_and_pips_is_unchanged():
     assert p.name() == "stage1_4x36x128_256x384_i6_lr0.0005"
     for flags, msg in [({"crop_size": "64,80"}, "multiple of 32"), ({"eval_dataset": "kinetics"}, "must be davis"),
                        ({"eval_dataset": "davis"}, "needs --tapvid_root"),
+                       ({"eval_dataset": "davis", "tapvid_root": "d.pkl", "eval_videos": 0}, "at least 1"),
                        ({"model": "cotracker"}, "--model must be")]:
         with pytest.raises(ValueError, match=msg):
             train.make_config(1, {"model": "lbm", **flags})
@@ -302,6 +303,7 @@ cfg = train.make_config(1, {cfg!r})
     assert [s for s, _ in ck.list_checkpoints(next((tmp_path / "ck").iterdir()))] == [3]
 
 
+@pytest.mark.slow
 def test_ddp_a_non_finite_loss_on_one_rank_skips_the_step_on_both(tmp_path):
     """Rank 1's second loss is made NaN: both ranks must skip that step (agreeing before backward, where a lone
     skipping rank would leave the other waiting in DDP's gradient all-reduce) and end with identical weights."""

@@ -6,6 +6,7 @@ is in utils/train_step.py; the flags and the stage defaults are train.py's.
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import random
@@ -120,6 +121,7 @@ class Config:
         return base + (f"_{self.exp_name}" if self.exp_name else "")
 
 
+DDP_TIMEOUT = datetime.timedelta(hours=3)  # longest a rank waits for the others in one collective
 fail = die  # one error line, exit 2: bad input or a run that cannot go on safely
 
 
@@ -144,7 +146,9 @@ class Ranks:
             dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
             torch.cuda.set_device(dev)
         if world > 1 and not dist.is_initialized():
-            dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+            # the other ranks wait in their next collective while rank 0 validates on TAP-Vid, which on a CPU
+            # can outlast the default 30 minutes
+            dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", timeout=DDP_TIMEOUT)
         return cls(int(os.environ.get("RANK", "0")), world, dev)
 
     @property

@@ -89,6 +89,8 @@ def make_config(stage: int, flags: dict) -> Config:
         raise ValueError(f"--eval_dataset must be davis (TAP-Vid-DAVIS while training), got {values['eval_dataset']!r}")
     if values.get("eval_dataset") and not values.get("tapvid_root"):
         raise ValueError("--eval_dataset=davis needs --tapvid_root=<tapvid_davis.pkl>")
+    if values.get("eval_dataset") and int(values.get("eval_videos", 5)) < 1:
+        raise ValueError(f"--eval_videos must be at least 1, got {values['eval_videos']}")
     amp_dtype(values.get("amp", "none"))  # one clear line for an unknown --amp
     return Config(**values)
 
