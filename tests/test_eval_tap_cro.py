@@ -125,10 +125,44 @@ def test_test_on_tap_lbm_runs(tmp_path, lbm, capsys):
     for m in ("first", "strided"):
         for k in ("average_jaccard", "delta_avg", "occlusion_accuracy"):
             assert 0 <= js["tapvid"][m][k] <= 100, (m, k)
-    res = run_main(test_on_tap.main, capsys, memory_size=7, modes="first", **kw)
+    # each video is resized to 256x256 first, as the authors evaluate: the figures are those of the resized video
+    from pips2.utils.tracking import load_tracker
+
+    net = load_tracker("lbm", str(tmp_path / "lbm.pt"), "cpu", "none", 20)
+    _, video, points, occ = next(iter(tapvid.load_tapvid(tmp_path / "tapvid_davis.pkl")))
+    v256, p256 = evaluation.resize_tapvid(video, points, (256, 256))
+    assert js["tapvid_per_video"]["first"]["a"] == evaluation.tapvid_query_mode(net, v256, p256, occ, "first")
+    res = run_main(test_on_tap.main, capsys, memory_size=7, modes="first", out_json=str(out), resize_to_256=False,
+                   **kw)
     assert res.returncode == 0 and "memory of 7 frames" in res.stdout
+    net.set_memory_size(7)
+    assert json.loads(out.read_text())["tapvid_per_video"]["first"]["a"] == \
+        evaluation.tapvid_query_mode(net, video, points, occ, "first")
     res = run_main(test_on_tap.main, capsys, image_size="128,160", **kw)
     assert res.returncode == 2 and "--image_size is PIPs++'s" in res.stderr
+
+
+def test_resize_tapvid_moves_points_with_the_pixels():
+    T, H, W = 2, 384, 512
+    rng = np.random.default_rng(0)
+    norm = rng.uniform(0.1, 0.9, (5, T, 2)).astype(np.float32)
+    points = norm * [W - 1, H - 1]
+    yy, xx = np.mgrid[0:H, 0:W]
+    video = np.zeros((T, H, W, 3), np.uint8)
+    for t in range(T):
+        for x, y in points[:, t]:
+            video[t][(xx - x) ** 2 + (yy - y) ** 2 <= 36] = 255  # a disc of radius 6 px
+    v, p = evaluation.resize_tapvid(video, points, (256, 256))
+    assert v.shape == (T, 256, 256, 3)
+    np.testing.assert_allclose(p, norm * 255, rtol=1e-6)  # as load_tapvid places a file stored at 256x256
+    g = v[..., 0].astype(np.float64)
+    yy, xx = np.mgrid[0:256, 0:256]
+    for t in range(T):
+        for x, y in p[:, t]:
+            win = ((xx - x) ** 2 + (yy - y) ** 2 <= 25) * g[t]  # the disc is now ~3x4 px: its centroid
+            assert abs((win * xx).sum() / win.sum() - x) < 0.5 and abs((win * yy).sum() / win.sum() - y) < 0.5
+    same, q = evaluation.resize_tapvid(v, p, (256, 256))
+    assert same is v and q is p
 
 
 def test_lbm_memory_sizes_by_data_set():

@@ -221,7 +221,7 @@ def test_tapvid_davis_validation_while_training(tmp_path):
     _, net = train.run_stage(cfg)
     blob = b"".join(p.read_bytes() for p in (tmp_path / "logs").rglob("events.out.tfevents*"))
     assert b"davis/AJ" in blob and b"davis/OA" in blob and b"davis/d_avg" in blob
-    # the figures are test_on_tap.py's query-first ones of the first video only (--eval_videos=1)
+    # the figures are test_on_tap.py's query-first ones (at 256x256) of the first video only (--eval_videos=1)
     figs = trainer.Validator(cfg, None, None).tapvid(net)
     assert net.training
     from pips2.datasets.tapvid import load_tapvid
@@ -230,7 +230,7 @@ def test_tapvid_davis_validation_while_training(tmp_path):
     _, video, points, occluded = next(iter(load_tapvid(tmp_path / "davis.pkl")))
     net.eval()
     with torch.no_grad():
-        ref = evaluation.tapvid_query_mode(net, video, points, occluded, "first")
+        ref = evaluation.tapvid_query_mode(net, video, points, occluded, "first", size=(256, 256))
     assert figs == {"AJ": ref["average_jaccard"], "d_avg": ref["delta_avg"], "OA": ref["occlusion_accuracy"]}
     assert all(0.0 <= v <= 100.0 for v in figs.values())
     cfg2 = _kubric_cfg(tmp_path, tapvid_root=str(tmp_path / "davis.pkl"), eval_dataset="davis", eval_videos=2)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 
@@ -17,6 +18,8 @@ from pips2.utils.tracking import ArrayFrames, FrameSource, track, track_windows
 # LBM's evaluation memory per data set (the authors' choice, SPEC section 1), found by name in the file's name
 LBM_MEMORY_SIZES = (("davis", 20), ("kinetics", 36), ("robotap", 60))
 LBM_DEFAULT_MEMORY = 48
+# LBM's authors resize every TAP-Vid video to this size before their model (which resizes to its input size)
+TAPVID_SIZE = (256, 256)
 
 
 def select_points(trajs: np.ndarray, visibs: np.ndarray, valids: np.ndarray, hw: tuple[int, int],
@@ -100,13 +103,29 @@ def lbm_memory_size(dataset_location: str | os.PathLike) -> int:
     return next((m for key, m in LBM_MEMORY_SIZES if key in name), LBM_DEFAULT_MEMORY)
 
 
+def resize_tapvid(video: np.ndarray, points: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """A TAP-Vid video (T,H,W,3) and its points (N,T,2, pixels) at size (h, w): area-averaged frames, points
+    scaled as load_tapvid places them (normalised x (w-1, h-1)), so they equal the points of a file stored at
+    that size."""
+    H, W = video.shape[1:3]
+    h, w = size
+    if (H, W) == (h, w):
+        return video, points
+    interp = cv2.INTER_AREA if h <= H and w <= W else cv2.INTER_LINEAR
+    frames = np.stack([cv2.resize(f, (w, h), interpolation=interp) for f in video])
+    return frames, points * np.array([(w - 1) / max(W - 1, 1), (h - 1) / max(H - 1, 1)], np.float32)
+
+
 def tapvid_query_mode(model, video: np.ndarray, points: np.ndarray, occluded: np.ndarray, mode: str,
-                      **track_kw) -> dict[str, float]:
+                      size: tuple[int, int] | None = None, **track_kw) -> dict[str, float]:
     """TAP-Vid metrics of one video in the 'first' or 'strided' query mode; {} when it has no query.
 
-    Points (N,T,2) in pixels, occluded (N,T). Strided mode scores the frames before each query too, so it
-    tracks backward as well. delta^x_avg always; AJ and OA when the model predicts visibility (LBM).
+    Points (N,T,2) in pixels, occluded (N,T); `size` resizes the video first (LBM's authors: TAPVID_SIZE).
+    Strided mode scores the frames before each query too, so it tracks backward as well. delta^x_avg always;
+    AJ and OA when the model predicts visibility (LBM).
     """
+    if size is not None:
+        video, points = resize_tapvid(video, points, size)
     idx, qf = first_queries(occluded) if mode == "first" else strided_queries(occluded)
     if len(idx) == 0:
         return {}

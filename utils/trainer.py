@@ -594,7 +594,8 @@ class Validator:
                 if i >= cfg.eval_videos:
                     break
                 if cfg.lbm:
-                    res = evaluation.tapvid_query_mode(net, video, points, occluded, "first")
+                    res = evaluation.tapvid_query_mode(net, video, points, occluded, "first",
+                                                       size=evaluation.TAPVID_SIZE)
                 else:
                     res = evaluation.evaluate_tapvid_video(net, video, points, occluded, cfg.crop_size, S=cfg.S,
                                                            iters=cfg.iters * 2)

@@ -7,7 +7,8 @@ and OA are not reported.
 
 LBM (--model=lbm): the full TAP-Vid metrics (AJ, delta^x_avg, OA) in both modes, from its own visibility,
 with the authors' evaluation memory for the data set (DAVIS 20, Kinetics 36, RoboTAP 60, else 48; override
-with --memory_size). The frames reach the model at their own size; it resizes to its input size.
+with --memory_size). As the authors do, each video is first resized to 256x256 (--resize_to_256=False keeps
+the file's size); the model then resizes to its input size.
 
     python test_on_tap.py --dataset_location=/data/tapvid/tapvid_davis.pkl --init_dir=./reference_model
     python test_on_tap.py --dataset_location=/data/tapvid/tapvid_davis.pkl --model=lbm --init_dir=lbm.pt
@@ -47,7 +48,7 @@ def main(dataset_location: str = "../datasets/tapvid/tapvid_davis.pkl", S: int =
          image_size=None, init_dir: str | None = None, max_videos: int | None = None,
          device: str = "auto", amp: str = "none", point_batch: int = 256, modes: str = "first,strided",
          out_json: str | None = None, max_iters: int | None = None, model: str = "pips2",
-         memory_size: int | None = None) -> None:
+         memory_size: int | None = None, resize_to_256: bool = True) -> None:
     """Score each video; print one line per video and tables of the means.
 
     --max_videos scores only the first videos; --max_iters is the authors' name for it. --image_size (PIPs++
@@ -71,7 +72,9 @@ def main(dataset_location: str = "../datasets/tapvid/tapvid_davis.pkl", S: int =
     lbm = is_lbm(net)
     if lbm:
         print(f"LBM: memory of {net.memory_size} frames, input size {net.size[1]}x{net.size[0]}")
-    track_kw = {} if lbm else dict(S=S, iters=iters, image_size=image_size, point_batch=point_batch, amp=amp)
+    # LBM: each video resized to 256x256 first, as its authors evaluate (--resize_to_256=False: the file's size)
+    track_kw = (dict(size=evaluation.TAPVID_SIZE if resize_to_256 else None) if lbm else
+                dict(S=S, iters=iters, image_size=image_size, point_batch=point_batch, amp=amp))
     rows, deltas, scored, skipped, curves = {}, {m: {} for m in modes}, [], [], {}
     t0 = time.time()
     for i, (name, video, points, occluded) in enumerate(tqdm(videos, desc="tapvid")):
