@@ -50,12 +50,19 @@ def _descendants(pid):
 
 # --- Ctrl-C -------------------------------------------------------------------------------------------------
 
+def _ctrl_c_as_in_a_terminal() -> None:
+    # a test run started in the background (`cmd &` in a script) ignores SIGINT, and the export would inherit
+    # that and rightly keep ignoring it: give it the default disposition a terminal's process has
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize("target", ["process_group", "parent_only"])
 def test_ctrl_c_stops_every_worker_and_keeps_only_verified_clips(synth_root, tmp_path, target):
     proc = subprocess.Popen(
         [sys.executable, str(ROOT / "export_mp4_dataset.py"), f"--dataset_location={synth_root}", "--dset=train",
          f"--out_dir={tmp_path}", *EXPORT_ARGS, "--workers=2"],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        preexec_fn=_ctrl_c_as_in_a_terminal)
     vdir = _version(tmp_path)
     try:
         deadline = time.time() + 120
