@@ -305,14 +305,18 @@ def autocast(amp: bool):
 # Measurements
 
 
+def run_frames(tracker, points: torch.Tensor, frame: Callable[[int], torch.Tensor], frames: int,
+               amp: bool) -> list[torch.Tensor]:
+    """Start the tracker on frame 0 and step it to `frames`: points, visibility and rho probability over time."""
+    with autocast(amp):
+        seq = [tracker.start(points, frame(0))] + [tracker.step(frame(t)) for t in range(1, frames)]
+    return [torch.stack([s[i].float() for s in seq]) for i in range(3)]
+
+
 def compare(trackers: dict, points: torch.Tensor, frame: Callable[[int], torch.Tensor], frames: int,
             amp: bool, tol: float = 1e-3) -> dict:
     """Step both trackers over the same frames; max point difference (px), visibility disagreements, ..."""
-    outs = {}
-    for name, tr in trackers.items():
-        with autocast(amp):
-            seq = [tr.start(points, frame(0))] + [tr.step(frame(t)) for t in range(1, frames)]
-        outs[name] = [torch.stack([s[i].float() for s in seq]) for i in range(3)]
+    outs = {name: run_frames(tr, points, frame, frames, amp) for name, tr in trackers.items()}
     (p_o, v_o, r_o), (p_t, v_t, r_t) = outs["ours"], outs["theirs"]
     return {"frames": frames, "max_diff_px": (p_o - p_t).abs().max().item(),
             "mean_diff_px": (p_o - p_t).abs().mean().item(),
@@ -323,12 +327,8 @@ def compare(trackers: dict, points: torch.Tensor, frame: Callable[[int], torch.T
 
 def own_drift(tracker, points: torch.Tensor, frame: Callable[[int], torch.Tensor], frames: int) -> dict:
     """How far one tracker's bf16 points move from its own float32 points over the same frames (px)."""
-    runs = []
-    for amp in (False, True):
-        with autocast(amp):
-            seq = [tracker.start(points, frame(0))] + [tracker.step(frame(t)) for t in range(1, frames)]
-        runs.append(torch.stack([s[0].float() for s in seq]))
-    d = (runs[1] - runs[0]).abs()
+    fp32, bf16 = (run_frames(tracker, points, frame, frames, amp)[0] for amp in (False, True))
+    d = (bf16 - fp32).abs()
     return {"max_diff_px": d.max().item(), "mean_diff_px": d.mean().item(),
             "median_diff_px": d.amax(-1).median().item()}
 

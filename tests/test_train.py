@@ -276,22 +276,26 @@ dist.destroy_process_group()
 """
 
 
+def run_ddp_identical(script: Path, body: str, port: int, threads: int | None = None) -> subprocess.CompletedProcess:
+    """Run `body` (which defines cfg) + DDP_IDENTICAL as `script` on two torchrun ranks; assert that it exits 0
+    and that the ranks end with identical weights."""
+    script.write_text("import torch, torch.distributed as dist\nfrom pips2.cli import train\n" + body + DDP_IDENTICAL)
+    env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
+    res = subprocess.run([str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node=2",
+                          f"--master_port={port}", str(script)], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    assert "IDENTICAL 2" in res.stdout
+    return res
+
+
 def test_ddp_two_processes_keep_identical_weights(exported, tmp_path):
     out, _ = exported
-    script = tmp_path / "ddp.py"
-    script.write_text(f"""
-import torch, torch.distributed as dist
-from pips2.cli import train
+    run_ddp_identical(tmp_path / "ddp.py", f"""
 cfg = train.make_config(1, dict(dataset_location={str(out)!r}, dataset_version={_version(out)!r}, B=1, S=6, N=8,
                                 crop_size=(128, 192), iters=2, max_steps=3, save_freq=3, workers=0, device="cpu",
                                 log_dir={str(tmp_path / 'logs')!r}, ckpt_dir={str(tmp_path / 'ck')!r}, quiet=True))
-""" + DDP_IDENTICAL)
-    torchrun = Path(sys.executable).parent / "torchrun"
-    env = dict(os.environ)
-    res = subprocess.run([str(torchrun), "--nproc_per_node=2", "--master_port=29531", str(script)], cwd=ROOT,
-                         env=env, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
-    assert "IDENTICAL 2" in res.stdout
+""", 29531)
     assert [s for s, _ in ck.list_checkpoints(next((tmp_path / "ck").iterdir()))] == [3]
 
 

@@ -2,15 +2,12 @@
 exact resume, AMP, non-finite and corrupt-clip skipping, validation on held-out clips (tiny LBM, in-process)."""
 
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from test_train import DDP_IDENTICAL, _kubric
+from test_train import _kubric, run_ddp_identical
 from test_train_robust import _corrupt_copy
 
 from pips2.cli import train
@@ -22,7 +19,6 @@ from pips2.utils.train_step import warmup_cosine
 # input_size 64x96 (whole stride-32 cells), a narrow transformer, a short memory: ~0.3 s a step on one thread
 TINY = dict(model="lbm", B=1, S=4, N=8, crop_size="64,96", embed_dim=32, memory_size=4, workers=0, device="cpu",
             log_freq=1, quiet=True)
-ROOT = Path(__file__).resolve().parents[1]
 MODEL_KW = dict(input_size=(64, 96), embed_dim=32, memory_size=4, N=8, T=4)
 
 
@@ -288,18 +284,7 @@ def test_ddp_two_processes_train_lbm_with_identical_weights(tmp_path):
     _kubric(tmp_path / "kubric", n_seq=2, frames=6, size=128)
     cfg = {**TINY, "dataset": "kubric", "movi_f_root": str(tmp_path / "kubric"), "max_steps": 3, "save_freq": 3,
            "log_dir": str(tmp_path / "logs"), "ckpt_dir": str(tmp_path / "ck")}
-    script = tmp_path / "ddp.py"
-    script.write_text(f"""
-import torch, torch.distributed as dist
-from pips2.cli import train
-cfg = train.make_config(1, {cfg!r})
-""" + DDP_IDENTICAL)
-    torchrun = Path(sys.executable).parent / "torchrun"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    res = subprocess.run([str(torchrun), "--nproc_per_node=2", "--master_port=29541", str(script)], cwd=ROOT,
-                         env=env, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
-    assert "IDENTICAL 2" in res.stdout
+    run_ddp_identical(tmp_path / "ddp.py", f"cfg = train.make_config(1, {cfg!r})\n", 29541, threads=1)
     assert [s for s, _ in ck.list_checkpoints(next((tmp_path / "ck").iterdir()))] == [3]
 
 
@@ -310,10 +295,7 @@ def test_ddp_a_non_finite_loss_on_one_rank_skips_the_step_on_both(tmp_path):
     _kubric(tmp_path / "kubric", n_seq=2, frames=6, size=128)
     cfg = {**TINY, "dataset": "kubric", "movi_f_root": str(tmp_path / "kubric"), "max_steps": 3, "save_freq": 3,
            "log_dir": str(tmp_path / "logs"), "ckpt_dir": str(tmp_path / "ck"), "use_augs": False, "quiet": False}
-    script = tmp_path / "ddp_nan.py"
-    script.write_text(f"""
-import torch, torch.distributed as dist
-from pips2.cli import train
+    res = run_ddp_identical(tmp_path / "ddp_nan.py", f"""
 from pips2.utils import trainer
 real, calls = trainer.lbm_forward_loss, []
 def poisoned(*a, **k):
@@ -324,11 +306,5 @@ def poisoned(*a, **k):
     return loss, out, seen
 trainer.lbm_forward_loss = poisoned
 cfg = train.make_config(1, {cfg!r})
-""" + DDP_IDENTICAL)
-    torchrun = Path(sys.executable).parent / "torchrun"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    res = subprocess.run([str(torchrun), "--nproc_per_node=2", "--master_port=29543", str(script)], cwd=ROOT,
-                         env=env, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
-    assert "IDENTICAL 2" in res.stdout
+""", 29543, threads=1)
     assert "step 000002/3; non-finite loss, step skipped (1 so far)" in res.stdout  # said by rank 0
