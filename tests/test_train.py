@@ -268,10 +268,10 @@ dist.all_gather(gathered, flat)
 if dist.get_rank() == 0:
     assert all(torch.equal(g, gathered[0]) for g in gathered), "ranks differ"
     print("IDENTICAL", dist.get_world_size(), flush=True)
-# as train.py does: every rank reaches the end before any tears down gloo; a rank that destroyed its group
-# while the other still held the connection was seen to abort (SIGABRT) in CI after the check had passed
+# as train.py does: every rank reaches the end before any tears down gloo, through the barrier that is safe
+# as the last collective (a plain one after the all_gather above aborted a rank at exit, 1 run in ~15)
 del net, gathered
-dist.barrier()
+trainer.barrier()
 dist.destroy_process_group()
 """
 
@@ -279,7 +279,8 @@ dist.destroy_process_group()
 def run_ddp_identical(script: Path, body: str, port: int, threads: int | None = None) -> subprocess.CompletedProcess:
     """Run `body` (which defines cfg) + DDP_IDENTICAL as `script` on two torchrun ranks; assert that it exits 0
     and that the ranks end with identical weights."""
-    script.write_text("import torch, torch.distributed as dist\nfrom pips2.cli import train\n" + body + DDP_IDENTICAL)
+    script.write_text("import torch, torch.distributed as dist\nfrom pips2.cli import train\n"
+                      "from pips2.utils import trainer\n" + body + DDP_IDENTICAL)
     env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
     res = subprocess.run([str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node=2",
                           f"--master_port={port}", str(script)], cwd=ROOT, env=env, capture_output=True, text=True,

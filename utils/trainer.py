@@ -181,7 +181,21 @@ class Ranks:
     def barrier(self) -> None:
         """Wait for every rank."""
         if self.world > 1:
-            dist.barrier()
+            barrier()
+
+
+_LAST_BARRIER: list = []
+
+
+def barrier() -> None:
+    """dist.barrier() that is safe as the last collective before the process exits."""
+    work = dist.barrier(async_op=True)
+    work.wait()
+    # A gloo barrier keeps the collectives it waited for, and their tensors, until it is freed. Freed by gloo's
+    # worker thread, the tensors' release needs the GIL; if the interpreter is finalising by then, that thread is
+    # killed inside a C++ destructor and the rank aborts (SIGABRT) after all its work is done (seen in 1 run of
+    # ~15). Holding the last barrier here leaves its release to the main thread.
+    _LAST_BARRIER[:] = [work]
 
 
 @contextmanager
