@@ -365,6 +365,7 @@ class TrainState:
             msg = (f"{name}: {self.nan_run} non-finite losses in a row at step {step}; stopped and saved "
                    f"{self.ckpt_dir / ck.ckpt_name(step)} (try a lower --lr or --amp=none)")
             if self.ranks.world > 1:
+                barrier()  # every rank stops here together (the losses were agreed); see barrier()
                 dist.destroy_process_group()
             raise SystemExit(msg)
 
