@@ -220,62 +220,84 @@ def winograd_filters(block: DeltaBlock) -> list[torch.Tensor | None]:
                 else None for c in convs]
 
 
-def _shifted_columns(x: torch.Tensor) -> torch.Tensor:
-    """Time-major x (M,S,C) -> (M*S, 3C): each row holds the inputs at t-1, t, t+1 (zeros outside)."""
-    M, S, C = x.shape
-    xp = F.pad(x, (0, 0, 1, 1))
-    return torch.cat([xp[:, :S], xp[:, 1:S + 1], xp[:, 2:]], 2).view(M * S, 3 * C)
+def _taps(weight: torch.Tensor) -> torch.Tensor:
+    """Conv1d weight (cout, cin, 3) -> (3, cout, cin): one contiguous matrix per tap."""
+    return weight.permute(2, 0, 1).contiguous()
 
 
-def _tap_major(weight: torch.Tensor) -> torch.Tensor:
-    """Conv1d weight (cout, cin, 3) -> (3*cin, cout): row k*cin + c holds weight[:, c, k]."""
-    return weight.permute(2, 1, 0).reshape(-1, weight.shape[0])
+def _k3_rows(xp: torch.Tensor, taps: torch.Tensor, bias: torch.Tensor | None, transposed: bool) -> torch.Tensor:
+    """Three-tap convolution over the rows of a sequence-padded matrix xp (L, c): row j of the result (1 <= j <
+    L-1) is xp[j-1] A0 + xp[j] A1 + xp[j+1] A2, with A_k = taps[k].t() (or taps[2-k] when `transposed`, which
+    gives the input gradient). Rows 0 and L-1 are left unset. Contiguous row slices: no shifted copies."""
+    a0, a1, a2 = (taps[2], taps[1], taps[0]) if transposed else (taps[0].t(), taps[1].t(), taps[2].t())
+    out = xp.new_empty(xp.shape[0], a1.shape[1])
+    o = out[1:-1]
+    if bias is None:
+        torch.mm(xp[1:-1], a1, out=o)
+    else:
+        torch.addmm(bias, xp[1:-1], a1, out=o)
+    o.addmm_(xp[:-2], a0)
+    o.addmm_(xp[2:], a2)
+    return out
+
+
+def _pad_rows(x: torch.Tensor) -> torch.Tensor:
+    """Time-major (M,S,C) -> (M*(S+2), C): every sequence between two zero rows, so a time shift is a row shift."""
+    return F.pad(x, (0, 0, 1, 1)).view(-1, x.shape[2])
+
+
+def _unpad_rows(out: torch.Tensor, M: int, S: int) -> torch.Tensor:
+    return out.view(M, S + 2, -1)[:, 1:-1]
 
 
 class _Conv1dK3Gemm(torch.autograd.Function):
-    """conv1d_k3_gemm with a backward that rebuilds the shifted columns instead of storing them (3x the input)."""
+    """conv1d_k3_gemm; backward: the input gradient is the same three-GEMM form with the taps mirrored, the weight
+    gradient three GEMMs against shifted row slices of the padded input (rebuilt, not stored)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(x, weight)
-        return torch.addmm(bias, _shifted_columns(x), _tap_major(weight)).view(*x.shape[:2], -1)
+        M, S, _ = x.shape
+        return _unpad_rows(_k3_rows(_pad_rows(x), _taps(weight), bias, False), M, S)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         x, weight = ctx.saved_tensors
-        M, S, C = x.shape
-        cout = weight.shape[0]
-        g = grad.reshape(M * S, cout)
+        M, S, _ = x.shape
+        gp = _pad_rows(grad)  # zero rows between sequences: nothing leaks across them
         gx = gw = gb = None
         if ctx.needs_input_grad[0]:
-            gc = (g @ _tap_major(weight).t()).view(M, S, 3, C)
-            # the input at time s fed output s+1 through tap 0, output s through tap 1, output s-1 through tap 2
-            gx = gc[:, :, 1].clone()
-            gx[:, :-1] += gc[:, 1:, 0]
-            gx[:, 1:] += gc[:, :-1, 2]
+            # the input at t fed output t+1 through tap 0, output t through tap 1, output t-1 through tap 2
+            gx = _unpad_rows(_k3_rows(gp, _taps(weight), None, True), M, S)
         if ctx.needs_input_grad[1]:
-            gw = (_shifted_columns(x).t() @ g).view(3, C, cout).permute(2, 1, 0)
+            xp, g = _pad_rows(x), gp[1:-1]
+            L = xp.shape[0]
+            gw = torch.stack([g.t() @ xp[k:L - 2 + k] for k in range(3)], 2)
         if ctx.needs_input_grad[2]:
-            gb = g.sum(0)
+            gb = grad.sum((0, 1))
         return gx, gw, gb
 
 
 def conv1d_k3_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """conv1d(kernel 3, padding 1) of time-major x (M,S,cin) as one GEMM over the three shifted copies -> (M,S,cout).
+    """conv1d(kernel 3, padding 1) of time-major x (M,S,cin) as three GEMMs over row slices -> (M,S,cout).
 
-    With autograd its backward is two large GEMMs, which the CPU runs closer to its peak than conv1d's backward
-    on (M, C, S) maps with short S, and it stores only the input, as conv1d does.
+    The sequences are laid end to end with a zero row between neighbours, so each tap is one GEMM on a
+    contiguous row slice (the two padding rows per sequence cost 2/(S+2) extra rows, no shifted copies). With
+    autograd its backward is six GEMMs of the same form, which the CPU runs closer to its peak than conv1d's
+    backward on (M, C, S) maps with short S, and it stores only the input, as conv1d does.
     """
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev):
+        # GEMMs into preallocated outputs, and a custom Function, see no autocast (the latter not in backward):
+        # cast here, as autocast would for addmm, so that both passes run in one dtype (the casts carry the
+        # gradients back to the float32 weights)
+        dt = torch.get_autocast_dtype(dev)
+        with torch.autocast(dev, enabled=False):
+            return conv1d_k3_gemm(x.to(dt), weight.to(dt), bias.to(dt))
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or bias.requires_grad):
-        dev = x.device.type
-        if torch.is_autocast_enabled(dev):
-            # a custom Function sees no autocast in backward: cast here, as autocast would for addmm, so that
-            # both passes run in one dtype (the casts carry the gradients back to the float32 weights)
-            dt = torch.get_autocast_dtype(dev)
-            with torch.autocast(dev, enabled=False):
-                return _Conv1dK3Gemm.apply(x.to(dt), weight.to(dt), bias.to(dt))
         return _Conv1dK3Gemm.apply(x, weight, bias)
-    return torch.addmm(bias, _shifted_columns(x), _tap_major(weight)).view(*x.shape[:2], -1)
+    M, S, _ = x.shape
+    return _unpad_rows(_k3_rows(_pad_rows(x), _taps(weight), bias, False), M, S)
 
 
 def _conv_time_major(conv: torch.nn.Conv1d, x: torch.Tensor, wt: torch.Tensor | None) -> torch.Tensor:
