@@ -51,11 +51,9 @@ VARIANTS = {
                   "bf16"),
     "ours_ckpt": (lambda points, hw: ExecPlan.auto("cpu", training=True, checkpointing=True, points=points, hw=hw),
                   None),
-    # candidates: the float32 plan with a channels-last encoder, one frame or four at a time
+    # candidate: the float32 plan with a channels-last encoder (docs/BENCHMARKS.md: 34.2 vs 36.0 s, not chosen)
     "ours_cl": (lambda points, hw: replace(ExecPlan.auto("cpu", training=True, points=points, hw=hw),
                                            channels_last=True), None),
-    "ours_cl4": (lambda points, hw: replace(ExecPlan.auto("cpu", training=True, points=points, hw=hw),
-                                            channels_last=True, encoder_chunk=4), None),
     # the large-batch choices (GEMM delta block, one frame at a time) at any shape
     "ours_large": (lambda points, hw: ExecPlan.auto("cpu", training=True), None),
 }

@@ -250,6 +250,11 @@ def _unpad_rows(out: torch.Tensor, M: int, S: int) -> torch.Tensor:
     return out.view(M, S + 2, -1)[:, 1:-1]
 
 
+def _k3_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    M, S, _ = x.shape
+    return _unpad_rows(_k3_rows(_pad_rows(x), _taps(weight), bias, False), M, S)
+
+
 class _Conv1dK3Gemm(torch.autograd.Function):
     """conv1d_k3_gemm; backward: the input gradient is the same three-GEMM form with the taps mirrored, the weight
     gradient three GEMMs against shifted row slices of the padded input (rebuilt, not stored)."""
@@ -257,8 +262,7 @@ class _Conv1dK3Gemm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(x, weight)
-        M, S, _ = x.shape
-        return _unpad_rows(_k3_rows(_pad_rows(x), _taps(weight), bias, False), M, S)
+        return _k3_forward(x, weight, bias)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -296,8 +300,7 @@ def conv1d_k3_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) ->
             return conv1d_k3_gemm(x.to(dt), weight.to(dt), bias.to(dt))
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or bias.requires_grad):
         return _Conv1dK3Gemm.apply(x, weight, bias)
-    M, S, _ = x.shape
-    return _unpad_rows(_k3_rows(_pad_rows(x), _taps(weight), bias, False), M, S)
+    return _k3_forward(x, weight, bias)
 
 
 def _conv_time_major(conv: torch.nn.Conv1d, x: torch.Tensor, wt: torch.Tensor | None) -> torch.Tensor:
