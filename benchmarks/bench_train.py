@@ -54,6 +54,10 @@ VARIANTS = {
     # candidate: the float32 plan with a channels-last encoder (docs/BENCHMARKS.md: 34.2 vs 36.0 s, not chosen)
     "ours_cl": (lambda points, hw: replace(ExecPlan.auto("cpu", training=True, points=points, hw=hw),
                                            channels_last=True), None),
+    "ours_wino": (lambda points, hw: replace(ExecPlan.auto("cpu", training=True, points=points, hw=hw),
+                                             delta="winograd"), None),
+    "ours_wino_bf16": (lambda points, hw: replace(ExecPlan.auto("cpu", torch.bfloat16, training=True, points=points,
+                                                                hw=hw), delta="winograd"), "bf16"),
     # the large-batch choices (GEMM delta block, one frame at a time) at any shape
     "ours_large": (lambda points, hw: ExecPlan.auto("cpu", training=True), None),
 }

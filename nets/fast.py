@@ -53,8 +53,8 @@ CHEAP_CONV_MACS = 256  # multiply-adds per output value under which a convolutio
 
 
 def _save_convolutions(ctx, op, *args, **kwargs) -> CheckpointPolicy:
-    if op in (torch.ops.aten.addmm.default, torch.ops.aten.mm.default):  # the GEMM form of a convolution
-        return CheckpointPolicy.MUST_SAVE
+    if op in (torch.ops.aten.addmm.default, torch.ops.aten.mm.default, torch.ops.aten.bmm.default):
+        return CheckpointPolicy.MUST_SAVE  # the GEMM and Winograd forms of a convolution (the latter's products)
     if op is torch.ops.aten.convolution.default:
         # weight (out, in/groups, kh, kw): one output filter's size is the multiply-adds per output value. The
         # encoder's 7x7 conv of the 3-channel image and the 1x1 shortcuts cost little to redo, and the
@@ -77,6 +77,60 @@ def keep_conv_outputs(fn, *args):
 # this equals sampling the full volume), never building the B*S*N*H8*W8 volume.
 
 
+def _patch_index(coords: torch.Tensor, h: int, w: int, radius: int):
+    """Where patch_corr gathers: flat row indices (F*N*P*P) into (F*h*w) rows, the in-map mask (F,N,P,P) and the
+    fractional offsets fx, fy (F,N) of coords (F,N,2); P = 2r+2."""
+    Fr = coords.shape[0]
+    # points far outside only see zeros; clamping keeps the integer arithmetic finite without changing that
+    x = coords[..., 0].clamp(-radius - 2, w + radius + 1)
+    y = coords[..., 1].clamp(-radius - 2, h + radius + 1)
+    x0, y0 = x.floor(), y.floor()
+    offs = torch.arange(-radius, radius + 2, device=coords.device)
+    ix = x0.long().unsqueeze(-1) + offs  # F, N, P
+    iy = y0.long().unsqueeze(-1) + offs
+    inside = ((ix >= 0) & (ix < w)).unsqueeze(-1) & ((iy >= 0) & (iy < h)).unsqueeze(-2)  # F,N,Px,Py
+    idx = iy.clamp(0, h - 1).unsqueeze(-2) * w + ix.clamp(0, w - 1).unsqueeze(-1)  # F,N,Px,Py
+    idx = idx + (torch.arange(Fr, device=coords.device) * (h * w)).view(Fr, 1, 1, 1)
+    return idx.reshape(-1), inside, x - x0, y - y0
+
+
+def _patch_blend(patch: torch.Tensor, targets: torch.Tensor, inside: torch.Tensor, fx: torch.Tensor,
+                 fy: torch.Tensor, scale: float) -> torch.Tensor:
+    """Gathered patches (F*N, P*P, C) and targets (F,N,T,C) -> correlations (F,N,T,(P-1)^2), zeros outside."""
+    Fr, N, T, C = targets.shape
+    P = inside.shape[-1]
+    corr = torch.bmm(targets.reshape(Fr * N, T, C), patch.transpose(1, 2)).view(Fr, N, T, P, P)
+    corr = corr * inside.unsqueeze(2).to(corr.dtype) / scale
+    fx = fx.view(Fr, N, 1, 1, 1)
+    fy = fy.view(Fr, N, 1, 1, 1)
+    # P[i, j] is at (x0 + i - r, y0 + j - r); out[i, j] blends P[i:i+2, j:j+2]
+    cx = corr[:, :, :, :-1] * (1 - fx) + corr[:, :, :, 1:] * fx
+    out = cx[..., :-1] * (1 - fy) + cx[..., 1:] * fy
+    return out.reshape(Fr, N, T, (P - 1) * (P - 1))
+
+
+def _patch_blend_grad(grad: torch.Tensor, inside: torch.Tensor, fx: torch.Tensor, fy: torch.Tensor,
+                      scale: float) -> torch.Tensor:
+    """The adjoint of _patch_blend's blend and mask: gradient (F,N,T,(P-1)^2) of the correlations -> gradient
+    (F*N, T, P*P) of the raw patch products (the blend is linear in them, so they need not be recomputed)."""
+    Fr, N, T, _ = grad.shape
+    P = inside.shape[-1]
+    g = grad.view(Fr, N, T, P - 1, P - 1)
+    fx = fx.view(Fr, N, 1, 1, 1).to(g.dtype)
+    fy = fy.view(Fr, N, 1, 1, 1).to(g.dtype)
+    gcx = F.pad(g * (1 - fy), (0, 1)) + F.pad(g * fy, (1, 0))  # (.., P-1, P)
+    gc = F.pad(gcx * (1 - fx), (0, 0, 0, 1)) + F.pad(gcx * fx, (0, 0, 1, 0))  # (.., P, P)
+    gc = gc * inside.unsqueeze(2).to(gc.dtype) / scale
+    return gc.view(Fr * N, T, P * P)
+
+
+def _gather(src: torch.Tensor, idx: torch.Tensor, workspace: torch.Tensor | None) -> torch.Tensor:
+    if workspace is None:
+        return src.index_select(0, idx)
+    C = src.shape[1]
+    return torch.index_select(src, 0, idx, out=workspace[:idx.numel() * C].view(idx.numel(), C))
+
+
 def patch_corr(fmap_flat: torch.Tensor, targets: torch.Tensor, coords: torch.Tensor, h: int, w: int,
                radius: int, scale: float, workspace: torch.Tensor | None = None) -> torch.Tensor:
     """Correlation of targets with a (2r+1)^2 bilinear neighbourhood, zeros outside the map.
@@ -89,32 +143,49 @@ def patch_corr(fmap_flat: torch.Tensor, targets: torch.Tensor, coords: torch.Ten
     """
     Fr, N, T, C = targets.shape
     P = 2 * radius + 2
-    # points far outside only see zeros; clamping keeps the integer arithmetic finite without changing that
-    x = coords[..., 0].clamp(-radius - 2, w + radius + 1)
-    y = coords[..., 1].clamp(-radius - 2, h + radius + 1)
-    x0, y0 = x.floor(), y.floor()
-    fx, fy = x - x0, y - y0
-    offs = torch.arange(-radius, radius + 2, device=coords.device)
-    ix = x0.long().unsqueeze(-1) + offs  # F, N, P
-    iy = y0.long().unsqueeze(-1) + offs
-    inside = ((ix >= 0) & (ix < w)).unsqueeze(-1) & ((iy >= 0) & (iy < h)).unsqueeze(-2)  # F,N,Px,Py
-    idx = iy.clamp(0, h - 1).unsqueeze(-2) * w + ix.clamp(0, w - 1).unsqueeze(-1)  # F,N,Px,Py
-    idx = idx + (torch.arange(Fr, device=coords.device) * (h * w)).view(Fr, 1, 1, 1)
-    idx = idx.reshape(-1)
-    src = fmap_flat.reshape(Fr * h * w, C)
-    if workspace is None:
-        patch = src.index_select(0, idx)
-    else:
-        patch = torch.index_select(src, 0, idx, out=workspace[:idx.numel() * C].view(idx.numel(), C))
-    patch = patch.view(Fr * N, P * P, C)
-    corr = torch.bmm(targets.reshape(Fr * N, T, C), patch.transpose(1, 2)).view(Fr, N, T, P, P)
-    corr = corr * inside.unsqueeze(2).to(corr.dtype) / scale
-    fx = fx.view(Fr, N, 1, 1, 1)
-    fy = fy.view(Fr, N, 1, 1, 1)
-    # P[i, j] is at (x0 + i - r, y0 + j - r); out[i, j] blends P[i:i+2, j:j+2]
-    cx = corr[:, :, :, :-1] * (1 - fx) + corr[:, :, :, 1:] * fx
-    out = cx[..., :-1] * (1 - fy) + cx[..., 1:] * fy
-    return out.reshape(Fr, N, T, (P - 1) * (P - 1))
+    idx, inside, fx, fy = _patch_index(coords, h, w, radius)
+    patch = _gather(fmap_flat.reshape(Fr * h * w, C), idx, workspace).view(Fr * N, P * P, C)
+    return _patch_blend(patch, targets, inside, fx, fy, scale)
+
+
+class _LocalCorrRecompute(torch.autograd.Function):
+    """One pyramid level of local_corr over frame chunks, storing no patch: backward gathers each chunk's
+    patches again (for the targets' gradient) and accumulates the map's gradient of every chunk into one buffer
+    (a checkpoint per chunk allocated a whole-map gradient for each chunk's slice, and freshly mapped memory is
+    slow to touch). The correlations are linear in the patch products, so these are not recomputed."""
+
+    @staticmethod
+    def forward(ctx, flat: torch.Tensor, tg: torch.Tensor, xy: torch.Tensor, h: int, w: int, r: int, scale: float,
+                step: int) -> torch.Tensor:
+        ctx.save_for_backward(flat, tg, xy)
+        ctx.args = (h, w, r, scale, step)
+        BS, N, T, C = tg.shape
+        ws = tg.new_empty(min(step, BS) * N * (2 * r + 2) ** 2 * C)
+        return torch.cat([patch_corr(flat[s:s + step], tg[s:s + step], xy[s:s + step], h, w, r, scale, ws)
+                          for s in range(0, BS, step)], 0)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        flat, tg, xy = ctx.saved_tensors
+        h, w, r, scale, step = ctx.args
+        BS, N, T, C = tg.shape
+        P = 2 * r + 2
+        want_map, want_tg = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        g_map = flat.new_zeros(BS * h * w, C) if want_map else None
+        g_tg = tg.new_empty(tg.shape) if want_tg else None
+        ws = tg.new_empty(min(step, BS) * N * P * P * C)
+        for s in range(0, BS, step):
+            fr = min(step, BS - s)
+            idx, inside, fx, fy = _patch_index(xy[s:s + step], h, w, r)
+            g_corr = _patch_blend_grad(grad[s:s + step], inside, fx, fy, scale)  # fr*N, T, P*P
+            if want_map:  # corr = targets patch^T: patch gradient g_corr^T targets, made contiguous by its bmm
+                g_patch = torch.bmm(g_corr.transpose(1, 2), tg[s:s + step].reshape(fr * N, T, C))
+                g_map.index_add_(0, idx + s * h * w, g_patch.view(-1, C))
+            if want_tg:
+                patch = _gather(flat[s:s + step].reshape(fr * h * w, C), idx, ws).view(fr * N, P * P, C)
+                torch.bmm(g_corr, patch, out=g_tg[s:s + step].view(fr * N, T, C))
+        return (g_map.view(flat.shape) if want_map else None), g_tg, None, None, None, None, None, None
 
 
 def local_corr(pyramid: CorrPyramid, targets: torch.Tensor, coords: torch.Tensor, chunk_elems: int,
@@ -122,8 +193,8 @@ def local_corr(pyramid: CorrPyramid, targets: torch.Tensor, coords: torch.Tensor
     """CorrPyramid.volume's values from local patches: (B,S,N,T,C), (B,S,N,2) -> (B,S,N,T*L*(2r+1)^2).
 
     chunk_elems bounds the gathered floats held at once (0 = no bound). gather: "workspace" gathers into
-    one buffer kept on the pyramid for all its calls (no autograd); "checkpoint" recomputes each gather in
-    backward instead of storing every patch; "plain" gathers into fresh tensors.
+    one buffer kept on the pyramid for all its calls (no autograd); "checkpoint" stores no patch for backward
+    and gathers each chunk again there; "plain" gathers into fresh tensors.
     """
     B, S, N, T, C = targets.shape
     BS, r = B * S, pyramid.radius
@@ -136,11 +207,16 @@ def local_corr(pyramid: CorrPyramid, targets: torch.Tensor, coords: torch.Tensor
         if pyramid.workspace is None or pyramid.workspace.numel() < need:
             # a fresh allocation per gather costs more in page faults than the gather itself
             pyramid.workspace = tg.new_empty(need)
+    recompute = gather == "checkpoint" and torch.is_grad_enabled() and (
+        pyramid.levels[0].requires_grad or tg.requires_grad)
     per_level = []
     for i, lv in enumerate(pyramid.levels):
         h, w = lv.shape[1:3]
         flat = lv.reshape(BS, h * w, C)
         xy_l = xy / (2**i)
+        if recompute and not xy_l.requires_grad:
+            per_level.append(_LocalCorrRecompute.apply(flat, tg, xy_l, h, w, r, pyramid.scale, step))
+            continue
         parts = []
         for s in range(0, BS, step):
             args = (flat[s:s + step], tg[s:s + step], xy_l[s:s + step], h, w, r, pyramid.scale)
@@ -156,7 +232,8 @@ def local_corr(pyramid: CorrPyramid, targets: torch.Tensor, coords: torch.Tensor
 # Delta block, time-major (M,S,C) with Winograd F(4,3) (Lavin & Gray 2016) for the widest convolutions:
 # four outputs of a 3-tap filter from six inputs with six products instead of twelve. On the CPU these
 # convolutions are GEMM-bound, so halving their products is worth the cheap transforms; float32 results
-# match conv1d to ~1e-6. No backward: the transforms write into preallocated buffers.
+# match conv1d to ~1e-6. Its backward (`_Conv1dK3Winograd`) runs the transposed transforms: half the products
+# of the direct form for the input and the weight gradients too.
 
 _WINOGRAD_G = ((1 / 4, 0, 0), (-1 / 6, -1 / 6, -1 / 6), (-1 / 6, 1 / 6, -1 / 6), (1 / 24, 1 / 12, 1 / 6),
                (1 / 24, -1 / 12, 1 / 6), (0, 0, 1))
@@ -187,12 +264,19 @@ def conv1d_k3_winograd(x: torch.Tensor, wt: torch.Tensor, bias: torch.Tensor,
     return _winograd_tiles(x, wt, bias)
 
 
-def _winograd_tiles(x: torch.Tensor, wt: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+def _winograd_tiles(x: torch.Tensor, wt: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     M, S, C = x.shape
     T = -(-S // 4)  # tiles of four outputs
+    m = torch.bmm(_winograd_in(x, T).view(6, M * T, C), wt)
+    return _winograd_out(m.view(6, M, T, -1), S, bias)
+
+
+def _winograd_in(x: torch.Tensor, T: int) -> torch.Tensor:
+    """Input transform B^T d of every tile of time-major x (M,S,C) -> (6,M,T,C); tile j reads x[4j-1 .. 4j+4]."""
+    M, S, C = x.shape
     xp = F.pad(x, (0, 0, 1, 1 + 4 * T - S))
     d0, d1, d2, d3, d4, d5 = (xp[:, i:i + 4 * T:4] for i in range(6))  # six inputs of every tile
-    U = x.new_empty(6, M, T, C)  # input transform B^T d, sharing subexpressions
+    U = x.new_empty(6, M, T, C)  # sharing subexpressions
     torch.add(d4, d0, alpha=4, out=U[0]).add_(d2, alpha=-5)
     a, b = torch.add(d4, d2, alpha=-4), torch.add(d3, d1, alpha=-4)
     torch.add(a, b, out=U[1])
@@ -201,15 +285,104 @@ def _winograd_tiles(x: torch.Tensor, wt: torch.Tensor, bias: torch.Tensor) -> to
     torch.add(c, e, alpha=2, out=U[3])
     torch.add(c, e, alpha=-2, out=U[4])
     torch.add(d5, d1, alpha=4, out=U[5]).add_(d3, alpha=-5)
-    m0, m1, m2, m3, m4, m5 = torch.bmm(U.view(6, M * T, C), wt).view(6, M, T, -1).unbind(0)
-    p, q, r, s = m1 + m2, m1 - m2, m3 + m4, m3.sub_(m4)  # output transform A^T m
-    Y = x.new_empty(M, T, 4, wt.shape[2])
+    return U
+
+
+def _winograd_out(m: torch.Tensor, S: int, bias: torch.Tensor | None) -> torch.Tensor:
+    """Output transform A^T m of the tiles' products (6,M,T,C) -> time-major (M,S,C)."""
+    m0, m1, m2, m3, m4, m5 = m.unbind(0)  # not changed in place: selective checkpointing may keep m
+    p, q, r, s = m1 + m2, m1 - m2, m3 + m4, m3 - m4
+    _, M, T, C = m.shape
+    Y = m.new_empty(M, T, 4, C)
     torch.add(m0, p, out=Y[:, :, 0]).add_(r)
     torch.add(q, s, alpha=2, out=Y[:, :, 1])
     torch.add(p, r, alpha=4, out=Y[:, :, 2])
     torch.add(q, s, alpha=8, out=Y[:, :, 3]).add_(m5)
-    Y = Y.view(M, 4 * T, -1)
-    return (Y[:, :S] if 4 * T != S else Y).add_(bias)
+    Y = Y.view(M, 4 * T, C)[:, :S]
+    return Y if bias is None else Y.add_(bias)
+
+
+def _winograd_out_grad(g: torch.Tensor, T: int) -> torch.Tensor:
+    """The output transform's adjoint A g: gradient (M,S,C) of the outputs -> of the tiles' products (6,M,T,C)."""
+    M, S, C = g.shape
+    gt = F.pad(g, (0, 0, 0, 4 * T - S)).view(M, T, 4, C)
+    g0, g1, g2, g3 = gt.unbind(2)
+    a, b = g0 + g2, g1 + g3  # even and odd rows, then the same with weights 1, 4 and 2, 8
+    c, e = torch.add(g0, g2, alpha=4), torch.add(g1, g3, alpha=4)
+    gm = g.new_empty(6, M, T, C)
+    gm[0] = g0
+    torch.add(a, b, out=gm[1])
+    torch.sub(a, b, out=gm[2])
+    torch.add(c, e, alpha=2, out=gm[3])
+    torch.add(c, e, alpha=-2, out=gm[4])
+    gm[5] = g3
+    return gm
+
+
+def _winograd_in_grad(gU: torch.Tensor, S: int) -> torch.Tensor:
+    """The input transform's adjoint B gU, tiles overlap-added: (6,M,T,C) -> gradient of x (M,S,C)."""
+    u0, u1, u2, u3, u4, u5 = gU.unbind(0)
+    _, M, T, C = gU.shape
+    p, q, r, s = u1 + u2, u1 - u2, u3 + u4, u3 - u4
+    gxp = gU.new_empty(M, 4 * T + 2, C)
+    core = gxp[:, :4 * T].view(M, T, 4, C)
+    torch.mul(u0, 4, out=core[:, :, 0])
+    torch.add(s, q, alpha=2, out=core[:, :, 1]).mul_(-2).add_(u5, alpha=4)
+    torch.add(r, p, alpha=4, out=core[:, :, 2]).neg_().add_(u0, alpha=-5)
+    torch.add(q, s, alpha=2, out=core[:, :, 3]).add_(u5, alpha=-5)
+    g4 = p.add_(r).add_(u0)  # a tile's inputs 4 and 5 are the next tile's 0 and 1
+    core[:, 1:, 0] += g4[:, :-1]
+    core[:, 1:, 1] += u5[:, :-1]
+    gxp[:, 4 * T] = g4[:, -1]
+    gxp[:, 4 * T + 1] = u5[:, -1]
+    return gxp[:, 1:S + 1]
+
+
+class _Conv1dK3Winograd(torch.autograd.Function):
+    """conv1d_k3_winograd with a backward in the same form: the gradients of the tiles' products are A g, the
+    input gradient B (A g wt^T) overlap-added over tiles, the filters' gradient U^T (A g) mapped back to the
+    three taps by G^T. Every product is one (6, rows/4, .) batched GEMM, half the multiplications of the
+    direct form each way. Sequences go through in groups, as in the forward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, wt: torch.Tensor,
+                max_elems: int) -> torch.Tensor:
+        ctx.save_for_backward(x, wt)
+        ctx.max_elems, ctx.weight_dtype = max_elems, weight.dtype
+        return conv1d_k3_winograd(x, wt, bias, max_elems)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, wt = ctx.saved_tensors
+        M, S, C = x.shape
+        T = -(-S // 4)
+        group = max(1, ctx.max_elems // (6 * T * max(C, wt.shape[2])))
+        gx = x.new_empty(M, S, C) if ctx.needs_input_grad[0] else None
+        gwt = None
+        for m in range(0, M, group):
+            g = grad[m:m + group]
+            n = g.shape[0]
+            gm = _winograd_out_grad(g, T).view(6, n * T, -1)
+            if ctx.needs_input_grad[0]:
+                gx[m:m + group] = _winograd_in_grad(torch.bmm(gm, wt.transpose(1, 2)).view(6, n, T, C), S)
+            if ctx.needs_input_grad[1]:
+                U = _winograd_in(x[m:m + group], T).view(6, n * T, C)
+                gwt = torch.baddbmm(gwt, U.transpose(1, 2), gm) if gwt is not None else torch.bmm(
+                    U.transpose(1, 2), gm)
+        gw = None
+        if gwt is not None:  # (6, cin, cout) -> (cout, cin, 3): G^T, in float32 at least
+            dt = torch.promote_types(gwt.dtype, torch.float32)
+            g_mat = torch.tensor(_WINOGRAD_G, dtype=dt, device=gwt.device)
+            gw = torch.einsum("jk,jco->ock", g_mat, gwt.to(dt)).to(ctx.weight_dtype)
+        gb = grad.sum((0, 1)) if ctx.needs_input_grad[2] else None
+        return gx, gw, gb, None, None
+
+
+def conv1d_k3_winograd_train(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, wt: torch.Tensor,
+                             max_elems: int = 1 << 23) -> torch.Tensor:
+    """conv1d_k3_winograd with gradients for x, weight and bias; wt = winograd_weights(weight), treated as a
+    constant (the weight's gradient is computed directly)."""
+    return _Conv1dK3Winograd.apply(x, weight, bias, wt, max_elems)
 
 
 def winograd_filters(block: DeltaBlock) -> list[torch.Tensor | None]:
@@ -304,10 +477,25 @@ def conv1d_k3_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) ->
 
 
 def _conv_time_major(conv: torch.nn.Conv1d, x: torch.Tensor, wt: torch.Tensor | None) -> torch.Tensor:
-    """The Winograd form's convolution: Winograd filters `wt`, or conv1d for a narrow layer (wt None)."""
+    """The Winograd plan's convolution: with Winograd filters `wt` (a wide layer) F(4,3), with gradients when
+    autograd records; a narrow layer (wt None) runs as conv1d, or as GEMMs when autograd records."""
+    dev = x.device.type
+    grad = torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad)
     if wt is None:
+        if grad:
+            return conv1d_k3_gemm(x, conv.weight, conv.bias)
         return F.conv1d(x.transpose(1, 2), conv.weight, conv.bias, padding=1).transpose(1, 2)
-    return conv1d_k3_winograd(x, wt, conv.bias)
+    if torch.is_autocast_enabled(dev):  # the Function sees no autocast: cast as for conv1d_k3_gemm
+        dt = torch.get_autocast_dtype(dev)
+        with torch.autocast(dev, enabled=False):
+            return _conv_winograd_cast(x.to(dt), conv.weight.to(dt), conv.bias.to(dt), wt.to(dt), grad)
+    return _conv_winograd_cast(x, conv.weight, conv.bias, wt, grad)
+
+
+def _conv_winograd_cast(x, weight, bias, wt, grad: bool) -> torch.Tensor:
+    if grad:
+        return conv1d_k3_winograd_train(x, weight, bias, wt)
+    return conv1d_k3_winograd(x, wt, bias)
 
 
 def _conv_gemm(conv: torch.nn.Conv1d, x: torch.Tensor, _: None) -> torch.Tensor:
@@ -333,8 +521,8 @@ def delta_block_time_major(block: DeltaBlock, fcorr: torch.Tensor, flow: torch.T
                            filters: list[torch.Tensor | None] | None = None) -> torch.Tensor:
     """DeltaBlock.forward computed time-major: (M,S,588), (M,S,2) -> (M,S,2).
 
-    filters: `winograd_filters(block)` (inference only; None entries run as conv1d), or None: every convolution
-    is one GEMM (`conv1d_k3_gemm`), which has a backward.
+    filters: `winograd_filters(block)`: its layers run as Winograd F(4,3), None entries (narrow layers) as conv1d
+    (as GEMMs when autograd records); or None: every convolution is one GEMM (`conv1d_k3_gemm`).
     """
     if block.first_block_conv.kernel_size != 3:
         raise ValueError("the time-major delta block needs kernel size 3")

@@ -50,10 +50,19 @@ def sample_features(fmap: torch.Tensor, xy: torch.Tensor, frame: torch.Tensor | 
     base = frame.view(M, 1) * (H * W) + y0.nan_to_num(0).long() * W + x0.nan_to_num(0).long()
     dx, dy = min(1, W - 1), min(1, H - 1) * W
 
-    def tap(off: int, weight: torch.Tensor) -> torch.Tensor:
-        return flat.index_select(0, (base + off).reshape(-1)).view(M, N, C) * weight.to(fmap.dtype)
-
-    return tap(0, gx * gy) + tap(dx, fx * gy) + tap(dy, gx * fy) + tap(dy + dx, fx * fy)
+    weights = (gx * gy, fx * gy, gx * fy, fx * fy)
+    offsets = (0, dx, dy, dy + dx)
+    if torch.is_grad_enabled() and fmap.requires_grad:
+        # one gather for the four corners: its backward allocates one map-sized gradient, not four
+        idx = torch.stack([base + off for off in offsets]).reshape(-1)
+        taps = flat.index_select(0, idx).view(4, M, N, C).unbind(0)
+    else:  # one corner at a time holds less memory
+        taps = (flat.index_select(0, (base + off).reshape(-1)).view(M, N, C) for off in offsets)
+    out = None
+    for tap, weight in zip(taps, weights, strict=True):
+        term = tap * weight.to(fmap.dtype)
+        out = term if out is None else out + term
+    return out
 
 
 def avg_pool2x2_nhwc(x: torch.Tensor) -> torch.Tensor:
@@ -396,17 +405,17 @@ class Pips(nn.Module):
         frame = t.repeat(B) + torch.arange(B, device=device).repeat_interleave(S) * S  # index into B*S
 
         preds, anim = [], [coords.detach() * stride]
+        filters = self._winograd_filters()
         for itr in range(iters):
             coords = coords.detach()
             if itr >= 1:
-                feats2 = self._sample_past(fmaps_bs, coords, frame, 2, B, S, N)
-                feats4 = self._sample_past(fmaps_bs, coords, frame, 4, B, S, N)
+                feats2, feats4 = self._sample_past(fmaps_bs, coords, frame, (2, 4), B, S, N)
             targets = torch.stack([feats1, feats2, feats4], 3)  # B,S,N,3,C
             fcorrs = pyramid(targets, coords)  # B,S,N,588
             flows = coords[:, 1:] - coords[:, :-1]
             flows = torch.cat([flows, flows[:, -1:]], 1)
             to_bn = lambda a: a.permute(0, 2, 1, 3).reshape(B * N, S, a.shape[-1])  # noqa: E731
-            delta = self._delta(to_bn(fcorrs), to_bn(flows)).to(self.dtype)
+            delta = self._delta(to_bn(fcorrs), to_bn(flows), filters).to(self.dtype)
             coords = coords + delta.reshape(B, N, S, 2).permute(0, 2, 1, 3)
             preds.append(coords * stride)
             coords = torch.cat([query.unsqueeze(1), coords[:, 1:]], 1)
@@ -419,24 +428,41 @@ class Pips(nn.Module):
         anim.append(coords * stride)
         return preds, anim, (feats1, feats2, feats4), loss
 
-    def _sample_past(self, fmaps_bs, coords, frame, lag, B, S, N):
-        """Feature at the current estimate in frame max(t - lag, 0) of the same clip, for every frame t."""
+    def _sample_past(self, fmaps_bs, coords, frame, lags, B, S, N):
+        """Features at the current estimates in frames max(t - lag, 0) of the same clip, for every frame t and
+        each lag in `lags` (one gather for all lags)."""
         t = torch.arange(S, device=coords.device)
-        src = (t - lag).clamp(min=0)
-        src_frame = (frame.view(B, S) - t + src).reshape(-1)
-        xy = coords[:, src].reshape(B * S, N, 2)
-        return sample_features(fmaps_bs, xy, src_frame).reshape(B, S, N, self.latent_dim)
+        xy, src_frame = [], []
+        for lag in lags:
+            src = (t - lag).clamp(min=0)
+            src_frame.append((frame.view(B, S) - t + src).reshape(-1))
+            xy.append(coords[:, src].reshape(B * S, N, 2))
+        out = sample_features(fmaps_bs, torch.cat(xy), torch.cat(src_frame))
+        return out.view(len(lags), B, S, N, self.latent_dim).unbind(0)
 
-    def _delta(self, fcorr: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
-        """The delta block in the plan's form: (M,S,588), (M,S,2) -> (M,S,2)."""
+    def _delta(self, fcorr: torch.Tensor, flow: torch.Tensor, filters: list | None) -> torch.Tensor:
+        """The delta block in the plan's form: (M,S,588), (M,S,2) -> (M,S,2); `filters` for "winograd"."""
         block = self.delta_block
         if self.plan.delta == "winograd":
-            if block.fast_weights is None:
-                block.fast_weights = fast.winograd_filters(block)
-            return fast.delta_block_time_major(block, fcorr, flow, block.fast_weights)
-        fn = fast.delta_block_time_major if self.plan.delta == "gemm" else DeltaBlock.forward
+            fn, args = fast.delta_block_time_major, (block, fcorr, flow, filters)
+        else:
+            fn = fast.delta_block_time_major if self.plan.delta == "gemm" else DeltaBlock.forward
+            args = (block, fcorr, flow)
         if self.plan.checkpointing:
-            return checkpoint(fn, block, fcorr, flow, use_reentrant=False)
+            return checkpoint(fn, *args, use_reentrant=False)
         if self.plan.recompute_cheap:
-            return fast.keep_conv_outputs(fn, block, fcorr, flow)
-        return fn(block, fcorr, flow)
+            return fast.keep_conv_outputs(fn, *args)
+        return fn(*args)
+
+    def _winograd_filters(self) -> list[torch.Tensor | None] | None:
+        """The delta block's Winograd filters for one forward pass (shared by its iterations), or None."""
+        block = self.delta_block
+        if self.plan.delta != "winograd":
+            return None
+        if not self.plan.inference_only:
+            # a training plan's weights change in place at every optimiser step (fused optimisers do not even
+            # bump the tensors' versions), so its filters are made afresh for each forward pass
+            return fast.winograd_filters(block)
+        if block.fast_weights is None:  # an inference plan's weights change only by loading or casting
+            block.fast_weights = fast.winograd_filters(block)
+        return block.fast_weights

@@ -24,7 +24,7 @@ class ExecPlan:
     corr: str = "local"  # "local": gather a patch around each point; "volume": the reference's full volume
     corr_chunk: int = 1 << 22  # floats of gathered patches held at once by "local"; 0 = no bound
     gather: str = "workspace"  # local patches: one reused buffer / recomputed in backward / fresh tensors
-    delta: str = "conv1d"  # delta block: "conv1d" (reference); time-major "gemm" or "winograd" (F(4,3), no backward)
+    delta: str = "conv1d"  # delta block: "conv1d" (reference); time-major "gemm" or "winograd" (F(4,3), wide layers)
     encoder_chunk: int = 1  # frames per encoder call; 0 = the whole clip at once
     channels_last: bool = False  # encoder memory format
     norm: str = "batch"  # encoder norm of one-frame chunks: "batch" keeps the layout; "instance" (reference)
@@ -39,12 +39,12 @@ class ExecPlan:
             raise ValueError("ExecPlan chunk sizes must be >= 0 (0 = no chunks)")
         if (self.checkpointing or self.recompute_cheap) and self.inference_only:
             raise ValueError("ExecPlan: checkpointing and recompute_cheap are for training, but gather='workspace' "
-                             "or delta='winograd' cannot run under autograd")
+                             "cannot run under autograd")
 
     @property
     def inference_only(self) -> bool:
-        """True when a form without autograd support is used (the gather workspace, the Winograd delta block)."""
-        return self.gather == "workspace" or self.delta == "winograd"
+        """True when a form without autograd support is used (the gather workspace)."""
+        return self.gather == "workspace"
 
     @classmethod
     def reference(cls) -> ExecPlan:
@@ -65,7 +65,7 @@ class ExecPlan:
         """The fastest plan measured (docs/BENCHMARKS.md) for a device and the dtype the convolutions run in.
 
         dtype: the weights' dtype, or the autocast dtype when the caller runs the model under autocast.
-        training: gradients will flow (the correlation gathers are recomputed in backward, no Winograd);
+        training: gradients will flow (the correlation gathers are recomputed in backward);
         inference plans refuse a forward that records gradients.
         checkpointing: recompute encoder chunks and delta-block calls in backward (train.py --grad_ckpt).
         recompute_cheap: keep only convolution outputs for backward (train.py --recompute_cheap): about half the
@@ -77,9 +77,11 @@ class ExecPlan:
         device = torch.device(device)
         cuda = device.type == "cuda"
         half = dtype in (torch.bfloat16, torch.float16)
-        # Winograd pays off where conv1d is GEMM-bound: the CPU in float32; it has no backward
-        winograd = device.type == "cpu" and dtype == torch.float32 and not training
+        # Winograd pays off where the delta block is GEMM-bound: the CPU in float32, in inference and in training
+        # (its backward halves the products too). Not under bf16: rounding the transformed tiles to 8 bits of
+        # mantissa gives 4x the error of a bf16 GEMM (docs/BENCHMARKS.md)
         small_points = points is not None and points < 128
+        winograd = device.type == "cpu" and dtype == torch.float32 and not (training and small_points)
         small_frames = hw is not None and hw[0] * hw[1] <= 128 * 192
         # small CPU training crops: the full volume is tiny (16x16 or 16x24 maps) and its matmul backward beats
         # recomputing the local gathers (3.1-3.2 against 3.5-3.6 s per step at the demo's shape)
@@ -87,7 +89,7 @@ class ExecPlan:
         return cls(
             corr="volume" if volume else "local",
             gather="plain" if volume else "checkpoint" if training else "workspace",
-            # CPU training: the GEMM form's backward (two large GEMMs) beats oneDNN's conv1d backward on
+            # CPU training: the GEMM form's backward (row-slice GEMMs) beats oneDNN's conv1d backward on
             # short sequences (bench_train.py); CUDA keeps cuDNN's conv1d
             delta="winograd" if winograd else "gemm" if training and device.type == "cpu" and not small_points
             else "conv1d",

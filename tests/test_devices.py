@@ -66,8 +66,9 @@ def test_delta_block_form_per_device_dtype_and_training():
     for plan in (ExecPlan.auto("cpu", torch.bfloat16), ExecPlan.auto("cpu", torch.float16), ExecPlan.auto("cuda"),
                  ExecPlan.auto("cuda", training=True), ExecPlan.auto("meta")):
         assert plan.delta == "conv1d", plan
-    assert ExecPlan.auto("cpu").delta == "winograd"  # CPU float32 inference only
-    assert ExecPlan.auto("cpu", training=True).delta == "gemm"  # CPU training, any dtype
+    assert ExecPlan.auto("cpu").delta == "winograd"  # CPU float32, inference and training
+    assert ExecPlan.auto("cpu", training=True).delta == "winograd"
+    assert ExecPlan.auto("cpu", torch.bfloat16, training=True).delta == "gemm"  # CPU training under autocast
     # the model follows its plan whatever the autocast state: no Winograd filters are built under conv1d
     model = golden_model(plan=ExecPlan.auto("cpu", torch.bfloat16))
     rgbs, trajs = _clip(S=3, N=2)

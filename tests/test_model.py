@@ -127,6 +127,26 @@ def test_gemm_conv_equals_conv1d_with_gradients(S):
         torch.testing.assert_close(a, r, atol=1e-12, rtol=0)
 
 
+@pytest.mark.parametrize("S", [1, 3, 4, 6, 36])
+def test_winograd_conv_gradients_equal_conv1d(S):
+    # the training form's backward (transposed transforms) against conv1d's, in float64; M=5 sequences also
+    # go through in groups of two (the memory bound), which must not change anything
+    torch.manual_seed(S)
+    x = torch.randn(5, S, 40, dtype=torch.float64, requires_grad=True)
+    w = (torch.randn(24, 40, 3, dtype=torch.float64) / 8).requires_grad_()
+    b = torch.randn(24, dtype=torch.float64, requires_grad=True)
+    weights = torch.randn(5, S, 24, dtype=torch.float64)
+    ref = F.conv1d(x.transpose(1, 2), w, b, padding=1).transpose(1, 2)
+    g_ref = torch.autograd.grad((ref * weights).sum(), [x, w, b])
+    for max_elems in (1 << 23, 2 * 6 * 40 * -(-S // 4)):
+        got = fast.conv1d_k3_winograd_train(x, w, b, fast.winograd_weights(w.detach()), max_elems)
+        torch.testing.assert_close(got, ref, atol=1e-12, rtol=0)
+        g_got = torch.autograd.grad((got * weights).sum(), [x, w, b])
+        for a, r in zip(g_got, g_ref, strict=True):
+            torch.testing.assert_close(a, r, atol=1e-12, rtol=0)
+    assert all(g.abs().max() > 0.1 for g in g_ref)
+
+
 def test_delta_block_winograd_equals_direct_and_follows_new_weights():
     torch.manual_seed(7)
     fcorr, flow = torch.randn(6, 11, 588), torch.randn(6, 11, 2) * 4
@@ -142,9 +162,10 @@ def test_delta_block_winograd_equals_direct_and_follows_new_weights():
     # the model under the CPU inference plan: Winograd filters built on first use, from the current weights
     model = golden_model(plan=ExecPlan(delta="winograd"))
     block = model.delta_block
+    delta = lambda fc, fl: model._delta(fc, fl, model._winograd_filters())  # noqa: E731  (as forward calls it)
     with torch.inference_mode():
         ref = block(fcorr, flow)
-        got = model._delta(fcorr, flow)
+        got = delta(fcorr, flow)
     assert block.fast_weights is not None, "the Winograd path did not run"
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-4)
     # new weights (load_state_dict copies in place) must not reuse the filters of the old ones
@@ -157,17 +178,24 @@ def test_delta_block_winograd_equals_direct_and_follows_new_weights():
     with torch.inference_mode():
         want = other(fcorr, flow)
         assert (want - got).abs().max() > 0.05  # stale filters would be caught
-        torch.testing.assert_close(model._delta(fcorr, flow), want, atol=1e-4, rtol=1e-3)
+        torch.testing.assert_close(delta(fcorr, flow), want, atol=1e-4, rtol=1e-3)
     # so must a cast (.double(), .to()) and a new plan
     model.double()
     assert block.fast_weights is None
     with torch.inference_mode():
-        torch.testing.assert_close(model._delta(fcorr.double(), flow.double()), want.double(), atol=1e-4, rtol=1e-3)
-    model.set_plan(ExecPlan.auto(training=True))
+        torch.testing.assert_close(delta(fcorr.double(), flow.double()), want.double(), atol=1e-4, rtol=1e-3)
+    model.set_plan(replace(ExecPlan.auto(training=True), delta="winograd"))
     assert block.fast_weights is None
-    # a training plan takes the conv1d form, which has a backward
-    model._delta(fcorr.double(), flow.double()).sum().backward()
-    assert block.fast_weights is None and block.dense.weight.grad is not None
+    # a training plan's Winograd form has a backward, and its filters follow every optimiser step: a fused
+    # AdamW step changes the weights in place without bumping their versions, so nothing may be cached
+    opt = torch.optim.AdamW(block.parameters(), lr=0.05, fused=True)
+    for _ in range(2):
+        out = delta(fcorr.double(), flow.double())
+        torch.testing.assert_close(out, block(fcorr.double(), flow.double()), atol=1e-10, rtol=0)
+        out.square().sum().backward()
+        opt.step()
+        opt.zero_grad()
+    assert block.fast_weights is None
 
 
 def test_sample_features_is_border_bilinear():
@@ -223,18 +251,22 @@ def test_local_and_volume_gradients_agree():
     targets = torch.randn(1, 2, 5, 3, 8, dtype=torch.float64, requires_grad=True)
     coords = torch.rand(1, 2, 5, 2, dtype=torch.float64) * 20 - 2
     grads = []
-    for impl in ("local", "volume"):
+    # local: one recomputing Function per level (coordinates without gradient, as in the model); then with a
+    # coordinate gradient (a checkpoint per chunk); one chunk of one frame, or all frames at once
+    for impl, chunk, xy in (("local", 100, coords), ("local", 0, coords), ("local", 100, coords.requires_grad_()),
+                            ("volume", 0, coords)):
         pyr = CorrPyramid(fmaps.permute(0, 1, 3, 4, 2), 4, 3)
         if impl == "local":
-            out = fast.local_corr(pyr, targets, coords, 100, "checkpoint")
+            out = fast.local_corr(pyr, targets, xy, chunk, "checkpoint")
         else:
-            out = pyr.volume(targets, coords).reshape(1, 2, 5, -1)
+            out = pyr.volume(targets, coords.detach()).reshape(1, 2, 5, -1)
         weights = torch.linspace(-1, 1, out.shape[-1], dtype=torch.float64)
         gf, gt = torch.autograd.grad((out * weights).sum(), [fmaps, targets])
         grads.append((gf, gt))
-    assert grads[0][0].abs().max() > 0.1
-    torch.testing.assert_close(grads[0][0], grads[1][0], atol=1e-10, rtol=0)
-    torch.testing.assert_close(grads[0][1], grads[1][1], atol=1e-10, rtol=0)
+    assert grads[-1][0].abs().max() > 0.1 and grads[-1][1].abs().max() > 0.1
+    for local in grads[:-1]:
+        torch.testing.assert_close(local[0], grads[-1][0], atol=1e-10, rtol=0)
+        torch.testing.assert_close(local[1], grads[-1][1], atol=1e-10, rtol=0)
 
 
 def test_optimised_model_equals_plain_reference_path():
@@ -293,6 +325,9 @@ TRAINING_FORMS = {
     "recompute cheap": dict(recompute_cheap=True),
     "gemm + recompute cheap": dict(delta="gemm", recompute_cheap=True),
     "gemm + checkpointing": dict(delta="gemm", checkpointing=True),
+    "winograd delta": dict(delta="winograd"),
+    "winograd + recompute cheap": dict(delta="winograd", recompute_cheap=True),
+    "winograd + checkpointing": dict(delta="winograd", checkpointing=True),
 }
 
 
@@ -356,7 +391,9 @@ def test_auto_plans():
     bf16 = ExecPlan.auto("cpu", torch.bfloat16)
     assert bf16.delta == "conv1d" and bf16.channels_last  # Winograd is for float32 only
     train = ExecPlan.auto("cpu", training=True)
-    assert not train.inference_only and train.gather == "checkpoint" and train.delta == "gemm"
+    assert not train.inference_only and train.gather == "checkpoint" and train.delta == "winograd"
+    # under bf16 the GEMM form: Winograd's transformed tiles lose too much to 8-bit mantissas
+    assert ExecPlan.auto("cpu", torch.bfloat16, training=True).delta == "gemm"
     assert not train.recompute_cheap and ExecPlan.auto("cpu", training=True, recompute_cheap=True).recompute_cheap
     assert ExecPlan.auto("cuda", training=True).delta == "conv1d"
     # selective recomputation is float32 only (under autocast it cannot replay the forward's cached casts)
@@ -370,7 +407,7 @@ def test_auto_plans():
     small = ExecPlan.auto("cpu", training=True, points=64, hw=(128, 192))
     assert (small.corr, small.gather, small.delta, small.encoder_chunk) == ("volume", "plain", "conv1d", 0)
     stage1 = ExecPlan.auto("cpu", training=True, points=128, hw=(256, 384))
-    assert (stage1.corr, stage1.delta, stage1.encoder_chunk) == ("local", "gemm", 1)
+    assert (stage1.corr, stage1.delta, stage1.encoder_chunk) == ("local", "winograd", 1)
     assert ExecPlan.auto("cpu", points=64, hw=(128, 192)).corr == "local"
     assert ExecPlan.auto("cpu", training=True, checkpointing=True, points=64, hw=(128, 192)).encoder_chunk == 1
 
@@ -382,7 +419,8 @@ def test_plan_is_frozen_and_validated():
     with pytest.raises(ValueError, match="corr"):
         ExecPlan(corr="dense")
     with pytest.raises(ValueError, match="checkpointing"):
-        ExecPlan(delta="winograd", gather="checkpoint", checkpointing=True)
+        ExecPlan(gather="workspace", checkpointing=True)
+    ExecPlan(delta="winograd", gather="checkpoint", checkpointing=True)  # Winograd has a backward
     with pytest.raises(TypeError, match="ExecPlan"):
         Pips(plan="auto")
 
