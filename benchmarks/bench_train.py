@@ -42,6 +42,9 @@ ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = {
     "reference": (lambda points, hw: ExecPlan.reference(), None),
     "ours": (lambda points, hw: ExecPlan.auto("cpu", training=True, points=points, hw=hw), None),
+    # the delta block's GEMM form, the float32 plan of 2026-12-02
+    "ours_gemm": (lambda points, hw: replace(ExecPlan.auto("cpu", training=True, points=points, hw=hw),
+                                             delta="gemm"), None),
     # the float32 training plan before issue 12: conv1d delta block, every activation stored
     "ours_before": (lambda points, hw: replace(ExecPlan.auto("cpu", training=True), delta="conv1d",
                                                recompute_cheap=False), None),
@@ -54,11 +57,10 @@ VARIANTS = {
     # candidate: the float32 plan with a channels-last encoder (docs/BENCHMARKS.md: 34.2 vs 36.0 s, not chosen)
     "ours_cl": (lambda points, hw: replace(ExecPlan.auto("cpu", training=True, points=points, hw=hw),
                                            channels_last=True), None),
-    "ours_wino": (lambda points, hw: replace(ExecPlan.auto("cpu", training=True, points=points, hw=hw),
-                                             delta="winograd"), None),
+    # candidate: bf16 with the Winograd delta block (docs/BENCHMARKS.md: faster, 4x the rounding error; not chosen)
     "ours_wino_bf16": (lambda points, hw: replace(ExecPlan.auto("cpu", torch.bfloat16, training=True, points=points,
                                                                 hw=hw), delta="winograd"), "bf16"),
-    # the large-batch choices (GEMM delta block, one frame at a time) at any shape
+    # the large-batch choices (Winograd delta block, local correlation, one frame at a time) at any shape
     "ours_large": (lambda points, hw: ExecPlan.auto("cpu", training=True), None),
 }
 # name: (B, S, N, H, W, iters)
