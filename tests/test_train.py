@@ -364,10 +364,11 @@ def test_memory_flags_pick_the_plan():
     small = plan()  # B*N = 8 points on a 128x192 crop: the small-batch choices
     assert not small.recompute_cheap and not small.checkpointing
     assert small.delta == "conv1d" and small.encoder_chunk == 0 and small.corr == "volume"
-    many = plan(B=2, N=64)  # 128 points: the GEMM delta block; the crop alone decides the encoder chunks
-    assert many.delta == "gemm" and many.encoder_chunk == 0
+    many = plan(B=2, N=64)  # 128 points: the Winograd delta block; the crop alone decides the encoder chunks
+    assert many.delta == "winograd" and many.encoder_chunk == 0
     large = plan(B=2, N=64, crop_size=(256, 448))  # the stage-1 shape: one frame at a time
-    assert large.delta == "gemm" and large.encoder_chunk == 1 and large.corr == "local"
+    assert large.delta == "winograd" and large.encoder_chunk == 1 and large.corr == "local"
+    assert plan(B=2, N=64, amp="bf16").delta == "gemm"  # under bf16 the GEMM form
     assert plan(recompute_cheap=True).recompute_cheap
     both = plan(recompute_cheap=True, grad_ckpt=True)  # whole-chunk checkpointing already stores less
     assert both.checkpointing and not both.recompute_cheap
