@@ -1,0 +1,40 @@
+"""benchmarks/bench_train.py: the verdicts it prints for issue 12's targets follow the measured figures."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+CODE = """
+import json
+from bench_train import _verdicts
+
+def row(step, peak):
+    return {"step_s": step, "peak_gib": peak}
+
+def figures(ours, recompute, bf16, ckpt_time_x, ckpt_peak, loader):
+    return {"runs": {"stage1": {"reference": row(45.0, 6.0), "ours": row(*ours), "ours_recompute": row(*recompute),
+                                "ours_bf16": row(*bf16)},
+                     "stage2": {"ours_ckpt": row(150.0, ckpt_peak)}},
+            "ckpt_ratio": {"shape": "stage2_S16", "time_x": ckpt_time_x},
+            "reference_peak": {"stage2": {"extrapolated_gib": 40.0}}, "loader": {"clips_per_s": loader}}
+
+met = _verdicts(figures((29.0, 5.6), (29.9, 2.9), (17.9, 3.4), 1.3, 2.4, 8.0))
+missed = _verdicts(figures((31.0, 2.0), (29.0, 3.1), (18.1, 3.4), 1.5, 10.1, 0.09))
+print(json.dumps([[ok for _, _, ok in met], [ok for _, _, ok in missed]]))
+"""
+
+
+def test_verdicts_follow_the_figures():
+    res = subprocess.run([sys.executable, "-c", CODE], cwd=ROOT / "benchmarks", env=ENV, capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    met, missed = json.loads(res.stdout.strip().splitlines()[-1])
+    # fp32 default, fp32 --recompute_cheap, bf16, --grad_ckpt time, --grad_ckpt memory, loader
+    assert met == [True] * 6
+    # 1.45x; 0.52x memory; 2.49x; 1.5x the time; 0.2525x the memory; 0.09 clips/s against 1/31 s: 2.8x
+    assert missed == [False] * 6
