@@ -14,6 +14,7 @@ against the majority class.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -39,6 +40,23 @@ def _run(args: list[str]) -> None:
     subprocess.run([sys.executable, *args], cwd=ROOT, check=True)
 
 
+STEP_LINE = re.compile(r"; step (\d+)/\d+;.*; loss ([-+0-9.einfa]+);")
+
+
+def _run_logged(args: list[str]) -> list[tuple[int, float]]:
+    """_run that echoes the output and returns the (step, loss) of every step line train.py printed."""
+    print("$", " ".join(args), flush=True)
+    curve = []
+    with subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.PIPE, text=True) as proc:
+        for line in proc.stdout:
+            print(line, end="", flush=True)
+            if m := STEP_LINE.search(line):
+                curve.append((int(m.group(1)), float(m.group(2))))
+    if proc.returncode:
+        raise subprocess.CalledProcessError(proc.returncode, args)
+    return curve
+
+
 def _scenes_and_export(out_dir: Path, train_scenes: int, test_scenes: int, S: int, crop_size: str, workers: int,
                        quick: bool, seed: int) -> None:
     """The synthetic scenes under out/pod and their training clips under out/export."""
@@ -52,11 +70,12 @@ def _scenes_and_export(out_dir: Path, train_scenes: int, test_scenes: int, S: in
 def main(out: str = "./learning_check", max_iters: int = 500, train_scenes: int = 8, test_scenes: int = 4,
          B: int = 2, S: int = 8, N: int | None = None, iters: int = 4, crop_size: str | None = None, workers: int = 2,
          quick: bool = False, seed: int = 0, model: str = "pips2", embed_dim: int = 64, memory_size: int = 8,
-         eval_clips: int = 24, lr: float | None = None) -> None:
+         eval_clips: int = 24, lr: float | None = None, amp: str = "none") -> None:
     """Synthetic scenes -> export -> train stage 1 -> test_on_pod (model and zero-velocity); prints both.
 
     --model=lbm trains LBM instead (N 16 and crop 64x96 unless given; --embed_dim, --memory_size) and scores
-    --eval_clips clips of the test scenes itself (lbm_check)."""
+    --eval_clips clips of the test scenes itself (lbm_check). --amp trains under autocast (train.py --amp);
+    `compare` puts two runs' loss curves side by side."""
     if model == "lbm":
         lbm_check(out, max_iters, train_scenes, test_scenes, B, S, N or 16, crop_size or "64,96", workers, quick,
                   seed, embed_dim, memory_size, eval_clips)
@@ -67,10 +86,10 @@ def main(out: str = "./learning_check", max_iters: int = 500, train_scenes: int 
     out_dir = Path(out).resolve()
     _scenes_and_export(out_dir, train_scenes, test_scenes, S, crop_size, workers, quick, seed)
     t0 = time.time()
-    _run(["train.py", f"--dataset_location={out_dir / 'export'}", f"--B={B}", f"--S={S}", f"--N={N}",
+    curve = _run_logged(["train.py", f"--dataset_location={out_dir / 'export'}", f"--B={B}", f"--S={S}", f"--N={N}",
           f"--crop_size={crop_size}", f"--iters={iters}", f"--max_steps={max_iters}", f"--save_freq={max_iters}",
           f"--log_dir={out_dir / 'logs'}", f"--ckpt_dir={out_dir / 'checkpoints'}", f"--workers={workers}",
-          f"--log_freq={max(1, max_iters // 10)}", f"--seed={seed}", *([f"--lr={lr}"] if lr else [])])
+          f"--log_freq={max(1, max_iters // 10)}", f"--seed={seed}", f"--amp={amp}", *([f"--lr={lr}"] if lr else [])])
     train_min = (time.time() - t0) / 60
     ckpt = next((out_dir / "checkpoints").iterdir())
     res = {}
@@ -80,7 +99,8 @@ def main(out: str = "./learning_check", max_iters: int = 500, train_scenes: int 
               "--image_size=256,320", "--N=64", f"--out_json={js}", *extra])
         res[label] = json.loads(js.read_text())["mean"]
     model, zero = res["model"], res["zero_velocity"]
-    summary = {"train_minutes": train_min, "max_iters": max_iters, "checkpoint": str(ckpt),
+    summary = {"train_minutes": train_min, "max_iters": max_iters, "amp": amp, "checkpoint": str(ckpt),
+               "loss_curve": curve,
                "d_avg_model": model["d_avg"], "d_avg_zero_velocity": zero["d_avg"],
                "median_l2_model": model["median_l2"], "median_l2_zero_velocity": zero["median_l2"]}
     (out_dir / "learning_check.json").write_text(json.dumps(summary, indent=2))
@@ -160,5 +180,44 @@ def score_lbm_clip(net: LBM, clip: Sample) -> dict | None:
             "vis_prob": prob[1:][valid].tolist(), "vis_gt": visibs[1:][valid].tolist()}
 
 
+def compare(runs: str, png: str | None = None, points: int = 10) -> None:
+    """Two or more learning-check runs (their --out folders, comma-separated): held-out scores and the training
+    loss (mean over each tenth of the steps) side by side; with --png, the loss curves drawn."""
+    names = [r for r in runs.split(",") if r]
+    res = {r: json.loads((Path(r) / "learning_check.json").read_text()) for r in names}
+    for r, v in res.items():
+        print(f"{r}: amp {v.get('amp', 'none')}, {v['max_iters']} steps in {v['train_minutes']:.1f} min; held-out "
+              f"d_avg {v['d_avg_model']:.1f} vs zero-velocity {v['d_avg_zero_velocity']:.1f} "
+              f"({v['d_avg_model'] / max(v['d_avg_zero_velocity'], 1e-9):.2f}x), median_l2 {v['median_l2_model']:.1f} "
+              f"vs {v['median_l2_zero_velocity']:.1f} px")
+    curves = {r: np.array(v["loss_curve"], dtype=float) for r, v in res.items()}
+    print("mean training loss per span of steps:")
+    print(f"{'steps':>13s} " + " ".join(f"{res[r].get('amp', 'none'):>10s}" for r in names))
+    n = min(len(c) for c in curves.values())
+    for chunk in np.array_split(np.arange(n), points):
+        if len(chunk):
+            span = f"{int(curves[names[0]][chunk[0], 0])}-{int(curves[names[0]][chunk[-1], 0])}"
+            print(f"{span:>13s} " + " ".join(f"{np.nanmean(curves[r][chunk, 1]):10.3f}" for r in names))
+    if png:
+        from pips2.utils.plots import _pyplot
+
+        plt = _pyplot()
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for r in names:
+            c = curves[r]
+            k = max(1, len(c) // 40)  # running mean over a fortieth of the run
+            smooth = np.convolve(c[:, 1], np.ones(k) / k, mode="valid")
+            ax.plot(c[k - 1:, 0], smooth, label=f"{Path(r).name} (amp {res[r].get('amp', 'none')})")
+        ax.set_xlabel("step")
+        ax.set_ylabel("training loss (running mean)")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(png, dpi=100)
+        print(f"wrote {png}")
+
+
 if __name__ == "__main__":
-    fire.Fire(main)
+    if len(sys.argv) > 1 and sys.argv[1] == "compare":
+        fire.Fire(compare, sys.argv[2:])
+    else:
+        fire.Fire(main)

@@ -274,7 +274,10 @@ def _winograd_tiles(x: torch.Tensor, wt: torch.Tensor, bias: torch.Tensor | None
 def _winograd_in(x: torch.Tensor, T: int) -> torch.Tensor:
     """Input transform B^T d of every tile of time-major x (M,S,C) -> (6,M,T,C); tile j reads x[4j-1 .. 4j+4]."""
     M, S, C = x.shape
-    xp = F.pad(x, (0, 0, 1, 1 + 4 * T - S))
+    xp = x.new_empty(M, 4 * T + 2, C)  # zero-padded in time; F.pad would zero all of it first
+    xp[:, 0].zero_()
+    xp[:, S + 1:].zero_()
+    xp[:, 1:S + 1] = x
     d0, d1, d2, d3, d4, d5 = (xp[:, i:i + 4 * T:4] for i in range(6))  # six inputs of every tile
     U = x.new_empty(6, M, T, C)  # sharing subexpressions
     torch.add(d4, d0, alpha=4, out=U[0]).add_(d2, alpha=-5)
@@ -345,15 +348,26 @@ class _Conv1dK3Winograd(torch.autograd.Function):
     direct form each way. Sequences go through in groups, as in the forward."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, wt: torch.Tensor,
-                max_elems: int) -> torch.Tensor:
-        ctx.save_for_backward(x, wt)
-        ctx.max_elems, ctx.weight_dtype = max_elems, weight.dtype
+    def forward(ctx, z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, wt: torch.Tensor,
+                max_elems: int, eps: float | None) -> torch.Tensor:
+        ctx.max_elems, ctx.weight_dtype, ctx.normed = max_elems, weight.dtype, eps is not None
+        if eps is None:
+            x = z
+            ctx.save_for_backward(z, wt)
+        else:
+            y, mean, scale = _norm_relu_forward(z, eps)
+            x = y.to(z.dtype)
+            ctx.save_for_backward(z, wt, mean, scale)
         return conv1d_k3_winograd(x, wt, bias, max_elems)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        x, wt = ctx.saved_tensors
+        z, wt, *stats = ctx.saved_tensors
+        if ctx.normed:  # the normalised input again (the norm's backward needs it as well)
+            xh = _normalised(z, *stats)
+            x = xh.relu().to(z.dtype)
+        else:
+            x = z
         M, S, C = x.shape
         T = -(-S // 4)
         group = max(1, ctx.max_elems // (6 * T * max(C, wt.shape[2])))
@@ -373,16 +387,22 @@ class _Conv1dK3Winograd(torch.autograd.Function):
         if gwt is not None:  # (6, cin, cout) -> (cout, cin, 3): G^T, in float32 at least
             dt = torch.promote_types(gwt.dtype, torch.float32)
             g_mat = torch.tensor(_WINOGRAD_G, dtype=dt, device=gwt.device)
-            gw = torch.einsum("jk,jco->ock", g_mat, gwt.to(dt)).to(ctx.weight_dtype)
+            cin, cout = gwt.shape[1:]
+            # (cin*cout, 6) x (6, 3) then one transposing copy: a third of the time of the einsum's own layout
+            gw = torch.mm(gwt.to(dt).view(6, -1).t(), g_mat).view(cin, cout, 3).transpose(0, 1)
+            gw = gw.contiguous().to(ctx.weight_dtype)
         gb = grad.sum((0, 1)) if ctx.needs_input_grad[2] else None
-        return gx, gw, gb, None, None
+        if ctx.normed and gx is not None:
+            gx = _norm_relu_backward(gx, xh, stats[1]).to(z.dtype)
+        return gx, gw, gb, None, None, None
 
 
 def conv1d_k3_winograd_train(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, wt: torch.Tensor,
-                             max_elems: int = 1 << 23) -> torch.Tensor:
+                             max_elems: int = 1 << 23, norm_eps: float | None = None) -> torch.Tensor:
     """conv1d_k3_winograd with gradients for x, weight and bias; wt = winograd_weights(weight), treated as a
-    constant (the weight's gradient is computed directly)."""
-    return _Conv1dK3Winograd.apply(x, weight, bias, wt, max_elems)
+    constant (the weight's gradient is computed directly). With norm_eps the input is relu(InstanceNorm1d(x))
+    made inside: only x is kept for backward, not the normalised copy as well (one tensor per layer fewer)."""
+    return _Conv1dK3Winograd.apply(x, weight, bias, wt, max_elems, norm_eps)
 
 
 def winograd_filters(block: DeltaBlock) -> list[torch.Tensor | None]:
@@ -476,31 +496,36 @@ def conv1d_k3_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) ->
     return _k3_forward(x, weight, bias)
 
 
-def _conv_time_major(conv: torch.nn.Conv1d, x: torch.Tensor, wt: torch.Tensor | None) -> torch.Tensor:
-    """The Winograd plan's convolution: with Winograd filters `wt` (a wide layer) F(4,3), with gradients when
-    autograd records; a narrow layer (wt None) runs as conv1d, or as GEMMs when autograd records."""
+def _conv_time_major(conv: torch.nn.Conv1d, x: torch.Tensor, wt: torch.Tensor | None,
+                     normed: bool = False) -> torch.Tensor:
+    """The Winograd plan's convolution of x, or of relu(InstanceNorm1d(x)) if `normed`: with Winograd filters
+    `wt` (a wide layer) F(4,3), with gradients when autograd records; a narrow layer (wt None) runs as conv1d,
+    or as GEMMs when autograd records."""
     dev = x.device.type
     grad = torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad)
+    if normed and not (grad and wt is not None):  # else the norm is made inside the Winograd Function
+        x = _instance_norm_relu_time_major(x)
     if wt is None:
         if grad:
             return conv1d_k3_gemm(x, conv.weight, conv.bias)
         return F.conv1d(x.transpose(1, 2), conv.weight, conv.bias, padding=1).transpose(1, 2)
+    eps = 1e-5 if normed and grad else None
     if torch.is_autocast_enabled(dev):  # the Function sees no autocast: cast as for conv1d_k3_gemm
         dt = torch.get_autocast_dtype(dev)
         with torch.autocast(dev, enabled=False):
-            return _conv_winograd_cast(x.to(dt), conv.weight.to(dt), conv.bias.to(dt), wt.to(dt), grad)
-    return _conv_winograd_cast(x, conv.weight, conv.bias, wt, grad)
+            return _conv_winograd_cast(x.to(dt), conv.weight.to(dt), conv.bias.to(dt), wt.to(dt), grad, eps)
+    return _conv_winograd_cast(x, conv.weight, conv.bias, wt, grad, eps)
 
 
-def _conv_winograd_cast(x, weight, bias, wt, grad: bool) -> torch.Tensor:
+def _conv_winograd_cast(x, weight, bias, wt, grad: bool, eps: float | None) -> torch.Tensor:
     if grad:
-        return conv1d_k3_winograd_train(x, weight, bias, wt)
+        return conv1d_k3_winograd_train(x, weight, bias, wt, norm_eps=eps)
     return conv1d_k3_winograd(x, wt, bias)
 
 
-def _conv_gemm(conv: torch.nn.Conv1d, x: torch.Tensor, _: None) -> torch.Tensor:
-    """The GEMM form's convolution (every layer)."""
-    return conv1d_k3_gemm(x, conv.weight, conv.bias)
+def _conv_gemm(conv: torch.nn.Conv1d, x: torch.Tensor, _: None, normed: bool = False) -> torch.Tensor:
+    """The GEMM form's convolution (every layer) of x, or of relu(InstanceNorm1d(x)) if `normed`."""
+    return conv1d_k3_gemm(_instance_norm_relu_time_major(x) if normed else x, conv.weight, conv.bias)
 
 
 def _instance_norm_time_major(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
@@ -517,6 +542,53 @@ def _instance_norm_time_major(x: torch.Tensor, eps: float = 1e-5) -> torch.Tenso
     return out.to(dtype)
 
 
+def _norm_relu_forward(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """relu(InstanceNorm1d(x)) of time-major (M,S,C) in float32 at least, with its statistics (M,1,C)."""
+    xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+    mean = xf.mean(1, keepdim=True)
+    xh = xf - mean
+    scale = xh.square().mean(1, keepdim=True).add_(eps).rsqrt_()
+    return xh.mul_(scale).relu_(), mean, scale
+
+
+def _normalised(x: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x normalised again from saved statistics, in the precision of the forward pass."""
+    xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+    return (xf - mean).mul_(scale)
+
+
+def _norm_relu_backward(g: torch.Tensor, xh: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Gradient through relu(xh), xh = (x - mean(x)) * scale over the time axis; consumes xh."""
+    gh = g.to(xh.dtype).mul(xh > 0)
+    proj = (gh * xh).mean(1, keepdim=True)
+    # d/dx of (x - mean) * scale: scale * (gh - mean(gh) - xh * mean(gh * xh))
+    return gh.sub_(gh.mean(1, keepdim=True)).sub_(xh.mul_(proj)).mul_(scale)
+
+
+class _InstanceNormReLUTimeMajor(torch.autograd.Function):
+    """relu(InstanceNorm1d(x)) for time-major (M,S,C) with a backward of a few passes: autograd's composite
+    backward makes ~10 passes over an (M,S,C) float32 tensor per layer, the delta block's largest elementwise
+    cost in training. Saves only x and the per-(m, c) statistics; the normalised x is recomputed in backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, eps: float) -> torch.Tensor:
+        y, mean, scale = _norm_relu_forward(x, eps)
+        ctx.save_for_backward(x, mean, scale)
+        return y.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        x, mean, scale = ctx.saved_tensors
+        return _norm_relu_backward(g, _normalised(x, mean, scale), scale).to(x.dtype), None
+
+
+def _instance_norm_relu_time_major(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """relu(InstanceNorm1d(x)) for time-major (M,S,C), in place and without a graph when no gradient is kept."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _InstanceNormReLUTimeMajor.apply(x, eps)
+    return F.relu_(_instance_norm_time_major(x, eps))
+
+
 def delta_block_time_major(block: DeltaBlock, fcorr: torch.Tensor, flow: torch.Tensor,
                            filters: list[torch.Tensor | None] | None = None) -> torch.Tensor:
     """DeltaBlock.forward computed time-major: (M,S,588), (M,S,2) -> (M,S,2).
@@ -530,9 +602,8 @@ def delta_block_time_major(block: DeltaBlock, fcorr: torch.Tensor, flow: torch.T
     wts = iter(filters if filters is not None else [None] * len(block.convs()))
     x = F.relu(conv(block.first_block_conv.conv, block.inputs(fcorr, flow), next(wts)))
     for blk in block.basicblock_list:
-        y = x if blk.first else F.relu_(_instance_norm_time_major(x))
-        y = F.relu_(_instance_norm_time_major(conv(blk.conv1.conv, y, next(wts))))
-        y = conv(blk.conv2.conv, y, next(wts))
+        y = conv(blk.conv1.conv, x, next(wts), not blk.first)
+        y = conv(blk.conv2.conv, y, next(wts), True)
         if blk.cout != blk.cin:
             extra = blk.cout - blk.cin
             x = F.pad(x, (extra // 2, extra - extra // 2))

@@ -450,8 +450,11 @@ class Pips(nn.Module):
             args = (block, fcorr, flow)
         if self.plan.checkpointing:
             return checkpoint(fn, *args, use_reentrant=False)
-        if self.plan.recompute_cheap:
+        if self.plan.recompute_cheap and self.plan.delta != "winograd":
             return fast.keep_conv_outputs(fn, *args)
+        # the Winograd form keeps one tensor per layer by itself (each wide layer makes its input's norm inside
+        # and keeps only the norm's input): as little as selective checkpointing keeps of it (its products),
+        # without the recomputation
         return fn(*args)
 
     def _winograd_filters(self) -> list[torch.Tensor | None] | None:
