@@ -147,6 +147,41 @@ def test_winograd_conv_gradients_equal_conv1d(S):
     assert all(g.abs().max() > 0.1 for g in g_ref)
 
 
+@pytest.mark.parametrize("S", [2, 5, 36])
+def test_winograd_conv_of_normed_input_equals_conv1d_with_gradients(S):
+    # the Winograd Function that makes relu(InstanceNorm1d(x)) of its input itself and keeps only x: the same
+    # output and gradients as the separate norm, ReLU and conv1d, in float64, also in groups of sequences
+    torch.manual_seed(S)
+    x = (torch.randn(5, S, 40, dtype=torch.float64) * 3 + 1).requires_grad_()
+    w = (torch.randn(24, 40, 3, dtype=torch.float64) / 8).requires_grad_()
+    b = torch.randn(24, dtype=torch.float64, requires_grad=True)
+    weights = torch.randn(5, S, 24, dtype=torch.float64)
+    y = F.relu(F.instance_norm(x.transpose(1, 2), eps=1e-5))
+    ref = F.conv1d(y, w, b, padding=1).transpose(1, 2)
+    g_ref = torch.autograd.grad((ref * weights).sum(), [x, w, b])
+    for max_elems in (1 << 23, 2 * 6 * 40 * -(-S // 4)):
+        got = fast.conv1d_k3_winograd_train(x, w, b, fast.winograd_weights(w.detach()), max_elems, norm_eps=1e-5)
+        torch.testing.assert_close(got, ref, atol=1e-12, rtol=0)
+        g_got = torch.autograd.grad((got * weights).sum(), [x, w, b])
+        for a, r in zip(g_got, g_ref, strict=True):
+            torch.testing.assert_close(a, r, atol=1e-11, rtol=0)
+    assert all(g.abs().max() > 0.1 for g in g_ref)
+
+
+def test_time_major_norm_relu_function_equals_autograd():
+    torch.manual_seed(3)
+    x = (torch.randn(4, 9, 6, dtype=torch.float64) * 2 - 1).requires_grad_()
+    g = torch.randn(4, 9, 6, dtype=torch.float64)
+    got = fast._instance_norm_relu_time_major(x)
+    ref = F.relu(F.instance_norm(x.transpose(1, 2), eps=1e-5)).transpose(1, 2)
+    torch.testing.assert_close(got, ref, atol=1e-13, rtol=0)
+    (gx,), (rx,) = torch.autograd.grad((got * g).sum(), [x]), torch.autograd.grad((ref * g).sum(), [x])
+    torch.testing.assert_close(gx, rx, atol=1e-12, rtol=0)
+    assert torch.autograd.gradcheck(fast._instance_norm_relu_time_major, (x[:2, :5, :3].detach().requires_grad_(),))
+    with torch.no_grad():  # the in-place path
+        torch.testing.assert_close(fast._instance_norm_relu_time_major(x.detach().clone()), ref, atol=1e-13, rtol=0)
+
+
 def test_delta_block_winograd_equals_direct_and_follows_new_weights():
     torch.manual_seed(7)
     fcorr, flow = torch.randn(6, 11, 588), torch.randn(6, 11, 2) * 4
