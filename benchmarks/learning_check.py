@@ -77,6 +77,8 @@ def main(out: str = "./learning_check", max_iters: int = 500, train_scenes: int 
     --eval_clips clips of the test scenes itself (lbm_check). --amp trains under autocast (train.py --amp);
     `compare` puts two runs' loss curves side by side."""
     if model == "lbm":
+        if amp != "none":
+            raise SystemExit("error: --amp is for --model=pips2 (the LBM check trains in float32)")
         lbm_check(out, max_iters, train_scenes, test_scenes, B, S, N or 16, crop_size or "64,96", workers, quick,
                   seed, embed_dim, memory_size, eval_clips)
         return
@@ -91,6 +93,9 @@ def main(out: str = "./learning_check", max_iters: int = 500, train_scenes: int 
           f"--log_dir={out_dir / 'logs'}", f"--ckpt_dir={out_dir / 'checkpoints'}", f"--workers={workers}",
           f"--log_freq={max(1, max_iters // 10)}", f"--seed={seed}", f"--amp={amp}", *([f"--lr={lr}"] if lr else [])])
     train_min = (time.time() - t0) / 60
+    if not curve or curve[0][0] != 1:  # train.py resumed a finished run in this folder instead of training
+        raise SystemExit(f"error: {out_dir / 'checkpoints'} already holds a run that train.py resumed; "
+                         f"give a new --out for each learning check")
     ckpt = next((out_dir / "checkpoints").iterdir())
     res = {}
     for label, extra in (("model", [f"--init_dir={ckpt}"]), ("zero_velocity", ["--zero_vel=True"])):
@@ -183,8 +188,10 @@ def score_lbm_clip(net: LBM, clip: Sample) -> dict | None:
 def compare(runs: str, png: str | None = None, points: int = 10) -> None:
     """Two or more learning-check runs (their --out folders, comma-separated): held-out scores and the training
     loss (mean over each tenth of the steps) side by side; with --png, the loss curves drawn."""
-    names = [r for r in runs.split(",") if r]
+    names = [str(r) for r in (runs.split(",") if isinstance(runs, str) else runs) if r]  # fire: a,b -> tuple
     res = {r: json.loads((Path(r) / "learning_check.json").read_text()) for r in names}
+    if missing := [r for r in names if not res[r].get("loss_curve")]:
+        raise SystemExit(f"error: no loss curve in {', '.join(missing)} (a run older than the curves, or LBM's)")
     for r, v in res.items():
         print(f"{r}: amp {v.get('amp', 'none')}, {v['max_iters']} steps in {v['train_minutes']:.1f} min; held-out "
               f"d_avg {v['d_avg_model']:.1f} vs zero-velocity {v['d_avg_zero_velocity']:.1f} "
@@ -192,22 +199,23 @@ def compare(runs: str, png: str | None = None, points: int = 10) -> None:
               f"vs {v['median_l2_zero_velocity']:.1f} px")
     curves = {r: np.array(v["loss_curve"], dtype=float) for r, v in res.items()}
     print("mean training loss per span of steps:")
-    print(f"{'steps':>13s} " + " ".join(f"{res[r].get('amp', 'none'):>10s}" for r in names))
-    n = min(len(c) for c in curves.values())
+    labels = [f"{Path(r).name} ({res[r].get('amp', 'none')})" for r in names]
+    print(f"{'steps':>13s} " + " ".join(f"{lab:>16s}" for lab in labels))
+    n = min(len(c) for c in curves.values())  # the spans of the shortest run
     for chunk in np.array_split(np.arange(n), points):
         if len(chunk):
             span = f"{int(curves[names[0]][chunk[0], 0])}-{int(curves[names[0]][chunk[-1], 0])}"
-            print(f"{span:>13s} " + " ".join(f"{np.nanmean(curves[r][chunk, 1]):10.3f}" for r in names))
+            print(f"{span:>13s} " + " ".join(f"{np.nanmean(curves[r][chunk, 1]):16.3f}" for r in names))
     if png:
         from pips2.utils.plots import _pyplot
 
         plt = _pyplot()
         fig, ax = plt.subplots(figsize=(7, 4))
-        for r in names:
+        for r, label in zip(names, labels, strict=True):
             c = curves[r]
             k = max(1, len(c) // 40)  # running mean over a fortieth of the run
             smooth = np.convolve(c[:, 1], np.ones(k) / k, mode="valid")
-            ax.plot(c[k - 1:, 0], smooth, label=f"{Path(r).name} (amp {res[r].get('amp', 'none')})")
+            ax.plot(c[k - 1:, 0], smooth, label=label)
         ax.set_xlabel("step")
         ax.set_ylabel("training loss (running mean)")
         ax.legend()

@@ -357,22 +357,22 @@ class _Conv1dK3Winograd(torch.autograd.Function):
         else:
             y, mean, scale = _norm_relu_forward(z, eps)
             x = y.to(z.dtype)
+            del y  # the float32 copy of a half-precision input, not needed through the products
             ctx.save_for_backward(z, wt, mean, scale)
         return conv1d_k3_winograd(x, wt, bias, max_elems)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         z, wt, *stats = ctx.saved_tensors
-        if ctx.normed:  # the normalised input again (the norm's backward needs it as well)
+        x = z
+        if ctx.normed:  # the normalised input again: the norm's backward needs it, the filters' gradient its ReLU
             xh = _normalised(z, *stats)
-            x = xh.relu().to(z.dtype)
-        else:
-            x = z
-        M, S, C = x.shape
+            x = xh.relu().to(z.dtype) if ctx.needs_input_grad[1] else None
+        M, S, C = z.shape
         T = -(-S // 4)
         group = max(1, ctx.max_elems // (6 * T * max(C, wt.shape[2])))
-        gx = x.new_empty(M, S, C) if ctx.needs_input_grad[0] else None
-        gwt = None
+        gx = z.new_empty(M, S, C) if ctx.needs_input_grad[0] else None
+        gwt = U = None
         for m in range(0, M, group):
             g = grad[m:m + group]
             n = g.shape[0]
@@ -393,6 +393,7 @@ class _Conv1dK3Winograd(torch.autograd.Function):
             gw = gw.contiguous().to(ctx.weight_dtype)
         gb = grad.sum((0, 1)) if ctx.needs_input_grad[2] else None
         if ctx.normed and gx is not None:
+            del x, U  # before the norm's backward allocates its own (M,S,C) temporaries
             gx = _norm_relu_backward(gx, xh, stats[1]).to(z.dtype)
         return gx, gw, gb, None, None, None
 

@@ -38,7 +38,20 @@ def test_compare_prints_both_runs_and_draws_the_curves(tmp_path):
                           f"{tmp_path / 'bf16'}", f"--png={png}", "--points=2"], cwd=ROOT / "benchmarks", env=ENV,
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr[-2000:]
-    assert "(4.50x)" in res.stdout and "amp bf16" in res.stdout
+    assert "(4.50x)" in res.stdout and "amp bf16" in res.stdout and "fp32 (none)" in res.stdout
     rows = [line.split() for line in res.stdout.splitlines() if line.strip().startswith(("1-2", "3-4"))]
     assert rows == [["1-2", "8.500", "9.000"], ["3-4", "6.500", "7.000"]]
     assert png.stat().st_size > 1000
+
+
+def test_compare_takes_plain_run_names_and_refuses_runs_without_a_curve(tmp_path):
+    # fire turns --runs=a,b into a tuple; a summary without a loss curve is one clear error
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "learning_check.json").write_text(json.dumps({
+            "max_iters": 2, "train_minutes": 1.0, "d_avg_model": 1.0, "d_avg_zero_velocity": 1.0,
+            "median_l2_model": 1.0, "median_l2_zero_velocity": 1.0,
+            **({"loss_curve": [[1, 2.0], [2, 1.0]]} if name == "a" else {})}))
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "learning_check.py"), "compare", "--runs=a,b"],
+                         cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=120)
+    assert res.returncode != 0 and "error: no loss curve in b" in res.stderr

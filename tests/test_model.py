@@ -168,6 +168,34 @@ def test_winograd_conv_of_normed_input_equals_conv1d_with_gradients(S):
     assert all(g.abs().max() > 0.1 for g in g_ref)
 
 
+def test_winograd_conv_of_normed_input_partial_gradients_and_bf16():
+    # only the input's or only the filters' gradient wanted (a frozen layer, a constant input); and bf16 inputs
+    # (normalised in float32, products in bf16) within bf16's rounding of the float64 result
+    torch.manual_seed(11)
+    x = torch.randn(4, 9, 40, dtype=torch.float64) * 2
+    w, b = torch.randn(24, 40, 3, dtype=torch.float64) / 8, torch.randn(24, dtype=torch.float64)
+    def ref_fn(x, w):
+        return F.conv1d(F.relu(F.instance_norm(x.transpose(1, 2), eps=1e-5)), w, b, padding=1).transpose(1, 2)
+    for wants in ((True, False), (False, True)):
+        xs, ws = x.clone().requires_grad_(wants[0]), w.clone().requires_grad_(wants[1])
+        leaf = xs if wants[0] else ws
+        got = fast.conv1d_k3_winograd_train(xs, ws, b, fast.winograd_weights(w), norm_eps=1e-5)
+        (g_got,), (g_ref,) = torch.autograd.grad(got.sum(), [leaf]), torch.autograd.grad(ref_fn(xs, ws).sum(), [leaf])
+        torch.testing.assert_close(g_got, g_ref, atol=1e-11, rtol=0)
+    xb, wb = x.bfloat16().requires_grad_(), w.bfloat16().requires_grad_()
+    got = fast.conv1d_k3_winograd_train(xb, wb, b.bfloat16(), fast.winograd_weights(wb.detach()), norm_eps=1e-5)
+    assert got.dtype == torch.bfloat16
+    x64, w64 = x.clone().requires_grad_(), w.clone().requires_grad_()
+    ref = ref_fn(x64, w64)
+    torch.testing.assert_close(got.double(), ref, atol=0.1, rtol=0.05)
+    weights = torch.randn(4, 9, 24, dtype=torch.float64)  # not a plain sum: its input gradient nearly cancels
+    gx, gw = torch.autograd.grad((got.double() * weights).sum(), [xb, wb])
+    rx, rw = torch.autograd.grad((ref * weights).sum(), [x64, w64])
+    assert gx.dtype == gw.dtype == torch.bfloat16
+    for a, r in ((gx, rx), (gw, rw)):
+        assert (a.double() - r).norm() / r.norm() < 0.03
+
+
 def test_time_major_norm_relu_function_equals_autograd():
     torch.manual_seed(3)
     x = (torch.randn(4, 9, 6, dtype=torch.float64) * 2 - 1).requires_grad_()
