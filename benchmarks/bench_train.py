@@ -196,9 +196,9 @@ def _extrapolated_reference_peak(shapes: list[str], target: str) -> dict:
     return {"measured": {shapes[0]: p0, shapes[1]: p1}, "extrapolated_gib": peak}
 
 
-def _verdicts(res: dict) -> list[tuple[str, str, bool | None]]:
-    """Issue 12's targets against this run's figures: (target, measured, met; None where not measured)."""
-    out: list[tuple[str, str, bool | None]] = []
+def _verdicts(res: dict) -> list[tuple[str, str, bool]]:
+    """Issue 12's targets against this run's figures: (target, measured, met) for each one measured."""
+    out: list[tuple[str, str, bool]] = []
     s1 = res["runs"].get("stage1", {})
     ref = s1.get("reference")
     if ref:

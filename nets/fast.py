@@ -510,7 +510,7 @@ def _conv_time_major(conv: torch.nn.Conv1d, x: torch.Tensor, wt: torch.Tensor | 
         if grad:
             return conv1d_k3_gemm(x, conv.weight, conv.bias)
         return F.conv1d(x.transpose(1, 2), conv.weight, conv.bias, padding=1).transpose(1, 2)
-    eps = 1e-5 if normed and grad else None
+    eps = NORM_EPS if normed and grad else None
     if torch.is_autocast_enabled(dev):  # the Function sees no autocast: cast as for conv1d_k3_gemm
         dt = torch.get_autocast_dtype(dev)
         with torch.autocast(dev, enabled=False):
@@ -529,22 +529,14 @@ def _conv_gemm(conv: torch.nn.Conv1d, x: torch.Tensor, _: None, normed: bool = F
     return conv1d_k3_gemm(_instance_norm_relu_time_major(x) if normed else x, conv.weight, conv.bias)
 
 
-def _instance_norm_time_major(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """InstanceNorm1d for time-major (M,S,C): statistics over S per (m, c); in place where no gradient is kept.
-
-    Half-precision inputs are normalised in float32, as autocast runs instance_norm (squares overflow float16).
-    """
-    dtype = x.dtype
-    if dtype in (torch.float16, torch.bfloat16):
-        x = x.float()
-    xc = x - x.mean(1, keepdim=True)
-    scale = xc.square().mean(1, keepdim=True).add_(eps).rsqrt_()
-    out = xc * scale if torch.is_grad_enabled() and x.requires_grad else xc.mul_(scale)
-    return out.to(dtype)
+NORM_EPS = 1e-5  # the delta block's InstanceNorm1d (the reference's default)
 
 
 def _norm_relu_forward(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """relu(InstanceNorm1d(x)) of time-major (M,S,C) in float32 at least, with its statistics (M,1,C)."""
+    """relu(InstanceNorm1d(x)) of time-major (M,S,C) in float32 at least, with its statistics (M,1,C).
+
+    Half-precision inputs are normalised in float32, as autocast runs instance_norm (squares overflow float16).
+    """
     xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
     mean = xf.mean(1, keepdim=True)
     xh = xf - mean
@@ -583,11 +575,11 @@ class _InstanceNormReLUTimeMajor(torch.autograd.Function):
         return _norm_relu_backward(g, _normalised(x, mean, scale), scale).to(x.dtype), None
 
 
-def _instance_norm_relu_time_major(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """relu(InstanceNorm1d(x)) for time-major (M,S,C), in place and without a graph when no gradient is kept."""
+def _instance_norm_relu_time_major(x: torch.Tensor, eps: float = NORM_EPS) -> torch.Tensor:
+    """relu(InstanceNorm1d(x)) for time-major (M,S,C), without a graph when no gradient is kept."""
     if torch.is_grad_enabled() and x.requires_grad:
         return _InstanceNormReLUTimeMajor.apply(x, eps)
-    return F.relu_(_instance_norm_time_major(x, eps))
+    return _norm_relu_forward(x, eps)[0].to(x.dtype)
 
 
 def delta_block_time_major(block: DeltaBlock, fcorr: torch.Tensor, flow: torch.Tensor,
