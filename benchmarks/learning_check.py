@@ -189,6 +189,9 @@ def compare(runs: str, png: str | None = None, points: int = 10) -> None:
     """Two or more learning-check runs (their --out folders, comma-separated): held-out scores and the training
     loss (mean over each tenth of the steps) side by side; with --png, the loss curves drawn."""
     names = [str(r) for r in (runs.split(",") if isinstance(runs, str) else runs) if r]  # fire: a,b -> tuple
+    if absent := [r for r in names if not (Path(r) / "learning_check.json").is_file()]:
+        raise SystemExit(f"error: {', '.join(str(Path(r) / 'learning_check.json') for r in absent)}: not found "
+                         f"(not a finished learning check's --out)")
     res = {r: json.loads((Path(r) / "learning_check.json").read_text()) for r in names}
     if missing := [r for r in names if not res[r].get("loss_curve")]:
         raise SystemExit(f"error: no loss curve in {', '.join(missing)} (a run older than the curves, or LBM's)")

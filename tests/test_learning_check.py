@@ -55,3 +55,6 @@ def test_compare_takes_plain_run_names_and_refuses_runs_without_a_curve(tmp_path
     res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "learning_check.py"), "compare", "--runs=a,b"],
                          cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=120)
     assert res.returncode != 0 and "error: no loss curve in b" in res.stderr
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "learning_check.py"), "compare", "--runs=a,c"],
+                         cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=120)
+    assert res.returncode != 0 and "error: c/learning_check.json: not found" in res.stderr
