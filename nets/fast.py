@@ -65,6 +65,133 @@ def _save_convolutions(ctx, op, *args, **kwargs) -> CheckpointPolicy:
     return CheckpointPolicy.PREFER_RECOMPUTE
 
 
+def _kept(conv: torch.nn.Conv2d) -> bool:
+    return conv.weight[0].numel() >= CHEAP_CONV_MACS
+
+
+class _ConvGivenOutput(torch.autograd.Function):
+    """A convolution whose output is already known (kept from the forward pass): returns it as is, and
+    back-propagates through the convolution as autograd's own backward would."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: tuple[torch.Tensor],
+                stride: tuple[int, int], padding: tuple[int, int]) -> torch.Tensor:
+        # `out` comes wrapped: as a tensor input, the alias returned would carry gradients back into the
+        # graph that made it (the encoder's own output among them)
+        ctx.save_for_backward(x, weight)
+        ctx.conf = (stride, padding, bias is not None)
+        return out[0].detach()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        stride, padding, has_bias = ctx.conf
+        need = ctx.needs_input_grad
+        gx, gw, gb = torch.ops.aten.convolution_backward(
+            g, x, weight, [weight.shape[0]] if has_bias else None, stride, padding, [1, 1], False, [0, 0], 1,
+            [need[0], need[1], has_bias and need[2]])
+        return gx, gw, gb, None, None, None
+
+
+ENCODER_NORM_EPS = 1e-5  # the encoder's instance norm (the reference's)
+
+
+def _as_one_batch(x: torch.Tensor) -> torch.Tensor:
+    """(n,C,H,W) -> (1,n*C,H,W): instance statistics are then batch statistics (what F.instance_norm does)."""
+    return x if x.shape[0] == 1 else x.reshape(1, -1, *x.shape[2:])
+
+
+def _norm_with_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Instance norm of (n,C,H,W) without affine parameters -> (output, mean, 1/std), the statistics per
+    channel of each image; the output is the one F.instance_norm and F.batch_norm (n=1) make."""
+    y, mean, invstd = torch.native_batch_norm(_as_one_batch(x), None, None, None, None, True, 0.0,
+                                              ENCODER_NORM_EPS)
+    return y.view(x.shape) if x.shape[0] > 1 else y, mean, invstd
+
+
+class _NormGivenStats(torch.autograd.Function):
+    """Instance norm of x from statistics saved in the forward pass (one pass, none to gather statistics again),
+    with the gradient of the true norm (statistics depending on x)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, stats: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        mean, invstd = stats
+        ctx.save_for_backward(x)
+        ctx.stats = stats
+        shape = (x.shape[0], -1, 1, 1)  # per image and channel
+        return torch.addcmul((-mean * invstd).view(shape), x, invstd.view(shape))
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g: torch.Tensor):
+        (x,) = ctx.saved_tensors
+        mean, invstd = ctx.stats
+        gx = torch.ops.aten.native_batch_norm_backward(_as_one_batch(g), _as_one_batch(x), None, None, None, mean,
+                                                       invstd, True, ENCODER_NORM_EPS, [True, False, False])[0]
+        return gx.view(x.shape) if x.shape[0] > 1 else gx, None
+
+
+class _EncodeKeepingConvs(torch.autograd.Function):
+    """The encoder on a chunk of frames, keeping for backward only its input, the outputs of its costly
+    convolutions and the norms' statistics: backward replays the forward from these (norms from their saved
+    statistics, ReLUs, sums, resamplings and the cheap 7x7 and 1x1 convolutions recomputed, the kept outputs
+    reused) and back-propagates through the replay, whose own activations live for one chunk's backward only."""
+
+    @staticmethod
+    def forward(ctx, fnet, x: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
+        kept, stats = [], []
+
+        def record(conv: torch.nn.Conv2d, inp: torch.Tensor) -> torch.Tensor:
+            out = conv(inp)
+            if _kept(conv):
+                kept.append(out)
+            return out
+
+        def record_norm(z: torch.Tensor) -> torch.Tensor:
+            y, *st = _norm_with_stats(z)
+            stats.extend(st)
+            return y
+
+        y = fnet(x, record_norm, record)
+        ctx.fnet, ctx.n_kept = fnet, len(kept)
+        ctx.save_for_backward(x, *kept, *stats)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g: torch.Tensor):
+        x, *saved = ctx.saved_tensors
+        outs, stats = iter(saved[:ctx.n_kept]), iter(saved[ctx.n_kept:])
+
+        def replay(conv: torch.nn.Conv2d, inp: torch.Tensor) -> torch.Tensor:
+            if _kept(conv):
+                return _ConvGivenOutput.apply(inp, conv.weight, conv.bias, (next(outs),), conv.stride, conv.padding)
+            return conv(inp)
+
+        def replay_norm(z: torch.Tensor) -> torch.Tensor:
+            return _NormGivenStats.apply(z, (next(stats), next(stats)))
+
+        params = list(ctx.fnet.parameters())
+        wanted = [p for p, need in zip(params, ctx.needs_input_grad[2:], strict=True) if need]
+        with torch.enable_grad():
+            xd = x.detach().requires_grad_(ctx.needs_input_grad[1])
+            y = ctx.fnet(xd, replay_norm, replay)
+            grads = iter(torch.autograd.grad(y, ([xd] if xd.requires_grad else []) + wanted, g, allow_unused=True))
+        gx = next(grads) if xd.requires_grad else None
+        return None, gx, *(next(grads) if need else None for need in ctx.needs_input_grad[2:])
+
+
+def encode_keeping_convs(fnet: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """fnet(x) (instance norms) under autograd keeping only x, its costly convolutions' outputs and the norms'
+    statistics for backward: about half the encoder's activation memory, for a replay of its cheap operations
+    in backward."""
+    params = list(fnet.parameters())
+    if not (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))):
+        return fnet(x, lambda z: _norm_with_stats(z)[0])
+    return _EncodeKeepingConvs.apply(fnet, x, *params)
+
+
 def keep_conv_outputs(fn, *args):
     """fn(*args) under autograd keeping only its convolutions' outputs for backward; the norms, activations,
     sums and resamplings between them are recomputed from those in backward (cheap, memory-bound work)."""
@@ -175,12 +302,14 @@ class _LocalCorrRecompute(torch.autograd.Function):
         g_map = flat.new_zeros(BS * h * w, C) if want_map else None
         g_tg = tg.new_empty(tg.shape) if want_tg else None
         ws = tg.new_empty(min(step, BS) * N * P * P * C)
+        g_patches = tg.new_empty(min(step, BS) * N, P * P, C) if want_map else None  # reused: no page faults
         for s in range(0, BS, step):
             fr = min(step, BS - s)
             idx, inside, fx, fy = _patch_index(xy[s:s + step], h, w, r)
             g_corr = _patch_blend_grad(grad[s:s + step], inside, fx, fy, scale)  # fr*N, T, P*P
             if want_map:  # corr = targets patch^T: patch gradient g_corr^T targets, made contiguous by its bmm
-                g_patch = torch.bmm(g_corr.transpose(1, 2), tg[s:s + step].reshape(fr * N, T, C))
+                g_patch = torch.bmm(g_corr.transpose(1, 2).to(tg.dtype), tg[s:s + step].reshape(fr * N, T, C),
+                                    out=g_patches[:fr * N])
                 g_map.index_add_(0, idx + s * h * w, g_patch.view(-1, C))
             if want_tg:
                 patch = _gather(flat[s:s + step].reshape(fr * h * w, C), idx, ws).view(fr * N, P * P, C)
@@ -538,24 +667,26 @@ def _norm_relu_forward(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch
     Half-precision inputs are normalised in float32, as autocast runs instance_norm (squares overflow float16).
     """
     xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-    mean = xf.mean(1, keepdim=True)
+    mean = xf.mean(1, keepdim=True)  # (torch.var_mean over this middle axis is several times slower)
     xh = xf - mean
     scale = xh.square().mean(1, keepdim=True).add_(eps).rsqrt_()
     return xh.mul_(scale).relu_(), mean, scale
 
 
 def _normalised(x: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x normalised again from saved statistics, in the precision of the forward pass."""
+    """x normalised again from saved statistics, in the precision and arithmetic of the forward pass."""
     xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
     return (xf - mean).mul_(scale)
 
 
 def _norm_relu_backward(g: torch.Tensor, xh: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """Gradient through relu(xh), xh = (x - mean(x)) * scale over the time axis; consumes xh."""
-    gh = g.to(xh.dtype).mul(xh > 0)
-    proj = (gh * xh).mean(1, keepdim=True)
-    # d/dx of (x - mean) * scale: scale * (gh - mean(gh) - xh * mean(gh * xh))
-    return gh.sub_(gh.mean(1, keepdim=True)).sub_(xh.mul_(proj)).mul_(scale)
+    """Gradient through relu(xh), xh = (x - mean(x)) * scale over the time axis."""
+    gh = torch.ops.aten.threshold_backward(g.to(xh.dtype), xh, 0)  # g where xh > 0
+    # d/dx of (x - mean) * scale: scale * (gh - mean(gh) - xh * mean(gh * xh)), in place on gh: every fresh
+    # (M,S,C) buffer costs more in page faults than a pass over it
+    proj = torch.linalg.vecdot(gh, xh, dim=1).unsqueeze(1).mul_(-1 / xh.shape[1])
+    shift = gh.mean(1, keepdim=True)
+    return gh.sub_(shift).mul_(scale).addcmul_(xh, proj.mul_(scale))
 
 
 class _InstanceNormReLUTimeMajor(torch.autograd.Function):

@@ -22,6 +22,7 @@ from pips2.utils.amp import autocast_off
 
 MIN_SIZE = 128  # four pyramid levels at stride 8 must stay >= 2x2
 Norm = Callable[[torch.Tensor], torch.Tensor]
+Conv = Callable[[nn.Conv2d, torch.Tensor], torch.Tensor]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -148,6 +149,11 @@ def instance_norm(x: torch.Tensor) -> torch.Tensor:
     return F.instance_norm(x, eps=1e-5)
 
 
+def apply_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """conv(x): the encoder's default way to run a convolution (a plan may replay kept outputs instead)."""
+    return conv(x)
+
+
 class ResidualBlock(nn.Module):
     """Two 3x3 convs with instance norm; a strided block gets a 1x1 projection shortcut."""
 
@@ -158,12 +164,12 @@ class ResidualBlock(nn.Module):
         # a Sequential so that the checkpoint's key stays downsample.0.*; the norm after it has no weights
         self.downsample = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride=stride)) if stride != 1 else None
 
-    def forward(self, x: torch.Tensor, norm: Norm = instance_norm) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, norm: Norm = instance_norm, conv: Conv = apply_conv) -> torch.Tensor:
         # in-place ReLUs act on fresh norm outputs, which no backward needs
-        y = F.relu_(norm(self.conv1(x)))
-        y = F.relu_(norm(self.conv2(y)))
+        y = F.relu_(norm(conv(self.conv1, x)))
+        y = F.relu_(norm(conv(self.conv2, y)))
         if self.downsample is not None:
-            x = norm(self.downsample(x))
+            x = norm(conv(self.downsample[0], x))
         return F.relu_(x + y)
 
 
@@ -183,17 +189,17 @@ class BasicEncoder(nn.Module):
         self.conv2 = nn.Conv2d(sum(widths), output_dim * 2, 3, padding=1)
         self.conv3 = nn.Conv2d(output_dim * 2, output_dim, 1)
 
-    def forward(self, x: torch.Tensor, norm: Norm = instance_norm) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, norm: Norm = instance_norm, conv: Conv = apply_conv) -> torch.Tensor:
         H, W = x.shape[-2:]
         size = (H // self.stride, W // self.stride)
-        x = F.relu_(norm(self.conv1(x)))
+        x = F.relu_(norm(conv(self.conv1, x)))
         feats = []
         for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
             for block in layer:
-                x = block(x, norm)
+                x = block(x, norm, conv)
             feats.append(F.interpolate(x, size, mode="bilinear", align_corners=True))
-        x = F.relu_(norm(self.conv2(torch.cat(feats, 1))))
-        return self.conv3(x)
+        x = F.relu_(norm(conv(self.conv2, torch.cat(feats, 1))))
+        return conv(self.conv3, x)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -362,7 +368,7 @@ class Pips(nn.Module):
         if self.plan.checkpointing:
             fm = checkpoint(self.fnet, x, norm, use_reentrant=False)
         elif self.plan.recompute_cheap:
-            fm = fast.keep_conv_outputs(self.fnet, x, norm)
+            fm = fast.encode_keeping_convs(self.fnet, x)
         else:
             fm = self.fnet(x, norm)
         return fm.to(self.dtype).permute(0, 2, 3, 1)

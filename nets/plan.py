@@ -77,6 +77,10 @@ class ExecPlan:
         device = torch.device(device)
         cuda = device.type == "cuda"
         half = dtype in (torch.bfloat16, torch.float16)
+        # float32 only: the encoder's replay in backward runs without autocast, so it would not remake the
+        # forward's half-precision values (and selective checkpointing, for the GEMM delta block, refuses
+        # autocast's cached weight casts)
+        recompute = recompute_cheap and training and not checkpointing and not half
         # Winograd pays off where the delta block is GEMM-bound: the CPU in float32, in inference and in training
         # (its backward halves the products too). Not under bf16: rounding the transformed tiles to 8 bits of
         # mantissa gives 4x the error of a bf16 GEMM (docs/BENCHMARKS.md)
@@ -96,12 +100,12 @@ class ExecPlan:
             # one frame at a time on the CPU (cache locality) and under checkpointing (a recompute then holds
             # one frame's activations: 1.4 instead of 9.2 GiB at 512x896); larger kernels run faster on CUDA
             encoder_chunk=16 if cuda and not checkpointing else 0 if small_frames and not checkpointing else 1,
-            # channels-last is faster on CUDA and under autocast; CPU float32 oneDNN kernels round closer to
-            # the reference in the contiguous layout
-            channels_last=cuda or half,
+            # channels-last is faster on CUDA, under autocast and in float32 training with recompute_cheap (its
+            # encoder replay: oneDNN's channels-last 3x3 convolutions there are up to 1.5x faster, which pays for
+            # the replay, bench_train.py); otherwise CPU float32 oneDNN kernels round closer to the reference in
+            # the contiguous layout, and autograd's own norms and ReLUs run slower in channels-last
+            channels_last=cuda or half or recompute,
             norm="batch",
             checkpointing=checkpointing,
-            # float32 only: under autocast the recomputation's casts do not line up with the forward's
-            # (autocast caches weight casts), which selective checkpointing refuses
-            recompute_cheap=recompute_cheap and training and not checkpointing and not half,
+            recompute_cheap=recompute,
         )

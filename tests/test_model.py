@@ -386,6 +386,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
 TRAINING_FORMS = {
     "gemm delta": dict(delta="gemm"),
     "recompute cheap": dict(recompute_cheap=True),
+    "recompute cheap, channels-last": dict(recompute_cheap=True, channels_last=True),  # its CPU plan
     "gemm + recompute cheap": dict(delta="gemm", recompute_cheap=True),
     "gemm + checkpointing": dict(delta="gemm", checkpointing=True),
     "winograd delta": dict(delta="winograd"),
