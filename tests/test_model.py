@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from helpers import DATA, golden_model, state_dict_spec
 
 from pips2.nets import fast
-from pips2.nets.pips2 import CorrPyramid, Pips, sample_features, sequence_loss, sincos_embed_xy
+from pips2.nets.pips2 import BasicEncoder, CorrPyramid, Pips, instance_norm, sample_features, sequence_loss, sincos_embed_xy
 from pips2.nets.plan import ExecPlan
 
 GOLDEN = np.load(DATA / "golden_forward.npz")
@@ -393,6 +393,53 @@ TRAINING_FORMS = {
     "winograd + recompute cheap": dict(delta="winograd", recompute_cheap=True),
     "winograd + checkpointing": dict(delta="winograd", checkpointing=True),
 }
+
+
+@pytest.mark.parametrize("frames", [1, 3])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_encoder_replay_gives_autograds_gradients(frames, layout):
+    # float64: keeping only conv outputs and norm statistics, then replaying in backward, gives the same encoder
+    # output and the same gradients for every weight and for the frames as plain autograd (one frame: the
+    # norm is a batch norm of one image; several: instance statistics per image)
+    torch.manual_seed(3)
+    enc = BasicEncoder().double()
+    x = (torch.rand(frames, 3, 128, 136, dtype=torch.float64) * 2 - 1).contiguous(memory_format=layout)
+    g = torch.randn(frames, 128, 16, 17, dtype=torch.float64)
+    out = []
+    for replay in (False, True):
+        xg = x.clone().requires_grad_(True)
+        enc.zero_grad()
+        y = fast.encode_keeping_convs(enc, xg) if replay else enc(xg, instance_norm)
+        y.backward(g)
+        out.append((y.detach(), xg.grad, {n: p.grad.clone() for n, p in enc.named_parameters()}))
+    (y0, gx0, gw0), (y1, gx1, gw1) = out
+    torch.testing.assert_close(y1, y0, atol=1e-12, rtol=0)
+    torch.testing.assert_close(gx1, gx0, atol=1e-12, rtol=1e-9)
+    assert len(gw0) > 40
+    for n, v in gw0.items():
+        torch.testing.assert_close(gw1[n], v, atol=1e-10, rtol=1e-9, msg=n)
+
+
+def test_encoder_replay_keeps_half_the_tensors():
+    # what backward holds: the frames, the 3x3 (and wider) convolutions' outputs and two statistics per norm,
+    # not the norms' outputs, ReLUs or sums between them
+    enc = BasicEncoder()
+    x = torch.rand(1, 3, 128, 128) * 2 - 1
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        fast.encode_keeping_convs(enc, x)
+    def maps(ts):  # the activations (one image's maps), not the weights; each storage once
+        return list({t.data_ptr(): t for t in ts if t.dim() == 4 and t.shape[0] == 1 and t.shape[-1] >= 16}.values())
+
+    big = maps(saved)
+    convs = [m for m in enc.modules() if isinstance(m, torch.nn.Conv2d) and m.weight[0].numel() >= 256]
+    assert len(big) <= 1 + len(convs)  # the frames and kept outputs (the smallest maps fall under the filter)
+    kept_numel = sum(t.numel() for t in big)
+    plain = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: plain.append(t) or t, lambda t: t):
+        enc(x.clone().requires_grad_(True), instance_norm)
+    plain_numel = sum(t.numel() for t in maps(plain))
+    assert kept_numel < 0.6 * plain_numel
 
 
 @pytest.mark.parametrize("form", list(TRAINING_FORMS))
