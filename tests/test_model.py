@@ -10,7 +10,15 @@ import torch.nn.functional as F
 from helpers import DATA, golden_model, state_dict_spec
 
 from pips2.nets import fast
-from pips2.nets.pips2 import BasicEncoder, CorrPyramid, Pips, instance_norm, sample_features, sequence_loss, sincos_embed_xy
+from pips2.nets.pips2 import (
+    BasicEncoder,
+    CorrPyramid,
+    Pips,
+    instance_norm,
+    sample_features,
+    sequence_loss,
+    sincos_embed_xy,
+)
 from pips2.nets.plan import ExecPlan
 
 GOLDEN = np.load(DATA / "golden_forward.npz")
