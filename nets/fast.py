@@ -19,7 +19,10 @@ if TYPE_CHECKING:  # only for hints: pips2 imports this module
 # Encoder
 
 
-def instance_norm_keep_layout(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+ENCODER_NORM_EPS = 1e-5  # the encoder's instance norm (the reference's)
+
+
+def instance_norm_keep_layout(x: torch.Tensor, eps: float = ENCODER_NORM_EPS) -> torch.Tensor:
     """F.instance_norm (no affine) that keeps a one-image batch's memory format.
 
     For one image the batch statistics over (N,H,W) are its instance statistics, and batch_norm keeps a
@@ -52,21 +55,20 @@ def stack_frames(maps: list[torch.Tensor], shape: tuple[int, ...]) -> torch.Tens
 CHEAP_CONV_MACS = 256  # multiply-adds per output value under which a convolution is recomputed, not kept
 
 
+def _costly(weight: torch.Tensor) -> bool:
+    """Whether a convolution's output is kept for backward rather than computed again: weight (out, in/groups,
+    kh, kw), one output filter's size is the multiply-adds per output value. The encoder's 7x7 conv of the
+    3-channel image and the 1x1 shortcuts cost little to redo, and the former's output is as large as a whole
+    layer1 conv's."""
+    return weight[0].numel() >= CHEAP_CONV_MACS
+
+
 def _save_convolutions(ctx, op, *args, **kwargs) -> CheckpointPolicy:
     if op in (torch.ops.aten.addmm.default, torch.ops.aten.mm.default, torch.ops.aten.bmm.default):
         return CheckpointPolicy.MUST_SAVE  # the GEMM and Winograd forms of a convolution (the latter's products)
     if op is torch.ops.aten.convolution.default:
-        # weight (out, in/groups, kh, kw): one output filter's size is the multiply-adds per output value. The
-        # encoder's 7x7 conv of the 3-channel image and the 1x1 shortcuts cost little to redo, and the
-        # former's output is as large as a whole layer1 conv's
-        if args[1][0].numel() < CHEAP_CONV_MACS:
-            return CheckpointPolicy.PREFER_RECOMPUTE
-        return CheckpointPolicy.MUST_SAVE
+        return CheckpointPolicy.MUST_SAVE if _costly(args[1]) else CheckpointPolicy.PREFER_RECOMPUTE
     return CheckpointPolicy.PREFER_RECOMPUTE
-
-
-def _kept(conv: torch.nn.Conv2d) -> bool:
-    return conv.weight[0].numel() >= CHEAP_CONV_MACS
 
 
 class _ConvGivenOutput(torch.autograd.Function):
@@ -92,9 +94,6 @@ class _ConvGivenOutput(torch.autograd.Function):
             g, x, weight, [weight.shape[0]] if has_bias else None, stride, padding, [1, 1], False, [0, 0], 1,
             [need[0], need[1], has_bias and need[2]])
         return gx, gw, gb, None, None, None
-
-
-ENCODER_NORM_EPS = 1e-5  # the encoder's instance norm (the reference's)
 
 
 def _as_one_batch(x: torch.Tensor) -> torch.Tensor:
@@ -144,7 +143,7 @@ class _EncodeKeepingConvs(torch.autograd.Function):
 
         def record(conv: torch.nn.Conv2d, inp: torch.Tensor) -> torch.Tensor:
             out = conv(inp)
-            if _kept(conv):
+            if _costly(conv.weight):
                 kept.append(out)
             return out
 
@@ -165,7 +164,7 @@ class _EncodeKeepingConvs(torch.autograd.Function):
         outs, stats = iter(saved[:ctx.n_kept]), iter(saved[ctx.n_kept:])
 
         def replay(conv: torch.nn.Conv2d, inp: torch.Tensor) -> torch.Tensor:
-            if _kept(conv):
+            if _costly(conv.weight):
                 return _ConvGivenOutput.apply(inp, conv.weight, conv.bias, (next(outs),), conv.stride, conv.padding)
             return conv(inp)
 
@@ -188,7 +187,7 @@ def encode_keeping_convs(fnet: torch.nn.Module, x: torch.Tensor) -> torch.Tensor
     in backward."""
     params = list(fnet.parameters())
     if not (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))):
-        return fnet(x, lambda z: _norm_with_stats(z)[0])
+        return fnet(x, instance_norm_keep_layout)
     return _EncodeKeepingConvs.apply(fnet, x, *params)
 
 
