@@ -6,7 +6,8 @@ this in float64); an `ExecPlan` (nets/plan.py) says which form runs. Why each is
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -361,17 +362,31 @@ def local_corr(pyramid: CorrPyramid, targets: torch.Tensor, coords: torch.Tensor
 # four outputs of a 3-tap filter from six inputs with six products instead of twelve. On the CPU these
 # convolutions are GEMM-bound, so halving their products is worth the cheap transforms; float32 results
 # match conv1d to ~1e-6. Its backward (`_Conv1dK3Winograd`) runs the transposed transforms: half the products
-# of the direct form for the input and the weight gradients too.
+# of the direct form for the input and the weight gradients too. Under bf16 the F(4,3) transforms' large and
+# fractional coefficients cost too much precision; F(2,3) (two outputs from four inputs, four products instead
+# of six; coefficients 0, +-1 and 1/2) keeps the error of a bf16 GEMM and still saves a third of the products.
+# The filters' first dimension (6 or 4 transformed filters) says which of the two a layer runs.
 
 _WINOGRAD_G = ((1 / 4, 0, 0), (-1 / 6, -1 / 6, -1 / 6), (-1 / 6, 1 / 6, -1 / 6), (1 / 24, 1 / 12, 1 / 6),
                (1 / 24, -1 / 12, 1 / 6), (0, 0, 1))
+_WINOGRAD2_G = ((1, 0, 0), (1 / 2, 1 / 2, 1 / 2), (1 / 2, -1 / 2, 1 / 2), (0, 0, 1))
 WINOGRAD_MIN_PRODUCT = 512 * 512  # narrower layers (cout*cin): the transforms would cost what they save
 
 
-def winograd_weights(weight: torch.Tensor) -> torch.Tensor:
-    """Conv1d weight (cout,cin,3) -> the six transformed filters (6,cin,cout)."""
-    g = torch.tensor(_WINOGRAD_G, dtype=weight.dtype, device=weight.device)
+def winograd_weights(weight: torch.Tensor, tile: int = 4) -> torch.Tensor:
+    """Conv1d weight (cout,cin,3) -> the transformed filters: (6,cin,cout) for F(4,3), (4,cin,cout) for tile=2."""
+    if tile not in _SCHEMES:
+        raise ValueError(f"Winograd tiles of 2 or 4 outputs, got {tile}")
+    g = torch.tensor(_SCHEMES[tile].G, dtype=weight.dtype, device=weight.device)
     return torch.einsum("jk,ock->jco", g, weight).contiguous()
+
+
+def _tiling(wt: torch.Tensor, S: int, C: int, max_elems: int) -> tuple[_Scheme, int, int]:
+    """The scheme that transformed filters wt belong to (six filters: F(4,3), four: F(2,3)), the tiles per
+    sequence of S frames, and how many sequences go through at once to keep the tiles under max_elems floats."""
+    scheme = _SCHEMES[wt.shape[0] - 2]
+    T = -(-S // scheme.tile)
+    return scheme, T, max(1, max_elems // (wt.shape[0] * T * max(C, wt.shape[2])))
 
 
 def conv1d_k3_winograd(x: torch.Tensor, wt: torch.Tensor, bias: torch.Tensor,
@@ -382,30 +397,30 @@ def conv1d_k3_winograd(x: torch.Tensor, wt: torch.Tensor, bias: torch.Tensor,
     extra memory at long clips and many points (the GEMMs keep >= ~1000 rows).
     """
     M, S, C = x.shape
-    T = -(-S // 4)
-    group = max(1, max_elems // (6 * T * max(C, wt.shape[2])))
+    scheme, T, group = _tiling(wt, S, C, max_elems)
     if group < M:
         out = x.new_empty(M, S, wt.shape[2])
         for m in range(0, M, group):
             out[m:m + group] = conv1d_k3_winograd(x[m:m + group], wt, bias, max_elems)
         return out
-    return _winograd_tiles(x, wt, bias)
+    m = torch.bmm(scheme.t_in(x, T).view(wt.shape[0], M * T, C), wt)
+    return scheme.t_out(m.view(wt.shape[0], M, T, -1), S, bias)
 
 
-def _winograd_tiles(x: torch.Tensor, wt: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def _padded_in_time(x: torch.Tensor, length: int) -> torch.Tensor:
+    """Time-major x (M,S,C) between zero rows: one before, length - S - 1 after (F.pad would zero it all first)."""
     M, S, C = x.shape
-    T = -(-S // 4)  # tiles of four outputs
-    m = torch.bmm(_winograd_in(x, T).view(6, M * T, C), wt)
-    return _winograd_out(m.view(6, M, T, -1), S, bias)
+    xp = x.new_empty(M, length, C)
+    xp[:, 0].zero_()
+    xp[:, S + 1:].zero_()
+    xp[:, 1:S + 1] = x
+    return xp
 
 
 def _winograd_in(x: torch.Tensor, T: int) -> torch.Tensor:
     """Input transform B^T d of every tile of time-major x (M,S,C) -> (6,M,T,C); tile j reads x[4j-1 .. 4j+4]."""
     M, S, C = x.shape
-    xp = x.new_empty(M, 4 * T + 2, C)  # zero-padded in time; F.pad would zero all of it first
-    xp[:, 0].zero_()
-    xp[:, S + 1:].zero_()
-    xp[:, 1:S + 1] = x
+    xp = _padded_in_time(x, 4 * T + 2)
     d0, d1, d2, d3, d4, d5 = (xp[:, i:i + 4 * T:4] for i in range(6))  # six inputs of every tile
     U = x.new_empty(6, M, T, C)  # sharing subexpressions
     torch.add(d4, d0, alpha=4, out=U[0]).add_(d2, alpha=-5)
@@ -469,6 +484,75 @@ def _winograd_in_grad(gU: torch.Tensor, S: int) -> torch.Tensor:
     return gxp[:, 1:S + 1]
 
 
+def _winograd2_in(x: torch.Tensor, T: int) -> torch.Tensor:
+    """F(2,3)'s input transform of every tile of time-major x (M,S,C) -> (4,M,T,C); tile j reads x[2j-1 .. 2j+2]."""
+    M, S, C = x.shape
+    xp = _padded_in_time(x, 2 * T + 2)
+    d0, d1, d2, d3 = (xp[:, i:i + 2 * T:2] for i in range(4))
+    U = x.new_empty(4, M, T, C)
+    torch.sub(d0, d2, out=U[0])
+    torch.add(d1, d2, out=U[1])
+    torch.sub(d2, d1, out=U[2])
+    torch.sub(d1, d3, out=U[3])
+    return U
+
+
+def _winograd2_out(m: torch.Tensor, S: int, bias: torch.Tensor | None) -> torch.Tensor:
+    """F(2,3)'s output transform of the tiles' products (4,M,T,C) -> time-major (M,S,C)."""
+    m0, m1, m2, m3 = m.unbind(0)
+    _, M, T, C = m.shape
+    Y = m.new_empty(M, T, 2, C)
+    torch.add(m0, m1, out=Y[:, :, 0]).add_(m2)
+    torch.sub(m1, m2, out=Y[:, :, 1]).sub_(m3)
+    Y = Y.view(M, 2 * T, C)[:, :S]
+    return Y if bias is None else Y.add_(bias)
+
+
+def _winograd2_out_grad(g: torch.Tensor, T: int) -> torch.Tensor:
+    """The adjoint of F(2,3)'s output transform: gradient (M,S,C) of the outputs -> of the products (4,M,T,C)."""
+    M, S, C = g.shape
+    g0, g1 = F.pad(g, (0, 0, 0, 2 * T - S)).view(M, T, 2, C).unbind(2)
+    gm = g.new_empty(4, M, T, C)
+    gm[0] = g0
+    torch.add(g0, g1, out=gm[1])
+    torch.sub(g0, g1, out=gm[2])
+    torch.neg(g1, out=gm[3])
+    return gm
+
+
+def _winograd2_in_grad(gU: torch.Tensor, S: int) -> torch.Tensor:
+    """The adjoint of F(2,3)'s input transform, tiles overlap-added: (4,M,T,C) -> gradient of x (M,S,C)."""
+    u0, u1, u2, u3 = gU.unbind(0)
+    _, M, T, C = gU.shape
+    gxp = gU.new_empty(M, 2 * T + 2, C)
+    core = gxp[:, :2 * T].view(M, T, 2, C)
+    core[:, :, 0] = u0
+    torch.sub(u1, u2, out=core[:, :, 1]).add_(u3)
+    g2 = torch.add(u1, u2).sub_(u0)  # a tile's inputs 2 and 3 are the next tile's 0 and 1
+    core[:, 1:, 0] += g2[:, :-1]
+    core[:, 1:, 1] -= u3[:, :-1]
+    gxp[:, 2 * T] = g2[:, -1]
+    torch.neg(u3[:, -1], out=gxp[:, 2 * T + 1])
+    return gxp[:, 1:S + 1]
+
+
+class _Scheme(NamedTuple):
+    """One Winograd F(tile,3): its transforms, their adjoints, and G (filters -> transformed filters)."""
+
+    tile: int
+    t_in: Callable[[torch.Tensor, int], torch.Tensor]
+    t_out: Callable[[torch.Tensor, int, torch.Tensor | None], torch.Tensor]
+    t_out_grad: Callable[[torch.Tensor, int], torch.Tensor]
+    t_in_grad: Callable[[torch.Tensor, int], torch.Tensor]
+    G: tuple[tuple[float, ...], ...]
+
+
+_SCHEMES = {  # outputs per tile -> scheme
+    4: _Scheme(4, _winograd_in, _winograd_out, _winograd_out_grad, _winograd_in_grad, _WINOGRAD_G),
+    2: _Scheme(2, _winograd2_in, _winograd2_out, _winograd2_out_grad, _winograd2_in_grad, _WINOGRAD2_G),
+}
+
+
 class _Conv1dK3Winograd(torch.autograd.Function):
     """conv1d_k3_winograd with a backward in the same form: the gradients of the tiles' products are A g, the
     input gradient B (A g wt^T) overlap-added over tiles, the filters' gradient U^T (A g) mapped back to the
@@ -497,27 +581,27 @@ class _Conv1dK3Winograd(torch.autograd.Function):
             xh = _normalised(z, *stats)
             x = xh.relu().to(z.dtype) if ctx.needs_input_grad[1] else None
         M, S, C = z.shape
-        T = -(-S // 4)
-        group = max(1, ctx.max_elems // (6 * T * max(C, wt.shape[2])))
+        n = wt.shape[0]
+        scheme, T, group = _tiling(wt, S, C, ctx.max_elems)
         gx = z.new_empty(M, S, C) if ctx.needs_input_grad[0] else None
         gwt = U = None
         for m in range(0, M, group):
             g = grad[m:m + group]
-            n = g.shape[0]
-            gm = _winograd_out_grad(g, T).view(6, n * T, -1)
+            k = g.shape[0]
+            gm = scheme.t_out_grad(g, T).view(n, k * T, -1)
             if ctx.needs_input_grad[0]:
-                gx[m:m + group] = _winograd_in_grad(torch.bmm(gm, wt.transpose(1, 2)).view(6, n, T, C), S)
+                gx[m:m + group] = scheme.t_in_grad(torch.bmm(gm, wt.transpose(1, 2)).view(n, k, T, C), S)
             if ctx.needs_input_grad[1]:
-                U = _winograd_in(x[m:m + group], T).view(6, n * T, C)
+                U = scheme.t_in(x[m:m + group], T).view(n, k * T, C)
                 gwt = torch.baddbmm(gwt, U.transpose(1, 2), gm) if gwt is not None else torch.bmm(
                     U.transpose(1, 2), gm)
         gw = None
-        if gwt is not None:  # (6, cin, cout) -> (cout, cin, 3): G^T, in float32 at least
+        if gwt is not None:  # (n, cin, cout) -> (cout, cin, 3): G^T, in float32 at least
             dt = torch.promote_types(gwt.dtype, torch.float32)
-            g_mat = torch.tensor(_WINOGRAD_G, dtype=dt, device=gwt.device)
+            g_mat = torch.tensor(scheme.G, dtype=dt, device=gwt.device)
             cin, cout = gwt.shape[1:]
-            # (cin*cout, 6) x (6, 3) then one transposing copy: a third of the time of the einsum's own layout
-            gw = torch.mm(gwt.to(dt).view(6, -1).t(), g_mat).view(cin, cout, 3).transpose(0, 1)
+            # (cin*cout, n) x (n, 3) then one transposing copy: a third of the time of the einsum's own layout
+            gw = torch.mm(gwt.to(dt).view(n, -1).t(), g_mat).view(cin, cout, 3).transpose(0, 1)
             gw = gw.contiguous().to(ctx.weight_dtype)
         gb = grad.sum((0, 1)) if ctx.needs_input_grad[2] else None
         if ctx.normed and gx is not None:
@@ -534,11 +618,12 @@ def conv1d_k3_winograd_train(x: torch.Tensor, weight: torch.Tensor, bias: torch.
     return _Conv1dK3Winograd.apply(x, weight, bias, wt, max_elems, norm_eps)
 
 
-def winograd_filters(block: DeltaBlock) -> list[torch.Tensor | None]:
-    """Transformed filters of each of the block's convolutions in module order; None for narrow layers."""
+def winograd_filters(block: DeltaBlock, tile: int = 4) -> list[torch.Tensor | None]:
+    """Transformed filters (`winograd_weights`) of each of the block's convolutions in module order; None for
+    narrow layers."""
     convs = [m.conv for m in block.convs()]
     with torch.no_grad():
-        return [winograd_weights(c.weight) if c.weight.shape[0] * c.weight.shape[1] >= WINOGRAD_MIN_PRODUCT
+        return [winograd_weights(c.weight, tile) if c.weight.shape[0] * c.weight.shape[1] >= WINOGRAD_MIN_PRODUCT
                 else None for c in convs]
 
 

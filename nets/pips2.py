@@ -447,16 +447,16 @@ class Pips(nn.Module):
         return out.view(len(lags), B, S, N, self.latent_dim).unbind(0)
 
     def _delta(self, fcorr: torch.Tensor, flow: torch.Tensor, filters: list | None) -> torch.Tensor:
-        """The delta block in the plan's form: (M,S,588), (M,S,2) -> (M,S,2); `filters` for "winograd"."""
+        """The delta block in the plan's form: (M,S,588), (M,S,2) -> (M,S,2); `filters` for the Winograd forms."""
         block = self.delta_block
-        if self.plan.delta == "winograd":
+        if filters is not None:
             fn, args = fast.delta_block_time_major, (block, fcorr, flow, filters)
         else:
             fn = fast.delta_block_time_major if self.plan.delta == "gemm" else DeltaBlock.forward
             args = (block, fcorr, flow)
         if self.plan.checkpointing:
             return checkpoint(fn, *args, use_reentrant=False)
-        if self.plan.recompute_cheap and self.plan.delta != "winograd":
+        if self.plan.recompute_cheap and filters is None:
             return fast.keep_conv_outputs(fn, *args)
         # the Winograd form keeps one tensor per layer by itself (each wide layer makes its input's norm inside
         # and keeps only the norm's input): as little as selective checkpointing keeps of it (its products),
@@ -466,12 +466,13 @@ class Pips(nn.Module):
     def _winograd_filters(self) -> list[torch.Tensor | None] | None:
         """The delta block's Winograd filters for one forward pass (shared by its iterations), or None."""
         block = self.delta_block
-        if self.plan.delta != "winograd":
+        tile = {"winograd": 4, "winograd2": 2}.get(self.plan.delta)
+        if tile is None:
             return None
         if not self.plan.inference_only:
             # a training plan's weights change in place at every optimiser step (fused optimisers do not even
             # bump the tensors' versions), so its filters are made afresh for each forward pass
-            return fast.winograd_filters(block)
-        if block.fast_weights is None:  # an inference plan's weights change only by loading or casting
-            block.fast_weights = fast.winograd_filters(block)
+            return fast.winograd_filters(block, tile)
+        if block.fast_weights is None:  # an inference plan's weights change only by loading, casting or set_plan
+            block.fast_weights = fast.winograd_filters(block, tile)
         return block.fast_weights

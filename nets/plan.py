@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 _CHOICES = {"corr": ("local", "volume"), "gather": ("workspace", "checkpoint", "plain"),
-            "delta": ("conv1d", "gemm", "winograd"), "norm": ("batch", "instance")}
+            "delta": ("conv1d", "gemm", "winograd", "winograd2"), "norm": ("batch", "instance")}
 
 
 @dataclass(frozen=True)
@@ -24,7 +24,9 @@ class ExecPlan:
     corr: str = "local"  # "local": gather a patch around each point; "volume": the reference's full volume
     corr_chunk: int = 1 << 22  # floats of gathered patches held at once by "local"; 0 = no bound
     gather: str = "workspace"  # local patches: one reused buffer / recomputed in backward / fresh tensors
-    delta: str = "conv1d"  # delta block: "conv1d" (reference); time-major "gemm" or "winograd" (F(4,3), wide layers)
+    # delta block: "conv1d" (reference); time-major "gemm", or for its wide layers "winograd" (F(4,3)) or
+    # "winograd2" (F(2,3), for bf16)
+    delta: str = "conv1d"
     encoder_chunk: int = 1  # frames per encoder call; 0 = the whole clip at once
     channels_last: bool = False  # encoder memory format
     norm: str = "batch"  # encoder norm of one-frame chunks: "batch" keeps the layout; "instance" (reference)
@@ -60,7 +62,7 @@ class ExecPlan:
 
     @classmethod
     def auto(cls, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, training: bool = False,
-             checkpointing: bool = False, recompute_cheap: bool = False, points: int | None = None,
+             checkpointing: bool = False, recompute_cheap: bool | None = None, points: int | None = None,
              hw: tuple[int, int] | None = None) -> ExecPlan:
         """The fastest plan measured (docs/BENCHMARKS.md) for a device and the dtype the convolutions run in.
 
@@ -69,7 +71,8 @@ class ExecPlan:
         inference plans refuse a forward that records gradients.
         checkpointing: recompute encoder chunks and delta-block calls in backward (train.py --grad_ckpt).
         recompute_cheap: keep only convolution outputs for backward (train.py --recompute_cheap): about half the
-        activation memory for ~10% more time on the CPU.
+        activation memory. None (the default): on for CPU float32 training above the small crops, where it runs
+        as fast as keeping everything (bench_train.py); off elsewhere (not measured on CUDA).
         points, hw: the training batch's points (B*N) and crop, when known. Small CPU training batches (B=2 N=32
         at 128x128 or 128x192) run faster with the reference's full correlation volume, conv1d delta block and
         the encoder over all frames at once (docs/BENCHMARKS.md, "Small training batches").
@@ -77,16 +80,20 @@ class ExecPlan:
         device = torch.device(device)
         cuda = device.type == "cuda"
         half = dtype in (torch.bfloat16, torch.float16)
+        small_frames = hw is not None and hw[0] * hw[1] <= 128 * 192
+        if recompute_cheap is None:
+            recompute_cheap = device.type == "cpu" and not small_frames
         # float32 only: the encoder's replay in backward runs without autocast, so it would not remake the
         # forward's half-precision values (and selective checkpointing, for the GEMM delta block, refuses
         # autocast's cached weight casts)
         recompute = recompute_cheap and training and not checkpointing and not half
         # Winograd pays off where the delta block is GEMM-bound: the CPU in float32, in inference and in training
-        # (its backward halves the products too). Not under bf16: rounding the transformed tiles to 8 bits of
-        # mantissa gives 4x the error of a bf16 GEMM (docs/BENCHMARKS.md)
+        # (its backward halves the products too). Under bf16 F(4,3)'s transformed tiles, rounded to 8 bits of
+        # mantissa, give ~3x the error of a bf16 GEMM: bf16 training runs F(2,3) instead (~1.3x a bf16 GEMM's
+        # error, a third fewer products; docs/BENCHMARKS.md)
         small_points = points is not None and points < 128
         winograd = device.type == "cpu" and dtype == torch.float32 and not (training and small_points)
-        small_frames = hw is not None and hw[0] * hw[1] <= 128 * 192
+        winograd2 = device.type == "cpu" and dtype == torch.bfloat16 and training and not small_points
         # small CPU training crops: the full volume is tiny (16x16 or 16x24 maps) and its matmul backward beats
         # recomputing the local gathers (3.1-3.2 against 3.5-3.6 s per step at the demo's shape)
         volume = training and small_frames and device.type == "cpu"
@@ -95,7 +102,8 @@ class ExecPlan:
             gather="plain" if volume else "checkpoint" if training else "workspace",
             # CPU training: the GEMM form's backward (row-slice GEMMs) beats oneDNN's conv1d backward on
             # short sequences (bench_train.py); CUDA keeps cuDNN's conv1d
-            delta="winograd" if winograd else "gemm" if training and device.type == "cpu" and not small_points
+            delta="winograd" if winograd else "winograd2" if winograd2
+            else "gemm" if training and device.type == "cpu" and not small_points
             else "conv1d",
             # one frame at a time on the CPU (cache locality) and under checkpointing (a recompute then holds
             # one frame's activations: 1.4 instead of 9.2 GiB at 512x896); larger kernels run faster on CUDA

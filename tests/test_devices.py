@@ -68,7 +68,7 @@ def test_delta_block_form_per_device_dtype_and_training():
         assert plan.delta == "conv1d", plan
     assert ExecPlan.auto("cpu").delta == "winograd"  # CPU float32, inference and training
     assert ExecPlan.auto("cpu", training=True).delta == "winograd"
-    assert ExecPlan.auto("cpu", torch.bfloat16, training=True).delta == "gemm"  # CPU training under autocast
+    assert ExecPlan.auto("cpu", torch.bfloat16, training=True).delta == "winograd2"  # CPU training under bf16
     # the model follows its plan whatever the autocast state: no Winograd filters are built under conv1d
     model = golden_model(plan=ExecPlan.auto("cpu", torch.bfloat16))
     rgbs, trajs = _clip(S=3, N=2)
