@@ -368,7 +368,9 @@ def test_memory_flags_pick_the_plan():
     assert many.delta == "winograd" and many.encoder_chunk == 0
     large = plan(B=2, N=64, crop_size=(256, 448))  # the stage-1 shape: one frame at a time
     assert large.delta == "winograd" and large.encoder_chunk == 1 and large.corr == "local"
-    assert plan(B=2, N=64, amp="bf16").delta == "gemm"  # under bf16 the GEMM form
+    assert large.recompute_cheap and not plan(B=2, N=64, crop_size=(256, 448), recompute_cheap=False).recompute_cheap
+    assert plan(B=2, N=64, amp="bf16").delta == "winograd2"  # under bf16 F(2,3)
+    assert plan(B=1, N=64, amp="bf16").delta == "conv1d"  # on fewer points the small-batch choice
     assert plan(recompute_cheap=True).recompute_cheap
     both = plan(recompute_cheap=True, grad_ckpt=True)  # whole-chunk checkpointing already stores less
     assert both.checkpointing and not both.recompute_cheap

@@ -86,7 +86,8 @@ class Config:
     cache_len: int = 0
     amp: str = "none"
     grad_ckpt: bool = False
-    recompute_cheap: bool = False  # float32: keep only convolution outputs for backward (~half the memory)
+    # float32: keep only convolution outputs for backward (~half the memory); None: on where it is as fast (CPU)
+    recompute_cheap: bool | None = None
     max_nan_steps: int = 20
     workers: int = 2
     seed: int = 0
