@@ -36,10 +36,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 MODELS = {  # name: the plan of the training step
-    "ours": ExecPlan.auto("cpu", training=True),
+    # every activation kept (the default CPU float32 plan until 2026-12-03, when recompute_cheap became it; the
+    # figures in docs/BENCHMARKS.md were measured with this plan as "ours")
+    "ours": ExecPlan.auto("cpu", training=True, recompute_cheap=False),
     "ours_ckpt": ExecPlan.auto("cpu", training=True, checkpointing=True),
-    # convolution outputs kept, norms and activations recomputed in backward
-    "ours_recompute": replace(ExecPlan.auto("cpu", training=True), recompute_cheap=True),
+    # convolution outputs kept, norms and activations recomputed in backward (train.py's CPU float32 default)
+    "ours_recompute": ExecPlan.auto("cpu", training=True, recompute_cheap=True),
     # the encoder in chunks of 16 frames under checkpointing, so a recompute holds 16 frames at once
     "ours_ckpt_chunk16": replace(ExecPlan.auto("cpu", training=True, checkpointing=True), encoder_chunk=16),
     "authors": ExecPlan.reference(),
