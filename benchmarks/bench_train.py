@@ -50,29 +50,31 @@ VARIANTS = {
     # the float32 plan keeping every activation (--recompute_cheap=False)
     "ours_keep": (lambda points, hw: ExecPlan.auto("cpu", training=True, recompute_cheap=False, points=points,
                                                    hw=hw), None),
-    # the delta block's GEMM form, the float32 plan of 2026-12-02
-    "ours_gemm": (lambda points, hw: replace(ExecPlan.auto("cpu", training=True, points=points, hw=hw),
-                                             delta="gemm"), None),
+    # the delta block's GEMM form keeping every activation, the float32 plan of 2026-12-02
+    "ours_gemm": (lambda points, hw: replace(ExecPlan.auto("cpu", training=True, recompute_cheap=False,
+                                                           points=points, hw=hw), delta="gemm"), None),
     # the float32 training plan before issue 12: conv1d delta block, every activation stored
-    "ours_before": (lambda points, hw: replace(ExecPlan.auto("cpu", training=True), delta="conv1d",
-                                               recompute_cheap=False), None),
+    "ours_before": (lambda points, hw: replace(ExecPlan.auto("cpu", training=True, recompute_cheap=False),
+                                               delta="conv1d"), None),
     "ours_recompute": (lambda points, hw: ExecPlan.auto("cpu", training=True, recompute_cheap=True, points=points,
                                                         hw=hw), None),  # --recompute_cheap
     "ours_bf16": (lambda points, hw: ExecPlan.auto("cpu", torch.bfloat16, training=True, points=points, hw=hw),
                   "bf16"),
     "ours_ckpt": (lambda points, hw: ExecPlan.auto("cpu", training=True, checkpointing=True, points=points, hw=hw),
                   None),
-    # candidate: the float32 plan with a channels-last encoder (docs/BENCHMARKS.md: 34.2 vs 36.0 s, not chosen)
-    "ours_cl": (lambda points, hw: replace(ExecPlan.auto("cpu", training=True, points=points, hw=hw),
-                                           channels_last=True), None),
+    # candidate: the float32 plan keeping every activation, with a channels-last encoder (docs/BENCHMARKS.md:
+    # 34.2 vs 36.0 s, not chosen)
+    "ours_cl": (lambda points, hw: replace(ExecPlan.auto("cpu", training=True, recompute_cheap=False, points=points,
+                                                         hw=hw), channels_last=True), None),
     # bf16 with the delta block's GEMM form, the bf16 plan before F(2,3)
     "ours_gemm_bf16": (lambda points, hw: replace(ExecPlan.auto("cpu", torch.bfloat16, training=True, points=points,
                                                                 hw=hw), delta="gemm"), "bf16"),
     # candidate: bf16 with F(4,3) in the delta block (docs/BENCHMARKS.md: faster, ~3x the rounding error; not chosen)
     "ours_wino_bf16": (lambda points, hw: replace(ExecPlan.auto("cpu", torch.bfloat16, training=True, points=points,
                                                                 hw=hw), delta="winograd"), "bf16"),
-    # the large-batch choices (Winograd delta block, local correlation, one frame at a time) at any shape
-    "ours_large": (lambda points, hw: ExecPlan.auto("cpu", training=True), None),
+    # the large-batch choices (Winograd delta block, local correlation, one frame at a time; every activation kept)
+    # at any shape
+    "ours_large": (lambda points, hw: ExecPlan.auto("cpu", training=True, recompute_cheap=False), None),
 }
 # name: (B, S, N, H, W, iters)
 SHAPES = {

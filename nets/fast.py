@@ -551,13 +551,15 @@ _SCHEMES = {  # outputs per tile -> scheme
     4: _Scheme(4, _winograd_in, _winograd_out, _winograd_out_grad, _winograd_in_grad, _WINOGRAD_G),
     2: _Scheme(2, _winograd2_in, _winograd2_out, _winograd2_out_grad, _winograd2_in_grad, _WINOGRAD2_G),
 }
+WINOGRAD_TILES = {"winograd": 4, "winograd2": 2}  # ExecPlan.delta -> outputs per tile of its wide layers
 
 
 class _Conv1dK3Winograd(torch.autograd.Function):
     """conv1d_k3_winograd with a backward in the same form: the gradients of the tiles' products are A g, the
     input gradient B (A g wt^T) overlap-added over tiles, the filters' gradient U^T (A g) mapped back to the
-    three taps by G^T. Every product is one (6, rows/4, .) batched GEMM, half the multiplications of the
-    direct form each way. Sequences go through in groups, as in the forward."""
+    three taps by G^T. Every product is one (n, rows/tile, .) batched GEMM (n = tile + 2 transformed filters):
+    half the multiplications of the direct form each way under F(4,3), two thirds under F(2,3). Sequences go
+    through in groups, as in the forward."""
 
     @staticmethod
     def forward(ctx, z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, wt: torch.Tensor,
@@ -713,8 +715,8 @@ def conv1d_k3_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) ->
 def _conv_time_major(conv: torch.nn.Conv1d, x: torch.Tensor, wt: torch.Tensor | None,
                      normed: bool = False) -> torch.Tensor:
     """The Winograd plan's convolution of x, or of relu(InstanceNorm1d(x)) if `normed`: with Winograd filters
-    `wt` (a wide layer) F(4,3), with gradients when autograd records; a narrow layer (wt None) runs as conv1d,
-    or as GEMMs when autograd records."""
+    `wt` (a wide layer) F(4,3) or F(2,3), as wt's scheme says, with gradients when autograd records; a narrow
+    layer (wt None) runs as conv1d, or as GEMMs when autograd records."""
     dev = x.device.type
     grad = torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad)
     if normed and not (grad and wt is not None):  # else the norm is made inside the Winograd Function
@@ -801,8 +803,8 @@ def delta_block_time_major(block: DeltaBlock, fcorr: torch.Tensor, flow: torch.T
                            filters: list[torch.Tensor | None] | None = None) -> torch.Tensor:
     """DeltaBlock.forward computed time-major: (M,S,588), (M,S,2) -> (M,S,2).
 
-    filters: `winograd_filters(block)`: its layers run as Winograd F(4,3), None entries (narrow layers) as conv1d
-    (as GEMMs when autograd records); or None: every convolution is one GEMM (`conv1d_k3_gemm`).
+    filters: `winograd_filters(block, tile)`: its layers run as Winograd F(tile,3), None entries (narrow layers)
+    as conv1d (as GEMMs when autograd records); or None: every convolution is one GEMM (`conv1d_k3_gemm`).
     """
     if block.first_block_conv.kernel_size != 3:
         raise ValueError("the time-major delta block needs kernel size 3")

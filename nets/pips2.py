@@ -466,7 +466,7 @@ class Pips(nn.Module):
     def _winograd_filters(self) -> list[torch.Tensor | None] | None:
         """The delta block's Winograd filters for one forward pass (shared by its iterations), or None."""
         block = self.delta_block
-        tile = {"winograd": 4, "winograd2": 2}.get(self.plan.delta)
+        tile = fast.WINOGRAD_TILES.get(self.plan.delta)
         if tile is None:
             return None
         if not self.plan.inference_only:

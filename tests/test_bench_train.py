@@ -39,3 +39,28 @@ def test_verdicts_follow_the_figures():
     assert met == [True] * 5
     # 1.45x; 2.49x; 1.5x the time; 0.2525x the memory; 0.09 clips/s against 1/31 s: 2.8x; then 1.55x at 0.52x
     assert missed == [False] * 6
+
+
+PLANS = """
+import json
+from bench_train import VARIANTS
+
+print(json.dumps({name: [make(128, (256, 384)).delta, make(128, (256, 384)).recompute_cheap,
+                         make(128, (256, 384)).channels_last, amp] for name, (make, amp) in VARIANTS.items()}))
+"""
+
+
+def test_variants_run_the_plans_they_name():
+    """The variants kept for history stay the plans they stand for as the defaults move on."""
+    res = subprocess.run([sys.executable, "-c", PLANS], cwd=ROOT / "benchmarks", env=ENV, capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    plans = json.loads(res.stdout.strip().splitlines()[-1])
+    assert plans["ours"] == ["winograd", True, True, None]  # train.py's float32 default at the stage-1 shape
+    assert plans["ours_keep"] == ["winograd", False, False, None]
+    assert plans["ours_gemm"] == ["gemm", False, False, None]
+    assert plans["ours_before"] == ["conv1d", False, False, None]
+    assert plans["ours_cl"] == ["winograd", False, True, None]
+    assert plans["ours_large"] == ["winograd", False, False, None]
+    assert plans["ours_bf16"] == ["winograd2", False, True, "bf16"]
+    assert plans["ours_gemm_bf16"][:2] == ["gemm", False] and plans["ours_wino_bf16"][0] == "winograd"

@@ -428,6 +428,8 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
 TRAINING_FORMS = {
     "gemm delta": dict(delta="gemm"),
     "recompute cheap": dict(recompute_cheap=True),
+    # the default on fewer than 128 points above the small crops
+    "conv1d + recompute cheap": dict(delta="conv1d", recompute_cheap=True, channels_last=True),
     "recompute cheap, channels-last": dict(recompute_cheap=True, channels_last=True),  # its CPU plan
     "gemm + recompute cheap": dict(delta="gemm", recompute_cheap=True),
     "gemm + checkpointing": dict(delta="gemm", checkpointing=True),
@@ -558,6 +560,15 @@ def test_auto_plans():
     assert ExecPlan.auto("cuda", training=True).delta == "conv1d"
     # selective recomputation is float32 only (under autocast it cannot replay the forward's cached casts)
     assert not ExecPlan.auto("cpu", torch.bfloat16, training=True, recompute_cheap=True).recompute_cheap
+    # nor by default under bf16 or with checkpointing, nor in inference
+    assert not ExecPlan.auto("cpu", torch.bfloat16, training=True).recompute_cheap
+    assert not ExecPlan.auto("cpu", training=True, checkpointing=True).recompute_cheap
+    assert not ExecPlan.auto("cpu").recompute_cheap
+    # F(2,3) only in CPU bf16 training on many points
+    for plan in (ExecPlan.auto("cuda", torch.bfloat16, training=True),
+                 ExecPlan.auto("cpu", torch.float16, training=True),
+                 ExecPlan.auto("cpu", torch.bfloat16, training=True, points=64), ExecPlan.auto("cpu", torch.bfloat16)):
+        assert plan.delta != "winograd2", plan
     # checkpointed training recomputes a chunk at a time: one frame, not 16 (9.2 vs 1.4 GiB at 512x896)
     assert ExecPlan.auto("cuda", training=True, checkpointing=True).encoder_chunk == 1
     assert ExecPlan.auto("cuda", training=True).encoder_chunk == 16
