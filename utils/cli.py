@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import difflib
+import functools
+import inspect
 import sys
+import types
+import typing
+from collections.abc import Callable
 from typing import NoReturn
 
+import fire
 import torch
 
 from pips2.utils.checkpoint import CheckpointError, load_pips, resolve_device
@@ -39,3 +46,73 @@ def load_pips_or_exit(init_dir: str, device: str | torch.device = "auto", **kwar
         return load_pips(init_dir, resolve_device(device) if isinstance(device, str) else device, **kwargs)
     except CheckpointError as e:
         die(e)
+
+
+def _flag_names(argv: list[str]) -> list[str]:
+    """The names of the --flags in a command line, up to fire's own `--` separator ("--a-b=1" -> "a_b")."""
+    names = []
+    for tok in argv:
+        if tok == "--":
+            break
+        if tok.startswith("--") and len(tok) > 2:
+            names.append(tok[2:].split("=", 1)[0].replace("-", "_"))
+    return names
+
+
+def check_flags(main: Callable, argv: list[str], prog: str) -> None:
+    """Exit in one line if a --flag of argv names no parameter of main (fire would only say so after main ran)."""
+    params = inspect.signature(main).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return  # main checks its own flags
+    for name in _flag_names(argv):
+        if name in ("help", "h") or name in params:
+            continue
+        if name.startswith("no") and name[2:] in params:  # fire's --noflag for a boolean
+            continue
+        near = difflib.get_close_matches(name, list(params), n=1)
+        hint = f"; did you mean --{near[0]}?" if near else ""
+        die(f"{prog}: unknown flag --{name}{hint} (--help lists the flags)")
+
+
+def _kinds(hint) -> tuple[type, ...] | None:
+    """The scalar types a parameter's annotation admits (int, float, bool), or None to leave its value alone."""
+    args = typing.get_args(hint) if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union \
+        else (hint,)
+    scalars = tuple(a for a in args if a is not type(None))
+    if len(scalars) == 1 and scalars[0] in (int, float, bool):
+        return scalars
+    return None
+
+
+def checked_types(main: Callable, prog: str) -> Callable:
+    """main behind a check that its int, float and bool flags got values of their type: `--S=abc` exits in one
+    line naming the flag instead of failing deep inside. Ints pass as floats; 0 and 1 pass as booleans."""
+    params = inspect.signature(main, eval_str=True).parameters
+
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs):
+        bound = inspect.signature(main).bind_partial(*args, **kwargs)
+        for name, value in bound.arguments.items():
+            kinds = _kinds(params[name].annotation)
+            if kinds is None or value is None or params[name].kind is params[name].VAR_KEYWORD:
+                continue
+            kind = kinds[0]
+            if kind is bool and value in (0, 1) and not isinstance(value, float):
+                bound.arguments[name] = bool(value)
+            elif kind is float and isinstance(value, int) and not isinstance(value, bool):
+                bound.arguments[name] = float(value)
+            elif not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+                what = {int: "an integer", float: "a number", bool: "True or False"}[kind]
+                die(f"{prog}: --{name} must be {what}, got {value!r}")
+        return main(*bound.args, **bound.kwargs)
+
+    return wrapper
+
+
+def run_fire(main: Callable, prog: str | None = None, argv: list[str] | None = None):
+    """fire.Fire(main) with the flags checked first (names, then int/float/bool values): a typo costs one line,
+    not a whole run with default settings before fire's own complaint."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    prog = prog or (sys.argv[0].rsplit("/", 1)[-1] if sys.argv and sys.argv[0] else main.__module__)
+    check_flags(main, argv, prog)
+    return fire.Fire(checked_types(main, prog), command=argv, name=prog)

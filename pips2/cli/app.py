@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import sys
 
-import fire
-
+from pips2.utils.cli import run_fire
 from pips2.utils.webapp import App, serve
 
 
@@ -29,7 +28,7 @@ def main(port: int = 7860, host: str = "127.0.0.1", init_dir: str | None = None,
 
 def cli() -> None:
     """The `pips2-app` command (and `python app.py`): fire flags of main."""
-    fire.Fire(main)
+    run_fire(main)
 
 
 if __name__ == "__main__":

@@ -17,12 +17,11 @@ import time
 from pathlib import Path
 
 import cv2
-import fire
 import numpy as np
 
 from pips2.datasets.synthetic import write_synthetic_video
 from pips2.utils.checkpoint import CheckpointError
-from pips2.utils.cli import parse_hw
+from pips2.utils.cli import parse_hw, run_fire
 from pips2.utils.tracking import check_queries, grid_queries, load_tracker, track
 from pips2.utils.video import VideoError, video_info
 from pips2.utils.vis import write_outputs
@@ -181,7 +180,7 @@ def main(video: str | None = None, init_dir: str | None = None, points: str | No
 
 def cli() -> None:
     """The `pips2-demo` command (and `python demo.py`): fire flags of main."""
-    fire.Fire(main)
+    run_fire(main)
 
 
 if __name__ == "__main__":

@@ -9,12 +9,11 @@ import json
 import time
 from pathlib import Path
 
-import fire
 from tqdm import tqdm
 
 from pips2.datasets.crohd import list_clips
 from pips2.utils import evaluation, metrics
-from pips2.utils.cli import aliased, die, load_pips_or_exit, parse_hw
+from pips2.utils.cli import aliased, die, load_pips_or_exit, parse_hw, run_fire
 from pips2.utils.tracking import FileFrames
 
 
@@ -55,7 +54,7 @@ def main(dataset_location: str = "../datasets/crohd", dset: str = "train", clip_
 
 def cli() -> None:
     """The `pips2-eval-cro` command (and `python test_on_cro.py`): fire flags of main."""
-    fire.Fire(main)
+    run_fire(main)
 
 
 if __name__ == "__main__":

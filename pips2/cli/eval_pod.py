@@ -18,20 +18,20 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import fire
 from PIL import Image
 from tqdm import tqdm
 
 from pips2.datasets import pointodyssey as pod
 from pips2.utils import evaluation, metrics, plots
 from pips2.utils.checkpoint import resolve_device
-from pips2.utils.cli import aliased, die, load_pips_or_exit, parse_hw
+from pips2.utils.cli import aliased, die, load_pips_or_exit, parse_hw, run_fire
 from pips2.utils.tracking import FileFrames
-from pips2.utils.video import VideoError
+from pips2.utils.video import VideoError, image_truncation
 
 
 def check_frames(scene: pod.Scene) -> None:
-    """SkipItem unless every frame opens and has the first frame's size (image headers only: cheap)."""
+    """SkipItem unless every frame opens, ends with its end marker and has the first frame's size (only each
+    file's ends are read: cheap)."""
     first = None
     for p in scene.rgb_paths:
         try:
@@ -39,6 +39,8 @@ def check_frames(scene: pod.Scene) -> None:
                 size = im.size
         except Exception:
             raise pod.SkipItem(f"unreadable frame ({p.name})") from None
+        if image_truncation(p):
+            raise pod.SkipItem(f"truncated frame ({p.name})")
         if first is None:
             first = (p, size)
         elif size != first[1]:
@@ -160,7 +162,7 @@ def main(dataset_location: str = "../datasets/pointodyssey", dset: str = "test",
 
 def cli() -> None:
     """The `pips2-eval-pod` command (and `python test_on_pod.py`): fire flags of main."""
-    fire.Fire(main)
+    run_fire(main)
 
 
 if __name__ == "__main__":

@@ -22,13 +22,12 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import fire
 from tqdm import tqdm
 
 from pips2.datasets.tapvid import TapVidError, load_tapvid
 from pips2.utils import evaluation, metrics, plots
 from pips2.utils.checkpoint import CheckpointError
-from pips2.utils.cli import aliased, die, parse_hw
+from pips2.utils.cli import aliased, die, parse_hw, run_fire
 from pips2.utils.tracking import is_lbm, load_tracker
 
 
@@ -123,7 +122,7 @@ def main(dataset_location: str = "../datasets/tapvid/tapvid_davis.pkl", S: int =
 
 def cli() -> None:
     """The `pips2-eval-tap` command (and `python test_on_tap.py`): fire flags of main."""
-    fire.Fire(main)
+    run_fire(main)
 
 
 if __name__ == "__main__":

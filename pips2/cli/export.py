@@ -18,14 +18,13 @@ from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 
-import fire
 from tqdm import tqdm
 
 from pips2.datasets import pointodyssey as pod
 from pips2.datasets.clipmaker import enumerate_candidates
 from pips2.datasets.clips import STAGE_CLIPS, ClipSettings, list_clips, write_settings
 from pips2.datasets.export import NO_SPACE, clean_stale_claims, clean_stale_temps, export_one, worker_init
-from pips2.utils.cli import aliased, die, parse_hw
+from pips2.utils.cli import aliased, die, parse_hw, run_fire
 
 
 def _parse_hw(crop_size) -> tuple[int, int]:
@@ -150,7 +149,7 @@ def main(dataset_location: str = "../datasets/pointodyssey", dset: str = "train"
 
 def cli() -> None:
     """The `pips2-export` command (and `python export_mp4_dataset.py`): fire flags of main."""
-    fire.Fire(main)
+    run_fire(main)
 
 
 if __name__ == "__main__":

@@ -10,13 +10,12 @@ import sys
 import time
 from pathlib import Path
 
-import fire
 import numpy as np
 import torch
 
 from pips2.nets.plan import ExecPlan
 from pips2.utils.checkpoint import load_pips
-from pips2.utils.cli import load_pips_or_exit
+from pips2.utils.cli import load_pips_or_exit, run_fire
 
 
 class TrackerForExport(torch.nn.Module):
@@ -79,7 +78,7 @@ def main(init_dir: str = "./reference_model", out: str = "pips2.onnx", S: int = 
 
 def cli() -> None:
     """The `pips2-export-onnx` command (and `python export_onnx.py`): fire flags of main."""
-    fire.Fire(main)
+    run_fire(main)
 
 
 if __name__ == "__main__":

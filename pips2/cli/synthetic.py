@@ -5,9 +5,8 @@
 
 from __future__ import annotations
 
-import fire
-
 from pips2.datasets.synthetic import SceneConfig, generate_dataset
+from pips2.utils.cli import run_fire
 
 
 def main(out: str = "./synthetic_pod", train: int = 8, val: int = 0, test: int = 2, sample: int = 0, W: int = 512,
@@ -23,7 +22,7 @@ def main(out: str = "./synthetic_pod", train: int = 8, val: int = 0, test: int =
 
 def cli() -> None:
     """The `pips2-synthetic` command (and `python make_synthetic_pod.py`): fire flags of main."""
-    fire.Fire(main)
+    run_fire(main)
 
 
 if __name__ == "__main__":

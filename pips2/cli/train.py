@@ -17,13 +17,12 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-import fire
 import torch.distributed as dist
 
 from pips2.datasets.clips import STAGE_CLIPS  # the clips each stage trains on, shared with the exporter
 from pips2.utils import checkpoint as ck
 from pips2.utils.amp import amp_dtype
-from pips2.utils.cli import aliased, parse_hw
+from pips2.utils.cli import aliased, parse_hw, run_fire
 from pips2.utils.train_step import (
     forward_loss,
     init_estimates,
@@ -152,7 +151,7 @@ def main(stage: int = 1, stages: str | None = None, **flags) -> None:
 def cli() -> None:
     """The `pips2-train` command (and `python train.py`): fire flags of main."""
     try:
-        fire.Fire(main)
+        run_fire(main)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

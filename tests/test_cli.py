@@ -1,0 +1,90 @@
+"""utils/cli.run_fire: every script's flags are checked before any work; a typo or a mistyped value is one line."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+
+from pips2.utils.cli import run_fire
+
+SCRIPTS = ["app", "demo", "eval_cro", "eval_pod", "eval_tap", "export", "export_onnx", "synthetic"]
+
+
+def _run(main, argv, capsys):
+    capsys.readouterr()
+    try:
+        result, code = run_fire(main, "prog.py", argv), 0
+    except SystemExit as e:
+        result, code = None, e.code
+    out = capsys.readouterr()
+    return result, code, out.out, out.err
+
+
+def toy(S: int = 8, lr: float = 5e-4, use_augs: bool = True, max_clips: int | None = None, name: str = "x",
+        crop_size=(256, 384)):
+    """A script's main: returns what it was called with."""
+    return dict(S=S, lr=lr, use_augs=use_augs, max_clips=max_clips, name=name, crop_size=crop_size)
+
+
+def test_good_flags_reach_main_with_their_types(capsys):
+    res, code, _, err = _run(toy, ["--S=36", "--lr", "1", "--nouse_augs", "--max-clips=4", "--name=run1",
+                                   "--crop_size=128,192"], capsys)
+    assert code == 0, err
+    assert res == dict(S=36, lr=1.0, use_augs=False, max_clips=4, name="run1", crop_size=(128, 192))
+    assert isinstance(res["lr"], float)
+    res, code, _, _ = _run(toy, ["--use_augs=0"], capsys)  # 0 and 1 are booleans
+    assert code == 0 and res["use_augs"] is False
+    res, code, _, _ = _run(toy, [], capsys)
+    assert res == toy()
+
+
+@pytest.mark.parametrize("argv, msg", [
+    (["--SS=36"], "prog.py: unknown flag --SS; did you mean --S?"),
+    (["--max_clip=4"], "prog.py: unknown flag --max_clip; did you mean --max_clips?"),
+    (["--zzz=1"], "prog.py: unknown flag --zzz (--help lists the flags)"),
+    (["--S=abc"], "prog.py: --S must be an integer, got 'abc'"),
+    (["--S=1.5"], "prog.py: --S must be an integer, got 1.5"),
+    (["--S=True"], "prog.py: --S must be an integer, got True"),
+    (["--lr=fast"], "prog.py: --lr must be a number, got 'fast'"),
+    (["--use_augs=yes"], "prog.py: --use_augs must be True or False, got 'yes'"),
+    (["--max_clips=all"], "prog.py: --max_clips must be an integer, got 'all'"),
+])
+def test_bad_flags_are_one_line_before_main_runs(capsys, argv, msg):
+    called = []
+
+    def main(S: int = 8, lr: float = 5e-4, use_augs: bool = True, max_clips: int | None = None):
+        called.append(1)
+
+    _, code, out, err = _run(main, argv, capsys)
+    assert code == 2 and not called and out == ""
+    assert err.strip().splitlines() == [f"error: {msg}" + ("" if "(--help" in msg or "must be" in msg
+                                                           else " (--help lists the flags)")]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_script_refuses_a_misspelled_flag_before_it_starts(script, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    main = importlib.import_module(f"pips2.cli.{script}").main
+    _, code, out, err = _run(main, ["--out_dirr=x", "--typo_flag=1"], capsys)
+    assert code == 2 and out == ""
+    assert len(err.strip().splitlines()) == 1 and "unknown flag --out_dirr" in err
+    assert list(tmp_path.iterdir()) == []  # nothing was made: the script never ran
+
+
+def test_a_mistyped_value_stops_the_exporter_before_it_starts(capsys, tmp_path):
+    main = importlib.import_module("pips2.cli.export").main
+    _, code, _, err = _run(main, [f"--out_dir={tmp_path / 'out'}", "--S=abc"], capsys)
+    assert code == 2 and err.strip() == "error: prog.py: --S must be an integer, got 'abc'"
+    assert not (tmp_path / "out").exists()
+
+
+def test_help_still_shows_the_flags(capsys):
+    _, code, out, err = _run(toy, ["--help"], capsys)
+    assert code == 0 and "--max_clips" in out + err and "int" in out + err
+
+
+def test_train_keeps_its_own_flag_check(capsys):
+    main = importlib.import_module("pips2.cli.train").main
+    _, code, _, err = _run(main, ["--max_step=3"], capsys)
+    assert code == 2 and "unknown flags: ['max_step']" in err
