@@ -140,8 +140,9 @@ def read_frames(paths: list[Path]) -> np.ndarray:
     """Load RGB frames (S,H,W,3) uint8; a missing or unreadable file raises SkipItem naming it."""
     try:
         out = [read_rgb(p) for p in paths]
-    except VideoError as e:
-        raise SkipItem(f"unreadable frame ({Path(str(e).split(':')[0]).name})") from None
+    except VideoError as e:  # "<path>: <why>" -> "unreadable frame (<name>: <why>)"
+        path, _, why = str(e).rpartition(": ")
+        raise SkipItem(f"unreadable frame ({Path(path).name}: {why})") from None
     if len({f.shape for f in out}) != 1:
         raise SkipItem("frames of different sizes")
     return np.stack(out)

@@ -32,12 +32,15 @@ def pod_test(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pod_bad(tmp_path_factory):
-    """synth_0000 good; synth_0001 with a zero-byte frame; synth_0002 with one frame of another size."""
+    """synth_0000 good; synth_0001 with a zero-byte frame; synth_0002 with one frame of another size; synth_0003
+    with a frame cut short (its header intact: decoders would fill the rest with grey and only warn)."""
     root = tmp_path_factory.mktemp("podbad")
-    generate_dataset(root, {"test": 3}, seed=7, cfg=SceneConfig(W=320, H=192, T=12, n_points=300), progress=False)
+    generate_dataset(root, {"test": 4}, seed=7, cfg=SceneConfig(W=320, H=192, T=12, n_points=300), progress=False)
     (root / "test" / "synth_0001" / "rgbs" / "rgb_00005.jpg").write_bytes(b"")
     f = root / "test" / "synth_0002" / "rgbs" / "rgb_00007.jpg"
     cv2.imwrite(str(f), cv2.resize(cv2.imread(str(f)), (160, 96)))
+    f = root / "test" / "synth_0003" / "rgbs" / "rgb_00003.jpg"
+    f.write_bytes(f.read_bytes()[:2000])
     return root
 
 
@@ -209,10 +212,11 @@ def _check_bad_scenes_skipped(res, js):
     assert js["skipped"] == {
         "synth_0001": "unreadable frame (rgb_00005.jpg)",
         "synth_0002": "frames of different sizes (rgb_00007.jpg is 160x96, rgb_00000.jpg is 320x192)",
+        "synth_0003": "truncated frame (rgb_00003.jpg)",
     }
     assert "synth_0001: skipped (unreadable frame (rgb_00005.jpg))" in res.stdout
-    assert ("summary: 1 sequences scored, 2 skipped (unreadable frame: 1, frames of different sizes: 1)"
-            in res.stdout)
+    assert ("summary: 1 sequences scored, 3 skipped (unreadable frame: 1, frames of different sizes: 1, "
+            "truncated frame: 1)" in res.stdout)
     assert "Traceback" not in res.stderr
 
 

@@ -146,6 +146,22 @@ def test_frames_of_different_sizes_are_rejected_once_not_failed(synth_root, tmp_
     assert again.returncode == 0 and "failed 0" in again.stdout and "frames of different sizes" in again.stdout
 
 
+def test_a_frame_cut_short_rejects_its_clips_with_the_reason(synth_root, tmp_path):
+    """libjpeg decodes a truncated JPEG as an image grey below the cut and only warns: the clips reading it are
+    rejected, naming the frame, and the others are written."""
+    root = tmp_path / "pod"
+    scene = root / "train" / "synth_0000"
+    shutil.copytree(synth_root / "train" / "synth_0000", scene)
+    frame = sorted((scene / "rgbs").iterdir())[0]
+    frame.write_bytes(frame.read_bytes()[:2000])
+    res = run_export(root, tmp_path / "out", check=False)
+    assert res.returncode == 0, res.stderr
+    assert "failed 0" in res.stdout
+    assert f"unreadable frame ({frame.name}: truncated JPEG (no end-of-image marker))" in res.stdout
+    assert "Premature end of JPEG" not in res.stderr
+    assert list_clips(_version(tmp_path / "out"))  # clips that start after that frame
+
+
 def test_failed_clips_make_the_exit_code_1(synth_root, tmp_path):
     vdir = _version(tmp_path)
     vdir.mkdir(parents=True)

@@ -3,7 +3,16 @@
 import numpy as np
 import pytest
 
-from pips2.utils.video import VideoError, iter_frames, read_clip, read_video, video_info, write_mp4
+from pips2.utils.video import (
+    VideoError,
+    image_truncation,
+    iter_frames,
+    read_clip,
+    read_rgb,
+    read_video,
+    video_info,
+    write_mp4,
+)
 
 
 @pytest.fixture(scope="module")
@@ -49,3 +58,32 @@ def test_bad_files_give_one_line(tmp_path, clip):
         assert "\n" not in str(e.value) and str(tmp_path) in str(e.value)
     with pytest.raises(VideoError, match="even"):
         write_mp4(tmp_path / "odd.mp4", np.zeros((2, 15, 16, 3), np.uint8))
+
+
+@pytest.mark.parametrize("ext", ["jpg", "png"])
+def test_a_frame_cut_short_is_refused_naming_it(tmp_path, clip, ext):
+    """A decoder fills a truncated image's missing rows with grey and only warns; read_rgb refuses it."""
+    import cv2
+
+    _, frames = clip
+    whole = tmp_path / f"whole.{ext}"
+    cv2.imwrite(str(whole), np.ascontiguousarray(frames[0][..., ::-1]))
+    assert image_truncation(whole) is None
+    np.testing.assert_array_equal(read_rgb(whole), cv2.imread(str(whole))[..., ::-1])
+    padded = tmp_path / f"padded.{ext}"  # bytes after the end marker, as some writers leave: still whole
+    padded.write_bytes(whole.read_bytes() + b"\0" * 100)
+    np.testing.assert_array_equal(read_rgb(padded), read_rgb(whole))
+    cut = tmp_path / f"cut.{ext}"
+    data = whole.read_bytes()
+    cut.write_bytes(data[:len(data) * 2 // 3])
+    if ext == "jpg":
+        assert cv2.imread(str(cut)) is not None  # what libjpeg makes of it: an image, grey below the cut
+    why = image_truncation(cut)
+    assert why and why.startswith(f"truncated {'JPEG' if ext == 'jpg' else 'PNG'}")
+    with pytest.raises(VideoError) as e:
+        read_rgb(cut)
+    assert str(e.value) == f"{cut}: {why}"
+    empty = tmp_path / f"empty.{ext}"
+    empty.write_bytes(b"")
+    with pytest.raises(VideoError, match="empty image file"):
+        read_rgb(empty)

@@ -17,9 +17,42 @@ class VideoError(RuntimeError):
     """A video that cannot be used; the message names the file and the problem."""
 
 
+_TAIL = 4096  # bytes at an image file's end searched for its end marker (some writers pad after it)
+
+
+def _truncation(head: bytes, tail: bytes) -> str | None:
+    """Why an image file ends early, from its first bytes and its last _TAIL bytes, or None: a JPEG without its
+    end-of-image marker, a PNG without its IEND chunk. Decoders fill such an image's missing rows with grey and
+    only warn, without the file's name."""
+    # FF D9 cannot occur inside a JPEG's entropy-coded data (an FF there is followed by 00): it is the marker
+    if head[:2] == b"\xff\xd8" and b"\xff\xd9" not in tail:
+        return "truncated JPEG (no end-of-image marker)"
+    if head[:8] == b"\x89PNG\r\n\x1a\n" and b"IEND" not in tail:
+        return "truncated PNG (no IEND chunk)"
+    return None
+
+
+def image_truncation(path: str | os.PathLike) -> str | None:
+    """Why a JPEG or PNG file ends early (its end marker is missing), or None; reads only its ends."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+        size = f.seek(0, os.SEEK_END)
+        f.seek(max(0, size - _TAIL))
+        return _truncation(head, f.read())
+
+
 def read_rgb(path: str | os.PathLike) -> np.ndarray:
-    """An image file as RGB uint8 (H,W,3); an unreadable one raises VideoError naming it."""
-    img = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    """An image file as RGB uint8 (H,W,3); an unreadable or truncated one raises VideoError naming it."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise VideoError(f"{path}: unreadable image ({e.strerror or e})") from None
+    if not data:
+        raise VideoError(f"{path}: empty image file (0 bytes)")
+    why = _truncation(data[:8], data[-_TAIL:])
+    if why:
+        raise VideoError(f"{path}: {why}")
+    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
     if img is None:
         raise VideoError(f"{path}: unreadable image")
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
