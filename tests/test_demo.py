@@ -149,6 +149,7 @@ def test_bad_video(tmp_path, capsys):
     _one_error_line(_demo(capsys, video=tmp_path / 'none.mp4', out_dir=tmp_path / "o"), tmp_path / "none.mp4")
     (tmp_path / "junk.mp4").write_bytes(b"\0" * 5000)
     _one_error_line(_demo(capsys, video=tmp_path / "junk.mp4", out_dir=tmp_path / 'o'), tmp_path / "junk.mp4")
+    assert not (tmp_path / "o").exists()  # a refused run leaves no empty --out_dir
 
 
 def test_uncreatable_or_read_only_out_dir(tmp_path, clip, capsys):

@@ -139,6 +139,16 @@ def test_resume_after_kill_gives_the_same_losses(exported, tmp_path):
     ref_means, got_means = _running_means(ref.stdout), _running_means(resumed.stdout)
     assert got_means[3] == ref_means[3] and got_means[4] == ref_means[4]
     assert ref_means[4][0] != f"{ref_losses[4]:.3f}"  # the mean spans several steps, not just the last
+    assert "warning" not in resumed.stderr  # the same command resumes silently
+    # another command that maps to the same run folder resumes it too, but says what differs, and that a run
+    # already at its --max_steps trains nothing
+    other = _train(out, tmp_path / "run", *[a for a in args if not a.startswith("--max_steps")], "--max_steps=3",
+                   "--amp=bf16")
+    warnings = [ln for ln in other.stderr.splitlines() if ln.startswith("warning: ")]
+    assert len(warnings) == 2, other.stderr
+    assert "saved with max_steps=4 (now 3), amp='none' (now 'bf16'); for a separate run give --exp_name" in warnings[0]
+    assert "the run is at step 4, at or past --max_steps=3: nothing to train" in warnings[1]
+    assert not _losses(other.stdout)
 
 
 def test_bf16_runs(exported, tmp_path):

@@ -144,6 +144,20 @@ def test_lock_refuses_a_live_owner_and_takes_over_a_dead_one(tmp_path):
     assert sorted(tmp_path.iterdir()) == []
 
 
+def test_lock_removes_only_the_empty_folders_it_made(tmp_path):
+    (tmp_path / "ck").mkdir()
+    run = tmp_path / "ck" / "runs" / "stage1"
+    with ck.RunLock(run):
+        assert run.is_dir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"] and not (tmp_path / "ck" / "runs").exists()
+    with ck.RunLock(run):
+        (run / "model-000000001.pth").write_bytes(b"x")
+    assert [p.name for p in run.iterdir()] == ["model-000000001.pth"]  # a folder written into stays
+    with ck.RunLock(tmp_path / "ck"):  # a folder that was there before stays, empty or not
+        pass
+    assert (tmp_path / "ck").is_dir()
+
+
 def test_second_training_into_the_same_folder_refuses(exported, tmp_path):
     out, _ = exported
     ckdir = tmp_path / "ck" / _cfg(out, tmp_path).name()
@@ -271,6 +285,9 @@ def test_missing_dataset_folder_is_one_line_exit_2(exported, tmp_path, where):
         res = _run_cli(out, tmp_path, "--max_steps=1", "--dataset_version=nope")
         expect = f"error: {out / 'nope'}: no exported clips (run export_mp4_dataset.py first)"
     assert res.returncode == 2 and res.stderr.strip() == expect
+    # said before the model's parameter table, and no empty run or log folder is left behind
+    assert "total params" not in res.stdout
+    assert not (tmp_path / "ck").exists() and not (tmp_path / "logs").exists()
 
 
 def test_unknown_amp_is_one_line(exported, tmp_path):

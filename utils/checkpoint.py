@@ -19,6 +19,7 @@ from prettytable import PrettyTable
 from pips2.nets.pips2 import Pips
 from pips2.nets.plan import ExecPlan
 from pips2.utils.amp import amp_dtype
+from pips2.utils.paths import make_dirs, remove_empty_dirs
 from pips2.utils.procs import pid_alive
 
 CKPT_RE = re.compile(r"^model-(\d+)\.pth$")
@@ -271,6 +272,7 @@ class RunLock:
         self.path = self.folder / LOCK_NAME
         self.me = {"host": socket.gethostname(), "pid": os.getpid()}
         self.held = False
+        self.made: list[Path] = []  # folders acquire() created: removed again by release() if left empty
 
     def _read(self, path: Path) -> dict | None:
         try:
@@ -293,7 +295,7 @@ class RunLock:
 
     def acquire(self) -> RunLock:
         """Take the lock or raise LockError naming the folder and the owner."""
-        self.folder.mkdir(parents=True, exist_ok=True)
+        self.made = make_dirs(self.folder)
         for _ in range(5):
             if self._create():
                 self.held = True
@@ -326,9 +328,11 @@ class RunLock:
         raise LockError(f"{self.folder}: could not take the lock {self.path.name} (contended)")
 
     def release(self) -> None:
-        """Remove the lock if it is still ours."""
+        """Remove the lock if it is still ours, and the folders acquire() made if nothing else was written there
+        (a run that stopped on bad input leaves no empty run folder)."""
         if self.held and self._read(self.path) == self.me:
             self.path.unlink(missing_ok=True)
+            remove_empty_dirs(self.made)
         self.held = False
 
     def __enter__(self) -> RunLock:

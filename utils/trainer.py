@@ -253,6 +253,30 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
 
 
+# settings a run's folder name does not hold but its results depend on: resuming with other values mixes two
+# set-ups in one run, so it is said (the name holds stage, B, S, N, crop, iters, lr and --exp_name)
+RESUME_SETTINGS = ("max_steps", "amp", "dataset", "dataset_location", "dataset_version", "use_augs", "shuffle",
+                   "grad_acc", "cache_len", "seed", "wd", "grad_clip", "memory_size", "embed_dim")
+
+
+def resume_warnings(cfg: Config, saved_config: str | None, step: int) -> list[str]:
+    """What a resume of a run saved with `saved_config` (its checkpoint's JSON) at `step` should tell the user:
+    settings that changed since, and a run already at or past --max_steps (nothing would be trained)."""
+    out = []
+    try:
+        saved = json.loads(saved_config) if saved_config else {}
+    except (TypeError, ValueError):
+        saved = {}
+    now = json.loads(json.dumps(asdict(cfg)))
+    changed = [f"{k}={saved[k]!r} (now {now[k]!r})" for k in RESUME_SETTINGS if k in saved and saved[k] != now[k]]
+    if changed:
+        out.append(f"resuming a run saved with {', '.join(changed)}; for a separate run give --exp_name")
+    if step >= cfg.max_steps:
+        out.append(f"the run is at step {step}, at or past --max_steps={cfg.max_steps}: nothing to train (raise "
+                   f"--max_steps to continue it, or give --exp_name for a new run)")
+    return out
+
+
 class TrainState:
     """Model, optimiser, schedule, scaler, step and running figures: built fresh, resumed or initialised from
     --init_dir, and saved (rank 0) with the extras that make a resumed run print what an uninterrupted one would."""
@@ -277,7 +301,6 @@ class TrainState:
         self.step, extras = self._load(say)
         if "rng" in extras:
             set_rng_state(extras["rng"])
-        say(ck.parameter_table(self.net))
         self.model = self.net
         if ranks.world > 1:
             # LBM's last layer's reference-point head gets no loss (as the authors'), hence unused parameters
@@ -322,6 +345,9 @@ class TrainState:
                 self.scaler.load_state_dict(loaded["scaler"])
             step = ck.step_of(path)
             say(f"loaded {path} (step {step}); resuming at step {step}")
+            if main:
+                for line in resume_warnings(cfg, loaded.get("config"), step):
+                    print(f"warning: {path}: {line}", file=sys.stderr, flush=True)
         elif cfg.init_dir:
             opt = (self.optimizer, self.scheduler) if cfg.load_optimizer else (None, None)
             try:
@@ -643,6 +669,7 @@ def train_stage(cfg: Config, ranks: Ranks, ckpt_dir: Path) -> tuple[Path, torch.
     state = TrainState(cfg, ranks, ckpt_dir, log.say)
     data = TrainData(cfg, ranks, state.step, state.note_corrupt)
     validator = Validator(cfg, ranks, data)
+    log.say(ck.parameter_table(state.net))  # after the data checks: a bad path is not the 86th line of output
     log.start(data.n_items)
     while state.step < cfg.max_steps:
         state.step += 1

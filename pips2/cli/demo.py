@@ -22,6 +22,7 @@ import numpy as np
 from pips2.datasets.synthetic import write_synthetic_video
 from pips2.utils.checkpoint import CheckpointError
 from pips2.utils.cli import parse_hw, run_fire
+from pips2.utils.paths import make_dirs, remove_empty_dirs
 from pips2.utils.tracking import check_queries, grid_queries, load_tracker, track
 from pips2.utils.video import VideoError, video_info
 from pips2.utils.vis import write_outputs
@@ -102,14 +103,17 @@ def read_mask(path: str, hw: tuple[int, int]) -> np.ndarray:
     return m
 
 
-def check_out_dir(out: Path) -> None:
-    """Create --out_dir and prove it writable now, not after minutes of tracking."""
+def check_out_dir(out: Path) -> list[Path]:
+    """Create --out_dir and prove it writable now, not after minutes of tracking; returns the folders made."""
+    made: list[Path] = []
     try:
-        out.mkdir(parents=True, exist_ok=True)
+        made = make_dirs(out)
         with tempfile.NamedTemporaryFile(dir=out, prefix=".write_test."):
             pass
     except OSError as e:
+        remove_empty_dirs(made)
         raise OSError(f"--out_dir {out}: not writable ({e.strerror or type(e).__name__})") from None
+    return made
 
 
 def synthetic_video(out_dir: Path, seed: int = 3, frames: int = 48) -> Path:
@@ -119,8 +123,8 @@ def synthetic_video(out_dir: Path, seed: int = 3, frames: int = 48) -> Path:
 
 def prepare(video: str | None, points: str | None, grid_size: int, query_frame: int, mask: str | None,
             image_size, out: Path) -> tuple[Path, np.ndarray, int, int, int, float, tuple[int, int] | None]:
-    """Check every input before any model or tracking work: (video, queries, frames, H, W, fps, image_size)."""
-    check_out_dir(out)
+    """Check every input before any model or tracking work: (video, queries, frames, H, W, fps, image_size).
+    --out_dir must exist (check_out_dir): the synthetic video is written there."""
     if image_size is not None:
         image_size = parse_hw(image_size, "--image_size")
     video_path = Path(video) if video else synthetic_video(out)
@@ -154,11 +158,14 @@ def main(video: str | None = None, init_dir: str | None = None, points: str | No
     memory, S/iters/point_batch are PIPs++'s) and records its visibility; --numbers labels each point with its
     index (the csv's `point`)."""
     out = Path(out_dir)
+    made: list[Path] = []
     try:
+        made = check_out_dir(out)
         video_path, queries, n_frames, H, W, fps, image_size = prepare(video, points, grid_size, query_frame, mask,
                                                                        image_size, out)
         net = load_tracker(model, init_dir, device, amp, memory_size)
     except (ValueError, VideoError, OSError, CheckpointError) as e:
+        remove_empty_dirs(made)  # a run refused on its inputs leaves no empty --out_dir behind
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
     t0 = time.time()
