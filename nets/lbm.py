@@ -594,10 +594,27 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return strip_module_prefix(state)
 
 
+def lbm_config_from_state(state: dict[str, torch.Tensor]) -> dict:
+    """The LBM sizes a state_dict fixes: input_size, embed_dim, num_layers, memory_size and num_neighbors
+    (this one assuming the authors' 4 heads); other keys keep the authors' defaults."""
+    pos = state.get("backbone.frame_pos_embedding")
+    emb = state.get("transformer.layers.0.collision_time_emb")
+    offsets = state.get("transformer.layers.0.lattice_attention.sampling_offsets.weight")
+    if pos is None or emb is None or offsets is None or pos.dim() != 4:
+        return {}  # not an LBM state_dict: the strict load names what is missing
+    layers = {k.split(".")[2] for k in state if k.startswith("transformer.layers.")}
+    stride = 4
+    return {"input_size": (pos.shape[2] * stride, pos.shape[3] * stride), "embed_dim": pos.shape[1],
+            "num_layers": len(layers), "memory_size": emb.shape[1] - 1,
+            "num_neighbors": offsets.shape[0] // (4 * 4 * 2)}
+
+
 def load_lbm(path: str | os.PathLike, device: str | torch.device = "cpu", **config) -> LBM:
-    """An LBM(**config) in eval mode with the weights of `path`, loaded strictly."""
-    model = LBM(**config)
-    load_model_state(model, read_state_dict(path), source=str(path))
+    """An LBM in eval mode with the weights of `path`, loaded strictly. Its sizes come from the weights
+    (`lbm_config_from_state`); `config` given here wins, so a file of other sizes is refused, naming the keys."""
+    state = read_state_dict(path)
+    model = LBM(**{**lbm_config_from_state(state), **config})
+    load_model_state(model, state, source=str(path))
     return model.to(device).eval()
 
 

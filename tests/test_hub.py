@@ -167,6 +167,10 @@ def test_local_files_in_both_formats_both_ways(tmp_path, lbm_model, pips_model):
     lbm_file = hub.save_authors_format(torch.nn.DataParallel(lbm_model), tmp_path / "lbm.pt")
     assert list(torch.load(lbm_file, weights_only=True)) == ["model"]
     assert _same_weights(hub.load_model(lbm_file, **SMALL_LBM), lbm_model)
+    assert _same_weights(hub.load_model(lbm_file), lbm_model)  # its sizes read from the weights
+    # sizes given win, and a file that does not match them is refused in one line
+    with pytest.raises(checkpoint.CheckpointError, match="does not match the model.*frame_pos_embedding"):
+        hub.load_model(lbm_file, **{**SMALL_LBM, "input_size": (128, 128)})
     pips_file = hub.save_authors_format(pips_model, tmp_path / "ref" / "model-000000005.pth")
     assert list(torch.load(pips_file, weights_only=True)) == ["model_state_dict"]
     for path in (pips_file, pips_file.parent):  # a file, or a folder (its highest step)
@@ -174,9 +178,6 @@ def test_local_files_in_both_formats_both_ways(tmp_path, lbm_model, pips_model):
     # a training checkpoint of ours, with optimizer state, loads too
     checkpoint.save(tmp_path / "ck", 3, pips_model, optimizer=torch.optim.Adam(pips_model.parameters()))
     assert _same_weights(hub.load_model(tmp_path / "ck"), pips_model)
-    # a file that does not match the asked configuration is refused in one line
-    with pytest.raises(checkpoint.CheckpointError, match="does not match the model"):
-        hub.load_model(lbm_file)
 
 
 def test_unknown_name_or_missing_path_is_one_line(cache, tmp_path):

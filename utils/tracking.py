@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pips2.nets.lbm import LBM, LBMOnline, load_lbm, read_state_dict
+from pips2.nets.lbm import LBM, LBMOnline, lbm_config_from_state, load_lbm  # noqa: F401 (a public name here too)
 from pips2.nets.pips2 import MIN_SIZE
 from pips2.utils.amp import autocast
 from pips2.utils.checkpoint import CheckpointError, find_checkpoint, list_checkpoints, load_pips, resolve_device
@@ -578,25 +578,9 @@ def find_lbm_checkpoint(init_dir: str | os.PathLike) -> Path:
     return found[0]
 
 
-def lbm_config_from_state(state: dict[str, torch.Tensor]) -> dict:
-    """The LBM sizes a state_dict fixes: input_size, embed_dim, num_layers, memory_size and num_neighbors
-    (this one assuming the authors' 4 heads); other keys keep the authors' defaults."""
-    pos = state.get("backbone.frame_pos_embedding")
-    emb = state.get("transformer.layers.0.collision_time_emb")
-    offsets = state.get("transformer.layers.0.lattice_attention.sampling_offsets.weight")
-    if pos is None or emb is None or offsets is None or pos.dim() != 4:
-        return {}  # not an LBM state_dict: the strict load names what is missing
-    layers = {k.split(".")[2] for k in state if k.startswith("transformer.layers.")}
-    stride = 4
-    return {"input_size": (pos.shape[2] * stride, pos.shape[3] * stride), "embed_dim": pos.shape[1],
-            "num_layers": len(layers), "memory_size": emb.shape[1] - 1,
-            "num_neighbors": offsets.shape[0] // (4 * 4 * 2)}
-
-
 def load_lbm_model(init_dir: str | os.PathLike, device: str | torch.device = "cpu") -> LBM:
     """An LBM in eval mode from a checkpoint file or folder, its sizes read from the weights (`load_lbm`)."""
-    path = find_lbm_checkpoint(init_dir)
-    return load_lbm(path, device, **lbm_config_from_state(read_state_dict(path)))
+    return load_lbm(find_lbm_checkpoint(init_dir), device)
 
 
 def load_tracker(model: str, init_dir: str | None, device: str | torch.device = "auto", amp: str = "none",
