@@ -1,5 +1,9 @@
 """Video I/O: pipe encoding, both decoders, strict clip checks, one-line errors."""
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -87,3 +91,16 @@ def test_a_frame_cut_short_is_refused_naming_it(tmp_path, clip, ext):
     empty.write_bytes(b"")
     with pytest.raises(VideoError, match="empty image file"):
         read_rgb(empty)
+
+
+def test_a_damaged_mp4_is_one_line_without_libav_chatter(tmp_path, clip):
+    """OpenCV's libav prints its own lines for a damaged file, without its name; only our error is said."""
+    path, _ = clip
+    bad = tmp_path / "half.mp4"
+    bad.write_bytes(path.read_bytes()[:len(path.read_bytes()) // 2])
+    code = ("import sys\nfrom pips2.utils.video import VideoError, read_clip\ntry:\n"
+            f"    read_clip({str(bad)!r}, 9, 128, 160, backend='cv2')\n"
+            "except VideoError as e:\n    print(e, file=sys.stderr)\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={k: v for k, v in os.environ.items() if k != "OPENCV_FFMPEG_LOGLEVEL"})
+    assert res.stderr.strip().splitlines() == [f"{bad}: cannot open video"], res.stderr

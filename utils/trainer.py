@@ -12,6 +12,7 @@ import os
 import random
 import sys
 import time
+import warnings
 from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -25,7 +26,7 @@ import torch.distributed as dist
 from tensorboardX import SummaryWriter
 from torch.utils.data import DataLoader
 
-from pips2.datasets.exportdataset import ExportDataset
+from pips2.datasets.exportdataset import CorruptClipWarning, ExportDataset
 from pips2.datasets.kubric import KubricDataset
 from pips2.datasets.tapvid import load_tapvid
 from pips2.datasets.training import OrdinalDataset, OrdinalSampler, Sample
@@ -368,11 +369,11 @@ class TrainState:
         parts = {layout.model, layout.optimizer, layout.scheduler, "scaler"}
         return step, {k: v for k, v in loaded.items() if not k.endswith("_state_dict") and k not in parts}
 
-    def note_corrupt(self, kind: str, batch: Sample) -> None:
-        """Remember the clips skipped as corrupt while producing a 'train' or 'val' batch."""
-        ids = batch.corrupt_ids
-        if ids.numel():
-            self.corrupt[kind].update(int(i) for i in ids.flatten().tolist() if i >= 0)
+    def note_corrupt(self, kind: str, batch: Sample) -> list[int]:
+        """Remember the clips skipped as corrupt while producing a 'train' or 'val' batch; returns the new ones."""
+        ids = {int(i) for i in batch.corrupt_ids.flatten().tolist() if i >= 0} - self.corrupt[kind]
+        self.corrupt[kind] |= ids
+        return sorted(ids)
 
     def record(self, res: StepResult) -> None:
         """Add a finished step to the running means."""
@@ -442,19 +443,29 @@ class TrainData:
     """The run's batches: training ones from the resumed step's sample on (or from the --cache_len cache) and
     validation ones; each fresh batch reports its corrupt clips to `note`."""
 
-    def __init__(self, cfg: Config, ranks: Ranks, step: int, note: Callable[[str, dict], None]):
+    def __init__(self, cfg: Config, ranks: Ranks, step: int, note: Callable[[str, Sample], list[int]]):
         self.cfg, self.rank, self.note = cfg, ranks.rank, note
+        self.sets: dict[str, ExportDataset | KubricDataset] = {}
         try:
             base = build_dataset(cfg, cfg.dataset_version)
+            self.sets["train"] = base
             self.val = None
             if cfg.val_dataset_version:
                 vcfg = replace(cfg, use_augs=False)
-                self.val = iter(make_loader(build_dataset(vcfg, cfg.val_dataset_version), vcfg, step, ranks, 17))
+                self.sets["val"] = build_dataset(vcfg, cfg.val_dataset_version)
+                self.val = iter(make_loader(self.sets["val"], vcfg, step, ranks, 17))
         except (ValueError, OSError) as e:
             ranks.die(str(e))
         self.n_items = len(base)
         self.train = iter(make_loader(base, cfg, step * cfg.grad_acc * cfg.B, ranks))
         self.cache: list[dict] = []
+
+    def _noted(self, kind: str, batch: Sample) -> None:
+        """Tell `note` the batch's skipped clips; say each clip new to the run once, with its problem. The loader
+        workers keep quiet (train_stage): each has its own memory of bad clips, so several would warn of one."""
+        for i in self.note(kind, batch):
+            why = self.sets[kind].problem(i) or f"clip {i} (it reads again now)"
+            print(f"warning: skipping corrupt clip: {why}", file=sys.stderr, flush=True)
 
     def next(self, step: int, micro: int) -> dict:
         """The batch of a step's micro-batch: the next of the stream, or a random cached one once the cache is full."""
@@ -463,7 +474,7 @@ class TrainData:
             pick = torch.randint(len(self.cache), (1,), generator=step_generator(cfg.seed, step, micro, self.rank))
             return self.cache[int(pick)]
         batch = next(self.train)
-        self.note("train", batch)
+        self._noted("train", batch)
         if cfg.cache_len:
             self.cache.append(batch)
         return batch
@@ -471,7 +482,7 @@ class TrainData:
     def next_val(self) -> dict:
         """The next validation batch."""
         batch = next(self.val)
-        self.note("val", batch)
+        self._noted("val", batch)
         return batch
 
 
@@ -665,6 +676,12 @@ def run_stage(cfg: Config) -> tuple[Path, torch.nn.Module]:
 
 def train_stage(cfg: Config, ranks: Ranks, ckpt_dir: Path) -> tuple[Path, torch.nn.Module]:
     """Set up the parts, then step, validate, log and save until --max_steps."""
+    with warnings.catch_warnings():  # corrupt clips are said by TrainData, once each (loader workers inherit this)
+        warnings.simplefilter("ignore", CorruptClipWarning)
+        return _train_stage(cfg, ranks, ckpt_dir)
+
+
+def _train_stage(cfg: Config, ranks: Ranks, ckpt_dir: Path) -> tuple[Path, torch.nn.Module]:
     log = Logger(cfg, ranks)
     state = TrainState(cfg, ranks, ckpt_dir, log.say)
     data = TrainData(cfg, ranks, state.step, state.note_corrupt)

@@ -10,6 +10,10 @@ import cv2
 import imageio_ffmpeg
 import numpy as np
 
+# libav inside OpenCV prints its own lines for damaged files ("moov atom not found"), without the file's name;
+# every failure here is raised as one VideoError naming the file, so libav stays quiet unless the user sets it
+# (OpenCV reads this when it first opens a video, not at import)
+os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
 cv2.setNumThreads(1)  # we parallelise over clips/processes; cv2's own threads only oversubscribe
 
 
