@@ -90,6 +90,7 @@ def test_test_on_tap_runs(tmp_path, ckpt, capsys):
     assert res.returncode == 0, res.stderr
     assert "a: d_1" in res.stdout and "delta_avg (strided)" in res.stdout and "summary: 2 videos" in res.stdout
     js = json.loads(out.read_text())
+    assert f"results -> {out}" in res.stdout and [p.name for p in tmp_path.glob(".r.json*")] == []  # no temp left
     assert set(js["tapvid"]) == {"first", "strided"} and js["per_video"]["a"]["points"] == 5  # 1 not visible at 0
     assert 0 <= js["tapvid"]["first"]["delta_avg"] <= 100
     png = tmp_path / "r_curves.png"  # accuracy vs threshold and survival, beside the json

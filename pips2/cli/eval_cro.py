@@ -5,9 +5,7 @@
 
 from __future__ import annotations
 
-import json
 import time
-from pathlib import Path
 
 from tqdm import tqdm
 
@@ -49,7 +47,8 @@ def main(dataset_location: str = "../datasets/crohd", dset: str = "train", clip_
     print(metrics.metrics_table({"mean": mean}, title=f"CroHD {dset}: {len(rows)} clips"))
     print(f"summary: {len(rows)} clips scored, {len(skipped)} skipped, {time.time() - t0:.1f} s")
     if out_json:
-        Path(out_json).write_text(json.dumps({"mean": mean, "per_clip": rows, "skipped": skipped}, indent=2))
+        evaluation.write_json(out_json, {"mean": mean, "per_clip": rows, "skipped": skipped})
+        print(f"results -> {out_json}")
 
 
 def cli() -> None:

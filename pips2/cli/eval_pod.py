@@ -11,8 +11,6 @@ end and also on Ctrl-C (exit 130) or an unexpected error (exit 1), with the sequ
 
 from __future__ import annotations
 
-import json
-import os
 import sys
 import time
 from collections import Counter
@@ -72,14 +70,6 @@ def _skip_reason(e: Exception) -> str:
     return str(e)
 
 
-def write_json(path: str | Path, payload: dict) -> None:
-    """Write JSON via a temp file and a rename: a reader never sees half a file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2))
-    os.replace(tmp, path)
-
-
 def main(dataset_location: str = "../datasets/pointodyssey", dset: str = "test", S: int = 128, N: int = 256,
          iters: int = 16, image_size=(512, 896), init_dir: str = "./reference_model", max_scenes: int | None = None,
          device: str = "auto", amp: str = "none", point_batch: int = 256, out_json: str | None = None,
@@ -119,7 +109,7 @@ def main(dataset_location: str = "../datasets/pointodyssey", dset: str = "test",
               + f"; {n_frames / max(dt, 1e-9):.1f} frames/s", flush=True)
         if out_json:
             series = plots.mean_series(curves, Path(str(init_dir)).name or str(init_dir))
-            write_json(out_json, {"mean": mean, "per_sequence": rows, "skipped": skipped, "status": status,
+            evaluation.write_json(out_json, {"mean": mean, "per_sequence": rows, "skipped": skipped, "status": status,
                                   "complete": status == "done", "init_dir": None if zero_vel else str(init_dir),
                                   "curves": series})
             print(f"results -> {out_json}" + ("" if status == "done" else " (partial)"), flush=True)

@@ -17,7 +17,6 @@ the file's size); the model then resizes to its input size.
 from __future__ import annotations
 
 import itertools
-import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -111,8 +110,9 @@ def main(dataset_location: str = "../datasets/tapvid/tapvid_davis.pkl", S: int =
         print(metrics.metrics_table(tap, title=title))
     print(f"summary: {len(scored)} videos scored, {len(skipped)} skipped, {time.time() - t0:.1f} s")
     if out_json:
-        Path(out_json).write_text(json.dumps({"mean": mean, "tapvid": tap, "per_video": rows,
-                                              "tapvid_per_video": deltas, "skipped": skipped}, indent=2))
+        evaluation.write_json(out_json, {"mean": mean, "tapvid": tap, "per_video": rows, "tapvid_per_video": deltas,
+                                         "skipped": skipped})
+        print(f"results -> {out_json}")
         series = plots.mean_series(curves, Path(str(init_dir or "reference_model")).name)
         if series:
             png = plots.save_png({Path(dataset_location).stem: series}, plots.png_path(out_json),
