@@ -79,13 +79,13 @@ class ExportDataset(Dataset):
         """Decoded frames (S_export,H,W,3) and track_g (S_export,N_export,4) of clip `index`, or VideoError."""
         return read_clip_folder(self.clips[index], self.S_export, self.N_export, self.hw, self.backend)
 
-    def problem(self, index: int) -> str | None:
-        """Why clip `index` is skipped as corrupt (its error line, naming the file), or None if it now reads."""
+    def problem(self, index: int) -> str:
+        """Why clip `index` was skipped as corrupt: its error line, naming the file."""
         try:
             self.load(index)
         except VideoError as e:
             return str(e)
-        return None
+        return f"{self.clips[index]}: unreadable once, reads now (a passing read error?)"
 
     def sample(self, index: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         """Frames (S,H,W,3) uint8 and track (S,N,4) of clip `index` (another clip if it is corrupt)."""

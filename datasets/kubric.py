@@ -67,13 +67,13 @@ class KubricDataset:
             raise ValueError(f"{seq}: {len(frames)} frames but {coords.shape[0]} in the annotations")
         return frames, coords, visible
 
-    def problem(self, index: int) -> str | None:
-        """Why sequence `index` is skipped as unreadable (its error line, naming the file), or None if it now reads."""
+    def problem(self, index: int) -> str:
+        """Why sequence `index` was skipped as unreadable: its error line, naming the file."""
         try:
             self.load(index)
         except (ValueError, OSError) as e:
             return str(e)
-        return None
+        return f"{self.seqs[index]}: unreadable once, reads now (a passing read error?)"
 
     def load_readable(self, index: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """load(index), or of a random other sequence while it is unreadable; each one skipped is remembered."""

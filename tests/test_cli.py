@@ -35,6 +35,8 @@ def test_good_flags_reach_main_with_their_types(capsys):
     assert isinstance(res["lr"], float)
     res, code, _, _ = _run(toy, ["--use_augs=0"], capsys)  # 0 and 1 are booleans
     assert code == 0 and res["use_augs"] is False
+    res, code, _, _ = _run(toy, ["--l=1", "--n=y", "--max_clips=None"], capsys)  # fire's one-letter abbreviations
+    assert code == 0 and (res["lr"], res["name"], res["max_clips"]) == (1.0, "y", None)
     res, code, _, _ = _run(toy, [], capsys)
     assert res == toy()
 
@@ -49,11 +51,14 @@ def test_good_flags_reach_main_with_their_types(capsys):
     (["--lr=fast"], "prog.py: --lr must be a number, got 'fast'"),
     (["--use_augs=yes"], "prog.py: --use_augs must be True or False, got 'yes'"),
     (["--max_clips=all"], "prog.py: --max_clips must be an integer, got 'all'"),
+    (["--S=None"], "prog.py: --S must be an integer, got None"),  # S is not Optional
+    (["--s=3"], "prog.py: unknown flag --s (--help lists the flags)"),  # no parameter starts with s
+    (["--m=3"], "prog.py: unknown flag --m (--help lists the flags)"),  # two start with m: fire refuses it too
 ])
 def test_bad_flags_are_one_line_before_main_runs(capsys, argv, msg):
     called = []
 
-    def main(S: int = 8, lr: float = 5e-4, use_augs: bool = True, max_clips: int | None = None):
+    def main(S: int = 8, lr: float = 5e-4, use_augs: bool = True, max_clips: int | None = None, max_x: int = 0):
         called.append(1)
 
     _, code, out, err = _run(main, argv, capsys)
@@ -80,8 +85,9 @@ def test_a_mistyped_value_stops_the_exporter_before_it_starts(capsys, tmp_path):
 
 
 def test_help_still_shows_the_flags(capsys):
-    _, code, out, err = _run(toy, ["--help"], capsys)
-    assert code == 0 and "--max_clips" in out + err and "int" in out + err
+    for argv in (["--help"], ["--S=abc", "--help"], ["--typo=1", "-h"]):  # asked for help: help, not an error
+        _, code, out, err = _run(toy, argv, capsys)
+        assert code == 0 and "--max_clips" in out + err and "int" in out + err, argv
 
 
 def test_train_keeps_its_own_flag_check(capsys):

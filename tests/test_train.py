@@ -149,6 +149,13 @@ def test_resume_after_kill_gives_the_same_losses(exported, tmp_path):
     assert "saved with max_steps=4 (now 3), amp='none' (now 'bf16'); for a separate run give --exp_name" in warnings[0]
     assert "the run is at step 4, at or past --max_steps=3: nothing to train" in warnings[1]
     assert not _losses(other.stdout)
+    # a longer run than the saved one cannot resume: its one-cycle schedule ends at the saved --max_steps
+    longer = _train(out, tmp_path / "run", *[a for a in args if not a.startswith("--max_steps")], "--max_steps=5",
+                    check=False)
+    assert longer.returncode == 2 and not _losses(longer.stdout)
+    assert longer.stderr.strip().endswith("the run was started with --max_steps=4 and its learning-rate schedule ends "
+                                          "there; resume it with --max_steps=4, or train on from its weights in a new "
+                                          "run: --exp_name=<name> --init_dir=<its folder>"), longer.stderr
 
 
 def test_bf16_runs(exported, tmp_path):

@@ -104,3 +104,37 @@ def test_a_damaged_mp4_is_one_line_without_libav_chatter(tmp_path, clip):
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                          env={k: v for k, v in os.environ.items() if k != "OPENCV_FFMPEG_LOGLEVEL"})
     assert res.stderr.strip().splitlines() == [f"{bad}: cannot open video"], res.stderr
+
+
+def test_truncation_reads_segments_not_guesses(tmp_path, clip):
+    """Whole files padded past their end marker pass; a cut file whose only FF D9 is an embedded thumbnail's (a
+    JPEG inside a header segment, as EXIF keeps it) is caught; PNG chunks are walked to IEND."""
+    import cv2
+
+    _, frames = clip
+    ok, enc = cv2.imencode(".jpg", np.ascontiguousarray(frames[0][..., ::-1]))
+    main = enc.tobytes()
+    ok, thumb = cv2.imencode(".jpg", np.zeros((8, 8, 3), np.uint8))
+    thumb = thumb.tobytes()
+    com = b"\xff\xfe" + (len(thumb) + 2).to_bytes(2, "big") + thumb  # a comment segment holding a whole JPEG
+    with_thumb = main[:2] + com + main[2:]
+    cases = {
+        "padded.jpg": (main + b"\0" * 5000, None),
+        "thumb.jpg": (with_thumb, None),
+        "thumb_cut.jpg": (with_thumb[:len(com) + 2 + (len(main) - 2) // 2], "truncated JPEG (no end-of-image marker)"),
+        "headers_cut.jpg": (with_thumb[:len(com) // 2], "truncated JPEG (its headers end early)"),
+    }
+    ok, png = cv2.imencode(".png", np.ascontiguousarray(frames[0][..., ::-1]))
+    png = png.tobytes()
+    cases["padded.png"] = (png + b"x" * 5000, None)
+    cases["cut.png"] = (png[:len(png) - 20], "truncated PNG (a chunk runs past the end)")
+    cases["signature_only.png"] = (png[:8], "truncated PNG (no IEND chunk)")
+    for name, (data, why) in cases.items():
+        path = tmp_path / name
+        path.write_bytes(data)
+        assert image_truncation(path) == why, name
+        if why is None:
+            assert read_rgb(path).shape == frames[0].shape, name
+        else:
+            with pytest.raises(VideoError, match=why.replace("(", r"\(").replace(")", r"\)")):
+                read_rgb(path)

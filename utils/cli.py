@@ -69,18 +69,21 @@ def check_flags(main: Callable, argv: list[str], prog: str) -> None:
             continue
         if name.startswith("no") and name[2:] in params:  # fire's --noflag for a boolean
             continue
+        if len(name) == 1 and sum(p.startswith(name) for p in params) == 1:  # fire's one-letter abbreviation
+            continue
         near = difflib.get_close_matches(name, list(params), n=1)
         hint = f"; did you mean --{near[0]}?" if near else ""
         die(f"{prog}: unknown flag --{name}{hint} (--help lists the flags)")
 
 
-def _kinds(hint) -> tuple[type, ...] | None:
-    """The scalar types a parameter's annotation admits (int, float, bool), or None to leave its value alone."""
+def _kind(hint) -> tuple[type, bool] | None:
+    """The scalar type (int, float or bool) a parameter's annotation admits and whether it admits None too; None
+    to leave its value alone (strings, tuples, unannotated)."""
     args = typing.get_args(hint) if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union \
         else (hint,)
     scalars = tuple(a for a in args if a is not type(None))
     if len(scalars) == 1 and scalars[0] in (int, float, bool):
-        return scalars
+        return scalars[0], len(scalars) < len(args)
     return None
 
 
@@ -93,10 +96,12 @@ def checked_types(main: Callable, prog: str) -> Callable:
     def wrapper(*args, **kwargs):
         bound = inspect.signature(main).bind_partial(*args, **kwargs)
         for name, value in bound.arguments.items():
-            kinds = _kinds(params[name].annotation)
-            if kinds is None or value is None or params[name].kind is params[name].VAR_KEYWORD:
+            found = _kind(params[name].annotation)
+            if found is None or params[name].kind is params[name].VAR_KEYWORD:
                 continue
-            kind = kinds[0]
+            kind, optional = found
+            if value is None and optional:
+                continue
             if kind is bool and value in (0, 1) and not isinstance(value, float):
                 bound.arguments[name] = bool(value)
             elif kind is float and isinstance(value, int) and not isinstance(value, bool):
@@ -114,5 +119,7 @@ def run_fire(main: Callable, prog: str | None = None, argv: list[str] | None = N
     not a whole run with default settings before fire's own complaint."""
     argv = sys.argv[1:] if argv is None else list(argv)
     prog = prog or (sys.argv[0].rsplit("/", 1)[-1] if sys.argv and sys.argv[0] else main.__module__)
+    if any(tok in ("--help", "-h") for tok in argv):  # help is asked for: fire shows it, whatever else is there
+        return fire.Fire(main, command=["--help"], name=prog)
     check_flags(main, argv, prog)
     return fire.Fire(checked_types(main, prog), command=argv, name=prog)

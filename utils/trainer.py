@@ -262,19 +262,25 @@ RESUME_SETTINGS = ("max_steps", "amp", "dataset", "dataset_location", "dataset_v
 
 def resume_warnings(cfg: Config, saved_config: str | None, step: int) -> list[str]:
     """What a resume of a run saved with `saved_config` (its checkpoint's JSON) at `step` should tell the user:
-    settings that changed since, and a run already at or past --max_steps (nothing would be trained)."""
+    settings that changed since, and a run already at or past --max_steps (nothing would be trained).
+    ValueError for a PIPs++ run resumed with a larger --max_steps: its one-cycle schedule, restored from the
+    checkpoint, ends at the saved length (100 steps past it the scheduler would fail)."""
     out = []
     try:
         saved = json.loads(saved_config) if saved_config else {}
     except (TypeError, ValueError):
         saved = {}
     now = json.loads(json.dumps(asdict(cfg)))
+    if not cfg.lbm and isinstance(saved.get("max_steps"), int) and cfg.max_steps > saved["max_steps"]:
+        raise ValueError(f"the run was started with --max_steps={saved['max_steps']} and its learning-rate schedule "
+                         f"ends there; resume it with --max_steps={saved['max_steps']}, or train on from its weights "
+                         f"in a new run: --exp_name=<name> --init_dir=<its folder>")
     changed = [f"{k}={saved[k]!r} (now {now[k]!r})" for k in RESUME_SETTINGS if k in saved and saved[k] != now[k]]
     if changed:
         out.append(f"resuming a run saved with {', '.join(changed)}; for a separate run give --exp_name")
     if step >= cfg.max_steps:
-        out.append(f"the run is at step {step}, at or past --max_steps={cfg.max_steps}: nothing to train (raise "
-                   f"--max_steps to continue it, or give --exp_name for a new run)")
+        out.append(f"the run is at step {step}, at or past --max_steps={cfg.max_steps}: nothing to train (for a new "
+                   f"run give --exp_name; --init_dir=<its folder> starts from its weights)")
     return out
 
 
@@ -346,8 +352,12 @@ class TrainState:
                 self.scaler.load_state_dict(loaded["scaler"])
             step = ck.step_of(path)
             say(f"loaded {path} (step {step}); resuming at step {step}")
+            try:
+                said = resume_warnings(cfg, loaded.get("config"), step)
+            except ValueError as e:
+                self.ranks.die(f"{path}: {e}")
             if main:
-                for line in resume_warnings(cfg, loaded.get("config"), step):
+                for line in said:
                     print(f"warning: {path}: {line}", file=sys.stderr, flush=True)
         elif cfg.init_dir:
             opt = (self.optimizer, self.scheduler) if cfg.load_optimizer else (None, None)
@@ -461,11 +471,11 @@ class TrainData:
         self.cache: list[dict] = []
 
     def _noted(self, kind: str, batch: Sample) -> None:
-        """Tell `note` the batch's skipped clips; say each clip new to the run once, with its problem. The loader
-        workers keep quiet (train_stage): each has its own memory of bad clips, so several would warn of one."""
+        """Tell `note` the batch's skipped clips; say each clip new to this process once, with its problem. The
+        loader workers keep quiet (train_stage): each has its own memory of bad clips, so several would warn of
+        one. (Under DDP each rank says the clips it meets; the final count is of distinct clips.)"""
         for i in self.note(kind, batch):
-            why = self.sets[kind].problem(i) or f"clip {i} (it reads again now)"
-            print(f"warning: skipping corrupt clip: {why}", file=sys.stderr, flush=True)
+            print(f"warning: skipping corrupt clip: {self.sets[kind].problem(i)}", file=sys.stderr, flush=True)
 
     def next(self, step: int, micro: int) -> dict:
         """The batch of a step's micro-batch: the next of the stream, or a random cached one once the cache is full."""

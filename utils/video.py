@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import cv2
 import imageio_ffmpeg
@@ -21,28 +23,85 @@ class VideoError(RuntimeError):
     """A video that cannot be used; the message names the file and the problem."""
 
 
-_TAIL = 4096  # bytes at an image file's end searched for its end marker (some writers pad after it)
+_TAIL = 4096  # bytes at a JPEG's end searched first for its end marker (some writers pad after it)
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-def _truncation(head: bytes, tail: bytes) -> str | None:
-    """Why an image file ends early, from its first bytes and its last _TAIL bytes, or None: a JPEG without its
-    end-of-image marker, a PNG without its IEND chunk. Decoders fill such an image's missing rows with grey and
-    only warn, without the file's name."""
-    # FF D9 cannot occur inside a JPEG's entropy-coded data (an FF there is followed by 00): it is the marker
-    if head[:2] == b"\xff\xd8" and b"\xff\xd9" not in tail:
-        return "truncated JPEG (no end-of-image marker)"
-    if head[:8] == b"\x89PNG\r\n\x1a\n" and b"IEND" not in tail:
-        return "truncated PNG (no IEND chunk)"
+def _jpeg_scan_start(f: BinaryIO) -> int | None:
+    """Offset where a JPEG's first scan (its entropy-coded data) begins, found by walking the header segments by
+    their lengths (so an EXIF thumbnail, a whole JPEG inside APP1, is stepped over); None if the headers end
+    early or are not JPEG segments."""
+    f.seek(2)
+    while True:
+        b = f.read(2)
+        if len(b) < 2 or b[0] != 0xFF:
+            return None
+        if b[1] == 0xFF:  # fill byte before a marker
+            f.seek(-1, os.SEEK_CUR)
+            continue
+        if 0xD0 <= b[1] <= 0xD8 or b[1] == 0x01:  # markers without a length
+            continue
+        n = f.read(2)
+        if len(n) < 2:
+            return None
+        length = int.from_bytes(n, "big")
+        if b[1] == 0xDA:  # start of scan: its header, then the data
+            return f.tell() + length - 2
+        f.seek(length - 2, os.SEEK_CUR)
+
+
+def _jpeg_truncation(f: BinaryIO, size: int) -> str | None:
+    """Why a JPEG ends early, or None. After its first scan begins, FF D9 can only be the end-of-image marker
+    (an FF inside entropy-coded data is followed by 00): look for it in the last _TAIL bytes, then, for files
+    padded after it, in the whole scan."""
+    start = _jpeg_scan_start(f)
+    if start is None or start > size:
+        return "truncated JPEG (its headers end early)"
+    pos = max(start, size - _TAIL)
+    f.seek(pos)
+    if b"\xff\xd9" in f.read():
+        return None
+    f.seek(start)
+    prev = b""
+    while chunk := f.read(1 << 20):
+        if b"\xff\xd9" in prev + chunk:
+            return None
+        prev = chunk[-1:]
+    return "truncated JPEG (no end-of-image marker)"
+
+
+def _png_truncation(f: BinaryIO, size: int) -> str | None:
+    """Why a PNG ends early, or None: its chunks, walked by their lengths, must reach IEND within the file."""
+    pos = len(_PNG_SIGNATURE)
+    while True:
+        f.seek(pos)
+        head = f.read(8)
+        if len(head) < 8:
+            return "truncated PNG (no IEND chunk)"
+        pos += 12 + int.from_bytes(head[:4], "big")  # length, type, data, CRC
+        if pos > size:
+            return "truncated PNG (a chunk runs past the end)"
+        if head[4:] == b"IEND":
+            return None
+
+
+def _truncation(f: BinaryIO, size: int) -> str | None:
+    """Why a JPEG or PNG file ends early, or None (other formats too). Decoders fill a cut image's missing rows
+    with grey and only warn, without the file's name."""
+    f.seek(0)
+    sig = f.read(8)
+    if sig[:2] == b"\xff\xd8":
+        return _jpeg_truncation(f, size)
+    if sig == _PNG_SIGNATURE:
+        return _png_truncation(f, size)
     return None
 
 
 def image_truncation(path: str | os.PathLike) -> str | None:
-    """Why a JPEG or PNG file ends early (its end marker is missing), or None; reads only its ends."""
+    """Why a JPEG or PNG file ends early (an end marker missing or a chunk cut), or None. Reads its headers and
+    end, so it is cheap on whole files; only a JPEG padded after its marker is read through."""
     with open(path, "rb") as f:
-        head = f.read(8)
-        size = f.seek(0, os.SEEK_END)
-        f.seek(max(0, size - _TAIL))
-        return _truncation(head, f.read())
+        return _truncation(f, f.seek(0, os.SEEK_END))
 
 
 def read_rgb(path: str | os.PathLike) -> np.ndarray:
@@ -53,7 +112,7 @@ def read_rgb(path: str | os.PathLike) -> np.ndarray:
         raise VideoError(f"{path}: unreadable image ({e.strerror or e})") from None
     if not data:
         raise VideoError(f"{path}: empty image file (0 bytes)")
-    why = _truncation(data[:8], data[-_TAIL:])
+    why = _truncation(io.BytesIO(data), len(data))
     if why:
         raise VideoError(f"{path}: {why}")
     img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
