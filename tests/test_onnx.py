@@ -1,10 +1,12 @@
-"""ONNX export with fixed S and dynamic N; onnxruntime agrees with PyTorch within 1e-3 px.
+"""ONNX export with fixed S and dynamic N; onnxruntime agrees with PyTorch (1e-3 px at one iteration).
 
 One refinement iteration: export time grows with the traced graph (~560 nodes per iteration, half the
 graph at iters=1). Later iterations add only the feats2/feats4 refresh (a constant frame index, then the
 bilinear sampling the first iteration's templates use); test_golden.py checks the export plan's numbers
 over four iterations.
 """
+
+import re
 
 import pytest
 import torch
@@ -22,10 +24,30 @@ def test_onnx_matches_pytorch_for_several_n(tmp_path):
     model = golden_model()
     path = export_onnx.export(model, tmp_path / "m.onnx", S=S, hw=HW, iters=ITERS)
     assert model.plan == ExecPlan.export()
-    diff = export_onnx.check(path, golden_model(), S=S, hw=HW, iters=ITERS, Ns=(3, 17))
-    assert diff < 1e-3
+    diffs = export_onnx.check(path, golden_model(), S=S, hw=HW, iters=ITERS, Ns=(3, 17))
+    assert diffs["onnx"] < 1e-3 and export_onnx.agrees(diffs)
     # the check is not vacuous: a different model is far off
     other = golden_model()
     with torch.no_grad():
         other.delta_block.dense.bias.add_(1.0)
-    assert export_onnx.check(path, other, S=S, hw=HW, iters=ITERS, Ns=(3,)) > 1e-2
+    diffs = export_onnx.check(path, other, S=S, hw=HW, iters=ITERS, Ns=(3,))
+    assert diffs["onnx"] > 1e-2 and not export_onnx.agrees(diffs)
+
+
+def test_cli_passes_a_model_whose_float32_rounding_grows_with_the_iterations(tmp_path, capsys):
+    """Random weights at two iterations: PyTorch's float32 already lies ~2e-3 px from float64, and so does
+    onnxruntime (a fixed 1e-3 px tolerance refused such exports); the CLI judges against that distance."""
+    from helpers import run_main
+
+    from pips2.nets.pips2 import Pips
+    from pips2.utils import checkpoint
+
+    torch.manual_seed(0)
+    checkpoint.save(tmp_path / "ck", 1, Pips().eval())
+    res = run_main(export_onnx.main, capsys, init_dir=str(tmp_path / "ck"), out=str(tmp_path / "r.onnx"), S=6, H=128,
+                   W=128, iters=2)
+    assert res.returncode == 0, res.stderr
+    line = next(ln for ln in res.stdout.splitlines() if ln.startswith("summary: "))
+    _, f64, torch_f64 = (float(v) for v in re.findall(r"([0-9.]+e[-+][0-9]+) px", line))
+    assert torch_f64 > 5e-4 and f64 <= 4 * torch_f64 + 1e-3, line  # (here onnx is ~3e-3 px)
+    assert f"{tmp_path / 'r.onnx'} (" in res.stdout and f"{tmp_path / 'r.onnx.data'} (" in res.stdout
