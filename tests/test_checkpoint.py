@@ -120,3 +120,21 @@ def test_parameter_table_total(model):
     table = ck.parameter_table(model)
     assert table.strip().endswith("total params: 17.57 M")
     assert "fnet.conv1.weight" in table and "9408" in table
+
+
+def test_a_model_of_other_sizes_is_one_readable_line(tmp_path):
+    """A checkpoint of another configuration mismatches every layer: the error names a few keys, not all."""
+    from pips2.nets.lbm import LBM, load_lbm
+
+    small, other = LBM(input_size=(64, 64), embed_dim=32, num_layers=2), LBM(input_size=(64, 64), embed_dim=48,
+                                                                             num_layers=2)
+    path = tmp_path / "small.pt"
+    torch.save({"model": small.state_dict()}, path)
+    with pytest.raises(ck.CheckpointError) as e:
+        ck.load_model_state(other, torch.load(path, weights_only=True)["model"], source=str(path))
+    msg = str(e.value)
+    n_wrong = sum(v.shape != other.state_dict()[k].shape for k, v in small.state_dict().items())
+    assert n_wrong > 2 * ck.MAX_LISTED and f"and {n_wrong - ck.MAX_LISTED} more" in msg
+    assert msg.startswith(f"{path}: does not match the model: shape mismatches [") and len(msg) < 1000
+    assert "\n" not in msg
+    assert load_lbm(path).state_dict().keys() == small.state_dict().keys()  # its own sizes load it

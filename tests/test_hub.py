@@ -168,6 +168,10 @@ def test_local_files_in_both_formats_both_ways(tmp_path, lbm_model, pips_model):
     assert list(torch.load(lbm_file, weights_only=True)) == ["model"]
     assert _same_weights(hub.load_model(lbm_file, **SMALL_LBM), lbm_model)
     assert _same_weights(hub.load_model(lbm_file), lbm_model)  # its sizes read from the weights
+    # a run folder of train.py --model=lbm (model-*.pth holding {'model': ..., 'optimizer': ..., ...})
+    checkpoint.save(tmp_path / "lbm_run", 4, lbm_model, optimizer=torch.optim.Adam(lbm_model.parameters()),
+                    layout=checkpoint.LBM_LAYOUT)
+    assert _same_weights(hub.load_model(tmp_path / "lbm_run"), lbm_model)
     # sizes given win, and a file that does not match them is refused in one line
     with pytest.raises(checkpoint.CheckpointError, match="does not match the model.*frame_pos_embedding"):
         hub.load_model(lbm_file, **{**SMALL_LBM, "input_size": (128, 128)})

@@ -134,6 +134,9 @@ def strip_module_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
     return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state.items()}
 
 
+MAX_LISTED = 5  # keys a mismatch error names of each kind
+
+
 def load_model_state(model: nn.Module, state: dict[str, torch.Tensor], ignore_prefixes: tuple[str, ...] = (),
                      source: str = "checkpoint") -> None:
     """Load strictly; keys under `ignore_prefixes` may be missing or extra. Mismatches raise and list keys."""
@@ -146,13 +149,12 @@ def load_model_state(model: nn.Module, state: dict[str, torch.Tensor], ignore_pr
     wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in state
              if k in own and state[k].shape != own[k].shape]
     if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"missing keys {missing}")
-        if unexpected:
-            parts.append(f"unexpected keys {unexpected}")
-        if wrong:
-            parts.append(f"shape mismatches {wrong}")
+        def some(what: str, items: list[str]) -> str:  # a readable line, not every key of a model of other sizes
+            more = f" and {len(items) - MAX_LISTED} more" if len(items) > MAX_LISTED else ""
+            return f"{what} {items[:MAX_LISTED]}{more}"
+
+        parts = [some(what, items) for what, items in (("missing keys", missing), ("unexpected keys", unexpected),
+                                                        ("shape mismatches", wrong)) if items]
         raise CheckpointError(f"{source}: does not match the model: " + "; ".join(parts))
     own.update(state)
     model.load_state_dict(own, strict=True)

@@ -22,7 +22,14 @@ import torch.nn as nn
 
 from pips2.nets.lbm import LBM, load_lbm, read_state_dict
 from pips2.nets.pips2 import Pips
-from pips2.utils.checkpoint import CKPT_RE, CheckpointError, load_model_state, load_pips, read_checkpoint
+from pips2.utils.checkpoint import (
+    CKPT_RE,
+    CheckpointError,
+    find_checkpoint,
+    load_model_state,
+    load_pips,
+    read_checkpoint,
+)
 from pips2.utils.download import DownloadError, download, fetch_reference
 
 CACHE_ENV = "PIPS2_CACHE"
@@ -125,10 +132,13 @@ def fetch(name: str, refresh: bool = False, **config) -> Path:
 
 
 def model_kind(path: Path) -> str:
-    """'pips2' for a checkpoint folder or a {'model_state_dict': ..} file, 'lbm' for {'model': ..} or a bare
-    state_dict."""
+    """'pips2' for a {'model_state_dict': ..} file or a folder whose newest model-*.pth is one, 'lbm' for
+    {'model': ..} or a bare state_dict (or a folder of them: train.py --model=lbm writes model-*.pth too)."""
     if path.is_dir():
-        return "pips2"
+        try:
+            path = find_checkpoint(path)
+        except CheckpointError:  # the loader that runs next says what is wrong with the folder
+            return "pips2"
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception:  # the loader that runs next reports the file's problem in one line
@@ -154,7 +164,7 @@ def load_model(name_or_path: str | os.PathLike, device: str | torch.device = "cp
         raise HubError(f"{text}: no such checkpoint file or folder, and not a known model name "
                        f"(known: {', '.join(KNOWN)})")
     if kind == "lbm":
-        return load_lbm(path, device, **config)
+        return load_lbm(find_checkpoint(path) if path.is_dir() else path, device, **config)
     return load_pips(path, device, **config)
 
 
