@@ -1,10 +1,12 @@
 """train.py: step semantics, both stages, exact resume after kill -9, AMP, NaN handling, Kubric, DDP."""
 
+import json
 import os
 import re
 import signal
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import cv2
@@ -391,3 +393,25 @@ def test_memory_flags_pick_the_plan():
     assert plan(recompute_cheap=True).recompute_cheap
     both = plan(recompute_cheap=True, grad_ckpt=True)  # whole-chunk checkpointing already stores less
     assert both.checkpointing and not both.recompute_cheap
+
+
+def test_resume_warnings_name_what_changed():
+    from dataclasses import asdict
+
+    from pips2.utils.trainer import resume_warnings
+
+    cfg = train.make_config(1, {"B": 2, "max_steps": 100})
+    saved = json.dumps(asdict(cfg))
+    assert resume_warnings(cfg, saved, 50, world=2, saved_world=2) == []
+    assert resume_warnings(cfg, None, 50) == []  # a checkpoint without a config (the authors')
+    said = resume_warnings(replace(cfg, amp="bf16", use_augs=False), saved, 50, world=1, saved_world=2)
+    assert said == ["resuming a run saved with amp='none' (now 'bf16'), use_augs=True (now False); for a separate "
+                    "run give --exp_name",
+                    "the run was trained by 2 process(es), now 1: its batch of 2 per process makes 2 clips per step "
+                    "instead of 4"]
+    shorter = resume_warnings(replace(cfg, max_steps=40), saved, 50)
+    assert "max_steps=100 (now 40)" in shorter[0] and "at step 50, at or past --max_steps=40" in shorter[1]
+    with pytest.raises(ValueError, match="started with --max_steps=100 and its learning-rate schedule ends there"):
+        resume_warnings(replace(cfg, max_steps=200), saved, 50)
+    lbm = train.make_config(1, {"model": "lbm", "max_steps": 100})  # LBM's schedule is rebuilt from --max_steps
+    assert "max_steps=100 (now 200)" in resume_warnings(replace(lbm, max_steps=200), json.dumps(asdict(lbm)), 50)[0]

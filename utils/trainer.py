@@ -260,7 +260,8 @@ RESUME_SETTINGS = ("max_steps", "amp", "dataset", "dataset_location", "dataset_v
                    "grad_acc", "cache_len", "seed", "wd", "grad_clip", "memory_size", "embed_dim")
 
 
-def resume_warnings(cfg: Config, saved_config: str | None, step: int) -> list[str]:
+def resume_warnings(cfg: Config, saved_config: str | None, step: int, world: int = 1,
+                    saved_world: int | None = None) -> list[str]:
     """What a resume of a run saved with `saved_config` (its checkpoint's JSON) at `step` should tell the user:
     settings that changed since, and a run already at or past --max_steps (nothing would be trained).
     ValueError for a PIPs++ run resumed with a larger --max_steps: its one-cycle schedule, restored from the
@@ -278,6 +279,9 @@ def resume_warnings(cfg: Config, saved_config: str | None, step: int) -> list[st
     changed = [f"{k}={saved[k]!r} (now {now[k]!r})" for k in RESUME_SETTINGS if k in saved and saved[k] != now[k]]
     if changed:
         out.append(f"resuming a run saved with {', '.join(changed)}; for a separate run give --exp_name")
+    if saved_world is not None and saved_world != world:  # --B is per process
+        out.append(f"the run was trained by {saved_world} process(es), now {world}: its batch of {cfg.B} per process "
+                   f"makes {cfg.B * world} clips per step instead of {cfg.B * saved_world}")
     if step >= cfg.max_steps:
         out.append(f"the run is at step {step}, at or past --max_steps={cfg.max_steps}: nothing to train (for a new "
                    f"run give --exp_name; --init_dir=<its folder> starts from its weights)")
@@ -353,7 +357,7 @@ class TrainState:
             step = ck.step_of(path)
             say(f"loaded {path} (step {step}); resuming at step {step}")
             try:
-                said = resume_warnings(cfg, loaded.get("config"), step)
+                said = resume_warnings(cfg, loaded.get("config"), step, self.ranks.world, loaded.get("world"))
             except ValueError as e:
                 self.ranks.die(f"{path}: {e}")
             if main:
@@ -412,6 +416,7 @@ class TrainState:
         if not self.ranks.main:
             return
         extra = {"rng": rng_state(), "nan_steps": self.nan_total, "config": json.dumps(asdict(self.cfg)),
+                 "world": self.ranks.world,
                  "loss_t": [float(v) for v in self.losses], "d_t": [float(v) for v in self.d_ts],
                  "d_v": [float(v) for v in self.d_vs], "corrupt_clips": sorted(self.corrupt["train"]),
                  "corrupt_val_clips": sorted(self.corrupt["val"])}
