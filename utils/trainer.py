@@ -263,19 +263,14 @@ RESUME_SETTINGS = ("max_steps", "amp", "dataset", "dataset_location", "dataset_v
 def resume_warnings(cfg: Config, saved_config: str | None, step: int, world: int = 1,
                     saved_world: int | None = None) -> list[str]:
     """What a resume of a run saved with `saved_config` (its checkpoint's JSON) at `step` should tell the user:
-    settings that changed since, and a run already at or past --max_steps (nothing would be trained).
-    ValueError for a PIPs++ run resumed with a larger --max_steps: its one-cycle schedule, restored from the
-    checkpoint, ends at the saved length (100 steps past it the scheduler would fail)."""
+    settings that changed since, a change in the number of processes, and a run already at or past --max_steps
+    (nothing would be trained)."""
     out = []
     try:
         saved = json.loads(saved_config) if saved_config else {}
     except (TypeError, ValueError):
         saved = {}
     now = json.loads(json.dumps(asdict(cfg)))
-    if not cfg.lbm and isinstance(saved.get("max_steps"), int) and cfg.max_steps > saved["max_steps"]:
-        raise ValueError(f"the run was started with --max_steps={saved['max_steps']} and its learning-rate schedule "
-                         f"ends there; resume it with --max_steps={saved['max_steps']}, or train on from its weights "
-                         f"in a new run: --exp_name=<name> --init_dir=<its folder>")
     changed = [f"{k}={saved[k]!r} (now {now[k]!r})" for k in RESUME_SETTINGS if k in saved and saved[k] != now[k]]
     if changed:
         out.append(f"resuming a run saved with {', '.join(changed)}; for a separate run give --exp_name")
@@ -356,10 +351,12 @@ class TrainState:
                 self.scaler.load_state_dict(loaded["scaler"])
             step = ck.step_of(path)
             say(f"loaded {path} (step {step}); resuming at step {step}")
-            try:
-                said = resume_warnings(cfg, loaded.get("config"), step, self.ranks.world, loaded.get("world"))
-            except ValueError as e:
-                self.ranks.die(f"{path}: {e}")
+            end = getattr(self.scheduler, "total_steps", None)  # PIPs++'s one-cycle schedule, as restored
+            if end is not None and cfg.max_steps > end:
+                self.ranks.die(f"{path}: --max_steps={cfg.max_steps} runs past the end of the run's learning-rate "
+                               f"schedule (step {end}, set when it started); resume with a smaller --max_steps, or "
+                               f"train on from its weights in a new run: --exp_name=<name> --init_dir=<its folder>")
+            said = resume_warnings(cfg, loaded.get("config"), step, self.ranks.world, loaded.get("world"))
             if main:
                 for line in said:
                     print(f"warning: {path}: {line}", file=sys.stderr, flush=True)
