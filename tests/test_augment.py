@@ -180,3 +180,32 @@ def test_reverse_time():
     a, b = np.arange(6).reshape(3, 2), np.arange(3)
     ra, rb = augment.reverse_time(a, b)
     assert ra.tolist() == [[4, 5], [2, 3], [0, 1]] and rb.tolist() == [2, 1, 0]
+
+
+def test_flips_mirror_about_the_last_pixel():
+    """x' = cw - 1 - x (and y' = ch - 1 - y): the same seed without flips draws the same plan up to the flips,
+    which come last, so a flipped plan's tracks mirror the unflipped plan's exactly."""
+    S, H, W, crop = 3, 240, 320, (128, 192)
+    pts = np.array([[[5.0, 7.0], [100.5, 60.25], [300.0, 230.0]]] * S, np.float32)
+    seen = set()
+    for seed in range(12):
+        flipped = augment.plan_spatial(S, H, W, crop, np.random.default_rng(seed), p=1.0, flips=True)
+        plain = augment.plan_spatial(S, H, W, crop, np.random.default_rng(seed), p=1.0, flips=False)
+        h, v = bool(flipped.affines[0, 0, 0] < 0), bool(flipped.affines[0, 1, 1] < 0)
+        seen.add((h, v))
+        a, b = augment.warp_tracks(pts, flipped), augment.warp_tracks(pts, plain)
+        want_x = crop[1] - 1 - b[..., 0] if h else b[..., 0]
+        want_y = crop[0] - 1 - b[..., 1] if v else b[..., 1]
+        np.testing.assert_allclose(a[..., 0], want_x, atol=1e-4)
+        np.testing.assert_allclose(a[..., 1], want_y, atol=1e-4)
+    assert {h for h, _ in seen} == {True, False} and {v for _, v in seen} == {True, False}
+
+
+def test_crop_visibility_on_a_wide_frame_and_invalid_points():
+    """x is checked against the width and y against the height; a point inside but not valid is not visible."""
+    trajs = np.array([[[150.0, 50.0], [50.0, 150.0], [60.0, 60.0]]], np.float32)
+    vis = np.ones((1, 3), bool)
+    val = np.array([[True, True, False]])
+    v, va = augment.crop_visibility(trajs, vis, val, (100, 200))  # H=100, W=200
+    assert v.tolist() == [[True, False, False]]
+    assert va.tolist() == [[True, True, False]]

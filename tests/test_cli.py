@@ -50,6 +50,7 @@ def test_good_flags_reach_main_with_their_types(capsys):
     (["--S=True"], "prog.py: --S must be an integer, got True"),
     (["--lr=fast"], "prog.py: --lr must be a number, got 'fast'"),
     (["--use_augs=yes"], "prog.py: --use_augs must be True or False, got 'yes'"),
+    (["--use_augs=1.0"], "prog.py: --use_augs must be True or False, got 1.0"),  # 0 and 1 only as integers
     (["--max_clips=all"], "prog.py: --max_clips must be an integer, got 'all'"),
     (["--S=None"], "prog.py: --S must be an integer, got None"),  # S is not Optional
     (["--s=3"], "prog.py: unknown flag --s (--help lists the flags)"),  # no parameter starts with s

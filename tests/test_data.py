@@ -164,6 +164,8 @@ def test_clip_starts():
     assert [c for c in starts if c[1] == 1] == [(s, 1) for s in range(0, 13, 2)]
     assert [c for c in starts if c[1] == 2] == [(0, 2), (2, 2), (4, 2)]
     assert not [c for c in starts if c[1] == 4]
+    # strides are exactly 1, 2 and 4: 29 frames hold one 8-frame clip at stride 4 ((8 - 1) * 4 + 1 = 29)
+    assert sorted({c[1] for c in pod.clip_starts(29, 8)}) == [1, 2, 4] and (0, 4) in pod.clip_starts(29, 8)
 
 
 def test_filter_tracks_closed_cases():

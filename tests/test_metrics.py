@@ -80,3 +80,16 @@ def test_roc_auc_closed_form_cases():
     # 3 positives x 2 negatives: pairs won 0 + 2 + 2 = 4 of 6
     assert abs(roc_auc([0.3, 0.6, 0.9, 0.4, 0.5], [True, True, True, False, False]) - 4 / 6) < 1e-12
     assert np.isnan(roc_auc([0.1, 0.2], [True, True]))
+
+
+def test_thresholds_are_strict_and_survival_keeps_an_error_of_exactly_16():
+    """An error exactly on a threshold misses it (err < t); survival ends only above 16 px (err > 16)."""
+    S, N = 3, 2
+    g = np.zeros((S, N, 2), np.float32) + 100
+    e = g.copy()
+    e[1:, 0, 0] += 2.0  # exactly 2 px (256x256 frame: no scaling)
+    e[1:, 1, 1] += 16.0  # exactly 16 px
+    res = metrics.track_metrics(e, g, np.ones((S, N)), (256, 256))
+    got = [res[f"d_{t}"] for t in (1, 2, 4, 8, 16)]
+    assert got == pytest.approx([0.0, 0.0, 50.0, 50.0, 50.0], abs=1e-3)
+    assert res["survival_16"] == 100.0

@@ -414,3 +414,4 @@ def test_resume_warnings_name_what_changed():
     shorter = resume_warnings(replace(cfg, max_steps=40), saved, 50)
     assert "max_steps=100 (now 40)" in shorter[0] and "at step 50, at or past --max_steps=40" in shorter[1]
     assert "max_steps=100 (now 200)" in resume_warnings(replace(cfg, max_steps=200), saved, 50)[0]
+    assert resume_warnings(cfg, saved, 99) == [] and "at step 100, at or past" in resume_warnings(cfg, saved, 100)[0]

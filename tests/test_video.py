@@ -50,6 +50,9 @@ def test_read_clip_insists_on_the_exact_shape(clip):
     assert read_clip(path, 9, 128, 160).shape == (9, 128, 160, 3)
     with pytest.raises(VideoError, match="decoded 9 frames of 128x160, expected 10 of 128x160"):
         read_clip(path, 10, 128, 160)
+    for h, w in ((128, 162), (160, 128)):  # the frame size is checked too, not only the count
+        with pytest.raises(VideoError, match=f"decoded 9 frames of 128x160, expected 9 of {h}x{w}"):
+            read_clip(path, 9, h, w)
 
 
 def test_bad_files_give_one_line(tmp_path, clip):
