@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pips2.utils.paths import write_json
 from pips2.utils.video import VideoError, read_clip
 
 # the README's recipe: export at the resolution training crops at (SPEC 3)
@@ -59,11 +60,8 @@ class ClipSettings:
 def write_settings(version_dir: Path, st: ClipSettings) -> None:
     """settings.json of a version folder, written once (temp + rename; a folder's settings never change)."""
     path = Path(version_dir) / SETTINGS
-    if path.exists():
-        return
-    tmp = path.with_name(f".settings.{os.getpid()}")
-    tmp.write_text(json.dumps(asdict(st), indent=2))
-    os.replace(tmp, path)
+    if not path.exists():
+        write_json(path, asdict(st))
 
 
 def read_settings(version_dir: Path) -> ClipSettings | None:

@@ -4,7 +4,6 @@ TAP-Vid benchmark's query modes for PIPs++ and LBM."""
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -21,17 +20,6 @@ LBM_MEMORY_SIZES = (("davis", 20), ("kinetics", 36), ("robotap", 60))
 LBM_DEFAULT_MEMORY = 48
 # LBM's authors resize every TAP-Vid video to this size before their model (which resizes to its input size)
 TAPVID_SIZE = (256, 256)
-
-
-def write_json(path: str | os.PathLike, payload: dict) -> None:
-    """Write an evaluation's results as JSON via a temp file and a rename: a reader never sees half a file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(json.dumps(payload, indent=2))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def select_points(trajs: np.ndarray, visibs: np.ndarray, valids: np.ndarray, hw: tuple[int, int],

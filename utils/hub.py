@@ -164,7 +164,7 @@ def load_model(name_or_path: str | os.PathLike, device: str | torch.device = "cp
         raise HubError(f"{text}: no such checkpoint file or folder, and not a known model name "
                        f"(known: {', '.join(KNOWN)})")
     if kind == "lbm":
-        return load_lbm(find_checkpoint(path) if path.is_dir() else path, device, **config)
+        return load_lbm(find_checkpoint(path), device, **config)
     return load_pips(path, device, **config)
 
 

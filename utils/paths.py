@@ -1,7 +1,9 @@
-"""Folders a job makes for its outputs, and taking them back when it stops before writing anything."""
+"""Files and folders a job writes: JSON written whole or not at all, and output folders taken back when a job
+stops before writing anything into them."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -26,3 +28,14 @@ def remove_empty_dirs(made: list[Path]) -> None:
             p.rmdir()
         except OSError:  # not empty, or gone: leave it and its parents
             return
+
+
+def write_json(path: str | os.PathLike, payload: dict) -> None:
+    """Write JSON via a temp file and a rename: a reader never sees half a file (the temp goes on failure)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps(payload, indent=2))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -12,6 +12,7 @@ from tqdm import tqdm
 from pips2.datasets.crohd import list_clips
 from pips2.utils import evaluation, metrics
 from pips2.utils.cli import aliased, die, load_pips_or_exit, parse_hw, run_fire
+from pips2.utils.paths import write_json
 from pips2.utils.tracking import FileFrames
 
 
@@ -47,7 +48,7 @@ def main(dataset_location: str = "../datasets/crohd", dset: str = "train", clip_
     print(metrics.metrics_table({"mean": mean}, title=f"CroHD {dset}: {len(rows)} clips"))
     print(f"summary: {len(rows)} clips scored, {len(skipped)} skipped, {time.time() - t0:.1f} s")
     if out_json:
-        evaluation.write_json(out_json, {"mean": mean, "per_clip": rows, "skipped": skipped})
+        write_json(out_json, {"mean": mean, "per_clip": rows, "skipped": skipped})
         print(f"results -> {out_json}")
 
 

@@ -23,6 +23,7 @@ from pips2.datasets import pointodyssey as pod
 from pips2.utils import evaluation, metrics, plots
 from pips2.utils.checkpoint import resolve_device
 from pips2.utils.cli import aliased, die, load_pips_or_exit, parse_hw, run_fire
+from pips2.utils.paths import write_json
 from pips2.utils.tracking import FileFrames
 from pips2.utils.video import VideoError, image_truncation
 
@@ -109,7 +110,7 @@ def main(dataset_location: str = "../datasets/pointodyssey", dset: str = "test",
               + f"; {n_frames / max(dt, 1e-9):.1f} frames/s", flush=True)
         if out_json:
             series = plots.mean_series(curves, Path(str(init_dir)).name or str(init_dir))
-            evaluation.write_json(out_json, {"mean": mean, "per_sequence": rows, "skipped": skipped, "status": status,
+            write_json(out_json, {"mean": mean, "per_sequence": rows, "skipped": skipped, "status": status,
                                   "complete": status == "done", "init_dir": None if zero_vel else str(init_dir),
                                   "curves": series})
             print(f"results -> {out_json}" + ("" if status == "done" else " (partial)"), flush=True)

@@ -27,6 +27,7 @@ from pips2.datasets.tapvid import TapVidError, load_tapvid
 from pips2.utils import evaluation, metrics, plots
 from pips2.utils.checkpoint import CheckpointError
 from pips2.utils.cli import aliased, die, parse_hw, run_fire
+from pips2.utils.paths import write_json
 from pips2.utils.tracking import is_lbm, load_tracker
 
 
@@ -110,7 +111,7 @@ def main(dataset_location: str = "../datasets/tapvid/tapvid_davis.pkl", S: int =
         print(metrics.metrics_table(tap, title=title))
     print(f"summary: {len(scored)} videos scored, {len(skipped)} skipped, {time.time() - t0:.1f} s")
     if out_json:
-        evaluation.write_json(out_json, {"mean": mean, "tapvid": tap, "per_video": rows, "tapvid_per_video": deltas,
+        write_json(out_json, {"mean": mean, "tapvid": tap, "per_video": rows, "tapvid_per_video": deltas,
                                          "skipped": skipped})
         print(f"results -> {out_json}")
         series = plots.mean_series(curves, Path(str(init_dir or "reference_model")).name)
