@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """A web page for tracking points in a video (python app.py, then open http://127.0.0.1:7860/).
 
-The code is pips2.cli.app (the server: pips2.utils.webapp), installable as the `pips2-app` command.
+The code is pips2.cli.app (the server: pips2.webapp), installable as the `pips2-app` command.
 """
 
 from pips2.cli.app import cli, main  # noqa: F401

@@ -27,9 +27,9 @@ import fire
 import torch
 from common import reset_peak_rss, status_bytes, synthetic_batch
 
+from pips2 import train_step as train
 from pips2.nets.pips2 import Pips
 from pips2.nets.plan import ExecPlan
-from pips2.utils import train_step as train
 from pips2.utils.golden import load_golden_weights
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -41,7 +41,7 @@ WINDOW_SCRIPT = """
 import sys, torch
 from pips2.nets.pips2 import Pips
 from pips2.utils.golden import load_golden_weights
-from pips2.utils.tracking import ArrayFrames, track_windows
+from pips2.tracking import ArrayFrames, track_windows
 import numpy as np
 S, N, H, W = {S}, {N}, {H}, {W}
 video = (np.random.default_rng(0).random((S, H, W, 3)) * 255).astype(np.uint8)

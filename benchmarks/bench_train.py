@@ -32,11 +32,11 @@ import fire
 import torch
 from common import machine_description, reset_peak_rss, scratch_export, status_bytes, synthetic_batch
 
+from pips2 import train_step as train
 from pips2.nets.pips2 import Pips
 from pips2.nets.plan import ExecPlan
-from pips2.utils import train_step as train
+from pips2.trainer import Config, Ranks, TrainData
 from pips2.utils.golden import load_golden_weights
-from pips2.utils.trainer import Config, Ranks, TrainData
 
 ROOT = Path(__file__).resolve().parents[1]
 

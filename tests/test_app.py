@@ -1,4 +1,4 @@
-"""app.py / pips2.utils.webapp: the JSON API without a browser, then the page itself in headless Chromium."""
+"""app.py / pips2.webapp: the JSON API without a browser, then the page itself in headless Chromium."""
 
 import base64
 import csv
@@ -18,11 +18,12 @@ import pytest
 import torch
 from helpers import golden_model, run_main
 
+from pips2 import webapp
 from pips2.cli import app
+from pips2.hub import save_authors_format
 from pips2.nets.lbm import LBM
-from pips2.utils import checkpoint, webapp
-from pips2.utils.hub import save_authors_format
-from pips2.utils.tracking import as_frame_source, track
+from pips2.tracking import as_frame_source, track
+from pips2.utils import checkpoint
 from pips2.utils.video import read_video, write_mp4
 
 try:  # optional: the browser test skips without it (or fails, under PIPS2_REQUIRE_BROWSER=1)

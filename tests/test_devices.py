@@ -14,11 +14,11 @@ import torch
 from helpers import golden_model
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from pips2 import tracking
 from pips2.cli import train
 from pips2.datasets.training import Sample
 from pips2.nets.pips2 import CorrPyramid
 from pips2.nets.plan import ExecPlan
-from pips2.utils import tracking
 
 
 def _clip(S=4, N=6, H=128, W=160, seed=0):

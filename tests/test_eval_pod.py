@@ -1,4 +1,4 @@
-"""test_on_pod.py and utils/evaluation.py: the authors' point choice and scores against an independent
+"""test_on_pod.py and pips2/evaluation.py: the authors' point choice and scores against an independent
 computation, checkpoint forms, and a run that keeps going past bad sequences without losing its scores."""
 
 import json
@@ -13,10 +13,11 @@ import pytest
 import torch
 from helpers import golden_model, run_main
 
+from pips2 import evaluation, tracking
 from pips2.cli import eval_pod as test_on_pod
 from pips2.datasets.synthetic import SceneConfig, generate_dataset
 from pips2.nets.pips2 import Pips
-from pips2.utils import checkpoint, evaluation, tracking
+from pips2.utils import checkpoint
 from pips2.utils.video import VideoError
 
 ROOT = Path(__file__).resolve().parents[1]

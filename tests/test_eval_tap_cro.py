@@ -13,9 +13,10 @@ import torch
 from helpers import golden_model, run_main
 from test_lbm_track import small_lbm
 
+from pips2 import evaluation
 from pips2.cli import eval_tap as test_on_tap
 from pips2.datasets import crohd, tapvid
-from pips2.utils import checkpoint, evaluation, metrics
+from pips2.utils import checkpoint, metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -127,7 +128,7 @@ def test_test_on_tap_lbm_runs(tmp_path, lbm, capsys):
         for k in ("average_jaccard", "delta_avg", "occlusion_accuracy"):
             assert 0 <= js["tapvid"][m][k] <= 100, (m, k)
     # each video is resized to 256x256 first, as the authors evaluate: the figures are those of the resized video
-    from pips2.utils.tracking import load_tracker
+    from pips2.tracking import load_tracker
 
     net = load_tracker("lbm", str(tmp_path / "lbm.pt"), "cpu", "none", 20)
     _, video, points, occ = next(iter(tapvid.load_tapvid(tmp_path / "tapvid_davis.pkl")))

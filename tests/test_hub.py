@@ -1,4 +1,4 @@
-"""utils/hub.py: load_model for local checkpoints in both authors' formats, and known names fetched once into
+"""pips2/hub.py: load_model for local checkpoints in both authors' formats, and known names fetched once into
 the cache from a server on 127.0.0.1 or a file:// URL, refusing bad downloads without touching a good copy."""
 
 import functools
@@ -13,9 +13,10 @@ import torch
 from helpers import tar_bytes, torch_bytes
 
 import pips2
+from pips2 import hub
 from pips2.nets.lbm import LBM
 from pips2.nets.pips2 import Pips
-from pips2.utils import checkpoint, hub
+from pips2.utils import checkpoint
 
 SMALL_LBM = dict(input_size=(64, 64), embed_dim=32, num_layers=2)
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
+from pips2 import tracking
 from pips2.nets.lbm import LBM
-from pips2.utils import tracking
 
 SMALL = dict(input_size=(64, 96), embed_dim=32, num_layers=2, num_neighbors=4, top_k_regions=4, memory_size=4)
 

@@ -1,4 +1,4 @@
-"""utils/tracking.py: the window schedule, windowed tracking, any-frame queries, backward tracking, one
+"""pips2/tracking.py: the window schedule, windowed tracking, any-frame queries, backward tracking, one
 encoding per frame, streaming, one-frame windows, bad queries and bounded memory."""
 
 import os
@@ -12,7 +12,7 @@ import pytest
 import torch
 from helpers import golden_model
 
-from pips2.utils import tracking
+from pips2 import tracking
 from pips2.utils.video import write_mp4
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -340,7 +340,7 @@ def test_long_video_memory_is_bounded(tmp_path):
 import re
 import numpy as np
 from helpers import golden_model
-from pips2.utils import tracking
+from pips2 import tracking
 from pips2.utils.video import write_mp4
 
 def mib(key):

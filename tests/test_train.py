@@ -301,7 +301,7 @@ def run_ddp_identical(script: Path, body: str, port: int, threads: int | None = 
     """Run `body` (which defines cfg) + DDP_IDENTICAL as `script` on two torchrun ranks; assert that it exits 0
     and that the ranks end with identical weights."""
     script.write_text("import torch, torch.distributed as dist\nfrom pips2.cli import train\n"
-                      "from pips2.utils import trainer\n" + body + DDP_IDENTICAL)
+                      "from pips2 import trainer\n" + body + DDP_IDENTICAL)
     env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
     res = subprocess.run([str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node=2",
                           f"--master_port={port}", str(script)], cwd=ROOT, env=env, capture_output=True, text=True,
@@ -378,7 +378,7 @@ def test_init_dir_with_ignored_prefixes(exported, tmp_path):
 
 
 def test_memory_flags_pick_the_plan():
-    from pips2.utils.trainer import Config, build_model
+    from pips2.trainer import Config, build_model
 
     base = dict(stage=1, B=1, S=6, N=8, crop_size=(128, 192), iters=2, lr=1e-4, max_steps=1)
     plan = lambda **kw: build_model(Config(**{**base, **kw}), torch.device("cpu")).plan  # noqa: E731
@@ -400,7 +400,7 @@ def test_memory_flags_pick_the_plan():
 def test_resume_warnings_name_what_changed():
     from dataclasses import asdict
 
-    from pips2.utils.trainer import resume_warnings
+    from pips2.trainer import resume_warnings
 
     cfg = train.make_config(1, {"B": 2, "max_steps": 100})
     saved = json.dumps(asdict(cfg))

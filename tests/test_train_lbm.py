@@ -11,11 +11,11 @@ import torch
 from test_train import _kubric, run_ddp_identical
 from test_train_robust import _corrupt_copy
 
+from pips2 import trainer
 from pips2.cli import train
 from pips2.nets.lbm import LBM, load_lbm
+from pips2.train_step import warmup_cosine
 from pips2.utils import checkpoint as ck
-from pips2.utils import trainer
-from pips2.utils.train_step import warmup_cosine
 
 # input_size 64x96 (whole stride-32 cells), a narrow transformer, a short memory: ~0.3 s a step on one thread
 TINY = dict(model="lbm", B=1, S=4, N=8, crop_size="64,96", embed_dim=32, memory_size=4, workers=0, device="cpu",
@@ -221,8 +221,8 @@ def test_tapvid_davis_validation_while_training(tmp_path):
     # the figures are test_on_tap.py's query-first ones (at 256x256) of the first video only (--eval_videos=1)
     figs = trainer.Validator(cfg, None, None).tapvid(net)
     assert net.training
+    from pips2 import evaluation
     from pips2.datasets.tapvid import load_tapvid
-    from pips2.utils import evaluation
 
     _, video, points, occluded = next(iter(load_tapvid(tmp_path / "davis.pkl")))
     net.eval()
@@ -299,7 +299,7 @@ def test_ddp_a_non_finite_loss_on_one_rank_skips_the_step_on_both(tmp_path):
     cfg = {**TINY, "dataset": "kubric", "movi_f_root": str(tmp_path / "kubric"), "max_steps": 3, "save_freq": 3,
            "log_dir": str(tmp_path / "logs"), "ckpt_dir": str(tmp_path / "ck"), "use_augs": False, "quiet": False}
     res = run_ddp_identical(tmp_path / "ddp_nan.py", f"""
-from pips2.utils import trainer
+from pips2 import trainer
 real, calls = trainer.lbm_forward_loss, []
 def poisoned(*a, **k):
     loss, out, seen = real(*a, **k)

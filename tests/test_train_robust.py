@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
+from pips2 import trainer
 from pips2.cli import train
 from pips2.datasets.export import list_clips
 from pips2.utils import checkpoint as ck
-from pips2.utils import trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(B=1, S=6, N=8, crop_size="128,192", iters=2, workers=0, log_freq=1, device="cpu")

@@ -16,9 +16,6 @@ import torch
 import torch.nn as nn
 from prettytable import PrettyTable
 
-from pips2.nets.pips2 import Pips
-from pips2.nets.plan import ExecPlan
-from pips2.utils.amp import amp_dtype
 from pips2.utils.paths import make_dirs, remove_empty_dirs
 from pips2.utils.procs import pid_alive
 
@@ -357,23 +354,6 @@ def parameter_table(model: nn.Module) -> str:
         if p.requires_grad:
             table.add_row([name, p.numel()])
     return f"{table}\ntotal params: {count_parameters(model) / 1e6:.2f} M"
-
-
-def load_pips(init_dir: str | os.PathLike, device: str | torch.device = "cpu", step: int | None = None,
-              amp: str | None = None, **kwargs):
-    """A Pips in eval mode with weights from a checkpoint folder or file; a missing one names the fix.
-
-    Its plan is the inference plan for `device` and `amp` (the autocast the caller will run it under).
-    """
-
-    p = Path(init_dir)
-    if not p.exists() or (p.is_dir() and not list_checkpoints(p)):
-        raise CheckpointError(f"{init_dir}: no checkpoint here; fetch the authors' model with "
-                              f"./get_reference_model.sh (it creates ./reference_model) or pass --init_dir")
-    kwargs.setdefault("plan", ExecPlan.auto(device, amp_dtype(amp) or torch.float32))
-    model = Pips(**kwargs)
-    load(init_dir, model, step=step, map_location="cpu")
-    return model.to(device).eval()
 
 
 def resolve_device(device: str = "auto") -> torch.device:

@@ -12,9 +12,6 @@ from collections.abc import Callable
 from typing import NoReturn
 
 import fire
-import torch
-
-from pips2.utils.checkpoint import CheckpointError, load_pips, resolve_device
 
 
 def die(msg) -> NoReturn:
@@ -38,14 +35,6 @@ def aliased(name: str, value, alias: str, alias_value):
     if value is not None and alias_value is not None and value != alias_value:
         raise ValueError(f"--{name}={value} and its alias --{alias}={alias_value} disagree; give one of them")
     return alias_value if value is None else value
-
-
-def load_pips_or_exit(init_dir: str, device: str | torch.device = "auto", **kwargs):
-    """load_pips, or exit with its one-line error (which names get_reference_model.sh when nothing is there)."""
-    try:
-        return load_pips(init_dir, resolve_device(device) if isinstance(device, str) else device, **kwargs)
-    except CheckpointError as e:
-        die(e)
 
 
 def _flag_names(argv: list[str]) -> list[str]:

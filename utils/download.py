@@ -1,4 +1,4 @@
-"""Downloading released checkpoints: the one home of fetching code, for utils/hub.py and get_reference_model.sh.
+"""Downloading released checkpoints: the one home of fetching code, for pips2/hub.py and get_reference_model.sh.
 
 Standard library only, so that get_reference_model.sh can fetch and check an archive with any Python and
 report a missing torch only when it comes to verifying the checkpoint.

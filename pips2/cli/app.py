@@ -4,7 +4,7 @@
     python app.py --init_dir=./reference_model --port=8000
     python app.py --model=lbm --init_dir=lbm.pt     # LBM preselected (the page can switch models)
 
-The server is the standard library's (pips2.utils.webapp); it listens on 127.0.0.1 unless --host says otherwise.
+The server is the standard library's (pips2.webapp); it listens on 127.0.0.1 unless --host says otherwise.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 import sys
 
 from pips2.utils.cli import run_fire
-from pips2.utils.webapp import App, serve
+from pips2.webapp import App, serve
 
 
 def main(port: int = 7860, host: str = "127.0.0.1", init_dir: str | None = None, model: str = "pips2",

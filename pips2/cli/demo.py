@@ -20,10 +20,10 @@ import cv2
 import numpy as np
 
 from pips2.datasets.synthetic import write_synthetic_video
+from pips2.tracking import check_queries, grid_queries, load_tracker, track
 from pips2.utils.checkpoint import CheckpointError
 from pips2.utils.cli import parse_hw, run_fire
 from pips2.utils.paths import make_dirs, remove_empty_dirs
-from pips2.utils.tracking import check_queries, grid_queries, load_tracker, track
 from pips2.utils.video import VideoError, video_info
 from pips2.utils.vis import write_outputs
 

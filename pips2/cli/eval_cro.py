@@ -9,11 +9,13 @@ import time
 
 from tqdm import tqdm
 
+from pips2 import evaluation
+from pips2.cli import load_pips_or_exit
 from pips2.datasets.crohd import list_clips
-from pips2.utils import evaluation, metrics
-from pips2.utils.cli import aliased, die, load_pips_or_exit, parse_hw, run_fire
+from pips2.tracking import FileFrames
+from pips2.utils import metrics
+from pips2.utils.cli import aliased, die, parse_hw, run_fire
 from pips2.utils.paths import write_json
-from pips2.utils.tracking import FileFrames
 
 
 def main(dataset_location: str = "../datasets/crohd", dset: str = "train", clip_len: int = 1000, S: int = 128,

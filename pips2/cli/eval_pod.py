@@ -19,12 +19,14 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
+from pips2 import evaluation
+from pips2.cli import load_pips_or_exit
 from pips2.datasets import pointodyssey as pod
-from pips2.utils import evaluation, metrics, plots
+from pips2.tracking import FileFrames
+from pips2.utils import metrics, plots
 from pips2.utils.checkpoint import resolve_device
-from pips2.utils.cli import aliased, die, load_pips_or_exit, parse_hw, run_fire
+from pips2.utils.cli import aliased, die, parse_hw, run_fire
 from pips2.utils.paths import write_json
-from pips2.utils.tracking import FileFrames
 from pips2.utils.video import VideoError, image_truncation
 
 

@@ -23,12 +23,13 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from pips2 import evaluation
 from pips2.datasets.tapvid import TapVidError, load_tapvid
-from pips2.utils import evaluation, metrics, plots
+from pips2.tracking import is_lbm, load_tracker
+from pips2.utils import metrics, plots
 from pips2.utils.checkpoint import CheckpointError
 from pips2.utils.cli import aliased, die, parse_hw, run_fire
 from pips2.utils.paths import write_json
-from pips2.utils.tracking import is_lbm, load_tracker
 
 
 def videos_or_exit(videos: Iterator) -> Iterator:

@@ -14,9 +14,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pips2.cli import load_pips_or_exit
+from pips2.hub import load_pips
 from pips2.nets.plan import ExecPlan
-from pips2.utils.checkpoint import load_pips
-from pips2.utils.cli import load_pips_or_exit, run_fire
+from pips2.utils.cli import run_fire
 
 
 class TrackerForExport(torch.nn.Module):

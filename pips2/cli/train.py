@@ -20,10 +20,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from pips2.datasets.clips import STAGE_CLIPS  # the clips each stage trains on, shared with the exporter
-from pips2.utils import checkpoint as ck
-from pips2.utils.amp import amp_dtype
-from pips2.utils.cli import aliased, parse_hw, run_fire
-from pips2.utils.train_step import (
+from pips2.train_step import (
     forward_loss,
     init_estimates,
     lbm_forward_loss,
@@ -31,7 +28,10 @@ from pips2.utils.train_step import (
     optimizer_update,
     sample_queries,
 )
-from pips2.utils.trainer import Config, fail, run_stage
+from pips2.trainer import Config, fail, run_stage
+from pips2.utils import checkpoint as ck
+from pips2.utils.amp import amp_dtype
+from pips2.utils.cli import aliased, parse_hw, run_fire
 
 # re-exported: tests and benchmarks call the step's semantics as train.<name>
 __all__ = ["Config", "forward_loss", "init_estimates", "lbm_forward_loss", "main", "make_config", "maybe_transpose",

@@ -12,8 +12,8 @@ import numpy as np
 import torch
 
 from pips2.datasets.tapvid import first_queries, strided_queries
+from pips2.tracking import ArrayFrames, FrameSource, track, track_windows
 from pips2.utils import metrics, plots
-from pips2.utils.tracking import ArrayFrames, FrameSource, track, track_windows
 
 # LBM's evaluation memory per data set (the authors' choice, SPEC section 1), found by name in the file's name
 LBM_MEMORY_SIZES = (("davis", 20), ("kinetics", 36), ("robotap", 60))

@@ -41,9 +41,8 @@ import cv2
 import numpy as np
 
 from pips2.datasets.synthetic import write_synthetic_video
-from pips2.utils.checkpoint import CheckpointError
-from pips2.utils.hub import KNOWN, cache_dir, load_model
-from pips2.utils.tracking import (
+from pips2.hub import KNOWN, cache_dir, load_model
+from pips2.tracking import (
     FrameSource,
     VideoFileFrames,
     check_queries,
@@ -53,6 +52,7 @@ from pips2.utils.tracking import (
     track,
     window_starts,
 )
+from pips2.utils.checkpoint import CheckpointError
 from pips2.utils.video import VideoError, video_info
 from pips2.utils.vis import write_outputs
 

@@ -1,7 +1,7 @@
 """The training run in parts: processes, train state (save/resume), data, step, logger, validator, the loop.
 
 `run_stage(cfg)` trains one stage of PIPs++ (--model=pips2) or LBM (--model=lbm, one stage). What a step computes
-is in utils/train_step.py; the flags and the stage defaults are train.py's.
+is in pips2/train_step.py; the flags and the stage defaults are train.py's.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import torch.distributed as dist
 from tensorboardX import SummaryWriter
 from torch.utils.data import DataLoader
 
+from pips2 import evaluation
 from pips2.datasets.exportdataset import CorruptClipWarning, ExportDataset
 from pips2.datasets.kubric import KubricDataset
 from pips2.datasets.tapvid import load_tapvid
@@ -33,12 +34,7 @@ from pips2.datasets.training import OrdinalDataset, OrdinalSampler, Sample
 from pips2.nets.lbm import LBM, read_state_dict
 from pips2.nets.pips2 import Pips
 from pips2.nets.plan import ExecPlan
-from pips2.utils import checkpoint as ck
-from pips2.utils import evaluation, metrics, plots
-from pips2.utils.amp import amp_dtype, autocast
-from pips2.utils.cli import die
-from pips2.utils.procs import is_space_error
-from pips2.utils.train_step import (
+from pips2.train_step import (
     batch_figures,
     forward_loss,
     lbm_figures,
@@ -47,6 +43,11 @@ from pips2.utils.train_step import (
     step_generator,
     warmup_cosine,
 )
+from pips2.utils import checkpoint as ck
+from pips2.utils import metrics, plots
+from pips2.utils.amp import amp_dtype, autocast
+from pips2.utils.cli import die
+from pips2.utils.procs import is_space_error
 from pips2.utils.vis import summary_image
 
 

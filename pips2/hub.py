@@ -22,12 +22,15 @@ import torch.nn as nn
 
 from pips2.nets.lbm import LBM, load_lbm, read_state_dict
 from pips2.nets.pips2 import Pips
+from pips2.nets.plan import ExecPlan
+from pips2.utils.amp import amp_dtype
 from pips2.utils.checkpoint import (
     CKPT_RE,
     CheckpointError,
     find_checkpoint,
+    list_checkpoints,
+    load,
     load_model_state,
-    load_pips,
     read_checkpoint,
 )
 from pips2.utils.download import DownloadError, download, fetch_reference
@@ -129,6 +132,23 @@ def fetch(name: str, refresh: bool = False, **config) -> Path:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return dest
+
+
+def load_pips(init_dir: str | os.PathLike, device: str | torch.device = "cpu", step: int | None = None,
+              amp: str | None = None, **kwargs):
+    """A Pips in eval mode with weights from a checkpoint folder or file; a missing one names the fix.
+
+    Its plan is the inference plan for `device` and `amp` (the autocast the caller will run it under).
+    """
+
+    p = Path(init_dir)
+    if not p.exists() or (p.is_dir() and not list_checkpoints(p)):
+        raise CheckpointError(f"{init_dir}: no checkpoint here; fetch the authors' model with "
+                              f"./get_reference_model.sh (it creates ./reference_model) or pass --init_dir")
+    kwargs.setdefault("plan", ExecPlan.auto(device, amp_dtype(amp) or torch.float32))
+    model = Pips(**kwargs)
+    load(init_dir, model, step=step, map_location="cpu")
+    return model.to(device).eval()
 
 
 def model_kind(path: Path) -> str:

@@ -28,10 +28,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from pips2.hub import load_pips
 from pips2.nets.lbm import LBM, LBMOnline, lbm_config_from_state, load_lbm  # noqa: F401 (a public name here too)
 from pips2.nets.pips2 import MIN_SIZE
 from pips2.utils.amp import autocast
-from pips2.utils.checkpoint import CheckpointError, find_checkpoint, list_checkpoints, load_pips, resolve_device
+from pips2.utils.checkpoint import CheckpointError, find_checkpoint, list_checkpoints, resolve_device
 from pips2.utils.video import VideoError, iter_frames, read_rgb
 
 # ---------------------------------------------------------------------------------------------------------
