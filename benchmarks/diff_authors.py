@@ -6,8 +6,9 @@ from `--seed`: windows of golden videos of several sizes (multiples of 8, odd mu
 them), 2..16 frames, 1..64 points on, next to and beyond every border and at exact halves of a cell, points
 leaving the frame during the clip, 1..8 iterations; a case makes the first one, two or three of these calls:
 a forward, a chained call on the clip backwards with feat_init, a feat_init call
-(`utils.golden.track_three_ways`). Each case runs twice, the second time with the initial estimates moved by
-a relative 2^-50: how far that moves the outputs is the case's spread (docs/CORRECTNESS.md). Inputs are made
+(`utils.golden.track_three_ways`). Each case runs again with the initial estimates moved by a relative 2^-50
+and, when its clip has 2 to 4 frames or that moved it by more than 1e-11 px, twice more with the weights moved
+by a relative 2^-52: the largest change of each output is its spread (docs/CORRECTNESS.md). Inputs are made
 again from the stored settings, so `--out` holds only the settings, a fingerprint of the inputs, the spreads
 and the authors' final outputs (tests/data/diff_pips_f64.npz; tests/test_diff_authors.py checks every plan
 against it). `--compare=default,reference,...` also runs our model on those plans and reports every case beyond
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import importlib
 import importlib.machinery
 import importlib.util
@@ -250,6 +252,23 @@ def nudged(trajs0: torch.Tensor, seed: int) -> torch.Tensor:
     return out
 
 
+CHAOS_CHECK = 1e-11  # px: an input-nudge spread above this (or a clip of 2 to 4 frames) gets the weight nudges too
+WEIGHT_NUDGES = (1, 2)  # seeds of the two weight-nudged copies of the authors' model
+
+
+def weight_nudged(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """A copy of `model` with every weight moved by a relative 2^-52 (one float64 rounding), in directions drawn
+    from `seed`: every product of the computation rounds a little differently, as under another evaluation
+    order (an input nudge alone perturbs the later calls of a case only through their inputs)."""
+    out = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in out.parameters():
+            sign = (torch.randint(0, 2, p.shape, generator=g) * 2 - 1).to(p.dtype)
+            p.mul_(1 + sign * 2.0**-52)
+    return out
+
+
 def bound(spread: np.ndarray, tol: float) -> np.ndarray:
     """The allowed |ours - theirs| for outputs whose spread is `spread`."""
     return np.maximum(tol, SPREADS * spread)
@@ -327,6 +346,7 @@ def pips(authors_repo: str, out: str | None = None, cases: int = 200, seed: int 
     if done:
         print(f"diff_authors: {out}: {len(done)} of {len(todo)} cases done earlier, going on", flush=True)
     theirs = authors_pips_model(authors_repo)
+    theirs_nudged = [weight_nudged(theirs, k) for k in WEIGHT_NUDGES]
     ours = {name: our_model(PLANS[name]) for name in plans}
     videos, stop, bad = Videos(), Stop(), []
     worst, worst_ratio = dict.fromkeys(plans, 0.0), dict.fromkeys(plans, 0.0)
@@ -338,7 +358,12 @@ def pips(authors_repo: str, out: str | None = None, cases: int = 200, seed: int 
             with torch.no_grad(), cuda_is_cpu():
                 res = track_three_ways(theirs, trajs0, rgbs, case.iters, calls=case.calls)
                 moved = track_three_ways(theirs, nudged(trajs0, case.seed), rgbs, case.iters, calls=case.calls)
-            spread = np.array([(res[k] - moved[k]).abs().max().item() if k in res else 0.0 for k in PIPS_OUTPUTS])
+                spread = np.array([(res[k] - moved[k]).abs().max().item() if k in res else 0.0 for k in PIPS_OUTPUTS])
+                if case.S <= 4 or spread.max() > CHAOS_CHECK:  # chaotic: a spread from one nudge can be far too low
+                    for other in theirs_nudged:
+                        alt = track_three_ways(other, trajs0, rgbs, case.iters, calls=case.calls)
+                        spread = np.maximum(spread, [(res[k] - alt[k]).abs().max().item() if k in res else 0.0
+                                                     for k in PIPS_OUTPUTS])
             done.append({k: res[k].numpy().reshape(-1) if k in res else np.zeros(0) for k in PIPS_OUTPUTS}
                         | {"fingerprint": fingerprint(rgbs, trajs0), "spread": spread})
             for name in plans:
