@@ -14,11 +14,13 @@ and the authors' final outputs (tests/data/diff_pips_f64.npz; tests/test_diff_au
 against it). `--compare=default,reference,...` also runs our model on those plans and reports every case beyond
 max(`--tol` px, 10 x its spread), with the first iteration that differs (exit 1 if any): run it with a fresh
 `--seed` to look for new differences. `lbm` does the same for the authors' online LBM tracker
-(George-Zhuang/lbm), see its docstring.
+(George-Zhuang/lbm), see its docstring. `stats` prints the numbers docs/CORRECTNESS.md quotes from the stored
+files (no authors' code needed).
 
     python benchmarks/diff_authors.py pips --authors_repo=/tmp/pips2 --out=tests/data/diff_pips_f64.npz
     python benchmarks/diff_authors.py pips --authors_repo=/tmp/pips2 --seed=7 --cases=40 --compare=all
     python benchmarks/diff_authors.py lbm --authors_repo=/tmp/lbm --out=tests/data/lbm/diff_lbm_f64.npz
+    python benchmarks/diff_authors.py stats --plans=all
 
 A stopped run (Ctrl-C, SIGTERM) writes the cases it finished; run the same command again to go on from there.
 """
@@ -615,5 +617,49 @@ def lbm_inference_from(model: LBM, video: torch.Tensor, points: torch.Tensor, st
             "rho": torch.sigmoid(r["rho"][0, start:])}
 
 
+# ----------------------------------------------------------------------------------------------------------
+# The numbers docs/CORRECTNESS.md quotes
+
+
+def stats(pips_file: str = "tests/data/diff_pips_f64.npz", lbm_file: str = "tests/data/lbm/diff_lbm_f64.npz",
+          plans: str = "", tol: float = 1e-9, threads: int = 1) -> None:
+    """The stored files' spreads: how many cases are held to --tol itself (spread at most tol / SPREADS), their
+    largest and median spread, the frame counts of the others; with --plans=a,b (or all), how far our model on
+    those plans lands from the authors on those other cases, in multiples of their spread."""
+    torch.set_num_threads(threads)
+    names = compare_plans(plans)
+    for path in (pips_file, lbm_file):
+        if not Path(path).is_file():
+            die(f"diff_authors: {path}: no such file")
+    with np.load(pips_file, allow_pickle=False) as data:
+        cases = stored_cases(data, TrackCase)
+        spread = data["spread"].max(1)
+        theirs = {k: [data[k][sl] for sl in case_slices(cases, k)] for k in PIPS_OUTPUTS}
+        per_output = data["spread"]
+    well = spread <= tol / SPREADS
+    ill = [i for i in range(len(cases)) if not well[i]]
+    print(f"pips: {pips_file}: {len(cases)} cases; {int(well.sum())} held to {tol:g} px (spread at most "
+          f"{spread[well].max():.1e} px, median {np.median(spread[well]):.1e} px); {len(ill)} others, with S = "
+          f"{sorted(cases[i].S for i in ill)}; clips of 2 to 4 frames: {sum(c.S <= 4 for c in cases)}")
+    with np.load(lbm_file, allow_pickle=False) as data:
+        lbm_spread = data["spread"]
+    print(f"lbm: {lbm_file}: {len(lbm_spread)} cases; spread at most {lbm_spread[:, 0].max():.1e} px (points), "
+          f"{lbm_spread[:, 1].max():.1e} (rho); visibility flags flipped by the nudge: {int(lbm_spread[:, 2].sum())}")
+    videos = Videos()
+    for name in names:
+        model, worst, worst_case = our_model(PLANS[name]), 0.0, None
+        for i in tqdm(ill, desc=name, unit="case", mininterval=5):
+            c = cases[i]
+            with torch.no_grad():
+                got = track_three_ways(model, c.tracks(), c.clip(videos(c)), c.iters, calls=c.calls)
+            err = np.array([np.abs(got[k].numpy().reshape(-1) - theirs[k][i]).max() if k in got else 0.0
+                            for k in PIPS_OUTPUTS])
+            ratio = (err / np.maximum(per_output[i], tol / SPREADS)).max()
+            if ratio > worst:
+                worst, worst_case = ratio, i
+        print(f"  {name}: on those {len(ill)} cases |ours - theirs| is at most {worst:.2f} x the spread"
+              + (f" (case {worst_case}, S={cases[worst_case].S})" if worst_case is not None else ""))
+
+
 if __name__ == "__main__":
-    fire.Fire({"pips": pips, "lbm": lbm})
+    fire.Fire({"pips": pips, "lbm": lbm, "stats": stats})

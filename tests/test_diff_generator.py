@@ -44,6 +44,21 @@ def test_generator_refuses_bad_flags_and_files_in_one_line(tmp_path):
     assert other.read_bytes() == (DATA / "diff_pips_f64.npz").read_bytes()
 
 
+def test_stats_prints_the_numbers_the_docs_quote(tmp_path):
+    """`stats` reads the stored files (no authors' code): how many PIPs++ cases are held to 1e-9 px itself, and
+    the frame counts of the others (docs/CORRECTNESS.md quotes them); a missing file is one line, exit 2."""
+    res = run_generator("stats")
+    assert res.returncode == 0, res.stderr[-2000:]
+    with np.load(DATA / "diff_pips_f64.npz", allow_pickle=False) as data:
+        cases, spread = stored_cases(data, TrackCase), data["spread"].max(1)
+    well = int((spread <= 1e-10).sum())
+    assert f"{len(cases)} cases; {well} held to 1e-09 px" in res.stdout
+    ill = sorted(c.S for c, x in zip(cases, spread, strict=True) if x > 1e-10)
+    assert f"{len(cases) - well} others, with S = {ill}" in res.stdout
+    res = run_generator("stats", f"--pips_file={tmp_path / 'none.npz'}")
+    assert res.returncode == 2 and "none.npz: no such file" in res.stderr and "Traceback" not in res.stderr
+
+
 @pytest.fixture(scope="module")
 def authors_pips(tmp_path_factory):
     """A checkout of the authors' PIPs++, or a skip that says why there is none."""
