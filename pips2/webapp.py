@@ -86,6 +86,8 @@ POINT_BATCH = 256  # track()'s default
 MAX_UPLOAD_BYTES = 200 * 2**20  # a video file's size
 MAX_JSON_BYTES = 2 * 2**20  # a JSON request; the painted mask (a PNG data URL) is its largest part
 MAX_DECODED_MB = 256  # frames x H x W x 3 of a video at the size it is tracked at (app.py --max_decoded_mb)
+# a frame's pixels: the encoder's memory grows with the pixels of the frames it encodes at once (Full HD here)
+MAX_FRAME_PIXELS = 1920 * 1080
 MAX_PREVIEW_BYTES = 64 * 2**20  # the page's frames of one video: shrunk below PREVIEW_SIDE until they fit
 PREVIEW_SIDE = 640  # the page's frames: enough to click on, small enough to send at every slider step
 MAX_GRID = 64  # grid size: at most 64 x 64 grid points
@@ -436,6 +438,9 @@ class App:
             frames, H, W, fps = video_header(path)
             if frames < 1:
                 raise VideoError(f"{path}: no video frames")
+            if H * W > MAX_FRAME_PIXELS:
+                raise WebError(f"{name}: frames of {W}x{H} are over the bound of {MAX_FRAME_PIXELS:,} pixels "
+                               f"(1920x1080); shrink the video (e.g. ffmpeg -i in.mp4 -vf scale=1280:-2 out.mp4)", 413)
             self.check_size(name, frames, default_model_hw((H, W)), " (at the size PIPs++ tracks it)")
             hw = preview_hw((H, W), frames)
             with self.open_lock:
@@ -494,7 +499,7 @@ class App:
     def add_upload(self, name: str, body, length: int, replaces: str | None = None) -> dict:
         """Store an uploaded video of `length` bytes read from `body` and open it; the file is deleted if it is
         not a video within the bounds."""
-        name = Path(name or "upload").name[:100] or "upload"
+        name = re.sub(r"[\x00-\x1f\x7f]", "?", Path(name or "upload").name[:100]) or "upload"  # one line
         if length > MAX_UPLOAD_BYTES:
             raise WebError(f"{name}: {length / 2**20:.0f} MB is over the upload limit of "
                            f"{MAX_UPLOAD_BYTES // 2**20} MB", 413)

@@ -246,6 +246,12 @@ def test_a_video_whose_frames_are_over_the_bound_is_refused_before_decoding(serv
     status, info = upload(server.url, grey)
     assert status == 413 and "300 frames of 640x640" in info["error"] and "over the bound of 256 MB" in info["error"]
     assert not [p for p in server.app.work.rglob("*") if p.is_file()]  # neither the upload nor any frames
+    # one frame too large for the encoder's memory, whatever the frame count
+    big = tmp_path / "big.mp4"
+    write_mp4(big, [np.zeros((1200, 2000, 3), np.uint8)])
+    status, info = upload(server.url, big, "a%0Ab.mp4")  # a newline in the name
+    assert status == 413 and info["error"].startswith("a?b.mp4: frames of 2000x1200 are over the bound"), info
+    assert not [p for p in server.app.work.rglob("*") if p.is_file()]
 
 
 def test_decoding_stops_at_its_bound(video, tmp_path):
