@@ -193,29 +193,30 @@ class Job:
 
 
 class DecodedFrames(FrameSource):
-    """A video decoded once at size `hw` into a raw file in `folder`, read back memory-mapped. Decoding stops
-    with a VideoError past `limit` frames, so what one video writes is bounded whatever its header declared;
-    `check()` runs before each frame (it raises to stop)."""
+    """A video decoded once, at the size `size(frame_hw)` gives for its decoded frames' size, into a raw file in
+    `folder`, read back memory-mapped. Decoding stops with a VideoError past `max_bytes` of frames, so what one
+    video writes is bounded whatever its header declared; `check()` runs before each frame (it raises to stop)."""
 
-    def __init__(self, path: Path, hw: tuple[int, int], folder: Path, limit: int, what: str,
-                 check: Callable[[], None] | None = None):
-        super().__init__(0, hw, hw)
-        h, w = hw
+    def __init__(self, path: Path, size: Callable[[tuple[int, int]], tuple[int, int]], folder: Path,
+                 max_bytes: int, what: str, check: Callable[[], None] | None = None):
+        super().__init__(0, (0, 0), (0, 0))
         folder.mkdir(parents=True, exist_ok=True)
         self.file = folder / f"{uuid.uuid4().hex[:12]}.frames"
         self.store = None
         frames = iter_frames(path)
-        n = 0
+        n = limit = 0
         try:
             with open(self.file, "wb") as f:
                 for frame in frames:
                     if check is not None:
                         check()
+                    if n == 0:  # the decoded size, which a rotation in the header may swap
+                        self.src_hw = frame.shape[:2]
+                        self.model_hw = h, w = tuple(size(self.src_hw))
+                        limit = max_bytes // (h * w * 3)
                     if n == limit:
                         raise VideoError(f"{what}: decodes to more than {limit} frames of {w}x{h} (its header "
-                                         f"declared fewer; the bound is {limit * h * w * 3 / 2**20:.0f} MB)")
-                    if n == 0:
-                        self.src_hw = frame.shape[:2]
+                                         f"declared fewer; the bound is {max_bytes / 2**20:.0f} MB)")
                     f.write(self._resize(frame[None])[0].tobytes())
                     n += 1
         except BaseException:
@@ -227,7 +228,7 @@ class DecodedFrames(FrameSource):
             self.file.unlink(missing_ok=True)
             raise VideoError(f"{what}: no decodable frames")
         self.num_frames = n
-        self.store = np.memmap(self.file, np.uint8, "r", shape=(n, h, w, 3))
+        self.store = np.memmap(self.file, np.uint8, "r", shape=(n, *self.model_hw, 3))
 
     def _read(self, start: int, end: int) -> np.ndarray:
         return np.array(self.store[start:end])  # a writable copy: torch refuses to wrap a read-only map
@@ -417,15 +418,14 @@ class App:
                 "max_upload_mb": MAX_UPLOAD_BYTES // 2**20, "max_decoded_mb": self.max_decoded // 2**20,
                 "max_grid": MAX_GRID, "max_clicks": MAX_CLICKS}
 
-    def check_size(self, name: str, frames: int, hw: tuple[int, int], what: str = "") -> int:
-        """The most frames of hw within the decoded-bytes bound; WebError (413) if `frames` are more."""
+    def check_size(self, name: str, frames: int, hw: tuple[int, int], what: str = "") -> None:
+        """WebError (413) if `frames` of hw are over the decoded-bytes bound."""
         limit = self.max_decoded // (hw[0] * hw[1] * 3)
         if frames > limit:
             raise WebError(f"{name}: {frames} frames of {hw[1]}x{hw[0]}{what} decode to "
                            f"{frames * hw[0] * hw[1] * 3 / 2**20:.0f} MB, over the bound of "
                            f"{self.max_decoded // 2**20} MB ({limit} frames at this size); cut or shrink the video",
                            413)
-        return limit
 
     def _stopping(self) -> None:
         if self.closed.is_set():
@@ -442,11 +442,10 @@ class App:
                 raise WebError(f"{name}: frames of {W}x{H} are over the bound of {MAX_FRAME_PIXELS:,} pixels "
                                f"(1920x1080); shrink the video (e.g. ffmpeg -i in.mp4 -vf scale=1280:-2 out.mp4)", 413)
             self.check_size(name, frames, default_model_hw((H, W)), " (at the size PIPs++ tracks it)")
-            hw = preview_hw((H, W), frames)
             with self.open_lock:
                 self._stopping()
-                preview = DecodedFrames(path, hw, self.work / "previews", MAX_PREVIEW_BYTES // (hw[0] * hw[1] * 3),
-                                        name, self._stopping)
+                preview = DecodedFrames(path, lambda hw: preview_hw(hw, frames), self.work / "previews",
+                                        MAX_PREVIEW_BYTES, name, self._stopping)
         except VideoError as e:
             raise WebError(one_line(e).replace(str(path), name)) from None
         except WebError:
@@ -664,14 +663,15 @@ class App:
             lbm = is_lbm(net)
             # at the size track() would pick for a path: LBM's input size, else the video's rounded to 8
             hw = tuple(net.size) if lbm else default_model_hw(job.video.hw)
-            limit = self.check_size(job.video.name, job.video.frames, hw, f" (at {model}'s input size)")
+            self.check_size(job.video.name, job.video.frames, hw, f" (at {model}'s input size)")
             job.stage, job.total = "decoding the video (frames)", job.video.frames
 
             def decoded() -> None:
                 job.check()
                 job.done += 1
 
-            src = DecodedFrames(job.video.path, hw, self.work / "frames", limit, job.video.name, decoded)
+            src = DecodedFrames(job.video.path, lambda _: hw, self.work / "frames", self.max_decoded, job.video.name,
+                                decoded)
             total = tracking_steps(q[:, 0].astype(int), len(src), S, backward, lbm)
             job.stage, job.done, job.total = "tracking (frames read + windows run)", 0, total
 

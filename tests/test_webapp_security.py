@@ -257,9 +257,9 @@ def test_a_video_whose_frames_are_over_the_bound_is_refused_before_decoding(serv
 def test_decoding_stops_at_its_bound(video, tmp_path):
     """Whatever a header declared, decoding writes at most `limit` frames, and nothing once it fails."""
     with pytest.raises(webapp.VideoError, match="decodes to more than 3 frames of 48x32"):
-        webapp.DecodedFrames(video, (32, 48), tmp_path, 3, "noise.mp4")
+        webapp.DecodedFrames(video, lambda hw: (32, 48), tmp_path, 3 * 32 * 48 * 3 + 100, "noise.mp4")
     assert list(tmp_path.iterdir()) == []
-    frames = webapp.DecodedFrames(video, (32, 48), tmp_path, T, "noise.mp4")
+    frames = webapp.DecodedFrames(video, lambda hw: (hw[0] // 2, hw[1] // 2), tmp_path, T * 32 * 48 * 3, "noise.mp4")
     assert len(frames) == T and frames.src_hw == (H, W) and frames.get(2, 5).shape == (3, 32, 48, 3)
     assert frames.file.stat().st_size == T * 32 * 48 * 3
     frames.close()
