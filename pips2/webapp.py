@@ -153,11 +153,12 @@ class Video:
     frames: int
     hw: tuple[int, int]
     fps: float
+    warning: str = ""
 
     def as_json(self) -> dict:
         """What the page needs to show and click on it."""
         return {"video": self.id, "name": self.name, "frames": self.frames, "height": self.hw[0],
-                "width": self.hw[1], "fps": self.fps}
+                "width": self.hw[1], "fps": self.fps, "warning": self.warning}
 
 
 @dataclass
@@ -288,9 +289,10 @@ def preview_hw(hw: tuple[int, int], frames: int = 1) -> tuple[int, int]:
     return max(1, math.floor(hw[0] * s)), max(1, math.floor(hw[1] * s))
 
 
-def video_header(path: Path) -> tuple[int, int, int, float]:
-    """(frames, height, width, fps) from a video's header and packets, without decoding a frame: ffmpeg copies
-    the video stream's packets to nowhere and counts them. VideoError (naming `path`) if it is no video."""
+def video_header(path: Path) -> tuple[int, int, int, float, float]:
+    """(frames, height, width, fps, duration in s) from a video's header and packets, without decoding a frame:
+    ffmpeg copies the video stream's packets to nowhere and counts those it finds (a file cut short has fewer
+    than its duration says). VideoError (naming `path`) if it is no video."""
     try:
         reader = imageio_ffmpeg.read_frames(str(path), pix_fmt="rgb24")
         try:
@@ -308,9 +310,10 @@ def video_header(path: Path) -> tuple[int, int, int, float]:
         msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
         raise VideoError(f"{path}: cannot read video ({msg})") from None
     counts = re.findall(r"frame=\s*(\d+)", run.stderr)
-    if run.returncode != 0 or not counts:
+    if not counts:  # ffmpeg also fails at the end of a file cut short, after counting the packets it holds
         raise VideoError(f"{path}: cannot read video (no video stream ffmpeg can read)")
-    return int(counts[-1]), h, w, float(meta.get("fps") or 24.0)
+    duration = meta.get("duration")
+    return int(counts[-1]), h, w, float(meta.get("fps") or 24.0), float(duration) if duration else 0.0
 
 
 def image_size(raw: bytes) -> tuple[int, int] | None:
@@ -435,7 +438,7 @@ class App:
         """Check that path is a video within the bounds (from its header, before decoding), decode the page's
         frames, and keep it; errors name `name`."""
         try:
-            frames, H, W, fps = video_header(path)
+            frames, H, W, fps, duration = video_header(path)
             if frames < 1:
                 raise VideoError(f"{path}: no video frames")
             if H * W > MAX_FRAME_PIXELS:
@@ -453,6 +456,10 @@ class App:
         except Exception as e:  # a decoder failing mid-stream: still one line about this file
             raise WebError(f"{name}: cannot decode ({one_line(e)})") from None
         video = Video(uuid.uuid4().hex[:12], name, path, preview, len(preview), preview.src_hw, fps)
+        expected = round(duration * fps)
+        if video.frames < 0.95 * expected - 1:  # e.g. a file cut short: say so; the page shows what decodes
+            video.warning = (f"{name}: its header says {duration:g} s ({expected} frames at {fps:g} fps) but only "
+                             f"{video.frames} frames decode (a file cut short?)")
         if self.closed.is_set():
             raise WebError("the server is stopping", 503)
         with self.lock:

@@ -254,6 +254,22 @@ def test_a_video_whose_frames_are_over_the_bound_is_refused_before_decoding(serv
     assert not [p for p in server.app.work.rglob("*") if p.is_file()]
 
 
+def test_a_video_cut_short_says_so(server, tmp_path):
+    """A faststart mp4 cut in half opens with the frames that decode, and a warning naming both counts."""
+    whole = tmp_path / "whole.mp4"
+    ffmpeg = webapp.imageio_ffmpeg.get_ffmpeg_exe()
+    noise = "color=gray:s=96x64:r=24:d=2,noise=alls=100:allf=t"  # 2 s of noise: each frame takes its share
+    subprocess.run([ffmpeg, "-v", "error", "-f", "lavfi", "-i", noise, "-c:v", "libx264", "-pix_fmt", "yuv420p",
+                    "-movflags", "+faststart", str(whole)], check=True)
+    data = whole.read_bytes()
+    (tmp_path / "cut.mp4").write_bytes(data[: len(data) // 2])
+    status, info = upload(server.url, tmp_path / "cut.mp4")
+    assert status == 200 and 0 < info["frames"] < 48, info
+    assert info["warning"] == (f"cut.mp4: its header says 2 s (48 frames at 24 fps) but only {info['frames']} frames "
+                               f"decode (a file cut short?)")
+    assert upload(server.url, whole)[1]["warning"] == ""
+
+
 def test_decoding_stops_at_its_bound(video, tmp_path):
     """Whatever a header declared, decoding writes at most `limit` frames, and nothing once it fails."""
     with pytest.raises(webapp.VideoError, match="decodes to more than 3 frames of 48x32"):
