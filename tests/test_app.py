@@ -1,6 +1,7 @@
 """app.py / pips2.webapp: the JSON API without a browser, then the page itself in headless Chromium."""
 
 import base64
+import contextlib
 import csv
 import io
 import json
@@ -37,6 +38,7 @@ except ImportError:
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 T, H, W = 12, 96, 128
+TOKEN = "test-token"  # the server's per-run token in these tests (a random one otherwise)
 
 
 @pytest.fixture(scope="module")
@@ -56,24 +58,33 @@ def video(tmp_path_factory):
     return path
 
 
-@pytest.fixture
-def server(ckpt, tmp_path):
-    app = webapp.App(init_dir=str(ckpt), iters=2, clip_dir=tmp_path / "clips")
-    srv = webapp.DemoServer(app, "127.0.0.1", 0)
+@contextlib.contextmanager
+def serving(app: webapp.App, **kwargs):
+    """The app served on a free port of 127.0.0.1 in a thread, with the token TOKEN; stopped and cleaned after."""
+    srv = webapp.DemoServer(app, "127.0.0.1", 0, token=TOKEN, **kwargs)
     thread = threading.Thread(target=srv.serve_forever, daemon=True)
     thread.start()
-    yield srv
-    srv.shutdown()
-    srv.server_close()
-    app.close()
-    thread.join(5)
+    try:
+        yield srv
+    finally:
+        srv.shutdown()
+        thread.join(5)
+        srv.close()
+        app.close()
+
+
+@pytest.fixture
+def server(ckpt, tmp_path):
+    with serving(webapp.App(init_dir=str(ckpt), iters=2, clip_dir=tmp_path / "clips")) as srv:
+        yield srv
 
 
 def call(url: str, data=None, headers: dict | None = None) -> tuple[int, bytes]:
-    """(status, body) of a request; a JSON body for dicts, raw bytes otherwise."""
+    """(status, body) of a request with the run's token; a JSON body for dicts, raw bytes otherwise."""
     if isinstance(data, dict):
         data, headers = json.dumps(data).encode(), {"Content-Type": "application/json", **(headers or {})}
-    req = urllib.request.Request(url, data=data, headers=headers or {}, method="POST" if data is not None else "GET")
+    headers = {webapp.TOKEN_HEADER: TOKEN, **(headers or {})}
+    req = urllib.request.Request(url, data=data, headers=headers, method="POST" if data is not None else "GET")
     try:
         with urllib.request.urlopen(req, timeout=60) as res:
             return res.status, res.read()
@@ -82,7 +93,8 @@ def call(url: str, data=None, headers: dict | None = None) -> tuple[int, bytes]:
 
 
 def upload(base: str, path: Path, name: str | None = None) -> tuple[int, dict]:
-    status, body = call(f"{base}api/upload?name={name or path.name}", path.read_bytes())
+    status, body = call(f"{base}api/upload?name={name or path.name}", path.read_bytes(),
+                        {"Content-Type": "application/octet-stream"})
     return status, json.loads(body)
 
 
@@ -94,7 +106,7 @@ def finish(base: str, job: str, timeout: float = 120) -> dict:
         s = json.loads(body)
         assert status == 200 and 0 <= s["progress"] <= 1, s
         seen.append((s["stage"], s["done"], s["total"]))
-        if s["state"] in ("done", "error"):
+        if s["state"] in ("done", "error", "cancelled"):
             return {**s, "seen": seen}
         time.sleep(0.05)
     raise AssertionError(f"job {job} still running after {timeout} s: {seen[-3:]}")
@@ -171,7 +183,8 @@ def test_api_errors_are_one_line(server, video, tmp_path, monkeypatch):
     data = video.read_bytes()
     (tmp_path / "broken.mp4").write_bytes(data[:48] + bytes(len(data) - 48))  # header kept, the rest zeroed
     assert "broken.mp4" in error(upload(base, tmp_path / "broken.mp4"), 400)
-    assert "empty" in error(call(f"{base}api/upload?name=e.mp4", b""), 400)
+    assert "empty" in error(call(f"{base}api/upload?name=e.mp4", b"", {"Content-Type": "application/octet-stream"}),
+                            400)
     monkeypatch.setattr(webapp, "MAX_UPLOAD_BYTES", 1000)
     assert "upload limit" in error(upload(base, video), 413)
     monkeypatch.undo()
@@ -180,16 +193,13 @@ def test_api_errors_are_one_line(server, video, tmp_path, monkeypatch):
     _, info = upload(base, video)
     vid = info["video"]
     assert "no points" in error(call(f"{base}api/track", {"video": vid}), 400)
-    assert "frame 40" in error(call(f"{base}api/track", {"video": vid, "points": [[40, 1, 1]]}), 400)
+    assert "got 40" in error(call(f"{base}api/track", {"video": vid, "points": [[40, 1, 1]]}), 400)
     assert "not JSON" in error(call(f"{base}api/track", b"{", {"Content-Type": "application/json"}), 400)
-    # an unknown checkpoint and an LBM without one end the job with one line on the page
-    for model, ckpt, words in (("pips2", str(tmp_path / "no_such_ckpt"), "no_such_ckpt"), ("lbm", "", "LBM needs"),
-                               ("lbm", "pips2", "choose model pips2")):  # refused before any download
+    # a checkpoint the command line did not name is refused before any job or download
+    for model, ckpt in (("pips2", str(tmp_path / "no_such_ckpt")), ("lbm", "pips2"), ("lbm", str(tmp_path))):
         req = {"video": vid, "points": [[0, 10, 10]], "model": model, "checkpoint": ckpt}
-        status, body = call(f"{base}api/track", req)
-        s = finish(base, json.loads(body)["job"])
-        assert s["state"] == "error" and words in s["message"] and "\n" not in s["message"], s
-        assert s["files"] == {}
+        assert "must be one of" in error(call(f"{base}api/track", req), 400)
+    assert server.app.jobs == {}
 
 
 def png_url(img: np.ndarray) -> str:
@@ -223,14 +233,19 @@ def test_api_grid_in_a_painted_mask(server, video):
     refused("data:image/png;base64," + base64.b64encode(b"not a png").decode(), "unreadable")
 
 
-def test_api_tracks_with_lbm(server, video, tmp_path):
+def test_api_tracks_with_lbm(video, tmp_path):
     """The page's other model end to end: LBM's visibility reaches the CSV and NPZ."""
     torch.manual_seed(0)
     net = LBM(input_size=(64, 96), embed_dim=32, num_layers=2, num_neighbors=4, top_k_regions=4, memory_size=4)
     ckpt = save_authors_format(net, tmp_path / "lbm.pt")
+    with serving(webapp.App(init_dir=str(ckpt), model="lbm", clip_dir=tmp_path / "clips")) as server:
+        tracked_with_lbm(server, video)
+
+
+def tracked_with_lbm(server, video) -> None:
+    assert json.loads(call(f"{server.url}api/config")[1])["checkpoints"]["lbm"] == [str(server.app.init_dir), "lbm"]
     vid = upload(server.url, video)[1]["video"]
-    req = {"video": vid, "points": [[3, 40, 30], [0, 90, 60]], "model": "lbm", "checkpoint": str(ckpt),
-           "backward": True}
+    req = {"video": vid, "points": [[3, 40, 30], [0, 90, 60]], "model": "lbm", "backward": True}
     status, body = call(f"{server.url}api/track", req)
     assert status == 200, body
     s = finish(server.url, json.loads(body)["job"])
@@ -266,7 +281,9 @@ def test_app_cli_errors_are_one_line(capsys):
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
-        for kwargs, words in (({"model": "nope"}, "--model"), ({"port": busy.getsockname()[1]}, "cannot listen")):
+        for kwargs, words in (({"model": "nope"}, "--model"), ({"port": busy.getsockname()[1]}, "cannot listen"),
+                              ({"S": 1000}, "--S must be"), ({"iters": 0}, "--iters must be"),
+                              ({"max_decoded_mb": 0}, "--max_decoded_mb must be")):
             res = run_main(app.main, capsys, **kwargs)
             assert res.returncode == 2 and words in res.stderr and len(res.stderr.strip().splitlines()) == 1, res
 
@@ -279,7 +296,7 @@ def browser_missing() -> str | None:
     return ", ".join(missing) or None
 
 
-def test_page_in_a_real_browser(server, video, monkeypatch):
+def test_page_in_a_real_browser(server, video, tmp_path, monkeypatch):
     why = browser_missing()
     if why:
         if os.environ.get("PIPS2_REQUIRE_BROWSER") == "1":
@@ -295,12 +312,17 @@ def test_page_in_a_real_browser(server, video, monkeypatch):
     driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=opts)
     try:
         wait = WebDriverWait(driver, 90)
-        driver.get(server.url)
+        driver.get(server.url)  # without the token: refused
+        assert "token" in driver.find_element(By.TAG_NAME, "body").text
+        driver.get(server.token_url)  # the printed address: the cookie is set, the page loads without the token
+        assert driver.current_url == server.url
         wait.until(lambda d: d.find_element(By.ID, "clip").find_elements(By.TAG_NAME, "option"))
         driver.find_element(By.ID, "file").send_keys(str(video))
         wait.until(lambda d: d.find_element(By.ID, "run").is_displayed())
         canvas = driver.find_element(By.ID, "frame")
         wait.until(lambda d: d.execute_script("return document.getElementById('t-label').textContent") == "0")
+        # the frame came through the cookie (an <img> sends no token header)
+        wait.until(lambda d: d.execute_script("return image && image.naturalWidth") == W)
         ActionChains(driver).move_to_element_with_offset(canvas, -30, -20).click().perform()  # frame 0
         driver.execute_script("const s = document.getElementById('t'); s.value = 4;"
                               "s.dispatchEvent(new Event('input'));")
@@ -312,16 +334,14 @@ def test_page_in_a_real_browser(server, video, monkeypatch):
         assert not driver.find_element(By.ID, "msg").text, driver.find_element(By.ID, "msg").text
         href = driver.find_element(By.ID, "csv-link").get_attribute("href")
         assert driver.find_element(By.ID, "csv-link").is_displayed() and href.startswith(server.url)
-        with urllib.request.urlopen(href, timeout=30) as res:
-            rows = read_csv(res.read())
+        rows = read_csv(call(href)[1])
         assert len(rows) == 2 * T and {r["point"] for r in rows} == {"0", "1"}
         est = {(int(r["frame"]), int(r["point"])): r["estimated"] == "1" for r in rows}
         assert [est[t, 1] for t in range(T)] == [t >= 4 for t in range(T)]  # clicked on frame 4: starts there
         first = next(r for r in rows if r["frame"] == "0" and r["point"] == "0")
         assert abs(float(first["x"]) - (W / 2 - 30)) < 3 and abs(float(first["y"]) - (H / 2 - 20)) < 3
         src = driver.find_element(By.ID, "result-video").get_attribute("src")
-        with urllib.request.urlopen(src, timeout=30) as res:
-            (server.app.work / "browser.mp4").write_bytes(res.read())
+        (server.app.work / "browser.mp4").write_bytes(call(src)[1])
         assert read_video(server.app.work / "browser.mp4").shape == (T, H, W, 3)
         h264 = "return document.createElement('video').canPlayType('video/mp4; codecs=\"avc1.42E01E\"')"
         if driver.execute_script(h264):
@@ -338,11 +358,22 @@ def test_page_in_a_real_browser(server, video, monkeypatch):
         wait.until(lambda d: d.find_element(By.ID, "csv-link").get_attribute("href") != href
                    and d.find_element(By.ID, "result").is_displayed() or d.find_element(By.ID, "msg").text)
         assert not driver.find_element(By.ID, "msg").text, driver.find_element(By.ID, "msg").text
-        with urllib.request.urlopen(driver.find_element(By.ID, "csv-link").get_attribute("href"), timeout=30) as res:
-            rows = read_csv(res.read())
+        rows = read_csv(call(driver.find_element(By.ID, "csv-link").get_attribute("href"))[1])
         assert len(rows) == 6 * T
         at4 = [r for r in rows if r["frame"] == "4" and int(r["point"]) >= 2]  # a query holds its point there
         assert sorted(round(float(r["y"]), 2) for r in at4) == [4.75, 33.25, 61.75, 90.25]
         assert all(float(r["x"]) == pytest.approx(6.35, abs=1e-3) for r in at4)
+        # a failed upload after a good one: the old video, its points and its result leave the screen (Track
+        # would run on the old video), and the server forgets the old upload
+        old = server.app.videos[driver.execute_script("return video.video")]
+        (tmp_path / "notes.mp4").write_text("not a video\n")
+        driver.find_element(By.ID, "file").send_keys(str(tmp_path / "notes.mp4"))
+        wait.until(lambda d: d.find_element(By.ID, "msg").text)
+        assert "notes.mp4" in driver.find_element(By.ID, "msg").text
+        for part in ("pick", "run", "result"):
+            assert not driver.find_element(By.ID, part).is_displayed(), part
+        assert not driver.find_element(By.ID, "video-info").text
+        assert old.id not in server.app.videos and not old.path.exists() and not old.preview.file.exists()
+        assert list((server.app.work / "uploads").iterdir()) == []  # nor is the failed one kept
     finally:
         driver.quit()
