@@ -92,7 +92,7 @@ def test_test_on_tap_runs(tmp_path, ckpt, capsys):
     assert "a: d_1" in res.stdout and "delta_avg (strided)" in res.stdout and "summary: 2 videos" in res.stdout
     js = json.loads(out.read_text())
     assert f"results -> {out}" in res.stdout and [p.name for p in tmp_path.glob(".r.json*")] == []  # no temp left
-    assert set(js["tapvid"]) == {"first", "strided"} and js["per_video"]["a"]["points"] == 5  # 1 not visible at 0
+    assert set(js["tapvid"]) == {"first", "strided"} and js["per_item"]["a"]["points"] == 5  # 1 not visible at 0
     assert 0 <= js["tapvid"]["first"]["delta_avg"] <= 100
     png = tmp_path / "r_curves.png"  # accuracy vs threshold and survival, beside the json
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"curves -> {png}" in res.stdout
@@ -133,12 +133,12 @@ def test_test_on_tap_lbm_runs(tmp_path, lbm, capsys):
     net = load_tracker("lbm", str(tmp_path / "lbm.pt"), "cpu", "none", 20)
     _, video, points, occ = next(iter(tapvid.load_tapvid(tmp_path / "tapvid_davis.pkl")))
     v256, p256 = evaluation.resize_tapvid(video, points, (256, 256))
-    assert js["tapvid_per_video"]["first"]["a"] == evaluation.tapvid_query_mode(net, v256, p256, occ, "first")
+    assert js["per_item"]["a"]["tapvid"]["first"] == evaluation.tapvid_query_mode(net, v256, p256, occ, "first")
     res = run_main(test_on_tap.main, capsys, memory_size=7, modes="first", out_json=str(out), resize_to_256=False,
                    **kw)
     assert res.returncode == 0 and "memory of 7 frames" in res.stdout
     net.set_memory_size(7)
-    assert json.loads(out.read_text())["tapvid_per_video"]["first"]["a"] == \
+    assert json.loads(out.read_text())["per_item"]["a"]["tapvid"]["first"] == \
         evaluation.tapvid_query_mode(net, video, points, occ, "first")
     res = run_main(test_on_tap.main, capsys, image_size="128,160", **kw)
     assert res.returncode == 2 and "--image_size is PIPs++'s" in res.stderr
