@@ -212,7 +212,8 @@ def _check_bad_scenes_skipped(res, js):
     assert list(js["per_item"]) == ["synth_0000"] and js["complete"] and js["status"] == "done"
     assert js["skipped"] == [
         {"name": "synth_0001", "reason": "unreadable frame (rgb_00005.jpg)"},
-        {"name": "synth_0002", "reason": "frames of different sizes (rgb_00007.jpg is 160x96, rgb_00000.jpg is 320x192)"},
+        {"name": "synth_0002",
+         "reason": "frames of different sizes (rgb_00007.jpg is 160x96, rgb_00000.jpg is 320x192)"},
         {"name": "synth_0003", "reason": "truncated frame (rgb_00003.jpg)"},
     ]
     assert "synth_0001: skipped (unreadable frame (rgb_00005.jpg))" in res.stdout
@@ -312,3 +313,34 @@ def test_curves_png_beside_the_json(pod_test, tmp_path, capsys):
     assert zv["curves"]["zero-velocity"]["accuracy"] == pytest.approx(curves["zero-velocity"]["accuracy"])
     assert zv["curves"]["zero-velocity"]["accuracy"] == pytest.approx([zv["mean"][f"d_{t}"]
                                                                        for t in metrics.THRESHOLDS])
+
+
+def test_a_scene_whose_valids_has_another_shape_is_skipped_and_later_scenes_scored(pod_test, tmp_path, capsys):
+    # the first scene's valids has one point more than its trajs: the loader (or its checks) refuses it; the
+    # run must go on to the next scene, not end there
+    root = tmp_path / "pod"
+    shutil.copytree(pod_test, root)
+    anno = root / "test" / "synth_0000" / "anno.npz"
+    z = dict(np.load(anno))
+    z["valids"] = np.ones((z["valids"].shape[0], z["valids"].shape[1] + 1), bool)
+    np.savez(anno, **z)
+    res, js = _run(capsys, root, tmp_path, zero_vel=True)
+    assert res.returncode == 0, res.stderr
+    assert "Traceback" not in res.stderr and list(js["per_item"]) == ["synth_0001"] and js["complete"]
+    (skip,) = js["skipped"]
+    assert skip["name"] == "synth_0000" and skip["reason"] and "\n" not in skip["reason"]
+    assert f"synth_0000: skipped ({skip['reason']})" in res.stdout and "summary: 1 sequences scored, 1 skipped" \
+        in res.stdout
+
+
+def test_nothing_scored_is_an_error_not_a_success(pod_bad, tmp_path, capsys):
+    # every scene unusable: the summary and the JSON say why, and the exit code is not 0
+    root = tmp_path / "pod"
+    shutil.copytree(pod_bad, root)
+    shutil.rmtree(root / "test" / "synth_0000" / "rgbs")
+    res, js = _run(capsys, root, tmp_path, zero_vel=True)
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines()[-1] == "error: no sequences could be scored (4 skipped)"
+    assert js["per_item"] == {} and js["mean"] is None and len(js["skipped"]) == 4 and js["complete"]
+    assert "summary: 0 sequences scored, 4 skipped" in res.stdout
+

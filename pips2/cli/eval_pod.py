@@ -45,7 +45,7 @@ def load_scene(path: Path) -> pod.Scene:
     except evaluation.SKIP_ERRORS:
         raise
     except Exception as e:  # the loader's own checks may raise other errors for a damaged scene: its data
-        raise evaluation.Skip(f"unreadable scene ({type(e).__name__}: {evaluation.skip_reason(e)})") from None
+        raise evaluation.Skip(f"unusable scene ({type(e).__name__}: {evaluation.skip_reason(e)})") from None
 
 
 def score_scene(model, path: Path, S: int, N: int, iters: int, image_size: tuple[int, int], point_batch: int,
