@@ -81,7 +81,7 @@ def load_sequence(root: str | Path, split: str, seq: str) -> tuple[list[Path], n
             k = col[int(row[1])]
             trajs[t, k] = [row[2] + row[4] / 2, row[3] + row[5] / 2]
             visibs[t, k] = row[8] > 0 if gt.shape[1] > 8 else True
-    valids = np.isfinite(trajs).all(-1)
+    valids = np.asarray(np.isfinite(trajs).all(-1))
     return frames, trajs, visibs & valids, valids
 
 

@@ -41,7 +41,7 @@ LBM_DEFAULT_MEMORY = 48
 TAPVID_SIZE = (256, 256)
 
 
-def select_points(trajs: np.ndarray, visibs: np.ndarray, valids: np.ndarray, hw: tuple[int, int],
+def select_points(trajs: np.ndarray, visibs: np.ndarray, valids: np.ndarray, hw: tuple[int, ...],
                   N: int | None = 256, min_frames: int = 8, max_motion: float | None = 512.0, clamp_px: float = 32.0,
                   border_px: float = 1.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The points the authors' PointOdyssey evaluation scores (docs/EVALUATION.md): trajs (T,n,2), visibs, valids.

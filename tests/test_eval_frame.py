@@ -99,6 +99,7 @@ def _interrupted_run(cmd: list[str], first: str, sig: int) -> tuple[int, str, st
     """Run cmd, wait for the line of its first item, send sig: (exit code, stdout, stderr)."""
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    assert proc.stdout is not None
     try:
         seen = []
         for line in proc.stdout:

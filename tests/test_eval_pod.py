@@ -325,7 +325,7 @@ def test_a_scene_whose_valids_has_another_shape_is_skipped_and_later_scenes_scor
     z["valids"] = np.ones((z["valids"].shape[0], z["valids"].shape[1] + 1), bool)
     np.savez(anno, **z)
     res, js = _run(capsys, root, tmp_path, zero_vel=True)
-    assert res.returncode == 0, res.stderr
+    assert res.returncode == 0 and js is not None, res.stderr
     assert "Traceback" not in res.stderr and list(js["per_item"]) == ["synth_0001"] and js["complete"]
     (skip,) = js["skipped"]
     assert skip["name"] == "synth_0000" and skip["reason"] and "\n" not in skip["reason"]
@@ -339,7 +339,7 @@ def test_nothing_scored_is_an_error_not_a_success(pod_bad, tmp_path, capsys):
     shutil.copytree(pod_bad, root)
     shutil.rmtree(root / "test" / "synth_0000" / "rgbs")
     res, js = _run(capsys, root, tmp_path, zero_vel=True)
-    assert res.returncode == 2
+    assert res.returncode == 2 and js is not None
     assert res.stderr.strip().splitlines()[-1] == "error: no sequences could be scored (4 skipped)"
     assert js["per_item"] == {} and js["mean"] is None and len(js["skipped"]) == 4 and js["complete"]
     assert "summary: 0 sequences scored, 4 skipped" in res.stdout

@@ -29,6 +29,7 @@ from pathlib import Path
 
 from pips2 import evaluation
 from pips2.datasets import tapvid
+from pips2.nets.lbm import LBM
 from pips2.tracking import is_lbm, load_tracker
 from pips2.utils.checkpoint import CheckpointError
 from pips2.utils.cli import aliased, die, run_fire
@@ -116,10 +117,10 @@ def main(dataset_location: str = "../datasets/tapvid/tapvid_davis.pkl", S: int =
         if model == "lbm" and image_size is not None:
             raise ValueError("--image_size is PIPs++'s; LBM runs at the input size of its checkpoint")
         image_size = evaluation.check_image_size((512, 896) if image_size is None else image_size)
-        modes = [m for m in (modes.split(",") if isinstance(modes, str) else modes) if m]
-        if any(m not in MODES for m in modes):
+        mode_list = [m for m in (modes.split(",") if isinstance(modes, str) else modes) if m]
+        if any(m not in MODES for m in mode_list):
             raise ValueError(f"--modes must be a comma-separated subset of {','.join(MODES)}, got {modes!r}")
-        if model == "lbm" and not modes:
+        if model == "lbm" and not mode_list:
             raise ValueError("--modes is empty: LBM is scored in the TAP-Vid query modes only")
         dev = evaluation.check_device(device)
         autocast = evaluation.check_amp(amp)
@@ -134,19 +135,19 @@ def main(dataset_location: str = "../datasets/tapvid/tapvid_davis.pkl", S: int =
     except (ValueError, CheckpointError) as e:
         die(e)
     lbm = is_lbm(net)
-    if lbm:
+    if isinstance(net, LBM):
         print(f"LBM: memory of {net.memory_size} frames, input size {net.size[1]}x{net.size[0]}")
     # LBM: each video resized to 256x256 first, as its authors evaluate (--resize_to_256=False: the file's size)
     track_kw = (dict(size=evaluation.TAPVID_SIZE if resize_to_256 else None) if lbm else
                 dict(S=S, iters=iters, image_size=image_size, point_batch=point_batch, amp=autocast))
     settings = dict(dataset_location=str(dataset_location), model=model, init_dir=init_dir, S=S, iters=iters,
-                    image_size=None if lbm else list(image_size), modes=modes, max_videos=max_videos, amp=amp,
+                    image_size=None if lbm else list(image_size), modes=mode_list, max_videos=max_videos, amp=amp,
                     point_batch=point_batch, device=str(dev),
                     memory_size=net.memory_size if lbm else None, resize_to_256=resize_to_256 if lbm else None)
     title = "TAP-Vid AJ, delta^x, OA (256x256)" if lbm else "TAP-Vid delta^x (visible points, 256x256)"
     run = evaluation.Evaluation(Path(dataset_location).stem, "videos", Path(str(init_dir or "reference_model")).name,
                                 settings, out_json, tapvid_title=title)
-    items = ((name, partial(score_video, net, lbm, name, problem, decode, modes, image_size, S, iters, point_batch,
+    items = ((name, partial(score_video, net, lbm, name, problem, decode, mode_list, image_size, S, iters, point_batch,
                             autocast, track_kw))
              for name, problem, decode in itertools.islice(entries, max_videos))
     run.run(items, desc="tapvid", unit="video")
