@@ -1,28 +1,47 @@
 """The authors' evaluation protocol (docs/EVALUATION.md), shared by test_on_pod.py, test_on_tap.py and test_on_cro.py:
-choose points, zero-velocity initialisation from frame 0, windowed tracking at the model size, metrics; and the
-TAP-Vid benchmark's query modes for PIPs++ and LBM."""
+choose points, zero-velocity initialisation from frame 0, windowed tracking at the model size, metrics; the
+TAP-Vid benchmark's query modes for PIPs++ and LBM; the checks of the scripts' flags; and the one frame the three
+run in (`Evaluation`: the loop, skipped items, partial results on Ctrl-C and SIGTERM, the summary, the JSON
+layout and the curves)."""
 
 from __future__ import annotations
 
 import os
+import signal
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
 import torch
+from PIL import Image
+from tqdm import tqdm
 
+from pips2.datasets.pointodyssey import SkipItem
 from pips2.datasets.tapvid import first_queries, strided_queries
+from pips2.nets.pips2 import MIN_SIZE
 from pips2.tracking import ArrayFrames, FrameSource, track, track_windows
 from pips2.utils import metrics, plots
+from pips2.utils.amp import amp_dtype
+from pips2.utils.checkpoint import resolve_device
+from pips2.utils.cli import parse_hw
+from pips2.utils.paths import write_json
+from pips2.utils.video import VideoError, image_truncation
 
-# LBM's evaluation memory per data set (the authors' choice, SPEC section 1), found by name in the file's name
+# LBM's evaluation memory per data set (the authors' choice, docs/LBM.md), found by name in the file's name
 LBM_MEMORY_SIZES = (("davis", 20), ("kinetics", 36), ("robotap", 60))
 LBM_DEFAULT_MEMORY = 48
 # LBM's authors resize every TAP-Vid video to this size before their model (which resizes to its input size)
 TAPVID_SIZE = (256, 256)
 
 
-def select_points(trajs: np.ndarray, visibs: np.ndarray, valids: np.ndarray, hw: tuple[int, int],
+def select_points(trajs: np.ndarray, visibs: np.ndarray, valids: np.ndarray, hw: tuple[int, ...],
                   N: int | None = 256, min_frames: int = 8, max_motion: float | None = 512.0, clamp_px: float = 32.0,
                   border_px: float = 1.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The points the authors' PointOdyssey evaluation scores (docs/EVALUATION.md): trajs (T,n,2), visibs, valids.
@@ -148,3 +167,265 @@ def format_row(name: str, res: dict[str, float]) -> str:
     """The one line printed per video."""
     figs = "; ".join(f"{k} {res[k]:.1f}" for k in metrics.METRIC_NAMES)
     return f"{name}: {figs}; {int(res['points'])} points, {int(res['frames'])} frames"
+
+
+def tapvid_problem(points: np.ndarray, occluded: np.ndarray) -> str | None:
+    """Why a TAP-Vid video's points cannot be queried (a non-finite position where the point is visible), or
+    None. The query modes start tracks at visible positions, so one such value would stop the whole run."""
+    bad = ~np.isfinite(points).all(-1) & ~occluded
+    if not bad.any():
+        return None
+    n, t = np.argwhere(bad)[0]
+    return f"non-finite point position where it is visible (point {n}, frame {t}; {int(bad.sum())} such entries)"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The scripts' flags, checked before anything is loaded.
+
+# --image_size bound per side: over 4x the authors' 896; a 128-frame window at 4096x4096 holds ~17 GB of features
+MAX_IMAGE_SIDE = 4096
+MINIMA = {"S": 2, "N": 1, "iters": 1, "point_batch": 1, "clip_len": 2, "memory_size": 1, "max_scenes": 1,
+          "max_videos": 1, "max_clips": 1, "max_iters": 1}
+
+
+def check_image_size(value, name: str = "image_size") -> tuple[int, int]:
+    """An --image_size flag as (H, W), each side within [MIN_SIZE, MAX_IMAGE_SIDE]; ValueError naming it."""
+    h, w = parse_hw(value, name)
+    if not (MIN_SIZE <= h <= MAX_IMAGE_SIDE and MIN_SIZE <= w <= MAX_IMAGE_SIDE):
+        raise ValueError(f"--{name} must be between {MIN_SIZE} and {MAX_IMAGE_SIDE} pixels per side, got {h},{w}")
+    return h, w
+
+
+def check_counts(**flags: int | None) -> None:
+    """ValueError naming the first count flag below its minimum (MINIMA: S 2, clip_len 2, the others 1); None
+    means not given."""
+    for name, value in flags.items():
+        if value is not None and value < MINIMA[name]:
+            raise ValueError(f"--{name} must be at least {MINIMA[name]}, got {value}")
+
+
+def check_device(device: str) -> torch.device:
+    """The device of a --device flag ('auto', 'cpu', 'cuda', 'cuda:N', ...); ValueError for a name torch does
+    not know or CUDA where there is none."""
+    try:
+        dev = resolve_device(str(device))
+    except RuntimeError:
+        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device={device}: CUDA is not available on this machine")
+    return dev
+
+
+def check_amp(amp: str) -> str | None:
+    """The autocast name of an --amp flag (None for 'none'); ValueError for an unknown one."""
+    amp_dtype(amp)
+    return None if amp in (None, "none") else str(amp)
+
+
+def check_out_json(out_json: str | None) -> None:
+    """ValueError unless --out_json can be written (its folder exists and is writable), so that hours of
+    scoring never end on a path that cannot take the results."""
+    if not out_json:
+        return
+    folder = Path(out_json).parent
+    if Path(out_json).is_dir():
+        raise ValueError(f"--out_json={out_json} is a folder; give a file name")
+    if not folder.is_dir():
+        raise ValueError(f"--out_json={out_json}: no such folder {folder}")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"--out_json={out_json}: folder {folder} is not writable")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The evaluation frame: each script hands it (name, score) items; it runs them and reports.
+
+
+class Skip(Exception):
+    """An item (sequence, video, clip) that cannot be scored; str(e) is its one-line reason."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM during an evaluation: stop where it is and keep what is scored."""
+
+    def __init__(self, signame: str = "SIGINT"):
+        super().__init__(signame)
+        self.signame = signame
+
+
+# data problems of one item: skipped with their reason (anything else is a bug: partial results, then raised)
+SKIP_ERRORS = (Skip, SkipItem, VideoError)
+EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143}  # 128 + the signal's number, as a shell reports it
+
+
+def skip_reason(e: BaseException) -> str:
+    """A one-line reason; a VideoError's file is named by its file name, not its whole path (countable)."""
+    msg = " ".join(str(e).split())
+    if isinstance(e, VideoError):
+        path, _, what = msg.partition(": ")
+        return f"{what or 'unreadable'} ({Path(path).name})"
+    return msg or type(e).__name__
+
+
+def check_frames(paths: list[Path]) -> None:
+    """Skip unless every frame opens, ends with its end marker and has the first frame's size (only each
+    file's header and end are read: cheap beside tracking)."""
+    first = None
+    for p in paths:
+        try:
+            with Image.open(p) as im:
+                size = im.size
+        except Exception:
+            raise Skip(f"unreadable frame ({p.name})") from None
+        if image_truncation(p):
+            raise Skip(f"truncated frame ({p.name})")
+        if first is None:
+            first = (p, size)
+        elif size != first[1]:
+            raise Skip(f"frames of different sizes ({p.name} is {size[0]}x{size[1]}, "
+                       f"{first[0].name} is {first[1][0]}x{first[1][1]})")
+
+
+@dataclass
+class Scored:
+    """One item's results: its entry in per_item, its printed line, the frames it tracked and its curves
+    ({"model": Curves, "zero-velocity": Curves}, or None)."""
+
+    figures: dict[str, Any]
+    line: str
+    frames: int = 0
+    curves: dict | None = None
+
+
+def _on_signal(signum, _frame) -> None:
+    raise Interrupted(signal.Signals(signum).name)
+
+
+@dataclass
+class Evaluation:
+    """One run of an evaluation script: items scored one by one, their results, the skipped ones and how the
+    run ended; the summary, --out_json and its curves PNG written whatever ended it (docs/EVALUATION.md)."""
+
+    benchmark: str  # "PointOdyssey test", "tapvid_davis", "CroHD train": titles and the curves' row
+    noun: str  # the items' plural ("sequences", "videos", "clips")
+    label: str  # the evaluated model's name in titles and curves ("reference_model", "zero-velocity")
+    settings: dict[str, Any]
+    out_json: str | None = None
+    tapvid_title: str = "TAP-Vid"
+    per_item: dict[str, dict] = field(default_factory=dict)
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    curves: dict[str, dict] = field(default_factory=dict)
+    status: str = "not started"
+    frames: int = 0
+    total: int | None = None  # items handed to run(), when known
+    processed: int = 0  # of them, scored or skipped
+
+    def skip(self, name: str, reason: str) -> None:
+        """Record an item that cannot be scored, and say so."""
+        self.skipped.append({"name": name, "reason": reason})
+        tqdm.write(f"{name}: skipped ({reason})")
+
+    def run(self, items: Iterable[tuple[str, Callable[[], Scored]]], total: int | None = None,
+            desc: str = "eval", unit: str = "it") -> None:
+        """Score every item; then the summary and --out_json. Ctrl-C or SIGTERM: the same with what is done,
+        one line on stderr, exit 130 / 143. A bug: the same, then raised. Nothing scored at all: exit 2."""
+        self.total = total
+        main_thread = threading.current_thread() is threading.main_thread()
+        old = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)} if main_thread else {}
+        bar = tqdm(total=total, desc=desc, unit=unit)
+        t0 = time.time()
+        try:
+            for name, score in items:
+                try:
+                    res = score()
+                except SKIP_ERRORS as e:  # this item's data: skip it and go on
+                    self.skip(name, skip_reason(e))
+                else:
+                    self._add(name, res)
+                self.processed += 1
+                bar.update(1)
+            self.status = "done"
+        except KeyboardInterrupt as e:
+            signame = e.signame if isinstance(e, Interrupted) else "SIGINT"
+            self.status = "interrupted"
+            self._stop(bar, old, time.time() - t0)
+            done = f"{len(self.per_item)}" + (f" of {total}" if total is not None else "")
+            where = f"; partial results in {self.out_json}" if self.out_json else ""
+            print(f"stopped by {signame}: {done} {self.noun} scored{where}", file=sys.stderr, flush=True)
+            sys.exit(EXIT_CODES.get(signame, 130))
+        except Exception as e:  # a bug, not bad data: keep the scores, then fail loudly
+            self.status = f"error: {type(e).__name__}: {' '.join(str(e).split())}"
+            self._stop(bar, old, time.time() - t0)
+            raise
+        self._stop(bar, old, time.time() - t0)
+        if not self.per_item:
+            print(f"error: no {self.noun} could be scored ({len(self.skipped)} skipped)", file=sys.stderr, flush=True)
+            sys.exit(2)
+
+    def _add(self, name: str, res: Scored) -> None:
+        key, i = name, 2
+        while key in self.per_item:  # two items of one name (e.g. in two TAP-Vid files): keep both
+            key, i = f"{name}#{i}", i + 1
+        name = key
+        self.per_item[name] = res.figures
+        if res.curves:
+            self.curves[name] = res.curves
+        self.frames += res.frames
+        tqdm.write(res.line)
+
+    def _stop(self, bar, old_handlers: dict, seconds: float) -> None:
+        """Close the bar and report; a second signal must not break the report, so both are ignored meanwhile."""
+        for s in old_handlers:
+            signal.signal(s, signal.SIG_IGN)
+        try:
+            bar.close()
+            self.finish(seconds)
+        finally:
+            for s, h in old_handlers.items():
+                signal.signal(s, h)
+
+    def means(self) -> tuple[dict[str, float] | None, dict[str, dict[str, float]]]:
+        """The authors' figures averaged over the items that have them (None if none has), and the TAP-Vid
+        benchmark's figures per query mode averaged over the items scored in that mode."""
+        rows = [r for r in self.per_item.values() if "d_avg" in r]
+        mean = metrics.average({k: r[k] for k in metrics.METRIC_NAMES} for r in rows) if rows else None
+        modes: dict[str, list] = {}
+        for r in self.per_item.values():
+            for m, d in r.get("tapvid", {}).items():
+                modes.setdefault(m, []).append(d)
+        return mean, {m: metrics.average(ds) for m, ds in modes.items()}
+
+    def payload(self) -> dict[str, Any]:
+        """The --out_json layout, the same for the three scripts (docs/EVALUATION.md#results-json)."""
+        mean, tapvid = self.means()
+        return {"benchmark": self.benchmark, "status": self.status, "complete": self.status == "done",
+                "settings": self.settings, "mean": mean, "tapvid": tapvid, "per_item": self.per_item,
+                "skipped": self.skipped, "curves": plots.mean_series(self.curves, self.label)}
+
+    def finish(self, seconds: float) -> None:
+        """Tables, summary line and --out_json (with its curves PNG) of what was done, whatever ended the run."""
+        mean, tapvid = self.means()
+        n = len(self.per_item)
+        if mean is not None:
+            print(metrics.metrics_table({"mean": mean}, title=f"{self.label} on {self.benchmark}: {n} {self.noun}"))
+        if tapvid:
+            print(metrics.metrics_table(tapvid, title=self.tapvid_title))
+        reasons = Counter(s["reason"].split(" (")[0] for s in self.skipped)
+        why = f" ({', '.join(f'{r}: {k}' for r, k in reasons.most_common())})" if reasons else ""
+        left = ""
+        if self.status != "done":
+            rest = "" if self.total is None else f"{self.total - self.processed} "
+            left = f", {rest}not done ({self.status})"
+        print(f"summary: {n} {self.noun} scored, {len(self.skipped)} skipped{why}{left}; "
+              f"{self.frames / max(seconds, 1e-9):.1f} frames/s in {seconds:.1f} s", flush=True)
+        if not self.out_json:
+            return
+        payload = self.payload()
+        write_json(self.out_json, payload)
+        print(f"results -> {self.out_json}" + ("" if self.status == "done" else " (partial)"), flush=True)
+        if payload["curves"]:
+            try:
+                png = plots.save_png({self.benchmark: payload["curves"]}, plots.png_path(self.out_json),
+                                     title=f"{self.label} on {self.benchmark}: {n} {self.noun}")
+                print(f"curves -> {png}", flush=True)
+            except ImportError as e:  # the figures above are the results; the picture is a convenience
+                print(f"curves not drawn ({e}); pip install matplotlib", flush=True)

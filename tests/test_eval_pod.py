@@ -92,7 +92,7 @@ def test_zero_velocity_matches_independent_computation(pod_test, tmp_path, capsy
     z = np.load(pod_test / "test" / "synth_0000" / "anno.npz")
     g, m = authors_choice(z["trajs_2d"], z["visibs"], z["valids"], (192, 320), 32)
     assert g.shape[1] == 32
-    assert js["per_sequence"]["synth_0000"]["d_avg"] == pytest.approx(zero_velocity_d_avg(g, m, (192, 320)),
+    assert js["per_item"]["synth_0000"]["d_avg"] == pytest.approx(zero_velocity_d_avg(g, m, (192, 320)),
                                                                       abs=1e-3)
     assert js["mean"]["d_avg"] < 60  # the synthetic motion makes zero-velocity a weak baseline
 
@@ -116,8 +116,8 @@ def test_non_finite_tracks_and_fewer_than_N_points_choose_the_authors_points(pod
     res, js = _run(capsys, root, tmp_path, zero_vel=True, N=N)
     assert res.returncode == 0, res.stderr
     g, m = authors_choice(tr, z["visibs"], z["valids"], (192, 320), N)
-    assert g.shape[1] == n_survive and js["per_sequence"]["synth_0000"]["points"] == n_survive
-    assert js["per_sequence"]["synth_0000"]["d_avg"] == pytest.approx(zero_velocity_d_avg(g, m, (192, 320)),
+    assert g.shape[1] == n_survive and js["per_item"]["synth_0000"]["points"] == n_survive
+    assert js["per_item"]["synth_0000"]["d_avg"] == pytest.approx(zero_velocity_d_avg(g, m, (192, 320)),
                                                                       abs=1e-3)
 
 
@@ -128,7 +128,7 @@ def test_command_line(pod_test, tmp_path):
                           "--N=32", "--iters=2", "--image_size=128,192", f"--out_json={out}", "--zero_vel=True",
                           "--max_iters=1"], cwd=ROOT, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
-    assert list(json.loads(out.read_text())["per_sequence"]) == ["synth_0000"] and "summary: 1 sequences" in res.stdout
+    assert list(json.loads(out.read_text())["per_item"]) == ["synth_0000"] and "summary: 1 sequences" in res.stdout
 
 
 def test_checkpoint_folder_and_file_forms(pod_test, tmp_path, capsys):
@@ -138,7 +138,7 @@ def test_checkpoint_folder_and_file_forms(pod_test, tmp_path, capsys):
     assert r1.returncode == 0, r1.stderr
     r2, j2 = _run(capsys, pod_test, tmp_path, init_dir=str(ck / "model-000000012.pth"), max_scenes=1, N=8, iters=1)
     assert r2.returncode == 0, r2.stderr
-    assert j1["mean"] == j2["mean"] and len(j1["per_sequence"]) == 1
+    assert j1["mean"] == j2["mean"] and len(j1["per_item"]) == 1
 
 
 def test_max_scenes_and_its_alias_must_agree(pod_test, tmp_path, capsys):
@@ -146,7 +146,7 @@ def test_max_scenes_and_its_alias_must_agree(pod_test, tmp_path, capsys):
     assert res.returncode == 2 and js is None
     assert res.stderr.strip() == "error: --max_scenes=1 and its alias --max_iters=2 disagree; give one of them"
     res, js = _run(capsys, pod_test, tmp_path, zero_vel=True, max_iters=1)
-    assert res.returncode == 0 and list(js["per_sequence"]) == ["synth_0000"]
+    assert res.returncode == 0 and list(js["per_item"]) == ["synth_0000"]
 
 
 def test_missing_checkpoint_names_the_download_script(pod_test, tmp_path, capsys):
@@ -164,7 +164,7 @@ def test_sequence_without_usable_points_is_skipped(pod_test, tmp_path, capsys):
     np.savez(scene / "anno.npz", **z)
     res, js = _run(capsys, root, tmp_path, zero_vel=True)
     assert res.returncode == 0 and "synth_0001: skipped (no usable point)" in res.stdout
-    assert list(js["per_sequence"]) == ["synth_0000"]
+    assert list(js["per_item"]) == ["synth_0000"]
 
 
 def test_eval_points_protocol_rules():
@@ -209,12 +209,13 @@ def test_eval_points_chosen_by_integer_linspace():
 
 def _check_bad_scenes_skipped(res, js):
     assert res.returncode == 0, res.stderr
-    assert list(js["per_sequence"]) == ["synth_0000"] and js["complete"] and js["status"] == "done"
-    assert js["skipped"] == {
-        "synth_0001": "unreadable frame (rgb_00005.jpg)",
-        "synth_0002": "frames of different sizes (rgb_00007.jpg is 160x96, rgb_00000.jpg is 320x192)",
-        "synth_0003": "truncated frame (rgb_00003.jpg)",
-    }
+    assert list(js["per_item"]) == ["synth_0000"] and js["complete"] and js["status"] == "done"
+    assert js["skipped"] == [
+        {"name": "synth_0001", "reason": "unreadable frame (rgb_00005.jpg)"},
+        {"name": "synth_0002",
+         "reason": "frames of different sizes (rgb_00007.jpg is 160x96, rgb_00000.jpg is 320x192)"},
+        {"name": "synth_0003", "reason": "truncated frame (rgb_00003.jpg)"},
+    ]
     assert "synth_0001: skipped (unreadable frame (rgb_00005.jpg))" in res.stdout
     assert ("summary: 1 sequences scored, 3 skipped (unreadable frame: 1, frames of different sizes: 1, "
             "truncated frame: 1)" in res.stdout)
@@ -230,7 +231,7 @@ def test_bad_sequences_are_skipped_with_reasons_with_a_model(pod_bad, tmp_path, 
     checkpoint.save(tmp_path / "ck", 1, Pips().eval())
     res, js = _run(capsys, pod_bad, tmp_path, init_dir=str(tmp_path / "ck"))
     _check_bad_scenes_skipped(res, js)
-    assert np.isfinite(js["per_sequence"]["synth_0000"]["d_avg"])
+    assert np.isfinite(js["per_item"]["synth_0000"]["d_avg"])
 
 
 def test_frame_source_refuses_a_frame_of_another_size(pod_bad):
@@ -279,7 +280,7 @@ def test_partial_results_are_written_on_interrupt_and_on_errors(pod_test, tmp_pa
             test_on_pod.main(**kw)
         assert e.value.code == code
     js = json.loads(out.read_text())
-    assert list(js["per_sequence"]) == ["synth_0000"] and not js["complete"]
+    assert list(js["per_item"]) == ["synth_0000"] and not js["complete"]
     assert js["status"] == ("interrupted" if code else "error: RuntimeError: a bug")
     stdout = capsys.readouterr().out
     assert "summary: 1 sequences scored, 0 skipped, 1 not done" in stdout and "(partial)" in stdout
@@ -312,3 +313,34 @@ def test_curves_png_beside_the_json(pod_test, tmp_path, capsys):
     assert zv["curves"]["zero-velocity"]["accuracy"] == pytest.approx(curves["zero-velocity"]["accuracy"])
     assert zv["curves"]["zero-velocity"]["accuracy"] == pytest.approx([zv["mean"][f"d_{t}"]
                                                                        for t in metrics.THRESHOLDS])
+
+
+def test_a_scene_whose_valids_has_another_shape_is_skipped_and_later_scenes_scored(pod_test, tmp_path, capsys):
+    # the first scene's valids has one point more than its trajs: the loader (or its checks) refuses it; the
+    # run must go on to the next scene, not end there
+    root = tmp_path / "pod"
+    shutil.copytree(pod_test, root)
+    anno = root / "test" / "synth_0000" / "anno.npz"
+    z = dict(np.load(anno))
+    z["valids"] = np.ones((z["valids"].shape[0], z["valids"].shape[1] + 1), bool)
+    np.savez(anno, **z)
+    res, js = _run(capsys, root, tmp_path, zero_vel=True)
+    assert res.returncode == 0 and js is not None, res.stderr
+    assert "Traceback" not in res.stderr and list(js["per_item"]) == ["synth_0001"] and js["complete"]
+    (skip,) = js["skipped"]
+    assert skip["name"] == "synth_0000" and skip["reason"] and "\n" not in skip["reason"]
+    assert f"synth_0000: skipped ({skip['reason']})" in res.stdout and "summary: 1 sequences scored, 1 skipped" \
+        in res.stdout
+
+
+def test_nothing_scored_is_an_error_not_a_success(pod_bad, tmp_path, capsys):
+    # every scene unusable: the summary and the JSON say why, and the exit code is not 0
+    root = tmp_path / "pod"
+    shutil.copytree(pod_bad, root)
+    shutil.rmtree(root / "test" / "synth_0000" / "rgbs")
+    res, js = _run(capsys, root, tmp_path, zero_vel=True)
+    assert res.returncode == 2 and js is not None
+    assert res.stderr.strip().splitlines()[-1] == "error: no sequences could be scored (4 skipped)"
+    assert js["per_item"] == {} and js["mean"] is None and len(js["skipped"]) == 4 and js["complete"]
+    assert "summary: 0 sequences scored, 4 skipped" in res.stdout
+
