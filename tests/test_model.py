@@ -267,30 +267,32 @@ def test_delta_block_winograd_equals_direct_and_follows_new_weights():
     # the model under the CPU inference plan: Winograd filters built on first use, from the current weights
     model = golden_model(plan=ExecPlan(delta="winograd"))
     block = model.delta_block
-    delta = lambda fc, fl: model._delta(fc, fl, model._winograd_filters())  # noqa: E731  (as forward calls it)
+    delta = lambda fc, fl: model.forms.delta_block(block)(fc, fl)  # noqa: E731  (as forward calls it)
     with torch.inference_mode():
         ref = block(fcorr, flow)
         got = delta(fcorr, flow)
-    assert block.fast_weights is not None, "the Winograd path did not run"
+    assert model.forms.winograd is not None, "the Winograd path did not run"
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-4)
     # new weights (load_state_dict copies in place) must not reuse the filters of the old ones
     other = Pips().delta_block
     with torch.no_grad():
         for p in other.parameters():
             p.normal_(0, 0.05)
+    kept = model.forms.winograd
     block.load_state_dict(other.state_dict())
-    assert block.fast_weights is None
     with torch.inference_mode():
         want = other(fcorr, flow)
         assert (want - got).abs().max() > 0.05  # stale filters would be caught
         torch.testing.assert_close(delta(fcorr, flow), want, atol=1e-4, rtol=1e-3)
+    assert model.forms.winograd is not kept
     # so must a cast (.double(), .to()) and a new plan
+    kept = model.forms.winograd
     model.double()
-    assert block.fast_weights is None
     with torch.inference_mode():
         torch.testing.assert_close(delta(fcorr.double(), flow.double()), want.double(), atol=1e-4, rtol=1e-3)
+    assert model.forms.winograd is not kept
     model.set_plan(replace(ExecPlan.auto(training=True), delta="winograd"))
-    assert block.fast_weights is None
+    assert model.forms.winograd is None
     # a training plan's Winograd form has a backward, and its filters follow every optimiser step: a fused
     # AdamW step changes the weights in place without bumping their versions, so nothing may be cached
     opt = torch.optim.AdamW(block.parameters(), lr=0.05, fused=True)
@@ -300,7 +302,18 @@ def test_delta_block_winograd_equals_direct_and_follows_new_weights():
         out.square().sum().backward()
         opt.step()
         opt.zero_grad()
-    assert block.fast_weights is None
+    assert model.forms.winograd is None
+
+
+def test_encoder_form_runner_is_the_reference_encoder():
+    # fast.run_encoder walks BasicEncoder.forward with the norm and convolutions as arguments (the layout-keeping
+    # norm and the replay go through it): with the reference norm it computes exactly what the module does
+    torch.manual_seed(9)
+    enc = BasicEncoder()
+    for layout in (torch.contiguous_format, torch.channels_last):
+        x = (torch.rand(2, 3, 128, 136) * 2 - 1).contiguous(memory_format=layout)
+        with torch.no_grad():
+            assert torch.equal(fast.run_encoder(enc, x, instance_norm), enc(x))
 
 
 def test_sample_features_is_border_bilinear():
@@ -334,7 +347,7 @@ def test_local_correlation_equals_volume(size):
     assert local.shape == (B, S, N, 3 * 4 * 49) and local.dtype == torch.float64
     torch.testing.assert_close(local, volume.reshape(local.shape), atol=1e-10, rtol=0)
     # the public call returns float32, as the reference's correlations are
-    out = CorrPyramid(nhwc.double(), 4, 3, ExecPlan(corr="local"))(targets, coords)
+    out = fast.Forms(ExecPlan(corr="local")).correlation(CorrPyramid(nhwc.double(), 4, 3))(targets, coords)
     assert out.dtype == torch.float32 and torch.equal(out, local.float())
     assert volume.abs().max() > 1  # not all zeros
 
@@ -345,7 +358,7 @@ def test_correlation_offset_order_x_outer():
     fmaps[0, 0, 0, 5, 9] = 1.0  # y=5, x=9
     coords = torch.tensor([[[[8.0, 5.0]]]])  # x offset +1 hits it: i = 4, j = 3 -> k = 31
     for impl in ("local", "volume"):
-        pyramid = CorrPyramid(fmaps.permute(0, 1, 3, 4, 2), 1, 3, ExecPlan(corr=impl))
+        pyramid = fast.Forms(ExecPlan(corr=impl)).correlation(CorrPyramid(fmaps.permute(0, 1, 3, 4, 2), 1, 3))
         out = pyramid(torch.ones(1, 1, 1, 1, 1), coords)[0, 0, 0]
         assert out.argmax().item() == 7 * 4 + 3, impl
 
@@ -454,7 +467,7 @@ def test_encoder_replay_gives_autograds_gradients(frames, layout):
     for replay in (False, True):
         xg = x.clone().requires_grad_(True)
         enc.zero_grad()
-        y = fast.encode_keeping_convs(enc, xg) if replay else enc(xg, instance_norm)
+        y = fast.encode_keeping_convs(enc, xg) if replay else enc(xg)
         y.backward(g)
         out.append((y.detach(), xg.grad, {n: p.grad.clone() for n, p in enc.named_parameters()}))
     (y0, gx0, gw0), (y1, gx1, gw1) = out
@@ -482,7 +495,7 @@ def test_encoder_replay_keeps_half_the_tensors():
     kept_numel = sum(t.numel() for t in big)
     plain = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: plain.append(t) or t, lambda t: t):
-        enc(x.clone().requires_grad_(True), instance_norm)
+        enc(x.clone().requires_grad_(True))
     plain_numel = sum(t.numel() for t in maps(plain))
     assert kept_numel < 0.6 * plain_numel
 
