@@ -305,6 +305,40 @@ def test_delta_block_winograd_equals_direct_and_follows_new_weights():
     assert model.forms.winograd is None
 
 
+def test_winograd_filters_follow_in_place_edits_casts_and_copies():
+    # the inference plan's kept filters are remade whenever the wide weights they come from change: an in-place
+    # edit under no_grad, a round trip through another dtype (a freed storage must not pass for a new one at its
+    # address), a copy of the model (which keeps no filters of the original's weights)
+    import copy
+
+    torch.manual_seed(8)
+    fcorr, flow = torch.randn(4, 9, 588), torch.randn(4, 9, 2) * 4
+    model = golden_model(plan=ExecPlan(delta="winograd"))
+    block = model.delta_block
+    wide = block.basicblock_list[7].conv2.conv.weight
+    with torch.inference_mode():
+        model.forms.delta_block(block)(fcorr, flow)
+        kept = model.forms.winograd
+        with torch.no_grad():
+            wide.mul_(3.0)
+        want = block(fcorr, flow)
+        torch.testing.assert_close(model.forms.delta_block(block)(fcorr, flow), want, atol=1e-4, rtol=1e-3)
+        assert model.forms.winograd is not kept
+        kept = model.forms.winograd
+        model.forms.delta_block(block)(fcorr, flow)
+        assert model.forms.winograd is kept  # unchanged weights: the filters are reused, not remade
+        model.half().float()
+        torch.testing.assert_close(model.forms.delta_block(block)(fcorr, flow), block(fcorr, flow), atol=1e-4,
+                                   rtol=1e-3)
+        assert model.forms.winograd is not kept
+        twin = copy.deepcopy(model)
+        assert twin.plan == model.plan and twin.forms.winograd is None
+        with torch.no_grad():
+            twin.delta_block.basicblock_list[7].conv2.conv.weight.mul_(0.5)
+        torch.testing.assert_close(twin.forms.delta_block(twin.delta_block)(fcorr, flow),
+                                   twin.delta_block(fcorr, flow), atol=1e-4, rtol=1e-3)
+
+
 def test_encoder_form_runner_is_the_reference_encoder():
     # fast.run_encoder walks BasicEncoder.forward with the norm and convolutions as arguments (the layout-keeping
     # norm and the replay go through it): with the reference norm it computes exactly what the module does
@@ -314,6 +348,33 @@ def test_encoder_form_runner_is_the_reference_encoder():
         x = (torch.rand(2, 3, 128, 136) * 2 - 1).contiguous(memory_format=layout)
         with torch.no_grad():
             assert torch.equal(fast.run_encoder(enc, x, instance_norm), enc(x))
+
+
+def test_model_file_has_no_plan_branches():
+    # nets/pips2.py is the reference model: it hands its plan to fast.Forms once and never reads a field of it
+    # or names a form, so no step of it depends on the plan; nor does it keep state for the fast forms
+    import ast
+    import inspect
+
+    import pips2.nets.pips2 as m
+    from pips2.nets.plan import _CHOICES
+
+    forms = {v for values in _CHOICES.values() for v in values}
+    tree = ast.parse(inspect.getsource(m))
+    bad = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute):
+            owner = node.value
+            name = owner.id if isinstance(owner, ast.Name) else owner.attr if isinstance(owner, ast.Attribute) else ""
+            if name == "plan":
+                bad.append(f"line {node.lineno}: reads plan.{node.attr}")
+            if node.attr in ("register_load_state_dict_post_hook", "_apply"):
+                bad.append(f"line {node.lineno}: {node.attr} (derived weights are kept by fast.Forms)")
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in forms:
+            bad.append(f"line {node.lineno}: names the form {node.value!r}")
+        elif isinstance(node, ast.FunctionDef) and node.name == "_apply":
+            bad.append(f"line {node.lineno}: overrides _apply (derived weights are kept by fast.Forms)")
+    assert not bad, "\n".join(bad)
 
 
 def test_sample_features_is_border_bilinear():
