@@ -214,7 +214,7 @@ class _EncodeKeepingConvs(torch.autograd.Function):
         return None, gx, *(next(grads) if need else None for need in ctx.needs_input_grad[2:])
 
 
-def encode_keeping_convs(fnet: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+def encode_keeping_convs(fnet: BasicEncoder, x: torch.Tensor) -> torch.Tensor:
     """fnet(x) (instance norms) under autograd keeping only x, its costly convolutions' outputs and the norms'
     statistics for backward: about half the encoder's activation memory, for a replay of its cheap operations
     in backward."""
@@ -676,8 +676,9 @@ def conv1d_k3_winograd_train(x: torch.Tensor, weight: torch.Tensor, bias: torch.
 
 
 def _delta_convs(block: DeltaBlock) -> list[torch.nn.Conv1d]:
-    """The delta block's convolutions in the order data goes through them."""
-    return [block.first_block_conv.conv] + [c.conv for b in block.basicblock_list for c in (b.conv1, b.conv2)]
+    """The delta block's convolutions in the order data goes through them (the order they are registered in:
+    first_block_conv, then conv1 and conv2 of each block)."""
+    return [m for m in block.modules() if isinstance(m, torch.nn.Conv1d)]
 
 
 def _is_wide(conv: torch.nn.Conv1d) -> bool:

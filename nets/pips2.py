@@ -161,6 +161,11 @@ class ResidualBlock(nn.Module):
 class BasicEncoder(nn.Module):
     """Frames (N,3,H,W) in [-1,1] -> features (N,128,H/8,W/8) from four stages fused at stride 8."""
 
+    layer1: nn.ModuleList  # made in a loop below: named here for readers and type checkers
+    layer2: nn.ModuleList
+    layer3: nn.ModuleList
+    layer4: nn.ModuleList
+
     def __init__(self, output_dim: int = 128, stride: int = 8):
         super().__init__()
         self.stride = stride

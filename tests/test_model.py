@@ -315,7 +315,7 @@ def test_winograd_filters_follow_in_place_edits_casts_and_copies():
     fcorr, flow = torch.randn(4, 9, 588), torch.randn(4, 9, 2) * 4
     model = golden_model(plan=ExecPlan(delta="winograd"))
     block = model.delta_block
-    wide = block.basicblock_list[7].conv2.conv.weight
+    wide = dict(block.named_parameters())["basicblock_list.7.conv2.conv.weight"]
     with torch.inference_mode():
         model.forms.delta_block(block)(fcorr, flow)
         kept = model.forms.winograd
@@ -334,7 +334,7 @@ def test_winograd_filters_follow_in_place_edits_casts_and_copies():
         twin = copy.deepcopy(model)
         assert twin.plan == model.plan and twin.forms.winograd is None
         with torch.no_grad():
-            twin.delta_block.basicblock_list[7].conv2.conv.weight.mul_(0.5)
+            dict(twin.delta_block.named_parameters())["basicblock_list.7.conv2.conv.weight"].mul_(0.5)
         torch.testing.assert_close(twin.forms.delta_block(twin.delta_block)(fcorr, flow),
                                    twin.delta_block(fcorr, flow), atol=1e-4, rtol=1e-3)
 
