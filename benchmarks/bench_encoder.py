@@ -50,7 +50,7 @@ def main(S: int = 36, N: int = 128, H: int = 256, W: int = 384, iters: int = 6, 
         block = model.delta_block
         filters = fast.winograd_filters(block)
         res["delta_block_direct"] = best_time(lambda: block(fcorr, flow), repeats + 2)
-        res["delta_block_auto"] = best_time(lambda: fast.delta_block_winograd(block, fcorr, flow, filters),
+        res["delta_block_auto"] = best_time(lambda: fast.delta_block_time_major(block, fcorr, flow, filters),
                                             repeats + 2)
 
         # the whole forward with the correlation gathers going into fresh tensors instead of one reused
