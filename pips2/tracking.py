@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pips2.hub import load_pips
+from pips2.hub import check_checkpoint_file, load_pips
 from pips2.nets.lbm import LBM, LBMOnline, lbm_config_from_state, load_lbm  # noqa: F401 (a public name here too)
 from pips2.nets.pips2 import MIN_SIZE
 from pips2.utils.amp import autocast
@@ -581,7 +581,9 @@ def find_lbm_checkpoint(init_dir: str | os.PathLike) -> Path:
 
 def load_lbm_model(init_dir: str | os.PathLike, device: str | torch.device = "cpu") -> LBM:
     """An LBM in eval mode from a checkpoint file or folder, its sizes read from the weights (`load_lbm`)."""
-    return load_lbm(find_lbm_checkpoint(init_dir), device)
+    path = find_lbm_checkpoint(init_dir)
+    check_checkpoint_file(path)
+    return load_lbm(path, device)
 
 
 def load_tracker(model: str, init_dir: str | None, device: str | torch.device = "auto", amp: str = "none",
