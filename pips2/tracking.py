@@ -159,7 +159,11 @@ class VideoFileFrames(FrameSource):
         if first is None:
             raise VideoError(f"{path}: no decodable frames")
         src_hw = first.shape[:2]
-        model_hw = model_hw or default_model_hw(src_hw)
+        try:
+            model_hw = model_hw or default_model_hw(src_hw, str(path))
+        except ValueError:
+            frames.close()
+            raise
         super().__init__(0, src_hw, model_hw)
         remove_stale_frame_dirs()
         self.store = None
@@ -205,9 +209,16 @@ def _chain(first, rest):
     yield from rest
 
 
-def default_model_hw(src_hw: tuple[int, int]) -> tuple[int, int]:
-    """The video's size rounded to multiples of 8 and at least 128 (the smallest the model accepts)."""
-    return tuple(max(MIN_SIZE, int(round(v / 8)) * 8) for v in src_hw)
+def default_model_hw(src_hw: tuple[int, int], source: str = "video") -> tuple[int, int]:
+    """The video's size rounded to multiples of 8 and at least 128 (the smallest the model accepts); ValueError
+    for a side beyond MAX_IMAGE_SIDE (S frames of feature maps at that size would not fit in memory), naming
+    image_size as the way to track it."""
+    hw = tuple(max(MIN_SIZE, int(round(v / 8)) * 8) for v in src_hw)
+    if max(hw) > MAX_IMAGE_SIDE:
+        raise ValueError(f"{source}: the video is {src_hw[1]}x{src_hw[0]}, beyond the {MAX_IMAGE_SIDE} pixels a side "
+                         f"that it is tracked at by default; give image_size (--image_size=H,W) of at most "
+                         f"{MAX_IMAGE_SIDE} a side")
+    return hw
 
 
 def as_frame_source(video, model_hw: tuple[int, int] | None = None) -> FrameSource:

@@ -295,6 +295,7 @@ def bad_videos(tmp_path_factory):
     _ffmpeg("-i", d / "whole.mp4", "-frames:v", "0", "-c", "copy", d / "empty.mp4")
     _ffmpeg("-f", "lavfi", "-i", "sine=d=0.5", d / "sound.m4a")
     (d / "folder.mp4").mkdir()
+    write_mp4(d / "tall.mp4", np.zeros((2, 4104, 16, 3), np.uint8))
     return d
 
 
@@ -304,6 +305,7 @@ def bad_videos(tmp_path_factory):
     ("empty.mp4", ["no video stream in it (no streams at all: an empty video)"]),
     ("sound.m4a", ["no video stream in it (only audio)"]),
     ("folder.mp4", ["is a folder, not a video file"]),
+    ("tall.mp4", ["the video is 16x4104, beyond the 4096 pixels a side", "give image_size (--image_size=H,W)"]),
 ])
 def test_bad_videos_are_one_line_and_leave_nothing(tmp_path, ckpt, bad_videos, name, parts, capsys):
     """A 1x1 video exited 0 saying it wrote a tracks.mp4 that did not exist; a faststart mp4 cut in half tracked

@@ -503,3 +503,21 @@ def test_a_full_disk_while_decoding_is_one_line(tmp_path, monkeypatch):
         tracking.track(TwoFrameStub(), str(tmp_path / "v.mp4"), np.array([[0, 1.0, 1.0]]), S=4)
     assert str(e.value).startswith(f"{tmp_path / 'v.mp4'}: no space in {tmp_path / 'tmp'} for its decoded frames")
     assert "TMPDIR" in str(e.value) and list((tmp_path / "tmp").iterdir()) == []
+
+
+def test_a_video_too_large_for_its_own_size_needs_image_size(tmp_path, monkeypatch):
+    """Tracked at its own size by default, a 4104-pixel-high video would hold S frames of feature maps of that
+    size; it is refused before its frames are decoded, naming image_size, and tracks with it."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    tall = np.zeros((2, 4104, 16, 3), np.uint8)
+    write_mp4(tmp_path / "tall.mp4", tall)
+    q = np.array([[0, 8.0, 100.0]], np.float32)
+    for video, name in ((tall, "video"), (str(tmp_path / "tall.mp4"), str(tmp_path / "tall.mp4"))):
+        with pytest.raises(ValueError) as e:
+            tracking.track(TwoFrameStub(), video, q, S=4)
+        assert str(e.value) == (f"{name}: the video is 16x4104, beyond the 4096 pixels a side that it is tracked at "
+                                f"by default; give image_size (--image_size=H,W) of at most 4096 a side")
+    assert list((tmp_path / "tmp").iterdir()) == []
+    res = tracking.track(TwoFrameStub(), str(tmp_path / "tall.mp4"), q, S=4, image_size=(1024, 128))
+    assert res["tracks"].shape == (2, 1, 2)

@@ -31,6 +31,7 @@ from pips2.tracking import (
     check_track_args,
     check_tracker_flags,
     check_video_size,
+    default_model_hw,
     grid_queries,
     load_tracker,
     track,
@@ -219,6 +220,8 @@ def main(video: str | None = None, init_dir: str | None = None, points: str | No
                 synthetic = None if (out / "synthetic.mp4").exists() else out / "synthetic.mp4"
                 video_path = synthetic_video(out)
             queries, n_frames, H, W, fps = prepare(video_path, points, grid_size, query_frame, mask)
+            if image_size is None and model == "pips2":
+                default_model_hw((H, W), str(video_path))  # a video too large to track at its size: refused now
             net = load_tracker(model, init_dir, dev, amp, memory_size)
             t0 = time.time()
             print(f"tracking {len(queries)} points through {video_path} ({n_frames} frames, {W}x{H}) with "
