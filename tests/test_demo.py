@@ -385,3 +385,24 @@ def test_outputs_are_written_whole_or_not_at_all(tmp_path, clip):
     assert [f.name for f in files] == ["tracks.npz", "tracks.csv", "tracks.mp4"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["junk.mp4", "tracks.csv", "tracks.mp4", "tracks.npz"]
     assert np.load(tmp_path / "tracks.npz")["tracks"].shape == (14, 2, 2)
+
+
+def test_points_files_that_cannot_be_read_as_points_are_one_line(tmp_path, monkeypatch):
+    """A CSV field over the csv module's limit, deeply nested JSON and true/false as coordinates ended in a
+    traceback or were taken as numbers; /dev/zero (or a FIFO) would be read forever, a huge file whole."""
+    (tmp_path / "long_field.csv").write_text("0," + "1" * 200_000 + ",5\n")
+    (tmp_path / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
+    (tmp_path / "bools.json").write_text("[[0, true, 2]]")
+    os.mkfifo(tmp_path / "fifo.csv")
+    (tmp_path / "big.csv").write_text("0,1,2\n" * 20)
+    for name, why in (("long_field.csv", "cannot read points (CSV: field larger than field limit"),
+                      ("deep.json", "cannot read points (JSON nested too deeply)"),
+                      ("bools.json", "item 1: expected [t,x,y], [x,y] or {x,y[,t]} (true/false is not a coordinate)"),
+                      ("fifo.csv", "cannot read points (not a regular file)"),
+                      ("big.csv", "cannot read points (a file of 120 bytes; a points file is read whole, at most "
+                                  "100 bytes)")):
+        if name == "big.csv":
+            monkeypatch.setattr(demo, "MAX_POINTS_FILE_BYTES", 100)  # the bound (64 MB), shown on a small file
+        with pytest.raises(ValueError) as e:
+            demo.read_points(tmp_path / name)
+        assert str(e.value).startswith(f"{tmp_path / name}: {why}"), str(e.value)

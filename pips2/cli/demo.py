@@ -42,6 +42,8 @@ from pips2.utils.paths import make_dirs, remove_empty_dirs
 from pips2.utils.video import VideoError, video_info
 from pips2.utils.vis import write_outputs
 
+MAX_POINTS_FILE_BYTES = 64 << 20  # a points file is read whole; 10000 points (MAX_POINTS) take well under 1 MB
+
 
 def read_points(path: str | Path, query_frame: int = 0) -> np.ndarray:
     """(N,3) queries (t, x, y) from a CSV (t,x,y or x,y rows; one header line allowed) or JSON (lists or dicts)."""
@@ -52,10 +54,16 @@ def read_point_rows(path: str | Path, query_frame: int = 0) -> tuple[np.ndarray,
     """(N,3) queries and, per query, its row in the file (CSV line or 1-based JSON item) for error messages.
 
     A row that is not 2 or 3 numbers is an error naming the file and row: silently dropping it would track
-    fewer points than the user asked for.
+    fewer points than the user asked for. The file must be a regular file of at most MAX_POINTS_FILE_BYTES (it is
+    read whole; /dev/zero or a FIFO would be read forever).
     """
     path = Path(path)
     rows, where = [], []
+    if path.exists() and not path.is_dir() and not path.is_file():
+        raise ValueError(f"{path}: cannot read points (not a regular file)")
+    if path.is_file() and path.stat().st_size > MAX_POINTS_FILE_BYTES:
+        raise ValueError(f"{path}: cannot read points (a file of {path.stat().st_size} bytes; a points file is read "
+                         f"whole, at most {MAX_POINTS_FILE_BYTES} bytes)")
     try:
         if path.suffix.lower() == ".json":
             items = json.loads(path.read_text())
@@ -66,6 +74,8 @@ def read_point_rows(path: str | Path, query_frame: int = 0) -> tuple[np.ndarray,
                     if isinstance(item, dict):
                         vals = [float(item.get("t", query_frame)), float(item["x"]), float(item["y"])]
                     else:
+                        if any(isinstance(v, bool) for v in item):
+                            raise ValueError("true/false is not a coordinate")
                         vals = [float(v) for v in item]
                         if len(vals) not in (2, 3):
                             raise ValueError(f"{len(vals)} values")
@@ -98,6 +108,10 @@ def read_point_rows(path: str | Path, query_frame: int = 0) -> tuple[np.ndarray,
         raise ValueError(f"{path}: cannot read points (not a text file)") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: cannot read points (invalid JSON: {e})") from None
+    except RecursionError:
+        raise ValueError(f"{path}: cannot read points (JSON nested too deeply)") from None
+    except csv.Error as e:
+        raise ValueError(f"{path}: cannot read points (CSV: {e})") from None
     if not rows:
         raise ValueError(f"{path}: no points (expected rows of t,x,y or x,y)")
     # float32 as tracked: a coordinate too large for it turns inf here and is refused, not tracked
