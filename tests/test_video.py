@@ -216,9 +216,11 @@ def test_no_video_stream_or_a_folder_is_one_line(tmp_path, long_clip):
     _ffmpeg("-f", "lavfi", "-i", "sine=d=0.5", audio)
     empty = tmp_path / "empty.mp4"  # zero frames: ffmpeg keeps a container without streams
     _ffmpeg("-i", long_clip[0], "-frames:v", "0", "-c", "copy", empty)
+    os.mkfifo(tmp_path / "fifo.mp4")
     for path, why in ((audio, "no video stream in it (only audio)"),
                       (empty, "no video stream in it (no streams at all: an empty video)"),
-                      (tmp_path, "is a folder, not a video file")):
+                      (tmp_path, "is a folder, not a video file"),
+                      (tmp_path / "fifo.mp4", "not a regular file")):
         for fn in (video_info, lambda p: next(iter_frames(p))):
             with pytest.raises(VideoError) as e:
                 fn(path)

@@ -260,6 +260,8 @@ def _check_video_path(path: str | os.PathLike) -> None:
     p = Path(path)
     if p.is_dir():
         raise VideoError(f"{path}: is a folder, not a video file")
+    if p.exists() and not p.is_file():  # a FIFO or a device: ffmpeg could wait on it forever
+        raise VideoError(f"{path}: not a regular file")
     if not p.is_file():
         raise VideoError(f"{path}: no such video file")
 
