@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import tempfile
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -134,6 +135,44 @@ def fetch(name: str, refresh: bool = False, **config) -> Path:
     return dest
 
 
+def checkpoint_file_problem(path: str | os.PathLike) -> str | None:
+    """Why a file cannot be a PyTorch checkpoint, judged from its first bytes and, for a zip archive, its member
+    list (torch.save writes a zip holding <name>/data.pkl, or in its legacy format a pickle); None if it may be one.
+    Says "a text file" or "empty" where torch.load would only say "list index out of range" or "EOFError"."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(512)
+    except OSError as e:
+        return f"unreadable ({e.strerror or type(e).__name__})"
+    if not head:
+        return "an empty file (0 bytes), not a checkpoint"
+    if head[:1] == b"\x80":  # a pickle (protocol 2 or later): torch.save's legacy format; the loader judges it
+        return None
+    if head.startswith(b"PK\x03\x04"):
+        try:
+            with zipfile.ZipFile(path) as z:
+                names = z.namelist()
+        except (zipfile.BadZipFile, OSError, ValueError):
+            return "not a checkpoint (a zip archive cut short or damaged: its member list cannot be read)"
+        if not any(n == "data.pkl" or n.endswith("/data.pkl") for n in names):
+            return "not a checkpoint (a zip archive that torch.save did not write: it holds no data.pkl)"
+        return None
+    try:
+        head.decode("utf-8")
+        text = all(c.isprintable() or c in "\t\r\n" for c in head.decode("utf-8"))
+    except UnicodeDecodeError:  # also a multi-byte character cut at byte 512: judged binary, which is only wording
+        text = False
+    what = "a text file" if text else f"its first bytes are {head[:8]!r}"
+    return f"not a checkpoint ({what}; torch.save writes a zip archive)"
+
+
+def check_checkpoint_file(path: str | os.PathLike) -> None:
+    """CheckpointError naming the file unless it may be a PyTorch checkpoint (`checkpoint_file_problem`)."""
+    problem = checkpoint_file_problem(path)
+    if problem:
+        raise CheckpointError(f"{path}: {problem}")
+
+
 def load_pips(init_dir: str | os.PathLike, device: str | torch.device = "cpu", step: int | None = None,
               amp: str | None = None, **kwargs):
     """A Pips in eval mode with weights from a checkpoint folder or file; a missing one names the fix.
@@ -145,6 +184,7 @@ def load_pips(init_dir: str | os.PathLike, device: str | torch.device = "cpu", s
     if not p.exists() or (p.is_dir() and not list_checkpoints(p)):
         raise CheckpointError(f"{init_dir}: no checkpoint here; fetch the authors' model with "
                               f"./get_reference_model.sh (it creates ./reference_model) or pass --init_dir")
+    check_checkpoint_file(find_checkpoint(p, step))
     kwargs.setdefault("plan", ExecPlan.auto(device, amp_dtype(amp) or torch.float32))
     model = Pips(**kwargs)
     load(init_dir, model, step=step, map_location="cpu")
@@ -179,6 +219,9 @@ def load_model(name_or_path: str | os.PathLike, device: str | torch.device = "cp
     if text in KNOWN:  # a name wins over a folder of that name in the cwd (this repository has one: pips2/)
         kind, path = text, fetch(text, refresh=refresh, **config)
     elif path.exists():
+        if path.is_dir() and not list_checkpoints(path):
+            raise HubError(f"{text}: no checkpoint in this folder (expected model-*.pth files)")
+        check_checkpoint_file(find_checkpoint(path))
         kind = model_kind(path)
     else:
         raise HubError(f"{text}: no such checkpoint file or folder, and not a known model name "

@@ -16,9 +16,15 @@ memory per query, whatever the video's length.
 
 from __future__ import annotations
 
+import errno
 import os
+import re
+import shutil
+import socket
+import sys
 import tempfile
 import warnings
+import weakref
 from collections import Counter, deque
 from collections.abc import Callable
 from pathlib import Path
@@ -28,12 +34,23 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pips2.hub import load_pips
+from pips2.hub import check_checkpoint_file, load_pips
 from pips2.nets.lbm import LBM, LBMOnline, lbm_config_from_state, load_lbm  # noqa: F401 (a public name here too)
 from pips2.nets.pips2 import MIN_SIZE
-from pips2.utils.amp import autocast
+from pips2.utils.amp import amp_dtype, autocast
 from pips2.utils.checkpoint import CheckpointError, find_checkpoint, list_checkpoints, resolve_device
+from pips2.utils.procs import is_space_error, pid_alive
 from pips2.utils.video import VideoError, iter_frames, read_rgb
+
+# Bounds on what one tracking request may ask for (docs/BAD_INPUTS.md). Every point costs model time in every
+# frame and a row per frame in tracks.csv, so the count is bounded (a 100x100 grid) rather than left to grow
+# with a typo such as --grid_size=3000 (9 million points); library callers such as the evaluations pass
+# max_points=None to check_queries.
+MAX_POINTS = 10_000
+MAX_IMAGE_SIDE = 4096  # --image_size: memory for S frames of feature maps grows with the area
+MIN_VIDEO_SIDE = 8  # a video smaller than one cell of the model's 8-pixel feature grid holds nothing to track
+FAR_OUTSIDE = 4  # a query further outside the image than this many image widths (heights) is a mistake
+MAX_MEMORY_SIZE = 256  # LBM's --memory_size: frames of memory per query (the authors evaluate with 20 to 60)
 
 # ---------------------------------------------------------------------------------------------------------
 # Frame sources: random access to (start, end) windows of uint8 frames at the model's size.
@@ -54,6 +71,9 @@ class FrameSource:
 
     def _read(self, start: int, end: int) -> np.ndarray:
         raise NotImplementedError
+
+    def close(self) -> None:
+        """Free what the source holds on disk (a decoded video's temp file); nothing for the others."""
 
     def _resize(self, frames: np.ndarray) -> np.ndarray:
         h, w = self.model_hw
@@ -89,8 +109,49 @@ class FileFrames(FrameSource):
         return self._resize(np.stack(frames))
 
 
+FRAMES_PREFIX = "pips2_frames"  # temp folders of decoded videos: <prefix>.<host>.<pid>.<random> in TMPDIR
+_FRAMES_RE = re.compile(rf"^{FRAMES_PREFIX}\.(?P<host>.+)\.(?P<pid>\d+)\.[A-Za-z0-9_]+$")
+
+
+def remove_stale_frame_dirs(tmp: str | os.PathLike | None = None) -> list[Path]:
+    """Remove the decoded-frame temp folders that processes of this host left when they were killed (SIGKILL, out
+    of memory), which no handler can clean; returns them. A folder of a live process stays."""
+    tmp = Path(tmp or tempfile.gettempdir())
+    host, removed = socket.gethostname(), []
+    try:
+        entries = list(tmp.iterdir())
+    except OSError:
+        return removed
+    for d in entries:
+        m = _FRAMES_RE.match(d.name)
+        if m and m["host"] == host and not pid_alive(int(m["pid"])) and d.is_dir():
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(d)
+    return removed
+
+
+def _reserve(f, nbytes: int, video, folder: Path) -> None:
+    """Give the frame file f nbytes of disk now, so that a full disk is one error here rather than SIGBUS when
+    a mapped page is written."""
+    try:
+        os.posix_fallocate(f.fileno(), 0, nbytes)
+    except OSError as e:
+        if is_space_error(e):
+            raise VideoError(f"{video}: no space in {folder.parent} for its decoded frames ({nbytes / 2**30:.2f} GB "
+                             f"at the model's size so far); set TMPDIR to a folder on a larger disk") from None
+        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            raise
+        os.ftruncate(f.fileno(), nbytes)  # a file system without fallocate: the file grows sparse
+
+
 class VideoFileFrames(FrameSource):
-    """A video file decoded once, at the model size, into a memory-mapped temp file (bounded RAM)."""
+    """A video file decoded once, at the model size, into a memory-mapped temp file (bounded RAM).
+
+    The file lives in a folder of TMPDIR named after this host and process; `close()` (which `track` calls for
+    the sources it makes, on every way out, signals included) removes it, as does garbage collection and the
+    end of the interpreter; folders of killed processes are removed by the next one (`remove_stale_frame_dirs`).
+    Disk is reserved as the file grows: a full disk is one VideoError line.
+    """
 
     def __init__(self, path: str | os.PathLike, model_hw: tuple[int, int] | None = None):
         frames = iter_frames(path)
@@ -98,26 +159,49 @@ class VideoFileFrames(FrameSource):
         if first is None:
             raise VideoError(f"{path}: no decodable frames")
         src_hw = first.shape[:2]
-        model_hw = model_hw or default_model_hw(src_hw)
+        try:
+            model_hw = model_hw or default_model_hw(src_hw, str(path))
+        except ValueError:
+            frames.close()
+            raise
         super().__init__(0, src_hw, model_hw)
-        self._tmp = tempfile.TemporaryDirectory(prefix="pips2_frames_")
-        h, w = model_hw
-        store, n, cap = None, 0, 0
-        for f in _chain(first, frames):
-            if n == cap:  # grow the memmap geometrically
-                cap = max(64, cap * 2)
-                new = np.lib.format.open_memmap(Path(self._tmp.name) / f"f{cap}.npy", mode="w+", dtype=np.uint8,
-                                                shape=(cap, h, w, 3))
-                if store is not None:
-                    new[:n] = store[:n]
-                    del store
-                store = new
-            store[n] = self._resize(f[None])[0]
-            n += 1
-        self.store, self.num_frames = store, n
+        remove_stale_frame_dirs()
+        self.store = None
+        self.dir = Path(tempfile.mkdtemp(prefix=f"{FRAMES_PREFIX}.{socket.gethostname()}.{os.getpid()}."))
+        self._cleanup = weakref.finalize(self, shutil.rmtree, str(self.dir), True)
+        try:
+            self._decode(path, _chain(first, frames))
+        except BaseException:  # an error or a signal mid-way: no temp file left behind
+            frames.close()
+            self.close()
+            raise
+
+    def _decode(self, path, frames) -> None:
+        h, w = self.model_hw
+        frame_bytes = h * w * 3
+        file = self.dir / "frames.u8"
+        n, cap = 0, 0
+        with open(file, "w+b") as f:
+            for frame in frames:
+                if n == cap:  # grow the file geometrically, in place (nothing copied)
+                    cap = max(64, cap * 2)
+                    self.store = None
+                    _reserve(f, cap * frame_bytes, path, self.dir)
+                    self.store = np.memmap(f, np.uint8, "r+", shape=(cap, h, w, 3))
+                self.store[n] = self._resize(frame[None])[0]
+                n += 1
+            self.store = None
+            f.truncate(n * frame_bytes)
+        self.store = np.memmap(file, np.uint8, "r", shape=(n, h, w, 3))
+        self.num_frames = n
 
     def _read(self, start: int, end: int) -> np.ndarray:
-        return np.asarray(self.store[start:end])
+        return np.array(self.store[start:end])  # a copy: the mapping is read-only, and the file may go (close)
+
+    def close(self) -> None:
+        """Remove the temp file of decoded frames; the source cannot be read afterwards."""
+        self.store = None
+        self._cleanup()
 
 
 def _chain(first, rest):
@@ -125,9 +209,16 @@ def _chain(first, rest):
     yield from rest
 
 
-def default_model_hw(src_hw: tuple[int, int]) -> tuple[int, int]:
-    """The video's size rounded to multiples of 8 and at least 128 (the smallest the model accepts)."""
-    return tuple(max(MIN_SIZE, int(round(v / 8)) * 8) for v in src_hw)
+def default_model_hw(src_hw: tuple[int, int], source: str = "video") -> tuple[int, int]:
+    """The video's size rounded to multiples of 8 and at least 128 (the smallest the model accepts); ValueError
+    for a side beyond MAX_IMAGE_SIDE (S frames of feature maps at that size would not fit in memory), naming
+    image_size as the way to track it."""
+    hw = tuple(max(MIN_SIZE, int(round(v / 8)) * 8) for v in src_hw)
+    if max(hw) > MAX_IMAGE_SIDE:
+        raise ValueError(f"{source}: the video is {src_hw[1]}x{src_hw[0]}, beyond the {MAX_IMAGE_SIDE} pixels a side "
+                         f"that it is tracked at by default; give image_size (--image_size=H,W) of at most "
+                         f"{MAX_IMAGE_SIDE} a side")
+    return hw
 
 
 def as_frame_source(video, model_hw: tuple[int, int] | None = None) -> FrameSource:
@@ -375,7 +466,9 @@ def scale_xy(xy: torch.Tensor, from_hw: tuple[int, int], to_hw: tuple[int, int])
 
 def grid_queries(hw: tuple[int, int], grid_size: int = 16, t: int = 0, mask: np.ndarray | None = None,
                  margin: float = 0.05) -> np.ndarray:
-    """(N,3) queries (t, x, y) on a grid_size x grid_size grid, kept where `mask` (H,W) is nonzero."""
+    """(N,3) queries (t, x, y) on a grid_size x grid_size grid, kept where `mask` (H,W) is nonzero; grid_size is
+    1 to sqrt(MAX_POINTS) (`check_grid_size`)."""
+    grid_size = check_grid_size(grid_size)
     H, W = hw
     xs = np.linspace(margin * (W - 1), (1 - margin) * (W - 1), grid_size)
     ys = np.linspace(margin * (H - 1), (1 - margin) * (H - 1), grid_size)
@@ -389,10 +482,59 @@ def grid_queries(hw: tuple[int, int], grid_size: int = 16, t: int = 0, mask: np.
     return np.concatenate([np.full((len(pts), 1), t, np.float64), pts], 1).astype(np.float32)
 
 
+def check_grid_size(grid_size, flag: str = "") -> int:
+    """grid_size as an int from 1 to sqrt(MAX_POINTS); ValueError naming it (with `flag`, e.g. "--") otherwise,
+    before a grid of millions of points is built."""
+    side = int(MAX_POINTS ** 0.5)
+    if isinstance(grid_size, bool) or not isinstance(grid_size, (int, np.integer)) or not 1 <= grid_size <= side:
+        raise ValueError(f"{flag}grid_size must be a whole number from 1 to {side} (at most {MAX_POINTS} points are "
+                         f"tracked at once), got {grid_size!r}")
+    return int(grid_size)
+
+
+def check_track_args(S: int = 128, iters: int = 16, point_batch: int = 256, image_size=None, flag: str = "",
+                     lbm: bool = False) -> tuple[int, int, int, tuple[int, int] | None]:
+    """(S, iters, point_batch, image_size) checked: S >= 2 (windows overlap by one frame), iters >= 1 (0 would
+    return every query as its track), point_batch >= 1, image_size None or H,W each from MIN_SIZE (PIPs++'s
+    smallest input; for an LBM, which resizes frames to its own size, MIN_VIDEO_SIDE) to MAX_IMAGE_SIDE.
+    ValueError naming the parameter (with `flag`, e.g. "--" for a script's flags) otherwise."""
+    def whole(name, v, low):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+            raise ValueError(f"{flag}{name} must be a whole number, got {v!r}")
+        if v < low:
+            why = {"S": " (windows overlap by one frame)", "iters": " (0 would return every query as its track)"}
+            raise ValueError(f"{flag}{name} must be at least {low}{why.get(name, '')}, got {v}")
+        return int(v)
+
+    S, iters, point_batch = whole("S", S, 2), whole("iters", iters, 1), whole("point_batch", point_batch, 1)
+    if image_size is not None:
+        parts = image_size.split(",") if isinstance(image_size, str) else image_size
+        try:
+            h, w = (int(v) for v in parts)
+            if any(float(v) != int(v) for v in parts):
+                raise ValueError
+        except (TypeError, ValueError):
+            raise ValueError(f"{flag}image_size must be H,W (two whole numbers), got {image_size!r}") from None
+        low, why = (MIN_VIDEO_SIDE, "") if lbm else (MIN_SIZE, " (the smallest PIPs++ accepts)")
+        if not (low <= h <= MAX_IMAGE_SIDE and low <= w <= MAX_IMAGE_SIDE):
+            raise ValueError(f"{flag}image_size must be H,W each from {low}{why} to {MAX_IMAGE_SIDE}, got {h},{w}")
+        image_size = (h, w)
+    return S, iters, point_batch, image_size
+
+
+def check_video_size(hw: tuple[int, int], source: str = "video") -> None:
+    """ValueError unless both sides of a video are at least MIN_VIDEO_SIDE pixels."""
+    H, W = hw
+    if H < MIN_VIDEO_SIDE or W < MIN_VIDEO_SIDE:
+        raise ValueError(f"{source}: the video is {W}x{H}; tracking needs at least {MIN_VIDEO_SIDE}x{MIN_VIDEO_SIDE} "
+                         f"pixels")
+
+
 def check_queries(queries, T: int, hw: tuple[int, int], source: str = "queries", rows: list[int] | None = None,
-                  warn: Callable[[str], None] | None = None) -> np.ndarray:
-    """Queries as (N,3) float32 rows of (t, x, y); ValueError naming the first bad row, a warning for points
-    outside the image (they are tracked, but the model sees nothing there).
+                  warn: Callable[[str], None] | None = None, max_points: int | None = MAX_POINTS) -> np.ndarray:
+    """Queries as (N,3) float32 rows of (t, x, y); ValueError naming the first bad row (or the count, beyond
+    max_points), a warning for points outside the image (they are tracked, but the model sees nothing there);
+    points more than FAR_OUTSIDE image widths (heights) outside it are refused.
 
     source, rows: how messages name the queries and each row (demo.py: the CSV file and its line numbers);
     warn: where the off-image warning goes (default: warnings.warn)."""
@@ -403,6 +545,9 @@ def check_queries(queries, T: int, hw: tuple[int, int], source: str = "queries",
         raise ValueError(f"{source}: expected (N,3) rows of (t, x, y), got shape {tuple(q.shape)}")
     if len(q) == 0:
         raise ValueError(f"{source}: no queries")
+    if max_points is not None and len(q) > max_points:
+        raise ValueError(f"{source}: {len(q)} points; at most {max_points} are tracked at once (split them into "
+                         f"several runs)")
     where = lambda i: f"{source}: row {rows[i] if rows is not None else i}"  # noqa: E731
     # float32 overflow (1e39) is non-finite too: it is what the model would see
     bad = np.nonzero(~np.isfinite(q[:, 0]))[0]
@@ -419,16 +564,28 @@ def check_queries(queries, T: int, hw: tuple[int, int], source: str = "queries",
     if len(bad):
         raise ValueError(f"{where(bad[0])}: query frame {t[bad[0]]:g} is outside the video's frames 0..{T - 1}")
     H, W = hw
+    far = np.nonzero((np.abs(q[:, 1] - (W - 1) / 2) > (FAR_OUTSIDE + 0.5) * W)
+                     | (np.abs(q[:, 2] - (H - 1) / 2) > (FAR_OUTSIDE + 0.5) * H))[0]
+    if len(far):
+        i = far[0]
+        raise ValueError(f"{where(i)}: point x={q[i, 1]:g}, y={q[i, 2]:g} lies more than {FAR_OUTSIDE} image "
+                         f"{'widths' if abs(q[i, 1] - (W - 1) / 2) > (FAR_OUTSIDE + 0.5) * W else 'heights'} outside "
+                         f"the {W}x{H} image")
     out = np.nonzero((q[:, 1] < 0) | (q[:, 1] > W - 1) | (q[:, 2] < 0) | (q[:, 2] > H - 1))[0]
     if len(out):
         i = out[0]
         msg = (f"{where(i)}: {len(out)} of {len(q)} points lie outside the {W}x{H} image (first: x={q[i, 1]:g}, "
                f"y={q[i, 2]:g}); tracking them anyway")
-        if warn is None:
-            warnings.warn(msg, stacklevel=3)
-        else:
-            warn(msg)
+        (warn or _warn_caller)(msg)
     return q
+
+
+def _warn_caller(msg: str) -> None:
+    """warnings.warn attributed to the first caller outside this module, whichever way led here."""
+    level, frame = 1, sys._getframe(0)
+    while frame is not None and frame.f_globals.get("__name__") == __name__:
+        frame, level = frame.f_back, level + 1
+    warnings.warn(msg, stacklevel=level)
 
 
 def _given_row(queries, i: int) -> list[float]:
@@ -446,14 +603,53 @@ def track(model, video, queries, S: int = 128, iters: int = 16, backward: bool =
     {"tracks": (T,N,2) float32 in video pixels, "estimated": (T,N) bool of the frames that were estimated,
     "visibility": (T,N) bool for a model that predicts it (LBM, see `track_lbm`; S, iters and point_batch
     are PIPs++'s and do not apply), else None}.
+
+    The parameters are checked before any frame is decoded (`check_track_args`), the video's size and the
+    queries before the model runs; a video file is decoded into a temp file that is removed on every way out.
+    Estimates that are not finite (a model with damaged weights) raise ValueError rather than being returned.
     """
+    S, iters, point_batch, image_size = check_track_args(S, iters, point_batch, image_size, lbm=is_lbm(model))
     if is_lbm(model):
         if amp is not None:
             raise ValueError(f"amp={amp!r}: LBM tracking runs in the model's own precision")
         return track_lbm(model, video, queries, backward=backward, image_size=image_size, progress=progress)
-    src = as_frame_source(video, image_size)
+    with _frame_source(video, image_size) as src:
+        res = _track_pips(model, src, queries, S, iters, backward, point_batch, amp, progress)
+    return _finite(res)
+
+
+class _frame_source:
+    """`as_frame_source` as a context: a source made here from a path is closed (its temp file removed) on the
+    way out, whatever the way; a FrameSource given by the caller stays the caller's."""
+
+    def __init__(self, video, model_hw: tuple[int, int] | None):
+        self.video, self.model_hw, self.src = video, model_hw, None
+
+    def __enter__(self) -> FrameSource:
+        self.src = as_frame_source(self.video, self.model_hw)
+        check_video_size(self.src.src_hw, str(self.video) if isinstance(self.video, (str, os.PathLike)) else "video")
+        return self.src
+
+    def __exit__(self, *exc) -> None:
+        if self.src is not self.video:
+            self.src.close()
+
+
+def _finite(res: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """res unless some estimated track is not finite (NaN or inf: the model's weights are damaged)."""
+    bad = ~np.isfinite(res["tracks"]).all(-1) & res["estimated"]
+    if bad.any():
+        n = int(bad.any(0).sum())
+        raise ValueError(f"the model's estimates are not finite (NaN or inf) for {n} of {bad.shape[1]} points: its "
+                         f"weights are probably damaged")
+    return res
+
+
+def _track_pips(model, src: FrameSource, queries, S: int, iters: int, backward: bool, point_batch: int,
+                amp: str | None, progress: bool) -> dict[str, np.ndarray]:
+    """`track` for PIPs++ on an open frame source."""
     T = len(src)
-    q = check_queries(queries, T, src.src_hw)
+    q = check_queries(queries, T, src.src_hw, max_points=None)
     qt = q[:, 0].round().astype(int)
     model_xy = scale_xy(torch.from_numpy(q[:, 1:]), src.src_hw, src.model_hw)
     tracks = torch.zeros(T, len(q), 2)
@@ -494,6 +690,7 @@ class OnlineTracker:
 
     def __init__(self, model, queries_xy: np.ndarray, src_hw: tuple[int, int], S: int = 128, iters: int = 16,
                  image_size: tuple[int, int] | None = None, point_batch: int = 256, amp: str | None = None):
+        S, iters, point_batch, image_size = check_track_args(S, iters, point_batch, image_size)
         self.schedule = WindowSchedule(S)
         self.model, self.S, self.iters, self.point_batch, self.amp = model, S, iters, point_batch, amp
         self.src_hw = tuple(src_hw)
@@ -581,7 +778,25 @@ def find_lbm_checkpoint(init_dir: str | os.PathLike) -> Path:
 
 def load_lbm_model(init_dir: str | os.PathLike, device: str | torch.device = "cpu") -> LBM:
     """An LBM in eval mode from a checkpoint file or folder, its sizes read from the weights (`load_lbm`)."""
-    return load_lbm(find_lbm_checkpoint(init_dir), device)
+    path = find_lbm_checkpoint(init_dir)
+    check_checkpoint_file(path)
+    return load_lbm(path, device)
+
+
+def check_tracker_flags(model: str, init_dir: str | None, amp: str = "none", memory_size: int | None = None) -> None:
+    """The flags of `load_tracker`, checked without loading anything: ValueError naming the flag."""
+    if model not in ("pips2", "lbm"):
+        raise ValueError(f"--model must be pips2 or lbm, got {model!r}")
+    if model == "pips2":
+        amp_dtype(amp)
+        return
+    if init_dir is None:
+        raise ValueError("--model=lbm needs --init_dir: the LBM checkpoint file (e.g. lbm.pt) or its folder")
+    if amp not in (None, "none"):
+        raise ValueError(f"--amp={amp}: LBM runs in float32 here; leave --amp at none")
+    if memory_size is not None and (isinstance(memory_size, bool) or not isinstance(memory_size, (int, np.integer))
+                                    or not 1 <= memory_size <= MAX_MEMORY_SIZE):
+        raise ValueError(f"--memory_size must be a whole number from 1 to {MAX_MEMORY_SIZE}, got {memory_size!r}")
 
 
 def load_tracker(model: str, init_dir: str | None, device: str | torch.device = "auto", amp: str = "none",
@@ -589,19 +804,12 @@ def load_tracker(model: str, init_dir: str | None, device: str | torch.device = 
     """The tracker a script's --model names ("pips2" or "lbm") from --init_dir, in eval mode; PIPs++ defaults to
     ./reference_model, LBM needs a checkpoint and runs in float32, its memory resampled to memory_size if given.
     Raises ValueError or CheckpointError with one line naming the flag or file."""
+    check_tracker_flags(model, init_dir, amp, memory_size)
     dev = resolve_device(device) if isinstance(device, str) else device
     if model == "pips2":
         return load_pips(init_dir or "./reference_model", dev, amp=amp)
-    if model != "lbm":
-        raise ValueError(f"--model must be pips2 or lbm, got {model!r}")
-    if init_dir is None:
-        raise ValueError("--model=lbm needs --init_dir: the LBM checkpoint file (e.g. lbm.pt) or its folder")
-    if amp not in (None, "none"):
-        raise ValueError(f"--amp={amp}: LBM runs in float32 here; leave --amp at none")
     net = load_lbm_model(init_dir, dev)
     if memory_size is not None:
-        if int(memory_size) < 1:
-            raise ValueError(f"--memory_size must be at least 1, got {memory_size}")
         net.set_memory_size(int(memory_size))
     return net
 
@@ -704,13 +912,13 @@ def track_lbm(model: LBM, video, queries, backward: bool = False, image_size: tu
             image_size = model.size
         elif np.ndim(video) == 4:
             image_size = np.shape(video)[1:3]
-    src = as_frame_source(video, image_size)
-    T = len(src)
-    q = check_queries(queries, T, src.src_hw)
-    qt = q[:, 0].round().astype(int)
-    out = {"tracks": np.repeat(q[None, :, 1:], T, 0), "estimated": np.zeros((T, len(q)), bool),
-           "visibility": np.zeros((T, len(q)), bool)}
-    _lbm_pass(model, src, list(range(T)), np.arange(len(q)), q, out, False, progress)
-    if backward:  # queries on frame 0 have nothing before them; the query frame itself comes from the forward pass
-        _lbm_pass(model, src, list(range(T - 1, -1, -1)), np.nonzero(qt > 0)[0], q, out, True, progress)
-    return out
+    with _frame_source(video, image_size) as src:
+        T = len(src)
+        q = check_queries(queries, T, src.src_hw, max_points=None)
+        qt = q[:, 0].round().astype(int)
+        out = {"tracks": np.repeat(q[None, :, 1:], T, 0), "estimated": np.zeros((T, len(q)), bool),
+               "visibility": np.zeros((T, len(q)), bool)}
+        _lbm_pass(model, src, list(range(T)), np.arange(len(q)), q, out, False, progress)
+        if backward:  # queries on frame 0 have nothing before them; the query frame itself comes from the forward one
+            _lbm_pass(model, src, list(range(T - 1, -1, -1)), np.nonzero(qt > 0)[0], q, out, True, progress)
+    return _finite(out)

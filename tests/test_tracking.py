@@ -1,9 +1,12 @@
 """pips2/tracking.py: the window schedule, windowed tracking, any-frame queries, backward tracking, one
 encoding per frame, streaming, one-frame windows, bad queries and bounded memory."""
 
+import errno
 import os
+import socket
 import subprocess
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -13,7 +16,7 @@ import torch
 from helpers import golden_model
 
 from pips2 import tracking
-from pips2.utils.video import write_mp4
+from pips2.utils.video import VideoError, write_mp4
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -368,3 +371,153 @@ for S in (16, T):  # windows of 16 frames, then one window over the whole video 
     # measured (100 frames): 9-18 MiB with 16-frame windows, ~94 MiB with the whole video in one window
     assert windowed < 150, growth
     assert whole > 2 * windowed, growth  # the measurement sees the difference, so the bound means something
+
+
+# --- requests checked before any frame is read; bounds; the decoded video's temp file ------------------------------
+
+@pytest.mark.parametrize("kw,message", [
+    (dict(iters=0), r"^iters must be at least 1 \(0 would return every query as its track\), got 0$"),
+    (dict(S=-3), r"^S must be at least 2 \(windows overlap by one frame\), got -3$"),
+    (dict(point_batch=0), r"^point_batch must be at least 1, got 0$"),
+    (dict(S=8.5), r"^S must be a whole number, got 8\.5$"),
+    (dict(image_size=(16, 16)), r"^image_size must be H,W each from 128 \(the smallest PIPs\+\+ accepts\) to 4096, "
+                                r"got 16,16$"),
+    (dict(image_size=(128, 100000)), r"^image_size must be H,W each from 128 .* to 4096, got 128,100000$"),
+    (dict(image_size="abc"), r"^image_size must be H,W \(two whole numbers\), got 'abc'$"),
+])
+def test_track_arguments_are_checked_before_any_frame_is_read(tmp_path, kw, message, monkeypatch):
+    """iters=0 returned every query as its track; the others failed deep inside, after the video was decoded."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    write_mp4(tmp_path / "v.mp4", _video(4))
+    stub = TwoFrameStub()
+    for video in (_video(4), str(tmp_path / "v.mp4")):
+        with pytest.raises(ValueError, match=message):
+            tracking.track(stub, video, np.array([[0, 1.0, 1.0]]), **{"S": 8, **kw})
+    assert stub.encoded == 0 and not list(tmp_path.glob(f"{tracking.FRAMES_PREFIX}*"))  # nothing decoded
+    with pytest.raises(ValueError, match=message):
+        tracking.OnlineTracker(stub, np.array([[1.0, 1.0]]), (128, 160), **{"S": 8, **kw})
+
+
+def test_a_video_smaller_than_a_feature_cell_is_refused():
+    with pytest.raises(ValueError, match=r"^video: the video is 1x1; tracking needs at least 8x8 pixels$"):
+        tracking.track(TwoFrameStub(), np.zeros((3, 1, 1, 3), np.uint8), np.array([[0, 0.0, 0.0]]), S=8)
+
+
+def test_a_point_far_outside_the_image_is_refused():
+    """x=1e30 was tracked (with a warning) and drawing its track failed after the whole run."""
+    stub = TwoFrameStub()
+    for q, what in (([[0, 1e30, 5.0]], "row 0: point x=1e+30, y=5 lies more than 4 image widths"),
+                    ([[0, 10.0, 10.0], [0, 5.0, -600.0]], "row 1: point x=5, y=-600 lies more than 4 image heights")):
+        with pytest.raises(ValueError) as e:
+            tracking.track(stub, _video(4), np.array(q, np.float32), S=8)
+        assert str(e.value) == f"queries: {what} outside the 160x128 image"
+    assert stub.encoded == 0
+    with warnings.catch_warnings(record=True) as w:  # within 4 image sizes: still tracked, with the warning
+        warnings.simplefilter("always")
+        tracking.track(stub, _video(4), np.array([[0, 160 * 5 - 1.0, 5.0]], np.float32), S=8)
+    assert len(w) == 1 and "lie outside the 160x128 image" in str(w[0].message)
+
+
+def test_the_number_of_points_is_bounded():
+    """--grid_size=3000 asked for 9 million points on a 160x128 video, and was accepted."""
+    assert len(tracking.grid_queries((128, 160), 100)) == tracking.MAX_POINTS == 10_000
+    for bad in (3000, 101, 0, -1, 2.5, True):
+        with pytest.raises(ValueError, match=r"^grid_size must be a whole number from 1 to 100 \(at most 10000 points"):
+            tracking.grid_queries((128, 160), bad)
+    q = np.zeros((tracking.MAX_POINTS + 1, 3), np.float32)
+    with pytest.raises(ValueError, match=r"^pts\.csv: 10001 points; at most 10000 are tracked at once"):
+        tracking.check_queries(q, 4, (128, 160), "pts.csv")
+    assert len(tracking.check_queries(q, 4, (128, 160), max_points=None)) == 10_001  # the evaluations' own counts
+
+
+class NaNStub(TwoFrameStub):
+    """A model whose weights are damaged: its estimates are NaN."""
+
+    def forward(self, trajs, rgbs, iters=1, feat_init=None, fmaps=None, **kw):
+        out = trajs.clone() * float("nan")
+        return [out], [out], (None, None, None), None
+
+
+def test_estimates_that_are_not_finite_are_refused():
+    with pytest.raises(ValueError, match=r"^the model's estimates are not finite \(NaN or inf\) for 2 of 2 points"):
+        tracking.track(NaNStub(), _video(6), np.array([[0, 10.0, 10.0], [0, 20.0, 20.0]], np.float32), S=4)
+
+
+class FailingStub(TwoFrameStub):
+    """Fails in its second window, as a model out of memory or a signal would interrupt it."""
+
+    def forward(self, *args, **kw):
+        if self.windows:
+            raise RuntimeError("out of memory")
+        return super().forward(*args, **kw)
+
+
+def test_the_decoded_video_is_removed_on_every_way_out(tmp_path, monkeypatch):
+    """The temp file of decoded frames (GBs for a long video) stayed as long as the exception was kept (a notebook
+    keeps the last one; a server may log it), and for good when a signal killed the process (demo.py's test)."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    write_mp4(tmp_path / "v.mp4", _video(12))
+    q = np.array([[0, 10.0, 10.0]], np.float32)
+    with pytest.raises(RuntimeError, match="out of memory") as kept:
+        tracking.track(FailingStub(), str(tmp_path / "v.mp4"), q, S=4)
+    assert kept.value.__traceback__ is not None and list((tmp_path / "tmp").iterdir()) == []
+    del kept
+    assert tracking.track(TwoFrameStub(), str(tmp_path / "v.mp4"), q, S=4)["tracks"].shape == (12, 1, 2)
+    assert list((tmp_path / "tmp").iterdir()) == []
+    # a source the caller made stays open; close() removes its file
+    src = tracking.VideoFileFrames(tmp_path / "v.mp4")
+    tracking.track(TwoFrameStub(), src, q, S=4)
+    assert (src.dir / "frames.u8").is_file() and len(src.get(0, 12)) == 12
+    src.close()
+    assert list((tmp_path / "tmp").iterdir()) == []
+
+
+def test_frame_folders_of_killed_processes_are_removed(tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    host = socket.gethostname()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    stale = tmp_path / f"{tracking.FRAMES_PREFIX}.{host}.{dead}.abc_12"
+    live = tmp_path / f"{tracking.FRAMES_PREFIX}.{host}.{os.getpid()}.xyz"
+    other_host = tmp_path / f"{tracking.FRAMES_PREFIX}.elsewhere.{dead}.abc"
+    for d in (stale, live, other_host):
+        d.mkdir()
+        (d / "frames.u8").write_bytes(b"\0" * 100)
+    write_mp4(tmp_path / "v.mp4", _video(3))
+    tracking.VideoFileFrames(tmp_path / "v.mp4").close()
+    assert not stale.exists() and live.is_dir() and other_host.is_dir()
+
+
+def test_a_full_disk_while_decoding_is_one_line(tmp_path, monkeypatch):
+    """The frames are memory-mapped: without space reserved first, a full disk ends the process with SIGBUS."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    write_mp4(tmp_path / "v.mp4", _video(3))
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    with pytest.raises(VideoError) as e:
+        tracking.track(TwoFrameStub(), str(tmp_path / "v.mp4"), np.array([[0, 1.0, 1.0]]), S=4)
+    assert str(e.value).startswith(f"{tmp_path / 'v.mp4'}: no space in {tmp_path / 'tmp'} for its decoded frames")
+    assert "TMPDIR" in str(e.value) and list((tmp_path / "tmp").iterdir()) == []
+
+
+def test_a_video_too_large_for_its_own_size_needs_image_size(tmp_path, monkeypatch):
+    """Tracked at its own size by default, a 4104-pixel-high video would hold S frames of feature maps of that
+    size; it is refused before its frames are decoded, naming image_size, and tracks with it."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    tall = np.zeros((2, 4104, 16, 3), np.uint8)
+    write_mp4(tmp_path / "tall.mp4", tall)
+    q = np.array([[0, 8.0, 100.0]], np.float32)
+    for video, name in ((tall, "video"), (str(tmp_path / "tall.mp4"), str(tmp_path / "tall.mp4"))):
+        with pytest.raises(ValueError) as e:
+            tracking.track(TwoFrameStub(), video, q, S=4)
+        assert str(e.value) == (f"{name}: the video is 16x4104, beyond the 4096 pixels a side that it is tracked at "
+                                f"by default; give image_size (--image_size=H,W) of at most 4096 a side")
+    assert list((tmp_path / "tmp").iterdir()) == []
+    res = tracking.track(TwoFrameStub(), str(tmp_path / "tall.mp4"), q, S=4, image_size=(1024, 128))
+    assert res["tracks"].shape == (2, 1, 2)

@@ -11,6 +11,7 @@ from pips2.utils.video import (
     VideoError,
     image_truncation,
     iter_frames,
+    mp4_truncation,
     read_clip,
     read_rgb,
     read_video,
@@ -100,7 +101,8 @@ def test_a_damaged_mp4_is_one_line_without_libav_chatter(tmp_path, clip):
     """OpenCV's libav prints its own lines for a damaged file, without its name; only our error is said."""
     path, _ = clip
     bad = tmp_path / "half.mp4"
-    bad.write_bytes(path.read_bytes()[:len(path.read_bytes()) // 2])
+    data = path.read_bytes()  # its second half (the frames' end and the header) zeroed: whole in size, not readable
+    bad.write_bytes(data[:len(data) // 2] + bytes(len(data) - len(data) // 2))
     code = ("import sys\nfrom pips2.utils.video import VideoError, read_clip\ntry:\n"
             f"    read_clip({str(bad)!r}, 9, 128, 160, backend='cv2')\n"
             "except VideoError as e:\n    print(e, file=sys.stderr)\n")
@@ -141,3 +143,103 @@ def test_truncation_reads_segments_not_guesses(tmp_path, clip):
         else:
             with pytest.raises(VideoError, match=why.replace("(", r"\(").replace(")", r"\)")):
                 read_rgb(path)
+
+
+# --- files that decode to something other than what they declare, or to nothing ------------------------------------
+
+def _ffmpeg(*args):
+    """The bundled ffmpeg (the one the project decodes with), quiet, failing loudly."""
+    import imageio_ffmpeg
+
+    subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-y", *map(str, args)], check=True,
+                   capture_output=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def long_clip(tmp_path_factory):
+    """A 48-frame mp4 as write_mp4 makes it (header at the end) and the same frames with the header first
+    ("faststart", as made for streaming)."""
+    d = tmp_path_factory.mktemp("long")
+    rng = np.random.default_rng(1)
+    base = (rng.random((128, 400, 3)) * 255).astype(np.uint8)  # noise: every frame's data is large, none dominates
+    write_mp4(d / "end.mp4", (np.roll(base, t, 1)[:, :160] for t in range(48)))
+    _ffmpeg("-i", d / "end.mp4", "-c", "copy", "-movflags", "+faststart", d / "first.mp4")
+    return d / "end.mp4", d / "first.mp4"
+
+
+def test_an_mp4_cut_short_is_refused_saying_how_many_frames_decode(tmp_path, long_clip):
+    """A download cut in half still decodes its first frames; without a check the rest is silently missing."""
+    end, first = long_clip
+    for whole in long_clip:
+        assert mp4_truncation(whole) is None and video_info(whole)[0] == 48
+    cut = tmp_path / "cut.mp4"
+    data = first.read_bytes()
+    cut.write_bytes(data[:len(data) // 2])
+    assert 0 < sum(1 for _ in read_video_frames_unchecked(cut)) < 48  # what a decoder makes of it: some frames
+    with pytest.raises(VideoError) as e:
+        video_info(cut)
+    msg = str(e.value)
+    assert msg.startswith(f"{cut}: cut short (the file ends at byte {len(data) // 2}, inside its 'mdat' box")
+    assert " of the 48 frames its header declares decode; re-download" in msg and "\n" not in msg
+    with pytest.raises(VideoError, match=r"cut short .*its header declares 48 frames\); re-download"):
+        next(iter_frames(cut))
+    # the header at the end: cut off with the frames, so nothing declares a count, and nothing decodes
+    cut_end = tmp_path / "cut_end.mp4"
+    cut_end.write_bytes(end.read_bytes()[:len(end.read_bytes()) // 2])
+    with pytest.raises(VideoError, match=r"cut short \(the file ends at byte \d+, inside its 'mdat' box.*\): 0 frames "
+                                         r"decode; re-download or re-copy it$"):
+        video_info(cut_end)
+    # the remedy the message gives works: what decodes, re-muxed, is a whole file
+    fixed = tmp_path / "fixed.mp4"
+    _ffmpeg("-i", cut, "-c", "copy", fixed)
+    assert mp4_truncation(fixed) is None and 0 < video_info(fixed)[0] < 48
+
+
+def read_video_frames_unchecked(path):
+    """Frames as ffmpeg decodes them, without the project's checks."""
+    import imageio_ffmpeg
+
+    reader = imageio_ffmpeg.read_frames(str(path))
+    next(reader)
+    yield from reader
+
+
+def test_a_fragmented_mp4_is_whole(tmp_path, long_clip):
+    """Fragments (moof + mdat pairs, an empty sample table in the header) walk to the end: not cut."""
+    frag = tmp_path / "frag.mp4"
+    _ffmpeg("-i", long_clip[0], "-c", "copy", "-movflags", "frag_keyframe+empty_moov", frag)
+    assert mp4_truncation(frag) is None and video_info(frag)[0] == 48
+
+
+def test_no_video_stream_or_a_folder_is_one_line(tmp_path, long_clip):
+    audio = tmp_path / "sound.m4a"
+    _ffmpeg("-f", "lavfi", "-i", "sine=d=0.5", audio)
+    empty = tmp_path / "empty.mp4"  # zero frames: ffmpeg keeps a container without streams
+    _ffmpeg("-i", long_clip[0], "-frames:v", "0", "-c", "copy", empty)
+    os.mkfifo(tmp_path / "fifo.mp4")
+    for path, why in ((audio, "no video stream in it (only audio)"),
+                      (empty, "no video stream in it (no streams at all: an empty video)"),
+                      (tmp_path, "is a folder, not a video file"),
+                      (tmp_path / "fifo.mp4", "not a regular file")):
+        for fn in (video_info, lambda p: next(iter_frames(p))):
+            with pytest.raises(VideoError) as e:
+                fn(path)
+            assert str(e.value) == f"{path}: {why}"
+
+
+def test_a_variable_frame_rate_video_is_read_frame_by_frame(tmp_path):
+    """Each decoded frame once, as many as video_info counts: ffmpeg's default would repeat frames to make a
+    constant rate (here 144 frames out of 48)."""
+    vfr = tmp_path / "vfr.mp4"
+    _ffmpeg("-f", "lavfi", "-i", "testsrc=s=160x128:r=24:d=2", "-vf", "setpts='if(lt(N,20),N,N*3)/24/TB'",
+            "-fps_mode", "vfr", "-c:v", "libx264", vfr)
+    n = video_info(vfr)[0]
+    assert n == 48 and sum(1 for _ in iter_frames(vfr)) == n == len(read_video(vfr, "cv2"))
+
+
+def test_write_mp4_refuses_what_ffmpeg_cannot_encode(tmp_path):
+    """ffmpeg fails on frames of 0 or 1 pixel and only prints it; write_mp4 said nothing and left no file."""
+    for shape in ((0, 0, 3), (1, 2, 3), (2, 1, 3)):
+        with pytest.raises(VideoError, match="too small to encode"):
+            write_mp4(tmp_path / "tiny.mp4", np.zeros((3, *shape), np.uint8))
+        assert not (tmp_path / "tiny.mp4").exists()

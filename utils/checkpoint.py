@@ -357,7 +357,18 @@ def parameter_table(model: nn.Module) -> str:
 
 
 def resolve_device(device: str = "auto") -> torch.device:
-    """'auto' picks CUDA when available, else the CPU."""
+    """'auto' picks CUDA when available, else the CPU; cpu, cuda[:N] and mps must exist here (ValueError, one line
+    naming --device, otherwise: before a model is loaded, not when it is moved)."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"--device {device!r}: expected auto, cpu, cuda, cuda:N or mps")
+    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {device}: no such CUDA device here ({torch.cuda.device_count()} found)")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {device}: MPS is not available here")
+    return dev

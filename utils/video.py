@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import os
+import re
+import subprocess
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO
@@ -131,6 +133,8 @@ def write_mp4(path: str | os.PathLike, frames: Iterable[np.ndarray] | np.ndarray
     h, w = first.shape[:2]
     if first.ndim != 3 or first.shape[2] != 3 or first.dtype != np.uint8:
         raise VideoError(f"{path}: frames must be uint8 HxWx3, got {first.dtype} {first.shape}")
+    if h < 2 or w < 2:  # ffmpeg would fail on its own and only print it: no file, and no error here
+        raise VideoError(f"{path}: frames of {w}x{h} are too small to encode (at least 2x2)")
     if h % 2 or w % 2:
         raise VideoError(f"{path}: yuv420p needs even sizes, got {w}x{h}")
     writer = imageio_ffmpeg.write_frames(
@@ -146,13 +150,152 @@ def write_mp4(path: str | os.PathLike, frames: Iterable[np.ndarray] | np.ndarray
             writer.send(np.ascontiguousarray(f))
     finally:
         writer.close()
+    if not Path(path).is_file() or Path(path).stat().st_size == 0:  # ffmpeg failed and only printed why
+        raise VideoError(f"{path}: ffmpeg wrote no video")
+
+
+# ISO base media files (mp4, mov, m4v, 3gp) are a chain of boxes, each starting with its size and type; these are
+# the types such a file starts with
+_ISO_FIRST = {b"ftyp", b"styp", b"moov", b"mdat", b"free", b"skip", b"wide", b"pnot"}
+_MAX_BOXES = 1_000_000  # boxes walked at one level (a fragmented mp4 has two per fragment): bounds a hostile file
+
+
+def _boxes(f: BinaryIO, start: int, end: int) -> Iterator[tuple[bytes, int, int]]:
+    """(type, payload start, box end) of the boxes from `start`, walked by their declared sizes up to `end`; a box
+    may end past `end` (a cut file: the caller decides). Stops at a malformed size or a header cut short."""
+    pos = start
+    for _ in range(_MAX_BOXES):
+        if pos + 8 > end:
+            return
+        f.seek(pos)
+        head = f.read(8)
+        if len(head) < 8:
+            return
+        size, kind, payload = int.from_bytes(head[:4], "big"), head[4:], pos + 8
+        if size == 1:  # a 64-bit size follows the type
+            big = f.read(8)
+            if len(big) < 8:
+                return
+            size, payload = int.from_bytes(big, "big"), pos + 16
+        elif size == 0:  # the box runs to the end of its parent
+            size = end - pos
+        if size < payload - pos:
+            return
+        yield kind, payload, pos + size
+        pos += size
+
+
+def _find_box(f: BinaryIO, start: int, end: int, kind: bytes) -> tuple[int, int] | None:
+    """(payload start, end) of the first box of this type between start and end, or None."""
+    for k, payload, stop in _boxes(f, start, end):
+        if k == kind:
+            return payload, min(stop, end)
+    return None
+
+
+def _declared_frames(f: BinaryIO, size: int) -> int | None:
+    """The number of frames an mp4's header declares for its first video track (the sample count of its stsz or
+    stz2 box), or None when there is no such header."""
+    moov = _find_box(f, 0, size, b"moov")
+    if moov is None:
+        return None
+    for kind, payload, stop in _boxes(f, *moov):
+        if kind != b"trak":
+            continue
+        mdia = _find_box(f, payload, min(stop, size), b"mdia")
+        hdlr = mdia and _find_box(f, *mdia, b"hdlr")
+        if not hdlr:
+            continue
+        f.seek(hdlr[0] + 8)  # version and flags, pre_defined, then the handler type
+        if f.read(4) != b"vide":
+            continue
+        box = mdia
+        for k in (b"minf", b"stbl"):
+            box = box and _find_box(f, *box, k)
+        for k in (b"stsz", b"stz2"):
+            found = box and _find_box(f, *box, k)
+            if found:
+                f.seek(found[0] + 8)  # version and flags, sample size (stz2: field size), then the count
+                count = f.read(4)
+                return int.from_bytes(count, "big") if len(count) == 4 else None
+        return None
+    return None
+
+
+def _mp4_cut(path: str | os.PathLike) -> tuple[str, int | None] | None:
+    """(where an mp4/mov file is cut, the frames its header declares or None), or None for a whole file or another
+    format. Its top-level boxes, walked by their sizes, must end within the file: a download or copy cut short
+    leaves the last one (usually the frames, 'mdat') running past the end. Reads only box headers."""
+    with open(path, "rb") as f:
+        size = f.seek(0, os.SEEK_END)
+        f.seek(0)
+        if len(head := f.read(8)) < 8 or head[4:] not in _ISO_FIRST:
+            return None
+        last = 0
+        for kind, _, end in _boxes(f, 0, size):
+            if end > size:
+                return (f"the file ends at byte {size}, inside its '{kind.decode('latin-1')}' box, which runs to byte "
+                        f"{end}", _declared_frames(f, size))
+            last = end
+        if 0 < size - last < 8:
+            return f"the file ends at byte {size}, inside a box header", _declared_frames(f, size)
+    return None
+
+
+def mp4_truncation(path: str | os.PathLike) -> str | None:
+    """Why an mp4/mov file ends early, or None (also for other formats): decoders stop at the cut without a word.
+    Reads only the headers of its boxes."""
+    cut = _mp4_cut(path)
+    if cut is None:
+        return None
+    where, declared = cut
+    return f"cut short ({where}; its header declares {declared} frames)" if declared else f"cut short ({where})"
+
+
+REMUX_HINT = "re-download or re-copy it, or keep the frames that decode with: ffmpeg -i IN -c copy OUT.mp4"
+
+
+def _check_video_path(path: str | os.PathLike) -> None:
+    """VideoError unless path is an existing file (not a folder)."""
+    p = Path(path)
+    if p.is_dir():
+        raise VideoError(f"{path}: is a folder, not a video file")
+    if p.exists() and not p.is_file():  # a FIFO or a device: ffmpeg could wait on it forever
+        raise VideoError(f"{path}: not a regular file")
+    if not p.is_file():
+        raise VideoError(f"{path}: no such video file")
+
+
+def _stream_kinds(path: str | os.PathLike) -> set[str] | None:
+    """The kinds of stream ffmpeg finds in a file ({'Video', 'Audio', ...}), or None if it cannot open it."""
+    try:
+        res = subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-nostdin", "-i", str(path)],
+                             capture_output=True, text=True, errors="replace", timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if "Input #0" not in res.stderr:
+        return None
+    return set(re.findall(r"^\s*Stream #\d+:\d+\S*: (\w+):", res.stderr, re.MULTILINE))
+
+
+def _open_problem(path: str | os.PathLike, e: Exception, verb: str) -> str:
+    """One line for a video ffmpeg could not start decoding: it has no video stream (an audio file, an empty
+    video), else "<verb> (ffmpeg's last line)"."""
+    kinds = _stream_kinds(path)
+    if kinds is not None and "Video" not in kinds:
+        others = ", ".join(sorted(k.lower() for k in kinds))
+        return f"no video stream in it ({f'only {others}' if others else 'no streams at all: an empty video'})"
+    return f"{verb} ({str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__})"
 
 
 def iter_frames(path: str | os.PathLike, backend: str = "imageio") -> Iterator[np.ndarray]:
     """Yield RGB uint8 frames of any video one at a time (bounded memory), decoded by imageio-ffmpeg's
-    bundled ffmpeg (any codec it knows) or by OpenCV (`backend="cv2"`)."""
-    if not Path(path).is_file():
-        raise VideoError(f"{path}: no such video file")
+    bundled ffmpeg (any codec it knows) or by OpenCV (`backend="cv2"`). An mp4 cut short is refused
+    (`mp4_truncation`): decoders would stop early without a word."""
+    _check_video_path(path)
+    why = mp4_truncation(path)
+    if why:
+        raise VideoError(f"{path}: {why}; {REMUX_HINT}")
     if backend == "cv2":
         cap = cv2.VideoCapture(str(path))
         if not cap.isOpened():
@@ -166,12 +309,13 @@ def iter_frames(path: str | os.PathLike, backend: str = "imageio") -> Iterator[n
         finally:
             cap.release()
         return
-    reader = imageio_ffmpeg.read_frames(str(path), pix_fmt="rgb24")
+    # each decoded frame once, as OpenCV and the frame count of video_info see them: by default ffmpeg would repeat
+    # or drop frames of a variable-frame-rate video (a phone's) to make a constant rate
+    reader = imageio_ffmpeg.read_frames(str(path), pix_fmt="rgb24", output_params=["-fps_mode", "passthrough"])
     try:
         meta = next(reader)
     except Exception as e:
-        msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-        raise VideoError(f"{path}: cannot decode ({msg})") from None
+        raise VideoError(f"{path}: {_open_problem(path, e, 'cannot decode')}") from None
     w, h = meta["size"]
     try:
         for buf in reader:
@@ -190,17 +334,34 @@ def read_video(path: str | os.PathLike, backend: str = "cv2") -> np.ndarray:
 
 
 def video_info(path: str | os.PathLike) -> tuple[int, int, int, float]:
-    """(frames, height, width, fps) read by imageio-ffmpeg (frames are counted by decoding headers only)."""
-    if not Path(path).is_file():
-        raise VideoError(f"{path}: no such video file")
+    """(frames, height, width, fps): the size and fps from the header, the frames counted by decoding them.
+
+    One VideoError line naming the file for a folder, a missing file, a file without a video stream (audio only,
+    an empty video), one whose frames do not decode, and an mp4 cut short (with how many of the frames it
+    declares decode)."""
+    _check_video_path(path)
+    cut = _mp4_cut(path)
+    if cut:  # said first: a cut file may not open at all (an mp4 keeping its header at the end loses it)
+        try:
+            n = imageio_ffmpeg.count_frames_and_secs(str(path))[0] or 0
+        except Exception:
+            n = 0
+        where, declared = cut
+        of = f"{n} of the {declared} frames its header declares decode" if declared else f"{n} frames decode"
+        raise VideoError(f"{path}: cut short ({where}): {of}; {REMUX_HINT if n else 're-download or re-copy it'}")
     try:
         reader = imageio_ffmpeg.read_frames(str(path), pix_fmt="rgb24")
         meta = next(reader)
         reader.close()
+    except Exception as e:
+        raise VideoError(f"{path}: {_open_problem(path, e, 'cannot read video')}") from None
+    try:
         n, _ = imageio_ffmpeg.count_frames_and_secs(str(path))
     except Exception as e:
         msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
         raise VideoError(f"{path}: cannot read video ({msg})") from None
+    if not n:
+        raise VideoError(f"{path}: no frames decode")
     w, h = meta["size"]
     return int(n), int(h), int(w), float(meta.get("fps") or 24.0)
 

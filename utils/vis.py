@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import os
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
@@ -11,10 +12,13 @@ import numpy as np
 
 from pips2.utils.video import iter_frames, write_mp4
 
+DRAW_LIMIT = 1e5  # px: points further out are not drawn (OpenCV shifts coordinates into 32-bit integers)
+
 
 def track_colors(xy0: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
     """(N,3) uint8 RGB colours that vary smoothly with the query position (hue by x, value by y)."""
     H, W = hw
+    xy0 = np.nan_to_num(np.asarray(xy0, np.float64))
     hue = np.clip(xy0[:, 0] / max(W - 1, 1), 0, 1) * 150
     val = 155 + 100 * np.clip(xy0[:, 1] / max(H - 1, 1), 0, 1)
     hsv = np.stack([hue, np.full_like(hue, 255), val], 1).astype(np.uint8)[None]
@@ -31,6 +35,10 @@ def draw_frame(frame: np.ndarray, history: np.ndarray, colors: np.ndarray, shown
     out = frame.copy()
     L, N = history.shape[:2]
     shown = np.ones((L, N), bool) if shown is None else shown
+    # a point OpenCV cannot take (NaN, inf, beyond its integer range) is not drawn, nor are its trail segments
+    with np.errstate(invalid="ignore"):
+        shown = shown & (np.abs(history) <= DRAW_LIMIT).all(-1)
+    history = np.where(shown[..., None], history, 0.0)
     for i in range(1, L):
         a = i / L  # fade: the oldest segment is the faintest
         layer = out.copy()
@@ -90,6 +98,13 @@ def summary_image(frames: np.ndarray, trajs_g: np.ndarray, trajs_e: np.ndarray, 
     return np.concatenate([left, right], 1)
 
 
+def output_fps(fps: float | None) -> int:
+    """The frame rate tracks.mp4 is written at: the video's, rounded, within 1..1000 (24 when unknown)."""
+    if fps is None or not np.isfinite(fps) or fps <= 0:
+        return 24
+    return int(min(1000, max(1, round(fps))))
+
+
 def write_outputs(out_dir: Path, video: Path, queries: np.ndarray, tracks: np.ndarray, estimated: np.ndarray,
                   fps: float, visibility: np.ndarray | None = None, numbers: bool = False,
                   on_frame: Callable[[int], None] | None = None) -> list[Path]:
@@ -98,30 +113,40 @@ def write_outputs(out_dir: Path, video: Path, queries: np.ndarray, tracks: np.nd
 
     With a model's visibility (T,N) the npz gets a `visibility` array, the csv a `visibility` column (0/1) and
     the video draws invisible points hollow; numbers=True writes each point's index beside it; on_frame(t) is
-    called as each frame of the video is drawn (progress)."""
-    npz, csv_path, mp4 = out_dir / "tracks.npz", out_dir / "tracks.csv", out_dir / "tracks.mp4"
+    called as each frame of the video is drawn (progress). Each file is written under a temp name and the three
+    are renamed into place only once all are complete: an error or a signal mid-way leaves no partial file
+    (and the temps are removed)."""
+    final = [out_dir / "tracks.npz", out_dir / "tracks.csv", out_dir / "tracks.mp4"]
+    tag = f".tmp.{os.getpid()}"
+    npz, csv_path, mp4 = (p.with_name(f".{p.stem}{tag}{p.suffix}") for p in final)
     extra = {} if visibility is None else {"visibility": visibility}
-    np.savez(npz, tracks=tracks, estimated=estimated, queries=queries, **extra)
-    with open(csv_path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["frame", "point", "x", "y", "estimated"] + ([] if visibility is None else ["visibility"]))
-        for t in range(tracks.shape[0]):
-            for n in range(tracks.shape[1]):
-                row = [t, n, f"{tracks[t, n, 0]:.3f}", f"{tracks[t, n, 1]:.3f}", int(estimated[t, n])]
-                w.writerow(row if visibility is None else row + [int(visibility[t, n])])
+    try:
+        np.savez(npz, tracks=tracks, estimated=estimated, queries=queries, **extra)
+        with open(csv_path, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["frame", "point", "x", "y", "estimated"] + ([] if visibility is None else ["visibility"]))
+            for t in range(tracks.shape[0]):
+                for n in range(tracks.shape[1]):
+                    row = [t, n, f"{tracks[t, n, 0]:.3f}", f"{tracks[t, n, 1]:.3f}", int(estimated[t, n])]
+                    w.writerow(row if visibility is None else row + [int(visibility[t, n])])
 
-    def even(frame):  # yuv420p needs even sizes
-        h, w = frame.shape[:2]
-        return frame[: h - h % 2, : w - w % 2]
+        def even(frame):  # yuv420p needs even sizes
+            h, w = frame.shape[:2]
+            return frame[: h - h % 2, : w - w % 2]
 
-    labels = [str(n) for n in range(tracks.shape[1])] if numbers else None
+        labels = [str(n) for n in range(tracks.shape[1])] if numbers else None
 
-    def drawn(frames):
-        for t, f in enumerate(frames):
-            if on_frame is not None:
-                on_frame(t)
-            yield even(f)
+        def drawn(frames):
+            for t, f in enumerate(frames):
+                if on_frame is not None:
+                    on_frame(t)
+                yield even(f)
 
-    frames = drawn(render_tracks(iter_frames(video), tracks, estimated, visibility=visibility, labels=labels))
-    write_mp4(mp4, frames, fps=max(1, int(round(fps or 24))))
-    return [npz, csv_path, mp4]
+        frames = drawn(render_tracks(iter_frames(video), tracks, estimated, visibility=visibility, labels=labels))
+        write_mp4(mp4, frames, fps=output_fps(fps))
+        for tmp, dest in zip((npz, csv_path, mp4), final, strict=True):
+            os.replace(tmp, dest)
+    finally:
+        for tmp in (npz, csv_path, mp4):
+            tmp.unlink(missing_ok=True)
+    return final
