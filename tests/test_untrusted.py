@@ -52,6 +52,13 @@ def test_payload_is_live(tmp_path, how):
 
 # --- PointOdyssey ----------------------------------------------------------------------------------------
 
+def _frames(scene: Path, T: int = 5) -> None:
+    """T frame files in scene/rgbs (the loaders count them by name: their bytes are not read here)."""
+    (scene / "rgbs").mkdir(parents=True, exist_ok=True)
+    for t in range(T):
+        (scene / "rgbs" / f"rgb_{t:05d}.jpg").touch()
+
+
 def _anno(T=5, N=4, trajs_3d=None) -> dict:
     rng = np.random.default_rng(0)
     return {"trajs_2d": rng.uniform(0, 50, (T, N, 2)).astype(np.float32),
@@ -77,7 +84,8 @@ def test_pickle_saved_as_anno_npz_is_refused(tmp_path, how):
 @pytest.mark.parametrize("fname", ["anno.npz", "annotations.npz"])
 def test_npz_with_payload_in_trajs_3d_is_refused(tmp_path, how, fname):
     marker = tmp_path / "ran"
-    z = _anno(trajs_3d=np.array([Payload(marker, how)], dtype=object))
+    _frames(tmp_path)
+    z = _anno(trajs_3d=np.array(Payload(marker, how), dtype=object))  # shaped as the pickled None it stands for
     if fname == "annotations.npz":
         z["visibilities"] = np.ones(z.pop("visibs").shape, np.uint8)
     np.savez(tmp_path / fname, **z)
@@ -92,10 +100,16 @@ def test_npz_with_payload_in_trajs_3d_is_refused(tmp_path, how, fname):
     # the default (2D) loader never reads trajs_3d, so the same file loads without running anything
     trajs, _, _ = pod.load_annotations(tmp_path)
     assert trajs.shape == (5, 4, 2)
+    # an object member of any other shape is refused from its header, before its pickle is read
+    np.savez(tmp_path / fname, **dict(z, trajs_3d=np.array([Payload(marker, how)], dtype=object)))
+    with pytest.raises(pod.SkipItem) as e:
+        pod.load_annotations(tmp_path, require_3d=True)
+    assert _one_line(e.value, fname) == f"{fname}: member trajs_3d: is object, expected a float array"
     assert not marker.exists()
 
 
 def test_legitimate_anno_npz_still_loads(tmp_path):
+    _frames(tmp_path)
     np.savez(tmp_path / "anno.npz", **_anno(trajs_3d=np.array(None, dtype=object)))
     with pytest.raises(pod.SkipItem, match="^trajs_3d is None$"):
         pod.load_annotations(tmp_path, require_3d=True)
@@ -115,6 +129,133 @@ def test_damaged_npz_is_one_line(tmp_path):
     with pytest.raises(pod.SkipItem) as e:
         pod.load_annotations(tmp_path)
     _one_line(e.value, "anno.npz")
+
+
+def _npz_members(path: Path, members: dict) -> None:
+    """An .npz (deflated) of name -> array, or -> (header dict, data bytes) for a member whose header says what
+    the test wants whatever its data holds."""
+    import zipfile
+
+    from numpy.lib import format as npformat
+
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, what in members.items():
+            with zf.open(f"{name}.npy", "w", force_zip64=True) as f:
+                if isinstance(what, tuple):
+                    header, data = what
+                    npformat.write_array_header_1_0(f, header)
+                    f.write(data)
+                else:
+                    npformat.write_array(f, what)
+
+
+def _peak_bytes(fn) -> int:
+    """Peak memory traced while fn() runs (numpy's allocations are traced too, even before they are touched)."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        fn()
+    finally:
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    return peak
+
+
+@pytest.mark.parametrize("shape,msg", [
+    ((3, 50_000_000, 2), "declares 50000000 tracks over 3 frames, more than 134217728 entries"),
+    ((400_000_000, 4, 2), "3 frames on disk but 400000000 in the annotations"),
+])
+def test_anno_npz_declaring_a_huge_shape_is_refused_from_its_header(tmp_path, shape, msg):
+    _frames(tmp_path, 3)
+    head = {"descr": "<f4", "fortran_order": False, "shape": shape}
+    _npz_members(tmp_path / "anno.npz", {"trajs_2d": (head, bytes(1 << 16)), **{
+        k: v[:3] for k, v in _anno().items() if k != "trajs_2d"}})
+
+    def load():
+        with pytest.raises(pod.SkipItem) as e:
+            pod.load_annotations(tmp_path)
+        assert _one_line(e.value, "anno.npz") == f"anno.npz: member trajs_2d: {msg}"
+
+    assert _peak_bytes(load) < 32 << 20  # numpy would allocate the declared 1.2 or 3.2 GB before reading
+
+
+def test_a_member_declaring_more_data_than_it_holds_is_refused_before_it_is_allocated(tmp_path):
+    head = {"descr": "<f8", "fortran_order": True, "shape": (100_000, 10_000)}
+    _npz_members(tmp_path / "x.npz", {"a": (head, bytes(800))})
+    with open(tmp_path / "x.npy", "wb") as f:
+        np.lib.format.write_array_header_1_0(f, {"descr": "<f8", "fortran_order": False, "shape": (9999999999,)})
+        f.write(bytes(24))
+
+    def load():
+        with pytest.raises(UnsafeFileError) as e:
+            load_npz(tmp_path / "x.npz")
+        assert _one_line(e.value, "x.npz").endswith("member a: header declares float64 (100000, 10000) "
+                                                    "(8000000000 bytes) but the data is 800 bytes")
+        with pytest.raises(UnsafeFileError, match=r"declares float64 \(9999999999,\) \(79999999992 bytes\) but "
+                                                  r"the data is 24 bytes"):
+            load_npy(tmp_path / "x.npy")
+
+    assert _peak_bytes(load) < 32 << 20
+
+
+def test_npz_with_thousands_of_members_or_one_twice_is_refused(tmp_path):
+    _frames(tmp_path)
+    _npz_members(tmp_path / "anno.npz", {**_anno(), **{f"pad{i}": np.zeros(1) for i in range(3000)}})
+    with pytest.raises(pod.SkipItem) as e:
+        pod.load_annotations(tmp_path)
+    assert _one_line(e.value, "anno.npz") == "anno.npz: refused: it holds 3004 members (at most 64)"
+    import zipfile
+
+    np.savez(tmp_path / "anno.npz", **_anno())
+    with zipfile.ZipFile(tmp_path / "anno.npz", "a") as zf, pytest.warns(UserWarning, match="Duplicate name"):
+        with zf.open("visibs.npy", "w") as f:  # a second visibs, all invisible, after the first
+            np.lib.format.write_array(f, np.zeros((5, 4), bool))
+    with pytest.raises(pod.SkipItem) as e:
+        pod.load_annotations(tmp_path)
+    assert _one_line(e.value, "anno.npz") == "anno.npz: refused: it holds the member visibs.npy twice"
+
+
+BAD_MEMBERS = {
+    "visibs as strings": ("visibs", np.full((5, 4), "0"), "member visibs: is <U1, expected a bool, 0/1 or 0./1. array"),
+    "visibs of 0.1": ("visibs", np.full((5, 4), 0.1), "member visibs holds np.float64(0.1) at frame 0, track 0; "
+                                                     "only 0, 1 are allowed"),
+    "valids of 7": ("valids", np.full((5, 4), 7, np.int64), "member valids holds np.int64(7) at frame 0, track 0"),
+    "valids of NaN": ("valids", np.full((5, 4), np.nan), "member valids holds np.float64(nan)"),
+    "visibs of objects": ("visibs", np.full((5, 4), None, object), "member visibs: is object, expected"),
+    "trajs as strings": ("trajs_2d", np.full((5, 4, 2), "1.5"), "member trajs_2d: is <U3, expected a float array"),
+    "trajs of 3 columns": ("trajs_2d", np.zeros((5, 4, 3), np.float32), "member trajs_2d: has shape (5, 4, 3), "
+                                                                         "expected (T, N, 2)"),
+    "visibs of other tracks": ("visibs", np.ones((5, 7), bool), "member visibs has shape (5, 7), trajs_2d (5, 4, 2)"),
+    "valids of other frames": ("valids", np.ones((6, 4), bool), "member valids: 5 frames on disk but 6 in the"),
+    "legacy visibilities of 3": ("visibilities", np.full((5, 4), 3, np.uint8), "member visibilities holds np.uint8(3)"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_MEMBERS))
+def test_anno_npz_that_loads_but_is_wrong_is_refused_naming_the_member(tmp_path, case):
+    key, value, msg = BAD_MEMBERS[case]
+    _frames(tmp_path)
+    z = _anno()
+    if key == "visibilities":
+        del z["visibs"]
+    z[key] = value
+    fname = "annotations.npz" if key == "visibilities" else "anno.npz"
+    np.savez(tmp_path / fname, **z)
+    with pytest.raises(pod.SkipItem) as e:
+        pod.load_annotations(tmp_path)
+    assert _one_line(e.value, fname).startswith(f"{fname}: {msg}")
+
+
+def test_flags_as_0_1_ints_or_floats_still_load(tmp_path):
+    _frames(tmp_path)
+    z = _anno()
+    z["visibs"] = np.ones((5, 4), np.float32)
+    z["visibs"][2, 1] = 0.0
+    z["valids"] = np.ones((5, 4), np.uint8)
+    np.savez(tmp_path / "anno.npz", **z)
+    trajs, visibs, valids = pod.load_annotations(tmp_path)
+    assert valids.all() and visibs.sum() == 19 and not visibs[2, 1]
 
 
 # --- Kubric ----------------------------------------------------------------------------------------------
