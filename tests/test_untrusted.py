@@ -2,8 +2,10 @@
 
 import os
 import pickle
+import re
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import cv2
@@ -490,6 +492,140 @@ def test_checkpoint_with_payload_is_refused_without_bad_advice(tmp_path):
         read_checkpoint(tmp_path / "junk.pth")
     assert "weights_only" not in _one_line(e.value, "junk.pth")
     assert not marker.exists()
+
+
+def _small_lbm_state(**sizes) -> dict:
+    import torch
+
+    from pips2.nets.lbm import LBM
+
+    torch.manual_seed(0)
+    return LBM(**{"input_size": (64, 64), "embed_dim": 32, "num_layers": 2, **sizes}).state_dict()
+
+
+def _lbm_keys_only(num_layers: int, embed_dim: int = 32) -> dict:
+    """The keys an LBM state_dict's sizes are read from, for a model of num_layers (each layer a tiny tensor)."""
+    import torch
+
+    return {"backbone.frame_pos_embedding": torch.zeros(1, embed_dim, 16, 16),
+            "transformer.layers.0.collision_time_emb": torch.zeros(1, 13, embed_dim),
+            "transformer.layers.0.lattice_attention.sampling_offsets.weight": torch.zeros(288, embed_dim),
+            **{f"transformer.layers.{i}.norm.weight": torch.zeros(1) for i in range(num_layers)}}
+
+
+def test_a_stride_0_or_overlapping_tensor_is_refused_before_anything_copies_it(tmp_path):
+    import torch
+
+    from pips2.nets.lbm import load_lbm
+    from pips2.utils.checkpoint import CheckpointError, read_checkpoint
+
+    state = _small_lbm_state()
+    # 2 KB declaring a 600 x 600 position embedding (368 MB): the model built for it would allocate that
+    state["backbone.frame_pos_embedding"] = torch.zeros(1).expand(1, 32, 600, 600)
+    torch.save({"model": state}, tmp_path / "lbm.pt")
+    with pytest.raises(CheckpointError) as e:
+        load_lbm(tmp_path / "lbm.pt")
+    assert _one_line(e.value, "lbm.pt").endswith(
+        "lbm.pt: refused: model.backbone.frame_pos_embedding declares shape (1, 32, 600, 600) with strides "
+        "(0, 0, 0, 0) (46080000 bytes) over 4 bytes of storage")
+    sd = {"w": torch.zeros(1999).as_strided((1000, 1000), (1, 1))}  # rows overlapping by all but one element
+    torch.save({"model_state_dict": sd}, tmp_path / "model-000000001.pth")
+    with pytest.raises(CheckpointError, match=r"refused: model_state_dict.w declares shape \(1000, 1000\) with "
+                                              r"strides \(1, 1\) \(4000000 bytes\) over 7996 bytes of storage"):
+        read_checkpoint(tmp_path / "model-000000001.pth")
+    with warnings.catch_warnings():  # torch warns that it checks no sparse tensor's indices: nor does it load
+        warnings.simplefilter("ignore")
+        sparse = torch.sparse_coo_tensor(torch.zeros(2, 1, dtype=torch.long), torch.ones(1), (10**6, 10**6))
+    torch.save({"model_state_dict": {"w": sparse}}, tmp_path / "model-000000002.pth")
+    with pytest.raises(CheckpointError, match="refused: model_state_dict.w is a torch.sparse_coo tensor"):
+        read_checkpoint(tmp_path / "model-000000002.pth")
+
+
+@pytest.mark.parametrize("sizes,msg", [
+    ({"num_layers": 40}, r"declares an LBM of 40 transformer layers, more than 12"),
+    ({"num_layers": 6, "embed_dim": 512}, r"declares an LBM of 8\d{7} weights, more than 71308168"),
+])
+def test_lbm_sizes_read_from_the_weights_are_bounded_before_a_model_is_built(tmp_path, sizes, msg):
+    import torch
+
+    from pips2.nets.lbm import load_lbm
+    from pips2.utils.checkpoint import CheckpointError
+
+    # a few hundred bytes of keys: the model their sizes ask for would be built before the strict key check
+    torch.save({"model": _lbm_keys_only(**sizes)}, tmp_path / "lbm.pt")
+    with pytest.raises(CheckpointError) as e:
+        load_lbm(tmp_path / "lbm.pt")
+    assert re.fullmatch(f"{re.escape(str(tmp_path / 'lbm.pt'))}: {msg}", _one_line(e.value, "lbm.pt"))
+
+
+def test_a_compressed_or_many_record_checkpoint_is_refused_before_torch_reads_it(tmp_path):
+    import torch
+    from helpers import compressed_checkpoint
+
+    from pips2.utils.checkpoint import MAX_RECORDS, CheckpointError, read_checkpoint
+
+    # 64 MB of zeros in a 64 KB file: torch would inflate the record whole before comparing its size
+    compressed_checkpoint(tmp_path / "model-000000001.pth", {"model_state_dict": {"w": torch.zeros(16 << 20)}})
+    assert (tmp_path / "model-000000001.pth").stat().st_size < 1 << 20
+    with pytest.raises(CheckpointError) as e:
+        read_checkpoint(tmp_path / "model-000000001.pth")
+    assert _one_line(e.value, "model-000000001.pth").endswith(
+        "model-000000001.pth: refused: record archive/data/0 is compressed (torch.save never compresses)")
+    torch.save({"model_state_dict": {f"w{i}": torch.zeros(1) for i in range(MAX_RECORDS + 1)}},
+               tmp_path / "model-000000002.pth")
+    with pytest.raises(CheckpointError, match=r"refused: it holds 1000\d members \(at most 10000\)"):
+        read_checkpoint(tmp_path / "model-000000002.pth")
+
+
+@pytest.mark.parametrize("kind", ["nan", "inf", "-inf", "int64", "bool", "float_counter"])
+def test_a_checkpoint_that_loads_but_is_wrong_is_refused_naming_the_key(tmp_path, kind):
+    import torch
+
+    from pips2.nets.lbm import load_lbm
+    from pips2.utils.checkpoint import CheckpointError
+
+    state = _small_lbm_state()
+    key = "transformer.layers.1.collision_time_emb"
+    if kind in ("int64", "bool"):
+        state = {k: v.to(getattr(torch, kind)) if v.is_floating_point() else v for k, v in state.items()}
+        key, msg = "backbone.frame_pos_embedding", f"is torch.{kind}, the model's is torch.float32"
+    elif kind == "float_counter":  # a counter the model keeps as an integer
+        key = next(k for k in state if k.endswith("num_batches_tracked"))
+        state[key] = state[key].float()
+        msg = "is torch.float32, the model's is torch.int64"
+    else:
+        state[key][0, 3, 5] = float(kind)
+        msg = "holds 1 NaN or infinite value"
+    torch.save({"model": state}, tmp_path / "lbm.pt")
+    with pytest.raises(CheckpointError) as e:
+        load_lbm(tmp_path / "lbm.pt")
+    assert _one_line(e.value, "lbm.pt") == f"{tmp_path / 'lbm.pt'}: {key} {msg}; refusing it"
+
+
+def test_pips_checkpoint_with_a_nan_weight_is_refused_and_half_precision_loads(tmp_path):
+    import torch
+
+    from pips2.nets.pips2 import Pips
+    from pips2.utils import checkpoint as ck
+
+    torch.manual_seed(0)
+    model = Pips()
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    sd["fnet.conv1.weight"][0, 0, 0, 0] = float("nan")
+    ck.save(tmp_path, 1, model)
+    torch.save({"model_state_dict": sd}, tmp_path / "model-000000002.pth")
+    fresh = Pips()
+    before = fresh.state_dict()["fnet.conv1.weight"].clone()
+    with pytest.raises(ck.CheckpointError) as e:
+        ck.load(tmp_path, fresh)
+    assert _one_line(e.value, "model-000000002.pth").endswith(
+        "model-000000002.pth: fnet.conv1.weight holds 1 NaN or infinite value; refusing it")
+    assert torch.equal(fresh.state_dict()["fnet.conv1.weight"], before)  # nothing copied
+    # another float dtype is the same kind of weight: it loads (cast to the model's)
+    torch.save({"model_state_dict": {k: v.half() for k, v in model.state_dict().items()}},
+               tmp_path / "model-000000003.pth")
+    assert ck.load(tmp_path, fresh) == 3
+    assert torch.equal(fresh.state_dict()["norm.bias"], model.state_dict()["norm.bias"].half().float())
 
 
 def test_npy_format_3_with_and_without_objects(tmp_path):
