@@ -11,6 +11,10 @@ from pathlib import Path
 
 import numpy as np
 
+# The most track ids one sequence's gt.txt may declare: CroHD annotates a few thousand heads per sequence, and
+# each id costs T x 10 bytes in the arrays below (T: the frames on disk), which a few rows of text would declare.
+MAX_TRACKS = 20_000
+
 
 @dataclass
 class CroClip:
@@ -40,6 +44,8 @@ def load_sequence(root: str | Path, split: str, seq: str) -> tuple[list[Path], n
         raise ValueError(f"{_gt_path(root, split, seq)}: unreadable ({e})") from None
     T = len(frames)
     ids = np.unique(gt[:, 1]).astype(int)
+    if len(ids) > MAX_TRACKS:
+        raise ValueError(f"{_gt_path(root, split, seq)}: {len(ids)} track ids, more than {MAX_TRACKS}")
     col = {i: k for k, i in enumerate(ids)}
     trajs = np.full((T, len(ids), 2), np.nan, np.float32)
     visibs = np.zeros((T, len(ids)), bool)

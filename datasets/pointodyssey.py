@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import numpy as np
 from PIL import Image
 
 from pips2.utils.safe_load import UnsafeFileError, load_npz
-from pips2.utils.video import VideoError, read_rgb
+from pips2.utils.video import MAX_IMAGE_PIXELS, VideoError, read_rgb
 
 FRAME_RE = re.compile(r"^rgb_(\d+)\.(jpg|jpeg|png)$")
 STRIDES = (1, 2, 4)
@@ -201,7 +202,8 @@ def read_frames(paths: list[Path]) -> np.ndarray:
 
 
 def check_frame_sizes(scene: Scene) -> None:
-    """SkipItem("frames of different sizes") unless every frame (and mask) has the first frame's size.
+    """SkipItem("frames of different sizes") unless every frame (and mask) has the first frame's size, and
+    SkipItem when that size is beyond MAX_IMAGE_PIXELS (utils/video.py), before any is decoded.
 
     Only image headers are read. Without this, a clip whose frames agree with each other but not with the
     scene's masks fails with an IndexError, counted as a failure and retried on every run.
@@ -209,14 +211,20 @@ def check_frame_sizes(scene: Scene) -> None:
 
     def size(p: Path) -> tuple[int, int] | None:
         try:
-            with Image.open(p) as im:
-                return im.size
+            with warnings.catch_warnings():  # Pillow's warning for a large image: the bound below decides
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                with Image.open(p) as im:
+                    return im.size
+        except Image.DecompressionBombError:  # beyond Pillow's own bound, twice ours
+            raise SkipItem(f"frames larger than {MAX_IMAGE_PIXELS} pixels") from None
         except Exception:  # unreadable: the clips that use it are rejected when their frames are read
             return None
 
     sizes = {s for s in map(size, scene.rgb_paths + (scene.mask_paths or [])) if s is not None}
     if len(sizes) > 1:
         raise SkipItem("frames of different sizes")
+    if sizes and (wh := sizes.pop())[0] * wh[1] > MAX_IMAGE_PIXELS:
+        raise SkipItem(f"frames of {wh[0]}x{wh[1]} pixels, larger than {MAX_IMAGE_PIXELS}")
 
 
 def read_mask(path: Path) -> np.ndarray:

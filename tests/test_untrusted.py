@@ -316,6 +316,30 @@ def test_kubric_npy_of_the_wrong_shape_is_one_line(tmp_path, ann, msg):
     _one_line(e.value, "seq0000.npy")
 
 
+@pytest.mark.parametrize("ann,msg", [
+    ({"visibility": np.full((2, 3), "0")}, "visibility is <U1, expected a bool or 0/1 array"),  # "0" casts to True
+    ({"visibility": np.full((2, 3), 0.1)}, "visibility holds np.float64(0.1), only 0 and 1 are allowed"),
+    ({"coords": np.full((2, 3, 2), "1.5")}, "coords is <U3, expected a numeric array"),
+    ({"coords": [[[0.0, 0.0]] * 3] * 2}, "coords is list, expected a numeric array"),
+])
+def test_kubric_npy_that_loads_but_is_wrong_is_one_line(tmp_path, ann, msg):
+    ds = _kubric_seq(tmp_path / "k", {"coords": np.zeros((2, 3, 2)), "visibility": np.zeros((2, 3), bool), **ann})
+    with pytest.raises(ValueError) as e:
+        ds.load(0)
+    assert _one_line(e.value, "seq0000.npy").endswith(f"seq0000.npy: {msg}")
+
+
+def test_kubric_frame_count_is_checked_before_any_frame_is_decoded(tmp_path, monkeypatch):
+    from pips2.datasets import kubric
+
+    ds = _kubric_seq(tmp_path / "k", {"coords": np.zeros((2, 5, 2)), "visibility": np.zeros((2, 5), bool)})
+    decoded = []
+    monkeypatch.setattr(kubric, "read_rgb", lambda p: decoded.append(p))
+    with pytest.raises(ValueError, match="seq0000: 3 frames but 5 in the annotations"):
+        ds.load(0)
+    assert decoded == []
+
+
 # --- TAP-Vid ---------------------------------------------------------------------------------------------
 
 def _entry(T=4, H=24, W=32, N=3, seed=0) -> dict:
@@ -377,7 +401,9 @@ BAD_SHAPES = {
     "video float": ({"a": dict(_entry(), video=np.zeros((4, 8, 8, 3)))}, "video is float64 (4, 8, 8, 3)"),
     "video dict": ({"a": dict(_entry(), video={"x": 1})}, "video is dict"),
     "frame count": ({"a": dict(_entry(), video=np.zeros((5, 8, 8, 3), np.uint8))}, "video has 5 frames"),
-    "bad jpeg": ({"a": dict(_entry(), video=[b"notajpeg"] * 4)}, "frame 0 is not a decodable image"),
+    "bad jpeg": ({"a": dict(_entry(), video=[b"notajpeg"] * 4)}, "frame 0: unreadable image"),
+    "occluded of 2": ({"a": dict(_entry(), occluded=np.full((3, 4), 2))}, "occluded holds np.int64(2), only 0 and 1"),
+    "points NaN": ({"a": dict(_entry(), points=np.full((3, 4, 2), np.nan, np.float32))}, "points hold NaN or"),
 }
 
 
@@ -412,6 +438,86 @@ def test_test_on_tap_reports_bad_data_in_one_line(tmp_path):
     assert not marker.exists()
     res = _run_tap(tmp_path / "nothing_here", tmp_path)
     assert res.returncode == 2 and res.stderr.startswith("error: ") and "nothing_here" in res.stderr
+
+
+# --- images ----------------------------------------------------------------------------------------------
+
+def _png_header_only(w: int, h: int) -> bytes:
+    """A well-formed PNG declaring w x h grey pixels whose data holds one row: a decoder allocates w x h first."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(bytes(w + 1))) + chunk(b"IEND", b""))
+
+
+def test_an_image_declaring_a_huge_size_is_refused_from_its_header(tmp_path, monkeypatch):
+    from pips2.utils import video
+
+    decoded = []
+    monkeypatch.setattr(video.cv2, "imdecode", lambda *a: decoded.append(a))
+    # 9000 x 9000 is within Pillow's own bound; 20000 x 20000 beyond it (Pillow refuses to say more)
+    for (w, h), msg in (((9000, 9000), "image of 9000x9000 pixels, larger than 33177600"),
+                        ((20000, 20000), "image larger than 33177600 pixels")):
+        (tmp_path / "big.png").write_bytes(_png_header_only(w, h))
+        with pytest.raises(video.VideoError) as e:
+            video.read_rgb(tmp_path / "big.png")
+        assert _one_line(e.value, "big.png").endswith(f"big.png: {msg}")
+    assert decoded == []  # refused before the decoder saw it
+    # TAP-Vid's Kinetics frames are encoded images inside the pickle: the same check before decoding
+    path = _dump(tmp_path / "k.pkl", [dict(_entry(), video=[_png_header_only(20000, 20000)] * 4)])
+    with pytest.raises(tapvid.TapVidError, match="frame 0: image larger than 33177600 pixels"):
+        list(tapvid.load_tapvid(path))
+    assert decoded == []
+
+
+def test_a_scene_of_huge_frames_is_refused_from_their_headers(tmp_path):
+    scene = tmp_path / "s"
+    (scene / "rgbs").mkdir(parents=True)
+    (scene / "masks").mkdir()
+    for t in range(2):
+        (scene / "rgbs" / f"rgb_{t:05d}.png").write_bytes(_png_header_only(9000, 9000))
+        (scene / "masks" / f"mask_{t:05d}.png").write_bytes(_png_header_only(9000, 9000))
+    np.savez(scene / "anno.npz", **{k: v[:2] for k, v in _anno().items()})
+    with pytest.raises(pod.SkipItem, match="^frames of 9000x9000 pixels, larger than 33177600$"):
+        pod.check_frame_sizes(pod.load_scene(scene))
+
+
+def test_crohd_gt_declaring_too_many_tracks_is_one_line(tmp_path):
+    from pips2.datasets import crohd
+
+    img = tmp_path / "HT21" / "train" / "S" / "img1"
+    img.mkdir(parents=True)
+    (img / "000001.jpg").touch()
+    gt = tmp_path / "HT21Labels" / "train" / "S" / "gt"
+    gt.mkdir(parents=True)
+    (gt / "gt.txt").write_text("".join(f"1,{i},1,1,2,2,1,1,1\n" for i in range(crohd.MAX_TRACKS + 1)))
+    with pytest.raises(ValueError) as e:
+        crohd.load_sequence(tmp_path, "train", "S")
+    assert _one_line(e.value, "gt.txt").endswith(f"gt.txt: {crohd.MAX_TRACKS + 1} track ids, more than "
+                                                 f"{crohd.MAX_TRACKS}")
+
+
+def test_track_npz_is_checked_from_its_header(tmp_path):
+    from pips2.datasets.clips import read_track
+    from pips2.utils.video import VideoError
+
+    head = {"descr": "<f4", "fortran_order": False, "shape": (36, 128, 4)}
+    _npz_members(tmp_path / "track.npz", {"track_g": (head, bytes(36 * 128 * 4 * 4))})
+    assert read_track(tmp_path / "track.npz", 36, 128, (256, 384)).shape == (36, 128, 4)
+    head["shape"] = (36, 50_000_000, 4)
+    _npz_members(tmp_path / "track.npz", {"track_g": (head, bytes(1 << 16))})
+
+    def load():
+        with pytest.raises(VideoError) as e:
+            read_track(tmp_path / "track.npz", 36, 128, (256, 384))
+        assert _one_line(e.value, "track.npz").endswith(
+            "track.npz: track_g is float32 (36, 50000000, 4), expected float32 (36, 128, 4)")
+
+    assert _peak_bytes(load) < 32 << 20
 
 
 # --- the loaders themselves ------------------------------------------------------------------------------
@@ -458,6 +564,25 @@ def test_anything_beyond_numpy_arrays_is_refused(tmp_path, what):
         load_pickle(tmp_path / "g.pkl")
     assert _one_line(e.value, "g.pkl").endswith(f"g.pkl: refused: pickle wants {what} "
                                                 f"(only plain data and numpy arrays are allowed)")
+
+
+class _Allocates:
+    """Unpickles as numpy's array constructor asked for an array of 200 M objects (1.6 GB)."""
+
+    def __reduce__(self):
+        from numpy._core import multiarray
+
+        return multiarray._reconstruct, (np.ndarray, (200_000_000,), np.dtype(object))
+
+
+def test_a_pickle_cannot_make_numpy_allocate_at_its_word(tmp_path):
+    path = _dump(tmp_path / "a.pkl", {"x": _Allocates()})
+    assert len(path.read_bytes()) < 200
+    with pytest.raises(UnsafeFileError) as e:
+        load_pickle(path)
+    assert _one_line(e.value, "a.pkl").endswith("a.pkl: refused: pickle wants numpy _reconstruct of ndarray "
+                                                "(200000000,) (numpy writes an empty ndarray there) (only plain "
+                                                "data and numpy arrays are allowed)")
 
 
 def test_codecs_other_than_latin1_are_refused(tmp_path):

@@ -212,9 +212,12 @@ def zip_directory_size(fh: IO[bytes]) -> int:
     """The size of a zip archive's central directory as its end record declares it, read without parsing the
     directory (which zipfile and torch load whole); ValueError when there is no end record."""
     end = fh.seek(0, os.SEEK_END)
-    fh.seek(max(0, end - (22 + 0xFFFF)))  # the end record: 22 bytes and a comment of at most 64 KiB
-    tail = fh.read()
-    i = tail.rfind(b"PK\x05\x06")
+    for back in (42, 42 + 0xFFFF):  # a zip64 locator (20 bytes), the end record (22), a comment of up to 64 KiB
+        fh.seek(max(0, end - back))
+        tail = fh.read()
+        i = tail.rfind(b"PK\x05\x06")
+        if i >= 0:
+            break
     if i < 0 or len(tail) - i < 22:
         raise ValueError("no zip end record")
     size = int.from_bytes(tail[i + 12:i + 16], "little")
