@@ -237,3 +237,50 @@ def test_verification_needs_the_project_python(server, tmp_path):
     line = _last_line(res)
     assert res.returncode != 0 and "cannot verify reference_model/model-000200000.pth" in line
     assert not (tmp_path / "reference_model").exists()
+
+
+def _pax_tar(name: str, data: bytes, pax: dict) -> bytes:
+    """A tar.gz of one member whose pax header carries `pax` (which overrides what its ustar header says)."""
+    import gzip
+    import io
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        info = tarfile.TarInfo(name)
+        info.size, info.pax_headers = len(data), pax
+        tf.addfile(info, io.BytesIO(data))
+    return gzip.compress(buf.getvalue())
+
+
+def _negative_size_tar(name: str) -> bytes:
+    """A tar.gz of one member whose size field says -1 (GNU base-256)."""
+    import gzip
+
+    head = bytearray(tarfile.TarInfo(name).tobuf(tarfile.GNU_FORMAT)[:tarfile.BLOCKSIZE])
+    head[124:136] = b"\xff" * 12
+    head[148:156] = b" " * 8
+    head[148:156] = b"%06o\0 " % sum(head)
+    return gzip.compress(bytes(head) + bytes(2 * tarfile.BLOCKSIZE))
+
+
+@pytest.mark.parametrize("case,msg", [
+    ("pax size", "'reference_model/model-000000001.pth' is 1099511627776 bytes, more than the 297823776"),
+    ("pax sparse", "'reference_model/model-000000001.pth' is a sparse file"),
+    ("long name", "archive headers are longer than 65536 bytes"),
+    ("negative size", "'reference_model/model-000000001.pth' declares -1 bytes"),
+])
+def test_sizes_in_pax_and_gnu_headers_are_bounded_before_anything_is_written(tmp_path, case, msg):
+    from pips2.utils.download import DownloadError, unpack_reference
+
+    name = "reference_model/model-000000001.pth"
+    data = {"pax size": lambda: _pax_tar(name, b"abcd", {"size": str(1 << 40)}),
+            "pax sparse": lambda: _pax_tar(name, b"abcd", {"GNU.sparse.map": "0,4", "GNU.sparse.size": str(2 << 30),
+                                                         "GNU.sparse.major": "0", "GNU.sparse.minor": "1",
+                                                         "GNU.sparse.name": name}),
+            "long name": lambda: _pax_tar(f"reference_model/{'a' * 100_000}", b"abcd", {}),
+            "negative size": lambda: _negative_size_tar(name)}[case]()
+    (tmp_path / "a.tar.gz").write_bytes(data)
+    with pytest.raises(DownloadError) as e:
+        unpack_reference(tmp_path / "a.tar.gz", tmp_path / "out", "a.tar.gz")
+    assert msg in str(e.value) and str(e.value).startswith("a.tar.gz: ")
+    assert not (tmp_path / "out").exists()

@@ -251,7 +251,11 @@ def apply_checkpoint(ckpt: dict, path: str | os.PathLike, model: nn.Module, opti
     if optimizer is not None:
         if layout.optimizer not in ckpt:
             raise CheckpointError(f"{path}: has no {layout.optimizer} to resume from")
-        optimizer.load_state_dict(_owned(ckpt[layout.optimizer]))
+        try:
+            state = _owned(ckpt[layout.optimizer])
+        except RecursionError:
+            raise CheckpointError(f"{path}: {layout.optimizer} is nested too deeply to be an optimizer's") from None
+        optimizer.load_state_dict(state)
     if scheduler is not None and layout.scheduler in ckpt:
         scheduler.load_state_dict(ckpt[layout.scheduler])
 

@@ -162,9 +162,10 @@ def _check_member(m: tarfile.TarInfo, seen: set[str]) -> str | None:
                             f"files a reference model has; refusing it")
     if rest[0] in seen:
         raise DownloadError(f"archive holds {m.name!r} twice; refusing it")
-    if m.size > MAX_CHECKPOINT_BYTES:
+    if not 0 <= m.size <= MAX_CHECKPOINT_BYTES:
         raise DownloadError(f"archive member {m.name!r} is {m.size} bytes, more than the {MAX_CHECKPOINT_BYTES} "
-                            f"a checkpoint of the model needs; refusing it")
+                            f"a checkpoint of the model needs; refusing it" if m.size > 0 else
+                            f"archive member {m.name!r} declares {m.size} bytes; refusing it")
     seen.add(rest[0])
     return rest[0]
 
