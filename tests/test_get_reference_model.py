@@ -284,3 +284,12 @@ def test_sizes_in_pax_and_gnu_headers_are_bounded_before_anything_is_written(tmp
         unpack_reference(tmp_path / "a.tar.gz", tmp_path / "out", "a.tar.gz")
     assert msg in str(e.value) and str(e.value).startswith("a.tar.gz: ")
     assert not (tmp_path / "out").exists()
+
+
+def test_an_endless_download_stops_at_its_declared_length(tmp_path):
+    # /dev/zero says it is 0 bytes long and never ends: the script must not write until the disk is full
+    res = _run("file:///dev/zero", tmp_path)
+    assert res.returncode != 0 and _last_line(res) == ("get_reference_model.sh: file:///dev/zero: download is longer "
+                                                       "than the 0 bytes its Content-Length says; refusing it; "
+                                                       "nothing replaced")
+    assert not (tmp_path / "reference_model").exists()

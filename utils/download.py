@@ -84,6 +84,9 @@ def download(url: str, dest: Path, sha256: str | None = None, max_bytes: int = M
                             if got + len(chunk) > max_bytes:
                                 raise DownloadError(f"{url}: download is more than the {max_bytes} bytes a "
                                                     f"released model needs; refusing it")
+                            if total is not None and got + len(chunk) > total:
+                                raise DownloadError(f"{url}: download is longer than the {total} bytes its "
+                                                    f"Content-Length says; refusing it")
                             f.write(chunk)
                             digest.update(chunk)
                             got += len(chunk)
