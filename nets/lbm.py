@@ -25,7 +25,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pips2.nets.lbm_parts import MLP, Attention, MSDeformAttn, resnet_stage, resnet_stem_and_stage1
-from pips2.utils.checkpoint import CheckpointError, load_model_state, load_weights_only, strip_module_prefix
+from pips2.utils.checkpoint import (
+    CheckpointError,
+    load_model_state,
+    load_weights_only,
+    strip_module_prefix,
+    weight_problem,
+)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -680,6 +686,8 @@ def load_backbone_init(model: LBM, path: str | os.PathLike) -> None:
             problems.append(f"{k} has shape {tuple(v.shape)}, expected {tuple(own[dst].shape)}")
         else:
             mapped[dst] = v
+            if problem := weight_problem(k, v, own[dst]):  # NaN, inf or int64 weights would train as such
+                problems.append(problem)
     # old torchvision files carry no num_batches_tracked counters; the model's own are kept then
     missing = [k for k in trunk if k not in mapped and not k.endswith("num_batches_tracked")]
     if missing:

@@ -192,7 +192,7 @@ def strip_module_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
 MAX_LISTED = 5  # keys a mismatch error names of each kind
 
 
-def _weight_problem(key: str, v: torch.Tensor, own: torch.Tensor) -> str | None:
+def weight_problem(key: str, v: torch.Tensor, own: torch.Tensor) -> str | None:
     """Why a checkpoint's tensor cannot stand for the model's: a dtype of another kind (int64 weights would load
     as whole numbers and track a constant) or a NaN or infinite value (track() would return NaN); None if fine."""
     if v.is_floating_point() != own.is_floating_point() or v.is_complex() or v.dtype == torch.bool:
@@ -226,7 +226,7 @@ def load_model_state(model: nn.Module, state: dict[str, torch.Tensor], ignore_pr
                                                         ("shape mismatches", wrong)) if items]
         raise CheckpointError(f"{source}: does not match the model: " + "; ".join(parts))
     for k, v in state.items():
-        problem = _weight_problem(k, v, own[k])
+        problem = weight_problem(k, v, own[k])
         if problem:
             raise CheckpointError(f"{source}: {problem}; refusing it")
     own.update(state)
