@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from pips2.utils.paths import write_json
+from pips2.utils.safe_load import UnsafeFileError, load_npz
 from pips2.utils.video import VideoError, read_clip
 
 # the README's recipe: export at the resolution training crops at (SPEC 3)
@@ -159,13 +160,18 @@ def read_track(path: Path, S: int, N: int, hw: tuple[int, int]) -> np.ndarray:
 
     The one check of track.npz, for the exporter's verification and the training reader alike.
     """
+    def expect(key: str, shape: tuple[int, ...], dtype: np.dtype) -> str | None:
+        # from the header, before numpy allocates what it declares
+        if key == "track_g" and (shape != (S, N, 4) or dtype != np.float32):
+            return f"track_g is {dtype} {shape}, expected float32 {(S, N, 4)}"
+        return None
+
     try:
-        with np.load(path, allow_pickle=False) as z:
-            track = z["track_g"]
-    except Exception as e:
-        raise VideoError(f"{path}: unreadable ({type(e).__name__})") from None
-    if track.shape != (S, N, 4) or track.dtype != np.float32:
-        raise VideoError(f"{path}: track_g is {track.dtype} {track.shape}, expected float32 {(S, N, 4)}")
+        track = load_npz(path, keys=("track_g",), expect=expect).get("track_g")
+    except UnsafeFileError as e:
+        raise VideoError(f"{path}: {e.problem.removeprefix('member track_g: ')}") from None
+    if track is None:
+        raise VideoError(f"{path}: no track_g")
     if not np.isfinite(track).all():
         raise VideoError(f"{path}: track_g has non-finite values")
     problem = track_problem(track, hw)

@@ -51,20 +51,26 @@ class KubricDataset:
         ann = arr.item() if arr.dtype == object and arr.ndim == 0 else None
         if not isinstance(ann, dict) or not {"coords", "visibility"} <= set(ann):
             raise ValueError(f"{path}: not a Kubric annotation (expected a dict with coords and visibility)")
-        try:
-            coords = np.asarray(ann["coords"], np.float32)
-            occluded = np.asarray(ann["visibility"], bool)  # the file's flag means occluded
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"{path}: coords/visibility are not numeric arrays ({type(e).__name__})") from None
+        coords, occluded = ann["coords"], ann["visibility"]  # the file's flag means occluded
+        if not isinstance(coords, np.ndarray) or coords.dtype.kind not in "fiu":
+            got = coords.dtype if isinstance(coords, np.ndarray) else type(coords).__name__
+            raise ValueError(f"{path}: coords is {got}, expected a numeric array")
+        if not isinstance(occluded, np.ndarray) or occluded.dtype.kind not in "biuf":
+            got = occluded.dtype if isinstance(occluded, np.ndarray) else type(occluded).__name__
+            raise ValueError(f"{path}: visibility is {got}, expected a bool or 0/1 array")
         if coords.ndim != 3 or coords.shape[2] != 2 or occluded.shape != coords.shape[:2]:
             raise ValueError(f"{path}: coords {coords.shape} and visibility {occluded.shape} are not (N,T,2) and (N,T)")
-        coords, visible = coords.transpose(1, 0, 2), ~occluded.T
+        if occluded.dtype != bool and not np.isin(occluded, (0, 1)).all():  # "0" or 0.1 is not "visible"
+            raise ValueError(f"{path}: visibility holds {occluded[~np.isin(occluded, (0, 1))][0]!r}, only 0 and 1 "
+                             f"are allowed")
+        coords, visible = coords.astype(np.float32).transpose(1, 0, 2), ~occluded.astype(bool).T
+        files = sorted((seq / "frames").glob("*.png"))
+        if len(files) != coords.shape[0]:  # counted before any is decoded
+            raise ValueError(f"{seq}: {len(files)} frames but {coords.shape[0]} in the annotations")
         try:
-            frames = np.stack([read_rgb(p) for p in sorted((seq / "frames").glob("*.png"))])
+            frames = np.stack([read_rgb(p) for p in files])
         except VideoError as e:
             raise ValueError(str(e)) from None
-        if len(frames) != coords.shape[0]:
-            raise ValueError(f"{seq}: {len(frames)} frames but {coords.shape[0]} in the annotations")
         return frames, coords, visible
 
     def problem(self, index: int) -> str:

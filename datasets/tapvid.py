@@ -10,6 +10,7 @@ import cv2
 import numpy as np
 
 from pips2.utils.safe_load import UnsafeFileError, load_pickle
+from pips2.utils.video import image_size_problem
 
 
 class TapVidError(ValueError):
@@ -23,6 +24,9 @@ def _decode_video(video, where: str) -> np.ndarray:
     frames = []
     for t, f in enumerate(video):
         if isinstance(f, (bytes, bytearray, np.bytes_)):
+            problem = image_size_problem(bytes(f))  # from the header: a decoder allocates what it declares
+            if problem:
+                raise TapVidError(f"{where}: frame {t}: {problem}")
             img = cv2.imdecode(np.frombuffer(f, np.uint8), cv2.IMREAD_COLOR)
             if img is None:
                 raise TapVidError(f"{where}: frame {t} is not a decodable image")
@@ -63,6 +67,10 @@ def _check_entry(item, where: str) -> None:
     if not isinstance(occ, np.ndarray) or occ.dtype.kind not in "biu" or occ.shape != pts.shape[:2]:
         got = f"{occ.dtype} {occ.shape}" if isinstance(occ, np.ndarray) else type(occ).__name__
         raise TapVidError(f"{where}: occluded is {got}, expected a bool {pts.shape[:2]} array")
+    if occ.dtype != bool and not np.isin(occ, (0, 1)).all():  # 2 or -1 would read as "occluded"
+        raise TapVidError(f"{where}: occluded holds {occ[~np.isin(occ, (0, 1))][0]!r}, only 0 and 1 are allowed")
+    if not np.isfinite(pts).all():
+        raise TapVidError(f"{where}: points hold NaN or infinite values")
     if pts.shape[1] != T:
         raise TapVidError(f"{where}: video has {T} frames but points have {pts.shape[1]}")
 

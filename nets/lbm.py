@@ -25,7 +25,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pips2.nets.lbm_parts import MLP, Attention, MSDeformAttn, resnet_stage, resnet_stem_and_stage1
-from pips2.utils.checkpoint import CheckpointError, load_model_state, load_weights_only, strip_module_prefix
+from pips2.utils.checkpoint import (
+    CheckpointError,
+    load_model_state,
+    load_weights_only,
+    strip_module_prefix,
+    weight_problem,
+)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -594,26 +600,61 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return strip_module_prefix(state)
 
 
+# Bounds on the sizes a state_dict may make load_lbm build (docs/LBM.md, "Checkpoints"), checked before any model
+# is: the authors' model has 3 layers of 256 channels, a 384x512 input, 12 memory slots, 9 neighbours and
+# 17,827,042 weights (71 MB); a file may ask for a few times that, not for the 3 GB of 400 layers.
+MAX_LAYERS = 12
+MAX_EMBED_DIM = 1024
+MAX_INPUT_SIDE = 2048  # pixels: the frame position embedding grows with the input's area
+MAX_MEMORY_SIZE = 256
+MAX_NEIGHBORS = 64
+MAX_WEIGHTS = 4 * 17_827_042  # in the model built (285 MB as float32), counted on the meta device first
+
+
 def lbm_config_from_state(state: dict[str, torch.Tensor]) -> dict:
     """The LBM sizes a state_dict fixes: input_size, embed_dim, num_layers, memory_size and num_neighbors
-    (this one assuming the authors' 4 heads); other keys keep the authors' defaults."""
+    (this one assuming the authors' 4 heads); other keys keep the authors' defaults. A size beyond the bounds
+    above raises CheckpointError (without the file's name: the caller adds it)."""
     pos = state.get("backbone.frame_pos_embedding")
     emb = state.get("transformer.layers.0.collision_time_emb")
     offsets = state.get("transformer.layers.0.lattice_attention.sampling_offsets.weight")
-    if pos is None or emb is None or offsets is None or pos.dim() != 4:
+    if pos is None or emb is None or offsets is None or pos.dim() != 4 or emb.dim() < 2 or offsets.dim() < 1:
         return {}  # not an LBM state_dict: the strict load names what is missing
     layers = {k.split(".")[2] for k in state if k.startswith("transformer.layers.")}
     stride = 4
-    return {"input_size": (pos.shape[2] * stride, pos.shape[3] * stride), "embed_dim": pos.shape[1],
-            "num_layers": len(layers), "memory_size": emb.shape[1] - 1,
-            "num_neighbors": offsets.shape[0] // (4 * 4 * 2)}
+    cfg = {"input_size": (pos.shape[2] * stride, pos.shape[3] * stride), "embed_dim": pos.shape[1],
+           "num_layers": len(layers), "memory_size": emb.shape[1] - 1,
+           "num_neighbors": offsets.shape[0] // (4 * 4 * 2)}
+    for what, value, bound in (("transformer layers", cfg["num_layers"], MAX_LAYERS),
+                               ("embedding channels", cfg["embed_dim"], MAX_EMBED_DIM),
+                               ("input pixels per side", max(cfg["input_size"]), MAX_INPUT_SIDE),
+                               ("memory slots", cfg["memory_size"], MAX_MEMORY_SIZE),
+                               ("neighbours", cfg["num_neighbors"], MAX_NEIGHBORS)):
+        if value > bound:
+            raise CheckpointError(f"declares an LBM of {value} {what}, more than {bound}")
+    return cfg
+
+
+def _weights_of(config: dict) -> int:
+    """How many numbers an LBM of `config` holds, counted without allocating them."""
+    sizes = {k: v for k, v in config.items() if k != "backbone_init"}  # a file to read: not a size
+    with torch.device("meta"):
+        return sum(v.numel() for v in LBM(**sizes).state_dict().values())
 
 
 def load_lbm(path: str | os.PathLike, device: str | torch.device = "cpu", **config) -> LBM:
     """An LBM in eval mode with the weights of `path`, loaded strictly. Its sizes come from the weights
-    (`lbm_config_from_state`); `config` given here wins, so a file of other sizes is refused, naming the keys."""
+    (`lbm_config_from_state`, bounded); `config` given here wins, so a file of other sizes is refused, naming the
+    keys."""
     state = read_state_dict(path)
-    model = LBM(**{**lbm_config_from_state(state), **config})
+    try:
+        found = lbm_config_from_state(state)
+        cfg = {**found, **config}
+        if found and (n := _weights_of(cfg)) > MAX_WEIGHTS:
+            raise CheckpointError(f"declares an LBM of {n} weights, more than {MAX_WEIGHTS}")
+        model = LBM(**cfg)
+    except (CheckpointError, ValueError) as e:
+        raise CheckpointError(f"{path}: {e}") from None
     load_model_state(model, state, source=str(path))
     return model.to(device).eval()
 
@@ -645,6 +686,8 @@ def load_backbone_init(model: LBM, path: str | os.PathLike) -> None:
             problems.append(f"{k} has shape {tuple(v.shape)}, expected {tuple(own[dst].shape)}")
         else:
             mapped[dst] = v
+            if problem := weight_problem(k, v, own[dst]):  # NaN, inf or int64 weights would train as such
+                problems.append(problem)
     # old torchvision files carry no num_batches_tracked counters; the model's own are kept then
     missing = [k for k in trunk if k not in mapped and not k.endswith("num_batches_tracked")]
     if missing:

@@ -34,7 +34,7 @@ from pips2.utils.checkpoint import (
     load_model_state,
     read_checkpoint,
 )
-from pips2.utils.download import DownloadError, download, fetch_reference
+from pips2.utils.download import MAX_CHECKPOINT_BYTES, DownloadError, download, fetch_reference
 
 CACHE_ENV = "PIPS2_CACHE"
 DEFAULT_CACHE = Path.home() / ".cache" / "pips2"
@@ -125,7 +125,7 @@ def fetch(name: str, refresh: bool = False, **config) -> Path:
             verify(got, name, url, **config)
             _swap_in(got, dest)
         else:
-            got = download(url, work / known.cached, sha)
+            got = download(url, work / known.cached, sha, max_bytes=MAX_CHECKPOINT_BYTES)
             verify(got, name, url, **config)
             os.replace(got, dest)
     except DownloadError as e:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import tarfile
@@ -69,3 +70,33 @@ def tar_bytes(members: dict, gz: bool = True) -> bytes:
                 info.size = len(data)
                 tf.addfile(info, io.BytesIO(data))
     return buf.getvalue()
+
+
+def sparse_tar_bytes(name: str, size: int, sparse: bool = True) -> bytes:
+    """A tar.gz of one member `name` declaring `size` bytes in a few hundred bytes of archive: an old-GNU sparse
+    file that is all hole (tarfile cannot write one, so the header is made here), or with sparse=False a regular
+    file whose data is missing (the archive ends after its header)."""
+    info = tarfile.TarInfo(name)
+    info.type = tarfile.GNUTYPE_SPARSE if sparse else tarfile.REGTYPE
+    info.size = 0 if sparse else size  # a sparse member here has no data blocks: the whole file is a hole
+    head = bytearray(info.tobuf(tarfile.GNU_FORMAT)[:tarfile.BLOCKSIZE])
+    if sparse:
+        head[483:495] = b"%011o\0" % size  # the size it unpacks to
+        head[148:156] = b" " * 8  # the checksum counts its own field as spaces
+        head[148:156] = b"%06o\0 " % sum(head)
+    buf = io.BytesIO()
+    with gzip.GzipFile(fileobj=buf, mode="wb") as gz:
+        gz.write(bytes(head) + bytes(2 * tarfile.BLOCKSIZE))
+    return buf.getvalue()
+
+
+def compressed_checkpoint(path: Path, obj, level: int = 1) -> None:
+    """torch.save(obj) to path with its tensor data records deflated, as torch never writes them (its reader
+    inflates a record whole before checking its size)."""
+    import zipfile
+
+    with zipfile.ZipFile(io.BytesIO(torch_bytes(obj))) as src, zipfile.ZipFile(path, "w") as dst:
+        for info in src.infolist():
+            packed = "/data/" in info.filename
+            dst.writestr(info.filename, src.read(info), compress_type=zipfile.ZIP_DEFLATED if packed else
+                         zipfile.ZIP_STORED, compresslevel=level if packed else None)

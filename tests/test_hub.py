@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import tar_bytes, torch_bytes
+from helpers import sparse_tar_bytes, tar_bytes, torch_bytes
 
 import pips2
 from pips2 import hub
@@ -65,8 +65,13 @@ def server(tmp_path_factory, lbm_model, pips_model):
     (root / "corrupt.pt").write_bytes(good[: len(good) // 3])
     (root / "wrong.pt").write_bytes(torch_bytes({"model": {"x": torch.zeros(1)}}))
     (root / "ref.tar.gz").write_bytes(tar_bytes({"reference_model/model-000200000.pth":
-                                                 torch_bytes({"model_state_dict": pips_model.state_dict()}),
-                                                 "reference_model/args.txt": b"S=36"}))
+                                                 torch_bytes({"model_state_dict": pips_model.state_dict()})}))
+    (root / "sparse.tar.gz").write_bytes(sparse_tar_bytes("reference_model/model-000200000.pth", 2 << 30))
+    (root / "extra.tar.gz").write_bytes(tar_bytes({"reference_model/model-000200000.pth": b"x",
+                                                   "reference_model/finetuned/": (tarfile.DIRTYPE, "")}))
+    nan = {k: v.clone() for k, v in lbm_model.state_dict().items()}
+    nan["transformer.layers.0.collision_time_emb"][0, 0, 0] = float("nan")
+    (root / "nan.pt").write_bytes(torch_bytes({"model": nan}))
     (root / "garbage.tar.gz").write_bytes(tar_bytes({"reference_model/model-000000001.pth": b"weights" * 10}))
     link = (tarfile.SYMTYPE, "/etc/passwd")
     (root / "link.tar.gz").write_bytes(tar_bytes({"reference_model/model-000000001.pth": link}))
@@ -112,6 +117,7 @@ def test_file_url_and_module_prefix(server, cache, monkeypatch, lbm_model):
     ("corrupt.pt", "not a readable checkpoint"),
     ("wrong.pt", "does not match the model: missing keys"),
     ("missing.pt", "download failed"),
+    ("nan.pt", "transformer.layers.0.collision_time_emb holds 1 NaN or infinite value; refusing it"),
 ])
 def test_bad_download_is_refused_and_the_good_copy_stays(server, cache, monkeypatch, name, msg):
     base, root = server
@@ -146,21 +152,35 @@ def test_sha256_checked_when_known(server, cache, monkeypatch):
 
 
 def test_pips2_reference_tarball(server, cache, monkeypatch, pips_model):
-    base, _ = server
+    base, root = server
     monkeypatch.setenv("PIPS2_URL_PIPS2", f"{base}/ref.tar.gz")
     model = pips2.load_model("pips2")  # a name, although this repository has a folder called pips2/
     assert isinstance(model, Pips) and _same_weights(model, pips_model)
     ref = cache / "reference_model"
-    assert sorted(p.name for p in ref.iterdir()) == ["args.txt", "model-000200000.pth"]
+    assert sorted(p.name for p in ref.iterdir()) == ["model-000200000.pth"]
     before = (ref / "model-000200000.pth").read_bytes()
     for bad, msg in (("garbage.tar.gz", "reference_model/model-000000001.pth: not a readable checkpoint"),
                      ("link.tar.gz", "model-000000001.pth' is a symlink to '/etc/passwd', not a regular"),
-                     ("escape.tar.gz", r"unsafe paths \(absolute or \.\.\)")):
-        monkeypatch.setenv("PIPS2_URL_PIPS2", f"{base}/{bad}")
+                     ("escape.tar.gz", r"unsafe paths \(absolute or \.\.\)"),
+                     ("sparse.tar.gz", "'reference_model/model-000200000.pth' is a sparse file; refusing it"),
+                     ("extra.tar.gz", "'reference_model/finetuned' is not a reference_model/model-\\*.pth")):
+        monkeypatch.setenv("PIPS2_URL_PIPS2", (root / bad).as_uri() if bad == "sparse.tar.gz" else f"{base}/{bad}")
         with pytest.raises(hub.HubError, match=msg):
             hub.fetch("pips2", refresh=True)
-        assert sorted(p.name for p in ref.iterdir()) == ["args.txt", "model-000200000.pth"]
+        assert sorted(p.name for p in ref.iterdir()) == ["model-000200000.pth"]
         assert (ref / "model-000200000.pth").read_bytes() == before and _leftovers(cache) == []
+
+
+def test_a_download_larger_than_a_model_is_refused_before_it_is_written(server, cache, monkeypatch):
+    base, root = server
+    size = (root / "good.pt").stat().st_size
+    monkeypatch.setattr(hub, "MAX_CHECKPOINT_BYTES", size - 1)
+    for url in (f"{base}/good.pt", (root / "good.pt").as_uri()):  # Content-Length first / counted as it comes
+        monkeypatch.setenv("PIPS2_URL_LBM", url)
+        with pytest.raises(hub.HubError, match=f"^{url}: download is .*more than the {size - 1} .*a released model "
+                                               f"needs; refusing it$"):
+            hub.fetch("lbm", **SMALL_LBM)
+        assert list(cache.iterdir()) == []
 
 
 def test_local_files_in_both_formats_both_ways(tmp_path, lbm_model, pips_model):

@@ -316,6 +316,15 @@ def test_backbone_init_rejects_foreign_files(tmp_path):
     torch.save({"encoder.weight": torch.zeros(3)}, path)
     with pytest.raises(CheckpointError, match=r"wrong\.pth: .*unexpected key encoder\.weight"):
         load_backbone_init(LBM(**SPEC["config"]), path)
+    # weights that load but are wrong: a NaN, or integers where the model has floats
+    tv = fake_torchvision_resnet18()
+    tv["layer1.0.conv1.weight"][0, 0, 0, 0] = float("nan")
+    tv["layer3.1.bn2.bias"] = tv["layer3.1.bn2.bias"].long()
+    torch.save(tv, path)
+    with pytest.raises(CheckpointError, match=r"wrong\.pth: .*layer1\.0\.conv1\.weight holds 1 NaN or infinite "
+                                              r"value; layer3\.1\.bn2\.bias is torch\.int64, the model's is "
+                                              r"torch\.float32$"):
+        load_backbone_init(LBM(**SPEC["config"]), path)
 
 
 def test_folded_correlation_equals_the_authors_per_level_maps():

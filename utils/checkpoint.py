@@ -8,6 +8,7 @@ import re
 import socket
 import tempfile
 import time
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ from prettytable import PrettyTable
 
 from pips2.utils.paths import make_dirs, remove_empty_dirs
 from pips2.utils.procs import pid_alive
+from pips2.utils.safe_load import UnsafeFileError, open_zip
 
 CKPT_RE = re.compile(r"^model-(\d+)\.pth$")
 # .model-%09d.pth.<host>.<pid>.<random>.tmp: host and pid say whether the writer may still be alive
@@ -25,6 +27,9 @@ TEMP_RE = re.compile(r"^\.model-\d+\.pth\.(?P<host>.+)\.(?P<pid>\d+)\.[A-Za-z0-9
 LEGACY_TEMP_RE = re.compile(r"^\.model-\d+\.pth\.[A-Za-z0-9_]+\.tmp$")
 LEGACY_TEMP_AGE_S = 3600  # temps of the old naming carry no pid: only remove them once clearly abandoned
 LOCK_NAME = ".train.lock"
+# Records (one per storage) a checkpoint file may hold, counted from its zip directory before torch reads it: a
+# training checkpoint of LBM, the larger model, has ~1,000 (336 weights, two AdamW moments of each parameter).
+MAX_RECORDS = 10_000
 
 
 @dataclass(frozen=True)
@@ -105,16 +110,69 @@ def _load_problem(e: Exception) -> str:
     return f"not a readable checkpoint ({lines[0]})"
 
 
+def _check_records(path: str | os.PathLike) -> bool:
+    """True for a checkpoint in torch's zip format whose records are fit to map: stored as torch writes them (a
+    compressed one would be inflated whole before torch compares its size with what the pickle declares) and at
+    most MAX_RECORDS of them; False for the legacy format (torch < 1.6), which torch reads without a zip."""
+    try:
+        with open(path, "rb") as fh:
+            if not zipfile.is_zipfile(fh):
+                return False
+            zf = open_zip(path, fh, MAX_RECORDS)
+            packed = [i.filename for i in zf.infolist() if i.compress_type != zipfile.ZIP_STORED]
+    except UnsafeFileError as e:
+        raise CheckpointError(str(e)) from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot open ({e.strerror or e})") from None
+    if packed:
+        raise CheckpointError(f"{path}: refused: record {packed[0]} is compressed (torch.save never compresses)")
+    return True
+
+
+def _view_problem(t: torch.Tensor) -> str | None:
+    """Why a loaded tensor is not one torch.save writes for a weight (a dense tensor over storage of its own
+    size), or None. A stride of 0 or a storage smaller than the shape lets a few bytes declare gigabytes, which
+    whatever copies the tensor (or builds a model of its shape) would then allocate."""
+    if t.layout != torch.strided:
+        return f"is a {t.layout} tensor"
+    need = t.numel() * t.element_size()
+    have = t.untyped_storage().nbytes() - t.storage_offset() * t.element_size()
+    if need > have or any(st == 0 for st, n in zip(t.stride(), t.shape, strict=True) if n > 1):
+        return (f"declares shape {tuple(t.shape)} with strides {t.stride()} ({need} bytes) over {max(have, 0)} "
+                f"bytes of storage")
+    return None
+
+
+def _check_tensors(obj, path: str | os.PathLike) -> None:
+    """CheckpointError naming the first tensor anywhere in a loaded checkpoint whose view is not a whole one."""
+    stack = [("", obj)]
+    while stack:
+        where, o = stack.pop()
+        if isinstance(o, torch.Tensor):
+            problem = _view_problem(o)
+            if problem:
+                raise CheckpointError(f"{path}: refused: {where or 'the tensor'} {problem}")
+        elif isinstance(o, dict):
+            stack += [(f"{where}.{k}" if where else str(k), v) for k, v in o.items()]
+        elif isinstance(o, (list, tuple)):
+            stack += [(f"{where}[{i}]", v) for i, v in enumerate(o)]
+
+
 def load_weights_only(path: str | os.PathLike, map_location: str | torch.device = "cpu", refused_hint: str = ""):
     """torch.load(weights_only=True) with one clear error line (CheckpointError) for a corrupt or foreign file;
-    `refused_hint` is appended when the file holds more than tensors and plain data."""
+    `refused_hint` is appended when the file holds more than tensors and plain data. What the file declares is
+    checked before anything of its size is allocated: its zip records (count, none compressed) before torch reads
+    them, then, the file mapped rather than read (mmap), every tensor's shape against its storage."""
+    zipped = _check_records(path)
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=zipped)
     except Exception as e:  # torch raises many types for a bad file; the user needs one line
         problem = _load_problem(e)
         if refused_hint and problem.startswith("refused"):
             problem += f"; {refused_hint}"
         raise CheckpointError(f"{path}: {problem}") from None
+    _check_tensors(ckpt, path)
+    return ckpt
 
 
 def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu",
@@ -134,9 +192,23 @@ def strip_module_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
 MAX_LISTED = 5  # keys a mismatch error names of each kind
 
 
+def weight_problem(key: str, v: torch.Tensor, own: torch.Tensor) -> str | None:
+    """Why a checkpoint's tensor cannot stand for the model's: a dtype of another kind (int64 weights would load
+    as whole numbers and track a constant) or a NaN or infinite value (track() would return NaN); None if fine."""
+    if v.is_floating_point() != own.is_floating_point() or v.is_complex() or v.dtype == torch.bool:
+        return f"{key} is {v.dtype}, the model's is {own.dtype}"
+    if v.is_floating_point():
+        bad = int((~torch.isfinite(v)).sum())
+        if bad:
+            return f"{key} holds {bad} NaN or infinite value{'s' if bad > 1 else ''}"
+    return None
+
+
 def load_model_state(model: nn.Module, state: dict[str, torch.Tensor], ignore_prefixes: tuple[str, ...] = (),
                      source: str = "checkpoint") -> None:
-    """Load strictly; keys under `ignore_prefixes` may be missing or extra. Mismatches raise and list keys."""
+    """Load strictly; keys under `ignore_prefixes` may be missing or extra. Mismatches raise and list keys; a
+    tensor of another dtype kind than the model's (float for its weights, integer for its counters) or holding
+    NaN or inf raises naming it. Nothing is copied unless every tensor passes."""
     state = strip_module_prefix(state)
     ignored = lambda k: any(k.startswith(p) for p in ignore_prefixes)  # noqa: E731
     state = {k: v for k, v in state.items() if not ignored(k)}
@@ -153,6 +225,10 @@ def load_model_state(model: nn.Module, state: dict[str, torch.Tensor], ignore_pr
         parts = [some(what, items) for what, items in (("missing keys", missing), ("unexpected keys", unexpected),
                                                         ("shape mismatches", wrong)) if items]
         raise CheckpointError(f"{source}: does not match the model: " + "; ".join(parts))
+    for k, v in state.items():
+        problem = weight_problem(k, v, own[k])
+        if problem:
+            raise CheckpointError(f"{source}: {problem}; refusing it")
     own.update(state)
     model.load_state_dict(own, strict=True)
 
@@ -175,9 +251,25 @@ def apply_checkpoint(ckpt: dict, path: str | os.PathLike, model: nn.Module, opti
     if optimizer is not None:
         if layout.optimizer not in ckpt:
             raise CheckpointError(f"{path}: has no {layout.optimizer} to resume from")
-        optimizer.load_state_dict(ckpt[layout.optimizer])
+        try:
+            state = _owned(ckpt[layout.optimizer])
+        except RecursionError:
+            raise CheckpointError(f"{path}: {layout.optimizer} is nested too deeply to be an optimizer's") from None
+        optimizer.load_state_dict(state)
     if scheduler is not None and layout.scheduler in ckpt:
         scheduler.load_state_dict(ckpt[layout.scheduler])
+
+
+def _owned(obj):
+    """obj with every tensor copied into memory: an optimizer keeps its state tensors as given, and those of a
+    checkpoint read by load_weights_only are pages of the file, which may be replaced or removed while training."""
+    if isinstance(obj, torch.Tensor):
+        return obj.clone()
+    if isinstance(obj, dict):
+        return {k: _owned(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_owned(v) for v in obj)
+    return obj
 
 
 def read_newest(folder: str | os.PathLike, on_bad: Callable[[Path, CheckpointError], None] | None = None,

@@ -9,10 +9,11 @@ few globals that plain data and numpy arrays need and refuses every other one be
 from __future__ import annotations
 
 import importlib
+import math
 import os
 import pickle
 import zipfile
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import IO, Any
 
@@ -20,6 +21,15 @@ import numpy as np
 from numpy.lib import format as npformat
 
 ALLOWED_HINT = "only plain data and numpy arrays are allowed"
+
+# Bounds on what a zip (an .npz, a torch checkpoint) may declare before it is parsed (docs/FORMATS.md, "Safe
+# loading"). A central directory entry is 46 bytes plus its name: the ~1,000 records of an LBM training
+# checkpoint (weights and two optimizer moments each) take ~100 KB, an .npz of the project's few members ~1 KB.
+MAX_ZIP_DIRECTORY_BYTES = 4 << 20
+MAX_NPZ_MEMBERS = 64  # anno.npz has 6 members, track.npz 1
+
+# expect(key, shape, dtype) -> why a member's header is not what the caller can use, or None
+Expect = Callable[[str, tuple[int, ...], np.dtype], "str | None"]
 
 
 class UnsafeFileError(ValueError):
@@ -70,9 +80,17 @@ def _numpy_globals() -> dict[tuple[str, str], Any]:
     """The globals numpy's own pickles reference, under both the numpy 1.x (numpy.core) and 2.x module names."""
     from numpy._core import multiarray, numeric
 
+    def reconstruct(subtype: Any, shape: Any, dtype: Any) -> np.ndarray:
+        # numpy pickles an array as an empty one, _reconstruct(ndarray, (0,), b'b'), then sets its state (whose
+        # data must match its shape); any other shape would allocate whatever size the file names
+        if subtype is not np.ndarray or not isinstance(shape, tuple) or shape != (0,):
+            raise _Refused(f"numpy _reconstruct of {getattr(subtype, '__name__', subtype)} {shape!r} (numpy "
+                           f"writes an empty ndarray there)")
+        return multiarray._reconstruct(subtype, shape, dtype)
+
     out: dict[tuple[str, str], Any] = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype}
     for core in ("numpy.core", "numpy._core"):
-        out[(f"{core}.multiarray", "_reconstruct")] = multiarray._reconstruct
+        out[(f"{core}.multiarray", "_reconstruct")] = reconstruct
         out[(f"{core}.multiarray", "scalar")] = multiarray.scalar
         out[(f"{core}.numeric", "_frombuffer")] = numeric._frombuffer  # protocol 5
     return out
@@ -147,16 +165,30 @@ def _read_header(fp: IO[bytes]) -> tuple[tuple[int, ...], bool, np.dtype]:
     raise ValueError(f".npy format version {version[0]}.{version[1]} is not supported by this numpy")
 
 
-def _read_npy(fp: IO[bytes], path: str | os.PathLike, where: str = "") -> np.ndarray:
-    """One .npy stream: plain dtypes by numpy with allow_pickle=False, object dtype by the restricted unpickler."""
+def _read_npy(fp: IO[bytes], path: str | os.PathLike, where: str = "", size: int | None = None,
+              expect: Callable[[tuple[int, ...], np.dtype], str | None] | None = None) -> np.ndarray:
+    """One .npy stream of `size` bytes: its header checked (by `expect`, and against `size`) before any data is
+    read, then plain dtypes by numpy with allow_pickle=False, object dtype by the restricted unpickler."""
     start = fp.tell()
     try:
         shape, fortran, dtype = _read_header(fp)
     except Exception as e:
         raise UnsafeFileError(path, f"{where}not an .npy array ({_first_line(e)})") from None
+    shape = tuple(shape)
+    if any(n < 0 for n in shape):
+        raise UnsafeFileError(path, f"{where}header declares the shape {shape}")
+    problem = expect(shape, dtype) if expect is not None else None
+    if problem:
+        raise UnsafeFileError(path, f"{where}{problem}")
+    if not dtype.hasobject and size is not None:
+        # numpy allocates what the header declares before it reads: a short member must not get that far
+        need, have = math.prod(shape) * dtype.itemsize, size - (fp.tell() - start)
+        if have < need:
+            raise UnsafeFileError(path, f"{where}header declares {dtype} {shape} ({need} bytes) but the data is "
+                                        f"{have} bytes")
     if dtype.hasobject:
         arr = _unpickle(fp, path, where)
-        if not isinstance(arr, np.ndarray) or arr.shape != tuple(shape):
+        if not isinstance(arr, np.ndarray) or arr.shape != shape:
             got = f"an array of shape {arr.shape}" if isinstance(arr, np.ndarray) else type(arr).__name__
             raise UnsafeFileError(path, f"{where}pickled payload is {got}, the header says an array of {shape}")
         return arr
@@ -171,24 +203,74 @@ def load_npy(path: str | os.PathLike) -> np.ndarray:
     """Read a .npy file; an object-dtype array is rebuilt by the restricted unpickler."""
     try:
         with open(path, "rb") as fh:
-            return _read_npy(fh, path)
+            return _read_npy(fh, path, size=os.fstat(fh.fileno()).st_size)
     except OSError as e:
         raise UnsafeFileError(path, f"cannot open ({e.strerror or _first_line(e)})") from None
 
 
-def load_npz(path: str | os.PathLike, keys: Collection[str] | None = None) -> dict[str, np.ndarray]:
-    """The arrays of an .npz (a zip of .npy members), all or those named in `keys`, read eagerly; object members
-    go through the restricted unpickler. A file that is not a zip archive (say a pickle named .npz) is refused."""
+def zip_directory_size(fh: IO[bytes]) -> int:
+    """The size of a zip archive's central directory as its end record declares it, read without parsing the
+    directory (which zipfile and torch load whole); ValueError when there is no end record."""
+    end = fh.seek(0, os.SEEK_END)
+    for back in (42, 42 + 0xFFFF):  # a zip64 locator (20 bytes), the end record (22), a comment of up to 64 KiB
+        fh.seek(max(0, end - back))
+        tail = fh.read()
+        i = tail.rfind(b"PK\x05\x06")
+        if i >= 0:
+            break
+    if i < 0 or len(tail) - i < 22:
+        raise ValueError("no zip end record")
+    size = int.from_bytes(tail[i + 12:i + 16], "little")
+    if size == 0xFFFFFFFF and i >= 20 and tail[i - 20:i - 16] == b"PK\x06\x07":  # zip64: its own end record
+        fh.seek(int.from_bytes(tail[i - 12:i - 4], "little"))
+        rec = fh.read(56)
+        if len(rec) < 56 or rec[:4] != b"PK\x06\x06":
+            raise ValueError("damaged zip64 end record")
+        size = int.from_bytes(rec[40:48], "little")
+    return size
+
+
+def open_zip(path: str | os.PathLike, fh: IO[bytes], max_members: int) -> zipfile.ZipFile:
+    """A zip archive read from fh, refused (UnsafeFileError) when its directory is larger than
+    MAX_ZIP_DIRECTORY_BYTES (checked before parsing it) or it holds more than max_members entries or a name twice."""
     try:
-        with open(path, "rb") as fh:
-            is_zip = zipfile.is_zipfile(fh)
+        size = zip_directory_size(fh)
+    except ValueError as e:
+        raise UnsafeFileError(path, f"not a readable zip archive ({e})") from None
+    if size > MAX_ZIP_DIRECTORY_BYTES:
+        raise UnsafeFileError(path, f"refused: its zip directory is {size} bytes (at most {MAX_ZIP_DIRECTORY_BYTES})")
+    fh.seek(0)
+    try:
+        zf = zipfile.ZipFile(fh)
+    except Exception as e:  # a damaged directory
+        raise UnsafeFileError(path, f"not a readable zip archive ({_first_line(e)})") from None
+    names = [i.filename for i in zf.infolist()]
+    if len(names) > max_members:
+        raise UnsafeFileError(path, f"refused: it holds {len(names)} members (at most {max_members})")
+    if len(set(names)) != len(names):
+        twice = next(n for n in names if names.count(n) > 1)
+        raise UnsafeFileError(path, f"refused: it holds the member {twice} twice")
+    return zf
+
+
+def load_npz(path: str | os.PathLike, keys: Collection[str] | None = None, expect: Expect | None = None,
+             max_member_bytes: int | None = None, max_members: int = MAX_NPZ_MEMBERS) -> dict[str, np.ndarray]:
+    """The arrays of an .npz (a zip of .npy members), all or those named in `keys`, read eagerly; object members
+    go through the restricted unpickler. A file that is not a zip archive (say a pickle named .npz) is refused.
+
+    Before a member's data is read: its size as the zip declares it must be at most `max_member_bytes`, its
+    header's shape and dtype must fit its size and pass `expect(key, shape, dtype)` (which returns the problem,
+    or None); the archive may hold at most `max_members` members (docs/FORMATS.md, "Safe loading")."""
+    try:
+        fh = open(path, "rb")
     except OSError as e:
         raise UnsafeFileError(path, f"cannot open ({e.strerror or _first_line(e)})") from None
-    if not is_zip:
-        raise UnsafeFileError(path, "refused: not a zip archive (an .npz must be one)")
     out: dict[str, np.ndarray] = {}
     try:
-        with zipfile.ZipFile(path) as zf:
+        with fh:
+            if not zipfile.is_zipfile(fh):
+                raise UnsafeFileError(path, "refused: not a zip archive (an .npz must be one)")
+            zf = open_zip(path, fh, max_members)
             for info in zf.infolist():
                 if info.is_dir():
                     continue
@@ -197,8 +279,12 @@ def load_npz(path: str | os.PathLike, keys: Collection[str] | None = None) -> di
                 key = info.filename[:-len(".npy")]
                 if keys is not None and key not in keys:
                     continue  # never read, so never unpickled: skipping costs no safety
+                if max_member_bytes is not None and info.file_size > max_member_bytes:
+                    raise UnsafeFileError(path, f"member {key}: {info.file_size} bytes, more than the "
+                                                f"{max_member_bytes} it may have here")
+                check = None if expect is None else (lambda shape, dtype, key=key: expect(key, shape, dtype))
                 with zf.open(info) as member:
-                    out[key] = _read_npy(member, path, f"member {key}: ")
+                    out[key] = _read_npy(member, path, f"member {key}: ", info.file_size, check)
     except UnsafeFileError:
         raise
     except Exception as e:  # a damaged archive (bad CRC, truncated member)

@@ -6,6 +6,7 @@ import io
 import os
 import re
 import subprocess
+import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO
@@ -13,6 +14,7 @@ from typing import BinaryIO
 import cv2
 import imageio_ffmpeg
 import numpy as np
+from PIL import Image
 
 # libav inside OpenCV prints its own lines for damaged files ("moov atom not found"), without the file's name;
 # every failure here is raised as one VideoError naming the file, so libav stays quiet unless the user sets it
@@ -106,15 +108,39 @@ def image_truncation(path: str | os.PathLike) -> str | None:
         return _truncation(f, f.seek(0, os.SEEK_END))
 
 
+# The largest image read_rgb decodes, its size read from the header first: 8K UHD, 7680x4320 (100 MB as RGB).
+# The frames the project reads are far smaller (PointOdyssey 960x540, Kubric 512x512, CroHD 1920x1080), while a
+# 20000x20000 header in a few hundred bytes of PNG would make the decoder allocate 1.2 GB.
+MAX_IMAGE_PIXELS = 7680 * 4320
+
+
+def image_size_problem(data: bytes) -> str | None:
+    """Why an encoded image may not be decoded, from its header alone: its size is beyond MAX_IMAGE_PIXELS, or
+    no header can be read (a format whose size cannot be known before decoding); None if it may."""
+    try:
+        with warnings.catch_warnings():  # Pillow's own, higher, bound warns or raises: the one here decides
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as im:
+                w, h = im.size
+    except Image.DecompressionBombError:
+        return f"image larger than {MAX_IMAGE_PIXELS} pixels"
+    except Exception:
+        return "unreadable image"
+    if w * h > MAX_IMAGE_PIXELS:
+        return f"image of {w}x{h} pixels, larger than {MAX_IMAGE_PIXELS}"
+    return None
+
+
 def read_rgb(path: str | os.PathLike) -> np.ndarray:
-    """An image file as RGB uint8 (H,W,3); an unreadable or truncated one raises VideoError naming it."""
+    """An image file as RGB uint8 (H,W,3); an unreadable, truncated or oversized (MAX_IMAGE_PIXELS, from its
+    header) one raises VideoError naming it."""
     try:
         data = Path(path).read_bytes()
     except OSError as e:
         raise VideoError(f"{path}: unreadable image ({e.strerror or e})") from None
     if not data:
         raise VideoError(f"{path}: empty image file (0 bytes)")
-    why = _truncation(io.BytesIO(data), len(data))
+    why = _truncation(io.BytesIO(data), len(data)) or image_size_problem(data)
     if why:
         raise VideoError(f"{path}: {why}")
     img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
