@@ -351,7 +351,7 @@ def test_test_on_tap_skips_damaged_videos_and_files_and_scores_the_others(tmp_pa
     assert list(js["per_item"]) == ["a", "c", "part_2_0000"] and js["complete"]
     reasons = {s["name"]: s["reason"] for s in js["skipped"]}
     assert list(reasons) == ["bad_jpeg", "odd", "nan_query", "short", "part_1.pkl"]
-    assert reasons["bad_jpeg"].endswith("entry bad_jpeg: frame 5 is not a decodable image")
+    assert reasons["bad_jpeg"].endswith("entry bad_jpeg: frame 5: unreadable image")
     assert "entry odd: points is float32 (6, 10, 3)" in reasons["odd"]
     assert reasons["nan_query"].startswith("non-finite point position where it is visible (point 2, frame 0")
     assert "entry short: occluded is bool (6, 7)" in reasons["short"]
