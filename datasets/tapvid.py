@@ -69,8 +69,13 @@ def _check_entry(item, where: str) -> None:
         raise TapVidError(f"{where}: occluded is {got}, expected a bool {pts.shape[:2]} array")
     if occ.dtype != bool and not np.isin(occ, (0, 1)).all():  # 2 or -1 would read as "occluded"
         raise TapVidError(f"{where}: occluded holds {occ[~np.isin(occ, (0, 1))][0]!r}, only 0 and 1 are allowed")
-    if not np.isfinite(pts).all():
-        raise TapVidError(f"{where}: points hold NaN or infinite values")
+    # an occluded point's position is never scored, so only a visible one must be a number: the query modes
+    # start tracks there
+    bad = ~np.isfinite(pts).all(-1) & ~occ.astype(bool)
+    if bad.any():
+        n, t = np.argwhere(bad)[0]
+        raise TapVidError(f"{where}: non-finite point position where it is visible (point {n}, frame {t}; "
+                          f"{int(bad.sum())} such entries)")
     if pts.shape[1] != T:
         raise TapVidError(f"{where}: video has {T} frames but points have {pts.shape[1]}")
 

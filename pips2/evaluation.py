@@ -169,16 +169,6 @@ def format_row(name: str, res: dict[str, float]) -> str:
     return f"{name}: {figs}; {int(res['points'])} points, {int(res['frames'])} frames"
 
 
-def tapvid_problem(points: np.ndarray, occluded: np.ndarray) -> str | None:
-    """Why a TAP-Vid video's points cannot be queried (a non-finite position where the point is visible), or
-    None. The query modes start tracks at visible positions, so one such value would stop the whole run."""
-    bad = ~np.isfinite(points).all(-1) & ~occluded
-    if not bad.any():
-        return None
-    n, t = np.argwhere(bad)[0]
-    return f"non-finite point position where it is visible (point {n}, frame {t}; {int(bad.sum())} such entries)"
-
-
 # ---------------------------------------------------------------------------------------------------------
 # The scripts' flags, checked before anything is loaded.
 

@@ -353,7 +353,8 @@ def test_test_on_tap_skips_damaged_videos_and_files_and_scores_the_others(tmp_pa
     assert list(reasons) == ["bad_jpeg", "odd", "nan_query", "short", "part_1.pkl"]
     assert reasons["bad_jpeg"].endswith("entry bad_jpeg: frame 5: unreadable image")
     assert "entry odd: points is float32 (6, 10, 3)" in reasons["odd"]
-    assert reasons["nan_query"].startswith("non-finite point position where it is visible (point 2, frame 0")
+    assert reasons["nan_query"].endswith(
+        "entry nan_query: non-finite point position where it is visible (point 2, frame 0; 1 such entries)")
     assert "entry short: occluded is bool (6, 7)" in reasons["short"]
     assert str(root / "part_1.pkl") in reasons["part_1.pkl"] and "not a readable pickle" in reasons["part_1.pkl"]
     assert all("\n" not in r for r in reasons.values())

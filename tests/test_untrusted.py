@@ -403,7 +403,7 @@ BAD_SHAPES = {
     "frame count": ({"a": dict(_entry(), video=np.zeros((5, 8, 8, 3), np.uint8))}, "video has 5 frames"),
     "bad jpeg": ({"a": dict(_entry(), video=[b"notajpeg"] * 4)}, "frame 0: unreadable image"),
     "occluded of 2": ({"a": dict(_entry(), occluded=np.full((3, 4), 2))}, "occluded holds np.int64(2), only 0 and 1"),
-    "points NaN": ({"a": dict(_entry(), points=np.full((3, 4, 2), np.nan, np.float32))}, "points hold NaN or"),
+    "points NaN": ({"a": dict(_entry(), points=np.full((3, 4, 2), np.nan, np.float32))}, "non-finite point position where it is visible"),
 }
 
 
@@ -414,6 +414,17 @@ def test_tapvid_pickle_of_the_wrong_shape_is_one_line(tmp_path, case):
     with pytest.raises(tapvid.TapVidError) as e:
         list(tapvid.load_tapvid(path))
     assert msg in _one_line(e.value, str(path))
+
+
+def test_tapvid_position_of_an_occluded_point_may_be_nan(tmp_path):
+    """Only a visible point's position is scored or queried: NaN where the point is occluded loads."""
+    entry = _entry()
+    entry["points"][0, 1] = np.nan  # point 0 is occluded in frame 1
+    name, _, points, occluded = next(tapvid.load_tapvid(_dump(tmp_path / "ok.pkl", {"a": entry})))
+    assert name == "a" and np.isnan(points[0, 1]).all() and occluded[0, 1]
+    entry["points"][1, 1] = np.nan  # point 1 is visible there
+    with pytest.raises(tapvid.TapVidError, match=r"visible \(point 1, frame 1; 1 such entries\)"):
+        list(tapvid.load_tapvid(_dump(tmp_path / "bad.pkl", {"a": entry})))
 
 
 def _run_tap(pkl: Path, tmp_path: Path) -> subprocess.CompletedProcess:
