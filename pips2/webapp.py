@@ -532,7 +532,7 @@ class App:
         own = [str(self.init_dir)] if model == self.model and self.init_dir else []
         if not own and model == "pips2":
             own = [DEFAULT_PIPS]
-        return own + [model]
+        return list(dict.fromkeys([*own, model]))  # --init_dir=pips2 is the hub name, offered once
 
     def choice(self, model: str, name: str) -> Choice:
         """One of checkpoints(model), and whether a job could use it now (files and the cache as they are now:

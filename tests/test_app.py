@@ -350,6 +350,9 @@ def test_checkpoints_are_checked_at_start(no_checkpoints, tmp_path):
     assert app_.checkpoint_report()[1].startswith("  pips2: ./reference_model: ready (reference_model/model-0")
     assert app_.default_checkpoint("pips2") == "./reference_model"
     app_.close()
+    app_ = webapp.App(init_dir="pips2", clip_dir=clips)  # the hub name given as --init_dir: offered once
+    assert app_.checkpoints("pips2") == ["pips2"] and len(app_.checkpoint_report()) == 3  # pips2, lbm
+    app_.close()
     # a --init_dir that holds nothing, for either model
     for model, given in (("pips2", tmp_path / "empty"), ("lbm", tmp_path / "lbm.pt")):
         (tmp_path / "empty").mkdir(exist_ok=True)
