@@ -11,15 +11,17 @@ go to the server's console only.
 API (JSON answers; every call needs the run's token: the page's cookie, or an X-Pips2-Token header):
   GET  /?token=<token>             sets the page's cookie and redirects to /
   GET  /                           the page
-  GET  /api/config                 defaults: models, the checkpoints the page may choose, clips, bounds
+  GET  /api/config                 defaults: models, the checkpoints the page may choose (each ready, to be
+                                   downloaded, or missing with what to do), clips, bounds
   POST /api/upload?name=<file>[&replaces=<video>]   body: the video file's bytes (application/octet-stream)
-                                   -> the video (id, frames, height, width, fps); `replaces` is removed
+                                   -> the video (id, frames, height, width, fps, the size to draw points at);
+                                   `replaces` is removed; a file that is no video of 2 frames or more is refused
   POST /api/clip                   {"name": "synthetic-1", "replaces": <video>} -> the video (made on first use)
   GET  /api/frame?video=<id>&t=<k> frame k as a JPEG (at most 640 px on its long side)
   POST /api/track                  {"video", "points": [[t, x, y], ...], "grid_size", "grid_frame", "mask",
                                     "model", "checkpoint", "backward", "S", "iters"} -> {"job": id}; 409 while
-                                    another job runs; points in video pixels, mask (optional): a PNG data URL
-                                    of the video's size, the grid kept where painted
+                                    another job runs, or when the checkpoint is missing; points in video pixels,
+                                    mask (optional): a PNG data URL of the video's size, the grid kept where painted
   POST /api/cancel                 {"job": id} -> the job's status (it stops within one model call)
   GET  /api/job?id=<id>            {"state": running|done|error|cancelled, "stage", "progress", "message", ...}
   GET  /files/<job>/<name>         tracks.mp4, tracks.csv, tracks.npz (demo.py's files; byte ranges for the video)
@@ -60,17 +62,18 @@ from waitress.utilities import RequestEntityTooLarge
 from waitress.wasyncore import close_all
 
 from pips2.datasets.synthetic import write_synthetic_video
-from pips2.hub import cache_dir, load_model
+from pips2.hub import KNOWN, cache_dir, load_model
 from pips2.tracking import (
     FrameSource,
     default_model_hw,
+    find_lbm_checkpoint,
     grid_queries,
     is_lbm,
     load_tracker,
     track,
     window_starts,
 )
-from pips2.utils.checkpoint import CheckpointError
+from pips2.utils.checkpoint import CheckpointError, find_checkpoint, list_checkpoints
 from pips2.utils.video import VideoError, iter_frames
 from pips2.utils.vis import write_outputs
 
@@ -80,6 +83,8 @@ CLIP_FRAMES, CLIP_HW = 48, (256, 384)  # demo.py's synthetic video
 MODELS = ("pips2", "lbm")
 OUTPUTS = {"tracks.mp4": "video/mp4", "tracks.csv": "text/csv; charset=utf-8", "tracks.npz": "application/zip"}
 DEFAULT_PIPS = "./reference_model"  # what demo.py and load_tracker use without --init_dir
+DEMO_CHECKPOINTS = Path("demo_out/checkpoints")  # where `make demo` trains its small model (a folder per run)
+MIN_FRAMES = 2  # a track needs two frames: a still image (one frame) is refused when it is opened
 POINT_BATCH = 256  # track()'s default
 
 # Bounds: what one request may cost (docs/WEBAPP.md explains each).
@@ -117,6 +122,19 @@ def one_line(e: BaseException) -> str:
     """An exception as the one line the page shows."""
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
+
+
+def count(n: int, word: str) -> str:
+    """n and a noun, plural unless n is 1: "1 point", "2 points"."""
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def mark_size(hw: tuple[int, int]) -> tuple[int, int]:
+    """(radius, line width) in pixels of the points and trails drawn on a frame of hw, on the page and in the
+    result video: proportional to the frame (a frame is shown shrunk to the page's width, so a fixed 3 px dot
+    vanishes on 1280x720), never under 3 px."""
+    radius = max(3, int(min(hw) / 120 + 0.5))
+    return radius, max(1, int(radius / 3 + 0.5))
 
 
 def shown(value, limit: int = 40) -> str:
@@ -157,8 +175,10 @@ class Video:
 
     def as_json(self) -> dict:
         """What the page needs to show and click on it."""
+        radius, line = mark_size(self.hw)
         return {"video": self.id, "name": self.name, "frames": self.frames, "height": self.hw[0],
-                "width": self.hw[1], "fps": self.fps, "warning": self.warning}
+                "width": self.hw[1], "fps": self.fps, "warning": self.warning,
+                "mark": {"radius": radius, "line": line}}
 
 
 @dataclass
@@ -216,7 +236,7 @@ class DecodedFrames(FrameSource):
                         self.model_hw = h, w = tuple(size(self.src_hw))
                         limit = max_bytes // (h * w * 3)
                     if n == limit:
-                        raise VideoError(f"{what}: decodes to more than {limit} frames of {w}x{h} (its header "
+                        raise VideoError(f"{what}: decodes to more than {count(limit, 'frame')} of {w}x{h} (its header "
                                          f"declared fewer; the bound is {max_bytes / 2**20:.0f} MB)")
                     f.write(self._resize(frame[None])[0].tobytes())
                     n += 1
@@ -362,12 +382,112 @@ def decode_mask(data_url: str, hw: tuple[int, int]) -> np.ndarray:
     return img[..., 3] if img.ndim == 3 and img.shape[2] == 4 else (img if img.ndim == 2 else img.max(2))
 
 
-def page_line(e: BaseException) -> str:
-    """An error of loading a checkpoint as the page sees it: without the parenthesised detail, which may quote
-    the file's bytes (the console keeps the whole line)."""
+def too_few_frames(name: str, frames: int) -> str:
+    """The page's line for a file that is not a video of at least MIN_FRAMES frames."""
+    return (f"{name}: {'only ' if frames else ''}{count(frames, 'frame')}, so nothing to track: open a video of at "
+            f"least {MIN_FRAMES} frames (a still image is one frame)")
+
+
+def load_failure(choice: Choice, e: BaseException) -> str:
+    """A checkpoint that failed to load, as the page says it: what failed, without the parenthesised detail
+    (it may quote the file's bytes) or the loader's advice (command-line wording), and what to do on the page;
+    the console keeps the whole line."""
     line = one_line(e)
-    short = re.sub(r"\s*\(.*", "", line)
-    return line if short == line else f"{short} (the server's console has the details)"
+    what = re.split(r"\s\(|; ", line, maxsplit=1)[0]
+    if "--" in what:  # a loader's line about its flags
+        what = f"{choice.name}: cannot be loaded"
+    todo = "choose another checkpoint in the list" + ("" if choice.hub else
+                                                       ", or restart the server with --init_dir=<a checkpoint>")
+    return f"{what}; {todo}" + ("" if what == line else " (the server's console has the details)")
+
+
+# How to get the authors' PIPs++ checkpoint, for the console and the page: the script, or offline the same
+# script reading a tarball copied by hand.
+OFFLINE_REFERENCE = "REF_MODEL_URL=file:///path/to/reference_model.tar.gz ./get_reference_model.sh"
+GET_REFERENCE = (f"./get_reference_model.sh fetches the authors' model into ./reference_model "
+                 f"(offline: {OFFLINE_REFERENCE})")
+
+
+@dataclass(frozen=True)
+class Choice:
+    """A checkpoint the page may choose, and whether a job could use it now."""
+
+    model: str
+    name: str  # what the page sends: the --init_dir path, demo.py's default folder, or a hub name
+    state: str  # "ready", "download" (a hub name not cached yet: the first Track fetches it), or "missing"
+    label: str  # the page's option
+    note: str  # the page's line beside Track: what Track will do, or what to do ("" when ready)
+    console: str  # the console's line at start: ready, or how to get it
+
+    @property
+    def hub(self) -> bool:
+        """Whether it is a hub name (fetched into the cache) rather than a path."""
+        return self.name == self.model
+
+    def as_json(self) -> dict:
+        """What the page shows of it."""
+        return {"name": self.name, "state": self.state, "label": self.label, "note": self.note}
+
+
+def local_checkpoint(model: str, path: str) -> Path | None:
+    """The file a job would load for a checkpoint path (a file, a folder's newest model-*.pth, for LBM also a
+    folder's only *.pt), or None; nothing is read."""
+    try:
+        return find_lbm_checkpoint(path) if model == "lbm" else find_checkpoint(path)
+    except (CheckpointError, OSError):
+        return None
+
+
+def demo_checkpoint() -> Path | None:
+    """The newest run folder `make demo` trained under ./demo_out/checkpoints/, if any."""
+    try:
+        runs = [p for p in DEMO_CHECKPOINTS.iterdir() if list_checkpoints(p)]
+        return max(runs, key=lambda p: p.stat().st_mtime, default=None)
+    except OSError:
+        return None
+
+
+def hub_choice(model: str) -> Choice:
+    """A hub name: ready once in the cache, else downloaded by the first Track that uses it."""
+    known = KNOWN[model]
+    dest = cache_dir() / known.cached
+    if dest.exists():
+        return Choice(model, model, "ready", f"{model} (downloaded)", "",
+                      f"{model}: {model} (hub name): ready, in {dest}")
+    copy = known.cached + (".tar.gz" if known.archive else "")
+    return Choice(model, model, "download", f"{model} (downloads once, needs the internet)",
+                  f"{model}: the first Track downloads the authors' weights into the server's cache (needs the "
+                  f"internet)",
+                  f"{model}: {model} (hub name): not downloaded yet; the first Track with it downloads it into {dest} "
+                  f"(needs the internet; offline, start the server with PIPS2_URL_{model.upper()}=file:///path/to/"
+                  f"{copy})")
+
+
+def path_choice(model: str, name: str, given: bool) -> Choice:
+    """A checkpoint path: --init_dir (`given`) or demo.py's default folder; ready when it holds a checkpoint."""
+    found = local_checkpoint(model, name)
+    if found is not None:
+        return Choice(model, name, "ready", name, "", f"{model}: {name}: ready ({found})")
+    demo = demo_checkpoint()
+    trained = (f"`make demo` trained a small one in {demo}/" if demo else
+               "`make demo` trains a small one into demo_out/checkpoints/")
+    if model == "lbm":
+        how = "restart with --init_dir=<an LBM checkpoint file> (or choose the hub name lbm on the page)"
+    elif given:
+        how = f"restart with --init_dir=<a checkpoint folder or file> ({GET_REFERENCE}; {trained})"
+    else:
+        how = f"{GET_REFERENCE}; or restart with --init_dir=<a checkpoint folder> ({trained})"
+    what = "--init_dir" if given else f"demo.py's default, in {Path.cwd()}"
+    console = f"{model}: {name} ({what}): no checkpoint there; {how}"
+    if given:
+        note = (f"{name} (named when the server started) holds no checkpoint: choose another checkpoint in the "
+                f"list, or restart the server with --init_dir=<a checkpoint folder or file>")
+    else:
+        note = (f"{name} is missing: fetch the authors' model with ./get_reference_model.sh in the server's folder "
+                f"(offline: {OFFLINE_REFERENCE}), then reload this page; or choose another checkpoint in the list")
+        if demo:
+            note += f"; or restart the server with --init_dir={demo}/ (the small model `make demo` trained)"
+    return Choice(model, name, "missing", f"{name} (missing)", note, console)
 
 
 class App:
@@ -412,12 +532,48 @@ class App:
         own = [str(self.init_dir)] if model == self.model and self.init_dir else []
         if not own and model == "pips2":
             own = [DEFAULT_PIPS]
-        return own + [model]
+        return list(dict.fromkeys([*own, model]))  # --init_dir=pips2 is the hub name, offered once
+
+    def choice(self, model: str, name: str) -> Choice:
+        """One of checkpoints(model), and whether a job could use it now (files and the cache as they are now:
+        the user may fetch a checkpoint while the server runs)."""
+        if name == model:
+            return hub_choice(model)
+        return path_choice(model, name, given=model == self.model and name == str(self.init_dir))
+
+    def choices(self, model: str) -> list[Choice]:
+        """checkpoints(model), each with its state."""
+        return [self.choice(model, name) for name in self.checkpoints(model)]
+
+    def default_checkpoint(self, model: str) -> str:
+        """The checkpoint the page preselects, and a request without one uses: the first that is ready, else the
+        first (a download is the user's choice to make: it needs the internet)."""
+        choices = self.choices(model)
+        return next((c.name for c in choices if c.state == "ready"), choices[0].name)
+
+    def notice(self) -> str:
+        """The page's line up front when no checkpoint is on this machine, else ''."""
+        if any(c.state == "ready" for m in MODELS for c in self.choices(m)):
+            return ""
+        return (f"No checkpoint is on this machine yet: fetch the authors' PIPs++ model with ./get_reference_model.sh "
+                f"in the server's folder (offline: {OFFLINE_REFERENCE}) and reload this page, or choose a hub name "
+                f"in the Checkpoint list ({', '.join(MODELS)}: downloaded on the first Track; needs the internet).")
+
+    def checkpoint_report(self) -> list[str]:
+        """The console's lines at start: each checkpoint the page offers, ready or how to get it."""
+        choices = [c for m in MODELS for c in self.choices(m)]
+        lines = ["checkpoints the page offers:", *(f"  {c.console}" for c in choices)]
+        if not any(c.state == "ready" for c in choices):
+            lines.append("no checkpoint is on this machine yet: the page says so and the server runs anyway; get one "
+                         "as above, then reload the page")
+        return lines
 
     def config(self) -> dict:
         """Defaults for the page."""
         return {"model": self.model, "models": list(MODELS), "clips": list(CLIPS),
                 "checkpoints": {m: self.checkpoints(m) for m in MODELS},
+                "choices": {m: [c.as_json() for c in self.choices(m)] for m in MODELS},
+                "default_checkpoint": {m: self.default_checkpoint(m) for m in MODELS}, "notice": self.notice(),
                 "max_upload_mb": MAX_UPLOAD_BYTES // 2**20, "max_decoded_mb": self.max_decoded // 2**20,
                 "max_grid": MAX_GRID, "max_clicks": MAX_CLICKS}
 
@@ -425,10 +581,10 @@ class App:
         """WebError (413) if `frames` of hw are over the decoded-bytes bound."""
         limit = self.max_decoded // (hw[0] * hw[1] * 3)
         if frames > limit:
-            raise WebError(f"{name}: {frames} frames of {hw[1]}x{hw[0]}{what} decode to "
+            raise WebError(f"{name}: {count(frames, 'frame')} of {hw[1]}x{hw[0]}{what} decode to "
                            f"{frames * hw[0] * hw[1] * 3 / 2**20:.0f} MB, over the bound of "
-                           f"{self.max_decoded // 2**20} MB ({limit} frames at this size); cut or shrink the video",
-                           413)
+                           f"{self.max_decoded // 2**20} MB ({count(limit, 'frame')} at this size); cut or shrink "
+                           f"the video", 413)
 
     def _stopping(self) -> None:
         if self.closed.is_set():
@@ -441,6 +597,8 @@ class App:
             frames, H, W, fps, duration = video_header(path)
             if frames < 1:
                 raise VideoError(f"{path}: no video frames")
+            if frames < MIN_FRAMES:
+                raise WebError(too_few_frames(name, frames))
             if H * W > MAX_FRAME_PIXELS:
                 raise WebError(f"{name}: frames of {W}x{H} are over the bound of {MAX_FRAME_PIXELS:,} pixels "
                                f"(1920x1080); shrink the video (e.g. ffmpeg -i in.mp4 -vf scale=1280:-2 out.mp4)", 413)
@@ -455,11 +613,14 @@ class App:
             raise
         except Exception as e:  # a decoder failing mid-stream: still one line about this file
             raise WebError(f"{name}: cannot decode ({one_line(e)})") from None
+        if (decoded := len(preview)) < MIN_FRAMES:  # its header promised more than decode
+            preview.close()
+            raise WebError(too_few_frames(name, decoded))
         video = Video(uuid.uuid4().hex[:12], name, path, preview, len(preview), preview.src_hw, fps)
         expected = round(duration * fps)
         if video.frames < 0.95 * expected - 1:  # e.g. a file cut short: say so; the page shows what decodes
-            video.warning = (f"{name}: its header says {duration:g} s ({expected} frames at {fps:g} fps) but only "
-                             f"{video.frames} frames decode (a file cut short?)")
+            video.warning = (f"{name}: its header says {duration:g} s ({count(expected, 'frame')} at {fps:g} fps) "
+                             f"but only {video.frames} frames decode (a file cut short?)")
         if self.closed.is_set():
             raise WebError("the server is stopping", 503)
         with self.lock:
@@ -521,7 +682,7 @@ class App:
                 while left:
                     chunk = body.read(min(left, 1 << 20))
                     if not chunk:
-                        raise WebError(f"{name}: upload ended after {length - left} of {length} bytes")
+                        raise WebError(f"{name}: upload ended after {length - left} of {count(length, 'byte')}")
                     f.write(chunk)
                     left -= len(chunk)
             return self._open(path, name)
@@ -611,10 +772,13 @@ class App:
         if model not in MODELS:
             raise WebError(f"model must be one of {', '.join(MODELS)}, got {shown(model)}")
         choices = self.checkpoints(model)
-        checkpoint = req.get("checkpoint") or choices[0]
+        checkpoint = req.get("checkpoint") or self.default_checkpoint(model)
         if checkpoint not in choices:  # paths come from the command line only
-            raise WebError(f"checkpoint for {model} must be one of {', '.join(choices)} (other checkpoints are "
-                           f"given on the command line: app.py --model={model} --init_dir=...)")
+            raise WebError(f"checkpoint for {model} must be one of {', '.join(choices)} (to use another, restart "
+                           f"the server with --model={model} --init_dir=<its folder or file>)")
+        choice = self.choice(model, checkpoint)
+        if choice.state == "missing":  # said before the work, not after the upload, the clicks and Track
+            raise WebError(choice.note, 409)
         q = self.queries(video, req)
         S = whole(req["S"], "S", *S_RANGE) if req.get("S") is not None else self.S
         iters = whole(req["iters"], "iters", *ITERS_RANGE) if req.get("iters") is not None else self.iters
@@ -631,7 +795,7 @@ class App:
             if running:
                 raise WebError("busy: another job is tracking; cancel it or wait for it to end", 409)
             self.jobs[job_id] = job
-            job.thread = threading.Thread(target=self._run, args=(job, q, model, checkpoint, backward, S, iters),
+            job.thread = threading.Thread(target=self._run, args=(job, q, choice, backward, S, iters),
                                           daemon=True, name=f"track-{job_id}")
         job.out_dir.mkdir(parents=True)
         self._evict()
@@ -654,18 +818,18 @@ class App:
         self.net_key, self.net = (model, checkpoint), net
         return net
 
-    def _run(self, job: Job, q: np.ndarray, model: str, checkpoint: str, backward: bool, S: int,
-             iters: int) -> None:
+    def _run(self, job: Job, q: np.ndarray, choice: Choice, backward: bool, S: int, iters: int) -> None:
         """The worker: load the model, decode, track with progress, draw the result video; errors and a cancel
         end in job.state and job.message, and leave no files behind."""
         src = None
         try:
-            job.stage = "loading the model"
+            job.stage = "downloading the model (once)" if choice.state == "download" else "loading the model"
+            model = choice.model
             try:
-                net = self.load_net(model, checkpoint)
+                net = self.load_net(model, choice.name)
             except (ValueError, OSError, CheckpointError) as e:
                 print(f"error: {one_line(e)}", file=sys.stderr, flush=True)
-                raise ValueError(page_line(e)) from None
+                raise ValueError(load_failure(choice, e)) from None
             job.check()
             lbm = is_lbm(net)
             # at the size track() would pick for a path: LBM's input size, else the video's rounded to 8
@@ -700,8 +864,9 @@ class App:
                 job.check()
                 job.done = t + 1
 
+            radius, line = mark_size(job.video.hw)
             write_outputs(job.out_dir, job.video.path, q, res["tracks"], res["estimated"], job.video.fps,
-                          res["visibility"], on_frame=drawn)
+                          res["visibility"], on_frame=drawn, radius=radius, thickness=line)
             job.stage, job.state = "done", "done"
         except Cancelled:
             job.stage, job.state, job.message = "cancelled", "cancelled", "cancelled"
@@ -1025,6 +1190,8 @@ def serve(app: App, host: str = "127.0.0.1", port: int = 7860) -> None:
     if threading.current_thread() is threading.main_thread():  # `kill` cleans up as Ctrl-C does
         signal.signal(signal.SIGTERM, _interrupt)
     try:
+        for line in app.checkpoint_report():
+            print(line, flush=True)
         print(f"web demo on {server.token_url} (open this address; Ctrl-C stops it)", flush=True)
         server.serve_forever()  # returns on Ctrl-C (waitress catches it)
     except KeyboardInterrupt:

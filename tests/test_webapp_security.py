@@ -18,7 +18,7 @@ import cv2
 import numpy as np
 import pytest
 from helpers import golden_model
-from test_app import TOKEN, call, finish, serving, upload
+from test_app import TOKEN, call, finish, page_wording, serving, upload
 
 from pips2 import webapp
 from pips2.utils import checkpoint
@@ -190,6 +190,7 @@ def test_a_bad_checkpoint_file_is_not_quoted(tmp_path, video, capsys):
         s = finish(srv.url, json.loads(body)["job"])
     assert s["state"] == "error" and "not a readable checkpoint" in s["message"], s
     assert "operand" not in s["message"].lower() and "console" in s["message"], s  # "#" is operand 35
+    assert "choose another checkpoint in the list" in page_wording(s["message"]), s
     assert "model-000000001.pth" in capsys.readouterr().err
 
 
@@ -248,7 +249,7 @@ def test_a_video_whose_frames_are_over_the_bound_is_refused_before_decoding(serv
     assert not [p for p in server.app.work.rglob("*") if p.is_file()]  # neither the upload nor any frames
     # one frame too large for the encoder's memory, whatever the frame count
     big = tmp_path / "big.mp4"
-    write_mp4(big, [np.zeros((1200, 2000, 3), np.uint8)])
+    write_mp4(big, [np.zeros((1200, 2000, 3), np.uint8)] * 2)
     status, info = upload(server.url, big, "a%0Ab.mp4")  # a newline in the name
     assert status == 413 and info["error"].startswith("a?b.mp4: frames of 2000x1200 are over the bound"), info
     assert not [p for p in server.app.work.rglob("*") if p.is_file()]
@@ -447,16 +448,24 @@ def test_half_sent_requests_hold_no_thread_and_are_closed(ckpt, tmp_path):
 # The server as a program: the token printed, a quiet console, nothing left at exit.
 
 
-def start_app(tmp_path: Path) -> tuple[subprocess.Popen, str]:
-    """python app.py on a free port with its temp folder in tmp_path; (process, the printed address)."""
+def start_app(tmp_path: Path, cwd: Path) -> tuple[subprocess.Popen, str, list[str]]:
+    """python app.py in cwd on a free port with its temp folder in tmp_path; (process, the printed address, the
+    lines printed before it)."""
     env = {**os.environ, "TMPDIR": str(tmp_path), "PIPS2_CACHE": str(tmp_path / "cache"),
            "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--port=0"], cwd=ROOT, env=env,
+    proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--port=0"], cwd=cwd, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    ready, _, _ = select.select([proc.stdout], [], [], 60)
-    line = proc.stdout.readline() if ready else ""
-    assert "?token=" in line, (line, proc.poll())
-    return proc, line.split()[3]
+    out, end = b"", time.time() + 60
+    while b"?token=" not in out or not out.endswith(b"\n"):
+        # the pipe's own bytes: a buffered readline() would hide lines from select()
+        ready, _, _ = select.select([proc.stdout], [], [], max(0.0, end - time.time()))
+        chunk = os.read(proc.stdout.fileno(), 4096) if ready else b""
+        if not chunk:
+            break
+        out += chunk
+    *before, line = out.decode().splitlines() or [""]
+    assert "?token=" in line, (before, line, proc.poll())
+    return proc, line.split()[3], before
 
 
 def reset(port: int, data: bytes) -> None:
@@ -469,10 +478,17 @@ def reset(port: int, data: bytes) -> None:
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_app_prints_the_token_is_quiet_and_leaves_nothing(tmp_path, video, sig):
-    tmp = tmp_path / "tmp"
+    tmp, cwd = tmp_path / "tmp", tmp_path / "cwd"
     tmp.mkdir()
-    proc, url = start_app(tmp)
+    cwd.mkdir()
+    proc, url, before = start_app(tmp, cwd)
     try:
+        # before the address: each checkpoint the page offers, ready or how to get it (none is, here)
+        assert before[0] == "checkpoints the page offers:" and len(before) == 5, before
+        assert before[1].startswith("  pips2: ./reference_model (demo.py's default, in ") and \
+            "./get_reference_model.sh" in before[1], before
+        assert "not downloaded yet" in before[2] and "not downloaded yet" in before[3], before
+        assert before[4].startswith("no checkpoint is on this machine yet"), before
         base, token = url.split("?token=")
         port = int(base.rstrip("/").rsplit(":", 1)[1])
         assert len(token) >= 32

@@ -26,7 +26,8 @@ def track_colors(xy0: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
 
 
 def draw_frame(frame: np.ndarray, history: np.ndarray, colors: np.ndarray, shown: np.ndarray | None = None,
-               radius: int = 3, visible: np.ndarray | None = None, labels: list[str] | None = None) -> np.ndarray:
+               radius: int = 3, visible: np.ndarray | None = None, labels: list[str] | None = None,
+               thickness: int = 1) -> np.ndarray:
     """Draw trails (older segments fainter) and current points; history (L,N,2) ends at this frame.
 
     visible (N,) marks this frame's points as filled (True) or hollow rings (False, e.g. occluded); labels (N)
@@ -46,7 +47,7 @@ def draw_frame(frame: np.ndarray, history: np.ndarray, colors: np.ndarray, shown
             if shown[i, n] and shown[i - 1, n]:
                 p0 = tuple(np.round(history[i - 1, n]).astype(int))
                 p1 = tuple(np.round(history[i, n]).astype(int))
-                cv2.line(layer, p0, p1, tuple(int(c) for c in colors[n]), 1, cv2.LINE_AA)
+                cv2.line(layer, p0, p1, tuple(int(c) for c in colors[n]), thickness, cv2.LINE_AA)
         out = cv2.addWeighted(layer, a, out, 1 - a, 0)
     for n in range(N):
         if not shown[-1, n]:
@@ -55,10 +56,10 @@ def draw_frame(frame: np.ndarray, history: np.ndarray, colors: np.ndarray, shown
         color = tuple(int(c) for c in colors[n])
         if visible is None or visible[n]:
             cv2.circle(out, p, radius, color, -1, cv2.LINE_AA)
-            cv2.circle(out, p, radius, (0, 0, 0), 1, cv2.LINE_AA)
+            cv2.circle(out, p, radius, (0, 0, 0), thickness, cv2.LINE_AA)
         else:  # a ring in the point's colour, outlined in black so it reads on any background
-            cv2.circle(out, p, radius + 1, (0, 0, 0), 1, cv2.LINE_AA)
-            cv2.circle(out, p, radius, color, 1, cv2.LINE_AA)
+            cv2.circle(out, p, radius + thickness, (0, 0, 0), thickness, cv2.LINE_AA)
+            cv2.circle(out, p, radius, color, thickness, cv2.LINE_AA)
         if labels is not None:
             draw_label(out, labels[n], (p[0] + radius + 2, p[1] - radius), color)
     return out
@@ -73,10 +74,11 @@ def draw_label(img: np.ndarray, text: str, org: tuple[int, int], color: tuple[in
 
 def render_tracks(frames: Iterable[np.ndarray], tracks: np.ndarray, estimated: np.ndarray | None = None,
                   trail: int = 12, visibility: np.ndarray | None = None,
-                  labels: list[str] | None = None) -> Iterator[np.ndarray]:
+                  labels: list[str] | None = None, radius: int = 3, thickness: int = 1) -> Iterator[np.ndarray]:
     """Frames with coloured points and fading trails of `trail` frames; tracks (T,N,2) in frame pixels.
 
-    visibility (T,N) draws the points of frames where it is False as hollow rings; labels (N) names the points.
+    visibility (T,N) draws the points of frames where it is False as hollow rings; labels (N) names the points;
+    radius and thickness (lines, outlines) are in pixels.
     """
     colors = None
     for t, frame in enumerate(frames):
@@ -85,7 +87,7 @@ def render_tracks(frames: Iterable[np.ndarray], tracks: np.ndarray, estimated: n
         s = max(0, t - trail + 1)
         shown = None if estimated is None else estimated[s:t + 1]
         yield draw_frame(frame, tracks[s:t + 1], colors, shown, visible=None if visibility is None else visibility[t],
-                         labels=labels)
+                         labels=labels, radius=radius, thickness=thickness)
 
 
 def summary_image(frames: np.ndarray, trajs_g: np.ndarray, trajs_e: np.ndarray, max_points: int = 32) -> np.ndarray:
@@ -107,15 +109,15 @@ def output_fps(fps: float | None) -> int:
 
 def write_outputs(out_dir: Path, video: Path, queries: np.ndarray, tracks: np.ndarray, estimated: np.ndarray,
                   fps: float, visibility: np.ndarray | None = None, numbers: bool = False,
-                  on_frame: Callable[[int], None] | None = None) -> list[Path]:
+                  on_frame: Callable[[int], None] | None = None, radius: int = 3, thickness: int = 1) -> list[Path]:
     """tracks.npz, tracks.csv and tracks.mp4 (points with fading trails) in out_dir (demo.py's and the web
     demo's outputs, docs/FORMATS.md).
 
     With a model's visibility (T,N) the npz gets a `visibility` array, the csv a `visibility` column (0/1) and
     the video draws invisible points hollow; numbers=True writes each point's index beside it; on_frame(t) is
-    called as each frame of the video is drawn (progress). Each file is written under a temp name and the three
-    are renamed into place only once all are complete: an error or a signal mid-way leaves no partial file
-    (and the temps are removed)."""
+    called as each frame of the video is drawn (progress); radius and thickness size the points and trails. Each
+    file is written under a temp name and the three are renamed into place only once all are complete: an error
+    or a signal mid-way leaves no partial file (and the temps are removed)."""
     final = [out_dir / "tracks.npz", out_dir / "tracks.csv", out_dir / "tracks.mp4"]
     tag = f".tmp.{os.getpid()}"
     npz, csv_path, mp4 = (p.with_name(f".{p.stem}{tag}{p.suffix}") for p in final)
@@ -142,7 +144,8 @@ def write_outputs(out_dir: Path, video: Path, queries: np.ndarray, tracks: np.nd
                     on_frame(t)
                 yield even(f)
 
-        frames = drawn(render_tracks(iter_frames(video), tracks, estimated, visibility=visibility, labels=labels))
+        frames = drawn(render_tracks(iter_frames(video), tracks, estimated, visibility=visibility, labels=labels,
+                                     radius=radius, thickness=thickness))
         write_mp4(mp4, frames, fps=output_fps(fps))
         for tmp, dest in zip((npz, csv_path, mp4), final, strict=True):
             os.replace(tmp, dest)

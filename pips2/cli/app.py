@@ -7,7 +7,9 @@
 The server is waitress (pips2.webapp); it listens on 127.0.0.1 unless --host says otherwise, answers only to
 the loopback names and the --host name, and only to a browser that opened the printed address (a per-run token).
 The page may choose only the checkpoints named here (--init_dir, demo.py's ./reference_model for pips2) and the
-hub names pips2 and lbm. Bounds on what one request may cost: docs/WEBAPP.md.
+hub names pips2 and lbm. At start it prints one line for each: ready, or how to get it; the page says the same
+(Track is off for a missing one) and the server starts even when none is ready. Bounds on what one request may
+cost: docs/WEBAPP.md.
 """
 
 from __future__ import annotations
