@@ -74,6 +74,22 @@ def test_demo_grid_on_a_synthetic_video(tmp_path, ckpt, capsys, monkeypatch):
     assert (tmp_path / "synthetic.mp4").is_file() and np.load(tmp_path / "tracks.npz")["tracks"].shape == (12, 9, 2)
 
 
+def test_progress_and_summary_say_what_a_person_needs(tmp_path, clip, ckpt, capsys):
+    """The bar read 'windows: 0%| 0/1' for a whole short clip, and with --backward stopped at 83 % before an
+    unlabelled one; the summary gave frames/s but not the size the model ran at, which the time grows with."""
+    res = run_main(demo.main, capsys, video=str(clip), init_dir=str(ckpt), points=None, grid_size=2, query_frame=5,
+                   backward=True, S=8, iters=2, out_dir=str(tmp_path))
+    assert res.returncode == 0, res.stderr[-2000:]
+    bars = [ln for ln in res.stderr.replace("\r", "\n").splitlines() if ln.strip()]
+    assert bars and all(ln.startswith(("forward:", "backward:")) for ln in bars), bars
+    for label in ("forward:", "backward:"):
+        assert "100%" in [ln for ln in bars if ln.startswith(label)][-1]
+    assert "(14 frames, 150x130; the model runs at 152x128)" in res.stdout  # 150x130 rounded to multiples of 8
+    summary = res.stdout.strip().splitlines()[-1]
+    assert summary.startswith("summary: 4 points x 14 frames in ") and " s per frame, forward and backward) at " \
+        "152x128, the model's input size (the video is 150x130); wrote " in summary, summary
+
+
 def test_missing_checkpoint_message(tmp_path, clip, capsys):
     res = run_main(demo.main, capsys, video=str(clip), init_dir=str(tmp_path / "none"), out_dir=str(tmp_path / "o"))
     assert res.returncode != 0 and "get_reference_model.sh" in res.stderr
@@ -342,7 +358,7 @@ def test_a_signal_stops_the_demo_in_one_line_removing_its_temp_file(tmp_path, ck
             for _ in range(1200):  # up to 2 minutes on a loaded machine
                 if proc.poll() is not None:
                     break
-                if (list(tmp.glob("*/frames.u8")) if when == "decoding" else "windows:" in err.read_text()):
+                if (list(tmp.glob("*/frames.u8")) if when == "decoding" else "forward:" in err.read_text()):
                     break
                 time.sleep(0.1)
             assert proc.poll() is None, "the demo ended before the signal: " + err.read_text()[-2000:]
@@ -353,7 +369,7 @@ def test_a_signal_stops_the_demo_in_one_line_removing_its_temp_file(tmp_path, ck
             if proc.poll() is None:
                 proc.kill()
     text = err.read_text()
-    lines = [ln for ln in text.replace("\r", "\n").splitlines() if ln.strip() and "windows:" not in ln]
+    lines = [ln for ln in text.replace("\r", "\n").splitlines() if ln.strip() and "forward:" not in ln]
     name = signal.Signals(sig).name
     assert code == 128 + sig and lines == [f"error: stopped by {name}: no outputs written, temp files removed"], text
     assert list(tmp.iterdir()) == [] and not (tmp_path / "out").exists()
