@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from fractions import Fraction
 from pathlib import Path
 
 import cv2
@@ -382,7 +383,47 @@ def test_drawing_skips_points_it_cannot_place():
                         [[12.0, 11.0], [-1e30, np.inf], [20.0, 20.0]]])
     out = draw_frame(frame, history, np.array([[255, 0, 0]] * 3, np.uint8), labels=["0", "1", "2"])
     assert out.shape == frame.shape and (out[11, 12] != 90).any() and (out[20, 20] != 90).any()
-    assert output_fps(float("nan")) == 24 and output_fps(0) == 24 and output_fps(29.97) == 30
+
+
+def _rate(path) -> Fraction:
+    """The frame rate an mp4 declares, read by OpenCV (not by the code under test) as the fraction it is."""
+    cap = cv2.VideoCapture(str(path))
+    try:
+        return Fraction(cap.get(cv2.CAP_PROP_FPS)).limit_denominator(100_000)
+    finally:
+        cap.release()
+
+
+@pytest.mark.parametrize("rate,given", [
+    (Fraction(30000, 1001), 29.97),  # the web page passes the rate ffmpeg prints, rounded
+    (Fraction(25, 2), 12.5),
+    (Fraction(24000, 1001), None),
+])
+def test_tracks_mp4_keeps_the_source_frame_rate(tmp_path, rate, given):
+    """tracks.mp4 was written at the rate rounded to a whole number: a 29.97 fps clip came out at 30 (drifting
+    from its source by a frame every 33 s), a 12.5 fps one at 12."""
+    src = tmp_path / "src.mp4"
+    write_mp4(src, (np.full((32, 48, 3), 10 * t, np.uint8) for t in range(7)), fps=rate)
+    assert _rate(src) == rate
+    write_outputs(tmp_path, src, np.zeros((1, 3), np.float32), np.zeros((7, 1, 2), np.float32),
+                  np.ones((7, 1), bool), given)
+    assert _rate(tmp_path / "tracks.mp4") == rate and len(read_video(tmp_path / "tracks.mp4")) == 7
+
+
+def test_demo_keeps_the_frame_rate(tmp_path, ckpt, capsys):
+    src = tmp_path / "in.mp4"
+    base = (np.random.default_rng(0).random((140, 200, 3)) * 255).astype(np.uint8)
+    write_mp4(src, (base[:128, 2 * t:2 * t + 128] for t in range(6)), fps=Fraction(25, 2))
+    res = run_main(demo.main, capsys, video=str(src), init_dir=str(ckpt), grid_size=1, S=8, iters=1,
+                   out_dir=str(tmp_path / "out"))
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert _rate(tmp_path / "out" / "tracks.mp4") == Fraction(25, 2)
+
+
+def test_output_fps_bounds_and_defaults():
+    assert output_fps(float("nan")) == 24 and output_fps(0) == 24 and output_fps(None) == 24
+    assert output_fps(Fraction(30000, 1001)) == Fraction(30000, 1001) and output_fps(12.5) == Fraction(25, 2)
+    assert output_fps(0.01) == 1 and output_fps(1e6) == 1000
 
 
 def test_outputs_are_written_whole_or_not_at_all(tmp_path, clip):
