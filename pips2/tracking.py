@@ -23,10 +23,12 @@ import shutil
 import socket
 import sys
 import tempfile
+import threading
 import warnings
 import weakref
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import cv2
@@ -307,8 +309,8 @@ class FeatureCache:
     remains is encoded beside a copy of itself.
     """
 
-    def __init__(self, model, read, amp: str | None = None):
-        self.model, self.read, self.amp = model, read, amp
+    def __init__(self, model, read, amp: str | None = None, on_encode: Callable[[int], None] | None = None):
+        self.model, self.read, self.amp, self.on_encode = model, read, amp, on_encode
         self.device = next(model.parameters()).device
         self.maps: dict[int, torch.Tensor] = {}
 
@@ -319,7 +321,10 @@ class FeatureCache:
         if len(rgbs) == 1:
             rgbs = np.concatenate([rgbs, rgbs])
         with autocast(self.device.type, self.amp):
-            return self.model.encode_nhwc(_to_input(rgbs, self.device))[0, :len(piece)]
+            maps = self.model.encode_nhwc(_to_input(rgbs, self.device))[0, :len(piece)]
+        if self.on_encode is not None:
+            self.on_encode(len(piece))
+        return maps
 
     @torch.inference_mode()
     def window(self, frames: list[int], keep, prefetch: list[int] = ()) -> torch.Tensor:
@@ -347,17 +352,117 @@ class FeatureCache:
         return out
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Progress: one bar per pass, over work counted before the pass starts.
+
+ProgressArg = bool | Callable[[str, int, int], None]
+
+
+def iteration_module(model) -> torch.nn.Module | None:
+    """The layer a PIPs++ runs once per iteration of its forward pass (the delta block's last, called in every
+    execution form of nets/fast.py), or None for a model without one: hooked to show iterations as they end."""
+    layer = getattr(getattr(model, "delta_block", None), "dense", None)
+    return layer if isinstance(layer, torch.nn.Module) else None
+
+
+class PassProgress:
+    """The progress of one tracking pass, named by `label` ("forward" or "backward"), over `total` steps
+    counted before it starts: a tqdm bar on stderr for progress=True, calls progress(label, done, total) for a
+    callable (e.g. a web page's bar), nothing for False.
+
+    A step is one frame encoded or one iteration of one batch of points over one window for PIPs++ (a window
+    of one frame, which the model does not run, is one step), one frame for LBM. `close()` after the pass has
+    run fills what is left, so a bar always ends at its total; a pass stopped by an error or a signal keeps
+    the count it reached."""
+
+    def __init__(self, label: str, total: int, progress: ProgressArg = False, unit: str = "step"):
+        self.label, self.total, self.done = label, max(0, int(total)), 0
+        self.callback = progress if callable(progress) else None
+        self.bar = (tqdm(total=self.total, desc=label, unit=unit, leave=True, dynamic_ncols=True)
+                    if progress and self.callback is None else None)
+
+    @property
+    def active(self) -> bool:
+        """Whether anything shows the progress (work done only to report it can be skipped otherwise)."""
+        return self.bar is not None or self.callback is not None
+
+    def advance(self, n: int = 1) -> None:
+        """n more steps done (never beyond the total)."""
+        n = min(int(n), self.total - self.done)
+        if n <= 0:
+            return
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+        if self.callback is not None:
+            self.callback(self.label, self.done, self.total)
+
+    def note(self, text: str) -> None:
+        """What the pass is doing now, shown after the bar (e.g. "window 2/3: iteration 5/16")."""
+        if self.bar is not None:
+            self.bar.set_postfix_str(text, refresh=False)
+
+    @contextmanager
+    def model_call(self, model, iters: int, where: str) -> Iterator[None]:
+        """Around one PIPs++ call of `iters` iterations: a step as each iteration ends (a forward hook on
+        `iteration_module`, for calls of this thread only: a model may be shared), and the call's remaining
+        steps once it returns, whatever the hook saw."""
+        layer = iteration_module(model) if self.active else None
+        seen, me = 0, threading.get_ident()
+
+        def hook(*_) -> None:
+            nonlocal seen
+            if threading.get_ident() == me and seen < iters:
+                seen += 1
+                self.note(f"{where}: iteration {seen}/{iters}")
+                self.advance(1)
+
+        handle = layer.register_forward_hook(hook) if layer is not None else None
+        try:
+            yield
+        finally:
+            if handle is not None:
+                handle.remove()
+        self.advance(iters - seen)
+
+    def close(self, finished: bool = True) -> None:
+        """End the bar: at its total if the pass finished, where it stopped otherwise."""
+        if finished:
+            self.advance(self.total - self.done)
+        if self.bar is not None:
+            self.bar.close()
+
+
+@contextmanager
+def pass_progress(label: str, total: int, progress: ProgressArg, unit: str = "step") -> Iterator[PassProgress]:
+    """A PassProgress closed on the way out: at its total when the pass ran to its end."""
+    p = PassProgress(label, total, progress, unit)
+    try:
+        yield p
+    except BaseException:
+        p.close(finished=False)
+        raise
+    p.close()
+
+
 @torch.inference_mode()
 def _run_points(model, fmaps: torch.Tensor, init: torch.Tensor, feats: list | None, iters: int, point_batch: int,
-                amp: str | None) -> tuple[torch.Tensor, list]:
-    """The model over one window's maps, points in batches of `point_batch`, each with its own carried feats."""
+                amp: str | None, progress: PassProgress | None = None, where: str = "") -> tuple[torch.Tensor, list]:
+    """The model over one window's maps, points in batches of `point_batch`, each with its own carried feats;
+    `progress` advances by one step per iteration of each batch (`where` names the window in its note)."""
     N = init.shape[1]
     out = init.detach().float().cpu().clone()
-    feats = list(feats) if feats is not None else [None] * ((N + point_batch - 1) // point_batch)
+    batches = (N + point_batch - 1) // point_batch
+    feats = list(feats) if feats is not None else [None] * batches
     with autocast(fmaps.device.type, amp):
         for b, p0 in enumerate(range(0, N, point_batch)):
             seq = out[:, p0:p0 + point_batch].to(fmaps.device).unsqueeze(0)
-            preds, _, feats[b], _ = model(seq, None, iters=iters, feat_init=feats[b], fmaps=fmaps)
+            if progress is None:
+                preds, _, feats[b], _ = model(seq, None, iters=iters, feat_init=feats[b], fmaps=fmaps)
+            else:
+                at = f"{where}, points {p0 + 1}-{min(N, p0 + point_batch)} of {N}" if batches > 1 else where
+                with progress.model_call(model, iters, at):
+                    preds, _, feats[b], _ = model(seq, None, iters=iters, feat_init=feats[b], fmaps=fmaps)
             out[:, p0:p0 + point_batch] = preds[-1][0].float().cpu()
     return out, feats
 
@@ -409,13 +514,30 @@ def _prefetch_plan(passes: list[_Pass], order: list[tuple[int, int]]) -> dict[in
     return plan
 
 
-def _sweep(model, read, passes: list[_Pass], iters: int, point_batch: int, amp: str | None, progress: bool,
-           backward: bool = False) -> None:
+def sweep_steps(passes: list[_Pass], iters: int, point_batch: int) -> int:
+    """The steps of a sweep's progress (`PassProgress`): each frame a window of two or more frames needs, encoded
+    once; iters per batch of points per such window; one per window of one frame."""
+    frames: set[int] = set()
+    steps = 0
+    for p in passes:
+        batches = (p.trajs.shape[1] + point_batch - 1) // point_batch
+        for s, e in p.windows:
+            if e - s >= 2:
+                frames.update(p.frames[s:e])
+                steps += iters * batches
+            else:
+                steps += 1
+    return len(frames) + steps
+
+
+def _sweep(model, read, passes: list[_Pass], iters: int, point_batch: int, amp: str | None,
+           progress: ProgressArg = False, backward: bool = False) -> None:
     """Run the windows of every pass in one sweep through time, all passes going the same way.
 
     Windows run in the order of the video frame they start on, so each pass's windows run in its own order,
     every frame is encoded once, and the cache holds the maps of fewer than S frames (those that a window
-    already run shares with one still to run) plus any prefetched ones.
+    already run shares with one still to run) plus any prefetched ones. The sweep's progress is one bar named
+    after its direction, over `sweep_steps`.
     """
     sign = -1 if backward else 1
     order = [(i, k) for _, i, k in sorted((sign * p.frames[s], i, k) for i, p in enumerate(passes)
@@ -425,26 +547,34 @@ def _sweep(model, read, passes: list[_Pass], iters: int, point_batch: int, amp: 
         for s, e in p.windows:
             if e - s >= 2:  # a one-frame window does not call the model
                 need.update(p.frames[s:e])
+    if not passes:
+        return
     plan = _prefetch_plan(passes, order)
-    cache = FeatureCache(model, read, amp)
-    for j, (i, k) in enumerate(tqdm(order, desc="windows", disable=not progress, leave=False)):
-        p = passes[i]
-        s, e = p.windows[k]
-        if e - s >= 2:
-            frames = p.frames[s:e]
-            need.subtract(frames)
-            fmaps = cache.window(frames, keep=lambda f: need[f] > 0, prefetch=plan.get(j, []))
-            est, p.feats = _run_points(model, fmaps, p.trajs[s:e], p.feats, iters, point_batch, amp)
-            del fmaps
-        else:  # a one-frame window is its initialisation; the carried feats pass through unchanged
-            est = p.trajs[s:e].clone()
-        p.trajs[s:e] = est
-        p.trajs[e:] = est[-1]  # zero-velocity future from the window's last estimate
+    with pass_progress("backward" if backward else "forward", sweep_steps(passes, iters, point_batch),
+                       progress) as bar:
+        cache = FeatureCache(model, read, amp, on_encode=bar.advance)
+        for j, (i, k) in enumerate(order):
+            p = passes[i]
+            s, e = p.windows[k]
+            where = f"window {j + 1}/{len(order)}"
+            if e - s >= 2:
+                frames = p.frames[s:e]
+                need.subtract(frames)
+                bar.note(f"{where}: encoding frames")
+                fmaps = cache.window(frames, keep=lambda f: need[f] > 0, prefetch=plan.get(j, []))
+                est, p.feats = _run_points(model, fmaps, p.trajs[s:e], p.feats, iters, point_batch, amp, bar, where)
+                del fmaps
+            else:  # a one-frame window is its initialisation; the carried feats pass through unchanged
+                est = p.trajs[s:e].clone()
+                bar.advance(1)
+            p.trajs[s:e] = est
+            p.trajs[e:] = est[-1]  # zero-velocity future from the window's last estimate
 
 
 def track_windows(model, frames: FrameSource, trajs_init: torch.Tensor, S: int = 128, iters: int = 16,
-                  point_batch: int = 256, amp: str | None = None, progress: bool = False) -> torch.Tensor:
-    """Track (T,N,2) model-pixel initial estimates (frame 0 = queries) through the whole source."""
+                  point_batch: int = 256, amp: str | None = None, progress: ProgressArg = False) -> torch.Tensor:
+    """Track (T,N,2) model-pixel initial estimates (frame 0 = queries) through the whole source; progress as
+    `track`'s."""
     T = trajs_init.shape[0]
     if len(frames) != T:
         raise ValueError(f"{len(frames)} frames but trajs_init covers {T}")
@@ -593,9 +723,18 @@ def _given_row(queries, i: int) -> list[float]:
     return [float(v) for v in np.asarray(queries, np.float64)[i]]
 
 
+def model_input_hw(model, src_hw: tuple[int, int], image_size: tuple[int, int] | None = None) -> tuple[int, int]:
+    """The frame size (H, W) `track` runs the model at for a video file of src_hw: PIPs++ at image_size, else the
+    video's size rounded to multiples of 8 (`default_model_hw`); an LBM at its own input size, to which it
+    resizes every frame whatever it is given. The size the time per frame grows with."""
+    if is_lbm(model):
+        return tuple(int(v) for v in model.size)
+    return tuple(int(v) for v in image_size) if image_size is not None else default_model_hw(tuple(src_hw))
+
+
 def track(model, video, queries, S: int = 128, iters: int = 16, backward: bool = False,
           image_size: tuple[int, int] | None = None, point_batch: int = 256, amp: str | None = None,
-          progress: bool = False) -> dict[str, np.ndarray]:
+          progress: ProgressArg = False) -> dict[str, np.ndarray]:
     """Track queries (N,3) rows of (t, x, y) in video pixels through a video (array or path).
 
     Tracks forward from each query's frame (and backward to frame 0 with backward=True); the queries of one
@@ -607,6 +746,11 @@ def track(model, video, queries, S: int = 128, iters: int = 16, backward: bool =
     The parameters are checked before any frame is decoded (`check_track_args`), the video's size and the
     queries before the model runs; a video file is decoded into a temp file that is removed on every way out.
     Estimates that are not finite (a model with damaged weights) raise ValueError rather than being returned.
+
+    progress: True shows a bar on stderr for each pass ("forward", then "backward"), False nothing, and a
+    callable is called as progress(pass, done, total) as the work advances. Its total is counted before the pass
+    starts (`PassProgress`: frames encoded and iterations per batch of points per window for PIPs++, frames
+    for LBM), so it moves within a window and ends at the total.
     """
     S, iters, point_batch, image_size = check_track_args(S, iters, point_batch, image_size, lbm=is_lbm(model))
     if is_lbm(model):
@@ -646,7 +790,7 @@ def _finite(res: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def _track_pips(model, src: FrameSource, queries, S: int, iters: int, backward: bool, point_batch: int,
-                amp: str | None, progress: bool) -> dict[str, np.ndarray]:
+                amp: str | None, progress: ProgressArg) -> dict[str, np.ndarray]:
     """`track` for PIPs++ on an open frame source."""
     T = len(src)
     q = check_queries(queries, T, src.src_hw, max_points=None)
@@ -875,10 +1019,11 @@ class LBMTracker:
 
 
 def _lbm_pass(model: LBM, src: FrameSource, frames: list[int], idx: np.ndarray, q: np.ndarray, out: dict,
-              before_query: bool, progress: bool) -> None:
+              before_query: bool, progress: ProgressArg) -> None:
     """One online pass through `frames` (in this order) of the queries q[idx], each started on its own frame;
     writes their estimates into out's tracks, visibility and estimated (with before_query: only the frames
-    that come before a query's own frame, i.e. those the forward pass did not estimate)."""
+    that come before a query's own frame, i.e. those the forward pass did not estimate). Its progress, over
+    the frames it steps through, is named "backward" with before_query, else "forward"."""
     tracker = LBMTracker(model, None, src.src_hw, src.model_hw)
     qt = q[:, 0].round().astype(int)
     starts: dict[int, list[int]] = {}
@@ -887,25 +1032,30 @@ def _lbm_pass(model: LBM, src: FrameSource, frames: list[int], idx: np.ndarray, 
     pos = {t: k for k, t in enumerate(frames)}
     ids: list[int] = []
     first = min((pos[t] for t in starts), default=len(frames))  # nothing to track before the first query
-    for t in tqdm(frames[first:], desc="frames", disable=not progress, leave=False):
-        new = starts.get(t, [])
-        ((_, pts, vis),) = tracker.push(src.get(t, t + 1)[0], add=q[new, 1:] if new else None)
-        ids += new
-        sel = np.array(ids)
-        m = t < qt[sel] if before_query else np.ones(len(sel), bool)
-        out["tracks"][t, sel[m]] = pts[m]
-        out["visibility"][t, sel[m]] = vis[m]
-        out["estimated"][t, sel[m]] = True
+    if first == len(frames):
+        return
+    with pass_progress("backward" if before_query else "forward", len(frames) - first, progress, "frame") as bar:
+        for t in frames[first:]:
+            new = starts.get(t, [])
+            ((_, pts, vis),) = tracker.push(src.get(t, t + 1)[0], add=q[new, 1:] if new else None)
+            ids += new
+            sel = np.array(ids)
+            m = t < qt[sel] if before_query else np.ones(len(sel), bool)
+            out["tracks"][t, sel[m]] = pts[m]
+            out["visibility"][t, sel[m]] = vis[m]
+            out["estimated"][t, sel[m]] = True
+            bar.advance(1)
 
 
 def track_lbm(model: LBM, video, queries, backward: bool = False, image_size: tuple[int, int] | None = None,
-              progress: bool = False) -> dict[str, np.ndarray]:
+              progress: ProgressArg = False) -> dict[str, np.ndarray]:
     """`track` for an LBM: each query starts on its own frame and is tracked online to the end (and, with
     backward=True, through the reversed video back to frame 0), reading one frame at a time.
 
     Frames of an array reach the model at their own size, frames of a video file are decoded at the model's
     input size (image_size overrides both). Where a query is not estimated (before its frame, without
-    backward) its track holds the query point and its visibility is False.
+    backward) its track holds the query point and its visibility is False. progress as `track`'s, one step per
+    frame.
     """
     if image_size is None and not isinstance(video, FrameSource):
         if isinstance(video, (str, os.PathLike)):

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from fractions import Fraction
 from pathlib import Path
 
 import cv2
@@ -72,6 +73,22 @@ def test_demo_grid_on_a_synthetic_video(tmp_path, ckpt, capsys, monkeypatch):
                    numbers=True)  # point numbers work for PIPs++ too
     assert res.returncode == 0, res.stderr[-2000:]
     assert (tmp_path / "synthetic.mp4").is_file() and np.load(tmp_path / "tracks.npz")["tracks"].shape == (12, 9, 2)
+
+
+def test_progress_and_summary_say_what_a_person_needs(tmp_path, clip, ckpt, capsys):
+    """The bar read 'windows: 0%| 0/1' for a whole short clip, and with --backward stopped at 83 % before an
+    unlabelled one; the summary gave frames/s but not the size the model ran at, which the time grows with."""
+    res = run_main(demo.main, capsys, video=str(clip), init_dir=str(ckpt), points=None, grid_size=2, query_frame=5,
+                   backward=True, S=8, iters=2, out_dir=str(tmp_path))
+    assert res.returncode == 0, res.stderr[-2000:]
+    bars = [ln for ln in res.stderr.replace("\r", "\n").splitlines() if ln.strip()]
+    assert bars and all(ln.startswith(("forward:", "backward:")) for ln in bars), bars
+    for label in ("forward:", "backward:"):
+        assert "100%" in [ln for ln in bars if ln.startswith(label)][-1]
+    assert "(14 frames, 150x130; the model runs at 152x128)" in res.stdout  # 150x130 rounded to multiples of 8
+    summary = res.stdout.strip().splitlines()[-1]
+    assert summary.startswith("summary: 4 points x 14 frames in ") and " s per frame, forward and backward) at " \
+        "152x128, the model's input size (the video is 150x130); wrote " in summary, summary
 
 
 def test_missing_checkpoint_message(tmp_path, clip, capsys):
@@ -342,7 +359,7 @@ def test_a_signal_stops_the_demo_in_one_line_removing_its_temp_file(tmp_path, ck
             for _ in range(1200):  # up to 2 minutes on a loaded machine
                 if proc.poll() is not None:
                     break
-                if (list(tmp.glob("*/frames.u8")) if when == "decoding" else "windows:" in err.read_text()):
+                if (list(tmp.glob("*/frames.u8")) if when == "decoding" else "forward:" in err.read_text()):
                     break
                 time.sleep(0.1)
             assert proc.poll() is None, "the demo ended before the signal: " + err.read_text()[-2000:]
@@ -353,7 +370,7 @@ def test_a_signal_stops_the_demo_in_one_line_removing_its_temp_file(tmp_path, ck
             if proc.poll() is None:
                 proc.kill()
     text = err.read_text()
-    lines = [ln for ln in text.replace("\r", "\n").splitlines() if ln.strip() and "windows:" not in ln]
+    lines = [ln for ln in text.replace("\r", "\n").splitlines() if ln.strip() and "forward:" not in ln]
     name = signal.Signals(sig).name
     assert code == 128 + sig and lines == [f"error: stopped by {name}: no outputs written, temp files removed"], text
     assert list(tmp.iterdir()) == [] and not (tmp_path / "out").exists()
@@ -366,7 +383,47 @@ def test_drawing_skips_points_it_cannot_place():
                         [[12.0, 11.0], [-1e30, np.inf], [20.0, 20.0]]])
     out = draw_frame(frame, history, np.array([[255, 0, 0]] * 3, np.uint8), labels=["0", "1", "2"])
     assert out.shape == frame.shape and (out[11, 12] != 90).any() and (out[20, 20] != 90).any()
-    assert output_fps(float("nan")) == 24 and output_fps(0) == 24 and output_fps(29.97) == 30
+
+
+def _rate(path) -> Fraction:
+    """The frame rate an mp4 declares, read by OpenCV (not by the code under test) as the fraction it is."""
+    cap = cv2.VideoCapture(str(path))
+    try:
+        return Fraction(cap.get(cv2.CAP_PROP_FPS)).limit_denominator(100_000)
+    finally:
+        cap.release()
+
+
+@pytest.mark.parametrize("rate,given", [
+    (Fraction(30000, 1001), 29.97),  # the web page passes the rate ffmpeg prints, rounded
+    (Fraction(25, 2), 12.5),
+    (Fraction(24000, 1001), None),
+])
+def test_tracks_mp4_keeps_the_source_frame_rate(tmp_path, rate, given):
+    """tracks.mp4 was written at the rate rounded to a whole number: a 29.97 fps clip came out at 30 (drifting
+    from its source by a frame every 33 s), a 12.5 fps one at 12."""
+    src = tmp_path / "src.mp4"
+    write_mp4(src, (np.full((32, 48, 3), 10 * t, np.uint8) for t in range(7)), fps=rate)
+    assert _rate(src) == rate
+    write_outputs(tmp_path, src, np.zeros((1, 3), np.float32), np.zeros((7, 1, 2), np.float32),
+                  np.ones((7, 1), bool), given)
+    assert _rate(tmp_path / "tracks.mp4") == rate and len(read_video(tmp_path / "tracks.mp4")) == 7
+
+
+def test_demo_keeps_the_frame_rate(tmp_path, ckpt, capsys):
+    src = tmp_path / "in.mp4"
+    base = (np.random.default_rng(0).random((140, 200, 3)) * 255).astype(np.uint8)
+    write_mp4(src, (base[:128, 2 * t:2 * t + 128] for t in range(6)), fps=Fraction(25, 2))
+    res = run_main(demo.main, capsys, video=str(src), init_dir=str(ckpt), grid_size=1, S=8, iters=1,
+                   out_dir=str(tmp_path / "out"))
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert _rate(tmp_path / "out" / "tracks.mp4") == Fraction(25, 2)
+
+
+def test_output_fps_bounds_and_defaults():
+    assert output_fps(float("nan")) == 24 and output_fps(0) == 24 and output_fps(None) == 24
+    assert output_fps(Fraction(30000, 1001)) == Fraction(30000, 1001) and output_fps(12.5) == Fraction(25, 2)
+    assert output_fps(0.01) == 1 and output_fps(1e6) == 1000
 
 
 def test_outputs_are_written_whole_or_not_at_all(tmp_path, clip):

@@ -521,3 +521,114 @@ def test_a_video_too_large_for_its_own_size_needs_image_size(tmp_path, monkeypat
     assert list((tmp_path / "tmp").iterdir()) == []
     res = tracking.track(TwoFrameStub(), str(tmp_path / "tall.mp4"), q, S=4, image_size=(1024, 128))
     assert res["tracks"].shape == (2, 1, 2)
+
+
+# --- progress: one labelled bar per pass, over work counted up front, moving within a window, ending at its total ---
+
+def test_progress_moves_within_a_window_and_ends_at_its_total(model):
+    """A clip shorter than one window showed `windows: 0%| 0/1` for the whole run: now its frames as they are
+    encoded, then each iteration of each batch of points."""
+    video = _video(10)
+    q = np.array([[0, 30.0, 40.0], [0, 100.0, 90.0], [0, 60.0, 20.0]], np.float32)
+    seen = []
+    tracking.track(model, video, q, S=16, iters=2, point_batch=2, progress=lambda *a: seen.append(a))
+    # 10 frames encoded in one piece, then 2 iterations x 2 batches of points, one step each, as they end
+    assert seen == [("forward", n, 14) for n in (10, 11, 12, 13, 14)]
+
+
+class _Bars:
+    """tqdm as tracking makes its bars, each recorded with its label, unit and count when closed."""
+
+    def __init__(self, monkeypatch):
+        self.closed = []
+        bars = self
+
+        class Recording(tracking.tqdm):
+            def close(self):
+                if not self.disable:
+                    bars.closed.append((self.desc, self.unit, self.n, self.total))
+                super().close()
+
+        monkeypatch.setattr(tracking, "tqdm", Recording)
+
+
+def _exact_steps(monkeypatch) -> list:
+    """Make PassProgress check that a finished pass counted exactly its total (close() would fill the rest)."""
+    counts = []
+    if not hasattr(tracking, "PassProgress"):  # code before PassProgress: the bars' own checks tell what is wrong
+        return counts
+    close = tracking.PassProgress.close
+
+    def checked(self, finished=True):
+        if finished:
+            counts.append((self.label, self.done, self.total))
+        close(self, finished)
+
+    monkeypatch.setattr(tracking.PassProgress, "close", checked)
+    return counts
+
+
+@pytest.mark.parametrize("T,S,qt,backward,iters,point_batch", [
+    (10, 16, [0, 0, 0], True, 2, 2),  # shorter than a window; backward has nothing to do (queries on frame 0)
+    (24, 8, [5, 5, 0], True, 3, 2),  # several windows, a shorter last one, two query frames each way
+    (24, 8, [23, 23, 0], True, 1, 8),  # a one-frame forward pass (queries on the last frame)
+    (17, 8, [0, 2], False, 2, 1),  # windows sharing frames across two passes
+])
+def test_every_pass_bar_is_labelled_and_counts_its_steps_exactly(T, S, qt, backward, iters, point_batch, model,
+                                                                    monkeypatch, capsys):
+    """With --backward the forward bar stopped at 83 % and an unlabelled second bar began: each pass now has
+    its own bar named after its direction, closed at exactly its total."""
+    bars = _Bars(monkeypatch)
+    counts = _exact_steps(monkeypatch)
+    q = np.array([[t, 20.0 + 10 * i, 30.0 + 5 * i] for i, t in enumerate(qt)], np.float32)
+    tracking.track(model, _video(T), q, S=S, iters=iters, point_batch=point_batch, backward=backward,
+                   progress=True)
+    labels = ["forward", "backward"] if backward and max(qt) > 0 else ["forward"]
+    assert [b[0] for b in bars.closed] == labels and all(n == total > 0 for _, _, n, total in bars.closed)
+    assert [c[0] for c in counts] == labels and all(done == total for _, done, total in counts)
+    # what a person sees last of each bar: its name and 100 %
+    shown = [ln for ln in capsys.readouterr().err.replace("\r", "\n").splitlines() if ln.strip()]
+    assert all(ln.startswith(("forward:", "backward:")) for ln in shown), shown
+    for label in labels:
+        assert "100%" in [ln for ln in shown if ln.startswith(label + ":")][-1]
+
+
+def test_progress_steps_with_a_model_without_iteration_hooks(monkeypatch):
+    """A model whose iterations cannot be seen (no delta block) advances by its iterations once each call returns."""
+    counts = _exact_steps(monkeypatch)
+    seen = []
+    q = np.array([[23, 30.0, 40.0], [5, 100.0, 90.0], [0, 50.0, 60.0]], np.float32)
+    tracking.track(TwoFrameStub(), _video(24), q, S=8, iters=3, backward=True, progress=lambda *a: seen.append(a))
+    assert [c[0] for c in counts] == ["forward", "backward"] and all(d == t for _, d, t in counts)
+    assert all(b[1] > a[1] for a, b in zip(seen, seen[1:], strict=False) if a[0] == b[0])
+
+
+def test_a_pass_stopped_by_an_error_keeps_its_count(model, monkeypatch):
+    """A bar is filled only when its pass ran to its end."""
+    bars = _Bars(monkeypatch)
+
+    class Broken(TwoFrameStub):
+        def forward(self, *a, **kw):
+            if len(self.windows) == 1:
+                raise RuntimeError("boom")
+            return super().forward(*a, **kw)
+
+    with pytest.raises(RuntimeError, match="boom"):
+        tracking.track(Broken(), _video(24), np.array([[0, 30.0, 40.0]], np.float32), S=8, iters=2, progress=True)
+    ((label, _, n, total),) = bars.closed
+    assert label == "forward" and 0 < n < total
+
+
+@pytest.mark.parametrize("qt,labels", [([0, 0], ["forward"]), ([0, 4], ["forward", "backward"])])
+def test_lbm_progress_is_one_labelled_bar_of_frames_per_pass(qt, labels, monkeypatch):
+    from test_lbm_track import _video as lbm_video
+    from test_lbm_track import small_lbm
+
+    bars = _Bars(monkeypatch)
+    counts = _exact_steps(monkeypatch)
+    video = lbm_video(9)
+    q = np.array([[t, 10.0 + 5 * i, 12.0] for i, t in enumerate(qt)], np.float32)
+    tracking.track(small_lbm(torch.float32, video), video, q, backward=True, progress=True)
+    # forward from the first query frame to the end, backward from the last query frame after 0 to frame 0
+    assert bars.closed == [(lb, "frame", n, n) for lb, n in zip(labels, [9 - min(qt), max(qt) + 1], strict=False)]
+    assert [c[0] for c in counts] == labels and all(d == t for _, d, t in counts)

@@ -403,7 +403,7 @@ BAD_SHAPES = {
     "frame count": ({"a": dict(_entry(), video=np.zeros((5, 8, 8, 3), np.uint8))}, "video has 5 frames"),
     "bad jpeg": ({"a": dict(_entry(), video=[b"notajpeg"] * 4)}, "frame 0: unreadable image"),
     "occluded of 2": ({"a": dict(_entry(), occluded=np.full((3, 4), 2))}, "occluded holds np.int64(2), only 0 and 1"),
-    "points NaN": ({"a": dict(_entry(), points=np.full((3, 4, 2), np.nan, np.float32))}, "non-finite point position where"),
+    "points NaN": ({"a": dict(_entry(), points=np.full((3, 4, 2), np.nan, np.float32))}, "non-finite point"),
 }
 
 

@@ -3,12 +3,14 @@
 import os
 import subprocess
 import sys
+from fractions import Fraction
 
 import numpy as np
 import pytest
 
 from pips2.utils.video import (
     VideoError,
+    frame_rate,
     image_truncation,
     iter_frames,
     mp4_truncation,
@@ -243,3 +245,44 @@ def test_write_mp4_refuses_what_ffmpeg_cannot_encode(tmp_path):
         with pytest.raises(VideoError, match="too small to encode"):
             write_mp4(tmp_path / "tiny.mp4", np.zeros((3, *shape), np.uint8))
         assert not (tmp_path / "tiny.mp4").exists()
+
+
+def _declared_rate(path) -> tuple[str, float]:
+    """What ffmpeg prints as the stream's frame rate ('29.97 fps'), and what OpenCV reads from the container."""
+    import cv2
+    import imageio_ffmpeg
+
+    err = subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-i", str(path)], capture_output=True,
+                         text=True).stderr
+    cap = cv2.VideoCapture(str(path))
+    try:
+        return next(p.strip() for p in err.split(",") if p.strip().endswith(" fps")), cap.get(cv2.CAP_PROP_FPS)
+    finally:
+        cap.release()
+
+
+@pytest.mark.parametrize("fps,exact,shown", [
+    (Fraction(30000, 1001), Fraction(30000, 1001), "29.97 fps"),  # NTSC
+    (Fraction(24000, 1001), Fraction(24000, 1001), "23.98 fps"),
+    (12.5, Fraction(25, 2), "12.50 fps"),
+    (Fraction(25, 2), Fraction(25, 2), "12.50 fps"),
+    (29.97, Fraction(2997, 100), "29.97 fps"),  # a float is the fraction it is
+    (np.float32(25), Fraction(25), "25 fps"),  # imageio-ffmpeg refused numpy floats other than float64
+])
+def test_write_mp4_keeps_the_frame_rate_exactly_and_reads_it_back(tmp_path, fps, exact, shown):
+    """The rate goes to ffmpeg as a fraction (30000/1001, not a rounded 29.97) and the file declares it back."""
+    path = tmp_path / "v.mp4"
+    write_mp4(path, np.zeros((6, 16, 16, 3), np.uint8), fps=fps)
+    assert frame_rate(path) == exact and isinstance(frame_rate(path), Fraction)
+    assert _declared_rate(path) == (shown, float(exact))
+
+
+def test_frame_rate_of_other_containers_and_of_no_video(tmp_path):
+    """A variable-rate video gives its frames over its duration; a file that is no video, None."""
+    _ffmpeg("-f", "lavfi", "-i", "testsrc=s=64x48:r=30000/1001:d=1", "-c:v", "mpeg4", tmp_path / "ntsc.avi")
+    _ffmpeg("-f", "lavfi", "-i", "testsrc=s=64x48:r=24:d=2", "-vf", "setpts='if(lt(N,20),N,N*3)/24/TB'",
+            "-fps_mode", "vfr", "-c:v", "libx264", tmp_path / "vfr.mp4")
+    (tmp_path / "text.mp4").write_text("not a video")
+    assert frame_rate(tmp_path / "ntsc.avi") == Fraction(30000, 1001)
+    assert frame_rate(tmp_path / "vfr.mp4") == Fraction(192, 23)  # 48 frames in 5.75 s
+    assert frame_rate(tmp_path / "text.mp4") is None and frame_rate(tmp_path / "missing.mp4") is None

@@ -8,6 +8,7 @@ import re
 import subprocess
 import warnings
 from collections.abc import Iterable, Iterator
+from fractions import Fraction
 from pathlib import Path
 from typing import BinaryIO
 
@@ -149,9 +150,11 @@ def read_rgb(path: str | os.PathLike) -> np.ndarray:
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 
-def write_mp4(path: str | os.PathLike, frames: Iterable[np.ndarray] | np.ndarray, fps: int = 24, crf: int = 20,
-              preset: str = "medium") -> None:
-    """Encode uint8 RGB frames (H,W,3) to H.264/yuv420p mp4 through a pipe: no temporary images."""
+def write_mp4(path: str | os.PathLike, frames: Iterable[np.ndarray] | np.ndarray, fps: float | Fraction = 24,
+              crf: int = 20, preset: str = "medium") -> None:
+    """Encode uint8 RGB frames (H,W,3) to H.264/yuv420p mp4 through a pipe: no temporary images. fps may be a
+    Fraction (30000/1001 for NTSC's 29.97), which ffmpeg is given exactly and the file declares back
+    (`frame_rate`); a float is taken as the fraction it is exactly (29.97 as 2997/100)."""
     frames = iter(frames)
     first = next(frames, None)
     if first is None:
@@ -163,6 +166,8 @@ def write_mp4(path: str | os.PathLike, frames: Iterable[np.ndarray] | np.ndarray
         raise VideoError(f"{path}: frames of {w}x{h} are too small to encode (at least 2x2)")
     if h % 2 or w % 2:
         raise VideoError(f"{path}: yuv420p needs even sizes, got {w}x{h}")
+    if isinstance(fps, (int, float, np.number)):  # imageio-ffmpeg takes Python floats and Fractions only
+        fps = float(fps)
     writer = imageio_ffmpeg.write_frames(
         str(path), (w, h), fps=fps, codec="libx264", pix_fmt_in="rgb24", pix_fmt_out="yuv420p", quality=None,
         macro_block_size=1, ffmpeg_log_level="error", output_params=["-crf", str(crf), "-preset", preset],
@@ -390,6 +395,26 @@ def video_info(path: str | os.PathLike) -> tuple[int, int, int, float]:
         raise VideoError(f"{path}: no frames decode")
     w, h = meta["size"]
     return int(n), int(h), int(w), float(meta.get("fps") or 24.0)
+
+
+# A frame rate is read as the fraction nearest the container's value with at most this denominator: above the
+# time scales containers use for one frame's duration (30000 for 30000/1001, 90000 for MPEG), so 30000/1001
+# comes back as itself rather than as the float 29.97 that ffmpeg prints.
+MAX_RATE_DENOMINATOR = 100_000
+
+
+def frame_rate(path: str | os.PathLike) -> Fraction | None:
+    """The average frame rate of a video's first video stream as its container gives it, exactly as a fraction
+    (30000/1001, 25/2; for a variable-rate video its frames over its duration), or None when it gives none (or
+    the file cannot be opened)."""
+    cap = cv2.VideoCapture(str(path))
+    try:
+        fps = cap.get(cv2.CAP_PROP_FPS) if cap.isOpened() else 0.0
+    finally:
+        cap.release()
+    if not (np.isfinite(fps) and fps > 0):
+        return None
+    return Fraction(fps).limit_denominator(MAX_RATE_DENOMINATOR)
 
 
 def read_clip(path: str | os.PathLike, S: int, H: int, W: int, backend: str = "cv2") -> np.ndarray:

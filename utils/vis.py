@@ -5,12 +5,13 @@ from __future__ import annotations
 import csv
 import os
 from collections.abc import Callable, Iterable, Iterator
+from fractions import Fraction
 from pathlib import Path
 
 import cv2
 import numpy as np
 
-from pips2.utils.video import iter_frames, write_mp4
+from pips2.utils.video import MAX_RATE_DENOMINATOR, frame_rate, iter_frames, write_mp4
 
 DRAW_LIMIT = 1e5  # px: points further out are not drawn (OpenCV shifts coordinates into 32-bit integers)
 
@@ -100,24 +101,28 @@ def summary_image(frames: np.ndarray, trajs_g: np.ndarray, trajs_e: np.ndarray, 
     return np.concatenate([left, right], 1)
 
 
-def output_fps(fps: float | None) -> int:
-    """The frame rate tracks.mp4 is written at: the video's, rounded, within 1..1000 (24 when unknown)."""
-    if fps is None or not np.isfinite(fps) or fps <= 0:
-        return 24
-    return int(min(1000, max(1, round(fps))))
+def output_fps(fps: float | Fraction | None) -> Fraction:
+    """The frame rate tracks.mp4 is written at: fps exactly (a float as the fraction it is), within 1..1000
+    frames/s, 24 when unknown."""
+    if fps is None or not np.isfinite(float(fps)) or fps <= 0:
+        return Fraction(24)
+    rate = fps if isinstance(fps, Fraction) else Fraction(float(fps)).limit_denominator(MAX_RATE_DENOMINATOR)
+    return min(Fraction(1000), max(Fraction(1), rate))
 
 
 def write_outputs(out_dir: Path, video: Path, queries: np.ndarray, tracks: np.ndarray, estimated: np.ndarray,
-                  fps: float, visibility: np.ndarray | None = None, numbers: bool = False,
+                  fps: float | Fraction | None, visibility: np.ndarray | None = None, numbers: bool = False,
                   on_frame: Callable[[int], None] | None = None, radius: int = 3, thickness: int = 1) -> list[Path]:
     """tracks.npz, tracks.csv and tracks.mp4 (points with fading trails) in out_dir (demo.py's and the web
     demo's outputs, docs/FORMATS.md).
 
-    With a model's visibility (T,N) the npz gets a `visibility` array, the csv a `visibility` column (0/1) and
-    the video draws invisible points hollow; numbers=True writes each point's index beside it; on_frame(t) is
-    called as each frame of the video is drawn (progress); radius and thickness size the points and trails. Each
-    file is written under a temp name and the three are renamed into place only once all are complete: an error
-    or a signal mid-way leaves no partial file (and the temps are removed)."""
+    tracks.mp4 keeps the frame rate of the video it is drawn on exactly as its container gives it (`frame_rate`:
+    30000/1001, not 30 or 29.97); fps is the rate for a video that gives none. With a model's visibility (T,N)
+    the npz gets a `visibility` array, the csv a `visibility` column (0/1) and the video draws invisible points
+    hollow; numbers=True writes each point's index beside it; on_frame(t) is called as each frame of the video
+    is drawn (progress); radius and thickness size the points and trails. Each file is written under a temp name
+    and the three are renamed into place only once all are complete: an error or a signal mid-way leaves no
+    partial file (and the temps are removed)."""
     final = [out_dir / "tracks.npz", out_dir / "tracks.csv", out_dir / "tracks.mp4"]
     tag = f".tmp.{os.getpid()}"
     npz, csv_path, mp4 = (p.with_name(f".{p.stem}{tag}{p.suffix}") for p in final)
@@ -146,7 +151,7 @@ def write_outputs(out_dir: Path, video: Path, queries: np.ndarray, tracks: np.nd
 
         frames = drawn(render_tracks(iter_frames(video), tracks, estimated, visibility=visibility, labels=labels,
                                      radius=radius, thickness=thickness))
-        write_mp4(mp4, frames, fps=output_fps(fps))
+        write_mp4(mp4, frames, fps=output_fps(frame_rate(video) or fps))
         for tmp, dest in zip((npz, csv_path, mp4), final, strict=True):
             os.replace(tmp, dest)
     finally:

@@ -34,6 +34,7 @@ from pips2.tracking import (
     default_model_hw,
     grid_queries,
     load_tracker,
+    model_input_hw,
     track,
 )
 from pips2.utils.checkpoint import CheckpointError, resolve_device
@@ -237,9 +238,10 @@ def main(video: str | None = None, init_dir: str | None = None, points: str | No
             if image_size is None and model == "pips2":
                 default_model_hw((H, W), str(video_path))  # a video too large to track at its size: refused now
             net = load_tracker(model, init_dir, dev, amp, memory_size)
+            mh, mw = model_input_hw(net, (H, W), image_size)  # the time per frame grows with this size
             t0 = time.time()
-            print(f"tracking {len(queries)} points through {video_path} ({n_frames} frames, {W}x{H}) with "
-                  f"{init_dir or './reference_model'}", flush=True)
+            print(f"tracking {len(queries)} points through {video_path} ({n_frames} frames, {W}x{H}; the model runs "
+                  f"at {mw}x{mh}) with {init_dir or './reference_model'}", flush=True)
             with warnings.catch_warnings():  # prepare said it in one line, naming the file and its row
                 warnings.filterwarnings("ignore", message=r"queries: row \d+: .* outside the", category=UserWarning)
                 res = track(net, str(video_path), queries, S=S, iters=iters, backward=backward,
@@ -264,8 +266,9 @@ def main(video: str | None = None, init_dir: str | None = None, points: str | No
         print(f"error: {msg}", file=sys.stderr, flush=True)
         sys.exit(code)
     T = res["tracks"].shape[0]
-    print(f"summary: {len(queries)} points x {T} frames in {dt:.1f} s ({T / max(dt, 1e-9):.1f} frames/s); wrote "
-          + ", ".join(str(f) for f in files))
+    passes = "forward and backward" if backward else "forward"
+    print(f"summary: {len(queries)} points x {T} frames in {dt:.1f} s ({dt / T:.2f} s per frame, {passes}) at "
+          f"{mw}x{mh}, the model's input size (the video is {W}x{H}); wrote " + ", ".join(str(f) for f in files))
 
 
 def cli() -> None:
