@@ -131,6 +131,22 @@ def test_bad_flag_is_one_line(synth_root, tmp_path):
     assert not tmp_path.joinpath(ST.version()).exists()
 
 
+@pytest.mark.parametrize("flags,expect", [
+    (["--S=1"], "--S must be at least 2, got 1"),  # was: every clip "bad data" (an IndexError in the clip code)
+    (["--N=0"], "--N must be at least 1, got 0"),
+    (["--max_clips=-1"], "--max_clips must be at least 0, got -1"),
+    (["--workers=-3"], "--workers must be at least 1, got -3"),
+    (["--num_shards=0"], "--num_shards must be at least 1, got 0"),
+    (["--seed=-1"], "--seed must be at least 0, got -1"),  # was: a numpy traceback
+    (["--preset=fastest"], "--preset must be one of ultrafast, superfast, veryfast, faster, fast, medium, slow, "
+                           "slower, veryslow, placebo, got 'fastest'"),  # was: every clip failed
+])
+def test_numeric_flags_out_of_range_are_one_line(synth_root, tmp_path, flags, expect):
+    res = run_export(synth_root, tmp_path / "out", *flags, check=False)
+    assert res.returncode == 2 and res.stderr.strip() == f"error: {expect}", res.stdout + res.stderr
+    assert not (tmp_path / "out").exists()
+
+
 # --- frames of different sizes, failures --------------------------------------------------------------------
 
 def test_frames_of_different_sizes_are_rejected_once_not_failed(synth_root, tmp_path):

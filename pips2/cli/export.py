@@ -63,6 +63,22 @@ def _parse_hw(crop_size) -> tuple[int, int]:
     return h, w
 
 
+X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow",
+                "placebo")
+# the smallest value of each numeric flag: below it every clip would fail or be rejected for a reason that is
+# the flag's, not the data's (--S=1 or --N=0 raise inside the clip code)
+MINIMUM = {"S": 2, "N": 1, "max_clips": 0, "workers": 1, "num_shards": 1, "seed": 0}
+
+
+def _check_flags(**flags) -> None:
+    """ValueError naming the first flag out of its range (MINIMUM, --preset)."""
+    for name, low in MINIMUM.items():
+        if flags.get(name) is not None and flags[name] < low:
+            raise ValueError(f"--{name} must be at least {low}, got {flags[name]}")
+    if flags["preset"] not in X264_PRESETS:
+        raise ValueError(f"--preset must be one of {', '.join(X264_PRESETS)}, got {flags['preset']!r}")
+
+
 def _no_clips_reason(dataset_location: str, st: ClipSettings) -> str:
     split = Path(dataset_location) / st.dset
     scenes = pod.list_scenes(dataset_location, st.dset)
@@ -93,6 +109,7 @@ def main(dataset_location: str = "../datasets/pointodyssey", dset: str = "train"
         die(e)
     try:
         max_clips = aliased("max_clips", max_clips, "max_iters", max_iters)
+        _check_flags(S=S, N=N, max_clips=max_clips, workers=workers, num_shards=num_shards, seed=seed, preset=preset)
     except ValueError as e:
         die(e)
     if not 0 <= shard < num_shards:
