@@ -668,17 +668,17 @@ class DataFailed(Exception):
         self.error = error
 
 
-def fetch(state: TrainState, data: TrainData, micro: int) -> Sample:
-    """The batch of one micro-batch of the current step; DataFailed on every rank if any rank could not read its
-    batch (agreed before the forward pass, in which DDP's ranks wait for each other)."""
+def fetch(ranks: Ranks, get: Callable[[], Sample]) -> Sample:
+    """get(): a batch; DataFailed on every rank if any rank could not read its batch (agreed before the forward
+    pass, in which DDP's ranks wait for each other)."""
     try:
-        batch, error = data.next(state.step, micro), None
+        batch, error = get(), None
     except Exception as e:  # anything: the steps trained so far are saved before the run ends
         batch, error = None, e
-    if state.ranks.any(error is not None):
+    if ranks.any(error is not None):
         mine = None if error is None else str(error) if isinstance(error, DataGoneError) else \
             f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
-        problems = [p for p in state.ranks.gather(mine) if p]
+        problems = [p for p in ranks.gather(mine) if p]
         raise DataFailed(error, problems)
     return batch
 
@@ -690,7 +690,7 @@ def train_step(state: TrainState, data: TrainData, cfg: Config) -> StepResult:
     rtime, total_loss, finite, figures, shown = 0.0, 0.0, True, None, None
     for micro in range(cfg.grad_acc):
         tr = time.time()
-        batch = fetch(state, data, micro)
+        batch = fetch(ranks, lambda: data.next(state.step, micro))  # noqa: B023 (called at once)
         rtime += time.time() - tr
         gen = step_generator(cfg.seed, state.step, micro, ranks.rank)
         if cfg.lbm:
@@ -802,7 +802,7 @@ class Validator:
     def exported(self, net: torch.nn.Module) -> dict[str, float]:
         """Figures of one validation batch: PIPs++ tracked from zero-velocity estimates; LBM's training forward
         in eval mode (its losses, as the authors' validation while training, with queries from a fixed seed)."""
-        batch = self.data.next_val()
+        batch = fetch(self.ranks, self.data.next_val)
         device = self.ranks.device
         if self.cfg.lbm:
             net.eval()
@@ -915,7 +915,11 @@ def _loop(cfg: Config, ranks: Ranks, state: TrainState, data: TrainData, log: Lo
             state.data_failed(e, saved=state.step > start)
         if res.finite:
             state.record(res)
-            for group, figures in validator.run(state.step, state.model).items():
+            try:
+                validations = validator.run(state.step, state.model)
+            except DataFailed as e:  # the step itself is done
+                state.data_failed(e, saved=True)
+            for group, figures in validations.items():
                 state.d_vs.append(figures["d_avg"])
                 log.scalars(group, figures, state.step)
             if validator.curves:

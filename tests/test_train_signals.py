@@ -17,6 +17,7 @@ from test_train import STEP_RE, TINY, _losses, _running_means, _train, _version
 from pips2 import trainer
 from pips2.cli import train
 from pips2.datasets.export import list_clips
+from pips2.datasets.training import DataGoneError
 from pips2.utils import checkpoint as ck
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -254,3 +255,42 @@ def test_data_deleted_underneath_saves_what_was_trained(exported, tmp_path):
     assert errors == [f"error: {data / _version(data)}: 20 clips in a row were corrupt; saved "
                       f"{ckdir / ck.ckpt_name(done)} (step {done}); the same command resumes from there once the "
                       f"data is readable"], seen[-2000:]
+
+
+class _Gone(torch.utils.data.Dataset):
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, i):
+        raise DataGoneError("/data/v1: 20 clips in a row were corrupt")
+
+
+def test_data_gone_in_a_loader_worker_comes_back_as_one_line():
+    """A DataLoader worker's exception reaches the training process as the same type with the worker's whole
+    traceback as its message; the error keeps its own line."""
+    loader = torch.utils.data.DataLoader(_Gone(), num_workers=1)
+    with pytest.raises(DataGoneError) as e:
+        next(iter(loader))
+    assert str(e.value) == "/data/v1: 20 clips in a row were corrupt"
+
+
+def test_validation_data_gone_saves_the_step_just_trained(exported, tmp_path, monkeypatch, capsys):
+    out, _ = exported
+    real, calls = trainer.TrainData.next_val, []
+
+    def gone_at_step_2(self):
+        calls.append(1)
+        if len(calls) == 2:
+            raise DataGoneError("/data/val: 20 clips in a row were corrupt")
+        return real(self)
+
+    monkeypatch.setattr(trainer.TrainData, "next_val", gone_at_step_2)
+    cfg = _cfg(out, tmp_path, max_steps=5, save_freq=100, val_dataset_version=_version(out), val_freq=1)
+    with pytest.raises(SystemExit) as e:
+        train.run_stage(cfg)
+    assert e.value.code == 2
+    ckdir = tmp_path / "ck" / cfg.name()
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: /data/val: 20 clips in a row were corrupt; saved {ckdir / ck.ckpt_name(2)} (step 2); the same "
+        f"command resumes from there once the data is readable")
+    assert [s for s, _ in ck.list_checkpoints(ckdir)] == [2] and not (ckdir / ck.LOCK_NAME).exists()
