@@ -7,6 +7,7 @@ import errno
 import multiprocessing as mp
 import os
 import signal
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -92,7 +93,8 @@ class WorkerPool:
     break) terminates the workers (SIGTERM, then SIGKILL after `grace` seconds) and reaps them.
 
     Workers are started with SIGINT ignored: a terminal's Ctrl-C reaches the whole process group, and the
-    parent alone should decide what it means. fn and initializer must be picklable (module-level functions).
+    parent alone should decide what it means. fn and initializer must be picklable (module-level functions);
+    fn should return its errors as results: an exception ends its worker, which is then reported as dead.
     """
 
     def __init__(self, fn: Callable[[Any], Any], n: int, initializer: Callable[[], None] | None = None,
@@ -117,12 +119,14 @@ class WorkerPool:
 
     def _start(self) -> _Worker:
         parent, child = self.ctx.Pipe()
-        old = signal.signal(signal.SIGINT, signal.SIG_IGN)  # inherited through the exec of a spawned worker
+        main = threading.current_thread() is threading.main_thread()  # where Python can set a handler
+        old = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None  # kept through a spawned worker's exec
         try:
             proc = self.ctx.Process(target=_serve, args=(child, self.fn, self.initializer), daemon=True)
             proc.start()
         finally:
-            signal.signal(signal.SIGINT, old)
+            if main:
+                signal.signal(signal.SIGINT, old)
         child.close()
         w = _Worker(proc, parent)
         self.workers.append(w)
