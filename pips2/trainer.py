@@ -282,10 +282,12 @@ class StopRequest:
         self._old: dict[int, object] = {}
 
     def install(self) -> None:
-        """Catch STOP_SIGNALS (main thread only: elsewhere Python cannot, and they keep their handlers)."""
+        """Catch STOP_SIGNALS (main thread only: elsewhere Python cannot, and they keep their handlers). A signal
+        ignored by whoever started the run stays ignored (a shell's background job ignores SIGINT)."""
         if threading.current_thread() is threading.main_thread():
             for sig in STOP_SIGNALS:
-                self._old[sig] = signal.signal(sig, self._handle)
+                if signal.getsignal(sig) is not signal.SIG_IGN:
+                    self._old[sig] = signal.signal(sig, self._handle)
 
     def restore(self) -> None:
         """Put back the handlers install() replaced."""

@@ -294,3 +294,12 @@ def test_validation_data_gone_saves_the_step_just_trained(exported, tmp_path, mo
         f"error: /data/val: 20 clips in a row were corrupt; saved {ckdir / ck.ckpt_name(2)} (step 2); the same "
         f"command resumes from there once the data is readable")
     assert [s for s, _ in ck.list_checkpoints(ckdir)] == [2] and not (ckdir / ck.LOCK_NAME).exists()
+
+
+def test_a_signal_ignored_by_the_caller_stays_ignored(monkeypatch):
+    """A shell's background job ignores SIGINT: the run must not make itself stoppable by it."""
+    monkeypatch.setattr(signal, "getsignal", lambda sig: signal.SIG_IGN if sig == signal.SIGINT else signal.SIG_DFL)
+    installed = []
+    monkeypatch.setattr(signal, "signal", lambda sig, handler: installed.append(sig))
+    trainer.StopRequest().install()
+    assert installed == [signal.SIGTERM]

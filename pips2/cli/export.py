@@ -143,7 +143,8 @@ def main(dataset_location: str = "../datasets/pointodyssey", dset: str = "train"
           flush=True)
     jobs = deque((str(dataset_location), str(version_dir), asdict(st), k, asdict(cands[k]), verify) for k in todo)
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    signal.signal(signal.SIGTERM, _terminated)
+    if handlers[signal.SIGTERM] is not signal.SIG_IGN:  # ignored by whoever started it: stays so
+        signal.signal(signal.SIGTERM, _terminated)
     try:
         _run(jobs, workers, version_dir, quiet)
     finally:
