@@ -532,3 +532,24 @@ def test_writes_refused_mid_run_stop_the_export_once(synth_root, tmp_path, monke
     failed = [ln for ln in cap.err.splitlines() if " failed: " in ln]
     assert len(failed) == 1 and failed[0].endswith(f"failed: cannot write {vdir} (Read-only file system)")
     assert f"stopped (cannot write {vdir} (Read-only file system)) after 1 of 6 clips" in cap.out
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the dropped exception, on purpose
+def test_a_stop_signal_lost_in_a_finalizer_still_stops_the_export(monkeypatch):
+    """Python prints and drops an exception raised while it runs a __del__: the signal is remembered, and the
+    loop stops at the next clip; a second signal never interrupts the clean-up."""
+    from pips2.cli import export as export_cli
+
+    monkeypatch.setattr(export_cli.signal, "signal", lambda *a: None)  # leave pytest's handlers alone
+    signals = export_cli._Signals()
+
+    class Finalized:
+        def __del__(self):
+            signals._handle(signal.SIGTERM, None)
+
+    Finalized()  # the Terminated raised in __del__ is dropped ("Exception ignored in ...")
+    assert signals.got == signal.SIGTERM
+    with pytest.raises(export_cli.Terminated):
+        signals.check()
+    signals._handle(signal.SIGINT, None)  # a second signal: no exception
+    assert signals.got == signal.SIGTERM

@@ -45,8 +45,40 @@ class Terminated(BaseException):
     """SIGTERM to the exporter (a scheduler, kill): stop as Ctrl-C does, with the summary."""
 
 
-def _terminated(signum, frame) -> None:
-    raise Terminated()
+class _Signals:
+    """SIGINT and SIGTERM stop the export at once (KeyboardInterrupt, Terminated), and are remembered: an
+    exception raised while Python runs a finalizer (__del__) is printed and dropped, so the loop also asks
+    after every clip (`check`). A signal ignored by whoever started the export stays ignored."""
+
+    def __init__(self):
+        self.got = 0
+        self.old = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+        for sig, old in self.old.items():
+            if old is not signal.SIG_IGN:
+                signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if self.got:  # already stopping: a second signal must not cut the clean-up short
+            return
+        self.got = signum
+        self.check()
+
+    def check(self) -> None:
+        """Raise the stop of a signal received (if any)."""
+        if self.got == signal.SIGINT:
+            raise KeyboardInterrupt
+        if self.got:
+            raise Terminated()
+
+    def ignore(self) -> None:
+        """From now on (the clean-up after a stop) no signal interrupts."""
+        for sig in self.old:
+            signal.signal(sig, signal.SIG_IGN)
+
+    def restore(self) -> None:
+        """The handlers from before."""
+        for sig, old in self.old.items():
+            signal.signal(sig, old)
 
 
 def _in_process(jobs: deque) -> Iterator[tuple]:
@@ -142,17 +174,14 @@ def main(dataset_location: str = "../datasets/pointodyssey", dset: str = "train"
           f"{workers} worker(s) -> {version_dir}" + (f" (removed {cleaned} stale temp folders)" if cleaned else ""),
           flush=True)
     jobs = deque((str(dataset_location), str(version_dir), asdict(st), k, asdict(cands[k]), verify) for k in todo)
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    if handlers[signal.SIGTERM] is not signal.SIG_IGN:  # ignored by whoever started it: stays so
-        signal.signal(signal.SIGTERM, _terminated)
+    signals = _Signals()
     try:
-        _run(jobs, workers, version_dir, quiet)
+        _run(jobs, workers, version_dir, quiet, signals)
     finally:
-        for sig, old in handlers.items():
-            signal.signal(sig, old)
+        signals.restore()
 
 
-def _run(jobs: deque, workers: int, version_dir: Path, quiet: bool) -> None:
+def _run(jobs: deque, workers: int, version_dir: Path, quiet: bool, signals: _Signals) -> None:
     """Export the queued clips with the progress bar, then the summary and the exit code."""
     n_jobs = len(jobs)
     counts, reasons, deaths = Counter(), Counter(), Counter()
@@ -176,6 +205,7 @@ def _run(jobs: deque, workers: int, version_dir: Path, quiet: bool) -> None:
                     tqdm.write(f"clip {k:06d}: its worker died ({describe_exit(code)}); trying it once more",
                                file=sys.stderr)
                     jobs.append(job)
+                    signals.check()
                     continue
                 result = (k, "failed", f"its worker died twice ({describe_exit(code)})")
             k, status, detail = result
@@ -189,14 +219,14 @@ def _run(jobs: deque, workers: int, version_dir: Path, quiet: bool) -> None:
                     break
             bar.update()
             bar.set_postfix(written=counts["written"], rejected=counts["rejected"], failed=counts["failed"])
+            signals.check()
     except KeyboardInterrupt:
         stop = "interrupted"
     except Terminated:
         stop = "terminated by SIGTERM"
     finally:
         if stop is not None:  # a second signal must not break the clean-up
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            signals.ignore()
         bar.close()
         if pool is not None:
             if stop is None and not pool.busy:
