@@ -26,12 +26,21 @@ class Candidate:
     stride: int
 
 
-def enumerate_candidates(dataset_location: str | Path, st: ClipSettings) -> list[Candidate]:
-    """Every (scene, start, stride) clip of the split, in a fixed order (shuffled by the seed if asked)."""
+def scene_frames(dataset_location: str | Path, dset: str) -> dict[str, int]:
+    """The frame count of every scene folder of the split, by name in sorted order: all that the enumeration
+    of candidates depends on."""
+    return {scene.name: len(pod.frame_files(scene)) for scene in pod.list_scenes(dataset_location, dset)}
+
+
+def enumerate_candidates(dataset_location: str | Path, st: ClipSettings, frames: dict[str, int] | None = None
+                         ) -> list[Candidate]:
+    """Every (scene, start, stride) clip of the split, in a fixed order (shuffled by the seed if asked).
+    `frames`: the split's scene_frames, if already read."""
+    if frames is None:
+        frames = scene_frames(dataset_location, st.dset)
     cands = []
-    for scene in pod.list_scenes(dataset_location, st.dset):
-        n = len(pod.frame_files(scene))
-        cands += [Candidate(scene.name, s, k) for s, k in pod.clip_starts(n, st.S)]
+    for name, n in frames.items():
+        cands += [Candidate(name, s, k) for s, k in pod.clip_starts(n, st.S)]
     if st.shuffle:
         order = np.random.default_rng(st.seed).permutation(len(cands))
         cands = [cands[i] for i in order]

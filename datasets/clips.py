@@ -1,6 +1,6 @@
 """The exported clip format in one place (docs/FORMATS.md): settings, folder names, tracks, checks, manifest.
 
-    <out_dir>/<version>/settings.json
+    <out_dir>/<version>/settings.json      (the settings of ClipSettings, and the source: data set and scenes)
     <out_dir>/<version>/manifest.jsonl
     <out_dir>/<version>/<k:06d>/{rgb.mp4, track.npz}
 
@@ -27,6 +27,7 @@ STAGE_CLIPS = {1: dict(S=36, N=128, crop_size=(256, 384)), 2: dict(S=64, N=128, 
 AUTHORS_EXPORT_HW = (384, 512)  # the clip size of exports without settings.json (the authors' exporter)
 CLIP_DIGITS = 6
 SETTINGS = "settings.json"
+SOURCE_KEY = "source"  # in settings.json: the data set its clips come from (export.check_source)
 MANIFEST = "manifest.jsonl"
 TRACK_MARGIN_FACTOR = 2
 
@@ -58,11 +59,39 @@ class ClipSettings:
         return cls(**{**d, "crop_size": tuple(d["crop_size"])})
 
 
-def write_settings(version_dir: Path, st: ClipSettings) -> None:
-    """settings.json of a version folder, written once (temp + rename; a folder's settings never change)."""
+def write_settings(version_dir: Path, st: ClipSettings, source: dict | None = None) -> bool:
+    """settings.json of a version folder, created once: True if this call created it, False if it was there
+    (a folder's settings never change). `source` is where its clips come from (SOURCE_KEY; the exporter's
+    dataset_location and scenes). Created as a whole (temp file, then a hard link that fails if another exporter
+    created it first)."""
     path = Path(version_dir) / SETTINGS
-    if not path.exists():
-        write_json(path, asdict(st))
+    if path.exists():
+        return False
+    tmp = path.with_name(f".{SETTINGS}.{os.getpid()}.tmp")
+    try:
+        write_json(tmp, {**asdict(st), **({SOURCE_KEY: source} if source is not None else {})})
+        os.link(tmp, path)
+    except FileExistsError:
+        return False
+    finally:
+        tmp.unlink(missing_ok=True)
+    return True
+
+
+def record_source(version_dir: Path, source: dict) -> None:
+    """Add the source to the settings.json of a folder exported before settings recorded it (temp + rename)."""
+    path = Path(version_dir) / SETTINGS
+    write_json(path, {**_settings_dict(path), SOURCE_KEY: source})
+
+
+def _settings_dict(path: Path) -> dict:
+    try:
+        d = json.loads(path.read_text())
+        if not isinstance(d, dict):
+            raise TypeError("not an object")
+        return d
+    except (OSError, ValueError, TypeError) as e:
+        raise ValueError(f"{path}: not a clip settings file ({type(e).__name__})") from None
 
 
 def read_settings(version_dir: Path) -> ClipSettings | None:
@@ -70,10 +99,26 @@ def read_settings(version_dir: Path) -> ClipSettings | None:
     path = Path(version_dir) / SETTINGS
     if not path.is_file():
         return None
+    d = {k: v for k, v in _settings_dict(path).items() if k != SOURCE_KEY}
     try:
-        return ClipSettings.from_dict(json.loads(path.read_text()))
-    except (OSError, ValueError, TypeError, KeyError) as e:
+        return ClipSettings.from_dict(d)
+    except (ValueError, TypeError, KeyError) as e:
         raise ValueError(f"{path}: not a clip settings file ({type(e).__name__})") from None
+
+
+def read_source(version_dir: Path) -> dict | None:
+    """Where a version folder's clips come from ({"dataset_location": resolved path, "scenes": {name: frame
+    count}}); None for a folder whose settings.json predates the record (or has none)."""
+    path = Path(version_dir) / SETTINGS
+    if not path.is_file():
+        return None
+    src = _settings_dict(path).get(SOURCE_KEY)
+    if src is None:
+        return None
+    if not (isinstance(src, dict) and isinstance(src.get("dataset_location"), str)
+            and isinstance(src.get("scenes"), dict)):
+        raise ValueError(f"{path}: its {SOURCE_KEY!r} is not a dataset_location and a scene list")
+    return src
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from pips2.datasets.clips import (
     read_settings,
 )
 from pips2.datasets.clips import track_problem as track_problem  # re-exported: the reader's corruption rule
-from pips2.datasets.training import Sample, to_sample
+from pips2.datasets.training import DataGoneError, Sample, to_sample
 from pips2.utils import augment
 from pips2.utils.video import VideoError
 
@@ -103,7 +103,7 @@ class ExportDataset(Dataset):
                 warnings.warn(f"skipping corrupt clip: {e}", CorruptClipWarning, stacklevel=2)
                 continue
             return self._window(frames, track, rng)
-        raise RuntimeError(f"{self.dir}: {self.max_retries} clips in a row were corrupt")
+        raise DataGoneError(f"{self.dir}: {self.max_retries} clips in a row were corrupt")
 
     def __getitem__(self, index: int) -> Sample:
         frames, track = self.sample(index, self._rng(index, 0))

@@ -15,6 +15,7 @@ import numpy as np
 
 from pips2.datasets.clips import Tracks
 from pips2.datasets.exportdataset import CorruptClipWarning
+from pips2.datasets.training import DataGoneError
 from pips2.utils import augment
 from pips2.utils.safe_load import load_npy
 from pips2.utils.video import VideoError, read_rgb
@@ -95,7 +96,7 @@ class KubricDataset:
                     self.last_skipped.append(index)
                     warnings.warn(f"skipping corrupt clip: {e}", CorruptClipWarning, stacklevel=3)
             index = int(rng.integers(len(self.seqs)))
-        raise RuntimeError(f"{self.seqs[0].parent}: {self.max_retries} sequences in a row were unreadable")
+        raise DataGoneError(f"{self.seqs[0].parent}: {self.max_retries} sequences in a row were unreadable")
 
     def sample(self, index: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         """Frames (S,h,w,3) uint8 and track (S,N,4) of x, y, visible, valid, like an exported clip."""

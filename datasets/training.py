@@ -16,6 +16,17 @@ from torch.utils.data import Dataset, Sampler
 from pips2.datasets.clips import Tracks
 
 
+class DataGoneError(RuntimeError):
+    """So many unusable clips in a row that the data itself is gone or broken (deleted underneath a run, a
+    failed mount); str(e) is one line naming the folder."""
+
+    def __init__(self, message: str):
+        # raised in a DataLoader worker, it comes back to the training process as this type with the worker's
+        # whole traceback as its message: keep the original line, the last one
+        lines = message.strip().splitlines() or [""]
+        super().__init__(lines[-1].split(f"{type(self).__name__}: ", 1)[-1])
+
+
 class Sample(NamedTuple):
     """One training clip, or a batch of them (the DataLoader collates field by field into a Sample)."""
 

@@ -10,7 +10,9 @@ import datetime
 import json
 import os
 import random
+import signal
 import sys
+import threading
 import time
 import warnings
 from collections import deque
@@ -30,7 +32,7 @@ from pips2 import evaluation
 from pips2.datasets.exportdataset import CorruptClipWarning, ExportDataset
 from pips2.datasets.kubric import KubricDataset
 from pips2.datasets.tapvid import load_tapvid
-from pips2.datasets.training import OrdinalDataset, OrdinalSampler, Sample
+from pips2.datasets.training import DataGoneError, OrdinalDataset, OrdinalSampler, Sample
 from pips2.nets.lbm import LBM, read_state_dict
 from pips2.nets.pips2 import Pips
 from pips2.nets.plan import ExecPlan
@@ -167,11 +169,27 @@ class Ranks:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item() > 0)
 
+    def max(self, value: int) -> int:
+        """The largest of `value` over the ranks."""
+        if self.world == 1:
+            return value
+        t = torch.tensor([float(value)], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t.item())
+
     def die(self, msg: str) -> NoReturn:
         """Exit 2 on every rank; rank 0 says why in one line."""
         if self.main:
             fail(msg)
         raise SystemExit(2)
+
+    def gather(self, obj) -> list:
+        """`obj` of every rank, in rank order."""
+        if self.world == 1:
+            return [obj]
+        gathered: list = [None] * self.world
+        dist.all_gather_object(gathered, obj)
+        return gathered
 
     def union(self, sets: dict[str, set]) -> dict[str, set]:
         """Each set united over the ranks."""
@@ -222,6 +240,88 @@ def run_lock(ckpt_dir: Path, ranks: Ranks) -> Iterator[None]:
         yield
     finally:
         lock.release()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Signals: a scheduler's SIGTERM before preemption, a user's Ctrl-C.
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# torchrun passes the signal it gets on to every rank, which a terminal's Ctrl-C has reached already: two copies
+# this close together are one request
+SAME_REQUEST_S = 1.0
+
+
+class TrainingStopped(SystemExit):
+    """The run stopped on a signal at a step boundary, its state saved: exit 0 (the same command resumes)."""
+
+    def __init__(self):
+        super().__init__(0)
+
+
+class StoppedAtOnce(BaseException):
+    """A second Ctrl-C during a step: stop now, without saving (the run resumes from its last checkpoint)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+class StopRequest:
+    """SIGTERM and SIGINT as a request to stop at the next step boundary (the loop saves there and exits 0).
+
+    The handler only notes the signal: what a step does is never cut short, so the checkpoint written is
+    the one a regular save at that step writes. A further SIGTERM changes nothing (a scheduler that will not
+    wait kills with SIGKILL); a further Ctrl-C at least SAME_REQUEST_S later stops at once without saving,
+    except while a checkpoint is being written, which always completes.
+    """
+
+    def __init__(self):
+        self.signum = 0
+        self.first_at = 0.0
+        self.writing = False
+        self._old: dict[int, object] = {}
+
+    def install(self) -> None:
+        """Catch STOP_SIGNALS (main thread only: elsewhere Python cannot, and they keep their handlers). A signal
+        ignored by whoever started the run stays ignored (a shell's background job ignores SIGINT)."""
+        if threading.current_thread() is threading.main_thread():
+            for sig in STOP_SIGNALS:
+                if signal.getsignal(sig) is not signal.SIG_IGN:
+                    self._old[sig] = signal.signal(sig, self._handle)
+
+    def restore(self) -> None:
+        """Put back the handlers install() replaced."""
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old = {}
+
+    def _handle(self, signum: int, frame) -> None:
+        now = time.monotonic()
+        if not self.signum:
+            self.signum, self.first_at = signum, now
+        elif signum == signal.SIGINT and not self.writing and now - self.first_at >= SAME_REQUEST_S:
+            raise StoppedAtOnce(signum)
+
+    def agreed(self, ranks: Ranks) -> int:
+        """The signal every rank stops for (0: go on); a collective, so every rank asks at the same step."""
+        return ranks.max(self.signum)
+
+    @contextmanager
+    def saving(self) -> Iterator[None]:
+        """A block no signal interrupts (a checkpoint being written)."""
+        self.writing = True
+        try:
+            yield
+        finally:
+            self.writing = False
+
+
+def loader_worker_init(worker_id: int) -> None:
+    """DataLoader workers leave SIGINT and SIGTERM to the training process, which stops at a step boundary and
+    then shuts them down: a worker killed by a terminal's Ctrl-C or a scheduler's SIGTERM to the process group
+    would fail the step in progress instead."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -288,8 +388,10 @@ class TrainState:
     """Model, optimiser, schedule, scaler, step and running figures: built fresh, resumed or initialised from
     --init_dir, and saved (rank 0) with the extras that make a resumed run print what an uninterrupted one would."""
 
-    def __init__(self, cfg: Config, ranks: Ranks, ckpt_dir: Path, say: Callable[..., None]):
+    def __init__(self, cfg: Config, ranks: Ranks, ckpt_dir: Path, say: Callable[..., None],
+                 stop: StopRequest | None = None):
         self.cfg, self.ranks, self.ckpt_dir = cfg, ranks, ckpt_dir
+        self.stop = stop or StopRequest()
         torch.manual_seed(cfg.seed)
         np.random.seed(cfg.seed)
         random.seed(cfg.seed)
@@ -409,10 +511,45 @@ class TrainState:
                 dist.destroy_process_group()
             raise SystemExit(msg)
 
+    def stopped(self, signum: int, saved: bool) -> NoReturn:
+        """End the run on a stop request, every rank together (rank 0 has saved if `saved`): one line, exit 0."""
+        name, step = self.cfg.name(), self.step
+        if self.ranks.main:
+            how = signal.Signals(signum).name
+            if saved:
+                line = (f"{name}: stopped by {how} at step {step:06d}/{self.cfg.max_steps}; saved "
+                        f"{self.ckpt_dir / ck.ckpt_name(step)}; the same command resumes from there")
+            else:
+                line = f"{name}: stopped by {how} before step {step + 1}, nothing trained; the same command starts it"
+            print(line, flush=True)
+        self.ranks.barrier()  # no rank leaves before rank 0's checkpoint is complete
+        raise TrainingStopped()
+
+    def data_failed(self, e: DataFailed, saved: bool) -> NoReturn:
+        """End the run because a batch could not be read: save the steps trained (if any since the start), then
+        one error line and exit 2 on every rank; an unexpected error is raised again after the save."""
+        if saved:
+            self.save()
+        where = (f"saved {self.ckpt_dir / ck.ckpt_name(self.step)} (step {self.step}); the same command resumes "
+                 f"from there once the data is readable" if saved else "nothing trained since the start, nothing saved")
+        self.ranks.barrier()  # no rank leaves before rank 0's checkpoint is complete
+        if e.error is None or isinstance(e.error, DataGoneError):
+            self.ranks.die(f"{e}; {where}")
+        # not a known data problem: said in one line, then its traceback (a bug, or a loader worker killed)
+        if self.ranks.main:
+            print(f"error: reading the data of step {self.step + 1} failed ({e}); {where}", file=sys.stderr,
+                  flush=True)
+        raise e.error
+
     def save(self) -> None:
-        """Write the checkpoint of the current step (rank 0); a failed write is one error line and exit 2."""
+        """Write the checkpoint of the current step (rank 0); a failed write is one error line and exit 2.
+        No signal interrupts it."""
         if not self.ranks.main:
             return
+        with self.stop.saving():
+            self._save()
+
+    def _save(self) -> None:
         extra = {"rng": rng_state(), "nan_steps": self.nan_total, "config": json.dumps(asdict(self.cfg)),
                  "world": self.ranks.world,
                  "loss_t": [float(v) for v in self.losses], "d_t": [float(v) for v in self.d_ts],
@@ -449,7 +586,8 @@ def make_loader(base, cfg: Config, start_ordinal: int, ranks: Ranks, seed_offset
     data = OrdinalDataset(base, cfg.seed + seed_offset, cfg.shuffle)
     sampler = OrdinalSampler(start_ordinal, ranks.rank, ranks.world)
     return DataLoader(data, batch_size=cfg.B, sampler=sampler, num_workers=cfg.workers,
-                      persistent_workers=cfg.workers > 0, prefetch_factor=2 if cfg.workers > 0 else None)
+                      persistent_workers=cfg.workers > 0, prefetch_factor=2 if cfg.workers > 0 else None,
+                      worker_init_fn=loader_worker_init if cfg.workers > 0 else None)
 
 
 class TrainData:
@@ -492,6 +630,14 @@ class TrainData:
             self.cache.append(batch)
         return batch
 
+    def close(self) -> None:
+        """Stop the loader workers now: they ignore the stop signals and exit when told (torch's own shutdown of
+        an iterator's workers, which the iterator would otherwise run only when garbage collected)."""
+        for it in (getattr(self, "train", None), self.val):
+            shutdown = getattr(it, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
+
     def next_val(self) -> dict:
         """The next validation batch."""
         batch = next(self.val)
@@ -515,6 +661,30 @@ class StepResult:
     shown: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # frames, truth, estimate of one clip
 
 
+class DataFailed(Exception):
+    """A step's batch could not be read on some rank; `error` is this rank's exception (None: another rank's).
+    str(e) is one line."""
+
+    def __init__(self, error: Exception | None, problems: list[str]):
+        super().__init__("; ".join(problems))
+        self.error = error
+
+
+def fetch(ranks: Ranks, get: Callable[[], Sample]) -> Sample:
+    """get(): a batch; DataFailed on every rank if any rank could not read its batch (agreed before the forward
+    pass, in which DDP's ranks wait for each other)."""
+    try:
+        batch, error = get(), None
+    except Exception as e:  # anything: the steps trained so far are saved before the run ends
+        batch, error = None, e
+    if ranks.any(error is not None):
+        mine = None if error is None else str(error) if isinstance(error, DataGoneError) else \
+            f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
+        problems = [p for p in ranks.gather(mine) if p]
+        raise DataFailed(error, problems)
+    return batch
+
+
 def train_step(state: TrainState, data: TrainData, cfg: Config) -> StepResult:
     """One optimiser step over --grad_acc micro-batches; a non-finite loss on any rank skips it on every rank."""
     ranks = state.ranks
@@ -522,7 +692,7 @@ def train_step(state: TrainState, data: TrainData, cfg: Config) -> StepResult:
     rtime, total_loss, finite, figures, shown = 0.0, 0.0, True, None, None
     for micro in range(cfg.grad_acc):
         tr = time.time()
-        batch = data.next(state.step, micro)
+        batch = fetch(ranks, lambda: data.next(state.step, micro))  # noqa: B023 (called at once)
         rtime += time.time() - tr
         gen = step_generator(cfg.seed, state.step, micro, ranks.rank)
         if cfg.lbm:
@@ -572,6 +742,12 @@ class Logger:
                  f"{self.ranks.world} process(es) on {self.ranks.device}, amp {cfg.amp}, data {cfg.dataset} "
                  f"({n_items} items)")
 
+    def close(self) -> None:
+        """Write out and close the TensorBoard log (also when the run stops early)."""
+        if self.writer:
+            self.writer.close()
+            self.writer = None
+
     def scalars(self, group: str, figures: dict[str, float], step: int) -> None:
         """Write every figure as `group/name`."""
         if self.writer:
@@ -598,11 +774,10 @@ class Logger:
             self.writer.add_image("train/tracks", img, step, dataformats="HWC")
 
     def done(self, state: TrainState, corrupt: dict[str, set]) -> None:
-        """The final corrupt-clip count and summary line; closes the log."""
+        """The final corrupt-clip count and summary line."""
         n_corrupt = sum(len(s) for s in corrupt.values())
         if self.writer:
             self.writer.add_scalar("data/corrupt_clips_skipped", n_corrupt, state.step)
-            self.writer.close()
         self.say(f"{self.name}: done, {state.step} steps, {state.nan_total} skipped for non-finite loss, "
                  f"{n_corrupt} corrupt clips skipped; checkpoints in {state.ckpt_dir}")
 
@@ -629,7 +804,7 @@ class Validator:
     def exported(self, net: torch.nn.Module) -> dict[str, float]:
         """Figures of one validation batch: PIPs++ tracked from zero-velocity estimates; LBM's training forward
         in eval mode (its losses, as the authors' validation while training, with queries from a fixed seed)."""
-        batch = self.data.next_val()
+        batch = fetch(self.ranks, self.data.next_val)
         device = self.ranks.device
         if self.cfg.lbm:
             net.eval()
@@ -680,44 +855,86 @@ class Validator:
 
 
 def run_stage(cfg: Config) -> tuple[Path, torch.nn.Module]:
-    """Train one stage under the run lock; returns its checkpoint folder and the trained model."""
-    ranks = Ranks.setup(cfg.device)
-    ckpt_dir = Path(cfg.ckpt_dir) / cfg.name()
-    with run_lock(ckpt_dir, ranks):
-        return train_stage(cfg, ranks, ckpt_dir)
+    """Train one stage under the run lock; returns its checkpoint folder and the trained model.
+
+    SIGTERM or Ctrl-C stops the run at the next step boundary: it saves that step's checkpoint, says so in one
+    line and raises TrainingStopped (exit 0); the same command resumes it exactly. A second Ctrl-C during a step
+    stops at once without saving (exit 130).
+    """
+    stop = StopRequest()
+    stop.install()
+    try:
+        ranks = Ranks.setup(cfg.device)
+        ckpt_dir = Path(cfg.ckpt_dir) / cfg.name()
+        with run_lock(ckpt_dir, ranks):
+            return train_stage(cfg, ranks, ckpt_dir, stop)
+    except StoppedAtOnce as e:
+        if int(os.environ.get("RANK", "0")) == 0:
+            last = ck.list_checkpoints(Path(cfg.ckpt_dir) / cfg.name())
+            since = f"the same command resumes from {last[-1][1]}" if last else "no checkpoint was saved yet"
+            print(f"{cfg.name()}: stopped at once by a second {signal.Signals(e.signum).name}, without saving; "
+                  f"{since}", file=sys.stderr, flush=True)
+        raise SystemExit(128 + e.signum) from None
+    finally:
+        stop.restore()
 
 
-def train_stage(cfg: Config, ranks: Ranks, ckpt_dir: Path) -> tuple[Path, torch.nn.Module]:
-    """Set up the parts, then step, validate, log and save until --max_steps."""
+def train_stage(cfg: Config, ranks: Ranks, ckpt_dir: Path, stop: StopRequest | None = None
+                ) -> tuple[Path, torch.nn.Module]:
+    """Set up the parts, then step, validate, log and save until --max_steps (or a stop request)."""
     with warnings.catch_warnings():  # corrupt clips are said by TrainData, once each (loader workers inherit this)
         warnings.simplefilter("ignore", CorruptClipWarning)
-        return _train_stage(cfg, ranks, ckpt_dir)
+        return _train_stage(cfg, ranks, ckpt_dir, stop or StopRequest())
 
 
-def _train_stage(cfg: Config, ranks: Ranks, ckpt_dir: Path) -> tuple[Path, torch.nn.Module]:
+def _train_stage(cfg: Config, ranks: Ranks, ckpt_dir: Path, stop: StopRequest) -> tuple[Path, torch.nn.Module]:
     log = Logger(cfg, ranks)
-    state = TrainState(cfg, ranks, ckpt_dir, log.say)
+    state = TrainState(cfg, ranks, ckpt_dir, log.say, stop)
     data = TrainData(cfg, ranks, state.step, state.note_corrupt)
+    try:
+        _loop(cfg, ranks, state, data, log, stop)
+    finally:
+        data.close()
+        log.close()
+    ranks.barrier()
+    return ckpt_dir, state.net
+
+
+def _loop(cfg: Config, ranks: Ranks, state: TrainState, data: TrainData, log: Logger, stop: StopRequest) -> None:
     validator = Validator(cfg, ranks, data)
     log.say(ck.parameter_table(state.net))  # after the data checks: a bad path is not the 86th line of output
     log.start(data.n_items)
+    start = state.step
+    if signum := stop.agreed(ranks):  # a signal while setting up: nothing trained, nothing to save
+        state.stopped(signum, saved=False)
     while state.step < cfg.max_steps:
         state.step += 1
-        res = train_step(state, data, cfg)
-        if not res.finite:
+        try:
+            res = train_step(state, data, cfg)
+        except DataFailed as e:
+            state.step -= 1  # that step never happened
+            state.optimizer.zero_grad(set_to_none=True)
+            state.data_failed(e, saved=state.step > start)
+        if res.finite:
+            state.record(res)
+            try:
+                validations = validator.run(state.step, state.model)
+            except DataFailed as e:  # the step itself is done
+                state.data_failed(e, saved=True)
+            for group, figures in validations.items():
+                state.d_vs.append(figures["d_avg"])
+                log.scalars(group, figures, state.step)
+            if validator.curves:
+                if log.writer:
+                    plots.add_to_tensorboard(log.writer, "val/curves", validator.curves, state.step)
+                validator.curves = {}
+            log.step(state, res)
+        else:
             state.skip(log.say)
-            continue
-        state.record(res)
-        for group, figures in validator.run(state.step, state.model).items():
-            state.d_vs.append(figures["d_avg"])
-            log.scalars(group, figures, state.step)
-        if validator.curves:
-            if log.writer:
-                plots.add_to_tensorboard(log.writer, "val/curves", validator.curves, state.step)
-            validator.curves = {}
-        log.step(state, res)
-        if state.step % cfg.save_freq == 0 or state.step == cfg.max_steps:
+        # the step boundary: a stop request is taken here, with the checkpoint a regular save here would write
+        signum = stop.agreed(ranks)
+        if signum or state.step % cfg.save_freq == 0 or state.step == cfg.max_steps:
             state.save()
+        if signum:
+            state.stopped(signum, saved=True)
     log.done(state, ranks.union(state.corrupt))
-    ranks.barrier()
-    return ckpt_dir, state.net

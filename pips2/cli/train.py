@@ -13,7 +13,10 @@ The flags are the fields of utils.trainer.Config; the run itself is utils.traine
 from __future__ import annotations
 
 import inspect
+import math
 import sys
+import types
+import typing
 from dataclasses import fields
 from pathlib import Path
 
@@ -47,6 +50,13 @@ STAGE_DEFAULTS = {
 LBM_DEFAULTS = dict(B=4, S=24, N=256, crop_size=(384, 512), iters=0, lr=5e-4, max_steps=150 * 687, wd=1e-5,
                     grad_clip=1.0)
 MODELS = ("pips2", "lbm")
+STAGES = (1, 2)
+# the smallest value each numeric flag may take; anything smaller fails inside the run (a ZeroDivisionError
+# after the first step for --save_freq=0, a reshape error for --N=0) or trains nothing (--max_steps=0)
+MINIMUM = {"B": 1, "S": 2, "N": 1, "iters": 1, "max_steps": 1, "save_freq": 1, "log_freq": 1, "val_freq": 1,
+           "grad_acc": 1, "max_nan_steps": 1, "eval_videos": 1, "memory_size": 1, "embed_dim": 1, "keep_latest": 0,
+           "cache_len": 0, "workers": 0, "seed": 0}
+MAX_SEED = 2**32 - 1  # numpy's global seed takes 32 bits
 # the authors' flag names, kept as aliases: alias -> our name
 ALIASES = {"max_iters": "max_steps"}
 
@@ -61,6 +71,48 @@ def resolve_aliases(flags: dict) -> dict:
     return out
 
 
+def _typed(name: str, value, hint) -> typing.Any:
+    """A flag's value as its Config field's int, float or bool (None where the field allows it); ValueError
+    naming the flag otherwise. fire hands over a string for anything that is not a Python literal
+    (--lr=abc, --lr=nan)."""
+    args = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    kinds = [a for a in args if a in (int, float, bool)]
+    if not kinds or (value is None and type(None) in args):
+        return value
+    kind = kinds[0]
+    if kind is bool and value in (0, 1) and not isinstance(value, float):
+        return bool(value)
+    if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not math.isfinite(value):
+            raise ValueError(f"--{name} must be a finite number, got {value!r}")
+        return float(value)
+    if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
+        return value
+    what = {int: "an integer", float: "a finite number", bool: "True or False"}[kind]
+    raise ValueError(f"--{name} must be {what}, got {value!r}")
+
+
+def check_values(values: dict) -> dict:
+    """Every numeric and boolean flag of a run checked in one place, before anything is built: types, the
+    MINIMUM of each count, a positive learning rate and clip, a non-negative weight decay; ValueError naming
+    the flag."""
+    hints = typing.get_type_hints(Config)
+    out = {k: _typed(k, v, hints[k]) for k, v in values.items() if k in hints}
+    for name, low in MINIMUM.items():
+        if name == "iters" and out.get("model") == "lbm":
+            continue  # LBM has no refinement iterations
+        if name in out and out[name] < low:
+            raise ValueError(f"--{name} must be at least {low}, got {out[name]}")
+    if out.get("seed", 0) > MAX_SEED:
+        raise ValueError(f"--seed must be at most {MAX_SEED}, got {out['seed']}")
+    for name in ("lr", "grad_clip"):
+        if name in out and out[name] <= 0:
+            raise ValueError(f"--{name} must be positive, got {out[name]:g}")
+    if out.get("wd", 0.0) < 0:
+        raise ValueError(f"--wd must be at least 0, got {out['wd']:g}")
+    return out
+
+
 def make_config(stage: int, flags: dict) -> Config:
     """Stage (or LBM) defaults, then every flag the user set."""
     flags = resolve_aliases(flags)
@@ -68,6 +120,8 @@ def make_config(stage: int, flags: dict) -> Config:
     unknown = set(flags) - known
     if unknown:
         raise ValueError(f"unknown flags: {sorted(unknown)}")
+    if stage not in STAGES:
+        raise ValueError(f"--stage must be 1 or 2, got {stage!r}")
     model = flags.get("model") or "pips2"
     if model not in MODELS:
         raise ValueError(f"--model must be one of {', '.join(MODELS)}, got {model!r}")
@@ -75,6 +129,7 @@ def make_config(stage: int, flags: dict) -> Config:
         raise ValueError(f"LBM trains in one stage; --stage={stage} is for PIPs++")
     defaults = LBM_DEFAULTS if model == "lbm" else STAGE_DEFAULTS[stage]
     values = {**defaults, **{k: v for k, v in flags.items() if v is not None}, "stage": stage}
+    values = {**values, **check_values(values)}
     values["crop_size"] = parse_hw(values["crop_size"], "crop_size")
     h, w = values["crop_size"]
     if model == "lbm":
@@ -88,8 +143,6 @@ def make_config(stage: int, flags: dict) -> Config:
         raise ValueError(f"--eval_dataset must be davis (TAP-Vid-DAVIS while training), got {values['eval_dataset']!r}")
     if values.get("eval_dataset") and not values.get("tapvid_root"):
         raise ValueError("--eval_dataset=davis needs --tapvid_root=<tapvid_davis.pkl>")
-    if values.get("eval_dataset") and int(values.get("eval_videos", 5)) < 1:
-        raise ValueError(f"--eval_videos must be at least 1, got {values['eval_videos']}")
     amp_dtype(values.get("amp", "none"))  # one clear line for an unknown --amp
     return Config(**values)
 
@@ -111,6 +164,22 @@ def usage() -> str:
                       f"aliases: {', '.join(f'--{a} = --{n}' for a, n in ALIASES.items())}"])
 
 
+def stage_order(stage, stages) -> list[int]:
+    """The stages to run, from --stage or --stages=1,2; ValueError unless each is 1 or 2."""
+    items = [stage] if stages is None else list(stages) if isinstance(stages, (tuple, list)) \
+        else str(stages).split(",")
+    order = []
+    for s in items:
+        try:
+            order.append(int(str(s).strip()))
+        except ValueError:
+            order.append(None)
+        if order[-1] not in STAGES or isinstance(s, (bool, float)):
+            flag = "--stage" if stages is None else "--stages"
+            raise ValueError(f"{flag} must be 1 or 2 (or --stages=1,2), got {stage if stages is None else stages!r}")
+    return order
+
+
 def main(stage: int = 1, stages: str | None = None, **flags) -> None:
     """Train one stage (--stage) or several in sequence (--stages=1,2; stage 2 starts from stage 1).
 
@@ -120,12 +189,10 @@ def main(stage: int = 1, stages: str | None = None, **flags) -> None:
     if flags.pop("help", None) or flags.pop("h", None):
         print(usage())
         return
-    if stages is None:
-        order = [int(stage)]
-    elif isinstance(stages, (tuple, list)):
-        order = [int(s) for s in stages]
-    else:
-        order = [int(s) for s in str(stages).split(",") if s]
+    try:
+        order = stage_order(stage, stages)
+    except ValueError as e:
+        fail(str(e))
     if flags.get("model") == "lbm" and order != [1]:
         fail(f"--model=lbm trains in one stage; drop --stage/--stages (got {','.join(map(str, order))})")
     prev = None
