@@ -14,9 +14,10 @@ from functools import partial
 from pathlib import Path
 
 from pips2 import evaluation
-from pips2.cli import load_pips_or_exit
 from pips2.datasets import crohd
+from pips2.hub import load_model
 from pips2.tracking import FileFrames
+from pips2.utils.checkpoint import CheckpointError
 from pips2.utils.cli import aliased, die, run_fire
 
 
@@ -69,7 +70,10 @@ def main(dataset_location: str = "../datasets/crohd", dset: str = "train", clip_
     if not clips:
         die(f"{split}: no clip to score ({len(run.skipped)} of {len(seqs)} sequences skipped)")
     clips = clips[:max_clips]
-    model = load_pips_or_exit(init_dir, dev, amp=amp)
+    try:
+        model = load_model(init_dir, dev, kind="pips2", amp=amp)
+    except (ValueError, CheckpointError) as e:
+        die(e)
     items = [(c.name, partial(score_clip, model, c, S, N, iters, image_size, point_batch, autocast)) for c in clips]
     run.run(items, len(items), desc="crohd", unit="clip")
 

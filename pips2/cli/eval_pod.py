@@ -16,9 +16,10 @@ from functools import partial
 from pathlib import Path
 
 from pips2 import evaluation
-from pips2.cli import load_pips_or_exit
 from pips2.datasets import pointodyssey as pod
+from pips2.hub import load_model
 from pips2.tracking import FileFrames
+from pips2.utils.checkpoint import CheckpointError
 from pips2.utils.cli import aliased, die, run_fire
 
 
@@ -81,7 +82,10 @@ def main(dataset_location: str = "../datasets/pointodyssey", dset: str = "test",
     if not scenes:
         die(f"{Path(dataset_location) / dset}: no scene folders in this split")
     scenes = scenes[:max_scenes]
-    model = None if zero_vel else load_pips_or_exit(init_dir, dev, amp=amp)
+    try:
+        model = None if zero_vel else load_model(init_dir, dev, kind="pips2", amp=amp)
+    except (ValueError, CheckpointError) as e:
+        die(e)
     settings = dict(dataset_location=str(dataset_location), dset=dset, S=S, N=N, iters=iters,
                     image_size=list(image_size), init_dir=None if zero_vel else str(init_dir), zero_vel=zero_vel,
                     max_scenes=max_scenes, amp=amp, point_batch=point_batch, device=str(dev))
