@@ -2,6 +2,9 @@
 
     python test_on_cro.py --dataset_location=/data/crohd --init_dir=./reference_model
 
+--init_dir is a checkpoint file or folder, or the hub name pips2 (the authors' model, fetched once into a
+cache); the rules are pips2.hub's (docs/MODELS.md).
+
 A sequence that cannot be read (no frames, no or a malformed gt.txt) or a clip with an unreadable, truncated
 or odd-sized frame is skipped with its reason and counted in the summary. --out_json is written (temp file,
 then rename) at the end and also on Ctrl-C (exit 130), SIGTERM (exit 143) or an unexpected error (exit 1), with

@@ -3,6 +3,9 @@
     ./get_reference_model.sh
     python test_on_pod.py --dataset_location=/data/pointodyssey --dset=test --init_dir=./reference_model
 
+--init_dir is a checkpoint file or folder, or the hub name pips2 (the authors' model, fetched once into a
+cache); the rules are pips2.hub's (docs/MODELS.md).
+
 A sequence that cannot be read (missing or unreadable frames, frames of different sizes, bad annotations)
 is skipped with its reason and counted in the summary. --out_json is written (temp file, then rename) at the
 end and also on Ctrl-C (exit 130), SIGTERM (exit 143) or an unexpected error (exit 1), with the sequences
