@@ -36,6 +36,7 @@ import zipfile
 from dataclasses import dataclass
 from numbers import Integral
 from pathlib import Path
+from typing import Literal, overload
 
 import torch
 import torch.nn as nn
@@ -153,7 +154,7 @@ def cached(name: str) -> Path | None:
     """The cached copy of a hub name (a file for lbm, the reference_model/ folder for pips2), or None; no network,
     nothing read."""
     known = KNOWN[name]
-    if uses_hf(name):
+    if uses_hf(name) and known.hf_repo and known.hf_file:
         found = _hf().try_to_load_from_cache(known.hf_repo, known.hf_file)
         return Path(found) if isinstance(found, str) else None
     dest = cache_dir() / known.cached
@@ -473,7 +474,8 @@ def check_options(kind: str, amp: str | None = None, memory_size: int | None = N
         raise ValueError(f"--memory_size must be a whole number from 1 to {MAX_MEMORY_SIZE}, got {memory_size!r}")
 
 
-def _build(kind: str, state: dict, source: str, device: torch.device | str, amp: str | None, config: dict) -> nn.Module:
+def _build(kind: str, state: dict, source: str, device: torch.device | str, amp: str | None,
+           config: dict) -> Pips | LBM:
     """The model of `kind` holding `state`, strictly; PIPs++ with the inference plan for the device and amp, LBM at
     the sizes its weights fix (`config` wins and must then match)."""
     if kind == "lbm":
@@ -484,9 +486,21 @@ def _build(kind: str, state: dict, source: str, device: torch.device | str, amp:
     return model
 
 
+@overload
+def load_model(name_or_path: str | os.PathLike | None, device: str | torch.device = ..., *,
+               kind: Literal["pips2"], step: int | None = ..., amp: str | None = ..., memory_size: int | None = ...,
+               refresh: bool = ..., **config) -> Pips: ...
+@overload
+def load_model(name_or_path: str | os.PathLike | None, device: str | torch.device = ..., *,
+               kind: Literal["lbm"], step: int | None = ..., amp: str | None = ..., memory_size: int | None = ...,
+               refresh: bool = ..., **config) -> LBM: ...
+@overload
+def load_model(name_or_path: str | os.PathLike | None, device: str | torch.device = ..., kind: str | None = ...,
+               step: int | None = ..., amp: str | None = ..., memory_size: int | None = ..., refresh: bool = ...,
+               **config) -> Pips | LBM: ...
 def load_model(name_or_path: str | os.PathLike | None, device: str | torch.device = "cpu", kind: str | None = None,
                step: int | None = None, amp: str | None = None, memory_size: int | None = None,
-               refresh: bool = False, **config) -> nn.Module:
+               refresh: bool = False, **config) -> Pips | LBM:
     """A Pips or LBM in eval mode on `device` ("auto": CUDA when there is one) from a hub name ("pips2", "lbm"),
     a checkpoint file or folder (module docstring); None is ./reference_model for PIPs++.
 
@@ -522,7 +536,8 @@ def load_into(model: nn.Module, name_or_path: str | os.PathLike, kind: str, opti
 def save_authors_format(model: nn.Module, path: str | os.PathLike) -> Path:
     """Write a model's weights as the authors' code reads them: {'model': sd} for LBM, {'model_state_dict': sd}
     for PIPs++ (name it model-%09d.pth in a folder for their loader); temp file, then rename."""
-    net = model.module if hasattr(model, "module") else model
+    wrapped = isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel))
+    net: nn.Module = model.module if wrapped else model
     state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
     ckpt = {"model": state} if isinstance(net, LBM) else {"model_state_dict": state}
     path = Path(path)

@@ -7,6 +7,7 @@ import http.server
 import tarfile
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -18,7 +19,7 @@ from pips2.nets.lbm import LBM
 from pips2.nets.pips2 import Pips
 from pips2.utils import checkpoint
 
-SMALL_LBM = dict(input_size=(64, 64), embed_dim=32, num_layers=2)
+SMALL_LBM: dict[str, Any] = dict(input_size=(64, 64), embed_dim=32, num_layers=2)
 
 
 def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
@@ -283,6 +284,7 @@ def test_lbm_comes_through_the_hugging_face_client_and_then_works_offline(hf_hub
     assert isinstance(model, LBM) and _same_weights(model, lbm_model) and state["gets"] == 1
     # in the client's standard cache (where `hf download ZhengGuangze/LBM lbm.pt` puts it), named by its sha256
     found = hub.cached("lbm")
+    assert found is not None
     assert found == tmp_path / "hf" / "models--ZhengGuangze--LBM" / "snapshots" / COMMIT / "lbm.pt"
     assert found.resolve().name == hashlib.sha256(state["data"]).hexdigest()
     assert not (cache / "lbm.pt").exists()

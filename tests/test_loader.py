@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -23,7 +24,8 @@ from pips2.utils.checkpoint import CheckpointError
 from pips2.utils.video import write_mp4
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL_LBM = dict(input_size=(64, 96), embed_dim=32, num_layers=2, num_neighbors=4, top_k_regions=4, memory_size=4)
+SMALL_LBM: dict[str, Any] = dict(input_size=(64, 96), embed_dim=32, num_layers=2, num_neighbors=4, top_k_regions=4,
+                                 memory_size=4)
 
 
 def _same(a: torch.nn.Module, b: torch.nn.Module) -> bool:
@@ -176,7 +178,8 @@ def test_a_missing_checkpoint_names_every_way_to_get_one(tmp_path, monkeypatch, 
     # the model `make demo` trained is named once there is one: the newest run
     for run in ("run1", "run2"):
         checkpoint.save(tmp_path / "demo_out" / "checkpoints" / run, 5, golden_model())
-        os.utime(tmp_path / "demo_out" / "checkpoints" / run, (1e9 if run == "run1" else 2e9,) * 2)
+        when = 1e9 if run == "run1" else 2e9
+        os.utime(tmp_path / "demo_out" / "checkpoints" / run, (when, when))
     with pytest.raises(hub.HubError) as e:
         hub.load_model(tmp_path / "empty_dir_missing", kind="pips2")
     _one_line(e, "or --init_dir=demo_out/checkpoints/run2/ (the small model `make demo` trained)")
@@ -250,7 +253,8 @@ def test_the_lbm_only_folder_through_every_entry_point(tmp_path, clip, lbm_model
     app = webapp.App(init_dir=str(lbm_only), model="lbm", clip_dir=tmp_path / "clips")
     try:
         assert app.choice("lbm", str(lbm_only)).state == "ready"
-        assert _same(app.load_net("lbm", str(lbm_only)), lbm_model)
+        net = app.load_net("lbm", str(lbm_only))
+        assert net is not None and _same(net, lbm_model)
     finally:
         app.close()
     # torch.hub

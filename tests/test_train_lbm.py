@@ -4,6 +4,7 @@ exact resume, AMP, non-finite and corrupt-clip skipping, validation on held-out 
 import math
 import re
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -21,7 +22,7 @@ from pips2.utils import checkpoint as ck
 # input_size 64x96 (whole stride-32 cells), a narrow transformer, a short memory: ~0.3 s a step on one thread
 TINY = dict(model="lbm", B=1, S=4, N=8, crop_size="64,96", embed_dim=32, memory_size=4, workers=0, device="cpu",
             log_freq=1, quiet=True)
-MODEL_KW = dict(input_size=(64, 96), embed_dim=32, memory_size=4, N=8, T=4)
+MODEL_KW: dict[str, Any] = dict(input_size=(64, 96), embed_dim=32, memory_size=4, N=8, T=4)
 
 
 def _version(out) -> str:
