@@ -56,7 +56,8 @@ import torch.nn.functional as F
 from common import interleaved_times, machine_description, reset_peak_rss, status_bytes
 from tqdm import tqdm
 
-from pips2.nets.lbm import LBM, LBMOnline, load_lbm
+from pips2.hub import load_model
+from pips2.nets.lbm import LBM, LBMOnline
 from pips2.utils.cli import parse_hw
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -202,7 +203,7 @@ def lbm_config(hw: tuple[int, int], memory_size: int) -> dict:
 def build_ours(hw: tuple[int, int], memory_size: int, seed: int, checkpoint: str | None, vis_bias: float) -> LBM:
     """Our model in eval mode: the checkpoint's weights, or a seeded random init with the visibility bias raised."""
     if checkpoint:
-        model = load_lbm(checkpoint, **lbm_config(hw, 12))
+        model = load_model(checkpoint, kind="lbm", **lbm_config(hw, 12))
     else:
         torch.manual_seed(seed)
         model = LBM(**lbm_config(hw, 12))

@@ -27,8 +27,8 @@ import torch
 from pips2.datasets.exportdataset import ExportDataset
 from pips2.datasets.synthetic import SceneConfig, generate_dataset
 from pips2.datasets.training import Sample, to_sample
-from pips2.nets.lbm import LBM, VIS_THRESHOLD, load_lbm
-from pips2.utils import checkpoint as ck
+from pips2.hub import load_model
+from pips2.nets.lbm import LBM, VIS_THRESHOLD
 from pips2.utils import metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -134,7 +134,7 @@ def lbm_check(out: str, max_iters: int, train_scenes: int, test_scenes: int, B: 
     train_min = (time.time() - t0) / 60
     run = next(p for p in (out_dir / "checkpoints").iterdir() if p.name.startswith("lbm_"))
     hw = tuple(int(v) for v in crop_size.split(","))
-    net = load_lbm(ck.find_checkpoint(run), input_size=hw, embed_dim=embed_dim, memory_size=memory_size)
+    net = load_model(run, kind="lbm", input_size=hw, embed_dim=embed_dim, memory_size=memory_size)
     version = next(p.name for p in (out_dir / "export_test").iterdir() if p.is_dir())
     test = ExportDataset(str(out_dir / "export_test"), version, S, 64, hw)
     rng = np.random.default_rng(seed)

@@ -600,7 +600,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return strip_module_prefix(state)
 
 
-# Bounds on the sizes a state_dict may make load_lbm build (docs/LBM.md, "Checkpoints"), checked before any model
+# Bounds on the sizes a state_dict may make build_lbm build (docs/LBM.md, "Checkpoints"), checked before any model
 # is: the authors' model has 3 layers of 256 channels, a 384x512 input, 12 memory slots, 9 neighbours and
 # 17,827,042 weights (71 MB); a file may ask for a few times that, not for the 3 GB of 400 layers.
 MAX_LAYERS = 12
@@ -642,11 +642,10 @@ def _weights_of(config: dict) -> int:
         return sum(v.numel() for v in LBM(**sizes).state_dict().values())
 
 
-def load_lbm(path: str | os.PathLike, device: str | torch.device = "cpu", **config) -> LBM:
-    """An LBM in eval mode with the weights of `path`, loaded strictly. Its sizes come from the weights
-    (`lbm_config_from_state`, bounded); `config` given here wins, so a file of other sizes is refused, naming the
-    keys."""
-    state = read_state_dict(path)
+def build_lbm(state: dict[str, torch.Tensor], source: str = "checkpoint", **config) -> LBM:
+    """An LBM holding `state` (loaded strictly), on the CPU in train mode as built. Its sizes come from the weights
+    (`lbm_config_from_state`, bounded); `config` given here wins, so weights of other sizes are refused, naming the
+    keys. Errors are one line starting with `source`; reading a file is pips2.hub's (the one loader)."""
     try:
         found = lbm_config_from_state(state)
         cfg = {**found, **config}
@@ -654,9 +653,9 @@ def load_lbm(path: str | os.PathLike, device: str | torch.device = "cpu", **conf
             raise CheckpointError(f"declares an LBM of {n} weights, more than {MAX_WEIGHTS}")
         model = LBM(**cfg)
     except (CheckpointError, ValueError) as e:
-        raise CheckpointError(f"{path}: {e}") from None
-    load_model_state(model, state, source=str(path))
-    return model.to(device).eval()
+        raise CheckpointError(f"{source}: {e}") from None
+    load_model_state(model, state, source=source)
+    return model
 
 
 def torchvision_resnet18_keys(key: str) -> str | None:

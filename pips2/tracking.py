@@ -36,11 +36,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pips2.hub import check_checkpoint_file, load_pips
-from pips2.nets.lbm import LBM, LBMOnline, lbm_config_from_state, load_lbm  # noqa: F401 (a public name here too)
+from pips2.nets.lbm import LBM, LBMOnline
 from pips2.nets.pips2 import MIN_SIZE
-from pips2.utils.amp import amp_dtype, autocast
-from pips2.utils.checkpoint import CheckpointError, find_checkpoint, list_checkpoints, resolve_device
+from pips2.utils.amp import autocast
 from pips2.utils.procs import is_space_error, pid_alive
 from pips2.utils.video import VideoError, iter_frames, read_rgb
 
@@ -52,7 +50,6 @@ MAX_POINTS = 10_000
 MAX_IMAGE_SIDE = 4096  # --image_size: memory for S frames of feature maps grows with the area
 MIN_VIDEO_SIDE = 8  # a video smaller than one cell of the model's 8-pixel feature grid holds nothing to track
 FAR_OUTSIDE = 4  # a query further outside the image than this many image widths (heights) is a mistake
-MAX_MEMORY_SIZE = 256  # LBM's --memory_size: frames of memory per query (the authors evaluate with 20 to 60)
 
 # ---------------------------------------------------------------------------------------------------------
 # Frame sources: random access to (start, end) windows of uint8 frames at the model's size.
@@ -902,60 +899,6 @@ class OnlineTracker:
 def is_lbm(model) -> bool:
     """Whether `model` is an LBM (tracked online, with visibility) rather than a PIPs++."""
     return isinstance(model, LBM)
-
-
-def find_lbm_checkpoint(init_dir: str | os.PathLike) -> Path:
-    """The checkpoint file of --init_dir: the file itself, a folder's newest model-*.pth, or its only *.pt/*.pth."""
-    p = Path(init_dir)
-    if p.is_file():
-        return p
-    if not p.is_dir():
-        raise CheckpointError(f"{init_dir}: no such LBM checkpoint file or folder")
-    if list_checkpoints(p):
-        return find_checkpoint(p)
-    found = sorted(f for f in p.iterdir() if f.is_file() and f.suffix in (".pt", ".pth"))
-    if len(found) != 1:
-        raise CheckpointError(f"{init_dir}: expected one LBM checkpoint (*.pt, *.pth) or model-*.pth files in the "
-                              f"folder, found {len(found)}; pass the file")
-    return found[0]
-
-
-def load_lbm_model(init_dir: str | os.PathLike, device: str | torch.device = "cpu") -> LBM:
-    """An LBM in eval mode from a checkpoint file or folder, its sizes read from the weights (`load_lbm`)."""
-    path = find_lbm_checkpoint(init_dir)
-    check_checkpoint_file(path)
-    return load_lbm(path, device)
-
-
-def check_tracker_flags(model: str, init_dir: str | None, amp: str = "none", memory_size: int | None = None) -> None:
-    """The flags of `load_tracker`, checked without loading anything: ValueError naming the flag."""
-    if model not in ("pips2", "lbm"):
-        raise ValueError(f"--model must be pips2 or lbm, got {model!r}")
-    if model == "pips2":
-        amp_dtype(amp)
-        return
-    if init_dir is None:
-        raise ValueError("--model=lbm needs --init_dir: the LBM checkpoint file (e.g. lbm.pt) or its folder")
-    if amp not in (None, "none"):
-        raise ValueError(f"--amp={amp}: LBM runs in float32 here; leave --amp at none")
-    if memory_size is not None and (isinstance(memory_size, bool) or not isinstance(memory_size, (int, np.integer))
-                                    or not 1 <= memory_size <= MAX_MEMORY_SIZE):
-        raise ValueError(f"--memory_size must be a whole number from 1 to {MAX_MEMORY_SIZE}, got {memory_size!r}")
-
-
-def load_tracker(model: str, init_dir: str | None, device: str | torch.device = "auto", amp: str = "none",
-                 memory_size: int | None = None):
-    """The tracker a script's --model names ("pips2" or "lbm") from --init_dir, in eval mode; PIPs++ defaults to
-    ./reference_model, LBM needs a checkpoint and runs in float32, its memory resampled to memory_size if given.
-    Raises ValueError or CheckpointError with one line naming the flag or file."""
-    check_tracker_flags(model, init_dir, amp, memory_size)
-    dev = resolve_device(device) if isinstance(device, str) else device
-    if model == "pips2":
-        return load_pips(init_dir or "./reference_model", dev, amp=amp)
-    net = load_lbm_model(init_dir, dev)
-    if memory_size is not None:
-        net.set_memory_size(int(memory_size))
-    return net
 
 
 class LBMTracker:

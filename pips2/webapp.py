@@ -62,18 +62,20 @@ from waitress.utilities import RequestEntityTooLarge
 from waitress.wasyncore import close_all
 
 from pips2.datasets.synthetic import write_synthetic_video
-from pips2.hub import KNOWN, cache_dir, load_model
-from pips2.tracking import (
-    FrameSource,
-    default_model_hw,
-    find_lbm_checkpoint,
-    grid_queries,
-    is_lbm,
-    load_tracker,
-    track,
-    window_starts,
+from pips2.hub import (
+    DEFAULT_PIPS,
+    GET_REFERENCE,
+    OFFLINE_REFERENCE,
+    cache_dir,
+    cache_location,
+    cached,
+    demo_checkpoint,
+    find_file,
+    load_model,
+    offline_hint,
 )
-from pips2.utils.checkpoint import CheckpointError, find_checkpoint, list_checkpoints
+from pips2.tracking import FrameSource, default_model_hw, grid_queries, is_lbm, track, window_starts
+from pips2.utils.checkpoint import CheckpointError
 from pips2.utils.video import VideoError, iter_frames
 from pips2.utils.vis import write_outputs
 
@@ -82,8 +84,6 @@ CLIPS = {"synthetic-1": 1, "synthetic-2": 2, "synthetic-3": 3}  # bundled clip n
 CLIP_FRAMES, CLIP_HW = 48, (256, 384)  # demo.py's synthetic video
 MODELS = ("pips2", "lbm")
 OUTPUTS = {"tracks.mp4": "video/mp4", "tracks.csv": "text/csv; charset=utf-8", "tracks.npz": "application/zip"}
-DEFAULT_PIPS = "./reference_model"  # what demo.py and load_tracker use without --init_dir
-DEMO_CHECKPOINTS = Path("demo_out/checkpoints")  # where `make demo` trains its small model (a folder per run)
 MIN_FRAMES = 2  # a track needs two frames: a still image (one frame) is refused when it is opened
 POINT_BATCH = 256  # track()'s default
 
@@ -401,13 +401,6 @@ def load_failure(choice: Choice, e: BaseException) -> str:
     return f"{what}; {todo}" + ("" if what == line else " (the server's console has the details)")
 
 
-# How to get the authors' PIPs++ checkpoint, for the console and the page: the script, or offline the same
-# script reading a tarball copied by hand.
-OFFLINE_REFERENCE = "REF_MODEL_URL=file:///path/to/reference_model.tar.gz ./get_reference_model.sh"
-GET_REFERENCE = (f"./get_reference_model.sh fetches the authors' model into ./reference_model "
-                 f"(offline: {OFFLINE_REFERENCE})")
-
-
 @dataclass(frozen=True)
 class Choice:
     """A checkpoint the page may choose, and whether a job could use it now."""
@@ -429,43 +422,32 @@ class Choice:
         return {"name": self.name, "state": self.state, "label": self.label, "note": self.note}
 
 
-def local_checkpoint(model: str, path: str) -> Path | None:
-    """The file a job would load for a checkpoint path (a file, a folder's newest model-*.pth, for LBM also a
-    folder's only *.pt), or None; nothing is read."""
+def local_checkpoint(path: str) -> Path | None:
+    """The file a job would load for a checkpoint path (pips2.hub's rules: a file, a folder's newest model-*.pth
+    or its one *.pt/*.pth), or None; nothing is read."""
     try:
-        return find_lbm_checkpoint(path) if model == "lbm" else find_checkpoint(path)
+        return find_file(path)
     except (CheckpointError, OSError):
-        return None
-
-
-def demo_checkpoint() -> Path | None:
-    """The newest run folder `make demo` trained under ./demo_out/checkpoints/, if any."""
-    try:
-        runs = [p for p in DEMO_CHECKPOINTS.iterdir() if list_checkpoints(p)]
-        return max(runs, key=lambda p: p.stat().st_mtime, default=None)
-    except OSError:
         return None
 
 
 def hub_choice(model: str) -> Choice:
     """A hub name: ready once in the cache, else downloaded by the first Track that uses it."""
-    known = KNOWN[model]
-    dest = cache_dir() / known.cached
-    if dest.exists():
+    found = cached(model)
+    if found is not None:
         return Choice(model, model, "ready", f"{model} (downloaded)", "",
-                      f"{model}: {model} (hub name): ready, in {dest}")
-    copy = known.cached + (".tar.gz" if known.archive else "")
+                      f"{model}: {model} (hub name): ready, in {found}")
     return Choice(model, model, "download", f"{model} (downloads once, needs the internet)",
                   f"{model}: the first Track downloads the authors' weights into the server's cache (needs the "
                   f"internet)",
-                  f"{model}: {model} (hub name): not downloaded yet; the first Track with it downloads it into {dest} "
-                  f"(needs the internet; offline, start the server with PIPS2_URL_{model.upper()}=file:///path/to/"
-                  f"{copy})")
+                  f"{model}: {model} (hub name): not downloaded yet; the first Track with it downloads it into "
+                  f"{cache_location(model)} (needs the internet; offline, start the server with "
+                  f"{offline_hint(model)})")
 
 
 def path_choice(model: str, name: str, given: bool) -> Choice:
     """A checkpoint path: --init_dir (`given`) or demo.py's default folder; ready when it holds a checkpoint."""
-    found = local_checkpoint(model, name)
+    found = local_checkpoint(name)
     if found is not None:
         return Choice(model, name, "ready", name, "", f"{model}: {name}: ready ({found})")
     demo = demo_checkpoint()
@@ -813,8 +795,7 @@ class App:
         if self.net_key == (model, checkpoint):
             return self.net
         self.net_key, self.net = None, None  # free the old model before loading another
-        net = load_model(checkpoint, self.device) if checkpoint == model else load_tracker(model, checkpoint,
-                                                                                           self.device)
+        net = load_model(checkpoint, self.device, kind=model)
         self.net_key, self.net = (model, checkpoint), net
         return net
 

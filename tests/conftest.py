@@ -1,10 +1,23 @@
+import atexit
+import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# The Hugging Face client (pips2.hub fetches the hub name lbm with it) reads its cache folder and offline mode
+# from the environment when it is first imported: the tests, and the programs they start, get an empty cache of
+# their own and no network; a test that serves the Hub from 127.0.0.1 turns offline mode off for itself.
+os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="pips2_tests_hf_")
+atexit.register(shutil.rmtree, os.environ["HF_HOME"], True)
+os.environ.pop("HF_HUB_CACHE", None)
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.pop("HF_ENDPOINT", None)
 
 EXPORT_ARGS = ["--S=8", "--N=32", "--crop_size=128,192", "--quiet=True"]
 

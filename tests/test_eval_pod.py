@@ -152,6 +152,7 @@ def test_max_scenes_and_its_alias_must_agree(pod_test, tmp_path, capsys):
 def test_missing_checkpoint_names_the_download_script(pod_test, tmp_path, capsys):
     res, _ = _run(capsys, pod_test, tmp_path, init_dir=str(tmp_path / "nothing"))
     assert res.returncode == 2 and "get_reference_model.sh" in res.stderr
+    assert "the hub name pips2 (--init_dir=pips2)" in res.stderr and "PIPS2_URL_PIPS2=file://" in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1
 
 

@@ -130,9 +130,9 @@ def test_test_on_tap_lbm_runs(tmp_path, lbm, capsys):
         for k in ("average_jaccard", "delta_avg", "occlusion_accuracy"):
             assert 0 <= js["tapvid"][m][k] <= 100, (m, k)
     # each video is resized to 256x256 first, as the authors evaluate: the figures are those of the resized video
-    from pips2.tracking import load_tracker
+    from pips2.hub import load_model
 
-    net = load_tracker("lbm", str(tmp_path / "lbm.pt"), "cpu", "none", 20)
+    net = load_model(tmp_path / "lbm.pt", "cpu", kind="lbm", memory_size=20)
     _, video, points, occ = next(iter(tapvid.load_tapvid(tmp_path / "tapvid_davis.pkl")))
     v256, p256 = evaluation.resize_tapvid(video, points, (256, 256))
     assert js["per_item"]["a"]["tapvid"]["first"] == evaluation.tapvid_query_mode(net, v256, p256, occ, "first")

@@ -1,5 +1,6 @@
-"""pips2.load_model (and the loaders demo.py and the web demo use) on local paths that are not checkpoints: one
-line naming the file and what it is, where torch.load said "list index out of range" or "EOFError"."""
+"""pips2.load_model (the one loader: demo.py, the web demo and the other scripts call it too) on local paths that
+are not checkpoints: one line naming the file and what it is, where torch.load said "list index out of range" or
+"EOFError"."""
 
 import zipfile
 
@@ -7,7 +8,7 @@ import pytest
 import torch
 
 import pips2
-from pips2 import hub, tracking
+from pips2 import hub
 from pips2.utils.checkpoint import CheckpointError
 
 
@@ -40,8 +41,8 @@ def test_a_file_that_is_not_a_checkpoint_is_named(tmp_path, case, parts):
     else:
         torch.save({"model_state_dict": {"w": torch.zeros(1000)}}, path)
         path.write_bytes(path.read_bytes()[:300])
-    for load in (pips2.load_model, lambda p: tracking.load_tracker("pips2", str(p), "cpu"),
-                 lambda p: tracking.load_tracker("lbm", str(p), "cpu")):
+    for load in (pips2.load_model, lambda p: hub.load_model(str(p), "cpu", kind="pips2"),
+                 lambda p: hub.load_model(str(p), "cpu", kind="lbm")):
         with pytest.raises(CheckpointError) as e:
             load(path)
         _one_line(e, path, *parts)
@@ -61,4 +62,5 @@ def test_a_folder_without_a_checkpoint_is_named(tmp_path):
     (tmp_path / "notes.txt").write_text("no model here")
     with pytest.raises(hub.HubError) as e:
         pips2.load_model(tmp_path)
-    _one_line(e, tmp_path, "no checkpoint in this folder (expected model-*.pth files)")
+    _one_line(e, tmp_path, "no checkpoint in this folder (expected model-*.pth files or one *.pt/*.pth file)",
+              "./get_reference_model.sh", "--init_dir=pips2", "--init_dir=lbm")

@@ -17,7 +17,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pips2.nets.lbm import LBM, LBMLayer, LBMOnline, load_backbone_init, load_lbm
+from pips2.hub import load_model
+from pips2.nets.lbm import LBM, LBMLayer, LBMOnline, load_backbone_init
 from pips2.utils.checkpoint import CheckpointError
 
 DATA = Path(__file__).parent / "data" / "lbm"
@@ -198,7 +199,7 @@ def test_load_lbm_strict(model, tmp_path, wrap):
     obj = {"model": sd, "epoch": 3} if wrap == "model" else prefixed if wrap == "bare_module" else {"model": prefixed}
     path = tmp_path / "lbm.pt"
     torch.save(obj, path)
-    loaded = load_lbm(path, "cpu", **SPEC["config"])
+    loaded = load_model(path, "cpu", kind="lbm", **SPEC["config"])
     assert not loaded.training
     for k, v in loaded.state_dict().items():
         assert torch.equal(v, sd[k]), k
@@ -210,18 +211,18 @@ def test_load_lbm_rejects_wrong_checkpoints(model, tmp_path):
     path = tmp_path / "short.pt"
     torch.save({"model": sd}, path)
     with pytest.raises(CheckpointError, match=r"short\.pt.*missing keys.*vis_head"):
-        load_lbm(path, **SPEC["config"])
+        load_model(path, kind="lbm", **SPEC["config"])
     path.write_bytes(b"not a checkpoint")
-    with pytest.raises(CheckpointError, match=r"short\.pt: not a readable checkpoint"):
-        load_lbm(path, **SPEC["config"])
+    with pytest.raises(CheckpointError, match=r"short\.pt: not a checkpoint \(a text file"):
+        load_model(path, kind="lbm", **SPEC["config"])
     # the authors' training checkpoints also pickle their argparse arguments: refused, not unpickled
     torch.save({"model": model.state_dict(), "args": argparse.Namespace(lr=5e-4)}, path)
     with pytest.raises(CheckpointError, match=r"short\.pt: refused: it holds more than tensors.*Namespace.*converter"):
-        load_lbm(path, **SPEC["config"])
+        load_model(path, kind="lbm", **SPEC["config"])
     # a model at another input size has another positional embedding: a strict load must refuse it
     torch.save(model.state_dict(), path)
     with pytest.raises(CheckpointError, match="frame_pos_embedding"):
-        load_lbm(path, **{**SPEC["config"], "input_size": (128, 128)})
+        load_model(path, kind="lbm", **{**SPEC["config"], "input_size": (128, 128)})
 
 
 def test_set_memory_size_interpolates_linearly():

@@ -637,7 +637,7 @@ def _lbm_keys_only(num_layers: int, embed_dim: int = 32) -> dict:
 def test_a_stride_0_or_overlapping_tensor_is_refused_before_anything_copies_it(tmp_path):
     import torch
 
-    from pips2.nets.lbm import load_lbm
+    from pips2.hub import load_model
     from pips2.utils.checkpoint import CheckpointError, read_checkpoint
 
     state = _small_lbm_state()
@@ -645,7 +645,7 @@ def test_a_stride_0_or_overlapping_tensor_is_refused_before_anything_copies_it(t
     state["backbone.frame_pos_embedding"] = torch.zeros(1).expand(1, 32, 600, 600)
     torch.save({"model": state}, tmp_path / "lbm.pt")
     with pytest.raises(CheckpointError) as e:
-        load_lbm(tmp_path / "lbm.pt")
+        load_model(tmp_path / "lbm.pt", kind="lbm")
     assert _one_line(e.value, "lbm.pt").endswith(
         "lbm.pt: refused: model.backbone.frame_pos_embedding declares shape (1, 32, 600, 600) with strides "
         "(0, 0, 0, 0) (46080000 bytes) over 4 bytes of storage")
@@ -669,13 +669,13 @@ def test_a_stride_0_or_overlapping_tensor_is_refused_before_anything_copies_it(t
 def test_lbm_sizes_read_from_the_weights_are_bounded_before_a_model_is_built(tmp_path, sizes, msg):
     import torch
 
-    from pips2.nets.lbm import load_lbm
+    from pips2.hub import load_model
     from pips2.utils.checkpoint import CheckpointError
 
     # a few hundred bytes of keys: the model their sizes ask for would be built before the strict key check
     torch.save({"model": _lbm_keys_only(**sizes)}, tmp_path / "lbm.pt")
     with pytest.raises(CheckpointError) as e:
-        load_lbm(tmp_path / "lbm.pt")
+        load_model(tmp_path / "lbm.pt", kind="lbm")
     assert re.fullmatch(f"{re.escape(str(tmp_path / 'lbm.pt'))}: {msg}", _one_line(e.value, "lbm.pt"))
 
 
@@ -702,7 +702,7 @@ def test_a_compressed_or_many_record_checkpoint_is_refused_before_torch_reads_it
 def test_a_checkpoint_that_loads_but_is_wrong_is_refused_naming_the_key(tmp_path, kind):
     import torch
 
-    from pips2.nets.lbm import load_lbm
+    from pips2.hub import load_model
     from pips2.utils.checkpoint import CheckpointError
 
     state = _small_lbm_state()
@@ -719,13 +719,14 @@ def test_a_checkpoint_that_loads_but_is_wrong_is_refused_naming_the_key(tmp_path
         msg = "holds 1 NaN or infinite value"
     torch.save({"model": state}, tmp_path / "lbm.pt")
     with pytest.raises(CheckpointError) as e:
-        load_lbm(tmp_path / "lbm.pt")
+        load_model(tmp_path / "lbm.pt", kind="lbm")
     assert _one_line(e.value, "lbm.pt") == f"{tmp_path / 'lbm.pt'}: {key} {msg}; refusing it"
 
 
 def test_pips_checkpoint_with_a_nan_weight_is_refused_and_half_precision_loads(tmp_path):
     import torch
 
+    from pips2.hub import load_into
     from pips2.nets.pips2 import Pips
     from pips2.utils import checkpoint as ck
 
@@ -738,14 +739,14 @@ def test_pips_checkpoint_with_a_nan_weight_is_refused_and_half_precision_loads(t
     fresh = Pips()
     before = fresh.state_dict()["fnet.conv1.weight"].clone()
     with pytest.raises(ck.CheckpointError) as e:
-        ck.load(tmp_path, fresh)
+        load_into(fresh, tmp_path, "pips2")
     assert _one_line(e.value, "model-000000002.pth").endswith(
         "model-000000002.pth: fnet.conv1.weight holds 1 NaN or infinite value; refusing it")
     assert torch.equal(fresh.state_dict()["fnet.conv1.weight"], before)  # nothing copied
     # another float dtype is the same kind of weight: it loads (cast to the model's)
     torch.save({"model_state_dict": {k: v.half() for k, v in model.state_dict().items()}},
                tmp_path / "model-000000003.pth")
-    assert ck.load(tmp_path, fresh) == 3
+    assert load_into(fresh, tmp_path, "pips2")[0].name == "model-000000003.pth"
     assert torch.equal(fresh.state_dict()["norm.bias"], model.state_dict()["norm.bias"].half().float())
 
 

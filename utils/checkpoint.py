@@ -43,7 +43,7 @@ class Layout:
 
 
 # PIPs++: the authors' model_state_dict/optimizer_state_dict; LBM: the authors' {'model': ..., 'optimizer': ...}
-# (nets.lbm.load_lbm and their loader read ['model'] of it)
+# (pips2.hub's loader and theirs read ['model'] of it)
 PIPS_LAYOUT = Layout("model_state_dict", "optimizer_state_dict", "scheduler_state_dict", "PIPs++")
 LBM_LAYOUT = Layout("model", "optimizer", "scheduler", "LBM")
 
@@ -231,14 +231,6 @@ def load_model_state(model: nn.Module, state: dict[str, torch.Tensor], ignore_pr
             raise CheckpointError(f"{source}: {problem}; refusing it")
     own.update(state)
     model.load_state_dict(own, strict=True)
-
-
-def load(init: str | os.PathLike, model: nn.Module, optimizer=None, scheduler=None, step: int | None = None,
-         ignore_prefixes: tuple[str, ...] = (), map_location: str | torch.device = "cpu") -> int:
-    """Load model (and optionally optimizer/scheduler) from a file or folder; returns the step loaded."""
-    path = find_checkpoint(init, step)
-    apply_checkpoint(read_checkpoint(path, map_location), path, model, optimizer, scheduler, ignore_prefixes)
-    return step_of(path)
 
 
 def apply_checkpoint(ckpt: dict, path: str | os.PathLike, model: nn.Module, optimizer=None, scheduler=None,

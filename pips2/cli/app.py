@@ -2,7 +2,7 @@
 
     python app.py                                   # then open the address it prints (it ends in ?token=...)
     python app.py --init_dir=./reference_model --port=8000
-    python app.py --model=lbm --init_dir=lbm.pt     # LBM preselected (the page can switch models)
+    python app.py --model=lbm --init_dir=lbm        # LBM preselected, the hub name lbm (the page can switch)
 
 The server is waitress (pips2.webapp); it listens on 127.0.0.1 unless --host says otherwise, answers only to
 the loopback names and the --host name, and only to a browser that opened the printed address (a per-run token).

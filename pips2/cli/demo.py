@@ -4,7 +4,8 @@
     python demo.py --video=clip.mp4 --grid_size=16                     # a grid on frame 0
     python demo.py --video=clip.mp4 --points=points.csv --backward=True # (t, x, y) rows, any frame
     python demo.py                                                      # a synthetic video, made on the spot
-    python demo.py --model=lbm --init_dir=lbm.pt --video=clip.mp4 --numbers=True   # LBM: occluded points hollow
+    python demo.py --init_dir=pips2 --video=clip.mp4                   # the authors' model, fetched once
+    python demo.py --model=lbm --init_dir=lbm --video=clip.mp4 --numbers=True   # LBM: occluded points hollow
 """
 
 from __future__ import annotations
@@ -25,15 +26,14 @@ import cv2
 import numpy as np
 
 from pips2.datasets.synthetic import write_synthetic_video
+from pips2.hub import DEFAULT_PIPS, check_options, load_model
 from pips2.tracking import (
     check_grid_size,
     check_queries,
     check_track_args,
-    check_tracker_flags,
     check_video_size,
     default_model_hw,
     grid_queries,
-    load_tracker,
     model_input_hw,
     track,
 )
@@ -208,9 +208,10 @@ def main(video: str | None = None, init_dir: str | None = None, points: str | No
          numbers: bool = False) -> None:
     """Track points (from --points, or a grid on --query_frame limited by --mask) and write the outputs.
 
-    --model=lbm tracks online with LBM (--init_dir: its checkpoint file or folder; --memory_size resamples its
-    memory, S/iters/point_batch are PIPs++'s) and records its visibility; --numbers labels each point with its
-    index (the csv's `point`).
+    --init_dir: a checkpoint file or folder, or a hub name (pips2, lbm: the authors' weights, fetched once);
+    pips2.hub's rules, docs/MODELS.md. --model=lbm tracks online with LBM (--memory_size resamples its memory,
+    S/iters/point_batch are PIPs++'s) and records its visibility; --numbers labels each point with its index (the
+    csv's `point`).
 
     The flags are checked before anything is created or loaded, then --out_dir, the video and the points before
     the model is loaded. Any refusal or failure is one line (exit 2); SIGTERM or Ctrl-C stops the run with one
@@ -224,7 +225,7 @@ def main(video: str | None = None, init_dir: str | None = None, points: str | No
         try:
             S, iters, point_batch, image_size = check_track_args(S, iters, point_batch, image_size, flag="--",
                                                                  lbm=model == "lbm")
-            check_tracker_flags(model, init_dir, amp, memory_size)
+            check_options(model, amp, memory_size, init_dir)
             dev = resolve_device(device)
             if not points:
                 check_grid_size(grid_size, flag="--")
@@ -237,11 +238,11 @@ def main(video: str | None = None, init_dir: str | None = None, points: str | No
             queries, n_frames, H, W, fps = prepare(video_path, points, grid_size, query_frame, mask)
             if image_size is None and model == "pips2":
                 default_model_hw((H, W), str(video_path))  # a video too large to track at its size: refused now
-            net = load_tracker(model, init_dir, dev, amp, memory_size)
+            net = load_model(init_dir, dev, kind=model, amp=amp, memory_size=memory_size)
             mh, mw = model_input_hw(net, (H, W), image_size)  # the time per frame grows with this size
             t0 = time.time()
             print(f"tracking {len(queries)} points through {video_path} ({n_frames} frames, {W}x{H}; the model runs "
-                  f"at {mw}x{mh}) with {init_dir or './reference_model'}", flush=True)
+                  f"at {mw}x{mh}) with {init_dir or DEFAULT_PIPS}", flush=True)
             with warnings.catch_warnings():  # prepare said it in one line, naming the file and its row
                 warnings.filterwarnings("ignore", message=r"queries: row \d+: .* outside the", category=UserWarning)
                 res = track(net, str(video_path), queries, S=S, iters=iters, backward=backward,

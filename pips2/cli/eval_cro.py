@@ -2,6 +2,9 @@
 
     python test_on_cro.py --dataset_location=/data/crohd --init_dir=./reference_model
 
+--init_dir is a checkpoint file or folder, or the hub name pips2 (the authors' model, fetched once into a
+cache); the rules are pips2.hub's (docs/MODELS.md).
+
 A sequence that cannot be read (no frames, no or a malformed gt.txt) or a clip with an unreadable, truncated
 or odd-sized frame is skipped with its reason and counted in the summary. --out_json is written (temp file,
 then rename) at the end and also on Ctrl-C (exit 130), SIGTERM (exit 143) or an unexpected error (exit 1), with
@@ -14,9 +17,10 @@ from functools import partial
 from pathlib import Path
 
 from pips2 import evaluation
-from pips2.cli import load_pips_or_exit
 from pips2.datasets import crohd
+from pips2.hub import load_model
 from pips2.tracking import FileFrames
+from pips2.utils.checkpoint import CheckpointError
 from pips2.utils.cli import aliased, die, run_fire
 
 
@@ -69,7 +73,10 @@ def main(dataset_location: str = "../datasets/crohd", dset: str = "train", clip_
     if not clips:
         die(f"{split}: no clip to score ({len(run.skipped)} of {len(seqs)} sequences skipped)")
     clips = clips[:max_clips]
-    model = load_pips_or_exit(init_dir, dev, amp=amp)
+    try:
+        model = load_model(init_dir, dev, kind="pips2", amp=amp)
+    except (ValueError, CheckpointError) as e:
+        die(e)
     items = [(c.name, partial(score_clip, model, c, S, N, iters, image_size, point_batch, autocast)) for c in clips]
     run.run(items, len(items), desc="crohd", unit="clip")
 

@@ -3,6 +3,9 @@
     ./get_reference_model.sh
     python test_on_pod.py --dataset_location=/data/pointodyssey --dset=test --init_dir=./reference_model
 
+--init_dir is a checkpoint file or folder, or the hub name pips2 (the authors' model, fetched once into a
+cache); the rules are pips2.hub's (docs/MODELS.md).
+
 A sequence that cannot be read (missing or unreadable frames, frames of different sizes, bad annotations)
 is skipped with its reason and counted in the summary. --out_json is written (temp file, then rename) at the
 end and also on Ctrl-C (exit 130), SIGTERM (exit 143) or an unexpected error (exit 1), with the sequences
@@ -16,9 +19,10 @@ from functools import partial
 from pathlib import Path
 
 from pips2 import evaluation
-from pips2.cli import load_pips_or_exit
 from pips2.datasets import pointodyssey as pod
+from pips2.hub import load_model
 from pips2.tracking import FileFrames
+from pips2.utils.checkpoint import CheckpointError
 from pips2.utils.cli import aliased, die, run_fire
 
 
@@ -81,7 +85,10 @@ def main(dataset_location: str = "../datasets/pointodyssey", dset: str = "test",
     if not scenes:
         die(f"{Path(dataset_location) / dset}: no scene folders in this split")
     scenes = scenes[:max_scenes]
-    model = None if zero_vel else load_pips_or_exit(init_dir, dev, amp=amp)
+    try:
+        model = None if zero_vel else load_model(init_dir, dev, kind="pips2", amp=amp)
+    except (ValueError, CheckpointError) as e:
+        die(e)
     settings = dict(dataset_location=str(dataset_location), dset=dset, S=S, N=N, iters=iters,
                     image_size=list(image_size), init_dir=None if zero_vel else str(init_dir), zero_vel=zero_vel,
                     max_scenes=max_scenes, amp=amp, point_batch=point_batch, device=str(dev))

@@ -11,7 +11,10 @@ with --memory_size). As the authors do, each video is first resized to 256x256 (
 the file's size); the model then resizes to its input size.
 
     python test_on_tap.py --dataset_location=/data/tapvid/tapvid_davis.pkl --init_dir=./reference_model
-    python test_on_tap.py --dataset_location=/data/tapvid/tapvid_davis.pkl --model=lbm --init_dir=lbm.pt
+    python test_on_tap.py --dataset_location=/data/tapvid/tapvid_davis.pkl --model=lbm --init_dir=lbm
+
+--init_dir is a checkpoint file or folder, or a hub name (pips2, lbm: the authors' weights, fetched once into a
+cache); the rules are pips2.hub's (docs/MODELS.md).
 
 A pickle of a folder that cannot be read, an entry that is not TAP-Vid shaped or a video with an undecodable
 frame is skipped with its reason and counted in the summary; when nothing at all can be read the run stops in
@@ -29,8 +32,9 @@ from pathlib import Path
 
 from pips2 import evaluation
 from pips2.datasets import tapvid
+from pips2.hub import load_model
 from pips2.nets.lbm import LBM
-from pips2.tracking import is_lbm, load_tracker
+from pips2.tracking import is_lbm
 from pips2.utils.checkpoint import CheckpointError
 from pips2.utils.cli import aliased, die, run_fire
 
@@ -127,8 +131,9 @@ def main(dataset_location: str = "../datasets/tapvid/tapvid_davis.pkl", S: int =
         die(e)
     entries = first_usable(_entries(files), str(dataset_location))  # a bad file is reported before the model
     try:
-        net = load_tracker(model, init_dir, dev, amp,
-                           evaluation.lbm_memory_size(dataset_location) if memory_size is None else memory_size)
+        if model == "lbm" and memory_size is None:
+            memory_size = evaluation.lbm_memory_size(dataset_location)
+        net = load_model(init_dir, dev, kind=model, amp=amp, memory_size=memory_size)
     except (ValueError, CheckpointError) as e:
         die(e)
     lbm = is_lbm(net)

@@ -2,6 +2,7 @@
 check onnxruntime against PyTorch. Needs `pip install -r requirements-onnx.txt`.
 
     python export_onnx.py --init_dir=./reference_model --S=36 --H=256 --W=384 --iters=6 --out=pips2.onnx
+    python export_onnx.py --init_dir=pips2     # the hub name: the authors' model, fetched once (docs/MODELS.md)
 """
 
 from __future__ import annotations
@@ -14,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pips2.cli import load_pips_or_exit
-from pips2.hub import load_pips
+from pips2.hub import load_model
 from pips2.nets.plan import ExecPlan
-from pips2.utils.cli import run_fire
+from pips2.utils.checkpoint import CheckpointError
+from pips2.utils.cli import die, run_fire
 
 
 class TrackerForExport(torch.nn.Module):
@@ -82,14 +83,17 @@ def agrees(diffs: dict[str, float]) -> bool:
 def main(init_dir: str = "./reference_model", out: str = "pips2.onnx", S: int = 36, H: int = 256, W: int = 384,
          iters: int = 6, verify: bool = True) -> None:
     """Export, then (by default) compare onnxruntime with PyTorch at two values of N."""
-    model = load_pips_or_exit(init_dir, "cpu")
+    try:
+        model = load_model(init_dir, "cpu", kind="pips2")
+    except (ValueError, CheckpointError) as e:
+        die(e)
     t0 = time.time()
     path = export(model, out, S, (H, W), iters)
     files = [path] + [p for p in (path.with_name(path.name + ".data"),) if p.is_file()]  # the weights' sidecar
     print(f"wrote {' + '.join(f'{p} ({p.stat().st_size / 2**20:.1f} MiB)' for p in files)} in "
           f"{time.time() - t0:.0f} s: S={S}, {H}x{W}, iters={iters}, N dynamic")
     if verify:
-        d = check(path, load_pips(init_dir, "cpu"), S, (H, W), iters)
+        d = check(path, load_model(init_dir, "cpu", kind="pips2"), S, (H, W), iters)
         print(f"summary: over N in (5, 37), onnxruntime vs PyTorch max |diff| {d['onnx']:.2e} px; vs float64 "
               f"{d['onnx_f64']:.2e} px, PyTorch float32 vs float64 {d['torch_f64']:.2e} px")
         if not agrees(d):
