@@ -63,7 +63,8 @@ class SceneCache:
         self.root, self.size, self.items = root, size, {}
 
     def get(self, name: str) -> pod.Scene:
-        """The scene `name` (loaded once); SkipItem("scene unusable: ...") for a scene that cannot be used."""
+        """The scene `name` (loaded once); SkipItem("scene <name> unusable: ...") for a scene that cannot be used
+        (named: the summary counts clips by reason, so each broken scene gets its own line)."""
         if name not in self.items:
             try:
                 scene = pod.load_scene(self.root / name)
@@ -79,7 +80,7 @@ class SceneCache:
             self.items[name] = scene
         got = self.items[name]
         if isinstance(got, pod.SkipItem):
-            raise pod.SkipItem(str(got) if str(got).startswith(BAD_DATA) else f"scene unusable: {got}")
+            raise pod.SkipItem(str(got) if str(got).startswith(BAD_DATA) else f"scene {name} unusable: {got}")
         return got
 
 

@@ -29,7 +29,6 @@ from pips2.nets.pips2 import MIN_SIZE
 from pips2.tracking import ArrayFrames, FrameSource, track, track_windows
 from pips2.utils import metrics, plots
 from pips2.utils.amp import amp_dtype
-from pips2.utils.checkpoint import resolve_device
 from pips2.utils.cli import parse_hw
 from pips2.utils.paths import write_json
 from pips2.utils.video import VideoError, image_truncation
@@ -192,18 +191,6 @@ def check_counts(**flags: int | None) -> None:
     for name, value in flags.items():
         if value is not None and value < MINIMA[name]:
             raise ValueError(f"--{name} must be at least {MINIMA[name]}, got {value}")
-
-
-def check_device(device: str) -> torch.device:
-    """The device of a --device flag ('auto', 'cpu', 'cuda', 'cuda:N', ...); ValueError for a name torch does
-    not know or CUDA where there is none."""
-    try:
-        dev = resolve_device(str(device))
-    except RuntimeError:
-        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device={device}: CUDA is not available on this machine")
-    return dev
 
 
 def check_amp(amp: str) -> str | None:

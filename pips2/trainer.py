@@ -33,7 +33,8 @@ from pips2.datasets.exportdataset import CorruptClipWarning, ExportDataset
 from pips2.datasets.kubric import KubricDataset
 from pips2.datasets.tapvid import load_tapvid
 from pips2.datasets.training import DataGoneError, OrdinalDataset, OrdinalSampler, Sample
-from pips2.nets.lbm import LBM, read_state_dict
+from pips2.hub import load_into
+from pips2.nets.lbm import LBM
 from pips2.nets.pips2 import Pips
 from pips2.nets.plan import ExecPlan
 from pips2.train_step import (
@@ -465,14 +466,9 @@ class TrainState:
                     print(f"warning: {path}: {line}", file=sys.stderr, flush=True)
         elif cfg.init_dir:
             opt = (self.optimizer, self.scheduler) if cfg.load_optimizer else (None, None)
-            try:
-                path = ck.find_checkpoint(cfg.init_dir)
-                if cfg.lbm and not (cfg.load_optimizer or cfg.load_step):
-                    # any LBM weights file: ours, the authors' {'model': ...} (DDP-prefixed or not) or a bare state_dict
-                    init = {"model": read_state_dict(path)}
-                else:
-                    init = ck.read_checkpoint(path, layout=cfg.layout)
-                ck.apply_checkpoint(init, path, self.net, *opt, ignore_prefixes=ignore, layout=cfg.layout)
+            try:  # the one loader's rules: a hub name, a file, or a folder; the model kind checked, not guessed
+                path, init = load_into(self.net, cfg.init_dir, "lbm" if cfg.lbm else "pips2", *opt,
+                                       ignore_prefixes=ignore)
             except ck.CheckpointError as e:
                 self.ranks.die(str(e))
             if cfg.load_step:

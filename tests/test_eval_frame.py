@@ -69,7 +69,7 @@ BAD_FLAGS = [
     (dict(iters=0), "--iters must be at least 1, got 0"),
     (dict(point_batch=0), "--point_batch must be at least 1, got 0"),
     (dict(max_iters=0), "--max_iters must be at least 1, got 0"),
-    (dict(device="foo"), "--device must be auto, cpu, cuda or cuda:N, got 'foo'"),
+    (dict(device="foo"), "--device 'foo': expected auto, cpu, cuda, cuda:N or mps"),
     (dict(amp="fp8"), "--amp must be one of none, bf16, fp16, got 'fp8'"),
     (dict(out_json="/nonexistent_folder/r.json"), "no such folder /nonexistent_folder"),
 ]

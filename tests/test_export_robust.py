@@ -474,14 +474,35 @@ def test_a_scene_with_broken_annotations_is_recorded_once_and_named_in_every_sum
     np.savez(anno, **arrays)
     first = run_export(root, tmp_path / "out", check=False)
     assert first.returncode == 0 and "failed 0" in first.stdout, first.stdout + first.stderr
-    m = re.search(r"bad data in scene synth_0001 \(ValueError: operands could not be broadcast[^:]*\): (\d+)",
-                  first.stdout)
+    # the loader names the disagreement (datasets/pointodyssey.py checks every member's shape)
+    m = re.search(r"scene synth_0001 unusable: anno\.npz: member valids has shape \(24, 300\), "
+                  r"trajs_2d \(24, 400, 2\): (\d+)", first.stdout)
     assert m, first.stdout
     anno.unlink()  # were its clips built again, they would now be rejected for another reason
     again = run_export(root, tmp_path / "out", check=False)
     assert again.returncode == 0 and m.group(0) in again.stdout and "no anno.npz" not in again.stdout, again.stdout
     vdir = _version(tmp_path / "out")
     assert len(list((vdir / ".rejected").iterdir())) >= int(m.group(1))
+
+
+def test_data_the_loader_does_not_expect_rejects_the_clip_naming_the_scene(synth_root, tmp_path, monkeypatch):
+    """An error the loader does not name (data it does not expect) is the same on every run: the clip is rejected
+    and remembered with a reason naming the scene, not failed and tried again."""
+    vdir = tmp_path / ST.version()
+    vdir.mkdir()
+    cand = enumerate_candidates(synth_root, ST)[0]
+
+    def broken(*a, **k):
+        raise ValueError("operands could not be broadcast together")
+
+    monkeypatch.setattr(export, "build_clip", broken)
+    monkeypatch.setattr(export, "_CACHE", None)
+    k, status, reason = export.export_one((str(synth_root), str(vdir), asdict(ST), 3, asdict(cand)))
+    assert (k, status) == (3, "rejected")
+    assert reason == f"bad data in scene {cand.scene} (ValueError: operands could not be broadcast together)"
+    assert export.rejected_reason(vdir, 3) == reason
+    monkeypatch.setattr(export, "build_clip", lambda *a, **k: pytest.fail("built again"))
+    assert export.export_one((str(synth_root), str(vdir), asdict(ST), 3, asdict(cand))) == (3, "rejected", reason)
 
 
 @pytest.fixture

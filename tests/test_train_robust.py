@@ -86,7 +86,7 @@ def test_unreadable_init_dir_file_is_one_line_exit_2(exported, tmp_path):
     res = _run_cli(out, tmp_path, "--max_steps=1", f"--init_dir={bad}")
     assert res.returncode == 2
     assert res.stderr.strip().splitlines() == [res.stderr.strip()] and str(bad) in res.stderr
-    assert res.stderr.startswith("error: ") and "not a readable checkpoint" in res.stderr
+    assert res.stderr.startswith("error: ") and "init.pth: not a checkpoint" in res.stderr
 
 
 def test_stale_temps_of_dead_writers_are_removed(tmp_path):

@@ -20,7 +20,7 @@ from pips2 import evaluation
 from pips2.datasets import crohd
 from pips2.hub import load_model
 from pips2.tracking import FileFrames
-from pips2.utils.checkpoint import CheckpointError
+from pips2.utils.checkpoint import CheckpointError, resolve_device
 from pips2.utils.cli import aliased, die, run_fire
 
 
@@ -50,7 +50,7 @@ def main(dataset_location: str = "../datasets/crohd", dset: str = "train", clip_
         evaluation.check_counts(S=S, N=N, iters=iters, point_batch=point_batch, clip_len=clip_len,
                                 max_clips=max_clips, max_iters=max_iters)
         max_clips = aliased("max_clips", max_clips, "max_iters", max_iters)
-        dev = evaluation.check_device(device)
+        dev = resolve_device(device)
         autocast = evaluation.check_amp(amp)
         evaluation.check_out_json(out_json)
         seqs = crohd.list_sequences(dataset_location, dset)

@@ -22,7 +22,7 @@ from pips2 import evaluation
 from pips2.datasets import pointodyssey as pod
 from pips2.hub import load_model
 from pips2.tracking import FileFrames
-from pips2.utils.checkpoint import CheckpointError
+from pips2.utils.checkpoint import CheckpointError, resolve_device
 from pips2.utils.cli import aliased, die, run_fire
 
 
@@ -76,7 +76,7 @@ def main(dataset_location: str = "../datasets/pointodyssey", dset: str = "test",
         evaluation.check_counts(S=S, N=N, iters=iters, point_batch=point_batch, max_scenes=max_scenes,
                                 max_iters=max_iters)
         max_scenes = aliased("max_scenes", max_scenes, "max_iters", max_iters)
-        dev = evaluation.check_device(device)
+        dev = resolve_device(device)
         autocast = evaluation.check_amp(amp)
         evaluation.check_out_json(out_json)
         scenes = pod.list_scenes(dataset_location, dset)

@@ -35,7 +35,7 @@ from pips2.datasets import tapvid
 from pips2.hub import load_model
 from pips2.nets.lbm import LBM
 from pips2.tracking import is_lbm
-from pips2.utils.checkpoint import CheckpointError
+from pips2.utils.checkpoint import CheckpointError, resolve_device
 from pips2.utils.cli import aliased, die, run_fire
 
 MODES = ("first", "strided")
@@ -123,7 +123,7 @@ def main(dataset_location: str = "../datasets/tapvid/tapvid_davis.pkl", S: int =
             raise ValueError(f"--modes must be a comma-separated subset of {','.join(MODES)}, got {modes!r}")
         if model == "lbm" and not mode_list:
             raise ValueError("--modes is empty: LBM is scored in the TAP-Vid query modes only")
-        dev = evaluation.check_device(device)
+        dev = resolve_device(device)
         autocast = evaluation.check_amp(amp)
         evaluation.check_out_json(out_json)
         files = tapvid.tapvid_files(dataset_location)
