@@ -17,7 +17,7 @@ included (source frames at the input size). The authors' `online_forward` does n
 `init` samples the queries on, ours does; to compare equal outputs theirs is stepped on that frame too.
 
 Their code runs unmodified from a checkout (`git archive` of George-Zhuang/lbm at cf39292) with stand-ins
-for what this environment lacks, as the golden vectors were made (docs/LBM.md, SPEC section 4): mmcv's
+for what this environment lacks, as the golden vectors were made (docs/LBM.md): mmcv's
 `MultiScaleDeformableAttention` is their own pure-PyTorch copy (`lbm/models/lbm/msdeformattn.py`),
 torchvision's resnet18 and Normalize, einops' rearrange (unless einops is installed:
 benchmarks/requirements-bench.txt) and addict's Dict are small local equivalents.
@@ -61,7 +61,7 @@ from pips2.nets.lbm import LBM, LBMOnline
 from pips2.utils.cli import parse_hw
 
 ROOT = Path(__file__).resolve().parents[1]
-TARGET = 1.5  # issue 13: ours at least 1.5x the authors' frames/s
+TARGET = 1.5  # the target: ours at least 1.5x the authors' frames/s
 PERTURBED_KEY = "transformer.offset_head.net.3.bias"  # moves every predicted point (used by --perturb_theirs)
 FLAT_MIB = 16.0  # RSS growth over the stream above this counts as not flat (allocator noise is a few MiB)
 MIB = 2**20

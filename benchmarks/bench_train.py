@@ -53,7 +53,8 @@ VARIANTS = {
     # the delta block's GEMM form keeping every activation, the float32 plan of 2026-12-02
     "ours_gemm": (lambda points, hw: replace(ExecPlan.auto("cpu", training=True, recompute_cheap=False,
                                                            points=points, hw=hw), delta="gemm"), None),
-    # the float32 training plan before issue 12: conv1d delta block, every activation stored
+    # the float32 training plan before the training-speed work (docs/BENCHMARKS.md): conv1d delta block,
+    # every activation stored
     "ours_before": (lambda points, hw: replace(ExecPlan.auto("cpu", training=True, recompute_cheap=False),
                                                delta="conv1d"), None),
     "ours_recompute": (lambda points, hw: ExecPlan.auto("cpu", training=True, recompute_cheap=True, points=points,
@@ -207,7 +208,7 @@ def _extrapolated_reference_peak(shapes: list[str], target: str) -> dict:
 
 
 def _verdicts(res: dict) -> list[tuple[str, str, bool]]:
-    """Issue 12's targets against this run's figures: (target, measured, met) for each one measured."""
+    """The training-speed targets against this run's figures: (target, measured, met) for each one measured."""
     out: list[tuple[str, str, bool]] = []
     s1 = res["runs"].get("stage1", {})
     ref = s1.get("reference")
@@ -244,7 +245,7 @@ def main(shapes: str = "stage1", variants: str = DEFAULT_VARIANTS, rounds: int =
          ckpt_ratio_shape: str = "stage2_S16", ckpt_shapes: str = "stage2",
          reference_memory_shapes: str = "stage2_S8,stage2_S16", loader: bool = True,
          json_out: str | None = None) -> None:
-    """Every issue-12 target in one run: `variants` at each of `shapes` (`rounds` alternating rounds of `steps`
+    """Every training-speed target in one run: `variants` at each of `shapes` (`rounds` alternating rounds of `steps`
     timed steps), --grad_ckpt against no checkpointing at `ckpt_ratio_shape`, the --grad_ckpt step at
     `ckpt_shapes` against the reference's memory extrapolated from `reference_memory_shapes`, the loader;
     ratios and a verdict per target printed, everything written to json_out. Empty strings skip a part."""
@@ -272,7 +273,7 @@ def main(shapes: str = "stage1", variants: str = DEFAULT_VARIANTS, rounds: int =
         print(f"\nloader: {res['loader']['clips_per_s']:.2f} clips/s with {res['loader']['workers']} workers")
     res["verdicts"] = _verdicts(res)
     if res["verdicts"]:
-        print("\nissue 12's targets:")
+        print("\ntraining-speed targets:")
         for target, measured, ok in res["verdicts"]:
             print(f"  {'met ' if ok else 'MISS'}  {target}: {measured}")
     if json_out:

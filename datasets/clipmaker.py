@@ -73,7 +73,7 @@ def build_clip(scene: pod.Scene, cand: Candidate, st: ClipSettings, rng: np.rand
     """Frames (S,H,W,3) uint8 and track_g (S,N,4) of one candidate; raises SkipItem with the reason.
 
     Fewer than N good tracks are padded with invalid ones, as the authors' loader does; the clip is then
-    rejected if fewer than half of its S x N entries are valid (SPEC 4.2).
+    rejected if fewer than half of its S x N entries are valid (docs/FORMATS.md, step 10 of the export).
     """
     idx = cand.start + cand.stride * np.arange(st.S)
     frames, tracks = _filtered(scene, idx, st, rng)

@@ -22,7 +22,7 @@ from pips2.utils.paths import write_json
 from pips2.utils.safe_load import UnsafeFileError, load_npz
 from pips2.utils.video import VideoError, read_clip
 
-# the README's recipe: export at the resolution training crops at (SPEC 3)
+# the README's recipe: export at the resolution training crops at (docs/MODEL.md, the training recipe)
 STAGE_CLIPS = {1: dict(S=36, N=128, crop_size=(256, 384)), 2: dict(S=64, N=128, crop_size=(512, 896))}
 AUTHORS_EXPORT_HW = (384, 512)  # the clip size of exports without settings.json (the authors' exporter)
 CLIP_DIGITS = 6

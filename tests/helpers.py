@@ -1,4 +1,4 @@
-"""Shared test helpers: the SPEC-7 deterministic weights and paths to shipped data."""
+"""Shared test helpers: the golden deterministic weights (docs/MODEL.md) and paths to shipped data."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ def state_dict_spec() -> list[dict]:
 
 
 def golden_state_dict() -> dict[str, torch.Tensor]:
-    """SPEC-7 weights for the keys and shapes of state_dict.json, in its file order."""
+    """The golden weights (docs/MODEL.md) for the keys and shapes of state_dict.json, in its file order."""
     return _recipe([(e["name"], tuple(e["shape"])) for e in state_dict_spec()])
 
 

@@ -1,4 +1,4 @@
-"""benchmarks/bench_train.py: the verdicts it prints for issue 12's targets follow the measured figures."""
+"""benchmarks/bench_train.py: the verdicts it prints for the training-speed targets follow the measured figures."""
 
 import json
 import os

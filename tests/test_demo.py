@@ -97,7 +97,7 @@ def test_missing_checkpoint_message(tmp_path, clip, capsys):
     assert len(res.stderr.strip().splitlines()) == 1
 
 
-# --- issue 14: every bad input is one line (exit 2), found before the model is loaded or anything is tracked --------
+# --- every bad input is one line (exit 2), found before the model is loaded or anything is tracked --------
 
 @pytest.fixture(scope="module")
 def clip(tmp_path_factory):
@@ -201,7 +201,7 @@ def test_read_points_names_bad_json_items(tmp_path):
         demo.read_points(tmp_path / "q.json")
 
 
-# --- LBM (issue 13) and point numbers (issue 15) -----------------------------------------------------------------
+# --- LBM and point numbers ------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def lbm_ckpt(tmp_path_factory):

@@ -107,7 +107,7 @@ def test_test_on_tap_runs(tmp_path, ckpt, capsys):
         "error: --max_videos=1 and its alias --max_iters=2 disagree; give one of them"]
 
 
-# --- LBM (issue 13): full TAP-Vid metrics from the model's visibility ---------------------------------------------
+# --- LBM: full TAP-Vid metrics from the model's visibility ---------------------------------------------
 
 @pytest.fixture(scope="module")
 def lbm():

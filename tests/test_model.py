@@ -1,4 +1,4 @@
-"""The model against the SPEC's definitions and itself (the authors' numbers: test_golden.py)."""
+"""The model against its definitions (docs/MODEL.md) and itself (the authors' numbers: test_golden.py)."""
 
 
 from dataclasses import FrozenInstanceError, replace

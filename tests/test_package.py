@@ -1,4 +1,4 @@
-"""`pip install .` gives a package and console commands that work outside the checkout (issue 15)."""
+"""`pip install .` gives a package and console commands that work outside the checkout."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Issue 14 for training: bad checkpoints, stale temps, the run lock, a full disk, corrupt clips, missing data."""
+"""Bad input in training: bad checkpoints, stale temps, the run lock, a full disk, corrupt clips, missing data."""
 
 import errno
 import os
