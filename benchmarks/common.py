@@ -22,6 +22,12 @@ from pips2.datasets.training import Sample
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def name_list(value) -> list[str]:
+    """A comma-separated flag as a list: fire gives "a,b" as a tuple, "a" as a string."""
+    items = value.split(",") if isinstance(value, str) else list(value)
+    return [str(v).strip() for v in items if str(v).strip()]
+
+
 def best_time(fn: Callable[[], object], repeats: int) -> float:
     """The fastest of `repeats` wall-clock runs of fn, in seconds (the least disturbed by other work)."""
     times = []
