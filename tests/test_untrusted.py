@@ -757,6 +757,10 @@ def test_npy_format_3_with_and_without_objects(tmp_path):
         with pytest.warns(UserWarning):
             np.save(tmp_path / "v3.npy", a, allow_pickle=True)
         assert (tmp_path / "v3.npy").read_bytes()[6:8] == b"\x03\x00"
+        if a.dtype.hasobject:  # read from its header, then refused: a structure holding objects is not plain data
+            with pytest.raises(UnsafeFileError, match="a structured dtype with an object field"):
+                load_npy(tmp_path / "v3.npy")
+            continue
         g = load_npy(tmp_path / "v3.npy")
         assert g.dtype == a.dtype and g.shape == (2,)
 
@@ -768,3 +772,66 @@ def test_unsafe_file_error_survives_a_process_boundary(tmp_path):
     assert str(back) == str(e) and back.path == e.path and back.problem == e.problem
     again = UnsafeFileError(str(e))  # how torch's DataLoader rebuilds a worker's exception
     assert str(again) == str(e) and again.path == e.path
+
+
+# --- pickles that load but would crash or never end -------------------------------------------------------
+
+class _ArrayState:
+    """Pickles as numpy pickles an array (an empty one, then its state) with the state given."""
+
+    def __init__(self, state):
+        self.state = state
+
+    def __reduce__(self):
+        from numpy._core import multiarray
+        return multiarray._reconstruct, (np.ndarray, (0,), b"b"), self.state
+
+
+def _load_in_child(path: Path) -> subprocess.CompletedProcess:
+    # numpy's own __setstate__ reads past a short item list: on code without the check this crashes the process
+    code = ("import sys\nfrom pips2.utils.safe_load import UnsafeFileError, load_pickle\n"
+            "try:\n    load_pickle(sys.argv[1])\nexcept UnsafeFileError as e:\n    print(e)\n")
+    return subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("state, why", [
+    ((1, (3,), np.dtype("O"), False, []), "an object ndarray of 3 items whose state lists 0 items"),
+    ((1, (1 << 20,), np.dtype("O"), False, [None]), "an object ndarray of 1048576 items whose state lists 1 "
+                                                    "items"),
+    ((1, (4,), np.dtype("f8"), False, b"\0" * 8), "an ndarray of 4 float64 values whose state holds 8 bytes, not 32"),
+    ((1, (2,), np.dtype("f8"), False, [1.0, 2.0]), "an ndarray of 2 float64 values whose state holds no bytes, not 16"),
+    ((2, (2,)), "an ndarray state that is not numpy's: version 1, shape, dtype, order, data"),
+])
+def test_an_array_state_that_does_not_fit_its_shape_is_refused(tmp_path, state, why):
+    path = _dump(tmp_path / "v.pkl", {"video": _ArrayState(state)}, 2)
+    res = _load_in_child(path)
+    assert res.returncode == 0, f"the reader died ({res.returncode}): {res.stderr[-300:]}"
+    assert res.stdout.strip() == f"{path}: refused: pickle holds {why}"
+
+
+def _laughs(levels: int, width: int):
+    inner: object = [1]
+    for _ in range(levels):
+        inner = [inner] * width  # one object referenced `width` times: pickled once, then by memo reference
+    return inner
+
+
+def test_a_pickle_of_shared_references_that_expands_beyond_the_bound_is_refused_from_its_opcodes(tmp_path):
+    path = _dump(tmp_path / "laughs.pkl", {"points": _laughs(12, 40)}, 2)
+    assert path.stat().st_size < 4096  # 40^12 objects when walked, from a few kilobytes
+    with pytest.raises(UnsafeFileError) as e:
+        load_pickle(path)
+    assert _one_line(e.value, str(path)) == (f"{path}: refused: its pickle builds more than 10000000 objects "
+                                             "(shared references counted)")
+    assert isinstance(load_pickle(_dump(tmp_path / "ok.pkl", _laughs(3, 40), 2)), list)  # 64,000: fine
+
+
+def test_a_dict_key_whose_hash_would_never_end_is_refused_before_unpickling(tmp_path):
+    t: object = (1,)
+    for _ in range(40):
+        t = (t, t)  # hashing it visits 2^40 tuples; so would unpickling a dict with it as a key
+    body = pickle.dumps(t, 2)[2:-1]  # the tuple's opcodes, without the protocol header and STOP
+    path = tmp_path / "key.pkl"
+    path.write_bytes(b"\x80\x02}" + body + b"K\x01s.")  # {t: 1}
+    with pytest.raises(UnsafeFileError, match="refused: its pickle builds more than"):
+        load_pickle(path)
