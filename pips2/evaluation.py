@@ -31,6 +31,7 @@ from pips2.utils import metrics, plots
 from pips2.utils.amp import amp_dtype
 from pips2.utils.cli import parse_hw
 from pips2.utils.paths import write_json
+from pips2.utils.procs import caught_stop_signals, exit_code
 from pips2.utils.video import VideoError, image_truncation
 
 # LBM's evaluation memory per data set (the authors' choice, docs/LBM.md), found by name in the file's name
@@ -231,7 +232,6 @@ class Interrupted(KeyboardInterrupt):
 
 # data problems of one item: skipped with their reason (anything else is a bug: partial results, then raised)
 SKIP_ERRORS = (Skip, SkipItem, VideoError)
-EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143}  # 128 + the signal's number, as a shell reports it
 
 
 def skip_reason(e: BaseException) -> str:
@@ -303,11 +303,12 @@ class Evaluation:
 
     def run(self, items: Iterable[tuple[str, Callable[[], Scored]]], total: int | None = None,
             desc: str = "eval", unit: str = "it") -> None:
-        """Score every item; then the summary and --out_json. Ctrl-C or SIGTERM: the same with what is done,
-        one line on stderr, exit 130 / 143. A bug: the same, then raised. Nothing scored at all: exit 2."""
+        """Score every item; then the summary and --out_json. Ctrl-C, SIGTERM or SIGHUP (a closed terminal):
+        the same with what is done, one line on stderr, exit 130 / 143 / 129. A bug: the same, then raised.
+        Nothing scored at all: exit 2."""
         self.total = total
         main_thread = threading.current_thread() is threading.main_thread()
-        old = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)} if main_thread else {}
+        old = {s: signal.signal(s, _on_signal) for s in caught_stop_signals()} if main_thread else {}
         bar = tqdm(total=total, desc=desc, unit=unit)
         t0 = time.time()
         try:
@@ -328,7 +329,7 @@ class Evaluation:
             done = f"{len(self.per_item)}" + (f" of {total}" if total is not None else "")
             where = f"; partial results in {self.out_json}" if self.out_json else ""
             print(f"stopped by {signame}: {done} {self.noun} scored{where}", file=sys.stderr, flush=True)
-            sys.exit(EXIT_CODES.get(signame, 130))
+            sys.exit(exit_code(signame))
         except Exception as e:  # a bug, not bad data: keep the scores, then fail loudly
             self.status = f"error: {type(e).__name__}: {' '.join(str(e).split())}"
             self._stop(bar, old, time.time() - t0)

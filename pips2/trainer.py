@@ -50,7 +50,7 @@ from pips2.utils import checkpoint as ck
 from pips2.utils import metrics, plots
 from pips2.utils.amp import amp_dtype, autocast
 from pips2.utils.cli import die
-from pips2.utils.procs import is_space_error
+from pips2.utils.procs import STOP_SIGNALS, caught_stop_signals, is_space_error
 from pips2.utils.vis import summary_image
 
 
@@ -246,7 +246,6 @@ def run_lock(ckpt_dir: Path, ranks: Ranks) -> Iterator[None]:
 # ---------------------------------------------------------------------------------------------------------
 # Signals: a scheduler's SIGTERM before preemption, a user's Ctrl-C.
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 # torchrun passes the signal it gets on to every rank, which a terminal's Ctrl-C has reached already: two copies
 # this close together are one request
 SAME_REQUEST_S = 1.0
@@ -268,7 +267,7 @@ class StoppedAtOnce(BaseException):
 
 
 class StopRequest:
-    """SIGTERM and SIGINT as a request to stop at the next step boundary (the loop saves there and exits 0).
+    """SIGTERM, SIGINT and SIGHUP as a request to stop at the next step boundary (the loop saves there and exits 0).
 
     The handler only notes the signal: what a step does is never cut short, so the checkpoint written is
     the one a regular save at that step writes. A further SIGTERM changes nothing (a scheduler that will not
@@ -286,9 +285,8 @@ class StopRequest:
         """Catch STOP_SIGNALS (main thread only: elsewhere Python cannot, and they keep their handlers). A signal
         ignored by whoever started the run stays ignored (a shell's background job ignores SIGINT)."""
         if threading.current_thread() is threading.main_thread():
-            for sig in STOP_SIGNALS:
-                if signal.getsignal(sig) is not signal.SIG_IGN:
-                    self._old[sig] = signal.signal(sig, self._handle)
+            for sig in caught_stop_signals():
+                self._old[sig] = signal.signal(sig, self._handle)
 
     def restore(self) -> None:
         """Put back the handlers install() replaced."""
@@ -321,8 +319,8 @@ def loader_worker_init(worker_id: int) -> None:
     """DataLoader workers leave SIGINT and SIGTERM to the training process, which stops at a step boundary and
     then shuts them down: a worker killed by a terminal's Ctrl-C or a scheduler's SIGTERM to the process group
     would fail the step in progress instead."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -76,6 +76,7 @@ from pips2.hub import (
 )
 from pips2.tracking import FrameSource, default_model_hw, grid_queries, is_lbm, track, window_starts
 from pips2.utils.checkpoint import CheckpointError
+from pips2.utils.procs import caught_stop_signals
 from pips2.utils.video import VideoError, iter_frames
 from pips2.utils.vis import write_outputs
 
@@ -1156,7 +1157,7 @@ class DemoServer:
 
 
 def _interrupt(signum: int, frame) -> None:
-    """SIGTERM handler: stop serving as Ctrl-C would."""
+    """SIGTERM and SIGHUP handler: stop serving as Ctrl-C would."""
     raise KeyboardInterrupt
 
 
@@ -1168,8 +1169,10 @@ def serve(app: App, host: str = "127.0.0.1", port: int = 7860) -> None:
         app.close()
         print(f"error: cannot listen on {host}:{port} ({e.strerror or one_line(e)})", file=sys.stderr, flush=True)
         sys.exit(2)
-    if threading.current_thread() is threading.main_thread():  # `kill` cleans up as Ctrl-C does
-        signal.signal(signal.SIGTERM, _interrupt)
+    if threading.current_thread() is threading.main_thread():  # `kill` or a closed terminal clean up as Ctrl-C
+        for sig in caught_stop_signals():
+            if sig != signal.SIGINT:
+                signal.signal(sig, _interrupt)
     try:
         for line in app.checkpoint_report():
             print(line, flush=True)

@@ -303,3 +303,32 @@ def test_a_signal_ignored_by_the_caller_stays_ignored(monkeypatch):
     monkeypatch.setattr(signal, "signal", lambda sig, handler: installed.append(sig))
     trainer.StopRequest().install()
     assert installed == [signal.SIGTERM]
+
+
+def test_a_closed_terminal_is_a_stop_request_unless_nohup_ignores_it():
+    """SIGHUP (a closed terminal or ssh session) asks for the same stop at a step boundary as SIGTERM: before, it
+    killed the run at once, losing every step since the last save. Under nohup (SIGHUP ignored) it stays ignored,
+    and loader workers ignore it as they ignore the other stop signals."""
+    old = signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    try:
+        stop = trainer.StopRequest()
+        stop.install()
+        try:
+            assert signal.getsignal(signal.SIGHUP) == stop._handle
+            os.kill(os.getpid(), signal.SIGHUP)
+            assert stop.signum == signal.SIGHUP  # noted; the loop saves at the next boundary
+        finally:
+            stop.restore()
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_DFL
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # nohup
+        stop = trainer.StopRequest()
+        stop.install()
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+        stop.restore()
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+        trainer.loader_worker_init(0)
+        assert all(signal.getsignal(s) is signal.SIG_IGN for s in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT))
+    finally:
+        for s in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(s, signal.default_int_handler if s == signal.SIGINT else signal.SIG_DFL)
+        signal.signal(signal.SIGHUP, old)

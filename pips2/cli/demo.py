@@ -40,6 +40,7 @@ from pips2.tracking import (
 from pips2.utils.checkpoint import CheckpointError, resolve_device
 from pips2.utils.cli import run_fire
 from pips2.utils.paths import make_dirs, remove_empty_dirs
+from pips2.utils.procs import STOP_SIGNALS, caught_stop_signals
 from pips2.utils.video import VideoError, video_info
 from pips2.utils.vis import write_outputs
 
@@ -179,7 +180,7 @@ class Stopped(BaseException):
 
 
 def _stop(signum, frame) -> None:
-    for sig in (signal.SIGTERM, signal.SIGINT):  # the clean-up runs undisturbed by a second signal
+    for sig in STOP_SIGNALS:  # the clean-up runs undisturbed by a second signal
         signal.signal(sig, signal.SIG_IGN)
     raise Stopped(signum)
 
@@ -191,7 +192,7 @@ def stopping_on_signals() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
         yield
         return
-    old = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    old = {sig: signal.getsignal(sig) for sig in caught_stop_signals()}
     for sig in old:
         signal.signal(sig, _stop)
     try:

@@ -35,14 +35,16 @@ from pips2.datasets.export import (
     worker_init,
 )
 from pips2.utils.cli import aliased, die, parse_hw, run_fire
-from pips2.utils.procs import WorkerPool, describe_exit
-
-# exit codes of a run stopped by a signal: the shell's 128 + the signal's number
-EXIT_INTERRUPTED = {"SIGINT": 130, "SIGTERM": 143}
+from pips2.utils.procs import STOP_SIGNALS, WorkerPool, describe_exit, exit_code
 
 
 class Terminated(BaseException):
-    """SIGTERM to the exporter (a scheduler, kill): stop as Ctrl-C does, with the summary."""
+    """SIGTERM (a scheduler, kill) or SIGHUP (a closed terminal) to the exporter: stop as Ctrl-C does, with the
+    summary."""
+
+    def __init__(self, signame: str = "SIGTERM"):
+        super().__init__(signame)
+        self.signame = signame
 
 
 class _Signals:
@@ -52,7 +54,7 @@ class _Signals:
 
     def __init__(self):
         self.got = 0
-        self.old = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+        self.old = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
         for sig, old in self.old.items():
             if old is not signal.SIG_IGN:
                 signal.signal(sig, self._handle)
@@ -68,7 +70,7 @@ class _Signals:
         if self.got == signal.SIGINT:
             raise KeyboardInterrupt
         if self.got:
-            raise Terminated()
+            raise Terminated(signal.Signals(self.got).name)
 
     def ignore(self) -> None:
         """From now on (the clean-up after a stop) no signal interrupts."""
@@ -222,8 +224,8 @@ def _run(jobs: deque, workers: int, version_dir: Path, quiet: bool, signals: _Si
             signals.check()
     except KeyboardInterrupt:
         stop = "interrupted"
-    except Terminated:
-        stop = "terminated by SIGTERM"
+    except Terminated as e:
+        stop = f"terminated by {e.signame}"
     finally:
         if stop is not None:  # a second signal must not break the clean-up
             signals.ignore()
@@ -246,9 +248,9 @@ def _run(jobs: deque, workers: int, version_dir: Path, quiet: bool, signals: _Si
           f"{len(list_clips(version_dir))} clips in {version_dir}; "
           f"{dt:.1f} s ({(counts['written'] + counts['rewritten']) / max(dt, 1e-9):.2f} clips/s)", flush=True)
     if stop == "interrupted":
-        sys.exit(EXIT_INTERRUPTED["SIGINT"])
-    if stop == "terminated by SIGTERM":
-        sys.exit(EXIT_INTERRUPTED["SIGTERM"])
+        sys.exit(exit_code("SIGINT"))
+    if stop is not None and stop.startswith("terminated by "):
+        sys.exit(exit_code(stop.removeprefix("terminated by ")))
     if counts["failed"]:
         print(f"error: {counts['failed']} clip(s) failed (see above); rerun to retry them", file=sys.stderr)
         sys.exit(1)
