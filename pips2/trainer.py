@@ -10,6 +10,7 @@ import datetime
 import json
 import os
 import random
+import re
 import signal
 import sys
 import threading
@@ -391,6 +392,8 @@ class TrainState:
                  stop: StopRequest | None = None):
         self.cfg, self.ranks, self.ckpt_dir = cfg, ranks, ckpt_dir
         self.stop = stop or StopRequest()
+        self.updating = False  # the optimiser is changing the weights: a step cut short here cannot be saved
+        self.updated = -1  # the last step whose weight update completed
         torch.manual_seed(cfg.seed)
         np.random.seed(cfg.seed)
         random.seed(cfg.seed)
@@ -527,13 +530,26 @@ class TrainState:
         where = (f"saved {self.ckpt_dir / ck.ckpt_name(self.step)} (step {self.step}); the same command resumes "
                  f"from there once the data is readable" if saved else "nothing trained since the start, nothing saved")
         self.ranks.barrier()  # no rank leaves before rank 0's checkpoint is complete
-        if e.error is None or isinstance(e.error, DataGoneError):
+        if e.error is None or isinstance(e.error, DataGoneError) or LOADER_WORKER_DIED.search(str(e.error)):
             self.ranks.die(f"{e}; {where}")
         # not a known data problem: said in one line, then its traceback (a bug, or a loader worker killed)
         if self.ranks.main:
             print(f"error: reading the data of step {self.step + 1} failed ({e}); {where}", file=sys.stderr,
                   flush=True)
         raise e.error
+
+    def worker_died(self, e: RuntimeError, start: int) -> NoReturn:
+        """A DataLoader worker was killed (the OOM killer's usual pick): torch raises that from its SIGCHLD handler
+        wherever the training process is. Save the last step whose update completed, one line, exit 2; a step cut
+        short while the optimiser changed the weights leaves a mix of two steps, so nothing is saved then."""
+        why = " ".join(str(e).split()).rstrip(".")
+        if self.updating:
+            self.ranks.die(f"{why} (out of memory?) while the weights were being updated; nothing saved, the "
+                           f"same command resumes from the last checkpoint")
+        if self.updated != self.step:  # the step in progress never changed the weights: it did not happen
+            self.step -= 1
+            self.optimizer.zero_grad(set_to_none=True)
+        self.data_failed(DataFailed(None, [f"{why} (out of memory?)"]), saved=self.step > start)
 
     def save(self) -> None:
         """Write the checkpoint of the current step (rank 0); a failed write is one error line and exit 2.
@@ -655,6 +671,10 @@ class StepResult:
     shown: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # frames, truth, estimate of one clip
 
 
+# torch's words when a DataLoader worker dies (its SIGCHLD handler, or the iterator finding it gone)
+LOADER_WORKER_DIED = re.compile(r"DataLoader worker \(pids? [^)]*\) (is killed by signal|exited unexpectedly)")
+
+
 class DataFailed(Exception):
     """A step's batch could not be read on some rank; `error` is this rank's exception (None: another rank's).
     str(e) is one line."""
@@ -711,7 +731,9 @@ def train_step(state: TrainState, data: TrainData, cfg: Config) -> StepResult:
     if not finite:
         state.optimizer.zero_grad(set_to_none=True)
         return StepResult(False)
+    state.updating = True
     optimizer_update(state.model, state.optimizer, state.scheduler, state.scaler, cfg.grad_clip)
+    state.updating, state.updated = False, state.step
     return StepResult(True, total_loss, rtime, time.time() - t0, figures, shown)
 
 
@@ -904,31 +926,42 @@ def _loop(cfg: Config, ranks: Ranks, state: TrainState, data: TrainData, log: Lo
     while state.step < cfg.max_steps:
         state.step += 1
         try:
-            res = train_step(state, data, cfg)
-        except DataFailed as e:
-            state.step -= 1  # that step never happened
-            state.optimizer.zero_grad(set_to_none=True)
-            state.data_failed(e, saved=state.step > start)
-        if res.finite:
-            state.record(res)
-            try:
-                validations = validator.run(state.step, state.model)
-            except DataFailed as e:  # the step itself is done
-                state.data_failed(e, saved=True)
-            for group, figures in validations.items():
-                state.d_vs.append(figures["d_avg"])
-                log.scalars(group, figures, state.step)
-            if validator.curves:
-                if log.writer:
-                    plots.add_to_tensorboard(log.writer, "val/curves", validator.curves, state.step)
-                validator.curves = {}
-            log.step(state, res)
-        else:
-            state.skip(log.say)
-        # the step boundary: a stop request is taken here, with the checkpoint a regular save here would write
-        signum = stop.agreed(ranks)
-        if signum or state.step % cfg.save_freq == 0 or state.step == cfg.max_steps:
-            state.save()
-        if signum:
-            state.stopped(signum, saved=True)
+            _step(cfg, ranks, state, data, log, stop, validator, start)
+        except RuntimeError as e:
+            if not LOADER_WORKER_DIED.search(str(e)):
+                raise
+            state.worker_died(e, start)
     log.done(state, ranks.union(state.corrupt))
+
+
+def _step(cfg: Config, ranks: Ranks, state: TrainState, data: TrainData, log: Logger, stop: StopRequest,
+          validator: Validator, start: int) -> None:
+    """One training step (state.step), its validation and logging, then the step boundary's save and stop."""
+    try:
+        res = train_step(state, data, cfg)
+    except DataFailed as e:
+        state.step -= 1  # that step never happened
+        state.optimizer.zero_grad(set_to_none=True)
+        state.data_failed(e, saved=state.step > start)
+    if res.finite:
+        state.record(res)
+        try:
+            validations = validator.run(state.step, state.model)
+        except DataFailed as e:  # the step itself is done
+            state.data_failed(e, saved=True)
+        for group, figures in validations.items():
+            state.d_vs.append(figures["d_avg"])
+            log.scalars(group, figures, state.step)
+        if validator.curves:
+            if log.writer:
+                plots.add_to_tensorboard(log.writer, "val/curves", validator.curves, state.step)
+            validator.curves = {}
+        log.step(state, res)
+    else:
+        state.skip(log.say)
+    # the step boundary: a stop request is taken here, with the checkpoint a regular save here would write
+    signum = stop.agreed(ranks)
+    if signum or state.step % cfg.save_freq == 0 or state.step == cfg.max_steps:
+        state.save()
+    if signum:
+        state.stopped(signum, saved=True)
