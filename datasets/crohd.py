@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pips2.utils.video import not_regular_file
+
 # Bound on frames x head ids of one sequence (its arrays are allocated at that size, about 10 bytes an entry:
 # ~335 MB): the HT21 sequences need at most a few million; a gt.txt asking for more is refused, not allocated.
 MAX_TRACK_ENTRIES = 2**25
@@ -69,6 +71,9 @@ def load_sequence(root: str | Path, split: str, seq: str) -> tuple[list[Path], n
     frames = sorted((root / "HT21" / split / seq / "img1").glob("*.jpg"))
     if not frames:
         raise CroHDError(f"{root / 'HT21' / split / seq / 'img1'}: no frames")
+    # a FIFO (or a link to one) named like a frame would block the first open() of it forever
+    if odd := next((p for p in frames if not_regular_file(p)), None):
+        raise CroHDError(f"{odd}: not a regular file")
     gt = _read_gt(_gt_path(root, split, seq), len(frames))
     T = len(frames)
     ids = np.unique(gt[:, 1]).astype(int)

@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image
 
 from pips2.utils.safe_load import UnsafeFileError, load_npz
-from pips2.utils.video import MAX_IMAGE_PIXELS, VideoError, read_rgb
+from pips2.utils.video import MAX_IMAGE_PIXELS, VideoError, not_regular_file, read_rgb
 
 FRAME_RE = re.compile(r"^rgb_(\d+)\.(jpg|jpeg|png)$")
 STRIDES = (1, 2, 4)
@@ -170,6 +170,9 @@ def load_scene(path: str | Path, require_masks: bool = True, require_3d: bool = 
     rgbs = frame_files(path)
     if not rgbs:
         raise SkipItem("no rgbs/rgb_*.jpg frames")
+    # a FIFO (or a link to one) named like a frame would block every later open() of it forever
+    if odd := next((p for p in rgbs if not_regular_file(p)), None):
+        raise SkipItem(f"rgbs/{odd.name}: not a regular file")
     masks = [_mask_for(p) for p in rgbs]
     if not all(m.is_file() for m in masks):
         if require_masks:

@@ -217,6 +217,13 @@ def _crohd(root: Path, T=20, H=128, W=192, seq="HT21-01"):
     (gt / "gt.txt").write_text("\n".join(rows) + "\n")
 
 
+def test_crohd_frame_that_is_a_fifo_is_refused_without_opening_it(tmp_path, make_fifo):
+    _crohd(tmp_path)
+    make_fifo(tmp_path / "HT21/train/HT21-01/img1/000005.jpg")
+    with pytest.raises(crohd.CroHDError, match=r"img1/000005\.jpg: not a regular file$"):
+        crohd.sequence_clips(tmp_path, "train", "HT21-01", clip_len=10)
+
+
 def test_crohd_layout_and_head_centres(tmp_path):
     _crohd(tmp_path)
     frames, trajs, vis, val = crohd.load_sequence(tmp_path, "train", "HT21-01")
