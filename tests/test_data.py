@@ -16,6 +16,7 @@ from conftest import EXPORT_ARGS, run_export
 from pips2.datasets import pointodyssey as pod
 from pips2.datasets.clips import ClipSettings, list_clips, verify_clip
 from pips2.datasets.synthetic import SceneConfig, generate_scene
+from pips2.utils.video import VideoError, read_rgb
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = SceneConfig(W=320, H=256, T=24, n_objects=3, n_points=400)
@@ -146,6 +147,22 @@ def test_bad_scenes_are_skipped_with_reason(tmp_path, synth_root, defect, reason
         return
     with pytest.raises(pod.SkipItem, match=reason):
         pod.load_scene(scene)
+
+
+@pytest.mark.parametrize("link", [False, True])
+def test_a_frame_that_is_a_fifo_is_refused_without_opening_it(tmp_path, synth_root, make_fifo, link):
+    # open() of a FIFO waits for a writer: test_on_pod.py and the export hung on such a scene forever
+    scene = tmp_path / "s"
+    shutil.copytree(synth_root / "train" / "synth_0000", scene)
+    frame = scene / "rgbs" / "rgb_00005.jpg"
+    fifo = make_fifo(tmp_path / "pipe" if link else frame)
+    if link:
+        frame.unlink()
+        frame.symlink_to(fifo)
+    with pytest.raises(pod.SkipItem, match=r"^rgbs/rgb_00005\.jpg: not a regular file$"):
+        pod.load_scene(scene, require_masks=False)
+    with pytest.raises(VideoError, match=r"rgb_00005\.jpg: not a regular file$"):  # every other frame reader
+        read_rgb(frame)
 
 
 def test_nonfinite_coordinates_become_invalid(tmp_path, synth_root):

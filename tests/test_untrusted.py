@@ -165,7 +165,7 @@ def _peak_bytes(fn) -> int:
 
 
 @pytest.mark.parametrize("shape,msg", [
-    ((3, 50_000_000, 2), "declares 50000000 tracks over 3 frames, more than 134217728 entries"),
+    ((3, 50_000_000, 2), "declares 50000000 tracks, more than 131072"),
     ((400_000_000, 4, 2), "3 frames on disk but 400000000 in the annotations"),
 ])
 def test_anno_npz_declaring_a_huge_shape_is_refused_from_its_header(tmp_path, shape, msg):
@@ -180,6 +180,68 @@ def test_anno_npz_declaring_a_huge_shape_is_refused_from_its_header(tmp_path, sh
         assert _one_line(e.value, "anno.npz") == f"anno.npz: member trajs_2d: {msg}"
 
     assert _peak_bytes(load) < 32 << 20  # numpy would allocate the declared 1.2 or 3.2 GB before reading
+
+
+def test_anno_npz_declaring_more_entries_than_the_bound_is_refused_from_its_header(tmp_path):
+    head = {"descr": "<f4", "fortran_order": False, "shape": (2000, 100_000, 2)}
+    _npz_members(tmp_path / "anno.npz", {"trajs_2d": (head, bytes(1 << 16))})
+    with pytest.raises(pod.SkipItem, match="^anno.npz: member trajs_2d: declares 100000 tracks over 2000 frames, "
+                                           "more than 134217728 entries$"):
+        pod.load_annotations(tmp_path, num_frames=2000)
+
+
+def test_a_scene_of_2_frames_may_not_declare_more_tracks_than_real_scenes_have(tmp_path):
+    # within the entry bound (2 x 2^18 of 2^27) and every member really there: the loader took it, while at
+    # 2^25 tracks of deflated zeros a 2 MB file cost 2.9 GB and half a minute to load
+    _frames(tmp_path, 2)
+    N = 1 << 18
+    np.savez_compressed(tmp_path / "anno.npz", trajs_2d=np.zeros((2, N, 2)), visibs=np.ones((2, N)),
+                        valids=np.ones((2, N)))
+    with pytest.raises(pod.SkipItem, match=f"^anno.npz: member trajs_2d: declares {N} tracks, more than 131072$"):
+        pod.load_annotations(tmp_path)
+    _frames(tmp_path / "ok", 2)
+    np.savez_compressed(tmp_path / "ok" / "anno.npz", trajs_2d=np.zeros((2, N // 2, 2)),
+                        visibs=np.ones((2, N // 2)), valids=np.ones((2, N // 2)))
+    assert pod.load_annotations(tmp_path / "ok")[0].shape == (2, N // 2, 2)
+
+
+def test_anno_npz_bytes_are_bounded_counting_each_member_dtype(tmp_path, monkeypatch):
+    # the bound is on bytes: float64 positions and bool flags (18 bytes an entry) fit, float64 flags (32) do not
+    T, N = 5, 4
+    monkeypatch.setattr(pod, "MAX_ANNO_BYTES", T * N * 18)
+    _frames(tmp_path, T)
+    a = _anno(T, N)
+    for trajs, flags, problem in ((np.float32, bool, None), (np.float64, bool, None),
+                                  (np.float64, np.float64, "member visibs: is float64 (5, 4): with the members "
+                                                           "before it, 480 bytes of 2D tracks, more than 360")):
+        np.savez(tmp_path / "anno.npz", trajs_2d=a["trajs_2d"].astype(trajs), visibs=a["visibs"].astype(flags),
+                 valids=a["valids"].astype(flags))
+        if problem is None:
+            assert pod.load_annotations(tmp_path)[0].shape == (T, N, 2)
+        else:
+            with pytest.raises(pod.SkipItem, match=re.escape(f"anno.npz: {problem} (float64 positions")):
+                pod.load_annotations(tmp_path)
+
+
+def test_a_deflated_member_inflating_more_than_100_to_1_is_refused_before_it_is_read(tmp_path, monkeypatch):
+    from pips2.utils import safe_load
+
+    monkeypatch.setattr(safe_load, "DEFLATE_RATIO_FLOOR", 1 << 20)  # 256 MiB in use: the test keeps it small
+    zeros = np.zeros((1 << 18, 2))  # 4 MiB, deflating ~1000 to 1
+    np.savez_compressed(tmp_path / "bomb.npz", a=zeros)
+    read = []
+    with monkeypatch.context() as m, pytest.raises(UnsafeFileError) as e:
+        m.setattr(safe_load.npformat, "read_array", lambda *a, **k: read.append(1))
+        load_npz(tmp_path / "bomb.npz")
+    assert re.fullmatch(r".*bomb\.npz: member a: 4194432 bytes compressed into \d+, more than 100 to 1 "
+                        r"\(a zip bomb\?\); store it uncompressed \(np\.savez\)", _one_line(e.value, "bomb.npz"))
+    assert not read
+    # what real files are: the same zeros stored, real floats compressed (2-3 to 1), flags under the floor
+    np.savez(tmp_path / "stored.npz", a=zeros)
+    floats = np.random.default_rng(0).uniform(0, 960, (1 << 18, 2))
+    np.savez_compressed(tmp_path / "floats.npz", a=floats, flags=np.ones(1 << 19, bool))
+    assert load_npz(tmp_path / "stored.npz")["a"].shape == zeros.shape
+    assert (load_npz(tmp_path / "floats.npz")["a"] == floats).all()
 
 
 def test_a_member_declaring_more_data_than_it_holds_is_refused_before_it_is_allocated(tmp_path):

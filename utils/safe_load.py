@@ -28,6 +28,12 @@ ALLOWED_HINT = "only plain data and numpy arrays are allowed"
 # checkpoint (weights and two optimizer moments each) take ~100 KB, an .npz of the project's few members ~1 KB.
 MAX_ZIP_DIRECTORY_BYTES = 4 << 20
 MAX_NPZ_MEMBERS = 64  # anno.npz has 6 members, track.npz 1
+# A deflated member may inflate at most MAX_DEFLATE_RATIO times its compressed size once it is larger than
+# DEFLATE_RATIO_FLOOR: deflate reaches ~1000:1 on zeros, so a 2 MB file could otherwise declare GBs that are all
+# read. Real data stays far below: float positions compress 2-3x, and the floor is above the largest bool flag
+# member an anno.npz may hold (2^27 bytes), so a flag of long runs is never refused whatever its ratio.
+MAX_DEFLATE_RATIO = 100
+DEFLATE_RATIO_FLOOR = 256 << 20
 
 # expect(key, shape, dtype) -> why a member's header is not what the caller can use, or None
 Expect = Callable[[str, tuple[int, ...], np.dtype], "str | None"]
@@ -397,7 +403,8 @@ def load_npz(path: str | os.PathLike, keys: Collection[str] | None = None, expec
 
     Before a member's data is read: its size as the zip declares it must be at most `max_member_bytes`, its
     header's shape and dtype must fit its size and pass `expect(key, shape, dtype)` (which returns the problem,
-    or None); the archive may hold at most `max_members` members (docs/FORMATS.md, "Safe loading")."""
+    or None); the archive may hold at most `max_members` members, and a compressed member larger than
+    DEFLATE_RATIO_FLOOR at most MAX_DEFLATE_RATIO times its compressed size (docs/FORMATS.md, "Safe loading")."""
     try:
         fh = open(path, "rb")
     except OSError as e:
@@ -419,6 +426,11 @@ def load_npz(path: str | os.PathLike, keys: Collection[str] | None = None, expec
                 if max_member_bytes is not None and info.file_size > max_member_bytes:
                     raise UnsafeFileError(path, f"member {key}: {info.file_size} bytes, more than the "
                                                 f"{max_member_bytes} it may have here")
+                if (info.compress_type != zipfile.ZIP_STORED and info.file_size > DEFLATE_RATIO_FLOOR
+                        and info.file_size > MAX_DEFLATE_RATIO * info.compress_size):
+                    raise UnsafeFileError(path, f"member {key}: {info.file_size} bytes compressed into "
+                                                f"{info.compress_size}, more than {MAX_DEFLATE_RATIO} to 1 (a zip "
+                                                f"bomb?); store it uncompressed (np.savez)")
                 check = None if expect is None else (lambda shape, dtype, key=key: expect(key, shape, dtype))
                 with zf.open(info) as member:
                     out[key] = _read_npy(member, path, f"member {key}: ", info.file_size, check)

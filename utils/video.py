@@ -132,9 +132,18 @@ def image_size_problem(data: bytes) -> str | None:
     return None
 
 
+def not_regular_file(path: str | os.PathLike) -> bool:
+    """True if path exists (its symlinks followed) but is not a regular file: a FIFO, a device, a socket or a
+    folder, whose open() may block forever or read without end; a missing path is False (its reader says so)."""
+    p = Path(path)
+    return p.exists() and not p.is_file()
+
+
 def read_rgb(path: str | os.PathLike) -> np.ndarray:
     """An image file as RGB uint8 (H,W,3); an unreadable, truncated or oversized (MAX_IMAGE_PIXELS, from its
     header) one raises VideoError naming it."""
+    if not_regular_file(path):  # a FIFO's open() waits for a writer: forever in a scene folder
+        raise VideoError(f"{path}: not a regular file")
     try:
         data = Path(path).read_bytes()
     except OSError as e:
@@ -291,7 +300,7 @@ def _check_video_path(path: str | os.PathLike) -> None:
     p = Path(path)
     if p.is_dir():
         raise VideoError(f"{path}: is a folder, not a video file")
-    if p.exists() and not p.is_file():  # a FIFO or a device: ffmpeg could wait on it forever
+    if not_regular_file(p):  # a FIFO or a device: ffmpeg could wait on it forever
         raise VideoError(f"{path}: not a regular file")
     if not p.is_file():
         raise VideoError(f"{path}: no such video file")
