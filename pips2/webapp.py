@@ -77,7 +77,7 @@ from pips2.hub import (
 from pips2.tracking import FrameSource, default_model_hw, grid_queries, is_lbm, track, window_starts
 from pips2.utils.checkpoint import CheckpointError
 from pips2.utils.procs import caught_stop_signals
-from pips2.utils.video import VideoError, iter_frames
+from pips2.utils.video import CONTAINER_NAMES, VideoError, container_suffix, iter_frames
 from pips2.utils.vis import write_outputs
 
 PAGE = Path(__file__).parent / "webapp.html"
@@ -656,18 +656,23 @@ class App:
         if length <= 0:
             raise WebError(f"{name}: empty file")
         self.forget(replaces)
-        suffix = re.sub(r"[^A-Za-z0-9.]", "", Path(name).suffix)[:8]
-        path = self.work / "uploads" / f"{uuid.uuid4().hex[:12]}{suffix}"
-        path.parent.mkdir(parents=True, exist_ok=True)
+        part = self.work / "uploads" / f"{uuid.uuid4().hex[:12]}.part"
+        part.parent.mkdir(parents=True, exist_ok=True)
+        path = part
         try:
             left = length
-            with open(path, "wb") as f:
+            with open(part, "wb") as f:
                 while left:
                     chunk = body.read(min(left, 1 << 20))
                     if not chunk:
                         raise WebError(f"{name}: upload ended after {length - left} of {count(length, 'byte')}")
                     f.write(chunk)
                     left -= len(chunk)
+            with open(part, "rb") as f:
+                suffix = container_suffix(f.read(512))
+            if suffix is None:  # a playlist or list file would have ffmpeg open other files
+                raise WebError(f"{name}: not a video file this demo opens ({CONTAINER_NAMES})", 415)
+            path = part.rename(part.with_suffix(suffix))
             return self._open(path, name)
         except BaseException:
             path.unlink(missing_ok=True)

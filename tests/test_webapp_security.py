@@ -366,7 +366,7 @@ def test_one_job_at_a_time_and_cancel(server, video, monkeypatch):
 def test_uploads_are_removed_when_they_fail_are_cut_off_or_replaced(server, video, tmp_path):
     uploads = server.app.work / "uploads"
     (tmp_path / "notes.mp4").write_text("not a video\n")
-    assert upload(server.url, tmp_path / "notes.mp4")[0] == 400
+    assert upload(server.url, tmp_path / "notes.mp4")[0] == 415
     assert not list(uploads.iterdir())
     # cut off: the client sends 1000 of 100000 bytes and goes away
     with socket.create_connection(("127.0.0.1", server.port)) as s:
@@ -523,3 +523,23 @@ def test_app_prints_the_token_is_quiet_and_leaves_nothing(tmp_path, video, sig):
     assert "Traceback" not in err and "Error" not in err, err
     assert "stopped" in out
     assert not [p for p in tmp.rglob("*") if "cache" not in p.parts], list(tmp.rglob("*"))
+
+
+def test_an_upload_is_opened_as_the_container_its_bytes_are_never_as_its_name_says(server, video, tmp_path):
+    """An .m3u8 playlist naming file: segments made the server decode any video of its own disk (and serve its
+    frames); ffmpeg picks its demuxer from the name and content. Uploads are now named by their first bytes."""
+    secret = tmp_path / "secret.mp4"
+    secret.write_bytes(video.read_bytes())
+    playlist = tmp_path / "y.m3u8"
+    playlist.write_text(f"#EXTM3U\n#EXT-X-TARGETDURATION:10\n#EXTINF:10,\nfile:{secret}\n#EXT-X-ENDLIST\n")
+    status, body = upload(server.url, playlist)
+    assert status == 415 and body["error"] == ("y.m3u8: not a video file this demo opens (MP4/MOV, MKV/WebM, AVI, "
+                                               "GIF, Ogg, FLV, MPEG-PS/TS)")
+    concat = tmp_path / "list.txt"
+    concat.write_text(f"ffconcat version 1.0\nfile '{secret}'\n")
+    assert upload(server.url, concat)[0] == 415
+    assert not list((server.app.work / "uploads").iterdir())
+    # a real video under any name is opened as what it is
+    status, body = upload(server.url, video, name="holiday.m3u8")
+    assert status == 200 and body["frames"] >= 2, body
+    assert [p.suffix for p in (server.app.work / "uploads").iterdir()] == [".mp4"]

@@ -7,7 +7,7 @@ import os
 import re
 import subprocess
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from fractions import Fraction
 from pathlib import Path
 from typing import BinaryIO
@@ -326,6 +326,33 @@ def _open_problem(path: str | os.PathLike, e: Exception, verb: str) -> str:
         others = ", ".join(sorted(k.lower() for k in kinds))
         return f"no video stream in it ({f'only {others}' if others else 'no streams at all: an empty video'})"
     return f"{verb} ({str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__})"
+
+
+# Containers recognised from their first bytes, each with the suffix its file gets. An uploaded file is named by
+# what it is, never by the name the client sent: ffmpeg picks a demuxer by name and content, and a playlist
+# (an .m3u8 naming file: or http: segments, an ffconcat list) would make it read other files or addresses.
+_CONTAINERS: tuple[tuple[Callable[[bytes], bool], str], ...] = (
+    (lambda b: b[4:8] in (b"ftyp", b"moov", b"mdat", b"wide", b"free", b"skip"), ".mp4"),  # MP4, QuickTime, 3GP
+    (lambda b: b[:4] == b"\x1a\x45\xdf\xa3", ".mkv"),  # Matroska, WebM
+    (lambda b: b[:4] == b"RIFF" and b[8:12] == b"AVI ", ".avi"),
+    (lambda b: b[:6] in (b"GIF87a", b"GIF89a"), ".gif"),
+    (lambda b: b[:4] == b"OggS", ".ogv"),
+    (lambda b: b[:3] == b"FLV", ".flv"),
+    (lambda b: b[:4] == b"\x00\x00\x01\xba", ".mpg"),  # MPEG program stream
+    (lambda b: len(b) > 376 and b[0] == b[188] == b[376] == 0x47, ".ts"),  # MPEG transport stream packets
+    (lambda b: b[:8] == b"\x89PNG\r\n\x1a\n", ".png"),  # still images: opened, then refused as one frame
+    (lambda b: b[:3] == b"\xff\xd8\xff", ".jpg"),
+)
+CONTAINER_NAMES = "MP4/MOV, MKV/WebM, AVI, GIF, Ogg, FLV, MPEG-PS/TS"
+
+
+def container_suffix(head: bytes) -> str | None:
+    """The suffix of the video container (or still image) whose first bytes (at least 512) are `head`, or None
+    for anything else (a playlist, a text file, an unknown format)."""
+    for test, suffix in _CONTAINERS:
+        if test(head):
+            return suffix
+    return None
 
 
 def iter_frames(path: str | os.PathLike, backend: str = "imageio") -> Iterator[np.ndarray]:
