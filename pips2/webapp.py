@@ -39,6 +39,7 @@ import re
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -75,7 +76,7 @@ from pips2.hub import (
     offline_hint,
 )
 from pips2.tracking import FrameSource, default_model_hw, grid_queries, is_lbm, track, window_starts
-from pips2.utils.checkpoint import CheckpointError
+from pips2.utils.checkpoint import CheckpointError, resolve_device
 from pips2.utils.procs import caught_stop_signals
 from pips2.utils.video import CONTAINER_NAMES, VideoError, container_suffix, iter_frames
 from pips2.utils.vis import write_outputs
@@ -484,6 +485,7 @@ class App:
                                       ("max_decoded_mb", max_decoded_mb, (1, 1 << 20))):
             if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
                 raise ValueError(f"--{name} must be a whole number in {lo}..{hi}, got {value!r}")
+        resolve_device(device)  # a --device that is not here: one line now, not a failure inside the first job
         self.init_dir, self.model, self.device, self.S, self.iters = init_dir, model, device, S, iters
         self.max_decoded = max_decoded_mb * 2**20
         self.clip_dir = Path(clip_dir) if clip_dir else cache_dir() / "demo_clips"
@@ -1169,10 +1171,14 @@ def _interrupt(signum: int, frame) -> None:
 def serve(app: App, host: str = "127.0.0.1", port: int = 7860) -> None:
     """Serve the demo until Ctrl-C or SIGTERM, then stop the job and remove its uploads and results."""
     try:
+        # the name looked up first: waitress says only "Invalid host/port specified." (a traceback) for one
+        # that does not resolve
+        socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
         server = DemoServer(app, host, port)
-    except OSError as e:
+    except (OSError, ValueError) as e:
         app.close()
-        print(f"error: cannot listen on {host}:{port} ({e.strerror or one_line(e)})", file=sys.stderr, flush=True)
+        why = e.strerror if isinstance(e, OSError) and e.strerror else one_line(e)
+        print(f"error: cannot listen on {host}:{port} ({why})", file=sys.stderr, flush=True)
         sys.exit(2)
     if threading.current_thread() is threading.main_thread():  # `kill` or a closed terminal clean up as Ctrl-C
         for sig in caught_stop_signals():

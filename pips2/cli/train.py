@@ -34,7 +34,7 @@ from pips2.train_step import (
 from pips2.trainer import Config, fail, run_stage
 from pips2.utils import checkpoint as ck
 from pips2.utils.amp import amp_dtype
-from pips2.utils.cli import aliased, parse_hw, run_fire
+from pips2.utils.cli import aliased, flag_kind, parse_hw, run_fire
 
 # re-exported: tests and benchmarks call the step's semantics as train.<name>
 __all__ = ["Config", "forward_loss", "init_estimates", "lbm_forward_loss", "main", "make_config", "maybe_transpose",
@@ -215,10 +215,18 @@ def main(stage: int = 1, stages: str | None = None, **flags) -> None:
         prev = str(run_stage(cfg)[0])
 
 
+def text_flags() -> dict:
+    """The annotations of Config's text fields, under their names and their per-stage `stage<N>_` names: fire
+    reads `--dataset_location=2024` as a number, which run_fire turns back into the text typed (the numeric
+    fields are checked with their bounds by check_values)."""
+    hints = {k: h for k, h in typing.get_type_hints(Config).items() if (flag_kind(h) or (None,))[0] is str}
+    return {**hints, **{f"stage{st}_{k}": h for st in STAGES for k, h in hints.items()}}
+
+
 def cli() -> None:
     """The `pips2-train` command (and `python train.py`): fire flags of main."""
     try:
-        run_fire(main)
+        run_fire(main, kwarg_hints=text_flags())
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
