@@ -181,7 +181,7 @@ def test_api_errors_are_one_line(server, video, tmp_path, monkeypatch):
         return msg
 
     (tmp_path / "notes.txt").write_text("not a video\n")
-    assert "notes.txt" in error(upload(base, tmp_path / "notes.txt"), 400)
+    assert "notes.txt: not a video file this demo opens" in error(upload(base, tmp_path / "notes.txt"), 415)
     # a still image, or a video of one frame, is nothing to track (a PNG opened as a 1-frame video)
     cv2.imwrite(str(tmp_path / "still.png"), np.full((H, W, 3), 128, np.uint8))
     write_mp4(tmp_path / "one.mp4", [np.full((H, W, 3), 128, np.uint8)])
