@@ -262,6 +262,22 @@ def _declared_frames(f: BinaryIO, size: int) -> int | None:
     return None
 
 
+def declared_frames(path: str | os.PathLike) -> int | None:
+    """The number of frames an mp4/mov file's header declares for its first video track (what a decoder will
+    give for a whole file), or None for another format, no such header, or a file that cannot be read."""
+    if not Path(path).is_file():  # a FIFO's open() would wait for a writer; its reader says what is wrong
+        return None
+    try:
+        with open(path, "rb") as f:
+            size = f.seek(0, os.SEEK_END)
+            f.seek(0)
+            if len(head := f.read(8)) < 8 or head[4:] not in _ISO_FIRST:
+                return None
+            return _declared_frames(f, size)
+    except OSError:
+        return None
+
+
 def _mp4_cut(path: str | os.PathLike) -> tuple[str, int | None] | None:
     """(where an mp4/mov file is cut, the frames its header declares or None), or None for a whole file or another
     format. Its top-level boxes, walked by their sizes, must end within the file: a download or copy cut short
