@@ -40,7 +40,7 @@ from pips2.nets.lbm import LBM, LBMOnline
 from pips2.nets.pips2 import MIN_SIZE
 from pips2.utils.amp import autocast
 from pips2.utils.procs import is_space_error, pid_alive
-from pips2.utils.video import VideoError, iter_frames, read_rgb
+from pips2.utils.video import VideoError, declared_frames, iter_frames, read_rgb
 
 # Bounds on what one tracking request may ask for (docs/BAD_INPUTS.md). Every point costs model time in every
 # frame and a row per frame in tracks.csv, so the count is bounded (a 100x100 grid) rather than left to grow
@@ -143,16 +143,48 @@ def _reserve(f, nbytes: int, video, folder: Path) -> None:
         os.ftruncate(f.fileno(), nbytes)  # a file system without fallocate: the file grows sparse
 
 
+# The decoded frames of a video may not fill the temp folder's disk: this much of it stays free for other programs
+# (a training saving a checkpoint), a tenth of a disk smaller than 10 GiB
+FREE_MARGIN = 2**30
+
+
+def frames_room(folder: str | os.PathLike) -> tuple[int, int]:
+    """(bytes the decoded frames may take in folder: its free space less the margin, that free space)."""
+    du = shutil.disk_usage(folder)
+    return max(0, du.free - min(FREE_MARGIN, du.total // 10)), du.free
+
+
+def _no_room(video, need: int, folder, free: int, what: str) -> ValueError:
+    return ValueError(f"{video}: {what} needs {need / 2**30:.2f} GB at the model's size, {folder} has "
+                      f"{free / 2**30:.2f} GB free (less {FREE_MARGIN / 2**30:.0f} GB or a tenth of its disk kept for "
+                      f"other programs); set TMPDIR or cut the video")
+
+
+def check_frames_space(video, n_frames: int, model_hw: tuple[int, int], tmp: str | os.PathLike | None = None
+                       ) -> None:
+    """ValueError, before anything is decoded, when a video's n_frames at the model's size would not fit in the
+    temp folder (TMPDIR) that VideoFileFrames decodes it into, its free space less a margin (`frames_room`)."""
+    folder = Path(tmp or tempfile.gettempdir())
+    need = n_frames * model_hw[0] * model_hw[1] * 3
+    room, free = frames_room(folder)
+    if need > room:
+        raise _no_room(video, need, folder, free, f"decoding its {n_frames} frames")
+
+
 class VideoFileFrames(FrameSource):
     """A video file decoded once, at the model size, into a memory-mapped temp file (bounded RAM).
 
     The file lives in a folder of TMPDIR named after this host and process; `close()` (which `track` calls for
     the sources it makes, on every way out, signals included) removes it, as does garbage collection and the
     end of the interpreter; folders of killed processes are removed by the next one (`remove_stale_frame_dirs`).
-    Disk is reserved as the file grows: a full disk is one VideoError line.
+    Disk is reserved as the file grows: a full disk is one VideoError line. The frames must fit in TMPDIR's free
+    space less a margin (`check_frames_space`): checked before decoding when the frame count is given or an mp4
+    header declares it, and again each time the file grows (ValueError), so it never takes the disk's last GB.
     """
 
-    def __init__(self, path: str | os.PathLike, model_hw: tuple[int, int] | None = None):
+    def __init__(self, path: str | os.PathLike, model_hw: tuple[int, int] | None = None,
+                 n_frames: int | None = None):
+        n_frames = n_frames or declared_frames(path)
         frames = iter_frames(path)
         first = next(frames, None)
         if first is None:
@@ -165,25 +197,36 @@ class VideoFileFrames(FrameSource):
             raise
         super().__init__(0, src_hw, model_hw)
         remove_stale_frame_dirs()
+        if n_frames:
+            try:
+                check_frames_space(path, n_frames, model_hw)
+            except ValueError:
+                frames.close()
+                raise
         self.store = None
         self.dir = Path(tempfile.mkdtemp(prefix=f"{FRAMES_PREFIX}.{socket.gethostname()}.{os.getpid()}."))
         self._cleanup = weakref.finalize(self, shutil.rmtree, str(self.dir), True)
         try:
-            self._decode(path, _chain(first, frames))
+            self._decode(path, _chain(first, frames), n_frames or 0)
         except BaseException:  # an error or a signal mid-way: no temp file left behind
             frames.close()
             self.close()
             raise
 
-    def _decode(self, path, frames) -> None:
+    def _decode(self, path, frames, expected: int) -> None:
         h, w = self.model_hw
         frame_bytes = h * w * 3
         file = self.dir / "frames.u8"
         n, cap = 0, 0
         with open(file, "w+b") as f:
             for frame in frames:
-                if n == cap:  # grow the file geometrically, in place (nothing copied)
-                    cap = max(64, cap * 2)
+                if n == cap:  # grow the file geometrically, in place (nothing copied), within the room left
+                    want = expected if cap == 0 and expected else max(64, cap * 2)
+                    room, free = frames_room(self.dir)  # the file's own reservation is no longer free
+                    cap = min(want, cap + room // frame_bytes)
+                    if cap == n:
+                        raise _no_room(path, (n + 1) * frame_bytes, self.dir.parent, free + n * frame_bytes,
+                                       f"decoding more than {n} frames")
                     self.store = None
                     _reserve(f, cap * frame_bytes, path, self.dir)
                     self.store = np.memmap(f, np.uint8, "r+", shape=(cap, h, w, 3))

@@ -3,12 +3,15 @@
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from fractions import Fraction
 from pathlib import Path
+from types import SimpleNamespace
 
 import cv2
 import numpy as np
@@ -172,6 +175,22 @@ def test_bad_video(tmp_path, capsys):
     (tmp_path / "junk.mp4").write_bytes(b"\0" * 5000)
     _one_error_line(_demo(capsys, video=tmp_path / "junk.mp4", out_dir=tmp_path / 'o'), tmp_path / "junk.mp4")
     assert not (tmp_path / "o").exists()  # a refused run leaves no empty --out_dir
+
+
+def test_a_video_beyond_tmpdirs_free_space_is_one_line(tmp_path, clip, ckpt, capsys, monkeypatch):
+    """demo.py knows the frame count and the model's size before decoding: a video whose frames would not fit in
+    TMPDIR less a margin is refused then (it filled TMPDIR to 90 % before 'no space'), before the model loads."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    monkeypatch.setattr(demo, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: SimpleNamespace(total=2**40, used=2**40 - 3 * 2**29,
+                                                                        free=3 * 2**29))
+    line = _one_error_line(_demo(capsys, ckpt, video=clip, image_size="4096,4096", out_dir=tmp_path / "o"),
+                           clip, "its 14 frames needs 0.66 GB at the model's size", f"{tmp} has 1.50 GB free",
+                           "set TMPDIR or cut the video")
+    assert line.endswith("set TMPDIR or cut the video") and list(tmp.iterdir()) == []
+    assert not (tmp_path / "o").exists()
 
 
 def test_uncreatable_or_read_only_out_dir(tmp_path, clip, capsys):

@@ -3,12 +3,14 @@ encoding per frame, streaming, one-frame windows, bad queries and bounded memory
 
 import errno
 import os
+import shutil
 import socket
 import subprocess
 import sys
 import tempfile
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -503,6 +505,44 @@ def test_a_full_disk_while_decoding_is_one_line(tmp_path, monkeypatch):
         tracking.track(TwoFrameStub(), str(tmp_path / "v.mp4"), np.array([[0, 1.0, 1.0]]), S=4)
     assert str(e.value).startswith(f"{tmp_path / 'v.mp4'}: no space in {tmp_path / 'tmp'} for its decoded frames")
     assert "TMPDIR" in str(e.value) and list((tmp_path / "tmp").iterdir()) == []
+
+
+def _small_disk(monkeypatch, tmp: Path, free: int, total: int = 100 * 2**30) -> None:
+    """TMPDIR = tmp on a disk with `free` bytes free besides what its files take (shutil.disk_usage faked)."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    tmp.mkdir(exist_ok=True)
+
+    def usage(path):
+        taken = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file())
+        return SimpleNamespace(total=total, used=total - free + taken, free=free - taken)
+
+    monkeypatch.setattr(shutil, "disk_usage", usage)
+
+
+def test_a_video_beyond_tmpdirs_free_space_is_refused_before_it_fills_it(tmp_path, monkeypatch):
+    """An 8 KB video of many grey frames grew its decoded-frame file until the disk was nearly full (other programs
+    writing there met ENOSPC) before 'no space'. Its frames x the model's size are compared with TMPDIR's free
+    space less 1 GB (a tenth of a disk under 10 GB) before decoding, when an mp4 header declares the count, and as
+    the file grows, when it does not."""
+    tmp = tmp_path / "tmp"
+    write_mp4(tmp_path / "v.mp4", _video(3))  # tracked at 128x160: 61,440 bytes a frame
+    _small_disk(monkeypatch, tmp, 2**30 + 100_000)  # room for one frame
+    q = np.array([[0, 1.0, 1.0]])
+    with pytest.raises(ValueError) as e:
+        tracking.track(TwoFrameStub(), str(tmp_path / "v.mp4"), q, S=4)
+    assert str(e.value) == (f"{tmp_path / 'v.mp4'}: decoding its 3 frames needs 0.00 GB at the model's size, {tmp} has "
+                            f"1.00 GB free (less 1 GB or a tenth of its disk kept for other programs); set TMPDIR or "
+                            f"cut the video")
+    assert list(tmp.iterdir()) == []
+    monkeypatch.setattr(tracking, "declared_frames", lambda path: None)  # a format without a frame count
+    with pytest.raises(ValueError, match=r"decoding more than 1 frames needs 0\.00 GB .*; set TMPDIR or cut the"):
+        tracking.track(TwoFrameStub(), str(tmp_path / "v.mp4"), q, S=4)
+    assert list(tmp.iterdir()) == []
+    _small_disk(monkeypatch, tmp, 2**30 + 3 * 61_440)  # exactly room for the 3 frames: tracked
+    assert tracking.track(TwoFrameStub(), str(tmp_path / "v.mp4"), q, S=4)["tracks"].shape == (3, 1, 2)
+    small = 2**30 // 2  # a 512 MB disk keeps a tenth of it free, not 1 GB
+    _small_disk(monkeypatch, tmp, small // 10 + 3 * 61_440, total=small)
+    assert tracking.track(TwoFrameStub(), str(tmp_path / "v.mp4"), q, S=4)["tracks"].shape == (3, 1, 2)
 
 
 def test_a_video_too_large_for_its_own_size_needs_image_size(tmp_path, monkeypatch):

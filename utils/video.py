@@ -262,6 +262,22 @@ def _declared_frames(f: BinaryIO, size: int) -> int | None:
     return None
 
 
+def declared_frames(path: str | os.PathLike) -> int | None:
+    """The number of frames an mp4/mov file's header declares for its first video track (what a decoder will
+    give for a whole file), or None for another format, no such header, or a file that cannot be read."""
+    if not Path(path).is_file():  # a FIFO's open() would wait for a writer; its reader says what is wrong
+        return None
+    try:
+        with open(path, "rb") as f:
+            size = f.seek(0, os.SEEK_END)
+            f.seek(0)
+            if len(head := f.read(8)) < 8 or head[4:] not in _ISO_FIRST:
+                return None
+            return _declared_frames(f, size)
+    except OSError:
+        return None
+
+
 def _mp4_cut(path: str | os.PathLike) -> tuple[str, int | None] | None:
     """(where an mp4/mov file is cut, the frames its header declares or None), or None for a whole file or another
     format. Its top-level boxes, walked by their sizes, must end within the file: a download or copy cut short
@@ -355,19 +371,19 @@ def container_suffix(head: bytes) -> str | None:
     return None
 
 
-def iter_frames(path: str | os.PathLike, backend: str = "imageio") -> Iterator[np.ndarray]:
-    """Yield RGB uint8 frames of any video one at a time (bounded memory), decoded by imageio-ffmpeg's
-    bundled ffmpeg (any codec it knows) or by OpenCV (`backend="cv2"`). An mp4 cut short is refused
-    (`mp4_truncation`): decoders would stop early without a word."""
+def _frames(path: str | os.PathLike, backend: str) -> Iterator[tuple[int, int] | np.ndarray]:
+    """A generator yielding first the (height, width) its stream's header declares, read before any frame is
+    decoded, then the RGB uint8 frames one at a time; closing it stops the decoder."""
     _check_video_path(path)
     why = mp4_truncation(path)
     if why:
         raise VideoError(f"{path}: {why}; {REMUX_HINT}")
     if backend == "cv2":
         cap = cv2.VideoCapture(str(path))
-        if not cap.isOpened():
-            raise VideoError(f"{path}: cannot open video")
         try:
+            if not cap.isOpened():
+                raise VideoError(f"{path}: cannot open video")
+            yield int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT)), int(cap.get(cv2.CAP_PROP_FRAME_WIDTH))
             while True:
                 ok, frame = cap.read()
                 if not ok:
@@ -380,15 +396,28 @@ def iter_frames(path: str | os.PathLike, backend: str = "imageio") -> Iterator[n
     # or drop frames of a variable-frame-rate video (a phone's) to make a constant rate
     reader = imageio_ffmpeg.read_frames(str(path), pix_fmt="rgb24", output_params=["-fps_mode", "passthrough"])
     try:
-        meta = next(reader)
-    except Exception as e:
-        raise VideoError(f"{path}: {_open_problem(path, e, 'cannot decode')}") from None
-    w, h = meta["size"]
-    try:
+        try:
+            meta = next(reader)
+        except Exception as e:
+            raise VideoError(f"{path}: {_open_problem(path, e, 'cannot decode')}") from None
+        w, h = meta["size"]
+        yield h, w
         for buf in reader:
             yield np.frombuffer(buf, np.uint8).reshape(h, w, 3)
     finally:
         reader.close()
+
+
+def iter_frames(path: str | os.PathLike, backend: str = "imageio") -> Iterator[np.ndarray]:
+    """Yield RGB uint8 frames of any video one at a time (bounded memory), decoded by imageio-ffmpeg's
+    bundled ffmpeg (any codec it knows) or by OpenCV (`backend="cv2"`). An mp4 cut short is refused
+    (`mp4_truncation`): decoders would stop early without a word."""
+    frames = _frames(path, backend)
+    try:
+        next(frames)  # the header's size
+        yield from frames
+    finally:
+        frames.close()
 
 
 def read_video(path: str | os.PathLike, backend: str = "cv2") -> np.ndarray:
@@ -454,16 +483,33 @@ def frame_rate(path: str | os.PathLike) -> Fraction | None:
 
 
 def read_clip(path: str | os.PathLike, S: int, H: int, W: int, backend: str = "cv2") -> np.ndarray:
-    """Decode an exported clip and insist on exactly S frames of HxW; anything else is corrupt."""
+    """Decode an exported clip and insist on exactly S frames of HxW; anything else is corrupt. The size is
+    checked from the stream's header before any frame is decoded, and at most S+1 frames are decoded, so a small
+    file of thousands of large frames costs no more memory than a good clip."""
     if not Path(path).is_file():
         raise VideoError(f"{path}: missing")
+    expected = f"expected {S} of {H}x{W}"
+    decoded: list[np.ndarray] = []
     try:
-        frames = read_video(path, backend)
+        frames = _frames(path, backend)
+        try:
+            h, w = next(frames)
+            if (h, w) != (H, W):
+                raise VideoError(f"{path}: corrupt clip, its header declares frames of {h}x{w}, {expected}")
+            for frame in frames:
+                if frame.shape != (H, W, 3):  # a stream changing size midway
+                    raise VideoError(f"{path}: corrupt clip, frame {len(decoded)} is "
+                                     f"{frame.shape[0]}x{frame.shape[1]}, {expected}")
+                if len(decoded) == S:
+                    raise VideoError(f"{path}: corrupt clip, more than {S} frames, {expected}")
+                decoded.append(frame)
+        finally:
+            frames.close()
     except VideoError:
         raise
     except Exception as e:
         raise VideoError(f"{path}: cannot decode ({type(e).__name__})") from None
-    if frames.shape != (S, H, W, 3):
-        raise VideoError(f"{path}: corrupt clip, decoded {frames.shape[0]} frames of "
-                         f"{frames.shape[1]}x{frames.shape[2]}, expected {S} of {H}x{W}")
-    return frames
+    if len(decoded) != S:
+        what = f"decoded {len(decoded)} frames of {H}x{W}" if decoded else "no decodable frames"
+        raise VideoError(f"{path}: corrupt clip, {what}, {expected}")
+    return np.stack(decoded)

@@ -28,6 +28,7 @@ import numpy as np
 from pips2.datasets.synthetic import write_synthetic_video
 from pips2.hub import DEFAULT_PIPS, check_options, load_model
 from pips2.tracking import (
+    check_frames_space,
     check_grid_size,
     check_queries,
     check_track_args,
@@ -237,10 +238,13 @@ def main(video: str | None = None, init_dir: str | None = None, points: str | No
                 synthetic = None if (out / "synthetic.mp4").exists() else out / "synthetic.mp4"
                 video_path = synthetic_video(out)
             queries, n_frames, H, W, fps = prepare(video_path, points, grid_size, query_frame, mask)
-            if image_size is None and model == "pips2":
-                default_model_hw((H, W), str(video_path))  # a video too large to track at its size: refused now
+            if model == "pips2":  # a video too large to track at its size, or for TMPDIR at it: refused now
+                hw = image_size or default_model_hw((H, W), str(video_path))
+                check_frames_space(video_path, n_frames, hw)
             net = load_model(init_dir, dev, kind=model, amp=amp, memory_size=memory_size)
             mh, mw = model_input_hw(net, (H, W), image_size)  # the time per frame grows with this size
+            if model != "pips2":  # LBM's size is its weights'
+                check_frames_space(video_path, n_frames, (mh, mw))
             t0 = time.time()
             print(f"tracking {len(queries)} points through {video_path} ({n_frames} frames, {W}x{H}; the model runs "
                   f"at {mw}x{mh}) with {init_dir or DEFAULT_PIPS}", flush=True)
