@@ -6,8 +6,10 @@ layout and the curves)."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import stat
 import sys
 import threading
 import time
@@ -200,18 +202,67 @@ def check_amp(amp: str) -> str | None:
     return None if amp in (None, "none") else str(amp)
 
 
-def check_out_json(out_json: str | None) -> None:
-    """ValueError unless --out_json can be written (its folder exists and is writable), so that hours of
-    scoring never end on a path that cannot take the results."""
+# an existing --out_json is replaced only if it is a results file of this program; a file larger than this is
+# not one (a results JSON of ~1000 videos is ~1 MB) and is not read to find out
+MAX_RESULTS_BYTES = 64 << 20
+
+
+def is_results_file(path: str | os.PathLike) -> bool:
+    """True if path is a regular file holding a results JSON of the evaluation frame: a JSON object with its
+    benchmark and status keys (docs/EVALUATION.md#results-json)."""
+    try:
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_RESULTS_BYTES:
+            return False
+        with open(path, "rb") as f:
+            if not f.read(64).lstrip().startswith(b"{"):  # a data set or checkpoint: not read further
+                return False
+            f.seek(0)
+            js = json.loads(f.read())
+    except (OSError, ValueError):
+        return False
+    return isinstance(js, dict) and {"benchmark", "status"} <= set(js)
+
+
+def _inside(path: Path, inputs: dict[str, Any]) -> str | None:
+    """The first input flag (name=value) whose file is path or whose folder holds path; None if none."""
+    for name, value in inputs.items():
+        if value is None or not Path(str(value)).exists():  # not given, or a hub name
+            continue
+        where = Path(str(value)).resolve()
+        if path == where or (where.is_dir() and where in path.parents):
+            return f"--{name}={value}"
+    return None
+
+
+def check_out_json(out_json: str | None, **inputs: Any) -> None:
+    """ValueError unless --out_json and its curves PNG can be written without losing anything: the folder
+    exists and is writable (hours of scoring never end on a path that cannot take the results), neither is an
+    input (a flag of `inputs`, e.g. dataset_location=, init_dir=: that file or inside that folder), and an
+    existing file is replaced only if it is a results file of this program (the curves PNG only beside one)."""
     if not out_json:
         return
-    folder = Path(out_json).parent
-    if Path(out_json).is_dir():
+    out = Path(out_json)
+    folder = out.parent
+    if out.is_dir():
         raise ValueError(f"--out_json={out_json} is a folder; give a file name")
     if not folder.is_dir():
         raise ValueError(f"--out_json={out_json}: no such folder {folder}")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise ValueError(f"--out_json={out_json}: folder {folder} is not writable")
+    png = plots.png_path(out)
+    for what, p in (("--out_json", out), ("its curves file", png)):
+        owner = _inside(p.resolve(), inputs)
+        if owner:
+            name = f"--out_json={out_json}" if what == "--out_json" else f"--out_json={out_json}: its curves {p}"
+            raise ValueError(f"{name} would overwrite the input {owner}; give another name")
+    replacing = out.exists() or out.is_symlink()
+    if replacing and not is_results_file(out):
+        raise ValueError(f"--out_json={out_json} exists and is not a results file of this program; "
+                         "give another name")
+    if (png.exists() or png.is_symlink()) and (not replacing or png.is_dir()):
+        raise ValueError(f"--out_json={out_json}: its curves file {png} exists and is not one this program "
+                         "wrote beside a results file; give another name")
 
 
 # ---------------------------------------------------------------------------------------------------------
