@@ -324,6 +324,15 @@ class Scored:
     curves: dict | None = None
 
 
+# the line before the results JSON on stdout when --out_json cannot be written (a full disk at the end)
+RESULTS_MARKER = "--- results JSON (--out_json could not be written) ---"
+
+
+def why_not(e: OSError) -> str:
+    """An OSError's reason in a few words ('no space left on device'), without its path."""
+    return (e.strerror or str(e) or type(e).__name__).lower()
+
+
 def _on_signal(signum, _frame) -> None:
     raise Interrupted(signal.Signals(signum).name)
 
@@ -346,6 +355,7 @@ class Evaluation:
     frames: int = 0
     total: int | None = None  # items handed to run(), when known
     processed: int = 0  # of them, scored or skipped
+    unwritten: str | None = None  # why --out_json could not be written (its JSON then went to stdout)
 
     def skip(self, name: str, reason: str) -> None:
         """Record an item that cannot be scored, and say so."""
@@ -356,7 +366,8 @@ class Evaluation:
             desc: str = "eval", unit: str = "it") -> None:
         """Score every item; then the summary and --out_json. Ctrl-C, SIGTERM or SIGHUP (a closed terminal):
         the same with what is done, one line on stderr, exit 130 / 143 / 129. A bug: the same, then raised.
-        Nothing scored at all: exit 2."""
+        Nothing scored at all: exit 2. --out_json not writable at the end (a full disk): its JSON on stdout after
+        RESULTS_MARKER, one line on stderr, exit 1."""
         self.total = total
         main_thread = threading.current_thread() is threading.main_thread()
         old = {s: signal.signal(s, _on_signal) for s in caught_stop_signals()} if main_thread else {}
@@ -379,6 +390,8 @@ class Evaluation:
             self._stop(bar, old, time.time() - t0)
             done = f"{len(self.per_item)}" + (f" of {total}" if total is not None else "")
             where = f"; partial results in {self.out_json}" if self.out_json else ""
+            if self.unwritten:
+                where = "; partial results printed above (--out_json not written)"
             print(f"stopped by {signame}: {done} {self.noun} scored{where}", file=sys.stderr, flush=True)
             sys.exit(exit_code(signame))
         except Exception as e:  # a bug, not bad data: keep the scores, then fail loudly
@@ -389,6 +402,8 @@ class Evaluation:
         if not self.per_item:
             print(f"error: no {self.noun} could be scored ({len(self.skipped)} skipped)", file=sys.stderr, flush=True)
             sys.exit(2)
+        if self.unwritten:  # the results are on stdout, but the file asked for is not there: not a success
+            sys.exit(1)
 
     def _add(self, name: str, res: Scored) -> None:
         key, i = name, 2
@@ -449,12 +464,22 @@ class Evaluation:
         if not self.out_json:
             return
         payload = self.payload()
-        write_json(self.out_json, payload)
+        try:
+            write_json(self.out_json, payload)
+        except OSError as e:  # a full disk after hours of scoring: the results must still reach the user
+            self.unwritten = why_not(e)
+            print(f"{RESULTS_MARKER}\n{json.dumps(payload, indent=2)}", flush=True)
+            print(f"error: cannot write --out_json={self.out_json} ({self.unwritten}); the results are printed "
+                  "above", file=sys.stderr, flush=True)
+            return
         print(f"results -> {self.out_json}" + ("" if self.status == "done" else " (partial)"), flush=True)
         if payload["curves"]:
+            png = plots.png_path(self.out_json)
             try:
-                png = plots.save_png({self.benchmark: payload["curves"]}, plots.png_path(self.out_json),
-                                     title=f"{self.label} on {self.benchmark}: {n} {self.noun}")
+                plots.save_png({self.benchmark: payload["curves"]}, png,
+                               title=f"{self.label} on {self.benchmark}: {n} {self.noun}")
                 print(f"curves -> {png}", flush=True)
             except ImportError as e:  # the figures above are the results; the picture is a convenience
                 print(f"curves not drawn ({e}); pip install matplotlib", flush=True)
+            except OSError as e:
+                print(f"warning: curves not drawn: cannot write {png} ({why_not(e)})", file=sys.stderr, flush=True)

@@ -1,6 +1,7 @@
 """The evaluation frame the three scripts share (pips2/evaluation.Evaluation): one JSON layout, flags checked in
 one line before anything loads, and partial results on SIGTERM and Ctrl-C, each script run as a user runs it."""
 
+import errno
 import json
 import os
 import pickle
@@ -193,3 +194,40 @@ def test_out_json_replaces_only_a_results_file(tmp_path, capsys):
     (tmp_path / "r.json").write_text(json.dumps({k: None for k in JSON_KEYS}))
     evaluation.check_out_json(str(tmp_path / "r.json"), dataset_location=str(paths["tap"]), init_dir="pips2")
     evaluation.check_out_json(str(tmp_path / "new.json"), dataset_location=str(paths["tap"]))
+
+
+def _no_space(*args, **kwargs):
+    """What a write to a full disk raises."""
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def _lines(stderr: str) -> list[str]:
+    """stderr without the progress bar's redraws."""
+    return [ln for ln in re.split(r"[\r\n]", stderr) if ln.strip() and not re.search(r"\[\d\d:\d\d", ln)]
+
+
+def test_a_full_disk_at_the_end_prints_the_results_instead(data, tmp_path, capsys, monkeypatch):
+    locations, ck = data
+    out = tmp_path / "r.json"
+    kw = dict(dataset_location=str(locations["tap"]), init_dir=str(ck), out_json=str(out), max_videos=1,
+              **SMALL["tap"])
+    monkeypatch.setattr(evaluation, "write_json", _no_space)
+    res = run_main(eval_tap.main, capsys, **kw)
+    assert res.returncode == 1, res.stderr
+    assert "Traceback" not in res.stderr
+    assert _lines(res.stderr) == [f"error: cannot write --out_json={out} (no space left on device); "
+                                  "the results are printed above"]
+    head, marker, rest = res.stdout.partition(evaluation.RESULTS_MARKER + "\n")
+    assert marker and "summary: 1 videos scored" in head
+    js = json.loads(rest)
+    assert set(js) == JSON_KEYS and list(js["per_item"]) == ["v0"] and js["status"] == "done"
+    assert not out.exists() and not list(tmp_path.iterdir())
+    # the JSON written, its curves PNG not: a warning line, the results stand
+    monkeypatch.undo()
+    monkeypatch.setattr(evaluation.plots, "save_png", _no_space)
+    res = run_main(eval_tap.main, capsys, **kw)
+    assert res.returncode == 0, res.stderr
+    assert "Traceback" not in res.stderr
+    png = tmp_path / "r_curves.png"
+    assert _lines(res.stderr) == [f"warning: curves not drawn: cannot write {png} (no space left on device)"]
+    assert json.loads(out.read_text())["per_item"].keys() == {"v0"} and not png.exists()
