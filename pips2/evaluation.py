@@ -6,8 +6,10 @@ layout and the curves)."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import stat
 import sys
 import threading
 import time
@@ -200,18 +202,67 @@ def check_amp(amp: str) -> str | None:
     return None if amp in (None, "none") else str(amp)
 
 
-def check_out_json(out_json: str | None) -> None:
-    """ValueError unless --out_json can be written (its folder exists and is writable), so that hours of
-    scoring never end on a path that cannot take the results."""
+# an existing --out_json is replaced only if it is a results file of this program; a file larger than this is
+# not one (a results JSON of ~1000 videos is ~1 MB) and is not read to find out
+MAX_RESULTS_BYTES = 64 << 20
+
+
+def is_results_file(path: str | os.PathLike) -> bool:
+    """True if path is a regular file holding a results JSON of the evaluation frame: a JSON object with its
+    benchmark and status keys (docs/EVALUATION.md#results-json)."""
+    try:
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_RESULTS_BYTES:
+            return False
+        with open(path, "rb") as f:
+            if not f.read(64).lstrip().startswith(b"{"):  # a data set or checkpoint: not read further
+                return False
+            f.seek(0)
+            js = json.loads(f.read())
+    except (OSError, ValueError):
+        return False
+    return isinstance(js, dict) and {"benchmark", "status"} <= set(js)
+
+
+def _inside(path: Path, inputs: dict[str, Any]) -> str | None:
+    """The first input flag (name=value) whose file is path or whose folder holds path; None if none."""
+    for name, value in inputs.items():
+        if value is None or not Path(str(value)).exists():  # not given, or a hub name
+            continue
+        where = Path(str(value)).resolve()
+        if path == where or (where.is_dir() and where in path.parents):
+            return f"--{name}={value}"
+    return None
+
+
+def check_out_json(out_json: str | None, **inputs: Any) -> None:
+    """ValueError unless --out_json and its curves PNG can be written without losing anything: the folder
+    exists and is writable (hours of scoring never end on a path that cannot take the results), neither is an
+    input (a flag of `inputs`, e.g. dataset_location=, init_dir=: that file or inside that folder), and an
+    existing file is replaced only if it is a results file of this program (the curves PNG only beside one)."""
     if not out_json:
         return
-    folder = Path(out_json).parent
-    if Path(out_json).is_dir():
+    out = Path(out_json)
+    folder = out.parent
+    if out.is_dir():
         raise ValueError(f"--out_json={out_json} is a folder; give a file name")
     if not folder.is_dir():
         raise ValueError(f"--out_json={out_json}: no such folder {folder}")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise ValueError(f"--out_json={out_json}: folder {folder} is not writable")
+    png = plots.png_path(out)
+    for what, p in (("--out_json", out), ("its curves file", png)):
+        owner = _inside(p.resolve(), inputs)
+        if owner:
+            name = f"--out_json={out_json}" if what == "--out_json" else f"--out_json={out_json}: its curves {p}"
+            raise ValueError(f"{name} would overwrite the input {owner}; give another name")
+    replacing = out.exists() or out.is_symlink()
+    if replacing and not is_results_file(out):
+        raise ValueError(f"--out_json={out_json} exists and is not a results file of this program; "
+                         "give another name")
+    if (png.exists() or png.is_symlink()) and (not replacing or png.is_dir()):
+        raise ValueError(f"--out_json={out_json}: its curves file {png} exists and is not one this program "
+                         "wrote beside a results file; give another name")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -273,6 +324,15 @@ class Scored:
     curves: dict | None = None
 
 
+# the line before the results JSON on stdout when --out_json cannot be written (a full disk at the end)
+RESULTS_MARKER = "--- results JSON (--out_json could not be written) ---"
+
+
+def why_not(e: OSError) -> str:
+    """An OSError's reason in a few words ('no space left on device'), without its path."""
+    return (e.strerror or str(e) or type(e).__name__).lower()
+
+
 def _on_signal(signum, _frame) -> None:
     raise Interrupted(signal.Signals(signum).name)
 
@@ -295,6 +355,7 @@ class Evaluation:
     frames: int = 0
     total: int | None = None  # items handed to run(), when known
     processed: int = 0  # of them, scored or skipped
+    unwritten: str | None = None  # why --out_json could not be written (its JSON then went to stdout)
 
     def skip(self, name: str, reason: str) -> None:
         """Record an item that cannot be scored, and say so."""
@@ -305,7 +366,8 @@ class Evaluation:
             desc: str = "eval", unit: str = "it") -> None:
         """Score every item; then the summary and --out_json. Ctrl-C, SIGTERM or SIGHUP (a closed terminal):
         the same with what is done, one line on stderr, exit 130 / 143 / 129. A bug: the same, then raised.
-        Nothing scored at all: exit 2."""
+        Nothing scored at all: exit 2. --out_json not writable at the end (a full disk): its JSON on stdout after
+        RESULTS_MARKER, one line on stderr, exit 1."""
         self.total = total
         main_thread = threading.current_thread() is threading.main_thread()
         old = {s: signal.signal(s, _on_signal) for s in caught_stop_signals()} if main_thread else {}
@@ -328,6 +390,8 @@ class Evaluation:
             self._stop(bar, old, time.time() - t0)
             done = f"{len(self.per_item)}" + (f" of {total}" if total is not None else "")
             where = f"; partial results in {self.out_json}" if self.out_json else ""
+            if self.unwritten:
+                where = "; partial results printed above (--out_json not written)"
             print(f"stopped by {signame}: {done} {self.noun} scored{where}", file=sys.stderr, flush=True)
             sys.exit(exit_code(signame))
         except Exception as e:  # a bug, not bad data: keep the scores, then fail loudly
@@ -338,6 +402,8 @@ class Evaluation:
         if not self.per_item:
             print(f"error: no {self.noun} could be scored ({len(self.skipped)} skipped)", file=sys.stderr, flush=True)
             sys.exit(2)
+        if self.unwritten:  # the results are on stdout, but the file asked for is not there: not a success
+            sys.exit(1)
 
     def _add(self, name: str, res: Scored) -> None:
         key, i = name, 2
@@ -398,12 +464,22 @@ class Evaluation:
         if not self.out_json:
             return
         payload = self.payload()
-        write_json(self.out_json, payload)
+        try:
+            write_json(self.out_json, payload)
+        except OSError as e:  # a full disk after hours of scoring: the results must still reach the user
+            self.unwritten = why_not(e)
+            print(f"{RESULTS_MARKER}\n{json.dumps(payload, indent=2)}", flush=True)
+            print(f"error: cannot write --out_json={self.out_json} ({self.unwritten}); the results are printed "
+                  "above", file=sys.stderr, flush=True)
+            return
         print(f"results -> {self.out_json}" + ("" if self.status == "done" else " (partial)"), flush=True)
         if payload["curves"]:
+            png = plots.png_path(self.out_json)
             try:
-                png = plots.save_png({self.benchmark: payload["curves"]}, plots.png_path(self.out_json),
-                                     title=f"{self.label} on {self.benchmark}: {n} {self.noun}")
+                plots.save_png({self.benchmark: payload["curves"]}, png,
+                               title=f"{self.label} on {self.benchmark}: {n} {self.noun}")
                 print(f"curves -> {png}", flush=True)
             except ImportError as e:  # the figures above are the results; the picture is a convenience
                 print(f"curves not drawn ({e}); pip install matplotlib", flush=True)
+            except OSError as e:
+                print(f"warning: curves not drawn: cannot write {png} ({why_not(e)})", file=sys.stderr, flush=True)

@@ -99,6 +99,64 @@ def test_synthetic_visibility_matches_masks(synth_root):
 
 # --- reader and filters ----------------------------------------------------------------------------------
 
+def _synth(capsys, out, **flags):
+    """make_synthetic_pod.py's main in this process: (exit code, stdout, stderr)."""
+    from helpers import run_main
+
+    from pips2.cli import synthetic
+
+    res = run_main(synthetic.main, capsys, out=str(out), **{**dict(train=1, test=0), **flags})
+    return res.returncode, res.stdout, res.stderr
+
+
+def test_synthetic_refuses_other_settings_into_the_same_folder(tmp_path, capsys):
+    out = tmp_path / "syn"
+    code, stdout, err = _synth(capsys, out, W=64, H=48, T=3, n_points=20)
+    assert code == 0, err
+    assert "summary: 1 scenes (train 1) of 3 frames 64x48" in stdout
+    before = sorted(p.name for p in (out / "train" / "synth_0000" / "rgbs").iterdir())
+    assert len(before) == 3
+    code, _, err = _synth(capsys, out, W=128, H=96, T=10, n_points=20, train=2)
+    assert code == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"error: --out={out} holds scenes made with other settings (W=64 (now 128), "
+                          "H=48 (now 96), T=3 (now 10)")
+    assert sorted(p.name for p in (out / "train" / "synth_0000" / "rgbs").iterdir()) == before
+    assert not (out / "train" / "synth_0001").exists()
+    code, stdout, err = _synth(capsys, out, W=64, H=48, T=3, n_points=20, train=2)  # the same settings: more scenes
+    assert code == 0 and (out / "train" / "synth_0001" / "anno.npz").is_file(), err
+    # a folder of scenes without a record (an older version made it) is not added to either
+    (out / "settings.json").unlink()
+    code, _, err = _synth(capsys, out, W=64, H=48, T=3, n_points=20, train=3)
+    assert code == 2 and "holds scenes without a record of their settings" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("flags,msg", [
+    (dict(T=0), "--T must be at least 2 frames, got 0"), (dict(T=1), "--T must be at least 2 frames, got 1"),
+    (dict(W=-5), "--W and --H must be at least 8 pixels"), (dict(H=4), "--W and --H must be at least 8 pixels"),
+    (dict(W=100000, H=100000), "W x H at most"),
+    (dict(n_points=-1), "--n_points must be between 3 and 131072, got -1"),
+    (dict(n_points=0), "--n_points must be between 3"), (dict(T=100000, n_points=100000), "--T x --n_points"),
+    (dict(n_objects=-1), "--n_objects must be at least 0"), (dict(train=0), "nothing to write"),
+    (dict(val=-2), "--val must be at least 0, got -2")])
+def test_synthetic_bad_flags_are_one_line_and_write_nothing(tmp_path, capsys, flags, msg):
+    code, _, err = _synth(capsys, tmp_path / "syn", **flags)
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+    assert msg in err
+    assert not (tmp_path / "syn").exists()
+
+
+def test_synthetic_smallest_scene_has_tracks(tmp_path, capsys):
+    # the smallest sizes the flags allow give a scene the loader takes, with tracked points (a thin object of a
+    # small frame has no inside after erosion: before, sampling its points raised)
+    code, _, err = _synth(capsys, tmp_path / "syn", W=8, H=8, T=2, n_points=20, n_objects=4)
+    assert code == 0, err
+    scene = pod.load_scene(tmp_path / "syn" / "train" / "synth_0000")
+    assert scene.trajs.shape[:2] == (2, 20) and len(scene.rgb_paths) == 2
+    code, _, err = _synth(capsys, tmp_path / "syn3", W=8, H=8, T=2, n_points=3, n_objects=4)  # the fewest points
+    assert code == 0, err
+    assert pod.load_scene(tmp_path / "syn3" / "train" / "synth_0000").trajs.shape[1] >= 1
+
+
 def test_load_scene_and_frame_numbers_not_from_zero(synth_root, tmp_path):
     scene = tmp_path / "s"
     shutil.copytree(synth_root / "train" / "synth_0000", scene)

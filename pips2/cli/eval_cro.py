@@ -52,7 +52,7 @@ def main(dataset_location: str = "../datasets/crohd", dset: str = "train", clip_
         max_clips = aliased("max_clips", max_clips, "max_iters", max_iters)
         dev = resolve_device(device)
         autocast = evaluation.check_amp(amp)
-        evaluation.check_out_json(out_json)
+        evaluation.check_out_json(out_json, dataset_location=dataset_location, init_dir=init_dir)
         seqs = crohd.list_sequences(dataset_location, dset)
     except (ValueError, OSError) as e:
         die(e)

@@ -78,7 +78,7 @@ def main(dataset_location: str = "../datasets/pointodyssey", dset: str = "test",
         max_scenes = aliased("max_scenes", max_scenes, "max_iters", max_iters)
         dev = resolve_device(device)
         autocast = evaluation.check_amp(amp)
-        evaluation.check_out_json(out_json)
+        evaluation.check_out_json(out_json, dataset_location=dataset_location, init_dir=None if zero_vel else init_dir)
         scenes = pod.list_scenes(dataset_location, dset)
     except (ValueError, OSError) as e:
         die(e)

@@ -125,7 +125,7 @@ def main(dataset_location: str = "../datasets/tapvid/tapvid_davis.pkl", S: int =
             raise ValueError("--modes is empty: LBM is scored in the TAP-Vid query modes only")
         dev = resolve_device(device)
         autocast = evaluation.check_amp(amp)
-        evaluation.check_out_json(out_json)
+        evaluation.check_out_json(out_json, dataset_location=dataset_location, init_dir=init_dir)
         files = tapvid.tapvid_files(dataset_location)
     except ValueError as e:
         die(e)
