@@ -663,6 +663,11 @@ def test_plan_is_frozen_and_validated():
         plan.delta = "conv1d"
     with pytest.raises(ValueError, match="corr"):
         ExecPlan(corr="dense")
+    # the encoder norm's forms are named for what they do (both compute an instance norm)
+    assert (ExecPlan.auto().norm, ExecPlan.reference().norm, ExecPlan.export().norm) == ("layout", "reference",
+                                                                                        "reference")
+    with pytest.raises(ValueError, match=r"^ExecPlan\.norm must be one of layout, reference, got 'batch'$"):
+        ExecPlan(norm="batch")
     with pytest.raises(ValueError, match="checkpointing"):
         ExecPlan(gather="workspace", checkpointing=True)
     ExecPlan(delta="winograd", gather="checkpoint", checkpointing=True)  # Winograd has a backward
