@@ -1,4 +1,4 @@
-"""LBM's online step: ours (`LBMOnline.track`) against the authors' (`LBM_online.online_forward`), same run.
+"""LBM's online step: ours (`LBMOnlineState.track`) against the authors' (`LBM_online.online_forward`), same run.
 
 Both models hold the same weights (a random init of ours copied into theirs by a strict state_dict load, or
 `--checkpoint`) and see the same frames and the same 256 query points. Before anything is timed, the two are
@@ -57,7 +57,7 @@ from common import interleaved_times, machine_description, reset_peak_rss, statu
 from tqdm import tqdm
 
 from pips2.hub import load_model
-from pips2.nets.lbm import LBM, LBMOnline
+from pips2.nets.lbm import LBM, LBMOnlineState
 from pips2.utils.cli import parse_hw
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -244,18 +244,18 @@ def query_points(hw: tuple[int, int], n: int, seed: int) -> torch.Tensor:
 
 
 class OursTracker:
-    """Our LBMOnline; `start` steps the first frame as well."""
+    """Our LBMOnlineState; `start` steps the first frame as well."""
 
     def __init__(self, model: LBM):
-        self.online = LBMOnline(model)
+        self.state = LBMOnlineState(model)
 
     def start(self, points: torch.Tensor, frame: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Start the points on this frame and step it."""
-        return self.unpack(self.online.init(points, frame))
+        return self.unpack(self.state.init(points, frame))
 
     def step(self, frame: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """One frame."""
-        return self.unpack(self.online.track(frame))
+        return self.unpack(self.state.track(frame))
 
     @staticmethod
     def unpack(r: dict) -> tuple[torch.Tensor, ...]:
@@ -264,8 +264,8 @@ class OursTracker:
 
     def state_bytes(self) -> int:
         """Bytes of the per-query state (query vectors and memory)."""
-        m = self.online.memory
-        return sum(t.nbytes for t in (self.online.query, m.collision, m.stream, m.vis_mask, m.mem_mask))
+        m = self.state.memory
+        return sum(t.nbytes for t in (self.state.query, m.collision, m.stream, m.vis_mask, m.mem_mask))
 
 
 class TheirsTracker:

@@ -9,9 +9,9 @@ attention ("lattice") and folds them back into the query. Heads then give a sub-
 layer's single reference point, a visibility logit and an uncertainty logit `rho`.
 
 Layout: backbone, transformer layer, transformer, memory, losses, `LBM` (training forward, `inference`,
-per-frame `step`), `LBMOnline` (frame-by-frame tracking with queries added and removed), `LBMStep` (the
-per-frame step as a pure function for ONNX), checkpoint helpers. Key names, shapes and order of the
-state_dict equal the authors' checkpoint (docs/LBM.md).
+per-frame `step`), `LBMOnlineState` (the online state of one video, stepped frame by frame, queries added and
+removed), `LBMStep` (the per-frame step as a pure function for ONNX), checkpoint helpers. Key names, shapes
+and order of the state_dict equal the authors' checkpoint (docs/LBM.md).
 """
 
 from __future__ import annotations
@@ -489,7 +489,7 @@ class LBM(nn.Module):
         points (B,T,N,2) source px, visibility (B,T,N) bool (with_raw: plus offset, vis_logit, rho).
 
         As in the reference, a query also gets outputs before its query frame (computed from its vector,
-        with its memory masked); from its query frame on, they equal `LBMOnline` with the query added there."""
+        with its memory masked); from its query frame on, they equal `LBMOnlineState` with the query added there."""
         B, T, _, H, W = video.shape
         q_in = torch.cat([queries[..., :1], self.to_input_px(queries[..., 1:], (H, W))], dim=-1)
         times = q_in[..., 0].long()
@@ -513,8 +513,9 @@ class LBM(nn.Module):
 # Online tracking: one call per frame, fixed memory per query
 
 
-class LBMOnline:
-    """Frame-by-frame tracking of one video (batch of one) with a fixed-size memory per query.
+class LBMOnlineState:
+    """The model's online state for one video (batch of one): per query its vector and fixed-size memory,
+    stepped one frame at a time.
 
     `init(points, first_frame)` starts the queries on the first frame and returns that frame's result;
     `track(frame, add=..., remove=...)` first drops the queries where `remove` (N,) is True, then starts the
@@ -559,7 +560,7 @@ class LBMOnline:
                 self.query = torch.cat([self.query, q_new], dim=1)
                 self.memory = Memory.cat(self.memory, mem_new)
         if self.query is None or self.query.shape[1] == 0:
-            raise ValueError("LBMOnline.track: no queries to track (call init or pass add=...)")
+            raise ValueError("LBMOnlineState.track: no queries to track (call init or pass add=...)")
         active = torch.ones(self.query.shape[:2], dtype=torch.bool, device=feat.device)
         out, self.memory = m.step(self.query, feat, self.memory, active)
         self.t += 1

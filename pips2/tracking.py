@@ -4,13 +4,13 @@ Windowed tracking (docs/EVALUATION.md): zero-velocity initialisation; windows of
 at the previous one's last frame (one frame of overlap); the last window is shifted back to end at the
 video's last frame; after each window every later frame is initialised with the window's last
 estimate; the model's `feats` are carried to the next window as `feat_init`. One `WindowSchedule` drives
-offline tracking and the streaming `OnlineTracker`. Queries on several frames make one pass each (forward
+offline tracking and the streaming `PipsStreamTracker`. Queries on several frames make one pass each (forward
 from their frame, and backward to frame 0 on request); all passes of a call run in one sweep through the
 video sharing a `FeatureCache`, so each frame is encoded at most once per direction, and memory is bounded
 by S frames of feature maps and the batch size.
 
-LBM (nets/lbm.py) tracks online instead: `track` hands an LBM to `track_lbm`, which steps `LBMTracker` (the
-streaming counterpart of `OnlineTracker`) one frame at a time; memory is one frame plus a fixed-size
+LBM (nets/lbm.py) tracks online instead: `track` hands an LBM to `track_lbm`, which steps `LBMStreamTracker` (the
+LBM `StreamTracker`, as `PipsStreamTracker` is PIPs++'s) one frame at a time; memory is one frame plus a fixed-size
 memory per query, whatever the video's length.
 """
 
@@ -30,13 +30,14 @@ from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 import cv2
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from pips2.nets.lbm import LBM, LBMOnline
+from pips2.nets.lbm import LBM, LBMOnlineState
 from pips2.nets.pips2 import MIN_SIZE
 from pips2.utils.amp import autocast
 from pips2.utils.procs import is_space_error, pid_alive
@@ -814,11 +815,27 @@ def _track_pips(model, src: FrameSource, queries, S: int, iters: int, backward: 
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Streaming.
+# Streaming: a stream tracker takes a video one frame at a time, PIPs++'s in windows, LBM's frame by frame.
 
 
-class OnlineTracker:
-    """Push frames one at a time; estimates come back as each S-frame window fills (lag < S frames).
+@runtime_checkable
+class StreamTracker(Protocol):
+    """A tracker fed a video one frame at a time, for either model: `PipsStreamTracker` (PIPs++, estimates come
+    back as each S-frame window fills) and `LBMStreamTracker` (LBM, each frame's estimate at once, with
+    visibility; its `push` also takes queries to add and to drop)."""
+
+    def push(self, frame: np.ndarray) -> list[tuple]:
+        """Add the next frame (H,W,3) uint8; returns the estimates now final, [(t, (N,2) source px, ...)]."""
+        ...
+
+    def finish(self) -> list[tuple]:
+        """End of stream: the estimates still open, in push's form (they replace earlier ones)."""
+        ...
+
+
+class PipsStreamTracker:
+    """PIPs++'s `StreamTracker`: push frames one at a time; estimates come back as each S-frame window fills
+    (lag < S frames).
 
     Holds at most S frames however long the stream. Windows follow the offline `WindowSchedule`: a full
     window is tracked as soon as its last frame arrives, and `finish()` runs the last window shifted back
@@ -901,21 +918,21 @@ def is_lbm(model) -> bool:
     return isinstance(model, LBM)
 
 
-class LBMTracker:
-    """Streaming LBM with OnlineTracker's shape: push frames one at a time, queries added and dropped between
-    frames; every estimate is final at once (no lag), so `finish()` has nothing left to return.
+class LBMStreamTracker:
+    """LBM's `StreamTracker`: push frames one at a time, queries added and dropped between frames; every
+    estimate is final at once (no lag), so `finish()` has nothing left to return.
 
-    A thin layer over `LBMOnline` (which holds, per query, a vector and a fixed-size memory: nothing grows
-    with the stream's length) that takes numpy frames and source pixels. Frames are resized to `image_size`
-    when given (else handed over as they are: the model resizes to its input size itself); points move
-    between source and frame pixels by the plain size ratio, LBM's convention.
+    A thin layer over the model's `LBMOnlineState` (which holds, per query, a vector and a fixed-size memory:
+    nothing grows with the stream's length) that takes numpy frames and source pixels. Frames are resized to
+    `image_size` when given (else handed over as they are: the model resizes to its input size itself); points
+    move between source and frame pixels by the plain size ratio, LBM's convention.
     """
 
     def __init__(self, model: LBM, queries_xy: np.ndarray | None, src_hw: tuple[int, int],
                  image_size: tuple[int, int] | None = None):
         self.model, self.src_hw = model, tuple(src_hw)
         self.frame_hw = tuple(image_size or src_hw)
-        self.online = LBMOnline(model)
+        self.state = LBMOnlineState(model)
         self.param = next(model.parameters())
         self.pending = None if queries_xy is None else np.asarray(queries_xy, np.float32).reshape(-1, 2)
         self.count = 0
@@ -923,7 +940,7 @@ class LBMTracker:
     @property
     def num_queries(self) -> int:
         """Number of queries currently tracked."""
-        return self.online.num_queries
+        return self.state.num_queries
 
     def _scale(self, xy: np.ndarray, from_hw: tuple[int, int], to_hw: tuple[int, int]) -> np.ndarray:
         return xy * np.array([to_hw[1] / from_hw[1], to_hw[0] / from_hw[0]])
@@ -940,7 +957,7 @@ class LBMTracker:
             self.pending = None
         add = None if add is None or len(add) == 0 else np.asarray(add, np.float64).reshape(-1, 2)
         if remove is not None and np.asarray(remove, bool).all() and add is None:
-            self.online = LBMOnline(self.model)  # every query dropped: LBMOnline needs at least one to step
+            self.state = LBMOnlineState(self.model)  # every query dropped: the state needs one to step
         elif add is not None or self.num_queries:
             h, w = self.frame_hw
             if frame.shape[:2] != (h, w):
@@ -951,7 +968,7 @@ class LBMTracker:
             drop = None if remove is None else torch.as_tensor(np.asarray(remove, bool), device=x.device)
             if self.num_queries == 0:
                 drop = None
-            res = self.online.track(x, add=new, remove=drop)
+            res = self.state.track(x, add=new, remove=drop)
             xy = self._scale(res["points"].double().cpu().numpy(), self.frame_hw, self.src_hw)
             return [(t, xy.astype(np.float32), res["visibility"].cpu().numpy())]
         return [(t, np.zeros((0, 2), np.float32), np.zeros(0, bool))]
@@ -967,7 +984,7 @@ def _lbm_pass(model: LBM, src: FrameSource, frames: list[int], idx: np.ndarray, 
     writes their estimates into out's tracks, visibility and estimated (with before_query: only the frames
     that come before a query's own frame, i.e. those the forward pass did not estimate). Its progress, over
     the frames it steps through, is named "backward" with before_query, else "forward"."""
-    tracker = LBMTracker(model, None, src.src_hw, src.model_hw)
+    tracker = LBMStreamTracker(model, None, src.src_hw, src.model_hw)
     qt = q[:, 0].round().astype(int)
     starts: dict[int, list[int]] = {}
     for i in idx.tolist():

@@ -146,7 +146,7 @@ def test_streaming_equals_offline(model):
     video = (rng.random((T, 128, 128, 3)) * 255).astype(np.uint8)
     q = np.array([[10.0, 12.0], [90.0, 40.0]], np.float32)
     offline = tracking.track(model, video, np.concatenate([np.zeros((2, 1)), q], 1), S=S, iters=2)["tracks"]
-    online = tracking.OnlineTracker(model, q, (128, 128), S=S, iters=2)
+    online = tracking.PipsStreamTracker(model, q, (128, 128), S=S, iters=2)
     got = {}
     lags = []
     for t in range(T):
@@ -229,12 +229,13 @@ def test_run_window_of_one_frame_is_its_initialisation():
 
 
 @pytest.mark.parametrize("T", [1, 9, 16])  # S=8: 1 frame; 8 + 1 (the last window has 1 new frame); 2 windows
-def test_online_tracker_short_last_window(T):
+def test_stream_tracker_short_last_window(T):
     S = 8
     stub = TwoFrameStub()
     video = _video(T, 128, 128)
     q = np.array([[10.0, 12.0], [90.0, 40.0]], np.float32)
-    online = tracking.OnlineTracker(stub, q, (128, 128), S=S, iters=1)
+    online = tracking.PipsStreamTracker(stub, q, (128, 128), S=S, iters=1)
+    assert isinstance(online, tracking.StreamTracker)
     got = {}
     for t in range(T):
         got.update(online.push(video[t]))
@@ -324,10 +325,10 @@ def test_shared_encoding_gives_each_group_its_own_numbers(model, monkeypatch):
         np.testing.assert_array_equal(res["tracks"][:t0 + 1, sel][::-1], bwd)
 
 
-def test_window_schedule_drives_the_online_tracker():
+def test_window_schedule_drives_the_stream_tracker():
     T, S = 30, 8
     stub = StubModel()
-    online = tracking.OnlineTracker(stub, np.array([[10.0, 12.0]], np.float32), (128, 128), S=S, iters=1)
+    online = tracking.PipsStreamTracker(stub, np.array([[10.0, 12.0]], np.float32), (128, 128), S=S, iters=1)
     for frame in _ids_video(T):
         online.push(frame)
     online.finish()
@@ -395,7 +396,7 @@ def test_track_arguments_are_checked_before_any_frame_is_read(tmp_path, kw, mess
             tracking.track(stub, video, np.array([[0, 1.0, 1.0]]), **{"S": 8, **kw})
     assert stub.encoded == 0 and not list(tmp_path.glob(f"{tracking.FRAMES_PREFIX}*"))  # nothing decoded
     with pytest.raises(ValueError, match=message):
-        tracking.OnlineTracker(stub, np.array([[1.0, 1.0]]), (128, 160), **{"S": 8, **kw})
+        tracking.PipsStreamTracker(stub, np.array([[1.0, 1.0]]), (128, 160), **{"S": 8, **kw})
 
 
 def test_a_video_smaller_than_a_feature_cell_is_refused():
