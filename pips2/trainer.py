@@ -832,7 +832,7 @@ class Validator:
                     break
                 if cfg.lbm:
                     res = evaluation.tapvid_query_mode(net, video, points, occluded, "first",
-                                                       size=evaluation.TAPVID_SIZE)
+                                                       eval_hw=evaluation.TAPVID_HW)
                 else:
                     res = evaluation.evaluate_tapvid_video(net, video, points, occluded, cfg.crop_size, S=cfg.S,
                                                            iters=cfg.iters * 2)

@@ -65,7 +65,7 @@ def test_onnx_steps_track_like_lbm_online(exported):
     xy = torch.rand(6, 2, generator=g) * torch.tensor([HW[1], HW[0]])
     tracker = LBMOnlineState(model)
     with torch.no_grad():
-        query = sample_points(model.backbone(frames[0]), xy.unsqueeze(0), model.size)
+        query = sample_points(model.backbone(frames[0]), xy.unsqueeze(0), model.input_hw)
         memory = model.empty_memory(1, 6, query)
     state = [memory.collision.numpy(), memory.stream.numpy(), memory.vis_mask.numpy(), memory.mem_mask.numpy()]
     for t in range(len(frames)):

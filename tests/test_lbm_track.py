@@ -105,7 +105,7 @@ def test_memory_does_not_grow_with_the_stream():
         assert np.isfinite(xy).all()
     # two sizes only (2 queries, or 3 between a join and the next leave), each with 4 slots of memory
     assert shapes == {(torch.Size([1, n, 32]), (1, n, 4, 32), (1, n, 4, 32), (1, n, 4), (1, n, 4)) for n in (2, 3)}
-    assert set(vars(tracker)) == {"model", "src_hw", "frame_hw", "state", "param", "pending", "count"}
+    assert set(vars(tracker)) == {"model", "src_hw", "model_hw", "state", "param", "pending", "count"}
 
 
 def test_properties_that_hold_for_any_weights(model):
@@ -132,7 +132,7 @@ def test_properties_that_hold_for_any_weights(model):
 
 def test_frames_given_at_another_size_and_checked_queries(model):
     video = _video()
-    res = tracking.track(model, video, QUERIES[:2], image_size=(64, 96))  # resized by cv2 first: close, not equal
+    res = tracking.track(model, video, QUERIES[:2], model_hw=(64, 96))  # resized by cv2 first: close, not equal
     ref = tracking.track(model, video, QUERIES[:2])
     assert np.abs(res["tracks"] - ref["tracks"]).max() < 4
     with pytest.raises(ValueError, match="frames 0..8"):

@@ -381,10 +381,10 @@ for S in (16, T):  # windows of 16 frames, then one window over the whole video 
     (dict(S=-3), r"^S must be at least 2 \(windows overlap by one frame\), got -3$"),
     (dict(point_batch=0), r"^point_batch must be at least 1, got 0$"),
     (dict(S=8.5), r"^S must be a whole number, got 8\.5$"),
-    (dict(image_size=(16, 16)), r"^image_size must be H,W each from 128 \(the smallest PIPs\+\+ accepts\) to 4096, "
-                                r"got 16,16$"),
-    (dict(image_size=(128, 100000)), r"^image_size must be H,W each from 128 .* to 4096, got 128,100000$"),
-    (dict(image_size="abc"), r"^image_size must be H,W \(two whole numbers\), got 'abc'$"),
+    (dict(model_hw=(16, 16)), r"^model_hw must be H,W each from 128 \(the smallest PIPs\+\+ accepts\) to 4096, "
+                              r"got 16,16$"),
+    (dict(model_hw=(128, 100000)), r"^model_hw must be H,W each from 128 .* to 4096, got 128,100000$"),
+    (dict(model_hw="abc"), r"^model_hw must be H,W \(two whole numbers\), got 'abc'$"),
 ])
 def test_track_arguments_are_checked_before_any_frame_is_read(tmp_path, kw, message, monkeypatch):
     """iters=0 returned every query as its track; the others failed deep inside, after the video was decoded."""
@@ -506,9 +506,9 @@ def test_a_full_disk_while_decoding_is_one_line(tmp_path, monkeypatch):
     assert "TMPDIR" in str(e.value) and list((tmp_path / "tmp").iterdir()) == []
 
 
-def test_a_video_too_large_for_its_own_size_needs_image_size(tmp_path, monkeypatch):
+def test_a_video_too_large_for_its_own_size_needs_model_hw(tmp_path, monkeypatch):
     """Tracked at its own size by default, a 4104-pixel-high video would hold S frames of feature maps of that
-    size; it is refused before its frames are decoded, naming image_size, and tracks with it."""
+    size; it is refused before its frames are decoded, naming model_hw and --image_size, and tracks with it."""
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
     (tmp_path / "tmp").mkdir()
     tall = np.zeros((2, 4104, 16, 3), np.uint8)
@@ -518,9 +518,10 @@ def test_a_video_too_large_for_its_own_size_needs_image_size(tmp_path, monkeypat
         with pytest.raises(ValueError) as e:
             tracking.track(TwoFrameStub(), video, q, S=4)
         assert str(e.value) == (f"{name}: the video is 16x4104, beyond the 4096 pixels a side that it is tracked at "
-                                f"by default; give image_size (--image_size=H,W) of at most 4096 a side")
+                                f"by default; give a size to track it at (model_hw, the scripts' --image_size=H,W) "
+                                f"of at most 4096 a side")
     assert list((tmp_path / "tmp").iterdir()) == []
-    res = tracking.track(TwoFrameStub(), str(tmp_path / "tall.mp4"), q, S=4, image_size=(1024, 128))
+    res = tracking.track(TwoFrameStub(), str(tmp_path / "tall.mp4"), q, S=4, model_hw=(1024, 128))
     assert res["tracks"].shape == (2, 1, 2)
 
 

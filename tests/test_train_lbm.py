@@ -229,7 +229,7 @@ def test_tapvid_davis_validation_while_training(tmp_path):
     _, video, points, occluded = next(iter(load_tapvid(tmp_path / "davis.pkl")))
     net.eval()
     with torch.no_grad():
-        ref = evaluation.tapvid_query_mode(net, video, points, occluded, "first", size=(256, 256))
+        ref = evaluation.tapvid_query_mode(net, video, points, occluded, "first", eval_hw=(256, 256))
     assert figs == {"AJ": ref["average_jaccard"], "d_avg": ref["delta_avg"], "OA": ref["occlusion_accuracy"]}
     assert all(0.0 <= v <= 100.0 for v in figs.values())
     cfg2 = _kubric_cfg(tmp_path, tapvid_root=str(tmp_path / "davis.pkl"), eval_dataset="davis", eval_videos=2)
