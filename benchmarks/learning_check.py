@@ -134,10 +134,10 @@ def lbm_check(out: str, max_steps: int, train_scenes: int, test_scenes: int, B: 
           f"--seed={seed}"])
     train_min = (time.time() - t0) / 60
     run = next(p for p in (out_dir / "checkpoints").iterdir() if p.name.startswith("lbm_"))
-    hw = tuple(int(v) for v in crop_size.split(","))
-    net = load_model(run, kind="lbm", input_size=hw, embed_dim=embed_dim, memory_size=memory_size)
+    crop_hw = tuple(int(v) for v in crop_size.split(","))  # LBM trains at its input size: the crop
+    net = load_model(run, kind="lbm", input_size=crop_hw, embed_dim=embed_dim, memory_size=memory_size)
     version = next(p.name for p in (out_dir / "export_test").iterdir() if p.is_dir())
-    test = ExportDataset(str(out_dir / "export_test"), version, S, 64, hw)
+    test = ExportDataset(str(out_dir / "export_test"), version, S, 64, crop_hw)
     rng = np.random.default_rng(seed)
     scores = [score_lbm_clip(net, to_sample(*test.sample(i, rng))) for i in range(len(test))]
     scores = [s for s in scores if s is not None]

@@ -278,7 +278,7 @@ def _check_existing(version_dir: Path, k: int, st: ClipSettings, verify: bool) -
         if not verify:
             return "exists"
         try:
-            verify_clip(final, st.S, st.N, st.crop_size)
+            verify_clip(final, st.S, st.N, st.crop_hw)
             return "exists"
         except VideoError:
             remove_clip(version_dir, k)

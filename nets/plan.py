@@ -65,7 +65,7 @@ class ExecPlan:
     @classmethod
     def auto(cls, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, training: bool = False,
              checkpointing: bool = False, recompute_cheap: bool | None = None, points: int | None = None,
-             hw: tuple[int, int] | None = None) -> ExecPlan:
+             crop_hw: tuple[int, int] | None = None) -> ExecPlan:
         """The fastest plan measured (docs/BENCHMARKS.md) for a device and the dtype the convolutions run in.
 
         dtype: the weights' dtype, or the autocast dtype when the caller runs the model under autocast.
@@ -75,14 +75,14 @@ class ExecPlan:
         recompute_cheap: keep only convolution outputs for backward (train.py --recompute_cheap): about half the
         activation memory. None (the default): on for CPU float32 training above the small crops, where it runs
         as fast as keeping everything (bench_train.py); off elsewhere (not measured on CUDA).
-        points, hw: the training batch's points (B*N) and crop, when known. Small CPU training batches (B=2 N=32
+        points, crop_hw: the training batch's points (B*N) and crop, when known. Small CPU training batches (B=2 N=32
         at 128x128 or 128x192) run faster with the reference's full correlation volume, conv1d delta block and
         the encoder over all frames at once (docs/BENCHMARKS.md, "Small training batches").
         """
         device = torch.device(device)
         cuda = device.type == "cuda"
         half = dtype in (torch.bfloat16, torch.float16)
-        small_frames = hw is not None and hw[0] * hw[1] <= 128 * 192
+        small_frames = crop_hw is not None and crop_hw[0] * crop_hw[1] <= 128 * 192
         if recompute_cheap is None:
             recompute_cheap = device.type == "cpu" and not small_frames
         # float32 only: the encoder's replay in backward runs without autocast, so it would not remake the

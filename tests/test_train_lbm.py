@@ -50,7 +50,7 @@ def _weights(net) -> dict[str, torch.Tensor]:
 
 def test_lbm_defaults_are_the_authors_recipe_and_pips_is_unchanged():
     c = train.make_config(1, {"model": "lbm"})
-    assert (c.B, c.S, c.N, c.crop_size, c.lr, c.wd, c.grad_clip, c.memory_size, c.embed_dim) == \
+    assert (c.B, c.S, c.N, c.crop_hw, c.lr, c.wd, c.grad_clip, c.memory_size, c.embed_dim) == \
         (4, 24, 256, (384, 512), 5e-4, 1e-5, 1.0, 12, 256)
     assert c.max_steps == 150 * 687 and c.lbm and c.layout is ck.LBM_LAYOUT and c.name().startswith("lbm_4x24x256")
     p = train.make_config(1, {})
