@@ -26,10 +26,10 @@ class Candidate:
     stride: int
 
 
-def scene_frames(dataset_location: str | Path, dset: str) -> dict[str, int]:
+def scene_frames(dataset_location: str | Path, split: str) -> dict[str, int]:
     """The frame count of every scene folder of the split, by name in sorted order: all that the enumeration
     of candidates depends on."""
-    return {scene.name: len(pod.frame_files(scene)) for scene in pod.list_scenes(dataset_location, dset)}
+    return {scene.name: len(pod.frame_files(scene)) for scene in pod.list_scenes(dataset_location, split)}
 
 
 def enumerate_candidates(dataset_location: str | Path, st: ClipSettings, frames: dict[str, int] | None = None
@@ -37,7 +37,7 @@ def enumerate_candidates(dataset_location: str | Path, st: ClipSettings, frames:
     """Every (scene, start, stride) clip of the split, in a fixed order (shuffled by the seed if asked).
     `frames`: the split's scene_frames, if already read."""
     if frames is None:
-        frames = scene_frames(dataset_location, st.dset)
+        frames = scene_frames(dataset_location, st.split)
     cands = []
     for name, n in frames.items():
         cands += [Candidate(name, s, k) for s, k in pod.clip_starts(n, st.S)]

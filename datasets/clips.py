@@ -28,7 +28,7 @@ AUTHORS_EXPORT_HW = (384, 512)  # the clip size of exports without settings.json
 CLIP_DIGITS = 6
 SETTINGS = "settings.json"
 # settings.json keeps the exporter's flag names (docs/FORMATS.md); inside, the fields are named for what they hold
-JSON_KEYS = {"crop_hw": "crop_size"}
+JSON_KEYS = {"split": "dset", "crop_hw": "crop_size"}
 SOURCE_KEY = "source"  # in settings.json: the data set its clips come from (export.check_source)
 MANIFEST = "manifest.jsonl"
 TRACK_MARGIN_FACTOR = 2
@@ -38,7 +38,7 @@ TRACK_MARGIN_FACTOR = 2
 class ClipSettings:
     """Everything that changes the content of the clips (and so names the version folder)."""
 
-    dset: str = "train"
+    split: str = "train"  # the PointOdyssey split the clips come from: the exporter's --dset
     S: int = STAGE_CLIPS[1]["S"]
     N: int = STAGE_CLIPS[1]["N"]
     crop_hw: tuple[int, int] = STAGE_CLIPS[1]["crop_hw"]  # the clips' size: the exporter's --crop_size
@@ -50,7 +50,7 @@ class ClipSettings:
     def version(self) -> str:
         """The version folder's name, e.g. train_S36_N128_256x384_aug_seed0."""
         h, w = self.crop_hw
-        name = f"{self.dset}_S{self.S}_N{self.N}_{h}x{w}_{'aug' if self.use_augs else 'noaug'}_seed{self.seed}"
+        name = f"{self.split}_S{self.S}_N{self.N}_{h}x{w}_{'aug' if self.use_augs else 'noaug'}_seed{self.seed}"
         # shuffling changes which candidate becomes clip k, so an unshuffled export must not share the folder
         name += "" if self.shuffle else "_noshuffle"
         return name + ("" if self.preset == "medium" else f"_x264{self.preset}")
@@ -295,7 +295,7 @@ def _describe(name: str, st: ClipSettings) -> str:
     return f"{name} (S={st.S}, N={st.N}, {st.crop_hw[0]}x{st.crop_hw[1]})"
 
 
-def find_version(root: Path, S: int, N: int, crop_hw: tuple[int, int] | None, dset: str = "train") -> str:
+def find_version(root: Path, S: int, N: int, crop_hw: tuple[int, int] | None, split: str = "train") -> str:
     """The version folder under root whose clips serve training with S frames, N tracks and crops of crop_hw.
 
     An export with exactly these sizes comes first (the one the exporter's defaults name, if there are
@@ -309,16 +309,16 @@ def find_version(root: Path, S: int, N: int, crop_hw: tuple[int, int] | None, ds
         st = read_settings(p) if p.is_dir() else None
         if st is not None:
             found[p.name] = st
-    fits = {n: st for n, st in found.items() if st.dset == dset and _fits(st, S, N, crop)}
+    fits = {n: st for n, st in found.items() if st.split == split and _fits(st, S, N, crop)}
     exact = [n for n, st in fits.items() if (st.S, st.N) == (S, N) and crop in (None, st.crop_hw)]
     if crop is not None:
-        named = ClipSettings(dset=dset, S=S, N=N, crop_hw=crop).version()
+        named = ClipSettings(split=split, S=S, N=N, crop_hw=crop).version()
         if named in exact:
             return named
     pool = exact or list(fits)
     if len(pool) == 1:
         return pool[0]
-    want = f"{dset} clips of at least S={S}, N={N}" + (f", {crop[0]}x{crop[1]}" if crop else "")
+    want = f"{split} clips of at least S={S}, N={N}" + (f", {crop[0]}x{crop[1]}" if crop else "")
     if pool:
         listed = ", ".join(_describe(n, fits[n]) for n in pool)
         raise ValueError(f"{root}: several exports hold {want}: {listed}; name one with dataset_version")

@@ -202,7 +202,7 @@ def _export(root, out, *extra, check=True, **kw):
 
 
 def _version(out):
-    return Path(out) / ClipSettings(dset="train", S=8, N=32, crop_hw=(128, 192)).version()
+    return Path(out) / ClipSettings(split="train", S=8, N=32, crop_hw=(128, 192)).version()
 
 
 def test_export_writes_verified_clips_with_summary(exported):
@@ -330,7 +330,7 @@ def test_version_names_every_setting_that_changes_the_clips():
     from dataclasses import fields, replace
 
     base = ClipSettings()
-    changed = {"dset": "val", "S": 8, "N": 64, "crop_hw": (384, 512), "use_augs": False, "shuffle": False,
+    changed = {"split": "val", "S": 8, "N": 64, "crop_hw": (384, 512), "use_augs": False, "shuffle": False,
                "seed": 3, "preset": "veryfast"}
     assert set(changed) == {f.name for f in fields(ClipSettings)}
     names = {base.version()} | {replace(base, **{k: v}).version() for k, v in changed.items()}
@@ -342,14 +342,14 @@ def test_version_names_every_setting_that_changes_the_clips():
 
 
 def test_settings_json_keeps_the_exporters_flag_names(tmp_path):
-    """The clips' size is ClipSettings.crop_hw inside; settings.json keeps the key crop_size (the exporter's
-    flag, docs/FORMATS.md), so exports written before and after read alike."""
+    """Inside, the clips' split and size are ClipSettings.split and .crop_hw; settings.json keeps the keys dset and
+    crop_size (the exporter's flags, docs/FORMATS.md), so exports written before and after read alike."""
     from pips2.datasets.clips import read_settings, write_settings
 
-    st = ClipSettings(dset="val", S=8, N=32, crop_hw=(128, 192), use_augs=False)
+    st = ClipSettings(split="val", S=8, N=32, crop_hw=(128, 192), use_augs=False)
     write_settings(tmp_path, st)
     saved = json.loads((tmp_path / "settings.json").read_text())
-    assert saved["crop_size"] == [128, 192] and "crop_hw" not in saved
+    assert (saved["dset"], saved["crop_size"]) == ("val", [128, 192]) and not {"split", "crop_hw"} & set(saved)
     assert read_settings(tmp_path) == st
 
 
@@ -399,11 +399,11 @@ def test_find_version(tmp_path):
     from pips2.datasets.clips import find_version
 
     _settings_only(tmp_path, "big", S=64, N=128, crop_hw=(512, 896))
-    _settings_only(tmp_path, "val", dset="val", S=36, N=128, crop_hw=(256, 384))
+    _settings_only(tmp_path, "val", split="val", S=36, N=128, crop_hw=(256, 384))
     (tmp_path / "not_an_export").mkdir()
     # no exact match: the one export that is long, many and large enough
     assert find_version(tmp_path, 36, 128, (256, 384)) == "big"
-    assert find_version(tmp_path, 36, 128, (256, 384), dset="val") == "val"
+    assert find_version(tmp_path, 36, 128, (256, 384), split="val") == "val"
     # an exact match comes first
     _settings_only(tmp_path, "exact", S=36, N=128, crop_hw=(256, 384), seed=1)
     assert find_version(tmp_path, 36, 128, (256, 384)) == "exact"

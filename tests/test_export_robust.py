@@ -21,7 +21,7 @@ from pips2.datasets.clipmaker import enumerate_candidates
 from pips2.datasets.clips import ClipSettings, list_clips, verify_clip
 
 ROOT = Path(__file__).resolve().parents[1]
-ST = ClipSettings(dset="train", S=8, N=32, crop_hw=(128, 192))
+ST = ClipSettings(split="train", S=8, N=32, crop_hw=(128, 192))
 
 
 def _version(out):

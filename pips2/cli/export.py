@@ -112,11 +112,11 @@ def _check_flags(**flags) -> None:
 
 
 def _no_clips_reason(dataset_location: str, st: ClipSettings) -> str:
-    split = Path(dataset_location) / st.dset
-    scenes = pod.list_scenes(dataset_location, st.dset)
+    split_dir = Path(dataset_location) / st.split
+    scenes = pod.list_scenes(dataset_location, st.split)
     if not scenes:
-        return f"{split}: no scene folders in this split"
-    return (f"{split}: 0 candidate clips: none of its {len(scenes)} scene(s) has the {st.S} frames "
+        return f"{split_dir}: no scene folders in this split"
+    return (f"{split_dir}: 0 candidate clips: none of its {len(scenes)} scene(s) has the {st.S} frames "
             f"(rgbs/rgb_*.jpg) a clip needs")
 
 
@@ -135,7 +135,7 @@ def main(dataset_location: str = "../datasets/pointodyssey", dset: str = "train"
     143 SIGTERM (both after the summary, with every finished clip kept).
     """
     try:
-        st = ClipSettings(dset=dset, S=S, N=N, crop_hw=_parse_hw(crop_size), use_augs=use_augs,
+        st = ClipSettings(split=dset, S=S, N=N, crop_hw=_parse_hw(crop_size), use_augs=use_augs,
                           shuffle=shuffle, seed=seed, preset=preset)
     except ValueError as e:
         die(e)
@@ -147,7 +147,7 @@ def main(dataset_location: str = "../datasets/pointodyssey", dset: str = "train"
     if not 0 <= shard < num_shards:
         die(f"--shard must be in [0, {num_shards}), got {shard}")
     try:  # before anything is created: a mistyped path must not leave an empty version folder behind
-        frames = scene_frames(dataset_location, st.dset)
+        frames = scene_frames(dataset_location, st.split)
         cands = enumerate_candidates(dataset_location, st, frames)
         if not cands:
             die(_no_clips_reason(dataset_location, st))
