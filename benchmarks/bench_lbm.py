@@ -193,20 +193,20 @@ def import_authors(repo: str | os.PathLike) -> type:
 # Models, frames, points
 
 
-def lbm_config(hw: tuple[int, int], memory_size: int) -> dict:
-    """The authors' lbm.yaml model keys at input size hw."""
-    return dict(input_size=list(hw), N=256, T=24, stride=4, num_layers=3, embed_dim=256, num_heads=4, num_levels=4,
-                num_neighbors=9, top_k_regions=9, dropout=0.1, memory_size=memory_size, lambda_cls=3.0,
-                lambda_vis=1.0, lambda_reg=1.0, lambda_unc=1.0, lambda_ref=1.0, loss_after_query=True)
+def lbm_config(input_hw: tuple[int, int], memory_size: int) -> dict:
+    """The authors' lbm.yaml model keys at input size input_hw."""
+    return dict(input_size=list(input_hw), N=256, T=24, stride=4, num_layers=3, embed_dim=256, num_heads=4,
+                num_levels=4, num_neighbors=9, top_k_regions=9, dropout=0.1, memory_size=memory_size,
+                lambda_cls=3.0, lambda_vis=1.0, lambda_reg=1.0, lambda_unc=1.0, lambda_ref=1.0, loss_after_query=True)
 
 
-def build_ours(hw: tuple[int, int], memory_size: int, seed: int, checkpoint: str | None, vis_bias: float) -> LBM:
+def build_ours(input_hw: tuple[int, int], memory_size: int, seed: int, checkpoint: str | None, vis_bias: float) -> LBM:
     """Our model in eval mode: the checkpoint's weights, or a seeded random init with the visibility bias raised."""
     if checkpoint:
-        model = load_model(checkpoint, kind="lbm", **lbm_config(hw, 12))
+        model = load_model(checkpoint, kind="lbm", **lbm_config(input_hw, 12))
     else:
         torch.manual_seed(seed)
-        model = LBM(**lbm_config(hw, 12))
+        model = LBM(**lbm_config(input_hw, 12))
         with torch.no_grad():
             model.transformer.vis_head.net[3].bias[0] += vis_bias
     if memory_size != 12:
@@ -214,10 +214,10 @@ def build_ours(hw: tuple[int, int], memory_size: int, seed: int, checkpoint: str
     return model.eval()
 
 
-def build_theirs(cls: type, ours: LBM, hw: tuple[int, int], memory_size: int, perturb: float = 0.0) -> nn.Module:
+def build_theirs(cls: type, ours: LBM, input_hw: tuple[int, int], memory_size: int, perturb: float = 0.0) -> nn.Module:
     """The authors' LBM_online with our weights (strict load: the key names are theirs); `perturb` is added to
     one weight afterwards, to show that the equality check catches a difference."""
-    model = cls(argparse.Namespace(**lbm_config(hw, memory_size)))
+    model = cls(argparse.Namespace(**lbm_config(input_hw, memory_size)))
     model.load_state_dict(ours.state_dict(), strict=True)
     if perturb:
         with torch.no_grad():

@@ -179,7 +179,7 @@ class Tracks:
         return cls(np.ascontiguousarray(track[..., :2], np.float32), track[..., 2] > 0, track[..., 3] > 0)
 
 
-def track_problem(track: np.ndarray, hw: tuple[int, int]) -> str | None:
+def track_problem(track: np.ndarray, clip_hw: tuple[int, int]) -> str | None:
     """Why an (S,N,4) track of an HxW clip cannot come from a legitimate export, or None if it can.
 
     The export marks a point more than 64 px outside the crop invalid (utils.augment.crop_visibility), so a
@@ -191,7 +191,7 @@ def track_problem(track: np.ndarray, hw: tuple[int, int]) -> str | None:
     if not np.isin(flags, (0.0, 1.0)).all():
         odd = flags[~np.isin(flags, (0.0, 1.0))]
         return f"visible/valid flags must be 0 or 1, found {odd.flat[0]:g}"
-    H, W = hw
+    H, W = clip_hw
     margin = TRACK_MARGIN_FACTOR * max(H, W)
     xy = track[..., :2][track[..., 3] > 0]
     if len(xy):
@@ -208,8 +208,8 @@ def write_track(path: Path, track: np.ndarray) -> None:
     np.savez(path, track_g=track.astype(np.float32))
 
 
-def read_track(path: Path, S: int, N: int, hw: tuple[int, int]) -> np.ndarray:
-    """track_g of a clip of S frames, N tracks, HxW; VideoError naming the file unless it is usable.
+def read_track(path: Path, S: int, N: int, clip_hw: tuple[int, int]) -> np.ndarray:
+    """track_g of a clip of S frames, N tracks, clip_hw (H, W); VideoError naming the file unless it is usable.
 
     The one check of track.npz, for the exporter's verification and the training reader alike.
     """
@@ -227,7 +227,7 @@ def read_track(path: Path, S: int, N: int, hw: tuple[int, int]) -> np.ndarray:
         raise VideoError(f"{path}: no track_g")
     if not np.isfinite(track).all():
         raise VideoError(f"{path}: track_g has non-finite values")
-    problem = track_problem(track, hw)
+    problem = track_problem(track, clip_hw)
     if problem:
         raise VideoError(f"{path}: {problem}")
     return track
@@ -260,16 +260,16 @@ def list_clips(version_dir: Path) -> list[Path]:
     return sorted(p for p in Path(version_dir).iterdir() if is_clip_dir(p))
 
 
-def read_clip_folder(folder: Path, S: int, N: int, hw: tuple[int, int], backend: str = "cv2"
+def read_clip_folder(folder: Path, S: int, N: int, clip_hw: tuple[int, int], backend: str = "cv2"
                      ) -> tuple[np.ndarray, np.ndarray]:
     """Frames (S,H,W,3) uint8 and track_g (S,N,4) of a clip folder; VideoError naming the bad file."""
-    frames = read_clip(folder / "rgb.mp4", S, *hw, backend=backend)
-    return frames, read_track(folder / "track.npz", S, N, hw)
+    frames = read_clip(folder / "rgb.mp4", S, *clip_hw, backend=backend)
+    return frames, read_track(folder / "track.npz", S, N, clip_hw)
 
 
-def verify_clip(folder: Path, S: int, N: int, hw: tuple[int, int]) -> None:
-    """Decode rgb.mp4 (exactly S frames of HxW) and check track.npz; raises VideoError naming the file."""
-    read_clip_folder(folder, S, N, hw)
+def verify_clip(folder: Path, S: int, N: int, clip_hw: tuple[int, int]) -> None:
+    """Decode rgb.mp4 (exactly S frames of clip_hw) and check track.npz; raises VideoError naming the file."""
+    read_clip_folder(folder, S, N, clip_hw)
 
 
 def append_manifest(version_dir: Path, k: int, meta: dict) -> None:
