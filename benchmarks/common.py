@@ -109,11 +109,11 @@ def synthetic_batch(B: int, S: int, N: int, H: int, W: int, seed: int = 0) -> Sa
 
 
 @contextmanager
-def scratch_export(S: int, N: int, hw: tuple[int, int], scenes: int = 3) -> Iterator[tuple[Path, str]]:
+def scratch_export(S: int, N: int, crop_hw: tuple[int, int], scenes: int = 3) -> Iterator[tuple[Path, str]]:
     """(export folder, version) of augmented mp4 clips exported from fresh synthetic scenes; removed afterwards."""
     work = Path(tempfile.mkdtemp(prefix="bench_export_"))
     try:
-        H, W = hw
+        H, W = crop_hw
         generate_dataset(work / "pod", {"train": scenes}, cfg=SceneConfig(W=W + 64, H=H + 64, T=S + 24, n_points=800),
                          progress=False)
         subprocess.run([sys.executable, "export_mp4_dataset.py", f"--dataset_location={work / 'pod'}", f"--S={S}",

@@ -44,11 +44,11 @@ class Scene:
         return len(self.rgb_paths)
 
 
-def list_scenes(dataset_location: str | Path, dset: str) -> list[Path]:
+def list_scenes(dataset_location: str | Path, split: str) -> list[Path]:
     """Scene folders of one split, sorted by name."""
-    root = Path(dataset_location) / dset
+    root = Path(dataset_location) / split
     if not root.is_dir():
-        raise FileNotFoundError(f"{root}: no such split folder (expected <dataset_location>/{dset}/<scene>/)")
+        raise FileNotFoundError(f"{root}: no such split folder (expected <dataset_location>/{split}/<scene>/)")
     return sorted(p for p in root.iterdir() if p.is_dir())
 
 

@@ -40,10 +40,10 @@ from pips2.utils.video import VideoError, image_truncation
 LBM_MEMORY_SIZES = (("davis", 20), ("kinetics", 36), ("robotap", 60))
 LBM_DEFAULT_MEMORY = 48
 # LBM's authors resize every TAP-Vid video to this size before their model (which resizes to its input size)
-TAPVID_SIZE = (256, 256)
+TAPVID_HW = (256, 256)
 
 
-def select_points(trajs: np.ndarray, visibs: np.ndarray, valids: np.ndarray, hw: tuple[int, ...],
+def select_points(trajs: np.ndarray, visibs: np.ndarray, valids: np.ndarray, src_hw: tuple[int, ...],
                   N: int | None = 256, min_frames: int = 8, max_motion: float | None = 512.0, clamp_px: float = 32.0,
                   border_px: float = 1.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The points the authors' PointOdyssey evaluation scores (docs/EVALUATION.md): trajs (T,n,2), visibs, valids.
@@ -57,8 +57,9 @@ def select_points(trajs: np.ndarray, visibs: np.ndarray, valids: np.ndarray, hw:
     5. positions are clamped to [-clamp_px, W + clamp_px] x [-clamp_px, H + clamp_px];
     6. of the n survivors, the points linspace(0, n-1, min(n, N)) cast to integers are kept: when n <= N every
        point is kept once, never repeated. N=None keeps every point.
+    Positions are in pixels of the source frames, of size src_hw.
     """
-    H, W = hw
+    H, W = src_hw
     trajs = np.array(trajs, np.float64)
     visibs, valids = np.asarray(visibs, bool), np.asarray(valids, bool)
     finite = np.isfinite(trajs).all(-1)
@@ -106,16 +107,16 @@ def evaluate_points(model, frames: FrameSource, trajs: np.ndarray, valids: np.nd
 
 
 def evaluate_tapvid_video(model, video: np.ndarray, points: np.ndarray, occluded: np.ndarray,
-                          image_size: tuple[int, int], S: int = 128, iters: int = 16, point_batch: int = 256,
+                          model_hw: tuple[int, int], S: int = 128, iters: int = 16, point_batch: int = 256,
                           amp: str | None = None, curves: dict | None = None) -> dict[str, float] | None:
     """The authors' TAP-Vid protocol for one video: every point visible in frame 0, tracked to the end at
-    image_size; points (N,T,2) in pixels, occluded (N,T). None when no point is visible in frame 0."""
+    model_hw; points (N,T,2) in pixels, occluded (N,T). None when no point is visible in frame 0."""
     vis = ~occluded.T
     tr, _, val = select_points(points.transpose(1, 0, 2), vis, vis.copy(), video.shape[1:3], None, min_frames=1,
                                max_motion=None, border_px=0)
     if tr.shape[1] == 0:
         return None
-    return evaluate_points(model, ArrayFrames(video, image_size), tr, val, S, iters, point_batch, amp, curves)
+    return evaluate_points(model, ArrayFrames(video, model_hw), tr, val, S, iters, point_batch, amp, curves)
 
 
 def lbm_memory_size(dataset_location: str | os.PathLike) -> int:
@@ -124,12 +125,12 @@ def lbm_memory_size(dataset_location: str | os.PathLike) -> int:
     return next((m for key, m in LBM_MEMORY_SIZES if key in name), LBM_DEFAULT_MEMORY)
 
 
-def resize_tapvid(video: np.ndarray, points: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-    """A TAP-Vid video (T,H,W,3) and its points (N,T,2, pixels) at size (h, w): area-averaged frames, points
+def resize_tapvid(video: np.ndarray, points: np.ndarray, eval_hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """A TAP-Vid video (T,H,W,3) and its points (N,T,2, pixels) at eval_hw (h, w): area-averaged frames, points
     scaled as load_tapvid places them (normalised x (w-1, h-1)), so they equal the points of a file stored at
     that size."""
     H, W = video.shape[1:3]
-    h, w = size
+    h, w = eval_hw
     if (H, W) == (h, w):
         return video, points
     interp = cv2.INTER_AREA if h <= H and w <= W else cv2.INTER_LINEAR
@@ -138,15 +139,16 @@ def resize_tapvid(video: np.ndarray, points: np.ndarray, size: tuple[int, int]) 
 
 
 def tapvid_query_mode(model, video: np.ndarray, points: np.ndarray, occluded: np.ndarray, mode: str,
-                      size: tuple[int, int] | None = None, **track_kw) -> dict[str, float]:
+                      eval_hw: tuple[int, int] | None = None, **track_kw) -> dict[str, float]:
     """TAP-Vid metrics of one video in the 'first' or 'strided' query mode; {} when it has no query.
 
-    Points (N,T,2) in pixels, occluded (N,T); `size` resizes the video first (LBM's authors: TAPVID_SIZE).
+    Points (N,T,2) in pixels, occluded (N,T); `eval_hw` resizes the video first, and the video is then scored at
+    that size as its source (LBM's authors: TAPVID_HW).
     Strided mode scores the frames before each query too, so it tracks backward as well. delta^x_avg always;
     AJ and OA when the model predicts visibility (LBM).
     """
-    if size is not None:
-        video, points = resize_tapvid(video, points, size)
+    if eval_hw is not None:
+        video, points = resize_tapvid(video, points, eval_hw)
     idx, qf = first_queries(occluded) if mode == "first" else strided_queries(occluded)
     if len(idx) == 0:
         return {}

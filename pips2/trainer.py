@@ -63,7 +63,7 @@ class Config:
     B: int
     S: int
     N: int
-    crop_size: tuple[int, int]
+    crop_hw: tuple[int, int]  # the training crop (H, W): the flag --crop_size
     iters: int  # PIPs++'s refinement iterations per forward pass (validation uses twice as many); unused by LBM
     lr: float
     max_steps: int  # optimiser steps of the stage (the authors' flag: --max_iters)
@@ -103,7 +103,7 @@ class Config:
     model: str = "pips2"  # pips2 or lbm
     wd: float = 1e-6  # AdamW weight decay (the authors' flag name for LBM; LBM's default is 1e-5)
     grad_clip: float = 5.0  # gradient-norm clip (LBM's default is 1.0)
-    # LBM only: its input_size is crop_size, N and T are N and S
+    # LBM only: its input_hw is crop_hw, its N and T are N and S
     memory_size: int = 12
     embed_dim: int = 256
     backbone_init: str | None = None  # torchvision resnet18 state_dict (ImageNet weights)
@@ -120,7 +120,7 @@ class Config:
 
     def name(self) -> str:
         """The run's folder name under ckpt_dir and log_dir."""
-        h, w = self.crop_size
+        h, w = self.crop_hw
         if self.lbm:
             base = f"lbm_{self.B}x{self.S}x{self.N}_{h}x{w}_m{self.memory_size}_c{self.embed_dim}_lr{self.lr:g}"
         else:
@@ -331,11 +331,11 @@ def loader_worker_init(worker_id: int) -> None:
 def build_model(cfg: Config, device: torch.device) -> Pips | LBM:
     """A fresh Pips or LBM on `device`, set up for training (CheckpointError for a bad --backbone_init)."""
     if cfg.lbm:
-        return LBM(input_size=cfg.crop_size, N=cfg.N, T=cfg.S, memory_size=cfg.memory_size, embed_dim=cfg.embed_dim,
+        return LBM(input_size=cfg.crop_hw, N=cfg.N, T=cfg.S, memory_size=cfg.memory_size, embed_dim=cfg.embed_dim,
                    backbone_init=cfg.backbone_init).to(device)
     dtype = amp_dtype(cfg.amp) or torch.float32  # the dtype the convolutions run in picks the layout
     model = Pips(ExecPlan.auto(device, dtype, training=True, checkpointing=cfg.grad_ckpt,
-                               recompute_cheap=cfg.recompute_cheap, points=cfg.B * cfg.N, hw=cfg.crop_size))
+                               recompute_cheap=cfg.recompute_cheap, points=cfg.B * cfg.N, crop_hw=cfg.crop_hw))
     return model.to(device)
 
 
@@ -585,10 +585,10 @@ def build_dataset(cfg: Config, version: str | None) -> ExportDataset | KubricDat
     if cfg.dataset == "kubric":
         if not cfg.movi_f_root:
             raise ValueError("--dataset=kubric needs --movi_f_root=<folder of MOVi-F sequences>")
-        return KubricDataset(cfg.movi_f_root, cfg.S, cfg.N, cfg.crop_size, cfg.use_augs)
+        return KubricDataset(cfg.movi_f_root, cfg.S, cfg.N, cfg.crop_hw, cfg.use_augs)
     if cfg.dataset != "pod_export":
         raise ValueError(f"--dataset must be pod_export or kubric, got {cfg.dataset!r}")
-    return ExportDataset(cfg.dataset_location, version, cfg.S, cfg.N, cfg.crop_size, cfg.use_augs, seed=cfg.seed)
+    return ExportDataset(cfg.dataset_location, version, cfg.S, cfg.N, cfg.crop_hw, cfg.use_augs, seed=cfg.seed)
 
 
 def make_loader(base, cfg: Config, start_ordinal: int, ranks: Ranks, seed_offset: int = 0) -> DataLoader:
@@ -754,7 +754,7 @@ class Logger:
         cfg = self.cfg
         if self.ranks.main:
             self.writer = SummaryWriter(str(Path(cfg.log_dir) / self.name), max_queue=10, flush_secs=60)
-        self.say(f"{self.name}: {cfg.max_steps} steps, B={cfg.B} S={cfg.S} N={cfg.N} crop {cfg.crop_size}, "
+        self.say(f"{self.name}: {cfg.max_steps} steps, B={cfg.B} S={cfg.S} N={cfg.N} crop {cfg.crop_hw}, "
                  f"{self.ranks.world} process(es) on {self.ranks.device}, amp {cfg.amp}, data {cfg.dataset} "
                  f"({n_items} items)")
 
@@ -852,9 +852,9 @@ class Validator:
                     break
                 if cfg.lbm:
                     res = evaluation.tapvid_query_mode(net, video, points, occluded, "first",
-                                                       size=evaluation.TAPVID_SIZE)
+                                                       eval_hw=evaluation.TAPVID_HW)
                 else:
-                    res = evaluation.evaluate_tapvid_video(net, video, points, occluded, cfg.crop_size, S=cfg.S,
+                    res = evaluation.evaluate_tapvid_video(net, video, points, occluded, cfg.crop_hw, S=cfg.S,
                                                            iters=cfg.iters * 2)
                 if res:
                     rows.append(res)

@@ -75,7 +75,7 @@ from pips2.hub import (
     load_model,
     offline_hint,
 )
-from pips2.tracking import FrameSource, default_model_hw, grid_queries, is_lbm, track, window_starts
+from pips2.tracking import FrameSource, default_model_hw, grid_queries, is_lbm, resolve_model_hw, track, window_starts
 from pips2.utils.checkpoint import CheckpointError, resolve_device
 from pips2.utils.procs import caught_stop_signals
 from pips2.utils.video import CONTAINER_NAMES, VideoError, container_suffix, iter_frames
@@ -171,15 +171,15 @@ class Video:
     path: Path
     preview: DecodedFrames
     frames: int
-    hw: tuple[int, int]
+    src_hw: tuple[int, int]  # the video's decoded size
     fps: float
     warning: str = ""
 
     def as_json(self) -> dict:
         """What the page needs to show and click on it."""
-        radius, line = mark_size(self.hw)
-        return {"video": self.id, "name": self.name, "frames": self.frames, "height": self.hw[0],
-                "width": self.hw[1], "fps": self.fps, "warning": self.warning,
+        radius, line = mark_size(self.src_hw)
+        return {"video": self.id, "name": self.name, "frames": self.frames, "height": self.src_hw[0],
+                "width": self.src_hw[1], "fps": self.fps, "warning": self.warning,
                 "mark": {"radius": radius, "line": line}}
 
 
@@ -216,11 +216,11 @@ class Job:
 
 
 class DecodedFrames(FrameSource):
-    """A video decoded once, at the size `size(frame_hw)` gives for its decoded frames' size, into a raw file in
+    """A video decoded once, at the size `resize_to(src_hw)` gives for its decoded frames' size, into a raw file in
     `folder`, read back memory-mapped. Decoding stops with a VideoError past `max_bytes` of frames, so what one
     video writes is bounded whatever its header declared; `check()` runs before each frame (it raises to stop)."""
 
-    def __init__(self, path: Path, size: Callable[[tuple[int, int]], tuple[int, int]], folder: Path,
+    def __init__(self, path: Path, resize_to: Callable[[tuple[int, int]], tuple[int, int]], folder: Path,
                  max_bytes: int, what: str, check: Callable[[], None] | None = None):
         super().__init__(0, (0, 0), (0, 0))
         folder.mkdir(parents=True, exist_ok=True)
@@ -235,7 +235,7 @@ class DecodedFrames(FrameSource):
                         check()
                     if n == 0:  # the decoded size, which a rotation in the header may swap
                         self.src_hw = frame.shape[:2]
-                        self.model_hw = h, w = tuple(size(self.src_hw))
+                        self.model_hw = h, w = tuple(resize_to(self.src_hw))
                         limit = max_bytes // (h * w * 3)
                     if n == limit:
                         raise VideoError(f"{what}: decodes to more than {count(limit, 'frame')} of {w}x{h} (its header "
@@ -304,11 +304,12 @@ def tracking_steps(qt: np.ndarray, T: int, S: int, backward: bool, lbm: bool) ->
     return steps
 
 
-def preview_hw(hw: tuple[int, int], frames: int = 1) -> tuple[int, int]:
+def preview_hw(src_hw: tuple[int, int], frames: int = 1) -> tuple[int, int]:
     """The page's frame size: the video's, shrunk to at most PREVIEW_SIDE on the long side, and further until
     `frames` of them fit in MAX_PREVIEW_BYTES."""
-    s = min(1.0, PREVIEW_SIDE / max(hw), math.sqrt(MAX_PREVIEW_BYTES / (max(1, frames) * hw[0] * hw[1] * 3)))
-    return max(1, math.floor(hw[0] * s)), max(1, math.floor(hw[1] * s))
+    H, W = src_hw
+    s = min(1.0, PREVIEW_SIDE / max(H, W), math.sqrt(MAX_PREVIEW_BYTES / (max(1, frames) * H * W * 3)))
+    return max(1, math.floor(H * s)), max(1, math.floor(W * s))
 
 
 def video_header(path: Path) -> tuple[int, int, int, float, float]:
@@ -338,7 +339,7 @@ def video_header(path: Path) -> tuple[int, int, int, float, float]:
     return int(counts[-1]), h, w, float(meta.get("fps") or 24.0), float(duration) if duration else 0.0
 
 
-def image_size(raw: bytes) -> tuple[int, int] | None:
+def header_wh(raw: bytes) -> tuple[int, int] | None:
     """(width, height) from a PNG's or JPEG's header, without decoding it; None for anything else."""
     if raw[:8] == b"\x89PNG\r\n\x1a\n" and raw[12:16] == b"IHDR" and len(raw) >= 24:
         return int.from_bytes(raw[16:20], "big"), int.from_bytes(raw[20:24], "big")
@@ -366,20 +367,20 @@ def image_size(raw: bytes) -> tuple[int, int] | None:
     return None
 
 
-def decode_mask(data_url: str, hw: tuple[int, int]) -> np.ndarray:
+def decode_mask(data_url: str, src_hw: tuple[int, int]) -> np.ndarray:
     """The page's painted mask (a PNG data URL at the video's size) as (H,W), nonzero where painted (its alpha).
     Its size is read from its header and must be the video's before anything is decoded."""
     try:
         raw = base64.b64decode(data_url.split(",", 1)[1], validate=True)
     except (IndexError, ValueError, binascii.Error):
         raise WebError("mask: not a PNG data URL") from None
-    size = image_size(raw)
-    if size is None:
+    wh = header_wh(raw)
+    if wh is None:
         raise WebError("mask: unreadable image (a PNG or JPEG is needed)")
-    if size != (hw[1], hw[0]):  # a stretched mask would select the wrong points (as demo.py's --mask)
-        raise WebError(f"mask: {size[0]}x{size[1]} but the video is {hw[1]}x{hw[0]}")
+    if wh != (src_hw[1], src_hw[0]):  # a stretched mask would select the wrong points (as demo.py's --mask)
+        raise WebError(f"mask: {wh[0]}x{wh[1]} but the video is {src_hw[1]}x{src_hw[0]}")
     img = cv2.imdecode(np.frombuffer(raw, np.uint8), cv2.IMREAD_UNCHANGED)
-    if img is None or img.shape[:2] != tuple(hw):
+    if img is None or img.shape[:2] != tuple(src_hw):
         raise WebError("mask: unreadable image")
     return img[..., 3] if img.ndim == 3 and img.shape[2] == 4 else (img if img.ndim == 2 else img.max(2))
 
@@ -590,7 +591,7 @@ class App:
             self.check_size(name, frames, default_model_hw((H, W)), " (at the size PIPs++ tracks it)")
             with self.open_lock:
                 self._stopping()
-                preview = DecodedFrames(path, lambda hw: preview_hw(hw, frames), self.work / "previews",
+                preview = DecodedFrames(path, lambda src_hw: preview_hw(src_hw, frames), self.work / "previews",
                                         MAX_PREVIEW_BYTES, name, self._stopping)
         except VideoError as e:
             raise WebError(one_line(e).replace(str(path), name)) from None
@@ -723,7 +724,7 @@ class App:
     def queries(self, video: Video, req: dict) -> np.ndarray:
         """(N,3) queries (t, x, y) from the request: clicked points, then a grid on grid_frame if grid_size > 0
         (where the mask, if any, is painted); every value checked against its bound."""
-        T, (H, W) = video.frames, video.hw
+        T, (H, W) = video.frames, video.src_hw
         points = req.get("points") or []
         if not isinstance(points, list):
             raise WebError("points must be a list of [t, x, y]")
@@ -744,7 +745,7 @@ class App:
         if mask is not None and not isinstance(mask, str):
             raise WebError("mask must be a PNG data URL")
         if g:
-            grid = grid_queries(video.hw, g, gt, decode_mask(mask, video.hw) if mask else None)
+            grid = grid_queries(video.src_hw, g, gt, decode_mask(mask, video.src_hw) if mask else None)
             if not len(grid):
                 raise WebError("no grid point falls inside the painted mask")
             rows += grid.tolist()
@@ -776,7 +777,7 @@ class App:
         if not isinstance(backward, bool):
             raise WebError(f"backward must be true or false, got {shown(backward)}")
         if model == "pips2":  # LBM's size is known once its checkpoint is loaded; the job checks it then
-            self.check_size(video.name, video.frames, default_model_hw(video.hw))
+            self.check_size(video.name, video.frames, default_model_hw(video.src_hw))
         job_id = uuid.uuid4().hex[:12]
         job = Job(job_id, video, self.work / "jobs" / job_id, len(q))
         with self.lock:
@@ -822,16 +823,16 @@ class App:
             job.check()
             lbm = is_lbm(net)
             # at the size track() would pick for a path: LBM's input size, else the video's rounded to 8
-            hw = tuple(net.size) if lbm else default_model_hw(job.video.hw)
-            self.check_size(job.video.name, job.video.frames, hw, f" (at {model}'s input size)")
+            model_hw = resolve_model_hw(net, job.video.src_hw)
+            self.check_size(job.video.name, job.video.frames, model_hw, f" (at {model}'s input size)")
             job.stage, job.total = "decoding the video (frames)", job.video.frames
 
             def decoded() -> None:
                 job.check()
                 job.done += 1
 
-            src = DecodedFrames(job.video.path, lambda _: hw, self.work / "frames", self.max_decoded, job.video.name,
-                                decoded)
+            src = DecodedFrames(job.video.path, lambda _: model_hw, self.work / "frames", self.max_decoded,
+                                job.video.name, decoded)
             total = tracking_steps(q[:, 0].astype(int), len(src), S, backward, lbm)
             job.stage, job.done, job.total = "tracking (frames read + windows run)", 0, total
 
@@ -853,7 +854,7 @@ class App:
                 job.check()
                 job.done = t + 1
 
-            radius, line = mark_size(job.video.hw)
+            radius, line = mark_size(job.video.src_hw)
             write_outputs(job.out_dir, job.video.path, q, res["tracks"], res["estimated"], job.video.fps,
                           res["visibility"], on_frame=drawn, radius=radius, thickness=line)
             job.stage, job.state = "done", "done"

@@ -1,5 +1,6 @@
 """Synthetic scenes, the PointOdyssey reader and filters, the parallel exporter and the clip reader."""
 
+import json
 import os
 import shutil
 import signal
@@ -276,7 +277,7 @@ def _export(root, out, *extra, check=True, **kw):
 
 
 def _version(out):
-    return Path(out) / ClipSettings(dset="train", S=8, N=32, crop_size=(128, 192)).version()
+    return Path(out) / ClipSettings(split="train", S=8, N=32, crop_hw=(128, 192)).version()
 
 
 def test_export_writes_verified_clips_with_summary(exported):
@@ -404,15 +405,27 @@ def test_version_names_every_setting_that_changes_the_clips():
     from dataclasses import fields, replace
 
     base = ClipSettings()
-    changed = {"dset": "val", "S": 8, "N": 64, "crop_size": (384, 512), "use_augs": False, "shuffle": False,
+    changed = {"split": "val", "S": 8, "N": 64, "crop_hw": (384, 512), "use_augs": False, "shuffle": False,
                "seed": 3, "preset": "veryfast"}
     assert set(changed) == {f.name for f in fields(ClipSettings)}
     names = {base.version()} | {replace(base, **{k: v}).version() for k, v in changed.items()}
     assert len(names) == len(changed) + 1
     # existing exports keep their folder names
     assert base.version() == "train_S36_N128_256x384_aug_seed0"
-    assert replace(base, crop_size=(384, 512)).version() == "train_S36_N128_384x512_aug_seed0"
+    assert replace(base, crop_hw=(384, 512)).version() == "train_S36_N128_384x512_aug_seed0"
     assert ClipSettings(**changed).version() == "val_S8_N64_384x512_noaug_seed3_noshuffle_x264veryfast"
+
+
+def test_settings_json_keeps_the_exporters_flag_names(tmp_path):
+    """Inside, the clips' split and size are ClipSettings.split and .crop_hw; settings.json keeps the keys dset and
+    crop_size (the exporter's flags, docs/FORMATS.md), so exports written before and after read alike."""
+    from pips2.datasets.clips import read_settings, write_settings
+
+    st = ClipSettings(split="val", S=8, N=32, crop_hw=(128, 192), use_augs=False)
+    write_settings(tmp_path, st)
+    saved = json.loads((tmp_path / "settings.json").read_text())
+    assert (saved["dset"], saved["crop_size"]) == ("val", [128, 192]) and not {"split", "crop_hw"} & set(saved)
+    assert read_settings(tmp_path) == st
 
 
 # --- the clip format (datasets/clips.py) ---------------------------------------------------------------------
@@ -460,21 +473,21 @@ def _settings_only(root, name, **kw):
 def test_find_version(tmp_path):
     from pips2.datasets.clips import find_version
 
-    _settings_only(tmp_path, "big", S=64, N=128, crop_size=(512, 896))
-    _settings_only(tmp_path, "val", dset="val", S=36, N=128, crop_size=(256, 384))
+    _settings_only(tmp_path, "big", S=64, N=128, crop_hw=(512, 896))
+    _settings_only(tmp_path, "val", split="val", S=36, N=128, crop_hw=(256, 384))
     (tmp_path / "not_an_export").mkdir()
     # no exact match: the one export that is long, many and large enough
     assert find_version(tmp_path, 36, 128, (256, 384)) == "big"
-    assert find_version(tmp_path, 36, 128, (256, 384), dset="val") == "val"
+    assert find_version(tmp_path, 36, 128, (256, 384), split="val") == "val"
     # an exact match comes first
-    _settings_only(tmp_path, "exact", S=36, N=128, crop_size=(256, 384), seed=1)
+    _settings_only(tmp_path, "exact", S=36, N=128, crop_hw=(256, 384), seed=1)
     assert find_version(tmp_path, 36, 128, (256, 384)) == "exact"
     # among exact matches, the folder the exporter's defaults name
     default = ClipSettings().version()
     _settings_only(tmp_path, default)
     assert find_version(tmp_path, 36, 128, (256, 384)) == default
     # several that fit and none exact: one error naming them all
-    _settings_only(tmp_path, "big2", S=64, N=128, crop_size=(384, 512))
+    _settings_only(tmp_path, "big2", S=64, N=128, crop_hw=(384, 512))
     with pytest.raises(ValueError, match=r"several exports .*big \(S=64.*big2 \(S=64") as e:
         find_version(tmp_path, 40, 128, (256, 384))
     assert str(tmp_path) in str(e.value) and "\n" not in str(e.value)
@@ -505,10 +518,10 @@ def test_random_crop_of_a_larger_clip_keeps_tracks_on_the_pixels(tmp_path):
 
     vdir = tmp_path / "v"
     vdir.mkdir()
-    write_settings(vdir, ClipSettings(S=4, N=1, crop_size=(160, 224)))
+    write_settings(vdir, ClipSettings(S=4, N=1, crop_hw=(160, 224)))
     for k in range(3):
         _dot_clip(vdir, k, (160, 224), [(100 + 7 * t + k, 70 + 5 * t) for t in range(4)])
-    ds = ExportDataset(str(tmp_path), "v", S=4, N=1, crop_size=(128, 192))
+    ds = ExportDataset(str(tmp_path), "v", S=4, N=1, crop_hw=(128, 192))
     offsets = set()
     for i in range(len(ds)):
         for attempt in range(4):
@@ -531,10 +544,10 @@ def test_clips_smaller_than_the_crop_are_one_clear_error(tmp_path):
 
     vdir = tmp_path / "v"
     vdir.mkdir()
-    write_settings(vdir, ClipSettings(S=4, N=1, crop_size=(160, 224)))
+    write_settings(vdir, ClipSettings(S=4, N=1, crop_hw=(160, 224)))
     _dot_clip(vdir, 0, (160, 224), [(100, 70)] * 4)
     with pytest.raises(ValueError) as e:
-        ExportDataset(str(tmp_path), "v", S=4, N=1, crop_size=(192, 224))
+        ExportDataset(str(tmp_path), "v", S=4, N=1, crop_hw=(192, 224))
     assert str(e.value) == (f"{vdir}: clips are 160x224, smaller than crop_size 192x224 "
                             "(export at the training crop size or larger)")
 
@@ -545,13 +558,13 @@ def test_readme_recipe_export_defaults_serve_stage_1_training(tmp_path):
 
     from pips2.cli import export as export_mp4_dataset
     from pips2.cli import train
-    from pips2.datasets.clips import STAGE_CLIPS
+    from pips2.datasets.clips import JSON_KEYS, STAGE_CLIPS
     from pips2.datasets.exportdataset import ExportDataset
     from pips2.datasets.synthetic import generate_dataset
 
     defaults = {k: v.default for k, v in inspect.signature(export_mp4_dataset.main).parameters.items()}
     stage1 = STAGE_CLIPS[1]
-    assert {k: defaults[k] for k in stage1} == stage1
+    assert {k: defaults[JSON_KEYS.get(k, k)] for k in stage1} == stage1  # the flags: crop_size for crop_hw
     assert {k: getattr(ClipSettings(), k) for k in stage1} == stage1
     assert {k: train.STAGE_DEFAULTS[1][k] for k in stage1} == stage1
     assert {k: train.STAGE_DEFAULTS[2][k] for k in STAGE_CLIPS[2]} == STAGE_CLIPS[2]
@@ -560,7 +573,7 @@ def test_readme_recipe_export_defaults_serve_stage_1_training(tmp_path):
                                                                       n_points=600), progress=False)
     export_mp4_dataset.main(dataset_location=str(tmp_path / "pod"), out_dir=str(tmp_path / "exp"), max_clips=3,
                             quiet=True)
-    ds = ExportDataset(str(tmp_path / "exp"), None, S=36, N=128, crop_size=(256, 384))  # stage-1 defaults
+    ds = ExportDataset(str(tmp_path / "exp"), None, S=36, N=128, crop_hw=(256, 384))  # stage-1 defaults
     assert ds.dir.name == "train_S36_N128_256x384_aug_seed0" and len(ds) >= 1
     item = ds[0]
     assert item.rgbs.shape == (36, 3, 256, 384) and item.trajs.shape == (36, 128, 2)

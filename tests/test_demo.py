@@ -341,7 +341,7 @@ def bad_videos(tmp_path_factory):
     ("empty.mp4", ["no video stream in it (no streams at all: an empty video)"]),
     ("sound.m4a", ["no video stream in it (only audio)"]),
     ("folder.mp4", ["is a folder, not a video file"]),
-    ("tall.mp4", ["the video is 16x4104, beyond the 4096 pixels a side", "give image_size (--image_size=H,W)"]),
+    ("tall.mp4", ["the video is 16x4104, beyond the 4096 pixels a side", "(model_hw, the scripts' --image_size=H,W)"]),
 ])
 def test_bad_videos_are_one_line_and_leave_nothing(tmp_path, ckpt, bad_videos, name, parts, capsys):
     """A 1x1 video exited 0 saying it wrote a tracks.mp4 that did not exist; a faststart mp4 cut in half tracked

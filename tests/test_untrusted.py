@@ -330,7 +330,7 @@ def _kubric_seq(root: Path, ann) -> KubricDataset:
     for t in range(3):
         cv2.imwrite(str(seq / "frames" / f"{t:03d}.png"), np.full((16, 16, 3), 40 * t, np.uint8))
     np.save(seq / "seq0000.npy", ann, allow_pickle=True)
-    return KubricDataset(str(root), S=3, N=2, crop_size=(16, 16))
+    return KubricDataset(str(root), S=3, N=2, crop_hw=(16, 16))
 
 
 @pytest.mark.parametrize("how", HOWS)

@@ -316,7 +316,7 @@ def test_a_mask_is_sized_from_its_header_before_decoding(server, video, monkeypa
     for img in (np.zeros((H, W), np.uint8), np.zeros((H, W, 3), np.uint8)):
         for ext in (".png", ".jpg"):
             raw = cv2.imencode(ext, img, [cv2.IMWRITE_JPEG_PROGRESSIVE, 1] if ext == ".jpg" else [])[1].tobytes()
-            assert webapp.image_size(raw) == (W, H), ext
+            assert webapp.header_wh(raw) == (W, H), ext
 
 
 # ---------------------------------------------------------------------------------------------------------

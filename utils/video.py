@@ -115,7 +115,7 @@ def image_truncation(path: str | os.PathLike) -> str | None:
 MAX_IMAGE_PIXELS = 7680 * 4320
 
 
-def image_size_problem(data: bytes) -> str | None:
+def image_pixels_problem(data: bytes) -> str | None:
     """Why an encoded image may not be decoded, from its header alone: its size is beyond MAX_IMAGE_PIXELS, or
     no header can be read (a format whose size cannot be known before decoding); None if it may."""
     try:
@@ -150,7 +150,7 @@ def read_rgb(path: str | os.PathLike) -> np.ndarray:
         raise VideoError(f"{path}: unreadable image ({e.strerror or e})") from None
     if not data:
         raise VideoError(f"{path}: empty image file (0 bytes)")
-    why = _truncation(io.BytesIO(data), len(data)) or image_size_problem(data)
+    why = _truncation(io.BytesIO(data), len(data)) or image_pixels_problem(data)
     if why:
         raise VideoError(f"{path}: {why}")
     img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)

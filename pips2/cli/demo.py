@@ -35,7 +35,7 @@ from pips2.tracking import (
     check_video_size,
     default_model_hw,
     grid_queries,
-    model_input_hw,
+    resolve_model_hw,
     track,
 )
 from pips2.utils.checkpoint import CheckpointError, resolve_device
@@ -122,14 +122,14 @@ def read_point_rows(path: str | Path, query_frame: int = 0) -> tuple[np.ndarray,
         return np.asarray(rows, np.float32), where
 
 
-def read_mask(path: str, hw: tuple[int, int]) -> np.ndarray:
+def read_mask(path: str, src_hw: tuple[int, int]) -> np.ndarray:
     """A grayscale mask image of exactly the video's size (a stretched mask would select the wrong points)."""
     if not Path(path).is_file():
         raise ValueError(f"--mask {path}: no such file")
     m = cv2.imread(path, cv2.IMREAD_GRAYSCALE)
     if m is None:
         raise ValueError(f"--mask {path}: unreadable image")
-    H, W = hw
+    H, W = src_hw
     if m.shape[:2] != (H, W):
         raise ValueError(f"--mask {path}: mask is {m.shape[1]}x{m.shape[0]} but the video is {W}x{H}")
     return m
@@ -156,20 +156,20 @@ def synthetic_video(out_dir: Path, seed: int = 3, frames: int = 48) -> Path:
 def prepare(video_path: Path, points: str | None, grid_size: int, query_frame: int,
             mask: str | None) -> tuple[np.ndarray, int, int, int, float]:
     """Check the video and the queries before any model or tracking work: (queries, frames, H, W, fps)."""
-    n_frames, H, W, fps = video_info(video_path)
+    num_frames, H, W, fps = video_info(video_path)
     check_video_size((H, W), str(video_path))
     if points:
         queries, rows = read_point_rows(points, query_frame)
-        check_queries(queries, n_frames, (H, W), points, rows,
+        check_queries(queries, num_frames, (H, W), points, rows,
                       warn=lambda msg: print(f"warning: {msg}", file=sys.stderr, flush=True))
     else:
-        if not 0 <= query_frame <= n_frames - 1:
-            raise ValueError(f"--query_frame {query_frame} is outside the video's frames 0..{n_frames - 1}")
+        if not 0 <= query_frame <= num_frames - 1:
+            raise ValueError(f"--query_frame {query_frame} is outside the video's frames 0..{num_frames - 1}")
         m = read_mask(mask, (H, W)) if mask else None
         queries = grid_queries((H, W), grid_size, query_frame, m)
         if not len(queries):
             raise ValueError(f"--mask {mask}: no grid point falls inside the mask (nonzero pixels)")
-    return queries.astype(np.float32), n_frames, H, W, fps
+    return queries.astype(np.float32), num_frames, H, W, fps
 
 
 class Stopped(BaseException):
@@ -225,8 +225,8 @@ def main(video: str | None = None, init_dir: str | None = None, points: str | No
     writing, code, done = False, 2, False
     with stopping_on_signals():
         try:
-            S, iters, point_batch, image_size = check_track_args(S, iters, point_batch, image_size, flag="--",
-                                                                 lbm=model == "lbm")
+            S, iters, point_batch, model_hw = check_track_args(S, iters, point_batch, image_size, flag="--",
+                                                               lbm=model == "lbm")
             check_options(model, amp, memory_size, init_dir)
             dev = resolve_device(device)
             if not points:
@@ -237,21 +237,21 @@ def main(video: str | None = None, init_dir: str | None = None, points: str | No
             else:
                 synthetic = None if (out / "synthetic.mp4").exists() else out / "synthetic.mp4"
                 video_path = synthetic_video(out)
-            queries, n_frames, H, W, fps = prepare(video_path, points, grid_size, query_frame, mask)
+            queries, num_frames, H, W, fps = prepare(video_path, points, grid_size, query_frame, mask)
             if model == "pips2":  # a video too large to track at its size, or for TMPDIR at it: refused now
-                hw = image_size or default_model_hw((H, W), str(video_path))
-                check_frames_space(video_path, n_frames, hw)
+                hw = model_hw or default_model_hw((H, W), str(video_path))
+                check_frames_space(video_path, num_frames, hw)
             net = load_model(init_dir, dev, kind=model, amp=amp, memory_size=memory_size)
-            mh, mw = model_input_hw(net, (H, W), image_size)  # the time per frame grows with this size
+            mh, mw = resolve_model_hw(net, (H, W), model_hw)  # the time per frame grows with this size
             if model != "pips2":  # LBM's size is its weights'
-                check_frames_space(video_path, n_frames, (mh, mw))
+                check_frames_space(video_path, num_frames, (mh, mw))
             t0 = time.time()
-            print(f"tracking {len(queries)} points through {video_path} ({n_frames} frames, {W}x{H}; the model runs "
+            print(f"tracking {len(queries)} points through {video_path} ({num_frames} frames, {W}x{H}; the model runs "
                   f"at {mw}x{mh}) with {init_dir or DEFAULT_PIPS}", flush=True)
             with warnings.catch_warnings():  # prepare said it in one line, naming the file and its row
                 warnings.filterwarnings("ignore", message=r"queries: row \d+: .* outside the", category=UserWarning)
                 res = track(net, str(video_path), queries, S=S, iters=iters, backward=backward,
-                            image_size=image_size, point_batch=point_batch, amp=None if amp == "none" else amp,
+                            model_hw=model_hw, point_batch=point_batch, amp=None if amp == "none" else amp,
                             progress=True)
             dt = time.time() - t0
             writing = True

@@ -114,16 +114,16 @@ def _check_flags(**flags) -> None:
 
 
 def _no_clips_reason(dataset_location: str, st: ClipSettings) -> str:
-    split = Path(dataset_location) / st.dset
-    scenes = pod.list_scenes(dataset_location, st.dset)
+    split_dir = Path(dataset_location) / st.split
+    scenes = pod.list_scenes(dataset_location, st.split)
     if not scenes:
-        return f"{split}: no scene folders in this split"
-    return (f"{split}: 0 candidate clips: none of its {len(scenes)} scene(s) has the {st.S} frames "
+        return f"{split_dir}: no scene folders in this split"
+    return (f"{split_dir}: 0 candidate clips: none of its {len(scenes)} scene(s) has the {st.S} frames "
             f"(rgbs/rgb_*.jpg) a clip needs")
 
 
 def main(dataset_location: str = "../datasets/pointodyssey", dset: str = "train", S: int = STAGE_CLIPS[1]["S"],
-         N: int = STAGE_CLIPS[1]["N"], crop_size=STAGE_CLIPS[1]["crop_size"], use_augs: bool = True,
+         N: int = STAGE_CLIPS[1]["N"], crop_size=STAGE_CLIPS[1]["crop_hw"], use_augs: bool = True,
          max_clips: int | None = None, max_iters: int | None = None, shuffle: bool = True,
          out_dir: str = "./pod_export", workers: int = 1, shard: int = 0, num_shards: int = 1, seed: int = 0,
          preset: str = "medium", verify: bool = False, quiet: bool = False) -> None:
@@ -137,7 +137,7 @@ def main(dataset_location: str = "../datasets/pointodyssey", dset: str = "train"
     143 SIGTERM (both after the summary, with every finished clip kept).
     """
     try:
-        st = ClipSettings(dset=dset, S=S, N=N, crop_size=_parse_hw(crop_size), use_augs=use_augs,
+        st = ClipSettings(split=dset, S=S, N=N, crop_hw=_parse_hw(crop_size), use_augs=use_augs,
                           shuffle=shuffle, seed=seed, preset=preset)
     except ValueError as e:
         die(e)
@@ -149,7 +149,7 @@ def main(dataset_location: str = "../datasets/pointodyssey", dset: str = "train"
     if not 0 <= shard < num_shards:
         die(f"--shard must be in [0, {num_shards}), got {shard}")
     try:  # before anything is created: a mistyped path must not leave an empty version folder behind
-        frames = scene_frames(dataset_location, st.dset)
+        frames = scene_frames(dataset_location, st.split)
         cands = enumerate_candidates(dataset_location, st, frames)
         if not cands:
             die(_no_clips_reason(dataset_location, st))
@@ -175,7 +175,7 @@ def main(dataset_location: str = "../datasets/pointodyssey", dset: str = "train"
     print(f"export {st.version()}: {len(cands)} candidate clips, {len(todo)} for shard {shard}/{num_shards}, "
           f"{workers} worker(s) -> {version_dir}" + (f" (removed {cleaned} stale temp folders)" if cleaned else ""),
           flush=True)
-    jobs = deque((str(dataset_location), str(version_dir), asdict(st), k, asdict(cands[k]), verify) for k in todo)
+    jobs = deque((str(dataset_location), str(version_dir), st.to_dict(), k, asdict(cands[k]), verify) for k in todo)
     signals = _Signals()
     try:
         _run(jobs, workers, version_dir, quiet, signals)
