@@ -2,8 +2,10 @@
 raw requests for what no well-behaved client sends."""
 
 import base64
+import contextlib
 import json
 import os
+import re
 import select
 import signal
 import socket
@@ -427,15 +429,17 @@ def test_malformed_requests_are_4xx_with_one_line(server):
 
 
 def test_half_sent_requests_hold_no_thread_and_are_closed(ckpt, tmp_path):
-    """50 connections that send half a request: the server still answers others at once, and closes them after
-    its channel timeout (1 s here, 30 s by default)."""
+    """50 connections that send half a request (half of them the headers and a bit of the body of a request
+    with the token, which the server admits and then waits for): the server still answers others at once, and
+    closes them once silent for its channel timeout (1 s here, 30 s by default)."""
     app = webapp.App(init_dir=str(ckpt), clip_dir=tmp_path / "clips")
     with serving(app, channel_timeout=1, cleanup_interval=1) as srv:
         held = []
         try:
             for i in range(50):
                 s = socket.create_connection(("127.0.0.1", srv.port), timeout=10)
-                half = f"POST /api/clip HTTP/1.1\r\nHost: 127.0.0.1:{srv.port}\r\nContent-Length: 100\r\n\r\n{{"
+                half = (f"POST /api/clip HTTP/1.1\r\nHost: 127.0.0.1:{srv.port}\r\n{webapp.TOKEN_HEADER}: {TOKEN}\r\n"
+                        f"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{{")
                 s.sendall(b"GET /api/con" if i % 2 else half.encode())
                 held.append(s)
             t0 = time.time()
@@ -447,6 +451,139 @@ def test_half_sent_requests_hold_no_thread_and_are_closed(ckpt, tmp_path):
         finally:
             for s in held:
                 s.close()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# What connections may hold: a request is judged from its headers before its body is read, and uploads are
+# received two at a time (docs/WEBAPP.md).
+
+
+def open_files() -> int:
+    """Deleted-but-open files of this process (the server runs in it): where waitress spools bodies."""
+    n = 0
+    for fd in Path("/proc/self/fd").iterdir():
+        try:
+            n += os.readlink(fd).endswith("(deleted)")
+        except OSError:
+            pass
+    return n
+
+
+def answer(s: socket.socket, timeout: float) -> tuple[int, bytes] | None:
+    """The status and body of the answer on s, or None when none came within timeout seconds."""
+    buf, end = b"", time.time() + timeout
+    try:
+        while True:
+            head, sep, body = buf.partition(b"\r\n\r\n")
+            if sep:
+                want = int(re.search(rb"(?i)content-length: *(\d+)", head)[1])
+                if len(body) >= want:
+                    return int(head.split()[1]), body[:want]
+            s.settimeout(max(0.01, end - time.time()))
+            chunk = s.recv(65536)
+            if not chunk:
+                return None
+            buf += chunk
+    except (TimeoutError, ConnectionError):
+        return None
+
+
+def test_a_refused_request_is_answered_from_its_headers_and_its_body_never_stored(server, video):
+    """The demo's checks run on the headers: a refused request gets its one line at once, while the client is
+    still sending, and the server keeps none of its body (3 MB each here of a declared 150 MB; waitress would
+    otherwise spool each to a temporary file for as long as the client keeps sending)."""
+    port, big = server.port, 150 * 2**20
+    ok = f"Host: 127.0.0.1:{port}\r\n{webapp.TOKEN_HEADER}: {TOKEN}\r\n"
+    up = "POST /api/upload?name=v.mp4 HTTP/1.1\r\n"
+    cases = [
+        (421, "is not this server's name", f"{up}Host: evil.example\r\nContent-Type: text/plain\r\n"),
+        (403, "token", f"{up}Host: 127.0.0.1:{port}\r\nContent-Type: application/octet-stream\r\n"),
+        (403, "refused", f"{up}{ok}Origin: http://evil.example\r\nContent-Type: application/octet-stream\r\n"),
+        (415, "application/octet-stream", f"{up}{ok}Content-Type: text/plain\r\n"),
+        (415, "application/json", f"POST /api/track HTTP/1.1\r\n{ok}Content-Type: text/plain\r\n"),
+        (413, "over the limit", f"POST /api/clip HTTP/1.1\r\n{ok}Content-Type: application/json\r\n"),
+        (413, "over the limit", f"GET /api/config HTTP/1.1\r\n{ok}"),
+    ]
+    before, socks = open_files(), []
+    try:
+        for _, _, head in cases:
+            s = socket.create_connection(("127.0.0.1", port))
+            socks.append(s)
+            s.sendall(f"{head}Content-Length: {big}\r\n\r\n".encode())
+            with contextlib.suppress(OSError):  # the server may have closed already: it drops the rest
+                s.sendall(b"\0" * (3 * 2**20))
+        time.sleep(0.3)
+        assert open_files() <= before, "bodies of refused requests are held in temporary files"
+        for s, (status, words, head) in zip(socks, cases, strict=True):
+            got = answer(s, 5)
+            assert got is not None, f"no answer before the body was sent: {head!r}"
+            assert got[0] == status and words in one_line_error(got[1]), (head, got)
+        # a chunked body (its size is unknown until it has arrived) is refused the same way
+        s = socket.create_connection(("127.0.0.1", port))
+        socks.append(s)
+        s.sendall(f"{up}{ok}Content-Type: application/octet-stream\r\nTransfer-Encoding: chunked\r\n\r\n".encode())
+        got = answer(s, 5)
+        assert got is not None and got[0] == 411 and "Content-Length" in one_line_error(got[1]), got
+    finally:
+        for s in socks:
+            s.close()
+    assert server.app.videos == {} and server.app.jobs == {}
+    # the page's own requests still pass
+    upload_ok(port, video.read_bytes())
+
+
+def test_a_refused_client_still_sending_gets_its_answer_and_a_clean_end(server):
+    """After a refusal the server stops sending and, for a moment (LINGER_SECONDS), reads and drops what the
+    client still sends: closing with the body unread would reset the connection, and a client (Windows drops
+    what it received on a reset) could lose the answer."""
+    port = server.port
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        s.sendall(f"POST /api/upload HTTP/1.1\r\nHost: evil.example\r\nContent-Length: {10**8}\r\n\r\n".encode()
+                  + b"\0" * 100_000)
+        got = answer(s, 5)
+        assert got is not None and got[0] == 421, got
+        time.sleep(0.2)
+        s.sendall(b"\0" * 100_000)  # still sending: read and dropped, no reset
+        s.settimeout(5)
+        assert s.recv(100) == b""  # the server's end of its side, after the answer
+
+
+def upload_head(port: int, length: int) -> bytes:
+    """The headers of an upload of `length` bytes, with the token."""
+    return (f"POST /api/upload?name=v.mp4 HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{webapp.TOKEN_HEADER}: {TOKEN}\r\n"
+            f"Content-Type: application/octet-stream\r\nContent-Length: {length}\r\n\r\n").encode()
+
+
+def upload_ok(port: int, data: bytes) -> None:
+    """An upload with the token goes through."""
+    status, _, body = raw(port, upload_head(port, len(data)) + data)
+    assert status == 200, body
+
+
+def test_uploads_are_received_a_few_at_a_time(server, video, monkeypatch):
+    """Each upload is spooled to a temporary file while it arrives: only UPLOAD_SLOTS at once (1 here), so
+    the disk they take is bounded; another gets 503 and one line at once, from its headers."""
+    monkeypatch.setattr(webapp, "UPLOAD_SLOTS", 1, raising=False)
+    port, data = server.port, video.read_bytes()
+    first = socket.create_connection(("127.0.0.1", port))
+    try:
+        first.sendall(upload_head(port, len(data)) + data[:1000])
+        time.sleep(0.3)
+        with socket.create_connection(("127.0.0.1", port)) as s:
+            s.sendall(upload_head(port, len(data)))
+            got = answer(s, 5)
+        assert got is not None and got[0] == 503 and "another upload" in one_line_error(got[1]), got
+        first.sendall(data[1000:])
+        got = answer(first, 30)
+        assert got is not None and got[0] == 200, got
+    finally:
+        first.close()
+    upload_ok(port, data)  # the slot is free again once an upload is done...
+    with socket.create_connection(("127.0.0.1", port)) as s:  # ... or cut off
+        s.sendall(upload_head(port, len(data)) + data[:1000])
+        time.sleep(0.3)
+    time.sleep(0.3)
+    upload_ok(port, data)
 
 
 # ---------------------------------------------------------------------------------------------------------
