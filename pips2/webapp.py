@@ -34,6 +34,7 @@ import binascii
 import functools
 import hmac
 import json
+import logging
 import math
 import os
 import re
@@ -107,11 +108,16 @@ KEEP = 4  # opened videos and finished jobs kept; older ones are deleted, or a l
 PROBE_SECONDS = 60  # reading a video's header (ffmpeg, without decoding) may take at most this long
 # waitress: worker threads, silent connections closed after CHANNEL_TIMEOUT s (checked every CLEANUP s)
 THREADS, CHANNEL_TIMEOUT, CLEANUP, CONNECTION_LIMIT, MAX_HEADER_BYTES = 4, 30, 5, 100, 64 * 1024
-# What connections may hold (docs/WEBAPP.md). A request is judged from its headers, before its body is read.
+# What connections may hold (docs/WEBAPP.md). A request is judged from its headers, before its body is read. A
+# request must arrive in time: its headers within HEADER_SECONDS of its first byte, then its body within
+# BODY_GRACE s + its length at MIN_BODY_RATE bytes/s (200 MB: 13.5 min), or it is answered 408 and closed.
+HEADER_SECONDS, BODY_GRACE, MIN_BODY_RATE = 10, 10, 256 * 2**10
 UPLOAD_SLOTS = 2  # uploads received at once: waitress spools each to a temporary file (others get 503)
 # after a refusal, what the client still sends is read and dropped for a moment (not stored), so that it reads
 # the answer rather than a reset
 LINGER_SECONDS, LINGER_BYTES = 2, 4 * 2**20
+# at the connection limit, a new connection closes one that has not shown the token within this long (seconds)
+EVICT_AFTER = 1
 TOKEN_HEADER = "X-Pips2-Token"
 JSON_CALLS = ("/api/clip", "/api/track", "/api/cancel")  # the POST calls whose body is JSON
 
@@ -1113,7 +1119,7 @@ class Site:
 
 
 class _Refused(HTTPError):
-    """A request refused from its headers (`Site.admit`, the upload slots)."""
+    """A request refused from its headers (`Site.admit`, the upload slots) or cut off at its deadline."""
 
     def __init__(self, status: int, message: str):
         super().__init__(message)
@@ -1143,7 +1149,7 @@ class _OneLineErrorTask(ErrorTask):
 
 class _Parser(HTTPRequestParser):
     """waitress's parser of one request, which has its connection admit the request as soon as its headers
-    are in, before any of its body is read."""
+    are in, before any of its body is read, and which holds the request's deadline."""
 
     checked = False  # the headers have been judged
     upload = False  # it holds one of the server's upload slots until it is closed
@@ -1151,6 +1157,7 @@ class _Parser(HTTPRequestParser):
     def __init__(self, adj, channel: _Channel):
         super().__init__(adj)
         self.channel = channel
+        self.deadline = time.monotonic() + HEADER_SECONDS  # made when the request's first byte arrives
 
     def received(self, data: bytes) -> int:
         """Parse what arrived (waitress); once the headers are in, admit the request or refuse it."""
@@ -1184,21 +1191,25 @@ class _Task(WSGITask):
 
 class _Channel(HTTPChannel):
     """waitress's connection, bounded in what it may hold (docs/WEBAPP.md): each request is judged from its
-    headers, before its body is read."""
+    headers and must arrive by its deadline, and a connection that has not shown the token is closed to make
+    room for a new one when the connections are at their limit."""
 
     task_class, error_task_class = _Task, _OneLineErrorTask
+    admitted = False  # one of its requests carried the token: it is never closed to make room
     refused = False  # it was answered with a refusal: its close lingers
     linger_until: float | None = None
+    evicted = False  # closed to make room (DemoServer.make_room)
     dropped = 0  # bytes read and dropped while lingering
 
     def __init__(self, server, sock, addr, adj, map=None):
         super().__init__(server, sock, addr, adj, map)
         self.demo: DemoServer = server.demo
         self.parser_class = functools.partial(_Parser, channel=self)
+        self.demo.room_check_at = 0.0
 
     def admit(self, request: _Parser) -> _Refused | None:
-        """Judge a request from its headers (`Site.admit`) and give an upload one of the upload slots; the
-        refusal, or None."""
+        """Judge a request from its headers (`Site.admit`), give an upload one of the upload slots, and set the
+        deadline for its body; the refusal, or None."""
         path = request.path
         environ = {"REQUEST_METHOD": request.command.upper(), "QUERY_STRING": request.query,
                    "PATH_INFO": "/" + path.lstrip("/") if path.startswith("/") else path}  # as waitress passes it
@@ -1214,18 +1225,38 @@ class _Channel(HTTPChannel):
         except Exception as e:  # a bug: one line for the client, the traceback on the console
             traceback.print_exc()
             return _Refused(500, f"server error: {type(e).__name__}: {one_line(e)}")
-        request.upload = upload
+        request.upload, self.admitted = upload, True
+        request.deadline = time.monotonic() + BODY_GRACE + request.content_length / MIN_BODY_RATE
         return None
 
     def readable(self) -> bool:
         """Whether to read (waitress); called on every turn of the server's loop, at least once a second, it
-        also ends a lingering close."""
+        also ends a lingering close, cuts off a request past its deadline, and makes room at the limit."""
+        self.demo.make_room()
+        if self.evicted:
+            return False
+        now = time.monotonic()
         if self.linger_until is not None:
-            if time.monotonic() < self.linger_until and self.dropped < LINGER_BYTES:
+            if now < self.linger_until and self.dropped < LINGER_BYTES:
                 return True
             self.close_now()
             return False
+        request = self.request
+        if request is not None and not request.completed and not self.requests and now > request.deadline:
+            self.expire(request)
         return super().readable()
+
+    def expire(self, request: _Parser) -> None:
+        """Answer a request that did not arrive by its deadline with 408, then close: a client that trickles
+        bytes is never silent, so waitress's channel timeout would never close it."""
+        with self.requests_lock:
+            if self.request is not request:
+                return
+            request.error = _Refused(408, f"the request did not arrive in time: its headers must arrive within "
+                                          f"{HEADER_SECONDS} s, its body at {MIN_BODY_RATE // 1024} KB/s or faster")
+            request.completed, request.expect_continue, self.request = True, False, None
+            self.requests.append(request)
+            self.server.add_task(self)
 
     def handle_read(self) -> None:
         """Read a request (waitress), or while lingering, read and drop."""
@@ -1241,16 +1272,24 @@ class _Channel(HTTPChannel):
         """Close; after a refusal, linger first: stop sending and drop what the client still sends for up to
         LINGER_SECONDS, since closing with its body unread resets the connection, and a client still sending
         can then lose the answer."""
-        if self.refused and self.linger_until is None and self.connected and not self.total_outbufs_len:
+        if self.refused and not self.evicted and self.linger_until is None and self.connected \
+                and not self.total_outbufs_len:
             try:
                 self.socket.shutdown(socket.SHUT_WR)
             except OSError:
                 pass
             else:
                 self.linger_until = time.monotonic() + LINGER_SECONDS
-                self.will_close = self.close_when_flushed = False
+                self.will_close = self.close_when_flushed = self.admitted = False
+                self.demo.room_check_at = 0.0
                 return
         self.close_now()
+
+    def evict(self) -> None:
+        """Have it closed to make room, without lingering, when the loop next writes (waitress's way to close:
+        closing a socket now could close one that the loop is about to select on)."""
+        self.evicted = self.will_close = True
+        self.server.pull_trigger()  # a turn of the loop now, not after its one-second select
 
     def close_now(self) -> None:
         """Close the connection and free what its unfinished request holds (its body's file, an upload slot)."""
@@ -1266,6 +1305,10 @@ def allowed_hosts(host: str, port: int) -> set[str]:
     return {f"{n}:{port}" for n in names} | ({*names} if port == 80 else set())
 
 
+_QUIET = logging.getLogger("pips2.webapp.waitress")  # waitress's warnings about load, silenced (DemoServer)
+_QUIET.setLevel(logging.ERROR)
+
+
 class DemoServer:
     """The demo's waitress server on host:port (port 0: any free port), with the run's token."""
 
@@ -1275,6 +1318,7 @@ class DemoServer:
         self.token = token or secrets.token_urlsafe(32)
         self.map: dict = {}
         self.uploads, self.upload_lock = 0, threading.Lock()
+        self.room_check_at = 0.0  # when make_room next looks for a connection to close (time.time())
         self.site = Site(app, self.token, set(), "")
         self.server = create_server(self.site, map=self.map, host=host, port=port, threads=threads,
                                     channel_timeout=channel_timeout, cleanup_interval=cleanup_interval,
@@ -1282,8 +1326,14 @@ class DemoServer:
                                     max_request_body_size=MAX_UPLOAD_BYTES + 1, log_socket_errors=False,
                                     expose_tracebacks=False, ident="pips2", asyncore_loop_timeout=1)
         self.listeners = [d for d in self.map.values() if isinstance(d, BaseWSGIServer)]
+        # waitress warns on stderr each time the connections reach their limit (handled here: make_room) and
+        # each time requests wait for a thread: under a flood of connections, a line for each
+        self.server.task_dispatcher.queue_logger = _QUIET
         for d in self.listeners:
-            d.channel_class, d.demo = _Channel, self
+            d.channel_class, d.demo, d.logger = _Channel, self, _QUIET
+        self.adj = self.listeners[0].adj  # one for all listeners
+        # waitress stops accepting when its map holds connection_limit sockets, its listeners and trigger included
+        self.adj.connection_limit = len(self.map) + CONNECTION_LIMIT
         self.port = int(self.listeners[0].effective_port)
         self.site.hosts, self.site.cookie = allowed_hosts(host, self.port), f"pips2_token_{self.port}"
 
@@ -1299,6 +1349,29 @@ class DemoServer:
         """Give an upload's slot back (its request is closed: answered, refused or cut off)."""
         with self.upload_lock:
             self.uploads -= 1
+
+    def has_room(self) -> bool:
+        """Whether another connection can be accepted (at the limit, waitress stops accepting)."""
+        return len(self.map) < self.adj.connection_limit
+
+    def make_room(self) -> None:
+        """While the connections are at their limit (where waitress stops accepting), close one that has not
+        shown the token: one lingering after a refusal, else the oldest open for EVICT_AFTER s or more (a
+        browser sends its request at once; a younger one may not have been read yet). So connections without
+        the token never shut the user out. Called by every connection on every turn of the loop, it looks only
+        when something changed: a connection was accepted, one began to linger, or one reached EVICT_AFTER."""
+        now = time.time()  # waitress's clock (creation_time)
+        if self.has_room() or now < self.room_check_at:
+            return
+        channels = [c for c in self.map.values() if isinstance(c, _Channel)]
+        if any(c.evicted for c in channels):  # one at a time: it closes on this turn
+            return
+        waiting = [c for c in channels if not c.admitted]
+        idle = [c for c in waiting if c.linger_until is not None or now - c.creation_time >= EVICT_AFTER]
+        if idle:
+            min(idle, key=lambda c: (c.linger_until is None, c.creation_time)).evict()
+        else:
+            self.room_check_at = min((c.creation_time + EVICT_AFTER for c in waiting), default=math.inf)
 
     @property
     def url(self) -> str:

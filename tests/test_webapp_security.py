@@ -12,6 +12,7 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 import zlib
 from pathlib import Path
@@ -454,8 +455,9 @@ def test_half_sent_requests_hold_no_thread_and_are_closed(ckpt, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# What connections may hold: a request is judged from its headers before its body is read, and uploads are
-# received two at a time (docs/WEBAPP.md).
+# What connections may hold: a request is judged from its headers before its body is read, uploads are
+# received two at a time, a request that does not arrive in time is cut off, and connections without the
+# token never shut the user out (docs/WEBAPP.md).
 
 
 def open_files() -> int:
@@ -584,6 +586,104 @@ def test_uploads_are_received_a_few_at_a_time(server, video, monkeypatch):
         time.sleep(0.3)
     time.sleep(0.3)
     upload_ok(port, data)
+
+
+class Trickle(threading.Thread):
+    """Sockets that each send their request's first bytes, then one more byte every 0.2 s until the server
+    answers or closes; `answers` holds (status, seconds after the start) for each, in the order they came."""
+
+    def __init__(self, port: int, heads: list[bytes]):
+        super().__init__(daemon=True)
+        self.port, self.heads, self.answers, self.stop = port, heads, [], threading.Event()
+
+    def run(self) -> None:
+        t0 = time.time()
+        socks = []
+        try:
+            for head in self.heads:  # as a browser does: the headers right after connecting
+                socks.append(socket.create_connection(("127.0.0.1", self.port)))
+                socks[-1].sendall(head)
+                time.sleep(0.05)
+            live = list(socks)
+            while live and not self.stop.wait(0.2):
+                ready, _, _ = select.select(live, [], [], 0)
+                for s in ready:
+                    got = answer(s, 2)
+                    self.answers.append((got and got[0], time.time() - t0))
+                    live.remove(s)
+                for s in list(live):
+                    try:
+                        s.sendall(b" ")
+                    except OSError:  # closed since the select(): its answer may have come first
+                        got = answer(s, 1)
+                        self.answers.append((got and got[0], time.time() - t0))
+                        live.remove(s)
+        finally:
+            for s in socks:
+                s.close()
+
+
+def test_requests_that_trickle_are_cut_off_at_their_deadline(ckpt, tmp_path, monkeypatch):
+    """Connections that send a byte now and then are never silent, so the channel timeout never closes
+    them: each request must arrive by its deadline (its headers within HEADER_SECONDS of its first byte, its
+    body at MIN_BODY_RATE after BODY_GRACE s), or it gets 408 and its connection is closed. Here 5 trickling
+    requests with the token against a limit of 4 connections: on the user's side, a request is answered
+    once the first deadline passes (1 s here; by default 10 s + a body's length at 256 KB/s)."""
+    monkeypatch.setattr(webapp, "CONNECTION_LIMIT", 4)
+    for name, value in {"HEADER_SECONDS": 1, "BODY_GRACE": 1, "MIN_BODY_RATE": 10**6}.items():
+        monkeypatch.setattr(webapp, name, value, raising=False)
+    app = webapp.App(init_dir=str(ckpt), clip_dir=tmp_path / "clips")
+    with serving(app) as srv:
+        port = srv.port
+        body = (f"POST /api/clip HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{webapp.TOKEN_HEADER}: {TOKEN}\r\n"
+                f"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{{").encode()
+        trickle = Trickle(port, [body] * 5)
+        trickle.start()
+        try:
+            time.sleep(0.5)
+            t0 = time.time()
+            with socket.create_connection(("127.0.0.1", port)) as s:
+                s.sendall(f"GET /api/config HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{webapp.TOKEN_HEADER}: {TOKEN}"
+                          f"\r\n\r\n".encode())
+                got = answer(s, 8)
+            assert got is not None and got[0] == 200, got
+            assert time.time() - t0 < 6
+            trickle.join(10)
+            assert [a for a, _ in trickle.answers] == [408] * 5, trickle.answers
+            assert all(t < 8 for _, t in trickle.answers), trickle.answers
+            # headers sent a byte at a time are cut off the same way, token or not
+            heads = Trickle(port, [f"GET /api/config HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n".encode(), b"G"])
+            heads.start()
+            heads.join(10)
+            assert [a for a, _ in heads.answers] == [408] * 2 and all(t < 6 for _, t in heads.answers), heads.answers
+        finally:
+            trickle.stop.set()
+
+
+def test_connections_without_the_token_never_shut_the_user_out(ckpt, tmp_path, monkeypatch):
+    """Connections that send nothing, or trickle headers without the token, fill the connection limit (4
+    here, 100 by default), where waitress stops accepting; then the oldest connection that has not shown the
+    token for EVICT_AFTER (1 s) is closed, one at a time, so the user is answered within about a second, not
+    when the channel timeout (30 s) closes one."""
+    monkeypatch.setattr(webapp, "CONNECTION_LIMIT", 4)
+    app = webapp.App(init_dir=str(ckpt), clip_dir=tmp_path / "clips")
+    with serving(app) as srv:
+        port = srv.port
+        silent = [socket.create_connection(("127.0.0.1", port)) for _ in range(6)]
+        trickle = Trickle(port, [f"POST /api/upload HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n".encode()] * 3)
+        trickle.start()
+        try:
+            time.sleep(1.5)  # they have not shown the token for over a second (EVICT_AFTER)
+            for _ in range(3):
+                with socket.create_connection(("127.0.0.1", port)) as s:
+                    s.sendall(f"GET /api/config HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{webapp.TOKEN_HEADER}: "
+                              f"{TOKEN}\r\n\r\n".encode())
+                    got = answer(s, 5)  # the channel timeout would close one after 30 s
+                assert got is not None and got[0] == 200, got
+        finally:
+            trickle.stop.set()
+            for s in silent:
+                s.close()
 
 
 # ---------------------------------------------------------------------------------------------------------
