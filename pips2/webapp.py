@@ -1231,9 +1231,16 @@ class _Channel(HTTPChannel):
 
     def readable(self) -> bool:
         """Whether to read (waitress); called on every turn of the server's loop, at least once a second, it
-        also ends a lingering close, cuts off a request past its deadline, and makes room at the limit."""
+        also ends a lingering close, cuts off a request past its deadline, closes a connection whose client
+        stopped reading its answer, and makes room at the limit."""
         self.demo.make_room()
         if self.evicted:
+            return False
+        if self.requests and self.total_outbufs_len and time.time() - self.last_activity > self.adj.channel_timeout:
+            # an answer its client has not read for the channel timeout: past waitress's buffer, its task waits
+            # for room, holding a thread. waitress's own timeout skips a connection with a task, and closing
+            # through will_close waits for the socket to be writable, which it never is
+            self.close_now()  # this socket is not yet among those the loop selects on
             return False
         now = time.monotonic()
         if self.linger_until is not None:
@@ -1245,6 +1252,10 @@ class _Channel(HTTPChannel):
         if request is not None and not request.completed and not self.requests and now > request.deadline:
             self.expire(request)
         return super().readable()
+
+    def writable(self) -> bool:
+        """Whether to write (waitress); never once closed (readable() may close it just before)."""
+        return self._fileno is not None and super().writable()
 
     def expire(self, request: _Parser) -> None:
         """Answer a request that did not arrive by its deadline with 408, then close: a client that trickles

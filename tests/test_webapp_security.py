@@ -686,6 +686,37 @@ def test_connections_without_the_token_never_shut_the_user_out(ckpt, tmp_path, m
                 s.close()
 
 
+def test_clients_that_stop_reading_an_answer_free_their_thread(ckpt, tmp_path):
+    """A download the client stops reading (a paused <video>, a stuck program): once waitress's buffer for
+    it is full, its task waits for room, holding one of the 4 threads, and the channel timeout skips a
+    connection with a task. Such a connection is closed after the channel timeout without progress (1 s
+    here, 30 s by default), so 4 of them do not hang the server."""
+    big = tmp_path / "tracks.csv"
+    with open(big, "wb") as f:
+        f.truncate(64 * 2**20)  # sparse: over waitress's 16 MB buffer, nothing written
+    app = webapp.App(init_dir=str(ckpt), clip_dir=tmp_path / "clips")
+    app.output = lambda job, name: big
+    with serving(app, channel_timeout=1, cleanup_interval=1) as srv:
+        port, held = srv.port, []
+        try:
+            for _ in range(webapp.THREADS):
+                s = socket.socket()
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                s.connect(("127.0.0.1", port))
+                s.sendall(f"GET /files/abc/tracks.csv HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+                          f"{webapp.TOKEN_HEADER}: {TOKEN}\r\n\r\n".encode())
+                held.append(s)
+            time.sleep(1)
+            with socket.create_connection(("127.0.0.1", port)) as s:
+                s.sendall(f"GET /api/config HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{webapp.TOKEN_HEADER}: "
+                          f"{TOKEN}\r\n\r\n".encode())
+                got = answer(s, 8)
+            assert got is not None and got[0] == 200, got
+        finally:
+            for s in held:
+                s.close()
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The server as a program: the token printed, a quiet console, nothing left at exit.
 
