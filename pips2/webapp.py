@@ -1236,10 +1236,10 @@ class _Channel(HTTPChannel):
         self.demo.make_room()
         if self.evicted:
             return False
-        if self.requests and self.total_outbufs_len and time.time() - self.last_activity > self.adj.channel_timeout:
-            # an answer its client has not read for the channel timeout: past waitress's buffer, its task waits
-            # for room, holding a thread. waitress's own timeout skips a connection with a task, and closing
-            # through will_close waits for the socket to be writable, which it never is
+        if self.total_outbufs_len and time.time() - self.last_activity > self.adj.channel_timeout:
+            # an answer its client has not read for the channel timeout: it holds the connection, and past
+            # waitress's buffer its task waits for room, holding a thread. waitress's own timeout skips a
+            # connection with a task, and closes through will_close, which waits for the socket to be writable
             self.close_now()  # this socket is not yet among those the loop selects on
             return False
         now = time.monotonic()

@@ -686,20 +686,24 @@ def test_connections_without_the_token_never_shut_the_user_out(ckpt, tmp_path, m
                 s.close()
 
 
-def test_clients_that_stop_reading_an_answer_free_their_thread(ckpt, tmp_path):
-    """A download the client stops reading (a paused <video>, a stuck program): once waitress's buffer for
-    it is full, its task waits for room, holding one of the 4 threads, and the channel timeout skips a
-    connection with a task. Such a connection is closed after the channel timeout without progress (1 s
-    here, 30 s by default), so 4 of them do not hang the server."""
+@pytest.mark.parametrize("mb", [64, 8])
+def test_clients_that_stop_reading_an_answer_are_closed(ckpt, tmp_path, monkeypatch, mb):
+    """A download the client stops reading (a paused <video>, a stuck program). Over waitress's 16 MB buffer
+    (64 MB here) its task waits for room, holding one of the 4 threads; under it (8 MB) the answer waits in
+    the buffer, holding the connection (a limit of 4 here). Either way the connection is never silent for
+    waitress's channel timeout, which in any case closes only once the socket can be written. Such a
+    connection is closed after the channel timeout without progress (1 s here, 30 s by default), so 4 of
+    them do not hang the server."""
+    monkeypatch.setattr(webapp, "CONNECTION_LIMIT", 4)
     big = tmp_path / "tracks.csv"
     with open(big, "wb") as f:
-        f.truncate(64 * 2**20)  # sparse: over waitress's 16 MB buffer, nothing written
+        f.truncate(mb * 2**20)  # sparse: nothing written
     app = webapp.App(init_dir=str(ckpt), clip_dir=tmp_path / "clips")
     app.output = lambda job, name: big
     with serving(app, channel_timeout=1, cleanup_interval=1) as srv:
         port, held = srv.port, []
         try:
-            for _ in range(webapp.THREADS):
+            for _ in range(4):
                 s = socket.socket()
                 s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
                 s.connect(("127.0.0.1", port))
