@@ -2,11 +2,13 @@
 
 waitress (a pure-Python WSGI server) parses HTTP: it hands a request to one of a few worker threads only once
 the whole request has arrived, closes connections that stay silent, and answers malformed requests itself.
-Every request then passes `Site.guard` (its Host, the per-run token, its Origin), and every value a request
-carries is checked against a bound before anything is decoded or allocated; who can reach the server and what
-one request may cost are in docs/WEBAPP.md. Tracking runs in one background thread, one job at a time, which
-the page polls and can cancel. Every error reaches the client as {"error": "<one line>"}; tracebacks of bugs
-go to the server's console only.
+Its connection class here (`_Channel`) judges every request from its headers before reading its body
+(`Site.admit`: its Host, its Origin, the per-run token, its body's type and size), cuts off a request that
+does not arrive by its deadline, and at the connection limit closes connections that have not shown the
+token; every value a request carries is checked against a bound before anything is decoded or allocated. Who
+can reach the server and what one request and one connection may cost are in docs/WEBAPP.md. Tracking runs
+in one background thread, one job at a time, which the page polls and can cancel. Every error reaches the
+client as {"error": "<one line>"}; tracebacks of bugs go to the server's console only.
 
 API (JSON answers; every call needs the run's token: the page's cookie, or an X-Pips2-Token header):
   GET  /?token=<token>             sets the page's cookie and redirects to /
