@@ -2,11 +2,13 @@
 
 waitress (a pure-Python WSGI server) parses HTTP: it hands a request to one of a few worker threads only once
 the whole request has arrived, closes connections that stay silent, and answers malformed requests itself.
-Every request then passes `Site.guard` (its Host, the per-run token, its Origin), and every value a request
-carries is checked against a bound before anything is decoded or allocated; who can reach the server and what
-one request may cost are in docs/WEBAPP.md. Tracking runs in one background thread, one job at a time, which
-the page polls and can cancel. Every error reaches the client as {"error": "<one line>"}; tracebacks of bugs
-go to the server's console only.
+Its connection class here (`_Channel`) judges every request from its headers before reading its body
+(`Site.admit`: its Host, its Origin, the per-run token, its body's type and size), cuts off a request that
+does not arrive by its deadline, and at the connection limit closes connections that have not shown the
+token; every value a request carries is checked against a bound before anything is decoded or allocated. Who
+can reach the server and what one request and one connection may cost are in docs/WEBAPP.md. Tracking runs
+in one background thread, one job at a time, which the page polls and can cancel. Every error reaches the
+client as {"error": "<one line>"}; tracebacks of bugs go to the server's console only.
 
 API (JSON answers; every call needs the run's token: the page's cookie, or an X-Pips2-Token header):
   GET  /?token=<token>             sets the page's cookie and redirects to /
@@ -31,8 +33,10 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hmac
 import json
+import logging
 import math
 import os
 import re
@@ -57,8 +61,10 @@ import cv2
 import imageio_ffmpeg
 import numpy as np
 from waitress.channel import HTTPChannel
+from waitress.parser import HTTPRequestParser
 from waitress.server import BaseWSGIServer, create_server
-from waitress.task import ErrorTask
+from waitress.task import ErrorTask, WSGITask
+from waitress.utilities import Error as HTTPError
 from waitress.utilities import RequestEntityTooLarge
 from waitress.wasyncore import close_all
 
@@ -105,7 +111,18 @@ KEEP = 4  # opened videos and finished jobs kept; older ones are deleted, or a l
 PROBE_SECONDS = 60  # reading a video's header (ffmpeg, without decoding) may take at most this long
 # waitress: worker threads, silent connections closed after CHANNEL_TIMEOUT s (checked every CLEANUP s)
 THREADS, CHANNEL_TIMEOUT, CLEANUP, CONNECTION_LIMIT, MAX_HEADER_BYTES = 4, 30, 5, 100, 64 * 1024
+# What connections may hold (docs/WEBAPP.md). A request is judged from its headers, before its body is read. A
+# request must arrive in time: its headers within HEADER_SECONDS of its first byte, then its body within
+# BODY_GRACE s + its length at MIN_BODY_RATE bytes/s (200 MB: 13.5 min), or it is answered 408 and closed.
+HEADER_SECONDS, BODY_GRACE, MIN_BODY_RATE = 10, 10, 256 * 2**10
+UPLOAD_SLOTS = 2  # uploads received at once: waitress spools each to a temporary file (others get 503)
+# after a refusal, what the client still sends is read and dropped for a moment (not stored), so that it reads
+# the answer rather than a reset
+LINGER_SECONDS, LINGER_BYTES = 2, 4 * 2**20
+# at the connection limit, a new connection closes one that has not shown the token within this long (seconds)
+EVICT_AFTER = 1
 TOKEN_HEADER = "X-Pips2-Token"
+JSON_CALLS = ("/api/clip", "/api/track", "/api/cancel")  # the POST calls whose body is JSON
 
 
 class WebError(Exception):
@@ -946,14 +963,20 @@ class Request:
             raise WebError("a Content-Length is required", 411)
         return int(text)
 
+    def declared_length(self) -> int:
+        """The Content-Length, 0 when there is none."""
+        text = self.header("Content-Length") or "0"
+        if not text.isdigit() or not text.isascii():
+            raise WebError(f"Content-Length {shown(text)} is not a whole number")
+        return int(text)
+
+    def content_type(self) -> str:
+        """The Content-Type without its parameters, in lower case ('' when absent)."""
+        return (self.header("Content-Type") or "").split(";")[0].strip().lower()
+
     def json(self) -> dict:
-        """The body as a JSON object: Content-Type application/json, at most MAX_JSON_BYTES, finite numbers."""
-        ctype = (self.header("Content-Type") or "").split(";")[0].strip().lower()
-        if ctype != "application/json":
-            raise WebError(f"Content-Type must be application/json, got {shown(ctype or 'none')}", 415)
+        """The body as a JSON object with finite numbers (`Site.admit` has checked its type and size)."""
         length = self.length()
-        if length > MAX_JSON_BYTES:
-            raise WebError(f"request of {length} bytes is over the limit of {MAX_JSON_BYTES} bytes", 413)
         try:
             req = json.loads(self.environ["wsgi.input"].read(length), parse_constant=_refuse_constant)
         except (ValueError, RecursionError) as e:  # bad JSON, bad UTF-8, Infinity or NaN, a 5000-digit number
@@ -1011,30 +1034,44 @@ class Site:
         given = req.cookie(self.cookie) or req.header(TOKEN_HEADER) or ""
         return hmac.compare_digest(given.encode("utf-8", "replace"), self.token.encode())
 
-    def respond(self, req: Request) -> tuple[int, list, bytes | Iterable[bytes]]:
-        """Guard, then route."""
+    def admit(self, req: Request, length: int | None) -> bool:
+        """Refuse a request from its method, path and headers alone, before its body is read: `guard`, the
+        token, and its body's type and size for its path (`length`: None for a chunked body, whose size is
+        unknown until it has arrived). Returns whether it is an upload, the one request with a large body."""
         self.guard(req)
-        app, method, path, query = self.app, req.method, req.path, req.query
-        if method not in ("GET", "HEAD", "POST"):
-            raise WebError(f"method {shown(method)} is not allowed", 405)
-        if method == "HEAD":
-            method = "GET"
-        if (method, path) == ("GET", "/") and "token" in query:
-            if not hmac.compare_digest(query["token"].encode("utf-8", "replace"), self.token.encode()):
+        method, path = ("GET" if req.method == "HEAD" else req.method), req.path
+        if method not in ("GET", "POST"):
+            raise WebError(f"method {shown(req.method)} is not allowed", 405)
+        if (method, path) == ("GET", "/") and "token" in req.query:
+            if not hmac.compare_digest(req.query["token"].encode("utf-8", "replace"), self.token.encode()):
                 raise WebError("wrong token: open the address the server printed when it started", 403)
-            cookie = f"{self.cookie}={self.token}; Path=/; HttpOnly; SameSite=Strict"
-            return 303, [("Location", "/"), ("Set-Cookie", cookie), ("Content-Type", "text/plain")], b""
-        if not self.authorised(req):
+        elif not self.authorised(req):
             raise WebError("missing or wrong token: open the address the server printed when it started "
                            "(it ends in ?token=...)", 403)
+        if length is None:
+            raise WebError("a Content-Length is required (a chunked body is not accepted)", 411)
+        upload = (method, path) == ("POST", "/api/upload")
+        want = "application/octet-stream" if upload else "application/json"
+        if (upload or (method == "POST" and path in JSON_CALLS)) and req.content_type() != want:
+            raise WebError(f"Content-Type must be {want}, got {shown(req.content_type() or 'none')}", 415)
+        if not upload and length > MAX_JSON_BYTES:
+            raise WebError(f"request of {length} bytes is over the limit of {MAX_JSON_BYTES} bytes", 413)
+        return upload
+
+    def respond(self, req: Request) -> tuple[int, list, bytes | Iterable[bytes]]:
+        """Admit, then route."""
+        self.admit(req, req.declared_length())
+        app, method, path, query = self.app, req.method, req.path, req.query
+        if method == "HEAD":
+            method = "GET"
+        if (method, path) == ("GET", "/") and "token" in query:  # `admit` has checked it
+            cookie = f"{self.cookie}={self.token}; Path=/; HttpOnly; SameSite=Strict"
+            return 303, [("Location", "/"), ("Set-Cookie", cookie), ("Content-Type", "text/plain")], b""
         if (method, path) == ("GET", "/"):
             return 200, [("Content-Type", "text/html; charset=utf-8")], PAGE.read_bytes()
         if (method, path) == ("GET", "/api/config"):
             return 200, [("Content-Type", "application/json")], _json_body(app.config())
         if (method, path) == ("POST", "/api/upload"):
-            ctype = (req.header("Content-Type") or "").split(";")[0].strip().lower()
-            if ctype != "application/octet-stream":
-                raise WebError(f"Content-Type must be application/octet-stream, got {shown(ctype or 'none')}", 415)
             video = app.add_upload(query.get("name", "upload"), req.environ["wsgi.input"], req.length(),
                                    query.get("replaces"))
             return 200, [("Content-Type", "application/json")], _json_body(video)
@@ -1046,7 +1083,7 @@ class Site:
             return 200, [("Content-Type", "image/jpeg")], app.frame_jpeg(query.get("video", ""), t)
         if (method, path) == ("GET", "/api/job"):
             return 200, [("Content-Type", "application/json")], _json_body(app.job(query.get("id", "")).as_json())
-        if method == "POST" and path in ("/api/clip", "/api/track", "/api/cancel"):
+        if method == "POST" and path in JSON_CALLS:
             body = req.json()
             if path == "/api/clip":
                 out = app.add_clip(body.get("name"), body.get("replaces"))
@@ -1091,32 +1128,206 @@ class Site:
         return status, headers, chunks()
 
 
+class _Refused(HTTPError):
+    """A request refused from its headers (`Site.admit`, the upload slots) or cut off at its deadline."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.code, self.reason = status, HTTPStatus(status).phrase
+
+
 class _OneLineErrorTask(ErrorTask):
-    """waitress's answer to a malformed request (a bad Content-Length, a header too large, a body over the
-    limit...) as the API's one JSON line."""
+    """The answer to a request refused before it reached the application, as the API's one JSON line:
+    malformed (a bad Content-Length, a header too large, a body over the limit...) or `_Refused`."""
 
     def execute(self) -> None:
         e = self.request.error
         msg = f"{e.reason}: {one_line(RuntimeError(e.body))}"
-        if isinstance(e, RequestEntityTooLarge):
+        if isinstance(e, _Refused):
+            msg = e.body
+        elif isinstance(e, RequestEntityTooLarge):
             msg = f"request body over the limit of {MAX_UPLOAD_BYTES // 2**20} MB"
         body = _json_body({"error": msg})
         # the parser's one 5xx, an unknown Transfer-Encoding, is the client's error like every other here
-        self.status = f"{e.code} {e.reason}" if e.code < 500 else "400 Bad Request"
+        self.status = f"{e.code} {e.reason}" if e.code < 500 or isinstance(e, _Refused) else "400 Bad Request"
         self.response_headers.append(("Content-Type", "application/json"))
         self.set_close_on_finish()
+        self.channel.refused = True  # its body may still be arriving: the close lingers (_Channel.handle_close)
         self.content_length = len(body)
         self.write(body)
 
 
+class _Parser(HTTPRequestParser):
+    """waitress's parser of one request, which has its connection admit the request as soon as its headers
+    are in, before any of its body is read, and which holds the request's deadline."""
+
+    checked = False  # the headers have been judged
+    upload = False  # it holds one of the server's upload slots until it is closed
+
+    def __init__(self, adj, channel: _Channel):
+        super().__init__(adj)
+        self.channel = channel
+        self.deadline = time.monotonic() + HEADER_SECONDS  # made when the request's first byte arrives
+
+    def received(self, data: bytes) -> int:
+        """Parse what arrived (waitress); once the headers are in, admit the request or refuse it."""
+        n = super().received(data)
+        if self.headers_finished and not self.checked and not self.empty and self.error is None:
+            self.checked = True
+            self.error = self.channel.admit(self)
+            if self.error is not None:
+                self.completed, self.expect_continue = True, False  # answered now: no "100 Continue"
+        if self.error is not None:
+            return len(data)  # the rest is its body: dropped, never parsed as another request
+        return n
+
+    def close(self) -> None:
+        """Free the body's buffer (a temporary file past 512 KB) and the upload slot."""
+        super().close()
+        if self.upload:
+            self.upload = False
+            self.channel.demo.end_upload()
+
+
+class _Task(WSGITask):
+    """waitress's task that runs the application on a request, which frees the request's body (its
+    temporary file, its upload slot) as the answer starts: the application is done with it, and a client that
+    sends its next upload on this answer finds the slot free."""
+
+    def build_response_header(self) -> bytes:
+        self.request.close()
+        return super().build_response_header()
+
+
 class _Channel(HTTPChannel):
-    error_task_class = _OneLineErrorTask
+    """waitress's connection, bounded in what it may hold (docs/WEBAPP.md): each request is judged from its
+    headers and must arrive by its deadline, and a connection that has not shown the token is closed to make
+    room for a new one when the connections are at their limit."""
+
+    task_class, error_task_class = _Task, _OneLineErrorTask
+    admitted = False  # one of its requests carried the token: it is never closed to make room
+    refused = False  # it was answered with a refusal: its close lingers
+    linger_until: float | None = None
+    evicted = False  # closed to make room (DemoServer.make_room)
+    dropped = 0  # bytes read and dropped while lingering
+
+    def __init__(self, server, sock, addr, adj, map=None):
+        super().__init__(server, sock, addr, adj, map)
+        self.demo: DemoServer = server.demo
+        self.parser_class = functools.partial(_Parser, channel=self)
+        self.demo.room_check_at = 0.0
+
+    def admit(self, request: _Parser) -> _Refused | None:
+        """Judge a request from its headers (`Site.admit`), give an upload one of the upload slots, and set the
+        deadline for its body; the refusal, or None."""
+        path = request.path
+        environ = {"REQUEST_METHOD": request.command.upper(), "QUERY_STRING": request.query,
+                   "PATH_INFO": "/" + path.lstrip("/") if path.startswith("/") else path}  # as waitress passes it
+        for key, value in request.headers.items():
+            environ[key if key in ("CONTENT_TYPE", "CONTENT_LENGTH") else f"HTTP_{key}"] = value
+        try:
+            upload = self.demo.site.admit(Request(environ), None if request.chunked else request.content_length)
+            if upload and not self.demo.start_upload():
+                raise WebError(f"another upload is being received (at most {UPLOAD_SLOTS} at once): try again "
+                               "when it has finished", 503)
+        except WebError as e:
+            return _Refused(e.status, str(e))
+        except Exception as e:  # a bug: one line for the client, the traceback on the console
+            traceback.print_exc()
+            return _Refused(500, f"server error: {type(e).__name__}: {one_line(e)}")
+        request.upload, self.admitted = upload, True
+        request.deadline = time.monotonic() + BODY_GRACE + request.content_length / MIN_BODY_RATE
+        return None
+
+    def readable(self) -> bool:
+        """Whether to read (waitress); called on every turn of the server's loop, at least once a second, it
+        also ends a lingering close, cuts off a request past its deadline, closes a connection whose client
+        stopped reading its answer, and makes room at the limit."""
+        self.demo.make_room()
+        if self.evicted:
+            return False
+        if self.total_outbufs_len and time.time() - self.last_activity > self.adj.channel_timeout:
+            # an answer its client has not read for the channel timeout: it holds the connection, and past
+            # waitress's buffer its task waits for room, holding a thread. waitress's own timeout skips a
+            # connection with a task, and closes through will_close, which waits for the socket to be writable
+            self.close_now()  # this socket is not yet among those the loop selects on
+            return False
+        now = time.monotonic()
+        if self.linger_until is not None:
+            if now < self.linger_until and self.dropped < LINGER_BYTES:
+                return True
+            self.close_now()
+            return False
+        request = self.request
+        if request is not None and not request.completed and not self.requests and now > request.deadline:
+            self.expire(request)
+        return super().readable()
+
+    def writable(self) -> bool:
+        """Whether to write (waitress); never once closed (readable() may close it just before)."""
+        return self._fileno is not None and super().writable()
+
+    def expire(self, request: _Parser) -> None:
+        """Answer a request that did not arrive by its deadline with 408, then close: a client that trickles
+        bytes is never silent, so waitress's channel timeout would never close it."""
+        with self.requests_lock:
+            if self.request is not request:
+                return
+            request.error = _Refused(408, f"the request did not arrive in time: its headers must arrive within "
+                                          f"{HEADER_SECONDS} s, its body at {MIN_BODY_RATE // 1024} KB/s or faster")
+            request.completed, request.expect_continue, self.request = True, False, None
+            self.requests.append(request)
+            self.server.add_task(self)
+
+    def handle_read(self) -> None:
+        """Read a request (waitress), or while lingering, read and drop."""
+        if self.linger_until is None:
+            super().handle_read()
+            return
+        try:
+            self.dropped += len(self.recv(self.adj.recv_bytes))  # at the end of the stream recv() closes
+        except OSError:
+            self.close_now()
+
+    def handle_close(self) -> None:
+        """Close; after a refusal, linger first: stop sending and drop what the client still sends for up to
+        LINGER_SECONDS, since closing with its body unread resets the connection, and a client still sending
+        can then lose the answer."""
+        if self.refused and not self.evicted and self.linger_until is None and self.connected \
+                and not self.total_outbufs_len:
+            try:
+                self.socket.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+            else:
+                self.linger_until = time.monotonic() + LINGER_SECONDS
+                self.will_close = self.close_when_flushed = self.admitted = False
+                self.demo.room_check_at = 0.0
+                return
+        self.close_now()
+
+    def evict(self) -> None:
+        """Have it closed to make room, without lingering, when the loop next writes (waitress's way to close:
+        closing a socket now could close one that the loop is about to select on)."""
+        self.evicted = self.will_close = True
+        self.server.pull_trigger()  # a turn of the loop now, not after its one-second select
+
+    def close_now(self) -> None:
+        """Close the connection and free what its unfinished request holds (its body's file, an upload slot)."""
+        if self.request is not None:
+            self.request.close()
+            self.request = None
+        HTTPChannel.handle_close(self)
 
 
 def allowed_hosts(host: str, port: int) -> set[str]:
     """The Host headers the server answers to: the loopback names, and the --host name, with the port."""
     names = {"127.0.0.1", "localhost", "[::1]", (f"[{host}]" if ":" in host else host).lower()}
     return {f"{n}:{port}" for n in names} | ({*names} if port == 80 else set())
+
+
+_QUIET = logging.getLogger("pips2.webapp.waitress")  # waitress's warnings about load, silenced (DemoServer)
+_QUIET.setLevel(logging.ERROR)
 
 
 class DemoServer:
@@ -1127,6 +1338,8 @@ class DemoServer:
         self.app, self.host = app, host
         self.token = token or secrets.token_urlsafe(32)
         self.map: dict = {}
+        self.uploads, self.upload_lock = 0, threading.Lock()
+        self.room_check_at = 0.0  # when make_room next looks for a connection to close (time.time())
         self.site = Site(app, self.token, set(), "")
         self.server = create_server(self.site, map=self.map, host=host, port=port, threads=threads,
                                     channel_timeout=channel_timeout, cleanup_interval=cleanup_interval,
@@ -1134,10 +1347,52 @@ class DemoServer:
                                     max_request_body_size=MAX_UPLOAD_BYTES + 1, log_socket_errors=False,
                                     expose_tracebacks=False, ident="pips2", asyncore_loop_timeout=1)
         self.listeners = [d for d in self.map.values() if isinstance(d, BaseWSGIServer)]
+        # waitress warns on stderr each time the connections reach their limit (handled here: make_room) and
+        # each time requests wait for a thread: under a flood of connections, a line for each
+        self.server.task_dispatcher.queue_logger = _QUIET
         for d in self.listeners:
-            d.channel_class = _Channel
+            d.channel_class, d.demo, d.logger = _Channel, self, _QUIET
+        self.adj = self.listeners[0].adj  # one for all listeners
+        # waitress stops accepting when its map holds connection_limit sockets, its listeners and trigger included
+        self.adj.connection_limit = len(self.map) + CONNECTION_LIMIT
         self.port = int(self.listeners[0].effective_port)
         self.site.hosts, self.site.cookie = allowed_hosts(host, self.port), f"pips2_token_{self.port}"
+
+    def start_upload(self) -> bool:
+        """Take one of the UPLOAD_SLOTS for an upload about to be received; False when all are taken."""
+        with self.upload_lock:
+            if self.uploads >= UPLOAD_SLOTS:
+                return False
+            self.uploads += 1
+            return True
+
+    def end_upload(self) -> None:
+        """Give an upload's slot back (its request is closed: answered, refused or cut off)."""
+        with self.upload_lock:
+            self.uploads -= 1
+
+    def has_room(self) -> bool:
+        """Whether another connection can be accepted (at the limit, waitress stops accepting)."""
+        return len(self.map) < self.adj.connection_limit
+
+    def make_room(self) -> None:
+        """While the connections are at their limit (where waitress stops accepting), close one that has not
+        shown the token: one lingering after a refusal, else the oldest open for EVICT_AFTER s or more (a
+        browser sends its request at once; a younger one may not have been read yet). So connections without
+        the token never shut the user out. Called by every connection on every turn of the loop, it looks only
+        when something changed: a connection was accepted, one began to linger, or one reached EVICT_AFTER."""
+        now = time.time()  # waitress's clock (creation_time)
+        if self.has_room() or now < self.room_check_at:
+            return
+        channels = [c for c in self.map.values() if isinstance(c, _Channel)]
+        if any(c.evicted for c in channels):  # one at a time: it closes on this turn
+            return
+        waiting = [c for c in channels if not c.admitted]
+        idle = [c for c in waiting if c.linger_until is not None or now - c.creation_time >= EVICT_AFTER]
+        if idle:
+            min(idle, key=lambda c: (c.linger_until is None, c.creation_time)).evict()
+        else:
+            self.room_check_at = min((c.creation_time + EVICT_AFTER for c in waiting), default=math.inf)
 
     @property
     def url(self) -> str:
