@@ -84,7 +84,7 @@ from pips2.hub import (
 from pips2.tracking import FrameSource, default_model_hw, grid_queries, is_lbm, resolve_model_hw, track, window_starts
 from pips2.utils.checkpoint import CheckpointError, resolve_device
 from pips2.utils.procs import caught_stop_signals
-from pips2.utils.video import CONTAINER_NAMES, VideoError, container_suffix, iter_frames
+from pips2.utils.video import CONTAINER_NAMES, VideoError, container_suffix, header_wh, iter_frames
 from pips2.utils.vis import write_outputs
 
 PAGE = Path(__file__).parent / "webapp.html"
@@ -354,34 +354,6 @@ def video_header(path: Path) -> tuple[int, int, int, float, float]:
         raise VideoError(f"{path}: cannot read video (no video stream ffmpeg can read)")
     duration = meta.get("duration")
     return int(counts[-1]), h, w, float(meta.get("fps") or 24.0), float(duration) if duration else 0.0
-
-
-def header_wh(raw: bytes) -> tuple[int, int] | None:
-    """(width, height) from a PNG's or JPEG's header, without decoding it; None for anything else."""
-    if raw[:8] == b"\x89PNG\r\n\x1a\n" and raw[12:16] == b"IHDR" and len(raw) >= 24:
-        return int.from_bytes(raw[16:20], "big"), int.from_bytes(raw[20:24], "big")
-    if raw[:2] != b"\xff\xd8":
-        return None
-    i = 2
-    while i + 4 <= len(raw):  # JPEG segments: find the start-of-frame, which holds the size
-        if raw[i] != 0xFF:
-            return None
-        marker = raw[i + 1]
-        if marker == 0xFF:  # fill byte
-            i += 1
-            continue
-        if marker in (0x01, *range(0xD0, 0xD8)):  # markers without a length
-            i += 2
-            continue
-        length = int.from_bytes(raw[i + 2:i + 4], "big")
-        if marker in (*range(0xC0, 0xC4), *range(0xC5, 0xC8), *range(0xC9, 0xCC), *range(0xCD, 0xD0)):
-            if i + 9 > len(raw):
-                return None
-            return int.from_bytes(raw[i + 7:i + 9], "big"), int.from_bytes(raw[i + 5:i + 7], "big")
-        if length < 2:
-            return None
-        i += 2 + length
-    return None
 
 
 def decode_mask(data_url: str, src_hw: tuple[int, int]) -> np.ndarray:

@@ -153,10 +153,20 @@ def test_query_frame_flag_out_of_range(tmp_path, clip, capsys):
                     "0..13")
 
 
-@pytest.mark.parametrize("case", ["wrong_size", "all_zero", "unreadable", "missing"])
-def test_bad_mask(tmp_path, clip, case, capsys):
+@pytest.mark.parametrize("case", ["wrong_size", "huge", "all_zero", "unreadable", "missing"])
+def test_bad_mask(tmp_path, clip, case, capsys, monkeypatch):
     path = tmp_path / "mask.png"
-    if case == "wrong_size":
+    if case == "huge":  # a small PNG declaring 20000x20000 pixels: refused from its header, never decoded
+        import zlib
+        row = b"\0" + bytes(20000)
+        data = zlib.compress(row * 20000, 9)
+        chunk = lambda kind, body: (len(body).to_bytes(4, "big") + kind + body  # noqa: E731
+                                    + zlib.crc32(kind + body).to_bytes(4, "big"))
+        ihdr = (20000).to_bytes(4, "big") * 2 + bytes([8, 0, 0, 0, 0])
+        path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", data) + chunk(b"IEND", b""))
+        monkeypatch.setattr(cv2, "imread", lambda *a, **k: pytest.fail("the mask was decoded"))
+        parts = ["20000x20000", "150x130"]
+    elif case == "wrong_size":
         cv2.imwrite(str(path), np.full((65, 75), 255, np.uint8))
         parts = ["75x65", "150x130"]
     elif case == "all_zero":

@@ -25,7 +25,7 @@ from test_app import TOKEN, call, finish, page_wording, serving, upload
 
 from pips2 import webapp
 from pips2.utils import checkpoint
-from pips2.utils.video import write_mp4
+from pips2.utils.video import header_wh, write_mp4
 
 ROOT = Path(__file__).resolve().parents[1]
 T, H, W = 8, 64, 96
@@ -319,7 +319,7 @@ def test_a_mask_is_sized_from_its_header_before_decoding(server, video, monkeypa
     for img in (np.zeros((H, W), np.uint8), np.zeros((H, W, 3), np.uint8)):
         for ext in (".png", ".jpg"):
             raw = cv2.imencode(ext, img, [cv2.IMWRITE_JPEG_PROGRESSIVE, 1] if ext == ".jpg" else [])[1].tobytes()
-            assert webapp.header_wh(raw) == (W, H), ext
+            assert header_wh(raw) == (W, H), ext
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -132,6 +132,34 @@ def image_pixels_problem(data: bytes) -> str | None:
     return None
 
 
+def header_wh(raw: bytes) -> tuple[int, int] | None:
+    """(width, height) from a PNG's or JPEG's header, without decoding it; None for anything else."""
+    if raw[:8] == b"\x89PNG\r\n\x1a\n" and raw[12:16] == b"IHDR" and len(raw) >= 24:
+        return int.from_bytes(raw[16:20], "big"), int.from_bytes(raw[20:24], "big")
+    if raw[:2] != b"\xff\xd8":
+        return None
+    i = 2
+    while i + 4 <= len(raw):  # JPEG segments: find the start-of-frame, which holds the size
+        if raw[i] != 0xFF:
+            return None
+        marker = raw[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker in (0x01, *range(0xD0, 0xD8)):  # markers without a length
+            i += 2
+            continue
+        length = int.from_bytes(raw[i + 2:i + 4], "big")
+        if marker in (*range(0xC0, 0xC4), *range(0xC5, 0xC8), *range(0xC9, 0xCC), *range(0xCD, 0xD0)):
+            if i + 9 > len(raw):
+                return None
+            return int.from_bytes(raw[i + 7:i + 9], "big"), int.from_bytes(raw[i + 5:i + 7], "big")
+        if length < 2:
+            return None
+        i += 2 + length
+    return None
+
+
 def not_regular_file(path: str | os.PathLike) -> bool:
     """True if path exists (its symlinks followed) but is not a regular file: a FIFO, a device, a socket or a
     folder, whose open() may block forever or read without end; a missing path is False (its reader says so)."""

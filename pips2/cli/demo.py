@@ -24,6 +24,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+from PIL import Image
 
 from pips2.datasets.synthetic import write_synthetic_video
 from pips2.hub import DEFAULT_PIPS, check_options, load_model
@@ -42,7 +43,7 @@ from pips2.utils.checkpoint import CheckpointError, resolve_device
 from pips2.utils.cli import run_fire
 from pips2.utils.paths import make_dirs, remove_empty_dirs
 from pips2.utils.procs import STOP_SIGNALS, caught_stop_signals
-from pips2.utils.video import VideoError, video_info
+from pips2.utils.video import VideoError, header_wh, video_info
 from pips2.utils.vis import write_outputs
 
 MAX_POINTS_FILE_BYTES = 64 << 20  # a points file is read whole; 10000 points (MAX_POINTS) take well under 1 MB
@@ -126,12 +127,21 @@ def read_mask(path: str, src_hw: tuple[int, int]) -> np.ndarray:
     """A grayscale mask image of exactly the video's size (a stretched mask would select the wrong points)."""
     if not Path(path).is_file():
         raise ValueError(f"--mask {path}: no such file")
-    m = cv2.imread(path, cv2.IMREAD_GRAYSCALE)
-    if m is None:
-        raise ValueError(f"--mask {path}: unreadable image")
     H, W = src_hw
-    if m.shape[:2] != (H, W):
-        raise ValueError(f"--mask {path}: mask is {m.shape[1]}x{m.shape[0]} but the video is {W}x{H}")
+    with open(path, "rb") as f:  # the size from the header first: a small PNG may declare gigabytes of pixels
+        wh = header_wh(f.read(1 << 16))
+    if wh is None:
+        try:  # another format: Pillow reads its header without decoding
+            with Image.open(path) as im:
+                wh = im.size
+        except Exception:
+            raise ValueError(f"--mask {path}: unreadable image") from None
+    w, h = wh
+    if (h, w) != (H, W):
+        raise ValueError(f"--mask {path}: mask is {w}x{h} but the video is {W}x{H}")
+    m = cv2.imread(path, cv2.IMREAD_GRAYSCALE)
+    if m is None or m.shape[:2] != (H, W):
+        raise ValueError(f"--mask {path}: unreadable image")
     return m
 
 
