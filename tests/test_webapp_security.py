@@ -119,23 +119,48 @@ def test_every_call_needs_the_token(server, video, monkeypatch):
                         {"Cookie": f"other={TOKEN}"}):
             status, _, body = request(port, "GET", path, headers, token=False)
             assert status == 403 and "token" in one_line_error(body), (path, headers, status)
+        status, _, body = request(port, "GET", path + ("&" if "?" in path else "?") + "token=wrong", token=False)
+        assert status == 403 and "token" in one_line_error(body), (path, status)
     status, _, body = request(port, "POST", "/api/clip", {"Content-Type": "application/json"}, b'{"name": "x"}',
                               token=False)
     assert status == 403, body
-    # the printed address sets an HttpOnly, SameSite=Strict cookie (a cross-site page can neither read it nor
-    # have it sent) and leaves the token out of the address bar
-    assert request(port, "GET", "/?token=wrong", token=False)[0] == 403
-    status, headers, _ = request(port, "GET", f"/?token={TOKEN}", token=False)
-    assert status == 303 and headers["location"] == "/"
-    cookie = headers["set-cookie"]
-    assert cookie.startswith(f"pips2_token_{port}={TOKEN};") and "HttpOnly" in cookie and "SameSite=Strict" in cookie
-    status, _, page = request(port, "GET", "/", {"Cookie": f"a=b; pips2_token_{port}={TOKEN}"}, token=False)
-    assert status == 200 and b"<html" in page
     # compared in constant time
     seen = []
     monkeypatch.setattr(webapp.hmac, "compare_digest", lambda a, b: seen.append((a, b)) or a == b)
     assert request(port, "GET", "/api/config", {webapp.TOKEN_HEADER: "guess"}, token=False)[0] == 403
     assert (b"guess", TOKEN.encode()) in seen
+
+
+def test_the_token_is_never_a_cookie(server, video):
+    """A browser sends a host's cookies to every port of it (RFC 6265), so to any other server on 127.0.0.1 the
+    user visits: the token is never set as a cookie, nor taken from one. The printed address serves the page
+    itself; GETs (<img>, <video>, links) may carry the token in their query, POSTs only in the header, and
+    no answer sends its address (with the token) on as a Referer."""
+    port = server.port
+    status, headers, page = request(port, "GET", f"/?token={TOKEN}", token=False)
+    assert status == 200 and b"<html" in page and "set-cookie" not in headers, (status, headers)
+    assert headers["referrer-policy"] == "no-referrer"
+    # the old cookie's name and value are not a token
+    for cookie in (f"pips2_token_{port}={TOKEN}", f"a=b; pips2_token_{port}={TOKEN}"):
+        for path in ("/", "/api/config"):
+            status, headers, body = request(port, "GET", path, {"Cookie": cookie}, token=False)
+            assert status == 403 and "token" in one_line_error(body), (cookie, path, status)
+            assert "set-cookie" not in headers and headers["referrer-policy"] == "no-referrer", headers
+    # the query's token opens every GET
+    assert request(port, "GET", f"/api/config?token={TOKEN}", token=False)[0] == 200
+    status, up = upload(server.url, video)
+    assert status == 200, up
+    status, headers, body = request(port, "GET", f"/api/frame?video={up['video']}&t=1&token={TOKEN}", token=False)
+    assert status == 200 and headers["content-type"] == "image/jpeg" and "set-cookie" not in headers
+    assert headers["referrer-policy"] == "no-referrer"
+    # ... but no POST: a page of another site can put a query on a form's address, not a header on a request
+    status, _, body = request(port, "POST", f"/api/clip?token={TOKEN}", {"Content-Type": "application/json"},
+                              b'{"name": "x"}', token=False)
+    assert status == 403 and "token" in one_line_error(body), status
+    data = video.read_bytes()
+    status, _, body = request(port, "POST", f"/api/upload?name=v.mp4&token={TOKEN}",
+                              {"Content-Type": "application/octet-stream"}, data, token=False)
+    assert status == 403 and "token" in one_line_error(body), status
 
 
 def test_cross_origin_and_wrong_content_types_are_refused(server, video):
@@ -770,7 +795,7 @@ def test_app_prints_the_token_is_quiet_and_leaves_nothing(tmp_path, video, sig):
         port = int(base.rstrip("/").rsplit(":", 1)[1])
         assert len(token) >= 32
         got = raw(port, f"GET /?token={token} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode())
-        assert got[0] == 303
+        assert got[0] == 200 and b"<html" in got[2] and "set-cookie" not in got[1]
         h = f"Host: 127.0.0.1:{port}\r\n{webapp.TOKEN_HEADER}: {token}\r\n"
         data = video.read_bytes()
         status, _, body = raw(port, f"POST /api/upload?name=v.mp4 HTTP/1.1\r\n{h}Content-Type: application/octet-stream"
