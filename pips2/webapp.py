@@ -1381,9 +1381,13 @@ class DemoServer:
         self.server.task_dispatcher.shutdown(timeout=2)
 
 
-def _interrupt(signum: int, frame) -> None:
-    """SIGTERM and SIGHUP handler: stop serving as Ctrl-C would."""
-    raise KeyboardInterrupt
+def _interrupt(stopping: threading.Event, signum: int, frame) -> None:
+    """Stop-signal handler (SIGINT, SIGTERM, SIGHUP): the first stops serving as Ctrl-C would; later ones are only
+    recorded. Another KeyboardInterrupt during the cleanup, or while the interpreter exits with the job's thread
+    inside torch, printed a traceback or aborted the process."""
+    if not stopping.is_set():
+        stopping.set()
+        raise KeyboardInterrupt
 
 
 def serve(app: App, host: str = "127.0.0.1", port: int = 7860) -> None:
@@ -1398,21 +1402,18 @@ def serve(app: App, host: str = "127.0.0.1", port: int = 7860) -> None:
         why = e.strerror if isinstance(e, OSError) and e.strerror else one_line(e)
         print(f"error: cannot listen on {host}:{port} ({why})", file=sys.stderr, flush=True)
         sys.exit(2)
-    if threading.current_thread() is threading.main_thread():  # `kill` or a closed terminal clean up as Ctrl-C
-        for sig in caught_stop_signals():
-            if sig != signal.SIGINT:
-                signal.signal(sig, _interrupt)
     try:
+        if threading.current_thread() is threading.main_thread():  # `kill` or a closed terminal: as Ctrl-C
+            handler = functools.partial(_interrupt, threading.Event())
+            for sig in caught_stop_signals():  # left as they are: the handlers stay to the process's end
+                signal.signal(sig, handler)
         for line in app.checkpoint_report():
             print(line, flush=True)
         print(f"web demo on {server.token_url} (open this address; Ctrl-C stops it)", flush=True)
-        server.serve_forever()  # returns on Ctrl-C (waitress catches it)
+        server.serve_forever()  # returns on the first stop signal (waitress catches the KeyboardInterrupt)
     except KeyboardInterrupt:
         pass
     finally:
-        try:
-            server.close()
-            app.close()
-            print("stopped; uploads and results removed", flush=True)
-        except KeyboardInterrupt:  # a second Ctrl-C while cleaning up: finish the cleanup anyway
-            app.close()
+        server.close()
+        app.close()  # cancels the job and joins its thread: it stops within one model call
+        print("stopped; uploads and results removed", flush=True)

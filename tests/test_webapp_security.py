@@ -750,12 +750,12 @@ def test_clients_that_stop_reading_an_answer_are_closed(ckpt, tmp_path, monkeypa
 # The server as a program: the token printed, a quiet console, nothing left at exit.
 
 
-def start_app(tmp_path: Path, cwd: Path) -> tuple[subprocess.Popen, str, list[str]]:
-    """python app.py in cwd on a free port with its temp folder in tmp_path; (process, the printed address, the
-    lines printed before it)."""
+def start_app(tmp_path: Path, cwd: Path, *args: str) -> tuple[subprocess.Popen, str, list[str]]:
+    """python app.py in cwd on a free port (and `args`) with its temp folder in tmp_path; (process, the printed
+    address, the lines printed before it)."""
     env = {**os.environ, "TMPDIR": str(tmp_path), "PIPS2_CACHE": str(tmp_path / "cache"),
            "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--port=0"], cwd=cwd, env=env,
+    proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--port=0", *args], cwd=cwd, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     out, end = b"", time.time() + 60
     while b"?token=" not in out or not out.endswith(b"\n"):
@@ -819,6 +819,47 @@ def test_app_prints_the_token_is_quiet_and_leaves_nothing(tmp_path, video, sig):
     assert proc.returncode == 0, (out, err)
     assert "Traceback" not in err and "Error" not in err, err
     assert "stopped" in out
+    assert not [p for p in tmp.rglob("*") if "cache" not in p.parts], list(tmp.rglob("*"))
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_two_stop_signals_close_together_stop_the_app_once(tmp_path, ckpt, sig):
+    """A second SIGTERM or Ctrl-C 10 ms after the first, while a job tracks: before, it raised another
+    KeyboardInterrupt in the cleanup or at the interpreter's exit (a traceback, or an abort in C++ with the job's
+    thread still inside torch: exit 134). Now later signals are only recorded: the job is cancelled and joined,
+    one "stopped" line, exit 0, nothing left."""
+    tmp, cwd = tmp_path / "tmp", tmp_path / "cwd"
+    tmp.mkdir()
+    cwd.mkdir()
+    rng = np.random.default_rng(1)
+    long = tmp_path / "long.mp4"
+    write_mp4(long, (rng.integers(0, 255, (96, 128, 3), dtype=np.uint8) for _ in range(240)))
+    proc, url, _ = start_app(tmp, cwd, f"--init_dir={ckpt}")
+    try:
+        base, token = url.split("?token=")
+        h = {webapp.TOKEN_HEADER: token}
+        status, body = call(f"{base}api/upload?name=long.mp4", long.read_bytes(),
+                            {"Content-Type": "application/octet-stream", **h})
+        assert status == 200, body
+        up = json.loads(body)
+        status, body = call(f"{base}api/track", {"video": up["video"], "grid_size": 8, "S": 8, "iters": 2}, h)
+        assert status == 200, body
+        job, end = json.loads(body)["job"], time.time() + 60
+        while time.time() < end:  # into the model's calls
+            s = json.loads(call(f"{base}api/job?id={job}", headers=h)[1])
+            if s["state"] != "running" or (s["stage"].startswith("tracking") and s["done"] > 0):
+                break
+            time.sleep(0.05)
+        assert s["state"] == "running" and s["stage"].startswith("tracking"), s
+    finally:
+        proc.send_signal(sig)
+        time.sleep(0.01)
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=90)
+    assert proc.returncode == 0, (proc.returncode, out, err)
+    for bad in ("Traceback", "terminate called", "Exception ignored", "Error"):
+        assert bad not in out + err, (out, err)
+    assert out.count("stopped") == 1 and out.rstrip().endswith("stopped; uploads and results removed"), out
     assert not [p for p in tmp.rglob("*") if "cache" not in p.parts], list(tmp.rglob("*"))
 
 
