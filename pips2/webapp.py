@@ -10,9 +10,9 @@ can reach the server and what one request and one connection may cost are in doc
 in one background thread, one job at a time, which the page polls and can cancel. Every error reaches the
 client as {"error": "<one line>"}; tracebacks of bugs go to the server's console only.
 
-API (JSON answers; every call needs the run's token: the page's cookie, or an X-Pips2-Token header):
-  GET  /?token=<token>             sets the page's cookie and redirects to /
-  GET  /                           the page
+API (JSON answers; every call needs the run's token: an X-Pips2-Token header, or on a GET a `token=` in the
+query, which is how the printed address, <img>/<video> sources and download links carry it; no cookie):
+  GET  /?token=<token>             the page (its script reads the token from its own address)
   GET  /api/config                 defaults: models, the checkpoints the page may choose (each ready, to be
                                    downloaded, or missing with what to do), clips, bounds
   POST /api/upload?name=<file>[&replaces=<video>]   body: the video file's bytes (application/octet-stream)
@@ -921,14 +921,6 @@ class Request:
         key = name.upper().replace("-", "_")
         return self.environ.get(key if key in ("CONTENT_TYPE", "CONTENT_LENGTH") else f"HTTP_{key}")
 
-    def cookie(self, name: str) -> str | None:
-        """A cookie's value, read without raising on a malformed Cookie header."""
-        for part in (self.header("Cookie") or "").split(";"):
-            k, _, v = part.strip().partition("=")
-            if k == name:
-                return v
-        return None
-
     def length(self) -> int:
         """The body's length (waitress has checked that it is digits, and read the whole body)."""
         text = self.header("Content-Length")
@@ -963,8 +955,8 @@ class Request:
 class Site:
     """The WSGI application: `guard` checks every request, then a route answers it from the App."""
 
-    def __init__(self, app: App, token: str, hosts: set[str], cookie: str):
-        self.app, self.token, self.hosts, self.cookie = app, token, hosts, cookie
+    def __init__(self, app: App, token: str, hosts: set[str]):
+        self.app, self.token, self.hosts = app, token, hosts
 
     def __call__(self, environ: dict, start_response):
         """Answer one request; every error as one JSON line with its status."""
@@ -1002,10 +994,14 @@ class Site:
             raise WebError(f"a request from {shown(origin)} is refused: only the demo's own page may call it", 403)
 
     def authorised(self, req: Request) -> bool:
-        """Whether the request carries the run's token (the page's cookie, or the header), compared in
-        constant time."""
-        given = req.cookie(self.cookie) or req.header(TOKEN_HEADER) or ""
-        return hmac.compare_digest(given.encode("utf-8", "replace"), self.token.encode())
+        """Whether the request carries the run's token, compared in constant time: the header, or on a GET the
+        query's `token` (a page cannot put a header on an <img>, a <video> or a link). Never a cookie: the browser
+        sends a cookie to every port of the host (docs/WEBAPP.md). A POST (work started, a file
+        stored) must use the header, which no form or link can carry."""
+        given = req.header(TOKEN_HEADER)
+        if given is None and req.method in ("GET", "HEAD"):
+            given = req.query.get("token")
+        return hmac.compare_digest((given or "").encode("utf-8", "replace"), self.token.encode())
 
     def admit(self, req: Request, length: int | None) -> bool:
         """Refuse a request from its method, path and headers alone, before its body is read: `guard`, the
@@ -1015,10 +1011,7 @@ class Site:
         method, path = ("GET" if req.method == "HEAD" else req.method), req.path
         if method not in ("GET", "POST"):
             raise WebError(f"method {shown(req.method)} is not allowed", 405)
-        if (method, path) == ("GET", "/") and "token" in req.query:
-            if not hmac.compare_digest(req.query["token"].encode("utf-8", "replace"), self.token.encode()):
-                raise WebError("wrong token: open the address the server printed when it started", 403)
-        elif not self.authorised(req):
+        if not self.authorised(req):
             raise WebError("missing or wrong token: open the address the server printed when it started "
                            "(it ends in ?token=...)", 403)
         if length is None:
@@ -1037,9 +1030,6 @@ class Site:
         app, method, path, query = self.app, req.method, req.path, req.query
         if method == "HEAD":
             method = "GET"
-        if (method, path) == ("GET", "/") and "token" in query:  # `admit` has checked it
-            cookie = f"{self.cookie}={self.token}; Path=/; HttpOnly; SameSite=Strict"
-            return 303, [("Location", "/"), ("Set-Cookie", cookie), ("Content-Type", "text/plain")], b""
         if (method, path) == ("GET", "/"):
             return 200, [("Content-Type", "text/html; charset=utf-8")], PAGE.read_bytes()
         if (method, path) == ("GET", "/api/config"):
@@ -1123,7 +1113,7 @@ class _OneLineErrorTask(ErrorTask):
         body = _json_body({"error": msg})
         # the parser's one 5xx, an unknown Transfer-Encoding, is the client's error like every other here
         self.status = f"{e.code} {e.reason}" if e.code < 500 or isinstance(e, _Refused) else "400 Bad Request"
-        self.response_headers.append(("Content-Type", "application/json"))
+        self.response_headers.extend([("Content-Type", "application/json"), *SECURITY_HEADERS])
         self.set_close_on_finish()
         self.channel.refused = True  # its body may still be arriving: the close lingers (_Channel.handle_close)
         self.content_length = len(body)
@@ -1313,7 +1303,7 @@ class DemoServer:
         self.map: dict = {}
         self.uploads, self.upload_lock = 0, threading.Lock()
         self.room_check_at = 0.0  # when make_room next looks for a connection to close (time.time())
-        self.site = Site(app, self.token, set(), "")
+        self.site = Site(app, self.token, set())
         self.server = create_server(self.site, map=self.map, host=host, port=port, threads=threads,
                                     channel_timeout=channel_timeout, cleanup_interval=cleanup_interval,
                                     connection_limit=CONNECTION_LIMIT, max_request_header_size=MAX_HEADER_BYTES,
@@ -1329,7 +1319,7 @@ class DemoServer:
         # waitress stops accepting when its map holds connection_limit sockets, its listeners and trigger included
         self.adj.connection_limit = len(self.map) + CONNECTION_LIMIT
         self.port = int(self.listeners[0].effective_port)
-        self.site.hosts, self.site.cookie = allowed_hosts(host, self.port), f"pips2_token_{self.port}"
+        self.site.hosts = allowed_hosts(host, self.port)
 
     def start_upload(self) -> bool:
         """Take one of the UPLOAD_SLOTS for an upload about to be received; False when all are taken."""
@@ -1392,9 +1382,13 @@ class DemoServer:
         self.server.task_dispatcher.shutdown(timeout=2)
 
 
-def _interrupt(signum: int, frame) -> None:
-    """SIGTERM and SIGHUP handler: stop serving as Ctrl-C would."""
-    raise KeyboardInterrupt
+def _interrupt(stopping: threading.Event, signum: int, frame) -> None:
+    """Stop-signal handler (SIGINT, SIGTERM, SIGHUP): the first stops serving as Ctrl-C would; later ones are only
+    recorded. Another KeyboardInterrupt during the cleanup, or while the interpreter exits with the job's thread
+    inside torch, printed a traceback or aborted the process."""
+    if not stopping.is_set():
+        stopping.set()
+        raise KeyboardInterrupt
 
 
 def serve(app: App, host: str = "127.0.0.1", port: int = 7860) -> None:
@@ -1409,21 +1403,18 @@ def serve(app: App, host: str = "127.0.0.1", port: int = 7860) -> None:
         why = e.strerror if isinstance(e, OSError) and e.strerror else one_line(e)
         print(f"error: cannot listen on {host}:{port} ({why})", file=sys.stderr, flush=True)
         sys.exit(2)
-    if threading.current_thread() is threading.main_thread():  # `kill` or a closed terminal clean up as Ctrl-C
-        for sig in caught_stop_signals():
-            if sig != signal.SIGINT:
-                signal.signal(sig, _interrupt)
     try:
+        if threading.current_thread() is threading.main_thread():  # `kill` or a closed terminal: as Ctrl-C
+            handler = functools.partial(_interrupt, threading.Event())
+            for sig in caught_stop_signals():  # left as they are: the handlers stay to the process's end
+                signal.signal(sig, handler)
         for line in app.checkpoint_report():
             print(line, flush=True)
         print(f"web demo on {server.token_url} (open this address; Ctrl-C stops it)", flush=True)
-        server.serve_forever()  # returns on Ctrl-C (waitress catches it)
+        server.serve_forever()  # returns on the first stop signal (waitress catches the KeyboardInterrupt)
     except KeyboardInterrupt:
         pass
     finally:
-        try:
-            server.close()
-            app.close()
-            print("stopped; uploads and results removed", flush=True)
-        except KeyboardInterrupt:  # a second Ctrl-C while cleaning up: finish the cleanup anyway
-            app.close()
+        server.close()
+        app.close()  # cancels the job and joins its thread: it stops within one model call
+        print("stopped; uploads and results removed", flush=True)

@@ -461,7 +461,7 @@ def open_file(driver, wait, path: Path, width: int) -> None:
     driver.find_element(By.ID, "file").send_keys(str(path))
     wait.until(lambda d: d.find_element(By.ID, "run").is_displayed())
     wait.until(lambda d: d.execute_script("return document.getElementById('t-label').textContent") == "0")
-    # the frame came through the cookie (an <img> sends no token header)
+    # the frame came with the token in its address (an <img> sends no header of the page's)
     wait.until(lambda d: d.execute_script("return image && video.width") == width)
 
 
@@ -480,11 +480,13 @@ def test_page_in_a_real_browser(browser, server, video, tmp_path, capfd):
     driver.set_window_size(1100, 900)
     driver.get(server.url)  # without the token: refused
     assert "token" in driver.find_element(By.TAG_NAME, "body").text
-    driver.get(server.token_url)  # the printed address: the cookie is set, the page loads without the token
-    assert driver.current_url == server.url
+    driver.get(server.token_url)  # the printed address: the page itself, its script takes the token from it
+    assert driver.current_url == server.token_url
     wait.until(lambda d: d.find_element(By.ID, "clip").find_elements(By.TAG_NAME, "option"))
     assert not driver.find_element(By.ID, "notice").is_displayed()  # a checkpoint is ready: nothing to say
     open_file(driver, wait, video, W)
+    # no cookie: the browser would send it to every other server on 127.0.0.1, whatever the port
+    assert driver.get_cookies() == []
     assert text(driver, "video-info") == f"pan.mp4: {T} frames, {W}x{H}"
     assert driver.find_element(By.ID, "checkpoint").get_attribute("value") == str(server.app.init_dir)
     assert driver.find_element(By.ID, "track").is_enabled() and not text(driver, "checkpoint-note")
@@ -503,6 +505,7 @@ def test_page_in_a_real_browser(browser, server, video, tmp_path, capfd):
     driver.execute_script("window.scrollTo(0, 0)")
     href = driver.find_element(By.ID, "csv-link").get_attribute("href")
     assert driver.find_element(By.ID, "csv-link").is_displayed() and href.startswith(server.url)
+    assert href.endswith(f"?token={TOKEN}"), href  # a link sends no header: the token is in its address
     rows = read_csv(call(href)[1])
     assert len(rows) == T and {r["point"] for r in rows} == {"0"}
     first = next(r for r in rows if r["frame"] == "0")

@@ -119,23 +119,48 @@ def test_every_call_needs_the_token(server, video, monkeypatch):
                         {"Cookie": f"other={TOKEN}"}):
             status, _, body = request(port, "GET", path, headers, token=False)
             assert status == 403 and "token" in one_line_error(body), (path, headers, status)
+        status, _, body = request(port, "GET", path + ("&" if "?" in path else "?") + "token=wrong", token=False)
+        assert status == 403 and "token" in one_line_error(body), (path, status)
     status, _, body = request(port, "POST", "/api/clip", {"Content-Type": "application/json"}, b'{"name": "x"}',
                               token=False)
     assert status == 403, body
-    # the printed address sets an HttpOnly, SameSite=Strict cookie (a cross-site page can neither read it nor
-    # have it sent) and leaves the token out of the address bar
-    assert request(port, "GET", "/?token=wrong", token=False)[0] == 403
-    status, headers, _ = request(port, "GET", f"/?token={TOKEN}", token=False)
-    assert status == 303 and headers["location"] == "/"
-    cookie = headers["set-cookie"]
-    assert cookie.startswith(f"pips2_token_{port}={TOKEN};") and "HttpOnly" in cookie and "SameSite=Strict" in cookie
-    status, _, page = request(port, "GET", "/", {"Cookie": f"a=b; pips2_token_{port}={TOKEN}"}, token=False)
-    assert status == 200 and b"<html" in page
     # compared in constant time
     seen = []
     monkeypatch.setattr(webapp.hmac, "compare_digest", lambda a, b: seen.append((a, b)) or a == b)
     assert request(port, "GET", "/api/config", {webapp.TOKEN_HEADER: "guess"}, token=False)[0] == 403
     assert (b"guess", TOKEN.encode()) in seen
+
+
+def test_the_token_is_never_a_cookie(server, video):
+    """A browser sends a host's cookies to every port of it (RFC 6265), so to any other server on 127.0.0.1 the
+    user visits: the token is never set as a cookie, nor taken from one. The printed address serves the page
+    itself; GETs (<img>, <video>, links) may carry the token in their query, POSTs only in the header, and
+    no answer sends its address (with the token) on as a Referer."""
+    port = server.port
+    status, headers, page = request(port, "GET", f"/?token={TOKEN}", token=False)
+    assert status == 200 and b"<html" in page and "set-cookie" not in headers, (status, headers)
+    assert headers["referrer-policy"] == "no-referrer"
+    # the old cookie's name and value are not a token
+    for cookie in (f"pips2_token_{port}={TOKEN}", f"a=b; pips2_token_{port}={TOKEN}"):
+        for path in ("/", "/api/config"):
+            status, headers, body = request(port, "GET", path, {"Cookie": cookie}, token=False)
+            assert status == 403 and "token" in one_line_error(body), (cookie, path, status)
+            assert "set-cookie" not in headers and headers["referrer-policy"] == "no-referrer", headers
+    # the query's token opens every GET
+    assert request(port, "GET", f"/api/config?token={TOKEN}", token=False)[0] == 200
+    status, up = upload(server.url, video)
+    assert status == 200, up
+    status, headers, body = request(port, "GET", f"/api/frame?video={up['video']}&t=1&token={TOKEN}", token=False)
+    assert status == 200 and headers["content-type"] == "image/jpeg" and "set-cookie" not in headers
+    assert headers["referrer-policy"] == "no-referrer"
+    # ... but no POST: a page of another site can put a query on a form's address, not a header on a request
+    status, _, body = request(port, "POST", f"/api/clip?token={TOKEN}", {"Content-Type": "application/json"},
+                              b'{"name": "x"}', token=False)
+    assert status == 403 and "token" in one_line_error(body), status
+    data = video.read_bytes()
+    status, _, body = request(port, "POST", f"/api/upload?name=v.mp4&token={TOKEN}",
+                              {"Content-Type": "application/octet-stream"}, data, token=False)
+    assert status == 403 and "token" in one_line_error(body), status
 
 
 def test_cross_origin_and_wrong_content_types_are_refused(server, video):
@@ -725,12 +750,12 @@ def test_clients_that_stop_reading_an_answer_are_closed(ckpt, tmp_path, monkeypa
 # The server as a program: the token printed, a quiet console, nothing left at exit.
 
 
-def start_app(tmp_path: Path, cwd: Path) -> tuple[subprocess.Popen, str, list[str]]:
-    """python app.py in cwd on a free port with its temp folder in tmp_path; (process, the printed address, the
-    lines printed before it)."""
+def start_app(tmp_path: Path, cwd: Path, *args: str) -> tuple[subprocess.Popen, str, list[str]]:
+    """python app.py in cwd on a free port (and `args`) with its temp folder in tmp_path; (process, the printed
+    address, the lines printed before it)."""
     env = {**os.environ, "TMPDIR": str(tmp_path), "PIPS2_CACHE": str(tmp_path / "cache"),
            "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--port=0"], cwd=cwd, env=env,
+    proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--port=0", *args], cwd=cwd, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     out, end = b"", time.time() + 60
     while b"?token=" not in out or not out.endswith(b"\n"):
@@ -770,7 +795,7 @@ def test_app_prints_the_token_is_quiet_and_leaves_nothing(tmp_path, video, sig):
         port = int(base.rstrip("/").rsplit(":", 1)[1])
         assert len(token) >= 32
         got = raw(port, f"GET /?token={token} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode())
-        assert got[0] == 303
+        assert got[0] == 200 and b"<html" in got[2] and "set-cookie" not in got[1]
         h = f"Host: 127.0.0.1:{port}\r\n{webapp.TOKEN_HEADER}: {token}\r\n"
         data = video.read_bytes()
         status, _, body = raw(port, f"POST /api/upload?name=v.mp4 HTTP/1.1\r\n{h}Content-Type: application/octet-stream"
@@ -794,6 +819,47 @@ def test_app_prints_the_token_is_quiet_and_leaves_nothing(tmp_path, video, sig):
     assert proc.returncode == 0, (out, err)
     assert "Traceback" not in err and "Error" not in err, err
     assert "stopped" in out
+    assert not [p for p in tmp.rglob("*") if "cache" not in p.parts], list(tmp.rglob("*"))
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_two_stop_signals_close_together_stop_the_app_once(tmp_path, ckpt, sig):
+    """A second SIGTERM or Ctrl-C 10 ms after the first, while a job tracks: before, it raised another
+    KeyboardInterrupt in the cleanup or at the interpreter's exit (a traceback, or an abort in C++ with the job's
+    thread still inside torch: exit 134). Now later signals are only recorded: the job is cancelled and joined,
+    one "stopped" line, exit 0, nothing left."""
+    tmp, cwd = tmp_path / "tmp", tmp_path / "cwd"
+    tmp.mkdir()
+    cwd.mkdir()
+    rng = np.random.default_rng(1)
+    long = tmp_path / "long.mp4"
+    write_mp4(long, (rng.integers(0, 255, (96, 128, 3), dtype=np.uint8) for _ in range(240)))
+    proc, url, _ = start_app(tmp, cwd, f"--init_dir={ckpt}")
+    try:
+        base, token = url.split("?token=")
+        h = {webapp.TOKEN_HEADER: token}
+        status, body = call(f"{base}api/upload?name=long.mp4", long.read_bytes(),
+                            {"Content-Type": "application/octet-stream", **h})
+        assert status == 200, body
+        up = json.loads(body)
+        status, body = call(f"{base}api/track", {"video": up["video"], "grid_size": 8, "S": 8, "iters": 2}, h)
+        assert status == 200, body
+        job, end = json.loads(body)["job"], time.time() + 60
+        while time.time() < end:  # into the model's calls
+            s = json.loads(call(f"{base}api/job?id={job}", headers=h)[1])
+            if s["state"] != "running" or (s["stage"].startswith("tracking") and s["done"] > 0):
+                break
+            time.sleep(0.05)
+        assert s["state"] == "running" and s["stage"].startswith("tracking"), s
+    finally:
+        proc.send_signal(sig)
+        time.sleep(0.01)
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=90)
+    assert proc.returncode == 0, (proc.returncode, out, err)
+    for bad in ("Traceback", "terminate called", "Exception ignored", "Error"):
+        assert bad not in out + err, (out, err)
+    assert out.count("stopped") == 1 and out.rstrip().endswith("stopped; uploads and results removed"), out
     assert not [p for p in tmp.rglob("*") if "cache" not in p.parts], list(tmp.rglob("*"))
 
 
