@@ -812,7 +812,7 @@ def test_app_prints_the_token_is_quiet_and_leaves_nothing(tmp_path, video, sig):
         s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         s.close()
         time.sleep(0.5)
-        assert [p.name for p in tmp.iterdir() if p.name.startswith("pips2_webapp_")]
+        assert [p.name for p in tmp.iterdir() if p.name.startswith(f"{webapp.WORK_PREFIX}.")]
     finally:
         proc.send_signal(sig)
         out, err = proc.communicate(timeout=60)
