@@ -289,7 +289,8 @@ def save(folder: str | os.PathLike, step: int, model: nn.Module, optimizer=None,
     """Write model-%09d.pth atomically (temp file, then rename) and keep only the latest K checkpoints."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    net = model.module if hasattr(model, "module") else model
+    inner = getattr(model, "module", None)  # DataParallel / DistributedDataParallel hold the model here
+    net = inner if isinstance(inner, nn.Module) else model
     ckpt = {layout.model: net.state_dict()}
     if optimizer is not None:
         ckpt[layout.optimizer] = optimizer.state_dict()

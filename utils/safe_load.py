@@ -86,13 +86,16 @@ def _numpy_globals() -> dict[tuple[str, str], Any]:
         if subtype is not np.ndarray or not isinstance(shape, tuple) or shape != (0,):
             raise _Refused(f"numpy _reconstruct of {getattr(subtype, '__name__', subtype)} {shape!r} (numpy "
                            f"writes an empty ndarray there)")
-        return multiarray._reconstruct(subtype, shape, dtype)
+        arr = multiarray._reconstruct(subtype, shape, dtype)
+        assert isinstance(arr, np.ndarray)  # subtype is np.ndarray (checked above); numpy's stub says object
+        return arr
 
     out: dict[tuple[str, str], Any] = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype}
     for core in ("numpy.core", "numpy._core"):
         out[(f"{core}.multiarray", "_reconstruct")] = reconstruct
         out[(f"{core}.multiarray", "scalar")] = multiarray.scalar
-        out[(f"{core}.numeric", "_frombuffer")] = numeric._frombuffer  # protocol 5
+        # protocol 5; numpy's stub leaves out this private function
+        out[(f"{core}.numeric", "_frombuffer")] = numeric._frombuffer  # pyright: ignore[reportAttributeAccessIssue]
     return out
 
 

@@ -168,8 +168,11 @@ def write_mp4(path: str | os.PathLike, frames: Iterable[np.ndarray] | np.ndarray
         raise VideoError(f"{path}: yuv420p needs even sizes, got {w}x{h}")
     if isinstance(fps, (int, float, np.number)):  # imageio-ffmpeg takes Python floats and Fractions only
         fps = float(fps)
+    # imageio-ffmpeg has no annotations, and pyright takes its defaults (fps=16, quality=5) for the parameters'
+    # types; its docs take a float or Fraction fps, and quality=None leaves the quality to the crf below
     writer = imageio_ffmpeg.write_frames(
-        str(path), (w, h), fps=fps, codec="libx264", pix_fmt_in="rgb24", pix_fmt_out="yuv420p", quality=None,
+        str(path), (w, h), codec="libx264", pix_fmt_in="rgb24", pix_fmt_out="yuv420p",
+        fps=fps, quality=None,  # pyright: ignore[reportArgumentType]
         macro_block_size=1, ffmpeg_log_level="error", output_params=["-crf", str(crf), "-preset", preset],
     )
     writer.send(None)
