@@ -108,6 +108,16 @@ def test_golden_inference(model):
         model.inference(video[:, :5], queries)
 
 
+def test_no_queries_track_to_empty_outputs(model):
+    # zero queries read no frame: query_vectors made no vectors and inference stopped on None
+    video = torch.from_numpy(GOLDEN["video"])
+    none = torch.zeros(1, 0, 3)
+    q0 = model.query_vectors(lambda t: model.backbone(video[:, t]), none, video.shape[1])
+    assert q0.shape == (1, 0, model.embed_dim) and q0.dtype == model.backbone.frame_pos_embedding.dtype
+    out = model.inference(video, none)
+    assert out["points"].shape == (1, video.shape[1], 0, 2) and out["visibility"].shape == (1, video.shape[1], 0)
+
+
 @pytest.fixture(scope="module")
 def model_remembering(model) -> LBM:
     """The golden model with a visibility bias that makes many frames visible (the golden clip keeps every
