@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pips2.utils.cli import parse_hw
 from pips2.utils.paths import write_json
 from pips2.utils.safe_load import UnsafeFileError, load_npz
 from pips2.utils.video import VideoError, read_clip
@@ -153,7 +154,8 @@ class Tracks:
 
     def finite(self) -> Tracks:
         """Non-finite positions set to 0 and made invalid and invisible (what track.npz may hold)."""
-        ok = np.isfinite(self.trajs).all(-1)
+        finite = np.isfinite(self.trajs)
+        ok = finite[..., 0] & finite[..., 1]
         trajs = np.where(ok[..., None], self.trajs, 0).astype(self.trajs.dtype)
         return Tracks(trajs, self.visibs & ok, self.valids & ok)
 
@@ -295,7 +297,7 @@ def find_version(root: Path, S: int, N: int, crop_size: tuple[int, int] | None, 
     ValueError naming root and the candidates.
     """
     root = Path(root)
-    crop = tuple(crop_size) if crop_size is not None else None
+    crop = parse_hw(crop_size, "crop_size") if crop_size is not None else None
     found = {}
     for p in sorted(root.iterdir()) if root.is_dir() else []:
         st = read_settings(p) if p.is_dir() else None

@@ -29,6 +29,7 @@ from pips2.datasets.clips import (
 from pips2.datasets.clips import track_problem as track_problem  # re-exported: the reader's corruption rule
 from pips2.datasets.training import DataGoneError, Sample, to_sample
 from pips2.utils import augment
+from pips2.utils.cli import parse_hw
 from pips2.utils.video import VideoError
 
 
@@ -52,7 +53,7 @@ class ExportDataset(Dataset):
         if not self.clips:
             raise FileNotFoundError(f"{self.dir}: no exported clips (run export_mp4_dataset.py first)")
         # an export without settings.json (the authors' exporter) is taken to hold what is asked for
-        st = read_settings(self.dir) or ClipSettings(S=S, N=N, crop_size=tuple(crop_size or AUTHORS_EXPORT_HW))
+        st = read_settings(self.dir) or ClipSettings(S=S, N=N, crop_size=parse_hw(crop_size or AUTHORS_EXPORT_HW))
         self.S_export, self.N_export, self.hw = st.S, st.N, st.crop_size
         self.crop = tuple(crop_size) if crop_size is not None else self.hw
         if self.crop[0] > self.hw[0] or self.crop[1] > self.hw[1]:
