@@ -50,12 +50,14 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from pathlib import Path
+from typing import cast
 from urllib.parse import parse_qs
 
 import cv2
 import imageio_ffmpeg
 import numpy as np
 from waitress.channel import HTTPChannel
+from waitress.parser import HTTPRequestParser
 from waitress.server import BaseWSGIServer, create_server
 from waitress.task import ErrorTask
 from waitress.utilities import RequestEntityTooLarge
@@ -74,6 +76,8 @@ from pips2.hub import (
     load_model,
     offline_hint,
 )
+from pips2.nets.lbm import LBM
+from pips2.nets.pips2 import Pips
 from pips2.tracking import FrameSource, default_model_hw, grid_queries, is_lbm, track, window_starts
 from pips2.utils.checkpoint import CheckpointError
 from pips2.utils.video import VideoError, iter_frames
@@ -252,6 +256,8 @@ class DecodedFrames(FrameSource):
         self.store = np.memmap(self.file, np.uint8, "r", shape=(n, *self.model_hw, 3))
 
     def _read(self, start: int, end: int) -> np.ndarray:
+        if self.store is None:
+            raise ValueError("frames read from closed DecodedFrames (its decoded frames are removed)")
         return np.array(self.store[start:end])  # a writable copy: torch refuses to wrap a read-only map
 
     def close(self) -> None:
@@ -493,7 +499,8 @@ class App:
         self.clip_lock = threading.Lock()
         self.open_lock = threading.Lock()  # one video decoded at a time: bounds the disk and CPU of uploads
         self.closed = threading.Event()
-        self.net_key, self.net = None, None
+        self.net_key: tuple[str, str] | None = None
+        self.net: Pips | LBM | None = None
 
     def close(self) -> None:
         """Stop the running job and remove the uploads and results."""
@@ -672,7 +679,7 @@ class App:
             path.unlink(missing_ok=True)
             raise
 
-    def add_clip(self, name: str, replaces: str | None = None) -> dict:
+    def add_clip(self, name: object, replaces: str | None = None) -> dict:
         """Open a bundled synthetic clip, generating it into the clip cache the first time."""
         if not isinstance(name, str) or name not in CLIPS:
             raise WebError(f"unknown clip {shown(name)} (bundled: {', '.join(CLIPS)})")
@@ -790,9 +797,9 @@ class App:
         job.cancel.set()
         return job.as_json()
 
-    def load_net(self, model: str, checkpoint: str):
+    def load_net(self, model: str, checkpoint: str) -> Pips | LBM:
         """The tracker for the page's model and checkpoint (a --init_dir path, or a hub name), kept for reuse."""
-        if self.net_key == (model, checkpoint):
+        if self.net is not None and self.net_key == (model, checkpoint):
             return self.net
         self.net_key, self.net = None, None  # free the old model before loading another
         net = load_model(checkpoint, self.device, kind=model)
@@ -814,7 +821,7 @@ class App:
             job.check()
             lbm = is_lbm(net)
             # at the size track() would pick for a path: LBM's input size, else the video's rounded to 8
-            hw = tuple(net.size) if lbm else default_model_hw(job.video.hw)
+            hw = net.size if lbm else default_model_hw(job.video.hw)
             self.check_size(job.video.name, job.video.frames, hw, f" (at {model}'s input size)")
             job.stage, job.total = "decoding the video (frames)", job.video.frames
 
@@ -1051,7 +1058,7 @@ class Site:
         raise WebError(f"no such page: {shown(req.method)} {shown(path)}", 404)
 
     @staticmethod
-    def file(req: Request, path: Path, ctype: str) -> tuple[int, list, Iterable[bytes]]:
+    def file(req: Request, path: Path, ctype: str) -> tuple[int, list, bytes | Iterable[bytes]]:
         """A file, or the byte range a <video> asks for, streamed in chunks."""
         size = path.stat().st_size
         start, end, status = 0, size - 1, 200
@@ -1087,14 +1094,16 @@ class _OneLineErrorTask(ErrorTask):
     limit...) as the API's one JSON line."""
 
     def execute(self) -> None:
-        e = self.request.error
+        # waitress's stub calls the task's request an Error; it is the request's parser, which holds the error
+        e = cast(HTTPRequestParser, self.request).error
+        assert e is not None  # an ErrorTask is made for a request whose parsing failed
         msg = f"{e.reason}: {one_line(RuntimeError(e.body))}"
         if isinstance(e, RequestEntityTooLarge):
             msg = f"request body over the limit of {MAX_UPLOAD_BYTES // 2**20} MB"
         body = _json_body({"error": msg})
         # the parser's one 5xx, an unknown Transfer-Encoding, is the client's error like every other here
         self.status = f"{e.code} {e.reason}" if e.code < 500 else "400 Bad Request"
-        self.response_headers.append(("Content-Type", "application/json"))
+        self.response_headers = [*self.response_headers, ("Content-Type", "application/json")]
         self.set_close_on_finish()
         self.content_length = len(body)
         self.write(body)
@@ -1127,7 +1136,7 @@ class DemoServer:
         self.listeners = [d for d in self.map.values() if isinstance(d, BaseWSGIServer)]
         for d in self.listeners:
             d.channel_class = _Channel
-        self.port = int(self.listeners[0].effective_port)
+        self.port = int(self.listeners[0].getsockname()[1])  # (host, port) as numbers, the server's effective_port
         self.site.hosts, self.site.cookie = allowed_hosts(host, self.port), f"pips2_token_{self.port}"
 
     @property
@@ -1147,7 +1156,9 @@ class DemoServer:
 
     def shutdown(self) -> None:
         """Stop serving (from any thread): the server's own loop closes every socket and ends."""
-        self.listeners[0].trigger.pull_trigger(lambda: close_all(self.map, ignore_all=True))
+        # waitress's stub types the trigger as an int; it is a waitress.trigger.trigger, whose pull_trigger runs a thunk
+        trigger = self.listeners[0].trigger
+        trigger.pull_trigger(lambda: close_all(self.map, ignore_all=True))  # pyright: ignore[reportAttributeAccessIssue]
 
     def close(self) -> None:
         """Close the sockets and stop the worker threads (after serve_forever returned)."""

@@ -471,6 +471,8 @@ def test_the_decoded_video_is_removed_on_every_way_out(tmp_path, monkeypatch):
     assert (src.dir / "frames.u8").is_file() and len(src.get(0, 12)) == 12
     src.close()
     assert list((tmp_path / "tmp").iterdir()) == []
+    with pytest.raises(ValueError, match="closed frame source"):  # not a TypeError about None
+        src.get(0, 1)
 
 
 def test_frame_folders_of_killed_processes_are_removed(tmp_path, monkeypatch):

@@ -286,6 +286,8 @@ def test_decoding_stops_at_its_bound(video, tmp_path):
     assert frames.file.stat().st_size == T * 32 * 48 * 3
     frames.close()
     assert list(tmp_path.iterdir()) == []
+    with pytest.raises(ValueError, match="closed DecodedFrames"):  # not a TypeError about None
+        frames.get(0, 1)
     # the page's frames shrink until a long video's fit their bound
     h, w = webapp.preview_hw((1080, 1920), 5000)
     assert 5000 * h * w * 3 <= webapp.MAX_PREVIEW_BYTES and w / h == pytest.approx(1920 / 1080, rel=0.02)

@@ -284,14 +284,18 @@ def read_newest(folder: str | os.PathLike, on_bad: Callable[[Path, CheckpointErr
     return None
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model itself, out of a DataParallel or DistributedDataParallel wrapper (which holds it as .module)."""
+    inner = getattr(model, "module", None)
+    return inner if isinstance(inner, nn.Module) else model
+
+
 def save(folder: str | os.PathLike, step: int, model: nn.Module, optimizer=None, scheduler=None,
          keep_latest: int | None = None, extra: dict | None = None, layout: Layout = PIPS_LAYOUT) -> Path:
     """Write model-%09d.pth atomically (temp file, then rename) and keep only the latest K checkpoints."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    inner = getattr(model, "module", None)  # DataParallel / DistributedDataParallel hold the model here
-    net = inner if isinstance(inner, nn.Module) else model
-    ckpt = {layout.model: net.state_dict()}
+    ckpt = {layout.model: unwrap(model).state_dict()}
     if optimizer is not None:
         ckpt[layout.optimizer] = optimizer.state_dict()
     if scheduler is not None:

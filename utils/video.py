@@ -7,7 +7,7 @@ import os
 import re
 import subprocess
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterable, Iterator
 from fractions import Fraction
 from pathlib import Path
 from typing import BinaryIO
@@ -322,7 +322,7 @@ def _open_problem(path: str | os.PathLike, e: Exception, verb: str) -> str:
     return f"{verb} ({str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__})"
 
 
-def iter_frames(path: str | os.PathLike, backend: str = "imageio") -> Iterator[np.ndarray]:
+def iter_frames(path: str | os.PathLike, backend: str = "imageio") -> Generator[np.ndarray, None, None]:
     """Yield RGB uint8 frames of any video one at a time (bounded memory), decoded by imageio-ffmpeg's
     bundled ffmpeg (any codec it knows) or by OpenCV (`backend="cv2"`). An mp4 cut short is refused
     (`mp4_truncation`): decoders would stop early without a word."""
