@@ -125,7 +125,11 @@ def level_references(points: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
 class LBMLayer(nn.Module):
     """Memory attention (collision, then stream), correlation + top-k peaks, lattice reads, query update."""
 
-    # the readers add_block registers under the authors' names
+    # registered under the authors' names (by add_block, and the time embeddings by __init__)
+    collision_attention: Attention
+    stream_attention: Attention
+    collision_time_emb: nn.Parameter
+    stream_time_emb: nn.Parameter
     lattice_attention: MSDeformAttn
     lattice_update: Attention
 
