@@ -16,6 +16,7 @@ from conftest import EXPORT_ARGS, run_export
 from pips2.datasets import pointodyssey as pod
 from pips2.datasets.clips import ClipSettings, list_clips, verify_clip
 from pips2.datasets.synthetic import SceneConfig, generate_scene
+from pips2.utils.video import read_rgb
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = SceneConfig(W=320, H=256, T=24, n_objects=3, n_points=400)
@@ -38,8 +39,10 @@ def test_synthetic_layout_and_keys(synth_root):
     assert z["trajs_2d"].shape == (T, N, 2) and z["trajs_3d"].shape == (T, N, 3)
     assert z["visibs"].shape == (T, N) and z["valids"].shape == (T, N)
     assert z["intrinsics"].shape == (T, 3, 3) and z["extrinsics"].shape == (T, 4, 4)
-    assert cv2.imread(str(scene / "rgbs" / "rgb_00000.jpg")).shape == (256, 320, 3)
-    assert cv2.imread(str(scene / "depths" / "depth_00000.png"), cv2.IMREAD_UNCHANGED).dtype == np.uint16
+    rgb = cv2.imread(str(scene / "rgbs" / "rgb_00000.jpg"))
+    depth = cv2.imread(str(scene / "depths" / "depth_00000.png"), cv2.IMREAD_UNCHANGED)
+    assert rgb is not None and rgb.shape == (256, 320, 3)
+    assert depth is not None and depth.dtype == np.uint16
     from PIL import Image
 
     assert Image.open(scene / "masks" / "mask_00000.png").mode == "P"
@@ -65,11 +68,11 @@ def test_synthetic_tracks_are_exact_and_3d_reprojects(synth_root):
         uv = (z["intrinsics"][t] @ cam.T).T
         np.testing.assert_allclose(uv[:, :2] / uv[:, 2:], tr[t], atol=1e-2)
     # colour at a track is the same in every frame where it is visible (far from any occlusion edge)
-    f0 = cv2.imread(str(scene / "rgbs" / "rgb_00000.jpg")).astype(np.float32)
+    f0 = read_rgb(scene / "rgbs" / "rgb_00000.jpg").astype(np.float32)
     labels0 = pod.read_mask(scene / "masks" / "mask_00000.png")
     edges0 = pod.segmentation_edges(labels0, dilate=9)
     t = 12
-    ft = cv2.imread(str(scene / "rgbs" / f"rgb_{t:05d}.jpg")).astype(np.float32)
+    ft = read_rgb(scene / "rgbs" / f"rgb_{t:05d}.jpg").astype(np.float32)
     edgest = pod.segmentation_edges(pod.read_mask(scene / "masks" / f"mask_{t:05d}.png"), dilate=9)
     xi0, yi0 = tr[0].round().astype(int).T
     xit, yit = np.clip(tr[t].round(), 0, [319, 255]).astype(int).T

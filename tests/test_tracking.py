@@ -9,6 +9,7 @@ import sys
 import tempfile
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -38,6 +39,7 @@ class StubModel(torch.nn.Module):
         return fmaps
 
     def forward(self, trajs, rgbs, iters=1, feat_init=None, fmaps=None, **kw):
+        assert fmaps is not None  # track() hands over the window's maps
         assert fmaps.shape[1] >= 2, f"model called with a {fmaps.shape[1]}-frame window"
         frames = fmaps[0, :, 0, 0, 0].long().tolist()
         self.calls.append(dict(frames=frames, init=trajs[0].clone(), feat_init=feat_init))
@@ -175,6 +177,7 @@ class TwoFrameStub(torch.nn.Module):
         return torch.zeros(1, rgbs.shape[1], 2, 2, 1)
 
     def forward(self, trajs, rgbs, iters=1, feat_init=None, fmaps=None, **kw):
+        assert fmaps is not None  # track() hands over the window's maps
         assert fmaps.shape[1] >= 2, f"model called with a {fmaps.shape[1]}-frame window"
         self.windows.append(fmaps.shape[1])
         out = trajs.clone()
@@ -421,7 +424,8 @@ def test_a_point_far_outside_the_image_is_refused():
 def test_the_number_of_points_is_bounded():
     """--grid_size=3000 asked for 9 million points on a 160x128 video, and was accepted."""
     assert len(tracking.grid_queries((128, 160), 100)) == tracking.MAX_POINTS == 10_000
-    for bad in (3000, 101, 0, -1, 2.5, True):
+    bads: list[Any] = [3000, 101, 0, -1, 2.5, True]  # wrong values and types, as a command line may give
+    for bad in bads:
         with pytest.raises(ValueError, match=r"^grid_size must be a whole number from 1 to 100 \(at most 10000 points"):
             tracking.grid_queries((128, 160), bad)
     q = np.zeros((tracking.MAX_POINTS + 1, 3), np.float32)

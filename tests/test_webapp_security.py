@@ -463,6 +463,7 @@ def start_app(tmp_path: Path, cwd: Path) -> tuple[subprocess.Popen, str, list[st
     proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--port=0"], cwd=cwd, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     out, end = b"", time.time() + 60
+    assert proc.stdout is not None  # stdout=PIPE
     while b"?token=" not in out or not out.endswith(b"\n"):
         # the pipe's own bytes: a buffered readline() would hide lines from select()
         ready, _, _ = select.select([proc.stdout], [], [], max(0.0, end - time.time()))
