@@ -35,7 +35,7 @@ test: $(VENV)/.installed $(VENV)/.installed-onnx
 	$(BIN)/ruff check .
 	$(PYRIGHT)
 	$(MAKE) --no-print-directory golden-matrix
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=25
 
 # OMP_NUM_THREADS:ATEN_CPU_CAPABILITY (empty = the CPU's own kernels); the whole suite then runs the fifth,
 # 2 threads on the CPU's own kernels. See docs/CORRECTNESS.md.

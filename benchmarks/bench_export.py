@@ -115,7 +115,7 @@ def main(S: int = 36, H: int = 384, W: int = 512, repeats: int = 3, scenes: int 
             print(f"export with {workers} worker(s), x264 {preset}: {written} clips in {dt:.1f} s -> "
                   f"{written / dt:.2f} clips/s (including start-up)", flush=True)
 
-        ds = ExportDataset(str(work / "exp1medium"), None, S=S, N=64, crop_size=(H, W))
+        ds = ExportDataset(str(work / "exp1medium"), None, S=S, N=64, crop_hw=(H, W))
         n = min(len(ds), 12)
         t0 = time.perf_counter()
         for i in range(n):

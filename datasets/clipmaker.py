@@ -26,10 +26,10 @@ class Candidate:
     stride: int
 
 
-def scene_frames(dataset_location: str | Path, dset: str) -> dict[str, int]:
+def scene_frames(dataset_location: str | Path, split: str) -> dict[str, int]:
     """The frame count of every scene folder of the split, by name in sorted order: all that the enumeration
     of candidates depends on."""
-    return {scene.name: len(pod.frame_files(scene)) for scene in pod.list_scenes(dataset_location, dset)}
+    return {scene.name: len(pod.frame_files(scene)) for scene in pod.list_scenes(dataset_location, split)}
 
 
 def enumerate_candidates(dataset_location: str | Path, st: ClipSettings, frames: dict[str, int] | None = None
@@ -37,7 +37,7 @@ def enumerate_candidates(dataset_location: str | Path, st: ClipSettings, frames:
     """Every (scene, start, stride) clip of the split, in a fixed order (shuffled by the seed if asked).
     `frames`: the split's scene_frames, if already read."""
     if frames is None:
-        frames = scene_frames(dataset_location, st.dset)
+        frames = scene_frames(dataset_location, st.split)
     cands = []
     for name, n in frames.items():
         cands += [Candidate(name, s, k) for s, k in pod.clip_starts(n, st.S)]
@@ -78,10 +78,10 @@ def build_clip(scene: pod.Scene, cand: Candidate, st: ClipSettings, rng: np.rand
     idx = cand.start + cand.stride * np.arange(st.S)
     frames, tracks = _filtered(scene, idx, st, rng)
     H, W = frames.shape[1:3]
-    plan = augment.plan_spatial(st.S, H, W, st.crop_size, rng, p=0.7 if st.use_augs else 0.0)
+    plan = augment.plan_spatial(st.S, H, W, st.crop_hw, rng, p=0.7 if st.use_augs else 0.0)
     frames = augment.warp_frames(frames, plan)
     trajs = augment.warp_tracks(tracks.trajs, plan)
-    tracks = Tracks(trajs, *augment.crop_visibility(trajs, tracks.visibs, tracks.valids, st.crop_size))
+    tracks = Tracks(trajs, *augment.crop_visibility(trajs, tracks.visibs, tracks.valids, st.crop_hw))
     keep = np.nonzero(tracks.visibs[0] & tracks.visibs[1])[0]  # queries must still be visible after the crop
     if len(keep) < st.N // 2:
         raise pod.SkipItem("too few tracks after crop")
@@ -90,7 +90,7 @@ def build_clip(scene: pod.Scene, cand: Candidate, st: ClipSettings, rng: np.rand
         frames, visibs = augment.add_occluders(frames, tracks.trajs, tracks.visibs, rng, p=0.2)
         tracks = Tracks(tracks.trajs, visibs, tracks.valids)
         frames = augment.color_augment(frames, rng)
-    pick = pod.choose_tracks(tracks.trajs, tracks.valids, st.N, rng, st.crop_size)
+    pick = pod.choose_tracks(tracks.trajs, tracks.valids, st.N, rng, st.crop_hw)
     tracks = tracks.take(pick).pad(st.N)
     if tracks.valids.mean() < 0.5:
         raise pod.SkipItem("fewer than half of the entries valid")

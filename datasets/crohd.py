@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pips2.utils.video import not_regular_file
+
 # Bound on frames x head ids of one sequence (its arrays are allocated at that size, about 10 bytes an entry:
 # ~335 MB): the HT21 sequences need at most a few million; a gt.txt asking for more is refused, not allocated.
 MAX_TRACK_ENTRIES = 2**25
@@ -62,15 +64,55 @@ def _read_gt(path: Path, T: int) -> np.ndarray:
     return gt
 
 
+def _runs(nums: list[int], most: int = 4) -> str:
+    """Sorted numbers as runs, "1..4, 6..20" (the first `most` of them)."""
+    runs: list[list[int]] = []
+    for n in nums:
+        if runs and n == runs[-1][1] + 1:
+            runs[-1][1] = n
+        else:
+            runs.append([n, n])
+    text = ", ".join(f"{a}..{b}" if b > a else str(a) for a, b in runs[:most])
+    return text + (", ..." if len(runs) > most else "")
+
+
+def _numbered_frames(img1: Path) -> list[Path]:
+    """The frames of img1/ in the order of the number in their names, which must be 1..T without a gap (gt.txt
+    names frames by that number; sorting by name puts 10.jpg before 2.jpg, and a gap shifts every later frame
+    onto another frame's annotations); CroHDError naming the frame otherwise."""
+    numbered: dict[int, Path] = {}
+    for p in sorted(img1.glob("*.jpg")):
+        if not (p.stem.isascii() and p.stem.isdigit()):
+            raise CroHDError(f"{p}: not named by its frame number (000001.jpg, 000002.jpg, ...)")
+        if (n := int(p.stem)) in numbered:
+            raise CroHDError(f"{img1}: {numbered[n].name} and {p.name} are both frame {n}")
+        numbered[n] = p
+    if not numbered:
+        raise CroHDError(f"{img1}: no frames")
+    nums = sorted(numbered)
+    if nums[0] != 1 or nums[-1] != len(nums):
+        gap = next(n for n in range(1, nums[-1] + 2) if n not in numbered)
+        width = len(numbered[nums[0]].stem)
+        raise CroHDError(f"{img1}: frame {gap:0{width}d}.jpg missing (have {_runs(nums)})")
+    frames = [numbered[n] for n in nums]
+    # a FIFO (or a link to one) named like a frame would block the first open() of it forever
+    if odd := next((p for p in frames if not_regular_file(p)), None):
+        raise CroHDError(f"{odd}: not a regular file")
+    return frames
+
+
 def load_sequence(root: str | Path, split: str, seq: str) -> tuple[list[Path], np.ndarray, np.ndarray, np.ndarray]:
-    """All frames of a sequence with head centres (T,N,2), visibility and validity per track id; CroHDError
-    when it cannot be used."""
+    """All frames of a sequence (img1/ numbered 1..T) with head centres (T,N,2), visibility and validity per track
+    id; CroHDError when it cannot be used (a frame missing, gt.txt naming frames the folder lacks)."""
     root = Path(root)
-    frames = sorted((root / "HT21" / split / seq / "img1").glob("*.jpg"))
-    if not frames:
-        raise CroHDError(f"{root / 'HT21' / split / seq / 'img1'}: no frames")
-    gt = _read_gt(_gt_path(root, split, seq), len(frames))
+    frames = _numbered_frames(root / "HT21" / split / seq / "img1")
     T = len(frames)
+    gt_path = _gt_path(root, split, seq)
+    gt = _read_gt(gt_path, T)
+    # a row past the last frame file would be dropped unseen: the folder lacks frames (a partial copy)
+    first, last = int(gt[:, 0].min()), int(gt[:, 0].max())
+    if first < 1 or last > T:
+        raise CroHDError(f"{gt_path}: names frame {last if last > T else first}, but img1/ holds frames 1..{T}")
     ids = np.unique(gt[:, 1]).astype(int)
     col = {i: k for k, i in enumerate(ids)}
     trajs = np.full((T, len(ids), 2), np.nan, np.float32)

@@ -127,7 +127,7 @@ def check_source(version_dir: Path, st: ClipSettings, source: dict) -> str | Non
         changes = [f"{what} {_names(names)}" for what, names in (
             ("added", [n for n in new if n not in old]), ("removed", [n for n in old if n not in new]),
             ("frame count changed in", [n for n in new if n in old and old[n] != new[n]])) if names]
-        raise ValueError(f"{version_dir}: the scenes of {Path(source['dataset_location']) / st.dset} changed since "
+        raise ValueError(f"{version_dir}: the scenes of {Path(source['dataset_location']) / st.split} changed since "
                          f"its clips were exported ({'; '.join(changes)}): clip numbers would name other clips; "
                          f"give another --out_dir")
     return None
@@ -278,7 +278,7 @@ def _check_existing(version_dir: Path, k: int, st: ClipSettings, verify: bool) -
         if not verify:
             return "exists"
         try:
-            verify_clip(final, st.S, st.N, st.crop_size)
+            verify_clip(final, st.S, st.N, st.crop_hw)
             return "exists"
         except VideoError:
             remove_clip(version_dir, k)
@@ -330,7 +330,7 @@ def _export_one(args: tuple) -> tuple[int, str, str]:
             return k, "exists", ""
         if reason is not None:
             return k, "rejected", reason
-        root = Path(dataset_location) / st.dset
+        root = Path(dataset_location) / st.split
         if _CACHE is None or _CACHE.root != root:
             _CACHE = SceneCache(root)
         cand = Candidate(**cand)

@@ -27,7 +27,7 @@ KUBRIC_FRAMES = 24
 class KubricDataset:
     """MOVi-F sequences as training samples: a random S-window, N tracks visible at its first frame."""
 
-    def __init__(self, movi_f_root: str, S: int = 24, N: int = 128, crop_size: tuple[int, int] = (384, 512),
+    def __init__(self, movi_f_root: str, S: int = 24, N: int = 128, crop_hw: tuple[int, int] = (384, 512),
                  use_augs: bool = False, max_retries: int = 20):
         if S > KUBRIC_FRAMES:
             raise ValueError(f"Kubric MOVi-F sequences have {KUBRIC_FRAMES} frames; S={S} asks for more")
@@ -37,7 +37,7 @@ class KubricDataset:
         self.seqs = sorted(p for p in root.iterdir() if (p / f"{p.name}.npy").is_file() and (p / "frames").is_dir())
         if not self.seqs:
             raise FileNotFoundError(f"{root}: no <seq>/frames + <seq>/<seq>.npy sequences")
-        self.S, self.N, self.crop, self.use_augs = S, N, parse_hw(crop_size, "crop_size"), use_augs
+        self.S, self.N, self.crop_hw, self.use_augs = S, N, parse_hw(crop_hw, "crop_size"), use_augs
         self.max_retries = max_retries
         self.bad: set[int] = set()  # sequences found unreadable (per process: each DataLoader worker has its own)
         self.last_skipped: list[int] = []  # sequences skipped by the latest sample() call
@@ -108,11 +108,11 @@ class KubricDataset:
         H, W = frames.shape[1:3]
         if self.use_augs:  # at the source size, before the crop, as the authors' MOVi-F loader
             frames, visible = augment.erase_and_replace(frames, coords, visible, rng)
-        plan = augment.plan_spatial(self.S, H, W, self.crop, rng, p=0.7 if self.use_augs else 0.0)
+        plan = augment.plan_spatial(self.S, H, W, self.crop_hw, rng, p=0.7 if self.use_augs else 0.0)
         frames = augment.warp_frames(frames, plan)
         coords = augment.warp_tracks(coords, plan)
         valids = np.ones_like(visible)
-        visible, valids = augment.crop_visibility(coords, visible, valids, self.crop)
+        visible, valids = augment.crop_visibility(coords, visible, valids, self.crop_hw)
         pool = np.nonzero(visible[0])[0]
         if len(pool) == 0:
             pool = np.arange(coords.shape[1])

@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image
 
 from pips2.utils.safe_load import UnsafeFileError, load_npz
-from pips2.utils.video import MAX_IMAGE_PIXELS, VideoError, read_rgb
+from pips2.utils.video import MAX_IMAGE_PIXELS, VideoError, not_regular_file, read_rgb
 
 FRAME_RE = re.compile(r"^rgb_(\d+)\.(jpg|jpeg|png)$")
 STRIDES = (1, 2, 4)
@@ -44,11 +44,11 @@ class Scene:
         return len(self.rgb_paths)
 
 
-def list_scenes(dataset_location: str | Path, dset: str) -> list[Path]:
+def list_scenes(dataset_location: str | Path, split: str) -> list[Path]:
     """Scene folders of one split, sorted by name."""
-    root = Path(dataset_location) / dset
+    root = Path(dataset_location) / split
     if not root.is_dir():
-        raise FileNotFoundError(f"{root}: no such split folder (expected <dataset_location>/{dset}/<scene>/)")
+        raise FileNotFoundError(f"{root}: no such split folder (expected <dataset_location>/{split}/<scene>/)")
     return sorted(p for p in root.iterdir() if p.is_dir())
 
 
@@ -74,9 +74,15 @@ _FORMATS = (("anno.npz", "visibs"), ("annotations.npz", "visibilities"))
 
 # The most frame-track entries (T x N) a scene's annotations may declare; T itself must equal the frames on disk.
 # 2^27 is 2,000 frames (PointOdyssey's average length) of 67,000 tracks, while a clip needs 128 of them (256 in
-# evaluation): the positions then take 1 GiB as float32, the loader's copy, or 2 GiB as float64 on disk.
+# evaluation).
 MAX_TRACK_ENTRIES = 1 << 27
-# the largest member the loader reads: trajs_3d, float64 (T, N, 3); the others are smaller
+# The most tracks (N) on their own, twice the 67,000 above: without it a scene of 2 frames could declare 67 M.
+MAX_TRACKS = 1 << 17
+# The most bytes the members read for 2D tracks (trajs_2d and the flags) may declare together: the entry bound
+# with float64 positions and bool flags (18 bytes an entry, 2.25 GiB). Counting bytes, not entries, is what
+# keeps float64 flags (8 bytes an entry, not 1) from tripling the memory a scene at the entry bound takes.
+MAX_ANNO_BYTES = MAX_TRACK_ENTRIES * (2 * 8 + 2)
+# the largest member the loader reads: trajs_3d, float64 (T, N, 3), read only on request; the others are smaller
 MAX_MEMBER_BYTES = MAX_TRACK_ENTRIES * 3 * 8 + (1 << 16)
 
 # what each member the loaders use may hold: (dims after T, allowed dtype kinds, allowed values or None)
@@ -100,9 +106,29 @@ def _member_problem(key: str, shape: tuple[int, ...], dtype: np.dtype, num_frame
         return f"has shape {shape}, expected ({want})"
     if shape[0] != num_frames:
         return f"{num_frames} frames on disk but {shape[0]} in the annotations"
+    if shape[1] > MAX_TRACKS:
+        return f"declares {shape[1]} tracks, more than {MAX_TRACKS}"
     if shape[0] * shape[1] > MAX_TRACK_ENTRIES:
         return f"declares {shape[1]} tracks over {shape[0]} frames, more than {MAX_TRACK_ENTRIES} entries"
     return None
+
+
+class _AnnoBudget:
+    """The `expect` of load_npz for one annotation file: each member's header as _member_problem checks it, and
+    the bytes the 2D members declare counted together against MAX_ANNO_BYTES, before any is read."""
+
+    def __init__(self, num_frames: int):
+        self.num_frames, self.spent = num_frames, 0
+
+    def __call__(self, key: str, shape: tuple[int, ...], dtype: np.dtype) -> str | None:
+        problem = _member_problem(key, shape, dtype, self.num_frames)
+        if problem or key not in _MEMBERS or key == "trajs_3d":
+            return problem
+        self.spent += math.prod(shape) * dtype.itemsize
+        if self.spent > MAX_ANNO_BYTES:
+            return (f"is {dtype} {shape}: with the members before it, {self.spent} bytes of 2D tracks, more than "
+                    f"{MAX_ANNO_BYTES} (float64 positions and bool flags of {MAX_TRACK_ENTRIES} entries)")
+        return None
 
 
 def _value_problem(key: str, a: np.ndarray) -> str | None:
@@ -122,7 +148,8 @@ def load_annotations(scene: Path, require_3d: bool = False, num_frames: int | No
     """(trajs_2d, visibs, valids) from anno.npz (v1.2) or annotations.npz (legacy visibilities 0/1/2).
 
     Every member's header is checked before its data is read: T must equal `num_frames` (default: the scene's
-    rgbs/rgb_* files), T x N is bounded by MAX_TRACK_ENTRIES, dtypes and shapes are what docs/FORMATS.md says;
+    rgbs/rgb_* files), N by MAX_TRACKS, T x N by MAX_TRACK_ENTRIES, the bytes of the 2D members together by
+    MAX_ANNO_BYTES, dtypes and shapes are what docs/FORMATS.md says;
     then the flags must be 0/1 (visibilities 0/1/2). trajs_3d is large and unused by 2D training and evaluation,
     so it is read (and must be present and not None) only with require_3d.
     """
@@ -134,8 +161,7 @@ def load_annotations(scene: Path, require_3d: bool = False, num_frames: int | No
     keys = ("trajs_2d", vis_key, "valids") + (("trajs_3d",) if require_3d else ())
     try:
         # never np.load(allow_pickle=True): trajs_3d is a pickle when None
-        z = load_npz(path, keys=keys, max_member_bytes=MAX_MEMBER_BYTES,
-                     expect=lambda key, shape, dtype: _member_problem(key, shape, dtype, T))
+        z = load_npz(path, keys=keys, max_member_bytes=MAX_MEMBER_BYTES, expect=_AnnoBudget(T))
         if "trajs_2d" not in z or vis_key not in z:
             raise SkipItem(f"{path.name} lacks trajs_2d/{vis_key}")
         if require_3d and ("trajs_3d" not in z or z["trajs_3d"].dtype == object):
@@ -172,6 +198,9 @@ def load_scene(path: str | Path, require_masks: bool = True, require_3d: bool = 
     rgbs = frame_files(path)
     if not rgbs:
         raise SkipItem("no rgbs/rgb_*.jpg frames")
+    # a FIFO (or a link to one) named like a frame would block every later open() of it forever
+    if odd := next((p for p in rgbs if not_regular_file(p)), None):
+        raise SkipItem(f"rgbs/{odd.name}: not a regular file")
     masks = [_mask_for(p) for p in rgbs]
     if not all(m.is_file() for m in masks):
         if require_masks:

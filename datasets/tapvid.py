@@ -10,7 +10,7 @@ import cv2
 import numpy as np
 
 from pips2.utils.safe_load import UnsafeFileError, load_pickle
-from pips2.utils.video import image_size_problem
+from pips2.utils.video import image_pixels_problem
 
 
 class TapVidError(ValueError):
@@ -24,7 +24,7 @@ def _decode_video(video, where: str) -> np.ndarray:
     frames = []
     for t, f in enumerate(video):
         if isinstance(f, (bytes, bytearray, np.bytes_)):
-            problem = image_size_problem(bytes(f))  # from the header: a decoder allocates what it declares
+            problem = image_pixels_problem(bytes(f))  # from the header: a decoder allocates what it declares
             if problem:
                 raise TapVidError(f"{where}: frame {t}: {problem}")
             img = cv2.imdecode(np.frombuffer(f, np.uint8), cv2.IMREAD_COLOR)

@@ -941,7 +941,7 @@ class Forms:
         plan = self.plan
         if plan.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        if plan.norm == "batch":
+        if plan.norm == "layout":
             run = functools.partial(run_encoder, fnet, norm=instance_norm_keep_layout)
         else:
             run = fnet

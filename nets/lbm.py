@@ -9,9 +9,9 @@ attention ("lattice") and folds them back into the query. Heads then give a sub-
 layer's single reference point, a visibility logit and an uncertainty logit `rho`.
 
 Layout: backbone, transformer layer, transformer, memory, losses, `LBM` (training forward, `inference`,
-per-frame `step`), `LBMOnline` (frame-by-frame tracking with queries added and removed), `LBMStep` (the
-per-frame step as a pure function for ONNX), checkpoint helpers. Key names, shapes and order of the
-state_dict equal the authors' checkpoint (docs/LBM.md).
+per-frame `step`), `LBMOnlineState` (the online state of one video, stepped frame by frame, queries added and
+removed), `LBMStep` (the per-frame step as a pure function for ONNX), checkpoint helpers. Key names, shapes
+and order of the state_dict equal the authors' checkpoint (docs/LBM.md).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from pips2.utils.checkpoint import (
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 VIS_THRESHOLD = 0.8  # visible = sigmoid(logit) > 0.8; also the memory's "was visible" test
-UNCERTAIN_PX = 8.0  # a prediction this far (input-size pixels) from the truth counts as uncertain
+UNCERTAIN_PX = 8.0  # a prediction this far (input pixels) from the truth counts as uncertain
 CLS_TEMPERATURE = 0.05
 LEVELS = 4  # the frame is read at strides 4, 8, 16, 32 (the average-pooled copies below)
 
@@ -52,10 +52,11 @@ class Backbone(nn.Module):
     mean: torch.Tensor  # ImageNet's, buffers (1,3,1,1)
     std: torch.Tensor
 
-    def __init__(self, hw: tuple[int, int], stride: int, embed_dim: int, proj_dim: int = 64):
+    def __init__(self, input_hw: tuple[int, int], stride: int, embed_dim: int, proj_dim: int = 64):
         super().__init__()
-        self.hw = hw
-        self.frame_pos_embedding = nn.Parameter(torch.zeros(1, embed_dim, hw[0] // stride, hw[1] // stride))
+        self.input_hw = input_hw
+        self.frame_pos_embedding = nn.Parameter(torch.zeros(1, embed_dim, input_hw[0] // stride,
+                                                            input_hw[1] // stride))
         nn.init.trunc_normal_(self.frame_pos_embedding, std=0.02)
         self.layer1 = resnet_stem_and_stage1()
         self.layer2 = resnet_stage(64, 128, 2)
@@ -70,7 +71,7 @@ class Backbone(nn.Module):
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
         """frames (B,3,H,W) in [0,255], any size -> features (B,C,H_in/stride,W_in/stride)."""
         x = frames.to(self.mean.dtype) / 255.0
-        x = F.interpolate(x, size=self.hw, mode="bilinear", align_corners=False)
+        x = F.interpolate(x, size=self.input_hw, mode="bilinear", align_corners=False)
         x = (x - self.mean) / self.std
         c1 = self.layer1(x)
         c2 = self.layer2(c1)
@@ -133,11 +134,11 @@ class LBMLayer(nn.Module):
     lattice_attention: MSDeformAttn
     lattice_update: Attention
 
-    def __init__(self, hw: tuple[int, int], stride: int, dim: int, heads: int, levels: int, neighbors: int,
+    def __init__(self, input_hw: tuple[int, int], stride: int, dim: int, heads: int, levels: int, neighbors: int,
                  memory_size: int, dropout: float):
         super().__init__()
-        self.hw, self.stride = hw, stride
-        self.h, self.w = hw[0] // stride, hw[1] // stride
+        self.input_hw, self.stride = input_hw, stride
+        self.h, self.w = input_hw[0] // stride, input_hw[1] // stride
         for kind in ("collision", "stream"):
             add_block(self, kind, f"{kind}_attention", Attention(dim, heads, dropout), dim, dropout)
             # time embeddings: entries 0..M-1 for the memory slots (oldest first), entry M for "now"
@@ -193,7 +194,7 @@ class LBMLayer(nn.Module):
 
         # lattice: one copy of the query per peak reads the frame around it
         q_lat = q_str.unsqueeze(2).expand(B, N, top_k, C).reshape(B, N * top_k, C)
-        read = self.lattice_attention(q_lat, feats_cat, level_references(ref, self.hw), shapes)
+        read = self.lattice_attention(q_lat, feats_cat, level_references(ref, self.input_hw), shapes)
         q_lat = run_block(self, "lattice", q_lat, read).reshape(B, N, top_k, C)
         ref_rho = self.reference_rho(q_lat).squeeze(-1)
 
@@ -247,7 +248,7 @@ class Memory:
 
 @dataclass
 class StepOutput:
-    """One frame's results in input-size pixels; the per-layer lists feed the training losses."""
+    """One frame's results in input pixels; the per-layer lists feed the training losses."""
 
     points: torch.Tensor  # B N 2: last layer's reference point + offset
     offset: torch.Tensor  # B N 2
@@ -268,22 +269,22 @@ class LBMTransformer(nn.Module):
     vis_layer: MSDeformAttn
     collision_mem_layer: MSDeformAttn
 
-    def __init__(self, hw: tuple[int, int], stride: int, num_layers: int, dim: int, heads: int, levels: int,
+    def __init__(self, input_hw: tuple[int, int], stride: int, num_layers: int, dim: int, heads: int, levels: int,
                  neighbors: int, memory_size: int, top_k: int, dropout: float):
         super().__init__()
         if levels != LEVELS:
             raise ValueError(f"num_levels must be {LEVELS} (the frame is read at 4 strides), got {levels}")
-        self.hw, self.stride = hw, stride
-        h, w = hw[0] // stride, hw[1] // stride
+        self.input_hw, self.stride = input_hw, stride
+        h, w = input_hw[0] // stride, input_hw[1] // stride
         if h % 8 or w % 8:
-            raise ValueError(f"input_size {hw} must be a multiple of 8*stride={8 * stride} in both dimensions")
+            raise ValueError(f"input_size {input_hw} must be a multiple of 8*stride={8 * stride} in both dimensions")
         self.shapes = [(h >> i, w >> i) for i in range(LEVELS)]
         # kept for the checkpoint's sake; the computation uses the Python ints in self.shapes
         self.register_buffer("spatial_shapes", torch.tensor(self.shapes, dtype=torch.long))
         starts = [sum(a * b for a, b in self.shapes[:i]) for i in range(LEVELS)]
         self.register_buffer("start_levels", torch.tensor(starts, dtype=torch.long))
         self.top_k = [top_k] + [4] * (num_layers - 2) + [1]  # the last layer keeps one reference point
-        self.layers = nn.ModuleList([LBMLayer(hw, stride, dim, heads, levels, neighbors, memory_size, dropout)
+        self.layers = nn.ModuleList([LBMLayer(input_hw, stride, dim, heads, levels, neighbors, memory_size, dropout)
                                      for _ in range(num_layers)])
 
         add_block(self, "offset", "offset_layer", MSDeformAttn(dim, heads, levels, neighbors, dropout), dim, dropout)
@@ -317,13 +318,13 @@ class LBMTransformer(nn.Module):
             refs.append(ref)
             rhos.append(rho)
         ref = refs[-1]  # B N 1 2
-        ref_levels = level_references(ref, self.hw)
+        ref_levels = level_references(ref, self.input_hw)
 
         q_off = run_block(self, "offset", q, self.offset_layer(q, feats_cat, ref_levels, self.shapes))
         offset = torch.tanh(self.offset_head(q_off)) * self.stride
 
         # what the frame shows at the predicted position becomes this frame's collision-memory entry
-        at_pred = level_references(ref + offset.unsqueeze(2), self.hw)
+        at_pred = level_references(ref + offset.unsqueeze(2), self.input_hw)
         col = run_block(self, "collision_mem", q, self.collision_mem_layer(q, feats_cat, at_pred, self.shapes))
         col = torch.where(active.unsqueeze(-1), col, query)
 
@@ -334,7 +335,7 @@ class LBMTransformer(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Losses (coordinates in input-size pixels)
+# Losses (coordinates in input pixels)
 
 
 def loss_masks(gt_visibility: torch.Tensor, query_times: torch.Tensor,
@@ -386,7 +387,8 @@ class LBM(nn.Module):
         super().__init__()
         if num_layers < 2:
             raise ValueError(f"num_layers must be at least 2, got {num_layers}")
-        self.size = hw = (int(input_size[0]), int(input_size[1]))
+        # input_size is the authors' configuration key (their configs and checkpoints); inside it is input_hw
+        self.input_hw = input_hw = (int(input_size[0]), int(input_size[1]))
         self.stride, self.num_layers, self.embed_dim = stride, num_layers, embed_dim
         self.memory_size, self.N, self.T = memory_size, N, T
         self.visibility_threshold = VIS_THRESHOLD
@@ -395,9 +397,9 @@ class LBM(nn.Module):
         self.loss_after_query = loss_after_query
         # accepted for config compatibility: the authors' model never passes it to its transformer
         self.random_memory_mask_drop = random_memory_mask_drop
-        self.h, self.w = hw[0] // stride, hw[1] // stride
-        self.backbone = Backbone(hw, stride, embed_dim)
-        self.transformer = LBMTransformer(hw, stride, num_layers, embed_dim, num_heads, num_levels, num_neighbors,
+        self.h, self.w = input_hw[0] // stride, input_hw[1] // stride
+        self.backbone = Backbone(input_hw, stride, embed_dim)
+        self.transformer = LBMTransformer(input_hw, stride, num_layers, embed_dim, num_heads, num_levels, num_neighbors,
                                           memory_size, top_k_regions, dropout)
         if backbone_init is not None:
             load_backbone_init(self, backbone_init)
@@ -414,13 +416,13 @@ class LBM(nn.Module):
 
     # --- pieces shared by training, inference and online tracking
 
-    def to_input_px(self, xy: torch.Tensor, source_hw: tuple[int, int]) -> torch.Tensor:
-        """(..., 2) source pixels -> input-size pixels by the plain size ratio."""
-        return xy * xy.new_tensor([self.size[1] / source_hw[1], self.size[0] / source_hw[0]])
+    def to_input_px(self, xy: torch.Tensor, src_hw: tuple[int, int]) -> torch.Tensor:
+        """(..., 2) source pixels (of a src_hw frame) -> input pixels (of input_hw) by the plain size ratio."""
+        return xy * xy.new_tensor([self.input_hw[1] / src_hw[1], self.input_hw[0] / src_hw[0]])
 
-    def to_source_px(self, xy: torch.Tensor, source_hw: tuple[int, int]) -> torch.Tensor:
-        """(..., 2) input-size pixels -> source pixels (inverse of to_input_px)."""
-        return xy * xy.new_tensor([source_hw[1] / self.size[1], source_hw[0] / self.size[0]])
+    def to_source_px(self, xy: torch.Tensor, src_hw: tuple[int, int]) -> torch.Tensor:
+        """(..., 2) input pixels -> source pixels of a src_hw frame (inverse of to_input_px)."""
+        return xy * xy.new_tensor([src_hw[1] / self.input_hw[1], src_hw[0] / self.input_hw[0]])
 
     def empty_memory(self, B: int, N: int, like: torch.Tensor) -> Memory:
         """Fresh memory for N queries."""
@@ -444,7 +446,7 @@ class LBM(nn.Module):
             raise ValueError(f"queries: query frames must lie in [0, {num_frames - 1}], got {lo}..{hi}")
         out = None
         for t in torch.unique(times).tolist():
-            v = sample_points(frames_at(t), q_in[..., 1:], self.size)
+            v = sample_points(frames_at(t), q_in[..., 1:], self.input_hw)
             out = v if out is None else torch.where((times == t).unsqueeze(-1), v, out)
         if out is None:  # no queries (N = 0): no frame to read them from
             return self.backbone.frame_pos_embedding.new_zeros(q_in.shape[0], 0, self.embed_dim)
@@ -477,7 +479,7 @@ class LBM(nn.Module):
         ref_rho = [stack(lambda o, i=i: o.ref_rho[i]) for i in range(self.num_layers)]
 
         point_mask, time_mask = loss_masks(gt_vis, times, self.loss_after_query)
-        cells = cell_indices(gt, self.size, self.stride)
+        cells = cell_indices(gt, self.input_hw, self.stride)
         cls = 0
         for c in corr:
             ce = F.cross_entropy(c.flatten(0, 2) / CLS_TEMPERATURE, cells.flatten(), reduction="none")
@@ -511,7 +513,7 @@ class LBM(nn.Module):
         points (B,T,N,2) source px, visibility (B,T,N) bool (with_raw: plus offset, vis_logit, rho).
 
         As in the reference, a query also gets outputs before its query frame (computed from its vector,
-        with its memory masked); from its query frame on, they equal `LBMOnline` with the query added there."""
+        with its memory masked); from its query frame on, they equal `LBMOnlineState` with the query added there."""
         B, T, _, H, W = video.shape
         q_in = torch.cat([queries[..., :1], self.to_input_px(queries[..., 1:], (H, W))], dim=-1)
         times = q_in[..., 0].long()
@@ -535,8 +537,9 @@ class LBM(nn.Module):
 # Online tracking: one call per frame, fixed memory per query
 
 
-class LBMOnline:
-    """Frame-by-frame tracking of one video (batch of one) with a fixed-size memory per query.
+class LBMOnlineState:
+    """The model's online state for one video (batch of one): per query its vector and fixed-size memory,
+    stepped one frame at a time.
 
     `init(points, first_frame)` starts the queries on the first frame and returns that frame's result;
     `track(frame, add=..., remove=...)` first drops the queries where `remove` (N,) is True, then starts the
@@ -548,7 +551,7 @@ class LBMOnline:
         self.model = model.eval()
         self.query: torch.Tensor | None = None
         self.memory: Memory | None = None
-        self.hw: tuple[int, int] | None = None
+        self.src_hw: tuple[int, int] | None = None  # the size of the frames given
         self.t = 0
 
     @property
@@ -567,13 +570,13 @@ class LBMOnline:
               remove: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """frame (1,3,H,W) [0,255] -> points (N,2) source px, visibility (N,) bool, vis_prob, rho_prob (N,)."""
         m = self.model
-        self.hw = (frame.shape[-2], frame.shape[-1])
+        self.src_hw = (frame.shape[-2], frame.shape[-1])
         feat = m.backbone(frame)
         if remove is not None and self.query is not None and self.memory is not None:
             keep = ~remove.to(torch.bool)
             self.query, self.memory = self.query[:, keep], self.memory.select(keep)
         if add is not None and len(add):
-            q_new = sample_points(feat, m.to_input_px(add.to(feat).unsqueeze(0), self.hw), m.size)
+            q_new = sample_points(feat, m.to_input_px(add.to(feat).unsqueeze(0), self.src_hw), m.input_hw)
             mem_new = m.empty_memory(1, q_new.shape[1], q_new)
             if self.query is None or self.memory is None or self.query.shape[1] == 0:
                 self.query, self.memory = q_new, mem_new
@@ -581,12 +584,12 @@ class LBMOnline:
                 self.query = torch.cat([self.query, q_new], dim=1)
                 self.memory = Memory.cat(self.memory, mem_new)
         if self.query is None or self.memory is None or self.query.shape[1] == 0:
-            raise ValueError("LBMOnline.track: no queries to track (call init or pass add=...)")
+            raise ValueError("LBMOnlineState.track: no queries to track (call init or pass add=...)")
         active = torch.ones(self.query.shape[:2], dtype=torch.bool, device=feat.device)
         out, self.memory = m.step(self.query, feat, self.memory, active)
         self.t += 1
         vis_prob = torch.sigmoid(out.vis_logit[0])
-        return {"points": m.to_source_px(out.points[0], self.hw), "visibility": vis_prob > m.visibility_threshold,
+        return {"points": m.to_source_px(out.points[0], self.src_hw), "visibility": vis_prob > m.visibility_threshold,
                 "vis_prob": vis_prob, "rho_prob": torch.sigmoid(out.rho[0])}
 
 

@@ -4,13 +4,13 @@ Windowed tracking (docs/EVALUATION.md): zero-velocity initialisation; windows of
 at the previous one's last frame (one frame of overlap); the last window is shifted back to end at the
 video's last frame; after each window every later frame is initialised with the window's last
 estimate; the model's `feats` are carried to the next window as `feat_init`. One `WindowSchedule` drives
-offline tracking and the streaming `OnlineTracker`. Queries on several frames make one pass each (forward
+offline tracking and the streaming `PipsStreamTracker`. Queries on several frames make one pass each (forward
 from their frame, and backward to frame 0 on request); all passes of a call run in one sweep through the
 video sharing a `FeatureCache`, so each frame is encoded at most once per direction, and memory is bounded
 by S frames of feature maps and the batch size.
 
-LBM (nets/lbm.py) tracks online instead: `track` hands an LBM to `track_lbm`, which steps `LBMTracker` (the
-streaming counterpart of `OnlineTracker`) one frame at a time; memory is one frame plus a fixed-size
+LBM (nets/lbm.py) tracks online instead: `track` hands an LBM to `track_lbm`, which steps `LBMStreamTracker` (the
+LBM `StreamTracker`, as `PipsStreamTracker` is PIPs++'s) one frame at a time; memory is one frame plus a fixed-size
 memory per query, whatever the video's length.
 """
 
@@ -30,19 +30,19 @@ from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TypedDict, TypeGuard
+from typing import Protocol, TypedDict, TypeGuard, runtime_checkable
 
 import cv2
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from pips2.nets.lbm import LBM, LBMOnline
+from pips2.nets.lbm import LBM, LBMOnlineState
 from pips2.nets.pips2 import MIN_SIZE
 from pips2.utils.amp import autocast
 from pips2.utils.cli import parse_hw
 from pips2.utils.procs import is_space_error, pid_alive
-from pips2.utils.video import VideoError, iter_frames, read_rgb
+from pips2.utils.video import VideoError, declared_frames, iter_frames, read_rgb
 
 # Bounds on what one tracking request may ask for (docs/BAD_INPUTS.md). Every point costs model time in every
 # frame and a row per frame in tracks.csv, so the count is bounded (a 100x100 grid) rather than left to grow
@@ -145,16 +145,48 @@ def _reserve(f, nbytes: int, video, folder: Path) -> None:
         os.ftruncate(f.fileno(), nbytes)  # a file system without fallocate: the file grows sparse
 
 
+# The decoded frames of a video may not fill the temp folder's disk: this much of it stays free for other programs
+# (a training saving a checkpoint), a tenth of a disk smaller than 10 GiB
+FREE_MARGIN = 2**30
+
+
+def frames_room(folder: str | os.PathLike) -> tuple[int, int]:
+    """(bytes the decoded frames may take in folder: its free space less the margin, that free space)."""
+    du = shutil.disk_usage(folder)
+    return max(0, du.free - min(FREE_MARGIN, du.total // 10)), du.free
+
+
+def _no_room(video, need: int, folder, free: int, what: str) -> ValueError:
+    return ValueError(f"{video}: {what} needs {need / 2**30:.2f} GB at the model's size, {folder} has "
+                      f"{free / 2**30:.2f} GB free (less {FREE_MARGIN / 2**30:.0f} GB or a tenth of its disk kept for "
+                      f"other programs); set TMPDIR or cut the video")
+
+
+def check_frames_space(video, n_frames: int, model_hw: tuple[int, int], tmp: str | os.PathLike | None = None
+                       ) -> None:
+    """ValueError, before anything is decoded, when a video's n_frames at the model's size would not fit in the
+    temp folder (TMPDIR) that VideoFileFrames decodes it into, its free space less a margin (`frames_room`)."""
+    folder = Path(tmp or tempfile.gettempdir())
+    need = n_frames * model_hw[0] * model_hw[1] * 3
+    room, free = frames_room(folder)
+    if need > room:
+        raise _no_room(video, need, folder, free, f"decoding its {n_frames} frames")
+
+
 class VideoFileFrames(FrameSource):
     """A video file decoded once, at the model size, into a memory-mapped temp file (bounded RAM).
 
     The file lives in a folder of TMPDIR named after this host and process; `close()` (which `track` calls for
     the sources it makes, on every way out, signals included) removes it, as does garbage collection and the
     end of the interpreter; folders of killed processes are removed by the next one (`remove_stale_frame_dirs`).
-    Disk is reserved as the file grows: a full disk is one VideoError line.
+    Disk is reserved as the file grows: a full disk is one VideoError line. The frames must fit in TMPDIR's free
+    space less a margin (`check_frames_space`): checked before decoding when the frame count is given or an mp4
+    header declares it, and again each time the file grows (ValueError), so it never takes the disk's last GB.
     """
 
-    def __init__(self, path: str | os.PathLike, model_hw: tuple[int, int] | None = None):
+    def __init__(self, path: str | os.PathLike, model_hw: tuple[int, int] | None = None,
+                 n_frames: int | None = None):
+        n_frames = n_frames or declared_frames(path)
         frames = iter_frames(path)
         first = next(frames, None)
         if first is None:
@@ -167,25 +199,36 @@ class VideoFileFrames(FrameSource):
             raise
         super().__init__(0, src_hw, model_hw)
         remove_stale_frame_dirs()
+        if n_frames:
+            try:
+                check_frames_space(path, n_frames, model_hw)
+            except ValueError:
+                frames.close()
+                raise
         self.store = None
         self.dir = Path(tempfile.mkdtemp(prefix=f"{FRAMES_PREFIX}.{socket.gethostname()}.{os.getpid()}."))
         self._cleanup = weakref.finalize(self, shutil.rmtree, str(self.dir), True)
         try:
-            self._decode(path, _chain(first, frames))
+            self._decode(path, _chain(first, frames), n_frames or 0)
         except BaseException:  # an error or a signal mid-way: no temp file left behind
             frames.close()
             self.close()
             raise
 
-    def _decode(self, path, frames) -> None:
+    def _decode(self, path, frames, expected: int) -> None:
         h, w = self.model_hw
         frame_bytes = h * w * 3
         file = self.dir / "frames.u8"
         n, cap = 0, 0
         with open(file, "w+b") as f:
             for frame in frames:
-                if n == cap:  # grow the file geometrically, in place (nothing copied)
-                    cap = max(64, cap * 2)
+                if n == cap:  # grow the file geometrically, in place (nothing copied), within the room left
+                    want = expected if cap == 0 and expected else max(64, cap * 2)
+                    room, free = frames_room(self.dir)  # the file's own reservation is no longer free
+                    cap = min(want, cap + room // frame_bytes)
+                    if cap == n:
+                        raise _no_room(path, (n + 1) * frame_bytes, self.dir.parent, free + n * frame_bytes,
+                                       f"decoding more than {n} frames")
                     self.store = None
                     _reserve(f, cap * frame_bytes, path, self.dir)
                     self.store = np.memmap(f, np.uint8, "r+", shape=(cap, h, w, 3))
@@ -216,14 +259,14 @@ def _chain(first, rest):
 def default_model_hw(src_hw: tuple[int, int], source: str = "video") -> tuple[int, int]:
     """The video's size rounded to multiples of 8 and at least 128 (the smallest the model accepts); ValueError
     for a side beyond MAX_IMAGE_SIDE (S frames of feature maps at that size would not fit in memory), naming
-    image_size as the way to track it."""
+    model_hw (the scripts' --image_size) as the way to track it."""
     h, w = (max(MIN_SIZE, int(round(v / 8)) * 8) for v in src_hw)
-    hw = (h, w)
-    if max(hw) > MAX_IMAGE_SIDE:
+    model_hw = (h, w)
+    if max(model_hw) > MAX_IMAGE_SIDE:
         raise ValueError(f"{source}: the video is {src_hw[1]}x{src_hw[0]}, beyond the {MAX_IMAGE_SIDE} pixels a side "
-                         f"that it is tracked at by default; give image_size (--image_size=H,W) of at most "
-                         f"{MAX_IMAGE_SIDE} a side")
-    return hw
+                         f"that it is tracked at by default; give a size to track it at (model_hw, the scripts' "
+                         f"--image_size=H,W) of at most {MAX_IMAGE_SIDE} a side")
+    return model_hw
 
 
 def as_frame_source(video, model_hw: tuple[int, int] | None = None) -> FrameSource:
@@ -598,12 +641,12 @@ def scale_xy(xy: torch.Tensor, from_hw: tuple[int, int], to_hw: tuple[int, int])
     return (xy + 0.5) * s - 0.5
 
 
-def grid_queries(hw: tuple[int, int], grid_size: int = 16, t: int = 0, mask: np.ndarray | None = None,
+def grid_queries(src_hw: tuple[int, int], grid_size: int = 16, t: int = 0, mask: np.ndarray | None = None,
                  margin: float = 0.05) -> np.ndarray:
     """(N,3) queries (t, x, y) on a grid_size x grid_size grid, kept where `mask` (H,W) is nonzero; grid_size is
     1 to sqrt(MAX_POINTS) (`check_grid_size`)."""
     grid_size = check_grid_size(grid_size)
-    H, W = hw
+    H, W = src_hw
     xs = np.linspace(margin * (W - 1), (1 - margin) * (W - 1), grid_size)
     ys = np.linspace(margin * (H - 1), (1 - margin) * (H - 1), grid_size)
     gx, gy = np.meshgrid(xs, ys)
@@ -626,12 +669,13 @@ def check_grid_size(grid_size, flag: str = "") -> int:
     return int(grid_size)
 
 
-def check_track_args(S: int = 128, iters: int = 16, point_batch: int = 256, image_size=None, flag: str = "",
+def check_track_args(S: int = 128, iters: int = 16, point_batch: int = 256, model_hw=None, flag: str = "",
                      lbm: bool = False) -> tuple[int, int, int, tuple[int, int] | None]:
-    """(S, iters, point_batch, image_size) checked: S >= 2 (windows overlap by one frame), iters >= 1 (0 would
-    return every query as its track), point_batch >= 1, image_size None or H,W each from MIN_SIZE (PIPs++'s
+    """(S, iters, point_batch, model_hw) checked: S >= 2 (windows overlap by one frame), iters >= 1 (0 would
+    return every query as its track), point_batch >= 1, model_hw None or H,W each from MIN_SIZE (PIPs++'s
     smallest input; for an LBM, which resizes frames to its own size, MIN_VIDEO_SIDE) to MAX_IMAGE_SIDE.
-    ValueError naming the parameter (with `flag`, e.g. "--" for a script's flags) otherwise."""
+    ValueError naming the parameter otherwise; with `flag` (e.g. "--"), the script's flag, whose name for
+    model_hw is image_size."""
     def whole(name, v, low):
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
             raise ValueError(f"{flag}{name} must be a whole number, got {v!r}")
@@ -641,30 +685,31 @@ def check_track_args(S: int = 128, iters: int = 16, point_batch: int = 256, imag
         return int(v)
 
     S, iters, point_batch = whole("S", S, 2), whole("iters", iters, 1), whole("point_batch", point_batch, 1)
-    if image_size is not None:
-        parts = image_size.split(",") if isinstance(image_size, str) else image_size
+    if model_hw is not None:
+        name = f"{flag}image_size" if flag else "model_hw"
+        parts = model_hw.split(",") if isinstance(model_hw, str) else model_hw
         try:
             h, w = (int(v) for v in parts)
             if any(float(v) != int(v) for v in parts):
                 raise ValueError
         except (TypeError, ValueError):
-            raise ValueError(f"{flag}image_size must be H,W (two whole numbers), got {image_size!r}") from None
+            raise ValueError(f"{name} must be H,W (two whole numbers), got {model_hw!r}") from None
         low, why = (MIN_VIDEO_SIDE, "") if lbm else (MIN_SIZE, " (the smallest PIPs++ accepts)")
         if not (low <= h <= MAX_IMAGE_SIDE and low <= w <= MAX_IMAGE_SIDE):
-            raise ValueError(f"{flag}image_size must be H,W each from {low}{why} to {MAX_IMAGE_SIDE}, got {h},{w}")
-        image_size = (h, w)
-    return S, iters, point_batch, image_size
+            raise ValueError(f"{name} must be H,W each from {low}{why} to {MAX_IMAGE_SIDE}, got {h},{w}")
+        model_hw = (h, w)
+    return S, iters, point_batch, model_hw
 
 
-def check_video_size(hw: tuple[int, int], source: str = "video") -> None:
+def check_video_size(src_hw: tuple[int, int], source: str = "video") -> None:
     """ValueError unless both sides of a video are at least MIN_VIDEO_SIDE pixels."""
-    H, W = hw
+    H, W = src_hw
     if H < MIN_VIDEO_SIDE or W < MIN_VIDEO_SIDE:
         raise ValueError(f"{source}: the video is {W}x{H}; tracking needs at least {MIN_VIDEO_SIDE}x{MIN_VIDEO_SIDE} "
                          f"pixels")
 
 
-def check_queries(queries, T: int, hw: tuple[int, int], source: str = "queries", rows: list[int] | None = None,
+def check_queries(queries, T: int, src_hw: tuple[int, int], source: str = "queries", rows: list[int] | None = None,
                   warn: Callable[[str], None] | None = None, max_points: int | None = MAX_POINTS) -> np.ndarray:
     """Queries as (N,3) float32 rows of (t, x, y); ValueError naming the first bad row (or the count, beyond
     max_points), a warning for points outside the image (they are tracked, but the model sees nothing there);
@@ -697,7 +742,7 @@ def check_queries(queries, T: int, hw: tuple[int, int], source: str = "queries",
     bad = np.nonzero((t < 0) | (t > T - 1))[0]
     if len(bad):
         raise ValueError(f"{where(bad[0])}: query frame {t[bad[0]]:g} is outside the video's frames 0..{T - 1}")
-    H, W = hw
+    H, W = src_hw
     far = np.nonzero((np.abs(q[:, 1] - (W - 1) / 2) > (FAR_OUTSIDE + 0.5) * W)
                      | (np.abs(q[:, 2] - (H - 1) / 2) > (FAR_OUTSIDE + 0.5) * H))[0]
     if len(far):
@@ -735,17 +780,17 @@ class TrackResult(TypedDict):
     visibility: np.ndarray | None  # (T,N) bool from a model that predicts it (LBM), else None
 
 
-def model_input_hw(model, src_hw: tuple[int, int], image_size: tuple[int, int] | None = None) -> tuple[int, int]:
-    """The frame size (H, W) `track` runs the model at for a video file of src_hw: PIPs++ at image_size, else the
-    video's size rounded to multiples of 8 (`default_model_hw`); an LBM at its own input size, to which it
-    resizes every frame whatever it is given. The size the time per frame grows with."""
+def resolve_model_hw(model, src_hw: tuple[int, int], model_hw: tuple[int, int] | None = None) -> tuple[int, int]:
+    """The model_hw `track` runs the model at for a video file of src_hw: PIPs++ at model_hw if given, else the
+    video's size rounded to multiples of 8 (`default_model_hw`); an LBM at its input_hw, to which it resizes
+    every frame whatever it is given. The size the time per frame grows with."""
     if is_lbm(model):
-        return parse_hw(model.size)
-    return parse_hw(image_size) if image_size is not None else default_model_hw(parse_hw(src_hw))
+        return parse_hw(model.input_hw)
+    return parse_hw(model_hw) if model_hw is not None else default_model_hw(parse_hw(src_hw))
 
 
 def track(model, video, queries, S: int = 128, iters: int = 16, backward: bool = False,
-          image_size: tuple[int, int] | None = None, point_batch: int = 256, amp: str | None = None,
+          model_hw: tuple[int, int] | None = None, point_batch: int = 256, amp: str | None = None,
           progress: ProgressArg = False) -> TrackResult:
     """Track queries (N,3) rows of (t, x, y) in video pixels through a video (array or path).
 
@@ -764,12 +809,12 @@ def track(model, video, queries, S: int = 128, iters: int = 16, backward: bool =
     starts (`PassProgress`: frames encoded and iterations per batch of points per window for PIPs++, frames
     for LBM), so it moves within a window and ends at the total.
     """
-    S, iters, point_batch, image_size = check_track_args(S, iters, point_batch, image_size, lbm=is_lbm(model))
+    S, iters, point_batch, model_hw = check_track_args(S, iters, point_batch, model_hw, lbm=is_lbm(model))
     if is_lbm(model):
         if amp is not None:
             raise ValueError(f"amp={amp!r}: LBM tracking runs in the model's own precision")
-        return track_lbm(model, video, queries, backward=backward, image_size=image_size, progress=progress)
-    with _frame_source(video, image_size) as src:
+        return track_lbm(model, video, queries, backward=backward, model_hw=model_hw, progress=progress)
+    with _frame_source(video, model_hw) as src:
         res = _track_pips(model, src, queries, S, iters, backward, point_batch, amp, progress)
     return _finite(res)
 
@@ -829,11 +874,27 @@ def _track_pips(model, src: FrameSource, queries, S: int, iters: int, backward: 
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Streaming.
+# Streaming: a stream tracker takes a video one frame at a time, PIPs++'s in windows, LBM's frame by frame.
 
 
-class OnlineTracker:
-    """Push frames one at a time; estimates come back as each S-frame window fills (lag < S frames).
+@runtime_checkable
+class StreamTracker(Protocol):
+    """A tracker fed a video one frame at a time, for either model: `PipsStreamTracker` (PIPs++, estimates come
+    back as each S-frame window fills) and `LBMStreamTracker` (LBM, each frame's estimate at once, with
+    visibility; its `push` also takes queries to add and to drop)."""
+
+    def push(self, frame: np.ndarray) -> list[tuple]:
+        """Add the next frame (H,W,3) uint8; returns the estimates now final, [(t, (N,2) source px, ...)]."""
+        ...
+
+    def finish(self) -> list[tuple]:
+        """End of stream: the estimates still open, in push's form (they replace earlier ones)."""
+        ...
+
+
+class PipsStreamTracker:
+    """PIPs++'s `StreamTracker`: push frames one at a time; estimates come back as each S-frame window fills
+    (lag < S frames).
 
     Holds at most S frames however long the stream. Windows follow the offline `WindowSchedule`: a full
     window is tracked as soon as its last frame arrives, and `finish()` runs the last window shifted back
@@ -845,12 +906,12 @@ class OnlineTracker:
     """
 
     def __init__(self, model, queries_xy: np.ndarray, src_hw: tuple[int, int], S: int = 128, iters: int = 16,
-                 image_size: tuple[int, int] | None = None, point_batch: int = 256, amp: str | None = None):
-        S, iters, point_batch, image_size = check_track_args(S, iters, point_batch, image_size)
+                 model_hw: tuple[int, int] | None = None, point_batch: int = 256, amp: str | None = None):
+        S, iters, point_batch, model_hw = check_track_args(S, iters, point_batch, model_hw)
         self.schedule = WindowSchedule(S)
         self.model, self.S, self.iters, self.point_batch, self.amp = model, S, iters, point_batch, amp
         self.src_hw = parse_hw(src_hw)
-        self.model_hw = parse_hw(image_size or default_model_hw(src_hw))
+        self.model_hw = parse_hw(model_hw or default_model_hw(src_hw))
         xy = torch.as_tensor(np.asarray(queries_xy, np.float32).reshape(-1, 2))
         self.last = scale_xy(xy, self.src_hw, self.model_hw)  # estimate at the open window's first frame
         self.frames: deque[np.ndarray] = deque(maxlen=S)
@@ -916,21 +977,21 @@ def is_lbm(model) -> TypeGuard[LBM]:
     return isinstance(model, LBM)
 
 
-class LBMTracker:
-    """Streaming LBM with OnlineTracker's shape: push frames one at a time, queries added and dropped between
-    frames; every estimate is final at once (no lag), so `finish()` has nothing left to return.
+class LBMStreamTracker:
+    """LBM's `StreamTracker`: push frames one at a time, queries added and dropped between frames; every
+    estimate is final at once (no lag), so `finish()` has nothing left to return.
 
-    A thin layer over `LBMOnline` (which holds, per query, a vector and a fixed-size memory: nothing grows
-    with the stream's length) that takes numpy frames and source pixels. Frames are resized to `image_size`
-    when given (else handed over as they are: the model resizes to its input size itself); points move
-    between source and frame pixels by the plain size ratio, LBM's convention.
+    A thin layer over the model's `LBMOnlineState` (which holds, per query, a vector and a fixed-size memory:
+    nothing grows with the stream's length) that takes numpy frames and source pixels. Frames are resized to
+    `model_hw` when given (else handed over as they are: the model resizes them to its input_hw itself); points
+    move between source and model pixels by the plain size ratio, LBM's convention.
     """
 
     def __init__(self, model: LBM, queries_xy: np.ndarray | None, src_hw: tuple[int, int],
-                 image_size: tuple[int, int] | None = None):
+                 model_hw: tuple[int, int] | None = None):
         self.model, self.src_hw = model, parse_hw(src_hw)
-        self.frame_hw = parse_hw(image_size or src_hw)
-        self.online = LBMOnline(model)
+        self.model_hw = parse_hw(model_hw or src_hw)
+        self.state = LBMOnlineState(model)
         self.param = next(model.parameters())
         self.pending = None if queries_xy is None else np.asarray(queries_xy, np.float32).reshape(-1, 2)
         self.count = 0
@@ -938,7 +999,7 @@ class LBMTracker:
     @property
     def num_queries(self) -> int:
         """Number of queries currently tracked."""
-        return self.online.num_queries
+        return self.state.num_queries
 
     def _scale(self, xy: np.ndarray, from_hw: tuple[int, int], to_hw: tuple[int, int]) -> np.ndarray:
         return xy * np.array([to_hw[1] / from_hw[1], to_hw[0] / from_hw[0]])
@@ -955,19 +1016,19 @@ class LBMTracker:
             self.pending = None
         add = None if add is None or len(add) == 0 else np.asarray(add, np.float64).reshape(-1, 2)
         if remove is not None and np.asarray(remove, bool).all() and add is None:
-            self.online = LBMOnline(self.model)  # every query dropped: LBMOnline needs at least one to step
+            self.state = LBMOnlineState(self.model)  # every query dropped: the state needs one to step
         elif add is not None or self.num_queries:
-            h, w = self.frame_hw
+            h, w = self.model_hw
             if frame.shape[:2] != (h, w):
                 frame = cv2.resize(frame, (w, h), interpolation=cv2.INTER_LINEAR)
             x = torch.from_numpy(np.ascontiguousarray(frame)).permute(2, 0, 1)[None]
             x = x.to(self.param.device, self.param.dtype)
-            new = None if add is None else torch.from_numpy(self._scale(add, self.src_hw, self.frame_hw))
+            new = None if add is None else torch.from_numpy(self._scale(add, self.src_hw, self.model_hw))
             drop = None if remove is None else torch.as_tensor(np.asarray(remove, bool), device=x.device)
             if self.num_queries == 0:
                 drop = None
-            res = self.online.track(x, add=new, remove=drop)
-            xy = self._scale(res["points"].double().cpu().numpy(), self.frame_hw, self.src_hw)
+            res = self.state.track(x, add=new, remove=drop)
+            xy = self._scale(res["points"].double().cpu().numpy(), self.model_hw, self.src_hw)
             return [(t, xy.astype(np.float32), res["visibility"].cpu().numpy())]
         return [(t, np.zeros((0, 2), np.float32), np.zeros(0, bool))]
 
@@ -982,7 +1043,7 @@ def _lbm_pass(model: LBM, src: FrameSource, frames: list[int], idx: np.ndarray, 
     writes their estimates into out's tracks, visibility and estimated (with before_query: only the frames
     that come before a query's own frame, i.e. those the forward pass did not estimate). Its progress, over
     the frames it steps through, is named "backward" with before_query, else "forward"."""
-    tracker = LBMTracker(model, None, src.src_hw, src.model_hw)
+    tracker = LBMStreamTracker(model, None, src.src_hw, src.model_hw)
     qt = q[:, 0].round().astype(int)
     starts: dict[int, list[int]] = {}
     for i in idx.tolist():
@@ -1005,22 +1066,22 @@ def _lbm_pass(model: LBM, src: FrameSource, frames: list[int], idx: np.ndarray, 
             bar.advance(1)
 
 
-def track_lbm(model: LBM, video, queries, backward: bool = False, image_size: tuple[int, int] | None = None,
+def track_lbm(model: LBM, video, queries, backward: bool = False, model_hw: tuple[int, int] | None = None,
               progress: ProgressArg = False) -> TrackResult:
     """`track` for an LBM: each query starts on its own frame and is tracked online to the end (and, with
     backward=True, through the reversed video back to frame 0), reading one frame at a time.
 
     Frames of an array reach the model at their own size, frames of a video file are decoded at the model's
-    input size (image_size overrides both). Where a query is not estimated (before its frame, without
+    input_hw (model_hw overrides both). Where a query is not estimated (before its frame, without
     backward) its track holds the query point and its visibility is False. progress as `track`'s, one step per
     frame.
     """
-    if image_size is None and not isinstance(video, FrameSource):
+    if model_hw is None and not isinstance(video, FrameSource):
         if isinstance(video, (str, os.PathLike)):
-            image_size = model.size
+            model_hw = model.input_hw
         elif np.ndim(video) == 4:
-            image_size = np.shape(video)[1:3]
-    with _frame_source(video, image_size) as src:
+            model_hw = np.shape(video)[1:3]
+    with _frame_source(video, model_hw) as src:
         T = len(src)
         q = check_queries(queries, T, src.src_hw, max_points=None)
         qt = q[:, 0].round().astype(int)

@@ -10,6 +10,7 @@ import datetime
 import json
 import os
 import random
+import re
 import signal
 import sys
 import threading
@@ -51,7 +52,7 @@ from pips2.utils import checkpoint as ck
 from pips2.utils import metrics, plots
 from pips2.utils.amp import amp_dtype, autocast
 from pips2.utils.cli import die
-from pips2.utils.procs import is_space_error
+from pips2.utils.procs import STOP_SIGNALS, caught_stop_signals, is_space_error
 from pips2.utils.vis import summary_image
 
 
@@ -63,7 +64,7 @@ class Config:
     B: int
     S: int
     N: int
-    crop_size: tuple[int, int]
+    crop_hw: tuple[int, int]  # the training crop (H, W): the flag --crop_size
     iters: int  # PIPs++'s refinement iterations per forward pass (validation uses twice as many); unused by LBM
     lr: float
     max_steps: int  # optimiser steps of the stage (the authors' flag: --max_iters)
@@ -103,7 +104,7 @@ class Config:
     model: str = "pips2"  # pips2 or lbm
     wd: float = 1e-6  # AdamW weight decay (the authors' flag name for LBM; LBM's default is 1e-5)
     grad_clip: float = 5.0  # gradient-norm clip (LBM's default is 1.0)
-    # LBM only: its input_size is crop_size, N and T are N and S
+    # LBM only: its input_hw is crop_hw, its N and T are N and S
     memory_size: int = 12
     embed_dim: int = 256
     backbone_init: str | None = None  # torchvision resnet18 state_dict (ImageNet weights)
@@ -120,7 +121,7 @@ class Config:
 
     def name(self) -> str:
         """The run's folder name under ckpt_dir and log_dir."""
-        h, w = self.crop_size
+        h, w = self.crop_hw
         if self.lbm:
             base = f"lbm_{self.B}x{self.S}x{self.N}_{h}x{w}_m{self.memory_size}_c{self.embed_dim}_lr{self.lr:g}"
         else:
@@ -248,7 +249,6 @@ def run_lock(ckpt_dir: Path, ranks: Ranks) -> Iterator[None]:
 # ---------------------------------------------------------------------------------------------------------
 # Signals: a scheduler's SIGTERM before preemption, a user's Ctrl-C.
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 # torchrun passes the signal it gets on to every rank, which a terminal's Ctrl-C has reached already: two copies
 # this close together are one request
 SAME_REQUEST_S = 1.0
@@ -270,7 +270,7 @@ class StoppedAtOnce(BaseException):
 
 
 class StopRequest:
-    """SIGTERM and SIGINT as a request to stop at the next step boundary (the loop saves there and exits 0).
+    """SIGTERM, SIGINT and SIGHUP as a request to stop at the next step boundary (the loop saves there and exits 0).
 
     The handler only notes the signal: what a step does is never cut short, so the checkpoint written is
     the one a regular save at that step writes. A further SIGTERM changes nothing (a scheduler that will not
@@ -288,9 +288,8 @@ class StopRequest:
         """Catch STOP_SIGNALS (main thread only: elsewhere Python cannot, and they keep their handlers). A signal
         ignored by whoever started the run stays ignored (a shell's background job ignores SIGINT)."""
         if threading.current_thread() is threading.main_thread():
-            for sig in STOP_SIGNALS:
-                if signal.getsignal(sig) is not signal.SIG_IGN:
-                    self._old[sig] = signal.signal(sig, self._handle)
+            for sig in caught_stop_signals():
+                self._old[sig] = signal.signal(sig, self._handle)
 
     def restore(self) -> None:
         """Put back the handlers install() replaced."""
@@ -323,8 +322,8 @@ def loader_worker_init(worker_id: int) -> None:
     """DataLoader workers leave SIGINT and SIGTERM to the training process, which stops at a step boundary and
     then shuts them down: a worker killed by a terminal's Ctrl-C or a scheduler's SIGTERM to the process group
     would fail the step in progress instead."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -334,11 +333,11 @@ def loader_worker_init(worker_id: int) -> None:
 def build_model(cfg: Config, device: torch.device) -> Pips | LBM:
     """A fresh Pips or LBM on `device`, set up for training (CheckpointError for a bad --backbone_init)."""
     if cfg.lbm:
-        return LBM(input_size=cfg.crop_size, N=cfg.N, T=cfg.S, memory_size=cfg.memory_size, embed_dim=cfg.embed_dim,
+        return LBM(input_size=cfg.crop_hw, N=cfg.N, T=cfg.S, memory_size=cfg.memory_size, embed_dim=cfg.embed_dim,
                    backbone_init=cfg.backbone_init).to(device)
     dtype = amp_dtype(cfg.amp) or torch.float32  # the dtype the convolutions run in picks the layout
     model = Pips(ExecPlan.auto(device, dtype, training=True, checkpointing=cfg.grad_ckpt,
-                               recompute_cheap=cfg.recompute_cheap, points=cfg.B * cfg.N, hw=cfg.crop_size))
+                               recompute_cheap=cfg.recompute_cheap, points=cfg.B * cfg.N, crop_hw=cfg.crop_hw))
     return model.to(device)
 
 
@@ -395,6 +394,8 @@ class TrainState:
                  stop: StopRequest | None = None):
         self.cfg, self.ranks, self.ckpt_dir = cfg, ranks, ckpt_dir
         self.stop = stop or StopRequest()
+        self.updating = False  # the optimiser is changing the weights: a step cut short here cannot be saved
+        self.updated = -1  # the last step whose weight update completed
         torch.manual_seed(cfg.seed)
         np.random.seed(cfg.seed)
         random.seed(cfg.seed)
@@ -531,13 +532,26 @@ class TrainState:
         where = (f"saved {self.ckpt_dir / ck.ckpt_name(self.step)} (step {self.step}); the same command resumes "
                  f"from there once the data is readable" if saved else "nothing trained since the start, nothing saved")
         self.ranks.barrier()  # no rank leaves before rank 0's checkpoint is complete
-        if e.error is None or isinstance(e.error, DataGoneError):
+        if e.error is None or isinstance(e.error, DataGoneError) or LOADER_WORKER_DIED.search(str(e.error)):
             self.ranks.die(f"{e}; {where}")
         # not a known data problem: said in one line, then its traceback (a bug, or a loader worker killed)
         if self.ranks.main:
             print(f"error: reading the data of step {self.step + 1} failed ({e}); {where}", file=sys.stderr,
                   flush=True)
         raise e.error
+
+    def worker_died(self, e: RuntimeError, start: int) -> NoReturn:
+        """A DataLoader worker was killed (the OOM killer's usual pick): torch raises that from its SIGCHLD handler
+        wherever the training process is. Save the last step whose update completed, one line, exit 2; a step cut
+        short while the optimiser changed the weights leaves a mix of two steps, so nothing is saved then."""
+        why = " ".join(str(e).split()).rstrip(".")
+        if self.updating:
+            self.ranks.die(f"{why} (out of memory?) while the weights were being updated; nothing saved, the "
+                           f"same command resumes from the last checkpoint")
+        if self.updated != self.step:  # the step in progress never changed the weights: it did not happen
+            self.step -= 1
+            self.optimizer.zero_grad(set_to_none=True)
+        self.data_failed(DataFailed(None, [f"{why} (out of memory?)"]), saved=self.step > start)
 
     def save(self) -> None:
         """Write the checkpoint of the current step (rank 0); a failed write is one error line and exit 2.
@@ -573,10 +587,10 @@ def build_dataset(cfg: Config, version: str | None) -> ExportDataset | KubricDat
     if cfg.dataset == "kubric":
         if not cfg.movi_f_root:
             raise ValueError("--dataset=kubric needs --movi_f_root=<folder of MOVi-F sequences>")
-        return KubricDataset(cfg.movi_f_root, cfg.S, cfg.N, cfg.crop_size, cfg.use_augs)
+        return KubricDataset(cfg.movi_f_root, cfg.S, cfg.N, cfg.crop_hw, cfg.use_augs)
     if cfg.dataset != "pod_export":
         raise ValueError(f"--dataset must be pod_export or kubric, got {cfg.dataset!r}")
-    return ExportDataset(cfg.dataset_location, version, cfg.S, cfg.N, cfg.crop_size, cfg.use_augs, seed=cfg.seed)
+    return ExportDataset(cfg.dataset_location, version, cfg.S, cfg.N, cfg.crop_hw, cfg.use_augs, seed=cfg.seed)
 
 
 def make_loader(base, cfg: Config, start_ordinal: int, ranks: Ranks, seed_offset: int = 0) -> DataLoader:
@@ -660,6 +674,10 @@ class StepResult:
     shown: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # frames, truth, estimate of one clip
 
 
+# torch's words when a DataLoader worker dies (its SIGCHLD handler, or the iterator finding it gone)
+LOADER_WORKER_DIED = re.compile(r"DataLoader worker \(pids? [^)]*\) (is killed by signal|exited unexpectedly)")
+
+
 class DataFailed(Exception):
     """A step's batch could not be read on some rank; `error` is this rank's exception (None: another rank's).
     str(e) is one line."""
@@ -717,7 +735,9 @@ def train_step(state: TrainState, data: TrainData, cfg: Config) -> StepResult:
     if not finite:
         state.optimizer.zero_grad(set_to_none=True)
         return StepResult(False)
+    state.updating = True
     optimizer_update(state.model, state.optimizer, state.scheduler, state.scaler, cfg.grad_clip)
+    state.updating, state.updated = False, state.step
     return StepResult(True, total_loss, rtime, time.time() - t0, figures, shown)
 
 
@@ -738,7 +758,7 @@ class Logger:
         cfg = self.cfg
         if self.ranks.main:
             self.writer = SummaryWriter(str(Path(cfg.log_dir) / self.name), max_queue=10, flush_secs=60)
-        self.say(f"{self.name}: {cfg.max_steps} steps, B={cfg.B} S={cfg.S} N={cfg.N} crop {cfg.crop_size}, "
+        self.say(f"{self.name}: {cfg.max_steps} steps, B={cfg.B} S={cfg.S} N={cfg.N} crop {cfg.crop_hw}, "
                  f"{self.ranks.world} process(es) on {self.ranks.device}, amp {cfg.amp}, data {cfg.dataset} "
                  f"({n_items} items)")
 
@@ -837,9 +857,9 @@ class Validator:
                     break
                 if cfg.lbm:
                     res = evaluation.tapvid_query_mode(net, video, points, occluded, "first",
-                                                       size=evaluation.TAPVID_SIZE)
+                                                       eval_hw=evaluation.TAPVID_HW)
                 else:
-                    res = evaluation.evaluate_tapvid_video(net, video, points, occluded, cfg.crop_size, S=cfg.S,
+                    res = evaluation.evaluate_tapvid_video(net, video, points, occluded, cfg.crop_hw, S=cfg.S,
                                                            iters=cfg.iters * 2)
                 if res:
                     rows.append(res)
@@ -911,31 +931,42 @@ def _loop(cfg: Config, ranks: Ranks, state: TrainState, data: TrainData, log: Lo
     while state.step < cfg.max_steps:
         state.step += 1
         try:
-            res = train_step(state, data, cfg)
-        except DataFailed as e:
-            state.step -= 1  # that step never happened
-            state.optimizer.zero_grad(set_to_none=True)
-            state.data_failed(e, saved=state.step > start)
-        if res.finite:
-            state.record(res)
-            try:
-                validations = validator.run(state.step, state.model)
-            except DataFailed as e:  # the step itself is done
-                state.data_failed(e, saved=True)
-            for group, figures in validations.items():
-                state.d_vs.append(figures["d_avg"])
-                log.scalars(group, figures, state.step)
-            if validator.curves:
-                if log.writer:
-                    plots.add_to_tensorboard(log.writer, "val/curves", validator.curves, state.step)
-                validator.curves = {}
-            log.step(state, res)
-        else:
-            state.skip(log.say)
-        # the step boundary: a stop request is taken here, with the checkpoint a regular save here would write
-        signum = stop.agreed(ranks)
-        if signum or state.step % cfg.save_freq == 0 or state.step == cfg.max_steps:
-            state.save()
-        if signum:
-            state.stopped(signum, saved=True)
+            _step(cfg, ranks, state, data, log, stop, validator, start)
+        except RuntimeError as e:
+            if not LOADER_WORKER_DIED.search(str(e)):
+                raise
+            state.worker_died(e, start)
     log.done(state, ranks.union(state.corrupt))
+
+
+def _step(cfg: Config, ranks: Ranks, state: TrainState, data: TrainData, log: Logger, stop: StopRequest,
+          validator: Validator, start: int) -> None:
+    """One training step (state.step), its validation and logging, then the step boundary's save and stop."""
+    try:
+        res = train_step(state, data, cfg)
+    except DataFailed as e:
+        state.step -= 1  # that step never happened
+        state.optimizer.zero_grad(set_to_none=True)
+        state.data_failed(e, saved=state.step > start)
+    if res.finite:
+        state.record(res)
+        try:
+            validations = validator.run(state.step, state.model)
+        except DataFailed as e:  # the step itself is done
+            state.data_failed(e, saved=True)
+        for group, figures in validations.items():
+            state.d_vs.append(figures["d_avg"])
+            log.scalars(group, figures, state.step)
+        if validator.curves:
+            if log.writer:
+                plots.add_to_tensorboard(log.writer, "val/curves", validator.curves, state.step)
+            validator.curves = {}
+        log.step(state, res)
+    else:
+        state.skip(log.say)
+    # the step boundary: a stop request is taken here, with the checkpoint a regular save here would write
+    signum = stop.agreed(ranks)
+    if signum or state.step % cfg.save_freq == 0 or state.step == cfg.max_steps:
+        state.save()
+    if signum:
+        state.stopped(signum, saved=True)

@@ -2,11 +2,13 @@
 
 waitress (a pure-Python WSGI server) parses HTTP: it hands a request to one of a few worker threads only once
 the whole request has arrived, closes connections that stay silent, and answers malformed requests itself.
-Every request then passes `Site.guard` (its Host, the per-run token, its Origin), and every value a request
-carries is checked against a bound before anything is decoded or allocated; who can reach the server and what
-one request may cost are in docs/WEBAPP.md. Tracking runs in one background thread, one job at a time, which
-the page polls and can cancel. Every error reaches the client as {"error": "<one line>"}; tracebacks of bugs
-go to the server's console only.
+Its connection class here (`_Channel`) judges every request from its headers before reading its body
+(`Site.admit`: its Host, its Origin, the per-run token, its body's type and size), cuts off a request that
+does not arrive by its deadline, and at the connection limit closes connections that have not shown the
+token; every value a request carries is checked against a bound before anything is decoded or allocated. Who
+can reach the server and what one request and one connection may cost are in docs/WEBAPP.md. Tracking runs
+in one background thread, one job at a time, which the page polls and can cancel. Every error reaches the
+client as {"error": "<one line>"}; tracebacks of bugs go to the server's console only.
 
 API (JSON answers; every call needs the run's token: the page's cookie, or an X-Pips2-Token header):
   GET  /?token=<token>             sets the page's cookie and redirects to /
@@ -31,14 +33,17 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hmac
 import json
+import logging
 import math
 import os
 import re
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -59,7 +64,8 @@ import numpy as np
 from waitress.channel import HTTPChannel
 from waitress.parser import HTTPRequestParser
 from waitress.server import BaseWSGIServer, create_server
-from waitress.task import ErrorTask
+from waitress.task import ErrorTask, WSGITask
+from waitress.utilities import Error as HTTPError
 from waitress.utilities import RequestEntityTooLarge
 from waitress.wasyncore import close_all
 
@@ -78,9 +84,10 @@ from pips2.hub import (
 )
 from pips2.nets.lbm import LBM
 from pips2.nets.pips2 import Pips
-from pips2.tracking import FrameSource, default_model_hw, grid_queries, is_lbm, track, window_starts
-from pips2.utils.checkpoint import CheckpointError
-from pips2.utils.video import VideoError, iter_frames
+from pips2.tracking import FrameSource, default_model_hw, grid_queries, is_lbm, resolve_model_hw, track, window_starts
+from pips2.utils.checkpoint import CheckpointError, resolve_device
+from pips2.utils.procs import caught_stop_signals
+from pips2.utils.video import CONTAINER_NAMES, VideoError, container_suffix, header_wh, iter_frames
 from pips2.utils.vis import write_outputs
 
 PAGE = Path(__file__).parent / "webapp.html"
@@ -107,7 +114,18 @@ KEEP = 4  # opened videos and finished jobs kept; older ones are deleted, or a l
 PROBE_SECONDS = 60  # reading a video's header (ffmpeg, without decoding) may take at most this long
 # waitress: worker threads, silent connections closed after CHANNEL_TIMEOUT s (checked every CLEANUP s)
 THREADS, CHANNEL_TIMEOUT, CLEANUP, CONNECTION_LIMIT, MAX_HEADER_BYTES = 4, 30, 5, 100, 64 * 1024
+# What connections may hold (docs/WEBAPP.md). A request is judged from its headers, before its body is read. A
+# request must arrive in time: its headers within HEADER_SECONDS of its first byte, then its body within
+# BODY_GRACE s + its length at MIN_BODY_RATE bytes/s (200 MB: 13.5 min), or it is answered 408 and closed.
+HEADER_SECONDS, BODY_GRACE, MIN_BODY_RATE = 10, 10, 256 * 2**10
+UPLOAD_SLOTS = 2  # uploads received at once: waitress spools each to a temporary file (others get 503)
+# after a refusal, what the client still sends is read and dropped for a moment (not stored), so that it reads
+# the answer rather than a reset
+LINGER_SECONDS, LINGER_BYTES = 2, 4 * 2**20
+# at the connection limit, a new connection closes one that has not shown the token within this long (seconds)
+EVICT_AFTER = 1
 TOKEN_HEADER = "X-Pips2-Token"
+JSON_CALLS = ("/api/clip", "/api/track", "/api/cancel")  # the POST calls whose body is JSON
 
 
 class WebError(Exception):
@@ -173,15 +191,15 @@ class Video:
     path: Path
     preview: DecodedFrames
     frames: int
-    hw: tuple[int, int]
+    src_hw: tuple[int, int]  # the video's decoded size
     fps: float
     warning: str = ""
 
     def as_json(self) -> dict:
         """What the page needs to show and click on it."""
-        radius, line = mark_size(self.hw)
-        return {"video": self.id, "name": self.name, "frames": self.frames, "height": self.hw[0],
-                "width": self.hw[1], "fps": self.fps, "warning": self.warning,
+        radius, line = mark_size(self.src_hw)
+        return {"video": self.id, "name": self.name, "frames": self.frames, "height": self.src_hw[0],
+                "width": self.src_hw[1], "fps": self.fps, "warning": self.warning,
                 "mark": {"radius": radius, "line": line}}
 
 
@@ -218,11 +236,11 @@ class Job:
 
 
 class DecodedFrames(FrameSource):
-    """A video decoded once, at the size `size(frame_hw)` gives for its decoded frames' size, into a raw file in
+    """A video decoded once, at the size `resize_to(src_hw)` gives for its decoded frames' size, into a raw file in
     `folder`, read back memory-mapped. Decoding stops with a VideoError past `max_bytes` of frames, so what one
     video writes is bounded whatever its header declared; `check()` runs before each frame (it raises to stop)."""
 
-    def __init__(self, path: Path, size: Callable[[tuple[int, int]], tuple[int, int]], folder: Path,
+    def __init__(self, path: Path, resize_to: Callable[[tuple[int, int]], tuple[int, int]], folder: Path,
                  max_bytes: int, what: str, check: Callable[[], None] | None = None):
         super().__init__(0, (0, 0), (0, 0))
         folder.mkdir(parents=True, exist_ok=True)
@@ -237,7 +255,7 @@ class DecodedFrames(FrameSource):
                         check()
                     if n == 0:  # the decoded size, which a rotation in the header may swap
                         self.src_hw = frame.shape[:2]
-                        self.model_hw = h, w = tuple(size(self.src_hw))
+                        self.model_hw = h, w = tuple(resize_to(self.src_hw))
                         limit = max_bytes // (h * w * 3)
                     if n == limit:
                         raise VideoError(f"{what}: decodes to more than {count(limit, 'frame')} of {w}x{h} (its header "
@@ -308,11 +326,12 @@ def tracking_steps(qt: np.ndarray, T: int, S: int, backward: bool, lbm: bool) ->
     return steps
 
 
-def preview_hw(hw: tuple[int, int], frames: int = 1) -> tuple[int, int]:
+def preview_hw(src_hw: tuple[int, int], frames: int = 1) -> tuple[int, int]:
     """The page's frame size: the video's, shrunk to at most PREVIEW_SIDE on the long side, and further until
     `frames` of them fit in MAX_PREVIEW_BYTES."""
-    s = min(1.0, PREVIEW_SIDE / max(hw), math.sqrt(MAX_PREVIEW_BYTES / (max(1, frames) * hw[0] * hw[1] * 3)))
-    return max(1, math.floor(hw[0] * s)), max(1, math.floor(hw[1] * s))
+    H, W = src_hw
+    s = min(1.0, PREVIEW_SIDE / max(H, W), math.sqrt(MAX_PREVIEW_BYTES / (max(1, frames) * H * W * 3)))
+    return max(1, math.floor(H * s)), max(1, math.floor(W * s))
 
 
 def video_header(path: Path) -> tuple[int, int, int, float, float]:
@@ -342,48 +361,20 @@ def video_header(path: Path) -> tuple[int, int, int, float, float]:
     return int(counts[-1]), h, w, float(meta.get("fps") or 24.0), float(duration) if duration else 0.0
 
 
-def image_size(raw: bytes) -> tuple[int, int] | None:
-    """(width, height) from a PNG's or JPEG's header, without decoding it; None for anything else."""
-    if raw[:8] == b"\x89PNG\r\n\x1a\n" and raw[12:16] == b"IHDR" and len(raw) >= 24:
-        return int.from_bytes(raw[16:20], "big"), int.from_bytes(raw[20:24], "big")
-    if raw[:2] != b"\xff\xd8":
-        return None
-    i = 2
-    while i + 4 <= len(raw):  # JPEG segments: find the start-of-frame, which holds the size
-        if raw[i] != 0xFF:
-            return None
-        marker = raw[i + 1]
-        if marker == 0xFF:  # fill byte
-            i += 1
-            continue
-        if marker in (0x01, *range(0xD0, 0xD8)):  # markers without a length
-            i += 2
-            continue
-        length = int.from_bytes(raw[i + 2:i + 4], "big")
-        if marker in (*range(0xC0, 0xC4), *range(0xC5, 0xC8), *range(0xC9, 0xCC), *range(0xCD, 0xD0)):
-            if i + 9 > len(raw):
-                return None
-            return int.from_bytes(raw[i + 7:i + 9], "big"), int.from_bytes(raw[i + 5:i + 7], "big")
-        if length < 2:
-            return None
-        i += 2 + length
-    return None
-
-
-def decode_mask(data_url: str, hw: tuple[int, int]) -> np.ndarray:
+def decode_mask(data_url: str, src_hw: tuple[int, int]) -> np.ndarray:
     """The page's painted mask (a PNG data URL at the video's size) as (H,W), nonzero where painted (its alpha).
     Its size is read from its header and must be the video's before anything is decoded."""
     try:
         raw = base64.b64decode(data_url.split(",", 1)[1], validate=True)
     except (IndexError, ValueError, binascii.Error):
         raise WebError("mask: not a PNG data URL") from None
-    size = image_size(raw)
-    if size is None:
+    wh = header_wh(raw)
+    if wh is None:
         raise WebError("mask: unreadable image (a PNG or JPEG is needed)")
-    if size != (hw[1], hw[0]):  # a stretched mask would select the wrong points (as demo.py's --mask)
-        raise WebError(f"mask: {size[0]}x{size[1]} but the video is {hw[1]}x{hw[0]}")
+    if wh != (src_hw[1], src_hw[0]):  # a stretched mask would select the wrong points (as demo.py's --mask)
+        raise WebError(f"mask: {wh[0]}x{wh[1]} but the video is {src_hw[1]}x{src_hw[0]}")
     img = cv2.imdecode(np.frombuffer(raw, np.uint8), cv2.IMREAD_UNCHANGED)
-    if img is None or img.shape[:2] != tuple(hw):
+    if img is None or img.shape[:2] != tuple(src_hw):
         raise WebError("mask: unreadable image")
     return img[..., 3] if img.ndim == 3 and img.shape[2] == 4 else (img if img.ndim == 2 else img.max(2))
 
@@ -489,6 +480,7 @@ class App:
                                       ("max_decoded_mb", max_decoded_mb, (1, 1 << 20))):
             if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
                 raise ValueError(f"--{name} must be a whole number in {lo}..{hi}, got {value!r}")
+        resolve_device(device)  # a --device that is not here: one line now, not a failure inside the first job
         self.init_dir, self.model, self.device, self.S, self.iters = init_dir, model, device, S, iters
         self.max_decoded = max_decoded_mb * 2**20
         self.clip_dir = Path(clip_dir) if clip_dir else cache_dir() / "demo_clips"
@@ -594,7 +586,7 @@ class App:
             self.check_size(name, frames, default_model_hw((H, W)), " (at the size PIPs++ tracks it)")
             with self.open_lock:
                 self._stopping()
-                preview = DecodedFrames(path, lambda hw: preview_hw(hw, frames), self.work / "previews",
+                preview = DecodedFrames(path, lambda src_hw: preview_hw(src_hw, frames), self.work / "previews",
                                         MAX_PREVIEW_BYTES, name, self._stopping)
         except VideoError as e:
             raise WebError(one_line(e).replace(str(path), name)) from None
@@ -662,18 +654,23 @@ class App:
         if length <= 0:
             raise WebError(f"{name}: empty file")
         self.forget(replaces)
-        suffix = re.sub(r"[^A-Za-z0-9.]", "", Path(name).suffix)[:8]
-        path = self.work / "uploads" / f"{uuid.uuid4().hex[:12]}{suffix}"
-        path.parent.mkdir(parents=True, exist_ok=True)
+        part = self.work / "uploads" / f"{uuid.uuid4().hex[:12]}.part"
+        part.parent.mkdir(parents=True, exist_ok=True)
+        path = part
         try:
             left = length
-            with open(path, "wb") as f:
+            with open(part, "wb") as f:
                 while left:
                     chunk = body.read(min(left, 1 << 20))
                     if not chunk:
                         raise WebError(f"{name}: upload ended after {length - left} of {count(length, 'byte')}")
                     f.write(chunk)
                     left -= len(chunk)
+            with open(part, "rb") as f:
+                suffix = container_suffix(f.read(512))
+            if suffix is None:  # a playlist or list file would have ffmpeg open other files
+                raise WebError(f"{name}: not a video file this demo opens ({CONTAINER_NAMES})", 415)
+            path = part.rename(part.with_suffix(suffix))
             return self._open(path, name)
         except BaseException:
             path.unlink(missing_ok=True)
@@ -722,7 +719,7 @@ class App:
     def queries(self, video: Video, req: dict) -> np.ndarray:
         """(N,3) queries (t, x, y) from the request: clicked points, then a grid on grid_frame if grid_size > 0
         (where the mask, if any, is painted); every value checked against its bound."""
-        T, (H, W) = video.frames, video.hw
+        T, (H, W) = video.frames, video.src_hw
         points = req.get("points") or []
         if not isinstance(points, list):
             raise WebError("points must be a list of [t, x, y]")
@@ -743,7 +740,7 @@ class App:
         if mask is not None and not isinstance(mask, str):
             raise WebError("mask must be a PNG data URL")
         if g:
-            grid = grid_queries(video.hw, g, gt, decode_mask(mask, video.hw) if mask else None)
+            grid = grid_queries(video.src_hw, g, gt, decode_mask(mask, video.src_hw) if mask else None)
             if not len(grid):
                 raise WebError("no grid point falls inside the painted mask")
             rows += grid.tolist()
@@ -775,7 +772,7 @@ class App:
         if not isinstance(backward, bool):
             raise WebError(f"backward must be true or false, got {shown(backward)}")
         if model == "pips2":  # LBM's size is known once its checkpoint is loaded; the job checks it then
-            self.check_size(video.name, video.frames, default_model_hw(video.hw))
+            self.check_size(video.name, video.frames, default_model_hw(video.src_hw))
         job_id = uuid.uuid4().hex[:12]
         job = Job(job_id, video, self.work / "jobs" / job_id, len(q))
         with self.lock:
@@ -821,16 +818,16 @@ class App:
             job.check()
             lbm = is_lbm(net)
             # at the size track() would pick for a path: LBM's input size, else the video's rounded to 8
-            hw = net.size if lbm else default_model_hw(job.video.hw)
-            self.check_size(job.video.name, job.video.frames, hw, f" (at {model}'s input size)")
+            model_hw = resolve_model_hw(net, job.video.src_hw)
+            self.check_size(job.video.name, job.video.frames, model_hw, f" (at {model}'s input size)")
             job.stage, job.total = "decoding the video (frames)", job.video.frames
 
             def decoded() -> None:
                 job.check()
                 job.done += 1
 
-            src = DecodedFrames(job.video.path, lambda _: hw, self.work / "frames", self.max_decoded, job.video.name,
-                                decoded)
+            src = DecodedFrames(job.video.path, lambda _: model_hw, self.work / "frames", self.max_decoded,
+                                job.video.name, decoded)
             total = tracking_steps(q[:, 0].astype(int), len(src), S, backward, lbm)
             job.stage, job.done, job.total = "tracking (frames read + windows run)", 0, total
 
@@ -852,7 +849,7 @@ class App:
                 job.check()
                 job.done = t + 1
 
-            radius, line = mark_size(job.video.hw)
+            radius, line = mark_size(job.video.src_hw)
             write_outputs(job.out_dir, job.video.path, q, res["tracks"], res["estimated"], job.video.fps,
                           res["visibility"], on_frame=drawn, radius=radius, thickness=line)
             job.stage, job.state = "done", "done"
@@ -944,14 +941,20 @@ class Request:
             raise WebError("a Content-Length is required", 411)
         return int(text)
 
+    def declared_length(self) -> int:
+        """The Content-Length, 0 when there is none."""
+        text = self.header("Content-Length") or "0"
+        if not text.isdigit() or not text.isascii():
+            raise WebError(f"Content-Length {shown(text)} is not a whole number")
+        return int(text)
+
+    def content_type(self) -> str:
+        """The Content-Type without its parameters, in lower case ('' when absent)."""
+        return (self.header("Content-Type") or "").split(";")[0].strip().lower()
+
     def json(self) -> dict:
-        """The body as a JSON object: Content-Type application/json, at most MAX_JSON_BYTES, finite numbers."""
-        ctype = (self.header("Content-Type") or "").split(";")[0].strip().lower()
-        if ctype != "application/json":
-            raise WebError(f"Content-Type must be application/json, got {shown(ctype or 'none')}", 415)
+        """The body as a JSON object with finite numbers (`Site.admit` has checked its type and size)."""
         length = self.length()
-        if length > MAX_JSON_BYTES:
-            raise WebError(f"request of {length} bytes is over the limit of {MAX_JSON_BYTES} bytes", 413)
         try:
             req = json.loads(self.environ["wsgi.input"].read(length), parse_constant=_refuse_constant)
         except (ValueError, RecursionError) as e:  # bad JSON, bad UTF-8, Infinity or NaN, a 5000-digit number
@@ -1009,30 +1012,44 @@ class Site:
         given = req.cookie(self.cookie) or req.header(TOKEN_HEADER) or ""
         return hmac.compare_digest(given.encode("utf-8", "replace"), self.token.encode())
 
-    def respond(self, req: Request) -> tuple[int, list, bytes | Iterable[bytes]]:
-        """Guard, then route."""
+    def admit(self, req: Request, length: int | None) -> bool:
+        """Refuse a request from its method, path and headers alone, before its body is read: `guard`, the
+        token, and its body's type and size for its path (`length`: None for a chunked body, whose size is
+        unknown until it has arrived). Returns whether it is an upload, the one request with a large body."""
         self.guard(req)
-        app, method, path, query = self.app, req.method, req.path, req.query
-        if method not in ("GET", "HEAD", "POST"):
-            raise WebError(f"method {shown(method)} is not allowed", 405)
-        if method == "HEAD":
-            method = "GET"
-        if (method, path) == ("GET", "/") and "token" in query:
-            if not hmac.compare_digest(query["token"].encode("utf-8", "replace"), self.token.encode()):
+        method, path = ("GET" if req.method == "HEAD" else req.method), req.path
+        if method not in ("GET", "POST"):
+            raise WebError(f"method {shown(req.method)} is not allowed", 405)
+        if (method, path) == ("GET", "/") and "token" in req.query:
+            if not hmac.compare_digest(req.query["token"].encode("utf-8", "replace"), self.token.encode()):
                 raise WebError("wrong token: open the address the server printed when it started", 403)
-            cookie = f"{self.cookie}={self.token}; Path=/; HttpOnly; SameSite=Strict"
-            return 303, [("Location", "/"), ("Set-Cookie", cookie), ("Content-Type", "text/plain")], b""
-        if not self.authorised(req):
+        elif not self.authorised(req):
             raise WebError("missing or wrong token: open the address the server printed when it started "
                            "(it ends in ?token=...)", 403)
+        if length is None:
+            raise WebError("a Content-Length is required (a chunked body is not accepted)", 411)
+        upload = (method, path) == ("POST", "/api/upload")
+        want = "application/octet-stream" if upload else "application/json"
+        if (upload or (method == "POST" and path in JSON_CALLS)) and req.content_type() != want:
+            raise WebError(f"Content-Type must be {want}, got {shown(req.content_type() or 'none')}", 415)
+        if not upload and length > MAX_JSON_BYTES:
+            raise WebError(f"request of {length} bytes is over the limit of {MAX_JSON_BYTES} bytes", 413)
+        return upload
+
+    def respond(self, req: Request) -> tuple[int, list, bytes | Iterable[bytes]]:
+        """Admit, then route."""
+        self.admit(req, req.declared_length())
+        app, method, path, query = self.app, req.method, req.path, req.query
+        if method == "HEAD":
+            method = "GET"
+        if (method, path) == ("GET", "/") and "token" in query:  # `admit` has checked it
+            cookie = f"{self.cookie}={self.token}; Path=/; HttpOnly; SameSite=Strict"
+            return 303, [("Location", "/"), ("Set-Cookie", cookie), ("Content-Type", "text/plain")], b""
         if (method, path) == ("GET", "/"):
             return 200, [("Content-Type", "text/html; charset=utf-8")], PAGE.read_bytes()
         if (method, path) == ("GET", "/api/config"):
             return 200, [("Content-Type", "application/json")], _json_body(app.config())
         if (method, path) == ("POST", "/api/upload"):
-            ctype = (req.header("Content-Type") or "").split(";")[0].strip().lower()
-            if ctype != "application/octet-stream":
-                raise WebError(f"Content-Type must be application/octet-stream, got {shown(ctype or 'none')}", 415)
             video = app.add_upload(query.get("name", "upload"), req.environ["wsgi.input"], req.length(),
                                    query.get("replaces"))
             return 200, [("Content-Type", "application/json")], _json_body(video)
@@ -1044,7 +1061,7 @@ class Site:
             return 200, [("Content-Type", "image/jpeg")], app.frame_jpeg(query.get("video", ""), t)
         if (method, path) == ("GET", "/api/job"):
             return 200, [("Content-Type", "application/json")], _json_body(app.job(query.get("id", "")).as_json())
-        if method == "POST" and path in ("/api/clip", "/api/track", "/api/cancel"):
+        if method == "POST" and path in JSON_CALLS:
             body = req.json()
             if path == "/api/clip":
                 out = app.add_clip(body.get("name"), body.get("replaces"))
@@ -1089,34 +1106,208 @@ class Site:
         return status, headers, chunks()
 
 
+class _Refused(HTTPError):
+    """A request refused from its headers (`Site.admit`, the upload slots) or cut off at its deadline."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.code, self.reason = status, HTTPStatus(status).phrase
+
+
 class _OneLineErrorTask(ErrorTask):
-    """waitress's answer to a malformed request (a bad Content-Length, a header too large, a body over the
-    limit...) as the API's one JSON line."""
+    """The answer to a request refused before it reached the application, as the API's one JSON line:
+    malformed (a bad Content-Length, a header too large, a body over the limit...) or `_Refused`."""
 
     def execute(self) -> None:
         # waitress's stub calls the task's request an Error; it is the request's parser, which holds the error
         e = cast(HTTPRequestParser, self.request).error
         assert e is not None  # an ErrorTask is made for a request whose parsing failed
         msg = f"{e.reason}: {one_line(RuntimeError(e.body))}"
-        if isinstance(e, RequestEntityTooLarge):
+        if isinstance(e, _Refused):
+            msg = e.body
+        elif isinstance(e, RequestEntityTooLarge):
             msg = f"request body over the limit of {MAX_UPLOAD_BYTES // 2**20} MB"
         body = _json_body({"error": msg})
         # the parser's one 5xx, an unknown Transfer-Encoding, is the client's error like every other here
-        self.status = f"{e.code} {e.reason}" if e.code < 500 else "400 Bad Request"
+        self.status = f"{e.code} {e.reason}" if e.code < 500 or isinstance(e, _Refused) else "400 Bad Request"
         self.response_headers = [*self.response_headers, ("Content-Type", "application/json")]
         self.set_close_on_finish()
+        self.channel.refused = True  # its body may still be arriving: the close lingers (_Channel.handle_close)
         self.content_length = len(body)
         self.write(body)
 
 
+class _Parser(HTTPRequestParser):
+    """waitress's parser of one request, which has its connection admit the request as soon as its headers
+    are in, before any of its body is read, and which holds the request's deadline."""
+
+    checked = False  # the headers have been judged
+    upload = False  # it holds one of the server's upload slots until it is closed
+
+    def __init__(self, adj, channel: _Channel):
+        super().__init__(adj)
+        self.channel = channel
+        self.deadline = time.monotonic() + HEADER_SECONDS  # made when the request's first byte arrives
+
+    def received(self, data: bytes) -> int:
+        """Parse what arrived (waitress); once the headers are in, admit the request or refuse it."""
+        n = super().received(data)
+        if self.headers_finished and not self.checked and not self.empty and self.error is None:
+            self.checked = True
+            self.error = self.channel.admit(self)
+            if self.error is not None:
+                self.completed, self.expect_continue = True, False  # answered now: no "100 Continue"
+        if self.error is not None:
+            return len(data)  # the rest is its body: dropped, never parsed as another request
+        return n
+
+    def close(self) -> None:
+        """Free the body's buffer (a temporary file past 512 KB) and the upload slot."""
+        super().close()
+        if self.upload:
+            self.upload = False
+            self.channel.demo.end_upload()
+
+
+class _Task(WSGITask):
+    """waitress's task that runs the application on a request, which frees the request's body (its
+    temporary file, its upload slot) as the answer starts: the application is done with it, and a client that
+    sends its next upload on this answer finds the slot free."""
+
+    def build_response_header(self) -> bytes:
+        self.request.close()
+        return super().build_response_header()
+
+
 class _Channel(HTTPChannel):
-    error_task_class = _OneLineErrorTask
+    """waitress's connection, bounded in what it may hold (docs/WEBAPP.md): each request is judged from its
+    headers and must arrive by its deadline, and a connection that has not shown the token is closed to make
+    room for a new one when the connections are at their limit."""
+
+    task_class, error_task_class = _Task, _OneLineErrorTask
+    admitted = False  # one of its requests carried the token: it is never closed to make room
+    refused = False  # it was answered with a refusal: its close lingers
+    linger_until: float | None = None
+    evicted = False  # closed to make room (DemoServer.make_room)
+    dropped = 0  # bytes read and dropped while lingering
+
+    def __init__(self, server, sock, addr, adj, map=None):
+        super().__init__(server, sock, addr, adj, map)
+        self.demo: DemoServer = server.demo
+        self.parser_class = functools.partial(_Parser, channel=self)
+        self.demo.room_check_at = 0.0
+
+    def admit(self, request: _Parser) -> _Refused | None:
+        """Judge a request from its headers (`Site.admit`), give an upload one of the upload slots, and set the
+        deadline for its body; the refusal, or None."""
+        path = request.path
+        environ = {"REQUEST_METHOD": request.command.upper(), "QUERY_STRING": request.query,
+                   "PATH_INFO": "/" + path.lstrip("/") if path.startswith("/") else path}  # as waitress passes it
+        for key, value in request.headers.items():
+            environ[key if key in ("CONTENT_TYPE", "CONTENT_LENGTH") else f"HTTP_{key}"] = value
+        try:
+            upload = self.demo.site.admit(Request(environ), None if request.chunked else request.content_length)
+            if upload and not self.demo.start_upload():
+                raise WebError(f"another upload is being received (at most {UPLOAD_SLOTS} at once): try again "
+                               "when it has finished", 503)
+        except WebError as e:
+            return _Refused(e.status, str(e))
+        except Exception as e:  # a bug: one line for the client, the traceback on the console
+            traceback.print_exc()
+            return _Refused(500, f"server error: {type(e).__name__}: {one_line(e)}")
+        request.upload, self.admitted = upload, True
+        request.deadline = time.monotonic() + BODY_GRACE + request.content_length / MIN_BODY_RATE
+        return None
+
+    def readable(self) -> bool:
+        """Whether to read (waitress); called on every turn of the server's loop, at least once a second, it
+        also ends a lingering close, cuts off a request past its deadline, closes a connection whose client
+        stopped reading its answer, and makes room at the limit."""
+        self.demo.make_room()
+        if self.evicted:
+            return False
+        if self.total_outbufs_len and time.time() - self.last_activity > self.adj.channel_timeout:
+            # an answer its client has not read for the channel timeout: it holds the connection, and past
+            # waitress's buffer its task waits for room, holding a thread. waitress's own timeout skips a
+            # connection with a task, and closes through will_close, which waits for the socket to be writable
+            self.close_now()  # this socket is not yet among those the loop selects on
+            return False
+        now = time.monotonic()
+        if self.linger_until is not None:
+            if now < self.linger_until and self.dropped < LINGER_BYTES:
+                return True
+            self.close_now()
+            return False
+        request = self.request
+        if request is not None and not request.completed and not self.requests and now > request.deadline:
+            self.expire(request)
+        return super().readable()
+
+    def writable(self) -> bool:
+        """Whether to write (waitress); never once closed (readable() may close it just before)."""
+        return self._fileno is not None and super().writable()
+
+    def expire(self, request: _Parser) -> None:
+        """Answer a request that did not arrive by its deadline with 408, then close: a client that trickles
+        bytes is never silent, so waitress's channel timeout would never close it."""
+        with self.requests_lock:
+            if self.request is not request:
+                return
+            request.error = _Refused(408, f"the request did not arrive in time: its headers must arrive within "
+                                          f"{HEADER_SECONDS} s, its body at {MIN_BODY_RATE // 1024} KB/s or faster")
+            request.completed, request.expect_continue, self.request = True, False, None
+            self.requests.append(request)
+            self.server.add_task(self)
+
+    def handle_read(self) -> None:
+        """Read a request (waitress), or while lingering, read and drop."""
+        if self.linger_until is None:
+            super().handle_read()
+            return
+        try:
+            self.dropped += len(self.recv(self.adj.recv_bytes))  # at the end of the stream recv() closes
+        except OSError:
+            self.close_now()
+
+    def handle_close(self) -> None:
+        """Close; after a refusal, linger first: stop sending and drop what the client still sends for up to
+        LINGER_SECONDS, since closing with its body unread resets the connection, and a client still sending
+        can then lose the answer."""
+        if self.refused and not self.evicted and self.linger_until is None and self.connected \
+                and not self.total_outbufs_len:
+            try:
+                self.socket.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+            else:
+                self.linger_until = time.monotonic() + LINGER_SECONDS
+                self.will_close = self.close_when_flushed = self.admitted = False
+                self.demo.room_check_at = 0.0
+                return
+        self.close_now()
+
+    def evict(self) -> None:
+        """Have it closed to make room, without lingering, when the loop next writes (waitress's way to close:
+        closing a socket now could close one that the loop is about to select on)."""
+        self.evicted = self.will_close = True
+        self.server.pull_trigger()  # a turn of the loop now, not after its one-second select
+
+    def close_now(self) -> None:
+        """Close the connection and free what its unfinished request holds (its body's file, an upload slot)."""
+        if self.request is not None:
+            self.request.close()
+            self.request = None
+        HTTPChannel.handle_close(self)
 
 
 def allowed_hosts(host: str, port: int) -> set[str]:
     """The Host headers the server answers to: the loopback names, and the --host name, with the port."""
     names = {"127.0.0.1", "localhost", "[::1]", (f"[{host}]" if ":" in host else host).lower()}
     return {f"{n}:{port}" for n in names} | ({*names} if port == 80 else set())
+
+
+_QUIET = logging.getLogger("pips2.webapp.waitress")  # waitress's warnings about load, silenced (DemoServer)
+_QUIET.setLevel(logging.ERROR)
 
 
 class DemoServer:
@@ -1127,6 +1318,8 @@ class DemoServer:
         self.app, self.host = app, host
         self.token = token or secrets.token_urlsafe(32)
         self.map: dict = {}
+        self.uploads, self.upload_lock = 0, threading.Lock()
+        self.room_check_at = 0.0  # when make_room next looks for a connection to close (time.time())
         self.site = Site(app, self.token, set(), "")
         self.server = create_server(self.site, map=self.map, host=host, port=port, threads=threads,
                                     channel_timeout=channel_timeout, cleanup_interval=cleanup_interval,
@@ -1134,10 +1327,52 @@ class DemoServer:
                                     max_request_body_size=MAX_UPLOAD_BYTES + 1, log_socket_errors=False,
                                     expose_tracebacks=False, ident="pips2", asyncore_loop_timeout=1)
         self.listeners = [d for d in self.map.values() if isinstance(d, BaseWSGIServer)]
+        # waitress warns on stderr each time the connections reach their limit (handled here: make_room) and
+        # each time requests wait for a thread: under a flood of connections, a line for each
+        self.server.task_dispatcher.queue_logger = _QUIET
         for d in self.listeners:
-            d.channel_class = _Channel
-        self.port = int(self.listeners[0].getsockname()[1])  # (host, port) as numbers, the server's effective_port
+            d.channel_class, d.demo, d.logger = _Channel, self, _QUIET
+        self.adj = self.listeners[0].adj  # one for all listeners
+        # waitress stops accepting when its map holds connection_limit sockets, its listeners and trigger included
+        self.adj.connection_limit = len(self.map) + CONNECTION_LIMIT
+        self.port = int(self.listeners[0].effective_port)
         self.site.hosts, self.site.cookie = allowed_hosts(host, self.port), f"pips2_token_{self.port}"
+
+    def start_upload(self) -> bool:
+        """Take one of the UPLOAD_SLOTS for an upload about to be received; False when all are taken."""
+        with self.upload_lock:
+            if self.uploads >= UPLOAD_SLOTS:
+                return False
+            self.uploads += 1
+            return True
+
+    def end_upload(self) -> None:
+        """Give an upload's slot back (its request is closed: answered, refused or cut off)."""
+        with self.upload_lock:
+            self.uploads -= 1
+
+    def has_room(self) -> bool:
+        """Whether another connection can be accepted (at the limit, waitress stops accepting)."""
+        return len(self.map) < self.adj.connection_limit
+
+    def make_room(self) -> None:
+        """While the connections are at their limit (where waitress stops accepting), close one that has not
+        shown the token: one lingering after a refusal, else the oldest open for EVICT_AFTER s or more (a
+        browser sends its request at once; a younger one may not have been read yet). So connections without
+        the token never shut the user out. Called by every connection on every turn of the loop, it looks only
+        when something changed: a connection was accepted, one began to linger, or one reached EVICT_AFTER."""
+        now = time.time()  # waitress's clock (creation_time)
+        if self.has_room() or now < self.room_check_at:
+            return
+        channels = [c for c in self.map.values() if isinstance(c, _Channel)]
+        if any(c.evicted for c in channels):  # one at a time: it closes on this turn
+            return
+        waiting = [c for c in channels if not c.admitted]
+        idle = [c for c in waiting if c.linger_until is not None or now - c.creation_time >= EVICT_AFTER]
+        if idle:
+            min(idle, key=lambda c: (c.linger_until is None, c.creation_time)).evict()
+        else:
+            self.room_check_at = min((c.creation_time + EVICT_AFTER for c in waiting), default=math.inf)
 
     @property
     def url(self) -> str:
@@ -1167,20 +1402,26 @@ class DemoServer:
 
 
 def _interrupt(signum: int, frame) -> None:
-    """SIGTERM handler: stop serving as Ctrl-C would."""
+    """SIGTERM and SIGHUP handler: stop serving as Ctrl-C would."""
     raise KeyboardInterrupt
 
 
 def serve(app: App, host: str = "127.0.0.1", port: int = 7860) -> None:
     """Serve the demo until Ctrl-C or SIGTERM, then stop the job and remove its uploads and results."""
     try:
+        # the name looked up first: waitress says only "Invalid host/port specified." (a traceback) for one
+        # that does not resolve
+        socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
         server = DemoServer(app, host, port)
-    except OSError as e:
+    except (OSError, ValueError) as e:
         app.close()
-        print(f"error: cannot listen on {host}:{port} ({e.strerror or one_line(e)})", file=sys.stderr, flush=True)
+        why = e.strerror if isinstance(e, OSError) and e.strerror else one_line(e)
+        print(f"error: cannot listen on {host}:{port} ({why})", file=sys.stderr, flush=True)
         sys.exit(2)
-    if threading.current_thread() is threading.main_thread():  # `kill` cleans up as Ctrl-C does
-        signal.signal(signal.SIGTERM, _interrupt)
+    if threading.current_thread() is threading.main_thread():  # `kill` or a closed terminal clean up as Ctrl-C
+        for sig in caught_stop_signals():
+            if sig != signal.SIGINT:
+                signal.signal(sig, _interrupt)
     try:
         for line in app.checkpoint_report():
             print(line, flush=True)

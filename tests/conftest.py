@@ -4,6 +4,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 import pytest
@@ -45,3 +46,31 @@ def exported(synth_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("export")
     res = run_export(synth_root, out, "--workers=2", "--max_iters=16")
     return out, res.stdout
+
+
+@pytest.fixture
+def make_fifo():
+    """make_fifo(path) replaces path by a FIFO. Code that wrongly open()s it for reading blocks until a writer
+    comes: a watcher plays that writer (opens and closes it at once), so such code reads an empty file and its
+    test fails instead of hanging the suite."""
+    fifos, done = [], threading.Event()
+
+    def watch():
+        while not done.wait(0.2):
+            for f in fifos:
+                try:  # succeeds only while a reader is blocked in open()
+                    os.close(os.open(f, os.O_WRONLY | os.O_NONBLOCK))
+                except OSError:
+                    pass
+
+    def make(path: Path) -> Path:
+        path.unlink(missing_ok=True)
+        os.mkfifo(path)
+        fifos.append(path)
+        return path
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    yield make
+    done.set()
+    watcher.join()

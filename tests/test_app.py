@@ -182,7 +182,7 @@ def test_api_errors_are_one_line(server, video, tmp_path, monkeypatch):
         return msg
 
     (tmp_path / "notes.txt").write_text("not a video\n")
-    assert "notes.txt" in error(upload(base, tmp_path / "notes.txt"), 400)
+    assert "notes.txt: not a video file this demo opens" in error(upload(base, tmp_path / "notes.txt"), 415)
     # a still image, or a video of one frame, is nothing to track (a PNG opened as a 1-frame video)
     cv2.imwrite(str(tmp_path / "still.png"), np.full((H, W, 3), 128, np.uint8))
     write_mp4(tmp_path / "one.mp4", [np.full((H, W, 3), 128, np.uint8)])
@@ -298,6 +298,22 @@ def test_app_cli_errors_are_one_line(capsys):
             res = run_main(app.main, capsys, **kwargs)
             assert res.returncode == 2 and words in res.stderr and len(res.stderr.strip().splitlines()) == 1, res
 
+
+
+@pytest.mark.parametrize("kwargs, line", [
+    ({"port": -1}, "error: --port must be a whole number in 0..65535 (0: any free port), got -1"),
+    ({"port": 70000}, "error: --port must be a whole number in 0..65535 (0: any free port), got 70000"),  # not 4464
+    ({"host": "no-such-host.invalid", "port": 0}, "error: cannot listen on no-such-host.invalid:0 ("),
+    ({"device": "foo"}, "error: --device 'foo': expected auto, cpu, cuda, cuda:N or mps"),
+])
+def test_app_port_host_and_device_are_checked_at_start(capsys, monkeypatch, kwargs, line):
+    def served(server):  # before: 70000 served on 4464, --device=foo served and failed in the first job
+        pytest.fail(f"serves on {server.url}")
+
+    monkeypatch.setattr(webapp.DemoServer, "serve_forever", served)
+    res = run_main(app.main, capsys, **kwargs)
+    assert res.returncode == 2 and res.stdout == "" and len(res.stderr.strip().splitlines()) == 1, res
+    assert res.stderr.startswith(line), res.stderr
 
 def page_wording(msg: str) -> str:
     """A line meant for the page: it names no command-line flag, except after "restart the server with"."""

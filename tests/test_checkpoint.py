@@ -145,3 +145,75 @@ def test_a_model_of_other_sizes_is_one_readable_line(tmp_path):
     assert msg.startswith(f"{path}: does not match the model: shape mismatches [") and len(msg) < 1000
     assert "\n" not in msg
     assert load_model(path).state_dict().keys() == small.state_dict().keys()  # its own sizes load it
+
+
+# --- checkpoints whose contents a walk would never finish ------------------------------------------------
+
+def _nested_tuple_key_pickle(levels: int) -> bytes:
+    import pickle
+    t: object = (1,)
+    for _ in range(levels):
+        t = (t, t)
+    return pickle.dumps(t, 2)[2:-1]  # the tuple's opcodes, memo references included, without header and STOP
+
+
+def _ckpt_with(tmp_path, name: str, extra) -> str:
+    path = tmp_path / name
+    torch.save({"model_state_dict": {"w": torch.zeros(2)}, "extra": extra}, path)
+    return str(path)
+
+
+def _laughs(levels: int, width: int):
+    inner: object = [1]
+    for _ in range(levels):
+        inner = [inner] * width
+    return inner
+
+
+def test_a_checkpoint_that_contains_itself_is_refused_in_one_line(tmp_path):
+    cycle: list = []
+    cycle.append(cycle)
+    loop: dict = {}
+    loop["state"] = {"inner": loop}
+    for name, extra, where in (("cycle.pth", cycle, "extra[0]"), ("dict.pth", loop, "extra.state.inner")):
+        path = _ckpt_with(tmp_path, name, extra)
+        with pytest.raises(ck.CheckpointError) as e:
+            ck.load_weights_only(path)
+        assert str(e.value) == f"{path}: refused: {where} contains itself"
+
+
+def test_a_checkpoint_of_shared_references_or_deep_nesting_is_refused_not_walked_forever(tmp_path):
+    path = _ckpt_with(tmp_path, "laughs.pth", _laughs(12, 40))  # 40^12 paths in a few kilobytes
+    with pytest.raises(ck.CheckpointError) as e:
+        ck.load_weights_only(path)
+    assert str(e.value) == f"{path}: refused: its pickle builds more than 10000000 objects (shared references counted)"
+    legacy = tmp_path / "legacy.pth"  # torch's format before 1.6: the pickles are read from the file itself
+    torch.save({"model_state_dict": {}, "extra": _laughs(12, 40)}, legacy, _use_new_zipfile_serialization=False)
+    with pytest.raises(ck.CheckpointError, match=f"^{legacy}: refused: its pickle builds more than"):
+        ck.load_weights_only(legacy)
+    deep: list = []
+    for _ in range(100):
+        deep = [deep]
+    path = _ckpt_with(tmp_path, "deep.pth", deep)
+    with pytest.raises(ck.CheckpointError, match=r"refused: extra(\[0\])+ is nested more than 64 deep$"):
+        ck.load_weights_only(path)
+    # sharing within the bound is fine, and a shared optimizer entry is copied once
+    path = _ckpt_with(tmp_path, "shared.pth", _laughs(3, 40))
+    assert len(ck.load_weights_only(path)["extra"]) == 40
+    shared = torch.ones(3)
+    owned = ck._owned({"a": shared, "b": [shared]})
+    assert owned["a"] is owned["b"][0] and owned["a"] is not shared
+
+
+def test_a_checkpoint_whose_dict_key_would_hash_forever_is_refused_before_torch_reads_it(tmp_path):
+    import zipfile
+    path = _ckpt_with(tmp_path, "key.pth", {"k": 1})
+    with zipfile.ZipFile(path) as zf:
+        members = {i.filename: zf.read(i) for i in zf.infolist()}
+    pkl = next(n for n in members if n.endswith("/data.pkl"))
+    members[pkl] = b"\x80\x02}" + _nested_tuple_key_pickle(40) + b"K\x01s."  # {t: 1}, t 2^40 tuples when hashed
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as zf:
+        for n, data in members.items():
+            zf.writestr(n, data)
+    with pytest.raises(ck.CheckpointError, match="refused: its pickle builds more than 10000000 objects"):
+        ck.load_weights_only(path)

@@ -3,12 +3,15 @@
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from fractions import Fraction
 from pathlib import Path
+from types import SimpleNamespace
 
 import cv2
 import numpy as np
@@ -150,10 +153,20 @@ def test_query_frame_flag_out_of_range(tmp_path, clip, capsys):
                     "0..13")
 
 
-@pytest.mark.parametrize("case", ["wrong_size", "all_zero", "unreadable", "missing"])
-def test_bad_mask(tmp_path, clip, case, capsys):
+@pytest.mark.parametrize("case", ["wrong_size", "huge", "all_zero", "unreadable", "missing"])
+def test_bad_mask(tmp_path, clip, case, capsys, monkeypatch):
     path = tmp_path / "mask.png"
-    if case == "wrong_size":
+    if case == "huge":  # a small PNG declaring 20000x20000 pixels: refused from its header, never decoded
+        import zlib
+        row = b"\0" + bytes(20000)
+        data = zlib.compress(row * 20000, 9)
+        chunk = lambda kind, body: (len(body).to_bytes(4, "big") + kind + body  # noqa: E731
+                                    + zlib.crc32(kind + body).to_bytes(4, "big"))
+        ihdr = (20000).to_bytes(4, "big") * 2 + bytes([8, 0, 0, 0, 0])
+        path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", data) + chunk(b"IEND", b""))
+        monkeypatch.setattr(cv2, "imread", lambda *a, **k: pytest.fail("the mask was decoded"))
+        parts = ["20000x20000", "150x130"]
+    elif case == "wrong_size":
         cv2.imwrite(str(path), np.full((65, 75), 255, np.uint8))
         parts = ["75x65", "150x130"]
     elif case == "all_zero":
@@ -172,6 +185,22 @@ def test_bad_video(tmp_path, capsys):
     (tmp_path / "junk.mp4").write_bytes(b"\0" * 5000)
     _one_error_line(_demo(capsys, video=tmp_path / "junk.mp4", out_dir=tmp_path / 'o'), tmp_path / "junk.mp4")
     assert not (tmp_path / "o").exists()  # a refused run leaves no empty --out_dir
+
+
+def test_a_video_beyond_tmpdirs_free_space_is_one_line(tmp_path, clip, ckpt, capsys, monkeypatch):
+    """demo.py knows the frame count and the model's size before decoding: a video whose frames would not fit in
+    TMPDIR less a margin is refused then (it filled TMPDIR to 90 % before 'no space'), before the model loads."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    monkeypatch.setattr(demo, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: SimpleNamespace(total=2**40, used=2**40 - 3 * 2**29,
+                                                                        free=3 * 2**29))
+    line = _one_error_line(_demo(capsys, ckpt, video=clip, image_size="4096,4096", out_dir=tmp_path / "o"),
+                           clip, "its 14 frames needs 0.66 GB at the model's size", f"{tmp} has 1.50 GB free",
+                           "set TMPDIR or cut the video")
+    assert line.endswith("set TMPDIR or cut the video") and list(tmp.iterdir()) == []
+    assert not (tmp_path / "o").exists()
 
 
 def test_uncreatable_or_read_only_out_dir(tmp_path, clip, capsys):
@@ -322,7 +351,7 @@ def bad_videos(tmp_path_factory):
     ("empty.mp4", ["no video stream in it (no streams at all: an empty video)"]),
     ("sound.m4a", ["no video stream in it (only audio)"]),
     ("folder.mp4", ["is a folder, not a video file"]),
-    ("tall.mp4", ["the video is 16x4104, beyond the 4096 pixels a side", "give image_size (--image_size=H,W)"]),
+    ("tall.mp4", ["the video is 16x4104, beyond the 4096 pixels a side", "(model_hw, the scripts' --image_size=H,W)"]),
 ])
 def test_bad_videos_are_one_line_and_leave_nothing(tmp_path, ckpt, bad_videos, name, parts, capsys):
     """A 1x1 video exited 0 saying it wrote a tracks.mp4 that did not exist; a faststart mp4 cut in half tracked

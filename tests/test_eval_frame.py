@@ -1,6 +1,7 @@
 """The evaluation frame the three scripts share (pips2/evaluation.Evaluation): one JSON layout, flags checked in
 one line before anything loads, and partial results on SIGTERM and Ctrl-C, each script run as a user runs it."""
 
+import errno
 import json
 import os
 import pickle
@@ -14,6 +15,7 @@ import pytest
 from helpers import golden_model, run_main
 from test_eval_tap_cro import _crohd, _entry
 
+from pips2 import evaluation
 from pips2.cli import eval_cro, eval_pod, eval_tap
 from pips2.datasets.synthetic import SceneConfig, generate_dataset
 from pips2.utils import checkpoint
@@ -115,7 +117,7 @@ def _interrupted_run(cmd: list[str], first: str, sig: int) -> tuple[int, str, st
     return proc.returncode, "".join(seen) + out, err
 
 
-@pytest.mark.parametrize("script,name", [("pod", "SIGTERM"), ("cro", "SIGINT"), ("tap", "SIGTERM")])
+@pytest.mark.parametrize("script,name", [("pod", "SIGTERM"), ("cro", "SIGINT"), ("tap", "SIGHUP")])
 def test_a_signal_keeps_the_finished_items_and_exits_cleanly(data, tmp_path, script, name):
     locations, ck = data
     sig = signal.Signals[name]
@@ -124,7 +126,7 @@ def test_a_signal_keeps_the_finished_items_and_exits_cleanly(data, tmp_path, scr
     code, stdout, stderr = _interrupted_run(
         [sys.executable, SCRIPTS[script], f"--dataset_location={locations[script]}", f"--init_dir={ck}",
          f"--out_json={out}", *flags], FIRST[script], sig)
-    assert code == {"SIGINT": 130, "SIGTERM": 143}[name], stderr
+    assert code == {"SIGINT": 130, "SIGTERM": 143, "SIGHUP": 129}[name], stderr  # SIGHUP: a closed terminal
     assert "Traceback" not in stderr
     last = [ln for ln in re.split(r"[\r\n]", stderr) if ln.strip()][-1]
     want = rf"stopped by {name}: (\d)( of 4)? {NOUNS[script]} scored; partial results in {re.escape(str(out))}"
@@ -137,3 +139,95 @@ def test_a_signal_keeps_the_finished_items_and_exits_cleanly(data, tmp_path, scr
     assert len(js["per_item"]) == n and FIRST[script].split(":")[0] in js["per_item"]
     assert f"summary: {n} {NOUNS[script]} scored" in stdout and f"results -> {out} (partial)" in stdout
     assert not list(tmp_path.glob(".r.json.*"))
+
+
+def _inputs(root: Path) -> dict[str, Path]:
+    """Stand-ins for what a user evaluates (never read: the refusal comes first): a TAP-Vid pickle, a
+    PointOdyssey and a CroHD folder, and a checkpoint folder."""
+    (root / "tap").mkdir(parents=True)
+    (root / "tap" / "davis.pkl").write_bytes(b"\x80\x04 a multi-GB download")
+    for sub in ("pod/test/s0/anno.npz", "cro/HT21/train/HT21-01/gt/gt.txt", "ck/model-000001.pth"):
+        (root / sub).parent.mkdir(parents=True)
+        (root / sub).write_bytes(b"precious " + sub.encode())
+    return {"tap": root / "tap" / "davis.pkl", "pod": root / "pod", "cro": root / "cro", "ck": root / "ck"}
+
+
+# --out_json naming an input (a tab-completion slip): the data set itself, a file inside it, the checkpoint
+CLOBBER = [("tap", lambda p: p["tap"], "--dataset_location="),
+           ("pod", lambda p: p["pod"] / "test" / "s0" / "anno.npz", "--dataset_location="),
+           ("cro", lambda p: p["cro"] / "HT21" / "train" / "HT21-01" / "gt" / "gt.txt", "--dataset_location="),
+           ("cro", lambda p: p["cro"] / "new.json", "--dataset_location="),
+           ("pod", lambda p: p["ck"] / "model-000001.pth", "--init_dir="),
+           ("tap", lambda p: p["ck"] / "model-000001.pth", "--init_dir=")]
+
+
+@pytest.mark.parametrize("script,target,owner", CLOBBER)
+def test_out_json_never_overwrites_an_input(tmp_path, capsys, script, target, owner):
+    paths = _inputs(tmp_path)
+    out = target(paths)
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    res = run_main(MAINS[script], capsys, dataset_location=str(paths[script]), init_dir=str(paths["ck"]),
+                   out_json=str(out), **SMALL[script])
+    assert res.returncode == 2, res.stderr
+    assert res.stderr.strip().splitlines() == [res.stderr.strip()]
+    assert res.stderr.startswith(f"error: --out_json={out} would overwrite the input {owner}")
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
+def test_out_json_replaces_only_a_results_file(tmp_path, capsys):
+    paths = _inputs(tmp_path / "in")
+    for name, text in [("notes.json", '{"a": 1}'), ("model.pth", "weights"), ("list.json", "[1, 2]")]:
+        (tmp_path / name).write_text(text)
+        res = run_main(eval_tap.main, capsys, dataset_location=str(paths["tap"]), init_dir=str(paths["ck"]),
+                       out_json=str(tmp_path / name), **SMALL["tap"])
+        assert res.returncode == 2, res.stderr
+        assert res.stderr == (f"error: --out_json={tmp_path / name} exists and is not a results file of this "
+                              "program; give another name\n")
+        assert (tmp_path / name).read_text() == text
+    # a curves file with no results JSON beside it is someone's picture
+    (tmp_path / "r_curves.png").write_bytes(b"\x89PNG a picture")
+    res = run_main(eval_tap.main, capsys, dataset_location=str(paths["tap"]), init_dir=str(paths["ck"]),
+                   out_json=str(tmp_path / "r.json"), **SMALL["tap"])
+    assert res.returncode == 2 and "its curves file" in res.stderr and "give another name" in res.stderr
+    assert (tmp_path / "r_curves.png").read_bytes() == b"\x89PNG a picture"
+    # a results file of an earlier run (and its curves) may be replaced
+    (tmp_path / "r.json").write_text(json.dumps({k: None for k in JSON_KEYS}))
+    evaluation.check_out_json(str(tmp_path / "r.json"), dataset_location=str(paths["tap"]), init_dir="pips2")
+    evaluation.check_out_json(str(tmp_path / "new.json"), dataset_location=str(paths["tap"]))
+
+
+def _no_space(*args, **kwargs):
+    """What a write to a full disk raises."""
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def _lines(stderr: str) -> list[str]:
+    """stderr without the progress bar's redraws."""
+    return [ln for ln in re.split(r"[\r\n]", stderr) if ln.strip() and not re.search(r"\[\d\d:\d\d", ln)]
+
+
+def test_a_full_disk_at_the_end_prints_the_results_instead(data, tmp_path, capsys, monkeypatch):
+    locations, ck = data
+    out = tmp_path / "r.json"
+    kw = dict(dataset_location=str(locations["tap"]), init_dir=str(ck), out_json=str(out), max_videos=1,
+              **SMALL["tap"])
+    monkeypatch.setattr(evaluation, "write_json", _no_space)
+    res = run_main(eval_tap.main, capsys, **kw)
+    assert res.returncode == 1, res.stderr
+    assert "Traceback" not in res.stderr
+    assert _lines(res.stderr) == [f"error: cannot write --out_json={out} (no space left on device); "
+                                  "the results are printed above"]
+    head, marker, rest = res.stdout.partition(evaluation.RESULTS_MARKER + "\n")
+    assert marker and "summary: 1 videos scored" in head
+    js = json.loads(rest)
+    assert set(js) == JSON_KEYS and list(js["per_item"]) == ["v0"] and js["status"] == "done"
+    assert not out.exists() and not list(tmp_path.iterdir())
+    # the JSON written, its curves PNG not: a warning line, the results stand
+    monkeypatch.undo()
+    monkeypatch.setattr(evaluation.plots, "save_png", _no_space)
+    res = run_main(eval_tap.main, capsys, **kw)
+    assert res.returncode == 0, res.stderr
+    assert "Traceback" not in res.stderr
+    png = tmp_path / "r_curves.png"
+    assert _lines(res.stderr) == [f"warning: curves not drawn: cannot write {png} (no space left on device)"]
+    assert json.loads(out.read_text())["per_item"].keys() == {"v0"} and not png.exists()

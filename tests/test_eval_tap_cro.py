@@ -217,6 +217,31 @@ def _crohd(root: Path, T=20, H=128, W=192, seq="HT21-01"):
     (gt / "gt.txt").write_text("\n".join(rows) + "\n")
 
 
+def test_crohd_frame_that_is_a_fifo_is_refused_without_opening_it(tmp_path, make_fifo):
+    _crohd(tmp_path)
+    make_fifo(tmp_path / "HT21/train/HT21-01/img1/000005.jpg")
+    with pytest.raises(crohd.CroHDError, match=r"img1/000005\.jpg: not a regular file$"):
+        crohd.sequence_clips(tmp_path, "train", "HT21-01", clip_len=10)
+
+
+def test_crohd_frames_are_matched_to_gt_by_the_number_in_their_name(tmp_path):
+    _crohd(tmp_path)
+    img = tmp_path / "HT21/train/HT21-01/img1"
+    want = crohd.load_sequence(tmp_path, "train", "HT21-01")
+    for p in img.iterdir():  # unpadded names sort 1, 10, 11, ..., 2
+        p.rename(img / f"{int(p.stem)}.jpg")
+    frames, trajs, vis, val = crohd.load_sequence(tmp_path, "train", "HT21-01")
+    assert [p.name for p in frames] == [f"{t}.jpg" for t in range(1, 21)]
+    np.testing.assert_array_equal(trajs, want[1])
+    (img / "7.jpg").unlink()
+    (img / "8.jpg").unlink()
+    with pytest.raises(crohd.CroHDError, match=r"img1: frame 7\.jpg missing \(have 1\.\.6, 9\.\.20\)$"):
+        crohd.load_sequence(tmp_path, "train", "HT21-01")
+    (img / "x.jpg").touch()
+    with pytest.raises(crohd.CroHDError, match=r"x\.jpg: not named by its frame number"):
+        crohd.load_sequence(tmp_path, "train", "HT21-01")
+
+
 def test_crohd_layout_and_head_centres(tmp_path):
     _crohd(tmp_path)
     frames, trajs, vis, val = crohd.load_sequence(tmp_path, "train", "HT21-01")
@@ -246,6 +271,8 @@ CRO_DEFECTS = {
     "no gt.txt": ("HT21-02", "no gt.txt for train/HT21-02"),
     "text in gt.txt": ("HT21-02", "gt.txt: unreadable (could not convert"),
     "NaN track id": ("HT21-02", "gt.txt: frame and id columns must be finite integers"),
+    "a frame missing": ("HT21-02", "img1: frame 000005.jpg missing (have 1..4, 6..10)"),
+    "gt.txt beyond the last frame": ("HT21-02", "gt.txt: names frame 10, but img1/ holds frames 1..9"),
 }
 
 
@@ -263,6 +290,10 @@ def _spoil_crohd(root: Path, how: str) -> None:
         gt.unlink()
     elif how == "text in gt.txt":
         gt.write_text(gt.read_text().replace("1,1,", "1,one,", 1))
+    elif how == "a frame missing":  # a partial copy: every later frame got the previous frame's boxes
+        (seq / "img1" / "000005.jpg").unlink()
+    elif how == "gt.txt beyond the last frame":  # its rows were dropped unseen
+        (seq / "img1" / "000010.jpg").unlink()
     elif how == "NaN track id":
         gt.write_text(gt.read_text().replace("1,1,", "1,nan,", 1))
 

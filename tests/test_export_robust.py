@@ -21,7 +21,7 @@ from pips2.datasets.clipmaker import enumerate_candidates
 from pips2.datasets.clips import ClipSettings, list_clips, verify_clip
 
 ROOT = Path(__file__).resolve().parents[1]
-ST = ClipSettings(dset="train", S=8, N=32, crop_size=(128, 192))
+ST = ClipSettings(split="train", S=8, N=32, crop_hw=(128, 192))
 
 
 def _version(out):
@@ -225,7 +225,7 @@ def test_enospc_while_writing_says_no_space(tmp_path, monkeypatch):
 def test_export_one_reports_no_space(synth_root, tmp_path, monkeypatch):
     monkeypatch.setattr(export.np, "savez", lambda *a, **k: (_ for _ in ()).throw(OSError(errno.ENOSPC, "full")))
     cands = enumerate_candidates(synth_root, ST)
-    k, status, detail = export.export_one((str(synth_root), str(tmp_path), asdict(ST), 0, asdict(cands[0])))
+    k, status, detail = export.export_one((str(synth_root), str(tmp_path), ST.to_dict(), 0, asdict(cands[0])))
     assert status == "failed" and detail == f"no space left on device ({tmp_path})"
 
 
@@ -499,12 +499,12 @@ def test_data_the_loader_does_not_expect_rejects_the_clip_naming_the_scene(synth
 
     monkeypatch.setattr(export, "build_clip", broken)
     monkeypatch.setattr(export, "_CACHE", None)
-    k, status, reason = export.export_one((str(synth_root), str(vdir), asdict(ST), 3, asdict(cand)))
+    k, status, reason = export.export_one((str(synth_root), str(vdir), ST.to_dict(), 3, asdict(cand)))
     assert (k, status) == (3, "rejected")
     assert reason == f"bad data in scene {cand.scene} (ValueError: operands could not be broadcast together)"
     assert export.rejected_reason(vdir, 3) == reason
     monkeypatch.setattr(export, "build_clip", lambda *a, **k: pytest.fail("built again"))
-    assert export.export_one((str(synth_root), str(vdir), asdict(ST), 3, asdict(cand))) == (3, "rejected", reason)
+    assert export.export_one((str(synth_root), str(vdir), ST.to_dict(), 3, asdict(cand))) == (3, "rejected", reason)
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from pips2.hub import load_model
-from pips2.nets.lbm import LBM, LBMLayer, LBMOnline, load_backbone_init
+from pips2.nets.lbm import LBM, LBMLayer, LBMOnlineState, load_backbone_init
 from pips2.utils.checkpoint import CheckpointError
 
 DATA = Path(__file__).parent / "data" / "lbm"
@@ -164,7 +164,7 @@ def test_online_equals_inference(model_remembering):
     ref = m.inference(video, queries)
     times = queries[0, :, 0].long()
     xy = queries[0, :, 1:]
-    tracker = LBMOnline(m)
+    tracker = LBMOnlineState(m)
     T = video.shape[1]
     for t in range(T):
         new = xy[times == t]
@@ -182,7 +182,7 @@ def test_online_remove_keeps_others(model_remembering):
     first = queries[:, :3].clone()
     first[..., 0] = 0
     ref = m.inference(video, first)
-    tracker = LBMOnline(m)
+    tracker = LBMOnlineState(m)
     tracker.init(first[0, :, 1:], video[:, 0])
     tracker.track(video[:, 1])
     res = tracker.track(video[:, 2], remove=torch.tensor([False, True, False]))

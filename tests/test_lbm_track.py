@@ -69,7 +69,8 @@ def test_streaming_equals_offline_with_adds_and_removes(model):
     offline = tracking.track(model, video, QUERIES)
     assert offline["visibility"] is not None
     first = QUERIES[QUERIES[:, 0] == 0, 1:]
-    tracker = tracking.LBMTracker(model, first, video.shape[1:3])
+    tracker = tracking.LBMStreamTracker(model, first, video.shape[1:3])
+    assert isinstance(tracker, tracking.StreamTracker)  # the protocol PIPs++'s PipsStreamTracker follows too
     ids = [0, 2]
     for t, frame in enumerate(video):
         new = [i for i in range(len(QUERIES)) if QUERIES[i, 0] == t and t > 0]
@@ -96,20 +97,20 @@ def test_memory_does_not_grow_with_the_stream():
     m = small_lbm(torch.float32)
     rng = np.random.default_rng(1)
     frames = (rng.random((8, 24, 32, 3)) * 255).astype(np.uint8)
-    tracker = tracking.LBMTracker(m, np.array([[5.0, 5.0], [20.0, 10.0]]), (24, 32))
+    tracker = tracking.LBMStreamTracker(m, np.array([[5.0, 5.0], [20.0, 10.0]]), (24, 32))
     shapes = set()
     for t in range(300):
         add = np.array([[t % 32, 12.0]]) if t % 50 == 25 else None  # a query joins every 50 frames ...
         remove = np.arange(tracker.num_queries) == 0 if t % 50 == 26 else None  # ... and the oldest one leaves
         (_, xy, _), = tracker.push(frames[t % 8], add=add, remove=remove)
-        mem = tracker.online.memory
-        assert tracker.online.query is not None and mem is not None
-        shapes.add((tracker.online.query.shape, *(tuple(x.shape) for x in
+        mem = tracker.state.memory
+        assert tracker.state.query is not None and mem is not None
+        shapes.add((tracker.state.query.shape, *(tuple(x.shape) for x in
                                                    (mem.collision, mem.stream, mem.vis_mask, mem.mem_mask))))
         assert np.isfinite(xy).all()
     # two sizes only (2 queries, or 3 between a join and the next leave), each with 4 slots of memory
     assert shapes == {(torch.Size([1, n, 32]), (1, n, 4, 32), (1, n, 4, 32), (1, n, 4), (1, n, 4)) for n in (2, 3)}
-    assert set(vars(tracker)) == {"model", "src_hw", "frame_hw", "online", "param", "pending", "count"}
+    assert set(vars(tracker)) == {"model", "src_hw", "model_hw", "state", "param", "pending", "count"}
 
 
 def test_properties_that_hold_for_any_weights(model):
@@ -138,7 +139,7 @@ def test_properties_that_hold_for_any_weights(model):
 
 def test_frames_given_at_another_size_and_checked_queries(model):
     video = _video()
-    res = tracking.track(model, video, QUERIES[:2], image_size=(64, 96))  # resized by cv2 first: close, not equal
+    res = tracking.track(model, video, QUERIES[:2], model_hw=(64, 96))  # resized by cv2 first: close, not equal
     ref = tracking.track(model, video, QUERIES[:2])
     assert np.abs(res["tracks"] - ref["tracks"]).max() < 4
     with pytest.raises(ValueError, match="frames 0..8"):

@@ -631,7 +631,7 @@ def test_auto_plans():
     # channels-last; not on small crops, not on CUDA (not measured there)
     assert train.recompute_cheap and train.channels_last
     assert not ExecPlan.auto("cpu", training=True, recompute_cheap=False).recompute_cheap
-    assert not ExecPlan.auto("cpu", training=True, hw=(128, 192)).recompute_cheap
+    assert not ExecPlan.auto("cpu", training=True, crop_hw=(128, 192)).recompute_cheap
     assert not ExecPlan.auto("cuda", training=True).recompute_cheap
     assert ExecPlan.auto("cuda", training=True, recompute_cheap=True).recompute_cheap
     assert ExecPlan.auto("cuda", training=True).delta == "conv1d"
@@ -652,12 +652,12 @@ def test_auto_plans():
     assert ExecPlan.reference().corr == "volume" and ExecPlan.export().corr_chunk == 0
     # small CPU training batches: full volume, conv1d delta block and all frames at once (the demo's shape);
     # large ones not, and inference never builds the volume
-    small = ExecPlan.auto("cpu", training=True, points=64, hw=(128, 192))
+    small = ExecPlan.auto("cpu", training=True, points=64, crop_hw=(128, 192))
     assert (small.corr, small.gather, small.delta, small.encoder_chunk) == ("volume", "plain", "conv1d", 0)
-    stage1 = ExecPlan.auto("cpu", training=True, points=128, hw=(256, 384))
+    stage1 = ExecPlan.auto("cpu", training=True, points=128, crop_hw=(256, 384))
     assert (stage1.corr, stage1.delta, stage1.encoder_chunk) == ("local", "winograd", 1)
-    assert ExecPlan.auto("cpu", points=64, hw=(128, 192)).corr == "local"
-    assert ExecPlan.auto("cpu", training=True, checkpointing=True, points=64, hw=(128, 192)).encoder_chunk == 1
+    assert ExecPlan.auto("cpu", points=64, crop_hw=(128, 192)).corr == "local"
+    assert ExecPlan.auto("cpu", training=True, checkpointing=True, points=64, crop_hw=(128, 192)).encoder_chunk == 1
 
 
 def test_plan_is_frozen_and_validated():
@@ -666,6 +666,11 @@ def test_plan_is_frozen_and_validated():
         plan.__setattr__("delta", "conv1d")  # (an assignment, which the type checker refuses as well)
     with pytest.raises(ValueError, match="corr"):
         ExecPlan(corr="dense")
+    # the encoder norm's forms are named for what they do (both compute an instance norm)
+    assert (ExecPlan.auto().norm, ExecPlan.reference().norm, ExecPlan.export().norm) == ("layout", "reference",
+                                                                                        "reference")
+    with pytest.raises(ValueError, match=r"^ExecPlan\.norm must be one of layout, reference, got 'batch'$"):
+        ExecPlan(norm="batch")
     with pytest.raises(ValueError, match="checkpointing"):
         ExecPlan(gather="workspace", checkpointing=True)
     ExecPlan(delta="winograd", gather="checkpoint", checkpointing=True)  # Winograd has a backward

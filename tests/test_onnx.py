@@ -22,15 +22,15 @@ S, HW, ITERS = 6, (128, 128), 1
 
 def test_onnx_matches_pytorch_for_several_n(tmp_path):
     model = golden_model()
-    path = export_onnx.export(model, tmp_path / "m.onnx", S=S, hw=HW, iters=ITERS)
+    path = export_onnx.export(model, tmp_path / "m.onnx", S=S, model_hw=HW, iters=ITERS)
     assert model.plan == ExecPlan.export()
-    diffs = export_onnx.check(path, golden_model(), S=S, hw=HW, iters=ITERS, Ns=(3, 17))
+    diffs = export_onnx.check(path, golden_model(), S=S, model_hw=HW, iters=ITERS, Ns=(3, 17))
     assert diffs["onnx"] < 1e-3 and export_onnx.agrees(diffs)
     # the check is not vacuous: a different model is far off
     other = golden_model()
     with torch.no_grad():
         other.delta_block.dense.bias.add_(1.0)
-    diffs = export_onnx.check(path, other, S=S, hw=HW, iters=ITERS, Ns=(3,))
+    diffs = export_onnx.check(path, other, S=S, model_hw=HW, iters=ITERS, Ns=(3,))
     assert diffs["onnx"] > 1e-2 and not export_onnx.agrees(diffs)
 
 

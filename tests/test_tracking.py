@@ -3,12 +3,14 @@ encoding per frame, streaming, one-frame windows, bad queries and bounded memory
 
 import errno
 import os
+import shutil
 import socket
 import subprocess
 import sys
 import tempfile
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -148,7 +150,7 @@ def test_streaming_equals_offline(model):
     video = (rng.random((T, 128, 128, 3)) * 255).astype(np.uint8)
     q = np.array([[10.0, 12.0], [90.0, 40.0]], np.float32)
     offline = tracking.track(model, video, np.concatenate([np.zeros((2, 1)), q], 1), S=S, iters=2)["tracks"]
-    online = tracking.OnlineTracker(model, q, (128, 128), S=S, iters=2)
+    online = tracking.PipsStreamTracker(model, q, (128, 128), S=S, iters=2)
     got = {}
     lags = []
     for t in range(T):
@@ -232,12 +234,13 @@ def test_run_window_of_one_frame_is_its_initialisation():
 
 
 @pytest.mark.parametrize("T", [1, 9, 16])  # S=8: 1 frame; 8 + 1 (the last window has 1 new frame); 2 windows
-def test_online_tracker_short_last_window(T):
+def test_stream_tracker_short_last_window(T):
     S = 8
     stub = TwoFrameStub()
     video = _video(T, 128, 128)
     q = np.array([[10.0, 12.0], [90.0, 40.0]], np.float32)
-    online = tracking.OnlineTracker(stub, q, (128, 128), S=S, iters=1)
+    online = tracking.PipsStreamTracker(stub, q, (128, 128), S=S, iters=1)
+    assert isinstance(online, tracking.StreamTracker)
     got = {}
     for t in range(T):
         got.update(online.push(video[t]))
@@ -327,10 +330,10 @@ def test_shared_encoding_gives_each_group_its_own_numbers(model, monkeypatch):
         np.testing.assert_array_equal(res["tracks"][:t0 + 1, sel][::-1], bwd)
 
 
-def test_window_schedule_drives_the_online_tracker():
+def test_window_schedule_drives_the_stream_tracker():
     T, S = 30, 8
     stub = StubModel()
-    online = tracking.OnlineTracker(stub, np.array([[10.0, 12.0]], np.float32), (128, 128), S=S, iters=1)
+    online = tracking.PipsStreamTracker(stub, np.array([[10.0, 12.0]], np.float32), (128, 128), S=S, iters=1)
     for frame in _ids_video(T):
         online.push(frame)
     online.finish()
@@ -383,10 +386,10 @@ for S in (16, T):  # windows of 16 frames, then one window over the whole video 
     (dict(S=-3), r"^S must be at least 2 \(windows overlap by one frame\), got -3$"),
     (dict(point_batch=0), r"^point_batch must be at least 1, got 0$"),
     (dict(S=8.5), r"^S must be a whole number, got 8\.5$"),
-    (dict(image_size=(16, 16)), r"^image_size must be H,W each from 128 \(the smallest PIPs\+\+ accepts\) to 4096, "
-                                r"got 16,16$"),
-    (dict(image_size=(128, 100000)), r"^image_size must be H,W each from 128 .* to 4096, got 128,100000$"),
-    (dict(image_size="abc"), r"^image_size must be H,W \(two whole numbers\), got 'abc'$"),
+    (dict(model_hw=(16, 16)), r"^model_hw must be H,W each from 128 \(the smallest PIPs\+\+ accepts\) to 4096, "
+                              r"got 16,16$"),
+    (dict(model_hw=(128, 100000)), r"^model_hw must be H,W each from 128 .* to 4096, got 128,100000$"),
+    (dict(model_hw="abc"), r"^model_hw must be H,W \(two whole numbers\), got 'abc'$"),
 ])
 def test_track_arguments_are_checked_before_any_frame_is_read(tmp_path, kw, message, monkeypatch):
     """iters=0 returned every query as its track; the others failed deep inside, after the video was decoded."""
@@ -398,7 +401,7 @@ def test_track_arguments_are_checked_before_any_frame_is_read(tmp_path, kw, mess
             tracking.track(stub, video, np.array([[0, 1.0, 1.0]]), **{"S": 8, **kw})
     assert stub.encoded == 0 and not list(tmp_path.glob(f"{tracking.FRAMES_PREFIX}*"))  # nothing decoded
     with pytest.raises(ValueError, match=message):
-        tracking.OnlineTracker(stub, np.array([[1.0, 1.0]]), (128, 160), **{"S": 8, **kw})
+        tracking.PipsStreamTracker(stub, np.array([[1.0, 1.0]]), (128, 160), **{"S": 8, **kw})
 
 
 def test_a_video_smaller_than_a_feature_cell_is_refused():
@@ -511,9 +514,47 @@ def test_a_full_disk_while_decoding_is_one_line(tmp_path, monkeypatch):
     assert "TMPDIR" in str(e.value) and list((tmp_path / "tmp").iterdir()) == []
 
 
-def test_a_video_too_large_for_its_own_size_needs_image_size(tmp_path, monkeypatch):
+def _small_disk(monkeypatch, tmp: Path, free: int, total: int = 100 * 2**30) -> None:
+    """TMPDIR = tmp on a disk with `free` bytes free besides what its files take (shutil.disk_usage faked)."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    tmp.mkdir(exist_ok=True)
+
+    def usage(path):
+        taken = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file())
+        return SimpleNamespace(total=total, used=total - free + taken, free=free - taken)
+
+    monkeypatch.setattr(shutil, "disk_usage", usage)
+
+
+def test_a_video_beyond_tmpdirs_free_space_is_refused_before_it_fills_it(tmp_path, monkeypatch):
+    """An 8 KB video of many grey frames grew its decoded-frame file until the disk was nearly full (other programs
+    writing there met ENOSPC) before 'no space'. Its frames x the model's size are compared with TMPDIR's free
+    space less 1 GB (a tenth of a disk under 10 GB) before decoding, when an mp4 header declares the count, and as
+    the file grows, when it does not."""
+    tmp = tmp_path / "tmp"
+    write_mp4(tmp_path / "v.mp4", _video(3))  # tracked at 128x160: 61,440 bytes a frame
+    _small_disk(monkeypatch, tmp, 2**30 + 100_000)  # room for one frame
+    q = np.array([[0, 1.0, 1.0]])
+    with pytest.raises(ValueError) as e:
+        tracking.track(TwoFrameStub(), str(tmp_path / "v.mp4"), q, S=4)
+    assert str(e.value) == (f"{tmp_path / 'v.mp4'}: decoding its 3 frames needs 0.00 GB at the model's size, {tmp} has "
+                            f"1.00 GB free (less 1 GB or a tenth of its disk kept for other programs); set TMPDIR or "
+                            f"cut the video")
+    assert list(tmp.iterdir()) == []
+    monkeypatch.setattr(tracking, "declared_frames", lambda path: None)  # a format without a frame count
+    with pytest.raises(ValueError, match=r"decoding more than 1 frames needs 0\.00 GB .*; set TMPDIR or cut the"):
+        tracking.track(TwoFrameStub(), str(tmp_path / "v.mp4"), q, S=4)
+    assert list(tmp.iterdir()) == []
+    _small_disk(monkeypatch, tmp, 2**30 + 3 * 61_440)  # exactly room for the 3 frames: tracked
+    assert tracking.track(TwoFrameStub(), str(tmp_path / "v.mp4"), q, S=4)["tracks"].shape == (3, 1, 2)
+    small = 2**30 // 2  # a 512 MB disk keeps a tenth of it free, not 1 GB
+    _small_disk(monkeypatch, tmp, small // 10 + 3 * 61_440, total=small)
+    assert tracking.track(TwoFrameStub(), str(tmp_path / "v.mp4"), q, S=4)["tracks"].shape == (3, 1, 2)
+
+
+def test_a_video_too_large_for_its_own_size_needs_model_hw(tmp_path, monkeypatch):
     """Tracked at its own size by default, a 4104-pixel-high video would hold S frames of feature maps of that
-    size; it is refused before its frames are decoded, naming image_size, and tracks with it."""
+    size; it is refused before its frames are decoded, naming model_hw and --image_size, and tracks with it."""
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
     (tmp_path / "tmp").mkdir()
     tall = np.zeros((2, 4104, 16, 3), np.uint8)
@@ -523,9 +564,10 @@ def test_a_video_too_large_for_its_own_size_needs_image_size(tmp_path, monkeypat
         with pytest.raises(ValueError) as e:
             tracking.track(TwoFrameStub(), video, q, S=4)
         assert str(e.value) == (f"{name}: the video is 16x4104, beyond the 4096 pixels a side that it is tracked at "
-                                f"by default; give image_size (--image_size=H,W) of at most 4096 a side")
+                                f"by default; give a size to track it at (model_hw, the scripts' --image_size=H,W) "
+                                f"of at most 4096 a side")
     assert list((tmp_path / "tmp").iterdir()) == []
-    res = tracking.track(TwoFrameStub(), str(tmp_path / "tall.mp4"), q, S=4, image_size=(1024, 128))
+    res = tracking.track(TwoFrameStub(), str(tmp_path / "tall.mp4"), q, S=4, model_hw=(1024, 128))
     assert res["tracks"].shape == (2, 1, 2)
 
 

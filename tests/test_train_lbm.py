@@ -50,7 +50,7 @@ def _weights(net) -> dict[str, torch.Tensor]:
 
 def test_lbm_defaults_are_the_authors_recipe_and_pips_is_unchanged():
     c = train.make_config(1, {"model": "lbm"})
-    assert (c.B, c.S, c.N, c.crop_size, c.lr, c.wd, c.grad_clip, c.memory_size, c.embed_dim) == \
+    assert (c.B, c.S, c.N, c.crop_hw, c.lr, c.wd, c.grad_clip, c.memory_size, c.embed_dim) == \
         (4, 24, 256, (384, 512), 5e-4, 1e-5, 1.0, 12, 256)
     assert c.max_steps == 150 * 687 and c.lbm and c.layout is ck.LBM_LAYOUT and c.name().startswith("lbm_4x24x256")
     p = train.make_config(1, {})
@@ -230,7 +230,7 @@ def test_tapvid_davis_validation_while_training(tmp_path):
     _, video, points, occluded = next(iter(load_tapvid(tmp_path / "davis.pkl")))
     net.eval()
     with torch.no_grad():
-        ref = evaluation.tapvid_query_mode(net, video, points, occluded, "first", size=(256, 256))
+        ref = evaluation.tapvid_query_mode(net, video, points, occluded, "first", eval_hw=(256, 256))
     assert figs == {"AJ": ref["average_jaccard"], "d_avg": ref["delta_avg"], "OA": ref["occlusion_accuracy"]}
     assert all(0.0 <= v <= 100.0 for v in figs.values())
     cfg2 = _kubric_cfg(tmp_path, tapvid_root=str(tmp_path / "davis.pkl"), eval_dataset="davis", eval_videos=2)

@@ -3,6 +3,7 @@ resume is exact), a second Ctrl-C stops at once, every DDP rank stops at the sam
 disappears saves what it trained before it fails."""
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -302,4 +303,66 @@ def test_a_signal_ignored_by_the_caller_stays_ignored(monkeypatch):
     installed = []
     monkeypatch.setattr(signal, "signal", lambda sig, handler: installed.append(sig))
     trainer.StopRequest().install()
-    assert installed == [signal.SIGTERM]
+    assert installed == [signal.SIGTERM, signal.SIGHUP]  # not SIGINT
+
+
+def test_a_closed_terminal_is_a_stop_request_unless_nohup_ignores_it():
+    """SIGHUP (a closed terminal or ssh session) asks for the same stop at a step boundary as SIGTERM: before, it
+    killed the run at once, losing every step since the last save. Under nohup (SIGHUP ignored) it stays ignored,
+    and loader workers ignore it as they ignore the other stop signals."""
+    old = signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    try:
+        stop = trainer.StopRequest()
+        stop.install()
+        try:
+            assert signal.getsignal(signal.SIGHUP) == stop._handle
+            os.kill(os.getpid(), signal.SIGHUP)
+            assert stop.signum == signal.SIGHUP  # noted; the loop saves at the next boundary
+        finally:
+            stop.restore()
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_DFL
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # nohup
+        stop = trainer.StopRequest()
+        stop.install()
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+        stop.restore()
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+        trainer.loader_worker_init(0)
+        assert all(signal.getsignal(s) is signal.SIG_IGN for s in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT))
+    finally:
+        for s in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(s, signal.default_int_handler if s == signal.SIGINT else signal.SIG_DFL)
+        signal.signal(signal.SIGHUP, old)
+
+
+def _children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(p) for p in f.read().split()]
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="finds the loader workers through /proc")
+def test_a_loader_worker_killed_saves_the_last_step_and_ends_in_one_line(exported, tmp_path):
+    """A DataLoader worker killed (SIGKILL: the OOM killer's usual pick): torch raises that from its SIGCHLD handler
+    wherever the training process is, usually in the forward or backward pass. Before, a 40-line traceback, exit
+    1, nothing saved, and the empty run folder removed. Now the last completed step is saved, one line, exit 2,
+    and the same command resumes from it."""
+    out, _ = exported
+    proc = _train(out, tmp_path, *ARGS, "--workers=2", start_new_session=True)
+    try:
+        seen = _interrupt_after(proc, "step 000001/4", lambda: os.kill(_children(proc.pid)[0], signal.SIGKILL))
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 2, seen[-3000:]
+    assert "Traceback" not in seen, seen[-3000:]
+    ckdir = next((tmp_path / "ck").iterdir())
+    saved = [s for s, _ in ck.list_checkpoints(ckdir)]
+    assert len(saved) == 1 and 1 <= saved[0] < 4, seen
+    err = [ln for ln in seen.splitlines() if ln.startswith("error:")]
+    assert len(err) == 1 and re.fullmatch(
+        rf"error: DataLoader worker \(pid \d+\) is killed by signal: Killed \(out of memory\?\); saved "
+        rf"{re.escape(str(ckdir / ck.ckpt_name(saved[0])))} \(step {saved[0]}\); the same command resumes from "
+        r"there once the data is readable", err[0]), seen[-2000:]
+    resumed = _train(out, tmp_path, *ARGS, "--workers=2")
+    assert f"resuming at step {saved[0]}" in resumed.stdout and resumed.returncode == 0

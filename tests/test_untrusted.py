@@ -165,7 +165,7 @@ def _peak_bytes(fn) -> int:
 
 
 @pytest.mark.parametrize("shape,msg", [
-    ((3, 50_000_000, 2), "declares 50000000 tracks over 3 frames, more than 134217728 entries"),
+    ((3, 50_000_000, 2), "declares 50000000 tracks, more than 131072"),
     ((400_000_000, 4, 2), "3 frames on disk but 400000000 in the annotations"),
 ])
 def test_anno_npz_declaring_a_huge_shape_is_refused_from_its_header(tmp_path, shape, msg):
@@ -180,6 +180,68 @@ def test_anno_npz_declaring_a_huge_shape_is_refused_from_its_header(tmp_path, sh
         assert _one_line(e.value, "anno.npz") == f"anno.npz: member trajs_2d: {msg}"
 
     assert _peak_bytes(load) < 32 << 20  # numpy would allocate the declared 1.2 or 3.2 GB before reading
+
+
+def test_anno_npz_declaring_more_entries_than_the_bound_is_refused_from_its_header(tmp_path):
+    head = {"descr": "<f4", "fortran_order": False, "shape": (2000, 100_000, 2)}
+    _npz_members(tmp_path / "anno.npz", {"trajs_2d": (head, bytes(1 << 16))})
+    with pytest.raises(pod.SkipItem, match="^anno.npz: member trajs_2d: declares 100000 tracks over 2000 frames, "
+                                           "more than 134217728 entries$"):
+        pod.load_annotations(tmp_path, num_frames=2000)
+
+
+def test_a_scene_of_2_frames_may_not_declare_more_tracks_than_real_scenes_have(tmp_path):
+    # within the entry bound (2 x 2^18 of 2^27) and every member really there: the loader took it, while at
+    # 2^25 tracks of deflated zeros a 2 MB file cost 2.9 GB and half a minute to load
+    _frames(tmp_path, 2)
+    N = 1 << 18
+    np.savez_compressed(tmp_path / "anno.npz", trajs_2d=np.zeros((2, N, 2)), visibs=np.ones((2, N)),
+                        valids=np.ones((2, N)))
+    with pytest.raises(pod.SkipItem, match=f"^anno.npz: member trajs_2d: declares {N} tracks, more than 131072$"):
+        pod.load_annotations(tmp_path)
+    _frames(tmp_path / "ok", 2)
+    np.savez_compressed(tmp_path / "ok" / "anno.npz", trajs_2d=np.zeros((2, N // 2, 2)),
+                        visibs=np.ones((2, N // 2)), valids=np.ones((2, N // 2)))
+    assert pod.load_annotations(tmp_path / "ok")[0].shape == (2, N // 2, 2)
+
+
+def test_anno_npz_bytes_are_bounded_counting_each_member_dtype(tmp_path, monkeypatch):
+    # the bound is on bytes: float64 positions and bool flags (18 bytes an entry) fit, float64 flags (32) do not
+    T, N = 5, 4
+    monkeypatch.setattr(pod, "MAX_ANNO_BYTES", T * N * 18)
+    _frames(tmp_path, T)
+    a = _anno(T, N)
+    for trajs, flags, problem in ((np.float32, bool, None), (np.float64, bool, None),
+                                  (np.float64, np.float64, "member visibs: is float64 (5, 4): with the members "
+                                                           "before it, 480 bytes of 2D tracks, more than 360")):
+        np.savez(tmp_path / "anno.npz", trajs_2d=a["trajs_2d"].astype(trajs), visibs=a["visibs"].astype(flags),
+                 valids=a["valids"].astype(flags))
+        if problem is None:
+            assert pod.load_annotations(tmp_path)[0].shape == (T, N, 2)
+        else:
+            with pytest.raises(pod.SkipItem, match=re.escape(f"anno.npz: {problem} (float64 positions")):
+                pod.load_annotations(tmp_path)
+
+
+def test_a_deflated_member_inflating_more_than_100_to_1_is_refused_before_it_is_read(tmp_path, monkeypatch):
+    from pips2.utils import safe_load
+
+    monkeypatch.setattr(safe_load, "DEFLATE_RATIO_FLOOR", 1 << 20)  # 256 MiB in use: the test keeps it small
+    zeros = np.zeros((1 << 18, 2))  # 4 MiB, deflating ~1000 to 1
+    np.savez_compressed(tmp_path / "bomb.npz", a=zeros)
+    read = []
+    with monkeypatch.context() as m, pytest.raises(UnsafeFileError) as e:
+        m.setattr(safe_load.npformat, "read_array", lambda *a, **k: read.append(1))
+        load_npz(tmp_path / "bomb.npz")
+    assert re.fullmatch(r".*bomb\.npz: member a: 4194432 bytes compressed into \d+, more than 100 to 1 "
+                        r"\(a zip bomb\?\); store it uncompressed \(np\.savez\)", _one_line(e.value, "bomb.npz"))
+    assert not read
+    # what real files are: the same zeros stored, real floats compressed (2-3 to 1), flags under the floor
+    np.savez(tmp_path / "stored.npz", a=zeros)
+    floats = np.random.default_rng(0).uniform(0, 960, (1 << 18, 2))
+    np.savez_compressed(tmp_path / "floats.npz", a=floats, flags=np.ones(1 << 19, bool))
+    assert load_npz(tmp_path / "stored.npz")["a"].shape == zeros.shape
+    assert (load_npz(tmp_path / "floats.npz")["a"] == floats).all()
 
 
 def test_a_member_declaring_more_data_than_it_holds_is_refused_before_it_is_allocated(tmp_path):
@@ -268,7 +330,7 @@ def _kubric_seq(root: Path, ann) -> KubricDataset:
     for t in range(3):
         cv2.imwrite(str(seq / "frames" / f"{t:03d}.png"), np.full((16, 16, 3), 40 * t, np.uint8))
     np.save(seq / "seq0000.npy", ann, allow_pickle=True)
-    return KubricDataset(str(root), S=3, N=2, crop_size=(16, 16))
+    return KubricDataset(str(root), S=3, N=2, crop_hw=(16, 16))
 
 
 @pytest.mark.parametrize("how", HOWS)
@@ -757,6 +819,10 @@ def test_npy_format_3_with_and_without_objects(tmp_path):
         with pytest.warns(UserWarning):
             np.save(tmp_path / "v3.npy", a, allow_pickle=True)
         assert (tmp_path / "v3.npy").read_bytes()[6:8] == b"\x03\x00"
+        if a.dtype.hasobject:  # read from its header, then refused: a structure holding objects is not plain data
+            with pytest.raises(UnsafeFileError, match="a structured dtype with an object field"):
+                load_npy(tmp_path / "v3.npy")
+            continue
         g = load_npy(tmp_path / "v3.npy")
         assert g.dtype == a.dtype and g.shape == (2,)
 
@@ -768,3 +834,66 @@ def test_unsafe_file_error_survives_a_process_boundary(tmp_path):
     assert str(back) == str(e) and back.path == e.path and back.problem == e.problem
     again = UnsafeFileError(str(e))  # how torch's DataLoader rebuilds a worker's exception
     assert str(again) == str(e) and again.path == e.path
+
+
+# --- pickles that load but would crash or never end -------------------------------------------------------
+
+class _ArrayState:
+    """Pickles as numpy pickles an array (an empty one, then its state) with the state given."""
+
+    def __init__(self, state):
+        self.state = state
+
+    def __reduce__(self):
+        from numpy._core import multiarray
+        return multiarray._reconstruct, (np.ndarray, (0,), b"b"), self.state
+
+
+def _load_in_child(path: Path) -> subprocess.CompletedProcess:
+    # numpy's own __setstate__ reads past a short item list: on code without the check this crashes the process
+    code = ("import sys\nfrom pips2.utils.safe_load import UnsafeFileError, load_pickle\n"
+            "try:\n    load_pickle(sys.argv[1])\nexcept UnsafeFileError as e:\n    print(e)\n")
+    return subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("state, why", [
+    ((1, (3,), np.dtype("O"), False, []), "an object ndarray of 3 items whose state lists 0 items"),
+    ((1, (1 << 20,), np.dtype("O"), False, [None]), "an object ndarray of 1048576 items whose state lists 1 "
+                                                    "items"),
+    ((1, (4,), np.dtype("f8"), False, b"\0" * 8), "an ndarray of 4 float64 values whose state holds 8 bytes, not 32"),
+    ((1, (2,), np.dtype("f8"), False, [1.0, 2.0]), "an ndarray of 2 float64 values whose state holds no bytes, not 16"),
+    ((2, (2,)), "an ndarray state that is not numpy's: version 1, shape, dtype, order, data"),
+])
+def test_an_array_state_that_does_not_fit_its_shape_is_refused(tmp_path, state, why):
+    path = _dump(tmp_path / "v.pkl", {"video": _ArrayState(state)}, 2)
+    res = _load_in_child(path)
+    assert res.returncode == 0, f"the reader died ({res.returncode}): {res.stderr[-300:]}"
+    assert res.stdout.strip() == f"{path}: refused: pickle holds {why}"
+
+
+def _laughs(levels: int, width: int):
+    inner: object = [1]
+    for _ in range(levels):
+        inner = [inner] * width  # one object referenced `width` times: pickled once, then by memo reference
+    return inner
+
+
+def test_a_pickle_of_shared_references_that_expands_beyond_the_bound_is_refused_from_its_opcodes(tmp_path):
+    path = _dump(tmp_path / "laughs.pkl", {"points": _laughs(12, 40)}, 2)
+    assert path.stat().st_size < 4096  # 40^12 objects when walked, from a few kilobytes
+    with pytest.raises(UnsafeFileError) as e:
+        load_pickle(path)
+    assert _one_line(e.value, str(path)) == (f"{path}: refused: its pickle builds more than 10000000 objects "
+                                             "(shared references counted)")
+    assert isinstance(load_pickle(_dump(tmp_path / "ok.pkl", _laughs(3, 40), 2)), list)  # 64,000: fine
+
+
+def test_a_dict_key_whose_hash_would_never_end_is_refused_before_unpickling(tmp_path):
+    t: object = (1,)
+    for _ in range(40):
+        t = (t, t)  # hashing it visits 2^40 tuples; so would unpickling a dict with it as a key
+    body = pickle.dumps(t, 2)[2:-1]  # the tuple's opcodes, without the protocol header and STOP
+    path = tmp_path / "key.pkl"
+    path.write_bytes(b"\x80\x02}" + body + b"K\x01s.")  # {t: 1}
+    with pytest.raises(UnsafeFileError, match="refused: its pickle builds more than"):
+        load_pickle(path)

@@ -53,9 +53,60 @@ def test_read_clip_insists_on_the_exact_shape(clip):
     assert read_clip(path, 9, 128, 160).shape == (9, 128, 160, 3)
     with pytest.raises(VideoError, match="decoded 9 frames of 128x160, expected 10 of 128x160"):
         read_clip(path, 10, 128, 160)
+    with pytest.raises(VideoError, match="corrupt clip, more than 8 frames, expected 8 of 128x160"):
+        read_clip(path, 8, 128, 160)
     for h, w in ((128, 162), (160, 128)):  # the frame size is checked too, not only the count
-        with pytest.raises(VideoError, match=f"decoded 9 frames of 128x160, expected 9 of {h}x{w}"):
+        with pytest.raises(VideoError, match=f"its header declares frames of 128x160, expected 9 of {h}x{w}"):
             read_clip(path, 9, h, w)
+
+
+@pytest.mark.parametrize("backend", ["cv2", "imageio"])
+def test_read_clip_decodes_no_more_than_it_needs(tmp_path, monkeypatch, backend):
+    """A few KB of grey frames may hold thousands of frames or large ones: read_clip refuses a size other than the
+    clip's from the header, before any frame is decoded, and stops at the (S+1)-th frame (all of them were
+    decoded first: 11 KB of 1280x720 frames took 1.6 GB)."""
+    import cv2
+    import imageio_ffmpeg
+
+    decoded = []
+    real_capture, real_read_frames = cv2.VideoCapture, imageio_ffmpeg.read_frames
+
+    class Counting:  # cv2.VideoCapture counting the frames it decodes
+        def __init__(self, *a):
+            self.cap = real_capture(*a)
+
+        def read(self):
+            ok, frame = self.cap.read()
+            decoded.extend([1] if ok else [])
+            return ok, frame
+
+        def __getattr__(self, name):
+            return getattr(self.cap, name)
+
+    def counting_read_frames(*a, **k):
+        gen = real_read_frames(*a, **k)
+        try:
+            yield next(gen)  # the header
+            for buf in gen:
+                decoded.append(1)
+                yield buf
+        finally:
+            gen.close()
+
+    long, large = tmp_path / "long.mp4", tmp_path / "large.mp4"
+    write_mp4(long, (np.full((64, 96, 3), 128, np.uint8) for _ in range(120)), crf=30, preset="ultrafast")
+    write_mp4(large, (np.full((720, 1280, 3), 128, np.uint8) for _ in range(3)), crf=30, preset="ultrafast")
+    monkeypatch.setattr(cv2, "VideoCapture", Counting)
+    monkeypatch.setattr(imageio_ffmpeg, "read_frames", counting_read_frames)
+    with pytest.raises(VideoError, match=f"^{long}: corrupt clip, more than 8 frames, expected 8 of 64x96$"):
+        read_clip(long, 8, 64, 96, backend=backend)
+    assert len(decoded) == 9
+    decoded.clear()
+    with pytest.raises(VideoError, match=f"^{large}: corrupt clip, its header declares frames of 720x1280, "
+                                         "expected 8 of 128x192$"):
+        read_clip(large, 8, 128, 192, backend=backend)
+    assert decoded == []
+    assert read_clip(long, 120, 64, 96, backend=backend).shape == (120, 64, 96, 3) and len(decoded) == 120
 
 
 def test_bad_files_give_one_line(tmp_path, clip):

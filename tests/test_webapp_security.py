@@ -2,14 +2,17 @@
 raw requests for what no well-behaved client sends."""
 
 import base64
+import contextlib
 import json
 import os
+import re
 import select
 import signal
 import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 import zlib
 from pathlib import Path
@@ -22,7 +25,7 @@ from test_app import TOKEN, call, finish, page_wording, serving, upload
 
 from pips2 import webapp
 from pips2.utils import checkpoint
-from pips2.utils.video import write_mp4
+from pips2.utils.video import header_wh, write_mp4
 
 ROOT = Path(__file__).resolve().parents[1]
 T, H, W = 8, 64, 96
@@ -318,7 +321,7 @@ def test_a_mask_is_sized_from_its_header_before_decoding(server, video, monkeypa
     for img in (np.zeros((H, W), np.uint8), np.zeros((H, W, 3), np.uint8)):
         for ext in (".png", ".jpg"):
             raw = cv2.imencode(ext, img, [cv2.IMWRITE_JPEG_PROGRESSIVE, 1] if ext == ".jpg" else [])[1].tobytes()
-            assert webapp.image_size(raw) == (W, H), ext
+            assert header_wh(raw) == (W, H), ext
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -368,7 +371,7 @@ def test_one_job_at_a_time_and_cancel(server, video, monkeypatch):
 def test_uploads_are_removed_when_they_fail_are_cut_off_or_replaced(server, video, tmp_path):
     uploads = server.app.work / "uploads"
     (tmp_path / "notes.mp4").write_text("not a video\n")
-    assert upload(server.url, tmp_path / "notes.mp4")[0] == 400
+    assert upload(server.url, tmp_path / "notes.mp4")[0] == 415
     assert not list(uploads.iterdir())
     # cut off: the client sends 1000 of 100000 bytes and goes away
     with socket.create_connection(("127.0.0.1", server.port)) as s:
@@ -429,15 +432,17 @@ def test_malformed_requests_are_4xx_with_one_line(server):
 
 
 def test_half_sent_requests_hold_no_thread_and_are_closed(ckpt, tmp_path):
-    """50 connections that send half a request: the server still answers others at once, and closes them after
-    its channel timeout (1 s here, 30 s by default)."""
+    """50 connections that send half a request (half of them the headers and a bit of the body of a request
+    with the token, which the server admits and then waits for): the server still answers others at once, and
+    closes them once silent for its channel timeout (1 s here, 30 s by default)."""
     app = webapp.App(init_dir=str(ckpt), clip_dir=tmp_path / "clips")
     with serving(app, channel_timeout=1, cleanup_interval=1) as srv:
         held = []
         try:
             for i in range(50):
                 s = socket.create_connection(("127.0.0.1", srv.port), timeout=10)
-                half = f"POST /api/clip HTTP/1.1\r\nHost: 127.0.0.1:{srv.port}\r\nContent-Length: 100\r\n\r\n{{"
+                half = (f"POST /api/clip HTTP/1.1\r\nHost: 127.0.0.1:{srv.port}\r\n{webapp.TOKEN_HEADER}: {TOKEN}\r\n"
+                        f"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{{")
                 s.sendall(b"GET /api/con" if i % 2 else half.encode())
                 held.append(s)
             t0 = time.time()
@@ -446,6 +451,273 @@ def test_half_sent_requests_hold_no_thread_and_are_closed(ckpt, tmp_path):
             for s in held:  # each is closed by the server (recv returns b"" once it is)
                 s.settimeout(max(0.1, deadline - time.time()))
                 assert s.recv(100) == b""
+        finally:
+            for s in held:
+                s.close()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# What connections may hold: a request is judged from its headers before its body is read, uploads are
+# received two at a time, a request that does not arrive in time is cut off, and connections without the
+# token never shut the user out (docs/WEBAPP.md).
+
+
+def open_files() -> int:
+    """Deleted-but-open files of this process (the server runs in it): where waitress spools bodies."""
+    n = 0
+    for fd in Path("/proc/self/fd").iterdir():
+        try:
+            n += os.readlink(fd).endswith("(deleted)")
+        except OSError:
+            pass
+    return n
+
+
+def answer(s: socket.socket, timeout: float) -> tuple[int, bytes] | None:
+    """The status and body of the answer on s, or None when none came within timeout seconds."""
+    buf, end = b"", time.time() + timeout
+    try:
+        while True:
+            head, sep, body = buf.partition(b"\r\n\r\n")
+            if sep:
+                want = int(re.search(rb"(?i)content-length: *(\d+)", head)[1])
+                if len(body) >= want:
+                    return int(head.split()[1]), body[:want]
+            s.settimeout(max(0.01, end - time.time()))
+            chunk = s.recv(65536)
+            if not chunk:
+                return None
+            buf += chunk
+    except (TimeoutError, ConnectionError):
+        return None
+
+
+def test_a_refused_request_is_answered_from_its_headers_and_its_body_never_stored(server, video):
+    """The demo's checks run on the headers: a refused request gets its one line at once, while the client is
+    still sending, and the server keeps none of its body (3 MB each here of a declared 150 MB; waitress would
+    otherwise spool each to a temporary file for as long as the client keeps sending)."""
+    port, big = server.port, 150 * 2**20
+    ok = f"Host: 127.0.0.1:{port}\r\n{webapp.TOKEN_HEADER}: {TOKEN}\r\n"
+    up = "POST /api/upload?name=v.mp4 HTTP/1.1\r\n"
+    cases = [
+        (421, "is not this server's name", f"{up}Host: evil.example\r\nContent-Type: text/plain\r\n"),
+        (403, "token", f"{up}Host: 127.0.0.1:{port}\r\nContent-Type: application/octet-stream\r\n"),
+        (403, "refused", f"{up}{ok}Origin: http://evil.example\r\nContent-Type: application/octet-stream\r\n"),
+        (415, "application/octet-stream", f"{up}{ok}Content-Type: text/plain\r\n"),
+        (415, "application/json", f"POST /api/track HTTP/1.1\r\n{ok}Content-Type: text/plain\r\n"),
+        (413, "over the limit", f"POST /api/clip HTTP/1.1\r\n{ok}Content-Type: application/json\r\n"),
+        (413, "over the limit", f"GET /api/config HTTP/1.1\r\n{ok}"),
+    ]
+    before, socks = open_files(), []
+    try:
+        for _, _, head in cases:
+            s = socket.create_connection(("127.0.0.1", port))
+            socks.append(s)
+            s.sendall(f"{head}Content-Length: {big}\r\n\r\n".encode())
+            with contextlib.suppress(OSError):  # the server may have closed already: it drops the rest
+                s.sendall(b"\0" * (3 * 2**20))
+        time.sleep(0.3)
+        assert open_files() <= before, "bodies of refused requests are held in temporary files"
+        for s, (status, words, head) in zip(socks, cases, strict=True):
+            got = answer(s, 5)
+            assert got is not None, f"no answer before the body was sent: {head!r}"
+            assert got[0] == status and words in one_line_error(got[1]), (head, got)
+        # a chunked body (its size is unknown until it has arrived) is refused the same way
+        s = socket.create_connection(("127.0.0.1", port))
+        socks.append(s)
+        s.sendall(f"{up}{ok}Content-Type: application/octet-stream\r\nTransfer-Encoding: chunked\r\n\r\n".encode())
+        got = answer(s, 5)
+        assert got is not None and got[0] == 411 and "Content-Length" in one_line_error(got[1]), got
+    finally:
+        for s in socks:
+            s.close()
+    assert server.app.videos == {} and server.app.jobs == {}
+    # the page's own requests still pass
+    upload_ok(port, video.read_bytes())
+
+
+def test_a_refused_client_still_sending_gets_its_answer_and_a_clean_end(server):
+    """After a refusal the server stops sending and, for a moment (LINGER_SECONDS), reads and drops what the
+    client still sends: closing with the body unread would reset the connection, and a client (Windows drops
+    what it received on a reset) could lose the answer."""
+    port = server.port
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        s.sendall(f"POST /api/upload HTTP/1.1\r\nHost: evil.example\r\nContent-Length: {10**8}\r\n\r\n".encode()
+                  + b"\0" * 100_000)
+        got = answer(s, 5)
+        assert got is not None and got[0] == 421, got
+        time.sleep(0.2)
+        s.sendall(b"\0" * 100_000)  # still sending: read and dropped, no reset
+        s.settimeout(5)
+        assert s.recv(100) == b""  # the server's end of its side, after the answer
+
+
+def upload_head(port: int, length: int) -> bytes:
+    """The headers of an upload of `length` bytes, with the token."""
+    return (f"POST /api/upload?name=v.mp4 HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{webapp.TOKEN_HEADER}: {TOKEN}\r\n"
+            f"Content-Type: application/octet-stream\r\nContent-Length: {length}\r\n\r\n").encode()
+
+
+def upload_ok(port: int, data: bytes) -> None:
+    """An upload with the token goes through."""
+    status, _, body = raw(port, upload_head(port, len(data)) + data)
+    assert status == 200, body
+
+
+def test_uploads_are_received_a_few_at_a_time(server, video, monkeypatch):
+    """Each upload is spooled to a temporary file while it arrives: only UPLOAD_SLOTS at once (1 here), so
+    the disk they take is bounded; another gets 503 and one line at once, from its headers."""
+    monkeypatch.setattr(webapp, "UPLOAD_SLOTS", 1, raising=False)
+    port, data = server.port, video.read_bytes()
+    first = socket.create_connection(("127.0.0.1", port))
+    try:
+        first.sendall(upload_head(port, len(data)) + data[:1000])
+        time.sleep(0.3)
+        with socket.create_connection(("127.0.0.1", port)) as s:
+            s.sendall(upload_head(port, len(data)))
+            got = answer(s, 5)
+        assert got is not None and got[0] == 503 and "another upload" in one_line_error(got[1]), got
+        first.sendall(data[1000:])
+        got = answer(first, 30)
+        assert got is not None and got[0] == 200, got
+    finally:
+        first.close()
+    upload_ok(port, data)  # the slot is free again once an upload is done...
+    with socket.create_connection(("127.0.0.1", port)) as s:  # ... or cut off
+        s.sendall(upload_head(port, len(data)) + data[:1000])
+        time.sleep(0.3)
+    time.sleep(0.3)
+    upload_ok(port, data)
+
+
+class Trickle(threading.Thread):
+    """Sockets that each send their request's first bytes, then one more byte every 0.2 s until the server
+    answers or closes; `answers` holds (status, seconds after the start) for each, in the order they came."""
+
+    def __init__(self, port: int, heads: list[bytes]):
+        super().__init__(daemon=True)
+        self.port, self.heads, self.answers, self.stop = port, heads, [], threading.Event()
+
+    def run(self) -> None:
+        t0 = time.time()
+        socks = []
+        try:
+            for head in self.heads:  # as a browser does: the headers right after connecting
+                socks.append(socket.create_connection(("127.0.0.1", self.port)))
+                socks[-1].sendall(head)
+                time.sleep(0.05)
+            live = list(socks)
+            while live and not self.stop.wait(0.2):
+                ready, _, _ = select.select(live, [], [], 0)
+                for s in ready:
+                    got = answer(s, 2)
+                    self.answers.append((got and got[0], time.time() - t0))
+                    live.remove(s)
+                for s in list(live):
+                    try:
+                        s.sendall(b" ")
+                    except OSError:  # closed since the select(): its answer may have come first
+                        got = answer(s, 1)
+                        self.answers.append((got and got[0], time.time() - t0))
+                        live.remove(s)
+        finally:
+            for s in socks:
+                s.close()
+
+
+def test_requests_that_trickle_are_cut_off_at_their_deadline(ckpt, tmp_path, monkeypatch):
+    """Connections that send a byte now and then are never silent, so the channel timeout never closes
+    them: each request must arrive by its deadline (its headers within HEADER_SECONDS of its first byte, its
+    body at MIN_BODY_RATE after BODY_GRACE s), or it gets 408 and its connection is closed. Here 5 trickling
+    requests with the token against a limit of 4 connections: on the user's side, a request is answered
+    once the first deadline passes (1 s here; by default 10 s + a body's length at 256 KB/s)."""
+    monkeypatch.setattr(webapp, "CONNECTION_LIMIT", 4)
+    for name, value in {"HEADER_SECONDS": 1, "BODY_GRACE": 1, "MIN_BODY_RATE": 10**6}.items():
+        monkeypatch.setattr(webapp, name, value, raising=False)
+    app = webapp.App(init_dir=str(ckpt), clip_dir=tmp_path / "clips")
+    with serving(app) as srv:
+        port = srv.port
+        body = (f"POST /api/clip HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{webapp.TOKEN_HEADER}: {TOKEN}\r\n"
+                f"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{{").encode()
+        trickle = Trickle(port, [body] * 5)
+        trickle.start()
+        try:
+            time.sleep(0.5)
+            t0 = time.time()
+            with socket.create_connection(("127.0.0.1", port)) as s:
+                s.sendall(f"GET /api/config HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{webapp.TOKEN_HEADER}: {TOKEN}"
+                          f"\r\n\r\n".encode())
+                got = answer(s, 8)
+            assert got is not None and got[0] == 200, got
+            assert time.time() - t0 < 6
+            trickle.join(10)
+            assert [a for a, _ in trickle.answers] == [408] * 5, trickle.answers
+            assert all(t < 8 for _, t in trickle.answers), trickle.answers
+            # headers sent a byte at a time are cut off the same way, token or not
+            heads = Trickle(port, [f"GET /api/config HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n".encode(), b"G"])
+            heads.start()
+            heads.join(10)
+            assert [a for a, _ in heads.answers] == [408] * 2 and all(t < 6 for _, t in heads.answers), heads.answers
+        finally:
+            trickle.stop.set()
+
+
+def test_connections_without_the_token_never_shut_the_user_out(ckpt, tmp_path, monkeypatch):
+    """Connections that send nothing, or trickle headers without the token, fill the connection limit (4
+    here, 100 by default), where waitress stops accepting; then the oldest connection that has not shown the
+    token for EVICT_AFTER (1 s) is closed, one at a time, so the user is answered within about a second, not
+    when the channel timeout (30 s) closes one."""
+    monkeypatch.setattr(webapp, "CONNECTION_LIMIT", 4)
+    app = webapp.App(init_dir=str(ckpt), clip_dir=tmp_path / "clips")
+    with serving(app) as srv:
+        port = srv.port
+        silent = [socket.create_connection(("127.0.0.1", port)) for _ in range(6)]
+        trickle = Trickle(port, [f"POST /api/upload HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n".encode()] * 3)
+        trickle.start()
+        try:
+            time.sleep(1.5)  # they have not shown the token for over a second (EVICT_AFTER)
+            for _ in range(3):
+                with socket.create_connection(("127.0.0.1", port)) as s:
+                    s.sendall(f"GET /api/config HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{webapp.TOKEN_HEADER}: "
+                              f"{TOKEN}\r\n\r\n".encode())
+                    got = answer(s, 5)  # the channel timeout would close one after 30 s
+                assert got is not None and got[0] == 200, got
+        finally:
+            trickle.stop.set()
+            for s in silent:
+                s.close()
+
+
+@pytest.mark.parametrize("mb", [64, 8])
+def test_clients_that_stop_reading_an_answer_are_closed(ckpt, tmp_path, monkeypatch, mb):
+    """A download the client stops reading (a paused <video>, a stuck program). Over waitress's 16 MB buffer
+    (64 MB here) its task waits for room, holding one of the 4 threads; under it (8 MB) the answer waits in
+    the buffer, holding the connection (a limit of 4 here). Either way the connection is never silent for
+    waitress's channel timeout, which in any case closes only once the socket can be written. Such a
+    connection is closed after the channel timeout without progress (1 s here, 30 s by default), so 4 of
+    them do not hang the server."""
+    monkeypatch.setattr(webapp, "CONNECTION_LIMIT", 4)
+    big = tmp_path / "tracks.csv"
+    with open(big, "wb") as f:
+        f.truncate(mb * 2**20)  # sparse: nothing written
+    app = webapp.App(init_dir=str(ckpt), clip_dir=tmp_path / "clips")
+    app.output = lambda job, name: big
+    with serving(app, channel_timeout=1, cleanup_interval=1) as srv:
+        port, held = srv.port, []
+        try:
+            for _ in range(4):
+                s = socket.socket()
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                s.connect(("127.0.0.1", port))
+                s.sendall(f"GET /files/abc/tracks.csv HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+                          f"{webapp.TOKEN_HEADER}: {TOKEN}\r\n\r\n".encode())
+                held.append(s)
+            time.sleep(1)
+            with socket.create_connection(("127.0.0.1", port)) as s:
+                s.sendall(f"GET /api/config HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{webapp.TOKEN_HEADER}: "
+                          f"{TOKEN}\r\n\r\n".encode())
+                got = answer(s, 8)
+            assert got is not None and got[0] == 200, got
         finally:
             for s in held:
                 s.close()
@@ -526,3 +798,23 @@ def test_app_prints_the_token_is_quiet_and_leaves_nothing(tmp_path, video, sig):
     assert "Traceback" not in err and "Error" not in err, err
     assert "stopped" in out
     assert not [p for p in tmp.rglob("*") if "cache" not in p.parts], list(tmp.rglob("*"))
+
+
+def test_an_upload_is_opened_as_the_container_its_bytes_are_never_as_its_name_says(server, video, tmp_path):
+    """An .m3u8 playlist naming file: segments made the server decode any video of its own disk (and serve its
+    frames); ffmpeg picks its demuxer from the name and content. Uploads are now named by their first bytes."""
+    secret = tmp_path / "secret.mp4"
+    secret.write_bytes(video.read_bytes())
+    playlist = tmp_path / "y.m3u8"
+    playlist.write_text(f"#EXTM3U\n#EXT-X-TARGETDURATION:10\n#EXTINF:10,\nfile:{secret}\n#EXT-X-ENDLIST\n")
+    status, body = upload(server.url, playlist)
+    assert status == 415 and body["error"] == ("y.m3u8: not a video file this demo opens (MP4/MOV, MKV/WebM, AVI, "
+                                               "GIF, Ogg, FLV, MPEG-PS/TS)")
+    concat = tmp_path / "list.txt"
+    concat.write_text(f"ffconcat version 1.0\nfile '{secret}'\n")
+    assert upload(server.url, concat)[0] == 415
+    assert not list((server.app.work / "uploads").iterdir())
+    # a real video under any name is opened as what it is
+    status, body = upload(server.url, video, name="holiday.m3u8")
+    assert status == 200 and body["frames"] >= 2, body
+    assert [p.suffix for p in (server.app.work / "uploads").iterdir()] == [".mp4"]

@@ -19,7 +19,7 @@ from prettytable import PrettyTable
 
 from pips2.utils.paths import make_dirs, remove_empty_dirs
 from pips2.utils.procs import pid_alive
-from pips2.utils.safe_load import UnsafeFileError, open_zip
+from pips2.utils.safe_load import UnsafeFileError, open_zip, pickle_objects_problem
 
 CKPT_RE = re.compile(r"^model-(\d+)\.pth$")
 # .model-%09d.pth.<host>.<pid>.<random>.tmp: host and pid say whether the writer may still be alive
@@ -110,22 +110,42 @@ def _load_problem(e: Exception) -> str:
     return f"not a readable checkpoint ({lines[0]})"
 
 
+MAX_PICKLE_BYTES = 64 << 20  # a checkpoint's data.pkl: names and shapes, ~100 KB for an LBM training one
+MAX_DEPTH = 64  # nesting of a checkpoint's dicts and lists: torch.save of a model and optimizer needs 5
+
+
 def _check_records(path: str | os.PathLike) -> bool:
     """True for a checkpoint in torch's zip format whose records are fit to map: stored as torch writes them (a
     compressed one would be inflated whole before torch compares its size with what the pickle declares) and at
-    most MAX_RECORDS of them; False for the legacy format (torch < 1.6), which torch reads without a zip."""
+    most MAX_RECORDS of them; False for the legacy format (torch < 1.6), which torch reads without a zip. In
+    both, the pickle that describes the contents must not build more objects than safe_load allows (counting
+    shared references: unpickling a dict key of 40 nested pairs of one tuple would hash 2^40 of them)."""
+    problem = None
     try:
         with open(path, "rb") as fh:
             if not zipfile.is_zipfile(fh):
+                fh.seek(0)
+                for _ in range(4):  # legacy: magic number, protocol, system info, then the contents
+                    problem = problem or pickle_objects_problem(fh)
+                if problem:
+                    raise CheckpointError(f"{path}: {problem}")
                 return False
             zf = open_zip(path, fh, MAX_RECORDS)
             packed = [i.filename for i in zf.infolist() if i.compress_type != zipfile.ZIP_STORED]
+            pkl = [i for i in zf.infolist() if i.filename.endswith("/data.pkl") or i.filename == "data.pkl"]
+            if pkl and not packed:
+                if pkl[0].file_size > MAX_PICKLE_BYTES:
+                    raise CheckpointError(f"{path}: refused: its data.pkl is {pkl[0].file_size} bytes (at most "
+                                          f"{MAX_PICKLE_BYTES})")
+                problem = pickle_objects_problem(zf.read(pkl[0]))
     except UnsafeFileError as e:
         raise CheckpointError(str(e)) from None
     except OSError as e:
         raise CheckpointError(f"{path}: cannot open ({e.strerror or e})") from None
     if packed:
         raise CheckpointError(f"{path}: refused: record {packed[0]} is compressed (torch.save never compresses)")
+    if problem:
+        raise CheckpointError(f"{path}: {problem}")
     return True
 
 
@@ -144,18 +164,37 @@ def _view_problem(t: torch.Tensor) -> str | None:
 
 
 def _check_tensors(obj, path: str | os.PathLike) -> None:
-    """CheckpointError naming the first tensor anywhere in a loaded checkpoint whose view is not a whole one."""
-    stack = [("", obj)]
+    """CheckpointError naming the first tensor anywhere in a loaded checkpoint whose view is not a whole one, or
+    a dict or list that contains itself or is nested deeper than MAX_DEPTH (whatever walks the checkpoint
+    afterwards would never end, or overflow Python's stack). Each object is visited once, however often shared."""
+    seen: set[int] = set()
+    open_: set[int] = set()  # containers on the current path: meeting one again is a cycle
+    stack: list[tuple[str, object, int, bool]] = [("", obj, 0, False)]
     while stack:
-        where, o = stack.pop()
+        where, o, depth, leaving = stack.pop()
+        if leaving:
+            open_.discard(id(o))
+            continue
+        if id(o) in open_:
+            raise CheckpointError(f"{path}: refused: {where} contains itself")
+        if id(o) in seen:
+            continue
         if isinstance(o, torch.Tensor):
+            seen.add(id(o))
             problem = _view_problem(o)
             if problem:
                 raise CheckpointError(f"{path}: refused: {where or 'the tensor'} {problem}")
-        elif isinstance(o, dict):
-            stack += [(f"{where}.{k}" if where else str(k), v) for k, v in o.items()]
-        elif isinstance(o, (list, tuple)):
-            stack += [(f"{where}[{i}]", v) for i, v in enumerate(o)]
+        elif isinstance(o, (dict, list, tuple)):
+            if depth >= MAX_DEPTH:
+                raise CheckpointError(f"{path}: refused: {where} is nested more than {MAX_DEPTH} deep")
+            seen.add(id(o))
+            open_.add(id(o))
+            stack.append((where, o, depth, True))
+            if isinstance(o, dict):
+                inside = [(f"{where}.{k}" if where else str(k), v) for k, v in o.items()]
+            else:
+                inside = [(f"{where}[{i}]", v) for i, v in enumerate(o)]
+            stack += [(w, v, depth + 1, False) for w, v in inside]
 
 
 def load_weights_only(path: str | os.PathLike, map_location: str | torch.device = "cpu", refused_hint: str = ""):
@@ -243,25 +282,28 @@ def apply_checkpoint(ckpt: dict, path: str | os.PathLike, model: nn.Module, opti
     if optimizer is not None:
         if layout.optimizer not in ckpt:
             raise CheckpointError(f"{path}: has no {layout.optimizer} to resume from")
-        try:
-            state = _owned(ckpt[layout.optimizer])
-        except RecursionError:
-            raise CheckpointError(f"{path}: {layout.optimizer} is nested too deeply to be an optimizer's") from None
-        optimizer.load_state_dict(state)
+        optimizer.load_state_dict(_owned(ckpt[layout.optimizer]))
     if scheduler is not None and layout.scheduler in ckpt:
         scheduler.load_state_dict(ckpt[layout.scheduler])
 
 
-def _owned(obj):
+def _owned(obj, memo: dict[int, object] | None = None):
     """obj with every tensor copied into memory: an optimizer keeps its state tensors as given, and those of a
-    checkpoint read by load_weights_only are pages of the file, which may be replaced or removed while training."""
+    checkpoint read by load_weights_only are pages of the file, which may be replaced or removed while training.
+    A shared object is copied once (load_weights_only has refused cycles and bounded the nesting)."""
+    memo = {} if memo is None else memo
+    if id(obj) in memo:
+        return memo[id(obj)]
     if isinstance(obj, torch.Tensor):
-        return obj.clone()
-    if isinstance(obj, dict):
-        return {k: _owned(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_owned(v) for v in obj)
-    return obj
+        out = obj.clone()
+    elif isinstance(obj, dict):
+        out = {k: _owned(v, memo) for k, v in obj.items()}
+    elif isinstance(obj, (list, tuple)):
+        out = type(obj)(_owned(v, memo) for v in obj)
+    else:
+        return obj
+    memo[id(obj)] = out
+    return out
 
 
 def read_newest(folder: str | os.PathLike, on_bad: Callable[[Path, CheckpointError], None] | None = None,

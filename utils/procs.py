@@ -16,6 +16,21 @@ from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Any
 
+# Signals that ask a long job to stop: a scheduler's SIGTERM, a terminal's Ctrl-C (SIGINT), and SIGHUP, which a
+# closed terminal or ssh session sends (nohup ignores it; a signal ignored at start stays ignored)
+STOP_SIGNALS: tuple[signal.Signals, ...] = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGINT", "SIGHUP")
+                                                 if hasattr(signal, n))
+
+
+def exit_code(signame: str) -> int:
+    """A run stopped by this signal exits as a shell reports it: 128 + its number (SIGINT 130, SIGTERM 143)."""
+    return 128 + int(getattr(signal, signame, signal.SIGINT))
+
+
+def caught_stop_signals() -> tuple[signal.Signals, ...]:
+    """STOP_SIGNALS not ignored by whoever started this process (nohup's SIGHUP, a background job's SIGINT)."""
+    return tuple(s for s in STOP_SIGNALS if signal.getsignal(s) is not signal.SIG_IGN)
+
 
 def pid_alive(pid: int) -> bool:
     """Whether a process of this host runs; a zombie (killed, parent gone, not yet reaped) counts as dead."""

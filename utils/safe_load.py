@@ -12,6 +12,7 @@ import importlib
 import math
 import os
 import pickle
+import pickletools
 import zipfile
 from collections.abc import Callable, Collection
 from pathlib import Path
@@ -27,6 +28,12 @@ ALLOWED_HINT = "only plain data and numpy arrays are allowed"
 # checkpoint (weights and two optimizer moments each) take ~100 KB, an .npz of the project's few members ~1 KB.
 MAX_ZIP_DIRECTORY_BYTES = 4 << 20
 MAX_NPZ_MEMBERS = 64  # anno.npz has 6 members, track.npz 1
+# A deflated member may inflate at most MAX_DEFLATE_RATIO times its compressed size once it is larger than
+# DEFLATE_RATIO_FLOOR: deflate reaches ~1000:1 on zeros, so a 2 MB file could otherwise declare GBs that are all
+# read. Real data stays far below: float positions compress 2-3x, and the floor is above the largest bool flag
+# member an anno.npz may hold (2^27 bytes), so a flag of long runs is never refused whatever its ratio.
+MAX_DEFLATE_RATIO = 100
+DEFLATE_RATIO_FLOOR = 256 << 20
 
 # expect(key, shape, dtype) -> why a member's header is not what the caller can use, or None
 Expect = Callable[[str, tuple[int, ...], np.dtype], "str | None"]
@@ -53,6 +60,10 @@ class _Refused(pickle.UnpicklingError):
     def __init__(self, what: str):
         self.what = what
         super().__init__(what)
+
+
+class _BadState(pickle.UnpicklingError):
+    """A pickle set a state that does not describe a whole numpy array or dtype."""
 
 
 def _latin1_encode(text: str, encoding: str = "latin1") -> bytes:
@@ -108,8 +119,133 @@ _ALLOWED: dict[tuple[str, str], Any] = {
 }
 
 
-class _RestrictedUnpickler(pickle.Unpickler):
-    """An Unpickler whose globals come only from the allow-list; anything else raises _Refused."""
+# A pickle may build at most this many objects counting every shared reference as a copy: a few kilobytes of
+# memo references can stand for 40^12 (a list of 40 references to a list of 40 ...), which hashing a dict key
+# or walking the result would then visit one by one. The project's own files build a few thousand.
+MAX_PICKLE_OBJECTS = 10_000_000
+_MUTATORS = {"APPEND", "APPENDS", "SETITEM", "SETITEMS", "BUILD", "ADDITEMS"}  # grow the object below them
+_MARK = object()
+
+
+def pickle_objects_problem(data: bytes | IO[bytes], limit: int = MAX_PICKLE_OBJECTS) -> str | None:
+    """Why a pickle would build more than `limit` objects when each shared reference counts as a copy, or None.
+
+    Reads the opcodes only (pickletools.genops) and runs nothing: each object on the simulated stack is its
+    expanded size, memo references share it, and the ops that fill a container add to it. A pickle that does not
+    parse is left to the unpickler, which reports it."""
+    stack: list = []
+    memo: dict = {}
+    try:
+        for op, arg, _ in pickletools.genops(data):
+            name = op.name
+            if name in ("PUT", "BINPUT", "LONG_BINPUT"):
+                memo[arg] = stack[-1]
+            elif name == "MEMOIZE":
+                memo[len(memo)] = stack[-1]
+            elif name in ("GET", "BINGET", "LONG_BINGET"):
+                stack.append(memo[arg])
+            elif name == "DUP":
+                stack.append(stack[-1])
+            elif name == "STOP":
+                break
+            else:
+                before = op.stack_before
+                popped = []
+                if pickletools.markobject in before:
+                    while stack[-1] is not _MARK:
+                        popped.append(stack.pop())
+                    stack.pop()
+                    before = before[:before.index(pickletools.markobject)]
+                popped += [stack.pop() for _ in before]
+                if name == "MARK":
+                    stack.append(_MARK)
+                elif name in _MUTATORS:
+                    target = popped.pop()
+                    target[0] = min(limit + 1, target[0] + sum(n[0] for n in popped))
+                    stack.append(target)
+                    if target[0] > limit:
+                        return f"refused: its pickle builds more than {limit} objects (shared references counted)"
+                else:
+                    node = [min(limit + 1, 1 + sum(n[0] for n in popped))]
+                    stack += [node] * len(op.stack_after)
+                    if node[0] > limit:
+                        return f"refused: its pickle builds more than {limit} objects (shared references counted)"
+    except Exception:  # corrupt or truncated: the unpickler says what is wrong
+        return None
+    return None
+
+
+def _array_state_problem(state: Any) -> str | None:
+    """Why a numpy array's pickled state (version, shape, dtype, fortran, data) does not describe a whole array of
+    its shape, or None. numpy's own __setstate__ takes an object array's items from the list without checking
+    its length, so a short list makes it read past the list's end (a crash, or the heap's neighbours)."""
+    if not isinstance(state, tuple) or len(state) != 5 or state[0] != 1:
+        return "an ndarray state that is not numpy's: version 1, shape, dtype, order, data"
+    _, shape, dtype, fortran, data = state
+    if (not isinstance(shape, tuple) or not all(isinstance(n, int) and n >= 0 for n in shape)
+            or not isinstance(dtype, np.dtype) or not isinstance(fortran, bool)):
+        return "an ndarray state with a malformed shape, dtype or order"
+    if dtype.subdtype is not None or (dtype.fields is not None and dtype.hasobject):
+        return f"an ndarray of the dtype {dtype}: a subarray, or a structure holding objects"
+    count = math.prod(shape)
+    if dtype.hasobject:
+        if not isinstance(data, list) or len(data) != count:
+            listed = len(data) if isinstance(data, list) else "no"
+            return f"an object ndarray of {count} items whose state lists {listed} items"
+    elif not isinstance(data, (bytes, bytearray)) or len(data) != count * dtype.itemsize:
+        have = len(data) if isinstance(data, (bytes, bytearray)) else "no"
+        return f"an ndarray of {count} {dtype} values whose state holds {have} bytes, not {count * dtype.itemsize}"
+    return None
+
+
+MAX_ITEM_BYTES = 1 << 20  # a structured dtype's item; the project's files hold scalars and short strings
+
+
+def _dtype_state_problem(state: Any) -> str | None:
+    """Why a pickled numpy dtype state (version, byteorder, subarray, names, fields, itemsize, alignment, flags)
+    is not a plain or structured dtype whose fields lie inside its item, or None."""
+    if not isinstance(state, tuple) or len(state) not in (8, 9):
+        return "a malformed dtype state"
+    _, _, sub, names, fields, itemsize, align, flags = state[:8]
+    if sub is not None:
+        return "a subarray dtype"
+    if not all(isinstance(v, int) for v in (itemsize, align, flags)) or (names is None) != (fields is None):
+        return "a malformed dtype state"
+    if names is None:
+        return None
+    if (not isinstance(names, tuple) or not isinstance(fields, dict) or set(names) != set(fields)
+            or not all(isinstance(n, str) for n in names) or not 0 <= itemsize <= MAX_ITEM_BYTES):
+        return "a malformed structured dtype"
+    for f in fields.values():
+        if not (isinstance(f, tuple) and len(f) in (2, 3) and isinstance(f[0], np.dtype) and isinstance(f[1], int)):
+            return "a malformed structured dtype"
+        if f[0].hasobject or not 0 <= f[1] <= itemsize - f[0].itemsize:
+            return "a structured dtype with an object field or a field outside its item"
+    return None
+
+
+class _RestrictedUnpickler(pickle._Unpickler):
+    """An Unpickler whose globals come only from the allow-list (anything else raises _Refused) and whose BUILD
+    sets state only on a numpy array or dtype, after checking it. The Python implementation, as the C one's
+    BUILD cannot be intercepted; the files it reads hold few, large objects."""
+
+    dispatch = dict(pickle._Unpickler.dispatch)
+
+    def load_build(self) -> None:
+        """BUILD: an ndarray's state checked against its shape, a dtype's limited to plain ones; else refused."""
+        state = self.stack.pop()
+        inst = self.stack[-1]
+        if isinstance(inst, np.ndarray):
+            problem = _array_state_problem(state)
+        elif isinstance(inst, np.dtype):
+            problem = _dtype_state_problem(state)
+        else:
+            problem = f"state set on a {type(inst).__name__}"
+        if problem:
+            raise _BadState(problem)
+        inst.__setstate__(state)
+
+    dispatch[pickle.BUILD[0]] = load_build
 
     def find_class(self, module: str, name: str) -> Any:
         """The allowed object for module.name, or _Refused naming what the file asked for."""
@@ -133,10 +269,17 @@ def _first_line(e: BaseException) -> str:
 
 
 def _unpickle(fp: IO[bytes], path: str | os.PathLike, where: str = "") -> Any:
+    start = fp.tell()
+    problem = pickle_objects_problem(fp)
+    if problem:
+        raise UnsafeFileError(path, f"{where}{problem}")
+    fp.seek(start)
     try:
         return _RestrictedUnpickler(fp).load()
     except _Refused as e:
         raise UnsafeFileError(path, _refusal(e.what, where)) from None
+    except _BadState as e:
+        raise UnsafeFileError(path, f"refused: {where}pickle holds {e}") from None
     except Exception as e:  # corrupt data raises many types; the user needs one line
         raise UnsafeFileError(path, f"{where}not a readable pickle ({_first_line(e)})") from None
 
@@ -263,7 +406,8 @@ def load_npz(path: str | os.PathLike, keys: Collection[str] | None = None, expec
 
     Before a member's data is read: its size as the zip declares it must be at most `max_member_bytes`, its
     header's shape and dtype must fit its size and pass `expect(key, shape, dtype)` (which returns the problem,
-    or None); the archive may hold at most `max_members` members (docs/FORMATS.md, "Safe loading")."""
+    or None); the archive may hold at most `max_members` members, and a compressed member larger than
+    DEFLATE_RATIO_FLOOR at most MAX_DEFLATE_RATIO times its compressed size (docs/FORMATS.md, "Safe loading")."""
     try:
         fh = open(path, "rb")
     except OSError as e:
@@ -285,6 +429,11 @@ def load_npz(path: str | os.PathLike, keys: Collection[str] | None = None, expec
                 if max_member_bytes is not None and info.file_size > max_member_bytes:
                     raise UnsafeFileError(path, f"member {key}: {info.file_size} bytes, more than the "
                                                 f"{max_member_bytes} it may have here")
+                if (info.compress_type != zipfile.ZIP_STORED and info.file_size > DEFLATE_RATIO_FLOOR
+                        and info.file_size > MAX_DEFLATE_RATIO * info.compress_size):
+                    raise UnsafeFileError(path, f"member {key}: {info.file_size} bytes compressed into "
+                                                f"{info.compress_size}, more than {MAX_DEFLATE_RATIO} to 1 (a zip "
+                                                f"bomb?); store it uncompressed (np.savez)")
                 check = None if expect is None else (lambda shape, dtype, key=key: expect(key, shape, dtype))
                 with zf.open(info) as member:
                     out[key] = _read_npy(member, path, f"member {key}: ", info.file_size, check)

@@ -7,7 +7,7 @@ import os
 import re
 import subprocess
 import warnings
-from collections.abc import Generator, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from fractions import Fraction
 from pathlib import Path
 from typing import BinaryIO
@@ -115,7 +115,7 @@ def image_truncation(path: str | os.PathLike) -> str | None:
 MAX_IMAGE_PIXELS = 7680 * 4320
 
 
-def image_size_problem(data: bytes) -> str | None:
+def image_pixels_problem(data: bytes) -> str | None:
     """Why an encoded image may not be decoded, from its header alone: its size is beyond MAX_IMAGE_PIXELS, or
     no header can be read (a format whose size cannot be known before decoding); None if it may."""
     try:
@@ -132,16 +132,53 @@ def image_size_problem(data: bytes) -> str | None:
     return None
 
 
+def header_wh(raw: bytes) -> tuple[int, int] | None:
+    """(width, height) from a PNG's or JPEG's header, without decoding it; None for anything else."""
+    if raw[:8] == b"\x89PNG\r\n\x1a\n" and raw[12:16] == b"IHDR" and len(raw) >= 24:
+        return int.from_bytes(raw[16:20], "big"), int.from_bytes(raw[20:24], "big")
+    if raw[:2] != b"\xff\xd8":
+        return None
+    i = 2
+    while i + 4 <= len(raw):  # JPEG segments: find the start-of-frame, which holds the size
+        if raw[i] != 0xFF:
+            return None
+        marker = raw[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker in (0x01, *range(0xD0, 0xD8)):  # markers without a length
+            i += 2
+            continue
+        length = int.from_bytes(raw[i + 2:i + 4], "big")
+        if marker in (*range(0xC0, 0xC4), *range(0xC5, 0xC8), *range(0xC9, 0xCC), *range(0xCD, 0xD0)):
+            if i + 9 > len(raw):
+                return None
+            return int.from_bytes(raw[i + 7:i + 9], "big"), int.from_bytes(raw[i + 5:i + 7], "big")
+        if length < 2:
+            return None
+        i += 2 + length
+    return None
+
+
+def not_regular_file(path: str | os.PathLike) -> bool:
+    """True if path exists (its symlinks followed) but is not a regular file: a FIFO, a device, a socket or a
+    folder, whose open() may block forever or read without end; a missing path is False (its reader says so)."""
+    p = Path(path)
+    return p.exists() and not p.is_file()
+
+
 def read_rgb(path: str | os.PathLike) -> np.ndarray:
     """An image file as RGB uint8 (H,W,3); an unreadable, truncated or oversized (MAX_IMAGE_PIXELS, from its
     header) one raises VideoError naming it."""
+    if not_regular_file(path):  # a FIFO's open() waits for a writer: forever in a scene folder
+        raise VideoError(f"{path}: not a regular file")
     try:
         data = Path(path).read_bytes()
     except OSError as e:
         raise VideoError(f"{path}: unreadable image ({e.strerror or e})") from None
     if not data:
         raise VideoError(f"{path}: empty image file (0 bytes)")
-    why = _truncation(io.BytesIO(data), len(data)) or image_size_problem(data)
+    why = _truncation(io.BytesIO(data), len(data)) or image_pixels_problem(data)
     if why:
         raise VideoError(f"{path}: {why}")
     img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
@@ -256,6 +293,22 @@ def _declared_frames(f: BinaryIO, size: int) -> int | None:
     return None
 
 
+def declared_frames(path: str | os.PathLike) -> int | None:
+    """The number of frames an mp4/mov file's header declares for its first video track (what a decoder will
+    give for a whole file), or None for another format, no such header, or a file that cannot be read."""
+    if not Path(path).is_file():  # a FIFO's open() would wait for a writer; its reader says what is wrong
+        return None
+    try:
+        with open(path, "rb") as f:
+            size = f.seek(0, os.SEEK_END)
+            f.seek(0)
+            if len(head := f.read(8)) < 8 or head[4:] not in _ISO_FIRST:
+                return None
+            return _declared_frames(f, size)
+    except OSError:
+        return None
+
+
 def _mp4_cut(path: str | os.PathLike) -> tuple[str, int | None] | None:
     """(where an mp4/mov file is cut, the frames its header declares or None), or None for a whole file or another
     format. Its top-level boxes, walked by their sizes, must end within the file: a download or copy cut short
@@ -294,7 +347,7 @@ def _check_video_path(path: str | os.PathLike) -> None:
     p = Path(path)
     if p.is_dir():
         raise VideoError(f"{path}: is a folder, not a video file")
-    if p.exists() and not p.is_file():  # a FIFO or a device: ffmpeg could wait on it forever
+    if not_regular_file(p):  # a FIFO or a device: ffmpeg could wait on it forever
         raise VideoError(f"{path}: not a regular file")
     if not p.is_file():
         raise VideoError(f"{path}: no such video file")
@@ -322,19 +375,46 @@ def _open_problem(path: str | os.PathLike, e: Exception, verb: str) -> str:
     return f"{verb} ({str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__})"
 
 
-def iter_frames(path: str | os.PathLike, backend: str = "imageio") -> Generator[np.ndarray, None, None]:
-    """Yield RGB uint8 frames of any video one at a time (bounded memory), decoded by imageio-ffmpeg's
-    bundled ffmpeg (any codec it knows) or by OpenCV (`backend="cv2"`). An mp4 cut short is refused
-    (`mp4_truncation`): decoders would stop early without a word."""
+# Containers recognised from their first bytes, each with the suffix its file gets. An uploaded file is named by
+# what it is, never by the name the client sent: ffmpeg picks a demuxer by name and content, and a playlist
+# (an .m3u8 naming file: or http: segments, an ffconcat list) would make it read other files or addresses.
+_CONTAINERS: tuple[tuple[Callable[[bytes], bool], str], ...] = (
+    (lambda b: b[4:8] in (b"ftyp", b"moov", b"mdat", b"wide", b"free", b"skip"), ".mp4"),  # MP4, QuickTime, 3GP
+    (lambda b: b[:4] == b"\x1a\x45\xdf\xa3", ".mkv"),  # Matroska, WebM
+    (lambda b: b[:4] == b"RIFF" and b[8:12] == b"AVI ", ".avi"),
+    (lambda b: b[:6] in (b"GIF87a", b"GIF89a"), ".gif"),
+    (lambda b: b[:4] == b"OggS", ".ogv"),
+    (lambda b: b[:3] == b"FLV", ".flv"),
+    (lambda b: b[:4] == b"\x00\x00\x01\xba", ".mpg"),  # MPEG program stream
+    (lambda b: len(b) > 376 and b[0] == b[188] == b[376] == 0x47, ".ts"),  # MPEG transport stream packets
+    (lambda b: b[:8] == b"\x89PNG\r\n\x1a\n", ".png"),  # still images: opened, then refused as one frame
+    (lambda b: b[:3] == b"\xff\xd8\xff", ".jpg"),
+)
+CONTAINER_NAMES = "MP4/MOV, MKV/WebM, AVI, GIF, Ogg, FLV, MPEG-PS/TS"
+
+
+def container_suffix(head: bytes) -> str | None:
+    """The suffix of the video container (or still image) whose first bytes (at least 512) are `head`, or None
+    for anything else (a playlist, a text file, an unknown format)."""
+    for test, suffix in _CONTAINERS:
+        if test(head):
+            return suffix
+    return None
+
+
+def _frames(path: str | os.PathLike, backend: str) -> Generator[tuple[int, int] | np.ndarray, None, None]:
+    """A generator yielding first the (height, width) its stream's header declares, read before any frame is
+    decoded, then the RGB uint8 frames one at a time; closing it stops the decoder."""
     _check_video_path(path)
     why = mp4_truncation(path)
     if why:
         raise VideoError(f"{path}: {why}; {REMUX_HINT}")
     if backend == "cv2":
         cap = cv2.VideoCapture(str(path))
-        if not cap.isOpened():
-            raise VideoError(f"{path}: cannot open video")
         try:
+            if not cap.isOpened():
+                raise VideoError(f"{path}: cannot open video")
+            yield int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT)), int(cap.get(cv2.CAP_PROP_FRAME_WIDTH))
             while True:
                 ok, frame = cap.read()
                 if not ok:
@@ -347,15 +427,28 @@ def iter_frames(path: str | os.PathLike, backend: str = "imageio") -> Generator[
     # or drop frames of a variable-frame-rate video (a phone's) to make a constant rate
     reader = imageio_ffmpeg.read_frames(str(path), pix_fmt="rgb24", output_params=["-fps_mode", "passthrough"])
     try:
-        meta = next(reader)
-    except Exception as e:
-        raise VideoError(f"{path}: {_open_problem(path, e, 'cannot decode')}") from None
-    w, h = meta["size"]
-    try:
+        try:
+            meta = next(reader)
+        except Exception as e:
+            raise VideoError(f"{path}: {_open_problem(path, e, 'cannot decode')}") from None
+        w, h = meta["size"]
+        yield h, w
         for buf in reader:
             yield np.frombuffer(buf, np.uint8).reshape(h, w, 3)
     finally:
         reader.close()
+
+
+def iter_frames(path: str | os.PathLike, backend: str = "imageio") -> Generator[np.ndarray, None, None]:
+    """Yield RGB uint8 frames of any video one at a time (bounded memory), decoded by imageio-ffmpeg's
+    bundled ffmpeg (any codec it knows) or by OpenCV (`backend="cv2"`). An mp4 cut short is refused
+    (`mp4_truncation`): decoders would stop early without a word."""
+    frames = _frames(path, backend)
+    try:
+        next(frames)  # the header's size
+        yield from frames
+    finally:
+        frames.close()
 
 
 def read_video(path: str | os.PathLike, backend: str = "cv2") -> np.ndarray:
@@ -421,16 +514,33 @@ def frame_rate(path: str | os.PathLike) -> Fraction | None:
 
 
 def read_clip(path: str | os.PathLike, S: int, H: int, W: int, backend: str = "cv2") -> np.ndarray:
-    """Decode an exported clip and insist on exactly S frames of HxW; anything else is corrupt."""
+    """Decode an exported clip and insist on exactly S frames of HxW; anything else is corrupt. The size is
+    checked from the stream's header before any frame is decoded, and at most S+1 frames are decoded, so a small
+    file of thousands of large frames costs no more memory than a good clip."""
     if not Path(path).is_file():
         raise VideoError(f"{path}: missing")
+    expected = f"expected {S} of {H}x{W}"
+    decoded: list[np.ndarray] = []
     try:
-        frames = read_video(path, backend)
+        frames = _frames(path, backend)
+        try:
+            h, w = next(frames)
+            if (h, w) != (H, W):
+                raise VideoError(f"{path}: corrupt clip, its header declares frames of {h}x{w}, {expected}")
+            for frame in frames:
+                if frame.shape != (H, W, 3):  # a stream changing size midway
+                    raise VideoError(f"{path}: corrupt clip, frame {len(decoded)} is "
+                                     f"{frame.shape[0]}x{frame.shape[1]}, {expected}")
+                if len(decoded) == S:
+                    raise VideoError(f"{path}: corrupt clip, more than {S} frames, {expected}")
+                decoded.append(frame)
+        finally:
+            frames.close()
     except VideoError:
         raise
     except Exception as e:
         raise VideoError(f"{path}: cannot decode ({type(e).__name__})") from None
-    if frames.shape != (S, H, W, 3):
-        raise VideoError(f"{path}: corrupt clip, decoded {frames.shape[0]} frames of "
-                         f"{frames.shape[1]}x{frames.shape[2]}, expected {S} of {H}x{W}")
-    return frames
+    if len(decoded) != S:
+        what = f"decoded {len(decoded)} frames of {H}x{W}" if decoded else "no decodable frames"
+        raise VideoError(f"{path}: corrupt clip, {what}, {expected}")
+    return np.stack(decoded)

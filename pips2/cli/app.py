@@ -24,12 +24,17 @@ def main(port: int = 7860, host: str = "127.0.0.1", init_dir: str | None = None,
          device: str = "cpu", S: int = 128, iters: int = 16, max_decoded_mb: int = MAX_DECODED_MB) -> None:
     """Serve the web demo; --init_dir and --model are the page's defaults (demo.py's: ./reference_model, pips2);
     --max_decoded_mb bounds what one video may decode to at the size it is tracked at (frames x H x W x 3)."""
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        # waitress would fail on a negative port in a traceback and serve 70000 on 70000 % 65536 without a word
+        print(f"error: --port must be a whole number in 0..65535 (0: any free port), got {port!r}", file=sys.stderr,
+              flush=True)
+        sys.exit(2)
     try:
         app = App(init_dir=init_dir, model=model, device=device, S=S, iters=iters, max_decoded_mb=max_decoded_mb)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
-    serve(app, str(host), int(port))
+    serve(app, str(host), port)
 
 
 def cli() -> None:

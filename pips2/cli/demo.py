@@ -24,23 +24,26 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+from PIL import Image
 
 from pips2.datasets.synthetic import write_synthetic_video
 from pips2.hub import DEFAULT_PIPS, check_options, load_model
 from pips2.tracking import (
+    check_frames_space,
     check_grid_size,
     check_queries,
     check_track_args,
     check_video_size,
     default_model_hw,
     grid_queries,
-    model_input_hw,
+    resolve_model_hw,
     track,
 )
 from pips2.utils.checkpoint import CheckpointError, resolve_device
 from pips2.utils.cli import run_fire
 from pips2.utils.paths import make_dirs, remove_empty_dirs
-from pips2.utils.video import VideoError, video_info
+from pips2.utils.procs import STOP_SIGNALS, caught_stop_signals
+from pips2.utils.video import VideoError, header_wh, video_info
 from pips2.utils.vis import write_outputs
 
 MAX_POINTS_FILE_BYTES = 64 << 20  # a points file is read whole; 10000 points (MAX_POINTS) take well under 1 MB
@@ -120,16 +123,25 @@ def read_point_rows(path: str | Path, query_frame: int = 0) -> tuple[np.ndarray,
         return np.asarray(rows, np.float32), where
 
 
-def read_mask(path: str, hw: tuple[int, int]) -> np.ndarray:
+def read_mask(path: str, src_hw: tuple[int, int]) -> np.ndarray:
     """A grayscale mask image of exactly the video's size (a stretched mask would select the wrong points)."""
     if not Path(path).is_file():
         raise ValueError(f"--mask {path}: no such file")
+    H, W = src_hw
+    with open(path, "rb") as f:  # the size from the header first: a small PNG may declare gigabytes of pixels
+        wh = header_wh(f.read(1 << 16))
+    if wh is None:
+        try:  # another format: Pillow reads its header without decoding
+            with Image.open(path) as im:
+                wh = im.size
+        except Exception:
+            raise ValueError(f"--mask {path}: unreadable image") from None
+    w, h = wh
+    if (h, w) != (H, W):
+        raise ValueError(f"--mask {path}: mask is {w}x{h} but the video is {W}x{H}")
     m = cv2.imread(path, cv2.IMREAD_GRAYSCALE)
-    if m is None:
+    if m is None or m.shape[:2] != (H, W):
         raise ValueError(f"--mask {path}: unreadable image")
-    H, W = hw
-    if m.shape[:2] != (H, W):
-        raise ValueError(f"--mask {path}: mask is {m.shape[1]}x{m.shape[0]} but the video is {W}x{H}")
     return m
 
 
@@ -154,20 +166,20 @@ def synthetic_video(out_dir: Path, seed: int = 3, frames: int = 48) -> Path:
 def prepare(video_path: Path, points: str | None, grid_size: int, query_frame: int,
             mask: str | None) -> tuple[np.ndarray, int, int, int, float]:
     """Check the video and the queries before any model or tracking work: (queries, frames, H, W, fps)."""
-    n_frames, H, W, fps = video_info(video_path)
+    num_frames, H, W, fps = video_info(video_path)
     check_video_size((H, W), str(video_path))
     if points:
         queries, rows = read_point_rows(points, query_frame)
-        check_queries(queries, n_frames, (H, W), points, rows,
+        check_queries(queries, num_frames, (H, W), points, rows,
                       warn=lambda msg: print(f"warning: {msg}", file=sys.stderr, flush=True))
     else:
-        if not 0 <= query_frame <= n_frames - 1:
-            raise ValueError(f"--query_frame {query_frame} is outside the video's frames 0..{n_frames - 1}")
+        if not 0 <= query_frame <= num_frames - 1:
+            raise ValueError(f"--query_frame {query_frame} is outside the video's frames 0..{num_frames - 1}")
         m = read_mask(mask, (H, W)) if mask else None
         queries = grid_queries((H, W), grid_size, query_frame, m)
         if not len(queries):
             raise ValueError(f"--mask {mask}: no grid point falls inside the mask (nonzero pixels)")
-    return queries.astype(np.float32), n_frames, H, W, fps
+    return queries.astype(np.float32), num_frames, H, W, fps
 
 
 class Stopped(BaseException):
@@ -179,7 +191,7 @@ class Stopped(BaseException):
 
 
 def _stop(signum, frame) -> None:
-    for sig in (signal.SIGTERM, signal.SIGINT):  # the clean-up runs undisturbed by a second signal
+    for sig in STOP_SIGNALS:  # the clean-up runs undisturbed by a second signal
         signal.signal(sig, signal.SIG_IGN)
     raise Stopped(signum)
 
@@ -191,7 +203,7 @@ def stopping_on_signals() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
         yield
         return
-    old = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    old = {sig: signal.getsignal(sig) for sig in caught_stop_signals()}
     for sig in old:
         signal.signal(sig, _stop)
     try:
@@ -223,8 +235,8 @@ def main(video: str | None = None, init_dir: str | None = None, points: str | No
     writing, code, done = False, 2, False
     with stopping_on_signals():
         try:
-            S, iters, point_batch, image_size = check_track_args(S, iters, point_batch, image_size, flag="--",
-                                                                 lbm=model == "lbm")
+            S, iters, point_batch, model_hw = check_track_args(S, iters, point_batch, image_size, flag="--",
+                                                               lbm=model == "lbm")
             check_options(model, amp, memory_size, init_dir)
             dev = resolve_device(device)
             if not points:
@@ -235,18 +247,21 @@ def main(video: str | None = None, init_dir: str | None = None, points: str | No
             else:
                 synthetic = None if (out / "synthetic.mp4").exists() else out / "synthetic.mp4"
                 video_path = synthetic_video(out)
-            queries, n_frames, H, W, fps = prepare(video_path, points, grid_size, query_frame, mask)
-            if image_size is None and model == "pips2":
-                default_model_hw((H, W), str(video_path))  # a video too large to track at its size: refused now
+            queries, num_frames, H, W, fps = prepare(video_path, points, grid_size, query_frame, mask)
+            if model == "pips2":  # a video too large to track at its size, or for TMPDIR at it: refused now
+                hw = model_hw or default_model_hw((H, W), str(video_path))
+                check_frames_space(video_path, num_frames, hw)
             net = load_model(init_dir, dev, kind=model, amp=amp, memory_size=memory_size)
-            mh, mw = model_input_hw(net, (H, W), image_size)  # the time per frame grows with this size
+            mh, mw = resolve_model_hw(net, (H, W), model_hw)  # the time per frame grows with this size
+            if model != "pips2":  # LBM's size is its weights'
+                check_frames_space(video_path, num_frames, (mh, mw))
             t0 = time.time()
-            print(f"tracking {len(queries)} points through {video_path} ({n_frames} frames, {W}x{H}; the model runs "
+            print(f"tracking {len(queries)} points through {video_path} ({num_frames} frames, {W}x{H}; the model runs "
                   f"at {mw}x{mh}) with {init_dir or DEFAULT_PIPS}", flush=True)
             with warnings.catch_warnings():  # prepare said it in one line, naming the file and its row
                 warnings.filterwarnings("ignore", message=r"queries: row \d+: .* outside the", category=UserWarning)
                 res = track(net, str(video_path), queries, S=S, iters=iters, backward=backward,
-                            image_size=image_size, point_batch=point_batch, amp=None if amp == "none" else amp,
+                            model_hw=model_hw, point_batch=point_batch, amp=None if amp == "none" else amp,
                             progress=True)
             dt = time.time() - t0
             writing = True

@@ -24,11 +24,11 @@ from pips2.utils.checkpoint import CheckpointError, resolve_device
 from pips2.utils.cli import aliased, die, run_fire
 
 
-def score_clip(model, clip: crohd.CroClip, S: int, N: int, iters: int, image_size: tuple[int, int],
+def score_clip(model, clip: crohd.CroClip, S: int, N: int, iters: int, model_hw: tuple[int, int],
                point_batch: int, amp: str | None) -> evaluation.Scored:
     """One clip for the evaluation frame: its frames checked, its heads chosen and scored."""
     evaluation.check_frames(clip.frame_paths)
-    frames = FileFrames(clip.frame_paths, image_size)
+    frames = FileFrames(clip.frame_paths, model_hw)
     # heads leave the view (NaN positions there), so the motion rule is left out
     tr, _, val = evaluation.select_points(clip.trajs, clip.visibs, clip.valids, frames.src_hw, N, max_motion=None)
     if tr.shape[1] == 0:
@@ -46,13 +46,13 @@ def main(dataset_location: str = "../datasets/crohd", dset: str = "train", clip_
 
     --max_clips scores only the first clips; --max_iters is the authors' name for it."""
     try:
-        image_size = evaluation.check_image_size(image_size)
+        model_hw = evaluation.check_image_size(image_size)
         evaluation.check_counts(S=S, N=N, iters=iters, point_batch=point_batch, clip_len=clip_len,
                                 max_clips=max_clips, max_iters=max_iters)
         max_clips = aliased("max_clips", max_clips, "max_iters", max_iters)
         dev = resolve_device(device)
         autocast = evaluation.check_amp(amp)
-        evaluation.check_out_json(out_json)
+        evaluation.check_out_json(out_json, dataset_location=dataset_location, init_dir=init_dir)
         seqs = crohd.list_sequences(dataset_location, dset)
     except (ValueError, OSError) as e:
         die(e)
@@ -60,7 +60,7 @@ def main(dataset_location: str = "../datasets/crohd", dset: str = "train", clip_
     if not seqs:
         die(f"{split}: no sequence folders (expected <root>/HT21/<split>/<seq>/img1)")
     settings = dict(dataset_location=str(dataset_location), dset=dset, clip_len=clip_len, S=S, N=N, iters=iters,
-                    image_size=list(image_size), init_dir=str(init_dir), max_clips=max_clips, amp=amp,
+                    image_size=list(model_hw), init_dir=str(init_dir), max_clips=max_clips, amp=amp,
                     point_batch=point_batch, device=str(dev))
     run = evaluation.Evaluation(f"CroHD {dset}", "clips", Path(str(init_dir)).name or str(init_dir), settings,
                                 out_json)
@@ -77,7 +77,7 @@ def main(dataset_location: str = "../datasets/crohd", dset: str = "train", clip_
         model = load_model(init_dir, dev, kind="pips2", amp=amp)
     except (ValueError, CheckpointError) as e:
         die(e)
-    items = [(c.name, partial(score_clip, model, c, S, N, iters, image_size, point_batch, autocast)) for c in clips]
+    items = [(c.name, partial(score_clip, model, c, S, N, iters, model_hw, point_batch, autocast)) for c in clips]
     run.run(items, len(items), desc="crohd", unit="clip")
 
 

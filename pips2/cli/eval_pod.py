@@ -26,13 +26,13 @@ from pips2.utils.checkpoint import CheckpointError, resolve_device
 from pips2.utils.cli import aliased, die, run_fire
 
 
-def evaluate_scene(model, scene: pod.Scene, S: int, N: int, iters: int, image_size: tuple[int, int],
+def evaluate_scene(model, scene: pod.Scene, S: int, N: int, iters: int, model_hw: tuple[int, int],
                    point_batch: int = 256, amp: str | None = None) -> dict | None:
     """Metrics of one sequence, or None when it has no usable point. model=None scores zero-velocity.
 
     Its "curves" entry holds the plotted curves (plots.Curves) of the model and of zero-velocity.
     """
-    frames = FileFrames(scene.rgb_paths, image_size)
+    frames = FileFrames(scene.rgb_paths, model_hw)
     trajs, _, valids = evaluation.select_points(scene.trajs, scene.visibs, scene.valids, frames.src_hw, N)
     if trajs.shape[1] == 0:
         return None
@@ -52,12 +52,12 @@ def load_scene(path: Path) -> pod.Scene:
         raise evaluation.Skip(f"unusable scene ({type(e).__name__}: {evaluation.skip_reason(e)})") from None
 
 
-def score_scene(model, path: Path, S: int, N: int, iters: int, image_size: tuple[int, int], point_batch: int,
+def score_scene(model, path: Path, S: int, N: int, iters: int, model_hw: tuple[int, int], point_batch: int,
                 amp: str | None) -> evaluation.Scored:
     """One sequence for the evaluation frame: loaded, its frames checked, scored."""
     scene = load_scene(path)
     evaluation.check_frames(scene.rgb_paths)
-    res = evaluate_scene(model, scene, S, N, iters, image_size, point_batch, amp)
+    res = evaluate_scene(model, scene, S, N, iters, model_hw, point_batch, amp)
     if res is None:
         raise evaluation.Skip("no usable point")
     curves = res.pop("curves", None)
@@ -72,13 +72,13 @@ def main(dataset_location: str = "../datasets/pointodyssey", dset: str = "test",
 
     --max_scenes scores only the first sequences; --max_iters is the authors' name for it."""
     try:
-        image_size = evaluation.check_image_size(image_size)
+        model_hw = evaluation.check_image_size(image_size)
         evaluation.check_counts(S=S, N=N, iters=iters, point_batch=point_batch, max_scenes=max_scenes,
                                 max_iters=max_iters)
         max_scenes = aliased("max_scenes", max_scenes, "max_iters", max_iters)
         dev = resolve_device(device)
         autocast = evaluation.check_amp(amp)
-        evaluation.check_out_json(out_json)
+        evaluation.check_out_json(out_json, dataset_location=dataset_location, init_dir=None if zero_vel else init_dir)
         scenes = pod.list_scenes(dataset_location, dset)
     except (ValueError, OSError) as e:
         die(e)
@@ -90,12 +90,12 @@ def main(dataset_location: str = "../datasets/pointodyssey", dset: str = "test",
     except (ValueError, CheckpointError) as e:
         die(e)
     settings = dict(dataset_location=str(dataset_location), dset=dset, S=S, N=N, iters=iters,
-                    image_size=list(image_size), init_dir=None if zero_vel else str(init_dir), zero_vel=zero_vel,
+                    image_size=list(model_hw), init_dir=None if zero_vel else str(init_dir), zero_vel=zero_vel,
                     max_scenes=max_scenes, amp=amp, point_batch=point_batch, device=str(dev))
     run = evaluation.Evaluation(f"PointOdyssey {dset}", "sequences",
                                 "zero-velocity" if zero_vel else Path(str(init_dir)).name or str(init_dir),
                                 settings, out_json)
-    items = [(p.name, partial(score_scene, model, p, S, N, iters, image_size, point_batch, autocast))
+    items = [(p.name, partial(score_scene, model, p, S, N, iters, model_hw, point_batch, autocast))
              for p in scenes]
     run.run(items, len(items), desc=f"pod {dset}", unit="seq")
 

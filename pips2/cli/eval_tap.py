@@ -70,7 +70,7 @@ def first_usable(entries: Iterator[Entry], where: str) -> Iterator[Entry]:
 
 
 def score_video(net, lbm: bool, name: str, problem: str | None, decode: Callable[[], tuple] | None,
-                modes: list[str], image_size: tuple[int, int], S: int, iters: int, point_batch: int,
+                modes: list[str], model_hw: tuple[int, int], S: int, iters: int, point_batch: int,
                 amp: str | None, track_kw: dict) -> evaluation.Scored:
     """One video for the evaluation frame: the authors' protocol (PIPs++) and the TAP-Vid query modes."""
     if problem is not None or decode is None:
@@ -83,7 +83,7 @@ def score_video(net, lbm: bool, name: str, problem: str | None, decode: Callable
     line, curves = name, None
     if not lbm:  # the authors' protocol is PIPs++'s: windows from frame 0
         curves = {}
-        res = evaluation.evaluate_tapvid_video(net, video, points, occluded, image_size, S, iters, point_batch,
+        res = evaluation.evaluate_tapvid_video(net, video, points, occluded, model_hw, S, iters, point_batch,
                                                amp, curves)
         if res is None:
             raise evaluation.Skip("no point visible in frame 0")
@@ -117,7 +117,7 @@ def main(dataset_location: str = "../datasets/tapvid/tapvid_davis.pkl", S: int =
         max_videos = aliased("max_videos", max_videos, "max_iters", max_iters)
         if model == "lbm" and image_size is not None:
             raise ValueError("--image_size is PIPs++'s; LBM runs at the input size of its checkpoint")
-        image_size = evaluation.check_image_size((512, 896) if image_size is None else image_size)
+        model_hw = evaluation.check_image_size((512, 896) if image_size is None else image_size)
         mode_list = [m for m in (modes.split(",") if isinstance(modes, str) else modes) if m]
         if any(m not in MODES for m in mode_list):
             raise ValueError(f"--modes must be a comma-separated subset of {','.join(MODES)}, got {modes!r}")
@@ -125,7 +125,7 @@ def main(dataset_location: str = "../datasets/tapvid/tapvid_davis.pkl", S: int =
             raise ValueError("--modes is empty: LBM is scored in the TAP-Vid query modes only")
         dev = resolve_device(device)
         autocast = evaluation.check_amp(amp)
-        evaluation.check_out_json(out_json)
+        evaluation.check_out_json(out_json, dataset_location=dataset_location, init_dir=init_dir)
         files = tapvid.tapvid_files(dataset_location)
     except ValueError as e:
         die(e)
@@ -138,18 +138,18 @@ def main(dataset_location: str = "../datasets/tapvid/tapvid_davis.pkl", S: int =
         die(e)
     lbm = is_lbm(net)
     if isinstance(net, LBM):
-        print(f"LBM: memory of {net.memory_size} frames, input size {net.size[1]}x{net.size[0]}")
+        print(f"LBM: memory of {net.memory_size} frames, input size {net.input_hw[1]}x{net.input_hw[0]}")
     # LBM: each video resized to 256x256 first, as its authors evaluate (--resize_to_256=False: the file's size)
-    track_kw = (dict(size=evaluation.TAPVID_SIZE if resize_to_256 else None) if lbm else
-                dict(S=S, iters=iters, image_size=image_size, point_batch=point_batch, amp=autocast))
+    track_kw = (dict(eval_hw=evaluation.TAPVID_HW if resize_to_256 else None) if lbm else
+                dict(S=S, iters=iters, model_hw=model_hw, point_batch=point_batch, amp=autocast))
     settings = dict(dataset_location=str(dataset_location), model=model, init_dir=init_dir, S=S, iters=iters,
-                    image_size=None if lbm else list(image_size), modes=mode_list, max_videos=max_videos, amp=amp,
+                    image_size=None if lbm else list(model_hw), modes=mode_list, max_videos=max_videos, amp=amp,
                     point_batch=point_batch, device=str(dev),
                     memory_size=net.memory_size if lbm else None, resize_to_256=resize_to_256 if lbm else None)
     title = "TAP-Vid AJ, delta^x, OA (256x256)" if lbm else "TAP-Vid delta^x (visible points, 256x256)"
     run = evaluation.Evaluation(Path(dataset_location).stem, "videos", Path(str(init_dir or "reference_model")).name,
                                 settings, out_json, tapvid_title=title)
-    items = ((name, partial(score_video, net, lbm, name, problem, decode, mode_list, image_size, S, iters, point_batch,
+    items = ((name, partial(score_video, net, lbm, name, problem, decode, mode_list, model_hw, S, iters, point_batch,
                             autocast, track_kw))
              for name, problem, decode in itertools.islice(entries, max_videos))
     run.run(items, desc="tapvid", unit="video")

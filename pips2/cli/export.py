@@ -35,14 +35,16 @@ from pips2.datasets.export import (
     worker_init,
 )
 from pips2.utils.cli import aliased, die, parse_hw, run_fire
-from pips2.utils.procs import WorkerPool, describe_exit
-
-# exit codes of a run stopped by a signal: the shell's 128 + the signal's number
-EXIT_INTERRUPTED = {"SIGINT": 130, "SIGTERM": 143}
+from pips2.utils.procs import STOP_SIGNALS, WorkerPool, describe_exit, exit_code
 
 
 class Terminated(BaseException):
-    """SIGTERM to the exporter (a scheduler, kill): stop as Ctrl-C does, with the summary."""
+    """SIGTERM (a scheduler, kill) or SIGHUP (a closed terminal) to the exporter: stop as Ctrl-C does, with the
+    summary."""
+
+    def __init__(self, signame: str = "SIGTERM"):
+        super().__init__(signame)
+        self.signame = signame
 
 
 class _Signals:
@@ -52,7 +54,7 @@ class _Signals:
 
     def __init__(self):
         self.got = 0
-        self.old = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+        self.old = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
         for sig, old in self.old.items():
             if old is not signal.SIG_IGN:
                 signal.signal(sig, self._handle)
@@ -68,7 +70,7 @@ class _Signals:
         if self.got == signal.SIGINT:
             raise KeyboardInterrupt
         if self.got:
-            raise Terminated()
+            raise Terminated(signal.Signals(self.got).name)
 
     def ignore(self) -> None:
         """From now on (the clean-up after a stop) no signal interrupts."""
@@ -112,16 +114,16 @@ def _check_flags(**flags) -> None:
 
 
 def _no_clips_reason(dataset_location: str, st: ClipSettings) -> str:
-    split = Path(dataset_location) / st.dset
-    scenes = pod.list_scenes(dataset_location, st.dset)
+    split_dir = Path(dataset_location) / st.split
+    scenes = pod.list_scenes(dataset_location, st.split)
     if not scenes:
-        return f"{split}: no scene folders in this split"
-    return (f"{split}: 0 candidate clips: none of its {len(scenes)} scene(s) has the {st.S} frames "
+        return f"{split_dir}: no scene folders in this split"
+    return (f"{split_dir}: 0 candidate clips: none of its {len(scenes)} scene(s) has the {st.S} frames "
             f"(rgbs/rgb_*.jpg) a clip needs")
 
 
 def main(dataset_location: str = "../datasets/pointodyssey", dset: str = "train", S: int = STAGE_CLIPS[1]["S"],
-         N: int = STAGE_CLIPS[1]["N"], crop_size=STAGE_CLIPS[1]["crop_size"], use_augs: bool = True,
+         N: int = STAGE_CLIPS[1]["N"], crop_size=STAGE_CLIPS[1]["crop_hw"], use_augs: bool = True,
          max_clips: int | None = None, max_iters: int | None = None, shuffle: bool = True,
          out_dir: str = "./pod_export", workers: int = 1, shard: int = 0, num_shards: int = 1, seed: int = 0,
          preset: str = "medium", verify: bool = False, quiet: bool = False) -> None:
@@ -135,7 +137,7 @@ def main(dataset_location: str = "../datasets/pointodyssey", dset: str = "train"
     143 SIGTERM (both after the summary, with every finished clip kept).
     """
     try:
-        st = ClipSettings(dset=dset, S=S, N=N, crop_size=_parse_hw(crop_size), use_augs=use_augs,
+        st = ClipSettings(split=dset, S=S, N=N, crop_hw=_parse_hw(crop_size), use_augs=use_augs,
                           shuffle=shuffle, seed=seed, preset=preset)
     except ValueError as e:
         die(e)
@@ -147,7 +149,7 @@ def main(dataset_location: str = "../datasets/pointodyssey", dset: str = "train"
     if not 0 <= shard < num_shards:
         die(f"--shard must be in [0, {num_shards}), got {shard}")
     try:  # before anything is created: a mistyped path must not leave an empty version folder behind
-        frames = scene_frames(dataset_location, st.dset)
+        frames = scene_frames(dataset_location, st.split)
         cands = enumerate_candidates(dataset_location, st, frames)
         if not cands:
             die(_no_clips_reason(dataset_location, st))
@@ -173,7 +175,7 @@ def main(dataset_location: str = "../datasets/pointodyssey", dset: str = "train"
     print(f"export {st.version()}: {len(cands)} candidate clips, {len(todo)} for shard {shard}/{num_shards}, "
           f"{workers} worker(s) -> {version_dir}" + (f" (removed {cleaned} stale temp folders)" if cleaned else ""),
           flush=True)
-    jobs = deque((str(dataset_location), str(version_dir), asdict(st), k, asdict(cands[k]), verify) for k in todo)
+    jobs = deque((str(dataset_location), str(version_dir), st.to_dict(), k, asdict(cands[k]), verify) for k in todo)
     signals = _Signals()
     try:
         _run(jobs, workers, version_dir, quiet, signals)
@@ -222,8 +224,8 @@ def _run(jobs: deque, workers: int, version_dir: Path, quiet: bool, signals: _Si
             signals.check()
     except KeyboardInterrupt:
         stop = "interrupted"
-    except Terminated:
-        stop = "terminated by SIGTERM"
+    except Terminated as e:
+        stop = f"terminated by {e.signame}"
     finally:
         if stop is not None:  # a second signal must not break the clean-up
             signals.ignore()
@@ -246,9 +248,9 @@ def _run(jobs: deque, workers: int, version_dir: Path, quiet: bool, signals: _Si
           f"{len(list_clips(version_dir))} clips in {version_dir}; "
           f"{dt:.1f} s ({(counts['written'] + counts['rewritten']) / max(dt, 1e-9):.2f} clips/s)", flush=True)
     if stop == "interrupted":
-        sys.exit(EXIT_INTERRUPTED["SIGINT"])
-    if stop == "terminated by SIGTERM":
-        sys.exit(EXIT_INTERRUPTED["SIGTERM"])
+        sys.exit(exit_code("SIGINT"))
+    if stop is not None and stop.startswith("terminated by "):
+        sys.exit(exit_code(stop.removeprefix("terminated by ")))
     if counts["failed"]:
         print(f"error: {counts['failed']} clip(s) failed (see above); rerun to retry them", file=sys.stderr)
         sys.exit(1)

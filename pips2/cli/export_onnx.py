@@ -33,10 +33,10 @@ class TrackerForExport(torch.nn.Module):
         return self.model(trajs_e0, rgbs, iters=self.iters)[0][-1]
 
 
-def export(model, out: str | Path, S: int, hw: tuple[int, int], iters: int) -> Path:
+def export(model, out: str | Path, S: int, model_hw: tuple[int, int], iters: int) -> Path:
     """Write the ONNX graph (opset from the dynamo exporter) with N as a dynamic axis."""
     wrapper = TrackerForExport(model.eval(), iters).eval()
-    H, W = hw
+    H, W = model_hw
     g = torch.Generator().manual_seed(0)
     rgbs = torch.rand(1, S, 3, H, W, generator=g) * 255
     trajs = (torch.rand(1, 1, 8, 2, generator=g) * torch.tensor([W - 1.0, H - 1.0])).repeat(1, S, 1, 1)
@@ -49,7 +49,7 @@ def export(model, out: str | Path, S: int, hw: tuple[int, int], iters: int) -> P
 ONNX_FACTOR, ONNX_FLOOR = 4.0, 1e-3  # onnxruntime may be this many times as far from float64 as PyTorch's float32
 
 
-def check(path: str | Path, model, S: int, hw: tuple[int, int], iters: int, Ns=(5, 37)) -> dict[str, float]:
+def check(path: str | Path, model, S: int, model_hw: tuple[int, int], iters: int, Ns=(5, 37)) -> dict[str, float]:
     """Max differences in pixels over random clips with each N in Ns: onnxruntime vs PyTorch ("onnx"), and
     onnxruntime and PyTorch's float32 each vs PyTorch in float64 ("onnx_f64", "torch_f64").
 
@@ -60,7 +60,7 @@ def check(path: str | Path, model, S: int, hw: tuple[int, int], iters: int, Ns=(
 
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     f64 = copy.deepcopy(model).double().eval()
-    H, W = hw
+    H, W = model_hw
     worst = {"onnx": 0.0, "onnx_f64": 0.0, "torch_f64": 0.0}
     for k, n in enumerate(Ns):
         g = torch.Generator().manual_seed(10 + k)

@@ -7,13 +7,15 @@ or LBM (docs/LBM.md#training) with --model=lbm, in one stage.
     torchrun --nproc_per_node 8 --nnodes 2 --node_rank 0 --master_addr host --master_port 29500 train.py ...
     torchrun --nproc_per_node 4 train.py --model=lbm --dataset=kubric --movi_f_root=data/kubric_lbm --amp=fp16
 
-The flags are the fields of utils.trainer.Config; the run itself is utils.trainer.run_stage.
+The flags are the fields of pips2.trainer.Config (--crop_size sets its crop_hw); the run itself is
+pips2.trainer.run_stage.
 """
 
 from __future__ import annotations
 
 import inspect
 import math
+import re
 import sys
 import types
 import typing
@@ -34,7 +36,7 @@ from pips2.train_step import (
 from pips2.trainer import Config, fail, run_stage
 from pips2.utils import checkpoint as ck
 from pips2.utils.amp import amp_dtype
-from pips2.utils.cli import aliased, parse_hw, run_fire
+from pips2.utils.cli import aliased, flag_kind, parse_hw, run_fire
 
 # re-exported: tests and benchmarks call the step's semantics as train.<name>
 __all__ = ["Config", "forward_loss", "init_estimates", "lbm_forward_loss", "main", "make_config", "maybe_transpose",
@@ -47,7 +49,7 @@ STAGE_DEFAULTS = {
 # LBM as its authors train it (their lbm.yaml and assets/train.md): 150 epochs of the 11k Kubric clips at batch 4
 # on each of 4 GPUs (687 steps an epoch); AdamW 5e-4, weight decay 1e-5, gradient norm clipped at 1. Their
 # fp16 AMP is --amp=fp16 (not the default here: on a CPU fp16 autocast is many times slower than fp32).
-LBM_DEFAULTS = dict(B=4, S=24, N=256, crop_size=(384, 512), iters=0, lr=5e-4, max_steps=150 * 687, wd=1e-5,
+LBM_DEFAULTS = dict(B=4, S=24, N=256, crop_hw=(384, 512), iters=0, lr=5e-4, max_steps=150 * 687, wd=1e-5,
                     grad_clip=1.0)
 MODELS = ("pips2", "lbm")
 STAGES = (1, 2)
@@ -57,8 +59,10 @@ MINIMUM = {"B": 1, "S": 2, "N": 1, "iters": 1, "max_steps": 1, "save_freq": 1, "
            "grad_acc": 1, "max_nan_steps": 1, "eval_videos": 1, "memory_size": 1, "embed_dim": 1, "keep_latest": 0,
            "cache_len": 0, "workers": 0, "seed": 0}
 MAX_SEED = 2**32 - 1  # numpy's global seed takes 32 bits
-# the authors' flag names, kept as aliases: alias -> our name
-ALIASES = {"max_iters": "max_steps"}
+# the authors' flag names -> Config's fields: --max_iters is an alias of our --max_steps; --crop_size is the one
+# flag of crop_hw, a field named for what it holds (docs/ARCHITECTURE.md, "Names")
+ALIASES = {"max_iters": "max_steps", "crop_size": "crop_hw"}
+FLAG_OF = {"crop_hw": "crop_size"}  # fields set only through the authors' flag
 
 
 def resolve_aliases(flags: dict) -> dict:
@@ -130,10 +134,10 @@ def make_config(stage: int, flags: dict) -> Config:
     defaults = LBM_DEFAULTS if model == "lbm" else STAGE_DEFAULTS[stage]
     values = {**defaults, **{k: v for k, v in flags.items() if v is not None}, "stage": stage}
     values = {**values, **check_values(values)}
-    values["crop_size"] = parse_hw(values["crop_size"], "crop_size")
-    h, w = values["crop_size"]
+    values["crop_hw"] = parse_hw(values["crop_hw"], "crop_size")
+    h, w = values["crop_hw"]
     if model == "lbm":
-        # the crop is LBM's input_size, as in the authors' data loader; the model needs whole stride-32 cells
+        # the crop is LBM's input size, as in the authors' data loader; the model needs whole stride-32 cells
         if h < 32 or w < 32 or h % 32 or w % 32:
             raise ValueError(f"--model=lbm: crop_size is LBM's input_size and must be a multiple of 32 in both "
                              f"dimensions, got {h}x{w}")
@@ -156,12 +160,12 @@ def _latest_stage1(ckpt_dir: str) -> str | None:
 def usage() -> str:
     """--help: main's docstring and every flag with its stage-1 default (main takes them as **flags)."""
     defaults = {**{f.name: f.default for f in fields(Config)}, **STAGE_DEFAULTS[1]}
-    lines = [f"    --{name}={defaults[name]!r}" for name in sorted(defaults) if name != "stage"]
+    lines = sorted(f"    --{FLAG_OF.get(name, name)}={defaults[name]!r}" for name in defaults if name != "stage")
     prog = Path(sys.argv[0]).name or "train.py"  # pips2-train when run as the installed command
     return "\n".join([f"usage: {prog} [--stage=1|2] [--stages=1,2] [--FLAG=VALUE ...]", "",
                       inspect.cleandoc(main.__doc__ or ""), "",
                       "flags (stage-1 defaults; --model=lbm has its own):", *lines,
-                      f"aliases: {', '.join(f'--{a} = --{n}' for a, n in ALIASES.items())}"])
+                      f"aliases: {', '.join(f'--{a} = --{n}' for a, n in ALIASES.items() if n not in FLAG_OF)}"])
 
 
 def stage_order(stage, stages) -> list[int]:
@@ -189,6 +193,9 @@ def main(stage: int = 1, stages: str | None = None, **flags) -> None:
     if flags.pop("help", None) or flags.pop("h", None):
         print(usage())
         return
+    inside = sorted(k for k in flags if re.sub(r"^stage[12]_", "", k) in FLAG_OF)
+    if inside:
+        fail(f"unknown flags: {inside} (the flags are --{', --'.join(FLAG_OF.values())})")
     try:
         order = stage_order(stage, stages)
     except ValueError as e:
@@ -215,10 +222,18 @@ def main(stage: int = 1, stages: str | None = None, **flags) -> None:
         prev = str(run_stage(cfg)[0])
 
 
+def text_flags() -> dict:
+    """The annotations of Config's text fields, under their names and their per-stage `stage<N>_` names: fire
+    reads `--dataset_location=2024` as a number, which run_fire turns back into the text typed (the numeric
+    fields are checked with their bounds by check_values)."""
+    hints = {k: h for k, h in typing.get_type_hints(Config).items() if (flag_kind(h) or (None,))[0] is str}
+    return {**hints, **{f"stage{st}_{k}": h for st in STAGES for k, h in hints.items()}}
+
+
 def cli() -> None:
     """The `pips2-train` command (and `python train.py`): fire flags of main."""
     try:
-        run_fire(main)
+        run_fire(main, kwarg_hints=text_flags())
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
