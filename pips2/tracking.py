@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import errno
 import os
-import re
 import shutil
-import socket
 import sys
 import tempfile
 import threading
@@ -41,7 +39,7 @@ from pips2.nets.lbm import LBM, LBMOnlineState
 from pips2.nets.pips2 import MIN_SIZE
 from pips2.utils.amp import autocast
 from pips2.utils.cli import parse_hw
-from pips2.utils.procs import is_space_error, pid_alive
+from pips2.utils.procs import is_space_error, owned_tempdir, remove_stale_tempdirs
 from pips2.utils.video import VideoError, declared_frames, iter_frames, read_rgb
 
 # Bounds on what one tracking request may ask for (docs/BAD_INPUTS.md). Every point costs model time in every
@@ -111,24 +109,12 @@ class FileFrames(FrameSource):
 
 
 FRAMES_PREFIX = "pips2_frames"  # temp folders of decoded videos: <prefix>.<host>.<pid>.<random> in TMPDIR
-_FRAMES_RE = re.compile(rf"^{FRAMES_PREFIX}\.(?P<host>.+)\.(?P<pid>\d+)\.[A-Za-z0-9_]+$")
 
 
 def remove_stale_frame_dirs(tmp: str | os.PathLike | None = None) -> list[Path]:
     """Remove the decoded-frame temp folders that processes of this host left when they were killed (SIGKILL, out
     of memory), which no handler can clean; returns them. A folder of a live process stays."""
-    tmp = Path(tmp or tempfile.gettempdir())
-    host, removed = socket.gethostname(), []
-    try:
-        entries = list(tmp.iterdir())
-    except OSError:
-        return removed
-    for d in entries:
-        m = _FRAMES_RE.match(d.name)
-        if m and m["host"] == host and not pid_alive(int(m["pid"])) and d.is_dir():
-            shutil.rmtree(d, ignore_errors=True)
-            removed.append(d)
-    return removed
+    return remove_stale_tempdirs(FRAMES_PREFIX, tmp)
 
 
 def _reserve(f, nbytes: int, video, folder: Path) -> None:
@@ -206,7 +192,7 @@ class VideoFileFrames(FrameSource):
                 frames.close()
                 raise
         self.store = None
-        self.dir = Path(tempfile.mkdtemp(prefix=f"{FRAMES_PREFIX}.{socket.gethostname()}.{os.getpid()}."))
+        self.dir = owned_tempdir(FRAMES_PREFIX)
         self._cleanup = weakref.finalize(self, shutil.rmtree, str(self.dir), True)
         try:
             self._decode(path, _chain(first, frames), n_frames or 0)

@@ -46,7 +46,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import traceback
@@ -86,11 +85,12 @@ from pips2.nets.lbm import LBM
 from pips2.nets.pips2 import Pips
 from pips2.tracking import FrameSource, default_model_hw, grid_queries, is_lbm, resolve_model_hw, track, window_starts
 from pips2.utils.checkpoint import CheckpointError, resolve_device
-from pips2.utils.procs import caught_stop_signals
+from pips2.utils.procs import caught_stop_signals, owned_tempdir, remove_stale_tempdirs
 from pips2.utils.video import CONTAINER_NAMES, VideoError, container_suffix, header_wh, iter_frames
 from pips2.utils.vis import write_outputs
 
 PAGE = Path(__file__).parent / "webapp.html"
+WORK_PREFIX = "pips2_webapp"  # the server's temp folder: <prefix>.<host>.<pid>.<random> in TMPDIR
 CLIPS = {"synthetic-1": 1, "synthetic-2": 2, "synthetic-3": 3}  # bundled clip name -> generator seed
 CLIP_FRAMES, CLIP_HW = 48, (256, 384)  # demo.py's synthetic video
 MODELS = ("pips2", "lbm")
@@ -484,7 +484,8 @@ class App:
         self.init_dir, self.model, self.device, self.S, self.iters = init_dir, model, device, S, iters
         self.max_decoded = max_decoded_mb * 2**20
         self.clip_dir = Path(clip_dir) if clip_dir else cache_dir() / "demo_clips"
-        self.work = Path(tempfile.mkdtemp(prefix="pips2_webapp_"))  # uploads and results; removed by close()
+        remove_stale_tempdirs(WORK_PREFIX)  # those of servers killed (SIGKILL) before they could clean up
+        self.work = owned_tempdir(WORK_PREFIX)  # uploads and results; removed by close()
         self.videos: dict[str, Video] = {}
         self.jobs: dict[str, Job] = {}
         self.lock = threading.Lock()  # guards the dicts

@@ -818,3 +818,24 @@ def test_an_upload_is_opened_as_the_container_its_bytes_are_never_as_its_name_sa
     status, body = upload(server.url, video, name="holiday.m3u8")
     assert status == 200 and body["frames"] >= 2, body
     assert [p.suffix for p in (server.app.work / "uploads").iterdir()] == [".mp4"]
+
+
+def test_a_killed_servers_uploads_are_removed_by_the_next_start(tmp_path, ckpt, monkeypatch):
+    """A server killed before it could clean up (SIGKILL; SIGHUP before it was a stop signal) left its uploads and
+    results (up to about 2 GB) in TMPDIR for good. Its folder is named by host and pid, and the next server
+    removes those of processes that are gone; a live server's stays."""
+    import tempfile
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    host = socket.gethostname()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    stale = tmp_path / f"{webapp.WORK_PREFIX}.{host}.{dead}.abc_12"
+    live = tmp_path / f"{webapp.WORK_PREFIX}.{host}.{os.getpid()}.xyz"
+    for d in (stale, live):
+        (d / "uploads").mkdir(parents=True)
+    app = webapp.App(init_dir=str(ckpt), clip_dir=tmp_path / "clips")
+    try:
+        assert not stale.exists() and live.exists()
+        assert app.work.parent == tmp_path and app.work.name.startswith(f"{webapp.WORK_PREFIX}.{host}.{os.getpid()}.")
+    finally:
+        app.close()

@@ -6,7 +6,11 @@ from __future__ import annotations
 import errno
 import multiprocessing as mp
 import os
+import re
+import shutil
 import signal
+import socket
+import tempfile
 import threading
 import time
 from collections import deque
@@ -214,3 +218,28 @@ class WorkerPool:
                 w.proc.join()
             w.conn.close()
         self.workers = []
+
+
+def owned_tempdir(prefix: str) -> Path:
+    """A new temp folder named <prefix>.<host>.<pid>.<random> in TMPDIR: a later process of this host can tell
+    it from a live process's and remove it once its owner is gone (`remove_stale_tempdirs`)."""
+    return Path(tempfile.mkdtemp(prefix=f"{prefix}.{socket.gethostname()}.{os.getpid()}."))
+
+
+def remove_stale_tempdirs(prefix: str, tmp: str | os.PathLike | None = None) -> list[Path]:
+    """Remove the `owned_tempdir` folders of `prefix` that processes of this host left when they were killed
+    (SIGKILL, out of memory, a closed terminal under an old version), which no handler can clean; returns them.
+    A folder of a live process stays."""
+    pattern = re.compile(rf"^{re.escape(prefix)}\.(?P<host>.+)\.(?P<pid>\d+)\.[A-Za-z0-9_]+$")
+    tmp = Path(tmp or tempfile.gettempdir())
+    host, removed = socket.gethostname(), []
+    try:
+        entries = list(tmp.iterdir())
+    except OSError:
+        return removed
+    for d in entries:
+        m = pattern.match(d.name)
+        if m and m["host"] == host and not pid_alive(int(m["pid"])) and d.is_dir():
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(d)
+    return removed
