@@ -12,6 +12,7 @@ import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -287,7 +288,7 @@ def apply_checkpoint(ckpt: dict, path: str | os.PathLike, model: nn.Module, opti
         scheduler.load_state_dict(ckpt[layout.scheduler])
 
 
-def _owned(obj, memo: dict[int, object] | None = None):
+def _owned(obj: Any, memo: dict[int, Any] | None = None) -> Any:
     """obj with every tensor copied into memory: an optimizer keeps its state tensors as given, and those of a
     checkpoint read by load_weights_only are pages of the file, which may be replaced or removed while training.
     A shared object is copied once (load_weights_only has refused cycles and bounded the nesting)."""

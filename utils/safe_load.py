@@ -229,7 +229,9 @@ class _RestrictedUnpickler(pickle._Unpickler):
     sets state only on a numpy array or dtype, after checking it. The Python implementation, as the C one's
     BUILD cannot be intercepted; the files it reads hold few, large objects."""
 
-    dispatch = dict(pickle._Unpickler.dispatch)
+    stack: list[Any]  # set by load(); typeshed's pickle._Unpickler leaves out the Python implementation's state
+    # the opcode handlers, called as functions of the unpickler (load_build is one of this class's)
+    dispatch: dict[int, Callable[[Any], None]] = dict(pickle._Unpickler.dispatch)
 
     def load_build(self) -> None:
         """BUILD: an ndarray's state checked against its shape, a dtype's limited to plain ones; else refused."""
@@ -243,7 +245,7 @@ class _RestrictedUnpickler(pickle._Unpickler):
             problem = f"state set on a {type(inst).__name__}"
         if problem:
             raise _BadState(problem)
-        inst.__setstate__(state)
+        inst.__setstate__(state)  # pyright: ignore[reportAttributeAccessIssue]  # numpy's stub lacks dtype.__setstate__
 
     dispatch[pickle.BUILD[0]] = load_build
 

@@ -10,7 +10,7 @@ import warnings
 from collections.abc import Callable, Generator, Iterable, Iterator
 from fractions import Fraction
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, cast
 
 import cv2
 import imageio_ffmpeg
@@ -446,7 +446,7 @@ def iter_frames(path: str | os.PathLike, backend: str = "imageio") -> Generator[
     frames = _frames(path, backend)
     try:
         next(frames)  # the header's size
-        yield from frames
+        yield from cast("Iterator[np.ndarray]", frames)  # after the header, only frames
     finally:
         frames.close()
 
@@ -527,7 +527,7 @@ def read_clip(path: str | os.PathLike, S: int, H: int, W: int, backend: str = "c
             h, w = next(frames)
             if (h, w) != (H, W):
                 raise VideoError(f"{path}: corrupt clip, its header declares frames of {h}x{w}, {expected}")
-            for frame in frames:
+            for frame in cast("Iterator[np.ndarray]", frames):  # after the header, only frames
                 if frame.shape != (H, W, 3):  # a stream changing size midway
                     raise VideoError(f"{path}: corrupt clip, frame {len(decoded)} is "
                                      f"{frame.shape[0]}x{frame.shape[1]}, {expected}")
