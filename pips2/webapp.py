@@ -1133,7 +1133,9 @@ class _OneLineErrorTask(ErrorTask):
         self.status = f"{e.code} {e.reason}" if e.code < 500 or isinstance(e, _Refused) else "400 Bad Request"
         self.response_headers = [*self.response_headers, ("Content-Type", "application/json")]
         self.set_close_on_finish()
-        self.channel.refused = True  # its body may still be arriving: the close lingers (_Channel.handle_close)
+        channel = self.channel
+        assert isinstance(channel, _Channel)  # the one channel class whose error task this is
+        channel.refused = True  # its body may still be arriving: the close lingers (_Channel.handle_close)
         self.content_length = len(body)
         self.write(body)
 
@@ -1176,7 +1178,8 @@ class _Task(WSGITask):
     sends its next upload on this answer finds the slot free."""
 
     def build_response_header(self) -> bytes:
-        self.request.close()
+        # waitress's stub calls the task's request an Error; it is the request's parser
+        cast(HTTPRequestParser, self.request).close()
         return super().build_response_header()
 
 
@@ -1191,18 +1194,21 @@ class _Channel(HTTPChannel):
     linger_until: float | None = None
     evicted = False  # closed to make room (DemoServer.make_room)
     dropped = 0  # bytes read and dropped while lingering
+    demo: DemoServer  # the server it belongs to: set by DemoServer on its subclass of this one
 
     def __init__(self, server, sock, addr, adj, map=None):
         super().__init__(server, sock, addr, adj, map)
-        self.demo: DemoServer = server.demo
-        self.parser_class = functools.partial(_Parser, channel=self)
+        # waitress only calls parser_class(adj); its stub asks for a class where any such callable does
+        self.parser_class = functools.partial(_Parser, channel=self)  # pyright: ignore[reportAttributeAccessIssue]
         self.demo.room_check_at = 0.0
 
     def admit(self, request: _Parser) -> _Refused | None:
         """Judge a request from its headers (`Site.admit`), give an upload one of the upload slots, and set the
         deadline for its body; the refusal, or None."""
-        path = request.path
-        environ = {"REQUEST_METHOD": request.command.upper(), "QUERY_STRING": request.query,
+        # waitress's stub of the parser leaves out the path and query that its parse_header sets
+        path: str = request.path  # pyright: ignore[reportAttributeAccessIssue]
+        query: str = request.query  # pyright: ignore[reportAttributeAccessIssue]
+        environ = {"REQUEST_METHOD": request.command.upper(), "QUERY_STRING": query,
                    "PATH_INFO": "/" + path.lstrip("/") if path.startswith("/") else path}  # as waitress passes it
         for key, value in request.headers.items():
             environ[key if key in ("CONTENT_TYPE", "CONTENT_LENGTH") else f"HTTP_{key}"] = value
@@ -1240,25 +1246,29 @@ class _Channel(HTTPChannel):
             self.close_now()
             return False
         request = self.request
-        if request is not None and not request.completed and not self.requests and now > request.deadline:
+        # every request is a _Parser (parser_class), which holds its deadline
+        if isinstance(request, _Parser) and not request.completed and not self.requests and now > request.deadline:
             self.expire(request)
         return super().readable()
 
     def writable(self) -> bool:
         """Whether to write (waitress); never once closed (readable() may close it just before)."""
-        return self._fileno is not None and super().writable()
+        # _fileno: wasyncore's, left out of its stub (None once the socket is closed)
+        return self._fileno is not None and super().writable()  # pyright: ignore[reportAttributeAccessIssue]
 
     def expire(self, request: _Parser) -> None:
         """Answer a request that did not arrive by its deadline with 408, then close: a client that trickles
         bytes is never silent, so waitress's channel timeout would never close it."""
-        with self.requests_lock:
+        # requests_lock, requests (a list) and add_task (of a channel) as waitress has them: its stub leaves out
+        # the lock, calls the list a Sequence and add_task's argument a Task
+        with self.requests_lock:  # pyright: ignore[reportAttributeAccessIssue]
             if self.request is not request:
                 return
             request.error = _Refused(408, f"the request did not arrive in time: its headers must arrive within "
                                           f"{HEADER_SECONDS} s, its body at {MIN_BODY_RATE // 1024} KB/s or faster")
             request.completed, request.expect_continue, self.request = True, False, None
-            self.requests.append(request)
-            self.server.add_task(self)
+            self.requests.append(request)  # pyright: ignore[reportAttributeAccessIssue]
+            self.server.add_task(self)  # pyright: ignore[reportArgumentType]
 
     def handle_read(self) -> None:
         """Read a request (waitress), or while lingering, read and drop."""
@@ -1275,7 +1285,7 @@ class _Channel(HTTPChannel):
         LINGER_SECONDS, since closing with its body unread resets the connection, and a client still sending
         can then lose the answer."""
         if self.refused and not self.evicted and self.linger_until is None and self.connected \
-                and not self.total_outbufs_len:
+                and not self.total_outbufs_len and self.socket is not None:
             try:
                 self.socket.shutdown(socket.SHUT_WR)
             except OSError:
@@ -1331,12 +1341,20 @@ class DemoServer:
         # waitress warns on stderr each time the connections reach their limit (handled here: make_room) and
         # each time requests wait for a thread: under a flood of connections, a line for each
         self.server.task_dispatcher.queue_logger = _QUIET
+        owner = self
+
+        class Channel(_Channel):
+            """This server's connections."""
+
+            # the class, not each connection, names its server: waitress makes them with the listener's args only
+            demo: DemoServer = owner
+
         for d in self.listeners:
-            d.channel_class, d.demo, d.logger = _Channel, self, _QUIET
+            d.channel_class, d.logger = Channel, _QUIET
         self.adj = self.listeners[0].adj  # one for all listeners
         # waitress stops accepting when its map holds connection_limit sockets, its listeners and trigger included
         self.adj.connection_limit = len(self.map) + CONNECTION_LIMIT
-        self.port = int(self.listeners[0].effective_port)
+        self.port = int(self.listeners[0].getsockname()[1])  # (host, port) as numbers, the server's effective_port
         self.site.hosts, self.site.cookie = allowed_hosts(host, self.port), f"pips2_token_{self.port}"
 
     def start_upload(self) -> bool:
