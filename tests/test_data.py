@@ -566,7 +566,7 @@ def test_readme_recipe_export_defaults_serve_stage_1_training(tmp_path):
 
     defaults = {k: v.default for k, v in inspect.signature(export_mp4_dataset.main).parameters.items()}
     stage1 = STAGE_CLIPS[1]
-    assert {k: defaults[JSON_KEYS.get(k, k)] for k in stage1} == stage1  # the flags: crop_size for crop_hw
+    assert {k: defaults[JSON_KEYS.get(k) or k] for k in stage1} == stage1  # the flags: crop_size for crop_hw
     assert {k: getattr(ClipSettings(), k) for k in stage1} == stage1
     assert {k: train.STAGE_DEFAULTS[1][k] for k in stage1} == stage1
     assert {k: train.STAGE_DEFAULTS[2][k] for k in STAGE_CLIPS[2]} == STAGE_CLIPS[2]

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -111,7 +112,8 @@ def test_the_crop_flag_is_the_authors_crop_size(capsys):
     assert "--crop_size=(256, 384)" in train.usage() and "crop_hw" not in train.usage()
     for flag in ("crop_hw", "stage2_crop_hw"):
         with pytest.raises(SystemExit) as e:  # refused before any training starts
-            train.main(**{flag: "128,128"}, dataset_location="/nonexistent")
+            unknown: dict[str, Any] = {flag: "128,128"}  # any value: the flag's name is what is refused
+            train.main(**unknown, dataset_location="/nonexistent")
         assert e.value.code == 2
         assert capsys.readouterr().err.strip() == f"error: unknown flags: ['{flag}'] (the flags are --crop_size)"
 

@@ -347,7 +347,7 @@ def test_a_loader_worker_killed_saves_the_last_step_and_ends_in_one_line(exporte
     1, nothing saved, and the empty run folder removed. Now the last completed step is saved, one line, exit 2,
     and the same command resumes from it."""
     out, _ = exported
-    proc = _train(out, tmp_path, *ARGS, "--workers=2", start_new_session=True)
+    proc = _start(out, tmp_path, *ARGS, "--workers=2", start_new_session=True)
     try:
         seen = _interrupt_after(proc, "step 000001/4", lambda: os.kill(_children(proc.pid)[0], signal.SIGKILL))
     finally:

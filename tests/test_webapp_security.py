@@ -480,7 +480,9 @@ def answer(s: socket.socket, timeout: float) -> tuple[int, bytes] | None:
         while True:
             head, sep, body = buf.partition(b"\r\n\r\n")
             if sep:
-                want = int(re.search(rb"(?i)content-length: *(\d+)", head)[1])
+                length = re.search(rb"(?i)content-length: *(\d+)", head)
+                assert length is not None, head  # the server's every answer has one
+                want = int(length[1])
                 if len(body) >= want:
                     return int(head.split()[1]), body[:want]
             s.settimeout(max(0.01, end - time.time()))
@@ -701,7 +703,7 @@ def test_clients_that_stop_reading_an_answer_are_closed(ckpt, tmp_path, monkeypa
     with open(big, "wb") as f:
         f.truncate(mb * 2**20)  # sparse: nothing written
     app = webapp.App(init_dir=str(ckpt), clip_dir=tmp_path / "clips")
-    app.output = lambda job, name: big
+    monkeypatch.setattr(app, "output", lambda job_id, name: big)
     with serving(app, channel_timeout=1, cleanup_interval=1) as srv:
         port, held = srv.port, []
         try:
