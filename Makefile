@@ -2,6 +2,10 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
+# pyright (basic mode, pyproject's [tool.pyright]) as pinned in requirements-dev.txt; without the warning about a
+# newer release the wrapper asks PyPI for, so it needs no network
+PYRIGHT := PYRIGHT_PYTHON_IGNORE_WARNINGS=1 $(BIN)/pyright
+
 .PHONY: demo test lint bench clean golden-matrix
 
 $(BIN)/python:
@@ -26,9 +30,10 @@ demo: $(VENV)/.installed
 		--out_dir=demo_out/track
 	@echo "demo done: see demo_out/track/tracks.mp4, tracks.csv, tracks.npz"
 
-## test: lint, the float tests under five thread/kernel settings, then the whole test suite
+## test: lint, the type check, the float tests under five thread/kernel settings, then the whole test suite
 test: $(VENV)/.installed $(VENV)/.installed-onnx
 	$(BIN)/ruff check .
+	$(PYRIGHT)
 	$(MAKE) --no-print-directory golden-matrix
 	$(BIN)/python -m pytest -q --durations=25
 
@@ -47,6 +52,7 @@ golden-matrix: $(VENV)/.installed
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check .
+	$(PYRIGHT)
 
 bench: $(VENV)/.installed
 	$(BIN)/python benchmarks/bench_model.py

@@ -82,7 +82,7 @@ def main(sizes: str = "480p,540p,720p", frames: int = 48, points: int = 64, sett
             for name in names:
                 amp, div, iters = SETTINGS[name]
                 t0 = time.perf_counter()
-                res = track(model, str(video), queries, S=S, iters=iters, image_size=half_hw(hw, div), amp=amp)
+                res = track(model, str(video), queries, S=S, iters=iters, model_hw=half_hw(hw, div), amp=amp)
                 dt = time.perf_counter() - t0
                 row = {"seconds": dt, "s_per_frame": dt / frames, "model_hw": half_hw(hw, div) or "video"}
                 if name == "default":

@@ -27,7 +27,8 @@ def main(S: int = 36, N: int = 128, H: int = 256, W: int = 384, iters: int = 6, 
     rgbs = torch.rand(1, S, 3, H, W) * 255
     trajs = (torch.rand(1, 1, N, 2) * torch.tensor([W - 1.0, H - 1.0])).repeat(1, S, 1, 1)
     auto, auto_bf16 = ExecPlan.auto("cpu"), ExecPlan.auto("cpu", torch.bfloat16)
-    model = load_golden_weights(Pips(auto)).eval()
+    model = Pips(auto)
+    load_golden_weights(model).eval()
     res = {}
 
     def encode_time(plan: ExecPlan) -> float:

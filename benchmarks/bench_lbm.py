@@ -48,6 +48,7 @@ import tempfile
 import types
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import fire
 import torch
@@ -208,7 +209,7 @@ def build_ours(input_hw: tuple[int, int], memory_size: int, seed: int, checkpoin
         torch.manual_seed(seed)
         model = LBM(**lbm_config(input_hw, 12))
         with torch.no_grad():
-            model.transformer.vis_head.net[3].bias[0] += vis_bias
+            model.get_parameter("transformer.vis_head.net.3.bias")[0] += vis_bias
     if memory_size != 12:
         model.set_memory_size(memory_size)
     return model.eval()
@@ -264,8 +265,9 @@ class OursTracker:
 
     def state_bytes(self) -> int:
         """Bytes of the per-query state (query vectors and memory)."""
-        m = self.state.memory
-        return sum(t.nbytes for t in (self.state.query, m.collision, m.stream, m.vis_mask, m.mem_mask))
+        q, m = self.state.query, self.state.memory
+        assert q is not None and m is not None, "no points started"
+        return sum(t.nbytes for t in (q, m.collision, m.stream, m.vis_mask, m.mem_mask))
 
 
 class TheirsTracker:
@@ -274,7 +276,7 @@ class TheirsTracker:
     STATE = ("query", "collision_dist", "stream_dist", "vis_mask", "mem_mask")
 
     def __init__(self, model: nn.Module):
-        self.model = model
+        self.model: Any = model  # their LBM_online, whose tracking state lives in attributes it sets itself
 
     @torch.no_grad()
     def start(self, points: torch.Tensor, frame: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -347,7 +349,7 @@ def time_steps(trackers: dict, points: torch.Tensor, frame: Callable[[int], torc
                 trackers[name].step(frames[counters[name] % pool])
         return run
 
-    runs = {name: stepper(name) for name in trackers}
+    runs: dict[str, Callable[[], object]] = {name: stepper(name) for name in trackers}
     for name, tr in trackers.items():
         with autocast(amp):
             tr.start(points, frames[0])

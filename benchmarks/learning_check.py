@@ -30,6 +30,7 @@ from pips2.datasets.training import Sample, to_sample
 from pips2.hub import load_model
 from pips2.nets.lbm import LBM, VIS_THRESHOLD
 from pips2.utils import metrics
+from pips2.utils.cli import parse_hw
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPORT_HW = "128,192"
@@ -48,6 +49,7 @@ def _run_logged(args: list[str]) -> list[tuple[int, float]]:
     print("$", " ".join(args), flush=True)
     curve = []
     with subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.PIPE, text=True) as proc:
+        assert proc.stdout is not None  # stdout=PIPE
         for line in proc.stdout:
             print(line, end="", flush=True)
             if m := STEP_LINE.search(line):
@@ -104,17 +106,17 @@ def main(out: str = "./learning_check", max_iters: int = 500, train_scenes: int 
         _run(["test_on_pod.py", f"--dataset_location={out_dir / 'pod'}", "--dset=test", "--S=16", f"--iters={iters}",
               "--image_size=256,320", "--N=64", f"--out_json={js}", *extra])
         res[label] = json.loads(js.read_text())["mean"]
-    model, zero = res["model"], res["zero_velocity"]
+    ours, zero = res["model"], res["zero_velocity"]
     summary = {"train_minutes": train_min, "max_iters": max_steps, "amp": amp, "checkpoint": str(ckpt),
                "loss_curve": curve,
-               "d_avg_model": model["d_avg"], "d_avg_zero_velocity": zero["d_avg"],
-               "median_l2_model": model["median_l2"], "median_l2_zero_velocity": zero["median_l2"]}
+               "d_avg_model": ours["d_avg"], "d_avg_zero_velocity": zero["d_avg"],
+               "median_l2_model": ours["median_l2"], "median_l2_zero_velocity": zero["median_l2"]}
     (out_dir / "learning_check.json").write_text(json.dumps(summary, indent=2))
-    verdict = (f"the model beats zero-velocity ({model['d_avg'] / max(zero['d_avg'], 1e-9):.1f}x its d_avg)"
-               if model["d_avg"] > zero["d_avg"] else "the model does NOT beat zero-velocity yet (train longer)")
+    verdict = (f"the model beats zero-velocity ({ours['d_avg'] / max(zero['d_avg'], 1e-9):.1f}x its d_avg)"
+               if ours["d_avg"] > zero["d_avg"] else "the model does NOT beat zero-velocity yet (train longer)")
     print(f"learning check: trained {max_steps} steps in {train_min:.1f} min; held-out d_avg "
-          f"{model['d_avg']:.1f} (model) vs {zero['d_avg']:.1f} (zero-velocity), median_l2 "
-          f"{model['median_l2']:.1f} vs {zero['median_l2']:.1f} px: {verdict}")
+          f"{ours['d_avg']:.1f} (model) vs {zero['d_avg']:.1f} (zero-velocity), median_l2 "
+          f"{ours['median_l2']:.1f} vs {zero['median_l2']:.1f} px: {verdict}")
 
 
 def lbm_check(out: str, max_steps: int, train_scenes: int, test_scenes: int, B: int, S: int, N: int, crop_size: str,
@@ -134,7 +136,7 @@ def lbm_check(out: str, max_steps: int, train_scenes: int, test_scenes: int, B: 
           f"--seed={seed}"])
     train_min = (time.time() - t0) / 60
     run = next(p for p in (out_dir / "checkpoints").iterdir() if p.name.startswith("lbm_"))
-    crop_hw = tuple(int(v) for v in crop_size.split(","))  # LBM trains at its input size: the crop
+    crop_hw = parse_hw(crop_size, "crop_size")  # LBM trains at its input size: the crop
     net = load_model(run, kind="lbm", input_size=crop_hw, embed_dim=embed_dim, memory_size=memory_size)
     version = next(p.name for p in (out_dir / "export_test").iterdir() if p.is_dir())
     test = ExportDataset(str(out_dir / "export_test"), version, S, 64, crop_hw)
@@ -174,7 +176,7 @@ def score_lbm_clip(net: LBM, clip: Sample) -> dict | None:
     res = net.inference(clip.rgbs[None], queries[None], with_raw=True)
     pred, pvis, prob = res["points"][0], res["visibility"][0], torch.sigmoid(res["vis_logit"][0])
     zero = trajs[:1].expand_as(trajs)
-    hw = tuple(clip.rgbs.shape[-2:])
+    hw = (clip.rgbs.shape[-2], clip.rgbs.shape[-1])
     valid, seen = valids[1:] > 0, (valids[1:] > 0) & visibs[1:]
     err = lambda est: ((est[1:] - trajs[1:]).norm(dim=-1)[seen].sum().item(), seen.sum().item())  # noqa: E731
     return {"d_avg_model": metrics.track_metrics(pred, trajs, valids, hw)["d_avg"],

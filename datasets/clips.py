@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pips2.utils.cli import parse_hw
 from pips2.utils.paths import write_json
 from pips2.utils.safe_load import UnsafeFileError, load_npz
 from pips2.utils.video import VideoError, read_clip
@@ -161,7 +162,8 @@ class Tracks:
 
     def finite(self) -> Tracks:
         """Non-finite positions set to 0 and made invalid and invisible (what track.npz may hold)."""
-        ok = np.isfinite(self.trajs).all(-1)
+        finite = np.isfinite(self.trajs)
+        ok = finite[..., 0] & finite[..., 1]
         trajs = np.where(ok[..., None], self.trajs, 0).astype(self.trajs.dtype)
         return Tracks(trajs, self.visibs & ok, self.valids & ok)
 
@@ -303,7 +305,7 @@ def find_version(root: Path, S: int, N: int, crop_hw: tuple[int, int] | None, sp
     ValueError naming root and the candidates.
     """
     root = Path(root)
-    crop = tuple(crop_hw) if crop_hw is not None else None
+    crop = parse_hw(crop_hw, "crop_size") if crop_hw is not None else None
     found = {}
     for p in sorted(root.iterdir()) if root.is_dir() else []:
         st = read_settings(p) if p.is_dir() else None

@@ -53,7 +53,7 @@ class NoSpaceError(OSError):
         super().__init__(errno.ENOSPC, f"{NO_SPACE} ({path})")
 
     def __str__(self) -> str:
-        return self.strerror
+        return self.strerror or super().__str__()  # strerror is always set (__init__)
 
 
 class SceneCache:
@@ -149,7 +149,7 @@ def not_writable(e: BaseException, version_dir: Path) -> str | None:
         name = getattr(cur, "filename", None)
         if getattr(cur, "errno", None) in (errno.EACCES, errno.EPERM, errno.EROFS) and name is not None \
                 and Path(os.fsdecode(name)).is_relative_to(version_dir):
-            return f"{NOT_WRITABLE} {version_dir} ({cur.strerror or cur})"
+            return f"{NOT_WRITABLE} {version_dir} ({getattr(cur, 'strerror', None) or cur})"
         cur = cur.__cause__ or cur.__context__
     return None
 

@@ -29,6 +29,7 @@ from pips2.datasets.clips import (
 from pips2.datasets.clips import track_problem as track_problem  # re-exported: the reader's corruption rule
 from pips2.datasets.training import DataGoneError, Sample, to_sample
 from pips2.utils import augment
+from pips2.utils.cli import parse_hw
 from pips2.utils.video import VideoError
 
 
@@ -52,10 +53,10 @@ class ExportDataset(Dataset):
         if not self.clips:
             raise FileNotFoundError(f"{self.dir}: no exported clips (run export_mp4_dataset.py first)")
         # an export without settings.json (the authors' exporter) is taken to hold what is asked for
-        st = read_settings(self.dir) or ClipSettings(S=S, N=N, crop_hw=tuple(crop_hw or AUTHORS_EXPORT_HW))
+        st = read_settings(self.dir) or ClipSettings(S=S, N=N, crop_hw=parse_hw(crop_hw or AUTHORS_EXPORT_HW))
         # clip_hw: the clips' size (the export's crop); crop_hw: training's crop of them (train.py's --crop_size)
         self.S_export, self.N_export, self.clip_hw = st.S, st.N, st.crop_hw
-        self.crop_hw = tuple(crop_hw) if crop_hw is not None else self.clip_hw
+        self.crop_hw = parse_hw(crop_hw, "crop_size") if crop_hw is not None else self.clip_hw
         if self.crop_hw[0] > self.clip_hw[0] or self.crop_hw[1] > self.clip_hw[1]:
             raise ValueError(f"{self.dir}: clips are {self.clip_hw[0]}x{self.clip_hw[1]}, smaller than crop_size "
                              f"{self.crop_hw[0]}x{self.crop_hw[1]} (export at the training crop size or larger)")

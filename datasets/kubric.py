@@ -17,6 +17,7 @@ from pips2.datasets.clips import Tracks
 from pips2.datasets.exportdataset import CorruptClipWarning
 from pips2.datasets.training import DataGoneError
 from pips2.utils import augment
+from pips2.utils.cli import parse_hw
 from pips2.utils.safe_load import load_npy
 from pips2.utils.video import VideoError, read_rgb
 
@@ -36,7 +37,7 @@ class KubricDataset:
         self.seqs = sorted(p for p in root.iterdir() if (p / f"{p.name}.npy").is_file() and (p / "frames").is_dir())
         if not self.seqs:
             raise FileNotFoundError(f"{root}: no <seq>/frames + <seq>/<seq>.npy sequences")
-        self.S, self.N, self.crop_hw, self.use_augs = S, N, tuple(crop_hw), use_augs
+        self.S, self.N, self.crop_hw, self.use_augs = S, N, parse_hw(crop_hw, "crop_size"), use_augs
         self.max_retries = max_retries
         self.bad: set[int] = set()  # sequences found unreadable (per process: each DataLoader worker has its own)
         self.last_skipped: list[int] = []  # sequences skipped by the latest sample() call

@@ -62,7 +62,9 @@ def frame_files(scene: Path) -> list[Path]:
 
 
 def _mask_for(rgb: Path) -> Path:
-    num = FRAME_RE.match(rgb.name).group(1)
+    m = FRAME_RE.match(rgb.name)
+    assert m is not None, rgb  # rgb is one of frame_files, which keeps only the names FRAME_RE matches
+    num = m.group(1)
     return rgb.parent.parent / "masks" / f"mask_{num}.png"
 
 

@@ -61,7 +61,7 @@ class OrdinalDataset(Dataset):
     def __init__(self, base, seed: int = 0, shuffle: bool = True):
         self.base, self.seed, self.shuffle = base, seed, shuffle
         self.n = len(base)
-        self._perm_epoch, self._perm = -1, None
+        self._perm_epoch, self._perm = -1, None  # the permutation of the epoch _perm_epoch, made when first asked
 
     def __len__(self) -> int:
         return 2**62
@@ -70,10 +70,11 @@ class OrdinalDataset(Dataset):
         epoch, pos = divmod(k, self.n)
         if not self.shuffle:
             return pos
-        if epoch != self._perm_epoch:
-            self._perm = np.random.default_rng([self.seed, epoch, 7]).permutation(self.n)
+        perm = self._perm
+        if perm is None or epoch != self._perm_epoch:
+            perm = self._perm = np.random.default_rng([self.seed, epoch, 7]).permutation(self.n)
             self._perm_epoch = epoch
-        return int(self._perm[pos])
+        return int(perm[pos])
 
     def __getitem__(self, k: int) -> Sample:
         frames, track = self.base.sample(self.index_of(k), np.random.default_rng([self.seed, k]))

@@ -10,8 +10,8 @@ from __future__ import annotations
 import functools
 import itertools
 import weakref
-from collections.abc import Callable
-from typing import TYPE_CHECKING, NamedTuple
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, NamedTuple, cast
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +21,7 @@ from pips2.nets.plan import ExecPlan
 from pips2.utils.amp import autocast_off
 
 if TYPE_CHECKING:  # only for hints: pips2 imports this module
-    from pips2.nets.pips2 import BasicEncoder, CorrPyramid, DeltaBlock
+    from pips2.nets.pips2 import BasicBlock1d, BasicEncoder, CorrPyramid, DeltaBlock, ResidualBlock
 
 # ----------------------------------------------------------------------------------------------------------
 # Encoder
@@ -74,11 +74,11 @@ def run_encoder(fnet: BasicEncoder, x: torch.Tensor, norm: Callable[[torch.Tenso
     x = F.relu_(norm(conv(fnet.conv1, x)))
     feats = []
     for layer in (fnet.layer1, fnet.layer2, fnet.layer3, fnet.layer4):
-        for block in layer:  # ResidualBlock.forward
+        for block in cast("Iterable[ResidualBlock]", layer):  # ResidualBlock.forward (the layers hold only those)
             y = F.relu_(norm(conv(block.conv1, x)))
             y = F.relu_(norm(conv(block.conv2, y)))
             if block.downsample is not None:
-                x = norm(conv(block.downsample[0], x))
+                x = norm(conv(cast(torch.nn.Conv2d, block.downsample[0]), x))  # Sequential(Conv2d)
             x = F.relu_(x + y)
         feats.append(F.interpolate(x, size, mode="bilinear", align_corners=True))
     x = F.relu_(norm(conv(fnet.conv2, torch.cat(feats, 1))))
@@ -339,14 +339,15 @@ class _LocalCorrRecompute(torch.autograd.Function):
             fr = min(step, BS - s)
             idx, inside, fx, fy = _patch_index(xy[s:s + step], h, w, r)
             g_corr = _patch_blend_grad(grad[s:s + step], inside, fx, fy, scale)  # fr*N, T, P*P
-            if want_map:  # corr = targets patch^T: patch gradient g_corr^T targets, made contiguous by its bmm
+            if g_map is not None and g_patches is not None:  # want_map
+                # corr = targets patch^T: patch gradient g_corr^T targets, made contiguous by its bmm
                 g_patch = torch.bmm(g_corr.transpose(1, 2).to(tg.dtype), tg[s:s + step].reshape(fr * N, T, C),
                                     out=g_patches[:fr * N])
                 g_map.index_add_(0, idx + s * h * w, g_patch.view(-1, C))
-            if want_tg:
+            if g_tg is not None:  # want_tg
                 patch = _gather(flat[s:s + step].reshape(fr * h * w, C), idx, ws).view(fr * N, P * P, C)
                 torch.bmm(g_corr, patch, out=g_tg[s:s + step].view(fr * N, T, C))
-        return (g_map.view(flat.shape) if want_map else None), g_tg, None, None, None, None, None, None
+        return (g_map.view(flat.shape) if g_map is not None else None), g_tg, None, None, None, None, None, None
 
 
 class LocalCorrelation:
@@ -646,9 +647,9 @@ class _Conv1dK3Winograd(torch.autograd.Function):
             g = grad[m:m + group]
             k = g.shape[0]
             gm = scheme.t_out_grad(g, T).view(n, k * T, -1)
-            if ctx.needs_input_grad[0]:
+            if gx is not None:  # needs_input_grad[0]
                 gx[m:m + group] = scheme.t_in_grad(torch.bmm(gm, wt.transpose(1, 2)).view(n, k, T, C), S)
-            if ctx.needs_input_grad[1]:
+            if x is not None and ctx.needs_input_grad[1]:  # (x is None only when it is not needed)
                 U = scheme.t_in(x[m:m + group], T).view(n, k * T, C)
                 gwt = torch.baddbmm(gwt, U.transpose(1, 2), gm) if gwt is not None else torch.bmm(
                     U.transpose(1, 2), gm)
@@ -723,7 +724,7 @@ def _unpad_rows(out: torch.Tensor, M: int, S: int) -> torch.Tensor:
     return out.view(M, S + 2, -1)[:, 1:-1]
 
 
-def _k3_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+def _k3_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     M, S, _ = x.shape
     return _unpad_rows(_k3_rows(_pad_rows(x), _taps(weight), bias, False), M, S)
 
@@ -733,7 +734,7 @@ class _Conv1dK3Gemm(torch.autograd.Function):
     gradient three GEMMs against shifted row slices of the padded input (rebuilt, not stored)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         ctx.save_for_backward(x, weight)
         return _k3_forward(x, weight, bias)
 
@@ -755,7 +756,7 @@ class _Conv1dK3Gemm(torch.autograd.Function):
         return gx, gw, gb
 
 
-def conv1d_k3_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+def conv1d_k3_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """conv1d(kernel 3, padding 1) of time-major x (M,S,cin) as three GEMMs over row slices -> (M,S,cout).
 
     The sequences are laid end to end with a zero row between neighbours, so each tap is one GEMM on a
@@ -770,8 +771,9 @@ def conv1d_k3_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) ->
         # gradients back to the float32 weights)
         dt = torch.get_autocast_dtype(dev)
         with torch.autocast(dev, enabled=False):
-            return conv1d_k3_gemm(x.to(dt), weight.to(dt), bias.to(dt))
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or bias.requires_grad):
+            return conv1d_k3_gemm(x.to(dt), weight.to(dt), None if bias is None else bias.to(dt))
+    bias_grad = bias is not None and bias.requires_grad
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or bias_grad):
         return _Conv1dK3Gemm.apply(x, weight, bias)
     return _k3_forward(x, weight, bias)
 
@@ -790,6 +792,7 @@ def _conv_time_major(conv: torch.nn.Conv1d, x: torch.Tensor, wt: torch.Tensor | 
             return conv1d_k3_gemm(x, conv.weight, conv.bias)
         return F.conv1d(x.transpose(1, 2), conv.weight, conv.bias, padding=1).transpose(1, 2)
     eps = NORM_EPS if normed and grad else None
+    assert conv.bias is not None  # Winograd's output transform adds it; the delta block's convolutions have one
     if torch.is_autocast_enabled(dev):  # the Function sees no autocast: cast as for conv1d_k3_gemm
         dt = torch.get_autocast_dtype(dev)
         with torch.autocast(dev, enabled=False):
@@ -803,8 +806,9 @@ def _conv_winograd_cast(x, weight, bias, wt, grad: bool, eps: float | None) -> t
     return conv1d_k3_winograd(x, wt, bias)
 
 
-def _conv_gemm(conv: torch.nn.Conv1d, x: torch.Tensor, _: None, normed: bool = False) -> torch.Tensor:
-    """The GEMM form's convolution (every layer) of x, or of relu(InstanceNorm1d(x)) if `normed`."""
+def _conv_gemm(conv: torch.nn.Conv1d, x: torch.Tensor, _: torch.Tensor | None, normed: bool = False) -> torch.Tensor:
+    """The GEMM form's convolution (every layer) of x, or of relu(InstanceNorm1d(x)) if `normed` (the third
+    argument, _conv_time_major's filters, is None here: this form has none)."""
     return conv1d_k3_gemm(_instance_norm_relu_time_major(x) if normed else x, conv.weight, conv.bias)
 
 
@@ -875,7 +879,7 @@ def delta_block_time_major(block: DeltaBlock, fcorr: torch.Tensor, flow: torch.T
     conv = _conv_time_major if filters is not None else _conv_gemm
     wts = iter(filters) if filters is not None else itertools.repeat(None)
     x = F.relu(conv(block.first_block_conv.conv, block.inputs(fcorr, flow), next(wts)))
-    for blk in block.basicblock_list:
+    for blk in cast("Iterable[BasicBlock1d]", block.basicblock_list):  # it holds only those
         y = conv(blk.conv1.conv, x, next(wts), not blk.first)
         y = conv(blk.conv2.conv, y, next(wts), True)
         if blk.cout != blk.cin:

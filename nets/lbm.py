@@ -17,8 +17,9 @@ and order of the state_dict equal the authors' checkpoint (docs/LBM.md).
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn as nn
@@ -47,6 +48,9 @@ LEVELS = 4  # the frame is read at strides 4, 8, 16, 32 (the average-pooled copi
 
 class Backbone(nn.Module):
     """ResNet-18 stages 1-3 fused to one `embed_dim`-channel map at stride 4, plus a positional embedding."""
+
+    mean: torch.Tensor  # ImageNet's, buffers (1,3,1,1)
+    std: torch.Tensor
 
     def __init__(self, input_hw: tuple[int, int], stride: int, embed_dim: int, proj_dim: int = 64):
         super().__init__()
@@ -122,6 +126,14 @@ def level_references(points: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
 class LBMLayer(nn.Module):
     """Memory attention (collision, then stream), correlation + top-k peaks, lattice reads, query update."""
 
+    # registered under the authors' names (by add_block, and the time embeddings by __init__)
+    collision_attention: Attention
+    stream_attention: Attention
+    collision_time_emb: nn.Parameter
+    stream_time_emb: nn.Parameter
+    lattice_attention: MSDeformAttn
+    lattice_update: Attention
+
     def __init__(self, input_hw: tuple[int, int], stride: int, dim: int, heads: int, levels: int, neighbors: int,
                  memory_size: int, dropout: float):
         super().__init__()
@@ -156,7 +168,9 @@ class LBMLayer(nn.Module):
         Both steps are linear, so the mix is folded into the features instead: `mixed` (B,C,h*w) is
         (1 + w_0) f_0 + sum_l w_l up(f_l) for this layer's weights (LBMTransformer.forward), one per frame.
         """
-        return F.normalize(q, p=2, dim=-1) @ mixed + self.corr_conv.bias
+        bias = self.corr_conv.bias
+        assert bias is not None  # nn.Conv2d's default, which __init__ keeps
+        return F.normalize(q, p=2, dim=-1) @ mixed + bias
 
     def forward(self, query: torch.Tensor, feats_cat: torch.Tensor, mixed: torch.Tensor,
                 shapes: list[tuple[int, int]], memory: Memory, top_k: int):
@@ -250,6 +264,11 @@ class StepOutput:
 class LBMTransformer(nn.Module):
     """The layers plus the offset, visibility and collision-memory heads, each a deformable read of the frame."""
 
+    # the readers add_block registers under the authors' names
+    offset_layer: MSDeformAttn
+    vis_layer: MSDeformAttn
+    collision_mem_layer: MSDeformAttn
+
     def __init__(self, input_hw: tuple[int, int], stride: int, num_layers: int, dim: int, heads: int, levels: int,
                  neighbors: int, memory_size: int, top_k: int, dropout: float):
         super().__init__()
@@ -287,7 +306,8 @@ class LBMTransformer(nn.Module):
         up = torch.stack([F.interpolate(F.normalize(p, p=2, dim=1), size=(h, w), mode="bilinear",
                                         align_corners=False) if lvl else F.normalize(p, p=2, dim=1)
                           for lvl, p in enumerate(pooled)], 1)  # B L C h w
-        mix = torch.stack([layer.mix_weights() for layer in self.layers]).to(up.dtype)  # layers L
+        layers = cast("Iterable[LBMLayer]", self.layers)  # it holds only those
+        mix = torch.stack([layer.mix_weights() for layer in layers]).to(up.dtype)  # layers L
         with torch.autocast(feat.device.type, enabled=False):
             mixed = (mix @ up.reshape(B, LEVELS, -1)).reshape(B, len(self.layers), C, h * w)
         corr, refs, rhos = [], [], []
@@ -428,6 +448,8 @@ class LBM(nn.Module):
         for t in torch.unique(times).tolist():
             v = sample_points(frames_at(t), q_in[..., 1:], self.input_hw)
             out = v if out is None else torch.where((times == t).unsqueeze(-1), v, out)
+        if out is None:  # no queries (N = 0): no frame to read them from
+            return self.backbone.frame_pos_embedding.new_zeros(q_in.shape[0], 0, self.embed_dim)
         return out
 
     # --- training
@@ -548,20 +570,20 @@ class LBMOnlineState:
               remove: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """frame (1,3,H,W) [0,255] -> points (N,2) source px, visibility (N,) bool, vis_prob, rho_prob (N,)."""
         m = self.model
-        self.src_hw = tuple(frame.shape[-2:])
+        self.src_hw = (frame.shape[-2], frame.shape[-1])
         feat = m.backbone(frame)
-        if remove is not None and self.query is not None:
+        if remove is not None and self.query is not None and self.memory is not None:
             keep = ~remove.to(torch.bool)
             self.query, self.memory = self.query[:, keep], self.memory.select(keep)
         if add is not None and len(add):
             q_new = sample_points(feat, m.to_input_px(add.to(feat).unsqueeze(0), self.src_hw), m.input_hw)
             mem_new = m.empty_memory(1, q_new.shape[1], q_new)
-            if self.query is None or self.query.shape[1] == 0:
+            if self.query is None or self.memory is None or self.query.shape[1] == 0:
                 self.query, self.memory = q_new, mem_new
             else:
                 self.query = torch.cat([self.query, q_new], dim=1)
                 self.memory = Memory.cat(self.memory, mem_new)
-        if self.query is None or self.query.shape[1] == 0:
+        if self.query is None or self.memory is None or self.query.shape[1] == 0:
             raise ValueError("LBMOnlineState.track: no queries to track (call init or pass add=...)")
         active = torch.ones(self.query.shape[:2], dtype=torch.bool, device=feat.device)
         out, self.memory = m.step(self.query, feat, self.memory, active)

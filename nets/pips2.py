@@ -59,6 +59,7 @@ def sample_features(fmap: torch.Tensor, xy: torch.Tensor, frame: torch.Tensor | 
     for tap, weight in zip(taps, weights, strict=True):
         term = tap * weight.to(fmap.dtype)
         out = term if out is None else out + term
+    assert out is not None  # four corners
     return out
 
 
@@ -356,6 +357,7 @@ class Pips(nn.Module):
         self.forms.check_grad_mode(self.fnet.conv1.weight)
         B, S, N, D = trajs_e0.shape
         if fmaps is None:
+            assert rgbs is not None, "Pips.forward needs rgbs or fmaps"
             assert D == 2 and rgbs.shape[:2] == (B, S), "trajs_e0 (B,S,N,2) and rgbs (B,S,3,H,W) must agree"
             fmaps = self.encode_nhwc(rgbs)  # B,S,H8,W8,C
         assert fmaps.shape[:2] == (B, S), "trajs_e0 (B,S,N,2) and fmaps (B,S,H8,W8,C) must agree"

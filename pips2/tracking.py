@@ -25,10 +25,10 @@ import threading
 import warnings
 import weakref
 from collections import Counter, deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Protocol, TypedDict, TypeGuard, runtime_checkable
 
 import cv2
 import numpy as np
@@ -38,6 +38,7 @@ from tqdm import tqdm
 from pips2.nets.lbm import LBM, LBMOnlineState
 from pips2.nets.pips2 import MIN_SIZE
 from pips2.utils.amp import autocast
+from pips2.utils.cli import parse_hw
 from pips2.utils.procs import is_space_error, owned_tempdir, remove_stale_tempdirs
 from pips2.utils.video import VideoError, declared_frames, iter_frames, read_rgb
 
@@ -58,7 +59,7 @@ class FrameSource:
     """Windows of frames at the model's input size; subclasses implement `_read(start, end)`."""
 
     def __init__(self, num_frames: int, src_hw: tuple[int, int], model_hw: tuple[int, int]):
-        self.num_frames, self.src_hw, self.model_hw = num_frames, tuple(src_hw), tuple(model_hw)
+        self.num_frames, self.src_hw, self.model_hw = num_frames, parse_hw(src_hw), parse_hw(model_hw)
 
     def __len__(self) -> int:
         return self.num_frames
@@ -217,6 +218,7 @@ class VideoFileFrames(FrameSource):
                     self.store = None
                     _reserve(f, cap * frame_bytes, path, self.dir)
                     self.store = np.memmap(f, np.uint8, "r+", shape=(cap, h, w, 3))
+                assert self.store is not None  # mapped above when n reached cap (n == cap == 0 at first)
                 self.store[n] = self._resize(frame[None])[0]
                 n += 1
             self.store = None
@@ -225,6 +227,8 @@ class VideoFileFrames(FrameSource):
         self.num_frames = n
 
     def _read(self, start: int, end: int) -> np.ndarray:
+        if self.store is None:
+            raise ValueError("frames read from a closed frame source (its decoded frames are removed)")
         return np.array(self.store[start:end])  # a copy: the mapping is read-only, and the file may go (close)
 
     def close(self) -> None:
@@ -242,7 +246,8 @@ def default_model_hw(src_hw: tuple[int, int], source: str = "video") -> tuple[in
     """The video's size rounded to multiples of 8 and at least 128 (the smallest the model accepts); ValueError
     for a side beyond MAX_IMAGE_SIDE (S frames of feature maps at that size would not fit in memory), naming
     model_hw (the scripts' --image_size) as the way to track it."""
-    model_hw = tuple(max(MIN_SIZE, int(round(v / 8)) * 8) for v in src_hw)
+    h, w = (max(MIN_SIZE, int(round(v / 8)) * 8) for v in src_hw)
+    model_hw = (h, w)
     if max(model_hw) > MAX_IMAGE_SIDE:
         raise ValueError(f"{source}: the video is {src_hw[1]}x{src_hw[0]}, beyond the {MAX_IMAGE_SIDE} pixels a side "
                          f"that it is tracked at by default; give a size to track it at (model_hw, the scripts' "
@@ -354,7 +359,7 @@ class FeatureCache:
         return maps
 
     @torch.inference_mode()
-    def window(self, frames: list[int], keep, prefetch: list[int] = ()) -> torch.Tensor:
+    def window(self, frames: list[int], keep, prefetch: Iterable[int] = ()) -> torch.Tensor:
         """Maps (1,n,H/8,W/8,C) of the frames numbered `frames` (any order); keep(f) says whether frame f's maps
         are still needed after this window; `prefetch` frames, outside the window, are encoded now and kept."""
         pos = {f: i for i, f in enumerate(frames)}
@@ -376,6 +381,7 @@ class FeatureCache:
                 if out is None:
                     out = m.new_empty((1, len(frames), *m.shape))
                 out[0, pos[f]] = m
+        assert out is not None, "a window of no frames"
         return out
 
 
@@ -518,7 +524,7 @@ class _Pass:
     def __init__(self, frames: list[int], trajs_init: torch.Tensor, S: int):
         self.frames, self.windows = frames, window_starts(len(frames), S)
         self.trajs = trajs_init.detach().float().cpu().clone()
-        self.feats = None
+        self.feats: list | None = None  # per batch of points, carried from window to window (_run_points)
 
 
 def _prefetch_plan(passes: list[_Pass], order: list[tuple[int, int]]) -> dict[int, list[int]]:
@@ -752,18 +758,26 @@ def _given_row(queries, i: int) -> list[float]:
     return [float(v) for v in np.asarray(queries, np.float64)[i]]
 
 
+class TrackResult(TypedDict):
+    """What `track` returns (arrays over T frames and N points, in video pixels)."""
+
+    tracks: np.ndarray  # (T,N,2) float32
+    estimated: np.ndarray  # (T,N) bool: the frames that were estimated
+    visibility: np.ndarray | None  # (T,N) bool from a model that predicts it (LBM), else None
+
+
 def resolve_model_hw(model, src_hw: tuple[int, int], model_hw: tuple[int, int] | None = None) -> tuple[int, int]:
     """The model_hw `track` runs the model at for a video file of src_hw: PIPs++ at model_hw if given, else the
     video's size rounded to multiples of 8 (`default_model_hw`); an LBM at its input_hw, to which it resizes
     every frame whatever it is given. The size the time per frame grows with."""
     if is_lbm(model):
-        return tuple(int(v) for v in model.input_hw)
-    return tuple(int(v) for v in model_hw) if model_hw is not None else default_model_hw(tuple(src_hw))
+        return parse_hw(model.input_hw)
+    return parse_hw(model_hw) if model_hw is not None else default_model_hw(parse_hw(src_hw))
 
 
 def track(model, video, queries, S: int = 128, iters: int = 16, backward: bool = False,
           model_hw: tuple[int, int] | None = None, point_batch: int = 256, amp: str | None = None,
-          progress: ProgressArg = False) -> dict[str, np.ndarray]:
+          progress: ProgressArg = False) -> TrackResult:
     """Track queries (N,3) rows of (t, x, y) in video pixels through a video (array or path).
 
     Tracks forward from each query's frame (and backward to frame 0 with backward=True); the queries of one
@@ -804,11 +818,11 @@ class _frame_source:
         return self.src
 
     def __exit__(self, *exc) -> None:
-        if self.src is not self.video:
+        if self.src is not None and self.src is not self.video:
             self.src.close()
 
 
-def _finite(res: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def _finite(res: TrackResult) -> TrackResult:
     """res unless some estimated track is not finite (NaN or inf: the model's weights are damaged)."""
     bad = ~np.isfinite(res["tracks"]).all(-1) & res["estimated"]
     if bad.any():
@@ -819,7 +833,7 @@ def _finite(res: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def _track_pips(model, src: FrameSource, queries, S: int, iters: int, backward: bool, point_batch: int,
-                amp: str | None, progress: ProgressArg) -> dict[str, np.ndarray]:
+                amp: str | None, progress: ProgressArg) -> TrackResult:
     """`track` for PIPs++ on an open frame source."""
     T = len(src)
     q = check_queries(queries, T, src.src_hw, max_points=None)
@@ -882,8 +896,8 @@ class PipsStreamTracker:
         S, iters, point_batch, model_hw = check_track_args(S, iters, point_batch, model_hw)
         self.schedule = WindowSchedule(S)
         self.model, self.S, self.iters, self.point_batch, self.amp = model, S, iters, point_batch, amp
-        self.src_hw = tuple(src_hw)
-        self.model_hw = tuple(model_hw or default_model_hw(src_hw))
+        self.src_hw = parse_hw(src_hw)
+        self.model_hw = parse_hw(model_hw or default_model_hw(src_hw))
         xy = torch.as_tensor(np.asarray(queries_xy, np.float32).reshape(-1, 2))
         self.last = scale_xy(xy, self.src_hw, self.model_hw)  # estimate at the open window's first frame
         self.frames: deque[np.ndarray] = deque(maxlen=S)
@@ -944,7 +958,7 @@ class PipsStreamTracker:
 # LBM: online tracking frame by frame (nets/lbm.py), behind the same API as PIPs++.
 
 
-def is_lbm(model) -> bool:
+def is_lbm(model) -> TypeGuard[LBM]:
     """Whether `model` is an LBM (tracked online, with visibility) rather than a PIPs++."""
     return isinstance(model, LBM)
 
@@ -961,8 +975,8 @@ class LBMStreamTracker:
 
     def __init__(self, model: LBM, queries_xy: np.ndarray | None, src_hw: tuple[int, int],
                  model_hw: tuple[int, int] | None = None):
-        self.model, self.src_hw = model, tuple(src_hw)
-        self.model_hw = tuple(model_hw or src_hw)
+        self.model, self.src_hw = model, parse_hw(src_hw)
+        self.model_hw = parse_hw(model_hw or src_hw)
         self.state = LBMOnlineState(model)
         self.param = next(model.parameters())
         self.pending = None if queries_xy is None else np.asarray(queries_xy, np.float32).reshape(-1, 2)
@@ -1039,7 +1053,7 @@ def _lbm_pass(model: LBM, src: FrameSource, frames: list[int], idx: np.ndarray, 
 
 
 def track_lbm(model: LBM, video, queries, backward: bool = False, model_hw: tuple[int, int] | None = None,
-              progress: ProgressArg = False) -> dict[str, np.ndarray]:
+              progress: ProgressArg = False) -> TrackResult:
     """`track` for an LBM: each query starts on its own frame and is tracked online to the end (and, with
     backward=True, through the reversed video back to frame 0), reading one frame at a time.
 
@@ -1062,4 +1076,4 @@ def track_lbm(model: LBM, video, queries, backward: bool = False, model_hw: tupl
         _lbm_pass(model, src, list(range(T)), np.arange(len(q)), q, out, False, progress)
         if backward:  # queries on frame 0 have nothing before them; the query frame itself comes from the forward one
             _lbm_pass(model, src, list(range(T - 1, -1, -1)), np.nonzero(qt > 0)[0], q, out, True, progress)
-    return _finite(out)
+    return _finite(TrackResult(tracks=out["tracks"], estimated=out["estimated"], visibility=out["visibility"]))

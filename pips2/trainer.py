@@ -21,7 +21,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import NoReturn
+from types import FrameType
+from typing import Any, NoReturn
 
 import numpy as np
 import torch
@@ -213,6 +214,7 @@ _LAST_BARRIER: list = []
 def barrier() -> None:
     """dist.barrier() that is safe as the last collective before the process exits."""
     work = dist.barrier(async_op=True)
+    assert work is not None  # what async_op=True returns
     work.wait()
     # A gloo barrier keeps the collectives it waited for, and their tensors, until it is freed. Freed by gloo's
     # worker thread, the tensors' release needs the GIL; if the interpreter is finalising by then, that thread is
@@ -280,7 +282,7 @@ class StopRequest:
         self.signum = 0
         self.first_at = 0.0
         self.writing = False
-        self._old: dict[int, object] = {}
+        self._old: dict[int, Callable[[int, FrameType | None], Any] | int | None] = {}  # what signal.signal returned
 
     def install(self) -> None:
         """Catch STOP_SIGNALS (main thread only: elsewhere Python cannot, and they keep their handlers). A signal
@@ -619,7 +621,7 @@ class TrainData:
             ranks.die(str(e))
         self.n_items = len(base)
         self.train = iter(make_loader(base, cfg, step * cfg.grad_acc * cfg.B, ranks))
-        self.cache: list[dict] = []
+        self.cache: list[Sample] = []
 
     def _noted(self, kind: str, batch: Sample) -> None:
         """Tell `note` the batch's skipped clips; say each clip new to this process once, with its problem. The
@@ -628,7 +630,7 @@ class TrainData:
         for i in self.note(kind, batch):
             print(f"warning: skipping corrupt clip: {self.sets[kind].problem(i)}", file=sys.stderr, flush=True)
 
-    def next(self, step: int, micro: int) -> dict:
+    def next(self, step: int, micro: int) -> Sample:
         """The batch of a step's micro-batch: the next of the stream, or a random cached one once the cache is full."""
         cfg = self.cfg
         if cfg.cache_len and len(self.cache) >= cfg.cache_len:
@@ -648,8 +650,9 @@ class TrainData:
             if shutdown is not None:
                 shutdown()
 
-    def next_val(self) -> dict:
+    def next_val(self) -> Sample:
         """The next validation batch."""
+        assert self.val is not None, "no validation data (--val_dataset_version)"  # Validator asks only then
         batch = next(self.val)
         self._noted("val", batch)
         return batch
@@ -696,6 +699,7 @@ def fetch(ranks: Ranks, get: Callable[[], Sample]) -> Sample:
             f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
         problems = [p for p in ranks.gather(mine) if p]
         raise DataFailed(error, problems)
+    assert batch is not None  # get() returned it on this rank
     return batch
 
 
@@ -727,7 +731,7 @@ def train_step(state: TrainState, data: TrainData, cfg: Config) -> StepResult:
                 figures = lbm_figures(out, seen)
             else:
                 figures = batch_figures(final.detach().float(), seen.trajs, seen.visibs, seen.valids,
-                                        tuple(seen.rgbs.shape[-2:]))
+                                        (seen.rgbs.shape[-2], seen.rgbs.shape[-1]))
     if not finite:
         state.optimizer.zero_grad(set_to_none=True)
         return StepResult(False)
@@ -783,7 +787,7 @@ class Logger:
         self.writer.add_scalar("train/lr", state.scheduler.get_last_lr()[0], step)
         self.writer.add_scalar("data/corrupt_clips_skipped", sum(len(s) for s in state.corrupt.values()), step)
         self.scalars("train", res.figures or {}, step)
-        if step % (cfg.log_freq * 10) == 0 or step == 1:
+        if res.shown is not None and (step % (cfg.log_freq * 10) == 0 or step == 1):  # shown: rank 0's
             rgb0, trajs0, est0 = res.shown
             frames = rgb0.detach().permute(0, 2, 3, 1).cpu().numpy().clip(0, 255).astype(np.uint8)
             img = summary_image(frames, trajs0.cpu().numpy(), est0.float().cpu().numpy())
@@ -810,7 +814,7 @@ class Validator:
     def run(self, step: int, model: torch.nn.Module) -> dict[str, dict[str, float]]:
         """{log group: figures} of the validations due at `step`."""
         cfg, out = self.cfg, {}
-        net = model.module if hasattr(model, "module") else model
+        net = ck.unwrap(model)
         if self.data.val is not None and (step % cfg.val_freq == 0 or step == 1):
             out["val"] = self.exported(net)
         if cfg.tapvid_root and cfg.eval_dataset == "davis" and step % cfg.val_freq == 0 and self.ranks.main:
@@ -835,7 +839,7 @@ class Validator:
         with torch.no_grad(), autocast(device.type, self.cfg.amp):
             preds = net(init, rgbs, iters=self.cfg.iters * 2)[0]
         net.train()
-        hw = tuple(rgbs.shape[-2:])
+        hw = (rgbs.shape[-2], rgbs.shape[-1])
         self.curves["val"] = {"model": plots.curves_of(preds[-1].float(), trajs_g, valids, hw),
                               plots.ZERO_VEL: plots.curves_of(init, trajs_g, valids, hw)}
         return batch_figures(preds[-1].float(), trajs_g, visibs, valids, hw)
@@ -845,6 +849,7 @@ class Validator:
         frame 0, windows at the crop size); LBM as its authors validate while training (every point queried on
         its first visible frame, TAP-Vid's AJ, delta^x_avg and OA in 256x256, at the training memory size)."""
         cfg, rows = self.cfg, []
+        assert cfg.tapvid_root, "no --tapvid_root"  # run() asks only then
         net.eval()
         with torch.no_grad():
             for i, (_, video, points, occluded) in enumerate(load_tapvid(cfg.tapvid_root)):

@@ -54,6 +54,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from pathlib import Path
+from typing import cast
 from urllib.parse import parse_qs
 
 import cv2
@@ -80,6 +81,8 @@ from pips2.hub import (
     load_model,
     offline_hint,
 )
+from pips2.nets.lbm import LBM
+from pips2.nets.pips2 import Pips
 from pips2.tracking import FrameSource, default_model_hw, grid_queries, is_lbm, resolve_model_hw, track, window_starts
 from pips2.utils.checkpoint import CheckpointError, resolve_device
 from pips2.utils.procs import caught_stop_signals, owned_tempdir, remove_stale_tempdirs
@@ -271,6 +274,8 @@ class DecodedFrames(FrameSource):
         self.store = np.memmap(self.file, np.uint8, "r", shape=(n, *self.model_hw, 3))
 
     def _read(self, start: int, end: int) -> np.ndarray:
+        if self.store is None:
+            raise ValueError("frames read from closed DecodedFrames (its decoded frames are removed)")
         return np.array(self.store[start:end])  # a writable copy: torch refuses to wrap a read-only map
 
     def close(self) -> None:
@@ -487,7 +492,8 @@ class App:
         self.clip_lock = threading.Lock()
         self.open_lock = threading.Lock()  # one video decoded at a time: bounds the disk and CPU of uploads
         self.closed = threading.Event()
-        self.net_key, self.net = None, None
+        self.net_key: tuple[str, str] | None = None
+        self.net: Pips | LBM | None = None
 
     def close(self) -> None:
         """Stop the running job and remove the uploads and results."""
@@ -671,7 +677,7 @@ class App:
             path.unlink(missing_ok=True)
             raise
 
-    def add_clip(self, name: str, replaces: str | None = None) -> dict:
+    def add_clip(self, name: object, replaces: str | None = None) -> dict:
         """Open a bundled synthetic clip, generating it into the clip cache the first time."""
         if not isinstance(name, str) or name not in CLIPS:
             raise WebError(f"unknown clip {shown(name)} (bundled: {', '.join(CLIPS)})")
@@ -789,9 +795,9 @@ class App:
         job.cancel.set()
         return job.as_json()
 
-    def load_net(self, model: str, checkpoint: str):
+    def load_net(self, model: str, checkpoint: str) -> Pips | LBM:
         """The tracker for the page's model and checkpoint (a --init_dir path, or a hub name), kept for reuse."""
-        if self.net_key == (model, checkpoint):
+        if self.net is not None and self.net_key == (model, checkpoint):
             return self.net
         self.net_key, self.net = None, None  # free the old model before loading another
         net = load_model(checkpoint, self.device, kind=model)
@@ -1060,7 +1066,7 @@ class Site:
         raise WebError(f"no such page: {shown(req.method)} {shown(path)}", 404)
 
     @staticmethod
-    def file(req: Request, path: Path, ctype: str) -> tuple[int, list, Iterable[bytes]]:
+    def file(req: Request, path: Path, ctype: str) -> tuple[int, list, bytes | Iterable[bytes]]:
         """A file, or the byte range a <video> asks for, streamed in chunks."""
         size = path.stat().st_size
         start, end, status = 0, size - 1, 200
@@ -1104,7 +1110,9 @@ class _OneLineErrorTask(ErrorTask):
     malformed (a bad Content-Length, a header too large, a body over the limit...) or `_Refused`."""
 
     def execute(self) -> None:
-        e = self.request.error
+        # waitress's stub calls the task's request an Error; it is the request's parser, which holds the error
+        e = cast(HTTPRequestParser, self.request).error
+        assert e is not None  # an ErrorTask is made for a request whose parsing failed
         msg = f"{e.reason}: {one_line(RuntimeError(e.body))}"
         if isinstance(e, _Refused):
             msg = e.body
@@ -1113,9 +1121,11 @@ class _OneLineErrorTask(ErrorTask):
         body = _json_body({"error": msg})
         # the parser's one 5xx, an unknown Transfer-Encoding, is the client's error like every other here
         self.status = f"{e.code} {e.reason}" if e.code < 500 or isinstance(e, _Refused) else "400 Bad Request"
-        self.response_headers.extend([("Content-Type", "application/json"), *SECURITY_HEADERS])
+        self.response_headers = [*self.response_headers, ("Content-Type", "application/json"), *SECURITY_HEADERS]
         self.set_close_on_finish()
-        self.channel.refused = True  # its body may still be arriving: the close lingers (_Channel.handle_close)
+        channel = self.channel
+        assert isinstance(channel, _Channel)  # the one channel class whose error task this is
+        channel.refused = True  # its body may still be arriving: the close lingers (_Channel.handle_close)
         self.content_length = len(body)
         self.write(body)
 
@@ -1158,7 +1168,8 @@ class _Task(WSGITask):
     sends its next upload on this answer finds the slot free."""
 
     def build_response_header(self) -> bytes:
-        self.request.close()
+        # waitress's stub calls the task's request an Error; it is the request's parser
+        cast(HTTPRequestParser, self.request).close()
         return super().build_response_header()
 
 
@@ -1173,18 +1184,21 @@ class _Channel(HTTPChannel):
     linger_until: float | None = None
     evicted = False  # closed to make room (DemoServer.make_room)
     dropped = 0  # bytes read and dropped while lingering
+    demo: DemoServer  # the server it belongs to: set by DemoServer on its subclass of this one
 
     def __init__(self, server, sock, addr, adj, map=None):
         super().__init__(server, sock, addr, adj, map)
-        self.demo: DemoServer = server.demo
-        self.parser_class = functools.partial(_Parser, channel=self)
+        # waitress only calls parser_class(adj); its stub asks for a class where any such callable does
+        self.parser_class = functools.partial(_Parser, channel=self)  # pyright: ignore[reportAttributeAccessIssue]
         self.demo.room_check_at = 0.0
 
     def admit(self, request: _Parser) -> _Refused | None:
         """Judge a request from its headers (`Site.admit`), give an upload one of the upload slots, and set the
         deadline for its body; the refusal, or None."""
-        path = request.path
-        environ = {"REQUEST_METHOD": request.command.upper(), "QUERY_STRING": request.query,
+        # waitress's stub of the parser leaves out the path and query that its parse_header sets
+        path: str = request.path  # pyright: ignore[reportAttributeAccessIssue]
+        query: str = request.query  # pyright: ignore[reportAttributeAccessIssue]
+        environ = {"REQUEST_METHOD": request.command.upper(), "QUERY_STRING": query,
                    "PATH_INFO": "/" + path.lstrip("/") if path.startswith("/") else path}  # as waitress passes it
         for key, value in request.headers.items():
             environ[key if key in ("CONTENT_TYPE", "CONTENT_LENGTH") else f"HTTP_{key}"] = value
@@ -1222,25 +1236,29 @@ class _Channel(HTTPChannel):
             self.close_now()
             return False
         request = self.request
-        if request is not None and not request.completed and not self.requests and now > request.deadline:
+        # every request is a _Parser (parser_class), which holds its deadline
+        if isinstance(request, _Parser) and not request.completed and not self.requests and now > request.deadline:
             self.expire(request)
         return super().readable()
 
     def writable(self) -> bool:
         """Whether to write (waitress); never once closed (readable() may close it just before)."""
-        return self._fileno is not None and super().writable()
+        # _fileno: wasyncore's, left out of its stub (None once the socket is closed)
+        return self._fileno is not None and super().writable()  # pyright: ignore[reportAttributeAccessIssue]
 
     def expire(self, request: _Parser) -> None:
         """Answer a request that did not arrive by its deadline with 408, then close: a client that trickles
         bytes is never silent, so waitress's channel timeout would never close it."""
-        with self.requests_lock:
+        # requests_lock, requests (a list) and add_task (of a channel) as waitress has them: its stub leaves out
+        # the lock, calls the list a Sequence and add_task's argument a Task
+        with self.requests_lock:  # pyright: ignore[reportAttributeAccessIssue]
             if self.request is not request:
                 return
             request.error = _Refused(408, f"the request did not arrive in time: its headers must arrive within "
                                           f"{HEADER_SECONDS} s, its body at {MIN_BODY_RATE // 1024} KB/s or faster")
             request.completed, request.expect_continue, self.request = True, False, None
-            self.requests.append(request)
-            self.server.add_task(self)
+            self.requests.append(request)  # pyright: ignore[reportAttributeAccessIssue]
+            self.server.add_task(self)  # pyright: ignore[reportArgumentType]
 
     def handle_read(self) -> None:
         """Read a request (waitress), or while lingering, read and drop."""
@@ -1257,7 +1275,7 @@ class _Channel(HTTPChannel):
         LINGER_SECONDS, since closing with its body unread resets the connection, and a client still sending
         can then lose the answer."""
         if self.refused and not self.evicted and self.linger_until is None and self.connected \
-                and not self.total_outbufs_len:
+                and not self.total_outbufs_len and self.socket is not None:
             try:
                 self.socket.shutdown(socket.SHUT_WR)
             except OSError:
@@ -1313,12 +1331,20 @@ class DemoServer:
         # waitress warns on stderr each time the connections reach their limit (handled here: make_room) and
         # each time requests wait for a thread: under a flood of connections, a line for each
         self.server.task_dispatcher.queue_logger = _QUIET
+        owner = self
+
+        class Channel(_Channel):
+            """This server's connections."""
+
+            # the class, not each connection, names its server: waitress makes them with the listener's args only
+            demo: DemoServer = owner
+
         for d in self.listeners:
-            d.channel_class, d.demo, d.logger = _Channel, self, _QUIET
+            d.channel_class, d.logger = Channel, _QUIET
         self.adj = self.listeners[0].adj  # one for all listeners
         # waitress stops accepting when its map holds connection_limit sockets, its listeners and trigger included
         self.adj.connection_limit = len(self.map) + CONNECTION_LIMIT
-        self.port = int(self.listeners[0].effective_port)
+        self.port = int(self.listeners[0].getsockname()[1])  # (host, port) as numbers, the server's effective_port
         self.site.hosts = allowed_hosts(host, self.port)
 
     def start_upload(self) -> bool:
@@ -1374,7 +1400,9 @@ class DemoServer:
 
     def shutdown(self) -> None:
         """Stop serving (from any thread): the server's own loop closes every socket and ends."""
-        self.listeners[0].trigger.pull_trigger(lambda: close_all(self.map, ignore_all=True))
+        # waitress's stub types the trigger as an int; it is a waitress.trigger.trigger, whose pull_trigger runs a thunk
+        trigger = self.listeners[0].trigger
+        trigger.pull_trigger(lambda: close_all(self.map, ignore_all=True))  # pyright: ignore[reportAttributeAccessIssue]
 
     def close(self) -> None:
         """Close the sockets and stop the worker threads (after serve_forever returned)."""

@@ -60,7 +60,8 @@ def tar_bytes(members: dict, gz: bool = True) -> bytes:
     member)."""
     buf = io.BytesIO()
     # compresslevel 1: checkpoints barely compress and level 9 only costs time
-    with tarfile.open(fileobj=buf, mode="w:gz" if gz else "w", **({"compresslevel": 1} if gz else {})) as tf:
+    tf = tarfile.open(fileobj=buf, mode="w:gz", compresslevel=1) if gz else tarfile.open(fileobj=buf, mode="w")
+    with tf:
         for name, data in members.items():
             info = tarfile.TarInfo(name)
             if isinstance(data, tuple):

@@ -54,7 +54,7 @@ def ckpt(tmp_path_factory):
 def video(tmp_path_factory):
     """12 frames of 96x128 texture panning right by 2 px a frame."""
     rng = np.random.default_rng(0)
-    base = cv2.resize((rng.random((40, 60, 3)) * 255).astype(np.uint8), (W + 2 * T, H), cv2.INTER_CUBIC)
+    base = cv2.resize((rng.random((40, 60, 3)) * 255).astype(np.uint8), (W + 2 * T, H), interpolation=cv2.INTER_CUBIC)
     path = tmp_path_factory.mktemp("vid") / "pan.mp4"
     write_mp4(path, (np.ascontiguousarray(base[:, 2 * t:2 * t + W]) for t in range(T)))
     return path
@@ -124,7 +124,8 @@ def test_api_track_points_and_grid(server, video):
     assert status == 200, info
     assert (info["frames"], info["height"], info["width"]) == (T, H, W)
     status, jpg = call(f"{base}api/frame?video={info['video']}&t=7")
-    assert status == 200 and cv2.imdecode(np.frombuffer(jpg, np.uint8), cv2.IMREAD_COLOR).shape == (H, W, 3)
+    img = cv2.imdecode(np.frombuffer(jpg, np.uint8), cv2.IMREAD_COLOR)
+    assert status == 200 and img is not None and img.shape == (H, W, 3)
     # two clicked points, the second on frame 5, and a 2x2 grid on frame 3
     req = {"video": info["video"], "points": [[0, 30.5, 40], [5, 64, 48]], "grid_size": 2, "grid_frame": 3}
     status, body = call(f"{base}api/track", req)
@@ -438,6 +439,7 @@ def browser():
             pytest.fail(f"PIPS2_REQUIRE_BROWSER=1 but {why} missing (apt-get install chromium chromium-driver; "
                         f"pip install selenium)")
         pytest.skip(f"no browser: {why} missing")
+    assert webdriver is not None  # browser_missing() names selenium otherwise
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("SE_OFFLINE", "true")  # selenium-manager must never download a driver
         opts = webdriver.ChromeOptions()

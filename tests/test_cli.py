@@ -30,13 +30,13 @@ def toy(S: int = 8, lr: float = 5e-4, use_augs: bool = True, max_clips: int | No
 def test_good_flags_reach_main_with_their_types(capsys):
     res, code, _, err = _run(toy, ["--S=36", "--lr", "1", "--nouse_augs", "--max-clips=4", "--name=run1",
                                    "--crop_size=128,192"], capsys)
-    assert code == 0, err
+    assert code == 0 and res is not None, err
     assert res == dict(S=36, lr=1.0, use_augs=False, max_clips=4, name="run1", crop_size=(128, 192))
     assert isinstance(res["lr"], float)
     res, code, _, _ = _run(toy, ["--use_augs=0"], capsys)  # 0 and 1 are booleans
-    assert code == 0 and res["use_augs"] is False
+    assert code == 0 and res is not None and res["use_augs"] is False
     res, code, _, _ = _run(toy, ["--l=1", "--n=y", "--max_clips=None"], capsys)  # fire's one-letter abbreviations
-    assert code == 0 and (res["lr"], res["name"], res["max_clips"]) == (1.0, "y", None)
+    assert code == 0 and res is not None and (res["lr"], res["name"], res["max_clips"]) == (1.0, "y", None)
     res, code, _, _ = _run(toy, [], capsys)
     assert res == toy()
 

@@ -40,8 +40,10 @@ def test_synthetic_layout_and_keys(synth_root):
     assert z["trajs_2d"].shape == (T, N, 2) and z["trajs_3d"].shape == (T, N, 3)
     assert z["visibs"].shape == (T, N) and z["valids"].shape == (T, N)
     assert z["intrinsics"].shape == (T, 3, 3) and z["extrinsics"].shape == (T, 4, 4)
-    assert cv2.imread(str(scene / "rgbs" / "rgb_00000.jpg")).shape == (256, 320, 3)
-    assert cv2.imread(str(scene / "depths" / "depth_00000.png"), cv2.IMREAD_UNCHANGED).dtype == np.uint16
+    rgb = cv2.imread(str(scene / "rgbs" / "rgb_00000.jpg"))
+    depth = cv2.imread(str(scene / "depths" / "depth_00000.png"), cv2.IMREAD_UNCHANGED)
+    assert rgb is not None and rgb.shape == (256, 320, 3)
+    assert depth is not None and depth.dtype == np.uint16
     from PIL import Image
 
     assert Image.open(scene / "masks" / "mask_00000.png").mode == "P"
@@ -67,11 +69,11 @@ def test_synthetic_tracks_are_exact_and_3d_reprojects(synth_root):
         uv = (z["intrinsics"][t] @ cam.T).T
         np.testing.assert_allclose(uv[:, :2] / uv[:, 2:], tr[t], atol=1e-2)
     # colour at a track is the same in every frame where it is visible (far from any occlusion edge)
-    f0 = cv2.imread(str(scene / "rgbs" / "rgb_00000.jpg")).astype(np.float32)
+    f0 = read_rgb(scene / "rgbs" / "rgb_00000.jpg").astype(np.float32)
     labels0 = pod.read_mask(scene / "masks" / "mask_00000.png")
     edges0 = pod.segmentation_edges(labels0, dilate=9)
     t = 12
-    ft = cv2.imread(str(scene / "rgbs" / f"rgb_{t:05d}.jpg")).astype(np.float32)
+    ft = read_rgb(scene / "rgbs" / f"rgb_{t:05d}.jpg").astype(np.float32)
     edgest = pod.segmentation_edges(pod.read_mask(scene / "masks" / f"mask_{t:05d}.png"), dilate=9)
     xi0, yi0 = tr[0].round().astype(int).T
     xit, yit = np.clip(tr[t].round(), 0, [319, 255]).astype(int).T
@@ -564,7 +566,7 @@ def test_readme_recipe_export_defaults_serve_stage_1_training(tmp_path):
 
     defaults = {k: v.default for k, v in inspect.signature(export_mp4_dataset.main).parameters.items()}
     stage1 = STAGE_CLIPS[1]
-    assert {k: defaults[JSON_KEYS.get(k, k)] for k in stage1} == stage1  # the flags: crop_size for crop_hw
+    assert {k: defaults[JSON_KEYS.get(k) or k] for k in stage1} == stage1  # the flags: crop_size for crop_hw
     assert {k: getattr(ClipSettings(), k) for k in stage1} == stage1
     assert {k: train.STAGE_DEFAULTS[1][k] for k in stage1} == stage1
     assert {k: train.STAGE_DEFAULTS[2][k] for k in STAGE_CLIPS[2]} == STAGE_CLIPS[2]

@@ -111,7 +111,9 @@ def test_amp_training_step_with_grad_scaler(amp):
             assert scaler.get_scale() == 8.0  # a finite step keeps the scale
             for p in model.parameters():
                 p.grad = torch.zeros_like(p)
-            model.delta_block.dense.weight.grad[0, 0] = float("inf")
+            grad = model.delta_block.dense.weight.grad
+            assert grad is not None  # set just above
+            grad[0, 0] = float("inf")
             kept = {n: p.detach().clone() for n, p in model.named_parameters()}
             train.optimizer_update(model, opt, sched, scaler)
             assert all(torch.equal(kept[n], p) for n, p in model.named_parameters())
@@ -177,7 +179,8 @@ def test_training_step_runs_on_another_device(grad_ckpt):
     loss, final, seen = train.forward_loss(model, _batch(), device, 2, torch.Generator().manual_seed(0), "none")
     assert loss.device == device and final.device == device and seen.rgbs.device == device
     scaler.scale(loss).backward()
-    assert model.fnet.conv1.weight.grad.device == device
+    grad = model.fnet.conv1.weight.grad
+    assert grad is not None and grad.device == device
     train.optimizer_update(model, opt, sched, scaler)
     assert all(p.device == device for p in model.parameters())
     assert all(v.device == device for s in opt.state.values() for v in s.values() if torch.is_tensor(v)

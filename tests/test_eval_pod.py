@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -39,7 +40,9 @@ def pod_bad(tmp_path_factory):
     generate_dataset(root, {"test": 4}, seed=7, cfg=SceneConfig(W=320, H=192, T=12, n_points=300), progress=False)
     (root / "test" / "synth_0001" / "rgbs" / "rgb_00005.jpg").write_bytes(b"")
     f = root / "test" / "synth_0002" / "rgbs" / "rgb_00007.jpg"
-    cv2.imwrite(str(f), cv2.resize(cv2.imread(str(f)), (160, 96)))
+    img = cv2.imread(str(f))
+    assert img is not None
+    cv2.imwrite(str(f), cv2.resize(img, (160, 96)))
     f = root / "test" / "synth_0003" / "rgbs" / "rgb_00003.jpg"
     f.write_bytes(f.read_bytes()[:2000])
     return root
@@ -87,7 +90,7 @@ def zero_velocity_d_avg(g, m, hw, size=(128, 192)):
 
 def test_zero_velocity_matches_independent_computation(pod_test, tmp_path, capsys):
     res, js = _run(capsys, pod_test, tmp_path, zero_vel=True)
-    assert res.returncode == 0, res.stderr
+    assert res.returncode == 0 and js is not None, res.stderr
     assert "synth_0000: d_1" in res.stdout and "d_avg" in res.stdout and "summary: 2 sequences" in res.stdout
     z = np.load(pod_test / "test" / "synth_0000" / "anno.npz")
     g, m = authors_choice(z["trajs_2d"], z["visibs"], z["valids"], (192, 320), 32)
@@ -114,7 +117,7 @@ def test_non_finite_tracks_and_fewer_than_N_points_choose_the_authors_points(pod
     n_survive = authors_choice(tr, z["visibs"], z["valids"], (192, 320), 10**6)[0].shape[1]
     N = n_survive + 50  # fewer survivors than N: each is used once
     res, js = _run(capsys, root, tmp_path, zero_vel=True, N=N)
-    assert res.returncode == 0, res.stderr
+    assert res.returncode == 0 and js is not None, res.stderr
     g, m = authors_choice(tr, z["visibs"], z["valids"], (192, 320), N)
     assert g.shape[1] == n_survive and js["per_item"]["synth_0000"]["points"] == n_survive
     assert js["per_item"]["synth_0000"]["d_avg"] == pytest.approx(zero_velocity_d_avg(g, m, (192, 320)),
@@ -135,9 +138,9 @@ def test_checkpoint_folder_and_file_forms(pod_test, tmp_path, capsys):
     ck = tmp_path / "ck"
     checkpoint.save(ck, 12, golden_model())
     r1, j1 = _run(capsys, pod_test, tmp_path, init_dir=str(ck), max_scenes=1, N=8, iters=1)
-    assert r1.returncode == 0, r1.stderr
+    assert r1.returncode == 0 and j1 is not None, r1.stderr
     r2, j2 = _run(capsys, pod_test, tmp_path, init_dir=str(ck / "model-000000012.pth"), max_scenes=1, N=8, iters=1)
-    assert r2.returncode == 0, r2.stderr
+    assert r2.returncode == 0 and j2 is not None, r2.stderr
     assert j1["mean"] == j2["mean"] and len(j1["per_item"]) == 1
 
 
@@ -146,7 +149,7 @@ def test_max_scenes_and_its_alias_must_agree(pod_test, tmp_path, capsys):
     assert res.returncode == 2 and js is None
     assert res.stderr.strip() == "error: --max_scenes=1 and its alias --max_iters=2 disagree; give one of them"
     res, js = _run(capsys, pod_test, tmp_path, zero_vel=True, max_iters=1)
-    assert res.returncode == 0 and list(js["per_item"]) == ["synth_0000"]
+    assert res.returncode == 0 and js is not None and list(js["per_item"]) == ["synth_0000"]
 
 
 def test_missing_checkpoint_names_the_download_script(pod_test, tmp_path, capsys):
@@ -164,7 +167,7 @@ def test_sequence_without_usable_points_is_skipped(pod_test, tmp_path, capsys):
     z["visibs"][0] = False
     np.savez(scene / "anno.npz", **z)
     res, js = _run(capsys, root, tmp_path, zero_vel=True)
-    assert res.returncode == 0 and "synth_0001: skipped (no usable point)" in res.stdout
+    assert res.returncode == 0 and js is not None and "synth_0001: skipped (no usable point)" in res.stdout
     assert list(js["per_item"]) == ["synth_0000"]
 
 
@@ -232,7 +235,7 @@ def test_bad_sequences_are_skipped_with_reasons_with_a_model(pod_bad, tmp_path, 
     checkpoint.save(tmp_path / "ck", 1, Pips().eval())
     res, js = _run(capsys, pod_bad, tmp_path, init_dir=str(tmp_path / "ck"))
     _check_bad_scenes_skipped(res, js)
-    assert np.isfinite(js["per_item"]["synth_0000"]["d_avg"])
+    assert js is not None and np.isfinite(js["per_item"]["synth_0000"]["d_avg"])
 
 
 def test_frame_source_refuses_a_frame_of_another_size(pod_bad):
@@ -272,7 +275,7 @@ def test_partial_results_are_written_on_interrupt_and_on_errors(pod_test, tmp_pa
     root = pod_test
     monkeypatch.setattr(test_on_pod, "evaluate_scene", _interrupt_on_second(exc))
     out = tmp_path / "r.json"
-    kw = dict(dataset_location=str(root), zero_vel=True, out_json=str(out), **SMALL)
+    kw: dict[str, Any] = dict(dataset_location=str(root), zero_vel=True, out_json=str(out), **SMALL)
     if code is None:
         with pytest.raises(RuntimeError, match="a bug"):
             test_on_pod.main(**kw)
@@ -296,7 +299,7 @@ def test_curves_png_beside_the_json(pod_test, tmp_path, capsys):
     ck = tmp_path / "ck"
     checkpoint.save(ck, 12, golden_model())
     res, js = _run(capsys, pod_test, tmp_path, init_dir=str(ck), N=8, iters=1)
-    assert res.returncode == 0, res.stderr
+    assert res.returncode == 0 and js is not None, res.stderr
     png = tmp_path / "res_curves.png"
     assert f"curves -> {png}" in res.stdout
     with Image.open(png) as im:
@@ -310,7 +313,7 @@ def test_curves_png_beside_the_json(pod_test, tmp_path, capsys):
             assert curves[label]["accuracy"] == pytest.approx([want[f"d_{t}"] for t in metrics.THRESHOLDS])
             assert 100 * np.mean(curves[label]["survival"]) == pytest.approx(want["survival_16"])
     _, zv = _run(capsys, pod_test, tmp_path, zero_vel=True, N=8)
-    assert list(zv["curves"]) == ["zero-velocity"]
+    assert zv is not None and list(zv["curves"]) == ["zero-velocity"]
     assert zv["curves"]["zero-velocity"]["accuracy"] == pytest.approx(curves["zero-velocity"]["accuracy"])
     assert zv["curves"]["zero-velocity"]["accuracy"] == pytest.approx([zv["mean"][f"d_{t}"]
                                                                        for t in metrics.THRESHOLDS])

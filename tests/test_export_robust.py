@@ -154,7 +154,9 @@ def test_frames_of_different_sizes_are_rejected_once_not_failed(synth_root, tmp_
     scene = root / "train" / "synth_0000"
     shutil.copytree(synth_root / "train" / "synth_0000", scene)
     for f in sorted((scene / "rgbs").iterdir())[12:]:  # later clips agree among themselves, not with the masks
-        cv2.imwrite(str(f), cv2.resize(cv2.imread(str(f)), (480, 384)))
+        img = cv2.imread(str(f))
+        assert img is not None
+        cv2.imwrite(str(f), cv2.resize(img, (480, 384)))
     first = run_export(root, tmp_path / "out", check=False)
     assert first.returncode == 0, first.stderr
     assert "failed 0" in first.stdout and "frames of different sizes" in first.stdout

@@ -108,6 +108,16 @@ def test_golden_inference(model):
         model.inference(video[:, :5], queries)
 
 
+def test_no_queries_track_to_empty_outputs(model):
+    # zero queries read no frame: query_vectors made no vectors and inference stopped on None
+    video = torch.from_numpy(GOLDEN["video"])
+    none = torch.zeros(1, 0, 3)
+    q0 = model.query_vectors(lambda t: model.backbone(video[:, t]), none, video.shape[1])
+    assert q0.shape == (1, 0, model.embed_dim) and q0.dtype == model.backbone.frame_pos_embedding.dtype
+    out = model.inference(video, none)
+    assert out["points"].shape == (1, video.shape[1], 0, 2) and out["visibility"].shape == (1, video.shape[1], 0)
+
+
 @pytest.fixture(scope="module")
 def model_remembering(model) -> LBM:
     """The golden model with a visibility bias that makes many frames visible (the golden clip keeps every
@@ -115,7 +125,7 @@ def model_remembering(model) -> LBM:
     m = LBM(**LBM_STATE["config"])
     m.load_state_dict(model.state_dict())
     with torch.no_grad():
-        m.transformer.vis_head.net[3].bias[0] += 1.6
+        m.get_parameter("transformer.vis_head.net.3.bias")[0] += 1.6
     return m.eval()
 
 
@@ -187,7 +197,7 @@ def test_training_mode_gradients_are_finite():
     m = LBM(**LBM_STATE["config"]).train()
     video, queries, gt_tracks, gt_vis = golden_inputs()
     out = m(video[:, :3], clip_queries(queries, 4, 2), gt_tracks[:, :3, :4], gt_vis[:, :3, :4])
-    sum(out[k] for k in LOSSES).backward()
+    torch.stack([out[k] for k in LOSSES]).sum().backward()
     grads = [p.grad for p in m.parameters() if p.grad is not None]
     assert len(grads) > 100 and all(torch.isfinite(g).all() for g in grads)
 
@@ -230,6 +240,7 @@ def test_set_memory_size_interpolates_linearly():
     M, C = 12, 256
     slope, start = torch.randn(C), torch.randn(C)
     layer = m.transformer.layers[1]
+    assert isinstance(layer, LBMLayer)
     with torch.no_grad():
         layer.collision_time_emb[0, :M] = start + torch.arange(M).unsqueeze(1) * slope
         layer.stream_time_emb[0, :M] = start - torch.arange(M).unsqueeze(1) * slope
@@ -304,7 +315,7 @@ def test_backbone_init_from_torchvision_resnet18(tmp_path):
     no_counters = {k: v for k, v in tv.items() if not k.endswith("num_batches_tracked")}
     torch.save(no_counters, path)
     m2 = LBM(**LBM_STATE["config"], backbone_init=path)
-    assert torch.equal(m2.backbone.layer3[0].downsample[0].weight, tv["layer3.0.downsample.0.weight"])
+    assert torch.equal(m2.get_parameter("backbone.layer3.0.downsample.0.weight"), tv["layer3.0.downsample.0.weight"])
 
 
 def test_backbone_init_rejects_foreign_files(tmp_path):
@@ -334,7 +345,7 @@ def test_folded_correlation_equals_the_authors_per_level_maps():
     layer = LBMLayer((32, 48), 4, 16, 2, 4, 9, 3, 0.0).double()
     with torch.no_grad():
         layer.corr_conv.weight.normal_()
-        layer.corr_conv.bias.normal_()
+        layer.get_parameter("corr_conv.bias").normal_()
     q = torch.randn(2, 5, 16, dtype=torch.float64)
     feat = torch.randn(2, 16, 8, 12, dtype=torch.float64)
     pooled = [feat] + [F.avg_pool2d(feat, 2 ** i) for i in range(1, 4)]

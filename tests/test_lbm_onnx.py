@@ -25,7 +25,8 @@ def exported(tmp_path_factory):
     torch.manual_seed(0)
     model = LBM(input_size=HW, embed_dim=64, num_layers=2, memory_size=4, top_k_regions=4).eval()
     with torch.no_grad():
-        model.transformer.vis_head.net[3].bias[0] = 1.4  # about half the frames visible: memory entries count
+        # about half the frames visible: memory entries count
+        model.get_parameter("transformer.vis_head.net.3.bias")[0] = 1.4
     step = LBMStep(model).eval()
     g = torch.Generator().manual_seed(0)
     N, M, C = 5, model.memory_size, model.embed_dim

@@ -11,6 +11,7 @@ import tempfile
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import pytest
@@ -40,6 +41,7 @@ class StubModel(torch.nn.Module):
         return fmaps
 
     def forward(self, trajs, rgbs, iters=1, feat_init=None, fmaps=None, **kw):
+        assert fmaps is not None  # track() hands over the window's maps
         assert fmaps.shape[1] >= 2, f"model called with a {fmaps.shape[1]}-frame window"
         frames = fmaps[0, :, 0, 0, 0].long().tolist()
         self.calls.append(dict(frames=frames, init=trajs[0].clone(), feat_init=feat_init))
@@ -177,6 +179,7 @@ class TwoFrameStub(torch.nn.Module):
         return torch.zeros(1, rgbs.shape[1], 2, 2, 1)
 
     def forward(self, trajs, rgbs, iters=1, feat_init=None, fmaps=None, **kw):
+        assert fmaps is not None  # track() hands over the window's maps
         assert fmaps.shape[1] >= 2, f"model called with a {fmaps.shape[1]}-frame window"
         self.windows.append(fmaps.shape[1])
         out = trajs.clone()
@@ -424,7 +427,8 @@ def test_a_point_far_outside_the_image_is_refused():
 def test_the_number_of_points_is_bounded():
     """--grid_size=3000 asked for 9 million points on a 160x128 video, and was accepted."""
     assert len(tracking.grid_queries((128, 160), 100)) == tracking.MAX_POINTS == 10_000
-    for bad in (3000, 101, 0, -1, 2.5, True):
+    bads: list[Any] = [3000, 101, 0, -1, 2.5, True]  # wrong values and types, as a command line may give
+    for bad in bads:
         with pytest.raises(ValueError, match=r"^grid_size must be a whole number from 1 to 100 \(at most 10000 points"):
             tracking.grid_queries((128, 160), bad)
     q = np.zeros((tracking.MAX_POINTS + 1, 3), np.float32)
@@ -474,6 +478,8 @@ def test_the_decoded_video_is_removed_on_every_way_out(tmp_path, monkeypatch):
     assert (src.dir / "frames.u8").is_file() and len(src.get(0, 12)) == 12
     src.close()
     assert list((tmp_path / "tmp").iterdir()) == []
+    with pytest.raises(ValueError, match="closed frame source"):  # not a TypeError about None
+        src.get(0, 1)
 
 
 def test_frame_folders_of_killed_processes_are_removed(tmp_path, monkeypatch):

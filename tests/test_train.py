@@ -8,6 +8,7 @@ import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -16,6 +17,7 @@ import torch
 
 from pips2.cli import train
 from pips2.nets.pips2 import Pips
+from pips2.nets.plan import ExecPlan
 from pips2.utils import checkpoint as ck
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,13 +30,20 @@ def _version(out):
     return next(p.name for p in Path(out).iterdir() if (p / "settings.json").is_file())
 
 
-def _train(exported_dir, tmp, *args, check=True, **popen):
-    cmd = [sys.executable, str(ROOT / "train.py"), f"--dataset_location={exported_dir}",
-           f"--dataset_version={_version(exported_dir)}", f"--log_dir={tmp / 'logs'}", f"--ckpt_dir={tmp / 'ck'}",
-           *TINY, *args]
-    if popen:
-        return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
-    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+def _train_cmd(exported_dir, tmp, *args) -> list[str]:
+    return [sys.executable, str(ROOT / "train.py"), f"--dataset_location={exported_dir}",
+            f"--dataset_version={_version(exported_dir)}", f"--log_dir={tmp / 'logs'}", f"--ckpt_dir={tmp / 'ck'}",
+            *TINY, *args]
+
+
+def _start(exported_dir, tmp, *args, **popen) -> subprocess.Popen[str]:
+    """train.py started in the background, its stderr in its stdout."""
+    return subprocess.Popen(_train_cmd(exported_dir, tmp, *args), cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, **popen)
+
+
+def _train(exported_dir, tmp, *args, check=True) -> subprocess.CompletedProcess[str]:
+    res = subprocess.run(_train_cmd(exported_dir, tmp, *args), cwd=ROOT, capture_output=True, text=True)
     if check:
         assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     return res
@@ -103,7 +112,8 @@ def test_the_crop_flag_is_the_authors_crop_size(capsys):
     assert "--crop_size=(256, 384)" in train.usage() and "crop_hw" not in train.usage()
     for flag in ("crop_hw", "stage2_crop_hw"):
         with pytest.raises(SystemExit) as e:  # refused before any training starts
-            train.main(**{flag: "128,128"}, dataset_location="/nonexistent")
+            unknown: dict[str, Any] = {flag: "128,128"}  # any value: the flag's name is what is refused
+            train.main(**unknown, dataset_location="/nonexistent")
         assert e.value.code == 2
         assert capsys.readouterr().err.strip() == f"error: unknown flags: ['{flag}'] (the flags are --crop_size)"
 
@@ -114,7 +124,7 @@ def test_two_stages_and_step_line(exported, tmp_path):
     res = _train(out, tmp_path, "--stages=1,2", "--max_steps=2", "--stage2_max_iters=1", "--stage2_S=7",
                  "--save_freq=1")
     lines = [ln for ln in res.stdout.splitlines() if STEP_RE.match(ln)]
-    assert [STEP_RE.match(ln).group(1).split("_")[0] for ln in lines] == ["stage1", "stage1", "stage2"]
+    assert [m.group(1).split("_")[0] for ln in lines if (m := STEP_RE.match(ln))] == ["stage1", "stage1", "stage2"]
     assert "total params: 17.57 M" in res.stdout
     s1 = next((tmp_path / "ck").glob("stage1_*"))
     s2 = next((tmp_path / "ck").glob("stage2_*"))
@@ -135,7 +145,8 @@ def test_resume_after_kill_gives_the_same_losses(exported, tmp_path):
     ref = _train(out, tmp_path / "ref", *args)
     ref_losses = _losses(ref.stdout)
     assert sorted(ref_losses) == [1, 2, 3, 4]
-    proc = _train(out, tmp_path / "run", *args, start_new_session=True)
+    proc = _start(out, tmp_path / "run", *args, start_new_session=True)
+    assert proc.stdout is not None
     seen = ""
     for line in proc.stdout:
         seen += line
@@ -232,8 +243,8 @@ def _kubric(root: Path, n_seq=2, nan=False, frames=24, size=512):
             coords[:] = np.nan
         occluded = np.zeros((40, frames), bool)
         occluded[0, 5:] = True
-        np.save(seq / f"seq{s:04d}.npy", {"coords": coords.astype(np.float32), "visibility": occluded},
-                allow_pickle=True)
+        np.save(seq / f"seq{s:04d}.npy", np.array({"coords": coords.astype(np.float32), "visibility": occluded},
+                                                   dtype=object), allow_pickle=True)
 
 
 def test_kubric_layout_and_window(tmp_path):
@@ -393,7 +404,11 @@ def test_memory_flags_pick_the_plan():
     from pips2.trainer import Config, build_model
 
     base = dict(stage=1, B=1, S=6, N=8, crop_hw=(128, 192), iters=2, lr=1e-4, max_steps=1)
-    plan = lambda **kw: build_model(Config(**{**base, **kw}), torch.device("cpu")).plan  # noqa: E731
+    def plan(**kw) -> ExecPlan:
+        model = build_model(Config(**{**base, **kw}), torch.device("cpu"))
+        assert isinstance(model, Pips)
+        return model.plan
+
     small = plan()  # B*N = 8 points on a 128x192 crop: the small-batch choices
     assert not small.recompute_cheap and not small.checkpointing
     assert small.delta == "conv1d" and small.encoder_chunk == 0 and small.corr == "volume"

@@ -221,7 +221,8 @@ def test_tapvid_davis_validation_while_training(tmp_path):
     blob = b"".join(p.read_bytes() for p in (tmp_path / "logs").rglob("events.out.tfevents*"))
     assert b"davis/AJ" in blob and b"davis/OA" in blob and b"davis/d_avg" in blob
     # the figures are test_on_tap.py's query-first ones (at 256x256) of the first video only (--eval_videos=1)
-    figs = trainer.Validator(cfg, None, None).tapvid(net)
+    unused: Any = None  # tapvid() reads neither the ranks nor the training data
+    figs = trainer.Validator(cfg, unused, unused).tapvid(net)
     assert net.training
     from pips2 import evaluation
     from pips2.datasets.tapvid import load_tapvid
@@ -233,7 +234,7 @@ def test_tapvid_davis_validation_while_training(tmp_path):
     assert figs == {"AJ": ref["average_jaccard"], "d_avg": ref["delta_avg"], "OA": ref["occlusion_accuracy"]}
     assert all(0.0 <= v <= 100.0 for v in figs.values())
     cfg2 = _kubric_cfg(tmp_path, tapvid_root=str(tmp_path / "davis.pkl"), eval_dataset="davis", eval_videos=2)
-    assert trainer.Validator(cfg2, None, None).tapvid(net) != figs  # the second video counts too
+    assert trainer.Validator(cfg2, unused, unused).tapvid(net) != figs  # the second video counts too
 
 
 def test_non_finite_losses_are_skipped_then_the_run_stops(tmp_path, capsys):

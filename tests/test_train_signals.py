@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train import STEP_RE, TINY, _losses, _running_means, _train, _version
+from test_train import STEP_RE, TINY, _losses, _running_means, _start, _train, _version
 
 from pips2 import trainer
 from pips2.cli import train
@@ -47,6 +47,7 @@ def _group_gone(pgid: int, timeout: float = 20) -> bool:
 
 def _interrupt_after(proc: subprocess.Popen, marker: str, send) -> str:
     """Read the run's output until `marker`, call send(), then return everything it printed."""
+    assert proc.stdout is not None
     seen = ""
     for line in proc.stdout:
         seen += line
@@ -77,7 +78,7 @@ def test_a_signal_saves_at_the_step_boundary_and_the_resume_is_exact(exported, t
     command then ends with the weights, optimiser state and printed figures of a run that was never stopped."""
     out, _ = exported
     ref_out, ref_ckpt = uninterrupted
-    proc = _train(out, tmp_path, *ARGS, "--workers=2", start_new_session=True, preexec_fn=_ctrl_c_as_in_a_terminal)
+    proc = _start(out, tmp_path, *ARGS, "--workers=2", start_new_session=True, preexec_fn=_ctrl_c_as_in_a_terminal)
     try:
         seen = _interrupt_after(proc, "step 000001/4", lambda: os.killpg(proc.pid, sig))
     finally:
@@ -239,8 +240,7 @@ def test_data_deleted_underneath_saves_what_was_trained(exported, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(out, data)
     clips = list_clips(data / _version(data))
-    proc = _train(data, tmp_path, "--max_steps=50", "--save_freq=100", "--workers=0",
-                  start_new_session=True)
+    proc = _start(data, tmp_path, "--max_steps=50", "--save_freq=100", "--workers=0", start_new_session=True)
     try:
         seen = _interrupt_after(proc, "step 000002/50", lambda: [shutil.rmtree(c) for c in clips])
     finally:
@@ -347,7 +347,7 @@ def test_a_loader_worker_killed_saves_the_last_step_and_ends_in_one_line(exporte
     1, nothing saved, and the empty run folder removed. Now the last completed step is saved, one line, exit 2,
     and the same command resumes from it."""
     out, _ = exported
-    proc = _train(out, tmp_path, *ARGS, "--workers=2", start_new_session=True)
+    proc = _start(out, tmp_path, *ARGS, "--workers=2", start_new_session=True)
     try:
         seen = _interrupt_after(proc, "step 000001/4", lambda: os.kill(_children(proc.pid)[0], signal.SIGKILL))
     finally:

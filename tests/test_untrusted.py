@@ -103,7 +103,7 @@ def test_npz_with_payload_in_trajs_3d_is_refused(tmp_path, how, fname):
     trajs, _, _ = pod.load_annotations(tmp_path)
     assert trajs.shape == (5, 4, 2)
     # an object member of any other shape is refused from its header, before its pickle is read
-    np.savez(tmp_path / fname, **dict(z, trajs_3d=np.array([Payload(marker, how)], dtype=object)))
+    np.savez(tmp_path / fname, allow_pickle=True, **dict(z, trajs_3d=np.array([Payload(marker, how)], dtype=object)))
     with pytest.raises(pod.SkipItem) as e:
         pod.load_annotations(tmp_path, require_3d=True)
     assert _one_line(e.value, fname) == f"{fname}: member trajs_3d: is object, expected a float array"

@@ -130,7 +130,9 @@ def test_a_frame_cut_short_is_refused_naming_it(tmp_path, clip, ext):
     whole = tmp_path / f"whole.{ext}"
     cv2.imwrite(str(whole), np.ascontiguousarray(frames[0][..., ::-1]))
     assert image_truncation(whole) is None
-    np.testing.assert_array_equal(read_rgb(whole), cv2.imread(str(whole))[..., ::-1])
+    bgr = cv2.imread(str(whole))
+    assert bgr is not None
+    np.testing.assert_array_equal(read_rgb(whole), bgr[..., ::-1])
     padded = tmp_path / f"padded.{ext}"  # bytes after the end marker, as some writers leave: still whole
     padded.write_bytes(whole.read_bytes() + b"\0" * 100)
     np.testing.assert_array_equal(read_rgb(padded), read_rgb(whole))

@@ -314,6 +314,8 @@ def test_decoding_stops_at_its_bound(video, tmp_path):
     assert frames.file.stat().st_size == T * 32 * 48 * 3
     frames.close()
     assert list(tmp_path.iterdir()) == []
+    with pytest.raises(ValueError, match="closed DecodedFrames"):  # not a TypeError about None
+        frames.get(0, 1)
     # the page's frames shrink until a long video's fit their bound
     h, w = webapp.preview_hw((1080, 1920), 5000)
     assert 5000 * h * w * 3 <= webapp.MAX_PREVIEW_BYTES and w / h == pytest.approx(1920 / 1080, rel=0.02)
@@ -503,7 +505,9 @@ def answer(s: socket.socket, timeout: float) -> tuple[int, bytes] | None:
         while True:
             head, sep, body = buf.partition(b"\r\n\r\n")
             if sep:
-                want = int(re.search(rb"(?i)content-length: *(\d+)", head)[1])
+                length = re.search(rb"(?i)content-length: *(\d+)", head)
+                assert length is not None, head  # the server's every answer has one
+                want = int(length[1])
                 if len(body) >= want:
                     return int(head.split()[1]), body[:want]
             s.settimeout(max(0.01, end - time.time()))
@@ -724,7 +728,7 @@ def test_clients_that_stop_reading_an_answer_are_closed(ckpt, tmp_path, monkeypa
     with open(big, "wb") as f:
         f.truncate(mb * 2**20)  # sparse: nothing written
     app = webapp.App(init_dir=str(ckpt), clip_dir=tmp_path / "clips")
-    app.output = lambda job, name: big
+    monkeypatch.setattr(app, "output", lambda job_id, name: big)
     with serving(app, channel_timeout=1, cleanup_interval=1) as srv:
         port, held = srv.port, []
         try:
@@ -758,6 +762,7 @@ def start_app(tmp_path: Path, cwd: Path, *args: str) -> tuple[subprocess.Popen, 
     proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--port=0", *args], cwd=cwd, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     out, end = b"", time.time() + 60
+    assert proc.stdout is not None  # stdout=PIPE
     while b"?token=" not in out or not out.endswith(b"\n"):
         # the pipe's own bytes: a buffered readline() would hide lines from select()
         ready, _, _ = select.select([proc.stdout], [], [], max(0.0, end - time.time()))

@@ -12,6 +12,7 @@ import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -287,7 +288,7 @@ def apply_checkpoint(ckpt: dict, path: str | os.PathLike, model: nn.Module, opti
         scheduler.load_state_dict(ckpt[layout.scheduler])
 
 
-def _owned(obj, memo: dict[int, object] | None = None):
+def _owned(obj: Any, memo: dict[int, Any] | None = None) -> Any:
     """obj with every tensor copied into memory: an optimizer keeps its state tensors as given, and those of a
     checkpoint read by load_weights_only are pages of the file, which may be replaced or removed while training.
     A shared object is copied once (load_weights_only has refused cycles and bounded the nesting)."""
@@ -326,13 +327,18 @@ def read_newest(folder: str | os.PathLike, on_bad: Callable[[Path, CheckpointErr
     return None
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model itself, out of a DataParallel or DistributedDataParallel wrapper (which holds it as .module)."""
+    inner = getattr(model, "module", None)
+    return inner if isinstance(inner, nn.Module) else model
+
+
 def save(folder: str | os.PathLike, step: int, model: nn.Module, optimizer=None, scheduler=None,
          keep_latest: int | None = None, extra: dict | None = None, layout: Layout = PIPS_LAYOUT) -> Path:
     """Write model-%09d.pth atomically (temp file, then rename) and keep only the latest K checkpoints."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    net = model.module if hasattr(model, "module") else model
-    ckpt = {layout.model: net.state_dict()}
+    ckpt = {layout.model: unwrap(model).state_dict()}
     if optimizer is not None:
         ckpt[layout.optimizer] = optimizer.state_dict()
     if scheduler is not None:

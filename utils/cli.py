@@ -160,9 +160,10 @@ def checked_types(main: Callable, prog: str, argv: list[str] | None = None,
         for name, value in bound.arguments.items():
             param = params[name]
             if param.kind is param.VAR_KEYWORD:
+                hints = kwarg_hints or {}
                 for key, item in value.items():
-                    if key in (kwarg_hints or {}):
-                        value[key] = _checked(key, kwarg_hints[key], item, raw.get(key), prog)
+                    if key in hints:
+                        value[key] = _checked(key, hints[key], item, raw.get(key), prog)
                 continue
             bound.arguments[name] = _checked(name, param.annotation, value, raw_of(name), prog)
         return main(*bound.args, **bound.kwargs)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import http.client
+import io
 import os
 import re
 import sys
@@ -141,6 +142,14 @@ class _Bounded:
     def tell(self) -> int:
         return self.f.tell()
 
+    # the rest of the file-object interface tarfile declares: this stream is read-only, and the GzipFile and file
+    # under it are closed by their own with-blocks
+    def write(self, b: bytes) -> int:
+        raise io.UnsupportedOperation("write")
+
+    def close(self) -> None:
+        pass
+
 
 def _check_member(m: tarfile.TarInfo, seen: set[str]) -> str | None:
     """The file name of a checkpoint member, None for the reference_model/ folder itself; DownloadError (without
@@ -210,6 +219,7 @@ def unpack_reference(tarball: Path, dest: Path, source: str) -> None:
                 dest.mkdir(parents=True, exist_ok=True)
                 for m, name in members:
                     src = tf.extractfile(m)
+                    assert src is not None  # members are regular files (_check_member), which extractfile opens
                     with src, open(dest / name, "wb") as out:
                         while chunk := src.read(READ_CHUNK):
                             out.write(chunk)

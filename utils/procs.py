@@ -141,7 +141,10 @@ class WorkerPool:
         main = threading.current_thread() is threading.main_thread()  # where Python can set a handler
         old = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None  # kept through a spawned worker's exec
         try:
-            proc = self.ctx.Process(target=_serve, args=(child, self.fn, self.initializer), daemon=True)
+            # typeshed gives get_context(str) the BaseContext type, which declares no Process; every context it
+            # returns (spawn, fork, forkserver) has one
+            proc = self.ctx.Process(  # pyright: ignore[reportAttributeAccessIssue]
+                target=_serve, args=(child, self.fn, self.initializer), daemon=True)
             proc.start()
         finally:
             if main:

@@ -97,13 +97,16 @@ def _numpy_globals() -> dict[tuple[str, str], Any]:
         if subtype is not np.ndarray or not isinstance(shape, tuple) or shape != (0,):
             raise _Refused(f"numpy _reconstruct of {getattr(subtype, '__name__', subtype)} {shape!r} (numpy "
                            f"writes an empty ndarray there)")
-        return multiarray._reconstruct(subtype, shape, dtype)
+        arr = multiarray._reconstruct(subtype, shape, dtype)
+        assert isinstance(arr, np.ndarray)  # subtype is np.ndarray (checked above); numpy's stub says object
+        return arr
 
     out: dict[tuple[str, str], Any] = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype}
     for core in ("numpy.core", "numpy._core"):
         out[(f"{core}.multiarray", "_reconstruct")] = reconstruct
         out[(f"{core}.multiarray", "scalar")] = multiarray.scalar
-        out[(f"{core}.numeric", "_frombuffer")] = numeric._frombuffer  # protocol 5
+        # protocol 5; numpy's stub leaves out this private function
+        out[(f"{core}.numeric", "_frombuffer")] = numeric._frombuffer  # pyright: ignore[reportAttributeAccessIssue]
     return out
 
 
@@ -226,7 +229,9 @@ class _RestrictedUnpickler(pickle._Unpickler):
     sets state only on a numpy array or dtype, after checking it. The Python implementation, as the C one's
     BUILD cannot be intercepted; the files it reads hold few, large objects."""
 
-    dispatch = dict(pickle._Unpickler.dispatch)
+    stack: list[Any]  # set by load(); typeshed's pickle._Unpickler leaves out the Python implementation's state
+    # the opcode handlers, called as functions of the unpickler (load_build is one of this class's)
+    dispatch: dict[int, Callable[[Any], None]] = dict(pickle._Unpickler.dispatch)
 
     def load_build(self) -> None:
         """BUILD: an ndarray's state checked against its shape, a dtype's limited to plain ones; else refused."""
@@ -240,7 +245,7 @@ class _RestrictedUnpickler(pickle._Unpickler):
             problem = f"state set on a {type(inst).__name__}"
         if problem:
             raise _BadState(problem)
-        inst.__setstate__(state)
+        inst.__setstate__(state)  # pyright: ignore[reportAttributeAccessIssue]  # numpy's stub lacks dtype.__setstate__
 
     dispatch[pickle.BUILD[0]] = load_build
 

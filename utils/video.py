@@ -7,10 +7,10 @@ import os
 import re
 import subprocess
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from fractions import Fraction
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, cast
 
 import cv2
 import imageio_ffmpeg
@@ -205,8 +205,11 @@ def write_mp4(path: str | os.PathLike, frames: Iterable[np.ndarray] | np.ndarray
         raise VideoError(f"{path}: yuv420p needs even sizes, got {w}x{h}")
     if isinstance(fps, (int, float, np.number)):  # imageio-ffmpeg takes Python floats and Fractions only
         fps = float(fps)
+    # imageio-ffmpeg has no annotations, and pyright takes its defaults (fps=16, quality=5) for the parameters'
+    # types; its docs take a float or Fraction fps, and quality=None leaves the quality to the crf below
     writer = imageio_ffmpeg.write_frames(
-        str(path), (w, h), fps=fps, codec="libx264", pix_fmt_in="rgb24", pix_fmt_out="yuv420p", quality=None,
+        str(path), (w, h), codec="libx264", pix_fmt_in="rgb24", pix_fmt_out="yuv420p",
+        fps=fps, quality=None,  # pyright: ignore[reportArgumentType]
         macro_block_size=1, ffmpeg_log_level="error", output_params=["-crf", str(crf), "-preset", preset],
     )
     writer.send(None)
@@ -399,7 +402,7 @@ def container_suffix(head: bytes) -> str | None:
     return None
 
 
-def _frames(path: str | os.PathLike, backend: str) -> Iterator[tuple[int, int] | np.ndarray]:
+def _frames(path: str | os.PathLike, backend: str) -> Generator[tuple[int, int] | np.ndarray, None, None]:
     """A generator yielding first the (height, width) its stream's header declares, read before any frame is
     decoded, then the RGB uint8 frames one at a time; closing it stops the decoder."""
     _check_video_path(path)
@@ -436,14 +439,14 @@ def _frames(path: str | os.PathLike, backend: str) -> Iterator[tuple[int, int] |
         reader.close()
 
 
-def iter_frames(path: str | os.PathLike, backend: str = "imageio") -> Iterator[np.ndarray]:
+def iter_frames(path: str | os.PathLike, backend: str = "imageio") -> Generator[np.ndarray, None, None]:
     """Yield RGB uint8 frames of any video one at a time (bounded memory), decoded by imageio-ffmpeg's
     bundled ffmpeg (any codec it knows) or by OpenCV (`backend="cv2"`). An mp4 cut short is refused
     (`mp4_truncation`): decoders would stop early without a word."""
     frames = _frames(path, backend)
     try:
         next(frames)  # the header's size
-        yield from frames
+        yield from cast("Iterator[np.ndarray]", frames)  # after the header, only frames
     finally:
         frames.close()
 
@@ -524,7 +527,7 @@ def read_clip(path: str | os.PathLike, S: int, H: int, W: int, backend: str = "c
             h, w = next(frames)
             if (h, w) != (H, W):
                 raise VideoError(f"{path}: corrupt clip, its header declares frames of {h}x{w}, {expected}")
-            for frame in frames:
+            for frame in cast("Iterator[np.ndarray]", frames):  # after the header, only frames
                 if frame.shape != (H, W, 3):  # a stream changing size midway
                     raise VideoError(f"{path}: corrupt clip, frame {len(decoded)} is "
                                      f"{frame.shape[0]}x{frame.shape[1]}, {expected}")

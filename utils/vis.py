@@ -66,7 +66,7 @@ def draw_frame(frame: np.ndarray, history: np.ndarray, colors: np.ndarray, shown
     return out
 
 
-def draw_label(img: np.ndarray, text: str, org: tuple[int, int], color: tuple[int, int, int]) -> None:
+def draw_label(img: np.ndarray, text: str, org: tuple[int, int], color: tuple[int, ...]) -> None:
     """Small text at org (its bottom-left corner), in `color` over a black outline, drawn in place."""
     font, scale = cv2.FONT_HERSHEY_SIMPLEX, 0.35
     cv2.putText(img, text, org, font, scale, (0, 0, 0), 2, cv2.LINE_AA)
@@ -128,7 +128,7 @@ def write_outputs(out_dir: Path, video: Path, queries: np.ndarray, tracks: np.nd
     npz, csv_path, mp4 = (p.with_name(f".{p.stem}{tag}{p.suffix}") for p in final)
     extra = {} if visibility is None else {"visibility": visibility}
     try:
-        np.savez(npz, tracks=tracks, estimated=estimated, queries=queries, **extra)
+        np.savez(npz, tracks=tracks, estimated=estimated, queries=queries, allow_pickle=False, **extra)
         with open(csv_path, "w", newline="") as f:
             w = csv.writer(f)
             w.writerow(["frame", "point", "x", "y", "estimated"] + ([] if visibility is None else ["visibility"]))
