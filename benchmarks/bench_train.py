@@ -139,10 +139,10 @@ def _measure(shape: str, variant: str, steps: int, memory: bool = False) -> dict
         os.unlink(path)
 
 
-def _loader_rate(B: int, batches: int) -> dict:
-    """Clips/s of train.py's loader (default workers) over a fresh stage-1 export of synthetic scenes."""
-    with scratch_export(S=36, N=128, crop_hw=(256, 384)) as (root, version):
-        cfg = Config(stage=1, B=B, S=36, N=128, crop_hw=(256, 384), iters=4, lr=5e-4, max_steps=batches + 2,
+def _loader_rate(B: int, batches: int, S: int = 36, N: int = 128, crop_hw: tuple[int, int] = (256, 384)) -> dict:
+    """Clips/s of train.py's loader (default workers) over a fresh export of synthetic scenes (stage 1's shape)."""
+    with scratch_export(S=S, N=N, crop_hw=crop_hw) as (root, version):
+        cfg = Config(stage=1, B=B, S=S, N=N, crop_hw=crop_hw, iters=4, lr=5e-4, max_steps=batches + 2,
                      dataset_location=str(root), dataset_version=version, device="cpu", quiet=True)
         # told of no skipped clip: what is measured is the loader (TrainData goes through the list returned)
         data = TrainData(cfg, Ranks.setup("cpu"), 0, lambda kind, batch: [])

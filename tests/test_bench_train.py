@@ -74,7 +74,7 @@ import sys
 import bench_train
 
 bench_train.scratch_export = lambda **kw: contextlib.nullcontext((sys.argv[1], sys.argv[2]))  # the tests' export
-print(json.dumps(bench_train._loader_rate(1, 1, S=8, N=32, hw=(128, 192))))
+print(json.dumps(bench_train._loader_rate(1, 1, S=8, N=32, crop_hw=(128, 192))))
 """
 
 
