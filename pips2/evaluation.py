@@ -33,7 +33,7 @@ from pips2.utils import metrics, plots
 from pips2.utils.amp import amp_dtype
 from pips2.utils.cli import parse_hw
 from pips2.utils.paths import write_json
-from pips2.utils.procs import caught_stop_signals, exit_code
+from pips2.utils.procs import caught_stop_signals, exit_code, raise_stop
 from pips2.utils.video import VideoError, image_truncation
 
 # LBM's evaluation memory per data set (the authors' choice, docs/LBM.md), found by name in the file's name
@@ -336,7 +336,7 @@ def why_not(e: OSError) -> str:
 
 
 def _on_signal(signum, _frame) -> None:
-    raise Interrupted(signal.Signals(signum).name)
+    raise_stop(signum, Interrupted(signal.Signals(signum).name))
 
 
 @dataclass

@@ -52,7 +52,7 @@ from pips2.utils import checkpoint as ck
 from pips2.utils import metrics, plots
 from pips2.utils.amp import amp_dtype, autocast
 from pips2.utils.cli import die
-from pips2.utils.procs import STOP_SIGNALS, caught_stop_signals, is_space_error
+from pips2.utils.procs import STOP_SIGNALS, caught_stop_signals, is_space_error, raise_stop
 from pips2.utils.vis import summary_image
 
 
@@ -302,7 +302,7 @@ class StopRequest:
         if not self.signum:
             self.signum, self.first_at = signum, now
         elif signum == signal.SIGINT and not self.writing and now - self.first_at >= SAME_REQUEST_S:
-            raise StoppedAtOnce(signum)
+            raise_stop(signum, StoppedAtOnce(signum))
 
     def agreed(self, ranks: Ranks) -> int:
         """The signal every rank stops for (0: go on); a collective, so every rank asks at the same step."""

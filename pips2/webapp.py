@@ -85,7 +85,7 @@ from pips2.nets.lbm import LBM
 from pips2.nets.pips2 import Pips
 from pips2.tracking import FrameSource, default_model_hw, grid_queries, is_lbm, resolve_model_hw, track, window_starts
 from pips2.utils.checkpoint import CheckpointError, resolve_device
-from pips2.utils.procs import caught_stop_signals, owned_tempdir, remove_stale_tempdirs
+from pips2.utils.procs import caught_stop_signals, owned_tempdir, raise_stop, remove_stale_tempdirs
 from pips2.utils.video import CONTAINER_NAMES, VideoError, container_suffix, header_wh, iter_frames
 from pips2.utils.vis import write_outputs
 
@@ -1416,7 +1416,7 @@ def _interrupt(stopping: threading.Event, signum: int, frame) -> None:
     inside torch, printed a traceback or aborted the process."""
     if not stopping.is_set():
         stopping.set()
-        raise KeyboardInterrupt
+        raise_stop(signum, KeyboardInterrupt())
 
 
 def serve(app: App, host: str = "127.0.0.1", port: int = 7860) -> None:

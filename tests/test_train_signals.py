@@ -366,3 +366,57 @@ def test_a_loader_worker_killed_saves_the_last_step_and_ends_in_one_line(exporte
         r"there once the data is readable", err[0]), seen[-2000:]
     resumed = _train(out, tmp_path, *ARGS, "--workers=2")
     assert f"resuming at step {saved[0]}" in resumed.stdout and resumed.returncode == 0
+
+
+# --- a stop raised where Python drops exceptions -----------------------------------------------------------------
+
+_DROPPED_STOP = r'''
+import functools, math, os, signal, sys, threading, time
+kind = sys.argv[1]
+sig = signal.SIGINT if kind == "trainer" else signal.SIGTERM
+if kind == "export":
+    from pips2.cli.export import Terminated as Stop, _Signals
+    _Signals()
+elif kind == "eval":
+    from pips2.evaluation import Interrupted as Stop, _on_signal
+    signal.signal(sig, _on_signal)
+elif kind == "demo":
+    from pips2.cli.demo import Stopped as Stop, _stop
+    signal.signal(sig, _stop)
+elif kind == "webapp":
+    from pips2.webapp import _interrupt
+    Stop = KeyboardInterrupt
+    signal.signal(sig, functools.partial(_interrupt, threading.Event()))
+else:  # the trainer stops at once on a second Ctrl-C
+    from pips2.trainer import StopRequest, StoppedAtOnce as Stop
+    req = StopRequest()
+    req.install()
+    req.signum, req.first_at = signal.SIGINT, -math.inf
+
+class Finalized:
+    def __del__(self):
+        os.kill(os.getpid(), sig)
+        for _ in range(1000):  # the handler runs here, inside __del__, whose exceptions Python drops
+            pass
+
+try:
+    Finalized()
+    t0 = time.monotonic()
+    while time.monotonic() < t0 + 10:  # the job goes on
+        pass
+    print("went on")
+except Stop:
+    print("stopped")
+'''
+
+
+@pytest.mark.parametrize("kind", ["export", "eval", "demo", "webapp", "trainer"])
+def test_a_stop_raised_inside_a_finalizer_still_stops_the_job(kind):
+    """A signal handled while a __del__ or an at-fork hook runs (imageio-ffmpeg starts ffmpeg with one): Python
+    printed "Exception ignored in ..." with a traceback and dropped the stop, and the job went on."""
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(repo)}
+    r = subprocess.run([sys.executable, "-c", _DROPPED_STOP, kind], capture_output=True, text=True, env=env,
+                       timeout=120)
+    assert r.stdout.strip() == "stopped", (r.stdout, r.stderr)
+    assert "Exception ignored" not in r.stderr and "Traceback" not in r.stderr, r.stderr

@@ -10,6 +10,7 @@ import re
 import shutil
 import signal
 import socket
+import sys
 import tempfile
 import threading
 import time
@@ -18,7 +19,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 # Signals that ask a long job to stop: a scheduler's SIGTERM, a terminal's Ctrl-C (SIGINT), and SIGHUP, which a
 # closed terminal or ssh session sends (nohup ignores it; a signal ignored at start stays ignored)
@@ -34,6 +35,56 @@ def exit_code(signame: str) -> int:
 def caught_stop_signals() -> tuple[signal.Signals, ...]:
     """STOP_SIGNALS not ignored by whoever started this process (nohup's SIGHUP, a background job's SIGINT)."""
     return tuple(s for s in STOP_SIGNALS if signal.getsignal(s) is not signal.SIG_IGN)
+
+
+# The stop a signal handler raised last, and its signal, until Python drops it (see raise_stop).
+_raised: tuple[BaseException, int] | None = None
+
+
+def _redeliver_dropped(unraisable: Any, previous: Callable[[Any], None]) -> None:
+    """sys.unraisablehook: a stop exception Python dropped is raised again soon after, by a one-shot handler of
+    its signal; anything else goes to `previous`."""
+    global _raised
+    held = _raised
+    if held is None or unraisable.exc_value is not held[0] or threading.current_thread() is not threading.main_thread():
+        previous(unraisable)
+        return
+    exc, signum = held
+    _raised = None
+    old = signal.getsignal(signum)
+
+    def again(s: int, frame: Any) -> None:
+        signal.signal(s, old)  # one shot: the handler of before (often SIG_IGN during a clean-up) comes back
+        raise_stop(s, exc)
+
+    signal.signal(signum, again)
+    # fired from another thread a moment later: fired from here, the handler would run inside this hook or the
+    # finalizer that called it, and be dropped again. interrupt_main runs the Python handler only, never a
+    # signal's default action, so a job that has meanwhile put SIG_DFL back is not killed by it.
+    threading.Thread(target=_interrupt_main_later, args=(signum,), daemon=True).start()
+
+
+def _interrupt_main_later(signum: int) -> None:
+    time.sleep(0.02)
+    import _thread
+
+    _thread.interrupt_main(signal.Signals(signum))
+
+
+def raise_stop(signum: int, exc: BaseException) -> NoReturn:
+    """Raise a signal handler's stop exception so that it is never lost. A handler runs at whatever instruction
+    the main thread is at; inside a finalizer (__del__) or an at-fork hook (imageio-ffmpeg's Popen runs
+    logging's), Python prints "Exception ignored in ..." and drops the exception, and the job went on as if no
+    signal had come. The dropped stop is instead raised again, silently, at the next instruction outside."""
+    global _raised
+    hook = sys.unraisablehook
+    if getattr(hook, "__name__", "") != "_redeliver":
+        def _redeliver(unraisable: Any, previous: Callable[[Any], None] = hook) -> None:
+            _redeliver_dropped(unraisable, previous)
+
+        sys.unraisablehook = _redeliver
+    _raised = (exc, signum)
+    raise exc
 
 
 def pid_alive(pid: int) -> bool:

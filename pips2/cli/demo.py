@@ -42,7 +42,7 @@ from pips2.tracking import (
 from pips2.utils.checkpoint import CheckpointError, resolve_device
 from pips2.utils.cli import run_fire
 from pips2.utils.paths import make_dirs, remove_empty_dirs
-from pips2.utils.procs import STOP_SIGNALS, caught_stop_signals
+from pips2.utils.procs import STOP_SIGNALS, caught_stop_signals, raise_stop
 from pips2.utils.video import VideoError, header_wh, video_info
 from pips2.utils.vis import write_outputs
 
@@ -193,7 +193,7 @@ class Stopped(BaseException):
 def _stop(signum, frame) -> None:
     for sig in STOP_SIGNALS:  # the clean-up runs undisturbed by a second signal
         signal.signal(sig, signal.SIG_IGN)
-    raise Stopped(signum)
+    raise_stop(signum, Stopped(signum))
 
 
 @contextmanager

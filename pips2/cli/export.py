@@ -35,7 +35,7 @@ from pips2.datasets.export import (
     worker_init,
 )
 from pips2.utils.cli import aliased, die, parse_hw, run_fire
-from pips2.utils.procs import STOP_SIGNALS, WorkerPool, describe_exit, exit_code
+from pips2.utils.procs import STOP_SIGNALS, WorkerPool, describe_exit, exit_code, raise_stop
 
 
 class Terminated(BaseException):
@@ -63,14 +63,15 @@ class _Signals:
         if self.got:  # already stopping: a second signal must not cut the clean-up short
             return
         self.got = signum
-        self.check()
+        raise_stop(signum, self._stop())
+
+    def _stop(self) -> BaseException:
+        return KeyboardInterrupt() if self.got == signal.SIGINT else Terminated(signal.Signals(self.got).name)
 
     def check(self) -> None:
         """Raise the stop of a signal received (if any)."""
-        if self.got == signal.SIGINT:
-            raise KeyboardInterrupt
         if self.got:
-            raise Terminated(signal.Signals(self.got).name)
+            raise self._stop()
 
     def ignore(self) -> None:
         """From now on (the clean-up after a stop) no signal interrupts."""
