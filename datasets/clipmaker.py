@@ -2,7 +2,8 @@
 
 Clip k is fully determined by (settings, k): its candidate (scene, start, stride) comes from a fixed
 enumeration and its augmentation RNG is seeded by (seed, k), so any process on any machine builds the same
-clip k. Writing, claiming and verifying clips is datasets/export.py's job.
+clip k: the same track.npz and the same frames handed to the encoder (the mp4 bytes may differ, see
+docs/FORMATS.md). Writing, claiming and verifying clips is datasets/export.py's job.
 """
 
 from __future__ import annotations

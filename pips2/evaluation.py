@@ -28,7 +28,7 @@ from tqdm import tqdm
 from pips2.datasets.pointodyssey import SkipItem
 from pips2.datasets.tapvid import first_queries, strided_queries
 from pips2.nets.pips2 import MIN_SIZE
-from pips2.tracking import ArrayFrames, FrameSource, track, track_windows
+from pips2.tracking import MAX_ITERS, ArrayFrames, FrameSource, track, track_windows
 from pips2.utils import metrics, plots
 from pips2.utils.amp import amp_dtype
 from pips2.utils.cli import parse_hw
@@ -191,11 +191,13 @@ def check_image_size(value, name: str = "image_size") -> tuple[int, int]:
 
 
 def check_counts(**flags: int | None) -> None:
-    """ValueError naming the first count flag below its minimum (MINIMA: S 2, clip_len 2, the others 1); None
-    means not given."""
+    """ValueError naming the first count flag below its minimum (MINIMA: S 2, clip_len 2, the others 1) or, for
+    iters, above MAX_ITERS; None means not given."""
     for name, value in flags.items():
         if value is not None and value < MINIMA[name]:
             raise ValueError(f"--{name} must be at least {MINIMA[name]}, got {value}")
+        if name == "iters" and value is not None and value > MAX_ITERS:
+            raise ValueError(f"--iters must be at most {MAX_ITERS}, got {value}")
 
 
 def check_amp(amp: str) -> str | None:

@@ -58,6 +58,7 @@ from pips2.utils.checkpoint import (
     strip_module_prefix,
 )
 from pips2.utils.download import MAX_CHECKPOINT_BYTES, DownloadError, download, fetch_reference
+from pips2.utils.procs import owned_tempdir, remove_stale_tempdirs
 
 CACHE_ENV = "PIPS2_CACHE"
 DEFAULT_CACHE = Path.home() / ".cache" / "pips2"
@@ -270,7 +271,9 @@ def fetch(name: str, refresh: bool = False) -> Path:
         return dest
     url, sha = source_of(name)
     cache.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=cache))
+    # a download killed by SIGKILL (or the OOM killer) left its folder and partial file (up to the model's size)
+    remove_stale_tempdirs(f".{name}", cache)
+    work = owned_tempdir(f".{name}", cache)
     try:
         if known.archive:
             got = fetch_reference(url, work, sha)

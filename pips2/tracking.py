@@ -48,6 +48,9 @@ from pips2.utils.video import VideoError, declared_frames, iter_frames, read_rgb
 # max_points=None to check_queries.
 MAX_POINTS = 10_000
 MAX_IMAGE_SIDE = 4096  # --image_size: memory for S frames of feature maps grows with the area
+# each refinement step is one more pass of the update network over every window: the authors evaluate with 16,
+# and 100000 was accepted with an ETA of hours for 4 points
+MAX_ITERS = 64
 MIN_VIDEO_SIDE = 8  # a video smaller than one cell of the model's 8-pixel feature grid holds nothing to track
 FAR_OUTSIDE = 4  # a query further outside the image than this many image widths (heights) is a mistake
 
@@ -657,8 +660,8 @@ def check_grid_size(grid_size, flag: str = "") -> int:
 
 def check_track_args(S: int = 128, iters: int = 16, point_batch: int = 256, model_hw=None, flag: str = "",
                      lbm: bool = False) -> tuple[int, int, int, tuple[int, int] | None]:
-    """(S, iters, point_batch, model_hw) checked: S >= 2 (windows overlap by one frame), iters >= 1 (0 would
-    return every query as its track), point_batch >= 1, model_hw None or H,W each from MIN_SIZE (PIPs++'s
+    """(S, iters, point_batch, model_hw) checked: S >= 2 (windows overlap by one frame), 1 <= iters <= MAX_ITERS (0
+    would return every query as its track), point_batch >= 1, model_hw None or H,W each from MIN_SIZE (PIPs++'s
     smallest input; for an LBM, which resizes frames to its own size, MIN_VIDEO_SIDE) to MAX_IMAGE_SIDE.
     ValueError naming the parameter otherwise; with `flag` (e.g. "--"), the script's flag, whose name for
     model_hw is image_size."""
@@ -671,6 +674,9 @@ def check_track_args(S: int = 128, iters: int = 16, point_batch: int = 256, mode
         return int(v)
 
     S, iters, point_batch = whole("S", S, 2), whole("iters", iters, 1), whole("point_batch", point_batch, 1)
+    if iters > MAX_ITERS:
+        raise ValueError(f"{flag}iters must be at most {MAX_ITERS} (each step is one more pass of the update "
+                         f"network; the authors evaluate with 16), got {iters}")
     if model_hw is not None:
         name = f"{flag}image_size" if flag else "model_hw"
         parts = model_hw.split(",") if isinstance(model_hw, str) else model_hw

@@ -769,7 +769,8 @@ class App:
         q = self.queries(video, req)
         S = whole(req["S"], "S", *S_RANGE) if req.get("S") is not None else self.S
         iters = whole(req["iters"], "iters", *ITERS_RANGE) if req.get("iters") is not None else self.iters
-        backward = req.get("backward") or False
+        backward = req.get("backward")
+        backward = False if backward is None else backward  # absent or null; 0, "" or [] are no more boolean than 1
         if not isinstance(backward, bool):
             raise WebError(f"backward must be true or false, got {shown(backward)}")
         if model == "pips2":  # LBM's size is known once its checkpoint is loaded; the job checks it then

@@ -288,6 +288,7 @@ def test_hollow_and_filled_markers_and_numbers():
 
 @pytest.mark.parametrize("flags,parts", [
     (dict(iters=0), ["--iters must be at least 1 (0 would return every query as its track), got 0"]),
+    (dict(iters=100000), ["--iters must be at most 64 (each step is one more pass of the update network", "100000"]),
     (dict(S=1), ["--S must be at least 2 (windows overlap by one frame), got 1"]),
     (dict(S=-3), ["--S must be at least 2", "got -3"]),
     (dict(point_batch=0), ["--point_batch must be at least 1, got 0"]),
@@ -492,3 +493,22 @@ def test_points_files_that_cannot_be_read_as_points_are_one_line(tmp_path, monke
         with pytest.raises(ValueError) as e:
             demo.read_points(tmp_path / name)
         assert str(e.value).startswith(f"{tmp_path / name}: {why}"), str(e.value)
+
+
+def test_a_signal_ignored_by_the_caller_stays_ignored():
+    """A script's `demo.py ... &` starts with SIGINT ignored (so does nohup with SIGHUP): the demo must not catch
+    it, or a Ctrl-C meant for the script's foreground job stops the demo too."""
+    import signal
+
+    from pips2.cli.demo import _stop, stopping_on_signals
+
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with stopping_on_signals():
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) is _stop
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        assert signal.getsignal(signal.SIGTERM) is before[1]
+    finally:
+        signal.signal(signal.SIGINT, before[0])

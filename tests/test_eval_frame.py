@@ -69,6 +69,7 @@ BAD_FLAGS = [
     (dict(image_size="512,100000"), "--image_size must be between 128 and 4096 pixels per side"),
     (dict(S=1), "--S must be at least 2, got 1"),
     (dict(iters=0), "--iters must be at least 1, got 0"),
+    (dict(iters=10**9), "--iters must be at most 64, got 1000000000"),
     (dict(point_batch=0), "--point_batch must be at least 1, got 0"),
     (dict(max_iters=0), "--max_iters must be at least 1, got 0"),
     (dict(device="foo"), "--device 'foo': expected auto, cpu, cuda, cuda:N or mps"),

@@ -293,3 +293,26 @@ def test_an_endless_download_stops_at_its_declared_length(tmp_path):
                                                        "than the 0 bytes its Content-Length says; refusing it; "
                                                        "nothing replaced")
     assert not (tmp_path / "reference_model").exists()
+
+
+@pytest.mark.parametrize("members,error", [
+    ({"./": (tarfile.DIRTYPE, ""), "./reference_model/": (tarfile.DIRTYPE, ""), "./" + CKPT: b"w"}, None),
+    ({"./reference_model/./model-000000001.pth": b"w"}, None),
+    ({"./other/model-000000001.pth": b"w"}, "archive holds files outside reference_model/"),
+    ({"./reference_model/../../evil": b"w"}, "unsafe paths"),
+    ({"./": b"w"}, "outside reference_model/"),
+])
+def test_members_named_with_a_leading_dot_slash(tmp_path, members, error):
+    """`tar czf x.tgz ./reference_model` names its members ./reference_model/...: they were refused as "files
+    outside reference_model/"."""
+    from pips2.utils.download import DownloadError, unpack_reference
+
+    _tar(tmp_path / "x.tar.gz", members)
+    dest = tmp_path / "out"
+    if error is None:
+        unpack_reference(tmp_path / "x.tar.gz", dest, "x.tar.gz")
+        assert [p.read_bytes() for p in dest.iterdir()] == [b"w"]
+    else:
+        with pytest.raises(DownloadError, match=error):
+            unpack_reference(tmp_path / "x.tar.gz", dest, "x.tar.gz")
+        assert not dest.exists()

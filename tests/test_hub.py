@@ -332,3 +332,25 @@ def test_a_bad_file_from_the_hub_is_refused_and_not_kept(hf_hub, case, msg, lbm_
     assert "\n" not in line and msg in line and line.startswith(hub.hf_url("lbm")), line
     assert hub.cached("lbm") is None  # nothing kept for the next call to pick up
     assert state.get("gets", 0) == (0 if case == "huge" else 1)  # a declared size beyond the bound: no download
+
+
+def test_a_killed_download_s_folder_is_removed_by_the_next_one(server, cache, monkeypatch, lbm_model):
+    """SIGKILL (or the OOM killer) during a download left .lbm.*/.lbm.pt.<pid>.*.part in the cache for good, up
+    to a model's size each; a live download's folder stays."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    base, _ = server
+    host = socket.gethostname()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = cache / f".lbm.{host}.{dead.pid}.abc123"
+    live = cache / f".lbm.{host}.{os.getpid()}.def456"
+    for d in (stale, live):
+        d.mkdir(parents=True)
+        (d / f".lbm.pt.{dead.pid}.x.part").write_bytes(b"half a model")
+    monkeypatch.setenv("PIPS2_URL_LBM", f"{base}/good.pt")
+    hub.fetch("lbm")
+    assert _leftovers(cache) == [live.name]

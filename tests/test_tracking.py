@@ -383,6 +383,7 @@ for S in (16, T):  # windows of 16 frames, then one window over the whole video 
 
 @pytest.mark.parametrize("kw,message", [
     (dict(iters=0), r"^iters must be at least 1 \(0 would return every query as its track\), got 0$"),
+    (dict(iters=65), r"^iters must be at most 64 \(each step is one more pass .*\), got 65$"),
     (dict(S=-3), r"^S must be at least 2 \(windows overlap by one frame\), got -3$"),
     (dict(point_batch=0), r"^point_batch must be at least 1, got 0$"),
     (dict(S=8.5), r"^S must be a whole number, got 8\.5$"),

@@ -317,6 +317,7 @@ def test_unknown_amp_is_one_line(exported, tmp_path):
     ({"S": 1}, "--S must be at least 2, got 1"),
     ({"N": 0}, "--N must be at least 1, got 0"),
     ({"iters": 0}, "--iters must be at least 1, got 0"),
+    ({"iters": 65}, "--iters must be at most 64, got 65"),
     ({"grad_acc": 0}, "--grad_acc must be at least 1, got 0"),
     ({"log_freq": 0}, "--log_freq must be at least 1, got 0"),
     ({"val_freq": 0}, "--val_freq must be at least 1, got 0"),

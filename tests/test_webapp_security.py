@@ -246,7 +246,9 @@ def test_numbers_out_of_bounds_are_one_line(server, video, monkeypatch):
                               ("points", [[0.5, 5, 5]], "whole number"), ("points", [[0, -1, 5]], "outside"),
                               ("points", [[0, 5, 1e30]], "outside"), ("points", [[0, 5]], "[t, x, y]"),
                               ("points", [[0, "5", 5]], "finite number"), ("points", "abc", "list"),
-                              ("backward", "yes", "true or false"), ("model", ["pips2"], "model must be"),
+                              ("backward", "yes", "true or false"), ("backward", 0, "true or false"),
+                              ("backward", 1, "true or false"), ("backward", "", "true or false"),
+                              ("model", ["pips2"], "model must be"),
                               ("mask", 5, "PNG data URL")):
         status, msg = track_answer(server, {**good, key: value, "grid_size": 1} if key == "mask" else
                                    {**good, key: value})
@@ -907,3 +909,25 @@ def test_a_killed_servers_uploads_are_removed_by_the_next_start(tmp_path, ckpt, 
         assert app.work.parent == tmp_path and app.work.name.startswith(f"{webapp.WORK_PREFIX}.{host}.{os.getpid()}.")
     finally:
         app.close()
+
+
+def test_load_warnings_stay_off_the_console(server, caplog):
+    """A few concurrent requests made waitress print "Task queue depth is 1" on the demo's console."""
+    import logging
+    import time
+
+    class Slow:  # the task interface waitress's dispatcher drives
+        def defer(self):
+            pass
+
+        def service(self):
+            time.sleep(0.2)
+
+        def cancel(self):
+            pass
+
+    with caplog.at_level(logging.DEBUG):
+        for _ in range(webapp.THREADS + 3):
+            server.server.task_dispatcher.add_task(Slow())
+        time.sleep(0.5)
+    assert "queue depth" not in caplog.text.lower(), caplog.text

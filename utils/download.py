@@ -154,10 +154,13 @@ class _Bounded:
 def _check_member(m: tarfile.TarInfo, seen: set[str]) -> str | None:
     """The file name of a checkpoint member, None for the reference_model/ folder itself; DownloadError (without
     the address) for anything else: a reference model is its model-*.pth files and nothing more."""
-    parts = m.name.split("/")
+    # `tar czf x.tgz ./reference_model` and `tar -C dir .` name members ./reference_model/...: the same place
+    parts = [p for p in m.name.split("/") if p not in ("", ".")]
     if m.name.startswith("/") or ".." in parts:
         raise DownloadError("archive holds unsafe paths (absolute or ..); refusing it")
-    if parts[0] != "reference_model":
+    if not parts and m.isdir():  # the archive's own top folder ("./")
+        return None
+    if not parts or parts[0] != "reference_model":
         raise DownloadError("archive holds files outside reference_model/; refusing it")
     if not (m.isreg() or m.isdir()):
         # links could point anywhere and a FIFO makes every later reader hang
@@ -166,7 +169,7 @@ def _check_member(m: tarfile.TarInfo, seen: set[str]) -> str | None:
         raise DownloadError(f"archive member {m.name!r} is a {kind}{to}, not a regular file or folder; refusing it")
     if m.issparse():  # holes that unpack to any size from a few bytes of archive
         raise DownloadError(f"archive member {m.name!r} is a sparse file; refusing it")
-    rest = [p for p in parts[1:] if p not in ("", ".")]
+    rest = parts[1:]
     if m.isdir() and not rest:
         return None
     if not (m.isreg() and len(rest) == 1 and MODEL_RE.match(rest[0])):

@@ -271,10 +271,10 @@ class WorkerPool:
         self.workers = []
 
 
-def owned_tempdir(prefix: str) -> Path:
-    """A new temp folder named <prefix>.<host>.<pid>.<random> in TMPDIR: a later process of this host can tell
-    it from a live process's and remove it once its owner is gone (`remove_stale_tempdirs`)."""
-    return Path(tempfile.mkdtemp(prefix=f"{prefix}.{socket.gethostname()}.{os.getpid()}."))
+def owned_tempdir(prefix: str, parent: str | os.PathLike | None = None) -> Path:
+    """A new temp folder named <prefix>.<host>.<pid>.<random> in `parent` (TMPDIR by default): a later process of
+    this host can tell it from a live process's and remove it once its owner is gone (`remove_stale_tempdirs`)."""
+    return Path(tempfile.mkdtemp(prefix=f"{prefix}.{socket.gethostname()}.{os.getpid()}.", dir=parent))
 
 
 def remove_stale_tempdirs(prefix: str, tmp: str | os.PathLike | None = None) -> list[Path]:

@@ -16,7 +16,9 @@ import numpy as np
 import torch
 
 from pips2.hub import load_model
+from pips2.nets.pips2 import MIN_SIZE
 from pips2.nets.plan import ExecPlan
+from pips2.tracking import MAX_ITERS
 from pips2.utils.checkpoint import CheckpointError
 from pips2.utils.cli import die, run_fire
 
@@ -44,6 +46,19 @@ def export(model, out: str | Path, S: int, model_hw: tuple[int, int], iters: int
     torch.onnx.export(wrapper, (trajs, rgbs), str(out), dynamo=True, dynamic_shapes={"trajs_e0": {2: N}, "rgbs": None},
                       input_names=["trajs_e0", "rgbs"], output_names=["tracks"], verbose=False)
     return Path(out)
+
+
+# the traced clip is one window held whole in memory (S frames of H x W, their feature maps, the float64 copy
+# the check runs): 256 frames of 2048 x 2048 is already tens of GB
+MAX_S, MAX_SIDE = 256, 2048
+
+
+def check_flags(S: int, H: int, W: int, iters: int) -> None:
+    """ValueError naming the first of --S, --H, --W, --iters out of its range (before the model loads)."""
+    for name, v, low, high in (("S", S, 2, MAX_S), ("H", H, MIN_SIZE, MAX_SIDE), ("W", W, MIN_SIZE, MAX_SIDE),
+                               ("iters", iters, 1, MAX_ITERS)):
+        if not low <= v <= high:
+            raise ValueError(f"--{name} must be from {low} to {high}, got {v}")
 
 
 ONNX_FACTOR, ONNX_FLOOR = 4.0, 1e-3  # onnxruntime may be this many times as far from float64 as PyTorch's float32
@@ -84,6 +99,7 @@ def main(init_dir: str = "./reference_model", out: str = "pips2.onnx", S: int = 
          iters: int = 6, verify: bool = True) -> None:
     """Export, then (by default) compare onnxruntime with PyTorch at two values of N."""
     try:
+        check_flags(S, H, W, iters)
         model = load_model(init_dir, "cpu", kind="pips2")
     except (ValueError, CheckpointError) as e:
         die(e)

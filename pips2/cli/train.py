@@ -25,6 +25,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from pips2.datasets.clips import STAGE_CLIPS  # the clips each stage trains on, shared with the exporter
+from pips2.tracking import MAX_ITERS
 from pips2.train_step import (
     forward_loss,
     init_estimates,
@@ -107,6 +108,8 @@ def check_values(values: dict) -> dict:
             continue  # LBM has no refinement iterations
         if name in out and out[name] < low:
             raise ValueError(f"--{name} must be at least {low}, got {out[name]}")
+    if out.get("iters", 0) > MAX_ITERS:  # each step is one more pass of the update network, forward and back
+        raise ValueError(f"--iters must be at most {MAX_ITERS}, got {out['iters']}")
     if out.get("seed", 0) > MAX_SEED:
         raise ValueError(f"--seed must be at most {MAX_SEED}, got {out['seed']}")
     for name in ("lr", "grad_clip"):
