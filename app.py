@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""A web page for tracking points in a video (python app.py, then open http://127.0.0.1:7860/).
+"""A web page for tracking points in a video (python app.py, then open the address it prints).
 
 The code is pips2.cli.app (the server: pips2.webapp), installable as the `pips2-app` command.
 """

@@ -3,8 +3,9 @@
 # REF_MODEL_URL overrides the link (a mirror, or file:///path/to/reference_model.tar.gz for an offline copy).
 # REF_MODEL_SHA256, when set, is the tarball's expected sha256; PYTHON (default python3) downloads the archive
 # (pips2.utils.download, standard library only) and verifies the checkpoint.
-# Nothing in the destination is replaced until the archive holds only plain files and folders and every
-# model-*.pth in it loads into the model.
+# Nothing in the destination is touched until the archive holds only reference_model/model-*.pth files within
+# the bounds of docs/MODELS.md and every one loads into the model (finite weights of the model's dtypes); then
+# those files alone are moved in: nothing else in the destination is replaced or removed.
 set -euo pipefail
 
 URL="${REF_MODEL_URL:-https://www.dropbox.com/scl/fi/czdlt2zc2ji2b7zd0pvoe/reference_model.tar.gz?rlkey=56ebq4g5dk01kyq8kuismev14}"
@@ -30,9 +31,10 @@ stage=""  # the temp folder inside $DEST, once there is one
 cleanup() { rm -rf "$work"; if [ -n "$stage" ]; then rm -rf "$stage"; fi; }
 trap cleanup EXIT
 echo "downloading $URL"
-# pips2.utils.download fetches (temp file, Content-Length and sha256 checked), then unpacks only regular
-# files and folders under reference_model/ into $work/reference_model; it needs no torch, so a Python without it
-# is reported below, when the checkpoint is verified. Run from the repository root so the project's copy is used.
+# pips2.utils.download fetches (temp file, size, Content-Length and sha256 checked), checks every header, then
+# unpacks the model-*.pth files of reference_model/ into $work/reference_model; it needs no torch, so a Python
+# without it is reported below, when the checkpoint is verified. Run from the repository root so the project's
+# copy is used.
 (cd "$ROOT" && PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" "$PY" -m pips2.utils.download "$URL" "$work" "$want_sha") \
   || exit 1
 unpacked="$work"
@@ -61,17 +63,19 @@ EOF
 done
 
 mkdir -p "$DEST"
+for ck in "$unpacked"/reference_model/model-*.pth; do
+  name="$(basename "$ck")"
+  if [ -d "$DEST/$name" ] && [ ! -L "$DEST/$name" ]; then
+    die "$DEST/$name is a folder, not a checkpoint; nothing replaced"
+  fi
+done
 # stage inside $DEST so that each final step is a rename on one file system, never a half-written file
 stage="$(mktemp -d "$DEST/.refmodel.XXXXXX")"
-for f in "$unpacked"/reference_model/*; do
-  mv -f "$f" "$stage/"
+for ck in "$unpacked"/reference_model/model-*.pth; do
+  mv -f "$ck" "$stage/"
 done
-for f in "$stage"/*; do
-  name="$(basename "$f")"
-  if [ -d "$f" ] && [ -d "$DEST/$name" ]; then
-    rm -rf "${DEST:?}/$name"  # mv would otherwise put the new folder inside the old one
-  fi
-  mv -f "$f" "$DEST/$name"
+for ck in "$stage"/model-*.pth; do
+  mv -f "$ck" "$DEST/$(basename "$ck")"
 done
 echo "reference model in $DEST:"
 ls -l "$DEST" | tail -n +2

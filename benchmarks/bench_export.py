@@ -26,7 +26,7 @@ from common import best_time, scratch_run
 
 from pips2.datasets.exportdataset import ExportDataset
 from pips2.datasets.synthetic import SceneConfig, generate_dataset, generate_scene
-from pips2.utils.video import read_video, write_mp4
+from pips2.utils.video import read_rgb, read_video, write_mp4
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -61,7 +61,7 @@ def main(S: int = 36, H: int = 384, W: int = 512, repeats: int = 3, scenes: int 
     with scratch_run("bench_export_", json_out) as (work, res):
         res.update({"S": S, "H": H, "W": W, "cpus": os.cpu_count()})
         scene = generate_scene(work / "scene", 1, SceneConfig(W=W + 64, H=H + 64, T=S, n_points=64))
-        frames = np.stack([cv2.cvtColor(cv2.imread(str(p)), cv2.COLOR_BGR2RGB)[:H, :W]
+        frames = np.stack([read_rgb(p)[:H, :W]
                            for p in sorted((scene / "rgbs").glob("*.jpg"))])
         raw = work / "frames.rgb"
         raw.write_bytes(frames.tobytes())
@@ -115,7 +115,7 @@ def main(S: int = 36, H: int = 384, W: int = 512, repeats: int = 3, scenes: int 
             print(f"export with {workers} worker(s), x264 {preset}: {written} clips in {dt:.1f} s -> "
                   f"{written / dt:.2f} clips/s (including start-up)", flush=True)
 
-        ds = ExportDataset(str(work / "exp1medium"), None, S=S, N=64, crop_size=(H, W))
+        ds = ExportDataset(str(work / "exp1medium"), None, S=S, N=64, crop_hw=(H, W))
         n = min(len(ds), 12)
         t0 = time.perf_counter()
         for i in range(n):

@@ -1,4 +1,4 @@
-"""LBM's online step: ours (`LBMOnline.track`) against the authors' (`LBM_online.online_forward`), same run.
+"""LBM's online step: ours (`LBMOnlineState.track`) against the authors' (`LBM_online.online_forward`), same run.
 
 Both models hold the same weights (a random init of ours copied into theirs by a strict state_dict load, or
 `--checkpoint`) and see the same frames and the same 256 query points. Before anything is timed, the two are
@@ -18,7 +18,7 @@ included (source frames at the input size). The authors' `online_forward` does n
 `init` samples the queries on, ours does; to compare equal outputs theirs is stepped on that frame too.
 
 Their code runs unmodified from a checkout (`git archive` of George-Zhuang/lbm at cf39292) with stand-ins
-for what this environment lacks, as the golden vectors were made (docs/LBM.md, SPEC section 4): mmcv's
+for what this environment lacks, as the golden vectors were made (docs/LBM.md): mmcv's
 `MultiScaleDeformableAttention` is their own pure-PyTorch copy (`lbm/models/lbm/msdeformattn.py`),
 torchvision's resnet18 and Normalize, einops' rearrange (unless einops is installed:
 benchmarks/requirements-bench.txt) and addict's Dict are small local equivalents.
@@ -49,6 +49,7 @@ import tempfile
 import types
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import fire
 import torch
@@ -57,11 +58,12 @@ import torch.nn.functional as F
 from common import interleaved_times, machine_description, reset_peak_rss, status_bytes
 from tqdm import tqdm
 
-from pips2.nets.lbm import LBM, LBMOnline, load_lbm
+from pips2.hub import load_model
+from pips2.nets.lbm import LBM, LBMOnlineState
 from pips2.utils.cli import parse_hw
 
 ROOT = Path(__file__).resolve().parents[1]
-TARGET = 1.5  # issue 13: ours at least 1.5x the authors' frames/s
+TARGET = 1.5  # the target: ours at least 1.5x the authors' frames/s
 PERTURBED_KEY = "transformer.offset_head.net.3.bias"  # moves every predicted point (used by --perturb_theirs)
 FLAT_MIB = 16.0  # RSS growth over the stream above this counts as not flat (allocator noise is a few MiB)
 MIB = 2**20
@@ -196,31 +198,31 @@ def import_authors(repo: str | os.PathLike) -> type:
 # Models, frames, points
 
 
-def lbm_config(hw: tuple[int, int], memory_size: int) -> dict:
-    """The authors' lbm.yaml model keys at input size hw."""
-    return dict(input_size=list(hw), N=256, T=24, stride=4, num_layers=3, embed_dim=256, num_heads=4, num_levels=4,
-                num_neighbors=9, top_k_regions=9, dropout=0.1, memory_size=memory_size, lambda_cls=3.0,
-                lambda_vis=1.0, lambda_reg=1.0, lambda_unc=1.0, lambda_ref=1.0, loss_after_query=True)
+def lbm_config(input_hw: tuple[int, int], memory_size: int) -> dict:
+    """The authors' lbm.yaml model keys at input size input_hw."""
+    return dict(input_size=list(input_hw), N=256, T=24, stride=4, num_layers=3, embed_dim=256, num_heads=4,
+                num_levels=4, num_neighbors=9, top_k_regions=9, dropout=0.1, memory_size=memory_size,
+                lambda_cls=3.0, lambda_vis=1.0, lambda_reg=1.0, lambda_unc=1.0, lambda_ref=1.0, loss_after_query=True)
 
 
-def build_ours(hw: tuple[int, int], memory_size: int, seed: int, checkpoint: str | None, vis_bias: float) -> LBM:
+def build_ours(input_hw: tuple[int, int], memory_size: int, seed: int, checkpoint: str | None, vis_bias: float) -> LBM:
     """Our model in eval mode: the checkpoint's weights, or a seeded random init with the visibility bias raised."""
     if checkpoint:
-        model = load_lbm(checkpoint, **lbm_config(hw, 12))
+        model = load_model(checkpoint, kind="lbm", **lbm_config(input_hw, 12))
     else:
         torch.manual_seed(seed)
-        model = LBM(**lbm_config(hw, 12))
+        model = LBM(**lbm_config(input_hw, 12))
         with torch.no_grad():
-            model.transformer.vis_head.net[3].bias[0] += vis_bias
+            model.get_parameter("transformer.vis_head.net.3.bias")[0] += vis_bias
     if memory_size != 12:
         model.set_memory_size(memory_size)
     return model.eval()
 
 
-def build_theirs(cls: type, ours: LBM, hw: tuple[int, int], memory_size: int, perturb: float = 0.0) -> nn.Module:
+def build_theirs(cls: type, ours: LBM, input_hw: tuple[int, int], memory_size: int, perturb: float = 0.0) -> nn.Module:
     """The authors' LBM_online with our weights (strict load: the key names are theirs); `perturb` is added to
     one weight afterwards, to show that the equality check catches a difference."""
-    model = cls(argparse.Namespace(**lbm_config(hw, memory_size)))
+    model = cls(argparse.Namespace(**lbm_config(input_hw, memory_size)))
     model.load_state_dict(ours.state_dict(), strict=True)
     if perturb:
         with torch.no_grad():
@@ -247,18 +249,18 @@ def query_points(hw: tuple[int, int], n: int, seed: int) -> torch.Tensor:
 
 
 class OursTracker:
-    """Our LBMOnline; `start` steps the first frame as well."""
+    """Our LBMOnlineState; `start` steps the first frame as well."""
 
     def __init__(self, model: LBM):
-        self.online = LBMOnline(model)
+        self.state = LBMOnlineState(model)
 
     def start(self, points: torch.Tensor, frame: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Start the points on this frame and step it."""
-        return self.unpack(self.online.init(points, frame))
+        return self.unpack(self.state.init(points, frame))
 
     def step(self, frame: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """One frame."""
-        return self.unpack(self.online.track(frame))
+        return self.unpack(self.state.track(frame))
 
     @staticmethod
     def unpack(r: dict) -> tuple[torch.Tensor, ...]:
@@ -267,8 +269,9 @@ class OursTracker:
 
     def state_bytes(self) -> int:
         """Bytes of the per-query state (query vectors and memory)."""
-        m = self.online.memory
-        return sum(t.nbytes for t in (self.online.query, m.collision, m.stream, m.vis_mask, m.mem_mask))
+        q, m = self.state.query, self.state.memory
+        assert q is not None and m is not None, "no points started"
+        return sum(t.nbytes for t in (q, m.collision, m.stream, m.vis_mask, m.mem_mask))
 
 
 class TheirsTracker:
@@ -277,7 +280,7 @@ class TheirsTracker:
     STATE = ("query", "collision_dist", "stream_dist", "vis_mask", "mem_mask")
 
     def __init__(self, model: nn.Module):
-        self.model = model
+        self.model: Any = model  # their LBM_online, whose tracking state lives in attributes it sets itself
 
     @torch.no_grad()
     def start(self, points: torch.Tensor, frame: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -350,7 +353,7 @@ def time_steps(trackers: dict, points: torch.Tensor, frame: Callable[[int], torc
                 trackers[name].step(frames[counters[name] % pool])
         return run
 
-    runs = {name: stepper(name) for name in trackers}
+    runs: dict[str, Callable[[], object]] = {name: stepper(name) for name in trackers}
     for name, tr in trackers.items():
         with autocast(amp):
             tr.start(points, frames[0])

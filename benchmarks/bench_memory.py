@@ -25,7 +25,7 @@ from pathlib import Path
 
 import fire
 import torch
-from common import reset_peak_rss, status_bytes, synthetic_batch
+from common import name_list, reset_peak_rss, status_bytes, synthetic_batch
 
 from pips2 import train_step as train
 from pips2.nets.pips2 import Pips
@@ -94,7 +94,7 @@ def _measure(run: str, model: str) -> dict:
 def main(runs: str = "stage1_B1,stage1_B2,stage2_S8,stage2_S16", models: str = "ours,ours_ckpt,authors",
          direct: str = "stage2_S64:ours_ckpt", json_out: str | None = None) -> None:
     """Measure every run x model, plus the `direct` run:model pairs; extrapolate the targets; print a table."""
-    runs_l = [r for r in (runs.split(",") if isinstance(runs, str) else runs) if r]
+    runs_l = name_list(runs)
     models_l = [m for m in (models.split(",") if isinstance(models, str) else models) if m]
     pairs = [(r, m) for r in runs_l for m in models_l]
     pairs += [tuple(p.split(":")) for p in (direct.split(",") if isinstance(direct, str) else direct) if p]

@@ -29,6 +29,7 @@ def run_measured(args: list[str]) -> tuple[str, float, float]:
     t0 = time.perf_counter()
     proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
+    assert proc.stdout is not None  # stdout=PIPE
     out = proc.stdout.read()
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
@@ -73,7 +74,10 @@ def main(steps: int = 12, json_out: str | None = None, window: bool = True) -> N
         checkpoint.save(work / "golden", 1, load_golden_weights(Pips()))
         out, wall, peak = run_measured(["test_on_pod.py", f"--dataset_location={work / 'pod'}", "--S=32", "--N=64",
                                         "--iters=6", "--image_size=256,320", f"--init_dir={work / 'golden'}"])
-        fps = float(re.search(r"([\d.]+) frames/s", out).group(1))
+        m = re.search(r"([\d.]+) frames/s", out)
+        if m is None:
+            raise SystemExit(f"error: test_on_pod.py printed no frames/s:\n{out[-2000:]}")
+        fps = float(m.group(1))
         res["eval_pod_small"] = {"frames_per_s": fps, "peak_rss_mib": peak,
                                  "setting": "2 sequences x 64 frames, 256x320, S=32 N=64 iters=6"}
         print(f"test_on_pod: {fps:.2f} frames/s, peak RSS {peak:.0f} MiB (256x320, S=32, N=64, iters=6)", flush=True)

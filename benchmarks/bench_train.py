@@ -43,38 +43,42 @@ ROOT = Path(__file__).resolve().parents[1]
 # name: (plan for a batch's points B*N and crop (H, W), amp) of a training step as train.py builds it
 # (utils/trainer.build_model)
 VARIANTS = {
-    "reference": (lambda points, hw: ExecPlan.reference(), None),
+    "reference": (lambda points, crop_hw: ExecPlan.reference(), None),
     # train.py's float32 plan: at the stage-1 and stage-2 crops it replays cheap operations in backward
     # (recompute_cheap, on by default since 2026-12-03 evening)
-    "ours": (lambda points, hw: ExecPlan.auto("cpu", training=True, points=points, hw=hw), None),
+    "ours": (lambda points, crop_hw: ExecPlan.auto("cpu", training=True, points=points, crop_hw=crop_hw), None),
     # the float32 plan keeping every activation (--recompute_cheap=False)
-    "ours_keep": (lambda points, hw: ExecPlan.auto("cpu", training=True, recompute_cheap=False, points=points,
-                                                   hw=hw), None),
+    "ours_keep": (lambda points, crop_hw: ExecPlan.auto("cpu", training=True, recompute_cheap=False, points=points,
+                                                        crop_hw=crop_hw), None),
     # the delta block's GEMM form keeping every activation, the float32 plan of 2026-12-02
-    "ours_gemm": (lambda points, hw: replace(ExecPlan.auto("cpu", training=True, recompute_cheap=False,
-                                                           points=points, hw=hw), delta="gemm"), None),
-    # the float32 training plan before issue 12: conv1d delta block, every activation stored
-    "ours_before": (lambda points, hw: replace(ExecPlan.auto("cpu", training=True, recompute_cheap=False),
-                                               delta="conv1d"), None),
-    "ours_recompute": (lambda points, hw: ExecPlan.auto("cpu", training=True, recompute_cheap=True, points=points,
-                                                        hw=hw), None),  # --recompute_cheap
-    "ours_bf16": (lambda points, hw: ExecPlan.auto("cpu", torch.bfloat16, training=True, points=points, hw=hw),
-                  "bf16"),
-    "ours_ckpt": (lambda points, hw: ExecPlan.auto("cpu", training=True, checkpointing=True, points=points, hw=hw),
-                  None),
+    "ours_gemm": (lambda points, crop_hw: replace(ExecPlan.auto("cpu", training=True, recompute_cheap=False,
+                                                                points=points, crop_hw=crop_hw), delta="gemm"), None),
+    # the float32 training plan before the training-speed work (docs/BENCHMARKS.md): conv1d delta block,
+    # every activation stored
+    "ours_before": (lambda points, crop_hw: replace(ExecPlan.auto("cpu", training=True, recompute_cheap=False),
+                                                    delta="conv1d"), None),
+    "ours_recompute": (lambda points, crop_hw: ExecPlan.auto("cpu", training=True, recompute_cheap=True, points=points,
+                                                             crop_hw=crop_hw), None),  # --recompute_cheap
+    "ours_bf16": (lambda points, crop_hw: ExecPlan.auto("cpu", torch.bfloat16, training=True, points=points,
+                                                        crop_hw=crop_hw), "bf16"),
+    "ours_ckpt": (lambda points, crop_hw: ExecPlan.auto("cpu", training=True, checkpointing=True, points=points,
+                                                        crop_hw=crop_hw), None),
     # candidate: the float32 plan keeping every activation, with a channels-last encoder (docs/BENCHMARKS.md:
     # 34.2 vs 36.0 s, not chosen)
-    "ours_cl": (lambda points, hw: replace(ExecPlan.auto("cpu", training=True, recompute_cheap=False, points=points,
-                                                         hw=hw), channels_last=True), None),
+    "ours_cl": (lambda points, crop_hw: replace(ExecPlan.auto("cpu", training=True, recompute_cheap=False,
+                                                              points=points, crop_hw=crop_hw), channels_last=True),
+                None),
     # bf16 with the delta block's GEMM form, the bf16 plan before F(2,3)
-    "ours_gemm_bf16": (lambda points, hw: replace(ExecPlan.auto("cpu", torch.bfloat16, training=True, points=points,
-                                                                hw=hw), delta="gemm"), "bf16"),
+    "ours_gemm_bf16": (lambda points, crop_hw: replace(ExecPlan.auto("cpu", torch.bfloat16, training=True,
+                                                                     points=points, crop_hw=crop_hw), delta="gemm"),
+                       "bf16"),
     # candidate: bf16 with F(4,3) in the delta block (docs/BENCHMARKS.md: faster, ~3x the rounding error; not chosen)
-    "ours_wino_bf16": (lambda points, hw: replace(ExecPlan.auto("cpu", torch.bfloat16, training=True, points=points,
-                                                                hw=hw), delta="winograd"), "bf16"),
+    "ours_wino_bf16": (lambda points, crop_hw: replace(ExecPlan.auto("cpu", torch.bfloat16, training=True,
+                                                                     points=points, crop_hw=crop_hw),
+                                                       delta="winograd"), "bf16"),
     # the large-batch choices (Winograd delta block, local correlation, one frame at a time; every activation kept)
     # at any shape
-    "ours_large": (lambda points, hw: ExecPlan.auto("cpu", training=True, recompute_cheap=False), None),
+    "ours_large": (lambda points, crop_hw: ExecPlan.auto("cpu", training=True, recompute_cheap=False), None),
 }
 # name: (B, S, N, H, W, iters)
 SHAPES = {
@@ -135,12 +139,13 @@ def _measure(shape: str, variant: str, steps: int, memory: bool = False) -> dict
         os.unlink(path)
 
 
-def _loader_rate(B: int, batches: int) -> dict:
-    """Clips/s of train.py's loader (default workers) over a fresh stage-1 export of synthetic scenes."""
-    with scratch_export(S=36, N=128, hw=(256, 384)) as (root, version):
-        cfg = Config(stage=1, B=B, S=36, N=128, crop_size=(256, 384), iters=4, lr=5e-4, max_steps=batches + 2,
+def _loader_rate(B: int, batches: int, S: int = 36, N: int = 128, crop_hw: tuple[int, int] = (256, 384)) -> dict:
+    """Clips/s of train.py's loader (default workers) over a fresh export of synthetic scenes (stage 1's shape)."""
+    with scratch_export(S=S, N=N, crop_hw=crop_hw) as (root, version):
+        cfg = Config(stage=1, B=B, S=S, N=N, crop_hw=crop_hw, iters=4, lr=5e-4, max_steps=batches + 2,
                      dataset_location=str(root), dataset_version=version, device="cpu", quiet=True)
-        data = TrainData(cfg, Ranks.setup("cpu"), 0, lambda *a: None)
+        # told of no skipped clip: what is measured is the loader (TrainData goes through the list returned)
+        data = TrainData(cfg, Ranks.setup("cpu"), 0, lambda kind, batch: [])
         data.next(1, 0)  # workers started, first batches decoded
         t0 = time.perf_counter()
         for step in range(2, 2 + batches):
@@ -207,7 +212,7 @@ def _extrapolated_reference_peak(shapes: list[str], target: str) -> dict:
 
 
 def _verdicts(res: dict) -> list[tuple[str, str, bool]]:
-    """Issue 12's targets against this run's figures: (target, measured, met) for each one measured."""
+    """The training-speed targets against this run's figures: (target, measured, met) for each one measured."""
     out: list[tuple[str, str, bool]] = []
     s1 = res["runs"].get("stage1", {})
     ref = s1.get("reference")
@@ -244,7 +249,7 @@ def main(shapes: str = "stage1", variants: str = DEFAULT_VARIANTS, rounds: int =
          ckpt_ratio_shape: str = "stage2_S16", ckpt_shapes: str = "stage2",
          reference_memory_shapes: str = "stage2_S8,stage2_S16", loader: bool = True,
          json_out: str | None = None) -> None:
-    """Every issue-12 target in one run: `variants` at each of `shapes` (`rounds` alternating rounds of `steps`
+    """Every training-speed target in one run: `variants` at each of `shapes` (`rounds` alternating rounds of `steps`
     timed steps), --grad_ckpt against no checkpointing at `ckpt_ratio_shape`, the --grad_ckpt step at
     `ckpt_shapes` against the reference's memory extrapolated from `reference_memory_shapes`, the loader;
     ratios and a verdict per target printed, everything written to json_out. Empty strings skip a part."""
@@ -272,7 +277,7 @@ def main(shapes: str = "stage1", variants: str = DEFAULT_VARIANTS, rounds: int =
         print(f"\nloader: {res['loader']['clips_per_s']:.2f} clips/s with {res['loader']['workers']} workers")
     res["verdicts"] = _verdicts(res)
     if res["verdicts"]:
-        print("\nissue 12's targets:")
+        print("\ntraining-speed targets:")
         for target, measured, ok in res["verdicts"]:
             print(f"  {'met ' if ok else 'MISS'}  {target}: {measured}")
     if json_out:

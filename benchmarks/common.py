@@ -22,6 +22,12 @@ from pips2.datasets.training import Sample
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def name_list(value) -> list[str]:
+    """A comma-separated flag as a list: fire gives "a,b" as a tuple, "a" as a string."""
+    items = value.split(",") if isinstance(value, str) else list(value)
+    return [str(v).strip() for v in items if str(v).strip()]
+
+
 def best_time(fn: Callable[[], object], repeats: int) -> float:
     """The fastest of `repeats` wall-clock runs of fn, in seconds (the least disturbed by other work)."""
     times = []
@@ -103,11 +109,11 @@ def synthetic_batch(B: int, S: int, N: int, H: int, W: int, seed: int = 0) -> Sa
 
 
 @contextmanager
-def scratch_export(S: int, N: int, hw: tuple[int, int], scenes: int = 3) -> Iterator[tuple[Path, str]]:
+def scratch_export(S: int, N: int, crop_hw: tuple[int, int], scenes: int = 3) -> Iterator[tuple[Path, str]]:
     """(export folder, version) of augmented mp4 clips exported from fresh synthetic scenes; removed afterwards."""
     work = Path(tempfile.mkdtemp(prefix="bench_export_"))
     try:
-        H, W = hw
+        H, W = crop_hw
         generate_dataset(work / "pod", {"train": scenes}, cfg=SceneConfig(W=W + 64, H=H + 64, T=S + 24, n_points=800),
                          progress=False)
         subprocess.run([sys.executable, "export_mp4_dataset.py", f"--dataset_location={work / 'pod'}", f"--S={S}",

@@ -43,13 +43,14 @@ import types
 from collections.abc import Iterator
 from dataclasses import fields
 from pathlib import Path
+from typing import Any
 
 import fire
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from pips2.nets.lbm import LBM, LBMOnline
+from pips2.nets.lbm import LBM, LBMOnlineState
 from pips2.nets.pips2 import Pips
 from pips2.nets.plan import ExecPlan
 from pips2.utils.cli import die
@@ -301,7 +302,8 @@ def write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "wb") as f:
-        np.savez_compressed(f, **arrays)
+        # numpy's stub reads **arrays as if it could hold its allow_pickle parameter
+        np.savez_compressed(f, **arrays)  # pyright: ignore[reportArgumentType]
     tmp.replace(path)
 
 
@@ -463,7 +465,7 @@ class TheirsOnline:
 
     STATE = ("query", "query_points", "collision_dist", "stream_dist", "vis_mask", "mem_mask")
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: Any):  # the authors' online tracker: attributes set and called as theirs are
         self.model = model
 
     def start(self, points: torch.Tensor, frame: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -503,10 +505,10 @@ def our_lbm_model(case: LbmCase) -> LBM:
 
 
 class OursOnline:
-    """Our LBMOnline behind `track_online`'s tracker interface."""
+    """Our LBMOnlineState behind `track_online`'s tracker interface."""
 
     def __init__(self, model: LBM):
-        self.online = LBMOnline(model)
+        self.online = LBMOnlineState(model)
 
     def start(self, points: torch.Tensor, frame: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Start the points on this frame (stepping it)."""
@@ -535,7 +537,7 @@ def lbm_differences(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> n
 def lbm(authors_repo: str, out: str | None = None, cases: int = 60, seed: int = 0, compare: bool = False,
         tol: float = 1e-9, threads: int = 1, authors_commit: str | None = None) -> None:
     """The authors' online LBM over `cases` seeded cases in float64: their outputs to --out, and/or (--compare)
-    ours (LBMOnline and LBM.inference) against them (exit 1 if a case differs by more than max(--tol,
+    ours (LBMOnlineState and LBM.inference) against them (exit 1 if a case differs by more than max(--tol,
     SPREADS x spread), or a visibility flag differs that the nudge does not flip)."""
     from bench_lbm import import_authors
 

@@ -27,9 +27,10 @@ import torch
 from pips2.datasets.exportdataset import ExportDataset
 from pips2.datasets.synthetic import SceneConfig, generate_dataset
 from pips2.datasets.training import Sample, to_sample
-from pips2.nets.lbm import LBM, VIS_THRESHOLD, load_lbm
-from pips2.utils import checkpoint as ck
+from pips2.hub import load_model
+from pips2.nets.lbm import LBM, VIS_THRESHOLD
 from pips2.utils import metrics
+from pips2.utils.cli import parse_hw
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPORT_HW = "128,192"
@@ -48,6 +49,7 @@ def _run_logged(args: list[str]) -> list[tuple[int, float]]:
     print("$", " ".join(args), flush=True)
     curve = []
     with subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.PIPE, text=True) as proc:
+        assert proc.stdout is not None  # stdout=PIPE
         for line in proc.stdout:
             print(line, end="", flush=True)
             if m := STEP_LINE.search(line):
@@ -75,11 +77,12 @@ def main(out: str = "./learning_check", max_iters: int = 500, train_scenes: int 
 
     --model=lbm trains LBM instead (N 16 and crop 64x96 unless given; --embed_dim, --memory_size) and scores
     --eval_clips clips of the test scenes itself (lbm_check). --amp trains under autocast (train.py --amp);
-    `compare` puts two runs' loss curves side by side."""
+    `compare` puts two runs' loss curves side by side. --max_iters (the authors' name) counts training steps."""
+    max_steps = max_iters  # train.py's --max_steps; learning_check.json keeps the flag's name as its key
     if model == "lbm":
         if amp != "none":
             raise SystemExit("error: --amp is for --model=pips2 (the LBM check trains in float32)")
-        lbm_check(out, max_iters, train_scenes, test_scenes, B, S, N or 16, crop_size or "64,96", workers, quick,
+        lbm_check(out, max_steps, train_scenes, test_scenes, B, S, N or 16, crop_size or "64,96", workers, quick,
                   seed, embed_dim, memory_size, eval_clips)
         return
     if model != "pips2":
@@ -89,9 +92,9 @@ def main(out: str = "./learning_check", max_iters: int = 500, train_scenes: int 
     _scenes_and_export(out_dir, train_scenes, test_scenes, S, crop_size, workers, quick, seed)
     t0 = time.time()
     curve = _run_logged(["train.py", f"--dataset_location={out_dir / 'export'}", f"--B={B}", f"--S={S}", f"--N={N}",
-          f"--crop_size={crop_size}", f"--iters={iters}", f"--max_steps={max_iters}", f"--save_freq={max_iters}",
+          f"--crop_size={crop_size}", f"--iters={iters}", f"--max_steps={max_steps}", f"--save_freq={max_steps}",
           f"--log_dir={out_dir / 'logs'}", f"--ckpt_dir={out_dir / 'checkpoints'}", f"--workers={workers}",
-          f"--log_freq={max(1, max_iters // 10)}", f"--seed={seed}", f"--amp={amp}", *([f"--lr={lr}"] if lr else [])])
+          f"--log_freq={max(1, max_steps // 10)}", f"--seed={seed}", f"--amp={amp}", *([f"--lr={lr}"] if lr else [])])
     train_min = (time.time() - t0) / 60
     if not curve or curve[0][0] != 1:  # train.py resumed a finished run in this folder instead of training
         raise SystemExit(f"error: {out_dir / 'checkpoints'} already holds a run that train.py resumed; "
@@ -103,20 +106,20 @@ def main(out: str = "./learning_check", max_iters: int = 500, train_scenes: int 
         _run(["test_on_pod.py", f"--dataset_location={out_dir / 'pod'}", "--dset=test", "--S=16", f"--iters={iters}",
               "--image_size=256,320", "--N=64", f"--out_json={js}", *extra])
         res[label] = json.loads(js.read_text())["mean"]
-    model, zero = res["model"], res["zero_velocity"]
-    summary = {"train_minutes": train_min, "max_iters": max_iters, "amp": amp, "checkpoint": str(ckpt),
+    ours, zero = res["model"], res["zero_velocity"]
+    summary = {"train_minutes": train_min, "max_iters": max_steps, "amp": amp, "checkpoint": str(ckpt),
                "loss_curve": curve,
-               "d_avg_model": model["d_avg"], "d_avg_zero_velocity": zero["d_avg"],
-               "median_l2_model": model["median_l2"], "median_l2_zero_velocity": zero["median_l2"]}
+               "d_avg_model": ours["d_avg"], "d_avg_zero_velocity": zero["d_avg"],
+               "median_l2_model": ours["median_l2"], "median_l2_zero_velocity": zero["median_l2"]}
     (out_dir / "learning_check.json").write_text(json.dumps(summary, indent=2))
-    verdict = (f"the model beats zero-velocity ({model['d_avg'] / max(zero['d_avg'], 1e-9):.1f}x its d_avg)"
-               if model["d_avg"] > zero["d_avg"] else "the model does NOT beat zero-velocity yet (train longer)")
-    print(f"learning check: trained {max_iters} steps in {train_min:.1f} min; held-out d_avg "
-          f"{model['d_avg']:.1f} (model) vs {zero['d_avg']:.1f} (zero-velocity), median_l2 "
-          f"{model['median_l2']:.1f} vs {zero['median_l2']:.1f} px: {verdict}")
+    verdict = (f"the model beats zero-velocity ({ours['d_avg'] / max(zero['d_avg'], 1e-9):.1f}x its d_avg)"
+               if ours["d_avg"] > zero["d_avg"] else "the model does NOT beat zero-velocity yet (train longer)")
+    print(f"learning check: trained {max_steps} steps in {train_min:.1f} min; held-out d_avg "
+          f"{ours['d_avg']:.1f} (model) vs {zero['d_avg']:.1f} (zero-velocity), median_l2 "
+          f"{ours['median_l2']:.1f} vs {zero['median_l2']:.1f} px: {verdict}")
 
 
-def lbm_check(out: str, max_iters: int, train_scenes: int, test_scenes: int, B: int, S: int, N: int, crop_size: str,
+def lbm_check(out: str, max_steps: int, train_scenes: int, test_scenes: int, B: int, S: int, N: int, crop_size: str,
               workers: int, quick: bool, seed: int, embed_dim: int, memory_size: int, eval_clips: int) -> dict:
     """Train LBM from scratch on the synthetic training clips, score held-out clips; the summary (also json)."""
     out_dir = Path(out).resolve()
@@ -128,20 +131,20 @@ def lbm_check(out: str, max_iters: int, train_scenes: int, test_scenes: int, B: 
     t0 = time.time()
     _run(["train.py", "--model=lbm", f"--dataset_location={out_dir / 'export'}", f"--B={B}", f"--S={S}", f"--N={N}",
           f"--crop_size={crop_size}", f"--embed_dim={embed_dim}", f"--memory_size={memory_size}",
-          f"--max_steps={max_iters}", f"--save_freq={max_iters}", f"--log_dir={out_dir / 'logs'}",
-          f"--ckpt_dir={out_dir / 'checkpoints'}", f"--workers={workers}", f"--log_freq={max(1, max_iters // 10)}",
+          f"--max_steps={max_steps}", f"--save_freq={max_steps}", f"--log_dir={out_dir / 'logs'}",
+          f"--ckpt_dir={out_dir / 'checkpoints'}", f"--workers={workers}", f"--log_freq={max(1, max_steps // 10)}",
           f"--seed={seed}"])
     train_min = (time.time() - t0) / 60
     run = next(p for p in (out_dir / "checkpoints").iterdir() if p.name.startswith("lbm_"))
-    hw = tuple(int(v) for v in crop_size.split(","))
-    net = load_lbm(ck.find_checkpoint(run), input_size=hw, embed_dim=embed_dim, memory_size=memory_size)
+    crop_hw = parse_hw(crop_size, "crop_size")  # LBM trains at its input size: the crop
+    net = load_model(run, kind="lbm", input_size=crop_hw, embed_dim=embed_dim, memory_size=memory_size)
     version = next(p.name for p in (out_dir / "export_test").iterdir() if p.is_dir())
-    test = ExportDataset(str(out_dir / "export_test"), version, S, 64, hw)
+    test = ExportDataset(str(out_dir / "export_test"), version, S, 64, crop_hw)
     rng = np.random.default_rng(seed)
     scores = [score_lbm_clip(net, to_sample(*test.sample(i, rng))) for i in range(len(test))]
     scores = [s for s in scores if s is not None]
     pooled = lambda key: float(sum(s[key][0] for s in scores) / max(1.0, sum(s[key][1] for s in scores)))
-    summary = {"model": "lbm", "train_minutes": train_min, "max_iters": max_iters, "checkpoint": str(run),
+    summary = {"model": "lbm", "train_minutes": train_min, "max_iters": max_steps, "checkpoint": str(run),
                "clips": len(scores), "d_avg_model": float(np.mean([s["d_avg_model"] for s in scores])),
                "d_avg_zero_velocity": float(np.mean([s["d_avg_zero"] for s in scores])),
                "err_px_model": pooled("err_model"), "err_px_zero_velocity": pooled("err_zero"),
@@ -151,7 +154,7 @@ def lbm_check(out: str, max_iters: int, train_scenes: int, test_scenes: int, B: 
                                                  [g for s in scores for g in s["vis_gt"]])}
     summary["occlusion_chance"] = max(summary["occlusion_chance"], 1.0 - summary["occlusion_chance"])
     (out_dir / "learning_check.json").write_text(json.dumps(summary, indent=2))
-    print(f"learning check (LBM): trained {max_iters} steps in {train_min:.1f} min; on {len(scores)} held-out clips "
+    print(f"learning check (LBM): trained {max_steps} steps in {train_min:.1f} min; on {len(scores)} held-out clips "
           f"position error {summary['err_px_model']:.2f} px (model) vs {summary['err_px_zero_velocity']:.2f} px "
           f"(zero-velocity), d_avg {summary['d_avg_model']:.1f} vs {summary['d_avg_zero_velocity']:.1f}; "
           f"occlusion accuracy {summary['occlusion_accuracy']:.3f} at the model's threshold "
@@ -173,7 +176,7 @@ def score_lbm_clip(net: LBM, clip: Sample) -> dict | None:
     res = net.inference(clip.rgbs[None], queries[None], with_raw=True)
     pred, pvis, prob = res["points"][0], res["visibility"][0], torch.sigmoid(res["vis_logit"][0])
     zero = trajs[:1].expand_as(trajs)
-    hw = tuple(clip.rgbs.shape[-2:])
+    hw = (clip.rgbs.shape[-2], clip.rgbs.shape[-1])
     valid, seen = valids[1:] > 0, (valids[1:] > 0) & visibs[1:]
     err = lambda est: ((est[1:] - trajs[1:]).norm(dim=-1)[seen].sum().item(), seen.sum().item())  # noqa: E731
     return {"d_avg_model": metrics.track_metrics(pred, trajs, valids, hw)["d_avg"],

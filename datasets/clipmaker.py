@@ -2,7 +2,8 @@
 
 Clip k is fully determined by (settings, k): its candidate (scene, start, stride) comes from a fixed
 enumeration and its augmentation RNG is seeded by (seed, k), so any process on any machine builds the same
-clip k. Writing, claiming and verifying clips is datasets/export.py's job.
+clip k: the same track.npz and the same frames handed to the encoder (the mp4 bytes may differ, see
+docs/FORMATS.md). Writing, claiming and verifying clips is datasets/export.py's job.
 """
 
 from __future__ import annotations
@@ -26,12 +27,21 @@ class Candidate:
     stride: int
 
 
-def enumerate_candidates(dataset_location: str | Path, st: ClipSettings) -> list[Candidate]:
-    """Every (scene, start, stride) clip of the split, in a fixed order (shuffled by the seed if asked)."""
+def scene_frames(dataset_location: str | Path, split: str) -> dict[str, int]:
+    """The frame count of every scene folder of the split, by name in sorted order: all that the enumeration
+    of candidates depends on."""
+    return {scene.name: len(pod.frame_files(scene)) for scene in pod.list_scenes(dataset_location, split)}
+
+
+def enumerate_candidates(dataset_location: str | Path, st: ClipSettings, frames: dict[str, int] | None = None
+                         ) -> list[Candidate]:
+    """Every (scene, start, stride) clip of the split, in a fixed order (shuffled by the seed if asked).
+    `frames`: the split's scene_frames, if already read."""
+    if frames is None:
+        frames = scene_frames(dataset_location, st.split)
     cands = []
-    for scene in pod.list_scenes(dataset_location, st.dset):
-        n = len(pod.frame_files(scene))
-        cands += [Candidate(scene.name, s, k) for s, k in pod.clip_starts(n, st.S)]
+    for name, n in frames.items():
+        cands += [Candidate(name, s, k) for s, k in pod.clip_starts(n, st.S)]
     if st.shuffle:
         order = np.random.default_rng(st.seed).permutation(len(cands))
         cands = [cands[i] for i in order]
@@ -64,15 +74,15 @@ def build_clip(scene: pod.Scene, cand: Candidate, st: ClipSettings, rng: np.rand
     """Frames (S,H,W,3) uint8 and track_g (S,N,4) of one candidate; raises SkipItem with the reason.
 
     Fewer than N good tracks are padded with invalid ones, as the authors' loader does; the clip is then
-    rejected if fewer than half of its S x N entries are valid (SPEC 4.2).
+    rejected if fewer than half of its S x N entries are valid (docs/FORMATS.md, step 10 of the export).
     """
     idx = cand.start + cand.stride * np.arange(st.S)
     frames, tracks = _filtered(scene, idx, st, rng)
     H, W = frames.shape[1:3]
-    plan = augment.plan_spatial(st.S, H, W, st.crop_size, rng, p=0.7 if st.use_augs else 0.0)
+    plan = augment.plan_spatial(st.S, H, W, st.crop_hw, rng, p=0.7 if st.use_augs else 0.0)
     frames = augment.warp_frames(frames, plan)
     trajs = augment.warp_tracks(tracks.trajs, plan)
-    tracks = Tracks(trajs, *augment.crop_visibility(trajs, tracks.visibs, tracks.valids, st.crop_size))
+    tracks = Tracks(trajs, *augment.crop_visibility(trajs, tracks.visibs, tracks.valids, st.crop_hw))
     keep = np.nonzero(tracks.visibs[0] & tracks.visibs[1])[0]  # queries must still be visible after the crop
     if len(keep) < st.N // 2:
         raise pod.SkipItem("too few tracks after crop")
@@ -81,7 +91,7 @@ def build_clip(scene: pod.Scene, cand: Candidate, st: ClipSettings, rng: np.rand
         frames, visibs = augment.add_occluders(frames, tracks.trajs, tracks.visibs, rng, p=0.2)
         tracks = Tracks(tracks.trajs, visibs, tracks.valids)
         frames = augment.color_augment(frames, rng)
-    pick = pod.choose_tracks(tracks.trajs, tracks.valids, st.N, rng, st.crop_size)
+    pick = pod.choose_tracks(tracks.trajs, tracks.valids, st.N, rng, st.crop_hw)
     tracks = tracks.take(pick).pad(st.N)
     if tracks.valids.mean() < 0.5:
         raise pod.SkipItem("fewer than half of the entries valid")

@@ -14,6 +14,7 @@ import os
 import shutil
 import signal
 import socket
+import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -23,12 +24,16 @@ import numpy as np
 from pips2.datasets import pointodyssey as pod
 from pips2.datasets.clipmaker import Candidate, build_clip
 from pips2.datasets.clips import (
+    SETTINGS,
     ClipSettings,
     append_manifest,
     clip_dir,
     clip_name,
     is_clip_dir,
+    read_source,
+    record_source,
     verify_clip,
+    write_settings,
     write_track,
 )
 from pips2.datasets.clips import list_clips as list_clips  # re-exported: callers that list what an export wrote
@@ -37,6 +42,7 @@ from pips2.utils.video import VideoError, write_mp4
 
 STALE_CLAIM_S = 2 * 3600  # a claim from another host older than this is taken over
 NO_SPACE = "no space left on device"
+NOT_WRITABLE = "cannot write"  # the version folder refuses writes (read-only, permissions): no clip can be written
 LOW_SPACE_BYTES = 1 << 20  # a failed write with less free space than this is put down to a full disk
 
 
@@ -47,7 +53,7 @@ class NoSpaceError(OSError):
         super().__init__(errno.ENOSPC, f"{NO_SPACE} ({path})")
 
     def __str__(self) -> str:
-        return self.strerror
+        return self.strerror or super().__str__()  # strerror is always set (__init__)
 
 
 class SceneCache:
@@ -57,20 +63,95 @@ class SceneCache:
         self.root, self.size, self.items = root, size, {}
 
     def get(self, name: str) -> pod.Scene:
-        """The scene `name` (loaded once); SkipItem("scene unusable: ...") for a scene that cannot be used."""
+        """The scene `name` (loaded once); SkipItem("scene <name> unusable: ...") for a scene that cannot be used
+        (named: the summary counts clips by reason, so each broken scene gets its own line)."""
         if name not in self.items:
             try:
                 scene = pod.load_scene(self.root / name)
                 pod.check_frame_sizes(scene)
             except pod.SkipItem as e:
                 scene = e
+            except (OSError, MemoryError):  # this machine, not the data: tried again for the next clip
+                raise
+            except Exception as e:  # data the loader does not expect: the same on every run
+                scene = pod.SkipItem(bad_data(name, e))
             if len(self.items) >= self.size:
                 self.items.pop(next(iter(self.items)))
             self.items[name] = scene
         got = self.items[name]
         if isinstance(got, pod.SkipItem):
-            raise pod.SkipItem(f"scene unusable: {got}")
+            raise pod.SkipItem(str(got) if str(got).startswith(BAD_DATA) else f"scene {name} unusable: {got}")
         return got
+
+
+BAD_DATA = "bad data in scene"
+
+
+def bad_data(scene: str, e: Exception) -> str:
+    """The rejection reason of a clip whose scene's data raised an error the loader does not name (e.g. arrays
+    of disagreeing shapes): it names the scene, so the summary of every later run says which one to look at."""
+    msg = str(e).strip()
+    return f"{BAD_DATA} {scene} ({type(e).__name__}: {msg.splitlines()[0] if msg else ''})"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The version folder: one source, writable.
+
+
+def _names(names: list[str], most: int = 3) -> str:
+    return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
+def source_of(dataset_location: str | Path, frames: dict[str, int]) -> dict:
+    """What settings.json records of a run's data: the split's resolved path and its scenes' frame counts."""
+    return {"dataset_location": str(Path(dataset_location).resolve()), "scenes": dict(frames)}
+
+
+def check_source(version_dir: Path, st: ClipSettings, source: dict) -> str | None:
+    """Create the folder's settings.json with `source`, or check that it records the same source: the same
+    resolved dataset_location and the same scenes with the same frame counts (a scene added, removed or
+    changed renumbers the candidates, so clip k would become another clip). ValueError in one line if not.
+    A settings.json from before the source was recorded is adopted: the source is added and a note returned."""
+    if write_settings(version_dir, st, source):
+        return None
+    recorded = read_source(version_dir)
+    if recorded is None:
+        record_source(version_dir, source)
+        return (f"{version_dir / SETTINGS} recorded no source: recorded {source['dataset_location']} "
+                f"({len(source['scenes'])} scenes); the clips already there are taken to come from it")
+    if recorded["dataset_location"] != source["dataset_location"]:
+        raise ValueError(f"{version_dir}: its clips come from {recorded['dataset_location']}, not "
+                         f"{source['dataset_location']}: clips of two data sets would mix; give another --out_dir")
+    old, new = recorded["scenes"], source["scenes"]
+    if old != new:
+        changes = [f"{what} {_names(names)}" for what, names in (
+            ("added", [n for n in new if n not in old]), ("removed", [n for n in old if n not in new]),
+            ("frame count changed in", [n for n in new if n in old and old[n] != new[n]])) if names]
+        raise ValueError(f"{version_dir}: the scenes of {Path(source['dataset_location']) / st.split} changed since "
+                         f"its clips were exported ({'; '.join(changes)}): clip numbers would name other clips; "
+                         f"give another --out_dir")
+    return None
+
+
+def check_writable(version_dir: Path) -> None:
+    """OSError unless a file can be created in the version folder (a read-only folder would otherwise fail every
+    clip, one by one; a write refused later stops the run at the first clip: not_writable)."""
+    fd, probe = tempfile.mkstemp(dir=version_dir, prefix=".probe.")
+    os.close(fd)
+    os.unlink(probe)
+
+
+def not_writable(e: BaseException, version_dir: Path) -> str | None:
+    """"cannot write <folder> (<why>)" if a write into the version folder was refused (read-only file system,
+    permissions): every further clip would fail the same way; None otherwise."""
+    cur: BaseException | None = e
+    while cur is not None:
+        name = getattr(cur, "filename", None)
+        if getattr(cur, "errno", None) in (errno.EACCES, errno.EPERM, errno.EROFS) and name is not None \
+                and Path(os.fsdecode(name)).is_relative_to(version_dir):
+            return f"{NOT_WRITABLE} {version_dir} ({getattr(cur, 'strerror', None) or cur})"
+        cur = cur.__cause__ or cur.__context__
+    return None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -197,7 +278,7 @@ def _check_existing(version_dir: Path, k: int, st: ClipSettings, verify: bool) -
         if not verify:
             return "exists"
         try:
-            verify_clip(final, st.S, st.N, st.crop_size)
+            verify_clip(final, st.S, st.N, st.crop_hw)
             return "exists"
         except VideoError:
             remove_clip(version_dir, k)
@@ -222,6 +303,9 @@ def _one_line(e: BaseException, version_dir: Path) -> str:
         return str(e)
     if isinstance(e, OSError) and is_no_space(e, version_dir):
         return str(NoSpaceError(version_dir))
+    refused = not_writable(e, version_dir)
+    if refused:
+        return refused
     msg = str(e).strip()
     return f"{type(e).__name__}: {msg.splitlines()[0] if msg else ''}"
 
@@ -246,7 +330,7 @@ def _export_one(args: tuple) -> tuple[int, str, str]:
             return k, "exists", ""
         if reason is not None:
             return k, "rejected", reason
-        root = Path(dataset_location) / st.dset
+        root = Path(dataset_location) / st.split
         if _CACHE is None or _CACHE.root != root:
             _CACHE = SceneCache(root)
         cand = Candidate(**cand)
@@ -256,6 +340,11 @@ def _export_one(args: tuple) -> tuple[int, str, str]:
         except pod.SkipItem as e:
             mark_rejected(version_dir, k, str(e))
             return k, "rejected", str(e)
+        except (OSError, MemoryError):  # this machine, not the data: a failure, tried again by the next run
+            raise
+        except Exception as e:  # the scene's data as the loader does not expect it: the same on every run
+            mark_rejected(version_dir, k, bad_data(cand.scene, e))
+            return k, "rejected", bad_data(cand.scene, e)
         meta = dict(asdict(cand), n_valid=int(track[..., 3].sum()), n_visible=int(track[..., 2].sum()))
         wrote = write_clip(version_dir, k, frames, track, meta, st.preset)
         return k, ("rewritten" if existing == "rewrite" else "written") if wrote else "exists", ""

@@ -27,8 +27,9 @@ from pips2.datasets.clips import (
     read_settings,
 )
 from pips2.datasets.clips import track_problem as track_problem  # re-exported: the reader's corruption rule
-from pips2.datasets.training import Sample, to_sample
+from pips2.datasets.training import DataGoneError, Sample, to_sample
 from pips2.utils import augment
+from pips2.utils.cli import parse_hw
 from pips2.utils.video import VideoError
 
 
@@ -40,24 +41,25 @@ class ExportDataset(Dataset):
     """Exported clips as dicts: rgbs (S,3,H,W) float in [0,255], trajs (S,N,2), visibs, valids (S,N)."""
 
     def __init__(self, dataset_location: str = "./pod_export", dataset_version: str | None = None, S: int = 36,
-                 N: int = 128, crop_size: tuple[int, int] | None = None, use_augs: bool = False,
+                 N: int = 128, crop_hw: tuple[int, int] | None = None, use_augs: bool = False,
                  backend: str = "cv2", max_retries: int = 20, seed: int = 0):
         root = Path(dataset_location)
         if not root.is_dir():
             raise FileNotFoundError(f"{root}: no such dataset folder (--dataset_location)")
         if dataset_version is None:
-            dataset_version = find_version(root, S, N, crop_size)
+            dataset_version = find_version(root, S, N, crop_hw)
         self.dir = root / dataset_version
         self.clips = list_clips(self.dir)
         if not self.clips:
             raise FileNotFoundError(f"{self.dir}: no exported clips (run export_mp4_dataset.py first)")
         # an export without settings.json (the authors' exporter) is taken to hold what is asked for
-        st = read_settings(self.dir) or ClipSettings(S=S, N=N, crop_size=tuple(crop_size or AUTHORS_EXPORT_HW))
-        self.S_export, self.N_export, self.hw = st.S, st.N, st.crop_size
-        self.crop = tuple(crop_size) if crop_size is not None else self.hw
-        if self.crop[0] > self.hw[0] or self.crop[1] > self.hw[1]:
-            raise ValueError(f"{self.dir}: clips are {self.hw[0]}x{self.hw[1]}, smaller than crop_size "
-                             f"{self.crop[0]}x{self.crop[1]} (export at the training crop size or larger)")
+        st = read_settings(self.dir) or ClipSettings(S=S, N=N, crop_hw=parse_hw(crop_hw or AUTHORS_EXPORT_HW))
+        # clip_hw: the clips' size (the export's crop); crop_hw: training's crop of them (train.py's --crop_size)
+        self.S_export, self.N_export, self.clip_hw = st.S, st.N, st.crop_hw
+        self.crop_hw = parse_hw(crop_hw, "crop_size") if crop_hw is not None else self.clip_hw
+        if self.crop_hw[0] > self.clip_hw[0] or self.crop_hw[1] > self.clip_hw[1]:
+            raise ValueError(f"{self.dir}: clips are {self.clip_hw[0]}x{self.clip_hw[1]}, smaller than crop_size "
+                             f"{self.crop_hw[0]}x{self.crop_hw[1]} (export at the training crop size or larger)")
         if S > self.S_export:
             raise ValueError(f"{self.dir}: clips have {self.S_export} frames, S={S} asks for more")
         if N > self.N_export:
@@ -77,7 +79,7 @@ class ExportDataset(Dataset):
 
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """Decoded frames (S_export,H,W,3) and track_g (S_export,N_export,4) of clip `index`, or VideoError."""
-        return read_clip_folder(self.clips[index], self.S_export, self.N_export, self.hw, self.backend)
+        return read_clip_folder(self.clips[index], self.S_export, self.N_export, self.clip_hw, self.backend)
 
     def problem(self, index: int) -> str:
         """Why clip `index` was skipped as corrupt: its error line, naming the file."""
@@ -103,7 +105,7 @@ class ExportDataset(Dataset):
                 warnings.warn(f"skipping corrupt clip: {e}", CorruptClipWarning, stacklevel=2)
                 continue
             return self._window(frames, track, rng)
-        raise RuntimeError(f"{self.dir}: {self.max_retries} clips in a row were corrupt")
+        raise DataGoneError(f"{self.dir}: {self.max_retries} clips in a row were corrupt")
 
     def __getitem__(self, index: int) -> Sample:
         frames, track = self.sample(index, self._rng(index, 0))
@@ -112,7 +114,7 @@ class ExportDataset(Dataset):
     def _window(self, frames: np.ndarray, track: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         t0 = int(rng.integers(0, self.S_export - self.S + 1))
         frames, track = frames[t0:t0 + self.S], track[t0:t0 + self.S]
-        if self.crop != self.hw:  # drawn only for larger clips: same-size clips keep their random stream
+        if self.crop_hw != self.clip_hw:  # drawn only for larger clips: same-size clips keep their random stream
             frames, track = self._crop(frames, track, rng)
         vis0 = track[0, :, 2] > 0
         # queries must be visible in the first frame of the (possibly shifted) window
@@ -124,9 +126,9 @@ class ExportDataset(Dataset):
         return frames, track
 
     def _crop(self, frames: np.ndarray, track: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-        """A random crop_size window of the clip; tracks move with it and follow the export's visibility rules
+        """A random crop_hw window of the clip; tracks move with it and follow the export's visibility rules
         (within 1 px of the border invisible, more than 64 px outside invalid)."""
-        (H, W), (h, w) = self.hw, self.crop
+        (H, W), (h, w) = self.clip_hw, self.crop_hw
         y0, x0 = int(rng.integers(0, H - h + 1)), int(rng.integers(0, W - w + 1))
         tr = Tracks.unpack(track)
         trajs = tr.trajs - np.array([x0, y0], np.float32)

@@ -15,7 +15,9 @@ import numpy as np
 
 from pips2.datasets.clips import Tracks
 from pips2.datasets.exportdataset import CorruptClipWarning
+from pips2.datasets.training import DataGoneError
 from pips2.utils import augment
+from pips2.utils.cli import parse_hw
 from pips2.utils.safe_load import load_npy
 from pips2.utils.video import VideoError, read_rgb
 
@@ -25,7 +27,7 @@ KUBRIC_FRAMES = 24
 class KubricDataset:
     """MOVi-F sequences as training samples: a random S-window, N tracks visible at its first frame."""
 
-    def __init__(self, movi_f_root: str, S: int = 24, N: int = 128, crop_size: tuple[int, int] = (384, 512),
+    def __init__(self, movi_f_root: str, S: int = 24, N: int = 128, crop_hw: tuple[int, int] = (384, 512),
                  use_augs: bool = False, max_retries: int = 20):
         if S > KUBRIC_FRAMES:
             raise ValueError(f"Kubric MOVi-F sequences have {KUBRIC_FRAMES} frames; S={S} asks for more")
@@ -35,7 +37,7 @@ class KubricDataset:
         self.seqs = sorted(p for p in root.iterdir() if (p / f"{p.name}.npy").is_file() and (p / "frames").is_dir())
         if not self.seqs:
             raise FileNotFoundError(f"{root}: no <seq>/frames + <seq>/<seq>.npy sequences")
-        self.S, self.N, self.crop, self.use_augs = S, N, tuple(crop_size), use_augs
+        self.S, self.N, self.crop_hw, self.use_augs = S, N, parse_hw(crop_hw, "crop_size"), use_augs
         self.max_retries = max_retries
         self.bad: set[int] = set()  # sequences found unreadable (per process: each DataLoader worker has its own)
         self.last_skipped: list[int] = []  # sequences skipped by the latest sample() call
@@ -51,20 +53,26 @@ class KubricDataset:
         ann = arr.item() if arr.dtype == object and arr.ndim == 0 else None
         if not isinstance(ann, dict) or not {"coords", "visibility"} <= set(ann):
             raise ValueError(f"{path}: not a Kubric annotation (expected a dict with coords and visibility)")
-        try:
-            coords = np.asarray(ann["coords"], np.float32)
-            occluded = np.asarray(ann["visibility"], bool)  # the file's flag means occluded
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"{path}: coords/visibility are not numeric arrays ({type(e).__name__})") from None
+        coords, occluded = ann["coords"], ann["visibility"]  # the file's flag means occluded
+        if not isinstance(coords, np.ndarray) or coords.dtype.kind not in "fiu":
+            got = coords.dtype if isinstance(coords, np.ndarray) else type(coords).__name__
+            raise ValueError(f"{path}: coords is {got}, expected a numeric array")
+        if not isinstance(occluded, np.ndarray) or occluded.dtype.kind not in "biuf":
+            got = occluded.dtype if isinstance(occluded, np.ndarray) else type(occluded).__name__
+            raise ValueError(f"{path}: visibility is {got}, expected a bool or 0/1 array")
         if coords.ndim != 3 or coords.shape[2] != 2 or occluded.shape != coords.shape[:2]:
             raise ValueError(f"{path}: coords {coords.shape} and visibility {occluded.shape} are not (N,T,2) and (N,T)")
-        coords, visible = coords.transpose(1, 0, 2), ~occluded.T
+        if occluded.dtype != bool and not np.isin(occluded, (0, 1)).all():  # "0" or 0.1 is not "visible"
+            raise ValueError(f"{path}: visibility holds {occluded[~np.isin(occluded, (0, 1))][0]!r}, only 0 and 1 "
+                             f"are allowed")
+        coords, visible = coords.astype(np.float32).transpose(1, 0, 2), ~occluded.astype(bool).T
+        files = sorted((seq / "frames").glob("*.png"))
+        if len(files) != coords.shape[0]:  # counted before any is decoded
+            raise ValueError(f"{seq}: {len(files)} frames but {coords.shape[0]} in the annotations")
         try:
-            frames = np.stack([read_rgb(p) for p in sorted((seq / "frames").glob("*.png"))])
+            frames = np.stack([read_rgb(p) for p in files])
         except VideoError as e:
             raise ValueError(str(e)) from None
-        if len(frames) != coords.shape[0]:
-            raise ValueError(f"{seq}: {len(frames)} frames but {coords.shape[0]} in the annotations")
         return frames, coords, visible
 
     def problem(self, index: int) -> str:
@@ -89,7 +97,7 @@ class KubricDataset:
                     self.last_skipped.append(index)
                     warnings.warn(f"skipping corrupt clip: {e}", CorruptClipWarning, stacklevel=3)
             index = int(rng.integers(len(self.seqs)))
-        raise RuntimeError(f"{self.seqs[0].parent}: {self.max_retries} sequences in a row were unreadable")
+        raise DataGoneError(f"{self.seqs[0].parent}: {self.max_retries} sequences in a row were unreadable")
 
     def sample(self, index: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         """Frames (S,h,w,3) uint8 and track (S,N,4) of x, y, visible, valid, like an exported clip."""
@@ -100,11 +108,11 @@ class KubricDataset:
         H, W = frames.shape[1:3]
         if self.use_augs:  # at the source size, before the crop, as the authors' MOVi-F loader
             frames, visible = augment.erase_and_replace(frames, coords, visible, rng)
-        plan = augment.plan_spatial(self.S, H, W, self.crop, rng, p=0.7 if self.use_augs else 0.0)
+        plan = augment.plan_spatial(self.S, H, W, self.crop_hw, rng, p=0.7 if self.use_augs else 0.0)
         frames = augment.warp_frames(frames, plan)
         coords = augment.warp_tracks(coords, plan)
         valids = np.ones_like(visible)
-        visible, valids = augment.crop_visibility(coords, visible, valids, self.crop)
+        visible, valids = augment.crop_visibility(coords, visible, valids, self.crop_hw)
         pool = np.nonzero(visible[0])[0]
         if len(pool) == 0:
             pool = np.arange(coords.shape[1])

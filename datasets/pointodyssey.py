@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import numpy as np
 from PIL import Image
 
 from pips2.utils.safe_load import UnsafeFileError, load_npz
-from pips2.utils.video import VideoError, read_rgb
+from pips2.utils.video import MAX_IMAGE_PIXELS, VideoError, not_regular_file, read_rgb
 
 FRAME_RE = re.compile(r"^rgb_(\d+)\.(jpg|jpeg|png)$")
 STRIDES = (1, 2, 4)
@@ -43,11 +44,11 @@ class Scene:
         return len(self.rgb_paths)
 
 
-def list_scenes(dataset_location: str | Path, dset: str) -> list[Path]:
+def list_scenes(dataset_location: str | Path, split: str) -> list[Path]:
     """Scene folders of one split, sorted by name."""
-    root = Path(dataset_location) / dset
+    root = Path(dataset_location) / split
     if not root.is_dir():
-        raise FileNotFoundError(f"{root}: no such split folder (expected <dataset_location>/{dset}/<scene>/)")
+        raise FileNotFoundError(f"{root}: no such split folder (expected <dataset_location>/{split}/<scene>/)")
     return sorted(p for p in root.iterdir() if p.is_dir())
 
 
@@ -61,7 +62,9 @@ def frame_files(scene: Path) -> list[Path]:
 
 
 def _mask_for(rgb: Path) -> Path:
-    num = FRAME_RE.match(rgb.name).group(1)
+    m = FRAME_RE.match(rgb.name)
+    assert m is not None, rgb  # rgb is one of frame_files, which keeps only the names FRAME_RE matches
+    num = m.group(1)
     return rgb.parent.parent / "masks" / f"mask_{num}.png"
 
 
@@ -69,25 +72,107 @@ def _mask_for(rgb: Path) -> Path:
 # visibilities in {0,1,2} (valid = <2, visible = ==1)
 _FORMATS = (("anno.npz", "visibs"), ("annotations.npz", "visibilities"))
 
+# The most frame-track entries (T x N) a scene's annotations may declare; T itself must equal the frames on disk.
+# 2^27 is 2,000 frames (PointOdyssey's average length) of 67,000 tracks, while a clip needs 128 of them (256 in
+# evaluation).
+MAX_TRACK_ENTRIES = 1 << 27
+# The most tracks (N) on their own, twice the 67,000 above: without it a scene of 2 frames could declare 67 M.
+MAX_TRACKS = 1 << 17
+# The most bytes the members read for 2D tracks (trajs_2d and the flags) may declare together: the entry bound
+# with float64 positions and bool flags (18 bytes an entry, 2.25 GiB). Counting bytes, not entries, is what
+# keeps float64 flags (8 bytes an entry, not 1) from tripling the memory a scene at the entry bound takes.
+MAX_ANNO_BYTES = MAX_TRACK_ENTRIES * (2 * 8 + 2)
+# the largest member the loader reads: trajs_3d, float64 (T, N, 3), read only on request; the others are smaller
+MAX_MEMBER_BYTES = MAX_TRACK_ENTRIES * 3 * 8 + (1 << 16)
 
-def load_annotations(scene: Path, require_3d: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+# what each member the loaders use may hold: (dims after T, allowed dtype kinds, allowed values or None)
+_FLAG_KINDS, _FLOAT_KINDS = "biuf", "f"
+_MEMBERS = {"trajs_2d": ((2,), _FLOAT_KINDS, None), "visibs": ((), _FLAG_KINDS, (0, 1)),
+            "valids": ((), _FLAG_KINDS, (0, 1)), "visibilities": ((), "iuf", (0, 1, 2)),
+            "trajs_3d": ((3,), _FLOAT_KINDS, None)}
+
+
+def _member_problem(key: str, shape: tuple[int, ...], dtype: np.dtype, num_frames: int) -> str | None:
+    """Why the header of an annotation member cannot be used, or None (read before its data is)."""
+    if key not in _MEMBERS:
+        return None
+    if key == "trajs_3d" and dtype.hasobject and shape == ():
+        return None  # the pickled None of scenes without 3D tracks: the caller says what that means
+    tail, kinds, _ = _MEMBERS[key]
+    if dtype.kind not in kinds or dtype.hasobject:
+        return f"is {dtype}, expected {'a float' if kinds == _FLOAT_KINDS else 'a bool, 0/1 or 0./1.'} array"
+    if len(shape) != 2 + len(tail) or shape[2:] != tail:
+        want = ", ".join(["T", "N", *map(str, tail)])
+        return f"has shape {shape}, expected ({want})"
+    if shape[0] != num_frames:
+        return f"{num_frames} frames on disk but {shape[0]} in the annotations"
+    if shape[1] > MAX_TRACKS:
+        return f"declares {shape[1]} tracks, more than {MAX_TRACKS}"
+    if shape[0] * shape[1] > MAX_TRACK_ENTRIES:
+        return f"declares {shape[1]} tracks over {shape[0]} frames, more than {MAX_TRACK_ENTRIES} entries"
+    return None
+
+
+class _AnnoBudget:
+    """The `expect` of load_npz for one annotation file: each member's header as _member_problem checks it, and
+    the bytes the 2D members declare counted together against MAX_ANNO_BYTES, before any is read."""
+
+    def __init__(self, num_frames: int):
+        self.num_frames, self.spent = num_frames, 0
+
+    def __call__(self, key: str, shape: tuple[int, ...], dtype: np.dtype) -> str | None:
+        problem = _member_problem(key, shape, dtype, self.num_frames)
+        if problem or key not in _MEMBERS or key == "trajs_3d":
+            return problem
+        self.spent += math.prod(shape) * dtype.itemsize
+        if self.spent > MAX_ANNO_BYTES:
+            return (f"is {dtype} {shape}: with the members before it, {self.spent} bytes of 2D tracks, more than "
+                    f"{MAX_ANNO_BYTES} (float64 positions and bool flags of {MAX_TRACK_ENTRIES} entries)")
+        return None
+
+
+def _value_problem(key: str, a: np.ndarray) -> str | None:
+    """Why a loaded flag member's values cannot be used (a flag of 0.1 or 7 is not "visible"), or None."""
+    allowed = _MEMBERS[key][2]
+    if allowed is None or a.dtype == bool:
+        return None
+    bad = ~np.isin(a, allowed)
+    if bad.any():
+        t, n = np.argwhere(bad)[0]
+        return f"holds {a[t, n]!r} at frame {t}, track {n}; only {', '.join(map(str, allowed))} are allowed"
+    return None
+
+
+def load_annotations(scene: Path, require_3d: bool = False, num_frames: int | None = None
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(trajs_2d, visibs, valids) from anno.npz (v1.2) or annotations.npz (legacy visibilities 0/1/2).
 
-    trajs_3d is large and unused by 2D training and evaluation, so it is read (and must be present and not
-    None) only with require_3d.
+    Every member's header is checked before its data is read: T must equal `num_frames` (default: the scene's
+    rgbs/rgb_* files), N by MAX_TRACKS, T x N by MAX_TRACK_ENTRIES, the bytes of the 2D members together by
+    MAX_ANNO_BYTES, dtypes and shapes are what docs/FORMATS.md says;
+    then the flags must be 0/1 (visibilities 0/1/2). trajs_3d is large and unused by 2D training and evaluation,
+    so it is read (and must be present and not None) only with require_3d.
     """
     found = [(scene / name, key) for name, key in _FORMATS if (scene / name).is_file()]
     if not found:
         raise SkipItem("no anno.npz or annotations.npz")
     path, vis_key = found[0]
+    T = len(frame_files(scene)) if num_frames is None else num_frames
     keys = ("trajs_2d", vis_key, "valids") + (("trajs_3d",) if require_3d else ())
     try:
         # never np.load(allow_pickle=True): trajs_3d is a pickle when None
-        z = load_npz(path, keys=keys)
+        z = load_npz(path, keys=keys, max_member_bytes=MAX_MEMBER_BYTES, expect=_AnnoBudget(T))
         if "trajs_2d" not in z or vis_key not in z:
             raise SkipItem(f"{path.name} lacks trajs_2d/{vis_key}")
         if require_3d and ("trajs_3d" not in z or z["trajs_3d"].dtype == object):
             raise SkipItem("trajs_3d is None")
+        N = z["trajs_2d"].shape[1]
+        for key in (k for k in keys if k in z):
+            if z[key].shape[:2] != (T, N):
+                raise SkipItem(f"{path.name}: member {key} has shape {z[key].shape}, trajs_2d {z['trajs_2d'].shape}")
+            problem = _value_problem(key, z[key])
+            if problem:
+                raise SkipItem(f"{path.name}: member {key} {problem}")
         trajs = z["trajs_2d"].astype(np.float32)
         if vis_key == "visibs":
             visibs = z["visibs"].astype(bool)
@@ -101,8 +186,6 @@ def load_annotations(scene: Path, require_3d: bool = False) -> tuple[np.ndarray,
         raise SkipItem(f"{e.path.name}: {e.problem}") from None
     except Exception as e:
         raise SkipItem(f"unreadable annotations ({type(e).__name__})") from None
-    if trajs.ndim != 3 or trajs.shape[2] != 2 or visibs.shape != trajs.shape[:2]:
-        raise SkipItem(f"annotation shapes disagree: trajs {trajs.shape}, visibs {visibs.shape}")
     finite = np.isfinite(trajs).all(-1)
     valids = valids & finite
     visibs = visibs & valids
@@ -115,14 +198,15 @@ def load_scene(path: str | Path, require_masks: bool = True, require_3d: bool = 
     rgbs = frame_files(path)
     if not rgbs:
         raise SkipItem("no rgbs/rgb_*.jpg frames")
+    # a FIFO (or a link to one) named like a frame would block every later open() of it forever
+    if odd := next((p for p in rgbs if not_regular_file(p)), None):
+        raise SkipItem(f"rgbs/{odd.name}: not a regular file")
     masks = [_mask_for(p) for p in rgbs]
     if not all(m.is_file() for m in masks):
         if require_masks:
             raise SkipItem("missing masks")
         masks = None
-    trajs, visibs, valids = load_annotations(path, require_3d)
-    if trajs.shape[0] != len(rgbs):
-        raise SkipItem(f"{len(rgbs)} frames on disk but {trajs.shape[0]} in the annotations")
+    trajs, visibs, valids = load_annotations(path, require_3d, num_frames=len(rgbs))
     return Scene(path.name, path, rgbs, masks, trajs, visibs, valids)
 
 
@@ -149,7 +233,8 @@ def read_frames(paths: list[Path]) -> np.ndarray:
 
 
 def check_frame_sizes(scene: Scene) -> None:
-    """SkipItem("frames of different sizes") unless every frame (and mask) has the first frame's size.
+    """SkipItem("frames of different sizes") unless every frame (and mask) has the first frame's size, and
+    SkipItem when that size is beyond MAX_IMAGE_PIXELS (utils/video.py), before any is decoded.
 
     Only image headers are read. Without this, a clip whose frames agree with each other but not with the
     scene's masks fails with an IndexError, counted as a failure and retried on every run.
@@ -157,14 +242,20 @@ def check_frame_sizes(scene: Scene) -> None:
 
     def size(p: Path) -> tuple[int, int] | None:
         try:
-            with Image.open(p) as im:
-                return im.size
+            with warnings.catch_warnings():  # Pillow's warning for a large image: the bound below decides
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                with Image.open(p) as im:
+                    return im.size
+        except Image.DecompressionBombError:  # beyond Pillow's own bound, twice ours
+            raise SkipItem(f"frames larger than {MAX_IMAGE_PIXELS} pixels") from None
         except Exception:  # unreadable: the clips that use it are rejected when their frames are read
             return None
 
     sizes = {s for s in map(size, scene.rgb_paths + (scene.mask_paths or [])) if s is not None}
     if len(sizes) > 1:
         raise SkipItem("frames of different sizes")
+    if sizes and (wh := sizes.pop())[0] * wh[1] > MAX_IMAGE_PIXELS:
+        raise SkipItem(f"frames of {wh[0]}x{wh[1]} pixels, larger than {MAX_IMAGE_PIXELS}")
 
 
 def read_mask(path: Path) -> np.ndarray:

@@ -10,6 +10,7 @@ the front-most one at its pixel. Everything is deterministic given the seed.
 
 from __future__ import annotations
 
+import json
 import math
 import tempfile
 from dataclasses import asdict, dataclass
@@ -20,6 +21,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from pips2.utils.paths import write_json
 from pips2.utils.video import read_rgb, write_mp4
 
 DEPTH_SCALE = 65535.0 / 1000.0  # PointOdyssey: metres = value / 65535 * 1000
@@ -169,6 +171,8 @@ def _sample_points(rng: np.random.Generator, cfg: SceneConfig, layers: list[Laye
         else:
             inner = cv2.erode(layer.mask, np.ones((5, 5), np.uint8))
             ys, xs = np.nonzero(inner)
+            if not len(xs):  # a thin shape of a small frame has no inside: its points anywhere on it
+                ys, xs = np.nonzero(layer.mask if layer.mask.any() else np.ones_like(layer.mask))
             pick = rng.integers(0, len(xs), n)
             uv = np.stack([xs[pick], ys[pick]], 1) + rng.uniform(-0.5, 0.5, (n, 2))
         pts_uv.append(uv)
@@ -297,6 +301,43 @@ def generate_dataset(root: str | Path, dsets: dict[str, int], seed: int = 0, cfg
             continue
         done.append(generate_scene(path, s, cfg))
     return done
+
+
+SETTINGS = "settings.json"  # <root>/settings.json: the settings every scene of the folder was made with
+MAX_SETTINGS_BYTES = 1 << 16  # a dozen numbers: a larger file is not ours and is not read
+
+
+def _recorded(path: Path) -> dict | None:
+    """The settings recorded in path, None if it is not a settings file of this generator."""
+    try:
+        if not path.is_file() or path.stat().st_size > MAX_SETTINGS_BYTES:
+            return None
+        d = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return d if isinstance(d, dict) else None
+
+
+def record_settings(root: str | Path, settings: dict) -> None:
+    """Record the generation settings in root/settings.json, or check that the folder's record holds the same
+    ones: ValueError naming the folder if it holds scenes made with other settings (kept scenes would mix two
+    sizes), or scenes without a record."""
+    root = Path(root)
+    path = root / SETTINGS
+    if path.exists():
+        old = _recorded(path)
+        if old is None:
+            raise ValueError(f"{path}: not a settings file of this generator; give another --out")
+        diff = [f"{k}={old.get(k)} (now {v})" for k, v in settings.items() if old.get(k) != v]
+        if diff:
+            raise ValueError(f"--out={root} holds scenes made with other settings ({', '.join(diff)}, see "
+                             f"{path}); give another --out or the same settings")
+        return
+    if root.is_dir() and any(root.glob("*/synth_*")):
+        raise ValueError(f"--out={root} holds scenes without a record of their settings ({SETTINGS}); give "
+                         "another --out")
+    root.mkdir(parents=True, exist_ok=True)
+    write_json(path, settings)
 
 
 def write_synthetic_video(path: str | Path, seed: int, frames: int, hw: tuple[int, int]) -> Path:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
 
 from pips2.utils.safe_load import UnsafeFileError, load_pickle
+from pips2.utils.video import image_pixels_problem
 
 
 class TapVidError(ValueError):
@@ -22,6 +24,9 @@ def _decode_video(video, where: str) -> np.ndarray:
     frames = []
     for t, f in enumerate(video):
         if isinstance(f, (bytes, bytearray, np.bytes_)):
+            problem = image_pixels_problem(bytes(f))  # from the header: a decoder allocates what it declares
+            if problem:
+                raise TapVidError(f"{where}: frame {t}: {problem}")
             img = cv2.imdecode(np.frombuffer(f, np.uint8), cv2.IMREAD_COLOR)
             if img is None:
                 raise TapVidError(f"{where}: frame {t} is not a decodable image")
@@ -62,12 +67,21 @@ def _check_entry(item, where: str) -> None:
     if not isinstance(occ, np.ndarray) or occ.dtype.kind not in "biu" or occ.shape != pts.shape[:2]:
         got = f"{occ.dtype} {occ.shape}" if isinstance(occ, np.ndarray) else type(occ).__name__
         raise TapVidError(f"{where}: occluded is {got}, expected a bool {pts.shape[:2]} array")
+    if occ.dtype != bool and not np.isin(occ, (0, 1)).all():  # 2 or -1 would read as "occluded"
+        raise TapVidError(f"{where}: occluded holds {occ[~np.isin(occ, (0, 1))][0]!r}, only 0 and 1 are allowed")
+    # an occluded point's position is never scored, so only a visible one must be a number: the query modes
+    # start tracks there
+    bad = ~np.isfinite(pts).all(-1) & ~occ.astype(bool)
+    if bad.any():
+        n, t = np.argwhere(bad)[0]
+        raise TapVidError(f"{where}: non-finite point position where it is visible (point {n}, frame {t}; "
+                          f"{int(bad.sum())} such entries)")
     if pts.shape[1] != T:
         raise TapVidError(f"{where}: video has {T} frames but points have {pts.shape[1]}")
 
 
-def _entries(data, f: Path) -> list[tuple[str, dict]]:
-    """(name, entry) pairs of one unpickled file, all checked before any is used."""
+def _items(data, f: Path) -> list[tuple[str, Any]]:
+    """(name, entry) pairs of one unpickled file, unchecked."""
     if isinstance(data, dict):
         items = [(str(k), v) for k, v in data.items()]
     elif isinstance(data, (list, tuple)):
@@ -76,29 +90,63 @@ def _entries(data, f: Path) -> list[tuple[str, dict]]:
         raise TapVidError(f"{f}: holds {type(data).__name__}, expected a dict or list of videos")
     if not items:
         raise TapVidError(f"{f}: holds no videos")
-    for name, item in items:
-        _check_entry(item, f"{f}: entry {name}")
     return items
+
+
+def tapvid_files(path: str | Path) -> list[Path]:
+    """The pickles at a TAP-Vid location: the file itself, or a folder's *.pkl sorted; TapVidError if none."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(path.glob("*.pkl"))
+        if not files:
+            raise TapVidError(f"{path}: no TAP-Vid pickle")
+        return files
+    if not path.exists():
+        raise TapVidError(f"{path}: no such file or folder")
+    return [path]
+
+
+def read_tapvid_file(f: str | Path) -> list[tuple[str, dict | None, str | None]]:
+    """Every entry of one pickle as (name, entry, None) when it is TAP-Vid shaped, else (name, None, problem),
+    problem being one line naming the file and the entry. A file that is unsafe, unreadable or holds no dict or
+    list of videos raises TapVidError. Frames are not decoded here (decode_entry does)."""
+    f = Path(f)
+    try:
+        data = load_pickle(f)  # restricted: a crafted pickle cannot run code
+    except UnsafeFileError as e:
+        raise TapVidError(str(e)) from None
+    out: list[tuple[str, dict | None, str | None]] = []
+    for name, item in _items(data, f):
+        try:
+            _check_entry(item, f"{f}: entry {name}")
+        except TapVidError as e:
+            out.append((name, None, str(e)))
+        else:
+            out.append((name, item, None))
+    return out
+
+
+def decode_entry(f: str | Path, name: str, item: dict) -> tuple[str, np.ndarray, np.ndarray, np.ndarray]:
+    """(name, video (T,H,W,3) uint8, points (N,T,2) in pixels, occluded (N,T) bool) of a checked entry of file
+    f; normalised points are scaled by (W-1, H-1). An undecodable frame raises TapVidError naming it."""
+    video = _decode_video(item["video"], f"{f}: entry {name}")
+    H, W = video.shape[1:3]
+    pts = item["points"].astype(np.float32) * np.array([W - 1, H - 1], np.float32)
+    return name, video, pts, item["occluded"].astype(bool)
 
 
 def load_tapvid(path: str | Path) -> Iterator[tuple[str, np.ndarray, np.ndarray, np.ndarray]]:
     """Yield (name, video (T,H,W,3) uint8, points (N,T,2) in pixels, occluded (N,T) bool) from a pickle or a
     folder of pickles. Normalised points are scaled by (W-1, H-1). A file that is unsafe or not TAP-Vid shaped
     raises TapVidError (one line naming it) before any of its videos is yielded."""
-    path = Path(path)
-    files = sorted(path.glob("*.pkl")) if path.is_dir() else [path]
-    if not files:
-        raise TapVidError(f"{path}: no TAP-Vid pickle")
-    for f in files:
-        try:
-            data = load_pickle(f)  # restricted: a crafted pickle cannot run code
-        except UnsafeFileError as e:
-            raise TapVidError(str(e)) from None
-        for name, item in _entries(data, f):
-            video = _decode_video(item["video"], f"{f}: entry {name}")
-            H, W = video.shape[1:3]
-            pts = item["points"].astype(np.float32) * np.array([W - 1, H - 1], np.float32)
-            yield name, video, pts, item["occluded"].astype(bool)
+    for f in tapvid_files(path):
+        entries = read_tapvid_file(f)
+        problem = next((p for _, _, p in entries if p is not None), None)
+        if problem is not None:
+            raise TapVidError(problem)
+        for name, item, _ in entries:
+            if item is not None:  # always, once no entry has a problem
+                yield decode_entry(f, name, item)
 
 
 def strided_queries(occluded: np.ndarray, stride: int = 5) -> tuple[np.ndarray, np.ndarray]:

@@ -16,6 +16,17 @@ from torch.utils.data import Dataset, Sampler
 from pips2.datasets.clips import Tracks
 
 
+class DataGoneError(RuntimeError):
+    """So many unusable clips in a row that the data itself is gone or broken (deleted underneath a run, a
+    failed mount); str(e) is one line naming the folder."""
+
+    def __init__(self, message: str):
+        # raised in a DataLoader worker, it comes back to the training process as this type with the worker's
+        # whole traceback as its message: keep the original line, the last one
+        lines = message.strip().splitlines() or [""]
+        super().__init__(lines[-1].split(f"{type(self).__name__}: ", 1)[-1])
+
+
 class Sample(NamedTuple):
     """One training clip, or a batch of them (the DataLoader collates field by field into a Sample)."""
 
@@ -50,7 +61,7 @@ class OrdinalDataset(Dataset):
     def __init__(self, base, seed: int = 0, shuffle: bool = True):
         self.base, self.seed, self.shuffle = base, seed, shuffle
         self.n = len(base)
-        self._perm_epoch, self._perm = -1, None
+        self._perm_epoch, self._perm = -1, None  # the permutation of the epoch _perm_epoch, made when first asked
 
     def __len__(self) -> int:
         return 2**62
@@ -59,10 +70,11 @@ class OrdinalDataset(Dataset):
         epoch, pos = divmod(k, self.n)
         if not self.shuffle:
             return pos
-        if epoch != self._perm_epoch:
-            self._perm = np.random.default_rng([self.seed, epoch, 7]).permutation(self.n)
+        perm = self._perm
+        if perm is None or epoch != self._perm_epoch:
+            perm = self._perm = np.random.default_rng([self.seed, epoch, 7]).permutation(self.n)
             self._perm_epoch = epoch
-        return int(self._perm[pos])
+        return int(perm[pos])
 
     def __getitem__(self, k: int) -> Sample:
         frames, track = self.base.sample(self.index_of(k), np.random.default_rng([self.seed, k]))

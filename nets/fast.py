@@ -1,20 +1,27 @@
-"""The fast forms of PIPs++'s steps, as plain functions over a module's weights and tensors.
+"""The fast forms of PIPs++'s steps, as plain functions over a module's weights and tensors, and `Forms`, which
+picks them as an `ExecPlan` (nets/plan.py) says and keeps what they reuse between calls.
 
 Each computes what its reference in nets/pips2.py computes (tests/test_model.py and test_golden.py check
-this in float64); an `ExecPlan` (nets/plan.py) says which form runs. Why each is faster: docs/BENCHMARKS.md.
+this in float64). Why each is faster: docs/BENCHMARKS.md.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import TYPE_CHECKING, NamedTuple
+import functools
+import itertools
+import weakref
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, NamedTuple, cast
 
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
+from pips2.nets.plan import ExecPlan
+from pips2.utils.amp import autocast_off
+
 if TYPE_CHECKING:  # only for hints: pips2 imports this module
-    from pips2.nets.pips2 import CorrPyramid, DeltaBlock
+    from pips2.nets.pips2 import BasicBlock1d, BasicEncoder, CorrPyramid, DeltaBlock, ResidualBlock
 
 # ----------------------------------------------------------------------------------------------------------
 # Encoder
@@ -51,6 +58,31 @@ def stack_frames(maps: list[torch.Tensor], shape: tuple[int, ...]) -> torch.Tens
         out[start:start + m.shape[0]] = m
         start += m.shape[0]
     return out
+
+
+def _call(conv: torch.nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    return conv(x)
+
+
+def run_encoder(fnet: BasicEncoder, x: torch.Tensor, norm: Callable[[torch.Tensor], torch.Tensor],
+                conv: Callable[[torch.nn.Conv2d, torch.Tensor], torch.Tensor] = _call) -> torch.Tensor:
+    """fnet(x) (BasicEncoder.forward in nets/pips2.py) step for step, with its norm and the way each convolution
+    runs as arguments: the layout-keeping norm and the replay below (which records and replays convolutions)
+    run the encoder through this. With `F.instance_norm(eps=1e-5)` it is fnet(x) exactly (tests/test_model.py)."""
+    H, W = x.shape[-2:]
+    size = (H // fnet.stride, W // fnet.stride)
+    x = F.relu_(norm(conv(fnet.conv1, x)))
+    feats = []
+    for layer in (fnet.layer1, fnet.layer2, fnet.layer3, fnet.layer4):
+        for block in cast("Iterable[ResidualBlock]", layer):  # ResidualBlock.forward (the layers hold only those)
+            y = F.relu_(norm(conv(block.conv1, x)))
+            y = F.relu_(norm(conv(block.conv2, y)))
+            if block.downsample is not None:
+                x = norm(conv(cast(torch.nn.Conv2d, block.downsample[0]), x))  # Sequential(Conv2d)
+            x = F.relu_(x + y)
+        feats.append(F.interpolate(x, size, mode="bilinear", align_corners=True))
+    x = F.relu_(norm(conv(fnet.conv2, torch.cat(feats, 1))))
+    return conv(fnet.conv3, x)
 
 
 CHEAP_CONV_MACS = 256  # multiply-adds per output value under which a convolution is recomputed, not kept
@@ -153,7 +185,7 @@ class _EncodeKeepingConvs(torch.autograd.Function):
             stats.extend(st)
             return y
 
-        y = fnet(x, record_norm, record)
+        y = run_encoder(fnet, x, record_norm, record)
         ctx.fnet, ctx.n_kept = fnet, len(kept)
         ctx.save_for_backward(x, *kept, *stats)
         return y
@@ -176,19 +208,19 @@ class _EncodeKeepingConvs(torch.autograd.Function):
         wanted = [p for p, need in zip(params, ctx.needs_input_grad[2:], strict=True) if need]
         with torch.enable_grad():
             xd = x.detach().requires_grad_(ctx.needs_input_grad[1])
-            y = ctx.fnet(xd, replay_norm, replay)
+            y = run_encoder(ctx.fnet, xd, replay_norm, replay)
             grads = iter(torch.autograd.grad(y, ([xd] if xd.requires_grad else []) + wanted, g, allow_unused=True))
         gx = next(grads) if xd.requires_grad else None
         return None, gx, *(next(grads) if need else None for need in ctx.needs_input_grad[2:])
 
 
-def encode_keeping_convs(fnet: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+def encode_keeping_convs(fnet: BasicEncoder, x: torch.Tensor) -> torch.Tensor:
     """fnet(x) (instance norms) under autograd keeping only x, its costly convolutions' outputs and the norms'
     statistics for backward: about half the encoder's activation memory, for a replay of its cheap operations
     in backward."""
     params = list(fnet.parameters())
     if not (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))):
-        return fnet(x, instance_norm_keep_layout)
+        return run_encoder(fnet, x, instance_norm_keep_layout)
     return _EncodeKeepingConvs.apply(fnet, x, *params)
 
 
@@ -307,54 +339,78 @@ class _LocalCorrRecompute(torch.autograd.Function):
             fr = min(step, BS - s)
             idx, inside, fx, fy = _patch_index(xy[s:s + step], h, w, r)
             g_corr = _patch_blend_grad(grad[s:s + step], inside, fx, fy, scale)  # fr*N, T, P*P
-            if want_map:  # corr = targets patch^T: patch gradient g_corr^T targets, made contiguous by its bmm
+            if g_map is not None and g_patches is not None:  # want_map
+                # corr = targets patch^T: patch gradient g_corr^T targets, made contiguous by its bmm
                 g_patch = torch.bmm(g_corr.transpose(1, 2).to(tg.dtype), tg[s:s + step].reshape(fr * N, T, C),
                                     out=g_patches[:fr * N])
                 g_map.index_add_(0, idx + s * h * w, g_patch.view(-1, C))
-            if want_tg:
+            if g_tg is not None:  # want_tg
                 patch = _gather(flat[s:s + step].reshape(fr * h * w, C), idx, ws).view(fr * N, P * P, C)
                 torch.bmm(g_corr, patch, out=g_tg[s:s + step].view(fr * N, T, C))
-        return (g_map.view(flat.shape) if want_map else None), g_tg, None, None, None, None, None, None
+        return (g_map.view(flat.shape) if g_map is not None else None), g_tg, None, None, None, None, None, None
+
+
+class LocalCorrelation:
+    """`pyramid(targets, coords)` (CorrPyramid.__call__) computed from local patches, for one forward pass.
+
+    chunk_elems bounds the gathered floats held at once (0 = no bound). gather: "workspace" gathers into one
+    buffer kept here for all calls (no autograd; a fresh allocation per gather costs more in page faults than
+    the gather itself); "checkpoint" stores no patch for backward and gathers each chunk again there; "plain"
+    gathers into fresh tensors.
+    """
+
+    def __init__(self, pyramid: CorrPyramid, chunk_elems: int, gather: str):
+        self.pyramid, self.chunk_elems, self.gather = pyramid, chunk_elems, gather
+        self.workspace: torch.Tensor | None = None
+
+    def __call__(self, targets: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
+        """targets (B,S,N,T,C), coords (B,S,N,2) -> (B,S,N,T*L*(2r+1)^2) float32, as CorrPyramid.__call__: in the
+        maps' dtype without autocast, rounded to float32 as the reference's correlations are."""
+        B, S, N, T, C = targets.shape
+        with autocast_off(coords.device.type):
+            dtype = self.pyramid.levels[0].dtype
+            out = self.lookup(targets.to(dtype), coords.to(dtype))
+        return out.reshape(B, S, N, -1).float()
+
+    def lookup(self, targets: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
+        """CorrPyramid.volume's values in the targets' dtype: (B,S,N,T,C), (B,S,N,2) -> (B,S,N,T*L*(2r+1)^2)."""
+        pyramid, gather = self.pyramid, self.gather
+        B, S, N, T, C = targets.shape
+        BS, r = B * S, pyramid.radius
+        tg = targets.reshape(BS, N, T, C)
+        xy = coords.reshape(BS, N, 2)
+        P = 2 * r + 2
+        step = max(1, self.chunk_elems // max(1, N * P * P * C)) if self.chunk_elems else BS
+        if gather == "workspace":
+            need = min(step, BS) * N * P * P * C
+            if self.workspace is None or self.workspace.numel() < need:
+                self.workspace = tg.new_empty(need)
+        recompute = gather == "checkpoint" and torch.is_grad_enabled() and (
+            pyramid.levels[0].requires_grad or tg.requires_grad)
+        per_level = []
+        for i, lv in enumerate(pyramid.levels):
+            h, w = lv.shape[1:3]
+            flat = lv.reshape(BS, h * w, C)
+            xy_l = xy / (2**i)
+            if recompute and not xy_l.requires_grad:
+                per_level.append(_LocalCorrRecompute.apply(flat, tg, xy_l, h, w, r, pyramid.scale, step))
+                continue
+            parts = []
+            for s in range(0, BS, step):
+                args = (flat[s:s + step], tg[s:s + step], xy_l[s:s + step], h, w, r, pyramid.scale)
+                if gather == "checkpoint":
+                    parts.append(checkpoint(patch_corr, *args, use_reentrant=False))
+                else:
+                    parts.append(patch_corr(*args, workspace=self.workspace if gather == "workspace" else None))
+            per_level.append(torch.cat(parts, 0))  # BS, N, T, 49
+        return torch.stack(per_level, 3).reshape(B, S, N, -1)  # levels inner to templates
 
 
 def local_corr(pyramid: CorrPyramid, targets: torch.Tensor, coords: torch.Tensor, chunk_elems: int,
                gather: str) -> torch.Tensor:
-    """CorrPyramid.volume's values from local patches: (B,S,N,T,C), (B,S,N,2) -> (B,S,N,T*L*(2r+1)^2).
-
-    chunk_elems bounds the gathered floats held at once (0 = no bound). gather: "workspace" gathers into
-    one buffer kept on the pyramid for all its calls (no autograd); "checkpoint" stores no patch for backward
-    and gathers each chunk again there; "plain" gathers into fresh tensors.
-    """
-    B, S, N, T, C = targets.shape
-    BS, r = B * S, pyramid.radius
-    tg = targets.reshape(BS, N, T, C)
-    xy = coords.reshape(BS, N, 2)
-    P = 2 * r + 2
-    step = max(1, chunk_elems // max(1, N * P * P * C)) if chunk_elems else BS
-    if gather == "workspace":
-        need = min(step, BS) * N * P * P * C
-        if pyramid.workspace is None or pyramid.workspace.numel() < need:
-            # a fresh allocation per gather costs more in page faults than the gather itself
-            pyramid.workspace = tg.new_empty(need)
-    recompute = gather == "checkpoint" and torch.is_grad_enabled() and (
-        pyramid.levels[0].requires_grad or tg.requires_grad)
-    per_level = []
-    for i, lv in enumerate(pyramid.levels):
-        h, w = lv.shape[1:3]
-        flat = lv.reshape(BS, h * w, C)
-        xy_l = xy / (2**i)
-        if recompute and not xy_l.requires_grad:
-            per_level.append(_LocalCorrRecompute.apply(flat, tg, xy_l, h, w, r, pyramid.scale, step))
-            continue
-        parts = []
-        for s in range(0, BS, step):
-            args = (flat[s:s + step], tg[s:s + step], xy_l[s:s + step], h, w, r, pyramid.scale)
-            if gather == "checkpoint":
-                parts.append(checkpoint(patch_corr, *args, use_reentrant=False))
-            else:
-                parts.append(patch_corr(*args, workspace=pyramid.workspace if gather == "workspace" else None))
-        per_level.append(torch.cat(parts, 0))  # BS, N, T, 49
-    return torch.stack(per_level, 3).reshape(B, S, N, -1)  # levels inner to templates
+    """CorrPyramid.volume's values from local patches: (B,S,N,T,C), (B,S,N,2) -> (B,S,N,T*L*(2r+1)^2), in one
+    call (`LocalCorrelation` for its arguments)."""
+    return LocalCorrelation(pyramid, chunk_elems, gather).lookup(targets, coords)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -591,9 +647,9 @@ class _Conv1dK3Winograd(torch.autograd.Function):
             g = grad[m:m + group]
             k = g.shape[0]
             gm = scheme.t_out_grad(g, T).view(n, k * T, -1)
-            if ctx.needs_input_grad[0]:
+            if gx is not None:  # needs_input_grad[0]
                 gx[m:m + group] = scheme.t_in_grad(torch.bmm(gm, wt.transpose(1, 2)).view(n, k, T, C), S)
-            if ctx.needs_input_grad[1]:
+            if x is not None and ctx.needs_input_grad[1]:  # (x is None only when it is not needed)
                 U = scheme.t_in(x[m:m + group], T).view(n, k * T, C)
                 gwt = torch.baddbmm(gwt, U.transpose(1, 2), gm) if gwt is not None else torch.bmm(
                     U.transpose(1, 2), gm)
@@ -620,13 +676,22 @@ def conv1d_k3_winograd_train(x: torch.Tensor, weight: torch.Tensor, bias: torch.
     return _Conv1dK3Winograd.apply(x, weight, bias, wt, max_elems, norm_eps)
 
 
+def _delta_convs(block: DeltaBlock) -> list[torch.nn.Conv1d]:
+    """The delta block's convolutions in the order data goes through them (the order they are registered in:
+    first_block_conv, then conv1 and conv2 of each block)."""
+    return [m for m in block.modules() if isinstance(m, torch.nn.Conv1d)]
+
+
+def _is_wide(conv: torch.nn.Conv1d) -> bool:
+    return conv.weight.shape[0] * conv.weight.shape[1] >= WINOGRAD_MIN_PRODUCT
+
+
 def winograd_filters(block: DeltaBlock, tile: int = 4) -> list[torch.Tensor | None]:
     """Transformed filters (`winograd_weights`) of each of the block's convolutions in module order; None for
     narrow layers."""
-    convs = [m.conv for m in block.convs()]
+    convs = _delta_convs(block)
     with torch.no_grad():
-        return [winograd_weights(c.weight, tile) if c.weight.shape[0] * c.weight.shape[1] >= WINOGRAD_MIN_PRODUCT
-                else None for c in convs]
+        return [winograd_weights(c.weight, tile) if _is_wide(c) else None for c in convs]
 
 
 def _taps(weight: torch.Tensor) -> torch.Tensor:
@@ -659,7 +724,7 @@ def _unpad_rows(out: torch.Tensor, M: int, S: int) -> torch.Tensor:
     return out.view(M, S + 2, -1)[:, 1:-1]
 
 
-def _k3_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+def _k3_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     M, S, _ = x.shape
     return _unpad_rows(_k3_rows(_pad_rows(x), _taps(weight), bias, False), M, S)
 
@@ -669,7 +734,7 @@ class _Conv1dK3Gemm(torch.autograd.Function):
     gradient three GEMMs against shifted row slices of the padded input (rebuilt, not stored)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         ctx.save_for_backward(x, weight)
         return _k3_forward(x, weight, bias)
 
@@ -691,7 +756,7 @@ class _Conv1dK3Gemm(torch.autograd.Function):
         return gx, gw, gb
 
 
-def conv1d_k3_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+def conv1d_k3_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """conv1d(kernel 3, padding 1) of time-major x (M,S,cin) as three GEMMs over row slices -> (M,S,cout).
 
     The sequences are laid end to end with a zero row between neighbours, so each tap is one GEMM on a
@@ -706,8 +771,9 @@ def conv1d_k3_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) ->
         # gradients back to the float32 weights)
         dt = torch.get_autocast_dtype(dev)
         with torch.autocast(dev, enabled=False):
-            return conv1d_k3_gemm(x.to(dt), weight.to(dt), bias.to(dt))
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or bias.requires_grad):
+            return conv1d_k3_gemm(x.to(dt), weight.to(dt), None if bias is None else bias.to(dt))
+    bias_grad = bias is not None and bias.requires_grad
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or bias_grad):
         return _Conv1dK3Gemm.apply(x, weight, bias)
     return _k3_forward(x, weight, bias)
 
@@ -726,6 +792,7 @@ def _conv_time_major(conv: torch.nn.Conv1d, x: torch.Tensor, wt: torch.Tensor | 
             return conv1d_k3_gemm(x, conv.weight, conv.bias)
         return F.conv1d(x.transpose(1, 2), conv.weight, conv.bias, padding=1).transpose(1, 2)
     eps = NORM_EPS if normed and grad else None
+    assert conv.bias is not None  # Winograd's output transform adds it; the delta block's convolutions have one
     if torch.is_autocast_enabled(dev):  # the Function sees no autocast: cast as for conv1d_k3_gemm
         dt = torch.get_autocast_dtype(dev)
         with torch.autocast(dev, enabled=False):
@@ -739,8 +806,9 @@ def _conv_winograd_cast(x, weight, bias, wt, grad: bool, eps: float | None) -> t
     return conv1d_k3_winograd(x, wt, bias)
 
 
-def _conv_gemm(conv: torch.nn.Conv1d, x: torch.Tensor, _: None, normed: bool = False) -> torch.Tensor:
-    """The GEMM form's convolution (every layer) of x, or of relu(InstanceNorm1d(x)) if `normed`."""
+def _conv_gemm(conv: torch.nn.Conv1d, x: torch.Tensor, _: torch.Tensor | None, normed: bool = False) -> torch.Tensor:
+    """The GEMM form's convolution (every layer) of x, or of relu(InstanceNorm1d(x)) if `normed` (the third
+    argument, _conv_time_major's filters, is None here: this form has none)."""
     return conv1d_k3_gemm(_instance_norm_relu_time_major(x) if normed else x, conv.weight, conv.bias)
 
 
@@ -809,9 +877,9 @@ def delta_block_time_major(block: DeltaBlock, fcorr: torch.Tensor, flow: torch.T
     if block.first_block_conv.kernel_size != 3:
         raise ValueError("the time-major delta block needs kernel size 3")
     conv = _conv_time_major if filters is not None else _conv_gemm
-    wts = iter(filters if filters is not None else [None] * len(block.convs()))
+    wts = iter(filters) if filters is not None else itertools.repeat(None)
     x = F.relu(conv(block.first_block_conv.conv, block.inputs(fcorr, flow), next(wts)))
-    for blk in block.basicblock_list:
+    for blk in cast("Iterable[BasicBlock1d]", block.basicblock_list):  # it holds only those
         y = conv(blk.conv1.conv, x, next(wts), not blk.first)
         y = conv(blk.conv2.conv, y, next(wts), True)
         if blk.cout != blk.cin:
@@ -819,3 +887,117 @@ def delta_block_time_major(block: DeltaBlock, fcorr: torch.Tensor, flow: torch.T
             x = F.pad(x, (extra // 2, extra - extra // 2))
         x = y + x
     return block.dense(F.relu(x))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The plan's forms
+
+
+def _weights_state(weights: list[torch.Tensor]) -> list[tuple]:
+    """What tells that tensors still hold the values they held: their storage, place, dtype and version counter
+    (bumped by in-place changes, load_state_dict's copy among them; inference tensors keep none)."""
+    return [(w.untyped_storage(), w.storage_offset(), w.shape, w.dtype, None if w.is_inference() else w._version)
+            for w in weights]
+
+
+class Forms:
+    """The forms of the model's steps that an ExecPlan picks, and what they keep between calls.
+
+    `Pips` builds one from its plan and asks it for the encoder's form (`frame_chunks`, `encoder`), the
+    correlation's (`correlation`) and the delta block's (`delta_block`); the reference form of each is the
+    module's own code in nets/pips2.py. Winograd filters of an inference plan are kept here across forward
+    passes and remade when the weights they come from change (a load, a cast or move, an in-place edit).
+    """
+
+    def __init__(self, plan: ExecPlan):
+        if not isinstance(plan, ExecPlan):
+            raise TypeError(f"plan must be an ExecPlan, got {type(plan).__name__}")
+        self.plan = plan
+        self.winograd: list[torch.Tensor | None] | None = None  # an inference plan's filters, see _filters
+        self._winograd_of: list[tuple] = []  # the weights they were made from: weak storage references etc.
+
+    def __getstate__(self) -> dict:
+        # a copy (copy.deepcopy of the model) or pickle carries the plan only: the filters belong to the
+        # original's weights, and weak references do not pickle
+        return {"plan": self.plan}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["plan"])
+
+    def check_grad_mode(self, weight: torch.Tensor) -> None:
+        """Refuse a forward that would record gradients (of `weight`) through forms without a backward."""
+        if self.plan.inference_only and torch.is_grad_enabled() and weight.requires_grad:
+            raise RuntimeError("Pips: the model's ExecPlan is for inference; run it under torch.no_grad() or "
+                               "set a training plan: model.set_plan(ExecPlan.auto(device, training=True))")
+
+    def frame_chunks(self, frames: torch.Tensor) -> list[torch.Tensor]:
+        """Frames (n,...) -> consecutive chunks of the plan's `encoder_chunk` frames (all at once for 0)."""
+        n = frames.shape[0]
+        chunk = self.plan.encoder_chunk or n
+        return [frames[s:s + chunk] for s in range(0, n, chunk)]
+
+    def encoder(self, fnet: BasicEncoder, x: torch.Tensor) -> torch.Tensor:
+        """fnet(x) in the plan's form: memory layout, norm, checkpointing or the replay of cheap operations."""
+        plan = self.plan
+        if plan.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        if plan.norm == "layout":
+            run = functools.partial(run_encoder, fnet, norm=instance_norm_keep_layout)
+        else:
+            run = fnet
+        if plan.checkpointing:
+            return checkpoint(run, x, use_reentrant=False)
+        if plan.recompute_cheap:
+            return encode_keeping_convs(fnet, x)
+        return run(x)
+
+    def correlation(self, pyramid: CorrPyramid) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """`pyramid(targets, coords)` in the plan's form, for one forward pass (its gather workspace lives as
+        long as the returned function)."""
+        if self.plan.corr == "volume":
+            return pyramid
+        return LocalCorrelation(pyramid, self.plan.corr_chunk, self.plan.gather)
+
+    def delta_block(self, block: DeltaBlock) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """`block(fcorr, flow)` in the plan's form, for one forward pass (its iterations share the filters)."""
+        plan = self.plan
+        filters = self._filters(block)
+        if filters is not None:
+            fn = functools.partial(delta_block_time_major, block, filters=filters)
+        elif plan.delta == "gemm":
+            fn = functools.partial(delta_block_time_major, block)
+        else:
+            fn = block.forward
+        if plan.checkpointing:
+            return functools.partial(checkpoint, fn, use_reentrant=False)
+        if plan.recompute_cheap and filters is None:
+            return functools.partial(keep_conv_outputs, fn)
+        # the Winograd form keeps one tensor per layer by itself (each wide layer makes its input's norm inside
+        # and keeps only the norm's input): as little as selective checkpointing keeps of it (its products),
+        # without the recomputation
+        return fn
+
+    def _filters(self, block: DeltaBlock) -> list[torch.Tensor | None] | None:
+        """The block's Winograd filters for one forward pass, or None when the plan's delta block has none."""
+        tile = WINOGRAD_TILES.get(self.plan.delta)
+        if tile is None:
+            return None
+        if not self.plan.inference_only:
+            # a training plan's weights change in place at every optimiser step (fused optimisers do not even
+            # bump the tensors' versions), so its filters are made afresh for each forward pass
+            return winograd_filters(block, tile)
+        state = _weights_state([c.weight for c in _delta_convs(block) if _is_wide(c)])
+        filters = self.winograd
+        if filters is None or not self._made_from(state):
+            self.winograd = filters = None  # the stale filters go before the new ones are made
+            filters = winograd_filters(block, tile)
+            # weak references: a storage freed (a cast or move) cannot pass for a new one at its address
+            self._winograd_of = [(weakref.ref(st), *rest) for st, *rest in state]
+            self.winograd = filters
+        return filters
+
+    def _made_from(self, state: list[tuple]) -> bool:
+        """Whether the kept filters were made from weights in exactly this `_weights_state`."""
+        return len(state) == len(self._winograd_of) and all(
+            ref() is st and tuple(rest) == tuple(kept)
+            for (st, *rest), (ref, *kept) in zip(state, self._winograd_of, strict=True))

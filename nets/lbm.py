@@ -9,28 +9,35 @@ attention ("lattice") and folds them back into the query. Heads then give a sub-
 layer's single reference point, a visibility logit and an uncertainty logit `rho`.
 
 Layout: backbone, transformer layer, transformer, memory, losses, `LBM` (training forward, `inference`,
-per-frame `step`), `LBMOnline` (frame-by-frame tracking with queries added and removed), `LBMStep` (the
-per-frame step as a pure function for ONNX), checkpoint helpers. Key names, shapes and order of the
-state_dict equal the authors' checkpoint (docs/LBM.md).
+per-frame `step`), `LBMOnlineState` (the online state of one video, stepped frame by frame, queries added and
+removed), `LBMStep` (the per-frame step as a pure function for ONNX), checkpoint helpers. Key names, shapes
+and order of the state_dict equal the authors' checkpoint (docs/LBM.md).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from pips2.nets.lbm_parts import MLP, Attention, MSDeformAttn, resnet_stage, resnet_stem_and_stage1
-from pips2.utils.checkpoint import CheckpointError, load_model_state, load_weights_only, strip_module_prefix
+from pips2.utils.checkpoint import (
+    CheckpointError,
+    load_model_state,
+    load_weights_only,
+    strip_module_prefix,
+    weight_problem,
+)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 VIS_THRESHOLD = 0.8  # visible = sigmoid(logit) > 0.8; also the memory's "was visible" test
-UNCERTAIN_PX = 8.0  # a prediction this far (input-size pixels) from the truth counts as uncertain
+UNCERTAIN_PX = 8.0  # a prediction this far (input pixels) from the truth counts as uncertain
 CLS_TEMPERATURE = 0.05
 LEVELS = 4  # the frame is read at strides 4, 8, 16, 32 (the average-pooled copies below)
 
@@ -42,10 +49,11 @@ LEVELS = 4  # the frame is read at strides 4, 8, 16, 32 (the average-pooled copi
 class Backbone(nn.Module):
     """ResNet-18 stages 1-3 fused to one `embed_dim`-channel map at stride 4, plus a positional embedding."""
 
-    def __init__(self, hw: tuple[int, int], stride: int, embed_dim: int, proj_dim: int = 64):
+    def __init__(self, input_hw: tuple[int, int], stride: int, embed_dim: int, proj_dim: int = 64):
         super().__init__()
-        self.hw = hw
-        self.frame_pos_embedding = nn.Parameter(torch.zeros(1, embed_dim, hw[0] // stride, hw[1] // stride))
+        self.input_hw = input_hw
+        self.frame_pos_embedding = nn.Parameter(torch.zeros(1, embed_dim, input_hw[0] // stride,
+                                                            input_hw[1] // stride))
         nn.init.trunc_normal_(self.frame_pos_embedding, std=0.02)
         self.layer1 = resnet_stem_and_stage1()
         self.layer2 = resnet_stage(64, 128, 2)
@@ -58,7 +66,7 @@ class Backbone(nn.Module):
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
         """frames (B,3,H,W) in [0,255], any size -> features (B,C,H_in/stride,W_in/stride)."""
         x = frames.to(self.frame_pos_embedding.dtype) / 255.0
-        x = F.interpolate(x, size=self.hw, mode="bilinear", align_corners=False)
+        x = F.interpolate(x, size=self.input_hw, mode="bilinear", align_corners=False)
         # the mean and std in the frames' dtype, made from the decimal constants (torchvision's Normalize, which
         # the reference uses, does so): a float64 run does not use their float32 roundings
         mean = torch.tensor(IMAGENET_MEAN, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
@@ -125,11 +133,19 @@ def level_references(points: torch.Tensor, hw: tuple[int, int], peaks: bool = Fa
 class LBMLayer(nn.Module):
     """Memory attention (collision, then stream), correlation + top-k peaks, lattice reads, query update."""
 
-    def __init__(self, hw: tuple[int, int], stride: int, dim: int, heads: int, levels: int, neighbors: int,
+    # registered under the authors' names (by add_block, and the time embeddings by __init__)
+    collision_attention: Attention
+    stream_attention: Attention
+    collision_time_emb: nn.Parameter
+    stream_time_emb: nn.Parameter
+    lattice_attention: MSDeformAttn
+    lattice_update: Attention
+
+    def __init__(self, input_hw: tuple[int, int], stride: int, dim: int, heads: int, levels: int, neighbors: int,
                  memory_size: int, dropout: float):
         super().__init__()
-        self.hw, self.stride = hw, stride
-        self.h, self.w = hw[0] // stride, hw[1] // stride
+        self.input_hw, self.stride = input_hw, stride
+        self.h, self.w = input_hw[0] // stride, input_hw[1] // stride
         for kind in ("collision", "stream"):
             add_block(self, kind, f"{kind}_attention", Attention(dim, heads, dropout), dim, dropout)
             # time embeddings: entries 0..M-1 for the memory slots (oldest first), entry M for "now"
@@ -159,7 +175,9 @@ class LBMLayer(nn.Module):
         Both steps are linear, so the mix is folded into the features instead: `mixed` (B,C,h*w) is
         (1 + w_0) f_0 + sum_l w_l up(f_l) for this layer's weights (LBMTransformer.forward), one per frame.
         """
-        return F.normalize(q, p=2, dim=-1) @ mixed + self.corr_conv.bias
+        bias = self.corr_conv.bias
+        assert bias is not None  # nn.Conv2d's default, which __init__ keeps
+        return F.normalize(q, p=2, dim=-1) @ mixed + bias
 
     def forward(self, query: torch.Tensor, feats_cat: torch.Tensor, mixed: torch.Tensor,
                 shapes: list[tuple[int, int]], memory: Memory, top_k: int):
@@ -183,7 +201,7 @@ class LBMLayer(nn.Module):
 
         # lattice: one copy of the query per peak reads the frame around it
         q_lat = q_str.unsqueeze(2).expand(B, N, top_k, C).reshape(B, N * top_k, C)
-        read = self.lattice_attention(q_lat, feats_cat, level_references(ref, self.hw, peaks=True), shapes)
+        read = self.lattice_attention(q_lat, feats_cat, level_references(ref, self.input_hw, peaks=True), shapes)
         q_lat = run_block(self, "lattice", q_lat, read).reshape(B, N, top_k, C)
         ref_rho = self.reference_rho(q_lat).squeeze(-1)
 
@@ -237,7 +255,7 @@ class Memory:
 
 @dataclass
 class StepOutput:
-    """One frame's results in input-size pixels; the per-layer lists feed the training losses."""
+    """One frame's results in input pixels; the per-layer lists feed the training losses."""
 
     points: torch.Tensor  # B N 2: last layer's reference point + offset
     offset: torch.Tensor  # B N 2
@@ -253,22 +271,27 @@ class StepOutput:
 class LBMTransformer(nn.Module):
     """The layers plus the offset, visibility and collision-memory heads, each a deformable read of the frame."""
 
-    def __init__(self, hw: tuple[int, int], stride: int, num_layers: int, dim: int, heads: int, levels: int,
+    # the readers add_block registers under the authors' names
+    offset_layer: MSDeformAttn
+    vis_layer: MSDeformAttn
+    collision_mem_layer: MSDeformAttn
+
+    def __init__(self, input_hw: tuple[int, int], stride: int, num_layers: int, dim: int, heads: int, levels: int,
                  neighbors: int, memory_size: int, top_k: int, dropout: float):
         super().__init__()
         if levels != LEVELS:
             raise ValueError(f"num_levels must be {LEVELS} (the frame is read at 4 strides), got {levels}")
-        self.hw, self.stride = hw, stride
-        h, w = hw[0] // stride, hw[1] // stride
+        self.input_hw, self.stride = input_hw, stride
+        h, w = input_hw[0] // stride, input_hw[1] // stride
         if h % 8 or w % 8:
-            raise ValueError(f"input_size {hw} must be a multiple of 8*stride={8 * stride} in both dimensions")
+            raise ValueError(f"input_size {input_hw} must be a multiple of 8*stride={8 * stride} in both dimensions")
         self.shapes = [(h >> i, w >> i) for i in range(LEVELS)]
         # kept for the checkpoint's sake; the computation uses the Python ints in self.shapes
         self.register_buffer("spatial_shapes", torch.tensor(self.shapes, dtype=torch.long))
         starts = [sum(a * b for a, b in self.shapes[:i]) for i in range(LEVELS)]
         self.register_buffer("start_levels", torch.tensor(starts, dtype=torch.long))
         self.top_k = [top_k] + [4] * (num_layers - 2) + [1]  # the last layer keeps one reference point
-        self.layers = nn.ModuleList([LBMLayer(hw, stride, dim, heads, levels, neighbors, memory_size, dropout)
+        self.layers = nn.ModuleList([LBMLayer(input_hw, stride, dim, heads, levels, neighbors, memory_size, dropout)
                                      for _ in range(num_layers)])
 
         add_block(self, "offset", "offset_layer", MSDeformAttn(dim, heads, levels, neighbors, dropout), dim, dropout)
@@ -290,7 +313,8 @@ class LBMTransformer(nn.Module):
         up = torch.stack([F.interpolate(F.normalize(p, p=2, dim=1), size=(h, w), mode="bilinear",
                                         align_corners=False) if lvl else F.normalize(p, p=2, dim=1)
                           for lvl, p in enumerate(pooled)], 1)  # B L C h w
-        mix = torch.stack([layer.mix_weights() for layer in self.layers]).to(up.dtype)  # layers L
+        layers = cast("Iterable[LBMLayer]", self.layers)  # it holds only those
+        mix = torch.stack([layer.mix_weights() for layer in layers]).to(up.dtype)  # layers L
         with torch.autocast(feat.device.type, enabled=False):
             mixed = (mix @ up.reshape(B, LEVELS, -1)).reshape(B, len(self.layers), C, h * w)
         corr, refs, rhos = [], [], []
@@ -301,13 +325,13 @@ class LBMTransformer(nn.Module):
             refs.append(ref)
             rhos.append(rho)
         ref = refs[-1]  # B N 1 2
-        ref_levels = level_references(ref, self.hw, peaks=True)
+        ref_levels = level_references(ref, self.input_hw, peaks=True)
 
         q_off = run_block(self, "offset", q, self.offset_layer(q, feats_cat, ref_levels, self.shapes))
         offset = torch.tanh(self.offset_head(q_off)) * self.stride
 
         # what the frame shows at the predicted position becomes this frame's collision-memory entry
-        at_pred = level_references(ref + offset.unsqueeze(2), self.hw)
+        at_pred = level_references(ref + offset.unsqueeze(2), self.input_hw)
         col = run_block(self, "collision_mem", q, self.collision_mem_layer(q, feats_cat, at_pred, self.shapes))
         col = torch.where(active.unsqueeze(-1), col, query)
 
@@ -318,7 +342,7 @@ class LBMTransformer(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Losses (coordinates in input-size pixels)
+# Losses (coordinates in input pixels)
 
 
 def loss_masks(gt_visibility: torch.Tensor, query_times: torch.Tensor,
@@ -370,7 +394,8 @@ class LBM(nn.Module):
         super().__init__()
         if num_layers < 2:
             raise ValueError(f"num_layers must be at least 2, got {num_layers}")
-        self.size = hw = (int(input_size[0]), int(input_size[1]))
+        # input_size is the authors' configuration key (their configs and checkpoints); inside it is input_hw
+        self.input_hw = input_hw = (int(input_size[0]), int(input_size[1]))
         self.stride, self.num_layers, self.embed_dim = stride, num_layers, embed_dim
         self.memory_size, self.N, self.T = memory_size, N, T
         self.visibility_threshold = VIS_THRESHOLD
@@ -379,9 +404,9 @@ class LBM(nn.Module):
         self.loss_after_query = loss_after_query
         # accepted for config compatibility: the authors' model never passes it to its transformer
         self.random_memory_mask_drop = random_memory_mask_drop
-        self.h, self.w = hw[0] // stride, hw[1] // stride
-        self.backbone = Backbone(hw, stride, embed_dim)
-        self.transformer = LBMTransformer(hw, stride, num_layers, embed_dim, num_heads, num_levels, num_neighbors,
+        self.h, self.w = input_hw[0] // stride, input_hw[1] // stride
+        self.backbone = Backbone(input_hw, stride, embed_dim)
+        self.transformer = LBMTransformer(input_hw, stride, num_layers, embed_dim, num_heads, num_levels, num_neighbors,
                                           memory_size, top_k_regions, dropout)
         if backbone_init is not None:
             load_backbone_init(self, backbone_init)
@@ -398,14 +423,14 @@ class LBM(nn.Module):
 
     # --- pieces shared by training, inference and online tracking
 
-    def to_input_px(self, xy: torch.Tensor, source_hw: tuple[int, int]) -> torch.Tensor:
+    def to_input_px(self, xy: torch.Tensor, src_hw: tuple[int, int]) -> torch.Tensor:
         """(..., 2) source pixels -> input-size pixels by the plain size ratio (divided, then multiplied, as the
         reference rounds it)."""
-        return xy / xy.new_tensor([source_hw[1], source_hw[0]]) * xy.new_tensor([self.size[1], self.size[0]])
+        return xy / xy.new_tensor([src_hw[1], src_hw[0]]) * xy.new_tensor([self.input_hw[1], self.input_hw[0]])
 
-    def to_source_px(self, xy: torch.Tensor, source_hw: tuple[int, int]) -> torch.Tensor:
+    def to_source_px(self, xy: torch.Tensor, src_hw: tuple[int, int]) -> torch.Tensor:
         """(..., 2) input-size pixels -> source pixels (inverse of to_input_px)."""
-        return xy / xy.new_tensor([self.size[1], self.size[0]]) * xy.new_tensor([source_hw[1], source_hw[0]])
+        return xy / xy.new_tensor([self.input_hw[1], self.input_hw[0]]) * xy.new_tensor([src_hw[1], src_hw[0]])
 
     def empty_memory(self, B: int, N: int, like: torch.Tensor) -> Memory:
         """Fresh memory for N queries."""
@@ -429,8 +454,10 @@ class LBM(nn.Module):
             raise ValueError(f"queries: query frames must lie in [0, {num_frames - 1}], got {lo}..{hi}")
         out = None
         for t in torch.unique(times).tolist():
-            v = sample_points(frames_at(t), q_in[..., 1:], self.size)
+            v = sample_points(frames_at(t), q_in[..., 1:], self.input_hw)
             out = v if out is None else torch.where((times == t).unsqueeze(-1), v, out)
+        if out is None:  # no queries (N = 0): no frame to read them from
+            return self.backbone.frame_pos_embedding.new_zeros(q_in.shape[0], 0, self.embed_dim)
         return out
 
     # --- training
@@ -460,7 +487,7 @@ class LBM(nn.Module):
         ref_rho = [stack(lambda o, i=i: o.ref_rho[i]) for i in range(self.num_layers)]
 
         point_mask, time_mask = loss_masks(gt_vis, times, self.loss_after_query)
-        cells = cell_indices(gt, self.size, self.stride)
+        cells = cell_indices(gt, self.input_hw, self.stride)
         cls = 0
         for c in corr:
             ce = F.cross_entropy(c.flatten(0, 2) / CLS_TEMPERATURE, cells.flatten(), reduction="none")
@@ -494,7 +521,7 @@ class LBM(nn.Module):
         points (B,T,N,2) source px, visibility (B,T,N) bool (with_raw: plus offset, vis_logit, rho).
 
         As in the reference, a query also gets outputs before its query frame (computed from its vector,
-        with its memory masked); from its query frame on, they equal `LBMOnline` with the query added there."""
+        with its memory masked); from its query frame on, they equal `LBMOnlineState` with the query added there."""
         B, T, _, H, W = video.shape
         q_in = torch.cat([queries[..., :1], self.to_input_px(queries[..., 1:], (H, W))], dim=-1)
         times = q_in[..., 0].long()
@@ -518,8 +545,9 @@ class LBM(nn.Module):
 # Online tracking: one call per frame, fixed memory per query
 
 
-class LBMOnline:
-    """Frame-by-frame tracking of one video (batch of one) with a fixed-size memory per query.
+class LBMOnlineState:
+    """The model's online state for one video (batch of one): per query its vector and fixed-size memory,
+    stepped one frame at a time.
 
     `init(points, first_frame)` starts the queries on the first frame and returns that frame's result;
     `track(frame, add=..., remove=...)` first drops the queries where `remove` (N,) is True, then starts the
@@ -531,7 +559,7 @@ class LBMOnline:
         self.model = model.eval()
         self.query: torch.Tensor | None = None
         self.memory: Memory | None = None
-        self.hw: tuple[int, int] | None = None
+        self.src_hw: tuple[int, int] | None = None  # the size of the frames given
         self.t = 0
 
     @property
@@ -550,26 +578,26 @@ class LBMOnline:
               remove: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """frame (1,3,H,W) [0,255] -> points (N,2) source px, visibility (N,) bool, vis_prob, rho_prob (N,)."""
         m = self.model
-        self.hw = tuple(frame.shape[-2:])
+        self.src_hw = (frame.shape[-2], frame.shape[-1])
         feat = m.backbone(frame)
-        if remove is not None and self.query is not None:
+        if remove is not None and self.query is not None and self.memory is not None:
             keep = ~remove.to(torch.bool)
             self.query, self.memory = self.query[:, keep], self.memory.select(keep)
         if add is not None and len(add):
-            q_new = sample_points(feat, m.to_input_px(add.to(feat).unsqueeze(0), self.hw), m.size)
+            q_new = sample_points(feat, m.to_input_px(add.to(feat).unsqueeze(0), self.src_hw), m.input_hw)
             mem_new = m.empty_memory(1, q_new.shape[1], q_new)
-            if self.query is None or self.query.shape[1] == 0:
+            if self.query is None or self.memory is None or self.query.shape[1] == 0:
                 self.query, self.memory = q_new, mem_new
             else:
                 self.query = torch.cat([self.query, q_new], dim=1)
                 self.memory = Memory.cat(self.memory, mem_new)
-        if self.query is None or self.query.shape[1] == 0:
-            raise ValueError("LBMOnline.track: no queries to track (call init or pass add=...)")
+        if self.query is None or self.memory is None or self.query.shape[1] == 0:
+            raise ValueError("LBMOnlineState.track: no queries to track (call init or pass add=...)")
         active = torch.ones(self.query.shape[:2], dtype=torch.bool, device=feat.device)
         out, self.memory = m.step(self.query, feat, self.memory, active)
         self.t += 1
         vis_prob = torch.sigmoid(out.vis_logit[0])
-        return {"points": m.to_source_px(out.points[0], self.hw), "visibility": vis_prob > m.visibility_threshold,
+        return {"points": m.to_source_px(out.points[0], self.src_hw), "visibility": vis_prob > m.visibility_threshold,
                 "vis_prob": vis_prob, "rho_prob": torch.sigmoid(out.rho[0])}
 
 
@@ -605,28 +633,62 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return strip_module_prefix(state)
 
 
+# Bounds on the sizes a state_dict may make build_lbm build (docs/LBM.md, "Checkpoints"), checked before any model
+# is: the authors' model has 3 layers of 256 channels, a 384x512 input, 12 memory slots, 9 neighbours and
+# 17,827,042 weights (71 MB); a file may ask for a few times that, not for the 3 GB of 400 layers.
+MAX_LAYERS = 12
+MAX_EMBED_DIM = 1024
+MAX_INPUT_SIDE = 2048  # pixels: the frame position embedding grows with the input's area
+MAX_MEMORY_SIZE = 256
+MAX_NEIGHBORS = 64
+MAX_WEIGHTS = 4 * 17_827_042  # in the model built (285 MB as float32), counted on the meta device first
+
+
 def lbm_config_from_state(state: dict[str, torch.Tensor]) -> dict:
     """The LBM sizes a state_dict fixes: input_size, embed_dim, num_layers, memory_size and num_neighbors
-    (this one assuming the authors' 4 heads); other keys keep the authors' defaults."""
+    (this one assuming the authors' 4 heads); other keys keep the authors' defaults. A size beyond the bounds
+    above raises CheckpointError (without the file's name: the caller adds it)."""
     pos = state.get("backbone.frame_pos_embedding")
     emb = state.get("transformer.layers.0.collision_time_emb")
     offsets = state.get("transformer.layers.0.lattice_attention.sampling_offsets.weight")
-    if pos is None or emb is None or offsets is None or pos.dim() != 4:
+    if pos is None or emb is None or offsets is None or pos.dim() != 4 or emb.dim() < 2 or offsets.dim() < 1:
         return {}  # not an LBM state_dict: the strict load names what is missing
     layers = {k.split(".")[2] for k in state if k.startswith("transformer.layers.")}
     stride = 4
-    return {"input_size": (pos.shape[2] * stride, pos.shape[3] * stride), "embed_dim": pos.shape[1],
-            "num_layers": len(layers), "memory_size": emb.shape[1] - 1,
-            "num_neighbors": offsets.shape[0] // (4 * 4 * 2)}
+    cfg = {"input_size": (pos.shape[2] * stride, pos.shape[3] * stride), "embed_dim": pos.shape[1],
+           "num_layers": len(layers), "memory_size": emb.shape[1] - 1,
+           "num_neighbors": offsets.shape[0] // (4 * 4 * 2)}
+    for what, value, bound in (("transformer layers", cfg["num_layers"], MAX_LAYERS),
+                               ("embedding channels", cfg["embed_dim"], MAX_EMBED_DIM),
+                               ("input pixels per side", max(cfg["input_size"]), MAX_INPUT_SIDE),
+                               ("memory slots", cfg["memory_size"], MAX_MEMORY_SIZE),
+                               ("neighbours", cfg["num_neighbors"], MAX_NEIGHBORS)):
+        if value > bound:
+            raise CheckpointError(f"declares an LBM of {value} {what}, more than {bound}")
+    return cfg
 
 
-def load_lbm(path: str | os.PathLike, device: str | torch.device = "cpu", **config) -> LBM:
-    """An LBM in eval mode with the weights of `path`, loaded strictly. Its sizes come from the weights
-    (`lbm_config_from_state`); `config` given here wins, so a file of other sizes is refused, naming the keys."""
-    state = read_state_dict(path)
-    model = LBM(**{**lbm_config_from_state(state), **config})
-    load_model_state(model, state, source=str(path))
-    return model.to(device).eval()
+def _weights_of(config: dict) -> int:
+    """How many numbers an LBM of `config` holds, counted without allocating them."""
+    sizes = {k: v for k, v in config.items() if k != "backbone_init"}  # a file to read: not a size
+    with torch.device("meta"):
+        return sum(v.numel() for v in LBM(**sizes).state_dict().values())
+
+
+def build_lbm(state: dict[str, torch.Tensor], source: str = "checkpoint", **config) -> LBM:
+    """An LBM holding `state` (loaded strictly), on the CPU in train mode as built. Its sizes come from the weights
+    (`lbm_config_from_state`, bounded); `config` given here wins, so weights of other sizes are refused, naming the
+    keys. Errors are one line starting with `source`; reading a file is pips2.hub's (the one loader)."""
+    try:
+        found = lbm_config_from_state(state)
+        cfg = {**found, **config}
+        if found and (n := _weights_of(cfg)) > MAX_WEIGHTS:
+            raise CheckpointError(f"declares an LBM of {n} weights, more than {MAX_WEIGHTS}")
+        model = LBM(**cfg)
+    except (CheckpointError, ValueError) as e:
+        raise CheckpointError(f"{source}: {e}") from None
+    load_model_state(model, state, source=source)
+    return model
 
 
 def torchvision_resnet18_keys(key: str) -> str | None:
@@ -656,6 +718,8 @@ def load_backbone_init(model: LBM, path: str | os.PathLike) -> None:
             problems.append(f"{k} has shape {tuple(v.shape)}, expected {tuple(own[dst].shape)}")
         else:
             mapped[dst] = v
+            if problem := weight_problem(k, v, own[dst]):  # NaN, inf or int64 weights would train as such
+                problems.append(problem)
     # old torchvision files carry no num_batches_tracked counters; the model's own are kept then
     missing = [k for k in trunk if k not in mapped and not k.endswith("num_batches_tracked")]
     if missing:

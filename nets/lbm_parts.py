@@ -163,5 +163,6 @@ class MSDeformAttn(nn.Module):
             w_l = weights[:, :, :, lvl].transpose(1, 2).reshape(B * H, 1, Q, P)
             part = (sampled * w_l).sum(-1)  # B*H d Q
             out = part if out is None else out + part
+        assert out is not None, "no levels in shapes"
         out = out.reshape(B, C, Q).transpose(1, 2)
         return self.dropout(self.output_proj(out)) + query

@@ -1,28 +1,24 @@
 """PIPs++ (PointOdyssey, ICCV 2023): the model, readable top to bottom.
 
 This file holds the reference semantics only: feature sampling, the correlation pyramid, the feature
-encoder `fnet`, the temporal `DeltaBlock`, then `Pips` with its forward pass and loss. Faster forms of some
-steps live in nets/fast.py; an `ExecPlan` (nets/plan.py), fixed when the model is built or by `set_plan`,
-says which form runs. State-dict keys match the authors' checkpoint exactly (docs/MODEL.md), so
-`load_state_dict(strict=True)` works on `model-000200000.pth`.
+encoder `fnet`, the temporal `DeltaBlock`, then `Pips` with its forward pass and loss. Three steps (the
+encoder, the correlation look-ups and the delta block) run in the form an `ExecPlan` (nets/plan.py) picks:
+`Pips` hands its plan to `fast.Forms` (nets/fast.py), which supplies those forms and keeps their caches; the
+reference form of each is the code here. State-dict keys match the authors' checkpoint exactly
+(docs/MODEL.md), so `load_state_dict(strict=True)` works on `model-000200000.pth`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from pips2.nets import fast
 from pips2.nets.plan import ExecPlan
 from pips2.utils.amp import autocast_off
 
 MIN_SIZE = 128  # four pyramid levels at stride 8 must stay >= 2x2
-Norm = Callable[[torch.Tensor], torch.Tensor]
-Conv = Callable[[nn.Conv2d, torch.Tensor], torch.Tensor]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -67,6 +63,7 @@ def sample_features(fmap: torch.Tensor, xy: torch.Tensor, frame: torch.Tensor | 
     for tap, weight in zip(taps, weights, strict=True):
         term = tap * weight.to(fmap.dtype)
         out = term if out is None else out + term
+    assert out is not None  # four corners
     return out
 
 
@@ -90,15 +87,14 @@ def corr_scale(C: int) -> float:
 class CorrPyramid:
     """Feature pyramid of S frames that answers correlation look-ups for several templates at once.
 
-    The plan picks the form: "volume" is the reference (`volume` below), "local" is `fast.local_corr`.
+    Calling it is the reference form (`volume` below); `fast.LocalCorrelation` computes the same values from
+    local patches.
     """
 
-    def __init__(self, fmaps: torch.Tensor, num_levels: int = 4, radius: int = 3, plan: ExecPlan | None = None):
+    def __init__(self, fmaps: torch.Tensor, num_levels: int = 4, radius: int = 3):
         """fmaps: channels-last maps (B,S,H,W,C); correlations are computed in their dtype."""
         B, S, H, W, C = fmaps.shape
         self.radius, self.scale = radius, corr_scale(C)
-        self.plan = plan if plan is not None else ExecPlan()
-        self.workspace: torch.Tensor | None = None  # fast.local_corr's gather buffer, shared by all calls
         self.levels = [fmaps.reshape(B * S, H, W, C)]  # channels-last (B*S, h, w, C)
         for _ in range(1, num_levels):
             self.levels.append(avg_pool2x2_nhwc(self.levels[-1]))
@@ -111,11 +107,7 @@ class CorrPyramid:
         B, S, N, T, C = targets.shape
         with autocast_off(coords.device.type):
             dtype = self.levels[0].dtype
-            targets, coords = targets.to(dtype), coords.to(dtype)
-            if self.plan.corr == "volume":
-                out = self.volume(targets, coords)
-            else:
-                out = fast.local_corr(self, targets, coords, self.plan.corr_chunk, self.plan.gather)
+            out = self.volume(targets.to(dtype), coords.to(dtype))
         return out.reshape(B, S, N, -1).float()
 
     def volume(self, targets: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
@@ -144,18 +136,12 @@ class CorrPyramid:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Feature encoder: ResNet-style, instance norm without affine parameters, 128 channels at stride 8. The norm
-# is a function argument (it has no weights), so a plan can swap in `fast.instance_norm_keep_layout`.
+# Feature encoder: ResNet-style, instance norm without affine parameters, 128 channels at stride 8.
 
 
 def instance_norm(x: torch.Tensor) -> torch.Tensor:
     """InstanceNorm2d without affine parameters, eps 1e-5 (the reference)."""
     return F.instance_norm(x, eps=1e-5)
-
-
-def apply_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """conv(x): the encoder's default way to run a convolution (a plan may replay kept outputs instead)."""
-    return conv(x)
 
 
 class ResidualBlock(nn.Module):
@@ -168,17 +154,22 @@ class ResidualBlock(nn.Module):
         # a Sequential so that the checkpoint's key stays downsample.0.*; the norm after it has no weights
         self.downsample = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride=stride)) if stride != 1 else None
 
-    def forward(self, x: torch.Tensor, norm: Norm = instance_norm, conv: Conv = apply_conv) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         # in-place ReLUs act on fresh norm outputs, which no backward needs
-        y = F.relu_(norm(conv(self.conv1, x)))
-        y = F.relu_(norm(conv(self.conv2, y)))
+        y = F.relu_(instance_norm(self.conv1(x)))
+        y = F.relu_(instance_norm(self.conv2(y)))
         if self.downsample is not None:
-            x = norm(conv(self.downsample[0], x))
+            x = instance_norm(self.downsample[0](x))
         return F.relu_(x + y)
 
 
 class BasicEncoder(nn.Module):
     """Frames (N,3,H,W) in [-1,1] -> features (N,128,H/8,W/8) from four stages fused at stride 8."""
+
+    layer1: nn.ModuleList  # made in a loop below: named here for readers and type checkers
+    layer2: nn.ModuleList
+    layer3: nn.ModuleList
+    layer4: nn.ModuleList
 
     def __init__(self, output_dim: int = 128, stride: int = 8):
         super().__init__()
@@ -193,17 +184,17 @@ class BasicEncoder(nn.Module):
         self.conv2 = nn.Conv2d(sum(widths), output_dim * 2, 3, padding=1)
         self.conv3 = nn.Conv2d(output_dim * 2, output_dim, 1)
 
-    def forward(self, x: torch.Tensor, norm: Norm = instance_norm, conv: Conv = apply_conv) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         H, W = x.shape[-2:]
         size = (H // self.stride, W // self.stride)
-        x = F.relu_(norm(conv(self.conv1, x)))
+        x = F.relu_(instance_norm(self.conv1(x)))
         feats = []
         for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
             for block in layer:
-                x = block(x, norm, conv)
+                x = block(x)
             feats.append(F.interpolate(x, size, mode="bilinear", align_corners=True))
-        x = F.relu_(norm(conv(self.conv2, torch.cat(feats, 1))))
-        return conv(self.conv3, x)
+        x = F.relu_(instance_norm(self.conv2(torch.cat(feats, 1))))
+        return self.conv3(x)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -257,11 +248,7 @@ class BasicBlock1d(nn.Module):
 
 
 class DeltaBlock(nn.Module):
-    """(correlations, flow) per point and frame -> coordinate update in stride-8 units.
-
-    `fast_weights` holds weights a fast form derives from this block's (`fast.winograd_filters`), built by
-    the first forward that needs them; loading weights or moving/casting the block drops them.
-    """
+    """(correlations, flow) per point and frame -> coordinate update in stride-8 units."""
 
     def __init__(self, corr_dim: int = 588, embed_dim: int = 128, kernel_size: int = 3):
         super().__init__()
@@ -271,17 +258,6 @@ class DeltaBlock(nn.Module):
         self.basicblock_list = nn.ModuleList(
             BasicBlock1d(widths[k], widths[k + 1], kernel_size, first=(k == 0)) for k in range(8))
         self.dense = nn.Linear(1024, 2)
-        self.fast_weights: list[torch.Tensor | None] | None = None
-        self.register_load_state_dict_post_hook(lambda module, _keys: setattr(module, "fast_weights", None))
-
-    def _apply(self, fn, *args, **kwargs):
-        """nn.Module._apply (behind .to(), .double() and the like) that also drops the derived fast weights."""
-        self.fast_weights = None
-        return super()._apply(fn, *args, **kwargs)
-
-    def convs(self) -> list[Conv1dSame]:
-        """The convolutions in the order data goes through them."""
-        return [self.first_block_conv] + [c for b in self.basicblock_list for c in (b.conv1, b.conv2)]
 
     def inputs(self, fcorr: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
         """(M,S,588), (M,S,2) -> the time-major input (M,S,718): correlations, embedded flow, flow."""
@@ -335,11 +311,13 @@ class Pips(nn.Module):
         self.set_plan(plan if plan is not None else ExecPlan.auto())
 
     def set_plan(self, plan: ExecPlan) -> None:
-        """Run from now on as `plan` says (weights derived for the previous plan are dropped)."""
-        if not isinstance(plan, ExecPlan):
-            raise TypeError(f"plan must be an ExecPlan, got {type(plan).__name__}")
-        self.plan = plan
-        self.delta_block.fast_weights = None
+        """Run from now on as `plan` says (what the forms of the previous plan kept is dropped)."""
+        self.forms = fast.Forms(plan)
+
+    @property
+    def plan(self) -> ExecPlan:
+        """The execution plan the model runs (`set_plan` changes it)."""
+        return self.forms.plan
 
     @property
     def dtype(self) -> torch.dtype:
@@ -357,8 +335,7 @@ class Pips(nn.Module):
             raise ValueError(f"frames must be at least {MIN_SIZE}x{MIN_SIZE} pixels, got {H}x{W}")
         frames = rgbs.reshape(B * S, 3, H, W)
         # instance norm is per frame, so encoding in chunks gives the same maps
-        chunk = self.plan.encoder_chunk or B * S
-        maps = [self._encode_frames(frames[s:s + chunk]) for s in range(0, B * S, chunk)]
+        maps = [self._encode_frames(chunk) for chunk in self.forms.frame_chunks(frames)]
         H8, W8 = H // self.stride, W // self.stride
         out = fast.stack_frames(maps, (B * S, H8, W8, self.latent_dim))
         return out.reshape(B, S, H8, W8, self.latent_dim)
@@ -366,15 +343,7 @@ class Pips(nn.Module):
     def _encode_frames(self, frames: torch.Tensor) -> torch.Tensor:
         """Frames (n,3,H,W) in [0,255] -> channels-last maps (n,H/8,W/8,128)."""
         x = 2 * (frames.to(self.dtype) / 255.0) - 1.0
-        if self.plan.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        norm = fast.instance_norm_keep_layout if self.plan.norm == "batch" else instance_norm
-        if self.plan.checkpointing:
-            fm = checkpoint(self.fnet, x, norm, use_reentrant=False)
-        elif self.plan.recompute_cheap:
-            fm = fast.encode_keeping_convs(self.fnet, x)
-        else:
-            fm = self.fnet(x, norm)
+        fm = self.forms.encoder(self.fnet, x)  # self.fnet(x) in the plan's form
         return fm.to(self.dtype).permute(0, 2, 3, 1)
 
     def forward(self, trajs_e0: torch.Tensor, rgbs: torch.Tensor | None, iters: int = 3,
@@ -389,11 +358,10 @@ class Pips(nn.Module):
         reuse an encoding across batches of points. vis_g (PIPs++ predicts positions only), sw, is_train and
         beautify are the authors' arguments (logging, training flags), accepted and ignored.
         """
-        if self.plan.inference_only and torch.is_grad_enabled() and self.fnet.conv1.weight.requires_grad:
-            raise RuntimeError("Pips: the model's ExecPlan is for inference; run it under torch.no_grad() or "
-                               "set a training plan: model.set_plan(ExecPlan.auto(device, training=True))")
+        self.forms.check_grad_mode(self.fnet.conv1.weight)
         B, S, N, D = trajs_e0.shape
         if fmaps is None:
+            assert rgbs is not None, "Pips.forward needs rgbs or fmaps"
             assert D == 2 and rgbs.shape[:2] == (B, S), "trajs_e0 (B,S,N,2) and rgbs (B,S,3,H,W) must agree"
             fmaps = self.encode_nhwc(rgbs)  # B,S,H8,W8,C
         assert fmaps.shape[:2] == (B, S), "trajs_e0 (B,S,N,2) and fmaps (B,S,H8,W8,C) must agree"
@@ -401,7 +369,8 @@ class Pips(nn.Module):
         device = trajs_e0.device
         H8, W8 = fmaps.shape[2:4]
         fmaps_bs = fmaps.reshape(B * S, H8, W8, self.latent_dim)
-        pyramid = CorrPyramid(fmaps, self.corr_levels, self.corr_radius, self.plan)
+        # pyramid(targets, coords) in the plan's form, for this forward pass
+        correlate = self.forms.correlation(CorrPyramid(fmaps, self.corr_levels, self.corr_radius))
 
         coords = trajs_e0.to(self.dtype) / stride
         query = coords[:, 0].clone()
@@ -415,17 +384,17 @@ class Pips(nn.Module):
         frame = t.repeat(B) + torch.arange(B, device=device).repeat_interleave(S) * S  # index into B*S
 
         preds, anim = [], [coords.detach() * stride]
-        filters = self._winograd_filters()
+        delta_block = self.forms.delta_block(self.delta_block)  # for this forward pass, shared by its iterations
         for itr in range(iters):
             coords = coords.detach()
             if itr >= 1:
                 feats2, feats4 = self._sample_past(fmaps_bs, coords, frame, (2, 4), B, S, N)
             targets = torch.stack([feats1, feats2, feats4], 3)  # B,S,N,3,C
-            fcorrs = pyramid(targets, coords)  # B,S,N,588
+            fcorrs = correlate(targets, coords)  # B,S,N,588
             flows = coords[:, 1:] - coords[:, :-1]
             flows = torch.cat([flows, flows[:, -1:]], 1)
             to_bn = lambda a: a.permute(0, 2, 1, 3).reshape(B * N, S, a.shape[-1])  # noqa: E731
-            delta = self._delta(to_bn(fcorrs), to_bn(flows), filters).to(self.dtype)
+            delta = delta_block(to_bn(fcorrs), to_bn(flows)).to(self.dtype)
             coords = coords + delta.reshape(B, N, S, 2).permute(0, 2, 1, 3)
             preds.append(coords * stride)
             coords = torch.cat([query.unsqueeze(1), coords[:, 1:]], 1)
@@ -449,34 +418,3 @@ class Pips(nn.Module):
             xy.append(coords[:, src].reshape(B * S, N, 2))
         out = sample_features(fmaps_bs, torch.cat(xy), torch.cat(src_frame))
         return out.view(len(lags), B, S, N, self.latent_dim).unbind(0)
-
-    def _delta(self, fcorr: torch.Tensor, flow: torch.Tensor, filters: list | None) -> torch.Tensor:
-        """The delta block in the plan's form: (M,S,588), (M,S,2) -> (M,S,2); `filters` for the Winograd forms."""
-        block = self.delta_block
-        if filters is not None:
-            fn, args = fast.delta_block_time_major, (block, fcorr, flow, filters)
-        else:
-            fn = fast.delta_block_time_major if self.plan.delta == "gemm" else DeltaBlock.forward
-            args = (block, fcorr, flow)
-        if self.plan.checkpointing:
-            return checkpoint(fn, *args, use_reentrant=False)
-        if self.plan.recompute_cheap and filters is None:
-            return fast.keep_conv_outputs(fn, *args)
-        # the Winograd form keeps one tensor per layer by itself (each wide layer makes its input's norm inside
-        # and keeps only the norm's input): as little as selective checkpointing keeps of it (its products),
-        # without the recomputation
-        return fn(*args)
-
-    def _winograd_filters(self) -> list[torch.Tensor | None] | None:
-        """The delta block's Winograd filters for one forward pass (shared by its iterations), or None."""
-        block = self.delta_block
-        tile = fast.WINOGRAD_TILES.get(self.plan.delta)
-        if tile is None:
-            return None
-        if not self.plan.inference_only:
-            # a training plan's weights change in place at every optimiser step (fused optimisers do not even
-            # bump the tensors' versions), so its filters are made afresh for each forward pass
-            return fast.winograd_filters(block, tile)
-        if block.fast_weights is None:  # an inference plan's weights change only by loading, casting or set_plan
-            block.fast_weights = fast.winograd_filters(block, tile)
-        return block.fast_weights

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 _CHOICES = {"corr": ("local", "volume"), "gather": ("workspace", "checkpoint", "plain"),
-            "delta": ("conv1d", "gemm", "winograd", "winograd2"), "norm": ("batch", "instance")}
+            "delta": ("conv1d", "gemm", "winograd", "winograd2"), "norm": ("layout", "reference")}
 
 
 @dataclass(frozen=True)
@@ -29,7 +29,9 @@ class ExecPlan:
     delta: str = "conv1d"
     encoder_chunk: int = 1  # frames per encoder call; 0 = the whole clip at once
     channels_last: bool = False  # encoder memory format
-    norm: str = "batch"  # encoder norm of one-frame chunks: "batch" keeps the layout; "instance" (reference)
+    # encoder instance norm: "layout" keeps a one-frame chunk's memory layout (computed by batch_norm, equal for one
+    # image); "reference": F.instance_norm, as the reference
+    norm: str = "layout"
     checkpointing: bool = False  # recompute encoder chunks and delta-block calls in backward
     recompute_cheap: bool = False  # keep only convolution outputs; recompute norms/activations in backward
 
@@ -52,18 +54,18 @@ class ExecPlan:
     def reference(cls) -> ExecPlan:
         """The authors' computation as written: full correlation volumes, conv1d, the whole clip at once."""
         return cls(corr="volume", gather="plain", delta="conv1d", encoder_chunk=0, channels_last=False,
-                   norm="instance")
+                   norm="reference")
 
     @classmethod
     def export(cls) -> ExecPlan:
         """For ONNX export: only traceable forms, and no chunk size computed from N (it would pin N in the graph)."""
         return cls(corr="local", corr_chunk=0, gather="plain", delta="conv1d", encoder_chunk=0,
-                   channels_last=False, norm="instance")
+                   channels_last=False, norm="reference")
 
     @classmethod
     def auto(cls, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, training: bool = False,
              checkpointing: bool = False, recompute_cheap: bool | None = None, points: int | None = None,
-             hw: tuple[int, int] | None = None) -> ExecPlan:
+             crop_hw: tuple[int, int] | None = None) -> ExecPlan:
         """The fastest plan measured (docs/BENCHMARKS.md) for a device and the dtype the convolutions run in.
 
         dtype: the weights' dtype, or the autocast dtype when the caller runs the model under autocast.
@@ -73,14 +75,14 @@ class ExecPlan:
         recompute_cheap: keep only convolution outputs for backward (train.py --recompute_cheap): about half the
         activation memory. None (the default): on for CPU float32 training above the small crops, where it runs
         as fast as keeping everything (bench_train.py); off elsewhere (not measured on CUDA).
-        points, hw: the training batch's points (B*N) and crop, when known. Small CPU training batches (B=2 N=32
+        points, crop_hw: the training batch's points (B*N) and crop, when known. Small CPU training batches (B=2 N=32
         at 128x128 or 128x192) run faster with the reference's full correlation volume, conv1d delta block and
         the encoder over all frames at once (docs/BENCHMARKS.md, "Small training batches").
         """
         device = torch.device(device)
         cuda = device.type == "cuda"
         half = dtype in (torch.bfloat16, torch.float16)
-        small_frames = hw is not None and hw[0] * hw[1] <= 128 * 192
+        small_frames = crop_hw is not None and crop_hw[0] * crop_hw[1] <= 128 * 192
         if recompute_cheap is None:
             recompute_cheap = device.type == "cpu" and not small_frames
         # float32 only: the encoder's replay in backward runs without autocast, so it would not remake the
@@ -113,7 +115,7 @@ class ExecPlan:
             # the replay, bench_train.py); otherwise CPU float32 oneDNN kernels round closer to the reference in
             # the contiguous layout, and autograd's own norms and ReLUs run slower in channels-last
             channels_last=cuda or half or recompute,
-            norm="batch",
+            norm="layout",
             checkpointing=checkpointing,
             recompute_cheap=recompute,
         )

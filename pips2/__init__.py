@@ -17,7 +17,8 @@ if not (_here / "nets").is_dir() and (_here.parent / "nets" / "pips2.py").is_fil
 
 
 def load_model(name_or_path, device="cpu", **kwargs):
-    """A Pips or LBM in eval mode: "pips2", "lbm" (fetched once into ~/.cache/pips2) or a checkpoint path.
+    """A Pips or LBM in eval mode: a hub name, "pips2" or "lbm" (the authors' weights, fetched once into a cache),
+    or a checkpoint file or folder; the one loader's rules (docs/MODELS.md).
 
     The same as pips2.hub.load_model, imported on first call: `import pips2` stays light and
     pips2.hub, which imports the models (and so this package), cannot form an import cycle.

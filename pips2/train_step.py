@@ -7,6 +7,7 @@ step is the same on every device and after a resume.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -47,7 +48,7 @@ def forward_loss(model, batch: Sample, device: torch.device, iters: int, gen: to
     batch = batch.to(device)
     rgbs, trajs_g = maybe_transpose(batch.rgbs, batch.trajs, gen)
     seen = batch._replace(rgbs=rgbs, trajs=trajs_g)
-    trajs_e0 = init_estimates(trajs_g, tuple(rgbs.shape[-2:]), gen)
+    trajs_e0 = init_estimates(trajs_g, (rgbs.shape[-2], rgbs.shape[-1]), gen)
     with autocast(device.type, amp):
         preds, _, _, loss = model(trajs_e0, rgbs, iters=iters, trajs_g=trajs_g, valids=batch.valids)
     return loss, preds[-1], seen
@@ -117,14 +118,14 @@ def lbm_forward_loss(model, batch: Sample, device: torch.device, gen: torch.Gene
         torch.manual_seed(seed)
         with autocast(device.type, amp):
             out = model(batch.rgbs, queries, batch.trajs, visible)
-    loss = sum(out[k].float() for k in LBM_LOSSES)
+    loss = functools.reduce(torch.add, [out[k].float() for k in LBM_LOSSES])
     return loss, out, batch
 
 
 def lbm_figures(out: dict[str, torch.Tensor], batch: Sample) -> dict[str, float]:
     """batch_figures of LBM's points, plus its five losses and the occlusion accuracy over valid points."""
     figs = batch_figures(out["points"].detach().float(), batch.trajs, batch.visibs, batch.valids,
-                         tuple(batch.rgbs.shape[-2:]))
+                         (batch.rgbs.shape[-2], batch.rgbs.shape[-1]))
     figs.update({k: float(out[k].detach()) for k in LBM_LOSSES})
     right = (out["visibility"] == (batch.visibs > 0)).float() * batch.valids
     figs["occ_acc"] = float(right.sum() / batch.valids.sum().clamp(min=1))

@@ -10,7 +10,10 @@ import datetime
 import json
 import os
 import random
+import re
+import signal
 import sys
+import threading
 import time
 import warnings
 from collections import deque
@@ -18,7 +21,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import NoReturn
+from types import FrameType
+from typing import Any, NoReturn
 
 import numpy as np
 import torch
@@ -30,8 +34,9 @@ from pips2 import evaluation
 from pips2.datasets.exportdataset import CorruptClipWarning, ExportDataset
 from pips2.datasets.kubric import KubricDataset
 from pips2.datasets.tapvid import load_tapvid
-from pips2.datasets.training import OrdinalDataset, OrdinalSampler, Sample
-from pips2.nets.lbm import LBM, read_state_dict
+from pips2.datasets.training import DataGoneError, OrdinalDataset, OrdinalSampler, Sample
+from pips2.hub import load_into
+from pips2.nets.lbm import LBM
 from pips2.nets.pips2 import Pips
 from pips2.nets.plan import ExecPlan
 from pips2.train_step import (
@@ -47,7 +52,7 @@ from pips2.utils import checkpoint as ck
 from pips2.utils import metrics, plots
 from pips2.utils.amp import amp_dtype, autocast
 from pips2.utils.cli import die
-from pips2.utils.procs import is_space_error
+from pips2.utils.procs import STOP_SIGNALS, caught_stop_signals, is_space_error, raise_stop
 from pips2.utils.vis import summary_image
 
 
@@ -59,7 +64,7 @@ class Config:
     B: int
     S: int
     N: int
-    crop_size: tuple[int, int]
+    crop_hw: tuple[int, int]  # the training crop (H, W): the flag --crop_size
     iters: int  # PIPs++'s refinement iterations per forward pass (validation uses twice as many); unused by LBM
     lr: float
     max_steps: int  # optimiser steps of the stage (the authors' flag: --max_iters)
@@ -99,7 +104,7 @@ class Config:
     model: str = "pips2"  # pips2 or lbm
     wd: float = 1e-6  # AdamW weight decay (the authors' flag name for LBM; LBM's default is 1e-5)
     grad_clip: float = 5.0  # gradient-norm clip (LBM's default is 1.0)
-    # LBM only: its input_size is crop_size, N and T are N and S
+    # LBM only: its input_hw is crop_hw, its N and T are N and S
     memory_size: int = 12
     embed_dim: int = 256
     backbone_init: str | None = None  # torchvision resnet18 state_dict (ImageNet weights)
@@ -116,7 +121,7 @@ class Config:
 
     def name(self) -> str:
         """The run's folder name under ckpt_dir and log_dir."""
-        h, w = self.crop_size
+        h, w = self.crop_hw
         if self.lbm:
             base = f"lbm_{self.B}x{self.S}x{self.N}_{h}x{w}_m{self.memory_size}_c{self.embed_dim}_lr{self.lr:g}"
         else:
@@ -167,11 +172,27 @@ class Ranks:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item() > 0)
 
+    def max(self, value: int) -> int:
+        """The largest of `value` over the ranks."""
+        if self.world == 1:
+            return value
+        t = torch.tensor([float(value)], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t.item())
+
     def die(self, msg: str) -> NoReturn:
         """Exit 2 on every rank; rank 0 says why in one line."""
         if self.main:
             fail(msg)
         raise SystemExit(2)
+
+    def gather(self, obj) -> list:
+        """`obj` of every rank, in rank order."""
+        if self.world == 1:
+            return [obj]
+        gathered: list = [None] * self.world
+        dist.all_gather_object(gathered, obj)
+        return gathered
 
     def union(self, sets: dict[str, set]) -> dict[str, set]:
         """Each set united over the ranks."""
@@ -193,6 +214,7 @@ _LAST_BARRIER: list = []
 def barrier() -> None:
     """dist.barrier() that is safe as the last collective before the process exits."""
     work = dist.barrier(async_op=True)
+    assert work is not None  # what async_op=True returns
     work.wait()
     # A gloo barrier keeps the collectives it waited for, and their tensors, until it is freed. Freed by gloo's
     # worker thread, the tensors' release needs the GIL; if the interpreter is finalising by then, that thread is
@@ -225,17 +247,97 @@ def run_lock(ckpt_dir: Path, ranks: Ranks) -> Iterator[None]:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Signals: a scheduler's SIGTERM before preemption, a user's Ctrl-C.
+
+# torchrun passes the signal it gets on to every rank, which a terminal's Ctrl-C has reached already: two copies
+# this close together are one request
+SAME_REQUEST_S = 1.0
+
+
+class TrainingStopped(SystemExit):
+    """The run stopped on a signal at a step boundary, its state saved: exit 0 (the same command resumes)."""
+
+    def __init__(self):
+        super().__init__(0)
+
+
+class StoppedAtOnce(BaseException):
+    """A second Ctrl-C during a step: stop now, without saving (the run resumes from its last checkpoint)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+class StopRequest:
+    """SIGTERM, SIGINT and SIGHUP as a request to stop at the next step boundary (the loop saves there and exits 0).
+
+    The handler only notes the signal: what a step does is never cut short, so the checkpoint written is
+    the one a regular save at that step writes. A further SIGTERM changes nothing (a scheduler that will not
+    wait kills with SIGKILL); a further Ctrl-C at least SAME_REQUEST_S later stops at once without saving,
+    except while a checkpoint is being written, which always completes.
+    """
+
+    def __init__(self):
+        self.signum = 0
+        self.first_at = 0.0
+        self.writing = False
+        self._old: dict[int, Callable[[int, FrameType | None], Any] | int | None] = {}  # what signal.signal returned
+
+    def install(self) -> None:
+        """Catch STOP_SIGNALS (main thread only: elsewhere Python cannot, and they keep their handlers). A signal
+        ignored by whoever started the run stays ignored (a shell's background job ignores SIGINT)."""
+        if threading.current_thread() is threading.main_thread():
+            for sig in caught_stop_signals():
+                self._old[sig] = signal.signal(sig, self._handle)
+
+    def restore(self) -> None:
+        """Put back the handlers install() replaced."""
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old = {}
+
+    def _handle(self, signum: int, frame) -> None:
+        now = time.monotonic()
+        if not self.signum:
+            self.signum, self.first_at = signum, now
+        elif signum == signal.SIGINT and not self.writing and now - self.first_at >= SAME_REQUEST_S:
+            raise_stop(signum, StoppedAtOnce(signum))
+
+    def agreed(self, ranks: Ranks) -> int:
+        """The signal every rank stops for (0: go on); a collective, so every rank asks at the same step."""
+        return ranks.max(self.signum)
+
+    @contextmanager
+    def saving(self) -> Iterator[None]:
+        """A block no signal interrupts (a checkpoint being written)."""
+        self.writing = True
+        try:
+            yield
+        finally:
+            self.writing = False
+
+
+def loader_worker_init(worker_id: int) -> None:
+    """DataLoader workers leave SIGINT and SIGTERM to the training process, which stops at a step boundary and
+    then shuts them down: a worker killed by a terminal's Ctrl-C or a scheduler's SIGTERM to the process group
+    would fail the step in progress instead."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Train state: everything a checkpoint holds, and saving and resuming it.
 
 
 def build_model(cfg: Config, device: torch.device) -> Pips | LBM:
     """A fresh Pips or LBM on `device`, set up for training (CheckpointError for a bad --backbone_init)."""
     if cfg.lbm:
-        return LBM(input_size=cfg.crop_size, N=cfg.N, T=cfg.S, memory_size=cfg.memory_size, embed_dim=cfg.embed_dim,
+        return LBM(input_size=cfg.crop_hw, N=cfg.N, T=cfg.S, memory_size=cfg.memory_size, embed_dim=cfg.embed_dim,
                    backbone_init=cfg.backbone_init).to(device)
     dtype = amp_dtype(cfg.amp) or torch.float32  # the dtype the convolutions run in picks the layout
     model = Pips(ExecPlan.auto(device, dtype, training=True, checkpointing=cfg.grad_ckpt,
-                               recompute_cheap=cfg.recompute_cheap, points=cfg.B * cfg.N, hw=cfg.crop_size))
+                               recompute_cheap=cfg.recompute_cheap, points=cfg.B * cfg.N, crop_hw=cfg.crop_hw))
     return model.to(device)
 
 
@@ -288,8 +390,12 @@ class TrainState:
     """Model, optimiser, schedule, scaler, step and running figures: built fresh, resumed or initialised from
     --init_dir, and saved (rank 0) with the extras that make a resumed run print what an uninterrupted one would."""
 
-    def __init__(self, cfg: Config, ranks: Ranks, ckpt_dir: Path, say: Callable[..., None]):
+    def __init__(self, cfg: Config, ranks: Ranks, ckpt_dir: Path, say: Callable[..., None],
+                 stop: StopRequest | None = None):
         self.cfg, self.ranks, self.ckpt_dir = cfg, ranks, ckpt_dir
+        self.stop = stop or StopRequest()
+        self.updating = False  # the optimiser is changing the weights: a step cut short here cannot be saved
+        self.updated = -1  # the last step whose weight update completed
         torch.manual_seed(cfg.seed)
         np.random.seed(cfg.seed)
         random.seed(cfg.seed)
@@ -363,14 +469,9 @@ class TrainState:
                     print(f"warning: {path}: {line}", file=sys.stderr, flush=True)
         elif cfg.init_dir:
             opt = (self.optimizer, self.scheduler) if cfg.load_optimizer else (None, None)
-            try:
-                path = ck.find_checkpoint(cfg.init_dir)
-                if cfg.lbm and not (cfg.load_optimizer or cfg.load_step):
-                    # any LBM weights file: ours, the authors' {'model': ...} (DDP-prefixed or not) or a bare state_dict
-                    init = {"model": read_state_dict(path)}
-                else:
-                    init = ck.read_checkpoint(path, layout=cfg.layout)
-                ck.apply_checkpoint(init, path, self.net, *opt, ignore_prefixes=ignore, layout=cfg.layout)
+            try:  # the one loader's rules: a hub name, a file, or a folder; the model kind checked, not guessed
+                path, init = load_into(self.net, cfg.init_dir, "lbm" if cfg.lbm else "pips2", *opt,
+                                       ignore_prefixes=ignore)
             except ck.CheckpointError as e:
                 self.ranks.die(str(e))
             if cfg.load_step:
@@ -409,10 +510,58 @@ class TrainState:
                 dist.destroy_process_group()
             raise SystemExit(msg)
 
+    def stopped(self, signum: int, saved: bool) -> NoReturn:
+        """End the run on a stop request, every rank together (rank 0 has saved if `saved`): one line, exit 0."""
+        name, step = self.cfg.name(), self.step
+        if self.ranks.main:
+            how = signal.Signals(signum).name
+            if saved:
+                line = (f"{name}: stopped by {how} at step {step:06d}/{self.cfg.max_steps}; saved "
+                        f"{self.ckpt_dir / ck.ckpt_name(step)}; the same command resumes from there")
+            else:
+                line = f"{name}: stopped by {how} before step {step + 1}, nothing trained; the same command starts it"
+            print(line, flush=True)
+        self.ranks.barrier()  # no rank leaves before rank 0's checkpoint is complete
+        raise TrainingStopped()
+
+    def data_failed(self, e: DataFailed, saved: bool) -> NoReturn:
+        """End the run because a batch could not be read: save the steps trained (if any since the start), then
+        one error line and exit 2 on every rank; an unexpected error is raised again after the save."""
+        if saved:
+            self.save()
+        where = (f"saved {self.ckpt_dir / ck.ckpt_name(self.step)} (step {self.step}); the same command resumes "
+                 f"from there once the data is readable" if saved else "nothing trained since the start, nothing saved")
+        self.ranks.barrier()  # no rank leaves before rank 0's checkpoint is complete
+        if e.error is None or isinstance(e.error, DataGoneError) or LOADER_WORKER_DIED.search(str(e.error)):
+            self.ranks.die(f"{e}; {where}")
+        # not a known data problem: said in one line, then its traceback (a bug, or a loader worker killed)
+        if self.ranks.main:
+            print(f"error: reading the data of step {self.step + 1} failed ({e}); {where}", file=sys.stderr,
+                  flush=True)
+        raise e.error
+
+    def worker_died(self, e: RuntimeError, start: int) -> NoReturn:
+        """A DataLoader worker was killed (the OOM killer's usual pick): torch raises that from its SIGCHLD handler
+        wherever the training process is. Save the last step whose update completed, one line, exit 2; a step cut
+        short while the optimiser changed the weights leaves a mix of two steps, so nothing is saved then."""
+        why = " ".join(str(e).split()).rstrip(".")
+        if self.updating:
+            self.ranks.die(f"{why} (out of memory?) while the weights were being updated; nothing saved, the "
+                           f"same command resumes from the last checkpoint")
+        if self.updated != self.step:  # the step in progress never changed the weights: it did not happen
+            self.step -= 1
+            self.optimizer.zero_grad(set_to_none=True)
+        self.data_failed(DataFailed(None, [f"{why} (out of memory?)"]), saved=self.step > start)
+
     def save(self) -> None:
-        """Write the checkpoint of the current step (rank 0); a failed write is one error line and exit 2."""
+        """Write the checkpoint of the current step (rank 0); a failed write is one error line and exit 2.
+        No signal interrupts it."""
         if not self.ranks.main:
             return
+        with self.stop.saving():
+            self._save()
+
+    def _save(self) -> None:
         extra = {"rng": rng_state(), "nan_steps": self.nan_total, "config": json.dumps(asdict(self.cfg)),
                  "world": self.ranks.world,
                  "loss_t": [float(v) for v in self.losses], "d_t": [float(v) for v in self.d_ts],
@@ -438,10 +587,10 @@ def build_dataset(cfg: Config, version: str | None) -> ExportDataset | KubricDat
     if cfg.dataset == "kubric":
         if not cfg.movi_f_root:
             raise ValueError("--dataset=kubric needs --movi_f_root=<folder of MOVi-F sequences>")
-        return KubricDataset(cfg.movi_f_root, cfg.S, cfg.N, cfg.crop_size, cfg.use_augs)
+        return KubricDataset(cfg.movi_f_root, cfg.S, cfg.N, cfg.crop_hw, cfg.use_augs)
     if cfg.dataset != "pod_export":
         raise ValueError(f"--dataset must be pod_export or kubric, got {cfg.dataset!r}")
-    return ExportDataset(cfg.dataset_location, version, cfg.S, cfg.N, cfg.crop_size, cfg.use_augs, seed=cfg.seed)
+    return ExportDataset(cfg.dataset_location, version, cfg.S, cfg.N, cfg.crop_hw, cfg.use_augs, seed=cfg.seed)
 
 
 def make_loader(base, cfg: Config, start_ordinal: int, ranks: Ranks, seed_offset: int = 0) -> DataLoader:
@@ -449,7 +598,8 @@ def make_loader(base, cfg: Config, start_ordinal: int, ranks: Ranks, seed_offset
     data = OrdinalDataset(base, cfg.seed + seed_offset, cfg.shuffle)
     sampler = OrdinalSampler(start_ordinal, ranks.rank, ranks.world)
     return DataLoader(data, batch_size=cfg.B, sampler=sampler, num_workers=cfg.workers,
-                      persistent_workers=cfg.workers > 0, prefetch_factor=2 if cfg.workers > 0 else None)
+                      persistent_workers=cfg.workers > 0, prefetch_factor=2 if cfg.workers > 0 else None,
+                      worker_init_fn=loader_worker_init if cfg.workers > 0 else None)
 
 
 class TrainData:
@@ -471,7 +621,7 @@ class TrainData:
             ranks.die(str(e))
         self.n_items = len(base)
         self.train = iter(make_loader(base, cfg, step * cfg.grad_acc * cfg.B, ranks))
-        self.cache: list[dict] = []
+        self.cache: list[Sample] = []
 
     def _noted(self, kind: str, batch: Sample) -> None:
         """Tell `note` the batch's skipped clips; say each clip new to this process once, with its problem. The
@@ -480,7 +630,7 @@ class TrainData:
         for i in self.note(kind, batch):
             print(f"warning: skipping corrupt clip: {self.sets[kind].problem(i)}", file=sys.stderr, flush=True)
 
-    def next(self, step: int, micro: int) -> dict:
+    def next(self, step: int, micro: int) -> Sample:
         """The batch of a step's micro-batch: the next of the stream, or a random cached one once the cache is full."""
         cfg = self.cfg
         if cfg.cache_len and len(self.cache) >= cfg.cache_len:
@@ -492,8 +642,17 @@ class TrainData:
             self.cache.append(batch)
         return batch
 
-    def next_val(self) -> dict:
+    def close(self) -> None:
+        """Stop the loader workers now: they ignore the stop signals and exit when told (torch's own shutdown of
+        an iterator's workers, which the iterator would otherwise run only when garbage collected)."""
+        for it in (getattr(self, "train", None), self.val):
+            shutdown = getattr(it, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
+
+    def next_val(self) -> Sample:
         """The next validation batch."""
+        assert self.val is not None, "no validation data (--val_dataset_version)"  # Validator asks only then
         batch = next(self.val)
         self._noted("val", batch)
         return batch
@@ -515,6 +674,35 @@ class StepResult:
     shown: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # frames, truth, estimate of one clip
 
 
+# torch's words when a DataLoader worker dies (its SIGCHLD handler, or the iterator finding it gone)
+LOADER_WORKER_DIED = re.compile(r"DataLoader worker \(pids? [^)]*\) (is killed by signal|exited unexpectedly)")
+
+
+class DataFailed(Exception):
+    """A step's batch could not be read on some rank; `error` is this rank's exception (None: another rank's).
+    str(e) is one line."""
+
+    def __init__(self, error: Exception | None, problems: list[str]):
+        super().__init__("; ".join(problems))
+        self.error = error
+
+
+def fetch(ranks: Ranks, get: Callable[[], Sample]) -> Sample:
+    """get(): a batch; DataFailed on every rank if any rank could not read its batch (agreed before the forward
+    pass, in which DDP's ranks wait for each other)."""
+    try:
+        batch, error = get(), None
+    except Exception as e:  # anything: the steps trained so far are saved before the run ends
+        batch, error = None, e
+    if ranks.any(error is not None):
+        mine = None if error is None else str(error) if isinstance(error, DataGoneError) else \
+            f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
+        problems = [p for p in ranks.gather(mine) if p]
+        raise DataFailed(error, problems)
+    assert batch is not None  # get() returned it on this rank
+    return batch
+
+
 def train_step(state: TrainState, data: TrainData, cfg: Config) -> StepResult:
     """One optimiser step over --grad_acc micro-batches; a non-finite loss on any rank skips it on every rank."""
     ranks = state.ranks
@@ -522,7 +710,7 @@ def train_step(state: TrainState, data: TrainData, cfg: Config) -> StepResult:
     rtime, total_loss, finite, figures, shown = 0.0, 0.0, True, None, None
     for micro in range(cfg.grad_acc):
         tr = time.time()
-        batch = data.next(state.step, micro)
+        batch = fetch(ranks, lambda: data.next(state.step, micro))  # noqa: B023 (called at once)
         rtime += time.time() - tr
         gen = step_generator(cfg.seed, state.step, micro, ranks.rank)
         if cfg.lbm:
@@ -543,11 +731,13 @@ def train_step(state: TrainState, data: TrainData, cfg: Config) -> StepResult:
                 figures = lbm_figures(out, seen)
             else:
                 figures = batch_figures(final.detach().float(), seen.trajs, seen.visibs, seen.valids,
-                                        tuple(seen.rgbs.shape[-2:]))
+                                        (seen.rgbs.shape[-2], seen.rgbs.shape[-1]))
     if not finite:
         state.optimizer.zero_grad(set_to_none=True)
         return StepResult(False)
+    state.updating = True
     optimizer_update(state.model, state.optimizer, state.scheduler, state.scaler, cfg.grad_clip)
+    state.updating, state.updated = False, state.step
     return StepResult(True, total_loss, rtime, time.time() - t0, figures, shown)
 
 
@@ -568,9 +758,15 @@ class Logger:
         cfg = self.cfg
         if self.ranks.main:
             self.writer = SummaryWriter(str(Path(cfg.log_dir) / self.name), max_queue=10, flush_secs=60)
-        self.say(f"{self.name}: {cfg.max_steps} steps, B={cfg.B} S={cfg.S} N={cfg.N} crop {cfg.crop_size}, "
+        self.say(f"{self.name}: {cfg.max_steps} steps, B={cfg.B} S={cfg.S} N={cfg.N} crop {cfg.crop_hw}, "
                  f"{self.ranks.world} process(es) on {self.ranks.device}, amp {cfg.amp}, data {cfg.dataset} "
                  f"({n_items} items)")
+
+    def close(self) -> None:
+        """Write out and close the TensorBoard log (also when the run stops early)."""
+        if self.writer:
+            self.writer.close()
+            self.writer = None
 
     def scalars(self, group: str, figures: dict[str, float], step: int) -> None:
         """Write every figure as `group/name`."""
@@ -591,18 +787,17 @@ class Logger:
         self.writer.add_scalar("train/lr", state.scheduler.get_last_lr()[0], step)
         self.writer.add_scalar("data/corrupt_clips_skipped", sum(len(s) for s in state.corrupt.values()), step)
         self.scalars("train", res.figures or {}, step)
-        if step % (cfg.log_freq * 10) == 0 or step == 1:
+        if res.shown is not None and (step % (cfg.log_freq * 10) == 0 or step == 1):  # shown: rank 0's
             rgb0, trajs0, est0 = res.shown
             frames = rgb0.detach().permute(0, 2, 3, 1).cpu().numpy().clip(0, 255).astype(np.uint8)
             img = summary_image(frames, trajs0.cpu().numpy(), est0.float().cpu().numpy())
             self.writer.add_image("train/tracks", img, step, dataformats="HWC")
 
     def done(self, state: TrainState, corrupt: dict[str, set]) -> None:
-        """The final corrupt-clip count and summary line; closes the log."""
+        """The final corrupt-clip count and summary line."""
         n_corrupt = sum(len(s) for s in corrupt.values())
         if self.writer:
             self.writer.add_scalar("data/corrupt_clips_skipped", n_corrupt, state.step)
-            self.writer.close()
         self.say(f"{self.name}: done, {state.step} steps, {state.nan_total} skipped for non-finite loss, "
                  f"{n_corrupt} corrupt clips skipped; checkpoints in {state.ckpt_dir}")
 
@@ -619,7 +814,7 @@ class Validator:
     def run(self, step: int, model: torch.nn.Module) -> dict[str, dict[str, float]]:
         """{log group: figures} of the validations due at `step`."""
         cfg, out = self.cfg, {}
-        net = model.module if hasattr(model, "module") else model
+        net = ck.unwrap(model)
         if self.data.val is not None and (step % cfg.val_freq == 0 or step == 1):
             out["val"] = self.exported(net)
         if cfg.tapvid_root and cfg.eval_dataset == "davis" and step % cfg.val_freq == 0 and self.ranks.main:
@@ -629,7 +824,7 @@ class Validator:
     def exported(self, net: torch.nn.Module) -> dict[str, float]:
         """Figures of one validation batch: PIPs++ tracked from zero-velocity estimates; LBM's training forward
         in eval mode (its losses, as the authors' validation while training, with queries from a fixed seed)."""
-        batch = self.data.next_val()
+        batch = fetch(self.ranks, self.data.next_val)
         device = self.ranks.device
         if self.cfg.lbm:
             net.eval()
@@ -644,7 +839,7 @@ class Validator:
         with torch.no_grad(), autocast(device.type, self.cfg.amp):
             preds = net(init, rgbs, iters=self.cfg.iters * 2)[0]
         net.train()
-        hw = tuple(rgbs.shape[-2:])
+        hw = (rgbs.shape[-2], rgbs.shape[-1])
         self.curves["val"] = {"model": plots.curves_of(preds[-1].float(), trajs_g, valids, hw),
                               plots.ZERO_VEL: plots.curves_of(init, trajs_g, valids, hw)}
         return batch_figures(preds[-1].float(), trajs_g, visibs, valids, hw)
@@ -654,6 +849,7 @@ class Validator:
         frame 0, windows at the crop size); LBM as its authors validate while training (every point queried on
         its first visible frame, TAP-Vid's AJ, delta^x_avg and OA in 256x256, at the training memory size)."""
         cfg, rows = self.cfg, []
+        assert cfg.tapvid_root, "no --tapvid_root"  # run() asks only then
         net.eval()
         with torch.no_grad():
             for i, (_, video, points, occluded) in enumerate(load_tapvid(cfg.tapvid_root)):
@@ -661,9 +857,9 @@ class Validator:
                     break
                 if cfg.lbm:
                     res = evaluation.tapvid_query_mode(net, video, points, occluded, "first",
-                                                       size=evaluation.TAPVID_SIZE)
+                                                       eval_hw=evaluation.TAPVID_HW)
                 else:
-                    res = evaluation.evaluate_tapvid_video(net, video, points, occluded, cfg.crop_size, S=cfg.S,
+                    res = evaluation.evaluate_tapvid_video(net, video, points, occluded, cfg.crop_hw, S=cfg.S,
                                                            iters=cfg.iters * 2)
                 if res:
                     rows.append(res)
@@ -680,35 +876,85 @@ class Validator:
 
 
 def run_stage(cfg: Config) -> tuple[Path, torch.nn.Module]:
-    """Train one stage under the run lock; returns its checkpoint folder and the trained model."""
-    ranks = Ranks.setup(cfg.device)
-    ckpt_dir = Path(cfg.ckpt_dir) / cfg.name()
-    with run_lock(ckpt_dir, ranks):
-        return train_stage(cfg, ranks, ckpt_dir)
+    """Train one stage under the run lock; returns its checkpoint folder and the trained model.
+
+    SIGTERM or Ctrl-C stops the run at the next step boundary: it saves that step's checkpoint, says so in one
+    line and raises TrainingStopped (exit 0); the same command resumes it exactly. A second Ctrl-C during a step
+    stops at once without saving (exit 130).
+    """
+    stop = StopRequest()
+    stop.install()
+    try:
+        ranks = Ranks.setup(cfg.device)
+        ckpt_dir = Path(cfg.ckpt_dir) / cfg.name()
+        with run_lock(ckpt_dir, ranks):
+            return train_stage(cfg, ranks, ckpt_dir, stop)
+    except StoppedAtOnce as e:
+        if int(os.environ.get("RANK", "0")) == 0:
+            last = ck.list_checkpoints(Path(cfg.ckpt_dir) / cfg.name())
+            since = f"the same command resumes from {last[-1][1]}" if last else "no checkpoint was saved yet"
+            print(f"{cfg.name()}: stopped at once by a second {signal.Signals(e.signum).name}, without saving; "
+                  f"{since}", file=sys.stderr, flush=True)
+        raise SystemExit(128 + e.signum) from None
+    finally:
+        stop.restore()
 
 
-def train_stage(cfg: Config, ranks: Ranks, ckpt_dir: Path) -> tuple[Path, torch.nn.Module]:
-    """Set up the parts, then step, validate, log and save until --max_steps."""
+def train_stage(cfg: Config, ranks: Ranks, ckpt_dir: Path, stop: StopRequest | None = None
+                ) -> tuple[Path, torch.nn.Module]:
+    """Set up the parts, then step, validate, log and save until --max_steps (or a stop request)."""
     with warnings.catch_warnings():  # corrupt clips are said by TrainData, once each (loader workers inherit this)
         warnings.simplefilter("ignore", CorruptClipWarning)
-        return _train_stage(cfg, ranks, ckpt_dir)
+        return _train_stage(cfg, ranks, ckpt_dir, stop or StopRequest())
 
 
-def _train_stage(cfg: Config, ranks: Ranks, ckpt_dir: Path) -> tuple[Path, torch.nn.Module]:
+def _train_stage(cfg: Config, ranks: Ranks, ckpt_dir: Path, stop: StopRequest) -> tuple[Path, torch.nn.Module]:
     log = Logger(cfg, ranks)
-    state = TrainState(cfg, ranks, ckpt_dir, log.say)
+    state = TrainState(cfg, ranks, ckpt_dir, log.say, stop)
     data = TrainData(cfg, ranks, state.step, state.note_corrupt)
+    try:
+        _loop(cfg, ranks, state, data, log, stop)
+    finally:
+        data.close()
+        log.close()
+    ranks.barrier()
+    return ckpt_dir, state.net
+
+
+def _loop(cfg: Config, ranks: Ranks, state: TrainState, data: TrainData, log: Logger, stop: StopRequest) -> None:
     validator = Validator(cfg, ranks, data)
     log.say(ck.parameter_table(state.net))  # after the data checks: a bad path is not the 86th line of output
     log.start(data.n_items)
+    start = state.step
+    if signum := stop.agreed(ranks):  # a signal while setting up: nothing trained, nothing to save
+        state.stopped(signum, saved=False)
     while state.step < cfg.max_steps:
         state.step += 1
+        try:
+            _step(cfg, ranks, state, data, log, stop, validator, start)
+        except RuntimeError as e:
+            if not LOADER_WORKER_DIED.search(str(e)):
+                raise
+            state.worker_died(e, start)
+    log.done(state, ranks.union(state.corrupt))
+
+
+def _step(cfg: Config, ranks: Ranks, state: TrainState, data: TrainData, log: Logger, stop: StopRequest,
+          validator: Validator, start: int) -> None:
+    """One training step (state.step), its validation and logging, then the step boundary's save and stop."""
+    try:
         res = train_step(state, data, cfg)
-        if not res.finite:
-            state.skip(log.say)
-            continue
+    except DataFailed as e:
+        state.step -= 1  # that step never happened
+        state.optimizer.zero_grad(set_to_none=True)
+        state.data_failed(e, saved=state.step > start)
+    if res.finite:
         state.record(res)
-        for group, figures in validator.run(state.step, state.model).items():
+        try:
+            validations = validator.run(state.step, state.model)
+        except DataFailed as e:  # the step itself is done
+            state.data_failed(e, saved=True)
+        for group, figures in validations.items():
             state.d_vs.append(figures["d_avg"])
             log.scalars(group, figures, state.step)
         if validator.curves:
@@ -716,8 +962,11 @@ def _train_stage(cfg: Config, ranks: Ranks, ckpt_dir: Path) -> tuple[Path, torch
                 plots.add_to_tensorboard(log.writer, "val/curves", validator.curves, state.step)
             validator.curves = {}
         log.step(state, res)
-        if state.step % cfg.save_freq == 0 or state.step == cfg.max_steps:
-            state.save()
-    log.done(state, ranks.union(state.corrupt))
-    ranks.barrier()
-    return ckpt_dir, state.net
+    else:
+        state.skip(log.say)
+    # the step boundary: a stop request is taken here, with the checkpoint a regular save here would write
+    signum = stop.agreed(ranks)
+    if signum or state.step % cfg.save_freq == 0 or state.step == cfg.max_steps:
+        state.save()
+    if signum:
+        state.stopped(signum, saved=True)

@@ -1,10 +1,24 @@
+import atexit
+import os
+import shutil
 import subprocess
 import sys
+import tempfile
+import threading
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# The Hugging Face client (pips2.hub fetches the hub name lbm with it) reads its cache folder and offline mode
+# from the environment when it is first imported: the tests, and the programs they start, get an empty cache of
+# their own and no network; a test that serves the Hub from 127.0.0.1 turns offline mode off for itself.
+os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="pips2_tests_hf_")
+atexit.register(shutil.rmtree, os.environ["HF_HOME"], True)
+os.environ.pop("HF_HUB_CACHE", None)
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.pop("HF_ENDPOINT", None)
 
 EXPORT_ARGS = ["--S=8", "--N=32", "--crop_size=128,192", "--quiet=True"]
 
@@ -32,3 +46,31 @@ def exported(synth_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("export")
     res = run_export(synth_root, out, "--workers=2", "--max_iters=16")
     return out, res.stdout
+
+
+@pytest.fixture
+def make_fifo():
+    """make_fifo(path) replaces path by a FIFO. Code that wrongly open()s it for reading blocks until a writer
+    comes: a watcher plays that writer (opens and closes it at once), so such code reads an empty file and its
+    test fails instead of hanging the suite."""
+    fifos, done = [], threading.Event()
+
+    def watch():
+        while not done.wait(0.2):
+            for f in fifos:
+                try:  # succeeds only while a reader is blocked in open()
+                    os.close(os.open(f, os.O_WRONLY | os.O_NONBLOCK))
+                except OSError:
+                    pass
+
+    def make(path: Path) -> Path:
+        path.unlink(missing_ok=True)
+        os.mkfifo(path)
+        fifos.append(path)
+        return path
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    yield make
+    done.set()
+    watcher.join()

@@ -1,7 +1,8 @@
-"""Shared test helpers: the SPEC-7 deterministic weights and paths to shipped data."""
+"""Shared test helpers: the golden deterministic weights (docs/MODEL.md) and paths to shipped data."""
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import os
@@ -43,7 +44,7 @@ def state_dict_spec() -> list[dict]:
 
 
 def golden_state_dict() -> dict[str, torch.Tensor]:
-    """SPEC-7 weights for the keys and shapes of state_dict.json, in its file order."""
+    """The golden weights (docs/MODEL.md) for the keys and shapes of state_dict.json, in its file order."""
     return _recipe([(e["name"], tuple(e["shape"])) for e in state_dict_spec()])
 
 
@@ -81,7 +82,8 @@ def tar_bytes(members: dict, gz: bool = True) -> bytes:
     member)."""
     buf = io.BytesIO()
     # compresslevel 1: checkpoints barely compress and level 9 only costs time
-    with tarfile.open(fileobj=buf, mode="w:gz" if gz else "w", **({"compresslevel": 1} if gz else {})) as tf:
+    tf = tarfile.open(fileobj=buf, mode="w:gz", compresslevel=1) if gz else tarfile.open(fileobj=buf, mode="w")
+    with tf:
         for name, data in members.items():
             info = tarfile.TarInfo(name)
             if isinstance(data, tuple):
@@ -91,3 +93,33 @@ def tar_bytes(members: dict, gz: bool = True) -> bytes:
                 info.size = len(data)
                 tf.addfile(info, io.BytesIO(data))
     return buf.getvalue()
+
+
+def sparse_tar_bytes(name: str, size: int, sparse: bool = True) -> bytes:
+    """A tar.gz of one member `name` declaring `size` bytes in a few hundred bytes of archive: an old-GNU sparse
+    file that is all hole (tarfile cannot write one, so the header is made here), or with sparse=False a regular
+    file whose data is missing (the archive ends after its header)."""
+    info = tarfile.TarInfo(name)
+    info.type = tarfile.GNUTYPE_SPARSE if sparse else tarfile.REGTYPE
+    info.size = 0 if sparse else size  # a sparse member here has no data blocks: the whole file is a hole
+    head = bytearray(info.tobuf(tarfile.GNU_FORMAT)[:tarfile.BLOCKSIZE])
+    if sparse:
+        head[483:495] = b"%011o\0" % size  # the size it unpacks to
+        head[148:156] = b" " * 8  # the checksum counts its own field as spaces
+        head[148:156] = b"%06o\0 " % sum(head)
+    buf = io.BytesIO()
+    with gzip.GzipFile(fileobj=buf, mode="wb") as gz:
+        gz.write(bytes(head) + bytes(2 * tarfile.BLOCKSIZE))
+    return buf.getvalue()
+
+
+def compressed_checkpoint(path: Path, obj, level: int = 1) -> None:
+    """torch.save(obj) to path with its tensor data records deflated, as torch never writes them (its reader
+    inflates a record whole before checking its size)."""
+    import zipfile
+
+    with zipfile.ZipFile(io.BytesIO(torch_bytes(obj))) as src, zipfile.ZipFile(path, "w") as dst:
+        for info in src.infolist():
+            packed = "/data/" in info.filename
+            dst.writestr(info.filename, src.read(info), compress_type=zipfile.ZIP_DEFLATED if packed else
+                         zipfile.ZIP_STORED, compresslevel=level if packed else None)

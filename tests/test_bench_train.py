@@ -1,4 +1,4 @@
-"""benchmarks/bench_train.py: the verdicts it prints for issue 12's targets follow the measured figures."""
+"""benchmarks/bench_train.py: the verdicts it prints for the training-speed targets follow the measured figures."""
 
 import json
 import os
@@ -64,3 +64,27 @@ def test_variants_run_the_plans_they_name():
     assert plans["ours_large"] == ["winograd", False, False, None]
     assert plans["ours_bf16"] == ["winograd2", False, True, "bf16"]
     assert plans["ours_gemm_bf16"][:2] == ["gemm", False] and plans["ours_wino_bf16"][0] == "winograd"
+
+
+LOADER = """
+import contextlib
+import json
+import sys
+
+import bench_train
+
+bench_train.scratch_export = lambda **kw: contextlib.nullcontext((sys.argv[1], sys.argv[2]))  # the tests' export
+print(json.dumps(bench_train._loader_rate(1, 1, S=8, N=32, crop_hw=(128, 192))))
+"""
+
+
+def test_loader_rate_is_measured(exported):
+    """The loader's clips/s: TrainData was given a skipped-clips callback returning None, which it iterates, so
+    the measurement stopped with a TypeError at the first batch."""
+    out, _ = exported
+    version = next(p.name for p in out.iterdir() if (p / "settings.json").is_file())
+    res = subprocess.run([sys.executable, "-c", LOADER, str(out), version], cwd=ROOT / "benchmarks", env=ENV,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    rate = json.loads(res.stdout.strip().splitlines()[-1])
+    assert rate["B"] == 1 and rate["batches"] == 1 and rate["clips_per_s"] > 0

@@ -4,6 +4,7 @@ import pytest
 import torch
 from helpers import golden_state_dict
 
+from pips2.hub import load_into
 from pips2.nets.pips2 import Pips
 from pips2.nets.plan import ExecPlan
 from pips2.utils import checkpoint as ck
@@ -20,6 +21,11 @@ def _same(a, b):
     return all(torch.equal(a.state_dict()[k], b.state_dict()[k]) for k in a.state_dict())
 
 
+def _load(init, model, optimizer=None, scheduler=None, **kw) -> int:
+    """The one loader's load_into for PIPs++ (pips2.hub): the step of the file it loaded."""
+    return ck.step_of(load_into(model, init, "pips2", optimizer, scheduler, **kw)[0])
+
+
 def test_round_trip_with_optimizer_and_scheduler(tmp_path, model):
     opt = torch.optim.AdamW(model.parameters(), lr=5e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, 5e-4, total_steps=100)
@@ -32,7 +38,7 @@ def test_round_trip_with_optimizer_and_scheduler(tmp_path, model):
     fresh = Pips()
     opt2 = torch.optim.AdamW(fresh.parameters(), lr=5e-4)
     sched2 = torch.optim.lr_scheduler.OneCycleLR(opt2, 5e-4, total_steps=100)
-    assert ck.load(tmp_path, fresh, opt2, sched2) == 7
+    assert _load(tmp_path, fresh, opt2, sched2) == 7
     assert _same(model, fresh)
     assert sched2.state_dict()["last_epoch"] == 1
     assert opt2.state_dict()["state"][0]["step"] == opt.state_dict()["state"][0]["step"]
@@ -44,18 +50,18 @@ def test_highest_step_given_step_and_file_path(tmp_path, model):
     ck.save(tmp_path, 200000, model)
     ck.save(tmp_path, 30, other)
     m = Pips()
-    assert ck.load(tmp_path, m) == 200000 and _same(m, model)
-    assert ck.load(tmp_path, m, step=5) == 5 and _same(m, other)
-    assert ck.load(tmp_path / "model-000200000.pth", m) == 200000 and _same(m, model)
+    assert _load(tmp_path, m) == 200000 and _same(m, model)
+    assert _load(tmp_path, m, step=5) == 5 and _same(m, other)
+    assert _load(tmp_path / "model-000200000.pth", m) == 200000 and _same(m, model)
     with pytest.raises(ck.CheckpointError, match="no checkpoint for step 6"):
-        ck.load(tmp_path, m, step=6)
+        _load(tmp_path, m, step=6)
 
 
 def test_module_prefix_is_stripped(tmp_path, model):
     sd = {"module." + k: v for k, v in model.state_dict().items()}
     torch.save({"model_state_dict": sd}, tmp_path / "model-000000001.pth")
     m = Pips()
-    ck.load(tmp_path, m)
+    _load(tmp_path, m)
     assert _same(m, model)
 
 
@@ -65,10 +71,10 @@ def test_key_mismatch_lists_keys_unless_ignored(tmp_path, model):
     sd["extra.thing"] = torch.zeros(1)
     torch.save({"model_state_dict": sd}, tmp_path / "model-000000001.pth")
     with pytest.raises(ck.CheckpointError) as e:
-        ck.load(tmp_path, Pips())
+        _load(tmp_path, Pips())
     assert "norm.weight" in str(e.value) and "extra.thing" in str(e.value)
     m = Pips()
-    ck.load(tmp_path, m, ignore_prefixes=("norm.", "extra."))
+    _load(tmp_path, m, ignore_prefixes=("norm.", "extra."))
     assert torch.equal(m.state_dict()["fnet.conv1.weight"], model.state_dict()["fnet.conv1.weight"])
 
 
@@ -77,7 +83,7 @@ def test_shape_mismatch_is_an_error(tmp_path, model):
     sd["delta_block.dense.bias"] = torch.zeros(3)
     torch.save({"model_state_dict": sd}, tmp_path / "x.pth")
     with pytest.raises(ck.CheckpointError, match="shape mismatches"):
-        ck.load(tmp_path / "x.pth", Pips())
+        _load(tmp_path / "x.pth", Pips())
 
 
 @pytest.mark.parametrize("content", [b"", b"garbage" * 100, "pickle"])
@@ -88,7 +94,7 @@ def test_corrupt_or_foreign_file_gives_one_line(tmp_path, content):
     else:
         p.write_bytes(content)
     with pytest.raises(ck.CheckpointError) as e:
-        ck.load(tmp_path, Pips())
+        _load(tmp_path, Pips())
     msg = str(e.value)
     assert str(p) in msg and "\n" not in msg
 
@@ -124,7 +130,8 @@ def test_parameter_table_total(model):
 
 def test_a_model_of_other_sizes_is_one_readable_line(tmp_path):
     """A checkpoint of another configuration mismatches every layer: the error names a few keys, not all."""
-    from pips2.nets.lbm import LBM, load_lbm
+    from pips2.hub import load_model
+    from pips2.nets.lbm import LBM
 
     small, other = LBM(input_size=(64, 64), embed_dim=32, num_layers=2), LBM(input_size=(64, 64), embed_dim=48,
                                                                              num_layers=2)
@@ -137,4 +144,76 @@ def test_a_model_of_other_sizes_is_one_readable_line(tmp_path):
     assert n_wrong > 2 * ck.MAX_LISTED and f"and {n_wrong - ck.MAX_LISTED} more" in msg
     assert msg.startswith(f"{path}: does not match the model: shape mismatches [") and len(msg) < 1000
     assert "\n" not in msg
-    assert load_lbm(path).state_dict().keys() == small.state_dict().keys()  # its own sizes load it
+    assert load_model(path).state_dict().keys() == small.state_dict().keys()  # its own sizes load it
+
+
+# --- checkpoints whose contents a walk would never finish ------------------------------------------------
+
+def _nested_tuple_key_pickle(levels: int) -> bytes:
+    import pickle
+    t: object = (1,)
+    for _ in range(levels):
+        t = (t, t)
+    return pickle.dumps(t, 2)[2:-1]  # the tuple's opcodes, memo references included, without header and STOP
+
+
+def _ckpt_with(tmp_path, name: str, extra) -> str:
+    path = tmp_path / name
+    torch.save({"model_state_dict": {"w": torch.zeros(2)}, "extra": extra}, path)
+    return str(path)
+
+
+def _laughs(levels: int, width: int):
+    inner: object = [1]
+    for _ in range(levels):
+        inner = [inner] * width
+    return inner
+
+
+def test_a_checkpoint_that_contains_itself_is_refused_in_one_line(tmp_path):
+    cycle: list = []
+    cycle.append(cycle)
+    loop: dict = {}
+    loop["state"] = {"inner": loop}
+    for name, extra, where in (("cycle.pth", cycle, "extra[0]"), ("dict.pth", loop, "extra.state.inner")):
+        path = _ckpt_with(tmp_path, name, extra)
+        with pytest.raises(ck.CheckpointError) as e:
+            ck.load_weights_only(path)
+        assert str(e.value) == f"{path}: refused: {where} contains itself"
+
+
+def test_a_checkpoint_of_shared_references_or_deep_nesting_is_refused_not_walked_forever(tmp_path):
+    path = _ckpt_with(tmp_path, "laughs.pth", _laughs(12, 40))  # 40^12 paths in a few kilobytes
+    with pytest.raises(ck.CheckpointError) as e:
+        ck.load_weights_only(path)
+    assert str(e.value) == f"{path}: refused: its pickle builds more than 10000000 objects (shared references counted)"
+    legacy = tmp_path / "legacy.pth"  # torch's format before 1.6: the pickles are read from the file itself
+    torch.save({"model_state_dict": {}, "extra": _laughs(12, 40)}, legacy, _use_new_zipfile_serialization=False)
+    with pytest.raises(ck.CheckpointError, match=f"^{legacy}: refused: its pickle builds more than"):
+        ck.load_weights_only(legacy)
+    deep: list = []
+    for _ in range(100):
+        deep = [deep]
+    path = _ckpt_with(tmp_path, "deep.pth", deep)
+    with pytest.raises(ck.CheckpointError, match=r"refused: extra(\[0\])+ is nested more than 64 deep$"):
+        ck.load_weights_only(path)
+    # sharing within the bound is fine, and a shared optimizer entry is copied once
+    path = _ckpt_with(tmp_path, "shared.pth", _laughs(3, 40))
+    assert len(ck.load_weights_only(path)["extra"]) == 40
+    shared = torch.ones(3)
+    owned = ck._owned({"a": shared, "b": [shared]})
+    assert owned["a"] is owned["b"][0] and owned["a"] is not shared
+
+
+def test_a_checkpoint_whose_dict_key_would_hash_forever_is_refused_before_torch_reads_it(tmp_path):
+    import zipfile
+    path = _ckpt_with(tmp_path, "key.pth", {"k": 1})
+    with zipfile.ZipFile(path) as zf:
+        members = {i.filename: zf.read(i) for i in zf.infolist()}
+    pkl = next(n for n in members if n.endswith("/data.pkl"))
+    members[pkl] = b"\x80\x02}" + _nested_tuple_key_pickle(40) + b"K\x01s."  # {t: 1}, t 2^40 tuples when hashed
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as zf:
+        for n, data in members.items():
+            zf.writestr(n, data)
+    with pytest.raises(ck.CheckpointError, match="refused: its pickle builds more than 10000000 objects"):
+        ck.load_weights_only(path)

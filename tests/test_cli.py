@@ -30,13 +30,13 @@ def toy(S: int = 8, lr: float = 5e-4, use_augs: bool = True, max_clips: int | No
 def test_good_flags_reach_main_with_their_types(capsys):
     res, code, _, err = _run(toy, ["--S=36", "--lr", "1", "--nouse_augs", "--max-clips=4", "--name=run1",
                                    "--crop_size=128,192"], capsys)
-    assert code == 0, err
+    assert code == 0 and res is not None, err
     assert res == dict(S=36, lr=1.0, use_augs=False, max_clips=4, name="run1", crop_size=(128, 192))
     assert isinstance(res["lr"], float)
     res, code, _, _ = _run(toy, ["--use_augs=0"], capsys)  # 0 and 1 are booleans
-    assert code == 0 and res["use_augs"] is False
+    assert code == 0 and res is not None and res["use_augs"] is False
     res, code, _, _ = _run(toy, ["--l=1", "--n=y", "--max_clips=None"], capsys)  # fire's one-letter abbreviations
-    assert code == 0 and (res["lr"], res["name"], res["max_clips"]) == (1.0, "y", None)
+    assert code == 0 and res is not None and (res["lr"], res["name"], res["max_clips"]) == (1.0, "y", None)
     res, code, _, _ = _run(toy, [], capsys)
     assert res == toy()
 
@@ -95,3 +95,75 @@ def test_train_keeps_its_own_flag_check(capsys):
     main = importlib.import_module("pips2.cli.train").main
     _, code, _, err = _run(main, ["--max_step=3"], capsys)
     assert code == 2 and "unknown flags: ['max_step']" in err
+
+
+def test_a_text_flag_keeps_the_text_typed_when_fire_reads_a_number_or_a_tuple(capsys):
+    def main(out_dir: str = "out", init_dir: str | None = None, modes: str = "first", image_size=None):
+        return dict(out_dir=out_dir, init_dir=init_dir, modes=modes, image_size=image_size)
+
+    for argv, want in [
+        (["--out_dir=2024"], dict(out_dir="2024")),  # a folder named after a year
+        (["--out_dir", "1e3"], dict(out_dir="1e3")),  # not "1000.0"
+        (["--out-dir=-5", "--init_dir=0x10"], dict(out_dir="-5", init_dir="0x10")),
+        (["--init_dir=2024"], dict(init_dir="2024")),  # str | None
+        (["--init_dir=None"], dict(init_dir=None)),
+        (["--modes=first,strided"], dict(modes="first,strided")),  # a comma list is text to split
+        (["--o=7"], dict(out_dir="7")),  # fire's one-letter abbreviation
+        (["--out_dir=1", "--out_dir=2"], dict(out_dir="2")),  # the last one wins, as in fire
+        (["--image_size=128,192"], dict(image_size=(128, 192))),  # unannotated: fire's value, untouched
+    ]:
+        res, code, _, err = _run(main, argv, capsys)
+        assert code == 0, (argv, err)
+        assert res == {**main(), **want}, argv
+
+
+@pytest.mark.parametrize("argv, msg", [
+    (["--out_dir=[1,2]"], "--out_dir must be text, got [1, 2]"),
+    (["--out_dir={a: 1}"], "--out_dir must be text, got {'a': 1}"),
+    (["--out_dir=True"], "--out_dir must be text, got True"),
+    (["--out_dir"], "--out_dir must be text, got True"),  # a bare flag is fire's True
+    (["--out_dir=None"], "--out_dir must be text, got None"),  # out_dir is not Optional
+    (["--init_dir=[x]"], "--init_dir must be text, got ['x']"),
+])
+def test_a_text_flag_given_a_list_dict_or_bool_is_one_line(capsys, argv, msg):
+    called = []
+
+    def main(out_dir: str = "out", init_dir: str | None = None):
+        called.append(1)
+
+    _, code, out, err = _run(main, argv, capsys)
+    assert code == 2 and not called and out == ""
+    assert err.strip().splitlines() == [f"error: prog.py: {msg}"]
+
+
+@pytest.mark.parametrize("script, argv, msg", [
+    ("demo", ["--video=2024"], "error: 2024: no such video file"),
+    ("demo", ["--video=[1,2]"], "error: prog.py: --video must be text, got [1, 2]"),
+    ("eval_pod", ["--dataset_location=2024"], "error: 2024/test: no such split folder"),
+    ("eval_pod", ["--dset=1", "--dataset_location=."], "error: 1: no such split folder"),
+    ("eval_cro", ["--dataset_location=1e3"], "error: 1e3/HT21/train: no such folder"),
+    ("eval_tap", ["--dataset_location=2024"], "error: 2024: no such file or folder"),
+    ("export", ["--dataset_location=2024"], "error: --dataset_location: 2024/train: no such split folder"),
+    ("export", ["--dset=[train]"], "error: prog.py: --dset must be text, got ['train']"),
+])
+def test_every_script_takes_a_number_as_the_path_typed(script, argv, msg, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    main = importlib.import_module(f"pips2.cli.{script}").main
+    _, code, out, err = _run(main, argv, capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and err.startswith(msg), err
+    assert "Traceback" not in err and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("argv, msg", [
+    (["--dataset_location=2024"], "error: 2024: no such dataset folder (--dataset_location)"),
+    (["--stage2_dataset_location=[1]", "--stages=1,2"], "error: prog.py: --stage2_dataset_location must be text"),
+])
+def test_train_takes_a_number_as_the_path_typed(argv, msg, capsys, tmp_path, monkeypatch):
+    train = importlib.import_module("pips2.cli.train")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("sys.argv", ["prog.py", *argv])
+    with pytest.raises(SystemExit) as e:
+        train.cli()
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.strip().splitlines()) == 1 and err.startswith(msg), err
+    assert "Traceback" not in err

@@ -1,5 +1,6 @@
 """Synthetic scenes, the PointOdyssey reader and filters, the parallel exporter and the clip reader."""
 
+import json
 import os
 import shutil
 import signal
@@ -16,6 +17,7 @@ from conftest import EXPORT_ARGS, run_export
 from pips2.datasets import pointodyssey as pod
 from pips2.datasets.clips import ClipSettings, list_clips, verify_clip
 from pips2.datasets.synthetic import SceneConfig, generate_scene
+from pips2.utils.video import VideoError, read_rgb
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = SceneConfig(W=320, H=256, T=24, n_objects=3, n_points=400)
@@ -38,8 +40,10 @@ def test_synthetic_layout_and_keys(synth_root):
     assert z["trajs_2d"].shape == (T, N, 2) and z["trajs_3d"].shape == (T, N, 3)
     assert z["visibs"].shape == (T, N) and z["valids"].shape == (T, N)
     assert z["intrinsics"].shape == (T, 3, 3) and z["extrinsics"].shape == (T, 4, 4)
-    assert cv2.imread(str(scene / "rgbs" / "rgb_00000.jpg")).shape == (256, 320, 3)
-    assert cv2.imread(str(scene / "depths" / "depth_00000.png"), cv2.IMREAD_UNCHANGED).dtype == np.uint16
+    rgb = cv2.imread(str(scene / "rgbs" / "rgb_00000.jpg"))
+    depth = cv2.imread(str(scene / "depths" / "depth_00000.png"), cv2.IMREAD_UNCHANGED)
+    assert rgb is not None and rgb.shape == (256, 320, 3)
+    assert depth is not None and depth.dtype == np.uint16
     from PIL import Image
 
     assert Image.open(scene / "masks" / "mask_00000.png").mode == "P"
@@ -65,11 +69,11 @@ def test_synthetic_tracks_are_exact_and_3d_reprojects(synth_root):
         uv = (z["intrinsics"][t] @ cam.T).T
         np.testing.assert_allclose(uv[:, :2] / uv[:, 2:], tr[t], atol=1e-2)
     # colour at a track is the same in every frame where it is visible (far from any occlusion edge)
-    f0 = cv2.imread(str(scene / "rgbs" / "rgb_00000.jpg")).astype(np.float32)
+    f0 = read_rgb(scene / "rgbs" / "rgb_00000.jpg").astype(np.float32)
     labels0 = pod.read_mask(scene / "masks" / "mask_00000.png")
     edges0 = pod.segmentation_edges(labels0, dilate=9)
     t = 12
-    ft = cv2.imread(str(scene / "rgbs" / f"rgb_{t:05d}.jpg")).astype(np.float32)
+    ft = read_rgb(scene / "rgbs" / f"rgb_{t:05d}.jpg").astype(np.float32)
     edgest = pod.segmentation_edges(pod.read_mask(scene / "masks" / f"mask_{t:05d}.png"), dilate=9)
     xi0, yi0 = tr[0].round().astype(int).T
     xit, yit = np.clip(tr[t].round(), 0, [319, 255]).astype(int).T
@@ -97,6 +101,64 @@ def test_synthetic_visibility_matches_masks(synth_root):
 
 
 # --- reader and filters ----------------------------------------------------------------------------------
+
+def _synth(capsys, out, **flags):
+    """make_synthetic_pod.py's main in this process: (exit code, stdout, stderr)."""
+    from helpers import run_main
+
+    from pips2.cli import synthetic
+
+    res = run_main(synthetic.main, capsys, out=str(out), **{**dict(train=1, test=0), **flags})
+    return res.returncode, res.stdout, res.stderr
+
+
+def test_synthetic_refuses_other_settings_into_the_same_folder(tmp_path, capsys):
+    out = tmp_path / "syn"
+    code, stdout, err = _synth(capsys, out, W=64, H=48, T=3, n_points=20)
+    assert code == 0, err
+    assert "summary: 1 scenes (train 1) of 3 frames 64x48" in stdout
+    before = sorted(p.name for p in (out / "train" / "synth_0000" / "rgbs").iterdir())
+    assert len(before) == 3
+    code, _, err = _synth(capsys, out, W=128, H=96, T=10, n_points=20, train=2)
+    assert code == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"error: --out={out} holds scenes made with other settings (W=64 (now 128), "
+                          "H=48 (now 96), T=3 (now 10)")
+    assert sorted(p.name for p in (out / "train" / "synth_0000" / "rgbs").iterdir()) == before
+    assert not (out / "train" / "synth_0001").exists()
+    code, stdout, err = _synth(capsys, out, W=64, H=48, T=3, n_points=20, train=2)  # the same settings: more scenes
+    assert code == 0 and (out / "train" / "synth_0001" / "anno.npz").is_file(), err
+    # a folder of scenes without a record (an older version made it) is not added to either
+    (out / "settings.json").unlink()
+    code, _, err = _synth(capsys, out, W=64, H=48, T=3, n_points=20, train=3)
+    assert code == 2 and "holds scenes without a record of their settings" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("flags,msg", [
+    (dict(T=0), "--T must be at least 2 frames, got 0"), (dict(T=1), "--T must be at least 2 frames, got 1"),
+    (dict(W=-5), "--W and --H must be at least 8 pixels"), (dict(H=4), "--W and --H must be at least 8 pixels"),
+    (dict(W=100000, H=100000), "W x H at most"),
+    (dict(n_points=-1), "--n_points must be between 3 and 131072, got -1"),
+    (dict(n_points=0), "--n_points must be between 3"), (dict(T=100000, n_points=100000), "--T x --n_points"),
+    (dict(n_objects=-1), "--n_objects must be at least 0"), (dict(train=0), "nothing to write"),
+    (dict(val=-2), "--val must be at least 0, got -2")])
+def test_synthetic_bad_flags_are_one_line_and_write_nothing(tmp_path, capsys, flags, msg):
+    code, _, err = _synth(capsys, tmp_path / "syn", **flags)
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+    assert msg in err
+    assert not (tmp_path / "syn").exists()
+
+
+def test_synthetic_smallest_scene_has_tracks(tmp_path, capsys):
+    # the smallest sizes the flags allow give a scene the loader takes, with tracked points (a thin object of a
+    # small frame has no inside after erosion: before, sampling its points raised)
+    code, _, err = _synth(capsys, tmp_path / "syn", W=8, H=8, T=2, n_points=20, n_objects=4)
+    assert code == 0, err
+    scene = pod.load_scene(tmp_path / "syn" / "train" / "synth_0000")
+    assert scene.trajs.shape[:2] == (2, 20) and len(scene.rgb_paths) == 2
+    code, _, err = _synth(capsys, tmp_path / "syn3", W=8, H=8, T=2, n_points=3, n_objects=4)  # the fewest points
+    assert code == 0, err
+    assert pod.load_scene(tmp_path / "syn3" / "train" / "synth_0000").trajs.shape[1] >= 1
+
 
 def test_load_scene_and_frame_numbers_not_from_zero(synth_root, tmp_path):
     scene = tmp_path / "s"
@@ -146,6 +208,22 @@ def test_bad_scenes_are_skipped_with_reason(tmp_path, synth_root, defect, reason
         return
     with pytest.raises(pod.SkipItem, match=reason):
         pod.load_scene(scene)
+
+
+@pytest.mark.parametrize("link", [False, True])
+def test_a_frame_that_is_a_fifo_is_refused_without_opening_it(tmp_path, synth_root, make_fifo, link):
+    # open() of a FIFO waits for a writer: test_on_pod.py and the export hung on such a scene forever
+    scene = tmp_path / "s"
+    shutil.copytree(synth_root / "train" / "synth_0000", scene)
+    frame = scene / "rgbs" / "rgb_00005.jpg"
+    fifo = make_fifo(tmp_path / "pipe" if link else frame)
+    if link:
+        frame.unlink()
+        frame.symlink_to(fifo)
+    with pytest.raises(pod.SkipItem, match=r"^rgbs/rgb_00005\.jpg: not a regular file$"):
+        pod.load_scene(scene, require_masks=False)
+    with pytest.raises(VideoError, match=r"rgb_00005\.jpg: not a regular file$"):  # every other frame reader
+        read_rgb(frame)
 
 
 def test_nonfinite_coordinates_become_invalid(tmp_path, synth_root):
@@ -201,7 +279,7 @@ def _export(root, out, *extra, check=True, **kw):
 
 
 def _version(out):
-    return Path(out) / ClipSettings(dset="train", S=8, N=32, crop_size=(128, 192)).version()
+    return Path(out) / ClipSettings(split="train", S=8, N=32, crop_hw=(128, 192)).version()
 
 
 def test_export_writes_verified_clips_with_summary(exported):
@@ -329,15 +407,27 @@ def test_version_names_every_setting_that_changes_the_clips():
     from dataclasses import fields, replace
 
     base = ClipSettings()
-    changed = {"dset": "val", "S": 8, "N": 64, "crop_size": (384, 512), "use_augs": False, "shuffle": False,
+    changed = {"split": "val", "S": 8, "N": 64, "crop_hw": (384, 512), "use_augs": False, "shuffle": False,
                "seed": 3, "preset": "veryfast"}
     assert set(changed) == {f.name for f in fields(ClipSettings)}
     names = {base.version()} | {replace(base, **{k: v}).version() for k, v in changed.items()}
     assert len(names) == len(changed) + 1
     # existing exports keep their folder names
     assert base.version() == "train_S36_N128_256x384_aug_seed0"
-    assert replace(base, crop_size=(384, 512)).version() == "train_S36_N128_384x512_aug_seed0"
+    assert replace(base, crop_hw=(384, 512)).version() == "train_S36_N128_384x512_aug_seed0"
     assert ClipSettings(**changed).version() == "val_S8_N64_384x512_noaug_seed3_noshuffle_x264veryfast"
+
+
+def test_settings_json_keeps_the_exporters_flag_names(tmp_path):
+    """Inside, the clips' split and size are ClipSettings.split and .crop_hw; settings.json keeps the keys dset and
+    crop_size (the exporter's flags, docs/FORMATS.md), so exports written before and after read alike."""
+    from pips2.datasets.clips import read_settings, write_settings
+
+    st = ClipSettings(split="val", S=8, N=32, crop_hw=(128, 192), use_augs=False)
+    write_settings(tmp_path, st)
+    saved = json.loads((tmp_path / "settings.json").read_text())
+    assert (saved["dset"], saved["crop_size"]) == ("val", [128, 192]) and not {"split", "crop_hw"} & set(saved)
+    assert read_settings(tmp_path) == st
 
 
 # --- the clip format (datasets/clips.py) ---------------------------------------------------------------------
@@ -385,21 +475,21 @@ def _settings_only(root, name, **kw):
 def test_find_version(tmp_path):
     from pips2.datasets.clips import find_version
 
-    _settings_only(tmp_path, "big", S=64, N=128, crop_size=(512, 896))
-    _settings_only(tmp_path, "val", dset="val", S=36, N=128, crop_size=(256, 384))
+    _settings_only(tmp_path, "big", S=64, N=128, crop_hw=(512, 896))
+    _settings_only(tmp_path, "val", split="val", S=36, N=128, crop_hw=(256, 384))
     (tmp_path / "not_an_export").mkdir()
     # no exact match: the one export that is long, many and large enough
     assert find_version(tmp_path, 36, 128, (256, 384)) == "big"
-    assert find_version(tmp_path, 36, 128, (256, 384), dset="val") == "val"
+    assert find_version(tmp_path, 36, 128, (256, 384), split="val") == "val"
     # an exact match comes first
-    _settings_only(tmp_path, "exact", S=36, N=128, crop_size=(256, 384), seed=1)
+    _settings_only(tmp_path, "exact", S=36, N=128, crop_hw=(256, 384), seed=1)
     assert find_version(tmp_path, 36, 128, (256, 384)) == "exact"
     # among exact matches, the folder the exporter's defaults name
     default = ClipSettings().version()
     _settings_only(tmp_path, default)
     assert find_version(tmp_path, 36, 128, (256, 384)) == default
     # several that fit and none exact: one error naming them all
-    _settings_only(tmp_path, "big2", S=64, N=128, crop_size=(384, 512))
+    _settings_only(tmp_path, "big2", S=64, N=128, crop_hw=(384, 512))
     with pytest.raises(ValueError, match=r"several exports .*big \(S=64.*big2 \(S=64") as e:
         find_version(tmp_path, 40, 128, (256, 384))
     assert str(tmp_path) in str(e.value) and "\n" not in str(e.value)
@@ -430,10 +520,10 @@ def test_random_crop_of_a_larger_clip_keeps_tracks_on_the_pixels(tmp_path):
 
     vdir = tmp_path / "v"
     vdir.mkdir()
-    write_settings(vdir, ClipSettings(S=4, N=1, crop_size=(160, 224)))
+    write_settings(vdir, ClipSettings(S=4, N=1, crop_hw=(160, 224)))
     for k in range(3):
         _dot_clip(vdir, k, (160, 224), [(100 + 7 * t + k, 70 + 5 * t) for t in range(4)])
-    ds = ExportDataset(str(tmp_path), "v", S=4, N=1, crop_size=(128, 192))
+    ds = ExportDataset(str(tmp_path), "v", S=4, N=1, crop_hw=(128, 192))
     offsets = set()
     for i in range(len(ds)):
         for attempt in range(4):
@@ -456,10 +546,10 @@ def test_clips_smaller_than_the_crop_are_one_clear_error(tmp_path):
 
     vdir = tmp_path / "v"
     vdir.mkdir()
-    write_settings(vdir, ClipSettings(S=4, N=1, crop_size=(160, 224)))
+    write_settings(vdir, ClipSettings(S=4, N=1, crop_hw=(160, 224)))
     _dot_clip(vdir, 0, (160, 224), [(100, 70)] * 4)
     with pytest.raises(ValueError) as e:
-        ExportDataset(str(tmp_path), "v", S=4, N=1, crop_size=(192, 224))
+        ExportDataset(str(tmp_path), "v", S=4, N=1, crop_hw=(192, 224))
     assert str(e.value) == (f"{vdir}: clips are 160x224, smaller than crop_size 192x224 "
                             "(export at the training crop size or larger)")
 
@@ -470,13 +560,13 @@ def test_readme_recipe_export_defaults_serve_stage_1_training(tmp_path):
 
     from pips2.cli import export as export_mp4_dataset
     from pips2.cli import train
-    from pips2.datasets.clips import STAGE_CLIPS
+    from pips2.datasets.clips import JSON_KEYS, STAGE_CLIPS
     from pips2.datasets.exportdataset import ExportDataset
     from pips2.datasets.synthetic import generate_dataset
 
     defaults = {k: v.default for k, v in inspect.signature(export_mp4_dataset.main).parameters.items()}
     stage1 = STAGE_CLIPS[1]
-    assert {k: defaults[k] for k in stage1} == stage1
+    assert {k: defaults[JSON_KEYS.get(k) or k] for k in stage1} == stage1  # the flags: crop_size for crop_hw
     assert {k: getattr(ClipSettings(), k) for k in stage1} == stage1
     assert {k: train.STAGE_DEFAULTS[1][k] for k in stage1} == stage1
     assert {k: train.STAGE_DEFAULTS[2][k] for k in STAGE_CLIPS[2]} == STAGE_CLIPS[2]
@@ -485,7 +575,7 @@ def test_readme_recipe_export_defaults_serve_stage_1_training(tmp_path):
                                                                       n_points=600), progress=False)
     export_mp4_dataset.main(dataset_location=str(tmp_path / "pod"), out_dir=str(tmp_path / "exp"), max_clips=3,
                             quiet=True)
-    ds = ExportDataset(str(tmp_path / "exp"), None, S=36, N=128, crop_size=(256, 384))  # stage-1 defaults
+    ds = ExportDataset(str(tmp_path / "exp"), None, S=36, N=128, crop_hw=(256, 384))  # stage-1 defaults
     assert ds.dir.name == "train_S36_N128_256x384_aug_seed0" and len(ds) >= 1
     item = ds[0]
     assert item.rgbs.shape == (36, 3, 256, 384) and item.trajs.shape == (36, 128, 2)

@@ -3,9 +3,15 @@
 import csv
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import tempfile
+import time
+from fractions import Fraction
 from pathlib import Path
+from types import SimpleNamespace
 
 import cv2
 import numpy as np
@@ -17,7 +23,7 @@ from test_lbm_track import small_lbm
 from pips2.cli import demo
 from pips2.utils import checkpoint
 from pips2.utils.video import read_video, write_mp4
-from pips2.utils.vis import draw_frame
+from pips2.utils.vis import draw_frame, output_fps, write_outputs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -72,13 +78,29 @@ def test_demo_grid_on_a_synthetic_video(tmp_path, ckpt, capsys, monkeypatch):
     assert (tmp_path / "synthetic.mp4").is_file() and np.load(tmp_path / "tracks.npz")["tracks"].shape == (12, 9, 2)
 
 
+def test_progress_and_summary_say_what_a_person_needs(tmp_path, clip, ckpt, capsys):
+    """The bar read 'windows: 0%| 0/1' for a whole short clip, and with --backward stopped at 83 % before an
+    unlabelled one; the summary gave frames/s but not the size the model ran at, which the time grows with."""
+    res = run_main(demo.main, capsys, video=str(clip), init_dir=str(ckpt), points=None, grid_size=2, query_frame=5,
+                   backward=True, S=8, iters=2, out_dir=str(tmp_path))
+    assert res.returncode == 0, res.stderr[-2000:]
+    bars = [ln for ln in res.stderr.replace("\r", "\n").splitlines() if ln.strip()]
+    assert bars and all(ln.startswith(("forward:", "backward:")) for ln in bars), bars
+    for label in ("forward:", "backward:"):
+        assert "100%" in [ln for ln in bars if ln.startswith(label)][-1]
+    assert "(14 frames, 150x130; the model runs at 152x128)" in res.stdout  # 150x130 rounded to multiples of 8
+    summary = res.stdout.strip().splitlines()[-1]
+    assert summary.startswith("summary: 4 points x 14 frames in ") and " s per frame, forward and backward) at " \
+        "152x128, the model's input size (the video is 150x130); wrote " in summary, summary
+
+
 def test_missing_checkpoint_message(tmp_path, clip, capsys):
     res = run_main(demo.main, capsys, video=str(clip), init_dir=str(tmp_path / "none"), out_dir=str(tmp_path / "o"))
     assert res.returncode != 0 and "get_reference_model.sh" in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1
 
 
-# --- issue 14: every bad input is one line (exit 2), found before the model is loaded or anything is tracked --------
+# --- every bad input is one line (exit 2), found before the model is loaded or anything is tracked --------
 
 @pytest.fixture(scope="module")
 def clip(tmp_path_factory):
@@ -92,7 +114,8 @@ def clip(tmp_path_factory):
 
 def _demo(capsys, init_dir=None, **kw):
     """demo.main in this process; no checkpoint unless asked: the inputs must be refused before the model is needed."""
-    return run_main(demo.main, capsys, init_dir=str(init_dir or ROOT / "no_such_checkpoint"), S=8, iters=1,
+    kw = {"S": 8, "iters": 1, **kw}
+    return run_main(demo.main, capsys, init_dir=str(init_dir or ROOT / "no_such_checkpoint"),
                     **{k: str(v) if isinstance(v, Path) else v for k, v in kw.items()})
 
 
@@ -116,6 +139,8 @@ def _one_error_line(res, *parts):
     ("t,x,y\n0,nan,5\n", ["row 2", "non-finite"]),
     ("0,1,inf\n", ["row 1", "non-finite"]),
     ("0,1e39,5\n", ["row 1", "non-finite"]),
+    ("t,x,y\n0,10,20\n0,1e30,5\n", ["row 3", "point x=1e+30, y=5 lies more than 4 image widths outside the 150x130"]),
+    ("0,1,1\n" * 10_001, ["10001 points; at most 10000 are tracked at once"]),
 ])
 def test_bad_points_csv(tmp_path, clip, content, parts, capsys):
     (tmp_path / "pts.csv").write_text(content)
@@ -128,10 +153,20 @@ def test_query_frame_flag_out_of_range(tmp_path, clip, capsys):
                     "0..13")
 
 
-@pytest.mark.parametrize("case", ["wrong_size", "all_zero", "unreadable", "missing"])
-def test_bad_mask(tmp_path, clip, case, capsys):
+@pytest.mark.parametrize("case", ["wrong_size", "huge", "all_zero", "unreadable", "missing"])
+def test_bad_mask(tmp_path, clip, case, capsys, monkeypatch):
     path = tmp_path / "mask.png"
-    if case == "wrong_size":
+    if case == "huge":  # a small PNG declaring 20000x20000 pixels: refused from its header, never decoded
+        import zlib
+        row = b"\0" + bytes(20000)
+        data = zlib.compress(row * 20000, 9)
+        chunk = lambda kind, body: (len(body).to_bytes(4, "big") + kind + body  # noqa: E731
+                                    + zlib.crc32(kind + body).to_bytes(4, "big"))
+        ihdr = (20000).to_bytes(4, "big") * 2 + bytes([8, 0, 0, 0, 0])
+        path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", data) + chunk(b"IEND", b""))
+        monkeypatch.setattr(cv2, "imread", lambda *a, **k: pytest.fail("the mask was decoded"))
+        parts = ["20000x20000", "150x130"]
+    elif case == "wrong_size":
         cv2.imwrite(str(path), np.full((65, 75), 255, np.uint8))
         parts = ["75x65", "150x130"]
     elif case == "all_zero":
@@ -150,6 +185,22 @@ def test_bad_video(tmp_path, capsys):
     (tmp_path / "junk.mp4").write_bytes(b"\0" * 5000)
     _one_error_line(_demo(capsys, video=tmp_path / "junk.mp4", out_dir=tmp_path / 'o'), tmp_path / "junk.mp4")
     assert not (tmp_path / "o").exists()  # a refused run leaves no empty --out_dir
+
+
+def test_a_video_beyond_tmpdirs_free_space_is_one_line(tmp_path, clip, ckpt, capsys, monkeypatch):
+    """demo.py knows the frame count and the model's size before decoding: a video whose frames would not fit in
+    TMPDIR less a margin is refused then (it filled TMPDIR to 90 % before 'no space'), before the model loads."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    monkeypatch.setattr(demo, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: SimpleNamespace(total=2**40, used=2**40 - 3 * 2**29,
+                                                                        free=3 * 2**29))
+    line = _one_error_line(_demo(capsys, ckpt, video=clip, image_size="4096,4096", out_dir=tmp_path / "o"),
+                           clip, "its 14 frames needs 0.66 GB at the model's size", f"{tmp} has 1.50 GB free",
+                           "set TMPDIR or cut the video")
+    assert line.endswith("set TMPDIR or cut the video") and list(tmp.iterdir()) == []
+    assert not (tmp_path / "o").exists()
 
 
 def test_uncreatable_or_read_only_out_dir(tmp_path, clip, capsys):
@@ -179,7 +230,7 @@ def test_read_points_names_bad_json_items(tmp_path):
         demo.read_points(tmp_path / "q.json")
 
 
-# --- LBM (issue 13) and point numbers (issue 15) -----------------------------------------------------------------
+# --- LBM and point numbers ------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def lbm_ckpt(tmp_path_factory):
@@ -231,3 +282,233 @@ def test_hollow_and_filled_markers_and_numbers():
     labelled = draw_frame(frame, pts, colors, visible=np.array([True, False]), labels=["0", "1"])
     changed = np.nonzero((plain != labelled).any(-1))
     assert len(changed[1]) and changed[1].min() > 15 + 3 and changed[0].max() <= 20
+
+
+# --- flags and inputs refused before anything is made or loaded; signals; outputs whole or not at all -----------
+
+@pytest.mark.parametrize("flags,parts", [
+    (dict(iters=0), ["--iters must be at least 1 (0 would return every query as its track), got 0"]),
+    (dict(iters=100000), ["--iters must be at most 64 (each step is one more pass of the update network", "100000"]),
+    (dict(S=1), ["--S must be at least 2 (windows overlap by one frame), got 1"]),
+    (dict(S=-3), ["--S must be at least 2", "got -3"]),
+    (dict(point_batch=0), ["--point_batch must be at least 1, got 0"]),
+    (dict(device="foo"), ["--device 'foo': expected auto, cpu, cuda, cuda:N or mps"]),
+    (dict(image_size=(16, 16)), ["--image_size must be H,W each from 128 (the smallest PIPs++ accepts) to 4096"]),
+    (dict(image_size="abc"), ["--image_size must be H,W (two whole numbers), got 'abc'"]),
+    (dict(grid_size=3000), ["--grid_size must be a whole number from 1 to 100 (at most 10000 points"]),
+    (dict(model="lbm", memory_size=100_000), ["--memory_size must be a whole number from 1 to 256"]),
+    (dict(amp="fp8"), ["--amp must be one of"]),
+])
+def test_bad_flags_are_refused_before_anything_is_made(tmp_path, clip, flags, parts, capsys):
+    """They failed with a traceback after the model was loaded (iters=0 exited 0 with every track its query),
+    leaving an empty --out_dir; the checkpoint here does not exist, so the refusal comes before it is needed."""
+    out = tmp_path / "a" / "out"
+    _one_error_line(_demo(capsys, video=clip, out_dir=out, **flags), *parts)
+    assert not (tmp_path / "a").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")
+def test_a_device_that_is_not_here_is_one_line(tmp_path, clip, capsys):
+    _one_error_line(_demo(capsys, video=clip, out_dir=tmp_path / "o", device="cuda:0"),
+                    "--device cuda:0: no such CUDA device here (0 found)")
+    assert not (tmp_path / "o").exists()
+
+
+def _ffmpeg(*args):
+    import imageio_ffmpeg
+
+    subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-y", *map(str, args)], check=True,
+                   capture_output=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def bad_videos(tmp_path_factory):
+    """Videos that decode to nothing or to less than they declare, by name."""
+    import imageio_ffmpeg
+
+    d = tmp_path_factory.mktemp("bad_videos")
+    tiny = d / "tiny.mp4"  # 1x1 needs 4:4:4 chroma: write_mp4 refuses it (yuv420p)
+    w = imageio_ffmpeg.write_frames(str(tiny), (1, 1), pix_fmt_out="yuv444p", macro_block_size=1,
+                                    ffmpeg_log_level="error")
+    w.send(None)
+    for _ in range(5):
+        w.send(np.full((1, 1, 3), 200, np.uint8))
+    w.close()
+    rng = np.random.default_rng(0)
+    base = (rng.random((130, 400, 3)) * 255).astype(np.uint8)
+    write_mp4(d / "whole.mp4", (np.roll(base, t, 1)[:, :150] for t in range(48)))
+    _ffmpeg("-i", d / "whole.mp4", "-c", "copy", "-movflags", "+faststart", d / "first.mp4")
+    (d / "cut.mp4").write_bytes((d / "first.mp4").read_bytes()[:(d / "first.mp4").stat().st_size // 2])
+    _ffmpeg("-i", d / "whole.mp4", "-frames:v", "0", "-c", "copy", d / "empty.mp4")
+    _ffmpeg("-f", "lavfi", "-i", "sine=d=0.5", d / "sound.m4a")
+    (d / "folder.mp4").mkdir()
+    write_mp4(d / "tall.mp4", np.zeros((2, 4104, 16, 3), np.uint8))
+    return d
+
+
+@pytest.mark.parametrize("name,parts", [
+    ("tiny.mp4", ["the video is 1x1; tracking needs at least 8x8 pixels"]),
+    ("cut.mp4", ["cut short (the file ends at byte", "of the 48 frames its header declares decode"]),
+    ("empty.mp4", ["no video stream in it (no streams at all: an empty video)"]),
+    ("sound.m4a", ["no video stream in it (only audio)"]),
+    ("folder.mp4", ["is a folder, not a video file"]),
+    ("tall.mp4", ["the video is 16x4104, beyond the 4096 pixels a side", "(model_hw, the scripts' --image_size=H,W)"]),
+])
+def test_bad_videos_are_one_line_and_leave_nothing(tmp_path, ckpt, bad_videos, name, parts, capsys):
+    """A 1x1 video exited 0 saying it wrote a tracks.mp4 that did not exist; a faststart mp4 cut in half tracked
+    the frames that decode without a word; a zero-frame video or an audio file said "Error opening output files:
+    Invalid argument"; a folder was "no such video file"."""
+    video = bad_videos / name
+    _one_error_line(_demo(capsys, video=video, out_dir=tmp_path / "o", init_dir=ckpt, grid_size=2), video, *parts)
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_text_file_as_init_dir_is_named(tmp_path, clip, capsys):
+    (tmp_path / "passwd").write_text("root:x:0:0:root:/root:/bin/bash\n")
+    _one_error_line(_demo(capsys, video=clip, out_dir=tmp_path / "o", init_dir=tmp_path / "passwd"),
+                    f"{tmp_path / 'passwd'}: not a checkpoint (a text file; torch.save writes a zip archive)")
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("sig,when", [(signal.SIGTERM, "decoding"), (signal.SIGINT, "tracking")])
+def test_a_signal_stops_the_demo_in_one_line_removing_its_temp_file(tmp_path, ckpt, sig, when):
+    """SIGTERM (a scheduler) killed demo.py without a word, leaving its decoded-frame temp file (GBs for a long
+    video); Ctrl-C printed a traceback. Sent as the frames are decoded, or while windows are tracked."""
+    write_mp4(tmp_path / "long.mp4", (np.roll((np.random.default_rng(0).random((128, 400, 3)) * 255).astype(
+        np.uint8), t, 1)[:, :160] for t in range(300)))
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    err = tmp_path / "stderr.txt"
+    env = {**os.environ, "TMPDIR": str(tmp), "PYTHONUNBUFFERED": "1"}
+    with open(err, "w") as ferr:
+        proc = subprocess.Popen([sys.executable, str(ROOT / "demo.py"), f"--video={tmp_path / 'long.mp4'}",
+                                 f"--init_dir={ckpt}", "--grid_size=4", "--S=8", "--iters=2",
+                                 f"--out_dir={tmp_path / 'out'}"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                                stderr=ferr)
+        try:
+            for _ in range(1200):  # up to 2 minutes on a loaded machine
+                if proc.poll() is not None:
+                    break
+                if (list(tmp.glob("*/frames.u8")) if when == "decoding" else "forward:" in err.read_text()):
+                    break
+                time.sleep(0.1)
+            assert proc.poll() is None, "the demo ended before the signal: " + err.read_text()[-2000:]
+            assert list(tmp.glob("*/frames.u8"))  # the temp file is there to be removed
+            proc.send_signal(sig)
+            code = proc.wait(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    text = err.read_text()
+    lines = [ln for ln in text.replace("\r", "\n").splitlines() if ln.strip() and "forward:" not in ln]
+    name = signal.Signals(sig).name
+    assert code == 128 + sig and lines == [f"error: stopped by {name}: no outputs written, temp files removed"], text
+    assert list(tmp.iterdir()) == [] and not (tmp_path / "out").exists()
+
+
+def test_drawing_skips_points_it_cannot_place():
+    """A track at x=1e30 or NaN made cv2 fail after the whole run ("Can't parse 'center'")."""
+    frame = np.full((40, 60, 3), 90, np.uint8)
+    history = np.array([[[10.0, 10.0], [1e30, 5.0], [np.nan, 3.0]],
+                        [[12.0, 11.0], [-1e30, np.inf], [20.0, 20.0]]])
+    out = draw_frame(frame, history, np.array([[255, 0, 0]] * 3, np.uint8), labels=["0", "1", "2"])
+    assert out.shape == frame.shape and (out[11, 12] != 90).any() and (out[20, 20] != 90).any()
+
+
+def _rate(path) -> Fraction:
+    """The frame rate an mp4 declares, read by OpenCV (not by the code under test) as the fraction it is."""
+    cap = cv2.VideoCapture(str(path))
+    try:
+        return Fraction(cap.get(cv2.CAP_PROP_FPS)).limit_denominator(100_000)
+    finally:
+        cap.release()
+
+
+@pytest.mark.parametrize("rate,given", [
+    (Fraction(30000, 1001), 29.97),  # the web page passes the rate ffmpeg prints, rounded
+    (Fraction(25, 2), 12.5),
+    (Fraction(24000, 1001), None),
+])
+def test_tracks_mp4_keeps_the_source_frame_rate(tmp_path, rate, given):
+    """tracks.mp4 was written at the rate rounded to a whole number: a 29.97 fps clip came out at 30 (drifting
+    from its source by a frame every 33 s), a 12.5 fps one at 12."""
+    src = tmp_path / "src.mp4"
+    write_mp4(src, (np.full((32, 48, 3), 10 * t, np.uint8) for t in range(7)), fps=rate)
+    assert _rate(src) == rate
+    write_outputs(tmp_path, src, np.zeros((1, 3), np.float32), np.zeros((7, 1, 2), np.float32),
+                  np.ones((7, 1), bool), given)
+    assert _rate(tmp_path / "tracks.mp4") == rate and len(read_video(tmp_path / "tracks.mp4")) == 7
+
+
+def test_demo_keeps_the_frame_rate(tmp_path, ckpt, capsys):
+    src = tmp_path / "in.mp4"
+    base = (np.random.default_rng(0).random((140, 200, 3)) * 255).astype(np.uint8)
+    write_mp4(src, (base[:128, 2 * t:2 * t + 128] for t in range(6)), fps=Fraction(25, 2))
+    res = run_main(demo.main, capsys, video=str(src), init_dir=str(ckpt), grid_size=1, S=8, iters=1,
+                   out_dir=str(tmp_path / "out"))
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert _rate(tmp_path / "out" / "tracks.mp4") == Fraction(25, 2)
+
+
+def test_output_fps_bounds_and_defaults():
+    assert output_fps(float("nan")) == 24 and output_fps(0) == 24 and output_fps(None) == 24
+    assert output_fps(Fraction(30000, 1001)) == Fraction(30000, 1001) and output_fps(12.5) == Fraction(25, 2)
+    assert output_fps(0.01) == 1 and output_fps(1e6) == 1000
+
+
+def test_outputs_are_written_whole_or_not_at_all(tmp_path, clip):
+    """tracks.npz and tracks.csv were written in place before the video was drawn: a failure (or a signal) while
+    drawing left a set from two runs, or a half-written file."""
+    for f in ("tracks.npz", "tracks.csv", "tracks.mp4"):
+        (tmp_path / f).write_text("an earlier run")
+    junk = tmp_path / "junk.mp4"
+    junk.write_bytes(b"\0" * 5000)
+    tracks = np.zeros((14, 2, 2), np.float32)
+    with pytest.raises(Exception):  # the video cannot be read for drawing
+        write_outputs(tmp_path, junk, np.zeros((2, 3), np.float32), tracks, np.ones((14, 2), bool), 24.0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["junk.mp4", "tracks.csv", "tracks.mp4", "tracks.npz"]
+    assert all((tmp_path / f).read_text() == "an earlier run" for f in ("tracks.npz", "tracks.csv", "tracks.mp4"))
+    files = write_outputs(tmp_path, clip, np.zeros((2, 3), np.float32), tracks, np.ones((14, 2), bool), 24.0)
+    assert [f.name for f in files] == ["tracks.npz", "tracks.csv", "tracks.mp4"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["junk.mp4", "tracks.csv", "tracks.mp4", "tracks.npz"]
+    assert np.load(tmp_path / "tracks.npz")["tracks"].shape == (14, 2, 2)
+
+
+def test_points_files_that_cannot_be_read_as_points_are_one_line(tmp_path, monkeypatch):
+    """A CSV field over the csv module's limit, deeply nested JSON and true/false as coordinates ended in a
+    traceback or were taken as numbers; /dev/zero (or a FIFO) would be read forever, a huge file whole."""
+    (tmp_path / "long_field.csv").write_text("0," + "1" * 200_000 + ",5\n")
+    (tmp_path / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
+    (tmp_path / "bools.json").write_text("[[0, true, 2]]")
+    os.mkfifo(tmp_path / "fifo.csv")
+    (tmp_path / "big.csv").write_text("0,1,2\n" * 20)
+    for name, why in (("long_field.csv", "cannot read points (CSV: field larger than field limit"),
+                      ("deep.json", "cannot read points (JSON nested too deeply)"),
+                      ("bools.json", "item 1: expected [t,x,y], [x,y] or {x,y[,t]} (true/false is not a coordinate)"),
+                      ("fifo.csv", "cannot read points (not a regular file)"),
+                      ("big.csv", "cannot read points (a file of 120 bytes; a points file is read whole, at most "
+                                  "100 bytes)")):
+        if name == "big.csv":
+            monkeypatch.setattr(demo, "MAX_POINTS_FILE_BYTES", 100)  # the bound (64 MB), shown on a small file
+        with pytest.raises(ValueError) as e:
+            demo.read_points(tmp_path / name)
+        assert str(e.value).startswith(f"{tmp_path / name}: {why}"), str(e.value)
+
+
+def test_a_signal_ignored_by_the_caller_stays_ignored():
+    """A script's `demo.py ... &` starts with SIGINT ignored (so does nohup with SIGHUP): the demo must not catch
+    it, or a Ctrl-C meant for the script's foreground job stops the demo too."""
+    import signal
+
+    from pips2.cli.demo import _stop, stopping_on_signals
+
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with stopping_on_signals():
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) is _stop
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        assert signal.getsignal(signal.SIGTERM) is before[1]
+    finally:
+        signal.signal(signal.SIGINT, before[0])

@@ -17,6 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from pips2 import tracking
 from pips2.cli import train
 from pips2.datasets.training import Sample
+from pips2.nets import fast
 from pips2.nets.pips2 import CorrPyramid
 from pips2.nets.plan import ExecPlan
 
@@ -52,12 +53,14 @@ def test_local_correlation_under_autocast_stays_float32(dtype):
     fmaps = torch.randn(1, 3, 16, 20, 32)
     targets, coords = torch.randn(1, 3, 7, 3, 32), torch.rand(1, 3, 7, 2) * 18
     plan = ExecPlan.auto("cuda", dtype)
-    ref = CorrPyramid(fmaps, 4, 3, plan)(targets, coords)
+    def correlate(*args):
+        return fast.Forms(plan).correlation(CorrPyramid(fmaps, 4, 3))(*args)
+    ref = correlate(targets, coords)
     with torch.autocast("cpu", dtype=dtype):
-        got = CorrPyramid(fmaps, 4, 3, plan)(targets.to(dtype), coords)
+        got = correlate(targets.to(dtype), coords)
     assert got.dtype == torch.float32
     # only the targets' rounding to the autocast dtype differs
-    want = CorrPyramid(fmaps, 4, 3, plan)(targets.to(dtype).float(), coords)
+    want = correlate(targets.to(dtype).float(), coords)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert (got - ref).abs().max() > 0 or dtype == torch.float32
 
@@ -74,7 +77,7 @@ def test_delta_block_form_per_device_dtype_and_training():
     rgbs, trajs = _clip(S=3, N=2)
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
         model(trajs, rgbs, iters=1)
-    assert model.delta_block.fast_weights is None
+    assert model.forms.winograd is None
 
 
 @pytest.mark.parametrize("amp", ["fp16", "bf16"])
@@ -108,7 +111,9 @@ def test_amp_training_step_with_grad_scaler(amp):
             assert scaler.get_scale() == 8.0  # a finite step keeps the scale
             for p in model.parameters():
                 p.grad = torch.zeros_like(p)
-            model.delta_block.dense.weight.grad[0, 0] = float("inf")
+            grad = model.delta_block.dense.weight.grad
+            assert grad is not None  # set just above
+            grad[0, 0] = float("inf")
             kept = {n: p.detach().clone() for n, p in model.named_parameters()}
             train.optimizer_update(model, opt, sched, scaler)
             assert all(torch.equal(kept[n], p) for n, p in model.named_parameters())
@@ -174,7 +179,8 @@ def test_training_step_runs_on_another_device(grad_ckpt):
     loss, final, seen = train.forward_loss(model, _batch(), device, 2, torch.Generator().manual_seed(0), "none")
     assert loss.device == device and final.device == device and seen.rgbs.device == device
     scaler.scale(loss).backward()
-    assert model.fnet.conv1.weight.grad.device == device
+    grad = model.fnet.conv1.weight.grad
+    assert grad is not None and grad.device == device
     train.optimizer_update(model, opt, sched, scaler)
     assert all(p.device == device for p in model.parameters())
     assert all(v.device == device for s in opt.state.values() for v in s.values() if torch.is_tensor(v)

@@ -39,7 +39,7 @@ import torch
 from helpers import DATA, golden_model, selected_plans
 from helpers import PLANS as ALL_PLANS
 
-from pips2.nets.lbm import LBM, LBMOnline
+from pips2.nets.lbm import LBM, LBMOnlineState
 from pips2.utils.golden import (
     LbmCase,
     TrackCase,
@@ -213,11 +213,11 @@ def test_the_lbm_inputs_are_those_the_outputs_were_made_from():
 
 
 class OursOnline:
-    """LBMOnline behind track_online's interface: start(points, frame) and step(frame) -> points, visibility,
+    """LBMOnlineState behind track_online's interface: start(points, frame) and step(frame) -> points, visibility,
     rho probability."""
 
     def __init__(self, model: LBM):
-        self.online = LBMOnline(model)
+        self.online = LBMOnlineState(model)
 
     def start(self, points, frame):
         r = self.online.init(points, frame)
@@ -250,6 +250,7 @@ def lbm_runs() -> dict[str, dict[int, dict[str, np.ndarray]]]:
             models[c.memory] = model
         model = models[c.memory]
         # the case's visibility shift, added to the float32 weight as the generator does
+        assert golden is not None  # made with the first model
         bias = golden[vis_key].clone()
         bias[0] += c.vis_shift_milli / 1000
         model.state_dict()[vis_key].copy_(bias)

@@ -83,7 +83,7 @@ def test_generator_stopped_by_sigterm_keeps_its_cases_and_resumes(authors_pips, 
     request.addfinalizer(lambda: [sys.modules.pop(k) for k in set(sys.modules) - loaded])  # theirs, stand-ins
     import diff_authors
 
-    small = dict(seed=3, budget=16, corners=False)
+    small: dict = dict(seed=3, budget=16, corners=False)
     out = tmp_path / "diff.npz"
     real, calls = diff_authors.track_three_ways, []
 

@@ -17,7 +17,7 @@ def test_bad_inputs_table_names_tests_that_exist():
         # "file.py::name" sets the file; a bare "::name" is in the file named last; "name_*" is a prefix
         for file, name in re.findall(r"(test_\w+\.py)?::(test_\w+\*?)", cell):
             current = file or current
-            names = defined.get(current, set())
+            names = defined.get(current, set()) if current else set()
             ok = any(n.startswith(name[:-1]) for n in names) if name.endswith("*") else name in names
             if not ok:
                 missing.append(f"{current}::{name}")

@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -39,7 +40,9 @@ def pod_bad(tmp_path_factory):
     generate_dataset(root, {"test": 4}, seed=7, cfg=SceneConfig(W=320, H=192, T=12, n_points=300), progress=False)
     (root / "test" / "synth_0001" / "rgbs" / "rgb_00005.jpg").write_bytes(b"")
     f = root / "test" / "synth_0002" / "rgbs" / "rgb_00007.jpg"
-    cv2.imwrite(str(f), cv2.resize(cv2.imread(str(f)), (160, 96)))
+    img = cv2.imread(str(f))
+    assert img is not None
+    cv2.imwrite(str(f), cv2.resize(img, (160, 96)))
     f = root / "test" / "synth_0003" / "rgbs" / "rgb_00003.jpg"
     f.write_bytes(f.read_bytes()[:2000])
     return root
@@ -87,12 +90,12 @@ def zero_velocity_d_avg(g, m, hw, size=(128, 192)):
 
 def test_zero_velocity_matches_independent_computation(pod_test, tmp_path, capsys):
     res, js = _run(capsys, pod_test, tmp_path, zero_vel=True)
-    assert res.returncode == 0, res.stderr
+    assert res.returncode == 0 and js is not None, res.stderr
     assert "synth_0000: d_1" in res.stdout and "d_avg" in res.stdout and "summary: 2 sequences" in res.stdout
     z = np.load(pod_test / "test" / "synth_0000" / "anno.npz")
     g, m = authors_choice(z["trajs_2d"], z["visibs"], z["valids"], (192, 320), 32)
     assert g.shape[1] == 32
-    assert js["per_sequence"]["synth_0000"]["d_avg"] == pytest.approx(zero_velocity_d_avg(g, m, (192, 320)),
+    assert js["per_item"]["synth_0000"]["d_avg"] == pytest.approx(zero_velocity_d_avg(g, m, (192, 320)),
                                                                       abs=1e-3)
     assert js["mean"]["d_avg"] < 60  # the synthetic motion makes zero-velocity a weak baseline
 
@@ -114,10 +117,10 @@ def test_non_finite_tracks_and_fewer_than_N_points_choose_the_authors_points(pod
     n_survive = authors_choice(tr, z["visibs"], z["valids"], (192, 320), 10**6)[0].shape[1]
     N = n_survive + 50  # fewer survivors than N: each is used once
     res, js = _run(capsys, root, tmp_path, zero_vel=True, N=N)
-    assert res.returncode == 0, res.stderr
+    assert res.returncode == 0 and js is not None, res.stderr
     g, m = authors_choice(tr, z["visibs"], z["valids"], (192, 320), N)
-    assert g.shape[1] == n_survive and js["per_sequence"]["synth_0000"]["points"] == n_survive
-    assert js["per_sequence"]["synth_0000"]["d_avg"] == pytest.approx(zero_velocity_d_avg(g, m, (192, 320)),
+    assert g.shape[1] == n_survive and js["per_item"]["synth_0000"]["points"] == n_survive
+    assert js["per_item"]["synth_0000"]["d_avg"] == pytest.approx(zero_velocity_d_avg(g, m, (192, 320)),
                                                                       abs=1e-3)
 
 
@@ -128,17 +131,17 @@ def test_command_line(pod_test, tmp_path):
                           "--N=32", "--iters=2", "--image_size=128,192", f"--out_json={out}", "--zero_vel=True",
                           "--max_iters=1"], cwd=ROOT, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
-    assert list(json.loads(out.read_text())["per_sequence"]) == ["synth_0000"] and "summary: 1 sequences" in res.stdout
+    assert list(json.loads(out.read_text())["per_item"]) == ["synth_0000"] and "summary: 1 sequences" in res.stdout
 
 
 def test_checkpoint_folder_and_file_forms(pod_test, tmp_path, capsys):
     ck = tmp_path / "ck"
     checkpoint.save(ck, 12, golden_model())
     r1, j1 = _run(capsys, pod_test, tmp_path, init_dir=str(ck), max_scenes=1, N=8, iters=1)
-    assert r1.returncode == 0, r1.stderr
+    assert r1.returncode == 0 and j1 is not None, r1.stderr
     r2, j2 = _run(capsys, pod_test, tmp_path, init_dir=str(ck / "model-000000012.pth"), max_scenes=1, N=8, iters=1)
-    assert r2.returncode == 0, r2.stderr
-    assert j1["mean"] == j2["mean"] and len(j1["per_sequence"]) == 1
+    assert r2.returncode == 0 and j2 is not None, r2.stderr
+    assert j1["mean"] == j2["mean"] and len(j1["per_item"]) == 1
 
 
 def test_max_scenes_and_its_alias_must_agree(pod_test, tmp_path, capsys):
@@ -146,12 +149,13 @@ def test_max_scenes_and_its_alias_must_agree(pod_test, tmp_path, capsys):
     assert res.returncode == 2 and js is None
     assert res.stderr.strip() == "error: --max_scenes=1 and its alias --max_iters=2 disagree; give one of them"
     res, js = _run(capsys, pod_test, tmp_path, zero_vel=True, max_iters=1)
-    assert res.returncode == 0 and list(js["per_sequence"]) == ["synth_0000"]
+    assert res.returncode == 0 and js is not None and list(js["per_item"]) == ["synth_0000"]
 
 
 def test_missing_checkpoint_names_the_download_script(pod_test, tmp_path, capsys):
     res, _ = _run(capsys, pod_test, tmp_path, init_dir=str(tmp_path / "nothing"))
     assert res.returncode == 2 and "get_reference_model.sh" in res.stderr
+    assert "the hub name pips2 (--init_dir=pips2)" in res.stderr and "PIPS2_URL_PIPS2=file://" in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1
 
 
@@ -163,8 +167,8 @@ def test_sequence_without_usable_points_is_skipped(pod_test, tmp_path, capsys):
     z["visibs"][0] = False
     np.savez(scene / "anno.npz", **z)
     res, js = _run(capsys, root, tmp_path, zero_vel=True)
-    assert res.returncode == 0 and "synth_0001: skipped (no usable point)" in res.stdout
-    assert list(js["per_sequence"]) == ["synth_0000"]
+    assert res.returncode == 0 and js is not None and "synth_0001: skipped (no usable point)" in res.stdout
+    assert list(js["per_item"]) == ["synth_0000"]
 
 
 def test_eval_points_protocol_rules():
@@ -209,12 +213,13 @@ def test_eval_points_chosen_by_integer_linspace():
 
 def _check_bad_scenes_skipped(res, js):
     assert res.returncode == 0, res.stderr
-    assert list(js["per_sequence"]) == ["synth_0000"] and js["complete"] and js["status"] == "done"
-    assert js["skipped"] == {
-        "synth_0001": "unreadable frame (rgb_00005.jpg)",
-        "synth_0002": "frames of different sizes (rgb_00007.jpg is 160x96, rgb_00000.jpg is 320x192)",
-        "synth_0003": "truncated frame (rgb_00003.jpg)",
-    }
+    assert list(js["per_item"]) == ["synth_0000"] and js["complete"] and js["status"] == "done"
+    assert js["skipped"] == [
+        {"name": "synth_0001", "reason": "unreadable frame (rgb_00005.jpg)"},
+        {"name": "synth_0002",
+         "reason": "frames of different sizes (rgb_00007.jpg is 160x96, rgb_00000.jpg is 320x192)"},
+        {"name": "synth_0003", "reason": "truncated frame (rgb_00003.jpg)"},
+    ]
     assert "synth_0001: skipped (unreadable frame (rgb_00005.jpg))" in res.stdout
     assert ("summary: 1 sequences scored, 3 skipped (unreadable frame: 1, frames of different sizes: 1, "
             "truncated frame: 1)" in res.stdout)
@@ -230,7 +235,7 @@ def test_bad_sequences_are_skipped_with_reasons_with_a_model(pod_bad, tmp_path, 
     checkpoint.save(tmp_path / "ck", 1, Pips().eval())
     res, js = _run(capsys, pod_bad, tmp_path, init_dir=str(tmp_path / "ck"))
     _check_bad_scenes_skipped(res, js)
-    assert np.isfinite(js["per_sequence"]["synth_0000"]["d_avg"])
+    assert js is not None and np.isfinite(js["per_item"]["synth_0000"]["d_avg"])
 
 
 def test_frame_source_refuses_a_frame_of_another_size(pod_bad):
@@ -270,7 +275,7 @@ def test_partial_results_are_written_on_interrupt_and_on_errors(pod_test, tmp_pa
     root = pod_test
     monkeypatch.setattr(test_on_pod, "evaluate_scene", _interrupt_on_second(exc))
     out = tmp_path / "r.json"
-    kw = dict(dataset_location=str(root), zero_vel=True, out_json=str(out), **SMALL)
+    kw: dict[str, Any] = dict(dataset_location=str(root), zero_vel=True, out_json=str(out), **SMALL)
     if code is None:
         with pytest.raises(RuntimeError, match="a bug"):
             test_on_pod.main(**kw)
@@ -279,7 +284,7 @@ def test_partial_results_are_written_on_interrupt_and_on_errors(pod_test, tmp_pa
             test_on_pod.main(**kw)
         assert e.value.code == code
     js = json.loads(out.read_text())
-    assert list(js["per_sequence"]) == ["synth_0000"] and not js["complete"]
+    assert list(js["per_item"]) == ["synth_0000"] and not js["complete"]
     assert js["status"] == ("interrupted" if code else "error: RuntimeError: a bug")
     stdout = capsys.readouterr().out
     assert "summary: 1 sequences scored, 0 skipped, 1 not done" in stdout and "(partial)" in stdout
@@ -294,7 +299,7 @@ def test_curves_png_beside_the_json(pod_test, tmp_path, capsys):
     ck = tmp_path / "ck"
     checkpoint.save(ck, 12, golden_model())
     res, js = _run(capsys, pod_test, tmp_path, init_dir=str(ck), N=8, iters=1)
-    assert res.returncode == 0, res.stderr
+    assert res.returncode == 0 and js is not None, res.stderr
     png = tmp_path / "res_curves.png"
     assert f"curves -> {png}" in res.stdout
     with Image.open(png) as im:
@@ -308,7 +313,38 @@ def test_curves_png_beside_the_json(pod_test, tmp_path, capsys):
             assert curves[label]["accuracy"] == pytest.approx([want[f"d_{t}"] for t in metrics.THRESHOLDS])
             assert 100 * np.mean(curves[label]["survival"]) == pytest.approx(want["survival_16"])
     _, zv = _run(capsys, pod_test, tmp_path, zero_vel=True, N=8)
-    assert list(zv["curves"]) == ["zero-velocity"]
+    assert zv is not None and list(zv["curves"]) == ["zero-velocity"]
     assert zv["curves"]["zero-velocity"]["accuracy"] == pytest.approx(curves["zero-velocity"]["accuracy"])
     assert zv["curves"]["zero-velocity"]["accuracy"] == pytest.approx([zv["mean"][f"d_{t}"]
                                                                        for t in metrics.THRESHOLDS])
+
+
+def test_a_scene_whose_valids_has_another_shape_is_skipped_and_later_scenes_scored(pod_test, tmp_path, capsys):
+    # the first scene's valids has one point more than its trajs: the loader (or its checks) refuses it; the
+    # run must go on to the next scene, not end there
+    root = tmp_path / "pod"
+    shutil.copytree(pod_test, root)
+    anno = root / "test" / "synth_0000" / "anno.npz"
+    z = dict(np.load(anno))
+    z["valids"] = np.ones((z["valids"].shape[0], z["valids"].shape[1] + 1), bool)
+    np.savez(anno, **z)
+    res, js = _run(capsys, root, tmp_path, zero_vel=True)
+    assert res.returncode == 0 and js is not None, res.stderr
+    assert "Traceback" not in res.stderr and list(js["per_item"]) == ["synth_0001"] and js["complete"]
+    (skip,) = js["skipped"]
+    assert skip["name"] == "synth_0000" and skip["reason"] and "\n" not in skip["reason"]
+    assert f"synth_0000: skipped ({skip['reason']})" in res.stdout and "summary: 1 sequences scored, 1 skipped" \
+        in res.stdout
+
+
+def test_nothing_scored_is_an_error_not_a_success(pod_bad, tmp_path, capsys):
+    # every scene unusable: the summary and the JSON say why, and the exit code is not 0
+    root = tmp_path / "pod"
+    shutil.copytree(pod_bad, root)
+    shutil.rmtree(root / "test" / "synth_0000" / "rgbs")
+    res, js = _run(capsys, root, tmp_path, zero_vel=True)
+    assert res.returncode == 2 and js is not None
+    assert res.stderr.strip().splitlines()[-1] == "error: no sequences could be scored (4 skipped)"
+    assert js["per_item"] == {} and js["mean"] is None and len(js["skipped"]) == 4 and js["complete"]
+    assert "summary: 0 sequences scored, 4 skipped" in res.stdout
+

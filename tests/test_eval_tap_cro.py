@@ -2,6 +2,7 @@
 
 import json
 import pickle
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ from helpers import golden_model, run_main
 from test_lbm_track import small_lbm
 
 from pips2 import evaluation
+from pips2.cli import eval_cro as test_on_cro
 from pips2.cli import eval_tap as test_on_tap
 from pips2.datasets import crohd, tapvid
 from pips2.utils import checkpoint, metrics
@@ -92,7 +94,7 @@ def test_test_on_tap_runs(tmp_path, ckpt, capsys):
     assert "a: d_1" in res.stdout and "delta_avg (strided)" in res.stdout and "summary: 2 videos" in res.stdout
     js = json.loads(out.read_text())
     assert f"results -> {out}" in res.stdout and [p.name for p in tmp_path.glob(".r.json*")] == []  # no temp left
-    assert set(js["tapvid"]) == {"first", "strided"} and js["per_video"]["a"]["points"] == 5  # 1 not visible at 0
+    assert set(js["tapvid"]) == {"first", "strided"} and js["per_item"]["a"]["points"] == 5  # 1 not visible at 0
     assert 0 <= js["tapvid"]["first"]["delta_avg"] <= 100
     png = tmp_path / "r_curves.png"  # accuracy vs threshold and survival, beside the json
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"curves -> {png}" in res.stdout
@@ -105,7 +107,7 @@ def test_test_on_tap_runs(tmp_path, ckpt, capsys):
         "error: --max_videos=1 and its alias --max_iters=2 disagree; give one of them"]
 
 
-# --- LBM (issue 13): full TAP-Vid metrics from the model's visibility ---------------------------------------------
+# --- LBM: full TAP-Vid metrics from the model's visibility ---------------------------------------------
 
 @pytest.fixture(scope="module")
 def lbm():
@@ -128,17 +130,17 @@ def test_test_on_tap_lbm_runs(tmp_path, lbm, capsys):
         for k in ("average_jaccard", "delta_avg", "occlusion_accuracy"):
             assert 0 <= js["tapvid"][m][k] <= 100, (m, k)
     # each video is resized to 256x256 first, as the authors evaluate: the figures are those of the resized video
-    from pips2.tracking import load_tracker
+    from pips2.hub import load_model
 
-    net = load_tracker("lbm", str(tmp_path / "lbm.pt"), "cpu", "none", 20)
+    net = load_model(tmp_path / "lbm.pt", "cpu", kind="lbm", memory_size=20)
     _, video, points, occ = next(iter(tapvid.load_tapvid(tmp_path / "tapvid_davis.pkl")))
     v256, p256 = evaluation.resize_tapvid(video, points, (256, 256))
-    assert js["tapvid_per_video"]["first"]["a"] == evaluation.tapvid_query_mode(net, v256, p256, occ, "first")
+    assert js["per_item"]["a"]["tapvid"]["first"] == evaluation.tapvid_query_mode(net, v256, p256, occ, "first")
     res = run_main(test_on_tap.main, capsys, memory_size=7, modes="first", out_json=str(out), resize_to_256=False,
                    **kw)
     assert res.returncode == 0 and "memory of 7 frames" in res.stdout
     net.set_memory_size(7)
-    assert json.loads(out.read_text())["tapvid_per_video"]["first"]["a"] == \
+    assert json.loads(out.read_text())["per_item"]["a"]["tapvid"]["first"] == \
         evaluation.tapvid_query_mode(net, video, points, occ, "first")
     res = run_main(test_on_tap.main, capsys, image_size="128,160", **kw)
     assert res.returncode == 2 and "--image_size is PIPs++'s" in res.stderr
@@ -199,12 +201,12 @@ def test_occlusion_accuracy_comes_from_the_model(lbm, mode):
             assert res["average_jaccard"] == 0  # nothing predicted visible: no true positive
 
 
-def _crohd(root: Path, T=20, H=128, W=192):
-    img = root / "HT21" / "train" / "HT21-01" / "img1"
+def _crohd(root: Path, T=20, H=128, W=192, seq="HT21-01"):
+    img = root / "HT21" / "train" / seq / "img1"
     img.mkdir(parents=True)
     for t, fr in enumerate(_video(T, H, W)):
         cv2.imwrite(str(img / f"{t + 1:06d}.jpg"), fr[..., ::-1])
-    gt = root / "HT21Labels" / "train" / "HT21-01" / "gt"
+    gt = root / "HT21Labels" / "train" / seq / "gt"
     gt.mkdir(parents=True)
     rows = []
     for t in range(T):
@@ -213,6 +215,31 @@ def _crohd(root: Path, T=20, H=128, W=192):
                 continue  # head 3 leaves
             rows.append(f"{t + 1},{hid},{x - 2 * t - 5},{y - t - 6},10,12,1,1,{0.0 if (hid == 2 and t == 3) else 1.0}")
     (gt / "gt.txt").write_text("\n".join(rows) + "\n")
+
+
+def test_crohd_frame_that_is_a_fifo_is_refused_without_opening_it(tmp_path, make_fifo):
+    _crohd(tmp_path)
+    make_fifo(tmp_path / "HT21/train/HT21-01/img1/000005.jpg")
+    with pytest.raises(crohd.CroHDError, match=r"img1/000005\.jpg: not a regular file$"):
+        crohd.sequence_clips(tmp_path, "train", "HT21-01", clip_len=10)
+
+
+def test_crohd_frames_are_matched_to_gt_by_the_number_in_their_name(tmp_path):
+    _crohd(tmp_path)
+    img = tmp_path / "HT21/train/HT21-01/img1"
+    want = crohd.load_sequence(tmp_path, "train", "HT21-01")
+    for p in img.iterdir():  # unpadded names sort 1, 10, 11, ..., 2
+        p.rename(img / f"{int(p.stem)}.jpg")
+    frames, trajs, vis, val = crohd.load_sequence(tmp_path, "train", "HT21-01")
+    assert [p.name for p in frames] == [f"{t}.jpg" for t in range(1, 21)]
+    np.testing.assert_array_equal(trajs, want[1])
+    (img / "7.jpg").unlink()
+    (img / "8.jpg").unlink()
+    with pytest.raises(crohd.CroHDError, match=r"img1: frame 7\.jpg missing \(have 1\.\.6, 9\.\.20\)$"):
+        crohd.load_sequence(tmp_path, "train", "HT21-01")
+    (img / "x.jpg").touch()
+    with pytest.raises(crohd.CroHDError, match=r"x\.jpg: not named by its frame number"):
+        crohd.load_sequence(tmp_path, "train", "HT21-01")
 
 
 def test_crohd_layout_and_head_centres(tmp_path):
@@ -232,3 +259,148 @@ def test_test_on_cro_runs(tmp_path, ckpt):
                          cwd=ROOT, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     assert "HT21-01_00000: d_1" in res.stdout and "summary: 2 clips scored" in res.stdout
+
+
+CRO_SMALL = dict(clip_len=10, S=8, iters=1, image_size="128,192")
+
+# HT21-02 spoilt in one way; HT21-01 and HT21-03 are good: (how, the skipped item, its reason)
+CRO_DEFECTS = {
+    "truncated frame": ("HT21-02_00000", "truncated frame (000006.jpg)"),
+    "4-column gt.txt": ("HT21-02", "gt.txt: 4 columns, expected at least 6"),
+    "no img1 folder": ("HT21-02", "img1: no frames"),
+    "no gt.txt": ("HT21-02", "no gt.txt for train/HT21-02"),
+    "text in gt.txt": ("HT21-02", "gt.txt: unreadable (could not convert"),
+    "NaN track id": ("HT21-02", "gt.txt: frame and id columns must be finite integers"),
+    "a frame missing": ("HT21-02", "img1: frame 000005.jpg missing (have 1..4, 6..10)"),
+    "gt.txt beyond the last frame": ("HT21-02", "gt.txt: names frame 10, but img1/ holds frames 1..9"),
+}
+
+
+def _spoil_crohd(root: Path, how: str) -> None:
+    seq = root / "HT21" / "train" / "HT21-02"
+    gt = root / "HT21Labels" / "train" / "HT21-02" / "gt" / "gt.txt"
+    if how == "truncated frame":
+        f = seq / "img1" / "000006.jpg"
+        f.write_bytes(f.read_bytes()[:1500])
+    elif how == "4-column gt.txt":
+        gt.write_text("".join(",".join(r.split(",")[:4]) + "\n" for r in gt.read_text().splitlines()))
+    elif how == "no img1 folder":
+        shutil.rmtree(seq / "img1")
+    elif how == "no gt.txt":
+        gt.unlink()
+    elif how == "text in gt.txt":
+        gt.write_text(gt.read_text().replace("1,1,", "1,one,", 1))
+    elif how == "a frame missing":  # a partial copy: every later frame got the previous frame's boxes
+        (seq / "img1" / "000005.jpg").unlink()
+    elif how == "gt.txt beyond the last frame":  # its rows were dropped unseen
+        (seq / "img1" / "000010.jpg").unlink()
+    elif how == "NaN track id":
+        gt.write_text(gt.read_text().replace("1,1,", "1,nan,", 1))
+
+
+@pytest.mark.parametrize("how", list(CRO_DEFECTS))
+def test_test_on_cro_skips_a_bad_sequence_and_scores_the_others(tmp_path, ckpt, capsys, how):
+    for seq in ("HT21-01", "HT21-02", "HT21-03"):
+        _crohd(tmp_path / "cro", T=10, seq=seq)
+    _spoil_crohd(tmp_path / "cro", how)
+    out = tmp_path / "r.json"
+    res = run_main(test_on_cro.main, capsys, dataset_location=str(tmp_path / "cro"), init_dir=str(ckpt),
+                   out_json=str(out), **CRO_SMALL)
+    assert res.returncode == 0, res.stderr
+    assert "Traceback" not in res.stderr
+    name, reason = CRO_DEFECTS[how]
+    js = json.loads(out.read_text())
+    assert list(js["per_item"]) == ["HT21-01_00000", "HT21-03_00000"] and js["complete"]
+    (skip,) = js["skipped"]
+    assert skip["name"] == name and reason in skip["reason"] and "\n" not in skip["reason"]
+    assert f"{name}: skipped ({skip['reason']})" in res.stdout
+    assert "summary: 2 clips scored, 1 skipped" in res.stdout
+
+
+def test_crohd_gt_sizes_are_bounded_before_allocation(tmp_path, monkeypatch):
+    _crohd(tmp_path, T=10)  # 3 heads over 10 frames: 30 entries
+    gt = tmp_path / "HT21Labels" / "train" / "HT21-01" / "gt" / "gt.txt"
+    monkeypatch.setattr(crohd, "MAX_TRACK_ENTRIES", 29)
+    with pytest.raises(crohd.CroHDError, match=r"gt\.txt: 3 head ids over 10 frames is more than 29 entries"):
+        crohd.load_sequence(tmp_path, "train", "HT21-01")
+    monkeypatch.setattr(crohd, "MAX_TRACK_ENTRIES", 30)
+    assert crohd.load_sequence(tmp_path, "train", "HT21-01")[1].shape == (10, 3, 2)
+    gt.write_text(gt.read_text() + "2,3000000000,5,5,10,12,1,1,1\n")
+    with pytest.raises(crohd.CroHDError, match="frame and id columns must be finite integers below 2"):
+        crohd.load_sequence(tmp_path, "train", "HT21-01")
+
+
+@pytest.mark.parametrize("case", ["missing", "empty", "no sequences", "every sequence bad"])
+def test_test_on_cro_without_usable_data_is_one_line(tmp_path, capsys, case):
+    root = tmp_path / "cro"
+    if case == "empty":
+        root.mkdir()
+    elif case == "no sequences":
+        (root / "HT21" / "train").mkdir(parents=True)
+    elif case == "every sequence bad":
+        _crohd(root, T=10)
+        (root / "HT21Labels" / "train" / "HT21-01" / "gt" / "gt.txt").write_text("1,2,3,4\n")
+    out = tmp_path / "r.json"
+    # no checkpoint exists: the data's problem must be said before the model is looked for
+    res = run_main(test_on_cro.main, capsys, dataset_location=str(root), init_dir=str(tmp_path / "no_model"),
+                   out_json=str(out), **CRO_SMALL)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    err = res.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and str(root / "HT21" / "train") in err[0], err
+    assert not out.exists()
+
+
+def _tap_entries() -> dict:
+    """Good videos a, c and d around four damaged ones."""
+    bad_jpeg = _entry(seed=1)
+    bad_jpeg["video"] = [cv2.imencode(".jpg", f)[1].tobytes() for f in bad_jpeg["video"]]
+    bad_jpeg["video"][5] = b"not a jpeg"
+    odd = _entry(seed=2)
+    odd["points"] = np.zeros((6, 10, 3), np.float32)
+    nan_query = _entry(seed=3)
+    nan_query["points"][2, 0] = np.nan  # point 2 is visible in frame 0: a query there
+    short = _entry(seed=4)
+    short["occluded"] = short["occluded"][:, :7]
+    return {"a": _entry(seed=0), "bad_jpeg": bad_jpeg, "odd": odd, "nan_query": nan_query, "c": _entry(seed=5),
+            "short": short}
+
+
+def test_test_on_tap_skips_damaged_videos_and_files_and_scores_the_others(tmp_path, ckpt, capsys):
+    root = tmp_path / "kinetics"
+    root.mkdir()
+    with open(root / "part_0.pkl", "wb") as f:
+        pickle.dump(_tap_entries(), f)
+    (root / "part_1.pkl").write_bytes(pickle.dumps({"x": _entry()})[:200])  # a download cut short
+    with open(root / "part_2.pkl", "wb") as f:
+        pickle.dump([_entry(seed=6)], f)
+    out = tmp_path / "r.json"
+    res = run_main(test_on_tap.main, capsys, dataset_location=str(root), init_dir=str(ckpt), S=8, iters=1,
+                   image_size="128,160", modes="first", out_json=str(out))
+    assert res.returncode == 0, res.stderr
+    assert "Traceback" not in res.stderr
+    js = json.loads(out.read_text())
+    assert list(js["per_item"]) == ["a", "c", "part_2_0000"] and js["complete"]
+    reasons = {s["name"]: s["reason"] for s in js["skipped"]}
+    assert list(reasons) == ["bad_jpeg", "odd", "nan_query", "short", "part_1.pkl"]
+    assert reasons["bad_jpeg"].endswith("entry bad_jpeg: frame 5: unreadable image")
+    assert "entry odd: points is float32 (6, 10, 3)" in reasons["odd"]
+    assert reasons["nan_query"].endswith(
+        "entry nan_query: non-finite point position where it is visible (point 2, frame 0; 1 such entries)")
+    assert "entry short: occluded is bool (6, 7)" in reasons["short"]
+    assert str(root / "part_1.pkl") in reasons["part_1.pkl"] and "not a readable pickle" in reasons["part_1.pkl"]
+    assert all("\n" not in r for r in reasons.values())
+    assert "summary: 3 videos scored, 5 skipped" in res.stdout
+
+
+def test_test_on_tap_folder_without_a_usable_video_is_one_line(tmp_path, capsys):
+    root = tmp_path / "tapvid"
+    root.mkdir()
+    (root / "a.pkl").write_bytes(b"junk")
+    with open(root / "b.pkl", "wb") as f:
+        pickle.dump({"v": {"video": 1}}, f)
+    res = run_main(test_on_tap.main, capsys, dataset_location=str(root), init_dir=str(tmp_path / "no_model"))
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    (err,) = res.stderr.strip().splitlines()
+    assert err.startswith(f"error: {root}: no usable TAP-Vid video (2 entries or files refused; first: "
+                          f"{root / 'a.pkl'}: not a readable pickle")
+

@@ -2,6 +2,7 @@
 
 import errno
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -20,7 +21,7 @@ from pips2.datasets.clipmaker import enumerate_candidates
 from pips2.datasets.clips import ClipSettings, list_clips, verify_clip
 
 ROOT = Path(__file__).resolve().parents[1]
-ST = ClipSettings(dset="train", S=8, N=32, crop_size=(128, 192))
+ST = ClipSettings(split="train", S=8, N=32, crop_hw=(128, 192))
 
 
 def _version(out):
@@ -130,6 +131,22 @@ def test_bad_flag_is_one_line(synth_root, tmp_path):
     assert not tmp_path.joinpath(ST.version()).exists()
 
 
+@pytest.mark.parametrize("flags,expect", [
+    (["--S=1"], "--S must be at least 2, got 1"),  # was: every clip "bad data" (an IndexError in the clip code)
+    (["--N=0"], "--N must be at least 1, got 0"),
+    (["--max_clips=-1"], "--max_clips must be at least 0, got -1"),
+    (["--workers=-3"], "--workers must be at least 1, got -3"),
+    (["--num_shards=0"], "--num_shards must be at least 1, got 0"),
+    (["--seed=-1"], "--seed must be at least 0, got -1"),  # was: a numpy traceback
+    (["--preset=fastest"], "--preset must be one of ultrafast, superfast, veryfast, faster, fast, medium, slow, "
+                           "slower, veryslow, placebo, got 'fastest'"),  # was: every clip failed
+])
+def test_numeric_flags_out_of_range_are_one_line(synth_root, tmp_path, flags, expect):
+    res = run_export(synth_root, tmp_path / "out", *flags, check=False)
+    assert res.returncode == 2 and res.stderr.strip() == f"error: {expect}", res.stdout + res.stderr
+    assert not (tmp_path / "out").exists()
+
+
 # --- frames of different sizes, failures --------------------------------------------------------------------
 
 def test_frames_of_different_sizes_are_rejected_once_not_failed(synth_root, tmp_path):
@@ -137,7 +154,9 @@ def test_frames_of_different_sizes_are_rejected_once_not_failed(synth_root, tmp_
     scene = root / "train" / "synth_0000"
     shutil.copytree(synth_root / "train" / "synth_0000", scene)
     for f in sorted((scene / "rgbs").iterdir())[12:]:  # later clips agree among themselves, not with the masks
-        cv2.imwrite(str(f), cv2.resize(cv2.imread(str(f)), (480, 384)))
+        img = cv2.imread(str(f))
+        assert img is not None
+        cv2.imwrite(str(f), cv2.resize(img, (480, 384)))
     first = run_export(root, tmp_path / "out", check=False)
     assert first.returncode == 0, first.stderr
     assert "failed 0" in first.stdout and "frames of different sizes" in first.stdout
@@ -206,7 +225,7 @@ def test_enospc_while_writing_says_no_space(tmp_path, monkeypatch):
 def test_export_one_reports_no_space(synth_root, tmp_path, monkeypatch):
     monkeypatch.setattr(export.np, "savez", lambda *a, **k: (_ for _ in ()).throw(OSError(errno.ENOSPC, "full")))
     cands = enumerate_candidates(synth_root, ST)
-    k, status, detail = export.export_one((str(synth_root), str(tmp_path), asdict(ST), 0, asdict(cands[0])))
+    k, status, detail = export.export_one((str(synth_root), str(tmp_path), ST.to_dict(), 0, asdict(cands[0])))
     assert status == "failed" and detail == f"no space left on device ({tmp_path})"
 
 
@@ -261,3 +280,299 @@ def test_partial_folders_are_rewritten_and_verify_rewrites_damaged_clips(exporte
     again = run_export(synth_root, copy, "--max_iters=16", "--verify=True")
     assert "rewritten 0" in again.stdout and "written 0" in again.stdout
     assert empty.is_dir()  # not one of this run's clips: nobody's to remove
+
+
+# --- signals: a dead worker, SIGTERM to the exporter ------------------------------------------------------------
+
+def _export_proc(root, out, *extra):
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "export_mp4_dataset.py"), f"--dataset_location={root}", "--dset=train",
+         f"--out_dir={out}", *EXPORT_ARGS, *extra], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, start_new_session=True, preexec_fn=_ctrl_c_as_in_a_terminal)
+
+
+def _busy_worker(vdir, proc, timeout=120):
+    """(clip, pid) of a clip being written right now, read from its claim file."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        for claim in sorted((vdir / ".claims").glob("[0-9]*")) if (vdir / ".claims").is_dir() else []:
+            try:
+                host, pid = claim.read_text().split()
+            except (OSError, ValueError):
+                continue
+            if int(pid) != proc.pid:
+                return int(claim.name), int(pid)
+        time.sleep(0.02)
+    raise AssertionError("no clip in progress seen")
+
+
+def test_sigterm_to_a_busy_worker_retries_its_clip_and_the_run_ends(synth_root, tmp_path):
+    """The pool used to replace the killed worker but wait forever for its clip (0 % CPU, 23 of 24 done); now
+    the clip is tried once more in a new worker, and the run ends with its summary and every clip."""
+    proc = _export_proc(synth_root, tmp_path, "--workers=2", "--max_clips=12")
+    vdir = _version(tmp_path)
+    try:
+        k, pid = _busy_worker(vdir, proc)
+        os.kill(pid, signal.SIGTERM)
+        out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 0, (out, err)
+    assert f"clip {k:06d}: its worker died (killed by SIGTERM); trying it once more" in err, err
+    assert "Traceback" not in err
+    assert "summary: written" in out and "1 clip(s) tried again after their worker died" in out and "failed 0" in out
+    assert (vdir / f"{k:06d}").is_dir()
+    rejected = len(list((vdir / ".rejected").iterdir())) if (vdir / ".rejected").is_dir() else 0
+    assert len(list_clips(vdir)) + rejected == 12
+    assert not list((vdir / ".claims").iterdir()) and not list((vdir / ".tmp").iterdir())
+
+
+def _dies_on_clip_2(job):
+    """export_one, except that the process exporting clip 2 dies (as one killed by the OOM killer)."""
+    if job[3] == 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return export.export_one(job)
+
+
+def test_a_clip_whose_worker_dies_twice_is_reported_and_the_others_written(synth_root, tmp_path, monkeypatch, capsys):
+    from pips2.cli import export as export_cli
+
+    monkeypatch.setattr(export_cli, "export_one", _dies_on_clip_2)  # spawned workers import it from this module
+    with pytest.raises(SystemExit) as e:
+        export_cli.main(dataset_location=str(synth_root), out_dir=str(tmp_path), S=8, N=32, crop_size=(128, 192),
+                        quiet=True, workers=2, max_clips=6)
+    cap = capsys.readouterr()
+    assert e.value.code == 1, cap
+    assert "clip 000002: its worker died (killed by SIGKILL); trying it once more" in cap.err
+    assert "clip 000002 failed: its worker died twice (killed by SIGKILL)" in cap.err
+    assert "failed 1" in cap.out and "1 clip(s) tried again after their worker died" in cap.out
+    vdir = _version(tmp_path)
+    assert not (vdir / "000002").exists() and (vdir / "000001").is_dir()
+    assert not list((vdir / ".claims").iterdir()) and not list((vdir / ".tmp").iterdir())
+
+
+def test_worker_pool_reports_a_dead_worker_with_its_job_and_goes_on():
+    from collections import deque
+
+    from pips2.utils.procs import WorkerPool
+
+    jobs = deque([(0, "x", 0, 0, {}), (0, "x", {}, 2, {}), (0, "x", {}, 3, {})])
+    with WorkerPool(_pool_job, 2) as pool:
+        got = {job[3]: (result, code) for job, result, code in pool.run(jobs)}
+    assert got == {0: ("done 0", None), 2: (None, -signal.SIGKILL), 3: ("done 3", None)}
+
+
+def _pool_job(job):
+    if job[3] == 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return f"done {job[3]}"
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sigterm_to_the_exporter_stops_it_with_the_summary(synth_root, tmp_path, workers):
+    proc = _export_proc(synth_root, tmp_path, f"--workers={workers}")
+    vdir = _version(tmp_path)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not list_clips(vdir) and proc.poll() is None:
+            time.sleep(0.05)
+        assert proc.poll() is None and list_clips(vdir), "the export ended before it could be stopped"
+        family = _descendants(proc.pid)
+        os.kill(proc.pid, signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 143, (out, err)
+    assert "stopped (terminated by SIGTERM) after" in out and "summary: written" in out, out
+    assert "Traceback" not in err, err
+    deadline = time.time() + 10
+    while time.time() < deadline and any(_alive(p) for p in family):
+        time.sleep(0.1)
+    assert not [p for p in family if _alive(p)]
+    for c in _six_digit_dirs(vdir):
+        verify_clip(c, 8, 32, (128, 192))
+    assert not list((vdir / ".tmp").iterdir()) and not list((vdir / ".claims").iterdir())
+
+
+# --- the source of a version folder -----------------------------------------------------------------------------
+
+def _settings(vdir):
+    import json
+
+    return json.loads((vdir / "settings.json").read_text())
+
+
+def test_another_data_set_into_the_same_folder_is_refused(synth_root, tmp_path):
+    """It used to report "already there 3, written 3": clips of two data sets in one folder."""
+    from pips2.datasets.synthetic import SceneConfig, generate_dataset
+
+    other = tmp_path / "other"
+    generate_dataset(other, {"train": 3}, seed=5, cfg=SceneConfig(W=320, H=256, T=24, n_objects=3, n_points=400),
+                     progress=False)
+    first = run_export(synth_root, tmp_path / "out", "--max_clips=2")
+    vdir = _version(tmp_path / "out")
+    src = _settings(vdir)["source"]
+    assert src == {"dataset_location": str(Path(synth_root).resolve()),
+                   "scenes": {"synth_0000": 24, "synth_0001": 24, "synth_0002": 24}}, first.stdout
+    before = sorted(p.name for p in vdir.iterdir())
+    second = run_export(other, tmp_path / "out", "--max_clips=4", check=False)
+    assert second.returncode == 2
+    assert second.stderr.strip() == (f"error: {vdir}: its clips come from {Path(synth_root).resolve()}, not "
+                                     f"{other.resolve()}: clips of two data sets would mix; give another --out_dir")
+    assert sorted(p.name for p in vdir.iterdir()) == before
+    again = run_export(synth_root, tmp_path / "out", "--max_clips=3")  # the same source goes on
+    assert "already there 2" in again.stdout and "written 1" in again.stdout
+
+
+def test_a_scene_added_between_runs_is_refused(synth_root, tmp_path):
+    """A new scene renumbers the shuffled candidates: it used to duplicate clips under new numbers."""
+    root = tmp_path / "pod"
+    shutil.copytree(synth_root / "train", root / "train")
+    run_export(root, tmp_path / "out", "--max_clips=2")
+    shutil.copytree(root / "train" / "synth_0002", root / "train" / "synth_0003")
+    for f in sorted((root / "train" / "synth_0001" / "rgbs").iterdir())[20:]:
+        f.unlink()
+    res = run_export(root, tmp_path / "out", "--max_clips=4", check=False)
+    vdir = _version(tmp_path / "out")
+    assert res.returncode == 2 and len(list_clips(vdir)) == 2
+    assert res.stderr.strip() == (f"error: {vdir}: the scenes of {root.resolve() / 'train'} changed since its clips "
+                                  f"were exported (added synth_0003; frame count changed in synth_0001): clip numbers "
+                                  f"would name other clips; give another --out_dir")
+
+
+def test_a_folder_exported_before_the_source_was_recorded_is_adopted(synth_root, tmp_path):
+    import json
+
+    run_export(synth_root, tmp_path, "--max_clips=2")
+    vdir = _version(tmp_path)
+    settings = _settings(vdir)
+    del settings["source"]
+    (vdir / "settings.json").write_text(json.dumps(settings))  # as the exporter wrote it before
+    res = run_export(synth_root, tmp_path, "--max_clips=3")
+    assert (f"note: {vdir / 'settings.json'} recorded no source: recorded {Path(synth_root).resolve()} (3 scenes); "
+            f"the clips already there are taken to come from it") in res.stdout
+    assert _settings(vdir)["source"]["dataset_location"] == str(Path(synth_root).resolve())
+    assert "already there 2" in res.stdout
+    from pips2.datasets.clips import read_settings
+
+    assert read_settings(vdir) == ST  # the training reader reads the settings beside the source
+
+
+# --- scenes whose data is broken, read-only folders -----------------------------------------------------------------
+
+def test_a_scene_with_broken_annotations_is_recorded_once_and_named_in_every_summary(synth_root, tmp_path):
+    """valids of another shape than trajs: its clips failed (exit 1) and were tried again on every run; now they
+    are rejected with a reason naming the scene, remembered, and a rerun does not build them again."""
+    root = tmp_path / "pod"
+    shutil.copytree(synth_root / "train", root / "train")
+    anno = root / "train" / "synth_0001" / "anno.npz"
+    with np.load(anno) as z:
+        arrays = dict(z)
+    arrays["valids"] = arrays["valids"][:, :300]
+    np.savez(anno, **arrays)
+    first = run_export(root, tmp_path / "out", check=False)
+    assert first.returncode == 0 and "failed 0" in first.stdout, first.stdout + first.stderr
+    # the loader names the disagreement (datasets/pointodyssey.py checks every member's shape)
+    m = re.search(r"scene synth_0001 unusable: anno\.npz: member valids has shape \(24, 300\), "
+                  r"trajs_2d \(24, 400, 2\): (\d+)", first.stdout)
+    assert m, first.stdout
+    anno.unlink()  # were its clips built again, they would now be rejected for another reason
+    again = run_export(root, tmp_path / "out", check=False)
+    assert again.returncode == 0 and m.group(0) in again.stdout and "no anno.npz" not in again.stdout, again.stdout
+    vdir = _version(tmp_path / "out")
+    assert len(list((vdir / ".rejected").iterdir())) >= int(m.group(1))
+
+
+def test_data_the_loader_does_not_expect_rejects_the_clip_naming_the_scene(synth_root, tmp_path, monkeypatch):
+    """An error the loader does not name (data it does not expect) is the same on every run: the clip is rejected
+    and remembered with a reason naming the scene, not failed and tried again."""
+    vdir = tmp_path / ST.version()
+    vdir.mkdir()
+    cand = enumerate_candidates(synth_root, ST)[0]
+
+    def broken(*a, **k):
+        raise ValueError("operands could not be broadcast together")
+
+    monkeypatch.setattr(export, "build_clip", broken)
+    monkeypatch.setattr(export, "_CACHE", None)
+    k, status, reason = export.export_one((str(synth_root), str(vdir), ST.to_dict(), 3, asdict(cand)))
+    assert (k, status) == (3, "rejected")
+    assert reason == f"bad data in scene {cand.scene} (ValueError: operands could not be broadcast together)"
+    assert export.rejected_reason(vdir, 3) == reason
+    monkeypatch.setattr(export, "build_clip", lambda *a, **k: pytest.fail("built again"))
+    assert export.export_one((str(synth_root), str(vdir), ST.to_dict(), 3, asdict(cand))) == (3, "rejected", reason)
+
+
+@pytest.fixture
+def read_only_version(synth_root, tmp_path):
+    """A version folder with two clips, then made read-only (a read-only bind mount as root, whom permissions
+    do not stop)."""
+    out = tmp_path / "out"
+    run_export(synth_root, out, "--max_clips=2")
+    vdir = _version(out)
+    if os.geteuid() != 0:
+        vdir.chmod(0o555)
+        yield out
+        vdir.chmod(0o755)
+        return
+    if subprocess.run(["mount", "--bind", str(vdir), str(vdir)], capture_output=True).returncode:
+        pytest.skip("cannot bind-mount here")
+    try:
+        if subprocess.run(["mount", "-o", "remount,bind,ro", str(vdir)], capture_output=True).returncode:
+            pytest.skip("cannot remount read-only here")
+        yield out
+    finally:
+        subprocess.run(["umount", "-l", str(vdir)], check=False)
+
+
+def test_a_read_only_version_folder_stops_once_before_any_clip(synth_root, read_only_version):
+    res = run_export(synth_root, read_only_version, "--max_clips=6", check=False)
+    vdir = _version(read_only_version)
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert re.fullmatch(rf"error: --out_dir: cannot write {re.escape(str(vdir))} \((Read-only file system|Permission "
+                        rf"denied)\)", res.stderr.strip()), res.stderr
+    assert "failed" not in res.stdout
+
+
+def test_writes_refused_mid_run_stop_the_export_once(synth_root, tmp_path, monkeypatch, capsys):
+    from pips2.cli import export as export_cli
+
+    vdir = _version(tmp_path)
+
+    def refused(version_dir, k, *a, **kw):
+        raise PermissionError(errno.EROFS, "Read-only file system", str(vdir / ".tmp" / f"{k:06d}"))
+
+    monkeypatch.setattr(export, "write_clip", refused)
+    with pytest.raises(SystemExit) as e:
+        export_cli.main(dataset_location=str(synth_root), out_dir=str(tmp_path), S=8, N=32, crop_size=(128, 192),
+                        quiet=True, max_clips=6)
+    cap = capsys.readouterr()
+    assert e.value.code == 1
+    failed = [ln for ln in cap.err.splitlines() if " failed: " in ln]
+    assert len(failed) == 1 and failed[0].endswith(f"failed: cannot write {vdir} (Read-only file system)")
+    assert f"stopped (cannot write {vdir} (Read-only file system)) after 1 of 6 clips" in cap.out
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the dropped exception, on purpose
+def test_a_stop_signal_lost_in_a_finalizer_still_stops_the_export(monkeypatch):
+    """Python prints and drops an exception raised while it runs a __del__: the signal is remembered, and the
+    loop stops at the next clip; a second signal never interrupts the clean-up."""
+    from pips2.cli import export as export_cli
+
+    monkeypatch.setattr(export_cli.signal, "signal", lambda *a: None)  # leave pytest's handlers alone
+    signals = export_cli._Signals()
+
+    class Finalized:
+        def __del__(self):
+            signals._handle(signal.SIGTERM, None)
+
+    Finalized()  # the Terminated raised in __del__ is dropped ("Exception ignored in ...")
+    assert signals.got == signal.SIGTERM
+    with pytest.raises(export_cli.Terminated):
+        signals.check()
+    signals._handle(signal.SIGINT, None)  # a second signal: no exception
+    assert signals.got == signal.SIGTERM

@@ -27,7 +27,7 @@ PATHS = selected_plans()
 
 
 def run_golden(model: torch.nn.Module, golden, dtype: torch.dtype) -> dict[str, np.ndarray]:
-    """The four golden outputs of SPEC 7 computed by `model` in `dtype`."""
+    """The four golden outputs (docs/MODEL.md) computed by `model` in `dtype`."""
     model = model.to(dtype)
     rgbs = torch.from_numpy(golden["rgbs"]).to(dtype)
     trajs0 = torch.from_numpy(golden["trajs0"]).to(dtype)

@@ -7,10 +7,11 @@ import http.server
 import tarfile
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
-from helpers import tar_bytes, torch_bytes
+from helpers import sparse_tar_bytes, tar_bytes, torch_bytes
 
 import pips2
 from pips2 import hub
@@ -18,7 +19,7 @@ from pips2.nets.lbm import LBM
 from pips2.nets.pips2 import Pips
 from pips2.utils import checkpoint
 
-SMALL_LBM = dict(input_size=(64, 64), embed_dim=32, num_layers=2)
+SMALL_LBM: dict[str, Any] = dict(input_size=(64, 64), embed_dim=32, num_layers=2)
 
 
 def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
@@ -65,8 +66,13 @@ def server(tmp_path_factory, lbm_model, pips_model):
     (root / "corrupt.pt").write_bytes(good[: len(good) // 3])
     (root / "wrong.pt").write_bytes(torch_bytes({"model": {"x": torch.zeros(1)}}))
     (root / "ref.tar.gz").write_bytes(tar_bytes({"reference_model/model-000200000.pth":
-                                                 torch_bytes({"model_state_dict": pips_model.state_dict()}),
-                                                 "reference_model/args.txt": b"S=36"}))
+                                                 torch_bytes({"model_state_dict": pips_model.state_dict()})}))
+    (root / "sparse.tar.gz").write_bytes(sparse_tar_bytes("reference_model/model-000200000.pth", 2 << 30))
+    (root / "extra.tar.gz").write_bytes(tar_bytes({"reference_model/model-000200000.pth": b"x",
+                                                   "reference_model/finetuned/": (tarfile.DIRTYPE, "")}))
+    nan = {k: v.clone() for k, v in lbm_model.state_dict().items()}
+    nan["transformer.layers.0.collision_time_emb"][0, 0, 0] = float("nan")
+    (root / "nan.pt").write_bytes(torch_bytes({"model": nan}))
     (root / "garbage.tar.gz").write_bytes(tar_bytes({"reference_model/model-000000001.pth": b"weights" * 10}))
     link = (tarfile.SYMTYPE, "/etc/passwd")
     (root / "link.tar.gz").write_bytes(tar_bytes({"reference_model/model-000000001.pth": link}))
@@ -109,14 +115,15 @@ def test_file_url_and_module_prefix(server, cache, monkeypatch, lbm_model):
 
 @pytest.mark.parametrize("name,msg", [
     ("truncated.pt", "download truncated"),
-    ("corrupt.pt", "not a readable checkpoint"),
+    ("corrupt.pt", "not a checkpoint"),
     ("wrong.pt", "does not match the model: missing keys"),
     ("missing.pt", "download failed"),
+    ("nan.pt", "transformer.layers.0.collision_time_emb holds 1 NaN or infinite value; refusing it"),
 ])
 def test_bad_download_is_refused_and_the_good_copy_stays(server, cache, monkeypatch, name, msg):
     base, root = server
     monkeypatch.setenv("PIPS2_URL_LBM", f"{base}/good.pt")
-    good = hub.fetch("lbm", **SMALL_LBM).read_bytes()
+    good = hub.fetch("lbm").read_bytes()
     url = f"{base}/{name}" if name != "corrupt.pt" else (root / name).as_uri()
     monkeypatch.setenv("PIPS2_URL_LBM", url)
     with pytest.raises(hub.HubError) as e:
@@ -128,7 +135,7 @@ def test_bad_download_is_refused_and_the_good_copy_stays(server, cache, monkeypa
     # without a cached copy a bad download leaves nothing behind either
     (cache / "lbm.pt").unlink()
     with pytest.raises(hub.HubError, match=msg):
-        hub.fetch("lbm", **SMALL_LBM)
+        hub.fetch("lbm")
     assert list(cache.iterdir()) == []
 
 
@@ -137,30 +144,44 @@ def test_sha256_checked_when_known(server, cache, monkeypatch):
     monkeypatch.setenv("PIPS2_URL_LBM", f"{base}/good.pt")
     monkeypatch.setenv("PIPS2_SHA256_LBM", "0" * 64)
     with pytest.raises(hub.HubError, match=r"sha256 mismatch \(got [0-9a-f]{64}, expected 0{64}\)"):
-        hub.fetch("lbm", **SMALL_LBM)
+        hub.fetch("lbm")
     monkeypatch.setenv("PIPS2_SHA256_LBM", hashlib.sha256((root / "good.pt").read_bytes()).hexdigest().upper())
-    assert hub.fetch("lbm", **SMALL_LBM) == cache / "lbm.pt"
+    assert hub.fetch("lbm") == cache / "lbm.pt"
     monkeypatch.setenv("PIPS2_SHA256_LBM", "abc")
     with pytest.raises(hub.HubError, match="64 hex digits"):
-        hub.fetch("lbm", refresh=True, **SMALL_LBM)
+        hub.fetch("lbm", refresh=True)
 
 
 def test_pips2_reference_tarball(server, cache, monkeypatch, pips_model):
-    base, _ = server
+    base, root = server
     monkeypatch.setenv("PIPS2_URL_PIPS2", f"{base}/ref.tar.gz")
     model = pips2.load_model("pips2")  # a name, although this repository has a folder called pips2/
     assert isinstance(model, Pips) and _same_weights(model, pips_model)
     ref = cache / "reference_model"
-    assert sorted(p.name for p in ref.iterdir()) == ["args.txt", "model-000200000.pth"]
+    assert sorted(p.name for p in ref.iterdir()) == ["model-000200000.pth"]
     before = (ref / "model-000200000.pth").read_bytes()
-    for bad, msg in (("garbage.tar.gz", "reference_model/model-000000001.pth: not a readable checkpoint"),
+    for bad, msg in (("garbage.tar.gz", r"reference_model/model-000000001.pth: not a checkpoint \(a text file"),
                      ("link.tar.gz", "model-000000001.pth' is a symlink to '/etc/passwd', not a regular"),
-                     ("escape.tar.gz", r"unsafe paths \(absolute or \.\.\)")):
-        monkeypatch.setenv("PIPS2_URL_PIPS2", f"{base}/{bad}")
+                     ("escape.tar.gz", r"unsafe paths \(absolute or \.\.\)"),
+                     ("sparse.tar.gz", "'reference_model/model-000200000.pth' is a sparse file; refusing it"),
+                     ("extra.tar.gz", "'reference_model/finetuned' is not a reference_model/model-\\*.pth")):
+        monkeypatch.setenv("PIPS2_URL_PIPS2", (root / bad).as_uri() if bad == "sparse.tar.gz" else f"{base}/{bad}")
         with pytest.raises(hub.HubError, match=msg):
             hub.fetch("pips2", refresh=True)
-        assert sorted(p.name for p in ref.iterdir()) == ["args.txt", "model-000200000.pth"]
+        assert sorted(p.name for p in ref.iterdir()) == ["model-000200000.pth"]
         assert (ref / "model-000200000.pth").read_bytes() == before and _leftovers(cache) == []
+
+
+def test_a_download_larger_than_a_model_is_refused_before_it_is_written(server, cache, monkeypatch):
+    base, root = server
+    size = (root / "good.pt").stat().st_size
+    monkeypatch.setattr(hub, "MAX_CHECKPOINT_BYTES", size - 1)
+    for url in (f"{base}/good.pt", (root / "good.pt").as_uri()):  # Content-Length first / counted as it comes
+        monkeypatch.setenv("PIPS2_URL_LBM", url)
+        with pytest.raises(hub.HubError, match=f"^{url}: download is .*more than the {size - 1} .*a released model "
+                                               f"needs; refusing it$"):
+            hub.fetch("lbm")
+        assert list(cache.iterdir()) == []
 
 
 def test_local_files_in_both_formats_both_ways(tmp_path, lbm_model, pips_model):
@@ -186,8 +207,150 @@ def test_local_files_in_both_formats_both_ways(tmp_path, lbm_model, pips_model):
 
 
 def test_unknown_name_or_missing_path_is_one_line(cache, tmp_path):
-    with pytest.raises(hub.HubError, match=r"nothing: no such checkpoint file or folder, and not a known model name "
-                                           r"\(known: pips2, lbm\)"):
+    with pytest.raises(hub.HubError, match=r"nothing: no such checkpoint file or folder, and not a hub name "
+                                           r"\(pips2, lbm\); \./get_reference_model\.sh fetches"):
         hub.load_model(str(tmp_path / "nothing"))
     with pytest.raises(hub.HubError, match="'x' is not a known model name"):
         hub.fetch("x")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The hub name lbm through the Hugging Face client: its cache, offline mode and HF_ENDPOINT (here a server on
+# 127.0.0.1 answering as the Hub does: the commit, the file's sha256 as its ETag, its size)
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+class _Hub(http.server.BaseHTTPRequestHandler):
+    """/ZhengGuangze/LBM/resolve/main/lbm.pt as the Hub serves it; `state` says what to send and counts GETs."""
+
+    state: dict = {}
+
+    def _answer(self, body: bool):
+        st = self.state
+        if self.path != "/ZhengGuangze/LBM/resolve/main/lbm.pt":
+            self.send_response(404)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        data = st["data"]
+        self.send_response(200)
+        self.send_header("X-Repo-Commit", COMMIT)
+        self.send_header("ETag", f'"{st.get("etag") or hashlib.sha256(data).hexdigest()}"')
+        self.send_header("Content-Length", str(st.get("declared", len(data))))
+        self.end_headers()
+        if body:
+            st["gets"] = st.get("gets", 0) + 1
+            self.wfile.write(data)
+
+    def do_HEAD(self):
+        self._answer(False)
+
+    def do_GET(self):
+        self._answer(True)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def hf_hub(tmp_path, monkeypatch, cache):
+    """The Hub on 127.0.0.1 (HF_ENDPOINT), an empty Hugging Face cache, offline mode off; the handler's state."""
+    hf = pytest.importorskip("huggingface_hub")
+    import huggingface_hub.constants as hf_constants
+
+    state: dict = {}
+    handler = type("Hub", (_Hub,), {"state": state})
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    endpoint = f"http://127.0.0.1:{httpd.server_address[1]}"  # HF_ENDPOINT as the client read it at import
+    monkeypatch.setattr(hf_constants, "ENDPOINT", endpoint)
+    monkeypatch.setattr(hf_constants, "HUGGINGFACE_CO_URL_TEMPLATE", endpoint + "/{repo_id}/resolve/{revision}/"
+                        "{filename}")
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
+    yield hf, state
+    httpd.shutdown()
+
+
+def test_lbm_comes_through_the_hugging_face_client_and_then_works_offline(hf_hub, tmp_path, monkeypatch, cache,
+                                                                         lbm_model):
+    import huggingface_hub.constants as hf_constants
+
+    hf, state = hf_hub
+    state["data"] = torch_bytes({"model": lbm_model.state_dict()})
+    assert hub.cached("lbm") is None and hub.cache_location("lbm") == tmp_path / "hf"
+    model = pips2.load_model("lbm")  # its sizes read from the weights
+    assert isinstance(model, LBM) and _same_weights(model, lbm_model) and state["gets"] == 1
+    # in the client's standard cache (where `hf download ZhengGuangze/LBM lbm.pt` puts it), named by its sha256
+    found = hub.cached("lbm")
+    assert found is not None
+    assert found == tmp_path / "hf" / "models--ZhengGuangze--LBM" / "snapshots" / COMMIT / "lbm.pt"
+    assert found.resolve().name == hashlib.sha256(state["data"]).hexdigest()
+    assert not (cache / "lbm.pt").exists()
+    # offline, and with the Hub gone, the cached copy loads; nothing is asked of the Hub when it is cached
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(hf_constants, "ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setattr(hf_constants, "HUGGINGFACE_CO_URL_TEMPLATE", "http://127.0.0.1:9/{repo_id}/resolve/"
+                        "{revision}/{filename}")
+    assert _same_weights(hub.load_model("lbm", kind="lbm"), lbm_model) and state["gets"] == 1
+    # an empty cache offline: one line saying so and how to give the file without the internet
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "empty"))
+    with pytest.raises(hub.HubError) as e:
+        hub.load_model("lbm")
+    line = str(e.value)
+    assert "\n" not in line and line.startswith("lbm: not in the Hugging Face cache") and "HF_HUB_OFFLINE is set" \
+        in line and "PIPS2_URL_LBM=file:///path/to/lbm.pt" in line and "hf download ZhengGuangze/LBM lbm.pt" in line
+    # no network, offline mode not set: one line at once (the client's retries would wait half a minute)
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
+    with pytest.raises(hub.HubError, match=r"^lbm: not in the Hugging Face cache .* and http://127\.0\.0\.1:9/\S+ "
+                                           r"cannot be reached \(.*PIPS2_URL_LBM=file:///path/to/lbm\.pt") as e:
+        hub.load_model("lbm")
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("case,msg", [
+    ("sha", "sha256 mismatch (got "),
+    ("wrong", "does not match the model: missing keys"),
+    ("huge", "the Hub declares 300000000 bytes for it, not at most the 297823776 a released model needs"),
+    ("pips", "holds a PIPs++ model ({'model_state_dict': ...}), not an LBM one"),
+])
+def test_a_bad_file_from_the_hub_is_refused_and_not_kept(hf_hub, case, msg, lbm_model, pips_model):
+    hf, state = hf_hub
+    state["data"] = torch_bytes({"model": lbm_model.state_dict()})
+    if case == "sha":
+        state["etag"] = "0" * 64
+    elif case == "wrong":
+        state["data"] = torch_bytes({"model": {"x": torch.zeros(1)}})
+    elif case == "huge":
+        state["declared"] = 300_000_000
+    elif case == "pips":
+        state["data"] = torch_bytes({"model_state_dict": pips_model.state_dict()})
+    with pytest.raises(hub.HubError) as e:
+        hub.load_model("lbm")
+    line = str(e.value)
+    assert "\n" not in line and msg in line and line.startswith(hub.hf_url("lbm")), line
+    assert hub.cached("lbm") is None  # nothing kept for the next call to pick up
+    assert state.get("gets", 0) == (0 if case == "huge" else 1)  # a declared size beyond the bound: no download
+
+
+def test_a_killed_download_s_folder_is_removed_by_the_next_one(server, cache, monkeypatch, lbm_model):
+    """SIGKILL (or the OOM killer) during a download left .lbm.*/.lbm.pt.<pid>.*.part in the cache for good, up
+    to a model's size each; a live download's folder stays."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    base, _ = server
+    host = socket.gethostname()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = cache / f".lbm.{host}.{dead.pid}.abc123"
+    live = cache / f".lbm.{host}.{os.getpid()}.def456"
+    for d in (stale, live):
+        d.mkdir(parents=True)
+        (d / f".lbm.pt.{dead.pid}.x.part").write_bytes(b"half a model")
+    monkeypatch.setenv("PIPS2_URL_LBM", f"{base}/good.pt")
+    hub.fetch("lbm")
+    assert _leftovers(cache) == [live.name]

@@ -1,8 +1,8 @@
-"""LBM (nets/lbm.py) against the authors' golden vectors (tests/data/lbm, SPEC section 4) and its own contracts.
+"""LBM (nets/lbm.py) against the authors' golden vectors (tests/data/lbm; docs/LBM.md) and its own contracts.
 
 `golden_forward.npz` holds the authors' float32 CPU outputs for an 8-query, 6-frame clip at input size
 96x128 from a 120x160 source, with queries starting on frames 0..5; `state_dict.json` lists the authors'
-keys, shapes and dtypes in order. The weights come from the SPEC recipe (one generator per entry).
+keys, shapes and dtypes in order. The weights come from the golden recipe in docs/LBM.md (one generator per entry).
 """
 
 from __future__ import annotations
@@ -16,27 +16,28 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pips2.nets.lbm import LBM, LBMLayer, LBMOnline, load_backbone_init, load_lbm
+from pips2.hub import load_model
+from pips2.nets.lbm import LBM, LBMLayer, LBMOnlineState, load_backbone_init
 from pips2.utils.checkpoint import CheckpointError
 from pips2.utils.golden import lbm_golden_state_dict
 
 DATA = Path(__file__).parent / "data" / "lbm"
-SPEC = json.loads((DATA / "state_dict.json").read_text())
+LBM_STATE = json.loads((DATA / "state_dict.json").read_text())
 GOLDEN = np.load(DATA / "golden_forward.npz", allow_pickle=False)
 LOSSES = ["classification_loss", "visibility_loss", "regression_loss", "uncertainty_loss", "uncertainty_loss_topk"]
 TOL = 1e-3
 
 
 def golden_weights(model: LBM) -> dict[str, torch.Tensor]:
-    """SPEC section 4: entry i of state_dict.json (file order) from its own generator seeded 5000 + i."""
-    entries = [(e["name"], tuple(e["shape"]), getattr(torch, e["dtype"])) for e in SPEC["keys"]]
+    """Golden recipe (docs/LBM.md): entry i of state_dict.json (file order) from its own generator seeded 5000 + i."""
+    entries = [(e["name"], tuple(e["shape"]), getattr(torch, e["dtype"])) for e in LBM_STATE["keys"]]
     return lbm_golden_state_dict(entries, model.state_dict())
 
 
 @pytest.fixture(scope="module")
 def model() -> LBM:
     """The golden LBM in eval mode."""
-    m = LBM(**SPEC["config"])
+    m = LBM(**LBM_STATE["config"])
     m.load_state_dict(golden_weights(m), strict=True)
     return m.eval()
 
@@ -55,11 +56,11 @@ def clip_queries(queries: torch.Tensor, n: int, last_frame: int) -> torch.Tensor
 
 
 def test_state_dict_matches_authors_keys_shapes_dtypes_order():
-    sd = LBM(**SPEC["config"]).state_dict()
+    sd = LBM(**LBM_STATE["config"]).state_dict()
     got = [(k, list(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in sd.items()]
-    assert got == [(e["name"], e["shape"], e["dtype"]) for e in SPEC["keys"]]
+    assert got == [(e["name"], e["shape"], e["dtype"]) for e in LBM_STATE["keys"]]
     # the contract's count of floats (parameters and batch-norm statistics)
-    assert sum(v.numel() for v in sd.values() if v.is_floating_point()) == SPEC["params"]
+    assert sum(v.numel() for v in sd.values() if v.is_floating_point()) == LBM_STATE["params"]
 
 
 def test_golden_training_forward(model):
@@ -89,14 +90,24 @@ def test_golden_inference(model):
         model.inference(video[:, :5], queries)
 
 
+def test_no_queries_track_to_empty_outputs(model):
+    # zero queries read no frame: query_vectors made no vectors and inference stopped on None
+    video = torch.from_numpy(GOLDEN["video"])
+    none = torch.zeros(1, 0, 3)
+    q0 = model.query_vectors(lambda t: model.backbone(video[:, t]), none, video.shape[1])
+    assert q0.shape == (1, 0, model.embed_dim) and q0.dtype == model.backbone.frame_pos_embedding.dtype
+    out = model.inference(video, none)
+    assert out["points"].shape == (1, video.shape[1], 0, 2) and out["visibility"].shape == (1, video.shape[1], 0)
+
+
 @pytest.fixture(scope="module")
 def model_remembering(model) -> LBM:
     """The golden model with a visibility bias that makes many frames visible (the golden clip keeps every
     memory entry masked, so this is what exercises the memory attention)."""
-    m = LBM(**SPEC["config"])
+    m = LBM(**LBM_STATE["config"])
     m.load_state_dict(model.state_dict())
     with torch.no_grad():
-        m.transformer.vis_head.net[3].bias[0] += 1.6
+        m.get_parameter("transformer.vis_head.net.3.bias")[0] += 1.6
     return m.eval()
 
 
@@ -135,7 +146,7 @@ def test_online_equals_inference(model_remembering):
     ref = m.inference(video, queries)
     times = queries[0, :, 0].long()
     xy = queries[0, :, 1:]
-    tracker = LBMOnline(m)
+    tracker = LBMOnlineState(m)
     T = video.shape[1]
     for t in range(T):
         new = xy[times == t]
@@ -153,7 +164,7 @@ def test_online_remove_keeps_others(model_remembering):
     first = queries[:, :3].clone()
     first[..., 0] = 0
     ref = m.inference(video, first)
-    tracker = LBMOnline(m)
+    tracker = LBMOnlineState(m)
     tracker.init(first[0, :, 1:], video[:, 0])
     tracker.track(video[:, 1])
     res = tracker.track(video[:, 2], remove=torch.tensor([False, True, False]))
@@ -165,10 +176,10 @@ def test_online_remove_keeps_others(model_remembering):
 
 def test_training_mode_gradients_are_finite():
     torch.manual_seed(0)
-    m = LBM(**SPEC["config"]).train()
+    m = LBM(**LBM_STATE["config"]).train()
     video, queries, gt_tracks, gt_vis = golden_inputs()
     out = m(video[:, :3], clip_queries(queries, 4, 2), gt_tracks[:, :3, :4], gt_vis[:, :3, :4])
-    sum(out[k] for k in LOSSES).backward()
+    torch.stack([out[k] for k in LOSSES]).sum().backward()
     grads = [p.grad for p in m.parameters() if p.grad is not None]
     assert len(grads) > 100 and all(torch.isfinite(g).all() for g in grads)
 
@@ -180,7 +191,7 @@ def test_load_lbm_strict(model, tmp_path, wrap):
     obj = {"model": sd, "epoch": 3} if wrap == "model" else prefixed if wrap == "bare_module" else {"model": prefixed}
     path = tmp_path / "lbm.pt"
     torch.save(obj, path)
-    loaded = load_lbm(path, "cpu", **SPEC["config"])
+    loaded = load_model(path, "cpu", kind="lbm", **LBM_STATE["config"])
     assert not loaded.training
     for k, v in loaded.state_dict().items():
         assert torch.equal(v, sd[k]), k
@@ -192,25 +203,26 @@ def test_load_lbm_rejects_wrong_checkpoints(model, tmp_path):
     path = tmp_path / "short.pt"
     torch.save({"model": sd}, path)
     with pytest.raises(CheckpointError, match=r"short\.pt.*missing keys.*vis_head"):
-        load_lbm(path, **SPEC["config"])
+        load_model(path, kind="lbm", **LBM_STATE["config"])
     path.write_bytes(b"not a checkpoint")
-    with pytest.raises(CheckpointError, match=r"short\.pt: not a readable checkpoint"):
-        load_lbm(path, **SPEC["config"])
+    with pytest.raises(CheckpointError, match=r"short\.pt: not a checkpoint \(a text file"):
+        load_model(path, kind="lbm", **LBM_STATE["config"])
     # the authors' training checkpoints also pickle their argparse arguments: refused, not unpickled
     torch.save({"model": model.state_dict(), "args": argparse.Namespace(lr=5e-4)}, path)
     with pytest.raises(CheckpointError, match=r"short\.pt: refused: it holds more than tensors.*Namespace.*converter"):
-        load_lbm(path, **SPEC["config"])
+        load_model(path, kind="lbm", **LBM_STATE["config"])
     # a model at another input size has another positional embedding: a strict load must refuse it
     torch.save(model.state_dict(), path)
     with pytest.raises(CheckpointError, match="frame_pos_embedding"):
-        load_lbm(path, **{**SPEC["config"], "input_size": (128, 128)})
+        load_model(path, kind="lbm", **{**LBM_STATE["config"], "input_size": (128, 128)})
 
 
 def test_set_memory_size_interpolates_linearly():
-    m = LBM(**SPEC["config"])
+    m = LBM(**LBM_STATE["config"])
     M, C = 12, 256
     slope, start = torch.randn(C), torch.randn(C)
     layer = m.transformer.layers[1]
+    assert isinstance(layer, LBMLayer)
     with torch.no_grad():
         layer.collision_time_emb[0, :M] = start + torch.arange(M).unsqueeze(1) * slope
         layer.stream_time_emb[0, :M] = start - torch.arange(M).unsqueeze(1) * slope
@@ -271,7 +283,7 @@ def test_backbone_init_from_torchvision_resnet18(tmp_path):
     tv = fake_torchvision_resnet18()
     path = tmp_path / "resnet18.pth"
     torch.save(tv, path)
-    m = LBM(**SPEC["config"])
+    m = LBM(**LBM_STATE["config"])
     before = {k: v.clone() for k, v in m.state_dict().items()}
     load_backbone_init(m, path)
     after = m.state_dict()
@@ -284,8 +296,8 @@ def test_backbone_init_from_torchvision_resnet18(tmp_path):
     # the constructor option does the same, and an older file without batch-norm counters is accepted
     no_counters = {k: v for k, v in tv.items() if not k.endswith("num_batches_tracked")}
     torch.save(no_counters, path)
-    m2 = LBM(**SPEC["config"], backbone_init=path)
-    assert torch.equal(m2.backbone.layer3[0].downsample[0].weight, tv["layer3.0.downsample.0.weight"])
+    m2 = LBM(**LBM_STATE["config"], backbone_init=path)
+    assert torch.equal(m2.get_parameter("backbone.layer3.0.downsample.0.weight"), tv["layer3.0.downsample.0.weight"])
 
 
 def test_backbone_init_rejects_foreign_files(tmp_path):
@@ -294,10 +306,19 @@ def test_backbone_init_rejects_foreign_files(tmp_path):
     path = tmp_path / "wrong.pth"
     torch.save(tv, path)
     with pytest.raises(CheckpointError, match=r"wrong\.pth: .*layer2\.0\.conv1\.weight has shape"):
-        load_backbone_init(LBM(**SPEC["config"]), path)
+        load_backbone_init(LBM(**LBM_STATE["config"]), path)
     torch.save({"encoder.weight": torch.zeros(3)}, path)
     with pytest.raises(CheckpointError, match=r"wrong\.pth: .*unexpected key encoder\.weight"):
-        load_backbone_init(LBM(**SPEC["config"]), path)
+        load_backbone_init(LBM(**LBM_STATE["config"]), path)
+    # weights that load but are wrong: a NaN, or integers where the model has floats
+    tv = fake_torchvision_resnet18()
+    tv["layer1.0.conv1.weight"][0, 0, 0, 0] = float("nan")
+    tv["layer3.1.bn2.bias"] = tv["layer3.1.bn2.bias"].long()
+    torch.save(tv, path)
+    with pytest.raises(CheckpointError, match=r"wrong\.pth: .*layer1\.0\.conv1\.weight holds 1 NaN or infinite "
+                                              r"value; layer3\.1\.bn2\.bias is torch\.int64, the model's is "
+                                              r"torch\.float32$"):
+        load_backbone_init(LBM(**LBM_STATE["config"]), path)
 
 
 def test_folded_correlation_equals_the_authors_per_level_maps():
@@ -306,7 +327,7 @@ def test_folded_correlation_equals_the_authors_per_level_maps():
     layer = LBMLayer((32, 48), 4, 16, 2, 4, 9, 3, 0.0).double()
     with torch.no_grad():
         layer.corr_conv.weight.normal_()
-        layer.corr_conv.bias.normal_()
+        layer.get_parameter("corr_conv.bias").normal_()
     q = torch.randn(2, 5, 16, dtype=torch.float64)
     feat = torch.randn(2, 16, 8, 12, dtype=torch.float64)
     pooled = [feat] + [F.avg_pool2d(feat, 2 ** i) for i in range(1, 4)]

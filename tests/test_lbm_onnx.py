@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from pips2.nets.lbm import LBM, LBMOnline, LBMStep, sample_points
+from pips2.nets.lbm import LBM, LBMOnlineState, LBMStep, sample_points
 
 ort = pytest.importorskip("onnxruntime")
 pytestmark = pytest.mark.slow
@@ -25,7 +25,8 @@ def exported(tmp_path_factory):
     torch.manual_seed(0)
     model = LBM(input_size=HW, embed_dim=64, num_layers=2, memory_size=4, top_k_regions=4).eval()
     with torch.no_grad():
-        model.transformer.vis_head.net[3].bias[0] = 1.4  # about half the frames visible: memory entries count
+        # about half the frames visible: memory entries count
+        model.get_parameter("transformer.vis_head.net.3.bias")[0] = 1.4
     step = LBMStep(model).eval()
     g = torch.Generator().manual_seed(0)
     N, M, C = 5, model.memory_size, model.embed_dim
@@ -63,9 +64,9 @@ def test_onnx_steps_track_like_lbm_online(exported):
     g = torch.Generator().manual_seed(7)
     frames = torch.rand(4, 1, 3, *HW, generator=g) * 255
     xy = torch.rand(6, 2, generator=g) * torch.tensor([HW[1], HW[0]])
-    tracker = LBMOnline(model)
+    tracker = LBMOnlineState(model)
     with torch.no_grad():
-        query = sample_points(model.backbone(frames[0]), xy.unsqueeze(0), model.size)
+        query = sample_points(model.backbone(frames[0]), xy.unsqueeze(0), model.input_hw)
         memory = model.empty_memory(1, 6, query)
     state = [memory.collision.numpy(), memory.stream.numpy(), memory.vis_mask.numpy(), memory.mem_mask.numpy()]
     for t in range(len(frames)):

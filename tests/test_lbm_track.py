@@ -1,6 +1,7 @@
 """LBM through the tracking API: track() equals LBM.inference, streaming equals offline, memory stays bounded."""
 
 import math
+from typing import Any
 
 import numpy as np
 import pytest
@@ -9,7 +10,8 @@ import torch
 from pips2 import tracking
 from pips2.nets.lbm import LBM
 
-SMALL = dict(input_size=(64, 96), embed_dim=32, num_layers=2, num_neighbors=4, top_k_regions=4, memory_size=4)
+SMALL: dict[str, Any] = dict(input_size=(64, 96), embed_dim=32, num_layers=2, num_neighbors=4, top_k_regions=4,
+                             memory_size=4)
 
 
 def _video(T=9, H=40, W=56, seed=0):
@@ -29,7 +31,7 @@ def small_lbm(dtype=torch.float64, video=None) -> LBM:
     q = torch.tensor([[[0, 10.0, 12.0], [0, 30.0, 20.0], [1, 44.0, 33.0], [2, 5.0, 30.0]]], dtype=dtype)
     logit = m.inference(x, q, with_raw=True)["vis_logit"]
     with torch.no_grad():
-        m.transformer.vis_head.net[3].bias[0] += math.log(0.8 / 0.2) - logit.median()
+        m.get_parameter("transformer.vis_head.net.3.bias")[0] += math.log(0.8 / 0.2) - logit.median()
     return m
 
 
@@ -47,6 +49,7 @@ def test_track_equals_inference_from_each_query_frame(model):
     ref = model.inference(torch.from_numpy(video).permute(0, 3, 1, 2)[None].double(),
                           torch.from_numpy(QUERIES).double()[None])
     T, N = video.shape[0], len(QUERIES)
+    assert res["visibility"] is not None  # an LBM predicts it
     assert res["tracks"].shape == (T, N, 2) and res["visibility"].shape == (T, N)
     qt = QUERIES[:, 0].astype(int)
     after = np.arange(T)[:, None] >= qt[None, :]
@@ -64,8 +67,10 @@ def test_track_equals_inference_from_each_query_frame(model):
 def test_streaming_equals_offline_with_adds_and_removes(model):
     video = _video()
     offline = tracking.track(model, video, QUERIES)
+    assert offline["visibility"] is not None
     first = QUERIES[QUERIES[:, 0] == 0, 1:]
-    tracker = tracking.LBMTracker(model, first, video.shape[1:3])
+    tracker = tracking.LBMStreamTracker(model, first, video.shape[1:3])
+    assert isinstance(tracker, tracking.StreamTracker)  # the protocol PIPs++'s PipsStreamTracker follows too
     ids = [0, 2]
     for t, frame in enumerate(video):
         new = [i for i in range(len(QUERIES)) if QUERIES[i, 0] == t and t > 0]
@@ -92,19 +97,20 @@ def test_memory_does_not_grow_with_the_stream():
     m = small_lbm(torch.float32)
     rng = np.random.default_rng(1)
     frames = (rng.random((8, 24, 32, 3)) * 255).astype(np.uint8)
-    tracker = tracking.LBMTracker(m, np.array([[5.0, 5.0], [20.0, 10.0]]), (24, 32))
+    tracker = tracking.LBMStreamTracker(m, np.array([[5.0, 5.0], [20.0, 10.0]]), (24, 32))
     shapes = set()
     for t in range(300):
         add = np.array([[t % 32, 12.0]]) if t % 50 == 25 else None  # a query joins every 50 frames ...
         remove = np.arange(tracker.num_queries) == 0 if t % 50 == 26 else None  # ... and the oldest one leaves
         (_, xy, _), = tracker.push(frames[t % 8], add=add, remove=remove)
-        mem = tracker.online.memory
-        shapes.add((tracker.online.query.shape, *(tuple(x.shape) for x in
+        mem = tracker.state.memory
+        assert tracker.state.query is not None and mem is not None
+        shapes.add((tracker.state.query.shape, *(tuple(x.shape) for x in
                                                    (mem.collision, mem.stream, mem.vis_mask, mem.mem_mask))))
         assert np.isfinite(xy).all()
     # two sizes only (2 queries, or 3 between a join and the next leave), each with 4 slots of memory
     assert shapes == {(torch.Size([1, n, 32]), (1, n, 4, 32), (1, n, 4, 32), (1, n, 4), (1, n, 4)) for n in (2, 3)}
-    assert set(vars(tracker)) == {"model", "src_hw", "frame_hw", "online", "param", "pending", "count"}
+    assert set(vars(tracker)) == {"model", "src_hw", "model_hw", "state", "param", "pending", "count"}
 
 
 def test_properties_that_hold_for_any_weights(model):
@@ -115,6 +121,7 @@ def test_properties_that_hold_for_any_weights(model):
     np.testing.assert_allclose(head["tracks"], full["tracks"][:6, QUERIES[:, 0] < 6], rtol=0, atol=1e-5)
     # queries are tracked independently of one another
     one = tracking.track(model, video, QUERIES[[3]])
+    assert one["visibility"] is not None and full["visibility"] is not None
     np.testing.assert_allclose(one["tracks"][:, 0], full["tracks"][:, 3], rtol=0, atol=1e-5)
     np.testing.assert_array_equal(one["visibility"][:, 0], full["visibility"][:, 3])
     # a query on frame t is a query on frame 0 of the video cut at t
@@ -125,13 +132,14 @@ def test_properties_that_hold_for_any_weights(model):
     assert back["estimated"].all()
     np.testing.assert_allclose(back["tracks"][full["estimated"]], full["tracks"][full["estimated"]], atol=1e-6)
     rev = tracking.track(model, video[5::-1].copy(), np.array([[0, 5.5, 30.25]]))
+    assert back["visibility"] is not None and rev["visibility"] is not None
     np.testing.assert_allclose(back["tracks"][:6, 3][::-1], rev["tracks"][:, 0], rtol=0, atol=1e-5)
     np.testing.assert_array_equal(back["visibility"][:6, 3][::-1], rev["visibility"][:, 0])
 
 
 def test_frames_given_at_another_size_and_checked_queries(model):
     video = _video()
-    res = tracking.track(model, video, QUERIES[:2], image_size=(64, 96))  # resized by cv2 first: close, not equal
+    res = tracking.track(model, video, QUERIES[:2], model_hw=(64, 96))  # resized by cv2 first: close, not equal
     ref = tracking.track(model, video, QUERIES[:2])
     assert np.abs(res["tracks"] - ref["tracks"]).max() < 4
     with pytest.raises(ValueError, match="frames 0..8"):

@@ -1,7 +1,8 @@
-"""The model against the SPEC's definitions and itself (the authors' numbers: test_golden.py)."""
+"""The model against its definitions (docs/MODEL.md) and itself (the authors' numbers: test_golden.py)."""
 
 
 from dataclasses import FrozenInstanceError, replace
+from typing import Any
 
 import numpy as np
 import pytest
@@ -267,30 +268,32 @@ def test_delta_block_winograd_equals_direct_and_follows_new_weights():
     # the model under the CPU inference plan: Winograd filters built on first use, from the current weights
     model = golden_model(plan=ExecPlan(delta="winograd"))
     block = model.delta_block
-    delta = lambda fc, fl: model._delta(fc, fl, model._winograd_filters())  # noqa: E731  (as forward calls it)
+    delta = lambda fc, fl: model.forms.delta_block(block)(fc, fl)  # noqa: E731  (as forward calls it)
     with torch.inference_mode():
         ref = block(fcorr, flow)
         got = delta(fcorr, flow)
-    assert block.fast_weights is not None, "the Winograd path did not run"
+    assert model.forms.winograd is not None, "the Winograd path did not run"
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-4)
     # new weights (load_state_dict copies in place) must not reuse the filters of the old ones
     other = Pips().delta_block
     with torch.no_grad():
         for p in other.parameters():
             p.normal_(0, 0.05)
+    kept = model.forms.winograd
     block.load_state_dict(other.state_dict())
-    assert block.fast_weights is None
     with torch.inference_mode():
         want = other(fcorr, flow)
         assert (want - got).abs().max() > 0.05  # stale filters would be caught
         torch.testing.assert_close(delta(fcorr, flow), want, atol=1e-4, rtol=1e-3)
+    assert model.forms.winograd is not kept
     # so must a cast (.double(), .to()) and a new plan
+    kept = model.forms.winograd
     model.double()
-    assert block.fast_weights is None
     with torch.inference_mode():
         torch.testing.assert_close(delta(fcorr.double(), flow.double()), want.double(), atol=1e-4, rtol=1e-3)
+    assert model.forms.winograd is not kept
     model.set_plan(replace(ExecPlan.auto(training=True), delta="winograd"))
-    assert block.fast_weights is None
+    assert model.forms.winograd is None
     # a training plan's Winograd form has a backward, and its filters follow every optimiser step: a fused
     # AdamW step changes the weights in place without bumping their versions, so nothing may be cached
     opt = torch.optim.AdamW(block.parameters(), lr=0.05, fused=True)
@@ -300,7 +303,79 @@ def test_delta_block_winograd_equals_direct_and_follows_new_weights():
         out.square().sum().backward()
         opt.step()
         opt.zero_grad()
-    assert block.fast_weights is None
+    assert model.forms.winograd is None
+
+
+def test_winograd_filters_follow_in_place_edits_casts_and_copies():
+    # the inference plan's kept filters are remade whenever the wide weights they come from change: an in-place
+    # edit under no_grad, a round trip through another dtype (a freed storage must not pass for a new one at its
+    # address), a copy of the model (which keeps no filters of the original's weights)
+    import copy
+
+    torch.manual_seed(8)
+    fcorr, flow = torch.randn(4, 9, 588), torch.randn(4, 9, 2) * 4
+    model = golden_model(plan=ExecPlan(delta="winograd"))
+    block = model.delta_block
+    wide = dict(block.named_parameters())["basicblock_list.7.conv2.conv.weight"]
+    with torch.inference_mode():
+        model.forms.delta_block(block)(fcorr, flow)
+        kept = model.forms.winograd
+        with torch.no_grad():
+            wide.mul_(3.0)
+        want = block(fcorr, flow)
+        torch.testing.assert_close(model.forms.delta_block(block)(fcorr, flow), want, atol=1e-4, rtol=1e-3)
+        assert model.forms.winograd is not kept
+        kept = model.forms.winograd
+        model.forms.delta_block(block)(fcorr, flow)
+        assert model.forms.winograd is kept  # unchanged weights: the filters are reused, not remade
+        model.half().float()
+        torch.testing.assert_close(model.forms.delta_block(block)(fcorr, flow), block(fcorr, flow), atol=1e-4,
+                                   rtol=1e-3)
+        assert model.forms.winograd is not kept
+        twin = copy.deepcopy(model)
+        assert twin.plan == model.plan and twin.forms.winograd is None
+        with torch.no_grad():
+            dict(twin.delta_block.named_parameters())["basicblock_list.7.conv2.conv.weight"].mul_(0.5)
+        torch.testing.assert_close(twin.forms.delta_block(twin.delta_block)(fcorr, flow),
+                                   twin.delta_block(fcorr, flow), atol=1e-4, rtol=1e-3)
+
+
+def test_encoder_form_runner_is_the_reference_encoder():
+    # fast.run_encoder walks BasicEncoder.forward with the norm and convolutions as arguments (the layout-keeping
+    # norm and the replay go through it): with the reference norm it computes exactly what the module does
+    torch.manual_seed(9)
+    enc = BasicEncoder()
+    for layout in (torch.contiguous_format, torch.channels_last):
+        x = (torch.rand(2, 3, 128, 136) * 2 - 1).contiguous(memory_format=layout)
+        with torch.no_grad():
+            assert torch.equal(fast.run_encoder(enc, x, instance_norm), enc(x))
+
+
+def test_model_file_has_no_plan_branches():
+    # nets/pips2.py is the reference model: it hands its plan to fast.Forms once and never reads a field of it
+    # or names a form, so no step of it depends on the plan; nor does it keep state for the fast forms
+    import ast
+    import inspect
+
+    import pips2.nets.pips2 as m
+    from pips2.nets.plan import _CHOICES
+
+    forms = {v for values in _CHOICES.values() for v in values}
+    tree = ast.parse(inspect.getsource(m))
+    bad = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute):
+            owner = node.value
+            name = owner.id if isinstance(owner, ast.Name) else owner.attr if isinstance(owner, ast.Attribute) else ""
+            if name == "plan":
+                bad.append(f"line {node.lineno}: reads plan.{node.attr}")
+            if node.attr in ("register_load_state_dict_post_hook", "_apply"):
+                bad.append(f"line {node.lineno}: {node.attr} (derived weights are kept by fast.Forms)")
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in forms:
+            bad.append(f"line {node.lineno}: names the form {node.value!r}")
+        elif isinstance(node, ast.FunctionDef) and node.name == "_apply":
+            bad.append(f"line {node.lineno}: overrides _apply (derived weights are kept by fast.Forms)")
+    assert not bad, "\n".join(bad)
 
 
 def test_sample_features_is_border_bilinear():
@@ -335,8 +410,9 @@ def test_sample_features_on_and_beyond_the_last_row_weights_the_unclipped_corner
             corners = [(y0, x0), (y0, x0 + 1), (y0 + 1, x0), (y0 + 1, x0 + 1)]
             weights = [(x0 + 1 - x) * (y0 + 1 - y), (x - x0) * (y0 + 1 - y), (x0 + 1 - x) * (y - y0),
                        (x - x0) * (y - y0)]  # float32 products
-            want = sum(fmap[f, int(cy.clamp(0, H - 1)), int(cx.clamp(0, W - 1))] * w.double()
-                       for (cy, cx), w in zip(corners, weights, strict=True))
+            want = torch.zeros_like(got[f, n])
+            for (cy, cx), w in zip(corners, weights, strict=True):
+                want = want + fmap[f, int(cy.clamp(0, H - 1)), int(cx.clamp(0, W - 1))] * w.double()
             assert torch.equal(got[f, n], want), (f, n, (got[f, n] - want).abs().max())
 
 
@@ -358,7 +434,7 @@ def test_local_correlation_equals_volume(size):
     assert local.shape == (B, S, N, 3 * 4 * 49) and local.dtype == torch.float64
     torch.testing.assert_close(local, volume.reshape(local.shape), atol=1e-10, rtol=0)
     # the public call returns float32, as the reference's correlations are
-    out = CorrPyramid(nhwc.double(), 4, 3, ExecPlan(corr="local"))(targets, coords)
+    out = fast.Forms(ExecPlan(corr="local")).correlation(CorrPyramid(nhwc.double(), 4, 3))(targets, coords)
     assert out.dtype == torch.float32 and torch.equal(out, local.float())
     assert volume.abs().max() > 1  # not all zeros
 
@@ -369,7 +445,7 @@ def test_correlation_offset_order_x_outer():
     fmaps[0, 0, 0, 5, 9] = 1.0  # y=5, x=9
     coords = torch.tensor([[[[8.0, 5.0]]]])  # x offset +1 hits it: i = 4, j = 3 -> k = 31
     for impl in ("local", "volume"):
-        pyramid = CorrPyramid(fmaps.permute(0, 1, 3, 4, 2), 1, 3, ExecPlan(corr=impl))
+        pyramid = fast.Forms(ExecPlan(corr=impl)).correlation(CorrPyramid(fmaps.permute(0, 1, 3, 4, 2), 1, 3))
         out = pyramid(torch.ones(1, 1, 1, 1, 1), coords)[0, 0, 0]
         assert out.argmax().item() == 7 * 4 + 3, impl
 
@@ -478,9 +554,11 @@ def test_encoder_replay_gives_autograds_gradients(frames, layout):
     for replay in (False, True):
         xg = x.clone().requires_grad_(True)
         enc.zero_grad()
-        y = fast.encode_keeping_convs(enc, xg) if replay else enc(xg, instance_norm)
+        y = fast.encode_keeping_convs(enc, xg) if replay else enc(xg)
         y.backward(g)
-        out.append((y.detach(), xg.grad, {n: p.grad.clone() for n, p in enc.named_parameters()}))
+        grads = {n: p.grad for n, p in enc.named_parameters()}
+        assert all(g is not None for g in grads.values())
+        out.append((y.detach(), xg.grad, {n: g.clone() for n, g in grads.items() if g is not None}))
     (y0, gx0, gw0), (y1, gx1, gw1) = out
     torch.testing.assert_close(y1, y0, atol=1e-12, rtol=0)
     torch.testing.assert_close(gx1, gx0, atol=1e-12, rtol=1e-9)
@@ -506,7 +584,7 @@ def test_encoder_replay_keeps_half_the_tensors():
     kept_numel = sum(t.numel() for t in big)
     plain = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: plain.append(t) or t, lambda t: t):
-        enc(x.clone().requires_grad_(True), instance_norm)
+        enc(x.clone().requires_grad_(True))
     plain_numel = sum(t.numel() for t in maps(plain))
     assert kept_numel < 0.6 * plain_numel
 
@@ -578,7 +656,7 @@ def test_auto_plans():
     # channels-last; not on small crops, not on CUDA (not measured there)
     assert train.recompute_cheap and train.channels_last
     assert not ExecPlan.auto("cpu", training=True, recompute_cheap=False).recompute_cheap
-    assert not ExecPlan.auto("cpu", training=True, hw=(128, 192)).recompute_cheap
+    assert not ExecPlan.auto("cpu", training=True, crop_hw=(128, 192)).recompute_cheap
     assert not ExecPlan.auto("cuda", training=True).recompute_cheap
     assert ExecPlan.auto("cuda", training=True, recompute_cheap=True).recompute_cheap
     assert ExecPlan.auto("cuda", training=True).delta == "conv1d"
@@ -599,25 +677,31 @@ def test_auto_plans():
     assert ExecPlan.reference().corr == "volume" and ExecPlan.export().corr_chunk == 0
     # small CPU training batches: full volume, conv1d delta block and all frames at once (the demo's shape);
     # large ones not, and inference never builds the volume
-    small = ExecPlan.auto("cpu", training=True, points=64, hw=(128, 192))
+    small = ExecPlan.auto("cpu", training=True, points=64, crop_hw=(128, 192))
     assert (small.corr, small.gather, small.delta, small.encoder_chunk) == ("volume", "plain", "conv1d", 0)
-    stage1 = ExecPlan.auto("cpu", training=True, points=128, hw=(256, 384))
+    stage1 = ExecPlan.auto("cpu", training=True, points=128, crop_hw=(256, 384))
     assert (stage1.corr, stage1.delta, stage1.encoder_chunk) == ("local", "winograd", 1)
-    assert ExecPlan.auto("cpu", points=64, hw=(128, 192)).corr == "local"
-    assert ExecPlan.auto("cpu", training=True, checkpointing=True, points=64, hw=(128, 192)).encoder_chunk == 1
+    assert ExecPlan.auto("cpu", points=64, crop_hw=(128, 192)).corr == "local"
+    assert ExecPlan.auto("cpu", training=True, checkpointing=True, points=64, crop_hw=(128, 192)).encoder_chunk == 1
 
 
 def test_plan_is_frozen_and_validated():
     plan = ExecPlan.auto()
     with pytest.raises(FrozenInstanceError):
-        plan.delta = "conv1d"
+        plan.__setattr__("delta", "conv1d")  # (an assignment, which the type checker refuses as well)
     with pytest.raises(ValueError, match="corr"):
         ExecPlan(corr="dense")
+    # the encoder norm's forms are named for what they do (both compute an instance norm)
+    assert (ExecPlan.auto().norm, ExecPlan.reference().norm, ExecPlan.export().norm) == ("layout", "reference",
+                                                                                        "reference")
+    with pytest.raises(ValueError, match=r"^ExecPlan\.norm must be one of layout, reference, got 'batch'$"):
+        ExecPlan(norm="batch")
     with pytest.raises(ValueError, match="checkpointing"):
         ExecPlan(gather="workspace", checkpointing=True)
     ExecPlan(delta="winograd", gather="checkpoint", checkpointing=True)  # Winograd has a backward
+    untyped: Any = "auto"  # what code without type checking may pass
     with pytest.raises(TypeError, match="ExecPlan"):
-        Pips(plan="auto")
+        Pips(plan=untyped)
 
 
 def test_misspelled_forward_argument_is_an_error():

@@ -22,15 +22,15 @@ S, HW, ITERS = 6, (128, 128), 1
 
 def test_onnx_matches_pytorch_for_several_n(tmp_path):
     model = golden_model()
-    path = export_onnx.export(model, tmp_path / "m.onnx", S=S, hw=HW, iters=ITERS)
+    path = export_onnx.export(model, tmp_path / "m.onnx", S=S, model_hw=HW, iters=ITERS)
     assert model.plan == ExecPlan.export()
-    diffs = export_onnx.check(path, golden_model(), S=S, hw=HW, iters=ITERS, Ns=(3, 17))
+    diffs = export_onnx.check(path, golden_model(), S=S, model_hw=HW, iters=ITERS, Ns=(3, 17))
     assert diffs["onnx"] < 1e-3 and export_onnx.agrees(diffs)
     # the check is not vacuous: a different model is far off
     other = golden_model()
     with torch.no_grad():
         other.delta_block.dense.bias.add_(1.0)
-    diffs = export_onnx.check(path, other, S=S, hw=HW, iters=ITERS, Ns=(3,))
+    diffs = export_onnx.check(path, other, S=S, model_hw=HW, iters=ITERS, Ns=(3,))
     assert diffs["onnx"] > 1e-2 and not export_onnx.agrees(diffs)
 
 
@@ -51,3 +51,19 @@ def test_cli_passes_a_model_whose_float32_rounding_grows_with_the_iterations(tmp
     _, f64, torch_f64 = (float(v) for v in re.findall(r"([0-9.]+e[-+][0-9]+) px", line))
     assert torch_f64 > 5e-4 and f64 <= 4 * torch_f64 + 1e-3, line  # (here onnx is ~3e-3 px)
     assert f"{tmp_path / 'r.onnx'} (" in res.stdout and f"{tmp_path / 'r.onnx.data'} (" in res.stdout
+
+
+@pytest.mark.parametrize("flags,line", [
+    (dict(S=0), "error: --S must be from 2 to 256, got 0"),
+    (dict(H=-1), "error: --H must be from 128 to 2048, got -1"),
+    (dict(W=100000), "error: --W must be from 128 to 2048, got 100000"),
+    (dict(iters=10**6), "error: --iters must be from 1 to 64, got 1000000"),
+])
+def test_cli_flags_out_of_range_are_one_line_before_the_model_loads(tmp_path, capsys, flags, line):
+    """--S=0 and --H=-1 were tracebacks from inside the export, after the model had loaded."""
+    from helpers import run_main
+
+    res = run_main(export_onnx.main, capsys, init_dir=str(tmp_path / "no_such_checkpoint"),
+                   out=str(tmp_path / "r.onnx"), **flags)
+    assert res.returncode == 2 and res.stderr.strip() == line, res
+    assert not list(tmp_path.iterdir())

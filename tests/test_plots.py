@@ -89,7 +89,8 @@ def test_png_path_is_beside_the_json(tmp_path):
 
 def _events(folder):
     """Every Event in the TFRecord files of a tensorboardX log folder (length, crc, data, crc per record)."""
-    from tensorboardX.proto.event_pb2 import Event
+    # protobuf makes Event when the module runs; there is no stub to declare it
+    from tensorboardX.proto.event_pb2 import Event  # pyright: ignore[reportAttributeAccessIssue]
 
     for f in sorted(folder.iterdir()):
         data = f.read_bytes()
@@ -114,8 +115,8 @@ def test_figure_reaches_tensorboard(tmp_path):
 
 
 def test_mean_series_relabels_the_model_and_skips_videos_without_curves():
-    a = {"accuracy": [0, 0, 0, 0, 100], "survival": [1, 0]}
-    b = {"accuracy": [100] * 5, "survival": [1, 1, 1]}
+    a: plots.Curves = {"accuracy": [0, 0, 0, 0, 100], "survival": [1, 0]}
+    b: plots.Curves = {"accuracy": [100] * 5, "survival": [1, 1, 1]}
     per_video = {"v1": {"model": a, plots.ZERO_VEL: b}, "v2": {"model": b, plots.ZERO_VEL: b}, "v3": {}}
     series = plots.mean_series(per_video, "ck")
     assert list(series) == ["ck", plots.ZERO_VEL]

@@ -1,11 +1,17 @@
 """pips2/tracking.py: the window schedule, windowed tracking, any-frame queries, backward tracking, one
 encoding per frame, streaming, one-frame windows, bad queries and bounded memory."""
 
+import errno
 import os
+import shutil
+import socket
 import subprocess
 import sys
+import tempfile
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import pytest
@@ -13,7 +19,7 @@ import torch
 from helpers import golden_model
 
 from pips2 import tracking
-from pips2.utils.video import write_mp4
+from pips2.utils.video import VideoError, write_mp4
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,6 +41,7 @@ class StubModel(torch.nn.Module):
         return fmaps
 
     def forward(self, trajs, rgbs, iters=1, feat_init=None, fmaps=None, **kw):
+        assert fmaps is not None  # track() hands over the window's maps
         assert fmaps.shape[1] >= 2, f"model called with a {fmaps.shape[1]}-frame window"
         frames = fmaps[0, :, 0, 0, 0].long().tolist()
         self.calls.append(dict(frames=frames, init=trajs[0].clone(), feat_init=feat_init))
@@ -143,7 +150,7 @@ def test_streaming_equals_offline(model):
     video = (rng.random((T, 128, 128, 3)) * 255).astype(np.uint8)
     q = np.array([[10.0, 12.0], [90.0, 40.0]], np.float32)
     offline = tracking.track(model, video, np.concatenate([np.zeros((2, 1)), q], 1), S=S, iters=2)["tracks"]
-    online = tracking.OnlineTracker(model, q, (128, 128), S=S, iters=2)
+    online = tracking.PipsStreamTracker(model, q, (128, 128), S=S, iters=2)
     got = {}
     lags = []
     for t in range(T):
@@ -172,6 +179,7 @@ class TwoFrameStub(torch.nn.Module):
         return torch.zeros(1, rgbs.shape[1], 2, 2, 1)
 
     def forward(self, trajs, rgbs, iters=1, feat_init=None, fmaps=None, **kw):
+        assert fmaps is not None  # track() hands over the window's maps
         assert fmaps.shape[1] >= 2, f"model called with a {fmaps.shape[1]}-frame window"
         self.windows.append(fmaps.shape[1])
         out = trajs.clone()
@@ -226,12 +234,13 @@ def test_run_window_of_one_frame_is_its_initialisation():
 
 
 @pytest.mark.parametrize("T", [1, 9, 16])  # S=8: 1 frame; 8 + 1 (the last window has 1 new frame); 2 windows
-def test_online_tracker_short_last_window(T):
+def test_stream_tracker_short_last_window(T):
     S = 8
     stub = TwoFrameStub()
     video = _video(T, 128, 128)
     q = np.array([[10.0, 12.0], [90.0, 40.0]], np.float32)
-    online = tracking.OnlineTracker(stub, q, (128, 128), S=S, iters=1)
+    online = tracking.PipsStreamTracker(stub, q, (128, 128), S=S, iters=1)
+    assert isinstance(online, tracking.StreamTracker)
     got = {}
     for t in range(T):
         got.update(online.push(video[t]))
@@ -321,10 +330,10 @@ def test_shared_encoding_gives_each_group_its_own_numbers(model, monkeypatch):
         np.testing.assert_array_equal(res["tracks"][:t0 + 1, sel][::-1], bwd)
 
 
-def test_window_schedule_drives_the_online_tracker():
+def test_window_schedule_drives_the_stream_tracker():
     T, S = 30, 8
     stub = StubModel()
-    online = tracking.OnlineTracker(stub, np.array([[10.0, 12.0]], np.float32), (128, 128), S=S, iters=1)
+    online = tracking.PipsStreamTracker(stub, np.array([[10.0, 12.0]], np.float32), (128, 128), S=S, iters=1)
     for frame in _ids_video(T):
         online.push(frame)
     online.finish()
@@ -368,3 +377,307 @@ for S in (16, T):  # windows of 16 frames, then one window over the whole video 
     # measured (100 frames): 9-18 MiB with 16-frame windows, ~94 MiB with the whole video in one window
     assert windowed < 150, growth
     assert whole > 2 * windowed, growth  # the measurement sees the difference, so the bound means something
+
+
+# --- requests checked before any frame is read; bounds; the decoded video's temp file ------------------------------
+
+@pytest.mark.parametrize("kw,message", [
+    (dict(iters=0), r"^iters must be at least 1 \(0 would return every query as its track\), got 0$"),
+    (dict(iters=65), r"^iters must be at most 64 \(each step is one more pass .*\), got 65$"),
+    (dict(S=-3), r"^S must be at least 2 \(windows overlap by one frame\), got -3$"),
+    (dict(point_batch=0), r"^point_batch must be at least 1, got 0$"),
+    (dict(S=8.5), r"^S must be a whole number, got 8\.5$"),
+    (dict(model_hw=(16, 16)), r"^model_hw must be H,W each from 128 \(the smallest PIPs\+\+ accepts\) to 4096, "
+                              r"got 16,16$"),
+    (dict(model_hw=(128, 100000)), r"^model_hw must be H,W each from 128 .* to 4096, got 128,100000$"),
+    (dict(model_hw="abc"), r"^model_hw must be H,W \(two whole numbers\), got 'abc'$"),
+])
+def test_track_arguments_are_checked_before_any_frame_is_read(tmp_path, kw, message, monkeypatch):
+    """iters=0 returned every query as its track; the others failed deep inside, after the video was decoded."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    write_mp4(tmp_path / "v.mp4", _video(4))
+    stub = TwoFrameStub()
+    for video in (_video(4), str(tmp_path / "v.mp4")):
+        with pytest.raises(ValueError, match=message):
+            tracking.track(stub, video, np.array([[0, 1.0, 1.0]]), **{"S": 8, **kw})
+    assert stub.encoded == 0 and not list(tmp_path.glob(f"{tracking.FRAMES_PREFIX}*"))  # nothing decoded
+    with pytest.raises(ValueError, match=message):
+        tracking.PipsStreamTracker(stub, np.array([[1.0, 1.0]]), (128, 160), **{"S": 8, **kw})
+
+
+def test_a_video_smaller_than_a_feature_cell_is_refused():
+    with pytest.raises(ValueError, match=r"^video: the video is 1x1; tracking needs at least 8x8 pixels$"):
+        tracking.track(TwoFrameStub(), np.zeros((3, 1, 1, 3), np.uint8), np.array([[0, 0.0, 0.0]]), S=8)
+
+
+def test_a_point_far_outside_the_image_is_refused():
+    """x=1e30 was tracked (with a warning) and drawing its track failed after the whole run."""
+    stub = TwoFrameStub()
+    for q, what in (([[0, 1e30, 5.0]], "row 0: point x=1e+30, y=5 lies more than 4 image widths"),
+                    ([[0, 10.0, 10.0], [0, 5.0, -600.0]], "row 1: point x=5, y=-600 lies more than 4 image heights")):
+        with pytest.raises(ValueError) as e:
+            tracking.track(stub, _video(4), np.array(q, np.float32), S=8)
+        assert str(e.value) == f"queries: {what} outside the 160x128 image"
+    assert stub.encoded == 0
+    with warnings.catch_warnings(record=True) as w:  # within 4 image sizes: still tracked, with the warning
+        warnings.simplefilter("always")
+        tracking.track(stub, _video(4), np.array([[0, 160 * 5 - 1.0, 5.0]], np.float32), S=8)
+    assert len(w) == 1 and "lie outside the 160x128 image" in str(w[0].message)
+
+
+def test_the_number_of_points_is_bounded():
+    """--grid_size=3000 asked for 9 million points on a 160x128 video, and was accepted."""
+    assert len(tracking.grid_queries((128, 160), 100)) == tracking.MAX_POINTS == 10_000
+    bads: list[Any] = [3000, 101, 0, -1, 2.5, True]  # wrong values and types, as a command line may give
+    for bad in bads:
+        with pytest.raises(ValueError, match=r"^grid_size must be a whole number from 1 to 100 \(at most 10000 points"):
+            tracking.grid_queries((128, 160), bad)
+    q = np.zeros((tracking.MAX_POINTS + 1, 3), np.float32)
+    with pytest.raises(ValueError, match=r"^pts\.csv: 10001 points; at most 10000 are tracked at once"):
+        tracking.check_queries(q, 4, (128, 160), "pts.csv")
+    assert len(tracking.check_queries(q, 4, (128, 160), max_points=None)) == 10_001  # the evaluations' own counts
+
+
+class NaNStub(TwoFrameStub):
+    """A model whose weights are damaged: its estimates are NaN."""
+
+    def forward(self, trajs, rgbs, iters=1, feat_init=None, fmaps=None, **kw):
+        out = trajs.clone() * float("nan")
+        return [out], [out], (None, None, None), None
+
+
+def test_estimates_that_are_not_finite_are_refused():
+    with pytest.raises(ValueError, match=r"^the model's estimates are not finite \(NaN or inf\) for 2 of 2 points"):
+        tracking.track(NaNStub(), _video(6), np.array([[0, 10.0, 10.0], [0, 20.0, 20.0]], np.float32), S=4)
+
+
+class FailingStub(TwoFrameStub):
+    """Fails in its second window, as a model out of memory or a signal would interrupt it."""
+
+    def forward(self, *args, **kw):
+        if self.windows:
+            raise RuntimeError("out of memory")
+        return super().forward(*args, **kw)
+
+
+def test_the_decoded_video_is_removed_on_every_way_out(tmp_path, monkeypatch):
+    """The temp file of decoded frames (GBs for a long video) stayed as long as the exception was kept (a notebook
+    keeps the last one; a server may log it), and for good when a signal killed the process (demo.py's test)."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    write_mp4(tmp_path / "v.mp4", _video(12))
+    q = np.array([[0, 10.0, 10.0]], np.float32)
+    with pytest.raises(RuntimeError, match="out of memory") as kept:
+        tracking.track(FailingStub(), str(tmp_path / "v.mp4"), q, S=4)
+    assert kept.value.__traceback__ is not None and list((tmp_path / "tmp").iterdir()) == []
+    del kept
+    assert tracking.track(TwoFrameStub(), str(tmp_path / "v.mp4"), q, S=4)["tracks"].shape == (12, 1, 2)
+    assert list((tmp_path / "tmp").iterdir()) == []
+    # a source the caller made stays open; close() removes its file
+    src = tracking.VideoFileFrames(tmp_path / "v.mp4")
+    tracking.track(TwoFrameStub(), src, q, S=4)
+    assert (src.dir / "frames.u8").is_file() and len(src.get(0, 12)) == 12
+    src.close()
+    assert list((tmp_path / "tmp").iterdir()) == []
+    with pytest.raises(ValueError, match="closed frame source"):  # not a TypeError about None
+        src.get(0, 1)
+
+
+def test_frame_folders_of_killed_processes_are_removed(tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    host = socket.gethostname()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    stale = tmp_path / f"{tracking.FRAMES_PREFIX}.{host}.{dead}.abc_12"
+    live = tmp_path / f"{tracking.FRAMES_PREFIX}.{host}.{os.getpid()}.xyz"
+    other_host = tmp_path / f"{tracking.FRAMES_PREFIX}.elsewhere.{dead}.abc"
+    for d in (stale, live, other_host):
+        d.mkdir()
+        (d / "frames.u8").write_bytes(b"\0" * 100)
+    write_mp4(tmp_path / "v.mp4", _video(3))
+    tracking.VideoFileFrames(tmp_path / "v.mp4").close()
+    assert not stale.exists() and live.is_dir() and other_host.is_dir()
+
+
+def test_a_full_disk_while_decoding_is_one_line(tmp_path, monkeypatch):
+    """The frames are memory-mapped: without space reserved first, a full disk ends the process with SIGBUS."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    write_mp4(tmp_path / "v.mp4", _video(3))
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    with pytest.raises(VideoError) as e:
+        tracking.track(TwoFrameStub(), str(tmp_path / "v.mp4"), np.array([[0, 1.0, 1.0]]), S=4)
+    assert str(e.value).startswith(f"{tmp_path / 'v.mp4'}: no space in {tmp_path / 'tmp'} for its decoded frames")
+    assert "TMPDIR" in str(e.value) and list((tmp_path / "tmp").iterdir()) == []
+
+
+def _small_disk(monkeypatch, tmp: Path, free: int, total: int = 100 * 2**30) -> None:
+    """TMPDIR = tmp on a disk with `free` bytes free besides what its files take (shutil.disk_usage faked)."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    tmp.mkdir(exist_ok=True)
+
+    def usage(path):
+        taken = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file())
+        return SimpleNamespace(total=total, used=total - free + taken, free=free - taken)
+
+    monkeypatch.setattr(shutil, "disk_usage", usage)
+
+
+def test_a_video_beyond_tmpdirs_free_space_is_refused_before_it_fills_it(tmp_path, monkeypatch):
+    """An 8 KB video of many grey frames grew its decoded-frame file until the disk was nearly full (other programs
+    writing there met ENOSPC) before 'no space'. Its frames x the model's size are compared with TMPDIR's free
+    space less 1 GB (a tenth of a disk under 10 GB) before decoding, when an mp4 header declares the count, and as
+    the file grows, when it does not."""
+    tmp = tmp_path / "tmp"
+    write_mp4(tmp_path / "v.mp4", _video(3))  # tracked at 128x160: 61,440 bytes a frame
+    _small_disk(monkeypatch, tmp, 2**30 + 100_000)  # room for one frame
+    q = np.array([[0, 1.0, 1.0]])
+    with pytest.raises(ValueError) as e:
+        tracking.track(TwoFrameStub(), str(tmp_path / "v.mp4"), q, S=4)
+    assert str(e.value) == (f"{tmp_path / 'v.mp4'}: decoding its 3 frames needs 0.00 GB at the model's size, {tmp} has "
+                            f"1.00 GB free (less 1 GB or a tenth of its disk kept for other programs); set TMPDIR or "
+                            f"cut the video")
+    assert list(tmp.iterdir()) == []
+    monkeypatch.setattr(tracking, "declared_frames", lambda path: None)  # a format without a frame count
+    with pytest.raises(ValueError, match=r"decoding more than 1 frames needs 0\.00 GB .*; set TMPDIR or cut the"):
+        tracking.track(TwoFrameStub(), str(tmp_path / "v.mp4"), q, S=4)
+    assert list(tmp.iterdir()) == []
+    _small_disk(monkeypatch, tmp, 2**30 + 3 * 61_440)  # exactly room for the 3 frames: tracked
+    assert tracking.track(TwoFrameStub(), str(tmp_path / "v.mp4"), q, S=4)["tracks"].shape == (3, 1, 2)
+    small = 2**30 // 2  # a 512 MB disk keeps a tenth of it free, not 1 GB
+    _small_disk(monkeypatch, tmp, small // 10 + 3 * 61_440, total=small)
+    assert tracking.track(TwoFrameStub(), str(tmp_path / "v.mp4"), q, S=4)["tracks"].shape == (3, 1, 2)
+
+
+def test_a_video_too_large_for_its_own_size_needs_model_hw(tmp_path, monkeypatch):
+    """Tracked at its own size by default, a 4104-pixel-high video would hold S frames of feature maps of that
+    size; it is refused before its frames are decoded, naming model_hw and --image_size, and tracks with it."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    tall = np.zeros((2, 4104, 16, 3), np.uint8)
+    write_mp4(tmp_path / "tall.mp4", tall)
+    q = np.array([[0, 8.0, 100.0]], np.float32)
+    for video, name in ((tall, "video"), (str(tmp_path / "tall.mp4"), str(tmp_path / "tall.mp4"))):
+        with pytest.raises(ValueError) as e:
+            tracking.track(TwoFrameStub(), video, q, S=4)
+        assert str(e.value) == (f"{name}: the video is 16x4104, beyond the 4096 pixels a side that it is tracked at "
+                                f"by default; give a size to track it at (model_hw, the scripts' --image_size=H,W) "
+                                f"of at most 4096 a side")
+    assert list((tmp_path / "tmp").iterdir()) == []
+    res = tracking.track(TwoFrameStub(), str(tmp_path / "tall.mp4"), q, S=4, model_hw=(1024, 128))
+    assert res["tracks"].shape == (2, 1, 2)
+
+
+# --- progress: one labelled bar per pass, over work counted up front, moving within a window, ending at its total ---
+
+def test_progress_moves_within_a_window_and_ends_at_its_total(model):
+    """A clip shorter than one window showed `windows: 0%| 0/1` for the whole run: now its frames as they are
+    encoded, then each iteration of each batch of points."""
+    video = _video(10)
+    q = np.array([[0, 30.0, 40.0], [0, 100.0, 90.0], [0, 60.0, 20.0]], np.float32)
+    seen = []
+    tracking.track(model, video, q, S=16, iters=2, point_batch=2, progress=lambda *a: seen.append(a))
+    # 10 frames encoded in one piece, then 2 iterations x 2 batches of points, one step each, as they end
+    assert seen == [("forward", n, 14) for n in (10, 11, 12, 13, 14)]
+
+
+class _Bars:
+    """tqdm as tracking makes its bars, each recorded with its label, unit and count when closed."""
+
+    def __init__(self, monkeypatch):
+        self.closed = []
+        bars = self
+
+        class Recording(tracking.tqdm):
+            def close(self):
+                if not self.disable:
+                    bars.closed.append((self.desc, self.unit, self.n, self.total))
+                super().close()
+
+        monkeypatch.setattr(tracking, "tqdm", Recording)
+
+
+def _exact_steps(monkeypatch) -> list:
+    """Make PassProgress check that a finished pass counted exactly its total (close() would fill the rest)."""
+    counts = []
+    if not hasattr(tracking, "PassProgress"):  # code before PassProgress: the bars' own checks tell what is wrong
+        return counts
+    close = tracking.PassProgress.close
+
+    def checked(self, finished=True):
+        if finished:
+            counts.append((self.label, self.done, self.total))
+        close(self, finished)
+
+    monkeypatch.setattr(tracking.PassProgress, "close", checked)
+    return counts
+
+
+@pytest.mark.parametrize("T,S,qt,backward,iters,point_batch", [
+    (10, 16, [0, 0, 0], True, 2, 2),  # shorter than a window; backward has nothing to do (queries on frame 0)
+    (24, 8, [5, 5, 0], True, 3, 2),  # several windows, a shorter last one, two query frames each way
+    (24, 8, [23, 23, 0], True, 1, 8),  # a one-frame forward pass (queries on the last frame)
+    (17, 8, [0, 2], False, 2, 1),  # windows sharing frames across two passes
+])
+def test_every_pass_bar_is_labelled_and_counts_its_steps_exactly(T, S, qt, backward, iters, point_batch, model,
+                                                                    monkeypatch, capsys):
+    """With --backward the forward bar stopped at 83 % and an unlabelled second bar began: each pass now has
+    its own bar named after its direction, closed at exactly its total."""
+    bars = _Bars(monkeypatch)
+    counts = _exact_steps(monkeypatch)
+    q = np.array([[t, 20.0 + 10 * i, 30.0 + 5 * i] for i, t in enumerate(qt)], np.float32)
+    tracking.track(model, _video(T), q, S=S, iters=iters, point_batch=point_batch, backward=backward,
+                   progress=True)
+    labels = ["forward", "backward"] if backward and max(qt) > 0 else ["forward"]
+    assert [b[0] for b in bars.closed] == labels and all(n == total > 0 for _, _, n, total in bars.closed)
+    assert [c[0] for c in counts] == labels and all(done == total for _, done, total in counts)
+    # what a person sees last of each bar: its name and 100 %
+    shown = [ln for ln in capsys.readouterr().err.replace("\r", "\n").splitlines() if ln.strip()]
+    assert all(ln.startswith(("forward:", "backward:")) for ln in shown), shown
+    for label in labels:
+        assert "100%" in [ln for ln in shown if ln.startswith(label + ":")][-1]
+
+
+def test_progress_steps_with_a_model_without_iteration_hooks(monkeypatch):
+    """A model whose iterations cannot be seen (no delta block) advances by its iterations once each call returns."""
+    counts = _exact_steps(monkeypatch)
+    seen = []
+    q = np.array([[23, 30.0, 40.0], [5, 100.0, 90.0], [0, 50.0, 60.0]], np.float32)
+    tracking.track(TwoFrameStub(), _video(24), q, S=8, iters=3, backward=True, progress=lambda *a: seen.append(a))
+    assert [c[0] for c in counts] == ["forward", "backward"] and all(d == t for _, d, t in counts)
+    assert all(b[1] > a[1] for a, b in zip(seen, seen[1:], strict=False) if a[0] == b[0])
+
+
+def test_a_pass_stopped_by_an_error_keeps_its_count(model, monkeypatch):
+    """A bar is filled only when its pass ran to its end."""
+    bars = _Bars(monkeypatch)
+
+    class Broken(TwoFrameStub):
+        def forward(self, *a, **kw):
+            if len(self.windows) == 1:
+                raise RuntimeError("boom")
+            return super().forward(*a, **kw)
+
+    with pytest.raises(RuntimeError, match="boom"):
+        tracking.track(Broken(), _video(24), np.array([[0, 30.0, 40.0]], np.float32), S=8, iters=2, progress=True)
+    ((label, _, n, total),) = bars.closed
+    assert label == "forward" and 0 < n < total
+
+
+@pytest.mark.parametrize("qt,labels", [([0, 0], ["forward"]), ([0, 4], ["forward", "backward"])])
+def test_lbm_progress_is_one_labelled_bar_of_frames_per_pass(qt, labels, monkeypatch):
+    from test_lbm_track import _video as lbm_video
+    from test_lbm_track import small_lbm
+
+    bars = _Bars(monkeypatch)
+    counts = _exact_steps(monkeypatch)
+    video = lbm_video(9)
+    q = np.array([[t, 10.0 + 5 * i, 12.0] for i, t in enumerate(qt)], np.float32)
+    tracking.track(small_lbm(torch.float32, video), video, q, backward=True, progress=True)
+    # forward from the first query frame to the end, backward from the last query frame after 0 to frame 0
+    assert bars.closed == [(lb, "frame", n, n) for lb, n in zip(labels, [9 - min(qt), max(qt) + 1], strict=False)]
+    assert [c[0] for c in counts] == labels and all(d == t for _, d, t in counts)

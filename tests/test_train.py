@@ -8,6 +8,7 @@ import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -16,6 +17,7 @@ import torch
 
 from pips2.cli import train
 from pips2.nets.pips2 import Pips
+from pips2.nets.plan import ExecPlan
 from pips2.utils import checkpoint as ck
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,13 +30,20 @@ def _version(out):
     return next(p.name for p in Path(out).iterdir() if (p / "settings.json").is_file())
 
 
-def _train(exported_dir, tmp, *args, check=True, **popen):
-    cmd = [sys.executable, str(ROOT / "train.py"), f"--dataset_location={exported_dir}",
-           f"--dataset_version={_version(exported_dir)}", f"--log_dir={tmp / 'logs'}", f"--ckpt_dir={tmp / 'ck'}",
-           *TINY, *args]
-    if popen:
-        return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
-    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+def _train_cmd(exported_dir, tmp, *args) -> list[str]:
+    return [sys.executable, str(ROOT / "train.py"), f"--dataset_location={exported_dir}",
+            f"--dataset_version={_version(exported_dir)}", f"--log_dir={tmp / 'logs'}", f"--ckpt_dir={tmp / 'ck'}",
+            *TINY, *args]
+
+
+def _start(exported_dir, tmp, *args, **popen) -> subprocess.Popen[str]:
+    """train.py started in the background, its stderr in its stdout."""
+    return subprocess.Popen(_train_cmd(exported_dir, tmp, *args), cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, **popen)
+
+
+def _train(exported_dir, tmp, *args, check=True) -> subprocess.CompletedProcess[str]:
+    res = subprocess.run(_train_cmd(exported_dir, tmp, *args), cwd=ROOT, capture_output=True, text=True)
     if check:
         assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     return res
@@ -77,9 +86,9 @@ def test_transpose_swaps_axes():
 
 def test_stage_defaults_and_flags():
     c2 = train.make_config(2, {})
-    assert (c2.B, c2.S, c2.crop_size, c2.max_steps) == (1, 64, (512, 896), 10_000)
+    assert (c2.B, c2.S, c2.crop_hw, c2.max_steps) == (1, 64, (512, 896), 10_000)
     c1 = train.make_config(1, {"S": 8, "crop_size": "128,192"})
-    assert (c1.B, c1.S, c1.crop_size, c1.max_steps) == (4, 8, (128, 192), 200_000)
+    assert (c1.B, c1.S, c1.crop_hw, c1.max_steps) == (4, 8, (128, 192), 200_000)
     with pytest.raises(ValueError, match="unknown flags"):
         train.make_config(1, {"bogus": 1})
 
@@ -96,13 +105,26 @@ def test_max_iters_is_an_alias_of_max_steps(capsys):
     assert err == "error: --max_steps=3 and its alias --max_iters=4 disagree; give one of them"
 
 
+def test_the_crop_flag_is_the_authors_crop_size(capsys):
+    """Inside, the crop is Config.crop_hw; at the command line it stays --crop_size (per stage too), the only
+    flag for it: --help lists --crop_size, and --crop_hw is an unknown flag."""
+    assert train.make_config(1, {"crop_size": "128,160"}).crop_hw == (128, 160)
+    assert "--crop_size=(256, 384)" in train.usage() and "crop_hw" not in train.usage()
+    for flag in ("crop_hw", "stage2_crop_hw"):
+        with pytest.raises(SystemExit) as e:  # refused before any training starts
+            unknown: dict[str, Any] = {flag: "128,128"}  # any value: the flag's name is what is refused
+            train.main(**unknown, dataset_location="/nonexistent")
+        assert e.value.code == 2
+        assert capsys.readouterr().err.strip() == f"error: unknown flags: ['{flag}'] (the flags are --crop_size)"
+
+
 def test_two_stages_and_step_line(exported, tmp_path):
     out, _ = exported
     # a stage's own alias (--stage2_max_iters) overrides the common --max_steps
     res = _train(out, tmp_path, "--stages=1,2", "--max_steps=2", "--stage2_max_iters=1", "--stage2_S=7",
                  "--save_freq=1")
     lines = [ln for ln in res.stdout.splitlines() if STEP_RE.match(ln)]
-    assert [STEP_RE.match(ln).group(1).split("_")[0] for ln in lines] == ["stage1", "stage1", "stage2"]
+    assert [m.group(1).split("_")[0] for ln in lines if (m := STEP_RE.match(ln))] == ["stage1", "stage1", "stage2"]
     assert "total params: 17.57 M" in res.stdout
     s1 = next((tmp_path / "ck").glob("stage1_*"))
     s2 = next((tmp_path / "ck").glob("stage2_*"))
@@ -123,7 +145,8 @@ def test_resume_after_kill_gives_the_same_losses(exported, tmp_path):
     ref = _train(out, tmp_path / "ref", *args)
     ref_losses = _losses(ref.stdout)
     assert sorted(ref_losses) == [1, 2, 3, 4]
-    proc = _train(out, tmp_path / "run", *args, start_new_session=True)
+    proc = _start(out, tmp_path / "run", *args, start_new_session=True)
+    assert proc.stdout is not None
     seen = ""
     for line in proc.stdout:
         seen += line
@@ -220,15 +243,15 @@ def _kubric(root: Path, n_seq=2, nan=False, frames=24, size=512):
             coords[:] = np.nan
         occluded = np.zeros((40, frames), bool)
         occluded[0, 5:] = True
-        np.save(seq / f"seq{s:04d}.npy", {"coords": coords.astype(np.float32), "visibility": occluded},
-                allow_pickle=True)
+        np.save(seq / f"seq{s:04d}.npy", np.array({"coords": coords.astype(np.float32), "visibility": occluded},
+                                                   dtype=object), allow_pickle=True)
 
 
 def test_kubric_layout_and_window(tmp_path):
     from pips2.datasets.kubric import KubricDataset
 
     _kubric(tmp_path)
-    ds = KubricDataset(str(tmp_path), S=10, N=16, crop_size=(512, 512))
+    ds = KubricDataset(str(tmp_path), S=10, N=16, crop_hw=(512, 512))
     frames, coords, visible = ds.load(0)
     assert frames.shape == (24, 512, 512, 3) and coords.shape == (24, 40, 2)
     assert not visible[5, 0] and visible[4, 0] and visible[10, 3]  # the file's flag means occluded
@@ -255,11 +278,11 @@ def test_kubric_samples_get_the_occlusion_boxes_at_the_source_size(tmp_path, mon
 
     monkeypatch.setattr(augment, "erase_and_replace", hide_frame_1)
     _kubric(tmp_path, n_seq=1, frames=6, size=128)
-    ds = KubricDataset(str(tmp_path), S=4, N=8, crop_size=(64, 96), use_augs=True)
+    ds = KubricDataset(str(tmp_path), S=4, N=8, crop_hw=(64, 96), use_augs=True)
     _, track = ds.sample(0, np.random.default_rng(0))
     assert calls == [(4, 128, 128, 3)]  # the S-window, before the crop
     assert track[0, :, 2].all() and not track[1, :, 2].any()  # its hidden points stay hidden
-    _, track = KubricDataset(str(tmp_path), S=4, N=8, crop_size=(64, 96)).sample(0, np.random.default_rng(0))
+    _, track = KubricDataset(str(tmp_path), S=4, N=8, crop_hw=(64, 96)).sample(0, np.random.default_rng(0))
     assert len(calls) == 1 and track[1, :, 2].any()  # no augmentation without use_augs
 
 
@@ -380,16 +403,20 @@ def test_init_dir_with_ignored_prefixes(exported, tmp_path):
 def test_memory_flags_pick_the_plan():
     from pips2.trainer import Config, build_model
 
-    base = dict(stage=1, B=1, S=6, N=8, crop_size=(128, 192), iters=2, lr=1e-4, max_steps=1)
-    plan = lambda **kw: build_model(Config(**{**base, **kw}), torch.device("cpu")).plan  # noqa: E731
+    base = dict(stage=1, B=1, S=6, N=8, crop_hw=(128, 192), iters=2, lr=1e-4, max_steps=1)
+    def plan(**kw) -> ExecPlan:
+        model = build_model(Config(**{**base, **kw}), torch.device("cpu"))
+        assert isinstance(model, Pips)
+        return model.plan
+
     small = plan()  # B*N = 8 points on a 128x192 crop: the small-batch choices
     assert not small.recompute_cheap and not small.checkpointing
     assert small.delta == "conv1d" and small.encoder_chunk == 0 and small.corr == "volume"
     many = plan(B=2, N=64)  # 128 points: the Winograd delta block; the crop alone decides the encoder chunks
     assert many.delta == "winograd" and many.encoder_chunk == 0
-    large = plan(B=2, N=64, crop_size=(256, 448))  # the stage-1 shape: one frame at a time
+    large = plan(B=2, N=64, crop_hw=(256, 448))  # the stage-1 shape: one frame at a time
     assert large.delta == "winograd" and large.encoder_chunk == 1 and large.corr == "local"
-    assert large.recompute_cheap and not plan(B=2, N=64, crop_size=(256, 448), recompute_cheap=False).recompute_cheap
+    assert large.recompute_cheap and not plan(B=2, N=64, crop_hw=(256, 448), recompute_cheap=False).recompute_cheap
     assert plan(B=2, N=64, amp="bf16").delta == "winograd2"  # under bf16 F(2,3)
     assert plan(B=1, N=64, amp="bf16").delta == "conv1d"  # on fewer points the small-batch choice
     assert plan(recompute_cheap=True).recompute_cheap

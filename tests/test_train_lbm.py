@@ -4,6 +4,7 @@ exact resume, AMP, non-finite and corrupt-clip skipping, validation on held-out 
 import math
 import re
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -13,14 +14,15 @@ from test_train_robust import _corrupt_copy
 
 from pips2 import trainer
 from pips2.cli import train
-from pips2.nets.lbm import LBM, load_lbm
+from pips2.hub import load_model
+from pips2.nets.lbm import LBM
 from pips2.train_step import warmup_cosine
 from pips2.utils import checkpoint as ck
 
 # input_size 64x96 (whole stride-32 cells), a narrow transformer, a short memory: ~0.3 s a step on one thread
 TINY = dict(model="lbm", B=1, S=4, N=8, crop_size="64,96", embed_dim=32, memory_size=4, workers=0, device="cpu",
             log_freq=1, quiet=True)
-MODEL_KW = dict(input_size=(64, 96), embed_dim=32, memory_size=4, N=8, T=4)
+MODEL_KW: dict[str, Any] = dict(input_size=(64, 96), embed_dim=32, memory_size=4, N=8, T=4)
 
 
 def _version(out) -> str:
@@ -48,7 +50,7 @@ def _weights(net) -> dict[str, torch.Tensor]:
 
 def test_lbm_defaults_are_the_authors_recipe_and_pips_is_unchanged():
     c = train.make_config(1, {"model": "lbm"})
-    assert (c.B, c.S, c.N, c.crop_size, c.lr, c.wd, c.grad_clip, c.memory_size, c.embed_dim) == \
+    assert (c.B, c.S, c.N, c.crop_hw, c.lr, c.wd, c.grad_clip, c.memory_size, c.embed_dim) == \
         (4, 24, 256, (384, 512), 5e-4, 1e-5, 1.0, 12, 256)
     assert c.max_steps == 150 * 687 and c.lbm and c.layout is ck.LBM_LAYOUT and c.name().startswith("lbm_4x24x256")
     p = train.make_config(1, {})
@@ -123,7 +125,7 @@ def test_a_step_on_kubric_changes_the_weights_and_saves_the_authors_format(tmp_p
     raw = torch.load(path, map_location="cpu", weights_only=True)  # the authors' loader reads raw['model']
     assert {"model", "optimizer", "scheduler", "scaler", "rng"} <= set(raw) and "model_state_dict" not in raw
     assert list(raw["model"]) == list(net.state_dict())
-    loaded = load_lbm(path, **MODEL_KW)  # strict
+    loaded = load_model(path, kind="lbm", **MODEL_KW)  # strict
     assert all(torch.equal(v, after[k]) for k, v in loaded.state_dict().items())
     blob = b"".join(p.read_bytes() for p in (tmp_path / "logs").rglob("events.out.tfevents*"))
     for tag in (b"train/classification_loss", b"train/occ_acc", b"train/d_avg", b"train/lr"):
@@ -171,7 +173,7 @@ def test_resume_gives_the_weights_of_an_uninterrupted_run(tmp_path, monkeypatch)
     want, got = ref.state_dict(), resumed.state_dict()
     assert all(torch.equal(want[k], got[k]) for k in want)
     # and the comparison can fail: the step-2 weights differ from the final ones
-    at2 = load_lbm(ck.find_checkpoint(ckdir, 2), **MODEL_KW).state_dict()
+    at2 = load_model(ck.find_checkpoint(ckdir, 2), kind="lbm", **MODEL_KW).state_dict()
     assert not all(torch.equal(at2[k], want[k]) for k in want)
 
 
@@ -219,7 +221,8 @@ def test_tapvid_davis_validation_while_training(tmp_path):
     blob = b"".join(p.read_bytes() for p in (tmp_path / "logs").rglob("events.out.tfevents*"))
     assert b"davis/AJ" in blob and b"davis/OA" in blob and b"davis/d_avg" in blob
     # the figures are test_on_tap.py's query-first ones (at 256x256) of the first video only (--eval_videos=1)
-    figs = trainer.Validator(cfg, None, None).tapvid(net)
+    unused: Any = None  # tapvid() reads neither the ranks nor the training data
+    figs = trainer.Validator(cfg, unused, unused).tapvid(net)
     assert net.training
     from pips2 import evaluation
     from pips2.datasets.tapvid import load_tapvid
@@ -227,11 +230,11 @@ def test_tapvid_davis_validation_while_training(tmp_path):
     _, video, points, occluded = next(iter(load_tapvid(tmp_path / "davis.pkl")))
     net.eval()
     with torch.no_grad():
-        ref = evaluation.tapvid_query_mode(net, video, points, occluded, "first", size=(256, 256))
+        ref = evaluation.tapvid_query_mode(net, video, points, occluded, "first", eval_hw=(256, 256))
     assert figs == {"AJ": ref["average_jaccard"], "d_avg": ref["delta_avg"], "OA": ref["occlusion_accuracy"]}
     assert all(0.0 <= v <= 100.0 for v in figs.values())
     cfg2 = _kubric_cfg(tmp_path, tapvid_root=str(tmp_path / "davis.pkl"), eval_dataset="davis", eval_videos=2)
-    assert trainer.Validator(cfg2, None, None).tapvid(net) != figs  # the second video counts too
+    assert trainer.Validator(cfg2, unused, unused).tapvid(net) != figs  # the second video counts too
 
 
 def test_non_finite_losses_are_skipped_then_the_run_stops(tmp_path, capsys):
@@ -243,7 +246,7 @@ def test_non_finite_losses_are_skipped_then_the_run_stops(tmp_path, capsys):
     assert capsys.readouterr().out.count("non-finite loss, step skipped") == 2
     ckdir = next((tmp_path / "ck").iterdir())
     assert [s for s, _ in ck.list_checkpoints(ckdir)] == [2]
-    load_lbm(ck.find_checkpoint(ckdir), **MODEL_KW)
+    load_model(ck.find_checkpoint(ckdir), kind="lbm", **MODEL_KW)
 
 
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])

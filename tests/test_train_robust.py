@@ -1,4 +1,4 @@
-"""Issue 14 for training: bad checkpoints, stale temps, the run lock, a full disk, corrupt clips, missing data."""
+"""Bad input in training: bad checkpoints, stale temps, the run lock, a full disk, corrupt clips, missing data."""
 
 import errno
 import os
@@ -86,7 +86,7 @@ def test_unreadable_init_dir_file_is_one_line_exit_2(exported, tmp_path):
     res = _run_cli(out, tmp_path, "--max_steps=1", f"--init_dir={bad}")
     assert res.returncode == 2
     assert res.stderr.strip().splitlines() == [res.stderr.strip()] and str(bad) in res.stderr
-    assert res.stderr.startswith("error: ") and "not a readable checkpoint" in res.stderr
+    assert res.stderr.startswith("error: ") and "init.pth: not a checkpoint" in res.stderr
 
 
 def test_stale_temps_of_dead_writers_are_removed(tmp_path):
@@ -297,3 +297,53 @@ def test_unknown_amp_is_one_line(exported, tmp_path):
     out, _ = exported
     res = _run_cli(out, tmp_path, "--max_steps=1", "--amp=fp8")
     assert res.returncode == 2 and res.stderr.strip() == "error: --amp must be one of none, bf16, fp16, got 'fp8'"
+
+
+# --- flags -------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("flags,expect", [
+    ({"save_freq": 0}, "--save_freq must be at least 1, got 0"),
+    ({"max_steps": 0}, "--max_steps must be at least 1, got 0"),
+    ({"max_iters": -5}, "--max_steps must be at least 1, got -5"),
+    ({"lr": "abc"}, "--lr must be a finite number, got 'abc'"),
+    ({"lr": "nan"}, "--lr must be a finite number, got 'nan'"),  # fire hands nan and inf over as strings
+    ({"lr": "inf"}, "--lr must be a finite number, got 'inf'"),
+    ({"lr": float("inf")}, "--lr must be a finite number, got inf"),  # --lr=1e999
+    ({"lr": 0}, "--lr must be positive, got 0"),
+    ({"wd": -1e-3}, "--wd must be at least 0, got -0.001"),
+    ({"grad_clip": float("nan")}, "--grad_clip must be a finite number, got nan"),
+    ({"B": -1}, "--B must be at least 1, got -1"),
+    ({"B": 1.5}, "--B must be an integer, got 1.5"),
+    ({"S": 1}, "--S must be at least 2, got 1"),
+    ({"N": 0}, "--N must be at least 1, got 0"),
+    ({"iters": 0}, "--iters must be at least 1, got 0"),
+    ({"iters": 65}, "--iters must be at most 64, got 65"),
+    ({"grad_acc": 0}, "--grad_acc must be at least 1, got 0"),
+    ({"log_freq": 0}, "--log_freq must be at least 1, got 0"),
+    ({"val_freq": 0}, "--val_freq must be at least 1, got 0"),
+    ({"max_nan_steps": 0}, "--max_nan_steps must be at least 1, got 0"),
+    ({"keep_latest": -1}, "--keep_latest must be at least 0, got -1"),
+    ({"workers": -2}, "--workers must be at least 0, got -2"),
+    ({"seed": -1}, "--seed must be at least 0, got -1"),
+    ({"seed": 2**40}, f"--seed must be at most {2**32 - 1}, got {2**40}"),
+    ({"use_augs": "yes"}, "--use_augs must be True or False, got 'yes'"),
+    ({"model": "lbm", "memory_size": 0}, "--memory_size must be at least 1, got 0"),
+    ({"stage": 3}, "--stage must be 1 or 2 (or --stages=1,2), got 3"),
+    ({"stages": "1,x"}, "--stages must be 1 or 2 (or --stages=1,2), got '1,x'"),
+])
+def test_bad_numeric_flags_are_one_line_before_any_work(tmp_path, capsys, flags, expect):
+    """Each was a traceback (ZeroDivisionError after a step, "Unknown format code 'g'", a reshape error) or a run
+    that trained nothing and exited 0; now one line and exit 2 before anything is read or created."""
+    with pytest.raises(SystemExit) as e:
+        train.main(**{"dataset_location": str(tmp_path / "data"), "ckpt_dir": str(tmp_path / "ck"),
+                      "log_dir": str(tmp_path / "logs"), **flags})
+    assert e.value.code == 2
+    cap = capsys.readouterr()
+    assert cap.err.strip() == f"error: {expect}" and cap.out == ""
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_good_flags_pass_the_checks():
+    cfg = train.make_config(1, {"lr": 1, "use_augs": 0, "recompute_cheap": None, "B": 2, "wd": 0})
+    assert cfg.lr == 1.0 and isinstance(cfg.lr, float) and cfg.use_augs is False and cfg.recompute_cheap is None
+    assert train.make_config(1, {"model": "lbm", "crop_size": "128,128"}).iters == 0  # LBM has no iterations

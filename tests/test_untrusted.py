@@ -2,8 +2,10 @@
 
 import os
 import pickle
+import re
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import cv2
@@ -52,6 +54,13 @@ def test_payload_is_live(tmp_path, how):
 
 # --- PointOdyssey ----------------------------------------------------------------------------------------
 
+def _frames(scene: Path, T: int = 5) -> None:
+    """T frame files in scene/rgbs (the loaders count them by name: their bytes are not read here)."""
+    (scene / "rgbs").mkdir(parents=True, exist_ok=True)
+    for t in range(T):
+        (scene / "rgbs" / f"rgb_{t:05d}.jpg").touch()
+
+
 def _anno(T=5, N=4, trajs_3d=None) -> dict:
     rng = np.random.default_rng(0)
     return {"trajs_2d": rng.uniform(0, 50, (T, N, 2)).astype(np.float32),
@@ -77,7 +86,8 @@ def test_pickle_saved_as_anno_npz_is_refused(tmp_path, how):
 @pytest.mark.parametrize("fname", ["anno.npz", "annotations.npz"])
 def test_npz_with_payload_in_trajs_3d_is_refused(tmp_path, how, fname):
     marker = tmp_path / "ran"
-    z = _anno(trajs_3d=np.array([Payload(marker, how)], dtype=object))
+    _frames(tmp_path)
+    z = _anno(trajs_3d=np.array(Payload(marker, how), dtype=object))  # shaped as the pickled None it stands for
     if fname == "annotations.npz":
         z["visibilities"] = np.ones(z.pop("visibs").shape, np.uint8)
     np.savez(tmp_path / fname, **z)
@@ -92,10 +102,16 @@ def test_npz_with_payload_in_trajs_3d_is_refused(tmp_path, how, fname):
     # the default (2D) loader never reads trajs_3d, so the same file loads without running anything
     trajs, _, _ = pod.load_annotations(tmp_path)
     assert trajs.shape == (5, 4, 2)
+    # an object member of any other shape is refused from its header, before its pickle is read
+    np.savez(tmp_path / fname, allow_pickle=True, **dict(z, trajs_3d=np.array([Payload(marker, how)], dtype=object)))
+    with pytest.raises(pod.SkipItem) as e:
+        pod.load_annotations(tmp_path, require_3d=True)
+    assert _one_line(e.value, fname) == f"{fname}: member trajs_3d: is object, expected a float array"
     assert not marker.exists()
 
 
 def test_legitimate_anno_npz_still_loads(tmp_path):
+    _frames(tmp_path)
     np.savez(tmp_path / "anno.npz", **_anno(trajs_3d=np.array(None, dtype=object)))
     with pytest.raises(pod.SkipItem, match="^trajs_3d is None$"):
         pod.load_annotations(tmp_path, require_3d=True)
@@ -117,6 +133,195 @@ def test_damaged_npz_is_one_line(tmp_path):
     _one_line(e.value, "anno.npz")
 
 
+def _npz_members(path: Path, members: dict) -> None:
+    """An .npz (deflated) of name -> array, or -> (header dict, data bytes) for a member whose header says what
+    the test wants whatever its data holds."""
+    import zipfile
+
+    from numpy.lib import format as npformat
+
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, what in members.items():
+            with zf.open(f"{name}.npy", "w", force_zip64=True) as f:
+                if isinstance(what, tuple):
+                    header, data = what
+                    npformat.write_array_header_1_0(f, header)
+                    f.write(data)
+                else:
+                    npformat.write_array(f, what)
+
+
+def _peak_bytes(fn) -> int:
+    """Peak memory traced while fn() runs (numpy's allocations are traced too, even before they are touched)."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        fn()
+    finally:
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    return peak
+
+
+@pytest.mark.parametrize("shape,msg", [
+    ((3, 50_000_000, 2), "declares 50000000 tracks, more than 131072"),
+    ((400_000_000, 4, 2), "3 frames on disk but 400000000 in the annotations"),
+])
+def test_anno_npz_declaring_a_huge_shape_is_refused_from_its_header(tmp_path, shape, msg):
+    _frames(tmp_path, 3)
+    head = {"descr": "<f4", "fortran_order": False, "shape": shape}
+    _npz_members(tmp_path / "anno.npz", {"trajs_2d": (head, bytes(1 << 16)), **{
+        k: v[:3] for k, v in _anno().items() if k != "trajs_2d"}})
+
+    def load():
+        with pytest.raises(pod.SkipItem) as e:
+            pod.load_annotations(tmp_path)
+        assert _one_line(e.value, "anno.npz") == f"anno.npz: member trajs_2d: {msg}"
+
+    assert _peak_bytes(load) < 32 << 20  # numpy would allocate the declared 1.2 or 3.2 GB before reading
+
+
+def test_anno_npz_declaring_more_entries_than_the_bound_is_refused_from_its_header(tmp_path):
+    head = {"descr": "<f4", "fortran_order": False, "shape": (2000, 100_000, 2)}
+    _npz_members(tmp_path / "anno.npz", {"trajs_2d": (head, bytes(1 << 16))})
+    with pytest.raises(pod.SkipItem, match="^anno.npz: member trajs_2d: declares 100000 tracks over 2000 frames, "
+                                           "more than 134217728 entries$"):
+        pod.load_annotations(tmp_path, num_frames=2000)
+
+
+def test_a_scene_of_2_frames_may_not_declare_more_tracks_than_real_scenes_have(tmp_path):
+    # within the entry bound (2 x 2^18 of 2^27) and every member really there: the loader took it, while at
+    # 2^25 tracks of deflated zeros a 2 MB file cost 2.9 GB and half a minute to load
+    _frames(tmp_path, 2)
+    N = 1 << 18
+    np.savez_compressed(tmp_path / "anno.npz", trajs_2d=np.zeros((2, N, 2)), visibs=np.ones((2, N)),
+                        valids=np.ones((2, N)))
+    with pytest.raises(pod.SkipItem, match=f"^anno.npz: member trajs_2d: declares {N} tracks, more than 131072$"):
+        pod.load_annotations(tmp_path)
+    _frames(tmp_path / "ok", 2)
+    np.savez_compressed(tmp_path / "ok" / "anno.npz", trajs_2d=np.zeros((2, N // 2, 2)),
+                        visibs=np.ones((2, N // 2)), valids=np.ones((2, N // 2)))
+    assert pod.load_annotations(tmp_path / "ok")[0].shape == (2, N // 2, 2)
+
+
+def test_anno_npz_bytes_are_bounded_counting_each_member_dtype(tmp_path, monkeypatch):
+    # the bound is on bytes: float64 positions and bool flags (18 bytes an entry) fit, float64 flags (32) do not
+    T, N = 5, 4
+    monkeypatch.setattr(pod, "MAX_ANNO_BYTES", T * N * 18)
+    _frames(tmp_path, T)
+    a = _anno(T, N)
+    for trajs, flags, problem in ((np.float32, bool, None), (np.float64, bool, None),
+                                  (np.float64, np.float64, "member visibs: is float64 (5, 4): with the members "
+                                                           "before it, 480 bytes of 2D tracks, more than 360")):
+        np.savez(tmp_path / "anno.npz", trajs_2d=a["trajs_2d"].astype(trajs), visibs=a["visibs"].astype(flags),
+                 valids=a["valids"].astype(flags))
+        if problem is None:
+            assert pod.load_annotations(tmp_path)[0].shape == (T, N, 2)
+        else:
+            with pytest.raises(pod.SkipItem, match=re.escape(f"anno.npz: {problem} (float64 positions")):
+                pod.load_annotations(tmp_path)
+
+
+def test_a_deflated_member_inflating_more_than_100_to_1_is_refused_before_it_is_read(tmp_path, monkeypatch):
+    from pips2.utils import safe_load
+
+    monkeypatch.setattr(safe_load, "DEFLATE_RATIO_FLOOR", 1 << 20)  # 256 MiB in use: the test keeps it small
+    zeros = np.zeros((1 << 18, 2))  # 4 MiB, deflating ~1000 to 1
+    np.savez_compressed(tmp_path / "bomb.npz", a=zeros)
+    read = []
+    with monkeypatch.context() as m, pytest.raises(UnsafeFileError) as e:
+        m.setattr(safe_load.npformat, "read_array", lambda *a, **k: read.append(1))
+        load_npz(tmp_path / "bomb.npz")
+    assert re.fullmatch(r".*bomb\.npz: member a: 4194432 bytes compressed into \d+, more than 100 to 1 "
+                        r"\(a zip bomb\?\); store it uncompressed \(np\.savez\)", _one_line(e.value, "bomb.npz"))
+    assert not read
+    # what real files are: the same zeros stored, real floats compressed (2-3 to 1), flags under the floor
+    np.savez(tmp_path / "stored.npz", a=zeros)
+    floats = np.random.default_rng(0).uniform(0, 960, (1 << 18, 2))
+    np.savez_compressed(tmp_path / "floats.npz", a=floats, flags=np.ones(1 << 19, bool))
+    assert load_npz(tmp_path / "stored.npz")["a"].shape == zeros.shape
+    assert (load_npz(tmp_path / "floats.npz")["a"] == floats).all()
+
+
+def test_a_member_declaring_more_data_than_it_holds_is_refused_before_it_is_allocated(tmp_path):
+    head = {"descr": "<f8", "fortran_order": True, "shape": (100_000, 10_000)}
+    _npz_members(tmp_path / "x.npz", {"a": (head, bytes(800))})
+    with open(tmp_path / "x.npy", "wb") as f:
+        np.lib.format.write_array_header_1_0(f, {"descr": "<f8", "fortran_order": False, "shape": (9999999999,)})
+        f.write(bytes(24))
+
+    def load():
+        with pytest.raises(UnsafeFileError) as e:
+            load_npz(tmp_path / "x.npz")
+        assert _one_line(e.value, "x.npz").endswith("member a: header declares float64 (100000, 10000) "
+                                                    "(8000000000 bytes) but the data is 800 bytes")
+        with pytest.raises(UnsafeFileError, match=r"declares float64 \(9999999999,\) \(79999999992 bytes\) but "
+                                                  r"the data is 24 bytes"):
+            load_npy(tmp_path / "x.npy")
+
+    assert _peak_bytes(load) < 32 << 20
+
+
+def test_npz_with_thousands_of_members_or_one_twice_is_refused(tmp_path):
+    _frames(tmp_path)
+    _npz_members(tmp_path / "anno.npz", {**_anno(), **{f"pad{i}": np.zeros(1) for i in range(3000)}})
+    with pytest.raises(pod.SkipItem) as e:
+        pod.load_annotations(tmp_path)
+    assert _one_line(e.value, "anno.npz") == "anno.npz: refused: it holds 3004 members (at most 64)"
+    import zipfile
+
+    np.savez(tmp_path / "anno.npz", **_anno())
+    with zipfile.ZipFile(tmp_path / "anno.npz", "a") as zf, pytest.warns(UserWarning, match="Duplicate name"):
+        with zf.open("visibs.npy", "w") as f:  # a second visibs, all invisible, after the first
+            np.lib.format.write_array(f, np.zeros((5, 4), bool))
+    with pytest.raises(pod.SkipItem) as e:
+        pod.load_annotations(tmp_path)
+    assert _one_line(e.value, "anno.npz") == "anno.npz: refused: it holds the member visibs.npy twice"
+
+
+BAD_MEMBERS = {
+    "visibs as strings": ("visibs", np.full((5, 4), "0"), "member visibs: is <U1, expected a bool, 0/1 or 0./1. array"),
+    "visibs of 0.1": ("visibs", np.full((5, 4), 0.1), "member visibs holds np.float64(0.1) at frame 0, track 0; "
+                                                     "only 0, 1 are allowed"),
+    "valids of 7": ("valids", np.full((5, 4), 7, np.int64), "member valids holds np.int64(7) at frame 0, track 0"),
+    "valids of NaN": ("valids", np.full((5, 4), np.nan), "member valids holds np.float64(nan)"),
+    "visibs of objects": ("visibs", np.full((5, 4), None, object), "member visibs: is object, expected"),
+    "trajs as strings": ("trajs_2d", np.full((5, 4, 2), "1.5"), "member trajs_2d: is <U3, expected a float array"),
+    "trajs of 3 columns": ("trajs_2d", np.zeros((5, 4, 3), np.float32), "member trajs_2d: has shape (5, 4, 3), "
+                                                                         "expected (T, N, 2)"),
+    "visibs of other tracks": ("visibs", np.ones((5, 7), bool), "member visibs has shape (5, 7), trajs_2d (5, 4, 2)"),
+    "valids of other frames": ("valids", np.ones((6, 4), bool), "member valids: 5 frames on disk but 6 in the"),
+    "legacy visibilities of 3": ("visibilities", np.full((5, 4), 3, np.uint8), "member visibilities holds np.uint8(3)"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_MEMBERS))
+def test_anno_npz_that_loads_but_is_wrong_is_refused_naming_the_member(tmp_path, case):
+    key, value, msg = BAD_MEMBERS[case]
+    _frames(tmp_path)
+    z = _anno()
+    if key == "visibilities":
+        del z["visibs"]
+    z[key] = value
+    fname = "annotations.npz" if key == "visibilities" else "anno.npz"
+    np.savez(tmp_path / fname, **z)
+    with pytest.raises(pod.SkipItem) as e:
+        pod.load_annotations(tmp_path)
+    assert _one_line(e.value, fname).startswith(f"{fname}: {msg}")
+
+
+def test_flags_as_0_1_ints_or_floats_still_load(tmp_path):
+    _frames(tmp_path)
+    z = _anno()
+    z["visibs"] = np.ones((5, 4), np.float32)
+    z["visibs"][2, 1] = 0.0
+    z["valids"] = np.ones((5, 4), np.uint8)
+    np.savez(tmp_path / "anno.npz", **z)
+    trajs, visibs, valids = pod.load_annotations(tmp_path)
+    assert valids.all() and visibs.sum() == 19 and not visibs[2, 1]
+
+
 # --- Kubric ----------------------------------------------------------------------------------------------
 
 def _kubric_seq(root: Path, ann) -> KubricDataset:
@@ -125,7 +330,7 @@ def _kubric_seq(root: Path, ann) -> KubricDataset:
     for t in range(3):
         cv2.imwrite(str(seq / "frames" / f"{t:03d}.png"), np.full((16, 16, 3), 40 * t, np.uint8))
     np.save(seq / "seq0000.npy", ann, allow_pickle=True)
-    return KubricDataset(str(root), S=3, N=2, crop_size=(16, 16))
+    return KubricDataset(str(root), S=3, N=2, crop_hw=(16, 16))
 
 
 @pytest.mark.parametrize("how", HOWS)
@@ -171,6 +376,30 @@ def test_kubric_npy_of_the_wrong_shape_is_one_line(tmp_path, ann, msg):
     with pytest.raises(ValueError, match=msg) as e:
         ds.load(0)
     _one_line(e.value, "seq0000.npy")
+
+
+@pytest.mark.parametrize("ann,msg", [
+    ({"visibility": np.full((2, 3), "0")}, "visibility is <U1, expected a bool or 0/1 array"),  # "0" casts to True
+    ({"visibility": np.full((2, 3), 0.1)}, "visibility holds np.float64(0.1), only 0 and 1 are allowed"),
+    ({"coords": np.full((2, 3, 2), "1.5")}, "coords is <U3, expected a numeric array"),
+    ({"coords": [[[0.0, 0.0]] * 3] * 2}, "coords is list, expected a numeric array"),
+])
+def test_kubric_npy_that_loads_but_is_wrong_is_one_line(tmp_path, ann, msg):
+    ds = _kubric_seq(tmp_path / "k", {"coords": np.zeros((2, 3, 2)), "visibility": np.zeros((2, 3), bool), **ann})
+    with pytest.raises(ValueError) as e:
+        ds.load(0)
+    assert _one_line(e.value, "seq0000.npy").endswith(f"seq0000.npy: {msg}")
+
+
+def test_kubric_frame_count_is_checked_before_any_frame_is_decoded(tmp_path, monkeypatch):
+    from pips2.datasets import kubric
+
+    ds = _kubric_seq(tmp_path / "k", {"coords": np.zeros((2, 5, 2)), "visibility": np.zeros((2, 5), bool)})
+    decoded = []
+    monkeypatch.setattr(kubric, "read_rgb", lambda p: decoded.append(p))
+    with pytest.raises(ValueError, match="seq0000: 3 frames but 5 in the annotations"):
+        ds.load(0)
+    assert decoded == []
 
 
 # --- TAP-Vid ---------------------------------------------------------------------------------------------
@@ -234,7 +463,9 @@ BAD_SHAPES = {
     "video float": ({"a": dict(_entry(), video=np.zeros((4, 8, 8, 3)))}, "video is float64 (4, 8, 8, 3)"),
     "video dict": ({"a": dict(_entry(), video={"x": 1})}, "video is dict"),
     "frame count": ({"a": dict(_entry(), video=np.zeros((5, 8, 8, 3), np.uint8))}, "video has 5 frames"),
-    "bad jpeg": ({"a": dict(_entry(), video=[b"notajpeg"] * 4)}, "frame 0 is not a decodable image"),
+    "bad jpeg": ({"a": dict(_entry(), video=[b"notajpeg"] * 4)}, "frame 0: unreadable image"),
+    "occluded of 2": ({"a": dict(_entry(), occluded=np.full((3, 4), 2))}, "occluded holds np.int64(2), only 0 and 1"),
+    "points NaN": ({"a": dict(_entry(), points=np.full((3, 4, 2), np.nan, np.float32))}, "non-finite point"),
 }
 
 
@@ -245,6 +476,17 @@ def test_tapvid_pickle_of_the_wrong_shape_is_one_line(tmp_path, case):
     with pytest.raises(tapvid.TapVidError) as e:
         list(tapvid.load_tapvid(path))
     assert msg in _one_line(e.value, str(path))
+
+
+def test_tapvid_position_of_an_occluded_point_may_be_nan(tmp_path):
+    """Only a visible point's position is scored or queried: NaN where the point is occluded loads."""
+    entry = _entry()
+    entry["points"][0, 1] = np.nan  # point 0 is occluded in frame 1
+    name, _, points, occluded = next(tapvid.load_tapvid(_dump(tmp_path / "ok.pkl", {"a": entry})))
+    assert name == "a" and np.isnan(points[0, 1]).all() and occluded[0, 1]
+    entry["points"][1, 1] = np.nan  # point 1 is visible there
+    with pytest.raises(tapvid.TapVidError, match=r"visible \(point 1, frame 1; 1 such entries\)"):
+        list(tapvid.load_tapvid(_dump(tmp_path / "bad.pkl", {"a": entry})))
 
 
 def _run_tap(pkl: Path, tmp_path: Path) -> subprocess.CompletedProcess:
@@ -269,6 +511,71 @@ def test_test_on_tap_reports_bad_data_in_one_line(tmp_path):
     assert not marker.exists()
     res = _run_tap(tmp_path / "nothing_here", tmp_path)
     assert res.returncode == 2 and res.stderr.startswith("error: ") and "nothing_here" in res.stderr
+
+
+# --- images ----------------------------------------------------------------------------------------------
+
+def _png_header_only(w: int, h: int) -> bytes:
+    """A well-formed PNG declaring w x h grey pixels whose data holds one row: a decoder allocates w x h first."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(bytes(w + 1))) + chunk(b"IEND", b""))
+
+
+def test_an_image_declaring_a_huge_size_is_refused_from_its_header(tmp_path, monkeypatch):
+    from pips2.utils import video
+
+    decoded = []
+    monkeypatch.setattr(video.cv2, "imdecode", lambda *a: decoded.append(a))
+    # 9000 x 9000 is within Pillow's own bound; 20000 x 20000 beyond it (Pillow refuses to say more)
+    for (w, h), msg in (((9000, 9000), "image of 9000x9000 pixels, larger than 33177600"),
+                        ((20000, 20000), "image larger than 33177600 pixels")):
+        (tmp_path / "big.png").write_bytes(_png_header_only(w, h))
+        with pytest.raises(video.VideoError) as e:
+            video.read_rgb(tmp_path / "big.png")
+        assert _one_line(e.value, "big.png").endswith(f"big.png: {msg}")
+    assert decoded == []  # refused before the decoder saw it
+    # TAP-Vid's Kinetics frames are encoded images inside the pickle: the same check before decoding
+    path = _dump(tmp_path / "k.pkl", [dict(_entry(), video=[_png_header_only(20000, 20000)] * 4)])
+    with pytest.raises(tapvid.TapVidError, match="frame 0: image larger than 33177600 pixels"):
+        list(tapvid.load_tapvid(path))
+    assert decoded == []
+
+
+def test_a_scene_of_huge_frames_is_refused_from_their_headers(tmp_path):
+    scene = tmp_path / "s"
+    (scene / "rgbs").mkdir(parents=True)
+    (scene / "masks").mkdir()
+    for t in range(2):
+        (scene / "rgbs" / f"rgb_{t:05d}.png").write_bytes(_png_header_only(9000, 9000))
+        (scene / "masks" / f"mask_{t:05d}.png").write_bytes(_png_header_only(9000, 9000))
+    np.savez(scene / "anno.npz", **{k: v[:2] for k, v in _anno().items()})
+    with pytest.raises(pod.SkipItem, match="^frames of 9000x9000 pixels, larger than 33177600$"):
+        pod.check_frame_sizes(pod.load_scene(scene))
+
+
+def test_track_npz_is_checked_from_its_header(tmp_path):
+    from pips2.datasets.clips import read_track
+    from pips2.utils.video import VideoError
+
+    head = {"descr": "<f4", "fortran_order": False, "shape": (36, 128, 4)}
+    _npz_members(tmp_path / "track.npz", {"track_g": (head, bytes(36 * 128 * 4 * 4))})
+    assert read_track(tmp_path / "track.npz", 36, 128, (256, 384)).shape == (36, 128, 4)
+    head["shape"] = (36, 50_000_000, 4)
+    _npz_members(tmp_path / "track.npz", {"track_g": (head, bytes(1 << 16))})
+
+    def load():
+        with pytest.raises(VideoError) as e:
+            read_track(tmp_path / "track.npz", 36, 128, (256, 384))
+        assert _one_line(e.value, "track.npz").endswith(
+            "track.npz: track_g is float32 (36, 50000000, 4), expected float32 (36, 128, 4)")
+
+    assert _peak_bytes(load) < 32 << 20
 
 
 # --- the loaders themselves ------------------------------------------------------------------------------
@@ -317,6 +624,25 @@ def test_anything_beyond_numpy_arrays_is_refused(tmp_path, what):
                                                 f"(only plain data and numpy arrays are allowed)")
 
 
+class _Allocates:
+    """Unpickles as numpy's array constructor asked for an array of 200 M objects (1.6 GB)."""
+
+    def __reduce__(self):
+        from numpy._core import multiarray
+
+        return multiarray._reconstruct, (np.ndarray, (200_000_000,), np.dtype(object))
+
+
+def test_a_pickle_cannot_make_numpy_allocate_at_its_word(tmp_path):
+    path = _dump(tmp_path / "a.pkl", {"x": _Allocates()})
+    assert len(path.read_bytes()) < 200
+    with pytest.raises(UnsafeFileError) as e:
+        load_pickle(path)
+    assert _one_line(e.value, "a.pkl").endswith("a.pkl: refused: pickle wants numpy _reconstruct of ndarray "
+                                                "(200000000,) (numpy writes an empty ndarray there) (only plain "
+                                                "data and numpy arrays are allowed)")
+
+
 def test_codecs_other_than_latin1_are_refused(tmp_path):
     (tmp_path / "c.pkl").write_bytes(b"c_codecs\nencode\n(S'x'\nS'zlib'\ntR.")
     with pytest.raises(UnsafeFileError, match="refused: pickle wants _codecs.encode with 'zlib'"):
@@ -351,6 +677,141 @@ def test_checkpoint_with_payload_is_refused_without_bad_advice(tmp_path):
     assert not marker.exists()
 
 
+def _small_lbm_state(**sizes) -> dict:
+    import torch
+
+    from pips2.nets.lbm import LBM
+
+    torch.manual_seed(0)
+    return LBM(**{"input_size": (64, 64), "embed_dim": 32, "num_layers": 2, **sizes}).state_dict()
+
+
+def _lbm_keys_only(num_layers: int, embed_dim: int = 32) -> dict:
+    """The keys an LBM state_dict's sizes are read from, for a model of num_layers (each layer a tiny tensor)."""
+    import torch
+
+    return {"backbone.frame_pos_embedding": torch.zeros(1, embed_dim, 16, 16),
+            "transformer.layers.0.collision_time_emb": torch.zeros(1, 13, embed_dim),
+            "transformer.layers.0.lattice_attention.sampling_offsets.weight": torch.zeros(288, embed_dim),
+            **{f"transformer.layers.{i}.norm.weight": torch.zeros(1) for i in range(num_layers)}}
+
+
+def test_a_stride_0_or_overlapping_tensor_is_refused_before_anything_copies_it(tmp_path):
+    import torch
+
+    from pips2.hub import load_model
+    from pips2.utils.checkpoint import CheckpointError, read_checkpoint
+
+    state = _small_lbm_state()
+    # 2 KB declaring a 600 x 600 position embedding (368 MB): the model built for it would allocate that
+    state["backbone.frame_pos_embedding"] = torch.zeros(1).expand(1, 32, 600, 600)
+    torch.save({"model": state}, tmp_path / "lbm.pt")
+    with pytest.raises(CheckpointError) as e:
+        load_model(tmp_path / "lbm.pt", kind="lbm")
+    assert _one_line(e.value, "lbm.pt").endswith(
+        "lbm.pt: refused: model.backbone.frame_pos_embedding declares shape (1, 32, 600, 600) with strides "
+        "(0, 0, 0, 0) (46080000 bytes) over 4 bytes of storage")
+    sd = {"w": torch.zeros(1999).as_strided((1000, 1000), (1, 1))}  # rows overlapping by all but one element
+    torch.save({"model_state_dict": sd}, tmp_path / "model-000000001.pth")
+    with pytest.raises(CheckpointError, match=r"refused: model_state_dict.w declares shape \(1000, 1000\) with "
+                                              r"strides \(1, 1\) \(4000000 bytes\) over 7996 bytes of storage"):
+        read_checkpoint(tmp_path / "model-000000001.pth")
+    with warnings.catch_warnings():  # torch warns that it checks no sparse tensor's indices: nor does it load
+        warnings.simplefilter("ignore")
+        sparse = torch.sparse_coo_tensor(torch.zeros(2, 1, dtype=torch.long), torch.ones(1), (10**6, 10**6))
+    torch.save({"model_state_dict": {"w": sparse}}, tmp_path / "model-000000002.pth")
+    with pytest.raises(CheckpointError, match="refused: model_state_dict.w is a torch.sparse_coo tensor"):
+        read_checkpoint(tmp_path / "model-000000002.pth")
+
+
+@pytest.mark.parametrize("sizes,msg", [
+    ({"num_layers": 40}, r"declares an LBM of 40 transformer layers, more than 12"),
+    ({"num_layers": 6, "embed_dim": 512}, r"declares an LBM of 8\d{7} weights, more than 71308168"),
+])
+def test_lbm_sizes_read_from_the_weights_are_bounded_before_a_model_is_built(tmp_path, sizes, msg):
+    import torch
+
+    from pips2.hub import load_model
+    from pips2.utils.checkpoint import CheckpointError
+
+    # a few hundred bytes of keys: the model their sizes ask for would be built before the strict key check
+    torch.save({"model": _lbm_keys_only(**sizes)}, tmp_path / "lbm.pt")
+    with pytest.raises(CheckpointError) as e:
+        load_model(tmp_path / "lbm.pt", kind="lbm")
+    assert re.fullmatch(f"{re.escape(str(tmp_path / 'lbm.pt'))}: {msg}", _one_line(e.value, "lbm.pt"))
+
+
+def test_a_compressed_or_many_record_checkpoint_is_refused_before_torch_reads_it(tmp_path):
+    import torch
+    from helpers import compressed_checkpoint
+
+    from pips2.utils.checkpoint import MAX_RECORDS, CheckpointError, read_checkpoint
+
+    # 64 MB of zeros in a 64 KB file: torch would inflate the record whole before comparing its size
+    compressed_checkpoint(tmp_path / "model-000000001.pth", {"model_state_dict": {"w": torch.zeros(16 << 20)}})
+    assert (tmp_path / "model-000000001.pth").stat().st_size < 1 << 20
+    with pytest.raises(CheckpointError) as e:
+        read_checkpoint(tmp_path / "model-000000001.pth")
+    assert _one_line(e.value, "model-000000001.pth").endswith(
+        "model-000000001.pth: refused: record archive/data/0 is compressed (torch.save never compresses)")
+    torch.save({"model_state_dict": {f"w{i}": torch.zeros(1) for i in range(MAX_RECORDS + 1)}},
+               tmp_path / "model-000000002.pth")
+    with pytest.raises(CheckpointError, match=r"refused: it holds 1000\d members \(at most 10000\)"):
+        read_checkpoint(tmp_path / "model-000000002.pth")
+
+
+@pytest.mark.parametrize("kind", ["nan", "inf", "-inf", "int64", "bool", "float_counter"])
+def test_a_checkpoint_that_loads_but_is_wrong_is_refused_naming_the_key(tmp_path, kind):
+    import torch
+
+    from pips2.hub import load_model
+    from pips2.utils.checkpoint import CheckpointError
+
+    state = _small_lbm_state()
+    key = "transformer.layers.1.collision_time_emb"
+    if kind in ("int64", "bool"):
+        state = {k: v.to(getattr(torch, kind)) if v.is_floating_point() else v for k, v in state.items()}
+        key, msg = "backbone.frame_pos_embedding", f"is torch.{kind}, the model's is torch.float32"
+    elif kind == "float_counter":  # a counter the model keeps as an integer
+        key = next(k for k in state if k.endswith("num_batches_tracked"))
+        state[key] = state[key].float()
+        msg = "is torch.float32, the model's is torch.int64"
+    else:
+        state[key][0, 3, 5] = float(kind)
+        msg = "holds 1 NaN or infinite value"
+    torch.save({"model": state}, tmp_path / "lbm.pt")
+    with pytest.raises(CheckpointError) as e:
+        load_model(tmp_path / "lbm.pt", kind="lbm")
+    assert _one_line(e.value, "lbm.pt") == f"{tmp_path / 'lbm.pt'}: {key} {msg}; refusing it"
+
+
+def test_pips_checkpoint_with_a_nan_weight_is_refused_and_half_precision_loads(tmp_path):
+    import torch
+
+    from pips2.hub import load_into
+    from pips2.nets.pips2 import Pips
+    from pips2.utils import checkpoint as ck
+
+    torch.manual_seed(0)
+    model = Pips()
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    sd["fnet.conv1.weight"][0, 0, 0, 0] = float("nan")
+    ck.save(tmp_path, 1, model)
+    torch.save({"model_state_dict": sd}, tmp_path / "model-000000002.pth")
+    fresh = Pips()
+    before = fresh.state_dict()["fnet.conv1.weight"].clone()
+    with pytest.raises(ck.CheckpointError) as e:
+        load_into(fresh, tmp_path, "pips2")
+    assert _one_line(e.value, "model-000000002.pth").endswith(
+        "model-000000002.pth: fnet.conv1.weight holds 1 NaN or infinite value; refusing it")
+    assert torch.equal(fresh.state_dict()["fnet.conv1.weight"], before)  # nothing copied
+    # another float dtype is the same kind of weight: it loads (cast to the model's)
+    torch.save({"model_state_dict": {k: v.half() for k, v in model.state_dict().items()}},
+               tmp_path / "model-000000003.pth")
+    assert load_into(fresh, tmp_path, "pips2")[0].name == "model-000000003.pth"
+    assert torch.equal(fresh.state_dict()["norm.bias"], model.state_dict()["norm.bias"].half().float())
+
+
 def test_npy_format_3_with_and_without_objects(tmp_path):
     # non-latin-1 field names make numpy write format 3.0, whose header only a private numpy function reads
     for dt in ([("测", "f4")], [("测", "O")]):
@@ -358,6 +819,10 @@ def test_npy_format_3_with_and_without_objects(tmp_path):
         with pytest.warns(UserWarning):
             np.save(tmp_path / "v3.npy", a, allow_pickle=True)
         assert (tmp_path / "v3.npy").read_bytes()[6:8] == b"\x03\x00"
+        if a.dtype.hasobject:  # read from its header, then refused: a structure holding objects is not plain data
+            with pytest.raises(UnsafeFileError, match="a structured dtype with an object field"):
+                load_npy(tmp_path / "v3.npy")
+            continue
         g = load_npy(tmp_path / "v3.npy")
         assert g.dtype == a.dtype and g.shape == (2,)
 
@@ -369,3 +834,66 @@ def test_unsafe_file_error_survives_a_process_boundary(tmp_path):
     assert str(back) == str(e) and back.path == e.path and back.problem == e.problem
     again = UnsafeFileError(str(e))  # how torch's DataLoader rebuilds a worker's exception
     assert str(again) == str(e) and again.path == e.path
+
+
+# --- pickles that load but would crash or never end -------------------------------------------------------
+
+class _ArrayState:
+    """Pickles as numpy pickles an array (an empty one, then its state) with the state given."""
+
+    def __init__(self, state):
+        self.state = state
+
+    def __reduce__(self):
+        from numpy._core import multiarray
+        return multiarray._reconstruct, (np.ndarray, (0,), b"b"), self.state
+
+
+def _load_in_child(path: Path) -> subprocess.CompletedProcess:
+    # numpy's own __setstate__ reads past a short item list: on code without the check this crashes the process
+    code = ("import sys\nfrom pips2.utils.safe_load import UnsafeFileError, load_pickle\n"
+            "try:\n    load_pickle(sys.argv[1])\nexcept UnsafeFileError as e:\n    print(e)\n")
+    return subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("state, why", [
+    ((1, (3,), np.dtype("O"), False, []), "an object ndarray of 3 items whose state lists 0 items"),
+    ((1, (1 << 20,), np.dtype("O"), False, [None]), "an object ndarray of 1048576 items whose state lists 1 "
+                                                    "items"),
+    ((1, (4,), np.dtype("f8"), False, b"\0" * 8), "an ndarray of 4 float64 values whose state holds 8 bytes, not 32"),
+    ((1, (2,), np.dtype("f8"), False, [1.0, 2.0]), "an ndarray of 2 float64 values whose state holds no bytes, not 16"),
+    ((2, (2,)), "an ndarray state that is not numpy's: version 1, shape, dtype, order, data"),
+])
+def test_an_array_state_that_does_not_fit_its_shape_is_refused(tmp_path, state, why):
+    path = _dump(tmp_path / "v.pkl", {"video": _ArrayState(state)}, 2)
+    res = _load_in_child(path)
+    assert res.returncode == 0, f"the reader died ({res.returncode}): {res.stderr[-300:]}"
+    assert res.stdout.strip() == f"{path}: refused: pickle holds {why}"
+
+
+def _laughs(levels: int, width: int):
+    inner: object = [1]
+    for _ in range(levels):
+        inner = [inner] * width  # one object referenced `width` times: pickled once, then by memo reference
+    return inner
+
+
+def test_a_pickle_of_shared_references_that_expands_beyond_the_bound_is_refused_from_its_opcodes(tmp_path):
+    path = _dump(tmp_path / "laughs.pkl", {"points": _laughs(12, 40)}, 2)
+    assert path.stat().st_size < 4096  # 40^12 objects when walked, from a few kilobytes
+    with pytest.raises(UnsafeFileError) as e:
+        load_pickle(path)
+    assert _one_line(e.value, str(path)) == (f"{path}: refused: its pickle builds more than 10000000 objects "
+                                             "(shared references counted)")
+    assert isinstance(load_pickle(_dump(tmp_path / "ok.pkl", _laughs(3, 40), 2)), list)  # 64,000: fine
+
+
+def test_a_dict_key_whose_hash_would_never_end_is_refused_before_unpickling(tmp_path):
+    t: object = (1,)
+    for _ in range(40):
+        t = (t, t)  # hashing it visits 2^40 tuples; so would unpickling a dict with it as a key
+    body = pickle.dumps(t, 2)[2:-1]  # the tuple's opcodes, without the protocol header and STOP
+    path = tmp_path / "key.pkl"
+    path.write_bytes(b"\x80\x02}" + body + b"K\x01s.")  # {t: 1}
+    with pytest.raises(UnsafeFileError, match="refused: its pickle builds more than"):
+        load_pickle(path)

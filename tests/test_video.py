@@ -3,14 +3,17 @@
 import os
 import subprocess
 import sys
+from fractions import Fraction
 
 import numpy as np
 import pytest
 
 from pips2.utils.video import (
     VideoError,
+    frame_rate,
     image_truncation,
     iter_frames,
+    mp4_truncation,
     read_clip,
     read_rgb,
     read_video,
@@ -50,9 +53,60 @@ def test_read_clip_insists_on_the_exact_shape(clip):
     assert read_clip(path, 9, 128, 160).shape == (9, 128, 160, 3)
     with pytest.raises(VideoError, match="decoded 9 frames of 128x160, expected 10 of 128x160"):
         read_clip(path, 10, 128, 160)
+    with pytest.raises(VideoError, match="corrupt clip, more than 8 frames, expected 8 of 128x160"):
+        read_clip(path, 8, 128, 160)
     for h, w in ((128, 162), (160, 128)):  # the frame size is checked too, not only the count
-        with pytest.raises(VideoError, match=f"decoded 9 frames of 128x160, expected 9 of {h}x{w}"):
+        with pytest.raises(VideoError, match=f"its header declares frames of 128x160, expected 9 of {h}x{w}"):
             read_clip(path, 9, h, w)
+
+
+@pytest.mark.parametrize("backend", ["cv2", "imageio"])
+def test_read_clip_decodes_no_more_than_it_needs(tmp_path, monkeypatch, backend):
+    """A few KB of grey frames may hold thousands of frames or large ones: read_clip refuses a size other than the
+    clip's from the header, before any frame is decoded, and stops at the (S+1)-th frame (all of them were
+    decoded first: 11 KB of 1280x720 frames took 1.6 GB)."""
+    import cv2
+    import imageio_ffmpeg
+
+    decoded = []
+    real_capture, real_read_frames = cv2.VideoCapture, imageio_ffmpeg.read_frames
+
+    class Counting:  # cv2.VideoCapture counting the frames it decodes
+        def __init__(self, *a):
+            self.cap = real_capture(*a)
+
+        def read(self):
+            ok, frame = self.cap.read()
+            decoded.extend([1] if ok else [])
+            return ok, frame
+
+        def __getattr__(self, name):
+            return getattr(self.cap, name)
+
+    def counting_read_frames(*a, **k):
+        gen = real_read_frames(*a, **k)
+        try:
+            yield next(gen)  # the header
+            for buf in gen:
+                decoded.append(1)
+                yield buf
+        finally:
+            gen.close()
+
+    long, large = tmp_path / "long.mp4", tmp_path / "large.mp4"
+    write_mp4(long, (np.full((64, 96, 3), 128, np.uint8) for _ in range(120)), crf=30, preset="ultrafast")
+    write_mp4(large, (np.full((720, 1280, 3), 128, np.uint8) for _ in range(3)), crf=30, preset="ultrafast")
+    monkeypatch.setattr(cv2, "VideoCapture", Counting)
+    monkeypatch.setattr(imageio_ffmpeg, "read_frames", counting_read_frames)
+    with pytest.raises(VideoError, match=f"^{long}: corrupt clip, more than 8 frames, expected 8 of 64x96$"):
+        read_clip(long, 8, 64, 96, backend=backend)
+    assert len(decoded) == 9
+    decoded.clear()
+    with pytest.raises(VideoError, match=f"^{large}: corrupt clip, its header declares frames of 720x1280, "
+                                         "expected 8 of 128x192$"):
+        read_clip(large, 8, 128, 192, backend=backend)
+    assert decoded == []
+    assert read_clip(long, 120, 64, 96, backend=backend).shape == (120, 64, 96, 3) and len(decoded) == 120
 
 
 def test_bad_files_give_one_line(tmp_path, clip):
@@ -76,7 +130,9 @@ def test_a_frame_cut_short_is_refused_naming_it(tmp_path, clip, ext):
     whole = tmp_path / f"whole.{ext}"
     cv2.imwrite(str(whole), np.ascontiguousarray(frames[0][..., ::-1]))
     assert image_truncation(whole) is None
-    np.testing.assert_array_equal(read_rgb(whole), cv2.imread(str(whole))[..., ::-1])
+    bgr = cv2.imread(str(whole))
+    assert bgr is not None
+    np.testing.assert_array_equal(read_rgb(whole), bgr[..., ::-1])
     padded = tmp_path / f"padded.{ext}"  # bytes after the end marker, as some writers leave: still whole
     padded.write_bytes(whole.read_bytes() + b"\0" * 100)
     np.testing.assert_array_equal(read_rgb(padded), read_rgb(whole))
@@ -100,7 +156,8 @@ def test_a_damaged_mp4_is_one_line_without_libav_chatter(tmp_path, clip):
     """OpenCV's libav prints its own lines for a damaged file, without its name; only our error is said."""
     path, _ = clip
     bad = tmp_path / "half.mp4"
-    bad.write_bytes(path.read_bytes()[:len(path.read_bytes()) // 2])
+    data = path.read_bytes()  # its second half (the frames' end and the header) zeroed: whole in size, not readable
+    bad.write_bytes(data[:len(data) // 2] + bytes(len(data) - len(data) // 2))
     code = ("import sys\nfrom pips2.utils.video import VideoError, read_clip\ntry:\n"
             f"    read_clip({str(bad)!r}, 9, 128, 160, backend='cv2')\n"
             "except VideoError as e:\n    print(e, file=sys.stderr)\n")
@@ -141,3 +198,144 @@ def test_truncation_reads_segments_not_guesses(tmp_path, clip):
         else:
             with pytest.raises(VideoError, match=why.replace("(", r"\(").replace(")", r"\)")):
                 read_rgb(path)
+
+
+# --- files that decode to something other than what they declare, or to nothing ------------------------------------
+
+def _ffmpeg(*args):
+    """The bundled ffmpeg (the one the project decodes with), quiet, failing loudly."""
+    import imageio_ffmpeg
+
+    subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-y", *map(str, args)], check=True,
+                   capture_output=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def long_clip(tmp_path_factory):
+    """A 48-frame mp4 as write_mp4 makes it (header at the end) and the same frames with the header first
+    ("faststart", as made for streaming)."""
+    d = tmp_path_factory.mktemp("long")
+    rng = np.random.default_rng(1)
+    base = (rng.random((128, 400, 3)) * 255).astype(np.uint8)  # noise: every frame's data is large, none dominates
+    write_mp4(d / "end.mp4", (np.roll(base, t, 1)[:, :160] for t in range(48)))
+    _ffmpeg("-i", d / "end.mp4", "-c", "copy", "-movflags", "+faststart", d / "first.mp4")
+    return d / "end.mp4", d / "first.mp4"
+
+
+def test_an_mp4_cut_short_is_refused_saying_how_many_frames_decode(tmp_path, long_clip):
+    """A download cut in half still decodes its first frames; without a check the rest is silently missing."""
+    end, first = long_clip
+    for whole in long_clip:
+        assert mp4_truncation(whole) is None and video_info(whole)[0] == 48
+    cut = tmp_path / "cut.mp4"
+    data = first.read_bytes()
+    cut.write_bytes(data[:len(data) // 2])
+    assert 0 < sum(1 for _ in read_video_frames_unchecked(cut)) < 48  # what a decoder makes of it: some frames
+    with pytest.raises(VideoError) as e:
+        video_info(cut)
+    msg = str(e.value)
+    assert msg.startswith(f"{cut}: cut short (the file ends at byte {len(data) // 2}, inside its 'mdat' box")
+    assert " of the 48 frames its header declares decode; re-download" in msg and "\n" not in msg
+    with pytest.raises(VideoError, match=r"cut short .*its header declares 48 frames\); re-download"):
+        next(iter_frames(cut))
+    # the header at the end: cut off with the frames, so nothing declares a count, and nothing decodes
+    cut_end = tmp_path / "cut_end.mp4"
+    cut_end.write_bytes(end.read_bytes()[:len(end.read_bytes()) // 2])
+    with pytest.raises(VideoError, match=r"cut short \(the file ends at byte \d+, inside its 'mdat' box.*\): 0 frames "
+                                         r"decode; re-download or re-copy it$"):
+        video_info(cut_end)
+    # the remedy the message gives works: what decodes, re-muxed, is a whole file
+    fixed = tmp_path / "fixed.mp4"
+    _ffmpeg("-i", cut, "-c", "copy", fixed)
+    assert mp4_truncation(fixed) is None and 0 < video_info(fixed)[0] < 48
+
+
+def read_video_frames_unchecked(path):
+    """Frames as ffmpeg decodes them, without the project's checks."""
+    import imageio_ffmpeg
+
+    reader = imageio_ffmpeg.read_frames(str(path))
+    next(reader)
+    yield from reader
+
+
+def test_a_fragmented_mp4_is_whole(tmp_path, long_clip):
+    """Fragments (moof + mdat pairs, an empty sample table in the header) walk to the end: not cut."""
+    frag = tmp_path / "frag.mp4"
+    _ffmpeg("-i", long_clip[0], "-c", "copy", "-movflags", "frag_keyframe+empty_moov", frag)
+    assert mp4_truncation(frag) is None and video_info(frag)[0] == 48
+
+
+def test_no_video_stream_or_a_folder_is_one_line(tmp_path, long_clip):
+    audio = tmp_path / "sound.m4a"
+    _ffmpeg("-f", "lavfi", "-i", "sine=d=0.5", audio)
+    empty = tmp_path / "empty.mp4"  # zero frames: ffmpeg keeps a container without streams
+    _ffmpeg("-i", long_clip[0], "-frames:v", "0", "-c", "copy", empty)
+    os.mkfifo(tmp_path / "fifo.mp4")
+    for path, why in ((audio, "no video stream in it (only audio)"),
+                      (empty, "no video stream in it (no streams at all: an empty video)"),
+                      (tmp_path, "is a folder, not a video file"),
+                      (tmp_path / "fifo.mp4", "not a regular file")):
+        for fn in (video_info, lambda p: next(iter_frames(p))):
+            with pytest.raises(VideoError) as e:
+                fn(path)
+            assert str(e.value) == f"{path}: {why}"
+
+
+def test_a_variable_frame_rate_video_is_read_frame_by_frame(tmp_path):
+    """Each decoded frame once, as many as video_info counts: ffmpeg's default would repeat frames to make a
+    constant rate (here 144 frames out of 48)."""
+    vfr = tmp_path / "vfr.mp4"
+    _ffmpeg("-f", "lavfi", "-i", "testsrc=s=160x128:r=24:d=2", "-vf", "setpts='if(lt(N,20),N,N*3)/24/TB'",
+            "-fps_mode", "vfr", "-c:v", "libx264", vfr)
+    n = video_info(vfr)[0]
+    assert n == 48 and sum(1 for _ in iter_frames(vfr)) == n == len(read_video(vfr, "cv2"))
+
+
+def test_write_mp4_refuses_what_ffmpeg_cannot_encode(tmp_path):
+    """ffmpeg fails on frames of 0 or 1 pixel and only prints it; write_mp4 said nothing and left no file."""
+    for shape in ((0, 0, 3), (1, 2, 3), (2, 1, 3)):
+        with pytest.raises(VideoError, match="too small to encode"):
+            write_mp4(tmp_path / "tiny.mp4", np.zeros((3, *shape), np.uint8))
+        assert not (tmp_path / "tiny.mp4").exists()
+
+
+def _declared_rate(path) -> tuple[str, float]:
+    """What ffmpeg prints as the stream's frame rate ('29.97 fps'), and what OpenCV reads from the container."""
+    import cv2
+    import imageio_ffmpeg
+
+    err = subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-i", str(path)], capture_output=True,
+                         text=True).stderr
+    cap = cv2.VideoCapture(str(path))
+    try:
+        return next(p.strip() for p in err.split(",") if p.strip().endswith(" fps")), cap.get(cv2.CAP_PROP_FPS)
+    finally:
+        cap.release()
+
+
+@pytest.mark.parametrize("fps,exact,shown", [
+    (Fraction(30000, 1001), Fraction(30000, 1001), "29.97 fps"),  # NTSC
+    (Fraction(24000, 1001), Fraction(24000, 1001), "23.98 fps"),
+    (12.5, Fraction(25, 2), "12.50 fps"),
+    (Fraction(25, 2), Fraction(25, 2), "12.50 fps"),
+    (29.97, Fraction(2997, 100), "29.97 fps"),  # a float is the fraction it is
+    (np.float32(25), Fraction(25), "25 fps"),  # imageio-ffmpeg refused numpy floats other than float64
+])
+def test_write_mp4_keeps_the_frame_rate_exactly_and_reads_it_back(tmp_path, fps, exact, shown):
+    """The rate goes to ffmpeg as a fraction (30000/1001, not a rounded 29.97) and the file declares it back."""
+    path = tmp_path / "v.mp4"
+    write_mp4(path, np.zeros((6, 16, 16, 3), np.uint8), fps=fps)
+    assert frame_rate(path) == exact and isinstance(frame_rate(path), Fraction)
+    assert _declared_rate(path) == (shown, float(exact))
+
+
+def test_frame_rate_of_other_containers_and_of_no_video(tmp_path):
+    """A variable-rate video gives its frames over its duration; a file that is no video, None."""
+    _ffmpeg("-f", "lavfi", "-i", "testsrc=s=64x48:r=30000/1001:d=1", "-c:v", "mpeg4", tmp_path / "ntsc.avi")
+    _ffmpeg("-f", "lavfi", "-i", "testsrc=s=64x48:r=24:d=2", "-vf", "setpts='if(lt(N,20),N,N*3)/24/TB'",
+            "-fps_mode", "vfr", "-c:v", "libx264", tmp_path / "vfr.mp4")
+    (tmp_path / "text.mp4").write_text("not a video")
+    assert frame_rate(tmp_path / "ntsc.avi") == Fraction(30000, 1001)
+    assert frame_rate(tmp_path / "vfr.mp4") == Fraction(192, 23)  # 48 frames in 5.75 s
+    assert frame_rate(tmp_path / "text.mp4") is None and frame_rate(tmp_path / "missing.mp4") is None

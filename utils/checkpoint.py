@@ -8,9 +8,11 @@ import re
 import socket
 import tempfile
 import time
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -18,6 +20,7 @@ from prettytable import PrettyTable
 
 from pips2.utils.paths import make_dirs, remove_empty_dirs
 from pips2.utils.procs import pid_alive
+from pips2.utils.safe_load import UnsafeFileError, open_zip, pickle_objects_problem
 
 CKPT_RE = re.compile(r"^model-(\d+)\.pth$")
 # .model-%09d.pth.<host>.<pid>.<random>.tmp: host and pid say whether the writer may still be alive
@@ -25,6 +28,9 @@ TEMP_RE = re.compile(r"^\.model-\d+\.pth\.(?P<host>.+)\.(?P<pid>\d+)\.[A-Za-z0-9
 LEGACY_TEMP_RE = re.compile(r"^\.model-\d+\.pth\.[A-Za-z0-9_]+\.tmp$")
 LEGACY_TEMP_AGE_S = 3600  # temps of the old naming carry no pid: only remove them once clearly abandoned
 LOCK_NAME = ".train.lock"
+# Records (one per storage) a checkpoint file may hold, counted from its zip directory before torch reads it: a
+# training checkpoint of LBM, the larger model, has ~1,000 (336 weights, two AdamW moments of each parameter).
+MAX_RECORDS = 10_000
 
 
 @dataclass(frozen=True)
@@ -38,7 +44,7 @@ class Layout:
 
 
 # PIPs++: the authors' model_state_dict/optimizer_state_dict; LBM: the authors' {'model': ..., 'optimizer': ...}
-# (nets.lbm.load_lbm and their loader read ['model'] of it)
+# (pips2.hub's loader and theirs read ['model'] of it)
 PIPS_LAYOUT = Layout("model_state_dict", "optimizer_state_dict", "scheduler_state_dict", "PIPs++")
 LBM_LAYOUT = Layout("model", "optimizer", "scheduler", "LBM")
 
@@ -105,16 +111,108 @@ def _load_problem(e: Exception) -> str:
     return f"not a readable checkpoint ({lines[0]})"
 
 
+MAX_PICKLE_BYTES = 64 << 20  # a checkpoint's data.pkl: names and shapes, ~100 KB for an LBM training one
+MAX_DEPTH = 64  # nesting of a checkpoint's dicts and lists: torch.save of a model and optimizer needs 5
+
+
+def _check_records(path: str | os.PathLike) -> bool:
+    """True for a checkpoint in torch's zip format whose records are fit to map: stored as torch writes them (a
+    compressed one would be inflated whole before torch compares its size with what the pickle declares) and at
+    most MAX_RECORDS of them; False for the legacy format (torch < 1.6), which torch reads without a zip. In
+    both, the pickle that describes the contents must not build more objects than safe_load allows (counting
+    shared references: unpickling a dict key of 40 nested pairs of one tuple would hash 2^40 of them)."""
+    problem = None
+    try:
+        with open(path, "rb") as fh:
+            if not zipfile.is_zipfile(fh):
+                fh.seek(0)
+                for _ in range(4):  # legacy: magic number, protocol, system info, then the contents
+                    problem = problem or pickle_objects_problem(fh)
+                if problem:
+                    raise CheckpointError(f"{path}: {problem}")
+                return False
+            zf = open_zip(path, fh, MAX_RECORDS)
+            packed = [i.filename for i in zf.infolist() if i.compress_type != zipfile.ZIP_STORED]
+            pkl = [i for i in zf.infolist() if i.filename.endswith("/data.pkl") or i.filename == "data.pkl"]
+            if pkl and not packed:
+                if pkl[0].file_size > MAX_PICKLE_BYTES:
+                    raise CheckpointError(f"{path}: refused: its data.pkl is {pkl[0].file_size} bytes (at most "
+                                          f"{MAX_PICKLE_BYTES})")
+                problem = pickle_objects_problem(zf.read(pkl[0]))
+    except UnsafeFileError as e:
+        raise CheckpointError(str(e)) from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot open ({e.strerror or e})") from None
+    if packed:
+        raise CheckpointError(f"{path}: refused: record {packed[0]} is compressed (torch.save never compresses)")
+    if problem:
+        raise CheckpointError(f"{path}: {problem}")
+    return True
+
+
+def _view_problem(t: torch.Tensor) -> str | None:
+    """Why a loaded tensor is not one torch.save writes for a weight (a dense tensor over storage of its own
+    size), or None. A stride of 0 or a storage smaller than the shape lets a few bytes declare gigabytes, which
+    whatever copies the tensor (or builds a model of its shape) would then allocate."""
+    if t.layout != torch.strided:
+        return f"is a {t.layout} tensor"
+    need = t.numel() * t.element_size()
+    have = t.untyped_storage().nbytes() - t.storage_offset() * t.element_size()
+    if need > have or any(st == 0 for st, n in zip(t.stride(), t.shape, strict=True) if n > 1):
+        return (f"declares shape {tuple(t.shape)} with strides {t.stride()} ({need} bytes) over {max(have, 0)} "
+                f"bytes of storage")
+    return None
+
+
+def _check_tensors(obj, path: str | os.PathLike) -> None:
+    """CheckpointError naming the first tensor anywhere in a loaded checkpoint whose view is not a whole one, or
+    a dict or list that contains itself or is nested deeper than MAX_DEPTH (whatever walks the checkpoint
+    afterwards would never end, or overflow Python's stack). Each object is visited once, however often shared."""
+    seen: set[int] = set()
+    open_: set[int] = set()  # containers on the current path: meeting one again is a cycle
+    stack: list[tuple[str, object, int, bool]] = [("", obj, 0, False)]
+    while stack:
+        where, o, depth, leaving = stack.pop()
+        if leaving:
+            open_.discard(id(o))
+            continue
+        if id(o) in open_:
+            raise CheckpointError(f"{path}: refused: {where} contains itself")
+        if id(o) in seen:
+            continue
+        if isinstance(o, torch.Tensor):
+            seen.add(id(o))
+            problem = _view_problem(o)
+            if problem:
+                raise CheckpointError(f"{path}: refused: {where or 'the tensor'} {problem}")
+        elif isinstance(o, (dict, list, tuple)):
+            if depth >= MAX_DEPTH:
+                raise CheckpointError(f"{path}: refused: {where} is nested more than {MAX_DEPTH} deep")
+            seen.add(id(o))
+            open_.add(id(o))
+            stack.append((where, o, depth, True))
+            if isinstance(o, dict):
+                inside = [(f"{where}.{k}" if where else str(k), v) for k, v in o.items()]
+            else:
+                inside = [(f"{where}[{i}]", v) for i, v in enumerate(o)]
+            stack += [(w, v, depth + 1, False) for w, v in inside]
+
+
 def load_weights_only(path: str | os.PathLike, map_location: str | torch.device = "cpu", refused_hint: str = ""):
     """torch.load(weights_only=True) with one clear error line (CheckpointError) for a corrupt or foreign file;
-    `refused_hint` is appended when the file holds more than tensors and plain data."""
+    `refused_hint` is appended when the file holds more than tensors and plain data. What the file declares is
+    checked before anything of its size is allocated: its zip records (count, none compressed) before torch reads
+    them, then, the file mapped rather than read (mmap), every tensor's shape against its storage."""
+    zipped = _check_records(path)
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=zipped)
     except Exception as e:  # torch raises many types for a bad file; the user needs one line
         problem = _load_problem(e)
         if refused_hint and problem.startswith("refused"):
             problem += f"; {refused_hint}"
         raise CheckpointError(f"{path}: {problem}") from None
+    _check_tensors(ckpt, path)
+    return ckpt
 
 
 def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu",
@@ -134,9 +232,23 @@ def strip_module_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
 MAX_LISTED = 5  # keys a mismatch error names of each kind
 
 
+def weight_problem(key: str, v: torch.Tensor, own: torch.Tensor) -> str | None:
+    """Why a checkpoint's tensor cannot stand for the model's: a dtype of another kind (int64 weights would load
+    as whole numbers and track a constant) or a NaN or infinite value (track() would return NaN); None if fine."""
+    if v.is_floating_point() != own.is_floating_point() or v.is_complex() or v.dtype == torch.bool:
+        return f"{key} is {v.dtype}, the model's is {own.dtype}"
+    if v.is_floating_point():
+        bad = int((~torch.isfinite(v)).sum())
+        if bad:
+            return f"{key} holds {bad} NaN or infinite value{'s' if bad > 1 else ''}"
+    return None
+
+
 def load_model_state(model: nn.Module, state: dict[str, torch.Tensor], ignore_prefixes: tuple[str, ...] = (),
                      source: str = "checkpoint") -> None:
-    """Load strictly; keys under `ignore_prefixes` may be missing or extra. Mismatches raise and list keys."""
+    """Load strictly; keys under `ignore_prefixes` may be missing or extra. Mismatches raise and list keys; a
+    tensor of another dtype kind than the model's (float for its weights, integer for its counters) or holding
+    NaN or inf raises naming it. Nothing is copied unless every tensor passes."""
     state = strip_module_prefix(state)
     ignored = lambda k: any(k.startswith(p) for p in ignore_prefixes)  # noqa: E731
     state = {k: v for k, v in state.items() if not ignored(k)}
@@ -153,16 +265,12 @@ def load_model_state(model: nn.Module, state: dict[str, torch.Tensor], ignore_pr
         parts = [some(what, items) for what, items in (("missing keys", missing), ("unexpected keys", unexpected),
                                                         ("shape mismatches", wrong)) if items]
         raise CheckpointError(f"{source}: does not match the model: " + "; ".join(parts))
+    for k, v in state.items():
+        problem = weight_problem(k, v, own[k])
+        if problem:
+            raise CheckpointError(f"{source}: {problem}; refusing it")
     own.update(state)
     model.load_state_dict(own, strict=True)
-
-
-def load(init: str | os.PathLike, model: nn.Module, optimizer=None, scheduler=None, step: int | None = None,
-         ignore_prefixes: tuple[str, ...] = (), map_location: str | torch.device = "cpu") -> int:
-    """Load model (and optionally optimizer/scheduler) from a file or folder; returns the step loaded."""
-    path = find_checkpoint(init, step)
-    apply_checkpoint(read_checkpoint(path, map_location), path, model, optimizer, scheduler, ignore_prefixes)
-    return step_of(path)
 
 
 def apply_checkpoint(ckpt: dict, path: str | os.PathLike, model: nn.Module, optimizer=None, scheduler=None,
@@ -175,9 +283,28 @@ def apply_checkpoint(ckpt: dict, path: str | os.PathLike, model: nn.Module, opti
     if optimizer is not None:
         if layout.optimizer not in ckpt:
             raise CheckpointError(f"{path}: has no {layout.optimizer} to resume from")
-        optimizer.load_state_dict(ckpt[layout.optimizer])
+        optimizer.load_state_dict(_owned(ckpt[layout.optimizer]))
     if scheduler is not None and layout.scheduler in ckpt:
         scheduler.load_state_dict(ckpt[layout.scheduler])
+
+
+def _owned(obj: Any, memo: dict[int, Any] | None = None) -> Any:
+    """obj with every tensor copied into memory: an optimizer keeps its state tensors as given, and those of a
+    checkpoint read by load_weights_only are pages of the file, which may be replaced or removed while training.
+    A shared object is copied once (load_weights_only has refused cycles and bounded the nesting)."""
+    memo = {} if memo is None else memo
+    if id(obj) in memo:
+        return memo[id(obj)]
+    if isinstance(obj, torch.Tensor):
+        out = obj.clone()
+    elif isinstance(obj, dict):
+        out = {k: _owned(v, memo) for k, v in obj.items()}
+    elif isinstance(obj, (list, tuple)):
+        out = type(obj)(_owned(v, memo) for v in obj)
+    else:
+        return obj
+    memo[id(obj)] = out
+    return out
 
 
 def read_newest(folder: str | os.PathLike, on_bad: Callable[[Path, CheckpointError], None] | None = None,
@@ -200,13 +327,18 @@ def read_newest(folder: str | os.PathLike, on_bad: Callable[[Path, CheckpointErr
     return None
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model itself, out of a DataParallel or DistributedDataParallel wrapper (which holds it as .module)."""
+    inner = getattr(model, "module", None)
+    return inner if isinstance(inner, nn.Module) else model
+
+
 def save(folder: str | os.PathLike, step: int, model: nn.Module, optimizer=None, scheduler=None,
          keep_latest: int | None = None, extra: dict | None = None, layout: Layout = PIPS_LAYOUT) -> Path:
     """Write model-%09d.pth atomically (temp file, then rename) and keep only the latest K checkpoints."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    net = model.module if hasattr(model, "module") else model
-    ckpt = {layout.model: net.state_dict()}
+    ckpt = {layout.model: unwrap(model).state_dict()}
     if optimizer is not None:
         ckpt[layout.optimizer] = optimizer.state_dict()
     if scheduler is not None:
@@ -357,7 +489,18 @@ def parameter_table(model: nn.Module) -> str:
 
 
 def resolve_device(device: str = "auto") -> torch.device:
-    """'auto' picks CUDA when available, else the CPU."""
+    """'auto' picks CUDA when available, else the CPU; cpu, cuda[:N] and mps must exist here (ValueError, one line
+    naming --device, otherwise: before a model is loaded, not when it is moved)."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"--device {device!r}: expected auto, cpu, cuda, cuda:N or mps")
+    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {device}: no such CUDA device here ({torch.cuda.device_count()} found)")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {device}: MPS is not available here")
+    return dev

@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import functools
 import inspect
+import re
 import sys
 import types
 import typing
@@ -12,6 +13,7 @@ from collections.abc import Callable
 from typing import NoReturn
 
 import fire
+import fire.parser
 
 
 def die(msg) -> NoReturn:
@@ -65,50 +67,117 @@ def check_flags(main: Callable, argv: list[str], prog: str) -> None:
         die(f"{prog}: unknown flag --{name}{hint} (--help lists the flags)")
 
 
-def _kind(hint) -> tuple[type, bool] | None:
-    """The scalar type (int, float or bool) a parameter's annotation admits and whether it admits None too; None
-    to leave its value alone (strings, tuples, unannotated)."""
+def flag_kind(hint) -> tuple[type, bool] | None:
+    """The scalar type (int, float, bool or str) a parameter's annotation admits and whether it admits None too;
+    None to leave its value alone (unions of several types, tuples, unannotated)."""
     args = typing.get_args(hint) if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union \
         else (hint,)
     scalars = tuple(a for a in args if a is not type(None))
-    if len(scalars) == 1 and scalars[0] in (int, float, bool):
+    if len(scalars) == 1 and scalars[0] in (int, float, bool, str):
         return scalars[0], len(scalars) < len(args)
     return None
 
 
-def checked_types(main: Callable, prog: str) -> Callable:
-    """main behind a check that its int, float and bool flags got values of their type: `--S=abc` exits in one
-    line naming the flag instead of failing deep inside. Ints pass as floats; 0 and 1 pass as booleans."""
+def _is_fire_flag(tok: str) -> bool:
+    """Whether fire takes a token for a flag rather than for the previous flag's value ("-5" is a value)."""
+    return tok.startswith("--") or re.match(r"^-[a-zA-Z]", tok) is not None
+
+
+def raw_values(argv: list[str]) -> dict[str, str]:
+    """Each --flag's value as typed, before fire reads it as a Python literal (the last one given wins, as in
+    fire): ["--a-b=1", "--c", "2e3"] -> {"a_b": "1", "c": "2e3"}."""
+    raw: dict[str, str] = {}
+    for i, tok in enumerate(argv):
+        if tok == "--":
+            break
+        if not tok.startswith("--") or len(tok) == 2:
+            continue
+        name, eq, value = tok[2:].partition("=")
+        name = name.replace("-", "_")
+        if eq:
+            raw[name] = value
+        elif i + 1 < len(argv) and not _is_fire_flag(argv[i + 1]):
+            raw[name] = argv[i + 1]
+        else:
+            raw.pop(name, None)  # a bare --flag: fire makes it True
+    return raw
+
+
+def as_text(name: str, value, raw: str | None):
+    """A text flag's value as the user typed it: fire reads `--out_dir=2024` as the int 2024, `1e3` as 1000.0 and
+    `a,b` as a tuple, which is recovered from raw (the token fire parsed); ValueError naming the flag for a list,
+    dict, bool or None, or a value whose text is not known."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, float, complex, tuple)) and not isinstance(value, bool) and raw is not None:
+        parsed = fire.parser.DefaultParseValue(raw)
+        if type(parsed) is type(value) and parsed == value:
+            return raw
+    raise ValueError(f"--{name} must be text, got {value!r}")
+
+
+def _checked(name: str, hint, value, raw: str | None, prog: str):
+    """One flag's value in the type its annotation asks for, or one line and exit 2."""
+    found = flag_kind(hint)
+    if found is None:
+        return value
+    kind, optional = found
+    if value is None and optional:
+        return value
+    if kind is str:
+        try:
+            return as_text(name, value, raw)
+        except ValueError as e:
+            die(f"{prog}: {e}")
+    if kind is bool and value in (0, 1) and not isinstance(value, float):
+        return bool(value)
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        what = {int: "an integer", float: "a number", bool: "True or False"}[kind]
+        die(f"{prog}: --{name} must be {what}, got {value!r}")
+    return value
+
+
+def checked_types(main: Callable, prog: str, argv: list[str] | None = None,
+                  kwarg_hints: dict | None = None) -> Callable:
+    """main behind a check that its int, float, bool and text flags got values of their type: `--S=abc` exits in
+    one line naming the flag instead of failing deep inside. Ints pass as floats; 0 and 1 pass as booleans; a
+    text flag that fire read as a number or a tuple gets its text back from argv (`--out_dir=2024` is the
+    folder "2024"). kwarg_hints: annotations for the flags main takes as **kwargs."""
     params = inspect.signature(main, eval_str=True).parameters
+    raw = raw_values(argv or [])
+
+    def raw_of(name: str) -> str | None:
+        if name in raw:
+            return raw[name]
+        # fire's one-letter abbreviation (check_flags let it through only when it names one parameter)
+        return raw.get(name[0]) if name[0] not in params else None
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
         bound = inspect.signature(main).bind_partial(*args, **kwargs)
         for name, value in bound.arguments.items():
-            found = _kind(params[name].annotation)
-            if found is None or params[name].kind is params[name].VAR_KEYWORD:
+            param = params[name]
+            if param.kind is param.VAR_KEYWORD:
+                hints = kwarg_hints or {}
+                for key, item in value.items():
+                    if key in hints:
+                        value[key] = _checked(key, hints[key], item, raw.get(key), prog)
                 continue
-            kind, optional = found
-            if value is None and optional:
-                continue
-            if kind is bool and value in (0, 1) and not isinstance(value, float):
-                bound.arguments[name] = bool(value)
-            elif kind is float and isinstance(value, int) and not isinstance(value, bool):
-                bound.arguments[name] = float(value)
-            elif not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-                what = {int: "an integer", float: "a number", bool: "True or False"}[kind]
-                die(f"{prog}: --{name} must be {what}, got {value!r}")
+            bound.arguments[name] = _checked(name, param.annotation, value, raw_of(name), prog)
         return main(*bound.args, **bound.kwargs)
 
     return wrapper
 
 
-def run_fire(main: Callable, prog: str | None = None, argv: list[str] | None = None):
-    """fire.Fire(main) with the flags checked first (names, then int/float/bool values): a typo costs one line,
-    not a whole run with default settings before fire's own complaint."""
+def run_fire(main: Callable, prog: str | None = None, argv: list[str] | None = None, kwarg_hints: dict | None = None):
+    """fire.Fire(main) with the flags checked first (names, then int/float/bool/text values): a typo costs one
+    line, not a whole run with default settings before fire's own complaint. kwarg_hints: annotations of the
+    flags main takes as **kwargs, to check those too."""
     argv = sys.argv[1:] if argv is None else list(argv)
     prog = prog or (sys.argv[0].rsplit("/", 1)[-1] if sys.argv and sys.argv[0] else main.__module__)
     if any(tok in ("--help", "-h") for tok in argv):  # help is asked for: fire shows it, whatever else is there
         return fire.Fire(main, command=["--help"], name=prog)
     check_flags(main, argv, prog)
-    return fire.Fire(checked_types(main, prog), command=argv, name=prog)
+    return fire.Fire(checked_types(main, prog, argv, kwarg_hints), command=argv, name=prog)

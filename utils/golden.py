@@ -8,8 +8,11 @@ import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, fields
+from typing import TypeVar
 
 import torch
+
+ModuleT = TypeVar("ModuleT", bound=torch.nn.Module)
 
 
 def golden_state_dict(shapes: list[tuple[str, tuple[int, ...]]]) -> dict[str, torch.Tensor]:
@@ -54,7 +57,7 @@ def lbm_golden_state_dict(entries: list[tuple[str, tuple[int, ...], torch.dtype]
     return out
 
 
-def load_golden_weights(model: torch.nn.Module) -> torch.nn.Module:
+def load_golden_weights(model: ModuleT) -> ModuleT:
     """Fill a Pips with the golden weights (its state-dict order is the checkpoint's, which tests check)."""
     shapes = [(k, tuple(v.shape)) for k, v in model.state_dict().items()]
     model.load_state_dict(golden_state_dict(shapes), strict=True)

@@ -10,6 +10,7 @@ from collections.abc import Iterable
 
 import numpy as np
 import torch
+from numpy.typing import ArrayLike
 from prettytable import PrettyTable
 
 THRESHOLDS = (1, 2, 4, 8, 16)
@@ -111,7 +112,7 @@ def survival_curve(trajs_e, trajs_g, valids, hw: tuple[int, int], thr: float = 1
     return np.cumprod(~failed, axis=-2).mean(axis=-1)
 
 
-def mean_curve(curves: Iterable[np.ndarray]) -> np.ndarray:
+def mean_curve(curves: Iterable[ArrayLike]) -> np.ndarray:
     """Mean over videos of per-frame curves of different lengths: frame t averages the videos that reach it."""
     curves = [np.asarray(c, np.float64) for c in curves]
     if not curves:

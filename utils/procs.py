@@ -1,10 +1,90 @@
-"""Processes and file systems: is a writer still alive, did a write fail for lack of space."""
+"""Processes and file systems: is a writer still alive, did a write fail for lack of space, a pool of worker
+processes that survives the death of one."""
 
 from __future__ import annotations
 
 import errno
+import multiprocessing as mp
 import os
+import re
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from multiprocessing.connection import Connection, wait
 from pathlib import Path
+from typing import Any, NoReturn
+
+# Signals that ask a long job to stop: a scheduler's SIGTERM, a terminal's Ctrl-C (SIGINT), and SIGHUP, which a
+# closed terminal or ssh session sends (nohup ignores it; a signal ignored at start stays ignored)
+STOP_SIGNALS: tuple[signal.Signals, ...] = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGINT", "SIGHUP")
+                                                 if hasattr(signal, n))
+
+
+def exit_code(signame: str) -> int:
+    """A run stopped by this signal exits as a shell reports it: 128 + its number (SIGINT 130, SIGTERM 143)."""
+    return 128 + int(getattr(signal, signame, signal.SIGINT))
+
+
+def caught_stop_signals() -> tuple[signal.Signals, ...]:
+    """STOP_SIGNALS not ignored by whoever started this process (nohup's SIGHUP, a background job's SIGINT)."""
+    return tuple(s for s in STOP_SIGNALS if signal.getsignal(s) is not signal.SIG_IGN)
+
+
+# The stop a signal handler raised last, and its signal, until Python drops it (see raise_stop).
+_raised: tuple[BaseException, int] | None = None
+
+
+def _redeliver_dropped(unraisable: Any, previous: Callable[[Any], None]) -> None:
+    """sys.unraisablehook: a stop exception Python dropped is raised again soon after, by a one-shot handler of
+    its signal; anything else goes to `previous`."""
+    global _raised
+    held = _raised
+    if held is None or unraisable.exc_value is not held[0] or threading.current_thread() is not threading.main_thread():
+        previous(unraisable)
+        return
+    exc, signum = held
+    _raised = None
+    old = signal.getsignal(signum)
+
+    def again(s: int, frame: Any) -> None:
+        signal.signal(s, old)  # one shot: the handler of before (often SIG_IGN during a clean-up) comes back
+        raise_stop(s, exc)
+
+    signal.signal(signum, again)
+    # fired from another thread a moment later: fired from here, the handler would run inside this hook or the
+    # finalizer that called it, and be dropped again. interrupt_main runs the Python handler only, never a
+    # signal's default action, so a job that has meanwhile put SIG_DFL back is not killed by it.
+    threading.Thread(target=_interrupt_main_later, args=(signum,), daemon=True).start()
+
+
+def _interrupt_main_later(signum: int) -> None:
+    time.sleep(0.02)
+    import _thread
+
+    _thread.interrupt_main(signal.Signals(signum))
+
+
+def raise_stop(signum: int, exc: BaseException) -> NoReturn:
+    """Raise a signal handler's stop exception so that it is never lost. A handler runs at whatever instruction
+    the main thread is at; inside a finalizer (__del__) or an at-fork hook (imageio-ffmpeg's Popen runs
+    logging's), Python prints "Exception ignored in ..." and drops the exception, and the job went on as if no
+    signal had come. The dropped stop is instead raised again, silently, at the next instruction outside."""
+    global _raised
+    hook = sys.unraisablehook
+    if getattr(hook, "__name__", "") != "_redeliver":
+        def _redeliver(unraisable: Any, previous: Callable[[Any], None] = hook) -> None:
+            _redeliver_dropped(unraisable, previous)
+
+        sys.unraisablehook = _redeliver
+    _raised = (exc, signum)
+    raise exc
 
 
 def pid_alive(pid: int) -> bool:
@@ -32,3 +112,185 @@ def is_space_error(exc: BaseException) -> bool:
             return True
         e = e.__cause__ or e.__context__
     return False
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A pool of worker processes that never waits on a dead one.
+
+
+def _serve(conn: Connection, fn: Callable[[Any], Any], initializer: Callable[[], None] | None) -> None:
+    """A worker's loop: run fn on each job received, send its result back; stop at None or when the parent is
+    gone (its end of the pipe closed)."""
+    if initializer is not None:
+        initializer()
+    while True:
+        try:
+            job = conn.recv()
+        except (EOFError, OSError):
+            return
+        if job is None:
+            return
+        conn.send(fn(job))
+
+
+def describe_exit(code: int | None) -> str:
+    """A dead process's exit code in words: "killed by SIGKILL", "exit code 3" (128 + n is signal n, as a
+    process that dies of a signal by its own handler reports it)."""
+    if code is None:
+        return "still running"
+    n = -code if code < 0 else code - 128 if 128 < code <= 128 + 64 else 0
+    try:
+        return f"killed by {signal.Signals(n).name}" if n else f"exit code {code}"
+    except ValueError:
+        return f"exit code {code}"
+
+
+@dataclass(eq=False)
+class _Worker:
+    proc: Any  # multiprocessing's Process of the chosen context
+    conn: Connection
+    job: Any = None
+    busy: bool = False
+
+
+class WorkerPool:
+    """`n` processes running fn(job), one job each at a time, for `run`'s queue of jobs.
+
+    Unlike multiprocessing.Pool, which replaces a killed worker but waits forever for the job it held, a
+    worker's death is reported with its job (the caller decides whether to queue it again) and the worker is
+    replaced; unlike concurrent.futures, one death does not fail every other job. Used as a context manager:
+    leaving the block normally lets idle workers exit, leaving it with jobs still running (an exception, a
+    break) terminates the workers (SIGTERM, then SIGKILL after `grace` seconds) and reaps them.
+
+    Workers are started with SIGINT ignored: a terminal's Ctrl-C reaches the whole process group, and the
+    parent alone should decide what it means. fn and initializer must be picklable (module-level functions);
+    fn should return its errors as results: an exception ends its worker, which is then reported as dead.
+    """
+
+    def __init__(self, fn: Callable[[Any], Any], n: int, initializer: Callable[[], None] | None = None,
+                 start_method: str = "spawn", grace: float = 10.0):
+        self.fn, self.n, self.initializer, self.grace = fn, max(1, n), initializer, grace
+        self.ctx = mp.get_context(start_method)
+        self.workers: list[_Worker] = []
+
+    def __enter__(self) -> WorkerPool:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if exc[0] is None and not self.busy:
+            self.close()
+        else:
+            self.terminate()
+
+    @property
+    def busy(self) -> bool:
+        """Whether a worker is running a job."""
+        return any(w.busy for w in self.workers)
+
+    def _start(self) -> _Worker:
+        parent, child = self.ctx.Pipe()
+        main = threading.current_thread() is threading.main_thread()  # where Python can set a handler
+        old = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None  # kept through a spawned worker's exec
+        try:
+            # typeshed gives get_context(str) the BaseContext type, which declares no Process; every context it
+            # returns (spawn, fork, forkserver) has one
+            proc = self.ctx.Process(  # pyright: ignore[reportAttributeAccessIssue]
+                target=_serve, args=(child, self.fn, self.initializer), daemon=True)
+            proc.start()
+        finally:
+            if main:
+                signal.signal(signal.SIGINT, old)
+        child.close()
+        w = _Worker(proc, parent)
+        self.workers.append(w)
+        return w
+
+    def _drop(self, w: _Worker) -> None:
+        w.conn.close()
+        w.proc.join(timeout=self.grace)
+        self.workers.remove(w)
+
+    def run(self, jobs: deque) -> Iterator[tuple[Any, Any, int | None]]:
+        """(job, fn(job), None) for each finished job and (job, None, exit code) for a job whose worker died
+        (a negative code: killed by that signal), in the order they end. Jobs are taken from the left of
+        `jobs`; the caller may append to it while iterating (e.g. a job to retry)."""
+        while jobs or self.busy:
+            for w in list(self.workers):  # hand out jobs; a worker that died idle is replaced, its job kept
+                if jobs and not w.busy:
+                    try:
+                        w.conn.send(jobs[0])
+                    except OSError:
+                        self._drop(w)
+                        continue
+                    w.job, w.busy = jobs.popleft(), True
+            if jobs and len(self.workers) < self.n:
+                self._start()
+                continue
+            busy = [w for w in self.workers if w.busy]
+            ready = wait([w.conn for w in busy] + [w.proc.sentinel for w in busy])
+            for w in busy:
+                if w.conn not in ready and w.proc.sentinel not in ready:
+                    continue
+                result, died = None, not w.conn.poll()  # a result sent just before the worker died still counts
+                if not died:
+                    try:
+                        result = w.conn.recv()
+                    except (EOFError, OSError):  # the worker's end closed: it died
+                        died = True
+                job, w.job, w.busy = w.job, None, False
+                if died:
+                    self._drop(w)
+                    yield job, None, w.proc.exitcode
+                else:
+                    yield job, result, None
+
+    def close(self) -> None:
+        """Let every worker finish and exit; SIGKILL any that has not after `grace` seconds."""
+        for w in self.workers:
+            try:
+                w.conn.send(None)
+            except OSError:
+                pass
+        self._reap()
+
+    def terminate(self) -> None:
+        """Stop every worker now (SIGTERM, then SIGKILL after `grace` seconds) and reap it."""
+        for w in self.workers:
+            if w.proc.is_alive():
+                w.proc.terminate()
+        self._reap()
+
+    def _reap(self) -> None:
+        deadline = time.monotonic() + self.grace
+        for w in self.workers:
+            w.proc.join(timeout=max(0.0, deadline - time.monotonic()))
+            if w.proc.is_alive():
+                w.proc.kill()
+                w.proc.join()
+            w.conn.close()
+        self.workers = []
+
+
+def owned_tempdir(prefix: str, parent: str | os.PathLike | None = None) -> Path:
+    """A new temp folder named <prefix>.<host>.<pid>.<random> in `parent` (TMPDIR by default): a later process of
+    this host can tell it from a live process's and remove it once its owner is gone (`remove_stale_tempdirs`)."""
+    return Path(tempfile.mkdtemp(prefix=f"{prefix}.{socket.gethostname()}.{os.getpid()}.", dir=parent))
+
+
+def remove_stale_tempdirs(prefix: str, tmp: str | os.PathLike | None = None) -> list[Path]:
+    """Remove the `owned_tempdir` folders of `prefix` that processes of this host left when they were killed
+    (SIGKILL, out of memory, a closed terminal under an old version), which no handler can clean; returns them.
+    A folder of a live process stays."""
+    pattern = re.compile(rf"^{re.escape(prefix)}\.(?P<host>.+)\.(?P<pid>\d+)\.[A-Za-z0-9_]+$")
+    tmp = Path(tmp or tempfile.gettempdir())
+    host, removed = socket.gethostname(), []
+    try:
+        entries = list(tmp.iterdir())
+    except OSError:
+        return removed
+    for d in entries:
+        m = pattern.match(d.name)
+        if m and m["host"] == host and not pid_alive(int(m["pid"])) and d.is_dir():
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(d)
+    return removed

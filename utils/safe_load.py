@@ -9,10 +9,12 @@ few globals that plain data and numpy arrays need and refuses every other one be
 from __future__ import annotations
 
 import importlib
+import math
 import os
 import pickle
+import pickletools
 import zipfile
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import IO, Any
 
@@ -20,6 +22,21 @@ import numpy as np
 from numpy.lib import format as npformat
 
 ALLOWED_HINT = "only plain data and numpy arrays are allowed"
+
+# Bounds on what a zip (an .npz, a torch checkpoint) may declare before it is parsed (docs/FORMATS.md, "Safe
+# loading"). A central directory entry is 46 bytes plus its name: the ~1,000 records of an LBM training
+# checkpoint (weights and two optimizer moments each) take ~100 KB, an .npz of the project's few members ~1 KB.
+MAX_ZIP_DIRECTORY_BYTES = 4 << 20
+MAX_NPZ_MEMBERS = 64  # anno.npz has 6 members, track.npz 1
+# A deflated member may inflate at most MAX_DEFLATE_RATIO times its compressed size once it is larger than
+# DEFLATE_RATIO_FLOOR: deflate reaches ~1000:1 on zeros, so a 2 MB file could otherwise declare GBs that are all
+# read. Real data stays far below: float positions compress 2-3x, and the floor is above the largest bool flag
+# member an anno.npz may hold (2^27 bytes), so a flag of long runs is never refused whatever its ratio.
+MAX_DEFLATE_RATIO = 100
+DEFLATE_RATIO_FLOOR = 256 << 20
+
+# expect(key, shape, dtype) -> why a member's header is not what the caller can use, or None
+Expect = Callable[[str, tuple[int, ...], np.dtype], "str | None"]
 
 
 class UnsafeFileError(ValueError):
@@ -43,6 +60,10 @@ class _Refused(pickle.UnpicklingError):
     def __init__(self, what: str):
         self.what = what
         super().__init__(what)
+
+
+class _BadState(pickle.UnpicklingError):
+    """A pickle set a state that does not describe a whole numpy array or dtype."""
 
 
 def _latin1_encode(text: str, encoding: str = "latin1") -> bytes:
@@ -70,11 +91,22 @@ def _numpy_globals() -> dict[tuple[str, str], Any]:
     """The globals numpy's own pickles reference, under both the numpy 1.x (numpy.core) and 2.x module names."""
     from numpy._core import multiarray, numeric
 
+    def reconstruct(subtype: Any, shape: Any, dtype: Any) -> np.ndarray:
+        # numpy pickles an array as an empty one, _reconstruct(ndarray, (0,), b'b'), then sets its state (whose
+        # data must match its shape); any other shape would allocate whatever size the file names
+        if subtype is not np.ndarray or not isinstance(shape, tuple) or shape != (0,):
+            raise _Refused(f"numpy _reconstruct of {getattr(subtype, '__name__', subtype)} {shape!r} (numpy "
+                           f"writes an empty ndarray there)")
+        arr = multiarray._reconstruct(subtype, shape, dtype)
+        assert isinstance(arr, np.ndarray)  # subtype is np.ndarray (checked above); numpy's stub says object
+        return arr
+
     out: dict[tuple[str, str], Any] = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype}
     for core in ("numpy.core", "numpy._core"):
-        out[(f"{core}.multiarray", "_reconstruct")] = multiarray._reconstruct
+        out[(f"{core}.multiarray", "_reconstruct")] = reconstruct
         out[(f"{core}.multiarray", "scalar")] = multiarray.scalar
-        out[(f"{core}.numeric", "_frombuffer")] = numeric._frombuffer  # protocol 5
+        # protocol 5; numpy's stub leaves out this private function
+        out[(f"{core}.numeric", "_frombuffer")] = numeric._frombuffer  # pyright: ignore[reportAttributeAccessIssue]
     return out
 
 
@@ -87,8 +119,135 @@ _ALLOWED: dict[tuple[str, str], Any] = {
 }
 
 
-class _RestrictedUnpickler(pickle.Unpickler):
-    """An Unpickler whose globals come only from the allow-list; anything else raises _Refused."""
+# A pickle may build at most this many objects counting every shared reference as a copy: a few kilobytes of
+# memo references can stand for 40^12 (a list of 40 references to a list of 40 ...), which hashing a dict key
+# or walking the result would then visit one by one. The project's own files build a few thousand.
+MAX_PICKLE_OBJECTS = 10_000_000
+_MUTATORS = {"APPEND", "APPENDS", "SETITEM", "SETITEMS", "BUILD", "ADDITEMS"}  # grow the object below them
+_MARK = object()
+
+
+def pickle_objects_problem(data: bytes | IO[bytes], limit: int = MAX_PICKLE_OBJECTS) -> str | None:
+    """Why a pickle would build more than `limit` objects when each shared reference counts as a copy, or None.
+
+    Reads the opcodes only (pickletools.genops) and runs nothing: each object on the simulated stack is its
+    expanded size, memo references share it, and the ops that fill a container add to it. A pickle that does not
+    parse is left to the unpickler, which reports it."""
+    stack: list = []
+    memo: dict = {}
+    try:
+        for op, arg, _ in pickletools.genops(data):
+            name = op.name
+            if name in ("PUT", "BINPUT", "LONG_BINPUT"):
+                memo[arg] = stack[-1]
+            elif name == "MEMOIZE":
+                memo[len(memo)] = stack[-1]
+            elif name in ("GET", "BINGET", "LONG_BINGET"):
+                stack.append(memo[arg])
+            elif name == "DUP":
+                stack.append(stack[-1])
+            elif name == "STOP":
+                break
+            else:
+                before = op.stack_before
+                popped = []
+                if pickletools.markobject in before:
+                    while stack[-1] is not _MARK:
+                        popped.append(stack.pop())
+                    stack.pop()
+                    before = before[:before.index(pickletools.markobject)]
+                popped += [stack.pop() for _ in before]
+                if name == "MARK":
+                    stack.append(_MARK)
+                elif name in _MUTATORS:
+                    target = popped.pop()
+                    target[0] = min(limit + 1, target[0] + sum(n[0] for n in popped))
+                    stack.append(target)
+                    if target[0] > limit:
+                        return f"refused: its pickle builds more than {limit} objects (shared references counted)"
+                else:
+                    node = [min(limit + 1, 1 + sum(n[0] for n in popped))]
+                    stack += [node] * len(op.stack_after)
+                    if node[0] > limit:
+                        return f"refused: its pickle builds more than {limit} objects (shared references counted)"
+    except Exception:  # corrupt or truncated: the unpickler says what is wrong
+        return None
+    return None
+
+
+def _array_state_problem(state: Any) -> str | None:
+    """Why a numpy array's pickled state (version, shape, dtype, fortran, data) does not describe a whole array of
+    its shape, or None. numpy's own __setstate__ takes an object array's items from the list without checking
+    its length, so a short list makes it read past the list's end (a crash, or the heap's neighbours)."""
+    if not isinstance(state, tuple) or len(state) != 5 or state[0] != 1:
+        return "an ndarray state that is not numpy's: version 1, shape, dtype, order, data"
+    _, shape, dtype, fortran, data = state
+    if (not isinstance(shape, tuple) or not all(isinstance(n, int) and n >= 0 for n in shape)
+            or not isinstance(dtype, np.dtype) or not isinstance(fortran, bool)):
+        return "an ndarray state with a malformed shape, dtype or order"
+    if dtype.subdtype is not None or (dtype.fields is not None and dtype.hasobject):
+        return f"an ndarray of the dtype {dtype}: a subarray, or a structure holding objects"
+    count = math.prod(shape)
+    if dtype.hasobject:
+        if not isinstance(data, list) or len(data) != count:
+            listed = len(data) if isinstance(data, list) else "no"
+            return f"an object ndarray of {count} items whose state lists {listed} items"
+    elif not isinstance(data, (bytes, bytearray)) or len(data) != count * dtype.itemsize:
+        have = len(data) if isinstance(data, (bytes, bytearray)) else "no"
+        return f"an ndarray of {count} {dtype} values whose state holds {have} bytes, not {count * dtype.itemsize}"
+    return None
+
+
+MAX_ITEM_BYTES = 1 << 20  # a structured dtype's item; the project's files hold scalars and short strings
+
+
+def _dtype_state_problem(state: Any) -> str | None:
+    """Why a pickled numpy dtype state (version, byteorder, subarray, names, fields, itemsize, alignment, flags)
+    is not a plain or structured dtype whose fields lie inside its item, or None."""
+    if not isinstance(state, tuple) or len(state) not in (8, 9):
+        return "a malformed dtype state"
+    _, _, sub, names, fields, itemsize, align, flags = state[:8]
+    if sub is not None:
+        return "a subarray dtype"
+    if not all(isinstance(v, int) for v in (itemsize, align, flags)) or (names is None) != (fields is None):
+        return "a malformed dtype state"
+    if names is None:
+        return None
+    if (not isinstance(names, tuple) or not isinstance(fields, dict) or set(names) != set(fields)
+            or not all(isinstance(n, str) for n in names) or not 0 <= itemsize <= MAX_ITEM_BYTES):
+        return "a malformed structured dtype"
+    for f in fields.values():
+        if not (isinstance(f, tuple) and len(f) in (2, 3) and isinstance(f[0], np.dtype) and isinstance(f[1], int)):
+            return "a malformed structured dtype"
+        if f[0].hasobject or not 0 <= f[1] <= itemsize - f[0].itemsize:
+            return "a structured dtype with an object field or a field outside its item"
+    return None
+
+
+class _RestrictedUnpickler(pickle._Unpickler):
+    """An Unpickler whose globals come only from the allow-list (anything else raises _Refused) and whose BUILD
+    sets state only on a numpy array or dtype, after checking it. The Python implementation, as the C one's
+    BUILD cannot be intercepted; the files it reads hold few, large objects."""
+
+    stack: list[Any]  # set by load(); typeshed's pickle._Unpickler leaves out the Python implementation's state
+    # the opcode handlers, called as functions of the unpickler (load_build is one of this class's)
+    dispatch: dict[int, Callable[[Any], None]] = dict(pickle._Unpickler.dispatch)
+
+    def load_build(self) -> None:
+        """BUILD: an ndarray's state checked against its shape, a dtype's limited to plain ones; else refused."""
+        state = self.stack.pop()
+        inst = self.stack[-1]
+        if isinstance(inst, np.ndarray):
+            problem = _array_state_problem(state)
+        elif isinstance(inst, np.dtype):
+            problem = _dtype_state_problem(state)
+        else:
+            problem = f"state set on a {type(inst).__name__}"
+        if problem:
+            raise _BadState(problem)
+        inst.__setstate__(state)  # pyright: ignore[reportAttributeAccessIssue]  # numpy's stub lacks dtype.__setstate__
+
+    dispatch[pickle.BUILD[0]] = load_build
 
     def find_class(self, module: str, name: str) -> Any:
         """The allowed object for module.name, or _Refused naming what the file asked for."""
@@ -112,10 +271,17 @@ def _first_line(e: BaseException) -> str:
 
 
 def _unpickle(fp: IO[bytes], path: str | os.PathLike, where: str = "") -> Any:
+    start = fp.tell()
+    problem = pickle_objects_problem(fp)
+    if problem:
+        raise UnsafeFileError(path, f"{where}{problem}")
+    fp.seek(start)
     try:
         return _RestrictedUnpickler(fp).load()
     except _Refused as e:
         raise UnsafeFileError(path, _refusal(e.what, where)) from None
+    except _BadState as e:
+        raise UnsafeFileError(path, f"refused: {where}pickle holds {e}") from None
     except Exception as e:  # corrupt data raises many types; the user needs one line
         raise UnsafeFileError(path, f"{where}not a readable pickle ({_first_line(e)})") from None
 
@@ -147,16 +313,30 @@ def _read_header(fp: IO[bytes]) -> tuple[tuple[int, ...], bool, np.dtype]:
     raise ValueError(f".npy format version {version[0]}.{version[1]} is not supported by this numpy")
 
 
-def _read_npy(fp: IO[bytes], path: str | os.PathLike, where: str = "") -> np.ndarray:
-    """One .npy stream: plain dtypes by numpy with allow_pickle=False, object dtype by the restricted unpickler."""
+def _read_npy(fp: IO[bytes], path: str | os.PathLike, where: str = "", size: int | None = None,
+              expect: Callable[[tuple[int, ...], np.dtype], str | None] | None = None) -> np.ndarray:
+    """One .npy stream of `size` bytes: its header checked (by `expect`, and against `size`) before any data is
+    read, then plain dtypes by numpy with allow_pickle=False, object dtype by the restricted unpickler."""
     start = fp.tell()
     try:
         shape, fortran, dtype = _read_header(fp)
     except Exception as e:
         raise UnsafeFileError(path, f"{where}not an .npy array ({_first_line(e)})") from None
+    shape = tuple(shape)
+    if any(n < 0 for n in shape):
+        raise UnsafeFileError(path, f"{where}header declares the shape {shape}")
+    problem = expect(shape, dtype) if expect is not None else None
+    if problem:
+        raise UnsafeFileError(path, f"{where}{problem}")
+    if not dtype.hasobject and size is not None:
+        # numpy allocates what the header declares before it reads: a short member must not get that far
+        need, have = math.prod(shape) * dtype.itemsize, size - (fp.tell() - start)
+        if have < need:
+            raise UnsafeFileError(path, f"{where}header declares {dtype} {shape} ({need} bytes) but the data is "
+                                        f"{have} bytes")
     if dtype.hasobject:
         arr = _unpickle(fp, path, where)
-        if not isinstance(arr, np.ndarray) or arr.shape != tuple(shape):
+        if not isinstance(arr, np.ndarray) or arr.shape != shape:
             got = f"an array of shape {arr.shape}" if isinstance(arr, np.ndarray) else type(arr).__name__
             raise UnsafeFileError(path, f"{where}pickled payload is {got}, the header says an array of {shape}")
         return arr
@@ -171,24 +351,75 @@ def load_npy(path: str | os.PathLike) -> np.ndarray:
     """Read a .npy file; an object-dtype array is rebuilt by the restricted unpickler."""
     try:
         with open(path, "rb") as fh:
-            return _read_npy(fh, path)
+            return _read_npy(fh, path, size=os.fstat(fh.fileno()).st_size)
     except OSError as e:
         raise UnsafeFileError(path, f"cannot open ({e.strerror or _first_line(e)})") from None
 
 
-def load_npz(path: str | os.PathLike, keys: Collection[str] | None = None) -> dict[str, np.ndarray]:
-    """The arrays of an .npz (a zip of .npy members), all or those named in `keys`, read eagerly; object members
-    go through the restricted unpickler. A file that is not a zip archive (say a pickle named .npz) is refused."""
+def zip_directory_size(fh: IO[bytes]) -> int:
+    """The size of a zip archive's central directory as its end record declares it, read without parsing the
+    directory (which zipfile and torch load whole); ValueError when there is no end record."""
+    end = fh.seek(0, os.SEEK_END)
+    for back in (42, 42 + 0xFFFF):  # a zip64 locator (20 bytes), the end record (22), a comment of up to 64 KiB
+        fh.seek(max(0, end - back))
+        tail = fh.read()
+        i = tail.rfind(b"PK\x05\x06")
+        if i >= 0:
+            break
+    if i < 0 or len(tail) - i < 22:
+        raise ValueError("no zip end record")
+    size = int.from_bytes(tail[i + 12:i + 16], "little")
+    if size == 0xFFFFFFFF and i >= 20 and tail[i - 20:i - 16] == b"PK\x06\x07":  # zip64: its own end record
+        fh.seek(int.from_bytes(tail[i - 12:i - 4], "little"))
+        rec = fh.read(56)
+        if len(rec) < 56 or rec[:4] != b"PK\x06\x06":
+            raise ValueError("damaged zip64 end record")
+        size = int.from_bytes(rec[40:48], "little")
+    return size
+
+
+def open_zip(path: str | os.PathLike, fh: IO[bytes], max_members: int) -> zipfile.ZipFile:
+    """A zip archive read from fh, refused (UnsafeFileError) when its directory is larger than
+    MAX_ZIP_DIRECTORY_BYTES (checked before parsing it) or it holds more than max_members entries or a name twice."""
     try:
-        with open(path, "rb") as fh:
-            is_zip = zipfile.is_zipfile(fh)
+        size = zip_directory_size(fh)
+    except ValueError as e:
+        raise UnsafeFileError(path, f"not a readable zip archive ({e})") from None
+    if size > MAX_ZIP_DIRECTORY_BYTES:
+        raise UnsafeFileError(path, f"refused: its zip directory is {size} bytes (at most {MAX_ZIP_DIRECTORY_BYTES})")
+    fh.seek(0)
+    try:
+        zf = zipfile.ZipFile(fh)
+    except Exception as e:  # a damaged directory
+        raise UnsafeFileError(path, f"not a readable zip archive ({_first_line(e)})") from None
+    names = [i.filename for i in zf.infolist()]
+    if len(names) > max_members:
+        raise UnsafeFileError(path, f"refused: it holds {len(names)} members (at most {max_members})")
+    if len(set(names)) != len(names):
+        twice = next(n for n in names if names.count(n) > 1)
+        raise UnsafeFileError(path, f"refused: it holds the member {twice} twice")
+    return zf
+
+
+def load_npz(path: str | os.PathLike, keys: Collection[str] | None = None, expect: Expect | None = None,
+             max_member_bytes: int | None = None, max_members: int = MAX_NPZ_MEMBERS) -> dict[str, np.ndarray]:
+    """The arrays of an .npz (a zip of .npy members), all or those named in `keys`, read eagerly; object members
+    go through the restricted unpickler. A file that is not a zip archive (say a pickle named .npz) is refused.
+
+    Before a member's data is read: its size as the zip declares it must be at most `max_member_bytes`, its
+    header's shape and dtype must fit its size and pass `expect(key, shape, dtype)` (which returns the problem,
+    or None); the archive may hold at most `max_members` members, and a compressed member larger than
+    DEFLATE_RATIO_FLOOR at most MAX_DEFLATE_RATIO times its compressed size (docs/FORMATS.md, "Safe loading")."""
+    try:
+        fh = open(path, "rb")
     except OSError as e:
         raise UnsafeFileError(path, f"cannot open ({e.strerror or _first_line(e)})") from None
-    if not is_zip:
-        raise UnsafeFileError(path, "refused: not a zip archive (an .npz must be one)")
     out: dict[str, np.ndarray] = {}
     try:
-        with zipfile.ZipFile(path) as zf:
+        with fh:
+            if not zipfile.is_zipfile(fh):
+                raise UnsafeFileError(path, "refused: not a zip archive (an .npz must be one)")
+            zf = open_zip(path, fh, max_members)
             for info in zf.infolist():
                 if info.is_dir():
                     continue
@@ -197,8 +428,17 @@ def load_npz(path: str | os.PathLike, keys: Collection[str] | None = None) -> di
                 key = info.filename[:-len(".npy")]
                 if keys is not None and key not in keys:
                     continue  # never read, so never unpickled: skipping costs no safety
+                if max_member_bytes is not None and info.file_size > max_member_bytes:
+                    raise UnsafeFileError(path, f"member {key}: {info.file_size} bytes, more than the "
+                                                f"{max_member_bytes} it may have here")
+                if (info.compress_type != zipfile.ZIP_STORED and info.file_size > DEFLATE_RATIO_FLOOR
+                        and info.file_size > MAX_DEFLATE_RATIO * info.compress_size):
+                    raise UnsafeFileError(path, f"member {key}: {info.file_size} bytes compressed into "
+                                                f"{info.compress_size}, more than {MAX_DEFLATE_RATIO} to 1 (a zip "
+                                                f"bomb?); store it uncompressed (np.savez)")
+                check = None if expect is None else (lambda shape, dtype, key=key: expect(key, shape, dtype))
                 with zf.open(info) as member:
-                    out[key] = _read_npy(member, path, f"member {key}: ")
+                    out[key] = _read_npy(member, path, f"member {key}: ", info.file_size, check)
     except UnsafeFileError:
         raise
     except Exception as e:  # a damaged archive (bad CRC, truncated member)

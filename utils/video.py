@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import io
 import os
-from collections.abc import Iterable, Iterator
+import re
+import subprocess
+import warnings
+from collections.abc import Callable, Generator, Iterable, Iterator
+from fractions import Fraction
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, cast
 
 import cv2
 import imageio_ffmpeg
 import numpy as np
+from PIL import Image
 
 # libav inside OpenCV prints its own lines for damaged files ("moov atom not found"), without the file's name;
 # every failure here is raised as one VideoError naming the file, so libav stays quiet unless the user sets it
@@ -104,15 +109,76 @@ def image_truncation(path: str | os.PathLike) -> str | None:
         return _truncation(f, f.seek(0, os.SEEK_END))
 
 
+# The largest image read_rgb decodes, its size read from the header first: 8K UHD, 7680x4320 (100 MB as RGB).
+# The frames the project reads are far smaller (PointOdyssey 960x540, Kubric 512x512, CroHD 1920x1080), while a
+# 20000x20000 header in a few hundred bytes of PNG would make the decoder allocate 1.2 GB.
+MAX_IMAGE_PIXELS = 7680 * 4320
+
+
+def image_pixels_problem(data: bytes) -> str | None:
+    """Why an encoded image may not be decoded, from its header alone: its size is beyond MAX_IMAGE_PIXELS, or
+    no header can be read (a format whose size cannot be known before decoding); None if it may."""
+    try:
+        with warnings.catch_warnings():  # Pillow's own, higher, bound warns or raises: the one here decides
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as im:
+                w, h = im.size
+    except Image.DecompressionBombError:
+        return f"image larger than {MAX_IMAGE_PIXELS} pixels"
+    except Exception:
+        return "unreadable image"
+    if w * h > MAX_IMAGE_PIXELS:
+        return f"image of {w}x{h} pixels, larger than {MAX_IMAGE_PIXELS}"
+    return None
+
+
+def header_wh(raw: bytes) -> tuple[int, int] | None:
+    """(width, height) from a PNG's or JPEG's header, without decoding it; None for anything else."""
+    if raw[:8] == b"\x89PNG\r\n\x1a\n" and raw[12:16] == b"IHDR" and len(raw) >= 24:
+        return int.from_bytes(raw[16:20], "big"), int.from_bytes(raw[20:24], "big")
+    if raw[:2] != b"\xff\xd8":
+        return None
+    i = 2
+    while i + 4 <= len(raw):  # JPEG segments: find the start-of-frame, which holds the size
+        if raw[i] != 0xFF:
+            return None
+        marker = raw[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker in (0x01, *range(0xD0, 0xD8)):  # markers without a length
+            i += 2
+            continue
+        length = int.from_bytes(raw[i + 2:i + 4], "big")
+        if marker in (*range(0xC0, 0xC4), *range(0xC5, 0xC8), *range(0xC9, 0xCC), *range(0xCD, 0xD0)):
+            if i + 9 > len(raw):
+                return None
+            return int.from_bytes(raw[i + 7:i + 9], "big"), int.from_bytes(raw[i + 5:i + 7], "big")
+        if length < 2:
+            return None
+        i += 2 + length
+    return None
+
+
+def not_regular_file(path: str | os.PathLike) -> bool:
+    """True if path exists (its symlinks followed) but is not a regular file: a FIFO, a device, a socket or a
+    folder, whose open() may block forever or read without end; a missing path is False (its reader says so)."""
+    p = Path(path)
+    return p.exists() and not p.is_file()
+
+
 def read_rgb(path: str | os.PathLike) -> np.ndarray:
-    """An image file as RGB uint8 (H,W,3); an unreadable or truncated one raises VideoError naming it."""
+    """An image file as RGB uint8 (H,W,3); an unreadable, truncated or oversized (MAX_IMAGE_PIXELS, from its
+    header) one raises VideoError naming it."""
+    if not_regular_file(path):  # a FIFO's open() waits for a writer: forever in a scene folder
+        raise VideoError(f"{path}: not a regular file")
     try:
         data = Path(path).read_bytes()
     except OSError as e:
         raise VideoError(f"{path}: unreadable image ({e.strerror or e})") from None
     if not data:
         raise VideoError(f"{path}: empty image file (0 bytes)")
-    why = _truncation(io.BytesIO(data), len(data))
+    why = _truncation(io.BytesIO(data), len(data)) or image_pixels_problem(data)
     if why:
         raise VideoError(f"{path}: {why}")
     img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
@@ -121,9 +187,11 @@ def read_rgb(path: str | os.PathLike) -> np.ndarray:
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 
-def write_mp4(path: str | os.PathLike, frames: Iterable[np.ndarray] | np.ndarray, fps: int = 24, crf: int = 20,
-              preset: str = "medium") -> None:
-    """Encode uint8 RGB frames (H,W,3) to H.264/yuv420p mp4 through a pipe: no temporary images."""
+def write_mp4(path: str | os.PathLike, frames: Iterable[np.ndarray] | np.ndarray, fps: float | Fraction = 24,
+              crf: int = 20, preset: str = "medium") -> None:
+    """Encode uint8 RGB frames (H,W,3) to H.264/yuv420p mp4 through a pipe: no temporary images. fps may be a
+    Fraction (30000/1001 for NTSC's 29.97), which ffmpeg is given exactly and the file declares back
+    (`frame_rate`); a float is taken as the fraction it is exactly (29.97 as 2997/100)."""
     frames = iter(frames)
     first = next(frames, None)
     if first is None:
@@ -131,10 +199,17 @@ def write_mp4(path: str | os.PathLike, frames: Iterable[np.ndarray] | np.ndarray
     h, w = first.shape[:2]
     if first.ndim != 3 or first.shape[2] != 3 or first.dtype != np.uint8:
         raise VideoError(f"{path}: frames must be uint8 HxWx3, got {first.dtype} {first.shape}")
+    if h < 2 or w < 2:  # ffmpeg would fail on its own and only print it: no file, and no error here
+        raise VideoError(f"{path}: frames of {w}x{h} are too small to encode (at least 2x2)")
     if h % 2 or w % 2:
         raise VideoError(f"{path}: yuv420p needs even sizes, got {w}x{h}")
+    if isinstance(fps, (int, float, np.number)):  # imageio-ffmpeg takes Python floats and Fractions only
+        fps = float(fps)
+    # imageio-ffmpeg has no annotations, and pyright takes its defaults (fps=16, quality=5) for the parameters'
+    # types; its docs take a float or Fraction fps, and quality=None leaves the quality to the crf below
     writer = imageio_ffmpeg.write_frames(
-        str(path), (w, h), fps=fps, codec="libx264", pix_fmt_in="rgb24", pix_fmt_out="yuv420p", quality=None,
+        str(path), (w, h), codec="libx264", pix_fmt_in="rgb24", pix_fmt_out="yuv420p",
+        fps=fps, quality=None,  # pyright: ignore[reportArgumentType]
         macro_block_size=1, ffmpeg_log_level="error", output_params=["-crf", str(crf), "-preset", preset],
     )
     writer.send(None)
@@ -146,18 +221,200 @@ def write_mp4(path: str | os.PathLike, frames: Iterable[np.ndarray] | np.ndarray
             writer.send(np.ascontiguousarray(f))
     finally:
         writer.close()
+    if not Path(path).is_file() or Path(path).stat().st_size == 0:  # ffmpeg failed and only printed why
+        raise VideoError(f"{path}: ffmpeg wrote no video")
 
 
-def iter_frames(path: str | os.PathLike, backend: str = "imageio") -> Iterator[np.ndarray]:
-    """Yield RGB uint8 frames of any video one at a time (bounded memory), decoded by imageio-ffmpeg's
-    bundled ffmpeg (any codec it knows) or by OpenCV (`backend="cv2"`)."""
-    if not Path(path).is_file():
+# ISO base media files (mp4, mov, m4v, 3gp) are a chain of boxes, each starting with its size and type; these are
+# the types such a file starts with
+_ISO_FIRST = {b"ftyp", b"styp", b"moov", b"mdat", b"free", b"skip", b"wide", b"pnot"}
+_MAX_BOXES = 1_000_000  # boxes walked at one level (a fragmented mp4 has two per fragment): bounds a hostile file
+
+
+def _boxes(f: BinaryIO, start: int, end: int) -> Iterator[tuple[bytes, int, int]]:
+    """(type, payload start, box end) of the boxes from `start`, walked by their declared sizes up to `end`; a box
+    may end past `end` (a cut file: the caller decides). Stops at a malformed size or a header cut short."""
+    pos = start
+    for _ in range(_MAX_BOXES):
+        if pos + 8 > end:
+            return
+        f.seek(pos)
+        head = f.read(8)
+        if len(head) < 8:
+            return
+        size, kind, payload = int.from_bytes(head[:4], "big"), head[4:], pos + 8
+        if size == 1:  # a 64-bit size follows the type
+            big = f.read(8)
+            if len(big) < 8:
+                return
+            size, payload = int.from_bytes(big, "big"), pos + 16
+        elif size == 0:  # the box runs to the end of its parent
+            size = end - pos
+        if size < payload - pos:
+            return
+        yield kind, payload, pos + size
+        pos += size
+
+
+def _find_box(f: BinaryIO, start: int, end: int, kind: bytes) -> tuple[int, int] | None:
+    """(payload start, end) of the first box of this type between start and end, or None."""
+    for k, payload, stop in _boxes(f, start, end):
+        if k == kind:
+            return payload, min(stop, end)
+    return None
+
+
+def _declared_frames(f: BinaryIO, size: int) -> int | None:
+    """The number of frames an mp4's header declares for its first video track (the sample count of its stsz or
+    stz2 box), or None when there is no such header."""
+    moov = _find_box(f, 0, size, b"moov")
+    if moov is None:
+        return None
+    for kind, payload, stop in _boxes(f, *moov):
+        if kind != b"trak":
+            continue
+        mdia = _find_box(f, payload, min(stop, size), b"mdia")
+        hdlr = mdia and _find_box(f, *mdia, b"hdlr")
+        if not hdlr:
+            continue
+        f.seek(hdlr[0] + 8)  # version and flags, pre_defined, then the handler type
+        if f.read(4) != b"vide":
+            continue
+        box = mdia
+        for k in (b"minf", b"stbl"):
+            box = box and _find_box(f, *box, k)
+        for k in (b"stsz", b"stz2"):
+            found = box and _find_box(f, *box, k)
+            if found:
+                f.seek(found[0] + 8)  # version and flags, sample size (stz2: field size), then the count
+                count = f.read(4)
+                return int.from_bytes(count, "big") if len(count) == 4 else None
+        return None
+    return None
+
+
+def declared_frames(path: str | os.PathLike) -> int | None:
+    """The number of frames an mp4/mov file's header declares for its first video track (what a decoder will
+    give for a whole file), or None for another format, no such header, or a file that cannot be read."""
+    if not Path(path).is_file():  # a FIFO's open() would wait for a writer; its reader says what is wrong
+        return None
+    try:
+        with open(path, "rb") as f:
+            size = f.seek(0, os.SEEK_END)
+            f.seek(0)
+            if len(head := f.read(8)) < 8 or head[4:] not in _ISO_FIRST:
+                return None
+            return _declared_frames(f, size)
+    except OSError:
+        return None
+
+
+def _mp4_cut(path: str | os.PathLike) -> tuple[str, int | None] | None:
+    """(where an mp4/mov file is cut, the frames its header declares or None), or None for a whole file or another
+    format. Its top-level boxes, walked by their sizes, must end within the file: a download or copy cut short
+    leaves the last one (usually the frames, 'mdat') running past the end. Reads only box headers."""
+    with open(path, "rb") as f:
+        size = f.seek(0, os.SEEK_END)
+        f.seek(0)
+        if len(head := f.read(8)) < 8 or head[4:] not in _ISO_FIRST:
+            return None
+        last = 0
+        for kind, _, end in _boxes(f, 0, size):
+            if end > size:
+                return (f"the file ends at byte {size}, inside its '{kind.decode('latin-1')}' box, which runs to byte "
+                        f"{end}", _declared_frames(f, size))
+            last = end
+        if 0 < size - last < 8:
+            return f"the file ends at byte {size}, inside a box header", _declared_frames(f, size)
+    return None
+
+
+def mp4_truncation(path: str | os.PathLike) -> str | None:
+    """Why an mp4/mov file ends early, or None (also for other formats): decoders stop at the cut without a word.
+    Reads only the headers of its boxes."""
+    cut = _mp4_cut(path)
+    if cut is None:
+        return None
+    where, declared = cut
+    return f"cut short ({where}; its header declares {declared} frames)" if declared else f"cut short ({where})"
+
+
+REMUX_HINT = "re-download or re-copy it, or keep the frames that decode with: ffmpeg -i IN -c copy OUT.mp4"
+
+
+def _check_video_path(path: str | os.PathLike) -> None:
+    """VideoError unless path is an existing file (not a folder)."""
+    p = Path(path)
+    if p.is_dir():
+        raise VideoError(f"{path}: is a folder, not a video file")
+    if not_regular_file(p):  # a FIFO or a device: ffmpeg could wait on it forever
+        raise VideoError(f"{path}: not a regular file")
+    if not p.is_file():
         raise VideoError(f"{path}: no such video file")
+
+
+def _stream_kinds(path: str | os.PathLike) -> set[str] | None:
+    """The kinds of stream ffmpeg finds in a file ({'Video', 'Audio', ...}), or None if it cannot open it."""
+    try:
+        res = subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-nostdin", "-i", str(path)],
+                             capture_output=True, text=True, errors="replace", timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if "Input #0" not in res.stderr:
+        return None
+    return set(re.findall(r"^\s*Stream #\d+:\d+\S*: (\w+):", res.stderr, re.MULTILINE))
+
+
+def _open_problem(path: str | os.PathLike, e: Exception, verb: str) -> str:
+    """One line for a video ffmpeg could not start decoding: it has no video stream (an audio file, an empty
+    video), else "<verb> (ffmpeg's last line)"."""
+    kinds = _stream_kinds(path)
+    if kinds is not None and "Video" not in kinds:
+        others = ", ".join(sorted(k.lower() for k in kinds))
+        return f"no video stream in it ({f'only {others}' if others else 'no streams at all: an empty video'})"
+    return f"{verb} ({str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__})"
+
+
+# Containers recognised from their first bytes, each with the suffix its file gets. An uploaded file is named by
+# what it is, never by the name the client sent: ffmpeg picks a demuxer by name and content, and a playlist
+# (an .m3u8 naming file: or http: segments, an ffconcat list) would make it read other files or addresses.
+_CONTAINERS: tuple[tuple[Callable[[bytes], bool], str], ...] = (
+    (lambda b: b[4:8] in (b"ftyp", b"moov", b"mdat", b"wide", b"free", b"skip"), ".mp4"),  # MP4, QuickTime, 3GP
+    (lambda b: b[:4] == b"\x1a\x45\xdf\xa3", ".mkv"),  # Matroska, WebM
+    (lambda b: b[:4] == b"RIFF" and b[8:12] == b"AVI ", ".avi"),
+    (lambda b: b[:6] in (b"GIF87a", b"GIF89a"), ".gif"),
+    (lambda b: b[:4] == b"OggS", ".ogv"),
+    (lambda b: b[:3] == b"FLV", ".flv"),
+    (lambda b: b[:4] == b"\x00\x00\x01\xba", ".mpg"),  # MPEG program stream
+    (lambda b: len(b) > 376 and b[0] == b[188] == b[376] == 0x47, ".ts"),  # MPEG transport stream packets
+    (lambda b: b[:8] == b"\x89PNG\r\n\x1a\n", ".png"),  # still images: opened, then refused as one frame
+    (lambda b: b[:3] == b"\xff\xd8\xff", ".jpg"),
+)
+CONTAINER_NAMES = "MP4/MOV, MKV/WebM, AVI, GIF, Ogg, FLV, MPEG-PS/TS"
+
+
+def container_suffix(head: bytes) -> str | None:
+    """The suffix of the video container (or still image) whose first bytes (at least 512) are `head`, or None
+    for anything else (a playlist, a text file, an unknown format)."""
+    for test, suffix in _CONTAINERS:
+        if test(head):
+            return suffix
+    return None
+
+
+def _frames(path: str | os.PathLike, backend: str) -> Generator[tuple[int, int] | np.ndarray, None, None]:
+    """A generator yielding first the (height, width) its stream's header declares, read before any frame is
+    decoded, then the RGB uint8 frames one at a time; closing it stops the decoder."""
+    _check_video_path(path)
+    why = mp4_truncation(path)
+    if why:
+        raise VideoError(f"{path}: {why}; {REMUX_HINT}")
     if backend == "cv2":
         cap = cv2.VideoCapture(str(path))
-        if not cap.isOpened():
-            raise VideoError(f"{path}: cannot open video")
         try:
+            if not cap.isOpened():
+                raise VideoError(f"{path}: cannot open video")
+            yield int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT)), int(cap.get(cv2.CAP_PROP_FRAME_WIDTH))
             while True:
                 ok, frame = cap.read()
                 if not ok:
@@ -166,18 +423,32 @@ def iter_frames(path: str | os.PathLike, backend: str = "imageio") -> Iterator[n
         finally:
             cap.release()
         return
-    reader = imageio_ffmpeg.read_frames(str(path), pix_fmt="rgb24")
+    # each decoded frame once, as OpenCV and the frame count of video_info see them: by default ffmpeg would repeat
+    # or drop frames of a variable-frame-rate video (a phone's) to make a constant rate
+    reader = imageio_ffmpeg.read_frames(str(path), pix_fmt="rgb24", output_params=["-fps_mode", "passthrough"])
     try:
-        meta = next(reader)
-    except Exception as e:
-        msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-        raise VideoError(f"{path}: cannot decode ({msg})") from None
-    w, h = meta["size"]
-    try:
+        try:
+            meta = next(reader)
+        except Exception as e:
+            raise VideoError(f"{path}: {_open_problem(path, e, 'cannot decode')}") from None
+        w, h = meta["size"]
+        yield h, w
         for buf in reader:
             yield np.frombuffer(buf, np.uint8).reshape(h, w, 3)
     finally:
         reader.close()
+
+
+def iter_frames(path: str | os.PathLike, backend: str = "imageio") -> Generator[np.ndarray, None, None]:
+    """Yield RGB uint8 frames of any video one at a time (bounded memory), decoded by imageio-ffmpeg's
+    bundled ffmpeg (any codec it knows) or by OpenCV (`backend="cv2"`). An mp4 cut short is refused
+    (`mp4_truncation`): decoders would stop early without a word."""
+    frames = _frames(path, backend)
+    try:
+        next(frames)  # the header's size
+        yield from cast("Iterator[np.ndarray]", frames)  # after the header, only frames
+    finally:
+        frames.close()
 
 
 def read_video(path: str | os.PathLike, backend: str = "cv2") -> np.ndarray:
@@ -190,32 +461,86 @@ def read_video(path: str | os.PathLike, backend: str = "cv2") -> np.ndarray:
 
 
 def video_info(path: str | os.PathLike) -> tuple[int, int, int, float]:
-    """(frames, height, width, fps) read by imageio-ffmpeg (frames are counted by decoding headers only)."""
-    if not Path(path).is_file():
-        raise VideoError(f"{path}: no such video file")
+    """(frames, height, width, fps): the size and fps from the header, the frames counted by decoding them.
+
+    One VideoError line naming the file for a folder, a missing file, a file without a video stream (audio only,
+    an empty video), one whose frames do not decode, and an mp4 cut short (with how many of the frames it
+    declares decode)."""
+    _check_video_path(path)
+    cut = _mp4_cut(path)
+    if cut:  # said first: a cut file may not open at all (an mp4 keeping its header at the end loses it)
+        try:
+            n = imageio_ffmpeg.count_frames_and_secs(str(path))[0] or 0
+        except Exception:
+            n = 0
+        where, declared = cut
+        of = f"{n} of the {declared} frames its header declares decode" if declared else f"{n} frames decode"
+        raise VideoError(f"{path}: cut short ({where}): {of}; {REMUX_HINT if n else 're-download or re-copy it'}")
     try:
         reader = imageio_ffmpeg.read_frames(str(path), pix_fmt="rgb24")
         meta = next(reader)
         reader.close()
+    except Exception as e:
+        raise VideoError(f"{path}: {_open_problem(path, e, 'cannot read video')}") from None
+    try:
         n, _ = imageio_ffmpeg.count_frames_and_secs(str(path))
     except Exception as e:
         msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
         raise VideoError(f"{path}: cannot read video ({msg})") from None
+    if not n:
+        raise VideoError(f"{path}: no frames decode")
     w, h = meta["size"]
     return int(n), int(h), int(w), float(meta.get("fps") or 24.0)
 
 
+# A frame rate is read as the fraction nearest the container's value with at most this denominator: above the
+# time scales containers use for one frame's duration (30000 for 30000/1001, 90000 for MPEG), so 30000/1001
+# comes back as itself rather than as the float 29.97 that ffmpeg prints.
+MAX_RATE_DENOMINATOR = 100_000
+
+
+def frame_rate(path: str | os.PathLike) -> Fraction | None:
+    """The average frame rate of a video's first video stream as its container gives it, exactly as a fraction
+    (30000/1001, 25/2; for a variable-rate video its frames over its duration), or None when it gives none (or
+    the file cannot be opened)."""
+    cap = cv2.VideoCapture(str(path))
+    try:
+        fps = cap.get(cv2.CAP_PROP_FPS) if cap.isOpened() else 0.0
+    finally:
+        cap.release()
+    if not (np.isfinite(fps) and fps > 0):
+        return None
+    return Fraction(fps).limit_denominator(MAX_RATE_DENOMINATOR)
+
+
 def read_clip(path: str | os.PathLike, S: int, H: int, W: int, backend: str = "cv2") -> np.ndarray:
-    """Decode an exported clip and insist on exactly S frames of HxW; anything else is corrupt."""
+    """Decode an exported clip and insist on exactly S frames of HxW; anything else is corrupt. The size is
+    checked from the stream's header before any frame is decoded, and at most S+1 frames are decoded, so a small
+    file of thousands of large frames costs no more memory than a good clip."""
     if not Path(path).is_file():
         raise VideoError(f"{path}: missing")
+    expected = f"expected {S} of {H}x{W}"
+    decoded: list[np.ndarray] = []
     try:
-        frames = read_video(path, backend)
+        frames = _frames(path, backend)
+        try:
+            h, w = next(frames)
+            if (h, w) != (H, W):
+                raise VideoError(f"{path}: corrupt clip, its header declares frames of {h}x{w}, {expected}")
+            for frame in cast("Iterator[np.ndarray]", frames):  # after the header, only frames
+                if frame.shape != (H, W, 3):  # a stream changing size midway
+                    raise VideoError(f"{path}: corrupt clip, frame {len(decoded)} is "
+                                     f"{frame.shape[0]}x{frame.shape[1]}, {expected}")
+                if len(decoded) == S:
+                    raise VideoError(f"{path}: corrupt clip, more than {S} frames, {expected}")
+                decoded.append(frame)
+        finally:
+            frames.close()
     except VideoError:
         raise
     except Exception as e:
         raise VideoError(f"{path}: cannot decode ({type(e).__name__})") from None
-    if frames.shape != (S, H, W, 3):
-        raise VideoError(f"{path}: corrupt clip, decoded {frames.shape[0]} frames of "
-                         f"{frames.shape[1]}x{frames.shape[2]}, expected {S} of {H}x{W}")
-    return frames
+    if len(decoded) != S:
+        what = f"decoded {len(decoded)} frames of {H}x{W}" if decoded else "no decodable frames"
+        raise VideoError(f"{path}: corrupt clip, {what}, {expected}")
+    return np.stack(decoded)

@@ -4,28 +4,49 @@
     python demo.py --video=clip.mp4 --grid_size=16                     # a grid on frame 0
     python demo.py --video=clip.mp4 --points=points.csv --backward=True # (t, x, y) rows, any frame
     python demo.py                                                      # a synthetic video, made on the spot
-    python demo.py --model=lbm --init_dir=lbm.pt --video=clip.mp4 --numbers=True   # LBM: occluded points hollow
+    python demo.py --init_dir=pips2 --video=clip.mp4                   # the authors' model, fetched once
+    python demo.py --model=lbm --init_dir=lbm --video=clip.mp4 --numbers=True   # LBM: occluded points hollow
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import signal
 import sys
 import tempfile
+import threading
 import time
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import cv2
 import numpy as np
+from PIL import Image
 
 from pips2.datasets.synthetic import write_synthetic_video
-from pips2.tracking import check_queries, grid_queries, load_tracker, track
-from pips2.utils.checkpoint import CheckpointError
-from pips2.utils.cli import parse_hw, run_fire
+from pips2.hub import DEFAULT_PIPS, check_options, load_model
+from pips2.tracking import (
+    check_frames_space,
+    check_grid_size,
+    check_queries,
+    check_track_args,
+    check_video_size,
+    default_model_hw,
+    grid_queries,
+    resolve_model_hw,
+    track,
+)
+from pips2.utils.checkpoint import CheckpointError, resolve_device
+from pips2.utils.cli import run_fire
 from pips2.utils.paths import make_dirs, remove_empty_dirs
-from pips2.utils.video import VideoError, video_info
+from pips2.utils.procs import STOP_SIGNALS, caught_stop_signals, raise_stop
+from pips2.utils.video import VideoError, header_wh, video_info
 from pips2.utils.vis import write_outputs
+
+MAX_POINTS_FILE_BYTES = 64 << 20  # a points file is read whole; 10000 points (MAX_POINTS) take well under 1 MB
 
 
 def read_points(path: str | Path, query_frame: int = 0) -> np.ndarray:
@@ -37,10 +58,16 @@ def read_point_rows(path: str | Path, query_frame: int = 0) -> tuple[np.ndarray,
     """(N,3) queries and, per query, its row in the file (CSV line or 1-based JSON item) for error messages.
 
     A row that is not 2 or 3 numbers is an error naming the file and row: silently dropping it would track
-    fewer points than the user asked for.
+    fewer points than the user asked for. The file must be a regular file of at most MAX_POINTS_FILE_BYTES (it is
+    read whole; /dev/zero or a FIFO would be read forever).
     """
     path = Path(path)
     rows, where = [], []
+    if path.exists() and not path.is_dir() and not path.is_file():
+        raise ValueError(f"{path}: cannot read points (not a regular file)")
+    if path.is_file() and path.stat().st_size > MAX_POINTS_FILE_BYTES:
+        raise ValueError(f"{path}: cannot read points (a file of {path.stat().st_size} bytes; a points file is read "
+                         f"whole, at most {MAX_POINTS_FILE_BYTES} bytes)")
     try:
         if path.suffix.lower() == ".json":
             items = json.loads(path.read_text())
@@ -51,6 +78,8 @@ def read_point_rows(path: str | Path, query_frame: int = 0) -> tuple[np.ndarray,
                     if isinstance(item, dict):
                         vals = [float(item.get("t", query_frame)), float(item["x"]), float(item["y"])]
                     else:
+                        if any(isinstance(v, bool) for v in item):
+                            raise ValueError("true/false is not a coordinate")
                         vals = [float(v) for v in item]
                         if len(vals) not in (2, 3):
                             raise ValueError(f"{len(vals)} values")
@@ -83,6 +112,10 @@ def read_point_rows(path: str | Path, query_frame: int = 0) -> tuple[np.ndarray,
         raise ValueError(f"{path}: cannot read points (not a text file)") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: cannot read points (invalid JSON: {e})") from None
+    except RecursionError:
+        raise ValueError(f"{path}: cannot read points (JSON nested too deeply)") from None
+    except csv.Error as e:
+        raise ValueError(f"{path}: cannot read points (CSV: {e})") from None
     if not rows:
         raise ValueError(f"{path}: no points (expected rows of t,x,y or x,y)")
     # float32 as tracked: a coordinate too large for it turns inf here and is refused, not tracked
@@ -90,16 +123,25 @@ def read_point_rows(path: str | Path, query_frame: int = 0) -> tuple[np.ndarray,
         return np.asarray(rows, np.float32), where
 
 
-def read_mask(path: str, hw: tuple[int, int]) -> np.ndarray:
+def read_mask(path: str, src_hw: tuple[int, int]) -> np.ndarray:
     """A grayscale mask image of exactly the video's size (a stretched mask would select the wrong points)."""
     if not Path(path).is_file():
         raise ValueError(f"--mask {path}: no such file")
+    H, W = src_hw
+    with open(path, "rb") as f:  # the size from the header first: a small PNG may declare gigabytes of pixels
+        wh = header_wh(f.read(1 << 16))
+    if wh is None:
+        try:  # another format: Pillow reads its header without decoding
+            with Image.open(path) as im:
+                wh = im.size
+        except Exception:
+            raise ValueError(f"--mask {path}: unreadable image") from None
+    w, h = wh
+    if (h, w) != (H, W):
+        raise ValueError(f"--mask {path}: mask is {w}x{h} but the video is {W}x{H}")
     m = cv2.imread(path, cv2.IMREAD_GRAYSCALE)
-    if m is None:
+    if m is None or m.shape[:2] != (H, W):
         raise ValueError(f"--mask {path}: unreadable image")
-    H, W = hw
-    if m.shape[:2] != (H, W):
-        raise ValueError(f"--mask {path}: mask is {m.shape[1]}x{m.shape[0]} but the video is {W}x{H}")
     return m
 
 
@@ -121,30 +163,54 @@ def synthetic_video(out_dir: Path, seed: int = 3, frames: int = 48) -> Path:
     return write_synthetic_video(out_dir / "synthetic.mp4", seed, frames, (256, 384))
 
 
-def prepare(video: str | None, points: str | None, grid_size: int, query_frame: int, mask: str | None,
-            image_size, out: Path) -> tuple[Path, np.ndarray, int, int, int, float, tuple[int, int] | None]:
-    """Check every input before any model or tracking work: (video, queries, frames, H, W, fps, image_size).
-    --out_dir must exist (check_out_dir): the synthetic video is written there."""
-    if image_size is not None:
-        image_size = parse_hw(image_size, "--image_size")
-    video_path = Path(video) if video else synthetic_video(out)
-    n_frames, H, W, fps = video_info(video_path)
-    if n_frames < 1:
-        raise VideoError(f"{video_path}: no frames")
+def prepare(video_path: Path, points: str | None, grid_size: int, query_frame: int,
+            mask: str | None) -> tuple[np.ndarray, int, int, int, float]:
+    """Check the video and the queries before any model or tracking work: (queries, frames, H, W, fps)."""
+    num_frames, H, W, fps = video_info(video_path)
+    check_video_size((H, W), str(video_path))
     if points:
         queries, rows = read_point_rows(points, query_frame)
-        check_queries(queries, n_frames, (H, W), points, rows,
+        check_queries(queries, num_frames, (H, W), points, rows,
                       warn=lambda msg: print(f"warning: {msg}", file=sys.stderr, flush=True))
     else:
-        if not 0 <= query_frame <= n_frames - 1:
-            raise ValueError(f"--query_frame {query_frame} is outside the video's frames 0..{n_frames - 1}")
-        if int(grid_size) < 1:
-            raise ValueError(f"--grid_size must be at least 1, got {grid_size}")
+        if not 0 <= query_frame <= num_frames - 1:
+            raise ValueError(f"--query_frame {query_frame} is outside the video's frames 0..{num_frames - 1}")
         m = read_mask(mask, (H, W)) if mask else None
-        queries = grid_queries((H, W), int(grid_size), query_frame, m)
+        queries = grid_queries((H, W), grid_size, query_frame, m)
         if not len(queries):
             raise ValueError(f"--mask {mask}: no grid point falls inside the mask (nonzero pixels)")
-    return video_path, queries.astype(np.float32), n_frames, H, W, fps, image_size
+    return queries.astype(np.float32), num_frames, H, W, fps
+
+
+class Stopped(BaseException):
+    """SIGTERM or SIGINT arrived: the run unwinds (every temp file removed on the way) and exits 128 + signal."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _stop(signum, frame) -> None:
+    for sig in STOP_SIGNALS:  # the clean-up runs undisturbed by a second signal
+        signal.signal(sig, signal.SIG_IGN)
+    raise_stop(signum, Stopped(signum))
+
+
+@contextmanager
+def stopping_on_signals() -> Iterator[None]:
+    """Inside, SIGTERM (what schedulers send) and SIGINT (Ctrl-C) raise Stopped, so that every `finally` on the
+    way out runs (the decoded video's temp file is removed); the previous handlers come back afterwards."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+    old = {sig: signal.getsignal(sig) for sig in caught_stop_signals()}
+    for sig in old:
+        signal.signal(sig, _stop)
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
 
 
 def main(video: str | None = None, init_dir: str | None = None, points: str | None = None,
@@ -154,35 +220,71 @@ def main(video: str | None = None, init_dir: str | None = None, points: str | No
          numbers: bool = False) -> None:
     """Track points (from --points, or a grid on --query_frame limited by --mask) and write the outputs.
 
-    --model=lbm tracks online with LBM (--init_dir: its checkpoint file or folder; --memory_size resamples its
-    memory, S/iters/point_batch are PIPs++'s) and records its visibility; --numbers labels each point with its
-    index (the csv's `point`)."""
+    --init_dir: a checkpoint file or folder, or a hub name (pips2, lbm: the authors' weights, fetched once);
+    pips2.hub's rules, docs/MODELS.md. --model=lbm tracks online with LBM (--memory_size resamples its memory,
+    S/iters/point_batch are PIPs++'s) and records its visibility; --numbers labels each point with its index (the
+    csv's `point`).
+
+    The flags are checked before anything is created or loaded, then --out_dir, the video and the points before
+    the model is loaded. Any refusal or failure is one line (exit 2); SIGTERM or Ctrl-C stops the run with one
+    line (exit 128 + the signal). Either way what the run made is removed: the decoded video's temp file, partial
+    outputs, a synthetic video and an --out_dir it created."""
     out = Path(out_dir)
-    made: list[Path] = []
-    try:
-        made = check_out_dir(out)
-        video_path, queries, n_frames, H, W, fps, image_size = prepare(video, points, grid_size, query_frame, mask,
-                                                                       image_size, out)
-        net = load_tracker(model, init_dir, device, amp, memory_size)
-    except (ValueError, VideoError, OSError, CheckpointError) as e:
-        remove_empty_dirs(made)  # a run refused on its inputs leaves no empty --out_dir behind
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
-    t0 = time.time()
-    print(f"tracking {len(queries)} points through {video_path} ({n_frames} frames, {W}x{H}) with "
-          f"{init_dir or './reference_model'}")
-    res = track(net, str(video_path), queries, S=S, iters=iters, backward=backward, image_size=image_size,
-                point_batch=point_batch, amp=None if amp == "none" else amp, progress=True)
-    dt = time.time() - t0
-    try:
-        files = write_outputs(out, video_path, queries, res["tracks"], res["estimated"], fps, res["visibility"],
-                              bool(numbers))
-    except (OSError, VideoError) as e:
-        print(f"error: cannot write the outputs to --out_dir {out}: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
+    made: list[Path] = []  # folders this run created, and the synthetic video if it made one: removed on failure
+    synthetic: Path | None = None
+    writing, code, done = False, 2, False
+    with stopping_on_signals():
+        try:
+            S, iters, point_batch, model_hw = check_track_args(S, iters, point_batch, image_size, flag="--",
+                                                               lbm=model == "lbm")
+            check_options(model, amp, memory_size, init_dir)
+            dev = resolve_device(device)
+            if not points:
+                check_grid_size(grid_size, flag="--")
+            made = check_out_dir(out)
+            if video:
+                video_path = Path(video)
+            else:
+                synthetic = None if (out / "synthetic.mp4").exists() else out / "synthetic.mp4"
+                video_path = synthetic_video(out)
+            queries, num_frames, H, W, fps = prepare(video_path, points, grid_size, query_frame, mask)
+            if model == "pips2":  # a video too large to track at its size, or for TMPDIR at it: refused now
+                hw = model_hw or default_model_hw((H, W), str(video_path))
+                check_frames_space(video_path, num_frames, hw)
+            net = load_model(init_dir, dev, kind=model, amp=amp, memory_size=memory_size)
+            mh, mw = resolve_model_hw(net, (H, W), model_hw)  # the time per frame grows with this size
+            if model != "pips2":  # LBM's size is its weights'
+                check_frames_space(video_path, num_frames, (mh, mw))
+            t0 = time.time()
+            print(f"tracking {len(queries)} points through {video_path} ({num_frames} frames, {W}x{H}; the model runs "
+                  f"at {mw}x{mh}) with {init_dir or DEFAULT_PIPS}", flush=True)
+            with warnings.catch_warnings():  # prepare said it in one line, naming the file and its row
+                warnings.filterwarnings("ignore", message=r"queries: row \d+: .* outside the", category=UserWarning)
+                res = track(net, str(video_path), queries, S=S, iters=iters, backward=backward,
+                            model_hw=model_hw, point_batch=point_batch, amp=None if amp == "none" else amp,
+                            progress=True)
+            dt = time.time() - t0
+            writing = True
+            files = write_outputs(out, video_path, queries, res["tracks"], res["estimated"], fps,
+                                  res["visibility"], bool(numbers))
+            done = True
+        except Stopped as e:
+            code = 128 + e.signum
+            msg = f"stopped by {signal.Signals(e.signum).name}: no outputs written, temp files removed"
+        except (ValueError, VideoError, OSError, CheckpointError) as e:
+            msg = f"cannot write the outputs to --out_dir {out}: {e}" if writing else str(e)
+        finally:
+            if not done:  # a run refused or stopped leaves nothing of its own behind
+                if synthetic is not None:
+                    synthetic.unlink(missing_ok=True)
+                remove_empty_dirs(made)
+    if not done:
+        print(f"error: {msg}", file=sys.stderr, flush=True)
+        sys.exit(code)
     T = res["tracks"].shape[0]
-    print(f"summary: {len(queries)} points x {T} frames in {dt:.1f} s ({T / max(dt, 1e-9):.1f} frames/s); wrote "
-          + ", ".join(str(f) for f in files))
+    passes = "forward and backward" if backward else "forward"
+    print(f"summary: {len(queries)} points x {T} frames in {dt:.1f} s ({dt / T:.2f} s per frame, {passes}) at "
+          f"{mw}x{mh}, the model's input size (the video is {W}x{H}); wrote " + ", ".join(str(f) for f in files))
 
 
 def cli() -> None:

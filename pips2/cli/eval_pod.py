@@ -3,59 +3,36 @@
     ./get_reference_model.sh
     python test_on_pod.py --dataset_location=/data/pointodyssey --dset=test --init_dir=./reference_model
 
+--init_dir is a checkpoint file or folder, or the hub name pips2 (the authors' model, fetched once into a
+cache); the rules are pips2.hub's (docs/MODELS.md).
+
 A sequence that cannot be read (missing or unreadable frames, frames of different sizes, bad annotations)
 is skipped with its reason and counted in the summary. --out_json is written (temp file, then rename) at the
-end and also on Ctrl-C (exit 130) or an unexpected error (exit 1), with the sequences scored so far; beside it,
-<name>_curves.png plots accuracy vs threshold and survival over time, the model beside zero-velocity.
+end and also on Ctrl-C (exit 130), SIGTERM (exit 143) or an unexpected error (exit 1), with the sequences
+scored so far; beside it, <name>_curves.png plots accuracy vs threshold and survival over time, the model beside
+zero-velocity. The JSON layout is docs/EVALUATION.md's (the same for the three evaluation scripts).
 """
 
 from __future__ import annotations
 
-import sys
-import time
-from collections import Counter
+from functools import partial
 from pathlib import Path
 
-from PIL import Image
-from tqdm import tqdm
-
 from pips2 import evaluation
-from pips2.cli import load_pips_or_exit
 from pips2.datasets import pointodyssey as pod
+from pips2.hub import load_model
 from pips2.tracking import FileFrames
-from pips2.utils import metrics, plots
-from pips2.utils.checkpoint import resolve_device
-from pips2.utils.cli import aliased, die, parse_hw, run_fire
-from pips2.utils.paths import write_json
-from pips2.utils.video import VideoError, image_truncation
+from pips2.utils.checkpoint import CheckpointError, resolve_device
+from pips2.utils.cli import aliased, die, run_fire
 
 
-def check_frames(scene: pod.Scene) -> None:
-    """SkipItem unless every frame opens, ends with its end marker and has the first frame's size (only each
-    file's ends are read: cheap)."""
-    first = None
-    for p in scene.rgb_paths:
-        try:
-            with Image.open(p) as im:
-                size = im.size
-        except Exception:
-            raise pod.SkipItem(f"unreadable frame ({p.name})") from None
-        if image_truncation(p):
-            raise pod.SkipItem(f"truncated frame ({p.name})")
-        if first is None:
-            first = (p, size)
-        elif size != first[1]:
-            raise pod.SkipItem(f"frames of different sizes ({p.name} is {size[0]}x{size[1]}, "
-                               f"{first[0].name} is {first[1][0]}x{first[1][1]})")
-
-
-def evaluate_scene(model, scene: pod.Scene, S: int, N: int, iters: int, image_size: tuple[int, int],
+def evaluate_scene(model, scene: pod.Scene, S: int, N: int, iters: int, model_hw: tuple[int, int],
                    point_batch: int = 256, amp: str | None = None) -> dict | None:
     """Metrics of one sequence, or None when it has no usable point. model=None scores zero-velocity.
 
     Its "curves" entry holds the plotted curves (plots.Curves) of the model and of zero-velocity.
     """
-    frames = FileFrames(scene.rgb_paths, image_size)
+    frames = FileFrames(scene.rgb_paths, model_hw)
     trajs, _, valids = evaluation.select_points(scene.trajs, scene.visibs, scene.valids, frames.src_hw, N)
     if trajs.shape[1] == 0:
         return None
@@ -65,12 +42,26 @@ def evaluate_scene(model, scene: pod.Scene, S: int, N: int, iters: int, image_si
     return out
 
 
-def _skip_reason(e: Exception) -> str:
-    """A short reason: a VideoError's file is named by its file name, not its whole path."""
-    if isinstance(e, VideoError):
-        path, _, what = str(e).partition(": ")
-        return f"{what or 'unreadable'} ({Path(path).name})"
-    return str(e)
+def load_scene(path: Path) -> pod.Scene:
+    """The scene at path for scoring; whatever the loader refuses it with becomes that scene's skip reason."""
+    try:
+        return pod.load_scene(path, require_masks=False, require_3d=False)
+    except evaluation.SKIP_ERRORS:
+        raise
+    except Exception as e:  # the loader's own checks may raise other errors for a damaged scene: its data
+        raise evaluation.Skip(f"unusable scene ({type(e).__name__}: {evaluation.skip_reason(e)})") from None
+
+
+def score_scene(model, path: Path, S: int, N: int, iters: int, model_hw: tuple[int, int], point_batch: int,
+                amp: str | None) -> evaluation.Scored:
+    """One sequence for the evaluation frame: loaded, its frames checked, scored."""
+    scene = load_scene(path)
+    evaluation.check_frames(scene.rgb_paths)
+    res = evaluate_scene(model, scene, S, N, iters, model_hw, point_batch, amp)
+    if res is None:
+        raise evaluation.Skip("no usable point")
+    curves = res.pop("curves", None)
+    return evaluation.Scored(res, evaluation.format_row(path.name, res), int(res["frames"]), curves)
 
 
 def main(dataset_location: str = "../datasets/pointodyssey", dset: str = "test", S: int = 128, N: int = 256,
@@ -81,76 +72,32 @@ def main(dataset_location: str = "../datasets/pointodyssey", dset: str = "test",
 
     --max_scenes scores only the first sequences; --max_iters is the authors' name for it."""
     try:
-        image_size = parse_hw(image_size, "image_size")
+        model_hw = evaluation.check_image_size(image_size)
+        evaluation.check_counts(S=S, N=N, iters=iters, point_batch=point_batch, max_scenes=max_scenes,
+                                max_iters=max_iters)
         max_scenes = aliased("max_scenes", max_scenes, "max_iters", max_iters)
+        dev = resolve_device(device)
+        autocast = evaluation.check_amp(amp)
+        evaluation.check_out_json(out_json, dataset_location=dataset_location, init_dir=None if zero_vel else init_dir)
         scenes = pod.list_scenes(dataset_location, dset)
     except (ValueError, OSError) as e:
         die(e)
     if not scenes:
         die(f"{Path(dataset_location) / dset}: no scene folders in this split")
     scenes = scenes[:max_scenes]
-    dev = resolve_device(device)
-    model = None
-    if not zero_vel:
-        model = load_pips_or_exit(init_dir, dev, amp=amp)
-    rows, skipped, curves = {}, {}, {}
-    t0 = time.time()
-    n_frames = 0
-    status = "interrupted"
-
-    def finish() -> None:
-        """Table, summary and --out_json of what was done, whatever ended the run."""
-        dt = time.time() - t0
-        mean = metrics.average({k: v for k, v in r.items() if k in metrics.METRIC_NAMES} for r in rows.values())
-        name = "zero-velocity" if zero_vel else str(init_dir)
-        print(metrics.metrics_table({"mean": mean}, title=f"{name} on PointOdyssey {dset}: {len(rows)} sequences"))
-        reasons = Counter(r.split(" (")[0] for r in skipped.values())
-        why = f" ({', '.join(f'{r}: {n}' for r, n in reasons.most_common())})" if reasons else ""
-        left = len(scenes) - len(rows) - len(skipped)
-        print(f"summary: {len(rows)} sequences scored, {len(skipped)} skipped{why}"
-              + (f", {left} not done ({status})" if status != "done" else "")
-              + f"; {n_frames / max(dt, 1e-9):.1f} frames/s", flush=True)
-        if out_json:
-            series = plots.mean_series(curves, Path(str(init_dir)).name or str(init_dir))
-            write_json(out_json, {"mean": mean, "per_sequence": rows, "skipped": skipped, "status": status,
-                                  "complete": status == "done", "init_dir": None if zero_vel else str(init_dir),
-                                  "curves": series})
-            print(f"results -> {out_json}" + ("" if status == "done" else " (partial)"), flush=True)
-            if series:
-                try:
-                    png = plots.save_png({f"PointOdyssey {dset}": series}, plots.png_path(out_json),
-                                         title=f"{name} on PointOdyssey {dset}: {len(rows)} sequences")
-                    print(f"curves -> {png}", flush=True)
-                except ImportError as e:  # the figures above are the results; the picture is a convenience
-                    print(f"curves not drawn ({e}); pip install matplotlib", flush=True)
-
     try:
-        for path in tqdm(scenes, desc=f"pod {dset}", unit="seq"):
-            try:
-                scene = pod.load_scene(path, require_masks=False, require_3d=False)
-                check_frames(scene)
-                res = evaluate_scene(model, scene, S, N, iters, image_size, point_batch,
-                                     None if amp == "none" else amp)
-                if res is None:
-                    raise pod.SkipItem("no usable point")
-            except (pod.SkipItem, VideoError) as e:  # this sequence's data: skip it and go on
-                skipped[path.name] = _skip_reason(e)
-                tqdm.write(f"{path.name}: skipped ({skipped[path.name]})")
-                continue
-            curves[path.name] = res.pop("curves", None) or {}
-            rows[path.name] = res
-            n_frames += int(res["frames"])
-            tqdm.write(evaluation.format_row(path.name, res))
-        status = "done"
-    except KeyboardInterrupt:
-        status = "interrupted"
-        finish()
-        sys.exit(130)
-    except Exception as e:  # a bug, not bad data: keep the scores, then fail loudly
-        status = f"error: {type(e).__name__}: {e}"
-        finish()
-        raise
-    finish()
+        model = None if zero_vel else load_model(init_dir, dev, kind="pips2", amp=amp)
+    except (ValueError, CheckpointError) as e:
+        die(e)
+    settings = dict(dataset_location=str(dataset_location), dset=dset, S=S, N=N, iters=iters,
+                    image_size=list(model_hw), init_dir=None if zero_vel else str(init_dir), zero_vel=zero_vel,
+                    max_scenes=max_scenes, amp=amp, point_batch=point_batch, device=str(dev))
+    run = evaluation.Evaluation(f"PointOdyssey {dset}", "sequences",
+                                "zero-velocity" if zero_vel else Path(str(init_dir)).name or str(init_dir),
+                                settings, out_json)
+    items = [(p.name, partial(score_scene, model, p, S, N, iters, model_hw, point_batch, autocast))
+             for p in scenes]
+    run.run(items, len(items), desc=f"pod {dset}", unit="seq")
 
 
 def cli() -> None:

@@ -11,37 +11,95 @@ with --memory_size). As the authors do, each video is first resized to 256x256 (
 the file's size); the model then resizes to its input size.
 
     python test_on_tap.py --dataset_location=/data/tapvid/tapvid_davis.pkl --init_dir=./reference_model
-    python test_on_tap.py --dataset_location=/data/tapvid/tapvid_davis.pkl --model=lbm --init_dir=lbm.pt
+    python test_on_tap.py --dataset_location=/data/tapvid/tapvid_davis.pkl --model=lbm --init_dir=lbm
+
+--init_dir is a checkpoint file or folder, or a hub name (pips2, lbm: the authors' weights, fetched once into a
+cache); the rules are pips2.hub's (docs/MODELS.md).
+
+A pickle of a folder that cannot be read, an entry that is not TAP-Vid shaped or a video with an undecodable
+frame is skipped with its reason and counted in the summary; when nothing at all can be read the run stops in
+one line (exit 2) before the model is loaded. --out_json is written (temp file, then rename) at the end and
+also on Ctrl-C (exit 130), SIGTERM (exit 143) or an unexpected error (exit 1), with the videos scored so far;
+the JSON layout is docs/EVALUATION.md's.
 """
 
 from __future__ import annotations
 
 import itertools
-import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 
-from tqdm import tqdm
-
 from pips2 import evaluation
-from pips2.datasets.tapvid import TapVidError, load_tapvid
-from pips2.tracking import is_lbm, load_tracker
-from pips2.utils import metrics, plots
-from pips2.utils.checkpoint import CheckpointError
-from pips2.utils.cli import aliased, die, parse_hw, run_fire
-from pips2.utils.paths import write_json
+from pips2.datasets import tapvid
+from pips2.hub import load_model
+from pips2.nets.lbm import LBM
+from pips2.tracking import is_lbm
+from pips2.utils.checkpoint import CheckpointError, resolve_device
+from pips2.utils.cli import aliased, die, run_fire
+
+MODES = ("first", "strided")
+# (name, problem or None, decode): one entry of a pickle, or a whole pickle that cannot be read
+Entry = tuple[str, str | None, Callable[[], tuple] | None]
 
 
-def videos_or_exit(videos: Iterator) -> Iterator:
-    """Yield from load_tapvid; a data problem ends the run with `error: <one line>` and exit code 2."""
-    while True:
+def _entries(files: list[Path]) -> Iterator[Entry]:
+    """Every entry of the pickles in order, each pickle read when its turn comes (they can be gigabytes)."""
+    for f in files:
         try:
-            item = next(videos)
-        except StopIteration:
-            return
-        except TapVidError as e:
-            die(e)
-        yield item
+            entries = tapvid.read_tapvid_file(f)
+        except tapvid.TapVidError as e:
+            yield f.name, str(e), None
+            continue
+        for name, item, problem in entries:
+            yield name, problem, (None if item is None else partial(tapvid.decode_entry, f, name, item))
+
+
+def first_usable(entries: Iterator[Entry], where: str) -> Iterator[Entry]:
+    """entries with those up to the first usable one read now: a location where nothing can be read ends the
+    run in one line (exit 2) before the model is loaded."""
+    head = []
+    for e in entries:
+        head.append(e)
+        if e[1] is None:
+            return itertools.chain(head, entries)
+    if len(head) == 1 and head[0][1]:
+        die(head[0][1])
+    die(f"{where}: no usable TAP-Vid video ({len(head)} entries or files refused"
+        + (f"; first: {head[0][1]})" if head else ")"))
+
+
+def score_video(net, lbm: bool, name: str, problem: str | None, decode: Callable[[], tuple] | None,
+                modes: list[str], model_hw: tuple[int, int], S: int, iters: int, point_batch: int,
+                amp: str | None, track_kw: dict) -> evaluation.Scored:
+    """One video for the evaluation frame: the authors' protocol (PIPs++) and the TAP-Vid query modes."""
+    if problem is not None or decode is None:
+        raise evaluation.Skip(problem or "unreadable")
+    try:
+        _, video, points, occluded = decode()
+    except tapvid.TapVidError as e:
+        raise evaluation.Skip(str(e)) from None
+    figures: dict = {}
+    line, curves = name, None
+    if not lbm:  # the authors' protocol is PIPs++'s: windows from frame 0
+        curves = {}
+        res = evaluation.evaluate_tapvid_video(net, video, points, occluded, model_hw, S, iters, point_batch,
+                                               amp, curves)
+        if res is None:
+            raise evaluation.Skip("no point visible in frame 0")
+        figures.update(res)
+        line = evaluation.format_row(name, res)
+    scores = {}
+    for m in modes:
+        d = evaluation.tapvid_query_mode(net, video, points, occluded, m, **track_kw)
+        if d:
+            scores[m] = d
+            line += evaluation.format_tapvid(m, d)
+    if lbm and not scores:
+        raise evaluation.Skip("no query in any mode")
+    if scores:
+        figures["tapvid"] = scores
+    return evaluation.Scored(figures, line, int(video.shape[0]), curves)
 
 
 def main(dataset_location: str = "../datasets/tapvid/tapvid_davis.pkl", S: int = 128, iters: int = 16,
@@ -54,72 +112,47 @@ def main(dataset_location: str = "../datasets/tapvid/tapvid_davis.pkl", S: int =
     --max_videos scores only the first videos; --max_iters is the authors' name for it. --image_size (PIPs++
     only, 512,896 by default) is the size the model sees; LBM runs at its checkpoint's input size."""
     try:
+        evaluation.check_counts(S=S, iters=iters, point_batch=point_batch, max_videos=max_videos,
+                                max_iters=max_iters, memory_size=memory_size)
         max_videos = aliased("max_videos", max_videos, "max_iters", max_iters)
         if model == "lbm" and image_size is not None:
             raise ValueError("--image_size is PIPs++'s; LBM runs at the input size of its checkpoint")
-        image_size = parse_hw((512, 896) if image_size is None else image_size, "image_size")
+        model_hw = evaluation.check_image_size((512, 896) if image_size is None else image_size)
+        mode_list = [m for m in (modes.split(",") if isinstance(modes, str) else modes) if m]
+        if any(m not in MODES for m in mode_list):
+            raise ValueError(f"--modes must be a comma-separated subset of {','.join(MODES)}, got {modes!r}")
+        if model == "lbm" and not mode_list:
+            raise ValueError("--modes is empty: LBM is scored in the TAP-Vid query modes only")
+        dev = resolve_device(device)
+        autocast = evaluation.check_amp(amp)
+        evaluation.check_out_json(out_json, dataset_location=dataset_location, init_dir=init_dir)
+        files = tapvid.tapvid_files(dataset_location)
     except ValueError as e:
         die(e)
-    amp = None if amp == "none" else amp
-    modes = [m for m in (modes.split(",") if isinstance(modes, str) else modes) if m]
-    videos = videos_or_exit(load_tapvid(dataset_location))
-    videos = itertools.chain(list(itertools.islice(videos, 1)), videos)  # a bad file is reported before the model
+    entries = first_usable(_entries(files), str(dataset_location))  # a bad file is reported before the model
     try:
-        net = load_tracker(model, init_dir, device, amp or "none",
-                           evaluation.lbm_memory_size(dataset_location) if memory_size is None else memory_size)
+        if model == "lbm" and memory_size is None:
+            memory_size = evaluation.lbm_memory_size(dataset_location)
+        net = load_model(init_dir, dev, kind=model, amp=amp, memory_size=memory_size)
     except (ValueError, CheckpointError) as e:
         die(e)
     lbm = is_lbm(net)
-    if lbm:
-        print(f"LBM: memory of {net.memory_size} frames, input size {net.size[1]}x{net.size[0]}")
+    if isinstance(net, LBM):
+        print(f"LBM: memory of {net.memory_size} frames, input size {net.input_hw[1]}x{net.input_hw[0]}")
     # LBM: each video resized to 256x256 first, as its authors evaluate (--resize_to_256=False: the file's size)
-    track_kw = (dict(size=evaluation.TAPVID_SIZE if resize_to_256 else None) if lbm else
-                dict(S=S, iters=iters, image_size=image_size, point_batch=point_batch, amp=amp))
-    rows, deltas, scored, skipped, curves = {}, {m: {} for m in modes}, [], [], {}
-    t0 = time.time()
-    for i, (name, video, points, occluded) in enumerate(tqdm(videos, desc="tapvid")):
-        if max_videos is not None and i >= max_videos:
-            break
-        line = name
-        if not lbm:  # the authors' protocol is PIPs++'s: windows from frame 0
-            curves[name] = {}
-            res = evaluation.evaluate_tapvid_video(net, video, points, occluded, image_size, S, iters, point_batch,
-                                                   amp, curves[name])
-            if res is None:
-                skipped.append(name)
-                tqdm.write(f"{name}: skipped (no point visible in frame 0)")
-                continue
-            rows[name] = res
-            line = evaluation.format_row(name, rows[name])
-        for m in modes:
-            d = evaluation.tapvid_query_mode(net, video, points, occluded, m, **track_kw)
-            if d:
-                deltas[m][name] = d
-                line += evaluation.format_tapvid(m, d)
-        if lbm and line == name:
-            skipped.append(name)
-            tqdm.write(f"{name}: skipped (no query in any mode)")
-            continue
-        scored.append(name)
-        tqdm.write(line)
-    mean = None
-    if not lbm:
-        mean = metrics.average({k: r[k] for k in metrics.METRIC_NAMES} for r in rows.values())
-        print(metrics.metrics_table({"mean": mean}, title=f"authors' protocol, {len(rows)} videos"))
-    tap = {m: metrics.average(d.values()) for m, d in deltas.items() if d}
-    if tap:
-        title = "TAP-Vid AJ, delta^x, OA (256x256)" if lbm else "TAP-Vid delta^x (visible points, 256x256)"
-        print(metrics.metrics_table(tap, title=title))
-    print(f"summary: {len(scored)} videos scored, {len(skipped)} skipped, {time.time() - t0:.1f} s")
-    if out_json:
-        write_json(out_json, {"mean": mean, "tapvid": tap, "per_video": rows, "tapvid_per_video": deltas,
-                                         "skipped": skipped})
-        print(f"results -> {out_json}")
-        series = plots.mean_series(curves, Path(str(init_dir or "reference_model")).name)
-        if series:
-            png = plots.save_png({Path(dataset_location).stem: series}, plots.png_path(out_json),
-                                 title=f"{init_dir} on {Path(dataset_location).name}: {len(rows)} videos")
-            print(f"curves -> {png}")
+    track_kw = (dict(eval_hw=evaluation.TAPVID_HW if resize_to_256 else None) if lbm else
+                dict(S=S, iters=iters, model_hw=model_hw, point_batch=point_batch, amp=autocast))
+    settings = dict(dataset_location=str(dataset_location), model=model, init_dir=init_dir, S=S, iters=iters,
+                    image_size=None if lbm else list(model_hw), modes=mode_list, max_videos=max_videos, amp=amp,
+                    point_batch=point_batch, device=str(dev),
+                    memory_size=net.memory_size if lbm else None, resize_to_256=resize_to_256 if lbm else None)
+    title = "TAP-Vid AJ, delta^x, OA (256x256)" if lbm else "TAP-Vid delta^x (visible points, 256x256)"
+    run = evaluation.Evaluation(Path(dataset_location).stem, "videos", Path(str(init_dir or "reference_model")).name,
+                                settings, out_json, tapvid_title=title)
+    items = ((name, partial(score_video, net, lbm, name, problem, decode, mode_list, model_hw, S, iters, point_batch,
+                            autocast, track_kw))
+             for name, problem, decode in itertools.islice(entries, max_videos))
+    run.run(items, desc="tapvid", unit="video")
 
 
 def cli() -> None:

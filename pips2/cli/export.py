@@ -10,21 +10,85 @@ The defaults (S=36, N=128, 256x384) are the clips stage-1 training reads with it
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import signal
 import sys
 import time
-from collections import Counter
+from collections import Counter, deque
+from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 
 from tqdm import tqdm
 
 from pips2.datasets import pointodyssey as pod
-from pips2.datasets.clipmaker import enumerate_candidates
-from pips2.datasets.clips import STAGE_CLIPS, ClipSettings, list_clips, write_settings
-from pips2.datasets.export import NO_SPACE, clean_stale_claims, clean_stale_temps, export_one, worker_init
+from pips2.datasets.clipmaker import enumerate_candidates, scene_frames
+from pips2.datasets.clips import STAGE_CLIPS, ClipSettings, list_clips
+from pips2.datasets.export import (
+    NO_SPACE,
+    NOT_WRITABLE,
+    check_source,
+    check_writable,
+    clean_stale_claims,
+    clean_stale_temps,
+    export_one,
+    source_of,
+    worker_init,
+)
 from pips2.utils.cli import aliased, die, parse_hw, run_fire
+from pips2.utils.procs import STOP_SIGNALS, WorkerPool, describe_exit, exit_code, raise_stop
+
+
+class Terminated(BaseException):
+    """SIGTERM (a scheduler, kill) or SIGHUP (a closed terminal) to the exporter: stop as Ctrl-C does, with the
+    summary."""
+
+    def __init__(self, signame: str = "SIGTERM"):
+        super().__init__(signame)
+        self.signame = signame
+
+
+class _Signals:
+    """SIGINT and SIGTERM stop the export at once (KeyboardInterrupt, Terminated), and are remembered: an
+    exception raised while Python runs a finalizer (__del__) is printed and dropped, so the loop also asks
+    after every clip (`check`). A signal ignored by whoever started the export stays ignored."""
+
+    def __init__(self):
+        self.got = 0
+        self.old = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+        for sig, old in self.old.items():
+            if old is not signal.SIG_IGN:
+                signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if self.got:  # already stopping: a second signal must not cut the clean-up short
+            return
+        self.got = signum
+        raise_stop(signum, self._stop())
+
+    def _stop(self) -> BaseException:
+        return KeyboardInterrupt() if self.got == signal.SIGINT else Terminated(signal.Signals(self.got).name)
+
+    def check(self) -> None:
+        """Raise the stop of a signal received (if any)."""
+        if self.got:
+            raise self._stop()
+
+    def ignore(self) -> None:
+        """From now on (the clean-up after a stop) no signal interrupts."""
+        for sig in self.old:
+            signal.signal(sig, signal.SIG_IGN)
+
+    def restore(self) -> None:
+        """The handlers from before."""
+        for sig, old in self.old.items():
+            signal.signal(sig, old)
+
+
+def _in_process(jobs: deque) -> Iterator[tuple]:
+    """export_one over the queue in this process (--workers=1), as WorkerPool.run reports it."""
+    while jobs:
+        job = jobs.popleft()
+        yield job, export_one(job), None
 
 
 def _parse_hw(crop_size) -> tuple[int, int]:
@@ -34,17 +98,33 @@ def _parse_hw(crop_size) -> tuple[int, int]:
     return h, w
 
 
+X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow",
+                "placebo")
+# the smallest value of each numeric flag: below it every clip would fail or be rejected for a reason that is
+# the flag's, not the data's (--S=1 or --N=0 raise inside the clip code)
+MINIMUM = {"S": 2, "N": 1, "max_clips": 0, "workers": 1, "num_shards": 1, "seed": 0}
+
+
+def _check_flags(**flags) -> None:
+    """ValueError naming the first flag out of its range (MINIMUM, --preset)."""
+    for name, low in MINIMUM.items():
+        if flags.get(name) is not None and flags[name] < low:
+            raise ValueError(f"--{name} must be at least {low}, got {flags[name]}")
+    if flags["preset"] not in X264_PRESETS:
+        raise ValueError(f"--preset must be one of {', '.join(X264_PRESETS)}, got {flags['preset']!r}")
+
+
 def _no_clips_reason(dataset_location: str, st: ClipSettings) -> str:
-    split = Path(dataset_location) / st.dset
-    scenes = pod.list_scenes(dataset_location, st.dset)
+    split_dir = Path(dataset_location) / st.split
+    scenes = pod.list_scenes(dataset_location, st.split)
     if not scenes:
-        return f"{split}: no scene folders in this split"
-    return (f"{split}: 0 candidate clips: none of its {len(scenes)} scene(s) has the {st.S} frames "
+        return f"{split_dir}: no scene folders in this split"
+    return (f"{split_dir}: 0 candidate clips: none of its {len(scenes)} scene(s) has the {st.S} frames "
             f"(rgbs/rgb_*.jpg) a clip needs")
 
 
 def main(dataset_location: str = "../datasets/pointodyssey", dset: str = "train", S: int = STAGE_CLIPS[1]["S"],
-         N: int = STAGE_CLIPS[1]["N"], crop_size=STAGE_CLIPS[1]["crop_size"], use_augs: bool = True,
+         N: int = STAGE_CLIPS[1]["N"], crop_size=STAGE_CLIPS[1]["crop_hw"], use_augs: bool = True,
          max_clips: int | None = None, max_iters: int | None = None, shuffle: bool = True,
          out_dir: str = "./pod_export", workers: int = 1, shard: int = 0, num_shards: int = 1, seed: int = 0,
          preset: str = "medium", verify: bool = False, quiet: bool = False) -> None:
@@ -54,21 +134,24 @@ def main(dataset_location: str = "../datasets/pointodyssey", dset: str = "train"
 
     --preset picks the x264 speed/size trade-off at CRF 20 (medium = the authors' output; veryfast encodes
     2.9x faster at about -1.3 dB PSNR, see docs/BENCHMARKS.md). --verify=True decodes every finished clip
-    again and rewrites damaged ones. Exit codes: 0 done, 1 some clips failed, 2 bad flags or data, 130 Ctrl-C.
+    again and rewrites damaged ones. Exit codes: 0 done, 1 some clips failed, 2 bad flags or data, 130 Ctrl-C,
+    143 SIGTERM (both after the summary, with every finished clip kept).
     """
     try:
-        st = ClipSettings(dset=dset, S=S, N=N, crop_size=_parse_hw(crop_size), use_augs=use_augs,
+        st = ClipSettings(split=dset, S=S, N=N, crop_hw=_parse_hw(crop_size), use_augs=use_augs,
                           shuffle=shuffle, seed=seed, preset=preset)
     except ValueError as e:
         die(e)
     try:
         max_clips = aliased("max_clips", max_clips, "max_iters", max_iters)
+        _check_flags(S=S, N=N, max_clips=max_clips, workers=workers, num_shards=num_shards, seed=seed, preset=preset)
     except ValueError as e:
         die(e)
     if not 0 <= shard < num_shards:
         die(f"--shard must be in [0, {num_shards}), got {shard}")
     try:  # before anything is created: a mistyped path must not leave an empty version folder behind
-        cands = enumerate_candidates(dataset_location, st)
+        frames = scene_frames(dataset_location, st.split)
+        cands = enumerate_candidates(dataset_location, st, frames)
         if not cands:
             die(_no_clips_reason(dataset_location, st))
     except OSError as e:
@@ -76,9 +159,14 @@ def main(dataset_location: str = "../datasets/pointodyssey", dset: str = "train"
     version_dir = Path(out_dir) / st.version()
     try:
         version_dir.mkdir(parents=True, exist_ok=True)
-        write_settings(version_dir, st)
+        check_writable(version_dir)
+        note = check_source(version_dir, st, source_of(dataset_location, frames))
     except OSError as e:
         die(f"--out_dir: cannot write {version_dir} ({e.strerror or e})")
+    except ValueError as e:
+        die(e)
+    if note:
+        print(f"note: {note}", flush=True)
     cleaned = clean_stale_temps(version_dir)
     clean_stale_claims(version_dir)
     total = len(cands) if max_clips is None else min(max_clips, len(cands))
@@ -88,60 +176,82 @@ def main(dataset_location: str = "../datasets/pointodyssey", dset: str = "train"
     print(f"export {st.version()}: {len(cands)} candidate clips, {len(todo)} for shard {shard}/{num_shards}, "
           f"{workers} worker(s) -> {version_dir}" + (f" (removed {cleaned} stale temp folders)" if cleaned else ""),
           flush=True)
-    jobs = [(str(dataset_location), str(version_dir), asdict(st), k, asdict(cands[k]), verify) for k in todo]
-    counts, reasons = Counter(), Counter()
+    jobs = deque((str(dataset_location), str(version_dir), st.to_dict(), k, asdict(cands[k]), verify) for k in todo)
+    signals = _Signals()
+    try:
+        _run(jobs, workers, version_dir, quiet, signals)
+    finally:
+        signals.restore()
+
+
+def _run(jobs: deque, workers: int, version_dir: Path, quiet: bool, signals: _Signals) -> None:
+    """Export the queued clips with the progress bar, then the summary and the exit code."""
+    n_jobs = len(jobs)
+    counts, reasons, deaths = Counter(), Counter(), Counter()
     stop = None  # why the export stopped early, if it did
     t0 = time.time()
-    bar = tqdm(total=len(jobs), desc="export", unit="clip", disable=quiet)
+    bar = tqdm(total=n_jobs, desc="export", unit="clip", disable=quiet)
     pool = None
     try:
         if workers <= 1:
-            results = map(export_one, jobs)
+            results = _in_process(jobs)
         else:
-            # workers are born ignoring Ctrl-C: a terminal's SIGINT reaches the whole process group, and a
-            # worker killed by it is only replaced by the pool. The parent alone handles it and stops them all.
-            old = signal.signal(signal.SIGINT, signal.SIG_IGN)
-            try:
-                pool = mp.get_context("spawn").Pool(workers, initializer=worker_init)
-            finally:
-                signal.signal(signal.SIGINT, old)
-            results = pool.imap_unordered(export_one, jobs, chunksize=1)
-        for k, status, detail in results:
+            # a worker that dies (killed, out of memory) is reported with its clip instead of hanging the run;
+            # its workers ignore Ctrl-C, which reaches the whole process group: the parent stops them all
+            pool = WorkerPool(export_one, workers, initializer=worker_init)
+            results = pool.run(jobs)
+        for job, result, code in results:
+            k = job[3]
+            if result is None:  # its worker died mid-clip: the clip once more, in a new worker
+                deaths[k] += 1
+                if deaths[k] == 1:
+                    tqdm.write(f"clip {k:06d}: its worker died ({describe_exit(code)}); trying it once more",
+                               file=sys.stderr)
+                    jobs.append(job)
+                    signals.check()
+                    continue
+                result = (k, "failed", f"its worker died twice ({describe_exit(code)})")
+            k, status, detail = result
             counts[status] += 1
             if status == "rejected":
                 reasons[detail] += 1
             elif status == "failed":
                 tqdm.write(f"clip {k:06d} failed: {detail}", file=sys.stderr)
-                if detail.startswith(NO_SPACE):  # every further clip would fail the same way
+                if detail.startswith((NO_SPACE, NOT_WRITABLE)):  # every further clip would fail the same way
                     stop = detail
                     break
             bar.update()
             bar.set_postfix(written=counts["written"], rejected=counts["rejected"], failed=counts["failed"])
+            signals.check()
     except KeyboardInterrupt:
         stop = "interrupted"
+    except Terminated as e:
+        stop = f"terminated by {e.signame}"
     finally:
-        if stop is not None:
-            signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not break the clean-up
+        if stop is not None:  # a second signal must not break the clean-up
+            signals.ignore()
         bar.close()
         if pool is not None:
-            if stop is None:
+            if stop is None and not pool.busy:
                 pool.close()
             else:
                 pool.terminate()  # workers kill their encoders; only verified, renamed clips remain
-            pool.join()
-    if stop is not None:  # temp folders and claims of the workers just stopped
+    if stop is not None or deaths:  # temp folders and claims of the workers stopped or dead
         clean_stale_temps(version_dir)
         clean_stale_claims(version_dir)
     dt = time.time() - t0
     done = sum(counts.values())
-    head = "summary" if stop is None else f"stopped ({stop}) after {done} of {len(jobs)} clips; summary"
+    head = "summary" if stop is None else f"stopped ({stop}) after {done} of {n_jobs} clips; summary"
+    retried = f"; {len(deaths)} clip(s) tried again after their worker died" if deaths else ""
     print(f"{head}: written {counts['written']}, rewritten {counts['rewritten']}, already there {counts['exists']}, "
           f"rejected {counts['rejected']} ({', '.join(f'{r}: {n}' for r, n in reasons.most_common()) or 'none'}), "
-          f"failed {counts['failed']}, held by other exporters {counts['busy']}; "
+          f"failed {counts['failed']}, held by other exporters {counts['busy']}{retried}; "
           f"{len(list_clips(version_dir))} clips in {version_dir}; "
           f"{dt:.1f} s ({(counts['written'] + counts['rewritten']) / max(dt, 1e-9):.2f} clips/s)", flush=True)
     if stop == "interrupted":
-        sys.exit(130)
+        sys.exit(exit_code("SIGINT"))
+    if stop is not None and stop.startswith("terminated by "):
+        sys.exit(exit_code(stop.removeprefix("terminated by ")))
     if counts["failed"]:
         print(f"error: {counts['failed']} clip(s) failed (see above); rerun to retry them", file=sys.stderr)
         sys.exit(1)

@@ -2,6 +2,7 @@
 check onnxruntime against PyTorch. Needs `pip install -r requirements-onnx.txt`.
 
     python export_onnx.py --init_dir=./reference_model --S=36 --H=256 --W=384 --iters=6 --out=pips2.onnx
+    python export_onnx.py --init_dir=pips2     # the hub name: the authors' model, fetched once (docs/MODELS.md)
 """
 
 from __future__ import annotations
@@ -14,10 +15,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pips2.cli import load_pips_or_exit
-from pips2.hub import load_pips
+from pips2.hub import load_model
+from pips2.nets.pips2 import MIN_SIZE
 from pips2.nets.plan import ExecPlan
-from pips2.utils.cli import run_fire
+from pips2.tracking import MAX_ITERS
+from pips2.utils.checkpoint import CheckpointError
+from pips2.utils.cli import die, run_fire
 
 
 class TrackerForExport(torch.nn.Module):
@@ -32,10 +35,10 @@ class TrackerForExport(torch.nn.Module):
         return self.model(trajs_e0, rgbs, iters=self.iters)[0][-1]
 
 
-def export(model, out: str | Path, S: int, hw: tuple[int, int], iters: int) -> Path:
+def export(model, out: str | Path, S: int, model_hw: tuple[int, int], iters: int) -> Path:
     """Write the ONNX graph (opset from the dynamo exporter) with N as a dynamic axis."""
     wrapper = TrackerForExport(model.eval(), iters).eval()
-    H, W = hw
+    H, W = model_hw
     g = torch.Generator().manual_seed(0)
     rgbs = torch.rand(1, S, 3, H, W, generator=g) * 255
     trajs = (torch.rand(1, 1, 8, 2, generator=g) * torch.tensor([W - 1.0, H - 1.0])).repeat(1, S, 1, 1)
@@ -45,10 +48,23 @@ def export(model, out: str | Path, S: int, hw: tuple[int, int], iters: int) -> P
     return Path(out)
 
 
+# the traced clip is one window held whole in memory (S frames of H x W, their feature maps, the float64 copy
+# the check runs): 256 frames of 2048 x 2048 is already tens of GB
+MAX_S, MAX_SIDE = 256, 2048
+
+
+def check_flags(S: int, H: int, W: int, iters: int) -> None:
+    """ValueError naming the first of --S, --H, --W, --iters out of its range (before the model loads)."""
+    for name, v, low, high in (("S", S, 2, MAX_S), ("H", H, MIN_SIZE, MAX_SIDE), ("W", W, MIN_SIZE, MAX_SIDE),
+                               ("iters", iters, 1, MAX_ITERS)):
+        if not low <= v <= high:
+            raise ValueError(f"--{name} must be from {low} to {high}, got {v}")
+
+
 ONNX_FACTOR, ONNX_FLOOR = 4.0, 1e-3  # onnxruntime may be this many times as far from float64 as PyTorch's float32
 
 
-def check(path: str | Path, model, S: int, hw: tuple[int, int], iters: int, Ns=(5, 37)) -> dict[str, float]:
+def check(path: str | Path, model, S: int, model_hw: tuple[int, int], iters: int, Ns=(5, 37)) -> dict[str, float]:
     """Max differences in pixels over random clips with each N in Ns: onnxruntime vs PyTorch ("onnx"), and
     onnxruntime and PyTorch's float32 each vs PyTorch in float64 ("onnx_f64", "torch_f64").
 
@@ -59,7 +75,7 @@ def check(path: str | Path, model, S: int, hw: tuple[int, int], iters: int, Ns=(
 
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     f64 = copy.deepcopy(model).double().eval()
-    H, W = hw
+    H, W = model_hw
     worst = {"onnx": 0.0, "onnx_f64": 0.0, "torch_f64": 0.0}
     for k, n in enumerate(Ns):
         g = torch.Generator().manual_seed(10 + k)
@@ -82,14 +98,18 @@ def agrees(diffs: dict[str, float]) -> bool:
 def main(init_dir: str = "./reference_model", out: str = "pips2.onnx", S: int = 36, H: int = 256, W: int = 384,
          iters: int = 6, verify: bool = True) -> None:
     """Export, then (by default) compare onnxruntime with PyTorch at two values of N."""
-    model = load_pips_or_exit(init_dir, "cpu")
+    try:
+        check_flags(S, H, W, iters)
+        model = load_model(init_dir, "cpu", kind="pips2")
+    except (ValueError, CheckpointError) as e:
+        die(e)
     t0 = time.time()
     path = export(model, out, S, (H, W), iters)
     files = [path] + [p for p in (path.with_name(path.name + ".data"),) if p.is_file()]  # the weights' sidecar
     print(f"wrote {' + '.join(f'{p} ({p.stat().st_size / 2**20:.1f} MiB)' for p in files)} in "
           f"{time.time() - t0:.0f} s: S={S}, {H}x{W}, iters={iters}, N dynamic")
     if verify:
-        d = check(path, load_pips(init_dir, "cpu"), S, (H, W), iters)
+        d = check(path, load_model(init_dir, "cpu", kind="pips2"), S, (H, W), iters)
         print(f"summary: over N in (5, 37), onnxruntime vs PyTorch max |diff| {d['onnx']:.2e} px; vs float64 "
               f"{d['onnx_f64']:.2e} px, PyTorch float32 vs float64 {d['torch_f64']:.2e} px")
         if not agrees(d):

@@ -5,16 +5,53 @@
 
 from __future__ import annotations
 
-from pips2.datasets.synthetic import SceneConfig, generate_dataset
-from pips2.utils.cli import run_fire
+from pips2.datasets.pointodyssey import MAX_TRACK_ENTRIES, MAX_TRACKS
+from pips2.datasets.synthetic import SceneConfig, generate_dataset, record_settings
+from pips2.utils.cli import die, run_fire
+from pips2.utils.video import MAX_IMAGE_PIXELS
+
+MIN_SIDE = 8  # pixels: an object is at least 8 px; the export crops and the models resize, so any size loads
+MIN_T = 2  # frames: a track needs two; the scripts' windows overlap by one frame
+MIN_POINTS = 3  # 2/5 of the points go to the background: fewer give no tracked point at all
+
+
+def check_flags(W: int, H: int, T: int, n_points: int, n_objects: int, counts: dict[str, int]) -> None:
+    """ValueError naming the first flag out of range: a scene the project's loader accepts, with frames and
+    tracks (sizes within utils/video.MAX_IMAGE_PIXELS, tracks within datasets/pointodyssey's bounds)."""
+    if min(W, H) < MIN_SIDE or W * H > MAX_IMAGE_PIXELS:
+        raise ValueError(f"--W and --H must be at least {MIN_SIDE} pixels and W x H at most {MAX_IMAGE_PIXELS}, "
+                         f"got {W}x{H}")
+    if T < MIN_T:
+        raise ValueError(f"--T must be at least {MIN_T} frames, got {T}")
+    if not MIN_POINTS <= n_points <= MAX_TRACKS:
+        raise ValueError(f"--n_points must be between {MIN_POINTS} and {MAX_TRACKS}, got {n_points}")
+    if T * n_points > MAX_TRACK_ENTRIES:
+        raise ValueError(f"--T x --n_points must be at most {MAX_TRACK_ENTRIES} (what a scene may hold), "
+                         f"got {T} x {n_points}")
+    if n_objects < 0:
+        raise ValueError(f"--n_objects must be at least 0, got {n_objects}")
+    for name, count in counts.items():
+        if count < 0:
+            raise ValueError(f"--{name} must be at least 0, got {count}")
+    if not any(counts.values()):
+        raise ValueError(f"nothing to write: --{', --'.join(counts)} are all 0")
 
 
 def main(out: str = "./synthetic_pod", train: int = 8, val: int = 0, test: int = 2, sample: int = 0, W: int = 512,
          H: int = 384, T: int = 48, n_objects: int = 4, n_points: int = 1024, cam_speed: float = 3.0,
          obj_speed: float = 4.0, seed: int = 0) -> None:
-    """Scenes <out>/<split>/synth_%04d/ for each split with a count > 0; existing complete scenes are kept."""
-    cfg = SceneConfig(W=W, H=H, T=T, n_objects=n_objects, n_points=n_points, cam_speed=cam_speed, obj_speed=obj_speed)
-    splits = {k: v for k, v in dict(train=train, val=val, test=test, sample=sample).items() if v > 0}
+    """Scenes <out>/<split>/synth_%04d/ for each split with a count > 0; existing complete scenes are kept, so
+    <out>/settings.json records the settings and another set of them into the same --out is refused."""
+    counts = dict(train=train, val=val, test=test, sample=sample)
+    try:
+        check_flags(W, H, T, n_points, n_objects, counts)
+        cfg = SceneConfig(W=W, H=H, T=T, n_objects=n_objects, n_points=n_points, cam_speed=cam_speed,
+                          obj_speed=obj_speed)
+        record_settings(out, dict(W=W, H=H, T=T, n_objects=n_objects, n_points=n_points, cam_speed=cam_speed,
+                                  obj_speed=obj_speed, seed=seed))
+    except (ValueError, OSError) as e:
+        die(e)
+    splits = {k: v for k, v in counts.items() if v > 0}
     paths = generate_dataset(out, splits, seed=seed, cfg=cfg)
     print(f"summary: {len(paths)} scenes ({', '.join(f'{k} {v}' for k, v in splits.items())}) of {T} frames "
           f"{W}x{H} in {out}")

@@ -7,19 +7,25 @@ or LBM (docs/LBM.md#training) with --model=lbm, in one stage.
     torchrun --nproc_per_node 8 --nnodes 2 --node_rank 0 --master_addr host --master_port 29500 train.py ...
     torchrun --nproc_per_node 4 train.py --model=lbm --dataset=kubric --movi_f_root=data/kubric_lbm --amp=fp16
 
-The flags are the fields of utils.trainer.Config; the run itself is utils.trainer.run_stage.
+The flags are the fields of pips2.trainer.Config (--crop_size sets its crop_hw); the run itself is
+pips2.trainer.run_stage.
 """
 
 from __future__ import annotations
 
 import inspect
+import math
+import re
 import sys
+import types
+import typing
 from dataclasses import fields
 from pathlib import Path
 
 import torch.distributed as dist
 
 from pips2.datasets.clips import STAGE_CLIPS  # the clips each stage trains on, shared with the exporter
+from pips2.tracking import MAX_ITERS
 from pips2.train_step import (
     forward_loss,
     init_estimates,
@@ -31,7 +37,7 @@ from pips2.train_step import (
 from pips2.trainer import Config, fail, run_stage
 from pips2.utils import checkpoint as ck
 from pips2.utils.amp import amp_dtype
-from pips2.utils.cli import aliased, parse_hw, run_fire
+from pips2.utils.cli import aliased, flag_kind, parse_hw, run_fire
 
 # re-exported: tests and benchmarks call the step's semantics as train.<name>
 __all__ = ["Config", "forward_loss", "init_estimates", "lbm_forward_loss", "main", "make_config", "maybe_transpose",
@@ -44,11 +50,20 @@ STAGE_DEFAULTS = {
 # LBM as its authors train it (their lbm.yaml and assets/train.md): 150 epochs of the 11k Kubric clips at batch 4
 # on each of 4 GPUs (687 steps an epoch); AdamW 5e-4, weight decay 1e-5, gradient norm clipped at 1. Their
 # fp16 AMP is --amp=fp16 (not the default here: on a CPU fp16 autocast is many times slower than fp32).
-LBM_DEFAULTS = dict(B=4, S=24, N=256, crop_size=(384, 512), iters=0, lr=5e-4, max_steps=150 * 687, wd=1e-5,
+LBM_DEFAULTS = dict(B=4, S=24, N=256, crop_hw=(384, 512), iters=0, lr=5e-4, max_steps=150 * 687, wd=1e-5,
                     grad_clip=1.0)
 MODELS = ("pips2", "lbm")
-# the authors' flag names, kept as aliases: alias -> our name
-ALIASES = {"max_iters": "max_steps"}
+STAGES = (1, 2)
+# the smallest value each numeric flag may take; anything smaller fails inside the run (a ZeroDivisionError
+# after the first step for --save_freq=0, a reshape error for --N=0) or trains nothing (--max_steps=0)
+MINIMUM = {"B": 1, "S": 2, "N": 1, "iters": 1, "max_steps": 1, "save_freq": 1, "log_freq": 1, "val_freq": 1,
+           "grad_acc": 1, "max_nan_steps": 1, "eval_videos": 1, "memory_size": 1, "embed_dim": 1, "keep_latest": 0,
+           "cache_len": 0, "workers": 0, "seed": 0}
+MAX_SEED = 2**32 - 1  # numpy's global seed takes 32 bits
+# the authors' flag names -> Config's fields: --max_iters is an alias of our --max_steps; --crop_size is the one
+# flag of crop_hw, a field named for what it holds (docs/ARCHITECTURE.md, "Names")
+ALIASES = {"max_iters": "max_steps", "crop_size": "crop_hw"}
+FLAG_OF = {"crop_hw": "crop_size"}  # fields set only through the authors' flag
 
 
 def resolve_aliases(flags: dict) -> dict:
@@ -61,6 +76,50 @@ def resolve_aliases(flags: dict) -> dict:
     return out
 
 
+def _typed(name: str, value, hint) -> typing.Any:
+    """A flag's value as its Config field's int, float or bool (None where the field allows it); ValueError
+    naming the flag otherwise. fire hands over a string for anything that is not a Python literal
+    (--lr=abc, --lr=nan)."""
+    args = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    kinds = [a for a in args if a in (int, float, bool)]
+    if not kinds or (value is None and type(None) in args):
+        return value
+    kind = kinds[0]
+    if kind is bool and value in (0, 1) and not isinstance(value, float):
+        return bool(value)
+    if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not math.isfinite(value):
+            raise ValueError(f"--{name} must be a finite number, got {value!r}")
+        return float(value)
+    if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
+        return value
+    what = {int: "an integer", float: "a finite number", bool: "True or False"}[kind]
+    raise ValueError(f"--{name} must be {what}, got {value!r}")
+
+
+def check_values(values: dict) -> dict:
+    """Every numeric and boolean flag of a run checked in one place, before anything is built: types, the
+    MINIMUM of each count, a positive learning rate and clip, a non-negative weight decay; ValueError naming
+    the flag."""
+    hints = typing.get_type_hints(Config)
+    out = {k: _typed(k, v, hints[k]) for k, v in values.items() if k in hints}
+    for name, low in MINIMUM.items():
+        if name == "iters" and out.get("model") == "lbm":
+            continue  # LBM has no refinement iterations
+        if name in out and out[name] < low:
+            raise ValueError(f"--{name} must be at least {low}, got {out[name]}")
+    if out.get("iters", 0) > MAX_ITERS:  # each step is one more pass of the update network, forward and back
+        raise ValueError(f"--iters must be at most {MAX_ITERS}, got {out['iters']}")
+    if out.get("seed", 0) > MAX_SEED:
+        raise ValueError(f"--seed must be at most {MAX_SEED}, got {out['seed']}")
+    for name in ("lr", "grad_clip"):
+        if name in out and out[name] <= 0:
+            raise ValueError(f"--{name} must be positive, got {out[name]:g}")
+    if out.get("wd", 0.0) < 0:
+        raise ValueError(f"--wd must be at least 0, got {out['wd']:g}")
+    return out
+
+
 def make_config(stage: int, flags: dict) -> Config:
     """Stage (or LBM) defaults, then every flag the user set."""
     flags = resolve_aliases(flags)
@@ -68,6 +127,8 @@ def make_config(stage: int, flags: dict) -> Config:
     unknown = set(flags) - known
     if unknown:
         raise ValueError(f"unknown flags: {sorted(unknown)}")
+    if stage not in STAGES:
+        raise ValueError(f"--stage must be 1 or 2, got {stage!r}")
     model = flags.get("model") or "pips2"
     if model not in MODELS:
         raise ValueError(f"--model must be one of {', '.join(MODELS)}, got {model!r}")
@@ -75,10 +136,11 @@ def make_config(stage: int, flags: dict) -> Config:
         raise ValueError(f"LBM trains in one stage; --stage={stage} is for PIPs++")
     defaults = LBM_DEFAULTS if model == "lbm" else STAGE_DEFAULTS[stage]
     values = {**defaults, **{k: v for k, v in flags.items() if v is not None}, "stage": stage}
-    values["crop_size"] = parse_hw(values["crop_size"], "crop_size")
-    h, w = values["crop_size"]
+    values = {**values, **check_values(values)}
+    values["crop_hw"] = parse_hw(values["crop_hw"], "crop_size")
+    h, w = values["crop_hw"]
     if model == "lbm":
-        # the crop is LBM's input_size, as in the authors' data loader; the model needs whole stride-32 cells
+        # the crop is LBM's input size, as in the authors' data loader; the model needs whole stride-32 cells
         if h < 32 or w < 32 or h % 32 or w % 32:
             raise ValueError(f"--model=lbm: crop_size is LBM's input_size and must be a multiple of 32 in both "
                              f"dimensions, got {h}x{w}")
@@ -88,8 +150,6 @@ def make_config(stage: int, flags: dict) -> Config:
         raise ValueError(f"--eval_dataset must be davis (TAP-Vid-DAVIS while training), got {values['eval_dataset']!r}")
     if values.get("eval_dataset") and not values.get("tapvid_root"):
         raise ValueError("--eval_dataset=davis needs --tapvid_root=<tapvid_davis.pkl>")
-    if values.get("eval_dataset") and int(values.get("eval_videos", 5)) < 1:
-        raise ValueError(f"--eval_videos must be at least 1, got {values['eval_videos']}")
     amp_dtype(values.get("amp", "none"))  # one clear line for an unknown --amp
     return Config(**values)
 
@@ -103,12 +163,28 @@ def _latest_stage1(ckpt_dir: str) -> str | None:
 def usage() -> str:
     """--help: main's docstring and every flag with its stage-1 default (main takes them as **flags)."""
     defaults = {**{f.name: f.default for f in fields(Config)}, **STAGE_DEFAULTS[1]}
-    lines = [f"    --{name}={defaults[name]!r}" for name in sorted(defaults) if name != "stage"]
+    lines = sorted(f"    --{FLAG_OF.get(name, name)}={defaults[name]!r}" for name in defaults if name != "stage")
     prog = Path(sys.argv[0]).name or "train.py"  # pips2-train when run as the installed command
     return "\n".join([f"usage: {prog} [--stage=1|2] [--stages=1,2] [--FLAG=VALUE ...]", "",
                       inspect.cleandoc(main.__doc__ or ""), "",
                       "flags (stage-1 defaults; --model=lbm has its own):", *lines,
-                      f"aliases: {', '.join(f'--{a} = --{n}' for a, n in ALIASES.items())}"])
+                      f"aliases: {', '.join(f'--{a} = --{n}' for a, n in ALIASES.items() if n not in FLAG_OF)}"])
+
+
+def stage_order(stage, stages) -> list[int]:
+    """The stages to run, from --stage or --stages=1,2; ValueError unless each is 1 or 2."""
+    items = [stage] if stages is None else list(stages) if isinstance(stages, (tuple, list)) \
+        else str(stages).split(",")
+    order = []
+    for s in items:
+        try:
+            order.append(int(str(s).strip()))
+        except ValueError:
+            order.append(None)
+        if order[-1] not in STAGES or isinstance(s, (bool, float)):
+            flag = "--stage" if stages is None else "--stages"
+            raise ValueError(f"{flag} must be 1 or 2 (or --stages=1,2), got {stage if stages is None else stages!r}")
+    return order
 
 
 def main(stage: int = 1, stages: str | None = None, **flags) -> None:
@@ -120,12 +196,13 @@ def main(stage: int = 1, stages: str | None = None, **flags) -> None:
     if flags.pop("help", None) or flags.pop("h", None):
         print(usage())
         return
-    if stages is None:
-        order = [int(stage)]
-    elif isinstance(stages, (tuple, list)):
-        order = [int(s) for s in stages]
-    else:
-        order = [int(s) for s in str(stages).split(",") if s]
+    inside = sorted(k for k in flags if re.sub(r"^stage[12]_", "", k) in FLAG_OF)
+    if inside:
+        fail(f"unknown flags: {inside} (the flags are --{', --'.join(FLAG_OF.values())})")
+    try:
+        order = stage_order(stage, stages)
+    except ValueError as e:
+        fail(str(e))
     if flags.get("model") == "lbm" and order != [1]:
         fail(f"--model=lbm trains in one stage; drop --stage/--stages (got {','.join(map(str, order))})")
     prev = None
@@ -148,10 +225,18 @@ def main(stage: int = 1, stages: str | None = None, **flags) -> None:
         prev = str(run_stage(cfg)[0])
 
 
+def text_flags() -> dict:
+    """The annotations of Config's text fields, under their names and their per-stage `stage<N>_` names: fire
+    reads `--dataset_location=2024` as a number, which run_fire turns back into the text typed (the numeric
+    fields are checked with their bounds by check_values)."""
+    hints = {k: h for k, h in typing.get_type_hints(Config).items() if (flag_kind(h) or (None,))[0] is str}
+    return {**hints, **{f"stage{st}_{k}": h for st in STAGES for k, h in hints.items()}}
+
+
 def cli() -> None:
     """The `pips2-train` command (and `python train.py`): fire flags of main."""
     try:
-        run_fire(main)
+        run_fire(main, kwarg_hints=text_flags())
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
