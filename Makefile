@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # newer release the wrapper asks PyPI for, so it needs no network
 PYRIGHT := PYRIGHT_PYTHON_IGNORE_WARNINGS=1 $(BIN)/pyright
 
-.PHONY: demo test lint bench clean golden-matrix
+.PHONY: demo test lint bench clean golden-matrix diff-matrix
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -35,19 +35,32 @@ test: $(VENV)/.installed $(VENV)/.installed-onnx
 	$(BIN)/ruff check .
 	$(PYRIGHT)
 	$(MAKE) --no-print-directory golden-matrix
-	$(BIN)/python -m pytest -q --durations=25
+	DIFF_EVERY=$(DIFF_EVERY) $(BIN)/python -m pytest -q --durations=25
 
 # OMP_NUM_THREADS:ATEN_CPU_CAPABILITY (empty = the CPU's own kernels); the whole suite then runs the fifth,
 # 2 threads on the CPU's own kernels. See docs/CORRECTNESS.md.
 GOLDEN_SETTINGS := 1: 2:avx2 2:default 1:default
-GOLDEN_TESTS := tests/test_golden.py tests/test_lbm.py
+GOLDEN_TESTS := tests/test_golden.py tests/test_lbm.py tests/test_diff_authors.py
+# tests/test_diff_authors.py in make test: the PIPs++ cases of every DIFF_EVERY-th video (8: the first video's
+# 15 cases) and every DIFF_EVERY-th LBM case, under all five settings; make diff-matrix (CI runs it after
+# make test) runs every stored case under the five settings
+DIFF_EVERY ?= 8
 
 ## golden-matrix: the tests that compare floats, once per thread count and kernel set
 golden-matrix: $(VENV)/.installed
 	@for s in $(GOLDEN_SETTINGS); do t=$${s%%:*}; c=$${s#*:}; \
 	  echo "== float tests with OMP_NUM_THREADS=$$t ATEN_CPU_CAPABILITY=$${c:-<native>}"; \
-	  env OMP_NUM_THREADS=$$t $${c:+ATEN_CPU_CAPABILITY=$$c} GOLDEN_PLANS=default,reference,training $(BIN)/python -m pytest -q -p no:cacheprovider \
+	  env OMP_NUM_THREADS=$$t $${c:+ATEN_CPU_CAPABILITY=$$c} GOLDEN_PLANS=default,reference,training \
+	    DIFF_EVERY=$(DIFF_EVERY) $(BIN)/python -m pytest -q -p no:cacheprovider \
 	    $(GOLDEN_TESTS) || exit 1; \
+	done
+
+## diff-matrix: every stored differential case against the authors (docs/CORRECTNESS.md), five settings
+diff-matrix: $(VENV)/.installed
+	@for s in $(GOLDEN_SETTINGS) 2:; do t=$${s%%:*}; c=$${s#*:}; \
+	  echo "== differential cases with OMP_NUM_THREADS=$$t ATEN_CPU_CAPABILITY=$${c:-<native>}"; \
+	  env OMP_NUM_THREADS=$$t $${c:+ATEN_CPU_CAPABILITY=$$c} DIFF_EVERY=1 $(BIN)/python -m pytest -q \
+	    -p no:cacheprovider --durations=5 tests/test_diff_authors.py || exit 1; \
 	done
 
 lint: $(VENV)/.installed

@@ -49,9 +49,6 @@ LEVELS = 4  # the frame is read at strides 4, 8, 16, 32 (the average-pooled copi
 class Backbone(nn.Module):
     """ResNet-18 stages 1-3 fused to one `embed_dim`-channel map at stride 4, plus a positional embedding."""
 
-    mean: torch.Tensor  # ImageNet's, buffers (1,3,1,1)
-    std: torch.Tensor
-
     def __init__(self, input_hw: tuple[int, int], stride: int, embed_dim: int, proj_dim: int = 64):
         super().__init__()
         self.input_hw = input_hw
@@ -65,14 +62,16 @@ class Backbone(nn.Module):
         self.proj2 = nn.Conv2d(128, proj_dim, 1)
         self.proj3 = nn.Conv2d(256, proj_dim, 1)
         self.fusion = nn.Sequential(nn.Conv2d(3 * proj_dim, embed_dim, 1), nn.BatchNorm2d(embed_dim), nn.GELU())
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
         """frames (B,3,H,W) in [0,255], any size -> features (B,C,H_in/stride,W_in/stride)."""
-        x = frames.to(self.mean.dtype) / 255.0
+        x = frames.to(self.frame_pos_embedding.dtype) / 255.0
         x = F.interpolate(x, size=self.input_hw, mode="bilinear", align_corners=False)
-        x = (x - self.mean) / self.std
+        # the mean and std in the frames' dtype, made from the decimal constants (torchvision's Normalize, which
+        # the reference uses, does so): a float64 run does not use their float32 roundings
+        mean = torch.tensor(IMAGENET_MEAN, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(IMAGENET_STD, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+        x = (x - mean) / std
         c1 = self.layer1(x)
         c2 = self.layer2(c1)
         c3 = self.layer3(c2)
@@ -116,10 +115,18 @@ def peak_coords(indices: torch.Tensor, w: int, stride: int) -> torch.Tensor:
     return torch.stack([x, y], dim=-1)
 
 
-def level_references(points: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
-    """Pixels (B,N,k,2) -> (B,N*k,LEVELS,2) positions in [0,1] for the deformable attention, same on every level."""
+def level_references(points: torch.Tensor, hw: tuple[int, int], peaks: bool = False) -> torch.Tensor:
+    """Pixels (B,N,k,2) -> (B,N*k,LEVELS,2) positions in [0,1] for the deformable attention, same on every level.
+
+    `peaks`: the points are cell centres of correlation peaks, which the reference holds in float32 (also in
+    a float64 run), so their division by the input size is a float32 one there and here.
+    """
     B, N, k, _ = points.shape
-    rel = (points / points.new_tensor([hw[1], hw[0]])).clamp(0, 1)
+    if peaks:
+        size = torch.tensor([hw[1], hw[0]], dtype=torch.float32, device=points.device)
+        rel = (points.float() / size).clamp(0, 1).to(points.dtype)
+    else:
+        rel = (points / points.new_tensor([hw[1], hw[0]])).clamp(0, 1)
     return rel.unsqueeze(3).expand(B, N, k, LEVELS, 2).reshape(B, N * k, LEVELS, 2)
 
 
@@ -194,7 +201,7 @@ class LBMLayer(nn.Module):
 
         # lattice: one copy of the query per peak reads the frame around it
         q_lat = q_str.unsqueeze(2).expand(B, N, top_k, C).reshape(B, N * top_k, C)
-        read = self.lattice_attention(q_lat, feats_cat, level_references(ref, self.input_hw), shapes)
+        read = self.lattice_attention(q_lat, feats_cat, level_references(ref, self.input_hw, peaks=True), shapes)
         q_lat = run_block(self, "lattice", q_lat, read).reshape(B, N, top_k, C)
         ref_rho = self.reference_rho(q_lat).squeeze(-1)
 
@@ -318,7 +325,7 @@ class LBMTransformer(nn.Module):
             refs.append(ref)
             rhos.append(rho)
         ref = refs[-1]  # B N 1 2
-        ref_levels = level_references(ref, self.input_hw)
+        ref_levels = level_references(ref, self.input_hw, peaks=True)
 
         q_off = run_block(self, "offset", q, self.offset_layer(q, feats_cat, ref_levels, self.shapes))
         offset = torch.tanh(self.offset_head(q_off)) * self.stride
@@ -417,12 +424,13 @@ class LBM(nn.Module):
     # --- pieces shared by training, inference and online tracking
 
     def to_input_px(self, xy: torch.Tensor, src_hw: tuple[int, int]) -> torch.Tensor:
-        """(..., 2) source pixels (of a src_hw frame) -> input pixels (of input_hw) by the plain size ratio."""
-        return xy * xy.new_tensor([self.input_hw[1] / src_hw[1], self.input_hw[0] / src_hw[0]])
+        """(..., 2) source pixels -> input-size pixels by the plain size ratio (divided, then multiplied, as the
+        reference rounds it)."""
+        return xy / xy.new_tensor([src_hw[1], src_hw[0]]) * xy.new_tensor([self.input_hw[1], self.input_hw[0]])
 
     def to_source_px(self, xy: torch.Tensor, src_hw: tuple[int, int]) -> torch.Tensor:
-        """(..., 2) input pixels -> source pixels of a src_hw frame (inverse of to_input_px)."""
-        return xy * xy.new_tensor([src_hw[1] / self.input_hw[1], src_hw[0] / self.input_hw[0]])
+        """(..., 2) input-size pixels -> source pixels (inverse of to_input_px)."""
+        return xy / xy.new_tensor([self.input_hw[1], self.input_hw[0]]) * xy.new_tensor([src_hw[1], src_hw[0]])
 
     def empty_memory(self, B: int, N: int, like: torch.Tensor) -> Memory:
         """Fresh memory for N queries."""

@@ -35,26 +35,30 @@ def sample_features(fmap: torch.Tensor, xy: torch.Tensor, frame: torch.Tensor | 
     M, N, _ = xy.shape
     if frame is None:
         frame = torch.arange(Fr, device=xy.device)
-    x = xy[..., 0].float().clamp(0, W - 1)
-    y = xy[..., 1].float().clamp(0, H - 1)
-    # the 2x2 cell's top-left corner; the last row/column uses the cell before it with weight 1
-    x0 = x.floor().clamp(max=max(W - 2, 0))
-    y0 = y.floor().clamp(max=max(H - 2, 0))
-    fx, fy = (x - x0).unsqueeze(-1), (y - y0).unsqueeze(-1)
-    gx, gy = 1 - fx, 1 - fy
+    x = xy[..., 0].float()
+    y = xy[..., 1].float()
+    # As the reference: the corners are floor(x) and floor(x) + 1, their indices clipped to the map, the weights
+    # taken from the unclipped corners. On or beyond the last row or column both corners read it and the
+    # weights add up to one only up to float32 rounding (clamping the position first rounds otherwise).
+    x0, y0 = x.floor(), y.floor()
+    x1, y1 = x0 + 1, y0 + 1
     flat = fmap.reshape(Fr * H * W, C)
-    # a NaN coordinate must give NaN features, not an out-of-range index: index with 0, weight with NaN
-    base = frame.view(M, 1) * (H * W) + y0.nan_to_num(0).long() * W + x0.nan_to_num(0).long()
-    dx, dy = min(1, W - 1), min(1, H - 1) * W
 
-    weights = (gx * gy, fx * gy, gx * fy, fx * fy)
-    offsets = (0, dx, dy, dy + dx)
+    def index(v: torch.Tensor, size: int) -> torch.Tensor:
+        # a NaN coordinate must give NaN features, not an out-of-range index: index with 0, weight with NaN
+        return v.nan_to_num(0).clamp(0, size - 1).long()
+
+    rows = frame.view(M, 1) * (H * W)
+    top, bottom = rows + index(y0, H) * W, rows + index(y1, H) * W
+    left, right = index(x0, W), index(x1, W)
+    corners = (top + left, top + right, bottom + left, bottom + right)
+    weights = tuple(w.unsqueeze(-1) for w in ((x1 - x) * (y1 - y), (x - x0) * (y1 - y), (x1 - x) * (y - y0),
+                                              (x - x0) * (y - y0)))
     if torch.is_grad_enabled() and fmap.requires_grad:
         # one gather for the four corners: its backward allocates one map-sized gradient, not four
-        idx = torch.stack([base + off for off in offsets]).reshape(-1)
-        taps = flat.index_select(0, idx).view(4, M, N, C).unbind(0)
+        taps = flat.index_select(0, torch.stack(corners).reshape(-1)).view(4, M, N, C).unbind(0)
     else:  # one corner at a time holds less memory
-        taps = (flat.index_select(0, (base + off).reshape(-1)).view(M, N, C) for off in offsets)
+        taps = (flat.index_select(0, idx.reshape(-1)).view(M, N, C) for idx in corners)
     out = None
     for tap, weight in zip(taps, weights, strict=True):
         term = tap * weight.to(fmap.dtype)

@@ -5,15 +5,37 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import os
 import tarfile
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 
+from pips2.nets.plan import ExecPlan
 from pips2.utils.golden import golden_state_dict as _recipe
 
 DATA = Path(__file__).parent / "data"
+
+# every execution plan the model has; each must give the reference's numbers (test_golden.py, test_diff_authors.py)
+PLANS = {
+    "default": ExecPlan.auto(),
+    "reference": ExecPlan.reference(),
+    "export": ExecPlan.export(),
+    "training": ExecPlan.auto(training=True, checkpointing=True),
+    "cuda": ExecPlan.auto("cuda"),  # conv1d delta block, channels-last encoder in chunks of 16 frames
+    "local+winograd+plain-gather": ExecPlan(delta="winograd", gather="plain", corr_chunk=5000),
+    "volume+winograd": replace(ExecPlan.reference(), delta="winograd"),
+    "channels-last+chunks": ExecPlan(channels_last=True, encoder_chunk=3, delta="conv1d"),
+}
+
+
+def selected_plans() -> dict[str, ExecPlan]:
+    """PLANS, or the ones named in GOLDEN_PLANS=name,name: `make golden-matrix` reruns the float tests under four
+    more CPU settings and narrows the float64 sweeps there to a few plans (the whole sweep runs in the main suite)."""
+    names = os.environ.get("GOLDEN_PLANS")
+    return {k: v for k, v in PLANS.items() if k in names.split(",")} if names else dict(PLANS)
 
 
 def state_dict_spec() -> list[dict]:

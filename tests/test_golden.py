@@ -11,15 +11,10 @@ of the authors' float32 numbers. CI runs this file under OMP_NUM_THREADS=1/2 and
 default/avx2 besides the native kernels (docs/CORRECTNESS.md).
 """
 
-import os
-from dataclasses import replace
-
 import numpy as np
 import pytest
 import torch
-from helpers import DATA, golden_model
-
-from pips2.nets.plan import ExecPlan
+from helpers import DATA, golden_model, selected_plans
 
 GOLDEN32 = np.load(DATA / "golden_forward.npz")
 GOLDEN64 = np.load(DATA / "golden_forward_f64.npz")
@@ -27,21 +22,8 @@ OUTPUTS = ("out", "out_iters", "out_chain", "out_featinit")
 FLOAT32_SPREADS = 4  # chosen before measuring; measured worst ratio over the five CI settings is 1.8
 EXACT_PX = 1e-6
 
-# every execution plan the model has; each must give the reference's numbers
-PATHS = {
-    "default": ExecPlan.auto(),
-    "reference": ExecPlan.reference(),
-    "export": ExecPlan.export(),
-    "training": ExecPlan.auto(training=True, checkpointing=True),
-    "cuda": ExecPlan.auto("cuda"),  # conv1d delta block, channels-last encoder in chunks of 16 frames
-    "local+winograd+plain-gather": ExecPlan(delta="winograd", gather="plain", corr_chunk=5000),
-    "volume+winograd": replace(ExecPlan.reference(), delta="winograd"),
-    "channels-last+chunks": ExecPlan(channels_last=True, encoder_chunk=3, delta="conv1d"),
-}
-# `make golden-matrix` reruns this file under four more CPU settings and narrows the float64 sweep there to a
-# few plans (the whole sweep runs in the main suite): GOLDEN_PLANS=name,name
-if os.environ.get("GOLDEN_PLANS"):
-    PATHS = {k: v for k, v in PATHS.items() if k in os.environ["GOLDEN_PLANS"].split(",")}
+# every execution plan (tests/helpers.py); `make golden-matrix` narrows them with GOLDEN_PLANS
+PATHS = selected_plans()
 
 
 def run_golden(model: torch.nn.Module, golden, dtype: torch.dtype) -> dict[str, np.ndarray]:

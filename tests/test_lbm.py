@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +19,7 @@ import torch.nn.functional as F
 from pips2.hub import load_model
 from pips2.nets.lbm import LBM, LBMLayer, LBMOnlineState, load_backbone_init
 from pips2.utils.checkpoint import CheckpointError
+from pips2.utils.golden import lbm_golden_state_dict
 
 DATA = Path(__file__).parent / "data" / "lbm"
 LBM_STATE = json.loads((DATA / "state_dict.json").read_text())
@@ -30,26 +30,8 @@ TOL = 1e-3
 
 def golden_weights(model: LBM) -> dict[str, torch.Tensor]:
     """Golden recipe (docs/LBM.md): entry i of state_dict.json (file order) from its own generator seeded 5000 + i."""
-    own = model.state_dict()
-    out = {}
-    for i, e in enumerate(LBM_STATE["keys"]):
-        name, shape, dtype = e["name"], e["shape"], getattr(torch, e["dtype"])
-        if not dtype.is_floating_point:
-            out[name] = own[name].clone()  # integer buffers as built
-            continue
-        t = torch.randn(shape, generator=torch.Generator().manual_seed(5000 + i), dtype=torch.float64)
-        if name.endswith("running_var"):
-            t = 1 + 0.1 * t.abs()
-        elif name.endswith("running_mean"):
-            t = 0.05 * t
-        elif len(shape) >= 2:
-            t = t / math.sqrt(math.prod(shape[1:]))
-        elif name.endswith("weight"):
-            t = 1 + 0.1 * t
-        else:
-            t = 0.02 * t
-        out[name] = t.to(dtype)
-    return out
+    entries = [(e["name"], tuple(e["shape"]), getattr(torch, e["dtype"])) for e in LBM_STATE["keys"]]
+    return lbm_golden_state_dict(entries, model.state_dict())
 
 
 @pytest.fixture(scope="module")

@@ -391,6 +391,31 @@ def test_sample_features_is_border_bilinear():
                           fmap[:, :, 2, 4])
 
 
+def test_sample_features_on_and_beyond_the_last_row_weights_the_unclipped_corners():
+    """The reference's rule to the last bit: the position in float32, corners floor(p) and floor(p) + 1 clipped
+    to the map, float32 weights from the unclipped corners. On or beyond the last row or column both corners
+    read it and their weights add up to one only up to float32 rounding, so clamping the position first (the
+    same value in exact arithmetic) gives other float64 features there."""
+    g = torch.Generator().manual_seed(3)
+    fmap = torch.randn(2, 5, 6, 4, generator=g, dtype=torch.float64)  # F,H,W,C
+    xy = torch.tensor([[[1.6, 4.3], [5.7, 2.2], [5.3, 4.9], [-0.6, 1.3], [2.4, -1.7], [8.1, 9.3]],
+                       [[1.6, 4.0], [5.0, 2.6], [3.3, 3.7], [-7.2, 6.6], [0.25, 0.5], [6.2, -0.1]]],
+                      dtype=torch.float64)
+    got = sample_features(fmap, xy)
+    H, W = fmap.shape[1:3]
+    for f in range(2):
+        for n in range(xy.shape[1]):
+            x, y = xy[f, n].float()
+            x0, y0 = x.floor(), y.floor()
+            corners = [(y0, x0), (y0, x0 + 1), (y0 + 1, x0), (y0 + 1, x0 + 1)]
+            weights = [(x0 + 1 - x) * (y0 + 1 - y), (x - x0) * (y0 + 1 - y), (x0 + 1 - x) * (y - y0),
+                       (x - x0) * (y - y0)]  # float32 products
+            want = torch.zeros_like(got[f, n])
+            for (cy, cx), w in zip(corners, weights, strict=True):
+                want = want + fmap[f, int(cy.clamp(0, H - 1)), int(cx.clamp(0, W - 1))] * w.double()
+            assert torch.equal(got[f, n], want), (f, n, (got[f, n] - want).abs().max())
+
+
 @pytest.mark.parametrize("size", [(16, 24), (17, 21)])
 def test_local_correlation_equals_volume(size):
     torch.manual_seed(2)
