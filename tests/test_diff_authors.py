@@ -11,7 +11,8 @@ spread is below 1e-11 px and the bound is 1e-9 px. On clips of 2 to 4 frames the
 over so few frames make PIPs++ chaotic: a rounding anywhere grows, up to whole pixels in the authors' own run,
 so no other evaluation order can be held to 1e-9 px there.
 
-Which cases run where (the whole suite's run is kept near 90 s; docs/CORRECTNESS.md, "Plans and time"):
+Which cases run where (docs/CORRECTNESS.md, "Plans and time"; `make test` thins them with DIFF_EVERY=8, `make
+diff-matrix` runs them all):
 - PIPs++, default plan: every case. Every other plan: every SPARSE-th case (at its own offset) of one video,
   among the cases within the generator's random-case budget (B*S*N*iters <= 128): 2 or 3 cases each. Plans
   whose encoder runs the same way (the same ExecPlan encoder fields) share one video and its feature maps,
@@ -60,7 +61,7 @@ LBM_FILE = np.load(DATA / "lbm" / "diff_lbm_f64.npz", allow_pickle=False)
 LBM_CASES = stored_cases(LBM_FILE, LbmCase)
 PLANS = selected_plans()
 ALL = os.environ.get("DIFF_ALL", "") not in ("", "0")  # every case on every plan (see the module docstring)
-EVERY = int(os.environ.get("DIFF_EVERY", "1"))  # `make golden-matrix`: every EVERY-th video, LBM case
+EVERY = int(os.environ.get("DIFF_EVERY", "1"))  # `make test`: every EVERY-th video, LBM case
 SPARSE = 10  # without DIFF_ALL, a plan other than the default runs every SPARSE-th case of one video
 CASE_BUDGET = 128  # B*S*N*iters of the generator's random cases (three of its six corner cases go beyond)
 LBM_INFERENCE_EVERY = 5  # without DIFF_ALL, LBM.inference runs on every fifth LBM case
