@@ -194,15 +194,32 @@ def test_a_checkpoint_of_shared_references_or_deep_nesting_is_refused_not_walked
     deep: list = []
     for _ in range(100):
         deep = [deep]
-    path = _ckpt_with(tmp_path, "deep.pth", deep)
-    with pytest.raises(ck.CheckpointError, match=r"refused: extra(\[0\])+ is nested more than 64 deep$"):
+    path = _ckpt_with(tmp_path, "deep.pth", deep)  # refused from its opcodes, before torch builds it
+    with pytest.raises(ck.CheckpointError, match=r"refused: its pickle nests objects more than 64 deep$"):
         ck.load_weights_only(path)
+    walked = {"model_state_dict": {"w": torch.zeros(2)}, "extra": deep}  # the walk's own bound, had it passed
+    with pytest.raises(ck.CheckpointError, match=r"refused: extra(\[0\])+ is nested more than 64 deep$"):
+        ck._check_tensors(walked, path)
     # sharing within the bound is fine, and a shared optimizer entry is copied once
     path = _ckpt_with(tmp_path, "shared.pth", _laughs(3, 40))
     assert len(ck.load_weights_only(path)["extra"]) == 40
     shared = torch.ones(3)
     owned = ck._owned({"a": shared, "b": [shared]})
     assert owned["a"] is owned["b"][0] and owned["a"] is not shared
+
+
+def test_a_checkpoint_whose_keys_collide_or_nest_deep_is_refused_before_torch_reads_it(tmp_path):
+    """A tuple key nested 200 deep (1,000,000 deep crashed torch's unpickler: SIGSEGV), and 10,200 int keys that
+    all hash to 0 (loading them is quadratic: hours for a large file)."""
+    deep: object = ()
+    for _ in range(200):
+        deep = (deep,)
+    for name, extra, why in (("deep.pth", {deep: None}, "nests objects more than 64 deep"),
+                             ("collide.pth", dict.fromkeys(i * (2**61 - 1) for i in range(10_200)),
+                              "hashes more than 10000 dict keys or set items that are not text")):
+        path = _ckpt_with(tmp_path, name, extra)
+        with pytest.raises(ck.CheckpointError, match=f"^{path}: refused: its pickle {why}"):
+            ck.load_weights_only(path)
 
 
 def test_a_checkpoint_whose_dict_key_would_hash_forever_is_refused_before_torch_reads_it(tmp_path):

@@ -1,5 +1,6 @@
 """Untrusted data files never run code: crafted pickles, .npy and .npz are refused with one line naming the file."""
 
+import collections
 import os
 import pickle
 import re
@@ -897,3 +898,41 @@ def test_a_dict_key_whose_hash_would_never_end_is_refused_before_unpickling(tmp_
     path.write_bytes(b"\x80\x02}" + body + b"K\x01s.")  # {t: 1}
     with pytest.raises(UnsafeFileError, match="refused: its pickle builds more than"):
         load_pickle(path)
+
+
+def test_a_key_nested_a_million_deep_is_refused_before_it_crashes_the_reader(tmp_path):
+    """A 1 MB pickle: {((((...),),),): None}, a tuple nested 1,000,000 deep as a dict key. Hashing it recursed in C
+    and killed the process (SIGSEGV): a TAP-Vid run lost every score it had."""
+    path = tmp_path / "deep.pkl"
+    path.write_bytes(b"\x80\x02}" + b")" + b"\x85" * 1_000_000 + b"Ns.")
+    res = _load_in_child(path)
+    assert res.returncode == 0, f"the reader died ({res.returncode}): {res.stderr[-300:]}"
+    assert res.stdout.strip() == f"{path}: refused: its pickle nests objects more than 64 deep"
+    nested: object = "leaf"
+    for _ in range(30):  # 60 containers, one in the next: within the bound
+        nested = {"k": [nested]}
+    assert isinstance(load_pickle(_dump(tmp_path / "ok.pkl", nested, 2)), dict)
+    with pytest.raises(UnsafeFileError, match="nests objects more than 64 deep"):
+        load_pickle(_dump(tmp_path / "deeper.pkl", {"k": [{"k": [nested]}, {"k": [nested]}]}, 2))
+
+
+@pytest.mark.parametrize("keys", ["large ints", "floats", "int tuples", "a set", "a frozenset", "an OrderedDict"])
+def test_keys_whose_hashes_collide_are_refused_before_unpickling(tmp_path, keys):
+    """Dict keys i * (2^61 - 1) all hash to 0: inserting 40,000 took 8.5 s, quadratic in their number (a
+    15 MB file: about two hours). Text keys (salted hashes) and small ints (their own hash) are not bounded."""
+    big = [i * (2**61 - 1) for i in range(10_200)]  # just past the bound: building them is quadratic here too
+    make = {"large ints": lambda: dict.fromkeys(big), "floats": lambda: dict.fromkeys(float(i) for i in range(10_200)),
+            "int tuples": lambda: dict.fromkeys((i, 1) for i in range(10_200)), "a set": lambda: set(big),
+            "a frozenset": lambda: frozenset(big), "an OrderedDict": lambda: collections.OrderedDict.fromkeys(big)}
+    obj = make[keys]()
+    for protocol in (2, 4):
+        path = _dump(tmp_path / f"keys{protocol}.pkl", {"v": obj} if keys != "an OrderedDict" else obj, protocol)
+        with pytest.raises(UnsafeFileError, match="hashes more than 10000 dict keys or set items that are not text"):
+            from pips2.utils.safe_load import pickle_objects_problem
+
+            problem = pickle_objects_problem(path.read_bytes())
+            raise UnsafeFileError(path, problem or "loaded")
+    if keys == "large ints":
+        fine = {"text": dict.fromkeys(str(i) for i in range(20_000)), "ints": dict.fromkeys(range(20_000)),
+                "text tuples": dict.fromkeys((str(i), "x") for i in range(20_000))}
+        assert load_pickle(_dump(tmp_path / "fine.pkl", fine, 4)) == fine

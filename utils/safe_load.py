@@ -123,18 +123,50 @@ _ALLOWED: dict[tuple[str, str], Any] = {
 # memo references can stand for 40^12 (a list of 40 references to a list of 40 ...), which hashing a dict key
 # or walking the result would then visit one by one. The project's own files build a few thousand.
 MAX_PICKLE_OBJECTS = 10_000_000
+# Nesting: hashing a tuple nested a million deep (a 1 MB pickle) recurses in C without a guard and crashes the
+# process. A checkpoint nests about 8 deep (dict > dict > tensor > its rebuild arguments), a TAP-Vid pickle 6.
+MAX_PICKLE_DEPTH = 64
+# Dict keys and set items whose hashes a file can make collide: str and bytes hashes are salted per process and a
+# small int is its own hash, but large ints, floats and tuples hash alike on every machine, and 40,000 keys of one
+# hash took 8.5 s to insert (quadratic: 15 MB of them, about two hours). The project's files use text keys and
+# the optimizer's parameter numbers.
+MAX_COLLIDABLE_KEYS = 10_000
+SMALL_INT = 1 << 32
 _MUTATORS = {"APPEND", "APPENDS", "SETITEM", "SETITEMS", "BUILD", "ADDITEMS"}  # grow the object below them
+_TEXT_OPS = {"STRING", "BINSTRING", "SHORT_BINSTRING", "BINBYTES", "SHORT_BINBYTES", "BINBYTES8", "UNICODE",
+             "BINUNICODE", "SHORT_BINUNICODE", "BINUNICODE8"}
+_INT_OPS = {"INT", "BININT", "BININT1", "BININT2", "LONG", "LONG1", "LONG4"}
+# callables that hash what their arguments hold (the restricted unpicklers allow these)
+_HASHING = {"builtins set", "builtins frozenset", "__builtin__ set", "__builtin__ frozenset",
+            "collections OrderedDict", "collections Counter", "builtins dict"}
 _MARK = object()
 
 
+class _Node:
+    """An object of the simulated stack: its expanded size, its nesting depth, whether it is a hashable whose hash
+    a file can choose (`collidable`), how many such it holds, and for text, its value (for STACK_GLOBAL)."""
+
+    __slots__ = ("count", "depth", "collidable", "holds", "text")
+
+    def __init__(self, count: int, depth: int, collidable: bool = False, holds: int = 0, text: str | None = None):
+        self.count, self.depth, self.collidable, self.holds, self.text = count, depth, collidable, holds, text
+
+
 def pickle_objects_problem(data: bytes | IO[bytes], limit: int = MAX_PICKLE_OBJECTS) -> str | None:
-    """Why a pickle would build more than `limit` objects when each shared reference counts as a copy, or None.
+    """Why a pickle would build more than `limit` objects when each shared reference counts as a copy, nest more
+    than MAX_PICKLE_DEPTH deep, or hash more than MAX_COLLIDABLE_KEYS keys of a kind whose hashes can be made to
+    collide; or None.
 
     Reads the opcodes only (pickletools.genops) and runs nothing: each object on the simulated stack is its
-    expanded size, memo references share it, and the ops that fill a container add to it. A pickle that does not
-    parse is left to the unpickler, which reports it."""
+    expanded size and depth, memo references share it, and the ops that fill a container add to it. A pickle that
+    does not parse is left to the unpickler, which reports it."""
     stack: list = []
     memo: dict = {}
+    keys = 0
+    too_many = f"refused: its pickle builds more than {limit} objects (shared references counted)"
+    too_deep = f"refused: its pickle nests objects more than {MAX_PICKLE_DEPTH} deep"
+    collide = (f"refused: its pickle hashes more than {MAX_COLLIDABLE_KEYS} dict keys or set items that are not text "
+               f"or small integers (their hashes can be made to collide, which makes loading take hours)")
     try:
         for op, arg, _ in pickletools.genops(data):
             name = op.name
@@ -150,7 +182,7 @@ def pickle_objects_problem(data: bytes | IO[bytes], limit: int = MAX_PICKLE_OBJE
                 break
             else:
                 before = op.stack_before
-                popped = []
+                popped: list = []
                 if pickletools.markobject in before:
                     while stack[-1] is not _MARK:
                         popped.append(stack.pop())
@@ -159,17 +191,45 @@ def pickle_objects_problem(data: bytes | IO[bytes], limit: int = MAX_PICKLE_OBJE
                 popped += [stack.pop() for _ in before]
                 if name == "MARK":
                     stack.append(_MARK)
-                elif name in _MUTATORS:
+                    continue
+                if name in _MUTATORS:
                     target = popped.pop()
-                    target[0] = min(limit + 1, target[0] + sum(n[0] for n in popped))
+                    if name in ("SETITEM", "SETITEMS"):  # popped: value, key, value, key, ... (last pushed first)
+                        keys += sum(1 for k in popped[1::2] if k.collidable)
+                    elif name == "ADDITEMS":
+                        keys += sum(1 for k in popped if k.collidable)
+                    target.count = min(limit + 1, target.count + sum(n.count for n in popped))
+                    target.depth = max([target.depth] + [1 + n.depth for n in popped])
+                    target.holds = min(limit + 1, target.holds + sum(n.holds + n.collidable for n in popped))
+                    node = target
                     stack.append(target)
-                    if target[0] > limit:
-                        return f"refused: its pickle builds more than {limit} objects (shared references counted)"
                 else:
-                    node = [min(limit + 1, 1 + sum(n[0] for n in popped))]
+                    if name == "FROZENSET":
+                        keys += sum(1 for k in popped if k.collidable)
+                    elif name in ("REDUCE", "NEWOBJ"):  # popped: args, callable
+                        if popped[-1].text in _HASHING:
+                            keys += popped[0].holds
+                    node = _Node(min(limit + 1, 1 + sum(n.count for n in popped)),
+                                 1 + max((n.depth for n in popped), default=0),
+                                 holds=min(limit + 1, sum(n.holds + n.collidable for n in popped)))
+                    if name in _TEXT_OPS:  # text's hash is salted per process: "" stands for long text, bytes
+                        node.text = arg if isinstance(arg, str) and len(arg) <= 200 else ""
+                    elif name in _INT_OPS:
+                        node.collidable = not (isinstance(arg, int) and abs(arg) < SMALL_INT)
+                    elif name in ("GLOBAL", "STACK_GLOBAL"):
+                        texts = [n.text for n in reversed(popped)]  # STACK_GLOBAL: module, then name
+                        node.text = arg if name == "GLOBAL" else " ".join(t or "" for t in texts)
+                    elif name in ("BINFLOAT", "FLOAT"):
+                        node.collidable = True
+                    elif name.startswith("TUPLE"):  # a tuple of text only hashes as salted as its items
+                        node.collidable = any(n.text is None for n in popped)
                     stack += [node] * len(op.stack_after)
-                    if node[0] > limit:
-                        return f"refused: its pickle builds more than {limit} objects (shared references counted)"
+                if node.count > limit:
+                    return too_many
+                if node.depth > MAX_PICKLE_DEPTH:
+                    return too_deep
+                if keys > MAX_COLLIDABLE_KEYS:
+                    return collide
     except Exception:  # corrupt or truncated: the unpickler says what is wrong
         return None
     return None
