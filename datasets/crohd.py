@@ -20,6 +20,9 @@ from pips2.utils.video import not_regular_file
 # Bound on frames x head ids of one sequence (its arrays are allocated at that size, about 10 bytes an entry:
 # ~335 MB): the HT21 sequences need at most a few million; a gt.txt asking for more is refused, not allocated.
 MAX_TRACK_ENTRIES = 2**25
+# gt.txt is parsed whole (np.loadtxt takes several times its size): the HT21 files are at most ~40 MB (a few
+# thousand frames of up to ~300 heads), and a sparse 4 GB one made the reader run out of memory
+MAX_GT_BYTES = 256 << 20
 MIN_COLUMNS = 6  # frame, id, left, top, width, height (conf, class and visibility may follow)
 
 
@@ -38,13 +41,18 @@ class CroClip:
 
 def _gt_path(root: Path, split: str, seq: str) -> Path:
     for p in (root / "HT21Labels" / split / seq / "gt" / "gt.txt", root / "HT21" / split / seq / "gt" / "gt.txt"):
-        if p.is_file():
+        if p.exists():  # a FIFO or folder there is refused by _read_gt, in its own words
             return p
     raise CroHDError(f"{root}: no gt.txt for {split}/{seq} under HT21Labels/ or HT21/")
 
 
 def _read_gt(path: Path, T: int) -> np.ndarray:
     """The rows of a gt.txt as floats (rows, columns >= MIN_COLUMNS), checked before anything is built on them."""
+    if not_regular_file(path):
+        raise CroHDError(f"{path}: not a regular file")
+    if path.is_file() and path.stat().st_size > MAX_GT_BYTES:
+        raise CroHDError(f"{path}: {path.stat().st_size} bytes, more than the {MAX_GT_BYTES} an annotation file of "
+                         f"the benchmark needs (it is read whole)")
     try:
         with warnings.catch_warnings():  # an empty file is said below in one line, not as numpy's warning
             warnings.simplefilter("ignore")

@@ -1,6 +1,7 @@
 """test_on_tap.py and test_on_cro.py on small data made in their layouts."""
 
 import json
+import os
 import pickle
 import shutil
 import subprocess
@@ -273,6 +274,9 @@ CRO_DEFECTS = {
     "NaN track id": ("HT21-02", "gt.txt: frame and id columns must be finite integers"),
     "a frame missing": ("HT21-02", "img1: frame 000005.jpg missing (have 1..4, 6..10)"),
     "gt.txt beyond the last frame": ("HT21-02", "gt.txt: names frame 10, but img1/ holds frames 1..9"),
+    # a sparse 4 GB file (4 KB on disk) was parsed whole: MemoryError, and no sequence scored
+    "a 4 GB gt.txt": ("HT21-02", "gt.txt: 4294967296 bytes, more than the 268435456 an annotation file"),
+    "gt.txt a FIFO": ("HT21-02", "gt.txt: not a regular file"),
 }
 
 
@@ -294,6 +298,11 @@ def _spoil_crohd(root: Path, how: str) -> None:
         (seq / "img1" / "000005.jpg").unlink()
     elif how == "gt.txt beyond the last frame":  # its rows were dropped unseen
         (seq / "img1" / "000010.jpg").unlink()
+    elif how == "a 4 GB gt.txt":
+        os.truncate(gt, 4 << 30)
+    elif how == "gt.txt a FIFO":
+        gt.unlink()
+        os.mkfifo(gt)
     elif how == "NaN track id":
         gt.write_text(gt.read_text().replace("1,1,", "1,nan,", 1))
 
