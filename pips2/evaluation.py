@@ -451,6 +451,15 @@ class Evaluation:
 
     def finish(self, seconds: float) -> None:
         """Tables, summary line and --out_json (with its curves PNG) of what was done, whatever ended the run."""
+        # the results file first: whatever the printing below meets (a closed terminal, a reader gone from a pipe),
+        # hours of scoring are on disk
+        payload, write_error = None, None
+        if self.out_json:
+            payload = self.payload()
+            try:
+                write_json(self.out_json, payload)
+            except OSError as e:  # a full disk after hours of scoring: the results must still reach the user
+                write_error = e
         mean, tapvid = self.means()
         n = len(self.per_item)
         if mean is not None:
@@ -465,13 +474,10 @@ class Evaluation:
             left = f", {rest}not done ({self.status})"
         print(f"summary: {n} {self.noun} scored, {len(self.skipped)} skipped{why}{left}; "
               f"{self.frames / max(seconds, 1e-9):.1f} frames/s in {seconds:.1f} s", flush=True)
-        if not self.out_json:
+        if not self.out_json or payload is None:
             return
-        payload = self.payload()
-        try:
-            write_json(self.out_json, payload)
-        except OSError as e:  # a full disk after hours of scoring: the results must still reach the user
-            self.unwritten = why_not(e)
+        if write_error is not None:
+            self.unwritten = why_not(write_error)
             print(f"{RESULTS_MARKER}\n{json.dumps(payload, indent=2)}", flush=True)
             print(f"error: cannot write --out_json={self.out_json} ({self.unwritten}); the results are printed "
                   "above", file=sys.stderr, flush=True)

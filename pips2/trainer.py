@@ -52,7 +52,13 @@ from pips2.utils import checkpoint as ck
 from pips2.utils import metrics, plots
 from pips2.utils.amp import amp_dtype, autocast
 from pips2.utils.cli import die
-from pips2.utils.procs import STOP_SIGNALS, caught_stop_signals, is_space_error, raise_stop
+from pips2.utils.procs import (
+    STOP_SIGNALS,
+    caught_stop_signals,
+    detach_from_closed_terminal,
+    is_space_error,
+    raise_stop,
+)
 from pips2.utils.vis import summary_image
 
 
@@ -298,6 +304,7 @@ class StopRequest:
         self._old = {}
 
     def _handle(self, signum: int, frame) -> None:
+        detach_from_closed_terminal(signum)  # a closed terminal: the step line and the stop line must not fail
         now = time.monotonic()
         if not self.signum:
             self.signum, self.first_at = signum, now

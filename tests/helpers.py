@@ -123,3 +123,49 @@ def compressed_checkpoint(path: Path, obj, level: int = 1) -> None:
             packed = "/data/" in info.filename
             dst.writestr(info.filename, src.read(info), compress_type=zipfile.ZIP_DEFLATED if packed else
                          zipfile.ZIP_STORED, compresslevel=level if packed else None)
+
+
+def run_then_close_its_terminal(cmd: list[str], pattern: str, times: int = 1, timeout: float = 300,
+                                **popen) -> tuple[int, str]:
+    """Run cmd on a new pseudo-terminal (its controlling terminal, and its stdin, stdout and stderr), read until
+    `pattern` appeared `times` times, then close the terminal as a closed window or ssh session does: the kernel
+    sends SIGHUP, and every later write to the terminal fails (EIO), which `kill -HUP` does not show. Returns
+    (exit code, what was read)."""
+    import fcntl
+    import select
+    import subprocess
+    import termios
+    import time
+
+    master, slave = os.openpty()
+
+    def session_on_the_terminal() -> None:
+        os.setsid()
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+    proc = subprocess.Popen(cmd, stdin=slave, stdout=slave, stderr=slave, preexec_fn=session_on_the_terminal,
+                            **popen)
+    os.close(slave)
+    seen, deadline = b"", time.monotonic() + timeout
+    try:
+        while seen.count(pattern.encode()) < times and time.monotonic() < deadline:
+            if select.select([master], [], [], 1)[0]:
+                try:
+                    chunk = os.read(master, 65536)
+                except OSError:  # EIO: nothing holds the terminal any more (the command ended)
+                    break
+                if not chunk:
+                    break
+                seen += chunk
+            elif proc.poll() is not None:
+                break
+    finally:
+        os.close(master)
+    try:
+        code = proc.wait(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert seen.count(pattern.encode()) >= times, seen.decode(errors="replace")[-2000:]
+    return code, seen.decode(errors="replace")

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import golden_model, run_main
+from helpers import golden_model, run_main, run_then_close_its_terminal
 from test_eval_tap_cro import _crohd, _entry
 
 from pips2 import evaluation
@@ -140,6 +140,22 @@ def test_a_signal_keeps_the_finished_items_and_exits_cleanly(data, tmp_path, scr
     assert len(js["per_item"]) == n and FIRST[script].split(":")[0] in js["per_item"]
     assert f"summary: {n} {NOUNS[script]} scored" in stdout and f"results -> {out} (partial)" in stdout
     assert not list(tmp_path.glob(".r.json.*"))
+
+
+@pytest.mark.skipif(not hasattr(os, "openpty"), reason="needs a pseudo-terminal")
+def test_a_terminal_that_closes_keeps_the_finished_items(data, tmp_path):
+    """The terminal (a window, an ssh session) really closes: SIGHUP, then every write to it fails (EIO). The
+    summary's first print raised, and --out_json, written after it, never was: the scores were lost."""
+    locations, ck = data
+    out = tmp_path / "r.json"
+    flags = [f"--{k}={v}" for k, v in SMALL["tap"].items()]
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    code, _ = run_then_close_its_terminal(
+        [sys.executable, SCRIPTS["tap"], f"--dataset_location={locations['tap']}", f"--init_dir={ck}",
+         f"--out_json={out}", *flags], FIRST["tap"], cwd=ROOT, env=env)
+    assert code == 129
+    js = json.loads(out.read_text())
+    assert js["status"] == "interrupted" and "v0" in js["per_item"] and len(js["per_item"]) < 4
 
 
 def _inputs(root: Path) -> dict[str, Path]:

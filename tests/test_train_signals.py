@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train import STEP_RE, TINY, _losses, _running_means, _start, _train, _version
+from test_train import STEP_RE, TINY, _losses, _running_means, _start, _train, _train_cmd, _version
 
 from pips2 import trainer
 from pips2.cli import train
@@ -420,3 +420,19 @@ def test_a_stop_raised_inside_a_finalizer_still_stops_the_job(kind):
                        timeout=120)
     assert r.stdout.strip() == "stopped", (r.stdout, r.stderr)
     assert "Exception ignored" not in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+@pytest.mark.skipif(not hasattr(os, "openpty"), reason="needs a pseudo-terminal")
+def test_a_terminal_that_really_closes_saves_at_the_step_boundary(exported, tmp_path):
+    """The terminal (a window, an ssh session) closes: SIGHUP, then every write to it fails (EIO). The next step
+    line raised, the run ended with exit 1 and every step since the last save was lost. Now the output goes to
+    /dev/null and the run stops at the step boundary with its checkpoint, as for `kill -HUP`."""
+    from helpers import run_then_close_its_terminal
+
+    out, _ = exported
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    cmd = _train_cmd(out, tmp_path, "--max_steps=200", "--save_freq=100")
+    code, seen = run_then_close_its_terminal(cmd, "; step 0", times=3, cwd=ROOT, env=env)
+    assert code == 0, seen[-2000:]
+    saved = ck.list_checkpoints(next((tmp_path / "ck").iterdir()))
+    assert len(saved) == 1 and 3 <= saved[0][0] < 200, saved

@@ -10,6 +10,7 @@ import re
 import shutil
 import signal
 import socket
+import stat
 import sys
 import tempfile
 import threading
@@ -35,6 +36,27 @@ def exit_code(signame: str) -> int:
 def caught_stop_signals() -> tuple[signal.Signals, ...]:
     """STOP_SIGNALS not ignored by whoever started this process (nohup's SIGHUP, a background job's SIGINT)."""
     return tuple(s for s in STOP_SIGNALS if signal.getsignal(s) is not signal.SIG_IGN)
+
+
+def detach_from_closed_terminal(signum: int) -> None:
+    """On SIGHUP, point stdout and stderr that are a terminal at /dev/null. SIGHUP means the terminal or ssh session
+    closed, and every later write to it fails (EIO): the step line or the summary printed on the way to a clean
+    stop then raised, and the save or the results file that was to follow never happened. Other signals, and
+    output to files or pipes, are left as they are."""
+    if signum != getattr(signal, "SIGHUP", None):
+        return
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            fd = stream.fileno()
+            # a character device: isatty() is already false on a hung-up terminal (its ioctls fail); /dev/null,
+            # the only other character device output goes to, is harmless to replace by itself
+            if not stat.S_ISCHR(os.fstat(fd).st_mode):
+                continue
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, fd)
+            os.close(null)
+        except (OSError, ValueError, AttributeError):  # no file descriptor (replaced, closed): nothing to point
+            continue
 
 
 # The stop a signal handler raised last, and its signal, until Python drops it (see raise_stop).
@@ -77,6 +99,7 @@ def raise_stop(signum: int, exc: BaseException) -> NoReturn:
     logging's), Python prints "Exception ignored in ..." and drops the exception, and the job went on as if no
     signal had come. The dropped stop is instead raised again, silently, at the next instruction outside."""
     global _raised
+    detach_from_closed_terminal(signum)
     hook = sys.unraisablehook
     if getattr(hook, "__name__", "") != "_redeliver":
         def _redeliver(unraisable: Any, previous: Callable[[Any], None] = hook) -> None:
