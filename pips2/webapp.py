@@ -86,7 +86,14 @@ from pips2.nets.pips2 import Pips
 from pips2.tracking import FrameSource, default_model_hw, grid_queries, is_lbm, resolve_model_hw, track, window_starts
 from pips2.utils.checkpoint import CheckpointError, resolve_device
 from pips2.utils.procs import caught_stop_signals, owned_tempdir, raise_stop, remove_stale_tempdirs
-from pips2.utils.video import CONTAINER_NAMES, VideoError, container_suffix, header_wh, iter_frames
+from pips2.utils.video import (
+    CONTAINER_NAMES,
+    FFMPEG_INPUT,
+    VideoError,
+    container_suffix,
+    header_wh,
+    iter_frames,
+)
 from pips2.utils.vis import write_outputs
 
 PAGE = Path(__file__).parent / "webapp.html"
@@ -339,14 +346,14 @@ def video_header(path: Path) -> tuple[int, int, int, float, float]:
     ffmpeg copies the video stream's packets to nowhere and counts those it finds (a file cut short has fewer
     than its duration says). VideoError (naming `path`) if it is no video."""
     try:
-        reader = imageio_ffmpeg.read_frames(str(path), pix_fmt="rgb24")
+        reader = imageio_ffmpeg.read_frames(str(path), pix_fmt="rgb24", input_params=FFMPEG_INPUT)
         try:
             meta = next(reader)  # parsed from ffmpeg's description of the input, before any frame is read
         finally:
             reader.close()
         w, h = (int(v) for v in meta["size"])
-        run = subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-nostdin", "-i", str(path),
-                              "-map", "0:v:0", "-c", "copy", "-f", "null", "-"],
+        run = subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-nostdin", *FFMPEG_INPUT, "-i",
+                              str(path), "-map", "0:v:0", "-c", "copy", "-f", "null", "-"],
                              capture_output=True, text=True, errors="replace", timeout=PROBE_SECONDS,
                              start_new_session=True)  # a Ctrl-C of the server is the server's to handle
     except subprocess.TimeoutExpired:

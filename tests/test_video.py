@@ -339,3 +339,39 @@ def test_frame_rate_of_other_containers_and_of_no_video(tmp_path):
     assert frame_rate(tmp_path / "ntsc.avi") == Fraction(30000, 1001)
     assert frame_rate(tmp_path / "vfr.mp4") == Fraction(192, 23)  # 48 frames in 5.75 s
     assert frame_rate(tmp_path / "text.mp4") is None and frame_rate(tmp_path / "missing.mp4") is None
+
+
+def _dash_manifest(path, target) -> None:
+    """XML that passes for an MP4 to the sniff (its first 8 bytes read as a 'skip' box) and is a DASH manifest
+    to ffmpeg's probe, naming `target` as its one segment."""
+    path.write_text(
+        f'\t\t<?skip x?>\n<MPD xmlns="urn:mpeg:dash:schema:mpd:2011" '
+        f'profiles="urn:mpeg:dash:profile:isoff-on-demand:2011" type="static" mediaPresentationDuration="PT1S" '
+        f'minBufferTime="PT1S"><Period><AdaptationSet mimeType="video/mp4" contentType="video">'
+        f'<Representation id="1" bandwidth="100000" width="160" height="128" mimeType="video/mp4">'
+        f'<BaseURL>file:{target}</BaseURL></Representation></AdaptationSet></Period></MPD>\n' + " " * 600 + "\n")
+
+
+def test_a_manifest_that_names_other_files_is_never_read_as_one(tmp_path, clip):
+    """An upload of this XML named itself .mp4 by the sniff, and ffmpeg's probe chose its DASH demuxer, which
+    opened the file: segment it names: the web demo decoded and served another video of the server's disk. Every
+    ffmpeg read now names the demuxers it may use (FFMPEG_INPUT)."""
+    import imageio_ffmpeg
+
+    from pips2.utils.video import FFMPEG_INPUT, container_suffix, count_frames
+    from pips2.webapp import video_header
+
+    path, _ = clip
+    manifest = tmp_path / "holiday.mp4"
+    _dash_manifest(manifest, path)
+    assert container_suffix(manifest.read_bytes()[:512]) == ".mp4"  # the sniff alone is fooled
+    plain = subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-i", str(manifest), "-f", "null", "-"],
+                           capture_output=True, text=True)
+    assert f"Opening 'file:{path}'" in plain.stderr  # this ffmpeg has the DASH demuxer: the file is live
+    with pytest.raises(VideoError, match="holiday.mp4: cannot read video"):
+        video_header(manifest)
+    with pytest.raises(RuntimeError, match="Invalid argument|not on whitelist"):
+        count_frames(manifest)
+    with pytest.raises(VideoError):
+        list(iter_frames(manifest))
+    assert FFMPEG_INPUT[0] == "-format_whitelist" and count_frames(path) == 9  # a real video still reads

@@ -341,6 +341,26 @@ def mp4_truncation(path: str | os.PathLike) -> str | None:
 
 REMUX_HINT = "re-download or re-copy it, or keep the frames that decode with: ffmpeg -i IN -c copy OUT.mp4"
 
+# The demuxers ffmpeg may read a video with (before every -i). ffmpeg picks one by probing the content, and
+# some read other files: a DASH manifest (XML that can also pass for an MP4 box) opens the file: or http:
+# segments it names, so an upload could make the web demo decode and serve any video on the server's disk. The
+# containers of CONTAINER_NAMES and still images, nothing that reads another file.
+FFMPEG_DEMUXERS = "mov,matroska,avi,gif,ogg,flv,mpeg,mpegts,png_pipe,jpeg_pipe,image2"
+FFMPEG_INPUT = ["-format_whitelist", FFMPEG_DEMUXERS]
+
+
+def count_frames(path: str | os.PathLike, timeout: float | None = None) -> int:
+    """The frames of a video's first video stream, counted by decoding them (ffmpeg, FFMPEG_INPUT); RuntimeError
+    with ffmpeg's last line if it cannot read the file."""
+    res = subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-nostdin", *FFMPEG_INPUT, "-i",
+                          str(path), "-map", "0:v:0", "-vf", "null", "-f", "null", "-"],
+                         capture_output=True, text=True, errors="replace", timeout=timeout)
+    counts = re.findall(r"frame=\s*(\d+)", res.stderr)
+    if res.returncode != 0 or not counts:
+        lines = res.stderr.strip().splitlines()
+        raise RuntimeError(lines[-1] if lines else f"ffmpeg exited with {res.returncode}")
+    return int(counts[-1])
+
 
 def _check_video_path(path: str | os.PathLike) -> None:
     """VideoError unless path is an existing file (not a folder)."""
@@ -356,7 +376,8 @@ def _check_video_path(path: str | os.PathLike) -> None:
 def _stream_kinds(path: str | os.PathLike) -> set[str] | None:
     """The kinds of stream ffmpeg finds in a file ({'Video', 'Audio', ...}), or None if it cannot open it."""
     try:
-        res = subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-nostdin", "-i", str(path)],
+        res = subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-nostdin", *FFMPEG_INPUT, "-i",
+                              str(path)],
                              capture_output=True, text=True, errors="replace", timeout=60)
     except (OSError, subprocess.TimeoutExpired):
         return None
@@ -425,7 +446,8 @@ def _frames(path: str | os.PathLike, backend: str) -> Generator[tuple[int, int] 
         return
     # each decoded frame once, as OpenCV and the frame count of video_info see them: by default ffmpeg would repeat
     # or drop frames of a variable-frame-rate video (a phone's) to make a constant rate
-    reader = imageio_ffmpeg.read_frames(str(path), pix_fmt="rgb24", output_params=["-fps_mode", "passthrough"])
+    reader = imageio_ffmpeg.read_frames(str(path), pix_fmt="rgb24", input_params=FFMPEG_INPUT,
+                                        output_params=["-fps_mode", "passthrough"])
     try:
         try:
             meta = next(reader)
@@ -470,20 +492,20 @@ def video_info(path: str | os.PathLike) -> tuple[int, int, int, float]:
     cut = _mp4_cut(path)
     if cut:  # said first: a cut file may not open at all (an mp4 keeping its header at the end loses it)
         try:
-            n = imageio_ffmpeg.count_frames_and_secs(str(path))[0] or 0
+            n = count_frames(path)
         except Exception:
             n = 0
         where, declared = cut
         of = f"{n} of the {declared} frames its header declares decode" if declared else f"{n} frames decode"
         raise VideoError(f"{path}: cut short ({where}): {of}; {REMUX_HINT if n else 're-download or re-copy it'}")
     try:
-        reader = imageio_ffmpeg.read_frames(str(path), pix_fmt="rgb24")
+        reader = imageio_ffmpeg.read_frames(str(path), pix_fmt="rgb24", input_params=FFMPEG_INPUT)
         meta = next(reader)
         reader.close()
     except Exception as e:
         raise VideoError(f"{path}: {_open_problem(path, e, 'cannot read video')}") from None
     try:
-        n, _ = imageio_ffmpeg.count_frames_and_secs(str(path))
+        n = count_frames(path)
     except Exception as e:
         msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
         raise VideoError(f"{path}: cannot read video ({msg})") from None
