@@ -1,6 +1,7 @@
 """Bad input in training: bad checkpoints, stale temps, the run lock, a full disk, corrupt clips, missing data."""
 
 import errno
+import json
 import os
 import shutil
 import socket
@@ -142,6 +143,23 @@ def test_lock_refuses_a_live_owner_and_takes_over_a_dead_one(tmp_path):
     assert f'"pid": {os.getpid()}' in (tmp_path / ck.LOCK_NAME).read_text()
     lock.release()
     assert sorted(tmp_path.iterdir()) == []
+
+
+def test_a_lock_whose_pid_now_names_another_process_is_taken_over(tmp_path):
+    """A container restarted after SIGKILL or the OOM killer runs the training as pid 1 again, with the same
+    hostname: the lock {host, pid 1} looked alive (it is the caller itself) and every restart failed with
+    exit 2. A pid reused by another process looked alive as well."""
+    host = socket.gethostname()
+    lock_file = tmp_path / ck.LOCK_NAME
+    for owner in ({"host": host, "pid": os.getpid()},  # this process's pid, but this process holds no lock
+                  {"host": host, "pid": 1, "start": 0}):  # a live pid that started at another time
+        lock_file.write_text(json.dumps(owner))
+        lock = ck.RunLock(tmp_path).acquire()
+        assert json.loads(lock_file.read_text())["pid"] == os.getpid()
+        lock.release()
+    lock_file.write_text(json.dumps({"host": host, "pid": 1}))  # alive, start unknown: kept, with the way out
+    with pytest.raises(ck.LockError, match=r"another training \(pid 1 on .*; if none does, remove that file\)"):
+        ck.RunLock(tmp_path).acquire()
 
 
 def test_lock_removes_only_the_empty_folders_it_made(tmp_path):

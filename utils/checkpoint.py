@@ -19,7 +19,7 @@ import torch.nn as nn
 from prettytable import PrettyTable
 
 from pips2.utils.paths import make_dirs, remove_empty_dirs
-from pips2.utils.procs import pid_alive
+from pips2.utils.procs import pid_alive, process_start
 from pips2.utils.safe_load import UnsafeFileError, open_zip, pickle_objects_problem
 
 CKPT_RE = re.compile(r"^model-(\d+)\.pth$")
@@ -392,16 +392,23 @@ def clean_stale_temps(folder: str | os.PathLike) -> list[Path]:
     return removed
 
 
-class RunLock:
-    """A lock file in a checkpoint folder holding the owner's host and pid, so two runs never share a folder.
+# Locks this process holds: a lock naming this process's pid that it does not hold is another process's.
+_HELD_HERE: set[Path] = set()
 
-    A lock whose pid is dead on this host is taken over; a live or foreign-host owner raises LockError.
+
+class RunLock:
+    """A lock file in a checkpoint folder holding the owner's host, pid and start time, so two runs never share a
+    folder.
+
+    A lock of this host whose process is gone is taken over: its pid is dead, or names another process now (a
+    different start time), or is this process's own without this process holding it (a container restarted after
+    SIGKILL gets the same pid 1 and hostname). A live or foreign-host owner raises LockError.
     """
 
     def __init__(self, folder: str | os.PathLike):
         self.folder = Path(folder)
         self.path = self.folder / LOCK_NAME
-        self.me = {"host": socket.gethostname(), "pid": os.getpid()}
+        self.me = {"host": socket.gethostname(), "pid": os.getpid(), "start": process_start(os.getpid())}
         self.held = False
         self.made: list[Path] = []  # folders acquire() created: removed again by release() if left empty
 
@@ -422,7 +429,13 @@ class RunLock:
         return True
 
     def _dead(self, owner: dict) -> bool:
-        return owner.get("host") == self.me["host"] and not pid_alive(int(owner["pid"]))
+        if owner.get("host") != self.me["host"]:
+            return False
+        pid = int(owner["pid"])
+        if pid == os.getpid():
+            return self.path.resolve() not in _HELD_HERE
+        start = owner.get("start")
+        return not pid_alive(pid) or (isinstance(start, int) and process_start(pid) not in (None, start))
 
     def acquire(self) -> RunLock:
         """Take the lock or raise LockError naming the folder and the owner."""
@@ -430,6 +443,7 @@ class RunLock:
         for _ in range(5):
             if self._create():
                 self.held = True
+                _HELD_HERE.add(self.path.resolve())
                 return self
             owner = self._read(self.path)
             if owner is None:
@@ -439,7 +453,7 @@ class RunLock:
                                 f"writes into this folder")
             if not self._dead(owner):
                 raise LockError(f"{self.folder}: another training (pid {owner['pid']} on {owner.get('host')}) "
-                                f"writes checkpoints here (lock {self.path.name})")
+                                f"writes checkpoints here (lock {self.path.name}; if none does, remove that file)")
             # move the stale lock aside atomically, so of two runs taking it over only one wins
             aside = self.path.with_name(f"{LOCK_NAME}.stale.{os.getpid()}")
             try:
@@ -464,6 +478,8 @@ class RunLock:
         if self.held and self._read(self.path) == self.me:
             self.path.unlink(missing_ok=True)
             remove_empty_dirs(self.made)
+        if self.held:
+            _HELD_HERE.discard(self.path.resolve())
         self.held = False
 
     def __enter__(self) -> RunLock:

@@ -127,6 +127,15 @@ def pid_alive(pid: int) -> bool:
         return True
 
 
+def process_start(pid: int) -> int | None:
+    """When a process of this host started (clock ticks since boot, /proc/<pid>/stat), or None where that cannot
+    be read: with its pid it names one process even after the pid is reused (a restarted container's pid 1)."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def is_space_error(exc: BaseException) -> bool:
     """Whether ENOSPC/EDQUOT (or ffmpeg's 'No space left') appears anywhere in the exception's chain."""
     e: BaseException | None = exc
