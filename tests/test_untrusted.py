@@ -1,6 +1,7 @@
 """Untrusted data files never run code: crafted pickles, .npy and .npz are refused with one line naming the file."""
 
 import collections
+import io
 import os
 import pickle
 import re
@@ -936,3 +937,50 @@ def test_keys_whose_hashes_collide_are_refused_before_unpickling(tmp_path, keys)
         fine = {"text": dict.fromkeys(str(i) for i in range(20_000)), "ints": dict.fromkeys(range(20_000)),
                 "text tuples": dict.fromkeys((str(i), "x") for i in range(20_000))}
         assert load_pickle(_dump(tmp_path / "fine.pkl", fine, 4)) == fine
+
+
+# numpy.ndarray called by the file: REDUCE and NEWOBJ forms (round three of the red team)
+_NDARRAY_CALLS = {
+    # 28 bytes: ndarray((2**29,)) by NEWOBJ, a 4 GiB uninitialised array at once
+    "newobj": b"\x80\x02cnumpy\nndarray\nJ\x00\x00\x00\x20\x85\x81.",
+    "reduce": b"\x80\x02cnumpy\nndarray\nJ\x00\x00\x00\x20\x85R.",
+    # ndarray((), dtype('O8'), b'AAAAAAAA'): an object array whose item pointer is the file's bytes
+    "object over bytes": (b"\x80\x02cnumpy\nndarray\n)cnumpy\ndtype\nX\x02\x00\x00\x00O8\x89\x88\x87R"
+                          b"C\x08AAAAAAAA\x87R."),
+    # dtype with other arguments than numpy's own ('f8', False, True): here a 10-digit void size
+    "dtype call": b"\x80\x02cnumpy\ndtype\nX\x0b\x00\x00\x00V1000000000\x89\x88\x87R.",
+}
+
+
+@pytest.mark.parametrize("case", list(_NDARRAY_CALLS))
+def test_a_pickle_cannot_call_numpy_ndarray_or_dtype(tmp_path, case):
+    """numpy's pickles only name ndarray as _reconstruct's argument and call dtype('f8', False, True); the real
+    class, callable by the file, allocated any shape uninitialised, or laid an object dtype over the file's bytes
+    (a crash on first access: the item pointer 0x4141414141414141)."""
+    path = tmp_path / "x.pkl"
+    path.write_bytes(_NDARRAY_CALLS[case])
+    res = _load_in_child(path)
+    assert res.returncode == 0, f"the reader died ({res.returncode}): {res.stderr[-300:]}"
+    line = res.stdout.strip()
+    assert line.startswith(f"{path}: refused: pickle wants ") and "\n" not in line, line
+    want = {"newobj": "NEWOBJ", "dtype call": "numpy.dtype("}.get(case, "numpy.ndarray called")
+    assert want in line
+
+
+def test_a_kubric_npy_of_a_forged_object_array_is_refused(tmp_path):
+    """A 90-byte .npy: an object-dtype header, then a pickle calling ndarray over 8 bytes of the file; the training
+    loader's arr.item() dereferenced them (SIGSEGV)."""
+    import numpy.lib.format as fmt
+
+    buf = io.BytesIO()
+    fmt.write_array_header_1_0(buf, {"descr": "|O", "fortran_order": False, "shape": ()})
+    path = tmp_path / "seq0.npy"
+    path.write_bytes(buf.getvalue() + _NDARRAY_CALLS["object over bytes"])
+    code = ("import sys\nfrom pips2.utils.safe_load import UnsafeFileError, load_npy\n"
+            "try:\n    print(load_npy(sys.argv[1]).item())\nexcept UnsafeFileError as e:\n    print(e)\n")
+    res = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, f"the reader died ({res.returncode}): {res.stderr[-300:]}"
+    assert "refused" in res.stdout and "numpy.ndarray called" in res.stdout, res.stdout
+    legit = tmp_path / "ok.npy"
+    np.save(legit, np.array({"coords": np.zeros((2, 3), np.float32)}, dtype=object), allow_pickle=True)
+    assert load_npy(legit).item()["coords"].shape == (2, 3)

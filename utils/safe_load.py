@@ -13,6 +13,7 @@ import math
 import os
 import pickle
 import pickletools
+import re
 import zipfile
 from collections.abc import Callable, Collection
 from pathlib import Path
@@ -87,6 +88,26 @@ def _bytearray(data: bytes = b"") -> bytearray:
     return bytearray(data)
 
 
+class _NdarrayName:
+    """numpy.ndarray as numpy's pickles name it: the type argument of _reconstruct, never called. Called (REDUCE),
+    the real class would allocate any shape uninitialised, or lay an object dtype over bytes of the file (item
+    pointers the file chose: a crash, or worse, on first access)."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        raise _Refused("numpy.ndarray called (numpy's pickles only pass it to _reconstruct)")
+
+
+_NDARRAY = _NdarrayName()
+_DTYPE_SPEC = re.compile(r"[a-zA-Z]\d{0,7}")
+
+
+def _dtype(spec: Any, align: Any = False, copy: Any = True) -> np.dtype:
+    """numpy.dtype as numpy's pickles call it, dtype('f8', False, True), its state set by BUILD; nothing else."""
+    if not (isinstance(spec, str) and _DTYPE_SPEC.fullmatch(spec) and align is False and copy is True):
+        raise _Refused(f"numpy.dtype{(spec, align, copy)!r} (numpy's pickles call it as dtype('f8', False, True))")
+    return np.dtype(spec, align, copy)
+
+
 def _numpy_globals() -> dict[tuple[str, str], Any]:
     """The globals numpy's own pickles reference, under both the numpy 1.x (numpy.core) and 2.x module names."""
     from numpy._core import multiarray, numeric
@@ -94,14 +115,14 @@ def _numpy_globals() -> dict[tuple[str, str], Any]:
     def reconstruct(subtype: Any, shape: Any, dtype: Any) -> np.ndarray:
         # numpy pickles an array as an empty one, _reconstruct(ndarray, (0,), b'b'), then sets its state (whose
         # data must match its shape); any other shape would allocate whatever size the file names
-        if subtype is not np.ndarray or not isinstance(shape, tuple) or shape != (0,):
-            raise _Refused(f"numpy _reconstruct of {getattr(subtype, '__name__', subtype)} {shape!r} (numpy "
-                           f"writes an empty ndarray there)")
-        arr = multiarray._reconstruct(subtype, shape, dtype)
+        if subtype is not _NDARRAY or not isinstance(shape, tuple) or shape != (0,):
+            name = "ndarray" if subtype is _NDARRAY else getattr(subtype, "__name__", subtype)
+            raise _Refused(f"numpy _reconstruct of {name} {shape!r} (numpy writes an empty ndarray there)")
+        arr = multiarray._reconstruct(np.ndarray, shape, dtype)
         assert isinstance(arr, np.ndarray)  # subtype is np.ndarray (checked above); numpy's stub says object
         return arr
 
-    out: dict[tuple[str, str], Any] = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype}
+    out: dict[tuple[str, str], Any] = {("numpy", "ndarray"): _NDARRAY, ("numpy", "dtype"): _dtype}
     for core in ("numpy.core", "numpy._core"):
         out[(f"{core}.multiarray", "_reconstruct")] = reconstruct
         out[(f"{core}.multiarray", "scalar")] = multiarray.scalar
@@ -308,6 +329,13 @@ class _RestrictedUnpickler(pickle._Unpickler):
         inst.__setstate__(state)  # pyright: ignore[reportAttributeAccessIssue]  # numpy's stub lacks dtype.__setstate__
 
     dispatch[pickle.BUILD[0]] = load_build
+
+    def load_newobj(self) -> None:
+        """NEWOBJ and NEWOBJ_EX build objects of classes; none of the allowed globals is pickled that way."""
+        raise _Refused("an object built by NEWOBJ")
+
+    dispatch[pickle.NEWOBJ[0]] = load_newobj
+    dispatch[pickle.NEWOBJ_EX[0]] = load_newobj
 
     def find_class(self, module: str, name: str) -> Any:
         """The allowed object for module.name, or _Refused naming what the file asked for."""
