@@ -10,23 +10,39 @@ import cv2
 import numpy as np
 
 from pips2.utils.safe_load import UnsafeFileError, load_pickle
-from pips2.utils.video import image_pixels_problem
+from pips2.utils.video import image_pixels_problem, image_wh
 
 
 class TapVidError(ValueError):
     """A TAP-Vid file that cannot be used; str(e) is one line naming the file and the problem."""
 
 
+# A video of encoded frames (the Kinetics pickles) is decoded whole: TAP-Vid's are at most ~0.1 GB decoded (250
+# frames of 256x256; DAVIS 480p). One 33 KB JPEG referenced 2,000 times by a 670 KB pickle decoded toward 11.6 GB.
+MAX_DECODED_VIDEO_BYTES = 2 << 30
+NORMALISED_SLACK = 0.5  # a visible point may lie this far (fractions of the frame) outside [0, 1]
+
+
 def _decode_video(video, where: str) -> np.ndarray:
     """(T,H,W,3) uint8 from an array or a list of JPEG/PNG bytes (the Kinetics pickles)."""
     if isinstance(video, np.ndarray) and video.dtype == np.uint8 and video.ndim == 4:
         return video
-    frames = []
-    for t, f in enumerate(video):
+    total = 0
+    for t, f in enumerate(video):  # every header first: the decoded size is known before anything is decoded
         if isinstance(f, (bytes, bytearray, np.bytes_)):
             problem = image_pixels_problem(bytes(f))  # from the header: a decoder allocates what it declares
             if problem:
                 raise TapVidError(f"{where}: frame {t}: {problem}")
+            w, h = image_wh(bytes(f)) or (0, 0)
+            total += w * h * 3
+        else:
+            total += np.asarray(f).nbytes
+        if total > MAX_DECODED_VIDEO_BYTES:
+            raise TapVidError(f"{where}: its {len(video)} frames decode to more than {MAX_DECODED_VIDEO_BYTES} bytes "
+                              f"(frames 0..{t} already do); TAP-Vid's videos take at most ~0.1 GB")
+    frames = []
+    for t, f in enumerate(video):
+        if isinstance(f, (bytes, bytearray, np.bytes_)):
             img = cv2.imdecode(np.frombuffer(f, np.uint8), cv2.IMREAD_COLOR)
             if img is None:
                 raise TapVidError(f"{where}: frame {t} is not a decodable image")
@@ -76,6 +92,13 @@ def _check_entry(item, where: str) -> None:
         n, t = np.argwhere(bad)[0]
         raise TapVidError(f"{where}: non-finite point position where it is visible (point {n}, frame {t}; "
                           f"{int(bad.sum())} such entries)")
+    # TAP-Vid stores positions as fractions of the frame; an entry converted in pixels passed, then track()
+    # refused its queries as far outside the image and the whole run ended there
+    seen = pts[~occ.astype(bool)]
+    if seen.size and (seen.min() < -NORMALISED_SLACK or seen.max() > 1 + NORMALISED_SLACK):
+        raise TapVidError(f"{where}: points are not normalised to [0, 1] where visible (x from {seen[:, 0].min():.4g} "
+                          f"to {seen[:, 0].max():.4g}, y from {seen[:, 1].min():.4g} to {seen[:, 1].max():.4g}): "
+                          f"TAP-Vid stores them as fractions of the frame's width and height")
     if pts.shape[1] != T:
         raise TapVidError(f"{where}: video has {T} frames but points have {pts.shape[1]}")
 

@@ -370,8 +370,14 @@ def _tap_entries() -> dict:
     nan_query["points"][2, 0] = np.nan  # point 2 is visible in frame 0: a query there
     short = _entry(seed=4)
     short["occluded"] = short["occluded"][:, :7]
+    pixels = _entry(seed=7)  # converted without normalising: the run ended in track()'s refusal of its queries
+    pixels["points"] = pixels["points"] * np.float32([159, 127])
+    huge = _entry(seed=8)  # one flat 1080p JPEG referenced 400 times (pickled once): 2.5 GB when decoded
+    flat = cv2.imencode(".jpg", np.zeros((1080, 1920, 3), np.uint8))[1].tobytes()
+    huge["video"] = [flat] * 400
+    huge["points"], huge["occluded"] = np.zeros((6, 400, 2), np.float32), np.zeros((6, 400), bool)
     return {"a": _entry(seed=0), "bad_jpeg": bad_jpeg, "odd": odd, "nan_query": nan_query, "c": _entry(seed=5),
-            "short": short}
+            "short": short, "pixels": pixels, "huge": huge}
 
 
 def test_test_on_tap_skips_damaged_videos_and_files_and_scores_the_others(tmp_path, ckpt, capsys):
@@ -390,7 +396,9 @@ def test_test_on_tap_skips_damaged_videos_and_files_and_scores_the_others(tmp_pa
     js = json.loads(out.read_text())
     assert list(js["per_item"]) == ["a", "c", "part_2_0000"] and js["complete"]
     reasons = {s["name"]: s["reason"] for s in js["skipped"]}
-    assert list(reasons) == ["bad_jpeg", "odd", "nan_query", "short", "part_1.pkl"]
+    assert list(reasons) == ["bad_jpeg", "odd", "nan_query", "short", "pixels", "huge", "part_1.pkl"]
+    assert "entry pixels: points are not normalised to [0, 1] where visible (x from" in reasons["pixels"]
+    assert "entry huge: its 400 frames decode to more than 2147483648 bytes" in reasons["huge"]
     assert reasons["bad_jpeg"].endswith("entry bad_jpeg: frame 5: unreadable image")
     assert "entry odd: points is float32 (6, 10, 3)" in reasons["odd"]
     assert reasons["nan_query"].endswith(
@@ -398,7 +406,7 @@ def test_test_on_tap_skips_damaged_videos_and_files_and_scores_the_others(tmp_pa
     assert "entry short: occluded is bool (6, 7)" in reasons["short"]
     assert str(root / "part_1.pkl") in reasons["part_1.pkl"] and "not a readable pickle" in reasons["part_1.pkl"]
     assert all("\n" not in r for r in reasons.values())
-    assert "summary: 3 videos scored, 5 skipped" in res.stdout
+    assert "summary: 3 videos scored, 7 skipped" in res.stdout
 
 
 def test_test_on_tap_folder_without_a_usable_video_is_one_line(tmp_path, capsys):

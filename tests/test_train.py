@@ -264,6 +264,19 @@ def test_kubric_layout_and_window(tmp_path):
         KubricDataset(str(tmp_path), S=25)
 
 
+def test_a_kubric_sequence_too_large_to_decode_is_refused_from_its_first_header(tmp_path, monkeypatch):
+    """Every frame of a sequence is decoded before its sample is cut: 150 flat 1080p PNGs (1.4 MB of files) took
+    2 GB. The decoded size is judged from the first frame's header and the frame count."""
+    from pips2.datasets import kubric
+
+    _kubric(tmp_path, n_seq=1, frames=12, size=128)
+    monkeypatch.setattr(kubric, "MAX_SEQUENCE_BYTES", 12 * 128 * 128 * 3 - 1)
+    with pytest.raises(ValueError, match=r"seq0000: 12 frames of 128x128 decode to more than 589823 bytes"):
+        kubric.KubricDataset(str(tmp_path), S=10, N=16, crop_hw=(128, 128)).load(0)
+    monkeypatch.setattr(kubric, "MAX_SEQUENCE_BYTES", 12 * 128 * 128 * 3)
+    assert kubric.KubricDataset(str(tmp_path), S=10, N=16, crop_hw=(128, 128)).load(0)[0].shape == (12, 128, 128, 3)
+
+
 def test_kubric_samples_get_the_occlusion_boxes_at_the_source_size(tmp_path, monkeypatch):
     from pips2.datasets.kubric import KubricDataset
     from pips2.utils import augment

@@ -375,3 +375,16 @@ def test_a_manifest_that_names_other_files_is_never_read_as_one(tmp_path, clip):
     with pytest.raises(VideoError):
         list(iter_frames(manifest))
     assert FFMPEG_INPUT[0] == "-format_whitelist" and count_frames(path) == 9  # a real video still reads
+
+
+def test_an_image_file_larger_than_any_frame_is_refused_before_it_is_read(tmp_path):
+    """read_rgb read the whole file before its header: a sparse 6 GB rgb_00003.jpg (0 bytes on disk) took 6.3 GB
+    of memory, in every export worker, and failed as an empty "MemoryError:"."""
+    from pips2.utils.video import MAX_IMAGE_FILE_BYTES
+
+    big = tmp_path / "rgb_00003.jpg"
+    with open(big, "wb") as f:
+        f.write(b"\xff\xd8\xff")
+        f.truncate(6 << 30)
+    with pytest.raises(VideoError, match=rf"rgb_00003.jpg: {6 << 30} bytes, more than the {MAX_IMAGE_FILE_BYTES} an "):
+        read_rgb(big)

@@ -113,20 +113,37 @@ def image_truncation(path: str | os.PathLike) -> str | None:
 # The frames the project reads are far smaller (PointOdyssey 960x540, Kubric 512x512, CroHD 1920x1080), while a
 # 20000x20000 header in a few hundred bytes of PNG would make the decoder allocate 1.2 GB.
 MAX_IMAGE_PIXELS = 7680 * 4320
+# An image file is read whole before its header is judged: no encoding of MAX_IMAGE_PIXELS needs more than an
+# uncompressed RGBA 8K frame (133 MB). A sparse 6 GB rgb_00003.jpg (0 bytes on disk) cost 6.3 GB of memory.
+MAX_IMAGE_FILE_BYTES = 256 << 20
+
+
+def _header_size(data: bytes) -> tuple[int, int] | str:
+    """(width, height) of an encoded image from its header (Pillow, nothing decoded), or why it has none."""
+    try:
+        with warnings.catch_warnings():  # Pillow's own, higher, bound warns or raises: the one here decides
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as im:
+                return im.size
+    except Image.DecompressionBombError:
+        return f"image larger than {MAX_IMAGE_PIXELS} pixels"
+    except Exception:
+        return "unreadable image"
+
+
+def image_wh(data: bytes) -> tuple[int, int] | None:
+    """(width, height) of an encoded image from its header, or None if it has no readable one."""
+    size = _header_size(data)
+    return None if isinstance(size, str) else size
 
 
 def image_pixels_problem(data: bytes) -> str | None:
     """Why an encoded image may not be decoded, from its header alone: its size is beyond MAX_IMAGE_PIXELS, or
     no header can be read (a format whose size cannot be known before decoding); None if it may."""
-    try:
-        with warnings.catch_warnings():  # Pillow's own, higher, bound warns or raises: the one here decides
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as im:
-                w, h = im.size
-    except Image.DecompressionBombError:
-        return f"image larger than {MAX_IMAGE_PIXELS} pixels"
-    except Exception:
-        return "unreadable image"
+    size = _header_size(data)
+    if isinstance(size, str):
+        return size
+    w, h = size
     if w * h > MAX_IMAGE_PIXELS:
         return f"image of {w}x{h} pixels, larger than {MAX_IMAGE_PIXELS}"
     return None
@@ -173,6 +190,10 @@ def read_rgb(path: str | os.PathLike) -> np.ndarray:
     if not_regular_file(path):  # a FIFO's open() waits for a writer: forever in a scene folder
         raise VideoError(f"{path}: not a regular file")
     try:
+        size = os.stat(path).st_size
+        if size > MAX_IMAGE_FILE_BYTES:
+            raise VideoError(f"{path}: {size} bytes, more than the {MAX_IMAGE_FILE_BYTES} an image file of at most "
+                             f"{MAX_IMAGE_PIXELS} pixels needs")
         data = Path(path).read_bytes()
     except OSError as e:
         raise VideoError(f"{path}: unreadable image ({e.strerror or e})") from None
