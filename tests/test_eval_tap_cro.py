@@ -371,7 +371,7 @@ def _tap_entries() -> dict:
     short = _entry(seed=4)
     short["occluded"] = short["occluded"][:, :7]
     pixels = _entry(seed=7)  # converted without normalising: the run ended in track()'s refusal of its queries
-    pixels["points"] = pixels["points"] * np.float32([159, 127])
+    pixels["points"] = pixels["points"] * np.array([159, 127], np.float32)
     huge = _entry(seed=8)  # one flat 1080p JPEG referenced 400 times (pickled once): 2.5 GB when decoded
     flat = cv2.imencode(".jpg", np.zeros((1080, 1920, 3), np.uint8))[1].tobytes()
     huge["video"] = [flat] * 400
