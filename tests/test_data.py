@@ -139,13 +139,25 @@ def test_synthetic_refuses_other_settings_into_the_same_folder(tmp_path, capsys)
     (dict(W=100000, H=100000), "W x H at most"),
     (dict(n_points=-1), "--n_points must be between 3 and 131072, got -1"),
     (dict(n_points=0), "--n_points must be between 3"), (dict(T=100000, n_points=100000), "--T x --n_points"),
-    (dict(n_objects=-1), "--n_objects must be at least 0"), (dict(train=0), "nothing to write"),
-    (dict(val=-2), "--val must be at least 0, got -2")])
+    (dict(n_objects=-1), "--n_objects must be from 0 to 250"), (dict(train=0), "nothing to write"),
+    (dict(val=-2), "--val must be at least 0, got -2"),
+    # a 1e9-pixel shift hung in OpenCV's reflected border; n_objects 100000 and seed -1 were tracebacks
+    (dict(cam_speed=1e9), "--cam_speed must be a number of pixels per frame from -512 to 512"),
+    (dict(obj_speed=float("nan")), "--obj_speed must be a number of pixels per frame"),
+    (dict(n_objects=100000), "--n_objects must be from 0 to 250, got 100000"),
+    (dict(seed=-1), "--seed must be from 0 to 4294967295, got -1")])
 def test_synthetic_bad_flags_are_one_line_and_write_nothing(tmp_path, capsys, flags, msg):
     code, _, err = _synth(capsys, tmp_path / "syn", **flags)
     assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
     assert msg in err
     assert not (tmp_path / "syn").exists()
+
+
+def test_synthetic_out_that_is_a_file_is_one_line(tmp_path, capsys):
+    (tmp_path / "afile").write_text("mine")
+    code, _, err = _synth(capsys, tmp_path / "afile")
+    assert code == 2 and err.strip() == f"error: --out={tmp_path / 'afile'} is not a folder"
+    assert (tmp_path / "afile").read_text() == "mine"
 
 
 def test_synthetic_smallest_scene_has_tracks(tmp_path, capsys):

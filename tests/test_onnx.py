@@ -67,3 +67,14 @@ def test_cli_flags_out_of_range_are_one_line_before_the_model_loads(tmp_path, ca
                    out=str(tmp_path / "r.onnx"), **flags)
     assert res.returncode == 2 and res.stderr.strip() == line, res
     assert not list(tmp_path.iterdir())
+
+
+def test_cli_out_that_cannot_be_written_is_one_line_before_the_model_loads(tmp_path, capsys):
+    """A folder or a missing folder as --out were tracebacks, the second after the whole export had run."""
+    from helpers import run_main
+
+    for out, line in ((tmp_path, f"error: --out={tmp_path} is a folder; name the .onnx file to write"),
+                      (tmp_path / "no" / "x.onnx", f"error: --out={tmp_path / 'no' / 'x.onnx'}: no such folder "
+                                                   f"{tmp_path / 'no'}")):
+        res = run_main(export_onnx.main, capsys, init_dir=str(tmp_path / "no_such_checkpoint"), out=str(out))
+        assert res.returncode == 2 and res.stderr.strip() == line, res

@@ -328,6 +328,7 @@ def test_unknown_amp_is_one_line(exported, tmp_path):
     ({"lr": "inf"}, "--lr must be a finite number, got 'inf'"),
     ({"lr": float("inf")}, "--lr must be a finite number, got inf"),  # --lr=1e999
     ({"lr": 0}, "--lr must be positive, got 0"),
+    ({"lr": 1e39}, "--lr must be at most 1 (the authors train with 5e-4), got 1e+39"),  # overflowed inside Adam
     ({"wd": -1e-3}, "--wd must be at least 0, got -0.001"),
     ({"grad_clip": float("nan")}, "--grad_clip must be a finite number, got nan"),
     ({"B": -1}, "--B must be at least 1, got -1"),

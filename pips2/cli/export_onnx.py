@@ -53,12 +53,18 @@ def export(model, out: str | Path, S: int, model_hw: tuple[int, int], iters: int
 MAX_S, MAX_SIDE = 256, 2048
 
 
-def check_flags(S: int, H: int, W: int, iters: int) -> None:
-    """ValueError naming the first of --S, --H, --W, --iters out of its range (before the model loads)."""
+def check_flags(S: int, H: int, W: int, iters: int, out: str | None = None) -> None:
+    """ValueError naming the first of --S, --H, --W, --iters out of its range, or an --out that cannot be written
+    (a folder, a missing folder), before the model loads."""
     for name, v, low, high in (("S", S, 2, MAX_S), ("H", H, MIN_SIZE, MAX_SIDE), ("W", W, MIN_SIZE, MAX_SIDE),
                                ("iters", iters, 1, MAX_ITERS)):
         if not low <= v <= high:
             raise ValueError(f"--{name} must be from {low} to {high}, got {v}")
+    if out is not None:
+        if Path(out).is_dir():
+            raise ValueError(f"--out={out} is a folder; name the .onnx file to write")
+        if not Path(out).parent.is_dir():
+            raise ValueError(f"--out={out}: no such folder {Path(out).parent}")
 
 
 ONNX_FACTOR, ONNX_FLOOR = 4.0, 1e-3  # onnxruntime may be this many times as far from float64 as PyTorch's float32
@@ -99,7 +105,7 @@ def main(init_dir: str = "./reference_model", out: str = "pips2.onnx", S: int = 
          iters: int = 6, verify: bool = True) -> None:
     """Export, then (by default) compare onnxruntime with PyTorch at two values of N."""
     try:
-        check_flags(S, H, W, iters)
+        check_flags(S, H, W, iters, out)
         model = load_model(init_dir, "cpu", kind="pips2")
     except (ValueError, CheckpointError) as e:
         die(e)

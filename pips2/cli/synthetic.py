@@ -5,6 +5,9 @@
 
 from __future__ import annotations
 
+import math
+from pathlib import Path
+
 from pips2.datasets.pointodyssey import MAX_TRACK_ENTRIES, MAX_TRACKS
 from pips2.datasets.synthetic import SceneConfig, generate_dataset, record_settings
 from pips2.utils.cli import die, run_fire
@@ -13,9 +16,12 @@ from pips2.utils.video import MAX_IMAGE_PIXELS
 MIN_SIDE = 8  # pixels: an object is at least 8 px; the export crops and the models resize, so any size loads
 MIN_T = 2  # frames: a track needs two; the scripts' windows overlap by one frame
 MIN_POINTS = 3  # 2/5 of the points go to the background: fewer give no tracked point at all
+MAX_OBJECTS = 250  # the scene's label map is uint8, background and objects each one label
+MAX_SEED = 2**32 - 1  # numpy's generators take seeds from 0
 
 
-def check_flags(W: int, H: int, T: int, n_points: int, n_objects: int, counts: dict[str, int]) -> None:
+def check_flags(W: int, H: int, T: int, n_points: int, n_objects: int, counts: dict[str, int],
+                cam_speed: float = 3.0, obj_speed: float = 4.0, seed: int = 0, out: str | None = None) -> None:
     """ValueError naming the first flag out of range: a scene the project's loader accepts, with frames and
     tracks (sizes within utils/video.MAX_IMAGE_PIXELS, tracks within datasets/pointodyssey's bounds)."""
     if min(W, H) < MIN_SIDE or W * H > MAX_IMAGE_PIXELS:
@@ -28,8 +34,18 @@ def check_flags(W: int, H: int, T: int, n_points: int, n_objects: int, counts: d
     if T * n_points > MAX_TRACK_ENTRIES:
         raise ValueError(f"--T x --n_points must be at most {MAX_TRACK_ENTRIES} (what a scene may hold), "
                          f"got {T} x {n_points}")
-    if n_objects < 0:
-        raise ValueError(f"--n_objects must be at least 0, got {n_objects}")
+    if not 0 <= n_objects <= MAX_OBJECTS:
+        raise ValueError(f"--n_objects must be from 0 to {MAX_OBJECTS}, got {n_objects}")
+    # pixels per frame: beyond the frame's size every frame is unrelated to the last, and OpenCV's reflected
+    # border folded a 1e9-pixel shift pixel by pixel (it never finished)
+    for name, speed in (("cam_speed", cam_speed), ("obj_speed", obj_speed)):
+        if not (math.isfinite(speed) and abs(speed) <= max(W, H)):
+            raise ValueError(f"--{name} must be a number of pixels per frame from -{max(W, H)} to {max(W, H)} (the "
+                             f"frame's larger side), got {speed:g}")
+    if not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"--seed must be from 0 to {MAX_SEED}, got {seed}")
+    if out is not None and Path(out).exists() and not Path(out).is_dir():
+        raise ValueError(f"--out={out} is not a folder")
     for name, count in counts.items():
         if count < 0:
             raise ValueError(f"--{name} must be at least 0, got {count}")
@@ -44,7 +60,7 @@ def main(out: str = "./synthetic_pod", train: int = 8, val: int = 0, test: int =
     <out>/settings.json records the settings and another set of them into the same --out is refused."""
     counts = dict(train=train, val=val, test=test, sample=sample)
     try:
-        check_flags(W, H, T, n_points, n_objects, counts)
+        check_flags(W, H, T, n_points, n_objects, counts, cam_speed, obj_speed, seed, out)
         cfg = SceneConfig(W=W, H=H, T=T, n_objects=n_objects, n_points=n_points, cam_speed=cam_speed,
                           obj_speed=obj_speed)
         record_settings(out, dict(W=W, H=H, T=T, n_objects=n_objects, n_points=n_points, cam_speed=cam_speed,

@@ -60,6 +60,7 @@ MINIMUM = {"B": 1, "S": 2, "N": 1, "iters": 1, "max_steps": 1, "save_freq": 1, "
            "grad_acc": 1, "max_nan_steps": 1, "eval_videos": 1, "memory_size": 1, "embed_dim": 1, "keep_latest": 0,
            "cache_len": 0, "workers": 0, "seed": 0}
 MAX_SEED = 2**32 - 1  # numpy's global seed takes 32 bits
+MAX_LR = 1.0
 # the authors' flag names -> Config's fields: --max_iters is an alias of our --max_steps; --crop_size is the one
 # flag of crop_hw, a field named for what it holds (docs/ARCHITECTURE.md, "Names")
 ALIASES = {"max_iters": "max_steps", "crop_size": "crop_hw"}
@@ -115,6 +116,8 @@ def check_values(values: dict) -> dict:
     for name in ("lr", "grad_clip"):
         if name in out and out[name] <= 0:
             raise ValueError(f"--{name} must be positive, got {out[name]:g}")
+    if out.get("lr", 0.0) > MAX_LR:  # 1e39 overflowed float32 inside Adam after the first step: a traceback
+        raise ValueError(f"--lr must be at most {MAX_LR:g} (the authors train with 5e-4), got {out['lr']:g}")
     if out.get("wd", 0.0) < 0:
         raise ValueError(f"--wd must be at least 0, got {out['wd']:g}")
     return out
