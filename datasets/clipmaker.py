@@ -33,6 +33,12 @@ def scene_frames(dataset_location: str | Path, split: str) -> dict[str, int]:
     return {scene.name: len(pod.frame_files(scene)) for scene in pod.list_scenes(dataset_location, split)}
 
 
+def scene_fingerprints(dataset_location: str | Path, split: str) -> dict[str, str]:
+    """Each scene's annotation fingerprint (pointodyssey.annotation_fingerprint), by name: a data set regenerated
+    or re-released at the same path keeps its names and frame counts but not these."""
+    return {scene.name: pod.annotation_fingerprint(scene) for scene in pod.list_scenes(dataset_location, split)}
+
+
 def enumerate_candidates(dataset_location: str | Path, st: ClipSettings, frames: dict[str, int] | None = None
                          ) -> list[Candidate]:
     """Every (scene, start, stride) clip of the split, in a fixed order (shuffled by the seed if asked).

@@ -5,6 +5,7 @@ A scene or clip that cannot be used raises `SkipItem` with a short reason; calle
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 import warnings
@@ -15,7 +16,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from pips2.utils.safe_load import UnsafeFileError, load_npz
+from pips2.utils.safe_load import MAX_NPZ_MEMBERS, UnsafeFileError, load_npz, open_zip
 from pips2.utils.video import MAX_IMAGE_PIXELS, VideoError, not_regular_file, read_rgb
 
 FRAME_RE = re.compile(r"^rgb_(\d+)\.(jpg|jpeg|png)$")
@@ -141,6 +142,21 @@ def _value_problem(key: str, a: np.ndarray) -> str | None:
         t, n = np.argwhere(bad)[0]
         return f"holds {a[t, n]!r} at frame {t}, track {n}; only {', '.join(map(str, allowed))} are allowed"
     return None
+
+
+def annotation_fingerprint(scene: Path) -> str:
+    """What changes with a scene's annotations, read cheaply: each member's name, CRC-32 and size from the zip
+    directory of its anno.npz (or annotations.npz), hashed; "" when it has none or they cannot be read (the
+    scene is then skipped by the export for that reason)."""
+    found = [scene / name for name, _ in _FORMATS if (scene / name).is_file()]
+    if not found:
+        return ""
+    try:
+        with open(found[0], "rb") as fh, open_zip(found[0], fh, MAX_NPZ_MEMBERS) as zf:
+            listing = [f"{i.filename}:{i.CRC:08x}:{i.file_size}" for i in zf.infolist()]
+    except (OSError, UnsafeFileError):
+        return ""
+    return hashlib.sha256("\n".join([found[0].name, *listing]).encode()).hexdigest()[:16]
 
 
 def load_annotations(scene: Path, require_3d: bool = False, num_frames: int | None = None

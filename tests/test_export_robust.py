@@ -416,8 +416,10 @@ def test_another_data_set_into_the_same_folder_is_refused(synth_root, tmp_path):
     first = run_export(synth_root, tmp_path / "out", "--max_clips=2")
     vdir = _version(tmp_path / "out")
     src = _settings(vdir)["source"]
-    assert src == {"dataset_location": str(Path(synth_root).resolve()),
-                   "scenes": {"synth_0000": 24, "synth_0001": 24, "synth_0002": 24}}, first.stdout
+    assert src["dataset_location"] == str(Path(synth_root).resolve()), first.stdout
+    assert src["scenes"] == {"synth_0000": 24, "synth_0001": 24, "synth_0002": 24}
+    assert sorted(src["annotations"]) == sorted(src["scenes"])
+    assert all(len(v) == 16 for v in src["annotations"].values())
     before = sorted(p.name for p in vdir.iterdir())
     second = run_export(other, tmp_path / "out", "--max_clips=4", check=False)
     assert second.returncode == 2
@@ -426,6 +428,39 @@ def test_another_data_set_into_the_same_folder_is_refused(synth_root, tmp_path):
     assert sorted(p.name for p in vdir.iterdir()) == before
     again = run_export(synth_root, tmp_path / "out", "--max_clips=3")  # the same source goes on
     assert "already there 2" in again.stdout and "written 1" in again.stdout
+
+
+def test_a_data_set_regenerated_at_the_same_path_is_refused(tmp_path):
+    """Names and frame counts were all the source recorded: a data set regenerated (or re-released with fixed
+    annotations) at the same path resumed into the old export, "already there 2, written 2", two data sets
+    mixed. Each scene's annotation fingerprint (its anno.npz members' CRCs) is recorded too."""
+    import json
+    import shutil
+
+    from pips2.datasets.synthetic import SceneConfig, generate_dataset
+
+    cfg = SceneConfig(W=320, H=256, T=24, n_objects=3, n_points=400)
+    data = tmp_path / "pod"
+    generate_dataset(data, {"train": 2}, seed=5, cfg=cfg, progress=False)
+    run_export(data, tmp_path / "out", "--max_clips=2")
+    vdir = _version(tmp_path / "out")
+    before = sorted(p.name for p in vdir.iterdir())
+    shutil.rmtree(data)
+    generate_dataset(data, {"train": 2}, seed=6, cfg=cfg, progress=False)  # the same names and frame counts
+    again = run_export(data, tmp_path / "out", "--max_clips=4", check=False)
+    assert again.returncode == 2, again.stdout
+    assert again.stderr.strip() == (f"error: {vdir}: the annotations of synth_0000, synth_0001 in "
+                                    f"{data.resolve() / 'train'} changed since its clips were exported (a regenerated "
+                                    f"or re-released data set at the same path): clips of two data sets would mix; "
+                                    f"give another --out_dir")
+    assert sorted(p.name for p in vdir.iterdir()) == before
+    # a folder exported before the fingerprints were recorded adopts them, with a note
+    settings = json.loads((vdir / "settings.json").read_text())
+    del settings["source"]["annotations"]
+    (vdir / "settings.json").write_text(json.dumps(settings))
+    adopted = run_export(data, tmp_path / "out", "--max_clips=2")
+    assert "recorded no annotation fingerprints" in adopted.stdout
+    assert "annotations" in json.loads((vdir / "settings.json").read_text())["source"]
 
 
 def test_a_scene_added_between_runs_is_refused(synth_root, tmp_path):

@@ -21,7 +21,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from pips2.datasets import pointodyssey as pod
-from pips2.datasets.clipmaker import enumerate_candidates, scene_frames
+from pips2.datasets.clipmaker import enumerate_candidates, scene_fingerprints, scene_frames
 from pips2.datasets.clips import STAGE_CLIPS, ClipSettings, list_clips
 from pips2.datasets.export import (
     NO_SPACE,
@@ -160,7 +160,8 @@ def main(dataset_location: str = "../datasets/pointodyssey", dset: str = "train"
     try:
         version_dir.mkdir(parents=True, exist_ok=True)
         check_writable(version_dir)
-        note = check_source(version_dir, st, source_of(dataset_location, frames))
+        note = check_source(version_dir, st, source_of(dataset_location, frames,
+                                                        scene_fingerprints(dataset_location, st.split)))
     except OSError as e:
         die(f"--out_dir: cannot write {version_dir} ({e.strerror or e})")
     except ValueError as e:
