@@ -630,7 +630,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     state = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path}: not an LBM checkpoint (expected {{'model': state_dict}} or a state_dict)")
-    return strip_module_prefix(state)
+    return strip_module_prefix(state, str(path))
 
 
 # Bounds on the sizes a state_dict may make build_lbm build (docs/LBM.md, "Checkpoints"), checked before any model

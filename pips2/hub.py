@@ -455,7 +455,7 @@ def read_checkpoint_of(path: str | os.PathLike, kind: str | None = None) -> tupl
     if kind is not None and found != kind:
         raise CheckpointError(f"{path}: holds {_a(KINDS[found])} model ({held}), not {_a(KINDS[kind])} one "
                               f"(--model={kind}); pass --model={found}")
-    return found, {**ckpt, key: strip_module_prefix(state)}
+    return found, {**ckpt, key: strip_module_prefix(state, str(path))}
 
 
 def check_options(kind: str, amp: str | None = None, memory_size: int | None = None,
@@ -511,6 +511,8 @@ def load_model(name_or_path: str | os.PathLike | None, device: str | torch.devic
     amp: the autocast PIPs++ will run under (its execution plan is chosen for it); LBM refuses any.
     memory_size: LBM's memory, resampled to this many frames. config: the model's constructor arguments.
     Raises ValueError (a flag) or CheckpointError (HubError included), one line each."""
+    if isinstance(name_or_path, str) and not name_or_path.strip():  # '' would mean the current folder
+        raise HubError("the checkpoint name is empty: give a hub name (pips2, lbm), a file or a folder")
     dev = resolve_device(device) if isinstance(device, str) else device
     if kind is not None:
         check_options(kind, amp, memory_size, name_or_path)

@@ -1446,6 +1446,10 @@ def serve(app: App, host: str = "127.0.0.1", port: int = 7860) -> None:
                 signal.signal(sig, handler)
         for line in app.checkpoint_report():
             print(line, flush=True)
+        if host in ("0.0.0.0", "::", ""):  # listening everywhere, but a page is only answered for its own Host
+            print(f"note: --host={host} listens on every address, but the demo answers only requests addressed to "
+                  f"{host} or this machine's loopback names; to open it from another machine give "
+                  f"--host=<this machine's name or address>", flush=True)
         print(f"web demo on {server.token_url} (open this address; Ctrl-C stops it)", flush=True)
         server.serve_forever()  # returns on the first stop signal (waitress catches the KeyboardInterrupt)
     except KeyboardInterrupt:

@@ -315,6 +315,17 @@ def test_app_port_host_and_device_are_checked_at_start(capsys, monkeypatch, kwar
     assert res.returncode == 2 and res.stdout == "" and len(res.stderr.strip().splitlines()) == 1, res
     assert res.stderr.startswith(line), res.stderr
 
+def test_a_wildcard_host_says_how_to_be_reached_from_elsewhere(capsys, monkeypatch, ckpt):
+    """--host=0.0.0.0 printed http://0.0.0.0:PORT and then answered 421 to every request from another machine
+    (their Host is this machine's name): the usual idiom silently did not work."""
+    monkeypatch.setattr(webapp.DemoServer, "serve_forever", lambda server: None)
+    res = run_main(app.main, capsys, host="0.0.0.0", port=0, init_dir=str(ckpt))
+    assert res.returncode in (0, None), res
+    assert ("note: --host=0.0.0.0 listens on every address, but the demo answers only requests addressed to 0.0.0.0 "
+            "or this machine's loopback names; to open it from another machine give --host=<this machine's name or "
+            "address>") in res.stdout
+
+
 def page_wording(msg: str) -> str:
     """A line meant for the page: it names no command-line flag, except after "restart the server with"."""
     assert "pass --" not in msg and "--" not in re.sub(r"restart the server with( --\S+)+", "", msg), msg

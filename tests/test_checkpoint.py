@@ -234,3 +234,26 @@ def test_a_checkpoint_whose_dict_key_would_hash_forever_is_refused_before_torch_
             zf.writestr(n, data)
     with pytest.raises(ck.CheckpointError, match="refused: its pickle builds more than 10000000 objects"):
         ck.load_weights_only(path)
+
+
+def test_a_state_dict_key_that_is_not_text_or_a_compiled_model_s_prefix(tmp_path):
+    """{5: tensor} beside the real keys was an AttributeError traceback in every loader; a state dict saved from a
+    torch.compile'd model (keys under '_orig_mod.') was refused as missing every key, while DDP's 'module.' was
+    stripped."""
+    from helpers import golden_model
+
+    import pips2
+
+    model = golden_model()
+    odd = {**model.state_dict(), 5: model.state_dict()["fnet.conv1.weight"]}
+    (tmp_path / "odd").mkdir()
+    torch.save({"model_state_dict": odd}, tmp_path / "odd" / "model-000000001.pth")
+    with pytest.raises(ck.CheckpointError, match=r"model-000000001.pth: its state dict has a key that is not text "
+                                                 r"\(5\); refusing it$"):
+        pips2.load_model(str(tmp_path / "odd"))
+    compiled = {f"_orig_mod.{k}": v for k, v in model.state_dict().items()}
+    (tmp_path / "compiled").mkdir()
+    torch.save({"model_state_dict": compiled}, tmp_path / "compiled" / "model-000000001.pth")
+    loaded = pips2.load_model(str(tmp_path / "compiled"))
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values(),
+                                                  strict=True))

@@ -80,6 +80,7 @@ SCRIPT_FLAGS = [("pod", dict(N=0), "--N must be at least 1, got 0"), ("cro", dic
                 ("cro", dict(clip_len=1), "--clip_len must be at least 2, got 1"),
                 ("pod", dict(max_scenes=0), "--max_scenes must be at least 1"),
                 ("tap", dict(modes="first,bogus"), "--modes must be a comma-separated subset of first,strided"),
+                ("tap", dict(modes="first,first"), "--modes must be a comma-separated subset of first,strided"),
                 ("tap", dict(memory_size=0), "--memory_size must be at least 1, got 0")]
 
 

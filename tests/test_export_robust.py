@@ -140,6 +140,8 @@ def test_bad_flag_is_one_line(synth_root, tmp_path):
     (["--seed=-1"], "--seed must be at least 0, got -1"),  # was: a numpy traceback
     (["--preset=fastest"], "--preset must be one of ultrafast, superfast, veryfast, faster, fast, medium, slow, "
                            "slower, veryslow, placebo, got 'fastest'"),  # was: every clip failed
+    # a path component: the version folder was written outside --out_dir
+    (["--dset=../test"], "--dset must be a split's plain name (train, val, test, ...), got '../test'"),
 ])
 def test_numeric_flags_out_of_range_are_one_line(synth_root, tmp_path, flags, expect):
     res = run_export(synth_root, tmp_path / "out", *flags, check=False)

@@ -316,3 +316,14 @@ def test_members_named_with_a_leading_dot_slash(tmp_path, members, error):
         with pytest.raises(DownloadError, match=error):
             unpack_reference(tmp_path / "x.tar.gz", dest, "x.tar.gz")
         assert not dest.exists()
+
+
+def test_six_checkpoints_without_a_folder_entry_are_refused(tmp_path):
+    """The bound of 5 checkpoints held only through the member count, which counts the folder's own entry: six
+    model-*.pth members and no folder entry were installed."""
+    from pips2.utils.download import DownloadError, unpack_reference
+
+    _tar(tmp_path / "six.tar.gz", {f"reference_model/model-{i:09d}.pth": b"w" for i in range(6)})
+    with pytest.raises(DownloadError, match="archive holds more than 5 model-\\*.pth checkpoints"):
+        unpack_reference(tmp_path / "six.tar.gz", tmp_path / "out", "six.tar.gz")
+    assert not (tmp_path / "out").exists()

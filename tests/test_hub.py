@@ -212,6 +212,8 @@ def test_unknown_name_or_missing_path_is_one_line(cache, tmp_path):
         hub.load_model(str(tmp_path / "nothing"))
     with pytest.raises(hub.HubError, match="'x' is not a known model name"):
         hub.fetch("x")
+    with pytest.raises(hub.HubError, match="^the checkpoint name is empty: give a hub name"):  # was the current folder
+        hub.load_model("")
 
 
 # ---------------------------------------------------------------------------------------------------------

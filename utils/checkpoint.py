@@ -224,9 +224,23 @@ def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     return ckpt
 
 
-def strip_module_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Drop the 'module.' prefix that DataParallel/DDP adds to every key."""
-    return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state.items()}
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DataParallel/DDP's, torch.compile's
+
+
+def strip_module_prefix(state: dict[str, torch.Tensor], source: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """Drop the prefixes that wrappers add to every key: 'module.' (DataParallel/DDP) and '_orig_mod.'
+    (torch.compile), in any order. CheckpointError for a key that is not text (an AttributeError traceback in
+    every loader before) or a value that is not a tensor."""
+    out = {}
+    for k, v in state.items():
+        if not isinstance(k, str):
+            raise CheckpointError(f"{source}: its state dict has a key that is not text ({k!r}); refusing it")
+        if not isinstance(v, torch.Tensor):
+            raise CheckpointError(f"{source}: {k} is {type(v).__name__}, not a tensor; refusing it")
+        while k.startswith(WRAPPER_PREFIXES):
+            k = k.split(".", 1)[1]
+        out[k] = v
+    return out
 
 
 MAX_LISTED = 5  # keys a mismatch error names of each kind
@@ -249,7 +263,7 @@ def load_model_state(model: nn.Module, state: dict[str, torch.Tensor], ignore_pr
     """Load strictly; keys under `ignore_prefixes` may be missing or extra. Mismatches raise and list keys; a
     tensor of another dtype kind than the model's (float for its weights, integer for its counters) or holding
     NaN or inf raises naming it. Nothing is copied unless every tensor passes."""
-    state = strip_module_prefix(state)
+    state = strip_module_prefix(state, source)
     ignored = lambda k: any(k.startswith(p) for p in ignore_prefixes)  # noqa: E731
     state = {k: v for k, v in state.items() if not ignored(k)}
     own = model.state_dict()

@@ -196,6 +196,9 @@ def _checked_members(tf: tarfile.TarFile) -> list[tuple[tarfile.TarInfo, str]]:
         if name is not None:
             total += m.size
             found.append((m, name))
+            if len(found) > MAX_CHECKPOINTS:  # MAX_MEMBERS counts the folder's own entry, which may be absent
+                raise DownloadError(f"archive holds more than {MAX_CHECKPOINTS} model-*.pth checkpoints (a reference "
+                                    f"model has at most {MAX_CHECKPOINTS}); refusing it")
     if total > MAX_UNPACKED_BYTES:
         raise DownloadError(f"archive unpacks to {total} bytes, more than {MAX_UNPACKED_BYTES}; refusing it")
     return found

@@ -119,7 +119,7 @@ def main(dataset_location: str = "../datasets/tapvid/tapvid_davis.pkl", S: int =
             raise ValueError("--image_size is PIPs++'s; LBM runs at the input size of its checkpoint")
         model_hw = evaluation.check_image_size((512, 896) if image_size is None else image_size)
         mode_list = [m for m in (modes.split(",") if isinstance(modes, str) else modes) if m]
-        if any(m not in MODES for m in mode_list):
+        if any(m not in MODES for m in mode_list) or len(set(mode_list)) != len(mode_list):  # first,first: twice
             raise ValueError(f"--modes must be a comma-separated subset of {','.join(MODES)}, got {modes!r}")
         if model == "lbm" and not mode_list:
             raise ValueError("--modes is empty: LBM is scored in the TAP-Vid query modes only")

@@ -10,6 +10,7 @@ The defaults (S=36, N=128, 256x384) are the clips stage-1 training reads with it
 
 from __future__ import annotations
 
+import re
 import signal
 import sys
 import time
@@ -110,6 +111,10 @@ def _check_flags(**flags) -> None:
     for name, low in MINIMUM.items():
         if flags.get(name) is not None and flags[name] < low:
             raise ValueError(f"--{name} must be at least {low}, got {flags[name]}")
+    dset = flags.get("dset")
+    if dset is not None and (not re.fullmatch(r"[A-Za-z0-9_.-]+", dset) or dset in (".", "..")):
+        # a path component: --dset=../test wrote its version folder outside --out_dir
+        raise ValueError(f"--dset must be a split's plain name (train, val, test, ...), got {dset!r}")
     if flags["preset"] not in X264_PRESETS:
         raise ValueError(f"--preset must be one of {', '.join(X264_PRESETS)}, got {flags['preset']!r}")
 
@@ -144,7 +149,8 @@ def main(dataset_location: str = "../datasets/pointodyssey", dset: str = "train"
         die(e)
     try:
         max_clips = aliased("max_clips", max_clips, "max_iters", max_iters)
-        _check_flags(S=S, N=N, max_clips=max_clips, workers=workers, num_shards=num_shards, seed=seed, preset=preset)
+        _check_flags(S=S, N=N, max_clips=max_clips, workers=workers, num_shards=num_shards, seed=seed, preset=preset,
+                     dset=dset)
     except ValueError as e:
         die(e)
     if not 0 <= shard < num_shards:
