@@ -111,7 +111,7 @@ class FileFrames(FrameSource):
         return self._resize(np.stack(frames))
 
 
-FRAMES_PREFIX = "pips2_frames"  # temp folders of decoded videos: <prefix>.<host>.<pid>.<random> in TMPDIR
+FRAMES_PREFIX = "pips2_frames"  # temp folders of decoded videos: <prefix>.<host>.<pid>.<ns>.<random> in TMPDIR
 
 
 def remove_stale_frame_dirs(tmp: str | os.PathLike | None = None) -> list[Path]:

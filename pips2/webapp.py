@@ -97,7 +97,7 @@ from pips2.utils.video import (
 from pips2.utils.vis import write_outputs
 
 PAGE = Path(__file__).parent / "webapp.html"
-WORK_PREFIX = "pips2_webapp"  # the server's temp folder: <prefix>.<host>.<pid>.<random> in TMPDIR
+WORK_PREFIX = "pips2_webapp"  # the server's temp folder: <prefix>.<host>.<pid>.<ns>.<random> in TMPDIR
 CLIPS = {"synthetic-1": 1, "synthetic-2": 2, "synthetic-3": 3}  # bundled clip name -> generator seed
 CLIP_FRAMES, CLIP_HW = 48, (256, 384)  # demo.py's synthetic video
 MODELS = ("pips2", "lbm")

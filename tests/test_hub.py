@@ -348,11 +348,17 @@ def test_a_killed_download_s_folder_is_removed_by_the_next_one(server, cache, mo
     host = socket.gethostname()
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    stale = cache / f".lbm.{host}.{dead.pid}.abc123"
-    live = cache / f".lbm.{host}.{os.getpid()}.def456"
-    for d in (stale, live):
+    from pips2.utils.procs import pid_namespace
+
+    ns = pid_namespace()
+    stale = cache / f".lbm.{host}.{dead.pid}.abc123"  # named before the namespace was recorded
+    stale_ns = cache / f".lbm.{host}.{dead.pid}.{ns}.abc124"
+    live = cache / f".lbm.{host}.{os.getpid()}.{ns}.def456"
+    # another PID namespace (a container sharing the host's name and this folder): its pid means nothing here
+    elsewhere = cache / f".lbm.{host}.{dead.pid}.{ns + 1}.ghi789"
+    for d in (stale, stale_ns, live, elsewhere):
         d.mkdir(parents=True)
         (d / f".lbm.pt.{dead.pid}.x.part").write_bytes(b"half a model")
     monkeypatch.setenv("PIPS2_URL_LBM", f"{base}/good.pt")
     hub.fetch("lbm")
-    assert _leftovers(cache) == [live.name]
+    assert _leftovers(cache) == sorted([live.name, elsewhere.name])

@@ -303,17 +303,31 @@ class WorkerPool:
         self.workers = []
 
 
+def pid_namespace() -> int:
+    """This process's PID namespace (the inode of /proc/self/ns/pid; 0 where there is none to read): pids are
+    only comparable within one. A container shares the host's name under --network=host, and a TMPDIR mounted
+    into it, while its pids are other processes' or none on the host."""
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return 0
+
+
 def owned_tempdir(prefix: str, parent: str | os.PathLike | None = None) -> Path:
-    """A new temp folder named <prefix>.<host>.<pid>.<random> in `parent` (TMPDIR by default): a later process of
-    this host can tell it from a live process's and remove it once its owner is gone (`remove_stale_tempdirs`)."""
-    return Path(tempfile.mkdtemp(prefix=f"{prefix}.{socket.gethostname()}.{os.getpid()}.", dir=parent))
+    """A new temp folder named <prefix>.<host>.<pid>.<pid namespace>.<random> in `parent` (TMPDIR by default):
+    a later process of this host and namespace can tell it from a live process's and remove it once its owner is
+    gone (`remove_stale_tempdirs`)."""
+    return Path(tempfile.mkdtemp(prefix=f"{prefix}.{socket.gethostname()}.{os.getpid()}.{pid_namespace()}.",
+                                 dir=parent))
 
 
 def remove_stale_tempdirs(prefix: str, tmp: str | os.PathLike | None = None) -> list[Path]:
     """Remove the `owned_tempdir` folders of `prefix` that processes of this host left when they were killed
     (SIGKILL, out of memory, a closed terminal under an old version), which no handler can clean; returns them.
     A folder of a live process stays."""
-    pattern = re.compile(rf"^{re.escape(prefix)}\.(?P<host>.+)\.(?P<pid>\d+)\.[A-Za-z0-9_]+$")
+    # the namespace is absent from names made before it was recorded
+    pattern = re.compile(rf"^{re.escape(prefix)}\.(?P<host>.+?)\.(?P<pid>\d+)\.(?:(?P<ns>\d+)\.)?[A-Za-z0-9_]+$")
+    ns = pid_namespace()
     tmp = Path(tmp or tempfile.gettempdir())
     host, removed = socket.gethostname(), []
     try:
@@ -322,7 +336,9 @@ def remove_stale_tempdirs(prefix: str, tmp: str | os.PathLike | None = None) -> 
         return removed
     for d in entries:
         m = pattern.match(d.name)
-        if m and m["host"] == host and not pid_alive(int(m["pid"])) and d.is_dir():
+        # a folder of another PID namespace is not ours to judge: its pid says nothing here
+        same_ns = m is not None and (m["ns"] is None or int(m["ns"]) == ns)
+        if m and m["host"] == host and same_ns and not pid_alive(int(m["pid"])) and d.is_dir():
             shutil.rmtree(d, ignore_errors=True)
             removed.append(d)
     return removed
