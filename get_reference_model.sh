@@ -20,6 +20,9 @@ esac
 
 die() { echo "get_reference_model.sh: $*" >&2; exit 1; }
 
+command -v "$PY" >/dev/null 2>&1 || die "PYTHON=$PY: no such program (set PYTHON to the project's python)"
+[ ! -e "$DEST" ] || [ -d "$DEST" ] || die "REF_MODEL_DEST=$DEST is a file, not a folder; nothing replaced"
+
 want_sha=""
 if [ -n "${REF_MODEL_SHA256:-}" ]; then
   want_sha="$(printf '%s' "$REF_MODEL_SHA256" | tr 'A-F' 'a-f')"

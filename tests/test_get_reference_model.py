@@ -91,7 +91,7 @@ FILE_CAP_KB = 512 << 10  # no file the script writes may grow past 512 MiB (a go
 def _run(url, cwd, **env):
     # the script verifies the checkpoint with $PYTHON: this interpreter has torch and the project's deps; the
     # file size cap (SIGXFSZ beyond it) keeps a script that trusts a declared size from filling the disk
-    env = dict(os.environ, REF_MODEL_URL=url, PYTHON=sys.executable, OMP_NUM_THREADS="1", **env)
+    env = {**os.environ, "REF_MODEL_URL": url, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", **env}
     return subprocess.run(["bash", "-c", f'ulimit -f {FILE_CAP_KB} && exec bash "$0"',
                            str(ROOT / "get_reference_model.sh")], cwd=cwd, env=env, capture_output=True, text=True)
 
@@ -327,3 +327,17 @@ def test_six_checkpoints_without_a_folder_entry_are_refused(tmp_path):
     with pytest.raises(DownloadError, match="archive holds more than 5 model-\\*.pth checkpoints"):
         unpack_reference(tmp_path / "six.tar.gz", tmp_path / "out", "six.tar.gz")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_missing_python_or_a_file_as_destination_is_one_line(server, tmp_path):
+    """They were bash's own lines: "line 38: /nonexistent/python: No such file or directory", and mkdir's "File
+    exists" naming neither the script nor the variable."""
+    base, _ = server
+    res = _run(f"{base}/good.tar.gz", tmp_path, PYTHON="/nonexistent/python")
+    assert res.returncode == 1 and _last_line(res) == ("get_reference_model.sh: PYTHON=/nonexistent/python: no such "
+                                                       "program (set PYTHON to the project's python)")
+    (tmp_path / "afile").write_text("mine")
+    res = _run(f"{base}/good.tar.gz", tmp_path, REF_MODEL_DEST=str(tmp_path / "afile"))
+    assert res.returncode == 1 and _last_line(res) == (f"get_reference_model.sh: REF_MODEL_DEST={tmp_path / 'afile'} "
+                                                       f"is a file, not a folder; nothing replaced")
+    assert (tmp_path / "afile").read_text() == "mine"
