@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import stat
 import sys
@@ -239,6 +240,9 @@ def _inside(path: Path, inputs: dict[str, Any]) -> str | None:
     return None
 
 
+MIN_OUT_FREE_BYTES = 16 << 20  # a results file and its curves PNG: a few MB for the largest benchmark
+
+
 def check_out_json(out_json: str | None, **inputs: Any) -> None:
     """ValueError unless --out_json and its curves PNG can be written without losing anything: the folder
     exists and is writable (hours of scoring never end on a path that cannot take the results), neither is an
@@ -254,6 +258,13 @@ def check_out_json(out_json: str | None, **inputs: Any) -> None:
         raise ValueError(f"--out_json={out_json}: no such folder {folder}")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise ValueError(f"--out_json={out_json}: folder {folder} is not writable")
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        free = None
+    if free is not None and free < MIN_OUT_FREE_BYTES:  # a full disk said after hours of scoring, not before
+        raise ValueError(f"--out_json={out_json}: {free} bytes free in {folder}, fewer than the "
+                         f"{MIN_OUT_FREE_BYTES} the results and their curves need")
     png = plots.png_path(out)
     for what, p in (("--out_json", out), ("its curves file", png)):
         owner = _inside(p.resolve(), inputs)

@@ -249,3 +249,15 @@ def test_a_full_disk_at_the_end_prints_the_results_instead(data, tmp_path, capsy
     png = tmp_path / "r_curves.png"
     assert _lines(res.stderr) == [f"warning: curves not drawn: cannot write {png} (no space left on device)"]
     assert json.loads(out.read_text())["per_item"].keys() == {"v0"} and not png.exists()
+
+
+def test_out_json_on_a_disk_already_full_is_refused_at_start(tmp_path, monkeypatch):
+    """The disk full before the run: said only after hours of scoring, when the results were written."""
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(evaluation.shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 1000, 1000))
+    with pytest.raises(ValueError, match=r"r.json: 1000 bytes free in .*, fewer than the 16777216 the results"):
+        evaluation.check_out_json(str(tmp_path / "r.json"))
+    monkeypatch.setattr(evaluation.shutil, "disk_usage", lambda p: usage(10**9, 0, 10**9))
+    evaluation.check_out_json(str(tmp_path / "r.json"))
