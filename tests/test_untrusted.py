@@ -822,7 +822,7 @@ def test_npy_format_3_with_and_without_objects(tmp_path):
             np.save(tmp_path / "v3.npy", a, allow_pickle=True)
         assert (tmp_path / "v3.npy").read_bytes()[6:8] == b"\x03\x00"
         if a.dtype.hasobject:  # read from its header, then refused: a structure holding objects is not plain data
-            with pytest.raises(UnsafeFileError, match="a structured dtype with an object field"):
+            with pytest.raises(UnsafeFileError, match="a structured dtype with (an object field|the object flags)"):
                 load_npy(tmp_path / "v3.npy")
             continue
         g = load_npy(tmp_path / "v3.npy")
@@ -984,3 +984,23 @@ def test_a_kubric_npy_of_a_forged_object_array_is_refused(tmp_path):
     legit = tmp_path / "ok.npy"
     np.save(legit, np.array({"coords": np.zeros((2, 3), np.float32)}, dtype=object), allow_pickle=True)
     assert load_npy(legit).item()["coords"].shape == (2, 3)
+
+
+@pytest.mark.parametrize("case", ["object dtype without its flags", "INT in text that pickletools cannot read"])
+def test_round_four_ways_around_the_pickle_checks_are_refused(tmp_path, case):
+    """dtype('O8') whose BUILD set its flags to 0: the array check took it for plain bytes and laid the file's
+    bytes under an object array (a crash on the pointer 0x4141414141414141). And six bytes, "I0x0\\n0", that
+    pickle reads but pickletools does not: the opcode pre-scan gave up and left the file, a key nested a million
+    deep, to the unpickler (SIGSEGV)."""
+    if case.startswith("object"):
+        data = (b"\x80\x02cnumpy\ndtype\nX\x02\x00\x00\x00O8\x89\x88\x87R"
+                b"(K\x03X\x01\x00\x00\x00|NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb.")
+        why = "refused: pickle holds the dtype object with the flags 0, not its own 63"
+    else:
+        data = b"I0x0\n0" + b"\x80\x02}" + b")" + b"\x85" * 1_000_000 + b"Ns."
+        why = "not a readable pickle (invalid literal for int() with base 10: b'0x0')"
+    path = tmp_path / "x.pkl"
+    path.write_bytes(data)
+    res = _load_in_child(path)
+    assert res.returncode == 0, f"the reader died ({res.returncode}): {res.stderr[-300:]}"
+    assert res.stdout.strip() == f"{path}: {why}"

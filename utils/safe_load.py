@@ -173,14 +173,17 @@ class _Node:
         self.count, self.depth, self.collidable, self.holds, self.text = count, depth, collidable, holds, text
 
 
-def pickle_objects_problem(data: bytes | IO[bytes], limit: int = MAX_PICKLE_OBJECTS) -> str | None:
+def pickle_objects_problem(data: bytes | IO[bytes], limit: int = MAX_PICKLE_OBJECTS, strict: bool = False
+                           ) -> str | None:
     """Why a pickle would build more than `limit` objects when each shared reference counts as a copy, nest more
     than MAX_PICKLE_DEPTH deep, or hash more than MAX_COLLIDABLE_KEYS keys of a kind whose hashes can be made to
     collide; or None.
 
     Reads the opcodes only (pickletools.genops) and runs nothing: each object on the simulated stack is its
     expanded size and depth, memo references share it, and the ops that fill a container add to it. A pickle that
-    does not parse is left to the unpickler, which reports it."""
+    does not parse is left to the unpickler, which reports it; with `strict`, it is refused here, as the
+    unpickler may read what pickletools does not (the text INT opcode takes "0x0" in pickle, not in
+    pickletools) and would then run unchecked."""
     stack: list = []
     memo: dict = {}
     keys = 0
@@ -251,8 +254,8 @@ def pickle_objects_problem(data: bytes | IO[bytes], limit: int = MAX_PICKLE_OBJE
                     return too_deep
                 if keys > MAX_COLLIDABLE_KEYS:
                     return collide
-    except Exception:  # corrupt or truncated: the unpickler says what is wrong
-        return None
+    except Exception as e:  # corrupt or truncated: the unpickler says what is wrong, unless `strict`
+        return f"not a readable pickle ({_first_line(e)})" if strict else None
     return None
 
 
@@ -266,6 +269,8 @@ def _array_state_problem(state: Any) -> str | None:
     if (not isinstance(shape, tuple) or not all(isinstance(n, int) and n >= 0 for n in shape)
             or not isinstance(dtype, np.dtype) or not isinstance(fortran, bool)):
         return "an ndarray state with a malformed shape, dtype or order"
+    if dtype.hasobject != (dtype.kind == "O" or (dtype.fields is not None and dtype.hasobject)):
+        return f"an ndarray of the dtype {dtype} whose flags do not match its kind"
     if dtype.subdtype is not None or (dtype.fields is not None and dtype.hasobject):
         return f"an ndarray of the dtype {dtype}: a subarray, or a structure holding objects"
     count = math.prod(shape)
@@ -282,9 +287,16 @@ def _array_state_problem(state: Any) -> str | None:
 MAX_ITEM_BYTES = 1 << 20  # a structured dtype's item; the project's files hold scalars and short strings
 
 
-def _dtype_state_problem(state: Any) -> str | None:
+# numpy's dtype flags that mark items holding (or handled as) Python objects: a structured dtype without object
+# fields has none of them (it may carry NEEDS_PYAPI, 16, and ALIGNED_STRUCT, 128)
+_OBJECT_FLAGS = 1 | 2 | 4 | 8 | 32 | 64
+
+
+def _dtype_state_problem(state: Any, plain: np.dtype | None = None) -> str | None:
     """Why a pickled numpy dtype state (version, byteorder, subarray, names, fields, itemsize, alignment, flags)
-    is not a plain or structured dtype whose fields lie inside its item, or None."""
+    is not a plain or structured dtype whose fields lie inside its item, or None. `plain`: the dtype the state is
+    set on, as numpy's dtype(spec) made it; a plain state must keep its flags (an object dtype whose flags
+    said otherwise laid the file's bytes under an object array: item pointers the file chose)."""
     if not isinstance(state, tuple) or len(state) not in (8, 9):
         return "a malformed dtype state"
     _, _, sub, names, fields, itemsize, align, flags = state[:8]
@@ -293,7 +305,11 @@ def _dtype_state_problem(state: Any) -> str | None:
     if not all(isinstance(v, int) for v in (itemsize, align, flags)) or (names is None) != (fields is None):
         return "a malformed dtype state"
     if names is None:
+        if plain is not None and flags != plain.flags:
+            return f"the dtype {plain} with the flags {flags}, not its own {plain.flags}"
         return None
+    if flags & _OBJECT_FLAGS:
+        return f"a structured dtype with the object flags {flags}"
     if (not isinstance(names, tuple) or not isinstance(fields, dict) or set(names) != set(fields)
             or not all(isinstance(n, str) for n in names) or not 0 <= itemsize <= MAX_ITEM_BYTES):
         return "a malformed structured dtype"
@@ -321,7 +337,7 @@ class _RestrictedUnpickler(pickle._Unpickler):
         if isinstance(inst, np.ndarray):
             problem = _array_state_problem(state)
         elif isinstance(inst, np.dtype):
-            problem = _dtype_state_problem(state)
+            problem = _dtype_state_problem(state, inst)
         else:
             problem = f"state set on a {type(inst).__name__}"
         if problem:
@@ -360,7 +376,7 @@ def _first_line(e: BaseException) -> str:
 
 def _unpickle(fp: IO[bytes], path: str | os.PathLike, where: str = "") -> Any:
     start = fp.tell()
-    problem = pickle_objects_problem(fp)
+    problem = pickle_objects_problem(fp, strict=True)
     if problem:
         raise UnsafeFileError(path, f"{where}{problem}")
     fp.seek(start)
