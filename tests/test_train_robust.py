@@ -162,6 +162,30 @@ def test_a_lock_whose_pid_now_names_another_process_is_taken_over(tmp_path):
         ck.RunLock(tmp_path).acquire()
 
 
+def test_a_lock_of_another_pid_namespace_is_judged_by_its_heartbeat(tmp_path, monkeypatch):
+    """A training in a container that shares the host's name (another PID namespace): its pid means another
+    process, or none, here, and a run on the host took its live lock over. The owner now touches the lock every
+    LOCK_BEAT_S; a lock of another namespace is taken over only after LOCK_SILENT_S without a touch."""
+    import time
+
+    from pips2.utils.procs import pid_namespace
+
+    lock_file = tmp_path / ck.LOCK_NAME
+    lock_file.write_text(json.dumps({"host": socket.gethostname(), "pid": _dead_pid(), "ns": pid_namespace() + 1}))
+    with pytest.raises(ck.LockError, match=r"in another PID namespace, taken over after 5 minutes without its "
+                                           r"heartbeat\) writes checkpoints here"):
+        ck.RunLock(tmp_path).acquire()
+    old = time.time() - ck.LOCK_SILENT_S - 10
+    os.utime(lock_file, (old, old))
+    monkeypatch.setattr(ck, "LOCK_BEAT_S", 0.05)
+    lock = ck.RunLock(tmp_path).acquire()  # silent for longer than LOCK_SILENT_S: taken over
+    os.utime(lock_file, (old, old))
+    time.sleep(0.5)
+    assert time.time() - lock_file.stat().st_mtime < 5  # the holder's heartbeat
+    lock.release()
+    assert not lock_file.exists()
+
+
 def test_lock_removes_only_the_empty_folders_it_made(tmp_path):
     (tmp_path / "ck").mkdir()
     run = tmp_path / "ck" / "runs" / "stage1"

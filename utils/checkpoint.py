@@ -7,6 +7,7 @@ import os
 import re
 import socket
 import tempfile
+import threading
 import time
 import zipfile
 from collections.abc import Callable
@@ -19,7 +20,7 @@ import torch.nn as nn
 from prettytable import PrettyTable
 
 from pips2.utils.paths import make_dirs, remove_empty_dirs
-from pips2.utils.procs import pid_alive, process_start
+from pips2.utils.procs import pid_alive, pid_namespace, process_start
 from pips2.utils.safe_load import UnsafeFileError, open_zip, pickle_objects_problem
 
 CKPT_RE = re.compile(r"^model-(\d+)\.pth$")
@@ -408,6 +409,9 @@ def clean_stale_temps(folder: str | os.PathLike) -> list[Path]:
 
 # Locks this process holds: a lock naming this process's pid that it does not hold is another process's.
 _HELD_HERE: set[Path] = set()
+# A held lock's file is touched every LOCK_BEAT_S by a thread of its owner; a lock of another PID namespace,
+# whose pid cannot be judged here, is stale once it has not been touched for LOCK_SILENT_S.
+LOCK_BEAT_S, LOCK_SILENT_S = 60.0, 300.0
 
 
 class RunLock:
@@ -416,13 +420,17 @@ class RunLock:
 
     A lock of this host whose process is gone is taken over: its pid is dead, or names another process now (a
     different start time), or is this process's own without this process holding it (a container restarted after
-    SIGKILL gets the same pid 1 and hostname). A live or foreign-host owner raises LockError.
+    SIGKILL gets the same pid 1 and hostname). A lock of another PID namespace (a container sharing the host's
+    name) is judged by its heartbeat: stale after LOCK_SILENT_S without one. A live or foreign-host owner raises
+    LockError.
     """
 
     def __init__(self, folder: str | os.PathLike):
         self.folder = Path(folder)
         self.path = self.folder / LOCK_NAME
-        self.me = {"host": socket.gethostname(), "pid": os.getpid(), "start": process_start(os.getpid())}
+        self.me = {"host": socket.gethostname(), "pid": os.getpid(), "start": process_start(os.getpid()),
+                   "ns": pid_namespace()}
+        self._beating: threading.Event | None = None
         self.held = False
         self.made: list[Path] = []  # folders acquire() created: removed again by release() if left empty
 
@@ -442,9 +450,16 @@ class RunLock:
             f.write(json.dumps(self.me))
         return True
 
-    def _dead(self, owner: dict) -> bool:
+    def _dead(self, owner: dict, path: Path | None = None) -> bool:
+        """Whether the owner the lock file at `path` (the lock's by default) names is gone."""
         if owner.get("host") != self.me["host"]:
             return False
+        ns = owner.get("ns")
+        if isinstance(ns, int) and ns != self.me["ns"]:  # its pid means another process, or none, here
+            try:
+                return time.time() - (path or self.path).stat().st_mtime > LOCK_SILENT_S
+            except OSError:
+                return False
         pid = int(owner["pid"])
         if pid == os.getpid():
             return self.path.resolve() not in _HELD_HERE
@@ -458,6 +473,8 @@ class RunLock:
             if self._create():
                 self.held = True
                 _HELD_HERE.add(self.path.resolve())
+                self._beating = threading.Event()
+                threading.Thread(target=self._beat, args=(self._beating,), daemon=True).start()
                 return self
             owner = self._read(self.path)
             if owner is None:
@@ -466,7 +483,10 @@ class RunLock:
                 raise LockError(f"{self.folder}: lock file {self.path.name} is unreadable; remove it if no training "
                                 f"writes into this folder")
             if not self._dead(owner):
-                raise LockError(f"{self.folder}: another training (pid {owner['pid']} on {owner.get('host')}) "
+                other = (f" in another PID namespace, taken over after {LOCK_SILENT_S / 60:g} minutes without its "
+                         f"heartbeat") if (
+                    isinstance(owner.get("ns"), int) and owner.get("ns") != self.me["ns"]) else ""
+                raise LockError(f"{self.folder}: another training (pid {owner['pid']} on {owner.get('host')}{other}) "
                                 f"writes checkpoints here (lock {self.path.name}; if none does, remove that file)")
             # move the stale lock aside atomically, so of two runs taking it over only one wins
             aside = self.path.with_name(f"{LOCK_NAME}.stale.{os.getpid()}")
@@ -475,7 +495,7 @@ class RunLock:
             except FileNotFoundError:
                 continue
             moved = self._read(aside)
-            if moved is not None and not self._dead(moved):  # a live run took it over between our read and move
+            if moved is not None and not self._dead(moved, aside):  # a live run took it over between our read and move
                 try:
                     os.link(aside, self.path)
                 except OSError:
@@ -494,7 +514,18 @@ class RunLock:
             remove_empty_dirs(self.made)
         if self.held:
             _HELD_HERE.discard(self.path.resolve())
+        if self._beating is not None:
+            self._beating.set()
+            self._beating = None
         self.held = False
+
+    def _beat(self, stopped: threading.Event) -> None:
+        """Touch the lock file every LOCK_BEAT_S until released: the heartbeat another PID namespace judges."""
+        while not stopped.wait(LOCK_BEAT_S):
+            try:
+                os.utime(self.path)
+            except OSError:
+                pass
 
     def __enter__(self) -> RunLock:
         return self.acquire()
