@@ -34,9 +34,9 @@ def scene_frames(dataset_location: str | Path, split: str) -> dict[str, int]:
 
 
 def scene_fingerprints(dataset_location: str | Path, split: str) -> dict[str, str]:
-    """Each scene's annotation fingerprint (pointodyssey.annotation_fingerprint), by name: a data set regenerated
-    or re-released at the same path keeps its names and frame counts but not these."""
-    return {scene.name: pod.annotation_fingerprint(scene) for scene in pod.list_scenes(dataset_location, split)}
+    """Each scene's content fingerprint (pointodyssey.content_fingerprint), by name: a data set regenerated or
+    re-released at the same path keeps its names and frame counts but not these."""
+    return {scene.name: pod.content_fingerprint(scene) for scene in pod.list_scenes(dataset_location, split)}
 
 
 def enumerate_candidates(dataset_location: str | Path, st: ClipSettings, frames: dict[str, int] | None = None

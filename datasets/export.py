@@ -105,10 +105,10 @@ def _names(names: list[str], most: int = 3) -> str:
 def source_of(dataset_location: str | Path, frames: dict[str, int], fingerprints: dict[str, str] | None = None
               ) -> dict:
     """What settings.json records of a run's data: the split's resolved path, its scenes' frame counts and
-    (when given) their annotation fingerprints."""
+    (when given) their content fingerprints."""
     src: dict = {"dataset_location": str(Path(dataset_location).resolve()), "scenes": dict(frames)}
     if fingerprints is not None:
-        src["annotations"] = dict(fingerprints)
+        src["content"] = dict(fingerprints)
     return src
 
 
@@ -135,15 +135,15 @@ def check_source(version_dir: Path, st: ClipSettings, source: dict) -> str | Non
         raise ValueError(f"{version_dir}: the scenes of {Path(source['dataset_location']) / st.split} changed since "
                          f"its clips were exported ({'; '.join(changes)}): clip numbers would name other clips; "
                          f"give another --out_dir")
-    if "annotations" in source:
-        before, now = recorded.get("annotations"), source["annotations"]
+    if "content" in source:
+        before, now = recorded.get("content"), source["content"]
         if not isinstance(before, dict):  # recorded before the fingerprints were: adopted, as the source was
-            record_source(version_dir, {**recorded, "annotations": now})
-            return (f"{version_dir / SETTINGS} recorded no annotation fingerprints: recorded those of "
+            record_source(version_dir, {**recorded, "content": now})
+            return (f"{version_dir / SETTINGS} recorded no content fingerprints: recorded those of "
                     f"{source['dataset_location']}; the clips already there are taken to match them")
         changed = [n for n in now if before.get(n) != now[n]]
         if changed:
-            raise ValueError(f"{version_dir}: the annotations of {_names(changed)} in "
+            raise ValueError(f"{version_dir}: the annotations or frames of {_names(changed)} in "
                              f"{Path(source['dataset_location']) / st.split} changed since its clips were exported "
                              f"(a regenerated or re-released data set at the same path): clips of two data sets "
                              f"would mix; give another --out_dir")

@@ -144,19 +144,24 @@ def _value_problem(key: str, a: np.ndarray) -> str | None:
     return None
 
 
-def annotation_fingerprint(scene: Path) -> str:
-    """What changes with a scene's annotations, read cheaply: each member's name, CRC-32 and size from the zip
-    directory of its anno.npz (or annotations.npz), hashed; "" when it has none or they cannot be read (the
-    scene is then skipped by the export for that reason)."""
+def content_fingerprint(scene: Path) -> str:
+    """What changes with a scene's content, read cheaply: each annotation member's name, CRC-32 and size from
+    the zip directory of its anno.npz (or annotations.npz), and each frame's name and size, hashed. Nothing is
+    unpacked or decoded; an unreadable annotation file counts as none (the export then skips the scene)."""
     found = [scene / name for name, _ in _FORMATS if (scene / name).is_file()]
-    if not found:
-        return ""
-    try:
-        with open(found[0], "rb") as fh, open_zip(found[0], fh, MAX_NPZ_MEMBERS) as zf:
-            listing = [f"{i.filename}:{i.CRC:08x}:{i.file_size}" for i in zf.infolist()]
-    except (OSError, UnsafeFileError):
-        return ""
-    return hashlib.sha256("\n".join([found[0].name, *listing]).encode()).hexdigest()[:16]
+    listing = []
+    if found:
+        try:
+            with open(found[0], "rb") as fh, open_zip(found[0], fh, MAX_NPZ_MEMBERS) as zf:
+                listing = [found[0].name] + [f"{i.filename}:{i.CRC:08x}:{i.file_size}" for i in zf.infolist()]
+        except (OSError, UnsafeFileError):
+            listing = []
+    for f in frame_files(scene):
+        try:
+            listing.append(f"{f.name}:{f.stat().st_size}")
+        except OSError:
+            listing.append(f"{f.name}:?")
+    return hashlib.sha256("\n".join(listing).encode()).hexdigest()[:16]
 
 
 def load_annotations(scene: Path, require_3d: bool = False, num_frames: int | None = None

@@ -17,6 +17,7 @@ import pytest
 from conftest import EXPORT_ARGS, run_export
 
 from pips2.datasets import export
+from pips2.datasets import pointodyssey as pod
 from pips2.datasets.clipmaker import enumerate_candidates
 from pips2.datasets.clips import ClipSettings, list_clips, verify_clip
 
@@ -420,8 +421,8 @@ def test_another_data_set_into_the_same_folder_is_refused(synth_root, tmp_path):
     src = _settings(vdir)["source"]
     assert src["dataset_location"] == str(Path(synth_root).resolve()), first.stdout
     assert src["scenes"] == {"synth_0000": 24, "synth_0001": 24, "synth_0002": 24}
-    assert sorted(src["annotations"]) == sorted(src["scenes"])
-    assert all(len(v) == 16 for v in src["annotations"].values())
+    assert sorted(src["content"]) == sorted(src["scenes"])
+    assert all(len(v) == 16 for v in src["content"].values())
     before = sorted(p.name for p in vdir.iterdir())
     second = run_export(other, tmp_path / "out", "--max_clips=4", check=False)
     assert second.returncode == 2
@@ -435,7 +436,7 @@ def test_another_data_set_into_the_same_folder_is_refused(synth_root, tmp_path):
 def test_a_data_set_regenerated_at_the_same_path_is_refused(tmp_path):
     """Names and frame counts were all the source recorded: a data set regenerated (or re-released with fixed
     annotations) at the same path resumed into the old export, "already there 2, written 2", two data sets
-    mixed. Each scene's annotation fingerprint (its anno.npz members' CRCs) is recorded too."""
+    mixed. Each scene's content fingerprint (its anno.npz members' CRCs, its frames' sizes) is recorded too."""
     import json
     import shutil
 
@@ -451,18 +452,23 @@ def test_a_data_set_regenerated_at_the_same_path_is_refused(tmp_path):
     generate_dataset(data, {"train": 2}, seed=6, cfg=cfg, progress=False)  # the same names and frame counts
     again = run_export(data, tmp_path / "out", "--max_clips=4", check=False)
     assert again.returncode == 2, again.stdout
-    assert again.stderr.strip() == (f"error: {vdir}: the annotations of synth_0000, synth_0001 in "
+    assert again.stderr.strip() == (f"error: {vdir}: the annotations or frames of synth_0000, synth_0001 in "
                                     f"{data.resolve() / 'train'} changed since its clips were exported (a regenerated "
                                     f"or re-released data set at the same path): clips of two data sets would mix; "
                                     f"give another --out_dir")
     assert sorted(p.name for p in vdir.iterdir()) == before
     # a folder exported before the fingerprints were recorded adopts them, with a note
     settings = json.loads((vdir / "settings.json").read_text())
-    del settings["source"]["annotations"]
+    del settings["source"]["content"]
     (vdir / "settings.json").write_text(json.dumps(settings))
     adopted = run_export(data, tmp_path / "out", "--max_clips=2")
-    assert "recorded no annotation fingerprints" in adopted.stdout
-    assert "annotations" in json.loads((vdir / "settings.json").read_text())["source"]
+    assert "recorded no content fingerprints" in adopted.stdout
+    assert "content" in json.loads((vdir / "settings.json").read_text())["source"]
+    # the frames alone rewritten (the annotations kept): their sizes change the fingerprint
+    frame = pod.frame_files(data / "train" / "synth_0001")[3]
+    cv2.imwrite(str(frame), 255 - cv2.imread(str(frame)), [cv2.IMWRITE_JPEG_QUALITY, 60])
+    again = run_export(data, tmp_path / "out", "--max_clips=4", check=False)
+    assert again.returncode == 2 and "the annotations or frames of synth_0001 in" in again.stderr, again.stderr
 
 
 def test_a_scene_added_between_runs_is_refused(synth_root, tmp_path):
