@@ -102,6 +102,8 @@ def _member_problem(key: str, shape: tuple[int, ...], dtype: np.dtype, num_frame
     tail, kinds, _ = _MEMBERS[key]
     if dtype.kind not in kinds or dtype.hasobject:
         return f"is {dtype}, expected {'a float' if kinds == _FLOAT_KINDS else 'a bool, 0/1 or 0./1.'} array"
+    if kinds == _FLOAT_KINDS and dtype.itemsize < 4:  # float16 rounds positions to 0.25-0.5 px at 1000-2000 px
+        return f"is {dtype}, expected float32 or float64 positions (float16 rounds them to fractions of a pixel)"
     if len(shape) != 2 + len(tail) or shape[2:] != tail:
         want = ", ".join(["T", "N", *map(str, tail)])
         return f"has shape {shape}, expected ({want})"

@@ -143,6 +143,8 @@ def test_bad_flag_is_one_line(synth_root, tmp_path):
                            "slower, veryslow, placebo, got 'fastest'"),  # was: every clip failed
     # a path component: the version folder was written outside --out_dir
     (["--dset=../test"], "--dset must be a split's plain name (train, val, test, ...), got '../test'"),
+    # one process (and its ffmpeg) per worker: 1000 started one per queued clip
+    (["--workers=1000"], f"--workers must be at most {4 * (os.cpu_count() or 1)} (4 per CPU core here), got 1000"),
 ])
 def test_numeric_flags_out_of_range_are_one_line(synth_root, tmp_path, flags, expect):
     res = run_export(synth_root, tmp_path / "out", *flags, check=False)

@@ -353,6 +353,8 @@ def test_unknown_amp_is_one_line(exported, tmp_path):
     ({"lr": float("inf")}, "--lr must be a finite number, got inf"),  # --lr=1e999
     ({"lr": 0}, "--lr must be positive, got 0"),
     ({"lr": 1e39}, "--lr must be at most 1 (the authors train with 5e-4), got 1e+39"),  # overflowed inside Adam
+    ({"exp_name": "../.."}, "--exp_name must be a plain name (letters, digits and _ . - = , +), got '../..'"),
+    ({"model": "lbm", "embed_dim": 3}, "--embed_dim must be a multiple of 4 (LBM's attention heads), got 3"),
     ({"wd": -1e-3}, "--wd must be at least 0, got -0.001"),
     ({"grad_clip": float("nan")}, "--grad_clip must be a finite number, got nan"),
     ({"B": -1}, "--B must be at least 1, got -1"),

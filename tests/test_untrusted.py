@@ -290,6 +290,9 @@ BAD_MEMBERS = {
     "valids of NaN": ("valids", np.full((5, 4), np.nan), "member valids holds np.float64(nan)"),
     "visibs of objects": ("visibs", np.full((5, 4), None, object), "member visibs: is object, expected"),
     "trajs as strings": ("trajs_2d", np.full((5, 4, 2), "1.5"), "member trajs_2d: is <U3, expected a float array"),
+    # loaded without a word, every position rounded to 0.25-0.5 px at 1000-2000 px
+    "trajs in float16": ("trajs_2d", np.zeros((5, 4, 2), np.float16), "member trajs_2d: is float16, expected float32 "
+                                                                      "or float64 positions"),
     "trajs of 3 columns": ("trajs_2d", np.zeros((5, 4, 3), np.float32), "member trajs_2d: has shape (5, 4, 3), "
                                                                          "expected (T, N, 2)"),
     "visibs of other tracks": ("visibs", np.ones((5, 7), bool), "member visibs has shape (5, 7), trajs_2d (5, 4, 2)"),

@@ -61,6 +61,7 @@ MINIMUM = {"B": 1, "S": 2, "N": 1, "iters": 1, "max_steps": 1, "save_freq": 1, "
            "cache_len": 0, "workers": 0, "seed": 0}
 MAX_SEED = 2**32 - 1  # numpy's global seed takes 32 bits
 MAX_LR = 1.0
+LBM_HEADS = 4  # the attention heads of the LBM this trains (nets/lbm.py's default): embed_dim splits among them
 # the authors' flag names -> Config's fields: --max_iters is an alias of our --max_steps; --crop_size is the one
 # flag of crop_hw, a field named for what it holds (docs/ARCHITECTURE.md, "Names")
 ALIASES = {"max_iters": "max_steps", "crop_size": "crop_hw"}
@@ -116,6 +117,13 @@ def check_values(values: dict) -> dict:
     for name in ("lr", "grad_clip"):
         if name in out and out[name] <= 0:
             raise ValueError(f"--{name} must be positive, got {out[name]:g}")
+    if out.get("model") == "lbm" and out.get("embed_dim", LBM_HEADS) % LBM_HEADS:  # a reshape traceback later
+        raise ValueError(f"--embed_dim must be a multiple of {LBM_HEADS} (LBM's attention heads), "
+                         f"got {out['embed_dim']}")
+    name = values.get("exp_name")
+    if name and not re.fullmatch(r"[A-Za-z0-9_.=,+-]+", str(name)) or name in (".", ".."):
+        # a part of the run folder's name: --exp_name=../.. put the run outside --ckpt_dir
+        raise ValueError(f"--exp_name must be a plain name (letters, digits and _ . - = , +), got {name!r}")
     if out.get("lr", 0.0) > MAX_LR:  # 1e39 overflowed float32 inside Adam after the first step: a traceback
         raise ValueError(f"--lr must be at most {MAX_LR:g} (the authors train with 5e-4), got {out['lr']:g}")
     if out.get("wd", 0.0) < 0:
