@@ -1,6 +1,7 @@
 """export_mp4_dataset.py on bad input and bad luck: Ctrl-C, missing data, odd frames, full disks, damaged clips."""
 
 import errno
+import json
 import os
 import re
 import shutil
@@ -468,7 +469,9 @@ def test_a_data_set_regenerated_at_the_same_path_is_refused(tmp_path):
     assert "content" in json.loads((vdir / "settings.json").read_text())["source"]
     # the frames alone rewritten (the annotations kept): their sizes change the fingerprint
     frame = pod.frame_files(data / "train" / "synth_0001")[3]
-    cv2.imwrite(str(frame), 255 - cv2.imread(str(frame)), [cv2.IMWRITE_JPEG_QUALITY, 60])
+    pixels = cv2.imread(str(frame))
+    assert pixels is not None
+    cv2.imwrite(str(frame), 255 - pixels, [cv2.IMWRITE_JPEG_QUALITY, 60])
     again = run_export(data, tmp_path / "out", "--max_clips=4", check=False)
     assert again.returncode == 2 and "the annotations or frames of synth_0001 in" in again.stderr, again.stderr
 
@@ -526,6 +529,11 @@ def test_a_scene_with_broken_annotations_is_recorded_once_and_named_in_every_sum
                   r"trajs_2d \(24, 400, 2\): (\d+)", first.stdout)
     assert m, first.stdout
     anno.unlink()  # were its clips built again, they would now be rejected for another reason
+    # ...but a changed scene is refused (the content fingerprint): the record is brought to the data's new state
+    vdir = _version(tmp_path / "out")
+    settings = json.loads((vdir / "settings.json").read_text())
+    settings["source"]["content"]["synth_0001"] = pod.content_fingerprint(root / "train" / "synth_0001")
+    (vdir / "settings.json").write_text(json.dumps(settings))
     again = run_export(root, tmp_path / "out", check=False)
     assert again.returncode == 0 and m.group(0) in again.stdout and "no anno.npz" not in again.stdout, again.stdout
     vdir = _version(tmp_path / "out")
@@ -609,6 +617,11 @@ def test_a_stop_signal_lost_in_a_finalizer_still_stops_the_export(monkeypatch):
     from pips2.cli import export as export_cli
 
     monkeypatch.setattr(export_cli.signal, "signal", lambda *a: None)  # leave pytest's handlers alone
+
+    def plain_raise(signum, exc):  # without utils/procs.raise_stop's redelivery, which would reach pytest itself
+        raise exc
+
+    monkeypatch.setattr(export_cli, "raise_stop", plain_raise)
     signals = export_cli._Signals()
 
     class Finalized:
