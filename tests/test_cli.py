@@ -95,6 +95,10 @@ def test_train_keeps_its_own_flag_check(capsys):
     main = importlib.import_module("pips2.cli.train").main
     _, code, _, err = _run(main, ["--max_step=3"], capsys)
     assert code == 2 and "unknown flags: ['max_step']" in err
+    # a flag of a stage the run does not train was never checked or used: --stage2_S=abc passed without a word
+    _, code, _, err = _run(main, ["--stage2_S=abc"], capsys)
+    assert code == 2 and ("--stage2_S: for a stage this run does not train (--stage=1); drop it or add that stage "
+                          "with --stages=1,2") in err, err
 
 
 def test_a_text_flag_keeps_the_text_typed_when_fire_reads_a_number_or_a_tuple(capsys):

@@ -214,6 +214,10 @@ def main(stage: int = 1, stages: str | None = None, **flags) -> None:
         order = stage_order(stage, stages)
     except ValueError as e:
         fail(str(e))
+    unused = sorted(k for k in flags if (m := re.match(r"stage([12])_", k)) and int(m.group(1)) not in order)
+    if unused:  # never checked, never used: --stage2_S=abc was accepted without a word
+        fail(f"{', '.join('--' + k for k in unused)}: for a stage this run does not train "
+             f"(--stage{'s' if stages else ''}={stages or stage}); drop it or add that stage with --stages=1,2")
     if flags.get("model") == "lbm" and order != [1]:
         fail(f"--model=lbm trains in one stage; drop --stage/--stages (got {','.join(map(str, order))})")
     prev = None
