@@ -591,3 +591,26 @@ def test_readme_recipe_export_defaults_serve_stage_1_training(tmp_path):
     assert ds.dir.name == "train_S36_N128_256x384_aug_seed0" and len(ds) >= 1
     item = ds[0]
     assert item.rgbs.shape == (36, 3, 256, 384) and item.trajs.shape == (36, 128, 2)
+
+
+def test_synthetic_stopped_by_sigterm_says_so_and_the_same_command_goes_on(tmp_path):
+    """It exited 143 without a word."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, str(root / "make_synthetic_pod.py"), f"--out={tmp_path / 'syn'}", "--train=40",
+           "--test=0", "--W=64", "--H=64", "--T=6", "--n_points=16"]
+    proc = subprocess.Popen(cmd, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list((tmp_path / "syn").glob("train/*/anno.npz")):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert err.strip().splitlines()[-1] == ("stopped by SIGTERM: the scenes written so far are kept; the same "
+                                           "command writes the rest"), err
+    res = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and len(list((tmp_path / "syn").glob("train/*/anno.npz"))) == 40, res.stderr
