@@ -150,7 +150,7 @@ def test_good_tarball_replaces_an_old_install(server, tmp_path, good_ckpt):
     ("page.html", "not a gzip"), ("nomodel.tar.gz", "no reference_model/model"), ("plain.tar", "not a gzip"),
     ("extra.tar.gz", "'reference_model/args.txt' is not a reference_model/model-*.pth checkpoint"),
     ("finetuned.tar.gz", "'reference_model/finetuned' is not a reference_model/model-*.pth checkpoint"),
-    ("many.tar.gz", "holds more than 6 members"),
+    ("many.tar.gz", "holds more than 5 model-*.pth checkpoints"),
     ("sparse.tar.gz", "'reference_model/model-000200000.pth' is a sparse file; refusing it"),
     ("huge.tar.gz", "'reference_model/model-000200000.pth' is 2147483648 bytes, more than the 297823776"),
     ("nan.tar.gz", "reference_model/model-000200000.pth: delta_block.dense.bias holds 1 NaN or infinite value"),

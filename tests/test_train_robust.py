@@ -213,7 +213,7 @@ def test_second_training_into_the_same_folder_refuses(exported, tmp_path):
         owner.wait()
     assert res.returncode == 2
     assert res.stderr.strip() == (f"error: {ckdir}: another training (pid {owner.pid} on {socket.gethostname()}) "
-                                  f"writes checkpoints here (lock {ck.LOCK_NAME})")
+                                  f"writes checkpoints here (lock {ck.LOCK_NAME}; if none does, remove that file)")
     assert not ck.list_checkpoints(ckdir)
 
 
