@@ -297,6 +297,15 @@ class Stop:
         signal.signal(signal.SIGTERM, self.before)
 
 
+def _exit_if_unfinished(stopped: bool, differs: bool) -> None:
+    """Exit 1 after a run stopped early (the same command goes on from its cases) or one that found differences."""
+    if stopped:
+        print("diff_authors: stopped before the end; run the same command again to go on")
+        sys.exit(1)
+    if differs:
+        sys.exit(1)
+
+
 def write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
     """np.savez_compressed to a temporary name, then renamed into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -409,11 +418,7 @@ def pips(authors_repo: str, out: str | None = None, cases: int = 200, seed: int 
         spreads = np.stack([d["spread"] for d in done]).max(1)
         print(f"  ill-conditioned cases (the authors' own spread above {tol / SPREADS:g} px): "
               f"{int((spreads > tol / SPREADS).sum())} of {len(done)}")
-    if stop.requested:
-        print("diff_authors: stopped before the end; run the same command again to go on")
-        sys.exit(1)
-    if bad:
-        sys.exit(1)
+    _exit_if_unfinished(stop.requested, bool(bad))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -603,11 +608,7 @@ def lbm(authors_repo: str, out: str | None = None, cases: int = 60, seed: int = 
     if compare:
         print(f"  ours (online and inference): worst |ours - theirs| {worst:.2e}, worst ratio to the spread "
               f"{worst_ratio:.2f}; {len(bad)} runs beyond max({tol:g}, {SPREADS} x spread) or with other visibility")
-    if stop.requested:
-        print("diff_authors: stopped before the end; run the same command again to go on")
-        sys.exit(1)
-    if bad:
-        sys.exit(1)
+    _exit_if_unfinished(stop.requested, bool(bad))
 
 
 def lbm_inference_from(model: LBM, video: torch.Tensor, points: torch.Tensor, start: int) -> dict[str, torch.Tensor]:
