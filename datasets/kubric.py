@@ -19,7 +19,7 @@ from pips2.datasets.training import DataGoneError
 from pips2.utils import augment
 from pips2.utils.cli import parse_hw
 from pips2.utils.safe_load import load_npy
-from pips2.utils.video import VideoError, header_wh, read_rgb
+from pips2.utils.video import VideoError, image_wh, read_rgb
 
 # A sequence is decoded whole before its S-frame sample is cut: MOVi-F's are 24 frames of 512x512 (19 MB). 150
 # flat 1080p PNGs (1.4 MB of files) took 2 GB, in every loader worker that drew them.
@@ -75,7 +75,7 @@ class KubricDataset:
             raise ValueError(f"{seq}: {len(files)} frames but {coords.shape[0]} in the annotations")
         try:
             with open(files[0], "rb") as f:
-                wh = header_wh(f.read(1 << 16))
+                wh = image_wh(f.read(1 << 16))
         except OSError as e:
             raise ValueError(f"{files[0]}: unreadable ({e.strerror or e})") from None
         if wh is not None and len(files) * wh[0] * wh[1] * 3 > MAX_SEQUENCE_BYTES:
