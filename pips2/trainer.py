@@ -275,19 +275,32 @@ class StoppedAtOnce(BaseException):
         self.signum = signum
 
 
+class StoppedLosingNothing(BaseException):
+    """A stop request during the first step since the last save (or the start) of a one-process run: that step is
+    abandoned at once, as nothing it has not finished is lost (the run resumes from that save)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
 class StopRequest:
     """SIGTERM, SIGINT and SIGHUP as a request to stop at the next step boundary (the loop saves there and exits 0).
 
     The handler only notes the signal: what a step does is never cut short, so the checkpoint written is
     the one a regular save at that step writes. A further SIGTERM changes nothing (a scheduler that will not
     wait kills with SIGKILL); a further Ctrl-C at least SAME_REQUEST_S later stops at once without saving,
-    except while a checkpoint is being written, which always completes.
+    except while a checkpoint is being written, which always completes. While `lossless` (the step in progress
+    is the first since the last save, in a one-process run) the first request stops at once: waiting for the
+    boundary would only add a step to save, and a first step that never ends (a batch too large for the
+    machine) would never reach it.
     """
 
     def __init__(self):
         self.signum = 0
         self.first_at = 0.0
         self.writing = False
+        self.lossless = False
         self._old: dict[int, Callable[[int, FrameType | None], Any] | int | None] = {}  # what signal.signal returned
 
     def install(self) -> None:
@@ -308,6 +321,8 @@ class StopRequest:
         now = time.monotonic()
         if not self.signum:
             self.signum, self.first_at = signum, now
+            if self.lossless and not self.writing:
+                raise_stop(signum, StoppedLosingNothing(signum))
         elif signum == signal.SIGINT and not self.writing and now - self.first_at >= SAME_REQUEST_S:
             raise_stop(signum, StoppedAtOnce(signum))
 
@@ -627,6 +642,9 @@ class TrainData:
         except (ValueError, OSError) as e:
             ranks.die(str(e))
         self.n_items = len(base)
+        if cfg.B > self.n_items:  # the batch would repeat clips (and --B=100000 only filled memory)
+            ranks.die(f"--B={cfg.B}: a batch cannot hold more clips than the training data has ({self.n_items} in "
+                      f"{cfg.dataset_location}); use --B={self.n_items} or fewer")
         self.train = iter(make_loader(base, cfg, step * cfg.grad_acc * cfg.B, ranks))
         self.cache: list[Sample] = []
 
@@ -818,14 +836,17 @@ class Validator:
         self.cfg, self.ranks, self.data = cfg, ranks, data
         self.curves: dict = {}  # {dataset: {series: curves}} of the last PIPs++ validation batch, for TensorBoard
 
-    def run(self, step: int, model: torch.nn.Module) -> dict[str, dict[str, float]]:
-        """{log group: figures} of the validations due at `step`."""
+    def run(self, step: int, model: torch.nn.Module, stop: StopRequest | None = None) -> dict[str, dict[str, float]]:
+        """{log group: figures} of the validations due at `step`; a TAP-Vid validation cut short by a stop
+        request is left out."""
         cfg, out = self.cfg, {}
         net = ck.unwrap(model)
         if self.data.val is not None and (step % cfg.val_freq == 0 or step == 1):
             out["val"] = self.exported(net)
         if cfg.tapvid_root and cfg.eval_dataset == "davis" and step % cfg.val_freq == 0 and self.ranks.main:
-            out["davis"] = self.tapvid(net)
+            figures = self.tapvid(net, stop)
+            if figures is not None:
+                out["davis"] = figures
         return out
 
     def exported(self, net: torch.nn.Module) -> dict[str, float]:
@@ -851,10 +872,11 @@ class Validator:
                               plots.ZERO_VEL: plots.curves_of(init, trajs_g, valids, hw)}
         return batch_figures(preds[-1].float(), trajs_g, visibs, valids, hw)
 
-    def tapvid(self, net: torch.nn.Module) -> dict[str, float]:
+    def tapvid(self, net: torch.nn.Module, stop: StopRequest | None = None) -> dict[str, float] | None:
         """Figures on the first --eval_videos TAP-Vid videos: PIPs++ in the authors' protocol (points visible in
         frame 0, windows at the crop size); LBM as its authors validate while training (every point queried on
-        its first visible frame, TAP-Vid's AJ, delta^x_avg and OA in 256x256, at the training memory size)."""
+        its first visible frame, TAP-Vid's AJ, delta^x_avg and OA in 256x256, at the training memory size). None
+        when a stop request comes first: the step is saved without them."""
         cfg, rows = self.cfg, []
         assert cfg.tapvid_root, "no --tapvid_root"  # run() asks only then
         net.eval()
@@ -862,6 +884,9 @@ class Validator:
             for i, (_, video, points, occluded) in enumerate(load_tapvid(cfg.tapvid_root)):
                 if i >= cfg.eval_videos:
                     break
+                if stop is not None and stop.signum:
+                    net.train()
+                    return None
                 if cfg.lbm:
                     res = evaluation.tapvid_query_mode(net, video, points, occluded, "first",
                                                        eval_hw=evaluation.TAPVID_HW)
@@ -896,6 +921,13 @@ def run_stage(cfg: Config) -> tuple[Path, torch.nn.Module]:
         ckpt_dir = Path(cfg.ckpt_dir) / cfg.name()
         with run_lock(ckpt_dir, ranks):
             return train_stage(cfg, ranks, ckpt_dir, stop)
+    except StoppedLosingNothing as e:
+        last = ck.list_checkpoints(Path(cfg.ckpt_dir) / cfg.name())
+        since = (f"the same command resumes from {last[-1][1]}" if last
+                 else "nothing trained; the same command starts it")
+        print(f"{cfg.name()}: stopped by {signal.Signals(e.signum).name} during the first step since the last save, "
+              f"which is redone; {since}", flush=True)
+        raise TrainingStopped() from None
     except StoppedAtOnce as e:
         if int(os.environ.get("RANK", "0")) == 0:
             last = ck.list_checkpoints(Path(cfg.ckpt_dir) / cfg.name())
@@ -935,14 +967,18 @@ def _loop(cfg: Config, ranks: Ranks, state: TrainState, data: TrainData, log: Lo
     start = state.step
     if signum := stop.agreed(ranks):  # a signal while setting up: nothing trained, nothing to save
         state.stopped(signum, saved=False)
-    while state.step < cfg.max_steps:
-        state.step += 1
-        try:
-            _step(cfg, ranks, state, data, log, stop, validator, start)
-        except RuntimeError as e:
-            if not LOADER_WORKER_DIED.search(str(e)):
-                raise
-            state.worker_died(e, start)
+    stop.lossless = ranks.world == 1  # several ranks stop together, at a boundary (a collective)
+    try:
+        while state.step < cfg.max_steps:
+            state.step += 1
+            try:
+                _step(cfg, ranks, state, data, log, stop, validator, start)
+            except RuntimeError as e:
+                if not LOADER_WORKER_DIED.search(str(e)):
+                    raise
+                state.worker_died(e, start)
+    finally:
+        stop.lossless = False
     log.done(state, ranks.union(state.corrupt))
 
 
@@ -955,10 +991,14 @@ def _step(cfg: Config, ranks: Ranks, state: TrainState, data: TrainData, log: Lo
         state.step -= 1  # that step never happened
         state.optimizer.zero_grad(set_to_none=True)
         state.data_failed(e, saved=state.step > start)
+    stop.lossless = False  # the step is done: a stop now saves it first
+    # a stop requested during the step is taken before this step's validation: a scheduler's lead time is for
+    # the save, not for figures
+    early = stop.agreed(ranks)
     if res.finite:
         state.record(res)
         try:
-            validations = validator.run(state.step, state.model)
+            validations = {} if early else validator.run(state.step, state.model, stop)
         except DataFailed as e:  # the step itself is done
             state.data_failed(e, saved=True)
         for group, figures in validations.items():
@@ -972,8 +1012,9 @@ def _step(cfg: Config, ranks: Ranks, state: TrainState, data: TrainData, log: Lo
     else:
         state.skip(log.say)
     # the step boundary: a stop request is taken here, with the checkpoint a regular save here would write
-    signum = stop.agreed(ranks)
+    signum = early or stop.agreed(ranks)
     if signum or state.step % cfg.save_freq == 0 or state.step == cfg.max_steps:
         state.save()
+        stop.lossless = ranks.world == 1
     if signum:
         state.stopped(signum, saved=True)

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from pips2.cli import train
+from pips2.datasets.export import list_clips
 from pips2.nets.pips2 import Pips
 from pips2.nets.plan import ExecPlan
 from pips2.utils import checkpoint as ck
@@ -91,6 +92,29 @@ def test_stage_defaults_and_flags():
     assert (c1.B, c1.S, c1.crop_hw, c1.max_steps) == (4, 8, (128, 192), 200_000)
     with pytest.raises(ValueError, match="unknown flags"):
         train.make_config(1, {"bogus": 1})
+
+
+def test_a_batch_is_bounded_by_memory_and_by_the_data(exported, tmp_path, monkeypatch, capsys):
+    """--B=100000 built its first batch until the machine's memory was gone (22 GB), out of reach of SIGTERM: a
+    batch's frames are bounded by MAX_BATCH_BYTES and half the machine's memory, and --B by the clips there are."""
+    monkeypatch.setattr(train, "physical_memory", lambda: 64 * 2**30)
+    with pytest.raises(ValueError, match=r"^--B=100000: one batch's frames \(100000x6x3x128x192 float32, 164\.8 GiB\) "
+                                         r"exceed 16\.0 GiB"):
+        train.make_config(1, {"B": 100000, "S": 6, "crop_size": "128,192"})
+    monkeypatch.setattr(train, "physical_memory", lambda: 2**30)  # a 1 GiB machine: batches of at most 512 MiB
+    assert train.make_config(1, {"B": 4, "S": 36, "crop_size": "384,512"}).B == 4  # 340 MB: the authors' stage 1
+    with pytest.raises(ValueError, match=r"exceed 0\.5 GiB \(at most 16 GiB and half this machine's memory\)"):
+        train.make_config(1, {"B": 8, "S": 36, "crop_size": "384,512"})
+    monkeypatch.undo()
+    out, _ = exported
+    n = len(list_clips(Path(out) / _version(out)))
+    with pytest.raises(SystemExit) as e:
+        train.run_stage(train.make_config(1, {"dataset_location": str(out), "dataset_version": _version(out),
+                                              "B": n + 1, "S": 4, "N": 4, "crop_size": "128,192", "workers": 0,
+                                              "log_dir": str(tmp_path / "logs"), "ckpt_dir": str(tmp_path / "ck")}))
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip() == (f"error: --B={n + 1}: a batch cannot hold more clips than the "
+                                               f"training data has ({n} in {out}); use --B={n} or fewer")
 
 
 def test_max_iters_is_an_alias_of_max_steps(capsys):

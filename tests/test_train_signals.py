@@ -134,13 +134,13 @@ def test_a_second_ctrl_c_stops_at_once_without_saving(exported, tmp_path, monkey
     real = trainer.train_step
     monkeypatch.setattr(trainer, "SAME_REQUEST_S", 0.0)
 
-    def two_ctrl_c_in_step_3(state, data, cfg):
-        if state.step == 3:
+    def two_ctrl_c_in_step_4(state, data, cfg):  # step 3 is trained and not saved: the first asks for a save
+        if state.step == 4:
             os.kill(os.getpid(), signal.SIGINT)
             os.kill(os.getpid(), signal.SIGINT)
         return real(state, data, cfg)
 
-    monkeypatch.setattr(trainer, "train_step", two_ctrl_c_in_step_3)
+    monkeypatch.setattr(trainer, "train_step", two_ctrl_c_in_step_4)
     cfg = _cfg(out, tmp_path, max_steps=5, save_freq=2)
     with pytest.raises(SystemExit) as e:
         train.run_stage(cfg)
@@ -150,6 +150,69 @@ def test_a_second_ctrl_c_stops_at_once_without_saving(exported, tmp_path, monkey
                                                f"the same command resumes from {ckdir / ck.ckpt_name(2)}")
     assert [s for s, _ in ck.list_checkpoints(ckdir)] == [2] and not (ckdir / ck.LOCK_NAME).exists()
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers put back
+
+
+@pytest.mark.parametrize("at_step", [1, 3])
+def test_a_stop_in_the_first_step_since_a_save_ends_that_step_at_once(exported, tmp_path, monkeypatch, capsys,
+                                                                       at_step):
+    """Nothing trained since the last save (or the start) is lost by abandoning the step in progress: the first
+    SIGTERM stops at once, exit 0, one line. A first step that never ends (a batch as large as the machine's
+    memory) is stopped too; before, the request waited for a boundary that never came."""
+    out, _ = exported
+    real, done = trainer.train_step, []
+
+    def sigterm_in_step(state, data, cfg):
+        if state.step == at_step:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.2)  # the handler runs here, mid-step
+        done.append(state.step)
+        return real(state, data, cfg)
+
+    monkeypatch.setattr(trainer, "train_step", sigterm_in_step)
+    cfg = _cfg(out, tmp_path, max_steps=5, save_freq=2)
+    with pytest.raises(trainer.TrainingStopped) as e:
+        train.run_stage(cfg)
+    assert e.value.code == 0 and done == list(range(1, at_step))
+    ckdir = tmp_path / "ck" / cfg.name()
+    since = f"the same command resumes from {ckdir / ck.ckpt_name(2)}" if at_step == 3 else \
+        "nothing trained; the same command starts it"
+    assert capsys.readouterr().out.strip().splitlines()[-1] == (
+        f"{cfg.name()}: stopped by SIGTERM during the first step since the last save, which is redone; {since}")
+    assert [s for s, _ in ck.list_checkpoints(ckdir)] == ([2] if at_step == 3 else [])
+    assert not (ckdir / ck.LOCK_NAME).exists() and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_a_stop_during_a_step_saves_before_that_steps_validation(exported, tmp_path, monkeypatch, capsys):
+    """A scheduler's lead time is for the save: a SIGTERM during step 2 skips step 2's validation (TAP-Vid's can
+    take minutes), saves step 2 and stops; one during a TAP-Vid validation ends it between videos."""
+    out, _ = exported
+    real, validated = trainer.train_step, []
+
+    def sigterm_in_step_2(state, data, cfg):
+        if state.step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(state, data, cfg)
+
+    monkeypatch.setattr(trainer, "train_step", sigterm_in_step_2)
+    monkeypatch.setattr(trainer.Validator, "run", lambda self, step, model, stop=None: validated.append(step) or {})
+    cfg = _cfg(out, tmp_path, max_steps=5, save_freq=100, val_freq=1)
+    with pytest.raises(trainer.TrainingStopped):
+        train.run_stage(cfg)
+    ckdir = tmp_path / "ck" / cfg.name()
+    assert validated == [1] and [s for s, _ in ck.list_checkpoints(ckdir)] == [2]
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith(f"{cfg.name()}: stopped by SIGTERM at step "
+                                                                       f"000002/5; saved")
+
+    # between TAP-Vid videos: the stop request is looked at before each video
+    videos = []
+    monkeypatch.setattr(trainer, "load_tapvid", lambda root: iter([("a", 1, 2, 3), ("b", 1, 2, 3)]))
+    stop = trainer.StopRequest()
+    monkeypatch.setattr(trainer.evaluation, "evaluate_tapvid_video",
+                        lambda *a, **k: videos.append(1) or setattr(stop, "signum", signal.SIGTERM))
+    vcfg = _cfg(out, tmp_path, tapvid_root="x.pkl", eval_dataset="davis", eval_videos=5)
+    net = torch.nn.Linear(1, 1)
+    assert trainer.Validator(vcfg, trainer.Ranks.setup("cpu"), None).tapvid(net, stop) is None  # type: ignore[arg-type]
+    assert videos == [1] and net.training
 
 
 def test_a_signal_while_setting_up_stops_before_the_first_step(exported, tmp_path, monkeypatch, capsys):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import os
 import re
 import sys
 import types
@@ -60,6 +61,9 @@ MINIMUM = {"B": 1, "S": 2, "N": 1, "iters": 1, "max_steps": 1, "save_freq": 1, "
            "grad_acc": 1, "max_nan_steps": 1, "eval_videos": 1, "memory_size": 1, "embed_dim": 1, "keep_latest": 0,
            "cache_len": 0, "workers": 0, "seed": 0}
 MAX_SEED = 2**32 - 1  # numpy's global seed takes 32 bits
+# one batch's frames as float32 (B x S x 3 x H x W x 4 bytes) are assembled whole in host memory by the data
+# loader before any model call: at most this, and at most half the machine's memory (docs/BAD_INPUTS.md)
+MAX_BATCH_BYTES = 16 * 2**30
 MAX_LR = 1.0
 LBM_HEADS = 4  # the attention heads of the LBM this trains (nets/lbm.py's default): embed_dim splits among them
 # the authors' flag names -> Config's fields: --max_iters is an alias of our --max_steps; --crop_size is the one
@@ -131,6 +135,25 @@ def check_values(values: dict) -> dict:
     return out
 
 
+def physical_memory() -> int:
+    """This machine's memory in bytes (0 where the system does not say)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def check_batch_bytes(B: int, S: int, h: int, w: int) -> None:
+    """ValueError naming --B when one batch's frames would not fit the bound: --B=100000 filled 22 GB of memory
+    building its first batch, out of reach of SIGTERM."""
+    need = B * S * 3 * h * w * 4
+    bound = min(MAX_BATCH_BYTES, physical_memory() // 2 or MAX_BATCH_BYTES)
+    if need > bound:
+        raise ValueError(f"--B={B}: one batch's frames ({B}x{S}x3x{h}x{w} float32, {need / 2**30:.1f} GiB) exceed "
+                         f"{bound / 2**30:.1f} GiB (at most {MAX_BATCH_BYTES // 2**30} GiB and half this machine's "
+                         f"memory); use a smaller --B, --S or --crop_size")
+
+
 def make_config(stage: int, flags: dict) -> Config:
     """Stage (or LBM) defaults, then every flag the user set."""
     flags = resolve_aliases(flags)
@@ -157,6 +180,7 @@ def make_config(stage: int, flags: dict) -> Config:
                              f"dimensions, got {h}x{w}")
     elif h < 128 or w < 128:
         raise ValueError(f"crop_size must be at least 128x128, got {h}x{w}")
+    check_batch_bytes(values["B"], values["S"], h, w)
     if values.get("eval_dataset") not in (None, "davis"):
         raise ValueError(f"--eval_dataset must be davis (TAP-Vid-DAVIS while training), got {values['eval_dataset']!r}")
     if values.get("eval_dataset") and not values.get("tapvid_root"):
