@@ -172,8 +172,8 @@ def test_a_lock_of_another_pid_namespace_is_judged_by_its_heartbeat(tmp_path, mo
 
     lock_file = tmp_path / ck.LOCK_NAME
     lock_file.write_text(json.dumps({"host": socket.gethostname(), "pid": _dead_pid(), "ns": pid_namespace() + 1}))
-    with pytest.raises(ck.LockError, match=r"in another PID namespace, taken over after 5 minutes without its "
-                                           r"heartbeat\) writes checkpoints here"):
+    with pytest.raises(ck.LockError, match=r"in another PID namespace: its last heartbeat was \d+ s ago; the lock is "
+                                           r"taken over after 5 minutes without one\) writes checkpoints here"):
         ck.RunLock(tmp_path).acquire()
     old = time.time() - ck.LOCK_SILENT_S - 10
     os.utime(lock_file, (old, old))
@@ -184,6 +184,35 @@ def test_a_lock_of_another_pid_namespace_is_judged_by_its_heartbeat(tmp_path, mo
     assert time.time() - lock_file.stat().st_mtime < 5  # the holder's heartbeat
     lock.release()
     assert not lock_file.exists()
+
+
+def test_a_lock_of_another_host_is_judged_by_its_heartbeat(tmp_path):
+    """A training restarted under another host name (docker's container id, a Kubernetes pod's suffix, a SLURM
+    requeue onto another node) never took over its dead predecessor's lock, and the refusal promised a takeover
+    after 5 minutes that never came. Another host's lock with a heartbeat is now stale after
+    LOCK_FOREIGN_SILENT_S without one; one from before heartbeats is kept, and the line says why."""
+    import time
+
+    lock_file = tmp_path / ck.LOCK_NAME
+    lock_file.write_text(json.dumps({"host": "podA-x1", "pid": 1, "start": 5, "ns": 7, "beat": 60.0}))
+    with pytest.raises(ck.LockError, match=r"another training \(pid 1 on podA-x1: its last "
+                                           r"heartbeat was \d+ s ago; the lock is taken over after 15 minutes without "
+                                           r"one\)"):
+        ck.RunLock(tmp_path).acquire()
+    old = time.time() - ck.LOCK_SILENT_S - 10  # silent long enough for another namespace, not another host
+    os.utime(lock_file, (old, old))
+    with pytest.raises(ck.LockError):
+        ck.RunLock(tmp_path).acquire()
+    old = time.time() - ck.LOCK_FOREIGN_SILENT_S - 10
+    os.utime(lock_file, (old, old))
+    lock = ck.RunLock(tmp_path).acquire()
+    assert json.loads(lock_file.read_text())["host"] == socket.gethostname()
+    lock.release()
+    lock_file.write_text(json.dumps({"host": "podA-x1", "pid": 1}))  # no heartbeat: silence proves nothing
+    os.utime(lock_file, (old, old))
+    with pytest.raises(ck.LockError, match=r"\(pid 1 on podA-x1, another host, by a version without a heartbeat: "
+                                           r"this machine cannot tell if it runs\)"):
+        ck.RunLock(tmp_path).acquire()
 
 
 def test_lock_removes_only_the_empty_folders_it_made(tmp_path):

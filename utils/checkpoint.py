@@ -409,9 +409,11 @@ def clean_stale_temps(folder: str | os.PathLike) -> list[Path]:
 
 # Locks this process holds: a lock naming this process's pid that it does not hold is another process's.
 _HELD_HERE: set[Path] = set()
-# A held lock's file is touched every LOCK_BEAT_S by a thread of its owner; a lock of another PID namespace,
-# whose pid cannot be judged here, is stale once it has not been touched for LOCK_SILENT_S.
-LOCK_BEAT_S, LOCK_SILENT_S = 60.0, 300.0
+# A held lock's file is touched every LOCK_BEAT_S by a thread of its owner. A lock whose pid cannot be judged here
+# (another PID namespace: a container sharing the host's name) is stale once it has not been touched for
+# LOCK_SILENT_S; one of another host (a restarted container's new name, a requeue onto another node) after
+# LOCK_FOREIGN_SILENT_S, longer because the file server's clock and this machine's may disagree.
+LOCK_BEAT_S, LOCK_SILENT_S, LOCK_FOREIGN_SILENT_S = 60.0, 300.0, 900.0
 
 
 class RunLock:
@@ -420,16 +422,17 @@ class RunLock:
 
     A lock of this host whose process is gone is taken over: its pid is dead, or names another process now (a
     different start time), or is this process's own without this process holding it (a container restarted after
-    SIGKILL gets the same pid 1 and hostname). A lock of another PID namespace (a container sharing the host's
-    name) is judged by its heartbeat: stale after LOCK_SILENT_S without one. A live or foreign-host owner raises
-    LockError.
+    SIGKILL gets the same pid 1 and hostname). A lock whose pid cannot be judged here is judged by its heartbeat:
+    of another PID namespace, stale after LOCK_SILENT_S without one; of another host, after LOCK_FOREIGN_SILENT_S
+    (a lock written before locks had a heartbeat is never stale). A live owner raises LockError. A run paused
+    longer than that (Ctrl-Z, `docker pause`) loses its lock while alive (docs/BAD_INPUTS.md).
     """
 
     def __init__(self, folder: str | os.PathLike):
         self.folder = Path(folder)
         self.path = self.folder / LOCK_NAME
         self.me = {"host": socket.gethostname(), "pid": os.getpid(), "start": process_start(os.getpid()),
-                   "ns": pid_namespace()}
+                   "ns": pid_namespace(), "beat": LOCK_BEAT_S}
         self._beating: threading.Event | None = None
         self.held = False
         self.made: list[Path] = []  # folders acquire() created: removed again by release() if left empty
@@ -450,21 +453,48 @@ class RunLock:
             f.write(json.dumps(self.me))
         return True
 
+    def _silence(self, owner: dict) -> float | None:
+        """How long the owner's lock may go without a heartbeat before it is stale; None when its pid is judged
+        here instead (this host and PID namespace), or when it has no heartbeat to judge (another host's lock
+        from before locks had one: never stale)."""
+        ns = owner.get("ns")
+        if owner.get("host") != self.me["host"]:
+            return LOCK_FOREIGN_SILENT_S if "beat" in owner else None
+        if isinstance(ns, int) and ns != self.me["ns"]:  # its pid means another process, or none, here
+            return LOCK_SILENT_S
+        return None
+
     def _dead(self, owner: dict, path: Path | None = None) -> bool:
         """Whether the owner the lock file at `path` (the lock's by default) names is gone."""
-        if owner.get("host") != self.me["host"]:
-            return False
-        ns = owner.get("ns")
-        if isinstance(ns, int) and ns != self.me["ns"]:  # its pid means another process, or none, here
+        silence = self._silence(owner)
+        if silence is not None:
             try:
-                return time.time() - (path or self.path).stat().st_mtime > LOCK_SILENT_S
+                return time.time() - (path or self.path).stat().st_mtime > silence
             except OSError:
                 return False
+        if owner.get("host") != self.me["host"]:
+            return False
         pid = int(owner["pid"])
         if pid == os.getpid():
             return self.path.resolve() not in _HELD_HERE
         start = owner.get("start")
         return not pid_alive(pid) or (isinstance(start, int) and process_start(pid) not in (None, start))
+
+    def _holder(self, owner: dict) -> str:
+        """The live owner as the refusal names it, with the rule that would let the lock be taken over."""
+        where = f"pid {owner['pid']} on {owner.get('host')}"
+        silence = self._silence(owner)
+        if silence is not None:
+            try:
+                ago = f"{max(0.0, time.time() - self.path.stat().st_mtime):.0f} s ago"
+            except OSError:
+                ago = "at an unknown time"
+            other = ", in another PID namespace" if owner.get("host") == self.me["host"] else ""
+            return (f"{where}{other}: its last heartbeat was {ago}; the lock is taken over after "
+                    f"{silence / 60:g} minutes without one")
+        if owner.get("host") != self.me["host"]:
+            return f"{where}, another host, by a version without a heartbeat: this machine cannot tell if it runs"
+        return where
 
     def acquire(self) -> RunLock:
         """Take the lock or raise LockError naming the folder and the owner."""
@@ -483,11 +513,8 @@ class RunLock:
                 raise LockError(f"{self.folder}: lock file {self.path.name} is unreadable; remove it if no training "
                                 f"writes into this folder")
             if not self._dead(owner):
-                other = (f" in another PID namespace, taken over after {LOCK_SILENT_S / 60:g} minutes without its "
-                         f"heartbeat") if (
-                    isinstance(owner.get("ns"), int) and owner.get("ns") != self.me["ns"]) else ""
-                raise LockError(f"{self.folder}: another training (pid {owner['pid']} on {owner.get('host')}{other}) "
-                                f"writes checkpoints here (lock {self.path.name}; if none does, remove that file)")
+                raise LockError(f"{self.folder}: another training ({self._holder(owner)}) writes checkpoints here "
+                                f"(lock {self.path.name}; if none does, remove that file)")
             # move the stale lock aside atomically, so of two runs taking it over only one wins
             aside = self.path.with_name(f"{LOCK_NAME}.stale.{os.getpid()}")
             try:
