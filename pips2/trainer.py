@@ -371,6 +371,21 @@ def rng_state() -> dict:
             "torch": torch.get_rng_state()}
 
 
+def _finite(v: Any) -> float:
+    """A saved running figure: a float, or ValueError."""
+    f = float(v)
+    if not np.isfinite(f):
+        raise ValueError(f"{v!r} is not finite")
+    return f
+
+
+def _count(v: Any) -> int:
+    """A saved count or clip index: a non-negative int, or ValueError."""
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
+        raise ValueError(f"{v!r} is not a count")
+    return int(v)
+
+
 def set_rng_state(state: dict) -> None:
     """Restore what rng_state() returned."""
     random.setstate((state["python_version"], tuple(state["python"]), None))
@@ -433,9 +448,8 @@ class TrainState:
                 self.optimizer, max_lr=cfg.lr, total_steps=cfg.max_steps + 100, pct_start=0.1, cycle_momentum=False,
                 anneal_strategy="linear")
         self.scaler = torch.amp.GradScaler(ranks.device.type, enabled=cfg.amp == "fp16")
-        self.step, extras = self._load(say)
-        if "rng" in extras:
-            set_rng_state(extras["rng"])
+        self.step, extras, self.loaded_from = self._load(say)
+        self._apply_extras(extras)
         self.model = self.net
         if ranks.world > 1:
             # LBM's last layer's reference-point head gets no loss (as the authors'), hence unused parameters
@@ -443,20 +457,38 @@ class TrainState:
                 self.net, device_ids=[ranks.device.index] if ranks.device.type == "cuda" else None,
                 find_unused_parameters=cfg.lbm)
         self.model.train()
-        # the running means continue across a resume: a resumed run prints what an uninterrupted one would
-        self.losses = deque((float(v) for v in extras.get("loss_t", [])), maxlen=cfg.log_freq)
-        self.d_ts = deque((float(v) for v in extras.get("d_t", [])), maxlen=cfg.log_freq)
-        self.d_vs = deque((float(v) for v in extras.get("d_v", [])), maxlen=10)
-        self.nan_total, self.nan_run = int(extras.get("nan_steps", 0)), 0
-        # dataset indices of clips skipped as corrupt; a DataLoader worker's own counters never reach this process,
-        # so every sample carries the clips skipped while producing it (`corrupt_ids`)
-        self.corrupt = {"train": {int(i) for i in extras.get("corrupt_clips", [])},
-                        "val": {int(i) for i in extras.get("corrupt_val_clips", [])}}
 
-    def _load(self, say: Callable[..., None]) -> tuple[int, dict]:
-        """Resume from the run's folder, else start from --init_dir, else fresh: (step, the checkpoint's extras)."""
+    def _apply_extras(self, extras: dict) -> None:
+        """Restore the RNG states, running means and counters a checkpoint carries; one that is not what this
+        program saves ends the run in one line naming the file and the key (exit 2), not a traceback."""
+        cfg, key = self.cfg, "rng"
+        try:
+            if "rng" in extras:
+                set_rng_state(extras["rng"])
+            # the running means continue across a resume: a resumed run prints what an uninterrupted one would
+            key = "loss_t"
+            self.losses = deque((_finite(v) for v in extras.get("loss_t", [])), maxlen=cfg.log_freq)
+            key = "d_t"
+            self.d_ts = deque((float(v) for v in extras.get("d_t", [])), maxlen=cfg.log_freq)
+            key = "d_v"
+            self.d_vs = deque((float(v) for v in extras.get("d_v", [])), maxlen=10)
+            key = "nan_steps"
+            self.nan_total, self.nan_run = _count(extras.get("nan_steps", 0)), 0
+            # dataset indices of clips skipped as corrupt; a DataLoader worker's own counters never reach this
+            # process, so every sample carries the clips skipped while producing it (`corrupt_ids`)
+            key = "corrupt_clips"
+            self.corrupt = {"train": {_count(i) for i in extras.get("corrupt_clips", [])}, "val": set()}
+            key = "corrupt_val_clips"
+            self.corrupt["val"] = {_count(i) for i in extras.get("corrupt_val_clips", [])}
+        except (TypeError, ValueError, KeyError, IndexError, RuntimeError, OverflowError) as e:
+            self.ranks.die(f"{self.loaded_from}: its '{key}' is not what this program saves ({e}); move the file "
+                           f"aside to resume from the checkpoint before it")
+
+    def _load(self, say: Callable[..., None]) -> tuple[int, dict, Path | None]:
+        """Resume from the run's folder, else start from --init_dir, else fresh: (step, the checkpoint's extras,
+        its file)."""
         cfg, main = self.cfg, self.ranks.main
-        step, loaded = 0, {}  # loaded: the checkpoint whose step is resumed
+        step, loaded, path = 0, {}, None  # loaded: the checkpoint whose step is resumed
         ignore = tuple(p for p in (cfg.ignore_load or "").split(",") if p)
         if cfg.resume and ck.list_checkpoints(self.ckpt_dir):
             bad: list[tuple[Path, ck.CheckpointError]] = []
@@ -476,9 +508,17 @@ class TrainState:
                                     layout=cfg.layout)
             except ck.CheckpointError as e:
                 self.ranks.die(str(e))
-            if cfg.lbm and loaded.get("scaler"):  # empty when saved without fp16: the fresh scale then
-                self.scaler.load_state_dict(loaded["scaler"])
             step = ck.step_of(path)
+            try:
+                if cfg.lbm and loaded.get("scaler"):  # empty when saved without fp16: the fresh scale then
+                    self.scaler.load_state_dict(loaded["scaler"])
+            except (TypeError, ValueError, KeyError, AttributeError, RuntimeError) as e:
+                self.ranks.die(f"{path}: its 'scaler' is not what this program saves ({e}); move the file aside to "
+                               f"resume from the checkpoint before it")
+            done = self.scheduler.last_epoch  # one scheduler step per training step (fewer after skipped ones)
+            if not isinstance(done, int) or isinstance(done, bool) or not 0 <= done <= step:
+                self.ranks.die(f"{path}: its learning-rate schedule is at step {done!r}, not one of steps 0 to {step} "
+                               f"that its name allows; move the file aside to resume from the checkpoint before it")
             say(f"loaded {path} (step {step}); resuming at step {step}")
             end = getattr(self.scheduler, "total_steps", None)  # PIPs++'s one-cycle schedule, as restored
             if end is not None and cfg.max_steps > end:
@@ -502,7 +542,7 @@ class TrainState:
         # the weights are in place: keep only the extras
         layout = self.cfg.layout
         parts = {layout.model, layout.optimizer, layout.scheduler, "scaler"}
-        return step, {k: v for k, v in loaded.items() if not k.endswith("_state_dict") and k not in parts}
+        return step, {k: v for k, v in loaded.items() if not k.endswith("_state_dict") and k not in parts}, path
 
     def note_corrupt(self, kind: str, batch: Sample) -> list[int]:
         """Remember the clips skipped as corrupt while producing a 'train' or 'val' batch; returns the new ones."""

@@ -421,3 +421,48 @@ def test_good_flags_pass_the_checks():
     cfg = train.make_config(1, {"lr": 1, "use_augs": 0, "recompute_cheap": None, "B": 2, "wd": 0})
     assert cfg.lr == 1.0 and isinstance(cfg.lr, float) and cfg.use_augs is False and cfg.recompute_cheap is None
     assert train.make_config(1, {"model": "lbm", "crop_size": "128,128"}).iters == 0  # LBM has no iterations
+
+
+@pytest.fixture(scope="module")
+def two_steps(exported, tmp_path_factory):
+    """A run folder holding the checkpoint of step 2 (of a 3-step run): (its config, its checkpoint file)."""
+    out, _ = exported
+    tmp = tmp_path_factory.mktemp("two")
+    cfg = _cfg(out, tmp, max_steps=2)
+    train.run_stage(cfg)
+    return out, ck.find_checkpoint(tmp / "ck" / cfg.name())
+
+
+def _opt_wrong_shape(c: dict) -> None:
+    state = c["optimizer_state_dict"]["state"]
+    state[0]["exp_avg"] = torch.zeros(3)
+
+
+@pytest.mark.parametrize("what,change,said", [
+    ("rng.python", lambda c: c["rng"].__setitem__("python", [1, 2, 3]), "its 'rng' is not what this program saves"),
+    ("rng.numpy", lambda c: c["rng"].__setitem__("numpy", ["MT19937", [1, 2], 0, 0, 0.0]), "its 'rng'"),
+    ("rng.torch", lambda c: c["rng"].__setitem__("torch", torch.zeros(3)), "its 'rng'"),
+    ("loss_t", lambda c: c.__setitem__("loss_t", ["abc"]), "its 'loss_t' is not what this program saves"),
+    ("nan_steps", lambda c: c.__setitem__("nan_steps", "x"), "its 'nan_steps'"),
+    ("corrupt_clips", lambda c: c.__setitem__("corrupt_clips", [1e30, -5]), "its 'corrupt_clips'"),
+    ("optimizer empty", lambda c: c.__setitem__("optimizer_state_dict", {}),
+     "'optimizer_state_dict' is not one this program saves (KeyError: 'param_groups')"),
+    ("optimizer shape", _opt_wrong_shape, "'optimizer_state_dict' holds a exp_avg of shape (3,) for a parameter"),
+    ("scheduler", lambda c: c["scheduler_state_dict"].__setitem__("last_epoch", -10**9),
+     "its learning-rate schedule is at step -1000000000, not one of steps 0 to 2"),
+])
+def test_a_resume_checkpoint_with_malformed_extras_is_one_line(two_steps, tmp_path, capsys, what, change, said):
+    """Each of these ended train.py in a traceback after "resuming at step 2" (a scheduler at step -1e9 trained on
+    with whatever learning rate that gave): now one line naming the file and the part, exit 2."""
+    out, src = two_steps
+    cfg = _cfg(out, tmp_path, max_steps=3)
+    folder = tmp_path / "ck" / cfg.name()
+    folder.mkdir(parents=True)
+    ckpt = torch.load(src, weights_only=True)
+    change(ckpt)
+    torch.save(ckpt, folder / src.name)
+    with pytest.raises(SystemExit) as e:
+        train.run_stage(cfg)
+    assert e.value.code == 2
+    err = [ln for ln in capsys.readouterr().err.strip().splitlines() if not ln.startswith("warning: ")]
+    assert len(err) == 1 and err[0].startswith(f"error: {folder / src.name}: ") and said in err[0], err

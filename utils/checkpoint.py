@@ -298,9 +298,24 @@ def apply_checkpoint(ckpt: dict, path: str | os.PathLike, model: nn.Module, opti
     if optimizer is not None:
         if layout.optimizer not in ckpt:
             raise CheckpointError(f"{path}: has no {layout.optimizer} to resume from")
-        optimizer.load_state_dict(_owned(ckpt[layout.optimizer]))
+        _load_part(path, layout.optimizer, optimizer, _owned(ckpt[layout.optimizer]))
+        for param, state in optimizer.state.items():  # a wrong shape fails only inside the first step
+            for name, v in state.items() if isinstance(state, dict) else ():
+                if isinstance(v, torch.Tensor) and v.dim() and v.shape != param.shape:
+                    raise CheckpointError(f"{path}: '{layout.optimizer}' holds a {name} of shape {tuple(v.shape)} for "
+                                          f"a parameter of shape {tuple(param.shape)}")
     if scheduler is not None and layout.scheduler in ckpt:
-        scheduler.load_state_dict(ckpt[layout.scheduler])
+        _load_part(path, layout.scheduler, scheduler, ckpt[layout.scheduler])
+
+
+def _load_part(path: str | os.PathLike, key: str, part: Any, state: Any) -> None:
+    """part.load_state_dict(state), its failure a CheckpointError naming the file and the key."""
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: '{key}' is not a state dict (a {type(state).__name__})")
+    try:
+        part.load_state_dict(state)
+    except (KeyError, ValueError, TypeError, IndexError, AttributeError, RuntimeError) as e:
+        raise CheckpointError(f"{path}: '{key}' is not one this program saves ({type(e).__name__}: {e})") from None
 
 
 def _owned(obj: Any, memo: dict[int, Any] | None = None) -> Any:
