@@ -84,7 +84,7 @@ from pips2.hub import (
 from pips2.nets.lbm import LBM
 from pips2.nets.pips2 import Pips
 from pips2.tracking import FrameSource, default_model_hw, grid_queries, is_lbm, resolve_model_hw, track, window_starts
-from pips2.utils.checkpoint import CheckpointError, resolve_device
+from pips2.utils.checkpoint import CheckpointError, looks_like_torch_file, resolve_device
 from pips2.utils.procs import caught_stop_signals, owned_tempdir, raise_stop, remove_stale_tempdirs
 from pips2.utils.video import (
     CONTAINER_NAMES,
@@ -178,7 +178,7 @@ def whole(value, name: str, lo: int, hi: int) -> int:
     if isinstance(value, bool) or not ok:
         raise WebError(f"{name} must be a whole number in {lo}..{hi}, got {shown(value)}")
     if not lo <= value <= hi:
-        raise WebError(f"{name} must be in {lo}..{hi}, got {int(value)}")
+        raise WebError(f"{name} must be in {lo}..{hi}, got {shown(value)}")
     return int(value)
 
 
@@ -452,6 +452,12 @@ def hub_choice(model: str) -> Choice:
 def path_choice(model: str, name: str, given: bool) -> Choice:
     """A checkpoint path: --init_dir (`given`) or demo.py's default folder; ready when it holds a checkpoint."""
     found = local_checkpoint(name)
+    if found is not None and not looks_like_torch_file(found):  # /etc/passwd was offered as ready
+        how = "restart with --init_dir=<a checkpoint folder or file>"
+        return Choice(model, name, "missing", f"{name} (not a checkpoint)",
+                      f"{name} (named when the server started) is not a checkpoint: choose another checkpoint in the "
+                      f"list, or {how}", f"{model}: {name}: {found} is not a checkpoint (not a file torch.save "
+                      f"writes); {how}")
     if found is not None:
         return Choice(model, name, "ready", name, "", f"{model}: {name}: ready ({found})")
     demo = demo_checkpoint()

@@ -315,6 +315,22 @@ def test_app_port_host_and_device_are_checked_at_start(capsys, monkeypatch, kwar
     assert res.returncode == 2 and res.stdout == "" and len(res.stderr.strip().splitlines()) == 1, res
     assert res.stderr.startswith(line), res.stderr
 
+def test_an_ipv6_host_may_be_given_as_urls_write_it(capsys, monkeypatch, ckpt):
+    """--host=[::1] (the form a URL uses) was "cannot listen on [::1]:7961 (Name or service not known)"."""
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 here")
+    try:
+        socket.socket(socket.AF_INET6).bind(("::1", 0))
+    except OSError:
+        pytest.skip("no IPv6 loopback here")
+    listened = []
+    monkeypatch.setattr(webapp.DemoServer, "serve_forever", lambda server: listened.append(server.url))
+    monkeypatch.setattr(webapp.signal, "signal", lambda *a: None)  # the server's stop handlers: not pytest's
+    res = run_main(app.main, capsys, host="[::1]", port=0, init_dir=str(ckpt))
+    assert res.returncode in (0, None) and "error" not in res.stderr, res
+    assert listened and listened[0].startswith("http://[::1]:"), listened
+
+
 def test_a_wildcard_host_says_how_to_be_reached_from_elsewhere(capsys, monkeypatch, ckpt):
     """--host=0.0.0.0 printed http://0.0.0.0:PORT and then answered 421 to every request from another machine
     (their Host is this machine's name): the usual idiom silently did not work."""
@@ -391,6 +407,14 @@ def test_checkpoints_are_checked_at_start(no_checkpoints, tmp_path):
         assert page_wording(app_.choice(model, str(given)).note).startswith(
             f"{given} (named when the server started) holds no checkpoint: choose another checkpoint in the list")
         app_.close()
+    # a file that is no checkpoint (--init_dir=/etc/passwd was offered as ready): missing, and said so
+    (tmp_path / "passwd").write_text("root:x:0:0:root:/root:/bin/bash\n")
+    app_ = webapp.App(init_dir=str(tmp_path / "passwd"), clip_dir=clips)
+    line = next(ln for ln in app_.checkpoint_report() if "passwd" in ln)
+    assert line == (f"  pips2: {tmp_path / 'passwd'}: {tmp_path / 'passwd'} is not a checkpoint (not a file torch.save "
+                    f"writes); restart with --init_dir=<a checkpoint folder or file>"), line
+    assert app_.choice("pips2", str(tmp_path / "passwd")).state == "missing"
+    app_.close()
 
 
 def test_a_missing_checkpoint_is_refused_before_the_work(no_checkpoints, tmp_path, video):

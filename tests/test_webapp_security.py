@@ -240,6 +240,7 @@ def test_numbers_out_of_bounds_are_one_line(server, video, monkeypatch):
                               ("iters", -3, "iters must be in"), ("iters", 2.5, "whole number"),
                               ("iters", "16", "whole number"), ("iters", True, "whole number"),
                               ("S", 1, "S must be in 2..128"), ("S", 10**30, "S must be in"),
+                              ("S", 1e308, "S must be in 2..128, got 1e+308"),  # not its 309 digits
                               ("grid_size", 65, "grid size must be in 0..64"), ("grid_size", -1, "grid size"),
                               ("grid_frame", T, f"grid frame must be in 0..{T - 1}"),
                               ("points", [[0, 5, 5]] * (webapp.MAX_CLICKS + 1), "at most"),

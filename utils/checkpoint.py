@@ -216,6 +216,17 @@ def load_weights_only(path: str | os.PathLike, map_location: str | torch.device 
     return ckpt
 
 
+def looks_like_torch_file(path: str | os.PathLike) -> bool:
+    """Whether the file starts as torch.save writes one (a zip archive, or the legacy format's pickle); nothing
+    else of it is read."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError:
+        return False
+    return head == b"PK\x03\x04" or head[:1] == b"\x80"
+
+
 def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu",
                     layout: Layout = PIPS_LAYOUT) -> dict:
     """torch.load a checkpoint safely; one clear error line for a corrupt or foreign file."""

@@ -34,7 +34,10 @@ def main(port: int = 7860, host: str = "127.0.0.1", init_dir: str | None = None,
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
-    serve(app, str(host), port)
+    host = str(host)
+    if host.startswith("[") and host.endswith("]"):  # an IPv6 address as URLs write it: [::1]
+        host = host[1:-1]
+    serve(app, host, port)
 
 
 def cli() -> None:
