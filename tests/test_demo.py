@@ -500,14 +500,14 @@ def test_a_signal_ignored_by_the_caller_stays_ignored():
     it, or a Ctrl-C meant for the script's foreground job stops the demo too."""
     import signal
 
-    from pips2.cli.demo import _stop, stopping_on_signals
+    from pips2.utils.procs import stop_handler, stopping_on_signals
 
     before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         with stopping_on_signals():
             assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
-            assert signal.getsignal(signal.SIGTERM) is _stop
+            assert signal.getsignal(signal.SIGTERM) is stop_handler
         assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
         assert signal.getsignal(signal.SIGTERM) is before[1]
     finally:

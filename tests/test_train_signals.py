@@ -444,8 +444,8 @@ elif kind == "eval":
     from pips2.evaluation import Interrupted as Stop, _on_signal
     signal.signal(sig, _on_signal)
 elif kind == "demo":
-    from pips2.cli.demo import Stopped as Stop, _stop
-    signal.signal(sig, _stop)
+    from pips2.utils.procs import Stopped as Stop, stop_handler
+    signal.signal(sig, stop_handler)
 elif kind == "webapp":
     from pips2.webapp import _interrupt
     Stop = KeyboardInterrupt

@@ -17,6 +17,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
@@ -342,3 +343,37 @@ def remove_stale_tempdirs(prefix: str, tmp: str | os.PathLike | None = None) -> 
             shutil.rmtree(d, ignore_errors=True)
             removed.append(d)
     return removed
+
+
+class Stopped(BaseException):
+    """A stop signal (SIGTERM, SIGINT, SIGHUP) arrived inside stopping_on_signals(): the job unwinds, every
+    `finally` on the way out runs, and its program exits 128 + signal."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def stop_handler(signum: int, frame) -> None:
+    """The handler stopping_on_signals() installs: later signals are ignored (the clean-up runs undisturbed), and
+    this one raises Stopped."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    raise_stop(signum, Stopped(signum))
+
+
+@contextmanager
+def stopping_on_signals() -> Iterator[None]:
+    """Inside, the stop signals not ignored by whoever started the process raise Stopped; the previous handlers
+    come back afterwards. Outside the main thread (which alone may set handlers) nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = {sig: signal.getsignal(sig) for sig in caught_stop_signals()}
+    for sig in old:
+        signal.signal(sig, stop_handler)
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)

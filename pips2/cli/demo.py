@@ -15,11 +15,8 @@ import json
 import signal
 import sys
 import tempfile
-import threading
 import time
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import cv2
@@ -42,7 +39,7 @@ from pips2.tracking import (
 from pips2.utils.checkpoint import CheckpointError, resolve_device
 from pips2.utils.cli import run_fire
 from pips2.utils.paths import make_dirs, remove_empty_dirs
-from pips2.utils.procs import STOP_SIGNALS, caught_stop_signals, raise_stop
+from pips2.utils.procs import Stopped, stopping_on_signals
 from pips2.utils.video import VideoError, header_wh, video_info
 from pips2.utils.vis import write_outputs
 
@@ -180,37 +177,6 @@ def prepare(video_path: Path, points: str | None, grid_size: int, query_frame: i
         if not len(queries):
             raise ValueError(f"--mask {mask}: no grid point falls inside the mask (nonzero pixels)")
     return queries.astype(np.float32), num_frames, H, W, fps
-
-
-class Stopped(BaseException):
-    """SIGTERM or SIGINT arrived: the run unwinds (every temp file removed on the way) and exits 128 + signal."""
-
-    def __init__(self, signum: int):
-        super().__init__(signum)
-        self.signum = signum
-
-
-def _stop(signum, frame) -> None:
-    for sig in STOP_SIGNALS:  # the clean-up runs undisturbed by a second signal
-        signal.signal(sig, signal.SIG_IGN)
-    raise_stop(signum, Stopped(signum))
-
-
-@contextmanager
-def stopping_on_signals() -> Iterator[None]:
-    """Inside, SIGTERM (what schedulers send) and SIGINT (Ctrl-C) raise Stopped, so that every `finally` on the
-    way out runs (the decoded video's temp file is removed); the previous handlers come back afterwards."""
-    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
-        yield
-        return
-    old = {sig: signal.getsignal(sig) for sig in caught_stop_signals()}
-    for sig in old:
-        signal.signal(sig, _stop)
-    try:
-        yield
-    finally:
-        for sig, handler in old.items():
-            signal.signal(sig, handler)
 
 
 def main(video: str | None = None, init_dir: str | None = None, points: str | None = None,

@@ -13,17 +13,8 @@ from pathlib import Path
 from pips2.datasets.pointodyssey import MAX_TRACK_ENTRIES, MAX_TRACKS
 from pips2.datasets.synthetic import SceneConfig, generate_dataset, record_settings
 from pips2.utils.cli import die, run_fire
-from pips2.utils.procs import caught_stop_signals, exit_code, raise_stop
+from pips2.utils.procs import Stopped, exit_code, stopping_on_signals
 from pips2.utils.video import MAX_IMAGE_PIXELS
-
-
-class _Stopped(BaseException):
-    """A stop signal while scenes are written."""
-
-    def __init__(self, signum: int):
-        super().__init__(signum)
-        self.signum = signum
-
 
 MIN_SIDE = 8  # pixels: an object is at least 8 px; the export crops and the models resize, so any size loads
 MIN_T = 2  # frames: a track needs two; the scripts' windows overlap by one frame
@@ -81,20 +72,14 @@ def main(out: str = "./synthetic_pod", train: int = 8, val: int = 0, test: int =
         die(e)
     splits = {k: v for k, v in counts.items() if v > 0}
 
-    def stop(signum: int, frame) -> None:
-        raise_stop(signum, _Stopped(signum))
-
-    old = {sig: signal.signal(sig, stop) for sig in caught_stop_signals()}
     try:
-        paths = generate_dataset(out, splits, seed=seed, cfg=cfg)
-    except _Stopped as e:  # each scene is written whole (temp, rename): what is done stays
+        with stopping_on_signals():
+            paths = generate_dataset(out, splits, seed=seed, cfg=cfg)
+    except Stopped as e:  # each scene is written whole (temp, rename): what is done stays
         name = signal.Signals(e.signum).name
         print(f"stopped by {name}: the scenes written so far are kept; the same command writes the rest",
               file=sys.stderr, flush=True)
         sys.exit(exit_code(name))
-    finally:
-        for sig, handler in old.items():
-            signal.signal(sig, handler)
     print(f"summary: {len(paths)} scenes ({', '.join(f'{k} {v}' for k, v in splits.items())}) of {T} frames "
           f"{W}x{H} in {out}")
 
