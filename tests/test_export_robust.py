@@ -21,6 +21,7 @@ from pips2.datasets import export
 from pips2.datasets import pointodyssey as pod
 from pips2.datasets.clipmaker import enumerate_candidates
 from pips2.datasets.clips import ClipSettings, list_clips, verify_clip
+from pips2.utils.procs import usable_cpus
 
 ROOT = Path(__file__).resolve().parents[1]
 ST = ClipSettings(split="train", S=8, N=32, crop_hw=(128, 192))
@@ -145,12 +146,27 @@ def test_bad_flag_is_one_line(synth_root, tmp_path):
     # a path component: the version folder was written outside --out_dir
     (["--dset=../test"], "--dset must be a split's plain name (train, val, test, ...), got '../test'"),
     # one process (and its ffmpeg) per worker: 1000 started one per queued clip
-    (["--workers=1000"], f"--workers must be at most {4 * (os.cpu_count() or 1)} (4 per CPU core here), got 1000"),
+    (["--workers=1000"], f"--workers must be at most {4 * usable_cpus()} (4 per CPU core this process may use), "
+                         f"got 1000"),
 ])
 def test_numeric_flags_out_of_range_are_one_line(synth_root, tmp_path, flags, expect):
     res = run_export(synth_root, tmp_path / "out", *flags, check=False)
     assert res.returncode == 2 and res.stderr.strip() == f"error: {expect}", res.stdout + res.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_workers_are_bounded_by_the_cpus_this_process_may_use(tmp_path, monkeypatch):
+    """The bound counted the machine's CPUs: under `taskset -c 0`, or in a container given 2 CPUs of a 128-CPU
+    host, it allowed 4 or 256 times too many workers."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    assert usable_cpus(tmp_path / "none") == 1
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(128)), raising=False)
+    (tmp_path / "cpu.max").write_text("200000 100000\n")  # docker --cpus=2
+    assert usable_cpus(tmp_path / "cpu.max") == 2
+    (tmp_path / "cpu.max").write_text("150000 100000\n")  # --cpus=1.5: two CPUs run it, each part of the time
+    assert usable_cpus(tmp_path / "cpu.max") == 2
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert usable_cpus(tmp_path / "cpu.max") == 128
 
 
 # --- frames of different sizes, failures --------------------------------------------------------------------

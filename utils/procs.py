@@ -377,3 +377,19 @@ def stopping_on_signals() -> Iterator[None]:
     finally:
         for sig, handler in old.items():
             signal.signal(sig, handler)
+
+
+def usable_cpus(cgroup_cpu_max: str | os.PathLike = "/sys/fs/cgroup/cpu.max") -> int:
+    """The CPUs this process may run on: its affinity mask (`taskset`, a scheduler's allocation), further cut by
+    a cgroup v2 CPU quota (a container's `--cpus`); at least 1. os.cpu_count() counts the whole machine."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        n = os.cpu_count() or 1
+    try:
+        quota, period = Path(cgroup_cpu_max).read_text().split()[:2]
+        if quota != "max":
+            n = min(n, max(1, -(-int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, n)

@@ -10,7 +10,6 @@ The defaults (S=36, N=128, 256x384) are the clips stage-1 training reads with it
 
 from __future__ import annotations
 
-import os
 import re
 import signal
 import sys
@@ -37,7 +36,7 @@ from pips2.datasets.export import (
     worker_init,
 )
 from pips2.utils.cli import aliased, die, parse_hw, run_fire
-from pips2.utils.procs import STOP_SIGNALS, WorkerPool, describe_exit, exit_code, raise_stop
+from pips2.utils.procs import STOP_SIGNALS, WorkerPool, describe_exit, exit_code, raise_stop, usable_cpus
 
 
 class Terminated(BaseException):
@@ -112,9 +111,10 @@ def _check_flags(**flags) -> None:
     for name, low in MINIMUM.items():
         if flags.get(name) is not None and flags[name] < low:
             raise ValueError(f"--{name} must be at least {low}, got {flags[name]}")
-    most = 4 * (os.cpu_count() or 1)  # each worker is a process (~60 MB idle) with its own ffmpeg
+    most = 4 * usable_cpus()  # each worker is a process (~60 MB idle) with its own ffmpeg
     if flags.get("workers") is not None and flags["workers"] > most:
-        raise ValueError(f"--workers must be at most {most} (4 per CPU core here), got {flags['workers']}")
+        raise ValueError(f"--workers must be at most {most} (4 per CPU core this process may use), got "
+                         f"{flags['workers']}")
     dset = flags.get("dset")
     if dset is not None and (not re.fullmatch(r"[A-Za-z0-9_.-]+", dset) or dset in (".", "..")):
         # a path component: --dset=../test wrote its version folder outside --out_dir
