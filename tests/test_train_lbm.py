@@ -223,7 +223,7 @@ def test_tapvid_davis_validation_while_training(tmp_path):
     # the figures are test_on_tap.py's query-first ones (at 256x256) of the first video only (--eval_videos=1)
     unused: Any = None  # tapvid() reads neither the ranks nor the training data
     figs = trainer.Validator(cfg, unused, unused).tapvid(net)
-    assert net.training
+    assert net.training and figs is not None
     from pips2 import evaluation
     from pips2.datasets.tapvid import load_tapvid
 
