@@ -66,6 +66,19 @@ def test_pickle_forms_load_the_same(tmp_path):
         list(tapvid.load_tapvid(tmp_path / "bad.pkl"))
 
 
+def test_tapvid_encoded_frames_are_read_as_stored_whatever_their_exif_orientation(tmp_path):
+    """The points are positions in the stored pixels: a Kinetics frame with an EXIF Orientation tag of 3 was
+    decoded turned 180 degrees at the same size, every point on the mirrored image."""
+    from test_video import exif_oriented
+
+    e = _entry()
+    png = dict(e, video=[exif_oriented(fr, 3, ".png") for fr in e["video"]])
+    with open(tmp_path / "k.pkl", "wb") as f:
+        pickle.dump([png], f)
+    (_, video, _, _), = list(tapvid.load_tapvid(tmp_path / "k.pkl"))
+    np.testing.assert_array_equal(video, e["video"])
+
+
 def test_query_modes():
     occ = np.array([[False, True, False, False, False, False], [True, True, True, True, True, False]])
     idx, qf = tapvid.first_queries(occ)

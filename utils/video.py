@@ -149,6 +149,13 @@ def image_pixels_problem(data: bytes) -> str | None:
     return None
 
 
+# How frames are decoded from files and bytes: in colour, and as their pixels are stored. Plain IMREAD_COLOR turns
+# an image by its EXIF orientation tag, while the annotations of every data set (PointOdyssey, TAP-Vid, Kubric,
+# CroHD) are positions in the stored pixels, and the size checks read the stored size from the header: a tag of 3
+# turned every frame 180 degrees at the same size, and the tracks were scored and exported on the turned image.
+IMREAD_STORED_COLOR = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
+
+
 def header_wh(raw: bytes) -> tuple[int, int] | None:
     """(width, height) from a PNG's or JPEG's header, without decoding it; None for anything else."""
     if raw[:8] == b"\x89PNG\r\n\x1a\n" and raw[12:16] == b"IHDR" and len(raw) >= 24:
@@ -185,8 +192,8 @@ def not_regular_file(path: str | os.PathLike) -> bool:
 
 
 def read_rgb(path: str | os.PathLike) -> np.ndarray:
-    """An image file as RGB uint8 (H,W,3); an unreadable, truncated or oversized (MAX_IMAGE_PIXELS, from its
-    header) one raises VideoError naming it."""
+    """An image file as RGB uint8 (H,W,3), its pixels as stored (an EXIF orientation tag is not applied); an
+    unreadable, truncated or oversized (MAX_IMAGE_PIXELS, from its header) one raises VideoError naming it."""
     if not_regular_file(path):  # a FIFO's open() waits for a writer: forever in a scene folder
         raise VideoError(f"{path}: not a regular file")
     try:
@@ -202,7 +209,7 @@ def read_rgb(path: str | os.PathLike) -> np.ndarray:
     why = _truncation(io.BytesIO(data), len(data)) or image_pixels_problem(data)
     if why:
         raise VideoError(f"{path}: {why}")
-    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    img = cv2.imdecode(np.frombuffer(data, np.uint8), IMREAD_STORED_COLOR)
     if img is None:
         raise VideoError(f"{path}: unreadable image")
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
