@@ -425,7 +425,7 @@ def test_another_data_set_into_the_same_folder_is_refused(synth_root, tmp_path):
     assert src["dataset_location"] == str(Path(synth_root).resolve()), first.stdout
     assert src["scenes"] == {"synth_0000": 24, "synth_0001": 24, "synth_0002": 24}
     assert sorted(src["content"]) == sorted(src["scenes"])
-    assert all(len(v) == 16 for v in src["content"].values())
+    assert all(re.fullmatch(r"v2-[0-9a-f]{16}", v) for v in src["content"].values()), src["content"]
     before = sorted(p.name for p in vdir.iterdir())
     second = run_export(other, tmp_path / "out", "--max_clips=4", check=False)
     assert second.returncode == 2
@@ -455,10 +455,11 @@ def test_a_data_set_regenerated_at_the_same_path_is_refused(tmp_path):
     generate_dataset(data, {"train": 2}, seed=6, cfg=cfg, progress=False)  # the same names and frame counts
     again = run_export(data, tmp_path / "out", "--max_clips=4", check=False)
     assert again.returncode == 2, again.stdout
-    assert again.stderr.strip() == (f"error: {vdir}: the annotations or frames of synth_0000, synth_0001 in "
+    assert again.stderr.strip() == (f"error: {vdir}: the annotations, frames or masks of synth_0000, synth_0001 in "
                                     f"{data.resolve() / 'train'} changed since its clips were exported (a regenerated "
-                                    f"or re-released data set at the same path): clips of two data sets would mix; "
-                                    f"give another --out_dir")
+                                    f"or re-released data set at the same path, or files rewritten, or copied without "
+                                    f"their modification times): clips of two data sets would mix; give another "
+                                    f"--out_dir")
     assert sorted(p.name for p in vdir.iterdir()) == before
     # a folder exported before the fingerprints were recorded adopts them, with a note
     settings = json.loads((vdir / "settings.json").read_text())
@@ -473,7 +474,73 @@ def test_a_data_set_regenerated_at_the_same_path_is_refused(tmp_path):
     assert pixels is not None
     cv2.imwrite(str(frame), 255 - pixels, [cv2.IMWRITE_JPEG_QUALITY, 60])
     again = run_export(data, tmp_path / "out", "--max_clips=4", check=False)
-    assert again.returncode == 2 and "the annotations or frames of synth_0001 in" in again.stderr, again.stderr
+    assert again.returncode == 2 and "the annotations, frames or masks of synth_0001 in" in again.stderr, again.stderr
+
+
+def _rewrite_in_place(path: Path, change) -> None:
+    """path's bytes changed by change(bytes) -> bytes of the same length, written over the file (its size kept)."""
+    data = path.read_bytes()
+    new = change(data)
+    assert len(new) == len(data) and new != data
+    path.write_bytes(new)
+
+
+def _double_first_quantisation_table(jpeg: bytes) -> bytes:
+    """A JPEG whose first quantisation table is doubled, at the same byte count: what bit rot or an in-place
+    metadata or colour tool looks like (the decoded pixels change, the file's size does not)."""
+    i = jpeg.index(b"\xff\xdb") + 5  # marker, length, precision and table id, then 64 one-byte values
+    table = bytes(min(255, 2 * v) for v in jpeg[i:i + 64])
+    return jpeg[:i] + table + jpeg[i + 64:]
+
+
+@pytest.mark.parametrize("what", ["masks regenerated", "a frame rewritten at its size"])
+def test_masks_regenerated_or_a_frame_rewritten_at_its_size_are_refused(synth_root, tmp_path, what):
+    """The fingerprint listed the annotations and each frame's name and size: masks regenerated under unchanged
+    frames (they change the clips: the export drops tracks on segmentation edges), or a frame rewritten in place
+    at the same byte count, resumed into the old folder ("written 4, already there 4"), clips of two data sets
+    mixed. Masks are listed too, and each file's modification time."""
+    root = tmp_path / "pod"
+    shutil.copytree(synth_root / "train", root / "train")
+    run_export(root, tmp_path / "out", "--max_clips=2")
+    vdir = _version(tmp_path / "out")
+    before = sorted(p.name for p in vdir.iterdir())
+    scene = root / "train" / "synth_0001"
+    if what == "masks regenerated":
+        for mask in sorted((scene / "masks").glob("mask_*.png")):
+            labels = pod.read_mask(mask)
+            cv2.imwrite(str(mask), np.roll(labels, 37, axis=1))
+    else:
+        frame = pod.frame_files(scene)[5]
+        pixels = pod.read_frames([frame])
+        _rewrite_in_place(frame, _double_first_quantisation_table)
+        assert not np.array_equal(pod.read_frames([frame]), pixels)  # the content changed, its size did not
+    again = run_export(root, tmp_path / "out", "--max_clips=4", check=False)
+    assert again.returncode == 2, again.stdout
+    assert again.stderr.startswith(f"error: {vdir}: the annotations, frames or masks of synth_0001 in "), again.stderr
+    assert sorted(p.name for p in vdir.iterdir()) == before
+
+
+def test_a_folder_of_earlier_fingerprints_is_checked_in_their_form_then_given_the_new_ones(synth_root, tmp_path):
+    """A folder an earlier exporter made records fingerprints without masks or times: they are compared in their
+    own form (a change they cover is refused), and when they match, the new ones are recorded with a note."""
+    root = tmp_path / "pod"
+    shutil.copytree(synth_root / "train", root / "train")
+    run_export(root, tmp_path / "out", "--max_clips=2")
+    vdir = _version(tmp_path / "out")
+    settings = _settings(vdir)
+    new = dict(settings["source"]["content"])
+    settings["source"]["content"] = {n: pod.legacy_fingerprint(root / "train" / n) for n in new}
+    assert all(re.fullmatch(r"[0-9a-f]{16}", v) for v in settings["source"]["content"].values())
+    (vdir / "settings.json").write_text(json.dumps(settings))
+    res = run_export(root, tmp_path / "out", "--max_clips=3")
+    assert (f"note: {vdir / 'settings.json'} recorded content fingerprints of an earlier exporter (annotations and "
+            f"frame sizes only), which match {root.resolve() / 'train'}: recorded the new ones") in res.stdout
+    assert _settings(vdir)["source"]["content"] == new and "already there 2" in res.stdout
+    # an earlier fingerprint that no longer matches: refused, as a changed scene is
+    settings["source"]["content"]["synth_0002"] = "0123456789abcdef"
+    (vdir / "settings.json").write_text(json.dumps(settings))
+    res = run_export(root, tmp_path / "out", "--max_clips=4", check=False)
+    assert res.returncode == 2 and "the annotations, frames or masks of synth_0002 in" in res.stderr, res.stderr
 
 
 def test_a_scene_added_between_runs_is_refused(synth_root, tmp_path):
