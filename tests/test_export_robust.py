@@ -146,6 +146,9 @@ def test_bad_flag_is_one_line(synth_root, tmp_path):
     (["--dset=../test"], "--dset must be a split's plain name (train, val, test, ...), got '../test'"),
     # one process (and its ffmpeg) per worker: 1000 started one per queued clip
     (["--workers=1000"], f"--workers must be at most {4 * (os.cpu_count() or 1)} (4 per CPU core here), got 1000"),
+    # was: every clip "failed: MemoryError: Unable to allocate 224 GiB", "rerun to retry them"
+    (["--crop_size=100000,100000"], "--crop_size must be at most 4096 per side, got 100000x100000"),
+    (["--crop_size=128,4098", "--max_clips=1"], "--crop_size must be at most 4096 per side, got 128x4098"),
 ])
 def test_numeric_flags_out_of_range_are_one_line(synth_root, tmp_path, flags, expect):
     res = run_export(synth_root, tmp_path / "out", *flags, check=False)
@@ -164,11 +167,26 @@ def test_frames_of_different_sizes_are_rejected_once_not_failed(synth_root, tmp_
         assert img is not None
         cv2.imwrite(str(f), cv2.resize(img, (480, 384)))
     first = run_export(root, tmp_path / "out", check=False)
-    assert first.returncode == 0, first.stderr
+    # every clip rejected, none written: no success (exit 2), the data named as the likely cause
+    assert first.returncode == 2, first.stderr
     assert "failed 0" in first.stdout and "frames of different sizes" in first.stdout
+    assert re.fullmatch(r"error: all \d+ clips were rejected, none written: the data is the likely cause \(scene "
+                        r"synth_0000 unusable: frames of different sizes: \d+; see the summary\)\n", first.stderr)
     assert not list_clips(_version(tmp_path / "out"))
     again = run_export(root, tmp_path / "out", check=False)
-    assert again.returncode == 0 and "failed 0" in again.stdout and "frames of different sizes" in again.stdout
+    assert again.returncode == 2 and "failed 0" in again.stdout and "frames of different sizes" in again.stdout
+
+
+def test_an_export_that_rejects_every_clip_is_an_error_naming_the_flag(synth_root, tmp_path):
+    """--N above the tracks the data holds rejected every clip and exited 0 ("rejected 28 (too few tracks: 28)
+    ... 0 clips"): a success with nothing written."""
+    res = run_export(synth_root, tmp_path / "out", "--N=100000", "--max_clips=3", check=False)
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert "rejected 3 (too few tracks: 3)" in res.stdout  # the summary first
+    assert res.stderr == ("error: all 3 clips were rejected, none written: --N=100000 asks for more tracks than these "
+                          "clips hold (too few tracks: 3); give a lower --N\n")
+    written = run_export(synth_root, tmp_path / "out", "--max_clips=3")  # clips written: a success
+    assert written.returncode == 0 and "written 3" in written.stdout
 
 
 def test_a_frame_cut_short_rejects_its_clips_with_the_reason(synth_root, tmp_path):
