@@ -66,10 +66,50 @@ def _read_gt(path: Path, T: int) -> np.ndarray:
                          f"width, height)")
     if not np.isfinite(gt[:, :2]).all() or np.abs(gt[:, :2]).max() >= 2**31:
         raise CroHDError(f"{path}: frame and id columns must be finite integers below 2^31")
+    _check_rows(path, gt)
     n_ids = len(np.unique(gt[:, 1].astype(np.int64)))
     if T * n_ids > MAX_TRACK_ENTRIES:
         raise CroHDError(f"{path}: {n_ids} head ids over {T} frames is more than {MAX_TRACK_ENTRIES} entries")
     return gt
+
+
+def _line_of(path: Path, row: int) -> int:
+    """The line number of path's row-th data row (0-based), as np.loadtxt counts rows: blank lines and # comments
+    are not rows."""
+    n = -1
+    with open(path, encoding="latin-1") as f:
+        for number, line in enumerate(f, 1):
+            if line.split("#", 1)[0].strip():
+                n += 1
+                if n == row:
+                    return number
+    return row + 1
+
+
+def _check_rows(path: Path, gt: np.ndarray) -> None:
+    """CroHDError naming the line of the first row that parses but is wrong: a fractional frame or id (int() made
+    ids 1.2 and 1.7 one head, the later row overwriting the earlier), a box width or height that is negative or not
+    finite (-1e30 gave a centre at -5e29, scored as a visible head), or a (frame, id) given twice (the last box
+    won, silently)."""
+    fractional = np.nonzero((gt[:, :2] != np.round(gt[:, :2])).any(1))[0]
+    if len(fractional):
+        r = fractional[0]
+        raise CroHDError(f"{path}: line {_line_of(path, r)}: frame {gt[r, 0]:g}, id {gt[r, 1]:g}: frame and id must be "
+                         f"whole numbers")
+    wh = gt[:, 4:6]
+    bad_box = np.nonzero(~(np.isfinite(wh) & (wh >= 0)).all(1))[0]
+    if len(bad_box):
+        r = bad_box[0]
+        raise CroHDError(f"{path}: line {_line_of(path, r)}: box of width {wh[r, 0]:g} and height {wh[r, 1]:g}; "
+                         f"both must be finite and not negative")
+    keys = gt[:, :2].astype(np.int64)
+    order = np.lexsort((keys[:, 1], keys[:, 0]))  # stable: rows of one key keep their order in the file
+    same = np.nonzero((keys[order[1:]] == keys[order[:-1]]).all(1))[0]
+    if len(same):
+        k = same[np.argmin(order[same + 1])]  # the duplicate that comes first in the file
+        a, b = order[k], order[k + 1]
+        raise CroHDError(f"{path}: lines {_line_of(path, a)} and {_line_of(path, b)} both give frame {keys[a, 0]}, id "
+                         f"{keys[a, 1]}: one box per head and frame")
 
 
 def _runs(nums: list[int], most: int = 4) -> str:

@@ -141,12 +141,21 @@ def check_source(version_dir: Path, st: ClipSettings, source: dict) -> str | Non
             record_source(version_dir, {**recorded, "content": now})
             return (f"{version_dir / SETTINGS} recorded no content fingerprints: recorded those of "
                     f"{source['dataset_location']}; the clips already there are taken to match them")
-        changed = [n for n in now if before.get(n) != now[n]]
+        split_dir = Path(source["dataset_location"]) / st.split
+        # a fingerprint of the earlier form (no masks, no times) is compared with that form computed now
+        legacy = [n for n in now if isinstance(before.get(n), str) and not before[n].startswith(pod.FINGERPRINT_FORM)]
+        changed = [n for n in now if before.get(n) != (pod.legacy_fingerprint(split_dir / n) if n in legacy
+                                                       else now[n])]
         if changed:
-            raise ValueError(f"{version_dir}: the annotations or frames of {_names(changed)} in "
-                             f"{Path(source['dataset_location']) / st.split} changed since its clips were exported "
-                             f"(a regenerated or re-released data set at the same path): clips of two data sets "
-                             f"would mix; give another --out_dir")
+            raise ValueError(f"{version_dir}: the annotations, frames or masks of {_names(changed)} in {split_dir} "
+                             f"changed since its clips were exported (a regenerated or re-released data set at the "
+                             f"same path, or files rewritten, or copied without their modification times): clips of "
+                             f"two data sets would mix; give another --out_dir")
+        if legacy:
+            record_source(version_dir, {**recorded, "content": now})
+            return (f"{version_dir / SETTINGS} recorded content fingerprints of an earlier exporter (annotations and "
+                    f"frame sizes only), which match {split_dir}: recorded the new ones, which also cover the masks "
+                    f"and each file's modification time (a mask regenerated since that export cannot be told)")
     return None
 
 

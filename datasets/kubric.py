@@ -19,10 +19,11 @@ from pips2.datasets.training import DataGoneError
 from pips2.utils import augment
 from pips2.utils.cli import parse_hw
 from pips2.utils.safe_load import load_npy
-from pips2.utils.video import VideoError, image_wh, read_rgb
+from pips2.utils.video import VideoError, image_file_wh, read_rgb
 
 # A sequence is decoded whole before its S-frame sample is cut: MOVi-F's are 24 frames of 512x512 (19 MB). 150
-# flat 1080p PNGs (1.4 MB of files) took 2 GB, in every loader worker that drew them.
+# flat 1080p PNGs (1.4 MB of files) took 2 GB, in every loader worker that drew them. The bound is judged from
+# the first frame's header, and every other frame's header must declare the same size before any is decoded.
 MAX_SEQUENCE_BYTES = 1 << 30
 
 KUBRIC_FRAMES = 24
@@ -73,16 +74,23 @@ class KubricDataset:
         files = sorted((seq / "frames").glob("*.png"))
         if len(files) != coords.shape[0]:  # counted before any is decoded
             raise ValueError(f"{seq}: {len(files)} frames but {coords.shape[0]} in the annotations")
-        try:
-            with open(files[0], "rb") as f:
-                wh = image_wh(f.read(1 << 16))
-        except OSError as e:
-            raise ValueError(f"{files[0]}: unreadable ({e.strerror or e})") from None
-        if wh is not None and len(files) * wh[0] * wh[1] * 3 > MAX_SEQUENCE_BYTES:
-            raise ValueError(f"{seq}: {len(files)} frames of {wh[0]}x{wh[1]} decode to more than {MAX_SEQUENCE_BYTES} "
-                             f"bytes (Kubric's MOVi sequences take ~20 MB)")
-        try:
-            frames = np.stack([read_rgb(p) for p in files])
+        if not files:
+            raise ValueError(f"{seq}: no frames (frames/*.png)")
+        try:  # every frame's header before any frame is decoded: a small first frame hid large ones behind it
+            W, H = image_file_wh(files[0])
+            if len(files) * W * H * 3 > MAX_SEQUENCE_BYTES:
+                raise ValueError(f"{seq}: {len(files)} frames of {W}x{H} decode to more than {MAX_SEQUENCE_BYTES} "
+                                 f"bytes (Kubric's MOVi sequences take ~20 MB)")
+            for p in files[1:]:
+                w, h = image_file_wh(p)
+                if (w, h) != (W, H):
+                    raise ValueError(f"{p}: frame of {w}x{h}, the first frame ({files[0].name}) is {W}x{H}")
+            frames = np.empty((len(files), H, W, 3), np.uint8)
+            for t, p in enumerate(files):
+                frame = read_rgb(p)
+                if frame.shape != frames.shape[1:]:  # its header said otherwise
+                    raise ValueError(f"{p}: decodes to {frame.shape[1]}x{frame.shape[0]}, its header says {W}x{H}")
+                frames[t] = frame
         except VideoError as e:
             raise ValueError(str(e)) from None
         return frames, coords, visible

@@ -146,18 +146,51 @@ def _value_problem(key: str, a: np.ndarray) -> str | None:
     return None
 
 
-def content_fingerprint(scene: Path) -> str:
-    """What changes with a scene's content, read cheaply: each annotation member's name, CRC-32 and size from
-    the zip directory of its anno.npz (or annotations.npz), and each frame's name and size, hashed. Nothing is
-    unpacked or decoded; an unreadable annotation file counts as none (the export then skips the scene)."""
+# The form of content_fingerprint's values: "v2-" and 16 hex digits. An export folder may record fingerprints of the
+# earlier form (16 hex digits alone, `legacy_fingerprint`), made before masks and modification times were listed.
+FINGERPRINT_FORM = "v2-"
+
+
+def _anno_listing(scene: Path) -> list[str]:
+    """The annotation file's name, then each member's name, CRC-32 and size from its zip directory (nothing
+    unpacked); empty when there is none or it cannot be read (the export then skips the scene)."""
     found = [scene / name for name, _ in _FORMATS if (scene / name).is_file()]
-    listing = []
-    if found:
-        try:
-            with open(found[0], "rb") as fh, open_zip(found[0], fh, MAX_NPZ_MEMBERS) as zf:
-                listing = [found[0].name] + [f"{i.filename}:{i.CRC:08x}:{i.file_size}" for i in zf.infolist()]
-        except (OSError, UnsafeFileError):
-            listing = []
+    if not found:
+        return []
+    try:
+        with open(found[0], "rb") as fh, open_zip(found[0], fh, MAX_NPZ_MEMBERS) as zf:
+            return [found[0].name] + [f"{i.filename}:{i.CRC:08x}:{i.file_size}" for i in zf.infolist()]
+    except (OSError, UnsafeFileError):
+        return []
+
+
+def _stat_entry(path: Path, rel: str) -> str:
+    """rel with the file's size and modification time in nanoseconds (one stat), or "rel:-" when it is missing."""
+    try:
+        st = path.stat()
+    except OSError:
+        return f"{rel}:-"
+    return f"{rel}:{st.st_size}:{st.st_mtime_ns}"
+
+
+def content_fingerprint(scene: Path) -> str:
+    """What changes with the content the export reads from a scene, read cheaply: its annotation members' names,
+    CRC-32s and sizes (the zip directory of anno.npz or annotations.npz), and each frame's and its mask's name,
+    size and modification time (one stat each: a file rewritten in place at the same size, or a mask regenerated
+    under unchanged frames, changes it; so does a copy that does not keep the times), hashed, as
+    FINGERPRINT_FORM + 16 hex digits. Nothing is unpacked or decoded."""
+    listing = _anno_listing(scene)
+    for f in frame_files(scene):
+        listing.append(_stat_entry(f, f"rgbs/{f.name}"))
+        mask = _mask_for(f)
+        listing.append(_stat_entry(mask, f"masks/{mask.name}"))
+    return FINGERPRINT_FORM + hashlib.sha256("\n".join(listing).encode()).hexdigest()[:16]
+
+
+def legacy_fingerprint(scene: Path) -> str:
+    """content_fingerprint as exporters before FINGERPRINT_FORM computed it (the annotation listing and each
+    frame's name and size; no masks, no times): what an export folder made by them records."""
+    listing = _anno_listing(scene)
     for f in frame_files(scene):
         try:
             listing.append(f"{f.name}:{f.stat().st_size}")

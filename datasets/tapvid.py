@@ -10,7 +10,7 @@ import cv2
 import numpy as np
 
 from pips2.utils.safe_load import UnsafeFileError, load_pickle
-from pips2.utils.video import image_pixels_problem, image_wh
+from pips2.utils.video import IMREAD_STORED_COLOR, image_pixels_problem, image_wh
 
 
 class TapVidError(ValueError):
@@ -43,7 +43,7 @@ def _decode_video(video, where: str) -> np.ndarray:
     frames = []
     for t, f in enumerate(video):
         if isinstance(f, (bytes, bytearray, np.bytes_)):
-            img = cv2.imdecode(np.frombuffer(f, np.uint8), cv2.IMREAD_COLOR)
+            img = cv2.imdecode(np.frombuffer(f, np.uint8), IMREAD_STORED_COLOR)  # the points are on the stored pixels
             if img is None:
                 raise TapVidError(f"{where}: frame {t} is not a decodable image")
             frames.append(cv2.cvtColor(img, cv2.COLOR_BGR2RGB))

@@ -40,7 +40,7 @@ from pips2.nets.pips2 import MIN_SIZE
 from pips2.utils.amp import autocast
 from pips2.utils.cli import parse_hw
 from pips2.utils.procs import is_space_error, owned_tempdir, remove_stale_tempdirs
-from pips2.utils.video import VideoError, declared_frames, iter_frames, read_rgb
+from pips2.utils.video import VideoError, declared_frames, image_file_wh, iter_frames, read_rgb
 
 # Bounds on what one tracking request may ask for (docs/BAD_INPUTS.md). Every point costs model time in every
 # frame and a row per frame in tracks.csv, so the count is bounded (a 100x100 grid) rather than left to grow
@@ -99,16 +99,26 @@ class FileFrames(FrameSource):
     """Image files (e.g. a PointOdyssey scene's rgbs/), read and resized lazily per window."""
 
     def __init__(self, paths: list[Path], model_hw: tuple[int, int]):
-        super().__init__(len(paths), read_rgb(paths[0]).shape[:2], model_hw)
+        w, h = image_file_wh(paths[0])
+        super().__init__(len(paths), (h, w), model_hw)
         self.paths = list(paths)
 
     def _read(self, start: int, end: int) -> np.ndarray:
-        frames = [read_rgb(p) for p in self.paths[start:end]]
-        for p, f in zip(self.paths[start:end], frames, strict=True):
-            if f.shape[:2] != self.src_hw:  # the annotations' pixel coordinates would no longer fit
-                raise VideoError(f"{p}: frame of {f.shape[1]}x{f.shape[0]}, the first frame is "
+        paths = self.paths[start:end]
+        # every header of the window before any frame of it is decoded: a window of large frames behind a small
+        # first one would be decoded whole (S frames of 8K: 3.6 GB at S=36) before its size was compared
+        for p in paths:
+            w, h = image_file_wh(p)
+            if (h, w) != self.src_hw:  # the annotations' pixel coordinates would no longer fit
+                raise VideoError(f"{p}: frame of {w}x{h}, the first frame is {self.src_hw[1]}x{self.src_hw[0]}")
+        frames = np.empty((len(paths), *self.src_hw, 3), np.uint8)
+        for i, p in enumerate(paths):
+            f = read_rgb(p)
+            if f.shape[:2] != self.src_hw:  # its header said otherwise
+                raise VideoError(f"{p}: decodes to {f.shape[1]}x{f.shape[0]}, its header says "
                                  f"{self.src_hw[1]}x{self.src_hw[0]}")
-        return self._resize(np.stack(frames))
+            frames[i] = f
+        return self._resize(frames)
 
 
 FRAMES_PREFIX = "pips2_frames"  # temp folders of decoded videos: <prefix>.<host>.<pid>.<ns>.<random> in TMPDIR

@@ -246,6 +246,20 @@ def test_frame_source_refuses_a_frame_of_another_size(pod_bad):
         src.get(4, 10)
 
 
+def test_frame_source_reads_a_window_s_headers_before_decoding_any_of_it(pod_bad, monkeypatch):
+    """A window was decoded whole and only then compared with the first frame's size: S frames of 8K behind a
+    small first frame cost S x 100 MB before the line. Now the window's headers come first."""
+    paths = sorted((pod_bad / "test" / "synth_0002" / "rgbs").glob("*.jpg"))
+    src = tracking.FileFrames(paths, (128, 192))
+    decoded = []
+    real = tracking.read_rgb
+    monkeypatch.setattr(tracking, "read_rgb", lambda p: decoded.append(Path(p).name) or real(p))
+    with pytest.raises(VideoError, match=r"rgb_00007\.jpg: frame of 160x96, the first frame is 320x192$"):
+        src.get(4, 10)
+    assert decoded == []
+    assert src.get(0, 3).shape == (3, 128, 192, 3) and decoded == ["rgb_00000.jpg", "rgb_00001.jpg", "rgb_00002.jpg"]
+
+
 @pytest.mark.parametrize("case", ["missing", "empty"])
 def test_missing_folder_or_empty_split_is_one_line(tmp_path, case, capsys):
     root = tmp_path / "pod"

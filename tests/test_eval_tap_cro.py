@@ -66,6 +66,19 @@ def test_pickle_forms_load_the_same(tmp_path):
         list(tapvid.load_tapvid(tmp_path / "bad.pkl"))
 
 
+def test_tapvid_encoded_frames_are_read_as_stored_whatever_their_exif_orientation(tmp_path):
+    """The points are positions in the stored pixels: a Kinetics frame with an EXIF Orientation tag of 3 was
+    decoded turned 180 degrees at the same size, every point on the mirrored image."""
+    from test_video import exif_oriented
+
+    e = _entry()
+    png = dict(e, video=[exif_oriented(fr, 3, ".png") for fr in e["video"]])
+    with open(tmp_path / "k.pkl", "wb") as f:
+        pickle.dump([png], f)
+    (_, video, _, _), = list(tapvid.load_tapvid(tmp_path / "k.pkl"))
+    np.testing.assert_array_equal(video, e["video"])
+
+
 def test_query_modes():
     occ = np.array([[False, True, False, False, False, False], [True, True, True, True, True, False]])
     idx, qf = tapvid.first_queries(occ)
@@ -277,6 +290,7 @@ CRO_DEFECTS = {
     # a sparse 4 GB file (4 KB on disk) was parsed whole: MemoryError, and no sequence scored
     "a 4 GB gt.txt": ("HT21-02", "gt.txt: 4294967296 bytes, more than the 268435456 an annotation file"),
     "gt.txt a FIFO": ("HT21-02", "gt.txt: not a regular file"),
+    "a (frame, id) twice": ("HT21-02", "gt.txt: lines 8 and 31 both give frame 3, id 2: one box per head and frame"),
 }
 
 
@@ -305,6 +319,8 @@ def _spoil_crohd(root: Path, how: str) -> None:
         os.mkfifo(gt)
     elif how == "NaN track id":
         gt.write_text(gt.read_text().replace("1,1,", "1,nan,", 1))
+    elif how == "a (frame, id) twice":  # the last box won, silently
+        gt.write_text(gt.read_text() + "3,2,9999,9999,10,12,1,1,1\n")
 
 
 @pytest.mark.parametrize("how", list(CRO_DEFECTS))
@@ -337,6 +353,45 @@ def test_crohd_gt_sizes_are_bounded_before_allocation(tmp_path, monkeypatch):
     gt.write_text(gt.read_text() + "2,3000000000,5,5,10,12,1,1,1\n")
     with pytest.raises(crohd.CroHDError, match="frame and id columns must be finite integers below 2"):
         crohd.load_sequence(tmp_path, "train", "HT21-01")
+
+
+def _edit_gt_line(gt: Path, number: int, column: int, value: str) -> None:
+    """gt.txt with one value of line `number` (1-based) replaced."""
+    lines = gt.read_text().splitlines()
+    cells = lines[number - 1].split(",")
+    cells[column] = value
+    lines[number - 1] = ",".join(cells)
+    gt.write_text("\n".join(lines) + "\n")
+
+
+# rows that parse but are wrong: (how the 30-row gt.txt of _crohd(T=10) is changed, the line refusing it)
+GT_ROW_DEFECTS = {
+    # ids 1.2 and 1.7 both became head 1, the later row overwriting the earlier one
+    "fractional id": (lambda gt: _edit_gt_line(gt, 5, 1, "1.5"), "line 5: frame 2, id 1.5: frame and id must be whole "
+                                                                  "numbers"),
+    "fractional frame": (lambda gt: _edit_gt_line(gt, 4, 0, "1.5"), "line 4: frame 1.5, id 1: frame and id must be "
+                                                                     "whole numbers"),
+    # a centre at -5e29, scored as a visible head
+    "negative width": (lambda gt: _edit_gt_line(gt, 6, 4, "-1e30"), "line 6: box of width -1e+30 and height 12; both "
+                                                                     "must be finite and not negative"),
+    "NaN height": (lambda gt: _edit_gt_line(gt, 7, 5, "nan"), "line 7: box of width 10 and height nan; both must be "
+                                                               "finite and not negative"),
+    # the last box won: a head at (9999, 9999), valid; a comment and a blank line shift the lines by two
+    "a (frame, id) twice": (lambda gt: gt.write_text("# frame,id,left,top,width,height,conf,class,vis\n\n"
+                                                     + gt.read_text() + "3,2,9999,9999,10,12,1,1,1\n"),
+                            "lines 10 and 33 both give frame 3, id 2: one box per head and frame"),
+}
+
+
+@pytest.mark.parametrize("how", list(GT_ROW_DEFECTS))
+def test_crohd_gt_rows_that_parse_but_are_wrong_refuse_the_sequence_naming_the_line(tmp_path, how):
+    _crohd(tmp_path, T=10)
+    gt = tmp_path / "HT21Labels" / "train" / "HT21-01" / "gt" / "gt.txt"
+    spoil, why = GT_ROW_DEFECTS[how]
+    spoil(gt)
+    with pytest.raises(crohd.CroHDError) as e:
+        crohd.load_sequence(tmp_path, "train", "HT21-01")
+    assert str(e.value) == f"{gt}: {why}"
 
 
 @pytest.mark.parametrize("case", ["missing", "empty", "no sequences", "every sequence bad"])

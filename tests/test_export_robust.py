@@ -148,6 +148,9 @@ def test_bad_flag_is_one_line(synth_root, tmp_path):
     # one process (and its ffmpeg) per worker: 1000 started one per queued clip
     (["--workers=1000"], f"--workers must be at most {4 * usable_cpus()} (4 per CPU core this process may use), "
                          f"got 1000"),
+    # was: every clip "failed: MemoryError: Unable to allocate 224 GiB", "rerun to retry them"
+    (["--crop_size=100000,100000"], "--crop_size must be at most 4096 per side, got 100000x100000"),
+    (["--crop_size=128,4098", "--max_clips=1"], "--crop_size must be at most 4096 per side, got 128x4098"),
 ])
 def test_numeric_flags_out_of_range_are_one_line(synth_root, tmp_path, flags, expect):
     res = run_export(synth_root, tmp_path / "out", *flags, check=False)
@@ -180,11 +183,26 @@ def test_frames_of_different_sizes_are_rejected_once_not_failed(synth_root, tmp_
         assert img is not None
         cv2.imwrite(str(f), cv2.resize(img, (480, 384)))
     first = run_export(root, tmp_path / "out", check=False)
-    assert first.returncode == 0, first.stderr
+    # every clip rejected, none written: no success (exit 2), the data named as the likely cause
+    assert first.returncode == 2, first.stderr
     assert "failed 0" in first.stdout and "frames of different sizes" in first.stdout
+    assert re.fullmatch(r"error: all \d+ clips were rejected, none written: the data is the likely cause \(scene "
+                        r"synth_0000 unusable: frames of different sizes: \d+; see the summary\)\n", first.stderr)
     assert not list_clips(_version(tmp_path / "out"))
     again = run_export(root, tmp_path / "out", check=False)
-    assert again.returncode == 0 and "failed 0" in again.stdout and "frames of different sizes" in again.stdout
+    assert again.returncode == 2 and "failed 0" in again.stdout and "frames of different sizes" in again.stdout
+
+
+def test_an_export_that_rejects_every_clip_is_an_error_naming_the_flag(synth_root, tmp_path):
+    """--N above the tracks the data holds rejected every clip and exited 0 ("rejected 28 (too few tracks: 28)
+    ... 0 clips"): a success with nothing written."""
+    res = run_export(synth_root, tmp_path / "out", "--N=100000", "--max_clips=3", check=False)
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert "rejected 3 (too few tracks: 3)" in res.stdout  # the summary first
+    assert res.stderr == ("error: all 3 clips were rejected, none written: --N=100000 asks for more tracks than these "
+                          "clips hold (too few tracks: 3); give a lower --N\n")
+    written = run_export(synth_root, tmp_path / "out", "--max_clips=3")  # clips written: a success
+    assert written.returncode == 0 and "written 3" in written.stdout
 
 
 def test_a_frame_cut_short_rejects_its_clips_with_the_reason(synth_root, tmp_path):
@@ -441,7 +459,7 @@ def test_another_data_set_into_the_same_folder_is_refused(synth_root, tmp_path):
     assert src["dataset_location"] == str(Path(synth_root).resolve()), first.stdout
     assert src["scenes"] == {"synth_0000": 24, "synth_0001": 24, "synth_0002": 24}
     assert sorted(src["content"]) == sorted(src["scenes"])
-    assert all(len(v) == 16 for v in src["content"].values())
+    assert all(re.fullmatch(r"v2-[0-9a-f]{16}", v) for v in src["content"].values()), src["content"]
     before = sorted(p.name for p in vdir.iterdir())
     second = run_export(other, tmp_path / "out", "--max_clips=4", check=False)
     assert second.returncode == 2
@@ -471,10 +489,11 @@ def test_a_data_set_regenerated_at_the_same_path_is_refused(tmp_path):
     generate_dataset(data, {"train": 2}, seed=6, cfg=cfg, progress=False)  # the same names and frame counts
     again = run_export(data, tmp_path / "out", "--max_clips=4", check=False)
     assert again.returncode == 2, again.stdout
-    assert again.stderr.strip() == (f"error: {vdir}: the annotations or frames of synth_0000, synth_0001 in "
+    assert again.stderr.strip() == (f"error: {vdir}: the annotations, frames or masks of synth_0000, synth_0001 in "
                                     f"{data.resolve() / 'train'} changed since its clips were exported (a regenerated "
-                                    f"or re-released data set at the same path): clips of two data sets would mix; "
-                                    f"give another --out_dir")
+                                    f"or re-released data set at the same path, or files rewritten, or copied without "
+                                    f"their modification times): clips of two data sets would mix; give another "
+                                    f"--out_dir")
     assert sorted(p.name for p in vdir.iterdir()) == before
     # a folder exported before the fingerprints were recorded adopts them, with a note
     settings = json.loads((vdir / "settings.json").read_text())
@@ -489,7 +508,73 @@ def test_a_data_set_regenerated_at_the_same_path_is_refused(tmp_path):
     assert pixels is not None
     cv2.imwrite(str(frame), 255 - pixels, [cv2.IMWRITE_JPEG_QUALITY, 60])
     again = run_export(data, tmp_path / "out", "--max_clips=4", check=False)
-    assert again.returncode == 2 and "the annotations or frames of synth_0001 in" in again.stderr, again.stderr
+    assert again.returncode == 2 and "the annotations, frames or masks of synth_0001 in" in again.stderr, again.stderr
+
+
+def _rewrite_in_place(path: Path, change) -> None:
+    """path's bytes changed by change(bytes) -> bytes of the same length, written over the file (its size kept)."""
+    data = path.read_bytes()
+    new = change(data)
+    assert len(new) == len(data) and new != data
+    path.write_bytes(new)
+
+
+def _double_first_quantisation_table(jpeg: bytes) -> bytes:
+    """A JPEG whose first quantisation table is doubled, at the same byte count: what bit rot or an in-place
+    metadata or colour tool looks like (the decoded pixels change, the file's size does not)."""
+    i = jpeg.index(b"\xff\xdb") + 5  # marker, length, precision and table id, then 64 one-byte values
+    table = bytes(min(255, 2 * v) for v in jpeg[i:i + 64])
+    return jpeg[:i] + table + jpeg[i + 64:]
+
+
+@pytest.mark.parametrize("what", ["masks regenerated", "a frame rewritten at its size"])
+def test_masks_regenerated_or_a_frame_rewritten_at_its_size_are_refused(synth_root, tmp_path, what):
+    """The fingerprint listed the annotations and each frame's name and size: masks regenerated under unchanged
+    frames (they change the clips: the export drops tracks on segmentation edges), or a frame rewritten in place
+    at the same byte count, resumed into the old folder ("written 4, already there 4"), clips of two data sets
+    mixed. Masks are listed too, and each file's modification time."""
+    root = tmp_path / "pod"
+    shutil.copytree(synth_root / "train", root / "train")
+    run_export(root, tmp_path / "out", "--max_clips=2")
+    vdir = _version(tmp_path / "out")
+    before = sorted(p.name for p in vdir.iterdir())
+    scene = root / "train" / "synth_0001"
+    if what == "masks regenerated":
+        for mask in sorted((scene / "masks").glob("mask_*.png")):
+            labels = pod.read_mask(mask)
+            cv2.imwrite(str(mask), np.roll(labels, 37, axis=1))
+    else:
+        frame = pod.frame_files(scene)[5]
+        pixels = pod.read_frames([frame])
+        _rewrite_in_place(frame, _double_first_quantisation_table)
+        assert not np.array_equal(pod.read_frames([frame]), pixels)  # the content changed, its size did not
+    again = run_export(root, tmp_path / "out", "--max_clips=4", check=False)
+    assert again.returncode == 2, again.stdout
+    assert again.stderr.startswith(f"error: {vdir}: the annotations, frames or masks of synth_0001 in "), again.stderr
+    assert sorted(p.name for p in vdir.iterdir()) == before
+
+
+def test_a_folder_of_earlier_fingerprints_is_checked_in_their_form_then_given_the_new_ones(synth_root, tmp_path):
+    """A folder an earlier exporter made records fingerprints without masks or times: they are compared in their
+    own form (a change they cover is refused), and when they match, the new ones are recorded with a note."""
+    root = tmp_path / "pod"
+    shutil.copytree(synth_root / "train", root / "train")
+    run_export(root, tmp_path / "out", "--max_clips=2")
+    vdir = _version(tmp_path / "out")
+    settings = _settings(vdir)
+    new = dict(settings["source"]["content"])
+    settings["source"]["content"] = {n: pod.legacy_fingerprint(root / "train" / n) for n in new}
+    assert all(re.fullmatch(r"[0-9a-f]{16}", v) for v in settings["source"]["content"].values())
+    (vdir / "settings.json").write_text(json.dumps(settings))
+    res = run_export(root, tmp_path / "out", "--max_clips=3")
+    assert (f"note: {vdir / 'settings.json'} recorded content fingerprints of an earlier exporter (annotations and "
+            f"frame sizes only), which match {root.resolve() / 'train'}: recorded the new ones") in res.stdout
+    assert _settings(vdir)["source"]["content"] == new and "already there 2" in res.stdout
+    # an earlier fingerprint that no longer matches: refused, as a changed scene is
+    settings["source"]["content"]["synth_0002"] = "0123456789abcdef"
+    (vdir / "settings.json").write_text(json.dumps(settings))
+    res = run_export(root, tmp_path / "out", "--max_clips=4", check=False)
+    assert res.returncode == 2 and "the annotations, frames or masks of synth_0002 in" in res.stderr, res.stderr
 
 
 def test_a_scene_added_between_runs_is_refused(synth_root, tmp_path):

@@ -407,6 +407,35 @@ def test_kubric_frame_count_is_checked_before_any_frame_is_decoded(tmp_path, mon
     assert decoded == []
 
 
+@pytest.mark.parametrize("case", ["larger frames after a small first one", "a header that cannot be read"])
+def test_every_kubric_frame_header_is_checked_before_any_frame_is_decoded(tmp_path, monkeypatch, case):
+    """The sequence bound was judged from the first frame's header alone: a 16x16 first frame, then 23 flat
+    4000x4000 PNGs (1.3 MB of files) were decoded whole (1.34 GB) before "all input arrays must have the same
+    shape", a line naming nothing. Every header is read first, the refusal names the frame, nothing is decoded."""
+    from pips2.datasets import kubric
+
+    ds = _kubric_seq(tmp_path / "k", {"coords": np.zeros((2, 3, 2)), "visibility": np.zeros((2, 3), bool)})
+    frame = tmp_path / "k" / "seq0000" / "frames" / "001.png"
+    if case == "a header that cannot be read":
+        frame.write_bytes(b"not an image at all")
+        why = "001.png: unreadable image"
+    else:
+        for name in ("001.png", "002.png"):  # flat: a few hundred bytes each, whatever their size
+            cv2.imwrite(str(frame.parent / name), np.full((320, 480, 3), 128, np.uint8))
+        why = "001.png: frame of 480x320, the first frame (000.png) is 16x16"
+    decoded = []
+    real = kubric.read_rgb
+    monkeypatch.setattr(kubric, "read_rgb", lambda p: decoded.append(Path(p).name) or real(p))
+    with pytest.raises(ValueError) as e:
+        ds.load(0)
+    assert _one_line(e.value, "001.png").endswith(why) and decoded == []
+    monkeypatch.setattr(kubric, "read_rgb", real)
+    for name in ("001.png", "002.png"):  # the same sequence of one frame size loads, into one array
+        cv2.imwrite(str(frame.parent / name), np.full((16, 16, 3), 7, np.uint8))
+    frames = ds.load(0)[0]
+    assert frames.shape == (3, 16, 16, 3) and (frames[1:] == 7).all()
+
+
 # --- TAP-Vid ---------------------------------------------------------------------------------------------
 
 def _entry(T=4, H=24, W=32, N=3, seed=0) -> dict:

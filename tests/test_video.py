@@ -388,3 +388,40 @@ def test_an_image_file_larger_than_any_frame_is_refused_before_it_is_read(tmp_pa
         f.truncate(6 << 30)
     with pytest.raises(VideoError, match=rf"rgb_00003.jpg: {6 << 30} bytes, more than the {MAX_IMAGE_FILE_BYTES} an "):
         read_rgb(big)
+
+
+def exif_oriented(rgb: np.ndarray, orientation: int, ext: str = ".jpg") -> bytes:
+    """rgb encoded (losslessly for .png, at top quality for .jpg) with an EXIF Orientation tag, as a camera or a
+    tool copying EXIF writes it: viewers show it turned, the stored pixels are rgb."""
+    import io
+
+    from PIL import Image
+
+    exif = Image.Exif()
+    exif[0x0112] = orientation  # Orientation
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="PNG" if ext == ".png" else "JPEG", exif=exif.tobytes(), quality=100)
+    return buf.getvalue()
+
+
+def stored_test_pixels(h: int = 64, w: int = 96) -> np.ndarray:
+    """A frame whose white 8x8 square at the top left shows where its stored origin is."""
+    rgb = np.full((h, w, 3), 40, np.uint8)
+    rgb[:8, :8] = 255
+    return rgb
+
+
+@pytest.mark.parametrize("ext", [".jpg", ".png"])
+@pytest.mark.parametrize("orientation", [3, 6])
+def test_a_frame_is_read_as_stored_whatever_its_exif_orientation(tmp_path, ext, orientation):
+    """cv2.IMREAD_COLOR turned a frame by its EXIF tag (3: 180 degrees at the same size, 6: 90 degrees), while
+    the annotations refer to the stored pixels: tracks were scored and exported on a turned image, no word."""
+    rgb = stored_test_pixels()
+    path = tmp_path / f"rgb_00000{ext}"
+    path.write_bytes(exif_oriented(rgb, orientation, ext))
+    got = read_rgb(path)
+    assert got.shape == rgb.shape
+    white = np.argwhere(got.min(-1) > 200)
+    assert (white.min(0) == 0).all() and (white.max(0) == 7).all(), white  # the square where it is stored
+    if ext == ".png":
+        np.testing.assert_array_equal(got, rgb)

@@ -118,12 +118,13 @@ MAX_IMAGE_PIXELS = 7680 * 4320
 MAX_IMAGE_FILE_BYTES = 256 << 20
 
 
-def _header_size(data: bytes) -> tuple[int, int] | str:
-    """(width, height) of an encoded image from its header (Pillow, nothing decoded), or why it has none."""
+def _header_size(data: bytes | BinaryIO) -> tuple[int, int] | str:
+    """(width, height) of an encoded image (its bytes, or an open file) from its header (Pillow, nothing
+    decoded), or why it has none."""
     try:
         with warnings.catch_warnings():  # Pillow's own, higher, bound warns or raises: the one here decides
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as im:
+            with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as im:
                 return im.size
     except Image.DecompressionBombError:
         return f"image larger than {MAX_IMAGE_PIXELS} pixels"
@@ -147,6 +148,13 @@ def image_pixels_problem(data: bytes) -> str | None:
     if w * h > MAX_IMAGE_PIXELS:
         return f"image of {w}x{h} pixels, larger than {MAX_IMAGE_PIXELS}"
     return None
+
+
+# How frames are decoded from files and bytes: in colour, and as their pixels are stored. Plain IMREAD_COLOR turns
+# an image by its EXIF orientation tag, while the annotations of every data set (PointOdyssey, TAP-Vid, Kubric,
+# CroHD) are positions in the stored pixels, and the size checks read the stored size from the header: a tag of 3
+# turned every frame 180 degrees at the same size, and the tracks were scored and exported on the turned image.
+IMREAD_STORED_COLOR = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
 
 
 def header_wh(raw: bytes) -> tuple[int, int] | None:
@@ -184,16 +192,44 @@ def not_regular_file(path: str | os.PathLike) -> bool:
     return p.exists() and not p.is_file()
 
 
-def read_rgb(path: str | os.PathLike) -> np.ndarray:
-    """An image file as RGB uint8 (H,W,3); an unreadable, truncated or oversized (MAX_IMAGE_PIXELS, from its
-    header) one raises VideoError naming it."""
+def _image_file_bytes(path: str | os.PathLike) -> int:
+    """The size of an image file, or VideoError naming it: not a regular file, unreadable, or larger than any
+    encoding of MAX_IMAGE_PIXELS needs (MAX_IMAGE_FILE_BYTES)."""
     if not_regular_file(path):  # a FIFO's open() waits for a writer: forever in a scene folder
         raise VideoError(f"{path}: not a regular file")
     try:
         size = os.stat(path).st_size
-        if size > MAX_IMAGE_FILE_BYTES:
-            raise VideoError(f"{path}: {size} bytes, more than the {MAX_IMAGE_FILE_BYTES} an image file of at most "
-                             f"{MAX_IMAGE_PIXELS} pixels needs")
+    except OSError as e:
+        raise VideoError(f"{path}: unreadable image ({e.strerror or e})") from None
+    if size > MAX_IMAGE_FILE_BYTES:
+        raise VideoError(f"{path}: {size} bytes, more than the {MAX_IMAGE_FILE_BYTES} an image file of at most "
+                         f"{MAX_IMAGE_PIXELS} pixels needs")
+    return size
+
+
+def image_file_wh(path: str | os.PathLike) -> tuple[int, int]:
+    """(width, height) of an image file from its header, nothing decoded (the stored size: an EXIF orientation
+    is not applied, as read_rgb does not apply it); VideoError naming the file when it is not a regular file,
+    cannot be read, has no header Pillow reads, or declares more than MAX_IMAGE_PIXELS."""
+    if not _image_file_bytes(path):
+        raise VideoError(f"{path}: empty image file (0 bytes)")
+    try:
+        with open(path, "rb") as f:
+            size = _header_size(f)
+    except OSError as e:
+        raise VideoError(f"{path}: unreadable image ({e.strerror or e})") from None
+    if isinstance(size, str):
+        raise VideoError(f"{path}: {size}")
+    if size[0] * size[1] > MAX_IMAGE_PIXELS:
+        raise VideoError(f"{path}: image of {size[0]}x{size[1]} pixels, larger than {MAX_IMAGE_PIXELS}")
+    return size
+
+
+def read_rgb(path: str | os.PathLike) -> np.ndarray:
+    """An image file as RGB uint8 (H,W,3), its pixels as stored (an EXIF orientation tag is not applied); an
+    unreadable, truncated or oversized (MAX_IMAGE_PIXELS, from its header) one raises VideoError naming it."""
+    _image_file_bytes(path)
+    try:
         data = Path(path).read_bytes()
     except OSError as e:
         raise VideoError(f"{path}: unreadable image ({e.strerror or e})") from None
@@ -202,7 +238,7 @@ def read_rgb(path: str | os.PathLike) -> np.ndarray:
     why = _truncation(io.BytesIO(data), len(data)) or image_pixels_problem(data)
     if why:
         raise VideoError(f"{path}: {why}")
-    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    img = cv2.imdecode(np.frombuffer(data, np.uint8), IMREAD_STORED_COLOR)
     if img is None:
         raise VideoError(f"{path}: unreadable image")
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)

@@ -92,10 +92,18 @@ def _in_process(jobs: deque) -> Iterator[tuple]:
         yield job, export_one(job), None
 
 
+# The largest --crop_size side, the largest input the trackers take (tracking.MAX_IMAGE_SIDE). A clip is built
+# whole at the crop size in each worker: S=36 frames of 4096x4096 are 1.8 GB, and 100000x100000 failed every
+# clip with a MemoryError ("rerun to retry them", which never helps). The authors' largest is 512x896.
+MAX_CROP_SIDE = 4096
+
+
 def _parse_hw(crop_size) -> tuple[int, int]:
     h, w = parse_hw(crop_size, "crop_size")
     if h < 128 or w < 128 or h % 2 or w % 2:
-        raise ValueError(f"crop_size must be even and at least 128x128, got {h}x{w}")
+        raise ValueError(f"--crop_size must be even and at least 128x128, got {h}x{w}")
+    if max(h, w) > MAX_CROP_SIDE:
+        raise ValueError(f"--crop_size must be at most {MAX_CROP_SIDE} per side, got {h}x{w}")
     return h, w
 
 
@@ -132,6 +140,21 @@ def _no_clips_reason(dataset_location: str, st: ClipSettings) -> str:
             f"(rgbs/rgb_*.jpg) a clip needs")
 
 
+# rejections that --N decides: a clip keeps N tracks, and is rejected when fewer than N//2 pass the filters
+TRACK_REJECTIONS = ("too few tracks", "too few tracks after crop", "fewer than half of the entries valid")
+
+
+def _all_rejected(n: int, reasons: Counter, st: ClipSettings) -> str:
+    """The error line of a run whose every clip was rejected: the flag or data most likely behind it."""
+    top = reasons.most_common(1)[0][0]
+    if all(r in TRACK_REJECTIONS for r in reasons):
+        hint = (f"--N={st.N} asks for more tracks than these clips hold ({top}: {reasons[top]}); give a lower --N"
+                + (" or a larger --crop_size" if "too few tracks after crop" in reasons else ""))
+    else:
+        hint = f"the data is the likely cause ({top}: {reasons[top]}; see the summary)"
+    return f"all {n} clips were rejected, none written: {hint}"
+
+
 def main(dataset_location: str = "../datasets/pointodyssey", dset: str = "train", S: int = STAGE_CLIPS[1]["S"],
          N: int = STAGE_CLIPS[1]["N"], crop_size=STAGE_CLIPS[1]["crop_hw"], use_augs: bool = True,
          max_clips: int | None = None, max_iters: int | None = None, shuffle: bool = True,
@@ -143,8 +166,8 @@ def main(dataset_location: str = "../datasets/pointodyssey", dset: str = "train"
 
     --preset picks the x264 speed/size trade-off at CRF 20 (medium = the authors' output; veryfast encodes
     2.9x faster at about -1.3 dB PSNR, see docs/BENCHMARKS.md). --verify=True decodes every finished clip
-    again and rewrites damaged ones. Exit codes: 0 done, 1 some clips failed, 2 bad flags or data, 130 Ctrl-C,
-    143 SIGTERM (both after the summary, with every finished clip kept).
+    again and rewrites damaged ones. Exit codes: 0 done, 1 some clips failed, 2 bad flags or data (also when every
+    clip is rejected), 130 Ctrl-C, 143 SIGTERM (both after the summary, with every finished clip kept).
     """
     try:
         st = ClipSettings(split=dset, S=S, N=N, crop_hw=_parse_hw(crop_size), use_augs=use_augs,
@@ -190,12 +213,12 @@ def main(dataset_location: str = "../datasets/pointodyssey", dset: str = "train"
     jobs = deque((str(dataset_location), str(version_dir), st.to_dict(), k, asdict(cands[k]), verify) for k in todo)
     signals = _Signals()
     try:
-        _run(jobs, workers, version_dir, quiet, signals)
+        _run(jobs, workers, version_dir, quiet, signals, st)
     finally:
         signals.restore()
 
 
-def _run(jobs: deque, workers: int, version_dir: Path, quiet: bool, signals: _Signals) -> None:
+def _run(jobs: deque, workers: int, version_dir: Path, quiet: bool, signals: _Signals, st: ClipSettings) -> None:
     """Export the queued clips with the progress bar, then the summary and the exit code."""
     n_jobs = len(jobs)
     counts, reasons, deaths = Counter(), Counter(), Counter()
@@ -266,6 +289,9 @@ def _run(jobs: deque, workers: int, version_dir: Path, quiet: bool, signals: _Si
     if counts["failed"]:
         print(f"error: {counts['failed']} clip(s) failed (see above); rerun to retry them", file=sys.stderr)
         sys.exit(1)
+    if n_jobs and counts["rejected"] == n_jobs:  # nothing written is no success
+        print(f"error: {_all_rejected(n_jobs, reasons, st)}", file=sys.stderr)
+        sys.exit(2)
 
 
 def cli() -> None:
