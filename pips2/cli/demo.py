@@ -21,7 +21,6 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from PIL import Image
 
 from pips2.datasets.synthetic import write_synthetic_video
 from pips2.hub import DEFAULT_PIPS, check_options, load_model
@@ -40,7 +39,7 @@ from pips2.utils.checkpoint import CheckpointError, resolve_device
 from pips2.utils.cli import run_fire
 from pips2.utils.paths import make_dirs, remove_empty_dirs
 from pips2.utils.procs import Stopped, stopping_on_signals
-from pips2.utils.video import VideoError, header_wh, video_info
+from pips2.utils.video import VideoError, image_file_wh, video_info
 from pips2.utils.vis import write_outputs
 
 MAX_POINTS_FILE_BYTES = 64 << 20  # a points file is read whole; 10000 points (MAX_POINTS) take well under 1 MB
@@ -125,18 +124,14 @@ def read_mask(path: str, src_hw: tuple[int, int]) -> np.ndarray:
     if not Path(path).is_file():
         raise ValueError(f"--mask {path}: no such file")
     H, W = src_hw
-    with open(path, "rb") as f:  # the size from the header first: a small PNG may declare gigabytes of pixels
-        wh = header_wh(f.read(1 << 16))
-    if wh is None:
-        try:  # another format: Pillow reads its header without decoding
-            with Image.open(path) as im:
-                wh = im.size
-        except Exception:
-            raise ValueError(f"--mask {path}: unreadable image") from None
-    w, h = wh
+    try:  # the size from the header first: a small PNG may declare gigabytes of pixels
+        w, h = image_file_wh(path)
+    except VideoError as e:
+        raise ValueError(f"--mask {e}") from None
     if (h, w) != (H, W):
         raise ValueError(f"--mask {path}: mask is {w}x{h} but the video is {W}x{H}")
-    m = cv2.imread(path, cv2.IMREAD_GRAYSCALE)
+    # as stored, as the header check read it (an EXIF orientation tag would turn it)
+    m = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE | cv2.IMREAD_IGNORE_ORIENTATION)
     if m is None or m.shape[:2] != (H, W):
         raise ValueError(f"--mask {path}: unreadable image")
     return m
