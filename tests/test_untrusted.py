@@ -1071,3 +1071,43 @@ def test_round_four_ways_around_the_pickle_checks_are_refused(tmp_path, case):
     assert res.returncode == 0, f"the reader died ({res.returncode}): {res.stderr[-300:]}"
     assert res.stdout.strip() == f"{path}: {why}"
 
+
+class _DtypeState:
+    """Pickles as numpy pickles a dtype, dtype(spec, False, True), with the BUILD state given."""
+
+    def __init__(self, spec: str, state: tuple):
+        self.spec, self.state = spec, state
+
+    def __reduce__(self):
+        return np.dtype, (self.spec, False, True), self.state
+
+
+# (spec, dtype state, array shape, array data): numpy writes itemsize and alignment -1 for a fixed-size type, and
+# only the byte order a type has ('|' for bytes, voids and objects)
+_FORGED_DTYPES = {
+    "V8 of itemsize -8": ("V8", (3, "|", None, None, None, -8, 1, 0), (0,), b"",
+                          "the dtype |V8 with the itemsize -8, not its own 8"),
+    # a 0-byte array of shape (10**9,): astype(float32) asked 3.7 GB, astype(bool) allocated 1 GB
+    "V8 of itemsize 0": ("V8", (3, "|", None, None, None, 0, 1, 0), (10**9,), b"",
+                         "the dtype |V8 with the itemsize 0, not its own 8"),
+    "U1 of itemsize 5": ("U1", (3, "<", None, None, None, 5, 4, 8), (3,), b"A" * 15,
+                         "the dtype <U1 with the itemsize 5, not its own 4"),
+    "big-endian objects": ("O8", (3, ">", None, None, None, -1, -1, 63), (2,), [1, "x"],
+                           "the dtype object with the byte order '>'"),
+    "f8 of claimed itemsize": ("f8", (3, ">", None, None, None, 8, 8, 0), (1,), b"\x3f\xf0" + b"\0" * 6,
+                               "the dtype float64 with the itemsize 8, not its own -1; alignment 8, not its own -1"),
+}
+
+
+@pytest.mark.parametrize("case", list(_FORGED_DTYPES))
+def test_a_dtype_state_numpy_never_writes_is_refused(tmp_path, case):
+    """Round five: BUILD set a plain dtype's itemsize, alignment or byte order at will as long as its flags were
+    numpy's: 'V8' became V-8 or V0, 'U1' an item of 5 bytes (tolist() then failed), 'O' big-endian (copy() failed
+    inside numpy). A plain dtype's state must now be numpy's own for it, in any byte order the type has."""
+    spec, dstate, shape, data, why = _FORGED_DTYPES[case]
+    path = _dump(tmp_path / "d.pkl", _ArrayState((1, shape, _DtypeState(spec, dstate), False, data)), 2)
+    with pytest.raises(UnsafeFileError) as e:
+        load_pickle(path)
+    assert _one_line(e.value, str(path)) == f"{path}: refused: pickle holds {why}"
+    own = np.dtype(spec).newbyteorder(dstate[1]).__reduce__()[2]  # numpy's own state, in that byte order
+    assert load_pickle(_dump(tmp_path / "ok.pkl", _DtypeState(spec, own), 2)) == np.dtype(spec).newbyteorder(own[1])

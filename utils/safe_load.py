@@ -347,11 +347,30 @@ MAX_ITEM_BYTES = 1 << 20  # a structured dtype's item; the project's files hold 
 _OBJECT_FLAGS = 1 | 2 | 4 | 8 | 32 | 64
 
 
+def _plain_dtype_state_problem(state: tuple, plain: np.dtype) -> str | None:
+    """Why a plain dtype's pickled state is not the one numpy itself writes for `plain` in its byte order, or None.
+    Only the byte order may differ from np.dtype(spec)'s own: itemsize, alignment and flags set otherwise make
+    dtypes numpy never does (an object dtype without its flags laid the file's bytes under an object array, item
+    pointers the file chose; 'V8' of itemsize -8 or 0 gave a 0-byte array of shape (10**9,); 'U1' of itemsize 5
+    failed on reading). The metadata a datetime's state carries (its unit) is numpy's to check."""
+    order = state[1]
+    try:
+        own = plain.newbyteorder(order).__reduce__()[2] if order in ("<", ">", "|") else None
+    except ValueError:
+        own = None
+    if own is None or own[1] != order:
+        return f"the dtype {plain} with the byte order {order!r}"
+    if state[0] not in (3, 4):
+        return f"a dtype state of version {state[0]!r}"
+    wrong = [f"{what} {theirs!r}, not its own {mine!r}" for what, theirs, mine in
+             zip(("itemsize", "alignment", "flags"), state[5:8], own[5:8], strict=True) if theirs != mine]
+    return f"the dtype {plain} with the {'; '.join(wrong)}" if wrong else None
+
+
 def _dtype_state_problem(state: Any, plain: np.dtype | None = None) -> str | None:
     """Why a pickled numpy dtype state (version, byteorder, subarray, names, fields, itemsize, alignment, flags)
     is not a plain or structured dtype whose fields lie inside its item, or None. `plain`: the dtype the state is
-    set on, as numpy's dtype(spec) made it; a plain state must keep its flags (an object dtype whose flags
-    said otherwise laid the file's bytes under an object array: item pointers the file chose)."""
+    set on, as numpy's dtype(spec) made it; a plain state must be numpy's own for it (_plain_dtype_state_problem)."""
     if not isinstance(state, tuple) or len(state) not in (8, 9):
         return "a malformed dtype state"
     _, _, sub, names, fields, itemsize, align, flags = state[:8]
@@ -360,9 +379,7 @@ def _dtype_state_problem(state: Any, plain: np.dtype | None = None) -> str | Non
     if not all(isinstance(v, int) for v in (itemsize, align, flags)) or (names is None) != (fields is None):
         return "a malformed dtype state"
     if names is None:
-        if plain is not None and flags != plain.flags:
-            return f"the dtype {plain} with the flags {flags}, not its own {plain.flags}"
-        return None
+        return None if plain is None else _plain_dtype_state_problem(state, plain)
     if flags & _OBJECT_FLAGS:
         return f"a structured dtype with the object flags {flags}"
     if (not isinstance(names, tuple) or not isinstance(fields, dict) or set(names) != set(fields)
