@@ -296,3 +296,26 @@ def test_a_checkpoint_of_complex_keys_or_a_set_filled_late_is_refused_before_tor
             "by_param": {i: {"lr": 0.1, "betas": (0.9, 0.99)} for i in range(2_000)}, "set": set(range(20_000))}
     assert ck.load_weights_only(_ckpt_with(tmp_path, "fine.pth", fine))["extra"] == fine
 
+
+def test_a_meta_tensor_is_refused_in_one_line(tmp_path, model):
+    """Round five: a weight saved as a meta tensor (a model built on torch.device("meta") and saved before its
+    weights were materialised: a shape, no data) passed the checks and ended every loader in a traceback
+    (RuntimeError: Tensor.item() cannot be called on meta tensors)."""
+    import pips2
+
+    sd = dict(model.state_dict())
+    sd["fnet.conv1.weight"] = torch.empty(sd["fnet.conv1.weight"].shape, device="meta")
+    (tmp_path / "meta").mkdir()
+    path = tmp_path / "meta" / "model-000000005.pth"
+    torch.save({"model_state_dict": sd}, path)
+    with pytest.raises(ck.CheckpointError) as e:
+        pips2.load_model(str(tmp_path / "meta"))
+    assert str(e.value) == (f"{path}: refused: model_state_dict.fnet.conv1.weight is a meta tensor (no data: the "
+                            f"model was saved before its weights were materialised)")
+    with pytest.raises(ck.CheckpointError) as e:  # a state dict handed over directly meets the same check
+        ck.load_model_state(Pips(), sd, source="given")
+    assert str(e.value) == ("given: fnet.conv1.weight is a meta tensor (no data: the model was saved before its "
+                            "weights were materialised); refusing it")
+    with pytest.raises(ck.CheckpointError, match=r"^x.pth: refused: w is on cpu, not cuda where the checkpoint"):
+        ck._check_tensors({"w": torch.zeros(1)}, "x.pth", torch.device("cuda"))  # not where map_location put it
+
