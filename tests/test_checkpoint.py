@@ -319,3 +319,20 @@ def test_a_meta_tensor_is_refused_in_one_line(tmp_path, model):
     with pytest.raises(ck.CheckpointError, match=r"^x.pth: refused: w is on cpu, not cuda where the checkpoint"):
         ck._check_tensors({"w": torch.zeros(1)}, "x.pth", torch.device("cuda"))  # not where map_location put it
 
+
+def test_float64_weights_that_overflow_the_model_s_dtype_are_refused_at_load_time(tmp_path, model):
+    """Round five: float64 weights of 1e300 are finite as stored and infinite once cast into the float32 model: the
+    model loaded, and demo.py only said its estimates were not finite after tracking."""
+    sd = {k: v.double() if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    sd["fnet.conv1.weight"][0, 0, 0, :2] = 1e300
+    torch.save({"model_state_dict": sd}, tmp_path / "model-000000001.pth")
+    fresh = Pips()
+    before = fresh.state_dict()["fnet.conv1.weight"].clone()
+    with pytest.raises(ck.CheckpointError) as e:
+        _load(tmp_path, fresh)
+    assert str(e.value) == (f"{tmp_path / 'model-000000001.pth'}: fnet.conv1.weight holds 2 values too large for "
+                            f"the model's torch.float32 (infinite once cast from torch.float64); refusing it")
+    assert torch.equal(fresh.state_dict()["fnet.conv1.weight"], before)  # nothing copied
+    sd["fnet.conv1.weight"][0, 0, 0, :2] = 1e30  # float64 weights the model's dtype can hold load (cast)
+    torch.save({"model_state_dict": sd}, tmp_path / "model-000000002.pth")
+    assert _load(tmp_path, fresh) == 2 and fresh.state_dict()["fnet.conv1.weight"][0, 0, 0, 0] == 1e30

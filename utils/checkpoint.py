@@ -271,8 +271,8 @@ MAX_LISTED = 5  # keys a mismatch error names of each kind
 
 def weight_problem(key: str, v: torch.Tensor, own: torch.Tensor) -> str | None:
     """Why a checkpoint's tensor cannot stand for the model's: a meta tensor (no data), a dtype of another kind
-    (int64 weights would load as whole numbers and track a constant) or a NaN or infinite value (track() would
-    return NaN); None if fine."""
+    (int64 weights would load as whole numbers and track a constant) or a value that is NaN or infinite in the
+    model's dtype (track() would return NaN; 1e300 in float64 is inf once cast to float32); None if fine."""
     if v.device.type == "meta":
         return f"{key} {META_PROBLEM}"
     if v.is_floating_point() != own.is_floating_point() or v.is_complex() or v.dtype == torch.bool:
@@ -281,6 +281,11 @@ def weight_problem(key: str, v: torch.Tensor, own: torch.Tensor) -> str | None:
         bad = int((~torch.isfinite(v)).sum())
         if bad:
             return f"{key} holds {bad} NaN or infinite value{'s' if bad > 1 else ''}"
+        if v.dtype != own.dtype:
+            bad = int((~torch.isfinite(v.to(own.dtype))).sum())
+            if bad:
+                return (f"{key} holds {bad} value{'s' if bad > 1 else ''} too large for the model's {own.dtype} "
+                        f"(infinite once cast from {v.dtype})")
     return None
 
 
