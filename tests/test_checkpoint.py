@@ -1,5 +1,7 @@
 """Checkpoints in the authors' format: round trips, prefixes, errors, atomicity, retention."""
 
+import pickle
+
 import pytest
 import torch
 from helpers import golden_state_dict
@@ -257,3 +259,80 @@ def test_a_state_dict_key_that_is_not_text_or_a_compiled_model_s_prefix(tmp_path
     loaded = pips2.load_model(str(tmp_path / "compiled"))
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values(),
                                                   strict=True))
+
+
+def _replace_data_pkl(path: str, data: bytes) -> None:
+    """Rewrite a torch.save file with its data.pkl (what torch unpickles) replaced by `data`."""
+    import zipfile
+    with zipfile.ZipFile(path) as zf:
+        members = {i.filename: zf.read(i) for i in zf.infolist()}
+    pkl = next(n for n in members if n.endswith("/data.pkl"))
+    members[pkl] = data
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as zf:
+        for n, body in members.items():
+            zf.writestr(n, body)
+
+
+def test_a_checkpoint_of_complex_keys_or_a_set_filled_late_is_refused_before_torch_reads_it(tmp_path):
+    """Round five: an ordinary torch.save of 20,000 complex keys of one hash (torch's weights-only unpickler calls
+    builtins.complex) loaded in 3.3 s, quadratic in their number (a 64 MB data.pkl: about 15 hours), and so did a
+    set(*args) whose list was filled after args was built. The pre-scan now counts every key that is not text or
+    a small int, and a set's items when the set is built. The keys here need not collide to be counted."""
+    why = "refused: its pickle hashes more than 10000 dict keys or set items that are not text or small integers"
+    path = _ckpt_with(tmp_path, "complex.pth", dict.fromkeys(complex(i, 0.5) for i in range(10_200)))
+    with pytest.raises(ck.CheckpointError) as e:
+        ck.load_weights_only(path)
+    assert str(e.value).startswith(f"{path}: {why} (") and "\n" not in str(e.value)
+    # {"w": L, "args": (L,), "s": set(*args)}: L is empty when args is built, then filled with 10,200 large ints
+    path = _ckpt_with(tmp_path, "stale.pth", {})
+    items = b"".join(pickle.dumps(2**40 + i, 2)[2:-1] for i in range(10_200))
+    _replace_data_pkl(path, b"\x80\x02}(X\x04\x00\x00\x00argsq\x00]q\x01\x85q\x02X\x01\x00\x00\x00wh\x01(" + items
+                      + b"eX\x01\x00\x00\x00scbuiltins\nset\nh\x02Ru.")
+    with pytest.raises(ck.CheckpointError) as e:
+        ck.load_weights_only(path)
+    assert str(e.value).startswith(f"{path}: {why} (")
+    # a checkpoint that stores numbers and complex values, and keys its dicts by text and parameter numbers, loads
+    fine = {"losses": [i + 0.5 for i in range(20_000)], "complex": [complex(i, 1) for i in range(10_200)],
+            "by_param": {i: {"lr": 0.1, "betas": (0.9, 0.99)} for i in range(2_000)}, "set": set(range(20_000))}
+    assert ck.load_weights_only(_ckpt_with(tmp_path, "fine.pth", fine))["extra"] == fine
+
+
+def test_a_meta_tensor_is_refused_in_one_line(tmp_path, model):
+    """Round five: a weight saved as a meta tensor (a model built on torch.device("meta") and saved before its
+    weights were materialised: a shape, no data) passed the checks and ended every loader in a traceback
+    (RuntimeError: Tensor.item() cannot be called on meta tensors)."""
+    import pips2
+
+    sd = dict(model.state_dict())
+    sd["fnet.conv1.weight"] = torch.empty(sd["fnet.conv1.weight"].shape, device="meta")
+    (tmp_path / "meta").mkdir()
+    path = tmp_path / "meta" / "model-000000005.pth"
+    torch.save({"model_state_dict": sd}, path)
+    with pytest.raises(ck.CheckpointError) as e:
+        pips2.load_model(str(tmp_path / "meta"))
+    assert str(e.value) == (f"{path}: refused: model_state_dict.fnet.conv1.weight is a meta tensor (no data: the "
+                            f"model was saved before its weights were materialised)")
+    with pytest.raises(ck.CheckpointError) as e:  # a state dict handed over directly meets the same check
+        ck.load_model_state(Pips(), sd, source="given")
+    assert str(e.value) == ("given: fnet.conv1.weight is a meta tensor (no data: the model was saved before its "
+                            "weights were materialised); refusing it")
+    with pytest.raises(ck.CheckpointError, match=r"^x.pth: refused: w is on cpu, not cuda where the checkpoint"):
+        ck._check_tensors({"w": torch.zeros(1)}, "x.pth", torch.device("cuda"))  # not where map_location put it
+
+
+def test_float64_weights_that_overflow_the_model_s_dtype_are_refused_at_load_time(tmp_path, model):
+    """Round five: float64 weights of 1e300 are finite as stored and infinite once cast into the float32 model: the
+    model loaded, and demo.py only said its estimates were not finite after tracking."""
+    sd = {k: v.double() if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    sd["fnet.conv1.weight"][0, 0, 0, :2] = 1e300
+    torch.save({"model_state_dict": sd}, tmp_path / "model-000000001.pth")
+    fresh = Pips()
+    before = fresh.state_dict()["fnet.conv1.weight"].clone()
+    with pytest.raises(ck.CheckpointError) as e:
+        _load(tmp_path, fresh)
+    assert str(e.value) == (f"{tmp_path / 'model-000000001.pth'}: fnet.conv1.weight holds 2 values too large for "
+                            f"the model's torch.float32 (infinite once cast from torch.float64); refusing it")
+    assert torch.equal(fresh.state_dict()["fnet.conv1.weight"], before)  # nothing copied
+    sd["fnet.conv1.weight"][0, 0, 0, :2] = 1e30  # float64 weights the model's dtype can hold load (cast)
+    torch.save({"model_state_dict": sd}, tmp_path / "model-000000002.pth")
+    assert _load(tmp_path, fresh) == 2 and fresh.state_dict()["fnet.conv1.weight"][0, 0, 0, 0] == 1e30

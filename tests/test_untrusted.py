@@ -971,6 +971,69 @@ def test_keys_whose_hashes_collide_are_refused_before_unpickling(tmp_path, keys)
         assert load_pickle(_dump(tmp_path / "fine.pkl", fine, 4)) == fine
 
 
+def _stale_set_pickle(n: int) -> bytes:
+    """set(*args) where args = (L,) was built while the list L was empty, and n large ints were appended to L
+    afterwards: a count taken when args was built saw none of them."""
+    body = b"".join(pickle.dumps(2**40 + i, 2)[2:-1] for i in range(n))  # LONG1 ops, not text or small ints
+    return (b"\x80\x02]q\x01\x85q\x020"  # L = [] (memo 1), args = (L,) (memo 2), popped
+            b"h\x01(" + body + b"e0"  # L filled by APPENDS, then popped
+            b"c__builtin__\nset\nh\x02R.")  # set(*args)
+
+
+# Keys a file can make collide, counted however they are made. The keys below need not collide to be counted (a
+# count that depended on the hashes would have to compute them): 10,200 of them load in no time without the bound.
+_COLLIDABLE_KEY_PICKLES = {
+    # complex(a, b) hashes as hash(a) + 1000003 * hash(b): builtins.complex called (REDUCE) for each key
+    "complex keys": lambda: pickle.dumps(dict.fromkeys(complex(i, 0.5) for i in range(10_200)), 2),
+    # numpy scalars hash as their value: numpy's scalar() called for each key
+    "numpy scalar keys": lambda: pickle.dumps(dict.fromkeys(np.float64(i + 0.5) for i in range(10_200)), 2),
+    "a list filled after set's arguments were built": lambda: _stale_set_pickle(10_200),
+    # protocol 0's INST op calling set, which the pre-scan did not look at
+    "set called by INST": lambda: (b"(" + pickle.dumps([2**40 + i for i in range(10_200)], 2)[2:-1]
+                                   + b"i__builtin__\nset\n."),
+    # the memo is a dict too: a text PUT names any integer as its index
+    "memo indices": lambda: b"N" + b"".join(b"p%d\n" % (2**40 + i) for i in range(10_200)) + b".",
+}
+
+
+@pytest.mark.parametrize("case", list(_COLLIDABLE_KEY_PICKLES))
+def test_collidable_keys_are_counted_however_the_pickle_makes_them(tmp_path, case):
+    """Round five: 20,000 complex keys of one hash (460 KB) took 2.8 s to load, quadratic in their number (a 15 MB
+    file: about 50 minutes), and so did a set(L) whose list was filled after its arguments were counted: the
+    pre-scan counted only ints, floats and tuples, and only what a container held when it was first referenced.
+    Both the pre-scan and the unpickler now count every key that is not text or a small int where it is hashed."""
+    data = _COLLIDABLE_KEY_PICKLES[case]()
+    path = tmp_path / "keys.pkl"
+    path.write_bytes(data)
+    with pytest.raises(UnsafeFileError) as e:
+        load_pickle(path)
+    why = ("refused: its pickle hashes more than 10000 dict keys or set items that are not text or small integers "
+           "(their hashes can be made to collide, which makes loading take hours)")
+    assert _one_line(e.value, str(path)) == f"{path}: {why}"
+    from pips2.utils.safe_load import _RestrictedUnpickler, _TooManyKeys, pickle_objects_problem
+
+    assert pickle_objects_problem(data, strict=True) == why
+    with pytest.raises(_TooManyKeys):  # the unpickler counts on its own, where it hashes
+        _RestrictedUnpickler(io.BytesIO(data)).load()
+
+
+def test_collidable_values_and_arrays_are_not_keys(tmp_path, monkeypatch):
+    """What is only stored, never hashed, is not bounded: a list of floats or complex numbers, arrays (numpy
+    rebuilds each from a state tuple holding its shape and dtype), a set just under the bound (lowered here to 50,
+    so that a few hundred objects would pass it if they counted)."""
+    from pips2.utils import safe_load
+
+    monkeypatch.setattr(safe_load, "MAX_COLLIDABLE_KEYS", 50)
+    fine = {"floats": [i + 0.5 for i in range(200)], "arrays": [np.zeros(2, np.float32) for _ in range(200)],
+            "set": {i + 0.5 for i in range(50)}, "complex": [complex(i, 1) for i in range(200)]}
+    for protocol in (2, 4):
+        got = load_pickle(_dump(tmp_path / f"fine{protocol}.pkl", fine, protocol))
+        assert got["floats"] == fine["floats"] and got["set"] == fine["set"] and len(got["arrays"]) == 200
+        with pytest.raises(UnsafeFileError, match="hashes more than"):  # one more set item is one too many
+            load_pickle(_dump(tmp_path / f"over{protocol}.pkl", {**fine, "set": {i + 0.5 for i in range(51)}},
+                              protocol))
+
+
 # numpy.ndarray called by the file: REDUCE and NEWOBJ forms (round three of the red team)
 _NDARRAY_CALLS = {
     # 28 bytes: ndarray((2**29,)) by NEWOBJ, a 4 GiB uninitialised array at once
@@ -1036,3 +1099,44 @@ def test_round_four_ways_around_the_pickle_checks_are_refused(tmp_path, case):
     res = _load_in_child(path)
     assert res.returncode == 0, f"the reader died ({res.returncode}): {res.stderr[-300:]}"
     assert res.stdout.strip() == f"{path}: {why}"
+
+
+class _DtypeState:
+    """Pickles as numpy pickles a dtype, dtype(spec, False, True), with the BUILD state given."""
+
+    def __init__(self, spec: str, state: tuple):
+        self.spec, self.state = spec, state
+
+    def __reduce__(self):
+        return np.dtype, (self.spec, False, True), self.state
+
+
+# (spec, dtype state, array shape, array data): numpy writes itemsize and alignment -1 for a fixed-size type, and
+# only the byte order a type has ('|' for bytes, voids and objects)
+_FORGED_DTYPES = {
+    "V8 of itemsize -8": ("V8", (3, "|", None, None, None, -8, 1, 0), (0,), b"",
+                          "the dtype |V8 with the itemsize -8, not its own 8"),
+    # a 0-byte array of shape (10**9,): astype(float32) asked 3.7 GB, astype(bool) allocated 1 GB
+    "V8 of itemsize 0": ("V8", (3, "|", None, None, None, 0, 1, 0), (10**9,), b"",
+                         "the dtype |V8 with the itemsize 0, not its own 8"),
+    "U1 of itemsize 5": ("U1", (3, "<", None, None, None, 5, 4, 8), (3,), b"A" * 15,
+                         "the dtype <U1 with the itemsize 5, not its own 4"),
+    "big-endian objects": ("O8", (3, ">", None, None, None, -1, -1, 63), (2,), [1, "x"],
+                           "the dtype object with the byte order '>'"),
+    "f8 of claimed itemsize": ("f8", (3, ">", None, None, None, 8, 8, 0), (1,), b"\x3f\xf0" + b"\0" * 6,
+                               "the dtype float64 with the itemsize 8, not its own -1; alignment 8, not its own -1"),
+}
+
+
+@pytest.mark.parametrize("case", list(_FORGED_DTYPES))
+def test_a_dtype_state_numpy_never_writes_is_refused(tmp_path, case):
+    """Round five: BUILD set a plain dtype's itemsize, alignment or byte order at will as long as its flags were
+    numpy's: 'V8' became V-8 or V0, 'U1' an item of 5 bytes (tolist() then failed), 'O' big-endian (copy() failed
+    inside numpy). A plain dtype's state must now be numpy's own for it, in any byte order the type has."""
+    spec, dstate, shape, data, why = _FORGED_DTYPES[case]
+    path = _dump(tmp_path / "d.pkl", _ArrayState((1, shape, _DtypeState(spec, dstate), False, data)), 2)
+    with pytest.raises(UnsafeFileError) as e:
+        load_pickle(path)
+    assert _one_line(e.value, str(path)) == f"{path}: refused: pickle holds {why}"
+    own = np.dtype(spec).newbyteorder(dstate[1]).__reduce__()[2]  # numpy's own state, in that byte order
+    assert load_pickle(_dump(tmp_path / "ok.pkl", _DtypeState(spec, own), 2)) == np.dtype(spec).newbyteorder(own[1])

@@ -165,10 +165,32 @@ def _view_problem(t: torch.Tensor) -> str | None:
     return None
 
 
-def _check_tensors(obj, path: str | os.PathLike) -> None:
-    """CheckpointError naming the first tensor anywhere in a loaded checkpoint whose view is not a whole one, or
-    a dict or list that contains itself or is nested deeper than MAX_DEPTH (whatever walks the checkpoint
-    afterwards would never end, or overflow Python's stack). Each object is visited once, however often shared."""
+META_PROBLEM = "is a meta tensor (no data: the model was saved before its weights were materialised)"
+
+
+def _device_problem(t: torch.Tensor, device: torch.device | None) -> str | None:
+    """Why a loaded tensor is not where map_location put the others (`device`; None: not one device), or None. A
+    meta tensor has a shape and no data: reading it raised a RuntimeError in the middle of whatever used it."""
+    if t.device.type == "meta":
+        return META_PROBLEM
+    if device is not None and t.device.type != device.type:
+        return f"is on {t.device}, not {device} where the checkpoint was loaded"
+    return None
+
+
+def _map_device(map_location: Any) -> torch.device | None:
+    """The one device a torch.load map_location puts every tensor on, or None (a dict or a function)."""
+    try:
+        return torch.device(map_location) if isinstance(map_location, (str, torch.device)) else None
+    except (RuntimeError, TypeError, ValueError):
+        return None
+
+
+def _check_tensors(obj, path: str | os.PathLike, device: torch.device | None = None) -> None:
+    """CheckpointError naming the first tensor anywhere in a loaded checkpoint that is not on `device` (or is a
+    meta tensor, whatever `device`) or whose view is not a whole one, or a dict or list that contains itself or is
+    nested deeper than MAX_DEPTH (whatever walks the checkpoint afterwards would never end, or overflow Python's
+    stack). Each object is visited once, however often shared."""
     seen: set[int] = set()
     open_: set[int] = set()  # containers on the current path: meeting one again is a cycle
     stack: list[tuple[str, object, int, bool]] = [("", obj, 0, False)]
@@ -183,7 +205,7 @@ def _check_tensors(obj, path: str | os.PathLike) -> None:
             continue
         if isinstance(o, torch.Tensor):
             seen.add(id(o))
-            problem = _view_problem(o)
+            problem = _device_problem(o, device) or _view_problem(o)
             if problem:
                 raise CheckpointError(f"{path}: refused: {where or 'the tensor'} {problem}")
         elif isinstance(o, (dict, list, tuple)):
@@ -212,7 +234,7 @@ def load_weights_only(path: str | os.PathLike, map_location: str | torch.device 
         if refused_hint and problem.startswith("refused"):
             problem += f"; {refused_hint}"
         raise CheckpointError(f"{path}: {problem}") from None
-    _check_tensors(ckpt, path)
+    _check_tensors(ckpt, path, _map_device(map_location))
     return ckpt
 
 
@@ -259,14 +281,22 @@ MAX_LISTED = 5  # keys a mismatch error names of each kind
 
 
 def weight_problem(key: str, v: torch.Tensor, own: torch.Tensor) -> str | None:
-    """Why a checkpoint's tensor cannot stand for the model's: a dtype of another kind (int64 weights would load
-    as whole numbers and track a constant) or a NaN or infinite value (track() would return NaN); None if fine."""
+    """Why a checkpoint's tensor cannot stand for the model's: a meta tensor (no data), a dtype of another kind
+    (int64 weights would load as whole numbers and track a constant) or a value that is NaN or infinite in the
+    model's dtype (track() would return NaN; 1e300 in float64 is inf once cast to float32); None if fine."""
+    if v.device.type == "meta":
+        return f"{key} {META_PROBLEM}"
     if v.is_floating_point() != own.is_floating_point() or v.is_complex() or v.dtype == torch.bool:
         return f"{key} is {v.dtype}, the model's is {own.dtype}"
     if v.is_floating_point():
         bad = int((~torch.isfinite(v)).sum())
         if bad:
             return f"{key} holds {bad} NaN or infinite value{'s' if bad > 1 else ''}"
+        if v.dtype != own.dtype:
+            bad = int((~torch.isfinite(v.to(own.dtype))).sum())
+            if bad:
+                return (f"{key} holds {bad} value{'s' if bad > 1 else ''} too large for the model's {own.dtype} "
+                        f"(infinite once cast from {v.dtype})")
     return None
 
 

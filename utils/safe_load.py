@@ -8,6 +8,7 @@ few globals that plain data and numpy arrays need and refuses every other one be
 
 from __future__ import annotations
 
+import functools
 import importlib
 import math
 import os
@@ -147,30 +148,61 @@ MAX_PICKLE_OBJECTS = 10_000_000
 # Nesting: hashing a tuple nested a million deep (a 1 MB pickle) recurses in C without a guard and crashes the
 # process. A checkpoint nests about 8 deep (dict > dict > tensor > its rebuild arguments), a TAP-Vid pickle 6.
 MAX_PICKLE_DEPTH = 64
-# Dict keys and set items whose hashes a file can make collide: str and bytes hashes are salted per process and a
-# small int is its own hash, but large ints, floats and tuples hash alike on every machine, and 40,000 keys of one
-# hash took 8.5 s to insert (quadratic: 15 MB of them, about two hours). The project's files use text keys and
-# the optimizer's parameter numbers.
+# Dict keys and set items whose hashes a file can make collide: 40,000 keys of one hash took 8.5 s to insert
+# (quadratic: 15 MB of them, about two hours). Only text (str and bytes hash salted per process), ints below 2^32
+# (each its own hash), None, booleans and tuples of text are safe; every other key counts, whatever made it: a
+# float, a large int, a tuple holding a number, and anything a call returns (complex(a, b) hashes as
+# a + 1000003 * b, a numpy scalar as its value). The project's files key by text and parameter numbers.
 MAX_COLLIDABLE_KEYS = 10_000
 SMALL_INT = 1 << 32
+COLLIDING_KEYS = (f"refused: its pickle hashes more than {MAX_COLLIDABLE_KEYS} dict keys or set items that are not "
+                  f"text or small integers (their hashes can be made to collide, which makes loading take hours)")
 _MUTATORS = {"APPEND", "APPENDS", "SETITEM", "SETITEMS", "BUILD", "ADDITEMS"}  # grow the object below them
 _TEXT_OPS = {"STRING", "BINSTRING", "SHORT_BINSTRING", "BINBYTES", "SHORT_BINBYTES", "BINBYTES8", "UNICODE",
              "BINUNICODE", "SHORT_BINUNICODE", "BINUNICODE8"}
 _INT_OPS = {"INT", "BININT", "BININT1", "BININT2", "LONG", "LONG1", "LONG4"}
-# callables that hash what their arguments hold (the restricted unpicklers allow these)
+_TUPLE_OPS = {"EMPTY_TUPLE", "TUPLE", "TUPLE1", "TUPLE2", "TUPLE3"}
+_MEMO_OPS = {"PUT", "BINPUT", "LONG_BINPUT", "GET", "BINGET", "LONG_BINGET"}
+# ops that make an object holding no items a set or dict built from it could hash
+_SCALAR_OPS = {"FLOAT", "BINFLOAT", "NONE", "NEWTRUE", "NEWFALSE", "EMPTY_LIST", "EMPTY_DICT", "EMPTY_SET",
+               "BYTEARRAY8"} | _INT_OPS
+_CALLS = {"REDUCE", "NEWOBJ", "NEWOBJ_EX", "INST", "OBJ"}
+# callables that hash what their first argument holds (the restricted unpicklers allow some of these)
 _HASHING = {"builtins set", "builtins frozenset", "__builtin__ set", "__builtin__ frozenset",
-            "collections OrderedDict", "collections Counter", "builtins dict"}
+            "collections OrderedDict", "collections Counter", "builtins dict", "__builtin__ dict"}
 _MARK = object()
+_NOT_TUPLE = object()
 
 
 class _Node:
-    """An object of the simulated stack: its expanded size, its nesting depth, whether it is a hashable whose hash
-    a file can choose (`collidable`), how many such it holds, and for text, its value (for STACK_GLOBAL)."""
+    """An object of the simulated stack: its expanded size, its nesting depth, whether it is a dict key whose hash a
+    file can choose (`collidable`), whether its hash is salted (text), how many of its own items are collidable
+    (`keys`: what a set or dict built from it hashes; kept up to date as the ops that fill it run, since a memo
+    reference is this same node; None for an object a call returned, whose items are unknown), a tuple's first item
+    (the argument a call hashes), and for text, its value (for STACK_GLOBAL)."""
 
-    __slots__ = ("count", "depth", "collidable", "holds", "text")
+    __slots__ = ("count", "depth", "collidable", "salted", "keys", "first", "text")
 
-    def __init__(self, count: int, depth: int, collidable: bool = False, holds: int = 0, text: str | None = None):
-        self.count, self.depth, self.collidable, self.holds, self.text = count, depth, collidable, holds, text
+    def __init__(self, count: int, depth: int):
+        self.count, self.depth = count, depth
+        self.collidable, self.salted, self.keys = True, False, None
+        self.first: Any = _NOT_TUPLE
+        self.text: str | None = None
+
+
+def _collidable(nodes: list) -> int:
+    return sum(1 for n in nodes if n.collidable)
+
+
+def _call_parts(name: str, arg: Any, popped: list) -> tuple[str | None, Any]:
+    """The callable's name and its first argument's node (None: no argument; _NOT_TUPLE: the arguments are not a
+    tuple the file built, so unknown) for a call op whose stack items were popped (last pushed first)."""
+    if name == "INST":  # the arguments follow the mark, the class is the op's argument
+        return arg, popped[-1] if popped else None
+    if name == "OBJ":  # mark, class, arguments
+        return popped[-1].text, popped[-2] if len(popped) > 1 else None
+    callee, args = (popped[-1], popped[0]) if name != "NEWOBJ_EX" else (popped[2], popped[1])
+    return callee.text, args.first
 
 
 def pickle_objects_problem(data: bytes | IO[bytes], limit: int = MAX_PICKLE_OBJECTS, strict: bool = False
@@ -180,26 +212,33 @@ def pickle_objects_problem(data: bytes | IO[bytes], limit: int = MAX_PICKLE_OBJE
     collide; or None.
 
     Reads the opcodes only (pickletools.genops) and runs nothing: each object on the simulated stack is its
-    expanded size and depth, memo references share it, and the ops that fill a container add to it. A pickle that
-    does not parse is left to the unpickler, which reports it; with `strict`, it is refused here, as the
-    unpickler may read what pickletools does not (the text INT opcode takes "0x0" in pickle, not in
-    pickletools) and would then run unchecked."""
+    expanded size and depth, memo references share it, and the ops that fill a container add to it. Keys are
+    counted where they are hashed: the ops that fill a dict or set, a memo index, and a call of set, frozenset,
+    dict, OrderedDict or Counter, which hashes the items its argument holds when it runs (a list filled after the
+    call's arguments were built counts in full). A pickle that does not parse is left to the unpickler, which
+    reports it; with `strict`, it is refused here, as the unpickler may read what pickletools does not (the text
+    INT opcode takes "0x0" in pickle, not in pickletools) and would then run unchecked."""
     stack: list = []
     memo: dict = {}
     keys = 0
     too_many = f"refused: its pickle builds more than {limit} objects (shared references counted)"
     too_deep = f"refused: its pickle nests objects more than {MAX_PICKLE_DEPTH} deep"
-    collide = (f"refused: its pickle hashes more than {MAX_COLLIDABLE_KEYS} dict keys or set items that are not text "
-               f"or small integers (their hashes can be made to collide, which makes loading take hours)")
+    uncounted = ("refused: its pickle builds a set or dict from an object whose items cannot be counted before it "
+                 "runs (Python's and numpy's own pickles never do)")
     try:
         for op, arg, _ in pickletools.genops(data):
             name = op.name
-            if name in ("PUT", "BINPUT", "LONG_BINPUT"):
-                memo[arg] = stack[-1]
+            if name in _MEMO_OPS:
+                # the memo is a dict keyed by these indices: a text PUT or GET may name any integer
+                keys += isinstance(arg, int) and abs(arg) >= SMALL_INT
+                if keys > MAX_COLLIDABLE_KEYS:
+                    return COLLIDING_KEYS
+                if name.endswith("PUT"):
+                    memo[arg] = stack[-1]
+                else:
+                    stack.append(memo[arg])
             elif name == "MEMOIZE":
                 memo[len(memo)] = stack[-1]
-            elif name in ("GET", "BINGET", "LONG_BINGET"):
-                stack.append(memo[arg])
             elif name == "DUP":
                 stack.append(stack[-1])
             elif name == "STOP":
@@ -219,41 +258,57 @@ def pickle_objects_problem(data: bytes | IO[bytes], limit: int = MAX_PICKLE_OBJE
                 if name in _MUTATORS:
                     target = popped.pop()
                     if name in ("SETITEM", "SETITEMS"):  # popped: value, key, value, key, ... (last pushed first)
-                        keys += sum(1 for k in popped[1::2] if k.collidable)
-                    elif name == "ADDITEMS":
-                        keys += sum(1 for k in popped if k.collidable)
+                        added = _collidable(popped[1::2])
+                        keys += added
+                    elif name == "BUILD":
+                        added, state = 0, popped[0]
+                        if target.keys is not None:  # torch merges a dict-like's state in by its keys (or pairs)
+                            inner = state.first.keys if isinstance(state.first, _Node) else 0  # (dict, slots)
+                            keys += (state.keys or 0) + (inner or 0)
+                    else:
+                        added = _collidable(popped)
+                        keys += added if name == "ADDITEMS" else 0
+                    if target.keys is not None:
+                        target.keys += added
                     target.count = min(limit + 1, target.count + sum(n.count for n in popped))
                     target.depth = max([target.depth] + [1 + n.depth for n in popped])
-                    target.holds = min(limit + 1, target.holds + sum(n.holds + n.collidable for n in popped))
                     node = target
                     stack.append(target)
                 else:
-                    if name == "FROZENSET":
-                        keys += sum(1 for k in popped if k.collidable)
-                    elif name in ("REDUCE", "NEWOBJ"):  # popped: args, callable
-                        if popped[-1].text in _HASHING:
-                            keys += popped[0].holds
                     node = _Node(min(limit + 1, 1 + sum(n.count for n in popped)),
-                                 1 + max((n.depth for n in popped), default=0),
-                                 holds=min(limit + 1, sum(n.holds + n.collidable for n in popped)))
+                                 1 + max((n.depth for n in popped), default=0))
                     if name in _TEXT_OPS:  # text's hash is salted per process: "" stands for long text, bytes
+                        node.collidable, node.salted, node.keys = False, True, 0
                         node.text = arg if isinstance(arg, str) and len(arg) <= 200 else ""
-                    elif name in _INT_OPS:
-                        node.collidable = not (isinstance(arg, int) and abs(arg) < SMALL_INT)
+                    elif name in _SCALAR_OPS:
+                        node.keys = 0
+                        node.collidable = not (name in ("NONE", "NEWTRUE", "NEWFALSE")
+                                               or (name in _INT_OPS and isinstance(arg, int) and abs(arg) < SMALL_INT))
+                    elif name in _TUPLE_OPS or name in ("LIST", "DICT", "FROZENSET"):
+                        items = popped[1::2] if name == "DICT" else popped  # a dict's keys
+                        node.keys = _collidable(items)
+                        if name in ("DICT", "FROZENSET"):
+                            keys += node.keys
+                        if name in _TUPLE_OPS:  # a tuple of text only hashes as salted as its items
+                            node.first = popped[-1] if popped else None
+                            node.collidable = not all(n.salted for n in popped)
                     elif name in ("GLOBAL", "STACK_GLOBAL"):
                         texts = [n.text for n in reversed(popped)]  # STACK_GLOBAL: module, then name
                         node.text = arg if name == "GLOBAL" else " ".join(t or "" for t in texts)
-                    elif name in ("BINFLOAT", "FLOAT"):
-                        node.collidable = True
-                    elif name.startswith("TUPLE"):  # a tuple of text only hashes as salted as its items
-                        node.collidable = any(n.text is None for n in popped)
+                    elif name in _CALLS:
+                        callee, first = _call_parts(name, arg, popped)
+                        if callee in _HASHING:  # the result holds, and hashed, what its argument holds now
+                            node.keys = 0 if first is None else None if first is _NOT_TUPLE else first.keys
+                            if node.keys is None:
+                                return uncounted
+                            keys += node.keys
                     stack += [node] * len(op.stack_after)
                 if node.count > limit:
                     return too_many
                 if node.depth > MAX_PICKLE_DEPTH:
                     return too_deep
                 if keys > MAX_COLLIDABLE_KEYS:
-                    return collide
+                    return COLLIDING_KEYS
     except Exception as e:  # corrupt or truncated: the unpickler says what is wrong, unless `strict`
         return f"not a readable pickle ({_first_line(e)})" if strict else None
     return None
@@ -292,11 +347,30 @@ MAX_ITEM_BYTES = 1 << 20  # a structured dtype's item; the project's files hold 
 _OBJECT_FLAGS = 1 | 2 | 4 | 8 | 32 | 64
 
 
+def _plain_dtype_state_problem(state: tuple, plain: np.dtype) -> str | None:
+    """Why a plain dtype's pickled state is not the one numpy itself writes for `plain` in its byte order, or None.
+    Only the byte order may differ from np.dtype(spec)'s own: itemsize, alignment and flags set otherwise make
+    dtypes numpy never does (an object dtype without its flags laid the file's bytes under an object array, item
+    pointers the file chose; 'V8' of itemsize -8 or 0 gave a 0-byte array of shape (10**9,); 'U1' of itemsize 5
+    failed on reading). The metadata a datetime's state carries (its unit) is numpy's to check."""
+    order = state[1]
+    try:
+        own = plain.newbyteorder(order).__reduce__()[2] if order in ("<", ">", "|") else None
+    except ValueError:
+        own = None
+    if own is None or own[1] != order:
+        return f"the dtype {plain} with the byte order {order!r}"
+    if state[0] not in (3, 4):
+        return f"a dtype state of version {state[0]!r}"
+    wrong = [f"{what} {theirs!r}, not its own {mine!r}" for what, theirs, mine in
+             zip(("itemsize", "alignment", "flags"), state[5:8], own[5:8], strict=True) if theirs != mine]
+    return f"the dtype {plain} with the {'; '.join(wrong)}" if wrong else None
+
+
 def _dtype_state_problem(state: Any, plain: np.dtype | None = None) -> str | None:
     """Why a pickled numpy dtype state (version, byteorder, subarray, names, fields, itemsize, alignment, flags)
     is not a plain or structured dtype whose fields lie inside its item, or None. `plain`: the dtype the state is
-    set on, as numpy's dtype(spec) made it; a plain state must keep its flags (an object dtype whose flags
-    said otherwise laid the file's bytes under an object array: item pointers the file chose)."""
+    set on, as numpy's dtype(spec) made it; a plain state must be numpy's own for it (_plain_dtype_state_problem)."""
     if not isinstance(state, tuple) or len(state) not in (8, 9):
         return "a malformed dtype state"
     _, _, sub, names, fields, itemsize, align, flags = state[:8]
@@ -305,9 +379,7 @@ def _dtype_state_problem(state: Any, plain: np.dtype | None = None) -> str | Non
     if not all(isinstance(v, int) for v in (itemsize, align, flags)) or (names is None) != (fields is None):
         return "a malformed dtype state"
     if names is None:
-        if plain is not None and flags != plain.flags:
-            return f"the dtype {plain} with the flags {flags}, not its own {plain.flags}"
-        return None
+        return None if plain is None else _plain_dtype_state_problem(state, plain)
     if flags & _OBJECT_FLAGS:
         return f"a structured dtype with the object flags {flags}"
     if (not isinstance(names, tuple) or not isinstance(fields, dict) or set(names) != set(fields)
@@ -321,14 +393,100 @@ def _dtype_state_problem(state: Any, plain: np.dtype | None = None) -> str | Non
     return None
 
 
+class _TooManyKeys(pickle.UnpicklingError):
+    """A pickle hashed more than MAX_COLLIDABLE_KEYS keys whose hashes it could have chosen."""
+
+
+def _collidable_key(key: Any) -> bool:
+    """Whether a dict key or set item is of a kind whose hash a file can choose (see MAX_COLLIDABLE_KEYS)."""
+    kind = type(key)
+    if kind is str or kind is bytes or key is None or kind is bool:
+        return False
+    if kind is int:
+        return not -SMALL_INT < key < SMALL_INT
+    return not (kind is tuple and all(type(k) in (str, bytes) for k in key))
+
+
 class _RestrictedUnpickler(pickle._Unpickler):
-    """An Unpickler whose globals come only from the allow-list (anything else raises _Refused) and whose BUILD
-    sets state only on a numpy array or dtype, after checking it. The Python implementation, as the C one's
-    BUILD cannot be intercepted; the files it reads hold few, large objects."""
+    """An Unpickler whose globals come only from the allow-list (anything else raises _Refused), whose BUILD
+    sets state only on a numpy array or dtype, after checking it, and which counts every collidable key it hashes
+    (a dict's, a set's, a memo index) as it hashes it, refusing past MAX_COLLIDABLE_KEYS (_TooManyKeys). The
+    Python implementation, as the C one's ops cannot be intercepted; the files it reads hold few, large objects."""
 
     stack: list[Any]  # set by load(); typeshed's pickle._Unpickler leaves out the Python implementation's state
     # the opcode handlers, called as functions of the unpickler (load_build is one of this class's)
     dispatch: dict[int, Callable[[Any], None]] = dict(pickle._Unpickler.dispatch)
+    _hashed = 0  # collidable keys hashed so far
+
+    def _hash(self, keys: Any) -> None:
+        """Count the collidable keys about to be hashed; _TooManyKeys once there are more than the bound."""
+        self._hashed += sum(1 for k in keys if _collidable_key(k))
+        if self._hashed > MAX_COLLIDABLE_KEYS:
+            raise _TooManyKeys(COLLIDING_KEYS)
+
+    # the ops that hash keys, each counting them first: after MARK, self.stack holds the marked items
+    def load_setitem(self) -> None:
+        """SETITEM: the key is below the value."""
+        self._hash(self.stack[-2:-1])
+        pickle._Unpickler.load_setitem(self)  # pyright: ignore[reportAttributeAccessIssue]
+
+    def load_setitems(self) -> None:
+        """SETITEMS: keys and values alternate after the mark."""
+        self._hash(self.stack[::2])
+        pickle._Unpickler.load_setitems(self)  # pyright: ignore[reportAttributeAccessIssue]
+
+    def load_dict(self) -> None:
+        """DICT: a new dict of the keys and values after the mark."""
+        self._hash(self.stack[::2])
+        pickle._Unpickler.load_dict(self)  # pyright: ignore[reportAttributeAccessIssue]
+
+    def load_additems(self) -> None:
+        """ADDITEMS: every item after the mark."""
+        self._hash(self.stack)
+        pickle._Unpickler.load_additems(self)  # pyright: ignore[reportAttributeAccessIssue]
+
+    def load_frozenset(self) -> None:
+        """FROZENSET: a new frozenset of the items after the mark."""
+        self._hash(self.stack)
+        pickle._Unpickler.load_frozenset(self)  # pyright: ignore[reportAttributeAccessIssue]
+
+    def _memo_index(self) -> int:
+        """The text PUT and GET ops' index, which may be any integer: a key of the memo dict."""
+        i = int(self.readline()[:-1])
+        self._hash((i,))
+        return i
+
+    def load_put(self) -> None:
+        """PUT: the top of the stack memoised under a text index."""
+        i = self._memo_index()
+        if i < 0:
+            raise ValueError("negative PUT argument")
+        self.memo[i] = self.stack[-1]
+
+    def load_get(self) -> None:
+        """GET: the object memoised under a text index."""
+        i = self._memo_index()
+        try:
+            self.append(self.memo[i])
+        except KeyError:
+            raise pickle.UnpicklingError(f"Memo value not found at index {i}") from None
+
+    for _op, _load in ((pickle.SETITEM, load_setitem), (pickle.SETITEMS, load_setitems), (pickle.DICT, load_dict),
+                       (pickle.ADDITEMS, load_additems), (pickle.FROZENSET, load_frozenset),
+                       (pickle.PUT, load_put), (pickle.GET, load_get)):
+        dispatch[_op[0]] = _load
+    del _op, _load
+
+    def _collection(self, kind: type, *args: Any) -> Any:
+        """set(items) or frozenset(items) as a pickle calls them, counting each item before it is hashed."""
+        if len(args) != 1:
+            return kind(*args)  # empty, or the call's own TypeError
+        items = []
+        for item in args[0]:
+            items.append(item)
+            if _collidable_key(item):
+                self._hash((item,))
+        return kind(items)
 
     def load_build(self) -> None:
         """BUILD: an ndarray's state checked against its shape, a dtype's limited to plain ones; else refused."""
@@ -356,9 +514,12 @@ class _RestrictedUnpickler(pickle._Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         """The allowed object for module.name, or _Refused naming what the file asked for."""
         try:
-            return _ALLOWED[(module, name)]
+            found = _ALLOWED[(module, name)]
         except KeyError:
             raise _Refused(f"{module}.{name}") from None
+        if found is set or found is frozenset:
+            return functools.partial(self._collection, found)
+        return found
 
     def persistent_load(self, pid: Any) -> Any:
         """Persistent ids resolve to objects the caller supplies; nothing here supplies any."""
@@ -386,6 +547,8 @@ def _unpickle(fp: IO[bytes], path: str | os.PathLike, where: str = "") -> Any:
         raise UnsafeFileError(path, _refusal(e.what, where)) from None
     except _BadState as e:
         raise UnsafeFileError(path, f"refused: {where}pickle holds {e}") from None
+    except _TooManyKeys:
+        raise UnsafeFileError(path, f"{where}{COLLIDING_KEYS}") from None
     except Exception as e:  # corrupt data raises many types; the user needs one line
         raise UnsafeFileError(path, f"{where}not a readable pickle ({_first_line(e)})") from None
 
