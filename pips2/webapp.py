@@ -456,7 +456,8 @@ def path_choice(model: str, name: str, given: bool) -> Choice:
         how = "restart with --init_dir=<a checkpoint folder or file>"
         return Choice(model, name, "missing", f"{name} (not a checkpoint)",
                       f"{name} (named when the server started) is not a checkpoint: choose another checkpoint in the "
-                      f"list, or {how}", f"{model}: {name}: {found} is not a checkpoint (not a file torch.save "
+                      f"list, or restart the server with --init_dir=<a checkpoint folder or file>",
+                      f"{model}: {name}: {found} is not a checkpoint (not a file torch.save "
                       f"writes); {how}")
     if found is not None:
         return Choice(model, name, "ready", name, "", f"{model}: {name}: ready ({found})")

@@ -211,7 +211,14 @@ def test_a_bad_checkpoint_file_is_not_quoted(tmp_path, video, capsys):
     """A --init_dir that is no checkpoint: the page learns that it failed, not the file's bytes (the console
     keeps the whole line)."""
     bad = tmp_path / "model-000000001.pth"
-    bad.write_text("#secret text\n")
+    bad.write_text("#secret text\n")  # not a torch file at all: refused before any job, in the page's words
+    with serving(webapp.App(init_dir=str(bad), clip_dir=tmp_path / "clips")) as srv:
+        vid = upload(srv.url, video)[1]["video"]
+        status, body = call(f"{srv.url}api/track", {"video": vid, "points": [[0, 5, 5]]})
+        msg = page_wording(json.loads(body)["error"])
+        assert status == 409 and "is not a checkpoint" in msg and "secret" not in msg, (status, msg)
+        assert srv.app.jobs == {}
+    bad.write_bytes(b"PK\x03\x04#secret text\n")  # starts as torch's zip files do: the job's load says it failed
     with serving(webapp.App(init_dir=str(bad), clip_dir=tmp_path / "clips")) as srv:
         vid = upload(srv.url, video)[1]["video"]
         status, body = call(f"{srv.url}api/track", {"video": vid, "points": [[0, 5, 5]]})
