@@ -215,6 +215,54 @@ def test_a_lock_of_another_host_is_judged_by_its_heartbeat(tmp_path):
         ck.RunLock(tmp_path).acquire()
 
 
+@pytest.mark.parametrize("pid", ['"abc"', "1.5e30", "[1]", "0", "-5", "true"])
+def test_a_lock_whose_pid_is_not_a_pid_is_unreadable(tmp_path, pid):
+    """A lock naming a pid that is not a positive whole number ended train.py in a traceback (int("abc") in the
+    liveness check), or (0, -5) was taken over at once: it is not what this program writes, so it is refused as
+    unreadable, in one line, until it has been left unchanged for LOCK_FOREIGN_SILENT_S."""
+    import time
+
+    lock_file = tmp_path / ck.LOCK_NAME
+    lock_file.write_text(f'{{"host": "{socket.gethostname()}", "pid": {pid}}}')
+    with pytest.raises(ck.LockError, match=r"lock file \.train\.lock is unreadable; it is taken over once unchanged "
+                                           r"for 15 minutes; remove it now if no training writes into this folder"):
+        ck.RunLock(tmp_path).acquire()
+    old = time.time() - ck.LOCK_FOREIGN_SILENT_S - 10
+    os.utime(lock_file, (old, old))
+    lock = ck.RunLock(tmp_path).acquire()
+    assert json.loads(lock_file.read_text())["pid"] == os.getpid()
+    lock.release()
+
+
+def test_a_lock_is_never_left_empty_by_a_failed_write(tmp_path, monkeypatch):
+    """A full disk while the lock was taken left an empty .train.lock (created, then written), which refused every
+    later run, also after the disk was freed. The lock is now written to a temp file and linked into place: a
+    failed write leaves nothing, and the next run takes the lock."""
+    real_dumps = json.dumps
+
+    def disk_full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ck.json, "dumps", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        ck.RunLock(tmp_path / "run").acquire()
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == []  # no lock, no temp
+    monkeypatch.setattr(ck.json, "dumps", real_dumps)
+    lock = ck.RunLock(tmp_path / "run").acquire()
+    assert json.loads((tmp_path / "run" / ck.LOCK_NAME).read_text())["pid"] == os.getpid()
+    lock.release()
+    # an empty lock an earlier version left (created, then its write failed): taken over after a long silence only
+    import time
+
+    (tmp_path / "run").mkdir(exist_ok=True)
+    (tmp_path / "run" / ck.LOCK_NAME).write_bytes(b"")
+    with pytest.raises(ck.LockError, match="is unreadable; it is taken over once unchanged for 15 minutes"):
+        ck.RunLock(tmp_path / "run").acquire()
+    old = time.time() - ck.LOCK_FOREIGN_SILENT_S - 10
+    os.utime(tmp_path / "run" / ck.LOCK_NAME, (old, old))
+    ck.RunLock(tmp_path / "run").acquire().release()
+
+
 def test_lock_removes_only_the_empty_folders_it_made(tmp_path):
     (tmp_path / "ck").mkdir()
     run = tmp_path / "ck" / "runs" / "stage1"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -494,20 +495,58 @@ class RunLock:
         self.made: list[Path] = []  # folders acquire() created: removed again by release() if left empty
 
     def _read(self, path: Path) -> dict | None:
+        """The owner a lock file names, or None when it is not what this program writes (not JSON, empty, or a pid
+        that is not a positive whole number: a traceback in _dead before)."""
         try:
             owner = json.loads(path.read_text())
-            return owner if isinstance(owner, dict) and "pid" in owner else None
         except (OSError, ValueError):
             return None
+        if not isinstance(owner, dict):
+            return None
+        pid = owner.get("pid")
+        if isinstance(pid, bool) or not isinstance(pid, int) or not 0 < pid < 2**31:
+            return None
+        return owner
 
     def _create(self) -> bool:
+        """Create the lock file with its content in one step (a temp file linked into place): a lock created empty
+        and then written was left empty by a full disk or a SIGKILL between the two, and refused every later run."""
+        fd, tmp = tempfile.mkstemp(prefix=f"{LOCK_NAME}.new.", dir=self.folder)
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(json.dumps(self.me))
+            try:
+                os.link(tmp, self.path)
+            except FileExistsError:
+                return False
+            except OSError as e:
+                if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
+                    raise
+                return self._create_exclusive()  # a file system without hard links
+            return True
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+
+    def _create_exclusive(self) -> bool:
+        """O_EXCL create, then write; the file is removed again if the write fails."""
         try:
             fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         except FileExistsError:
             return False
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(self.me))
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(json.dumps(self.me))
+        except BaseException:
+            self.path.unlink(missing_ok=True)
+            raise
         return True
+
+    def _age(self, path: Path | None = None) -> float | None:
+        """Seconds since the lock file was last touched (None if it cannot be read)."""
+        try:
+            return time.time() - (path or self.path).stat().st_mtime
+        except OSError:
+            return None
 
     def _silence(self, owner: dict) -> float | None:
         """How long the owner's lock may go without a heartbeat before it is stale; None when its pid is judged
@@ -524,10 +563,8 @@ class RunLock:
         """Whether the owner the lock file at `path` (the lock's by default) names is gone."""
         silence = self._silence(owner)
         if silence is not None:
-            try:
-                return time.time() - (path or self.path).stat().st_mtime > silence
-            except OSError:
-                return False
+            age = self._age(path)
+            return age is not None and age > silence
         if owner.get("host") != self.me["host"]:
             return False
         pid = int(owner["pid"])
@@ -541,10 +578,9 @@ class RunLock:
         where = f"pid {owner['pid']} on {owner.get('host')}"
         silence = self._silence(owner)
         if silence is not None:
-            try:
-                ago = f"{max(0.0, time.time() - self.path.stat().st_mtime):.0f} s ago"
-            except OSError:
-                ago = "at an unknown time"
+            age = self._age()
+            ago = ("at an unknown time" if age is None else f"{age:.0f} s ago" if age >= 0 else
+                   f"dated {-age:.0f} s in the future (the clocks disagree)")
             other = ", in another PID namespace" if owner.get("host") == self.me["host"] else ""
             return (f"{where}{other}: its last heartbeat was {ago}; the lock is taken over after "
                     f"{silence / 60:g} minutes without one")
@@ -566,9 +602,14 @@ class RunLock:
             if owner is None:
                 if not self.path.exists():
                     continue
-                raise LockError(f"{self.folder}: lock file {self.path.name} is unreadable; remove it if no training "
-                                f"writes into this folder")
-            if not self._dead(owner):
+                # not what this program writes (an older one's lock left empty by a full disk): whoever wrote it
+                # cannot be judged, so only a long silence lets it go
+                age = self._age()
+                if age is None or age <= LOCK_FOREIGN_SILENT_S:
+                    raise LockError(f"{self.folder}: lock file {self.path.name} is unreadable; it is taken over once "
+                                    f"unchanged for {LOCK_FOREIGN_SILENT_S / 60:g} minutes; remove it now if no "
+                                    f"training writes into this folder")
+            elif not self._dead(owner):
                 raise LockError(f"{self.folder}: another training ({self._holder(owner)}) writes checkpoints here "
                                 f"(lock {self.path.name}; if none does, remove that file)")
             # move the stale lock aside atomically, so of two runs taking it over only one wins
@@ -578,14 +619,17 @@ class RunLock:
             except FileNotFoundError:
                 continue
             moved = self._read(aside)
-            if moved is not None and not self._dead(moved, aside):  # a live run took it over between our read and move
+            live = (not self._dead(moved, aside)) if moved is not None else \
+                (self._age(aside) or 0) <= LOCK_FOREIGN_SILENT_S
+            if live:  # a live run took it over between our read and move
                 try:
                     os.link(aside, self.path)
                 except OSError:
                     pass
                 aside.unlink(missing_ok=True)
-                raise LockError(f"{self.folder}: another training (pid {moved['pid']} on {moved.get('host')}) "
-                                f"writes checkpoints here (lock {self.path.name})")
+                who = f"pid {moved['pid']} on {moved.get('host')}" if moved else "its lock just rewritten"
+                raise LockError(f"{self.folder}: another training ({who}) writes checkpoints here (lock "
+                                f"{self.path.name})")
             aside.unlink(missing_ok=True)
         raise LockError(f"{self.folder}: could not take the lock {self.path.name} (contended)")
 
