@@ -371,6 +371,9 @@ def rng_state() -> dict:
             "torch": torch.get_rng_state()}
 
 
+MAX_SCHEDULE = 10**9  # steps: a schedule's end beyond any run (the authors' stage 1 is 200,000)
+
+
 def _finite(v: Any) -> float:
     """A saved running figure: a float, or ValueError."""
     f = float(v)
@@ -519,6 +522,7 @@ class TrainState:
             if not isinstance(done, int) or isinstance(done, bool) or not 0 <= done <= step:
                 self.ranks.die(f"{path}: its learning-rate schedule is at step {done!r}, not one of steps 0 to {step} "
                                f"that its name allows; move the file aside to resume from the checkpoint before it")
+            self._check_schedule(path, step)
             say(f"loaded {path} (step {step}); resuming at step {step}")
             end = getattr(self.scheduler, "total_steps", None)  # PIPs++'s one-cycle schedule, as restored
             if end is not None and cfg.max_steps > end:
@@ -543,6 +547,26 @@ class TrainState:
         layout = self.cfg.layout
         parts = {layout.model, layout.optimizer, layout.scheduler, "scaler"}
         return step, {k: v for k, v in loaded.items() if not k.endswith("_state_dict") and k not in parts}, path
+
+    def _check_schedule(self, path: Path, step: int) -> None:
+        """The restored learning-rate schedule is one this program saves: PIPs++'s one-cycle end a whole number from
+        `step` to MAX_SCHEDULE, and a finite, non-negative rate at `step`; one line naming the file otherwise (a
+        string there ended the run in a traceback, 10**30 trained on silently)."""
+        end = getattr(self.scheduler, "total_steps", None)
+        if end is not None and (isinstance(end, bool) or not isinstance(end, int) or not step <= end <= MAX_SCHEDULE):
+            self.ranks.die(f"{path}: its learning-rate schedule ends at step {str(end)[:40]}, not a whole number from "
+                           f"its step, {step}, to {MAX_SCHEDULE}; move the file aside to resume from the checkpoint "
+                           f"before it")
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # torch warns that get_lr is called outside step()
+                rates = [float(r) for r in self.scheduler.get_lr()]
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError, ZeroDivisionError) as e:
+            self.ranks.die(f"{path}: its learning-rate schedule is not one this program saves ({type(e).__name__}: "
+                           f"{str(e)[:80]}); move the file aside to resume from the checkpoint before it")
+        if not all(np.isfinite(r) and r >= 0 for r in rates):
+            self.ranks.die(f"{path}: its learning-rate schedule gives the rate {rates} at step {step}; move the file "
+                           f"aside to resume from the checkpoint before it")
 
     def note_corrupt(self, kind: str, batch: Sample) -> list[int]:
         """Remember the clips skipped as corrupt while producing a 'train' or 'val' batch; returns the new ones."""
@@ -617,7 +641,14 @@ class TrainState:
 
     def save(self) -> None:
         """Write the checkpoint of the current step (rank 0); a failed write is one error line and exit 2.
-        No signal interrupts it."""
+        No signal interrupts it. Weights that are not finite are never saved: the run ends in one line instead
+        (every rank sees the same weights), keeping the last good checkpoint."""
+        bad = next((n for n, p in self.net.named_parameters() if not bool(torch.isfinite(p).all())), None)
+        if bad is not None:
+            last = ck.list_checkpoints(self.ckpt_dir)
+            keep = (f"the last checkpoint, {last[-1][1]}, is kept" if last else "nothing was saved")
+            self.ranks.die(f"{self.ckpt_dir}: the weights are not finite at step {self.step} ({bad}, after an update "
+                           f"with a finite loss: a non-finite learning rate or optimizer state); not saved, {keep}")
         if not self.ranks.main:
             return
         with self.stop.saving():

@@ -498,6 +498,12 @@ def _opt_wrong_shape(c: dict) -> None:
     ("optimizer shape", _opt_wrong_shape, "'optimizer_state_dict' holds a exp_avg of shape (3,) for a parameter"),
     ("scheduler", lambda c: c["scheduler_state_dict"].__setitem__("last_epoch", -10**9),
      "its learning-rate schedule is at step -1000000000, not one of steps 0 to 2"),
+    ("schedule end text", lambda c: c["scheduler_state_dict"].__setitem__("total_steps", "x"),
+     "its learning-rate schedule ends at step x, not a whole number from its step, 2, to 1000000000"),
+    ("schedule end huge", lambda c: c["scheduler_state_dict"].__setitem__("total_steps", 10**30),
+     "its learning-rate schedule ends at step 1000000000000000000000000000000, not a whole number"),
+    ("schedule phase", lambda c: c["scheduler_state_dict"]["_schedule_phases"][0].__setitem__("start_lr", "nokey"),
+     "its learning-rate schedule is not one this program saves (KeyError: 'nokey')"),
 ])
 def test_a_resume_checkpoint_with_malformed_extras_is_one_line(two_steps, tmp_path, capsys, what, change, said):
     """Each of these ended train.py in a traceback after "resuming at step 2" (a scheduler at step -1e9 trained on
@@ -514,3 +520,30 @@ def test_a_resume_checkpoint_with_malformed_extras_is_one_line(two_steps, tmp_pa
     assert e.value.code == 2
     err = [ln for ln in capsys.readouterr().err.strip().splitlines() if not ln.startswith("warning: ")]
     assert len(err) == 1 and err[0].startswith(f"error: {folder / src.name}: ") and said in err[0], err
+
+
+def test_weights_that_are_not_finite_are_never_saved(exported, tmp_path, monkeypatch, capsys):
+    """An update with a finite loss but a non-finite learning rate or optimizer state made every weight NaN; the
+    run then skipped its non-finite steps and ended "done", exit 0, its newest checkpoint all NaN (which the next
+    resume refused). Such weights are not saved: one line, exit 2, the last good checkpoint kept."""
+    out, _ = exported
+    real = trainer.train_step
+
+    def nan_after_step_3(state, data, cfg):
+        res = real(state, data, cfg)
+        if state.step == 3:
+            with torch.no_grad():
+                state.net.fnet.conv1.weight.fill_(float("nan"))
+        return res
+
+    monkeypatch.setattr(trainer, "train_step", nan_after_step_3)
+    cfg = _cfg(out, tmp_path, max_steps=4, save_freq=2)
+    with pytest.raises(SystemExit) as e:
+        train.run_stage(cfg)
+    assert e.value.code == 2
+    ckdir = tmp_path / "ck" / cfg.name()
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: {ckdir}: the weights are not finite at step 4 (fnet.conv1.weight, after an update with a finite "
+        f"loss: a non-finite learning rate or optimizer state); not saved, the last checkpoint, "
+        f"{ckdir / ck.ckpt_name(2)}, is kept")
+    assert [s for s, _ in ck.list_checkpoints(ckdir)] == [2]
