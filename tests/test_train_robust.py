@@ -441,6 +441,7 @@ def test_unknown_amp_is_one_line(exported, tmp_path):
     ({"iters": 0}, "--iters must be at least 1, got 0"),
     ({"iters": 65}, "--iters must be at most 64, got 65"),
     ({"grad_acc": 0}, "--grad_acc must be at least 1, got 0"),
+    ({"grad_acc": 10**9}, "--grad_acc must be at most 256, got 1000000000"),  # one step never ended
     ({"log_freq": 0}, "--log_freq must be at least 1, got 0"),
     ({"val_freq": 0}, "--val_freq must be at least 1, got 0"),
     ({"max_nan_steps": 0}, "--max_nan_steps must be at least 1, got 0"),

@@ -65,6 +65,7 @@ MAX_SEED = 2**32 - 1  # numpy's global seed takes 32 bits
 # loader before any model call: at most this, and at most half the machine's memory (docs/BAD_INPUTS.md)
 MAX_BATCH_BYTES = 16 * 2**30
 MAX_LR = 1.0
+MAX_GRAD_ACC = 256  # micro-batches a step accumulates: a step of 10**9 of them never ended
 LBM_HEADS = 4  # the attention heads of the LBM this trains (nets/lbm.py's default): embed_dim splits among them
 # the authors' flag names -> Config's fields: --max_iters is an alias of our --max_steps; --crop_size is the one
 # flag of crop_hw, a field named for what it holds (docs/ARCHITECTURE.md, "Names")
@@ -116,6 +117,8 @@ def check_values(values: dict) -> dict:
             raise ValueError(f"--{name} must be at least {low}, got {out[name]}")
     if out.get("iters", 0) > MAX_ITERS:  # each step is one more pass of the update network, forward and back
         raise ValueError(f"--iters must be at most {MAX_ITERS}, got {out['iters']}")
+    if out.get("grad_acc", 1) > MAX_GRAD_ACC:
+        raise ValueError(f"--grad_acc must be at most {MAX_GRAD_ACC}, got {out['grad_acc']}")
     if out.get("seed", 0) > MAX_SEED:
         raise ValueError(f"--seed must be at most {MAX_SEED}, got {out['seed']}")
     for name in ("lr", "grad_clip"):
@@ -143,15 +146,16 @@ def physical_memory() -> int:
         return 0
 
 
-def check_batch_bytes(B: int, S: int, h: int, w: int) -> None:
-    """ValueError naming --B when one batch's frames would not fit the bound: --B=100000 filled 22 GB of memory
-    building its first batch, out of reach of SIGTERM."""
+def check_batch_bytes(B: int, S: int, h: int, w: int, stage: int = 1) -> None:
+    """ValueError naming the flags when one batch's frames would not fit the bound: --B=100000 filled 22 GB of
+    memory building its first batch, out of reach of SIGTERM."""
     need = B * S * 3 * h * w * 4
     bound = min(MAX_BATCH_BYTES, physical_memory() // 2 or MAX_BATCH_BYTES)
     if need > bound:
-        raise ValueError(f"--B={B}: one batch's frames ({B}x{S}x3x{h}x{w} float32, {need / 2**30:.1f} GiB) exceed "
-                         f"{bound / 2**30:.1f} GiB (at most {MAX_BATCH_BYTES // 2**30} GiB and half this machine's "
-                         f"memory); use a smaller --B, --S or --crop_size")
+        raise ValueError(f"stage {stage}: one batch of --B={B} clips of --S={S} frames at --crop_size={h},{w} "
+                         f"({B}x{S}x3x{h}x{w} float32, {need / 2**30:.1f} GiB) exceeds {bound / 2**30:.1f} GiB (at most "
+                         f"{MAX_BATCH_BYTES // 2**30} GiB and half this machine's memory); use a smaller --B, --S or "
+                         f"--crop_size")
 
 
 def make_config(stage: int, flags: dict) -> Config:
@@ -180,7 +184,7 @@ def make_config(stage: int, flags: dict) -> Config:
                              f"dimensions, got {h}x{w}")
     elif h < 128 or w < 128:
         raise ValueError(f"crop_size must be at least 128x128, got {h}x{w}")
-    check_batch_bytes(values["B"], values["S"], h, w)
+    check_batch_bytes(values["B"], values["S"], h, w, stage)
     if values.get("eval_dataset") not in (None, "davis"):
         raise ValueError(f"--eval_dataset must be davis (TAP-Vid-DAVIS while training), got {values['eval_dataset']!r}")
     if values.get("eval_dataset") and not values.get("tapvid_root"):
