@@ -98,8 +98,9 @@ def test_a_batch_is_bounded_by_memory_and_by_the_data(exported, tmp_path, monkey
     """--B=100000 built its first batch until the machine's memory was gone (22 GB), out of reach of SIGTERM: a
     batch's frames are bounded by MAX_BATCH_BYTES and half the machine's memory, and --B by the clips there are."""
     monkeypatch.setattr(train, "physical_memory", lambda: 64 * 2**30)
-    with pytest.raises(ValueError, match=r"^stage 1: one batch of --B=100000 clips of --S=6 frames at --crop_size=128,192 "
-                                         r"\(100000x6x3x128x192 float32, 164\.8 GiB\) exceeds 16\.0 GiB"):
+    with pytest.raises(ValueError, match=r"^stage 1: one batch of --B=100000 clips of --S=6 frames at "
+                                         r"--crop_size=128,192 \(100000x6x3x128x192 float32, 164\.8 GiB\) exceeds "
+                                         r"16\.0 GiB"):
         train.make_config(1, {"B": 100000, "S": 6, "crop_size": "128,192"})
     monkeypatch.setattr(train, "physical_memory", lambda: 2**30)  # a 1 GiB machine: batches of at most 512 MiB
     assert train.make_config(1, {"B": 4, "S": 36, "crop_size": "384,512"}).B == 4  # 340 MB: the authors' stage 1

@@ -153,9 +153,9 @@ def check_batch_bytes(B: int, S: int, h: int, w: int, stage: int = 1) -> None:
     bound = min(MAX_BATCH_BYTES, physical_memory() // 2 or MAX_BATCH_BYTES)
     if need > bound:
         raise ValueError(f"stage {stage}: one batch of --B={B} clips of --S={S} frames at --crop_size={h},{w} "
-                         f"({B}x{S}x3x{h}x{w} float32, {need / 2**30:.1f} GiB) exceeds {bound / 2**30:.1f} GiB (at most "
-                         f"{MAX_BATCH_BYTES // 2**30} GiB and half this machine's memory); use a smaller --B, --S or "
-                         f"--crop_size")
+                         f"({B}x{S}x3x{h}x{w} float32, {need / 2**30:.1f} GiB) exceeds {bound / 2**30:.1f} GiB "
+                         f"(at most {MAX_BATCH_BYTES // 2**30} GiB and half this machine's memory); use a smaller --B, "
+                         f"--S or --crop_size")
 
 
 def make_config(stage: int, flags: dict) -> Config:
