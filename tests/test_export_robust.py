@@ -137,7 +137,8 @@ def test_bad_flag_is_one_line(synth_root, tmp_path):
 @pytest.mark.parametrize("flags,expect", [
     (["--S=1"], "--S must be at least 2, got 1"),  # was: every clip "bad data" (an IndexError in the clip code)
     (["--N=0"], "--N must be at least 1, got 0"),
-    (["--max_clips=-1"], "--max_clips must be at least 0, got -1"),
+    (["--max_clips=-1"], "--max_clips must be at least 1, got -1"),
+    (["--max_clips=0"], "--max_clips must be at least 1, got 0"),  # was: exit 0, an empty version folder left
     (["--workers=-3"], "--workers must be at least 1, got -3"),
     (["--num_shards=0"], "--num_shards must be at least 1, got 0"),
     (["--seed=-1"], "--seed must be at least 0, got -1"),  # was: a numpy traceback

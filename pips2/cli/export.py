@@ -111,7 +111,8 @@ X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium"
                 "placebo")
 # the smallest value of each numeric flag: below it every clip would fail or be rejected for a reason that is
 # the flag's, not the data's (--S=1 or --N=0 raise inside the clip code)
-MINIMUM = {"S": 2, "N": 1, "max_clips": 0, "workers": 1, "num_shards": 1, "seed": 0}
+# (--max_clips=0 wrote nothing and exited 0, leaving an empty version folder)
+MINIMUM = {"S": 2, "N": 1, "max_clips": 1, "workers": 1, "num_shards": 1, "seed": 0}
 
 
 def _check_flags(**flags) -> None:
