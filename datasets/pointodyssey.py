@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import math
 import re
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,11 +47,19 @@ class Scene:
 
 
 def list_scenes(dataset_location: str | Path, split: str) -> list[Path]:
-    """Scene folders of one split, sorted by name."""
+    """Scene folders of one split, sorted by name; a folder reached under a second name (a link to a scene beside
+    it) is listed once, under its first name, with a note on stderr: it was scored and exported twice."""
     root = Path(dataset_location) / split
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: no such split folder (expected <dataset_location>/{split}/<scene>/)")
-    return sorted(p for p in root.iterdir() if p.is_dir())
+    seen: dict[Path, Path] = {}
+    for p in sorted(p for p in root.iterdir() if p.is_dir()):
+        real = p.resolve()
+        if real in seen:
+            print(f"note: {p} is {seen[real]} under another name (a link): listed once", file=sys.stderr, flush=True)
+            continue
+        seen[real] = p
+    return list(seen.values())
 
 
 def frame_files(scene: Path) -> list[Path]:

@@ -49,6 +49,19 @@ def test_synthetic_layout_and_keys(synth_root):
     assert Image.open(scene / "masks" / "mask_00000.png").mode == "P"
 
 
+def test_a_scene_under_two_names_is_listed_once(tmp_path, capsys):
+    """A link beside a scene (`twin -> synth_0000`) made test_on_pod.py score that scene twice (weighted double in
+    the mean) and the export cut its clips twice; a link loop stays out as before (not a scene folder)."""
+    split = tmp_path / "train"
+    for name in ("synth_0000", "synth_0001"):
+        (split / name).mkdir(parents=True)
+    (split / "twin").symlink_to("synth_0000")
+    (split / "zz_loop").symlink_to("zz_loop")
+    assert [p.name for p in pod.list_scenes(tmp_path, "train")] == ["synth_0000", "synth_0001"]
+    assert capsys.readouterr().err.strip() == (f"note: {split / 'twin'} is {split / 'synth_0000'} under another name "
+                                               f"(a link): listed once")
+
+
 def test_synthetic_is_deterministic(tmp_path):
     a = generate_scene(tmp_path / "a", 7, SMALL)
     b = generate_scene(tmp_path / "b", 7, SMALL)
