@@ -20,9 +20,10 @@ from pips2.utils.video import not_regular_file
 # Bound on frames x head ids of one sequence (its arrays are allocated at that size, about 10 bytes an entry:
 # ~335 MB): the HT21 sequences need at most a few million; a gt.txt asking for more is refused, not allocated.
 MAX_TRACK_ENTRIES = 2**25
-# gt.txt is parsed whole (np.loadtxt takes several times its size): the HT21 files are at most ~40 MB (a few
-# thousand frames of up to ~300 heads), and a sparse 4 GB one made the reader run out of memory
-MAX_GT_BYTES = 256 << 20
+# gt.txt is parsed whole (np.loadtxt takes about 7 times its size): the HT21 files are at most ~40 MB (a few
+# thousand frames of up to ~300 heads); a sparse 4 GB one made the reader run out of memory, and one just under
+# an earlier 256 MiB bound took 1.8 GB
+MAX_GT_BYTES = 64 << 20
 MIN_COLUMNS = 6  # frame, id, left, top, width, height (conf, class and visibility may follow)
 
 

@@ -288,7 +288,7 @@ CRO_DEFECTS = {
     "a frame missing": ("HT21-02", "img1: frame 000005.jpg missing (have 1..4, 6..10)"),
     "gt.txt beyond the last frame": ("HT21-02", "gt.txt: names frame 10, but img1/ holds frames 1..9"),
     # a sparse 4 GB file (4 KB on disk) was parsed whole: MemoryError, and no sequence scored
-    "a 4 GB gt.txt": ("HT21-02", "gt.txt: 4294967296 bytes, more than the 268435456 an annotation file"),
+    "a 4 GB gt.txt": ("HT21-02", "gt.txt: 4294967296 bytes, more than the 67108864 an annotation file"),
     "gt.txt a FIFO": ("HT21-02", "gt.txt: not a regular file"),
     "a (frame, id) twice": ("HT21-02", "gt.txt: lines 8 and 31 both give frame 3, id 2: one box per head and frame"),
 }
