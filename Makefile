@@ -35,11 +35,13 @@ test: $(VENV)/.installed $(VENV)/.installed-onnx
 	$(BIN)/ruff check .
 	$(PYRIGHT)
 	$(MAKE) --no-print-directory golden-matrix
-	DIFF_EVERY=$(DIFF_EVERY) $(BIN)/python -m pytest -q --durations=25
+	OMP_NUM_THREADS=1 DIFF_EVERY=$(DIFF_EVERY) $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --durations=25
 
-# OMP_NUM_THREADS:ATEN_CPU_CAPABILITY (empty = the CPU's own kernels); the whole suite then runs the fifth,
-# 2 threads on the CPU's own kernels. See docs/CORRECTNESS.md.
-GOLDEN_SETTINGS := 1: 2:avx2 2:default 1:default
+# the whole suite in TEST_WORKERS processes (pytest-xdist), one thread each: two processes of two threads each
+# on two cores spent most of their time waiting on each other (docs/CORRECTNESS.md, "Test suite")
+TEST_WORKERS ?= 2
+# OMP_NUM_THREADS:ATEN_CPU_CAPABILITY (empty = the CPU's own kernels). See docs/CORRECTNESS.md.
+GOLDEN_SETTINGS := 1: 2:avx2 2:default 1:default 2:
 GOLDEN_TESTS := tests/test_golden.py tests/test_lbm.py
 # tests/test_diff_authors.py in make test's whole suite: the PIPs++ cases of every DIFF_EVERY-th video (8: the
 # first video's 15 cases) and every DIFF_EVERY-th LBM case; make diff-matrix (CI runs it after make test) runs
@@ -56,7 +58,7 @@ golden-matrix: $(VENV)/.installed
 
 ## diff-matrix: every stored differential case against the authors (docs/CORRECTNESS.md), five settings
 diff-matrix: $(VENV)/.installed
-	@for s in $(GOLDEN_SETTINGS) 2:; do t=$${s%%:*}; c=$${s#*:}; \
+	@for s in $(GOLDEN_SETTINGS); do t=$${s%%:*}; c=$${s#*:}; \
 	  echo "== differential cases with OMP_NUM_THREADS=$$t ATEN_CPU_CAPABILITY=$${c:-<native>}"; \
 	  env OMP_NUM_THREADS=$$t $${c:+ATEN_CPU_CAPABILITY=$$c} DIFF_EVERY=1 $(BIN)/python -m pytest -q \
 	    -p no:cacheprovider --durations=5 tests/test_diff_authors.py || exit 1; \
