@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import os
 import random
 import re
@@ -374,6 +375,17 @@ def rng_state() -> dict:
 MAX_SCHEDULE = 10**9  # steps: a schedule's end beyond any run (the authors' stage 1 is 200,000)
 
 
+def _same(a: Any, b: Any) -> bool:
+    """Equal, floats within rounding, in nested lists and dicts (a schedule's state as saved and as rebuilt)."""
+    if isinstance(b, float) and isinstance(a, (int, float)) and not isinstance(a, bool):
+        return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-15)
+    if isinstance(b, (list, tuple)) and isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(b, dict) and isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in b)
+    return type(a) is type(b) and a == b
+
+
 def _finite(v: Any) -> float:
     """A saved running figure: a float, or ValueError."""
     f = float(v)
@@ -426,6 +438,27 @@ def resume_warnings(cfg: Config, saved_config: str | None, step: int, world: int
     return out
 
 
+def make_optimizer(params: Any, cfg: Config) -> torch.optim.AdamW:
+    """The optimiser of a run: AdamW at --lr and --wd."""
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.wd, eps=1e-8)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: Config, total_steps: int | None = None
+                   ) -> torch.optim.lr_scheduler.LRScheduler:
+    """The learning-rate schedule of a run: LBM's warm-up then cosine; PIPs++'s one cycle (linear, 10 % up) ending
+    100 steps after --max_steps, or at `total_steps` (a resumed run keeps the end it started with)."""
+    if cfg.lbm:
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.max_steps))
+    return torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=cfg.lr, total_steps=total_steps or cfg.max_steps + 100, pct_start=0.1, cycle_momentum=False,
+        anneal_strategy="linear")
+
+
+# the parts of a schedule's state fixed when its run starts (its step and rates move on)
+SCHEDULE_FIXED = ("total_steps", "_schedule_phases", "_anneal_func_type", "cycle_momentum", "use_beta1", "base_lrs")
+SCHEDULE_RATES = ("initial_lr", "max_lr", "min_lr")  # what a one-cycle schedule keeps in the optimiser's groups
+
+
 class TrainState:
     """Model, optimiser, schedule, scaler, step and running figures: built fresh, resumed or initialised from
     --init_dir, and saved (rank 0) with the extras that make a resumed run print what an uninterrupted one would."""
@@ -443,13 +476,8 @@ class TrainState:
             self.net = build_model(cfg, ranks.device)
         except ck.CheckpointError as e:
             ranks.die(str(e))
-        self.optimizer = torch.optim.AdamW(self.net.parameters(), lr=cfg.lr, weight_decay=cfg.wd, eps=1e-8)
-        if cfg.lbm:
-            self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_cosine(cfg.max_steps))
-        else:
-            self.scheduler = torch.optim.lr_scheduler.OneCycleLR(
-                self.optimizer, max_lr=cfg.lr, total_steps=cfg.max_steps + 100, pct_start=0.1, cycle_momentum=False,
-                anneal_strategy="linear")
+        self.optimizer = make_optimizer(self.net.parameters(), cfg)
+        self.scheduler = make_scheduler(self.optimizer, cfg)
         self.scaler = torch.amp.GradScaler(ranks.device.type, enabled=cfg.amp == "fp16")
         self.step, extras, self.loaded_from = self._load(say)
         self._apply_extras(extras)
@@ -549,24 +577,26 @@ class TrainState:
         return step, {k: v for k, v in loaded.items() if not k.endswith("_state_dict") and k not in parts}, path
 
     def _check_schedule(self, path: Path, step: int) -> None:
-        """The restored learning-rate schedule is one this program saves: PIPs++'s one-cycle end a whole number from
-        `step` to MAX_SCHEDULE, and a finite, non-negative rate at `step`; one line naming the file otherwise (a
-        string there ended the run in a traceback, 10**30 trained on silently)."""
+        """The restored learning-rate schedule is one this program builds: PIPs++'s one-cycle end a whole number from
+        `step` to MAX_SCHEDULE, and everything else as this program makes it for that end; one line naming the file
+        otherwise (a string there ended the run in a traceback, 10**30 trained on silently)."""
         end = getattr(self.scheduler, "total_steps", None)
         if end is not None and (isinstance(end, bool) or not isinstance(end, int) or not step <= end <= MAX_SCHEDULE):
             self.ranks.die(f"{path}: its learning-rate schedule ends at step {str(end)[:40]}, not a whole number from "
                            f"its step, {step}, to {MAX_SCHEDULE}; move the file aside to resume from the checkpoint "
                            f"before it")
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # torch warns that get_lr is called outside step()
-                rates = [float(r) for r in self.scheduler.get_lr()]
-        except (KeyError, TypeError, ValueError, IndexError, AttributeError, ZeroDivisionError) as e:
-            self.ranks.die(f"{path}: its learning-rate schedule is not one this program saves ({type(e).__name__}: "
-                           f"{str(e)[:80]}); move the file aside to resume from the checkpoint before it")
-        if not all(np.isfinite(r) and r >= 0 for r in rates):
-            self.ranks.die(f"{path}: its learning-rate schedule gives the rate {rates} at step {step}; move the file "
-                           f"aside to resume from the checkpoint before it")
+        # every other part as this program builds it for that end: phases from a file ending early divided by zero
+        # or turned the rate negative or without bound a few steps after the resume
+        ref_opt = make_optimizer([torch.zeros(1, requires_grad=True)], self.cfg)
+        ref = make_scheduler(ref_opt, self.cfg, end)
+        mine, theirs = ref.state_dict(), self.scheduler.state_dict()
+        wrong = [k for k in SCHEDULE_FIXED if k in mine and not _same(theirs.get(k), mine[k])]
+        wrong += [k for k in SCHEDULE_RATES for g in self.optimizer.param_groups
+                  if k in ref_opt.param_groups[0] and not _same(g.get(k), ref_opt.param_groups[0][k])]
+        if wrong:
+            self.ranks.die(f"{path}: its learning-rate schedule is not the one this program builds for its run "
+                           f"({', '.join(dict.fromkeys(wrong))} differ); move the file aside to resume from the "
+                           f"checkpoint before it")
 
     def note_corrupt(self, kind: str, batch: Sample) -> list[int]:
         """Remember the clips skipped as corrupt while producing a 'train' or 'val' batch; returns the new ones."""

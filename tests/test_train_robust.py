@@ -234,6 +234,37 @@ def test_a_lock_whose_pid_is_not_a_pid_is_unreadable(tmp_path, pid):
     lock.release()
 
 
+@pytest.mark.parametrize("kind", ["fifo", "dev_zero", "sparse", "deep_json"])
+def test_a_lock_file_that_is_no_lock_is_unreadable_at_once(tmp_path, kind):
+    """A FIFO as .train.lock blocked train.py forever; a link to /dev/zero or a 3 GB sparse file was read whole;
+    JSON nested 200,000 deep ended in a RecursionError traceback. Each is now an unreadable lock, at once."""
+    import threading
+
+    lock_file = tmp_path / ck.LOCK_NAME
+    if kind == "fifo":
+        os.mkfifo(lock_file)
+    elif kind == "dev_zero":
+        lock_file.symlink_to("/dev/zero")
+    elif kind == "sparse":
+        with open(lock_file, "wb") as f:
+            f.truncate(3 << 30)
+    else:
+        lock_file.write_text("[" * 200_000 + "]" * 200_000)
+    got: list = []
+    t = threading.Thread(target=lambda: got.append(_refusal(tmp_path)), daemon=True)
+    t.start()
+    t.join(20)
+    assert got and "lock file .train.lock is unreadable" in got[0], got
+
+
+def _refusal(folder) -> str:
+    try:
+        ck.RunLock(folder).acquire().release()
+    except ck.LockError as e:
+        return str(e)
+    return "taken"
+
+
 def test_a_lock_is_never_left_empty_by_a_failed_write(tmp_path, monkeypatch):
     """A full disk while the lock was taken left an empty .train.lock (created, then written), which refused every
     later run, also after the disk was freed. The lock is now written to a temp file and linked into place: a
@@ -504,7 +535,12 @@ def _opt_wrong_shape(c: dict) -> None:
     ("schedule end huge", lambda c: c["scheduler_state_dict"].__setitem__("total_steps", 10**30),
      "its learning-rate schedule ends at step 1000000000000000000000000000000, not a whole number"),
     ("schedule phase", lambda c: c["scheduler_state_dict"]["_schedule_phases"][0].__setitem__("start_lr", "nokey"),
-     "its learning-rate schedule is not one this program saves (KeyError: 'nokey')"),
+     "its learning-rate schedule is not the one this program builds for its run (_schedule_phases differ)"),
+    # phases that end early: a division by zero two steps after the resume, or a rate below zero (gradient ascent)
+    ("schedule phase ends", lambda c: [ph.__setitem__("end_step", 3) for ph in
+                                       c["scheduler_state_dict"]["_schedule_phases"]], "(_schedule_phases differ)"),
+    ("schedule max_lr", lambda c: c["optimizer_state_dict"]["param_groups"][0].__setitem__("max_lr", 1e6),
+     "its learning-rate schedule is not the one this program builds for its run (max_lr differ)"),
 ])
 def test_a_resume_checkpoint_with_malformed_extras_is_one_line(two_steps, tmp_path, capsys, what, change, said):
     """Each of these ended train.py in a traceback after "resuming at step 2" (a scheduler at step -1e9 trained on

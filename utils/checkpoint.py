@@ -7,6 +7,7 @@ import json
 import os
 import re
 import socket
+import stat
 import tempfile
 import threading
 import time
@@ -471,6 +472,7 @@ _HELD_HERE: set[Path] = set()
 # LOCK_SILENT_S; one of another host (a restarted container's new name, a requeue onto another node) after
 # LOCK_FOREIGN_SILENT_S, longer because the file server's clock and this machine's may disagree.
 LOCK_BEAT_S, LOCK_SILENT_S, LOCK_FOREIGN_SILENT_S = 60.0, 300.0, 900.0
+MAX_LOCK_BYTES = 4096  # a lock this program writes is ~150 bytes of JSON
 
 
 class RunLock:
@@ -497,9 +499,14 @@ class RunLock:
     def _read(self, path: Path) -> dict | None:
         """The owner a lock file names, or None when it is not what this program writes (not JSON, empty, or a pid
         that is not a positive whole number: a traceback in _dead before)."""
-        try:
-            owner = json.loads(path.read_text())
-        except (OSError, ValueError):
+        try:  # a FIFO there blocked the run forever, a link to /dev/zero was read until memory ran out
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
+            with os.fdopen(fd, "rb") as f:
+                st = os.fstat(f.fileno())
+                if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_LOCK_BYTES:
+                    return None
+                owner = json.loads(f.read(MAX_LOCK_BYTES + 1))
+        except (OSError, ValueError, RecursionError):  # RecursionError: JSON nested 200,000 deep
             return None
         if not isinstance(owner, dict):
             return None
@@ -542,9 +549,9 @@ class RunLock:
         return True
 
     def _age(self, path: Path | None = None) -> float | None:
-        """Seconds since the lock file was last touched (None if it cannot be read)."""
+        """Seconds since the lock file was last touched (None if it cannot be read); of a link, the link's own."""
         try:
-            return time.time() - (path or self.path).stat().st_mtime
+            return time.time() - (path or self.path).lstat().st_mtime
         except OSError:
             return None
 
@@ -600,7 +607,7 @@ class RunLock:
                 return self
             owner = self._read(self.path)
             if owner is None:
-                if not self.path.exists():
+                if not os.path.lexists(self.path):
                     continue
                 # not what this program writes (an older one's lock left empty by a full disk): whoever wrote it
                 # cannot be judged, so only a long silence lets it go
