@@ -10,7 +10,7 @@ import cv2
 import numpy as np
 
 from pips2.utils.safe_load import UnsafeFileError, load_pickle
-from pips2.utils.video import IMREAD_STORED_COLOR, image_pixels_problem, image_wh
+from pips2.utils.video import IMREAD_STORED_COLOR, MIN_VIDEO_SIDE, image_pixels_problem, image_wh
 
 
 class TapVidError(ValueError):
@@ -101,6 +101,17 @@ def _check_entry(item, where: str) -> None:
                           f"TAP-Vid stores them as fractions of the frame's width and height")
     if pts.shape[1] != T:
         raise TapVidError(f"{where}: video has {T} frames but points have {pts.shape[1]}")
+    if T < 2:  # scored as a perfect track before (survival 100, median_l2 0) and averaged into the means
+        raise TapVidError(f"{where}: video has {T} frame: nothing to score beyond the query frame")
+    if isinstance(item["video"], np.ndarray):
+        _check_video_size(item["video"].shape[1], item["video"].shape[2], where)
+
+
+def _check_video_size(H: int, W: int, where: str) -> None:
+    """TapVidError for a video smaller than the trackers take (its track() error ended the whole run)."""
+    if min(H, W) < MIN_VIDEO_SIDE:
+        raise TapVidError(f"{where}: video is {W}x{H}; tracking needs at least {MIN_VIDEO_SIDE}x{MIN_VIDEO_SIDE} "
+                          f"pixels")
 
 
 def _items(data, f: Path) -> list[tuple[str, Any]]:
@@ -154,6 +165,7 @@ def decode_entry(f: str | Path, name: str, item: dict) -> tuple[str, np.ndarray,
     f; normalised points are scaled by (W-1, H-1). An undecodable frame raises TapVidError naming it."""
     video = _decode_video(item["video"], f"{f}: entry {name}")
     H, W = video.shape[1:3]
+    _check_video_size(H, W, f"{f}: entry {name}")
     pts = item["points"].astype(np.float32) * np.array([W - 1, H - 1], np.float32)
     return name, video, pts, item["occluded"].astype(bool)
 

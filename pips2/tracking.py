@@ -40,7 +40,7 @@ from pips2.nets.pips2 import MIN_SIZE
 from pips2.utils.amp import autocast
 from pips2.utils.cli import parse_hw
 from pips2.utils.procs import is_space_error, owned_tempdir, remove_stale_tempdirs
-from pips2.utils.video import VideoError, declared_frames, image_file_wh, iter_frames, read_rgb
+from pips2.utils.video import MIN_VIDEO_SIDE, VideoError, declared_frames, image_file_wh, iter_frames, read_rgb
 
 # Bounds on what one tracking request may ask for (docs/BAD_INPUTS.md). Every point costs model time in every
 # frame and a row per frame in tracks.csv, so the count is bounded (a 100x100 grid) rather than left to grow
@@ -51,7 +51,6 @@ MAX_IMAGE_SIDE = 4096  # --image_size: memory for S frames of feature maps grows
 # each refinement step is one more pass of the update network over every window: the authors evaluate with 16,
 # and 100000 was accepted with an ETA of hours for 4 points
 MAX_ITERS = 64
-MIN_VIDEO_SIDE = 8  # a video smaller than one cell of the model's 8-pixel feature grid holds nothing to track
 FAR_OUTSIDE = 4  # a query further outside the image than this many image widths (heights) is a mistake
 
 # ---------------------------------------------------------------------------------------------------------

@@ -431,8 +431,16 @@ def _tap_entries() -> dict:
     flat = cv2.imencode(".jpg", np.zeros((1080, 1920, 3), np.uint8))[1].tobytes()
     huge["video"] = [flat] * 400
     huge["points"], huge["occluded"] = np.zeros((6, 400, 2), np.float32), np.zeros((6, 400), bool)
+    # too small to track (track() ended the whole run), or one frame (scored as a perfect track)
+    tiny = {"video": np.zeros((10, 1, 1, 3), np.uint8), "points": np.full((2, 10, 2), 0.5, np.float32),
+            "occluded": np.zeros((2, 10), bool)}
+    narrow = _entry(seed=9)
+    narrow["video"] = [cv2.imencode(".png", np.zeros((128, 2, 3), np.uint8))[1].tobytes()] * 10
+    one_frame = _entry(seed=10)
+    one_frame["video"], one_frame["points"] = one_frame["video"][:1], one_frame["points"][:, :1]
+    one_frame["occluded"] = one_frame["occluded"][:, :1]
     return {"a": _entry(seed=0), "bad_jpeg": bad_jpeg, "odd": odd, "nan_query": nan_query, "c": _entry(seed=5),
-            "short": short, "pixels": pixels, "huge": huge}
+            "short": short, "pixels": pixels, "huge": huge, "tiny": tiny, "narrow": narrow, "one_frame": one_frame}
 
 
 def test_test_on_tap_skips_damaged_videos_and_files_and_scores_the_others(tmp_path, ckpt, capsys):
@@ -451,7 +459,11 @@ def test_test_on_tap_skips_damaged_videos_and_files_and_scores_the_others(tmp_pa
     js = json.loads(out.read_text())
     assert list(js["per_item"]) == ["a", "c", "part_2_0000"] and js["complete"]
     reasons = {s["name"]: s["reason"] for s in js["skipped"]}
-    assert list(reasons) == ["bad_jpeg", "odd", "nan_query", "short", "pixels", "huge", "part_1.pkl"]
+    assert list(reasons) == ["bad_jpeg", "odd", "nan_query", "short", "pixels", "huge", "tiny", "narrow", "one_frame",
+                             "part_1.pkl"]
+    assert reasons["tiny"].endswith("entry tiny: video is 1x1; tracking needs at least 8x8 pixels")
+    assert reasons["narrow"].endswith("entry narrow: video is 2x128; tracking needs at least 8x8 pixels")
+    assert reasons["one_frame"].endswith("entry one_frame: video has 1 frame: nothing to score beyond the query frame")
     assert "entry pixels: points are not normalised to [0, 1] where visible (x from" in reasons["pixels"]
     assert "entry huge: its 400 frames decode to more than 2147483648 bytes" in reasons["huge"]
     assert reasons["bad_jpeg"].endswith("entry bad_jpeg: frame 5: unreadable image")
@@ -461,7 +473,7 @@ def test_test_on_tap_skips_damaged_videos_and_files_and_scores_the_others(tmp_pa
     assert "entry short: occluded is bool (6, 7)" in reasons["short"]
     assert str(root / "part_1.pkl") in reasons["part_1.pkl"] and "not a readable pickle" in reasons["part_1.pkl"]
     assert all("\n" not in r for r in reasons.values())
-    assert "summary: 3 videos scored, 7 skipped" in res.stdout
+    assert "summary: 3 videos scored, 10 skipped" in res.stdout
 
 
 def test_test_on_tap_folder_without_a_usable_video_is_one_line(tmp_path, capsys):

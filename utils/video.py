@@ -150,6 +150,8 @@ def image_pixels_problem(data: bytes) -> str | None:
     return None
 
 
+MIN_VIDEO_SIDE = 8  # a video smaller than one cell of the trackers' 8-pixel feature grid holds nothing to track
+
 # How frames are decoded from files and bytes: in colour, and as their pixels are stored. Plain IMREAD_COLOR turns
 # an image by its EXIF orientation tag, while the annotations of every data set (PointOdyssey, TAP-Vid, Kubric,
 # CroHD) are positions in the stored pixels, and the size checks read the stored size from the header: a tag of 3
