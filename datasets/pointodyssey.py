@@ -6,6 +6,7 @@ A scene or clip that cannot be used raises `SkipItem` with a short reason; calle
 from __future__ import annotations
 
 import hashlib
+import io
 import math
 import re
 import sys
@@ -18,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 from pips2.utils.safe_load import MAX_NPZ_MEMBERS, UnsafeFileError, load_npz, open_zip
-from pips2.utils.video import MAX_IMAGE_PIXELS, VideoError, not_regular_file, read_rgb
+from pips2.utils.video import MAX_IMAGE_PIXELS, VideoError, image_file_wh, not_regular_file, read_rgb
 
 FRAME_RE = re.compile(r"^rgb_(\d+)\.(jpg|jpeg|png)$")
 STRIDES = (1, 2, 4)
@@ -324,9 +325,20 @@ def check_frame_sizes(scene: Scene) -> None:
 
 
 def read_mask(path: Path) -> np.ndarray:
-    """Palette-indexed label mask as an integer array (the palette indices, not colours)."""
-    with Image.open(path) as im:
-        return np.array(im if im.mode in ("P", "L", "I", "I;16") else im.convert("L"))
+    """Palette-indexed label mask as an integer array (the palette indices, not colours). A damaged mask raises
+    SkipItem naming it (Pillow's errors are OSErrors, which the export retried as this machine's failures on every
+    run); its size is checked from its header before it is decoded."""
+    try:
+        image_file_wh(path)
+        data = Path(path).read_bytes()
+    except VideoError as e:
+        raise SkipItem(f"unreadable mask ({e})") from None
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+            return np.array(im if im.mode in ("P", "L", "I", "I;16") else im.convert("L"))
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise SkipItem(f"unreadable mask ({path}: {e})") from None
 
 
 def segmentation_edges(labels: np.ndarray, dilate: int = 3) -> np.ndarray:

@@ -736,3 +736,20 @@ def test_a_stop_signal_lost_in_a_finalizer_still_stops_the_export(monkeypatch):
         signals.check()
     signals._handle(signal.SIGINT, None)  # a second signal: no exception
     assert signals.got == signal.SIGTERM
+
+
+@pytest.mark.parametrize("damage", ["garbage", "cut in half"])
+def test_a_damaged_mask_rejects_its_clips_once_naming_the_file(synth_root, tmp_path, damage):
+    """Pillow's errors are OSErrors: a mask of garbage bytes or cut in half failed its clips as this machine's
+    failure, "rerun to retry them", exit 1 on every run (the truncated one's line named no file). Now its clips are
+    rejected once with the file and the problem, and a rerun does not build them again."""
+    root = tmp_path / "pod"
+    shutil.copytree(synth_root / "train", root / "train")
+    masks = sorted((root / "train" / "synth_0001" / "masks").glob("mask_*.png"))
+    for mask in masks:
+        mask.write_bytes(b"hello" if damage == "garbage" else mask.read_bytes()[: mask.stat().st_size // 2])
+    first = run_export(root, tmp_path / "out", check=False)
+    assert first.returncode == 0 and "failed 0" in first.stdout, first.stdout + first.stderr
+    assert "unreadable mask (" in first.stdout and str(masks[0].parent) in first.stdout, first.stdout
+    again = run_export(root, tmp_path / "out", check=False)
+    assert again.returncode == 0 and "failed 0" in again.stdout and "written 0" in again.stdout, again.stdout
