@@ -28,15 +28,21 @@ class Candidate:
 
 
 def scene_frames(dataset_location: str | Path, split: str) -> dict[str, int]:
-    """The frame count of every scene folder of the split, by name in sorted order: all that the enumeration
-    of candidates depends on."""
-    return {scene.name: len(pod.frame_files(scene)) for scene in pod.list_scenes(dataset_location, split)}
+    """The frame count of every scene folder of the split that holds frames, by name in sorted order: all that
+    the enumeration of candidates depends on. A folder without frames gives no clip and renumbers none, so it is
+    left out: an empty `.ipynb_checkpoints` or `notes/` appearing in the split refused every later run."""
+    counts = {scene.name: len(pod.frame_files(scene)) for scene in pod.list_scenes(dataset_location, split)}
+    return {name: n for name, n in counts.items() if n}
 
 
-def scene_fingerprints(dataset_location: str | Path, split: str) -> dict[str, str]:
-    """Each scene's content fingerprint (pointodyssey.content_fingerprint), by name: a data set regenerated or
-    re-released at the same path keeps its names and frame counts but not these."""
-    return {scene.name: pod.content_fingerprint(scene) for scene in pod.list_scenes(dataset_location, split)}
+def scene_fingerprints(dataset_location: str | Path, split: str, frames: dict[str, int] | None = None
+                       ) -> dict[str, str]:
+    """Each scene's content fingerprint (pointodyssey.content_fingerprint), by name, of the scenes that hold
+    frames: a data set regenerated or re-released at the same path keeps its names and frame counts but not these.
+    `frames`: the split's scene_frames, if already read."""
+    names = scene_frames(dataset_location, split) if frames is None else frames
+    root = Path(dataset_location) / split
+    return {name: pod.content_fingerprint(root / name) for name in names}
 
 
 def enumerate_candidates(dataset_location: str | Path, st: ClipSettings, frames: dict[str, int] | None = None

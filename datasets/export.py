@@ -127,7 +127,9 @@ def check_source(version_dir: Path, st: ClipSettings, source: dict) -> str | Non
     if recorded["dataset_location"] != source["dataset_location"]:
         raise ValueError(f"{version_dir}: its clips come from {recorded['dataset_location']}, not "
                          f"{source['dataset_location']}: clips of two data sets would mix; give another --out_dir")
-    old, new = recorded["scenes"], source["scenes"]
+    # folders without frames give no clips: an export that recorded them (count 0) is compared without them
+    old = {n: c for n, c in recorded["scenes"].items() if c}
+    new = {n: c for n, c in source["scenes"].items() if c}
     if old != new:
         changes = [f"{what} {_names(names)}" for what, names in (
             ("added", [n for n in new if n not in old]), ("removed", [n for n in old if n not in new]),

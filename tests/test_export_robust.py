@@ -753,3 +753,21 @@ def test_a_damaged_mask_rejects_its_clips_once_naming_the_file(synth_root, tmp_p
     assert "unreadable mask (" in first.stdout and str(masks[0].parent) in first.stdout, first.stdout
     again = run_export(root, tmp_path / "out", check=False)
     assert again.returncode == 0 and "failed 0" in again.stdout and "written 0" in again.stdout, again.stdout
+
+
+def test_a_folder_without_frames_appearing_in_the_split_does_not_block_the_resume(synth_root, tmp_path):
+    """An empty `.ipynb_checkpoints` (Jupyter makes one in every folder it browses), a `notes/`, or the export's own
+    version folder when --out_dir is the split refused every later run as "scenes changed ... added": a folder
+    without frames gives no clip and renumbers none, so it is not a scene of the record."""
+    root = tmp_path / "pod"
+    shutil.copytree(synth_root / "train", root / "train")
+    first = run_export(root, tmp_path / "out", "--max_clips=2", check=False)
+    assert first.returncode == 0, first.stdout + first.stderr
+    (root / "train" / ".ipynb_checkpoints").mkdir()
+    (root / "train" / "notes").mkdir()
+    again = run_export(root, tmp_path / "out", "--max_clips=4", check=False)
+    assert again.returncode == 0 and "already there 2" in again.stdout, again.stdout + again.stderr
+    inside = run_export(root, root / "train", "--max_clips=2", check=False)  # --out_dir: the split itself
+    assert inside.returncode == 0, inside.stdout + inside.stderr
+    rerun = run_export(root, root / "train", "--max_clips=3", check=False)
+    assert rerun.returncode == 0 and "already there 2" in rerun.stdout, rerun.stdout + rerun.stderr

@@ -195,7 +195,7 @@ def main(dataset_location: str = "../datasets/pointodyssey", dset: str = "train"
         version_dir.mkdir(parents=True, exist_ok=True)
         check_writable(version_dir)
         note = check_source(version_dir, st, source_of(dataset_location, frames,
-                                                        scene_fingerprints(dataset_location, st.split)))
+                                                        scene_fingerprints(dataset_location, st.split, frames)))
     except OSError as e:
         die(f"--out_dir: cannot write {version_dir} ({e.strerror or e})")
     except ValueError as e:
