@@ -195,6 +195,43 @@ def test_a_mask_is_read_as_stored_whatever_its_exif_orientation(tmp_path):
         assert m.shape == (130, 150) and m[:20, :30].min() == 255 and int(m.sum()) == 255 * 20 * 30
 
 
+def test_outputs_never_replace_inputs(tmp_path, clip, capsys):
+    """--video=<dir>/tracks.mp4 --out_dir=<dir> replaced the user's video with the drawn one (a rerun on the last
+    result), and --points=<dir>/tracks.csv the user's points, exit 0: refused before anything is read or made."""
+    shutil.copy(clip, tmp_path / "tracks.mp4")
+    before = (tmp_path / "tracks.mp4").read_bytes()
+    line = _one_error_line(_demo(capsys, video=tmp_path / "tracks.mp4", out_dir=tmp_path), "--out_dir=")
+    assert line == (f"error: --out_dir={tmp_path} would overwrite the input --video={tmp_path / 'tracks.mp4'} (its "
+                    f"tracks.mp4); give another --out_dir")
+    assert (tmp_path / "tracks.mp4").read_bytes() == before
+    (tmp_path / "tracks.csv").write_text("0,10,10\n")
+    _one_error_line(_demo(capsys, video=clip, points=tmp_path / "tracks.csv", out_dir=tmp_path),
+                    f"would overwrite the input --points={tmp_path / 'tracks.csv'} (its tracks.csv)")
+    (tmp_path / "o").mkdir()  # the same file under two names: the input, and the out_dir's tracks.mp4
+    os.link(clip, tmp_path / "hard.mp4")
+    os.link(clip, tmp_path / "o" / "tracks.mp4")
+    _one_error_line(_demo(capsys, video=tmp_path / "hard.mp4", out_dir=tmp_path / "o"), "(its tracks.mp4)")
+    assert (tmp_path / "tracks.csv").read_text() == "0,10,10\n"
+
+
+def test_temp_outputs_of_a_killed_run_are_removed_by_the_next(tmp_path):
+    """SIGKILL (the OOM killer) while the outputs were written left .tracks.tmp.<pid>.* in --out_dir for ever; the
+    next write removes those of dead writers of this host, and leaves a live one's and another host's."""
+    import socket
+
+    from pips2.utils.vis import remove_dead_temps
+
+    host = socket.gethostname()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    gone = [tmp_path / f".tracks.tmp.{host}.{int(dead.stdout)}.{ext}" for ext in ("npz", "csv", "mp4")]
+    kept = [tmp_path / f".tracks.tmp.{host}.{os.getpid()}.mp4",
+            tmp_path / f".tracks.tmp.elsewhere.{int(dead.stdout)}.csv", tmp_path / "tracks.mp4"]
+    for p in gone + kept:
+        p.write_bytes(b"x")
+    assert sorted(remove_dead_temps(tmp_path)) == sorted(gone)
+    assert sorted(tmp_path.iterdir()) == sorted(kept)
+
+
 def test_bad_video(tmp_path, capsys):
     _one_error_line(_demo(capsys, video=tmp_path / 'none.mp4', out_dir=tmp_path / "o"), tmp_path / "none.mp4")
     (tmp_path / "junk.mp4").write_bytes(b"\0" * 5000)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import os
+import re
+import socket
 from collections.abc import Callable, Iterable, Iterator
 from fractions import Fraction
 from pathlib import Path
@@ -11,6 +13,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from pips2.utils.procs import pid_alive
 from pips2.utils.video import MAX_RATE_DENOMINATOR, frame_rate, iter_frames, write_mp4
 
 DRAW_LIMIT = 1e5  # px: points further out are not drawn (OpenCV shifts coordinates into 32-bit integers)
@@ -110,6 +113,26 @@ def output_fps(fps: float | Fraction | None) -> Fraction:
     return min(Fraction(1000), max(Fraction(1), rate))
 
 
+# the temp names write_outputs writes under: .tracks.tmp.<host>.<pid>.<ext>
+TEMP_OUTPUT_RE = re.compile(r"\.tracks\.tmp\.(?P<host>[^/]+)\.(?P<pid>\d+)\.(npz|csv|mp4)")
+
+
+def remove_dead_temps(out_dir: Path) -> list[Path]:
+    """Remove the temp outputs of writers killed outright (SIGKILL, the OOM killer) on this host; returns them.
+    A temp of another host is left: its writer cannot be judged from here."""
+    removed, host = [], socket.gethostname()
+    try:
+        names = list(out_dir.iterdir())
+    except OSError:
+        return removed
+    for p in names:
+        m = TEMP_OUTPUT_RE.fullmatch(p.name)
+        if m and m.group("host") == host and not pid_alive(int(m.group("pid"))):
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
+
+
 def write_outputs(out_dir: Path, video: Path, queries: np.ndarray, tracks: np.ndarray, estimated: np.ndarray,
                   fps: float | Fraction | None, visibility: np.ndarray | None = None, numbers: bool = False,
                   on_frame: Callable[[int], None] | None = None, radius: int = 3, thickness: int = 1) -> list[Path]:
@@ -124,7 +147,8 @@ def write_outputs(out_dir: Path, video: Path, queries: np.ndarray, tracks: np.nd
     and the three are renamed into place only once all are complete: an error or a signal mid-way leaves no
     partial file (and the temps are removed)."""
     final = [out_dir / "tracks.npz", out_dir / "tracks.csv", out_dir / "tracks.mp4"]
-    tag = f".tmp.{os.getpid()}"
+    remove_dead_temps(out_dir)
+    tag = f".tmp.{socket.gethostname()}.{os.getpid()}"
     npz, csv_path, mp4 = (p.with_name(f".{p.stem}{tag}{p.suffix}") for p in final)
     extra = {} if visibility is None else {"visibility": visibility}
     try:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import signal
 import sys
 import tempfile
@@ -137,6 +138,23 @@ def read_mask(path: str, src_hw: tuple[int, int]) -> np.ndarray:
     return m
 
 
+OUTPUT_NAMES = ("tracks.npz", "tracks.csv", "tracks.mp4")
+
+
+def check_outputs_spare_inputs(out: Path, **inputs: str | None) -> None:
+    """ValueError when an output would replace an input file (`--video=<dir>/tracks.mp4 --out_dir=<dir>` replaced
+    the user's video with the drawn one, exit 0), under its own name, a link or another hard link."""
+    for flag, given in inputs.items():
+        if not given or not Path(given).is_file():
+            continue
+        src = Path(given).resolve()
+        for name in OUTPUT_NAMES:
+            dest = out / name
+            if dest.resolve() == src or (dest.exists() and os.path.samefile(dest, src)):
+                raise ValueError(f"--out_dir={out} would overwrite the input --{flag}={given} (its {name}); give "
+                                 f"another --out_dir")
+
+
 def check_out_dir(out: Path) -> list[Path]:
     """Create --out_dir and prove it writable now, not after minutes of tracking; returns the folders made."""
     made: list[Path] = []
@@ -202,6 +220,7 @@ def main(video: str | None = None, init_dir: str | None = None, points: str | No
             dev = resolve_device(device)
             if not points:
                 check_grid_size(grid_size, flag="--")
+            check_outputs_spare_inputs(out, video=video, points=points, mask=mask, init_dir=init_dir)
             made = check_out_dir(out)
             if video:
                 video_path = Path(video)
