@@ -673,6 +673,9 @@ class TrainState:
         """Write the checkpoint of the current step (rank 0); a failed write is one error line and exit 2.
         No signal interrupts it. Weights that are not finite are never saved: the run ends in one line instead
         (every rank sees the same weights), keeping the last good checkpoint."""
+        lost = ck.lock_lost(self.ckpt_dir) if self.ranks.main else None
+        if lost is not None:  # two runs must never write one folder (rank 0 alone: torchrun then stops the rest)
+            self.ranks.die(f"{lost}; stopping without saving")
         bad = next((n for n, p in self.net.named_parameters() if not bool(torch.isfinite(p).all())), None)
         if bad is not None:
             last = ck.list_checkpoints(self.ckpt_dir)

@@ -294,6 +294,32 @@ def test_a_lock_is_never_left_empty_by_a_failed_write(tmp_path, monkeypatch):
     ck.RunLock(tmp_path / "run").acquire().release()
 
 
+def test_a_run_whose_lock_was_taken_over_stops_before_its_next_save(exported, tmp_path, monkeypatch, capsys):
+    """Three runs taking over one stale lock at once could leave two believing they held it (the takeover deleted
+    the live lock it had moved aside when putting it back failed): both then saved into one folder. A run now
+    checks before each save that the lock file still names it, and stops without saving if not; its heartbeat
+    stops touching a lock that is not its own."""
+    out, _ = exported
+    real = trainer.train_step
+
+    def taken_over_in_step_3(state, data, cfg):
+        if state.step == 3:
+            (state.ckpt_dir / ck.LOCK_NAME).write_text(json.dumps({"host": "other", "pid": 4242}))
+        return real(state, data, cfg)
+
+    monkeypatch.setattr(trainer, "train_step", taken_over_in_step_3)
+    cfg = _cfg(out, tmp_path, max_steps=4, save_freq=2)
+    with pytest.raises(SystemExit) as e:
+        train.run_stage(cfg)
+    assert e.value.code == 2
+    ckdir = tmp_path / "ck" / cfg.name()
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: {ckdir}: this run's lock file {ck.LOCK_NAME} names pid 4242 on other: another training took this "
+        f"folder over; stopping without saving")
+    assert [s for s, _ in ck.list_checkpoints(ckdir)] == [2]
+    assert json.loads((ckdir / ck.LOCK_NAME).read_text())["pid"] == 4242  # the other run's lock is left alone
+
+
 def test_lock_removes_only_the_empty_folders_it_made(tmp_path):
     (tmp_path / "ck").mkdir()
     run = tmp_path / "ck" / "runs" / "stage1"

@@ -467,6 +467,7 @@ def clean_stale_temps(folder: str | os.PathLike) -> list[Path]:
 
 # Locks this process holds: a lock naming this process's pid that it does not hold is another process's.
 _HELD_HERE: set[Path] = set()
+_HELD_AS: dict[Path, dict] = {}  # what each lock file this process holds says, to see it taken away
 # A held lock's file is touched every LOCK_BEAT_S by a thread of its owner. A lock whose pid cannot be judged here
 # (another PID namespace: a container sharing the host's name) is stale once it has not been touched for
 # LOCK_SILENT_S; one of another host (a restarted container's new name, a requeue onto another node) after
@@ -602,6 +603,7 @@ class RunLock:
             if self._create():
                 self.held = True
                 _HELD_HERE.add(self.path.resolve())
+                _HELD_AS[self.path.resolve()] = self.me
                 self._beating = threading.Event()
                 threading.Thread(target=self._beat, args=(self._beating,), daemon=True).start()
                 return self
@@ -648,6 +650,7 @@ class RunLock:
             remove_empty_dirs(self.made)
         if self.held:
             _HELD_HERE.discard(self.path.resolve())
+            _HELD_AS.pop(self.path.resolve(), None)
         if self._beating is not None:
             self._beating.set()
             self._beating = None
@@ -656,6 +659,8 @@ class RunLock:
     def _beat(self, stopped: threading.Event) -> None:
         """Touch the lock file every LOCK_BEAT_S until released: the heartbeat another PID namespace judges."""
         while not stopped.wait(LOCK_BEAT_S):
+            if self._read(self.path) != self.me:  # taken over (see lock_lost): not ours to keep alive
+                return
             try:
                 os.utime(self.path)
             except OSError:
@@ -666,6 +671,22 @@ class RunLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def lock_lost(folder: str | os.PathLike) -> str | None:
+    """Why this process no longer holds the lock it took on `folder` (the lock file now names another run, or is
+    gone), or None. Three runs taking over one stale lock at once could leave two believing they held it: a run
+    asks before each save, and stops rather than write beside another."""
+    path = (Path(folder) / LOCK_NAME).resolve()
+    me = _HELD_AS.get(path)
+    if me is None:
+        return None
+    now = RunLock(folder)._read(path)
+    if now == me:
+        return None
+    who = "is gone" if now is None and not os.path.lexists(path) else \
+        f"names pid {now['pid']} on {now.get('host')}" if now else "is unreadable"
+    return f"{folder}: this run's lock file {LOCK_NAME} {who}: another training took this folder over"
 
 
 def count_parameters(model: nn.Module) -> int:
