@@ -304,6 +304,9 @@ def test_app_cli_errors_are_one_line(capsys):
     ({"port": -1}, "error: --port must be a whole number in 0..65535 (0: any free port), got -1"),
     ({"port": 70000}, "error: --port must be a whole number in 0..65535 (0: any free port), got 70000"),  # not 4464
     ({"host": "no-such-host.invalid", "port": 0}, "error: cannot listen on no-such-host.invalid:0 ("),
+    ({"host": "localhost:7990", "port": 0}, "error: --host=localhost:7990 holds a port; give the name or address alone "
+                                            "and the port with --port"),
+    ({"host": "[::1]:8000", "port": 0}, "error: --host=[::1]:8000 holds a port"),
     ({"device": "foo"}, "error: --device 'foo': expected auto, cpu, cuda, cuda:N or mps"),
 ])
 def test_app_port_host_and_device_are_checked_at_start(capsys, monkeypatch, kwargs, line):

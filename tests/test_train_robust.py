@@ -234,11 +234,13 @@ def test_a_lock_whose_pid_is_not_a_pid_is_unreadable(tmp_path, pid):
     lock.release()
 
 
-@pytest.mark.parametrize("kind", ["fifo", "dev_zero", "sparse", "deep_json"])
+@pytest.mark.parametrize("kind", ["fifo", "dev_zero", "sparse", "deep_json", "folder", "future"])
 def test_a_lock_file_that_is_no_lock_is_unreadable_at_once(tmp_path, kind):
     """A FIFO as .train.lock blocked train.py forever; a link to /dev/zero or a 3 GB sparse file was read whole;
-    JSON nested 200,000 deep ended in a RecursionError traceback. Each is now an unreadable lock, at once."""
+    JSON nested 200,000 deep ended in a RecursionError traceback. Each is now an unreadable lock, at once (a folder,
+    or one dated in the future, said as such)."""
     import threading
+    import time
 
     lock_file = tmp_path / ck.LOCK_NAME
     if kind == "fifo":
@@ -248,13 +250,22 @@ def test_a_lock_file_that_is_no_lock_is_unreadable_at_once(tmp_path, kind):
     elif kind == "sparse":
         with open(lock_file, "wb") as f:
             f.truncate(3 << 30)
-    else:
+    elif kind == "deep_json":
         lock_file.write_text("[" * 200_000 + "]" * 200_000)
+    elif kind == "folder":  # an old one: before, moved aside, then its unlink failed ("Is a directory")
+        lock_file.mkdir()
+        os.utime(lock_file, (1, 1))
+    else:  # unreadable and dated a year ahead: "taken over once unchanged for 15 minutes" was not true
+        lock_file.write_text("")
+        os.utime(lock_file, (time.time() + 3e7, time.time() + 3e7))
     got: list = []
     t = threading.Thread(target=lambda: got.append(_refusal(tmp_path)), daemon=True)
     t.start()
     t.join(20)
-    assert got and "lock file .train.lock is unreadable" in got[0], got
+    said = {"folder": ".train.lock is a folder, not a lock file; remove it",
+            "future": "is unreadable and dated 30000000 s in the future (the clocks disagree)"}.get(
+        kind, "lock file .train.lock is unreadable")
+    assert got and said in got[0], got
 
 
 def _refusal(folder) -> str:
@@ -499,6 +510,9 @@ def test_unknown_amp_is_one_line(exported, tmp_path):
     ({"iters": 65}, "--iters must be at most 64, got 65"),
     ({"grad_acc": 0}, "--grad_acc must be at least 1, got 0"),
     ({"grad_acc": 10**9}, "--grad_acc must be at most 256, got 1000000000"),  # one step never ended
+    ({"lr": 1e-320}, "--lr must be at least 1e-12, got 9.99989e-321"),  # trained nothing, exit 0
+    ({"wd": 1e308}, "--wd=1e+308 with --lr=0.0005: AdamW scales the weights by 1 - lr x wd each step, which must "
+                    "stay above 0; give a smaller --wd"),
     ({"log_freq": 0}, "--log_freq must be at least 1, got 0"),
     ({"val_freq": 0}, "--val_freq must be at least 1, got 0"),
     ({"max_nan_steps": 0}, "--max_nan_steps must be at least 1, got 0"),

@@ -611,9 +611,16 @@ class RunLock:
             if owner is None:
                 if not os.path.lexists(self.path):
                     continue
+                if self.path.is_dir() and not self.path.is_symlink():  # moved aside, it could not be removed
+                    raise LockError(f"{self.folder}: {self.path.name} is a folder, not a lock file; remove it if no "
+                                    f"training writes into this folder")
                 # not what this program writes (an older one's lock left empty by a full disk): whoever wrote it
                 # cannot be judged, so only a long silence lets it go
                 age = self._age()
+                if age is not None and age < 0:
+                    raise LockError(f"{self.folder}: lock file {self.path.name} is unreadable and dated {-age:.0f} "
+                                    f"s in the future (the clocks disagree); remove it if no training writes into "
+                                    f"this folder")
                 if age is None or age <= LOCK_FOREIGN_SILENT_S:
                     raise LockError(f"{self.folder}: lock file {self.path.name} is unreadable; it is taken over once "
                                     f"unchanged for {LOCK_FOREIGN_SILENT_S / 60:g} minutes; remove it now if no "

@@ -14,6 +14,7 @@ cost: docs/WEBAPP.md.
 
 from __future__ import annotations
 
+import ipaddress
 import sys
 
 from pips2.utils.cli import run_fire
@@ -37,7 +38,20 @@ def main(port: int = 7860, host: str = "127.0.0.1", init_dir: str | None = None,
     host = str(host)
     if host.startswith("[") and host.endswith("]"):  # an IPv6 address as URLs write it: [::1]
         host = host[1:-1]
+    if ":" in host and not _is_ip(host):  # localhost:7990, [::1]:8000: the port is its own flag
+        app.close()
+        print(f"error: --host={host} holds a port; give the name or address alone and the port with --port",
+              file=sys.stderr, flush=True)
+        sys.exit(2)
     serve(app, host, port)
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def cli() -> None:

@@ -65,6 +65,7 @@ MAX_SEED = 2**32 - 1  # numpy's global seed takes 32 bits
 # loader before any model call: at most this, and at most half the machine's memory (docs/BAD_INPUTS.md)
 MAX_BATCH_BYTES = 16 * 2**30
 MAX_LR = 1.0
+MIN_LR = 1e-12  # below it float32 updates round to nothing
 MAX_GRAD_ACC = 256  # micro-batches a step accumulates: a step of 10**9 of them never ended
 LBM_HEADS = 4  # the attention heads of the LBM this trains (nets/lbm.py's default): embed_dim splits among them
 # the authors' flag names -> Config's fields: --max_iters is an alias of our --max_steps; --crop_size is the one
@@ -135,6 +136,13 @@ def check_values(values: dict) -> dict:
         raise ValueError(f"--lr must be at most {MAX_LR:g} (the authors train with 5e-4), got {out['lr']:g}")
     if out.get("wd", 0.0) < 0:
         raise ValueError(f"--wd must be at least 0, got {out['wd']:g}")
+    if out.get("lr", MIN_LR) < MIN_LR:  # 1e-320 trained nothing, exit 0
+        raise ValueError(f"--lr must be at least {MIN_LR:g}, got {out['lr']:g}")
+    if out.get("lr", 0.0) * out.get("wd", 0.0) >= 1:
+        # AdamW scales the weights by 1 - lr * wd each step: at 1 or more they vanish or flip sign, and the run
+        # ended on non-finite weights with the cause misnamed
+        raise ValueError(f"--wd={out['wd']:g} with --lr={out['lr']:g}: AdamW scales the weights by 1 - lr x wd each "
+                         f"step, which must stay above 0; give a smaller --wd")
     return out
 
 
