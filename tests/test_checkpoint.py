@@ -336,3 +336,162 @@ def test_float64_weights_that_overflow_the_model_s_dtype_are_refused_at_load_tim
     sd["fnet.conv1.weight"][0, 0, 0, :2] = 1e30  # float64 weights the model's dtype can hold load (cast)
     torch.save({"model_state_dict": sd}, tmp_path / "model-000000002.pth")
     assert _load(tmp_path, fresh) == 2 and fresh.state_dict()["fnet.conv1.weight"][0, 0, 0, 0] == 1e30
+
+
+# --- the pre-scan reads what torch will unpickle ---------------------------------------------------------------
+
+def _shared_tuple(levels: int) -> tuple:
+    """A tuple of pairs of one shared tuple, `levels` deep: 2^(levels+1) - 1 objects once hashed or walked."""
+    t: tuple = ()
+    for _ in range(levels):
+        t = (t, t)
+    return t
+
+
+def _records(obj) -> list[tuple[str, bytes]]:
+    """The (name, data) records of torch.save(obj), in its order."""
+    import io
+    import zipfile
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    with zipfile.ZipFile(buf) as zf:
+        return [(i.filename, zf.read(i)) for i in zf.infolist()]
+
+
+def _zip_parts(records: list[tuple[str, bytes]], base: int = 0, shift: int = 0) -> tuple[bytes, bytes]:
+    """Records stored as torch.save writes them: (their local headers and data, to be placed at file offset
+    `base`; their directory, whose offsets are `shift` less than where they are)."""
+    import struct
+    import zlib
+    body, directory = b"", b""
+    for name, data in records:
+        n, crc = name.encode(), zlib.crc32(data)
+        directory += struct.pack("<IHHHHHHIIIHHHHHII", 0x02014B50, 20, 20, 0, 0, 0, 0, crc, len(data), len(data),
+                                 len(n), 0, 0, 0, 0, 0, base + len(body) - shift) + n
+        body += struct.pack("<IHHHHHIIIHH", 0x04034B50, 20, 0, 0, 0, 0, crc, len(data), len(data), len(n), 0) + n + data
+    return body, directory
+
+
+def _end(entries: int, size: int, offset: int, comment: bytes = b"") -> bytes:
+    import struct
+    return struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, entries, entries, size, offset, len(comment)) + comment
+
+
+def _zip(records: list[tuple[str, bytes]]) -> bytes:
+    body, directory = _zip_parts(records)
+    return body + directory + _end(len(records), len(directory), len(body))
+
+
+def _two_directories(torch_sees: list[tuple[str, bytes]], python_sees: list[tuple[str, bytes]]) -> bytes:
+    """One file, two archives of records of the same names: torch's reader (miniz) reads the directory the end
+    record's offset names, Python's zipfile the one that ends where the end record begins, and shifts every
+    offset by the difference (an archive "concatenated" to other data)."""
+    body, directory = _zip_parts(torch_sees)
+    base = len(body) + len(directory)
+    shift = base + len(_zip_parts(python_sees, base)[0]) - len(body)  # its directory's place minus the declared
+    other_body, other_directory = _zip_parts(python_sees, base, shift)
+    assert len(other_directory) == len(directory)  # one size in the end record serves both
+    return body + directory + other_body + other_directory + _end(len(python_sees), len(directory), len(body))
+
+
+def _with_decoy(path, obj) -> str:
+    """torch.save(obj) rewritten as round six's probe did: the same records, a harmless pickle named
+    archive/x/data.pkl listed second and the real data.pkl moved last. The pre-scan read the first */data.pkl the
+    zip listed; torch reads <the first record's folder>/data.pkl."""
+    recs = _records(obj)
+    real = [r for r in recs if r[0] == "archive/data.pkl"]
+    rest = [r for r in recs if r[0] != "archive/data.pkl"]
+    decoy = ("archive/x/data.pkl", pickle.dumps({"model_state_dict": {}}, 2))
+    path.write_bytes(_zip([rest[0], decoy, *rest[1:], *real]))
+    return str(path)
+
+
+def _colliding_complex_keys(n: int) -> dict:
+    """n complex keys of one hash (complex(a, b) hashes as a + 1000003 * b)."""
+    top = 1000003 * n
+    return {complex(float(top - 1000003 * i), float(i)): 0 for i in range(n)}
+
+
+def test_a_decoy_data_pkl_cannot_hide_the_one_torch_reads(tmp_path):
+    """Round six: a second data.pkl listed first hid the real one from the pre-scan, and a dict key of pairs of one
+    shared tuple nested 25 deep (1.3 KB; 40 deep: hours) or 20,000 complex keys of one hash loaded again. Just
+    over the bounds here: 2^24 tuples, 10,200 keys. Only the records torch.save writes are allowed, under the
+    first record's folder."""
+    for name, extra in (("laughs.pth", {_shared_tuple(23): 0}), ("complex.pth", _colliding_complex_keys(10_200))):
+        path = _with_decoy(tmp_path / name, {"model_state_dict": {"w": torch.zeros(1)}, "extra": extra})
+        with pytest.raises(ck.CheckpointError) as e:
+            ck.load_weights_only(path)
+        assert str(e.value) == f"{path}: refused: it holds the record archive/x/data.pkl, which torch.save never writes"
+    # what torch.save writes loads, also as torch before 2.x wrote it (.data/version, no byte order or alignment)
+    recs = _records({"model_state_dict": {"w": torch.ones(2)}})
+    (tmp_path / "now.pth").write_bytes(_zip(recs))
+    (tmp_path / "then.pth").write_bytes(_zip([r for r in recs if r[0] in ("archive/data.pkl", "archive/data/0")]
+                                             + [("archive/.data/version", b"3\n")]))
+    for name in ("now.pth", "then.pth"):
+        assert torch.equal(ck.load_weights_only(tmp_path / name)["model_state_dict"]["w"], torch.ones(2))
+    for recs_, why in (([*recs, ("archive/notes.txt", b"hi")], "it holds the record archive/notes.txt, which "
+                                                                "torch.save never writes"),
+                       ([("archive/version", b"3" * 2000) if n == "archive/version" else (n, d) for n, d in recs],
+                        "its record version is 2000 bytes (torch.save writes a few)")):
+        (tmp_path / "odd.pth").write_bytes(_zip(recs_))
+        with pytest.raises(ck.CheckpointError) as e:
+            ck.load_weights_only(tmp_path / "odd.pth")
+        assert str(e.value) == f"{tmp_path / 'odd.pth'}: refused: {why}"
+
+
+@pytest.mark.parametrize("case", ["two directories", "bytes after the end record", "legacy with a zip after it"])
+def test_a_file_that_zip_readers_read_differently_is_refused(tmp_path, case):
+    """Python's zipfile and torch's reader (miniz) disagree on an archive with two directories (each reads
+    another): the pre-scan checked one, torch unpickled the other (a key of 2^24 shared tuples here). Data after
+    the end record is refused too, as torch.save writes none. torch reads a file that does not start with a zip
+    header as the legacy format whatever zip follows: it is judged as torch judges it (before, the pre-scan took
+    it for a zip, and only torch's refusal to map a legacy file stopped it)."""
+    evil = {"model_state_dict": {}, "extra": {_shared_tuple(23): 0}}
+    path = tmp_path / "x.pth"
+    if case == "two directories":
+        fine = [(n, pickle.dumps({"model_state_dict": {}}, 2) if n.endswith("data.pkl") else d)
+                for n, d in _records({"model_state_dict": {}})]
+        bad = [(n, pickle.dumps(evil, 2) if n.endswith("data.pkl") else d) for n, d in fine]
+        path.write_bytes(_two_directories(bad, fine))
+        why = ("refused: its zip directory is not where its end record says (torch.save writes it just before; zip "
+               "readers may disagree on what such an archive holds)")
+    elif case == "bytes after the end record":
+        path.write_bytes(_zip(_records({"model_state_dict": {}})) + b"x" * 100)
+        why = ("refused: 100 bytes follow its zip end record (torch.save writes none; zip readers may disagree on "
+               "what such an archive holds)")
+    else:
+        torch.save(evil, path, _use_new_zipfile_serialization=False)
+        path.write_bytes(path.read_bytes() + _zip(_records({"model_state_dict": {}})))
+        why = "refused: its pickle builds more than 10000000 objects (shared references counted)"
+    with pytest.raises(ck.CheckpointError) as e:
+        ck.load_weights_only(path)
+    assert str(e.value) == f"{path}: {why}"
+
+
+def test_every_pickle_of_the_legacy_format_is_prescanned_and_the_file_bounded(tmp_path, monkeypatch):
+    """Round six: torch reads five pickles from a legacy-format file and the pre-scan read four: the fifth, the
+    storage keys, held a key of shared tuples (308 bytes, 30 deep: 11.7 s; 45 deep: days)."""
+    from torch.serialization import MAGIC_NUMBER, PROTOCOL_VERSION
+
+    info = {"protocol_version": PROTOCOL_VERSION, "little_endian": True,
+            "type_sizes": {"short": 2, "int": 4, "long": 4}}
+    path = tmp_path / "legacy.pth"
+    path.write_bytes(b"".join(pickle.dumps(o, 2) for o in (MAGIC_NUMBER, PROTOCOL_VERSION, info,
+                                                           {"model_state_dict": {}}, [{_shared_tuple(23): 0}])))
+    with pytest.raises(ck.CheckpointError) as e:
+        ck.load_weights_only(path)
+    assert str(e.value) == f"{path}: refused: its pickle builds more than 10000000 objects (shared references counted)"
+    torch.save({"model_state_dict": {"w": torch.ones(3)}}, path, _use_new_zipfile_serialization=False)
+    assert torch.equal(ck.load_weights_only(path)["model_state_dict"]["w"], torch.ones(3))
+    size = path.stat().st_size
+    monkeypatch.setattr(ck, "MAX_LEGACY_BYTES", size - 1)
+    with pytest.raises(ck.CheckpointError) as e:
+        ck.load_weights_only(path)
+    assert str(e.value) == (f"{path}: refused: a checkpoint in torch's legacy format of {size} bytes (at most "
+                            f"{size - 1})")
+    monkeypatch.setattr(ck, "MAX_LEGACY_BYTES", size)
+    monkeypatch.setattr(ck, "MAX_PICKLE_BYTES", 200)  # the pickles here take ~400 bytes, the tensor's data after
+    with pytest.raises(ck.CheckpointError) as e:
+        ck.load_weights_only(path)
+    assert str(e.value) == f"{path}: refused: its pickles take more than 200 bytes"
+

@@ -13,15 +13,23 @@ import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 import torch.nn as nn
 from prettytable import PrettyTable
 
+from pips2.utils.download import MAX_CHECKPOINT_BYTES
 from pips2.utils.paths import make_dirs, remove_empty_dirs
 from pips2.utils.procs import pid_alive, pid_namespace, process_start
-from pips2.utils.safe_load import UnsafeFileError, open_zip, pickle_objects_problem
+from pips2.utils.safe_load import (
+    UnsafeFileError,
+    not_regular_problem,
+    open_regular,
+    open_zip,
+    pickle_objects_problem,
+    zip_end_record,
+)
 
 CKPT_RE = re.compile(r"^model-(\d+)\.pth$")
 # .model-%09d.pth.<host>.<pid>.<random>.tmp: host and pid say whether the writer may still be alive
@@ -50,6 +58,27 @@ PIPS_LAYOUT = Layout("model_state_dict", "optimizer_state_dict", "scheduler_stat
 LBM_LAYOUT = Layout("model", "optimizer", "scheduler", "LBM")
 
 
+KEY_TEXT = 40  # characters of a key a refusal spells out: a file's key may be a megabyte long
+
+
+def _cut(text: str, n: int = KEY_TEXT) -> str:
+    """text for one line of a refusal: at most n characters (then '...'), anything unprintable escaped."""
+    short = text[:n]
+    if not short.isprintable():
+        short = repr(short)[1:-1]
+    return short + ("..." if len(text) > n else "")
+
+
+def key_text(key: Any, i: int | None = None, n: int = KEY_TEXT) -> str:
+    """A dict key as a refusal names it: text cut to n characters, an int of up to n digits, anything else
+    `<key i>` (its place in the dict): spelling out a tuple key nested 25 deep writes 2^25 tuples."""
+    if isinstance(key, str):
+        return _cut(key, n)
+    if type(key) in (int, bool) and -10 ** n < key < 10 ** n:
+        return str(key)
+    return f"<key {i}>" if i is not None else "<a key that is not text>"
+
+
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used; the message names the file and the problem."""
 
@@ -64,12 +93,22 @@ def ckpt_name(step: int) -> str:
 
 
 def list_checkpoints(folder: str | os.PathLike) -> list[tuple[int, Path]]:
-    """(step, path) of every model-*.pth in folder, lowest step first."""
+    """(step, path) of every model-*.pth in folder, lowest step first; one that exists but is not a regular file
+    (a FIFO, whose open() would wait forever, a folder) is no checkpoint and is skipped."""
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := CKPT_RE.match(p.name))]
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := CKPT_RE.match(p.name)) and not _odd_file(p)]
     return sorted(found)
+
+
+def _odd_file(path: Path) -> str | None:
+    """'not a regular file (a FIFO)' and the like for a path that exists (symlinks followed) and is not a regular
+    file; None for a regular file or a missing one (its reader says what is wrong)."""
+    try:
+        return not_regular_problem(path.stat().st_mode)
+    except OSError:
+        return None
 
 
 def find_checkpoint(init: str | os.PathLike, step: int | None = None) -> Path:
@@ -79,6 +118,8 @@ def find_checkpoint(init: str | os.PathLike, step: int | None = None) -> Path:
         return init
     if not init.exists():
         raise CheckpointError(f"{init}: no such checkpoint file or folder")
+    if not init.is_dir():
+        raise CheckpointError(f"{init}: {_odd_file(init) or 'not a regular file'}")
     found = list_checkpoints(init)
     if not found:
         raise CheckpointError(f"{init}: folder holds no model-*.pth checkpoint")
@@ -114,41 +155,148 @@ def _load_problem(e: Exception) -> str:
 
 MAX_PICKLE_BYTES = 64 << 20  # a checkpoint's data.pkl: names and shapes, ~100 KB for an LBM training one
 MAX_DEPTH = 64  # nesting of a checkpoint's dicts and lists: torch.save of a model and optimizer needs 5
+# A file in torch's legacy format (torch < 1.6; this program and torch >= 1.6 write the zip format) holds its
+# tensors' data after its pickles: bounded as a released checkpoint is (utils/download.py)
+MAX_LEGACY_BYTES = MAX_CHECKPOINT_BYTES
+# The records torch.save writes in its archive folder, besides data/<storage key>: torch reads each of these
+# whole, so they are bounded (their contents are a few bytes: a version number, "little", an id)
+TORCH_RECORDS = frozenset({"data.pkl", "byteorder", "version", ".format_version", ".storage_alignment",
+                           ".data/serialization_id", ".data/version"})
+MAX_SMALL_RECORD_BYTES = 1024
+STORAGE_RECORD = re.compile(r"data/\d+")
+
+
+class _Capped:
+    """A file read no further than `limit` bytes: past them reading fails (`exceeded` says so), which bounds what a
+    pre-scan of pickles read straight from the file may cost."""
+
+    def __init__(self, fh: IO[bytes], limit: int):
+        self.fh, self.left, self.exceeded = fh, limit, False
+
+    def _take(self, data: bytes) -> bytes:
+        if len(data) > self.left:
+            self.exceeded = True
+            raise EOFError("beyond the bound")
+        self.left -= len(data)
+        return data
+
+    def read(self, n: int = -1) -> bytes:
+        return self._take(self.fh.read(self.left + 1 if n < 0 or n > self.left else n))
+
+    def readline(self) -> bytes:
+        return self._take(self.fh.readline(self.left + 1))
+
+    def tell(self) -> int:
+        return self.fh.tell()
+
+
+def _pickle_problem(data: bytes | IO[bytes]) -> str | None:
+    """pickle_objects_problem of a pickle torch will unpickle, strict (one the pre-scan cannot read is never
+    handed to torch unchecked: for the legacy format, whose pickles follow one another, the scan would lose its
+    place), its parse failure worded as a checkpoint's."""
+    problem = pickle_objects_problem(data, strict=True)
+    if problem and problem.startswith("not a readable pickle"):
+        return "not a readable checkpoint" + problem[len("not a readable pickle"):]
+    return problem
+
+
+def _check_legacy(path: str | os.PathLike, fh: IO[bytes]) -> None:
+    """The legacy format: torch unpickles five pickles in a row from the file (magic number, protocol, system info,
+    the contents, the storage keys), then reads the storages' bytes. All five are pre-scanned, from where torch
+    reads each, at most MAX_PICKLE_BYTES of them together; the file is at most MAX_LEGACY_BYTES."""
+    size = os.fstat(fh.fileno()).st_size
+    if size > MAX_LEGACY_BYTES:
+        raise CheckpointError(f"{path}: refused: a checkpoint in torch's legacy format of {size} bytes (at most "
+                              f"{MAX_LEGACY_BYTES})")
+    fh.seek(0)
+    capped = _Capped(fh, MAX_PICKLE_BYTES)
+    for _ in range(5):
+        problem = _pickle_problem(capped)
+        if capped.exceeded:
+            problem = f"refused: its pickles take more than {MAX_PICKLE_BYTES} bytes"
+        if problem:
+            raise CheckpointError(f"{path}: {problem}")
+
+
+def _check_zip(path: str | os.PathLike, fh: IO[bytes]) -> None:
+    """torch's zip format: the archive must be one torch's reader and Python's zipfile read alike (one directory,
+    just before the end record, nothing after it), holding only records torch.save writes, under one folder,
+    none compressed, at most MAX_RECORDS; its data.pkl, as torch's own reader returns it, is pre-scanned."""
+    try:
+        end = zip_end_record(fh)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: not a readable zip archive ({e})") from None
+    # Python's zipfile reads the directory that ends where the end record begins, torch's reader (miniz) the one
+    # the record's offset names: of an archive holding two, each reader saw another data.pkl
+    if end.trailing:
+        raise CheckpointError(f"{path}: refused: {end.trailing} bytes follow its zip end record (torch.save writes "
+                              f"none; zip readers may disagree on what such an archive holds)")
+    if end.dir_offset + end.dir_size != end.dir_end:
+        raise CheckpointError(f"{path}: refused: its zip directory is not where its end record says (torch.save "
+                              f"writes it just before; zip readers may disagree on what such an archive holds)")
+    zf = open_zip(path, fh, MAX_RECORDS)
+    infos = zf.infolist()
+    if len(infos) != end.entries:  # miniz reads as many as the end record counts, zipfile all the directory holds
+        raise CheckpointError(f"{path}: refused: its zip end record counts {end.entries} records, its directory "
+                              f"holds {len(infos)}")
+    folder = infos[0].filename.split("/", 1)[0] if infos else ""
+    named: dict[str, zipfile.ZipInfo] = {}
+    for i in infos:  # torch reads <folder of the first record>/data.pkl: no other name may stand for it
+        inside = i.filename[len(folder) + 1:] if i.filename.startswith(f"{folder}/") else None
+        if inside is None or not (inside in TORCH_RECORDS or STORAGE_RECORD.fullmatch(inside)):
+            raise CheckpointError(f"{path}: refused: it holds the record {_cut(i.filename)}, which torch.save never "
+                                  f"writes")
+        named[inside] = i
+    if "data.pkl" not in named:
+        where = f"{_cut(folder)}/data.pkl" if folder else "data.pkl"
+        raise CheckpointError(f"{path}: not a checkpoint (a zip archive that torch.save did not write: it holds no "
+                              f"{where})")
+    packed = [i.filename for i in infos if i.compress_type != zipfile.ZIP_STORED]
+    if packed:
+        raise CheckpointError(f"{path}: refused: record {packed[0]} is compressed (torch.save never compresses)")
+    if named["data.pkl"].file_size > MAX_PICKLE_BYTES:
+        raise CheckpointError(f"{path}: refused: its data.pkl is {named['data.pkl'].file_size} bytes (at most "
+                              f"{MAX_PICKLE_BYTES})")
+    big = [(n, i.file_size) for n, i in named.items() if n in TORCH_RECORDS and n != "data.pkl"
+           and i.file_size > MAX_SMALL_RECORD_BYTES]
+    if big:
+        raise CheckpointError(f"{path}: refused: its record {big[0][0]} is {big[0][1]} bytes (torch.save writes a "
+                              f"few)")
+    try:  # the bytes torch will unpickle, read by torch's own reader
+        fh.seek(0)
+        reader = torch._C.PyTorchFileReader(fh)
+        seen = set(reader.get_all_records())
+        data = reader.get_record("data.pkl") if seen == set(named) else b""
+    except Exception as e:  # torch's reader raises RuntimeError with its own text for a damaged archive
+        raise CheckpointError(f"{path}: {_load_problem(e)}") from None
+    if seen != set(named):
+        odd = sorted(seen ^ set(named))[0]
+        raise CheckpointError(f"{path}: refused: torch's zip reader and Python's disagree on its records "
+                              f"({_cut(odd)})")
+    problem = _pickle_problem(data)
+    if problem:
+        raise CheckpointError(f"{path}: {problem}")
 
 
 def _check_records(path: str | os.PathLike) -> bool:
     """True for a checkpoint in torch's zip format whose records are fit to map: stored as torch writes them (a
     compressed one would be inflated whole before torch compares its size with what the pickle declares) and at
-    most MAX_RECORDS of them; False for the legacy format (torch < 1.6), which torch reads without a zip. In
-    both, the pickle that describes the contents must not build more objects than safe_load allows (counting
-    shared references: unpickling a dict key of 40 nested pairs of one tuple would hash 2^40 of them)."""
-    problem = None
+    most MAX_RECORDS of them; False for the legacy format (torch < 1.6), which torch reads without a zip. Told
+    apart as torch.load tells them (a zip's first local header at the start). In both, every pickle torch will
+    unpickle must not build more objects than safe_load allows (counting shared references: unpickling a dict
+    key of 40 nested pairs of one tuple would hash 2^40 of them), nest too deep, or hash too many collidable keys.
+    Anything but a regular file is refused without being waited on (a FIFO's open() waits for a writer)."""
     try:
-        with open(path, "rb") as fh:
-            if not zipfile.is_zipfile(fh):
-                fh.seek(0)
-                for _ in range(4):  # legacy: magic number, protocol, system info, then the contents
-                    problem = problem or pickle_objects_problem(fh)
-                if problem:
-                    raise CheckpointError(f"{path}: {problem}")
+        with open_regular(path) as fh:
+            if fh.read(4) != b"PK\x03\x04":
+                _check_legacy(path, fh)
                 return False
-            zf = open_zip(path, fh, MAX_RECORDS)
-            packed = [i.filename for i in zf.infolist() if i.compress_type != zipfile.ZIP_STORED]
-            pkl = [i for i in zf.infolist() if i.filename.endswith("/data.pkl") or i.filename == "data.pkl"]
-            if pkl and not packed:
-                if pkl[0].file_size > MAX_PICKLE_BYTES:
-                    raise CheckpointError(f"{path}: refused: its data.pkl is {pkl[0].file_size} bytes (at most "
-                                          f"{MAX_PICKLE_BYTES})")
-                problem = pickle_objects_problem(zf.read(pkl[0]))
+            _check_zip(path, fh)
+            return True
     except UnsafeFileError as e:
         raise CheckpointError(str(e)) from None
     except OSError as e:
         raise CheckpointError(f"{path}: cannot open ({e.strerror or e})") from None
-    if packed:
-        raise CheckpointError(f"{path}: refused: record {packed[0]} is compressed (torch.save never compresses)")
-    if problem:
-        raise CheckpointError(f"{path}: {problem}")
-    return True
 
 
 def _view_problem(t: torch.Tensor) -> str | None:
@@ -242,9 +390,9 @@ def looks_like_torch_file(path: str | os.PathLike) -> bool:
     """Whether the file starts as torch.save writes one (a zip archive, or the legacy format's pickle); nothing
     else of it is read."""
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
             head = f.read(4)
-    except OSError:
+    except (OSError, UnsafeFileError):
         return False
     return head == b"PK\x03\x04" or head[:1] == b"\x80"
 
