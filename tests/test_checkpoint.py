@@ -495,3 +495,44 @@ def test_every_pickle_of_the_legacy_format_is_prescanned_and_the_file_bounded(tm
         ck.load_weights_only(path)
     assert str(e.value) == f"{path}: refused: its pickles take more than 200 bytes"
 
+
+def test_a_long_key_is_never_copied_into_location_text(tmp_path):
+    """Round six: the post-load walk built the location text of every entry, each a copy of every key above it: a
+    1.15 MB checkpoint (a 1 MB key over a dict of 6,000 entries) made 6 GB of text. Text is made only for the one
+    refusal reported, each key in it cut to 40 characters, a key that is not text or an int named by its place."""
+    import tracemalloc
+
+    path = tmp_path / "long.pth"
+    torch.save({"model_state_dict": {"w": torch.zeros(1)}, "A" * 2**20: {f"k{i}": 0 for i in range(6000)}}, path)
+    tracemalloc.start()
+    try:
+        loaded = ck.load_weights_only(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert len(loaded["A" * 2**20]) == 6000 and peak < 50 << 20, peak
+    flat = torch.zeros(1).expand(4, 4)  # stride 0: refused where it lies
+    for extra, where in (({"A" * 2**20: {"k": flat}}, "extra." + "A" * 40 + "....k"),
+                         ({"a": 1, (1.5, 2): [flat]}, "extra.<key 1>[0]"), ({"b\nc" * 30: flat}, "extra.b\\ncb\\nc")):
+        with pytest.raises(ck.CheckpointError) as e:
+            ck._check_tensors({"extra": extra}, path)
+        text = str(e.value)
+        assert text.startswith(f"{path}: refused: {where}") and len(text) < 300 and "\n" not in text, text
+
+
+def test_a_mismatch_lists_keys_cut_short(tmp_path):
+    """Round six: five unexpected keys of 2 MB each made demo.py's refusal one "line" of 4,000,108 bytes; each key
+    it lists is now cut to 60 characters."""
+    model = torch.nn.Linear(2, 2)
+    state = {**model.state_dict(), **{f"{i}" + "B" * (2 << 20): torch.zeros(1) for i in range(5)}}
+    with pytest.raises(ck.CheckpointError) as e:
+        ck.load_model_state(model, state, source="x.pth")
+    text = str(e.value)
+    assert text.startswith("x.pth: does not match the model: unexpected keys ['0" + "B" * 59 + "...', '1B")
+    assert len(text) < 500, len(text)
+    state = {"weight" + "W" * (2 << 20): torch.zeros(2, 2), "bias": torch.zeros(3)}
+    with pytest.raises(ck.CheckpointError) as e:
+        ck.load_model_state(model, state, source="x.pth")
+    assert str(e.value) == ("x.pth: does not match the model: missing keys ['weight']; unexpected keys ['weight"
+                            + "W" * 54 + "...']; shape mismatches ['bias (3,) vs (2,)']")
+

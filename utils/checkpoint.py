@@ -334,6 +334,21 @@ def _map_device(map_location: Any) -> torch.device | None:
         return None
 
 
+# Where an object lies in a loaded checkpoint: (where its container lies, the container, its key or index, its place
+# in the container); None for the checkpoint itself. Text is made of it only for the one refusal reported: text for
+# every entry copied every key above it (a 1 MB key over 6,000 entries made 6 GB of it).
+Where = tuple[Any, Any, Any, int] | None
+
+
+def where_text(where: Where) -> str:
+    """`model.backbone.w`, `extra[0]`, `extra.<key 3>`: a location's text, each key cut (`key_text`)."""
+    parts = []
+    while where is not None:
+        where, container, key, i = where
+        parts.append(f"[{i}]" if isinstance(container, (list, tuple)) else "." + key_text(key, i))
+    return "".join(reversed(parts)).lstrip(".")
+
+
 def _check_tensors(obj, path: str | os.PathLike, device: torch.device | None = None) -> None:
     """CheckpointError naming the first tensor anywhere in a loaded checkpoint that is not on `device` (or is a
     meta tensor, whatever `device`) or whose view is not a whole one, or a dict or list that contains itself or is
@@ -341,32 +356,29 @@ def _check_tensors(obj, path: str | os.PathLike, device: torch.device | None = N
     stack). Each object is visited once, however often shared."""
     seen: set[int] = set()
     open_: set[int] = set()  # containers on the current path: meeting one again is a cycle
-    stack: list[tuple[str, object, int, bool]] = [("", obj, 0, False)]
+    stack: list[tuple[Where, object, int, bool]] = [(None, obj, 0, False)]
     while stack:
         where, o, depth, leaving = stack.pop()
         if leaving:
             open_.discard(id(o))
             continue
         if id(o) in open_:
-            raise CheckpointError(f"{path}: refused: {where} contains itself")
+            raise CheckpointError(f"{path}: refused: {where_text(where)} contains itself")
         if id(o) in seen:
             continue
         if isinstance(o, torch.Tensor):
             seen.add(id(o))
             problem = _device_problem(o, device) or _view_problem(o)
             if problem:
-                raise CheckpointError(f"{path}: refused: {where or 'the tensor'} {problem}")
+                raise CheckpointError(f"{path}: refused: {where_text(where) or 'the tensor'} {problem}")
         elif isinstance(o, (dict, list, tuple)):
             if depth >= MAX_DEPTH:
-                raise CheckpointError(f"{path}: refused: {where} is nested more than {MAX_DEPTH} deep")
+                raise CheckpointError(f"{path}: refused: {where_text(where)} is nested more than {MAX_DEPTH} deep")
             seen.add(id(o))
             open_.add(id(o))
             stack.append((where, o, depth, True))
-            if isinstance(o, dict):
-                inside = [(f"{where}.{k}" if where else str(k), v) for k, v in o.items()]
-            else:
-                inside = [(f"{where}[{i}]", v) for i, v in enumerate(o)]
-            stack += [(w, v, depth + 1, False) for w, v in inside]
+            items = o.items() if isinstance(o, dict) else enumerate(o)
+            stack += [((where, o, k, i), v, depth + 1, False) for i, (k, v) in enumerate(items)]
 
 
 def load_weights_only(path: str | os.PathLike, map_location: str | torch.device = "cpu", refused_hint: str = ""):
@@ -414,11 +426,12 @@ def strip_module_prefix(state: dict[str, torch.Tensor], source: str = "checkpoin
     (torch.compile), in any order. CheckpointError for a key that is not text (an AttributeError traceback in
     every loader before) or a value that is not a tensor."""
     out = {}
-    for k, v in state.items():
+    for i, (k, v) in enumerate(state.items()):
         if not isinstance(k, str):
-            raise CheckpointError(f"{source}: its state dict has a key that is not text ({k!r}); refusing it")
+            raise CheckpointError(f"{source}: its state dict has a key that is not text ({key_text(k, i)}); "
+                                  f"refusing it")
         if not isinstance(v, torch.Tensor):
-            raise CheckpointError(f"{source}: {k} is {type(v).__name__}, not a tensor; refusing it")
+            raise CheckpointError(f"{source}: {key_text(k)} is {type(v).__name__}, not a tensor; refusing it")
         while k.startswith(WRAPPER_PREFIXES):
             k = k.split(".", 1)[1]
         out[k] = v
@@ -426,6 +439,7 @@ def strip_module_prefix(state: dict[str, torch.Tensor], source: str = "checkpoin
 
 
 MAX_LISTED = 5  # keys a mismatch error names of each kind
+LISTED_KEY_TEXT = 60  # characters of each: a file's key may be megabytes long
 
 
 def weight_problem(key: str, v: torch.Tensor, own: torch.Tensor) -> str | None:
@@ -459,14 +473,16 @@ def load_model_state(model: nn.Module, state: dict[str, torch.Tensor], ignore_pr
     own = model.state_dict()
     missing = [k for k in own if k not in state and not ignored(k)]
     unexpected = [k for k in state if k not in own]
-    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in state
+    wrong = [f"{_cut(k, LISTED_KEY_TEXT)} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in state
              if k in own and state[k].shape != own[k].shape]
     if missing or unexpected or wrong:
         def some(what: str, items: list[str]) -> str:  # a readable line, not every key of a model of other sizes
             more = f" and {len(items) - MAX_LISTED} more" if len(items) > MAX_LISTED else ""
             return f"{what} {items[:MAX_LISTED]}{more}"
 
-        parts = [some(what, items) for what, items in (("missing keys", missing), ("unexpected keys", unexpected),
+        cut = lambda keys: [_cut(k, LISTED_KEY_TEXT) for k in keys[:MAX_LISTED]] + keys[MAX_LISTED:]  # noqa: E731
+        parts = [some(what, items) for what, items in (("missing keys", cut(missing)),
+                                                        ("unexpected keys", cut(unexpected)),
                                                         ("shape mismatches", wrong)) if items]
         raise CheckpointError(f"{source}: does not match the model: " + "; ".join(parts))
     for k, v in state.items():
