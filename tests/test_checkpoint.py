@@ -536,3 +536,85 @@ def test_a_mismatch_lists_keys_cut_short(tmp_path):
     assert str(e.value) == ("x.pth: does not match the model: missing keys ['weight']; unexpected keys ['weight"
                             + "W" * 54 + "...']; shape mismatches ['bias (3,) vs (2,)']")
 
+
+def _trained_adamw():
+    """A small model, its AdamW (as the trainer makes it) and OneCycleLR after one step, and their checkpoint."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-6, eps=1e-8)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=110, pct_start=0.1,
+                                                cycle_momentum=False)
+    model(torch.ones(4, 3)).sum().backward()
+    opt.step()
+    sched.step()
+    import copy
+    return model, opt, sched, copy.deepcopy({"model_state_dict": model.state_dict(),  # as saved: no shared tensors
+                                             "optimizer_state_dict": opt.state_dict(),
+                                             "scheduler_state_dict": sched.state_dict()})
+
+
+def _group(key, value):
+    return lambda o: o["param_groups"][0].__setitem__(key, value)
+
+
+def _moment(key, change):
+    return lambda o: o["state"][0].__setitem__(key, change(o["state"][0][key]))
+
+
+_BAD_OPTIMIZERS = {  # round six's variants, and what else AdamW cannot step with
+    "lr text": (_group("lr", "abc"), "param_groups[0] lr is 'abc'; AdamW needs a finite number >= 0"),
+    "lr NaN": (_group("lr", float("nan")), "param_groups[0] lr is nan; AdamW needs a finite number >= 0"),
+    "max_lr inf": (_group("max_lr", float("inf")), "param_groups[0] max_lr is inf; AdamW needs a finite number >= 0"),
+    "weight decay < 0": (_group("weight_decay", -1.0),
+                         "param_groups[0] weight_decay is -1.0; AdamW needs a finite number >= 0"),
+    "eps < 0": (_group("eps", -1.0), "param_groups[0] eps is -1.0; AdamW needs a finite number > 0"),
+    "eps 0": (_group("eps", 0), "param_groups[0] eps is 0; AdamW needs a finite number > 0"),
+    "betas of one": (_group("betas", (5.0,)), "param_groups[0] betas is a tuple; AdamW needs a pair of numbers in "
+                                               "[0, 1)"),
+    "beta 1": (_group("betas", (0.9, 1.0)), "param_groups[0] betas is a tuple; AdamW needs a pair of numbers in "
+                                             "[0, 1)"),
+    "amsgrad text": (_group("amsgrad", "yes"), "param_groups[0] amsgrad is 'yes', not True, False or None"),
+    "moments NaN": (_moment("exp_avg_sq", lambda t: t.fill_(float("nan"))),
+                    "state of parameter 0: its 'exp_avg_sq' holds 6 NaN or infinite values"),
+    "moments < 0": (_moment("exp_avg_sq", lambda t: t.fill_(-1.0)),
+                    "state of parameter 0: its 'exp_avg_sq' holds negative values (a second moment is a mean of "
+                    "squares)"),
+    "moments float64": (_moment("exp_avg", lambda t: t.double()),
+                        "state of parameter 0: its 'exp_avg' is torch.float64, its parameter's is torch.float32"),
+    "moments text": (_moment("exp_avg", lambda t: "x"), "state of parameter 0: its 'exp_avg' is 'x', not a tensor"),
+    "step text": (_moment("step", lambda t: "x"),
+                  "state of parameter 0: its 'step' is 'x', not a number of steps (a finite number >= 0)"),
+    "step < 0": (_moment("step", lambda t: t.fill_(-1.0)), "state of parameter 0: its 'step' is a torch.float32 "
+                                                            "tensor of shape (), not a number of steps (a finite "
+                                                            "number >= 0)"),
+    "no exp_avg": (lambda o: o["state"][0].pop("exp_avg"),
+                   "state of parameter 0: it has no 'exp_avg' (AdamW keeps step, exp_avg, exp_avg_sq once it has "
+                   "stepped)"),
+}
+
+
+@pytest.mark.parametrize("case", list(_BAD_OPTIMIZERS))
+def test_an_optimizer_state_adamw_cannot_step_with_is_refused(case):
+    """Round six: a NaN lr or NaN moments loaded silently, made every weight NaN in the first resumed step, and the
+    run ended "done" with exit 0; eps -1 and float64 moments trained on; a text lr or betas of one value ended in a
+    traceback inside the first step; a text 'step' was refused quoting a '<generator object ...>'. Each is now
+    one line naming the file, the part and the value, before anything is loaded into the optimizer."""
+    change, why = _BAD_OPTIMIZERS[case]
+    model, opt, sched, ckpt = _trained_adamw()
+    change(ckpt["optimizer_state_dict"])
+    before = {k: v.clone() for k, v in opt.state[model.weight].items()}
+    with pytest.raises(ck.CheckpointError) as e:
+        ck.apply_checkpoint(ckpt, "x.pth", model, opt, sched)
+    assert str(e.value) == f"x.pth: 'optimizer_state_dict' {why}"
+    assert all(torch.equal(before[k], v) for k, v in opt.state[model.weight].items())
+
+
+def test_an_optimizer_state_as_the_trainer_saves_it_resumes():
+    model, opt, sched, ckpt = _trained_adamw()
+    model2 = torch.nn.Linear(3, 2)
+    opt2 = torch.optim.AdamW(model2.parameters(), lr=1e-3, weight_decay=1e-6, eps=1e-8)
+    sched2 = torch.optim.lr_scheduler.OneCycleLR(opt2, max_lr=1e-3, total_steps=110, pct_start=0.1,
+                                                 cycle_momentum=False)
+    ck.apply_checkpoint(ckpt, "x.pth", model2, opt2, sched2)
+    assert opt2.state_dict()["param_groups"] == opt.state_dict()["param_groups"]
+    assert torch.equal(opt2.state[model2.weight]["exp_avg"], opt.state[model.weight]["exp_avg"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import socket
@@ -503,7 +504,11 @@ def apply_checkpoint(ckpt: dict, path: str | os.PathLike, model: nn.Module, opti
     if optimizer is not None:
         if layout.optimizer not in ckpt:
             raise CheckpointError(f"{path}: has no {layout.optimizer} to resume from")
-        _load_part(path, layout.optimizer, optimizer, _owned(ckpt[layout.optimizer]))
+        saved = ckpt[layout.optimizer]
+        problem = _optimizer_problem(optimizer, saved) if isinstance(saved, dict) else None
+        if problem:
+            raise CheckpointError(f"{path}: '{layout.optimizer}' {problem}")
+        _load_part(path, layout.optimizer, optimizer, _owned(saved))
         for param, state in optimizer.state.items():  # a wrong shape fails only inside the first step
             for name, v in state.items() if isinstance(state, dict) else ():
                 if isinstance(v, torch.Tensor) and v.dim() and v.shape != param.shape:
@@ -520,7 +525,115 @@ def _load_part(path: str | os.PathLike, key: str, part: Any, state: Any) -> None
     try:
         part.load_state_dict(state)
     except (KeyError, ValueError, TypeError, IndexError, AttributeError, RuntimeError) as e:
-        raise CheckpointError(f"{path}: '{key}' is not one this program saves ({type(e).__name__}: {e})") from None
+        # torch's text may quote whatever the file held: one line, cut
+        raise CheckpointError(f"{path}: '{key}' is not one this program saves ({type(e).__name__}: "
+                              f"{_cut(' '.join(str(e).split()), 200)})") from None
+
+
+# What AdamW (the trainer's optimizer) needs of a param group's values; the schedules add rates of their own
+# (OneCycleLR's initial_lr, max_lr, min_lr, from which it computes every later lr)
+GROUP_RATES = ("lr", "weight_decay", "initial_lr", "max_lr", "min_lr", "base_momentum", "max_momentum")
+GROUP_FLAGS = ("amsgrad", "maximize", "foreach", "capturable", "differentiable", "fused", "decoupled_weight_decay")
+ADAM_STATE = ("step", "exp_avg", "exp_avg_sq")  # a parameter's state once stepped (amsgrad adds max_exp_avg_sq)
+SECOND_MOMENTS = ("exp_avg_sq", "max_exp_avg_sq")  # square roots are taken of them
+
+
+def _number(v: Any) -> float | None:
+    """v as a float if it is a real number (an int or float, or a one-element real tensor), else None."""
+    if isinstance(v, bool):
+        return None
+    try:
+        if isinstance(v, (int, float)):
+            return float(v)
+        if isinstance(v, torch.Tensor) and v.numel() == 1 and not v.is_complex() and v.dtype != torch.bool:
+            return float(v)
+    except OverflowError:
+        return math.inf
+    except RuntimeError:  # no data (a meta tensor)
+        return None
+    return None
+
+
+def _value_text(v: Any) -> str:
+    """A value of a file's optimizer state for one line: a plain scalar as written, cut; else what it is."""
+    if isinstance(v, (float, bool, str)) or v is None or (isinstance(v, int) and abs(v) < 10 ** KEY_TEXT):
+        return _cut(repr(v))
+    if isinstance(v, torch.Tensor):
+        return f"a {v.dtype} tensor of shape {tuple(v.shape)}"
+    return f"a {type(v).__name__}"
+
+
+def _group_problem(g: int, group: dict) -> str | None:
+    """Why a saved param group's hyper-parameters would not train (a text lr failed inside the first step, a NaN
+    one made every weight NaN there, eps -1 divided by zero), or None."""
+    for key, v in group.items():
+        where = f"param_groups[{g}] {key_text(key)}"
+        x = _number(v)
+        if key == "params":
+            continue
+        if key in GROUP_FLAGS:
+            if not (v is None or isinstance(v, bool)):
+                return f"{where} is {_value_text(v)}, not True, False or None"
+        elif key in GROUP_RATES or key == "eps":
+            if x is None or not math.isfinite(x) or x < 0 or (key == "eps" and x == 0):
+                return f"{where} is {_value_text(v)}; AdamW needs a finite number {'> 0' if key == 'eps' else '>= 0'}"
+        elif key == "betas":
+            pair = [_number(b) for b in v] if isinstance(v, (tuple, list)) and len(v) == 2 else [None]
+            if any(b is None or not 0 <= b < 1 for b in pair):
+                return f"{where} is {_value_text(v)}; AdamW needs a pair of numbers in [0, 1)"
+        elif x is not None and not math.isfinite(x):
+            return f"{where} is {_value_text(v)}, not a finite number"
+    return None
+
+
+def _optimizer_problem(optimizer: Any, saved: dict) -> str | None:
+    """Why a saved optimizer state would not train, or None; checked before it is loaded (which casts every state
+    tensor to its parameter's dtype, and made a text 'step' a '<generator object ...>' it then quoted). Each
+    group's hyper-parameters (`_group_problem`); each parameter's state: 'step' a finite number >= 0, every
+    other value a tensor, finite, of its parameter's dtype (float64 moments of float32 weights are not what was
+    trained), the second moments >= 0, and AdamW's keys all there once it has stepped. A structure torch's own
+    load refuses (groups or parameters of other counts) is left to it."""
+    groups, state = saved.get("param_groups"), saved.get("state")
+    if not isinstance(groups, list) or not isinstance(state, dict) or not all(isinstance(g, dict) for g in groups):
+        return None
+    for g, group in enumerate(groups):
+        problem = _group_problem(g, group)
+        if problem:
+            return problem
+    mine = [p for group in optimizer.param_groups for p in group["params"]]
+    try:
+        ids = [(i, group) for group in groups for i in group.get("params", ())]
+        params = {i: (p, group) for (i, group), p in zip(ids, mine, strict=True)}
+    except (TypeError, ValueError):  # other counts, or an id that is no key: torch's load says so
+        params = {}
+    adam = isinstance(optimizer, torch.optim.Adam)  # AdamW is one
+    for i, (pid, entry) in enumerate(state.items()):
+        if not isinstance(entry, dict):
+            continue
+        where = f"state of parameter {key_text(pid, i)}:"
+        param, group = params.get(pid, (None, {})) if isinstance(pid, (int, str)) else (None, {})
+        need = ADAM_STATE + (("max_exp_avg_sq",) if group.get("amsgrad") else ())
+        missing = [k for k in need if k not in entry] if adam and entry else []
+        if missing:
+            return f"{where} it has no {missing[0]!r} (AdamW keeps {', '.join(need)} once it has stepped)"
+        for j, (name, v) in enumerate(entry.items()):
+            what = f"{where} its {key_text(name, j)!r}" if isinstance(name, str) else f"{where} {key_text(name, j)}"
+            if name == "step":
+                x = _number(v)
+                if x is None or not math.isfinite(x) or x < 0:
+                    return f"{what} is {_value_text(v)}, not a number of steps (a finite number >= 0)"
+                continue
+            if not isinstance(v, torch.Tensor):
+                return f"{what} is {_value_text(v)}, not a tensor"
+            if param is not None and param.is_floating_point() and v.dtype != param.dtype:
+                return f"{what} is {v.dtype}, its parameter's is {param.dtype}"
+            if v.is_floating_point() or v.is_complex():
+                bad = int((~torch.isfinite(v)).sum())
+                if bad:
+                    return f"{what} holds {bad} NaN or infinite value{'s' if bad > 1 else ''}"
+                if name in SECOND_MOMENTS and v.is_floating_point() and bool((v < 0).any()):
+                    return f"{what} holds negative values (a second moment is a mean of squares)"
+    return None
 
 
 def _owned(obj: Any, memo: dict[int, Any] | None = None) -> Any:
