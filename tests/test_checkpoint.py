@@ -336,3 +336,285 @@ def test_float64_weights_that_overflow_the_model_s_dtype_are_refused_at_load_tim
     sd["fnet.conv1.weight"][0, 0, 0, :2] = 1e30  # float64 weights the model's dtype can hold load (cast)
     torch.save({"model_state_dict": sd}, tmp_path / "model-000000002.pth")
     assert _load(tmp_path, fresh) == 2 and fresh.state_dict()["fnet.conv1.weight"][0, 0, 0, 0] == 1e30
+
+
+# --- the pre-scan reads what torch will unpickle ---------------------------------------------------------------
+
+def _shared_tuple(levels: int) -> tuple:
+    """A tuple of pairs of one shared tuple, `levels` deep: 2^(levels+1) - 1 objects once hashed or walked."""
+    t: tuple = ()
+    for _ in range(levels):
+        t = (t, t)
+    return t
+
+
+def _records(obj) -> list[tuple[str, bytes]]:
+    """The (name, data) records of torch.save(obj), in its order."""
+    import io
+    import zipfile
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    with zipfile.ZipFile(buf) as zf:
+        return [(i.filename, zf.read(i)) for i in zf.infolist()]
+
+
+def _zip_parts(records: list[tuple[str, bytes]], base: int = 0, shift: int = 0) -> tuple[bytes, bytes]:
+    """Records stored as torch.save writes them: (their local headers and data, to be placed at file offset
+    `base`; their directory, whose offsets are `shift` less than where they are)."""
+    import struct
+    import zlib
+    body, directory = b"", b""
+    for name, data in records:
+        n, crc = name.encode(), zlib.crc32(data)
+        directory += struct.pack("<IHHHHHHIIIHHHHHII", 0x02014B50, 20, 20, 0, 0, 0, 0, crc, len(data), len(data),
+                                 len(n), 0, 0, 0, 0, 0, base + len(body) - shift) + n
+        body += struct.pack("<IHHHHHIIIHH", 0x04034B50, 20, 0, 0, 0, 0, crc, len(data), len(data), len(n), 0) + n + data
+    return body, directory
+
+
+def _end(entries: int, size: int, offset: int, comment: bytes = b"") -> bytes:
+    import struct
+    return struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, entries, entries, size, offset, len(comment)) + comment
+
+
+def _zip(records: list[tuple[str, bytes]]) -> bytes:
+    body, directory = _zip_parts(records)
+    return body + directory + _end(len(records), len(directory), len(body))
+
+
+def _two_directories(torch_sees: list[tuple[str, bytes]], python_sees: list[tuple[str, bytes]]) -> bytes:
+    """One file, two archives of records of the same names: torch's reader (miniz) reads the directory the end
+    record's offset names, Python's zipfile the one that ends where the end record begins, and shifts every
+    offset by the difference (an archive "concatenated" to other data)."""
+    body, directory = _zip_parts(torch_sees)
+    base = len(body) + len(directory)
+    shift = base + len(_zip_parts(python_sees, base)[0]) - len(body)  # its directory's place minus the declared
+    other_body, other_directory = _zip_parts(python_sees, base, shift)
+    assert len(other_directory) == len(directory)  # one size in the end record serves both
+    return body + directory + other_body + other_directory + _end(len(python_sees), len(directory), len(body))
+
+
+def _with_decoy(path, obj) -> str:
+    """torch.save(obj) rewritten as round six's probe did: the same records, a harmless pickle named
+    archive/x/data.pkl listed second and the real data.pkl moved last. The pre-scan read the first */data.pkl the
+    zip listed; torch reads <the first record's folder>/data.pkl."""
+    recs = _records(obj)
+    real = [r for r in recs if r[0] == "archive/data.pkl"]
+    rest = [r for r in recs if r[0] != "archive/data.pkl"]
+    decoy = ("archive/x/data.pkl", pickle.dumps({"model_state_dict": {}}, 2))
+    path.write_bytes(_zip([rest[0], decoy, *rest[1:], *real]))
+    return str(path)
+
+
+def _colliding_complex_keys(n: int) -> dict:
+    """n complex keys of one hash (complex(a, b) hashes as a + 1000003 * b)."""
+    top = 1000003 * n
+    return {complex(float(top - 1000003 * i), float(i)): 0 for i in range(n)}
+
+
+def test_a_decoy_data_pkl_cannot_hide_the_one_torch_reads(tmp_path):
+    """Round six: a second data.pkl listed first hid the real one from the pre-scan, and a dict key of pairs of one
+    shared tuple nested 25 deep (1.3 KB; 40 deep: hours) or 20,000 complex keys of one hash loaded again. Just
+    over the bounds here: 2^24 tuples, 10,200 keys. Only the records torch.save writes are allowed, under the
+    first record's folder."""
+    for name, extra in (("laughs.pth", {_shared_tuple(23): 0}), ("complex.pth", _colliding_complex_keys(10_200))):
+        path = _with_decoy(tmp_path / name, {"model_state_dict": {"w": torch.zeros(1)}, "extra": extra})
+        with pytest.raises(ck.CheckpointError) as e:
+            ck.load_weights_only(path)
+        assert str(e.value) == f"{path}: refused: it holds the record archive/x/data.pkl, which torch.save never writes"
+    # what torch.save writes loads, also as torch before 2.x wrote it (.data/version, no byte order or alignment)
+    recs = _records({"model_state_dict": {"w": torch.ones(2)}})
+    (tmp_path / "now.pth").write_bytes(_zip(recs))
+    (tmp_path / "then.pth").write_bytes(_zip([r for r in recs if r[0] in ("archive/data.pkl", "archive/data/0")]
+                                             + [("archive/.data/version", b"3\n")]))
+    for name in ("now.pth", "then.pth"):
+        assert torch.equal(ck.load_weights_only(tmp_path / name)["model_state_dict"]["w"], torch.ones(2))
+    for recs_, why in (([*recs, ("archive/notes.txt", b"hi")], "it holds the record archive/notes.txt, which "
+                                                                "torch.save never writes"),
+                       ([("archive/version", b"3" * 2000) if n == "archive/version" else (n, d) for n, d in recs],
+                        "its record version is 2000 bytes (torch.save writes a few)")):
+        (tmp_path / "odd.pth").write_bytes(_zip(recs_))
+        with pytest.raises(ck.CheckpointError) as e:
+            ck.load_weights_only(tmp_path / "odd.pth")
+        assert str(e.value) == f"{tmp_path / 'odd.pth'}: refused: {why}"
+
+
+@pytest.mark.parametrize("case", ["two directories", "bytes after the end record", "legacy with a zip after it"])
+def test_a_file_that_zip_readers_read_differently_is_refused(tmp_path, case):
+    """Python's zipfile and torch's reader (miniz) disagree on an archive with two directories (each reads
+    another): the pre-scan checked one, torch unpickled the other (a key of 2^24 shared tuples here). Data after
+    the end record is refused too, as torch.save writes none. torch reads a file that does not start with a zip
+    header as the legacy format whatever zip follows: it is judged as torch judges it (before, the pre-scan took
+    it for a zip, and only torch's refusal to map a legacy file stopped it)."""
+    evil = {"model_state_dict": {}, "extra": {_shared_tuple(23): 0}}
+    path = tmp_path / "x.pth"
+    if case == "two directories":
+        fine = [(n, pickle.dumps({"model_state_dict": {}}, 2) if n.endswith("data.pkl") else d)
+                for n, d in _records({"model_state_dict": {}})]
+        bad = [(n, pickle.dumps(evil, 2) if n.endswith("data.pkl") else d) for n, d in fine]
+        path.write_bytes(_two_directories(bad, fine))
+        why = ("refused: its zip directory is not where its end record says (torch.save writes it just before; zip "
+               "readers may disagree on what such an archive holds)")
+    elif case == "bytes after the end record":
+        path.write_bytes(_zip(_records({"model_state_dict": {}})) + b"x" * 100)
+        why = ("refused: 100 bytes follow its zip end record (torch.save writes none; zip readers may disagree on "
+               "what such an archive holds)")
+    else:
+        torch.save(evil, path, _use_new_zipfile_serialization=False)
+        path.write_bytes(path.read_bytes() + _zip(_records({"model_state_dict": {}})))
+        why = "refused: its pickle builds more than 10000000 objects (shared references counted)"
+    with pytest.raises(ck.CheckpointError) as e:
+        ck.load_weights_only(path)
+    assert str(e.value) == f"{path}: {why}"
+
+
+def test_every_pickle_of_the_legacy_format_is_prescanned_and_the_file_bounded(tmp_path, monkeypatch):
+    """Round six: torch reads five pickles from a legacy-format file and the pre-scan read four: the fifth, the
+    storage keys, held a key of shared tuples (308 bytes, 30 deep: 11.7 s; 45 deep: days)."""
+    from torch.serialization import MAGIC_NUMBER, PROTOCOL_VERSION
+
+    info = {"protocol_version": PROTOCOL_VERSION, "little_endian": True,
+            "type_sizes": {"short": 2, "int": 4, "long": 4}}
+    path = tmp_path / "legacy.pth"
+    path.write_bytes(b"".join(pickle.dumps(o, 2) for o in (MAGIC_NUMBER, PROTOCOL_VERSION, info,
+                                                           {"model_state_dict": {}}, [{_shared_tuple(23): 0}])))
+    with pytest.raises(ck.CheckpointError) as e:
+        ck.load_weights_only(path)
+    assert str(e.value) == f"{path}: refused: its pickle builds more than 10000000 objects (shared references counted)"
+    torch.save({"model_state_dict": {"w": torch.ones(3)}}, path, _use_new_zipfile_serialization=False)
+    assert torch.equal(ck.load_weights_only(path)["model_state_dict"]["w"], torch.ones(3))
+    size = path.stat().st_size
+    monkeypatch.setattr(ck, "MAX_LEGACY_BYTES", size - 1)
+    with pytest.raises(ck.CheckpointError) as e:
+        ck.load_weights_only(path)
+    assert str(e.value) == (f"{path}: refused: a checkpoint in torch's legacy format of {size} bytes (at most "
+                            f"{size - 1})")
+    monkeypatch.setattr(ck, "MAX_LEGACY_BYTES", size)
+    monkeypatch.setattr(ck, "MAX_PICKLE_BYTES", 200)  # the pickles here take ~400 bytes, the tensor's data after
+    with pytest.raises(ck.CheckpointError) as e:
+        ck.load_weights_only(path)
+    assert str(e.value) == f"{path}: refused: its pickles take more than 200 bytes"
+
+
+def test_a_long_key_is_never_copied_into_location_text(tmp_path):
+    """Round six: the post-load walk built the location text of every entry, each a copy of every key above it: a
+    1.15 MB checkpoint (a 1 MB key over a dict of 6,000 entries) made 6 GB of text. Text is made only for the one
+    refusal reported, each key in it cut to 40 characters, a key that is not text or an int named by its place."""
+    import tracemalloc
+
+    path = tmp_path / "long.pth"
+    torch.save({"model_state_dict": {"w": torch.zeros(1)}, "A" * 2**20: {f"k{i}": 0 for i in range(6000)}}, path)
+    tracemalloc.start()
+    try:
+        loaded = ck.load_weights_only(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert len(loaded["A" * 2**20]) == 6000 and peak < 50 << 20, peak
+    flat = torch.zeros(1).expand(4, 4)  # stride 0: refused where it lies
+    for extra, where in (({"A" * 2**20: {"k": flat}}, "extra." + "A" * 40 + "....k"),
+                         ({"a": 1, (1.5, 2): [flat]}, "extra.<key 1>[0]"), ({"b\nc" * 30: flat}, "extra.b\\ncb\\nc")):
+        with pytest.raises(ck.CheckpointError) as e:
+            ck._check_tensors({"extra": extra}, path)
+        text = str(e.value)
+        assert text.startswith(f"{path}: refused: {where}") and len(text) < 300 and "\n" not in text, text
+
+
+def test_a_mismatch_lists_keys_cut_short(tmp_path):
+    """Round six: five unexpected keys of 2 MB each made demo.py's refusal one "line" of 4,000,108 bytes; each key
+    it lists is now cut to 60 characters."""
+    model = torch.nn.Linear(2, 2)
+    state = {**model.state_dict(), **{f"{i}" + "B" * (2 << 20): torch.zeros(1) for i in range(5)}}
+    with pytest.raises(ck.CheckpointError) as e:
+        ck.load_model_state(model, state, source="x.pth")
+    text = str(e.value)
+    assert text.startswith("x.pth: does not match the model: unexpected keys ['0" + "B" * 59 + "...', '1B")
+    assert len(text) < 500, len(text)
+    state = {"weight" + "W" * (2 << 20): torch.zeros(2, 2), "bias": torch.zeros(3)}
+    with pytest.raises(ck.CheckpointError) as e:
+        ck.load_model_state(model, state, source="x.pth")
+    assert str(e.value) == ("x.pth: does not match the model: missing keys ['weight']; unexpected keys ['weight"
+                            + "W" * 54 + "...']; shape mismatches ['bias (3,) vs (2,)']")
+
+
+def _trained_adamw():
+    """A small model, its AdamW (as the trainer makes it) and OneCycleLR after one step, and their checkpoint."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-6, eps=1e-8)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=110, pct_start=0.1,
+                                                cycle_momentum=False)
+    model(torch.ones(4, 3)).sum().backward()
+    opt.step()
+    sched.step()
+    import copy
+    return model, opt, sched, copy.deepcopy({"model_state_dict": model.state_dict(),  # as saved: no shared tensors
+                                             "optimizer_state_dict": opt.state_dict(),
+                                             "scheduler_state_dict": sched.state_dict()})
+
+
+def _group(key, value):
+    return lambda o: o["param_groups"][0].__setitem__(key, value)
+
+
+def _moment(key, change):
+    return lambda o: o["state"][0].__setitem__(key, change(o["state"][0][key]))
+
+
+_BAD_OPTIMIZERS = {  # round six's variants, and what else AdamW cannot step with
+    "lr text": (_group("lr", "abc"), "param_groups[0] lr is 'abc'; AdamW needs a finite number >= 0"),
+    "lr NaN": (_group("lr", float("nan")), "param_groups[0] lr is nan; AdamW needs a finite number >= 0"),
+    "max_lr inf": (_group("max_lr", float("inf")), "param_groups[0] max_lr is inf; AdamW needs a finite number >= 0"),
+    "weight decay < 0": (_group("weight_decay", -1.0),
+                         "param_groups[0] weight_decay is -1.0; AdamW needs a finite number >= 0"),
+    "eps < 0": (_group("eps", -1.0), "param_groups[0] eps is -1.0; AdamW needs a finite number > 0"),
+    "eps 0": (_group("eps", 0), "param_groups[0] eps is 0; AdamW needs a finite number > 0"),
+    "betas of one": (_group("betas", (5.0,)), "param_groups[0] betas is a tuple; AdamW needs a pair of numbers in "
+                                               "[0, 1)"),
+    "beta 1": (_group("betas", (0.9, 1.0)), "param_groups[0] betas is a tuple; AdamW needs a pair of numbers in "
+                                             "[0, 1)"),
+    "amsgrad text": (_group("amsgrad", "yes"), "param_groups[0] amsgrad is 'yes', not True, False or None"),
+    "moments NaN": (_moment("exp_avg_sq", lambda t: t.fill_(float("nan"))),
+                    "state of parameter 0: its 'exp_avg_sq' holds 6 NaN or infinite values"),
+    "moments < 0": (_moment("exp_avg_sq", lambda t: t.fill_(-1.0)),
+                    "state of parameter 0: its 'exp_avg_sq' holds negative values (a second moment is a mean of "
+                    "squares)"),
+    "moments float64": (_moment("exp_avg", lambda t: t.double()),
+                        "state of parameter 0: its 'exp_avg' is torch.float64, its parameter's is torch.float32"),
+    "moments text": (_moment("exp_avg", lambda t: "x"), "state of parameter 0: its 'exp_avg' is 'x', not a tensor"),
+    "step text": (_moment("step", lambda t: "x"),
+                  "state of parameter 0: its 'step' is 'x', not a number of steps (a finite number >= 0)"),
+    "step < 0": (_moment("step", lambda t: t.fill_(-1.0)), "state of parameter 0: its 'step' is a torch.float32 "
+                                                            "tensor of shape (), not a number of steps (a finite "
+                                                            "number >= 0)"),
+    "no exp_avg": (lambda o: o["state"][0].pop("exp_avg"),
+                   "state of parameter 0: it has no 'exp_avg' (AdamW keeps step, exp_avg, exp_avg_sq once it has "
+                   "stepped)"),
+}
+
+
+@pytest.mark.parametrize("case", list(_BAD_OPTIMIZERS))
+def test_an_optimizer_state_adamw_cannot_step_with_is_refused(case):
+    """Round six: a NaN lr or NaN moments loaded silently, made every weight NaN in the first resumed step, and the
+    run ended "done" with exit 0; eps -1 and float64 moments trained on; a text lr or betas of one value ended in a
+    traceback inside the first step; a text 'step' was refused quoting a '<generator object ...>'. Each is now
+    one line naming the file, the part and the value, before anything is loaded into the optimizer."""
+    change, why = _BAD_OPTIMIZERS[case]
+    model, opt, sched, ckpt = _trained_adamw()
+    change(ckpt["optimizer_state_dict"])
+    before = {k: v.clone() for k, v in opt.state[model.weight].items()}
+    with pytest.raises(ck.CheckpointError) as e:
+        ck.apply_checkpoint(ckpt, "x.pth", model, opt, sched)
+    assert str(e.value) == f"x.pth: 'optimizer_state_dict' {why}"
+    assert all(torch.equal(before[k], v) for k, v in opt.state[model.weight].items())
+
+
+def test_an_optimizer_state_as_the_trainer_saves_it_resumes():
+    model, opt, sched, ckpt = _trained_adamw()
+    model2 = torch.nn.Linear(3, 2)
+    opt2 = torch.optim.AdamW(model2.parameters(), lr=1e-3, weight_decay=1e-6, eps=1e-8)
+    sched2 = torch.optim.lr_scheduler.OneCycleLR(opt2, max_lr=1e-3, total_steps=110, pct_start=0.1,
+                                                 cycle_momentum=False)
+    ck.apply_checkpoint(ckpt, "x.pth", model2, opt2, sched2)
+    assert opt2.state_dict()["param_groups"] == opt.state_dict()["param_groups"]
+    assert torch.equal(opt2.state[model2.weight]["exp_avg"], opt.state[model.weight]["exp_avg"])

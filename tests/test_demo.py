@@ -153,7 +153,7 @@ def test_query_frame_flag_out_of_range(tmp_path, clip, capsys):
                     "0..13")
 
 
-@pytest.mark.parametrize("case", ["wrong_size", "huge", "all_zero", "unreadable", "missing"])
+@pytest.mark.parametrize("case", ["wrong_size", "huge", "all_zero", "unreadable", "missing", "fifo"])
 def test_bad_mask(tmp_path, clip, case, capsys, monkeypatch):
     path = tmp_path / "mask.png"
     if case == "huge":  # a small PNG declaring 20000x20000 pixels: refused from its header, never decoded
@@ -175,6 +175,9 @@ def test_bad_mask(tmp_path, clip, case, capsys, monkeypatch):
     elif case == "unreadable":
         path.write_bytes(b"not an image")
         parts = ["unreadable image"]
+    elif case == "fifo":  # it exists: "no such file" sent the user looking for a file that is there
+        os.mkfifo(path)
+        parts = ["not a regular file (a FIFO)"]
     else:
         parts = ["no such file"]
     _one_error_line(_demo(capsys, video=clip, mask=path, out_dir=tmp_path / "o"), path, *parts)

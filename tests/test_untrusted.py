@@ -1140,3 +1140,71 @@ def test_a_dtype_state_numpy_never_writes_is_refused(tmp_path, case):
     assert _one_line(e.value, str(path)) == f"{path}: refused: pickle holds {why}"
     own = np.dtype(spec).newbyteorder(dstate[1]).__reduce__()[2]  # numpy's own state, in that byte order
     assert load_pickle(_dump(tmp_path / "ok.pkl", _DtypeState(spec, own), 2)) == np.dtype(spec).newbyteorder(own[1])
+
+
+# --- files that are not regular files ------------------------------------------------------------------------
+
+def _refused_without_blocking(fifo: Path, call, seconds: float = 10):
+    """Run call() in a thread: what it raised, or its result. A call still waiting after `seconds` (an open() of
+    the FIFO waiting for a writer) fails the test: a writer's open and close then lets it end."""
+    import threading
+
+    out: dict = {}
+
+    def run():
+        try:
+            out["result"] = call()
+        except BaseException as e:  # the test judges it
+            out["error"] = e
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(seconds)
+    if t.is_alive():
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))  # the waiting open() returns; its read sees the end
+        t.join(seconds)
+        pytest.fail(f"still waiting on the FIFO {fifo} after {seconds} s")
+    return out.get("error", out.get("result"))
+
+
+def test_every_safe_loader_refuses_a_fifo_without_waiting_for_a_writer(tmp_path):
+    """Round six: load_pickle, load_npz, load_npy and load_weights_only each waited forever in open() for a writer
+    of a FIFO (a TAP-Vid pickle, a Kubric .npy, an --init_dir checkpoint), and train.py's resume ignored SIGTERM
+    there. Each now opens without waiting and refuses anything but a regular file in one line."""
+    from pips2.utils.checkpoint import CheckpointError, load_weights_only, looks_like_torch_file
+
+    fifo = tmp_path / "p"
+    os.mkfifo(fifo)
+    for load, kind in ((load_pickle, UnsafeFileError), (load_npz, UnsafeFileError), (load_npy, UnsafeFileError),
+                       (load_weights_only, CheckpointError)):
+        e = _refused_without_blocking(fifo, lambda load=load: load(fifo))
+        assert isinstance(e, kind), e
+        assert _one_line(e, str(fifo)) == f"{fifo}: not a regular file (a FIFO)"
+    assert _refused_without_blocking(fifo, lambda: looks_like_torch_file(fifo)) is False
+    e = _refused_without_blocking(fifo, lambda: load_pickle(tmp_path))  # a folder: named, not "Is a directory"
+    assert str(e) == f"{tmp_path}: not a regular file (a folder)"
+
+
+def test_a_fifo_named_like_a_checkpoint_is_no_checkpoint(tmp_path):
+    """A FIFO model-000000002.pth beside a real step-1 checkpoint hung the resume, demo.py --init_dir and
+    pips2.load_model on the folder; it is now not listed, so the real one is read, and a FIFO named as the
+    checkpoint itself is refused in one line."""
+    import torch
+
+    import pips2
+    from pips2.utils import checkpoint as ck
+
+    run = tmp_path / "run"
+    run.mkdir()
+    os.mkfifo(run / "model-000000002.pth")
+    assert ck.list_checkpoints(run) == []
+    e = _refused_without_blocking(run / "model-000000002.pth", lambda: pips2.load_model(run))
+    assert f"{run}: no checkpoint in this folder" in _one_line(e, str(run))
+    torch.save({"model_state_dict": {"w": torch.zeros(2)}}, run / "model-000000001.pth")
+    assert ck.list_checkpoints(run) == [(1, run / "model-000000001.pth")]
+    assert ck.find_checkpoint(run) == run / "model-000000001.pth"
+    found = _refused_without_blocking(run / "model-000000002.pth", lambda: ck.read_newest(run, rename=False))
+    assert found[0] == run / "model-000000001.pth"
+    with pytest.raises(ck.CheckpointError) as e:
+        ck.find_checkpoint(run / "model-000000002.pth")
+    assert str(e.value) == f"{run / 'model-000000002.pth'}: not a regular file (a FIFO)"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import re
 import socket
@@ -15,15 +16,23 @@ import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 import torch.nn as nn
 from prettytable import PrettyTable
 
+from pips2.utils.download import MAX_CHECKPOINT_BYTES
 from pips2.utils.paths import make_dirs, remove_empty_dirs
 from pips2.utils.procs import pid_alive, pid_namespace, process_start
-from pips2.utils.safe_load import UnsafeFileError, open_zip, pickle_objects_problem
+from pips2.utils.safe_load import (
+    UnsafeFileError,
+    not_regular_problem,
+    open_regular,
+    open_zip,
+    pickle_objects_problem,
+    zip_end_record,
+)
 
 CKPT_RE = re.compile(r"^model-(\d+)\.pth$")
 # .model-%09d.pth.<host>.<pid>.<random>.tmp: host and pid say whether the writer may still be alive
@@ -52,6 +61,27 @@ PIPS_LAYOUT = Layout("model_state_dict", "optimizer_state_dict", "scheduler_stat
 LBM_LAYOUT = Layout("model", "optimizer", "scheduler", "LBM")
 
 
+KEY_TEXT = 40  # characters of a key a refusal spells out: a file's key may be a megabyte long
+
+
+def _cut(text: str, n: int = KEY_TEXT) -> str:
+    """text for one line of a refusal: at most n characters (then '...'), anything unprintable escaped."""
+    short = text[:n]
+    if not short.isprintable():
+        short = repr(short)[1:-1]
+    return short + ("..." if len(text) > n else "")
+
+
+def key_text(key: Any, i: int | None = None, n: int = KEY_TEXT) -> str:
+    """A dict key as a refusal names it: text cut to n characters, an int of up to n digits, anything else
+    `<key i>` (its place in the dict): spelling out a tuple key nested 25 deep writes 2^25 tuples."""
+    if isinstance(key, str):
+        return _cut(key, n)
+    if type(key) in (int, bool) and -10 ** n < key < 10 ** n:
+        return str(key)
+    return f"<key {i}>" if i is not None else "<a key that is not text>"
+
+
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used; the message names the file and the problem."""
 
@@ -66,12 +96,22 @@ def ckpt_name(step: int) -> str:
 
 
 def list_checkpoints(folder: str | os.PathLike) -> list[tuple[int, Path]]:
-    """(step, path) of every model-*.pth in folder, lowest step first."""
+    """(step, path) of every model-*.pth in folder, lowest step first; one that exists but is not a regular file
+    (a FIFO, whose open() would wait forever, a folder) is no checkpoint and is skipped."""
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := CKPT_RE.match(p.name))]
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := CKPT_RE.match(p.name)) and not _odd_file(p)]
     return sorted(found)
+
+
+def _odd_file(path: Path) -> str | None:
+    """'not a regular file (a FIFO)' and the like for a path that exists (symlinks followed) and is not a regular
+    file; None for a regular file or a missing one (its reader says what is wrong)."""
+    try:
+        return not_regular_problem(path.stat().st_mode)
+    except OSError:
+        return None
 
 
 def find_checkpoint(init: str | os.PathLike, step: int | None = None) -> Path:
@@ -81,6 +121,8 @@ def find_checkpoint(init: str | os.PathLike, step: int | None = None) -> Path:
         return init
     if not init.exists():
         raise CheckpointError(f"{init}: no such checkpoint file or folder")
+    if not init.is_dir():
+        raise CheckpointError(f"{init}: {_odd_file(init) or 'not a regular file'}")
     found = list_checkpoints(init)
     if not found:
         raise CheckpointError(f"{init}: folder holds no model-*.pth checkpoint")
@@ -116,41 +158,148 @@ def _load_problem(e: Exception) -> str:
 
 MAX_PICKLE_BYTES = 64 << 20  # a checkpoint's data.pkl: names and shapes, ~100 KB for an LBM training one
 MAX_DEPTH = 64  # nesting of a checkpoint's dicts and lists: torch.save of a model and optimizer needs 5
+# A file in torch's legacy format (torch < 1.6; this program and torch >= 1.6 write the zip format) holds its
+# tensors' data after its pickles: bounded as a released checkpoint is (utils/download.py)
+MAX_LEGACY_BYTES = MAX_CHECKPOINT_BYTES
+# The records torch.save writes in its archive folder, besides data/<storage key>: torch reads each of these
+# whole, so they are bounded (their contents are a few bytes: a version number, "little", an id)
+TORCH_RECORDS = frozenset({"data.pkl", "byteorder", "version", ".format_version", ".storage_alignment",
+                           ".data/serialization_id", ".data/version"})
+MAX_SMALL_RECORD_BYTES = 1024
+STORAGE_RECORD = re.compile(r"data/\d+")
+
+
+class _Capped:
+    """A file read no further than `limit` bytes: past them reading fails (`exceeded` says so), which bounds what a
+    pre-scan of pickles read straight from the file may cost."""
+
+    def __init__(self, fh: IO[bytes], limit: int):
+        self.fh, self.left, self.exceeded = fh, limit, False
+
+    def _take(self, data: bytes) -> bytes:
+        if len(data) > self.left:
+            self.exceeded = True
+            raise EOFError("beyond the bound")
+        self.left -= len(data)
+        return data
+
+    def read(self, n: int = -1) -> bytes:
+        return self._take(self.fh.read(self.left + 1 if n < 0 or n > self.left else n))
+
+    def readline(self) -> bytes:
+        return self._take(self.fh.readline(self.left + 1))
+
+    def tell(self) -> int:
+        return self.fh.tell()
+
+
+def _pickle_problem(data: bytes | IO[bytes]) -> str | None:
+    """pickle_objects_problem of a pickle torch will unpickle, strict (one the pre-scan cannot read is never
+    handed to torch unchecked: for the legacy format, whose pickles follow one another, the scan would lose its
+    place), its parse failure worded as a checkpoint's."""
+    problem = pickle_objects_problem(data, strict=True)
+    if problem and problem.startswith("not a readable pickle"):
+        return "not a readable checkpoint" + problem[len("not a readable pickle"):]
+    return problem
+
+
+def _check_legacy(path: str | os.PathLike, fh: IO[bytes]) -> None:
+    """The legacy format: torch unpickles five pickles in a row from the file (magic number, protocol, system info,
+    the contents, the storage keys), then reads the storages' bytes. All five are pre-scanned, from where torch
+    reads each, at most MAX_PICKLE_BYTES of them together; the file is at most MAX_LEGACY_BYTES."""
+    size = os.fstat(fh.fileno()).st_size
+    if size > MAX_LEGACY_BYTES:
+        raise CheckpointError(f"{path}: refused: a checkpoint in torch's legacy format of {size} bytes (at most "
+                              f"{MAX_LEGACY_BYTES})")
+    fh.seek(0)
+    capped = _Capped(fh, MAX_PICKLE_BYTES)
+    for _ in range(5):
+        problem = _pickle_problem(capped)
+        if capped.exceeded:
+            problem = f"refused: its pickles take more than {MAX_PICKLE_BYTES} bytes"
+        if problem:
+            raise CheckpointError(f"{path}: {problem}")
+
+
+def _check_zip(path: str | os.PathLike, fh: IO[bytes]) -> None:
+    """torch's zip format: the archive must be one torch's reader and Python's zipfile read alike (one directory,
+    just before the end record, nothing after it), holding only records torch.save writes, under one folder,
+    none compressed, at most MAX_RECORDS; its data.pkl, as torch's own reader returns it, is pre-scanned."""
+    try:
+        end = zip_end_record(fh)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: not a readable zip archive ({e})") from None
+    # Python's zipfile reads the directory that ends where the end record begins, torch's reader (miniz) the one
+    # the record's offset names: of an archive holding two, each reader saw another data.pkl
+    if end.trailing:
+        raise CheckpointError(f"{path}: refused: {end.trailing} bytes follow its zip end record (torch.save writes "
+                              f"none; zip readers may disagree on what such an archive holds)")
+    if end.dir_offset + end.dir_size != end.dir_end:
+        raise CheckpointError(f"{path}: refused: its zip directory is not where its end record says (torch.save "
+                              f"writes it just before; zip readers may disagree on what such an archive holds)")
+    zf = open_zip(path, fh, MAX_RECORDS)
+    infos = zf.infolist()
+    if len(infos) != end.entries:  # miniz reads as many as the end record counts, zipfile all the directory holds
+        raise CheckpointError(f"{path}: refused: its zip end record counts {end.entries} records, its directory "
+                              f"holds {len(infos)}")
+    folder = infos[0].filename.split("/", 1)[0] if infos else ""
+    named: dict[str, zipfile.ZipInfo] = {}
+    for i in infos:  # torch reads <folder of the first record>/data.pkl: no other name may stand for it
+        inside = i.filename[len(folder) + 1:] if i.filename.startswith(f"{folder}/") else None
+        if inside is None or not (inside in TORCH_RECORDS or STORAGE_RECORD.fullmatch(inside)):
+            raise CheckpointError(f"{path}: refused: it holds the record {_cut(i.filename)}, which torch.save never "
+                                  f"writes")
+        named[inside] = i
+    if "data.pkl" not in named:
+        where = f"{_cut(folder)}/data.pkl" if folder else "data.pkl"
+        raise CheckpointError(f"{path}: not a checkpoint (a zip archive that torch.save did not write: it holds no "
+                              f"{where})")
+    packed = [i.filename for i in infos if i.compress_type != zipfile.ZIP_STORED]
+    if packed:
+        raise CheckpointError(f"{path}: refused: record {packed[0]} is compressed (torch.save never compresses)")
+    if named["data.pkl"].file_size > MAX_PICKLE_BYTES:
+        raise CheckpointError(f"{path}: refused: its data.pkl is {named['data.pkl'].file_size} bytes (at most "
+                              f"{MAX_PICKLE_BYTES})")
+    big = [(n, i.file_size) for n, i in named.items() if n in TORCH_RECORDS and n != "data.pkl"
+           and i.file_size > MAX_SMALL_RECORD_BYTES]
+    if big:
+        raise CheckpointError(f"{path}: refused: its record {big[0][0]} is {big[0][1]} bytes (torch.save writes a "
+                              f"few)")
+    try:  # the bytes torch will unpickle, read by torch's own reader
+        fh.seek(0)
+        reader = torch._C.PyTorchFileReader(fh)
+        seen = set(reader.get_all_records())
+        data = reader.get_record("data.pkl") if seen == set(named) else b""
+    except Exception as e:  # torch's reader raises RuntimeError with its own text for a damaged archive
+        raise CheckpointError(f"{path}: {_load_problem(e)}") from None
+    if seen != set(named):
+        odd = sorted(seen ^ set(named))[0]
+        raise CheckpointError(f"{path}: refused: torch's zip reader and Python's disagree on its records "
+                              f"({_cut(odd)})")
+    problem = _pickle_problem(data)
+    if problem:
+        raise CheckpointError(f"{path}: {problem}")
 
 
 def _check_records(path: str | os.PathLike) -> bool:
     """True for a checkpoint in torch's zip format whose records are fit to map: stored as torch writes them (a
     compressed one would be inflated whole before torch compares its size with what the pickle declares) and at
-    most MAX_RECORDS of them; False for the legacy format (torch < 1.6), which torch reads without a zip. In
-    both, the pickle that describes the contents must not build more objects than safe_load allows (counting
-    shared references: unpickling a dict key of 40 nested pairs of one tuple would hash 2^40 of them)."""
-    problem = None
+    most MAX_RECORDS of them; False for the legacy format (torch < 1.6), which torch reads without a zip. Told
+    apart as torch.load tells them (a zip's first local header at the start). In both, every pickle torch will
+    unpickle must not build more objects than safe_load allows (counting shared references: unpickling a dict
+    key of 40 nested pairs of one tuple would hash 2^40 of them), nest too deep, or hash too many collidable keys.
+    Anything but a regular file is refused without being waited on (a FIFO's open() waits for a writer)."""
     try:
-        with open(path, "rb") as fh:
-            if not zipfile.is_zipfile(fh):
-                fh.seek(0)
-                for _ in range(4):  # legacy: magic number, protocol, system info, then the contents
-                    problem = problem or pickle_objects_problem(fh)
-                if problem:
-                    raise CheckpointError(f"{path}: {problem}")
+        with open_regular(path) as fh:
+            if fh.read(4) != b"PK\x03\x04":
+                _check_legacy(path, fh)
                 return False
-            zf = open_zip(path, fh, MAX_RECORDS)
-            packed = [i.filename for i in zf.infolist() if i.compress_type != zipfile.ZIP_STORED]
-            pkl = [i for i in zf.infolist() if i.filename.endswith("/data.pkl") or i.filename == "data.pkl"]
-            if pkl and not packed:
-                if pkl[0].file_size > MAX_PICKLE_BYTES:
-                    raise CheckpointError(f"{path}: refused: its data.pkl is {pkl[0].file_size} bytes (at most "
-                                          f"{MAX_PICKLE_BYTES})")
-                problem = pickle_objects_problem(zf.read(pkl[0]))
+            _check_zip(path, fh)
+            return True
     except UnsafeFileError as e:
         raise CheckpointError(str(e)) from None
     except OSError as e:
         raise CheckpointError(f"{path}: cannot open ({e.strerror or e})") from None
-    if packed:
-        raise CheckpointError(f"{path}: refused: record {packed[0]} is compressed (torch.save never compresses)")
-    if problem:
-        raise CheckpointError(f"{path}: {problem}")
-    return True
 
 
 def _view_problem(t: torch.Tensor) -> str | None:
@@ -188,6 +337,21 @@ def _map_device(map_location: Any) -> torch.device | None:
         return None
 
 
+# Where an object lies in a loaded checkpoint: (where its container lies, the container, its key or index, its place
+# in the container); None for the checkpoint itself. Text is made of it only for the one refusal reported: text for
+# every entry copied every key above it (a 1 MB key over 6,000 entries made 6 GB of it).
+Where = tuple[Any, Any, Any, int] | None
+
+
+def where_text(where: Where) -> str:
+    """`model.backbone.w`, `extra[0]`, `extra.<key 3>`: a location's text, each key cut (`key_text`)."""
+    parts = []
+    while where is not None:
+        where, container, key, i = where
+        parts.append(f"[{i}]" if isinstance(container, (list, tuple)) else "." + key_text(key, i))
+    return "".join(reversed(parts)).lstrip(".")
+
+
 def _check_tensors(obj, path: str | os.PathLike, device: torch.device | None = None) -> None:
     """CheckpointError naming the first tensor anywhere in a loaded checkpoint that is not on `device` (or is a
     meta tensor, whatever `device`) or whose view is not a whole one, or a dict or list that contains itself or is
@@ -195,32 +359,29 @@ def _check_tensors(obj, path: str | os.PathLike, device: torch.device | None = N
     stack). Each object is visited once, however often shared."""
     seen: set[int] = set()
     open_: set[int] = set()  # containers on the current path: meeting one again is a cycle
-    stack: list[tuple[str, object, int, bool]] = [("", obj, 0, False)]
+    stack: list[tuple[Where, object, int, bool]] = [(None, obj, 0, False)]
     while stack:
         where, o, depth, leaving = stack.pop()
         if leaving:
             open_.discard(id(o))
             continue
         if id(o) in open_:
-            raise CheckpointError(f"{path}: refused: {where} contains itself")
+            raise CheckpointError(f"{path}: refused: {where_text(where)} contains itself")
         if id(o) in seen:
             continue
         if isinstance(o, torch.Tensor):
             seen.add(id(o))
             problem = _device_problem(o, device) or _view_problem(o)
             if problem:
-                raise CheckpointError(f"{path}: refused: {where or 'the tensor'} {problem}")
+                raise CheckpointError(f"{path}: refused: {where_text(where) or 'the tensor'} {problem}")
         elif isinstance(o, (dict, list, tuple)):
             if depth >= MAX_DEPTH:
-                raise CheckpointError(f"{path}: refused: {where} is nested more than {MAX_DEPTH} deep")
+                raise CheckpointError(f"{path}: refused: {where_text(where)} is nested more than {MAX_DEPTH} deep")
             seen.add(id(o))
             open_.add(id(o))
             stack.append((where, o, depth, True))
-            if isinstance(o, dict):
-                inside = [(f"{where}.{k}" if where else str(k), v) for k, v in o.items()]
-            else:
-                inside = [(f"{where}[{i}]", v) for i, v in enumerate(o)]
-            stack += [(w, v, depth + 1, False) for w, v in inside]
+            items = o.items() if isinstance(o, dict) else enumerate(o)
+            stack += [((where, o, k, i), v, depth + 1, False) for i, (k, v) in enumerate(items)]
 
 
 def load_weights_only(path: str | os.PathLike, map_location: str | torch.device = "cpu", refused_hint: str = ""):
@@ -244,9 +405,9 @@ def looks_like_torch_file(path: str | os.PathLike) -> bool:
     """Whether the file starts as torch.save writes one (a zip archive, or the legacy format's pickle); nothing
     else of it is read."""
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
             head = f.read(4)
-    except OSError:
+    except (OSError, UnsafeFileError):
         return False
     return head == b"PK\x03\x04" or head[:1] == b"\x80"
 
@@ -268,11 +429,12 @@ def strip_module_prefix(state: dict[str, torch.Tensor], source: str = "checkpoin
     (torch.compile), in any order. CheckpointError for a key that is not text (an AttributeError traceback in
     every loader before) or a value that is not a tensor."""
     out = {}
-    for k, v in state.items():
+    for i, (k, v) in enumerate(state.items()):
         if not isinstance(k, str):
-            raise CheckpointError(f"{source}: its state dict has a key that is not text ({k!r}); refusing it")
+            raise CheckpointError(f"{source}: its state dict has a key that is not text ({key_text(k, i)}); "
+                                  f"refusing it")
         if not isinstance(v, torch.Tensor):
-            raise CheckpointError(f"{source}: {k} is {type(v).__name__}, not a tensor; refusing it")
+            raise CheckpointError(f"{source}: {key_text(k)} is {type(v).__name__}, not a tensor; refusing it")
         while k.startswith(WRAPPER_PREFIXES):
             k = k.split(".", 1)[1]
         out[k] = v
@@ -280,6 +442,7 @@ def strip_module_prefix(state: dict[str, torch.Tensor], source: str = "checkpoin
 
 
 MAX_LISTED = 5  # keys a mismatch error names of each kind
+LISTED_KEY_TEXT = 60  # characters of each: a file's key may be megabytes long
 
 
 def weight_problem(key: str, v: torch.Tensor, own: torch.Tensor) -> str | None:
@@ -313,14 +476,16 @@ def load_model_state(model: nn.Module, state: dict[str, torch.Tensor], ignore_pr
     own = model.state_dict()
     missing = [k for k in own if k not in state and not ignored(k)]
     unexpected = [k for k in state if k not in own]
-    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in state
+    wrong = [f"{_cut(k, LISTED_KEY_TEXT)} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in state
              if k in own and state[k].shape != own[k].shape]
     if missing or unexpected or wrong:
         def some(what: str, items: list[str]) -> str:  # a readable line, not every key of a model of other sizes
             more = f" and {len(items) - MAX_LISTED} more" if len(items) > MAX_LISTED else ""
             return f"{what} {items[:MAX_LISTED]}{more}"
 
-        parts = [some(what, items) for what, items in (("missing keys", missing), ("unexpected keys", unexpected),
+        cut = lambda keys: [_cut(k, LISTED_KEY_TEXT) for k in keys[:MAX_LISTED]] + keys[MAX_LISTED:]  # noqa: E731
+        parts = [some(what, items) for what, items in (("missing keys", cut(missing)),
+                                                        ("unexpected keys", cut(unexpected)),
                                                         ("shape mismatches", wrong)) if items]
         raise CheckpointError(f"{source}: does not match the model: " + "; ".join(parts))
     for k, v in state.items():
@@ -341,7 +506,11 @@ def apply_checkpoint(ckpt: dict, path: str | os.PathLike, model: nn.Module, opti
     if optimizer is not None:
         if layout.optimizer not in ckpt:
             raise CheckpointError(f"{path}: has no {layout.optimizer} to resume from")
-        _load_part(path, layout.optimizer, optimizer, _owned(ckpt[layout.optimizer]))
+        saved = ckpt[layout.optimizer]
+        problem = _optimizer_problem(optimizer, saved) if isinstance(saved, dict) else None
+        if problem:
+            raise CheckpointError(f"{path}: '{layout.optimizer}' {problem}")
+        _load_part(path, layout.optimizer, optimizer, _owned(saved))
         for param, state in optimizer.state.items():  # a wrong shape fails only inside the first step
             for name, v in state.items() if isinstance(state, dict) else ():
                 if isinstance(v, torch.Tensor) and v.dim() and v.shape != param.shape:
@@ -358,7 +527,115 @@ def _load_part(path: str | os.PathLike, key: str, part: Any, state: Any) -> None
     try:
         part.load_state_dict(state)
     except (KeyError, ValueError, TypeError, IndexError, AttributeError, RuntimeError) as e:
-        raise CheckpointError(f"{path}: '{key}' is not one this program saves ({type(e).__name__}: {e})") from None
+        # torch's text may quote whatever the file held: one line, cut
+        raise CheckpointError(f"{path}: '{key}' is not one this program saves ({type(e).__name__}: "
+                              f"{_cut(' '.join(str(e).split()), 200)})") from None
+
+
+# What AdamW (the trainer's optimizer) needs of a param group's values; the schedules add rates of their own
+# (OneCycleLR's initial_lr, max_lr, min_lr, from which it computes every later lr)
+GROUP_RATES = ("lr", "weight_decay", "initial_lr", "max_lr", "min_lr", "base_momentum", "max_momentum")
+GROUP_FLAGS = ("amsgrad", "maximize", "foreach", "capturable", "differentiable", "fused", "decoupled_weight_decay")
+ADAM_STATE = ("step", "exp_avg", "exp_avg_sq")  # a parameter's state once stepped (amsgrad adds max_exp_avg_sq)
+SECOND_MOMENTS = ("exp_avg_sq", "max_exp_avg_sq")  # square roots are taken of them
+
+
+def _number(v: Any) -> float | None:
+    """v as a float if it is a real number (an int or float, or a one-element real tensor), else None."""
+    if isinstance(v, bool):
+        return None
+    try:
+        if isinstance(v, (int, float)):
+            return float(v)
+        if isinstance(v, torch.Tensor) and v.numel() == 1 and not v.is_complex() and v.dtype != torch.bool:
+            return float(v)
+    except OverflowError:
+        return math.inf
+    except RuntimeError:  # no data (a meta tensor)
+        return None
+    return None
+
+
+def _value_text(v: Any) -> str:
+    """A value of a file's optimizer state for one line: a plain scalar as written, cut; else what it is."""
+    if isinstance(v, (float, bool, str)) or v is None or (isinstance(v, int) and abs(v) < 10 ** KEY_TEXT):
+        return _cut(repr(v))
+    if isinstance(v, torch.Tensor):
+        return f"a {v.dtype} tensor of shape {tuple(v.shape)}"
+    return f"a {type(v).__name__}"
+
+
+def _group_problem(g: int, group: dict) -> str | None:
+    """Why a saved param group's hyper-parameters would not train (a text lr failed inside the first step, a NaN
+    one made every weight NaN there, eps -1 divided by zero), or None."""
+    for key, v in group.items():
+        where = f"param_groups[{g}] {key_text(key)}"
+        x = _number(v)
+        if key == "params":
+            continue
+        if key in GROUP_FLAGS:
+            if not (v is None or isinstance(v, bool)):
+                return f"{where} is {_value_text(v)}, not True, False or None"
+        elif key in GROUP_RATES or key == "eps":
+            if x is None or not math.isfinite(x) or x < 0 or (key == "eps" and x == 0):
+                return f"{where} is {_value_text(v)}; AdamW needs a finite number {'> 0' if key == 'eps' else '>= 0'}"
+        elif key == "betas":
+            pair = [_number(b) for b in v] if isinstance(v, (tuple, list)) and len(v) == 2 else [None]
+            if any(b is None or not 0 <= b < 1 for b in pair):
+                return f"{where} is {_value_text(v)}; AdamW needs a pair of numbers in [0, 1)"
+        elif x is not None and not math.isfinite(x):
+            return f"{where} is {_value_text(v)}, not a finite number"
+    return None
+
+
+def _optimizer_problem(optimizer: Any, saved: dict) -> str | None:
+    """Why a saved optimizer state would not train, or None; checked before it is loaded (which casts every state
+    tensor to its parameter's dtype, and made a text 'step' a '<generator object ...>' it then quoted). Each
+    group's hyper-parameters (`_group_problem`); each parameter's state: 'step' a finite number >= 0, every
+    other value a tensor, finite, of its parameter's dtype (float64 moments of float32 weights are not what was
+    trained), the second moments >= 0, and AdamW's keys all there once it has stepped. A structure torch's own
+    load refuses (groups or parameters of other counts) is left to it."""
+    groups, state = saved.get("param_groups"), saved.get("state")
+    if not isinstance(groups, list) or not isinstance(state, dict) or not all(isinstance(g, dict) for g in groups):
+        return None
+    for g, group in enumerate(groups):
+        problem = _group_problem(g, group)
+        if problem:
+            return problem
+    mine = [p for group in optimizer.param_groups for p in group["params"]]
+    try:
+        ids = [(i, group) for group in groups for i in group.get("params", ())]
+        params = {i: (p, group) for (i, group), p in zip(ids, mine, strict=True)}
+    except (TypeError, ValueError):  # other counts, or an id that is no key: torch's load says so
+        params = {}
+    adam = isinstance(optimizer, torch.optim.Adam)  # AdamW is one
+    for i, (pid, entry) in enumerate(state.items()):
+        if not isinstance(entry, dict):
+            continue
+        where = f"state of parameter {key_text(pid, i)}:"
+        param, group = params.get(pid, (None, {})) if isinstance(pid, (int, str)) else (None, {})
+        need = ADAM_STATE + (("max_exp_avg_sq",) if group.get("amsgrad") else ())
+        missing = [k for k in need if k not in entry] if adam and entry else []
+        if missing:
+            return f"{where} it has no {missing[0]!r} (AdamW keeps {', '.join(need)} once it has stepped)"
+        for j, (name, v) in enumerate(entry.items()):
+            what = f"{where} its {key_text(name, j)!r}" if isinstance(name, str) else f"{where} {key_text(name, j)}"
+            if name == "step":
+                x = _number(v)
+                if x is None or not math.isfinite(x) or x < 0:
+                    return f"{what} is {_value_text(v)}, not a number of steps (a finite number >= 0)"
+                continue
+            if not isinstance(v, torch.Tensor):
+                return f"{what} is {_value_text(v)}, not a tensor"
+            if param is not None and param.is_floating_point() and v.dtype != param.dtype:
+                return f"{what} is {v.dtype}, its parameter's is {param.dtype}"
+            if v.is_floating_point() or v.is_complex():
+                bad = int((~torch.isfinite(v)).sum())
+                if bad:
+                    return f"{what} holds {bad} NaN or infinite value{'s' if bad > 1 else ''}"
+                if name in SECOND_MOMENTS and v.is_floating_point() and bool((v < 0).any()):
+                    return f"{what} holds negative values (a second moment is a mean of squares)"
+    return None
 
 
 def _owned(obj: Any, memo: dict[int, Any] | None = None) -> Any:

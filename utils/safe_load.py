@@ -15,10 +15,11 @@ import os
 import pickle
 import pickletools
 import re
+import stat
 import zipfile
 from collections.abc import Callable, Collection
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, NamedTuple
 
 import numpy as np
 from numpy.lib import format as npformat
@@ -526,6 +527,39 @@ class _RestrictedUnpickler(pickle._Unpickler):
         raise _Refused("a persistent id")
 
 
+_KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISDIR, "a folder"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def not_regular_problem(mode: int) -> str | None:
+    """'not a regular file (a FIFO)' and the like for a file mode (os.stat's st_mode) that is not a regular
+    file's, or None."""
+    if stat.S_ISREG(mode):
+        return None
+    kind = next((name for test, name in _KINDS if test(mode)), "of an unknown kind")
+    return f"not a regular file ({kind})"
+
+
+def open_regular(path: str | os.PathLike) -> IO[bytes]:
+    """open(path, 'rb') for a regular file only (symlinks followed); UnsafeFileError naming what else it is, OSError
+    as open() raises it. A FIFO's open() waits for a writer, forever, and the SIGTERM a scheduler sends meanwhile
+    only interrupts it to be retried; a device reads without end. It is opened without waiting (O_NONBLOCK) and
+    judged by what was opened, so a file swapped for a FIFO after the first look cannot block either."""
+    problem = not_regular_problem(os.stat(path).st_mode)  # a socket cannot be opened at all: say what it is
+    if problem:
+        raise UnsafeFileError(path, problem)
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0))
+    try:
+        problem = not_regular_problem(os.fstat(fd).st_mode)
+        if problem:
+            raise UnsafeFileError(path, problem)
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def _refusal(what: str, where: str = "") -> str:
     return f"refused: {where}pickle wants {what} ({ALLOWED_HINT})"
 
@@ -556,7 +590,7 @@ def _unpickle(fp: IO[bytes], path: str | os.PathLike, where: str = "") -> Any:
 def load_pickle(path: str | os.PathLike) -> Any:
     """Unpickle a file that may hold only plain data (dict, list, str, bytes, numbers, None) and numpy arrays."""
     try:
-        with open(path, "rb") as fh:
+        with open_regular(path) as fh:
             return _unpickle(fh, path)
     except OSError as e:
         raise UnsafeFileError(path, f"cannot open ({e.strerror or _first_line(e)})") from None
@@ -617,32 +651,60 @@ def _read_npy(fp: IO[bytes], path: str | os.PathLike, where: str = "", size: int
 def load_npy(path: str | os.PathLike) -> np.ndarray:
     """Read a .npy file; an object-dtype array is rebuilt by the restricted unpickler."""
     try:
-        with open(path, "rb") as fh:
+        with open_regular(path) as fh:
             return _read_npy(fh, path, size=os.fstat(fh.fileno()).st_size)
     except OSError as e:
         raise UnsafeFileError(path, f"cannot open ({e.strerror or _first_line(e)})") from None
 
 
-def zip_directory_size(fh: IO[bytes]) -> int:
-    """The size of a zip archive's central directory as its end record declares it, read without parsing the
-    directory (which zipfile and torch load whole); ValueError when there is no end record."""
+class ZipEnd(NamedTuple):
+    """A zip archive's end record as a reader finds it (the zip64 one's values when it has one)."""
+
+    dir_size: int  # bytes of the central directory
+    dir_offset: int  # where the directory starts, as declared
+    entries: int  # entries in the directory, as declared
+    dir_end: int  # where a directory written in one piece ends: at the zip64 end record, else at the end record
+    trailing: int  # bytes after the end record (its comment, or anything appended)
+
+
+def zip_end_record(fh: IO[bytes]) -> ZipEnd:
+    """A zip archive's end record, found as Python's zipfile finds it (the last one in the file's final 64 KiB,
+    the zip64 record just before its locator when there is one), read without parsing the directory (which
+    zipfile and torch load whole); ValueError when there is none or it is damaged."""
     end = fh.seek(0, os.SEEK_END)
-    for back in (42, 42 + 0xFFFF):  # a zip64 locator (20 bytes), the end record (22), a comment of up to 64 KiB
-        fh.seek(max(0, end - back))
+    start = max(0, end - 22)
+    fh.seek(start)
+    tail, i = fh.read(), 0
+    if not (len(tail) == 22 and tail[:4] == b"PK\x05\x06" and tail[20:] == b"\0\0"):  # else a comment follows
+        start = max(0, end - 22 - 0xFFFF)
+        fh.seek(start)
         tail = fh.read()
         i = tail.rfind(b"PK\x05\x06")
-        if i >= 0:
-            break
-    if i < 0 or len(tail) - i < 22:
-        raise ValueError("no zip end record")
-    size = int.from_bytes(tail[i + 12:i + 16], "little")
-    if size == 0xFFFFFFFF and i >= 20 and tail[i - 20:i - 16] == b"PK\x06\x07":  # zip64: its own end record
-        fh.seek(int.from_bytes(tail[i - 12:i - 4], "little"))
-        rec = fh.read(56)
-        if len(rec) < 56 or rec[:4] != b"PK\x06\x06":
-            raise ValueError("damaged zip64 end record")
-        size = int.from_bytes(rec[40:48], "little")
-    return size
+        if i < 0 or len(tail) - i < 22:
+            raise ValueError("no zip end record")
+    rec = tail[i:i + 22]
+    size, offset = int.from_bytes(rec[12:16], "little"), int.from_bytes(rec[16:20], "little")
+    entries, at = int.from_bytes(rec[10:12], "little"), start + i
+    trailing = len(tail) - i - 22
+    if at >= 20:
+        fh.seek(at - 20)
+        locator = fh.read(20)
+        if locator[:4] == b"PK\x06\x07":  # zip64: zipfile reads its end record just before the locator, miniz
+            # (torch's reader) where the locator says it is; an archive where the two differ is refused
+            fh.seek(max(0, at - 20 - 56))
+            rec64 = fh.read(56)
+            if (at < 20 + 56 or len(rec64) < 56 or rec64[:4] != b"PK\x06\x06"
+                    or int.from_bytes(locator[8:16], "little") != at - 20 - 56):
+                raise ValueError("damaged zip64 end record")
+            entries = int.from_bytes(rec64[32:40], "little")
+            size, offset = int.from_bytes(rec64[40:48], "little"), int.from_bytes(rec64[48:56], "little")
+            at -= 20 + 56
+    return ZipEnd(size, offset, entries, at, trailing)
+
+
+def zip_directory_size(fh: IO[bytes]) -> int:
+    """The size of a zip archive's central directory as its end record declares it (`zip_end_record`)."""
+    return zip_end_record(fh).dir_size
 
 
 def open_zip(path: str | os.PathLike, fh: IO[bytes], max_members: int) -> zipfile.ZipFile:
@@ -678,7 +740,7 @@ def load_npz(path: str | os.PathLike, keys: Collection[str] | None = None, expec
     or None); the archive may hold at most `max_members` members, and a compressed member larger than
     DEFLATE_RATIO_FLOOR at most MAX_DEFLATE_RATIO times its compressed size (docs/FORMATS.md, "Safe loading")."""
     try:
-        fh = open(path, "rb")
+        fh = open_regular(path)
     except OSError as e:
         raise UnsafeFileError(path, f"cannot open ({e.strerror or _first_line(e)})") from None
     out: dict[str, np.ndarray] = {}

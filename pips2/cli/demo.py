@@ -40,6 +40,7 @@ from pips2.utils.checkpoint import CheckpointError, resolve_device
 from pips2.utils.cli import run_fire
 from pips2.utils.paths import make_dirs, remove_empty_dirs
 from pips2.utils.procs import Stopped, stopping_on_signals
+from pips2.utils.safe_load import not_regular_problem
 from pips2.utils.video import VideoError, image_file_wh, video_info
 from pips2.utils.vis import write_outputs
 
@@ -122,8 +123,10 @@ def read_point_rows(path: str | Path, query_frame: int = 0) -> tuple[np.ndarray,
 
 def read_mask(path: str, src_hw: tuple[int, int]) -> np.ndarray:
     """A grayscale mask image of exactly the video's size (a stretched mask would select the wrong points)."""
-    if not Path(path).is_file():
+    if not Path(path).exists():
         raise ValueError(f"--mask {path}: no such file")
+    if problem := not_regular_problem(Path(path).stat().st_mode):  # a FIFO's open() would wait for a writer
+        raise ValueError(f"--mask {path}: {problem}")
     H, W = src_hw
     try:  # the size from the header first: a small PNG may declare gigabytes of pixels
         w, h = image_file_wh(path)
