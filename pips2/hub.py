@@ -59,6 +59,7 @@ from pips2.utils.checkpoint import (
 )
 from pips2.utils.download import MAX_CHECKPOINT_BYTES, DownloadError, download, fetch_reference
 from pips2.utils.procs import owned_tempdir, remove_stale_tempdirs
+from pips2.utils.safe_load import UnsafeFileError, not_regular_problem, open_regular
 
 CACHE_ENV = "PIPS2_CACHE"
 DEFAULT_CACHE = Path.home() / ".cache" / "pips2"
@@ -299,8 +300,10 @@ def checkpoint_file_problem(path: str | os.PathLike) -> str | None:
     list (torch.save writes a zip holding <name>/data.pkl, or in its legacy format a pickle); None if it may be one.
     Says "a text file" or "empty" where torch.load would only say "list index out of range" or "EOFError"."""
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:  # a FIFO's open() would wait for a writer forever
             head = f.read(512)
+    except UnsafeFileError as e:
+        return e.problem
     except OSError as e:
         return f"unreadable ({e.strerror or type(e).__name__})"
     if not head:
@@ -367,6 +370,8 @@ def find_file(path: str | os.PathLike, step: int | None = None, kind: str | None
         if step is not None:
             raise HubError(f"{path}: a file; a step ({step}) picks one of a folder's model-*.pth files")
         return p
+    if p.exists() and not p.is_dir():  # a FIFO, a device: something, but no file to load
+        raise HubError(f"{path}: {not_regular_problem(p.stat().st_mode) or 'not a regular file'}")
     if not p.is_dir():
         raise HubError(f"{path}: no such checkpoint file or folder, and not a hub name ({', '.join(KNOWN)}); "
                        f"{how_to_get(kind)}")

@@ -362,3 +362,16 @@ def test_a_killed_download_s_folder_is_removed_by_the_next_one(server, cache, mo
     monkeypatch.setenv("PIPS2_URL_LBM", f"{base}/good.pt")
     hub.fetch("lbm")
     assert _leftovers(cache) == sorted([live.name, elsewhere.name])
+
+
+def test_a_fifo_given_as_a_checkpoint_is_named_as_such(tmp_path):
+    """find_file(<a FIFO>) said "no such checkpoint file or folder" (it exists), and checkpoint_file_problem opened
+    it with a plain open(), which waits for a writer forever."""
+    import os
+
+    from pips2 import hub
+
+    os.mkfifo(tmp_path / "model.pth")
+    with pytest.raises(hub.HubError, match=r"model\.pth: not a regular file \(a FIFO\)$"):
+        hub.find_file(tmp_path / "model.pth")
+    assert hub.checkpoint_file_problem(tmp_path / "model.pth") == "not a regular file (a FIFO)"
