@@ -108,7 +108,7 @@ def _check_rows(path: Path, gt: np.ndarray) -> None:
     same = np.nonzero((keys[order[1:]] == keys[order[:-1]]).all(1))[0]
     if len(same):
         k = same[np.argmin(order[same + 1])]  # the duplicate that comes first in the file
-        a, b = order[k], order[k + 1]
+        a, b = int(order[k]), int(order[k + 1])
         raise CroHDError(f"{path}: lines {_line_of(path, a)} and {_line_of(path, b)} both give frame {keys[a, 0]}, id "
                          f"{keys[a, 1]}: one box per head and frame")
 

@@ -274,7 +274,7 @@ def _replace_data_pkl(path: str, data: bytes) -> None:
 
 
 def test_a_checkpoint_of_complex_keys_or_a_set_filled_late_is_refused_before_torch_reads_it(tmp_path):
-    """Round five: an ordinary torch.save of 20,000 complex keys of one hash (torch's weights-only unpickler calls
+    """An ordinary torch.save of 20,000 complex keys of one hash (torch's weights-only unpickler calls
     builtins.complex) loaded in 3.3 s, quadratic in their number (a 64 MB data.pkl: about 15 hours), and so did a
     set(*args) whose list was filled after args was built. The pre-scan now counts every key that is not text or
     a small int, and a set's items when the set is built. The keys here need not collide to be counted."""
@@ -298,7 +298,7 @@ def test_a_checkpoint_of_complex_keys_or_a_set_filled_late_is_refused_before_tor
 
 
 def test_a_meta_tensor_is_refused_in_one_line(tmp_path, model):
-    """Round five: a weight saved as a meta tensor (a model built on torch.device("meta") and saved before its
+    """A weight saved as a meta tensor (a model built on torch.device("meta") and saved before its
     weights were materialised: a shape, no data) passed the checks and ended every loader in a traceback
     (RuntimeError: Tensor.item() cannot be called on meta tensors)."""
     import pips2
@@ -321,7 +321,7 @@ def test_a_meta_tensor_is_refused_in_one_line(tmp_path, model):
 
 
 def test_float64_weights_that_overflow_the_model_s_dtype_are_refused_at_load_time(tmp_path, model):
-    """Round five: float64 weights of 1e300 are finite as stored and infinite once cast into the float32 model: the
+    """Float64 weights of 1e300 are finite as stored and infinite once cast into the float32 model: the
     model loaded, and demo.py only said its estimates were not finite after tracking."""
     sd = {k: v.double() if v.is_floating_point() else v for k, v in model.state_dict().items()}
     sd["fnet.conv1.weight"][0, 0, 0, :2] = 1e300
@@ -395,7 +395,7 @@ def _two_directories(torch_sees: list[tuple[str, bytes]], python_sees: list[tupl
 
 
 def _with_decoy(path, obj) -> str:
-    """torch.save(obj) rewritten as round six's probe did: the same records, a harmless pickle named
+    """torch.save(obj) rewritten as a probe of a hostile checkpoint did: the same records, a harmless pickle named
     archive/x/data.pkl listed second and the real data.pkl moved last. The pre-scan read the first */data.pkl the
     zip listed; torch reads <the first record's folder>/data.pkl."""
     recs = _records(obj)
@@ -413,7 +413,7 @@ def _colliding_complex_keys(n: int) -> dict:
 
 
 def test_a_decoy_data_pkl_cannot_hide_the_one_torch_reads(tmp_path):
-    """Round six: a second data.pkl listed first hid the real one from the pre-scan, and a dict key of pairs of one
+    """A second data.pkl listed first hid the real one from the pre-scan, and a dict key of pairs of one
     shared tuple nested 25 deep (1.3 KB; 40 deep: hours) or 20,000 complex keys of one hash loaded again. Just
     over the bounds here: 2^24 tuples, 10,200 keys. Only the records torch.save writes are allowed, under the
     first record's folder."""
@@ -469,7 +469,7 @@ def test_a_file_that_zip_readers_read_differently_is_refused(tmp_path, case):
 
 
 def test_every_pickle_of_the_legacy_format_is_prescanned_and_the_file_bounded(tmp_path, monkeypatch):
-    """Round six: torch reads five pickles from a legacy-format file and the pre-scan read four: the fifth, the
+    """Torch reads five pickles from a legacy-format file and the pre-scan read four: the fifth, the
     storage keys, held a key of shared tuples (308 bytes, 30 deep: 11.7 s; 45 deep: days)."""
     from torch.serialization import MAGIC_NUMBER, PROTOCOL_VERSION
 
@@ -497,7 +497,7 @@ def test_every_pickle_of_the_legacy_format_is_prescanned_and_the_file_bounded(tm
 
 
 def test_a_long_key_is_never_copied_into_location_text(tmp_path):
-    """Round six: the post-load walk built the location text of every entry, each a copy of every key above it: a
+    """The post-load walk built the location text of every entry, each a copy of every key above it: a
     1.15 MB checkpoint (a 1 MB key over a dict of 6,000 entries) made 6 GB of text. Text is made only for the one
     refusal reported, each key in it cut to 40 characters, a key that is not text or an int named by its place."""
     import tracemalloc
@@ -521,7 +521,7 @@ def test_a_long_key_is_never_copied_into_location_text(tmp_path):
 
 
 def test_a_mismatch_lists_keys_cut_short(tmp_path):
-    """Round six: five unexpected keys of 2 MB each made demo.py's refusal one "line" of 4,000,108 bytes; each key
+    """Five unexpected keys of 2 MB each made demo.py's refusal one "line" of 4,000,108 bytes; each key
     it lists is now cut to 60 characters."""
     model = torch.nn.Linear(2, 2)
     state = {**model.state_dict(), **{f"{i}" + "B" * (2 << 20): torch.zeros(1) for i in range(5)}}
@@ -561,7 +561,7 @@ def _moment(key, change):
     return lambda o: o["state"][0].__setitem__(key, change(o["state"][0][key]))
 
 
-_BAD_OPTIMIZERS = {  # round six's variants, and what else AdamW cannot step with
+_BAD_OPTIMIZERS = {  # hostile variants, and what else AdamW cannot step with
     "lr text": (_group("lr", "abc"), "param_groups[0] lr is 'abc'; AdamW needs a finite number >= 0"),
     "lr NaN": (_group("lr", float("nan")), "param_groups[0] lr is nan; AdamW needs a finite number >= 0"),
     "max_lr inf": (_group("max_lr", float("inf")), "param_groups[0] max_lr is inf; AdamW needs a finite number >= 0"),
@@ -595,7 +595,7 @@ _BAD_OPTIMIZERS = {  # round six's variants, and what else AdamW cannot step wit
 
 @pytest.mark.parametrize("case", list(_BAD_OPTIMIZERS))
 def test_an_optimizer_state_adamw_cannot_step_with_is_refused(case):
-    """Round six: a NaN lr or NaN moments loaded silently, made every weight NaN in the first resumed step, and the
+    """A NaN lr or NaN moments loaded silently, made every weight NaN in the first resumed step, and the
     run ended "done" with exit 0; eps -1 and float64 moments trained on; a text lr or betas of one value ended in a
     traceback inside the first step; a text 'step' was refused quoting a '<generator object ...>'. Each is now
     one line naming the file, the part and the value, before anything is loaded into the optimizer."""

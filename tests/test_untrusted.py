@@ -9,6 +9,7 @@ import subprocess
 import sys
 import warnings
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -998,7 +999,7 @@ _COLLIDABLE_KEY_PICKLES = {
 
 @pytest.mark.parametrize("case", list(_COLLIDABLE_KEY_PICKLES))
 def test_collidable_keys_are_counted_however_the_pickle_makes_them(tmp_path, case):
-    """Round five: 20,000 complex keys of one hash (460 KB) took 2.8 s to load, quadratic in their number (a 15 MB
+    """20,000 complex keys of one hash (460 KB) took 2.8 s to load, quadratic in their number (a 15 MB
     file: about 50 minutes), and so did a set(L) whose list was filled after its arguments were counted: the
     pre-scan counted only ints, floats and tuples, and only what a container held when it was first referenced.
     Both the pre-scan and the unpickler now count every key that is not text or a small int where it is hashed."""
@@ -1034,7 +1035,7 @@ def test_collidable_values_and_arrays_are_not_keys(tmp_path, monkeypatch):
                               protocol))
 
 
-# numpy.ndarray called by the file: REDUCE and NEWOBJ forms (round three of the red team)
+# numpy.ndarray called by the file: REDUCE and NEWOBJ forms
 _NDARRAY_CALLS = {
     # 28 bytes: ndarray((2**29,)) by NEWOBJ, a 4 GiB uninitialised array at once
     "newobj": b"\x80\x02cnumpy\nndarray\nJ\x00\x00\x00\x20\x85\x81.",
@@ -1130,7 +1131,7 @@ _FORGED_DTYPES = {
 
 @pytest.mark.parametrize("case", list(_FORGED_DTYPES))
 def test_a_dtype_state_numpy_never_writes_is_refused(tmp_path, case):
-    """Round five: BUILD set a plain dtype's itemsize, alignment or byte order at will as long as its flags were
+    """BUILD set a plain dtype's itemsize, alignment or byte order at will as long as its flags were
     numpy's: 'V8' became V-8 or V0, 'U1' an item of 5 bytes (tolist() then failed), 'O' big-endian (copy() failed
     inside numpy). A plain dtype's state must now be numpy's own for it, in any byte order the type has."""
     spec, dstate, shape, data, why = _FORGED_DTYPES[case]
@@ -1144,7 +1145,7 @@ def test_a_dtype_state_numpy_never_writes_is_refused(tmp_path, case):
 
 # --- files that are not regular files ------------------------------------------------------------------------
 
-def _refused_without_blocking(fifo: Path, call, seconds: float = 10):
+def _refused_without_blocking(fifo: Path, call, seconds: float = 10) -> Any:
     """Run call() in a thread: what it raised, or its result. A call still waiting after `seconds` (an open() of
     the FIFO waiting for a writer) fails the test: a writer's open and close then lets it end."""
     import threading
@@ -1168,7 +1169,7 @@ def _refused_without_blocking(fifo: Path, call, seconds: float = 10):
 
 
 def test_every_safe_loader_refuses_a_fifo_without_waiting_for_a_writer(tmp_path):
-    """Round six: load_pickle, load_npz, load_npy and load_weights_only each waited forever in open() for a writer
+    """Load_pickle, load_npz, load_npy and load_weights_only each waited forever in open() for a writer
     of a FIFO (a TAP-Vid pickle, a Kubric .npy, an --init_dir checkpoint), and train.py's resume ignored SIGTERM
     there. Each now opens without waiting and refuses anything but a regular file in one line."""
     from pips2.utils.checkpoint import CheckpointError, load_weights_only, looks_like_torch_file

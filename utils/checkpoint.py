@@ -16,7 +16,7 @@ import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, cast
 
 import torch
 import torch.nn as nn
@@ -214,7 +214,7 @@ def _check_legacy(path: str | os.PathLike, fh: IO[bytes]) -> None:
     fh.seek(0)
     capped = _Capped(fh, MAX_PICKLE_BYTES)
     for _ in range(5):
-        problem = _pickle_problem(capped)
+        problem = _pickle_problem(cast(IO[bytes], capped))  # read and readline are all a pre-scan calls
         if capped.exceeded:
             problem = f"refused: its pickles take more than {MAX_PICKLE_BYTES} bytes"
         if problem:

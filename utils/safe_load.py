@@ -186,7 +186,8 @@ class _Node:
 
     def __init__(self, count: int, depth: int):
         self.count, self.depth = count, depth
-        self.collidable, self.salted, self.keys = True, False, None
+        self.collidable, self.salted = True, False
+        self.keys: int | None = None
         self.first: Any = _NOT_TUPLE
         self.text: str | None = None
 
@@ -287,9 +288,10 @@ def pickle_objects_problem(data: bytes | IO[bytes], limit: int = MAX_PICKLE_OBJE
                                                or (name in _INT_OPS and isinstance(arg, int) and abs(arg) < SMALL_INT))
                     elif name in _TUPLE_OPS or name in ("LIST", "DICT", "FROZENSET"):
                         items = popped[1::2] if name == "DICT" else popped  # a dict's keys
-                        node.keys = _collidable(items)
+                        held = _collidable(items)
+                        node.keys = held
                         if name in ("DICT", "FROZENSET"):
-                            keys += node.keys
+                            keys += held
                         if name in _TUPLE_OPS:  # a tuple of text only hashes as salted as its items
                             node.first = popped[-1] if popped else None
                             node.collidable = not all(n.salted for n in popped)
@@ -299,10 +301,11 @@ def pickle_objects_problem(data: bytes | IO[bytes], limit: int = MAX_PICKLE_OBJE
                     elif name in _CALLS:
                         callee, first = _call_parts(name, arg, popped)
                         if callee in _HASHING:  # the result holds, and hashed, what its argument holds now
-                            node.keys = 0 if first is None else None if first is _NOT_TUPLE else first.keys
-                            if node.keys is None:
+                            held = 0 if first is None else None if first is _NOT_TUPLE else first.keys
+                            if held is None:
                                 return uncounted
-                            keys += node.keys
+                            node.keys = held
+                            keys += held
                     stack += [node] * len(op.stack_after)
                 if node.count > limit:
                     return too_many
@@ -453,7 +456,7 @@ class _RestrictedUnpickler(pickle._Unpickler):
 
     def _memo_index(self) -> int:
         """The text PUT and GET ops' index, which may be any integer: a key of the memo dict."""
-        i = int(self.readline()[:-1])
+        i = int(self.readline()[:-1])  # pyright: ignore[reportAttributeAccessIssue]
         self._hash((i,))
         return i
 
@@ -462,13 +465,13 @@ class _RestrictedUnpickler(pickle._Unpickler):
         i = self._memo_index()
         if i < 0:
             raise ValueError("negative PUT argument")
-        self.memo[i] = self.stack[-1]
+        self.memo[i] = self.stack[-1]  # pyright: ignore[reportAttributeAccessIssue]
 
     def load_get(self) -> None:
         """GET: the object memoised under a text index."""
         i = self._memo_index()
         try:
-            self.append(self.memo[i])
+            self.append(self.memo[i])  # pyright: ignore[reportAttributeAccessIssue]
         except KeyError:
             raise pickle.UnpicklingError(f"Memo value not found at index {i}") from None
 
