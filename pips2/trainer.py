@@ -640,11 +640,14 @@ class TrainState:
         self.ranks.barrier()  # no rank leaves before rank 0's checkpoint is complete
         raise TrainingStopped()
 
-    def data_failed(self, e: DataFailed, saved: bool) -> NoReturn:
+    def data_failed(self, e: DataFailed, saved: bool, exit_within: float | None = None) -> NoReturn:
         """End the run because a batch could not be read: save the steps trained (if any since the start), then
-        one error line and exit 2 on every rank; an unexpected error is raised again after the save."""
+        one error line and exit 2 on every rank; an unexpected error is raised again after the save. With
+        `exit_within`, the process ends that many seconds after the save whatever its shutdown does."""
         if saved:
             self.save()
+        if exit_within is not None:
+            _exit_within(exit_within)
         where = (f"saved {self.ckpt_dir / ck.ckpt_name(self.step)} (step {self.step}); the same command resumes "
                  f"from there once the data is readable" if saved else "nothing trained since the start, nothing saved")
         self.ranks.barrier()  # no rank leaves before rank 0's checkpoint is complete
@@ -662,12 +665,14 @@ class TrainState:
         short while the optimiser changed the weights leaves a mix of two steps, so nothing is saved then."""
         why = " ".join(str(e).split()).rstrip(".")
         if self.updating:
+            _exit_within(DEAD_WORKER_EXIT_S)
             self.ranks.die(f"{why} (out of memory?) while the weights were being updated; nothing saved, the "
                            f"same command resumes from the last checkpoint")
         if self.updated != self.step:  # the step in progress never changed the weights: it did not happen
             self.step -= 1
             self.optimizer.zero_grad(set_to_none=True)
-        self.data_failed(DataFailed(None, [f"{why} (out of memory?)"]), saved=self.step > start)
+        self.data_failed(DataFailed(None, [f"{why} (out of memory?)"]), saved=self.step > start,
+                         exit_within=DEAD_WORKER_EXIT_S)
 
     def save(self) -> None:
         """Write the checkpoint of the current step (rank 0); a failed write is one error line and exit 2.
@@ -801,6 +806,18 @@ class StepResult:
     itime: float = 0.0
     figures: dict[str, float] | None = None
     shown: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # frames, truth, estimate of one clip
+
+
+# a loader worker killed while it held a lock of the loader's queues can leave their shutdown waiting for ever
+# (seen once in hundreds of runs): a run ending on a killed worker exits this long after its save, whatever then
+DEAD_WORKER_EXIT_S = 30.0
+
+
+def _exit_within(seconds: float) -> None:
+    """End the process with exit 2 `seconds` from now unless it has ended by then (a daemon timer)."""
+    timer = threading.Timer(seconds, os._exit, args=(2,))
+    timer.daemon = True
+    timer.start()
 
 
 # torch's words when a DataLoader worker dies (its SIGCHLD handler, or the iterator finding it gone)

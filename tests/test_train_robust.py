@@ -510,7 +510,7 @@ def test_unknown_amp_is_one_line(exported, tmp_path):
     ({"iters": 65}, "--iters must be at most 64, got 65"),
     ({"grad_acc": 0}, "--grad_acc must be at least 1, got 0"),
     ({"grad_acc": 10**9}, "--grad_acc must be at most 256, got 1000000000"),  # one step never ended
-    ({"lr": 1e-320}, "--lr must be at least 1e-12, got 9.99989e-321"),  # trained nothing, exit 0
+    ({"lr": 1e-320}, "--lr must be at least 1e-37, got 9.99989e-321"),  # trained nothing, exit 0
     ({"wd": 1e308}, "--wd=1e+308 with --lr=0.0005: AdamW scales the weights by 1 - lr x wd each step, which must "
                     "stay above 0; give a smaller --wd"),
     ({"log_freq": 0}, "--log_freq must be at least 1, got 0"),

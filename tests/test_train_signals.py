@@ -499,3 +499,13 @@ def test_a_terminal_that_really_closes_saves_at_the_step_boundary(exported, tmp_
     assert code == 0, seen[-2000:]
     saved = ck.list_checkpoints(next((tmp_path / "ck").iterdir()))
     assert len(saved) == 1 and 3 <= saved[0][0] < 200, saved
+
+
+def test_a_run_ending_on_a_dead_worker_exits_even_if_its_shutdown_hangs():
+    """A loader worker killed while it held a lock of the loader's queues can leave their shutdown waiting for
+    ever (once in hundreds of runs the run printed its line, saved, and never exited): after the save, a timer ends
+    the process whatever the shutdown does."""
+    code = "from pips2 import trainer; import time; trainer._exit_within(0.3); time.sleep(60)"
+    t0 = time.monotonic()
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, timeout=30)
+    assert res.returncode == 2 and time.monotonic() - t0 < 20

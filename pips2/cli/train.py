@@ -65,7 +65,7 @@ MAX_SEED = 2**32 - 1  # numpy's global seed takes 32 bits
 # loader before any model call: at most this, and at most half the machine's memory (docs/BAD_INPUTS.md)
 MAX_BATCH_BYTES = 16 * 2**30
 MAX_LR = 1.0
-MIN_LR = 1e-12  # below it float32 updates round to nothing
+MIN_LR = 1e-37  # float32's smallest normal numbers: a rate below them is itself lost to rounding
 MAX_GRAD_ACC = 256  # micro-batches a step accumulates: a step of 10**9 of them never ended
 LBM_HEADS = 4  # the attention heads of the LBM this trains (nets/lbm.py's default): embed_dim splits among them
 # the authors' flag names -> Config's fields: --max_iters is an alias of our --max_steps; --crop_size is the one
