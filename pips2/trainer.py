@@ -551,6 +551,7 @@ class TrainState:
                 self.ranks.die(f"{path}: its learning-rate schedule is at step {done!r}, not one of steps 0 to {step} "
                                f"that its name allows; move the file aside to resume from the checkpoint before it")
             self._check_schedule(path, step)
+            self._check_groups(path, loaded.get("config"))
             say(f"loaded {path} (step {step}); resuming at step {step}")
             end = getattr(self.scheduler, "total_steps", None)  # PIPs++'s one-cycle schedule, as restored
             if end is not None and cfg.max_steps > end:
@@ -597,6 +598,30 @@ class TrainState:
             self.ranks.die(f"{path}: its learning-rate schedule is not the one this program builds for its run "
                            f"({', '.join(dict.fromkeys(wrong))} differ); move the file aside to resume from the "
                            f"checkpoint before it")
+
+    def _check_groups(self, path: Path, saved_config: Any) -> None:
+        """The restored optimiser's settings are the ones this program gives AdamW: eps and betas its own, the
+        weight decay the run was saved with (else --wd), the rate at most the schedule's peak; one line naming the
+        file otherwise (a group's lr of 1e30 trained to weights of 1e30 and ended "done", exit 0; a weight decay or
+        eps from the file silently replaced the flags)."""
+        try:
+            saved = json.loads(saved_config) if isinstance(saved_config, str) else {}
+        except ValueError:
+            saved = {}
+        wd = saved.get("wd") if isinstance(saved, dict) and isinstance(saved.get("wd"), (int, float)) else self.cfg.wd
+        ref = make_optimizer([torch.zeros(1, requires_grad=True)], self.cfg).param_groups[0]
+        peak = max(float(v) for v in self.scheduler.base_lrs) if self.cfg.lbm else \
+            max(float(g.get("max_lr", self.cfg.lr)) for g in self.optimizer.param_groups)
+        for g, group in enumerate(self.optimizer.param_groups):
+            wrong = [f"{k} {group.get(k)!r} (this program's: {want!r})" for k, want in
+                     (("eps", ref["eps"]), ("betas", ref["betas"]), ("weight_decay", wd))
+                     if not _same(tuple(group.get(k)) if k == "betas" and isinstance(group.get(k), (list, tuple))
+                                  else group.get(k), tuple(want) if k == "betas" else float(want))]
+            if not wrong and float(group.get("lr", 0.0)) > peak * (1 + 1e-6):
+                wrong = [f"lr {group.get('lr')!r} (above the schedule's peak, {peak:g})"]
+            if wrong:
+                self.ranks.die(f"{path}: its optimizer's param_groups[{g}] holds {'; '.join(wrong)[:200]}; move the "
+                               f"file aside to resume from the checkpoint before it")
 
     def note_corrupt(self, kind: str, batch: Sample) -> list[int]:
         """Remember the clips skipped as corrupt while producing a 'train' or 'val' batch; returns the new ones."""

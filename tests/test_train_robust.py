@@ -305,6 +305,25 @@ def test_a_lock_is_never_left_empty_by_a_failed_write(tmp_path, monkeypatch):
     ck.RunLock(tmp_path / "run").acquire().release()
 
 
+def test_a_lock_removed_by_hand_is_taken_again_at_the_next_save(exported, tmp_path, monkeypatch):
+    """The lock's refusal says "if none does, remove that file": removed while the run was live, its next save
+    stopped the run without saving ("another training took this folder over"), losing every step since the last
+    save. A missing lock names no other run: the run takes it again and saves."""
+    out, _ = exported
+    real = trainer.train_step
+
+    def removed_in_step_3(state, data, cfg):
+        if state.step == 3:
+            (state.ckpt_dir / ck.LOCK_NAME).unlink()
+        return real(state, data, cfg)
+
+    monkeypatch.setattr(trainer, "train_step", removed_in_step_3)
+    cfg = _cfg(out, tmp_path, max_steps=4, save_freq=2)
+    train.run_stage(cfg)
+    ckdir = tmp_path / "ck" / cfg.name()
+    assert [s for s, _ in ck.list_checkpoints(ckdir)] == [2, 4] and not (ckdir / ck.LOCK_NAME).exists()
+
+
 def test_a_run_whose_lock_was_taken_over_stops_before_its_next_save(exported, tmp_path, monkeypatch, capsys):
     """Three runs taking over one stale lock at once could leave two believing they held it (the takeover deleted
     the live lock it had moved aside when putting it back failed): both then saved into one folder. A run now
@@ -579,6 +598,15 @@ def _opt_wrong_shape(c: dict) -> None:
     # phases that end early: a division by zero two steps after the resume, or a rate below zero (gradient ascent)
     ("schedule phase ends", lambda c: [ph.__setitem__("end_step", 3) for ph in
                                        c["scheduler_state_dict"]["_schedule_phases"]], "(_schedule_phases differ)"),
+    ("optimizer 0-dim moment",
+     lambda c: c["optimizer_state_dict"]["state"][0].__setitem__("exp_avg", torch.tensor(0.0)),
+     "holds a exp_avg of shape () for a parameter"),
+    ("optimizer lr 1e30", lambda c: c["optimizer_state_dict"]["param_groups"][0].__setitem__("lr", 1e30),
+     "its optimizer's param_groups[0] holds lr 1e+30 (above the schedule's peak, 0.0005)"),
+    ("optimizer wd", lambda c: c["optimizer_state_dict"]["param_groups"][0].__setitem__("weight_decay", 2000.0),
+     "its optimizer's param_groups[0] holds weight_decay 2000.0 (this program's: 1e-06)"),
+    ("optimizer eps", lambda c: c["optimizer_state_dict"]["param_groups"][0].__setitem__("eps", 1e30),
+     "holds eps 1e+30 (this program's: 1e-08)"),
     ("schedule max_lr", lambda c: c["optimizer_state_dict"]["param_groups"][0].__setitem__("max_lr", 1e6),
      "its learning-rate schedule is not the one this program builds for its run (max_lr differ)"),
 ])

@@ -513,7 +513,8 @@ def apply_checkpoint(ckpt: dict, path: str | os.PathLike, model: nn.Module, opti
         _load_part(path, layout.optimizer, optimizer, _owned(saved))
         for param, state in optimizer.state.items():  # a wrong shape fails only inside the first step
             for name, v in state.items() if isinstance(state, dict) else ():
-                if isinstance(v, torch.Tensor) and v.dim() and v.shape != param.shape:
+                # a 0-dim moment broadcast past the check and failed inside the first step ("step" is a count)
+                if isinstance(v, torch.Tensor) and name != "step" and v.shape != param.shape:
                     raise CheckpointError(f"{path}: '{layout.optimizer}' holds a {name} of shape {tuple(v.shape)} for "
                                           f"a parameter of shape {tuple(param.shape)}")
     if scheduler is not None and layout.scheduler in ckpt:
@@ -965,8 +966,13 @@ def lock_lost(folder: str | os.PathLike) -> str | None:
     me = _HELD_AS.get(path)
     if me is None:
         return None
-    now = RunLock(folder)._read(path)
+    lock = RunLock(folder)
+    now = lock._read(path)
     if now == me:
+        return None
+    if now is None and not os.path.lexists(path) and lock._create():
+        # removed by hand (its refusal says "if none does, remove that file"): nobody else holds the folder, so
+        # the run takes its lock again rather than lose the steps since its last save
         return None
     who = "is gone" if now is None and not os.path.lexists(path) else \
         f"names pid {now['pid']} on {now.get('host')}" if now else "is unreadable"
