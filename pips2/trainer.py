@@ -571,6 +571,8 @@ class TrainState:
                 self.ranks.die(str(e))
             if cfg.load_step:
                 step, loaded = ck.step_of(path), init
+            if cfg.load_optimizer:  # the same checks as a resume's: this path crashed on a schedule's end
+                self._check_loaded_schedule(path, init, step)
             say(f"loaded {path} (step {ck.step_of(path)}){'; resuming at step ' + str(step) if cfg.load_step else ''}")
         # the weights are in place: keep only the extras
         layout = self.cfg.layout
@@ -598,6 +600,22 @@ class TrainState:
             self.ranks.die(f"{path}: its learning-rate schedule is not the one this program builds for its run "
                            f"({', '.join(dict.fromkeys(wrong))} differ); move the file aside to resume from the "
                            f"checkpoint before it")
+
+    def _check_loaded_schedule(self, path: Path, init: dict, step: int) -> None:
+        """--init_dir with --load_optimizer: the schedule and optimiser it brings are checked as a resume's, and the
+        steps this run will take must fit before its end (continuing a finished 2-step run trained 100 steps, then
+        failed in a traceback, "Tried to step 103 times", with nothing saved)."""
+        done = self.scheduler.last_epoch
+        if not isinstance(done, int) or isinstance(done, bool) or not 0 <= done <= MAX_SCHEDULE:
+            self.ranks.die(f"{path}: its learning-rate schedule is at step {str(done)[:40]}; load it without "
+                           f"--load_optimizer")
+        self._check_schedule(path, done)
+        self._check_groups(path, init.get("config"))
+        end = getattr(self.scheduler, "total_steps", None)
+        if end is not None and done + (self.cfg.max_steps - step) >= end:  # one-cycle refuses its end-th step
+            self.ranks.die(f"{path}: its learning-rate schedule (--load_optimizer) is at step {done} and ends at "
+                           f"step {end}: the {self.cfg.max_steps - step} steps of this run go past its end; give "
+                           f"--max_steps={step + end - done - 1} or less, or --load_optimizer=False for a new schedule")
 
     def _check_groups(self, path: Path, saved_config: Any) -> None:
         """The restored optimiser's settings are the ones this program gives AdamW: eps and betas its own, the

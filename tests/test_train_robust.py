@@ -652,3 +652,21 @@ def test_weights_that_are_not_finite_are_never_saved(exported, tmp_path, monkeyp
         f"loss: a non-finite learning rate or optimizer state); not saved, the last checkpoint, "
         f"{ckdir / ck.ckpt_name(2)}, is kept")
     assert [s for s, _ in ck.list_checkpoints(ckdir)] == [2]
+
+
+def test_init_dir_with_load_optimizer_checks_the_schedule_it_brings(two_steps, tmp_path, capsys):
+    """Continuing a finished 2-step run with --init_dir --load_optimizer=True trained 100 steps and then failed
+    in a traceback ("Tried to step 103 times"), nothing saved: the schedule it brings is now checked as a resume's,
+    and a run that would go past its end is refused before training, in one line."""
+    out, src = two_steps
+    cfg = _cfg(out, tmp_path, max_steps=100, init_dir=str(src.parent), load_optimizer=True, exp_name="more")
+    with pytest.raises(SystemExit) as e:
+        train.run_stage(cfg)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == (f"error: {src}: its learning-rate schedule (--load_optimizer) is at step 2 and ends at step 102: "
+                   f"the 100 steps of this run go past its end; give --max_steps=99 or less, or "
+                   f"--load_optimizer=False for a new schedule")
+    cfg = _cfg(out, tmp_path, max_steps=3, init_dir=str(src.parent), load_optimizer=True, exp_name="few")
+    train.run_stage(cfg)  # within the schedule: trains
+    assert [s for s, _ in ck.list_checkpoints(tmp_path / "ck" / cfg.name())] == [3]
