@@ -24,6 +24,7 @@ def test_onnx_matches_pytorch_for_several_n(tmp_path):
     model = golden_model()
     path = export_onnx.export(model, tmp_path / "m.onnx", S=S, model_hw=HW, iters=ITERS)
     assert model.plan == ExecPlan.export()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # written in a temp folder, renamed
     diffs = export_onnx.check(path, golden_model(), S=S, model_hw=HW, iters=ITERS, Ns=(3, 17))
     assert diffs["onnx"] < 1e-3 and export_onnx.agrees(diffs)
     # the check is not vacuous: a different model is far off
@@ -78,3 +79,20 @@ def test_cli_out_that_cannot_be_written_is_one_line_before_the_model_loads(tmp_p
                                                    f"{tmp_path / 'no'}")):
         res = run_main(export_onnx.main, capsys, init_dir=str(tmp_path / "no_such_checkpoint"), out=str(out))
         assert res.returncode == 2 and res.stderr.strip() == line, res
+
+
+def test_cli_out_never_replaces_the_checkpoint(tmp_path, capsys):
+    """--out naming the --init_dir checkpoint replaced the 70 MB checkpoint by the graph, exit 0: refused before the
+    model loads, the checkpoint untouched."""
+    from helpers import run_main
+
+    from pips2.utils import checkpoint
+
+    ck = checkpoint.save(tmp_path / "ck", 1, golden_model())
+    before = ck.read_bytes()
+    for init_dir in (ck, ck.parent):
+        res = run_main(export_onnx.main, capsys, init_dir=str(init_dir), out=str(ck), S=4, H=128, W=128, iters=1)
+        assert res.returncode == 2 and res.stderr.strip() == (
+            f"error: --out={ck} would overwrite the checkpoint --init_dir={init_dir} ({ck.resolve()}); give another "
+            f"--out"), res.stderr
+    assert ck.read_bytes() == before

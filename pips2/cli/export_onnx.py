@@ -8,19 +8,24 @@ check onnxruntime against PyTorch. Needs `pip install -r requirements-onnx.txt`.
 from __future__ import annotations
 
 import copy
+import os
+import shutil
+import signal
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from pips2.hub import load_model
+from pips2.hub import HubError, find_file, load_model
 from pips2.nets.pips2 import MIN_SIZE
 from pips2.nets.plan import ExecPlan
 from pips2.tracking import MAX_ITERS
 from pips2.utils.checkpoint import CheckpointError
 from pips2.utils.cli import die, run_fire
+from pips2.utils.procs import Stopped, exit_code, stopping_on_signals
 
 
 class TrackerForExport(torch.nn.Module):
@@ -36,16 +41,28 @@ class TrackerForExport(torch.nn.Module):
 
 
 def export(model, out: str | Path, S: int, model_hw: tuple[int, int], iters: int) -> Path:
-    """Write the ONNX graph (opset from the dynamo exporter) with N as a dynamic axis."""
+    """Write the ONNX graph (opset from the dynamo exporter) with N as a dynamic axis. It and its weights' sidecar
+    (<out>.data) are written in a temp folder beside --out and renamed into place once both are complete: a stop
+    mid-way leaves the old files as they were, and no temp."""
     wrapper = TrackerForExport(model.eval(), iters).eval()
     H, W = model_hw
     g = torch.Generator().manual_seed(0)
     rgbs = torch.rand(1, S, 3, H, W, generator=g) * 255
     trajs = (torch.rand(1, 1, 8, 2, generator=g) * torch.tensor([W - 1.0, H - 1.0])).repeat(1, S, 1, 1)
     N = torch.export.Dim("N", min=1, max=65536)
-    torch.onnx.export(wrapper, (trajs, rgbs), str(out), dynamo=True, dynamic_shapes={"trajs_e0": {2: N}, "rgbs": None},
-                      input_names=["trajs_e0", "rgbs"], output_names=["tracks"], verbose=False)
-    return Path(out)
+    out = Path(out)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp.", dir=out.parent))
+    try:
+        torch.onnx.export(wrapper, (trajs, rgbs), str(tmp / out.name), dynamo=True,
+                          dynamic_shapes={"trajs_e0": {2: N}, "rgbs": None}, input_names=["trajs_e0", "rgbs"],
+                          output_names=["tracks"], verbose=False)
+        sidecar = tmp / (out.name + ".data")
+        if sidecar.is_file():
+            os.replace(sidecar, out.with_name(out.name + ".data"))
+        os.replace(tmp / out.name, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
 
 
 # the traced clip is one window held whole in memory (S frames of H x W, their feature maps, the float64 copy
@@ -65,6 +82,19 @@ def check_flags(S: int, H: int, W: int, iters: int, out: str | None = None) -> N
             raise ValueError(f"--out={out} is a folder; name the .onnx file to write")
         if not Path(out).parent.is_dir():
             raise ValueError(f"--out={out}: no such folder {Path(out).parent}")
+
+
+def check_out_spares_input(out: str, init_dir: str) -> None:
+    """ValueError when --out (or its weights' sidecar, <out>.data) is the checkpoint --init_dir names: the
+    checkpoint was replaced by the graph, exit 0."""
+    try:
+        src = find_file(init_dir).resolve()
+    except (HubError, OSError):
+        return  # a hub name or nothing there: load_model says what is wrong
+    for dest in (Path(out), Path(out).with_name(Path(out).name + ".data")):
+        if dest.resolve() == src or (dest.exists() and os.path.samefile(dest, src)):
+            raise ValueError(f"--out={out} would overwrite the checkpoint --init_dir={init_dir} ({src}); give "
+                             f"another --out")
 
 
 ONNX_FACTOR, ONNX_FLOOR = 4.0, 1e-3  # onnxruntime may be this many times as far from float64 as PyTorch's float32
@@ -106,11 +136,19 @@ def main(init_dir: str = "./reference_model", out: str = "pips2.onnx", S: int = 
     """Export, then (by default) compare onnxruntime with PyTorch at two values of N."""
     try:
         check_flags(S, H, W, iters, out)
+        check_out_spares_input(out, init_dir)
         model = load_model(init_dir, "cpu", kind="pips2")
     except (ValueError, CheckpointError) as e:
         die(e)
     t0 = time.time()
-    path = export(model, out, S, (H, W), iters)
+    try:
+        with stopping_on_signals():
+            path = export(model, out, S, (H, W), iters)
+    except Stopped as e:
+        name = signal.Signals(e.signum).name
+        print(f"error: stopped by {name}: {out} not written (an earlier one is kept as it was)", file=sys.stderr,
+              flush=True)
+        sys.exit(exit_code(name))
     files = [path] + [p for p in (path.with_name(path.name + ".data"),) if p.is_file()]  # the weights' sidecar
     print(f"wrote {' + '.join(f'{p} ({p.stat().st_size / 2**20:.1f} MiB)' for p in files)} in "
           f"{time.time() - t0:.0f} s: S={S}, {H}x{W}, iters={iters}, N dynamic")
