@@ -626,15 +626,16 @@ class TrainState:
             saved = json.loads(saved_config) if isinstance(saved_config, str) else {}
         except ValueError:
             saved = {}
-        wd = saved.get("wd") if isinstance(saved, dict) and isinstance(saved.get("wd"), (int, float)) else self.cfg.wd
+        saved_wd = saved.get("wd") if isinstance(saved, dict) else None
+        wd = float(saved_wd) if isinstance(saved_wd, (int, float)) else self.cfg.wd
         ref = make_optimizer([torch.zeros(1, requires_grad=True)], self.cfg).param_groups[0]
         peak = max(float(v) for v in self.scheduler.base_lrs) if self.cfg.lbm else \
             max(float(g.get("max_lr", self.cfg.lr)) for g in self.optimizer.param_groups)
+        wants: dict[str, Any] = {"eps": float(ref["eps"]), "betas": list(ref["betas"]), "weight_decay": float(wd)}
         for g, group in enumerate(self.optimizer.param_groups):
-            wrong = [f"{k} {group.get(k)!r} (this program's: {want!r})" for k, want in
-                     (("eps", ref["eps"]), ("betas", ref["betas"]), ("weight_decay", wd))
-                     if not _same(tuple(group.get(k)) if k == "betas" and isinstance(group.get(k), (list, tuple))
-                                  else group.get(k), tuple(want) if k == "betas" else float(want))]
+            have = {k: list(v) if isinstance(v := group.get(k), tuple) else v for k in wants}
+            wrong = [f"{k} {group.get(k)!r} (this program's: {wants[k]!r})" for k in wants
+                     if not _same(have[k], wants[k])]
             if not wrong and float(group.get("lr", 0.0)) > peak * (1 + 1e-6):
                 wrong = [f"lr {group.get('lr')!r} (above the schedule's peak, {peak:g})"]
             if wrong:
