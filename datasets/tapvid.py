@@ -80,6 +80,8 @@ def _check_entry(item, where: str) -> None:
     if not isinstance(pts, np.ndarray) or pts.dtype.kind not in "fiu" or pts.ndim != 3 or pts.shape[2] != 2:
         got = f"{pts.dtype} {pts.shape}" if isinstance(pts, np.ndarray) else type(pts).__name__
         raise TapVidError(f"{where}: points is {got}, expected a float (N,T,2) array")
+    if pts.shape[1] != T:  # said of the points, before occluded is compared with them (it blamed occluded)
+        raise TapVidError(f"{where}: video has {T} frames but points have {pts.shape[1]}")
     if not isinstance(occ, np.ndarray) or occ.dtype.kind not in "biu" or occ.shape != pts.shape[:2]:
         got = f"{occ.dtype} {occ.shape}" if isinstance(occ, np.ndarray) else type(occ).__name__
         raise TapVidError(f"{where}: occluded is {got}, expected a bool {pts.shape[:2]} array")
@@ -99,8 +101,6 @@ def _check_entry(item, where: str) -> None:
         raise TapVidError(f"{where}: points are not normalised to [0, 1] where visible (x from {seen[:, 0].min():.4g} "
                           f"to {seen[:, 0].max():.4g}, y from {seen[:, 1].min():.4g} to {seen[:, 1].max():.4g}): "
                           f"TAP-Vid stores them as fractions of the frame's width and height")
-    if pts.shape[1] != T:
-        raise TapVidError(f"{where}: video has {T} frames but points have {pts.shape[1]}")
     if T < 2:  # scored as a perfect track before (survival 100, median_l2 0) and averaged into the means
         raise TapVidError(f"{where}: video has {T} frame: nothing to score beyond the query frame")
     if isinstance(item["video"], np.ndarray):

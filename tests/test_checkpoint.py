@@ -618,3 +618,21 @@ def test_an_optimizer_state_as_the_trainer_saves_it_resumes():
     ck.apply_checkpoint(ckpt, "x.pth", model2, opt2, sched2)
     assert opt2.state_dict()["param_groups"] == opt.state_dict()["param_groups"]
     assert torch.equal(opt2.state[model2.weight]["exp_avg"], opt.state[model.weight]["exp_avg"])
+
+
+def test_torch_advice_to_load_unsafely_is_never_passed_on():
+    """A file that is both a tar archive and five tiny pickles reaches torch's legacy-tar refusal, whose text
+    advises re-running with weights_only=False ("will likely succeed, but it can result in arbitrary code
+    execution"): the advice was quoted in the refusal line. Every torch message is now cut before it."""
+    from pips2.utils.checkpoint import _load_problem
+
+    msg = ("Cannot use ``weights_only=True`` with files saved in the legacy .tar format. In PyTorch 2.6, we changed "
+           "the default value of the `weights_only` argument in `torch.load` from `False` to `True`. Re-running "
+           "`torch.load` with `weights_only` set to `False` will likely succeed, but it can result in arbitrary code "
+           "execution.")
+    line = _load_problem(RuntimeError(msg))
+    assert line == ("not a readable checkpoint (Cannot use ``weights_only=True`` with files saved in the legacy .tar "
+                    "format)")
+    assert _load_problem(RuntimeError("PytorchStreamReader failed reading zip archive: failed finding central "
+                                      "directory")) == ("not a readable checkpoint (PytorchStreamReader failed reading "
+                                                         "zip archive: failed finding central directory)")

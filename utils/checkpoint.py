@@ -153,7 +153,9 @@ def _load_problem(e: Exception) -> str:
         if foreign:
             return f"refused: it holds more than tensors and plain data ({foreign[0]})"
         return f"not a readable checkpoint ({cause[0] if cause else 'the weights-only unpickler failed'})"
-    return f"not a readable checkpoint ({lines[0]})"
+    # torch's other messages (its legacy tar branch, for one) may give the same advice: never passed on
+    kept = [t for t in re.split(r"(?<=\.)\s+", lines[0]) if not re.search(r"False|arbitrary code", t)]
+    return f"not a readable checkpoint ({' '.join(kept).strip(' .') or type(e).__name__})"
 
 
 MAX_PICKLE_BYTES = 64 << 20  # a checkpoint's data.pkl: names and shapes, ~100 KB for an LBM training one
