@@ -612,6 +612,8 @@ class TrainState:
         self._check_schedule(path, done)
         self._check_groups(path, init.get("config"))
         end = getattr(self.scheduler, "total_steps", None)
+        if end is None and self.cfg.lbm:
+            end = self.cfg.max_steps + 1  # LBM's cosine reaches 0 at --max_steps and stays there: no steps past it
         if end is not None and done + (self.cfg.max_steps - step) >= end:  # one-cycle refuses its end-th step
             self.ranks.die(f"{path}: its learning-rate schedule (--load_optimizer) is at step {done} and ends at "
                            f"step {end}: the {self.cfg.max_steps - step} steps of this run go past its end; give "
@@ -631,7 +633,11 @@ class TrainState:
         ref = make_optimizer([torch.zeros(1, requires_grad=True)], self.cfg).param_groups[0]
         peak = max(float(v) for v in self.scheduler.base_lrs) if self.cfg.lbm else \
             max(float(g.get("max_lr", self.cfg.lr)) for g in self.optimizer.param_groups)
-        wants: dict[str, Any] = {"eps": float(ref["eps"]), "betas": list(ref["betas"]), "weight_decay": float(wd)}
+        # every setting AdamW keeps in a group, as this run builds it (maximize=True resumed into gradient ascent,
+        # exit 0; capturable=True failed inside torch), the weight decay the one the run was saved with
+        wants: dict[str, Any] = {k: list(v) if isinstance(v, tuple) else v for k, v in ref.items()
+                                 if k not in ("params", "lr", *SCHEDULE_RATES)}
+        wants["weight_decay"] = float(wd)
         for g, group in enumerate(self.optimizer.param_groups):
             have = {k: list(v) if isinstance(v := group.get(k), tuple) else v for k in wants}
             wrong = [f"{k} {group.get(k)!r} (this program's: {wants[k]!r})" for k in wants

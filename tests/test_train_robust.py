@@ -7,6 +7,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -308,20 +309,30 @@ def test_a_lock_is_never_left_empty_by_a_failed_write(tmp_path, monkeypatch):
 def test_a_lock_removed_by_hand_is_taken_again_at_the_next_save(exported, tmp_path, monkeypatch):
     """The lock's refusal says "if none does, remove that file": removed while the run was live, its next save
     stopped the run without saving ("another training took this folder over"), losing every step since the last
-    save. A missing lock names no other run: the run takes it again and saves."""
+    save. A missing lock names no other run: the run takes it again, saves, and beats again."""
     out, _ = exported
     real = trainer.train_step
 
+    beats = []
+    monkeypatch.setattr(ck, "LOCK_BEAT_S", 0.05)
+
     def removed_in_step_3(state, data, cfg):
+        lock = state.ckpt_dir / ck.LOCK_NAME
         if state.step == 3:
-            (state.ckpt_dir / ck.LOCK_NAME).unlink()
+            lock.unlink()
+            time.sleep(0.3)  # the heartbeat finds the file gone and stops
+        if state.step == 5:  # taken again at step 4's save: it must beat again, or another host takes it over
+            os.utime(lock, (1, 1))
+            time.sleep(0.5)
+            beats.append(time.time() - lock.stat().st_mtime)
         return real(state, data, cfg)
 
     monkeypatch.setattr(trainer, "train_step", removed_in_step_3)
-    cfg = _cfg(out, tmp_path, max_steps=4, save_freq=2)
+    cfg = _cfg(out, tmp_path, max_steps=6, save_freq=2)
     train.run_stage(cfg)
     ckdir = tmp_path / "ck" / cfg.name()
-    assert [s for s, _ in ck.list_checkpoints(ckdir)] == [2, 4] and not (ckdir / ck.LOCK_NAME).exists()
+    assert [s for s, _ in ck.list_checkpoints(ckdir)] == [2, 4, 6] and not (ckdir / ck.LOCK_NAME).exists()
+    assert beats and beats[0] < 5, beats
 
 
 def test_a_run_whose_lock_was_taken_over_stops_before_its_next_save(exported, tmp_path, monkeypatch, capsys):
@@ -607,6 +618,10 @@ def _opt_wrong_shape(c: dict) -> None:
      "its optimizer's param_groups[0] holds weight_decay 2000.0 (this program's: 1e-06)"),
     ("optimizer eps", lambda c: c["optimizer_state_dict"]["param_groups"][0].__setitem__("eps", 1e30),
      "holds eps 1e+30 (this program's: 1e-08)"),
+    ("optimizer maximize", lambda c: c["optimizer_state_dict"]["param_groups"][0].__setitem__("maximize", True),
+     "holds maximize True (this program's: False)"),  # gradient ascent, exit 0
+    ("optimizer capturable", lambda c: c["optimizer_state_dict"]["param_groups"][0].__setitem__("capturable", True),
+     "holds capturable True (this program's: False)"),
     ("schedule max_lr", lambda c: c["optimizer_state_dict"]["param_groups"][0].__setitem__("max_lr", 1e6),
      "its learning-rate schedule is not the one this program builds for its run (max_lr differ)"),
 ])

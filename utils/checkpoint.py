@@ -747,7 +747,7 @@ def clean_stale_temps(folder: str | os.PathLike) -> list[Path]:
 
 # Locks this process holds: a lock naming this process's pid that it does not hold is another process's.
 _HELD_HERE: set[Path] = set()
-_HELD_AS: dict[Path, dict] = {}  # what each lock file this process holds says, to see it taken away
+_HELD_AS: dict[Path, RunLock] = {}  # each lock this process holds, by its file: to see it taken away
 # A held lock's file is touched every LOCK_BEAT_S by a thread of its owner. A lock whose pid cannot be judged here
 # (another PID namespace: a container sharing the host's name) is stale once it has not been touched for
 # LOCK_SILENT_S; one of another host (a restarted container's new name, a requeue onto another node) after
@@ -883,9 +883,8 @@ class RunLock:
             if self._create():
                 self.held = True
                 _HELD_HERE.add(self.path.resolve())
-                _HELD_AS[self.path.resolve()] = self.me
-                self._beating = threading.Event()
-                threading.Thread(target=self._beat, args=(self._beating,), daemon=True).start()
+                _HELD_AS[self.path.resolve()] = self
+                self._start_beating()
                 return self
             owner = self._read(self.path)
             if owner is None:
@@ -943,10 +942,16 @@ class RunLock:
             self._beating = None
         self.held = False
 
+    def _start_beating(self) -> None:
+        """A thread touching the lock file every LOCK_BEAT_S until release()."""
+        self._beating = threading.Event()
+        threading.Thread(target=self._beat, args=(self._beating,), daemon=True).start()
+
     def _beat(self, stopped: threading.Event) -> None:
         """Touch the lock file every LOCK_BEAT_S until released: the heartbeat another PID namespace judges."""
         while not stopped.wait(LOCK_BEAT_S):
-            if self._read(self.path) != self.me:  # taken over (see lock_lost): not ours to keep alive
+            if self._read(self.path) != self.me:  # taken over or removed (see lock_lost): not ours to keep alive
+                stopped.set()
                 return
             try:
                 os.utime(self.path)
@@ -965,16 +970,21 @@ def lock_lost(folder: str | os.PathLike) -> str | None:
     gone), or None. Three runs taking over one stale lock at once could leave two believing they held it: a run
     asks before each save, and stops rather than write beside another."""
     path = (Path(folder) / LOCK_NAME).resolve()
-    me = _HELD_AS.get(path)
-    if me is None:
+    lock = _HELD_AS.get(path)
+    if lock is None:
         return None
-    lock = RunLock(folder)
     now = lock._read(path)
-    if now == me:
+    if now == lock.me:
+        if lock._beating is None or lock._beating.is_set():
+            lock._start_beating()
         return None
     if now is None and not os.path.lexists(path) and lock._create():
         # removed by hand (its refusal says "if none does, remove that file"): nobody else holds the folder, so
-        # the run takes its lock again rather than lose the steps since its last save
+        # the run takes its lock again rather than lose the steps since its last save, and beats again (its
+        # heartbeat stopped when the file went: another namespace or host would take the live folder over)
+        if lock._beating is not None:
+            lock._beating.set()
+        lock._start_beating()
         return None
     who = "is gone" if now is None and not os.path.lexists(path) else \
         f"names pid {now['pid']} on {now.get('host')}" if now else "is unreadable"
