@@ -314,3 +314,17 @@ trainer.lbm_forward_loss = poisoned
 cfg = train.make_config(1, {cfg!r})
 """, 29543, threads=1)
     assert "step 000002/3; non-finite loss, step skipped (1 so far)" in res.stdout  # said by rank 0
+
+
+def test_load_optimizer_past_the_end_of_lbm_schedule_is_refused(tmp_path, capsys):
+    """LBM's cosine schedule is 0 from --max_steps on: continuing a finished run with --init_dir and its optimizer
+    would have trained the whole new run at a learning rate of 0, exit 0. Refused before training, one line."""
+    cfg = _kubric_cfg(tmp_path, max_steps=2, save_freq=2)
+    ckdir, _ = train.run_stage(cfg)
+    more = _kubric_cfg(tmp_path, max_steps=2, init_dir=str(ckdir), load_optimizer=True, exp_name="more")
+    with pytest.raises(SystemExit) as e:
+        train.run_stage(more)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert ("its learning-rate schedule (--load_optimizer) is at step 1 and ends at step 3: the 2 steps of this run "
+            "go past its end; give --max_steps=1 or less, or --load_optimizer=False") in err, err

@@ -620,7 +620,8 @@ def _opt_wrong_shape(c: dict) -> None:
      "holds eps 1e+30 (this program's: 1e-08)"),
     ("optimizer maximize", lambda c: c["optimizer_state_dict"]["param_groups"][0].__setitem__("maximize", True),
      "holds maximize True (this program's: False)"),  # gradient ascent, exit 0
-    ("optimizer capturable", lambda c: c["optimizer_state_dict"]["param_groups"][0].__setitem__("capturable", True),
+    ("optimizer capturable",
+     lambda c: c["optimizer_state_dict"]["param_groups"][0].__setitem__("capturable", True),
      "holds capturable True (this program's: False)"),
     ("schedule max_lr", lambda c: c["optimizer_state_dict"]["param_groups"][0].__setitem__("max_lr", 1e6),
      "its learning-rate schedule is not the one this program builds for its run (max_lr differ)"),
