@@ -336,6 +336,12 @@ def record_settings(root: str | Path, settings: dict) -> None:
     if root.is_dir() and any(root.glob("*/synth_*")):
         raise ValueError(f"--out={root} holds scenes without a record of their settings ({SETTINGS}); give "
                          "another --out")
+    # a real PointOdyssey folder (or any scenes of another maker): synthetic scenes added to its splits would mix
+    # into its exports and scores without a word
+    other = sorted(p for p in root.glob("*/*/rgbs") if not p.parent.name.startswith("synth_")) if root.is_dir() else []
+    if other:
+        raise ValueError(f"--out={root} holds scenes this generator did not make ({other[0].parent}); give another "
+                         f"--out")
     root.mkdir(parents=True, exist_ok=True)
     write_json(path, settings)
 

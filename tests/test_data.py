@@ -144,6 +144,14 @@ def test_synthetic_refuses_other_settings_into_the_same_folder(tmp_path, capsys)
     (out / "settings.json").unlink()
     code, _, err = _synth(capsys, out, W=64, H=48, T=3, n_points=20, train=3)
     assert code == 2 and "holds scenes without a record of their settings" in err and err.count("\n") == 1
+    # a real PointOdyssey folder: synth_* scenes and a settings.json were added to its splits, exit 0
+    real = tmp_path / "pointodyssey"
+    (real / "train" / "ani11_new_" / "rgbs").mkdir(parents=True)
+    code, _, err = _synth(capsys, real, W=64, H=48, T=3, n_points=20)
+    assert code == 2 and err.strip() == (f"error: --out={real} holds scenes this generator did not make "
+                                         f"({real / 'train' / 'ani11_new_'}); give another --out"), err
+    assert sorted(p.name for p in (real / "train").iterdir()) == ["ani11_new_"]
+    assert not (real / "settings.json").exists()
 
 
 @pytest.mark.parametrize("flags,msg", [
