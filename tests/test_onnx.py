@@ -79,6 +79,11 @@ def test_cli_out_that_cannot_be_written_is_one_line_before_the_model_loads(tmp_p
                                                    f"{tmp_path / 'no'}")):
         res = run_main(export_onnx.main, capsys, init_dir=str(tmp_path / "no_such_checkpoint"), out=str(out))
         assert res.returncode == 2 and res.stderr.strip() == line, res
+    try:  # a folder that takes no file, even for root (sysfs): it failed in a traceback after the model loaded
+        open("/sys/.pips2_probe", "wb").close()
+    except OSError:
+        res = run_main(export_onnx.main, capsys, init_dir=str(tmp_path / "no_such_checkpoint"), out="/sys/x.onnx")
+        assert res.returncode == 2 and res.stderr.startswith("error: --out=/sys/x.onnx: cannot write in /sys ("), res
 
 
 def test_cli_out_never_replaces_the_checkpoint(tmp_path, capsys):

@@ -82,6 +82,12 @@ def check_flags(S: int, H: int, W: int, iters: int, out: str | None = None) -> N
             raise ValueError(f"--out={out} is a folder; name the .onnx file to write")
         if not Path(out).parent.is_dir():
             raise ValueError(f"--out={out}: no such folder {Path(out).parent}")
+        try:  # a folder that takes no file (read-only, /sys): a traceback after the model had loaded
+            fd, probe = tempfile.mkstemp(dir=Path(out).parent, prefix=".probe.")
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as e:
+            raise ValueError(f"--out={out}: cannot write in {Path(out).parent} ({e.strerror or e})") from None
 
 
 def check_out_spares_input(out: str, init_dir: str) -> None:
