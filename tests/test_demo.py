@@ -219,16 +219,20 @@ def test_outputs_never_replace_inputs(tmp_path, clip, capsys):
 
 def test_temp_outputs_of_a_killed_run_are_removed_by_the_next(tmp_path):
     """SIGKILL (the OOM killer) while the outputs were written left .tracks.tmp.<pid>.* in --out_dir for ever; the
-    next write removes those of dead writers of this host, and leaves a live one's and another host's."""
+    next write removes those of dead writers of this host and PID namespace, and leaves a live one's, another
+    host's and another namespace's (a container sharing the host's name: its pid says nothing here)."""
     import socket
 
+    from pips2.utils.procs import owner_tag, pid_namespace
     from pips2.utils.vis import remove_dead_temps
 
-    host = socket.gethostname()
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    gone = [tmp_path / f".tracks.tmp.{host}.{int(dead.stdout)}.{ext}" for ext in ("npz", "csv", "mp4")]
-    kept = [tmp_path / f".tracks.tmp.{host}.{os.getpid()}.mp4",
-            tmp_path / f".tracks.tmp.elsewhere.{int(dead.stdout)}.csv", tmp_path / "tracks.mp4"]
+    host, ns = socket.gethostname(), pid_namespace()
+    pid = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                             text=True).stdout)
+    gone = [tmp_path / f".tracks.tmp.{host}.{pid}.{ns}.{ext}" for ext in ("npz", "csv", "mp4")]
+    gone.append(tmp_path / f".tracks.tmp.{host}.{pid}.mp4")  # named before the namespace was
+    kept = [tmp_path / f".tracks.tmp.{owner_tag()}.mp4", tmp_path / f".tracks.tmp.elsewhere.{pid}.{ns}.csv",
+            tmp_path / f".tracks.tmp.{host}.{pid}.{ns + 1}.npz", tmp_path / "tracks.mp4"]
     for p in gone + kept:
         p.write_bytes(b"x")
     assert sorted(remove_dead_temps(tmp_path)) == sorted(gone)

@@ -314,35 +314,48 @@ def pid_namespace() -> int:
         return 0
 
 
+def owner_tag() -> str:
+    """<host>.<pid>.<pid namespace>: the part of a temp file's or folder's name that says which process owns it, so
+    a later process can remove it once its owner is gone (`remove_dead_owned`)."""
+    return f"{socket.gethostname()}.{os.getpid()}.{pid_namespace()}"
+
+
 def owned_tempdir(prefix: str, parent: str | os.PathLike | None = None) -> Path:
-    """A new temp folder named <prefix>.<host>.<pid>.<pid namespace>.<random> in `parent` (TMPDIR by default):
-    a later process of this host and namespace can tell it from a live process's and remove it once its owner is
-    gone (`remove_stale_tempdirs`)."""
-    return Path(tempfile.mkdtemp(prefix=f"{prefix}.{socket.gethostname()}.{os.getpid()}.{pid_namespace()}.",
-                                 dir=parent))
+    """A new temp folder named <prefix>.<owner tag>.<random> in `parent` (TMPDIR by default): a later process of
+    this host and namespace can tell it from a live process's and remove it once its owner is gone
+    (`remove_stale_tempdirs`)."""
+    return Path(tempfile.mkdtemp(prefix=f"{prefix}.{owner_tag()}.", dir=parent))
+
+
+def remove_dead_owned(folder: str | os.PathLike, head: str, tail: str = r"[A-Za-z0-9_]+",
+                      dirs: bool = True) -> list[Path]:
+    """Remove the folders (`dirs`) or files of `folder` named <head>.<owner tag>.<tail> whose owner was a process
+    of this host and PID namespace that is gone (SIGKILL, out of memory: no handler of its own could clean them);
+    returns them. Another host's or namespace's are left: their pids say nothing here."""
+    # the namespace is absent from names made before it was recorded
+    pattern = re.compile(rf"^{re.escape(head)}\.(?P<host>.+?)\.(?P<pid>\d+)\.(?:(?P<ns>\d+)\.)?(?:{tail})$")
+    ns, host, removed = pid_namespace(), socket.gethostname(), []
+    try:
+        entries = list(Path(folder).iterdir())
+    except OSError:
+        return removed
+    for d in entries:
+        m = pattern.match(d.name)
+        same_ns = m is not None and (m["ns"] is None or int(m["ns"]) == ns)
+        if m and m["host"] == host and same_ns and not pid_alive(int(m["pid"])) and d.is_dir() == dirs:
+            if dirs:
+                shutil.rmtree(d, ignore_errors=True)
+            else:
+                d.unlink(missing_ok=True)
+            removed.append(d)
+    return removed
 
 
 def remove_stale_tempdirs(prefix: str, tmp: str | os.PathLike | None = None) -> list[Path]:
     """Remove the `owned_tempdir` folders of `prefix` that processes of this host left when they were killed
     (SIGKILL, out of memory, a closed terminal under an old version), which no handler can clean; returns them.
     A folder of a live process stays."""
-    # the namespace is absent from names made before it was recorded
-    pattern = re.compile(rf"^{re.escape(prefix)}\.(?P<host>.+?)\.(?P<pid>\d+)\.(?:(?P<ns>\d+)\.)?[A-Za-z0-9_]+$")
-    ns = pid_namespace()
-    tmp = Path(tmp or tempfile.gettempdir())
-    host, removed = socket.gethostname(), []
-    try:
-        entries = list(tmp.iterdir())
-    except OSError:
-        return removed
-    for d in entries:
-        m = pattern.match(d.name)
-        # a folder of another PID namespace is not ours to judge: its pid says nothing here
-        same_ns = m is not None and (m["ns"] is None or int(m["ns"]) == ns)
-        if m and m["host"] == host and same_ns and not pid_alive(int(m["pid"])) and d.is_dir():
-            shutil.rmtree(d, ignore_errors=True)
-            removed.append(d)
-    return removed
+    return remove_dead_owned(tmp or tempfile.gettempdir(), prefix)
 
 
 class Stopped(BaseException):

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import csv
 import os
-import re
-import socket
 from collections.abc import Callable, Iterable, Iterator
 from fractions import Fraction
 from pathlib import Path
@@ -13,7 +11,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from pips2.utils.procs import pid_alive
+from pips2.utils.procs import owner_tag, remove_dead_owned
 from pips2.utils.video import MAX_RATE_DENOMINATOR, frame_rate, iter_frames, write_mp4
 
 DRAW_LIMIT = 1e5  # px: points further out are not drawn (OpenCV shifts coordinates into 32-bit integers)
@@ -113,24 +111,14 @@ def output_fps(fps: float | Fraction | None) -> Fraction:
     return min(Fraction(1000), max(Fraction(1), rate))
 
 
-# the temp names write_outputs writes under: .tracks.tmp.<host>.<pid>.<ext>
-TEMP_OUTPUT_RE = re.compile(r"\.tracks\.tmp\.(?P<host>[^/]+)\.(?P<pid>\d+)\.(npz|csv|mp4)")
+# write_outputs writes under .tracks.tmp.<owner tag>.<npz|csv|mp4> (utils/procs.owner_tag)
+TEMP_OUTPUT_HEAD, TEMP_OUTPUT_TAIL = ".tracks.tmp", "npz|csv|mp4"
 
 
 def remove_dead_temps(out_dir: Path) -> list[Path]:
-    """Remove the temp outputs of writers killed outright (SIGKILL, the OOM killer) on this host; returns them.
-    A temp of another host is left: its writer cannot be judged from here."""
-    removed, host = [], socket.gethostname()
-    try:
-        names = list(out_dir.iterdir())
-    except OSError:
-        return removed
-    for p in names:
-        m = TEMP_OUTPUT_RE.fullmatch(p.name)
-        if m and m.group("host") == host and not pid_alive(int(m.group("pid"))):
-            p.unlink(missing_ok=True)
-            removed.append(p)
-    return removed
+    """Remove the temp outputs of writers killed outright (SIGKILL, the OOM killer) on this host and PID
+    namespace; returns them. Another host's or namespace's are left: their writers cannot be judged from here."""
+    return remove_dead_owned(out_dir, TEMP_OUTPUT_HEAD, TEMP_OUTPUT_TAIL, dirs=False)
 
 
 def write_outputs(out_dir: Path, video: Path, queries: np.ndarray, tracks: np.ndarray, estimated: np.ndarray,
@@ -148,7 +136,7 @@ def write_outputs(out_dir: Path, video: Path, queries: np.ndarray, tracks: np.nd
     partial file (and the temps are removed)."""
     final = [out_dir / "tracks.npz", out_dir / "tracks.csv", out_dir / "tracks.mp4"]
     remove_dead_temps(out_dir)
-    tag = f".tmp.{socket.gethostname()}.{os.getpid()}"
+    tag = f".tmp.{owner_tag()}"
     npz, csv_path, mp4 = (p.with_name(f".{p.stem}{tag}{p.suffix}") for p in final)
     extra = {} if visibility is None else {"visibility": visibility}
     try:
