@@ -111,6 +111,7 @@ def output_fps(fps: float | Fraction | None) -> Fraction:
     return min(Fraction(1000), max(Fraction(1), rate))
 
 
+OUTPUT_NAMES = ("tracks.npz", "tracks.csv", "tracks.mp4")  # what write_outputs writes, in this order
 # write_outputs writes under .tracks.tmp.<owner tag>.<npz|csv|mp4> (utils/procs.owner_tag)
 TEMP_OUTPUT_HEAD, TEMP_OUTPUT_TAIL = ".tracks.tmp", "npz|csv|mp4"
 
@@ -134,7 +135,7 @@ def write_outputs(out_dir: Path, video: Path, queries: np.ndarray, tracks: np.nd
     is drawn (progress); radius and thickness size the points and trails. Each file is written under a temp name
     and the three are renamed into place only once all are complete: an error or a signal mid-way leaves no
     partial file (and the temps are removed)."""
-    final = [out_dir / "tracks.npz", out_dir / "tracks.csv", out_dir / "tracks.mp4"]
+    final = [out_dir / name for name in OUTPUT_NAMES]
     remove_dead_temps(out_dir)
     tag = f".tmp.{owner_tag()}"
     npz, csv_path, mp4 = (p.with_name(f".{p.stem}{tag}{p.suffix}") for p in final)

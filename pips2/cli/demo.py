@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import signal
 import sys
 import tempfile
@@ -38,11 +37,11 @@ from pips2.tracking import (
 )
 from pips2.utils.checkpoint import CheckpointError, resolve_device
 from pips2.utils.cli import run_fire
-from pips2.utils.paths import make_dirs, remove_empty_dirs
+from pips2.utils.paths import make_dirs, remove_empty_dirs, same_file
 from pips2.utils.procs import Stopped, stopping_on_signals
 from pips2.utils.safe_load import not_regular_problem
 from pips2.utils.video import VideoError, image_file_wh, video_info
-from pips2.utils.vis import write_outputs
+from pips2.utils.vis import OUTPUT_NAMES, write_outputs
 
 MAX_POINTS_FILE_BYTES = 64 << 20  # a points file is read whole; 10000 points (MAX_POINTS) take well under 1 MB
 
@@ -141,19 +140,14 @@ def read_mask(path: str, src_hw: tuple[int, int]) -> np.ndarray:
     return m
 
 
-OUTPUT_NAMES = ("tracks.npz", "tracks.csv", "tracks.mp4")
-
-
 def check_outputs_spare_inputs(out: Path, **inputs: str | None) -> None:
     """ValueError when an output would replace an input file (`--video=<dir>/tracks.mp4 --out_dir=<dir>` replaced
     the user's video with the drawn one, exit 0), under its own name, a link or another hard link."""
     for flag, given in inputs.items():
         if not given or not Path(given).is_file():
             continue
-        src = Path(given).resolve()
         for name in OUTPUT_NAMES:
-            dest = out / name
-            if dest.resolve() == src or (dest.exists() and os.path.samefile(dest, src)):
+            if same_file(out / name, given):
                 raise ValueError(f"--out_dir={out} would overwrite the input --{flag}={given} (its {name}); give "
                                  f"another --out_dir")
 

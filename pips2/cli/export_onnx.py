@@ -25,6 +25,7 @@ from pips2.nets.plan import ExecPlan
 from pips2.tracking import MAX_ITERS
 from pips2.utils.checkpoint import CheckpointError
 from pips2.utils.cli import die, run_fire
+from pips2.utils.paths import same_file
 from pips2.utils.procs import Stopped, exit_code, stopping_on_signals
 
 
@@ -98,7 +99,7 @@ def check_out_spares_input(out: str, init_dir: str) -> None:
     except (HubError, OSError):
         return  # a hub name or nothing there: load_model says what is wrong
     for dest in (Path(out), Path(out).with_name(Path(out).name + ".data")):
-        if dest.resolve() == src or (dest.exists() and os.path.samefile(dest, src)):
+        if same_file(dest, src):
             raise ValueError(f"--out={out} would overwrite the checkpoint --init_dir={init_dir} ({src}); give "
                              f"another --out")
 
