@@ -8,7 +8,6 @@ import math
 import os
 import re
 import socket
-import stat
 import tempfile
 import threading
 import time
@@ -781,13 +780,12 @@ class RunLock:
         """The owner a lock file names, or None when it is not what this program writes (not JSON, empty, or a pid
         that is not a positive whole number: a traceback in _dead before)."""
         try:  # a FIFO there blocked the run forever, a link to /dev/zero was read until memory ran out
-            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
-            with os.fdopen(fd, "rb") as f:
-                st = os.fstat(f.fileno())
-                if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_LOCK_BYTES:
+            with open_regular(path) as f:
+                if os.fstat(f.fileno()).st_size > MAX_LOCK_BYTES:  # a 3 GB sparse file
                     return None
                 owner = json.loads(f.read(MAX_LOCK_BYTES + 1))
-        except (OSError, ValueError, RecursionError):  # RecursionError: JSON nested 200,000 deep
+        # UnsafeFileError (not a regular file) is a ValueError; RecursionError: JSON nested 200,000 deep
+        except (OSError, ValueError, RecursionError):
             return None
         if not isinstance(owner, dict):
             return None
