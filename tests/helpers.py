@@ -169,3 +169,21 @@ def run_then_close_its_terminal(cmd: list[str], pattern: str, times: int = 1, ti
             proc.wait()
     assert seen.count(pattern.encode()) >= times, seen.decode(errors="replace")[-2000:]
     return code, seen.decode(errors="replace")
+
+
+def on_each_step(monkeypatch, action, after: bool = False) -> None:
+    """Make the trainer call action(state) in every training step, before the step's work (or after it, with
+    after=True): a test's way to act at a chosen step (a signal, a lock removed, weights broken)."""
+    from pips2 import trainer
+
+    real = trainer.train_step
+
+    def step(state, data, cfg):
+        if not after:
+            action(state)
+        res = real(state, data, cfg)
+        if after:
+            action(state)
+        return res
+
+    monkeypatch.setattr(trainer, "train_step", step)

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import on_each_step
 
 from pips2 import trainer
 from pips2.cli import train
@@ -311,12 +312,10 @@ def test_a_lock_removed_by_hand_is_taken_again_at_the_next_save(exported, tmp_pa
     stopped the run without saving ("another training took this folder over"), losing every step since the last
     save. A missing lock names no other run: the run takes it again, saves, and beats again."""
     out, _ = exported
-    real = trainer.train_step
-
     beats = []
     monkeypatch.setattr(ck, "LOCK_BEAT_S", 0.05)
 
-    def removed_in_step_3(state, data, cfg):
+    def removed_in_step_3(state):
         lock = state.ckpt_dir / ck.LOCK_NAME
         if state.step == 3:
             lock.unlink()
@@ -325,9 +324,8 @@ def test_a_lock_removed_by_hand_is_taken_again_at_the_next_save(exported, tmp_pa
             os.utime(lock, (1, 1))
             time.sleep(0.5)
             beats.append(time.time() - lock.stat().st_mtime)
-        return real(state, data, cfg)
 
-    monkeypatch.setattr(trainer, "train_step", removed_in_step_3)
+    on_each_step(monkeypatch, removed_in_step_3)
     cfg = _cfg(out, tmp_path, max_steps=6, save_freq=2)
     train.run_stage(cfg)
     ckdir = tmp_path / "ck" / cfg.name()
@@ -341,14 +339,12 @@ def test_a_run_whose_lock_was_taken_over_stops_before_its_next_save(exported, tm
     checks before each save that the lock file still names it, and stops without saving if not; its heartbeat
     stops touching a lock that is not its own."""
     out, _ = exported
-    real = trainer.train_step
 
-    def taken_over_in_step_3(state, data, cfg):
+    def taken_over_in_step_3(state):
         if state.step == 3:
             (state.ckpt_dir / ck.LOCK_NAME).write_text(json.dumps({"host": "other", "pid": 4242}))
-        return real(state, data, cfg)
 
-    monkeypatch.setattr(trainer, "train_step", taken_over_in_step_3)
+    on_each_step(monkeypatch, taken_over_in_step_3)
     cfg = _cfg(out, tmp_path, max_steps=4, save_freq=2)
     with pytest.raises(SystemExit) as e:
         train.run_stage(cfg)
@@ -648,16 +644,13 @@ def test_weights_that_are_not_finite_are_never_saved(exported, tmp_path, monkeyp
     run then skipped its non-finite steps and ended "done", exit 0, its newest checkpoint all NaN (which the next
     resume refused). Such weights are not saved: one line, exit 2, the last good checkpoint kept."""
     out, _ = exported
-    real = trainer.train_step
 
-    def nan_after_step_3(state, data, cfg):
-        res = real(state, data, cfg)
+    def nan_after_step_3(state):
         if state.step == 3:
             with torch.no_grad():
                 state.net.fnet.conv1.weight.fill_(float("nan"))
-        return res
 
-    monkeypatch.setattr(trainer, "train_step", nan_after_step_3)
+    on_each_step(monkeypatch, nan_after_step_3, after=True)
     cfg = _cfg(out, tmp_path, max_steps=4, save_freq=2)
     with pytest.raises(SystemExit) as e:
         train.run_stage(cfg)

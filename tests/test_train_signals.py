@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import on_each_step
 from test_train import STEP_RE, TINY, _losses, _running_means, _start, _train, _train_cmd, _version
 
 from pips2 import trainer
@@ -131,16 +132,14 @@ def test_stop_request_rules(monkeypatch):
 
 def test_a_second_ctrl_c_stops_at_once_without_saving(exported, tmp_path, monkeypatch, capsys):
     out, _ = exported
-    real = trainer.train_step
     monkeypatch.setattr(trainer, "SAME_REQUEST_S", 0.0)
 
-    def two_ctrl_c_in_step_4(state, data, cfg):  # step 3 is trained and not saved: the first asks for a save
+    def two_ctrl_c_in_step_4(state):  # step 3 is trained and not saved: the first asks for a save
         if state.step == 4:
             os.kill(os.getpid(), signal.SIGINT)
             os.kill(os.getpid(), signal.SIGINT)
-        return real(state, data, cfg)
 
-    monkeypatch.setattr(trainer, "train_step", two_ctrl_c_in_step_4)
+    on_each_step(monkeypatch, two_ctrl_c_in_step_4)
     cfg = _cfg(out, tmp_path, max_steps=5, save_freq=2)
     with pytest.raises(SystemExit) as e:
         train.run_stage(cfg)
@@ -159,16 +158,15 @@ def test_a_stop_in_the_first_step_since_a_save_ends_that_step_at_once(exported, 
     SIGTERM stops at once, exit 0, one line. A first step that never ends (a batch as large as the machine's
     memory) is stopped too; before, the request waited for a boundary that never came."""
     out, _ = exported
-    real, done = trainer.train_step, []
+    done = []
 
-    def sigterm_in_step(state, data, cfg):
+    def sigterm_in_step(state):
         if state.step == at_step:
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(0.2)  # the handler runs here, mid-step
         done.append(state.step)
-        return real(state, data, cfg)
 
-    monkeypatch.setattr(trainer, "train_step", sigterm_in_step)
+    on_each_step(monkeypatch, sigterm_in_step)
     cfg = _cfg(out, tmp_path, max_steps=5, save_freq=2)
     with pytest.raises(trainer.TrainingStopped) as e:
         train.run_stage(cfg)
@@ -186,14 +184,13 @@ def test_a_stop_during_a_step_saves_before_that_steps_validation(exported, tmp_p
     """A scheduler's lead time is for the save: a SIGTERM during step 2 skips step 2's validation (TAP-Vid's can
     take minutes), saves step 2 and stops; one during a TAP-Vid validation ends it between videos."""
     out, _ = exported
-    real, validated = trainer.train_step, []
+    validated = []
 
-    def sigterm_in_step_2(state, data, cfg):
+    def sigterm_in_step_2(state):
         if state.step == 2:
             os.kill(os.getpid(), signal.SIGTERM)
-        return real(state, data, cfg)
 
-    monkeypatch.setattr(trainer, "train_step", sigterm_in_step_2)
+    on_each_step(monkeypatch, sigterm_in_step_2)
     monkeypatch.setattr(trainer.Validator, "run", lambda self, step, model, stop=None: validated.append(step) or {})
     cfg = _cfg(out, tmp_path, max_steps=5, save_freq=100, val_freq=1)
     with pytest.raises(trainer.TrainingStopped):
