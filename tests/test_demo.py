@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -553,6 +554,19 @@ def test_points_files_that_cannot_be_read_as_points_are_one_line(tmp_path, monke
             demo.read_points(tmp_path / name)
         assert str(e.value).startswith(f"{tmp_path / name}: {why}"), str(e.value)
 
+
+
+def test_a_number_of_thousands_of_digits_is_a_coordinate_named_by_file_and_row(tmp_path):
+    """Python's int() refuses over 4300 digits with advice about sys.set_int_max_str_digits and no file name: a
+    points file's integers are read as floats, so such a number is an infinite coordinate, refused by its row."""
+    from pips2.tracking import check_queries
+
+    path = tmp_path / "big.json"
+    path.write_text("[[0, 3, 4], [0, " + "1" * 5000 + ", 5]]")
+    queries, rows = demo.read_point_rows(path)
+    assert queries[0].tolist() == [0, 3, 4] and np.isinf(queries[1, 1])
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}: row 2: non-finite point \[inf, 5\.0\]"):
+        check_queries(queries, 10, (64, 64), source=str(path), rows=rows)
 
 def test_a_signal_ignored_by_the_caller_stays_ignored():
     """A script's `demo.py ... &` starts with SIGINT ignored (so does nohup with SIGHUP): the demo must not catch

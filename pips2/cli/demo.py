@@ -67,7 +67,9 @@ def read_point_rows(path: str | Path, query_frame: int = 0) -> tuple[np.ndarray,
                          f"whole, at most {MAX_POINTS_FILE_BYTES} bytes)")
     try:
         if path.suffix.lower() == ".json":
-            items = json.loads(path.read_text())
+            # integers parsed as floats: a coordinate is one anyway, and int() refuses numbers of over 4300 digits
+            # with advice about Python internals instead of naming the file
+            items = json.loads(path.read_text(), parse_int=float)
             if not isinstance(items, list):
                 raise ValueError(f"{path}: expected a JSON list of points, got {type(items).__name__}")
             for n, item in enumerate(items, 1):
