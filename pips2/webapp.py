@@ -1004,6 +1004,11 @@ class Site:
         rebinding), a cross-site fetch, a cross-origin Origin, or no token (a missing Origin is a client that is
         no browser, which needs the token too)."""
         host = (req.header("Host") or "").lower()
+        target = req.environ.get("REQUEST_URI", "/")
+        if not target.startswith("/"):
+            # the absolute form (GET http://name/...): its authority, not Host, names the site (RFC 9112), and
+            # waitress passes on only its path; a browser sends it to proxies only, so it is refused
+            raise WebError(f"request target {shown(target)} is not a path (this server is no proxy)")
         if host not in self.hosts:
             raise WebError(f"Host {shown(host or 'none')} is not this server's name "
                            f"(it answers to {', '.join(sorted(self.hosts))})", 421)

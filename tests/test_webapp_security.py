@@ -112,6 +112,16 @@ def test_host_must_be_a_loopback_name_or_the_given_one(server):
     assert "myhost.lan" not in webapp.allowed_hosts("myhost.lan", 7860)  # the port is part of the name
 
 
+
+def test_a_request_naming_its_site_in_the_target_is_refused(server):
+    """In the absolute form (GET http://name/path) the target's authority names the site, not the Host header:
+    another site's name there passed the Host check, as waitress hands on only the path."""
+    port = server.port
+    for target in ("http://evil.example/api/config", f"http://127.0.0.1:{port}/api/config", "*"):
+        status, _, body = request(port, "GET", target)
+        assert status == 400 and "is not a path" in one_line_error(body), (target, status, body)
+    assert request(port, "GET", "/api/config")[0] == 200
+
 def test_every_call_needs_the_token(server, video, monkeypatch):
     port = server.port
     for path in ("/", "/api/config", "/api/job?id=x", "/api/frame?video=x&t=0", "/files/x/tracks.csv"):
