@@ -101,3 +101,38 @@ def test_cli_out_never_replaces_the_checkpoint(tmp_path, capsys):
             f"error: --out={ck} would overwrite the checkpoint --init_dir={init_dir} ({ck.resolve()}); give another "
             f"--out"), res.stderr
     assert ck.read_bytes() == before
+
+
+def test_the_graph_and_its_sidecar_are_renamed_together(tmp_path, monkeypatch):
+    """A stop between the sidecar's rename and the graph's paired the new weights with the old graph; a new graph
+    without a sidecar left the older export's <out>.data beside it."""
+    import os
+    import signal
+
+    from pips2.utils.procs import Stopped, stopping_on_signals
+
+    out = tmp_path / "m.onnx"
+    out.write_text("old graph")
+    out.with_name("m.onnx.data").write_text("old weights")
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    (tmp / "m.onnx").write_text("new graph")
+    (tmp / "m.onnx.data").write_text("new weights")
+    renames = []
+
+    def replace_then_stop(src, dst):
+        renames.append(dst)
+        os.rename(src, dst)
+        if len(renames) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)  # a scheduler's stop right after the first rename
+
+    monkeypatch.setattr(export_onnx.os, "replace", replace_then_stop)
+    with pytest.raises(Stopped), stopping_on_signals():
+        export_onnx.install(tmp, out)
+    assert len(renames) == 2 and out.read_text() == "new graph"
+    assert out.with_name("m.onnx.data").read_text() == "new weights"
+    # a graph that keeps its weights inside: the older sidecar goes
+    monkeypatch.undo()
+    (tmp / "m.onnx").write_text("newer graph")
+    export_onnx.install(tmp, out)
+    assert out.read_text() == "newer graph" and not out.with_name("m.onnx.data").exists()

@@ -367,12 +367,33 @@ class Stopped(BaseException):
         self.signum = signum
 
 
+_held: list[int] | None = None  # inside held_stops(): the stop signals that arrived, raised at its end
+
+
 def stop_handler(signum: int, frame) -> None:
     """The handler stopping_on_signals() installs: later signals are ignored (the clean-up runs undisturbed), and
-    this one raises Stopped."""
+    this one raises Stopped (at the end of held_stops(), when inside it)."""
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
+    if _held is not None:
+        _held.append(signum)
+        return
     raise_stop(signum, Stopped(signum))
+
+
+@contextmanager
+def held_stops() -> Iterator[None]:
+    """Inside stopping_on_signals(), a block that a stop must not cut in two (renames that belong together): a
+    stop signal arriving within it raises Stopped once the block is done. Masking the signals would not do: the
+    process's other threads (torch's pool) would take them."""
+    global _held
+    outer, _held = _held, []
+    try:
+        yield
+    finally:
+        arrived, _held = _held, outer
+    if arrived:
+        raise_stop(arrived[0], Stopped(arrived[0]))
 
 
 @contextmanager

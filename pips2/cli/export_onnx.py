@@ -26,7 +26,7 @@ from pips2.tracking import MAX_ITERS
 from pips2.utils.checkpoint import CheckpointError
 from pips2.utils.cli import die, run_fire
 from pips2.utils.paths import same_file
-from pips2.utils.procs import Stopped, exit_code, stopping_on_signals
+from pips2.utils.procs import Stopped, exit_code, held_stops, stopping_on_signals
 
 
 class TrackerForExport(torch.nn.Module):
@@ -57,13 +57,24 @@ def export(model, out: str | Path, S: int, model_hw: tuple[int, int], iters: int
         torch.onnx.export(wrapper, (trajs, rgbs), str(tmp / out.name), dynamo=True,
                           dynamic_shapes={"trajs_e0": {2: N}, "rgbs": None}, input_names=["trajs_e0", "rgbs"],
                           output_names=["tracks"], verbose=False)
-        sidecar = tmp / (out.name + ".data")
-        if sidecar.is_file():
-            os.replace(sidecar, out.with_name(out.name + ".data"))
-        os.replace(tmp / out.name, out)
+        install(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def install(tmp: Path, out: Path) -> None:
+    """Rename the graph written in `tmp` (and its sidecar, if any) to `out`, a stop signal held until both are
+    in place: a stop between the two renames would pair the new weights with the old graph. An older
+    export's sidecar that the new graph does not use is removed with it."""
+    sidecar, old_sidecar = tmp / (out.name + ".data"), out.with_name(out.name + ".data")
+    replaced = out.is_file()
+    with held_stops():
+        if sidecar.is_file():
+            os.replace(sidecar, old_sidecar)
+        elif replaced and old_sidecar.is_file() and not old_sidecar.is_symlink():
+            old_sidecar.unlink()
+        os.replace(tmp / out.name, out)
 
 
 # the traced clip is one window held whole in memory (S frames of H x W, their feature maps, the float64 copy
