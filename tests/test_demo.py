@@ -72,11 +72,34 @@ def test_demo_end_to_end(tmp_path, ckpt):
 
 def test_demo_grid_on_a_synthetic_video(tmp_path, ckpt, capsys, monkeypatch):
     real = demo.synthetic_video
-    monkeypatch.setattr(demo, "synthetic_video", lambda out_dir: real(out_dir, frames=12))  # 48 by default: slow
+    monkeypatch.setattr(demo, "synthetic_video", lambda path: real(path, frames=12))  # 48 by default: slow
     res = run_main(demo.main, capsys, init_dir=str(ckpt), grid_size=3, S=8, iters=1, out_dir=str(tmp_path),
                    numbers=True)  # point numbers work for PIPs++ too
     assert res.returncode == 0, res.stderr[-2000:]
     assert (tmp_path / "synthetic.mp4").is_file() and np.load(tmp_path / "tracks.npz")["tracks"].shape == (12, 9, 2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["synthetic.mp4", "tracks.csv", "tracks.mp4", "tracks.npz"]
+
+
+def test_the_synthetic_video_replaces_nothing_until_the_run_succeeds(tmp_path, ckpt, capsys, monkeypatch):
+    """The synthetic video was written in place before the checkpoint was loaded: a run that then failed had
+    replaced <out_dir>/synthetic.mp4 anyway, and through a link of that name the file the link names."""
+    real = demo.synthetic_video
+    monkeypatch.setattr(demo, "synthetic_video", lambda path: real(path, frames=12))
+    precious = tmp_path / "precious.mp4"
+    precious.write_bytes(b"the user's own video")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "synthetic.mp4").symlink_to(precious)
+    res = run_main(demo.main, capsys, init_dir=str(tmp_path / "missing.pth"), grid_size=2, S=8, iters=1,
+                   out_dir=str(out))
+    assert res.returncode == 2 and "missing.pth" in res.stderr, res.stderr
+    assert precious.read_bytes() == b"the user's own video"
+    assert [p.name for p in out.iterdir()] == ["synthetic.mp4"] and (out / "synthetic.mp4").is_symlink()
+    res = run_main(demo.main, capsys, init_dir=str(ckpt), grid_size=2, S=8, iters=1, out_dir=str(out))
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert precious.read_bytes() == b"the user's own video"  # the link was replaced, not what it names
+    assert not (out / "synthetic.mp4").is_symlink() and read_video(out / "synthetic.mp4").shape[0] == 12
+    assert f"through {out / 'synthetic.mp4'} (12 frames" in res.stdout
 
 
 def test_progress_and_summary_say_what_a_person_needs(tmp_path, clip, ckpt, capsys):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import signal
 import sys
 import tempfile
@@ -38,7 +39,7 @@ from pips2.tracking import (
 from pips2.utils.checkpoint import CheckpointError, resolve_device
 from pips2.utils.cli import run_fire
 from pips2.utils.paths import make_dirs, remove_empty_dirs, same_file
-from pips2.utils.procs import Stopped, stopping_on_signals
+from pips2.utils.procs import Stopped, owner_tag, remove_dead_owned, stopping_on_signals
 from pips2.utils.safe_load import not_regular_problem
 from pips2.utils.video import VideoError, image_file_wh, video_info
 from pips2.utils.vis import OUTPUT_NAMES, write_outputs
@@ -167,9 +168,12 @@ def check_out_dir(out: Path) -> list[Path]:
     return made
 
 
-def synthetic_video(out_dir: Path, seed: int = 3, frames: int = 48) -> Path:
-    """An mp4 of a synthetic scene (moving textured layers), for trying the demo without data."""
-    return write_synthetic_video(out_dir / "synthetic.mp4", seed, frames, (256, 384))
+SYNTHETIC_NAME, SYNTHETIC_TEMP_HEAD = "synthetic.mp4", ".synthetic.tmp"
+
+
+def synthetic_video(path: Path, seed: int = 3, frames: int = 48) -> Path:
+    """An mp4 of a synthetic scene (moving textured layers) at path, for trying the demo without data."""
+    return write_synthetic_video(path, seed, frames, (256, 384))
 
 
 def prepare(video_path: Path, points: str | None, grid_size: int, query_frame: int,
@@ -208,7 +212,9 @@ def main(video: str | None = None, init_dir: str | None = None, points: str | No
     line (exit 128 + the signal). Either way what the run made is removed: the decoded video's temp file, partial
     outputs, a synthetic video and an --out_dir it created."""
     out = Path(out_dir)
-    made: list[Path] = []  # folders this run created, and the synthetic video if it made one: removed on failure
+    made: list[Path] = []  # folders this run created: removed on failure
+    # the synthetic video is made under a temp name of this run and renamed with the outputs: a failed run
+    # replaces nothing, and a synthetic.mp4 that is a link is replaced, not the file it names
     synthetic: Path | None = None
     writing, code, done = False, 2, False
     with stopping_on_signals():
@@ -222,10 +228,11 @@ def main(video: str | None = None, init_dir: str | None = None, points: str | No
             check_outputs_spare_inputs(out, video=video, points=points, mask=mask, init_dir=init_dir)
             made = check_out_dir(out)
             if video:
-                video_path = Path(video)
+                video_path = shown_video = Path(video)
             else:
-                synthetic = None if (out / "synthetic.mp4").exists() else out / "synthetic.mp4"
-                video_path = synthetic_video(out)
+                remove_dead_owned(out, SYNTHETIC_TEMP_HEAD, "mp4", dirs=False)
+                synthetic = out / f"{SYNTHETIC_TEMP_HEAD}.{owner_tag()}.mp4"
+                video_path, shown_video = synthetic_video(synthetic), out / SYNTHETIC_NAME
             queries, num_frames, H, W, fps = prepare(video_path, points, grid_size, query_frame, mask)
             if model == "pips2":  # a video too large to track at its size, or for TMPDIR at it: refused now
                 hw = model_hw or default_model_hw((H, W), str(video_path))
@@ -235,7 +242,7 @@ def main(video: str | None = None, init_dir: str | None = None, points: str | No
             if model != "pips2":  # LBM's size is its weights'
                 check_frames_space(video_path, num_frames, (mh, mw))
             t0 = time.time()
-            print(f"tracking {len(queries)} points through {video_path} ({num_frames} frames, {W}x{H}; the model runs "
+            print(f"tracking {len(queries)} points through {shown_video} ({num_frames} frames, {W}x{H}; the model runs "
                   f"at {mw}x{mh}) with {init_dir or DEFAULT_PIPS}", flush=True)
             with warnings.catch_warnings():  # prepare said it in one line, naming the file and its row
                 warnings.filterwarnings("ignore", message=r"queries: row \d+: .* outside the", category=UserWarning)
@@ -246,6 +253,9 @@ def main(video: str | None = None, init_dir: str | None = None, points: str | No
             writing = True
             files = write_outputs(out, video_path, queries, res["tracks"], res["estimated"], fps,
                                   res["visibility"], bool(numbers))
+            if synthetic is not None:
+                os.replace(synthetic, shown_video)
+                files.append(shown_video)
             done = True
         except Stopped as e:
             code = 128 + e.signum
