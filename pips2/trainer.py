@@ -638,6 +638,12 @@ class TrainState:
         wants: dict[str, Any] = {k: list(v) if isinstance(v, tuple) else v for k, v in ref.items()
                                  if k not in ("params", "lr", *SCHEDULE_RATES)}
         wants["weight_decay"] = float(wd)
+        if not (math.isfinite(wd) and wd >= 0 and peak * wd < 1):
+            # the flag's rule (cli/train.check_values), for the decay the file says it was saved with: 1e4 passed
+            # when its groups said the same, and AdamW's 1 - lr x wd shrank the weights to a quarter in 3 steps
+            self.ranks.die(f"{path}: the run was saved with wd={wd:g}; with the schedule's peak rate {peak:g}, AdamW "
+                           f"would scale the weights by 1 - lr x wd = {1 - peak * wd:g} a step, which must stay above "
+                           f"0 and at most 1; move the file aside to resume from the checkpoint before it")
         for g, group in enumerate(self.optimizer.param_groups):
             have = {k: list(v) if isinstance(v := group.get(k), tuple) else v for k in wants}
             wrong = [f"{k} {group.get(k)!r} (this program's: {wants[k]!r})" for k in wants

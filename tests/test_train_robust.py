@@ -584,6 +584,14 @@ def _opt_wrong_shape(c: dict) -> None:
     state[0]["exp_avg"] = torch.zeros(3)
 
 
+def _saved_with_wd(ckpt: dict, wd: float, groups: bool = True) -> None:
+    config = json.loads(ckpt["config"])
+    config["wd"] = wd
+    ckpt["config"] = json.dumps(config)
+    for group in ckpt["optimizer_state_dict"]["param_groups"] if groups else ():
+        group["weight_decay"] = wd
+
+
 @pytest.mark.parametrize("what,change,said", [
     ("rng.python", lambda c: c["rng"].__setitem__("python", [1, 2, 3]), "its 'rng' is not what this program saves"),
     ("rng.numpy", lambda c: c["rng"].__setitem__("numpy", ["MT19937", [1, 2], 0, 0, 0.0]), "its 'rng'"),
@@ -619,6 +627,11 @@ def _opt_wrong_shape(c: dict) -> None:
     ("optimizer capturable",
      lambda c: c["optimizer_state_dict"]["param_groups"][0].__setitem__("capturable", True),
      "holds capturable True (this program's: False)"),
+    # a weight decay the file says it was saved with, and its groups the same: AdamW's 1 - lr x wd went below 0
+    ("config wd huge", lambda c: _saved_with_wd(c, 1e4),
+     "the run was saved with wd=10000; with the schedule's peak rate 0.0005, AdamW would scale the weights by "
+     "1 - lr x wd = -4 a step"),
+    ("config wd nan", lambda c: _saved_with_wd(c, float("nan"), groups=False), "the run was saved with wd=nan"),
     ("schedule max_lr", lambda c: c["optimizer_state_dict"]["param_groups"][0].__setitem__("max_lr", 1e6),
      "its learning-rate schedule is not the one this program builds for its run (max_lr differ)"),
 ])
