@@ -415,16 +415,23 @@ RESUME_SETTINGS = ("max_steps", "amp", "dataset", "dataset_location", "dataset_v
                    "grad_acc", "cache_len", "seed", "wd", "grad_clip", "memory_size", "embed_dim")
 
 
+def saved_settings(saved_config: Any) -> dict:
+    """The settings a checkpoint says its run was saved with (its 'config', JSON text), {} when it holds none that
+    parse to an object: the file is untrusted, and a list there broke the lookups."""
+    try:
+        saved = json.loads(saved_config) if isinstance(saved_config, str) else {}
+    except (ValueError, RecursionError):
+        return {}
+    return saved if isinstance(saved, dict) else {}
+
+
 def resume_warnings(cfg: Config, saved_config: str | None, step: int, world: int = 1,
                     saved_world: int | None = None) -> list[str]:
     """What a resume of a run saved with `saved_config` (its checkpoint's JSON) at `step` should tell the user:
     settings that changed since, a change in the number of processes, and a run already at or past --max_steps
     (nothing would be trained)."""
     out = []
-    try:
-        saved = json.loads(saved_config) if saved_config else {}
-    except (TypeError, ValueError):
-        saved = {}
+    saved = saved_settings(saved_config)
     now = json.loads(json.dumps(asdict(cfg)))
     changed = [f"{k}={saved[k]!r} (now {now[k]!r})" for k in RESUME_SETTINGS if k in saved and saved[k] != now[k]]
     if changed:
@@ -436,6 +443,33 @@ def resume_warnings(cfg: Config, saved_config: str | None, step: int, world: int
         out.append(f"the run is at step {step}, at or past --max_steps={cfg.max_steps}: nothing to train (for a new "
                    f"run give --exp_name; --init_dir=<its folder> starts from its weights)")
     return out
+
+
+def saved_init_dir(saved_config: str | None) -> tuple[bool, Any]:
+    """Whether a checkpoint's settings (its JSON) say which --init_dir its run started from, and that value."""
+    saved = saved_settings(saved_config)
+    return "init_dir" in saved, saved.get("init_dir")
+
+
+def init_dir_problem(given: str | None, before: Any, run_dir: Path, step: int) -> str | None:
+    """Why resuming the run in `run_dir`, which started from --init_dir=`before`, would ignore the --init_dir
+    `given` (None when it would not): its continuation is not the run from `given` the user asked for. The same
+    --init_dir (a requeued job's command) or one inside the run folder resumes."""
+    if not given or given == before:
+        return None
+
+    def place(p: object) -> Path | None:
+        try:
+            return Path(str(p)).expanduser().resolve()
+        except (OSError, RuntimeError, ValueError):
+            return None
+
+    here, run = place(given), place(run_dir)
+    if here is not None and (before is not None and here == place(before) or here == run or run in here.parents):
+        return None
+    return (f"{run_dir} holds a run at step {step} that started from --init_dir={before}; --init_dir={given} "
+            f"would be ignored by resuming it: give --exp_name=<a new name> for a new run from {given}, or leave "
+            f"--init_dir out to resume")
 
 
 def make_optimizer(params: Any, cfg: Config) -> torch.optim.AdamW:
@@ -479,6 +513,7 @@ class TrainState:
         self.optimizer = make_optimizer(self.net.parameters(), cfg)
         self.scheduler = make_scheduler(self.optimizer, cfg)
         self.scaler = torch.amp.GradScaler(ranks.device.type, enabled=cfg.amp == "fp16")
+        self.origin = cfg.init_dir  # the --init_dir the run started from, saved with its settings
         self.step, extras, self.loaded_from = self._load(say)
         self._apply_extras(extras)
         self.model = self.net
@@ -529,6 +564,12 @@ class TrainState:
                 self.ranks.die(f"{self.ckpt_dir}: no readable checkpoint to resume from ({len(bad)} unreadable, "
                                f"kept as *.bad)")
             path, loaded = found
+            said_origin, origin = saved_init_dir(loaded.get("config"))
+            if said_origin:
+                problem = init_dir_problem(cfg.init_dir, origin, self.ckpt_dir, ck.step_of(path))
+                if problem is not None:
+                    self.ranks.die(problem)
+                self.origin = origin  # a resume without --init_dir still records where the run started
             if main:
                 for b, e in bad:
                     reason = str(e).removeprefix(f"{b}: ")
@@ -624,11 +665,7 @@ class TrainState:
         weight decay the run was saved with (else --wd), the rate at most the schedule's peak; one line naming the
         file otherwise (a group's lr of 1e30 trained to weights of 1e30 and ended "done", exit 0; a weight decay or
         eps from the file silently replaced the flags)."""
-        try:
-            saved = json.loads(saved_config) if isinstance(saved_config, str) else {}
-        except ValueError:
-            saved = {}
-        saved_wd = saved.get("wd") if isinstance(saved, dict) else None
+        saved_wd = saved_settings(saved_config).get("wd")
         wd = float(saved_wd) if isinstance(saved_wd, (int, float)) else self.cfg.wd
         ref = make_optimizer([torch.zeros(1, requires_grad=True)], self.cfg).param_groups[0]
         peak = max(float(v) for v in self.scheduler.base_lrs) if self.cfg.lbm else \
@@ -749,8 +786,8 @@ class TrainState:
             self._save()
 
     def _save(self) -> None:
-        extra = {"rng": rng_state(), "nan_steps": self.nan_total, "config": json.dumps(asdict(self.cfg)),
-                 "world": self.ranks.world,
+        config = json.dumps({**asdict(self.cfg), "init_dir": self.origin})
+        extra = {"rng": rng_state(), "nan_steps": self.nan_total, "config": config, "world": self.ranks.world,
                  "loss_t": [float(v) for v in self.losses], "d_t": [float(v) for v in self.d_ts],
                  "d_v": [float(v) for v in self.d_vs], "corrupt_clips": sorted(self.corrupt["train"]),
                  "corrupt_val_clips": sorted(self.corrupt["val"])}

@@ -692,3 +692,32 @@ def test_init_dir_with_load_optimizer_checks_the_schedule_it_brings(two_steps, t
     cfg = _cfg(out, tmp_path, max_steps=3, init_dir=str(src.parent), load_optimizer=True, exp_name="few")
     train.run_stage(cfg)  # within the schedule: trains
     assert [s for s, _ in ck.list_checkpoints(tmp_path / "ck" / cfg.name())] == [3]
+
+
+def test_init_dir_is_never_ignored_by_a_resume(two_steps, tmp_path, capsys):
+    """--init_dir into a run folder that already held checkpoints resumed that run and never opened the checkpoint
+    given, "done", exit 0: refused in one line unless the run started from that same --init_dir (a requeued job's
+    command), which a resume without --init_dir keeps recording."""
+    out, src = two_steps
+    fresh = _cfg(out, tmp_path, max_steps=1)
+    train.run_stage(fresh)  # a run started from no checkpoint
+    folder = tmp_path / "ck" / fresh.name()
+    with pytest.raises(SystemExit) as e:
+        train.run_stage(_cfg(out, tmp_path, max_steps=2, init_dir=str(src)))
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: {folder} holds a run at step 1 that started from --init_dir=None; --init_dir={src} would be ignored "
+        f"by resuming it: give --exp_name=<a new name> for a new run from {src}, or leave --init_dir out to resume")
+    assert [s for s, _ in ck.list_checkpoints(folder)] == [1]
+    # a run from --init_dir, stopped and resumed with and without it: the same command resumes
+    cfg = _cfg(out, tmp_path, max_steps=1, init_dir=str(src), exp_name="tuned")
+    train.run_stage(cfg)
+    train.run_stage(_cfg(out, tmp_path, max_steps=2, exp_name="tuned"))
+    train.run_stage(_cfg(out, tmp_path, max_steps=3, init_dir=str(src), exp_name="tuned"))
+    tuned = tmp_path / "ck" / cfg.name()
+    assert [s for s, _ in ck.list_checkpoints(tuned)][-1] == 3
+    saved = json.loads(torch.load(ck.find_checkpoint(tuned), weights_only=True)["config"])
+    assert saved["init_dir"] == str(src)
+    # a checkpoint of the run itself, given as --init_dir, is that run
+    train.run_stage(_cfg(out, tmp_path, max_steps=4, init_dir=str(ck.find_checkpoint(tuned)), exp_name="tuned"))
+    assert [s for s, _ in ck.list_checkpoints(tuned)][-1] == 4
