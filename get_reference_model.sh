@@ -5,7 +5,8 @@
 # (pips2.utils.download, standard library only) and verifies the checkpoint.
 # Nothing in the destination is touched until the archive holds only reference_model/model-*.pth files within
 # the bounds of docs/MODELS.md and every one loads into the model (finite weights of the model's dtypes); then
-# those files alone are moved in: nothing else in the destination is replaced or removed.
+# those files alone are moved in: nothing else in the destination is replaced or removed, and a file of the same
+# name that is not the same checkpoint is kept as <name>.old.
 set -euo pipefail
 
 URL="${REF_MODEL_URL:-https://www.dropbox.com/scl/fi/czdlt2zc2ji2b7zd0pvoe/reference_model.tar.gz?rlkey=56ebq4g5dk01kyq8kuismev14}"
@@ -77,8 +78,18 @@ stage="$(mktemp -d "$DEST/.refmodel.XXXXXX")"
 for ck in "$unpacked"/reference_model/model-*.pth; do
   mv -f "$ck" "$stage/"
 done
+# a file of that name that is not this very checkpoint may be the user's own (train.py names its step-200,000
+# checkpoint model-000200000.pth too): it is kept beside, never replaced
+same_file_bytes() { command -v cmp >/dev/null 2>&1 && cmp -s "$1" "$2"; }
 for ck in "$stage"/model-*.pth; do
-  mv -f "$ck" "$DEST/$(basename "$ck")"
+  target="$DEST/$(basename "$ck")"
+  if [ -L "$target" ] || { [ -e "$target" ] && ! same_file_bytes "$ck" "$target"; }; then
+    keep="$target.old"; n=1
+    while [ -e "$keep" ] || [ -L "$keep" ]; do keep="$target.old.$n"; n=$((n + 1)); done
+    mv "$target" "$keep"
+    echo "kept the earlier $target as $keep (it is not this checkpoint)"
+  fi
+  mv -f "$ck" "$target"
 done
 echo "reference model in $DEST:"
 ls -l "$DEST" | tail -n +2

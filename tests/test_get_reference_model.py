@@ -140,6 +140,15 @@ def test_good_tarball_replaces_an_old_install(server, tmp_path, good_ckpt):
     res = _run(f"{base}/good.tar.gz", tmp_path)
     assert res.returncode == 0, res.stderr
     assert (dest / "model-000200000.pth").read_bytes() == good_ckpt
+    # a file of the checkpoint's name that is another one may be the user's (train.py names its step-200,000
+    # checkpoint so): it was replaced, now it is kept beside; the same checkpoint again is simply replaced
+    assert (dest / "model-000200000.pth.old").read_bytes() == b"old"
+    assert "kept the earlier ./reference_model/model-000200000.pth as ./reference_model/model-000200000.pth.old" \
+        in res.stdout
+    res = _run(f"{base}/good.tar.gz", tmp_path)
+    assert res.returncode == 0 and "kept the earlier" not in res.stdout, res.stdout
+    assert sorted(p.name for p in dest.iterdir() if p.name.startswith("model-")) == [
+        "model-000200000.pth", "model-000200000.pth.old"]
     # what the tarball does not hold is the user's: kept as it was
     assert (dest / "args.txt").read_bytes() == b"mine"
     assert (dest / "finetuned" / "model-000000010.pth").read_bytes() == b"mine"
