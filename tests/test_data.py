@@ -161,7 +161,10 @@ def test_synthetic_refuses_other_settings_into_the_same_folder(tmp_path, capsys)
     (dict(n_points=-1), "--n_points must be between 3 and 131072, got -1"),
     (dict(n_points=0), "--n_points must be between 3"), (dict(T=100000, n_points=100000), "--T x --n_points"),
     (dict(n_objects=-1), "--n_objects must be from 0 to 250"), (dict(train=0), "nothing to write"),
-    (dict(val=-2), "--val must be at least 0, got -2"),
+    (dict(val=-2), "--val must be from 0 to 10000 scenes, got -2"),
+    # 10^8 scenes: a list of every job took 3.5 GB before the first scene was written
+    (dict(train=100_000_000), "--train must be from 0 to 10000 scenes, got 100000000"),
+    (dict(train=10000, test=10000, W=4096, H=4096, T=1000), "20000 scenes of 1000 frames 4096x4096 take at least "),
     # a 1e9-pixel shift hung in OpenCV's reflected border; n_objects 100000 and seed -1 were tracebacks
     (dict(cam_speed=1e9), "--cam_speed must be a number of pixels per frame from -512 to 512"),
     (dict(obj_speed=float("nan")), "--obj_speed must be a number of pixels per frame"),

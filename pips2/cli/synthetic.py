@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import math
+import shutil
 import signal
 import sys
 from pathlib import Path
@@ -21,6 +22,10 @@ MIN_T = 2  # frames: a track needs two; the scripts' windows overlap by one fram
 MIN_POINTS = 3  # 2/5 of the points go to the background: fewer give no tracked point at all
 MAX_OBJECTS = 250  # the scene's label map is uint8, background and objects each one label
 MAX_SEED = 2**32 - 1  # numpy's generators take seeds from 0
+MAX_SCENES = 10000  # per split: scenes are named synth_0000 to synth_9999
+# the least a scene takes on disk: its JPEG frames (a default scene's take 0.45 bytes a pixel, its masks, depths
+# and normals 0.1 more) and its tracks (float32 x, y and a visibility byte a point and frame)
+MIN_SCENE_BYTES_PER_PIXEL, MIN_SCENE_BYTES_PER_TRACK_ENTRY = 0.1, 9
 
 
 def check_flags(W: int, H: int, T: int, n_points: int, n_objects: int, counts: dict[str, int],
@@ -50,10 +55,28 @@ def check_flags(W: int, H: int, T: int, n_points: int, n_objects: int, counts: d
     if out is not None and Path(out).exists() and not Path(out).is_dir():
         raise ValueError(f"--out={out} is not a folder")
     for name, count in counts.items():
-        if count < 0:
-            raise ValueError(f"--{name} must be at least 0, got {count}")
+        if not 0 <= count <= MAX_SCENES:
+            raise ValueError(f"--{name} must be from 0 to {MAX_SCENES} scenes, got {count}")
     if not any(counts.values()):
         raise ValueError(f"nothing to write: --{', --'.join(counts)} are all 0")
+    if out is not None:
+        check_room(Path(out), sum(counts.values()), W, H, T, n_points)
+
+
+def check_room(out: Path, scenes: int, W: int, H: int, T: int, n_points: int) -> None:
+    """ValueError when `scenes` scenes could not fit in the free space of --out's disk, counting the least a scene
+    takes (a lower bound: a run refused here could not have finished)."""
+    need = scenes * (T * W * H * MIN_SCENE_BYTES_PER_PIXEL + T * n_points * MIN_SCENE_BYTES_PER_TRACK_ENTRY)
+    folder = next((p for p in (out, *out.absolute().parents) if p.is_dir()), None)
+    if folder is None:
+        return
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return
+    if need > free:
+        raise ValueError(f"{scenes} scenes of {T} frames {W}x{H} take at least {need / 2**30:.1f} GB, and {folder} "
+                         f"has {free / 2**30:.1f} GB free; write fewer or smaller scenes")
 
 
 def main(out: str = "./synthetic_pod", train: int = 8, val: int = 0, test: int = 2, sample: int = 0, W: int = 512,
