@@ -34,7 +34,7 @@ from pips2.utils import metrics, plots
 from pips2.utils.amp import amp_dtype
 from pips2.utils.cli import parse_hw
 from pips2.utils.paths import write_json
-from pips2.utils.procs import caught_stop_signals, exit_code, raise_stop
+from pips2.utils.procs import STOP_SIGNALS, caught_stop_signals, exit_code, raise_stop
 from pips2.utils.video import VideoError, image_truncation
 
 # LBM's evaluation memory per data set (the authors' choice, docs/LBM.md), found by name in the file's name
@@ -349,7 +349,17 @@ def why_not(e: OSError) -> str:
 
 
 def _on_signal(signum, _frame) -> None:
+    # the first stop signal ends the run: later ones are ignored until its report and exit are done (a SIGINT
+    # 50 ms after a SIGTERM made the exit status 130 under a line naming SIGTERM)
+    for s in STOP_SIGNALS:
+        if signal.getsignal(s) is _on_signal:
+            signal.signal(s, signal.SIG_IGN)
     raise_stop(signum, Interrupted(signal.Signals(signum).name))
+
+
+def _restore(handlers: dict) -> None:
+    for s, h in handlers.items():
+        signal.signal(s, h)
 
 
 @dataclass
@@ -402,13 +412,16 @@ class Evaluation:
         except KeyboardInterrupt as e:
             signame = e.signame if isinstance(e, Interrupted) else "SIGINT"
             self.status = "interrupted"
-            self._stop(bar, old, time.time() - t0)
+            self._stop(bar, old, time.time() - t0, interrupted=True)
             done = f"{len(self.per_item)}" + (f" of {total}" if total is not None else "")
             where = f"; partial results in {self.out_json}" if self.out_json else ""
             if self.unwritten:
                 where = "; partial results printed above (--out_json not written)"
-            print(f"stopped by {signame}: {done} {self.noun} scored{where}", file=sys.stderr, flush=True)
-            sys.exit(exit_code(signame))
+            try:
+                print(f"stopped by {signame}: {done} {self.noun} scored{where}", file=sys.stderr, flush=True)
+                sys.exit(exit_code(signame))
+            finally:
+                _restore(old)
         except Exception as e:  # a bug, not bad data: keep the scores, then fail loudly
             self.status = f"error: {type(e).__name__}: {' '.join(str(e).split())}"
             self._stop(bar, old, time.time() - t0)
@@ -431,16 +444,17 @@ class Evaluation:
         self.frames += res.frames
         tqdm.write(res.line)
 
-    def _stop(self, bar, old_handlers: dict, seconds: float) -> None:
-        """Close the bar and report; a second signal must not break the report, so both are ignored meanwhile."""
+    def _stop(self, bar, old_handlers: dict, seconds: float, interrupted: bool = False) -> None:
+        """Close the bar and report; a second signal must not break the report, so the stop signals are ignored
+        meanwhile, and after it too when a signal stopped the run (its line and exit come next)."""
         for s in old_handlers:
             signal.signal(s, signal.SIG_IGN)
         try:
             bar.close()
             self.finish(seconds)
         finally:
-            for s, h in old_handlers.items():
-                signal.signal(s, h)
+            if not interrupted:
+                _restore(old_handlers)
 
     def means(self) -> tuple[dict[str, float] | None, dict[str, dict[str, float]]]:
         """The authors' figures averaged over the items that have them (None if none has), and the TAP-Vid

@@ -261,3 +261,38 @@ def test_out_json_on_a_disk_already_full_is_refused_at_start(tmp_path, monkeypat
         evaluation.check_out_json(str(tmp_path / "r.json"))
     monkeypatch.setattr(evaluation.shutil, "disk_usage", lambda p: usage(10**9, 0, 10**9))
     evaluation.check_out_json(str(tmp_path / "r.json"))
+
+
+def test_later_signals_do_not_change_how_a_stopped_evaluation_ends(tmp_path, monkeypatch, capsys):
+    """A SIGTERM, then a SIGINT 50 ms later while the partial results were written: the line named SIGTERM but
+    the exit status was SIGINT's 130. The first signal decides; the handlers come back once the run has ended."""
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    run = evaluation.Evaluation("PointOdyssey test", "scenes", "m", {}, out_json=str(tmp_path / "r.json"))
+    finish = run.finish
+
+    def finish_then_interrupted(seconds):
+        os.kill(os.getpid(), signal.SIGINT)  # arrives while the partial results are written
+        finish(seconds)
+        os.kill(os.getpid(), signal.SIGINT)  # and after
+
+    monkeypatch.setattr(run, "finish", finish_then_interrupted)
+    code_of = evaluation.exit_code
+
+    def exit_code_then_interrupted(name):
+        os.kill(os.getpid(), signal.SIGINT)  # arrives after the line, as the run exits
+        return code_of(name)
+
+    monkeypatch.setattr(evaluation, "exit_code", exit_code_then_interrupted)
+
+    def items():
+        figures = {k: 1.0 for k in evaluation.metrics.METRIC_NAMES}
+        yield "a", lambda: evaluation.Scored(figures, "a: scored", 1)
+        os.kill(os.getpid(), signal.SIGTERM)
+        yield "b", lambda: evaluation.Scored(figures, "b: scored", 1)
+
+    with pytest.raises(SystemExit) as e:
+        run.run(items(), total=2)
+    assert e.value.code == 143
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("stopped by SIGTERM: 1 of 2 scenes scored")
+    assert {s: signal.getsignal(s) for s in before} == before
+    assert json.loads((tmp_path / "r.json").read_text())["status"] == "interrupted"
