@@ -112,6 +112,20 @@ def norm_forms(x: torch.Tensor) -> dict:
     return {"norm_model": batch_norm_train, "norm_var_mean": var_mean_then_eval, "norm_instance": instance_norm}
 
 
+def conv_forms(x: torch.Tensor, wt: torch.Tensor, b: torch.Tensor) -> dict:
+    """The convolution's forms on input x, then the norm's on its output."""
+    xcl = x.contiguous(memory_format=torch.channels_last)
+    U2, U4 = filters(wt, G2), filters(wt, G4)
+    h, w = x.shape[-2:]
+    V = torch.randn(16, -(-h // 2) * -(-w // 2), x.shape[1])
+    runs = {"direct": lambda: F.conv2d(x, wt, b, padding=1),
+            "direct_cl": lambda: F.conv2d(xcl, wt, b, padding=1),
+            "wino2": lambda: wino2(xcl, U2, b),
+            "wino2_gemm": lambda: wino2(xcl, U2, b, gemm_only=V),
+            "wino4": lambda: wino4(x, U4, b)}
+    return {**runs, **norm_forms(F.conv2d(x, wt, b, padding=1))}
+
+
 def main(H: int = 544, W: int = 960, rounds: int = 3, per_round: int = 3, json_out: str | None = None) -> None:
     """Time each form of each shape, interleaved; print ms and ratios to `direct`."""
     torch.manual_seed(0)
@@ -125,17 +139,7 @@ def main(H: int = 544, W: int = 960, rounds: int = 3, per_round: int = 3, json_o
         ref = F.conv2d(x64, w64, b64, padding=1)
         err2 = (wino2(x64.contiguous(memory_format=torch.channels_last), filters(w64, G2), b64) - ref).abs().max()
         err4 = (wino4(x64, filters(w64, G4), b64) - ref).abs().max()
-        x, wt, b = x64.float(), w64.float(), b64.float()
-        xcl = x.contiguous(memory_format=torch.channels_last)
-        U2, U4 = filters(wt, G2), filters(wt, G4)
-        V = torch.randn(16, -(-h // 2) * -(-w // 2), cin)
-        runs = {"direct": lambda: F.conv2d(x, wt, b, padding=1),
-                "direct_cl": lambda: F.conv2d(xcl, wt, b, padding=1),
-                "wino2": lambda: wino2(xcl, U2, b),
-                "wino2_gemm": lambda: wino2(xcl, U2, b, gemm_only=V),
-                "wino4": lambda: wino4(x, U4, b)}
-        y = F.conv2d(x, wt, b, padding=1)
-        runs.update(norm_forms(y.clone()))
+        runs = conv_forms(x64.float(), w64.float(), b64.float())
         with torch.inference_mode():
             times = interleaved_times(runs, rounds, per_round)
         best = {k: min(v) for k, v in times.items()}
