@@ -557,6 +557,33 @@ def test_outputs_are_written_whole_or_not_at_all(tmp_path, clip):
     assert np.load(tmp_path / "tracks.npz")["tracks"].shape == (14, 2, 2)
 
 
+def test_a_stop_between_the_renames_waits_for_the_last(tmp_path, clip, monkeypatch):
+    """The outputs (and the demo's synthetic video) were renamed one after another: a SIGTERM between two left a
+    new tracks.npz beside the old tracks.csv and tracks.mp4, under a line saying nothing was written."""
+    from pips2.utils import vis
+    from pips2.utils.procs import Stopped, stopping_on_signals
+
+    for f in ("tracks.npz", "tracks.csv", "tracks.mp4", "synthetic.mp4"):
+        (tmp_path / f).write_text("an earlier run")
+    video = tmp_path / ".synthetic.tmp.mp4"
+    shutil.copy(clip, video)
+    renames = []
+
+    def replace_then_stop(src, dst):
+        renames.append(Path(dst).name)
+        os.rename(src, dst)
+        if len(renames) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(vis.os, "replace", replace_then_stop)
+    tracks = np.zeros((14, 2, 2), np.float32)
+    with pytest.raises(Stopped), stopping_on_signals():
+        write_outputs(tmp_path, video, np.zeros((2, 3), np.float32), tracks, np.ones((14, 2), bool), 24.0,
+                      with_them=[(video, tmp_path / "synthetic.mp4")])
+    assert renames == ["tracks.npz", "tracks.csv", "tracks.mp4", "synthetic.mp4"]
+    assert not any((tmp_path / f).read_bytes() == b"an earlier run" for f in renames)
+
+
 def test_points_files_that_cannot_be_read_as_points_are_one_line(tmp_path, monkeypatch):
     """A CSV field over the csv module's limit, deeply nested JSON and true/false as coordinates ended in a
     traceback or were taken as numbers; /dev/zero (or a FIFO) would be read forever, a huge file whole."""

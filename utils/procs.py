@@ -387,6 +387,9 @@ def held_stops() -> Iterator[None]:
     stop signal arriving within it raises Stopped once the block is done. Masking the signals would not do: the
     process's other threads (torch's pool) would take them."""
     global _held
+    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread alone
+        yield
+        return
     outer, _held = _held, []
     try:
         yield

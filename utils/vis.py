@@ -11,7 +11,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from pips2.utils.procs import owner_tag, remove_dead_owned
+from pips2.utils.procs import held_stops, owner_tag, remove_dead_owned
 from pips2.utils.video import MAX_RATE_DENOMINATOR, frame_rate, iter_frames, write_mp4
 
 DRAW_LIMIT = 1e5  # px: points further out are not drawn (OpenCV shifts coordinates into 32-bit integers)
@@ -124,7 +124,8 @@ def remove_dead_temps(out_dir: Path) -> list[Path]:
 
 def write_outputs(out_dir: Path, video: Path, queries: np.ndarray, tracks: np.ndarray, estimated: np.ndarray,
                   fps: float | Fraction | None, visibility: np.ndarray | None = None, numbers: bool = False,
-                  on_frame: Callable[[int], None] | None = None, radius: int = 3, thickness: int = 1) -> list[Path]:
+                  on_frame: Callable[[int], None] | None = None, radius: int = 3, thickness: int = 1,
+                  with_them: Iterable[tuple[Path, Path]] = ()) -> list[Path]:
     """tracks.npz, tracks.csv and tracks.mp4 (points with fading trails) in out_dir (demo.py's and the web
     demo's outputs, docs/FORMATS.md).
 
@@ -133,8 +134,9 @@ def write_outputs(out_dir: Path, video: Path, queries: np.ndarray, tracks: np.nd
     the npz gets a `visibility` array, the csv a `visibility` column (0/1) and the video draws invisible points
     hollow; numbers=True writes each point's index beside it; on_frame(t) is called as each frame of the video
     is drawn (progress); radius and thickness size the points and trails. Each file is written under a temp name
-    and the three are renamed into place only once all are complete: an error or a signal mid-way leaves no
-    partial file (and the temps are removed)."""
+    and the three are renamed into place only once all are complete, with a stop signal held until the last
+    rename (and the (temp, final) renames `with_them`, the demo's synthetic video): an error or a signal mid-way
+    leaves no partial file and no mix of new and old ones (and the temps are removed)."""
     final = [out_dir / name for name in OUTPUT_NAMES]
     remove_dead_temps(out_dir)
     tag = f".tmp.{owner_tag()}"
@@ -165,8 +167,9 @@ def write_outputs(out_dir: Path, video: Path, queries: np.ndarray, tracks: np.nd
         frames = drawn(render_tracks(iter_frames(video), tracks, estimated, visibility=visibility, labels=labels,
                                      radius=radius, thickness=thickness))
         write_mp4(mp4, frames, fps=output_fps(frame_rate(video) or fps))
-        for tmp, dest in zip((npz, csv_path, mp4), final, strict=True):
-            os.replace(tmp, dest)
+        with held_stops():  # a stop between two renames would leave new and old outputs side by side
+            for tmp, dest in [*zip((npz, csv_path, mp4), final, strict=True), *with_them]:
+                os.replace(tmp, dest)
     finally:
         for tmp in (npz, csv_path, mp4):
             tmp.unlink(missing_ok=True)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import signal
 import sys
 import tempfile
@@ -251,11 +250,10 @@ def main(video: str | None = None, init_dir: str | None = None, points: str | No
                             progress=True)
             dt = time.time() - t0
             writing = True
+            installs = [(synthetic, shown_video)] if synthetic is not None else []
             files = write_outputs(out, video_path, queries, res["tracks"], res["estimated"], fps,
-                                  res["visibility"], bool(numbers))
-            if synthetic is not None:
-                os.replace(synthetic, shown_video)
-                files.append(shown_video)
+                                  res["visibility"], bool(numbers), with_them=installs)
+            files += [dest for _, dest in installs]
             done = True
         except Stopped as e:
             code = 128 + e.signum
