@@ -556,6 +556,12 @@ class TrainState:
         cfg, main = self.cfg, self.ranks.main
         step, loaded, path = 0, {}, None  # loaded: the checkpoint whose step is resumed
         ignore = tuple(p for p in (cfg.ignore_load or "").split(",") if p)
+        if not cfg.resume and (held := ck.list_checkpoints(self.ckpt_dir)):
+            # a new run there overwrote the old one's checkpoints of the same steps and left its later ones newest:
+            # the next plain rerun resumed the old run and dropped the new one's steps
+            self.ranks.die(f"{self.ckpt_dir} holds an earlier run's checkpoints (the newest {held[-1][1].name}); "
+                           f"--resume=False would mix a new run into them: give --exp_name=<a new name> for a "
+                           f"separate run, or move that folder aside")
         if cfg.resume and ck.list_checkpoints(self.ckpt_dir):
             bad: list[tuple[Path, ck.CheckpointError]] = []
             found = ck.read_newest(self.ckpt_dir, on_bad=lambda path, e: bad.append((path, e)), rename=main,

@@ -721,3 +721,22 @@ def test_init_dir_is_never_ignored_by_a_resume(two_steps, tmp_path, capsys):
     # a checkpoint of the run itself, given as --init_dir, is that run
     train.run_stage(_cfg(out, tmp_path, max_steps=4, init_dir=str(ck.find_checkpoint(tuned)), exp_name="tuned"))
     assert [s for s, _ in ck.list_checkpoints(tuned)][-1] == 4
+
+
+def test_resume_false_never_mixes_a_new_run_into_an_old_one(two_steps, tmp_path, capsys):
+    """--resume=False into a folder of an earlier run overwrote its checkpoints of the same steps and left its
+    later ones newest: the next plain rerun resumed the old run, the new run's steps dropped. Refused now."""
+    out, src = two_steps
+    cfg = _cfg(out, tmp_path, max_steps=1)
+    folder = tmp_path / "ck" / cfg.name()
+    folder.mkdir(parents=True)
+    shutil.copy(src, folder / src.name)
+    before = (folder / src.name).read_bytes()
+    with pytest.raises(SystemExit) as e:
+        train.run_stage(_cfg(out, tmp_path, max_steps=1, resume=False))
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: {folder} holds an earlier run's checkpoints (the newest {src.name}); --resume=False would mix a new "
+        f"run into them: give --exp_name=<a new name> for a separate run, or move that folder aside")
+    assert [p.name for p in folder.iterdir() if p.suffix == ".pth"] == [src.name]
+    assert (folder / src.name).read_bytes() == before
