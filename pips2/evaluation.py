@@ -35,6 +35,7 @@ from pips2.utils.amp import amp_dtype
 from pips2.utils.cli import parse_hw
 from pips2.utils.paths import write_json
 from pips2.utils.procs import STOP_SIGNALS, caught_stop_signals, exit_code, raise_stop
+from pips2.utils.safe_load import UnsafeFileError, open_regular
 from pips2.utils.video import VideoError, image_truncation
 
 # LBM's evaluation memory per data set (the authors' choice, docs/LBM.md), found by name in the file's name
@@ -357,6 +358,29 @@ def _on_signal(signum, _frame) -> None:
     raise_stop(signum, Interrupted(signal.Signals(signum).name))
 
 
+MAX_RESULTS_BYTES = 64 << 20  # an --out_json this program wrote: a table of figures per item
+
+
+def holds_complete_results(path: str | os.PathLike) -> bool:
+    """Whether path is a results file of a run that finished (`"complete": true`)."""
+    try:
+        with open_regular(path) as f:
+            text = f.read(MAX_RESULTS_BYTES + 1)
+        data = json.loads(text) if len(text) <= MAX_RESULTS_BYTES else None
+    except (OSError, UnsafeFileError, ValueError, RecursionError):
+        return False
+    return isinstance(data, dict) and data.get("complete") is True
+
+
+def results_path(out_json: str, done: bool) -> str:
+    """Where a run's results go: --out_json, unless the run did not finish and --out_json holds a finished run's
+    results (hours of scoring that a stopped rerun replaced with its partial ones): then <stem>.partial<suffix>."""
+    p = Path(out_json)
+    if done or not holds_complete_results(p):
+        return out_json
+    return str(p.with_name(f"{p.stem}.partial{p.suffix}"))
+
+
 def _restore(handlers: dict) -> None:
     for s, h in handlers.items():
         signal.signal(s, h)
@@ -381,6 +405,7 @@ class Evaluation:
     total: int | None = None  # items handed to run(), when known
     processed: int = 0  # of them, scored or skipped
     unwritten: str | None = None  # why --out_json could not be written (its JSON then went to stdout)
+    results_path: str | None = None  # where the results went: --out_json, or beside it for a partial run
 
     def skip(self, name: str, reason: str) -> None:
         """Record an item that cannot be scored, and say so."""
@@ -414,7 +439,7 @@ class Evaluation:
             self.status = "interrupted"
             self._stop(bar, old, time.time() - t0, interrupted=True)
             done = f"{len(self.per_item)}" + (f" of {total}" if total is not None else "")
-            where = f"; partial results in {self.out_json}" if self.out_json else ""
+            where = f"; partial results in {self.results_path}" if self.out_json else ""
             if self.unwritten:
                 where = "; partial results printed above (--out_json not written)"
             try:
@@ -481,8 +506,9 @@ class Evaluation:
         payload, write_error = None, None
         if self.out_json:
             payload = self.payload()
+            self.results_path = results_path(self.out_json, self.status == "done")
             try:
-                write_json(self.out_json, payload)
+                write_json(self.results_path, payload)
             except OSError as e:  # a full disk after hours of scoring: the results must still reach the user
                 write_error = e
         mean, tapvid = self.means()
@@ -504,12 +530,12 @@ class Evaluation:
         if write_error is not None:
             self.unwritten = why_not(write_error)
             print(f"{RESULTS_MARKER}\n{json.dumps(payload, indent=2)}", flush=True)
-            print(f"error: cannot write --out_json={self.out_json} ({self.unwritten}); the results are printed "
+            print(f"error: cannot write --out_json={self.results_path} ({self.unwritten}); the results are printed "
                   "above", file=sys.stderr, flush=True)
             return
-        print(f"results -> {self.out_json}" + ("" if self.status == "done" else " (partial)"), flush=True)
+        print(f"results -> {self.results_path}" + ("" if self.status == "done" else " (partial)"), flush=True)
         if payload["curves"]:
-            png = plots.png_path(self.out_json)
+            png = plots.png_path(self.results_path)
             try:
                 plots.save_png({self.benchmark: payload["curves"]}, png,
                                title=f"{self.label} on {self.benchmark}: {n} {self.noun}")

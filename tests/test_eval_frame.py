@@ -296,3 +296,33 @@ def test_later_signals_do_not_change_how_a_stopped_evaluation_ends(tmp_path, mon
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith("stopped by SIGTERM: 1 of 2 scenes scored")
     assert {s: signal.getsignal(s) for s in before} == before
     assert json.loads((tmp_path / "r.json").read_text())["status"] == "interrupted"
+
+
+def test_a_stopped_rerun_keeps_the_finished_results(tmp_path, capsys):
+    """A rerun stopped by SIGTERM replaced the finished run's --out_json (hours of scoring) and its curves with its
+    partial results: they now go beside it, named in the stop line; a partial file is replaced as before."""
+    out = tmp_path / "r.json"
+    figures = {k: 1.0 for k in evaluation.metrics.METRIC_NAMES}
+
+    def items(stop_after: int | None):
+        for i in range(3):
+            if i == stop_after:
+                os.kill(os.getpid(), signal.SIGTERM)
+            yield f"s{i}", lambda: evaluation.Scored(figures, "scored", 1)
+
+    evaluation.Evaluation("PointOdyssey test", "scenes", "m", {}, out_json=str(out)).run(items(None), total=3)
+    finished = out.read_bytes()
+    assert json.loads(finished)["complete"] is True
+    for attempt in range(2):
+        with pytest.raises(SystemExit) as e:
+            evaluation.Evaluation("PointOdyssey test", "scenes", "m", {}, out_json=str(out)).run(items(1), total=3)
+        assert e.value.code == 143
+        partial = tmp_path / "r.partial.json"
+        assert capsys.readouterr().err.strip().splitlines()[-1] == (
+            f"stopped by SIGTERM: 1 of 3 scenes scored; partial results in {partial}")
+        assert out.read_bytes() == finished and json.loads(partial.read_text())["status"] == "interrupted"
+    # a partial --out_json (the first run was stopped too) is simply replaced
+    out.write_text(partial.read_text())
+    with pytest.raises(SystemExit):
+        evaluation.Evaluation("PointOdyssey test", "scenes", "m", {}, out_json=str(out)).run(items(2), total=3)
+    assert len(json.loads(out.read_text())["per_item"]) == 2
