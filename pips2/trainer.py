@@ -735,7 +735,8 @@ class TrainState:
                         f"{self.ckpt_dir / ck.ckpt_name(step)}; the same command resumes from there")
             else:
                 line = f"{name}: stopped by {how} before step {step + 1}, nothing trained; the same command starts it"
-            print(line, flush=True)
+            # the reader of stdout is gone on SIGPIPE: the line goes where it can still be read
+            print(line, file=sys.stderr if signum == getattr(signal, "SIGPIPE", None) else sys.stdout, flush=True)
         self.ranks.barrier()  # no rank leaves before rank 0's checkpoint is complete
         raise TrainingStopped()
 

@@ -771,3 +771,24 @@ def test_a_folder_without_frames_appearing_in_the_split_does_not_block_the_resum
     assert inside.returncode == 0, inside.stdout + inside.stderr
     rerun = run_export(root, root / "train", "--max_clips=3", check=False)
     assert rerun.returncode == 0 and "already there 2" in rerun.stdout, rerun.stdout + rerun.stderr
+
+
+def test_a_stop_after_the_last_clip_still_prints_the_summary(synth_root, tmp_path, monkeypatch, capsys):
+    """A SIGTERM while the workers were reaped or the summary counted the folder's clips (a second per 60,000)
+    ended in a traceback, exit 1, without the summary; every clip was already in place."""
+    from pips2.cli import export as export_cli
+
+    counted = export_cli.list_clips
+
+    def count_then_stopped(folder):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return counted(folder)
+
+    monkeypatch.setattr(export_cli, "list_clips", count_then_stopped)
+    with pytest.raises(SystemExit) as e:
+        export_cli.main(dataset_location=str(synth_root), out_dir=str(tmp_path), S=8, N=32, crop_size=(128, 192),
+                        quiet=True, max_clips=2)
+    cap = capsys.readouterr()
+    assert e.value.code == 143, cap.err
+    assert "summary: written 2" in cap.out and "Traceback" not in cap.err
+    assert cap.err.strip().splitlines()[-1] == "stopped by SIGTERM after the last clip: nothing was left to export"

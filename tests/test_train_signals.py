@@ -363,7 +363,7 @@ def test_a_signal_ignored_by_the_caller_stays_ignored(monkeypatch):
     installed = []
     monkeypatch.setattr(signal, "signal", lambda sig, handler: installed.append(sig))
     trainer.StopRequest().install()
-    assert installed == [signal.SIGTERM, signal.SIGHUP]  # not SIGINT
+    assert installed == [signal.SIGTERM, signal.SIGHUP, signal.SIGPIPE]  # not SIGINT
 
 
 def test_a_closed_terminal_is_a_stop_request_unless_nohup_ignores_it():
@@ -506,3 +506,52 @@ def test_a_run_ending_on_a_dead_worker_exits_even_if_its_shutdown_hangs():
     t0 = time.monotonic()
     res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, timeout=30)
     assert res.returncode == 2 and time.monotonic() - t0 < 20
+
+
+def test_a_reader_of_the_output_gone_saves_at_the_step_boundary(exported, tmp_path):
+    """`train.py | grep -m1 ...`, `| head`, `less` quit: the next step line raised BrokenPipeError, a traceback,
+    and every step since the last save was lost. Now the output goes to /dev/null and the run stops at the step
+    boundary with its checkpoint, as for a signal."""
+    out, _ = exported
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    cmd = _train_cmd(out, tmp_path, "--max_steps=200", "--save_freq=100", "--log_freq=1")
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    assert proc.stdout is not None and proc.stderr is not None
+    try:
+        for line in proc.stdout:
+            if "; step 000002/" in line:
+                break
+        proc.stdout.close()  # the reader goes away
+        err = proc.stderr.read()
+        code = proc.wait(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert code == 0 and "Traceback" not in err, err[-3000:]  # a stopped run exits 0, as for SIGTERM
+    assert "stopped by SIGPIPE at step" in err.strip().splitlines()[-1], err[-2000:]
+    saved = ck.list_checkpoints(next((tmp_path / "ck").iterdir()))
+    assert len(saved) == 1 and 2 <= saved[0][0] < 200, saved
+
+
+def test_a_stream_whose_reader_is_gone_takes_every_write():
+    """The guard every script's output goes through: a pipe whose reader went away raised BrokenPipeError in
+    the next print; now that write and the later ones succeed, into /dev/null."""
+    from pips2.utils.procs import STOP_SIGNALS, GuardedStream, caught_stop_signals
+
+    r, w = os.pipe()
+    os.close(r)
+    old = signal.signal(signal.SIGPIPE, signal.SIG_IGN)  # Python's own setting: the write fails with EPIPE
+    try:
+        raw = os.fdopen(w, "w", buffering=1)
+        with pytest.raises(BrokenPipeError):
+            raw.write("a line\n")
+        guarded = GuardedStream(raw)
+        assert guarded.write("a line\n") == 7 and guarded.broken
+        guarded.write("another\n")
+        guarded.flush()
+        assert os.path.samefile(f"/proc/self/fd/{raw.fileno()}", os.devnull)
+        raw.close()
+        # a long job takes SIGPIPE, which Python ignores at start, as a stop request like SIGTERM's
+        assert signal.SIGPIPE in STOP_SIGNALS and signal.SIGPIPE in caught_stop_signals()
+    finally:
+        signal.signal(signal.SIGPIPE, old)

@@ -15,6 +15,8 @@ from typing import NoReturn
 import fire
 import fire.parser
 
+from pips2.utils.procs import guarded_output
+
 
 def die(msg) -> NoReturn:
     """Bad flags or input: one line on stderr, exit code 2."""
@@ -180,4 +182,5 @@ def run_fire(main: Callable, prog: str | None = None, argv: list[str] | None = N
     if any(tok in ("--help", "-h") for tok in argv):  # help is asked for: fire shows it, whatever else is there
         return fire.Fire(main, command=["--help"], name=prog)
     check_flags(main, argv, prog)
-    return fire.Fire(checked_types(main, prog, argv, kwarg_hints), command=argv, name=prog)
+    with guarded_output():  # a reader of the output gone (`| head`): a stop, not a traceback (utils/procs)
+        return fire.Fire(checked_types(main, prog, argv, kwarg_hints), command=argv, name=prog)

@@ -23,10 +23,11 @@ from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Any, NoReturn
 
-# Signals that ask a long job to stop: a scheduler's SIGTERM, a terminal's Ctrl-C (SIGINT), and SIGHUP, which a
-# closed terminal or ssh session sends (nohup ignores it; a signal ignored at start stays ignored)
-STOP_SIGNALS: tuple[signal.Signals, ...] = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGINT", "SIGHUP")
-                                                 if hasattr(signal, n))
+# Signals that ask a long job to stop: a scheduler's SIGTERM, a terminal's Ctrl-C (SIGINT), SIGHUP, which a
+# closed terminal or ssh session sends (nohup ignores it; a signal ignored at start stays ignored), and SIGPIPE, a
+# reader of the job's output gone (`| head`, `less` quit), which `GuardedStream` turns into that signal alone
+STOP_SIGNALS: tuple[signal.Signals, ...] = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGINT", "SIGHUP",
+                                                                              "SIGPIPE") if hasattr(signal, n))
 
 
 def exit_code(signame: str) -> int:
@@ -35,8 +36,62 @@ def exit_code(signame: str) -> int:
 
 
 def caught_stop_signals() -> tuple[signal.Signals, ...]:
-    """STOP_SIGNALS not ignored by whoever started this process (nohup's SIGHUP, a background job's SIGINT)."""
-    return tuple(s for s in STOP_SIGNALS if signal.getsignal(s) is not signal.SIG_IGN)
+    """STOP_SIGNALS not ignored by whoever started this process (nohup's SIGHUP, a background job's SIGINT); SIGPIPE
+    always, which Python itself ignores at start (its writes then fail with BrokenPipeError instead)."""
+    pipe = getattr(signal, "SIGPIPE", None)
+    return tuple(s for s in STOP_SIGNALS if s == pipe or signal.getsignal(s) is not signal.SIG_IGN)
+
+
+class GuardedStream:
+    """stdout or stderr that outlives its reader: the first write or flush that fails because the pipe's reader went
+    away (BrokenPipeError) points the stream's file descriptor at /dev/null, and that write and every later one
+    succeed. The kernel's SIGPIPE of that write reaches a long job's stop handler (STOP_SIGNALS), which saves and
+    stops as for SIGTERM; without one, the program goes on without its output. It raised in the print of a training
+    step line before: every step since the last save was lost, in a traceback."""
+
+    def __init__(self, stream):
+        self._stream = stream
+        self.broken = False
+
+    def write(self, text: str) -> int:
+        """The stream's write; the text's length once the reader is gone."""
+        if not self.broken:
+            try:
+                return self._stream.write(text)
+            except BrokenPipeError:
+                self._detach()
+        return len(text)
+
+    def flush(self) -> None:
+        """The stream's flush; nothing once the reader is gone."""
+        if not self.broken:
+            try:
+                self._stream.flush()
+            except BrokenPipeError:
+                self._detach()
+
+    def _detach(self) -> None:
+        self.broken = True
+        try:
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, self._stream.fileno())
+            os.close(null)
+        except (OSError, ValueError, AttributeError):  # no descriptor of its own (a test's capture): nothing to point
+            pass
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+
+@contextmanager
+def guarded_output() -> Iterator[None]:
+    """sys.stdout and sys.stderr as GuardedStream while the block runs (a script's whole run)."""
+    old = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = (s if isinstance(s, GuardedStream) else GuardedStream(s) for s in old)
+    try:
+        yield
+    finally:
+        sys.stdout, sys.stderr = old
 
 
 def detach_from_closed_terminal(signum: int) -> None:

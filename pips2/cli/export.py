@@ -36,7 +36,14 @@ from pips2.datasets.export import (
     worker_init,
 )
 from pips2.utils.cli import aliased, die, parse_hw, run_fire
-from pips2.utils.procs import STOP_SIGNALS, WorkerPool, describe_exit, exit_code, raise_stop, usable_cpus
+from pips2.utils.procs import (
+    WorkerPool,
+    caught_stop_signals,
+    describe_exit,
+    exit_code,
+    raise_stop,
+    usable_cpus,
+)
 
 
 class Terminated(BaseException):
@@ -55,16 +62,23 @@ class _Signals:
 
     def __init__(self):
         self.got = 0
-        self.old = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
-        for sig, old in self.old.items():
-            if old is not signal.SIG_IGN:
-                signal.signal(sig, self._handle)
+        self.old = {sig: signal.getsignal(sig) for sig in caught_stop_signals()}
+        for sig in self.old:
+            signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:
         if self.got:  # already stopping: a second signal must not cut the clean-up short
             return
         self.got = signum
-        raise_stop(signum, self._stop())
+        if not self.noting:
+            raise_stop(signum, self._stop())
+
+    noting = False  # the clips are done: a stop is noted for the exit code, the summary still printed
+
+    def note_only(self) -> None:
+        """From now on (the workers reaped, the summary printed after the last clip) a stop signal is noted, not
+        raised: it broke the summary with a traceback and exit 1."""
+        self.noting = True
 
     def _stop(self) -> BaseException:
         return KeyboardInterrupt() if self.got == signal.SIGINT else Terminated(signal.Signals(self.got).name)
@@ -265,6 +279,8 @@ def _run(jobs: deque, workers: int, version_dir: Path, quiet: bool, signals: _Si
     finally:
         if stop is not None:  # a second signal must not break the clean-up
             signals.ignore()
+        else:
+            signals.note_only()
         bar.close()
         if pool is not None:
             if stop is None and not pool.busy:
@@ -287,6 +303,10 @@ def _run(jobs: deque, workers: int, version_dir: Path, quiet: bool, signals: _Si
         sys.exit(exit_code("SIGINT"))
     if stop is not None and stop.startswith("terminated by "):
         sys.exit(exit_code(stop.removeprefix("terminated by ")))
+    if signals.got:  # after the last clip: every clip is done, and the summary says so; the exit code says who
+        name = signal.Signals(signals.got).name
+        print(f"stopped by {name} after the last clip: nothing was left to export", file=sys.stderr, flush=True)
+        sys.exit(exit_code(name))
     if counts["failed"]:
         print(f"error: {counts['failed']} clip(s) failed (see above); rerun to retry them", file=sys.stderr)
         sys.exit(1)
