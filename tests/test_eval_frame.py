@@ -313,7 +313,7 @@ def test_a_stopped_rerun_keeps_the_finished_results(tmp_path, capsys):
     evaluation.Evaluation("PointOdyssey test", "scenes", "m", {}, out_json=str(out)).run(items(None), total=3)
     finished = out.read_bytes()
     assert json.loads(finished)["complete"] is True
-    for attempt in range(2):
+    for _ in range(2):  # the partial file of an earlier stop is replaced
         with pytest.raises(SystemExit) as e:
             evaluation.Evaluation("PointOdyssey test", "scenes", "m", {}, out_json=str(out)).run(items(1), total=3)
         assert e.value.code == 143
