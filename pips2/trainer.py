@@ -601,10 +601,13 @@ class TrainState:
             self._check_groups(path, loaded.get("config"))
             say(f"loaded {path} (step {step}); resuming at step {step}")
             end = getattr(self.scheduler, "total_steps", None)  # PIPs++'s one-cycle schedule, as restored
-            if end is not None and cfg.max_steps > end:
+            # its last step is end - 1: a step to `end` extrapolates the one cycle to a negative rate, which the
+            # next resume then refused as a bad file
+            if end is not None and cfg.max_steps >= end:
                 self.ranks.die(f"{path}: --max_steps={cfg.max_steps} runs past the end of the run's learning-rate "
-                               f"schedule (step {end}, set when it started); resume with a smaller --max_steps, or "
-                               f"train on from its weights in a new run: --exp_name=<name> --init_dir=<its folder>")
+                               f"schedule (step {end}, set when it started); resume with --max_steps={end - 1} or "
+                               f"less, or train on from its weights in a new run: --exp_name=<name> "
+                               f"--init_dir=<its folder>")
             said = resume_warnings(cfg, loaded.get("config"), step, self.ranks.world, loaded.get("world"))
             if main:
                 for line in said:

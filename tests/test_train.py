@@ -202,14 +202,15 @@ def test_resume_after_kill_gives_the_same_losses(exported, tmp_path):
     assert "the run is at step 4, at or past --max_steps=3: nothing to train" in warnings[1]
     assert not _losses(other.stdout)
     # a run cannot go past its restored one-cycle schedule (--max_steps + 100 when it started: the scheduler
-    # would fail there)
-    longer = _train(out, tmp_path / "run", *[a for a in args if not a.startswith("--max_steps")], "--max_steps=105",
-                    check=False)
-    assert longer.returncode == 2 and not _losses(longer.stdout)
-    assert longer.stderr.strip().endswith("--max_steps=105 runs past the end of the run's learning-rate schedule "
-                                          "(step 104, set when it started); resume with a smaller --max_steps, or "
-                                          "train on from its weights in a new run: --exp_name=<name> "
-                                          "--init_dir=<its folder>"), longer.stderr
+    # would fail there); its last step is 103: a run to 104 saved a negative rate its next resume refused
+    for steps in (105, 104):
+        longer = _train(out, tmp_path / "run", *[a for a in args if not a.startswith("--max_steps")],
+                        f"--max_steps={steps}", check=False)
+        assert longer.returncode == 2 and not _losses(longer.stdout)
+        assert longer.stderr.strip().endswith(
+            f"--max_steps={steps} runs past the end of the run's learning-rate schedule (step 104, set when it "
+            f"started); resume with --max_steps=103 or less, or train on from its weights in a new run: "
+            f"--exp_name=<name> --init_dir=<its folder>"), longer.stderr
 
 
 def test_bf16_runs(exported, tmp_path):
