@@ -827,6 +827,17 @@ def build_dataset(cfg: Config, version: str | None) -> ExportDataset | KubricDat
     return ExportDataset(cfg.dataset_location, version, cfg.S, cfg.N, cfg.crop_hw, cfg.use_augs, seed=cfg.seed)
 
 
+def validates_at(step: int, val_freq: int) -> bool:
+    """Whether the step just trained is validated on an exported batch: step 1 and every --val_freq-th."""
+    return step % val_freq == 0 or step == 1
+
+
+def validations_before(step: int, val_freq: int) -> int:
+    """How many exported-batch validations the steps 1..step held (a step stopped by a signal skips its own, and
+    its batch is then left unused, as in the run that was stopped)."""
+    return step // val_freq + (1 if step >= 1 and val_freq > 1 else 0)
+
+
 def make_loader(base, cfg: Config, start_ordinal: int, ranks: Ranks, seed_offset: int = 0) -> DataLoader:
     """This rank's endless batches of `base`, from sample `start_ordinal` of the run's stream on."""
     data = OrdinalDataset(base, cfg.seed + seed_offset, cfg.shuffle)
@@ -850,7 +861,10 @@ class TrainData:
             if cfg.val_dataset_version:
                 vcfg = replace(cfg, use_augs=False)
                 self.sets["val"] = build_dataset(vcfg, cfg.val_dataset_version)
-                self.val = iter(make_loader(self.sets["val"], vcfg, step, ranks, 17))
+                # the batch after the ones the steps before `step` validated on: a resumed run validates on what
+                # the same run uninterrupted would (it started at batch `step`, far ahead at --val_freq 1000)
+                self.val = iter(make_loader(self.sets["val"], vcfg, validations_before(step, cfg.val_freq) * cfg.B,
+                                            ranks, 17))
         except (ValueError, OSError) as e:
             ranks.die(str(e))
         self.n_items = len(base)
@@ -1065,7 +1079,7 @@ class Validator:
         request is left out."""
         cfg, out = self.cfg, {}
         net = ck.unwrap(model)
-        if self.data.val is not None and (step % cfg.val_freq == 0 or step == 1):
+        if self.data.val is not None and validates_at(step, cfg.val_freq):
             out["val"] = self.exported(net)
         if cfg.tapvid_root and cfg.eval_dataset == "davis" and step % cfg.val_freq == 0 and self.ranks.main:
             figures = self.tapvid(net, stop)

@@ -555,3 +555,23 @@ def test_a_stream_whose_reader_is_gone_takes_every_write():
         assert signal.SIGPIPE in STOP_SIGNALS and signal.SIGPIPE in caught_stop_signals()
     finally:
         signal.signal(signal.SIGPIPE, old)
+
+
+def test_a_resumed_run_validates_on_what_the_run_uninterrupted_would(exported, tmp_path):
+    """The validation stream restarted at batch `step` after a resume, not after the batches the run had
+    validated on (one at step 1 and every --val_freq steps): its validation figures were another run's."""
+    out, _ = exported
+    flags = dict(val_dataset_version=_version(out), val_freq=2, save_freq=2, keep_latest=0)
+    whole = _cfg(out, tmp_path / "whole", max_steps=6, **flags)
+    train.run_stage(whole)
+    resumed = tmp_path / "resumed"
+    (resumed / "ck" / whole.name()).mkdir(parents=True)  # the run stopped after its step-4 save, resumed
+    shutil.copy(tmp_path / "whole" / "ck" / whole.name() / ck.ckpt_name(4), resumed / "ck" / whole.name())
+    train.run_stage(_cfg(out, resumed, max_steps=6, **flags))
+
+    def figures(run: Path) -> list[float]:
+        return ck.read_checkpoint(ck.find_checkpoint(run / "ck" / whole.name()))["d_v"]
+
+    assert len(figures(tmp_path / "whole")) == 4  # steps 1, 2, 4 and 6
+    assert figures(resumed) == figures(tmp_path / "whole")
+    assert [trainer.validations_before(s, 1000) for s in (0, 1, 999, 1000, 2500)] == [0, 1, 1, 2, 3]
