@@ -873,6 +873,17 @@ class TrainData:
                       f"{cfg.dataset_location}); use --B={self.n_items} or fewer")
         self.train = iter(make_loader(base, cfg, step * cfg.grad_acc * cfg.B, ranks))
         self.cache: list[Sample] = []
+        if cfg.cache_len and step:
+            # the cache the run had filled before `step`: the stream's first batches, read again (a resumed run
+            # filled it from the resumed step's batches on and trained on other batches than the run uninterrupted)
+            first = make_loader(base, cfg, 0, ranks)
+            it = iter(first)
+            try:
+                self.cache = [next(it) for _ in range(min(step * cfg.grad_acc, cfg.cache_len))]
+            finally:
+                shutdown = getattr(it, "_shutdown_workers", None)
+                if shutdown is not None:
+                    shutdown()
 
     def _noted(self, kind: str, batch: Sample) -> None:
         """Tell `note` the batch's skipped clips; say each clip new to this process once, with its problem. The

@@ -575,3 +575,20 @@ def test_a_resumed_run_validates_on_what_the_run_uninterrupted_would(exported, t
     assert len(figures(tmp_path / "whole")) == 4  # steps 1, 2, 4 and 6
     assert figures(resumed) == figures(tmp_path / "whole")
     assert [trainer.validations_before(s, 1000) for s in (0, 1, 999, 1000, 2500)] == [0, 1, 1, 2, 3]
+
+
+@pytest.mark.parametrize("stopped_at", [1, 4])  # the cache half filled, and full
+def test_a_resumed_run_with_a_batch_cache_trains_as_the_run_uninterrupted(exported, tmp_path, stopped_at):
+    """--cache_len's cache was filled again from the resumed step's batches, not the stream's first ones the run
+    had cached: a resumed run trained on other batches, every weight differed."""
+    out, _ = exported
+    flags = dict(cache_len=3, save_freq=1, keep_latest=0)
+    whole = _cfg(out, tmp_path / "whole", max_steps=6, **flags)
+    train.run_stage(whole)
+    resumed = tmp_path / "resumed"
+    (resumed / "ck" / whole.name()).mkdir(parents=True)
+    shutil.copy(tmp_path / "whole" / "ck" / whole.name() / ck.ckpt_name(stopped_at), resumed / "ck" / whole.name())
+    train.run_stage(_cfg(out, resumed, max_steps=6, **flags))
+    a, b = (ck.read_checkpoint(run / "ck" / whole.name() / ck.ckpt_name(6))["model_state_dict"]
+            for run in (tmp_path / "whole", resumed))
+    assert all(torch.equal(a[k], b[k]) for k in a)
