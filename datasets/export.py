@@ -10,6 +10,7 @@ over; a deterministic rejection is remembered so reruns skip it at once.
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import shutil
 import signal
@@ -37,7 +38,7 @@ from pips2.datasets.clips import (
     write_track,
 )
 from pips2.datasets.clips import list_clips as list_clips  # re-exported: callers that list what an export wrote
-from pips2.utils.procs import is_space_error, pid_alive
+from pips2.utils.procs import is_space_error
 from pips2.utils.video import VideoError, write_mp4
 
 STALE_CLAIM_S = 2 * 3600  # a claim from another host older than this is taken over
@@ -246,35 +247,88 @@ def remove_clip(version_dir: Path, k: int) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
+# the claim files this process holds, each open with an exclusive flock: the kernel drops the lock when its holder
+# dies, whatever its PID namespace, so a restarted container whose exporter is pid 1 again (the pid the dead claim
+# names, alive) takes its claims over; the pid alone kept such a clip "held by other exporters" on every rerun
+_HELD: dict[Path, int] = {}
+
+
+def _lock_if_free(path: Path) -> int | None:
+    """path opened and exclusively flocked (its descriptor), or None when a live process holds it (or it is gone)."""
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    try:
+        same = os.fstat(fd).st_ino == os.stat(path).st_ino  # not replaced meanwhile by its remover
+    except OSError:
+        same = False
+    if not same:
+        os.close(fd)
+        return None
+    return fd
+
+
 def claim(version_dir: Path, k: int) -> bool:
-    """Take clip k for this process; False if a live process holds it. Dead holders' claims are taken over."""
+    """Take clip k for this process (held while it lives: `_HELD`); False if a live process holds it. Dead
+    holders' claims are taken over: on this machine when no process holds its lock, from another host after
+    STALE_CLAIM_S."""
     cdir = version_dir / ".claims"
     cdir.mkdir(exist_ok=True)
     path = cdir / clip_name(k)
-    me = f"{socket.gethostname()} {os.getpid()}"
+    me = f"{socket.gethostname()} {os.getpid()}".encode()
     for _ in range(2):
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            os.write(fd, me.encode())
-            os.close(fd)
-            return True
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
         except FileExistsError:
             try:
-                host, pid = path.read_text().split()
+                host = path.read_text().split()[0]
                 age = time.time() - path.stat().st_mtime
-            except (OSError, ValueError):
-                host, pid, age = "", "0", STALE_CLAIM_S + 1  # half-written claim: its writer died
-            same_host = host == socket.gethostname()
-            if (same_host and not pid_alive(int(pid))) or (not same_host and age > STALE_CLAIM_S):
-                path.unlink(missing_ok=True)
-                continue
-            return False
+            except (OSError, ValueError, IndexError):
+                host, age = "", STALE_CLAIM_S + 1  # half-written claim: its writer died
+            if host and host != socket.gethostname():
+                if age > STALE_CLAIM_S:
+                    path.unlink(missing_ok=True)
+                    continue
+                return False
+            fd = _lock_if_free(path)
+            if fd is None:
+                return False
+            os.ftruncate(fd, 0)  # taken over in place: no window where the file is gone
+            os.write(fd, me)
+            _HELD[path] = fd
+            return True
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.write(fd, me)
+        _HELD[path] = fd
+        return True
     return False
 
 
 def release(version_dir: Path, k: int) -> None:
     """Give up this process's claim on clip k."""
-    (version_dir / ".claims" / clip_name(k)).unlink(missing_ok=True)
+    path = version_dir / ".claims" / clip_name(k)
+    path.unlink(missing_ok=True)
+    fd = _HELD.pop(path, None)
+    if fd is not None:
+        os.close(fd)
+
+
+def claim_held(version_dir: Path, k: int) -> bool:
+    """Whether a live process of this machine holds clip k's claim."""
+    path = version_dir / ".claims" / clip_name(k)
+    if path in _HELD:
+        return True
+    fd = _lock_if_free(path)
+    if fd is None:
+        return path.exists()
+    os.close(fd)
+    return False
 
 
 def mark_rejected(version_dir: Path, k: int, reason: str) -> None:
@@ -383,7 +437,8 @@ def _export_one(args: tuple) -> tuple[int, str, str]:
 
 
 def clean_stale_temps(version_dir: Path) -> int:
-    """Remove temp folders left by dead processes of this host; returns how many."""
+    """Remove temp folders left by dead processes of this machine (their clip's claim no longer held); returns how
+    many. Another host's are left: their writers cannot be judged from here."""
     tdir = version_dir / ".tmp"
     n = 0
     if not tdir.is_dir():
@@ -391,25 +446,31 @@ def clean_stale_temps(version_dir: Path) -> int:
     host = socket.gethostname()
     for p in tdir.iterdir():
         parts = p.name.split("__")
-        if len(parts) == 3 and parts[1] == host and parts[2].isdigit() and not pid_alive(int(parts[2])):
+        clip = parts[0].split("-")[0]
+        if len(parts) == 3 and parts[1] == host and clip.isdigit() and not claim_held(version_dir, int(clip)):
             shutil.rmtree(p, ignore_errors=True)
             n += 1
     return n
 
 
 def clean_stale_claims(version_dir: Path) -> int:
-    """Remove claims held by dead processes of this host (e.g. workers stopped mid-clip); returns how many."""
+    """Remove the claims of this host that no live process holds (e.g. workers stopped mid-clip); returns how
+    many."""
     cdir = version_dir / ".claims"
     if not cdir.is_dir():
         return 0
     n, host = 0, socket.gethostname()
     for p in cdir.iterdir():
         try:
-            h, pid = p.read_text().split()
-        except (OSError, ValueError):
+            h = p.read_text().split()[0]
+        except (OSError, ValueError, IndexError):
             continue
-        if h == host and pid.isdigit() and not pid_alive(int(pid)):
+        if h != host or p in _HELD:
+            continue
+        fd = _lock_if_free(p)
+        if fd is not None:
             p.unlink(missing_ok=True)
+            os.close(fd)
             n += 1
     return n
 

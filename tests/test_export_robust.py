@@ -792,3 +792,40 @@ def test_a_stop_after_the_last_clip_still_prints_the_summary(synth_root, tmp_pat
     assert e.value.code == 143, cap.err
     assert "summary: written 2" in cap.out and "Traceback" not in cap.err
     assert cap.err.strip().splitlines()[-1] == "stopped by SIGTERM after the last clip: nothing was left to export"
+
+
+def test_a_claim_of_a_dead_exporter_is_taken_over_even_when_its_pid_lives(tmp_path):
+    """An exporter killed mid-clip as a container's pid 1, restarted in the same container (pid 1 again): its claim
+    named a live pid, so the clip stayed "held by other exporters" on every rerun, exit 0, its temp folder kept. A
+    claim is now held by a lock its owner keeps while it lives; a live holder still keeps its clip."""
+    import socket
+
+    from pips2.datasets import export as ex
+
+    vdir = tmp_path / "v"
+    (vdir / ".claims").mkdir(parents=True)
+    host = socket.gethostname()
+    # left by a dead owner whose pid is now this (live) process's
+    (vdir / ".claims" / ex.clip_name(3)).write_text(f"{host} {os.getpid()}")
+    (vdir / ".tmp" / f"{ex.clip_name(3)}__{host}__{os.getpid()}").mkdir(parents=True)
+    (vdir / ".claims" / ex.clip_name(4)).write_text(f"{host} 1")
+    assert not ex.claim_held(vdir, 3)
+    assert ex.clean_stale_temps(vdir) == 1 and not list((vdir / ".tmp").iterdir())
+    assert ex.claim(vdir, 3) and ex.claim_held(vdir, 3)
+    ex.release(vdir, 3)
+    assert ex.clean_stale_claims(vdir) == 1 and not list((vdir / ".claims").iterdir())
+    # a live holder in another process keeps its clip, and its temp folder
+    code = (f"import sys, time; sys.path.insert(0, {str(ROOT)!r}); from pathlib import Path; "
+            f"from pips2.datasets import export as ex; assert ex.claim(Path({str(vdir)!r}), 5); print('held', "
+            f"flush=True); time.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        (vdir / ".tmp" / f"{ex.clip_name(5)}__{host}__{holder.pid}").mkdir()
+        assert ex.claim_held(vdir, 5) and not ex.claim(vdir, 5)
+        assert ex.clean_stale_claims(vdir) == 0 and ex.clean_stale_temps(vdir) == 0
+    finally:
+        holder.kill()
+        holder.wait()
+    assert not ex.claim_held(vdir, 5) and ex.claim(vdir, 5)  # its owner gone: taken over
+    ex.release(vdir, 5)
