@@ -217,13 +217,15 @@ def write_clip(version_dir: Path, k: int, frames: np.ndarray, track: np.ndarray,
         write_mp4(tmp / "rgb.mp4", frames, fps=24, crf=20, preset=preset)
         write_track(tmp / "track.npz", track)
         verify_clip(tmp, track.shape[0], track.shape[1], frames.shape[1:3])
+        # the line before the rename: a process killed between the two leaves a line and no clip (the next run
+        # writes it, and the same line again), never a clip the manifest does not list
+        append_manifest(version_dir, k, meta)
         try:
             os.rename(tmp, final)
         except OSError:
             if is_clip_dir(final):  # someone else finished it first: theirs is identical
                 return False
             raise
-        append_manifest(version_dir, k, meta)
     except Exception as e:
         if is_no_space(e, version_dir):
             raise NoSpaceError(version_dir) from e

@@ -2,6 +2,7 @@
 
 import errno
 import json
+import functools
 import os
 import re
 import shutil
@@ -829,3 +830,34 @@ def test_a_claim_of_a_dead_exporter_is_taken_over_even_when_its_pid_lives(tmp_pa
         holder.wait()
     assert not ex.claim_held(vdir, 5) and ex.claim(vdir, 5)  # its owner gone: taken over
     ex.release(vdir, 5)
+
+
+def test_every_clip_folder_has_its_manifest_line_whenever_a_writer_dies(tmp_path, monkeypatch):
+    """The line was appended after the rename: a worker stopped between the two left a clip the manifest never
+    listed, on that run or any rerun."""
+    import json as json_
+
+    from pips2.datasets import export as ex
+    from pips2.datasets.clips import MANIFEST
+
+    frames = np.random.default_rng(0).integers(0, 255, (8, 64, 96, 3), dtype=np.uint8)
+    track = np.zeros((8, 4, 4), np.float32)
+    track[..., 2:] = 1
+    vdir = tmp_path / "v"
+    vdir.mkdir()
+    real_rename = os.rename
+
+    def killed(src, dst, after: bool):
+        if after:
+            real_rename(src, dst)
+        raise SystemExit("killed")  # as SIGKILL would leave it: nothing after this line runs
+
+    for k, after in ((7, True), (8, False)):  # killed just after its rename, and just before
+        monkeypatch.setattr(ex.os, "rename", functools.partial(killed, after=after))
+        with pytest.raises(SystemExit):
+            ex.write_clip(vdir, k, frames, track, {"scene": "s"})
+    monkeypatch.setattr(ex.os, "rename", real_rename)
+    assert ex.is_clip_dir(ex.clip_dir(vdir, 7)) and not ex.clip_dir(vdir, 8).exists()
+    assert ex.write_clip(vdir, 8, frames, track, {"scene": "s"})  # the rerun writes the missing one
+    lines = [json_.loads(ln) for ln in (vdir / MANIFEST).read_text().splitlines()]
+    assert lines == [{"clip": 7, "scene": "s"}] + [{"clip": 8, "scene": "s"}] * 2
