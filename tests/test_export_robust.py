@@ -1,8 +1,8 @@
 """export_mp4_dataset.py on bad input and bad luck: Ctrl-C, missing data, odd frames, full disks, damaged clips."""
 
 import errno
-import json
 import functools
+import json
 import os
 import re
 import shutil
