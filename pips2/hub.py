@@ -58,7 +58,7 @@ from pips2.utils.checkpoint import (
     strip_module_prefix,
 )
 from pips2.utils.download import MAX_CHECKPOINT_BYTES, DownloadError, download, fetch_reference
-from pips2.utils.procs import owned_tempdir, remove_stale_tempdirs
+from pips2.utils.procs import owned_tempdir, remove_owned, remove_stale_tempdirs
 from pips2.utils.safe_load import UnsafeFileError, not_regular_problem, open_regular
 
 CACHE_ENV = "PIPS2_CACHE"
@@ -287,7 +287,7 @@ def fetch(name: str, refresh: bool = False) -> Path:
     except DownloadError as e:
         raise HubError(str(e)) from None
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        remove_owned(work)
     return dest
 
 

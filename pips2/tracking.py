@@ -39,7 +39,7 @@ from pips2.nets.lbm import LBM, LBMOnlineState
 from pips2.nets.pips2 import MIN_SIZE
 from pips2.utils.amp import autocast
 from pips2.utils.cli import parse_hw
-from pips2.utils.procs import is_space_error, owned_tempdir, remove_stale_tempdirs
+from pips2.utils.procs import is_space_error, owned_tempdir, remove_owned, remove_stale_tempdirs
 from pips2.utils.video import MIN_VIDEO_SIDE, VideoError, declared_frames, image_file_wh, iter_frames, read_rgb
 
 # Bounds on what one tracking request may ask for (docs/BAD_INPUTS.md). Every point costs model time in every
@@ -205,7 +205,7 @@ class VideoFileFrames(FrameSource):
                 raise
         self.store = None
         self.dir = owned_tempdir(FRAMES_PREFIX)
-        self._cleanup = weakref.finalize(self, shutil.rmtree, str(self.dir), True)
+        self._cleanup = weakref.finalize(self, remove_owned, str(self.dir))
         try:
             self._decode(path, _chain(first, frames), n_frames or 0)
         except BaseException:  # an error or a signal mid-way: no temp file left behind

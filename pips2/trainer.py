@@ -246,7 +246,7 @@ def run_lock(ckpt_dir: Path, ranks: Ranks) -> Iterator[None]:
         ranks.die(err or "")
     try:
         if ranks.main:
-            for p in ck.clean_stale_temps(ckpt_dir):
+            for p in ck.clean_stale_temps(ckpt_dir, lock_held=True):
                 print(f"removed {p}: temp file of an interrupted checkpoint write", flush=True)
         yield
     finally:

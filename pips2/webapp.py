@@ -85,7 +85,7 @@ from pips2.nets.lbm import LBM
 from pips2.nets.pips2 import Pips
 from pips2.tracking import FrameSource, default_model_hw, grid_queries, is_lbm, resolve_model_hw, track, window_starts
 from pips2.utils.checkpoint import CheckpointError, looks_like_torch_file, resolve_device
-from pips2.utils.procs import caught_stop_signals, owned_tempdir, raise_stop, remove_stale_tempdirs
+from pips2.utils.procs import caught_stop_signals, owned_tempdir, raise_stop, remove_owned, remove_stale_tempdirs
 from pips2.utils.video import (
     CONTAINER_NAMES,
     FFMPEG_INPUT,
@@ -519,7 +519,7 @@ class App:
         for job in jobs:
             if job.thread is not None:
                 job.thread.join(30)  # a job stops within one model call
-        shutil.rmtree(self.work, ignore_errors=True)
+        remove_owned(self.work)
 
     def checkpoints(self, model: str) -> list[str]:
         """The checkpoints the page may choose for a model, the default first: the --init_dir given for it (else

@@ -499,6 +499,42 @@ def test_frame_folders_of_killed_processes_are_removed(tmp_path, monkeypatch):
     assert not stale.exists() and live.is_dir() and other_host.is_dir()
 
 
+def test_a_folder_of_a_killed_process_in_another_pid_namespace_is_removed(tmp_path, monkeypatch):
+    """A container restarted (same host name and TMPDIR, a new PID namespace) left the folders of its killed
+    processes for good: their pids mean nothing in the new namespace. Each folder's owner now keeps a lock in it
+    while it lives, which any namespace of the machine can test."""
+    from pips2.utils.procs import owned_tempdir, pid_namespace, remove_owned
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    root, tmp, prefix = str(Path(tracking.__file__).parents[1]), str(tmp_path), tracking.FRAMES_PREFIX
+    code = (f"import sys, time; sys.path.insert(0, {root!r}); import tempfile; tempfile.tempdir = {tmp!r}; "
+            f"from pips2.utils.procs import owned_tempdir; print(owned_tempdir({prefix!r}), flush=True); "
+            "time.sleep(60)")
+    owners = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    folders = []
+    try:
+        for p in owners:
+            assert p.stdout is not None
+            made = Path(p.stdout.readline().strip())
+            # as if made in another PID namespace: the name's namespace is not this one
+            ns = pid_namespace()
+            moved = made.with_name(made.name.replace(f".{p.pid}.{ns}.", f".{p.pid}.{ns + 1}.", 1))
+            assert moved != made
+            made.rename(moved)
+            folders.append(moved)
+        owners[0].kill()
+        owners[0].wait()
+        mine = owned_tempdir(tracking.FRAMES_PREFIX)
+        assert tracking.remove_stale_frame_dirs() == [folders[0]]
+        assert folders[1].is_dir() and mine.is_dir()  # a live owner's, and this process's own
+        remove_owned(mine)
+        assert not mine.exists()
+    finally:
+        for p in owners:
+            p.kill()
+            p.wait()
+
+
 def test_a_full_disk_while_decoding_is_one_line(tmp_path, monkeypatch):
     """The frames are memory-mapped: without space reserved first, a full disk ends the process with SIGBUS."""
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))

@@ -103,6 +103,10 @@ def test_stale_temps_of_dead_writers_are_removed(tmp_path):
     os.utime(old_legacy, (1, 1))
     assert sorted(ck.clean_stale_temps(tmp_path)) == sorted([dead, old_legacy])
     assert live.exists() and foreign.exists() and new_legacy.exists()
+    # a run holding the folder's lock, about to train: only it writes there, so every temp is stale (another
+    # node's after a requeue, or its own pid's after a container restart, were kept for good)
+    assert sorted(ck.clean_stale_temps(tmp_path, lock_held=True)) == sorted([live, foreign])
+    assert new_legacy.exists()
 
 
 def test_save_temp_names_the_writer(tmp_path, monkeypatch):

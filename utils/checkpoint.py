@@ -715,10 +715,13 @@ def save(folder: str | os.PathLike, step: int, model: nn.Module, optimizer=None,
     return path
 
 
-def clean_stale_temps(folder: str | os.PathLike) -> list[Path]:
+def clean_stale_temps(folder: str | os.PathLike, lock_held: bool = False) -> list[Path]:
     """Remove checkpoint temps left by killed writers (dead pid on this host); returns the removed paths.
 
-    A temp of another host is left alone: its writer's liveness cannot be checked from here.
+    A temp of another host is left alone: its writer's liveness cannot be checked from here. With `lock_held`
+    (the caller holds the folder's RunLock and has written nothing yet) every temp is stale, whatever its host
+    or pid: only the lock's holder writes checkpoints there. A run requeued onto another node, or restarted as a
+    container's pid 1 again, left a checkpoint-sized temp for good at every kill during a save.
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -727,7 +730,7 @@ def clean_stale_temps(folder: str | os.PathLike) -> list[Path]:
     for p in folder.iterdir():
         m = TEMP_RE.match(p.name)
         if m:
-            stale = m.group("host") == host and not pid_alive(int(m.group("pid")))
+            stale = lock_held or (m.group("host") == host and not pid_alive(int(m.group("pid"))))
         elif LEGACY_TEMP_RE.match(p.name):
             try:
                 stale = time.time() - p.stat().st_mtime > LEGACY_TEMP_AGE_S

@@ -4,6 +4,7 @@ processes that survives the death of one."""
 from __future__ import annotations
 
 import errno
+import fcntl
 import multiprocessing as mp
 import os
 import re
@@ -23,11 +24,12 @@ from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Any, NoReturn
 
-# Signals that ask a long job to stop: a scheduler's SIGTERM, a terminal's Ctrl-C (SIGINT), SIGHUP, which a
-# closed terminal or ssh session sends (nohup ignores it; a signal ignored at start stays ignored), and SIGPIPE, a
-# reader of the job's output gone (`| head`, `less` quit), which `GuardedStream` turns into that signal alone
-STOP_SIGNALS: tuple[signal.Signals, ...] = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGINT", "SIGHUP",
-                                                                              "SIGPIPE") if hasattr(signal, n))
+# Signals that ask a long job to stop: a scheduler's SIGTERM, a terminal's Ctrl-C (SIGINT), and SIGHUP, which a
+# closed terminal or ssh session sends (nohup ignores it; a signal ignored at start stays ignored). A reader of the
+# job's output gone (`| head`, `less` quit) is a stop too, named SIGPIPE (`GuardedStream`); the signal itself stays
+# ignored as Python sets it: a socket or an encoder's pipe that breaks is that write's error, not a stop
+STOP_SIGNALS: tuple[signal.Signals, ...] = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGINT", "SIGHUP")
+                                                 if hasattr(signal, n))
 
 
 def exit_code(signame: str) -> int:
@@ -36,18 +38,16 @@ def exit_code(signame: str) -> int:
 
 
 def caught_stop_signals() -> tuple[signal.Signals, ...]:
-    """STOP_SIGNALS not ignored by whoever started this process (nohup's SIGHUP, a background job's SIGINT); SIGPIPE
-    always, which Python itself ignores at start (its writes then fail with BrokenPipeError instead)."""
-    pipe = getattr(signal, "SIGPIPE", None)
-    return tuple(s for s in STOP_SIGNALS if s == pipe or signal.getsignal(s) is not signal.SIG_IGN)
+    """STOP_SIGNALS not ignored by whoever started this process (nohup's SIGHUP, a background job's SIGINT)."""
+    return tuple(s for s in STOP_SIGNALS if signal.getsignal(s) is not signal.SIG_IGN)
 
 
 class GuardedStream:
     """stdout or stderr that outlives its reader: the first write or flush that fails because the pipe's reader went
     away (BrokenPipeError) points the stream's file descriptor at /dev/null, and that write and every later one
-    succeed. The kernel's SIGPIPE of that write reaches a long job's stop handler (STOP_SIGNALS), which saves and
-    stops as for SIGTERM; without one, the program goes on without its output. It raised in the print of a training
-    step line before: every step since the last save was lost, in a traceback."""
+    succeed. A long job's stop handler (the one its SIGTERM runs) is then called for SIGPIPE, in the main thread:
+    it saves and stops as for SIGTERM, naming SIGPIPE; without one, the program goes on without its output. It
+    raised in the print of a training step line before: every step since the last save was lost, in a traceback."""
 
     def __init__(self, stream):
         self._stream = stream
@@ -78,6 +78,9 @@ class GuardedStream:
             os.close(null)
         except (OSError, ValueError, AttributeError):  # no descriptor of its own (a test's capture): nothing to point
             pass
+        handler = signal.getsignal(signal.SIGTERM)
+        if callable(handler) and threading.current_thread() is threading.main_thread():
+            handler(signal.SIGPIPE, None)
 
     def __getattr__(self, name: str):
         return getattr(self._stream, name)
@@ -375,18 +378,53 @@ def owner_tag() -> str:
     return f"{socket.gethostname()}.{os.getpid()}.{pid_namespace()}"
 
 
+OWNER_LOCK = ".owner"  # in an owned temp folder: a file its owner keeps locked (flock) while it lives
+_OWNED: dict[str, int] = {}  # owned temp folders of this process -> the descriptor holding their lock
+
+
 def owned_tempdir(prefix: str, parent: str | os.PathLike | None = None) -> Path:
-    """A new temp folder named <prefix>.<owner tag>.<random> in `parent` (TMPDIR by default): a later process of
-    this host and namespace can tell it from a live process's and remove it once its owner is gone
-    (`remove_stale_tempdirs`)."""
-    return Path(tempfile.mkdtemp(prefix=f"{prefix}.{owner_tag()}.", dir=parent))
+    """A new temp folder named <prefix>.<owner tag>.<random> in `parent` (TMPDIR by default), holding OWNER_LOCK
+    locked while this process lives: a later process of this machine, in any PID namespace, can tell it from a live
+    process's and remove it once its owner is gone (`remove_stale_tempdirs`). Remove it with `remove_owned`."""
+    d = Path(tempfile.mkdtemp(prefix=f"{prefix}.{owner_tag()}.", dir=parent))
+    try:
+        fd = os.open(d / OWNER_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        _OWNED[str(d)] = fd
+    except OSError:  # a file system without locks: the name's pid and namespace are what is left to judge by
+        pass
+    return d
+
+
+def remove_owned(folder: str | os.PathLike) -> None:
+    """Remove an owned_tempdir folder and let go of its lock."""
+    shutil.rmtree(folder, ignore_errors=True)
+    fd = _OWNED.pop(str(folder), None)
+    if fd is not None:
+        os.close(fd)
+
+
+def _owner_gone(d: Path) -> bool | None:
+    """Whether the owner of an owned folder is gone, from its OWNER_LOCK (None when it has none to judge by)."""
+    try:
+        fd = os.open(d / OWNER_LOCK, os.O_RDWR)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 def remove_dead_owned(folder: str | os.PathLike, head: str, tail: str = r"[A-Za-z0-9_]+",
                       dirs: bool = True) -> list[Path]:
     """Remove the folders (`dirs`) or files of `folder` named <head>.<owner tag>.<tail> whose owner was a process
     of this host and PID namespace that is gone (SIGKILL, out of memory: no handler of its own could clean them);
-    returns them. Another host's or namespace's are left: their pids say nothing here."""
+    returns them. Another host's or namespace's are left: their pids say nothing here. A folder holding an
+    OWNER_LOCK is judged by that lock instead, in any namespace of this machine (a restarted container's)."""
     # the namespace is absent from names made before it was recorded
     pattern = re.compile(rf"^{re.escape(head)}\.(?P<host>.+?)\.(?P<pid>\d+)\.(?:(?P<ns>\d+)\.)?(?:{tail})$")
     ns, host, removed = pid_namespace(), socket.gethostname(), []
@@ -396,8 +434,12 @@ def remove_dead_owned(folder: str | os.PathLike, head: str, tail: str = r"[A-Za-
         return removed
     for d in entries:
         m = pattern.match(d.name)
-        same_ns = m is not None and (m["ns"] is None or int(m["ns"]) == ns)
-        if m and m["host"] == host and same_ns and not pid_alive(int(m["pid"])) and d.is_dir() == dirs:
+        if not m or m["host"] != host or d.is_dir() != dirs:
+            continue
+        gone = _owner_gone(d) if dirs else None  # this process's own folders too: its lock is held
+        if gone is None:
+            gone = (m["ns"] is None or int(m["ns"]) == ns) and not pid_alive(int(m["pid"]))
+        if gone:
             if dirs:
                 shutil.rmtree(d, ignore_errors=True)
             else:
