@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from pips2.utils.paths import write_json
+from pips2.utils.procs import owned_tempdir, remove_owned, remove_stale_tempdirs
 from pips2.utils.video import read_rgb, write_mp4
 
 DEPTH_SCALE = 65535.0 / 1000.0  # PointOdyssey: metres = value / 65535 * 1000
@@ -298,8 +300,25 @@ def generate_dataset(root: str | Path, dsets: dict[str, int], seed: int = 0, cfg
         if (path / "anno.npz").is_file():
             done.append(path)
             continue
-        done.append(generate_scene(path, s, cfg))
+        done.append(_generate_whole(path, s, cfg))
     return done
+
+
+def _generate_whole(path: Path, seed: int, cfg: SceneConfig | None) -> Path:
+    """generate_scene into a temp folder beside `path`, renamed to it once complete: a stopped or killed run left
+    a scene's frames without its anno.npz under the scene's name, which every later reader skipped or rejected."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    head = f".{path.name}.tmp"
+    remove_stale_tempdirs(head, path.parent)  # those of runs killed outright (SIGKILL)
+    work = owned_tempdir(head, path.parent)
+    try:
+        generate_scene(work / "scene", seed, cfg)
+        if path.exists():  # a half scene of an older version (frames, no anno.npz): this generator's, remade
+            shutil.rmtree(path)
+        (work / "scene").rename(path)
+    finally:
+        remove_owned(work)
+    return path
 
 
 SETTINGS = "settings.json"  # <root>/settings.json: the settings every scene of the folder was made with

@@ -177,6 +177,32 @@ def test_synthetic_bad_flags_are_one_line_and_write_nothing(tmp_path, capsys, fl
     assert not (tmp_path / "syn").exists()
 
 
+def test_a_stopped_synthetic_scene_leaves_nothing_under_its_name(tmp_path, capsys, monkeypatch):
+    """The frames were written straight into the scene's folder: a stop mid-scene left synth_0001 with frames and
+    no anno.npz, which a rerun asking for fewer scenes kept for good and every reader then skipped or rejected."""
+    from pips2.datasets import synthetic as syn
+
+    written = syn._write_frame
+    calls = []
+
+    def stop_in_the_second_scene(out, t, *args):
+        calls.append(t)
+        if len(calls) == 5:  # T=3: scene 0 has written its three frames, scene 1 two
+            os.kill(os.getpid(), signal.SIGTERM)
+        return written(out, t, *args)
+
+    monkeypatch.setattr(syn, "_write_frame", stop_in_the_second_scene)
+    out = tmp_path / "syn"
+    code, _, err = _synth(capsys, out, W=64, H=48, T=3, n_points=20, train=3)
+    assert code == 143 and "stopped by SIGTERM" in err, err
+    assert sorted(p.name for p in (out / "train").iterdir()) == ["synth_0000"]  # no half scene, no temp folder
+    monkeypatch.undo()
+    code, _, err = _synth(capsys, out, W=64, H=48, T=3, n_points=20, train=2)
+    assert code == 0, err
+    assert sorted(p.name for p in (out / "train").iterdir()) == ["synth_0000", "synth_0001"]
+    assert (out / "train" / "synth_0001" / "anno.npz").is_file()
+
+
 def test_synthetic_out_that_is_a_file_is_one_line(tmp_path, capsys):
     (tmp_path / "afile").write_text("mine")
     code, _, err = _synth(capsys, tmp_path / "afile")
