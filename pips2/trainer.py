@@ -733,7 +733,11 @@ class TrainState:
         name, step = self.cfg.name(), self.step
         if self.ranks.main:
             how = signal.Signals(signum).name
-            if saved:
+            if saved and step >= self.cfg.max_steps:  # the run is complete: nothing of it is left to resume
+                line = (f"{name}: stopped by {how} after its last step, {step:06d}/{self.cfg.max_steps}; saved "
+                        f"{self.ckpt_dir / ck.ckpt_name(step)}; the run is complete (the same command goes on "
+                        f"with any stage after it)")
+            elif saved:
                 line = (f"{name}: stopped by {how} at step {step:06d}/{self.cfg.max_steps}; saved "
                         f"{self.ckpt_dir / ck.ckpt_name(step)}; the same command resumes from there")
             else:
@@ -1265,5 +1269,8 @@ def _step(cfg: Config, ranks: Ranks, state: TrainState, data: TrainData, log: Lo
     if signum or state.step % cfg.save_freq == 0 or state.step == cfg.max_steps:
         state.save()
         stop.lossless = ranks.world == 1
+        # a signal during the save itself: this boundary's checkpoint is written, so stop here rather than after
+        # one more step and save of the scheduler's lead time
+        signum = signum or stop.agreed(ranks)
     if signum:
         state.stopped(signum, saved=True)

@@ -594,3 +594,42 @@ def test_a_resumed_run_with_a_batch_cache_trains_as_the_run_uninterrupted(export
     a, b = (ck.read_checkpoint(run / "ck" / whole.name() / ck.ckpt_name(6))["model_state_dict"]
             for run in (tmp_path / "whole", resumed))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_signal_during_a_save_stops_at_that_save(exported, tmp_path, monkeypatch, capsys):
+    """A stop signal while a checkpoint was written was taken only after one more step and one more save of the
+    scheduler's lead time; now at the boundary of the save it interrupted."""
+    out, _ = exported
+    real_save = trainer.TrainState._save
+
+    def save_while_signalled(self):
+        if self.step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        real_save(self)
+
+    monkeypatch.setattr(trainer.TrainState, "_save", save_while_signalled)
+    cfg = _cfg(out, tmp_path, max_steps=5, save_freq=2)
+    with pytest.raises(trainer.TrainingStopped):
+        train.run_stage(cfg)
+    ckdir = tmp_path / "ck" / cfg.name()
+    assert [s for s, _ in ck.list_checkpoints(ckdir)] == [2]
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith(f"{cfg.name()}: stopped by SIGTERM at step "
+                                                                       f"000002/5; saved")
+
+
+def test_a_signal_in_the_last_step_says_the_run_is_complete(exported, tmp_path, monkeypatch, capsys):
+    """A stop in the last step said "the same command resumes from there" of a run with nothing left to train."""
+    out, _ = exported
+
+    def sigterm_in_the_last_step(state):
+        if state.step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    on_each_step(monkeypatch, sigterm_in_the_last_step)
+    cfg = _cfg(out, tmp_path, max_steps=3, save_freq=100)
+    with pytest.raises(trainer.TrainingStopped):
+        train.run_stage(cfg)
+    ckdir = tmp_path / "ck" / cfg.name()
+    assert capsys.readouterr().out.strip().splitlines()[-1] == (
+        f"{cfg.name()}: stopped by SIGTERM after its last step, 000003/3; saved {ckdir / ck.ckpt_name(3)}; the run "
+        f"is complete (the same command goes on with any stage after it)")
