@@ -38,7 +38,7 @@ from pips2.datasets.clips import (
     write_track,
 )
 from pips2.datasets.clips import list_clips as list_clips  # re-exported: callers that list what an export wrote
-from pips2.utils.procs import is_space_error
+from pips2.utils.procs import is_space_error, lock_if_free
 from pips2.utils.video import VideoError, write_mp4
 
 STALE_CLAIM_S = 2 * 3600  # a claim from another host older than this is taken over
@@ -255,27 +255,6 @@ def remove_clip(version_dir: Path, k: int) -> None:
 _HELD: dict[Path, int] = {}
 
 
-def _lock_if_free(path: Path) -> int | None:
-    """path opened and exclusively flocked (its descriptor), or None when a live process holds it (or it is gone)."""
-    try:
-        fd = os.open(path, os.O_RDWR)
-    except OSError:
-        return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        os.close(fd)
-        return None
-    try:
-        same = os.fstat(fd).st_ino == os.stat(path).st_ino  # not replaced meanwhile by its remover
-    except OSError:
-        same = False
-    if not same:
-        os.close(fd)
-        return None
-    return fd
-
-
 def claim(version_dir: Path, k: int) -> bool:
     """Take clip k for this process (held while it lives: `_HELD`); False if a live process holds it. Dead
     holders' claims are taken over: on this machine when no process holds its lock, from another host after
@@ -298,7 +277,7 @@ def claim(version_dir: Path, k: int) -> bool:
                     path.unlink(missing_ok=True)
                     continue
                 return False
-            fd = _lock_if_free(path)
+            fd = lock_if_free(path)
             if fd is None:
                 return False
             os.ftruncate(fd, 0)  # taken over in place: no window where the file is gone
@@ -326,7 +305,7 @@ def claim_held(version_dir: Path, k: int) -> bool:
     path = version_dir / ".claims" / clip_name(k)
     if path in _HELD:
         return True
-    fd = _lock_if_free(path)
+    fd = lock_if_free(path)
     if fd is None:
         return path.exists()
     os.close(fd)
@@ -469,7 +448,7 @@ def clean_stale_claims(version_dir: Path) -> int:
             continue
         if h != host or p in _HELD:
             continue
-        fd = _lock_if_free(p)
+        fd = lock_if_free(p)
         if fd is not None:
             p.unlink(missing_ok=True)
             os.close(fd)

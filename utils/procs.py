@@ -404,19 +404,33 @@ def remove_owned(folder: str | os.PathLike) -> None:
         os.close(fd)
 
 
-def _owner_gone(d: Path) -> bool | None:
-    """Whether the owner of an owned folder is gone, from its OWNER_LOCK (None when it has none to judge by)."""
+def lock_if_free(path: str | os.PathLike) -> int | None:
+    """path opened and exclusively flocked (its descriptor, to close), or None when a live process holds its lock
+    or it cannot be opened. A holder's lock goes with its process, whatever its pid or PID namespace: how this
+    project tells a dead owner of a file from a live one on this machine."""
     try:
-        fd = os.open(d / OWNER_LOCK, os.O_RDWR)
+        fd = os.open(path, os.O_RDWR)
     except OSError:
         return None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return True
+        if os.fstat(fd).st_ino == os.stat(path).st_ino:  # not replaced meanwhile by its remover
+            return fd
     except OSError:
+        pass
+    os.close(fd)
+    return None
+
+
+def _owner_gone(d: Path) -> bool | None:
+    """Whether the owner of an owned folder is gone, from its OWNER_LOCK (None when it has none to judge by)."""
+    if not (d / OWNER_LOCK).is_file():
+        return None
+    fd = lock_if_free(d / OWNER_LOCK)
+    if fd is None:
         return False
-    finally:
-        os.close(fd)
+    os.close(fd)
+    return True
 
 
 def remove_dead_owned(folder: str | os.PathLike, head: str, tail: str = r"[A-Za-z0-9_]+",
