@@ -300,6 +300,21 @@ def release(version_dir: Path, k: int) -> None:
         os.close(fd)
 
 
+def claim_abandoned(version_dir: Path, k: int) -> bool:
+    """Whether clip k is unwritten and nobody will write it: its claim gone, or of this host and held by no
+    process. Another host's claim is its writer's to judge (a lock there may not reach this machine)."""
+    if is_clip_dir(clip_dir(version_dir, k)):
+        return False
+    path = version_dir / ".claims" / clip_name(k)
+    try:
+        host = path.read_text().split()[0]
+    except FileNotFoundError:
+        return True
+    except (OSError, IndexError):
+        return False
+    return host == socket.gethostname() and not claim_held(version_dir, k)
+
+
 def claim_held(version_dir: Path, k: int) -> bool:
     """Whether a live process of this machine holds clip k's claim."""
     path = version_dir / ".claims" / clip_name(k)

@@ -861,3 +861,39 @@ def test_every_clip_folder_has_its_manifest_line_whenever_a_writer_dies(tmp_path
     assert ex.write_clip(vdir, 8, frames, track, {"scene": "s"})  # the rerun writes the missing one
     lines = [json_.loads(ln) for ln in (vdir / MANIFEST).read_text().splitlines()]
     assert lines == [{"clip": 7, "scene": "s"}] + [{"clip": 8, "scene": "s"}] * 2
+
+
+def test_a_clip_whose_holder_died_meanwhile_is_no_success(synth_root, tmp_path, monkeypatch, capsys):
+    """Another exporter held a clip, then was killed with its workers while this one ran: this one ended "held by
+    other exporters 1", exit 0, the clip missing until someone reran."""
+    from pips2.cli import export as export_cli
+    from pips2.datasets import export as ex
+
+    vdir = _version(tmp_path)
+    vdir.mkdir(parents=True, exist_ok=True)
+    code = (f"import sys, time; sys.path.insert(0, {str(ROOT)!r}); from pathlib import Path; "
+            f"from pips2.datasets import export as ex; assert ex.claim(Path({str(vdir)!r}), 0); print('held', "
+            f"flush=True); time.sleep(120)")
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        counted = export_cli.list_clips
+
+        def holder_killed_meanwhile(folder):
+            holder.kill()
+            holder.wait()
+            return counted(folder)
+
+        monkeypatch.setattr(export_cli, "list_clips", holder_killed_meanwhile)
+        with pytest.raises(SystemExit) as e:
+            export_cli.main(dataset_location=str(synth_root), out_dir=str(tmp_path), S=8, N=32,
+                            crop_size=(128, 192), quiet=True, max_clips=2)
+    finally:
+        holder.kill()
+        holder.wait()
+    cap = capsys.readouterr()
+    assert e.value.code == 1 and "held by other exporters 1" in cap.out
+    assert cap.err.strip().splitlines()[-1] == (
+        "error: 1 clip(s) held by another exporter are not written and no process holds them now (its exporter "
+        "stopped); rerun to export them")
+    assert not ex.claim_held(vdir, 0)

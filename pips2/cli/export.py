@@ -29,6 +29,7 @@ from pips2.datasets.export import (
     NOT_WRITABLE,
     check_source,
     check_writable,
+    claim_abandoned,
     clean_stale_claims,
     clean_stale_temps,
     export_one,
@@ -237,6 +238,7 @@ def _run(jobs: deque, workers: int, version_dir: Path, quiet: bool, signals: _Si
     """Export the queued clips with the progress bar, then the summary and the exit code."""
     n_jobs = len(jobs)
     counts, reasons, deaths = Counter(), Counter(), Counter()
+    held: list[int] = []  # clips another exporter held when this one came to them
     stop = None  # why the export stopped early, if it did
     t0 = time.time()
     bar = tqdm(total=n_jobs, desc="export", unit="clip", disable=quiet)
@@ -262,6 +264,8 @@ def _run(jobs: deque, workers: int, version_dir: Path, quiet: bool, signals: _Si
                 result = (k, "failed", f"its worker died twice ({describe_exit(code)})")
             k, status, detail = result
             counts[status] += 1
+            if status == "busy":
+                held.append(k)
             if status == "rejected":
                 reasons[detail] += 1
             elif status == "failed":
@@ -309,6 +313,12 @@ def _run(jobs: deque, workers: int, version_dir: Path, quiet: bool, signals: _Si
         sys.exit(exit_code(name))
     if counts["failed"]:
         print(f"error: {counts['failed']} clip(s) failed (see above); rerun to retry them", file=sys.stderr)
+        sys.exit(1)
+    # a holder that died since (killed with its workers) left its clips unwritten: not a success
+    orphans = [k for k in held if claim_abandoned(version_dir, k)]
+    if orphans:
+        print(f"error: {len(orphans)} clip(s) held by another exporter are not written and no process holds them "
+              f"now (its exporter stopped); rerun to export them", file=sys.stderr)
         sys.exit(1)
     if n_jobs and counts["rejected"] == n_jobs:  # nothing written is no success
         print(f"error: {_all_rejected(n_jobs, reasons, st)}", file=sys.stderr)
