@@ -635,3 +635,53 @@ def test_a_signal_ignored_by_the_caller_stays_ignored():
         assert signal.getsignal(signal.SIGTERM) is before[1]
     finally:
         signal.signal(signal.SIGINT, before[0])
+
+
+def test_a_stop_held_through_the_renames_says_the_outputs_are_written(tmp_path, ckpt, capsys, monkeypatch):
+    """A SIGTERM held until the last rename found every output new, and the demo said "no outputs written"."""
+    from pips2.utils import vis
+
+    real = demo.synthetic_video
+    monkeypatch.setattr(demo, "synthetic_video", lambda path: real(path, frames=12))
+    (tmp_path / "tracks.csv").write_text("an earlier run")
+    renamed = vis.os.replace
+
+    def replace_then_stop(src, dst):
+        renamed(src, dst)
+        if Path(dst).name == "tracks.npz":
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(vis.os, "replace", replace_then_stop)
+    res = run_main(demo.main, capsys, init_dir=str(ckpt), grid_size=2, S=8, iters=1, out_dir=str(tmp_path))
+    assert res.returncode == 143, res.stderr[-2000:]
+    files = ", ".join(str(tmp_path / n) for n in ("tracks.npz", "tracks.csv", "tracks.mp4", "synthetic.mp4"))
+    assert res.stderr.strip().splitlines()[-1] == (
+        f"stopped by SIGTERM as the outputs were written; they are complete: {files}")
+    assert (tmp_path / "tracks.csv").read_text() != "an earlier run" and (tmp_path / "synthetic.mp4").is_file()
+
+
+def test_an_output_name_taken_by_a_folder_replaces_nothing(tmp_path, ckpt, capsys, monkeypatch):
+    """<out_dir>/synthetic.mp4 a folder: the tracks were renamed into place first, then the video's rename failed,
+    exit 2, leaving new tracks of a video that no longer existed beside the old files."""
+    real = demo.synthetic_video
+    monkeypatch.setattr(demo, "synthetic_video", lambda path: real(path, frames=12))
+    (tmp_path / "synthetic.mp4").mkdir()
+    (tmp_path / "tracks.csv").write_text("an earlier run")
+    res = run_main(demo.main, capsys, init_dir=str(ckpt), grid_size=2, S=8, iters=1, out_dir=str(tmp_path))
+    assert res.returncode == 2 and f"{tmp_path / 'synthetic.mp4'} is a folder" in res.stderr, res.stderr[-2000:]
+    assert (tmp_path / "tracks.csv").read_text() == "an earlier run"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["synthetic.mp4", "tracks.csv"]
+
+
+@pytest.mark.parametrize("closed", [">&-", "2>&-"])
+def test_a_script_started_with_its_output_closed_runs(tmp_path, closed):
+    """A launcher that closes descriptor 1 or 2 (`cmd >&-`): Python gives sys.stdout (sys.stderr) None, and
+    print() to it writes nowhere; the guard around every script's output wrapped None and failed at the first
+    line."""
+    root = Path(demo.__file__).resolve().parents[2]
+    cmd = (f"{sys.executable} make_synthetic_pod.py --out={tmp_path / 'syn'} --train=1 --test=0 --W=16 --H=16 --T=2 "
+           f"--n_points=3 {closed}")
+    res = subprocess.run(["bash", "-c", cmd], cwd=root, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(root)})
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert (tmp_path / "syn" / "train" / "synth_0000" / "anno.npz").is_file()

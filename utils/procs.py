@@ -90,11 +90,17 @@ class GuardedStream:
 def guarded_output() -> Iterator[None]:
     """sys.stdout and sys.stderr as GuardedStream while the block runs (a script's whole run)."""
     old = sys.stdout, sys.stderr
-    sys.stdout, sys.stderr = (s if isinstance(s, GuardedStream) else GuardedStream(s) for s in old)
+    # None: the descriptor was closed at start (`cmd >&-`); print() writes nowhere then, but tqdm fails on None
+    nulls = [open(os.devnull, "w") for s in old if s is None]  # closed below
+    spare = iter(nulls)
+    sys.stdout, sys.stderr = (next(spare) if s is None else s if isinstance(s, GuardedStream) else GuardedStream(s)
+                              for s in old)
     try:
         yield
     finally:
         sys.stdout, sys.stderr = old
+        for f in nulls:
+            f.close()
 
 
 def detach_from_closed_terminal(signum: int) -> None:
@@ -506,7 +512,9 @@ def held_stops() -> Iterator[None]:
         yield
     finally:
         arrived, _held = _held, outer
-    if arrived:
+    if arrived and outer is not None:  # an enclosing block holds them too: it raises them at its end
+        outer.extend(arrived)
+    elif arrived:
         raise_stop(arrived[0], Stopped(arrived[0]))
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import errno
 import os
 from collections.abc import Callable, Iterable, Iterator
 from fractions import Fraction
@@ -122,10 +123,19 @@ def remove_dead_temps(out_dir: Path) -> list[Path]:
     return remove_dead_owned(out_dir, TEMP_OUTPUT_HEAD, TEMP_OUTPUT_TAIL, dirs=False)
 
 
+def check_destinations(paths: Iterable[Path]) -> None:
+    """OSError naming the first of `paths` that is a folder: an output renamed onto it fails, and the renames before
+    it would already have replaced the others."""
+    for p in paths:
+        if p.is_dir() and not p.is_symlink():
+            raise IsADirectoryError(errno.EISDIR, f"{p} is a folder, not a file this writes", str(p))
+
+
 def write_outputs(out_dir: Path, video: Path, queries: np.ndarray, tracks: np.ndarray, estimated: np.ndarray,
                   fps: float | Fraction | None, visibility: np.ndarray | None = None, numbers: bool = False,
                   on_frame: Callable[[int], None] | None = None, radius: int = 3, thickness: int = 1,
-                  with_them: Iterable[tuple[Path, Path]] = ()) -> list[Path]:
+                  with_them: Iterable[tuple[Path, Path]] = (), on_installed: Callable[[], None] | None = None
+                  ) -> list[Path]:
     """tracks.npz, tracks.csv and tracks.mp4 (points with fading trails) in out_dir (demo.py's and the web
     demo's outputs, docs/FORMATS.md).
 
@@ -136,8 +146,12 @@ def write_outputs(out_dir: Path, video: Path, queries: np.ndarray, tracks: np.nd
     is drawn (progress); radius and thickness size the points and trails. Each file is written under a temp name
     and the three are renamed into place only once all are complete, with a stop signal held until the last
     rename (and the (temp, final) renames `with_them`, the demo's synthetic video): an error or a signal mid-way
-    leaves no partial file and no mix of new and old ones (and the temps are removed)."""
+    leaves no partial file and no mix of new and old ones (and the temps are removed); on_installed() is called
+    once all are in place, before a stop that arrived meanwhile is raised. A destination that is a folder is
+    refused first (`check_destinations`)."""
     final = [out_dir / name for name in OUTPUT_NAMES]
+    with_them = list(with_them)
+    check_destinations([*final, *(dest for _, dest in with_them)])
     remove_dead_temps(out_dir)
     tag = f".tmp.{owner_tag()}"
     npz, csv_path, mp4 = (p.with_name(f".{p.stem}{tag}{p.suffix}") for p in final)
@@ -170,6 +184,8 @@ def write_outputs(out_dir: Path, video: Path, queries: np.ndarray, tracks: np.nd
         with held_stops():  # a stop between two renames would leave new and old outputs side by side
             for tmp, dest in [*zip((npz, csv_path, mp4), final, strict=True), *with_them]:
                 os.replace(tmp, dest)
+            if on_installed is not None:  # before a stop held meanwhile is raised: the outputs are complete
+                on_installed()
     finally:
         for tmp in (npz, csv_path, mp4):
             tmp.unlink(missing_ok=True)

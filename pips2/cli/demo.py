@@ -216,6 +216,9 @@ def main(video: str | None = None, init_dir: str | None = None, points: str | No
     # replaces nothing, and a synthetic.mp4 that is a link is replaced, not the file it names
     synthetic: Path | None = None
     writing, code, done = False, 2, False
+    installed: list[bool] = []  # the outputs are all in place (write_outputs says so before a held stop)
+    late = 0  # the exit code of a stop that came once the outputs were in place
+    files: list[Path] = []
     with stopping_on_signals():
         try:
             S, iters, point_batch, model_hw = check_track_args(S, iters, point_batch, image_size, flag="--",
@@ -251,13 +254,18 @@ def main(video: str | None = None, init_dir: str | None = None, points: str | No
             dt = time.time() - t0
             writing = True
             installs = [(synthetic, shown_video)] if synthetic is not None else []
-            files = write_outputs(out, video_path, queries, res["tracks"], res["estimated"], fps,
-                                  res["visibility"], bool(numbers), with_them=installs)
-            files += [dest for _, dest in installs]
+            files = [out / name for name in OUTPUT_NAMES] + [dest for _, dest in installs]
+            write_outputs(out, video_path, queries, res["tracks"], res["estimated"], fps, res["visibility"],
+                          bool(numbers), with_them=installs, on_installed=lambda: installed.append(True))
             done = True
         except Stopped as e:
             code = 128 + e.signum
             msg = f"stopped by {signal.Signals(e.signum).name}: no outputs written, temp files removed"
+            if installed:  # the stop came as the outputs were renamed, held until the last: they are all new
+                done = True
+                msg = (f"stopped by {signal.Signals(e.signum).name} as the outputs were written; they are complete: "
+                       + ", ".join(str(f) for f in files))
+                late = code
         except (ValueError, VideoError, OSError, CheckpointError) as e:
             msg = f"cannot write the outputs to --out_dir {out}: {e}" if writing else str(e)
         finally:
@@ -268,6 +276,9 @@ def main(video: str | None = None, init_dir: str | None = None, points: str | No
     if not done:
         print(f"error: {msg}", file=sys.stderr, flush=True)
         sys.exit(code)
+    if late:
+        print(msg, file=sys.stderr, flush=True)
+        sys.exit(late)
     T = res["tracks"].shape[0]
     passes = "forward and backward" if backward else "forward"
     print(f"summary: {len(queries)} points x {T} frames in {dt:.1f} s ({dt / T:.2f} s per frame, {passes}) at "
