@@ -553,6 +553,13 @@ def test_a_stream_whose_reader_is_gone_takes_every_write():
         assert os.path.samefile(f"/proc/self/fd/{raw.fileno()}", os.devnull)
         raw.close()
         assert asked == [signal.SIGPIPE]  # the job is asked to stop once, for SIGPIPE
+        # a descriptor closed under the program: its output is lost, and that is all
+        r2, w2 = os.pipe()
+        closed = os.fdopen(w2, "w", buffering=1)
+        os.close(w2)
+        guarded = GuardedStream(closed)
+        assert guarded.write("a line\n") == 7 and guarded.broken and asked == [signal.SIGPIPE]
+        os.close(r2)
         # the signal itself stays ignored, as Python sets it: a socket's broken write is that write's error
         assert signal.getsignal(signal.SIGPIPE) is signal.SIG_IGN
     finally:

@@ -58,8 +58,8 @@ class GuardedStream:
         if not self.broken:
             try:
                 return self._stream.write(text)
-            except BrokenPipeError:
-                self._detach()
+            except OSError as e:
+                self._lost(e)
         return len(text)
 
     def flush(self) -> None:
@@ -67,10 +67,17 @@ class GuardedStream:
         if not self.broken:
             try:
                 self._stream.flush()
-            except BrokenPipeError:
-                self._detach()
+            except OSError as e:
+                self._lost(e)
 
-    def _detach(self) -> None:
+    def _lost(self, e: OSError) -> None:
+        # a descriptor closed under the program (EBADF) or a hung-up terminal (EIO, whose SIGHUP is on its way)
+        # only lose the output; a reader gone from a pipe asks the job to stop
+        if not isinstance(e, BrokenPipeError) and e.errno not in (errno.EBADF, errno.EIO):
+            raise e
+        self._detach(stop=isinstance(e, BrokenPipeError))
+
+    def _detach(self, stop: bool) -> None:
         self.broken = True
         try:
             null = os.open(os.devnull, os.O_WRONLY)
@@ -79,7 +86,7 @@ class GuardedStream:
         except (OSError, ValueError, AttributeError):  # no descriptor of its own (a test's capture): nothing to point
             pass
         handler = signal.getsignal(signal.SIGTERM)
-        if callable(handler) and threading.current_thread() is threading.main_thread():
+        if stop and callable(handler) and threading.current_thread() is threading.main_thread():
             handler(signal.SIGPIPE, None)
 
     def __getattr__(self, name: str):
