@@ -2,6 +2,7 @@
 resume is exact), a second Ctrl-C stops at once, every DDP rank stops at the same step, and a run whose data
 disappears saves what it trained before it fails."""
 
+import errno
 import os
 import re
 import shutil
@@ -560,6 +561,16 @@ def test_a_stream_whose_reader_is_gone_takes_every_write():
         guarded = GuardedStream(closed)
         assert guarded.write("a line\n") == 7 and guarded.broken and asked == [signal.SIGPIPE]
         os.close(r2)
+
+        class FullDisk:  # a log on a full or over-quota disk
+            def write(self, text):
+                raise OSError(errno.ENOSPC, "No space left on device")
+
+            def fileno(self):
+                raise ValueError("no descriptor")
+
+        guarded = GuardedStream(FullDisk())
+        assert guarded.write("step 000023/1000\n") == 17 and guarded.broken and asked == [signal.SIGPIPE]
         # the signal itself stays ignored, as Python sets it: a socket's broken write is that write's error
         assert signal.getsignal(signal.SIGPIPE) is signal.SIG_IGN
     finally:

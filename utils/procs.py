@@ -43,11 +43,12 @@ def caught_stop_signals() -> tuple[signal.Signals, ...]:
 
 
 class GuardedStream:
-    """stdout or stderr that outlives its reader: the first write or flush that fails because the pipe's reader went
-    away (BrokenPipeError) points the stream's file descriptor at /dev/null, and that write and every later one
-    succeed. A long job's stop handler (the one its SIGTERM runs) is then called for SIGPIPE, in the main thread:
-    it saves and stops as for SIGTERM, naming SIGPIPE; without one, the program goes on without its output. It
-    raised in the print of a training step line before: every step since the last save was lost, in a traceback."""
+    """stdout or stderr that outlives its reader: the first write or flush that fails (the pipe's reader gone, the
+    log's disk full) points the stream's file descriptor at /dev/null, and that write and every later one succeed.
+    For a reader gone (BrokenPipeError) a long job's stop handler (the one its SIGTERM runs) is then called for
+    SIGPIPE, in the main thread: it saves and stops as for SIGTERM, naming SIGPIPE; otherwise the program goes on
+    without its output. Either raised in the print of a training step line before: every step since the last save
+    was lost, in a traceback."""
 
     def __init__(self, stream):
         self._stream = stream
@@ -71,10 +72,9 @@ class GuardedStream:
                 self._lost(e)
 
     def _lost(self, e: OSError) -> None:
-        # a descriptor closed under the program (EBADF) or a hung-up terminal (EIO, whose SIGHUP is on its way)
-        # only lose the output; a reader gone from a pipe asks the job to stop
-        if not isinstance(e, BrokenPipeError) and e.errno not in (errno.EBADF, errno.EIO):
-            raise e
+        # a reader gone from a pipe asks the job to stop; anything else that fails a write of the output (a full
+        # or over-quota log disk, a descriptor closed under the program, a hung-up terminal whose SIGHUP is on its
+        # way) only loses the output: a training whose log filled its disk died in a traceback, unsaved
         self._detach(stop=isinstance(e, BrokenPipeError))
 
     def _detach(self, stop: bool) -> None:
