@@ -5,8 +5,8 @@
 # (pips2.utils.download, standard library only) and verifies the checkpoint.
 # Nothing in the destination is touched until the archive holds only reference_model/model-*.pth files within
 # the bounds of docs/MODELS.md and every one loads into the model (finite weights of the model's dtypes); then
-# those files alone are moved in: nothing else in the destination is replaced or removed, and a file of the same
-# name that is not the same checkpoint is kept as <name>.old.
+# those files alone are moved in: nothing else in the destination is replaced or removed; another readable
+# checkpoint of the same name is refused, and any other file of that name is kept as <name>.old.
 set -euo pipefail
 
 URL="${REF_MODEL_URL:-https://www.dropbox.com/scl/fi/czdlt2zc2ji2b7zd0pvoe/reference_model.tar.gz?rlkey=56ebq4g5dk01kyq8kuismev14}"
@@ -78,12 +78,55 @@ stage="$(mktemp -d "$DEST/.refmodel.XXXXXX")"
 for ck in "$unpacked"/reference_model/model-*.pth; do
   mv -f "$ck" "$stage/"
 done
-# a file of that name that is not this very checkpoint may be the user's own (train.py names its step-200,000
-# checkpoint model-000200000.pth too): it is kept beside, never replaced
-same_file_bytes() { command -v cmp >/dev/null 2>&1 && cmp -s "$1" "$2"; }
+# a file of that name that is not this very checkpoint: another readable checkpoint (a training run's own
+# model-000200000.pth, another model) is the user's, and nothing is installed over it; anything else (a damaged
+# earlier download, a link) is kept beside as <name>.old
+absolute() { case "$1" in /*) printf '%s' "$1" ;; *) printf '%s' "$PWD/$1" ;; esac; }
+verdict() {  # run from the repository root, as the verification: the paths must not be relative to the caller's
+  (new="$(absolute "$1")" old="$(absolute "$2")"
+   cd "$ROOT" && PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" "$PY" - "$new" "$old" <<'EOF'
+import hashlib
+import os
+import sys
+
+new, old = sys.argv[1], sys.argv[2]
+
+
+def digest(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+if not os.path.lexists(old):
+    print("none")
+elif os.path.islink(old) or not os.path.isfile(old):
+    print("aside")
+elif os.path.getsize(old) == os.path.getsize(new) and digest(old) == digest(new):
+    print("same")
+else:
+    try:
+        from pips2.utils.checkpoint import read_checkpoint
+
+        read_checkpoint(old)
+        print("checkpoint")
+    except Exception:
+        print("aside")
+EOF
+  )
+}
+for ck in "$stage"/model-*.pth; do  # every target judged before any is replaced
+  target="$DEST/$(basename "$ck")"
+  fate="$(verdict "$ck" "$target")" || die "cannot compare $target with the new checkpoint; nothing replaced"
+  if [ "$fate" = checkpoint ]; then
+    die "$target is another checkpoint (a training run's own?), not this one; nothing replaced: move it aside or give another REF_MODEL_DEST"
+  fi
+done
 for ck in "$stage"/model-*.pth; do
   target="$DEST/$(basename "$ck")"
-  if [ -L "$target" ] || { [ -e "$target" ] && ! same_file_bytes "$ck" "$target"; }; then
+  if [ "$(verdict "$ck" "$target")" = aside ]; then
     keep="$target.old"; n=1
     while [ -e "$keep" ] || [ -L "$keep" ]; do keep="$target.old.$n"; n=$((n + 1)); done
     mv "$target" "$keep"

@@ -142,13 +142,22 @@ def test_good_tarball_replaces_an_old_install(server, tmp_path, good_ckpt):
     assert (dest / "model-000200000.pth").read_bytes() == good_ckpt
     # a file of the checkpoint's name that is another one may be the user's (train.py names its step-200,000
     # checkpoint so): it was replaced, now it is kept beside; the same checkpoint again is simply replaced
-    assert (dest / "model-000200000.pth.old").read_bytes() == b"old"
+    assert (dest / "model-000200000.pth.old").read_bytes() == b"old", (res.stdout, res.stderr)
     assert "kept the earlier ./reference_model/model-000200000.pth as ./reference_model/model-000200000.pth.old" \
         in res.stdout
     res = _run(f"{base}/good.tar.gz", tmp_path)
     assert res.returncode == 0 and "kept the earlier" not in res.stdout, res.stdout
     assert sorted(p.name for p in dest.iterdir() if p.name.startswith("model-")) == [
         "model-000200000.pth", "model-000200000.pth.old"]
+    # another readable checkpoint of that name (a training run's own model-000200000.pth) is the user's: nothing
+    # is installed over it (it was replaced, and the folder then loaded the reference model as the run's)
+    (dest / "model-000200000.pth").write_bytes(torch_bytes({"model_state_dict": {"x": torch.zeros(1)}}))
+    mine = (dest / "model-000200000.pth").read_bytes()
+    res = _run(f"{base}/good.tar.gz", tmp_path)
+    assert res.returncode == 1 and _last_line(res) == (
+        "get_reference_model.sh: ./reference_model/model-000200000.pth is another checkpoint (a training run's "
+        "own?), not this one; nothing replaced: move it aside or give another REF_MODEL_DEST")
+    assert (dest / "model-000200000.pth").read_bytes() == mine
     # what the tarball does not hold is the user's: kept as it was
     assert (dest / "args.txt").read_bytes() == b"mine"
     assert (dest / "finetuned" / "model-000000010.pth").read_bytes() == b"mine"
