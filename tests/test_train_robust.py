@@ -554,6 +554,9 @@ def test_unknown_amp_is_one_line(exported, tmp_path):
     ({"model": "lbm", "memory_size": 0}, "--memory_size must be at least 1, got 0"),
     ({"stage": 3}, "--stage must be 1 or 2 (or --stages=1,2), got 3"),
     ({"stages": "1,x"}, "--stages must be 1 or 2 (or --stages=1,2), got '1,x'"),
+    # a bare "Not a directory" line naming no flag, and TensorBoard's traceback after the model was built
+    ({"ckpt_dir": "/dev/null"}, "--ckpt_dir=/dev/null is not a folder"),
+    ({"log_dir": "/dev/null/logs"}, "--log_dir=/dev/null/logs cannot be made: /dev/null is not a folder"),
 ])
 def test_bad_numeric_flags_are_one_line_before_any_work(tmp_path, capsys, flags, expect):
     """Each was a traceback (ZeroDivisionError after a step, "Unknown format code 'g'", a reshape error) or a run

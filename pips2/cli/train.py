@@ -105,6 +105,20 @@ def _typed(name: str, value, hint) -> typing.Any:
     raise ValueError(f"--{name} must be {what}, got {value!r}")
 
 
+def check_folder_flag(flag: str, path: str | None) -> None:
+    """ValueError when --ckpt_dir or --log_dir cannot be a folder (a file, /dev/null, a path through a file): it
+    was a bare "Not a directory" line naming no flag, or TensorBoard's traceback after the model was built."""
+    if not path:
+        return
+    p = Path(path).expanduser().absolute()
+    for q in (p, *p.parents):
+        if q.exists() or q.is_symlink():
+            if not q.is_dir():
+                why = "is not a folder" if q == p else f"cannot be made: {q} is not a folder"
+                raise ValueError(f"--{flag}={path} {why}")
+            return
+
+
 def check_values(values: dict) -> dict:
     """Every numeric and boolean flag of a run checked in one place, before anything is built: types, the
     MINIMUM of each count, a positive learning rate and clip, a non-negative weight decay; ValueError naming
@@ -193,6 +207,8 @@ def make_config(stage: int, flags: dict) -> Config:
     elif h < 128 or w < 128:
         raise ValueError(f"crop_size must be at least 128x128, got {h}x{w}")
     check_batch_bytes(values["B"], values["S"], h, w, stage)
+    for flag in ("ckpt_dir", "log_dir"):
+        check_folder_flag(flag, values.get(flag))
     if values.get("eval_dataset") not in (None, "davis"):
         raise ValueError(f"--eval_dataset must be davis (TAP-Vid-DAVIS while training), got {values['eval_dataset']!r}")
     if values.get("eval_dataset") and not values.get("tapvid_root"):
