@@ -506,9 +506,9 @@ class Evaluation:
         payload, write_error = None, None
         if self.out_json:
             payload = self.payload()
-            self.results_path = results_path(self.out_json, self.status == "done")
+            self.results_path = target = results_path(self.out_json, self.status == "done")
             try:
-                write_json(self.results_path, payload)
+                write_json(target, payload)
             except OSError as e:  # a full disk after hours of scoring: the results must still reach the user
                 write_error = e
         mean, tapvid = self.means()
@@ -533,9 +533,10 @@ class Evaluation:
             print(f"error: cannot write --out_json={self.results_path} ({self.unwritten}); the results are printed "
                   "above", file=sys.stderr, flush=True)
             return
-        print(f"results -> {self.results_path}" + ("" if self.status == "done" else " (partial)"), flush=True)
+        target = self.results_path or self.out_json
+        print(f"results -> {target}" + ("" if self.status == "done" else " (partial)"), flush=True)
         if payload["curves"]:
-            png = plots.png_path(self.results_path)
+            png = plots.png_path(target)
             try:
                 plots.save_png({self.benchmark: payload["curves"]}, png,
                                title=f"{self.label} on {self.benchmark}: {n} {self.noun}")
