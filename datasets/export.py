@@ -10,7 +10,6 @@ over; a deterministic rejection is remembered so reruns skip it at once.
 from __future__ import annotations
 
 import errno
-import fcntl
 import os
 import shutil
 import signal
@@ -38,7 +37,7 @@ from pips2.datasets.clips import (
     write_track,
 )
 from pips2.datasets.clips import list_clips as list_clips  # re-exported: callers that list what an export wrote
-from pips2.utils.procs import is_space_error, lock_if_free
+from pips2.utils.procs import hold_lock, is_space_error, lock_if_free
 from pips2.utils.video import VideoError, write_mp4
 
 STALE_CLAIM_S = 2 * 3600  # a claim from another host older than this is taken over
@@ -284,7 +283,7 @@ def claim(version_dir: Path, k: int) -> bool:
             os.write(fd, me)
             _HELD[path] = fd
             return True
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        hold_lock(fd)  # just made by this process (O_EXCL): nobody else can hold it
         os.write(fd, me)
         _HELD[path] = fd
         return True

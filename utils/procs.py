@@ -4,7 +4,6 @@ processes that survives the death of one."""
 from __future__ import annotations
 
 import errno
-import fcntl
 import multiprocessing as mp
 import os
 import re
@@ -23,6 +22,11 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Any, NoReturn
+
+try:
+    import fcntl
+except ImportError:  # not a POSIX system: no owner locks, liveness falls back to pids
+    fcntl = None
 
 # Signals that ask a long job to stop: a scheduler's SIGTERM, a terminal's Ctrl-C (SIGINT), and SIGHUP, which a
 # closed terminal or ssh session sends (nohup ignores it; a signal ignored at start stays ignored). A reader of the
@@ -402,11 +406,25 @@ def owned_tempdir(prefix: str, parent: str | os.PathLike | None = None) -> Path:
     d = Path(tempfile.mkdtemp(prefix=f"{prefix}.{owner_tag()}.", dir=parent))
     try:
         fd = os.open(d / OWNER_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return d
+    if hold_lock(fd):
         _OWNED[str(d)] = fd
-    except OSError:  # a file system without locks: the name's pid and namespace are what is left to judge by
-        pass
+    else:  # no locks here: the name's pid and namespace are what is left to judge by
+        os.close(fd)
     return d
+
+
+def hold_lock(fd: int) -> bool:
+    """Lock an open file exclusively for as long as this process keeps it open (flock); False where the system or
+    the file system has no such locks."""
+    if fcntl is None:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return False
+    return True
 
 
 def remove_owned(folder: str | os.PathLike) -> None:
@@ -421,6 +439,8 @@ def lock_if_free(path: str | os.PathLike) -> int | None:
     """path opened and exclusively flocked (its descriptor, to close), or None when a live process holds its lock
     or it cannot be opened. A holder's lock goes with its process, whatever its pid or PID namespace: how this
     project tells a dead owner of a file from a live one on this machine."""
+    if fcntl is None:
+        return None
     try:
         fd = os.open(path, os.O_RDWR)
     except OSError:
