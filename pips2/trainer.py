@@ -564,8 +564,11 @@ class TrainState:
                            f"separate run, or move that folder aside")
         if cfg.resume and ck.list_checkpoints(self.ckpt_dir):
             bad: list[tuple[Path, ck.CheckpointError]] = []
-            found = ck.read_newest(self.ckpt_dir, on_bad=lambda path, e: bad.append((path, e)), rename=main,
-                                   layout=cfg.layout)
+            try:
+                found = ck.read_newest(self.ckpt_dir, on_bad=lambda path, e: bad.append((path, e)), rename=main,
+                                       layout=cfg.layout)
+            except ck.CheckpointError as e:  # a checkpoint this machine cannot read now: set nothing aside
+                self.ranks.die(f"{e}; nothing was set aside, rerun once it can be read")
             if found is None:
                 self.ranks.die(f"{self.ckpt_dir}: no readable checkpoint to resume from ({len(bad)} unreadable, "
                                f"kept as *.bad)")

@@ -19,6 +19,7 @@ from pips2 import trainer
 from pips2.cli import train
 from pips2.datasets.export import list_clips
 from pips2.utils import checkpoint as ck
+from pips2.utils.procs import guarded_output
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(B=1, S=6, N=8, crop_size="128,192", iters=2, workers=0, log_freq=1, device="cpu")
@@ -747,3 +748,32 @@ def test_resume_false_never_mixes_a_new_run_into_an_old_one(two_steps, tmp_path,
         f"run into them: give --exp_name=<a new name> for a separate run, or move that folder aside")
     assert [p.name for p in folder.iterdir() if p.suffix == ".pth"] == [src.name]
     assert (folder / src.name).read_bytes() == before
+
+
+def test_a_run_folder_named_in_no_utf8_resumes_and_a_local_read_error_sets_nothing_aside(two_steps, tmp_path,
+                                                                                         monkeypatch, capsys):
+    """A folder name with a Latin-1 byte: torch hands a mapped file's name to C++ as UTF-8, so every good
+    checkpoint there was "unreadable", renamed *.bad by the resume, and the next run trained from step 0. An error
+    of this machine (permissions, I/O) set checkpoints aside the same way."""
+    out, src = two_steps
+    ckpt_dir = tmp_path / os.fsdecode(b"ck_\xff")
+    cfg = _cfg(out, tmp_path, max_steps=3, ckpt_dir=str(ckpt_dir))
+    folder = ckpt_dir / cfg.name()
+    folder.mkdir(parents=True)
+    shutil.copy(src, folder / src.name)
+    with guarded_output():  # as train.py runs: the folder's name is printed, escaped
+        train.run_stage(cfg)  # resumes at step 2
+    assert [s for s, _ in ck.list_checkpoints(folder)] == [2, 3] and not list(folder.glob("*.bad"))
+    assert "ck_\\udcff" in capsys.readouterr().out
+
+    def unreadable(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(ck.torch, "load", unreadable)
+    with pytest.raises(SystemExit) as e, guarded_output():
+        train.run_stage(_cfg(out, tmp_path, max_steps=4, ckpt_dir=str(ckpt_dir)))
+    assert e.value.code == 2
+    shown = str(folder / ck.ckpt_name(3)).encode("utf-8", "backslashreplace").decode()
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: {shown}: cannot be read here (Permission denied); nothing was set aside, rerun once it can be read")
+    assert [s for s, _ in ck.list_checkpoints(folder)] == [2, 3] and not list(folder.glob("*.bad"))

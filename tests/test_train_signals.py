@@ -571,6 +571,15 @@ def test_a_stream_whose_reader_is_gone_takes_every_write():
 
         guarded = GuardedStream(FullDisk())
         assert guarded.write("step 000023/1000\n") == 17 and guarded.broken and asked == [signal.SIGPIPE]
+        # a name from a data file that the stream's encoding cannot write (a lone surrogate, a Latin-1 byte) is
+        # written escaped: it ended evaluations in a UnicodeEncodeError
+        import io
+
+        raw = io.TextIOWrapper(io.BytesIO(), encoding="utf-8")
+        guarded = GuardedStream(raw)
+        guarded.write("video b\ud800x: scored\n")
+        raw.flush()
+        assert raw.buffer.getvalue() == b"video b\\ud800x: scored\n" and not guarded.broken
         # the signal itself stays ignored, as Python sets it: a socket's broken write is that write's error
         assert signal.getsignal(signal.SIGPIPE) is signal.SIG_IGN
     finally:

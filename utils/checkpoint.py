@@ -12,7 +12,8 @@ import tempfile
 import threading
 import time
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, cast
@@ -82,7 +83,13 @@ def key_text(key: Any, i: int | None = None, n: int = KEY_TEXT) -> str:
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used; the message names the file and the problem."""
+    """A checkpoint that cannot be used; the message names the file and the problem. `local`: the problem is this
+    machine's (the file could not be opened or read: permissions, I/O, descriptors), not the file's content, so
+    the file must not be set aside as damaged."""
+
+    def __init__(self, message: str, local: bool = False):
+        super().__init__(message)
+        self.local = local
 
 
 class LockError(RuntimeError):
@@ -385,6 +392,22 @@ def _check_tensors(obj, path: str | os.PathLike, device: torch.device | None = N
             stack += [((where, o, k, i), v, depth + 1, False) for i, (k, v) in enumerate(items)]
 
 
+@contextmanager
+def _utf8_named(path: str | os.PathLike) -> Iterator[str | os.PathLike]:
+    """path, or where it cannot be written as UTF-8 (a byte of a Latin-1 folder name) a link to it under a plain
+    name: torch hands a mapped file's name to its C++ reader as UTF-8, and every good checkpoint of such a folder
+    was called unreadable (and set aside as *.bad by a resume)."""
+    try:
+        os.fsdecode(os.fspath(path)).encode("utf-8")
+    except UnicodeEncodeError:
+        with tempfile.TemporaryDirectory(prefix="pips2_ckpt_link.") as tmp:
+            link = os.path.join(tmp, "checkpoint.pth")
+            os.symlink(os.path.abspath(os.fspath(path)), link)
+            yield link
+        return
+    yield path
+
+
 def load_weights_only(path: str | os.PathLike, map_location: str | torch.device = "cpu", refused_hint: str = ""):
     """torch.load(weights_only=True) with one clear error line (CheckpointError) for a corrupt or foreign file;
     `refused_hint` is appended when the file holds more than tensors and plain data. What the file declares is
@@ -392,7 +415,10 @@ def load_weights_only(path: str | os.PathLike, map_location: str | torch.device 
     them, then, the file mapped rather than read (mmap), every tensor's shape against its storage."""
     zipped = _check_records(path)
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=zipped)
+        with _utf8_named(path) as named:
+            ckpt = torch.load(named, map_location=map_location, weights_only=True, mmap=zipped)
+    except OSError as e:  # opening or reading failed here: nothing is known of the content
+        raise CheckpointError(f"{path}: cannot be read here ({e.strerror or type(e).__name__})", local=True) from None
     except Exception as e:  # torch raises many types for a bad file; the user needs one line
         problem = _load_problem(e)
         if refused_hint and problem.startswith("refused"):
@@ -668,6 +694,8 @@ def read_newest(folder: str | os.PathLike, on_bad: Callable[[Path, CheckpointErr
         try:
             return path, read_checkpoint(path, map_location, layout)
         except CheckpointError as e:
+            if e.local:  # not the file's fault: set nothing aside, and resume from nothing older
+                raise
             if on_bad is not None:
                 on_bad(path, e)
             if not rename:

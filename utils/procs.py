@@ -49,6 +49,8 @@ def caught_stop_signals() -> tuple[signal.Signals, ...]:
 class GuardedStream:
     """stdout or stderr that outlives its reader: the first write or flush that fails (the pipe's reader gone, the
     log's disk full) points the stream's file descriptor at /dev/null, and that write and every later one succeed.
+    Text the stream's encoding cannot write (a file name's undecodable byte, a lone surrogate from a data file) is
+    written escaped: it ended evaluations and training runs in a UnicodeEncodeError.
     For a reader gone (BrokenPipeError) a long job's stop handler (the one its SIGTERM runs) is then called for
     SIGPIPE, in the main thread: it saves and stops as for SIGTERM, naming SIGPIPE; otherwise the program goes on
     without its output. Either raised in the print of a training step line before: every step since the last save
@@ -62,7 +64,11 @@ class GuardedStream:
         """The stream's write; the text's length once the reader is gone."""
         if not self.broken:
             try:
-                return self._stream.write(text)
+                try:
+                    return self._stream.write(text)
+                except UnicodeEncodeError:  # a name from the data that this stream's encoding cannot write
+                    enc = getattr(self._stream, "encoding", None) or "utf-8"
+                    self._stream.write(text.encode(enc, "backslashreplace").decode(enc))
             except OSError as e:
                 self._lost(e)
         return len(text)
