@@ -37,7 +37,7 @@ from pips2.datasets.clips import (
     write_track,
 )
 from pips2.datasets.clips import list_clips as list_clips  # re-exported: callers that list what an export wrote
-from pips2.utils.procs import hold_lock, is_space_error, lock_if_free
+from pips2.utils.procs import is_space_error, pid_alive, probe_lock, try_lock
 from pips2.utils.video import VideoError, write_mp4
 
 STALE_CLAIM_S = 2 * 3600  # a claim from another host older than this is taken over
@@ -254,6 +254,26 @@ def remove_clip(version_dir: Path, k: int) -> None:
 _HELD: dict[Path, int] = {}
 
 
+def _claim_owner(path: Path) -> tuple[str, int, float]:
+    """(host, pid, age in seconds) a claim file names; a half-written one (its writer died, or is writing it now)
+    names no host."""
+    try:
+        host, pid = path.read_text().split()
+        return host, int(pid), time.time() - path.stat().st_mtime
+    except (OSError, ValueError):
+        return "", 0, STALE_CLAIM_S + 1
+
+
+def _claim_state(path: Path, write: bool = False) -> tuple[str, int | None]:
+    """("free", descriptor) when no process holds the claim (it is then locked by this one), ("held", None),
+    ("gone", None); where locks cannot tell, the pid it names, on this host, decides."""
+    state, fd = probe_lock(path, write)
+    if state == "unavailable":
+        _, pid, _ = _claim_owner(path)
+        state = "held" if pid and pid_alive(pid) else "free"
+    return state, fd
+
+
 def claim(version_dir: Path, k: int) -> bool:
     """Take clip k for this process (held while it lives: `_HELD`); False if a live process holds it. Dead
     holders' claims are taken over: on this machine when no process holds its lock, from another host after
@@ -262,28 +282,31 @@ def claim(version_dir: Path, k: int) -> bool:
     cdir.mkdir(exist_ok=True)
     path = cdir / clip_name(k)
     me = f"{socket.gethostname()} {os.getpid()}".encode()
-    for _ in range(2):
+    for _ in range(3):
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
         except FileExistsError:
-            try:
-                host = path.read_text().split()[0]
-                age = time.time() - path.stat().st_mtime
-            except (OSError, ValueError, IndexError):
-                host, age = "", STALE_CLAIM_S + 1  # half-written claim: its writer died
+            host, _, age = _claim_owner(path)
             if host and host != socket.gethostname():
                 if age > STALE_CLAIM_S:
                     path.unlink(missing_ok=True)
                     continue
                 return False
-            fd = lock_if_free(path)
-            if fd is None:
+            state, fd = _claim_state(path, write=True)
+            if state == "gone":
+                continue
+            if state == "held":
                 return False
+            if fd is None:  # free without locks (its pid is dead): made again
+                path.unlink(missing_ok=True)
+                continue
             os.ftruncate(fd, 0)  # taken over in place: no window where the file is gone
             os.write(fd, me)
             _HELD[path] = fd
             return True
-        hold_lock(fd)  # just made by this process (O_EXCL): nobody else can hold it
+        if try_lock(fd) == "held":  # taken over in the instant between its making and its lock: the other's now
+            os.close(fd)
+            return False
         os.write(fd, me)
         _HELD[path] = fd
         return True
@@ -300,17 +323,15 @@ def release(version_dir: Path, k: int) -> None:
 
 
 def claim_abandoned(version_dir: Path, k: int) -> bool:
-    """Whether clip k is unwritten and nobody will write it: its claim gone, or of this host and held by no
-    process. Another host's claim is its writer's to judge (a lock there may not reach this machine)."""
-    if is_clip_dir(clip_dir(version_dir, k)):
+    """Whether clip k is unwritten and nobody will write it: not rejected (a peer that rejects a clip writes no
+    folder), and its claim gone or of this host and held by no process. Another host's claim is its writer's to
+    judge (a lock there may not reach this machine)."""
+    if is_clip_dir(clip_dir(version_dir, k)) or rejected_reason(version_dir, k) is not None:
         return False
     path = version_dir / ".claims" / clip_name(k)
-    try:
-        host = path.read_text().split()[0]
-    except FileNotFoundError:
-        return True
-    except (OSError, IndexError):
-        return False
+    host, _, _ = _claim_owner(path)
+    if not path.exists():  # released: written (looked at once more, after the release) or rejected meanwhile
+        return not is_clip_dir(clip_dir(version_dir, k)) and rejected_reason(version_dir, k) is None
     return host == socket.gethostname() and not claim_held(version_dir, k)
 
 
@@ -319,11 +340,10 @@ def claim_held(version_dir: Path, k: int) -> bool:
     path = version_dir / ".claims" / clip_name(k)
     if path in _HELD:
         return True
-    fd = lock_if_free(path)
-    if fd is None:
-        return path.exists()
-    os.close(fd)
-    return False
+    state, fd = _claim_state(path)
+    if fd is not None:
+        os.close(fd)
+    return state == "held"
 
 
 def mark_rejected(version_dir: Path, k: int, reason: str) -> None:
@@ -456,17 +476,14 @@ def clean_stale_claims(version_dir: Path) -> int:
         return 0
     n, host = 0, socket.gethostname()
     for p in cdir.iterdir():
-        try:
-            h = p.read_text().split()[0]
-        except (OSError, ValueError, IndexError):
+        if _claim_owner(p)[0] != host or p in _HELD:
             continue
-        if h != host or p in _HELD:
-            continue
-        fd = lock_if_free(p)
-        if fd is not None:
+        state, fd = _claim_state(p)
+        if state == "free":
             p.unlink(missing_ok=True)
-            os.close(fd)
             n += 1
+        if fd is not None:
+            os.close(fd)
     return n
 
 

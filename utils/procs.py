@@ -410,27 +410,37 @@ def owned_tempdir(prefix: str, parent: str | os.PathLike | None = None) -> Path:
     locked while this process lives: a later process of this machine, in any PID namespace, can tell it from a live
     process's and remove it once its owner is gone (`remove_stale_tempdirs`). Remove it with `remove_owned`."""
     d = Path(tempfile.mkdtemp(prefix=f"{prefix}.{owner_tag()}.", dir=parent))
+    # locked under another name first: an OWNER_LOCK is never there unlocked, which a cleaner would take for a
+    # dead owner's; without locks there is none, and the name's pid and namespace are what is left to judge by
+    pending = d / f"{OWNER_LOCK}.new"
     try:
-        fd = os.open(d / OWNER_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+        fd = os.open(pending, os.O_RDWR | os.O_CREAT, 0o600)
     except OSError:
         return d
-    if hold_lock(fd):
-        _OWNED[str(d)] = fd
-    else:  # no locks here: the name's pid and namespace are what is left to judge by
-        os.close(fd)
+    if try_lock(fd) == "taken":
+        try:
+            os.rename(pending, d / OWNER_LOCK)
+            _OWNED[str(d)] = fd
+            return d
+        except OSError:
+            pass
+    os.close(fd)
+    pending.unlink(missing_ok=True)
     return d
 
 
-def hold_lock(fd: int) -> bool:
-    """Lock an open file exclusively for as long as this process keeps it open (flock); False where the system or
-    the file system has no such locks."""
+def try_lock(fd: int) -> str:
+    """Take an exclusive lock (flock) on an open file for as long as this process keeps it open: "taken", "held"
+    (a live process holds it), or "unavailable" (no such locks on this system or file system)."""
     if fcntl is None:
-        return False
+        return "unavailable"
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return "held"
     except OSError:
-        return False
-    return True
+        return "unavailable"
+    return "taken"
 
 
 def remove_owned(folder: str | os.PathLike) -> None:
@@ -441,35 +451,36 @@ def remove_owned(folder: str | os.PathLike) -> None:
         os.close(fd)
 
 
-def lock_if_free(path: str | os.PathLike) -> int | None:
-    """path opened and exclusively flocked (its descriptor, to close), or None when a live process holds its lock
-    or it cannot be opened. A holder's lock goes with its process, whatever its pid or PID namespace: how this
-    project tells a dead owner of a file from a live one on this machine."""
-    if fcntl is None:
-        return None
+def probe_lock(path: str | os.PathLike, write: bool = False) -> tuple[str, int | None]:
+    """Whether the owner of a lock file lives: ("free", its descriptor, locked now by this process and to be
+    closed), ("held", None) for a live owner, ("gone", None) for no such file, ("unavailable", None) where locks
+    cannot tell. A holder's lock goes with its process, whatever its pid or PID namespace: how this project tells
+    a dead owner of a file from a live one on this machine. `write` opens it for writing (to take it over); a check
+    needs only to read it, as another user's file allows."""
     try:
-        fd = os.open(path, os.O_RDWR)
+        fd = os.open(path, os.O_RDWR if write else os.O_RDONLY)
+    except FileNotFoundError:
+        return "gone", None
     except OSError:
-        return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        if os.fstat(fd).st_ino == os.stat(path).st_ino:  # not replaced meanwhile by its remover
-            return fd
-    except OSError:
-        pass
+        return "unavailable", None
+    state = try_lock(fd)
+    if state == "taken":
+        try:
+            if os.fstat(fd).st_ino == os.stat(path).st_ino:  # not replaced meanwhile by its remover
+                return "free", fd
+            state = "gone"
+        except OSError:
+            state = "gone"
     os.close(fd)
-    return None
+    return state, None
 
 
 def _owner_gone(d: Path) -> bool | None:
-    """Whether the owner of an owned folder is gone, from its OWNER_LOCK (None when it has none to judge by)."""
-    if not (d / OWNER_LOCK).is_file():
-        return None
-    fd = lock_if_free(d / OWNER_LOCK)
-    if fd is None:
-        return False
-    os.close(fd)
-    return True
+    """Whether the owner of an owned folder is gone, from its OWNER_LOCK (None when that cannot tell)."""
+    state, fd = probe_lock(d / OWNER_LOCK)
+    if fd is not None:
+        os.close(fd)
+    return {"free": True, "held": False}.get(state)
 
 
 def remove_dead_owned(folder: str | os.PathLike, head: str, tail: str = r"[A-Za-z0-9_]+",
