@@ -1422,7 +1422,10 @@ class DemoServer:
         """Stop serving (from any thread): the server's own loop closes every socket and ends."""
         # waitress's stub types the trigger as an int; it is a waitress.trigger.trigger, whose pull_trigger runs a thunk
         trigger = self.listeners[0].trigger
-        trigger.pull_trigger(lambda: close_all(self.map, ignore_all=True))  # pyright: ignore[reportAttributeAccessIssue]
+        try:
+            trigger.pull_trigger(lambda: close_all(self.map, ignore_all=True))  # pyright: ignore[reportAttributeAccessIssue]
+        except OSError:  # its pipe already closed: the loop has ended and closed every socket with it
+            pass
 
     def close(self) -> None:
         """Close the sockets and stop the worker threads (after serve_forever returned)."""
