@@ -897,3 +897,29 @@ def test_a_clip_whose_holder_died_meanwhile_is_no_success(synth_root, tmp_path, 
         "error: 1 clip(s) held by another exporter are not written and no process holds them now (its exporter "
         "stopped); rerun to export them")
     assert not ex.claim_held(vdir, 0)
+
+
+def test_claims_where_locks_cannot_tell_and_rejected_clips(tmp_path, monkeypatch):
+    """Without working locks a dead writer's claim read as "held" forever; a clip a peer rejected (no folder, no
+    claim) read as abandoned by a stopped exporter, failing a correct export."""
+    import socket
+
+    from pips2.datasets import export as ex
+    from pips2.utils import procs
+
+    vdir = tmp_path / "v"
+    (vdir / ".claims").mkdir(parents=True)
+    ex.mark_rejected(vdir, 9, "too few tracks")
+    assert not ex.claim_abandoned(vdir, 9)
+    assert ex.claim_abandoned(vdir, 8)  # neither written, rejected nor held
+    monkeypatch.setattr(procs, "fcntl", None)  # a system (or file system) without flock
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    (vdir / ".claims" / ex.clip_name(3)).write_text(f"{socket.gethostname()} {dead}")
+    (vdir / ".claims" / ex.clip_name(4)).write_text(f"{socket.gethostname()} {os.getpid()}")
+    assert not ex.claim_held(vdir, 3) and ex.claim_held(vdir, 4)  # the pids decide
+    assert ex.claim(vdir, 3) and not ex.claim(vdir, 4)
+    ex.release(vdir, 3)
+    folder = procs.owned_tempdir("pips2_t", tmp_path)
+    assert not (folder / procs.OWNER_LOCK).exists()  # no lock file that would read as held forever
+    procs.remove_owned(folder)
