@@ -35,7 +35,6 @@ from pips2.utils.amp import amp_dtype
 from pips2.utils.cli import parse_hw
 from pips2.utils.paths import write_json
 from pips2.utils.procs import STOP_SIGNALS, caught_stop_signals, exit_code, raise_stop
-from pips2.utils.safe_load import UnsafeFileError, open_regular
 from pips2.utils.video import VideoError, image_truncation
 
 # LBM's evaluation memory per data set (the authors' choice, docs/LBM.md), found by name in the file's name
@@ -358,25 +357,12 @@ def _on_signal(signum, _frame) -> None:
     raise_stop(signum, Interrupted(signal.Signals(signum).name))
 
 
-MAX_RESULTS_BYTES = 64 << 20  # an --out_json this program wrote: a table of figures per item
-
-
-def holds_complete_results(path: str | os.PathLike) -> bool:
-    """Whether path is a results file of a run that finished (`"complete": true`)."""
-    try:
-        with open_regular(path) as f:
-            text = f.read(MAX_RESULTS_BYTES + 1)
-        data = json.loads(text) if len(text) <= MAX_RESULTS_BYTES else None
-    except (OSError, UnsafeFileError, ValueError, RecursionError):
-        return False
-    return isinstance(data, dict) and data.get("complete") is True
-
-
 def results_path(out_json: str, done: bool) -> str:
-    """Where a run's results go: --out_json, unless the run did not finish and --out_json holds a finished run's
-    results (hours of scoring that a stopped rerun replaced with its partial ones): then <stem>.partial<suffix>."""
+    """Where a run's results go: --out_json, unless the run did not finish and --out_json already holds results
+    (a finished run's hours of scoring, or a stopped run's that scored more than this one: a stopped rerun replaced
+    either with its own): then <stem>.partial<suffix>."""
     p = Path(out_json)
-    if done or not holds_complete_results(p):
+    if done or not p.exists():
         return out_json
     return str(p.with_name(f"{p.stem}.partial{p.suffix}"))
 

@@ -299,8 +299,8 @@ def test_later_signals_do_not_change_how_a_stopped_evaluation_ends(tmp_path, mon
 
 
 def test_a_stopped_rerun_keeps_the_finished_results(tmp_path, capsys):
-    """A rerun stopped by SIGTERM replaced the finished run's --out_json (hours of scoring) and its curves with its
-    partial results: they now go beside it, named in the stop line; a partial file is replaced as before."""
+    """A rerun stopped by SIGTERM replaced the earlier run's --out_json (hours of scoring, finished or not) and its
+    curves with its partial results: they now go beside it, named in the stop line."""
     out = tmp_path / "r.json"
     figures = {k: 1.0 for k in evaluation.metrics.METRIC_NAMES}
 
@@ -321,8 +321,13 @@ def test_a_stopped_rerun_keeps_the_finished_results(tmp_path, capsys):
         assert capsys.readouterr().err.strip().splitlines()[-1] == (
             f"stopped by SIGTERM: 1 of 3 scenes scored; partial results in {partial}")
         assert out.read_bytes() == finished and json.loads(partial.read_text())["status"] == "interrupted"
-    # a partial --out_json (the first run was stopped too) is simply replaced
+    # a stopped run's --out_json is kept too (a later stopped rerun that scored fewer replaced it): the partial
+    # results go beside it
     out.write_text(partial.read_text())
+    kept = out.read_bytes()
     with pytest.raises(SystemExit):
         evaluation.Evaluation("PointOdyssey test", "scenes", "m", {}, out_json=str(out)).run(items(2), total=3)
-    assert len(json.loads(out.read_text())["per_item"]) == 2
+    assert out.read_bytes() == kept and len(json.loads(partial.read_text())["per_item"]) == 2
+    # a finished run replaces whatever is there
+    evaluation.Evaluation("PointOdyssey test", "scenes", "m", {}, out_json=str(out)).run(items(None), total=3)
+    assert json.loads(out.read_text())["complete"] is True
