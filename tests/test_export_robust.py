@@ -923,3 +923,23 @@ def test_claims_where_locks_cannot_tell_and_rejected_clips(tmp_path, monkeypatch
     folder = procs.owned_tempdir("pips2_t", tmp_path)
     assert not (folder / procs.OWNER_LOCK).exists()  # no lock file that would read as held forever
     procs.remove_owned(folder)
+
+
+def test_a_reader_gone_at_the_first_progress_line_stops_with_the_summary(synth_root, tmp_path, monkeypatch,
+                                                                         capsys):
+    """`export_mp4_dataset.py 2>&1 | head -1`: the stop came from the progress bar's first write, made before the
+    code that takes stops, and ended in a traceback, exit 1."""
+    from pips2.cli import export as export_cli
+
+    real = export_cli.tqdm
+
+    def bar_whose_reader_is_gone(*args, **kwargs):
+        signal.getsignal(signal.SIGTERM)(signal.SIGPIPE, None)  # what the output guard does on a broken pipe
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(export_cli, "tqdm", bar_whose_reader_is_gone)
+    with pytest.raises(SystemExit) as e:
+        export_cli.main(dataset_location=str(synth_root), out_dir=str(tmp_path), S=8, N=32, crop_size=(128, 192),
+                        quiet=True, max_clips=2)
+    cap = capsys.readouterr()
+    assert e.value.code == 141 and "stopped (terminated by SIGPIPE) after 0 of 2 clips" in cap.out, cap

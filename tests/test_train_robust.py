@@ -766,14 +766,18 @@ def test_a_run_folder_named_in_no_utf8_resumes_and_a_local_read_error_sets_nothi
     assert [s for s, _ in ck.list_checkpoints(folder)] == [2, 3] and not list(folder.glob("*.bad"))
     assert "ck_\\udcff" in capsys.readouterr().out
 
-    def unreadable(*args, **kwargs):
-        raise PermissionError(13, "Permission denied")
-
-    monkeypatch.setattr(ck.torch, "load", unreadable)
-    with pytest.raises(SystemExit) as e, guarded_output():
-        train.run_stage(_cfg(out, tmp_path, max_steps=4, ckpt_dir=str(ckpt_dir)))
-    assert e.value.code == 2
     shown = str(folder / ck.ckpt_name(3)).encode("utf-8", "backslashreplace").decode()
-    assert capsys.readouterr().err.strip().splitlines()[-1] == (
-        f"error: {shown}: cannot be read here (Permission denied); nothing was set aside, rerun once it can be read")
-    assert [s for s, _ in ck.list_checkpoints(folder)] == [2, 3] and not list(folder.glob("*.bad"))
+    for error, why in ((PermissionError(13, "Permission denied"), "Permission denied"),
+                       (MemoryError(), "out of memory"),  # a ulimit, or overcommit under load
+                       (RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 210 MB"),
+                        "out of memory")):
+        def unreadable(*args, error=error, **kwargs):
+            raise error
+
+        monkeypatch.setattr(ck.torch, "load", unreadable)
+        with pytest.raises(SystemExit) as e, guarded_output():
+            train.run_stage(_cfg(out, tmp_path, max_steps=4, ckpt_dir=str(ckpt_dir)))
+        assert e.value.code == 2
+        assert capsys.readouterr().err.strip().splitlines()[-1] == (
+            f"error: {shown}: cannot be read here ({why}); nothing was set aside, rerun once it can be read")
+        assert [s for s, _ in ck.list_checkpoints(folder)] == [2, 3] and not list(folder.glob("*.bad"))

@@ -419,7 +419,11 @@ def load_weights_only(path: str | os.PathLike, map_location: str | torch.device 
             ckpt = torch.load(named, map_location=map_location, weights_only=True, mmap=zipped)
     except OSError as e:  # opening or reading failed here: nothing is known of the content
         raise CheckpointError(f"{path}: cannot be read here ({e.strerror or type(e).__name__})", local=True) from None
+    except MemoryError:  # this machine's memory (a ulimit, overcommit under load), not the file's content
+        raise CheckpointError(f"{path}: cannot be read here (out of memory)", local=True) from None
     except Exception as e:  # torch raises many types for a bad file; the user needs one line
+        if "can't allocate memory" in str(e) or "not enough memory" in str(e):  # torch's allocator: this machine
+            raise CheckpointError(f"{path}: cannot be read here (out of memory)", local=True) from None
         problem = _load_problem(e)
         if refused_hint and problem.startswith("refused"):
             problem += f"; {refused_hint}"

@@ -241,9 +241,10 @@ def _run(jobs: deque, workers: int, version_dir: Path, quiet: bool, signals: _Si
     held: list[int] = []  # clips another exporter held when this one came to them
     stop = None  # why the export stopped early, if it did
     t0 = time.time()
-    bar = tqdm(total=n_jobs, desc="export", unit="clip", disable=quiet)
-    pool = None
+    bar, pool = None, None
     try:
+        # inside: its first write can meet a reader gone (`2>&1 | head -1`), a stop like any other
+        bar = tqdm(total=n_jobs, desc="export", unit="clip", disable=quiet)
         if workers <= 1:
             results = _in_process(jobs)
         else:
@@ -285,7 +286,8 @@ def _run(jobs: deque, workers: int, version_dir: Path, quiet: bool, signals: _Si
             signals.ignore()
         else:
             signals.note_only()
-        bar.close()
+        if bar is not None:
+            bar.close()
         if pool is not None:
             if stop is None and not pool.busy:
                 pool.close()
