@@ -108,25 +108,30 @@ elif os.path.getsize(old) == os.path.getsize(new) and digest(old) == digest(new)
     print("same")
 else:
     try:
-        from pips2.utils.checkpoint import read_checkpoint
+        from pips2.utils.checkpoint import CheckpointError, read_checkpoint
 
         read_checkpoint(old)
         print("checkpoint")
+    except CheckpointError as e:  # damaged: kept aside; unreadable here (memory, permissions): not judged
+        print("unknown" if e.local else "aside")
     except Exception:
-        print("aside")
+        print("unknown")
 EOF
   )
 }
-for ck in "$stage"/model-*.pth; do  # every target judged before any is replaced
+for ck in "$stage"/model-*.pth; do  # every target judged once, before any is replaced
   target="$DEST/$(basename "$ck")"
   fate="$(verdict "$ck" "$target")" || die "cannot compare $target with the new checkpoint; nothing replaced"
-  if [ "$fate" = checkpoint ]; then
-    die "$target is another checkpoint (a training run's own?), not this one; nothing replaced: move it aside or give another REF_MODEL_DEST"
-  fi
+  case "$fate" in
+    none|same|aside) printf '%s' "$fate" > "$ck.fate" ;;
+    checkpoint) die "$target is another checkpoint (a training run's own?), not this one; nothing replaced: move it aside or give another REF_MODEL_DEST" ;;
+    *) die "cannot tell whether $target is another checkpoint (it cannot be read here); nothing replaced" ;;
+  esac
 done
 for ck in "$stage"/model-*.pth; do
   target="$DEST/$(basename "$ck")"
-  if [ "$(verdict "$ck" "$target")" = aside ]; then
+  fate="$(cat "$ck.fate")" || die "lost the verdict on $target; nothing more replaced"
+  if [ "$fate" = aside ]; then
     keep="$target.old"; n=1
     while [ -e "$keep" ] || [ -L "$keep" ]; do keep="$target.old.$n"; n=$((n + 1)); done
     mv "$target" "$keep"
