@@ -48,13 +48,15 @@ class Scene:
 
 
 def list_scenes(dataset_location: str | Path, split: str) -> list[Path]:
-    """Scene folders of one split, sorted by name; a folder reached under a second name (a link to a scene beside
-    it) is listed once, under its first name, with a note on stderr: it was scored and exported twice."""
+    """Scene folders of one split, sorted by name, hidden ones left out; a folder reached under a second name (a
+    link to a scene beside it) is listed once, under its first name, with a note on stderr: it was scored and
+    exported twice."""
     root = Path(dataset_location) / split
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: no such split folder (expected <dataset_location>/{split}/<scene>/)")
     seen: dict[Path, Path] = {}
-    for p in sorted(p for p in root.iterdir() if p.is_dir()):
+    # a hidden folder is never a scene: an editor's (.ipynb_checkpoints) or a scene being made (.synth_*.tmp.*)
+    for p in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         real = p.resolve()
         if real in seen:
             print(f"note: {p} is {seen[real]} under another name (a link): listed once", file=sys.stderr, flush=True)

@@ -59,8 +59,10 @@ def check_flags(W: int, H: int, T: int, n_points: int, n_objects: int, counts: d
             raise ValueError(f"--{name} must be from 0 to {MAX_SCENES} scenes, got {count}")
     if not any(counts.values()):
         raise ValueError(f"nothing to write: --{', --'.join(counts)} are all 0")
-    if out is not None:
-        check_room(Path(out), sum(counts.values()), W, H, T, n_points)
+    if out is not None:  # the scenes still to make: a rerun completing a stopped one needs room for those only
+        todo = sum(not (Path(out) / split / f"synth_{i:04d}" / "anno.npz").is_file()
+                   for split, count in counts.items() for i in range(count))
+        check_room(Path(out), todo, W, H, T, n_points)
 
 
 def check_room(out: Path, scenes: int, W: int, H: int, T: int, n_points: int) -> None:
