@@ -69,12 +69,14 @@ def install(tmp: Path, out: Path) -> None:
     export's sidecar that the new graph does not use is removed with it."""
     sidecar, old_sidecar = tmp / (out.name + ".data"), out.with_name(out.name + ".data")
     replaced = out.is_file()
+    has_sidecar = sidecar.is_file()
     with held_stops():
-        if sidecar.is_file():
+        if has_sidecar:
             os.replace(sidecar, old_sidecar)
-        elif replaced and old_sidecar.is_file() and not old_sidecar.is_symlink():
-            old_sidecar.unlink()
         os.replace(tmp / out.name, out)
+        # after the graph: killed between the two, the old graph would have lost its weights
+        if not has_sidecar and replaced and old_sidecar.is_file() and not old_sidecar.is_symlink():
+            old_sidecar.unlink()
 
 
 # the traced clip is one window held whole in memory (S frames of H x W, their feature maps, the float64 copy
