@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -157,6 +158,14 @@ def test_two_stages_and_step_line(exported, tmp_path):
     s2 = next((tmp_path / "ck").glob("stage2_*"))
     assert [s for s, _ in ck.list_checkpoints(s1)] == [1, 2] and [s for s, _ in ck.list_checkpoints(s2)] == [1]
     assert f"loaded {s1 / 'model-000000002.pth'}" in res.stdout
+    # stage 2 alone, later, with a newer stage-1 folder beside: it picked that one as its start and was refused
+    # as another --init_dir than its run's; the stage-2 run there resumes
+    newer = shutil.copytree(s1, s1.with_name(s1.name + "_newer"))
+    for p in (newer, *newer.iterdir()):
+        os.utime(p)  # modified after s1
+    more = _train(out, tmp_path, "--stage=2", "--max_steps=2", "--S=7", "--save_freq=1")
+    assert f"loaded {s2 / 'model-000000001.pth'} (step 1); resuming at step 1" in more.stdout, more.stderr[-2000:]
+    assert [s for s, _ in ck.list_checkpoints(s2)] == [1, 2]
     events = list((tmp_path / "logs").rglob("events.out.tfevents*"))
     blob = b"".join(p.read_bytes() for p in events)
     for tag in (b"train/loss", b"train/d_avg", b"train/survival_16", b"train/median_l2", b"train/ate_vis",

@@ -20,7 +20,7 @@ import re
 import sys
 import types
 import typing
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 
 import torch.distributed as dist
@@ -281,7 +281,8 @@ def main(stage: int = 1, stages: str | None = None, **flags) -> None:
             stage_flags.update(resolve_aliases({k[len(prefix):]: v for k, v in flags.items() if k.startswith(prefix)}))
         except ValueError as e:
             fail(str(e))
-        if st == 2 and not stage_flags.get("init_dir"):
+        chosen = st == 2 and not stage_flags.get("init_dir")  # this program picks stage 2's start
+        if chosen:
             stage_flags["init_dir"] = prev or _latest_stage1(stage_flags.get("ckpt_dir", Config.ckpt_dir))
             if not stage_flags["init_dir"]:
                 fail("stage 2 starts from a stage-1 checkpoint: pass --init_dir or run --stages=1,2")
@@ -289,6 +290,10 @@ def main(stage: int = 1, stages: str | None = None, **flags) -> None:
             cfg = make_config(st, stage_flags)
         except ValueError as e:
             fail(str(e))
+        if chosen and ck.list_checkpoints(Path(cfg.ckpt_dir) / cfg.name()):
+            # the stage-2 run is there already: it resumes from its own checkpoints, whatever stage-1 folder is
+            # newest now (the start picked for it was refused as another --init_dir than the run's)
+            cfg = replace(cfg, init_dir=None)
         prev = str(run_stage(cfg)[0])
 
 
