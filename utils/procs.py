@@ -28,11 +28,14 @@ try:
 except ImportError:  # not a POSIX system: no owner locks, liveness falls back to pids
     fcntl = None
 
-# Signals that ask a long job to stop: a scheduler's SIGTERM, a terminal's Ctrl-C (SIGINT), and SIGHUP, which a
-# closed terminal or ssh session sends (nohup ignores it; a signal ignored at start stays ignored). A reader of the
-# job's output gone (`| head`, `less` quit) is a stop too, named SIGPIPE (`GuardedStream`); the signal itself stays
-# ignored as Python sets it: a socket or an encoder's pipe that breaks is that write's error, not a stop
-STOP_SIGNALS: tuple[signal.Signals, ...] = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGINT", "SIGHUP")
+# Signals that ask a long job to stop: a scheduler's SIGTERM, a terminal's Ctrl-C (SIGINT), SIGHUP, which a
+# closed terminal or ssh session sends (nohup ignores it; a signal ignored at start stays ignored), and the warnings
+# some schedulers send instead of SIGTERM, SIGUSR1 (SLURM's --signal=USR1@60, as cluster templates use it) and
+# SIGXCPU (a CPU-time limit): by default those two killed a run on the spot, unsaved. A reader of the job's output
+# gone (`| head`, `less` quit) is a stop too, named SIGPIPE (`GuardedStream`); the signal itself stays ignored as
+# Python sets it: a socket or an encoder's pipe that breaks is that write's error, not a stop
+STOP_SIGNALS: tuple[signal.Signals, ...] = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGINT", "SIGHUP",
+                                                                              "SIGUSR1", "SIGXCPU")
                                                  if hasattr(signal, n))
 
 
@@ -59,9 +62,12 @@ class GuardedStream:
     def __init__(self, stream):
         self._stream = stream
         self.broken = False
+        self._stop_pending = False  # a reader gone, seen by another thread: the main thread asks at its next write
 
     def write(self, text: str) -> int:
         """The stream's write; the text's length once the reader is gone."""
+        if self._stop_pending:
+            self._ask_stop()
         if not self.broken:
             try:
                 try:
@@ -75,6 +81,8 @@ class GuardedStream:
 
     def flush(self) -> None:
         """The stream's flush; nothing once the reader is gone."""
+        if self._stop_pending:
+            self._ask_stop()
         if not self.broken:
             try:
                 self._stream.flush()
@@ -95,9 +103,17 @@ class GuardedStream:
             os.close(null)
         except (OSError, ValueError, AttributeError):  # no descriptor of its own (a test's capture): nothing to point
             pass
+        if stop:
+            self._stop_pending = True
+            self._ask_stop()
+
+    def _ask_stop(self) -> None:
+        # signal handlers run in the main thread alone; a progress bar's thread leaves it to the next main write
         handler = signal.getsignal(signal.SIGTERM)
-        if stop and callable(handler) and threading.current_thread() is threading.main_thread():
-            handler(signal.SIGPIPE, None)
+        if threading.current_thread() is threading.main_thread():
+            self._stop_pending = False
+            if callable(handler):
+                handler(signal.SIGPIPE, None)
 
     def __getattr__(self, name: str):
         return getattr(self._stream, name)
