@@ -295,6 +295,8 @@ def generate_dataset(root: str | Path, dsets: dict[str, int], seed: int = 0, cfg
     # made one at a time: a list of every job came first, 3.5 GB before any scene for 10^8 scenes
     jobs = ((Path(root) / name / f"synth_{i:04d}", seed * 1000003 + d * 10007 + i)
             for d, (name, count) in enumerate(sorted(dsets.items())) for i in range(count))
+    for name in dsets:  # scenes of runs killed outright (SIGKILL) while being made: one look a split
+        remove_stale_tempdirs(SCENE_TEMP, Path(root) / name)
     done = []
     for path, s in tqdm(jobs, total=sum(dsets.values()), desc="synthetic scenes", disable=not progress):
         if (path / "anno.npz").is_file():
@@ -304,13 +306,14 @@ def generate_dataset(root: str | Path, dsets: dict[str, int], seed: int = 0, cfg
     return done
 
 
+SCENE_TEMP = ".synth_tmp"  # a scene being made: <split>/.synth_tmp.<owner tag>.<random>/scene, then renamed
+
+
 def _generate_whole(path: Path, seed: int, cfg: SceneConfig | None) -> Path:
     """generate_scene into a temp folder beside `path`, renamed to it once complete: a stopped or killed run left
     a scene's frames without its anno.npz under the scene's name, which every later reader skipped or rejected."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    head = f".{path.name}.tmp"
-    remove_stale_tempdirs(head, path.parent)  # those of runs killed outright (SIGKILL)
-    work = owned_tempdir(head, path.parent)
+    work = owned_tempdir(SCENE_TEMP, path.parent)
     try:
         generate_scene(work / "scene", seed, cfg)
         if path.exists():  # a half scene of an older version (frames, no anno.npz): this generator's, remade

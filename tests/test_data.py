@@ -197,7 +197,7 @@ def test_a_stopped_synthetic_scene_leaves_nothing_under_its_name(tmp_path, capsy
     assert code == 143 and "stopped by SIGTERM" in err, err
     assert sorted(p.name for p in (out / "train").iterdir()) == ["synth_0000"]  # no half scene, no temp folder
     # a scene being made (or a killed run's, until the next run) is a hidden folder, never listed as a scene
-    hidden = out / "train" / ".synth_0001.tmp.host.1.2.abc" / "scene" / "rgbs"
+    hidden = out / "train" / ".synth_tmp.host.1.2.abc" / "scene" / "rgbs"
     hidden.mkdir(parents=True)
     from pips2.datasets.pointodyssey import list_scenes
 
