@@ -55,7 +55,7 @@ def list_scenes(dataset_location: str | Path, split: str) -> list[Path]:
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: no such split folder (expected <dataset_location>/{split}/<scene>/)")
     seen: dict[Path, Path] = {}
-    # a hidden folder is never a scene: an editor's (.ipynb_checkpoints) or a scene being made (.synth_*.tmp.*)
+    # a hidden folder is never a scene: an editor's (.ipynb_checkpoints) or a scene being made (.synth_tmp.*)
     for p in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         real = p.resolve()
         if real in seen:
