@@ -934,7 +934,9 @@ def test_a_reader_gone_at_the_first_progress_line_stops_with_the_summary(synth_r
     real = export_cli.tqdm
 
     def bar_whose_reader_is_gone(*args, **kwargs):
-        signal.getsignal(signal.SIGTERM)(signal.SIGPIPE, None)  # what the output guard does on a broken pipe
+        handler = signal.getsignal(signal.SIGTERM)
+        assert callable(handler)
+        handler(signal.SIGPIPE, None)  # what the output guard does on a broken pipe
         return real(*args, **kwargs)
 
     monkeypatch.setattr(export_cli, "tqdm", bar_whose_reader_is_gone)

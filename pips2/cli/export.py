@@ -63,6 +63,7 @@ class _Signals:
 
     def __init__(self):
         self.got = 0
+        self.noting = False  # the clips are done: a stop is noted for the exit code, the summary still printed
         self.old = {sig: signal.getsignal(sig) for sig in caught_stop_signals()}
         for sig in self.old:
             signal.signal(sig, self._handle)
@@ -73,8 +74,6 @@ class _Signals:
         self.got = signum
         if not self.noting:
             raise_stop(signum, self._stop())
-
-    noting = False  # the clips are done: a stop is noted for the exit code, the summary still printed
 
     def note_only(self) -> None:
         """From now on (the workers reaped, the summary printed after the last clip) a stop signal is noted, not
