@@ -14,7 +14,6 @@ import os
 import shutil
 import signal
 import socket
-import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -159,14 +158,6 @@ def check_source(version_dir: Path, st: ClipSettings, source: dict) -> str | Non
                     f"frame sizes only), which match {split_dir}: recorded the new ones, which also cover the masks "
                     f"and each file's modification time (a mask regenerated since that export cannot be told)")
     return None
-
-
-def check_writable(version_dir: Path) -> None:
-    """OSError unless a file can be created in the version folder (a read-only folder would otherwise fail every
-    clip, one by one; a write refused later stops the run at the first clip: not_writable)."""
-    fd, probe = tempfile.mkstemp(dir=version_dir, prefix=".probe.")
-    os.close(fd)
-    os.unlink(probe)
 
 
 def not_writable(e: BaseException, version_dir: Path) -> str | None:

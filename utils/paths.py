@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 
 
@@ -49,3 +50,11 @@ def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
         return a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b))
     except OSError:
         return False
+
+
+def check_writable(folder: str | os.PathLike) -> None:
+    """OSError unless a file can be created in `folder` (a read-only file system, permissions, /sys): asked before
+    long work whose first write would otherwise fail after it."""
+    fd, probe = tempfile.mkstemp(dir=folder, prefix=".probe.")
+    os.close(fd)
+    os.unlink(probe)

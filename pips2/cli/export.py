@@ -28,7 +28,6 @@ from pips2.datasets.export import (
     NO_SPACE,
     NOT_WRITABLE,
     check_source,
-    check_writable,
     claim_abandoned,
     clean_stale_claims,
     clean_stale_temps,
@@ -37,6 +36,7 @@ from pips2.datasets.export import (
     worker_init,
 )
 from pips2.utils.cli import aliased, die, parse_hw, run_fire
+from pips2.utils.paths import check_writable
 from pips2.utils.procs import (
     WorkerPool,
     caught_stop_signals,

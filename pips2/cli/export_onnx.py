@@ -25,7 +25,7 @@ from pips2.nets.plan import ExecPlan
 from pips2.tracking import MAX_ITERS
 from pips2.utils.checkpoint import CheckpointError
 from pips2.utils.cli import die, run_fire
-from pips2.utils.paths import same_file
+from pips2.utils.paths import check_writable, same_file
 from pips2.utils.procs import Stopped, exit_code, held_stops, stopping_on_signals
 
 
@@ -97,9 +97,7 @@ def check_flags(S: int, H: int, W: int, iters: int, out: str | None = None) -> N
         if not Path(out).parent.is_dir():
             raise ValueError(f"--out={out}: no such folder {Path(out).parent}")
         try:  # a folder that takes no file (read-only, /sys): a traceback after the model had loaded
-            fd, probe = tempfile.mkstemp(dir=Path(out).parent, prefix=".probe.")
-            os.close(fd)
-            os.unlink(probe)
+            check_writable(Path(out).parent)
         except OSError as e:
             raise ValueError(f"--out={out}: cannot write in {Path(out).parent} ({e.strerror or e})") from None
 
