@@ -854,6 +854,14 @@ def make_loader(base, cfg: Config, start_ordinal: int, ranks: Ranks, seed_offset
                       worker_init_fn=loader_worker_init if cfg.workers > 0 else None)
 
 
+def shut_down_workers(it: object) -> None:
+    """Stop a DataLoader iterator's workers now (torch's own shutdown of them, which the iterator would otherwise
+    run only when garbage collected); anything else is left as it is."""
+    shutdown = getattr(it, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()
+
+
 class TrainData:
     """The run's batches: training ones from the resumed step's sample on (or from the --cache_len cache) and
     validation ones; each fresh batch reports its corrupt clips to `note`."""
@@ -883,14 +891,11 @@ class TrainData:
         if cfg.cache_len and step:
             # the cache the run had filled before `step`: the stream's first batches, read again (a resumed run
             # filled it from the resumed step's batches on and trained on other batches than the run uninterrupted)
-            first = make_loader(base, cfg, 0, ranks)
-            it = iter(first)
+            it = iter(make_loader(base, cfg, 0, ranks))
             try:
                 self.cache = [next(it) for _ in range(min(step * cfg.grad_acc, cfg.cache_len))]
             finally:
-                shutdown = getattr(it, "_shutdown_workers", None)
-                if shutdown is not None:
-                    shutdown()
+                shut_down_workers(it)
 
     def _noted(self, kind: str, batch: Sample) -> None:
         """Tell `note` the batch's skipped clips; say each clip new to this process once, with its problem. The
@@ -912,12 +917,9 @@ class TrainData:
         return batch
 
     def close(self) -> None:
-        """Stop the loader workers now: they ignore the stop signals and exit when told (torch's own shutdown of
-        an iterator's workers, which the iterator would otherwise run only when garbage collected)."""
+        """Stop the loader workers now: they ignore the stop signals and exit when told."""
         for it in (getattr(self, "train", None), self.val):
-            shutdown = getattr(it, "_shutdown_workers", None)
-            if shutdown is not None:
-                shutdown()
+            shut_down_workers(it)
 
     def next_val(self) -> Sample:
         """The next validation batch."""
