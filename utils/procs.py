@@ -98,9 +98,7 @@ class GuardedStream:
     def _detach(self, stop: bool) -> None:
         self.broken = True
         try:
-            null = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(null, self._stream.fileno())
-            os.close(null)
+            point_at_devnull(self._stream.fileno())
         except (OSError, ValueError, AttributeError):  # no descriptor of its own (a test's capture): nothing to point
             pass
         if stop:
@@ -123,11 +121,15 @@ class GuardedStream:
 def guarded_output() -> Iterator[None]:
     """sys.stdout and sys.stderr as GuardedStream while the block runs (a script's whole run)."""
     old = sys.stdout, sys.stderr
-    # None: the descriptor was closed at start (`cmd >&-`); print() writes nowhere then, but tqdm fails on None
-    nulls = [open(os.devnull, "w") for s in old if s is None]  # closed below
-    spare = iter(nulls)
-    sys.stdout, sys.stderr = (next(spare) if s is None else s if isinstance(s, GuardedStream) else GuardedStream(s)
-                              for s in old)
+    nulls = []  # opened here, closed below
+
+    def guarded(stream):
+        if stream is None:  # the descriptor was closed at start (`cmd >&-`): print() copes, tqdm fails on None
+            nulls.append(open(os.devnull, "w"))
+            return nulls[-1]
+        return stream if isinstance(stream, GuardedStream) else GuardedStream(stream)
+
+    sys.stdout, sys.stderr = guarded(old[0]), guarded(old[1])
     try:
         yield
     finally:
@@ -150,11 +152,18 @@ def detach_from_closed_terminal(signum: int) -> None:
             # the only other character device output goes to, is harmless to replace by itself
             if not stat.S_ISCHR(os.fstat(fd).st_mode):
                 continue
-            null = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(null, fd)
-            os.close(null)
+            point_at_devnull(fd)
         except (OSError, ValueError, AttributeError):  # no file descriptor (replaced, closed): nothing to point
             continue
+
+
+def point_at_devnull(fd: int) -> None:
+    """Make an output descriptor write to /dev/null from now on (its stream object stays as it is)."""
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, fd)
+    finally:
+        os.close(null)
 
 
 # The stop a signal handler raised last, and its signal, until Python drops it (see raise_stop).
