@@ -288,12 +288,17 @@ def generate_scene(out_dir: str | Path, seed: int, cfg: SceneConfig | None = Non
     return out
 
 
+def scene_dir(root: str | Path, split: str, i: int) -> Path:
+    """Where generate_dataset writes scene i of a split: <root>/<split>/synth_%04d."""
+    return Path(root) / split / f"synth_{i:04d}"
+
+
 def generate_dataset(root: str | Path, dsets: dict[str, int], seed: int = 0, cfg: SceneConfig | None = None,
                      progress: bool = True) -> list[Path]:
     """Write `dsets[name]` scenes into root/name/ for each split; scene i of a split is seeded by (seed, split, i)."""
 
     # made one at a time: a list of every job came first, 3.5 GB before any scene for 10^8 scenes
-    jobs = ((Path(root) / name / f"synth_{i:04d}", seed * 1000003 + d * 10007 + i)
+    jobs = ((scene_dir(root, name, i), seed * 1000003 + d * 10007 + i)
             for d, (name, count) in enumerate(sorted(dsets.items())) for i in range(count))
     for name in dsets:  # scenes of runs killed outright (SIGKILL) while being made: one look a split
         remove_stale_tempdirs(SCENE_TEMP, Path(root) / name)

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from pips2.datasets.pointodyssey import MAX_TRACK_ENTRIES, MAX_TRACKS
-from pips2.datasets.synthetic import SceneConfig, generate_dataset, record_settings
+from pips2.datasets.synthetic import SceneConfig, generate_dataset, record_settings, scene_dir
 from pips2.utils.cli import die, run_fire
 from pips2.utils.procs import Stopped, exit_code, stopping_on_signals
 from pips2.utils.video import MAX_IMAGE_PIXELS
@@ -60,7 +60,7 @@ def check_flags(W: int, H: int, T: int, n_points: int, n_objects: int, counts: d
     if not any(counts.values()):
         raise ValueError(f"nothing to write: --{', --'.join(counts)} are all 0")
     if out is not None:  # the scenes still to make: a rerun completing a stopped one needs room for those only
-        todo = sum(not (Path(out) / split / f"synth_{i:04d}" / "anno.npz").is_file()
+        todo = sum(not (scene_dir(out, split, i) / "anno.npz").is_file()
                    for split, count in counts.items() for i in range(count))
         check_room(Path(out), todo, W, H, T, n_points)
 
