@@ -320,10 +320,9 @@ def claim_abandoned(version_dir: Path, k: int) -> bool:
     if is_clip_dir(clip_dir(version_dir, k)) or rejected_reason(version_dir, k) is not None:
         return False
     path = version_dir / ".claims" / clip_name(k)
-    host, _, _ = _claim_owner(path)
     if not path.exists():  # released: written (looked at once more, after the release) or rejected meanwhile
         return not is_clip_dir(clip_dir(version_dir, k)) and rejected_reason(version_dir, k) is None
-    return host == socket.gethostname() and not claim_held(version_dir, k)
+    return _claim_owner(path)[0] == socket.gethostname() and not claim_held(version_dir, k)
 
 
 def claim_held(version_dir: Path, k: int) -> bool:

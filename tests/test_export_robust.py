@@ -1,5 +1,6 @@
 """export_mp4_dataset.py on bad input and bad luck: Ctrl-C, missing data, odd frames, full disks, damaged clips."""
 
+import contextlib
 import errno
 import functools
 import json
@@ -795,6 +796,21 @@ def test_a_stop_after_the_last_clip_still_prints_the_summary(synth_root, tmp_pat
     assert cap.err.strip().splitlines()[-1] == "stopped by SIGTERM after the last clip: nothing was left to export"
 
 
+@contextlib.contextmanager
+def _claim_holder(vdir: Path, k: int):
+    """Another process holding clip k's claim (an exporter at work) until the block ends, or until killed in it."""
+    code = (f"import sys, time; sys.path.insert(0, {str(ROOT)!r}); from pathlib import Path; "
+            f"from pips2.datasets import export as ex; assert ex.claim(Path({str(vdir)!r}), {k}); print('held', "
+            f"flush=True); time.sleep(120)")
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        yield holder
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def test_a_claim_of_a_dead_exporter_is_taken_over_even_when_its_pid_lives(tmp_path):
     """An exporter killed mid-clip as a container's pid 1, restarted in the same container (pid 1 again): its claim
     named a live pid, so the clip stayed "held by other exporters" on every rerun, exit 0, its temp folder kept. A
@@ -816,18 +832,10 @@ def test_a_claim_of_a_dead_exporter_is_taken_over_even_when_its_pid_lives(tmp_pa
     ex.release(vdir, 3)
     assert ex.clean_stale_claims(vdir) == 1 and not list((vdir / ".claims").iterdir())
     # a live holder in another process keeps its clip, and its temp folder
-    code = (f"import sys, time; sys.path.insert(0, {str(ROOT)!r}); from pathlib import Path; "
-            f"from pips2.datasets import export as ex; assert ex.claim(Path({str(vdir)!r}), 5); print('held', "
-            f"flush=True); time.sleep(60)")
-    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+    with _claim_holder(vdir, 5) as holder:
         (vdir / ".tmp" / f"{ex.clip_name(5)}__{host}__{holder.pid}").mkdir()
         assert ex.claim_held(vdir, 5) and not ex.claim(vdir, 5)
         assert ex.clean_stale_claims(vdir) == 0 and ex.clean_stale_temps(vdir) == 0
-    finally:
-        holder.kill()
-        holder.wait()
     assert not ex.claim_held(vdir, 5) and ex.claim(vdir, 5)  # its owner gone: taken over
     ex.release(vdir, 5)
 
@@ -871,12 +879,7 @@ def test_a_clip_whose_holder_died_meanwhile_is_no_success(synth_root, tmp_path, 
 
     vdir = _version(tmp_path)
     vdir.mkdir(parents=True, exist_ok=True)
-    code = (f"import sys, time; sys.path.insert(0, {str(ROOT)!r}); from pathlib import Path; "
-            f"from pips2.datasets import export as ex; assert ex.claim(Path({str(vdir)!r}), 0); print('held', "
-            f"flush=True); time.sleep(120)")
-    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+    with _claim_holder(vdir, 0) as holder:
         counted = export_cli.list_clips
 
         def holder_killed_meanwhile(folder):
@@ -888,9 +891,6 @@ def test_a_clip_whose_holder_died_meanwhile_is_no_success(synth_root, tmp_path, 
         with pytest.raises(SystemExit) as e:
             export_cli.main(dataset_location=str(synth_root), out_dir=str(tmp_path), S=8, N=32,
                             crop_size=(128, 192), quiet=True, max_clips=2)
-    finally:
-        holder.kill()
-        holder.wait()
     cap = capsys.readouterr()
     assert e.value.code == 1 and "held by other exporters 1" in cap.out
     assert cap.err.strip().splitlines()[-1] == (
