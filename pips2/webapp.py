@@ -1171,6 +1171,9 @@ class _Parser(HTTPRequestParser):
             if self.error is not None:
                 self.completed, self.expect_continue = True, False  # answered now: no "100 Continue"
         if self.error is not None:
+            # answered now, without "100 Continue": waitress invites the body of a request it has already refused
+            # from its headers (a Content-Length over the limit), then reads it whole before its 413
+            self.completed, self.expect_continue = True, False
             return len(data)  # the rest is its body: dropped, never parsed as another request
         return n
 
@@ -1331,6 +1334,31 @@ _QUIET = logging.getLogger("pips2.webapp.waitress")  # waitress's warnings about
 _QUIET.setLevel(logging.ERROR)
 
 
+FILE_RESERVE = 64  # descriptors kept for the server's own files: uploads, spooled bodies, the decoder's pipes
+
+
+def descriptor_room(wanted: int) -> int:
+    """How many connections the process's descriptor limit leaves room for: the soft limit is raised toward the
+    hard one when it is too low for `wanted` (+ FILE_RESERVE), else fewer connections are taken. Past the limit
+    waitress's accept fails on every loop, at 100 % CPU for as long as the connections are held."""
+    try:
+        import resource
+    except ImportError:  # no such limit (Windows)
+        return wanted
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need, infinite = wanted + FILE_RESERVE, resource.RLIM_INFINITY
+    if soft != infinite and soft < need:
+        raised = need if hard == infinite else min(need, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
+            soft = raised
+        except (ValueError, OSError):  # not allowed here: take fewer connections
+            pass
+    if soft != infinite and soft < need:
+        return max(4, soft - FILE_RESERVE)  # the page's own requests need a few
+    return wanted
+
+
 class DemoServer:
     """The demo's waitress server on host:port (port 0: any free port), with the run's token."""
 
@@ -1363,7 +1391,7 @@ class DemoServer:
             d.channel_class, d.logger = Channel, _QUIET
         self.adj = self.listeners[0].adj  # one for all listeners
         # waitress stops accepting when its map holds connection_limit sockets, its listeners and trigger included
-        self.adj.connection_limit = len(self.map) + CONNECTION_LIMIT
+        self.adj.connection_limit = len(self.map) + descriptor_room(CONNECTION_LIMIT)
         self.port = int(self.listeners[0].getsockname()[1])  # (host, port) as numbers, the server's effective_port
         self.site.hosts = allowed_hosts(host, self.port)
 
@@ -1433,17 +1461,18 @@ class DemoServer:
         self.server.task_dispatcher.shutdown(timeout=2)
 
 
-def _interrupt(stopping: threading.Event, signum: int, frame) -> None:
-    """Stop-signal handler (SIGINT, SIGTERM, SIGHUP): the first stops serving as Ctrl-C would; later ones are only
-    recorded. Another KeyboardInterrupt during the cleanup, or while the interpreter exits with the job's thread
-    inside torch, printed a traceback or aborted the process."""
-    if not stopping.is_set():
-        stopping.set()
+def _interrupt(stops: list[int], signum: int, frame) -> None:
+    """Stop-signal handler (SIGINT, SIGTERM, SIGHUP, ...): the first stops serving as Ctrl-C would and is kept in
+    `stops`; later ones are ignored. Another KeyboardInterrupt during the cleanup, or while the interpreter exits
+    with the job's thread inside torch, printed a traceback or aborted the process."""
+    if not stops:
+        stops.append(signum)
         raise_stop(signum, KeyboardInterrupt())
 
 
 def serve(app: App, host: str = "127.0.0.1", port: int = 7860) -> None:
-    """Serve the demo until Ctrl-C or SIGTERM, then stop the job and remove its uploads and results."""
+    """Serve the demo until Ctrl-C or SIGTERM, then stop the job, remove its uploads and results, and exit 128 + the
+    signal's number (130, 143) as the other long jobs do."""
     try:
         # the name looked up first: waitress says only "Invalid host/port specified." (a traceback) for one
         # that does not resolve
@@ -1454,9 +1483,10 @@ def serve(app: App, host: str = "127.0.0.1", port: int = 7860) -> None:
         why = e.strerror if isinstance(e, OSError) and e.strerror else one_line(e)
         print(f"error: cannot listen on {host}:{port} ({why})", file=sys.stderr, flush=True)
         sys.exit(2)
+    stops: list[int] = []  # the signal that stopped the server
     try:
         if threading.current_thread() is threading.main_thread():  # `kill` or a closed terminal: as Ctrl-C
-            handler = functools.partial(_interrupt, threading.Event())
+            handler = functools.partial(_interrupt, stops)
             for sig in caught_stop_signals():  # left as they are: the handlers stay to the process's end
                 signal.signal(sig, handler)
         for line in app.checkpoint_report():
@@ -1468,8 +1498,12 @@ def serve(app: App, host: str = "127.0.0.1", port: int = 7860) -> None:
         print(f"web demo on {server.token_url} (open this address; Ctrl-C stops it)", flush=True)
         server.serve_forever()  # returns on the first stop signal (waitress catches the KeyboardInterrupt)
     except KeyboardInterrupt:
-        pass
+        if not stops:  # Ctrl-C where no handler of ours was installed
+            stops.append(signal.SIGINT)
     finally:
         server.close()
         app.close()  # cancels the job and joins its thread: it stops within one model call
-        print("stopped; uploads and results removed", flush=True)
+        by = f" by {signal.Signals(stops[0]).name}" if stops else ""
+        print(f"stopped{by}; uploads and results removed", flush=True)
+    if stops:  # a supervisor (systemd, a wrapper) tells a stop from a clean end by 128 + the signal's number
+        sys.exit(128 + stops[0])
