@@ -33,7 +33,7 @@ from pips2.tracking import MAX_ITERS, ArrayFrames, FrameSource, track, track_win
 from pips2.utils import metrics, plots
 from pips2.utils.amp import amp_dtype
 from pips2.utils.cli import parse_hw
-from pips2.utils.paths import write_json
+from pips2.utils.paths import printable, write_json
 from pips2.utils.procs import STOP_SIGNALS, caught_stop_signals, exit_code, raise_stop
 from pips2.utils.video import VideoError, image_truncation
 
@@ -171,7 +171,7 @@ def format_tapvid(mode: str, res: dict[str, float]) -> str:
 def format_row(name: str, res: dict[str, float]) -> str:
     """The one line printed per video."""
     figs = "; ".join(f"{k} {res[k]:.1f}" for k in metrics.METRIC_NAMES)
-    return f"{name}: {figs}; {int(res['points'])} points, {int(res['frames'])} frames"
+    return f"{printable(name)}: {figs}; {int(res['points'])} points, {int(res['frames'])} frames"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -396,7 +396,7 @@ class Evaluation:
     def skip(self, name: str, reason: str) -> None:
         """Record an item that cannot be scored, and say so."""
         self.skipped.append({"name": name, "reason": reason})
-        tqdm.write(f"{name}: skipped ({reason})")
+        tqdm.write(printable(f"{name}: skipped ({reason})"))
 
     def run(self, items: Iterable[tuple[str, Callable[[], Scored]]], total: int | None = None,
             desc: str = "eval", unit: str = "it") -> None:
@@ -504,7 +504,7 @@ class Evaluation:
         if tapvid:
             print(metrics.metrics_table(tapvid, title=self.tapvid_title))
         reasons = Counter(s["reason"].split(" (")[0] for s in self.skipped)
-        why = f" ({', '.join(f'{r}: {k}' for r, k in reasons.most_common())})" if reasons else ""
+        why = f" ({', '.join(f'{printable(r)}: {k}' for r, k in reasons.most_common())})" if reasons else ""
         left = ""
         if self.status != "done":
             rest = "" if self.total is None else f"{self.total - self.processed} "

@@ -53,11 +53,13 @@ from pips2.utils import checkpoint as ck
 from pips2.utils import metrics, plots
 from pips2.utils.amp import amp_dtype, autocast
 from pips2.utils.cli import die
+from pips2.utils.paths import printable
 from pips2.utils.procs import (
     STOP_SIGNALS,
     caught_stop_signals,
     detach_from_closed_terminal,
     is_space_error,
+    out_of_memory,
     raise_stop,
 )
 from pips2.utils.vis import summary_image
@@ -902,7 +904,8 @@ class TrainData:
         loader workers keep quiet (train_stage): each has its own memory of bad clips, so several would warn of
         one. (Under DDP each rank says the clips it meets; the final count is of distinct clips.)"""
         for i in self.note(kind, batch):
-            print(f"warning: skipping corrupt clip: {self.sets[kind].problem(i)}", file=sys.stderr, flush=True)
+            line = printable(f"warning: skipping corrupt clip: {self.sets[kind].problem(i)}")
+            print(line, file=sys.stderr, flush=True)
 
     def next(self, step: int, micro: int) -> Sample:
         """The batch of a step's micro-batch: the next of the stream, or a random cached one once the cache is full."""
@@ -1193,6 +1196,16 @@ def run_stage(cfg: Config) -> tuple[Path, torch.nn.Module]:
             print(f"{cfg.name()}: stopped at once by a second {signal.Signals(e.signum).name}, without saving; "
                   f"{since}", file=sys.stderr, flush=True)
         raise SystemExit(128 + e.signum) from None
+    except (MemoryError, RuntimeError) as e:
+        if not out_of_memory(e):
+            raise
+        last = ck.list_checkpoints(Path(cfg.ckpt_dir) / cfg.name())
+        since = f"the same command resumes from {last[-1][1]}" if last else "no checkpoint was saved yet"
+        what = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        print(f"{cfg.name()}: out of memory on this machine ({what}); {since} once more memory is free, and a "
+              f"smaller --B, --N or --crop_size needs less (docs/BENCHMARKS.md has measured sizes)", file=sys.stderr,
+              flush=True)
+        raise SystemExit(1) from None
     finally:
         stop.restore()
 

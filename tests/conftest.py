@@ -14,7 +14,24 @@ ROOT = Path(__file__).resolve().parents[1]
 # The Hugging Face client (pips2.hub fetches the hub name lbm with it) reads its cache folder and offline mode
 # from the environment when it is first imported: the tests, and the programs they start, get an empty cache of
 # their own and no network; a test that serves the Hub from 127.0.0.1 turns offline mode off for itself.
-os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="pips2_tests_hf_")
+HF_PREFIX = "pips2_tests_hf_"
+
+
+def _remove_dead_hf_homes() -> None:
+    """The cache folders of test processes that ended without their atexit (os._exit, a kill): named by pid."""
+    for p in Path(tempfile.gettempdir()).glob(f"{HF_PREFIX}*"):
+        pid = p.name[len(HF_PREFIX):].split("_")[0]
+        try:
+            os.kill(int(pid), 0)
+            continue  # its process is alive (or another user's)
+        except (ValueError, ProcessLookupError):  # not a pid (older names), or the process is gone
+            shutil.rmtree(p, ignore_errors=True)
+        except OSError:
+            continue
+
+
+_remove_dead_hf_homes()
+os.environ["HF_HOME"] = tempfile.mkdtemp(prefix=f"{HF_PREFIX}{os.getpid()}_")
 atexit.register(shutil.rmtree, os.environ["HF_HOME"], True)
 os.environ.pop("HF_HUB_CACHE", None)
 os.environ["HF_HUB_OFFLINE"] = "1"

@@ -331,3 +331,26 @@ def test_a_stopped_rerun_keeps_the_finished_results(tmp_path, capsys):
     # a finished run replaces whatever is there
     evaluation.Evaluation("PointOdyssey test", "scenes", "m", {}, out_json=str(out)).run(items(None), total=3)
     assert json.loads(out.read_text())["complete"] is True
+
+
+def test_names_from_data_files_cannot_drive_the_terminal(tmp_path, capsys):
+    """A video or scene name holding terminal escapes (retitle, clear the screen, return to the line's start) was
+    printed raw: now escaped in every line, kept as it is in the results file."""
+    hostile = "c\x1b]0;PWNED\x07\x1b[2J\rfake: all good"
+    figures = {k: 1.0 for k in evaluation.metrics.METRIC_NAMES}
+    res = {**figures, "points": 4, "frames": 8}
+
+    def skipped():
+        raise evaluation.SkipItem(f"truncated frame ({hostile}.png)")
+
+    items = [(hostile, lambda: evaluation.Scored(figures, evaluation.format_row(hostile, res), 8)),
+             (hostile + "2", skipped)]
+    out = tmp_path / "r.json"
+    evaluation.Evaluation("TAP-Vid", "videos", "m", {}, out_json=str(out)).run(items, total=2)
+    stdout, stderr = capsys.readouterr()
+    printed = stdout + stderr
+    assert not any(c in printed for c in "\x1b\x07") and "\r" not in stdout, repr(printed)  # tqdm's bar uses \r
+    assert "c\\x1b]0;PWNED\\x07\\x1b[2J\\rfake: all good: " in printed
+    assert "c\\x1b]0;PWNED\\x07\\x1b[2J\\rfake: all good2: skipped (truncated frame (c\\x1b" in printed
+    saved = json.loads(out.read_text())
+    assert hostile in saved["per_item"] and saved["skipped"][0]["name"] == hostile + "2"

@@ -328,3 +328,30 @@ def test_load_optimizer_past_the_end_of_lbm_schedule_is_refused(tmp_path, capsys
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert ("its learning-rate schedule (--load_optimizer) is at step 1 and ends at step 3: the 2 steps of this run "
             "go past its end; give --max_steps=1 or less, or --load_optimizer=False") in err, err
+
+
+def test_out_of_memory_in_a_step_is_one_line_and_a_bug_still_raises(tmp_path, monkeypatch, capsys):
+    """Under a memory limit (`ulimit -v`, a cgroup) a step ended in torch's allocator or oneDNN traceback; it is now
+    one line naming memory and the checkpoint the same command resumes from, exit 1. A bug is not taken for it."""
+    real = trainer.train_step
+    failure = [RuntimeError("[enforce fail at alloc_cpu.cpp:127] data. DefaultCPUAllocator: can't allocate memory: "
+                            "you tried to allocate 1073741824 bytes.\nmore")]
+
+    def fail_at_3(state, data, cfg):
+        if state.step == 3:
+            raise failure[0]
+        return real(state, data, cfg)
+
+    monkeypatch.setattr(trainer, "train_step", fail_at_3)
+    for oom in (failure[0], MemoryError(), RuntimeError("could not create a primitive")):
+        failure[0] = oom
+        with pytest.raises(SystemExit) as e:
+            train.run_stage(_kubric_cfg(tmp_path / "run", max_steps=4, save_freq=2))
+        assert e.value.code == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "out of memory on this machine (" in err[0], err
+        assert "; the same command resumes from " in err[0] and "model-000000002.pth once more memory" in err[0], err
+        assert "Traceback" not in err[0], err
+    failure[0] = RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+        train.run_stage(_kubric_cfg(tmp_path / "run", max_steps=4, save_freq=2))

@@ -24,7 +24,7 @@ from prettytable import PrettyTable
 
 from pips2.utils.download import MAX_CHECKPOINT_BYTES
 from pips2.utils.paths import make_dirs, remove_empty_dirs
-from pips2.utils.procs import pid_alive, pid_namespace, process_start
+from pips2.utils.procs import out_of_memory, pid_alive, pid_namespace, process_start
 from pips2.utils.safe_load import (
     UnsafeFileError,
     not_regular_problem,
@@ -422,7 +422,7 @@ def load_weights_only(path: str | os.PathLike, map_location: str | torch.device 
     except MemoryError:  # this machine's memory (a ulimit, overcommit under load), not the file's content
         raise CheckpointError(f"{path}: cannot be read here (out of memory)", local=True) from None
     except Exception as e:  # torch raises many types for a bad file; the user needs one line
-        if "can't allocate memory" in str(e) or "not enough memory" in str(e):  # torch's allocator: this machine
+        if out_of_memory(e):  # torch's allocator: this machine
             raise CheckpointError(f"{path}: cannot be read here (out of memory)", local=True) from None
         problem = _load_problem(e)
         if refused_hint and problem.startswith("refused"):

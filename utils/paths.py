@@ -58,3 +58,12 @@ def check_writable(folder: str | os.PathLike) -> None:
     fd, probe = tempfile.mkstemp(dir=folder, prefix=".probe.")
     os.close(fd)
     os.unlink(probe)
+
+
+def printable(text: str) -> str:
+    """`text` (a name from a data file or a folder) as a line on a terminal shows it: control characters and
+    undecodable bytes backslash-escaped, so a hostile name cannot move the cursor, clear the screen or retitle the
+    terminal (docs/BAD_INPUTS.md)."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)

@@ -44,6 +44,15 @@ def exit_code(signame: str) -> int:
     return 128 + int(getattr(signal, signame, signal.SIGINT))
 
 
+# what torch's CPU allocator and oneDNN say when an allocation fails (a ulimit -v, a cgroup, overcommit refused)
+OUT_OF_MEMORY_TEXTS = ("can't allocate memory", "not enough memory", "could not create a primitive")
+
+
+def out_of_memory(e: BaseException) -> bool:
+    """Whether e is this machine running out of memory rather than a bug or bad data."""
+    return isinstance(e, MemoryError) or (isinstance(e, RuntimeError) and any(t in str(e) for t in OUT_OF_MEMORY_TEXTS))
+
+
 def caught_stop_signals() -> tuple[signal.Signals, ...]:
     """STOP_SIGNALS not ignored by whoever started this process (nohup's SIGHUP, a background job's SIGINT)."""
     return tuple(s for s in STOP_SIGNALS if signal.getsignal(s) is not signal.SIG_IGN)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import logging
 import os
 import re
 import subprocess
@@ -22,6 +23,16 @@ from PIL import Image
 # (OpenCV reads this when it first opens a video, not at import)
 os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
 cv2.setNumThreads(1)  # we parallelise over clips/processes; cv2's own threads only oversubscribe
+
+
+def _not_rotation_notice(record: logging.LogRecord) -> bool:
+    """imageio-ffmpeg warns at every read of a video stored rotated ("The frame size for reading (128, 192) is
+    different from the source frame size (192, 128)."): every reader here takes the displayed size, as ffmpeg
+    gives it, so the line only puzzles the user of demo.py or the web demo."""
+    return not str(record.msg).startswith("The frame size for reading")
+
+
+logging.getLogger("imageio_ffmpeg").addFilter(_not_rotation_notice)
 
 
 class VideoError(RuntimeError):

@@ -36,7 +36,7 @@ from pips2.datasets.export import (
     worker_init,
 )
 from pips2.utils.cli import aliased, die, parse_hw, run_fire
-from pips2.utils.paths import check_writable
+from pips2.utils.paths import check_writable, printable
 from pips2.utils.procs import (
     WorkerPool,
     caught_stop_signals,
@@ -215,7 +215,7 @@ def main(dataset_location: str = "../datasets/pointodyssey", dset: str = "train"
     except ValueError as e:
         die(e)
     if note:
-        print(f"note: {note}", flush=True)
+        print(printable(f"note: {note}"), flush=True)
     cleaned = clean_stale_temps(version_dir)
     clean_stale_claims(version_dir)
     total = len(cands) if max_clips is None else min(max_clips, len(cands))
@@ -269,7 +269,7 @@ def _run(jobs: deque, workers: int, version_dir: Path, quiet: bool, signals: _Si
             if status == "rejected":
                 reasons[detail] += 1
             elif status == "failed":
-                tqdm.write(f"clip {k:06d} failed: {detail}", file=sys.stderr)
+                tqdm.write(printable(f"clip {k:06d} failed: {detail}"), file=sys.stderr)
                 if detail.startswith((NO_SPACE, NOT_WRITABLE)):  # every further clip would fail the same way
                     stop = detail
                     break
@@ -322,7 +322,7 @@ def _run(jobs: deque, workers: int, version_dir: Path, quiet: bool, signals: _Si
               f"now (its exporter stopped); rerun to export them", file=sys.stderr)
         sys.exit(1)
     if n_jobs and counts["rejected"] == n_jobs:  # nothing written is no success
-        print(f"error: {_all_rejected(n_jobs, reasons, st)}", file=sys.stderr)
+        print(printable(f"error: {_all_rejected(n_jobs, reasons, st)}"), file=sys.stderr)
         sys.exit(2)
 
 
