@@ -7,6 +7,11 @@ are compared in the same run.
 
     python benchmarks/bench_model.py                       # sizes a and b on the CPU
     python benchmarks/bench_model.py --device=cuda --sizes=a,b,c
+    python benchmarks/bench_model.py --authors_repo=/tmp/pips2 # also the authors' own code (aharley/pips2)
+
+With `--authors_repo` (a checkout of aharley/pips2) the authors' Pips, imported unmodified from it as
+benchmarks/diff_authors.py does, runs first with the same weights and inputs in float32 under `no_grad`, and
+every ratio is also given against it.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ SIZES = {  # name: (S, N, H, W, iters)
     "a": (36, 128, 256, 384, 6),
     "b": (32, 256, 512, 896, 2),
     "c": (128, 256, 512, 896, 16),
+    "t": (4, 8, 128, 128, 1),  # tiny: the tests' (nothing to time)
 }
 CONFIGS = {  # name: (plan: "reference" or "auto" for the device and dtype, autocast dtype or None, inference_mode)
     "baseline_fp32": ("reference", None, False),
@@ -41,13 +47,29 @@ CONFIGS = {  # name: (plan: "reference" or "auto" for the device and dtype, auto
 }
 
 
-def _worker(size: str, config: str, device: str, B: int, repeats: int, out_path: str) -> None:
+AUTHORS = "authors_fp32"  # the authors' own model, with --authors_repo
 
-    S, N, H, W, iters = SIZES[size]
+
+def _model(config: str, device: str, authors_repo: str | None) -> tuple[torch.nn.Module, torch.dtype | None, bool]:
+    """The model of a configuration with the golden weights (the same in every one), its autocast dtype and
+    whether it runs under inference_mode."""
+    torch.manual_seed(0)
+    if config == AUTHORS:
+        from diff_authors import import_authors_pips, load_golden_weights_into
+
+        model = import_authors_pips(str(authors_repo))(stride=8)
+        load_golden_weights_into(model)
+        return model.to(device).eval(), None, False
     plan_name, amp, inference = CONFIGS[config]
     plan = ExecPlan.reference() if plan_name == "reference" else ExecPlan.auto(device, amp or torch.float32)
-    torch.manual_seed(0)
-    model = load_golden_weights(Pips(plan)).to(device).eval()  # same weights in every config
+    return load_golden_weights(Pips(plan)).to(device).eval(), amp, inference
+
+
+def _worker(size: str, config: str, device: str, B: int, repeats: int, out_path: str,
+            authors_repo: str | None = None) -> None:
+
+    S, N, H, W, iters = SIZES[size]
+    model, amp, inference = _model(config, device, authors_repo)
     g = torch.Generator().manual_seed(1)
     rgbs = (torch.rand(B, S, 3, H, W, generator=g) * 255).to(device)
     trajs = (torch.rand(B, 1, N, 2, generator=g) * torch.tensor([W - 1.0, H - 1.0])).repeat(1, S, 1, 1).to(device)
@@ -55,6 +77,11 @@ def _worker(size: str, config: str, device: str, B: int, repeats: int, out_path:
 
     def run():
         with grad_ctx(), torch.autocast(device_type=device, dtype=amp or torch.float32, enabled=amp is not None):
+            if config == AUTHORS and device != "cuda":
+                from diff_authors import cuda_is_cpu
+
+                with cuda_is_cpu():  # their forward's first line puts an unused zero on CUDA
+                    return model(trajs, rgbs, iters=iters)[0][-1]
             return model(trajs, rgbs, iters=iters)[0][-1]
 
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
@@ -78,8 +105,8 @@ def _worker(size: str, config: str, device: str, B: int, repeats: int, out_path:
 
 
 def main(sizes: str = "a,b", device: str = "cpu", B: int = 1, repeats: int = 2, threads: int | None = None,
-         json_out: str | None = None) -> None:
-    """Print time, peak memory and output differences of each configuration at each size."""
+         json_out: str | None = None, authors_repo: str | None = None) -> None:
+    """Print time, peak memory and output differences of each configuration at each size (module docstring)."""
     env = dict(os.environ)
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
@@ -89,10 +116,11 @@ def main(sizes: str = "a,b", device: str = "cpu", B: int = 1, repeats: int = 2, 
         S, N, H, W, iters = SIZES[size]
         print(f"\nsize {size}: B={B} S={S} N={N} {H}x{W} iters={iters} on {device}", flush=True)
         outs = {}
-        for config in CONFIGS:
+        for config in ([AUTHORS] if authors_repo else []) + list(CONFIGS):
             with tempfile.NamedTemporaryFile(suffix=".pt", delete=False) as f:
                 path = f.name
-            cmd = [sys.executable, __file__, "_worker", size, config, device, str(B), str(repeats), path]
+            cmd = [sys.executable, __file__, "_worker", size, config, device, str(B), str(repeats), path,
+                   *([str(Path(authors_repo).resolve())] if authors_repo else [])]
             subprocess.run(cmd, check=True, env=env, cwd=ROOT)
             res = torch.load(path, weights_only=True)
             os.unlink(path)
@@ -110,6 +138,19 @@ def main(sizes: str = "a,b", device: str = "cpu", B: int = 1, repeats: int = 2, 
             "times_s": {c: min(o["times"]) for c, o in outs.items()},
             "peak_mib": {c: o["peak"] / 2**20 for c, o in outs.items()},
         }
+        if authors_repo:
+            theirs = outs[AUTHORS]
+            row.update({
+                "vs_authors_speedup_fp32": min(theirs["times"]) / min(fp32["times"]),
+                "vs_authors_speedup_bf16": min(theirs["times"]) / min(bf16["times"]),
+                "vs_authors_memory_ratio_fp32": theirs["peak"] / max(fp32["peak"], 1),
+                "vs_authors_memory_ratio_bf16": theirs["peak"] / max(bf16["peak"], 1),
+                "max_diff_fp32_vs_authors_px": (fp32["out"] - theirs["out"]).abs().max().item(),
+            })
+            print(f"  ours vs the authors' code: {row['vs_authors_speedup_fp32']:.2f}x faster fp32, "
+                  f"{row['vs_authors_speedup_bf16']:.2f}x bf16; {row['vs_authors_memory_ratio_fp32']:.2f}x less peak "
+                  f"memory fp32, {row['vs_authors_memory_ratio_bf16']:.2f}x bf16; fp32 max |ours - theirs| "
+                  f"{row['max_diff_fp32_vs_authors_px']:.2e} px")
         results[size] = row
         print(f"  ours vs baseline: {row['speedup_fp32']:.2f}x faster fp32, {row['speedup_bf16']:.2f}x bf16, "
               f"{row['memory_ratio_fp32']:.2f}x less peak memory (fp32)")
@@ -122,6 +163,7 @@ def main(sizes: str = "a,b", device: str = "cpu", B: int = 1, repeats: int = 2, 
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "_worker":
-        _worker(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]), int(sys.argv[6]), sys.argv[7])
+        _worker(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]), int(sys.argv[6]), sys.argv[7],
+                sys.argv[8] if len(sys.argv) > 8 else None)
     else:
         fire.Fire(main)
