@@ -36,7 +36,7 @@ from pips2.datasets.clips import (
     write_track,
 )
 from pips2.datasets.clips import list_clips as list_clips  # re-exported: callers that list what an export wrote
-from pips2.utils.procs import is_space_error, pid_alive, probe_lock, try_lock
+from pips2.utils.procs import close_inherited_locks, is_space_error, pid_alive, probe_lock, try_lock
 from pips2.utils.video import VideoError, write_mp4
 
 STALE_CLAIM_S = 2 * 3600  # a claim from another host older than this is taken over
@@ -243,6 +243,8 @@ def remove_clip(version_dir: Path, k: int) -> None:
 # dies, whatever its PID namespace, so a restarted container whose exporter is pid 1 again (the pid the dead claim
 # names, alive) takes its claims over; the pid alone kept such a clip "held by other exporters" on every rerun
 _HELD: dict[Path, int] = {}
+if hasattr(os, "register_at_fork"):  # a forked child must not keep this process's claims alive after it
+    os.register_at_fork(after_in_child=lambda: close_inherited_locks(_HELD))
 
 
 def _claim_owner(path: Path) -> tuple[str, int, float]:

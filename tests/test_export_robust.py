@@ -945,3 +945,39 @@ def test_a_reader_gone_at_the_first_progress_line_stops_with_the_summary(synth_r
                         quiet=True, max_clips=2)
     cap = capsys.readouterr()
     assert e.value.code == 141 and "stopped (terminated by SIGPIPE) after 0 of 2 clips" in cap.out, cap
+
+
+def test_a_forked_child_does_not_keep_its_parents_claims_and_folders_alive(tmp_path):
+    """A child forked without exec (a data-loader worker) inherited the lock descriptors of its parent's claims and
+    owned temp folders: a lock lasts while any descriptor of it is open, so a child that outlived its dead parent
+    kept them looking alive. The child now closes them at the fork."""
+    code = f"""if True:
+        import os, sys, time
+        from pathlib import Path
+        from pips2.datasets import export as ex
+        from pips2.utils import procs
+        vdir = Path({str(tmp_path / 'v')!r})
+        (vdir / ".claims").mkdir(parents=True)
+        assert ex.claim(vdir, 5)
+        folder = procs.owned_tempdir("pips2_t", {str(tmp_path)!r})
+        child = os.fork()
+        if child == 0:  # the child outlives the parent
+            os.close(1)
+            time.sleep(60)
+            os._exit(0)
+        print(folder, child, flush=True)
+        os._exit(0)  # the parent dies (no cleanup, as under SIGKILL)
+    """
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    folder, child = proc.communicate(timeout=60)[0].split()
+    from pips2.datasets import export as ex
+    from pips2.utils import procs
+
+    try:
+        state, fd = procs.probe_lock(Path(folder) / procs.OWNER_LOCK)
+        if fd is not None:
+            os.close(fd)
+        assert state == "free"
+        assert not ex.claim_held(tmp_path / "v", 5)
+    finally:
+        os.kill(int(child), signal.SIGKILL)

@@ -439,6 +439,22 @@ OWNER_LOCK = ".owner"  # in an owned temp folder: a file its owner keeps locked 
 _OWNED: dict[str, int] = {}  # owned temp folders of this process -> the descriptor holding their lock
 
 
+def close_inherited_locks(held: dict) -> None:
+    """In a child forked without exec (a data-loader worker, a fork pool's process): close the lock descriptors
+    `held` (path -> descriptor) that came from the parent. A lock lasts while any descriptor of it is open, so a
+    child that outlived its dead parent kept the parent's folders and claims looking alive until it exited."""
+    for fd in held.values():
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    held.clear()
+
+
+if hasattr(os, "register_at_fork"):  # POSIX; exec (subprocess, spawn) already closes them: they are not inheritable
+    os.register_at_fork(after_in_child=lambda: close_inherited_locks(_OWNED))
+
+
 def owned_tempdir(prefix: str, parent: str | os.PathLike | None = None) -> Path:
     """A new temp folder named <prefix>.<owner tag>.<random> in `parent` (TMPDIR by default), holding OWNER_LOCK
     locked while this process lives: a later process of this machine, in any PID namespace, can tell it from a live
