@@ -334,8 +334,8 @@ def test_out_of_memory_in_a_step_is_one_line_and_a_bug_still_raises(tmp_path, mo
     """Under a memory limit (`ulimit -v`, a cgroup) a step ended in torch's allocator or oneDNN traceback; it is now
     one line naming memory and the checkpoint the same command resumes from, exit 1. A bug is not taken for it."""
     real = trainer.train_step
-    failure = [RuntimeError("[enforce fail at alloc_cpu.cpp:127] data. DefaultCPUAllocator: can't allocate memory: "
-                            "you tried to allocate 1073741824 bytes.\nmore")]
+    failure: list[Exception] = [RuntimeError("[enforce fail at alloc_cpu.cpp:127] data. DefaultCPUAllocator: can't "
+                                             "allocate memory: you tried to allocate 1073741824 bytes.\nmore")]
 
     def fail_at_3(state, data, cfg):
         if state.step == 3:
