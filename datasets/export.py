@@ -36,7 +36,7 @@ from pips2.datasets.clips import (
     write_track,
 )
 from pips2.datasets.clips import list_clips as list_clips  # re-exported: callers that list what an export wrote
-from pips2.utils.procs import close_inherited_locks, is_space_error, pid_alive, probe_lock, try_lock
+from pips2.utils.procs import close_inherited_locks, is_space_error, open_regular, pid_alive, probe_lock, try_lock
 from pips2.utils.video import VideoError, write_mp4
 
 STALE_CLAIM_S = 2 * 3600  # a claim from another host older than this is taken over
@@ -251,8 +251,12 @@ def _claim_owner(path: Path) -> tuple[str, int, float]:
     """(host, pid, age in seconds) a claim file names; a half-written one (its writer died, or is writing it now)
     names no host."""
     try:
-        host, pid = path.read_text().split()
-        return host, int(pid), time.time() - path.stat().st_mtime
+        fd = open_regular(path)  # not a FIFO planted in its place: reading one waited for a writer for ever
+        try:
+            host, pid = os.read(fd, 512).decode().split()
+            return host, int(pid), time.time() - os.fstat(fd).st_mtime
+        finally:
+            os.close(fd)
     except (OSError, ValueError):
         return "", 0, STALE_CLAIM_S + 1
 
@@ -261,6 +265,8 @@ def _claim_state(path: Path, write: bool = False) -> tuple[str, int | None]:
     """("free", descriptor) when no process holds the claim (it is then locked by this one), ("held", None),
     ("gone", None); where locks cannot tell, the pid it names, on this host, decides."""
     state, fd = probe_lock(path, write)
+    if state == "foreign":  # not a claim this project wrote (a FIFO, a link): not taken, and never read
+        return "held", None
     if state == "unavailable":
         _, pid, _ = _claim_owner(path)
         state = "held" if pid and pid_alive(pid) else "free"

@@ -59,6 +59,7 @@ from pips2.utils.procs import (
     caught_stop_signals,
     detach_from_closed_terminal,
     is_space_error,
+    os_error_in,
     out_of_memory,
     raise_stop,
 )
@@ -815,9 +816,13 @@ class TrainState:
         try:
             ck.save(self.ckpt_dir, self.step, self.net, self.optimizer, self.scheduler,
                     keep_latest=self.cfg.keep_latest, extra=extra, layout=self.cfg.layout)
-        except OSError as e:
-            # ck.save removed its temp file and left every earlier checkpoint in place
-            why = "no space left on device" if is_space_error(e) else (e.strerror or str(e))
+        except (OSError, RuntimeError) as e:
+            # ck.save removed its temp file and left every earlier checkpoint in place. torch's zip writer turns a
+            # failed write (a full disk, a quota, `ulimit -f`, EIO) into a RuntimeError with the OSError in its chain
+            cause = os_error_in(e)
+            if cause is None:
+                raise
+            why = "no space left on device" if is_space_error(e) else (cause.strerror or str(cause))
             fail(f"cannot save {self.ckpt_dir / ck.ckpt_name(self.step)}: {why}")
 
 

@@ -981,3 +981,34 @@ def test_a_forked_child_does_not_keep_its_parents_claims_and_folders_alive(tmp_p
         assert not ex.claim_held(tmp_path / "v", 5)
     finally:
         os.kill(int(child), signal.SIGKILL)
+
+
+def test_a_planted_fifo_or_link_as_a_lock_file_neither_hangs_nor_is_followed(tmp_path):
+    """Anyone who can write to a shared TMPDIR planted a folder named like a dead process's temp folder with a FIFO
+    as its `.owner`: opening it for reading waited for a writer for ever, and every later demo.py and app.py hung at
+    start. A claim file that is a FIFO hung the export the same way. Such files are now opened without blocking or
+    following links, and judged not ours: the folder is left, the clip taken as held."""
+    code = f"""if True:
+        import os, socket
+        from pathlib import Path
+        from pips2.datasets import export as ex
+        from pips2.utils import procs
+        tmp = Path({str(tmp_path)!r})
+        dead = tmp / f"pips2_t.{{socket.gethostname()}}.999999999.{{procs.pid_namespace()}}.abc"
+        linked = tmp / f"pips2_t.{{socket.gethostname()}}.999999998.{{procs.pid_namespace()}}.abc"
+        for d in (dead, linked):
+            d.mkdir()
+        os.mkfifo(dead / procs.OWNER_LOCK)
+        (linked / procs.OWNER_LOCK).symlink_to("/dev/zero")
+        assert procs.probe_lock(dead / procs.OWNER_LOCK) == ("foreign", None)
+        assert procs.probe_lock(linked / procs.OWNER_LOCK) == ("foreign", None)
+        assert procs.remove_stale_tempdirs("pips2_t", tmp) == [] and dead.is_dir() and linked.is_dir()
+        vdir = tmp / "v"
+        (vdir / ".claims").mkdir(parents=True)
+        os.mkfifo(vdir / ".claims" / ex.clip_name(2))
+        assert ex.claim_held(vdir, 2) and not ex.claim(vdir, 2)
+        assert ex._claim_owner(vdir / ".claims" / ex.clip_name(2))[0] == ""
+        print("ok")
+    """
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-2000:]

@@ -262,6 +262,16 @@ def is_space_error(exc: BaseException) -> bool:
     return False
 
 
+def os_error_in(exc: BaseException) -> OSError | None:
+    """The first OSError in the exception's chain (itself included), or None: what a library's own error wraps."""
+    e: BaseException | None = exc
+    while e is not None:
+        if isinstance(e, OSError):
+            return e
+        e = e.__cause__ or e.__context__
+    return None
+
+
 # ---------------------------------------------------------------------------------------------------------
 # A pool of worker processes that never waits on a dead one.
 
@@ -501,16 +511,42 @@ def remove_owned(folder: str | os.PathLike) -> None:
         os.close(fd)
 
 
+class NotARegularFile(OSError):
+    """A path that is a FIFO, a device, a socket or a symlink where this project writes only regular files."""
+
+
+def open_regular(path: str | os.PathLike, flags: int = os.O_RDONLY) -> int:
+    """os.open of a regular file, never blocking and never following a symlink (NotARegularFile otherwise): the
+    files this project finds in shared folders (lock files, claims) may have been planted there."""
+    try:
+        fd = os.open(path, flags | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_NOCTTY)
+    except OSError as e:
+        if e.errno == errno.ELOOP:  # O_NOFOLLOW on a symlink
+            raise NotARegularFile(errno.ELOOP, "a symlink", str(path)) from None
+        raise
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise NotARegularFile(errno.EINVAL, "not a regular file", str(path))
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 def probe_lock(path: str | os.PathLike, write: bool = False) -> tuple[str, int | None]:
     """Whether the owner of a lock file lives: ("free", its descriptor, locked now by this process and to be
     closed), ("held", None) for a live owner, ("gone", None) for no such file, ("unavailable", None) where locks
     cannot tell. A holder's lock goes with its process, whatever its pid or PID namespace: how this project tells
     a dead owner of a file from a live one on this machine. `write` opens it for writing (to take it over); a check
-    needs only to read it, as another user's file allows."""
+    needs only to read it, as another user's file allows. ("foreign", None): not a regular file (a FIFO, a device,
+    a symlink), which no process of this project made: opening a FIFO waited for a writer for ever, so anyone who
+    could plant one in a shared TMPDIR hung every later start."""
     try:
-        fd = os.open(path, os.O_RDWR if write else os.O_RDONLY)
+        fd = open_regular(path, os.O_RDWR if write else os.O_RDONLY)
     except FileNotFoundError:
         return "gone", None
+    except NotARegularFile:
+        return "foreign", None
     except OSError:
         return "unavailable", None
     state = try_lock(fd)
@@ -530,7 +566,7 @@ def _owner_gone(d: Path) -> bool | None:
     state, fd = probe_lock(d / OWNER_LOCK)
     if fd is not None:
         os.close(fd)
-    return {"free": True, "held": False}.get(state)
+    return {"free": True, "held": False, "foreign": False}.get(state)  # a planted OWNER_LOCK: not ours, left
 
 
 def remove_dead_owned(folder: str | os.PathLike, head: str, tail: str = r"[A-Za-z0-9_]+",
@@ -549,6 +585,12 @@ def remove_dead_owned(folder: str | os.PathLike, head: str, tail: str = r"[A-Za-
     for d in entries:
         m = pattern.match(d.name)
         if not m or m["host"] != host or d.is_dir() != dirs:
+            continue
+        try:
+            if hasattr(os, "getuid") and d.lstat().st_uid != os.getuid():  # another user's (a shared TMPDIR):
+                # never ours to judge or remove
+                continue
+        except OSError:
             continue
         gone = _owner_gone(d) if dirs else None  # this process's own folders too: its lock is held
         if gone is None:
