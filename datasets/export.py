@@ -36,7 +36,15 @@ from pips2.datasets.clips import (
     write_track,
 )
 from pips2.datasets.clips import list_clips as list_clips  # re-exported: callers that list what an export wrote
-from pips2.utils.procs import close_inherited_locks, is_space_error, open_regular, pid_alive, probe_lock, try_lock
+from pips2.utils.procs import (
+    close_inherited_locks,
+    is_space_error,
+    open_regular,
+    pid_alive,
+    pid_namespace,
+    probe_lock,
+    try_lock,
+)
 from pips2.utils.video import VideoError, write_mp4
 
 STALE_CLAIM_S = 2 * 3600  # a claim from another host older than this is taken over
@@ -247,29 +255,43 @@ if hasattr(os, "register_at_fork"):  # a forked child must not keep this process
     os.register_at_fork(after_in_child=lambda: close_inherited_locks(_HELD))
 
 
-def _claim_owner(path: Path) -> tuple[str, int, float]:
-    """(host, pid, age in seconds) a claim file names; a half-written one (its writer died, or is writing it now)
-    names no host."""
+def _claim_owner(path: Path) -> tuple[str, int, float, int | None]:
+    """(host, pid, age in seconds, PID namespace or None) a claim file names; a half-written one (its writer died,
+    or is writing it now) names no host. Claims of earlier versions name no namespace."""
     try:
         fd = open_regular(path)  # not a FIFO planted in its place: reading one waited for a writer for ever
         try:
-            host, pid = os.read(fd, 512).decode().split()
-            return host, int(pid), time.time() - os.fstat(fd).st_mtime
+            host, pid, *ns = os.read(fd, 512).decode().split()
+            if len(ns) > 1:
+                raise ValueError("not a claim")
+            return host, int(pid), time.time() - os.fstat(fd).st_mtime, int(ns[0]) if ns else None
         finally:
             os.close(fd)
     except (OSError, ValueError):
-        return "", 0, STALE_CLAIM_S + 1
+        return "", 0, STALE_CLAIM_S + 1, None
+
+
+def _claimer_may_live(path: Path) -> bool:
+    """Where locks cannot tell (a file system without them: NFS mounted nolock, some FUSE and SMB mounts): whether
+    the process a claim of this host names may still be alive, judged by its pid in its own PID namespace."""
+    _, pid, age, ns = _claim_owner(path)
+    if not pid:
+        return False
+    if ns is not None and ns != pid_namespace():  # another namespace (a restarted container): its pid says nothing
+        return age <= STALE_CLAIM_S
+    if pid == os.getpid():  # names this process, which does not hold it: a dead predecessor of the same pid (a
+        return False  # container's exporter is pid 1 again after a restart)
+    return pid_alive(pid)
 
 
 def _claim_state(path: Path, write: bool = False) -> tuple[str, int | None]:
     """("free", descriptor) when no process holds the claim (it is then locked by this one), ("held", None),
-    ("gone", None); where locks cannot tell, the pid it names, on this host, decides."""
+    ("gone", None); where locks cannot tell, the pid it names, on this host and in its namespace, decides."""
     state, fd = probe_lock(path, write)
     if state == "foreign":  # not a claim this project wrote (a FIFO, a link): not taken, and never read
         return "held", None
     if state == "unavailable":
-        _, pid, _ = _claim_owner(path)
-        state = "held" if pid and pid_alive(pid) else "free"
+        state = "held" if _claimer_may_live(path) else "free"
     return state, fd
 
 
@@ -280,12 +302,12 @@ def claim(version_dir: Path, k: int) -> bool:
     cdir = version_dir / ".claims"
     cdir.mkdir(exist_ok=True)
     path = cdir / clip_name(k)
-    me = f"{socket.gethostname()} {os.getpid()}".encode()
+    me = f"{socket.gethostname()} {os.getpid()} {pid_namespace()}".encode()
     for _ in range(3):
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
         except FileExistsError:
-            host, _, age = _claim_owner(path)
+            host, _, age, _ = _claim_owner(path)
             if host and host != socket.gethostname():
                 if age > STALE_CLAIM_S:
                     path.unlink(missing_ok=True)
@@ -331,6 +353,20 @@ def claim_abandoned(version_dir: Path, k: int) -> bool:
     if not path.exists():  # released: written (looked at once more, after the release) or rejected meanwhile
         return not is_clip_dir(clip_dir(version_dir, k)) and rejected_reason(version_dir, k) is None
     return _claim_owner(path)[0] == socket.gethostname() and not claim_held(version_dir, k)
+
+
+def claim_unjudged(version_dir: Path, k: int) -> bool:
+    """Whether clip k is unwritten under a claim of this host that no lock can judge (a file system without
+    flock): its holder may be alive, or dead in another PID namespace, and nothing here can tell which."""
+    if is_clip_dir(clip_dir(version_dir, k)) or rejected_reason(version_dir, k) is not None:
+        return False
+    path = version_dir / ".claims" / clip_name(k)
+    if _claim_owner(path)[0] != socket.gethostname():
+        return False
+    state, fd = probe_lock(path)
+    if fd is not None:
+        os.close(fd)
+    return state == "unavailable" and _claimer_may_live(path)
 
 
 def claim_held(version_dir: Path, k: int) -> bool:

@@ -340,7 +340,7 @@ def _busy_worker(vdir, proc, timeout=120):
     while time.time() < deadline and proc.poll() is None:
         for claim in sorted((vdir / ".claims").glob("[0-9]*")) if (vdir / ".claims").is_dir() else []:
             try:
-                host, pid = claim.read_text().split()
+                host, pid, _ns = claim.read_text().split()
             except (OSError, ValueError):
                 continue
             if int(pid) != proc.pid:
@@ -916,7 +916,7 @@ def test_claims_where_locks_cannot_tell_and_rejected_clips(tmp_path, monkeypatch
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
                           check=True).stdout.strip()
     (vdir / ".claims" / ex.clip_name(3)).write_text(f"{socket.gethostname()} {dead}")
-    (vdir / ".claims" / ex.clip_name(4)).write_text(f"{socket.gethostname()} {os.getpid()}")
+    (vdir / ".claims" / ex.clip_name(4)).write_text(f"{socket.gethostname()} {os.getppid()}")  # alive
     assert not ex.claim_held(vdir, 3) and ex.claim_held(vdir, 4)  # the pids decide
     assert ex.claim(vdir, 3) and not ex.claim(vdir, 4)
     ex.release(vdir, 3)
@@ -1012,3 +1012,35 @@ def test_a_planted_fifo_or_link_as_a_lock_file_neither_hangs_nor_is_followed(tmp
     """
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-2000:]
+
+
+def test_without_file_locks_a_dead_claimer_of_another_namespace_is_never_silent(tmp_path, monkeypatch):
+    """On a file system without flock (NFS mounted nolock) a claim names a pid. An exporter killed in a container
+    and restarted there (pid 1 again, or a new PID namespace) found its dead claim "held" on every rerun, which
+    ended exit 0 with the clip missing. A claim naming this very process, which does not hold it, is now a dead
+    predecessor's; one of another namespace, young, is reported at the end (exit 1), old, taken over."""
+    import socket
+    import time
+
+    from pips2.datasets import export as ex
+    from pips2.utils import procs
+
+    monkeypatch.setattr(procs, "fcntl", None)  # no flock here
+    vdir = tmp_path / "v"
+    (vdir / ".claims").mkdir(parents=True)
+    host, ns = socket.gethostname(), procs.pid_namespace()
+    own = vdir / ".claims" / ex.clip_name(1)
+    own.write_text(f"{host} {os.getpid()} {ns}")  # this pid, a predecessor's claim: not held by this process
+    assert not ex.claim_held(vdir, 1) and not ex.claim_unjudged(vdir, 1) and ex.claim_abandoned(vdir, 1)
+    assert ex.claim(vdir, 1)
+    ex.release(vdir, 1)
+    other = vdir / ".claims" / ex.clip_name(2)
+    other.write_text(f"{host} 1 {ns + 1}")  # pid 1 of another namespace: alive or not, nothing here can tell
+    assert ex.claim_held(vdir, 2) and ex.claim_unjudged(vdir, 2) and not ex.claim(vdir, 2)
+    old = time.time() - ex.STALE_CLAIM_S - 60
+    os.utime(other, (old, old))
+    assert not ex.claim_held(vdir, 2) and ex.claim(vdir, 2)  # past the age any live exporter refreshes within
+    ex.release(vdir, 2)
+    legacy = vdir / ".claims" / ex.clip_name(3)
+    legacy.write_text(f"{host} {os.getppid()}")  # an earlier version's claim: its pid, alive, decides
+    assert ex.claim_held(vdir, 3) and not ex.claim(vdir, 3)

@@ -136,3 +136,35 @@ def test_the_graph_and_its_sidecar_are_renamed_together(tmp_path, monkeypatch):
     (tmp / "m.onnx").write_text("newer graph")
     export_onnx.install(tmp, out)
     assert out.read_text() == "newer graph" and not out.with_name("m.onnx.data").exists()
+
+
+def test_cli_out_replaces_only_an_earlier_export(tmp_path, capsys):
+    """--out was renamed over whatever it named: a user's file and its `.data` neighbour, a link, a device node
+    (`--out=/dev/null` as root made /dev/null a regular file). Only an earlier export's graph (and its sidecar) is
+    replaced now; anything else is refused before the model loads."""
+    import os
+
+    from helpers import run_main
+
+    from pips2.utils import checkpoint
+
+    ck = checkpoint.save(tmp_path / "ck", 1, golden_model())
+    notes, link, fifo = tmp_path / "notes.txt", tmp_path / "stdout", tmp_path / "fifo"
+    notes.write_text("the user's")
+    link.symlink_to(notes)
+    os.mkfifo(fifo)
+    alone = tmp_path / "alone.onnx"
+    alone.with_name("alone.onnx.data").write_text("the user's too")
+    for out in (notes, link, fifo):
+        res = run_main(export_onnx.main, capsys, init_dir=str(ck), out=str(out), S=4, H=128, W=128, iters=1)
+        assert res.returncode == 2 and res.stderr.strip() == (
+            f"error: --out={out} exists and is not an ONNX graph this program wrote; give another name"), res.stderr
+    res = run_main(export_onnx.main, capsys, init_dir=str(ck), out=str(alone), S=4, H=128, W=128, iters=1)
+    assert res.returncode == 2 and "alone.onnx.data exists and is not the weights of an earlier export" in res.stderr
+    assert notes.read_text() == "the user's" and link.is_symlink() and fifo.is_fifo()
+    # an earlier export is replaced, its sidecar with it
+    out = tmp_path / "m.onnx"
+    for _ in range(2):
+        res = run_main(export_onnx.main, capsys, init_dir=str(ck), out=str(out), S=4, H=128, W=128, iters=1,
+                       verify=False)
+        assert res.returncode == 0 and export_onnx.written_here(out), res.stderr

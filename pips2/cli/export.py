@@ -29,6 +29,7 @@ from pips2.datasets.export import (
     NOT_WRITABLE,
     check_source,
     claim_abandoned,
+    claim_unjudged,
     clean_stale_claims,
     clean_stale_temps,
     export_one,
@@ -320,6 +321,14 @@ def _run(jobs: deque, workers: int, version_dir: Path, quiet: bool, signals: _Si
     if orphans:
         print(f"error: {len(orphans)} clip(s) held by another exporter are not written and no process holds them "
               f"now (its exporter stopped); rerun to export them", file=sys.stderr)
+        sys.exit(1)
+    # without file locks a claim names a pid, which says nothing of a process of another PID namespace (a restarted
+    # container's dead exporter): such clips may never be written, and exit 0 would hide them
+    unjudged = [k for k in held if claim_unjudged(version_dir, k)]
+    if unjudged:
+        print(f"error: {len(unjudged)} clip(s) are claimed by an exporter of this machine but not written, and this "
+              f"file system has no file locks to tell whether it still runs; if no other exporter runs, remove "
+              f"{version_dir / '.claims'} and rerun", file=sys.stderr)
         sys.exit(1)
     if n_jobs and counts["rejected"] == n_jobs:  # nothing written is no success
         print(printable(f"error: {_all_rejected(n_jobs, reasons, st)}"), file=sys.stderr)

@@ -11,6 +11,7 @@ import copy
 import os
 import shutil
 import signal
+import stat
 import sys
 import tempfile
 import time
@@ -115,6 +116,31 @@ def check_out_spares_input(out: str, init_dir: str) -> None:
                              f"another --out")
 
 
+def written_here(path: Path) -> bool:
+    """Whether `path` is a regular file holding an ONNX graph PyTorch wrote: its model record opens with the IR
+    version, then the producer's name, "pytorch" (protobuf keeps fields in number order)."""
+    try:
+        if not stat.S_ISREG(path.lstat().st_mode):
+            return False
+        with open(path, "rb") as f:
+            head = f.read(32)
+    except OSError:
+        return False
+    return head[:1] == b"\x08" and b"\x12\x07pytorch" in head
+
+
+def check_out_replaceable(out: str) -> None:
+    """ValueError when --out, or its weights' sidecar <out>.data, exists and is not an earlier export's: the graph
+    was renamed over whatever --out named (a user's file, a link, a device node such as /dev/null run as root)."""
+    graph, sidecar = Path(out), Path(out).with_name(Path(out).name + ".data")
+    if (graph.exists() or graph.is_symlink()) and not written_here(graph):
+        raise ValueError(f"--out={out} exists and is not an ONNX graph this program wrote; give another name")
+    if sidecar.exists() or sidecar.is_symlink():
+        if not stat.S_ISREG(sidecar.lstat().st_mode) or not written_here(graph):
+            raise ValueError(f"--out={out}: {sidecar} exists and is not the weights of an earlier export to --out; "
+                             f"give another name")
+
+
 ONNX_FACTOR, ONNX_FLOOR = 4.0, 1e-3  # onnxruntime may be this many times as far from float64 as PyTorch's float32
 
 
@@ -155,6 +181,7 @@ def main(init_dir: str = "./reference_model", out: str = "pips2.onnx", S: int = 
     try:
         check_flags(S, H, W, iters, out)
         check_out_spares_input(out, init_dir)
+        check_out_replaceable(out)
         model = load_model(init_dir, "cpu", kind="pips2")
     except (ValueError, CheckpointError) as e:
         die(e)
