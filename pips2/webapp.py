@@ -85,7 +85,14 @@ from pips2.nets.lbm import LBM
 from pips2.nets.pips2 import Pips
 from pips2.tracking import FrameSource, default_model_hw, grid_queries, is_lbm, resolve_model_hw, track, window_starts
 from pips2.utils.checkpoint import CheckpointError, looks_like_torch_file, resolve_device
-from pips2.utils.procs import caught_stop_signals, owned_tempdir, raise_stop, remove_owned, remove_stale_tempdirs
+from pips2.utils.procs import (
+    caught_stop_signals,
+    is_space_error,
+    owned_tempdir,
+    raise_stop,
+    remove_owned,
+    remove_stale_tempdirs,
+)
 from pips2.utils.video import (
     CONTAINER_NAMES,
     FFMPEG_INPUT,
@@ -679,7 +686,16 @@ class App:
                     chunk = body.read(min(left, 1 << 20))
                     if not chunk:
                         raise WebError(f"{name}: upload ended after {length - left} of {count(length, 'byte')}")
-                    f.write(chunk)
+                    try:
+                        f.write(chunk)
+                    except OSError as e:
+                        if not is_space_error(e):
+                            raise
+                        # while it arrives an upload is on this disk twice: waitress's spool and this copy
+                        free = shutil.disk_usage(self.work).free
+                        raise WebError(f"{name}: the server's temporary folder ({self.work.parent}) is full "
+                                       f"({free / 2**20:.0f} MB free): an upload needs twice its size there while "
+                                       f"it arrives", 507) from None
                     left -= len(chunk)
             with open(part, "rb") as f:
                 suffix = container_suffix(f.read(512))

@@ -999,3 +999,40 @@ def test_the_connection_limit_fits_the_descriptor_limit(tmp_path):
     res = subprocess.run([sys.executable, "-c", code, str(tmp_path / "clips")], capture_output=True, text=True,
                          timeout=120, cwd=Path(__file__).resolve().parents[1])
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-2000:]
+
+
+def test_a_full_temporary_folder_during_an_upload_is_one_line_and_leaves_nothing(server, video, monkeypatch):
+    """The server's disk filling while an upload is copied from waitress's spool: a 500 "server error: OSError" and
+    a traceback on the console. Now a 507 line saying where the room is missing and why an upload needs twice its
+    size; the part file goes, and the server serves on."""
+    import errno
+    import io
+
+    real_open = open
+
+    class FullDisk:
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    def full_open(path, mode="r", *a, **k):
+        f = real_open(path, mode, *a, **k)
+        return FullDisk(f) if mode == "wb" and str(path).endswith(".part") else f
+
+    data = video.read_bytes()
+    monkeypatch.setattr(webapp, "open", full_open, raising=False)
+    with pytest.raises(webapp.WebError) as e:
+        server.app.add_upload("v.mp4", io.BytesIO(data), len(data))
+    assert e.value.status == 507 and "the server's temporary folder (" in str(e.value), e.value
+    assert "an upload needs twice its size there" in str(e.value) and "\n" not in str(e.value)
+    assert not list((server.app.work / "uploads").glob("*")) and server.app.videos == {}
+    monkeypatch.undo()
+    upload_ok(server.port, data)
