@@ -6,6 +6,7 @@ layout and the curves)."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -212,21 +213,27 @@ def check_amp(amp: str) -> str | None:
 MAX_RESULTS_BYTES = 64 << 20
 
 
-def is_results_file(path: str | os.PathLike) -> bool:
-    """True if path is a regular file holding a results JSON of the evaluation frame: a JSON object with its
-    benchmark and status keys (docs/EVALUATION.md#results-json)."""
+def read_results(path: str | os.PathLike) -> dict | None:
+    """The results JSON of the evaluation frame at path (a JSON object with its benchmark and status keys,
+    docs/EVALUATION.md#results-json), or None for anything else: a file larger than MAX_RESULTS_BYTES, or one not
+    opening with '{' (a data set or checkpoint), is not read further."""
     try:
         st = os.stat(path)
         if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_RESULTS_BYTES:
-            return False
+            return None
         with open(path, "rb") as f:
-            if not f.read(64).lstrip().startswith(b"{"):  # a data set or checkpoint: not read further
-                return False
+            if not f.read(64).lstrip().startswith(b"{"):
+                return None
             f.seek(0)
             js = json.loads(f.read())
-    except (OSError, ValueError):
-        return False
-    return isinstance(js, dict) and {"benchmark", "status"} <= set(js)
+    except (OSError, ValueError, RecursionError):
+        return None
+    return js if isinstance(js, dict) and {"benchmark", "status"} <= set(js) else None
+
+
+def is_results_file(path: str | os.PathLike) -> bool:
+    """True if path is a regular file holding a results JSON of the evaluation frame."""
+    return read_results(path) is not None
 
 
 def _inside(path: Path, inputs: dict[str, Any]) -> str | None:
@@ -357,14 +364,25 @@ def _on_signal(signum, _frame) -> None:
     raise_stop(signum, Interrupted(signal.Signals(signum).name))
 
 
-def results_path(out_json: str, done: bool) -> str:
+MAX_PARTIAL_FILES = 1000  # <stem>.partial.<k>.json names tried before a stopped run's results go to stdout
+
+
+def results_path(out_json: str, done: bool, scored: int = 0) -> str:
     """Where a run's results go: --out_json, unless the run did not finish and --out_json already holds results
-    (a finished run's hours of scoring, or a stopped run's that scored more than this one: a stopped rerun replaced
-    either with its own): then <stem>.partial<suffix>."""
+    (a finished run's hours of scoring, or a stopped run's): then <stem>.partial<suffix>, unless that holds more
+    scored items than this run's `scored` (or is not a results file), then the first <stem>.partial.<k><suffix>
+    (k = 2, 3, ...) that does not. A stopped rerun never replaces more results with fewer."""
     p = Path(out_json)
-    if done or not p.exists():
+    if done or not (p.exists() or p.is_symlink()):
         return out_json
-    return str(p.with_name(f"{p.stem}.partial{p.suffix}"))
+    for k in range(1, MAX_PARTIAL_FILES + 1):
+        q = p.with_name(f"{p.stem}.partial{'' if k == 1 else f'.{k}'}{p.suffix}")
+        if not (q.exists() or q.is_symlink()):
+            return str(q)
+        held = read_results(q)
+        if held is not None and len(held.get("per_item") or {}) <= scored:
+            return str(q)
+    raise OSError(errno.EEXIST, f"{MAX_PARTIAL_FILES} partial results files beside it hold more than this run")
 
 
 def _restore(handlers: dict) -> None:
@@ -492,8 +510,9 @@ class Evaluation:
         payload, write_error = None, None
         if self.out_json:
             payload = self.payload()
-            self.results_path = target = results_path(self.out_json, self.status == "done")
+            self.results_path = self.out_json  # named in the error line if no name can be found
             try:
+                self.results_path = target = results_path(self.out_json, self.status == "done", len(self.per_item))
                 write_json(target, payload)
             except OSError as e:  # a full disk after hours of scoring: the results must still reach the user
                 write_error = e

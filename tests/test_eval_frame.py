@@ -354,3 +354,34 @@ def test_names_from_data_files_cannot_drive_the_terminal(tmp_path, capsys):
     assert "c\\x1b]0;PWNED\\x07\\x1b[2J\\rfake: all good2: skipped (truncated frame (c\\x1b" in printed
     saved = json.loads(out.read_text())
     assert hostile in saved["per_item"] and saved["skipped"][0]["name"] == hostile + "2"
+
+
+def test_a_stopped_rerun_never_replaces_more_partial_results_with_fewer(tmp_path, capsys):
+    """Under a scheduler whose limit stops every attempt, each stopped attempt replaced the previous attempt's
+    partial results, however many fewer it had scored: 4 scored scenes gave way to 1. A stopped run now writes
+    <stem>.partial.json only over as many results or fewer, else the next free <stem>.partial.<k>.json."""
+    out = tmp_path / "r.json"
+    figures = {k: 1.0 for k in evaluation.metrics.METRIC_NAMES}
+
+    def items(stop_after: int | None):
+        for i in range(4):
+            if i == stop_after:
+                os.kill(os.getpid(), signal.SIGTERM)
+            yield f"s{i}", lambda: evaluation.Scored(figures, "scored", 1)
+
+    def stopped_run(after: int) -> Path:
+        with pytest.raises(SystemExit):
+            evaluation.Evaluation("PointOdyssey test", "scenes", "m", {}, out_json=str(out)).run(items(after), total=4)
+        line = capsys.readouterr().err.strip().splitlines()[-1]
+        return Path(line.rsplit("partial results in ", 1)[1])
+
+    assert stopped_run(3) == out  # the first attempt: --out_json itself
+    assert stopped_run(3) == tmp_path / "r.partial.json"
+    assert stopped_run(1) == tmp_path / "r.partial.2.json"  # fewer than r.partial.json holds: beside it
+    assert len(json.loads((tmp_path / "r.partial.json").read_text())["per_item"]) == 3
+    assert stopped_run(1) == tmp_path / "r.partial.2.json"  # as many as it holds: replaced
+    assert stopped_run(2) == tmp_path / "r.partial.2.json"
+    (tmp_path / "r.partial.3.json").write_text("the user's notes")  # not a results file: never replaced
+    assert stopped_run(0) == tmp_path / "r.partial.4.json"
+    assert (tmp_path / "r.partial.3.json").read_text() == "the user's notes"
+    assert len(json.loads(out.read_text())["per_item"]) == 3
