@@ -171,3 +171,18 @@ def test_train_takes_a_number_as_the_path_typed(argv, msg, capsys, tmp_path, mon
     err = capsys.readouterr().err
     assert e.value.code == 2 and len(err.strip().splitlines()) == 1 and err.startswith(msg), err
     assert "Traceback" not in err
+
+
+def test_an_error_line_quoting_a_hostile_name_cannot_drive_the_terminal(capsys):
+    """Every script's one-line `error:` (utils/cli.die) quotes names from data folders (an export's version folder
+    in train.py's "found: ..."): their terminal escapes were printed raw. They are escaped, on one line."""
+    import pytest
+
+    from pips2.utils.cli import die
+
+    with pytest.raises(SystemExit) as e:
+        die("no export holds train clips (found: train_S8\x1b]0;PWNED\x07\x1b[2J\rfake: all good\nsecond)")
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err == "error: no export holds train clips (found: train_S8\\x1b]0;PWNED\\x07\\x1b[2J\\rfake: all good\\n" \
+                  "second)\n", repr(err)

@@ -152,6 +152,29 @@ def test_lock_refuses_a_live_owner_and_takes_over_a_dead_one(tmp_path):
     assert sorted(tmp_path.iterdir()) == []
 
 
+def test_a_lock_that_cannot_be_removed_is_left_without_a_traceback(tmp_path, monkeypatch):
+    """The checkpoint folder turned read-only mid-run (remounted after an I/O error): the trainer's one line
+    `cannot save ...: Read-only file system` was followed by a traceback from the lock's removal, exit 1 instead
+    of 2. The lock is now left (the next run takes a dead process's lock over) without a word."""
+    import errno
+    from pathlib import Path
+
+    lock = ck.RunLock(tmp_path).acquire()
+    real = Path.unlink
+
+    def read_only(self, missing_ok=False):
+        if self.name == ck.LOCK_NAME:
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(self))
+        return real(self, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", read_only)
+    lock.release()
+    assert not lock.held and (tmp_path / ck.LOCK_NAME).is_file()
+    monkeypatch.undo()
+    ck.RunLock(tmp_path).acquire().release()  # taken over: its process is this one, which holds no lock now
+    assert not (tmp_path / ck.LOCK_NAME).exists()
+
+
 def test_a_lock_whose_pid_now_names_another_process_is_taken_over(tmp_path):
     """A container restarted after SIGKILL or the OOM killer runs the training as pid 1 again, with the same
     hostname: the lock {host, pid 1} looked alive (it is the caller itself) and every restart failed with

@@ -965,7 +965,10 @@ class RunLock:
         """Remove the lock if it is still ours, and the folders acquire() made if nothing else was written there
         (a run that stopped on bad input leaves no empty run folder)."""
         if self.held and self._read(self.path) == self.me:
-            self.path.unlink(missing_ok=True)
+            try:
+                self.path.unlink(missing_ok=True)
+            except OSError:  # a folder turned read-only (remounted after an I/O error): the error said before stands;
+                pass  # the lock left names a dead process, which the next run takes over
             remove_empty_dirs(self.made)
         if self.held:
             _HELD_HERE.discard(self.path.resolve())

@@ -15,12 +15,14 @@ from typing import NoReturn
 import fire
 import fire.parser
 
+from pips2.utils.paths import printable
 from pips2.utils.procs import guarded_output
 
 
 def die(msg) -> NoReturn:
-    """Bad flags or input: one line on stderr, exit code 2."""
-    print(f"error: {msg}", file=sys.stderr, flush=True)
+    """Bad flags or input: one line on stderr, exit code 2. Control characters are escaped: the line quotes
+    names read from data folders and files, which must not drive the terminal (utils/paths.printable)."""
+    print(printable(f"error: {msg}"), file=sys.stderr, flush=True)
     sys.exit(2)
 
 
