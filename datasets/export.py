@@ -39,7 +39,7 @@ from pips2.datasets.clips import list_clips as list_clips  # re-exported: caller
 from pips2.utils.procs import (
     close_inherited_locks,
     is_space_error,
-    open_regular,
+    open_lock_file,
     pid_alive,
     pid_namespace,
     probe_lock,
@@ -259,7 +259,7 @@ def _claim_owner(path: Path) -> tuple[str, int, float, int | None]:
     """(host, pid, age in seconds, PID namespace or None) a claim file names; a half-written one (its writer died,
     or is writing it now) names no host. Claims of earlier versions name no namespace."""
     try:
-        fd = open_regular(path)  # not a FIFO planted in its place: reading one waited for a writer for ever
+        fd = open_lock_file(path)  # not a FIFO planted in its place: reading one waited for a writer for ever
         try:
             host, pid, *ns = os.read(fd, 512).decode().split()
             if len(ns) > 1:
@@ -355,18 +355,27 @@ def claim_abandoned(version_dir: Path, k: int) -> bool:
     return _claim_owner(path)[0] == socket.gethostname() and not claim_held(version_dir, k)
 
 
-def claim_unjudged(version_dir: Path, k: int) -> bool:
-    """Whether clip k is unwritten under a claim of this host that no lock can judge (a file system without
-    flock): its holder may be alive, or dead in another PID namespace, and nothing here can tell which."""
+CLOCK_SKEW_S = 60  # a claim dated further ahead of this clock than this has no age this machine can judge
+
+
+def claim_unjudged(version_dir: Path, k: int) -> str | None:
+    """Why clip k is unwritten under a claim nothing here can judge, or None: a claim of this host on a file
+    system without flock (its holder may be alive, or dead in another PID namespace), or another host's dated
+    ahead of this clock (its age, and so when it goes stale, is unknown)."""
     if is_clip_dir(clip_dir(version_dir, k)) or rejected_reason(version_dir, k) is not None:
-        return False
+        return None
     path = version_dir / ".claims" / clip_name(k)
-    if _claim_owner(path)[0] != socket.gethostname():
-        return False
+    host, _, age, _ = _claim_owner(path)
+    if host and host != socket.gethostname():
+        return f"a claim of {host} dated {-age / 3600:.1f} h ahead of this clock" if age < -CLOCK_SKEW_S else None
+    if host != socket.gethostname():
+        return None
     state, fd = probe_lock(path)
     if fd is not None:
         os.close(fd)
-    return state == "unavailable" and _claimer_may_live(path)
+    if state == "unavailable" and _claimer_may_live(path):
+        return "a claim of this machine that no file lock can judge (this file system has none)"
+    return None
 
 
 def claim_held(version_dir: Path, k: int) -> bool:

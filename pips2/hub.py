@@ -58,6 +58,7 @@ from pips2.utils.checkpoint import (
     strip_module_prefix,
 )
 from pips2.utils.download import MAX_CHECKPOINT_BYTES, DownloadError, download, fetch_reference
+from pips2.utils.paths import check_writable
 from pips2.utils.procs import owned_tempdir, remove_owned, remove_stale_tempdirs
 from pips2.utils.safe_load import UnsafeFileError, not_regular_problem, open_regular
 
@@ -271,7 +272,12 @@ def fetch(name: str, refresh: bool = False) -> Path:
     if dest.exists() and not refresh:
         return dest
     url, sha = source_of(name)
-    cache.mkdir(parents=True, exist_ok=True)
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        check_writable(cache)
+    except OSError as e:  # a read-only home (a container image's, a shared account's)
+        raise HubError(f"cannot make the model cache {cache} ({(e.strerror or str(e)).lower()}) to fetch {name} "
+                       f"into: set {CACHE_ENV} to a writable folder", local=True) from None
     # a download killed by SIGKILL (or the OOM killer) left its folder and partial file (up to the model's size)
     remove_stale_tempdirs(f".{name}", cache)
     work = owned_tempdir(f".{name}", cache)

@@ -186,3 +186,51 @@ def test_an_error_line_quoting_a_hostile_name_cannot_drive_the_terminal(capsys):
     err = capsys.readouterr().err
     assert err == "error: no export holds train clips (found: train_S8\\x1b]0;PWNED\\x07\\x1b[2J\\rfake: all good\\n" \
                   "second)\n", repr(err)
+
+
+def test_out_of_memory_in_any_script_is_one_line_and_a_bug_still_raises(capsys):
+    """Under an address-space limit an evaluation ended in torch's 40-line allocator traceback while it built the
+    model. Every script now says it in one line, exit 1; another RuntimeError is still raised as it is."""
+    import pytest
+
+    from pips2.utils.cli import run_fire
+
+    def oom(size: int = 1):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] data. DefaultCPUAllocator: can't allocate memory: "
+                           "you tried to allocate 4294967296 bytes.")
+
+    def bug(size: int = 1):
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+
+    with pytest.raises(SystemExit) as e:
+        run_fire(oom, prog="test_on_pod.py", argv=["--size=2"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 1 and len(err) == 1, err
+    assert err[0].startswith("error: test_on_pod.py: out of memory on this machine ([enforce fail"), err
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+        run_fire(bug, prog="x.py", argv=[])
+
+
+def test_a_checkpoint_memory_cannot_map_is_this_machines_error_not_the_files(tmp_path, monkeypatch, capsys):
+    """Under a memory limit torch could not map a good checkpoint ("unable to mmap ...: Cannot allocate memory
+    (12)"): the line blamed the file ("not a readable checkpoint") with exit 2, bad input's code. It is now this
+    machine's error, exit 1, and the file is not judged."""
+    import pytest
+    import torch
+
+    from pips2.utils import checkpoint
+    from pips2.utils.cli import die
+
+    path = tmp_path / "m.pth"
+    torch.save({"w": torch.zeros(3)}, path)
+
+    def no_room(*args, **kwargs):
+        raise RuntimeError(f"unable to mmap 210893881 bytes from file <{path}>: Cannot allocate memory (12)")
+
+    monkeypatch.setattr(checkpoint.torch, "load", no_room)
+    with pytest.raises(checkpoint.CheckpointError) as e:
+        checkpoint.load_weights_only(path)
+    assert e.value.local and str(e.value) == f"{path}: cannot be read here (out of memory)"
+    with pytest.raises(SystemExit) as end:
+        die(e.value)
+    assert end.value.code == 1 and capsys.readouterr().err == f"error: {path}: cannot be read here (out of memory)\n"

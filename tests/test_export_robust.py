@@ -1044,3 +1044,11 @@ def test_without_file_locks_a_dead_claimer_of_another_namespace_is_never_silent(
     legacy = vdir / ".claims" / ex.clip_name(3)
     legacy.write_text(f"{host} {os.getppid()}")  # an earlier version's claim: its pid, alive, decides
     assert ex.claim_held(vdir, 3) and not ex.claim(vdir, 3)
+    # another host's claim dated two days ahead (its clock, or an NFS server's): its age is unknown, so the clip
+    # is reported at the end rather than skipped for two days without a word
+    ahead = vdir / ".claims" / ex.clip_name(4)
+    ahead.write_text("node7 4242 1")
+    future = time.time() + 2 * 86400
+    os.utime(ahead, (future, future))
+    assert not ex.claim(vdir, 4)
+    assert ex.claim_unjudged(vdir, 4) == "a claim of node7 dated 48.0 h ahead of this clock"

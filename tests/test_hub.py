@@ -375,3 +375,17 @@ def test_a_fifo_given_as_a_checkpoint_is_named_as_such(tmp_path):
     with pytest.raises(hub.HubError, match=r"model\.pth: not a regular file \(a FIFO\)$"):
         hub.find_file(tmp_path / "model.pth")
     assert hub.checkpoint_file_problem(tmp_path / "model.pth") == "not a regular file (a FIFO)"
+
+
+def test_a_cache_that_cannot_be_written_says_how_to_move_it(monkeypatch):
+    """A read-only home (a container image's /root): `--init_dir=pips2` said only "error: [Errno 30] Read-only
+    file system: '/root/.cache'". It now names the cache, what it was for and the way out, as this machine's
+    error (exit 1 through the scripts), not the input's."""
+    from pips2 import hub
+
+    monkeypatch.setenv(hub.CACHE_ENV, "/proc/pips2_cache")  # cannot be made, even by root
+    with pytest.raises(hub.HubError) as e:
+        hub.fetch("pips2")
+    msg = str(e.value)
+    assert msg.startswith("cannot make the model cache /proc/pips2_cache (") and e.value.local, msg
+    assert msg.endswith(f"to fetch pips2 into: set {hub.CACHE_ENV} to a writable folder"), msg

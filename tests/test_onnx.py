@@ -162,9 +162,21 @@ def test_cli_out_replaces_only_an_earlier_export(tmp_path, capsys):
     res = run_main(export_onnx.main, capsys, init_dir=str(ck), out=str(alone), S=4, H=128, W=128, iters=1)
     assert res.returncode == 2 and "alone.onnx.data exists and is not the weights of an earlier export" in res.stderr
     assert notes.read_text() == "the user's" and link.is_symlink() and fifo.is_fifo()
-    # an earlier export is replaced, its sidecar with it
+    # an earlier export is replaced, its sidecar with it; the temp folder of an export killed outright goes
+    import socket
+    import subprocess
+    import sys
+
+    from pips2.utils.procs import pid_namespace
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    killed = tmp_path / f".m.onnx.tmp.{socket.gethostname()}.{dead}.{pid_namespace()}.abc123"
+    killed.mkdir()
+    (killed / "m.onnx.data").write_bytes(bytes(1000))
     out = tmp_path / "m.onnx"
     for _ in range(2):
         res = run_main(export_onnx.main, capsys, init_dir=str(ck), out=str(out), S=4, H=128, W=128, iters=1,
                        verify=False)
         assert res.returncode == 0 and export_onnx.written_here(out), res.stderr
+    assert not killed.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".m.onnx")]

@@ -16,14 +16,16 @@ import fire
 import fire.parser
 
 from pips2.utils.paths import printable
-from pips2.utils.procs import guarded_output
+from pips2.utils.procs import guarded_output, out_of_memory
 
 
 def die(msg) -> NoReturn:
-    """Bad flags or input: one line on stderr, exit code 2. Control characters are escaped: the line quotes
-    names read from data folders and files, which must not drive the terminal (utils/paths.printable)."""
+    """Bad flags or input: one line on stderr, exit code 2 (1 for an error of this machine rather than of the
+    input: an exception whose `local` is true, such as a checkpoint that memory could not hold). Control
+    characters are escaped: the line quotes names read from data folders and files, which must not drive the
+    terminal (utils/paths.printable)."""
     print(printable(f"error: {msg}"), file=sys.stderr, flush=True)
-    sys.exit(2)
+    sys.exit(1 if getattr(msg, "local", False) else 2)
 
 
 def parse_hw(value, name: str = "size") -> tuple[int, int]:
@@ -185,4 +187,13 @@ def run_fire(main: Callable, prog: str | None = None, argv: list[str] | None = N
         return fire.Fire(main, command=["--help"], name=prog)
     check_flags(main, argv, prog)
     with guarded_output():  # a reader of the output gone (`| head`): a stop, not a traceback (utils/procs)
-        return fire.Fire(checked_types(main, prog, argv, kwarg_hints), command=argv, name=prog)
+        try:
+            return fire.Fire(checked_types(main, prog, argv, kwarg_hints), command=argv, name=prog)
+        except (MemoryError, RuntimeError) as e:
+            if not out_of_memory(e):
+                raise
+            # this machine's limit (ulimit -v, a cgroup), not a bug: what was done is already saved by the job
+            what = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+            print(printable(f"error: {prog}: out of memory on this machine ({what}); a smaller size, fewer points "
+                            f"or frames at once, or more memory"), file=sys.stderr, flush=True)
+            sys.exit(1)

@@ -45,7 +45,8 @@ def exit_code(signame: str) -> int:
 
 
 # what torch's CPU allocator and oneDNN say when an allocation fails (a ulimit -v, a cgroup, overcommit refused)
-OUT_OF_MEMORY_TEXTS = ("can't allocate memory", "not enough memory", "could not create a primitive")
+OUT_OF_MEMORY_TEXTS = ("can't allocate memory", "not enough memory", "could not create a primitive",
+                       "Cannot allocate memory")  # the last: ENOMEM's text, from a failed mmap of a checkpoint
 
 
 def out_of_memory(e: BaseException) -> bool:
@@ -515,9 +516,10 @@ class NotARegularFile(OSError):
     """A path that is a FIFO, a device, a socket or a symlink where this project writes only regular files."""
 
 
-def open_regular(path: str | os.PathLike, flags: int = os.O_RDONLY) -> int:
-    """os.open of a regular file, never blocking and never following a symlink (NotARegularFile otherwise): the
-    files this project finds in shared folders (lock files, claims) may have been planted there."""
+def open_lock_file(path: str | os.PathLike, flags: int = os.O_RDONLY) -> int:
+    """os.open of a lock or claim file: a regular file, never blocking and never following a symlink
+    (NotARegularFile otherwise), as such files in shared folders may have been planted there. (Data files are
+    opened by utils/safe_load.open_regular, which follows links.)"""
     try:
         fd = os.open(path, flags | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_NOCTTY)
     except OSError as e:
@@ -542,7 +544,7 @@ def probe_lock(path: str | os.PathLike, write: bool = False) -> tuple[str, int |
     a symlink), which no process of this project made: opening a FIFO waited for a writer for ever, so anyone who
     could plant one in a shared TMPDIR hung every later start."""
     try:
-        fd = open_regular(path, os.O_RDWR if write else os.O_RDONLY)
+        fd = open_lock_file(path, os.O_RDWR if write else os.O_RDONLY)
     except FileNotFoundError:
         return "gone", None
     except NotARegularFile:

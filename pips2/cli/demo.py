@@ -268,6 +268,8 @@ def main(video: str | None = None, init_dir: str | None = None, points: str | No
                 late = code
         except (ValueError, VideoError, OSError, CheckpointError) as e:
             msg = f"cannot write the outputs to --out_dir {out}: {e}" if writing else str(e)
+            if isinstance(e, CheckpointError) and e.local:  # this machine (its memory), not the file
+                code = 1
         finally:
             if not done:  # a run refused or stopped leaves nothing of its own behind
                 if synthetic is not None:

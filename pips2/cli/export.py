@@ -324,11 +324,12 @@ def _run(jobs: deque, workers: int, version_dir: Path, quiet: bool, signals: _Si
         sys.exit(1)
     # without file locks a claim names a pid, which says nothing of a process of another PID namespace (a restarted
     # container's dead exporter): such clips may never be written, and exit 0 would hide them
-    unjudged = [k for k in held if claim_unjudged(version_dir, k)]
+    unjudged = Counter(r for r in (claim_unjudged(version_dir, k) for k in held) if r)
     if unjudged:
-        print(f"error: {len(unjudged)} clip(s) are claimed by an exporter of this machine but not written, and this "
-              f"file system has no file locks to tell whether it still runs; if no other exporter runs, remove "
-              f"{version_dir / '.claims'} and rerun", file=sys.stderr)
+        why = "; ".join(f"{n} under {r}" for r, n in unjudged.most_common())
+        print(printable(f"error: {sum(unjudged.values())} clip(s) are not written and nothing here can tell whether "
+                        f"their exporter still runs ({why}); if none does, remove {version_dir / '.claims'} and "
+                        f"rerun"), file=sys.stderr)
         sys.exit(1)
     if n_jobs and counts["rejected"] == n_jobs:  # nothing written is no success
         print(printable(f"error: {_all_rejected(n_jobs, reasons, st)}"), file=sys.stderr)

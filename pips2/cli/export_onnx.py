@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import copy
 import os
-import shutil
 import signal
 import stat
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -27,7 +25,15 @@ from pips2.tracking import MAX_ITERS
 from pips2.utils.checkpoint import CheckpointError
 from pips2.utils.cli import die, run_fire
 from pips2.utils.paths import check_writable, same_file
-from pips2.utils.procs import Stopped, exit_code, held_stops, stopping_on_signals
+from pips2.utils.procs import (
+    Stopped,
+    exit_code,
+    held_stops,
+    owned_tempdir,
+    remove_owned,
+    remove_stale_tempdirs,
+    stopping_on_signals,
+)
 
 
 class TrackerForExport(torch.nn.Module):
@@ -53,14 +59,16 @@ def export(model, out: str | Path, S: int, model_hw: tuple[int, int], iters: int
     trajs = (torch.rand(1, 1, 8, 2, generator=g) * torch.tensor([W - 1.0, H - 1.0])).repeat(1, S, 1, 1)
     N = torch.export.Dim("N", min=1, max=65536)
     out = Path(out)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp.", dir=out.parent))
+    # named by its owner: what a killed export (SIGKILL, the OOM killer) left, up to a model's size, goes now
+    remove_stale_tempdirs(f".{out.name}.tmp", out.parent)
+    tmp = owned_tempdir(f".{out.name}.tmp", out.parent)
     try:
         torch.onnx.export(wrapper, (trajs, rgbs), str(tmp / out.name), dynamo=True,
                           dynamic_shapes={"trajs_e0": {2: N}, "rgbs": None}, input_names=["trajs_e0", "rgbs"],
                           output_names=["tracks"], verbose=False)
         install(tmp, out)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_owned(tmp)
     return out
 
 
