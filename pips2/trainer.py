@@ -1036,34 +1036,71 @@ def train_step(state: TrainState, data: TrainData, cfg: Config) -> StepResult:
 # Logging and validation.
 
 
+def _event_thread_alive(writer: SummaryWriter) -> bool:
+    """Whether tensorboardX's thread that writes the events of `writer` to disk still runs (True when this
+    version of tensorboardX keeps it elsewhere: nothing to judge)."""
+    file_writer = getattr(writer, "file_writer", None)
+    worker = getattr(getattr(file_writer, "event_writer", None), "_worker", None)
+    return not isinstance(worker, threading.Thread) or worker.is_alive()
+
+
 class Logger:
     """The step lines on stdout and the TensorBoard scalars and images; rank 0 only (and no lines with --quiet)."""
 
     def __init__(self, cfg: Config, ranks: Ranks):
         self.cfg, self.ranks, self.name = cfg, ranks, cfg.name()
         self.say = (lambda *a: print(*a, flush=True)) if ranks.main and not cfg.quiet else (lambda *a: None)
-        self.writer: SummaryWriter | None = None
+        self._writer: SummaryWriter | None = None
+        self.event_error: str | None = None  # why TensorBoard's writing thread ended, if it did
+        self._excepthook: Callable | None = None
 
     def start(self, n_items: int) -> None:
         """Open the TensorBoard log and print the run's header line."""
         cfg = self.cfg
         if self.ranks.main:
-            self.writer = SummaryWriter(str(Path(cfg.log_dir) / self.name), max_queue=10, flush_secs=60)
+            self._writer = SummaryWriter(str(Path(cfg.log_dir) / self.name), max_queue=10, flush_secs=60)
+            self._excepthook = threading.excepthook
+            threading.excepthook = self._thread_failed
         self.say(f"{self.name}: {cfg.max_steps} steps, B={cfg.B} S={cfg.S} N={cfg.N} crop {cfg.crop_hw}, "
                  f"{self.ranks.world} process(es) on {self.ranks.device}, amp {cfg.amp}, data {cfg.dataset} "
                  f"({n_items} items)")
+
+    def _thread_failed(self, args) -> None:
+        """threading.excepthook while the log is open: the error that ended TensorBoard's writing thread (a full
+        log disk) is kept for one warning line; any other thread's goes to the usual hook."""
+        if type(args.thread).__name__ == "_EventLoggerThread":
+            e = args.exc_value
+            self.event_error = ("no space left on device" if e is not None and is_space_error(e)
+                                else f"{type(e).__name__}: {e}")
+            return
+        (self._excepthook or threading.__excepthook__)(args)
+
+    @property
+    def writer(self) -> SummaryWriter | None:
+        """The TensorBoard writer while its writing thread lives. Events go to that thread through a queue of 10:
+        once it has died (a full log disk) the 11th waited for ever, a hang no stop signal could end. A full log
+        disk now costs the logs, said once, not the run."""
+        w = self._writer
+        if w is not None and not _event_thread_alive(w):
+            why = self.event_error or "its writing thread ended"
+            print(f"warning: TensorBoard logging in {Path(self.cfg.log_dir) / self.name} stopped ({why}); training "
+                  f"goes on", file=sys.stderr, flush=True)
+            self._writer = None  # not closed: closing waits on the dead thread too
+        return self._writer
 
     def close(self) -> None:
         """Write out and close the TensorBoard log (also when the run stops early)."""
         if self.writer:
             self.writer.close()
-            self.writer = None
+        self._writer = None
+        if self._excepthook is not None:
+            threading.excepthook, self._excepthook = self._excepthook, None
 
     def scalars(self, group: str, figures: dict[str, float], step: int) -> None:
         """Write every figure as `group/name`."""
-        if self.writer:
-            for k, val in figures.items():
-                self.writer.add_scalar(f"{group}/{k}", val, step)
+        for k, val in figures.items():
+            if w := self.writer:
+                w.add_scalar(f"{group}/{k}", val, step)
 
     def step(self, state: TrainState, res: StepResult) -> None:
         """The step line, and every --log_freq steps (and at step 1) the scalars; images 10x less often."""
@@ -1074,21 +1111,20 @@ class Logger:
                  f"loss {res.loss:.3f}; loss_t {np.mean(state.losses):.3f}; d_t {d_t:.1f}; d_v {d_v:.1f}")
         if not self.writer or not (step % cfg.log_freq == 0 or step == 1):
             return
-        self.writer.add_scalar("train/loss", res.loss, step)
-        self.writer.add_scalar("train/lr", state.scheduler.get_last_lr()[0], step)
-        self.writer.add_scalar("data/corrupt_clips_skipped", sum(len(s) for s in state.corrupt.values()), step)
+        self.scalars("train", {"loss": res.loss, "lr": state.scheduler.get_last_lr()[0]}, step)
+        self.scalars("data", {"corrupt_clips_skipped": sum(len(s) for s in state.corrupt.values())}, step)
         self.scalars("train", res.figures or {}, step)
         if res.shown is not None and (step % (cfg.log_freq * 10) == 0 or step == 1):  # shown: rank 0's
             rgb0, trajs0, est0 = res.shown
             frames = rgb0.detach().permute(0, 2, 3, 1).cpu().numpy().clip(0, 255).astype(np.uint8)
             img = summary_image(frames, trajs0.cpu().numpy(), est0.float().cpu().numpy())
-            self.writer.add_image("train/tracks", img, step, dataformats="HWC")
+            if w := self.writer:
+                w.add_image("train/tracks", img, step, dataformats="HWC")
 
     def done(self, state: TrainState, corrupt: dict[str, set]) -> None:
         """The final corrupt-clip count and summary line."""
         n_corrupt = sum(len(s) for s in corrupt.values())
-        if self.writer:
-            self.writer.add_scalar("data/corrupt_clips_skipped", n_corrupt, state.step)
+        self.scalars("data", {"corrupt_clips_skipped": n_corrupt}, state.step)
         self.say(f"{self.name}: done, {state.step} steps, {state.nan_total} skipped for non-finite loss, "
                  f"{n_corrupt} corrupt clips skipped; checkpoints in {state.ckpt_dir}")
 

@@ -180,3 +180,31 @@ def test_cli_out_replaces_only_an_earlier_export(tmp_path, capsys):
                        verify=False)
         assert res.returncode == 0 and export_onnx.written_here(out), res.stderr
     assert not killed.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".m.onnx")]
+
+
+def test_cli_a_full_disk_is_one_line_and_keeps_the_earlier_export(tmp_path, capsys, monkeypatch):
+    """The weights' sidecar not fitting on the disk ended in a 24-frame traceback from inside the ONNX writer. Now
+    one line, exit 1, the earlier export as it was and no temp folder left."""
+    import errno
+    import os
+
+    from helpers import run_main
+
+    from pips2.utils import checkpoint
+
+    ck = checkpoint.save(tmp_path / "ck", 1, golden_model())
+    out = tmp_path / "m.onnx"
+    res = run_main(export_onnx.main, capsys, init_dir=str(ck), out=str(out), S=4, H=128, W=128, iters=1,
+                   verify=False)
+    assert res.returncode == 0, res.stderr
+    before = out.read_bytes()
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(export_onnx.torch.onnx, "export", full)
+    res = run_main(export_onnx.main, capsys, init_dir=str(ck), out=str(out), S=4, H=128, W=128, iters=1,
+                   verify=False)
+    assert res.returncode == 1 and res.stderr.strip() == (
+        f"error: cannot write {out} and its weights (no space left on device); an earlier one is kept as it was")
+    assert out.read_bytes() == before and not [p for p in tmp_path.iterdir() if p.name.startswith(".m.onnx")]

@@ -3,6 +3,8 @@ exact resume, AMP, non-finite and corrupt-clip skipping, validation on held-out 
 
 import math
 import re
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -355,3 +357,40 @@ def test_out_of_memory_in_a_step_is_one_line_and_a_bug_still_raises(tmp_path, mo
     failure[0] = RuntimeError("mat1 and mat2 shapes cannot be multiplied")
     with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
         train.run_stage(_kubric_cfg(tmp_path / "run", max_steps=4, save_freq=2))
+
+
+def test_a_full_log_disk_costs_the_logs_not_the_run(tmp_path):
+    """The disk of --log_dir filling killed TensorBoard's writing thread; ten events later the step waited for ever
+    on that thread's queue (0 % CPU, deaf to SIGTERM, the lock's heartbeat still beating). Logging now stops with
+    one warning and the run finishes and saves. (In a process of its own, killed if it hangs.)"""
+    code = f"""if True:
+        import errno, os, sys
+        from pathlib import Path
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        from tensorboardX import event_file_writer
+        real, written = event_file_writer.EventsWriter.write_event, []
+
+        def full_after_three(self, event):
+            written.append(event)
+            if len(written) > 3:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return real(self, event)
+
+        event_file_writer.EventsWriter.write_event = full_after_three
+        from test_train_lbm import _kubric_cfg, train
+        cfg = _kubric_cfg(Path({str(tmp_path)!r}), max_steps=30, save_freq=30, log_freq=1)
+        train.run_stage(cfg)
+        print(cfg.name())
+    """
+    try:
+        res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                             cwd=Path(__file__).resolve().parents[1])
+    except subprocess.TimeoutExpired:
+        pytest.fail("training hung once TensorBoard's writing thread had died")
+    assert res.returncode == 0, res.stderr[-3000:]
+    name = res.stdout.strip().splitlines()[-1]
+    assert [s for s, _ in ck.list_checkpoints(tmp_path / "ck" / name)] == [30]
+    warned = [ln for ln in res.stderr.splitlines() if "TensorBoard logging" in ln]
+    assert warned == [f"warning: TensorBoard logging in {tmp_path / 'logs' / name} stopped (no space left on "
+                      f"device); training goes on"], res.stderr[-2000:]
+    assert "Traceback" not in res.stderr and "Exception in thread" not in res.stderr, res.stderr[-2000:]

@@ -29,6 +29,8 @@ from pips2.utils.procs import (
     Stopped,
     exit_code,
     held_stops,
+    is_space_error,
+    os_error_in,
     owned_tempdir,
     remove_owned,
     remove_stale_tempdirs,
@@ -202,6 +204,14 @@ def main(init_dir: str = "./reference_model", out: str = "pips2.onnx", S: int = 
         print(f"error: stopped by {name}: {out} not written (an earlier one is kept as it was)", file=sys.stderr,
               flush=True)
         sys.exit(exit_code(name))
+    except (OSError, RuntimeError) as e:  # the graph or its weights' sidecar did not fit (a full disk, a quota)
+        cause = os_error_in(e)
+        if cause is None:
+            raise
+        why = "no space left on device" if is_space_error(e) else (cause.strerror or str(cause)).lower()
+        print(f"error: cannot write {out} and its weights ({why}); an earlier one is kept as it was", file=sys.stderr,
+              flush=True)
+        sys.exit(1)
     files = [path] + [p for p in (path.with_name(path.name + ".data"),) if p.is_file()]  # the weights' sidecar
     print(f"wrote {' + '.join(f'{p} ({p.stat().st_size / 2**20:.1f} MiB)' for p in files)} in "
           f"{time.time() - t0:.0f} s: S={S}, {H}x{W}, iters={iters}, N dynamic")
