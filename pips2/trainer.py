@@ -1111,7 +1111,7 @@ class Logger:
                  f"loss {res.loss:.3f}; loss_t {np.mean(state.losses):.3f}; d_t {d_t:.1f}; d_v {d_v:.1f}")
         if not self.writer or not (step % cfg.log_freq == 0 or step == 1):
             return
-        self.scalars("train", {"loss": res.loss, "lr": state.scheduler.get_last_lr()[0]}, step)
+        self.scalars("train", {"loss": res.loss, "lr": float(state.scheduler.get_last_lr()[0])}, step)
         self.scalars("data", {"corrupt_clips_skipped": sum(len(s) for s in state.corrupt.values())}, step)
         self.scalars("train", res.figures or {}, step)
         if res.shown is not None and (step % (cfg.log_freq * 10) == 0 or step == 1):  # shown: rank 0's
