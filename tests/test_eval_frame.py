@@ -298,17 +298,22 @@ def test_later_signals_do_not_change_how_a_stopped_evaluation_ends(tmp_path, mon
     assert json.loads((tmp_path / "r.json").read_text())["status"] == "interrupted"
 
 
+def scored_items(n: int, stop_after: int | None):
+    """n items of equal figures named s0, s1, ...; a SIGTERM to this process as item `stop_after` is reached."""
+    figures = {k: 1.0 for k in evaluation.metrics.METRIC_NAMES}
+    for i in range(n):
+        if i == stop_after:
+            os.kill(os.getpid(), signal.SIGTERM)
+        yield f"s{i}", lambda: evaluation.Scored(figures, "scored", 1)
+
+
 def test_a_stopped_rerun_keeps_the_finished_results(tmp_path, capsys):
     """A rerun stopped by SIGTERM replaced the earlier run's --out_json (hours of scoring, finished or not) and its
     curves with its partial results: they now go beside it, named in the stop line."""
     out = tmp_path / "r.json"
-    figures = {k: 1.0 for k in evaluation.metrics.METRIC_NAMES}
 
     def items(stop_after: int | None):
-        for i in range(3):
-            if i == stop_after:
-                os.kill(os.getpid(), signal.SIGTERM)
-            yield f"s{i}", lambda: evaluation.Scored(figures, "scored", 1)
+        return scored_items(3, stop_after)
 
     evaluation.Evaluation("PointOdyssey test", "scenes", "m", {}, out_json=str(out)).run(items(None), total=3)
     finished = out.read_bytes()
@@ -361,13 +366,9 @@ def test_a_stopped_rerun_never_replaces_more_partial_results_with_fewer(tmp_path
     partial results, however many fewer it had scored: 4 scored scenes gave way to 1. A stopped run now writes
     <stem>.partial.json only over as many results or fewer, else the next free <stem>.partial.<k>.json."""
     out = tmp_path / "r.json"
-    figures = {k: 1.0 for k in evaluation.metrics.METRIC_NAMES}
 
     def items(stop_after: int | None):
-        for i in range(4):
-            if i == stop_after:
-                os.kill(os.getpid(), signal.SIGTERM)
-            yield f"s{i}", lambda: evaluation.Scored(figures, "scored", 1)
+        return scored_items(4, stop_after)
 
     def stopped_run(after: int) -> Path:
         with pytest.raises(SystemExit):
