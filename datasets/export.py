@@ -359,21 +359,24 @@ CLOCK_SKEW_S = 60  # a claim dated further ahead of this clock than this has no 
 
 
 def claim_unjudged(version_dir: Path, k: int) -> str | None:
-    """Why clip k is unwritten under a claim nothing here can judge, or None: a claim of this host on a file
-    system without flock (its holder may be alive, or dead in another PID namespace), or another host's dated
-    ahead of this clock (its age, and so when it goes stale, is unknown)."""
+    """Why clip k is unwritten under a claim nothing here can judge, or None: a claim file that is no claim, a
+    claim of this host's other PID namespace on a file system without flock (its pid says nothing here), or
+    another host's dated ahead of this clock (its age, and so when it goes stale, is unknown)."""
     if is_clip_dir(clip_dir(version_dir, k)) or rejected_reason(version_dir, k) is not None:
         return None
     path = version_dir / ".claims" / clip_name(k)
-    host, _, age, _ = _claim_owner(path)
+    state, fd = probe_lock(path)
+    if fd is not None:
+        os.close(fd)
+    if state == "foreign":
+        return "a claim file that is not a regular file (a FIFO, a device or a link: not written by an exporter)"
+    host, pid, age, ns = _claim_owner(path)
     if host and host != socket.gethostname():
         return f"a claim of {host} dated {-age / 3600:.1f} h ahead of this clock" if age < -CLOCK_SKEW_S else None
     if host != socket.gethostname():
         return None
-    state, fd = probe_lock(path)
-    if fd is not None:
-        os.close(fd)
-    if state == "unavailable" and _claimer_may_live(path):
+    # a live pid of this namespace is a running exporter (its clip comes); one of another namespace may be anything
+    if state == "unavailable" and ns is not None and ns != pid_namespace() and _claimer_may_live(path):
         return "a claim of this machine that no file lock can judge (this file system has none)"
     return None
 

@@ -18,6 +18,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from pips2.utils.paths import printable
 from pips2.utils.safe_load import MAX_NPZ_MEMBERS, UnsafeFileError, load_npz, open_zip
 from pips2.utils.video import MAX_IMAGE_PIXELS, VideoError, image_file_wh, not_regular_file, read_rgb
 
@@ -59,7 +60,8 @@ def list_scenes(dataset_location: str | Path, split: str) -> list[Path]:
     for p in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         real = p.resolve()
         if real in seen:
-            print(f"note: {p} is {seen[real]} under another name (a link): listed once", file=sys.stderr, flush=True)
+            print(printable(f"note: {p} is {seen[real]} under another name (a link): listed once"), file=sys.stderr,
+                  flush=True)
             continue
         seen[real] = p
     return list(seen.values())

@@ -380,7 +380,8 @@ def results_path(out_json: str, done: bool, scored: int = 0) -> str:
         if not (q.exists() or q.is_symlink()):
             return str(q)
         held = read_results(q)
-        if held is not None and len(held.get("per_item") or {}) <= scored:
+        per_item = held.get("per_item") if held is not None else None
+        if isinstance(per_item, dict) and len(per_item) <= scored:
             return str(q)
     raise OSError(errno.EEXIST, f"{MAX_PARTIAL_FILES} partial results files beside it hold more than this run")
 
@@ -471,7 +472,7 @@ class Evaluation:
         if res.curves:
             self.curves[name] = res.curves
         self.frames += res.frames
-        tqdm.write(res.line)
+        tqdm.write(printable(res.line))  # it names the item: a data file's name
 
     def _stop(self, bar, old_handlers: dict, seconds: float, interrupted: bool = False) -> None:
         """Close the bar and report; a second signal must not break the report, so the stop signals are ignored

@@ -1082,16 +1082,26 @@ class Logger:
         disk now costs the logs, said once, not the run."""
         w = self._writer
         if w is not None and not _event_thread_alive(w):
-            why = self.event_error or "its writing thread ended"
-            print(f"warning: TensorBoard logging in {Path(self.cfg.log_dir) / self.name} stopped ({why}); training "
-                  f"goes on", file=sys.stderr, flush=True)
-            self._writer = None  # not closed: closing waits on the dead thread too
+            self._drop(self.event_error or "its writing thread ended")
         return self._writer
+
+    def _drop(self, why: str) -> None:
+        """Stop logging to TensorBoard, said once; the writer is marked closed, not closed: closing waits on the
+        dead thread, and tensorboardX's exit hook would flush it again into a traceback."""
+        print(f"warning: TensorBoard logging in {Path(self.cfg.log_dir) / self.name} stopped ({why}); training goes "
+              f"on", file=sys.stderr, flush=True)
+        event_writer = getattr(getattr(self._writer, "file_writer", None), "event_writer", None)
+        if event_writer is not None and hasattr(event_writer, "_closed"):
+            event_writer._closed = True
+        self._writer = None
 
     def close(self) -> None:
         """Write out and close the TensorBoard log (also when the run stops early)."""
-        if self.writer:
-            self.writer.close()
+        if w := self.writer:
+            try:
+                w.close()
+            except OSError as e:  # its last events did not fit (a full log disk): the logs, not the run
+                self._drop("no space left on device" if is_space_error(e) else f"{type(e).__name__}: {e}")
         self._writer = None
         if self._excepthook is not None:
             threading.excepthook, self._excepthook = self._excepthook, None

@@ -681,22 +681,22 @@ class App:
         path = part
         try:
             left = length
-            with open(part, "wb") as f:
-                while left:
-                    chunk = body.read(min(left, 1 << 20))
-                    if not chunk:
-                        raise WebError(f"{name}: upload ended after {length - left} of {count(length, 'byte')}")
-                    try:
+            try:
+                with open(part, "wb") as f:  # its close writes too
+                    while left:
+                        chunk = body.read(min(left, 1 << 20))
+                        if not chunk:
+                            raise WebError(f"{name}: upload ended after {length - left} of {count(length, 'byte')}")
                         f.write(chunk)
-                    except OSError as e:
-                        if not is_space_error(e):
-                            raise
-                        # while it arrives an upload is on this disk twice: waitress's spool and this copy
-                        free = shutil.disk_usage(self.work).free
-                        raise WebError(f"{name}: the server's temporary folder ({self.work.parent}) is full "
-                                       f"({free / 2**20:.0f} MB free): an upload needs twice its size there while "
-                                       f"it arrives", 507) from None
-                    left -= len(chunk)
+                        left -= len(chunk)
+            except OSError as e:
+                if not is_space_error(e):
+                    raise
+                # while it arrives an upload is on this disk twice: waitress's spool and this copy
+                free = shutil.disk_usage(self.work).free
+                raise WebError(f"{name}: the server's temporary folder ({self.work.parent}) is full "
+                               f"({free / 2**20:.0f} MB free): an upload needs twice its size there while "
+                               f"it arrives", 507) from None
             with open(part, "rb") as f:
                 suffix = container_suffix(f.read(512))
             if suffix is None:  # a playlist or list file would have ffmpeg open other files

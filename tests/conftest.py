@@ -5,6 +5,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -24,8 +25,14 @@ def _remove_dead_hf_homes() -> None:
         try:
             os.kill(int(pid), 0)
             continue  # its process is alive (or another user's)
-        except (ValueError, ProcessLookupError):  # not a pid (older names), or the process is gone
+        except ProcessLookupError:  # the process is gone
             shutil.rmtree(p, ignore_errors=True)
+        except ValueError:  # an older name, without the pid: left for a day, as its session may still run
+            try:
+                if time.time() - p.stat().st_mtime > 86400:
+                    shutil.rmtree(p, ignore_errors=True)
+            except OSError:
+                pass
         except OSError:
             continue
 

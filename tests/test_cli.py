@@ -209,6 +209,13 @@ def test_out_of_memory_in_any_script_is_one_line_and_a_bug_still_raises(capsys):
     assert err[0].startswith("error: test_on_pod.py: out of memory on this machine ([enforce fail"), err
     with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
         run_fire(bug, prog="x.py", argv=[])
+    from pips2.utils.procs import out_of_memory
+
+    assert out_of_memory(RuntimeError("could not create a primitive")) and out_of_memory(MemoryError())
+    assert out_of_memory(RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    # an unsupported configuration, not memory
+    assert not out_of_memory(RuntimeError("could not create a primitive descriptor for a convolution forward "
+                                          "propagation primitive"))
 
 
 def test_a_checkpoint_memory_cannot_map_is_this_machines_error_not_the_files(tmp_path, monkeypatch, capsys):

@@ -1007,6 +1007,7 @@ def test_a_planted_fifo_or_link_as_a_lock_file_neither_hangs_nor_is_followed(tmp
         (vdir / ".claims").mkdir(parents=True)
         os.mkfifo(vdir / ".claims" / ex.clip_name(2))
         assert ex.claim_held(vdir, 2) and not ex.claim(vdir, 2)
+        assert ex.claim_unjudged(vdir, 2).startswith("a claim file that is not a regular file")  # said at the end
         assert ex._claim_owner(vdir / ".claims" / ex.clip_name(2))[0] == ""
         print("ok")
     """
@@ -1043,7 +1044,9 @@ def test_without_file_locks_a_dead_claimer_of_another_namespace_is_never_silent(
     ex.release(vdir, 2)
     legacy = vdir / ".claims" / ex.clip_name(3)
     legacy.write_text(f"{host} {os.getppid()}")  # an earlier version's claim: its pid, alive, decides
-    assert ex.claim_held(vdir, 3) and not ex.claim(vdir, 3)
+    assert ex.claim_held(vdir, 3) and not ex.claim(vdir, 3) and not ex.claim_unjudged(vdir, 3)
+    legacy.write_text(f"{host} {os.getppid()} {ns}")  # a live exporter of this namespace: its clip comes, no error
+    assert ex.claim_held(vdir, 3) and not ex.claim_unjudged(vdir, 3)
     # another host's claim dated two days ahead (its clock, or an NFS server's): its age is unknown, so the clip
     # is reported at the end rather than skipped for two days without a word
     ahead = vdir / ".claims" / ex.clip_name(4)

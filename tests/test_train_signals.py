@@ -447,7 +447,7 @@ elif kind == "demo":
 elif kind == "webapp":
     from pips2.webapp import _interrupt
     Stop = KeyboardInterrupt
-    signal.signal(sig, functools.partial(_interrupt, threading.Event()))
+    signal.signal(sig, functools.partial(_interrupt, []))
 else:  # the trainer stops at once on a second Ctrl-C
     from pips2.trainer import StopRequest, StoppedAtOnce as Stop
     req = StopRequest()

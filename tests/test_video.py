@@ -446,3 +446,31 @@ def test_a_video_stored_rotated_is_read_upright_without_a_stray_line(tmp_path, c
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and res.stderr == "", res.stderr
     assert res.stdout.strip() == "(9, 160, 128, 3) (9, 160, 128, 3) True True", res.stdout
+
+
+def test_write_mp4_says_when_ffmpeg_could_not_finish_and_leaves_no_broken_file(tmp_path):
+    """A disk filling as ffmpeg wrote the trailer left an mp4 without its index (unplayable), which demo.py and the
+    web demo then installed as written: ffmpeg's failure was printed by ffmpeg and never seen. write_mp4 now reads
+    ffmpeg's exit status: a full disk is OSError(ENOSPC), any other failure a VideoError with ffmpeg's reason, and
+    the broken file is removed (never a device or a link in its place)."""
+    import errno
+
+    rng = np.random.default_rng(0)
+    frames = rng.integers(0, 255, (24, 128, 160, 3), dtype=np.uint8)  # noise: far over the size limit below
+    code = ("import resource, sys, numpy as np\nfrom pips2.utils.video import VideoError, write_mp4\n"
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (20000, 20000))  # what a nearly full disk allows\n"
+            f"frames = np.load({str(tmp_path / 'f.npy')!r})\n"
+            "try:\n"
+            f"    write_mp4({str(tmp_path / 'big.mp4')!r}, frames)\n"
+            "except (VideoError, OSError) as e:\n    print('refused:', e)\n")
+    np.save(tmp_path / "f.npy", frames)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    want = f"refused: {tmp_path / 'big.mp4'}: ffmpeg could not write the video ("
+    assert res.stdout.startswith(want), (res.stdout, res.stderr)
+    assert not (tmp_path / "big.mp4").exists()
+    if os.path.exists("/dev/full"):  # a full disk, as ffmpeg meets it
+        link = tmp_path / "full.mp4"
+        link.symlink_to("/dev/full")
+        with pytest.raises(OSError) as e:
+            write_mp4(link, frames[:4])
+        assert e.value.errno == errno.ENOSPC and link.is_symlink(), e.value

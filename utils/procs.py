@@ -44,14 +44,18 @@ def exit_code(signame: str) -> int:
     return 128 + int(getattr(signal, signame, signal.SIGINT))
 
 
-# what torch's CPU allocator and oneDNN say when an allocation fails (a ulimit -v, a cgroup, overcommit refused)
-OUT_OF_MEMORY_TEXTS = ("can't allocate memory", "not enough memory", "could not create a primitive",
-                       "Cannot allocate memory")  # the last: ENOMEM's text, from a failed mmap of a checkpoint
+# what torch's allocators and oneDNN say when an allocation fails (a ulimit -v, a cgroup, overcommit refused, a full
+# GPU); ENOMEM's own text comes from a failed mmap of a checkpoint. oneDNN's "could not create a primitive
+# descriptor" is an unsupported configuration, not memory
+OUT_OF_MEMORY = re.compile(r"can't allocate memory|not enough memory|Cannot allocate memory|CUDA out of memory|"
+                           r"could not create a primitive(?! descriptor)")
 
 
 def out_of_memory(e: BaseException) -> bool:
     """Whether e is this machine running out of memory rather than a bug or bad data."""
-    return isinstance(e, MemoryError) or (isinstance(e, RuntimeError) and any(t in str(e) for t in OUT_OF_MEMORY_TEXTS))
+    if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError":  # torch.OutOfMemoryError
+        return True
+    return isinstance(e, RuntimeError) and OUT_OF_MEMORY.search(str(e)) is not None
 
 
 def caught_stop_signals() -> tuple[signal.Signals, ...]:
@@ -263,8 +267,18 @@ def is_space_error(exc: BaseException) -> bool:
     return False
 
 
+# how torch's zip writer reports a write that failed under it (the OSError is then its exception's context)
+WRITE_FAILED = re.compile(r"unexpected pos|PytorchStreamWriter failed|file write failed")
+
+
 def os_error_in(exc: BaseException) -> OSError | None:
-    """The first OSError in the exception's chain (itself included), or None: what a library's own error wraps."""
+    """The OSError behind a failed write: the exception itself, or the first OSError in the chain of a library's
+    error that says a write failed (WRITE_FAILED); None for anything else (an error raised while some unrelated
+    OSError was being handled is not a failed write)."""
+    if isinstance(exc, OSError):
+        return exc
+    if not WRITE_FAILED.search(str(exc)):
+        return None
     e: BaseException | None = exc
     while e is not None:
         if isinstance(e, OSError):

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import io
 import logging
 import os
 import re
+import stat
 import subprocess
+import tempfile
 import warnings
 from collections.abc import Callable, Generator, Iterable, Iterator
 from fractions import Fraction
@@ -257,6 +260,16 @@ def read_rgb(path: str | os.PathLike) -> np.ndarray:
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 
+def _remove_partial(path: str | os.PathLike) -> None:
+    """Remove what ffmpeg left at `path` after a failure, if it is a regular file: never a device or a link (an
+    output named /dev/full, or a link to it, must stay what it is)."""
+    try:
+        if stat.S_ISREG(os.lstat(path).st_mode):
+            os.unlink(path)
+    except OSError:
+        pass
+
+
 def write_mp4(path: str | os.PathLike, frames: Iterable[np.ndarray] | np.ndarray, fps: float | Fraction = 24,
               crf: int = 20, preset: str = "medium") -> None:
     """Encode uint8 RGB frames (H,W,3) to H.264/yuv420p mp4 through a pipe: no temporary images. fps may be a
@@ -273,24 +286,42 @@ def write_mp4(path: str | os.PathLike, frames: Iterable[np.ndarray] | np.ndarray
         raise VideoError(f"{path}: frames of {w}x{h} are too small to encode (at least 2x2)")
     if h % 2 or w % 2:
         raise VideoError(f"{path}: yuv420p needs even sizes, got {w}x{h}")
-    if isinstance(fps, (int, float, np.number)):  # imageio-ffmpeg takes Python floats and Fractions only
-        fps = float(fps)
-    # imageio-ffmpeg has no annotations, and pyright takes its defaults (fps=16, quality=5) for the parameters'
-    # types; its docs take a float or Fraction fps, and quality=None leaves the quality to the crf below
-    writer = imageio_ffmpeg.write_frames(
-        str(path), (w, h), codec="libx264", pix_fmt_in="rgb24", pix_fmt_out="yuv420p",
-        fps=fps, quality=None,  # pyright: ignore[reportArgumentType]
-        macro_block_size=1, ffmpeg_log_level="error", output_params=["-crf", str(crf), "-preset", preset],
-    )
-    writer.send(None)
-    try:
-        writer.send(np.ascontiguousarray(first))
-        for f in frames:
-            if f.shape != first.shape:
-                raise VideoError(f"{path}: frame of shape {f.shape} after frames of {first.shape}")
-            writer.send(np.ascontiguousarray(f))
-    finally:
-        writer.close()
+    rate = fps if isinstance(fps, Fraction) else Fraction(float(fps)).limit_denominator()
+    # the command imageio-ffmpeg's write_frames builds for these settings, run here so that ffmpeg's exit status
+    # and its error are seen: a disk filling as it writes the trailer left an mp4 without its index (unplayable),
+    # which write_frames closed without a word
+    cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-y", "-f", "rawvideo", "-vcodec", "rawvideo", "-s", f"{w}x{h}",
+           "-pix_fmt", "rgb24", "-r", str(rate), "-i", "-", "-an", "-vcodec", "libx264", "-pix_fmt", "yuv420p",
+           "-v", "error", "-crf", str(crf), "-preset", preset, str(path)]
+    with tempfile.TemporaryFile() as log:
+        # its own session: a Ctrl-C at the terminal reaches this program only, which then stops ffmpeg itself
+        proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=log,
+                                start_new_session=True)
+        stdin = cast(BinaryIO, proc.stdin)
+        try:
+            try:
+                stdin.write(np.ascontiguousarray(first).data)
+                for f in frames:
+                    if f.shape != first.shape or f.dtype != first.dtype:
+                        raise VideoError(f"{path}: frame of {f.dtype} {f.shape} after frames of {first.shape}")
+                    stdin.write(np.ascontiguousarray(f).data)
+                stdin.close()
+            except BrokenPipeError:  # ffmpeg ended before all frames were sent: its log says why
+                pass
+            code = proc.wait()
+        except BaseException:  # a frame refused, or a stop: no half-written video is left
+            proc.kill()
+            proc.wait()
+            _remove_partial(path)
+            raise
+        if code != 0:
+            _remove_partial(path)
+            log.seek(0)
+            said = [ln.strip() for ln in log.read()[-4096:].decode(errors="replace").splitlines() if ln.strip()]
+            if any("No space left" in ln for ln in said):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+            why = said[-1] if said else f"exit status {code}"
+            raise VideoError(f"{path}: ffmpeg could not write the video ({why})")
     if not Path(path).is_file() or Path(path).stat().st_size == 0:  # ffmpeg failed and only printed why
         raise VideoError(f"{path}: ffmpeg wrote no video")
 

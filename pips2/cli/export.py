@@ -300,11 +300,12 @@ def _run(jobs: deque, workers: int, version_dir: Path, quiet: bool, signals: _Si
     done = sum(counts.values())
     head = "summary" if stop is None else f"stopped ({stop}) after {done} of {n_jobs} clips; summary"
     retried = f"; {len(deaths)} clip(s) tried again after their worker died" if deaths else ""
-    print(f"{head}: written {counts['written']}, rewritten {counts['rewritten']}, already there {counts['exists']}, "
-          f"rejected {counts['rejected']} ({', '.join(f'{r}: {n}' for r, n in reasons.most_common()) or 'none'}), "
+    print(printable(f"{head}: written {counts['written']}, rewritten {counts['rewritten']}, already there "
+          f"{counts['exists']}, rejected {counts['rejected']} "
+          f"({', '.join(f'{r}: {n}' for r, n in reasons.most_common()) or 'none'}), "
           f"failed {counts['failed']}, held by other exporters {counts['busy']}{retried}; "
           f"{len(list_clips(version_dir))} clips in {version_dir}; "
-          f"{dt:.1f} s ({(counts['written'] + counts['rewritten']) / max(dt, 1e-9):.2f} clips/s)", flush=True)
+          f"{dt:.1f} s ({(counts['written'] + counts['rewritten']) / max(dt, 1e-9):.2f} clips/s)"), flush=True)
     if stop == "interrupted":
         sys.exit(exit_code("SIGINT"))
     if stop is not None and stop.startswith("terminated by "):
