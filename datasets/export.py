@@ -279,8 +279,8 @@ def _claimer_may_live(path: Path) -> bool:
         return False
     if ns is not None and ns != pid_namespace():  # another namespace (a restarted container): its pid says nothing
         return age <= STALE_CLAIM_S
-    if pid == os.getpid():  # names this process, which does not hold it: a dead predecessor of the same pid (a
-        return False  # container's exporter is pid 1 again after a restart)
+    if pid == os.getpid():  # names this process: held if in _HELD, else a dead predecessor of the same pid (a
+        return path in _HELD  # container's exporter is pid 1 again after a restart)
     return pid_alive(pid)
 
 

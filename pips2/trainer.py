@@ -190,11 +190,11 @@ class Ranks:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return int(t.item())
 
-    def die(self, msg: str) -> NoReturn:
-        """Exit 2 on every rank; rank 0 says why in one line."""
+    def die(self, msg: str, code: int = 2) -> NoReturn:
+        """Exit 2 (bad input; 1 for this machine's error) on every rank; rank 0 says why in one line."""
         if self.main:
-            fail(msg)
-        raise SystemExit(2)
+            fail(msg, code)
+        raise SystemExit(code)
 
     def gather(self, obj) -> list:
         """`obj` of every rank, in rank order."""
@@ -571,7 +571,7 @@ class TrainState:
                 found = ck.read_newest(self.ckpt_dir, on_bad=lambda path, e: bad.append((path, e)), rename=main,
                                        layout=cfg.layout)
             except ck.CheckpointError as e:  # a checkpoint this machine cannot read now: set nothing aside
-                self.ranks.die(f"{e}; nothing was set aside, rerun once it can be read")
+                self.ranks.die(f"{e}; nothing was set aside, rerun once it can be read", code=1)
             if found is None:
                 self.ranks.die(f"{self.ckpt_dir}: no readable checkpoint to resume from ({len(bad)} unreadable, "
                                f"kept as *.bad)")

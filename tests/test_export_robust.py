@@ -1040,7 +1040,7 @@ def test_without_file_locks_a_dead_claimer_of_another_namespace_is_never_silent(
     assert ex.claim_held(vdir, 2) and ex.claim_unjudged(vdir, 2) and not ex.claim(vdir, 2)
     old = time.time() - ex.STALE_CLAIM_S - 60
     os.utime(other, (old, old))
-    assert not ex.claim_held(vdir, 2) and ex.claim(vdir, 2)  # past the age any live exporter refreshes within
+    assert not ex.claim_held(vdir, 2) and ex.claim(vdir, 2)  # older than any clip takes to export
     ex.release(vdir, 2)
     legacy = vdir / ".claims" / ex.clip_name(3)
     legacy.write_text(f"{host} {os.getppid()}")  # an earlier version's claim: its pid, alive, decides

@@ -391,7 +391,7 @@ def test_a_full_log_disk_costs_the_logs_not_the_run(tmp_path, where):
         print(cfg.name())
     """
     try:
-        res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+        res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240,
                              cwd=Path(__file__).resolve().parents[1])
     except subprocess.TimeoutExpired:
         pytest.fail("training hung once TensorBoard's writing thread had died")

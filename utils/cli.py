@@ -19,13 +19,14 @@ from pips2.utils.paths import printable
 from pips2.utils.procs import guarded_output, out_of_memory
 
 
-def die(msg) -> NoReturn:
+def die(msg, code: int | None = None) -> NoReturn:
     """Bad flags or input: one line on stderr, exit code 2 (1 for an error of this machine rather than of the
-    input: an exception whose `local` is true, such as a checkpoint that memory could not hold). Control
+    input: an exception whose `local` is true, such as a checkpoint that memory could not hold; `code` when the
+    caller knows it). Control
     characters are escaped: the line quotes names read from data folders and files, which must not drive the
     terminal (utils/paths.printable)."""
     print(printable(f"error: {msg}"), file=sys.stderr, flush=True)
-    sys.exit(1 if getattr(msg, "local", False) else 2)
+    sys.exit(code if code is not None else 1 if getattr(msg, "local", False) else 2)
 
 
 def parse_hw(value, name: str = "size") -> tuple[int, int]:

@@ -603,7 +603,7 @@ def remove_dead_owned(folder: str | os.PathLike, head: str, tail: str = r"[A-Za-
         if not m or m["host"] != host or d.is_dir() != dirs:
             continue
         try:
-            if hasattr(os, "getuid") and d.lstat().st_uid != os.getuid():  # another user's (a shared TMPDIR):
+            if hasattr(os, "geteuid") and d.lstat().st_uid != os.geteuid():  # another user's (a shared TMPDIR):
                 # never ours to judge or remove
                 continue
         except OSError:

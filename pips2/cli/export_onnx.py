@@ -148,7 +148,7 @@ def check_out_replaceable(out: str) -> None:
     if sidecar.exists() or sidecar.is_symlink():
         if not stat.S_ISREG(sidecar.lstat().st_mode) or not written_here(graph):
             raise ValueError(f"--out={out}: {sidecar} exists and is not the weights of an earlier export to --out; "
-                             f"give another name")
+                             f"give another name (or remove it, if it is a stray of an export whose graph is gone)")
 
 
 ONNX_FACTOR, ONNX_FLOOR = 4.0, 1e-3  # onnxruntime may be this many times as far from float64 as PyTorch's float32
