@@ -10,6 +10,7 @@ import datetime
 import json
 import math
 import os
+import queue
 import random
 import re
 import signal
@@ -1036,12 +1037,30 @@ def train_step(state: TrainState, data: TrainData, cfg: Config) -> StepResult:
 # Logging and validation.
 
 
+def _event_writer(writer: SummaryWriter | None) -> Any:
+    """tensorboardX's object that queues the events of `writer` for its writing thread (None if this version of
+    tensorboardX keeps it elsewhere: then nothing here can watch it)."""
+    return getattr(getattr(writer, "file_writer", None), "event_writer", None)
+
+
 def _event_thread_alive(writer: SummaryWriter) -> bool:
-    """Whether tensorboardX's thread that writes the events of `writer` to disk still runs (True when this
-    version of tensorboardX keeps it elsewhere: nothing to judge)."""
-    file_writer = getattr(writer, "file_writer", None)
-    worker = getattr(getattr(file_writer, "event_writer", None), "_worker", None)
+    """Whether tensorboardX's thread that writes the events of `writer` to disk still runs."""
+    worker = getattr(_event_writer(writer), "_worker", None)
     return not isinstance(worker, threading.Thread) or worker.is_alive()
+
+
+LOG_WAIT_S = 10.0  # an event waits this long for room in the TensorBoard writer's queue, then logging stops
+LOG_CLOSE_S = 30.0  # the TensorBoard log's last flush and close may take this long, then it is left as it is
+
+
+def _never_wait_on(writer: SummaryWriter) -> None:
+    """Make the events' queue of `writer` refuse (queue.Full) after LOG_WAIT_S instead of waiting for ever when it
+    is full: a writing thread stuck in a log folder that no longer answers (a hard NFS mount whose server went
+    away) filled it, and the next event waited for ever, deaf to SIGTERM."""
+    q = getattr(_event_writer(writer), "_event_queue", None)
+    if q is not None and callable(getattr(q, "put", None)):
+        put = q.put
+        q.put = lambda obj, block=True, timeout=None: put(obj, True, LOG_WAIT_S)
 
 
 class Logger:
@@ -1058,9 +1077,10 @@ class Logger:
         """Open the TensorBoard log and print the run's header line."""
         cfg = self.cfg
         if self.ranks.main:
-            self._writer = SummaryWriter(str(Path(cfg.log_dir) / self.name), max_queue=10, flush_secs=60)
-            self._excepthook = threading.excepthook
+            self._excepthook = threading.excepthook  # first: the writing thread may fail on the first event
             threading.excepthook = self._thread_failed
+            self._writer = SummaryWriter(str(Path(cfg.log_dir) / self.name), max_queue=10, flush_secs=60)
+            _never_wait_on(self._writer)
         self.say(f"{self.name}: {cfg.max_steps} steps, B={cfg.B} S={cfg.S} N={cfg.N} crop {cfg.crop_hw}, "
                  f"{self.ranks.world} process(es) on {self.ranks.device}, amp {cfg.amp}, data {cfg.dataset} "
                  f"({n_items} items)")
@@ -1085,32 +1105,66 @@ class Logger:
             self._drop(self.event_error or "its writing thread ended")
         return self._writer
 
+    def _not_keeping_up(self) -> None:
+        """The events' queue is full: its writing thread is stuck (a folder that no longer answers), or it is
+        ending on an error (a full disk) whose hook has not run yet, given a second to say which."""
+        worker = getattr(_event_writer(self._writer), "_worker", None)
+        if isinstance(worker, threading.Thread):
+            worker.join(1.0)
+        self._drop(self.event_error or f"its folder has not taken an event for {LOG_WAIT_S:.0f} s")
+
     def _drop(self, why: str) -> None:
         """Stop logging to TensorBoard, said once; the writer is marked closed, not closed: closing waits on the
         dead thread, and tensorboardX's exit hook would flush it again into a traceback."""
         print(f"warning: TensorBoard logging in {Path(self.cfg.log_dir) / self.name} stopped ({why}); training goes "
               f"on", file=sys.stderr, flush=True)
-        event_writer = getattr(getattr(self._writer, "file_writer", None), "event_writer", None)
+        event_writer = _event_writer(self._writer)
         if event_writer is not None and hasattr(event_writer, "_closed"):
             event_writer._closed = True
+        queue = getattr(event_writer, "_event_queue", None)
+        if queue is not None and hasattr(queue, "cancel_join_thread"):
+            queue.cancel_join_thread()  # its feeder may be stuck on a full pipe: the process's exit must not wait
         self._writer = None
 
     def close(self) -> None:
         """Write out and close the TensorBoard log (also when the run stops early)."""
         if w := self.writer:
-            try:
-                w.close()
-            except OSError as e:  # its last events did not fit (a full log disk): the logs, not the run
+            failed: list[BaseException] = []
+
+            def close() -> None:
+                try:
+                    w.close()
+                except (OSError, queue.Full) as e:  # its last events did not fit: the logs, not the run
+                    failed.append(e)
+
+            closing = threading.Thread(target=close, daemon=True, name="close TensorBoard log")
+            closing.start()
+            closing.join(LOG_CLOSE_S)  # a log folder that no longer answers must not hold the run's end
+            if closing.is_alive():
+                self._drop(f"its folder did not answer for {LOG_CLOSE_S:.0f} s")
+            elif failed:
+                e = failed[0]
                 self._drop("no space left on device" if is_space_error(e) else f"{type(e).__name__}: {e}")
         self._writer = None
         if self._excepthook is not None:
             threading.excepthook, self._excepthook = self._excepthook, None
 
+    def curves(self, tag: str, curves: dict, step: int) -> None:
+        """The validation's curves as a figure (utils/plots)."""
+        if w := self.writer:
+            try:
+                plots.add_to_tensorboard(w, tag, curves, step)
+            except queue.Full:
+                self._not_keeping_up()
+
     def scalars(self, group: str, figures: dict[str, float], step: int) -> None:
         """Write every figure as `group/name`."""
         for k, val in figures.items():
             if w := self.writer:
-                w.add_scalar(f"{group}/{k}", val, step)
+                try:
+                    w.add_scalar(f"{group}/{k}", val, step)
+                except queue.Full:
+                    self._not_keeping_up()
 
     def step(self, state: TrainState, res: StepResult) -> None:
         """The step line, and every --log_freq steps (and at step 1) the scalars; images 10x less often."""
@@ -1129,7 +1183,10 @@ class Logger:
             frames = rgb0.detach().permute(0, 2, 3, 1).cpu().numpy().clip(0, 255).astype(np.uint8)
             img = summary_image(frames, trajs0.cpu().numpy(), est0.float().cpu().numpy())
             if w := self.writer:
-                w.add_image("train/tracks", img, step, dataformats="HWC")
+                try:
+                    w.add_image("train/tracks", img, step, dataformats="HWC")
+                except queue.Full:
+                    self._not_keeping_up()
 
     def done(self, state: TrainState, corrupt: dict[str, set]) -> None:
         """The final corrupt-clip count and summary line."""
@@ -1327,8 +1384,7 @@ def _step(cfg: Config, ranks: Ranks, state: TrainState, data: TrainData, log: Lo
             state.d_vs.append(figures["d_avg"])
             log.scalars(group, figures, state.step)
         if validator.curves:
-            if log.writer:
-                plots.add_to_tensorboard(log.writer, "val/curves", validator.curves, state.step)
+            log.curves("val/curves", validator.curves, state.step)
             validator.curves = {}
         log.step(state, res)
     else:

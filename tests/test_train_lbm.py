@@ -359,7 +359,7 @@ def test_out_of_memory_in_a_step_is_one_line_and_a_bug_still_raises(tmp_path, mo
         train.run_stage(_kubric_cfg(tmp_path / "run", max_steps=4, save_freq=2))
 
 
-@pytest.mark.parametrize("where", ["thread", "close"])
+@pytest.mark.parametrize("where", ["thread", "close", "hung"])
 def test_a_full_log_disk_costs_the_logs_not_the_run(tmp_path, where):
     """The disk of --log_dir filling killed TensorBoard's writing thread; ten events later the step waited for ever
     on that thread's queue (0 % CPU, deaf to SIGTERM, the lock's heartbeat still beating). Logging now stops with
@@ -367,7 +367,7 @@ def test_a_full_log_disk_costs_the_logs_not_the_run(tmp_path, where):
     last flush raised through the run's end, and tensorboardX's exit hook flushed it again into a traceback). (In
     a process of its own, killed if it hangs.)"""
     code = f"""if True:
-        import errno, os, sys
+        import errno, os, sys, threading
         from pathlib import Path
         sys.path.insert(0, {str(Path(__file__).parent)!r})
         from tensorboardX import event_file_writer
@@ -379,8 +379,18 @@ def test_a_full_log_disk_costs_the_logs_not_the_run(tmp_path, where):
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
             return real(self, event)
 
+        def hung_after_three(self, event):
+            written.append(event)
+            if len(written) > 3:  # a log folder that stopped answering (a hard NFS mount, its server gone)
+                threading.Event().wait()
+            return real(self, event)
+
         if {where!r} == "thread":
             event_file_writer.EventsWriter.write_event = full_after_three
+        elif {where!r} == "hung":
+            event_file_writer.EventsWriter.write_event = hung_after_three
+            import pips2.trainer
+            pips2.trainer.LOG_CLOSE_S = pips2.trainer.LOG_WAIT_S = 2.0
         else:
             def full(self):
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
@@ -399,6 +409,7 @@ def test_a_full_log_disk_costs_the_logs_not_the_run(tmp_path, where):
     name = res.stdout.strip().splitlines()[-1]
     assert [s for s, _ in ck.list_checkpoints(tmp_path / "ck" / name)] == [30]
     warned = [ln for ln in res.stderr.splitlines() if "TensorBoard logging" in ln]
-    assert warned == [f"warning: TensorBoard logging in {tmp_path / 'logs' / name} stopped (no space left on "
-                      f"device); training goes on"], res.stderr[-2000:]
+    why = "its folder has not taken an event for 2 s" if where == "hung" else "no space left on device"
+    assert warned == [f"warning: TensorBoard logging in {tmp_path / 'logs' / name} stopped ({why}); training goes "
+                      f"on"], res.stderr[-2000:]
     assert "Traceback" not in res.stderr and "Exception" not in res.stderr, res.stderr[-2000:]
