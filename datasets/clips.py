@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -76,7 +77,9 @@ def write_settings(version_dir: Path, st: ClipSettings, source: dict | None = No
     path = Path(version_dir) / SETTINGS
     if path.exists():
         return False
-    tmp = path.with_name(f".{SETTINGS}.{os.getpid()}.tmp")
+    fd, name = tempfile.mkstemp(prefix=f".{SETTINGS}.", suffix=".tmp", dir=path.parent)  # a random name: no
+    os.close(fd)  # link planted at a predictable one is written through
+    tmp = Path(name)
     try:
         write_json(tmp, {**st.to_dict(), **({SOURCE_KEY: source} if source is not None else {})})
         os.link(tmp, path)

@@ -685,3 +685,27 @@ def test_a_script_started_with_its_output_closed_runs(tmp_path, closed):
                          env={**os.environ, "PYTHONPATH": str(root)})
     assert res.returncode == 0, res.stderr[-2000:]
     assert (tmp_path / "syn" / "train" / "synth_0000" / "anno.npz").is_file()
+
+
+def test_outputs_are_written_where_no_planted_link_can_redirect_them(tmp_path):
+    """In a folder others may write to, the temp outputs had predictable names (`.tracks.tmp.<host>.<pid>.<ns>.csv`,
+    `.<name>.<pid>.tmp` for every JSON written whole): links planted there made the run write over the files they
+    point to. The outputs are now written in a private folder of a random name, and JSON under a random name."""
+    from pips2.utils.paths import write_json
+    from pips2.utils.procs import owner_tag
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("the user's")
+    out = tmp_path / "out"
+    out.mkdir()
+    for ext in ("npz", "csv", "mp4"):
+        (out / f".tracks.tmp.{owner_tag()}.{ext}").symlink_to(victim)
+    (out / f".r.json.{os.getpid()}.tmp").symlink_to(victim)
+    src = tmp_path / "src.mp4"
+    write_mp4(src, (np.full((32, 48, 3), 10 * t, np.uint8) for t in range(4)))
+    write_outputs(out, src, np.zeros((1, 3), np.float32), np.zeros((4, 1, 2), np.float32), np.ones((4, 1), bool),
+                  24.0)
+    write_json(out / "r.json", {"a": 1})
+    assert victim.read_text() == "the user's"
+    assert len(read_video(out / "tracks.mp4")) == 4 and json.loads((out / "r.json").read_text()) == {"a": 1}
+    assert not [p for p in out.iterdir() if p.name.startswith(".tracks.tmp") and not p.is_symlink()]

@@ -584,6 +584,14 @@ def test_unknown_amp_is_one_line(exported, tmp_path):
     ({"seed": 2**40}, f"--seed must be at most {2**32 - 1}, got {2**40}"),
     ({"use_augs": "yes"}, "--use_augs must be True or False, got 'yes'"),
     ({"model": "lbm", "memory_size": 0}, "--memory_size must be at least 1, got 0"),
+    # LBM's buffers grow with them: --memory_size=100000 took the machine's memory before the first step
+    ({"model": "lbm", "memory_size": 100000}, "--memory_size must be at most 256 (LBM's bound, as its checkpoints "
+                                              "are checked), got 100000"),
+    ({"model": "lbm", "embed_dim": 4096}, "--embed_dim must be at most 1024 (LBM's bound, as its checkpoints are "
+                                          "checked), got 4096"),
+    ({"backbone_init": "/nonexistent.pth"}, "--backbone_init is for --model=lbm (its ResNet trunk); PIPs++ has no "
+                                            "such trunk"),  # it was ignored without a word
+    ({"exp_name": "x" * 300}, "--exp_name must be at most 100 characters, got 300"),  # an errno line after the model
     ({"stage": 3}, "--stage must be 1 or 2 (or --stages=1,2), got 3"),
     ({"stages": "1,x"}, "--stages must be 1 or 2 (or --stages=1,2), got '1,x'"),
     # a bare "Not a directory" line naming no flag, and TensorBoard's traceback after the model was built

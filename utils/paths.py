@@ -34,9 +34,13 @@ def remove_empty_dirs(made: list[Path]) -> None:
 def write_json(path: str | os.PathLike, payload: dict) -> None:
     """Write JSON via a temp file and a rename: a reader never sees half a file (the temp goes on failure)."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    # a new file of a random name (O_EXCL): a predictable name in a folder others may write to could be a link
+    # planted to make this write over another file
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = Path(name)
     try:
-        tmp.write_text(json.dumps(payload, indent=2))
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(payload, indent=2))
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

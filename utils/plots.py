@@ -9,6 +9,7 @@ model beside zero-velocity). matplotlib is imported only when a figure is drawn,
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -96,7 +97,9 @@ def save_png(datasets: dict[str, dict[str, Curves]], path: str | os.PathLike, ti
     plt = _pyplot()
     path = Path(path)
     fig = figure(datasets, title)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)  # a random name: no
+    os.close(fd)  # link planted at a predictable one is written through
+    tmp = Path(name)
     try:
         fig.savefig(tmp, format="png", dpi=DPI)
         os.replace(tmp, path)

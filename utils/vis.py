@@ -12,7 +12,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from pips2.utils.procs import held_stops, owner_tag, remove_dead_owned
+from pips2.utils.procs import held_stops, owned_tempdir, remove_dead_owned, remove_owned, remove_stale_tempdirs
 from pips2.utils.video import MAX_RATE_DENOMINATOR, frame_rate, iter_frames, write_mp4
 
 DRAW_LIMIT = 1e5  # px: points further out are not drawn (OpenCV shifts coordinates into 32-bit integers)
@@ -113,14 +113,17 @@ def output_fps(fps: float | Fraction | None) -> Fraction:
 
 
 OUTPUT_NAMES = ("tracks.npz", "tracks.csv", "tracks.mp4")  # what write_outputs writes, in this order
-# write_outputs writes under .tracks.tmp.<owner tag>.<npz|csv|mp4> (utils/procs.owner_tag)
+# write_outputs writes in a private folder .tracks.tmp.<owner tag>.<random> (utils/procs.owned_tempdir); earlier
+# versions wrote the files .tracks.tmp.<owner tag>.<npz|csv|mp4> beside the outputs
 TEMP_OUTPUT_HEAD, TEMP_OUTPUT_TAIL = ".tracks.tmp", "npz|csv|mp4"
 
 
 def remove_dead_temps(out_dir: Path) -> list[Path]:
     """Remove the temp outputs of writers killed outright (SIGKILL, the OOM killer) on this host and PID
-    namespace; returns them. Another host's or namespace's are left: their writers cannot be judged from here."""
-    return remove_dead_owned(out_dir, TEMP_OUTPUT_HEAD, TEMP_OUTPUT_TAIL, dirs=False)
+    namespace, folders and files of earlier versions; returns them. Another host's or namespace's are left: their
+    writers cannot be judged from here."""
+    return remove_stale_tempdirs(TEMP_OUTPUT_HEAD, out_dir) + remove_dead_owned(out_dir, TEMP_OUTPUT_HEAD,
+                                                                              TEMP_OUTPUT_TAIL, dirs=False)
 
 
 def check_destinations(paths: Iterable[Path]) -> None:
@@ -153,8 +156,10 @@ def write_outputs(out_dir: Path, video: Path, queries: np.ndarray, tracks: np.nd
     with_them = list(with_them)
     check_destinations([*final, *(dest for _, dest in with_them)])
     remove_dead_temps(out_dir)
-    tag = f".tmp.{owner_tag()}"
-    npz, csv_path, mp4 = (p.with_name(f".{p.stem}{tag}{p.suffix}") for p in final)
+    # a private folder (mode 0700, a random name): in a folder others may write to, files of predictable names
+    # could be links planted to make this program write over another file
+    work = owned_tempdir(TEMP_OUTPUT_HEAD, out_dir)
+    npz, csv_path, mp4 = (work / name for name in OUTPUT_NAMES)
     extra = {} if visibility is None else {"visibility": visibility}
     try:
         np.savez(npz, tracks=tracks, estimated=estimated, queries=queries, allow_pickle=False, **extra)
@@ -187,6 +192,5 @@ def write_outputs(out_dir: Path, video: Path, queries: np.ndarray, tracks: np.nd
             if on_installed is not None:  # before a stop held meanwhile is raised: the outputs are complete
                 on_installed()
     finally:
-        for tmp in (npz, csv_path, mp4):
-            tmp.unlink(missing_ok=True)
+        remove_owned(work)
     return final

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from pips2.datasets.clips import STAGE_CLIPS  # the clips each stage trains on, shared with the exporter
+from pips2.nets.lbm import MAX_EMBED_DIM, MAX_MEMORY_SIZE
 from pips2.tracking import MAX_ITERS
 from pips2.train_step import (
     forward_loss,
@@ -67,6 +68,7 @@ MAX_BATCH_BYTES = 16 * 2**30
 MAX_LR = 1.0
 MIN_LR = 1e-37  # float32's smallest normal numbers: a rate below them is itself lost to rounding
 MAX_GRAD_ACC = 256  # micro-batches a step accumulates: a step of 10**9 of them never ended
+MAX_EXP_NAME = 100  # the run folder's name is the settings (up to ~90 characters) and --exp_name
 LBM_HEADS = 4  # the attention heads of the LBM this trains (nets/lbm.py's default): embed_dim splits among them
 # the authors' flag names -> Config's fields: --max_iters is an alias of our --max_steps; --crop_size is the one
 # flag of crop_hw, a field named for what it holds (docs/ARCHITECTURE.md, "Names")
@@ -146,6 +148,14 @@ def check_values(values: dict) -> dict:
     if name and not re.fullmatch(r"[A-Za-z0-9_.=,+-]+", str(name)) or name in (".", ".."):
         # a part of the run folder's name: --exp_name=../.. put the run outside --ckpt_dir
         raise ValueError(f"--exp_name must be a plain name (letters, digits and _ . - = , +), got {name!r}")
+    if name and len(str(name)) > MAX_EXP_NAME:  # the run folder's name must fit the file system's 255 bytes
+        raise ValueError(f"--exp_name must be at most {MAX_EXP_NAME} characters, got {len(str(name))}")
+    for flag, most in (("memory_size", MAX_MEMORY_SIZE), ("embed_dim", MAX_EMBED_DIM)):
+        if out.get(flag, 0) > most:  # LBM's buffers grow with them: --memory_size=100000 took the machine's memory
+            raise ValueError(f"--{flag} must be at most {most} (LBM's bound, as its checkpoints are checked), got "
+                             f"{out[flag]}")
+    if values.get("backbone_init") and out.get("model", "pips2") != "lbm":
+        raise ValueError("--backbone_init is for --model=lbm (its ResNet trunk); PIPs++ has no such trunk")
     if out.get("lr", 0.0) > MAX_LR:  # 1e39 overflowed float32 inside Adam after the first step: a traceback
         raise ValueError(f"--lr must be at most {MAX_LR:g} (the authors train with 5e-4), got {out['lr']:g}")
     if out.get("wd", 0.0) < 0:
