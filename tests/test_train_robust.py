@@ -216,13 +216,14 @@ def test_a_lock_of_another_pid_namespace_is_judged_by_its_heartbeat(tmp_path, mo
     assert not lock_file.exists()
 
 
-def test_a_lock_of_another_host_is_judged_by_its_heartbeat(tmp_path):
+def test_a_lock_of_another_host_is_judged_by_its_heartbeat(tmp_path, monkeypatch):
     """A training restarted under another host name (docker's container id, a Kubernetes pod's suffix, a SLURM
     requeue onto another node) never took over its dead predecessor's lock, and the refusal promised a takeover
     after 5 minutes that never came. Another host's lock with a heartbeat is now stale after
     LOCK_FOREIGN_SILENT_S without one; one from before heartbeats is kept, and the line says why."""
     import time
 
+    monkeypatch.setattr(ck, "LOCK_BEAT_S", 0.1)  # a silent lock is watched for 1.5 beats before it is taken over
     lock_file = tmp_path / ck.LOCK_NAME
     lock_file.write_text(json.dumps({"host": "podA-x1", "pid": 1, "start": 5, "ns": 7, "beat": 60.0}))
     with pytest.raises(ck.LockError, match=r"another training \(pid 1 on podA-x1: its last "
@@ -243,6 +244,38 @@ def test_a_lock_of_another_host_is_judged_by_its_heartbeat(tmp_path):
     with pytest.raises(ck.LockError, match=r"\(pid 1 on podA-x1, another host, by a version without a heartbeat: "
                                            r"this machine cannot tell if it runs\)"):
         ck.RunLock(tmp_path).acquire()
+
+
+def test_a_live_lock_that_looks_silent_by_a_skewed_clock_is_not_taken_over(tmp_path, monkeypatch):
+    """Without file locks a lock of another PID namespace or host is judged by its heartbeat's age, this clock
+    against the file's stamp: a clock ahead by more than the silence (a VM resumed from suspend) took over a live
+    run's lock, and two runs trained into one folder. A lock that looks silent is now watched for 1.5 beats by this
+    process's own clock: touched meanwhile, it is alive."""
+    import threading
+    import time
+
+    monkeypatch.setattr(ck, "LOCK_BEAT_S", 0.4)
+    lock_file = tmp_path / ck.LOCK_NAME
+    lock_file.write_text(json.dumps({"host": "podA-x1", "pid": 1, "start": 5, "ns": 7, "beat": 0.4}))
+    stamp = time.time() - ck.LOCK_FOREIGN_SILENT_S - 400  # what the skewed reader sees
+    os.utime(lock_file, (stamp, stamp))
+    stop = threading.Event()
+
+    def beating():  # the live owner's heartbeat, stamped by the same skewed server clock
+        while not stop.wait(0.2):
+            os.utime(lock_file, (stamp + time.time() % 1, stamp + time.time() % 1))
+
+    owner = threading.Thread(target=beating)
+    owner.start()
+    try:
+        with pytest.raises(ck.LockError, match="another training"):
+            ck.RunLock(tmp_path).acquire()
+    finally:
+        stop.set()
+        owner.join()
+    assert json.loads(lock_file.read_text())["host"] == "podA-x1"  # left to its owner
+    lock = ck.RunLock(tmp_path).acquire()  # silent for real now: taken over
+    lock.release()
 
 
 @pytest.mark.parametrize("pid", ['"abc"', "1.5e30", "[1]", "0", "-5", "true"])

@@ -880,12 +880,17 @@ class RunLock:
             return LOCK_SILENT_S
         return None
 
-    def _dead(self, owner: dict, path: Path | None = None) -> bool:
-        """Whether the owner the lock file at `path` (the lock's by default) names is gone."""
+    def _dead(self, owner: dict, path: Path | None = None, confirm: bool = False) -> bool:
+        """Whether the owner the lock file at `path` (the lock's by default) names is gone. A lock judged by its
+        heartbeat that looks silent is, with `confirm`, watched for one beat and a half more by this process's own
+        clock: its age compares this machine's clock with the stamp of the file's server, and a clock ahead by more
+        than the silence (a VM resumed from suspend, NTP's first step) made a live run's lock look stale."""
         silence = self._silence(owner)
         if silence is not None:
             age = self._age(path)
-            return age is not None and age > silence
+            if age is None or age <= silence:
+                return False
+            return not confirm or self._unchanged_for(path or self.path, 1.5 * LOCK_BEAT_S)
         if owner.get("host") != self.me["host"]:
             return False
         pid = int(owner["pid"])
@@ -893,6 +898,24 @@ class RunLock:
             return self.path.resolve() not in _HELD_HERE
         start = owner.get("start")
         return not pid_alive(pid) or (isinstance(start, int) and process_start(pid) not in (None, start))
+
+    @staticmethod
+    def _unchanged_for(path: Path, seconds: float) -> bool:
+        """Whether the lock file at path keeps its modification time (and stays there) for `seconds` of this
+        process's monotonic clock."""
+        try:
+            first = path.lstat().st_mtime_ns
+        except OSError:
+            return False
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            time.sleep(min(1.0, max(0.0, end - time.monotonic())))
+            try:
+                if path.lstat().st_mtime_ns != first:
+                    return False
+            except OSError:
+                return False
+        return True
 
     def _holder(self, owner: dict) -> str:
         """The live owner as the refusal names it, with the rule that would let the lock be taken over."""
@@ -937,7 +960,7 @@ class RunLock:
                     raise LockError(f"{self.folder}: lock file {self.path.name} is unreadable; it is taken over once "
                                     f"unchanged for {LOCK_FOREIGN_SILENT_S / 60:g} minutes; remove it now if no "
                                     f"training writes into this folder")
-            elif not self._dead(owner):
+            elif not self._dead(owner, confirm=True):
                 raise LockError(f"{self.folder}: another training ({self._holder(owner)}) writes checkpoints here "
                                 f"(lock {self.path.name}; if none does, remove that file)")
             # move the stale lock aside atomically, so of two runs taking it over only one wins
