@@ -11,6 +11,7 @@ defaults gives the clips that stage-1 training with its defaults looks for.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -279,10 +280,16 @@ def verify_clip(folder: Path, S: int, N: int, clip_hw: tuple[int, int]) -> None:
 
 def append_manifest(version_dir: Path, k: int, meta: dict) -> None:
     """One manifest.jsonl line for clip k, in one O_APPEND write (lines of concurrent writers never mix)."""
-    line = json.dumps({"clip": k, **meta}) + "\n"
-    fd = os.open(Path(version_dir) / MANIFEST, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    data = (json.dumps({"clip": k, **meta}) + "\n").encode()
+    path = Path(version_dir) / MANIFEST
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     try:
-        os.write(fd, line.encode())
+        n = os.write(fd, data)
+        if n < len(data):  # a full disk took part of the line: take it back unless another line follows already
+            end = os.lseek(fd, 0, os.SEEK_CUR)
+            if os.fstat(fd).st_size == end:
+                os.ftruncate(fd, end - n)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
     finally:
         os.close(fd)
 

@@ -367,11 +367,12 @@ def _on_signal(signum, _frame) -> None:
 MAX_PARTIAL_FILES = 1000  # <stem>.partial.<k>.json names tried before a stopped run's results go to stdout
 
 
-def results_path(out_json: str, done: bool, scored: int = 0) -> str:
+def results_path(out_json: str, done: bool, scored: int = 0, settings: dict | None = None) -> str:
     """Where a run's results go: --out_json, unless the run did not finish and --out_json already holds results
     (a finished run's hours of scoring, or a stopped run's): then <stem>.partial<suffix>, unless that holds more
-    scored items than this run's `scored` (or is not a results file), then the first <stem>.partial.<k><suffix>
-    (k = 2, 3, ...) that does not. A stopped rerun never replaces more results with fewer."""
+    scored items than this run's `scored`, was scored with other `settings` (a run with --iters=2 is not a rerun
+    of one with 16), or is not a results file, then the first <stem>.partial.<k><suffix> (k = 2, 3, ...) that it
+    may replace or that is free. A stopped rerun never replaces more results with fewer, nor other runs'."""
     p = Path(out_json)
     if done or not (p.exists() or p.is_symlink()):
         return out_json
@@ -381,7 +382,8 @@ def results_path(out_json: str, done: bool, scored: int = 0) -> str:
             return str(q)
         held = read_results(q)
         per_item = held.get("per_item") if held is not None else None
-        if isinstance(per_item, dict) and len(per_item) <= scored:
+        same = held is not None and (settings is None or held.get("settings") == settings)
+        if same and isinstance(per_item, dict) and len(per_item) <= scored:
             return str(q)
     raise OSError(errno.EEXIST, f"{MAX_PARTIAL_FILES} partial results files beside it hold more than this run")
 
@@ -513,7 +515,8 @@ class Evaluation:
             payload = self.payload()
             self.results_path = self.out_json  # named in the error line if no name can be found
             try:
-                self.results_path = target = results_path(self.out_json, self.status == "done", len(self.per_item))
+                self.results_path = target = results_path(self.out_json, self.status == "done", len(self.per_item),
+                                                          json.loads(json.dumps(payload.get("settings"))))
                 write_json(target, payload)
             except OSError as e:  # a full disk after hours of scoring: the results must still reach the user
                 write_error = e

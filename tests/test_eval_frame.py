@@ -385,4 +385,8 @@ def test_a_stopped_rerun_never_replaces_more_partial_results_with_fewer(tmp_path
     (tmp_path / "r.partial.3.json").write_text("the user's notes")  # not a results file: never replaced
     assert stopped_run(0) == tmp_path / "r.partial.4.json"
     assert (tmp_path / "r.partial.3.json").read_text() == "the user's notes"
+    # partial results of a run with other settings (--iters=2 where this one runs 16) are another run's: kept
+    other = json.loads((tmp_path / "r.partial.4.json").read_text())
+    (tmp_path / "r.partial.4.json").write_text(json.dumps({**other, "settings": {"iters": 2}}))
+    assert stopped_run(0) == tmp_path / "r.partial.5.json"
     assert len(json.loads(out.read_text())["per_item"]) == 3

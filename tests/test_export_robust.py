@@ -1055,3 +1055,45 @@ def test_without_file_locks_a_dead_claimer_of_another_namespace_is_never_silent(
     os.utime(ahead, (future, future))
     assert not ex.claim(vdir, 4)
     assert ex.claim_unjudged(vdir, 4) == "a claim of node7 dated 48.0 h ahead of this clock"
+
+
+def test_a_manifest_line_cut_short_by_a_full_disk_is_taken_back_and_fails_the_clip(tmp_path, monkeypatch):
+    """On a full disk one write of a manifest line can land only in part: the half line stayed without a word, the
+    clip was renamed into place, and the next line appended was glued to it (manifest.jsonl no longer JSON Lines).
+    The half line is now taken back and the clip fails with the full disk."""
+    import errno
+
+    from pips2.datasets import clips
+
+    clips.append_manifest(tmp_path, 1, {"scene": "a"})
+    before = (tmp_path / clips.MANIFEST).read_bytes()
+    real = os.write
+
+    def half(fd, data):
+        return real(fd, bytes(data)[: len(data) // 2])
+
+    monkeypatch.setattr(clips.os, "write", half)
+    with pytest.raises(OSError) as e:
+        clips.append_manifest(tmp_path, 2, {"scene": "b"})
+    assert e.value.errno == errno.ENOSPC
+    assert (tmp_path / clips.MANIFEST).read_bytes() == before
+
+
+def test_out_of_file_descriptors_is_one_line_naming_the_limit(synth_root, tmp_path, monkeypatch, capsys):
+    """Under `ulimit -n 13` the export's workers could not get their pipes: a 30-line traceback from os.pipe().
+    Now the summary, then one line naming this process's limit, exit 1; nothing half-written is left."""
+    import errno
+
+    from pips2.cli import export as export_cli
+    from pips2.utils import procs
+
+    def no_descriptors(self, *args, **kwargs):
+        raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+
+    monkeypatch.setattr(procs.WorkerPool, "run", no_descriptors)
+    with pytest.raises(SystemExit) as e:
+        export_cli.main(dataset_location=str(synth_root), out_dir=str(tmp_path), S=8, N=32, crop_size=(128, 192),
+                        quiet=True, max_clips=2, workers=2)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 1 and err[-1].startswith("error: too many open files: this process may open "), err
+    assert "Traceback" not in "\n".join(err)

@@ -10,6 +10,7 @@ The defaults (S=36, N=128, 256x384) are the clips stage-1 training reads with it
 
 from __future__ import annotations
 
+import errno
 import re
 import signal
 import sys
@@ -281,6 +282,10 @@ def _run(jobs: deque, workers: int, version_dir: Path, quiet: bool, signals: _Si
         stop = "interrupted"
     except Terminated as e:
         stop = f"terminated by {e.signame}"
+    except OSError as e:  # the workers' pipes and files need descriptors: this process's limit, not the data
+        if e.errno not in (errno.EMFILE, errno.ENFILE):
+            raise
+        stop = f"{TOO_MANY_FILES}: this process may open {descriptor_limit()} (raise `ulimit -n`)"
     finally:
         if stop is not None:  # a second signal must not break the clean-up
             signals.ignore()
@@ -306,6 +311,9 @@ def _run(jobs: deque, workers: int, version_dir: Path, quiet: bool, signals: _Si
           f"failed {counts['failed']}, held by other exporters {counts['busy']}{retried}; "
           f"{len(list_clips(version_dir))} clips in {version_dir}; "
           f"{dt:.1f} s ({(counts['written'] + counts['rewritten']) / max(dt, 1e-9):.2f} clips/s)"), flush=True)
+    if stop is not None and stop.startswith(TOO_MANY_FILES):
+        print(f"error: {stop}; the same command goes on from there", file=sys.stderr)
+        sys.exit(1)
     if stop == "interrupted":
         sys.exit(exit_code("SIGINT"))
     if stop is not None and stop.startswith("terminated by "):
@@ -335,6 +343,19 @@ def _run(jobs: deque, workers: int, version_dir: Path, quiet: bool, signals: _Si
     if n_jobs and counts["rejected"] == n_jobs:  # nothing written is no success
         print(printable(f"error: {_all_rejected(n_jobs, reasons, st)}"), file=sys.stderr)
         sys.exit(2)
+
+
+TOO_MANY_FILES = "too many open files"
+
+
+def descriptor_limit() -> str:
+    """This process's soft limit on open files, as a line names it."""
+    try:
+        import resource
+    except ImportError:
+        return "an unknown number"
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return "any number" if soft == resource.RLIM_INFINITY else str(soft)
 
 
 def cli() -> None:
