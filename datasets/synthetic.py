@@ -10,6 +10,7 @@ the front-most one at its pixel. Everything is deterministic given the seed.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import shutil
@@ -221,20 +222,26 @@ def _track(layers: list[Layer], uv: np.ndarray, lay: np.ndarray, t: int, label: 
     return xy, inside & (label[yi, xi] == lay + 1), depth
 
 
+def _imwrite(path: Path, image: np.ndarray, params: list[int] | None = None) -> None:
+    """cv2.imwrite, whose failure (a full disk) is only a False it returns: an OSError naming the file."""
+    if not cv2.imwrite(str(path), image, params or []):
+        raise OSError(errno.EIO, "the image could not be written (a full disk?)", str(path))
+
+
 def _write_frame(out: Path, t: int, img: np.ndarray, label: np.ndarray, depth: np.ndarray, palette: np.ndarray,
                  jpeg_quality: int) -> None:
     """rgbs/, masks/ (palette PNG), depths/ (uint16 PNG) and normals/ files of frame t."""
     H, W = label.shape
     rgb = np.clip(img + 0.5, 0, 255).astype(np.uint8)
-    cv2.imwrite(str(out / "rgbs" / f"rgb_{t:05d}.jpg"), rgb[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, jpeg_quality])
+    _imwrite(out / "rgbs" / f"rgb_{t:05d}.jpg", rgb[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, jpeg_quality])
     m = Image.fromarray(label, mode="P")
     m.putpalette(palette.reshape(-1).tolist())
     m.save(out / "masks" / f"mask_{t:05d}.png")
     depth16 = np.clip(depth * DEPTH_SCALE, 0, 65535).astype(np.uint16)
-    cv2.imwrite(str(out / "depths" / f"depth_{t:05d}.png"), depth16)
+    _imwrite(out / "depths" / f"depth_{t:05d}.png", depth16)
     normal = np.empty((H, W, 3), np.uint8)
     normal[:] = (255, 128, 128)  # BGR of a camera-facing normal (0, 0, 1)
-    cv2.imwrite(str(out / "normals" / f"normal_{t:05d}.png"), normal)
+    _imwrite(out / "normals" / f"normal_{t:05d}.png", normal)
 
 
 def _write_annotations(out: Path, cfg: SceneConfig, trajs: np.ndarray, visibs: np.ndarray, depth_pt: np.ndarray,

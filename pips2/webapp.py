@@ -615,6 +615,8 @@ class App:
         except WebError:
             raise
         except Exception as e:  # a decoder failing mid-stream: still one line about this file
+            if isinstance(e, OSError) and is_space_error(e):  # the server's disk, not the file
+                raise WebError(self.full_disk(name, "its page frames need room there"), 507) from None
             raise WebError(f"{name}: cannot decode ({one_line(e)})") from None
         if (decoded := len(preview)) < MIN_FRAMES:  # its header promised more than decode
             preview.close()
@@ -666,6 +668,15 @@ class App:
         for v in videos:
             self._drop(v)
 
+    def full_disk(self, name: str, why: str) -> str:
+        """The one line for the server's temporary folder full (answered 507): where, how much is free, and why
+        this request needs room there."""
+        try:
+            free = f"{shutil.disk_usage(self.work).free / 2**20:.0f} MB free"
+        except OSError:
+            free = "its free space unknown"
+        return f"{name}: the server's temporary folder ({self.work.parent}) is full ({free}): {why}"
+
     def add_upload(self, name: str, body, length: int, replaces: str | None = None) -> dict:
         """Store an uploaded video of `length` bytes read from `body` and open it; the file is deleted if it is
         not a video within the bounds."""
@@ -693,10 +704,8 @@ class App:
                 if not is_space_error(e):
                     raise
                 # while it arrives an upload is on this disk twice: waitress's spool and this copy
-                free = shutil.disk_usage(self.work).free
-                raise WebError(f"{name}: the server's temporary folder ({self.work.parent}) is full "
-                               f"({free / 2**20:.0f} MB free): an upload needs twice its size there while "
-                               f"it arrives", 507) from None
+                raise WebError(self.full_disk(name, "an upload needs twice its size there while it arrives"),
+                               507) from None
             with open(part, "rb") as f:
                 suffix = container_suffix(f.read(512))
             if suffix is None:  # a playlist or list file would have ffmpeg open other files
@@ -889,6 +898,8 @@ class App:
             job.stage, job.state, job.message = "cancelled", "cancelled", "cancelled"
         except (ValueError, VideoError, OSError, CheckpointError, WebError) as e:
             job.state, job.message = "error", one_line(e)
+            if isinstance(e, OSError) and is_space_error(e):
+                job.message = self.full_disk(job.video.name, "tracking decodes its frames and writes its results there")
         except Exception as e:  # the page gets one line; the console keeps the traceback for a bug report
             if job.cancel.is_set():  # e.g. ffmpeg ended by the Ctrl-C that stops the server
                 job.stage, job.state, job.message = "cancelled", "cancelled", "cancelled"

@@ -671,3 +671,27 @@ def test_synthetic_stopped_by_sigterm_says_so_and_the_same_command_goes_on(tmp_p
                                            "command writes the rest"), err
     res = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0 and len(list((tmp_path / "syn").glob("train/*/anno.npz"))) == 40, res.stderr
+
+
+def test_synthetic_scenes_on_a_full_disk_are_one_line_and_keep_the_finished(tmp_path, capsys, monkeypatch):
+    """A disk filling while make_synthetic_pod.py wrote a frame ended in two chained tracebacks; cv2.imwrite's
+    failure (a False it returns) went unnoticed. Now one line, exit 1; the finished scene stays, the half one
+    goes, and the same command makes the rest."""
+    from pips2.datasets import synthetic as syn
+
+    real, calls = syn.cv2.imwrite, []
+
+    def full_after_a_scene(path, image, params=()):
+        calls.append(path)
+        return False if len(calls) > 9 else real(path, image, params)  # 3 files a frame, 3 frames a scene
+
+    monkeypatch.setattr(syn.cv2, "imwrite", full_after_a_scene)
+    out = tmp_path / "syn"
+    code, _, err = _synth(capsys, out, W=64, H=48, T=3, n_points=20, train=2)
+    assert code == 1 and err.strip().splitlines()[-1:] == [
+        f"error: cannot write the scenes in {out} (the image could not be written (a full disk?)); the scenes "
+        f"finished are kept, the same command writes the rest once there is room"], err
+    assert sorted(p.name for p in (out / "train").iterdir()) == ["synth_0000"]
+    monkeypatch.undo()
+    code, stdout, err = _synth(capsys, out, W=64, H=48, T=3, n_points=20, train=2)
+    assert code == 0 and "summary: 2 scenes" in stdout, err

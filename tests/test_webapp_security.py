@@ -1036,3 +1036,11 @@ def test_a_full_temporary_folder_during_an_upload_is_one_line_and_leaves_nothing
     assert not list((server.app.work / "uploads").glob("*")) and server.app.videos == {}
     monkeypatch.undo()
     upload_ok(server.port, data)
+
+    def no_room_for_frames(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(webapp, "DecodedFrames", no_room_for_frames)  # the page frames of an opened video
+    with pytest.raises(webapp.WebError) as e:
+        server.app.add_upload("v.mp4", io.BytesIO(data), len(data))
+    assert e.value.status == 507 and "its page frames need room there" in str(e.value), e.value  # not "cannot decode"

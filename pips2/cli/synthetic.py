@@ -14,7 +14,8 @@ from pathlib import Path
 from pips2.datasets.pointodyssey import MAX_TRACK_ENTRIES, MAX_TRACKS
 from pips2.datasets.synthetic import SceneConfig, generate_dataset, record_settings, scene_dir
 from pips2.utils.cli import die, run_fire
-from pips2.utils.procs import Stopped, exit_code, stopping_on_signals
+from pips2.utils.paths import printable
+from pips2.utils.procs import Stopped, exit_code, is_space_error, stopping_on_signals
 from pips2.utils.video import MAX_IMAGE_PIXELS
 
 MIN_SIDE = 8  # pixels: an object is at least 8 px; the export crops and the models resize, so any size loads
@@ -105,6 +106,11 @@ def main(out: str = "./synthetic_pod", train: int = 8, val: int = 0, test: int =
         print(f"stopped by {name}: the scenes written so far are kept; the same command writes the rest",
               file=sys.stderr, flush=True)
         sys.exit(exit_code(name))
+    except OSError as e:  # a full disk: this machine, not the settings; the scene being made was removed
+        why = "no space left on device" if is_space_error(e) else (e.strerror or str(e)).lower()
+        print(printable(f"error: cannot write the scenes in {out} ({why}); the scenes finished are kept, the same "
+                        f"command writes the rest once there is room"), file=sys.stderr, flush=True)
+        sys.exit(1)
     print(f"summary: {len(paths)} scenes ({', '.join(f'{k} {v}' for k, v in splits.items())}) of {T} frames "
           f"{W}x{H} in {out}")
 
