@@ -14,6 +14,7 @@ import os
 import shutil
 import signal
 import socket
+import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -396,15 +397,31 @@ def mark_rejected(version_dir: Path, k: int, reason: str) -> None:
     """Remember a deterministic rejection so reruns skip it at once."""
     rdir = version_dir / ".rejected"
     rdir.mkdir(exist_ok=True)
-    tmp = rdir / f".{k}.{os.getpid()}"
-    tmp.write_text(reason)
-    os.replace(tmp, rdir / clip_name(k))
+    # a random name created exclusively: a predictable one in a shared export folder could be a planted link
+    fd, tmp = tempfile.mkstemp(prefix=f".{k}.", dir=rdir)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(reason)
+        os.replace(tmp, rdir / clip_name(k))
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+MAX_REASON_BYTES = 4096  # a rejection's reason is one line
 
 
 def rejected_reason(version_dir: Path, k: int) -> str | None:
-    """Why clip k was rejected by an earlier run, or None."""
+    """Why clip k was rejected by an earlier run, or None (also for anything there this program did not write: a
+    link, a FIFO, which are never followed or opened)."""
     p = version_dir / ".rejected" / clip_name(k)
-    return p.read_text() if p.is_file() else None
+    try:
+        fd = open_lock_file(p)
+    except OSError:
+        return None
+    try:
+        return os.read(fd, MAX_REASON_BYTES).decode(errors="replace")
+    finally:
+        os.close(fd)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from pips2.datasets.pointodyssey import SkipItem
 from pips2.datasets.tapvid import first_queries, strided_queries
+from pips2.hub import HubError, find_file
 from pips2.nets.pips2 import MIN_SIZE
 from pips2.tracking import MAX_ITERS, ArrayFrames, FrameSource, track, track_windows
 from pips2.utils import metrics, plots
@@ -365,6 +366,20 @@ def _on_signal(signum, _frame) -> None:
 
 
 MAX_PARTIAL_FILES = 1000  # <stem>.partial.<k>.json names tried before a stopped run's results go to stdout
+
+
+def checkpoint_of(init_dir: str | os.PathLike | None) -> dict | None:
+    """The checkpoint file --init_dir names now (a folder's newest), with its size and modification time, for a
+    results file's settings: two checkpoints of one folder (a run followed while it trains) are two runs, whose
+    partial results one must not replace with the other's. None for a hub name or nothing."""
+    if init_dir is None:
+        return None
+    try:
+        p = find_file(init_dir).resolve()
+        st = p.stat()
+    except (HubError, OSError):
+        return None
+    return {"file": str(p), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
 def results_path(out_json: str, done: bool, scored: int = 0, settings: dict | None = None) -> str:

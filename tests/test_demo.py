@@ -6,6 +6,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -709,3 +710,23 @@ def test_outputs_are_written_where_no_planted_link_can_redirect_them(tmp_path):
     assert victim.read_text() == "the user's"
     assert len(read_video(out / "tracks.mp4")) == 4 and json.loads((out / "r.json").read_text()) == {"a": 1}
     assert not [p for p in out.iterdir() if p.name.startswith(".tracks.tmp") and not p.is_symlink()]
+
+
+def test_the_synthetic_video_is_made_where_no_planted_link_can_redirect_it(tmp_path, ckpt, capsys):
+    """demo.py without --video made its synthetic video at `.synthetic.tmp.<host>.<pid>.<ns>.mp4` in --out_dir,
+    written by ffmpeg through any link planted at that name (the next pids are easy to guess). It is now made in a
+    private folder of a random name and renamed out."""
+    from pips2.cli.demo import SYNTHETIC_TEMP_HEAD
+    from pips2.utils.procs import pid_namespace
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("the user's")
+    out = tmp_path / "out"
+    out.mkdir()
+    host, ns = socket.gethostname(), pid_namespace()
+    for pid in range(os.getpid(), os.getpid() + 50):
+        (out / f"{SYNTHETIC_TEMP_HEAD}.{host}.{pid}.{ns}.mp4").symlink_to(victim)
+    res = run_main(demo.main, capsys, init_dir=str(ckpt), grid_size=1, S=8, iters=1, out_dir=str(out))
+    assert res.returncode == 0, res.stderr
+    assert victim.read_text() == "the user's" and not (out / "synthetic.mp4").is_symlink()
+    assert len(read_video(out / "synthetic.mp4")) > 0

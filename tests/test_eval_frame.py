@@ -390,3 +390,17 @@ def test_a_stopped_rerun_never_replaces_more_partial_results_with_fewer(tmp_path
     (tmp_path / "r.partial.4.json").write_text(json.dumps({**other, "settings": {"iters": 2}}))
     assert stopped_run(0) == tmp_path / "r.partial.5.json"
     assert len(json.loads(out.read_text())["per_item"]) == 3
+
+
+def test_results_name_the_checkpoint_a_folder_held_when_it_was_loaded(tmp_path):
+    """The settings named the --init_dir folder only: a run folder followed while it trains held another newest
+    checkpoint at each stopped evaluation, whose partial results then replaced the other model's as "the same
+    settings". They now name the file loaded, its size and time."""
+    folder = tmp_path / "run"
+    checkpoint.save(folder, 1, golden_model())
+    first = evaluation.checkpoint_of(folder)
+    assert first is not None and first["file"].endswith("model-000000001.pth") and first["bytes"] > 0
+    checkpoint.save(folder, 2, golden_model())  # the training's next save
+    second = evaluation.checkpoint_of(folder)
+    assert second is not None and second["file"].endswith("model-000000002.pth") and second != first
+    assert evaluation.checkpoint_of("pips2") is None and evaluation.checkpoint_of(None) is None  # a hub name

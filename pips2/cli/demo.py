@@ -38,7 +38,14 @@ from pips2.tracking import (
 from pips2.utils.checkpoint import CheckpointError, resolve_device
 from pips2.utils.cli import run_fire
 from pips2.utils.paths import make_dirs, remove_empty_dirs, same_file
-from pips2.utils.procs import Stopped, owner_tag, remove_dead_owned, stopping_on_signals
+from pips2.utils.procs import (
+    Stopped,
+    owned_tempdir,
+    remove_dead_owned,
+    remove_owned,
+    remove_stale_tempdirs,
+    stopping_on_signals,
+)
 from pips2.utils.safe_load import not_regular_problem
 from pips2.utils.video import VideoError, image_file_wh, video_info
 from pips2.utils.vis import OUTPUT_NAMES, write_outputs
@@ -215,6 +222,7 @@ def main(video: str | None = None, init_dir: str | None = None, points: str | No
     # the synthetic video is made under a temp name of this run and renamed with the outputs: a failed run
     # replaces nothing, and a synthetic.mp4 that is a link is replaced, not the file it names
     synthetic: Path | None = None
+    synth_dir: Path | None = None
     writing, code, done = False, 2, False
     installed: list[bool] = []  # the outputs are all in place (write_outputs says so before a held stop)
     late = 0  # the exit code of a stop that came once the outputs were in place
@@ -232,8 +240,12 @@ def main(video: str | None = None, init_dir: str | None = None, points: str | No
             if video:
                 video_path = shown_video = Path(video)
             else:
-                remove_dead_owned(out, SYNTHETIC_TEMP_HEAD, "mp4", dirs=False)
-                synthetic = out / f"{SYNTHETIC_TEMP_HEAD}.{owner_tag()}.mp4"
+                remove_dead_owned(out, SYNTHETIC_TEMP_HEAD, "mp4", dirs=False)  # earlier versions' temp files
+                remove_stale_tempdirs(SYNTHETIC_TEMP_HEAD, out)
+                # in a private folder (0700, a random name): a predictable name in a folder others may write to
+                # could be a planted link, which ffmpeg would write through
+                synth_dir = owned_tempdir(SYNTHETIC_TEMP_HEAD, out)
+                synthetic = synth_dir / SYNTHETIC_NAME
                 video_path, shown_video = synthetic_video(synthetic), out / SYNTHETIC_NAME
             queries, num_frames, H, W, fps = prepare(video_path, points, grid_size, query_frame, mask)
             if model == "pips2":  # a video too large to track at its size, or for TMPDIR at it: refused now
@@ -271,9 +283,9 @@ def main(video: str | None = None, init_dir: str | None = None, points: str | No
             if isinstance(e, CheckpointError) and e.local:  # this machine (its memory), not the file
                 code = 1
         finally:
+            if synth_dir is not None:  # the video renamed out of it, or not wanted: the folder goes
+                remove_owned(synth_dir)
             if not done:  # a run refused or stopped leaves nothing of its own behind
-                if synthetic is not None:
-                    synthetic.unlink(missing_ok=True)
                 remove_empty_dirs(made)
     if not done:
         print(f"error: {msg}", file=sys.stderr, flush=True)

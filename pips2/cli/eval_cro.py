@@ -61,7 +61,7 @@ def main(dataset_location: str = "../datasets/crohd", dset: str = "train", clip_
         die(f"{split}: no sequence folders (expected <root>/HT21/<split>/<seq>/img1)")
     settings = dict(dataset_location=str(dataset_location), dset=dset, clip_len=clip_len, S=S, N=N, iters=iters,
                     image_size=list(model_hw), init_dir=str(init_dir), max_clips=max_clips, amp=amp,
-                    point_batch=point_batch, device=str(dev))
+                    point_batch=point_batch, device=str(dev), checkpoint=evaluation.checkpoint_of(init_dir))
     run = evaluation.Evaluation(f"CroHD {dset}", "clips", Path(str(init_dir)).name or str(init_dir), settings,
                                 out_json)
     clips = []

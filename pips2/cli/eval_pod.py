@@ -91,7 +91,8 @@ def main(dataset_location: str = "../datasets/pointodyssey", dset: str = "test",
         die(e)
     settings = dict(dataset_location=str(dataset_location), dset=dset, S=S, N=N, iters=iters,
                     image_size=list(model_hw), init_dir=None if zero_vel else str(init_dir), zero_vel=zero_vel,
-                    max_scenes=max_scenes, amp=amp, point_batch=point_batch, device=str(dev))
+                    max_scenes=max_scenes, amp=amp, point_batch=point_batch, device=str(dev),
+                    checkpoint=None if zero_vel else evaluation.checkpoint_of(init_dir))
     run = evaluation.Evaluation(f"PointOdyssey {dset}", "sequences",
                                 "zero-velocity" if zero_vel else Path(str(init_dir)).name or str(init_dir),
                                 settings, out_json)

@@ -145,7 +145,8 @@ def main(dataset_location: str = "../datasets/tapvid/tapvid_davis.pkl", S: int =
     settings = dict(dataset_location=str(dataset_location), model=model, init_dir=init_dir, S=S, iters=iters,
                     image_size=None if lbm else list(model_hw), modes=mode_list, max_videos=max_videos, amp=amp,
                     point_batch=point_batch, device=str(dev),
-                    memory_size=net.memory_size if lbm else None, resize_to_256=resize_to_256 if lbm else None)
+                    memory_size=net.memory_size if lbm else None, resize_to_256=resize_to_256 if lbm else None,
+                    checkpoint=evaluation.checkpoint_of(init_dir))
     title = "TAP-Vid AJ, delta^x, OA (256x256)" if lbm else "TAP-Vid delta^x (visible points, 256x256)"
     run = evaluation.Evaluation(Path(dataset_location).stem, "videos", Path(str(init_dir or "reference_model")).name,
                                 settings, out_json, tapvid_title=title)
