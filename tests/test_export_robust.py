@@ -1097,3 +1097,23 @@ def test_out_of_file_descriptors_is_one_line_naming_the_limit(synth_root, tmp_pa
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 1 and err[-1].startswith("error: too many open files: this process may open "), err
     assert "Traceback" not in "\n".join(err)
+
+
+def test_a_rejection_record_is_written_and_read_where_no_planted_link_can_redirect_it(tmp_path):
+    """A rejected clip's record went through `.rejected/.<k>.<pid>`, a predictable name written following links:
+    in a group-shared export folder a member made the exporter write the reason over any file it could write, and
+    the link was renamed into place, its target read back as a reason. The record now gets a random name created
+    exclusively, and a link in its place is never read."""
+    from pips2.datasets import export as ex
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("the user's")
+    vdir = tmp_path / "v"
+    rdir = vdir / ".rejected"
+    rdir.mkdir(parents=True)
+    for pid in range(os.getpid(), os.getpid() + 20):
+        (rdir / f".7.{pid}").symlink_to(victim)
+    ex.mark_rejected(vdir, 7, "too few tracks")
+    assert victim.read_text() == "the user's" and ex.rejected_reason(vdir, 7) == "too few tracks"
+    (rdir / ex.clip_name(8)).symlink_to(victim)  # planted as a record: not read, not taken as a rejection
+    assert ex.rejected_reason(vdir, 8) is None
