@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import errno
 import functools
 import hmac
 import json
@@ -44,6 +45,7 @@ import secrets
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import threading
@@ -257,7 +259,7 @@ class DecodedFrames(FrameSource):
     def __init__(self, path: Path, resize_to: Callable[[tuple[int, int]], tuple[int, int]], folder: Path,
                  max_bytes: int, what: str, check: Callable[[], None] | None = None):
         super().__init__(0, (0, 0), (0, 0))
-        folder.mkdir(parents=True, exist_ok=True)
+        folder.mkdir(mode=0o700, exist_ok=True)  # in the server's own folder (App.own_folder), never remade by name
         self.file = folder / f"{uuid.uuid4().hex[:12]}.frames"
         self.store = None
         frames = iter_frames(path)
@@ -608,6 +610,7 @@ class App:
             self.check_size(name, frames, default_model_hw((H, W)), " (at the size PIPs++ tracks it)")
             with self.open_lock:
                 self._stopping()
+                self.own_folder(self.work / "previews")
                 preview = DecodedFrames(path, lambda src_hw: preview_hw(src_hw, frames), self.work / "previews",
                                         MAX_PREVIEW_BYTES, name, self._stopping)
         except VideoError as e:
@@ -668,6 +671,19 @@ class App:
         for v in videos:
             self._drop(v)
 
+    def own_folder(self, folder: Path) -> None:
+        """Make `folder`, inside the server's private folder, which must still be there, its own (mode 0700): a
+        temp cleaner may have removed it, and remaking it by name (parents=True) wrote the user's frames and results
+        into a folder another user had made under that name."""
+        try:
+            st = os.lstat(self.work)
+            if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
+                raise FileNotFoundError(errno.ENOENT, "not this server's folder")
+        except OSError:
+            raise WebError(f"the server's temporary folder {self.work} is gone (a temp cleaner?) or no longer its "
+                           f"own; restart the server", 503) from None
+        folder.mkdir(mode=0o700, exist_ok=True)
+
     def full_disk(self, name: str, why: str) -> str:
         """The one line for the server's temporary folder full (answered 507): where, how much is free, and why
         this request needs room there."""
@@ -688,7 +704,7 @@ class App:
             raise WebError(f"{name}: empty file")
         self.forget(replaces)
         part = self.work / "uploads" / f"{uuid.uuid4().hex[:12]}.part"
-        part.parent.mkdir(parents=True, exist_ok=True)
+        self.own_folder(part.parent)
         path = part
         try:
             left = length
@@ -824,7 +840,7 @@ class App:
             self.jobs[job_id] = job
             job.thread = threading.Thread(target=self._run, args=(job, q, choice, backward, S, iters),
                                           daemon=True, name=f"track-{job_id}")
-        job.out_dir.mkdir(parents=True)
+        self.own_folder(job.out_dir)
         self._evict()
         job.thread.start()
         return {"job": job_id}
@@ -867,6 +883,7 @@ class App:
                 job.check()
                 job.done += 1
 
+            self.own_folder(self.work / "frames")
             src = DecodedFrames(job.video.path, lambda _: model_hw, self.work / "frames", self.max_decoded,
                                 job.video.name, decoded)
             total = tracking_steps(q[:, 0].astype(int), len(src), S, backward, lbm)

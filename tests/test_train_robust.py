@@ -19,7 +19,7 @@ from pips2 import trainer
 from pips2.cli import train
 from pips2.datasets.export import list_clips
 from pips2.utils import checkpoint as ck
-from pips2.utils.procs import guarded_output
+from pips2.utils.procs import guarded_output, usable_cpus
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(B=1, S=6, N=8, crop_size="128,192", iters=2, workers=0, log_freq=1, device="cpu")
@@ -613,6 +613,8 @@ def test_unknown_amp_is_one_line(exported, tmp_path):
     ({"max_nan_steps": 0}, "--max_nan_steps must be at least 1, got 0"),
     ({"keep_latest": -1}, "--keep_latest must be at least 0, got -1"),
     ({"workers": -2}, "--workers must be at least 0, got -2"),
+    ({"workers": 100000}, f"--workers must be at most {4 * usable_cpus()} (4 per CPU core this process may use), "
+                          f"got 100000"),  # ~780 processes and 5.2 GB in 24 s
     ({"seed": -1}, "--seed must be at least 0, got -1"),
     ({"seed": 2**40}, f"--seed must be at most {2**32 - 1}, got {2**40}"),
     ({"use_augs": "yes"}, "--use_augs must be True or False, got 'yes'"),

@@ -1044,3 +1044,25 @@ def test_a_full_temporary_folder_during_an_upload_is_one_line_and_leaves_nothing
     with pytest.raises(webapp.WebError) as e:
         server.app.add_upload("v.mp4", io.BytesIO(data), len(data))
     assert e.value.status == 507 and "its page frames need room there" in str(e.value), e.value  # not "cannot decode"
+
+
+def test_a_temporary_folder_removed_under_the_server_is_never_remade_by_name(server, video):
+    """A temp cleaner removed the server's private folder while it ran: the server remade it by name (mode 0755,
+    no lock), and where another user had made that name first (mode 0777) it wrote the user's frames, previews and
+    results into the attacker's folder. It now refuses, saying to restart."""
+    import io
+    import shutil as sh
+
+    data = video.read_bytes()
+    work = server.app.work
+    sh.rmtree(work)
+    for made in (None, 0o777):  # gone; then remade by someone else, open to all
+        if made is not None:
+            work.mkdir()
+            os.chmod(work, made)
+        with pytest.raises(webapp.WebError) as e:
+            server.app.add_upload("v.mp4", io.BytesIO(data), len(data))
+        assert e.value.status == 503 and "is gone (a temp cleaner?) or no longer its own; restart" in str(e.value)
+        assert not list(work.glob("*")) if work.exists() else True
+    sh.rmtree(work)
+    work.mkdir(mode=0o700)  # as the fixture's teardown expects to find it

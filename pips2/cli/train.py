@@ -40,6 +40,7 @@ from pips2.trainer import Config, fail, run_stage
 from pips2.utils import checkpoint as ck
 from pips2.utils.amp import amp_dtype
 from pips2.utils.cli import aliased, flag_kind, parse_hw, run_fire
+from pips2.utils.procs import usable_cpus
 
 # re-exported: tests and benchmarks call the step's semantics as train.<name>
 __all__ = ["Config", "forward_loss", "init_estimates", "lbm_forward_loss", "main", "make_config", "maybe_transpose",
@@ -134,6 +135,10 @@ def check_values(values: dict) -> dict:
             raise ValueError(f"--{name} must be at least {low}, got {out[name]}")
     if out.get("iters", 0) > MAX_ITERS:  # each step is one more pass of the update network, forward and back
         raise ValueError(f"--iters must be at most {MAX_ITERS}, got {out['iters']}")
+    most = 4 * usable_cpus()  # each loader worker is a process holding its own batches (~450 MB at stage 1)
+    if out.get("workers", 0) > most:  # --workers=100000 forked ~780 processes and 5.2 GB in 24 s
+        raise ValueError(f"--workers must be at most {most} (4 per CPU core this process may use), got "
+                         f"{out['workers']}")
     if out.get("grad_acc", 1) > MAX_GRAD_ACC:
         raise ValueError(f"--grad_acc must be at most {MAX_GRAD_ACC}, got {out['grad_acc']}")
     if out.get("seed", 0) > MAX_SEED:
