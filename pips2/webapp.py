@@ -682,7 +682,10 @@ class App:
         except OSError:
             raise WebError(f"the server's temporary folder {self.work} is gone (a temp cleaner?) or no longer its "
                            f"own; restart the server", 503) from None
-        folder.mkdir(mode=0o700, exist_ok=True)
+        here = self.work
+        for part in folder.relative_to(self.work).parts:  # each level made here, none through a link
+            here = here / part
+            here.mkdir(mode=0o700, exist_ok=True)
 
     def full_disk(self, name: str, why: str) -> str:
         """The one line for the server's temporary folder full (answered 507): where, how much is free, and why
