@@ -14,14 +14,13 @@ from __future__ import annotations
 import errno
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
 from pips2.utils.cli import parse_hw
-from pips2.utils.paths import write_json
+from pips2.utils.paths import temp_beside, write_json
 from pips2.utils.safe_load import UnsafeFileError, load_npz
 from pips2.utils.video import VideoError, read_clip
 
@@ -78,9 +77,7 @@ def write_settings(version_dir: Path, st: ClipSettings, source: dict | None = No
     path = Path(version_dir) / SETTINGS
     if path.exists():
         return False
-    fd, name = tempfile.mkstemp(prefix=f".{SETTINGS}.", suffix=".tmp", dir=path.parent)  # a random name: no
-    os.close(fd)  # link planted at a predictable one is written through
-    tmp = Path(name)
+    tmp = temp_beside(path)
     try:
         write_json(tmp, {**st.to_dict(), **({SOURCE_KEY: source} if source is not None else {})})
         os.link(tmp, path)

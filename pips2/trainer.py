@@ -59,6 +59,7 @@ from pips2.utils.procs import (
     STOP_SIGNALS,
     caught_stop_signals,
     detach_from_closed_terminal,
+    error_line,
     is_space_error,
     os_error_in,
     out_of_memory,
@@ -1049,6 +1050,11 @@ def _event_thread_alive(writer: SummaryWriter) -> bool:
     return not isinstance(worker, threading.Thread) or worker.is_alive()
 
 
+def _log_failure(e: BaseException | None) -> str:
+    """Why writing the TensorBoard log failed, as its warning says it."""
+    return "no space left on device" if e is not None and is_space_error(e) else f"{type(e).__name__}: {e}"
+
+
 LOG_WAIT_S = 10.0  # an event waits this long for room in the TensorBoard writer's queue, then logging stops
 LOG_CLOSE_S = 30.0  # the TensorBoard log's last flush and close may take this long, then it is left as it is
 
@@ -1089,9 +1095,7 @@ class Logger:
         """threading.excepthook while the log is open: the error that ended TensorBoard's writing thread (a full
         log disk) is kept for one warning line; any other thread's goes to the usual hook."""
         if type(args.thread).__name__ == "_EventLoggerThread":
-            e = args.exc_value
-            self.event_error = ("no space left on device" if e is not None and is_space_error(e)
-                                else f"{type(e).__name__}: {e}")
+            self.event_error = _log_failure(args.exc_value)
             return
         (self._excepthook or threading.__excepthook__)(args)
 
@@ -1143,8 +1147,7 @@ class Logger:
             if closing.is_alive():
                 self._drop(f"its folder did not answer for {LOG_CLOSE_S:.0f} s")
             elif failed:
-                e = failed[0]
-                self._drop("no space left on device" if is_space_error(e) else f"{type(e).__name__}: {e}")
+                self._drop(_log_failure(failed[0]))
         self._writer = None
         if self._excepthook is not None:
             threading.excepthook, self._excepthook = self._excepthook, None
@@ -1309,8 +1312,7 @@ def run_stage(cfg: Config) -> tuple[Path, torch.nn.Module]:
             raise
         last = ck.list_checkpoints(Path(cfg.ckpt_dir) / cfg.name())
         since = f"the same command resumes from {last[-1][1]}" if last else "no checkpoint was saved yet"
-        what = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-        print(f"{cfg.name()}: out of memory on this machine ({what}); {since} once more memory is free, and a "
+        print(f"{cfg.name()}: out of memory on this machine ({error_line(e)}); {since} once more memory is free, and a "
               f"smaller --B, --N or --crop_size needs less (docs/BENCHMARKS.md has measured sizes)", file=sys.stderr,
               flush=True)
         raise SystemExit(1) from None

@@ -16,15 +16,14 @@ import fire
 import fire.parser
 
 from pips2.utils.paths import printable
-from pips2.utils.procs import guarded_output, out_of_memory
+from pips2.utils.procs import error_line, guarded_output, out_of_memory
 
 
 def die(msg, code: int | None = None) -> NoReturn:
     """Bad flags or input: one line on stderr, exit code 2 (1 for an error of this machine rather than of the
     input: an exception whose `local` is true, such as a checkpoint that memory could not hold; `code` when the
-    caller knows it). Control
-    characters are escaped: the line quotes names read from data folders and files, which must not drive the
-    terminal (utils/paths.printable)."""
+    caller knows it). Control characters are escaped: the line quotes names read from data folders and files,
+    which must not drive the terminal (utils/paths.printable)."""
     print(printable(f"error: {msg}"), file=sys.stderr, flush=True)
     sys.exit(code if code is not None else 1 if getattr(msg, "local", False) else 2)
 
@@ -194,7 +193,6 @@ def run_fire(main: Callable, prog: str | None = None, argv: list[str] | None = N
             if not out_of_memory(e):
                 raise
             # this machine's limit (ulimit -v, a cgroup), not a bug: what was done is already saved by the job
-            what = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-            print(printable(f"error: {prog}: out of memory on this machine ({what}); a smaller size, fewer points "
-                            f"or frames at once, or more memory"), file=sys.stderr, flush=True)
+            print(printable(f"error: {prog}: out of memory on this machine ({error_line(e)}); a smaller size, fewer "
+                            f"points or frames at once, or more memory"), file=sys.stderr, flush=True)
             sys.exit(1)

@@ -46,6 +46,14 @@ def write_json(path: str | os.PathLike, payload: dict) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def temp_beside(path: Path) -> Path:
+    """A new empty file of a random name (created exclusively) beside `path`, to be written and renamed over it: a
+    predictable temp name in a folder others may write to could be a link planted to redirect the write."""
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    return Path(name)
+
+
 def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
     """Whether writing `a` would replace the file `b`: the same path once links are resolved, or another hard link
     of it."""

@@ -9,13 +9,13 @@ model beside zero-velocity). matplotlib is imported only when a figure is drawn,
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 
 from pips2.utils import metrics
+from pips2.utils.paths import temp_beside
 
 Curves = dict[str, list[float]]
 FIG_INCHES = (9.0, 3.2)  # per dataset row; at DPI this is a 900x320 px panel pair
@@ -97,9 +97,7 @@ def save_png(datasets: dict[str, dict[str, Curves]], path: str | os.PathLike, ti
     plt = _pyplot()
     path = Path(path)
     fig = figure(datasets, title)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)  # a random name: no
-    os.close(fd)  # link planted at a predictable one is written through
-    tmp = Path(name)
+    tmp = temp_beside(path)
     try:
         fig.savefig(tmp, format="png", dpi=DPI)
         os.replace(tmp, path)

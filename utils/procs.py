@@ -58,6 +58,12 @@ def out_of_memory(e: BaseException) -> bool:
     return isinstance(e, RuntimeError) and OUT_OF_MEMORY.search(str(e)) is not None
 
 
+def error_line(e: BaseException, limit: int = 160) -> str:
+    """The first line of an error's text (its type's name when it has none), cut to `limit` characters: what a
+    one-line message quotes of it (torch's allocator errors run over several lines)."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:limit]
+
+
 def caught_stop_signals() -> tuple[signal.Signals, ...]:
     """STOP_SIGNALS not ignored by whoever started this process (nohup's SIGHUP, a background job's SIGINT)."""
     return tuple(s for s in STOP_SIGNALS if signal.getsignal(s) is not signal.SIG_IGN)
@@ -531,9 +537,9 @@ class NotARegularFile(OSError):
 
 
 def open_lock_file(path: str | os.PathLike, flags: int = os.O_RDONLY) -> int:
-    """os.open of a lock or claim file: a regular file, never blocking and never following a symlink
-    (NotARegularFile otherwise), as such files in shared folders may have been planted there. (Data files are
-    opened by utils/safe_load.open_regular, which follows links.)"""
+    """os.open of a lock, claim or record file this project keeps in a folder others may write to: a regular file,
+    never blocking and never following a symlink (NotARegularFile otherwise), as one there may have been planted.
+    (Data files are opened by utils/safe_load.open_regular, which follows links.)"""
     try:
         fd = os.open(path, flags | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_NOCTTY)
     except OSError as e:
