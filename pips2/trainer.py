@@ -22,6 +22,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 from types import FrameType
 from typing import Any, NoReturn
@@ -59,6 +60,7 @@ from pips2.utils.procs import (
     STOP_SIGNALS,
     caught_stop_signals,
     detach_from_closed_terminal,
+    die_with_parent,
     error_line,
     is_space_error,
     os_error_in,
@@ -346,12 +348,15 @@ class StopRequest:
             self.writing = False
 
 
-def loader_worker_init(worker_id: int) -> None:
+def loader_worker_init(worker_id: int, parent: int | None = None) -> None:
     """DataLoader workers leave SIGINT and SIGTERM to the training process, which stops at a step boundary and
     then shuts them down: a worker killed by a terminal's Ctrl-C or a scheduler's SIGTERM to the process group
-    would fail the step in progress instead."""
+    would fail the step in progress instead. They end with the training process (`parent`) however it ends: one
+    stopped while it still starts them, or killed, cannot shut them down."""
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
+    if parent is not None:
+        die_with_parent(parent)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -860,7 +865,7 @@ def make_loader(base, cfg: Config, start_ordinal: int, ranks: Ranks, seed_offset
     sampler = OrdinalSampler(start_ordinal, ranks.rank, ranks.world)
     return DataLoader(data, batch_size=cfg.B, sampler=sampler, num_workers=cfg.workers,
                       persistent_workers=cfg.workers > 0, prefetch_factor=2 if cfg.workers > 0 else None,
-                      worker_init_fn=loader_worker_init if cfg.workers > 0 else None)
+                      worker_init_fn=partial(loader_worker_init, parent=os.getpid()) if cfg.workers > 0 else None)
 
 
 def shut_down_workers(it: object) -> None:

@@ -22,6 +22,7 @@ from pips2.cli import train
 from pips2.datasets.export import list_clips
 from pips2.datasets.training import DataGoneError
 from pips2.utils import checkpoint as ck
+from pips2.utils.procs import pid_alive
 
 ROOT = Path(__file__).resolve().parents[1]
 # four short steps, each far shorter than the wait below; a step-1 save does not exist, so the checkpoint a stop
@@ -674,3 +675,51 @@ def test_a_signal_in_the_last_step_says_the_run_is_complete(exported, tmp_path, 
     assert capsys.readouterr().out.strip().splitlines()[-1] == (
         f"{cfg.name()}: stopped by SIGTERM after its last step, 000003/3; saved {ckdir / ck.ckpt_name(3)}; the run "
         f"is complete (the same command goes on with any stage after it)")
+
+
+_SLOW_LOADER = """
+import sys, time, types
+from pips2 import trainer
+
+class Slow:  # a base whose clips take long to load: the workers are busy inside a sample when the parent dies
+    def __len__(self):
+        return 4
+
+    def sample(self, i, rng):
+        time.sleep(120)
+
+cfg = types.SimpleNamespace(seed=0, shuffle=False, B=1, workers=2)
+it = iter(trainer.make_loader(Slow(), cfg, 0, types.SimpleNamespace(rank=0, world=1)))
+print("started", flush=True)
+time.sleep(120)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux's parent-death signal")
+def test_loader_workers_end_with_a_killed_training_process():
+    """A training process killed (SIGKILL), or stopped while it still starts its loader workers, cannot shut them
+    down. Before, workers busy loading a clip lived on as orphans (torch's own check of their parent runs only
+    between clips), each holding the training process's memory; now Linux kills them with their parent."""
+    proc = subprocess.Popen([sys.executable, "-c", _SLOW_LOADER], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    workers: list[int] = []
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "started"
+        deadline = time.monotonic() + 30
+        while len(workers) < 2 and time.monotonic() < deadline:
+            workers = _children(proc.pid)
+            time.sleep(0.1)
+        assert len(workers) == 2, workers
+        time.sleep(1)  # both inside their first sample
+        proc.kill()
+        proc.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while any(pid_alive(w) for w in workers) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(pid_alive(w) for w in workers), "loader workers outlived their killed parent"
+    finally:
+        proc.kill()
+        for w in workers:
+            try:
+                os.kill(w, signal.SIGKILL)
+            except OSError:
+                pass

@@ -3,6 +3,7 @@ processes that survives the death of one."""
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import multiprocessing as mp
 import os
@@ -261,6 +262,24 @@ def process_start(pid: int) -> int | None:
         return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
     except (OSError, IndexError, ValueError):
         return None
+
+
+PR_SET_PDEATHSIG = 1  # prctl(2): the signal this process gets when the thread that forked it ends
+
+
+def die_with_parent(parent: int) -> None:
+    """Have Linux SIGKILL this process when `parent` (the process that started it) ends, however it ends; exit now
+    if it already has. A worker that holds nothing to save uses it: a parent stopped by SIGKILL, or stopped while
+    it was still starting its workers, cannot shut them down itself, and they would live on as orphans."""
+    if sys.platform != "linux":
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+    except (OSError, AttributeError):  # no prctl here: the worker's own checks of its parent remain
+        return
+    if os.getppid() != parent:  # the parent ended before the request was in place
+        os._exit(1)
 
 
 def is_space_error(exc: BaseException) -> bool:
