@@ -100,6 +100,7 @@ from pips2.utils.video import (
     FFMPEG_INPUT,
     VideoError,
     container_suffix,
+    ffmpeg_file,
     header_wh,
     iter_frames,
 )
@@ -355,14 +356,14 @@ def video_header(path: Path) -> tuple[int, int, int, float, float]:
     ffmpeg copies the video stream's packets to nowhere and counts those it finds (a file cut short has fewer
     than its duration says). VideoError (naming `path`) if it is no video."""
     try:
-        reader = imageio_ffmpeg.read_frames(str(path), pix_fmt="rgb24", input_params=FFMPEG_INPUT)
+        reader = imageio_ffmpeg.read_frames(ffmpeg_file(path), pix_fmt="rgb24", input_params=FFMPEG_INPUT)
         try:
             meta = next(reader)  # parsed from ffmpeg's description of the input, before any frame is read
         finally:
             reader.close()
         w, h = (int(v) for v in meta["size"])
         run = subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-nostdin", *FFMPEG_INPUT, "-i",
-                              str(path), "-map", "0:v:0", "-c", "copy", "-f", "null", "-"],
+                              ffmpeg_file(path), "-map", "0:v:0", "-c", "copy", "-f", "null", "-"],
                              capture_output=True, text=True, errors="replace", timeout=PROBE_SECONDS,
                              start_new_session=True)  # a Ctrl-C of the server is the server's to handle
     except subprocess.TimeoutExpired:

@@ -474,3 +474,19 @@ def test_write_mp4_says_when_ffmpeg_could_not_finish_and_leaves_no_broken_file(t
         with pytest.raises(OSError) as e:
             write_mp4(link, frames[:4])
         assert e.value.errno == errno.ENOSPC and link.is_symlink(), e.value
+
+
+@pytest.mark.parametrize("name", ["x:1.mp4", "pipe:1.mp4"])
+def test_names_ffmpeg_reads_as_protocols_are_files(name, tmp_path, monkeypatch):
+    """ffmpeg takes a relative name with a colon for a protocol (`x:1.mp4` is protocol `x`, `pipe:1.mp4` standard output).
+    Before, writing one failed after the work (or wrote to standard output), and a good file of that name was
+    'cannot read video'. Every path now reaches ffmpeg as the file it names."""
+    monkeypatch.chdir(tmp_path)
+    frames = np.random.default_rng(0).integers(0, 255, (5, 32, 48, 3), dtype=np.uint8)
+    write_mp4(name, frames, fps=10)
+    assert (tmp_path / name).stat().st_size > 0
+    for backend in ("cv2", "imageio"):
+        assert read_video(name, backend=backend).shape == (5, 32, 48, 3)
+    assert video_info(name)[:3] == (5, 32, 48)
+    assert frame_rate(name) == 10
+    assert len(list(iter_frames(name))) == 5

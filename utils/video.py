@@ -270,6 +270,13 @@ def _remove_partial(path: str | os.PathLike) -> None:
         pass
 
 
+def ffmpeg_file(path: str | os.PathLike) -> str:
+    """A path as ffmpeg must be given it to read or write that file: ffmpeg takes a name such as `a:b.mp4`
+    (relative, with a colon) as the protocol `a`, and `-` or `pipe:` as a stream, so it gets `file:` and the
+    absolute path."""
+    return "file:" + os.path.abspath(path)
+
+
 def write_mp4(path: str | os.PathLike, frames: Iterable[np.ndarray] | np.ndarray, fps: float | Fraction = 24,
               crf: int = 20, preset: str = "medium") -> None:
     """Encode uint8 RGB frames (H,W,3) to H.264/yuv420p mp4 through a pipe: no temporary images. fps may be a
@@ -292,7 +299,7 @@ def write_mp4(path: str | os.PathLike, frames: Iterable[np.ndarray] | np.ndarray
     # which write_frames closed without a word
     cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-y", "-f", "rawvideo", "-vcodec", "rawvideo", "-s", f"{w}x{h}",
            "-pix_fmt", "rgb24", "-r", str(rate), "-i", "-", "-an", "-vcodec", "libx264", "-pix_fmt", "yuv420p",
-           "-v", "error", "-crf", str(crf), "-preset", preset, str(path)]
+           "-v", "error", "-crf", str(crf), "-preset", preset, ffmpeg_file(path)]
     with tempfile.TemporaryFile() as log:
         # its own session: a Ctrl-C at the terminal reaches this program only, which then stops ffmpeg itself
         proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=log,
@@ -454,7 +461,7 @@ def count_frames(path: str | os.PathLike, timeout: float | None = None) -> int:
     """The frames of a video's first video stream, counted by decoding them (ffmpeg, FFMPEG_INPUT); RuntimeError
     with ffmpeg's last line if it cannot read the file."""
     res = subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-nostdin", *FFMPEG_INPUT, "-i",
-                          str(path), "-map", "0:v:0", "-vf", "null", "-f", "null", "-"],
+                          ffmpeg_file(path), "-map", "0:v:0", "-vf", "null", "-f", "null", "-"],
                          capture_output=True, text=True, errors="replace", timeout=timeout)
     counts = re.findall(r"frame=\s*(\d+)", res.stderr)
     if res.returncode != 0 or not counts:
@@ -478,7 +485,7 @@ def _stream_kinds(path: str | os.PathLike) -> set[str] | None:
     """The kinds of stream ffmpeg finds in a file ({'Video', 'Audio', ...}), or None if it cannot open it."""
     try:
         res = subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-nostdin", *FFMPEG_INPUT, "-i",
-                              str(path)],
+                              ffmpeg_file(path)],
                              capture_output=True, text=True, errors="replace", timeout=60)
     except (OSError, subprocess.TimeoutExpired):
         return None
@@ -532,7 +539,7 @@ def _frames(path: str | os.PathLike, backend: str) -> Generator[tuple[int, int] 
     if why:
         raise VideoError(f"{path}: {why}; {REMUX_HINT}")
     if backend == "cv2":
-        cap = cv2.VideoCapture(str(path))
+        cap = cv2.VideoCapture(os.path.abspath(path))
         try:
             if not cap.isOpened():
                 raise VideoError(f"{path}: cannot open video")
@@ -547,7 +554,7 @@ def _frames(path: str | os.PathLike, backend: str) -> Generator[tuple[int, int] 
         return
     # each decoded frame once, as OpenCV and the frame count of video_info see them: by default ffmpeg would repeat
     # or drop frames of a variable-frame-rate video (a phone's) to make a constant rate
-    reader = imageio_ffmpeg.read_frames(str(path), pix_fmt="rgb24", input_params=FFMPEG_INPUT,
+    reader = imageio_ffmpeg.read_frames(ffmpeg_file(path), pix_fmt="rgb24", input_params=FFMPEG_INPUT,
                                         output_params=["-fps_mode", "passthrough"])
     try:
         try:
@@ -600,7 +607,7 @@ def video_info(path: str | os.PathLike) -> tuple[int, int, int, float]:
         of = f"{n} of the {declared} frames its header declares decode" if declared else f"{n} frames decode"
         raise VideoError(f"{path}: cut short ({where}): {of}; {REMUX_HINT if n else 're-download or re-copy it'}")
     try:
-        reader = imageio_ffmpeg.read_frames(str(path), pix_fmt="rgb24", input_params=FFMPEG_INPUT)
+        reader = imageio_ffmpeg.read_frames(ffmpeg_file(path), pix_fmt="rgb24", input_params=FFMPEG_INPUT)
         meta = next(reader)
         reader.close()
     except Exception as e:
@@ -626,7 +633,7 @@ def frame_rate(path: str | os.PathLike) -> Fraction | None:
     """The average frame rate of a video's first video stream as its container gives it, exactly as a fraction
     (30000/1001, 25/2; for a variable-rate video its frames over its duration), or None when it gives none (or
     the file cannot be opened)."""
-    cap = cv2.VideoCapture(str(path))
+    cap = cv2.VideoCapture(os.path.abspath(path))
     try:
         fps = cap.get(cv2.CAP_PROP_FPS) if cap.isOpened() else 0.0
     finally:
