@@ -3,7 +3,9 @@
 For each clip size a synthetic mp4 is made (moving textured layers; the content does not change the time), and
 `track()` runs on it under each setting, with the same queries (a grid of `points` on frame 0):
 
-    default   the authors' settings in float32: the video's size rounded to multiples of 8, S=128, iters=16
+    default   demo.py's defaults in float32: the video's size rounded to multiples of 8, S=128, iters=16
+    authors   the authors' own settings in float32: 512x896 whatever the video's size (their demo's default and
+              their PointOdyssey evaluation's size), S=128, iters=16 (--image_size=512,896)
     bf16      the same under bf16 autocast (--amp=bf16)
     half      the model at half the video's size (--image_size), float32
     iters8    8 iterations instead of 16 (--iters=8), float32
@@ -37,8 +39,9 @@ from pips2.tracking import grid_queries, track
 from pips2.utils.golden import load_golden_weights
 
 SIZES = {"480p": (480, 854), "540p": (540, 960), "720p": (720, 1296)}  # (H, W) of common real clips
-SETTINGS = {  # name: (amp, size divisor, iters)
+SETTINGS: dict[str, tuple[str | None, int | tuple[int, int], int]] = {  # name: (amp, size divisor or H,W, iters)
     "default": (None, 1, 16),
+    "authors": (None, (512, 896), 16),
     "bf16": ("bf16", 1, 16),
     "half": (None, 2, 16),
     "iters8": (None, 1, 8),
@@ -46,8 +49,10 @@ SETTINGS = {  # name: (amp, size divisor, iters)
 }
 
 
-def half_hw(hw: tuple[int, int], div: int) -> tuple[int, int] | None:
+def half_hw(hw: tuple[int, int], div: int | tuple[int, int]) -> tuple[int, int] | None:
     """The model size for a divisor: None (the video's own, rounded by track()) or hw/div in multiples of 8."""
+    if isinstance(div, tuple):  # a fixed size
+        return div
     if div == 1:
         return None
     return (max(128, round(hw[0] / div / 8) * 8), max(128, round(hw[1] / div / 8) * 8))

@@ -39,7 +39,7 @@ from pips2.nets.lbm import LBM, LBMOnlineState
 from pips2.nets.pips2 import MIN_SIZE
 from pips2.utils.amp import autocast
 from pips2.utils.cli import parse_hw
-from pips2.utils.procs import is_space_error, owned_tempdir, remove_owned, remove_stale_tempdirs
+from pips2.utils.procs import is_space_error, owned_tempdir, remove_owned, remove_stale_tempdirs, reuse_freed_memory
 from pips2.utils.video import MIN_VIDEO_SIDE, VideoError, declared_frames, image_file_wh, iter_frames, read_rgb
 
 # Bounds on what one tracking request may ask for (docs/BAD_INPUTS.md). Every point costs model time in every
@@ -584,6 +584,7 @@ def _sweep(model, read, passes: list[_Pass], iters: int, point_batch: int, amp: 
     already run shares with one still to run) plus any prefetched ones. The sweep's progress is one bar named
     after its direction, over `sweep_steps`.
     """
+    reuse_freed_memory()  # frame after frame the encoder frees and allocates the same large maps
     sign = -1 if backward else 1
     order = [(i, k) for _, i, k in sorted((sign * p.frames[s], i, k) for i, p in enumerate(passes)
                                           for k, (s, _) in enumerate(p.windows))]

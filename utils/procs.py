@@ -264,6 +264,34 @@ def process_start(pid: int) -> int | None:
         return None
 
 
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt(3) parameters of glibc
+KEEP_FREE_HEAP = 1 << 30  # free memory at the heap's top kept for later allocations instead of returned
+MMAP_ABOVE = 32 << 20  # allocations above this are mapped on their own, and returned when freed (glibc's maximum)
+_malloc_tuned: bool | None = None
+
+
+def reuse_freed_memory() -> bool:
+    """Have glibc's malloc keep freed memory for this process's next allocations (once per process; False where
+    the C library is not glibc or refuses). Tracking allocates and frees feature maps of the same large sizes
+    frame after frame; by default glibc returns them to the system, and every page of the next one is faulted
+    in and zeroed again: 70,000 page faults a frame at 512x896, a fifth of the encoder's time
+    (docs/BENCHMARKS.md). Allocations above 32 MiB still get their own mapping, and at most 1 GiB of free
+    heap is kept."""
+    global _malloc_tuned
+    if _malloc_tuned is not None:
+        return _malloc_tuned
+    _malloc_tuned = False
+    try:
+        if not sys.platform.startswith("linux") or not os.confstr("CS_GNU_LIBC_VERSION"):
+            return False
+        libc = ctypes.CDLL(None)
+        _malloc_tuned = bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_ABOVE)
+                             and libc.mallopt(M_TRIM_THRESHOLD, KEEP_FREE_HEAP))
+    except (OSError, ValueError, AttributeError):  # no confstr name or no mallopt: another C library
+        pass
+    return _malloc_tuned
+
+
 PR_SET_PDEATHSIG = 1  # prctl(2): the signal this process gets when the thread that forked it ends
 
 
