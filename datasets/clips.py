@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import stat
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -21,6 +22,7 @@ import numpy as np
 
 from pips2.utils.cli import parse_hw
 from pips2.utils.paths import temp_beside, write_json
+from pips2.utils.procs import NotARegularFile, open_lock_file
 from pips2.utils.safe_load import UnsafeFileError, load_npz
 from pips2.utils.video import VideoError, read_clip
 
@@ -271,15 +273,33 @@ def read_clip_folder(folder: Path, S: int, N: int, clip_hw: tuple[int, int], bac
 
 
 def verify_clip(folder: Path, S: int, N: int, clip_hw: tuple[int, int]) -> None:
-    """Decode rgb.mp4 (exactly S frames of clip_hw) and check track.npz; raises VideoError naming the file."""
+    """Decode rgb.mp4 (exactly S frames of clip_hw) and check track.npz, both regular files (a link there was
+    written through and read back through); raises VideoError naming the file."""
+    for name in ("rgb.mp4", "track.npz"):
+        if not stat.S_ISREG(os.lstat(Path(folder) / name).st_mode):
+            raise VideoError(f"{Path(folder) / name}: not a regular file (a link?)")
     read_clip_folder(folder, S, N, clip_hw)
+
+
+def check_manifest(version_dir: Path) -> None:
+    """NotARegularFile if something other than a regular file (a link, a FIFO) holds the manifest's name: every
+    clip's line would fail to be written (`append_manifest` refuses to write through it)."""
+    path = Path(version_dir) / MANIFEST
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISREG(st.st_mode):
+        raise NotARegularFile(errno.ELOOP if stat.S_ISLNK(st.st_mode) else errno.EINVAL,
+                              "a symlink" if stat.S_ISLNK(st.st_mode) else "not a regular file", str(path))
 
 
 def append_manifest(version_dir: Path, k: int, meta: dict) -> None:
     """One manifest.jsonl line for clip k, in one O_APPEND write (lines of concurrent writers never mix)."""
     data = (json.dumps({"clip": k, **meta}) + "\n").encode()
     path = Path(version_dir) / MANIFEST
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    # never through a link or into a FIFO planted under the name in a shared export folder
+    fd = open_lock_file(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
     try:
         n = os.write(fd, data)
         if n < len(data):  # a full disk took part of the line: take it back unless another line follows already

@@ -14,6 +14,7 @@ import os
 import shutil
 import signal
 import socket
+import stat
 import tempfile
 import time
 from dataclasses import asdict
@@ -187,8 +188,37 @@ def not_writable(e: BaseException, version_dir: Path) -> str | None:
 
 
 def _tmp_name(k: int, tag: str = "") -> str:
-    """A private folder name under .tmp/ that clean_stale_temps removes once this process is dead."""
+    """The start of a private folder's name under .tmp/ that clean_stale_temps removes once this process is dead."""
     return f"{clip_name(k)}{tag}__{socket.gethostname()}__{os.getpid()}"
+
+
+class ForeignTempFolder(OSError):
+    """A version's .tmp/ is not this user's own folder."""
+
+
+def private_tmp(version_dir: Path) -> Path:
+    """The version's .tmp/, made or kept this user's own (mode 0700). Clips are written there before they are
+    renamed into place: in a folder other users may write to (a lab's shared data folder), a clip's folder made
+    there with the umask's mode let them plant links at rgb.mp4 and track.npz, which ffmpeg and numpy wrote
+    through. ForeignTempFolder if another user's folder (or a link) has the name."""
+    tdir = Path(version_dir) / ".tmp"
+    try:
+        tdir.mkdir(mode=0o700)
+    except FileExistsError:
+        pass
+    st = os.lstat(tdir)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+        raise ForeignTempFolder(errno.EPERM, "not a folder of this user's (the export writes its clips there first)",
+                                str(tdir))
+    if stat.S_IMODE(st.st_mode) != 0o700:  # an earlier version's, made with the umask's mode
+        os.chmod(tdir, 0o700)
+    return tdir
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading it means setting it: this process's workers write clips one at a time
+    os.umask(mask)
+    return mask
 
 
 def is_no_space(exc: BaseException, path: Path) -> bool:
@@ -209,10 +239,8 @@ def write_clip(version_dir: Path, k: int, frames: np.ndarray, track: np.ndarray,
     A full disk raises NoSpaceError naming the folder (a broken pipe to ffmpeg says nothing about why).
     """
     final = clip_dir(version_dir, k)
-    tmp = version_dir / ".tmp" / _tmp_name(k)
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=_tmp_name(k) + "__", dir=private_tmp(version_dir)))  # 0700, its own
     try:
-        tmp.mkdir(parents=True)
         write_mp4(tmp / "rgb.mp4", frames, fps=24, crf=20, preset=preset)
         write_track(tmp / "track.npz", track)
         verify_clip(tmp, track.shape[0], track.shape[1], frames.shape[1:3])
@@ -225,6 +253,7 @@ def write_clip(version_dir: Path, k: int, frames: np.ndarray, track: np.ndarray,
             if is_clip_dir(final):  # someone else finished it first: theirs is identical
                 return False
             raise
+        os.chmod(final, 0o777 & ~_umask())  # the mode a folder made in place would have had (the temp's is 0700)
     except Exception as e:
         if is_no_space(e, version_dir):
             raise NoSpaceError(version_dir) from e
@@ -238,8 +267,7 @@ def remove_clip(version_dir: Path, k: int) -> None:
     """Take a (partial or damaged) clip folder out of the way: renamed aside first, so that no half-removed
     folder ever carries a clip's name."""
     final = clip_dir(version_dir, k)
-    trash = version_dir / ".tmp" / _tmp_name(k, "-old")
-    trash.parent.mkdir(exist_ok=True)
+    trash = private_tmp(version_dir) / _tmp_name(k, "-old")
     shutil.rmtree(trash, ignore_errors=True)
     try:
         os.rename(final, trash)
@@ -519,13 +547,13 @@ def clean_stale_temps(version_dir: Path) -> int:
     many. Another host's are left: their writers cannot be judged from here."""
     tdir = version_dir / ".tmp"
     n = 0
-    if not tdir.is_dir():
+    if not tdir.is_dir() or tdir.is_symlink() or tdir.stat().st_uid != os.geteuid():  # not this user's to clean
         return 0
     host = socket.gethostname()
     for p in tdir.iterdir():
-        parts = p.name.split("__")
+        parts = p.name.split("__", 3)  # <clip>__<host>__<pid>, and __<random> for a clip's own folder
         clip = parts[0].split("-")[0]
-        if len(parts) == 3 and parts[1] == host and clip.isdigit() and not claim_held(version_dir, int(clip)):
+        if len(parts) in (3, 4) and parts[1] == host and clip.isdigit() and not claim_held(version_dir, int(clip)):
             shutil.rmtree(p, ignore_errors=True)
             n += 1
     return n

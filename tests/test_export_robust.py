@@ -22,8 +22,9 @@ from conftest import EXPORT_ARGS, run_export
 from pips2.datasets import export
 from pips2.datasets import pointodyssey as pod
 from pips2.datasets.clipmaker import enumerate_candidates
-from pips2.datasets.clips import ClipSettings, list_clips, verify_clip
+from pips2.datasets.clips import ClipSettings, append_manifest, list_clips, verify_clip
 from pips2.utils.procs import usable_cpus
+from pips2.utils.video import VideoError
 
 ROOT = Path(__file__).resolve().parents[1]
 ST = ClipSettings(split="train", S=8, N=32, crop_hw=(128, 192))
@@ -227,10 +228,50 @@ def test_a_frame_cut_short_rejects_its_clips_with_the_reason(synth_root, tmp_pat
 def test_failed_clips_make_the_exit_code_1(synth_root, tmp_path):
     vdir = _version(tmp_path)
     vdir.mkdir(parents=True)
-    (vdir / ".tmp").write_text("in the way")  # every clip's temp folder fails to be made
-    res = run_export(synth_root, tmp_path, "--max_iters=3", check=False)
+    hook = tmp_path / "hook"  # every clip's writer fails, in the exporter and in its workers
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "import pips2.datasets.export as e\n"
+        "def broken(*a, **k):\n"
+        "    raise RuntimeError('a writer failed')\n"
+        "e.write_mp4 = broken\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", "")])}
+    res = run_export(synth_root, tmp_path, "--max_iters=3", check=False, env=env)
     assert res.returncode == 1
     assert "failed 3" in res.stdout and "3 clip(s) failed" in res.stderr
+
+
+@pytest.mark.parametrize("name", [".tmp", ".claims"])
+def test_a_temp_folder_of_another_user_or_a_file_in_its_place_is_one_line(synth_root, tmp_path, name):
+    """Clips are written in the version's .tmp/ first, which must be this user's own folder (0700): in a folder
+    other users may write to, one of theirs (or a link) there would let them plant links the clip's writers follow.
+    A file in its place, or in the claims folder's, failed every clip with its own line, and every rerun the same
+    way. Both are refused before any clip is written."""
+    vdir = _version(tmp_path)
+    vdir.mkdir(parents=True)
+    (vdir / name).write_text("in the way")
+    res = run_export(synth_root, tmp_path, "--max_iters=3", check=False)
+    assert res.returncode == 2 and not list_clips(vdir)
+    why = ("is not a folder of this user's; the export writes its clips there first" if name == ".tmp"
+           else "is not a folder; the export keeps its claims of clips there")
+    assert res.stderr.strip() == f"error: --out_dir: {vdir / name} {why}: remove it", res.stderr
+
+
+def test_a_worker_whose_parent_is_gone_ends_quietly():
+    """An export worker finishing its clip after its parent was killed printed a 14-line BrokenPipeError traceback
+    as it sent the result; the clip is on disk for the rerun, so it now just ends."""
+    from multiprocessing import Pipe
+
+    from pips2.utils.procs import _serve
+
+    parent, child = Pipe()
+    parent.send("clip 3")
+
+    def job(j):
+        parent.close()  # the parent dies while the clip is written
+        return "written"
+
+    _serve(child, job, None)  # returns: no error
 
 
 # --- a full disk --------------------------------------------------------------------------------------------
@@ -1117,3 +1158,64 @@ def test_a_rejection_record_is_written_and_read_where_no_planted_link_can_redire
     assert victim.read_text() == "the user's" and ex.rejected_reason(vdir, 7) == "too few tracks"
     (rdir / ex.clip_name(8)).symlink_to(victim)  # planted as a record: not read, not taken as a rejection
     assert ex.rejected_reason(vdir, 8) is None
+
+
+@pytest.mark.parametrize("planted", ["link", "fifo"])
+def test_a_link_or_fifo_at_the_manifests_name_is_never_written_through(synth_root, tmp_path, planted):
+    """manifest.jsonl was opened following links and blocking: a link planted there in a shared export folder
+    made every export append its lines (scene names verbatim) to any file the user could write (a ~/.bashrc),
+    and a FIFO hung the exporter at its first clip. Both are now refused: before any clip, in one line, and at
+    each append."""
+    vdir = _version(tmp_path)
+    vdir.mkdir(parents=True)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me\n")
+    manifest = vdir / "manifest.jsonl"
+    if planted == "link":
+        manifest.symlink_to(victim)
+    else:
+        os.mkfifo(manifest)
+    res = run_export(synth_root, tmp_path, "--max_iters=2", check=False, timeout=120)
+    what = "a symlink" if planted == "link" else "not a regular file"
+    assert res.returncode == 2 and not list_clips(vdir)
+    assert res.stderr.strip() == (f"error: --out_dir: {manifest} is {what}, where the export keeps its manifest of "
+                                  "clips; remove it"), res.stderr
+    assert victim.read_text() == "keep me\n"
+    with pytest.raises(OSError, match=what):  # planted after that check: the clip fails, nothing written through
+        append_manifest(vdir, 0, {"scene": "s"})
+    assert victim.read_text() == "keep me\n"
+
+
+def test_a_clip_is_written_in_a_private_folder_and_verified_as_regular_files(tmp_path, monkeypatch):
+    """Each clip's temp folder had a predictable name and the umask's mode: in a group-writable export folder
+    another user could plant links at rgb.mp4 and track.npz, which ffmpeg and numpy wrote through, and the
+    clips were verified through them and renamed into place. Now the folder is this user's own (0700, a random
+    name, in a 0700 .tmp/), the clip's files must be regular files, and the clip gets the umask's mode once in
+    place."""
+    seen = []
+    real_write = export.write_mp4
+
+    def spy(path, *a, **k):
+        folder = Path(path).parent
+        seen.append((folder.name, stat_mode(folder), stat_mode(folder.parent)))
+        return real_write(path, *a, **k)
+
+    monkeypatch.setattr(export, "write_mp4", spy)
+    assert export.write_clip(tmp_path, 3, *_clip(), meta={})
+    assert export.write_clip(tmp_path, 4, *_clip(), meta={})
+    (name3, mode3, parent3), (name4, _, _) = seen
+    assert mode3 == parent3 == 0o700
+    random3, random4 = name3.split("__", 3)[3], name4.split("__", 3)[3]
+    assert name3.startswith("000003__") and random3 and random3 != random4
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert stat_mode(tmp_path / "000003") == 0o777 & ~mask
+    clip = tmp_path / "000004"
+    (clip / "track.npz").rename(tmp_path / "elsewhere.npz")
+    (clip / "track.npz").symlink_to(tmp_path / "elsewhere.npz")
+    with pytest.raises(VideoError, match="not a regular file"):
+        verify_clip(clip, 8, 32, (128, 192))
+
+
+def stat_mode(path: Path) -> int:
+    return os.lstat(path).st_mode & 0o7777

@@ -356,7 +356,11 @@ def _serve(conn: Connection, fn: Callable[[Any], Any], initializer: Callable[[],
             return
         if job is None:
             return
-        conn.send(fn(job))
+        result = fn(job)
+        try:
+            conn.send(result)
+        except OSError:  # the parent is gone (killed): what the job wrote is on disk for its rerun to find
+            return
 
 
 def describe_exit(code: int | None) -> str:
@@ -583,15 +587,17 @@ class NotARegularFile(OSError):
     """A path that is a FIFO, a device, a socket or a symlink where this project writes only regular files."""
 
 
-def open_lock_file(path: str | os.PathLike, flags: int = os.O_RDONLY) -> int:
-    """os.open of a lock, claim or record file this project keeps in a folder others may write to: a regular file,
-    never blocking and never following a symlink (NotARegularFile otherwise), as one there may have been planted.
-    (Data files are opened by utils/safe_load.open_regular, which follows links.)"""
+def open_lock_file(path: str | os.PathLike, flags: int = os.O_RDONLY, mode: int = 0o644) -> int:
+    """os.open of a lock, claim, record or manifest file this project keeps in a folder others may write to: a
+    regular file, never blocking and never following a symlink (NotARegularFile otherwise), as one there may have
+    been planted. (Data files are opened by utils/safe_load.open_regular, which follows links.)"""
     try:
-        fd = os.open(path, flags | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_NOCTTY)
+        fd = os.open(path, flags | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_NOCTTY, mode)
     except OSError as e:
         if e.errno == errno.ELOOP:  # O_NOFOLLOW on a symlink
             raise NotARegularFile(errno.ELOOP, "a symlink", str(path)) from None
+        if e.errno == errno.ENXIO:  # a FIFO opened for writing without a reader
+            raise NotARegularFile(errno.ENXIO, "not a regular file", str(path)) from None
         raise
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):

@@ -11,6 +11,7 @@ The defaults (S=36, N=128, 256x384) are the clips stage-1 training reads with it
 from __future__ import annotations
 
 import errno
+import os
 import re
 import signal
 import sys
@@ -24,22 +25,25 @@ from tqdm import tqdm
 
 from pips2.datasets import pointodyssey as pod
 from pips2.datasets.clipmaker import enumerate_candidates, scene_fingerprints, scene_frames
-from pips2.datasets.clips import STAGE_CLIPS, ClipSettings, list_clips
+from pips2.datasets.clips import STAGE_CLIPS, ClipSettings, check_manifest, list_clips
 from pips2.datasets.export import (
     NO_SPACE,
     NOT_WRITABLE,
+    ForeignTempFolder,
     check_source,
     claim_abandoned,
     claim_unjudged,
     clean_stale_claims,
     clean_stale_temps,
     export_one,
+    private_tmp,
     source_of,
     worker_init,
 )
 from pips2.utils.cli import aliased, die, parse_hw, run_fire
 from pips2.utils.paths import check_writable, printable
 from pips2.utils.procs import (
+    NotARegularFile,
     WorkerPool,
     caught_stop_signals,
     describe_exit,
@@ -210,8 +214,18 @@ def main(dataset_location: str = "../datasets/pointodyssey", dset: str = "train"
     try:
         version_dir.mkdir(parents=True, exist_ok=True)
         check_writable(version_dir)
+        check_manifest(version_dir)
+        private_tmp(version_dir)
+        claims = version_dir / ".claims"
+        if os.path.lexists(claims) and (claims.is_symlink() or not claims.is_dir()):
+            die(f"--out_dir: {claims} is not a folder; the export keeps its claims of clips there: remove it")
         note = check_source(version_dir, st, source_of(dataset_location, frames,
                                                         scene_fingerprints(dataset_location, st.split, frames)))
+    except NotARegularFile as e:
+        die(f"--out_dir: {e.filename} is {e.strerror}, where the export keeps its manifest of clips; remove it")
+    except ForeignTempFolder as e:
+        die(f"--out_dir: {e.filename} is not a folder of this user's; the export writes its clips there first: "
+            "remove it")
     except OSError as e:
         die(f"--out_dir: cannot write {version_dir} ({e.strerror or e})")
     except ValueError as e:
