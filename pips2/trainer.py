@@ -6,6 +6,7 @@ is in pips2/train_step.py; the flags and the stage defaults are train.py's.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import math
@@ -13,6 +14,7 @@ import os
 import queue
 import random
 import re
+import secrets
 import signal
 import sys
 import threading
@@ -283,6 +285,16 @@ class StoppedAtOnce(BaseException):
         self.signum = signum
 
 
+class StoppedWaitingForData(BaseException):
+    """A stop request while a one-process run waits for a step's first batch: nothing of that step has run, so the
+    run stops at once at the boundary before it (a loader worker that no longer answers, or a data disk that hangs,
+    would keep it waiting for ever, deaf to the scheduler's SIGTERM)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
 class StoppedLosingNothing(BaseException):
     """A stop request during the first step since the last save (or the start) of a one-process run: that step is
     abandoned at once, as nothing it has not finished is lost (the run resumes from that save)."""
@@ -309,6 +321,7 @@ class StopRequest:
         self.first_at = 0.0
         self.writing = False
         self.lossless = False
+        self.waiting = False  # for the step's first batch, in a one-process run: nothing of the step has run yet
         self._old: dict[int, Callable[[int, FrameType | None], Any] | int | None] = {}  # what signal.signal returned
 
     def install(self) -> None:
@@ -331,8 +344,19 @@ class StopRequest:
             self.signum, self.first_at = signum, now
             if self.lossless and not self.writing:
                 raise_stop(signum, StoppedLosingNothing(signum))
+            if self.waiting and not self.writing:
+                raise_stop(signum, StoppedWaitingForData(signum))
         elif signum == signal.SIGINT and not self.writing and now - self.first_at >= SAME_REQUEST_S:
             raise_stop(signum, StoppedAtOnce(signum))
+
+    @contextmanager
+    def waiting_for_data(self, ranks: Ranks) -> Iterator[None]:
+        """While a one-process run waits for a step's first batch, a stop request stops it there at once."""
+        self.waiting = ranks.world == 1  # several ranks stop together, at a boundary (a collective)
+        try:
+            yield
+        finally:
+            self.waiting = False
 
     def agreed(self, ranks: Ranks) -> int:
         """The signal every rank stops for (0: go on); a collective, so every rank asks at the same step."""
@@ -741,8 +765,9 @@ class TrainState:
                 dist.destroy_process_group()
             raise SystemExit(msg)
 
-    def stopped(self, signum: int, saved: bool) -> NoReturn:
-        """End the run on a stop request, every rank together (rank 0 has saved if `saved`): one line, exit 0."""
+    def stopped(self, signum: int, saved: bool, waiting: bool = False) -> NoReturn:
+        """End the run on a stop request, every rank together (rank 0 has saved if `saved`): one line, exit 0.
+        `waiting`: the request came while the run waited for a batch."""
         name, step = self.cfg.name(), self.step
         if self.ranks.main:
             how = signal.Signals(signum).name
@@ -755,6 +780,8 @@ class TrainState:
                         f"{self.ckpt_dir / ck.ckpt_name(step)}; the same command resumes from there")
             else:
                 line = f"{name}: stopped by {how} before step {step + 1}, nothing trained; the same command starts it"
+            if waiting:
+                line += f" (it came while step {step + 1} waited for its data)"
             # the reader of stdout is gone on SIGPIPE: the line goes where it can still be read
             print(line, file=sys.stderr if signum == getattr(signal, "SIGPIPE", None) else sys.stdout, flush=True)
         self.ranks.barrier()  # no rank leaves before rank 0's checkpoint is complete
@@ -870,10 +897,16 @@ def make_loader(base, cfg: Config, start_ordinal: int, ranks: Ranks, seed_offset
 
 def shut_down_workers(it: object) -> None:
     """Stop a DataLoader iterator's workers now (torch's own shutdown of them, which the iterator would otherwise
-    run only when garbage collected); anything else is left as it is."""
+    run only when garbage collected); anything else is left as it is. A worker still there after it (stopped, or
+    stuck on a data disk that no longer answers) is killed: it holds nothing to save, it ignores SIGTERM, and the
+    interpreter's exit would wait for it for ever."""
     shutdown = getattr(it, "_shutdown_workers", None)
     if shutdown is not None:
         shutdown()
+    for w in getattr(it, "_workers", None) or []:
+        if w.is_alive():
+            w.kill()
+            w.join(timeout=5)
 
 
 class TrainData:
@@ -1008,7 +1041,8 @@ def train_step(state: TrainState, data: TrainData, cfg: Config) -> StepResult:
     rtime, total_loss, finite, figures, shown = 0.0, 0.0, True, None, None
     for micro in range(cfg.grad_acc):
         tr = time.time()
-        batch = fetch(ranks, lambda: data.next(state.step, micro))  # noqa: B023 (called at once)
+        with state.stop.waiting_for_data(ranks) if micro == 0 else contextlib.nullcontext():
+            batch = fetch(ranks, lambda: data.next(state.step, micro))  # noqa: B023 (called at once)
         rtime += time.time() - tr
         gen = step_generator(cfg.seed, state.step, micro, ranks.rank)
         if cfg.lbm:
@@ -1090,7 +1124,11 @@ class Logger:
         if self.ranks.main:
             self._excepthook = threading.excepthook  # first: the writing thread may fail on the first event
             threading.excepthook = self._thread_failed
-            self._writer = SummaryWriter(str(Path(cfg.log_dir) / self.name), max_queue=10, flush_secs=60)
+            # tensorboardX names its file after the second and the host, and opens it following links: a random
+            # part makes the name one nobody can plant a link at in a shared --log_dir, nor two runs of one name
+            # started in the same second share
+            self._writer = SummaryWriter(str(Path(cfg.log_dir) / self.name), max_queue=10, flush_secs=60,
+                                         filename_suffix=f".{os.getpid()}.{secrets.token_hex(6)}")
             _never_wait_on(self._writer)
         self.say(f"{self.name}: {cfg.max_steps} steps, B={cfg.B} S={cfg.S} N={cfg.N} crop {cfg.crop_hw}, "
                  f"{self.ranks.world} process(es) on {self.ranks.device}, amp {cfg.amp}, data {cfg.dataset} "
@@ -1334,6 +1372,11 @@ def train_stage(cfg: Config, ranks: Ranks, ckpt_dir: Path, stop: StopRequest | N
 
 
 def _train_stage(cfg: Config, ranks: Ranks, ckpt_dir: Path, stop: StopRequest) -> tuple[Path, torch.nn.Module]:
+    logs = Path(cfg.log_dir) / cfg.name()
+    if ranks.main and os.path.lexists(logs) and not logs.is_dir():
+        # before the model is built: TensorBoard's writer would fail on it with a traceback
+        fail(f"--log_dir: {logs} is not a folder (the run's TensorBoard log goes there); remove it or give another "
+             "--log_dir")
     log = Logger(cfg, ranks)
     state = TrainState(cfg, ranks, ckpt_dir, log.say, stop)
     data = TrainData(cfg, ranks, state.step, state.note_corrupt)
@@ -1373,6 +1416,13 @@ def _step(cfg: Config, ranks: Ranks, state: TrainState, data: TrainData, log: Lo
     """One training step (state.step), its validation and logging, then the step boundary's save and stop."""
     try:
         res = train_step(state, data, cfg)
+    except StoppedWaitingForData as e:
+        state.step -= 1  # that step never began
+        state.optimizer.zero_grad(set_to_none=True)
+        if state.step > start:
+            state.save()
+        data.close()  # its workers may not answer: the stop must not wait on them
+        state.stopped(e.signum, saved=state.step > start, waiting=True)
     except DataFailed as e:
         state.step -= 1  # that step never happened
         state.optimizer.zero_grad(set_to_none=True)

@@ -109,6 +109,11 @@ def test_a_batch_is_bounded_by_memory_and_by_the_data(exported, tmp_path, monkey
         train.make_config(1, {"B": 8, "S": 36, "crop_size": "384,512"})
     with pytest.raises(ValueError, match=r"^stage 2: one batch of --B=1 clips of --S=100000 frames"):  # named --B
         train.make_config(2, {"S": 100000})
+    # the batches --cache_len keeps: it grew by one a step until the machine's memory was gone
+    assert train.make_config(1, {"B": 1, "S": 6, "crop_size": "128,192", "cache_len": 200}).cache_len == 200
+    with pytest.raises(ValueError, match=r"^stage 1: --cache_len=1000000 batches of 1\.7 MiB \(1647\.9 GiB\) exceed "
+                                         r"0\.5 GiB"):
+        train.make_config(1, {"B": 1, "S": 6, "crop_size": "128,192", "cache_len": 1000000})
     monkeypatch.undo()
     out, _ = exported
     n = len(list_clips(Path(out) / _version(out)))

@@ -855,3 +855,56 @@ def test_a_run_folder_named_in_no_utf8_resumes_and_a_local_read_error_sets_nothi
         assert capsys.readouterr().err.strip().splitlines()[-1] == (
             f"error: {shown}: cannot be read here ({why}); nothing was set aside, rerun once it can be read")
         assert [s for s, _ in ck.list_checkpoints(folder)] == [2, 3] and not list(folder.glob("*.bad"))
+
+
+def test_a_link_planted_at_the_event_files_name_is_never_written_through(exported, tmp_path):
+    """tensorboardX names its event file after the second and the host and opens it following links: in a shared
+    --log_dir another user could plant links at the names of the coming seconds, and training wrote its events
+    into whatever file they named (and two runs of one name started in one second shared one file). The name
+    now carries the process and a random part."""
+    out, _ = exported
+    first = _run_cli(out, tmp_path, "--max_steps=1", "--save_freq=1")
+    assert first.returncode == 0, first.stderr[-3000:]
+    (run_logs,) = (tmp_path / "logs").iterdir()
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me\n")
+    now = int(time.time())
+    for t in range(now - 5, now + 300):  # every name tensorboardX could pick in the next minutes
+        os.symlink(victim, run_logs / f"events.out.tfevents.{t}.{socket.gethostname()}")
+    more = _run_cli(out, tmp_path, "--max_steps=2", "--save_freq=1")
+    assert more.returncode == 0, more.stderr[-3000:]
+    assert victim.read_text() == "keep me\n"
+    written = [p for p in run_logs.iterdir() if not p.is_symlink()]
+    assert len(written) == 2 and all(p.stat().st_size > 0 for p in written), written
+
+
+def test_a_log_run_folder_that_is_not_a_folder_is_one_line(exported, tmp_path):
+    """A file (or a FIFO) where the run's TensorBoard folder goes ended in tensorboardX's 25-line traceback after
+    the model was built; now one line, exit 2."""
+    out, _ = exported
+    name = train.make_config(1, {"B": 1, **{k: v for k, v in TINY.items() if k != "workers"}}).name()
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / name).write_text("in the way")
+    res = _run_cli(out, tmp_path, "--max_steps=1")
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert res.stderr.strip() == (f"error: --log_dir: {tmp_path / 'logs' / name} is not a folder (the run's "
+                                  "TensorBoard log goes there); remove it or give another --log_dir"), res.stderr
+
+
+def test_after_a_stop_train_py_ignores_further_stop_signals(monkeypatch):
+    """A second Ctrl-C pressed while train.py exits after a stop landed in the interpreter's exit as a traceback,
+    and changed the exit code by its timing. Once the stop is said, the stop signals are ignored."""
+    import signal as sig
+
+    def stopped(cfg):
+        raise trainer.TrainingStopped()
+
+    monkeypatch.setattr(train, "run_stage", stopped)
+    old = {s: sig.getsignal(s) for s in (sig.SIGINT, sig.SIGTERM)}
+    try:
+        with pytest.raises(trainer.TrainingStopped):
+            train.main(stage=1, dataset_location="x")
+        assert all(sig.getsignal(s) is sig.SIG_IGN for s in old)
+    finally:
+        for s, h in old.items():
+            sig.signal(s, h)

@@ -723,3 +723,37 @@ def test_loader_workers_end_with_a_killed_training_process():
                 os.kill(w, signal.SIGKILL)
             except OSError:
                 pass
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="finds the loader workers through /proc")
+def test_a_stop_while_waiting_for_data_from_workers_that_no_longer_answer_saves_and_ends(exported, tmp_path):
+    """Loader workers that stop answering without dying (stopped by an admin's SIGSTOP, stuck on a data disk that
+    hangs): training waited for the batch for ever, deaf to SIGTERM, so the scheduler's SIGKILL lost every step
+    since the last save. A stop request while a step waits for its first batch now stops the run there: the
+    last completed step is saved, one line, exit 0, and no process is left."""
+    out, _ = exported
+    proc = _start(out, tmp_path, "--max_steps=1000", "--save_freq=1000", "--S=4", "--N=4", "--iters=1",
+                  "--log_freq=1000", "--workers=2", start_new_session=True)
+    workers: list[int] = []
+
+    def stop_workers_then_the_run() -> None:
+        workers.extend(_children(proc.pid))
+        for w in workers:
+            os.kill(w, signal.SIGSTOP)
+        time.sleep(8)  # the batches they had made are used up: the run now waits for the next
+        os.kill(proc.pid, signal.SIGTERM)
+
+    try:
+        seen = _interrupt_after(proc, "step 000001/1000", stop_workers_then_the_run)
+        assert proc.returncode == 0, seen[-3000:]
+        assert _group_gone(proc.pid), "a loader worker was left behind"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert len(workers) == 2
+    ckdir = next((tmp_path / "ck").iterdir())
+    (step,) = [s for s, _ in ck.list_checkpoints(ckdir)]
+    line = [ln for ln in seen.splitlines() if "stopped by SIGTERM" in ln]
+    assert line == [f"{ckdir.name}: stopped by SIGTERM at step {step:06d}/1000; saved {ckdir / ck.ckpt_name(step)}; "
+                    f"the same command resumes from there (it came while step {step + 1} waited for its data)"], seen

@@ -17,6 +17,7 @@ import inspect
 import math
 import os
 import re
+import signal
 import sys
 import types
 import typing
@@ -36,11 +37,11 @@ from pips2.train_step import (
     optimizer_update,
     sample_queries,
 )
-from pips2.trainer import Config, fail, run_stage
+from pips2.trainer import Config, TrainingStopped, fail, run_stage
 from pips2.utils import checkpoint as ck
 from pips2.utils.amp import amp_dtype
 from pips2.utils.cli import aliased, flag_kind, parse_hw, run_fire
-from pips2.utils.procs import usable_cpus
+from pips2.utils.procs import STOP_SIGNALS, usable_cpus
 
 # re-exported: tests and benchmarks call the step's semantics as train.<name>
 __all__ = ["Config", "forward_loss", "init_estimates", "lbm_forward_loss", "main", "make_config", "maybe_transpose",
@@ -183,16 +184,20 @@ def physical_memory() -> int:
         return 0
 
 
-def check_batch_bytes(B: int, S: int, h: int, w: int, stage: int = 1) -> None:
-    """ValueError naming the flags when one batch's frames would not fit the bound: --B=100000 filled 22 GB of
-    memory building its first batch, out of reach of SIGTERM."""
+def check_batch_bytes(B: int, S: int, h: int, w: int, stage: int = 1, cache_len: int = 0) -> None:
+    """ValueError naming the flags when one batch's frames, or the --cache_len batches kept, would not fit the
+    bound: --B=100000 filled 22 GB of memory building its first batch, out of reach of SIGTERM, and a cache grows
+    by a batch a step until it holds cache_len of them."""
     need = B * S * 3 * h * w * 4
     bound = min(MAX_BATCH_BYTES, physical_memory() // 2 or MAX_BATCH_BYTES)
+    limit = f"{bound / 2**30:.1f} GiB (at most {MAX_BATCH_BYTES // 2**30} GiB and half this machine's memory)"
     if need > bound:
         raise ValueError(f"stage {stage}: one batch of --B={B} clips of --S={S} frames at --crop_size={h},{w} "
-                         f"({B}x{S}x3x{h}x{w} float32, {need / 2**30:.1f} GiB) exceeds {bound / 2**30:.1f} GiB "
-                         f"(at most {MAX_BATCH_BYTES // 2**30} GiB and half this machine's memory); use a smaller --B, "
+                         f"({B}x{S}x3x{h}x{w} float32, {need / 2**30:.1f} GiB) exceeds {limit}; use a smaller --B, "
                          f"--S or --crop_size")
+    if cache_len * need > bound:
+        raise ValueError(f"stage {stage}: --cache_len={cache_len} batches of {need / 2**20:.1f} MiB "
+                         f"({cache_len * need / 2**30:.1f} GiB) exceed {limit}; use a smaller --cache_len")
 
 
 def make_config(stage: int, flags: dict) -> Config:
@@ -221,7 +226,7 @@ def make_config(stage: int, flags: dict) -> Config:
                              f"dimensions, got {h}x{w}")
     elif h < 128 or w < 128:
         raise ValueError(f"crop_size must be at least 128x128, got {h}x{w}")
-    check_batch_bytes(values["B"], values["S"], h, w, stage)
+    check_batch_bytes(values["B"], values["S"], h, w, stage, values.get("cache_len") or 0)
     for flag in ("ckpt_dir", "log_dir"):
         check_folder_flag(flag, values.get(flag))
     if values.get("eval_dataset") not in (None, "davis"):
@@ -309,7 +314,14 @@ def main(stage: int = 1, stages: str | None = None, **flags) -> None:
             # the stage-2 run is there already: it resumes from its own checkpoints, whatever stage-1 folder is
             # newest now (the start picked for it was refused as another --init_dir than the run's)
             cfg = replace(cfg, init_dir=None)
-        prev = str(run_stage(cfg)[0])
+        try:
+            prev = str(run_stage(cfg)[0])
+        except TrainingStopped:
+            # the stop is decided and said: a second Ctrl-C (the common reflex) must not land in the interpreter's
+            # exit as a traceback, or change the exit code by its timing
+            for sig in STOP_SIGNALS:
+                signal.signal(sig, signal.SIG_IGN)
+            raise
 
 
 def text_flags() -> dict:
