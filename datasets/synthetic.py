@@ -318,6 +318,10 @@ def generate_dataset(root: str | Path, dsets: dict[str, int], seed: int = 0, cfg
     return done
 
 
+class SceneInTheWay(ValueError):
+    """Something other than a scene folder holds a scene's name in --out."""
+
+
 SCENE_TEMP = ".synth_tmp"  # a scene being made: <split>/.synth_tmp.<owner tag>.<random>/scene, then renamed
 
 
@@ -328,6 +332,9 @@ def _generate_whole(path: Path, seed: int, cfg: SceneConfig | None) -> Path:
     work = owned_tempdir(SCENE_TEMP, path.parent)
     try:
         generate_scene(work / "scene", seed, cfg)
+        if path.is_symlink() or (path.exists() and not path.is_dir()):  # not a scene this generator made
+            raise SceneInTheWay(f"{path} is {'a symlink' if path.is_symlink() else 'a file'}, not a scene folder "
+                                "this generator made: remove it")
         if path.exists():  # a half scene of an older version (frames, no anno.npz): this generator's, remade
             shutil.rmtree(path)
         (work / "scene").rename(path)

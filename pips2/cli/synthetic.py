@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from pips2.datasets.pointodyssey import MAX_TRACK_ENTRIES, MAX_TRACKS
-from pips2.datasets.synthetic import SceneConfig, generate_dataset, record_settings, scene_dir
+from pips2.datasets.synthetic import SceneConfig, SceneInTheWay, generate_dataset, record_settings, scene_dir
 from pips2.utils.cli import die, run_fire
 from pips2.utils.paths import printable
 from pips2.utils.procs import Stopped, exit_code, is_space_error, stopping_on_signals
@@ -106,6 +106,8 @@ def main(out: str = "./synthetic_pod", train: int = 8, val: int = 0, test: int =
         print(f"stopped by {name}: the scenes written so far are kept; the same command writes the rest",
               file=sys.stderr, flush=True)
         sys.exit(exit_code(name))
+    except SceneInTheWay as e:
+        die(e)
     except OSError as e:  # a full disk: this machine, not the settings; the scene being made was removed
         why = "no space left on device" if is_space_error(e) else (e.strerror or str(e)).lower()
         print(printable(f"error: cannot write the scenes in {out} ({why}); the scenes finished are kept, the same "
