@@ -40,6 +40,12 @@ def instance_norm_keep_layout(x: torch.Tensor, eps: float = ENCODER_NORM_EPS) ->
     itself would convert a channels-last tensor back.
     """
     if x.is_contiguous() or not x.requires_grad:
+        if x.dtype in (torch.float16, torch.bfloat16):
+            # autocast would run group_norm in float32, and the residual adds and ReLUs after it with it: twice
+            # the memory traffic of keeping the half-precision maps batch_norm kept (its statistics are float32
+            # either way)
+            with torch.autocast(x.device.type, enabled=False):
+                return F.group_norm(x, x.shape[1], eps=eps)
         return F.group_norm(x, x.shape[1], eps=eps)
     if x.shape[0] == 1:
         return F.batch_norm(x, None, None, training=True, eps=eps)
