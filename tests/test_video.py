@@ -478,9 +478,9 @@ def test_write_mp4_says_when_ffmpeg_could_not_finish_and_leaves_no_broken_file(t
 
 @pytest.mark.parametrize("name", ["x:1.mp4", "pipe:1.mp4"])
 def test_names_ffmpeg_reads_as_protocols_are_files(name, tmp_path, monkeypatch):
-    """ffmpeg takes a relative name with a colon for a protocol (`x:1.mp4` is protocol `x`, `pipe:1.mp4` standard output).
-    Before, writing one failed after the work (or wrote to standard output), and a good file of that name was
-    'cannot read video'. Every path now reaches ffmpeg as the file it names."""
+    """ffmpeg takes a relative name with a colon for a protocol (`x:1.mp4` is protocol `x`, `pipe:1.mp4` standard
+    output). Before, writing one failed after the work (or wrote to standard output), and a good file of that name
+    was 'cannot read video'. Every path now reaches ffmpeg as the file it names."""
     monkeypatch.chdir(tmp_path)
     frames = np.random.default_rng(0).integers(0, 255, (5, 32, 48, 3), dtype=np.uint8)
     write_mp4(name, frames, fps=10)
