@@ -18,6 +18,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import fire
 import numpy as np
@@ -100,7 +101,7 @@ def time_memory_reuse(H: int, W: int, frames: int, repeats: int) -> dict:
                 runs[mode].append((dt, faults, rss))
                 print(f"  {mode:8s} {dt:6.1f} s  {dt / frames:.3f} s/frame  {faults:8.0f} page faults/frame  "
                       f"peak RSS {rss / 2**20:.0f} MiB", flush=True)
-    out = {mode: {"seconds": [r[0] for r in rs], "s_per_frame": min(r[0] for r in rs) / frames,
+    out: dict[str, Any] = {mode: {"seconds": [r[0] for r in rs], "s_per_frame": min(r[0] for r in rs) / frames,
                   "faults_per_frame": float(np.median([r[1] for r in rs])), "peak_rss": max(r[2] for r in rs)}
            for mode, rs in runs.items()}
     out["ratio"] = sum(out["default"]["seconds"]) / sum(out["reuse"]["seconds"])

@@ -196,23 +196,49 @@ class ForeignTempFolder(OSError):
     """A version's .tmp/ is not this user's own folder."""
 
 
-def private_tmp(version_dir: Path) -> Path:
-    """The version's .tmp/, made or kept this user's own (mode 0700). Clips are written there before they are
-    renamed into place: in a folder other users may write to (a lab's shared data folder), a clip's folder made
-    there with the umask's mode let them plant links at rgb.mp4 and track.npz, which ffmpeg and numpy wrote
-    through. ForeignTempFolder if another user's folder (or a link) has the name."""
-    tdir = Path(version_dir) / ".tmp"
+def _made_by_this_user(st: os.stat_result, version_dir: Path) -> bool:
+    """Whether a file with stat `st` belongs to this user as the file system sees it: its owner is this user, or
+    the owner a file made here now gets (root on NFS with root_squash, a FAT drive's single owner)."""
+    if st.st_uid == os.geteuid():
+        return True
+    fd, probe = tempfile.mkstemp(prefix=".owner-probe.", dir=version_dir)
+    try:
+        return os.fstat(fd).st_uid == st.st_uid
+    finally:
+        os.close(fd)
+        os.unlink(probe)
+
+
+def _own_folder(tdir: Path, version_dir: Path) -> bool:
+    """Make `tdir` (mode 0700), or keep it if it is this user's folder (made 0700 if it can be); False if something
+    else (another user's folder, a link, a file) has the name."""
     try:
         tdir.mkdir(mode=0o700)
+        return True
     except FileExistsError:
         pass
     st = os.lstat(tdir)
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
-        raise ForeignTempFolder(errno.EPERM, "not a folder of this user's (the export writes its clips there first)",
-                                str(tdir))
+    if not stat.S_ISDIR(st.st_mode) or not _made_by_this_user(st, version_dir):
+        return False
     if stat.S_IMODE(st.st_mode) != 0o700:  # an earlier version's, made with the umask's mode
-        os.chmod(tdir, 0o700)
-    return tdir
+        try:
+            os.chmod(tdir, 0o700)
+        except OSError:  # a file system without modes (FAT, some network drives): nobody else can write there
+            pass
+    return True
+
+
+def private_tmp(version_dir: Path) -> Path:
+    """The version's .tmp/ (or, where another user has it, .tmp.<this user's id>/), made or kept this user's own,
+    mode 0700. Clips are written there before they are renamed into place: in a folder other users may write to
+    (a lab's shared data folder), a clip's folder made there with the umask's mode let them plant links at rgb.mp4
+    and track.npz, which ffmpeg and numpy wrote through. ForeignTempFolder if neither name is this user's."""
+    version_dir = Path(version_dir)
+    for tdir in (version_dir / ".tmp", version_dir / f".tmp.{os.geteuid()}"):
+        if _own_folder(tdir, version_dir):
+            return tdir
+    raise ForeignTempFolder(errno.EPERM, "not a folder of this user's (the export writes its clips there first)",
+                            str(tdir))
 
 
 def _umask() -> int:
@@ -545,17 +571,16 @@ def _export_one(args: tuple) -> tuple[int, str, str]:
 def clean_stale_temps(version_dir: Path) -> int:
     """Remove temp folders left by dead processes of this machine (their clip's claim no longer held); returns how
     many. Another host's are left: their writers cannot be judged from here."""
-    tdir = version_dir / ".tmp"
-    n = 0
-    if not tdir.is_dir() or tdir.is_symlink() or tdir.stat().st_uid != os.geteuid():  # not this user's to clean
-        return 0
-    host = socket.gethostname()
-    for p in tdir.iterdir():
-        parts = p.name.split("__", 3)  # <clip>__<host>__<pid>, and __<random> for a clip's own folder
-        clip = parts[0].split("-")[0]
-        if len(parts) in (3, 4) and parts[1] == host and clip.isdigit() and not claim_held(version_dir, int(clip)):
-            shutil.rmtree(p, ignore_errors=True)
-            n += 1
+    n, host = 0, socket.gethostname()
+    for tdir in (version_dir / ".tmp", version_dir / f".tmp.{os.geteuid()}"):
+        if not tdir.is_dir() or tdir.is_symlink() or tdir.stat().st_uid != os.geteuid():  # not this user's to clean
+            continue
+        for p in tdir.iterdir():
+            parts = p.name.split("__", 3)  # <clip>__<host>__<pid>, and __<random> for a clip's own folder
+            clip = parts[0].split("-")[0]
+            if len(parts) in (3, 4) and parts[1] == host and clip.isdigit() and not claim_held(version_dir, int(clip)):
+                shutil.rmtree(p, ignore_errors=True)
+                n += 1
     return n
 
 

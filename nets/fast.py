@@ -39,7 +39,7 @@ def instance_norm_keep_layout(x: torch.Tensor, eps: float = ENCODER_NORM_EPS) ->
     one-image batch (its statistics are the image's): its backward is twice group_norm's there. instance_norm
     itself would convert a channels-last tensor back.
     """
-    if x.is_contiguous() or not x.requires_grad:
+    if x.device.type == "cpu" and (x.is_contiguous() or not x.requires_grad):  # measured on the CPU only
         if x.dtype in (torch.float16, torch.bfloat16):
             # autocast would run group_norm in float32, and the residual adds and ReLUs after it with it: twice
             # the memory traffic of keeping the half-precision maps batch_norm kept (its statistics are float32

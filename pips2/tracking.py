@@ -39,7 +39,14 @@ from pips2.nets.lbm import LBM, LBMOnlineState
 from pips2.nets.pips2 import MIN_SIZE
 from pips2.utils.amp import autocast
 from pips2.utils.cli import parse_hw
-from pips2.utils.procs import is_space_error, owned_tempdir, remove_owned, remove_stale_tempdirs, reuse_freed_memory
+from pips2.utils.procs import (
+    is_space_error,
+    owned_tempdir,
+    release_freed_memory,
+    remove_owned,
+    remove_stale_tempdirs,
+    reuse_freed_memory,
+)
 from pips2.utils.video import MIN_VIDEO_SIDE, VideoError, declared_frames, image_file_wh, iter_frames, read_rgb
 
 # Bounds on what one tracking request may ask for (docs/BAD_INPUTS.md). Every point costs model time in every
@@ -625,7 +632,10 @@ def track_windows(model, frames: FrameSource, trajs_init: torch.Tensor, S: int =
     if len(frames) != T:
         raise ValueError(f"{len(frames)} frames but trajs_init covers {T}")
     p = _Pass(list(range(T)), trajs_init, S)
-    _sweep(model, frames.get, [p], iters, point_batch, amp, progress)
+    try:
+        _sweep(model, frames.get, [p], iters, point_batch, amp, progress)
+    finally:
+        release_freed_memory()
     return p.trajs
 
 
@@ -816,8 +826,11 @@ def track(model, video, queries, S: int = 128, iters: int = 16, backward: bool =
         if amp is not None:
             raise ValueError(f"amp={amp!r}: LBM tracking runs in the model's own precision")
         return track_lbm(model, video, queries, backward=backward, model_hw=model_hw, progress=progress)
-    with _frame_source(video, model_hw) as src:
-        res = _track_pips(model, src, queries, S, iters, backward, point_batch, amp, progress)
+    try:
+        with _frame_source(video, model_hw) as src:
+            res = _track_pips(model, src, queries, S, iters, backward, point_batch, amp, progress)
+    finally:
+        release_freed_memory()
     return _finite(res)
 
 

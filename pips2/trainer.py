@@ -1421,7 +1421,7 @@ def _step(cfg: Config, ranks: Ranks, state: TrainState, data: TrainData, log: Lo
         state.optimizer.zero_grad(set_to_none=True)
         if state.step > start:
             state.save()
-        data.close()  # its workers may not answer: the stop must not wait on them
+        # the line before the workers are shut down: stuck ones take torch's shutdown a few seconds each
         state.stopped(e.signum, saved=state.step > start, waiting=True)
     except DataFailed as e:
         state.step -= 1  # that step never happened

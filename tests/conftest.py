@@ -1,6 +1,7 @@
 import atexit
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -98,3 +99,14 @@ def make_fifo():
     yield make
     done.set()
     watcher.join()
+
+
+@pytest.fixture(autouse=True)
+def _stop_signals_restored():
+    """Each test leaves SIGINT, SIGTERM and SIGHUP as it found them: a handler left ignored is inherited by every
+    process a later test starts."""
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    yield
+    for s, handler in saved.items():
+        if signal.getsignal(s) != handler and handler is not None:
+            signal.signal(s, handler)

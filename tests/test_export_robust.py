@@ -245,15 +245,23 @@ def test_failed_clips_make_the_exit_code_1(synth_root, tmp_path):
 def test_a_temp_folder_of_another_user_or_a_file_in_its_place_is_one_line(synth_root, tmp_path, name):
     """Clips are written in the version's .tmp/ first, which must be this user's own folder (0700): in a folder
     other users may write to, one of theirs (or a link) there would let them plant links the clip's writers follow.
-    A file in its place, or in the claims folder's, failed every clip with its own line, and every rerun the same
-    way. Both are refused before any clip is written."""
+    Where something else has the name, this user's own .tmp.<uid>/ serves; where that is taken too, and where a
+    file is in the claims folder's place, the run is refused before any clip (before, every clip failed with its
+    own line, and every rerun the same way)."""
     vdir = _version(tmp_path)
     vdir.mkdir(parents=True)
     (vdir / name).write_text("in the way")
+    if name == ".tmp":
+        res = run_export(synth_root, tmp_path, "--max_iters=2", check=False)
+        assert res.returncode == 0 and len(list_clips(vdir)) == 2, res.stderr[-2000:]
+        assert (vdir / f".tmp.{os.geteuid()}").is_dir() and (vdir / ".tmp").read_text() == "in the way"
+        shutil.rmtree(vdir / f".tmp.{os.geteuid()}")
+        name = f".tmp.{os.geteuid()}"
+        (vdir / name).write_text("in the way")
     res = run_export(synth_root, tmp_path, "--max_iters=3", check=False)
-    assert res.returncode == 2 and not list_clips(vdir)
-    why = ("is not a folder of this user's; the export writes its clips there first" if name == ".tmp"
-           else "is not a folder; the export keeps its claims of clips there")
+    assert res.returncode == 2
+    why = ("is not a folder; the export keeps its claims of clips there" if name == ".claims"
+           else "is not a folder of this user's; the export writes its clips there first")
     assert res.stderr.strip() == f"error: --out_dir: {vdir / name} {why}: remove it", res.stderr
 
 

@@ -900,10 +900,14 @@ def test_after_a_stop_train_py_ignores_further_stop_signals(monkeypatch):
         raise trainer.TrainingStopped()
 
     monkeypatch.setattr(train, "run_stage", stopped)
-    old = {s: sig.getsignal(s) for s in (sig.SIGINT, sig.SIGTERM)}
+    monkeypatch.setattr(sys, "argv", ["train.py", "--dataset_location=x"])
+    old = {s: sig.getsignal(s) for s in (sig.SIGINT, sig.SIGTERM, sig.SIGHUP)}
     try:
         with pytest.raises(trainer.TrainingStopped):
             train.main(stage=1, dataset_location="x")
+        assert all(sig.getsignal(s) == h for s, h in old.items())  # main, a function others call, leaves them
+        with pytest.raises(trainer.TrainingStopped):
+            train.cli()  # the program, which ends now
         assert all(sig.getsignal(s) is sig.SIG_IGN for s in old)
     finally:
         for s, h in old.items():

@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from pips2.cli import train
 from pips2.datasets.export import list_clips
 from pips2.datasets.training import DataGoneError
 from pips2.utils import checkpoint as ck
-from pips2.utils.procs import pid_alive
+from pips2.utils.procs import die_with_parent, pid_alive
 
 ROOT = Path(__file__).resolve().parents[1]
 # four short steps, each far shorter than the wait below; a step-1 save does not exist, so the checkpoint a stop
@@ -733,18 +734,26 @@ def test_a_stop_while_waiting_for_data_from_workers_that_no_longer_answer_saves_
     last completed step is saved, one line, exit 0, and no process is left."""
     out, _ = exported
     proc = _start(out, tmp_path, "--max_steps=1000", "--save_freq=1000", "--S=4", "--N=4", "--iters=1",
-                  "--log_freq=1000", "--workers=2", start_new_session=True)
+                  "--log_freq=1", "--workers=2", start_new_session=True)
+    assert proc.stdout is not None
+    lines: list[tuple[float, str]] = []
+    reader = threading.Thread(target=lambda: lines.extend((time.monotonic(), ln) for ln in proc.stdout), daemon=True)
     workers: list[int] = []
-
-    def stop_workers_then_the_run() -> None:
+    try:
+        reader.start()
+        deadline = time.monotonic() + 120
+        while not any("step 000001/1000" in ln for _, ln in lines) and time.monotonic() < deadline:
+            time.sleep(0.05)
         workers.extend(_children(proc.pid))
         for w in workers:
             os.kill(w, signal.SIGSTOP)
-        time.sleep(8)  # the batches they had made are used up: the run now waits for the next
+        # the batches they had made are used up once no step has ended for a while: the run now waits for the next
+        while time.monotonic() < deadline and time.monotonic() - max(t for t, _ in lines) < 4:
+            time.sleep(0.1)
         os.kill(proc.pid, signal.SIGTERM)
-
-    try:
-        seen = _interrupt_after(proc, "step 000001/1000", stop_workers_then_the_run)
+        proc.wait(timeout=120)
+        reader.join(timeout=10)
+        seen = "".join(ln for _, ln in lines)
         assert proc.returncode == 0, seen[-3000:]
         assert _group_gone(proc.pid), "a loader worker was left behind"
     finally:
@@ -757,3 +766,16 @@ def test_a_stop_while_waiting_for_data_from_workers_that_no_longer_answer_saves_
     line = [ln for ln in seen.splitlines() if "stopped by SIGTERM" in ln]
     assert line == [f"{ckdir.name}: stopped by SIGTERM at step {step:06d}/1000; saved {ckdir / ck.ckpt_name(step)}; "
                     f"the same command resumes from there (it came while step {step + 1} waited for its data)"], seen
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux's parent-death signal")
+@pytest.mark.parametrize("method", ["fork", "spawn", "forkserver"])
+def test_a_worker_of_a_live_parent_lives_whatever_the_start_method(method):
+    """A forkserver's child has the forkserver as its parent, not the process that asked for it (the default start
+    method from Python 3.14): the worker took that for its parent's death and exited at once."""
+    import multiprocessing as mp
+
+    proc = mp.get_context(method).Process(target=die_with_parent, args=(os.getpid(),))
+    proc.start()
+    proc.join(60)
+    assert proc.exitcode == 0

@@ -292,6 +292,16 @@ def reuse_freed_memory() -> bool:
     return _malloc_tuned
 
 
+def release_freed_memory() -> None:
+    """Return the free memory `reuse_freed_memory` had glibc keep to the system (at the end of a tracking job: a
+    long-lived process such as the web demo does not keep the largest job's maps between jobs)."""
+    if _malloc_tuned:
+        try:
+            ctypes.CDLL(None).malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
+
+
 PR_SET_PDEATHSIG = 1  # prctl(2): the signal this process gets when the thread that forked it ends
 
 
@@ -306,7 +316,9 @@ def die_with_parent(parent: int) -> None:
         libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
     except (OSError, AttributeError):  # no prctl here: the worker's own checks of its parent remain
         return
-    if os.getppid() != parent:  # the parent ended before the request was in place
+    # the parent ended before the request was in place (a forkserver's child has the forkserver as its parent,
+    # which ends with the process that started it)
+    if os.getppid() != parent and not pid_alive(parent):
         os._exit(1)
 
 

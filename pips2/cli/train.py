@@ -314,14 +314,7 @@ def main(stage: int = 1, stages: str | None = None, **flags) -> None:
             # the stage-2 run is there already: it resumes from its own checkpoints, whatever stage-1 folder is
             # newest now (the start picked for it was refused as another --init_dir than the run's)
             cfg = replace(cfg, init_dir=None)
-        try:
-            prev = str(run_stage(cfg)[0])
-        except TrainingStopped:
-            # the stop is decided and said: a second Ctrl-C (the common reflex) must not land in the interpreter's
-            # exit as a traceback, or change the exit code by its timing
-            for sig in STOP_SIGNALS:
-                signal.signal(sig, signal.SIG_IGN)
-            raise
+        prev = str(run_stage(cfg)[0])
 
 
 def text_flags() -> dict:
@@ -336,6 +329,12 @@ def cli() -> None:
     """The `pips2-train` command (and `python train.py`): fire flags of main."""
     try:
         run_fire(main, kwarg_hints=text_flags())
+    except TrainingStopped:
+        # the stop is decided and said, and the program ends: a second Ctrl-C (the common reflex) must not land in
+        # the interpreter's exit as a traceback, or change the exit code by its timing
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
+        raise
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
