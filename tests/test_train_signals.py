@@ -735,9 +735,10 @@ def test_a_stop_while_waiting_for_data_from_workers_that_no_longer_answer_saves_
     out, _ = exported
     proc = _start(out, tmp_path, "--max_steps=1000", "--save_freq=1000", "--S=4", "--N=4", "--iters=1",
                   "--log_freq=1", "--workers=2", start_new_session=True)
-    assert proc.stdout is not None
+    stdout = proc.stdout
+    assert stdout is not None
     lines: list[tuple[float, str]] = []
-    reader = threading.Thread(target=lambda: lines.extend((time.monotonic(), ln) for ln in proc.stdout), daemon=True)
+    reader = threading.Thread(target=lambda: lines.extend((time.monotonic(), ln) for ln in stdout), daemon=True)
     workers: list[int] = []
     try:
         reader.start()
