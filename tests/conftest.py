@@ -103,9 +103,11 @@ def make_fifo():
 
 @pytest.fixture(autouse=True)
 def _stop_signals_restored():
-    """Each test leaves SIGINT, SIGTERM and SIGHUP as it found them: a handler left ignored is inherited by every
-    process a later test starts."""
-    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    """Each test leaves the stop signals (SIGINT, SIGTERM, SIGHUP, SIGUSR1, ...) as it found them: a handler left
+    ignored is inherited by every process a later test starts."""
+    from pips2.utils.procs import STOP_SIGNALS
+
+    saved = {s: signal.getsignal(s) for s in STOP_SIGNALS}
     yield
     for s, handler in saved.items():
         if signal.getsignal(s) != handler and handler is not None:

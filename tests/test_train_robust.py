@@ -19,7 +19,7 @@ from pips2 import trainer
 from pips2.cli import train
 from pips2.datasets.export import list_clips
 from pips2.utils import checkpoint as ck
-from pips2.utils.procs import guarded_output, usable_cpus
+from pips2.utils.procs import STOP_SIGNALS, guarded_output, usable_cpus
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(B=1, S=6, N=8, crop_size="128,192", iters=2, workers=0, log_freq=1, device="cpu")
@@ -901,7 +901,7 @@ def test_after_a_stop_train_py_ignores_further_stop_signals(monkeypatch):
 
     monkeypatch.setattr(train, "run_stage", stopped)
     monkeypatch.setattr(sys, "argv", ["train.py", "--dataset_location=x"])
-    old = {s: sig.getsignal(s) for s in (sig.SIGINT, sig.SIGTERM, sig.SIGHUP)}
+    old = {s: sig.getsignal(s) for s in STOP_SIGNALS}
     try:
         with pytest.raises(trainer.TrainingStopped):
             train.main(stage=1, dataset_location="x")
