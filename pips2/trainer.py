@@ -1006,7 +1006,8 @@ def _exit_within(seconds: float) -> None:
 
 
 # torch's words when a DataLoader worker dies (its SIGCHLD handler, or the iterator finding it gone)
-LOADER_WORKER_DIED = re.compile(r"DataLoader worker \(pids? [^)]*\) (is killed by signal|exited unexpectedly)")
+LOADER_WORKER_DIED = re.compile(r"DataLoader worker \(pid(?:s|\(s\))? [^)]*\)+ "
+                                r"(is killed by signal|exited unexpectedly)")
 
 
 class DataFailed(Exception):
@@ -1424,6 +1425,8 @@ def _step(cfg: Config, ranks: Ranks, state: TrainState, data: TrainData, log: Lo
         # the line before the workers are shut down: stuck ones take torch's shutdown a few seconds each
         state.stopped(e.signum, saved=state.step > start, waiting=True)
     except DataFailed as e:
+        if isinstance(e.error, RuntimeError) and LOADER_WORKER_DIED.search(str(e.error)):
+            state.worker_died(e.error, start)  # found dead while its batch was awaited: said as when torch signals it
         state.step -= 1  # that step never happened
         state.optimizer.zero_grad(set_to_none=True)
         state.data_failed(e, saved=state.step > start)

@@ -424,7 +424,8 @@ def test_a_loader_worker_killed_saves_the_last_step_and_ends_in_one_line(exporte
     assert len(saved) == 1 and 1 <= saved[0] < 4, seen
     err = [ln for ln in seen.splitlines() if ln.startswith("error:")]
     assert len(err) == 1 and re.fullmatch(
-        rf"error: DataLoader worker \(pid \d+\) is killed by signal: Killed \(out of memory\?\); saved "
+        rf"error: DataLoader worker \(pid(?:\(s\))? \d+\) (?:is killed by signal: Killed|exited unexpectedly) \(out of "
+        rf"memory\?\); saved "
         rf"{re.escape(str(ckdir / ck.ckpt_name(saved[0])))} \(step {saved[0]}\); the same command resumes from "
         r"there once the data is readable", err[0]), seen[-2000:]
     resumed = _train(out, tmp_path, *ARGS, "--workers=2")
