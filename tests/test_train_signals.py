@@ -781,3 +781,16 @@ def test_a_worker_of_a_live_parent_lives_whatever_the_start_method(method):
     proc.start()
     proc.join(60)
     assert proc.exitcode == 0
+
+
+def test_torchs_words_for_a_dead_loader_worker_are_known():
+    """torch says a worker died in two ways: from its SIGCHLD handler, and when the iterator awaiting a batch finds
+    it gone ('pid(s) N ... exited unexpectedly'). The second was missed: the run ended in a traceback, exit 1."""
+    import torch.utils.data.dataloader as dl
+
+    source = Path(dl.__file__).read_text()
+    assert 'DataLoader worker (pid(s) {pids_str}) exited unexpectedly' in source  # the words this pattern is for
+    for said in ("DataLoader worker (pid 12) is killed by signal: Killed.",
+                 "DataLoader worker (pid(s) 11388) exited unexpectedly",
+                 "DataLoader worker (pid(s) 11388, 11390) exited unexpectedly"):
+        assert trainer.LOADER_WORKER_DIED.search(said), said
