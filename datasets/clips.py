@@ -22,7 +22,7 @@ import numpy as np
 
 from pips2.utils.cli import parse_hw
 from pips2.utils.paths import temp_beside, write_json
-from pips2.utils.procs import NotARegularFile, open_lock_file
+from pips2.utils.procs import open_lock_file
 from pips2.utils.safe_load import UnsafeFileError, load_npz
 from pips2.utils.video import VideoError, read_clip
 
@@ -284,14 +284,10 @@ def verify_clip(folder: Path, S: int, N: int, clip_hw: tuple[int, int]) -> None:
 def check_manifest(version_dir: Path) -> None:
     """NotARegularFile if something other than a regular file (a link, a FIFO) holds the manifest's name: every
     clip's line would fail to be written (`append_manifest` refuses to write through it)."""
-    path = Path(version_dir) / MANIFEST
     try:
-        st = os.lstat(path)
+        os.close(open_lock_file(Path(version_dir) / MANIFEST))  # the check append_manifest's open makes
     except FileNotFoundError:
         return
-    if not stat.S_ISREG(st.st_mode):
-        raise NotARegularFile(errno.ELOOP if stat.S_ISLNK(st.st_mode) else errno.EINVAL,
-                              "a symlink" if stat.S_ISLNK(st.st_mode) else "not a regular file", str(path))
 
 
 def append_manifest(version_dir: Path, k: int, meta: dict) -> None:

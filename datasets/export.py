@@ -228,14 +228,18 @@ def _own_folder(tdir: Path, version_dir: Path) -> bool:
     return True
 
 
+def _tmp_folders(version_dir: Path) -> tuple[Path, Path]:
+    """Where this user's clip temp folders go: .tmp/, or .tmp.<this user's id>/ where another user has .tmp/."""
+    return Path(version_dir) / ".tmp", Path(version_dir) / f".tmp.{os.geteuid()}"
+
+
 def private_tmp(version_dir: Path) -> Path:
     """The version's .tmp/ (or, where another user has it, .tmp.<this user's id>/), made or kept this user's own,
     mode 0700. Clips are written there before they are renamed into place: in a folder other users may write to
     (a lab's shared data folder), a clip's folder made there with the umask's mode let them plant links at rgb.mp4
     and track.npz, which ffmpeg and numpy wrote through. ForeignTempFolder if neither name is this user's."""
-    version_dir = Path(version_dir)
-    for tdir in (version_dir / ".tmp", version_dir / f".tmp.{os.geteuid()}"):
-        if _own_folder(tdir, version_dir):
+    for tdir in _tmp_folders(version_dir):
+        if _own_folder(tdir, Path(version_dir)):
             return tdir
     raise ForeignTempFolder(errno.EPERM, "not a folder of this user's (the export writes its clips there first)",
                             str(tdir))
@@ -572,7 +576,7 @@ def clean_stale_temps(version_dir: Path) -> int:
     """Remove temp folders left by dead processes of this machine (their clip's claim no longer held); returns how
     many. Another host's are left: their writers cannot be judged from here."""
     n, host = 0, socket.gethostname()
-    for tdir in (version_dir / ".tmp", version_dir / f".tmp.{os.geteuid()}"):
+    for tdir in _tmp_folders(version_dir):
         if not tdir.is_dir() or tdir.is_symlink() or tdir.stat().st_uid != os.geteuid():  # not this user's to clean
             continue
         for p in tdir.iterdir():
