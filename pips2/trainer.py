@@ -286,9 +286,10 @@ class StoppedAtOnce(BaseException):
 
 
 class StoppedWaitingForData(BaseException):
-    """A stop request while a one-process run waits for a step's first batch: nothing of that step has run, so the
-    run stops at once at the boundary before it (a loader worker that no longer answers, or a data disk that hangs,
-    would keep it waiting for ever, deaf to the scheduler's SIGTERM)."""
+    """A stop request while a one-process run waits for a batch of a step or of its validation: the run stops at
+    once at the step boundary before that wait, as the step's optimiser update has not run or has been saved (a
+    loader worker that no longer answers, or a data disk that hangs, would keep it waiting for ever, deaf to the
+    scheduler's SIGTERM)."""
 
     def __init__(self, signum: int):
         super().__init__(signum)
@@ -321,7 +322,7 @@ class StopRequest:
         self.first_at = 0.0
         self.writing = False
         self.lossless = False
-        self.waiting = False  # for the step's first batch, in a one-process run: nothing of the step has run yet
+        self.waiting = False  # for a batch, in a one-process run, before the step's update or after its save
         self._old: dict[int, Callable[[int, FrameType | None], Any] | int | None] = {}  # what signal.signal returned
 
     def install(self) -> None:
@@ -350,9 +351,14 @@ class StopRequest:
             raise_stop(signum, StoppedAtOnce(signum))
 
     @contextmanager
-    def waiting_for_data(self, ranks: Ranks) -> Iterator[None]:
-        """While a one-process run waits for a step's first batch, a stop request stops it there at once."""
+    def waiting_for_data(self, ranks: Ranks, already: bool = False) -> Iterator[None]:
+        """While a one-process run waits for a batch, a stop request stops it there at once; with `already`, so
+        does one that came before the wait (in a step's earlier micro-batches: the request would be heard again
+        only at the boundary, which a loader that no longer answers keeps from coming)."""
         self.waiting = ranks.world == 1  # several ranks stop together, at a boundary (a collective)
+        if self.waiting and already and self.signum and not self.writing:
+            self.waiting = False
+            raise StoppedWaitingForData(self.signum)
         try:
             yield
         finally:
@@ -765,9 +771,9 @@ class TrainState:
                 dist.destroy_process_group()
             raise SystemExit(msg)
 
-    def stopped(self, signum: int, saved: bool, waiting: bool = False) -> NoReturn:
+    def stopped(self, signum: int, saved: bool, waiting: str = "") -> NoReturn:
         """End the run on a stop request, every rank together (rank 0 has saved if `saved`): one line, exit 0.
-        `waiting`: the request came while the run waited for a batch."""
+        `waiting`: what waited for a batch when the request came ("step 5", "step 4's validation")."""
         name, step = self.cfg.name(), self.step
         if self.ranks.main:
             how = signal.Signals(signum).name
@@ -781,7 +787,7 @@ class TrainState:
             else:
                 line = f"{name}: stopped by {how} before step {step + 1}, nothing trained; the same command starts it"
             if waiting:
-                line += f" (it came while step {step + 1} waited for its data)"
+                line += f" (it came while {waiting} waited for its data)"
             # the reader of stdout is gone on SIGPIPE: the line goes where it can still be read
             print(line, file=sys.stderr if signum == getattr(signal, "SIGPIPE", None) else sys.stdout, flush=True)
         self.ranks.barrier()  # no rank leaves before rank 0's checkpoint is complete
@@ -1035,15 +1041,39 @@ def fetch(ranks: Ranks, get: Callable[[], Sample]) -> Sample:
     return batch
 
 
+class _StepStart:
+    """What forward passes change outside the gradients, as a step found it: batch-norm statistics (LBM's
+    encoder) and the RNG states (dropout, augmentation in the main process). A step abandoned after some of its
+    micro-batches is then saved as the previous step left it, and resumes bit-exact."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.buffers = {k: v.detach().clone() for k, v in model.named_buffers()}
+        self.rng = rng_state()
+
+    def restore(self, model: torch.nn.Module) -> None:
+        """Put the buffers and RNG states back."""
+        with torch.no_grad():
+            for k, v in model.named_buffers():
+                v.copy_(self.buffers[k])
+        set_rng_state(self.rng)
+
+
 def train_step(state: TrainState, data: TrainData, cfg: Config) -> StepResult:
     """One optimiser step over --grad_acc micro-batches; a non-finite loss on any rank skips it on every rank."""
     ranks = state.ranks
     t0 = time.time()
     rtime, total_loss, finite, figures, shown = 0.0, 0.0, True, None, None
+    # what a micro-batch changes besides the gradients: restored when the step is abandoned after one
+    at_start = _StepStart(state.model) if cfg.grad_acc > 1 and ranks.world == 1 else None
     for micro in range(cfg.grad_acc):
         tr = time.time()
-        with state.stop.waiting_for_data(ranks) if micro == 0 else contextlib.nullcontext():
-            batch = fetch(ranks, lambda: data.next(state.step, micro))  # noqa: B023 (called at once)
+        try:
+            with state.stop.waiting_for_data(ranks, already=micro > 0):
+                batch = fetch(ranks, lambda: data.next(state.step, micro))  # noqa: B023 (called at once)
+        except StoppedWaitingForData:
+            if at_start is not None:
+                at_start.restore(state.model)
+            raise
         rtime += time.time() - tr
         gen = step_generator(cfg.seed, state.step, micro, ranks.rank)
         if cfg.lbm:
@@ -1258,17 +1288,18 @@ class Validator:
         cfg, out = self.cfg, {}
         net = ck.unwrap(model)
         if self.data.val is not None and validates_at(step, cfg.val_freq):
-            out["val"] = self.exported(net)
+            out["val"] = self.exported(net, stop)
         if cfg.tapvid_root and cfg.eval_dataset == "davis" and step % cfg.val_freq == 0 and self.ranks.main:
             figures = self.tapvid(net, stop)
             if figures is not None:
                 out["davis"] = figures
         return out
 
-    def exported(self, net: torch.nn.Module) -> dict[str, float]:
+    def exported(self, net: torch.nn.Module, stop: StopRequest | None = None) -> dict[str, float]:
         """Figures of one validation batch: PIPs++ tracked from zero-velocity estimates; LBM's training forward
         in eval mode (its losses, as the authors' validation while training, with queries from a fixed seed)."""
-        batch = fetch(self.ranks, self.data.next_val)
+        with stop.waiting_for_data(self.ranks) if stop is not None else contextlib.nullcontext():
+            batch = fetch(self.ranks, self.data.next_val)
         device = self.ranks.device
         if self.cfg.lbm:
             net.eval()
@@ -1423,7 +1454,7 @@ def _step(cfg: Config, ranks: Ranks, state: TrainState, data: TrainData, log: Lo
         if state.step > start:
             state.save()
         # the line before the workers are shut down: stuck ones take torch's shutdown a few seconds each
-        state.stopped(e.signum, saved=state.step > start, waiting=True)
+        state.stopped(e.signum, saved=state.step > start, waiting=f"step {state.step + 1}")
     except DataFailed as e:
         if isinstance(e.error, RuntimeError) and LOADER_WORKER_DIED.search(str(e.error)):
             state.worker_died(e.error, start)  # found dead while its batch was awaited: said as when torch signals it
@@ -1440,6 +1471,9 @@ def _step(cfg: Config, ranks: Ranks, state: TrainState, data: TrainData, log: Lo
             validations = {} if early else validator.run(state.step, state.model, stop)
         except DataFailed as e:  # the step itself is done
             state.data_failed(e, saved=True)
+        except StoppedWaitingForData as e:  # the step is done and its validation never began
+            state.save()
+            state.stopped(e.signum, saved=True, waiting=f"step {state.step}'s validation")
         for group, figures in validations.items():
             state.d_vs.append(figures["d_avg"])
             log.scalars(group, figures, state.step)

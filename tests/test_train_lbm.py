@@ -2,9 +2,12 @@
 exact resume, AMP, non-finite and corrupt-clip skipping, validation on held-out clips (tiny LBM, in-process)."""
 
 import math
+import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -177,6 +180,32 @@ def test_resume_gives_the_weights_of_an_uninterrupted_run(tmp_path, monkeypatch)
     # and the comparison can fail: the step-2 weights differ from the final ones
     at2 = load_model(ck.find_checkpoint(ckdir, 2), kind="lbm", **MODEL_KW).state_dict()
     assert not all(torch.equal(at2[k], want[k]) for k in want)
+
+
+def test_a_step_abandoned_after_a_micro_batch_resumes_as_the_run_uninterrupted(tmp_path, monkeypatch):
+    """A stop while step 3 waits for its second micro-batch abandons that step: the first micro-batch's forward had
+    moved the encoder's batch-norm statistics and the dropout RNG, and the step-2 checkpoint then held them, so the
+    resumed run differed from one never stopped. The saved step is the step 2 of the run uninterrupted."""
+    ref_dir = tmp_path / "ref"
+    train.run_stage(_kubric_cfg(ref_dir, max_steps=3, save_freq=2, grad_acc=2))
+    real = trainer.TrainData.next
+
+    def stop_in_step_3(self, step, micro):
+        if (step, micro) == (3, 1):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(30)  # a loader that no longer answers: the handler cuts this short
+        return real(self, step, micro)
+
+    monkeypatch.setattr(trainer.TrainData, "next", stop_in_step_3)
+    with pytest.raises(trainer.TrainingStopped):
+        train.run_stage(_kubric_cfg(tmp_path / "run", max_steps=3, save_freq=100, grad_acc=2))
+    ckdir = next((tmp_path / "run" / "ck").iterdir())
+    assert [s for s, _ in ck.list_checkpoints(ckdir)] == [2]
+    want = ck.read_checkpoint(ck.find_checkpoint(next((ref_dir / "ck").iterdir()), 2), layout=ck.LBM_LAYOUT)
+    got = ck.read_checkpoint(ck.find_checkpoint(ckdir, 2), layout=ck.LBM_LAYOUT)
+    assert any("running_mean" in k for k in want["model"])
+    assert all(torch.equal(want["model"][k], got["model"][k]) for k in want["model"])
+    assert torch.equal(want["rng"]["torch"], got["rng"]["torch"]) and want["rng"]["numpy"] == got["rng"]["numpy"]
 
 
 def test_a_step_on_an_export_with_held_out_validation_and_a_corrupt_clip(exported, tmp_path, capsys):

@@ -770,6 +770,74 @@ def test_a_stop_while_waiting_for_data_from_workers_that_no_longer_answer_saves_
                     f"the same command resumes from there (it came while step {step + 1} waited for its data)"], seen
 
 
+def _hang_after_sigterm() -> None:
+    """A batch that never comes: the stop request arrives while the run waits for it."""
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(30)  # a loader that no longer answers; the handler cuts this short, or the test fails slowly
+
+
+@pytest.mark.parametrize("came", ["while waiting", "in the micro-batch before"])
+def test_a_stop_while_a_later_micro_batch_waits_for_data_saves_the_step_before(exported, tmp_path, monkeypatch,
+                                                                                capsys, came):
+    """With --grad_acc, a step waits for a batch once per micro-batch; only the first wait heard a stop request, so
+    a loader that hung at a later one kept the run deaf to SIGTERM, whether the request came during that wait or
+    during the step's first micro-batch. The step is abandoned there (its optimiser update has not run) and the
+    step before is saved."""
+    out, _ = exported
+    real, real_loss, losses = trainer.TrainData.next, trainer.forward_loss, []
+
+    def hang_in_step_3(self, step, micro):
+        if (step, micro) == (3, 1):
+            if came == "while waiting":
+                _hang_after_sigterm()
+            else:
+                time.sleep(30)
+        return real(self, step, micro)
+
+    def sigterm_in_step_3(*a, **k):
+        losses.append(1)
+        if came != "while waiting" and len(losses) == 5:  # step 3's first micro-batch
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_loss(*a, **k)
+
+    monkeypatch.setattr(trainer.TrainData, "next", hang_in_step_3)
+    monkeypatch.setattr(trainer, "forward_loss", sigterm_in_step_3)
+    cfg = _cfg(out, tmp_path, max_steps=5, save_freq=100, grad_acc=2)
+    with pytest.raises(trainer.TrainingStopped) as e:
+        train.run_stage(cfg)
+    assert e.value.code == 0
+    ckdir = tmp_path / "ck" / cfg.name()
+    assert capsys.readouterr().out.strip().splitlines()[-1] == (
+        f"{cfg.name()}: stopped by SIGTERM at step 000002/5; saved {ckdir / ck.ckpt_name(2)}; the same command "
+        f"resumes from there (it came while step 3 waited for its data)")
+    assert [s for s, _ in ck.list_checkpoints(ckdir)] == [2] and not (ckdir / ck.LOCK_NAME).exists()
+
+
+def test_a_stop_while_validation_waits_for_data_saves_the_step_just_trained(exported, tmp_path, monkeypatch,
+                                                                             capsys):
+    """The validation batch is awaited after the step's update: a loader that hung there kept the run deaf to
+    SIGTERM. The trained step is saved and the run ends in one line, exit 0."""
+    out, _ = exported
+    real, calls = trainer.TrainData.next_val, []
+
+    def hang_at_step_2(self):
+        calls.append(1)
+        if len(calls) == 2:
+            _hang_after_sigterm()
+        return real(self)
+
+    monkeypatch.setattr(trainer.TrainData, "next_val", hang_at_step_2)
+    cfg = _cfg(out, tmp_path, max_steps=5, save_freq=100, val_dataset_version=_version(out), val_freq=1)
+    with pytest.raises(trainer.TrainingStopped) as e:
+        train.run_stage(cfg)
+    assert e.value.code == 0
+    ckdir = tmp_path / "ck" / cfg.name()
+    assert capsys.readouterr().out.strip().splitlines()[-1] == (
+        f"{cfg.name()}: stopped by SIGTERM at step 000002/5; saved {ckdir / ck.ckpt_name(2)}; the same command "
+        f"resumes from there (it came while step 2's validation waited for its data)")
+    assert [s for s, _ in ck.list_checkpoints(ckdir)] == [2] and not (ckdir / ck.LOCK_NAME).exists()
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux's parent-death signal")
 @pytest.mark.parametrize("method", ["fork", "spawn", "forkserver"])
 def test_a_worker_of_a_live_parent_lives_whatever_the_start_method(method):
