@@ -246,7 +246,16 @@ def private_tmp(version_dir: Path) -> Path:
 
 
 def _umask() -> int:
-    mask = os.umask(0o022)  # reading it means setting it: this process's workers write clips one at a time
+    """This process's umask, read from /proc where Linux shows it; elsewhere reading it means setting it for an
+    instant, during which another thread's new file would get 022."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
     os.umask(mask)
     return mask
 
@@ -277,13 +286,15 @@ def write_clip(version_dir: Path, k: int, frames: np.ndarray, track: np.ndarray,
         # the line before the rename: a process killed between the two leaves a line and no clip (the next run
         # writes it, and the same line again), never a clip the manifest does not list
         append_manifest(version_dir, k, meta)
+        # the mode a folder made in place would have had (the temp's is 0700), given inside the private .tmp/, so
+        # the clip never shows under its name with a mode its readers cannot open
+        os.chmod(tmp, 0o777 & ~_umask())
         try:
             os.rename(tmp, final)
         except OSError:
             if is_clip_dir(final):  # someone else finished it first: theirs is identical
                 return False
             raise
-        os.chmod(final, 0o777 & ~_umask())  # the mode a folder made in place would have had (the temp's is 0700)
     except Exception as e:
         if is_no_space(e, version_dir):
             raise NoSpaceError(version_dir) from e

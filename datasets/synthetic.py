@@ -325,16 +325,22 @@ class SceneInTheWay(ValueError):
 SCENE_TEMP = ".synth_tmp"  # a scene being made: <split>/.synth_tmp.<owner tag>.<random>/scene, then renamed
 
 
+def _not_in_the_way(path: Path) -> None:
+    """SceneInTheWay unless `path` is absent or a real folder (a link or anything else is not a scene made here)."""
+    if path.is_symlink() or (path.exists() and not path.is_dir()):
+        raise SceneInTheWay(f"{path} is {'a symlink' if path.is_symlink() else 'not a folder'}, not a scene folder "
+                            "this generator made: remove it")
+
+
 def _generate_whole(path: Path, seed: int, cfg: SceneConfig | None) -> Path:
     """generate_scene into a temp folder beside `path`, renamed to it once complete: a stopped or killed run left
     a scene's frames without its anno.npz under the scene's name, which every later reader skipped or rejected."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    _not_in_the_way(path)  # before the scene's work, which would be thrown away
     work = owned_tempdir(SCENE_TEMP, path.parent)
     try:
         generate_scene(work / "scene", seed, cfg)
-        if path.is_symlink() or (path.exists() and not path.is_dir()):  # not a scene this generator made
-            raise SceneInTheWay(f"{path} is {'a symlink' if path.is_symlink() else 'a file'}, not a scene folder "
-                                "this generator made: remove it")
+        _not_in_the_way(path)  # and again: it may have appeared meanwhile
         if path.exists():  # a half scene of an older version (frames, no anno.npz): this generator's, remade
             shutil.rmtree(path)
         (work / "scene").rename(path)

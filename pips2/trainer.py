@@ -1405,10 +1405,11 @@ def train_stage(cfg: Config, ranks: Ranks, ckpt_dir: Path, stop: StopRequest | N
 
 def _train_stage(cfg: Config, ranks: Ranks, ckpt_dir: Path, stop: StopRequest) -> tuple[Path, torch.nn.Module]:
     logs = Path(cfg.log_dir) / cfg.name()
-    if ranks.main and os.path.lexists(logs) and not logs.is_dir():
-        # before the model is built: TensorBoard's writer would fail on it with a traceback
-        fail(f"--log_dir: {logs} is not a folder (the run's TensorBoard log goes there); remove it or give another "
-             "--log_dir")
+    # before the model is built: TensorBoard's writer (rank 0's) would fail on it with a traceback; every rank
+    # ends together rather than build its model until torchrun tears it down
+    if ranks.any(ranks.main and os.path.lexists(logs) and not logs.is_dir()):
+        ranks.die(f"--log_dir: {logs} is not a folder (the run's TensorBoard log goes there); remove it or give "
+                  "another --log_dir")
     log = Logger(cfg, ranks)
     state = TrainState(cfg, ranks, ckpt_dir, log.say, stop)
     data = TrainData(cfg, ranks, state.step, state.note_corrupt)

@@ -101,6 +101,7 @@ from pips2.utils.video import (
     VideoError,
     container_suffix,
     ffmpeg_file,
+    ffmpeg_said,
     header_wh,
     iter_frames,
 )
@@ -369,7 +370,7 @@ def video_header(path: Path) -> tuple[int, int, int, float, float]:
     except subprocess.TimeoutExpired:
         raise VideoError(f"{path}: its header took over {PROBE_SECONDS} s to read") from None
     except Exception as e:  # imageio-ffmpeg raises a plain error with ffmpeg's output for a file it cannot open
-        msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        msg = ffmpeg_said(str(e).strip().splitlines()[-1], path) if str(e).strip() else type(e).__name__
         raise VideoError(f"{path}: cannot read video ({msg})") from None
     counts = re.findall(r"frame=\s*(\d+)", run.stderr)
     if not counts:  # ffmpeg also fails at the end of a file cut short, after counting the packets it holds

@@ -697,16 +697,27 @@ def test_synthetic_scenes_on_a_full_disk_are_one_line_and_keep_the_finished(tmp_
     assert code == 0 and "summary: 2 scenes" in stdout, err
 
 
-def test_synthetic_refuses_a_link_in_a_scenes_place_in_one_line(tmp_path, capsys):
+def test_synthetic_refuses_a_link_in_a_scenes_place_in_one_line(tmp_path, capsys, monkeypatch):
     """A symlink at a scene's name in --out (planted in a shared folder) was not followed, but the line blamed
-    the disk's room and promised that a rerun would work, which failed the same way for ever."""
+    the disk's room and promised that a rerun would work, which failed the same way for ever. It is refused before
+    the scene is made (that work was thrown away)."""
+    from pips2.datasets import synthetic
+
     out = tmp_path / "syn"
     code, _, err = _synth(capsys, out, W=64, H=48, T=3, n_points=20)
     assert code == 0, err
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     (out / "train" / "synth_0001").symlink_to(elsewhere)
+    made, real = [], synthetic.generate_scene
+    monkeypatch.setattr(synthetic, "generate_scene", lambda *a, **k: made.append(1) or real(*a, **k))
     code, _, err = _synth(capsys, out, W=64, H=48, T=3, n_points=20, train=2)
     assert code == 2 and err.strip().splitlines()[-1].split("\r")[-1] == (
         f"error: {out / 'train' / 'synth_0001'} is a symlink, not a scene folder this generator made: remove it"), err
-    assert elsewhere.is_dir() and not list(elsewhere.iterdir())
+    assert elsewhere.is_dir() and not list(elsewhere.iterdir()) and not made
+    (out / "train" / "synth_0001").unlink()
+    os.mkfifo(out / "train" / "synth_0001")
+    code, _, err = _synth(capsys, out, W=64, H=48, T=3, n_points=20, train=2)
+    assert code == 2 and err.strip().splitlines()[-1].split("\r")[-1] == (
+        f"error: {out / 'train' / 'synth_0001'} is not a folder, not a scene folder this generator made: remove "
+        f"it"), err

@@ -1200,24 +1200,32 @@ def test_a_clip_is_written_in_a_private_folder_and_verified_as_regular_files(tmp
     clips were verified through them and renamed into place. Now the folder is this user's own (0700, a random
     name, in a 0700 .tmp/), the clip's files must be regular files, and the clip gets the umask's mode once in
     place."""
-    seen = []
-    real_write = export.write_mp4
+    seen, renamed = [], []
+    real_write, real_rename = export.write_mp4, os.rename
 
     def spy(path, *a, **k):
         folder = Path(path).parent
         seen.append((folder.name, stat_mode(folder), stat_mode(folder.parent)))
         return real_write(path, *a, **k)
 
+    def rename_spy(src, dst):  # the mode a reader of the clip's name finds from its first instant
+        renamed.append(stat_mode(Path(src)))
+        return real_rename(src, dst)
+
     monkeypatch.setattr(export, "write_mp4", spy)
+    monkeypatch.setattr(export.os, "rename", rename_spy)
+    if Path("/proc/self/status").is_file():  # where Linux shows it
+        monkeypatch.setattr(export.os, "umask", lambda *a: pytest.fail("the umask is read, never set for an instant"))
     assert export.write_clip(tmp_path, 3, *_clip(), meta={})
     assert export.write_clip(tmp_path, 4, *_clip(), meta={})
     (name3, mode3, parent3), (name4, _, _) = seen
     assert mode3 == parent3 == 0o700
     random3, random4 = name3.split("__", 3)[3], name4.split("__", 3)[3]
     assert name3.startswith("000003__") and random3 and random3 != random4
+    monkeypatch.undo()
     mask = os.umask(0o022)
     os.umask(mask)
-    assert stat_mode(tmp_path / "000003") == 0o777 & ~mask
+    assert stat_mode(tmp_path / "000003") == 0o777 & ~mask and renamed == [0o777 & ~mask] * 2
     clip = tmp_path / "000004"
     (clip / "track.npz").rename(tmp_path / "elsewhere.npz")
     (clip / "track.npz").symlink_to(tmp_path / "elsewhere.npz")

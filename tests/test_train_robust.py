@@ -891,6 +891,25 @@ def test_a_log_run_folder_that_is_not_a_folder_is_one_line(exported, tmp_path):
                                   "TensorBoard log goes there); remove it or give another --log_dir"), res.stderr
 
 
+def test_a_log_run_folder_in_the_way_ends_every_rank_before_its_model(exported, tmp_path, monkeypatch, capsys):
+    """Only rank 0 looked at the log folder: under DDP the other ranks went on building their models until
+    torchrun tore them down. Every rank now ends there together, exit 2; only rank 0 says why."""
+    out, _ = exported
+    cfg = train.make_config(1, {**TINY, "dataset_location": str(out), "log_dir": str(tmp_path / "logs"),
+                                "ckpt_dir": str(tmp_path / "ck")})
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / cfg.name()).write_text("in the way")
+
+    class Rank1(trainer.Ranks):
+        def any(self, flag: bool) -> bool:  # what the all-reduce gives rank 1: rank 0 found the file
+            return True
+
+    monkeypatch.setattr(trainer, "TrainState", lambda *a, **k: pytest.fail("rank 1 built its model"))
+    with pytest.raises(SystemExit) as e:
+        trainer.train_stage(cfg, Rank1(1, 2, torch.device("cpu")), tmp_path / "ck")
+    assert e.value.code == 2 and capsys.readouterr().err == ""
+
+
 def test_after_a_stop_train_py_ignores_further_stop_signals(monkeypatch):
     """A second Ctrl-C pressed while train.py exits after a stop landed in the interpreter's exit as a traceback,
     and changed the exit code by its timing. Once the stop is said, the stop signals are ignored."""

@@ -10,6 +10,8 @@ import pytest
 
 from pips2.utils.video import (
     VideoError,
+    ffmpeg_file,
+    ffmpeg_said,
     frame_rate,
     image_truncation,
     iter_frames,
@@ -490,3 +492,6 @@ def test_names_ffmpeg_reads_as_protocols_are_files(name, tmp_path, monkeypatch):
     assert video_info(name)[:3] == (5, 32, 48)
     assert frame_rate(name) == 10
     assert len(list(iter_frames(name))) == 5
+    # and ffmpeg's words about the file name it as the user did, not as it was given to ffmpeg
+    said = f"[in#0 @ 0x1] {ffmpeg_file(name)}: Invalid data found when processing input"
+    assert ffmpeg_said(said, name) == f"[in#0 @ 0x1] {name}: Invalid data found when processing input"

@@ -277,6 +277,11 @@ def ffmpeg_file(path: str | os.PathLike) -> str:
     return "file:" + os.path.abspath(path)
 
 
+def ffmpeg_said(text: str, path: str | os.PathLike) -> str:
+    """ffmpeg's words about `path` with the file named as the user named it, not as ffmpeg_file gave it."""
+    return text.replace(ffmpeg_file(path), str(path))
+
+
 def write_mp4(path: str | os.PathLike, frames: Iterable[np.ndarray] | np.ndarray, fps: float | Fraction = 24,
               crf: int = 20, preset: str = "medium") -> None:
     """Encode uint8 RGB frames (H,W,3) to H.264/yuv420p mp4 through a pipe: no temporary images. fps may be a
@@ -327,7 +332,7 @@ def write_mp4(path: str | os.PathLike, frames: Iterable[np.ndarray] | np.ndarray
             said = [ln.strip() for ln in log.read()[-4096:].decode(errors="replace").splitlines() if ln.strip()]
             if any("No space left" in ln for ln in said):
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
-            why = said[-1] if said else f"exit status {code}"
+            why = ffmpeg_said(said[-1], path) if said else f"exit status {code}"
             raise VideoError(f"{path}: ffmpeg could not write the video ({why})")
     if not Path(path).is_file() or Path(path).stat().st_size == 0:  # ffmpeg failed and only printed why
         raise VideoError(f"{path}: ffmpeg wrote no video")
@@ -466,7 +471,7 @@ def count_frames(path: str | os.PathLike, timeout: float | None = None) -> int:
     counts = re.findall(r"frame=\s*(\d+)", res.stderr)
     if res.returncode != 0 or not counts:
         lines = res.stderr.strip().splitlines()
-        raise RuntimeError(lines[-1] if lines else f"ffmpeg exited with {res.returncode}")
+        raise RuntimeError(ffmpeg_said(lines[-1], path) if lines else f"ffmpeg exited with {res.returncode}")
     return int(counts[-1])
 
 
@@ -501,7 +506,7 @@ def _open_problem(path: str | os.PathLike, e: Exception, verb: str) -> str:
     if kinds is not None and "Video" not in kinds:
         others = ", ".join(sorted(k.lower() for k in kinds))
         return f"no video stream in it ({f'only {others}' if others else 'no streams at all: an empty video'})"
-    return f"{verb} ({str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__})"
+    return f"{verb} ({ffmpeg_said(str(e).strip().splitlines()[-1], path) if str(e).strip() else type(e).__name__})"
 
 
 # Containers recognised from their first bytes, each with the suffix its file gets. An uploaded file is named by
