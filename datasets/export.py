@@ -365,11 +365,31 @@ def _claim_state(path: Path, write: bool = False) -> tuple[str, int | None]:
     return state, fd
 
 
+CLAIMS = ".claims"  # <version>/.claims/<clip>: which process writes which clip
+
+
+def claims_dir(version_dir: Path) -> Path:
+    """The folder of a version's claims of clips."""
+    return Path(version_dir) / CLAIMS
+
+
+class ClaimsInTheWay(OSError):
+    """Something other than a folder holds the claims folder's name."""
+
+
+def check_claims_dir(version_dir: Path) -> None:
+    """ClaimsInTheWay if the claims folder's name is a link or anything but a folder: every clip would fail to
+    claim, each with its own line, on every run."""
+    cdir = claims_dir(version_dir)
+    if os.path.lexists(cdir) and (cdir.is_symlink() or not cdir.is_dir()):
+        raise ClaimsInTheWay(errno.ENOTDIR, "not a folder", str(cdir))
+
+
 def claim(version_dir: Path, k: int) -> bool:
     """Take clip k for this process (held while it lives: `_HELD`); False if a live process holds it. Dead
     holders' claims are taken over: on this machine when no process holds its lock, from another host after
     STALE_CLAIM_S."""
-    cdir = version_dir / ".claims"
+    cdir = claims_dir(version_dir)
     cdir.mkdir(exist_ok=True)
     path = cdir / clip_name(k)
     me = f"{socket.gethostname()} {os.getpid()} {pid_namespace()}".encode()
@@ -406,7 +426,7 @@ def claim(version_dir: Path, k: int) -> bool:
 
 def release(version_dir: Path, k: int) -> None:
     """Give up this process's claim on clip k."""
-    path = version_dir / ".claims" / clip_name(k)
+    path = claims_dir(version_dir) / clip_name(k)
     path.unlink(missing_ok=True)
     fd = _HELD.pop(path, None)
     if fd is not None:
@@ -419,7 +439,7 @@ def claim_abandoned(version_dir: Path, k: int) -> bool:
     judge (a lock there may not reach this machine)."""
     if is_clip_dir(clip_dir(version_dir, k)) or rejected_reason(version_dir, k) is not None:
         return False
-    path = version_dir / ".claims" / clip_name(k)
+    path = claims_dir(version_dir) / clip_name(k)
     if not path.exists():  # released: written (looked at once more, after the release) or rejected meanwhile
         return not is_clip_dir(clip_dir(version_dir, k)) and rejected_reason(version_dir, k) is None
     return _claim_owner(path)[0] == socket.gethostname() and not claim_held(version_dir, k)
@@ -434,7 +454,7 @@ def claim_unjudged(version_dir: Path, k: int) -> str | None:
     another host's dated ahead of this clock (its age, and so when it goes stale, is unknown)."""
     if is_clip_dir(clip_dir(version_dir, k)) or rejected_reason(version_dir, k) is not None:
         return None
-    path = version_dir / ".claims" / clip_name(k)
+    path = claims_dir(version_dir) / clip_name(k)
     state, fd = probe_lock(path)
     if fd is not None:
         os.close(fd)
@@ -453,7 +473,7 @@ def claim_unjudged(version_dir: Path, k: int) -> str | None:
 
 def claim_held(version_dir: Path, k: int) -> bool:
     """Whether a live process of this machine holds clip k's claim."""
-    path = version_dir / ".claims" / clip_name(k)
+    path = claims_dir(version_dir) / clip_name(k)
     if path in _HELD:
         return True
     state, fd = _claim_state(path)
@@ -602,7 +622,7 @@ def clean_stale_temps(version_dir: Path) -> int:
 def clean_stale_claims(version_dir: Path) -> int:
     """Remove the claims of this host that no live process holds (e.g. workers stopped mid-clip); returns how
     many."""
-    cdir = version_dir / ".claims"
+    cdir = claims_dir(version_dir)
     if not cdir.is_dir():
         return 0
     n, host = 0, socket.gethostname()

@@ -11,7 +11,6 @@ The defaults (S=36, N=128, 256x384) are the clips stage-1 training reads with it
 from __future__ import annotations
 
 import errno
-import os
 import re
 import signal
 import sys
@@ -29,10 +28,13 @@ from pips2.datasets.clips import STAGE_CLIPS, ClipSettings, check_manifest, list
 from pips2.datasets.export import (
     NO_SPACE,
     NOT_WRITABLE,
+    ClaimsInTheWay,
     ForeignTempFolder,
+    check_claims_dir,
     check_source,
     claim_abandoned,
     claim_unjudged,
+    claims_dir,
     clean_stale_claims,
     clean_stale_temps,
     export_one,
@@ -216,13 +218,13 @@ def main(dataset_location: str = "../datasets/pointodyssey", dset: str = "train"
         check_writable(version_dir)
         check_manifest(version_dir)
         private_tmp(version_dir)
-        claims = version_dir / ".claims"
-        if os.path.lexists(claims) and (claims.is_symlink() or not claims.is_dir()):
-            die(f"--out_dir: {claims} is not a folder; the export keeps its claims of clips there: remove it")
+        check_claims_dir(version_dir)
         note = check_source(version_dir, st, source_of(dataset_location, frames,
                                                         scene_fingerprints(dataset_location, st.split, frames)))
     except NotARegularFile as e:
         die(f"--out_dir: {e.filename} is {e.strerror}, where the export keeps its manifest of clips; remove it")
+    except ClaimsInTheWay as e:
+        die(f"--out_dir: {e.filename} is not a folder; the export keeps its claims of clips there: remove it")
     except ForeignTempFolder as e:
         die(f"--out_dir: {e.filename} is not a folder of this user's; the export writes its clips there first: "
             "remove it")
@@ -351,7 +353,7 @@ def _run(jobs: deque, workers: int, version_dir: Path, quiet: bool, signals: _Si
     if unjudged:
         why = "; ".join(f"{n} under {r}" for r, n in unjudged.most_common())
         print(printable(f"error: {sum(unjudged.values())} clip(s) are not written and nothing here can tell whether "
-                        f"their exporter still runs ({why}); if none does, remove {version_dir / '.claims'} and "
+                        f"their exporter still runs ({why}); if none does, remove {claims_dir(version_dir)} and "
                         f"rerun"), file=sys.stderr)
         sys.exit(1)
     if n_jobs and counts["rejected"] == n_jobs:  # nothing written is no success
