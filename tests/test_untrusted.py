@@ -185,6 +185,36 @@ def test_anno_npz_declaring_a_huge_shape_is_refused_from_its_header(tmp_path, sh
     assert _peak_bytes(load) < 32 << 20  # numpy would allocate the declared 1.2 or 3.2 GB before reading
 
 
+@pytest.mark.parametrize("where", ["npy", "npz"])
+def test_an_npy_header_declaring_gigabytes_is_refused_before_it_is_read(tmp_path, where):
+    """An .npy header declares its own length in four bytes (version 2), and numpy reads all of it before it
+    compares it with its 10,000-byte limit: a 4 KB Kubric .npy (or an 8 KB track.npz member) cost 4 GB of memory
+    and then blamed memory, not the file."""
+    import zipfile
+
+    import numpy.lib.format as npformat
+
+    stream = npformat.MAGIC_PREFIX + bytes([2, 0]) + (0xFFFFFFF0).to_bytes(4, "little") + b"{'descr': '<f4'"
+    if where == "npy":
+        path = tmp_path / "ann.npy"
+        path.write_bytes(stream)
+        load = lambda: load_npy(path)  # noqa: E731
+    else:
+        path = tmp_path / "track.npz"
+        with zipfile.ZipFile(path, "w") as z:
+            z.writestr("track_g.npy", stream)
+        load = lambda: load_npz(path)  # noqa: E731
+    member = "member track_g: " if where == "npz" else ""
+
+    def refused():
+        with pytest.raises(UnsafeFileError) as e:
+            load()
+        assert _one_line(e.value, path.name) == (f"{path}: {member}not an .npy array (its header declares "
+                                                 f"4294967280 bytes (at most 65536))")
+
+    assert _peak_bytes(refused) < 32 << 20
+
+
 def test_anno_npz_declaring_more_entries_than_the_bound_is_refused_from_its_header(tmp_path):
     head = {"descr": "<f4", "fortran_order": False, "shape": (2000, 100_000, 2)}
     _npz_members(tmp_path / "anno.npz", {"trajs_2d": (head, bytes(1 << 16))})

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import io
 import math
 import os
 import pickle
@@ -599,7 +600,27 @@ def load_pickle(path: str | os.PathLike) -> Any:
         raise UnsafeFileError(path, f"cannot open ({e.strerror or _first_line(e)})") from None
 
 
+MAX_NPY_HEADER = 1 << 16  # bytes of an .npy header's text: numpy writes a few hundred, and refuses past 10,000
+
+
 def _read_header(fp: IO[bytes]) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """An .npy stream's (shape, fortran order, dtype), its header's declared length bounded before it is read:
+    numpy reads all of a header (up to 4 GB, declared in four bytes) before it compares its length with its own
+    limit."""
+    magic = fp.read(8)  # the magic string, then the major and minor version
+    if len(magic) < 8 or not magic.startswith(npformat.MAGIC_PREFIX):
+        raise ValueError("no .npy magic string")
+    width = 2 if magic[6] == 1 else 4  # the header length: two bytes in version 1, four after
+    raw = fp.read(width)
+    declared = int.from_bytes(raw, "little")
+    if len(raw) < width:
+        raise ValueError("cut short in its header")
+    if declared > MAX_NPY_HEADER:
+        raise ValueError(f"its header declares {declared} bytes (at most {MAX_NPY_HEADER})")
+    text = fp.read(declared)
+    if len(text) < declared:
+        raise ValueError("cut short in its header")
+    fp = io.BytesIO(magic + raw + text)  # numpy's readers parse this copy; the stream is now at the data
     version = npformat.read_magic(fp)
     if version == (1, 0):
         return npformat.read_array_header_1_0(fp)
