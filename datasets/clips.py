@@ -253,9 +253,10 @@ def clip_dir(version_dir: Path, k: int) -> Path:
 
 
 def is_clip_dir(p: Path) -> bool:
-    """A finished clip: a six-digit folder holding rgb.mp4 and track.npz (temp folders never match)."""
-    return p.is_dir() and p.name.isdigit() and len(p.name) == CLIP_DIGITS and (p / "rgb.mp4").is_file() \
-        and (p / "track.npz").is_file()
+    """A finished clip: a six-digit folder (not a link to one) holding rgb.mp4 and track.npz (temp folders never
+    match)."""
+    return not p.is_symlink() and p.is_dir() and p.name.isdigit() and len(p.name) == CLIP_DIGITS \
+        and (p / "rgb.mp4").is_file() and (p / "track.npz").is_file()
 
 
 def list_clips(version_dir: Path) -> list[Path]:

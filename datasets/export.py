@@ -221,10 +221,20 @@ def _own_folder(tdir: Path, version_dir: Path) -> bool:
     if not stat.S_ISDIR(st.st_mode) or not _made_by_this_user(st, version_dir):
         return False
     if stat.S_IMODE(st.st_mode) != 0o700:  # an earlier version's, made with the umask's mode
+        # through a descriptor of the folder just judged: by name, a link put there meanwhile would get the mode
         try:
-            os.chmod(tdir, 0o700)
+            fd = os.open(tdir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        except OSError:
+            return False
+        try:
+            now = os.fstat(fd)
+            if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
+                return False
+            os.fchmod(fd, 0o700)
         except OSError:  # a file system without modes (FAT, some network drives): nobody else can write there
             pass
+        finally:
+            os.close(fd)
     return True
 
 

@@ -1233,5 +1233,64 @@ def test_a_clip_is_written_in_a_private_folder_and_verified_as_regular_files(tmp
         verify_clip(clip, 8, 32, (128, 192))
 
 
+_REPLACED_AFTER_RENAME = """
+import os, runpy, sys
+real, target = os.rename, sys.argv.pop()
+
+def rename(src, dst, *a, **k):  # a group member moves each clip aside as it arrives and leaves a link in its place
+    real(src, dst, *a, **k)
+    if os.path.basename(str(dst)).isdigit():
+        real(dst, str(dst) + ".aside")
+        os.symlink(target, dst)
+
+os.rename = rename
+runpy.run_path("export_mp4_dataset.py", run_name="__main__")
+"""
+
+
+def test_a_clip_replaced_by_a_link_after_its_rename_changes_nothing_it_points_at(synth_root, tmp_path):
+    """The clip's mode was set by name after its rename: a group member who replaced the clip by a link to a file of
+    the exporting user's at that moment got that file made group-writable (with umask 002). The mode is now set
+    before the rename, and clips found replaced at the end are an error, not 'written 2', exit 0."""
+    victim = tmp_path / "secret"
+    victim.write_text("keep me\n")
+    victim.chmod(0o600)
+    out = tmp_path / "out"
+    res = subprocess.run([sys.executable, "-c", _REPLACED_AFTER_RENAME, f"--dataset_location={synth_root}",
+                          "--dset=train", f"--out_dir={out}", *EXPORT_ARGS, "--workers=1", "--max_iters=2",
+                          str(victim)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert stat_mode(victim) == 0o600 and victim.read_text() == "keep me\n"
+    vdir = _version(out)
+    assert res.returncode == 1, res.stderr[-2000:]
+    assert res.stderr.strip().splitlines()[-1] == (
+        f"error: 2 clip(s) this run wrote or found are no longer clips ({vdir / '000000'} is a link now): something "
+        f"else changed {vdir} meanwhile; rerun to write them"), res.stderr
+    assert "written 2" in res.stdout and "; 0 clips in" in res.stdout
+
+
+def test_tmp_swapped_for_a_link_while_its_mode_is_fixed_changes_nothing_it_points_at(tmp_path, monkeypatch):
+    """An earlier version's .tmp/ (the umask's mode) is made 0700: by name, a link put in its place between the
+    check and the chmod gave the mode to the folder it points at. Now through a descriptor of the folder checked,
+    and a folder swapped meanwhile is not taken."""
+    vdir, victim = tmp_path / "v", tmp_path / "victim"
+    vdir.mkdir()
+    victim.mkdir(mode=0o755)
+    (vdir / ".tmp").mkdir(mode=0o755)
+    real = os.lstat
+
+    def lstat_then_swap(path, *a, **k):
+        st = real(path, *a, **k)
+        if Path(path) == vdir / ".tmp" and not Path(path).is_symlink():
+            (vdir / ".tmp").rename(vdir / ".tmp-aside")
+            (vdir / ".tmp").symlink_to(victim)
+        return st
+
+    monkeypatch.setattr(export.os, "lstat", lstat_then_swap)
+    got = export.private_tmp(vdir)
+    monkeypatch.undo()
+    assert stat_mode(victim) == 0o755
+    assert got == vdir / f".tmp.{os.geteuid()}" and stat_mode(got) == 0o700
+
+
 def stat_mode(path: Path) -> int:
     return os.lstat(path).st_mode & 0o7777

@@ -11,6 +11,7 @@ The defaults (S=36, N=128, 256x384) are the clips stage-1 training reads with it
 from __future__ import annotations
 
 import errno
+import os
 import re
 import signal
 import sys
@@ -24,7 +25,7 @@ from tqdm import tqdm
 
 from pips2.datasets import pointodyssey as pod
 from pips2.datasets.clipmaker import enumerate_candidates, scene_fingerprints, scene_frames
-from pips2.datasets.clips import STAGE_CLIPS, ClipSettings, check_manifest, list_clips
+from pips2.datasets.clips import STAGE_CLIPS, ClipSettings, check_manifest, clip_dir, is_clip_dir, list_clips
 from pips2.datasets.export import (
     NO_SPACE,
     NOT_WRITABLE,
@@ -256,6 +257,7 @@ def _run(jobs: deque, workers: int, version_dir: Path, quiet: bool, signals: _Si
     n_jobs = len(jobs)
     counts, reasons, deaths = Counter(), Counter(), Counter()
     held: list[int] = []  # clips another exporter held when this one came to them
+    finished: list[int] = []  # clips written, rewritten or found in place
     stop = None  # why the export stopped early, if it did
     t0 = time.time()
     bar, pool = None, None
@@ -284,6 +286,8 @@ def _run(jobs: deque, workers: int, version_dir: Path, quiet: bool, signals: _Si
             counts[status] += 1
             if status == "busy":
                 held.append(k)
+            if status in ("written", "rewritten", "exists"):
+                finished.append(k)
             if status == "rejected":
                 reasons[detail] += 1
             elif status == "failed":
@@ -355,6 +359,16 @@ def _run(jobs: deque, workers: int, version_dir: Path, quiet: bool, signals: _Si
         print(printable(f"error: {sum(unjudged.values())} clip(s) are not written and nothing here can tell whether "
                         f"their exporter still runs ({why}); if none does, remove {claims_dir(version_dir)} and "
                         f"rerun"), file=sys.stderr)
+        sys.exit(1)
+    # in a folder others may write to, a finished clip can be moved away or replaced by a link after its rename:
+    # exit 0 would say the export is complete
+    gone = sorted(k for k in finished if not is_clip_dir(clip_dir(version_dir, k)))
+    if gone:
+        first = clip_dir(version_dir, gone[0])
+        now = "a link" if first.is_symlink() else "gone" if not os.path.lexists(first) else "no clip"
+        print(printable(f"error: {len(gone)} clip(s) this run wrote or found are no longer clips ({first} is {now} "
+                        f"now): something else changed {version_dir} meanwhile; rerun to write them"),
+              file=sys.stderr)
         sys.exit(1)
     if n_jobs and counts["rejected"] == n_jobs:  # nothing written is no success
         print(printable(f"error: {_all_rejected(n_jobs, reasons, st)}"), file=sys.stderr)
