@@ -38,6 +38,7 @@ from pips2.datasets.clips import (
     write_track,
 )
 from pips2.datasets.clips import list_clips as list_clips  # re-exported: callers that list what an export wrote
+from pips2.utils.paths import current_umask, pinned_folder
 from pips2.utils.procs import (
     close_inherited_locks,
     is_space_error,
@@ -255,21 +256,6 @@ def private_tmp(version_dir: Path) -> Path:
                             str(tdir))
 
 
-def _umask() -> int:
-    """This process's umask, read from /proc where Linux shows it; elsewhere reading it means setting it for an
-    instant, during which another thread's new file would get 022."""
-    try:
-        with open("/proc/self/status", encoding="ascii", errors="replace") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
 def is_no_space(exc: BaseException, path: Path) -> bool:
     """Whether a failed write is down to a full disk: ENOSPC/EDQUOT anywhere in the exception chain, ffmpeg's
     message, or (when the pipe to ffmpeg just broke) hardly any free space left where we were writing."""
@@ -298,7 +284,7 @@ def write_clip(version_dir: Path, k: int, frames: np.ndarray, track: np.ndarray,
         append_manifest(version_dir, k, meta)
         # the mode a folder made in place would have had (the temp's is 0700), given inside the private .tmp/, so
         # the clip never shows under its name with a mode its readers cannot open
-        os.chmod(tmp, 0o777 & ~_umask())
+        os.chmod(tmp, 0o777 & ~current_umask())
         try:
             os.rename(tmp, final)
         except OSError:
@@ -351,6 +337,22 @@ def _claim_owner(path: Path) -> tuple[str, int, float, int | None]:
         return "", 0, STALE_CLAIM_S + 1, None
 
 
+def _not_a_claim(path: Path) -> bool:
+    """Whether the file at a claim's name holds something no exporter writes (an exporter's claim is "host pid
+    namespace", or empty for the instant between its making and its writing)."""
+    try:
+        fd = open_lock_file(path)
+    except OSError:
+        return False  # gone, or not a regular file: judged as such elsewhere
+    try:
+        words = os.read(fd, 512).decode().split()
+    except (OSError, UnicodeDecodeError):
+        return True
+    finally:
+        os.close(fd)
+    return bool(words) and not (len(words) in (2, 3) and all(w.isdigit() for w in words[1:]))
+
+
 def _claimer_may_live(path: Path) -> bool:
     """Where locks cannot tell (a file system without them: NFS mounted nolock, some FUSE and SMB mounts): whether
     the process a claim of this host names may still be alive, judged by its pid in its own PID namespace."""
@@ -387,6 +389,21 @@ class ClaimsInTheWay(OSError):
     """Something other than a folder holds the claims folder's name."""
 
 
+def _claims(version_dir: Path) -> Path:
+    """The claims folder as this process first found it (made if missing): every claim is made, read and removed
+    through it, never through a link another user put at its name since (utils/paths.pinned_folder)."""
+    return pinned_folder(claims_dir(version_dir), make=True)
+
+
+def _claim_path(version_dir: Path, k: int) -> Path:
+    """Where clip k's claim is read: through the claims folder as first found; by name while this process has not
+    found it (missing, or a link: refused at the export's start), where only reading and probing happen."""
+    try:
+        return pinned_folder(claims_dir(version_dir)) / clip_name(k)
+    except OSError:
+        return claims_dir(version_dir) / clip_name(k)
+
+
 def check_claims_dir(version_dir: Path) -> None:
     """ClaimsInTheWay if the claims folder's name is a link or anything but a folder: every clip would fail to
     claim, each with its own line, on every run."""
@@ -399,14 +416,14 @@ def claim(version_dir: Path, k: int) -> bool:
     """Take clip k for this process (held while it lives: `_HELD`); False if a live process holds it. Dead
     holders' claims are taken over: on this machine when no process holds its lock, from another host after
     STALE_CLAIM_S."""
-    cdir = claims_dir(version_dir)
-    cdir.mkdir(exist_ok=True)
-    path = cdir / clip_name(k)
+    path = _claims(version_dir) / clip_name(k)
     me = f"{socket.gethostname()} {os.getpid()} {pid_namespace()}".encode()
     for _ in range(3):
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
         except FileExistsError:
+            if _not_a_claim(path):  # a file some other program wrote: never taken over, overwritten or removed
+                return False
             host, _, age, _ = _claim_owner(path)
             if host and host != socket.gethostname():
                 if age > STALE_CLAIM_S:
@@ -436,9 +453,11 @@ def claim(version_dir: Path, k: int) -> bool:
 
 def release(version_dir: Path, k: int) -> None:
     """Give up this process's claim on clip k."""
-    path = claims_dir(version_dir) / clip_name(k)
-    path.unlink(missing_ok=True)
+    path = _claim_path(version_dir, k)
     fd = _HELD.pop(path, None)
+    if fd is None:  # not held: whatever has the name now is someone else's
+        return
+    path.unlink(missing_ok=True)
     if fd is not None:
         os.close(fd)
 
@@ -449,7 +468,7 @@ def claim_abandoned(version_dir: Path, k: int) -> bool:
     judge (a lock there may not reach this machine)."""
     if is_clip_dir(clip_dir(version_dir, k)) or rejected_reason(version_dir, k) is not None:
         return False
-    path = claims_dir(version_dir) / clip_name(k)
+    path = _claim_path(version_dir, k)
     if not path.exists():  # released: written (looked at once more, after the release) or rejected meanwhile
         return not is_clip_dir(clip_dir(version_dir, k)) and rejected_reason(version_dir, k) is None
     return _claim_owner(path)[0] == socket.gethostname() and not claim_held(version_dir, k)
@@ -464,12 +483,14 @@ def claim_unjudged(version_dir: Path, k: int) -> str | None:
     another host's dated ahead of this clock (its age, and so when it goes stale, is unknown)."""
     if is_clip_dir(clip_dir(version_dir, k)) or rejected_reason(version_dir, k) is not None:
         return None
-    path = claims_dir(version_dir) / clip_name(k)
+    path = _claim_path(version_dir, k)
     state, fd = probe_lock(path)
     if fd is not None:
         os.close(fd)
     if state == "foreign":
         return "a claim file that is not a regular file (a FIFO, a device or a link: not written by an exporter)"
+    if _not_a_claim(path):
+        return "a claim file that holds no claim (not written by an exporter)"
     host, pid, age, ns = _claim_owner(path)
     if host and host != socket.gethostname():
         return f"a claim of {host} dated {-age / 3600:.1f} h ahead of this clock" if age < -CLOCK_SKEW_S else None
@@ -483,7 +504,7 @@ def claim_unjudged(version_dir: Path, k: int) -> str | None:
 
 def claim_held(version_dir: Path, k: int) -> bool:
     """Whether a live process of this machine holds clip k's claim."""
-    path = claims_dir(version_dir) / clip_name(k)
+    path = _claim_path(version_dir, k)
     if path in _HELD:
         return True
     state, fd = _claim_state(path)
@@ -494,8 +515,7 @@ def claim_held(version_dir: Path, k: int) -> bool:
 
 def mark_rejected(version_dir: Path, k: int, reason: str) -> None:
     """Remember a deterministic rejection so reruns skip it at once."""
-    rdir = version_dir / ".rejected"
-    rdir.mkdir(exist_ok=True)
+    rdir = pinned_folder(version_dir / ".rejected", make=True)  # never through a link put at its name since
     # a random name created exclusively: a predictable one in a shared export folder could be a planted link
     fd, tmp = tempfile.mkstemp(prefix=f".{k}.", dir=rdir)
     try:
@@ -512,8 +532,8 @@ MAX_REASON_BYTES = 4096  # a rejection's reason is one line
 def rejected_reason(version_dir: Path, k: int) -> str | None:
     """Why clip k was rejected by an earlier run, or None (also for anything there this program did not write: a
     link, a FIFO, which are never followed or opened)."""
-    p = version_dir / ".rejected" / clip_name(k)
     try:
+        p = pinned_folder(version_dir / ".rejected") / clip_name(k)
         fd = open_lock_file(p)
     except OSError:
         return None
@@ -632,8 +652,9 @@ def clean_stale_temps(version_dir: Path) -> int:
 def clean_stale_claims(version_dir: Path) -> int:
     """Remove the claims of this host that no live process holds (e.g. workers stopped mid-clip); returns how
     many."""
-    cdir = claims_dir(version_dir)
-    if not cdir.is_dir():
+    try:
+        cdir = pinned_folder(claims_dir(version_dir))
+    except OSError:  # none yet (or a link, refused at the export's start): nothing of this run's to clean
         return 0
     n, host = 0, socket.gethostname()
     for p in cdir.iterdir():

@@ -31,7 +31,6 @@ import hashlib
 import os
 import re
 import shutil
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from numbers import Integral
@@ -58,7 +57,7 @@ from pips2.utils.checkpoint import (
     strip_module_prefix,
 )
 from pips2.utils.download import MAX_CHECKPOINT_BYTES, DownloadError, download, fetch_reference
-from pips2.utils.paths import check_writable
+from pips2.utils.paths import check_writable, new_temp_file
 from pips2.utils.procs import owned_tempdir, remove_owned, remove_stale_tempdirs
 from pips2.utils.safe_load import UnsafeFileError, not_regular_problem, open_regular
 
@@ -558,7 +557,7 @@ def save_authors_format(model: nn.Module, path: str | os.PathLike) -> Path:
     ckpt = {"model": state} if isinstance(net, LBM) else {"model_state_dict": state}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = new_temp_file(path.parent, f".{path.name}.")
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(ckpt, f)

@@ -636,3 +636,27 @@ def test_torch_advice_to_load_unsafely_is_never_passed_on():
     assert _load_problem(RuntimeError("PytorchStreamReader failed reading zip archive: failed finding central "
                                       "directory")) == ("not a readable checkpoint (PytorchStreamReader failed reading "
                                                          "zip archive: failed finding central directory)")
+
+
+def test_files_written_by_a_rename_get_the_umask_mode(tmp_path):
+    """A temp file made by mkstemp is 0600, and the checkpoints, results JSON, settings.json, curve images and
+    downloads renamed from one kept that mode: in a group's shared folder (umask 002) colleagues could no longer
+    read them. They now get the mode a file opened in place gets."""
+    import os
+
+    from pips2.hub import save_authors_format
+    from pips2.utils.download import download
+    from pips2.utils.paths import temp_beside, write_json
+
+    (tmp_path / "src.bin").write_bytes(b"x" * 10)
+    old = os.umask(0o002)
+    try:
+        write_json(tmp_path / "r.json", {"a": 1})
+        ckpt = ck.save(tmp_path / "ck", 1, torch.nn.Linear(1, 1))
+        exported = save_authors_format(torch.nn.Linear(1, 1), tmp_path / "m.pth")
+        beside = temp_beside(tmp_path / "settings.json")
+        fetched = download((tmp_path / "src.bin").as_uri(), tmp_path / "dl" / "x.bin")
+    finally:
+        os.umask(old)
+    for path in (tmp_path / "r.json", ckpt, exported, beside, fetched):
+        assert os.stat(path).st_mode & 0o777 == 0o664, path

@@ -1294,3 +1294,36 @@ def test_tmp_swapped_for_a_link_while_its_mode_is_fixed_changes_nothing_it_point
 
 def stat_mode(path: Path) -> int:
     return os.lstat(path).st_mode & 0o7777
+
+
+def test_claims_and_rejections_swapped_for_links_mid_run_touch_nothing_elsewhere(tmp_path):
+    """The claims folder was checked once, at the start; each claim was then made, taken over and removed by name
+    through `.claims`: a group member who swapped it for a link to a folder of the user's 0.5 s into the export had
+    the user's files named like clips overwritten as claims and deleted. Claims (and rejection records) now go
+    through the folder as first found, and a file at a claim's name that holds no claim is never taken over."""
+    vdir, victim = tmp_path / "v", tmp_path / "victim"
+    vdir.mkdir()
+    victim.mkdir()
+    for name in ("000001", "000002", "000003"):
+        (victim / name).write_text(f"the user's {name}\n")
+    assert export.claim(vdir, 0)
+    export.mark_rejected(vdir, 9, "first")
+    for folder in (".claims", ".rejected"):
+        (vdir / folder).rename(vdir / f"{folder}-aside")
+        (vdir / folder).symlink_to(victim)
+    assert export.claim(vdir, 1)
+    export.release(vdir, 1)
+    export.release(vdir, 0)
+    export.mark_rejected(vdir, 2, "no valid tracks")
+    assert export.rejected_reason(vdir, 2) == "no valid tracks"
+    assert (vdir / ".rejected-aside" / "000002").read_text() == "no valid tracks"
+    assert sorted(p.read_text() for p in victim.iterdir()) == [f"the user's 00000{i}\n" for i in (1, 2, 3)]
+    assert not list((vdir / ".claims-aside").iterdir())
+
+    # a file holding something no exporter writes, at a claim's name: never taken over, and said at the end
+    other = tmp_path / "w"
+    (other / ".claims").mkdir(parents=True)
+    (other / ".claims" / "000003").write_text("the user's notes\n")
+    assert not export.claim(other, 3)
+    assert (other / ".claims" / "000003").read_text() == "the user's notes\n"
+    assert export.claim_unjudged(other, 3) == "a claim file that holds no claim (not written by an exporter)"

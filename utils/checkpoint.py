@@ -23,7 +23,7 @@ import torch.nn as nn
 from prettytable import PrettyTable
 
 from pips2.utils.download import MAX_CHECKPOINT_BYTES
-from pips2.utils.paths import make_dirs, remove_empty_dirs
+from pips2.utils.paths import make_dirs, new_temp_file, remove_empty_dirs
 from pips2.utils.procs import out_of_memory, pid_alive, pid_namespace, process_start
 from pips2.utils.safe_load import (
     UnsafeFileError,
@@ -730,8 +730,7 @@ def save(folder: str | os.PathLike, step: int, model: nn.Module, optimizer=None,
     if extra:
         ckpt.update(extra)
     path = folder / ckpt_name(step)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{socket.gethostname()}.{os.getpid()}.", suffix=".tmp",
-                               dir=folder)
+    fd, tmp = new_temp_file(folder, f".{path.name}.{socket.gethostname()}.{os.getpid()}.")
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(ckpt, f)

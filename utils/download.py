@@ -16,11 +16,12 @@ import os
 import re
 import sys
 import tarfile
-import tempfile
 import urllib.error
 import urllib.request
 import zlib
 from pathlib import Path
+
+from pips2.utils.paths import new_temp_file  # standard library only, as this module
 
 try:
     from tqdm import tqdm
@@ -67,7 +68,7 @@ def download(url: str, dest: Path, sha256: str | None = None, max_bytes: int = M
     when given, a short body (fewer bytes than Content-Length) is refused, and so is one longer than max_bytes
     (before it is fetched when Content-Length says so). dest appears only when whole."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.{os.getpid()}.", suffix=".part", dir=dest.parent)
+    fd, tmp = new_temp_file(dest.parent, f".{dest.name}.{os.getpid()}.", ".part")
     digest, got = hashlib.sha256(), 0
     try:
         with os.fdopen(fd, "wb") as f:

@@ -31,12 +31,64 @@ def remove_empty_dirs(made: list[Path]) -> None:
             return
 
 
+def current_umask() -> int:
+    """This process's umask, read from /proc where Linux shows it; elsewhere reading it means setting it for an
+    instant, during which another thread's new file would get 022."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def new_temp_file(folder: str | os.PathLike, prefix: str, suffix: str = ".tmp") -> tuple[int, str]:
+    """mkstemp in `folder` (a random name, created exclusively: a predictable one in a folder others may write to
+    could be a link planted there), given the mode a file opened in place would get (mkstemp's is 0600, which hid
+    results and checkpoints from the colleagues a shared folder's umask lets read them): (descriptor, path)."""
+    fd, name = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=folder)
+    try:
+        os.fchmod(fd, 0o666 & ~current_umask())
+    except OSError:  # a file system without modes: it keeps the one it gives
+        pass
+    return fd, name
+
+
+_PINNED: dict[str, int] = {}  # absolute folder path -> a descriptor of the folder first found there
+
+
+def pinned_folder(path: str | os.PathLike, make: bool = False) -> Path:
+    """`path`, a folder (made first with `make`), as this process first found it: on Linux the /proc/self/fd path of
+    a descriptor opened without following a link, through which every later name resolves inside that very
+    folder. By name, another user who renamed the folder in a folder they may write to and put a link at its
+    name turned this process's later creations and deletions there onto the files of any folder the link named.
+    OSError (ELOOP, ENOTDIR) if a link or a file has the name now. Elsewhere, `path` itself."""
+    key = os.path.abspath(path)
+    fd = _PINNED.get(key)
+    if fd is not None and os.fstat(fd).st_nlink == 0:  # removed since (by its user, to start afresh): found again
+        os.close(_PINNED.pop(key))
+        fd = None
+    if fd is None:
+        if make:
+            try:
+                os.mkdir(path)
+            except FileExistsError:
+                pass
+        if not os.path.isdir("/proc/self/fd"):
+            return Path(path)
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        _PINNED[key] = fd
+    return Path(f"/proc/self/fd/{fd}")
+
+
 def write_json(path: str | os.PathLike, payload: dict) -> None:
     """Write JSON via a temp file and a rename: a reader never sees half a file (the temp goes on failure)."""
     path = Path(path)
-    # a new file of a random name (O_EXCL): a predictable name in a folder others may write to could be a link
-    # planted to make this write over another file
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, name = new_temp_file(path.parent, f".{path.name}.")
     tmp = Path(name)
     try:
         with os.fdopen(fd, "w") as f:
@@ -49,7 +101,7 @@ def write_json(path: str | os.PathLike, payload: dict) -> None:
 def temp_beside(path: Path) -> Path:
     """A new empty file of a random name (created exclusively) beside `path`, to be written and renamed over it: a
     predictable temp name in a folder others may write to could be a link planted to redirect the write."""
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, name = new_temp_file(path.parent, f".{path.name}.")
     os.close(fd)
     return Path(name)
 
