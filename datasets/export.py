@@ -38,7 +38,7 @@ from pips2.datasets.clips import (
     write_track,
 )
 from pips2.datasets.clips import list_clips as list_clips  # re-exported: callers that list what an export wrote
-from pips2.utils.paths import current_umask, pinned_folder
+from pips2.utils.paths import current_umask, made_by_this_user, pinned_folder
 from pips2.utils.procs import (
     close_inherited_locks,
     is_space_error,
@@ -197,19 +197,6 @@ class ForeignTempFolder(OSError):
     """A version's .tmp/ is not this user's own folder."""
 
 
-def _made_by_this_user(st: os.stat_result, version_dir: Path) -> bool:
-    """Whether a file with stat `st` belongs to this user as the file system sees it: its owner is this user, or
-    the owner a file made here now gets (root on NFS with root_squash, a FAT drive's single owner)."""
-    if st.st_uid == os.geteuid():
-        return True
-    fd, probe = tempfile.mkstemp(prefix=".owner-probe.", dir=version_dir)
-    try:
-        return os.fstat(fd).st_uid == st.st_uid
-    finally:
-        os.close(fd)
-        os.unlink(probe)
-
-
 def _own_folder(tdir: Path, version_dir: Path) -> bool:
     """Make `tdir` (mode 0700), or keep it if it is this user's folder (made 0700 if it can be); False if something
     else (another user's folder, a link, a file) has the name."""
@@ -219,7 +206,7 @@ def _own_folder(tdir: Path, version_dir: Path) -> bool:
     except FileExistsError:
         pass
     st = os.lstat(tdir)
-    if not stat.S_ISDIR(st.st_mode) or not _made_by_this_user(st, version_dir):
+    if not stat.S_ISDIR(st.st_mode) or not made_by_this_user(st, version_dir):
         return False
     if stat.S_IMODE(st.st_mode) != 0o700:  # an earlier version's, made with the umask's mode
         # through a descriptor of the folder just judged: by name, a link put there meanwhile would get the mode

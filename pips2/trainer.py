@@ -603,6 +603,10 @@ class TrainState:
                            f"--resume=False would mix a new run into them: give --exp_name=<a new name> for a "
                            f"separate run, or move that folder aside")
         if cfg.resume and ck.list_checkpoints(self.ckpt_dir):
+            if foreign := ck.foreign_checkpoints(self.ckpt_dir):
+                p, uid = foreign[-1]
+                self.ranks.die(f"{p}: a checkpoint of uid {uid}, not this user's: a run never resumes from a file "
+                               f"another user put in its folder; move it aside (or give another --ckpt_dir)")
             bad: list[tuple[Path, ck.CheckpointError]] = []
             try:
                 found = ck.read_newest(self.ckpt_dir, on_bad=lambda path, e: bad.append((path, e)), rename=main,

@@ -931,3 +931,35 @@ def test_after_a_stop_train_py_ignores_further_stop_signals(monkeypatch):
     finally:
         for s, h in old.items():
             sig.signal(s, h)
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="gives files another user's uid")
+def test_a_run_folder_or_checkpoint_of_another_user_is_never_resumed(exported, tmp_path, capsys):
+    """The run folder's name follows from the flags: on a disk every user may write to (/tmp, a scratch disk)
+    another user made it first and put a checkpoint in it, and the run resumed from that checkpoint without a word
+    (its owner could also replace every later one). A run folder, or a checkpoint in the run's own folder, that is
+    not this user's is refused in one line, exit 2, before anything is read."""
+    out, _ = exported
+    cfg = _cfg(out, tmp_path, max_steps=1, save_freq=1)
+    theirs = tmp_path / "ck" / cfg.name()
+    theirs.mkdir(parents=True)
+    os.chown(theirs, 2002, 2002)
+    with pytest.raises(SystemExit) as e:
+        train.run_stage(cfg)
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: {theirs}: a folder of uid 2002, not this user's: its owner could put or replace checkpoints in it; "
+        f"give another --ckpt_dir (or --exp_name)")
+    assert not list(theirs.iterdir())
+
+    os.chown(theirs, os.geteuid(), os.getegid())
+    train.run_stage(cfg)
+    (step, planted), = ck.list_checkpoints(theirs)
+    os.chown(planted, 2002, 2002)  # as if another user had renamed their file over it
+    with pytest.raises(SystemExit) as e:
+        train.run_stage(_cfg(out, tmp_path, max_steps=2, save_freq=1))
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: {planted}: a checkpoint of uid 2002, not this user's: a run never resumes from a file another user "
+        f"put in its folder; move it aside (or give another --ckpt_dir)")
+    assert [s for s, _ in ck.list_checkpoints(theirs)] == [step]

@@ -23,7 +23,7 @@ import torch.nn as nn
 from prettytable import PrettyTable
 
 from pips2.utils.download import MAX_CHECKPOINT_BYTES
-from pips2.utils.paths import make_dirs, new_temp_file, remove_empty_dirs
+from pips2.utils.paths import made_by_this_user, make_dirs, new_temp_file, own_uids, remove_empty_dirs
 from pips2.utils.procs import out_of_memory, pid_alive, pid_namespace, process_start
 from pips2.utils.safe_load import (
     UnsafeFileError,
@@ -689,6 +689,16 @@ def _owned(obj: Any, memo: dict[int, Any] | None = None) -> Any:
     return out
 
 
+def foreign_checkpoints(folder: str | os.PathLike) -> list[tuple[Path, int]]:
+    """(path, owner uid) of the checkpoints in `folder` that are not this user's files (put there by another user
+    of a folder others may write to): never resumed."""
+    found = [(p, os.stat(p).st_uid) for _, p in list_checkpoints(folder)]
+    if all(uid == os.geteuid() for _, uid in found):
+        return []
+    mine = own_uids(folder)
+    return [(p, uid) for p, uid in found if uid not in mine]
+
+
 def read_newest(folder: str | os.PathLike, on_bad: Callable[[Path, CheckpointError], None] | None = None,
                 map_location: str | torch.device = "cpu", rename: bool = True,
                 layout: Layout = PIPS_LAYOUT) -> tuple[Path, dict] | None:
@@ -934,6 +944,12 @@ class RunLock:
     def acquire(self) -> RunLock:
         """Take the lock or raise LockError naming the folder and the owner."""
         self.made = make_dirs(self.folder)
+        # the run folder's name follows from the flags: on a disk every user may write to (/tmp, a scratch disk)
+        # another user can make it first, and then put checkpoints in it, or replace this run's, at will
+        st = os.stat(self.folder)
+        if not self.made and not made_by_this_user(st, self.folder):
+            raise LockError(f"{self.folder}: a folder of uid {st.st_uid}, not this user's: its owner could put or "
+                            f"replace checkpoints in it; give another --ckpt_dir (or --exp_name)")
         for _ in range(5):
             if self._create():
                 self.held = True

@@ -85,6 +85,27 @@ def pinned_folder(path: str | os.PathLike, make: bool = False) -> Path:
     return Path(f"/proc/self/fd/{fd}")
 
 
+def own_uids(folder: str | os.PathLike) -> set[int]:
+    """The owners this user's files have in `folder`: this user, and whoever a file made there now gets (root on
+    NFS with root_squash gets `nobody`, a FAT drive gives every file one owner)."""
+    uids = {os.geteuid()}
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".owner-probe.", dir=folder)
+    except OSError:  # not writable by this user: only its own uid counts
+        return uids
+    try:
+        uids.add(os.fstat(fd).st_uid)
+    finally:
+        os.close(fd)
+        os.unlink(probe)
+    return uids
+
+
+def made_by_this_user(st: os.stat_result, folder: str | os.PathLike) -> bool:
+    """Whether a file with stat `st`, in `folder`, belongs to this user as that file system sees it."""
+    return st.st_uid == os.geteuid() or st.st_uid in own_uids(folder)
+
+
 def write_json(path: str | os.PathLike, payload: dict) -> None:
     """Write JSON via a temp file and a rename: a reader never sees half a file (the temp goes on failure)."""
     path = Path(path)
