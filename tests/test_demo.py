@@ -165,7 +165,7 @@ def _one_error_line(res, *parts):
     ("0,1,inf\n", ["row 1", "non-finite"]),
     ("0,1e39,5\n", ["row 1", "non-finite"]),
     ("t,x,y\n0,10,20\n0,1e30,5\n", ["row 3", "point x=1e+30, y=5 lies more than 4 image widths outside the 150x130"]),
-    ("0,1,1\n" * 10_001, ["10001 points; at most 10000 are tracked at once"]),
+    ("0,1,1\n" * 10_001, ["more than 10000 points; at most 10000 are tracked at once"]),
 ])
 def test_bad_points_csv(tmp_path, clip, content, parts, capsys):
     (tmp_path / "pts.csv").write_text(content)
@@ -600,11 +600,27 @@ def test_points_files_that_cannot_be_read_as_points_are_one_line(tmp_path, monke
                       ("big.csv", "cannot read points (a file of 120 bytes; a points file is read whole, at most "
                                   "100 bytes)")):
         if name == "big.csv":
-            monkeypatch.setattr(demo, "MAX_POINTS_FILE_BYTES", 100)  # the bound (64 MB), shown on a small file
+            monkeypatch.setattr(demo, "MAX_POINTS_FILE_BYTES", 100)  # the bound (4 MB), shown on a small file
         with pytest.raises(ValueError) as e:
             demo.read_points(tmp_path / name)
         assert str(e.value).startswith(f"{tmp_path / name}: {why}"), str(e.value)
 
+
+
+def test_a_points_file_is_read_no_further_than_the_points_tracked(tmp_path):
+    """A points file within the byte bound (then 64 MB) was parsed whole before the count was checked: 11 M rows
+    cost 3 GB of memory and 20 s to say "too many points". Reading stops at the first row past MAX_POINTS (what
+    follows it is never parsed), a JSON list is counted before its items are, and the bound is 4 MB."""
+    from pips2.tracking import MAX_POINTS
+
+    (tmp_path / "p.csv").write_text("0,1,1\n" * (MAX_POINTS + 1) + "never,parsed\n")
+    (tmp_path / "p.json").write_text("[" + "[0, 1, 1], " * (MAX_POINTS + 1) + "\"never parsed\"]")
+    for name in ("p.csv", "p.json"):
+        with pytest.raises(ValueError) as e:
+            demo.read_points(tmp_path / name)
+        assert str(e.value) == (f"{tmp_path / name}: more than {MAX_POINTS} points; at most {MAX_POINTS} are tracked "
+                                f"at once (split them into several runs)")
+    assert demo.MAX_POINTS_FILE_BYTES == 4 << 20
 
 
 def test_a_number_of_thousands_of_digits_is_a_coordinate_named_by_file_and_row(tmp_path):

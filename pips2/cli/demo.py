@@ -25,6 +25,7 @@ import numpy as np
 from pips2.datasets.synthetic import write_synthetic_video
 from pips2.hub import DEFAULT_PIPS, check_options, load_model
 from pips2.tracking import (
+    MAX_POINTS,
     check_frames_space,
     check_grid_size,
     check_queries,
@@ -50,7 +51,14 @@ from pips2.utils.safe_load import not_regular_problem
 from pips2.utils.video import VideoError, image_file_wh, video_info
 from pips2.utils.vis import OUTPUT_NAMES, write_outputs
 
-MAX_POINTS_FILE_BYTES = 64 << 20  # a points file is read whole; 10000 points (MAX_POINTS) take well under 1 MB
+# a points file is read whole: MAX_POINTS rows take under 1 MB even as indented JSON of 17-digit numbers, and
+# 64 MB of rows parsed cost 3 GB of memory and 20 s before the count was checked
+MAX_POINTS_FILE_BYTES = 4 << 20
+
+
+def _too_many(path: Path) -> str:
+    return f"{path}: more than {MAX_POINTS} points; at most {MAX_POINTS} are tracked at once (split them into " \
+        "several runs)"
 
 
 def read_points(path: str | Path, query_frame: int = 0) -> np.ndarray:
@@ -79,6 +87,8 @@ def read_point_rows(path: str | Path, query_frame: int = 0) -> tuple[np.ndarray,
             items = json.loads(path.read_text(), parse_int=float)
             if not isinstance(items, list):
                 raise ValueError(f"{path}: expected a JSON list of points, got {type(items).__name__}")
+            if len(items) > MAX_POINTS:
+                raise ValueError(_too_many(path))
             for n, item in enumerate(items, 1):
                 try:
                     if isinstance(item, dict):
@@ -110,6 +120,8 @@ def read_point_rows(path: str | Path, query_frame: int = 0) -> tuple[np.ndarray,
                     seen_data = True
                     if len(vals) not in (2, 3):
                         raise ValueError(f"{path}: row {line_no}: expected t,x,y or x,y, got {len(vals)} values")
+                    if len(rows) == MAX_POINTS:  # stop here: the rest would only be parsed to be refused
+                        raise ValueError(_too_many(path))
                     rows.append([query_frame, *vals] if len(vals) == 2 else vals)
                     where.append(line_no)
     except OSError as e:
