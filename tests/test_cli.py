@@ -241,3 +241,34 @@ def test_a_checkpoint_memory_cannot_map_is_this_machines_error_not_the_files(tmp
     with pytest.raises(SystemExit) as end:
         die(e.value)
     assert end.value.code == 1 and capsys.readouterr().err == f"error: {path}: cannot be read here (out of memory)\n"
+
+
+EMPTY_FLAGS = {"app": "host", "demo": "out_dir", "eval_cro": "out_json", "eval_pod": "dataset_location",
+               "eval_tap": "out_json", "export": "out_dir", "export_onnx": "out", "synthetic": "out"}
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_text_flag_given_empty_is_one_line_before_any_work(script, capsys, tmp_path, monkeypatch):
+    """`--out_dir=$OUT` with OUT unset gives an empty path, which is the current folder: demo.py wrote its outputs
+    wherever it was started (a checkout), exit 0. A text flag given empty is refused in one line, exit 2."""
+    monkeypatch.chdir(tmp_path)
+    main = importlib.import_module(f"pips2.cli.{script}").main
+    flag = EMPTY_FLAGS[script]
+    for argv in ([f"--{flag}="], [f"--{flag}", ""]):
+        _, code, out, err = _run(main, argv, capsys)
+        assert code == 2 and err.strip().splitlines() == [
+            f"error: prog.py: --{flag} is empty (an unset shell variable?); give it a value or leave the flag out"], err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_train_refuses_an_empty_path_and_takes_an_empty_exp_name(capsys, tmp_path, monkeypatch):
+    train = importlib.import_module("pips2.cli.train")
+    monkeypatch.chdir(tmp_path)
+    for argv, msg in ((["--ckpt_dir="], "error: prog.py: --ckpt_dir is empty (an unset shell variable?)"),
+                      (["--stage2_log_dir=", "--stages=1,2"], "error: prog.py: --stage2_log_dir is empty"),
+                      (["--exp_name=", "--max_steps=0"], "error: --max_steps must be at least 1, got 0")):
+        monkeypatch.setattr("sys.argv", ["prog.py", *argv])
+        with pytest.raises(SystemExit) as e:
+            train.cli()
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and len(err.strip().splitlines()) == 1 and err.startswith(msg), err

@@ -173,6 +173,13 @@ def test_bad_points_csv(tmp_path, clip, content, parts, capsys):
                     tmp_path / "pts.csv", *parts)
 
 
+def test_memory_size_without_lbm_is_refused_not_ignored(tmp_path, clip, capsys):
+    """--memory_size resamples LBM's memory; with the default --model=pips2 it was ignored without a word."""
+    _one_error_line(_demo(capsys, video=clip, memory_size=5, out_dir=tmp_path / "o"),
+                    "--memory_size is LBM's (--model=lbm); --model=pips2 has no memory to resample")
+    assert not (tmp_path / "o").exists()
+
+
 def test_query_frame_flag_out_of_range(tmp_path, clip, capsys):
     _one_error_line(_demo(capsys, video=clip, query_frame=14, out_dir=tmp_path), "--query_frame 14",
                     "0..13")

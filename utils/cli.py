@@ -9,7 +9,7 @@ import re
 import sys
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import NoReturn
 
 import fire
@@ -145,12 +145,20 @@ def _checked(name: str, hint, value, raw: str | None, prog: str):
     return value
 
 
+def _empty_refused(name: str, value, raw: str | None, empty_ok: bool, prog: str) -> None:
+    """One line and exit 2 for a text flag given empty on the command line (`--out_dir=$OUT` with OUT unset), unless
+    empty means something for it: an empty path is the current folder, where a job then wrote its outputs."""
+    if value == "" and raw == "" and not empty_ok:
+        die(f"{prog}: --{name} is empty (an unset shell variable?); give it a value or leave the flag out")
+
+
 def checked_types(main: Callable, prog: str, argv: list[str] | None = None,
-                  kwarg_hints: dict | None = None) -> Callable:
+                  kwarg_hints: dict | None = None, empty_ok: Collection[str] = ()) -> Callable:
     """main behind a check that its int, float, bool and text flags got values of their type: `--S=abc` exits in
     one line naming the flag instead of failing deep inside. Ints pass as floats; 0 and 1 pass as booleans; a
     text flag that fire read as a number or a tuple gets its text back from argv (`--out_dir=2024` is the
-    folder "2024"). kwarg_hints: annotations for the flags main takes as **kwargs."""
+    folder "2024"); a text flag given empty is refused unless its default is empty or it is in `empty_ok`.
+    kwarg_hints: annotations for the flags main takes as **kwargs."""
     params = inspect.signature(main, eval_str=True).parameters
     raw = raw_values(argv or [])
 
@@ -170,17 +178,21 @@ def checked_types(main: Callable, prog: str, argv: list[str] | None = None,
                 for key, item in value.items():
                     if key in hints:
                         value[key] = _checked(key, hints[key], item, raw.get(key), prog)
+                        _empty_refused(key, value[key], raw.get(key), key in empty_ok, prog)
                 continue
             bound.arguments[name] = _checked(name, param.annotation, value, raw_of(name), prog)
+            _empty_refused(name, bound.arguments[name], raw_of(name), param.default == "" or name in empty_ok, prog)
         return main(*bound.args, **bound.kwargs)
 
     return wrapper
 
 
-def run_fire(main: Callable, prog: str | None = None, argv: list[str] | None = None, kwarg_hints: dict | None = None):
-    """fire.Fire(main) with the flags checked first (names, then int/float/bool/text values): a typo costs one
-    line, not a whole run with default settings before fire's own complaint. kwarg_hints: annotations of the
-    flags main takes as **kwargs, to check those too."""
+def run_fire(main: Callable, prog: str | None = None, argv: list[str] | None = None, kwarg_hints: dict | None = None,
+             empty_ok: Collection[str] = ()):
+    """fire.Fire(main) with the flags checked first (names, then int/float/bool/text values, no text flag given
+    empty unless its default is empty or it is in `empty_ok`): a typo costs one line, not a whole run with default
+    settings before fire's own complaint. kwarg_hints: annotations of the flags main takes as **kwargs, to check
+    those too."""
     argv = sys.argv[1:] if argv is None else list(argv)
     prog = prog or (sys.argv[0].rsplit("/", 1)[-1] if sys.argv and sys.argv[0] else main.__module__)
     if any(tok in ("--help", "-h") for tok in argv):  # help is asked for: fire shows it, whatever else is there
@@ -188,7 +200,7 @@ def run_fire(main: Callable, prog: str | None = None, argv: list[str] | None = N
     check_flags(main, argv, prog)
     with guarded_output():  # a reader of the output gone (`| head`): a stop, not a traceback (utils/procs)
         try:
-            return fire.Fire(checked_types(main, prog, argv, kwarg_hints), command=argv, name=prog)
+            return fire.Fire(checked_types(main, prog, argv, kwarg_hints, empty_ok), command=argv, name=prog)
         except (MemoryError, RuntimeError) as e:
             if not out_of_memory(e):
                 raise

@@ -325,10 +325,16 @@ def text_flags() -> dict:
     return {**hints, **{f"stage{st}_{k}": h for st in STAGES for k, h in hints.items()}}
 
 
+def empty_text_flags() -> set[str]:
+    """The text flags whose default is empty (--exp_name): given empty, they mean their default."""
+    empty = {f.name for f in fields(Config) if f.default == ""}
+    return empty | {f"stage{st}_{k}" for st in STAGES for k in empty}
+
+
 def cli() -> None:
     """The `pips2-train` command (and `python train.py`): fire flags of main."""
     try:
-        run_fire(main, kwarg_hints=text_flags())
+        run_fire(main, kwarg_hints=text_flags(), empty_ok=empty_text_flags())
     except TrainingStopped:
         # the stop is decided and said, and the program ends: a second Ctrl-C (the common reflex) must not land in
         # the interpreter's exit as a traceback, or change the exit code by its timing
