@@ -973,6 +973,17 @@ def _refuse_constant(name: str):
     raise ValueError(f"{name} is not a number JSON allows")
 
 
+MAX_INT_DIGITS = 100  # a whole number in a request (a frame count, a size): far more digits than any needs
+
+
+def _bounded_int(text: str) -> int:
+    """A JSON whole number of at most MAX_INT_DIGITS digits: Python's own limit (4300) says 'not JSON' in effect."""
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        raise ValueError(f"a number of {len(text.lstrip('-'))} digits is not one JSON allows here (at most "
+                         f"{MAX_INT_DIGITS})")
+    return int(text)
+
+
 class Request:
     """What the routes read from a WSGI environ."""
 
@@ -1013,7 +1024,8 @@ class Request:
         """The body as a JSON object with finite numbers (`Site.admit` has checked its type and size)."""
         length = self.length()
         try:
-            req = json.loads(self.environ["wsgi.input"].read(length), parse_constant=_refuse_constant)
+            req = json.loads(self.environ["wsgi.input"].read(length), parse_constant=_refuse_constant,
+                             parse_int=_bounded_int)
         except (ValueError, RecursionError) as e:  # bad JSON, bad UTF-8, Infinity or NaN, a 5000-digit number
             why = one_line(e) if "JSON allows" in str(e) else "not JSON"
             raise WebError(f"request body: {why}") from None

@@ -274,7 +274,10 @@ def test_numbers_out_of_bounds_are_one_line(server, video, monkeypatch):
         assert status == 400 and words in msg, (key, value, status, msg)
     for value, words in ((b"Infinity", "request body: Infinity is not"), (b"NaN", "request body: NaN is not"),
                          (b"-Infinity", "request body: -Infinity is not"),
-                         (b"1" + b"0" * 5000, "request body: not JSON"),
+                         (b"1" + b"0" * 5000, "request body: a number of 5001 digits is not one JSON allows here "
+                                              "(at most 100)"),
+                         (b"-" + b"1" * 101, "request body: a number of 101 digits"),
+                         (b"[1, 2", "request body: not JSON"),
                          (b"1e400", "S must be a whole number")):  # JSON's 1e400 is Python's inf
         text = b'{"video": "%s", "points": [[0, 5, 5]], "S": %s}' % (vid.encode(), value)
         status, msg = track_answer(server, text)
