@@ -31,6 +31,7 @@ from pips2.datasets.clips import (
     clip_dir,
     clip_name,
     is_clip_dir,
+    read_settings,
     read_source,
     record_source,
     verify_clip,
@@ -129,6 +130,13 @@ def check_source(version_dir: Path, st: ClipSettings, source: dict) -> str | Non
     A settings.json from before the source was recorded is adopted: the source is added and a note returned."""
     if write_settings(version_dir, st, source):
         return None
+    # a folder renamed or copied by hand, or a link to another export: its name says one thing, its clips another
+    if (held := read_settings(version_dir)) is not None and held != st:
+        shown = lambda v: ",".join(map(str, v)) if isinstance(v, (tuple, list)) else str(v)  # noqa: E731 (as a flag)
+        diff = ", ".join(f"--{k}={shown(a)} (this run {shown(b)})" for k, a, b in
+                         ((k, v, st.to_dict()[k]) for k, v in held.to_dict().items()) if a != b)
+        raise ValueError(f"{version_dir / SETTINGS}: its clips were exported with other settings ({diff}): clips of "
+                         f"two settings would mix; give another --out_dir")
     recorded = read_source(version_dir)
     if recorded is None:
         record_source(version_dir, source)

@@ -522,6 +522,20 @@ def test_another_data_set_into_the_same_folder_is_refused(synth_root, tmp_path):
     assert "already there 2" in again.stdout and "written 1" in again.stdout
 
 
+def test_a_version_folder_holding_clips_of_other_settings_is_refused(synth_root, tmp_path):
+    """A version folder renamed by hand (or a link to another export) was taken as it is: 128x192 clips in a folder
+    named for 160x192 were "already there 2", exit 0. Its settings.json is compared with this run's settings."""
+    run_export(synth_root, tmp_path / "out", "--max_clips=2")
+    ours = ST.version()
+    theirs = ours.replace("128x192", "160x192")
+    (tmp_path / "out" / ours).rename(tmp_path / "out" / theirs)
+    res = run_export(synth_root, tmp_path / "out", "--max_clips=2", "--crop_size=160,192", check=False)
+    assert res.returncode == 2
+    assert res.stderr.strip() == (f"error: {tmp_path / 'out' / theirs / 'settings.json'}: its clips were exported with "
+                                  f"other settings (--crop_size=128,192 (this run 160,192)): clips of two settings "
+                                  f"would mix; give another --out_dir")
+
+
 def test_a_data_set_regenerated_at_the_same_path_is_refused(tmp_path):
     """Names and frame counts were all the source recorded: a data set regenerated (or re-released with fixed
     annotations) at the same path resumed into the old export, "already there 2, written 2", two data sets
