@@ -252,10 +252,10 @@ def clip_dir(version_dir: Path, k: int) -> Path:
     return Path(version_dir) / clip_name(k)
 
 
-def is_clip_dir(p: Path) -> bool:
-    """A finished clip: a six-digit folder (not a link to one) holding rgb.mp4 and track.npz (temp folders never
-    match)."""
-    return not p.is_symlink() and p.is_dir() and p.name.isdigit() and len(p.name) == CLIP_DIGITS \
+def is_clip_dir(p: Path, links: bool = True) -> bool:
+    """A finished clip: a six-digit folder holding rgb.mp4 and track.npz (temp folders never match); with
+    `links=False` not a link to one (the exporter's view of the clips it wrote)."""
+    return (links or not p.is_symlink()) and p.is_dir() and p.name.isdigit() and len(p.name) == CLIP_DIGITS \
         and (p / "rgb.mp4").is_file() and (p / "track.npz").is_file()
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import shutil
 import signal
 import socket
@@ -39,7 +40,7 @@ from pips2.datasets.clips import (
     write_track,
 )
 from pips2.datasets.clips import list_clips as list_clips  # re-exported: callers that list what an export wrote
-from pips2.utils.paths import current_umask, made_by_this_user, pinned_folder
+from pips2.utils.paths import check_writable, current_umask, made_by_this_user, pinned_folder, unpinned
 from pips2.utils.procs import (
     close_inherited_locks,
     is_space_error,
@@ -186,7 +187,7 @@ def not_writable(e: BaseException, version_dir: Path) -> str | None:
     while cur is not None:
         name = getattr(cur, "filename", None)
         if getattr(cur, "errno", None) in (errno.EACCES, errno.EPERM, errno.EROFS) and name is not None \
-                and Path(os.fsdecode(name)).is_relative_to(version_dir):
+                and unpinned(os.fsdecode(name)).is_relative_to(version_dir):
             return f"{NOT_WRITABLE} {version_dir} ({getattr(cur, 'strerror', None) or cur})"
         cur = cur.__cause__ or cur.__context__
     return None
@@ -380,8 +381,11 @@ def claims_dir(version_dir: Path) -> Path:
     return Path(version_dir) / CLAIMS
 
 
+REJECTED = ".rejected"  # <version>/.rejected/<clip>: why an earlier run rejected the clip
+
+
 class ClaimsInTheWay(OSError):
-    """Something other than a folder holds the claims folder's name."""
+    """The claims or rejections folder's name holds something else than a folder this user may write to."""
 
 
 def _claims(version_dir: Path) -> Path:
@@ -400,11 +404,18 @@ def _claim_path(version_dir: Path, k: int) -> Path:
 
 
 def check_claims_dir(version_dir: Path) -> None:
-    """ClaimsInTheWay if the claims folder's name is a link or anything but a folder: every clip would fail to
-    claim, each with its own line, on every run."""
-    cdir = claims_dir(version_dir)
-    if os.path.lexists(cdir) and (cdir.is_symlink() or not cdir.is_dir()):
-        raise ClaimsInTheWay(errno.ENOTDIR, "not a folder", str(cdir))
+    """ClaimsInTheWay if the claims or rejections folder's name is a link or anything but a folder, or a folder
+    this user may not write to (another group member's, made first): every clip would fail to claim (or every
+    rejected clip to be recorded), each with its own line, on every run."""
+    for cdir in (claims_dir(version_dir), Path(version_dir) / REJECTED):
+        if not os.path.lexists(cdir):
+            continue
+        if cdir.is_symlink() or not cdir.is_dir():
+            raise ClaimsInTheWay(errno.ENOTDIR, "not a folder", str(cdir))
+        try:
+            check_writable(cdir)
+        except OSError as e:
+            raise ClaimsInTheWay(e.errno, f"a folder this user may not write to ({e.strerror})", str(cdir)) from None
 
 
 def claim(version_dir: Path, k: int) -> bool:
@@ -453,8 +464,7 @@ def release(version_dir: Path, k: int) -> None:
     if fd is None:  # not held: whatever has the name now is someone else's
         return
     path.unlink(missing_ok=True)
-    if fd is not None:
-        os.close(fd)
+    os.close(fd)
 
 
 def claim_abandoned(version_dir: Path, k: int) -> bool:
@@ -510,7 +520,7 @@ def claim_held(version_dir: Path, k: int) -> bool:
 
 def mark_rejected(version_dir: Path, k: int, reason: str) -> None:
     """Remember a deterministic rejection so reruns skip it at once."""
-    rdir = pinned_folder(version_dir / ".rejected", make=True)  # never through a link put at its name since
+    rdir = pinned_folder(Path(version_dir) / REJECTED, make=True)  # never through a link put at its name since
     # a random name created exclusively: a predictable one in a shared export folder could be a planted link
     fd, tmp = tempfile.mkstemp(prefix=f".{k}.", dir=rdir)
     try:
@@ -528,7 +538,7 @@ def rejected_reason(version_dir: Path, k: int) -> str | None:
     """Why clip k was rejected by an earlier run, or None (also for anything there this program did not write: a
     link, a FIFO, which are never followed or opened)."""
     try:
-        p = pinned_folder(version_dir / ".rejected") / clip_name(k)
+        p = pinned_folder(Path(version_dir) / REJECTED) / clip_name(k)
         fd = open_lock_file(p)
     except OSError:
         return None
@@ -581,6 +591,8 @@ def _one_line(e: BaseException, version_dir: Path) -> str:
     if refused:
         return refused
     msg = str(e).strip()
+    for fd_path in set(re.findall(r"/proc/self/fd/\d+", msg)):  # a pinned folder, as its own path
+        msg = msg.replace(fd_path, str(unpinned(fd_path)))
     return f"{type(e).__name__}: {msg.splitlines()[0] if msg else ''}"
 
 

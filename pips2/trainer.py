@@ -1064,20 +1064,34 @@ class _StepStart:
 
 def train_step(state: TrainState, data: TrainData, cfg: Config) -> StepResult:
     """One optimiser step over --grad_acc micro-batches; a non-finite loss on any rank skips it on every rank."""
-    ranks = state.ranks
     t0 = time.time()
+    # what a micro-batch changes besides the gradients, put back when the step ends before its update (a stop, a
+    # batch that cannot be read, a dead loader worker): the previous step is then saved as it was
+    at_start = _StepStart(state.model) if cfg.grad_acc > 1 and state.ranks.world == 1 else None
+    try:
+        rtime, total_loss, finite, figures, shown = _micro_batches(state, data, cfg)
+    except BaseException:
+        if at_start is not None:
+            at_start.restore(state.model)
+        raise
+    if not finite:
+        state.optimizer.zero_grad(set_to_none=True)
+        return StepResult(False)
+    state.updating = True
+    optimizer_update(state.model, state.optimizer, state.scheduler, state.scaler, cfg.grad_clip)
+    state.updating, state.updated = False, state.step
+    return StepResult(True, total_loss, rtime, time.time() - t0, figures, shown)
+
+
+def _micro_batches(state: TrainState, data: TrainData, cfg: Config) -> tuple[float, float, bool, Any, Any]:
+    """Forward and backward of the step's --grad_acc micro-batches: (seconds waiting for data, the loss, whether
+    every loss was finite on every rank, rank 0's figures and shown sample of the first)."""
+    ranks = state.ranks
     rtime, total_loss, finite, figures, shown = 0.0, 0.0, True, None, None
-    # what a micro-batch changes besides the gradients: restored when the step is abandoned after one
-    at_start = _StepStart(state.model) if cfg.grad_acc > 1 and ranks.world == 1 else None
     for micro in range(cfg.grad_acc):
         tr = time.time()
-        try:
-            with state.stop.waiting_for_data(ranks, already=micro > 0):
-                batch = fetch(ranks, lambda: data.next(state.step, micro))  # noqa: B023 (called at once)
-        except StoppedWaitingForData:
-            if at_start is not None:
-                at_start.restore(state.model)
-            raise
+        with state.stop.waiting_for_data(ranks, already=micro > 0):
+            batch = fetch(ranks, lambda: data.next(state.step, micro))  # noqa: B023 (called at once)
         rtime += time.time() - tr
         gen = step_generator(cfg.seed, state.step, micro, ranks.rank)
         if cfg.lbm:
@@ -1099,13 +1113,7 @@ def train_step(state: TrainState, data: TrainData, cfg: Config) -> StepResult:
             else:
                 figures = batch_figures(final.detach().float(), seen.trajs, seen.visibs, seen.valids,
                                         (seen.rgbs.shape[-2], seen.rgbs.shape[-1]))
-    if not finite:
-        state.optimizer.zero_grad(set_to_none=True)
-        return StepResult(False)
-    state.updating = True
-    optimizer_update(state.model, state.optimizer, state.scheduler, state.scaler, cfg.grad_clip)
-    state.updating, state.updated = False, state.step
-    return StepResult(True, total_loss, rtime, time.time() - t0, figures, shown)
+    return rtime, total_loss, finite, figures, shown
 
 
 # ---------------------------------------------------------------------------------------------------------

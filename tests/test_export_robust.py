@@ -241,7 +241,7 @@ def test_failed_clips_make_the_exit_code_1(synth_root, tmp_path):
     assert "failed 3" in res.stdout and "3 clip(s) failed" in res.stderr
 
 
-@pytest.mark.parametrize("name", [".tmp", ".claims"])
+@pytest.mark.parametrize("name", [".tmp", ".claims", ".rejected"])
 def test_a_temp_folder_of_another_user_or_a_file_in_its_place_is_one_line(synth_root, tmp_path, name):
     """Clips are written in the version's .tmp/ first, which must be this user's own folder (0700): in a folder
     other users may write to, one of theirs (or a link) there would let them plant links the clip's writers follow.
@@ -260,9 +260,59 @@ def test_a_temp_folder_of_another_user_or_a_file_in_its_place_is_one_line(synth_
         (vdir / name).write_text("in the way")
     res = run_export(synth_root, tmp_path, "--max_iters=3", check=False)
     assert res.returncode == 2
-    why = ("is not a folder; the export keeps its claims of clips there" if name == ".claims"
-           else "is not a folder of this user's; the export writes its clips there first")
+    why = {".claims": "is not a folder; the export keeps its claims of clips there",
+           ".rejected": "is not a folder; the export keeps its records of rejected clips there"}.get(
+        name, "is not a folder of this user's; the export writes its clips there first")
     assert res.stderr.strip() == f"error: --out_dir: {vdir / name} {why}: remove it", res.stderr
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root may write anywhere")
+def test_a_claims_folder_this_user_may_not_write_to_is_one_line(synth_root, tmp_path):
+    """A claims folder another group member made first without group write: every clip failed, each with a line
+    naming a /proc/self/fd path. The run is refused before any clip."""
+    vdir = _version(tmp_path)
+    (vdir / ".claims").mkdir(parents=True)
+    (vdir / ".claims").chmod(0o555)
+    try:
+        res = run_export(synth_root, tmp_path, "--max_iters=2", check=False)
+    finally:
+        (vdir / ".claims").chmod(0o755)
+    assert res.returncode == 2 and res.stderr.strip() == (
+        f"error: --out_dir: {vdir / '.claims'} is a folder this user may not write to (Permission denied); the "
+        f"export keeps its claims of clips there: ask its owner to let the group write to it, or give another "
+        f"--out_dir"), res.stderr
+
+
+def test_a_claims_or_rejections_folder_refusing_writes_is_found_before_any_clip(tmp_path, monkeypatch):
+    """What the test above shows as another user, shown as root too (whom permissions do not stop)."""
+    for name in (".claims", ".rejected"):
+        vdir = tmp_path / name
+        (vdir / name).mkdir(parents=True)
+
+        def refused(folder, name=name):
+            if Path(folder).name == name:
+                raise PermissionError(13, "Permission denied", str(folder))
+
+        monkeypatch.setattr(export, "check_writable", refused)
+        with pytest.raises(export.ClaimsInTheWay) as e:
+            export.check_claims_dir(vdir)
+        assert (e.value.errno, e.value.filename) == (13, str(vdir / name))
+        assert e.value.strerror == "a folder this user may not write to (Permission denied)"
+
+
+def test_errors_through_a_pinned_folder_name_the_folder(tmp_path):
+    """Claims and rejection records are written through /proc/self/fd/N (the folder as first found): an error there
+    named that path instead of the version folder's."""
+    from pips2.utils.paths import pinned_folder, unpinned
+
+    folder = tmp_path / "v" / ".claims"
+    (tmp_path / "v").mkdir()
+    pin = pinned_folder(folder, make=True)
+    assert unpinned(pin / "000003") == folder / "000003" and unpinned(tmp_path) == tmp_path
+    e = PermissionError(13, "Permission denied", str(pin / "000003"))
+    assert export.not_writable(e, tmp_path / "v") == f"{export.NOT_WRITABLE} {tmp_path / 'v'} (Permission denied)"
+    assert export._one_line(OSError(5, f"cannot read {pin}/000003"), tmp_path / "v") == \
+        f"OSError: [Errno 5] cannot read {folder}/000003"
 
 
 def test_a_worker_whose_parent_is_gone_ends_quietly():
@@ -1277,7 +1327,7 @@ def test_a_clip_replaced_by_a_link_after_its_rename_changes_nothing_it_points_at
     vdir = _version(out)
     assert res.returncode == 1, res.stderr[-2000:]
     assert res.stderr.strip().splitlines()[-1] == (
-        f"error: 2 clip(s) this run wrote or found are no longer clips ({vdir / '000000'} is a link now): something "
+        f"error: 2 clip(s) this run wrote are no longer clips ({vdir / '000000'} is a link now): something "
         f"else changed {vdir} meanwhile; rerun to write them"), res.stderr
     assert "written 2" in res.stdout and "; 0 clips in" in res.stdout
 

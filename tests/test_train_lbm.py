@@ -182,22 +182,28 @@ def test_resume_gives_the_weights_of_an_uninterrupted_run(tmp_path, monkeypatch)
     assert not all(torch.equal(at2[k], want[k]) for k in want)
 
 
-def test_a_step_abandoned_after_a_micro_batch_resumes_as_the_run_uninterrupted(tmp_path, monkeypatch):
-    """A stop while step 3 waits for its second micro-batch abandons that step: the first micro-batch's forward had
-    moved the encoder's batch-norm statistics and the dropout RNG, and the step-2 checkpoint then held them, so the
-    resumed run differed from one never stopped. The saved step is the step 2 of the run uninterrupted."""
+@pytest.mark.parametrize("why", ["a stop", "data gone"])
+def test_a_step_abandoned_after_a_micro_batch_resumes_as_the_run_uninterrupted(tmp_path, monkeypatch, why):
+    """A stop (or a batch that cannot be read) while step 3 waits for its second micro-batch abandons that step:
+    the first micro-batch's forward had moved the encoder's batch-norm statistics and the dropout RNG, and the
+    step-2 checkpoint then held them, so the resumed run differed from one never stopped. The saved step is the
+    step 2 of the run uninterrupted."""
+    from pips2.datasets.training import DataGoneError
+
     ref_dir = tmp_path / "ref"
     train.run_stage(_kubric_cfg(ref_dir, max_steps=3, save_freq=2, grad_acc=2))
     real = trainer.TrainData.next
 
     def stop_in_step_3(self, step, micro):
         if (step, micro) == (3, 1):
+            if why == "data gone":
+                raise DataGoneError("/data: 20 clips in a row were corrupt")
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(30)  # a loader that no longer answers: the handler cuts this short
         return real(self, step, micro)
 
     monkeypatch.setattr(trainer.TrainData, "next", stop_in_step_3)
-    with pytest.raises(trainer.TrainingStopped):
+    with pytest.raises(SystemExit):  # TrainingStopped (exit 0) for the stop, exit 2 for the data
         train.run_stage(_kubric_cfg(tmp_path / "run", max_steps=3, save_freq=100, grad_acc=2))
     ckdir = next((tmp_path / "run" / "ck").iterdir())
     assert [s for s, _ in ck.list_checkpoints(ckdir)] == [2]

@@ -937,11 +937,13 @@ def test_after_a_stop_train_py_ignores_further_stop_signals(monkeypatch):
 def test_a_run_folder_or_checkpoint_of_another_user_is_never_resumed(exported, tmp_path, capsys):
     """The run folder's name follows from the flags: on a disk every user may write to (/tmp, a scratch disk)
     another user made it first and put a checkpoint in it, and the run resumed from that checkpoint without a word
-    (its owner could also replace every later one). A run folder, or a checkpoint in the run's own folder, that is
-    not this user's is refused in one line, exit 2, before anything is read."""
+    (its owner could also replace every later one). A run folder, or a checkpoint in the run's folder, owned by
+    neither this user nor the owner of the folder it is in is refused in one line, exit 2, before anything is read;
+    the owner of the --ckpt_dir the user chose is trusted (root in a container resuming its host user's run)."""
     out, _ = exported
     cfg = _cfg(out, tmp_path, max_steps=1, save_freq=1)
-    theirs = tmp_path / "ck" / cfg.name()
+    ckpt_dir = tmp_path / "ck"
+    theirs = ckpt_dir / cfg.name()
     theirs.mkdir(parents=True)
     os.chown(theirs, 2002, 2002)
     with pytest.raises(SystemExit) as e:
@@ -952,14 +954,26 @@ def test_a_run_folder_or_checkpoint_of_another_user_is_never_resumed(exported, t
         f"give another --ckpt_dir (or --exp_name)")
     assert not list(theirs.iterdir())
 
-    os.chown(theirs, os.geteuid(), os.getegid())
+    os.chown(ckpt_dir, 2002, 2002)  # the --ckpt_dir is theirs too: the user chose it (a host user's mount)
     train.run_stage(cfg)
     (step, planted), = ck.list_checkpoints(theirs)
-    os.chown(planted, 2002, 2002)  # as if another user had renamed their file over it
+    os.chown(planted, 2002, 2002)
+    train.run_stage(_cfg(out, tmp_path, max_steps=2, save_freq=1))  # resumes: the folder's owner's checkpoint
+    assert [s for s, _ in ck.list_checkpoints(theirs)] == [1, 2]
+
+    for p in (ckpt_dir, theirs, planted):
+        os.chown(p, os.geteuid(), os.getegid())
+    newest = ck.list_checkpoints(theirs)[-1][1]
+    os.chown(newest, 2002, 2002)  # as if another user had renamed their file over it
     with pytest.raises(SystemExit) as e:
-        train.run_stage(_cfg(out, tmp_path, max_steps=2, save_freq=1))
+        train.run_stage(_cfg(out, tmp_path, max_steps=3, save_freq=1))
     assert e.value.code == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
-        f"error: {planted}: a checkpoint of uid 2002, not this user's: a run never resumes from a file another user "
+        f"error: {newest}: a checkpoint of uid 2002, not this user's: a run never resumes from a file another user "
         f"put in its folder; move it aside (or give another --ckpt_dir)")
-    assert [s for s, _ in ck.list_checkpoints(theirs)] == [step]
+
+    # a link whose target is gone is the reader's to set aside, as before
+    newest.unlink()
+    (theirs / ck.ckpt_name(9)).symlink_to(tmp_path / "gone.pth")
+    train.run_stage(_cfg(out, tmp_path, max_steps=3, save_freq=1))
+    assert [s for s, _ in ck.list_checkpoints(theirs)][-1] == 3

@@ -690,13 +690,20 @@ def _owned(obj: Any, memo: dict[int, Any] | None = None) -> Any:
 
 
 def foreign_checkpoints(folder: str | os.PathLike) -> list[tuple[Path, int]]:
-    """(path, owner uid) of the checkpoints in `folder` that are not this user's files (put there by another user
-    of a folder others may write to): never resumed."""
-    found = [(p, os.stat(p).st_uid) for _, p in list_checkpoints(folder)]
+    """(path, owner uid) of the checkpoints in `folder` that are neither this user's files nor the folder owner's
+    (put there by another user of a folder others may write to): never resumed. A link is judged by its own
+    owner (whoever made it chose its target); one whose target is gone is left to the reader, which sets it
+    aside."""
+    found = []
+    for _, p in list_checkpoints(folder):
+        try:
+            found.append((p, os.lstat(p).st_uid))
+        except FileNotFoundError:  # removed meanwhile
+            continue
     if all(uid == os.geteuid() for _, uid in found):
         return []
-    mine = own_uids(folder)
-    return [(p, uid) for p, uid in found if uid not in mine]
+    trusted = own_uids(folder) | {os.stat(folder).st_uid}
+    return [(p, uid) for p, uid in found if uid not in trusted]
 
 
 def read_newest(folder: str | os.PathLike, on_bad: Callable[[Path, CheckpointError], None] | None = None,
@@ -946,8 +953,11 @@ class RunLock:
         self.made = make_dirs(self.folder)
         # the run folder's name follows from the flags: on a disk every user may write to (/tmp, a scratch disk)
         # another user can make it first, and then put checkpoints in it, or replace this run's, at will
+        # trusted: this user, and the owner of the folder it is in (the --ckpt_dir the user chose: root in a
+        # container resuming the run its host user made there)
         st = os.stat(self.folder)
-        if not self.made and not made_by_this_user(st, self.folder):
+        if not self.made and not made_by_this_user(st, self.folder) \
+                and st.st_uid != os.stat(self.folder.parent).st_uid:
             raise LockError(f"{self.folder}: a folder of uid {st.st_uid}, not this user's: its owner could put or "
                             f"replace checkpoints in it; give another --ckpt_dir (or --exp_name)")
         for _ in range(5):

@@ -69,9 +69,14 @@ def pinned_folder(path: str | os.PathLike, make: bool = False) -> Path:
     OSError (ELOOP, ENOTDIR) if a link or a file has the name now. Elsewhere, `path` itself."""
     key = os.path.abspath(path)
     fd = _PINNED.get(key)
-    if fd is not None and os.fstat(fd).st_nlink == 0:  # removed since (by its user, to start afresh): found again
-        os.close(_PINNED.pop(key))
-        fd = None
+    if fd is not None:
+        try:
+            gone = os.fstat(fd).st_nlink == 0  # removed since (by its user, to start afresh): found again
+        except OSError:  # a stale network handle: found again too
+            gone = True
+        if gone:
+            os.close(_PINNED.pop(key))
+            fd = None
     if fd is None:
         if make:
             try:
@@ -104,6 +109,16 @@ def own_uids(folder: str | os.PathLike) -> set[int]:
 def made_by_this_user(st: os.stat_result, folder: str | os.PathLike) -> bool:
     """Whether a file with stat `st`, in `folder`, belongs to this user as that file system sees it."""
     return st.st_uid == os.geteuid() or st.st_uid in own_uids(folder)
+
+
+def unpinned(path: str | os.PathLike) -> Path:
+    """A path under a pinned folder (pinned_folder) as the folder's own path: what messages show."""
+    text = os.fspath(path)
+    for key, fd in _PINNED.items():
+        pin = f"/proc/self/fd/{fd}"
+        if text == pin or text.startswith(pin + "/"):
+            return Path(key + text[len(pin):])
+    return Path(text)
 
 
 def write_json(path: str | os.PathLike, payload: dict) -> None:

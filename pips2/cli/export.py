@@ -225,7 +225,10 @@ def main(dataset_location: str = "../datasets/pointodyssey", dset: str = "train"
     except NotARegularFile as e:
         die(f"--out_dir: {e.filename} is {e.strerror}, where the export keeps its manifest of clips; remove it")
     except ClaimsInTheWay as e:
-        die(f"--out_dir: {e.filename} is not a folder; the export keeps its claims of clips there: remove it")
+        what = "claims of clips" if Path(e.filename).name == ".claims" else "records of rejected clips"
+        fix = "remove it" if e.errno == errno.ENOTDIR else \
+            "ask its owner to let the group write to it, or give another --out_dir"
+        die(f"--out_dir: {e.filename} is {e.strerror}; the export keeps its {what} there: {fix}")
     except ForeignTempFolder as e:
         die(f"--out_dir: {e.filename} is not a folder of this user's; the export writes its clips there first: "
             "remove it")
@@ -257,7 +260,7 @@ def _run(jobs: deque, workers: int, version_dir: Path, quiet: bool, signals: _Si
     n_jobs = len(jobs)
     counts, reasons, deaths = Counter(), Counter(), Counter()
     held: list[int] = []  # clips another exporter held when this one came to them
-    finished: list[int] = []  # clips written, rewritten or found in place
+    finished: list[int] = []  # clips this run wrote (or rewrote)
     stop = None  # why the export stopped early, if it did
     t0 = time.time()
     bar, pool = None, None
@@ -286,7 +289,7 @@ def _run(jobs: deque, workers: int, version_dir: Path, quiet: bool, signals: _Si
             counts[status] += 1
             if status == "busy":
                 held.append(k)
-            if status in ("written", "rewritten", "exists"):
+            if status in ("written", "rewritten"):
                 finished.append(k)
             if status == "rejected":
                 reasons[detail] += 1
@@ -362,11 +365,11 @@ def _run(jobs: deque, workers: int, version_dir: Path, quiet: bool, signals: _Si
         sys.exit(1)
     # in a folder others may write to, a finished clip can be moved away or replaced by a link after its rename:
     # exit 0 would say the export is complete
-    gone = sorted(k for k in finished if not is_clip_dir(clip_dir(version_dir, k)))
+    gone = sorted(k for k in finished if not is_clip_dir(clip_dir(version_dir, k), links=False))
     if gone:
         first = clip_dir(version_dir, gone[0])
         now = "a link" if first.is_symlink() else "gone" if not os.path.lexists(first) else "no clip"
-        print(printable(f"error: {len(gone)} clip(s) this run wrote or found are no longer clips ({first} is {now} "
+        print(printable(f"error: {len(gone)} clip(s) this run wrote are no longer clips ({first} is {now} "
                         f"now): something else changed {version_dir} meanwhile; rerun to write them"),
               file=sys.stderr)
         sys.exit(1)
