@@ -770,6 +770,18 @@ def test_a_stop_while_waiting_for_data_from_workers_that_no_longer_answer_saves_
                     f"the same command resumes from there (it came while step {step + 1} waited for its data)"], seen
 
 
+def _stops_at_step_2(cfg: train.Config, tmp_path: Path, capsys, waited: str) -> None:
+    """Run cfg, which a stop request ends while `waited` waits for its data: step 2 saved, one line, exit 0."""
+    with pytest.raises(trainer.TrainingStopped) as e:
+        train.run_stage(cfg)
+    assert e.value.code == 0
+    ckdir = tmp_path / "ck" / cfg.name()
+    assert capsys.readouterr().out.strip().splitlines()[-1] == (
+        f"{cfg.name()}: stopped by SIGTERM at step 000002/5; saved {ckdir / ck.ckpt_name(2)}; the same command "
+        f"resumes from there (it came while {waited} waited for its data)")
+    assert [s for s, _ in ck.list_checkpoints(ckdir)] == [2] and not (ckdir / ck.LOCK_NAME).exists()
+
+
 def _hang_after_sigterm() -> None:
     """A batch that never comes: the stop request arrives while the run waits for it."""
     os.kill(os.getpid(), signal.SIGTERM)
@@ -802,15 +814,7 @@ def test_a_stop_while_a_later_micro_batch_waits_for_data_saves_the_step_before(e
 
     monkeypatch.setattr(trainer.TrainData, "next", hang_in_step_3)
     monkeypatch.setattr(trainer, "forward_loss", sigterm_in_step_3)
-    cfg = _cfg(out, tmp_path, max_steps=5, save_freq=100, grad_acc=2)
-    with pytest.raises(trainer.TrainingStopped) as e:
-        train.run_stage(cfg)
-    assert e.value.code == 0
-    ckdir = tmp_path / "ck" / cfg.name()
-    assert capsys.readouterr().out.strip().splitlines()[-1] == (
-        f"{cfg.name()}: stopped by SIGTERM at step 000002/5; saved {ckdir / ck.ckpt_name(2)}; the same command "
-        f"resumes from there (it came while step 3 waited for its data)")
-    assert [s for s, _ in ck.list_checkpoints(ckdir)] == [2] and not (ckdir / ck.LOCK_NAME).exists()
+    _stops_at_step_2(_cfg(out, tmp_path, max_steps=5, save_freq=100, grad_acc=2), tmp_path, capsys, "step 3")
 
 
 def test_a_stop_while_validation_waits_for_data_saves_the_step_just_trained(exported, tmp_path, monkeypatch,
@@ -827,15 +831,8 @@ def test_a_stop_while_validation_waits_for_data_saves_the_step_just_trained(expo
         return real(self)
 
     monkeypatch.setattr(trainer.TrainData, "next_val", hang_at_step_2)
-    cfg = _cfg(out, tmp_path, max_steps=5, save_freq=100, val_dataset_version=_version(out), val_freq=1)
-    with pytest.raises(trainer.TrainingStopped) as e:
-        train.run_stage(cfg)
-    assert e.value.code == 0
-    ckdir = tmp_path / "ck" / cfg.name()
-    assert capsys.readouterr().out.strip().splitlines()[-1] == (
-        f"{cfg.name()}: stopped by SIGTERM at step 000002/5; saved {ckdir / ck.ckpt_name(2)}; the same command "
-        f"resumes from there (it came while step 2's validation waited for its data)")
-    assert [s for s, _ in ck.list_checkpoints(ckdir)] == [2] and not (ckdir / ck.LOCK_NAME).exists()
+    _stops_at_step_2(_cfg(out, tmp_path, max_steps=5, save_freq=100, val_dataset_version=_version(out), val_freq=1),
+                     tmp_path, capsys, "step 2's validation")
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux's parent-death signal")
