@@ -977,3 +977,20 @@ def test_a_run_folder_or_checkpoint_of_another_user_is_never_resumed(exported, t
     (theirs / ck.ckpt_name(9)).symlink_to(tmp_path / "gone.pth")
     train.run_stage(_cfg(out, tmp_path, max_steps=3, save_freq=1))
     assert [s for s, _ in ck.list_checkpoints(theirs)][-1] == 3
+
+    # on a disk everybody may write to, the other user makes the --ckpt_dir too: its owner is not trusted, and
+    # stage 2 does not start from a stage-1 run folder of theirs
+    scratch = tmp_path / "scratch"
+    scratch.mkdir(mode=0o1777)
+    scratch.chmod(0o1777)
+    shutil.copytree(ckpt_dir, scratch / "ck", symlinks=True)
+    for p in [scratch / "ck", *(scratch / "ck").rglob("*")]:
+        os.chown(p, 2002, 2002, follow_symlinks=False)
+    planted_cfg = train.make_config(1, {**TINY, "dataset_location": str(out), "dataset_version": _version(out),
+                                        "log_dir": str(tmp_path / "logs"), "ckpt_dir": str(scratch / "ck"),
+                                        "max_steps": 4})
+    with pytest.raises(SystemExit) as e:
+        train.run_stage(planted_cfg)
+    assert e.value.code == 2 and "a folder of uid 2002, not this user's" in capsys.readouterr().err
+    assert train._latest_stage1(str(scratch / "ck")) is None
+    assert train._latest_stage1(str(ckpt_dir)) == str(theirs)

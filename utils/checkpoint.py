@@ -23,7 +23,7 @@ import torch.nn as nn
 from prettytable import PrettyTable
 
 from pips2.utils.download import MAX_CHECKPOINT_BYTES
-from pips2.utils.paths import made_by_this_user, make_dirs, new_temp_file, own_uids, remove_empty_dirs
+from pips2.utils.paths import make_dirs, new_temp_file, own_uids, remove_empty_dirs
 from pips2.utils.procs import out_of_memory, pid_alive, pid_namespace, process_start
 from pips2.utils.safe_load import (
     UnsafeFileError,
@@ -689,11 +689,29 @@ def _owned(obj: Any, memo: dict[int, Any] | None = None) -> Any:
     return out
 
 
+def trusted_owners(run_folder: str | os.PathLike) -> set[int]:
+    """Whose run folder `run_folder` may be, and whose checkpoints in it are resumed: this user (as its file
+    system records this user's files), root, and the owner of the --ckpt_dir it is in when nobody else could have
+    put that folder where it is (its parent belongs to root or this user, and others may not write to it: a
+    folder made for the user, as a container's mount of its host user's). Not the owner of a --ckpt_dir made in a
+    folder everybody may write to (/tmp, a scratch disk): anybody could have made it, the run folder in it too."""
+    run_folder = Path(run_folder)
+    trusted = own_uids(run_folder if run_folder.is_dir() else run_folder.parent) | {0}
+    ckpt_dir = run_folder.parent
+    try:
+        if not ckpt_dir.is_symlink():
+            st, above = os.stat(ckpt_dir), os.stat(ckpt_dir.parent)
+            if above.st_uid in trusted and not above.st_mode & 0o022:
+                trusted.add(st.st_uid)
+    except OSError:
+        pass
+    return trusted
+
+
 def foreign_checkpoints(folder: str | os.PathLike) -> list[tuple[Path, int]]:
-    """(path, owner uid) of the checkpoints in `folder` that are neither this user's files nor the folder owner's
-    (put there by another user of a folder others may write to): never resumed. A link is judged by its own
-    owner (whoever made it chose its target); one whose target is gone is left to the reader, which sets it
-    aside."""
+    """(path, owner uid) of the checkpoints in `folder` whose owners are not trusted (`trusted_owners`: put there
+    by another user of a folder others may write to): never resumed. A link is judged by its own owner (whoever
+    made it chose its target); one whose target is gone is left to the reader, which sets it aside."""
     found = []
     for _, p in list_checkpoints(folder):
         try:
@@ -702,8 +720,15 @@ def foreign_checkpoints(folder: str | os.PathLike) -> list[tuple[Path, int]]:
             continue
     if all(uid == os.geteuid() for _, uid in found):
         return []
-    trusted = own_uids(folder) | {os.stat(folder).st_uid}
+    trusted = trusted_owners(folder)
     return [(p, uid) for p, uid in found if uid not in trusted]
+
+
+def untrusted_run_folder(folder: str | os.PathLike) -> bool:
+    """Whether an existing run folder is not to be trained in or resumed from: its owner, or a checkpoint's in it,
+    is not trusted (`trusted_owners`)."""
+    uid = os.stat(folder).st_uid
+    return (uid != os.geteuid() and uid not in trusted_owners(folder)) or bool(foreign_checkpoints(folder))
 
 
 def read_newest(folder: str | os.PathLike, on_bad: Callable[[Path, CheckpointError], None] | None = None,
@@ -953,11 +978,8 @@ class RunLock:
         self.made = make_dirs(self.folder)
         # the run folder's name follows from the flags: on a disk every user may write to (/tmp, a scratch disk)
         # another user can make it first, and then put checkpoints in it, or replace this run's, at will
-        # trusted: this user, and the owner of the folder it is in (the --ckpt_dir the user chose: root in a
-        # container resuming the run its host user made there)
         st = os.stat(self.folder)
-        if not self.made and not made_by_this_user(st, self.folder) \
-                and st.st_uid != os.stat(self.folder.parent).st_uid:
+        if not self.made and st.st_uid != os.geteuid() and st.st_uid not in trusted_owners(self.folder):
             raise LockError(f"{self.folder}: a folder of uid {st.st_uid}, not this user's: its owner could put or "
                             f"replace checkpoints in it; give another --ckpt_dir (or --exp_name)")
         for _ in range(5):

@@ -238,8 +238,9 @@ def make_config(stage: int, flags: dict) -> Config:
 
 
 def _latest_stage1(ckpt_dir: str) -> str | None:
-    """The most recently modified stage-1 run folder in ckpt_dir that holds a checkpoint."""
-    runs = [p for p in Path(ckpt_dir).glob("stage1_*") if ck.list_checkpoints(p)]
+    """The most recently modified stage-1 run folder in ckpt_dir that holds a checkpoint, of those this user may
+    trust (another user's, made in a --ckpt_dir everybody may write to, are passed over)."""
+    runs = [p for p in Path(ckpt_dir).glob("stage1_*") if ck.list_checkpoints(p) and not ck.untrusted_run_folder(p)]
     return str(max(runs, key=lambda p: p.stat().st_mtime)) if runs else None
 
 
