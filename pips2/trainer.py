@@ -1047,34 +1047,43 @@ def fetch(ranks: Ranks, get: Callable[[], Sample]) -> Sample:
 
 class _StepStart:
     """What forward passes change outside the gradients, as a step found it: batch-norm statistics (LBM's
-    encoder) and the RNG states (dropout, augmentation in the main process). A step abandoned after some of its
-    micro-batches is then saved as the previous step left it, and resumes bit-exact."""
+    encoder) and, with `rng`, the RNG states (dropout, augmentation in the main process). A step that ends
+    before its update puts them back: one skipped for a non-finite loss must not leave that loss's NaNs in the
+    statistics (every later checkpoint carried them, and was refused), and a step abandoned after some
+    micro-batches is saved as the previous step left it, so it resumes bit-exact."""
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, rng: bool):
         self.buffers = {k: v.detach().clone() for k, v in model.named_buffers()}
-        self.rng = rng_state()
+        self.rng = rng_state() if rng else None
 
-    def restore(self, model: torch.nn.Module) -> None:
-        """Put the buffers and RNG states back."""
-        with torch.no_grad():
-            for k, v in model.named_buffers():
-                v.copy_(self.buffers[k])
-        set_rng_state(self.rng)
+    def restore(self, model: torch.nn.Module, rng: bool = True) -> None:
+        """Put the buffers (and, with `rng`, the RNG states if kept) back."""
+        if self.buffers:
+            with torch.no_grad():
+                for k, v in model.named_buffers():
+                    if k in self.buffers:
+                        v.copy_(self.buffers[k])
+        if rng and self.rng is not None:
+            set_rng_state(self.rng)
 
 
 def train_step(state: TrainState, data: TrainData, cfg: Config) -> StepResult:
     """One optimiser step over --grad_acc micro-batches; a non-finite loss on any rank skips it on every rank."""
     t0 = time.time()
     # what a micro-batch changes besides the gradients, put back when the step ends before its update (a stop, a
-    # batch that cannot be read, a dead loader worker): the previous step is then saved as it was
-    at_start = _StepStart(state.model) if cfg.grad_acc > 1 and state.ranks.world == 1 else None
+    # batch that cannot be read, a dead loader worker, a non-finite loss): the previous step is then saved as it
+    # was. The RNG states only matter when a later micro-batch can be abandoned after an earlier one ran
+    one = state.ranks.world == 1
+    at_start = _StepStart(state.model, rng=cfg.grad_acc > 1 and one)
     try:
         rtime, total_loss, finite, figures, shown = _micro_batches(state, data, cfg)
     except BaseException:
-        if at_start is not None:
+        if one:
             at_start.restore(state.model)
         raise
     if not finite:
+        # its statistics only: the run goes on, and its random draws stay drawn as in the run resumed
+        at_start.restore(state.model, rng=False)
         state.optimizer.zero_grad(set_to_none=True)
         return StepResult(False)
     state.updating = True

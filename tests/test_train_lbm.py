@@ -286,6 +286,30 @@ def test_non_finite_losses_are_skipped_then_the_run_stops(tmp_path, capsys):
     load_model(ck.find_checkpoint(ckdir), kind="lbm", **MODEL_KW)
 
 
+@pytest.mark.parametrize("grad_acc", [1, 2])
+def test_a_skipped_step_leaves_the_batch_norm_statistics_as_they_were(tmp_path, monkeypatch, grad_acc):
+    """A step skipped for a non-finite loss had still run its forward passes in training mode: the NaNs went
+    into the encoder's batch-norm running statistics, every later checkpoint carried them, and demo.py and a
+    resume refused those checkpoints. The skipped step now leaves the statistics as the step before left them."""
+    real = trainer.TrainData.next
+
+    def inf_pixel_in_step_2(self, step, micro):
+        batch = real(self, step, micro)
+        if step == 2 and micro == grad_acc - 1:  # the step's last micro-batch: one bad pixel
+            rgbs = batch.rgbs.clone()
+            rgbs[..., 0, 0, 0] = float("inf")
+            batch = batch._replace(rgbs=rgbs)
+        return batch
+
+    monkeypatch.setattr(trainer.TrainData, "next", inf_pixel_in_step_2)
+    _, net = train.run_stage(_kubric_cfg(tmp_path, max_steps=3, save_freq=1, grad_acc=grad_acc, quiet=False))
+    ckdir = next((tmp_path / "ck").iterdir())
+    at = {s: ck.read_checkpoint(p, layout=ck.LBM_LAYOUT)["model"] for s, p in ck.list_checkpoints(ckdir)}
+    stats = [k for k in at[1] if "running_" in k]
+    assert stats and all(torch.isfinite(at[s][k]).all() for s in at for k in stats)
+    assert all(torch.equal(at[1][k], at[2][k]) for k in stats)  # step 2 was skipped: its statistics are step 1's
+
+
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
 def test_amp_steps(tmp_path, monkeypatch, amp):
     """bf16 and fp16 autocast steps with a finite loss; fp16 through an enabled GradScaler whose state is saved.
