@@ -199,7 +199,7 @@ def not_writable(e: BaseException, version_dir: Path) -> str | None:
 
 def _tmp_name(k: int, tag: str = "") -> str:
     """The start of a private folder's name under .tmp/ that clean_stale_temps removes once this process is dead."""
-    return f"{clip_name(k)}{tag}__{socket.gethostname()}__{os.getpid()}"
+    return f"{clip_name(k)}{tag}__{_host()}__{os.getpid()}"
 
 
 class ForeignTempFolder(OSError):
@@ -376,6 +376,12 @@ def _claim_state(path: Path, write: bool = False) -> tuple[str, int | None]:
 CLAIMS = ".claims"  # <version>/.claims/<clip>: which process writes which clip
 
 
+def _host() -> str:
+    """This machine's name as claims and temp folder names carry it: white space (which separates a claim's
+    fields) as underscores."""
+    return "".join("_" if c.isspace() else c for c in socket.gethostname())
+
+
 def claims_dir(version_dir: Path) -> Path:
     """The folder of a version's claims of clips."""
     return Path(version_dir) / CLAIMS
@@ -423,7 +429,7 @@ def claim(version_dir: Path, k: int) -> bool:
     holders' claims are taken over: on this machine when no process holds its lock, from another host after
     STALE_CLAIM_S."""
     path = _claims(version_dir) / clip_name(k)
-    me = f"{socket.gethostname()} {os.getpid()} {pid_namespace()}".encode()
+    me = f"{_host()} {os.getpid()} {pid_namespace()}".encode()
     for _ in range(3):
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
@@ -431,7 +437,7 @@ def claim(version_dir: Path, k: int) -> bool:
             if _not_a_claim(path):  # a file some other program wrote: never taken over, overwritten or removed
                 return False
             host, _, age, _ = _claim_owner(path)
-            if host and host != socket.gethostname():
+            if host and host != _host():
                 if age > STALE_CLAIM_S:
                     path.unlink(missing_ok=True)
                     continue
@@ -476,7 +482,7 @@ def claim_abandoned(version_dir: Path, k: int) -> bool:
     path = _claim_path(version_dir, k)
     if not path.exists():  # released: written (looked at once more, after the release) or rejected meanwhile
         return not is_clip_dir(clip_dir(version_dir, k)) and rejected_reason(version_dir, k) is None
-    return _claim_owner(path)[0] == socket.gethostname() and not claim_held(version_dir, k)
+    return _claim_owner(path)[0] == _host() and not claim_held(version_dir, k)
 
 
 CLOCK_SKEW_S = 60  # a claim dated further ahead of this clock than this has no age this machine can judge
@@ -493,13 +499,14 @@ def claim_unjudged(version_dir: Path, k: int) -> str | None:
     if fd is not None:
         os.close(fd)
     if state == "foreign":
-        return "a claim file that is not a regular file (a FIFO, a device or a link: not written by an exporter)"
+        return "a claim file that is not a regular file (a folder, a FIFO, a device or a link: not written by an " \
+            "exporter)"
     if _not_a_claim(path):
         return "a claim file that holds no claim (not written by an exporter)"
     host, pid, age, ns = _claim_owner(path)
-    if host and host != socket.gethostname():
+    if host and host != _host():
         return f"a claim of {host} dated {-age / 3600:.1f} h ahead of this clock" if age < -CLOCK_SKEW_S else None
-    if host != socket.gethostname():
+    if host != _host():
         return None
     # a live pid of this namespace is a running exporter (its clip comes); one of another namespace may be anything
     if state == "unavailable" and ns is not None and ns != pid_namespace() and _claimer_may_live(path):
@@ -643,7 +650,7 @@ def _export_one(args: tuple) -> tuple[int, str, str]:
 def clean_stale_temps(version_dir: Path) -> int:
     """Remove temp folders left by dead processes of this machine (their clip's claim no longer held); returns how
     many. Another host's are left: their writers cannot be judged from here."""
-    n, host = 0, socket.gethostname()
+    n, host = 0, _host()
     for tdir in _tmp_folders(version_dir):
         if not tdir.is_dir() or tdir.is_symlink() or tdir.stat().st_uid != os.geteuid():  # not this user's to clean
             continue
@@ -663,7 +670,7 @@ def clean_stale_claims(version_dir: Path) -> int:
         cdir = pinned_folder(claims_dir(version_dir))
     except OSError:  # none yet (or a link, refused at the export's start): nothing of this run's to clean
         return 0
-    n, host = 0, socket.gethostname()
+    n, host = 0, _host()
     for p in cdir.iterdir():
         if _claim_owner(p)[0] != host or p in _HELD:
             continue

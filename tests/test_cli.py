@@ -254,10 +254,16 @@ def test_a_text_flag_given_empty_is_one_line_before_any_work(script, capsys, tmp
     monkeypatch.chdir(tmp_path)
     main = importlib.import_module(f"pips2.cli.{script}").main
     flag = EMPTY_FLAGS[script]
-    for argv in ([f"--{flag}="], [f"--{flag}", ""]):
+    # also fire's own quoting of the empty text (`--out_dir="''"`) and white space only (a folder named " ")
+    for argv in ([f"--{flag}="], [f"--{flag}", ""], [f"--{flag}=''"], [f"--{flag}= "]):
         _, code, out, err = _run(main, argv, capsys)
         assert code == 2 and err.strip().splitlines() == [
             f"error: prog.py: --{flag} is empty (an unset shell variable?); give it a value or leave the flag out"], err
+    # `--out_dir= x` (a space after the =): fire took x for a positional value, and the error named another flag
+    _, code, out, err = _run(main, [f"--{flag}=", "x"], capsys)
+    assert code == 2 and err.strip().splitlines() == [
+        f"error: prog.py: --{flag}= is empty and 'x' follows it as a word of its own: write --{flag}=x (no space after "
+        f"the =)"], err
     assert list(tmp_path.iterdir()) == []
 
 

@@ -300,6 +300,24 @@ def test_a_claims_or_rejections_folder_refusing_writes_is_found_before_any_clip(
         assert e.value.strerror == "a folder this user may not write to (Permission denied)"
 
 
+def test_claims_without_proc_work_by_name(tmp_path, monkeypatch):
+    """Without /proc (a container without it, another system) the claims folder is used by its name: a fresh
+    export, whose claims folder did not exist yet, crashed in its start-up clean-up (a traceback, exit 1, on
+    every run)."""
+    from pips2.utils import paths
+
+    monkeypatch.setattr(paths, "proc_fds", lambda: False)
+    vdir = tmp_path / "v"
+    vdir.mkdir()
+    assert export.clean_stale_claims(vdir) == 0
+    assert export.claim(vdir, 4) and (vdir / ".claims" / "000004").is_file()
+    export.release(vdir, 4)
+    assert not (vdir / ".claims" / "000004").exists()
+    (vdir / ".rejected").symlink_to(tmp_path)  # still never through a link
+    with pytest.raises(OSError):
+        export.mark_rejected(vdir, 5, "no valid tracks")
+
+
 def test_errors_through_a_pinned_folder_name_the_folder(tmp_path):
     """Claims and rejection records are written through /proc/self/fd/N (the folder as first found): an error there
     named that path instead of the version folder's."""
@@ -1391,3 +1409,21 @@ def test_claims_and_rejections_swapped_for_links_mid_run_touch_nothing_elsewhere
     assert not export.claim(other, 3)
     assert (other / ".claims" / "000003").read_text() == "the user's notes\n"
     assert export.claim_unjudged(other, 3) == "a claim file that holds no claim (not written by an exporter)"
+    # a folder there: before, IsADirectoryError for the clip on every run
+    (other / ".claims" / "000004").mkdir()
+    assert not export.claim(other, 4)
+    assert export.claim_unjudged(other, 4).startswith("a claim file that is not a regular file (a folder")
+
+
+def test_a_host_name_with_white_space_makes_claims_this_host_can_judge(tmp_path, monkeypatch):
+    """A claim is "host pid namespace": a host name with a space made this host's own leftover claims unreadable,
+    judged "not written by an exporter", never taken over: every rerun ended in an error."""
+    monkeypatch.setattr(export.socket, "gethostname", lambda: "lab pc")
+    vdir = tmp_path / "v"
+    vdir.mkdir()
+    assert export.claim(vdir, 1)
+    claim = vdir / ".claims" / "000001"
+    assert claim.read_text().split()[0] == "lab_pc"
+    os.close(export._HELD.pop(next(p for p in export._HELD if p.name == "000001")))  # as if its process had died
+    assert export.claim_unjudged(vdir, 1) is None and export.claim(vdir, 1)
+    export.release(vdir, 1)

@@ -215,6 +215,17 @@ def test_an_npy_header_declaring_gigabytes_is_refused_before_it_is_read(tmp_path
     assert _peak_bytes(refused) < 32 << 20
 
 
+def test_an_npy_of_an_unknown_format_version_says_so(tmp_path):
+    path = tmp_path / "ann.npy"
+    np.save(path, np.zeros(3, np.float32))
+    raw = bytearray(path.read_bytes())
+    raw[6] = 9  # version 9.0
+    path.write_bytes(bytes(raw))
+    with pytest.raises(UnsafeFileError, match=r"not an \.npy array \(\.npy format version 9\.0 is not one numpy "
+                                              r"writes\)$"):
+        load_npy(path)
+
+
 def test_anno_npz_declaring_more_entries_than_the_bound_is_refused_from_its_header(tmp_path):
     head = {"descr": "<f4", "fortran_order": False, "shape": (2000, 100_000, 2)}
     _npz_members(tmp_path / "anno.npz", {"trajs_2d": (head, bytes(1 << 16))})

@@ -148,7 +148,9 @@ def _checked(name: str, hint, value, raw: str | None, prog: str):
 def _empty_refused(name: str, value, raw: str | None, empty_ok: bool, prog: str) -> None:
     """One line and exit 2 for a text flag given empty on the command line (`--out_dir=$OUT` with OUT unset), unless
     empty means something for it: an empty path is the current folder, where a job then wrote its outputs."""
-    if value == "" and raw == "" and not empty_ok:
+    # given on the command line (raw known): `--out_dir=`, `--out_dir "''"` (fire reads '' as the empty text) or
+    # white space only
+    if isinstance(value, str) and not value.strip() and raw is not None and not empty_ok:
         die(f"{prog}: --{name} is empty (an unset shell variable?); give it a value or leave the flag out")
 
 
@@ -198,6 +200,10 @@ def run_fire(main: Callable, prog: str | None = None, argv: list[str] | None = N
     if any(tok in ("--help", "-h") for tok in argv):  # help is asked for: fire shows it, whatever else is there
         return fire.Fire(main, command=["--help"], name=prog)
     check_flags(main, argv, prog)
+    for tok, after in zip(argv, argv[1:], strict=False):  # `--device= cpu`: fire takes cpu for a positional value
+        if tok.startswith("--") and tok.endswith("=") and len(tok) > 3 and not _is_fire_flag(after):
+            die(f"{prog}: {tok} is empty and {after!r} follows it as a word of its own: write {tok}{after} (no space "
+                f"after the =)")
     with guarded_output():  # a reader of the output gone (`| head`): a stop, not a traceback (utils/procs)
         try:
             return fire.Fire(checked_types(main, prog, argv, kwarg_hints, empty_ok), command=argv, name=prog)

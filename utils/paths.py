@@ -61,12 +61,18 @@ def new_temp_file(folder: str | os.PathLike, prefix: str, suffix: str = ".tmp") 
 _PINNED: dict[str, int] = {}  # absolute folder path -> a descriptor of the folder first found there
 
 
+def proc_fds() -> bool:
+    """Whether this process's descriptors can be named as paths (/proc/self/fd, Linux with /proc mounted)."""
+    return os.path.isdir("/proc/self/fd")
+
+
 def pinned_folder(path: str | os.PathLike, make: bool = False) -> Path:
     """`path`, a folder (made first with `make`), as this process first found it: on Linux the /proc/self/fd path of
     a descriptor opened without following a link, through which every later name resolves inside that very
     folder. By name, another user who renamed the folder in a folder they may write to and put a link at its
     name turned this process's later creations and deletions there onto the files of any folder the link named.
-    OSError (ELOOP, ENOTDIR) if a link or a file has the name now. Elsewhere, `path` itself."""
+    OSError (ENOENT, ELOOP, ENOTDIR) if nothing, a link or a file has the name now. Without /proc (other systems,
+    a container without it), `path` itself, checked the same way."""
     key = os.path.abspath(path)
     fd = _PINNED.get(key)
     if fd is not None:
@@ -83,9 +89,10 @@ def pinned_folder(path: str | os.PathLike, make: bool = False) -> Path:
                 os.mkdir(path)
             except FileExistsError:
                 pass
-        if not os.path.isdir("/proc/self/fd"):
-            return Path(path)
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        if not proc_fds():
+            os.close(fd)
+            return Path(path)
         _PINNED[key] = fd
     return Path(f"/proc/self/fd/{fd}")
 

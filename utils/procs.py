@@ -610,6 +610,8 @@ def open_lock_file(path: str | os.PathLike, flags: int = os.O_RDONLY, mode: int 
             raise NotARegularFile(errno.ELOOP, "a symlink", str(path)) from None
         if e.errno == errno.ENXIO:  # a FIFO opened for writing without a reader
             raise NotARegularFile(errno.ENXIO, "not a regular file", str(path)) from None
+        if e.errno == errno.EISDIR:  # a folder opened for writing
+            raise NotARegularFile(errno.EISDIR, "a folder", str(path)) from None
         raise
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):

@@ -610,6 +610,8 @@ def _read_header(fp: IO[bytes]) -> tuple[tuple[int, ...], bool, np.dtype]:
     magic = fp.read(8)  # the magic string, then the major and minor version
     if len(magic) < 8 or not magic.startswith(npformat.MAGIC_PREFIX):
         raise ValueError("no .npy magic string")
+    if magic[6] not in (1, 2, 3):
+        raise ValueError(f".npy format version {magic[6]}.{magic[7]} is not one numpy writes")
     width = 2 if magic[6] == 1 else 4  # the header length: two bytes in version 1, four after
     raw = fp.read(width)
     declared = int.from_bytes(raw, "little")
