@@ -91,11 +91,12 @@ class ExecPlan:
         recompute = recompute_cheap and training and not checkpointing and not half
         # Winograd pays off where the delta block is GEMM-bound: the CPU in float32, in inference and in training
         # (its backward halves the products too). Under bf16 F(4,3)'s transformed tiles, rounded to 8 bits of
-        # mantissa, give ~3x the error of a bf16 GEMM: bf16 training runs F(2,3) instead (~1.3x a bf16 GEMM's
-        # error, a third fewer products; docs/BENCHMARKS.md)
+        # mantissa, give ~3x the error of a bf16 GEMM: bf16 runs F(2,3) instead (~1.3x a bf16 GEMM's error, a
+        # third fewer products), in inference also for its fused norms: the reference's InstanceNorm1d is a batch
+        # norm over points x channels of a few values each, slow in bf16 (docs/BENCHMARKS.md)
         small_points = points is not None and points < 128
         winograd = device.type == "cpu" and dtype == torch.float32 and not (training and small_points)
-        winograd2 = device.type == "cpu" and dtype == torch.bfloat16 and training and not small_points
+        winograd2 = device.type == "cpu" and dtype == torch.bfloat16 and not (training and small_points)
         # small CPU training crops: the full volume is tiny (16x16 or 16x24 maps) and its matmul backward beats
         # recomputing the local gathers (3.1-3.2 against 3.5-3.6 s per step at the demo's shape)
         volume = training and small_frames and device.type == "cpu"

@@ -66,14 +66,15 @@ def test_local_correlation_under_autocast_stays_float32(dtype):
 
 
 def test_delta_block_form_per_device_dtype_and_training():
-    for plan in (ExecPlan.auto("cpu", torch.bfloat16), ExecPlan.auto("cpu", torch.float16), ExecPlan.auto("cuda"),
+    for plan in (ExecPlan.auto("cpu", torch.float16), ExecPlan.auto("cuda"), ExecPlan.auto("cuda", torch.bfloat16),
                  ExecPlan.auto("cuda", training=True), ExecPlan.auto("meta")):
         assert plan.delta == "conv1d", plan
     assert ExecPlan.auto("cpu").delta == "winograd"  # CPU float32, inference and training
     assert ExecPlan.auto("cpu", training=True).delta == "winograd"
-    assert ExecPlan.auto("cpu", torch.bfloat16, training=True).delta == "winograd2"  # CPU training under bf16
+    assert ExecPlan.auto("cpu", torch.bfloat16, training=True).delta == "winograd2"  # CPU under bf16
+    assert ExecPlan.auto("cpu", torch.bfloat16).delta == "winograd2"
     # the model follows its plan whatever the autocast state: no Winograd filters are built under conv1d
-    model = golden_model(plan=ExecPlan.auto("cpu", torch.bfloat16))
+    model = golden_model(plan=ExecPlan.auto("cpu", torch.float16))
     rgbs, trajs = _clip(S=3, N=2)
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
         model(trajs, rgbs, iters=1)

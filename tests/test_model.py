@@ -615,8 +615,9 @@ def test_training_forms_give_the_same_loss_and_gradients(form):
         torch.testing.assert_close(g[n], v, atol=1e-9 * scale, rtol=0, msg=n)
 
 
-def test_bf16_autocast_runs_and_stays_close():
-    model = golden_model()
+@pytest.mark.parametrize("plan", ["float32 plan", "bf16 plan"])
+def test_bf16_autocast_runs_and_stays_close(plan):
+    model = golden_model(plan=ExecPlan.auto("cpu", torch.bfloat16)) if plan == "bf16 plan" else golden_model()
     rgbs = torch.from_numpy(GOLDEN["rgbs"]).float()
     trajs0 = torch.from_numpy(GOLDEN["trajs0"])
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
@@ -647,7 +648,7 @@ def test_auto_plans():
     assert (cpu.delta, cpu.gather, cpu.encoder_chunk, cpu.channels_last) == ("winograd", "workspace", 1, False)
     assert (cuda.delta, cuda.encoder_chunk, cuda.channels_last) == ("conv1d", 16, True)
     bf16 = ExecPlan.auto("cpu", torch.bfloat16)
-    assert bf16.delta == "conv1d" and bf16.channels_last  # Winograd is for float32 only
+    assert bf16.delta == "winograd2" and bf16.channels_last  # F(2,3) under bf16, F(4,3) in float32
     train = ExecPlan.auto("cpu", training=True)
     assert not train.inference_only and train.gather == "checkpoint" and train.delta == "winograd"
     # under bf16 F(2,3): F(4,3)'s transformed tiles lose too much to 8-bit mantissas
@@ -666,10 +667,10 @@ def test_auto_plans():
     assert not ExecPlan.auto("cpu", torch.bfloat16, training=True).recompute_cheap
     assert not ExecPlan.auto("cpu", training=True, checkpointing=True).recompute_cheap
     assert not ExecPlan.auto("cpu").recompute_cheap
-    # F(2,3) only in CPU bf16 training on many points
+    # F(2,3) only under CPU bf16, in inference and in training on many points
     for plan in (ExecPlan.auto("cuda", torch.bfloat16, training=True),
                  ExecPlan.auto("cpu", torch.float16, training=True),
-                 ExecPlan.auto("cpu", torch.bfloat16, training=True, points=64), ExecPlan.auto("cpu", torch.bfloat16)):
+                 ExecPlan.auto("cpu", torch.bfloat16, training=True, points=64), ExecPlan.auto("cuda", torch.bfloat16)):
         assert plan.delta != "winograd2", plan
     # checkpointed training recomputes a chunk at a time: one frame, not 16 (9.2 vs 1.4 GiB at 512x896)
     assert ExecPlan.auto("cuda", training=True, checkpointing=True).encoder_chunk == 1
