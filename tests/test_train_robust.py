@@ -934,7 +934,7 @@ def test_after_a_stop_train_py_ignores_further_stop_signals(monkeypatch):
 
 
 @pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="gives files another user's uid")
-def test_a_run_folder_or_checkpoint_of_another_user_is_never_resumed(exported, tmp_path, capsys):
+def test_a_run_folder_or_checkpoint_of_another_user_is_never_resumed(exported, tmp_path, capsys, monkeypatch):
     """The run folder's name follows from the flags: on a disk every user may write to (/tmp, a scratch disk)
     another user made it first and put a checkpoint in it, and the run resumed from that checkpoint without a word
     (its owner could also replace every later one). A run folder, or a checkpoint in the run's folder, owned by
@@ -994,3 +994,25 @@ def test_a_run_folder_or_checkpoint_of_another_user_is_never_resumed(exported, t
     assert e.value.code == 2 and "a folder of uid 2002, not this user's" in capsys.readouterr().err
     assert train._latest_stage1(str(scratch / "ck")) is None
     assert train._latest_stage1(str(ckpt_dir)) == str(theirs)
+
+    # `--ckpt_dir=..` from the user's own folder inside theirs: the real parent is judged, not the text's
+    mine = scratch / "ck" / "mine"
+    mine.mkdir()
+    monkeypatch.chdir(mine)
+    dotdot = train.make_config(1, {**TINY, "dataset_location": str(out), "dataset_version": _version(out),
+                                   "log_dir": str(tmp_path / "logs"), "ckpt_dir": "..", "max_steps": 4})
+    with pytest.raises(SystemExit) as e:
+        train.run_stage(dotdot)
+    assert e.value.code == 2 and "a folder of uid 2002, not this user's" in capsys.readouterr().err
+
+    # a link at a run folder's name, made by another user, steering a new run into the user's other run
+    link = ckpt_dir / _cfg(out, tmp_path, exp_name="x").name()
+    link.symlink_to(theirs)
+    os.lchown(link, 2002, 2002)
+    with pytest.raises(SystemExit) as e:
+        train.run_stage(_cfg(out, tmp_path, exp_name="x", max_steps=4))
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: {link}: a link of uid 2002's (to {theirs}), not this user's: it could steer this run into another "
+        f"run's folder; remove it, or give another --ckpt_dir (or --exp_name)")
+    assert [s for s, _ in ck.list_checkpoints(theirs)][-1] == 3  # nothing written there

@@ -8,6 +8,7 @@ import math
 import os
 import re
 import socket
+import stat
 import tempfile
 import threading
 import time
@@ -476,13 +477,19 @@ MAX_LISTED = 5  # keys a mismatch error names of each kind
 LISTED_KEY_TEXT = 60  # characters of each: a file's key may be megabytes long
 
 
+# the floating dtypes a checkpoint's weights may have: torch has no isfinite for its float8 types, which no
+# released checkpoint uses (a traceback before)
+CHECKED_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
 def weight_problem(key: str, v: torch.Tensor, own: torch.Tensor) -> str | None:
     """Why a checkpoint's tensor cannot stand for the model's: a meta tensor (no data), a dtype of another kind
     (int64 weights would load as whole numbers and track a constant) or a value that is NaN or infinite in the
     model's dtype (track() would return NaN; 1e300 in float64 is inf once cast to float32); None if fine."""
     if v.device.type == "meta":
         return f"{key} {META_PROBLEM}"
-    if v.is_floating_point() != own.is_floating_point() or v.is_complex() or v.dtype == torch.bool:
+    if v.is_floating_point() != own.is_floating_point() or v.is_complex() or v.dtype == torch.bool \
+            or (v.is_floating_point() and v.dtype not in CHECKED_FLOATS):
         return f"{key} is {v.dtype}, the model's is {own.dtype}"
     if v.is_floating_point():
         bad = int((~torch.isfinite(v)).sum())
@@ -661,6 +668,8 @@ def _optimizer_problem(optimizer: Any, saved: dict) -> str | None:
                 return f"{what} is {_value_text(v)}, not a tensor"
             if param is not None and param.is_floating_point() and v.dtype != param.dtype:
                 return f"{what} is {v.dtype}, its parameter's is {param.dtype}"
+            if v.is_floating_point() and v.dtype not in CHECKED_FLOATS:
+                return f"{what} is {v.dtype}, not a dtype an optimizer keeps"
             if v.is_floating_point() or v.is_complex():
                 bad = int((~torch.isfinite(v)).sum())
                 if bad:
@@ -696,16 +705,33 @@ def trusted_owners(run_folder: str | os.PathLike) -> set[int]:
     folder made for the user, as a container's mount of its host user's). Not the owner of a --ckpt_dir made in a
     folder everybody may write to (/tmp, a scratch disk): anybody could have made it, the run folder in it too."""
     run_folder = Path(run_folder)
-    trusted = own_uids(run_folder if run_folder.is_dir() else run_folder.parent) | {0}
-    ckpt_dir = run_folder.parent
+    # the folders themselves, links resolved: `--ckpt_dir=..` read as text has the folder the user is in as its
+    # "parent", a folder below the real one
+    ckpt_dir = Path(os.path.realpath(run_folder.parent))
+    trusted = own_uids(ckpt_dir) | {0}
     try:
-        if not ckpt_dir.is_symlink():
-            st, above = os.stat(ckpt_dir), os.stat(ckpt_dir.parent)
-            if above.st_uid in trusted and not above.st_mode & 0o022:
-                trusted.add(st.st_uid)
+        st, above = os.stat(ckpt_dir), os.stat(ckpt_dir.parent)
+        if above.st_uid in trusted and not above.st_mode & 0o022:
+            trusted.add(st.st_uid)
     except OSError:
         pass
     return trusted
+
+
+def run_folder_problem(folder: str | os.PathLike) -> str | None:
+    """Why an existing run folder may not be trained in (its owner not trusted, or a link at its name made by an
+    untrusted user: it would steer the run into another run's folder, whose checkpoints it would resume and mix
+    with its own), or None."""
+    folder = Path(folder)
+    link, st = os.lstat(folder), os.stat(folder)
+    mine = os.geteuid()
+    if stat.S_ISLNK(link.st_mode) and link.st_uid != mine and link.st_uid not in trusted_owners(folder):
+        return (f"{folder}: a link of uid {link.st_uid}'s (to {os.path.realpath(folder)}), not this user's: it could "
+                f"steer this run into another run's folder; remove it, or give another --ckpt_dir (or --exp_name)")
+    if st.st_uid != mine and st.st_uid not in trusted_owners(folder):
+        return (f"{folder}: a folder of uid {st.st_uid}, not this user's: its owner could put or replace checkpoints "
+                f"in it; give another --ckpt_dir (or --exp_name)")
+    return None
 
 
 def foreign_checkpoints(folder: str | os.PathLike) -> list[tuple[Path, int]]:
@@ -727,8 +753,7 @@ def foreign_checkpoints(folder: str | os.PathLike) -> list[tuple[Path, int]]:
 def untrusted_run_folder(folder: str | os.PathLike) -> bool:
     """Whether an existing run folder is not to be trained in or resumed from: its owner, or a checkpoint's in it,
     is not trusted (`trusted_owners`)."""
-    uid = os.stat(folder).st_uid
-    return (uid != os.geteuid() and uid not in trusted_owners(folder)) or bool(foreign_checkpoints(folder))
+    return run_folder_problem(folder) is not None or bool(foreign_checkpoints(folder))
 
 
 def read_newest(folder: str | os.PathLike, on_bad: Callable[[Path, CheckpointError], None] | None = None,
@@ -978,10 +1003,8 @@ class RunLock:
         self.made = make_dirs(self.folder)
         # the run folder's name follows from the flags: on a disk every user may write to (/tmp, a scratch disk)
         # another user can make it first, and then put checkpoints in it, or replace this run's, at will
-        st = os.stat(self.folder)
-        if not self.made and st.st_uid != os.geteuid() and st.st_uid not in trusted_owners(self.folder):
-            raise LockError(f"{self.folder}: a folder of uid {st.st_uid}, not this user's: its owner could put or "
-                            f"replace checkpoints in it; give another --ckpt_dir (or --exp_name)")
+        if not self.made and (problem := run_folder_problem(self.folder)):
+            raise LockError(problem)
         for _ in range(5):
             if self._create():
                 self.held = True
