@@ -471,11 +471,14 @@ def read_checkpoint_of(path: str | os.PathLike, kind: str | None = None) -> tupl
 def check_options(kind: str, amp: str | None = None, memory_size: int | None = None,
                   init_dir: str | os.PathLike | None = DEFAULT_PIPS) -> None:
     """ValueError naming the flag unless the options suit the model, checked before anything is loaded: PIPs++
-    runs under any --amp (memory_size is LBM's and ignored); LBM in float32 only, with its memory of 1 to
+    runs under any --amp (memory_size is LBM's: refused); LBM in float32 only, with its memory of 1 to
     MAX_MEMORY_SIZE frames, and needs --init_dir (None: the script's flag was not given)."""
     check_kind(kind)
     amp_dtype(amp)
     if kind != "lbm":
+        if memory_size is not None:  # ignored, the user would believe it changed something
+            raise ValueError(f"--memory_size is LBM's (--model=lbm); --model={kind} has no memory to resample: "
+                             f"leave the flag out")
         return
     if init_dir is None:
         raise ValueError(f"--model=lbm needs --init_dir: an LBM checkpoint file or folder, or {how_to_get('lbm')}; "

@@ -158,6 +158,10 @@ def test_test_on_tap_lbm_runs(tmp_path, lbm, capsys):
         evaluation.tapvid_query_mode(net, video, points, occ, "first")
     res = run_main(test_on_tap.main, capsys, image_size="128,160", **kw)
     assert res.returncode == 2 and "--image_size is PIPs++'s" in res.stderr
+    # and the mirror case: --memory_size with PIPs++ was ignored without a word ("memory_size": null in the results)
+    res = run_main(test_on_tap.main, capsys, **{**kw, "model": "pips2", "memory_size": 4})
+    assert res.returncode == 2 and res.stderr.strip().splitlines() == [
+        "error: --memory_size is LBM's (--model=lbm); --model=pips2 has no memory to resample: leave the flag out"]
 
 
 def test_resize_tapvid_moves_points_with_the_pixels():

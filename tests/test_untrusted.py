@@ -836,6 +836,25 @@ def test_a_compressed_or_many_record_checkpoint_is_refused_before_torch_reads_it
         read_checkpoint(tmp_path / "model-000000002.pth")
 
 
+def test_a_quantized_checkpoint_is_one_line_without_torchs_warnings(tmp_path):
+    """A checkpoint of quantized weights was refused in the right line, after two of torch's deprecation warnings
+    (five lines on stderr)."""
+    import torch
+
+    from pips2.hub import load_model
+    from pips2.utils.checkpoint import CheckpointError
+
+    state = _small_lbm_state()
+    key = "backbone.frame_pos_embedding"
+    state[key] = torch.quantize_per_tensor(state[key].float(), 0.1, 0, torch.qint8)
+    torch.save({"model": state}, tmp_path / "lbm.pt")
+    with warnings.catch_warnings(record=True) as seen, pytest.raises(CheckpointError) as e:
+        warnings.simplefilter("always")
+        load_model(tmp_path / "lbm.pt", kind="lbm")
+    assert "is torch.qint8, the model's is torch.float32" in str(e.value)
+    assert not [str(w.message) for w in seen]
+
+
 @pytest.mark.parametrize("kind", ["nan", "inf", "-inf", "int64", "bool", "float8_e4m3fn", "float_counter"])
 def test_a_checkpoint_that_loads_but_is_wrong_is_refused_naming_the_key(tmp_path, kind):
     import torch

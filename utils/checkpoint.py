@@ -12,6 +12,7 @@ import stat
 import tempfile
 import threading
 import time
+import warnings
 import zipfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -416,7 +417,10 @@ def load_weights_only(path: str | os.PathLike, map_location: str | torch.device 
     them, then, the file mapped rather than read (mmap), every tensor's shape against its storage."""
     zipped = _check_records(path)
     try:
-        with _utf8_named(path) as named:
+        # torch's deprecation notices for what a file holds (a quantized tensor, typed storages) are not the
+        # user's to act on: the file is judged in one line below
+        with _utf8_named(path) as named, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
             ckpt = torch.load(named, map_location=map_location, weights_only=True, mmap=zipped)
     except OSError as e:  # opening or reading failed here: nothing is known of the content
         raise CheckpointError(f"{path}: cannot be read here ({e.strerror or type(e).__name__})", local=True) from None

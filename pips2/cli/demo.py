@@ -244,9 +244,6 @@ def main(video: str | None = None, init_dir: str | None = None, points: str | No
             S, iters, point_batch, model_hw = check_track_args(S, iters, point_batch, image_size, flag="--",
                                                                lbm=model == "lbm")
             check_options(model, amp, memory_size, init_dir)
-            if memory_size is not None and model != "lbm":  # ignored, the user would believe it changed something
-                raise ValueError(f"--memory_size is LBM's (--model=lbm); --model={model} has no memory to resample: "
-                                 f"leave the flag out")
             dev = resolve_device(device)
             if not points:
                 check_grid_size(grid_size, flag="--")

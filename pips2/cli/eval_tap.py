@@ -32,7 +32,7 @@ from pathlib import Path
 
 from pips2 import evaluation
 from pips2.datasets import tapvid
-from pips2.hub import load_model
+from pips2.hub import check_options, load_model
 from pips2.nets.lbm import LBM
 from pips2.tracking import is_lbm
 from pips2.utils.checkpoint import CheckpointError, resolve_device
@@ -117,6 +117,8 @@ def main(dataset_location: str = "../datasets/tapvid/tapvid_davis.pkl", S: int =
         max_videos = aliased("max_videos", max_videos, "max_iters", max_iters)
         if model == "lbm" and image_size is not None:
             raise ValueError("--image_size is PIPs++'s; LBM runs at the input size of its checkpoint")
+        if model != "lbm" and memory_size is not None:  # as hub.check_options says it, before any data is read
+            check_options(model, memory_size=memory_size)
         model_hw = evaluation.check_image_size((512, 896) if image_size is None else image_size)
         mode_list = [m for m in (modes.split(",") if isinstance(modes, str) else modes) if m]
         if any(m not in MODES for m in mode_list) or len(set(mode_list)) != len(mode_list):  # first,first: twice
