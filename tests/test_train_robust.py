@@ -933,6 +933,37 @@ def test_after_a_stop_train_py_ignores_further_stop_signals(monkeypatch):
             sig.signal(s, h)
 
 
+@pytest.mark.parametrize("how", ["moved away", "a link to another run"])
+def test_a_run_folder_moved_or_replaced_during_the_run_stops_it_before_the_next_save(exported, tmp_path, monkeypatch,
+                                                                                     capsys, how):
+    """A run's folder renamed during the run (a copy kept by hand: a traceback at the next save, its steps lost), or
+    replaced by a link to another run's folder (a group member in a team folder: the run wrote its checkpoints
+    there and pruned that run's own). The next save now stops the run in one line, writing nowhere else."""
+    out, _ = exported
+    other = tmp_path / "other_run"
+    other.mkdir()
+    (other / ck.ckpt_name(1)).write_bytes(b"the other run's")
+    cfg = _cfg(out, tmp_path, max_steps=5, save_freq=1)
+    folder = tmp_path / "ck" / cfg.name()
+
+    def swap_in_step_3(state):
+        if state.step == 3:
+            folder.rename(tmp_path / "kept")
+            if how != "moved away":
+                folder.symlink_to(other)
+
+    on_each_step(monkeypatch, swap_in_step_3)
+    with pytest.raises(SystemExit) as e:
+        train.run_stage(cfg)
+    assert e.value.code == 2
+    now = "is gone" if how == "moved away" else f"is a link to {other}"
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: {folder}: the run folder was moved or replaced during the run (its name {now} now); stopping "
+        f"without saving")
+    assert sorted(p.name for p in other.iterdir()) == [ck.ckpt_name(1)]
+    assert [s for s, _ in ck.list_checkpoints(tmp_path / "kept")] == [1, 2]
+
+
 @pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="gives files another user's uid")
 def test_a_run_folder_or_checkpoint_of_another_user_is_never_resumed(exported, tmp_path, capsys, monkeypatch):
     """The run folder's name follows from the flags: on a disk every user may write to (/tmp, a scratch disk)
@@ -1003,6 +1034,21 @@ def test_a_run_folder_or_checkpoint_of_another_user_is_never_resumed(exported, t
                                    "log_dir": str(tmp_path / "logs"), "ckpt_dir": "..", "max_steps": 4})
     with pytest.raises(SystemExit) as e:
         train.run_stage(dotdot)
+    assert e.value.code == 2 and "a folder of uid 2002, not this user's" in capsys.readouterr().err
+
+    # a link at the --ckpt_dir's name, made by a group member, to their own folder in a folder of root's
+    homes = tmp_path / "homes"
+    (homes / "u2002" / cfg.name()).mkdir(parents=True)
+    shutil.copy(ck.list_checkpoints(theirs)[-1][1], homes / "u2002" / cfg.name() / ck.ckpt_name(5))
+    for p in [homes / "u2002", *(homes / "u2002").rglob("*")]:
+        os.chown(p, 2002, 2002)
+    (tmp_path / "team").mkdir()
+    (tmp_path / "team" / "proj").symlink_to(homes / "u2002")
+    os.lchown(tmp_path / "team" / "proj", 2002, 2002)
+    with pytest.raises(SystemExit) as e:
+        train.run_stage(train.make_config(1, {**TINY, "dataset_location": str(out), "dataset_version": _version(out),
+                                              "log_dir": str(tmp_path / "logs"), "max_steps": 6,
+                                              "ckpt_dir": str(tmp_path / "team" / "proj")}))
     assert e.value.code == 2 and "a folder of uid 2002, not this user's" in capsys.readouterr().err
 
     # a link at a run folder's name, made by another user, steering a new run into the user's other run

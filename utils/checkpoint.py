@@ -713,6 +713,10 @@ def trusted_owners(run_folder: str | os.PathLike) -> set[int]:
     # "parent", a folder below the real one
     ckpt_dir = Path(os.path.realpath(run_folder.parent))
     trusted = own_uids(ckpt_dir) | {0}
+    if str(ckpt_dir) != os.path.abspath(run_folder.parent):
+        # a link on the way (made by whoever may write where it is, a group member in a team folder): the real
+        # folder's placement says nothing of who chose the name
+        return trusted
     try:
         st, above = os.stat(ckpt_dir), os.stat(ckpt_dir.parent)
         if above.st_uid in trusted and not above.st_mode & 0o022:
@@ -852,6 +856,7 @@ def clean_stale_temps(folder: str | os.PathLike, lock_held: bool = False) -> lis
 # Locks this process holds: a lock naming this process's pid that it does not hold is another process's.
 _HELD_HERE: set[Path] = set()
 _HELD_AS: dict[Path, RunLock] = {}  # each lock this process holds, by its file: to see it taken away
+_HELD_NAMED: dict[str, RunLock] = {}  # the same, by the run folder's name as given: to see the folder replaced
 # A held lock's file is touched every LOCK_BEAT_S by a thread of its owner. A lock whose pid cannot be judged here
 # (another PID namespace: a container sharing the host's name) is stale once it has not been touched for
 # LOCK_SILENT_S; one of another host (a restarted container's new name, a requeue onto another node) after
@@ -880,6 +885,7 @@ class RunLock:
         self._beating: threading.Event | None = None
         self.held = False
         self.made: list[Path] = []  # folders acquire() created: removed again by release() if left empty
+        self.ident: tuple[int, int] | None = None  # the run folder's (device, inode) once the lock is held
 
     def _read(self, path: Path) -> dict | None:
         """The owner a lock file names, or None when it is not what this program writes (not JSON, empty, or a pid
@@ -1014,6 +1020,9 @@ class RunLock:
                 self.held = True
                 _HELD_HERE.add(self.path.resolve())
                 _HELD_AS[self.path.resolve()] = self
+                st = os.stat(self.folder)
+                self.ident = (st.st_dev, st.st_ino)
+                _HELD_NAMED[os.path.abspath(self.folder)] = self
                 self._start_beating()
                 return self
             owner = self._read(self.path)
@@ -1070,6 +1079,7 @@ class RunLock:
         if self.held:
             _HELD_HERE.discard(self.path.resolve())
             _HELD_AS.pop(self.path.resolve(), None)
+            _HELD_NAMED.pop(os.path.abspath(self.folder), None)
         if self._beating is not None:
             self._beating.set()
             self._beating = None
@@ -1102,6 +1112,18 @@ def lock_lost(folder: str | os.PathLike) -> str | None:
     """Why this process no longer holds the lock it took on `folder` (the lock file now names another run, or is
     gone), or None. Three runs taking over one stale lock at once could leave two believing they held it: a run
     asks before each save, and stops rather than write beside another."""
+    named = _HELD_NAMED.get(os.path.abspath(folder))
+    if named is not None and named.ident is not None:
+        # renamed away (a copy kept by hand), or a link put at its name by someone who may write its parent:
+        # the run would write, and prune, another folder (another run's, another user's)
+        try:
+            st = os.stat(folder)
+        except OSError:
+            st = None
+        if st is None or (st.st_dev, st.st_ino) != named.ident:
+            now = "is gone" if st is None else f"is a link to {os.path.realpath(folder)}" if os.path.islink(folder) \
+                else "is another folder"
+            return f"{folder}: the run folder was moved or replaced during the run (its name {now} now)"
     path = (Path(folder) / LOCK_NAME).resolve()
     lock = _HELD_AS.get(path)
     if lock is None:
