@@ -31,7 +31,10 @@ import hashlib
 import os
 import re
 import shutil
+import stat
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from numbers import Integral
 from pathlib import Path
@@ -57,7 +60,16 @@ from pips2.utils.checkpoint import (
     strip_module_prefix,
 )
 from pips2.utils.download import MAX_CHECKPOINT_BYTES, DownloadError, download, fetch_reference
-from pips2.utils.paths import check_writable, new_temp_file
+from pips2.utils.paths import (
+    check_writable,
+    current_umask,
+    new_temp_file,
+    own_uids,
+    pinned_file,
+    pinned_folder,
+    unpinned,
+    unpinned_text,
+)
 from pips2.utils.procs import owned_tempdir, remove_owned, remove_stale_tempdirs
 from pips2.utils.safe_load import UnsafeFileError, not_regular_problem, open_regular
 
@@ -259,17 +271,68 @@ def _fetch_hf(name: str, refresh: bool) -> Path:
     return got
 
 
+def _copy_problem(st: os.stat_result, cache: Path) -> str | None:
+    """Why a file or folder of the cache with stat `st` is not to be trusted as this user's copy, or None: it is
+    a link, another user's, or others may change it (the cache may be a folder several users write to)."""
+    if stat.S_ISLNK(st.st_mode):
+        return "a link, not a copy this program made"
+    if st.st_uid != os.geteuid() and st.st_uid not in own_uids(cache) | {0}:
+        return f"made by uid {st.st_uid}, not by this user"
+    if st.st_mode & 0o022:
+        return f"other users may change it (mode {st.st_mode & 0o777:o})"
+    return None
+
+
+def trusted_copy(dest: Path, cache: Path) -> Path:
+    """The cached copy at dest, pinned (utils/paths.pinned_folder: a name swapped later is not followed), once it
+    and every checkpoint in it are this user's (or root's) and only theirs to change; HubError otherwise. Others
+    who may write to the cache could otherwise put their own weights where the authors' are looked for."""
+    problem, where = None, dest
+    try:
+        link = os.lstat(dest)
+        problem = _copy_problem(link, cache)
+        if problem is None:
+            folder = stat.S_ISDIR(link.st_mode)
+            pinned = pinned_folder(dest) if folder else pinned_file(dest)
+            problem = _copy_problem(os.stat(pinned), cache)
+            for _, p in list_checkpoints(pinned) if folder and problem is None else []:
+                problem, where = _copy_problem(os.lstat(p), cache), dest / p.name
+                if problem:
+                    break
+    except OSError as e:
+        raise HubError(f"{dest}: cannot be read here ({(e.strerror or str(e)).lower()})", local=True) from None
+    if problem:
+        raise HubError(f"{where}: {problem}: whoever may change the cached copy could put their own weights in place "
+                       f"of the authors'; not loaded. Set {CACHE_ENV} to a folder of your own (or remove {dest} to "
+                       f"fetch it again)", local=True)
+    return pinned
+
+
+def _keep_to_self(path: Path) -> None:
+    """Give a new cached copy (a file, or a folder and its files) the umask's modes without write for others: a
+    cache is trusted only while nobody else may change it (`trusted_copy`)."""
+    mode = 0o777 & ~(current_umask() | 0o022)
+    for p in [path, *(path.iterdir() if path.is_dir() else [])]:
+        os.chmod(p, mode if p.is_dir() else mode & 0o666)
+
+
 def fetch(name: str, refresh: bool = False) -> Path:
     """The cached, verified checkpoint file (lbm) or folder (pips2) of a hub name, downloaded when missing (or
-    when `refresh`); a refused download leaves the cached copy as it was."""
+    when `refresh`); a refused download leaves the cached copy as it was. A copy in $PIPS2_CACHE is this user's
+    and only theirs to change (`trusted_copy`)."""
+    return unpinned(_fetch(name, refresh))
+
+
+def _fetch(name: str, refresh: bool = False) -> Path:
+    """`fetch`, with a copy in $PIPS2_CACHE given pinned (`trusted_copy`): the loader reads what was checked."""
     if name not in KNOWN:
         raise HubError(f"{name!r} is not a known model name (known: {', '.join(KNOWN)})")
     if uses_hf(name):
         return _fetch_hf(name, refresh)
     known, cache = KNOWN[name], cache_dir()
     dest = cache / known.cached
-    if dest.exists() and not refresh:
-        return dest
+    if os.path.lexists(dest) and not refresh:
+        return trusted_copy(dest, cache)
     url, sha = source_of(name)
     try:
         cache.mkdir(parents=True, exist_ok=True)
@@ -284,16 +347,18 @@ def fetch(name: str, refresh: bool = False) -> Path:
         if known.archive:
             got = fetch_reference(url, work, sha)
             verify(got, name, url)
+            _keep_to_self(got)
             _swap_in(got, dest)
         else:
             got = download(url, work / known.cached, sha, max_bytes=MAX_CHECKPOINT_BYTES)
             verify(got, name, url)
+            _keep_to_self(got)
             os.replace(got, dest)
     except DownloadError as e:
         raise HubError(str(e)) from None
     finally:
         remove_owned(work)
-    return dest
+    return trusted_copy(dest, cache)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -420,7 +485,7 @@ def resolve(name_or_path: str | os.PathLike | None, kind: str | None = None, ste
         if kind is not None and kind != text:
             raise HubError(f"{text}: the hub name of the {KINDS[text]} model, but --model={kind}; pass --model={text}"
                            f" (or --init_dir={kind} for the {KINDS[kind]} one)")
-        return find_file(fetch(text, refresh=refresh), step, kind)
+        return find_file(_fetch(text, refresh=refresh), step, kind)
     return find_file(text, step, kind)
 
 
@@ -502,6 +567,18 @@ def _build(kind: str, state: dict, source: str, device: torch.device | str, amp:
     return model
 
 
+@contextmanager
+def _named_as_given() -> Iterator[None]:
+    """CheckpointError and ValueError messages naming a cached copy by its pinned path (`trusted_copy`) name it as
+    the user knows it."""
+    try:
+        yield
+    except CheckpointError as e:
+        raise type(e)(unpinned_text(str(e)), local=e.local) from None
+    except ValueError as e:
+        raise ValueError(unpinned_text(str(e))) from None
+
+
 @overload
 def load_model(name_or_path: str | os.PathLike | None, device: str | torch.device = ..., *,
                kind: Literal["pips2"], step: int | None = ..., amp: str | None = ..., memory_size: int | None = ...,
@@ -529,11 +606,12 @@ def load_model(name_or_path: str | os.PathLike | None, device: str | torch.devic
     dev = resolve_device(device) if isinstance(device, str) else device
     if kind is not None:
         check_options(kind, amp, memory_size, name_or_path)
-    path = resolve(name_or_path, kind, step, refresh)
-    found, ckpt = read_checkpoint_of(path, kind)
-    if kind is None:
-        check_options(found, amp, memory_size, path)
-    model = _build(found, ckpt[LAYOUTS[found].model], str(path), dev, amp, dict(config))
+    with _named_as_given():
+        path = resolve(name_or_path, kind, step, refresh)
+        found, ckpt = read_checkpoint_of(path, kind)
+        if kind is None:
+            check_options(found, amp, memory_size, unpinned(path))
+        model = _build(found, ckpt[LAYOUTS[found].model], str(unpinned(path)), dev, amp, dict(config))
     if isinstance(model, LBM) and memory_size is not None:
         model.set_memory_size(int(memory_size))
     return model.to(dev).eval()
@@ -544,10 +622,12 @@ def load_into(model: nn.Module, name_or_path: str | os.PathLike, kind: str, opti
     """Put a checkpoint's weights (and, when given, its optimizer and scheduler state) into a model of `kind`
     being trained, with `resolve`'s rules; keys under ignore_prefixes may be missing or extra. Returns (the file,
     its checkpoint in the kind's layout) for the caller's step and extras. CheckpointError in one line."""
-    path = resolve(name_or_path, kind, step)
-    _, ckpt = read_checkpoint_of(path, kind)
-    layout: Layout = LAYOUTS[kind]
-    apply_checkpoint(ckpt, path, model, optimizer, scheduler, ignore_prefixes, layout=layout)
+    with _named_as_given():
+        path = resolve(name_or_path, kind, step)
+        _, ckpt = read_checkpoint_of(path, kind)
+        path = unpinned(path)
+        layout: Layout = LAYOUTS[kind]
+        apply_checkpoint(ckpt, path, model, optimizer, scheduler, ignore_prefixes, layout=layout)
     return path, ckpt
 
 

@@ -4,6 +4,7 @@ the cache from a server on 127.0.0.1 or a file:// URL, refusing bad downloads wi
 import functools
 import hashlib
 import http.server
+import os
 import tarfile
 import threading
 from pathlib import Path
@@ -389,3 +390,80 @@ def test_a_cache_that_cannot_be_written_says_how_to_move_it(monkeypatch):
     msg = str(e.value)
     assert msg.startswith("cannot make the model cache /proc/pips2_cache (") and e.value.local, msg
     assert msg.endswith(f"to fetch pips2 into: set {hub.CACHE_ENV} to a writable folder"), msg
+
+
+def _plant(cache: Path, pips_model, uid: int = 2002, mode: int = 0o644) -> Path:
+    """A reference_model/ in the cache as another user (uid) would put it there, holding pips_model."""
+    ref = cache / "reference_model"
+    ref.mkdir(parents=True)
+    ckpt = ref / "model-000200000.pth"
+    ckpt.write_bytes(torch_bytes({"model_state_dict": pips_model.state_dict()}))
+    for p in (ref, ckpt):
+        os.chown(p, uid, uid)
+        os.chmod(p, mode | (0o111 if p.is_dir() else 0))
+    return ref
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="making files of another user needs root")
+def test_a_copy_another_user_put_in_a_shared_cache_is_not_loaded(cache, monkeypatch, pips_model):
+    cache.mkdir()
+    os.chmod(cache, 0o777)  # a cache folder a team shares: anybody may put a reference_model/ there first
+    ref = _plant(cache, pips_model)
+    with pytest.raises(hub.HubError, match=rf"^{ref}: made by uid 2002, not by this user: .* not loaded\. Set "
+                                           rf"PIPS2_CACHE to a folder of your own"):
+        pips2.load_model("pips2")
+    # their checkpoint in this user's own folder, and this user's folder or checkpoint that others may change
+    os.chown(ref, os.geteuid(), os.getegid())
+    with pytest.raises(hub.HubError, match=rf"^{ref}/model-000200000.pth: made by uid 2002"):
+        pips2.load_model("pips2")
+    os.chown(ref / "model-000200000.pth", os.geteuid(), os.getegid())
+    os.chmod(ref / "model-000200000.pth", 0o664)
+    with pytest.raises(hub.HubError, match=r"model-000200000.pth: other users may change it \(mode 664\)"):
+        pips2.load_model("pips2")
+    os.chmod(ref / "model-000200000.pth", 0o644)
+    os.chmod(ref, 0o775)
+    with pytest.raises(hub.HubError, match=rf"^{ref}: other users may change it \(mode 775\)"):
+        pips2.load_model("pips2")
+    os.chmod(ref, 0o755)
+    assert _same_weights(pips2.load_model("pips2"), pips_model)
+    # a link at the name, even to this user's own copy, is not a copy this program made
+    ref.rename(cache / "mine")
+    (cache / "reference_model").symlink_to(cache / "mine")
+    with pytest.raises(hub.HubError, match="reference_model: a link, not a copy this program made"):
+        hub.fetch("pips2")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="making files of another user needs root")
+def test_a_lbm_file_another_user_put_in_the_cache_is_not_loaded(server, cache, monkeypatch, lbm_model):
+    base, root = server
+    monkeypatch.setenv("PIPS2_URL_LBM", f"{base}/good.pt")
+    cache.mkdir()
+    planted = cache / "lbm.pt"
+    planted.write_bytes((root / "good.pt").read_bytes())
+    os.chown(planted, 2002, 2002)
+    with pytest.raises(hub.HubError, match=rf"^{planted}: made by uid 2002"):
+        pips2.load_model("lbm")
+    planted.unlink()
+    assert hub.fetch("lbm") == planted
+    assert planted.stat().st_mode & 0o022 == 0 and planted.stat().st_uid == os.geteuid()
+    assert _same_weights(pips2.load_model("lbm"), lbm_model)
+
+
+def test_a_fetched_copy_is_kept_from_others_and_read_as_checked(server, cache, monkeypatch, pips_model):
+    base, root = server
+    monkeypatch.setenv("PIPS2_URL_PIPS2", f"{base}/ref.tar.gz")
+    old = os.umask(0o002)  # a umask that gives the group write to new files: not to the cache's
+    try:
+        hub.fetch("pips2")
+    finally:
+        os.umask(old)
+    ref = cache / "reference_model"
+    assert all(p.stat().st_mode & 0o022 == 0 for p in (ref, *ref.iterdir()))
+    # the copy is read through the folder that was checked: one put at its name afterwards is not followed
+    pinned = hub.resolve("pips2")
+    ref.rename(cache / "moved")
+    other = _plant(cache, Pips().eval(), uid=os.geteuid())
+    assert other.exists() and _same_weights(hub._build("pips2", hub.read_checkpoint_of(pinned)[1]["model_state_dict"],
+                                                       "x", "cpu", None, {}), pips_model)
+    with pytest.raises(hub.HubError, match=rf"^{ref}: no checkpoint for step 7 \(have \[200000\]\)"):
+        pips2.load_model("pips2", step=7)

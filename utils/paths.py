@@ -3,8 +3,11 @@ stops before writing anything into them."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
+import stat
 import tempfile
 from pathlib import Path
 
@@ -58,7 +61,7 @@ def new_temp_file(folder: str | os.PathLike, prefix: str, suffix: str = ".tmp") 
     return fd, name
 
 
-_PINNED: dict[str, int] = {}  # absolute folder path -> a descriptor of the folder first found there
+_PINNED: dict[str, int] = {}  # absolute path -> a descriptor of the folder or file first found there
 
 
 def proc_fds() -> bool:
@@ -66,13 +69,9 @@ def proc_fds() -> bool:
     return os.path.isdir("/proc/self/fd")
 
 
-def pinned_folder(path: str | os.PathLike, make: bool = False) -> Path:
-    """`path`, a folder (made first with `make`), as this process first found it: on Linux the /proc/self/fd path of
-    a descriptor opened without following a link, through which every later name resolves inside that very
-    folder. By name, another user who renamed the folder in a folder they may write to and put a link at its
-    name turned this process's later creations and deletions there onto the files of any folder the link named.
-    OSError (ENOENT, ELOOP, ENOTDIR) if nothing, a link or a file has the name now. Without /proc (other systems,
-    a container without it), `path` itself, checked the same way."""
+def _pin(path: str | os.PathLike, flags: int, make: bool = False) -> Path:
+    """The /proc/self/fd path of a descriptor of `path` opened with `flags` (never following a link), kept for the
+    process's life and opened again only once what it holds has been removed; without /proc, `path`."""
     key = os.path.abspath(path)
     fd = _PINNED.get(key)
     if fd is not None:
@@ -89,12 +88,42 @@ def pinned_folder(path: str | os.PathLike, make: bool = False) -> Path:
                 os.mkdir(path)
             except FileExistsError:
                 pass
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC)
         if not proc_fds():
             os.close(fd)
             return Path(path)
         _PINNED[key] = fd
     return Path(f"/proc/self/fd/{fd}")
+
+
+def pinned_folder(path: str | os.PathLike, make: bool = False) -> Path:
+    """`path`, a folder (made first with `make`), as this process first found it: on Linux the /proc/self/fd path of
+    a descriptor opened without following a link, through which every later name resolves inside that very
+    folder. By name, another user who renamed the folder in a folder they may write to and put a link at its
+    name turned this process's later creations and deletions there onto the files of any folder the link named.
+    OSError (ENOENT, ELOOP, ENOTDIR) if nothing, a link or a file has the name now. Without /proc (other systems,
+    a container without it), `path` itself, checked the same way."""
+    return _pin(path, os.O_RDONLY | os.O_DIRECTORY, make)
+
+
+def pinned_file(path: str | os.PathLike) -> Path:
+    """`path`, a regular file, as this process first found it (`pinned_folder`'s rules): reading the returned path
+    reads that very file, whatever is put at its name later. OSError if nothing, a link or no regular file has the
+    name (a FIFO is opened without waiting for a writer, then refused)."""
+    pinned = _pin(path, os.O_RDONLY | os.O_NONBLOCK)
+    if not stat.S_ISREG(os.stat(pinned).st_mode):
+        fd = _PINNED.pop(os.path.abspath(path), None)
+        if fd is not None:
+            os.close(fd)
+        raise OSError(errno.EISDIR if os.path.isdir(path) else errno.EINVAL, "not a regular file", os.fspath(path))
+    return pinned
+
+
+def unpinned_text(text: str) -> str:
+    """`text` (a message) with every pinned path in it (`pinned_folder`, `pinned_file`) named as given."""
+    for key, fd in _PINNED.items():
+        text = re.sub(rf"/proc/self/fd/{fd}(?![0-9])", lambda _m, k=key: k, text)
+    return text
 
 
 def own_uids(folder: str | os.PathLike) -> set[int]:
