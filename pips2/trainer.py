@@ -145,6 +145,7 @@ class Config:
         return base + (f"_{self.exp_name}" if self.exp_name else "")
 
 
+RUN_ID = re.compile(r"[0-9a-f]{16}")  # a run's id in its checkpoints (secrets.token_hex(8))
 DDP_TIMEOUT = datetime.timedelta(hours=3)  # longest a rank waits for the others in one collective
 fail = die  # one error line, exit 2: bad input or a run that cannot go on safely
 
@@ -554,6 +555,7 @@ class TrainState:
         self.scheduler = make_scheduler(self.optimizer, cfg)
         self.scaler = torch.amp.GradScaler(ranks.device.type, enabled=cfg.amp == "fp16")
         self.origin = cfg.init_dir  # the --init_dir the run started from, saved with its settings
+        self.run_id = secrets.token_hex(8)  # saved in every checkpoint: a resume can tell another run's apart
         self.step, extras, self.loaded_from = self._load(say)
         self._apply_extras(extras)
         self.model = self.net
@@ -617,6 +619,7 @@ class TrainState:
                 self.ranks.die(f"{self.ckpt_dir}: no readable checkpoint to resume from ({len(bad)} unreadable, "
                                f"kept as *.bad)")
             path, loaded = found
+            self._check_belongs(path, loaded)
             said_origin, origin = saved_init_dir(loaded.get("config"))
             if said_origin:
                 problem = init_dir_problem(cfg.init_dir, origin, self.ckpt_dir, ck.step_of(path))
@@ -675,6 +678,31 @@ class TrainState:
         layout = self.cfg.layout
         parts = {layout.model, layout.optimizer, layout.scheduler, "scaler"}
         return step, {k: v for k, v in loaded.items() if not k.endswith("_state_dict") and k not in parts}, path
+
+    def _check_belongs(self, path: Path, loaded: dict) -> None:
+        """The checkpoint to resume is this run's own at the step its name says: the step it records is its name's,
+        and the run it records is that of the checkpoint before it. In a folder others may write to (umask 002),
+        a group member could move in the user's own checkpoint of another run under a later step's name: it was
+        resumed, and the steps in between were skipped without a word. One line naming the file otherwise."""
+        step, said = ck.step_of(path), loaded.get("step")
+        if "step" in loaded and (isinstance(said, bool) or not isinstance(said, int) or said != step):
+            self.ranks.die(f"{path}: it records step {str(said)[:40]}, its name step {step}: renamed, or moved in from "
+                           f"another run's folder; move it aside to resume from the checkpoint before it")
+        run = loaded.get("run")
+        if run is not None and not (isinstance(run, str) and RUN_ID.fullmatch(run)):
+            self.ranks.die(f"{path}: its run id {str(run)[:40]!r} is not one this program writes; move it aside to "
+                           f"resume from the checkpoint before it")
+        self.run_id = run or self.run_id  # a checkpoint of an older version has none: the run gets one now
+        before = [p for s, p in ck.list_checkpoints(self.ckpt_dir) if s < step]
+        if run is None or not before:
+            return
+        try:
+            theirs = ck.read_checkpoint(before[-1], layout=self.cfg.layout).get("run")
+        except ck.CheckpointError:  # an unreadable older file says nothing of this one
+            return
+        if isinstance(theirs, str) and theirs != run:
+            self.ranks.die(f"{path} and {before[-1].name} beside it are of two runs (their run ids differ): one was "
+                           f"moved in from another run's folder; move the other run's checkpoint aside")
 
     def _check_schedule(self, path: Path, step: int) -> None:
         """The restored learning-rate schedule is one this program builds: PIPs++'s one-cycle end a whole number from
@@ -851,12 +879,13 @@ class TrainState:
 
     def _save(self) -> None:
         config = json.dumps({**asdict(self.cfg), "init_dir": self.origin})
-        extra = {"rng": rng_state(), "nan_steps": self.nan_total, "config": config, "world": self.ranks.world,
+        extra = {"rng": rng_state(), "step": self.step, "run": self.run_id, "nan_steps": self.nan_total,
+                 "config": config, "world": self.ranks.world,
                  "loss_t": [float(v) for v in self.losses], "d_t": [float(v) for v in self.d_ts],
                  "d_v": [float(v) for v in self.d_vs], "corrupt_clips": sorted(self.corrupt["train"]),
                  "corrupt_val_clips": sorted(self.corrupt["val"])}
         if self.cfg.lbm:
-            extra.update(scaler=self.scaler.state_dict(), step=self.step)  # beside 'model', as the authors keep them
+            extra.update(scaler=self.scaler.state_dict())  # beside 'model', as the authors keep it
         try:
             ck.save(self.ckpt_dir, self.step, self.net, self.optimizer, self.scheduler,
                     keep_latest=self.cfg.keep_latest, extra=extra, layout=self.cfg.layout)

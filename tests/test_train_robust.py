@@ -1062,3 +1062,36 @@ def test_a_run_folder_or_checkpoint_of_another_user_is_never_resumed(exported, t
         f"error: {link}: a link of uid 2002's (to {theirs}), not this user's: it could steer this run into another "
         f"run's folder; remove it, or give another --ckpt_dir (or --exp_name)")
     assert [s for s, _ in ck.list_checkpoints(theirs)][-1] == 3  # nothing written there
+
+
+def test_a_checkpoint_of_another_run_moved_into_the_run_folder_is_not_resumed(exported, tmp_path, capsys):
+    """In a run folder others may write to (umask 002), a group member could move in the user's own checkpoint
+    of another run, under a later step's name or under its own: it was resumed and the steps in between skipped
+    without a word. Every checkpoint records its step and its run's id; a resume whose file's step is not its
+    name's, or whose run is not that of the checkpoint before it, ends in one line, exit 2."""
+    out, _ = exported
+    train.run_stage(_cfg(out, tmp_path, exp_name="a", max_steps=1, save_freq=1))
+    train.run_stage(_cfg(out, tmp_path, exp_name="b", max_steps=3, save_freq=1))
+    a, b = (tmp_path / "ck" / _cfg(out, tmp_path, exp_name=x).name() for x in "ab")
+    renamed = a / ck.ckpt_name(5)
+    shutil.copy(b / ck.ckpt_name(2), renamed)
+    with pytest.raises(SystemExit) as e:
+        train.run_stage(_cfg(out, tmp_path, exp_name="a", max_steps=6, save_freq=1))
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: {renamed}: it records step 2, its name step 5: renamed, or moved in from another run's folder; "
+        f"move it aside to resume from the checkpoint before it")
+    renamed.unlink()
+    moved = a / ck.ckpt_name(3)
+    shutil.copy(b / ck.ckpt_name(3), moved)
+    with pytest.raises(SystemExit) as e:
+        train.run_stage(_cfg(out, tmp_path, exp_name="a", max_steps=6, save_freq=1))
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: {moved} and {ck.ckpt_name(1)} beside it are of two runs (their run ids differ): one was moved in "
+        f"from another run's folder; move the other run's checkpoint aside")
+    assert [s for s, _ in ck.list_checkpoints(a)] == [1, 3]  # nothing written
+    moved.unlink()
+    train.run_stage(_cfg(out, tmp_path, exp_name="a", max_steps=2, save_freq=1))  # its own run resumes, and on
+    train.run_stage(_cfg(out, tmp_path, exp_name="a", max_steps=3, save_freq=1))
+    assert [s for s, _ in ck.list_checkpoints(a)] == [1, 2, 3]
