@@ -249,8 +249,10 @@ def run_lock(ckpt_dir: Path, ranks: Ranks) -> Iterator[None]:
     if ranks.main:
         try:
             lock.acquire()
-        except (ck.LockError, OSError) as e:
+        except ck.LockError as e:
             err = str(e)
+        except OSError as e:
+            err = f"cannot make or lock the run folder {ckpt_dir} ({e.strerror or type(e).__name__})"
     # every rank stops together, or the others would wait forever for rank 0 in the first collective
     if ranks.any(err is not None):
         ranks.die(err or "")

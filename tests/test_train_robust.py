@@ -1095,3 +1095,31 @@ def test_a_checkpoint_of_another_run_moved_into_the_run_folder_is_not_resumed(ex
     train.run_stage(_cfg(out, tmp_path, exp_name="a", max_steps=2, save_freq=1))  # its own run resumes, and on
     train.run_stage(_cfg(out, tmp_path, exp_name="a", max_steps=3, save_freq=1))
     assert [s for s, _ in ck.list_checkpoints(a)] == [1, 2, 3]
+
+
+def test_a_umask_that_leaves_new_folders_unwritable_is_named_and_nothing_is_left(exported, tmp_path, capsys,
+                                                                                monkeypatch):
+    """Under umask 0377 the --ckpt_dir made first takes no run folder inside: train.py said a raw "[Errno 13]
+    Permission denied" and left the folder it had made. Now one line names the umask, and the folders made are
+    removed again. (This user may be root, whom no mode stops: mkdir here refuses as the kernel does others.)"""
+    out, _ = exported
+    real = Path.mkdir
+
+    def mkdir(self, *args, **kwargs):
+        if self.parent.exists() and not self.parent.stat().st_mode & 0o200:
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", mkdir)
+    cfg = _cfg(out, tmp_path, max_steps=1)
+    old = os.umask(0o377)
+    try:
+        with pytest.raises(SystemExit) as e:
+            train.run_stage(cfg)
+    finally:
+        os.umask(old)
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: cannot make or lock the run folder {tmp_path / 'ck' / cfg.name()} (permission denied: the umask 0377 "
+        f"makes new folders unwritable to their owner; set one such as 0022 (umask 022))")
+    assert not (tmp_path / "ck").exists()

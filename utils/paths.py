@@ -13,15 +13,40 @@ from pathlib import Path
 
 
 def make_dirs(path: str | os.PathLike) -> list[Path]:
-    """mkdir -p path; returns the folders this call created, outermost first (empty if path existed)."""
+    """mkdir -p path; returns the folders this call created, outermost first (empty if path existed). On an
+    OSError the folders it made are removed again, and a umask that leaves new folders unusable to their owner
+    (0377: the next folder inside cannot be made) is named in the error."""
     path = Path(path)
     missing = []
     p = path
     while not p.exists() and p != p.parent:
         missing.append(p)
         p = p.parent
-    path.mkdir(parents=True, exist_ok=True)
-    return missing[::-1]
+    made: list[Path] = []
+    try:
+        for p in reversed(missing):
+            try:
+                p.mkdir()
+            except FileExistsError:  # made meanwhile by another process: theirs, not to remove
+                if not p.is_dir():
+                    raise
+                continue
+            made.append(p)
+    except OSError as e:
+        remove_empty_dirs(made)
+        if made and (problem := umask_problem()):
+            raise OSError(e.errno, f"{(e.strerror or 'cannot be made').lower()}: {problem}", e.filename) from None
+        raise
+    return made
+
+
+def umask_problem() -> str | None:
+    """What is wrong with this process's umask for a program that makes folders and writes in them (it takes the
+    owner's write or search permission from new folders), or None."""
+    mask = current_umask()
+    if not mask & 0o300:
+        return None
+    return f"the umask {mask:04o} makes new folders unwritable to their owner; set one such as 0022 (umask 022)"
 
 
 def remove_empty_dirs(made: list[Path]) -> None:
