@@ -82,6 +82,8 @@ def _check_entry(item, where: str) -> None:
         raise TapVidError(f"{where}: points is {got}, expected a float (N,T,2) array")
     if pts.shape[1] != T:  # said of the points, before occluded is compared with them (it blamed occluded)
         raise TapVidError(f"{where}: video has {T} frames but points have {pts.shape[1]}")
+    if pts.shape[0] == 0:  # it was said as "no point visible in frame 0"
+        raise TapVidError(f"{where}: holds no points (points is {pts.shape}): nothing to track")
     if not isinstance(occ, np.ndarray) or occ.dtype.kind not in "biu" or occ.shape != pts.shape[:2]:
         got = f"{occ.dtype} {occ.shape}" if isinstance(occ, np.ndarray) else type(occ).__name__
         raise TapVidError(f"{where}: occluded is {got}, expected a bool {pts.shape[:2]} array")

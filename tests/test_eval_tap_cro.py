@@ -445,9 +445,11 @@ def _tap_entries() -> dict:
     one_frame["occluded"] = one_frame["occluded"][:, :1]
     pts_short = _entry(seed=11)  # points of 5 frames for a 10-frame video: the line blamed occluded
     pts_short["points"] = pts_short["points"][:, :5]
+    no_points = _entry(seed=12)  # was said as "no point visible in frame 0"
+    no_points["points"], no_points["occluded"] = no_points["points"][:0], no_points["occluded"][:0]
     return {"a": _entry(seed=0), "bad_jpeg": bad_jpeg, "odd": odd, "nan_query": nan_query, "c": _entry(seed=5),
             "short": short, "pixels": pixels, "huge": huge, "tiny": tiny, "narrow": narrow, "one_frame": one_frame,
-            "pts_short": pts_short}
+            "pts_short": pts_short, "no_points": no_points}
 
 
 def test_test_on_tap_skips_damaged_videos_and_files_and_scores_the_others(tmp_path, ckpt, capsys):
@@ -467,8 +469,9 @@ def test_test_on_tap_skips_damaged_videos_and_files_and_scores_the_others(tmp_pa
     assert list(js["per_item"]) == ["a", "c", "part_2_0000"] and js["complete"]
     reasons = {s["name"]: s["reason"] for s in js["skipped"]}
     assert list(reasons) == ["bad_jpeg", "odd", "nan_query", "short", "pixels", "huge", "tiny", "narrow", "one_frame",
-                             "pts_short", "part_1.pkl"]
+                             "pts_short", "no_points", "part_1.pkl"]
     assert reasons["pts_short"].endswith("entry pts_short: video has 10 frames but points have 5")
+    assert reasons["no_points"].endswith("entry no_points: holds no points (points is (0, 10, 2)): nothing to track")
     assert reasons["tiny"].endswith("entry tiny: video is 1x1; tracking needs at least 8x8 pixels")
     assert reasons["narrow"].endswith("entry narrow: video is 2x128; tracking needs at least 8x8 pixels")
     assert reasons["one_frame"].endswith("entry one_frame: video has 1 frame: nothing to score beyond the query frame")
@@ -481,7 +484,7 @@ def test_test_on_tap_skips_damaged_videos_and_files_and_scores_the_others(tmp_pa
     assert "entry short: occluded is bool (6, 7)" in reasons["short"]
     assert str(root / "part_1.pkl") in reasons["part_1.pkl"] and "not a readable pickle" in reasons["part_1.pkl"]
     assert all("\n" not in r for r in reasons.values())
-    assert "summary: 3 videos scored, 11 skipped" in res.stdout
+    assert "summary: 3 videos scored, 12 skipped" in res.stdout
 
 
 def test_test_on_tap_folder_without_a_usable_video_is_one_line(tmp_path, capsys):
