@@ -1427,3 +1427,33 @@ def test_a_host_name_with_white_space_makes_claims_this_host_can_judge(tmp_path,
     os.close(export._HELD.pop(next(p for p in export._HELD if p.name == "000001")))  # as if its process had died
     assert export.claim_unjudged(vdir, 1) is None and export.claim(vdir, 1)
     export.release(vdir, 1)
+
+
+def test_a_version_folder_moved_during_the_export_stops_it_in_one_line(synth_root, tmp_path, monkeypatch, capsys):
+    """Renamed or removed mid-run (a user tidying up, a group member in a shared folder), the version folder made
+    every later clip fail, each in its own line (25 lines for 25 clips), then "rerun to retry them". The export
+    now stops at the first such failure in one line saying what happened."""
+    from pips2.cli import export as export_cli
+
+    vdir = _version(tmp_path)
+    real, n = export.write_clip, []
+
+    def then_moved(version_dir, k, *a, **kw):
+        out = real(version_dir, k, *a, **kw)
+        n.append(k)
+        if len(n) == 2:
+            vdir.rename(vdir.with_name(vdir.name + ".kept"))
+        return out
+
+    monkeypatch.setattr(export, "write_clip", then_moved)
+    with pytest.raises(SystemExit) as e:
+        export_cli.main(dataset_location=str(synth_root), out_dir=str(tmp_path), S=8, N=32, crop_size=(128, 192),
+                        quiet=True, max_clips=8)
+    cap = capsys.readouterr()
+    assert e.value.code == 1
+    err = cap.err.strip().splitlines()
+    assert len([ln for ln in err if " failed: " in ln]) == 1, cap.err
+    assert err[-1] == (f"error: {vdir} was moved or removed during the export; the clips written before are where it "
+                       f"went, and the same command writes the others")
+    assert "after 3 of 8 clips" in cap.out
+    assert len(list(vdir.with_name(vdir.name + ".kept").glob("0000*"))) == 2

@@ -264,6 +264,7 @@ def _run(jobs: deque, workers: int, version_dir: Path, quiet: bool, signals: _Si
     stop = None  # why the export stopped early, if it did
     t0 = time.time()
     bar, pool = None, None
+    ident = _ident(version_dir)
     try:
         # inside: its first write can meet a reader gone (`2>&1 | head -1`), a stop like any other
         bar = tqdm(total=n_jobs, desc="export", unit="clip", disable=quiet)
@@ -297,6 +298,9 @@ def _run(jobs: deque, workers: int, version_dir: Path, quiet: bool, signals: _Si
                 tqdm.write(printable(f"clip {k:06d} failed: {detail}"), file=sys.stderr)
                 if detail.startswith((NO_SPACE, NOT_WRITABLE)):  # every further clip would fail the same way
                     stop = detail
+                    break
+                if _ident(version_dir) != ident:  # moved or removed: every further clip fails, each in a line
+                    stop = f"{MOVED}: {version_dir}"
                     break
             bar.update()
             bar.set_postfix(written=counts["written"], rejected=counts["rejected"], failed=counts["failed"])
@@ -334,6 +338,10 @@ def _run(jobs: deque, workers: int, version_dir: Path, quiet: bool, signals: _Si
           f"failed {counts['failed']}, held by other exporters {counts['busy']}{retried}; "
           f"{len(list_clips(version_dir))} clips in {version_dir}; "
           f"{dt:.1f} s ({(counts['written'] + counts['rewritten']) / max(dt, 1e-9):.2f} clips/s)"), flush=True)
+    if stop is not None and stop.startswith(MOVED):
+        print(printable(f"error: {version_dir} was moved or removed during the export; the clips written before are "
+                        f"where it went, and the same command writes the others"), file=sys.stderr)
+        sys.exit(1)
     if stop is not None and stop.startswith(TOO_MANY_FILES):
         print(f"error: {stop}; the same command goes on from there", file=sys.stderr)
         sys.exit(1)
@@ -379,6 +387,16 @@ def _run(jobs: deque, workers: int, version_dir: Path, quiet: bool, signals: _Si
 
 
 TOO_MANY_FILES = "too many open files"
+MOVED = "the version folder was moved or removed"
+
+
+def _ident(folder: Path) -> tuple[int, int] | None:
+    """(device, inode) of the folder at this name now, None if there is none."""
+    try:
+        st = os.stat(folder)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def descriptor_limit() -> str:
