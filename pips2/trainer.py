@@ -57,7 +57,7 @@ from pips2.utils import checkpoint as ck
 from pips2.utils import metrics, plots
 from pips2.utils.amp import amp_dtype, autocast
 from pips2.utils.cli import die
-from pips2.utils.paths import printable
+from pips2.utils.paths import make_dirs, pinned_folder, printable
 from pips2.utils.procs import (
     STOP_SIGNALS,
     caught_stop_signals,
@@ -1210,9 +1210,25 @@ class Logger:
             # tensorboardX names its file after the second and the host, and opens it following links: a random
             # part makes the name one nobody can plant a link at in a shared --log_dir, nor two runs of one name
             # started in the same second share
-            self._writer = SummaryWriter(str(Path(cfg.log_dir) / self.name), max_queue=10, flush_secs=60,
-                                         filename_suffix=f".{os.getpid()}.{secrets.token_hex(6)}")
-            _never_wait_on(self._writer)
+            # and the folder is written through a descriptor (utils/paths.pinned_folder): a link put at its name
+            # later is not followed
+            logs = Path(cfg.log_dir) / self.name
+            try:
+                make_dirs(logs)
+                pinned = pinned_folder(logs)
+                owner = os.stat(pinned).st_uid
+            except OSError as e:  # a link or a file put at its name since the check, or the folder cannot be made
+                pinned, why = None, (e.strerror or type(e).__name__).lower()
+            else:
+                if owner != os.geteuid() and owner not in ck.trusted_owners(logs):
+                    pinned, why = None, f"made by uid {owner} since the run started"
+            if pinned is None:
+                print(f"warning: TensorBoard logging in {logs} is off ({why}); training goes on", file=sys.stderr,
+                      flush=True)
+            else:
+                self._writer = SummaryWriter(str(pinned), max_queue=10, flush_secs=60,
+                                             filename_suffix=f".{os.getpid()}.{secrets.token_hex(6)}")
+                _never_wait_on(self._writer)
         self.say(f"{self.name}: {cfg.max_steps} steps, B={cfg.B} S={cfg.S} N={cfg.N} crop {cfg.crop_hw}, "
                  f"{self.ranks.world} process(es) on {self.ranks.device}, amp {cfg.amp}, data {cfg.dataset} "
                  f"({n_items} items)")
@@ -1462,6 +1478,11 @@ def _train_stage(cfg: Config, ranks: Ranks, ckpt_dir: Path, stop: StopRequest) -
     if ranks.any(ranks.main and os.path.lexists(logs) and not logs.is_dir()):
         ranks.die(f"--log_dir: {logs} is not a folder (the run's TensorBoard log goes there); remove it or give "
                   "another --log_dir")
+    # in a --log_dir others may write to, the run folder's name follows from the flags: a link planted there
+    # steered the log into a folder of the planter's choice
+    problem = ck.run_folder_problem(logs, "--log_dir") if ranks.main and os.path.lexists(logs) else None
+    if ranks.any(problem is not None):
+        ranks.die(problem or "")
     log = Logger(cfg, ranks)
     state = TrainState(cfg, ranks, ckpt_dir, log.say, stop)
     data = TrainData(cfg, ranks, state.step, state.note_corrupt)

@@ -1123,3 +1123,36 @@ def test_a_umask_that_leaves_new_folders_unwritable_is_named_and_nothing_is_left
         f"error: cannot make or lock the run folder {tmp_path / 'ck' / cfg.name()} (permission denied: the umask 0377 "
         f"makes new folders unwritable to their owner; set one such as 0022 (umask 022))")
     assert not (tmp_path / "ck").exists()
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="gives files another user's uid")
+def test_a_log_folder_of_another_user_or_their_link_at_its_name_is_refused(exported, tmp_path, capsys):
+    """The run's TensorBoard folder is --log_dir/<run name>, a name that follows from the flags: in a --log_dir
+    others may write to, a link planted at it steered the run's logs into a folder of the planter's choice, and a
+    folder made there first by another user took them. Both are refused in one line, exit 2, as for --ckpt_dir."""
+    out, _ = exported
+    cfg = _cfg(out, tmp_path, max_steps=1)
+    logs = tmp_path / "logs"
+    logs.mkdir(mode=0o1777)
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    os.chown(theirs, 2002, 2002)
+    (logs / cfg.name()).symlink_to(theirs)
+    os.lchown(logs / cfg.name(), 2002, 2002)
+    with pytest.raises(SystemExit) as e:
+        train.run_stage(cfg)
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: {logs / cfg.name()}: a link of uid 2002's (to {theirs}), not this user's: it could steer this run's "
+        f"logs into another folder; remove it, or give another --log_dir (or --exp_name)")
+    (logs / cfg.name()).unlink()
+    (logs / cfg.name()).mkdir()
+    os.chown(logs / cfg.name(), 2002, 2002)
+    with pytest.raises(SystemExit) as e:
+        train.run_stage(cfg)
+    assert e.value.code == 2 and "a folder of uid 2002, not this user's: its owner could put or replace logs" in \
+        capsys.readouterr().err
+    assert not list(theirs.iterdir()) and not list((logs / cfg.name()).iterdir())
+    os.chown(logs / cfg.name(), os.geteuid(), os.getegid())
+    train.run_stage(cfg)
+    assert list((logs / cfg.name()).glob("events.out.tfevents.*"))

@@ -726,19 +726,20 @@ def trusted_owners(run_folder: str | os.PathLike) -> set[int]:
     return trusted
 
 
-def run_folder_problem(folder: str | os.PathLike) -> str | None:
+def run_folder_problem(folder: str | os.PathLike, flag: str = "--ckpt_dir") -> str | None:
     """Why an existing run folder may not be trained in (its owner not trusted, or a link at its name made by an
     untrusted user: it would steer the run into another run's folder, whose checkpoints it would resume and mix
-    with its own), or None."""
+    with its own), or None. `flag` is the folder's flag: --ckpt_dir, or --log_dir for the run's TensorBoard log."""
     folder = Path(folder)
     link, st = os.lstat(folder), os.stat(folder)
     mine = os.geteuid()
+    what = "checkpoints" if flag == "--ckpt_dir" else "logs"
     if stat.S_ISLNK(link.st_mode) and link.st_uid != mine and link.st_uid not in trusted_owners(folder):
         return (f"{folder}: a link of uid {link.st_uid}'s (to {os.path.realpath(folder)}), not this user's: it could "
-                f"steer this run into another run's folder; remove it, or give another --ckpt_dir (or --exp_name)")
+                f"steer this run's {what} into another folder; remove it, or give another {flag} (or --exp_name)")
     if st.st_uid != mine and st.st_uid not in trusted_owners(folder):
-        return (f"{folder}: a folder of uid {st.st_uid}, not this user's: its owner could put or replace checkpoints "
-                f"in it; give another --ckpt_dir (or --exp_name)")
+        return (f"{folder}: a folder of uid {st.st_uid}, not this user's: its owner could put or replace {what} "
+                f"in it; give another {flag} (or --exp_name)")
     return None
 
 
