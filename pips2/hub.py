@@ -229,6 +229,29 @@ def _one_line(e: BaseException, limit: int = 300) -> str:
     return " ".join(str(e).split())[:limit] or type(e).__name__
 
 
+def _unreachable_line(name: str, why: str) -> str:
+    """The loader's line for a name on the Hub that is not cached and cannot be fetched now (`why`)."""
+    return (f"{name}: not in the Hugging Face cache ({hf_cache()}) and {why}; fetch it once with the internet, or "
+            f"start with {offline_hint(name)}")
+
+
+def unusable_now(name: str) -> str | None:
+    """The loader's line refusing a hub name as things stand, without the network: its cached copy would be
+    refused (`trusted_copy`), or it is not cached and HF_HUB_OFFLINE forbids the download; None otherwise."""
+    if uses_hf(name):
+        if cached(name) is None and _hf().constants.HF_HUB_OFFLINE:
+            return _unreachable_line(name, "HF_HUB_OFFLINE is set")
+        return None
+    dest = cache_dir() / KNOWN[name].cached
+    if not os.path.lexists(dest):
+        return None
+    try:
+        trusted_copy(dest, cache_dir())
+    except HubError as e:
+        return str(e)
+    return None
+
+
 def _fetch_hf(name: str, refresh: bool) -> Path:
     """A name on the Hugging Face Hub through its client (its cache, HF_HUB_OFFLINE, HF_ENDPOINT): the size the
     Hub declares is bounded before the download, the file is checked against the sha256 the Hub names it by (its
@@ -239,8 +262,7 @@ def _fetch_hf(name: str, refresh: bool) -> Path:
         return found
 
     def unreachable(why: str) -> HubError:
-        return HubError(f"{name}: not in the Hugging Face cache ({hf_cache()}) and {why}; fetch it once with the "
-                        f"internet, or start with {offline_hint(name)}")
+        return HubError(_unreachable_line(name, why))
 
     if hf.constants.HF_HUB_OFFLINE:
         raise unreachable("HF_HUB_OFFLINE is set")
@@ -283,10 +305,28 @@ def _copy_problem(st: os.stat_result, cache: Path) -> str | None:
     return None
 
 
+def _cache_folder_problem(cache: Path) -> str | None:
+    """Why the cache folder itself is not to be trusted, or None: others may put entries in it (sticky or not: a
+    file of this user's that another may move, as from a team folder, would pass for a copy this program made), or
+    it is another user's."""
+    try:
+        st = os.stat(cache)
+    except OSError as e:
+        return f"cannot be read here ({(e.strerror or str(e)).lower()})"
+    if st.st_uid != os.geteuid() and st.st_uid not in own_uids(cache) | {0}:
+        return f"the cache folder belongs to uid {st.st_uid}, not to this user"
+    if st.st_mode & 0o022:
+        return f"other users may put files in the cache folder (mode {stat.S_IMODE(st.st_mode):o})"
+    return None
+
+
 def trusted_copy(dest: Path, cache: Path) -> Path:
     """The cached copy at dest, pinned (utils/paths.pinned_folder: a name swapped later is not followed), once it
     and every checkpoint in it are this user's (or root's) and only theirs to change; HubError otherwise. Others
     who may write to the cache could otherwise put their own weights where the authors' are looked for."""
+    if problem := _cache_folder_problem(cache):
+        raise HubError(f"{cache}: {problem}: whoever may put files there could put their own weights where the "
+                       f"authors' are looked for; not loaded. Set {CACHE_ENV} to a folder of your own", local=True)
     problem, where = None, dest
     try:
         link = os.lstat(dest)
@@ -335,11 +375,16 @@ def _fetch(name: str, refresh: bool = False) -> Path:
         return trusted_copy(dest, cache)
     url, sha = source_of(name)
     try:
-        cache.mkdir(parents=True, exist_ok=True)
+        if not cache.is_dir():  # made for this user alone, whatever the umask (`_cache_folder_problem`)
+            cache.mkdir(parents=True, exist_ok=True)
+            os.chmod(cache, 0o777 & ~(current_umask() | 0o022))
         check_writable(cache)
     except OSError as e:  # a read-only home (a container image's, a shared account's)
         raise HubError(f"cannot make the model cache {cache} ({(e.strerror or str(e)).lower()}) to fetch {name} "
                        f"into: set {CACHE_ENV} to a writable folder", local=True) from None
+    if problem := _cache_folder_problem(cache):
+        raise HubError(f"{cache}: {problem}: a copy fetched there could be replaced by theirs; set {CACHE_ENV} to a "
+                       f"folder of your own", local=True)
     # a download killed by SIGKILL (or the OOM killer) left its folder and partial file (up to the model's size)
     remove_stale_tempdirs(f".{name}", cache)
     work = owned_tempdir(f".{name}", cache)

@@ -154,6 +154,33 @@ fail = die  # one error line, exit 2: bad input or a run that cannot go on safel
 # Processes.
 
 
+def launch_environment() -> tuple[int, int, int]:
+    """(RANK, WORLD_SIZE, LOCAL_RANK) as torchrun sets them (0, 1, 0 without it), each checked: one line and exit 2
+    for a value that is no whole number, a rank outside the world, or a world of several processes without the
+    rendezvous address. A RANK left in the shell by an earlier launch made a lone process a silent non-main rank:
+    it trained to the end, saved nothing and exited 0."""
+    values = {}
+    for name, default in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)):
+        text = os.environ.get(name, "").strip()
+        if not text:
+            values[name] = default
+            continue
+        if not re.fullmatch(r"[0-9]{1,6}", text):
+            fail(f"the environment's {name}={text[:40]!r} is not a whole number (torchrun sets it: unset it to train "
+                 f"in one process)")
+        values[name] = int(text)
+    rank, world, local = values["RANK"], values["WORLD_SIZE"], values["LOCAL_RANK"]
+    if world < 1 or rank >= world or local >= world:
+        fail(f"the environment's RANK={rank}, LOCAL_RANK={local} and WORLD_SIZE={world} do not fit (a rank from 0 to "
+             f"WORLD_SIZE - 1; WORLD_SIZE is 1 when unset): left from another launch? unset them to train in one "
+             f"process, or start several with torchrun (README.md, train.py)")
+    missing = [v for v in ("MASTER_ADDR", "MASTER_PORT") if world > 1 and not os.environ.get(v)]
+    if missing:
+        fail(f"WORLD_SIZE={world} but {' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not set: start "
+             f"several processes with torchrun, which sets them (or unset WORLD_SIZE to train in one process)")
+    return rank, world, local
+
+
 @dataclass
 class Ranks:
     """This process's place in the run (rank, world size, device) and what the ranks do together."""
@@ -165,16 +192,16 @@ class Ranks:
     @classmethod
     def setup(cls, device: str) -> Ranks:
         """Read torchrun's environment (one process without it) and initialise the process group."""
-        world = int(os.environ.get("WORLD_SIZE", "1"))
+        rank, world, local = launch_environment()
         dev = ck.resolve_device(device)
         if dev.type == "cuda":
-            dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            dev = torch.device("cuda", local)
             torch.cuda.set_device(dev)
         if world > 1 and not dist.is_initialized():
             # the other ranks wait in their next collective while rank 0 validates on TAP-Vid, which on a CPU
             # can outlast the default 30 minutes
             dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", timeout=DDP_TIMEOUT)
-        return cls(int(os.environ.get("RANK", "0")), world, dev)
+        return cls(rank, world, dev)
 
     @property
     def main(self) -> bool:
@@ -611,6 +638,11 @@ class TrainState:
                 p, uid = foreign[-1]
                 self.ranks.die(f"{p}: a checkpoint of uid {uid}, not this user's: a run never resumes from a file "
                                f"another user put in its folder; move it aside (or give another --ckpt_dir)")
+            if changeable := ck.changeable_checkpoints(self.ckpt_dir):
+                p, mode = changeable[-1]
+                self.ranks.die(f"{p}: others may write to it (mode {mode:03o}): whoever may could have rewritten it "
+                               f"in place, and a run never resumes from such a file; if nobody did, `chmod go-w "
+                               f"{self.ckpt_dir}/model-*.pth` and rerun (this program writes none such now)")
             bad: list[tuple[Path, ck.CheckpointError]] = []
             try:
                 found = ck.read_newest(self.ckpt_dir, on_bad=lambda path, e: bad.append((path, e)), rename=main,
@@ -690,19 +722,29 @@ class TrainState:
         if "step" in loaded and (isinstance(said, bool) or not isinstance(said, int) or said != step):
             self.ranks.die(f"{path}: it records step {str(said)[:40]}, its name step {step}: renamed, or moved in from "
                            f"another run's folder; move it aside to resume from the checkpoint before it")
+        # the settings its folder's name is made of, which checkpoints of every version record: one moved in from
+        # another run's folder names that run (the run id below is newer, and compares with a neighbour only)
+        saved, now = saved_settings(loaded.get("config")), json.loads(json.dumps(asdict(self.cfg)))
+        named = ("model", "B", "S", "N", "crop_hw", "lr", "exp_name") + (
+            ("memory_size", "embed_dim") if self.cfg.lbm else ("stage", "iters"))
+        differ = [f"{k}={str(saved[k])[:40]!r}" for k in named if k in saved and saved[k] != now[k]]
+        if differ:
+            self.ranks.die(f"{path}: saved by another run ({', '.join(differ)}; this run's folder is "
+                           f"{self.ckpt_dir.name}): moved in from that run's folder, or this folder was renamed; move "
+                           f"it aside to resume from the checkpoint before it")
         run = loaded.get("run")
         if run is not None and not (isinstance(run, str) and RUN_ID.fullmatch(run)):
             self.ranks.die(f"{path}: its run id {str(run)[:40]!r} is not one this program writes; move it aside to "
                            f"resume from the checkpoint before it")
         self.run_id = run or self.run_id  # a checkpoint of an older version has none: the run gets one now
         before = [p for s, p in ck.list_checkpoints(self.ckpt_dir) if s < step]
-        if run is None or not before:
+        if not before:
             return
         try:
             theirs = ck.read_checkpoint(before[-1], layout=self.cfg.layout).get("run")
         except ck.CheckpointError:  # an unreadable older file says nothing of this one
             return
-        if isinstance(theirs, str) and theirs != run:
+        if isinstance(theirs, str) and theirs != run:  # also when this one has none: older than its predecessor
             self.ranks.die(f"{path} and {before[-1].name} beside it are of two runs (their run ids differ): one was "
                            f"moved in from another run's folder; move the other run's checkpoint aside")
 

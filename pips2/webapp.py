@@ -82,6 +82,7 @@ from pips2.hub import (
     find_file,
     load_model,
     offline_hint,
+    unusable_now,
 )
 from pips2.nets.lbm import LBM
 from pips2.nets.pips2 import Pips
@@ -448,6 +449,9 @@ def local_checkpoint(path: str) -> Path | None:
 
 def hub_choice(model: str) -> Choice:
     """A hub name: ready once in the cache, else downloaded by the first Track that uses it."""
+    if refused := unusable_now(model):  # a copy the loader refuses, or none and no download allowed
+        return Choice(model, model, "missing", f"{model} (cannot be used now)", refused,
+                      f"{model}: {model} (hub name): {refused}")
     found = cached(model)
     if found is not None:
         return Choice(model, model, "ready", f"{model} (downloaded)", "",

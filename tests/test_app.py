@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 from helpers import golden_model, run_main
+from huggingface_hub import constants as hf_constants
 
 from pips2 import webapp
 from pips2.cli import app
@@ -360,9 +361,10 @@ def no_checkpoints(tmp_path, monkeypatch):
     return tmp_path / "cache"
 
 
-def test_checkpoints_are_checked_at_start(no_checkpoints, tmp_path):
+def test_checkpoints_are_checked_at_start(no_checkpoints, tmp_path, monkeypatch):
     """Each checkpoint the page offers is checked when the server starts: one console line saying it is ready or
     how to get it, and the page's list, notice and Track say the same."""
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)  # the suite's setting; offline below
     clips = tmp_path / "clips"
     app_ = webapp.App(clip_dir=clips)
     lines = app_.checkpoint_report()
@@ -394,6 +396,21 @@ def test_checkpoints_are_checked_at_start(no_checkpoints, tmp_path):
     lines = app_.checkpoint_report()
     assert lines[2] == f"  pips2: pips2 (hub name): ready, in {no_checkpoints / 'reference_model'}" and len(lines) == 4
     assert app_.default_checkpoint("pips2") == "pips2" and app_.config()["notice"] == ""
+    # a cached copy the loader would refuse is not offered as ready (it was, and preselected), nor lbm as a download
+    # when HF_HUB_OFFLINE forbids one: each says the loader's own line
+    no_checkpoints.chmod(0o1777)
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
+    lines = app_.checkpoint_report()
+    assert lines[2] == (f"  pips2: pips2 (hub name): {no_checkpoints}: other users may put files in the cache folder "
+                        f"(mode 1777): whoever may put files there could put their own weights where the authors' "
+                        f"are looked for; not loaded. Set PIPS2_CACHE to a folder of your own"), lines
+    assert lines[3].startswith("  lbm: lbm (hub name): lbm: not in the Hugging Face cache (") and \
+        "and HF_HUB_OFFLINE is set; fetch it once with the internet" in lines[3], lines
+    states = {c["name"]: c["state"] for m in ("pips2", "lbm") for c in app_.config()["choices"][m]}
+    assert states["pips2"] == states["lbm"] == "missing"
+    assert "Set PIPS2_CACHE to a folder of your own" in page_wording(app_.choice("pips2", "pips2").note)
+    no_checkpoints.chmod(0o755)
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
     shutil.copytree(no_checkpoints / "reference_model", "reference_model")
     assert app_.checkpoint_report()[1].startswith("  pips2: ./reference_model: ready (reference_model/model-0")
     assert app_.default_checkpoint("pips2") == "./reference_model"

@@ -407,8 +407,19 @@ def _plant(cache: Path, pips_model, uid: int = 2002, mode: int = 0o644) -> Path:
 @pytest.mark.skipif(os.geteuid() != 0, reason="making files of another user needs root")
 def test_a_copy_another_user_put_in_a_shared_cache_is_not_loaded(cache, monkeypatch, pips_model):
     cache.mkdir()
-    os.chmod(cache, 0o777)  # a cache folder a team shares: anybody may put a reference_model/ there first
+    os.chmod(cache, 0o1777)  # a cache folder a team shares: anybody may put a reference_model/ there first
     ref = _plant(cache, pips_model)
+    with pytest.raises(hub.HubError, match=rf"^{cache}: other users may put files in the cache folder \(mode 1777\): "
+                                           rf".* not loaded\. Set PIPS2_CACHE to a folder of your own"):
+        pips2.load_model("pips2")
+    os.chown(cache, 2002, 2002)
+    os.chmod(cache, 0o755)
+    with pytest.raises(hub.HubError, match=rf"^{cache}: the cache folder belongs to uid 2002, not to this user"):
+        pips2.load_model("pips2")
+    with pytest.raises(hub.HubError, match=rf"^{cache}: the cache folder belongs to uid 2002, .* could be replaced"):
+        hub.fetch("pips2", refresh=True)  # nothing is fetched into it either
+    os.chown(cache, os.geteuid(), os.getegid())
+    # a folder only this user may write to, holding a copy another user made (an older cache, a chown)
     with pytest.raises(hub.HubError, match=rf"^{ref}: made by uid 2002, not by this user: .* not loaded\. Set "
                                            rf"PIPS2_CACHE to a folder of your own"):
         pips2.load_model("pips2")
@@ -443,6 +454,13 @@ def test_a_lbm_file_another_user_put_in_the_cache_is_not_loaded(server, cache, m
     os.chown(planted, 2002, 2002)
     with pytest.raises(hub.HubError, match=rf"^{planted}: made by uid 2002"):
         pips2.load_model("lbm")
+    # a file of this user's own moved into a sticky shared cache by another (from a team folder) is no copy made
+    # by this program: such a cache folder is refused whoever owns the file
+    os.chown(planted, os.geteuid(), os.getegid())
+    cache.chmod(0o1777)
+    with pytest.raises(hub.HubError, match=rf"^{cache}: other users may put files in the cache folder"):
+        pips2.load_model("lbm")
+    cache.chmod(0o755)
     planted.unlink()
     assert hub.fetch("lbm") == planted
     assert planted.stat().st_mode & 0o022 == 0 and planted.stat().st_uid == os.geteuid()

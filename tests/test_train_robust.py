@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -1082,14 +1083,36 @@ def test_a_checkpoint_of_another_run_moved_into_the_run_folder_is_not_resumed(ex
         f"error: {renamed}: it records step 2, its name step 5: renamed, or moved in from another run's folder; "
         f"move it aside to resume from the checkpoint before it")
     renamed.unlink()
+    # under its own name: its settings name another run, also in a checkpoint older than run ids, and also when the
+    # run's own checkpoints were moved aside first
     moved = a / ck.ckpt_name(3)
     shutil.copy(b / ck.ckpt_name(3), moved)
+    older = torch.load(moved, weights_only=True)
+    del older["run"], older["step"]
+    torch.save(older, moved)
+    (a / ck.ckpt_name(1)).rename(tmp_path / "aside.pth")
     with pytest.raises(SystemExit) as e:
         train.run_stage(_cfg(out, tmp_path, exp_name="a", max_steps=6, save_freq=1))
     assert e.value.code == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
-        f"error: {moved} and {ck.ckpt_name(1)} beside it are of two runs (their run ids differ): one was moved in "
-        f"from another run's folder; move the other run's checkpoint aside")
+        f"error: {moved}: saved by another run (exp_name='b'; this run's folder is {a.name}): moved in from that "
+        f"run's folder, or this folder was renamed; move it aside to resume from the checkpoint before it")
+    assert [s for s, _ in ck.list_checkpoints(a)] == [3]  # nothing written
+    (tmp_path / "aside.pth").rename(a / ck.ckpt_name(1))
+    # a run of the very same settings in another --ckpt_dir: its run id is not that of the checkpoint before
+    train.run_stage(_cfg(out, tmp_path, exp_name="a", max_steps=3, save_freq=1, ckpt_dir=str(tmp_path / "ck2")))
+    shutil.copy(tmp_path / "ck2" / a.name / ck.ckpt_name(3), moved)
+    for with_id in (True, False):
+        if not with_id:  # nor may a checkpoint without one follow one with one
+            older = torch.load(moved, weights_only=True)
+            del older["run"]
+            torch.save(older, moved)
+        with pytest.raises(SystemExit) as e:
+            train.run_stage(_cfg(out, tmp_path, exp_name="a", max_steps=6, save_freq=1))
+        assert e.value.code == 2
+        assert capsys.readouterr().err.strip().splitlines()[-1] == (
+            f"error: {moved} and {ck.ckpt_name(1)} beside it are of two runs (their run ids differ): one was moved "
+            f"in from another run's folder; move the other run's checkpoint aside")
     assert [s for s, _ in ck.list_checkpoints(a)] == [1, 3]  # nothing written
     moved.unlink()
     train.run_stage(_cfg(out, tmp_path, exp_name="a", max_steps=2, save_freq=1))  # its own run resumes, and on
@@ -1156,3 +1179,51 @@ def test_a_log_folder_of_another_user_or_their_link_at_its_name_is_refused(expor
     os.chown(logs / cfg.name(), os.geteuid(), os.getegid())
     train.run_stage(cfg)
     assert list((logs / cfg.name()).glob("events.out.tfevents.*"))
+
+
+@pytest.mark.parametrize("env, said", [
+    ({"RANK": "5"}, "the environment's RANK=5, LOCAL_RANK=0 and WORLD_SIZE=1 do not fit"),
+    ({"WORLD_SIZE": "abc"}, "the environment's WORLD_SIZE='abc' is not a whole number"),
+    ({"RANK": "-1"}, "the environment's RANK='-1' is not a whole number"),
+    ({"WORLD_SIZE": "2", "RANK": "0"}, "WORLD_SIZE=2 but MASTER_ADDR and MASTER_PORT are not set: start several"),
+])
+def test_a_launch_environment_left_from_elsewhere_is_one_line(exported, tmp_path, capsys, monkeypatch, env, said):
+    """A RANK left in the shell by an earlier torchrun launch made a lone process a non-main rank: it trained to the
+    end without a line, saved nothing and exited 0. A value that is no number, or a world without its rendezvous,
+    ended in a traceback. Each is now one line, exit 2, before anything is made."""
+    out, _ = exported
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(k, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(SystemExit) as e:
+        train.run_stage(_cfg(out, tmp_path, max_steps=1))
+    assert e.value.code == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"error: {said}"), line
+    assert not (tmp_path / "ck").exists() and not (tmp_path / "logs").exists()
+
+
+def test_checkpoints_are_never_writable_by_others_and_such_a_one_is_not_resumed(exported, tmp_path, capsys):
+    """Under umask 002 (a team folder's) checkpoints were written group-writable: a group member could rewrite the
+    newest in place, keeping its name, step, run id and owner, and the resume took it. They are now written without
+    write for others whatever the umask, and a resume refuses one others may write to, in one line, exit 2."""
+    out, _ = exported
+    old = os.umask(0o002)
+    try:
+        train.run_stage(_cfg(out, tmp_path, max_steps=1, save_freq=1))
+    finally:
+        os.umask(old)
+    (_, ckpt), = ck.list_checkpoints(tmp_path / "ck" / _cfg(out, tmp_path).name())
+    assert stat.S_IMODE(ckpt.stat().st_mode) == 0o664 & ~0o022
+    ckpt.chmod(0o664)  # as an older version wrote it, or a group member's chmod
+    with pytest.raises(SystemExit) as e:
+        train.run_stage(_cfg(out, tmp_path, max_steps=2, save_freq=1))
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: {ckpt}: others may write to it (mode 664): whoever may could have rewritten it in place, and a run "
+        f"never resumes from such a file; if nobody did, `chmod go-w {ckpt.parent}/model-*.pth` and rerun (this "
+        f"program writes none such now)")
+    ckpt.chmod(0o644)
+    train.run_stage(_cfg(out, tmp_path, max_steps=2, save_freq=1))
+    assert [s for s, _ in ck.list_checkpoints(ckpt.parent)] == [1, 2]

@@ -603,7 +603,9 @@ def test_a_body_over_the_limit_is_refused_before_the_client_is_invited_to_send_i
         with socket.create_connection(("127.0.0.1", port)) as s:
             s.sendall(f"{head}Content-Length: {length}\r\n\r\n".encode())
             s.settimeout(5)
-            first = s.recv(65536)
+            first = b""
+            while chunk := s.recv(65536):  # the server may send its headers and body apart: up to its close
+                first += chunk
         assert first.startswith(b"HTTP/1.1 413 "), first[:200]
         assert b"100 Continue" not in first and b"over the limit" in first, first[:400]
     assert server.app.videos == {}
@@ -840,7 +842,8 @@ def test_app_prints_the_token_is_quiet_and_leaves_nothing(tmp_path, video, sig):
         assert before[0] == "checkpoints the page offers:" and len(before) == 5, before
         assert before[1].startswith("  pips2: ./reference_model (demo.py's default, in ") and \
             "./get_reference_model.sh" in before[1], before
-        assert "not downloaded yet" in before[2] and "not downloaded yet" in before[3], before
+        # lbm: the suite runs with HF_HUB_OFFLINE=1, so no Track could download it
+        assert "not downloaded yet" in before[2] and "HF_HUB_OFFLINE is set" in before[3], before
         assert before[4].startswith("no checkpoint is on this machine yet"), before
         base, token = url.split("?token=")
         port = int(base.rstrip("/").rsplit(":", 1)[1])

@@ -25,7 +25,7 @@ import torch.nn as nn
 from prettytable import PrettyTable
 
 from pips2.utils.download import MAX_CHECKPOINT_BYTES
-from pips2.utils.paths import make_dirs, new_temp_file, own_uids, remove_empty_dirs
+from pips2.utils.paths import current_umask, make_dirs, new_temp_file, own_uids, remove_empty_dirs
 from pips2.utils.procs import out_of_memory, pid_alive, pid_namespace, process_start
 from pips2.utils.safe_load import (
     UnsafeFileError,
@@ -759,10 +759,26 @@ def foreign_checkpoints(folder: str | os.PathLike) -> list[tuple[Path, int]]:
     return [(p, uid) for p, uid in found if uid not in trusted]
 
 
+def changeable_checkpoints(folder: str | os.PathLike) -> list[tuple[Path, int]]:
+    """(path, mode) of the checkpoints in `folder` that others may write to (group or other write permission):
+    whoever may rewrite one in place can put any weights in it under the run's own name, step and owner, so a run
+    never resumes from one. `save` writes none such."""
+    found = []
+    for _, p in list_checkpoints(folder):
+        try:
+            mode = os.stat(p).st_mode
+        except OSError:  # removed meanwhile, or a link whose target is gone: the reader's to judge
+            continue
+        if mode & 0o022:
+            found.append((p, stat.S_IMODE(mode)))
+    return found
+
+
 def untrusted_run_folder(folder: str | os.PathLike) -> bool:
     """Whether an existing run folder is not to be trained in or resumed from: its owner, or a checkpoint's in it,
-    is not trusted (`trusted_owners`)."""
-    return run_folder_problem(folder) is not None or bool(foreign_checkpoints(folder))
+    is not trusted (`trusted_owners`), or others may rewrite a checkpoint in it (`changeable_checkpoints`)."""
+    return (run_folder_problem(folder) is not None or bool(foreign_checkpoints(folder))
+            or bool(changeable_checkpoints(folder)))
 
 
 def read_newest(folder: str | os.PathLike, on_bad: Callable[[Path, CheckpointError], None] | None = None,
@@ -807,6 +823,12 @@ def save(folder: str | os.PathLike, step: int, model: nn.Module, optimizer=None,
         ckpt.update(extra)
     path = folder / ckpt_name(step)
     fd, tmp = new_temp_file(folder, f".{path.name}.{socket.gethostname()}.{os.getpid()}.")
+    try:
+        # readable as the umask allows, never writable by others: a resume refuses a checkpoint others may
+        # rewrite in place (`changeable_checkpoints`), which a umask of 002 would otherwise let the group do
+        os.fchmod(fd, 0o666 & ~(current_umask() | 0o022))
+    except OSError:  # a file system without modes
+        pass
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(ckpt, f)
