@@ -243,8 +243,10 @@ def unusable_now(name: str) -> str | None:
             return _unreachable_line(name, "HF_HUB_OFFLINE is set")
         return None
     dest = cache_dir() / KNOWN[name].cached
-    if not os.path.lexists(dest):
-        return None
+    if not os.path.lexists(dest):  # a download, unless the cache folder is refused (`fetch`)
+        problem = _cache_folder_problem(cache_dir()) if cache_dir().exists() else None
+        return None if problem is None else (f"{cache_dir()}: {problem}: a copy fetched there could be replaced by "
+                                             f"theirs; set {CACHE_ENV} to a folder of your own")
     try:
         trusted_copy(dest, cache_dir())
     except HubError as e:
@@ -316,7 +318,10 @@ def _cache_folder_problem(cache: Path) -> str | None:
     if st.st_uid != os.geteuid() and st.st_uid not in own_uids(cache) | {0}:
         return f"the cache folder belongs to uid {st.st_uid}, not to this user"
     if st.st_mode & 0o022:
-        return f"other users may put files in the cache folder (mode {stat.S_IMODE(st.st_mode):o})"
+        mode = f"mode {stat.S_IMODE(st.st_mode):o}"
+        if st.st_uid == os.geteuid():  # this user's own, made under a umask of 002 (Debian's, Ubuntu's default)
+            mode += f"; if it is meant for you alone: chmod go-w {cache}"
+        return f"other users may put files in the cache folder ({mode})"
     return None
 
 

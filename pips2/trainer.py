@@ -57,12 +57,13 @@ from pips2.utils import checkpoint as ck
 from pips2.utils import metrics, plots
 from pips2.utils.amp import amp_dtype, autocast
 from pips2.utils.cli import die
-from pips2.utils.paths import make_dirs, pinned_folder, printable
+from pips2.utils.paths import foreign_link_problem, make_dirs, pinned_folder, printable
 from pips2.utils.procs import (
     STOP_SIGNALS,
     caught_stop_signals,
     detach_from_closed_terminal,
     die_with_parent,
+    ending_at_once_on_stop,
     error_line,
     is_space_error,
     os_error_in,
@@ -198,9 +199,15 @@ class Ranks:
             dev = torch.device("cuda", local)
             torch.cuda.set_device(dev)
         if world > 1 and not dist.is_initialized():
+            if rank == 0:  # a lone process of a launch whose others never come waited here without a word
+                print(f"waiting for the {world} processes of this run to meet at {os.environ.get('MASTER_ADDR')}:"
+                      f"{os.environ.get('MASTER_PORT')} (WORLD_SIZE={world}); a stop signal ends the wait",
+                      file=sys.stderr, flush=True)
             # the other ranks wait in their next collective while rank 0 validates on TAP-Vid, which on a CPU
-            # can outlast the default 30 minutes
-            dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", timeout=DDP_TIMEOUT)
+            # can outlast the default 30 minutes; the meeting itself waits in C++, deaf to this program's stop
+            # handlers, and nothing is made yet that a stop would need to save
+            with ending_at_once_on_stop():
+                dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", timeout=DDP_TIMEOUT)
         return cls(rank, world, dev)
 
     @property
@@ -724,14 +731,27 @@ class TrainState:
                            f"another run's folder; move it aside to resume from the checkpoint before it")
         # the settings its folder's name is made of, which checkpoints of every version record: one moved in from
         # another run's folder names that run (the run id below is newer, and compares with a neighbour only)
-        saved, now = saved_settings(loaded.get("config")), json.loads(json.dumps(asdict(self.cfg)))
+        now = json.loads(json.dumps(asdict(self.cfg)))
         named = ("model", "B", "S", "N", "crop_hw", "lr", "exp_name") + (
             ("memory_size", "embed_dim") if self.cfg.lbm else ("stage", "iters"))
-        differ = [f"{k}={str(saved[k])[:40]!r}" for k in named if k in saved and saved[k] != now[k]]
-        if differ:
-            self.ranks.die(f"{path}: saved by another run ({', '.join(differ)}; this run's folder is "
-                           f"{self.ckpt_dir.name}): moved in from that run's folder, or this folder was renamed; move "
-                           f"it aside to resume from the checkpoint before it")
+        def differ(ckpt: dict) -> list[str]:
+            saved = saved_settings(ckpt.get("config"))
+            return [f"{k}={str(saved[k])[:40]!r}" for k in named if k in saved and saved[k] != now[k]]
+
+        if found := differ(loaded):
+            oldest = ck.list_checkpoints(self.ckpt_dir)[0][1]
+            try:
+                renamed = oldest == path or bool(differ(ck.read_checkpoint(oldest, layout=self.cfg.layout)))
+            except ck.CheckpointError:
+                renamed = False
+            if renamed:  # every checkpoint is of that run: moving them aside one by one would empty the folder
+                self.ranks.die(f"{self.ckpt_dir}: its checkpoints were saved by a run of other settings "
+                               f"({', '.join(found)}): this folder was renamed, or filled from that run's; rename it "
+                               f"back, or train on from it in a new run: --exp_name=<a new name> "
+                               f"--init_dir={self.ckpt_dir} --load_optimizer=True --load_step=True")
+            self.ranks.die(f"{path}: saved by another run ({', '.join(found)}; this run's folder is "
+                           f"{self.ckpt_dir.name}): moved in from that run's folder; move it aside to resume from the "
+                           f"checkpoint before it")
         run = loaded.get("run")
         if run is not None and not (isinstance(run, str) and RUN_ID.fullmatch(run)):
             self.ranks.die(f"{path}: its run id {str(run)[:40]!r} is not one this program writes; move it aside to "
@@ -744,7 +764,11 @@ class TrainState:
             theirs = ck.read_checkpoint(before[-1], layout=self.cfg.layout).get("run")
         except ck.CheckpointError:  # an unreadable older file says nothing of this one
             return
-        if isinstance(theirs, str) and theirs != run:  # also when this one has none: older than its predecessor
+        if isinstance(theirs, str) and run is None:  # older than its predecessor, or moved in
+            self.ranks.die(f"{path} records no run id, and {before[-1].name} before it does: saved by a version of "
+                           f"this program older than the one before it, or moved in from another run's folder; move it "
+                           f"aside to resume from the checkpoint before it")
+        if isinstance(theirs, str) and theirs != run:
             self.ranks.die(f"{path} and {before[-1].name} beside it are of two runs (their run ids differ): one was "
                            f"moved in from another run's folder; move the other run's checkpoint aside")
 
@@ -1476,6 +1500,12 @@ def run_stage(cfg: Config) -> tuple[Path, torch.nn.Module]:
     try:
         ranks = Ranks.setup(cfg.device)
         ckpt_dir = Path(cfg.ckpt_dir) / cfg.name()
+        # the flags' own paths (their defaults ./checkpoints and ./logs_train in a team's checkout too): a link
+        # another user planted on the way would send the run's checkpoints and logs into a folder of their choice
+        problem = next(filter(None, (foreign_link_problem(Path(cfg.ckpt_dir), "--ckpt_dir"),
+                                     foreign_link_problem(Path(cfg.log_dir), "--log_dir"))), None)
+        if ranks.any(problem is not None):
+            ranks.die(problem or "")
         with run_lock(ckpt_dir, ranks):
             return train_stage(cfg, ranks, ckpt_dir, stop)
     except StoppedLosingNothing as e:
@@ -1518,8 +1548,10 @@ def _train_stage(cfg: Config, ranks: Ranks, ckpt_dir: Path, stop: StopRequest) -
     # before the model is built: TensorBoard's writer (rank 0's) would fail on it with a traceback; every rank
     # ends together rather than build its model until torchrun tears it down
     if ranks.any(ranks.main and os.path.lexists(logs) and not logs.is_dir()):
-        ranks.die(f"--log_dir: {logs} is not a folder (the run's TensorBoard log goes there); remove it or give "
-                  "another --log_dir")
+        what = (f"a link to {os.readlink(logs)}, which does not exist" if logs.is_symlink() and not logs.exists()
+                else "not a folder")
+        ranks.die(f"--log_dir: {logs} is {what} (the run's TensorBoard log goes there); remove it or give another "
+                  f"--log_dir")
     # in a --log_dir others may write to, the run folder's name follows from the flags: a link planted there
     # steered the log into a folder of the planter's choice
     problem = ck.run_folder_problem(logs, "--log_dir") if ranks.main and os.path.lexists(logs) else None

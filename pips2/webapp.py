@@ -451,7 +451,7 @@ def hub_choice(model: str) -> Choice:
     """A hub name: ready once in the cache, else downloaded by the first Track that uses it."""
     if refused := unusable_now(model):  # a copy the loader refuses, or none and no download allowed
         return Choice(model, model, "missing", f"{model} (cannot be used now)", refused,
-                      f"{model}: {model} (hub name): {refused}")
+                      f"{model}: {model} (hub name): {refused.removeprefix(f'{model}: ')}")
     found = cached(model)
     if found is not None:
         return Choice(model, model, "ready", f"{model} (downloaded)", "",

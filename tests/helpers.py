@@ -187,3 +187,13 @@ def on_each_step(monkeypatch, action, after: bool = False) -> None:
         return res
 
     monkeypatch.setattr(trainer, "train_step", step)
+
+
+def left_by_a_killed_owner(folder: Path) -> Path:
+    """Make `folder` what `owned_tempdir` leaves when its process is killed: mode 0700, holding its OWNER_LOCK, no
+    longer locked. Only such a folder is removed by a later clean-up."""
+    from pips2.utils.procs import OWNER_LOCK
+
+    folder.chmod(0o700)
+    (folder / OWNER_LOCK).touch()
+    return folder

@@ -402,13 +402,20 @@ def test_checkpoints_are_checked_at_start(no_checkpoints, tmp_path, monkeypatch)
     monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
     lines = app_.checkpoint_report()
     assert lines[2] == (f"  pips2: pips2 (hub name): {no_checkpoints}: other users may put files in the cache folder "
-                        f"(mode 1777): whoever may put files there could put their own weights where the authors' "
-                        f"are looked for; not loaded. Set PIPS2_CACHE to a folder of your own"), lines
-    assert lines[3].startswith("  lbm: lbm (hub name): lbm: not in the Hugging Face cache (") and \
+                        f"(mode 1777; if it is meant for you alone: chmod go-w {no_checkpoints}): whoever may put "
+                        f"files there could put their own weights where the authors' are looked for; not loaded. Set "
+                        f"PIPS2_CACHE to a folder of your own"), lines
+    assert lines[3].startswith("  lbm: lbm (hub name): not in the Hugging Face cache (") and \
         "and HF_HUB_OFFLINE is set; fetch it once with the internet" in lines[3], lines
     states = {c["name"]: c["state"] for m in ("pips2", "lbm") for c in app_.config()["choices"][m]}
     assert states["pips2"] == states["lbm"] == "missing"
     assert "Set PIPS2_CACHE to a folder of your own" in page_wording(app_.choice("pips2", "pips2").note)
+    # nor is a download into such a cache promised: the loader would refuse to fetch into it
+    (no_checkpoints / "reference_model").rename(tmp_path / "ref_aside")
+    lines = app_.checkpoint_report()
+    assert lines[2].startswith(f"  pips2: pips2 (hub name): {no_checkpoints}: other users may put files in the cache "
+                               f"folder") and "a copy fetched there could be replaced by theirs" in lines[2], lines
+    (tmp_path / "ref_aside").rename(no_checkpoints / "reference_model")
     no_checkpoints.chmod(0o755)
     monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
     shutil.copytree(no_checkpoints / "reference_model", "reference_model")

@@ -753,3 +753,27 @@ def test_the_synthetic_video_is_made_where_no_planted_link_can_redirect_it(tmp_p
     assert res.returncode == 0, res.stderr
     assert victim.read_text() == "the user's" and not (out / "synthetic.mp4").is_symlink()
     assert len(read_video(out / "synthetic.mp4")) > 0
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="gives a link another user's uid")
+def test_an_out_dir_or_out_json_through_another_user_s_link_is_refused(tmp_path, clip, capsys):
+    """In a team's checkout (a folder others may write to), another user could plant a link at ./demo_out, or at
+    the folder of an evaluation's --out_json, to a folder of the user's results: the rerun replaced them there
+    without a word. A link on the way made by another user (not root) is refused in one line, exit 2."""
+    from pips2.evaluation import check_out_json
+
+    papers = tmp_path / "paper"
+    papers.mkdir()
+    (papers / "tracks.csv").write_text("the figure's data")
+    team = tmp_path / "team"
+    team.mkdir()
+    (team / "demo_out").symlink_to(papers)
+    os.lchown(team / "demo_out", 2002, 2002)
+    line = _one_error_line(_demo(capsys, video=clip, out_dir=team / "demo_out" / "track"))
+    assert line == (f"error: --out_dir: {team / 'demo_out'} is a link of uid 2002's (to {papers}), not this user's: "
+                    f"its maker chose where this program's files would go; remove it, or give another --out_dir")
+    assert sorted(p.name for p in papers.iterdir()) == ["tracks.csv"]
+    with pytest.raises(ValueError, match=rf"^--out_json: {team / 'demo_out'} is a link of uid 2002's"):
+        check_out_json(str(team / "demo_out" / "pod.json"))
+    os.lchown(team / "demo_out", os.geteuid(), os.getegid())  # this user's own link: theirs to make
+    check_out_json(str(team / "demo_out" / "pod.json"))

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import sparse_tar_bytes, tar_bytes, torch_bytes
+from helpers import left_by_a_killed_owner, sparse_tar_bytes, tar_bytes, torch_bytes
 
 import pips2
 from pips2 import hub
@@ -360,6 +360,8 @@ def test_a_killed_download_s_folder_is_removed_by_the_next_one(server, cache, mo
     for d in (stale, stale_ns, live, elsewhere):
         d.mkdir(parents=True)
         (d / f".lbm.pt.{dead.pid}.x.part").write_bytes(b"half a model")
+    for d in (stale, stale_ns):
+        left_by_a_killed_owner(d)
     monkeypatch.setenv("PIPS2_URL_LBM", f"{base}/good.pt")
     hub.fetch("lbm")
     assert _leftovers(cache) == sorted([live.name, elsewhere.name])
@@ -409,7 +411,8 @@ def test_a_copy_another_user_put_in_a_shared_cache_is_not_loaded(cache, monkeypa
     cache.mkdir()
     os.chmod(cache, 0o1777)  # a cache folder a team shares: anybody may put a reference_model/ there first
     ref = _plant(cache, pips_model)
-    with pytest.raises(hub.HubError, match=rf"^{cache}: other users may put files in the cache folder \(mode 1777\): "
+    with pytest.raises(hub.HubError, match=rf"^{cache}: other users may put files in the cache folder \(mode 1777; "
+                                           rf"if it is meant for you alone: chmod go-w {cache}\): "
                                            rf".* not loaded\. Set PIPS2_CACHE to a folder of your own"):
         pips2.load_model("pips2")
     os.chown(cache, 2002, 2002)

@@ -16,9 +16,10 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from helpers import golden_model
+from helpers import golden_model, left_by_a_killed_owner
 
 from pips2 import tracking
+from pips2.utils.procs import OWNER_LOCK
 from pips2.utils.video import VideoError, write_mp4
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -348,7 +349,6 @@ def test_long_video_memory_is_bounded(tmp_path):
     script.write_text(f"""
 import re
 import numpy as np
-from helpers import golden_model
 from pips2 import tracking
 from pips2.utils.video import write_mp4
 
@@ -494,6 +494,7 @@ def test_frame_folders_of_killed_processes_are_removed(tmp_path, monkeypatch):
     for d in (stale, live, other_host):
         d.mkdir()
         (d / "frames.u8").write_bytes(b"\0" * 100)
+    left_by_a_killed_owner(stale)
     write_mp4(tmp_path / "v.mp4", _video(3))
     tracking.VideoFileFrames(tmp_path / "v.mp4").close()
     assert not stale.exists() and live.is_dir() and other_host.is_dir()
@@ -761,3 +762,22 @@ def test_tracking_reuses_the_memory_the_encoder_frees():
     layer1_map_pages = 64 * 256 * 448 * 4 / 4096  # one of the encoder's largest maps at 512x896
     assert faults["off"] > 2 * layer1_map_pages, faults  # the pattern this guards against is there
     assert faults["on"] * 3 < faults["off"], faults
+
+
+def test_a_folder_renamed_to_a_dead_process_s_temp_name_is_not_removed(tmp_path, monkeypatch):
+    """In a folder others may write to, another user may rename a folder of this user's (which they may not
+    empty) to a temp name of a dead process: the clean-up removed it and everything in it. Only a folder that is
+    evidently one a killed process of this program left (mode 0700, holding its unlocked OWNER_LOCK) is removed."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    host = socket.gethostname()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    kept = []
+    for i, mode in enumerate((0o755, 0o700)):
+        d = tmp_path / f"{tracking.FRAMES_PREFIX}.{host}.{dead}.paper{i}"
+        d.mkdir(mode=mode)
+        (d / "table.csv").write_text("the user's results")
+        kept.append(d)
+    (kept[0] / OWNER_LOCK).touch()  # a lock file, but not the private mode of a folder this program made
+    removed = tracking.remove_stale_frame_dirs()
+    assert removed == [] and all((d / "table.csv").read_text() == "the user's results" for d in kept)

@@ -4,6 +4,7 @@ import errno
 import json
 import os
 import shutil
+import signal
 import socket
 import stat
 import subprocess
@@ -1094,25 +1095,40 @@ def test_a_checkpoint_of_another_run_moved_into_the_run_folder_is_not_resumed(ex
     with pytest.raises(SystemExit) as e:
         train.run_stage(_cfg(out, tmp_path, exp_name="a", max_steps=6, save_freq=1))
     assert e.value.code == 2
+    # with no checkpoint of its own left the folder holds only the other run's: moving that aside too would start
+    # the run afresh without a word, so the line says how to go on instead
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
-        f"error: {moved}: saved by another run (exp_name='b'; this run's folder is {a.name}): moved in from that "
-        f"run's folder, or this folder was renamed; move it aside to resume from the checkpoint before it")
+        f"error: {a}: its checkpoints were saved by a run of other settings (exp_name='b'): this folder was renamed, "
+        f"or filled from that run's; rename it back, or train on from it in a new run: --exp_name=<a new name> "
+        f"--init_dir={a} --load_optimizer=True --load_step=True")
     assert [s for s, _ in ck.list_checkpoints(a)] == [3]  # nothing written
     (tmp_path / "aside.pth").rename(a / ck.ckpt_name(1))
+    with pytest.raises(SystemExit) as e:
+        train.run_stage(_cfg(out, tmp_path, exp_name="a", max_steps=6, save_freq=1))
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: {moved}: saved by another run (exp_name='b'; this run's folder is {a.name}): moved in from that "
+        f"run's folder; move it aside to resume from the checkpoint before it")
     # a run of the very same settings in another --ckpt_dir: its run id is not that of the checkpoint before
     train.run_stage(_cfg(out, tmp_path, exp_name="a", max_steps=3, save_freq=1, ckpt_dir=str(tmp_path / "ck2")))
     shutil.copy(tmp_path / "ck2" / a.name / ck.ckpt_name(3), moved)
-    for with_id in (True, False):
-        if not with_id:  # nor may a checkpoint without one follow one with one
-            older = torch.load(moved, weights_only=True)
-            del older["run"]
-            torch.save(older, moved)
-        with pytest.raises(SystemExit) as e:
-            train.run_stage(_cfg(out, tmp_path, exp_name="a", max_steps=6, save_freq=1))
-        assert e.value.code == 2
-        assert capsys.readouterr().err.strip().splitlines()[-1] == (
-            f"error: {moved} and {ck.ckpt_name(1)} beside it are of two runs (their run ids differ): one was moved "
-            f"in from another run's folder; move the other run's checkpoint aside")
+    with pytest.raises(SystemExit) as e:
+        train.run_stage(_cfg(out, tmp_path, exp_name="a", max_steps=6, save_freq=1))
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: {moved} and {ck.ckpt_name(1)} beside it are of two runs (their run ids differ): one was moved "
+        f"in from another run's folder; move the other run's checkpoint aside")
+    # nor may a checkpoint without one follow one with one
+    older = torch.load(moved, weights_only=True)
+    del older["run"]
+    torch.save(older, moved)
+    with pytest.raises(SystemExit) as e:
+        train.run_stage(_cfg(out, tmp_path, exp_name="a", max_steps=6, save_freq=1))
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: {moved} records no run id, and {ck.ckpt_name(1)} before it does: saved by a version of this program "
+        f"older than the one before it, or moved in from another run's folder; move it aside to resume from the "
+        f"checkpoint before it")
     assert [s for s, _ in ck.list_checkpoints(a)] == [1, 3]  # nothing written
     moved.unlink()
     train.run_stage(_cfg(out, tmp_path, exp_name="a", max_steps=2, save_freq=1))  # its own run resumes, and on
@@ -1179,6 +1195,18 @@ def test_a_log_folder_of_another_user_or_their_link_at_its_name_is_refused(expor
     os.chown(logs / cfg.name(), os.geteuid(), os.getegid())
     train.run_stage(cfg)
     assert list((logs / cfg.name()).glob("events.out.tfevents.*"))
+    # one level up: --ckpt_dir or --log_dir itself (./checkpoints, ./logs_train in a team's checkout) a link of theirs
+    for flag in ("ckpt_dir", "log_dir"):
+        planted = tmp_path / f"planted_{flag}"
+        planted.symlink_to(theirs)
+        os.lchown(planted, 2002, 2002)
+        with pytest.raises(SystemExit) as e:
+            train.run_stage(_cfg(out, tmp_path, max_steps=1, **{flag: str(planted)}))
+        assert e.value.code == 2
+        assert capsys.readouterr().err.strip().splitlines()[-1] == (
+            f"error: --{flag}: {planted} is a link of uid 2002's (to {theirs}), not this user's: its maker chose where "
+            f"this program's files would go; remove it, or give another --{flag}")
+    assert not list(theirs.iterdir())
 
 
 @pytest.mark.parametrize("env, said", [
@@ -1227,3 +1255,60 @@ def test_checkpoints_are_never_writable_by_others_and_such_a_one_is_not_resumed(
     ckpt.chmod(0o644)
     train.run_stage(_cfg(out, tmp_path, max_steps=2, save_freq=1))
     assert [s for s, _ in ck.list_checkpoints(ckpt.parent)] == [1, 2]
+
+
+def test_a_lone_process_of_a_launch_waits_for_the_others_in_a_line_and_stops_on_sigterm(exported, tmp_path):
+    """WORLD_SIZE=2 with MASTER_ADDR and MASTER_PORT set, but no second process (variables exported for a manual
+    launch, a second process that failed to start): train.py waited in the process group's rendezvous for up to
+    its 3-hour timeout without a word, deaf to SIGTERM and Ctrl-C (the wait is inside C++). It now says what it
+    waits for, and a stop signal ends it at once."""
+    import select
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out, _ = exported
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(port)}
+    cmd = [sys.executable, str(ROOT / "train.py"), f"--dataset_location={out}", f"--dataset_version={_version(out)}",
+           f"--log_dir={tmp_path / 'logs'}", f"--ckpt_dir={tmp_path / 'ck'}", *(f"--{k}={v}" for k, v in TINY.items()),
+           "--max_steps=1"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        assert proc.stderr is not None
+        ready, _, _ = select.select([proc.stderr], [], [], 120)
+        assert ready, "no line within 120 s"
+        line = proc.stderr.readline()
+        assert line.strip() == (f"waiting for the 2 processes of this run to meet at 127.0.0.1:{port} (WORLD_SIZE=2); "
+                                f"a stop signal ends the wait"), line
+        time.sleep(1)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == -signal.SIGTERM
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert not (tmp_path / "ck").exists()
+
+
+def test_a_dangling_link_at_the_run_or_log_folder_s_name_is_said_as_such(exported, tmp_path, capsys):
+    """A link whose target does not exist at the run folder's name gave "cannot make or lock the run folder …
+    (File exists)", and at the log folder's "… is not a folder": neither said that a link was there."""
+    out, _ = exported
+    cfg = _cfg(out, tmp_path, max_steps=1)
+    (tmp_path / "ck").mkdir()
+    (tmp_path / "ck" / cfg.name()).symlink_to(tmp_path / "not_yet")
+    with pytest.raises(SystemExit) as e:
+        train.run_stage(cfg)
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: {tmp_path / 'ck' / cfg.name()}: a link to {tmp_path / 'not_yet'}, which does not exist; remove it, "
+        f"or give another --ckpt_dir (or --exp_name)")
+    (tmp_path / "ck" / cfg.name()).unlink()
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / cfg.name()).symlink_to(tmp_path / "not_yet")
+    with pytest.raises(SystemExit) as e:
+        train.run_stage(cfg)
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: --log_dir: {tmp_path / 'logs' / cfg.name()} is a link to {tmp_path / 'not_yet'}, which does not "
+        f"exist (the run's TensorBoard log goes there); remove it or give another --log_dir")

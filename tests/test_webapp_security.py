@@ -20,7 +20,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from helpers import golden_model
+from helpers import golden_model, left_by_a_killed_owner
 from test_app import TOKEN, call, finish, page_wording, serving, upload
 
 from pips2 import webapp
@@ -951,6 +951,7 @@ def test_a_killed_servers_uploads_are_removed_by_the_next_start(tmp_path, ckpt, 
     live = tmp_path / f"{webapp.WORK_PREFIX}.{host}.{os.getpid()}.xyz"
     for d in (stale, live):
         (d / "uploads").mkdir(parents=True)
+    left_by_a_killed_owner(stale)
     app = webapp.App(init_dir=str(ckpt), clip_dir=tmp_path / "clips")
     try:
         assert not stale.exists() and live.exists()

@@ -1033,6 +1033,11 @@ class RunLock:
 
     def acquire(self) -> RunLock:
         """Take the lock or raise LockError naming the folder and the owner."""
+        if os.path.islink(self.folder) and not os.path.exists(self.folder):  # mkdir said only "File exists"
+            uid = os.lstat(self.folder).st_uid
+            whose = "" if uid == os.geteuid() else f" of uid {uid}'s"
+            raise LockError(f"{self.folder}: a link{whose} to {os.readlink(self.folder)}, which does not exist; remove "
+                            f"it, or give another --ckpt_dir (or --exp_name)")
         self.made = make_dirs(self.folder)
         # the run folder's name follows from the flags: on a disk every user may write to (/tmp, a scratch disk)
         # another user can make it first, and then put checkpoints in it, or replace this run's, at will

@@ -172,6 +172,32 @@ def made_by_this_user(st: os.stat_result, folder: str | os.PathLike) -> bool:
     return st.st_uid == os.geteuid() or st.st_uid in own_uids(folder)
 
 
+def foreign_link(path: str | os.PathLike) -> tuple[Path, int] | None:
+    """(link, its owner's uid) of the first link on the way to `path`, itself included, made by a user other than
+    this one or root, or None. Whoever made such a link chose where the path leads: in a folder others may write
+    to (a team's checkout, a shared scratch disk) another user could plant one at `./checkpoints` or an output
+    folder's name, and this program's files would go into a folder of their choice."""
+    p = Path(os.path.abspath(path))
+    for q in [*reversed(p.parents), p]:
+        try:
+            st = os.lstat(q)
+        except OSError:  # nothing there (yet): nothing below it either
+            return None
+        if stat.S_ISLNK(st.st_mode) and st.st_uid not in (os.geteuid(), 0):
+            return q, st.st_uid
+    return None
+
+
+def foreign_link_problem(path: str | os.PathLike, flag: str) -> str | None:
+    """`foreign_link`'s finding as the one line a program says for its flag, or None."""
+    found = foreign_link(path)
+    if found is None:
+        return None
+    link, uid = found
+    return (f"{flag}: {link} is a link of uid {uid}'s (to {os.path.realpath(link)}), not this user's: its maker chose "
+            f"where this program's files would go; remove it, or give another {flag}")
+
+
 def unpinned(path: str | os.PathLike) -> Path:
     """A path under a pinned folder (pinned_folder) as the folder's own path: what messages show."""
     text = os.fspath(path)

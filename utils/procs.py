@@ -676,12 +676,18 @@ def remove_dead_owned(folder: str | os.PathLike, head: str, tail: str = r"[A-Za-
         if not m or m["host"] != host or d.is_dir() != dirs:
             continue
         try:
-            if hasattr(os, "geteuid") and d.lstat().st_uid != os.geteuid():  # another user's (a shared TMPDIR):
+            st = d.lstat()
+            if hasattr(os, "geteuid") and st.st_uid != os.geteuid():  # another user's (a shared TMPDIR):
                 # never ours to judge or remove
                 continue
         except OSError:
             continue
         gone = _owner_gone(d) if dirs else None  # this process's own folders too: its lock is held
+        if dirs and (gone is None or stat.S_IMODE(st.st_mode) != 0o700):
+            # without its OWNER_LOCK, or without mkdtemp's private mode, the folder is not evidently one this
+            # program made: another user who may write where it is could have renamed a folder of this user's to
+            # such a name (which they could not delete themselves) for this process to remove it
+            continue
         if gone is None:
             gone = (m["ns"] is None or int(m["ns"]) == ns) and not pid_alive(int(m["pid"]))
         if gone:
@@ -698,6 +704,24 @@ def remove_stale_tempdirs(prefix: str, tmp: str | os.PathLike | None = None) -> 
     (SIGKILL, out of memory, a closed terminal under an old version), which no handler can clean; returns them.
     A folder of a live process stays."""
     return remove_dead_owned(tmp or tempfile.gettempdir(), prefix)
+
+
+@contextmanager
+def ending_at_once_on_stop() -> Iterator[None]:
+    """Inside, a stop signal (SIGTERM, SIGINT, SIGHUP) ends the process at once, by the signal's default action:
+    for a wait inside C code that no Python handler can interrupt (a process group's rendezvous, whose other
+    processes may never come), when nothing of the process's needs saving yet. Outside, the handlers are as before."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+    for sig in before:
+        signal.signal(sig, signal.SIG_DFL)
+    try:
+        yield
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
 
 
 class Stopped(BaseException):

@@ -38,11 +38,10 @@ from pips2.tracking import (
 )
 from pips2.utils.checkpoint import CheckpointError, resolve_device
 from pips2.utils.cli import run_fire
-from pips2.utils.paths import make_dirs, remove_empty_dirs, same_file
+from pips2.utils.paths import foreign_link_problem, make_dirs, remove_empty_dirs, same_file
 from pips2.utils.procs import (
     Stopped,
     owned_tempdir,
-    remove_dead_owned,
     remove_owned,
     remove_stale_tempdirs,
     stopping_on_signals,
@@ -175,6 +174,8 @@ def check_outputs_spare_inputs(out: Path, **inputs: str | None) -> None:
 
 def check_out_dir(out: Path) -> list[Path]:
     """Create --out_dir and prove it writable now, not after minutes of tracking; returns the folders made."""
+    if problem := foreign_link_problem(out, "--out_dir"):
+        raise ValueError(problem)
     made: list[Path] = []
     try:
         made = make_dirs(out)
@@ -252,7 +253,6 @@ def main(video: str | None = None, init_dir: str | None = None, points: str | No
             if video:
                 video_path = shown_video = Path(video)
             else:
-                remove_dead_owned(out, SYNTHETIC_TEMP_HEAD, "mp4", dirs=False)  # earlier versions' temp files
                 remove_stale_tempdirs(SYNTHETIC_TEMP_HEAD, out)
                 # in a private folder (0700, a random name): a predictable name in a folder others may write to
                 # could be a planted link, which ffmpeg would write through
