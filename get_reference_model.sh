@@ -23,6 +23,7 @@ die() { echo "get_reference_model.sh: $*" >&2; exit 1; }
 
 command -v "$PY" >/dev/null 2>&1 || die "PYTHON=$PY: no such program (set PYTHON to the project's python)"
 [ ! -e "$DEST" ] || [ -d "$DEST" ] || die "REF_MODEL_DEST=$DEST is a file, not a folder; nothing replaced"
+case "$DEST" in /*) dest_abs="$DEST" ;; *) dest_abs="$PWD/$DEST" ;; esac  # judged for links of other users
 
 want_sha=""
 if [ -n "${REF_MODEL_SHA256:-}" ]; then
@@ -39,7 +40,7 @@ echo "downloading $URL"
 # unpacks the model-*.pth files of reference_model/ into $work/reference_model; it needs no torch, so a Python
 # without it is reported below, when the checkpoint is verified. Run from the repository root so the project's
 # copy is used.
-(cd "$ROOT" && PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" "$PY" -m pips2.utils.download "$URL" "$work" "$want_sha") \
+(cd "$ROOT" && PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" "$PY" -m pips2.utils.download "$URL" "$work" "$want_sha" "$dest_abs") \
   || exit 1
 unpacked="$work"
 

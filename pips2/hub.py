@@ -482,10 +482,33 @@ def how_to_get(kind: str | None = None) -> str:
     return "; ".join(ways)
 
 
+def _default_folder_problem(folder: Path) -> str | None:
+    """Why the default checkpoint folder, ./reference_model in the folder the program runs from, is not to be
+    loaded, or None: it, a link at its name or a checkpoint in it was made by another user (not root). The user
+    never named it: run from a team's folder or /tmp, it could be anybody's model, taken for the authors'."""
+    trusted = {os.geteuid(), 0}
+    try:
+        found = [folder] if os.path.lexists(folder) else []
+        if found and folder.is_dir():
+            found += [p for _, p in list_checkpoints(folder)]
+        owners = [(p, os.lstat(p).st_uid) for p in found] + [(folder, os.stat(folder).st_uid)] if found else []
+    except OSError:
+        return None  # unreadable: find_file says so
+    for p, uid in owners:
+        if uid not in trusted:
+            return (f"{DEFAULT_PIPS}: {'made' if p == folder else p.name + ' in it was put there'} by uid {uid}, not "
+                    f"by this user: the default checkpoint folder, found in the folder this program runs from "
+                    f"({Path.cwd()}), may be anybody's there; if you trust it, give it by its path: "
+                    f"--init_dir={folder.resolve()}")
+    return None
+
+
 def find_file(path: str | os.PathLike, step: int | None = None, kind: str | None = None) -> Path:
     """The checkpoint file a path names: the file itself; in a folder, its model-*.pth of `step` (the newest when
     None), else its one *.pt/*.pth file. HubError naming the path, what was looked for and how to get one."""
     p = Path(path).expanduser()
+    if os.fspath(path) == DEFAULT_PIPS and (problem := _default_folder_problem(p)):
+        raise HubError(problem)
     if p.is_file():
         if step is not None:
             raise HubError(f"{path}: a file; a step ({step}) picks one of a folder's model-*.pth files")

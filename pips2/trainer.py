@@ -199,10 +199,11 @@ class Ranks:
             dev = torch.device("cuda", local)
             torch.cuda.set_device(dev)
         if world > 1 and not dist.is_initialized():
-            if rank == 0:  # a lone process of a launch whose others never come waited here without a word
-                print(f"waiting for the {world} processes of this run to meet at {os.environ.get('MASTER_ADDR')}:"
-                      f"{os.environ.get('MASTER_PORT')} (WORLD_SIZE={world}); a stop signal ends the wait",
-                      file=sys.stderr, flush=True)
+            # a lone process of a launch whose others never come waited here without a word (every rank says it:
+            # any of them may be the lone one)
+            print(f"{f'rank {rank}: ' if rank else ''}waiting for the {world} processes of this run to meet at "
+                  f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')} (WORLD_SIZE={world}); a stop "
+                  f"signal ends the wait", file=sys.stderr, flush=True)
             # the other ranks wait in their next collective while rank 0 validates on TAP-Vid, which on a CPU
             # can outlast the default 30 minutes; the meeting itself waits in C++, deaf to this program's stop
             # handlers, and nothing is made yet that a stop would need to save

@@ -775,5 +775,34 @@ def test_an_out_dir_or_out_json_through_another_user_s_link_is_refused(tmp_path,
     assert sorted(p.name for p in papers.iterdir()) == ["tracks.csv"]
     with pytest.raises(ValueError, match=rf"^--out_json: {team / 'demo_out'} is a link of uid 2002's"):
         check_out_json(str(team / "demo_out" / "pod.json"))
+    # reached through a link of the user's own (a symlinked scratch folder into the team's area), and after a `..`
+    (tmp_path / "scratch").symlink_to(team)
+    (team / "sub").mkdir()
+    for given in (tmp_path / "scratch" / "demo_out" / "track", tmp_path / "scratch" / "sub" / ".." / "demo_out"):
+        with pytest.raises(ValueError, match=rf"^--out_json: {team / 'demo_out'} is a link of uid 2002's"):
+            check_out_json(str(given / "pod.json"))
     os.lchown(team / "demo_out", os.geteuid(), os.getegid())  # this user's own link: theirs to make
     check_out_json(str(team / "demo_out" / "pod.json"))
+
+
+def test_an_out_dir_replaced_by_a_link_while_tracking_is_not_written_through(tmp_path, clip):
+    """--out_dir is checked before minutes of tracking; in a folder others may write to, another user could then
+    move it aside and put a link at its name: the outputs were written through it, over the user's earlier
+    tracks.csv elsewhere. The folder is now held from the check on, and one replaced meanwhile is an error."""
+    out, precious = tmp_path / "team" / "out", tmp_path / "precious"
+    precious.mkdir()
+    (precious / "tracks.csv").write_text("the figure's data")
+    demo.check_out_dir(out)
+    out.rename(out.with_name("moved"))
+    out.symlink_to(precious)
+    tracks = np.zeros((14, 2, 2), np.float32)
+    with pytest.raises(OSError, match=r"^the folder was moved, removed or replaced while the tracks were computed; "
+                                      r"nothing written$"):
+        write_outputs(out, clip, np.zeros((2, 3), np.float32), tracks, np.ones((14, 2), bool), 24.0)
+    assert sorted(p.name for p in precious.iterdir()) == ["tracks.csv"]
+    assert (precious / "tracks.csv").read_text() == "the figure's data"
+    # held since the check, and not replaced: written there, whatever way the folder is named
+    demo.check_out_dir(tmp_path / "fresh")
+    files = write_outputs(tmp_path / "fresh", clip, np.zeros((2, 3), np.float32), tracks, np.ones((14, 2), bool), 24.0)
+    assert files == [tmp_path / "fresh" / n for n in ("tracks.npz", "tracks.csv", "tracks.mp4")]
+    assert all(f.is_file() for f in files)

@@ -488,3 +488,21 @@ def test_a_fetched_copy_is_kept_from_others_and_read_as_checked(server, cache, m
                                                        "x", "cpu", None, {}), pips_model)
     with pytest.raises(hub.HubError, match=rf"^{ref}: no checkpoint for step 7 \(have \[200000\]\)"):
         pips2.load_model("pips2", step=7)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="making files of another user needs root")
+def test_the_default_reference_model_folder_of_another_user_is_not_loaded(tmp_path, monkeypatch, pips_model):
+    """./reference_model, the scripts' default --init_dir, is looked for in the folder a program runs from. Run from
+    a team's folder (or /tmp), another user's folder there was loaded as the authors' model without a word; a
+    checkpoint another user put into the user's own folder too. Both are refused, naming how to load it anyway."""
+    monkeypatch.chdir(tmp_path)
+    ref = _plant(tmp_path, pips_model)
+    with pytest.raises(hub.HubError, match=rf"^\./reference_model: made by uid 2002, not by this user: .*runs from "
+                                           rf"\({tmp_path}\).* --init_dir={ref}$"):
+        pips2.load_model(None)
+    os.chown(ref, os.geteuid(), os.getegid())
+    with pytest.raises(hub.HubError, match=r"^\./reference_model: model-000200000.pth in it was put there by uid 2002"):
+        pips2.load_model("./reference_model", kind="pips2")
+    assert _same_weights(pips2.load_model(str(ref)), pips_model)  # named by its path: the user's choice
+    os.chown(ref / "model-000200000.pth", os.geteuid(), os.getegid())
+    assert _same_weights(pips2.load_model(None), pips_model)

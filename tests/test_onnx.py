@@ -167,6 +167,8 @@ def test_cli_out_replaces_only_an_earlier_export(tmp_path, capsys):
     import subprocess
     import sys
 
+    from helpers import left_by_a_killed_owner
+
     from pips2.utils.procs import pid_namespace
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
@@ -174,6 +176,7 @@ def test_cli_out_replaces_only_an_earlier_export(tmp_path, capsys):
     killed = tmp_path / f".m.onnx.tmp.{socket.gethostname()}.{dead}.{pid_namespace()}.abc123"
     killed.mkdir()
     (killed / "m.onnx.data").write_bytes(bytes(1000))
+    left_by_a_killed_owner(killed)
     out = tmp_path / "m.onnx"
     for _ in range(2):
         res = run_main(export_onnx.main, capsys, init_dir=str(ck), out=str(out), S=4, H=128, W=128, iters=1,

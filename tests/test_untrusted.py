@@ -1269,3 +1269,37 @@ def test_a_fifo_named_like_a_checkpoint_is_no_checkpoint(tmp_path):
     with pytest.raises(ck.CheckpointError) as e:
         ck.find_checkpoint(run / "model-000000002.pth")
     assert str(e.value) == f"{run / 'model-000000002.pth'}: not a regular file (a FIFO)"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="gives a link another user's uid")
+def test_every_writer_refuses_a_link_another_user_planted_on_its_output_path(tmp_path, synth_root, capsys):
+    """export_onnx.py --out, export_mp4_dataset.py --out_dir, make_synthetic_pod.py --out and
+    get_reference_model.sh's REF_MODEL_DEST followed a link another user planted in a team's folder: an earlier
+    ONNX export of the user's elsewhere was replaced, clips and scenes were mixed into another folder of theirs.
+    Each now refuses it in one line before anything is written, as train.py and demo.py do."""
+    from helpers import run_main
+
+    from pips2.cli import export as export_cli
+    from pips2.cli import export_onnx, synthetic
+    from pips2.utils import download
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    team = tmp_path / "team"
+    team.mkdir()
+    link = team / "out"
+    link.symlink_to(mine)
+    os.lchown(link, 2002, 2002)
+    said = f"is a link of uid 2002's (to {mine}), not this user's: its maker chose where this program's files would go"
+    for main, kw in ((export_onnx.main, dict(out=str(link / "pips2.onnx"), init_dir=str(tmp_path / "none"))),
+                     (synthetic.main, dict(out=str(link / "synth"), train=1, test=0, W=128, H=128, T=8)),
+                     (export_cli.main, dict(dataset_location=str(synth_root), out_dir=str(link), S=8, N=32,
+                                            crop_size=(128, 192), quiet=True, max_clips=1))):
+        res = run_main(main, capsys, **kw)
+        assert res.returncode == 2, res.stderr
+        assert res.stderr.strip() == f"error: {'--out_dir' if main is export_cli.main else '--out'}: {link} {said}; " \
+            f"remove it, or give another {'--out_dir' if main is export_cli.main else '--out'}", res.stderr
+    assert download.main(["file:///nowhere.tar.gz", str(tmp_path / "work"), "", str(link / "reference_model")]) == 1
+    assert capsys.readouterr().err.strip() == (f"get_reference_model.sh: REF_MODEL_DEST: {link} {said}; remove it, or "
+                                               f"give another REF_MODEL_DEST; nothing replaced")
+    assert list(mine.iterdir()) == []

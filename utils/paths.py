@@ -144,6 +144,13 @@ def pinned_file(path: str | os.PathLike) -> Path:
     return pinned
 
 
+def unpin(path: str | os.PathLike) -> None:
+    """Let go of the descriptor `pinned_folder` or `pinned_file` keeps for `path`, if any."""
+    fd = _PINNED.pop(os.path.abspath(path), None)
+    if fd is not None:
+        os.close(fd)
+
+
 def unpinned_text(text: str) -> str:
     """`text` (a message) with every pinned path in it (`pinned_folder`, `pinned_file`) named as given."""
     for key, fd in _PINNED.items():
@@ -173,18 +180,42 @@ def made_by_this_user(st: os.stat_result, folder: str | os.PathLike) -> bool:
 
 
 def foreign_link(path: str | os.PathLike) -> tuple[Path, int] | None:
-    """(link, its owner's uid) of the first link on the way to `path`, itself included, made by a user other than
-    this one or root, or None. Whoever made such a link chose where the path leads: in a folder others may write
-    to (a team's checkout, a shared scratch disk) another user could plant one at `./checkpoints` or an output
-    folder's name, and this program's files would go into a folder of their choice."""
-    p = Path(os.path.abspath(path))
-    for q in [*reversed(p.parents), p]:
+    """(link, its owner's uid) of the first link met on the way to `path`, itself included, made by a user other
+    than this one or root, or None. Whoever made such a link chose where the path leads: in a folder others may
+    write to (a team's checkout, a shared scratch disk) another user could plant one at `./checkpoints` or an
+    output folder's name, and this program's files would go into a folder of their choice. The path is resolved
+    as the kernel does, a component at a time: a link inside the target of the user's own link (a symlinked
+    scratch folder into a team's area) is judged too, and `..` after a link leaves its target."""
+    text = os.fspath(path)
+    pending = [c for c in (text if os.path.isabs(text) else os.path.join(os.getcwd(), text)).split("/") if c]
+    here, hops = Path("/"), 0
+    while pending:
+        name = pending.pop(0)
+        if name == ".":
+            continue
+        if name == "..":
+            here = here.parent
+            continue
+        step = here / name
         try:
-            st = os.lstat(q)
+            st = os.lstat(step)
         except OSError:  # nothing there (yet): nothing below it either
             return None
-        if stat.S_ISLNK(st.st_mode) and st.st_uid not in (os.geteuid(), 0):
-            return q, st.st_uid
+        if not stat.S_ISLNK(st.st_mode):
+            here = step
+            continue
+        if st.st_uid not in (os.geteuid(), 0):
+            return step, st.st_uid
+        hops += 1
+        try:
+            target = os.readlink(step)
+        except OSError:
+            return None
+        if hops > 40:  # a loop of links: opening the path fails by itself
+            return None
+        if target.startswith("/"):
+            here = Path("/")
+        pending = [c for c in target.split("/") if c] + pending
     return None
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from pips2.utils.paths import pinned_folder, unpin
 from pips2.utils.procs import held_stops, owned_tempdir, remove_dead_owned, remove_owned, remove_stale_tempdirs
 from pips2.utils.video import MAX_RATE_DENOMINATOR, frame_rate, iter_frames, write_mp4
 
@@ -134,6 +135,13 @@ def check_destinations(paths: Iterable[Path]) -> None:
             raise IsADirectoryError(errno.EISDIR, f"{p} is a folder, not a file this writes", str(p))
 
 
+class FolderReplaced(OSError):
+    """The output folder is not the one that was checked any more; its message is the whole line."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
 def write_outputs(out_dir: Path, video: Path, queries: np.ndarray, tracks: np.ndarray, estimated: np.ndarray,
                   fps: float | Fraction | None, visibility: np.ndarray | None = None, numbers: bool = False,
                   on_frame: Callable[[int], None] | None = None, radius: int = 3, thickness: int = 1,
@@ -152,14 +160,28 @@ def write_outputs(out_dir: Path, video: Path, queries: np.ndarray, tracks: np.nd
     leaves no partial file and no mix of new and old ones (and the temps are removed); on_installed() is called
     once all are in place, before a stop that arrived meanwhile is raised. A destination that is a folder is
     refused first (`check_destinations`)."""
-    final = [out_dir / name for name in OUTPUT_NAMES]
-    with_them = list(with_them)
-    check_destinations([*final, *(dest for _, dest in with_them)])
-    remove_dead_temps(out_dir)
+    named = [out_dir / name for name in OUTPUT_NAMES]
+    # the folder as the caller first found it (utils/paths.pinned_folder; demo.py pins --out_dir before tracking):
+    # in a folder others may write to, another user could move it aside and put a link at its name meanwhile
+    here = pinned_folder(out_dir)
+    try:
+        now = os.lstat(out_dir)
+    except OSError:
+        now = None
+    if now is None or not os.path.samestat(now, os.stat(here)):
+        unpin(out_dir)
+        raise FolderReplaced("the folder was moved, removed or replaced while the tracks were computed; nothing "
+                             "written")
+    final = [here / name for name in OUTPUT_NAMES]
+    check_destinations([*named, *(dest for _, dest in with_them)])
+    with_them = [(tmp, here / dest.name if dest.parent == out_dir else dest) for tmp, dest in with_them]
+    remove_dead_temps(here)
     # a private folder (mode 0700, a random name): in a folder others may write to, files of predictable names
     # could be links planted to make this program write over another file
-    work = owned_tempdir(TEMP_OUTPUT_HEAD, out_dir)
-    npz, csv_path, mp4 = (work / name for name in OUTPUT_NAMES)
+    work = owned_tempdir(TEMP_OUTPUT_HEAD, here)
+    # ffmpeg, another process, cannot open this process's /proc/self/fd paths: the private folder by its real
+    # name (a folder swapped in on the way would lack it, and the writes would fail, not land elsewhere)
+    npz, csv_path, mp4 = (Path(os.path.realpath(work)) / name for name in OUTPUT_NAMES)
     extra = {} if visibility is None else {"visibility": visibility}
     try:
         np.savez(npz, tracks=tracks, estimated=estimated, queries=queries, allow_pickle=False, **extra)
@@ -193,4 +215,5 @@ def write_outputs(out_dir: Path, video: Path, queries: np.ndarray, tracks: np.nd
                 on_installed()
     finally:
         remove_owned(work)
-    return final
+        unpin(out_dir)  # a descriptor per output folder: a server writing many would run out of them
+    return named

@@ -38,7 +38,15 @@ from pips2.tracking import (
 )
 from pips2.utils.checkpoint import CheckpointError, resolve_device
 from pips2.utils.cli import run_fire
-from pips2.utils.paths import foreign_link_problem, make_dirs, remove_empty_dirs, same_file
+from pips2.utils.paths import (
+    foreign_link_problem,
+    make_dirs,
+    pinned_folder,
+    remove_empty_dirs,
+    same_file,
+    unpin,
+    unpinned_text,
+)
 from pips2.utils.procs import (
     Stopped,
     owned_tempdir,
@@ -181,6 +189,7 @@ def check_out_dir(out: Path) -> list[Path]:
         made = make_dirs(out)
         with tempfile.NamedTemporaryFile(dir=out, prefix=".write_test."):
             pass
+        pinned_folder(out)  # the folder the outputs go to, whatever is put at its name while tracking (write_outputs)
     except OSError as e:
         remove_empty_dirs(made)
         raise OSError(f"--out_dir {out}: not writable ({e.strerror or type(e).__name__})") from None
@@ -291,12 +300,13 @@ def main(video: str | None = None, init_dir: str | None = None, points: str | No
                        + ", ".join(str(f) for f in files))
                 late = code
         except (ValueError, VideoError, OSError, CheckpointError) as e:
-            msg = f"cannot write the outputs to --out_dir {out}: {e}" if writing else str(e)
+            msg = unpinned_text(f"cannot write the outputs to --out_dir {out}: {e}" if writing else str(e))
             if isinstance(e, CheckpointError) and e.local:  # this machine (its memory), not the file
                 code = 1
         finally:
             if synth_dir is not None:  # the video renamed out of it, or not wanted: the folder goes
                 remove_owned(synth_dir)
+            unpin(out)
             if not done:  # a run refused or stopped leaves nothing of its own behind
                 remove_empty_dirs(made)
     if not done:
