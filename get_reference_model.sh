@@ -141,4 +141,4 @@ for ck in "$stage"/model-*.pth; do
   mv -f "$ck" "$target"
 done
 echo "reference model in $DEST:"
-ls -l "$DEST" | tail -n +2
+ls -l "$DEST/" | tail -n +2  # the folder's files, also when $DEST is a link to it

@@ -127,6 +127,13 @@ def test_file_url_and_other_cwd(server, tmp_path):
     assert res.returncode == 0, res.stderr
     assert sorted(p.name for p in dest.iterdir()) == ["model-000200000.pth"]
     assert not (tmp_path / "reference_model").exists()
+    # a destination that is the user's own link (to a data disk): installed there, and its files listed
+    (tmp_path / "disk").mkdir()
+    (tmp_path / "linked").symlink_to(tmp_path / "disk")
+    res = _run(f"file://{root / 'good.tar.gz'}", tmp_path, REF_MODEL_DEST=str(tmp_path / "linked"))
+    assert res.returncode == 0, res.stderr
+    assert sorted(p.name for p in (tmp_path / "disk").iterdir()) == ["model-000200000.pth"]
+    assert "model-000200000.pth" in res.stdout.split(f"reference model in {tmp_path / 'linked'}:")[1]
 
 
 def test_good_tarball_replaces_an_old_install(server, tmp_path, good_ckpt):

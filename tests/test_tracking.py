@@ -349,6 +349,7 @@ def test_long_video_memory_is_bounded(tmp_path):
     script.write_text(f"""
 import re
 import numpy as np
+from helpers import golden_model
 from pips2 import tracking
 from pips2.utils.video import write_mp4
 

@@ -1051,7 +1051,8 @@ def test_a_run_folder_or_checkpoint_of_another_user_is_never_resumed(exported, t
         train.run_stage(train.make_config(1, {**TINY, "dataset_location": str(out), "dataset_version": _version(out),
                                               "log_dir": str(tmp_path / "logs"), "max_steps": 6,
                                               "ckpt_dir": str(tmp_path / "team" / "proj")}))
-    assert e.value.code == 2 and "a folder of uid 2002, not this user's" in capsys.readouterr().err
+    assert e.value.code == 2 and (f"--ckpt_dir: {tmp_path / 'team' / 'proj'} is a link of uid 2002's"
+                                  in capsys.readouterr().err)
 
     # a link at a run folder's name, made by another user, steering a new run into the user's other run
     link = ckpt_dir / _cfg(out, tmp_path, exp_name="x").name()
@@ -1061,8 +1062,8 @@ def test_a_run_folder_or_checkpoint_of_another_user_is_never_resumed(exported, t
         train.run_stage(_cfg(out, tmp_path, exp_name="x", max_steps=4))
     assert e.value.code == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
-        f"error: {link}: a link of uid 2002's (to {theirs}), not this user's: it could steer this run into another "
-        f"run's folder; remove it, or give another --ckpt_dir (or --exp_name)")
+        f"error: {link}: a link of uid 2002's (to {theirs}), not this user's: it could steer this run's checkpoints "
+        f"into another folder; remove it, or give another --ckpt_dir (or --exp_name)")
     assert [s for s, _ in ck.list_checkpoints(theirs)][-1] == 3  # nothing written there
 
 
