@@ -35,7 +35,7 @@ from pips2.tracking import MAX_ITERS, ArrayFrames, FrameSource, track, track_win
 from pips2.utils import metrics, plots
 from pips2.utils.amp import amp_dtype
 from pips2.utils.cli import parse_hw
-from pips2.utils.paths import foreign_link_problem, printable, write_json
+from pips2.utils.paths import foreign_link_problem, held_folder, pinned_folder, printable, write_json
 from pips2.utils.procs import STOP_SIGNALS, caught_stop_signals, exit_code, raise_stop
 from pips2.utils.video import VideoError, image_truncation
 
@@ -262,6 +262,8 @@ def check_out_json(out_json: str | None, **inputs: Any) -> None:
     folder = out.parent
     if problem := foreign_link_problem(out, "--out_json"):
         raise ValueError(problem)
+    if folder.is_dir():  # written at the end, hours later: into this very folder (`held_folder`)
+        pinned_folder(folder, follow=True)
     if out.is_dir():
         raise ValueError(f"--out_json={out_json} is a folder; give a file name")
     if not folder.is_dir():
@@ -534,7 +536,7 @@ class Evaluation:
             try:
                 self.results_path = target = results_path(self.out_json, self.status == "done", len(self.per_item),
                                                           json.loads(json.dumps(payload.get("settings"))))
-                write_json(target, payload)
+                write_json(held_folder(Path(target).parent) / Path(target).name, payload)
             except OSError as e:  # a full disk after hours of scoring: the results must still reach the user
                 write_error = e
         mean, tapvid = self.means()
@@ -564,7 +566,7 @@ class Evaluation:
         if payload["curves"]:
             png = plots.png_path(target)
             try:
-                plots.save_png({self.benchmark: payload["curves"]}, png,
+                plots.save_png({self.benchmark: payload["curves"]}, held_folder(png.parent) / png.name,
                                title=f"{self.label} on {self.benchmark}: {n} {self.noun}")
                 print(f"curves -> {png}", flush=True)
             except ImportError as e:  # the figures above are the results; the picture is a convenience

@@ -796,8 +796,7 @@ def test_an_out_dir_replaced_by_a_link_while_tracking_is_not_written_through(tmp
     out.rename(out.with_name("moved"))
     out.symlink_to(precious)
     tracks = np.zeros((14, 2, 2), np.float32)
-    with pytest.raises(OSError, match=r"^the folder was moved, removed or replaced while the tracks were computed; "
-                                      r"nothing written$"):
+    with pytest.raises(OSError, match=r"^the folder was moved, removed or replaced during the run; nothing written$"):
         write_outputs(out, clip, np.zeros((2, 3), np.float32), tracks, np.ones((14, 2), bool), 24.0)
     assert sorted(p.name for p in precious.iterdir()) == ["tracks.csv"]
     assert (precious / "tracks.csv").read_text() == "the figure's data"

@@ -362,3 +362,33 @@ def test_nothing_scored_is_an_error_not_a_success(pod_bad, tmp_path, capsys):
     assert js["per_item"] == {} and js["mean"] is None and len(js["skipped"]) == 4 and js["complete"]
     assert "summary: 0 sequences scored, 4 skipped" in res.stdout
 
+
+
+def test_an_out_json_folder_replaced_by_a_link_during_the_run_is_not_written_through(pod_test, tmp_path, capsys,
+                                                                                     monkeypatch):
+    """--out_json is checked before hours of scoring and written at the end: in a folder others may write to,
+    another user could move its folder aside meanwhile and put a link at its name, and the results went through
+    it, over a results file of that name in the link's target. The folder checked is now the one written to, and
+    one replaced meanwhile leaves the results on stdout with one error line."""
+    from pips2 import evaluation
+
+    folder, precious = tmp_path / "team" / "res", tmp_path / "precious"
+    folder.mkdir(parents=True)
+    precious.mkdir()
+    (precious / "res.json").write_text('{"the paper": 1}')
+    real = evaluation.results_path
+
+    def then_swapped(*args, **kwargs):
+        folder.rename(folder.with_name("moved"))
+        folder.symlink_to(precious)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(evaluation, "results_path", then_swapped)
+    res = run_main(test_on_pod.main, capsys, dataset_location=str(pod_test), out_json=str(folder / "res.json"),
+                   zero_vel=True, **SMALL)
+    assert res.returncode == 1, res.stderr
+    assert (precious / "res.json").read_text() == '{"the paper": 1}' and len(list(precious.iterdir())) == 1
+    assert res.stderr.strip().splitlines()[-1] == (
+        f"error: cannot write --out_json={folder / 'res.json'} (the folder was moved, removed or replaced during the "
+        f"run; nothing written); the results are printed above")
+    assert evaluation.RESULTS_MARKER in res.stdout

@@ -94,9 +94,10 @@ def proc_fds() -> bool:
     return os.path.isdir("/proc/self/fd")
 
 
-def _pin(path: str | os.PathLike, flags: int, make: bool = False) -> Path:
-    """The /proc/self/fd path of a descriptor of `path` opened with `flags` (never following a link), kept for the
-    process's life and opened again only once what it holds has been removed; without /proc, `path`."""
+def _pin(path: str | os.PathLike, flags: int, make: bool = False, follow: bool = False) -> Path:
+    """The /proc/self/fd path of a descriptor of `path` opened with `flags` (following a link at its name only with
+    `follow`), kept for the process's life and opened again only once what it holds has been removed; without
+    /proc, `path`."""
     key = os.path.abspath(path)
     fd = _PINNED.get(key)
     if fd is not None:
@@ -113,7 +114,7 @@ def _pin(path: str | os.PathLike, flags: int, make: bool = False) -> Path:
                 os.mkdir(path)
             except FileExistsError:
                 pass
-        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = os.open(path, flags | (0 if follow else os.O_NOFOLLOW) | os.O_CLOEXEC)
         if not proc_fds():
             os.close(fd)
             return Path(path)
@@ -121,14 +122,15 @@ def _pin(path: str | os.PathLike, flags: int, make: bool = False) -> Path:
     return Path(f"/proc/self/fd/{fd}")
 
 
-def pinned_folder(path: str | os.PathLike, make: bool = False) -> Path:
+def pinned_folder(path: str | os.PathLike, make: bool = False, follow: bool = False) -> Path:
     """`path`, a folder (made first with `make`), as this process first found it: on Linux the /proc/self/fd path of
     a descriptor opened without following a link, through which every later name resolves inside that very
     folder. By name, another user who renamed the folder in a folder they may write to and put a link at its
     name turned this process's later creations and deletions there onto the files of any folder the link named.
     OSError (ENOENT, ELOOP, ENOTDIR) if nothing, a link or a file has the name now. Without /proc (other systems,
-    a container without it), `path` itself, checked the same way."""
-    return _pin(path, os.O_RDONLY | os.O_DIRECTORY, make)
+    a container without it), `path` itself, checked the same way. With `follow`, a link at its name (this user's
+    own: the caller has judged it) is followed, and the folder it leads to is held."""
+    return _pin(path, os.O_RDONLY | os.O_DIRECTORY, make, follow)
 
 
 def pinned_file(path: str | os.PathLike) -> Path:
@@ -142,6 +144,29 @@ def pinned_file(path: str | os.PathLike) -> Path:
             os.close(fd)
         raise OSError(errno.EISDIR if os.path.isdir(path) else errno.EINVAL, "not a regular file", os.fspath(path))
     return pinned
+
+
+class FolderReplaced(OSError):
+    """A folder is not the one that was checked any more (`held_folder`); its message is the whole line."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+def held_folder(folder: str | os.PathLike) -> Path:
+    """`folder` as this process first found it (`pinned_folder(folder, follow=True)`: the caller pins it when it
+    checks it, before long work), to write in; FolderReplaced if something else is at its name now. In a folder
+    others may write to, another user could move it aside meanwhile and put a link at its name, and the writes by
+    name would go through it, over files of the link's target."""
+    here = pinned_folder(folder, follow=True)  # the caller judged the links on the way (`foreign_link`)
+    try:
+        now = os.stat(folder)
+    except OSError:
+        now = None
+    if now is None or not os.path.samestat(now, os.stat(here)):
+        unpin(folder)
+        raise FolderReplaced("the folder was moved, removed or replaced during the run; nothing written")
+    return here
 
 
 def unpin(path: str | os.PathLike) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from pips2.utils.paths import pinned_folder, unpin
+from pips2.utils.paths import held_folder, unpin
 from pips2.utils.procs import held_stops, owned_tempdir, remove_dead_owned, remove_owned, remove_stale_tempdirs
 from pips2.utils.video import MAX_RATE_DENOMINATOR, frame_rate, iter_frames, write_mp4
 
@@ -135,13 +135,6 @@ def check_destinations(paths: Iterable[Path]) -> None:
             raise IsADirectoryError(errno.EISDIR, f"{p} is a folder, not a file this writes", str(p))
 
 
-class FolderReplaced(OSError):
-    """The output folder is not the one that was checked any more; its message is the whole line."""
-
-    def __str__(self) -> str:
-        return str(self.args[0])
-
-
 def write_outputs(out_dir: Path, video: Path, queries: np.ndarray, tracks: np.ndarray, estimated: np.ndarray,
                   fps: float | Fraction | None, visibility: np.ndarray | None = None, numbers: bool = False,
                   on_frame: Callable[[int], None] | None = None, radius: int = 3, thickness: int = 1,
@@ -163,15 +156,7 @@ def write_outputs(out_dir: Path, video: Path, queries: np.ndarray, tracks: np.nd
     named = [out_dir / name for name in OUTPUT_NAMES]
     # the folder as the caller first found it (utils/paths.pinned_folder; demo.py pins --out_dir before tracking):
     # in a folder others may write to, another user could move it aside and put a link at its name meanwhile
-    here = pinned_folder(out_dir)
-    try:
-        now = os.lstat(out_dir)
-    except OSError:
-        now = None
-    if now is None or not os.path.samestat(now, os.stat(here)):
-        unpin(out_dir)
-        raise FolderReplaced("the folder was moved, removed or replaced while the tracks were computed; nothing "
-                             "written")
+    here = held_folder(out_dir)
     final = [here / name for name in OUTPUT_NAMES]
     check_destinations([*named, *(dest for _, dest in with_them)])
     with_them = [(tmp, here / dest.name if dest.parent == out_dir else dest) for tmp, dest in with_them]

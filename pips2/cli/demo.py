@@ -189,7 +189,8 @@ def check_out_dir(out: Path) -> list[Path]:
         made = make_dirs(out)
         with tempfile.NamedTemporaryFile(dir=out, prefix=".write_test."):
             pass
-        pinned_folder(out)  # the folder the outputs go to, whatever is put at its name while tracking (write_outputs)
+        # the folder the outputs go to, whatever is put at its name while tracking (write_outputs)
+        pinned_folder(out, follow=True)
     except OSError as e:
         remove_empty_dirs(made)
         raise OSError(f"--out_dir {out}: not writable ({e.strerror or type(e).__name__})") from None
