@@ -138,6 +138,7 @@ for ck in "$stage"/model-*.pth; do
     mv "$target" "$keep"
     echo "kept the earlier $target as $keep (it is not this checkpoint)"
   fi
+  chmod go-w "$ck"  # a default checkpoint others may rewrite in place is refused by the loader
   mv -f "$ck" "$target"
 done
 echo "reference model in $DEST:"

@@ -489,17 +489,20 @@ def _default_folder_problem(folder: Path) -> str | None:
     trusted = {os.geteuid(), 0}
     try:
         found = [folder] if os.path.lexists(folder) else []
-        if found and folder.is_dir():
-            found += [p for _, p in list_checkpoints(folder)]
-        owners = [(p, os.lstat(p).st_uid) for p in found] + [(folder, os.stat(folder).st_uid)] if found else []
+        if found and folder.is_dir():  # every file find_file could pick: its model-*.pth, or its one *.pt/*.pth
+            found += sorted(p for p in folder.iterdir() if p.suffix in (".pt", ".pth"))
+        owners = [(p, os.lstat(p)) for p in found] + [(folder, os.stat(folder))] if found else []
     except OSError:
         return None  # unreadable: find_file says so
-    for p, uid in owners:
-        if uid not in trusted:
-            return (f"{DEFAULT_PIPS}: {'made' if p == folder else p.name + ' in it was put there'} by uid {uid}, not "
-                    f"by this user: the default checkpoint folder, found in the folder this program runs from "
-                    f"({Path.cwd()}), may be anybody's there; if you trust it, give it by its path: "
-                    f"--init_dir={folder.resolve()}")
+    trust = f"if you trust it, give it by its path: --init_dir={folder.resolve()}"
+    for p, st in owners:
+        if st.st_uid not in trusted:
+            return (f"{DEFAULT_PIPS}: {'made' if p == folder else p.name + ' in it was put there'} by uid "
+                    f"{st.st_uid}, not by this user: the default checkpoint folder, found in the folder this program "
+                    f"runs from ({Path.cwd()}), may be anybody's there; {trust}")
+        if p != folder and stat.S_ISREG(st.st_mode) and st.st_mode & 0o022:  # rewritable in place by others
+            return (f"{DEFAULT_PIPS}: other users may write to {p.name} in it (mode {stat.S_IMODE(st.st_mode):o}), "
+                    f"and could have rewritten it in place: `chmod go-w {folder}/*.pth` if nobody did; {trust}")
     return None
 
 

@@ -506,3 +506,15 @@ def test_the_default_reference_model_folder_of_another_user_is_not_loaded(tmp_pa
     assert _same_weights(pips2.load_model(str(ref)), pips_model)  # named by its path: the user's choice
     os.chown(ref / "model-000200000.pth", os.geteuid(), os.getegid())
     assert _same_weights(pips2.load_model(None), pips_model)
+    # the folder's one *.pth (find_file's other choice) of another user's, and the user's own others may rewrite
+    (ref / "model-000200000.pth").rename(ref / "pips2.pth")
+    os.chown(ref / "pips2.pth", 2002, 2002)
+    with pytest.raises(hub.HubError, match=r"^\./reference_model: pips2.pth in it was put there by uid 2002"):
+        pips2.load_model(None)
+    os.chown(ref / "pips2.pth", os.geteuid(), os.getegid())
+    os.chmod(ref / "pips2.pth", 0o664)
+    with pytest.raises(hub.HubError, match=r"^\./reference_model: other users may write to pips2.pth in it \(mode "
+                                           r"664\), and could have rewritten it in place: `chmod go-w "):
+        pips2.load_model(None)
+    os.chmod(ref / "pips2.pth", 0o644)
+    assert _same_weights(pips2.load_model(None), pips_model)
