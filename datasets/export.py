@@ -40,7 +40,7 @@ from pips2.datasets.clips import (
     write_track,
 )
 from pips2.datasets.clips import list_clips as list_clips  # re-exported: callers that list what an export wrote
-from pips2.utils.paths import check_writable, current_umask, made_by_this_user, pinned_folder, unpinned
+from pips2.utils.paths import check_writable, made_by_this_user, pinned_folder, umask_mode, unpinned
 from pips2.utils.procs import (
     close_inherited_locks,
     is_space_error,
@@ -280,7 +280,7 @@ def write_clip(version_dir: Path, k: int, frames: np.ndarray, track: np.ndarray,
         append_manifest(version_dir, k, meta)
         # the mode a folder made in place would have had (the temp's is 0700), given inside the private .tmp/, so
         # the clip never shows under its name with a mode its readers cannot open
-        os.chmod(tmp, 0o777 & ~current_umask())
+        os.chmod(tmp, umask_mode(0o777))
         try:
             os.rename(tmp, final)
         except OSError:

@@ -35,7 +35,7 @@ from pips2.tracking import MAX_ITERS, ArrayFrames, FrameSource, track, track_win
 from pips2.utils import metrics, plots
 from pips2.utils.amp import amp_dtype
 from pips2.utils.cli import parse_hw
-from pips2.utils.paths import foreign_link_problem, held_folder, pinned_folder, printable, write_json
+from pips2.utils.paths import held_folder, output_folder_problem, pinned_folder, printable, write_json
 from pips2.utils.procs import STOP_SIGNALS, caught_stop_signals, exit_code, raise_stop
 from pips2.utils.video import VideoError, image_truncation
 
@@ -260,7 +260,7 @@ def check_out_json(out_json: str | None, **inputs: Any) -> None:
         return
     out = Path(out_json)
     folder = out.parent
-    if problem := foreign_link_problem(out, "--out_json"):
+    if problem := output_folder_problem(out, "--out_json"):
         raise ValueError(problem)
     if folder.is_dir():  # written at the end, hours later: into this very folder (`held_folder`)
         pinned_folder(folder, follow=True)

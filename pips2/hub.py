@@ -62,11 +62,12 @@ from pips2.utils.checkpoint import (
 from pips2.utils.download import MAX_CHECKPOINT_BYTES, DownloadError, download, fetch_reference
 from pips2.utils.paths import (
     check_writable,
-    current_umask,
     new_temp_file,
     own_uids,
     pinned_file,
     pinned_folder,
+    umask_mode,
+    unpin,
     unpinned,
     unpinned_text,
 )
@@ -356,7 +357,7 @@ def trusted_copy(dest: Path, cache: Path) -> Path:
 def _keep_to_self(path: Path) -> None:
     """Give a new cached copy (a file, or a folder and its files) the umask's modes without write for others: a
     cache is trusted only while nobody else may change it (`trusted_copy`)."""
-    mode = 0o777 & ~(current_umask() | 0o022)
+    mode = umask_mode(0o777, keep_from_others=True)
     for p in [path, *(path.iterdir() if path.is_dir() else [])]:
         os.chmod(p, mode if p.is_dir() else mode & 0o666)
 
@@ -382,7 +383,7 @@ def _fetch(name: str, refresh: bool = False) -> Path:
     try:
         if not cache.is_dir():  # made for this user alone, whatever the umask (`_cache_folder_problem`)
             cache.mkdir(parents=True, exist_ok=True)
-            os.chmod(cache, 0o777 & ~(current_umask() | 0o022))
+            os.chmod(cache, umask_mode(0o777, keep_from_others=True))
         check_writable(cache)
     except OSError as e:  # a read-only home (a container image's, a shared account's)
         raise HubError(f"cannot make the model cache {cache} ({(e.strerror or str(e)).lower()}) to fetch {name} "
@@ -510,8 +511,27 @@ def find_file(path: str | os.PathLike, step: int | None = None, kind: str | None
     """The checkpoint file a path names: the file itself; in a folder, its model-*.pth of `step` (the newest when
     None), else its one *.pt/*.pth file. HubError naming the path, what was looked for and how to get one."""
     p = Path(path).expanduser()
-    if os.fspath(path) == DEFAULT_PIPS and (problem := _default_folder_problem(p)):
+    if os.fspath(path) != DEFAULT_PIPS:
+        return _pick_file(p, path, step, kind)
+    if problem := _default_folder_problem(p):
         raise HubError(problem)
+    picked = _pick_file(p, path, step, kind)
+    # read through a descriptor of the file judged (the user's own link to it followed), judged again as opened:
+    # in a folder others may write to, another file could be put at its name between the judgement and the load
+    try:
+        pinned = pinned_file(picked, follow=True)
+        st = os.stat(pinned)
+    except OSError as e:
+        raise HubError(f"{picked}: cannot be read here ({(e.strerror or str(e)).lower()})") from None
+    if st.st_uid not in (os.geteuid(), 0) or st.st_mode & 0o022:
+        unpin(picked)
+        raise HubError(f"{DEFAULT_PIPS}: {picked.name} in it was replaced while it was checked (now uid {st.st_uid}, "
+                       f"mode {stat.S_IMODE(st.st_mode):o}); not loaded")
+    return pinned
+
+
+def _pick_file(p: Path, path: str | os.PathLike, step: int | None, kind: str | None) -> Path:
+    """`find_file`'s choice in `p` (`path` as given, for messages)."""
     if p.is_file():
         if step is not None:
             raise HubError(f"{path}: a file; a step ({step}) picks one of a folder's model-*.pth files")

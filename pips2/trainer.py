@@ -57,7 +57,7 @@ from pips2.utils import checkpoint as ck
 from pips2.utils import metrics, plots
 from pips2.utils.amp import amp_dtype, autocast
 from pips2.utils.cli import die
-from pips2.utils.paths import foreign_link_problem, make_dirs, pinned_folder, printable
+from pips2.utils.paths import make_dirs, output_folder_problem, pinned_folder, printable
 from pips2.utils.procs import (
     STOP_SIGNALS,
     caught_stop_signals,
@@ -1503,8 +1503,8 @@ def run_stage(cfg: Config) -> tuple[Path, torch.nn.Module]:
         ckpt_dir = Path(cfg.ckpt_dir) / cfg.name()
         # the flags' own paths (their defaults ./checkpoints and ./logs_train in a team's checkout too): a link
         # another user planted on the way would send the run's checkpoints and logs into a folder of their choice
-        problem = next(filter(None, (foreign_link_problem(Path(cfg.ckpt_dir), "--ckpt_dir"),
-                                     foreign_link_problem(Path(cfg.log_dir), "--log_dir"))), None)
+        problem = next(filter(None, (output_folder_problem(Path(cfg.ckpt_dir), "--ckpt_dir"),
+                                     output_folder_problem(Path(cfg.log_dir), "--log_dir"))), None)
         if ranks.any(problem is not None):
             ranks.die(problem or "")
         with run_lock(ckpt_dir, ranks):

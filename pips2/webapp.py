@@ -88,6 +88,7 @@ from pips2.nets.lbm import LBM
 from pips2.nets.pips2 import Pips
 from pips2.tracking import FrameSource, default_model_hw, grid_queries, is_lbm, resolve_model_hw, track, window_starts
 from pips2.utils.checkpoint import CheckpointError, looks_like_torch_file, resolve_device
+from pips2.utils.paths import unpinned
 from pips2.utils.procs import (
     caught_stop_signals,
     is_space_error,
@@ -442,7 +443,7 @@ def local_checkpoint(path: str) -> Path | None:
     """The file a job would load for a checkpoint path (pips2.hub's rules: a file, a folder's newest model-*.pth
     or its one *.pt/*.pth), or None; nothing is read."""
     try:
-        return find_file(path)
+        return unpinned(find_file(path))  # named as the page shows it, not as the descriptor read through
     except (CheckpointError, OSError):
         return None
 

@@ -419,7 +419,8 @@ def test_checkpoints_are_checked_at_start(no_checkpoints, tmp_path, monkeypatch)
     no_checkpoints.chmod(0o755)
     monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
     shutil.copytree(no_checkpoints / "reference_model", "reference_model")
-    assert app_.checkpoint_report()[1].startswith("  pips2: ./reference_model: ready (reference_model/model-0")
+    assert app_.checkpoint_report()[1].startswith(f"  pips2: ./reference_model: ready ({Path.cwd()}/reference_model/"
+                                                  f"model-0")
     assert app_.default_checkpoint("pips2") == "./reference_model"
     app_.close()
     app_ = webapp.App(init_dir="pips2", clip_dir=clips)  # the hub name given as --init_dir: offered once

@@ -805,3 +805,24 @@ def test_an_out_dir_replaced_by_a_link_while_tracking_is_not_written_through(tmp
     files = write_outputs(tmp_path / "fresh", clip, np.zeros((2, 3), np.float32), tracks, np.ones((14, 2), bool), 24.0)
     assert files == [tmp_path / "fresh" / n for n in ("tracks.npz", "tracks.csv", "tracks.mp4")]
     assert all(f.is_file() for f in files)
+
+
+def test_an_out_dir_with_dot_dot_goes_where_the_kernel_resolves_it_and_leaves_no_stray_folder(tmp_path, clip, ckpt,
+                                                                                               capsys):
+    """`<own link>/../x` (x beside the link's target, as the kernel resolves it) was refused as "not writable (No
+    such file or directory)": its writes judged the path by its text. `new/../x` left a stray empty `new`."""
+    (tmp_path / "target" / "deep").mkdir(parents=True)
+    (tmp_path / "link").symlink_to(tmp_path / "target" / "deep")
+    res = _demo(capsys, ckpt, video=clip, out_dir=f"{tmp_path}/link/../r2", grid_size=2)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert sorted(p.name for p in (tmp_path / "target" / "r2").iterdir()) == ["tracks.csv", "tracks.mp4",
+                                                                              "tracks.npz"]
+    assert read_video(tmp_path / "target" / "r2" / "tracks.mp4").shape[0] == 14
+    # without --video: the synthetic clip ffmpeg writes there too
+    res = _demo(capsys, ckpt, out_dir=f"{tmp_path}/link/../r4", grid_size=1, S=8)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert (tmp_path / "target" / "r4" / "synthetic.mp4").is_file()
+    line = _one_error_line(_demo(capsys, ckpt, video=clip, out_dir=f"{tmp_path}/new/../r3"))
+    assert line == (f"error: --out_dir {tmp_path}/new/../r3: not writable (`..` after a folder that does not exist; "
+                    f"give the path without it)")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "target"]

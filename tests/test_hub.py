@@ -518,3 +518,15 @@ def test_the_default_reference_model_folder_of_another_user_is_not_loaded(tmp_pa
         pips2.load_model(None)
     os.chmod(ref / "pips2.pth", 0o644)
     assert _same_weights(pips2.load_model(None), pips_model)
+    # the file judged is the file read: one put at its name afterwards is not, and one put there before it was
+    # opened (between the judgement and the descriptor) is judged again
+    picked = hub.find_file(hub.DEFAULT_PIPS)
+    torch.save({"model_state_dict": Pips().state_dict()}, tmp_path / "planted.pth")
+    os.chown(tmp_path / "planted.pth", 2002, 2002)
+    os.replace(tmp_path / "planted.pth", ref / "pips2.pth")
+    model = hub._build("pips2", hub.read_checkpoint_of(picked)[1]["model_state_dict"], "x", "cpu", None, {})
+    assert _same_weights(model, pips_model)
+    monkeypatch.setattr(hub, "_default_folder_problem", lambda folder: None)
+    with pytest.raises(hub.HubError, match=r"^\./reference_model: pips2.pth in it was replaced while it was checked "
+                                           r"\(now uid 2002, mode 644\); not loaded$"):
+        pips2.load_model(None)

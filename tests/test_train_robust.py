@@ -1207,7 +1207,20 @@ def test_a_log_folder_of_another_user_or_their_link_at_its_name_is_refused(expor
         assert capsys.readouterr().err.strip().splitlines()[-1] == (
             f"error: --{flag}: {planted} is a link of uid 2002's (to {theirs}), not this user's: its maker chose where "
             f"this program's files would go; remove it, or give another --{flag}")
-    assert not list(theirs.iterdir())
+    # or a folder of theirs (not a link) at --ckpt_dir's or --log_dir's name, made first in a folder all may write to
+    (tmp_path / "open").mkdir()
+    (tmp_path / "open").chmod(0o1777)
+    made_first = tmp_path / "open" / "made_first"
+    made_first.mkdir()
+    os.chown(made_first, 2002, 2002)
+    for flag in ("ckpt_dir", "log_dir"):
+        with pytest.raises(SystemExit) as e:
+            train.run_stage(_cfg(out, tmp_path, max_steps=1, **{flag: str(made_first)}))
+        assert e.value.code == 2
+        assert capsys.readouterr().err.strip().splitlines()[-1] == (
+            f"error: --{flag}: {made_first} is a folder of uid 2002, not this user's: its owner could move what this "
+            f"program writes there and put other files in its place; give another --{flag}")
+    assert not list(theirs.iterdir()) and not list(made_first.iterdir())
 
 
 @pytest.mark.parametrize("env, said", [

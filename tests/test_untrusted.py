@@ -1303,3 +1303,52 @@ def test_every_writer_refuses_a_link_another_user_planted_on_its_output_path(tmp
     assert capsys.readouterr().err.strip() == (f"get_reference_model.sh: REF_MODEL_DEST: {link} {said}; remove it, or "
                                                f"give another REF_MODEL_DEST; nothing replaced")
     assert list(mine.iterdir()) == []
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="gives a folder another user's uid")
+def test_every_writer_refuses_a_folder_another_user_made_at_or_around_its_output(tmp_path, synth_root, capsys):
+    """A folder another user made first (not a link) at an output's name, or the folder an output would be made in
+    (demo.py's default ./demo_out in a shared folder), was written into: its owner could then move the user's
+    results away and put others in their place. Every writer refuses it in one line before anything is written;
+    the same folder placed by root (its parent root's and closed to others) is trusted."""
+    from helpers import run_main
+
+    from pips2 import evaluation
+    from pips2.cli import demo, export_onnx, synthetic
+    from pips2.cli import export as export_cli
+    from pips2.utils import download
+
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o1777)
+    shared.chmod(0o1777)
+    theirs = shared / "demo_out"
+    theirs.mkdir()
+    theirs.chmod(0o777)
+    os.chown(theirs, 2002, 2002)
+    said = "is a folder of uid 2002, not this user's: its owner could move what this program writes there and put " \
+           "other files in its place"
+    inside = " (the folder it would be made or written in)"
+    for main, kw, flag, where in (
+            (export_onnx.main, dict(out=str(theirs / "pips2.onnx"), init_dir=str(tmp_path / "none")), "--out", inside),
+            (synthetic.main, dict(out=str(theirs), train=1, test=0, W=128, H=128, T=8), "--out", ""),
+            (export_cli.main, dict(dataset_location=str(synth_root), out_dir=str(theirs), S=8, N=32,
+                                   crop_size=(128, 192), quiet=True, max_clips=1), "--out_dir", inside)):
+        res = run_main(main, capsys, **kw)
+        assert res.returncode == 2, res.stderr
+        assert res.stderr.strip() == f"error: {flag}: {theirs}{where} {said}; give another {flag}", res.stderr
+    with pytest.raises(ValueError) as e:
+        demo.check_out_dir(theirs / "track")
+    assert str(e.value) == f"--out_dir: {theirs}{inside} {said}; give another --out_dir"
+    with pytest.raises(ValueError) as e:
+        evaluation.check_out_json(str(theirs / "pod.json"))
+    assert str(e.value) == f"--out_json: {theirs}{inside} {said}; give another --out_json"
+    assert download.main(["file:///nowhere.tar.gz", str(tmp_path / "work"), "", str(theirs / "reference_model")]) == 1
+    assert capsys.readouterr().err.strip() == (f"get_reference_model.sh: REF_MODEL_DEST: {theirs}{inside} {said}; "
+                                               f"give another REF_MODEL_DEST; nothing replaced")
+    assert sorted(p.name for p in theirs.iterdir()) == []
+    # their own folder in the user's: its placement is the user's choice, as a container's mount of its host user's
+    placed = tmp_path / "placed"
+    placed.mkdir()
+    os.chown(placed, 2002, 2002)
+    assert demo.check_out_dir(placed / "track") == [placed / "track"]
+    evaluation.check_out_json(str(placed / "pod.json"))

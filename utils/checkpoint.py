@@ -25,7 +25,7 @@ import torch.nn as nn
 from prettytable import PrettyTable
 
 from pips2.utils.download import MAX_CHECKPOINT_BYTES
-from pips2.utils.paths import current_umask, make_dirs, new_temp_file, own_uids, remove_empty_dirs
+from pips2.utils.paths import make_dirs, new_temp_file, own_uids, remove_empty_dirs, umask_mode
 from pips2.utils.procs import out_of_memory, pid_alive, pid_namespace, process_start
 from pips2.utils.safe_load import (
     UnsafeFileError,
@@ -826,7 +826,7 @@ def save(folder: str | os.PathLike, step: int, model: nn.Module, optimizer=None,
     try:
         # readable as the umask allows, never writable by others: a resume refuses a checkpoint others may
         # rewrite in place (`changeable_checkpoints`), which a umask of 002 would otherwise let the group do
-        os.fchmod(fd, 0o666 & ~(current_umask() | 0o022))
+        os.fchmod(fd, umask_mode(0o666, keep_from_others=True))
     except OSError:  # a file system without modes
         pass
     try:

@@ -21,7 +21,7 @@ import urllib.request
 import zlib
 from pathlib import Path
 
-from pips2.utils.paths import foreign_link_problem, new_temp_file  # standard library only, as this module
+from pips2.utils.paths import new_temp_file, output_folder_problem  # standard library only, as this module
 
 try:
     from tqdm import tqdm
@@ -247,7 +247,7 @@ def fetch_reference(url: str, out_dir: Path, sha256: str | None = None) -> Path:
 def main(argv: list[str]) -> int:
     """CLI for get_reference_model.sh: URL OUT_DIR [SHA256]; a problem is one line on stderr and exit code 1."""
     url, out_dir, sha = argv[0], Path(argv[1]), (argv[2] if len(argv) > 2 and argv[2] else None)
-    if len(argv) > 3 and (problem := foreign_link_problem(argv[3], "REF_MODEL_DEST")):  # where it will be installed
+    if len(argv) > 3 and (problem := output_folder_problem(argv[3], "REF_MODEL_DEST")):  # where it will be installed
         print(f"get_reference_model.sh: {problem}; nothing replaced", file=sys.stderr)
         return 1
     try:

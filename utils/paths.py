@@ -22,9 +22,13 @@ def make_dirs(path: str | os.PathLike) -> list[Path]:
     while not p.exists() and p != p.parent:
         missing.append(p)
         p = p.parent
+    if any(m.name == ".." for m in missing[:-1]):
+        # `new/../out` resolves only through a `new` that exists: made for it, it would be left behind as a stray
+        raise OSError(errno.ENOENT, "`..` after a folder that does not exist; give the path without it", str(path))
+    missing.reverse()  # outermost first
     made: list[Path] = []
     try:
-        for p in reversed(missing):
+        for p in missing:
             try:
                 p.mkdir()
             except FileExistsError:  # made meanwhile by another process: theirs, not to remove
@@ -74,13 +78,20 @@ def current_umask() -> int:
     return mask
 
 
+def umask_mode(base: int, keep_from_others: bool = False) -> int:
+    """The mode a new file (`base` 0o666) or folder (0o777) gets under this process's umask; with
+    `keep_from_others`, also without write for group and others whatever the umask (cached weights and
+    checkpoints: a file others may rewrite in place is never loaded)."""
+    return base & ~(current_umask() | (0o022 if keep_from_others else 0))
+
+
 def new_temp_file(folder: str | os.PathLike, prefix: str, suffix: str = ".tmp") -> tuple[int, str]:
     """mkstemp in `folder` (a random name, created exclusively: a predictable one in a folder others may write to
     could be a link planted there), given the mode a file opened in place would get (mkstemp's is 0600, which hid
     results and checkpoints from the colleagues a shared folder's umask lets read them): (descriptor, path)."""
     fd, name = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=folder)
     try:
-        os.fchmod(fd, 0o666 & ~current_umask())
+        os.fchmod(fd, umask_mode(0o666))
     except OSError:  # a file system without modes: it keeps the one it gives
         pass
     return fd, name
@@ -133,11 +144,12 @@ def pinned_folder(path: str | os.PathLike, make: bool = False, follow: bool = Fa
     return _pin(path, os.O_RDONLY | os.O_DIRECTORY, make, follow)
 
 
-def pinned_file(path: str | os.PathLike) -> Path:
+def pinned_file(path: str | os.PathLike, follow: bool = False) -> Path:
     """`path`, a regular file, as this process first found it (`pinned_folder`'s rules): reading the returned path
-    reads that very file, whatever is put at its name later. OSError if nothing, a link or no regular file has the
-    name (a FIFO is opened without waiting for a writer, then refused)."""
-    pinned = _pin(path, os.O_RDONLY | os.O_NONBLOCK)
+    reads that very file, whatever is put at its name later. OSError if nothing, a link (unless `follow`: one the
+    caller has judged) or no regular file has the name (a FIFO is opened without waiting for a writer, then
+    refused)."""
+    pinned = _pin(path, os.O_RDONLY | os.O_NONBLOCK, follow=follow)
     if not stat.S_ISREG(os.stat(pinned).st_mode):
         fd = _PINNED.pop(os.path.abspath(path), None)
         if fd is not None:
@@ -252,6 +264,46 @@ def foreign_link_problem(path: str | os.PathLike, flag: str) -> str | None:
     link, uid = found
     return (f"{flag}: {link} is a link of uid {uid}'s (to {os.path.realpath(link)}), not this user's: its maker chose "
             f"where this program's files would go; remove it, or give another {flag}")
+
+
+def holding_folder(path: str | os.PathLike) -> Path:
+    """The folder a program writing to `path` writes in, links resolved: `path` if it is a folder, else the nearest
+    folder on its way that exists (the one its missing folders are made in, or a file's own folder)."""
+    here = Path(os.path.realpath(path))
+    while not here.is_dir() and here != here.parent:
+        here = here.parent
+    return here
+
+
+def placed_by_trusted(folder: str | os.PathLike) -> bool:
+    """Whether `folder` is this user's or root's (as its file system records this user's files), or was put where
+    it is by one of them: its parent is theirs and nobody else may write to it (a container's mount of its host
+    user's folder, a home folder made by the administrator)."""
+    folder = Path(os.path.realpath(folder))
+    st = os.stat(folder)
+    if st.st_uid in (os.geteuid(), 0) or st.st_uid in own_uids(folder):
+        return True
+    above = os.stat(folder.parent)
+    return above.st_uid in (os.geteuid(), 0) and not above.st_mode & 0o022
+
+
+def output_folder_problem(path: str | os.PathLike, flag: str) -> str | None:
+    """Why this program may not write to `path` (an output file or folder given as `flag`, or its default), as one
+    line, or None. Refused: a link another user made on the way (`foreign_link`), and a folder the output would go
+    into that is another user's (`placed_by_trusted`): its owner could move the results away and put others in
+    their place, or choose where they go, as with a link (docs/BAD_INPUTS.md)."""
+    if problem := foreign_link_problem(path, flag):
+        return problem
+    folder = holding_folder(path)
+    try:
+        if placed_by_trusted(folder):
+            return None
+        owner = os.stat(folder).st_uid
+    except OSError:  # gone meanwhile, or not searchable: the write itself says so
+        return None
+    inside = "" if os.path.realpath(path) == str(folder) else " (the folder it would be made or written in)"
+    return (f"{flag}: {folder}{inside} is a folder of uid {owner}, not this user's: its owner could move what this "
+            f"program writes there and put other files in its place; give another {flag}")
 
 
 def unpinned(path: str | os.PathLike) -> Path:

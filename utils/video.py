@@ -274,7 +274,14 @@ def ffmpeg_file(path: str | os.PathLike) -> str:
     """A path as ffmpeg must be given it to read or write that file: ffmpeg takes a name such as `a:b.mp4`
     (relative, with a colon) as the protocol `a`, and `-` or `pipe:` as a stream, so it gets `file:` and the
     absolute path."""
-    return "file:" + os.path.abspath(path)
+    return "file:" + physical_absolute(path)
+
+
+def physical_absolute(path: str | os.PathLike) -> str:
+    """`path` made absolute without collapsing `..` by its text: the kernel resolves `link/..` as the link
+    target's parent, abspath as the link's own folder (another folder, maybe none)."""
+    text = os.fspath(path)
+    return text if os.path.isabs(text) else os.path.join(os.getcwd(), text)
 
 
 def ffmpeg_said(text: str, path: str | os.PathLike) -> str:
@@ -544,7 +551,7 @@ def _frames(path: str | os.PathLike, backend: str) -> Generator[tuple[int, int] 
     if why:
         raise VideoError(f"{path}: {why}; {REMUX_HINT}")
     if backend == "cv2":
-        cap = cv2.VideoCapture(os.path.abspath(path))
+        cap = cv2.VideoCapture(physical_absolute(path))
         try:
             if not cap.isOpened():
                 raise VideoError(f"{path}: cannot open video")
@@ -638,7 +645,7 @@ def frame_rate(path: str | os.PathLike) -> Fraction | None:
     """The average frame rate of a video's first video stream as its container gives it, exactly as a fraction
     (30000/1001, 25/2; for a variable-rate video its frames over its duration), or None when it gives none (or
     the file cannot be opened)."""
-    cap = cv2.VideoCapture(os.path.abspath(path))
+    cap = cv2.VideoCapture(physical_absolute(path))
     try:
         fps = cap.get(cv2.CAP_PROP_FPS) if cap.isOpened() else 0.0
     finally:

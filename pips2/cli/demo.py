@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import signal
 import sys
 import tempfile
@@ -39,8 +40,8 @@ from pips2.tracking import (
 from pips2.utils.checkpoint import CheckpointError, resolve_device
 from pips2.utils.cli import run_fire
 from pips2.utils.paths import (
-    foreign_link_problem,
     make_dirs,
+    output_folder_problem,
     pinned_folder,
     remove_empty_dirs,
     same_file,
@@ -182,12 +183,12 @@ def check_outputs_spare_inputs(out: Path, **inputs: str | None) -> None:
 
 def check_out_dir(out: Path) -> list[Path]:
     """Create --out_dir and prove it writable now, not after minutes of tracking; returns the folders made."""
-    if problem := foreign_link_problem(out, "--out_dir"):
+    if problem := output_folder_problem(out, "--out_dir"):
         raise ValueError(problem)
     made: list[Path] = []
     try:
         made = make_dirs(out)
-        with tempfile.NamedTemporaryFile(dir=out, prefix=".write_test."):
+        with tempfile.NamedTemporaryFile(dir=os.path.realpath(out), prefix=".write_test."):
             pass
         # the folder the outputs go to, whatever is put at its name while tracking (write_outputs)
         pinned_folder(out, follow=True)

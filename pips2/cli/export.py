@@ -44,7 +44,7 @@ from pips2.datasets.export import (
     worker_init,
 )
 from pips2.utils.cli import aliased, die, parse_hw, run_fire
-from pips2.utils.paths import check_writable, foreign_link_problem, printable
+from pips2.utils.paths import check_writable, output_folder_problem, printable
 from pips2.utils.procs import (
     NotARegularFile,
     WorkerPool,
@@ -214,7 +214,7 @@ def main(dataset_location: str = "../datasets/pointodyssey", dset: str = "train"
     except OSError as e:
         die(f"--dataset_location: {e}")
     version_dir = Path(out_dir) / st.version()
-    if problem := foreign_link_problem(version_dir, "--out_dir"):
+    if problem := output_folder_problem(version_dir, "--out_dir"):
         die(problem)
     try:
         version_dir.mkdir(parents=True, exist_ok=True)

@@ -24,7 +24,7 @@ from pips2.nets.plan import ExecPlan
 from pips2.tracking import MAX_ITERS
 from pips2.utils.checkpoint import CheckpointError
 from pips2.utils.cli import die, run_fire
-from pips2.utils.paths import check_writable, foreign_link_problem, same_file
+from pips2.utils.paths import check_writable, output_folder_problem, same_file
 from pips2.utils.procs import (
     Stopped,
     exit_code,
@@ -190,7 +190,7 @@ def main(init_dir: str = "./reference_model", out: str = "pips2.onnx", S: int = 
     """Export, then (by default) compare onnxruntime with PyTorch at two values of N."""
     try:
         check_flags(S, H, W, iters, out)
-        if problem := foreign_link_problem(out, "--out"):
+        if problem := output_folder_problem(out, "--out"):
             raise ValueError(problem)
         check_out_spares_input(out, init_dir)
         check_out_replaceable(out)

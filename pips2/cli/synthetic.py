@@ -14,7 +14,7 @@ from pathlib import Path
 from pips2.datasets.pointodyssey import MAX_TRACK_ENTRIES, MAX_TRACKS
 from pips2.datasets.synthetic import SceneConfig, SceneInTheWay, generate_dataset, record_settings, scene_dir
 from pips2.utils.cli import die, run_fire
-from pips2.utils.paths import foreign_link_problem, printable
+from pips2.utils.paths import output_folder_problem, printable
 from pips2.utils.procs import Stopped, exit_code, is_space_error, stopping_on_signals
 from pips2.utils.video import MAX_IMAGE_PIXELS
 
@@ -90,7 +90,7 @@ def main(out: str = "./synthetic_pod", train: int = 8, val: int = 0, test: int =
     counts = dict(train=train, val=val, test=test, sample=sample)
     try:
         check_flags(W, H, T, n_points, n_objects, counts, cam_speed, obj_speed, seed, out)
-        if problem := foreign_link_problem(out, "--out"):
+        if problem := output_folder_problem(out, "--out"):
             raise ValueError(problem)
         cfg = SceneConfig(W=W, H=H, T=T, n_objects=n_objects, n_points=n_points, cam_speed=cam_speed,
                           obj_speed=obj_speed)
