@@ -31,6 +31,7 @@ from pips2.hub import load_model
 from pips2.nets.lbm import LBM, VIS_THRESHOLD
 from pips2.utils import metrics
 from pips2.utils.cli import parse_hw
+from pips2.utils.paths import output_folder_problem
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPORT_HW = "128,192"
@@ -57,6 +58,14 @@ def _run_logged(args: list[str]) -> list[tuple[int, float]]:
     if proc.returncode:
         raise subprocess.CalledProcessError(proc.returncode, args)
     return curve
+
+
+def _out_folder(out: str) -> Path:
+    """--out judged as given (a link or folder of another user's at its name or on its way: the scenes, clips and
+    checkpoints would go where they chose), then resolved for the steps' own flags."""
+    if problem := output_folder_problem(out, "--out"):
+        raise SystemExit(f"error: {problem}")
+    return Path(out).resolve()
 
 
 def _scenes_and_export(out_dir: Path, train_scenes: int, test_scenes: int, S: int, crop_size: str, workers: int,
@@ -88,7 +97,7 @@ def main(out: str = "./learning_check", max_iters: int = 500, train_scenes: int 
     if model != "pips2":
         raise SystemExit(f"error: --model must be pips2 or lbm, got {model!r}")
     N, crop_size = N or 32, crop_size or EXPORT_HW
-    out_dir = Path(out).resolve()
+    out_dir = _out_folder(out)
     _scenes_and_export(out_dir, train_scenes, test_scenes, S, crop_size, workers, quick, seed)
     t0 = time.time()
     curve = _run_logged(["train.py", f"--dataset_location={out_dir / 'export'}", f"--B={B}", f"--S={S}", f"--N={N}",
@@ -122,7 +131,7 @@ def main(out: str = "./learning_check", max_iters: int = 500, train_scenes: int 
 def lbm_check(out: str, max_steps: int, train_scenes: int, test_scenes: int, B: int, S: int, N: int, crop_size: str,
               workers: int, quick: bool, seed: int, embed_dim: int, memory_size: int, eval_clips: int) -> dict:
     """Train LBM from scratch on the synthetic training clips, score held-out clips; the summary (also json)."""
-    out_dir = Path(out).resolve()
+    out_dir = _out_folder(out)
     # the exporter's smallest clips are 128 px high; training and scoring crop them to LBM's input size
     _scenes_and_export(out_dir, train_scenes, test_scenes, S, EXPORT_HW, workers, quick, seed)
     _run(["export_mp4_dataset.py", f"--dataset_location={out_dir / 'pod'}", "--dset=test", f"--S={S}", "--N=64",
@@ -234,4 +243,9 @@ if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "compare":
         fire.Fire(compare, sys.argv[2:])
     else:
-        fire.Fire(main)
+        try:
+            fire.Fire(main)
+        except subprocess.CalledProcessError as e:  # the step said why in its own lines, above
+            step = next((str(a) for a in e.cmd if str(a).endswith(".py")), "a step")
+            raise SystemExit(f"error: learning check: {step} failed (exit {e.returncode}); its lines are above") \
+                from None

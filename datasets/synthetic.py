@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from pips2.utils.paths import write_json
+from pips2.utils.paths import foreign_owner, write_json
 from pips2.utils.procs import owned_tempdir, remove_owned, remove_stale_tempdirs
 from pips2.utils.video import read_rgb, write_mp4
 
@@ -307,11 +307,18 @@ def generate_dataset(root: str | Path, dsets: dict[str, int], seed: int = 0, cfg
     # made one at a time: a list of every job came first, 3.5 GB before any scene for 10^8 scenes
     jobs = ((scene_dir(root, name, i), seed * 1000003 + d * 10007 + i)
             for d, (name, count) in enumerate(sorted(dsets.items())) for i in range(count))
-    for name in dsets:  # scenes of runs killed outright (SIGKILL) while being made: one look a split
+    for name in dsets:
+        # a split folder another user made in a --out others may add to (sticky, as /tmp): its owner could move the
+        # scenes made in it and put others in their place
+        if (uid := foreign_owner(Path(root) / name)) is not None:
+            raise SceneInTheWay(f"{Path(root) / name} is a folder of uid {uid}, not this user's: its owner could "
+                                f"move the scenes made in it and put others in their place; give another --out")
+        # scenes of runs killed outright (SIGKILL) while being made: one look a split
         remove_stale_tempdirs(SCENE_TEMP, Path(root) / name)
     done = []
     for path, s in tqdm(jobs, total=sum(dsets.values()), desc="synthetic scenes", disable=not progress):
         if (path / "anno.npz").is_file():
+            _not_in_the_way(path)  # a complete scene is kept: only a folder this user made
             done.append(path)
             continue
         done.append(_generate_whole(path, s, cfg))
@@ -330,6 +337,9 @@ def _not_in_the_way(path: Path) -> None:
     if path.is_symlink() or (path.exists() and not path.is_dir()):
         raise SceneInTheWay(f"{path} is {'a symlink' if path.is_symlink() else 'not a folder'}, not a scene folder "
                             "this generator made: remove it")
+    if (uid := foreign_owner(path)) is not None:
+        raise SceneInTheWay(f"{path} is a folder of uid {uid}, not this user's: a scene another user put there is "
+                            f"not taken as one this generator made; remove it, or give another --out")
 
 
 def _generate_whole(path: Path, seed: int, cfg: SceneConfig | None) -> Path:
@@ -370,6 +380,9 @@ def record_settings(root: str | Path, settings: dict) -> None:
     sizes), or scenes without a record."""
     root = Path(root)
     path = root / SETTINGS
+    if (uid := foreign_owner(path)) is not None:  # the record decides which scenes are kept as this run's
+        raise ValueError(f"{path}: a file of uid {uid}, not this user's: another user's record of the settings is "
+                         f"not taken; remove it, or give another --out")
     if path.exists():
         old = _recorded(path)
         if old is None:

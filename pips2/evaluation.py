@@ -260,7 +260,7 @@ def check_out_json(out_json: str | None, **inputs: Any) -> None:
         return
     out = Path(out_json)
     folder = out.parent
-    if problem := output_folder_problem(out, "--out_json"):
+    if problem := output_folder_problem(out, "--out_json") or output_folder_problem(plots.png_path(out), "--out_json"):
         raise ValueError(problem)
     if folder.is_dir():  # written at the end, hours later: into this very folder (`held_folder`)
         pinned_folder(folder, follow=True)

@@ -75,7 +75,6 @@ from pips2.utils.procs import owned_tempdir, remove_owned, remove_stale_tempdirs
 from pips2.utils.safe_load import UnsafeFileError, not_regular_problem, open_regular
 
 CACHE_ENV = "PIPS2_CACHE"
-DEFAULT_CACHE = Path.home() / ".cache" / "pips2"
 KINDS = {"pips2": "PIPs++", "lbm": "LBM"}  # --model value -> the model's name in messages
 LAYOUTS = {"pips2": PIPS_LAYOUT, "lbm": LBM_LAYOUT}
 DEFAULT_PIPS = "./reference_model"  # the scripts' --init_dir for PIPs++, where get_reference_model.sh writes
@@ -121,8 +120,19 @@ class HubError(CheckpointError):
 
 
 def cache_dir() -> Path:
-    """The cache folder: $PIPS2_CACHE, else ~/.cache/pips2."""
-    return Path(os.environ.get(CACHE_ENV) or DEFAULT_CACHE).expanduser()
+    """The cache folder: $PIPS2_CACHE, else $XDG_CACHE_HOME/pips2, else ~/.cache/pips2 (XDG_CACHE_HOME moves the
+    Hugging Face cache, where LBM is kept, too). HubError when none is set and the home folder is unknown."""
+    given = os.environ.get(CACHE_ENV)
+    if given:
+        return Path(given).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    if os.path.isabs(xdg):  # the XDG rule: a relative value is ignored
+        return Path(xdg) / "pips2"
+    try:
+        return Path.home() / ".cache" / "pips2"
+    except RuntimeError:  # no HOME, and no entry for this uid in the password database
+        raise HubError(f"no folder for the hub's cache: HOME is not set and this user has no home folder; set "
+                       f"{CACHE_ENV} to a folder of your own", local=True) from None
 
 
 def url_override(name: str) -> str | None:
@@ -179,6 +189,14 @@ def cached(name: str) -> Path | None:
 def cache_location(name: str) -> Path:
     """Where a hub name is (or will be) cached: $PIPS2_CACHE/<its file or folder>, or the Hugging Face cache."""
     return hf_cache() if uses_hf(name) else cache_dir() / KNOWN[name].cached
+
+
+def _location_text(name: str) -> str:
+    """`cache_location` for a line of advice, which must not fail: the rule itself without a home folder."""
+    try:
+        return str(cache_location(name))
+    except HubError:
+        return f"${CACHE_ENV}/{KNOWN[name].cached}"
 
 
 def offline_hint(name: str) -> str:
@@ -472,13 +490,13 @@ def how_to_get(kind: str | None = None) -> str:
     if kind in (None, "pips2"):
         demo = demo_checkpoint()
         ways += [GET_REFERENCE,
-                 f"or the hub name pips2 (--init_dir=pips2) fetches it once into {cache_location('pips2')} (offline: "
+                 f"or the hub name pips2 (--init_dir=pips2) fetches it once into {_location_text('pips2')} (offline: "
                  f"{offline_hint('pips2')})"]
         if demo is not None:
             ways.append(f"or --init_dir={demo}/ (the small model `make demo` trained)")
     if kind in (None, "lbm"):
         ways.append(f"{'or ' if ways else ''}the hub name lbm (--init_dir=lbm) fetches the authors' LBM weights "
-                    f"(lbm.pt, huggingface.co/{KNOWN['lbm'].hf_repo}) once into {cache_location('lbm')} (offline: "
+                    f"(lbm.pt, huggingface.co/{KNOWN['lbm'].hf_repo}) once into {_location_text('lbm')} (offline: "
                     f"{offline_hint('lbm')})")
     return "; ".join(ways)
 

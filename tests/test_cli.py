@@ -278,3 +278,24 @@ def test_train_refuses_an_empty_path_and_takes_an_empty_exp_name(capsys, tmp_pat
             train.cli()
         err = capsys.readouterr().err
         assert e.value.code == 2 and len(err.strip().splitlines()) == 1 and err.startswith(msg), err
+
+
+def test_a_removed_working_folder_is_one_line(tmp_path):
+    """Run from a folder removed under the shell: `error: [Errno 2] No such file or directory`, or torch's import
+    failing with `Intel oneMKL FATAL ERROR`. Every program now says it in one line, exit 2, before importing torch."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    code = ("import os, subprocess, sys; os.chdir(sys.argv[1]); os.rmdir(sys.argv[1]); "
+            "sys.exit(subprocess.run([sys.executable, sys.argv[2], '--help']).returncode)")
+    for script in ("demo.py", "make_synthetic_pod.py", "test_on_pod.py"):
+        res = subprocess.run([sys.executable, "-c", code, str(gone), str(root / script)], capture_output=True,
+                             text=True, timeout=120)
+        assert res.returncode == 2 and res.stderr.strip() == (
+            "error: the folder this program runs from was removed; cd to an existing folder and run it again"), \
+            res.stderr[-1000:]
+        gone.mkdir()

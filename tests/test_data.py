@@ -697,6 +697,24 @@ def test_synthetic_scenes_on_a_full_disk_are_one_line_and_keep_the_finished(tmp_
     assert code == 0 and "summary: 2 scenes" in stdout, err
 
 
+def test_synthetic_scenes_refused_by_permissions_say_where_not_room(tmp_path, capsys, monkeypatch):
+    """A folder that refused the scenes (another user's, read-only) was said as `cannot write the scenes in <out>
+    (permission denied); ... once there is room`: no room cures it, and the folder that refused was not named."""
+    import errno
+
+    from pips2.datasets import synthetic as syn
+
+    def refused(path, *args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", str(path))
+
+    monkeypatch.setattr(syn, "generate_scene", refused)
+    out = tmp_path / "syn"
+    code, _, err = _synth(capsys, out, W=64, H=48, T=3, n_points=20, train=1)
+    line = err.strip().splitlines()[-1]
+    assert code == 1 and line.startswith(f"error: cannot write the scenes in {out} ({out / 'train' / '.synth_tmp'}")
+    assert line.endswith("): permission denied; the scenes finished are kept"), line
+
+
 def test_synthetic_refuses_a_link_in_a_scenes_place_in_one_line(tmp_path, capsys, monkeypatch):
     """A symlink at a scene's name in --out (planted in a shared folder) was not followed, but the line blamed
     the disk's room and promised that a rerun would work, which failed the same way for ever. It is refused before

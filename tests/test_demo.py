@@ -807,6 +807,24 @@ def test_an_out_dir_replaced_by_a_link_while_tracking_is_not_written_through(tmp
     assert all(f.is_file() for f in files)
 
 
+def test_a_failed_rename_of_the_outputs_names_the_out_dir_not_its_descriptor(tmp_path, clip, monkeypatch):
+    """A rename refused at the end (a file of another user planted at an output's name in /tmp meanwhile) was said
+    with `/proc/self/fd/3/tracks.csv`, the held folder's descriptor, instead of the --out_dir the user gave."""
+    from pips2.utils import vis
+
+    out = tmp_path / "out"
+    demo.check_out_dir(out)
+
+    def refused(src, dst):
+        raise PermissionError(1, "Operation not permitted", str(src), None, str(dst))
+
+    monkeypatch.setattr(vis.os, "replace", refused)
+    tracks = np.zeros((14, 2, 2), np.float32)
+    with pytest.raises(PermissionError) as e:
+        write_outputs(out, clip, np.zeros((2, 3), np.float32), tracks, np.ones((14, 2), bool), 24.0)
+    assert e.value.filename2 == str(out / "tracks.npz") and "/proc/self/fd" not in str(e.value), str(e.value)
+
+
 def test_an_out_dir_with_dot_dot_goes_where_the_kernel_resolves_it_and_leaves_no_stray_folder(tmp_path, clip, ckpt,
                                                                                                capsys):
     """`<own link>/../x` (x beside the link's target, as the kernel resolves it) was refused as "not writable (No

@@ -142,6 +142,7 @@ def test_bad_flag_is_one_line(synth_root, tmp_path):
     (["--N=0"], "--N must be at least 1, got 0"),
     (["--max_clips=-1"], "--max_clips must be at least 1, got -1"),
     (["--max_clips=0"], "--max_clips must be at least 1, got 0"),  # was: exit 0, an empty version folder left
+    (["--max_iters=-5"], "--max_iters must be at least 1, got -5"),  # the authors' name, said as given
     (["--workers=-3"], "--workers must be at least 1, got -3"),
     (["--num_shards=0"], "--num_shards must be at least 1, got 0"),
     (["--seed=-1"], "--seed must be at least 0, got -1"),  # was: a numpy traceback

@@ -530,3 +530,37 @@ def test_the_default_reference_model_folder_of_another_user_is_not_loaded(tmp_pa
     with pytest.raises(hub.HubError, match=r"^\./reference_model: pips2.pth in it was replaced while it was checked "
                                            r"\(now uid 2002, mode 644\); not loaded$"):
         pips2.load_model(None)
+
+
+def test_the_cache_follows_xdg_and_a_missing_home_is_one_line(tmp_path, monkeypatch, capsys):
+    """The cache folder was ~/.cache/pips2, computed when pips2.hub was imported: without HOME (a uid with no home
+    folder, `env -i`) every script, `--help` too, ended in a traceback, PIPS2_CACHE set or not. It is now found
+    when needed, follows XDG_CACHE_HOME as the Hugging Face cache does, and its absence is one line."""
+    import pathlib
+
+    from helpers import run_main
+
+    from pips2.cli import app as app_cli
+
+    monkeypatch.delenv("PIPS2_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert hub.cache_dir() == tmp_path / "xdg" / "pips2"
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative/path")  # ignored, as the XDG rule says
+    assert hub.cache_dir() == Path.home() / ".cache" / "pips2"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+
+    def no_home(cls=None):
+        raise RuntimeError("Could not determine home directory.")
+
+    monkeypatch.setattr(pathlib.Path, "home", classmethod(no_home))
+    said = "no folder for the hub's cache: HOME is not set and this user has no home folder; set PIPS2_CACHE to a " \
+           "folder of your own"
+    with pytest.raises(hub.HubError, match=f"^{said}$"):
+        pips2.load_model("pips2")
+    monkeypatch.chdir(tmp_path)  # no ./reference_model: the advice names the cache by its rule
+    with pytest.raises(hub.HubError, match=r"fetches it once into \$PIPS2_CACHE/reference_model \(offline"):
+        pips2.load_model(None)
+    res = run_main(app_cli.main, capsys, init_dir=str(tmp_path / "none"))
+    assert res.returncode == 2 and res.stderr.strip() == f"error: {said}", res.stderr
+    monkeypatch.setenv("PIPS2_CACHE", str(tmp_path / "c"))
+    assert hub.cache_dir() == tmp_path / "c"

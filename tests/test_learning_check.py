@@ -58,3 +58,30 @@ def test_compare_takes_plain_run_names_and_refuses_runs_without_a_curve(tmp_path
     res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "learning_check.py"), "compare", "--runs=a,c"],
                          cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=120)
     assert res.returncode != 0 and "error: c/learning_check.json: not found" in res.stderr
+
+
+def _check(tmp_path: Path, *flags: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "benchmarks" / "learning_check.py"), "--quick=True",
+                           "--train_scenes=1", "--test_scenes=1", "--workers=1", *flags], cwd=tmp_path, env=ENV,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_out_through_another_user_s_link_is_refused_and_a_failed_step_is_one_line(tmp_path):
+    """`make demo` runs this check into ./demo_out: another user's link there was followed (the path resolved
+    first, the scenes written in-process), so the whole check wrote where the link's maker chose. A failed step
+    ended in a CalledProcessError traceback."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (tmp_path / "demo_out").symlink_to(mine)
+    if os.geteuid() == 0:
+        os.lchown(tmp_path / "demo_out", 2002, 2002)
+        res = _check(tmp_path, "--out=demo_out")
+        assert res.returncode == 1 and res.stderr.strip() == (
+            f"error: --out: {tmp_path / 'demo_out'} is a link of uid 2002's (to {mine}), not this user's: its maker "
+            f"chose where this program's files would go; remove it, or give another --out"), res.stderr[-2000:]
+        assert list(mine.iterdir()) == []
+    res = _check(tmp_path, "--out=own", "--S=1000")  # more frames than a scene has: the export refuses
+    assert res.returncode == 1, res.stderr[-2000:]
+    assert res.stderr.strip().splitlines()[-1] == ("error: learning check: export_mp4_dataset.py failed (exit 2); "
+                                                   "its lines are above"), res.stderr[-2000:]
+    assert "Traceback" not in res.stderr

@@ -1219,7 +1219,8 @@ def test_a_log_folder_of_another_user_or_their_link_at_its_name_is_refused(expor
         assert e.value.code == 2
         assert capsys.readouterr().err.strip().splitlines()[-1] == (
             f"error: --{flag}: {made_first} is a folder of uid 2002, not this user's: its owner could move what this "
-            f"program writes there and put other files in its place; give another --{flag}")
+            f"program writes there and put other files in its place; give another --{flag} (this program runs as root: "
+            f"run it as that user, or give a folder of root's)")
     assert not list(theirs.iterdir()) and not list(made_first.iterdir())
 
 

@@ -1328,6 +1328,7 @@ def test_every_writer_refuses_a_folder_another_user_made_at_or_around_its_output
     said = "is a folder of uid 2002, not this user's: its owner could move what this program writes there and put " \
            "other files in its place"
     inside = " (the folder it would be made or written in)"
+    as_root = " (this program runs as root: run it as that user, or give a folder of root's)"
     for main, kw, flag, where in (
             (export_onnx.main, dict(out=str(theirs / "pips2.onnx"), init_dir=str(tmp_path / "none")), "--out", inside),
             (synthetic.main, dict(out=str(theirs), train=1, test=0, W=128, H=128, T=8), "--out", ""),
@@ -1335,16 +1336,16 @@ def test_every_writer_refuses_a_folder_another_user_made_at_or_around_its_output
                                    crop_size=(128, 192), quiet=True, max_clips=1), "--out_dir", inside)):
         res = run_main(main, capsys, **kw)
         assert res.returncode == 2, res.stderr
-        assert res.stderr.strip() == f"error: {flag}: {theirs}{where} {said}; give another {flag}", res.stderr
+        assert res.stderr.strip() == f"error: {flag}: {theirs}{where} {said}; give another {flag}{as_root}", res.stderr
     with pytest.raises(ValueError) as e:
         demo.check_out_dir(theirs / "track")
-    assert str(e.value) == f"--out_dir: {theirs}{inside} {said}; give another --out_dir"
+    assert str(e.value) == f"--out_dir: {theirs}{inside} {said}; give another --out_dir{as_root}"
     with pytest.raises(ValueError) as e:
         evaluation.check_out_json(str(theirs / "pod.json"))
-    assert str(e.value) == f"--out_json: {theirs}{inside} {said}; give another --out_json"
+    assert str(e.value) == f"--out_json: {theirs}{inside} {said}; give another --out_json{as_root}"
     assert download.main(["file:///nowhere.tar.gz", str(tmp_path / "work"), "", str(theirs / "reference_model")]) == 1
     assert capsys.readouterr().err.strip() == (f"get_reference_model.sh: REF_MODEL_DEST: {theirs}{inside} {said}; "
-                                               f"give another REF_MODEL_DEST; nothing replaced")
+                                               f"give another REF_MODEL_DEST{as_root}; nothing replaced")
     assert sorted(p.name for p in theirs.iterdir()) == []
     # their own folder in the user's: its placement is the user's choice, as a container's mount of its host user's
     placed = tmp_path / "placed"
@@ -1352,3 +1353,72 @@ def test_every_writer_refuses_a_folder_another_user_made_at_or_around_its_output
     os.chown(placed, 2002, 2002)
     assert demo.check_out_dir(placed / "track") == [placed / "track"]
     evaluation.check_out_json(str(placed / "pod.json"))
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="gives files another user's uid")
+def test_inside_a_shared_out_another_user_s_split_scene_or_settings_are_not_taken(tmp_path, capsys):
+    """In the user's --out that others may add to (sticky, 1777), another user's `train/` folder, a whole scene of
+    theirs in it, or their settings.json were taken in without a word: the user's data set held their scenes, or
+    the user's scenes went into their folder. Each is refused in one line before anything is written."""
+    from helpers import run_main
+
+    from pips2.cli import synthetic
+
+    out = tmp_path / "out"
+    out.mkdir()
+    out.chmod(0o1777)
+    kw = dict(out=str(out), train=1, test=0, W=128, H=96, T=8, n_points=20, n_objects=2)
+    (out / "train").mkdir()
+    os.chown(out / "train", 2002, 2002)
+    res = run_main(synthetic.main, capsys, **kw)
+    assert res.returncode == 2 and res.stderr.strip().splitlines()[-1] == (
+        f"error: {out / 'train'} is a folder of uid 2002, not this user's: its owner could move the scenes made in "
+        f"it and put others in their place; give another --out"), res.stderr
+    assert list((out / "train").iterdir()) == []
+    os.chown(out / "train", os.geteuid(), os.getegid())
+    assert run_main(synthetic.main, capsys, **kw).returncode == 0
+    scene = out / "train" / "synth_0000"
+    os.chown(scene, 2002, 2002)  # as if theirs, copied in complete
+    res = run_main(synthetic.main, capsys, **kw)
+    assert res.returncode == 2 and res.stderr.strip().splitlines()[-1] == (
+        f"error: {scene} is a folder of uid 2002, not this user's: a scene another user put there is not taken as "
+        f"one this generator made; remove it, or give another --out"), res.stderr
+    os.chown(scene, os.geteuid(), os.getegid())
+    os.chown(out / "settings.json", 2002, 2002)
+    res = run_main(synthetic.main, capsys, **kw)
+    assert res.returncode == 2 and res.stderr.strip().splitlines()[-1] == (
+        f"error: {out / 'settings.json'}: a file of uid 2002, not this user's: another user's record of the "
+        f"settings is not taken; remove it, or give another --out"), res.stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="gives files another user's uid")
+def test_another_user_s_file_at_an_output_s_name_is_refused_before_the_work(tmp_path):
+    """In a folder of root's that all may add to (/tmp: sticky), another user's file at an output's name passed
+    the start check; the job did all its work, then could not rename its output over that file: the evaluation's
+    JSON and curves, the demo's CSV and video were lost. Such a file is refused before any work."""
+    from pips2 import evaluation
+    from pips2.cli import demo
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    as_root = " (this program runs as root"
+    for name in ("tracks.csv", "synthetic.mp4"):
+        (shared / name).write_text("theirs")
+        os.chown(shared / name, 2002, 2002)
+        with pytest.raises(ValueError) as e:
+            demo.check_out_dir(shared)
+        assert str(e.value) == (f"--out_dir: {shared / name} is a file of uid 2002, not this user's, at the name of an "
+                                f"output: it may not be replaceable here, and its owner chose what it holds; remove "
+                                f"it, or give another --out_dir") and as_root not in str(e.value)
+        (shared / name).unlink()
+    demo.check_out_dir(shared)
+    for name in ("pod.json", "pod_curves.png"):
+        (shared / name).write_text('{"benchmark": "pod", "status": "complete"}')
+        os.chown(shared / name, 2002, 2002)
+        with pytest.raises(ValueError) as e:
+            evaluation.check_out_json(str(shared / "pod.json"))
+        assert str(e.value).startswith(f"--out_json: {shared / name} is a file of uid 2002, not this user's, at the "
+                                       f"name of an output"), str(e.value)
+        (shared / name).unlink()
+    evaluation.check_out_json(str(shared / "pod.json"))

@@ -287,23 +287,44 @@ def placed_by_trusted(folder: str | os.PathLike) -> bool:
     return above.st_uid in (os.geteuid(), 0) and not above.st_mode & 0o022
 
 
-def output_folder_problem(path: str | os.PathLike, flag: str) -> str | None:
-    """Why this program may not write to `path` (an output file or folder given as `flag`, or its default), as one
-    line, or None. Refused: a link another user made on the way (`foreign_link`), and a folder the output would go
-    into that is another user's (`placed_by_trusted`): its owner could move the results away and put others in
-    their place, or choose where they go, as with a link (docs/BAD_INPUTS.md)."""
+def foreign_owner(path: str | os.PathLike) -> int | None:
+    """The owner of `path` (itself, not a link's target) when it is neither this user (as the file system records
+    this user's files) nor root, else None (also when nothing is there)."""
+    try:
+        uid = os.lstat(path).st_uid
+    except OSError:
+        return None
+    if uid in (os.geteuid(), 0) or uid in own_uids(Path(path).parent):
+        return None
+    return uid
+
+
+def output_folder_problem(path: str | os.PathLike, flag: str, names: tuple[str, ...] = ()) -> str | None:
+    """Why this program may not write to `path` (an output file or folder given as `flag`, or its default; `names`:
+    the files it writes in that folder), as one line, or None. Refused: a link another user made on the way
+    (`foreign_link`); a folder the output would go into that is another user's (`placed_by_trusted`): its owner
+    could move the results away and put others in their place, or choose where they go, as with a link; and a file
+    of another user's at an output's name, which a sticky folder (/tmp) would keep from being replaced after all
+    the work (docs/BAD_INPUTS.md)."""
     if problem := foreign_link_problem(path, flag):
         return problem
     folder = holding_folder(path)
     try:
-        if placed_by_trusted(folder):
-            return None
-        owner = os.stat(folder).st_uid
+        if not placed_by_trusted(folder):
+            inside = "" if os.path.realpath(path) == str(folder) else " (the folder it would be made or written in)"
+            root = " (this program runs as root: run it as that user, or give a folder of root's)" \
+                if os.geteuid() == 0 else ""
+            return (f"{flag}: {folder}{inside} is a folder of uid {os.stat(folder).st_uid}, not this user's: its "
+                    f"owner could move what this program writes there and put other files in its place; give "
+                    f"another {flag}{root}")
     except OSError:  # gone meanwhile, or not searchable: the write itself says so
         return None
-    inside = "" if os.path.realpath(path) == str(folder) else " (the folder it would be made or written in)"
-    return (f"{flag}: {folder}{inside} is a folder of uid {owner}, not this user's: its owner could move what this "
-            f"program writes there and put other files in its place; give another {flag}")
+    files = [Path(path)] if not os.path.isdir(path) else []
+    for p in files + [Path(path) / n for n in names]:
+        if (uid := foreign_owner(p)) is not None:
+            return (f"{flag}: {p} is a file of uid {uid}, not this user's, at the name of an output: it may not be "
+                    f"replaceable here, and its owner chose what it holds; remove it, or give another {flag}")
+    return None
 
 
 def unpinned(path: str | os.PathLike) -> Path:

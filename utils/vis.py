@@ -12,7 +12,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from pips2.utils.paths import held_folder, unpin
+from pips2.utils.paths import held_folder, unpin, unpinned
 from pips2.utils.procs import held_stops, owned_tempdir, remove_dead_owned, remove_owned, remove_stale_tempdirs
 from pips2.utils.video import MAX_RATE_DENOMINATOR, frame_rate, iter_frames, write_mp4
 
@@ -198,6 +198,11 @@ def write_outputs(out_dir: Path, video: Path, queries: np.ndarray, tracks: np.nd
                 os.replace(tmp, dest)
             if on_installed is not None:  # before a stop held meanwhile is raised: the outputs are complete
                 on_installed()
+    except OSError as e:  # named as the caller gave the folder: the descriptor's path goes with unpin below
+        for attr in ("filename", "filename2"):
+            if isinstance(getattr(e, attr), str):
+                setattr(e, attr, str(unpinned(getattr(e, attr))))
+        raise
     finally:
         remove_owned(work)
         unpin(out_dir)  # a descriptor per output folder: a server writing many would run out of them

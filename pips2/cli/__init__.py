@@ -1,3 +1,13 @@
 """The command-line programs: one module per command (`pips2-train` = pips2.cli.train, ...), each a `main`
 with fire flags and a `cli()` entry point; the top-level scripts of a checkout call the same functions, and
 hubconf.py (torch.hub) calls pips2.cli.torch_hub."""
+
+import os as _os
+import sys as _sys
+
+try:
+    _os.getcwd()
+except FileNotFoundError:  # removed under a shell still in it: relative defaults and torch's import fail unclearly
+    print("error: the folder this program runs from was removed; cd to an existing folder and run it again",
+          file=_sys.stderr, flush=True)
+    _sys.exit(2)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import ipaddress
 import sys
 
+from pips2.utils.checkpoint import CheckpointError
 from pips2.utils.cli import run_fire
 from pips2.webapp import MAX_DECODED_MB, App, serve
 
@@ -32,7 +33,7 @@ def main(port: int = 7860, host: str = "127.0.0.1", init_dir: str | None = None,
         sys.exit(2)
     try:
         app = App(init_dir=init_dir, model=model, device=device, S=S, iters=iters, max_decoded_mb=max_decoded_mb)
-    except ValueError as e:
+    except (ValueError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
     host = str(host)

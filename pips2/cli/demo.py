@@ -183,7 +183,7 @@ def check_outputs_spare_inputs(out: Path, **inputs: str | None) -> None:
 
 def check_out_dir(out: Path) -> list[Path]:
     """Create --out_dir and prove it writable now, not after minutes of tracking; returns the folders made."""
-    if problem := output_folder_problem(out, "--out_dir"):
+    if problem := output_folder_problem(out, "--out_dir", (*OUTPUT_NAMES, SYNTHETIC_NAME)):
         raise ValueError(problem)
     made: list[Path] = []
     try:

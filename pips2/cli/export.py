@@ -198,11 +198,14 @@ def main(dataset_location: str = "../datasets/pointodyssey", dset: str = "train"
                           shuffle=shuffle, seed=seed, preset=preset)
     except ValueError as e:
         die(e)
+    by_alias = max_clips is None and max_iters is not None  # the authors' name: errors say it
     try:
         max_clips = aliased("max_clips", max_clips, "max_iters", max_iters)
         _check_flags(S=S, N=N, max_clips=max_clips, workers=workers, num_shards=num_shards, seed=seed, preset=preset,
                      dset=dset)
     except ValueError as e:
+        if by_alias:
+            e = ValueError(str(e).replace("--max_clips", "--max_iters", 1))
         die(e)
     if not 0 <= shard < num_shards:
         die(f"--shard must be in [0, {num_shards}), got {shard}")

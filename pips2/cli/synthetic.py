@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import errno
 import math
 import shutil
 import signal
@@ -111,9 +112,15 @@ def main(out: str = "./synthetic_pod", train: int = 8, val: int = 0, test: int =
     except SceneInTheWay as e:
         die(e)
     except OSError as e:  # a full disk: this machine, not the settings; the scene being made was removed
-        why = "no space left on device" if is_space_error(e) else (e.strerror or str(e)).lower()
-        print(printable(f"error: cannot write the scenes in {out} ({why}); the scenes finished are kept, the same "
-                        f"command writes the rest once there is room"), file=sys.stderr, flush=True)
+        if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):  # which room would not cure: named where it was
+            where = f" ({e.filename})" if isinstance(e.filename, str) else ""
+            said = (f"cannot write the scenes in {out}{where}: {(e.strerror or str(e)).lower()}; the scenes finished "
+                    f"are kept")
+        else:
+            why = "no space left on device" if is_space_error(e) else (e.strerror or str(e)).lower()
+            said = (f"cannot write the scenes in {out} ({why}); the scenes finished are kept, the same command "
+                    f"writes the rest once there is room")
+        print(printable(f"error: {said}"), file=sys.stderr, flush=True)
         sys.exit(1)
     print(f"summary: {len(paths)} scenes ({', '.join(f'{k} {v}' for k, v in splits.items())}) of {T} frames "
           f"{W}x{H} in {out}")
