@@ -22,7 +22,6 @@ checkpoint (`--init_dir`) it is what the setting costs in accuracy on that clip.
 
 from __future__ import annotations
 
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -30,7 +29,7 @@ from pathlib import Path
 import fire
 import numpy as np
 import torch
-from common import machine_description, name_list
+from common import machine_description, name_list, save_results
 
 from pips2.datasets.synthetic import write_synthetic_video
 from pips2.hub import load_model
@@ -102,9 +101,8 @@ def main(sizes: str = "480p,540p,720p", frames: int = 48, points: int = 64, sett
                 print(f"  {name:8s} {dt:7.1f} s  {dt / frames:5.2f} s/frame  (372 frames: ~{372 * dt / frames:4.0f} s)"
                       f"{extra}", flush=True)
     if json_out:
-        Path(json_out).write_text(json.dumps({"frames": frames, "points": points, "S": S,
-                                              "weights": init_dir or "golden", "machine": machine_description(),
-                                              "results": results}, indent=1))
+        save_results(json_out, {"frames": frames, "points": points, "S": S, "weights": init_dir or "golden",
+                                "machine": machine_description(), "results": results})
 
 
 if __name__ == "__main__":

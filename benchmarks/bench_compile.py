@@ -16,13 +16,11 @@ C++ compiler on the machine: it is not something this project can require of its
 
 from __future__ import annotations
 
-import json
 import time
-from pathlib import Path
 
 import fire
 import torch
-from common import best_time, machine_description
+from common import best_time, machine_description, save_results
 
 from pips2.nets.pips2 import Pips
 from pips2.utils.golden import load_golden_weights
@@ -71,7 +69,7 @@ def main(repeats: int = 3, json_out: str | None = None) -> dict:
     for part in ("encoder", "delta_block"):
         print(part, {k: round(v, 4) if isinstance(v, float) else v for k, v in res[part].items()})
     if json_out:
-        Path(json_out).write_text(json.dumps(res, indent=2))
+        save_results(json_out, res)
     return res
 
 

@@ -21,13 +21,10 @@ float64 against F.conv2d first (max |diff| printed). The forms here are this ben
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import fire
 import torch
 import torch.nn.functional as F
-from common import interleaved_times, machine_description
+from common import interleaved_times, machine_description, save_results
 
 # (name, channels in, channels out, the input's stride against the frame) of the encoder's stride-1 3x3
 # convolutions (nets/pips2.BasicEncoder): layer1's four, the second of layer2/3/4's blocks and their first blocks'
@@ -150,7 +147,7 @@ def main(H: int = 544, W: int = 960, rounds: int = 3, per_round: int = 3, json_o
             f"{k} {1e3 * t:.1f} ms ({best['direct'] / t:.2f}x)" for k, t in best.items())
             + f"; float64 |diff| wino2 {float(err2):.1e}, wino4 {float(err4):.1e}")
     if json_out:
-        Path(json_out).write_text(json.dumps(report, indent=1))
+        save_results(json_out, report)
 
 
 if __name__ == "__main__":

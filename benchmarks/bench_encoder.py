@@ -5,13 +5,11 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
-from pathlib import Path
 
 import fire
 import torch
-from common import best_time
+from common import best_time, save_results
 
 from pips2.nets import fast
 from pips2.nets.pips2 import Pips
@@ -74,7 +72,7 @@ def main(S: int = 36, N: int = 128, H: int = 256, W: int = 384, iters: int = 6, 
           f"forward with gathers into one workspace vs fresh tensors: "
           f"{res['forward_gather_fresh'] / res['forward_inference_mode']:.2f}x")
     if json_out:
-        Path(json_out).write_text(json.dumps(res, indent=2))
+        save_results(json_out, res)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import tempfile
@@ -24,7 +23,7 @@ import fire
 import numpy as np
 import torch
 import torch.nn.functional as F
-from common import machine_description
+from common import machine_description, save_results
 
 from pips2.nets import fast
 from pips2.nets.pips2 import Pips
@@ -117,9 +116,8 @@ def main(H: int = 512, W: int = 896, frames: int = 6, clip_frames: int = 128, re
     print(f"track() on {clip_frames} frames at {W}x{H}:")
     reuse = time_memory_reuse(H, W, clip_frames, repeats)
     if json_out:
-        Path(json_out).write_text(json.dumps({"H": H, "W": W, "machine": machine_description(), "norms": norms,
-                                              "memory_reuse": reuse},
-                                             indent=1))
+        save_results(json_out, {"H": H, "W": W, "machine": machine_description(), "norms": norms,
+                                "memory_reuse": reuse})
 
 
 if __name__ == "__main__":

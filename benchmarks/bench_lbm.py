@@ -28,9 +28,9 @@ step then skips the memory attention); `--vis_bias` (default 3) raises the visib
 points are visible and the memory path runs, as with trained weights. It is not applied to a `--checkpoint`.
 `--perturb_theirs=x` adds x to one of their weights after the copy: a self-test, the run must then stop.
 
-    python benchmarks/bench_lbm.py --authors_repo=/tmp/lbm
-    python benchmarks/bench_lbm.py --authors_repo=/tmp/lbm --out_json=docs/bench_lbm_cpu.json
-    python benchmarks/bench_lbm.py --authors_repo=/tmp/lbm --hw=64,96 --points=8 --frames=5 --stream_frames=50
+    python benchmarks/bench_lbm.py --authors_repo=$HOME/src/lbm
+    python benchmarks/bench_lbm.py --authors_repo=$HOME/src/lbm --out_json=docs/bench_lbm_cpu.json
+    python benchmarks/bench_lbm.py --authors_repo=$HOME/src/lbm --hw=64,96 --points=8 --frames=5 --stream_frames=50
 """
 
 from __future__ import annotations
@@ -61,6 +61,7 @@ from tqdm import tqdm
 from pips2.hub import load_model
 from pips2.nets.lbm import LBM, LBMOnlineState
 from pips2.utils.cli import parse_hw
+from pips2.utils.paths import code_folder_problem, output_folder_problem, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGET = 1.5  # the target: ours at least 1.5x the authors' frames/s
@@ -175,6 +176,8 @@ def import_authors(repo: str | os.PathLike) -> type:
     repo = Path(repo).resolve()
     if not (repo / "lbm" / "models" / "lbm_online.py").is_file():
         raise SystemExit(f"bench_lbm: {repo}: not a checkout of George-Zhuang/lbm (no lbm/models/lbm_online.py)")
+    if problem := code_folder_problem(repo, "--authors_repo"):  # its code runs as this user
+        raise SystemExit(f"bench_lbm: {problem}")
     # Their modules import each other as the top-level package `lbm`, which resolves only with the
     # checkout's root on sys.path (their own scripts do the same); this benchmark is the only place it is done.
     sys.path.insert(0, str(repo))
@@ -508,9 +511,9 @@ def main(authors_repo: str, hw="384,512", points: int = 256, frames: int = 8, wa
     res["stream"] = {w: run_stream(w, spec) for w in (["ours", "theirs"] if stream_theirs else ["ours"])}
     print_report(res)
     if out_json:
-        tmp = Path(f"{out_json}.tmp")
-        tmp.write_text(json.dumps(res, indent=2))
-        tmp.replace(out_json)
+        if problem := output_folder_problem(out_json, "--json_out"):
+            raise SystemExit(f"error: {problem}; the results are printed above")
+        write_json(out_json, res)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import fire
 import torch
-from common import name_list, reset_peak_rss, status_bytes, synthetic_batch
+from common import name_list, reset_peak_rss, save_results, status_bytes, synthetic_batch
 
 from pips2 import train_step as train
 from pips2.nets.pips2 import Pips
@@ -118,7 +118,7 @@ def main(runs: str = "stage1_B1,stage1_B2,stage2_S8,stage2_S16", models: str = "
         targets[name] = row
         print(f"  {name}: " + ", ".join(f"{m} {v / 2**30:.1f} GiB" for m, v in row.items()))
     if json_out:
-        Path(json_out).write_text(json.dumps({"measured": got, "extrapolated_bytes": targets}, indent=2))
+        save_results(json_out, {"measured": got, "extrapolated_bytes": targets})
 
 
 if __name__ == "__main__":

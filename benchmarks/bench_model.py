@@ -7,7 +7,7 @@ are compared in the same run.
 
     python benchmarks/bench_model.py                       # sizes a and b on the CPU
     python benchmarks/bench_model.py --device=cuda --sizes=a,b,c
-    python benchmarks/bench_model.py --authors_repo=/tmp/pips2 # also the authors' own code (aharley/pips2)
+    python benchmarks/bench_model.py --authors_repo=$HOME/src/pips2 # also the authors' own code (aharley/pips2)
 
 With `--authors_repo` (a checkout of aharley/pips2) the authors' Pips, imported unmodified from it as
 benchmarks/diff_authors.py does, runs first with the same weights and inputs in float32 under `no_grad`, and
@@ -16,7 +16,6 @@ every ratio is also given against it.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -26,7 +25,7 @@ from pathlib import Path
 
 import fire
 import torch
-from common import reset_peak_rss, status_bytes
+from common import reset_peak_rss, save_results, status_bytes
 
 from pips2.nets.pips2 import Pips
 from pips2.nets.plan import ExecPlan
@@ -161,7 +160,7 @@ def main(sizes: str = "a,b", device: str = "cpu", B: int = 1, repeats: int = 2, 
               f"mean {row['mean_diff_bf16_px']:.3f} px, median L2 {row['median_diff_bf16_px']:.3f} px, "
               f"max {row['max_diff_bf16_px']:.2f} px")
     if json_out:
-        Path(json_out).write_text(json.dumps(results, indent=2))
+        save_results(json_out, results)
 
 
 if __name__ == "__main__":

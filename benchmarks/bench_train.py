@@ -30,7 +30,7 @@ from pathlib import Path
 
 import fire
 import torch
-from common import machine_description, reset_peak_rss, scratch_export, status_bytes, synthetic_batch
+from common import machine_description, reset_peak_rss, save_results, scratch_export, status_bytes, synthetic_batch
 
 from pips2 import train_step as train
 from pips2.nets.pips2 import Pips
@@ -281,9 +281,7 @@ def main(shapes: str = "stage1", variants: str = DEFAULT_VARIANTS, rounds: int =
         for target, measured, ok in res["verdicts"]:
             print(f"  {'met ' if ok else 'MISS'}  {target}: {measured}")
     if json_out:
-        tmp = Path(f"{json_out}.tmp")
-        tmp.write_text(json.dumps(res, indent=2))
-        tmp.replace(json_out)
+        save_results(json_out, res)
 
 
 if __name__ == "__main__":

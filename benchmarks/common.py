@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import shutil
@@ -18,8 +17,17 @@ import torch
 
 from pips2.datasets.synthetic import SceneConfig, generate_dataset
 from pips2.datasets.training import Sample
+from pips2.utils.paths import output_folder_problem, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def save_results(json_out: str | os.PathLike, results: dict) -> None:
+    """Write a benchmark's results to --json_out whole (a private temp file, then a rename), never through another
+    user's link or into another user's folder (docs/BAD_INPUTS.md); SystemExit with one line otherwise."""
+    if problem := output_folder_problem(json_out, "--json_out"):
+        raise SystemExit(f"error: {problem}; the results are printed above")
+    write_json(json_out, results)
 
 
 def name_list(value) -> list[str]:
@@ -63,7 +71,7 @@ def scratch_run(prefix: str, json_out: str | None) -> Iterator[tuple[Path, dict]
     finally:
         shutil.rmtree(work, ignore_errors=True)
     if json_out:
-        Path(json_out).write_text(json.dumps(res, indent=2))
+        save_results(json_out, res)
 
 
 def interleaved_times(runs: dict[str, Callable[[], object]], rounds: int, per_round: int) -> dict[str, list[float]]:

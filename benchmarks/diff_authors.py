@@ -17,9 +17,9 @@ max(`--tol` px, 10 x its spread), with the first iteration that differs (exit 1 
 (George-Zhuang/lbm), see its docstring. `stats` prints the numbers docs/CORRECTNESS.md quotes from the stored
 files (no authors' code needed).
 
-    python benchmarks/diff_authors.py pips --authors_repo=/tmp/pips2 --out=tests/data/diff_pips_f64.npz
-    python benchmarks/diff_authors.py pips --authors_repo=/tmp/pips2 --seed=7 --cases=40 --compare=all
-    python benchmarks/diff_authors.py lbm --authors_repo=/tmp/lbm --out=tests/data/lbm/diff_lbm_f64.npz
+    python benchmarks/diff_authors.py pips --authors_repo=$HOME/src/pips2 --out=tests/data/diff_pips_f64.npz
+    python benchmarks/diff_authors.py pips --authors_repo=$HOME/src/pips2 --seed=7 --cases=40 --compare=all
+    python benchmarks/diff_authors.py lbm --authors_repo=$HOME/src/lbm --out=tests/data/lbm/diff_lbm_f64.npz
     python benchmarks/diff_authors.py stats --plans=all
 
 A stopped run (Ctrl-C, SIGTERM) writes the cases it finished; run the same command again to go on from there.
@@ -66,6 +66,7 @@ from pips2.utils.golden import (
     track_online,
     track_three_ways,
 )
+from pips2.utils.paths import code_folder_problem
 
 # frame sizes of the golden videos (H, W): multiples of 8, odd multiples (136 = 17 x 8, ...), non-square
 VIDEO_SIZES = [(128, 128), (128, 192), (136, 136), (136, 200), (200, 136), (152, 168), (184, 128), (128, 232)]
@@ -113,6 +114,8 @@ def import_authors_pips(repo: str | Path) -> type:
     repo = Path(repo).resolve()
     if not (repo / "nets" / "pips2.py").is_file() or not (repo / "utils" / "samp.py").is_file():
         die(f"diff_authors: {repo}: not a checkout of aharley/pips2 (no nets/pips2.py, utils/samp.py)")
+    if problem := code_folder_problem(repo, "--authors_repo"):  # its code runs as this user
+        die(f"diff_authors: {problem}")
     if importlib.util.find_spec("einops") is None:
         from bench_lbm import rearrange
 

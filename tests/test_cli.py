@@ -283,6 +283,7 @@ def test_train_refuses_an_empty_path_and_takes_an_empty_exp_name(capsys, tmp_pat
 def test_a_removed_working_folder_is_one_line(tmp_path):
     """Run from a folder removed under the shell: `error: [Errno 2] No such file or directory`, or torch's import
     failing with `Intel oneMKL FATAL ERROR`. Every program now says it in one line, exit 2, before importing torch."""
+    import os
     import subprocess
     import sys
     from pathlib import Path
@@ -299,3 +300,9 @@ def test_a_removed_working_folder_is_one_line(tmp_path):
             "error: the folder this program runs from was removed; cd to an existing folder and run it again"), \
             res.stderr[-1000:]
         gone.mkdir()
+    # a program already running (torch loaded) that imports the commands, as torch.hub.load does: not ended by it
+    code = ("import os, sys, torch; os.chdir(sys.argv[1]); os.rmdir(sys.argv[1]); import pips2.cli.torch_hub; "
+            "print('imported')")
+    res = subprocess.run([sys.executable, "-c", code, str(gone)], capture_output=True, text=True, timeout=120,
+                         cwd=root, env={**os.environ, "PYTHONPATH": str(root)})
+    assert res.returncode == 0 and res.stdout.strip() == "imported", res.stderr[-1000:]

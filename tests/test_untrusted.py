@@ -1422,3 +1422,89 @@ def test_another_user_s_file_at_an_output_s_name_is_refused_before_the_work(tmp_
                                        f"name of an output"), str(e.value)
         (shared / name).unlink()
     evaluation.check_out_json(str(shared / "pod.json"))
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="gives files another user's uid")
+def test_an_onnx_export_meeting_another_user_s_file_at_its_names_leaves_nothing_stray(tmp_path, capsys, monkeypatch):
+    """export_onnx.py checked --out at the start only: another user's file put at the graph's name during the
+    export (in /tmp, whose sticky bit then refuses the rename over it) lost the export, left its 70 MB weights
+    beside their "graph", and the line said an earlier export was kept when there was none. Their file at
+    <out>.data at the start got a line that did not say whose it was."""
+    from helpers import run_main
+    from test_onnx import golden_model
+
+    from pips2.cli import export_onnx
+    from pips2.utils import checkpoint
+
+    ck = checkpoint.save(tmp_path / "ck", 1, golden_model())
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    out = shared / "m.onnx"
+    (shared / "m.onnx.data").write_text("theirs")
+    os.chown(shared / "m.onnx.data", 2002, 2002)
+    kw = dict(init_dir=str(ck), out=str(out), S=4, H=128, W=128, iters=1, verify=False)
+    res = run_main(export_onnx.main, capsys, **kw)
+    assert res.returncode == 2 and res.stderr.strip() == (
+        f"error: --out: {shared / 'm.onnx.data'} is a file of uid 2002, not this user's, at the name of an output: "
+        f"it may not be replaceable here, and its owner chose what it holds; remove it, or give another --out")
+    (shared / "m.onnx.data").unlink()
+    real = export_onnx.torch.onnx.export
+
+    def planted_meanwhile(*args, **kwargs):
+        got = real(*args, **kwargs)
+        out.write_text("theirs")
+        os.chown(out, 2002, 2002)
+        return got
+
+    monkeypatch.setattr(export_onnx.torch.onnx, "export", planted_meanwhile)
+    res = run_main(export_onnx.main, capsys, **kw)
+    assert res.returncode == 1, res.stderr
+    line = res.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"error: cannot write {out} and its weights ({out} is a file of uid 2002") and \
+        line.endswith("; nothing written"), line
+    assert sorted(p.name for p in shared.iterdir()) == ["m.onnx"] and out.read_text() == "theirs"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="gives files another user's uid")
+def test_benchmarks_write_results_by_the_rules_and_run_only_the_user_s_checkouts(tmp_path):
+    """The benchmarks wrote --json_out through another user's link (over a file of the user's) and through a
+    predictable `<json_out>.tmp`; their --authors_repo was imported from whatever folder it named, so another user
+    who owned it (docs once put it in /tmp) ran code as the user."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import common
+
+    from pips2.utils.paths import code_folder_problem
+
+    precious = tmp_path / "precious.txt"
+    precious.write_text("my thesis")
+    (tmp_path / "bc.json").symlink_to(precious)
+    os.lchown(tmp_path / "bc.json", 2002, 2002)
+    with pytest.raises(SystemExit) as e:
+        common.save_results(tmp_path / "bc.json", {"a": 1})
+    assert str(e.value).startswith(f"error: --json_out: {tmp_path / 'bc.json'} is a link of uid 2002's") and \
+        str(e.value).endswith("; the results are printed above")
+    assert precious.read_text() == "my thesis"
+    common.save_results(tmp_path / "ok.json", {"a": 1})
+    assert (tmp_path / "ok.json").read_text() == '{\n  "a": 1\n}'
+    # the authors' checkout: every folder on the way, every folder and .py in it, the user's or root's, closed
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)  # as /tmp: open to all, but sticky
+    repo = shared / "lbm"
+    (repo / "lbm").mkdir(parents=True)
+    (repo / "lbm" / "x.py").write_text("")
+    assert code_folder_problem(repo, "--authors_repo") is None
+    os.chown(repo, 2002, 2002)
+    assert code_folder_problem(repo, "--authors_repo") == (
+        f"--authors_repo: {repo} is uid 2002's: whoever may change it could put their own code where this program "
+        f"imports it; keep the checkout in a folder of your own (chmod -R go-w for your own)")
+    os.chown(repo, 0, 0)
+    (repo / "lbm" / "x.py").chmod(0o666)
+    assert "x.py is writable by others (mode 666)" in str(code_folder_problem(repo, "--authors_repo"))
+    (repo / "lbm" / "x.py").chmod(0o644)
+    shared.chmod(0o777)  # open to all without the sticky bit: anybody may swap the checkout
+    assert f"{shared}, a folder on the way to {repo}, is open to others (mode 777)" in \
+        str(code_folder_problem(repo, "--authors_repo"))

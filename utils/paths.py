@@ -327,6 +327,31 @@ def output_folder_problem(path: str | os.PathLike, flag: str, names: tuple[str, 
     return None
 
 
+def code_folder_problem(folder: str | os.PathLike, flag: str) -> str | None:
+    """Why Python code in `folder` (a checkout given as `flag`, imported and run) is not to be run as this user, or
+    None: it, a file or folder in it, or a folder on the way to it is another user's, or others may change it (a
+    folder on the way may be open to others only with the sticky bit, as /tmp is). Whoever may change the code
+    runs their own as the user."""
+    top = Path(os.path.realpath(folder))
+    trusted = {os.geteuid(), 0}
+    for above in reversed(top.parents):
+        st = os.stat(above)
+        if st.st_uid not in trusted or (st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX):
+            who = f"uid {st.st_uid}'s" if st.st_uid not in trusted else f"open to others (mode {st.st_mode & 0o7777:o})"
+            return (f"{flag}: {above}, a folder on the way to {top}, is {who}: whoever may change it could put "
+                    f"their own code where this program imports it; keep the checkout in a folder of your own")
+    for here, dirs, files in os.walk(top):
+        dirs[:] = [d for d in dirs if d != ".git"]  # git's own files are not imported
+        for p in [here, *(os.path.join(here, f) for f in files if f.endswith(".py"))]:
+            st = os.lstat(p)
+            if st.st_uid not in trusted or (not stat.S_ISLNK(st.st_mode) and st.st_mode & 0o022):
+                why = f"uid {st.st_uid}'s" if st.st_uid not in trusted else \
+                    f"writable by others (mode {st.st_mode & 0o777:o})"
+                return (f"{flag}: {p} is {why}: whoever may change it could put their own code where this program "
+                        f"imports it; keep the checkout in a folder of your own (chmod -R go-w for your own)")
+    return None
+
+
 def unpinned(path: str | os.PathLike) -> Path:
     """A path under a pinned folder (pinned_folder) as the folder's own path: what messages show."""
     text = os.fspath(path)

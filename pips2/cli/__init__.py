@@ -7,7 +7,10 @@ import sys as _sys
 
 try:
     _os.getcwd()
-except FileNotFoundError:  # removed under a shell still in it: relative defaults and torch's import fail unclearly
-    print("error: the folder this program runs from was removed; cd to an existing folder and run it again",
-          file=_sys.stderr, flush=True)
-    _sys.exit(2)
+except FileNotFoundError:
+    # removed under a shell still in it: relative defaults, and torch's import, fail unclearly. Said only by a
+    # program starting (torch not loaded yet); one already running that imports this (torch.hub.load) goes on
+    if "torch" not in _sys.modules:
+        print("error: the folder this program runs from was removed; cd to an existing folder and run it again",
+              file=_sys.stderr, flush=True)
+        _sys.exit(2)

@@ -8,6 +8,7 @@ check onnxruntime against PyTorch. Needs `pip install -r requirements-onnx.txt`.
 from __future__ import annotations
 
 import copy
+import errno
 import os
 import signal
 import stat
@@ -79,12 +80,21 @@ def install(tmp: Path, out: Path) -> None:
     in place: a stop between the two renames would pair the new weights with the old graph. An older
     export's sidecar that the new graph does not use is removed with it."""
     sidecar, old_sidecar = tmp / (out.name + ".data"), out.with_name(out.name + ".data")
+    # judged again at the end: another user's file put at either name meanwhile (in /tmp, whose sticky bit then
+    # refuses the rename over it) would leave the new weights beside a graph of theirs
+    if problem := output_folder_problem(out.parent, "--out", (out.name, old_sidecar.name)):
+        raise OSError(errno.EPERM, problem.removeprefix("--out: "))
     replaced = out.is_file()
     has_sidecar = sidecar.is_file()
     with held_stops():
         if has_sidecar:
             os.replace(sidecar, old_sidecar)
-        os.replace(tmp / out.name, out)
+        try:
+            os.replace(tmp / out.name, out)
+        except OSError:
+            if has_sidecar and not replaced:  # the weights of a graph that is not there: not left as a stray
+                old_sidecar.unlink(missing_ok=True)
+            raise
         # after the graph: killed between the two, the old graph would have lost its weights
         if not has_sidecar and replaced and old_sidecar.is_file() and not old_sidecar.is_symlink():
             old_sidecar.unlink()
@@ -190,7 +200,8 @@ def main(init_dir: str = "./reference_model", out: str = "pips2.onnx", S: int = 
     """Export, then (by default) compare onnxruntime with PyTorch at two values of N."""
     try:
         check_flags(S, H, W, iters, out)
-        if problem := output_folder_problem(out, "--out"):
+        if problem := (output_folder_problem(out, "--out")
+                       or output_folder_problem(Path(out).parent, "--out", (Path(out).name + ".data",))):
             raise ValueError(problem)
         check_out_spares_input(out, init_dir)
         check_out_replaceable(out)
@@ -198,21 +209,20 @@ def main(init_dir: str = "./reference_model", out: str = "pips2.onnx", S: int = 
     except (ValueError, CheckpointError) as e:
         die(e)
     t0 = time.time()
+    kept = "an earlier one is kept as it was" if Path(out).is_file() else "nothing written"
     try:
         with stopping_on_signals():
             path = export(model, out, S, (H, W), iters)
     except Stopped as e:
         name = signal.Signals(e.signum).name
-        print(f"error: stopped by {name}: {out} not written (an earlier one is kept as it was)", file=sys.stderr,
-              flush=True)
+        print(f"error: stopped by {name}: {out} not written ({kept})", file=sys.stderr, flush=True)
         sys.exit(exit_code(name))
     except (OSError, RuntimeError) as e:  # the graph or its weights' sidecar did not fit (a full disk, a quota)
         cause = os_error_in(e)
         if cause is None:
             raise
         why = "no space left on device" if is_space_error(e) else (cause.strerror or str(cause)).lower()
-        print(f"error: cannot write {out} and its weights ({why}); an earlier one is kept as it was", file=sys.stderr,
-              flush=True)
+        print(f"error: cannot write {out} and its weights ({why}); {kept}", file=sys.stderr, flush=True)
         sys.exit(1)
     files = [path] + [p for p in (path.with_name(path.name + ".data"),) if p.is_file()]  # the weights' sidecar
     print(f"wrote {' + '.join(f'{p} ({p.stat().st_size / 2**20:.1f} MiB)' for p in files)} in "
