@@ -35,6 +35,7 @@ import importlib.machinery
 import importlib.util
 import json
 import math
+import os
 import random
 import signal
 import subprocess
@@ -66,7 +67,7 @@ from pips2.utils.golden import (
     track_online,
     track_three_ways,
 )
-from pips2.utils.paths import code_folder_problem
+from pips2.utils.paths import code_folder_problem, new_temp_file, output_folder_problem
 
 # frame sizes of the golden videos (H, W): multiples of 8, odd multiples (136 = 17 x 8, ...), non-square
 VIDEO_SIZES = [(128, 128), (128, 192), (136, 136), (136, 200), (200, 136), (152, 168), (184, 128), (128, 232)]
@@ -311,12 +312,17 @@ def _exit_if_unfinished(stopped: bool, differs: bool) -> None:
 
 def write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
     """np.savez_compressed to a temporary name, then renamed into place."""
+    if problem := output_folder_problem(path, "--out"):  # never through another user's link or into their folder
+        die(f"diff_authors: {problem}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        # numpy's stub reads **arrays as if it could hold its allow_pickle parameter
-        np.savez_compressed(f, **arrays)  # pyright: ignore[reportArgumentType]
-    tmp.replace(path)
+    fd, tmp = new_temp_file(path.parent, f".{path.name}.")  # a random name: a link planted at a fixed one is not met
+    try:
+        with os.fdopen(fd, "wb") as f:
+            # numpy's stub reads **arrays as if it could hold its allow_pickle parameter
+            np.savez_compressed(f, **arrays)  # pyright: ignore[reportArgumentType]
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
 
 
 def finished_before(path: Path, cases: list, outputs: tuple[str, ...]) -> list[dict]:

@@ -75,6 +75,8 @@ from pips2.hub import (
     DEFAULT_PIPS,
     GET_REFERENCE,
     OFFLINE_REFERENCE,
+    _cache_folder_problem,
+    _copy_problem,
     cache_dir,
     cache_location,
     cached,
@@ -749,8 +751,12 @@ class App:
         self.forget(replaces)
         path = self.clip_dir / f"{name}.mp4"
         with self.clip_lock:
+            if self._clip_cache_problem(path):  # made afresh in this server's own folder: never another user's
+                self.own_folder(self.work / "clips")
+                path = self.work / "clips" / f"{name}.mp4"
             if not path.is_file():
-                self.clip_dir.mkdir(parents=True, exist_ok=True)
+                if path.parent == self.clip_dir:
+                    self.clip_dir.mkdir(parents=True, exist_ok=True)
                 tmp = path.with_name(f".{name}.{uuid.uuid4().hex[:8]}.mp4")  # temp + rename: no half clip
                 try:
                     write_synthetic_video(tmp, CLIPS[name], CLIP_FRAMES, CLIP_HW)
@@ -758,6 +764,20 @@ class App:
                 finally:
                     tmp.unlink(missing_ok=True)
         return self._open(path, name)
+
+    def _clip_cache_problem(self, path: Path) -> str | None:
+        """Why the clip cache may not hold `path` (the hub cache's rules: another user could put their video where
+        a bundled clip is looked for, or a link where one is written), or None."""
+        try:
+            if os.path.lexists(self.clip_dir):
+                if problem := (_copy_problem(os.lstat(self.clip_dir), self.clip_dir.parent)
+                               or _cache_folder_problem(self.clip_dir)):
+                    return problem
+            elif self.clip_dir.parent.is_dir() and (problem := _cache_folder_problem(self.clip_dir.parent)):
+                return problem
+            return _copy_problem(os.lstat(path), self.clip_dir) if os.path.lexists(path) else None
+        except OSError as e:
+            return str(e)
 
     def _find(self, table: dict, key: str, missing: str):
         """table[key] under the lock, or a 404 saying `missing`."""

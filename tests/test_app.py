@@ -665,3 +665,30 @@ def test_page_says_when_no_checkpoint_is_ready(browser, no_checkpoints, tmp_path
         assert driver.find_element(By.ID, "checkpoint").get_attribute("value") == "pips2"  # the user's choice kept
         labels = [o.text for o in driver.find_elements(By.CSS_SELECTOR, "#checkpoint option")]
         assert labels[0] == "./reference_model" and driver.find_element(By.ID, "track").is_enabled()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="gives files another user's uid")
+def test_the_clip_cache_follows_the_cache_rules(tmp_path):
+    """The bundled clips were written into $PIPS2_CACHE/demo_clips and read back from it whatever the cache was: in a
+    shared cache another user's video was served as a bundled clip, and a link of theirs was written through. A clip
+    cache that anyone else may change is passed over: the clip is made in the server's own folder."""
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    name = next(iter(webapp.CLIPS))
+    (clips / f"{name}.mp4").write_bytes(b"their video")
+    os.chown(clips / f"{name}.mp4", 2002, 2002)
+    app_ = webapp.App(clip_dir=clips)
+    try:
+        got = app_.add_clip(name)
+        video = app_.video(got["video"])
+        assert video.path == app_.work / "clips" / f"{name}.mp4" and video.path.stat().st_size > 1000
+        assert (clips / f"{name}.mp4").read_bytes() == b"their video"
+    finally:
+        app_.close()
+    (clips / f"{name}.mp4").unlink()
+    app_ = webapp.App(clip_dir=clips)  # the user's own cache: used as before
+    try:
+        got = app_.add_clip(name)
+        assert app_.video(got["video"]).path == clips / f"{name}.mp4"
+    finally:
+        app_.close()

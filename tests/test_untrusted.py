@@ -1508,3 +1508,24 @@ def test_benchmarks_write_results_by_the_rules_and_run_only_the_user_s_checkouts
     shared.chmod(0o777)  # open to all without the sticky bit: anybody may swap the checkout
     assert f"{shared}, a folder on the way to {repo}, is open to others (mode 777)" in \
         str(code_folder_problem(repo, "--authors_repo"))
+    shared.chmod(0o1777)
+    # the user's own links inside the checkout: what they lead to is what is imported
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "evil.py").write_text("")
+    os.chown(theirs, 2002, 2002)
+    (repo / "lbm" / "nets").symlink_to(theirs)
+    assert str(code_folder_problem(repo, "--authors_repo")).startswith(
+        f"--authors_repo: {repo / 'lbm' / 'nets'} is a link out of the checkout (to {theirs})")
+    (repo / "lbm" / "nets").unlink()
+    # diff_authors.py --out: never through a link of another user's, nor a predictable temp name
+    import diff_authors
+
+    (tmp_path / "d.npz").symlink_to(precious)
+    os.lchown(tmp_path / "d.npz", 2002, 2002)
+    with pytest.raises(SystemExit):
+        diff_authors.write_npz(tmp_path / "d.npz", {"a": np.zeros(2)})
+    assert precious.read_text() == "my thesis"
+    (tmp_path / ".ok.npz.tmp").symlink_to(precious)  # the old fixed temp name
+    diff_authors.write_npz(tmp_path / "ok.npz", {"a": np.zeros(2)})
+    assert precious.read_text() == "my thesis" and np.load(tmp_path / "ok.npz")["a"].shape == (2,)

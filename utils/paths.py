@@ -340,11 +340,15 @@ def code_folder_problem(folder: str | os.PathLike, flag: str) -> str | None:
             who = f"uid {st.st_uid}'s" if st.st_uid not in trusted else f"open to others (mode {st.st_mode & 0o7777:o})"
             return (f"{flag}: {above}, a folder on the way to {top}, is {who}: whoever may change it could put "
                     f"their own code where this program imports it; keep the checkout in a folder of your own")
-    for here, dirs, files in os.walk(top):
+    for here, dirs, files in os.walk(top, followlinks=True):
         dirs[:] = [d for d in dirs if d != ".git"]  # git's own files are not imported
         for p in [here, *(os.path.join(here, f) for f in files if f.endswith(".py"))]:
-            st = os.lstat(p)
-            if st.st_uid not in trusted or (not stat.S_ISLNK(st.st_mode) and st.st_mode & 0o022):
+            real = os.path.realpath(p)
+            if real != str(top) and not real.startswith(str(top) + os.sep):  # imported from where the link leads
+                return (f"{flag}: {p} is a link out of the checkout (to {real}): the code imported there is not the "
+                        f"checkout's; keep the checkout whole in a folder of your own")
+            st = os.stat(p)  # links inside the checkout: what they lead to is what is imported
+            if st.st_uid not in trusted or st.st_mode & 0o022:
                 why = f"uid {st.st_uid}'s" if st.st_uid not in trusted else \
                     f"writable by others (mode {st.st_mode & 0o777:o})"
                 return (f"{flag}: {p} is {why}: whoever may change it could put their own code where this program "
